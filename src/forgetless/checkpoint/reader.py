@@ -1,0 +1,303 @@
+"""Lazy, one-tensor-at-a-time reading of Hugging Face model folders.
+
+Supported: a single ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, and legacy
+``pytorch_model.bin`` (single or sharded with its index), loaded with ``weights_only=True`` and ``mmap=True``.
+
+Safetensors headers are parsed here (they are a length and a JSON object), so that every file is validated before
+any work starts: a truncated file, a missing shard or an index that disagrees with its shards is reported by name.
+Tensor data is read with ``os.pread`` straight into the tensor's own buffer: one copy, no mmap pages charged to the
+process, and the GIL released while the kernel copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ForgetlessError
+
+SAFE_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFE_DTYPES.items()}
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int  # absolute byte offset of the data in `file` (safetensors); -1 for .bin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header. Returns (header without __metadata__, data start offset)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ForgetlessError("file not found", file=path, remedy="check the path") from None
+    remedy = "the file is damaged or incomplete; download or save it again"
+    if size < 8:
+        raise ForgetlessError(f"not a safetensors file ({size} bytes)", file=path, remedy=remedy)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100_000_000:
+            raise ForgetlessError(f"corrupt safetensors header (claims {n} header bytes, file has {size})",
+                                  file=path, remedy=remedy)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ForgetlessError(f"corrupt safetensors header ({e.__class__.__name__})", file=path, remedy=remedy) from None
+    if not isinstance(header, dict):
+        raise ForgetlessError("corrupt safetensors header (not a JSON object)", file=path, remedy=remedy)
+    header.pop("__metadata__", None)
+    start = 8 + n
+    end_max = 0
+    for name, h in header.items():
+        try:
+            dtype = SAFE_DTYPES[h["dtype"]]
+            b, e = h["data_offsets"]
+            numel = math.prod(h["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ForgetlessError(f"corrupt safetensors header entry {h!r}", file=path, tensor=name,
+                                  remedy=remedy) from None
+        if e - b != numel * dtype_size(dtype) or b < 0:
+            raise ForgetlessError(f"data offsets {b}..{e} do not match shape {h['shape']} {h['dtype']}",
+                                  file=path, tensor=name, remedy=remedy)
+        end_max = max(end_max, e)
+    if start + end_max > size:
+        raise ForgetlessError(
+            f"file is truncated: its header needs {start + end_max} bytes, the file has {size}",
+            file=path, remedy=remedy)
+    return header, start
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def is_model_dir(path: Path) -> bool:
+    return any((path / f).exists() for f in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+
+
+class CheckpointReader:
+    """A model folder read lazily by tensor name. Thread-safe for concurrent ``get`` calls."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            if self.path.is_file() and self.path.suffix == ".safetensors":
+                # a bare safetensors file (e.g. a statistics file) is accepted as a one-file checkpoint
+                self.infos = self._index_safetensors({self.path.name: self.path})
+                self.format = "safetensors"
+                self.config = {}
+                self._bin: dict[Path, dict[str, torch.Tensor]] = {}
+                self._fds: dict[Path, int] = {}
+                return
+            raise ForgetlessError("model folder not found", file=self.path,
+                                  remedy="give a Hugging Face model folder (config.json + weights)")
+        self.config = self._read_config()
+        self._bin = {}
+        self._fds = {}
+        p = self.path
+        if (p / SAFE_INDEX).exists():
+            self.format = "safetensors"
+            files = self._files_from_index(p / SAFE_INDEX)
+            self.infos = self._index_safetensors(files)
+            self._check_index(p / SAFE_INDEX)
+        elif (p / SAFE_SINGLE).exists():
+            self.format = "safetensors"
+            self.infos = self._index_safetensors({SAFE_SINGLE: p / SAFE_SINGLE})
+        elif (p / BIN_INDEX).exists() or (p / BIN_SINGLE).exists():
+            self.format = "bin"
+            files = self._files_from_index(p / BIN_INDEX) if (p / BIN_INDEX).exists() else {BIN_SINGLE: p / BIN_SINGLE}
+            self.infos = self._index_bin(files)
+        else:
+            if any((p / f).exists() for f in ADAPTER_FILES):
+                raise ForgetlessError("this folder is a PEFT adapter, not a model", file=p,
+                                      remedy="name it as BASE_DIR+ADAPTER_DIR to fold it into its base model")
+            raise ForgetlessError("no model weights found (model.safetensors, its index, or pytorch_model.bin)",
+                                  file=p, remedy="give a Hugging Face model folder")
+
+    # ------------------------------------------------------------------ indexing
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ForgetlessError(f"invalid JSON ({e})", file=cfg, remedy="fix or restore config.json") from None
+
+    def _files_from_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ForgetlessError(f"invalid index ({e.__class__.__name__}: {e})", file=index,
+                                  remedy="restore the index file from the original checkpoint") from None
+        self._weight_map = weight_map
+        files = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            f = self.path / shard
+            if not f.exists():
+                raise ForgetlessError(f"missing shard {shard} listed in {index.name}", file=f,
+                                      remedy="the download is incomplete; fetch the missing shard")
+            files[shard] = f
+        return files
+
+    def _check_index(self, index: Path) -> None:
+        for name, shard in self._weight_map.items():
+            info = self.infos.get(name)
+            if info is None or info.file.name != Path(shard).name:
+                raise ForgetlessError(f"index lists tensor {name!r} in {shard}, which does not contain it",
+                                      file=index, remedy="restore the index and shards from one checkpoint")
+
+    @staticmethod
+    def _index_safetensors(files: dict[str, Path]) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for f in files.values():
+            header, start = read_safetensors_header(f)
+            for name, h in header.items():
+                if name in infos:
+                    raise ForgetlessError(f"tensor appears in two shards ({infos[name].file.name}, {f.name})",
+                                          file=f, tensor=name, remedy="restore the shards from one checkpoint")
+                infos[name] = TensorInfo(name, tuple(h["shape"]), SAFE_DTYPES[h["dtype"]], f,
+                                         start + h["data_offsets"][0])
+        return infos
+
+    def _index_bin(self, files: dict[str, Path]) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for f in files.values():
+            sd = load_bin(f)
+            self._bin[f] = sd
+            for name, t in sd.items():
+                infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, f, -1)
+        return infos
+
+    # ------------------------------------------------------------------ access
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor (never a view into the file)."""
+        info = self.infos[name]
+        if info.offset < 0:
+            return self._bin[info.file][name].clone()
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(self.raw(name))
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def raw(self, name: str) -> bytes:
+        """The tensor's bytes as stored (safetensors only): used to copy untouched tensors without decoding."""
+        info = self.infos[name]
+        if info.offset < 0:
+            t = self._bin[info.file][name].contiguous()
+            return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
+        data = os.pread(fd, info.nbytes, info.offset)
+        if len(data) != info.nbytes:
+            raise ForgetlessError("file is truncated while reading", file=info.file, tensor=name,
+                                  remedy="the file changed or is damaged; save it again")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bin.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ identity
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.infos.values()})
+
+    def fingerprint(self) -> str:
+        """Structure: names, shapes and dtypes. Equal for a model and its fine-tuned copy."""
+        h = hashlib.sha256()
+        for name in sorted(self.infos):
+            i = self.infos[name]
+            h.update(f"{name}|{list(i.shape)}\n".encode())
+        return h.hexdigest()[:16]
+
+    def weights_fingerprint(self, chunks: int = 256, chunk: int = 4096) -> str:
+        """Content, sampled: file sizes, headers and `chunks` evenly spaced 4 KiB windows of every file."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        for f in self.files():
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}\n".encode())
+            with open(f, "rb") as fh:
+                step = max(1, size // chunks)
+                for pos in range(0, size, step):
+                    h.update(os.pread(fh.fileno(), chunk, pos))
+        return h.hexdigest()[:16]
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy PyTorch checkpoint, safely (weights_only) and lazily (mmap) where the file format allows."""
+    remedy = "the file is damaged or not a PyTorch state dict; download or save it again"
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise ForgetlessError(f"cannot read ({str(e).splitlines()[0]})", file=path, remedy=remedy) from None
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format
+    except Exception as e:  # pickle errors, EOF on truncation, unsafe globals
+        raise ForgetlessError(f"cannot read ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                              file=path, remedy=remedy) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ForgetlessError("not a state dict of tensors", file=path, remedy=remedy)
+    return sd
