@@ -1,0 +1,193 @@
+"""Streaming, atomic writing of a Hugging Face model folder.
+
+The plan of every output tensor (name, shape, dtype) is known before the first tensor is computed, so each shard's
+safetensors header is written up front and every tensor is written at its final offset with ``os.pwrite`` the
+moment it is ready, in any order, from any thread. Nothing is buffered beyond the tensor being written, so memory
+does not grow with the shard size.
+
+Everything goes to a temporary folder beside the output, renamed into place by :meth:`StreamingWriter.commit`;
+:meth:`abort` removes it. An existing output is replaced only when asked (``force``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+
+from ..errors import ForgetlessError
+from .reader import DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE, dtype_size
+
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "*.tiktoken", "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MiB', '2e9' or an int → bytes."""
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(float(s))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+@dataclass
+class _Shard:
+    file: str
+    entries: list[Entry]
+    header_len: int = 0
+    offsets: dict[str, int] | None = None  # absolute offset of each tensor's data
+
+
+def plan_shards(entries: list[Entry], shard_size: int) -> list[list[Entry]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow the current one."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+class StreamingWriter:
+    def __init__(self, out: Path, entries: list[Entry], *, shard_size: int, force: bool = False,
+                 metadata: dict[str, str] | None = None):
+        self.out = Path(out)
+        if self.out.exists() and not force:
+            raise ForgetlessError("output folder already exists", file=self.out,
+                                  remedy="choose another --out or pass --force to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.forgetless-tmp-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self.force = force
+        groups = plan_shards(entries, shard_size)
+        n = len(groups)
+        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.shards = [_Shard(f, g) for f, g in zip(names, groups)]
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
+        self._fds: list[int] = []
+        self._pending = {e.name for e in entries}
+        self._lock = threading.Lock()
+        self.total_size = sum(e.nbytes for e in entries)
+        meta = {"format": "pt", **(metadata or {})}
+        for shard in self.shards:
+            self._open_shard(shard, meta)
+
+    def _open_shard(self, shard: _Shard, meta: dict[str, str]) -> None:
+        header: dict[str, object] = {"__metadata__": meta}
+        pos = 0
+        for e in shard.entries:
+            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+            pos += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        path = self.tmp / shard.file
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        start = 8 + len(raw)
+        os.ftruncate(fd, start + pos)
+        for e in shard.entries:
+            off = start + header[e.name]["data_offsets"][0]  # type: ignore[index]
+            self._where[e.name] = (fd, off, e.nbytes)
+
+    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+        """Write one tensor (already in its planned dtype and shape) or its raw bytes. Thread-safe."""
+        fd, off, nbytes = self._where[name]
+        if isinstance(data, torch.Tensor):
+            buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()) if nbytes else b""
+        else:
+            buf = memoryview(data)
+        if len(buf) != nbytes:
+            raise AssertionError(f"{name}: {len(buf)} bytes written, {nbytes} planned")
+        while len(buf):
+            k = os.pwrite(fd, buf, off)
+            buf, off = buf[k:], off + k
+        with self._lock:
+            self._pending.discard(name)
+
+    def commit(self, *, side_files_from: Path | None = None, config_updates: dict | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
+        """Finish: check every tensor was written, write the index and side files, rename into place."""
+        if self._pending:
+            raise AssertionError(f"{len(self._pending)} planned tensors never written, e.g. {sorted(self._pending)[:3]}")
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {e.name: s.file for s in self.shards for e in s.entries}}
+            (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if side_files_from is not None:
+            copy_side_files(side_files_from, self.tmp, config_updates or {})
+        for fname, text in (extra_files or {}).items():
+            (self.tmp / fname).write_text(text)
+        trash = None
+        if self.out.exists():
+            trash = self.out.parent / f".{self.out.name}.forgetless-old-{os.getpid()}"
+            os.replace(self.out, trash)
+        os.replace(self.tmp, self.out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.out
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_side_files(src: Path, dst: Path, config_updates: dict) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()) if src.is_dir() else []:
+        if not f.is_file() or not any(fnmatch(f.name, pat) for pat in SIDE_FILES):
+            continue
+        if f.name == "config.json" and config_updates:
+            cfg = json.loads(f.read_text())
+            cfg.update(config_updates)
+            (dst / f.name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied

@@ -1,0 +1,487 @@
+"""The merge engine: streams every tensor name of the base through a method, one tensor at a time.
+
+    plan = build_plan(recipe)      # opens inputs lazily, checks everything, decides each tensor's route
+    report = execute(plan, out)    # reads ahead on a thread pool, computes in fp32, writes as each one is done
+
+Every check runs in :func:`build_plan`, before any output exists: the recipe (method, parameters, statistics
+given), the inputs (same tensor names and shapes as the base, every mismatch listed), the statistics (computed on
+a model of this structure, shapes), the scope and the output folder. Each tensor then takes exactly one route:
+
+- ``method``: in scope, all inputs present → the method's result;
+- ``base`` / ``finetuned``: out of scope (``scope.outside``), or lacking statistics (``scope.no_statistics``);
+- ``base (non-float)``: integer or boolean buffers are never merged.
+
+No tensor is dropped; the report counts tensors and bytes per route and per part. Peak memory is the runtime plus
+the tensors in flight: the look-ahead window (`PREFETCH` tensors, each with every input in fp32) and one result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import layout as layouts
+from .checkpoint.lora import open_model, parse_model_ref
+from .checkpoint.reader import CheckpointReader, read_safetensors_metadata
+from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
+from .errors import ForgetlessError
+from .methods import METHODS, MethodSpec
+from .recipe import EXAMPLES_HINT, Recipe, load_recipe
+
+PREFETCH = 2  # tensors read ahead of the one being computed
+RUNTIME_BYTES = 450 * 2**20  # python + torch + transformers imports, measured on the CI machine
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    route: str  # "method" | "base" | "finetuned" | "base (non-float)"
+    part: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+    @property
+    def out_bytes(self) -> int:
+        return Entry(self.name, self.shape, self.out_dtype).nbytes
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    spec: MethodSpec
+    params: dict[str, Any]  # python keyword -> value (per-model ones as lists)
+    base: Any  # CheckpointReader | AdaptedReader
+    models: list[Any]
+    stats: dict[str, Any]  # need -> reader, or list of readers for per-model needs
+    layout: layouts.Layout
+    jobs: list[Job]
+    out: Path | None
+    force: bool = False
+    inputs_fp: dict[str, str] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, list[int]]:
+        rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for j in self.jobs:
+            rows[j.route][0] += 1
+            rows[j.route][1] += j.out_bytes
+        return dict(rows)
+
+    def peak_memory_estimate(self) -> int:
+        n_in = 1 + len(self.models) + len(self.spec.needs) * max(1, len(self.models))
+        largest = max((Entry(j.name, j.shape, torch.float32).nbytes for j in self.jobs if j.route == "method"),
+                      default=0)
+        largest_copy = max((j.out_bytes for j in self.jobs), default=0)
+        # in flight: PREFETCH + 1 jobs' inputs, the method's temporaries (~3 tensors), one result being written
+        return RUNTIME_BYTES + (PREFETCH + 1) * n_in * largest + 3 * largest + max(largest, largest_copy)
+
+    def describe(self) -> str:
+        r = self.recipe
+        lines = [f"method      {self.spec.name}  {self._params_text()}",
+                 f"base        {r.base}",
+                 *[f"model[{i}]    {m.model}" for i, m in enumerate(r.models)],
+                 *[f"statistic   {k}: {v}" for k, v in r.statistics.items()],
+                 *[f"statistic   models[{i}].{k}: {v}" for i, m in enumerate(r.models) for k, v in m.statistics.items()],
+                 f"layout      {self.layout.family} ({self.layout.num_layers} decoder layers)",
+                 f"output      {self.out or '(none)'}  dtype={r.dtype}  shards={self.num_shards()}",
+                 "", self.table(), "",
+                 f"peak memory estimate  {human_bytes(self.peak_memory_estimate())}"]
+        return "\n".join(lines)
+
+    def _params_text(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.params.items())
+
+    def num_shards(self) -> int:
+        return len(plan_shards(self.entries(), parse_size(self.recipe.shard_size)))
+
+    def entries(self) -> list[Entry]:
+        return [Entry(j.name, j.shape, j.out_dtype) for j in self.jobs]
+
+    def table(self) -> str:
+        return route_table(self.jobs)
+
+
+def route_table(jobs: list[Job]) -> str:
+    """Tensors and bytes per route, and per part and route."""
+    by_route: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_part: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for j in jobs:
+        for row in (by_route[j.route], by_part[(j.part, j.route)]):
+            row[0] += 1
+            row[1] += j.out_bytes
+    out = [f"{'route':<18} {'tensors':>8} {'bytes':>12}"]
+    out += [f"{r:<18} {c:>8} {human_bytes(b):>12}" for r, (c, b) in sorted(by_route.items())]
+    out += [f"{'total':<18} {len(jobs):>8} {human_bytes(sum(j.out_bytes for j in jobs)):>12}", "",
+            f"{'part':<18} {'route':<18} {'tensors':>8} {'bytes':>12}"]
+    out += [f"{p:<18} {r:<18} {c:>8} {human_bytes(b):>12}" for (p, r), (c, b) in sorted(by_part.items())]
+    return "\n".join(out)
+
+
+@dataclass
+class MergeReport:
+    out: Path | None
+    plan: Plan
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def routes(self) -> dict[str, list[int]]:
+        """route -> [tensors, bytes]"""
+        return self.plan.totals()
+
+    def summary(self) -> str:
+        head = "dry run: nothing written" if self.dry_run else f"wrote {self.out} in {self.seconds:.1f} s"
+        return f"{head}\n{self.plan.table()}"
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def _resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
+    where = recipe.source or "recipe"
+    unknown = sorted(set(recipe.parameters) - set(spec.params))
+    if unknown:
+        raise ForgetlessError(f"parameters.{unknown[0]}: method {spec.name!r} has no such parameter "
+                              f"(it takes: {', '.join(spec.params) or 'none'})", file=where, remedy=EXAMPLES_HINT)
+    params: dict[str, Any] = {}
+    for p, default in spec.params.items():
+        if p in spec.per_model:
+            values = []
+            for i, m in enumerate(recipe.models):
+                v = m.params.get(p, recipe.parameters.get(p, default))
+                if v is _EMPTY:
+                    raise ForgetlessError(f"models[{i}].{p}: required by {spec.name!r}", file=where,
+                                          remedy=f"set parameters.{p} or models[{i}].{p}")
+                values.append(v)
+            params[spec.arg(p)] = values
+        else:
+            v = recipe.parameters.get(p, default)
+            if v is _EMPTY:
+                raise ForgetlessError(f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT)
+            params[spec.arg(p)] = v
+    for i, m in enumerate(recipe.models):
+        extra = sorted(set(m.params) - set(spec.per_model))
+        if extra:
+            raise ForgetlessError(f"models[{i}].{extra[0]}: not a per-model parameter of {spec.name!r} "
+                                  f"(per-model: {', '.join(spec.per_model) or 'none'})", file=where,
+                                  remedy=EXAMPLES_HINT)
+    return params
+
+
+_EMPTY = __import__("inspect").Parameter.empty
+
+
+def _check_structure(base, model, label: str) -> None:
+    b, m = base.infos, model.infos
+    problems = [f"{n} missing" for n in b if n not in m]
+    problems += [f"{n} not in the base" for n in m if n not in b]
+    problems += [f"{n} {list(m[n].shape)} vs base {list(b[n].shape)}" for n in b if n in m and m[n].shape != b[n].shape]
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
+                                                      if len(problems) > MAX_LISTED else "")
+        raise ForgetlessError(f"{len(problems)} tensors differ from the base ({label}): {listed}",
+                              file=model.path, remedy="merge checkpoints of one architecture "
+                              "(a resized vocabulary must be resized in the base too)")
+
+
+def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list[Path]) -> None:
+    if out is None:
+        return
+    o = out.resolve()
+    inputs = []
+    for ref in [recipe.base, *(m.model for m in recipe.models)]:
+        inputs += [p.resolve() for p in parse_model_ref(ref) if p is not None]
+    inputs += [p.resolve() for p in stat_files]
+    for p in inputs:
+        if o == p or o in p.parents or p in o.parents:
+            raise ForgetlessError(f"the output folder {'is' if o == p else 'overlaps'} an input ({p})", file=out,
+                                  remedy="choose an output folder outside every input")
+    if o.exists() and not force:
+        raise ForgetlessError("output folder already exists", file=out,
+                              remedy="choose another --out or pass --force to replace it")
+
+
+def _open_stat(path: str, base, key: str, where: str) -> CheckpointReader:
+    p = Path(path)
+    if not p.is_file():
+        raise ForgetlessError("statistics file not found", file=p,
+                              remedy=f"compute it with `forgetless stats` or fix {key} in {where}")
+    reader = CheckpointReader(p)
+    meta = read_safetensors_metadata(p)
+    fp = meta.get("model_fingerprint")
+    if fp is not None and fp != base.fingerprint():
+        raise ForgetlessError(f"computed on another model (fingerprint {fp}, this base is {base.fingerprint()})",
+                              file=p, remedy="recompute the statistics on this model")
+    for name, info in reader.infos.items():
+        if name not in base.infos:
+            raise ForgetlessError("statistics for a tensor the model does not have", file=p, tensor=name,
+                                  remedy="recompute the statistics on this model")
+        if info.shape != base.infos[name].shape:
+            raise ForgetlessError(f"shape {list(info.shape)} differs from the model's {list(base.infos[name].shape)}",
+                                  file=p, tensor=name, remedy="recompute the statistics on this model")
+    return reader
+
+
+def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False) -> Plan:
+    recipe = load_recipe(recipe)
+    where = recipe.source or "recipe"
+    spec = METHODS.get(recipe.method)
+    if spec is None:
+        raise ForgetlessError(f"method: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})",
+                              file=where, remedy=EXAMPLES_HINT)
+    if spec.models == "one" and len(recipe.models) != 1:
+        raise ForgetlessError(f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
+                              file=where, remedy="list one model")
+    params = _resolve_params(recipe, spec)
+    if recipe.scope.outside == "finetuned" and len(recipe.models) > 1:
+        raise ForgetlessError("scope.outside: 'finetuned' is ambiguous with several models", file=where,
+                              remedy="use outside: base")
+    stat_paths: dict[str, Any] = {}
+    for need in spec.needs:
+        if need in spec.per_model_needs:
+            paths = []
+            for i, m in enumerate(recipe.models):
+                p = m.statistics.get(need, recipe.statistics.get(need))
+                if p is None:
+                    raise ForgetlessError(f"models[{i}].statistics.{need}: required by {spec.name!r}", file=where,
+                                          remedy="compute it with `forgetless stats` and name the file")
+                paths.append(p)
+            stat_paths[need] = paths
+        elif need not in recipe.statistics:
+            raise ForgetlessError(f"statistics.{need}: required by {spec.name!r}", file=where,
+                                  remedy="compute it with `forgetless stats` and name the file")
+        else:
+            stat_paths[need] = recipe.statistics[need]
+    out = Path(out if out is not None else recipe.out) if (out or recipe.out) else None
+    flat_stats = [Path(p) for v in stat_paths.values() for p in (v if isinstance(v, list) else [v])]
+    _check_paths(recipe, out, force, flat_stats)
+
+    base = open_model(recipe.base)
+    models = [open_model(m.model) for m in recipe.models]
+    for i, m in enumerate(models):
+        _check_structure(base, m, f"models[{i}]")
+    stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where) for i, p in enumerate(v)]
+                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where))
+             for need, v in stat_paths.items()}
+
+    names = base.names()
+    layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
+    scope = set(names)
+    if recipe.scope.include:
+        scope = layouts.select(layout, names, recipe.scope.include, file=where)
+    if recipe.scope.exclude:
+        scope -= layouts.select(layout, names, recipe.scope.exclude, file=where)
+    if len(scope) < len(names) and recipe.scope.outside is None:
+        raise ForgetlessError(f"scope.outside: required, the scope leaves {len(names) - len(scope)} tensors out",
+                              file=where, remedy="say where they come from: outside: base | finetuned")
+
+    jobs = []
+    stat_readers = [r for v in stats.values() for r in (v if isinstance(v, list) else [v])]
+    missing_stats: list[str] = []
+    for name in names:
+        info = base.info(name)
+        out_dtype = info.dtype if recipe.dtype == "base" else DTYPES[recipe.dtype]
+        if not info.dtype.is_floating_point:
+            route, out_dtype = "base (non-float)", info.dtype
+        elif name not in scope:
+            route = recipe.scope.outside or "base"
+        elif any(name not in r for r in stat_readers):
+            route = recipe.scope.no_statistics
+            if route == "error":
+                missing_stats.append(name)
+        else:
+            route = "method"
+        jobs.append(Job(name, route, layouts.part_of(layout, name), info.shape, info.dtype, out_dtype))
+    if missing_stats:
+        raise ForgetlessError(f"{len(missing_stats)} tensors in scope have no statistics, e.g. "
+                              f"{', '.join(missing_stats[:3])}", file=where,
+                              remedy="narrow the scope, or set scope.no_statistics: base | finetuned")
+    return Plan(recipe, spec, params, base, models, stats, layout, jobs, out, force)
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _copyable(reader, name: str, job: Job) -> bool:
+    """True when the stored bytes are the output bytes: same dtype, not changed by an adapter."""
+    return job.out_dtype == job.in_dtype and getattr(reader, "is_untouched", lambda n: True)(name)
+
+
+class _Runner:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.method_kwargs = dict(plan.params)
+
+    def load(self, job: Job) -> Any:
+        p = self.plan
+        if job.route in ("base", "finetuned", "base (non-float)"):
+            src = p.base if job.route != "finetuned" else p.models[0]
+            if _copyable(src, job.name, job):
+                return src.raw(job.name)
+            return src.get(job.name)
+        base = p.base.get(job.name).float()
+        fts = [m.get(job.name).float() for m in p.models]
+        stats = {k: ([r.get(job.name).float() for r in v] if isinstance(v, list) else v.get(job.name).float())
+                 for k, v in p.stats.items()}
+        return base, fts, stats
+
+    def compute(self, job: Job, loaded: Any) -> torch.Tensor | bytes:
+        if isinstance(loaded, bytes | bytearray):
+            return loaded
+        if isinstance(loaded, torch.Tensor):
+            return loaded.to(job.out_dtype)
+        base, fts, stats = loaded
+        spec = self.plan.spec
+        kwargs = {**self.method_kwargs, **stats}
+        if "name" in spec.context:
+            kwargs["name"] = job.name
+        if "generator" in spec.context:
+            kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+        result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
+        if result.shape != base.shape:
+            raise AssertionError(f"method {spec.name} returned shape {tuple(result.shape)} for {job.name}")
+        if not torch.isfinite(result).all():
+            raise ForgetlessError(f"method {spec.name!r} produced NaN or Inf", tensor=job.name,
+                                  remedy="check the inputs (and statistics) of this tensor for NaN/Inf")
+        return result.to(job.out_dtype)
+
+
+def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
+    if plan.out is None:
+        raise ForgetlessError("no output folder", file=plan.recipe.source or "recipe",
+                              remedy="set `out:` in the recipe or pass --out")
+    t0 = time.perf_counter()
+    metadata = {"forgetless_version": __version__, "method": plan.spec.name}
+    writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
+                             force=plan.force, metadata=metadata)
+    runner = _Runner(plan)
+    bar = _progress(plan, progress)
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
+                ThreadPoolExecutor(1, thread_name_prefix="forgetless-write") as writers:
+            jobs = plan.jobs
+            loads: dict[int, Future] = {i: readers.submit(runner.load, jobs[i]) for i in range(min(PREFETCH, len(jobs)))}
+            pending_write: Future | None = None
+            for i, job in enumerate(jobs):
+                loaded = loads.pop(i).result()
+                if i + PREFETCH < len(jobs):
+                    loads[i + PREFETCH] = readers.submit(runner.load, jobs[i + PREFETCH])
+                result = runner.compute(job, loaded)
+                del loaded
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writers.submit(writer.write, job.name, result)
+                del result
+                bar.update(job)
+            if pending_write is not None:
+                pending_write.result()
+        card = model_card(plan)
+        writer.commit(side_files_from=_side_dir(plan.recipe.base), config_updates=_config_updates(plan),
+                      extra_files={"README.md": card})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    report = MergeReport(plan.out, plan, time.perf_counter() - t0)
+    if log:
+        log(report.summary())
+    return report
+
+
+def _side_dir(ref: str) -> Path:
+    return parse_model_ref(ref)[0]
+
+
+def _config_updates(plan: Plan) -> dict:
+    if plan.recipe.dtype == "base":
+        return {}
+    cfg = plan.base.config
+    return {k: plan.recipe.dtype for k in ("torch_dtype", "dtype") if k in cfg} or {"dtype": plan.recipe.dtype}
+
+
+class _progress:
+    """Tensors and bytes done, MB/s and ETA on stderr (tqdm)."""
+
+    def __init__(self, plan: Plan, enabled: bool):
+        from tqdm import tqdm
+
+        self.n = len(plan.jobs)
+        self.done = 0
+        self.bar = tqdm(total=sum(j.out_bytes for j in plan.jobs), unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=f"merge {plan.spec.name}", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, job: Job) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(f"{self.done}/{self.n} tensors", refresh=False)
+        self.bar.update(job.out_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def model_card(plan: Plan) -> str:
+    r = plan.recipe
+    inputs = [("base", r.base, plan.base)] + [(f"models[{i}]", m.model, rd) for i, (m, rd) in
+                                              enumerate(zip(r.models, plan.models))]
+    rows = "\n".join(f"| {label} | `{ref}` | `{rd.fingerprint()}` | `{rd.weights_fingerprint()}` |"
+                     for label, ref, rd in inputs)
+    stat_rows = []
+    for need, v in plan.stats.items():
+        for rd in v if isinstance(v, list) else [v]:
+            meta = read_safetensors_metadata(rd.path)
+            stat_rows.append(f"| {need} | `{rd.path}` | {meta.get('kind', '?')} | N={meta.get('num_samples', '?')} |")
+    stats = ("\n## Statistics\n\n| role | file | kind | samples |\n|---|---|---|---|\n" + "\n".join(stat_rows) + "\n"
+             if stat_rows else "")
+    return f"""---
+tags: [forgetless, merge, {plan.spec.name}]
+---
+# Merged with forgetless {__version__}
+
+Method **{plan.spec.name}**: {plan.spec.doc}
+
+## Recipe
+
+```yaml
+{r.to_yaml().rstrip()}
+```
+
+## Inputs
+
+| role | reference | structure fingerprint | weights fingerprint (sampled) |
+|---|---|---|---|
+{rows}
+{stats}
+## What each tensor took
+
+```
+{plan.table()}
+```
+"""
+
+
+def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False,
+          dry_run: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
+    """Plan, check and run a merge. The CLI's `forgetless merge` is this function."""
+    plan = build_plan(recipe, out=out, force=force)
+    if dry_run:
+        if log:
+            log(plan.describe())
+        return MergeReport(plan.out, plan, dry_run=True)
+    try:
+        return execute(plan, progress=progress, log=log)
+    finally:
+        for rd in [plan.base, *plan.models]:
+            rd.close()

@@ -1,0 +1,82 @@
+"""The method registry: a merge method is a pure function over tensors, registered by a decorator.
+
+    @merge_method("ties", models="many")
+    def ties(base, finetuned, *, weights, density=0.5, lambda_=1.0): ...
+
+The engine reads everything it needs from the registration and the signature:
+- ``models``: "one" (``finetuned`` is a Tensor) or "many" (a list of Tensors, one per recipe model);
+- ``needs``: statistics the method consumes, passed as keyword arguments of the same names (a Tensor, or a list
+  with one per model when the statistic is listed in ``per_model_needs``);
+- keyword parameters with defaults are the recipe's ``parameters``; those listed in ``per_model`` take one value per
+  model (recipe ``models[i].<param>``, else ``parameters.<param>`` for all) and arrive as lists;
+- a trailing underscore maps a Python keyword: ``lambda_`` is the recipe's ``lambda``;
+- ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
+  name) are passed when the signature asks for them, so a random method is reproducible and order-independent.
+All tensors arrive in float32 (fresh copies the method may not modify in place); the result is cast by the engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONTEXT_ARGS = ("name", "generator")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., Any]
+    models: Literal["one", "many"]
+    needs: tuple[str, ...]
+    per_model_needs: tuple[str, ...]
+    per_model: tuple[str, ...]
+    params: dict[str, Any]  # recipe name -> default (inspect.Parameter.empty when required)
+    context: tuple[str, ...]
+    aliases: tuple[str, ...] = field(default=())
+    doc: str = ""
+
+    def arg(self, recipe_name: str) -> str:
+        """The Python keyword for a recipe parameter name."""
+        return recipe_name + "_" if recipe_name + "_" in self._sig_names() else recipe_name
+
+    def _sig_names(self) -> set[str]:
+        return set(inspect.signature(self.fn).parameters)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: tuple[str, ...] = (),
+                 per_model_needs: tuple[str, ...] = (), per_model: tuple[str, ...] = (),
+                 aliases: tuple[str, ...] = ()):
+    def register(fn):
+        sig = inspect.signature(fn)
+        params: dict[str, Any] = {}
+        context = []
+        for p in sig.parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.name in CONTEXT_ARGS:
+                context.append(p.name)
+            elif p.name not in needs and p.name not in per_model_needs:
+                params[p.name.rstrip("_")] = p.default
+        for pm in per_model:
+            if pm not in params:
+                raise TypeError(f"{fn.__name__}: per-model parameter {pm!r} is not a keyword parameter")
+        spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
+                          tuple(per_model), params, tuple(context), tuple(aliases),
+                          inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0])
+        for key in (name, *aliases):
+            if key in METHODS:
+                raise ValueError(f"merge method {key!r} registered twice")
+            METHODS[key] = spec
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodSpec:
+    return METHODS[name]

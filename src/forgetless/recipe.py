@@ -1,0 +1,132 @@
+"""The merge recipe: the one place that knows the YAML format.
+
+    method: ties
+    base: path/to/base                      # a Hugging Face folder (or DIR+ADAPTER)
+    models:                                 # each a folder, DIR+ADAPTER, or a mapping with per-model values
+      - model: path/to/finetuned-a
+        weight: 1.0
+        density: 0.5
+      - path/to/finetuned-b
+    parameters: {lambda: 1.0}               # the method's knobs (`forgetless methods` lists them)
+    statistics: {fisher_general: g.safetensors}   # shared statistics; per-model ones go under models[i].statistics
+    scope:
+      include: [language.layers[20:32], lm_head]  # part names, layer slices or re:<regex>; default: everything
+      exclude: []
+      outside: base                         # tensors outside the scope: base | finetuned
+      no_statistics: error                  # in-scope tensors a statistics file lacks: error | base | finetuned
+    dtype: base                             # output dtype: base | float32 | bfloat16 | float16
+    shard_size: 5GB
+    seed: 0                                 # random methods (DARE) are seeded per tensor name from this
+    layout: auto                            # or a family name: `forgetless inspect` shows the detected one
+    out: path/to/merged
+
+Validation errors name the key (``models[1].model``) and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ForgetlessError
+
+EXAMPLES_HINT = "see the recipes in examples/ and `forgetless methods`"
+
+
+class ModelEntry(BaseModel):
+    """One input model. Keys other than `model` and `statistics` are this model's values of per-model parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    statistics: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Scope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    outside: Literal["base", "finetuned"] | None = None
+    no_statistics: Literal["error", "base", "finetuned"] = "error"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    base: str
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    statistics: dict[str, str] = Field(default_factory=dict)
+    scope: Scope = Field(default_factory=Scope)
+    dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
+    shard_size: str | int = "5GB"
+    seed: int = 0
+    layout: str = "auto"
+    out: str | None = None
+    source: str | None = Field(default=None, exclude=True)  # the file it came from, for error messages
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        if isinstance(v, list):
+            return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude={"source"}), sort_keys=False)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("ModelEntry", "str", "function-before[_shorthand(), list[ModelEntry]]"):
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
+    where = str(source) if source else "recipe"
+    if not isinstance(data, dict):
+        raise ForgetlessError("a recipe must be a mapping (method, base, models, …)", file=where,
+                              remedy=EXAMPLES_HINT)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = _loc(first["loc"])
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "required key is missing"
+        more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+        raise ForgetlessError(f"{key}: {msg}{more}", file=where, remedy=EXAMPLES_HINT) from None
+    recipe.source = str(source) if source else None
+    return recipe
+
+
+def load_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
+    """A Recipe from a Recipe, a dict, or a YAML file path."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe)
+    path = Path(recipe)
+    if not path.is_file():
+        raise ForgetlessError("recipe file not found", file=path, remedy="check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ForgetlessError(f"invalid YAML{where}", file=path, remedy="fix the syntax") from None
+    return parse_recipe(data, path)
