@@ -9,11 +9,21 @@ The Python API is what the CLI wraps:
 
 __version__ = "0.1.0"
 
-from .engine import MergeReport, build_plan, merge  # noqa: E402
-from .errors import ForgetlessError  # noqa: E402
-from .inspect import inspect_model  # noqa: E402
-from .methods import METHODS, merge_method  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
+from .engine import MergeReport, build_plan, merge
+from .errors import ForgetlessError
+from .inspect import inspect_model
+from .methods import METHODS, merge_method
+from .recipe import Recipe, load_recipe
 
-__all__ = ["METHODS", "ForgetlessError", "MergeReport", "Recipe", "build_plan", "inspect_model", "load_recipe",
-           "merge", "merge_method", "__version__"]
+__all__ = [
+           "METHODS",
+           "ForgetlessError",
+           "MergeReport",
+           "Recipe",
+           "__version__",
+           "build_plan",
+           "inspect_model",
+           "load_recipe",
+           "merge",
+           "merge_method",
+]

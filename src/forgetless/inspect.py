@@ -35,6 +35,7 @@ def inspect_model(ref: str, layout: str | None = None) -> dict:
             "parts": parts,
             "adapters": [str(p) for p in find_adapters(folder)],
             "fingerprint": reader.fingerprint(),
+            "tied_embeddings": bool(reader.config.get("tie_word_embeddings", False)),
         }
         adapter = getattr(reader, "adapter", None)
         if adapter is not None:
@@ -46,13 +47,17 @@ def inspect_model(ref: str, layout: str | None = None) -> dict:
 
 def format_inspection(info: dict) -> str:
     lines = [f"{info['model']}",
-             f"  architecture  {', '.join(info['architectures'] or ['?'])}   layout {info['layout']} "
-             f"({info['decoder_layers']} decoder layers)   format {info['format']}",
-             f"  {info['tensors']} tensors, {info['parameters']:,} parameters, {human_bytes(info['bytes'])}"
-             f"   fingerprint {info['fingerprint']}", "",
+             (f"  architecture  {', '.join(info['architectures'] or ['?'])}   layout {info['layout']} "
+              f"({info['decoder_layers']} decoder layers)   format {info['format']}"),
+             (f"  {info['tensors']} tensors, {info['parameters']:,} parameters, {human_bytes(info['bytes'])}"
+              f"   fingerprint {info['fingerprint']}"), "",
              f"  {'part':<18} {'tensors':>8} {'parameters':>15}  dtypes"]
     for p in info["parts"]:
+        if not p["tensors"]:
+            continue
         lines.append(f"  {p['part']:<18} {p['tensors']:>8} {p['params']:>15,}  {', '.join(map(str, p['dtypes']))}")
+    if info["tied_embeddings"]:
+        lines.append("  (lm_head is tied to the input embeddings: merging the embedding merges both)")
     if info.get("folded_adapter"):
         fa = info["folded_adapter"]
         lines.append(f"\n  folded adapter {fa['path']} ({fa['targets']} tensors changed)")

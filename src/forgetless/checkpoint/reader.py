@@ -290,14 +290,15 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A legacy PyTorch checkpoint, safely (weights_only) and lazily (mmap) where the file format allows."""
     remedy = "the file is damaged or not a PyTorch state dict; download or save it again"
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise ForgetlessError(f"cannot read ({str(e).splitlines()[0]})", file=path, remedy=remedy) from None
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format
-    except Exception as e:  # pickle errors, EOF on truncation, unsafe globals
-        raise ForgetlessError(f"cannot read ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                              file=path, remedy=remedy) from None
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format: no mmap
+    except Exception as e:  # noqa: BLE001 — pickle errors, EOF on truncation, unsafe globals: all mean "unreadable"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ForgetlessError(f"cannot read ({e.__class__.__name__}: {first})", file=path, remedy=remedy) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ForgetlessError("not a state dict of tensors", file=path, remedy=remedy)
     return sd

@@ -1,0 +1,421 @@
+"""LoRA adapters folded into their base model on the fly, one tensor at a time.
+
+A model reference ``BASE_DIR+ADAPTER_DIR`` names a Hugging Face model folder and a PEFT LoRA adapter
+(``adapter_config.json`` + ``adapter_model.safetensors`` or ``adapter_model.bin``). Adapters trained with the
+original LLaVA code also carry ``non_lora_trainables.bin`` (keys like ``base_model.model.model.mm_projector.0.weight``):
+full replacement tensors. :class:`AdaptedReader` reads such a pair with the interface of
+:class:`~forgetless.checkpoint.reader.CheckpointReader`; ``get`` returns ``W + scale·B·A`` in float32 for the tensors
+the adapter changes. No folded copy is ever written.
+
+Adapter keys are mapped onto base tensor names exactly, else through :func:`layout.name_aliases` (an adapter trained
+under transformers 5 names ``model.language_model.layers.N`` while the saved llava-hf base says
+``language_model.model.layers.N``).
+
+The delta follows PEFT (``peft/tuners/lora/layer.py``, ``get_delta_weight``): ``scale = alpha / r`` (``alpha / √r``
+with ``use_rslora``), with ``r`` and ``alpha`` from ``rank_pattern`` / ``alpha_pattern`` where a pattern matches the
+module; linear ``B @ A`` (transposed under ``fan_in_fan_out``), embedding ``(B @ A)ᵀ``, convolution
+``(B[:, :, 1…] @ A.flatten(1))`` reshaped to the kernel; ``lora_bias`` adds ``scale · lora_B.bias`` to the bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ForgetlessError
+from .layout import name_aliases
+from .reader import CheckpointReader, TensorInfo, load_bin
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFE = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+NON_LORA = "non_lora_trainables.bin"
+PEFT_PREFIX = "base_model.model."
+MERGE_REMEDY = "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+_EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+
+def parse_model_ref(ref: str) -> tuple[Path, Path | None]:
+    """``DIR`` -> (DIR, None); ``DIR+ADAPTER`` -> (DIR, ADAPTER). A whole string that exists is always a model."""
+    whole = Path(ref).expanduser()
+    if whole.exists():
+        return whole, None
+    if "+" not in ref:
+        raise ForgetlessError("model folder not found", file=ref,
+                              remedy="give a model folder, or BASE_DIR+ADAPTER_DIR for a LoRA fine-tune")
+    base_s, adapter_s = ref.rsplit("+", 1)
+    base, adapter = Path(base_s).expanduser(), Path(adapter_s).expanduser()
+    if not base.is_dir():
+        raise ForgetlessError(f"base model folder of {ref!r} not found", file=base,
+                              remedy="check the part before '+': a Hugging Face model folder")
+    if not adapter.is_dir():
+        raise ForgetlessError(f"adapter folder of {ref!r} not found", file=adapter,
+                              remedy="check the part after '+': a PEFT adapter folder (adapter_config.json + "
+                                     "adapter_model.safetensors)")
+    return base, adapter
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: a pattern key matches a module name that ends with it (at a dot)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass
+class _Lora:
+    module: str  # module path as the adapter names it (without base_model.model.)
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    kind: str  # "linear" | "embedding" | "conv"
+    fan_in_fan_out: bool
+
+    def shape(self) -> tuple[int, ...]:
+        if self.kind == "embedding":
+            return (self.A.shape[1], self.B.shape[0])
+        if self.kind == "conv":
+            return (self.B.shape[0], *self.A.shape[1:])
+        out, inp = self.B.shape[0], self.A.shape[1]
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scale) with ``delta == scale * (B @ A).reshape(weight shape)``, in float32."""
+        A, B = self.A.float(), self.B.float()
+        if self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
+            return B.T.contiguous(), A.T.contiguous(), self.scale
+        if self.kind == "conv":
+            return A.flatten(1), B.flatten(1), self.scale
+        return A, B, self.scale
+
+    def delta(self) -> torch.Tensor:
+        A, B, _ = self.factors()
+        return ((B @ A) * self.scale).reshape(self.shape())
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter (plus LLaVA's ``non_lora_trainables.bin``) mapped onto a base model's tensor names."""
+
+    def __init__(self, path: str | os.PathLike, base_names: Collection[str]):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ForgetlessError("adapter folder not found", file=self.path,
+                                  remedy="give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+        base = set(base_names)
+        self.config = self._read_config()
+        self._check_config()
+        self.files: list[Path] = []
+        weights = self._load_weights()
+        extra = self._load_non_lora()
+        self._lora: dict[str, _Lora] = {}
+        self._bias: dict[str, tuple[torch.Tensor, float]] = {}  # bias name -> (lora_B.bias, scale)
+        self._replace: dict[str, torch.Tensor] = {}
+        self._build(weights, extra, base)
+
+    # ------------------------------------------------------------------ reading
+    def _read_config(self) -> dict[str, Any]:
+        f = self.path / ADAPTER_CONFIG
+        if not f.exists():
+            if (self.path / NON_LORA).exists() and not (self.path / ADAPTER_SAFE).exists() \
+                    and not (self.path / ADAPTER_BIN).exists():
+                return {}  # only full replacement tensors
+            raise ForgetlessError(f"no {ADAPTER_CONFIG}", file=self.path,
+                                  remedy="give a PEFT adapter folder saved with save_pretrained()")
+        try:
+            cfg = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy="fix or restore adapter_config.json") from None
+        if not isinstance(cfg, dict):
+            raise ForgetlessError("not a JSON object", file=f, remedy="fix or restore adapter_config.json")
+        return cfg
+
+    def _check_config(self) -> None:
+        cfg, f = self.config, self.path / ADAPTER_CONFIG
+        if not cfg:
+            return
+        peft_type = str(cfg.get("peft_type") or "LORA").upper()
+        if peft_type != "LORA":
+            raise ForgetlessError(f"PEFT type {peft_type} is not supported (only LoRA)", file=f, remedy=MERGE_REMEDY)
+        if cfg.get("use_dora"):
+            raise ForgetlessError("DoRA adapters (use_dora) are not supported: their update is not W + B·A",
+                                  file=f, remedy=MERGE_REMEDY)
+        for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
+            if cfg.get(key):
+                raise ForgetlessError(f"adapters with {key} are not supported", file=f, remedy=MERGE_REMEDY)
+        for key in ("r", "lora_alpha"):
+            if not isinstance(cfg.get(key, 8), int | float) or cfg.get(key, 8) <= 0:
+                raise ForgetlessError(f"{key} must be a positive number, got {cfg.get(key)!r}", file=f,
+                                      remedy="fix adapter_config.json")
+
+    def _load_weights(self) -> dict[str, torch.Tensor]:
+        safe, binf = self.path / ADAPTER_SAFE, self.path / ADAPTER_BIN
+        if safe.exists():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                sd = load_file(str(safe))
+            except (SafetensorError, OSError) as e:
+                raise ForgetlessError(f"cannot read ({e})", file=safe,
+                                      remedy="the file is damaged or incomplete; save the adapter again") from None
+            self.files.append(safe)
+            return sd
+        if binf.exists():
+            self.files.append(binf)
+            return load_bin(binf)
+        if self.config:
+            raise ForgetlessError(f"no adapter weights ({ADAPTER_SAFE} or {ADAPTER_BIN})", file=self.path,
+                                  remedy="give a PEFT adapter folder saved with save_pretrained()")
+        return {}
+
+    def _load_non_lora(self) -> dict[str, torch.Tensor]:
+        f = self.path / NON_LORA
+        if not f.exists():
+            return {}
+        self.files.append(f)
+        return load_bin(f)
+
+    # ------------------------------------------------------------------ mapping onto the base
+    def _build(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], base: set[str]) -> None:
+        cfg = self.config
+        r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+        cfg_file = self.path / ADAPTER_CONFIG
+
+        def resolve(name: str) -> str | None:
+            if name in base:
+                return name
+            hits = [a for a in name_aliases(name) if a in base]
+            return hits[0] if len(hits) == 1 else None
+
+        unmapped: list[str] = []
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in weights.items():
+            k = key.removeprefix(PEFT_PREFIX)
+            if "lora_magnitude_vector" in k:
+                raise ForgetlessError("DoRA adapters are not supported: their update is not W + B·A",
+                                      file=self.files[0], tensor=key, remedy=MERGE_REMEDY)
+            m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
+            if m:
+                slot = m.group("kind") + ("." + m.group("param") if "param" in m.groupdict() else "")
+                pairs.setdefault(m.group("module"), {})[slot] = t
+                continue
+            # modules_to_save copies; ``<module>.base_layer.weight`` is the full embedding PEFT saves with
+            # save_embedding_layers (a replacement the LoRA delta then applies to)
+            self._add_replacement(_MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."), key, t, resolve,
+                                  unmapped)
+        for key, t in extra.items():
+            self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped)
+
+        for module, slots in pairs.items():
+            if "lora_embedding_A" in slots or "lora_embedding_B" in slots:
+                A, B, kind = slots.get("lora_embedding_A"), slots.get("lora_embedding_B"), "embedding"
+            else:
+                A, B = slots.get("lora_A.weight"), slots.get("lora_B.weight")
+                kind = "conv" if A is not None and A.dim() > 2 else "linear"
+            if A is None or B is None:
+                raise ForgetlessError(f"module {module} has only one of its two LoRA factors", file=self.files[0],
+                                      remedy="the adapter file is incomplete; save the adapter again")
+            if A.dim() < 2 or B.dim() < 2 or A.numel() == 0 or B.numel() == 0:
+                raise ForgetlessError(f"LoRA factors of {module} have shapes {list(A.shape)}, {list(B.shape)}",
+                                      file=self.files[0], remedy="the adapter was saved from DeepSpeed ZeRO-3/FSDP "
+                                      "shards; save it again with the full parameters gathered")
+            target = resolve(module + ".weight")
+            if target is None:
+                unmapped.append(f"{PEFT_PREFIX}{module}")
+                continue
+            r = _pattern_value(rank_pattern, module, r_default)
+            alpha = _pattern_value(alpha_pattern, module, alpha_default)
+            rank = A.shape[0]
+            if rank != r:
+                raise ForgetlessError(f"{ADAPTER_CONFIG} gives r={r} for {module} but its lora_A has rank {rank}",
+                                      file=cfg_file, remedy="use the adapter_config.json saved with these weights")
+            if kind == "conv" and any(s != 1 for s in B.shape[2:]):
+                raise ForgetlessError(f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
+                                      file=self.files[0], remedy=MERGE_REMEDY)
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            self._lora[target] = _Lora(module, A, B, float(scale), kind, fifo and kind == "linear")
+            if "lora_B.bias" in slots:
+                bias = resolve(module + ".bias")
+                if bias is None:
+                    unmapped.append(f"{PEFT_PREFIX}{module}.lora_B.bias")
+                    continue
+                self._bias[bias] = (slots["lora_B.bias"], float(scale))
+
+        if unmapped:
+            shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
+            raise ForgetlessError(f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
+                                  file=self.path,
+                                  remedy="check that the adapter was trained on this base model")
+
+    def _add_replacement(self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str]) -> None:
+        target = resolve(name)
+        if target is None:
+            unmapped.append(key)
+        elif target in self._replace:
+            raise ForgetlessError("tensor given twice by the adapter (adapter_model and non_lora_trainables)",
+                                  file=self.path, tensor=target, remedy="keep one of the two copies")
+        else:
+            self._replace[target] = t
+
+    # ------------------------------------------------------------------ queries
+    def targets(self) -> set[str]:
+        """Base tensor names this adapter changes."""
+        return set(self._lora) | set(self._bias) | set(self._replace)
+
+    def shape_of(self, name: str) -> tuple[int, ...] | None:
+        """The shape the adapter implies for a targeted tensor (to check against the base), else None."""
+        if name in self._lora:
+            return self._lora[name].shape()
+        if name in self._bias:
+            return tuple(self._bias[name][0].shape)
+        if name in self._replace:
+            return tuple(self._replace[name].shape)
+        return None
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """``scale · B @ A`` in float32, shaped like the weight; None where there is no LoRA (a replacement alone)."""
+        if name in self._lora:
+            return self._lora[name].delta()
+        if name in self._bias:
+            b, scale = self._bias[name]
+            return b.float() * scale
+        return None
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, scale)`` in float32 with ``delta == scale * (B @ A).reshape(weight.shape)``; None if not LoRA."""
+        lora = self._lora.get(name)
+        return lora.factors() if lora else None
+
+    def replacement(self, name: str) -> torch.Tensor | None:
+        t = self._replace.get(name)
+        return None if t is None else t.float()
+
+    def apply(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """The adapted tensor in float32: (replacement or base) + delta; untouched tensors come back as given.
+
+        ``base`` may be None for a tensor the adapter replaces (see :meth:`replacement`).
+        """
+        if name not in self.targets():
+            if base is None:
+                raise KeyError(name)
+            return base
+        w = self._replace.get(name, base)
+        if w is None:
+            raise KeyError(name)
+        d = self.delta(name)
+        return w.float().clone() if d is None else w.float() + d
+
+    def fingerprint(self) -> str:
+        """Full SHA-256 of the adapter files (adapters are small)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.name}\n".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        cfg = self.path / ADAPTER_CONFIG
+        if cfg.exists():
+            h.update(cfg.read_bytes())
+        return h.hexdigest()[:16]
+
+
+class AdaptedReader:
+    """A base :class:`CheckpointReader` with a :class:`LoraAdapter` folded in, read like a model folder.
+
+    ``get`` returns base+delta (or the replacement) in float32 for the adapter's targets, while ``info().dtype``
+    stays the base dtype. ``raw(name)`` of a targeted tensor falls back to the adapted tensor cast to that dtype
+    (so stored bytes and ``info`` stay consistent); ``is_untouched(name)`` tells a caller when ``raw`` is a plain
+    copy of the base file.
+    """
+
+    def __init__(self, base: CheckpointReader, adapter: LoraAdapter):
+        self.base = base
+        self.adapter = adapter
+        self.path = base.path
+        self.adapter_path = adapter.path
+        self.config = base.config
+        self.infos = base.infos
+        self.format = base.format
+        self._targets = adapter.targets()
+        for name in sorted(self._targets):
+            want, have = adapter.shape_of(name), base.info(name).shape
+            if want != have:
+                raise ForgetlessError(f"adapter implies shape {list(want or ())}, the base has {list(have)}",
+                                      file=adapter.path, tensor=name,
+                                      remedy="check that the adapter was trained on this base model")
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def targets(self) -> set[str]:
+        return set(self._targets)
+
+    def is_untouched(self, name: str) -> bool:
+        return name not in self._targets
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor: float32 base+delta for the adapter's targets, the stored tensor otherwise."""
+        if name not in self._targets:
+            return self.base.get(name)
+        replaced = self.adapter.replacement(name) is not None
+        return self.adapter.apply(name, None if replaced else self.base.get(name))
+
+    def raw(self, name: str) -> bytes:
+        if name not in self._targets:
+            return self.base.raw(name)
+        t = self.get(name).to(self.info(name).dtype).contiguous()
+        return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    def files(self) -> list[Path]:
+        return [*self.base.files(), *self.adapter.files]
+
+    def fingerprint(self) -> str:
+        """Structure of the base (names and shapes): adapting changes no name or shape."""
+        return self.base.fingerprint()
+
+    def weights_fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.base.weights_fingerprint()}+{self.adapter.fingerprint()}".encode())
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_model(ref: str) -> CheckpointReader | AdaptedReader:
+    """The one entry point: ``DIR`` opens a model folder, ``DIR+ADAPTER`` that folder with a LoRA adapter folded in."""
+    base_path, adapter_path = parse_model_ref(ref)
+    reader = CheckpointReader(base_path)
+    if adapter_path is None:
+        return reader
+    try:
+        return AdaptedReader(reader, LoraAdapter(adapter_path, reader.names()))
+    except BaseException:
+        reader.close()
+        raise
