@@ -38,8 +38,9 @@ from .errors import ForgetlessError
 from .methods import METHODS, MethodSpec
 from .recipe import EXAMPLES_HINT, Recipe, load_recipe
 
-PREFETCH = 2  # tensors read ahead of the one being computed
-RUNTIME_BYTES = 450 * 2**20  # python + torch + transformers imports, measured on the CI machine
+PREFETCH = 2  # tensors read ahead of the one being computed …
+PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
+RUNTIME_BYTES = 300 * 2**20  # python + torch + forgetless after import: 230 MB measured on the 2-core CI machine
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LISTED = 12
 
@@ -79,13 +80,23 @@ class Plan:
             rows[j.route][1] += j.out_bytes
         return dict(rows)
 
+    def num_inputs(self) -> int:
+        """Tensors read for one method job: base, each model, each statistic (per model where per-model)."""
+        return 1 + len(self.models) + sum(len(self.models) if n in self.spec.per_model_needs else 1
+                                          for n in self.spec.needs)
+
+    def input_bytes(self, job: Job) -> int:
+        """Memory that reading `job` takes: every input in fp32 for the method, the stored bytes for a copy."""
+        if job.route != "method":
+            return Entry(job.name, job.shape, job.in_dtype).nbytes
+        return self.num_inputs() * Entry(job.name, job.shape, torch.float32).nbytes
+
     def peak_memory_estimate(self) -> int:
-        n_in = 1 + len(self.models) + len(self.spec.needs) * max(1, len(self.models))
-        largest = max((Entry(j.name, j.shape, torch.float32).nbytes for j in self.jobs if j.route == "method"),
-                      default=0)
-        largest_copy = max((j.out_bytes for j in self.jobs), default=0)
-        # in flight: PREFETCH + 1 jobs' inputs, the method's temporaries (~3 tensors), one result being written
-        return RUNTIME_BYTES + (PREFETCH + 1) * n_in * largest + 3 * largest + max(largest, largest_copy)
+        """Runtime + the job being computed (inputs and ~4 fp32 temporaries) + what is read ahead + one write."""
+        largest = max((self.input_bytes(j) for j in self.jobs), default=0)
+        largest_f32 = max((Entry(j.name, j.shape, torch.float32).nbytes for j in self.jobs), default=0)
+        ahead = max(largest, PREFETCH_BYTES)
+        return RUNTIME_BYTES + largest + 4 * largest_f32 + ahead + max(j.out_bytes for j in self.jobs)
 
     def describe(self) -> str:
         r = self.recipe
@@ -372,12 +383,29 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
         with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="forgetless-write") as writers:
             jobs = plan.jobs
-            loads: dict[int, Future] = {i: readers.submit(runner.load, jobs[i]) for i in range(min(PREFETCH, len(jobs)))}
+            loads: dict[int, tuple[Future, int]] = {}
+            inflight, nxt = 0, 0
+
+            def prefetch() -> None:
+                """Read ahead up to PREFETCH tensors and PREFETCH_BYTES (always at least the next one)."""
+                nonlocal inflight, nxt
+                while nxt < len(jobs) and len(loads) < PREFETCH:
+                    cost = plan.input_bytes(jobs[nxt])
+                    if loads and inflight + cost > PREFETCH_BYTES:
+                        break
+                    loads[nxt] = (readers.submit(runner.load, jobs[nxt]), cost)
+                    inflight += cost
+                    nxt += 1
+
+            prefetch()
             pending_write: Future | None = None
             for i, job in enumerate(jobs):
-                loaded = loads.pop(i).result()
-                if i + PREFETCH < len(jobs):
-                    loads[i + PREFETCH] = readers.submit(runner.load, jobs[i + PREFETCH])
+                if i not in loads:
+                    prefetch()
+                future, cost = loads.pop(i)
+                loaded = future.result()
+                inflight -= cost
+                prefetch()
                 result = runner.compute(job, loaded)
                 del loaded
                 if pending_write is not None:
