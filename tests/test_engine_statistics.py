@@ -53,7 +53,7 @@ def recipe(base, fts, files, **kw):
 
 
 def test_statistics_reach_the_method_per_tensor_and_per_model(curvature_method, setup, tmp_path):
-    root, base, fts, files, sd = setup
+    _, base, fts, files, sd = setup
     report = forgetless.merge(recipe(base, fts, files, scope={"no_statistics": "base"}), out=tmp_path / "m",
                               progress=False)
     got = load_file(str(tmp_path / "m" / "model.safetensors"))
@@ -71,7 +71,7 @@ def test_statistics_reach_the_method_per_tensor_and_per_model(curvature_method, 
 
 
 def test_missing_statistics_are_an_error_by_default(curvature_method, setup, tmp_path):
-    root, base, fts, files, _ = setup
+    _, base, fts, files, _ = setup
     with pytest.raises(ForgetlessError, match="have no statistics.*scope.no_statistics"):
         forgetless.merge(recipe(base, fts, files), out=tmp_path / "m", progress=False)
     r = recipe(base, fts, files)
@@ -82,7 +82,7 @@ def test_missing_statistics_are_an_error_by_default(curvature_method, setup, tmp
 
 def test_statistics_of_another_model_are_refused(curvature_method, setup, tmp_path):
     root, base, fts, files, _ = setup
-    path, stats = files["s0"]
+    _, stats = files["s0"]
     bad = root / "other.safetensors"
     save_file(stats, str(bad), metadata={"kind": "fisher", "model_fingerprint": "0123456789abcdef"})
     r = recipe(base, fts, files, scope={"no_statistics": "base"})

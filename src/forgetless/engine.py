@@ -43,6 +43,7 @@ PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (t
 RUNTIME_BYTES = 300 * 2**20  # python + torch + forgetless after import: 230 MB measured on the 2-core CI machine
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LISTED = 12
+NO_STATS_ROUTE = "method (no stats)"  # in scope, no statistics, the method's own fallback (without_statistics="call")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,16 @@ class Plan:
 
     def input_bytes(self, job: Job) -> int:
         """Memory that reading `job` takes: every input in fp32 for the method, the stored bytes for a copy."""
-        if job.route != "method":
+        if job.route not in ("method", NO_STATS_ROUTE):
             return Entry(job.name, job.shape, job.in_dtype).nbytes
-        return self.num_inputs() * Entry(job.name, job.shape, torch.float32).nbytes
+        tensors = (1 + len(self.models)) * Entry(job.name, job.shape, torch.float32).nbytes
+        if job.route == NO_STATS_ROUTE:
+            return tensors
+        for need in self.spec.needs:
+            count = len(self.models) if need in self.spec.per_model_needs else 1
+            shape = self.spec.stat_shape(need, job.shape) or job.shape
+            tensors += count * Entry(job.name, shape, torch.float32).nbytes
+        return tensors
 
     def peak_memory_estimate(self) -> int:
         """Runtime + the job being computed (inputs and ~4 fp32 temporaries) + what is read ahead + one write."""
@@ -222,7 +230,7 @@ def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list
                               remedy="choose another --out or pass --force to replace it")
 
 
-def _open_stat(path: str, base, key: str, where: str) -> CheckpointReader:
+def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: str) -> CheckpointReader:
     p = Path(path)
     if not p.is_file():
         raise ForgetlessError("statistics file not found", file=p,
@@ -237,8 +245,14 @@ def _open_stat(path: str, base, key: str, where: str) -> CheckpointReader:
         if name not in base.infos:
             raise ForgetlessError("statistics for a tensor the model does not have", file=p, tensor=name,
                                   remedy="recompute the statistics on this model")
-        if info.shape != base.infos[name].shape:
-            raise ForgetlessError(f"shape {list(info.shape)} differs from the model's {list(base.infos[name].shape)}",
+        want = spec.stat_shape(need, tuple(base.infos[name].shape))
+        if want is None:
+            raise ForgetlessError(f"{need!r} statistics for a tensor of shape {list(base.infos[name].shape)}, "
+                                  "which cannot have them", file=p, tensor=name,
+                                  remedy="recompute the statistics on this model")
+        if tuple(info.shape) != want:
+            raise ForgetlessError(f"shape {list(info.shape)} differs from the expected {list(want)} (the model's "
+                                  f"tensor is {list(base.infos[name].shape)})",
                                   file=p, tensor=name, remedy="recompute the statistics on this model")
     return reader
 
@@ -281,8 +295,9 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
     models = [open_model(m.model) for m in recipe.models]
     for i, m in enumerate(models):
         _check_structure(base, m, f"models[{i}]")
-    stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where) for i, p in enumerate(v)]
-                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where))
+    stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where, spec, need)
+                     for i, p in enumerate(v)]
+                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where, spec, need))
              for need, v in stat_paths.items()}
 
     names = base.names()
@@ -296,6 +311,10 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         raise ForgetlessError(f"scope.outside: required, the scope leaves {len(names) - len(scope)} tensors out",
                               file=where, remedy="say where they come from: outside: base | finetuned")
 
+    no_statistics = recipe.scope.no_statistics or ("method" if spec.without_statistics == "call" else "error")
+    if no_statistics == "method" and spec.without_statistics != "call":
+        raise ForgetlessError(f"scope.no_statistics: {spec.name!r} cannot merge a tensor without its statistics",
+                              file=where, remedy="use no_statistics: error | base | finetuned")
     jobs = []
     stat_readers = [r for v in stats.values() for r in (v if isinstance(v, list) else [v])]
     missing_stats: list[str] = []
@@ -307,7 +326,7 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         elif name not in scope:
             route = recipe.scope.outside or "base"
         elif any(name not in r for r in stat_readers):
-            route = recipe.scope.no_statistics
+            route = NO_STATS_ROUTE if no_statistics == "method" else no_statistics
             if route == "error":
                 missing_stats.append(name)
         else:
@@ -344,6 +363,8 @@ class _Runner:
             return src.get(job.name)
         base = p.base.get(job.name).float()
         fts = [m.get(job.name).float() for m in p.models]
+        if job.route == NO_STATS_ROUTE:
+            return base, fts, {}
         stats = {k: ([r.get(job.name).float() for r in v] if isinstance(v, list) else v.get(job.name).float())
                  for k, v in p.stats.items()}
         return base, fts, stats

@@ -14,6 +14,7 @@
       exclude: []
       outside: base                         # tensors outside the scope: base | finetuned
       no_statistics: error                  # in-scope tensors a statistics file lacks: error | base | finetuned
+                                            # | method (its own fallback; the default for methods that have one)
     dtype: base                             # output dtype: base | float32 | bfloat16 | float16
     shard_size: 5GB
     seed: 0                                 # random methods (DARE) are seeded per tensor name from this
@@ -54,7 +55,8 @@ class Scope(BaseModel):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     outside: Literal["base", "finetuned"] | None = None
-    no_statistics: Literal["error", "base", "finetuned"] = "error"
+    # None: "method" when the method handles missing statistics itself (without_statistics="call"), else "error"
+    no_statistics: Literal["error", "base", "finetuned", "method"] | None = None
 
 
 class Recipe(BaseModel):

@@ -10,6 +10,11 @@ The engine reads everything it needs from the registration and the signature:
 - keyword parameters with defaults are the recipe's ``parameters``; those listed in ``per_model`` take one value per
   model (recipe ``models[i].<param>``, else ``parameters.<param>`` for all) and arrive as lists;
 - a trailing underscore maps a Python keyword: ``lambda_`` is the recipe's ``lambda``;
+- ``stat_shapes``: statistic -> function of the weight's shape giving the statistic's shape (None: this tensor cannot
+  have that statistic); a statistic not listed is shaped like the weight. RegMean's ``gram`` is [in, in];
+- ``without_statistics``: "route" (default) sends in-scope tensors that lack statistics to ``scope.no_statistics``;
+  "call" calls the method without those keywords (so they take their defaults, None), and the method falls back
+  by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent.
 All tensors arrive in float32 (fresh copies the method may not modify in place); the result is cast by the engine.
@@ -37,6 +42,13 @@ class MethodSpec:
     context: tuple[str, ...]
     aliases: tuple[str, ...] = field(default=())
     doc: str = ""
+    stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = field(default_factory=dict)
+    without_statistics: Literal["route", "call"] = "route"
+
+    def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
+        rule = self.stat_shapes.get(need)
+        return tuple(weight_shape) if rule is None else rule(tuple(weight_shape))
 
     def arg(self, recipe_name: str) -> str:
         """The Python keyword for a recipe parameter name."""
@@ -51,7 +63,9 @@ METHODS: dict[str, MethodSpec] = {}
 
 def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: tuple[str, ...] = (),
                  per_model_needs: tuple[str, ...] = (), per_model: tuple[str, ...] = (),
-                 aliases: tuple[str, ...] = ()):
+                 aliases: tuple[str, ...] = (),
+                 stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
+                 without_statistics: Literal["route", "call"] = "route"):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -68,7 +82,11 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                 raise TypeError(f"{fn.__name__}: per-model parameter {pm!r} is not a keyword parameter")
         spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
                           tuple(per_model), params, tuple(context), tuple(aliases),
-                          inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0])
+                          inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
+                          without_statistics)
+        unknown = set(spec.stat_shapes) - set(spec.needs)
+        if unknown:
+            raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")
         for key in (name, *aliases):
             if key in METHODS:
                 raise ValueError(f"merge method {key!r} registered twice")

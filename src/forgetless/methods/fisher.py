@@ -1,0 +1,89 @@
+"""Fisher merging (Matena & Raffel 2022; METHODS.md, "Baselines").
+
+Per entry, θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ: the minimiser of Σₖ λₖ Σ Fₖ (θ − θₖ)², each model's squared distance weighted
+by its diagonal Fisher Fₖ (a statistic shaped like the weight, one file per model) and its weight λₖ.
+
+Two registrations, because a statistic is either required or not used (the registry has no optional statistics):
+- ``fisher``: the fine-tuned models only (``per_model_needs=("fisher",)``);
+- ``fisher_with_base``: θ₀ is one more term, with the shared statistic ``fisher_base`` and weight ``base_weight``.
+
+Zero Fisher. Each Fₖ is floored at ε·F̄, F̄ the mean of all the Fishers combined for this tensor (after
+``normalize``), so that an entry no model's Fisher sees gets the plain λ-weighted average of the models (all terms
+are then equal to the floor), and one where a single model's Fisher is zero gets the others' value, up to a relative
+ε. The floor is relative, so scaling every Fisher by c (sum vs mean over samples, a loss scale) leaves the result
+unchanged; an absolute floor, as in Matena & Raffel's code (``fisher_floor``), does not have that property. When the
+whole tensor's Fisher is zero, the result is the λ-weighted average. Negative entries (not a Fisher) count as zero.
+ε is never added to the denominator alone: that pulls weakly-seen entries toward 0, a discontinuity at F = 0.
+
+``normalize`` ("mean" / "max") divides each model's Fisher by its own mean / max over this tensor before combining,
+as some implementations do to put models whose Fishers differ in scale on an equal footing. It is per tensor (the
+engine streams one tensor at a time), not over the whole model as in FusionBench's ``normalize_fisher_weight``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .registry import merge_method
+
+Normalize = Literal["none", "mean", "max"]
+
+
+def _check_weights(weights: list[float]) -> None:
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"Fisher merging needs weights >= 0 with a positive sum, got {weights}")
+
+
+def weighted_average(params: list[Tensor], weights: list[float]) -> Tensor:
+    total = float(sum(weights))
+    out = torch.zeros_like(params[0])
+    for p, w in zip(params, weights):
+        out.add_(p, alpha=w / total)
+    return out
+
+
+def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,
+                   normalize: Normalize = "none") -> Tensor:
+    """Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ, ε·F̄) (module docstring). Consumes `fishers` (works in place)."""
+    if len(params) != len(fishers) or len(params) != len(weights):
+        raise ValueError(f"{len(params)} tensors, {len(fishers)} Fishers, {len(weights)} weights")
+    _check_weights(weights)
+    if normalize not in ("none", "mean", "max"):
+        raise ValueError(f"normalize must be none | mean | max, got {normalize!r}")
+    for f in fishers:
+        f.clamp_(min=0)
+    if normalize != "none":
+        for f in fishers:
+            scale = float(f.mean(dtype=torch.float64) if normalize == "mean" else f.max())
+            if scale > 0:
+                f.div_(scale)
+    level = sum(float(f.mean(dtype=torch.float64)) for f in fishers) / len(fishers)
+    floor = epsilon * level
+    num = torch.zeros_like(params[0])
+    den = torch.zeros_like(params[0])
+    for p, f, w in zip(params, fishers, weights):
+        f.clamp_(min=floor).mul_(w)
+        den.add_(f)
+        num.addcmul_(f, p)
+    seen = den > 0
+    if bool(seen.all()):
+        return num.div_(den)
+    return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
+
+
+@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",))
+def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: list[float] = 1.0,
+           epsilon: float = 1e-8, normalize: Normalize = "none") -> Tensor:
+    """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""
+    return fisher_combine(finetuned, fisher, weight, epsilon, normalize)
+
+
+@merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",))
+def fisher_with_base(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], fisher_base: Tensor,
+                     weight: list[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
+                     normalize: Normalize = "none") -> Tensor:
+    """Fisher merging with θ₀ as one more term: θ = (λ₀F₀θ₀ + Σₖ λₖFₖθₖ) / (λ₀F₀ + Σₖ λₖFₖ)."""
+    return fisher_combine([base, *finetuned], [fisher_base, *fisher], [base_weight, *weight], epsilon, normalize)

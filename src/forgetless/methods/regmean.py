@@ -1,0 +1,107 @@
+"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"; METHODS.md).
+
+For a Linear weight W [out, in] (y = x Wᵀ) and per-model input Gram matrices Gₖ = XₖᵀXₖ [in, in] (statistic
+``gram``, one file per model, stored under the weight's name), the merged weight minimises the distance between
+the merged layer's outputs and each model's outputs on that model's inputs:
+
+    W* = argmin Σₖ λₖ‖XₖWᵀ − XₖWₖᵀ‖²  =  (Σₖ λₖ Wₖ G̃ₖ)(Σₖ λₖ G̃ₖ)⁻¹,   G̃ₖ = diag(Gₖ) + α·offdiag(Gₖ).
+
+α ∈ [0, 1] (``alpha``) scales the off-diagonal entries, the paper's regulariser: α = 1 is the exact least-squares
+merge, α = 0 an average weighted per input feature by Gₖ[j, j]. Default 0.9, the value used in the paper's
+experiments and in the authors' reimplementations (``reduce_non_diagonal_ratio``; the authors' code keeps the
+diagonal and multiplies the rest by this ratio, as here). λₖ (``weight``, default 1) scales Gₖ: the same as
+weighting model k's calibration tokens.
+
+Solved in float64 with a Cholesky factorisation of the symmetric Σₖ λₖG̃ₖ (G̃ₖ is PSD for α ∈ [0, 1]: a convex
+combination of Gₖ and its diagonal), never an explicit inverse. A ridge toward the plain λ-weighted average W̄,
+ρ = ``ridge``·mean(diag Σₖ λₖG̃ₖ), is always added: W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹, the minimiser of the
+objective plus ρ‖W − W̄‖². It keeps the solve finite when the Gram sum is singular (an input feature that is zero on
+all calibration data, fewer tokens than features) and sends the directions the data does not see to the average
+instead of to 0; on the directions the data does see it changes the result by O(ρ / λ_min).
+
+Tensors without a Gram (biases, norms, embeddings, anything that is not a Linear weight) are merged by the
+λ-weighted average: ``regmean`` called with ``gram=None`` returns it. RegMean merges the fine-tuned models; θ₀ is
+not used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .registry import merge_method
+
+
+def gram_shape(weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The shape of the ``gram`` statistic of a weight of this shape: [in, in] for a Linear weight [out, in]; None
+    when the tensor cannot have one (not 2-D). For the engine's statistics shape check."""
+    return (weight_shape[1], weight_shape[1]) if len(weight_shape) == 2 else None
+
+
+def _average(params: list[Tensor], weights: list[float]) -> Tensor:
+    total = float(sum(weights))
+    out = torch.zeros_like(params[0])
+    for p, w in zip(params, weights):
+        out.add_(p, alpha=w / total)
+    return out
+
+
+def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
+    """diag(G) + α·offdiag(G), in place."""
+    d = gram.diagonal().clone()
+    gram.mul_(alpha).diagonal().copy_(d)
+    return gram
+
+
+def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
+                    ridge: float = 1e-6) -> Tensor:
+    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ in float64 (module docstring); the result has the dtype of params."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha}")
+    if ridge < 0:
+        raise ValueError(f"RegMean ridge must be >= 0, got {ridge}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"RegMean needs weights >= 0 with a positive sum, got {weights}")
+    w0 = params[0]
+    if w0.dim() != 2:
+        raise ValueError(f"RegMean merges 2-D Linear weights [out, in], got shape {tuple(w0.shape)}")
+    n_in = w0.shape[1]
+    for g in grams:
+        if tuple(g.shape) != (n_in, n_in):
+            raise ValueError(f"gram shape {tuple(g.shape)} does not match a weight {tuple(w0.shape)} "
+                             f"(expected [in, in] = [{n_in}, {n_in}])")
+    avg = _average(params, weights).double()
+    lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
+    rhs = torch.zeros(w0.shape, dtype=torch.float64)
+    for w, g, lam in zip(params, grams, weights):
+        if lam == 0:
+            continue
+        g = reduce_off_diagonal(g.double(), alpha).mul_(lam)
+        lhs.add_(g)
+        rhs.addmm_(w.double(), g)
+        del g
+    scale = float(lhs.diagonal().mean())
+    if scale <= 0:
+        return avg.to(w0.dtype)  # every Gram is zero: the data says nothing about this layer
+    rho = ridge * scale
+    lhs.diagonal().add_(rho)
+    rhs.add_(avg, alpha=rho)
+    # W* lhs = rhs  ⇔  lhs W*ᵀ = rhsᵀ (lhs symmetric)
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        out = torch.cholesky_solve(rhs.T, chol).T
+    else:  # not numerically positive definite (ridge 0 and a singular sum, or a bad statistic): least squares
+        out = torch.linalg.lstsq(lhs, rhs.T, driver="gelsd").solution.T
+    return out.to(w0.dtype)
+
+
+@merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
+              without_statistics="call")
+def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: list[float] = 1.0,
+            alpha: float = 0.9, ridge: float = 1e-6) -> Tensor:
+    """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight; tensors without a Gram get the plain average."""
+    if gram is None:
+        if any(w < 0 for w in weight) or sum(weight) <= 0:
+            raise ValueError(f"RegMean needs weights >= 0 with a positive sum, got {weight}")
+        return _average(finetuned, weight)
+    return regmean_combine(finetuned, gram, weight, alpha, ridge)
