@@ -1,0 +1,77 @@
+"""Data-parallel statistics under ``torchrun --nproc-per-node K``.
+
+Each rank takes an interleaved shard of the samples (``samples[rank::world]``), accumulates its sums, then the
+sums and counts are all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes. Sums are additive, so the result
+equals the single-process one up to the order of floating-point additions. The sampled Fisher seeds its labels
+per sample index, so it too is independent of the sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from the initialized process group, else from torchrun's environment, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (no-op for a single process). Returns (rank, world)."""
+    rank, world = dist_info()
+    if world > 1 and not dist.is_initialized():
+        cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world
+
+
+def shard_samples(samples: Sequence[T], rank: int, world: int) -> list[T]:
+    """This rank's samples: a deterministic interleave (every world-th sample from ``rank``)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    return list(samples[rank::world])
+
+
+def all_reduce_sums(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int] | int | None = None
+                    ) -> Mapping[str, int] | int | None:
+    """Sum ``sums`` over all ranks, in place (every rank gets the total), and return the summed counts.
+
+    Tensors are reduced in sorted name order so that every rank issues the same collectives. A single process
+    (no process group) returns its inputs unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    for name in sorted(sums):
+        dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)
+    if counts is None:
+        return None
+    dev = next(iter(sums.values())).device if sums else torch.device("cpu")
+    if isinstance(counts, int):
+        t = torch.tensor([counts], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return int(t.item())
+    keys = sorted(counts)
+    t = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (e.g. lists of skipped samples), in rank order; ``[obj]`` in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
