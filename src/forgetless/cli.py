@@ -58,6 +58,69 @@ def methods_cmd() -> None:
         click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}")
 
 
+@cli.group("stats")
+def stats_group() -> None:
+    """Curvature and activation statistics on calibration data (Fisher, Gram). Data-parallel under torchrun."""
+
+
+def _stats_options(fn):
+    opts = [
+        click.argument("model", type=click.Path(file_okay=False)),
+        click.option("--data", required=True, type=click.Path(dir_okay=False),
+                     help="Calibration set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL."),
+        click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder)."),
+        click.option("--out", type=click.Path(dir_okay=False), help="Output .safetensors file."),
+        click.option("--scope", multiple=True, help="Part name, layer slice or re:<regex> (repeatable). "
+                     "Default: every Linear weight."),
+        click.option("-n", "num", type=int, default=None, help="Number of samples (a seeded subset)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True, help="Model dtype (statistics are accumulated in fp32/fp64)."),
+        click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+        click.option("--store-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                     show_default=True),
+        click.option("--max-length", type=int, default=None, help="Longest sample in tokens (default: context)."),
+        click.option("--force", is_flag=True, help="Replace an existing output file."),
+        click.option("--dry-run", is_flag=True, help="Say what would be computed and the memory it takes."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _run_stats(kind: str, model: str, out: str | None, dry_run: bool, scope: tuple[str, ...], num: int | None,
+               **kw) -> None:
+    from .stats.run import compute_statistics
+
+    if out is None and not dry_run:
+        raise click.UsageError("--out is required (or --dry-run)")
+    compute_statistics(kind, model, kw.pop("data"), out, scope=list(scope) or None, n=num, dry_run=dry_run,  # type: ignore[arg-type]
+                       log=click.echo, **kw)
+
+
+@stats_group.command("fisher")
+@_stats_options
+@click.option("--variant", type=click.Choice(["empirical", "sampled"]), default="empirical", show_default=True,
+              help="Labels from the data, or drawn from the model's own predictions.")
+@click.option("--all-params", is_flag=True, help="Every parameter in scope, not only Linear weights.")
+def stats_fisher(**kw) -> None:
+    """Diagonal Fisher of MODEL on the answer tokens of --data: F = (1/N) Σ (∇ℓᵢ)², per sample."""
+    _run_stats("fisher", **kw)
+
+
+@stats_group.command("gram")
+@_stats_options
+@click.option("--tokens", type=click.Choice(["all", "answer"]), default="all", show_default=True,
+              help="Which tokens' inputs count: every non-padding token, or answer tokens only.")
+@click.option("--accumulate", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="float32 uses compensated (Kahan) sums.")
+def stats_gram(**kw) -> None:
+    """Input Gram matrices G = Σ x xᵀ of every Linear layer in scope, with token counts."""
+    _run_stats("gram", **kw)
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo).")
 @click.option("--quick", is_flag=True, help="Fewer steps and merges (a smoke run).")
