@@ -23,6 +23,15 @@ def interpolate(base: Tensor, target: Tensor, t: float) -> Tensor:
     return torch.lerp(base, target, t)
 
 
+def weighted_average(params: list[Tensor], weights: list[float]) -> Tensor:
+    """Σₖ wₖθₖ / Σₖ wₖ."""
+    total = float(sum(weights))
+    out = torch.zeros_like(params[0])
+    for p, w in zip(params, weights):
+        out.add_(p, alpha=w / total)
+    return out
+
+
 def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tensor:
     out = base.clone()
     for d, c in zip(deltas, coeffs):
@@ -119,11 +128,9 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
 @merge_method("linear", aliases=("wise_ft",), per_model=("weight",))
 def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""
-    total = sum(weight)
     if len(finetuned) == 1:
         return interpolate(base, finetuned[0], lambda_)
-    avg = sum(ft * (w / total) for ft, w in zip(finetuned, weight))
-    return interpolate(base, avg, lambda_)
+    return interpolate(base, weighted_average(finetuned, weight), lambda_)
 
 
 @merge_method("task_arithmetic", per_model=("weight",))

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .baselines import weighted_average
 from .registry import merge_method
 
 Normalize = Literal["none", "mean", "max"]
@@ -35,14 +36,6 @@ Normalize = Literal["none", "mean", "max"]
 def _check_weights(weights: list[float]) -> None:
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"Fisher merging needs weights >= 0 with a positive sum, got {weights}")
-
-
-def weighted_average(params: list[Tensor], weights: list[float]) -> Tensor:
-    total = float(sum(weights))
-    out = torch.zeros_like(params[0])
-    for p, w in zip(params, weights):
-        out.add_(p, alpha=w / total)
-    return out
 
 
 def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .baselines import weighted_average
 from .registry import merge_method
 
 
@@ -36,14 +37,6 @@ def gram_shape(weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
     """The shape of the ``gram`` statistic of a weight of this shape: [in, in] for a Linear weight [out, in]; None
     when the tensor cannot have one (not 2-D). For the engine's statistics shape check."""
     return (weight_shape[1], weight_shape[1]) if len(weight_shape) == 2 else None
-
-
-def _average(params: list[Tensor], weights: list[float]) -> Tensor:
-    total = float(sum(weights))
-    out = torch.zeros_like(params[0])
-    for p, w in zip(params, weights):
-        out.add_(p, alpha=w / total)
-    return out
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
@@ -70,7 +63,7 @@ def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[flo
         if tuple(g.shape) != (n_in, n_in):
             raise ValueError(f"gram shape {tuple(g.shape)} does not match a weight {tuple(w0.shape)} "
                              f"(expected [in, in] = [{n_in}, {n_in}])")
-    avg = _average(params, weights).double()
+    avg = weighted_average(params, weights).double()
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
     rhs = torch.zeros(w0.shape, dtype=torch.float64)
     for w, g, lam in zip(params, grams, weights):
@@ -103,5 +96,5 @@ def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None 
     if gram is None:
         if any(w < 0 for w in weight) or sum(weight) <= 0:
             raise ValueError(f"RegMean needs weights >= 0 with a positive sum, got {weight}")
-        return _average(finetuned, weight)
+        return weighted_average(finetuned, weight)
     return regmean_combine(finetuned, gram, weight, alpha, ridge)
