@@ -64,7 +64,7 @@ class TensorInfo:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -225,29 +225,39 @@ class CheckpointReader:
         return self.infos[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor (never a view into the file)."""
+        """A fresh tensor (never a view into the file), read straight into its own memory."""
         info = self.infos[name]
         if info.offset < 0:
             return self._bin[info.file][name].clone()
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(self.raw(name))
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            self._read_into(info, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
 
-    def raw(self, name: str) -> bytes:
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds.setdefault(file, os.open(file, os.O_RDONLY))
+        return fd
+
+    def _read_into(self, info: TensorInfo, buf: memoryview) -> None:
+        fd, off, done = self._fd(info.file), info.offset, 0
+        while done < info.nbytes:
+            k = os.preadv(fd, [buf[done:]], off + done)
+            if k == 0:
+                raise ForgetlessError("file is truncated while reading", file=info.file, tensor=info.name,
+                                      remedy="the file changed or is damaged; save it again")
+            done += k
+
+    def raw(self, name: str) -> bytes | bytearray:
         """The tensor's bytes as stored (safetensors only): used to copy untouched tensors without decoding."""
         info = self.infos[name]
         if info.offset < 0:
             t = self._bin[info.file][name].contiguous()
             return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
-        data = os.pread(fd, info.nbytes, info.offset)
-        if len(data) != info.nbytes:
-            raise ForgetlessError("file is truncated while reading", file=info.file, tensor=name,
-                                  remedy="the file changed or is damaged; save it again")
-        return data
+        buf = bytearray(info.nbytes)
+        self._read_into(info, memoryview(buf))
+        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -19,8 +19,9 @@ from .registry import merge_method
 
 # ---------------------------------------------------------------------------------------------- building blocks
 def interpolate(base: Tensor, target: Tensor, t: float) -> Tensor:
-    """base + t·(target − base), exact at both ends: t=0 gives base, t=1 gives target, bit for bit."""
-    return torch.lerp(base, target, t)
+    """base + t·(target − base), exact at both ends: t=0 gives base, t=1 gives target, bit for bit. In place on
+    `base` (methods own their inputs; a fresh result would cost a new allocation's page faults per tensor)."""
+    return base.lerp_(target, t)
 
 
 def weighted_average(params: list[Tensor], weights: list[float]) -> Tensor:
@@ -33,10 +34,10 @@ def weighted_average(params: list[Tensor], weights: list[float]) -> Tensor:
 
 
 def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tensor:
-    out = base.clone()
+    """base + Σ cₖ·dₖ, in place on `base`."""
     for d, c in zip(deltas, coeffs):
-        out.add_(d, alpha=c)
-    return out
+        base.add_(d, alpha=c)
+    return base
 
 
 def kth_largest(a: Tensor, k: int, sample: int = 1 << 16) -> Tensor:

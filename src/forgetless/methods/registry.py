@@ -17,7 +17,8 @@ The engine reads everything it needs from the registration and the signature:
   by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent.
-All tensors arrive in float32 (fresh copies the method may not modify in place); the result is cast by the engine.
+All tensors arrive in float32 as fresh copies that the method owns: it may work in place on them (and should, for
+large tensors: every new allocation costs page faults). The engine casts the result to the output dtype.
 """
 
 from __future__ import annotations
