@@ -389,3 +389,25 @@ def test_gram_float32_compensated_matches_float64():
     assert a.token_counts == b.token_counts
     # float32 + its Kahan compensation buffer: 8 bytes per entry, like float64
     assert gram_memory(linear_modules(model), torch.float32) == gram_memory(linear_modules(model))
+
+
+def test_tied_output_embedding_gets_the_gradient_of_both_uses():
+    """With tie_word_embeddings, lm_head.weight *is* the input embedding: its per-sample gradient is the sum of the
+    output-projection and the embedding-lookup parts (the benchmark on SmolLM2 found the lookup part dominates)."""
+    from conftest import TEXT
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TEXT, "tie_word_embeddings": True})).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    samples = llama_samples()
+    names = {"lm_head.weight": "model.embed_tokens.weight",
+             "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight"}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    res = accumulate_fisher(model, [collate(samples[:3], "llama"), collate(samples[3:], "llama")],
+                            params={c: params[m] for m, c in names.items()})
+    ref = reference_fisher(model, samples, "llama", ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"])
+    assert_rel_close(res.sums["model.embed_tokens.weight"] / res.num_samples, ref["model.embed_tokens.weight"], 1e-5,
+                     "tied embedding")
+    assert_rel_close(res.sums["model.layers.0.mlp.up_proj.weight"] / res.num_samples,
+                     ref["model.layers.0.mlp.up_proj.weight"], 1e-5, "up_proj")

@@ -25,7 +25,9 @@ One forward and one backward per batch, of the loss Σᵢ ℓᵢ (a sum, so ever
   squared (sparse; only the rows the sample uses).
 * Any other parameter in scope (norms, conv patch embeddings, position embeddings): an explicit per-sample loop
   over ``torch.autograd.grad(ℓᵢ, those parameters)`` on the batch's graph (no second forward). Correct for any
-  module but costs one backward per sample, so keep such parameters out of scope when speed matters.
+  module but costs one backward per sample, so keep such parameters out of scope when speed matters. Tied
+  parameters (an ``lm_head`` sharing the input embedding's weight) take this path too: their gradient is the sum
+  over both uses, which no single module's hook sees.
 
 Non-finite values: a sample whose loss, or any of whose per-sample gradients, is NaN/Inf is an error
 (``on_bad="error"``, naming the sample and tensor) or a counted skip (``on_bad="skip"``): it is then removed from
@@ -330,7 +332,13 @@ class FisherAccumulator:
         text_ids = text_module_ids(model)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
 
-        # which parameter is computed how
+        # which parameter is computed how. A parameter held by several modules (tied input and output embeddings)
+        # gets gradient from each use: only the generic per-sample path sees their sum, so it goes there.
+        holders: dict[int, int] = {}
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
+        tied = {pid: by_id.pop(pid) for pid, count in holders.items() if count > 1 and pid in by_id}
         self._linears: dict[nn.Linear, tuple[str | None, str | None, bool]] = {}
         self._embedding: tuple[nn.Embedding, str] | None = None
         for mname, mod in model.named_modules():
@@ -341,7 +349,7 @@ class FisherAccumulator:
                     self._linears[mod] = (w, b, id(mod) in text_ids)
             elif mod is emb and isinstance(mod, nn.Embedding) and id(mod.weight) in by_id:
                 self._embedding = (mod, by_id.pop(id(mod.weight)))
-        self._others = {n: params[n] for n in by_id.values()}
+        self._others = {n: params[n] for n in [*by_id.values(), *tied.values()]}
 
         self._saved_flags = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
