@@ -461,16 +461,19 @@ class FisherAccumulator:
         """Add the squares of per-sample gradients (first dim: samples start…) for kept, finite samples."""
         n = next(iter(parts.values())).shape[0]
         ok = self._keep[start:start + n].clone()
+        squares = {}
         for name, t in parts.items():
-            fin = torch.isfinite(t.reshape(n, -1)).all(1)
+            sq = squares[name] = t.square()
+            # a sample's sum of squares is NaN/Inf iff one of its entries is (or they overflow float32, when its
+            # Fisher could not be stored either): one reduction instead of an elementwise isfinite pass
+            fin = torch.isfinite(sq.reshape(n, -1).sum(1))
             for b in (ok & ~fin).nonzero().flatten().tolist():
                 self._bad.setdefault(start + b, f"non-finite gradient in {name}")
             ok &= fin
         if not ok.any():
             return
-        for name, t in parts.items():
-            sq = t[ok].square().sum(0) if not ok.all() else t.square().sum(0)
-            self.sums[name].add_(sq, alpha=self._sign)
+        for name, sq in squares.items():
+            self.sums[name].add_(sq[ok].sum(0) if not ok.all() else sq.sum(0), alpha=self._sign)
 
     # -------------------------------------------------------------- batches
     def add_batch(self, batch: Mapping[str, Any]) -> None:
