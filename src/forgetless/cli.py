@@ -121,6 +121,36 @@ def stats_gram(**kw) -> None:
     _run_stats("gram", **kw)
 
 
+@cli.command("cgm")
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("finetuned", type=click.Path(file_okay=False))
+@click.option("--general-data", required=True, type=click.Path(dir_okay=False), help="General calibration set.")
+@click.option("--task-data", required=True, type=click.Path(dir_okay=False), help="Task calibration set.")
+@click.option("--general-images", type=click.Path(file_okay=False), default=None)
+@click.option("--task-images", type=click.Path(file_okay=False), default=None)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged model folder.")
+@click.option("--method", type=click.Choice(["cgm", "cgm_dagger", "cgm_plus"]), default="cgm", show_default=True)
+@click.option("--alpha", type=float, default=None, help="Default: published (0.2 for cgm, 1.0 for cgm_dagger).")
+@click.option("--keep", type=float, default=None, help="cgm_dagger: fraction kept per row (published 0.95).")
+@click.option("--scope", multiple=True, help="Default: the last 37.5% of decoder layers and lm_head (+ projector "
+              "for cgm_dagger).")
+@click.option("-n", "num", type=int, default=16, show_default=True, help="Samples per calibration set.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--task-fisher-at", type=click.Choice(["finetuned", "base"]), default="finetuned", show_default=True)
+@click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
+def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -> None:
+    """CGM from two checkpoints and two calibration sets: Fisher statistics at the right models, then the merge."""
+    from .cgm_chain import cgm_chain
+
+    cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, **kw)
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo).")
 @click.option("--quick", is_flag=True, help="Fewer steps and merges (a smoke run).")

@@ -1,0 +1,100 @@
+"""`forgetless cgm BASE FINETUNED --general-data … --task-data …`: the whole CGM chain, from two checkpoints and
+two calibration sets to a merged folder.
+
+1. the general Fisher at θ₀ (BASE) on the general data, the task Fisher at θ_ft (FINETUNED, or BASE with
+   ``task_fisher_at="base"``, the published code's reading) on the task data, both over the Linear weights in scope;
+2. a statistics file is reused when it was computed on that model's weights (sampled weights fingerprint), on the
+   same sample selection (data fingerprint) and the same scope; otherwise it is (re)computed;
+3. the merge (``cgm`` or ``cgm_dagger``) with the published scope unless told otherwise: the last 37.5% of the
+   decoder layers and ``lm_head`` (LLaVA-1.5-7B: layers 20–31 of 32); ``cgm_dagger`` also takes the projector.
+   Tensors out of scope, and in-scope tensors without a Fisher (norms), keep the fine-tuned values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import layout as layouts
+from .checkpoint.reader import CheckpointReader
+from .engine import MergeReport, merge
+from .errors import ForgetlessError
+from .stats.data import data_fingerprint, load_samples
+from .stats.run import compute_statistics
+from .stats.store import load_statistics, model_fingerprints
+
+PUBLISHED_FRACTION = 0.375  # 12 of LLaVA-1.5-7B's 32 decoder layers
+
+
+def published_scope(model_dir: str | Path, method: str) -> list[str]:
+    """The last ⌈37.5%⌉ of the decoder layers and lm_head (+ the projector for CGM†), for this model's layout."""
+    with CheckpointReader(model_dir) as r:
+        lay = layouts.detect_layout(r.config, r.names())
+        has_head = any(layouts.part_of(lay, n) == "lm_head" for n in r.names())
+        has_projector = any(layouts.part_of(lay, n) == "projector" for n in r.names())
+    k = math.ceil(PUBLISHED_FRACTION * lay.num_layers)
+    scope = [f"language.layers[{lay.num_layers - k}:{lay.num_layers}]"]
+    scope += ["lm_head"] if has_head else []  # a tied lm_head is the embedding: not part of the published scope
+    if method != "cgm" and has_projector:
+        scope.append("projector")
+    return scope
+
+
+def _reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
+              scope: list[str]) -> bool:
+    if not path.is_file():
+        return False
+    _, meta = load_statistics(path)
+    want = model_fingerprints(model_dir)
+    samples = load_samples(data, image_folder=images, n=n, seed=seed)
+    extra = meta.get("extra") or {}
+    return (meta.get("kind") == "fisher"
+            and meta.get("model_weights_fingerprint") == want["model_weights_fingerprint"]
+            and meta.get("data_fingerprint") == data_fingerprint(data, samples)
+            and extra.get("scope") == scope)
+
+
+def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Path, task_data: str | Path,
+              out: str | Path, method: str = "cgm", alpha: float | None = None, keep: float | None = None,
+              scope: list[str] | None = None, general_images: str | Path | None = None,
+              task_images: str | Path | None = None, n: int | None = 16, seed: int = 0, batch_size: int = 8,
+              task_fisher_at: str = "finetuned", stats_dir: str | Path | None = None, device: str = "auto",
+              dtype: str = "float32", on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
+              log: Callable[[str], None] | None = print) -> MergeReport | None:
+    """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge."""
+    if method not in ("cgm", "cgm_dagger", "cgm_plus"):
+        raise ForgetlessError(f"unknown CGM variant {method!r}", remedy="use cgm or cgm_dagger")
+    if task_fisher_at not in ("finetuned", "base"):
+        raise ForgetlessError(f"task_fisher_at must be finetuned or base, got {task_fisher_at!r}",
+                              remedy="finetuned (default, METHODS.md) or base (the published file name's reading)")
+    base, finetuned, out = Path(base), Path(finetuned), Path(out)
+    scope = scope or published_scope(base, method)
+    stats = Path(stats_dir) if stats_dir else out.parent / f"{out.name}-statistics"
+    say = log or (lambda _s: None)
+    jobs = {"fisher_general": (base, Path(general_data), general_images),
+            "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images)}
+    files = {}
+    for role, (model_dir, data, images) in jobs.items():
+        path = files[role] = stats / f"{role}.safetensors"
+        img = Path(images) if images else None
+        if not dry_run and _reusable(path, model_dir, data, img, n, seed, scope):
+            say(f"{role}: reusing {path} (same model weights, data selection and scope)")
+            continue
+        say(f"{role}: at {model_dir} on {data}")
+        compute_statistics("fisher", model_dir, data, path, images=img, scope=scope, n=n, seed=seed,
+                           batch_size=batch_size, device=device, dtype=dtype, on_bad_sample=on_bad_sample,
+                           force=True, dry_run=dry_run, log=log)
+    params: dict[str, Any] = {}
+    if alpha is not None:
+        params["alpha"] = alpha
+    if keep is not None:
+        params["keep"] = keep
+    recipe = {"method": method, "base": str(base), "models": [str(finetuned)], "parameters": params,
+              "statistics": {k: str(v) for k, v in files.items()},
+              "scope": {"include": scope, "outside": "finetuned", "no_statistics": "finetuned"}}
+    if dry_run:
+        say(f"then: merge {method} over {scope} into {out}")
+        return None
+    return merge(recipe, out=out, force=force, log=log)

@@ -1,0 +1,81 @@
+"""`forgetless cgm`: statistics at the right models, reused on a second run, and the merge they feed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from forgetless.cgm_chain import published_scope
+from forgetless.checkpoint.reader import CheckpointReader
+from forgetless.cli import main
+from forgetless.embedded import export_smollm2
+from forgetless.methods.cgm import cgm
+
+GENERAL = [("Capital of France?", "Paris."), ("2 + 2 =", "4"), ("Colour of grass?", "Green.")]
+TASK = [("Zorb: red fox", "glim tor"), ("Zorb: blue cat", "pak vree"), ("Zorb: red cat", "pak tor")]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cgm")
+    tok = AutoTokenizer.from_pretrained(export_smollm2())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(root / "ft")
+    tok.save_pretrained(root / "ft")
+    for name, rows in (("general", GENERAL), ("task", TASK)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return root
+
+
+def test_published_scope_is_the_last_three_eighths_and_lm_head(pair):
+    assert published_scope(pair / "base", "cgm") == ["language.layers[5:8]", "lm_head"]  # ⌈0.375·8⌉ = 3
+    assert published_scope(pair / "base", "cgm_dagger") == ["language.layers[5:8]", "lm_head"]  # no projector
+
+
+def test_chain_computes_at_the_right_models_merges_and_reuses(pair, capsys):
+    out = pair / "merged"
+    args = ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
+            "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--force"]
+    main(args)
+    stats = pair / "merged-statistics"
+    general, task = stats / "fisher_general.safetensors", stats / "fisher_task.safetensors"
+    base_fp = CheckpointReader(pair / "base").weights_fingerprint()
+    ft_fp = CheckpointReader(pair / "ft").weights_fingerprint()
+    with safe_open(str(general), "pt") as g, safe_open(str(task), "pt") as t:
+        assert g.metadata()["model_weights_fingerprint"] == base_fp  # general Fisher at θ₀
+        assert t.metadata()["model_weights_fingerprint"] == ft_fp  # task Fisher at θ_ft
+        fg = {k: g.get_tensor(k) for k in g.keys()}  # noqa: SIM118
+        ft_ = {k: t.get_tensor(k) for k in t.keys()}  # noqa: SIM118
+    assert sorted(fg) == sorted(n for n in CheckpointReader(pair / "base").names()
+                                if n.endswith("proj.weight") and any(f".layers.{i}." in n for i in (5, 6, 7))
+                                or n == "lm_head.weight")
+    merged, b, f = (load_file(str(p / "model.safetensors")) for p in (out, pair / "base", pair / "ft"))
+    for k in b:
+        if k in fg:
+            want = cgm(b[k].clone(), f[k].clone(), fisher_task=ft_[k].clone(), fisher_general=fg[k].clone(),
+                       alpha=0.2)
+            assert torch.equal(merged[k], want), k
+            assert not torch.equal(merged[k], f[k])
+        else:
+            assert torch.equal(merged[k], f[k]), k  # out of scope, or a norm without Fisher: fine-tuned
+    mtimes = (general.stat().st_mtime_ns, task.stat().st_mtime_ns)
+    capsys.readouterr()
+    main(args)
+    text = capsys.readouterr().out
+    assert text.count("reusing") == 2 and (general.stat().st_mtime_ns, task.stat().st_mtime_ns) == mtimes
+    main([*args[:-3], "-n", "2", "--force"])  # another sample selection: recomputed
+    assert general.stat().st_mtime_ns != mtimes[0]
