@@ -247,3 +247,23 @@ def test_engine_merges_in_scope_and_keeps_the_rest_finetuned(tiny, tmp_path, met
         else:
             assert torch.equal(got[k], ft_sd[k]), k  # out of scope, or in scope without statistics (norms)
     assert merged == 2 * 7 + 1 and report.routes["method"][0] == merged
+
+
+def test_report_counts_kept_reverted_and_mixed_elements_per_part(tiny, tmp_path):
+    base, ft, files, b_sd, _ = tiny
+    common = {"base": str(base), "models": [str(ft)], "statistics": {k: str(p) for k, (p, _) in files.items()},
+              "scope": {"include": ["language.layers[1:3]", "lm_head"], "outside": "finetuned",
+                        "no_statistics": "finetuned"}}
+    report = forgetless.merge({**common, "method": "cgm_dagger", "parameters": {"keep": 0.9}},
+                              out=tmp_path / "hard", progress=False)
+    layers = [k for k in files["fisher_task"][1] if ".layers.1." in k or ".layers.2." in k]
+    kept = sum(b_sd[k].shape[0] * int(b_sd[k].shape[1] * 0.9) for k in layers)
+    numel = sum(b_sd[k].numel() for k in layers)
+    assert report.counts["language.layers"] == {"kept": kept, "reverted": numel - kept}
+    head = b_sd["lm_head.weight"]
+    assert report.counts["lm_head"]["kept"] == head.shape[0] * int(head.shape[1] * 0.9)
+    assert "reverted" in report.summary() and "reverted" in (tmp_path / "hard" / "README.md").read_text()
+    # soft mixing: random positive Fishers mix every element; a zero task Fisher reverts it
+    soft = forgetless.merge({**common, "method": "cgm"}, out=tmp_path / "soft", progress=False)
+    c = soft.counts["language.layers"]
+    assert c["mixed"] == numel - c["kept"] - c["reverted"] and c["mixed"] > 0.99 * numel

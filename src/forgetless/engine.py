@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,6 +154,7 @@ class MergeReport:
     plan: Plan
     seconds: float = 0.0
     dry_run: bool = False
+    counts: dict[str, Counter] = field(default_factory=dict)  # part -> element counts reported by the method
 
     @property
     def routes(self) -> dict[str, list[int]]:
@@ -162,7 +163,19 @@ class MergeReport:
 
     def summary(self) -> str:
         head = "dry run: nothing written" if self.dry_run else f"wrote {self.out} in {self.seconds:.1f} s"
-        return f"{head}\n{self.plan.table()}"
+        return "\n".join(filter(None, [head, self.plan.table(), counts_table(self.counts)]))
+
+
+def counts_table(counts: dict[str, Counter]) -> str:
+    """Elements per part and kind (kept / reverted / mixed …), as the method reported them; '' when none."""
+    kinds = sorted({k for c in counts.values() for k in c})
+    if not kinds:
+        return ""
+    lines = ["", f"{'part':<18} " + " ".join(f"{k:>21}" for k in kinds)]
+    for part, c in sorted(counts.items()):
+        total = sum(c.values()) or 1
+        lines.append(f"{part:<18} " + " ".join(f"{c[k]:>12,} ({100 * c[k] / total:5.1f}%)" for k in kinds))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -353,6 +366,7 @@ class _Runner:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.method_kwargs = dict(plan.params)
+        self.counts: dict[str, Counter] = defaultdict(Counter)  # part -> element counts the method reports
 
     def load(self, job: Job) -> Any:
         p = self.plan
@@ -379,6 +393,8 @@ class _Runner:
         kwargs = {**self.method_kwargs, **stats}
         if "name" in spec.context:
             kwargs["name"] = job.name
+        if "counts" in spec.context:
+            kwargs["counts"] = self.counts[job.part]  # compute runs on the main thread only
         if "generator" in spec.context:
             kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
         result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
@@ -436,7 +452,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                 bar.update(job)
             if pending_write is not None:
                 pending_write.result()
-        card = model_card(plan)
+        card = model_card(plan, runner.counts)
         writer.commit(side_files_from=_side_dir(plan.recipe.base), config_updates=_config_updates(plan),
                       extra_files={"README.md": card})
     except BaseException:
@@ -444,7 +460,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
         raise
     finally:
         bar.close()
-    report = MergeReport(plan.out, plan, time.perf_counter() - t0)
+    report = MergeReport(plan.out, plan, time.perf_counter() - t0, counts=dict(runner.counts))
     if log:
         log(report.summary())
     return report
@@ -481,7 +497,7 @@ class _progress:
         self.bar.close()
 
 
-def model_card(plan: Plan) -> str:
+def model_card(plan: Plan, counts: dict[str, Counter] | None = None) -> str:
     r = plan.recipe
     inputs = [("base", r.base, plan.base)] + [(f"models[{i}]", m.model, rd) for i, (m, rd) in
                                               enumerate(zip(r.models, plan.models))]
@@ -517,6 +533,7 @@ Method **{plan.spec.name}**: {plan.spec.doc}
 
 ```
 {plan.table()}
+{counts_table(counts or {})}
 ```
 """
 

@@ -22,6 +22,7 @@ that "kept / reverted / mixed" counts per part are one ``count_nonzero`` away on
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -62,7 +63,7 @@ def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.
 
 @merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"))
 def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2,
-        epsilon: float = 0.0) -> Tensor:
+        epsilon: float = 0.0, counts: Counter | None = None) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
 
     Per element, θ minimises ½·F_task·(θ − θ_ft)² + (α/2)·F_gen·(θ − θ₀)² (each loss expanded around its own
@@ -72,6 +73,9 @@ def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general:
     toward θ₀. m = 1 gives θ_ft and m = 0 gives θ₀ bit for bit (``lerp``).
     """
     m = cgm_mix_ratio(fisher_task, fisher_general, alpha, epsilon)
+    if counts is not None:  # for the report: elements that keep θ_ft (m = 1), revert to θ₀ (m = 0), or mix
+        kept, reverted = int(torch.count_nonzero(m == 1)), int(torch.count_nonzero(m == 0))
+        counts.update(kept=kept, reverted=reverted, mixed=m.numel() - kept - reverted)
     return base.lerp_(finetuned, m)
 
 
@@ -144,7 +148,7 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
 @merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",))
 def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
                alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
-               revert: Revert = "budget") -> Tensor:
+               revert: Revert = "budget", counts: Counter | None = None) -> Tensor:
     """CGM† hard mixing: per row, the ⌊in·keep⌋ elements of lowest S = (α·F_gen − F_task)⊙Δ² keep θ_ft, the rest θ₀.
 
     S estimates the general loss saved minus the task loss paid by reverting an element to θ₀ (the quadratic model
@@ -157,4 +161,7 @@ def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_g
     """
     s = cgm_dagger_score(base, finetuned, fisher_task, fisher_general, alpha, score)
     mask = cgm_dagger_mask(s, keep, budget, revert)
+    if counts is not None:  # for the report: elements that keep θ_ft and that revert to θ₀
+        kept = int(torch.count_nonzero(mask))
+        counts.update(kept=kept, reverted=mask.numel() - kept)
     return torch.where(mask, finetuned, base, out=base)

@@ -16,7 +16,9 @@ The engine reads everything it needs from the registration and the signature:
   "call" calls the method without those keywords (so they take their defaults, None), and the method falls back
   by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
-  name) are passed when the signature asks for them, so a random method is reproducible and order-independent.
+  name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
+  ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
+  and reverted elements), which the merge report and model card show per part.
 All tensors arrive in float32 as fresh copies that the method owns: it may work in place on them (and should, for
 large tensors: every new allocation costs page faults). The engine casts the result to the output dtype.
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CONTEXT_ARGS = ("name", "generator")
+CONTEXT_ARGS = ("name", "generator", "counts")
 
 
 @dataclass(frozen=True)
