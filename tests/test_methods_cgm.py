@@ -43,7 +43,8 @@ def test_registrations():
     assert METHODS["cgm_plus"] is METHODS["cgm_dagger"]
     assert METHODS["cgm"].params == {"alpha": 0.2, "epsilon": 0.0}
     assert METHODS["cgm_dagger"].params == {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "row",
-                                            "revert": "budget"}
+                                            "revert": "budget", "threshold": None}
+    assert METHODS["cgm_dagger"].prepare is not None
 
 
 # ------------------------------------------------------------------------------------------------ CGM (soft)
@@ -267,3 +268,49 @@ def test_report_counts_kept_reverted_and_mixed_elements_per_part(tiny, tmp_path)
     soft = forgetless.merge({**common, "method": "cgm"}, out=tmp_path / "soft", progress=False)
     c = soft.counts["language.layers"]
     assert c["mixed"] == numel - c["kept"] - c["reverted"] and c["mixed"] > 0.99 * numel
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.37])
+def test_global_budget_keeps_the_lowest_scores_of_the_whole_model(tiny, tmp_path, keep):
+    """One budget over every tensor in scope: exactly ⌊N·keep⌋ elements keep θ_ft, and they are the lowest scores of
+    the whole model (brute force: all scores concatenated and sorted)."""
+    base, ft, files, b_sd, ft_sd = tiny
+    recipe = {"method": "cgm_dagger", "base": str(base), "models": [str(ft)],
+              "parameters": {"keep": keep, "budget": "global"},
+              "statistics": {k: str(p) for k, (p, _) in files.items()},
+              "scope": {"include": ["language.layers[1:3]", "lm_head"], "outside": "finetuned",
+                        "no_statistics": "finetuned"}}
+    report = forgetless.merge(recipe, out=tmp_path / "m", progress=False)
+    names = [k for k in files["fisher_task"][1] if ".layers.1." in k or ".layers.2." in k or k == "lm_head.weight"]
+    scores = {k: (files["fisher_general"][1][k] - files["fisher_task"][1][k]) * (ft_sd[k] - b_sd[k]) ** 2
+              for k in names}
+    flat = torch.cat([scores[k].reshape(-1) for k in names])
+    k = int(flat.numel() * keep)
+    threshold = flat.sort().values[k - 1]
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    kept = 0
+    for name in names:
+        mask = scores[name] <= threshold
+        want = torch.where(mask, ft_sd[name], b_sd[name])
+        assert torch.equal(got[name], want), name
+        kept += int(mask.sum())
+    assert kept == k == sum(c["kept"] for c in report.counts.values())
+
+
+def test_global_threshold_from_a_small_sample_is_exact():
+    """The pre-pass brackets the answer from a sample and selects exactly inside the bracket: the threshold equals a
+    full sort's, with a sample 100x smaller than the model."""
+    from forgetless.methods.cgm import cgm_dagger_prepare
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": [torch.randn(n, generator=g) for _ in range(4)] for i, n in enumerate((30_000, 50_000, 777))}
+
+    def stream():
+        for name, (b, f, ft_, fg) in tensors.items():
+            yield name, b.clone(), f.clone(), {"fisher_task": ft_.abs(), "fisher_general": fg.abs()}
+
+    numel = sum(t[0].numel() for t in tensors.values())
+    params = {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "global", "revert": "budget", "threshold": None}
+    got = cgm_dagger_prepare(params, stream, numel, sample=800)["threshold"]
+    flat = torch.cat([((fg.abs() - ft_.abs()) * (f - b) ** 2) for b, f, ft_, fg in tensors.values()])
+    assert got == float(flat.sort().values[int(numel * 0.95) - 1])

@@ -18,6 +18,7 @@ the tensors in flight: the look-ahead window (`PREFETCH` tensors, each with ever
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -415,6 +416,19 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
                              force=plan.force, metadata=metadata)
     runner = _Runner(plan)
+    if plan.spec.prepare is not None:
+        method_jobs = [j for j in plan.jobs if j.route == "method"]
+
+        def stream():
+            for j in method_jobs:
+                base, fts, stats = runner.load(j)
+                yield j.name, base, fts[0] if plan.spec.models == "one" else fts, stats
+
+        extra = plan.spec.prepare(dict(plan.params), stream, sum(math.prod(j.shape) for j in method_jobs))
+        runner.method_kwargs.update(extra or {})
+        if extra and log:
+            log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                                             for k, v in extra.items()))
     bar = _progress(plan, progress)
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \

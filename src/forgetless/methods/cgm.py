@@ -22,6 +22,7 @@ that "kept / reverted / mixed" counts per part are one ``count_nonzero`` away on
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Literal
 
@@ -31,10 +32,10 @@ from torch import Tensor
 from .registry import merge_method
 
 Score = Literal["cgm", "delta2", "task", "general"]
-Budget = Literal["row", "tensor"]
+Budget = Literal["row", "tensor", "global"]
 Revert = Literal["budget", "positive"]
 SCORES = ("cgm", "delta2", "task", "general")
-BUDGETS = ("row", "tensor")
+BUDGETS = ("row", "tensor", "global")
 REVERTS = ("budget", "positive")
 
 
@@ -119,7 +120,8 @@ def _lowest_k(rows: Tensor, k: int) -> Tensor:
     return keep
 
 
-def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", revert: Revert = "budget") -> Tensor:
+def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", revert: Revert = "budget",
+                    threshold: float | None = None) -> Tensor:
     """Boolean mask, True where the element keeps θ_ft, False where it reverts to θ₀.
 
     revert="budget" (default, published): the lowest-scoring ⌊n·keep⌋ elements keep θ_ft, n counted
@@ -127,6 +129,9 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
         rows of n = numel/out elements (a Linear [out, in]: n = in). A 1-D tensor (bias, norm) or a scalar is
         one row. The published code has no such tensors in scope (Linear weights only).
       - budget="tensor": over the whole tensor, n = numel.
+      - budget="global": over every tensor in scope: the engine's pre-pass (``cgm_dagger_prepare``) finds the
+        ⌊N·keep⌋-th lowest score of the whole model, `threshold`; elements with S ≤ threshold keep θ_ft (with no
+        tie at the threshold, exactly ⌊N·keep⌋ of them).
       ⌊n·keep⌋ is ``int(n * keep)`` as in the published code; ties keep the lower (flat, row-major) index first.
     revert="positive": revert exactly where S > 0 (no budget: `keep` and `budget` are ignored).
     A NaN score (NaN statistics) is an error: it has no place in the ordering.
@@ -137,6 +142,11 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
         raise ValueError("NaN in the CGM† score: the statistics (or weights) of this tensor hold NaN")
     if revert == "positive":
         return score <= 0
+    if budget == "global":
+        if threshold is None:
+            raise ValueError("budget 'global' needs the threshold of the whole model's scores (the engine's "
+                             "pre-pass computes it; pass `threshold` when calling the function directly)")
+        return score <= threshold
     if budget not in BUDGETS:
         raise ValueError(f"budget must be {' | '.join(BUDGETS)}, got {budget!r}")
     if not 0.0 <= keep <= 1.0:
@@ -145,10 +155,55 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
     return _lowest_k(rows, int(rows.shape[1] * keep)).view(score.shape)
 
 
-@merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",))
+def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) -> dict | None:
+    """Pre-pass of the global budget: the exact ⌊N·keep⌋-th lowest score S over every tensor in scope.
+
+    Two streaming passes, never all scores at once: a seeded sample of the scores brackets the answer
+    (±6 standard errors of the sample quantile); the second pass counts the scores below the bracket and keeps
+    those inside it, and an exact selection runs on those. If the bracket misses (it is checked), the second
+    pass is repeated keeping every score.
+    """
+    if params.get("budget") != "global" or params.get("revert") == "positive" or params.get("threshold") is not None:
+        return None
+    k = int(numel * params["keep"])
+    if k <= 0:
+        return {"threshold": float("-inf")}
+    if k >= numel:
+        return {"threshold": float("inf")}
+
+    def scores():
+        for name, base, ft, stats in stream():
+            yield name, cgm_dagger_score(base, ft, stats["fisher_task"], stats["fisher_general"], params["alpha"],
+                                         params["score"]).reshape(-1)
+
+    rate = min(1.0, sample / numel)
+    picks = []
+    for i, (_, s) in enumerate(scores()):
+        g = torch.Generator().manual_seed(i)
+        picks.append(s[torch.randint(s.numel(), (max(1, round(s.numel() * rate)),), generator=g)])
+    pool = torch.cat(picks)
+    q, margin = k / numel, 6.0 / pool.numel() ** 0.5
+    lo = float(pool.kthvalue(max(1, int((q - margin) * pool.numel()))).values) if q - margin > 0 else -math.inf
+    hi = float(pool.kthvalue(min(pool.numel(), int((q + margin) * pool.numel()) + 1)).values) \
+        if q + margin < 1 else math.inf
+    for bounds in ((lo, hi), (-math.inf, math.inf)):
+        below, inside = 0, []
+        for _, s in scores():
+            below += int(torch.count_nonzero(s < bounds[0]))
+            inside.append(s[(s >= bounds[0]) & (s <= bounds[1])])
+        vals = torch.cat(inside)
+        r = k - below  # rank of the answer among `vals`
+        if 1 <= r <= vals.numel():
+            return {"threshold": float(vals.kthvalue(r).values)}
+    raise AssertionError("the global CGM† threshold was not found")  # the second bracket holds every score
+
+
+@merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",),
+              prepare=cgm_dagger_prepare)
 def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
                alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
-               revert: Revert = "budget", counts: Counter | None = None) -> Tensor:
+               revert: Revert = "budget", threshold: float | None = None,
+               counts: Counter | None = None) -> Tensor:
     """CGM† hard mixing: per row, the ⌊in·keep⌋ elements of lowest S = (α·F_gen − F_task)⊙Δ² keep θ_ft, the rest θ₀.
 
     S estimates the general loss saved minus the task loss paid by reverting an element to θ₀ (the quadratic model
@@ -156,11 +211,11 @@ def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_g
     alpha = 1.0, score "cgm", budget "row". Options: ``score`` "delta2" | "task" | "general" (the published
     ablations S = Δ², −F_task·Δ², α·F_gen·Δ²), ``budget`` "tensor" (⌊numel·keep⌋ over the whole tensor),
     ``revert`` "positive" (revert exactly where S > 0, no budget). Ties keep the lower column first (the published
-    stable sort). Every element is exactly θ_ft or θ₀. A global budget (one threshold over all tensors) needs a
-    pass over the whole model before merging and is not offered.
+    stable sort). ``budget`` "global": one budget over every tensor in scope (a pre-pass over the model finds the
+    threshold; ``threshold`` may also be given). Every element is exactly θ_ft or θ₀.
     """
     s = cgm_dagger_score(base, finetuned, fisher_task, fisher_general, alpha, score)
-    mask = cgm_dagger_mask(s, keep, budget, revert)
+    mask = cgm_dagger_mask(s, keep, budget, revert, threshold)
     if counts is not None:  # for the report: elements that keep θ_ft and that revert to θ₀
         kept = int(torch.count_nonzero(mask))
         counts.update(kept=kept, reverted=mask.numel() - kept)

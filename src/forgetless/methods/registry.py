@@ -15,6 +15,10 @@ The engine reads everything it needs from the registration and the signature:
 - ``without_statistics``: "route" (default) sends in-scope tensors that lack statistics to ``scope.no_statistics``;
   "call" calls the method without those keywords (so they take their defaults, None), and the method falls back
   by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
+- ``prepare``: an optional pre-pass for methods that need the whole model before merging any tensor (CGM†'s global
+  budget): ``prepare(params, stream, numel)`` gets the resolved parameters, a function that streams
+  ``(name, base, finetuned, statistics)`` over the tensors the method will merge (callable several times), and
+  their total element count; it returns extra keyword arguments for the method (or None);
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
@@ -47,6 +51,7 @@ class MethodSpec:
     doc: str = ""
     stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = field(default_factory=dict)
     without_statistics: Literal["route", "call"] = "route"
+    prepare: Callable[..., dict[str, Any] | None] | None = None
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -68,7 +73,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  per_model_needs: tuple[str, ...] = (), per_model: tuple[str, ...] = (),
                  aliases: tuple[str, ...] = (),
                  stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
-                 without_statistics: Literal["route", "call"] = "route"):
+                 without_statistics: Literal["route", "call"] = "route",
+                 prepare: Callable[..., dict[str, Any] | None] | None = None):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -86,7 +92,7 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
         spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
                           tuple(per_model), params, tuple(context), tuple(aliases),
                           inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
-                          without_statistics)
+                          without_statistics, prepare=prepare)
         unknown = set(spec.stat_shapes) - set(spec.needs)
         if unknown:
             raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")
