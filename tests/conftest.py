@@ -130,3 +130,42 @@ LLAVA_ORIGINAL_CONFIG = {"architectures": ["LlavaLlamaForCausalLM"], "model_type
 def build_tiny_llava_original(llava_dir: Path, path: Path) -> Path:
     """An original-LLaVA-style folder holding the weights of the transformers LLaVA in ``llava_dir``."""
     return save_renamed(llava_dir, path, llava_legacy_to_original, LLAVA_ORIGINAL_CONFIG)
+
+
+def save_statistics_for(model_dir: Path, path: Path, tensors: dict[str, torch.Tensor], kind: str = "fisher",
+                        num_samples: int = 4) -> Path:
+    """A statistics file as `forgetless stats` writes it for `model_dir` (the metadata the engine checks)."""
+    from forgetless.checkpoint.reader import CheckpointReader
+
+    meta = {"kind": kind, "num_samples": str(num_samples), "model_fingerprint": CheckpointReader(model_dir).fingerprint()}
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
+
+
+def linear_weight_shapes(model_dir: Path) -> dict[str, torch.Size]:
+    """Checkpoint name → shape of every projection weight (`*proj.weight`) of a tiny model folder."""
+    from safetensors.torch import load_file
+
+    return {k: v.shape for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()
+            if k.endswith("proj.weight")}
+
+
+def build_llama_with_tokenizer(path: Path, *, layers: int = 3, tie: bool = True, seed: int = 0) -> Path:
+    """A tiny Llama with the embedded SmolLM2's tokenizer (and so its vocabulary and chat template) in `path`."""
+    from transformers import AutoTokenizer
+
+    from forgetless.embedded import export_smollm2
+
+    tok = AutoTokenizer.from_pretrained(export_smollm2())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**TEXT, "vocab_size": len(tok), "num_hidden_layers": layers, "tie_word_embeddings": tie,
+                         "max_position_embeddings": 256})
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def write_qa_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """A calibration file in the {question, answer} JSONL format."""
+    Path(path).write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    return Path(path)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 
 import pytest
 import torch
+from conftest import build_llama_with_tokenizer, write_qa_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from forgetless.cgm_chain import published_scope
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.cli import main
-from forgetless.embedded import export_smollm2
 from forgetless.methods.cgm import cgm
 
 GENERAL = [("Capital of France?", "Paris."), ("2 + 2 =", "4"), ("Colour of grass?", "Green.")]
@@ -23,21 +23,15 @@ TASK = [("Zorb: red fox", "glim tor"), ("Zorb: blue cat", "pak vree"), ("Zorb: r
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("cgm")
-    tok = AutoTokenizer.from_pretrained(export_smollm2())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    base = build_llama_with_tokenizer(root / "base", layers=8, tie=False)
+    shutil.copytree(base, root / "ft")
+    model = LlamaForCausalLM.from_pretrained(base)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(root / "ft")
-    tok.save_pretrained(root / "ft")
-    for name, rows in (("general", GENERAL), ("task", TASK)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    write_qa_jsonl(root / "general.jsonl", GENERAL)
+    write_qa_jsonl(root / "task.jsonl", TASK)
     return root
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, linear_weight_shapes, save_statistics_for
 from safetensors.torch import load_file, save_file
 
 import forgetless
@@ -18,17 +18,16 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("regmean")
     base = build_tiny_llama(root / "base", seed=0)
     fts = [build_tiny_llama(root / f"ft{i}", seed=i + 1) for i in range(2)]
-    fp = CheckpointReader(base).fingerprint()
     sd = load_file(str(base / "model.safetensors"))
-    linear = {k: v for k, v in sd.items() if k.endswith("proj.weight")}
+    linear = linear_weight_shapes(base)
     g = torch.Generator().manual_seed(0)
     grams = []
     for i in range(2):
         stats = {}
         for k, v in linear.items():
-            x = torch.randn(3 * v.shape[1], v.shape[1], generator=g)
+            x = torch.randn(3 * v[1], v[1], generator=g)
             stats[k] = x.T @ x
-        save_file(stats, str(root / f"gram{i}.safetensors"), metadata={"kind": "gram", "model_fingerprint": fp})
+        save_statistics_for(base, root / f"gram{i}.safetensors", stats, kind="gram")
         grams.append(stats)
     return root, base, fts, grams, sd
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, linear_weight_shapes, save_statistics_for
 from safetensors.torch import load_file, save_file
 
 import forgetless
-from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS, merge_method
 
@@ -33,16 +32,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stats")
     base = build_tiny_llama(root / "base", seed=0)
     fts = [build_tiny_llama(root / f"ft{i}", seed=i + 1) for i in range(2)]
-    fp = CheckpointReader(base).fingerprint()
     sd = load_file(str(base / "model.safetensors"))
-    linear = {k: v for k, v in sd.items() if k.endswith("proj.weight")}
     g = torch.Generator().manual_seed(0)
     files = {}
     for name in ("s0", "s1", "shared"):
-        stats = {k: torch.rand(v.shape, generator=g) for k, v in linear.items()}
-        save_file(stats, str(root / f"{name}.safetensors"),
-                  metadata={"kind": "fisher", "num_samples": "4", "model_fingerprint": fp})
-        files[name] = (root / f"{name}.safetensors", stats)
+        stats = {k: torch.rand(shape, generator=g) for k, shape in linear_weight_shapes(base).items()}
+        files[name] = (save_statistics_for(base, root / f"{name}.safetensors", stats), stats)
     return root, base, fts, files, sd
 
 

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama
-from safetensors.torch import load_file, save_file
+from conftest import build_tiny_llama, save_statistics_for
+from safetensors.torch import load_file
 
 import forgetless
-from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.methods.cgm import cgm, cgm_dagger, cgm_dagger_mask
 from forgetless.methods.registry import METHODS
 
@@ -213,7 +212,6 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cgm")
     base = build_tiny_llama(root / "base", seed=0)
     ft = build_tiny_llama(root / "ft", seed=1)
-    fp = CheckpointReader(base).fingerprint()
     sd = load_file(str(base / "model.safetensors"))
     linear = {k: v for k, v in sd.items() if k.endswith("proj.weight") or k == "lm_head.weight"}
     g = torch.Generator().manual_seed(0)
@@ -221,7 +219,7 @@ def tiny(tmp_path_factory):
     for name in ("fisher_task", "fisher_general"):
         stats = {k: torch.rand(v.shape, generator=g) for k, v in linear.items()}
         path = root / f"{name}.safetensors"
-        save_file(stats, str(path), metadata={"kind": "fisher", "num_samples": "4", "model_fingerprint": fp})
+        save_statistics_for(base, path, stats)
         files[name] = (path, stats)
     return base, ft, files, sd, load_file(str(ft / "model.safetensors"))
 

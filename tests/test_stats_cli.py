@@ -3,7 +3,6 @@ batch-size-1 autograd loop, its metadata, torchrun with 2 processes, and the mer
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_llama_with_tokenizer, write_qa_jsonl
 from safetensors import safe_open
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import forgetless
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.cli import main
-from forgetless.embedded import export_smollm2
 from forgetless.stats.data import Encoder, load_samples
 
 QA = [("What is the capital of France?", "Paris."), ("2 + 3 =", "5"), ("Colour of the sky?", "Blue, mostly."),
@@ -27,16 +26,8 @@ QA = [("What is the capital of France?", "Paris."), ("2 + 3 =", "5"), ("Colour o
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("statscli")
-    tok = AutoTokenizer.from_pretrained(export_smollm2())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    data = root / "calib.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA))
-    return root, root / "model", data
+    model = build_llama_with_tokenizer(root / "model", layers=3, tie=True)
+    return root, model, write_qa_jsonl(root / "calib.jsonl", QA)
 
 
 def bs1_fisher(model_dir: Path, data: Path, names: list[str]) -> dict[str, torch.Tensor]:
