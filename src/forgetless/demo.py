@@ -7,7 +7,9 @@ Until the LLaVA testbed lands, this is the end-to-end demo. Everything runs on C
    code words; the code puts the animal first) — with a few dozen real AdamW steps on chat-formatted
    ``Translate into Zorblax: red fox`` → ``<fox-code> <red-code>``, loss on the answer tokens only, training only
    the last third of the decoder layers (layers 20–29 of 30); everything else stays bit-identical;
-3. ``forgetless.merge`` merges the base and the fine-tuned copy with several methods;
+3. ``forgetless.merge`` merges the base and the fine-tuned copy with several methods, and ``forgetless cgm``'s
+   chain computes the Fisher statistics (general at θ₀ on the general questions, task at θ_ft on the training
+   phrases) and merges with CGM and CGM†;
 4. every model is scored on held-out Zorblax phrases (colour–animal pairs never seen in training: exact match of
    the greedy answer, computed exactly by teacher forcing, and answer loss) and on 40 general-knowledge questions
    written below (answer loss, and 3-way multiple choice by answer log-likelihood) — the "general" score is what
@@ -448,6 +450,18 @@ class EvalCache:
 
 
 # ------------------------------------------------------------------------------------------------ the demo
+def write_calibration(workdir: Path, task: ZorblaxTask) -> tuple[Path, Path]:
+    """Calibration files for the Fisher statistics: the general questions with their right answers, and the
+    task's training phrases (never the held-out ones), in the {question, answer} JSONL format."""
+    general = workdir / "calibration-general.jsonl"
+    general.write_text("".join(json.dumps({"question": q, "answer": sentence.format(right)}) + "\n"
+                               for q, sentence, right, _ in GENERAL))
+    task_file = workdir / "calibration-task.jsonl"
+    task_file.write_text("".join(json.dumps({"question": ex.prompt, "answer": ex.answer}) + "\n"
+                                 for ex in task.train))
+    return general, task_file
+
+
 def merge_plan(quick: bool, seed: int = SEED) -> list[tuple[str, dict, dict]]:
     """(method, parameters, extra recipe keys) of the merges the demo runs."""
     plan = [
@@ -500,6 +514,7 @@ def run_demo(workdir: str | os.PathLike | None = None, *, steps: int | None = No
 
     import forgetless
 
+    from .cgm_chain import cgm_chain
     from .embedded import export_smollm2
 
     t_start = time.perf_counter()
@@ -548,6 +563,25 @@ def run_demo(workdir: str | os.PathLike | None = None, *, steps: int | None = No
             rows.append(row)
             log(f"merge {name}: {seconds:.1f}s; task acc {row['task_acc']:.0%}, general acc "
                 f"{row['general_acc']:.0%}{' (cached evaluation)' if cached else ''}")
+
+        if not quick:  # the curvature-guided merges: Fisher at θ₀ on general data, at θ_ft on the task's data
+            general_data, task_data = write_calibration(workdir, task)
+            for method, params in (("cgm", {"alpha": 0.2}), ("cgm_dagger", {"keep": 0.95, "alpha": 1.0})):
+                out = workdir / "merged" / method
+                t = time.perf_counter()
+                report = cgm_chain(base_dir, ft_dir, general_data=general_data, task_data=task_data, out=out,
+                                   method=method, n=16, seed=seed, stats_dir=workdir / "statistics", force=True,
+                                   log=None, **params)
+                seconds = time.perf_counter() - t
+                timings["merge"] += seconds
+                t = time.perf_counter()
+                s, cached = scores(out)
+                rows.append({"method": method, "knob": _knob(params), "out": str(out), **s, "cached_eval": cached,
+                             "delta": delta.kept(out), "merge_seconds": round(seconds, 2),
+                             "summary": report.summary() if report else ""})
+                timings["evaluate"] += time.perf_counter() - t
+                log(f"merge {method} (statistics included): {seconds:.1f}s; task acc {rows[-1]['task_acc']:.0%}, "
+                    f"general acc {rows[-1]['general_acc']:.0%}")
     finally:
         torch.set_num_threads(prev_threads)
     timings["total"] = time.perf_counter() - t_start
