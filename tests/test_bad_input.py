@@ -144,6 +144,12 @@ def test_recipe_errors_name_the_key(ws, capsys, bad, key):
     assert key in err and "recipe.yaml" in err
 
 
+def test_a_parameter_outside_its_choices_fails_before_any_work(ws, capsys):
+    root, base, ft = ws
+    err = fail(root, {**recipe(base, ft), "method": "ties", "parameters": {"sign": "majority"}}, capsys=capsys)
+    assert "parameters.sign: 'majority' is not one of 'total', 'frequency'" in err
+
+
 def test_invalid_yaml_names_the_line(ws, capsys):
     root, _, _ = ws
     err = fail(root, "method: ties\nbase: [unclosed\n", capsys=capsys)

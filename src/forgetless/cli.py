@@ -45,13 +45,14 @@ def inspect_cmd(model: str, layout: str | None, as_json: bool) -> None:
 def methods_cmd() -> None:
     """The merge methods and their parameters."""
     from .methods import METHODS
+    from .methods.registry import REQUIRED
 
     seen = set()
     for key, spec in sorted(METHODS.items()):
         if spec.name in seen:
             continue
         seen.add(spec.name)
-        params = ", ".join(f"{p}={'(required)' if d is __import__('inspect').Parameter.empty else d}"
+        params = ", ".join(f"{p}={'(required)' if d is REQUIRED else d}"
                            + (" [per model]" if p in spec.per_model else "") for p, d in spec.params.items())
         aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
         needs = f"\n    needs statistics: {', '.join(spec.needs)}" if spec.needs else ""

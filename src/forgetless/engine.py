@@ -37,6 +37,7 @@ from .checkpoint.reader import CheckpointReader, read_safetensors_metadata
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
 from .errors import ForgetlessError
 from .methods import METHODS, MethodSpec
+from .methods.registry import REQUIRED
 from .recipe import EXAMPLES_HINT, Recipe, load_recipe
 
 PREFETCH = 2  # tensors read ahead of the one being computed …
@@ -192,16 +193,21 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
             values = []
             for i, m in enumerate(recipe.models):
                 v = m.params.get(p, recipe.parameters.get(p, default))
-                if v is _EMPTY:
+                if v is REQUIRED:
                     raise ForgetlessError(f"models[{i}].{p}: required by {spec.name!r}", file=where,
                                           remedy=f"set parameters.{p} or models[{i}].{p}")
                 values.append(v)
             params[spec.arg(p)] = values
         else:
             v = recipe.parameters.get(p, default)
-            if v is _EMPTY:
+            if v is REQUIRED:
                 raise ForgetlessError(f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT)
             params[spec.arg(p)] = v
+    for p, allowed in spec.choices.items():
+        for v in params[spec.arg(p)] if p in spec.per_model else [params[spec.arg(p)]]:
+            if v not in allowed:
+                raise ForgetlessError(f"parameters.{p}: {v!r} is not one of {', '.join(map(repr, allowed))}",
+                                      file=where, remedy=EXAMPLES_HINT)
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:
@@ -209,9 +215,6 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
                                   f"(per-model: {', '.join(spec.per_model) or 'none'})", file=where,
                                   remedy=EXAMPLES_HINT)
     return params
-
-
-_EMPTY = __import__("inspect").Parameter.empty
 
 
 def _check_structure(base, model, label: str) -> None:

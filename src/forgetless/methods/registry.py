@@ -30,11 +30,13 @@ large tensors: every new allocation costs page faults). The engine casts the res
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 CONTEXT_ARGS = ("name", "generator", "counts")
+REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class MethodSpec:
     stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = field(default_factory=dict)
     without_statistics: Literal["route", "call"] = "route"
     prepare: Callable[..., dict[str, Any] | None] | None = None
+    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # recipe name -> allowed values (Literal)
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -92,7 +95,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
         spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
                           tuple(per_model), params, tuple(context), tuple(aliases),
                           inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
-                          without_statistics, prepare=prepare)
+                          without_statistics, prepare=prepare,
+                          choices=_literal_choices(fn))
         unknown = set(spec.stat_shapes) - set(spec.needs)
         if unknown:
             raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")
@@ -103,6 +107,14 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
         return fn
 
     return register
+
+
+def _literal_choices(fn: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each parameter annotated with a Literal, so that the engine checks a recipe's values
+    before any work (a bad `sign:` fails at plan time, not at the first tensor)."""
+    hints = typing.get_type_hints(fn)
+    return {name.rstrip("_"): typing.get_args(h) for name, h in hints.items()
+            if typing.get_origin(h) is Literal}
 
 
 def get_method(name: str) -> MethodSpec:
