@@ -3,6 +3,7 @@ batch-size-1 autograd loop, its metadata, torchrun with 2 processes, and the mer
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,32 @@ def test_the_engine_merges_with_the_file(tiny, tmp_path):
     report = forgetless.merge(recipe, out=tmp_path / "merged", progress=False)
     # same Fisher for both models: the Fisher-weighted mean is the plain mean where F > 0
     assert report.routes["method"][0] == len(CheckpointReader(fisher).names())
+
+
+def test_gram_file_counts_tokens_and_feeds_regmean(tiny, tmp_path):
+    _, model, data = tiny
+    out = tmp_path / "gram.safetensors"
+    main(["stats", "gram", str(model), "--data", str(data), "--out", str(out), "--scope", "language.layers[0]",
+          "-n", "6", "--batch-size", "4"])
+    enc = Encoder(model)
+    tokens = sum(int(enc(s)["input_ids"].numel()) for s in load_samples(data, n=6, seed=0))
+    net = LlamaForCausalLM.from_pretrained(model).eval()
+    captured = []
+    hook = net.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: captured.append(a[0][0]))
+    with torch.no_grad():
+        for s in load_samples(data, n=6, seed=0):
+            net(input_ids=enc(s)["input_ids"][None])
+    hook.remove()
+    x = torch.cat(captured).double()
+    name = "model.layers.0.mlp.down_proj.weight"
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert meta["kind"] == "gram" and meta["num_samples"] == "6"
+        assert json.loads(meta["token_counts"])[name] == tokens == x.shape[0]
+        torch.testing.assert_close(f.get_tensor(name).double(), x.T @ x, rtol=1e-5, atol=1e-6)
+    r = {"method": "regmean", "base": str(model),
+         "models": [{"model": str(model), "statistics": {"gram": str(out)}}] * 2}
+    report = forgetless.merge(r, out=tmp_path / "merged", progress=False)
+    # the 7 Linear weights of layer 0 by their Gram, every other tensor by RegMean's fallback (the average)
+    assert report.routes["method"][0] == 7
+    assert report.routes["method (no stats)"][0] == len(CheckpointReader(model).names()) - 7
