@@ -77,7 +77,7 @@ def test_torchrun_two_processes_give_the_single_process_file(tiny):
             "--batch-size", "2", "--force"]
     main([*args, "--out", str(single)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "forgetless.cli", *args, "--out", str(double)], check=True, env=env, capture_output=True,
                    timeout=300)
     with safe_open(str(single), "pt") as a, safe_open(str(double), "pt") as b:
