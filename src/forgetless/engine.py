@@ -74,14 +74,10 @@ class Plan:
     jobs: list[Job]
     out: Path | None
     force: bool = False
-    inputs_fp: dict[str, str] = field(default_factory=dict)
 
     def totals(self) -> dict[str, list[int]]:
-        rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for j in self.jobs:
-            rows[j.route][0] += 1
-            rows[j.route][1] += j.out_bytes
-        return dict(rows)
+        """route -> [tensors, bytes]"""
+        return tally(self.jobs, lambda j: j.route)
 
     def num_inputs(self) -> int:
         """Tensors read for one method job: base, each model, each statistic (per model where per-model)."""
@@ -134,14 +130,19 @@ class Plan:
         return route_table(self.jobs)
 
 
+def tally(jobs: list[Job], key: Callable[[Job], Any]) -> dict[Any, list[int]]:
+    """key -> [tensors, output bytes]"""
+    rows: dict[Any, list[int]] = defaultdict(lambda: [0, 0])
+    for j in jobs:
+        rows[key(j)][0] += 1
+        rows[key(j)][1] += j.out_bytes
+    return dict(rows)
+
+
 def route_table(jobs: list[Job]) -> str:
     """Tensors and bytes per route, and per part and route."""
-    by_route: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    by_part: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for j in jobs:
-        for row in (by_route[j.route], by_part[(j.part, j.route)]):
-            row[0] += 1
-            row[1] += j.out_bytes
+    by_route = tally(jobs, lambda j: j.route)
+    by_part = tally(jobs, lambda j: (j.part, j.route))
     out = [f"{'route':<18} {'tensors':>8} {'bytes':>12}"]
     out += [f"{r:<18} {c:>8} {human_bytes(b):>12}" for r, (c, b) in sorted(by_route.items())]
     out += [f"{'total':<18} {len(jobs):>8} {human_bytes(sum(j.out_bytes for j in jobs)):>12}", "",
@@ -454,9 +455,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
             prefetch()
             pending_write: Future | None = None
             for i, job in enumerate(jobs):
-                if i not in loads:
-                    prefetch()
-                future, cost = loads.pop(i)
+                future, cost = loads.pop(i)  # prefetch() always holds the next job
                 loaded = future.result()
                 inflight -= cost
                 prefetch()
