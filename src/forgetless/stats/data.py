@@ -4,7 +4,8 @@ Two input formats, detected per record, in a ``.json`` list or a ``.jsonl`` file
 
 - LLaVA conversations: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}``; the
   ``<image>`` placeholder is removed from the text (the image always goes at the start of the first user turn);
-- plain question/answer: ``{"id"?, "image"?, "question", "answer"}``.
+- plain question/answer: ``{"id"?, "image"?, "question", "answer", "options"?}``; ``options`` (a list of at least
+  two distinct strings, one of them the answer) makes the sample a multiple-choice item (see ``forgetless.eval``).
 
 The loss of a sample is the mean cross-entropy over its *answer* tokens: :class:`Encoder` labels exactly the
 tokens of each assistant answer plus the end-of-turn token the chat template puts after it, and masks everything
@@ -47,7 +48,8 @@ class Sample:
     """One calibration conversation. ``turns`` are ``(role, text)`` with role ``user``/``assistant``/``system``.
 
     The image, if any, belongs at the start of the first user turn. ``source`` (the data file) and ``index`` (the
-    record's position in it) are for messages only and do not take part in equality.
+    record's position in it) are for messages only and do not take part in equality. ``options``, for a
+    multiple-choice question/answer record, are the candidate answers (stripped; the answer is one of them).
     """
 
     id: str
@@ -55,6 +57,7 @@ class Sample:
     turns: list[tuple[str, str]]
     source: Path | None = field(default=None, compare=False, repr=False)
     index: int | None = field(default=None, compare=False, repr=False)
+    options: tuple[str, ...] | None = None
 
 
 class BadSample(ForgetlessError):
@@ -113,7 +116,10 @@ def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) 
     if not isinstance(record, dict):
         raise bad(f"expected a JSON object, found {type(record).__name__}")
     placeholder = False
+    options = None
     if "conversations" in record:
+        if record.get("options") is not None:
+            raise bad("'options' (multiple choice) is supported with question/answer records only")
         conv = record["conversations"]
         if not isinstance(conv, list) or not conv:
             raise bad("'conversations' must be a non-empty list")
@@ -136,6 +142,15 @@ def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) 
             raise bad("'question' and 'answer' must be strings")
         q, placeholder = _clean(q)
         turns = [("user", q), ("assistant", a.strip())]
+        if record.get("options") is not None:
+            opts = record["options"]
+            if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+                raise bad("'options' must be a list of strings")
+            options = tuple(o.strip() for o in opts)
+            if len(options) < 2 or len(set(options)) != len(options) or not all(options):
+                raise bad(f"'options' must hold at least two distinct non-empty strings, got {opts!r}")
+            if a.strip() not in options:
+                raise bad(f"the answer {a.strip()!r} is not one of the options {list(options)!r}")
     else:
         raise bad(f"unknown sample format (keys: {sorted(record)}); expected 'conversations', "
                   "or 'question' and 'answer'")
@@ -156,7 +171,7 @@ def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) 
         img = Path(image).expanduser()
         if not img.is_absolute():
             img = image_folder / img
-    return Sample(id=sid, image=img, turns=turns, source=path, index=index)
+    return Sample(id=sid, image=img, turns=turns, source=path, index=index, options=options)
 
 
 def load_samples(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, n: int | None = None,

@@ -1,0 +1,558 @@
+"""Scoring a model on task splits: multiple choice by answer log-likelihood, free answers by greedy generation.
+
+    result = evaluate("runs/merged", {"shapes": "runs/tasks/shapes"}, split="test", limit=200)
+    result["tasks"]["shapes"]["accuracy"]
+
+A record with ``options`` is scored as multiple choice: each option is put in the assistant's turn and scored by
+the summed log-probability of exactly the tokens :class:`~forgetless.stats.data.Encoder` labels for an answer
+(the option's tokens and the end-of-turn token); the prediction is the best option (ties: the first). A record
+without options is scored by exact match (whitespace-stripped, case-insensitive) of the greedily generated answer.
+
+Multiple choice is computed with one prompt pass per sample and one batched pass over all options' tokens that
+reuses the prompt's KV cache, and the vocabulary projection is applied only where an answer token is predicted
+(see :func:`score_options`). The result is the same as scoring every (question, option) sequence on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ForgetlessError
+from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, collate, load_samples
+
+KINDS = ("downstream", "general_visual", "general_text")
+METRICS = ("mc", "exact")
+TASK_ROOT_ENV = "FORGETLESS_TASKS"
+DEFAULT_TASK_ROOT = "runs/tasks"
+# config attributes that change the logits after lm_head: models that set them are scored the naive way
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                     "output_multiplier_scale")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task split to evaluate: ``path`` is its JSONL file; ``kind`` one of :data:`KINDS` (``None``: not
+    said); ``metric`` ``"mc"``/``"exact"`` as its ``task.json`` declares it (``None``: per record)."""
+
+    name: str
+    path: Path
+    kind: str | None = None
+    metric: str | None = None
+
+
+def _read_task_json(folder: Path) -> dict:
+    f = folder / "task.json"
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ForgetlessError(f"cannot read the task description ({e})", file=f,
+                              remedy='task.json is {"name", "kind", "description", "metric"}') from None
+    if not isinstance(meta, dict):
+        raise ForgetlessError("task.json is not a JSON object", file=f,
+                              remedy='task.json is {"name", "kind", "description", "metric"}')
+    if meta.get("kind") is not None and meta["kind"] not in KINDS:
+        raise ForgetlessError(f"unknown task kind {meta['kind']!r}", file=f, remedy=f"use one of {', '.join(KINDS)}")
+    if meta.get("metric") is not None and meta["metric"] not in METRICS:
+        raise ForgetlessError(f"unknown metric {meta['metric']!r}", file=f, remedy=f"use one of {', '.join(METRICS)}")
+    return meta
+
+
+def default_task_root() -> Path:
+    """``$FORGETLESS_TASKS``, else ``runs/tasks`` (relative to the working folder)."""
+    return Path(os.environ.get(TASK_ROOT_ENV) or DEFAULT_TASK_ROOT)
+
+
+def resolve_task(spec: str | os.PathLike, *, split: str = "test", task_root: str | os.PathLike | None = None
+                 ) -> TaskSpec:
+    """A task given as a JSONL file, a task folder (``<folder>/<split>.jsonl``, described by its ``task.json``),
+    or a name looked up as ``<task_root>/<name>`` (default root: :func:`default_task_root`). A JSONL file whose
+    folder has a ``task.json`` takes its name, kind and metric from it; otherwise its name is the file's stem."""
+    p = Path(spec).expanduser()
+    root = Path(task_root) if task_root is not None else default_task_root()
+    if not p.exists() and not p.is_absolute() and (root / p).exists():
+        p = root / p
+    if p.is_file():
+        meta = _read_task_json(p.parent)
+        name = meta.get("name") or (p.parent.name if meta else p.stem)
+        return TaskSpec(str(name), p, meta.get("kind"), meta.get("metric"))
+    if p.is_dir():
+        data = p / f"{split}.jsonl"
+        if not data.is_file():
+            have = sorted(f.stem for f in p.glob("*.jsonl"))
+            raise ForgetlessError(f"the task folder has no {split}.jsonl (splits here: {', '.join(have) or 'none'})",
+                                  file=p, remedy="pass --split with one of its splits, or a JSONL file")
+        meta = _read_task_json(p)
+        return TaskSpec(str(meta.get("name") or p.name), data, meta.get("kind"), meta.get("metric"))
+    raise ForgetlessError(f"task {str(spec)!r} not found: not a JSONL file, not a task folder, and no {root / p}",
+                          file=p, remedy=f"pass a JSONL file or a task folder, or set --task-root / ${TASK_ROOT_ENV}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoding
+
+
+@dataclass
+class _MCItem:
+    """A multiple-choice sample encoded once per option: the shared prompt and each option's answer tokens."""
+
+    prompt: dict[str, torch.Tensor]  # per-token tensors (1-D, the prompt only) and image tensors
+    answers: list[torch.Tensor]  # labelled token ids of each option (answer + end-of-turn)
+    full: list[dict[str, torch.Tensor]]  # each option's whole encoding, labels kept on the option's tokens only
+
+
+def _sample_error(sample: Sample, problem: str) -> ForgetlessError:
+    return ForgetlessError(f"sample {sample.id!r}: {problem}", file=sample.source,
+                           remedy="fix the sample in the task file")
+
+
+def _with_answer(sample: Sample, answer: str) -> Sample:
+    """``sample`` with ``answer`` in its last assistant turn (appended when it has none)."""
+    turns = list(sample.turns)
+    last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        turns.append(("assistant", answer))
+    else:
+        turns[last] = ("assistant", answer)
+    return dataclasses.replace(sample, turns=turns)
+
+
+def _last_labelled_run(labels: torch.Tensor) -> tuple[int, int]:
+    pos = (labels != IGNORE_INDEX).nonzero().flatten()
+    b = int(pos[-1]) + 1
+    a = b
+    while a > 0 and labels[a - 1] != IGNORE_INDEX:
+        a -= 1
+    return a, b
+
+
+def _encode(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
+    try:
+        return encoder(sample)
+    except BadSample as e:
+        raise _sample_error(sample, e.reason) from None
+
+
+def _encode_options(encoder: Encoder, sample: Sample) -> _MCItem:
+    if not sample.options:
+        raise _sample_error(sample, "no 'options' to score (multiple choice needs them)")
+    answers, full, prompt = [], [], None
+    for j, option in enumerate(sample.options):
+        enc = _encode(encoder, _with_answer(sample, option))
+        ids, labels = enc["input_ids"], enc["labels"]
+        a, b = _last_labelled_run(labels)
+        if prompt is None:
+            n = ids.shape[0]
+            prompt = {k: (v[:a] if v.dim() == 1 and v.shape[0] == n else v)
+                      for k, v in enc.items() if k not in ("labels", "attention_mask")}
+        elif not torch.equal(prompt["input_ids"], ids[:a]):
+            raise _sample_error(sample, f"option {j} ({option!r}) changes the tokens before the answer, so the "
+                                        "options do not share one prompt")
+        answers.append(ids[a:b].clone())
+        only = torch.full_like(labels, IGNORE_INDEX)
+        only[a:b] = labels[a:b]
+        full.append({**enc, "labels": only})
+    assert prompt is not None
+    return _MCItem(prompt, answers, full)
+
+
+def encode_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
+    """The model inputs that ask for the sample's (last) answer: the conversation before its last assistant turn,
+    rendered with the chat template's generation prompt, with the image. Per-token tensors are 1-D."""
+    turns = list(sample.turns)
+    while turns and turns[-1][0] == "assistant":
+        turns.pop()
+    if not turns:
+        raise _sample_error(sample, "no question (the conversation has no user turn)")
+    if sample.image is not None and encoder.processor is None:
+        raise _sample_error(sample, "the sample has an image but the model has no image processor")
+    try:
+        image = encoder._open_image(Path(sample.image)) if sample.image is not None else None
+        msgs = encoder._messages(dataclasses.replace(sample, turns=turns))
+    except BadSample as e:
+        raise _sample_error(sample, e.reason) from None
+    enc = encoder._tokenize(encoder._render(msgs, True), image)
+    n = enc["input_ids"].shape[-1]
+    return {k: (v[0] if v.dim() == 2 and v.shape == (1, n) else v) for k, v in enc.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _left_pad(rows: Sequence[dict[str, torch.Tensor]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A left-padded batch with an ``attention_mask``; image tensors concatenated in row order."""
+    lengths = [r["input_ids"].shape[0] for r in rows]
+    width = max(lengths)
+    batch: dict[str, torch.Tensor] = {}
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for key in keys:
+        if all(key in r and r[key].dim() == 1 and r[key].shape[0] == n for r, n in zip(rows, lengths)):
+            out = torch.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=rows[0][key].dtype)
+            for i, (r, n) in enumerate(zip(rows, lengths)):
+                out[i, width - n:] = r[key]
+            batch[key] = out
+        else:
+            batch[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    batch["attention_mask"] = mask
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+
+@dataclass
+class OptionScores:
+    """One sample's options: ``logprobs[j]`` is the summed log-probability of option j's answer tokens
+    (``num_tokens[j]`` of them, end-of-turn included); ``predicted`` the argmax (ties: the lowest index)."""
+
+    logprobs: list[float]
+    num_tokens: list[int]
+
+    @property
+    def predicted(self) -> int:
+        best = max(self.logprobs)
+        return self.logprobs.index(best)
+
+
+def _fast_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, bool] | None:
+    """``(base model, lm_head, 3-D rope)`` when the fast path applies: the model is ``<base> → lm_head`` with
+    nothing in between (transformers' ``*ForCausalLM`` / ``*ForConditionalGeneration``), else ``None``."""
+    base, head = getattr(model, "model", None), model.get_output_embeddings()
+    if not isinstance(base, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for c in {id(cfg): cfg, id(model.config): model.config}.values():
+        for attr in _LOGIT_TRANSFORMS:
+            v = getattr(c, attr, None)
+            if v is not None and v != 1 and v != 1.0:
+                return None
+    mrope = hasattr(base, "get_rope_index")
+    if mrope and "mm_token_type_ids" not in inspect.signature(base.get_rope_index).parameters:
+        return None  # another generation of 3-D rope models: not supported by the fast path
+    return base, head, mrope
+
+
+def score_options(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 8,
+                  *, naive: bool = False) -> list[OptionScores]:
+    """Score every option of every sample (samples need ``options``): the summed log-probability of the
+    option's answer tokens (exactly the tokens the Encoder labels: the answer and the end-of-turn token), given
+    the prompt (the common prefix of the encoded (question, option) sequences, checked identical across options).
+
+    Fast path, for ``<base model> → lm_head`` models (Llama-style causal LMs, LLaVA, Qwen2.5-VL): ``batch_size``
+    prompts run once, left-padded, with position ids from the attention mask (Qwen2.5-VL: its 3-D rope positions
+    from ``get_rope_index``, text positions after the prompt offset by the row's rope delta) and images; the KV
+    cache is then repeated per option and all options' tokens (right-padded) run in one forward. ``lm_head`` is
+    applied only to the hidden states that predict an answer token: the prompt's last position (first answer
+    token) and each option position but the last. Other models (e.g. with logit soft-capping), or
+    ``naive=True``, take the naive path: each (question, option) sequence as a whole, full logits.
+    Call under ``torch.no_grad()`` with the model in eval mode (as :func:`evaluate` does).
+    """
+    if batch_size < 1:
+        raise ForgetlessError(f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size")
+    parts = None if naive else _fast_parts(model)
+    out: list[OptionScores] = []
+    for i in range(0, len(samples), batch_size):
+        items = [_encode_options(encoder, s) for s in samples[i:i + batch_size]]
+        out.extend(_score_fast(items, encoder, parts) if parts is not None else _score_naive(model, items, encoder))
+    return out
+
+
+def _score_naive(model: torch.nn.Module, items: list[_MCItem], encoder: Encoder) -> list[OptionScores]:
+    rows = [enc for it in items for enc in it.full]
+    batch = collate(rows, encoder.pad_token_id)
+    dev = _device(model)
+    labels = batch.pop("labels").to(dev)
+    batch.pop("sample_index")
+    logits = model(**{k: v.to(dev) for k, v in batch.items()}).logits[:, :-1].float()
+    target = labels[:, 1:]
+    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+    totals = (lp * (target != IGNORE_INDEX)).sum(1).tolist()
+    res, r = [], 0
+    for it in items:
+        k = len(it.answers)
+        res.append(OptionScores(totals[r:r + k], [len(a) for a in it.answers]))
+        r += k
+    return res
+
+
+def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
+                ) -> list[OptionScores]:
+    base, head, mrope = parts
+    dev = _device(head)
+    batch = _left_pad([it.prompt for it in items], encoder.pad_token_id, dev)
+    mask = batch["attention_mask"]
+    lengths = mask.sum(-1)  # real prompt lengths
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    delta = torch.zeros(len(items), 1, dtype=torch.long, device=dev)
+    if mrope:
+        mm = batch.get("mm_token_type_ids")
+        if mm is None:
+            image_id = getattr(base.config, "image_token_id", None)
+            mm = (batch["input_ids"] == image_id).long() if image_id is not None else torch.zeros_like(mask)
+        pos, delta = base.get_rope_index(batch["input_ids"], mm_token_type_ids=mm,
+                                         image_grid_thw=batch.get("image_grid_thw"), attention_mask=mask)
+        delta = delta.to(dev).long().view(len(items), 1)
+    first = base(**batch, position_ids=pos, use_cache=True)
+    cache = first.past_key_values
+    lp_first = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), -1)  # [B, V]
+
+    # one row per option
+    row_item = torch.tensor([i for i, it in enumerate(items) for _ in it.answers], device=dev)
+    answers = [a.to(dev) for it in items for a in it.answers]
+    first_tok = torch.stack([a[0] for a in answers])
+    totals = lp_first[row_item, first_tok].clone()
+    width = max(len(a) for a in answers) - 1
+    if width > 0:
+        ids = torch.full((len(answers), width + 1), encoder.pad_token_id, dtype=torch.long, device=dev)
+        for r, a in enumerate(answers):
+            ids[r, : len(a)] = a
+        n_in = torch.tensor([len(a) - 1 for a in answers], device=dev)
+        opt_mask = (torch.arange(width, device=dev)[None] < n_in[:, None]).long()
+        cache.batch_select_indices(row_item)  # the prompt's keys and values, once per option
+        opt_pos = lengths[row_item, None] + torch.arange(width, device=dev)[None]
+        if mrope:
+            opt_pos = (opt_pos + delta[row_item])[None].expand(3, -1, -1)
+        hidden = base(input_ids=ids[:, :width], attention_mask=torch.cat([mask[row_item], opt_mask], 1),
+                      position_ids=opt_pos, past_key_values=cache, use_cache=True).last_hidden_state
+        r, t = opt_mask.nonzero(as_tuple=True)
+        lp = torch.log_softmax(head(hidden[r, t]).float(), -1)
+        totals.index_add_(0, r, lp.gather(-1, ids[r, t + 1][:, None])[:, 0])
+    totals_l = totals.tolist()
+    res, k0 = [], 0
+    for it in items:
+        k = len(it.answers)
+        res.append(OptionScores(totals_l[k0:k0 + k], [len(a) for a in it.answers]))
+        k0 += k
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def stop_token_ids(model: torch.nn.Module, encoder: Encoder) -> list[int]:
+    """Token ids that end an answer: the tokenizer's and the generation config's end-of-sequence tokens, and the
+    end-of-turn token the chat template puts after an assistant answer (when it is a special token)."""
+    ids: list[int] = []
+
+    def add(t: Any) -> None:
+        for x in (t if isinstance(t, (list, tuple)) else [t]):
+            if x is not None and int(x) not in ids:
+                ids.append(int(x))
+
+    add(encoder.tokenizer.eos_token_id)
+    gc = getattr(model, "generation_config", None)
+    add(getattr(gc, "eos_token_id", None))
+    try:
+        enc = encoder(Sample("probe", None, [("user", "Hi"), ("assistant", "OK")]))
+        last = int(enc["input_ids"][_last_labelled_run(enc["labels"])[1] - 1])
+        if last in set(encoder.tokenizer.all_special_ids):
+            add(last)
+    except (BadSample, ForgetlessError):
+        pass
+    return ids
+
+
+def generate_answers(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sample], max_new_tokens: int = 32,
+                     batch_size: int = 8) -> list[str]:
+    """Greedy answers: each sample's prompt (:func:`encode_prompt`), ``batch_size`` at a time left-padded, through
+    ``model.generate`` (no sampling, one beam) for at most ``max_new_tokens`` new tokens; the new tokens up to the
+    first stop token (:func:`stop_token_ids`) are decoded without special tokens and stripped."""
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ForgetlessError(f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size")
+    stops = stop_token_ids(model, encoder)
+    pad = encoder.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=stops or None, pad_token_id=pad)
+    dev = _device(model)
+    answers: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        batch = _left_pad([encode_prompt(encoder, s) for s in samples[i:i + batch_size]], pad, dev)
+        width = batch["input_ids"].shape[1]
+        seqs = model.generate(**batch, generation_config=config)
+        for row in seqs[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+            answers.append(encoder.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Equal after stripping surrounding whitespace, ignoring case."""
+    return prediction.strip().casefold() == answer.strip().casefold()
+
+
+def _answer(sample: Sample) -> str:
+    return next(text for role, text in reversed(sample.turns) if role == "assistant")
+
+
+def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
+    samples = load_samples(spec.path, shuffle=False)
+    if limit is not None:
+        samples = samples[:limit]
+    for s in samples:
+        if not any(role == "assistant" for role, _ in s.turns):
+            raise _sample_error(s, "no answer to compare with")
+        if spec.metric == "mc" and not s.options:
+            raise _sample_error(s, "the task's metric is multiple choice (task.json) but the record has no "
+                                   "'options'")
+        if s.image is not None and not Path(s.image).is_file():
+            raise _sample_error(s, f"image not found: {s.image}")
+    return samples
+
+
+class _Progress:
+    """Samples done, samples/s and ETA over the whole evaluation, at most every ``every`` seconds."""
+
+    def __init__(self, total: int, log: Callable[[str], None] | None, every: float = 5.0):
+        self.total, self.log, self.every = total, log, every
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+
+    def __call__(self, task: str, n: int, task_done: int, task_total: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.log is None or (now - self.last < self.every and task_done < task_total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        self.log(f"  {task}: {task_done}/{task_total} · all {self.done}/{self.total} · {rate:.1f} samples/s · "
+                 f"ETA {_duration(eta)}")
+
+
+def _duration(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = round(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _infer_kind(spec: TaskSpec, samples: list[Sample], group: str) -> str:
+    if group == "downstream":
+        return "downstream"
+    if spec.kind in ("general_visual", "general_text"):
+        return spec.kind
+    return "general_visual" if any(s.image is not None for s in samples) else "general_text"
+
+
+def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike | TaskSpec], *,
+             general: Mapping[str, str | os.PathLike | TaskSpec] | None = None, split: str = "test",
+             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32, device: str = "auto",
+             dtype: str = "float32", task_root: str | os.PathLike | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = print, keep_predictions: bool = True) -> dict[str, Any]:
+    """Evaluate the model folder on each task; returns the result dict (what ``forgetless eval`` writes).
+
+    ``tasks`` (downstream) and ``general`` map a name to a JSONL file, a task folder (its ``<split>.jsonl``) or a
+    task name under ``task_root`` (see :func:`resolve_task`), or to a :class:`TaskSpec`. Every task in ``tasks``
+    is ``downstream``; a ``general`` task is ``general_visual`` or ``general_text`` as its ``task.json`` says,
+    else ``general_visual`` when one of its samples has an image. A record with ``options`` is scored as multiple
+    choice (unless its ``task.json`` metric is ``exact``), else by exact match of the greedy answer. ``limit``
+    keeps each split's first N records (file order).
+
+    Everything is checked (tasks, records, images) before the model is loaded, once, in ``dtype`` on ``device``
+    (``auto``: CUDA when present), in eval mode under ``torch.no_grad``. Per task: ``accuracy`` (correct / n, a
+    fraction), ``n``, ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``,
+    per-sample ``predictions``. ``scores`` holds T, G_v, G_t and G (:func:`forgetless.eval.metrics.scores`).
+    """
+    from ..stats.run import load_model, resolve_device
+    from .metrics import scores as summary_scores
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
+                              remedy="pass a Hugging Face model folder")
+    if limit is not None and limit < 1:
+        raise ForgetlessError(f"--limit must be ≥ 1, got {limit}", remedy="pass a positive limit or none")
+    specs: list[tuple[TaskSpec, str]] = []
+    for group_tasks, group in ((tasks, "downstream"), (general or {}, "general")):
+        for name, t in group_tasks.items():
+            spec = t if isinstance(t, TaskSpec) else resolve_task(t, split=split, task_root=task_root)
+            specs.append((dataclasses.replace(spec, name=name), group))
+    names = [s.name for s, _ in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ForgetlessError(f"task names given twice: {', '.join(dup)}", remedy="give each task once")
+    if not specs:
+        raise ForgetlessError("no tasks to evaluate", remedy="pass --tasks and/or --general")
+    loaded = [(spec, _load_task(spec, limit), group) for spec, group in specs]
+    encoder = Encoder(model_dir)
+    for spec, samples, _ in loaded:
+        if encoder.processor is None and any(s.image is not None for s in samples):
+            raise ForgetlessError(f"task {spec.name!r} has images but the model has no image processor",
+                                  file=spec.path, remedy="evaluate a multimodal model (with processor files)")
+    total = sum(len(s) for _, s, _ in loaded)
+    say = log if progress else None
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model, _ = load_model(model_dir, dev, dtype)
+    if say:
+        say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype})")
+    meter = _Progress(total, say)
+    results: dict[str, Any] = {}
+    with torch.no_grad():
+        for spec, samples, group in loaded:
+            by_mc = spec.metric != "exact"
+            mc = [s for s in samples if s.options and by_mc]
+            free = [s for s in samples if not (s.options and by_mc)]
+            preds: dict[int, dict[str, Any]] = {}
+            done = 0
+            for i in range(0, len(mc), batch_size):
+                chunk = mc[i:i + batch_size]
+                for s, sc in zip(chunk, score_options(model, encoder, chunk, batch_size)):
+                    assert s.options is not None
+                    answer, guess = _answer(s), s.options[sc.predicted]
+                    preds[id(s)] = {"id": s.id, "answer": answer, "prediction": guess,
+                                    "predicted_index": sc.predicted, "logprobs": sc.logprobs,
+                                    "correct": guess == answer}
+                done += len(chunk)
+                meter(spec.name, len(chunk), done, len(samples))
+            for i in range(0, len(free), batch_size):
+                chunk = free[i:i + batch_size]
+                for s, text in zip(chunk, generate_answers(model, encoder, chunk, max_new_tokens, batch_size)):
+                    answer = _answer(s)
+                    preds[id(s)] = {"id": s.id, "answer": answer, "prediction": text,
+                                    "correct": exact_match(text, answer)}
+                done += len(chunk)
+                meter(spec.name, len(chunk), done, len(samples))
+            ordered = [preds[id(s)] for s in samples]
+            correct = sum(p["correct"] for p in ordered)
+            entry: dict[str, Any] = {
+                "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
+                "metric": "mc" if not free else "exact" if not mc else "mixed",
+                "n": len(samples), "correct": correct, "accuracy": correct / len(samples)}
+            if keep_predictions:
+                entry["predictions"] = ordered
+            results[spec.name] = entry
+    seconds = time.perf_counter() - t0
+    out = {"model": str(model_dir), "split": split, "limit": limit, "tasks": results, "seconds": round(seconds, 3),
+           "samples_per_s": round(total / seconds, 3) if seconds else None}
+    out["scores"] = summary_scores(out)
+    return out

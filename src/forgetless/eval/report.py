@@ -1,0 +1,235 @@
+"""Reporting results: a fixed-width table, atomic JSON files and the specialization/retention trade-off plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .metrics import compare, scores
+
+TABLE_SCORES = ("T", "G_v", "G_t", "E", "F", "E+F")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# table
+
+
+def table_row(name: str, result: Mapping[str, Any], base: Mapping[str, Any] | None = None,
+              finetuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A table row: ``name``, ``accuracy`` (task → percent) and T, G_v, G_t (and, given ``base``, E, F, E+F,
+    gain_kept — :func:`forgetless.eval.metrics.compare`)."""
+    acc = {k: 100.0 * float(t["accuracy"]) for k, t in result.get("tasks", {}).items()}
+    vals: dict[str, Any] = dict(compare(result, base, finetuned) if base is not None else scores(result))
+    return {"name": name, "accuracy": acc, **vals}
+
+
+def _cell(v: Any, signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
+    """One line per row (model): its accuracy on each task, then T, G_v, G_t, E, F, E+F; all in percent/points,
+    ``—`` where a value does not exist. Columns E, F, E+F appear only when some row has them. ``tasks`` orders
+    the task columns (default: first appearance)."""
+    if tasks is None:
+        tasks = list(dict.fromkeys(k for r in rows for k in r.get("accuracy", {})))
+    cols = [c for c in TABLE_SCORES if c in ("T", "G_v", "G_t") or any(r.get(c) is not None for r in rows)]
+    header = ["model", *tasks, *cols]
+    body = [[str(r["name"]),
+             *[_cell(r.get("accuracy", {}).get(t)) for t in tasks],
+             *[_cell(r.get(c), signed=c in ("E", "F", "E+F")) for c in cols]] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *map(fmt, body)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".forgetless-tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON: to a temporary file beside ``path``, renamed into place."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A result file written by :func:`write_json`, with ``path`` recorded in it (for messages)."""
+    from ..errors import ForgetlessError
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ForgetlessError("result file not found", file=p, remedy="pass a JSON written by forgetless eval"
+                              ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ForgetlessError(f"cannot read the result file ({e})", file=p,
+                              remedy="pass a JSON written by forgetless eval") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        raise ForgetlessError("not an evaluation result (no 'tasks')", file=p,
+                              remedy="pass a JSON written by forgetless eval --out")
+    data["path"] = str(p)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plot
+
+
+@dataclass
+class TradeoffPoint:
+    """One model on the trade-off plot: ``task`` (x, T) and ``general`` (y, G) scores; ``method`` and ``knob``
+    (the value of the method's parameter) for merged models; ``role`` ``"method"``, ``"base"`` or
+    ``"finetuned"``; ``chosen`` marks the point to highlight."""
+
+    method: str
+    task: float
+    general: float
+    knob: str | float | None = None
+    role: str = "method"
+    chosen: bool = False
+
+
+def _point(p: TradeoffPoint | Mapping[str, Any]) -> TradeoffPoint:
+    return p if isinstance(p, TradeoffPoint) else TradeoffPoint(**dict(p))
+
+
+def _knob_key(p: TradeoffPoint) -> float:
+    try:
+        return float(p.knob)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str | os.PathLike, *,
+                  title: str | None = None, xlabel: str = "task score T (%)",
+                  ylabel: str = "general score G (%)") -> Path:
+    """A PNG of the specialization/retention trade-off: x = task score, y = general score; one line per method
+    through its knob values (in numeric knob order when every knob is a number, else as given), each point
+    annotated with its knob; the base and fine-tuned models as distinct markers; a ``chosen`` point ringed.
+    Written atomically (temporary file, then rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [_point(p) for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    try:
+        methods = list(dict.fromkeys(p.method for p in pts if p.role == "method"))
+        for m in methods:
+            line = [p for p in pts if p.role == "method" and p.method == m]
+            keys = [_knob_key(p) for p in line]
+            if not any(math.isnan(k) for k in keys):  # every knob numeric
+                line = [p for _, p in sorted(zip(keys, line), key=lambda kp: kp[0])]
+            (handle,) = ax.plot([p.task for p in line], [p.general for p in line], marker="o", ms=4, lw=1.2,
+                                label=m)
+            for p in line:
+                if p.knob is not None:
+                    ax.annotate(f"{p.knob}", (p.task, p.general), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=handle.get_color())
+        styles = {"base": ("s", "black", "base"), "finetuned": ("^", "tab:red", "fine-tuned")}
+        for role, (marker, color, label) in styles.items():
+            sel = [p for p in pts if p.role == role]
+            if sel:
+                ax.scatter([p.task for p in sel], [p.general for p in sel], marker=marker, s=70, color=color,
+                           zorder=5, label=label)
+        chosen = [p for p in pts if p.chosen]
+        if chosen:
+            ax.scatter([p.task for p in chosen], [p.general for p in chosen], s=260, facecolors="none",
+                       edgecolors="gold", linewidths=2.5, zorder=6, label="chosen")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if pts:
+            ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        return _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def _split_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [x for v in value for x in v.split(",")]
+    return [x.strip() for x in items if x.strip()]
+
+
+def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, general: str | Sequence[str] | None = None,
+             *, split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
+             device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
+             out: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+             finetuned: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+    """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
+    print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
+    model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. ``progress``: print
+    progress lines (through ``log``, which also prints the table)."""
+    from ..errors import ForgetlessError
+    from .harness import evaluate, resolve_task
+
+    if finetuned is not None and base is None:
+        raise ForgetlessError("--finetuned needs --base (E and F are measured from the base model)",
+                              remedy="pass --base base.json too")
+    base_r = read_json(base) if base is not None else None
+    ft_r = read_json(finetuned) if finetuned is not None else None
+    groups = []
+    for specs in (_split_list(tasks), _split_list(general)):
+        resolved = [resolve_task(s, split=split, task_root=task_root) for s in specs]
+        groups.append({t.name: t for t in resolved})
+        if len(groups[-1]) != len(resolved):
+            raise ForgetlessError(f"two tasks share a name: {', '.join(t.name for t in resolved)}",
+                                  remedy="give each task once (rename a JSONL file if two have the same stem)")
+    res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
+                   max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root, progress=progress, log=log)
+    rows = []
+    if base_r is not None:
+        res["comparison"] = compare(res, base_r, ft_r)
+        res["base"], res["finetuned"] = str(base), (str(finetuned) if finetuned is not None else None)
+        rows.append(table_row("base", base_r, base_r))
+        if ft_r is not None:
+            rows.append(table_row("fine-tuned", ft_r, base_r, ft_r))
+    rows.append(table_row(Path(model).name or str(model), res, base_r, ft_r))
+    if log is not None:
+        log(format_table(rows, list(res["tasks"])))
+        kept = res.get("comparison", {}).get("gain_kept")
+        if kept is not None:
+            log(f"gain kept: {kept:.1%} of the fine-tuned model's")
+    if out is not None:
+        write_json(out, res)
+        if log is not None:
+            log(f"wrote {out}")
+    return res

@@ -1,0 +1,415 @@
+"""Evaluation harness: option scores against a naive full-sequence computation, greedy generation against a
+hand-written loop, the T/G/E/F metrics on hand-made results, the table/JSON/plot, the CLI, bad option records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXT, build_llama_with_tokenizer
+from PIL import Image
+from test_stats_data import (
+    LLAVA_TEMPLATE,
+    QWEN_TEMPLATE,
+    QWEN_TOKENS,
+    _Qwen25VLImageOnlyProcessor,
+    save_image,
+    smol_tokenizer,
+    tiny_llava_for,
+    write_jsonl,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from forgetless.errors import ForgetlessError
+from forgetless.eval import (
+    TradeoffPoint,
+    compare,
+    evaluate,
+    format_table,
+    generate_answers,
+    read_json,
+    resolve_task,
+    score_options,
+    scores,
+    table_row,
+    tradeoff_plot,
+    write_json,
+)
+from forgetless.stats.data import Encoder, Sample, collate, load_samples
+
+torch.set_num_threads(1)
+
+QUESTIONS = [  # options of different token lengths, prompts of different lengths
+    ("What colour is the sky on a clear day?", ("blue", "a pale shade of green", "red")),
+    ("Two plus two?", ("four", "five or maybe six")),
+    ("Name the animal that barks loudly at night in the yard.", ("dog", "cat", "a very large horse", "owl")),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures and independent references
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_llama_with_tokenizer(tmp_path_factory.mktemp("eval_llama"), tie=False)  # tied, it echoes "\n"
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return AutoModelForCausalLM.from_pretrained(llama_dir).eval(), Encoder(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def llava_processor():
+    tok = smol_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+
+
+def mc_samples(images: list[Path | None]) -> list[Sample]:
+    return [Sample(f"s{i}", img, [("user", q), ("assistant", opts[0])], options=opts)
+            for i, (img, (q, opts)) in enumerate(zip(images, QUESTIONS))]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
+
+
+def naive_option_logprob(model, enc: Encoder, sample: Sample, option: str) -> tuple[float, int]:
+    """Run the whole (question, option) sequence alone; sum log-softmax at the labelled tokens."""
+    e = enc(Sample(sample.id, sample.image, [sample.turns[0], ("assistant", option)]))
+    logits = model(**model_inputs(collate([e], enc.pad_token_id))).logits[0].double()
+    ids, labels = e["input_ids"], e["labels"]
+    total, count = 0.0, 0
+    for t in range(1, ids.shape[0]):
+        if labels[t] != -100:
+            total += torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
+            count += 1
+    return total, count
+
+
+def check_against_naive(model, enc: Encoder, samples: list[Sample], batch_size: int) -> None:
+    with torch.no_grad():
+        got = score_options(model, enc, samples, batch_size=batch_size)
+        assert len(got) == len(samples)
+        for s, sc in zip(samples, got):
+            ref = [naive_option_logprob(model, enc, s, o) for o in s.options]
+            assert sc.num_tokens == [n for _, n in ref]
+            assert sc.logprobs == pytest.approx([lp for lp, _ in ref], abs=1e-4)
+            best = max(range(len(ref)), key=lambda j: (ref[j][0], -j))
+            assert sc.predicted == best
+    # the options of a sample really have different lengths (so the padded option pass is exercised)
+    assert any(len(set(sc.num_tokens)) > 1 for sc in got)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+
+def test_option_scores_equal_naive_on_llama(llama):
+    model, enc = llama
+    samples = mc_samples([None, None, None])
+    check_against_naive(model, enc, samples, batch_size=2)  # a batch of two prompts, then one
+    # and the naive path of the harness gives the same numbers
+    with torch.no_grad():
+        fast = score_options(model, enc, samples, batch_size=3)
+        slow = score_options(model, enc, samples, batch_size=3, naive=True)
+    for a, b in zip(fast, slow):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_option_scores_equal_naive_on_llava_with_images(tmp_path, llava_processor):
+    model = tiny_llava_for(llava_processor)
+    enc = Encoder(llava_processor)
+    imgs = [save_image(tmp_path / "a.png", color=(200, 30, 30)), None,
+            save_image(tmp_path / "b.png", (40, 32), color=(10, 120, 240))]
+    check_against_naive(model, enc, mc_samples(imgs), batch_size=3)
+
+
+def test_option_scores_equal_naive_on_qwen25vl(tmp_path):
+    tok = smol_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
+    proc = _Qwen25VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    torch.manual_seed(0)
+    text = {**TEXT, "vocab_size": len(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
+              "window_size": 16}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    imgs = [save_image(tmp_path / "a.png", (16, 16)), None, save_image(tmp_path / "b.png", (24, 16))]
+    check_against_naive(model, Encoder(proc), mc_samples(imgs), batch_size=3)
+
+
+def test_ties_go_to_the_lowest_index():
+    from forgetless.eval import OptionScores
+
+    assert OptionScores([-2.0, -1.0, -1.0], [1, 1, 1]).predicted == 1
+    assert OptionScores([-0.5, -3.0], [2, 1]).predicted == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def greedy_loop(model, ids: torch.Tensor, stops: set[int], n: int, **image) -> list[int]:
+    """Argmax token by token, the whole sequence each step, no cache, no padding."""
+    out: list[int] = []
+    for _ in range(n):
+        nxt = int(model(input_ids=torch.cat([ids, torch.tensor(out, dtype=ids.dtype)])[None], **image)
+                  .logits[0, -1].argmax())
+        if nxt in stops:
+            break
+        out.append(nxt)
+    return out
+
+
+def test_generation_equals_greedy_loop_on_llama(llama):
+    model, enc = llama
+    tok = enc.tokenizer
+    samples = mc_samples([None, None, None])
+    stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    with torch.no_grad():
+        got = generate_answers(model, enc, samples, max_new_tokens=5, batch_size=3)
+        for s, text in zip(samples, got):
+            prompt = tok.apply_chat_template([{"role": "user", "content": s.turns[0][1]}], tokenize=False,
+                                             add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            ref = greedy_loop(model, ids, stops, 5)
+            assert text == tok.decode(ref, skip_special_tokens=True).strip()
+    assert all(got) and len(set(got)) > 1  # prompts of different lengths in one left-padded batch
+
+
+def test_generation_equals_greedy_loop_on_llava(tmp_path, llava_processor):
+    model = tiny_llava_for(llava_processor)
+    enc = Encoder(llava_processor)
+    samples = mc_samples([save_image(tmp_path / "a.png"), None, None])[:2]
+    eos = llava_processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        got = generate_answers(model, enc, samples, max_new_tokens=4, batch_size=2)
+        for s, text in zip(samples, got):
+            content = ([{"type": "image"}] if s.image else []) + [{"type": "text", "text": s.turns[0][1]}]
+            prompt = llava_processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                         add_generation_prompt=True)
+            image = [Image.open(s.image).convert("RGB")] if s.image else None
+            inputs = llava_processor(text=[prompt], images=image, return_tensors="pt")
+            extra = {"pixel_values": inputs["pixel_values"]} if s.image else {}
+            ref = greedy_loop(model, inputs["input_ids"][0], {eos}, 4, **extra)
+            assert text == llava_processor.tokenizer.decode(ref, skip_special_tokens=True).strip()
+    assert all(got) and got[0] != got[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics, table, files, plot
+
+
+def result(accs: dict[str, tuple[str, float]], split: str = "test") -> dict:
+    return {"split": split, "tasks": {k: {"kind": kind, "accuracy": a, "n": 10} for k, (kind, a) in accs.items()}}
+
+
+BASE = result({"shapes": ("downstream", 0.2), "digits": ("downstream", 0.4), "scene": ("general_visual", 0.8),
+               "facts": ("general_text", 0.6), "trivia": ("general_text", 0.7)})
+FT = result({"shapes": ("downstream", 0.9), "digits": ("downstream", 0.7), "scene": ("general_visual", 0.5),
+             "facts": ("general_text", 0.3), "trivia": ("general_text", 0.5)})
+MERGED = result({"shapes": ("downstream", 0.7), "digits": ("downstream", 0.6), "scene": ("general_visual", 0.7),
+                 "facts": ("general_text", 0.6), "trivia": ("general_text", 0.6)})
+
+
+def test_metrics_on_hand_made_results():
+    s = scores(BASE)
+    assert s["T"] == pytest.approx(30.0) and s["G_v"] == pytest.approx(80.0) and s["G_t"] == pytest.approx(65.0)
+    assert s["G"] == pytest.approx(72.5)  # mean of G_v and G_t, not of the three general tasks
+    c = compare(MERGED, BASE, FT)
+    # T(m) = 65, G(m) = (70 + 60) / 2 = 65; T(ft) = 80
+    assert c["E"] == pytest.approx(35.0) and c["F"] == pytest.approx(-7.5) and c["E+F"] == pytest.approx(27.5)
+    assert c["gain_kept"] == pytest.approx(35.0 / 50.0)
+    ft = compare(FT, BASE)
+    assert ft["E"] == pytest.approx(50.0) and ft["F"] == pytest.approx((50 + 40) / 2 - 72.5)
+    assert ft["gain_kept"] is None
+    only_text = result({"t": ("downstream", 0.5), "g": ("general_text", 0.25)})
+    assert scores(only_text) == {"T": 50.0, "G_v": None, "G_t": 25.0, "G": 25.0}
+    with pytest.raises(ForgetlessError, match="not in the base"):
+        compare(MERGED, result({"shapes": ("downstream", 0.1)}))
+    with pytest.raises(ForgetlessError, match="split"):
+        compare(MERGED, {**BASE, "split": "val"})
+
+
+def test_table_json_and_plot(tmp_path):
+    rows = [table_row("base", BASE, BASE), table_row("merged", MERGED, BASE, FT)]
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["model", "shapes", "digits", "scene", "facts", "trivia", "T", "G_v", "G_t", "E", "F",
+                                "E+F"]
+    assert lines[3].split() == ["merged", "70.0", "60.0", "70.0", "60.0", "60.0", "65.0", "70.0", "60.0", "+35.0",
+                                "-7.5", "+27.5"]
+    assert len({len(line) for line in lines[:2]}) == 1  # fixed width
+    p = write_json(tmp_path / "out" / "r.json", {**MERGED, "x": [1, 2]})
+    assert json.loads(p.read_text())["x"] == [1, 2] and [f.name for f in p.parent.iterdir()] == ["r.json"]
+    assert read_json(p)["tasks"]["shapes"]["accuracy"] == 0.7
+    pts = [TradeoffPoint("base", 30, 72.5, role="base"), TradeoffPoint("finetuned", 80, 45, role="finetuned"),
+           *[TradeoffPoint("wise", 30 + 50 * a, 72.5 - 27.5 * a * a, knob=a) for a in (0.75, 0.25, 0.5)],
+           {"method": "cgm", "task": 65, "general": 65, "knob": 0.2, "chosen": True}]
+    png = tradeoff_plot(pts, tmp_path / "plot.png", title="trade-off")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (768, 576)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out", "plot.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: options records
+
+
+def test_options_records_parse_and_bad_ones_name_the_file(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [
+        {"id": "a", "question": "Q?", "answer": " yes ", "options": ["yes", "no"]},
+        {"id": "b", "question": "Q?", "answer": "x"}])
+    a, b = load_samples(good, shuffle=False)
+    assert a.options == ("yes", "no") and b.options is None
+    bad = [{"question": "Q?", "answer": "maybe", "options": ["yes", "no"]},
+           {"question": "Q?", "answer": "yes", "options": ["yes"]},
+           {"question": "Q?", "answer": "yes", "options": ["yes", "yes "]},
+           {"question": "Q?", "answer": "yes", "options": "yes,no"},
+           {"question": "Q?", "answer": "yes", "options": ["yes", 3]}]
+    for i, rec in enumerate(bad):
+        f = write_jsonl(tmp_path / f"bad{i}.jsonl", [{"id": "ok", "question": "Q", "answer": "A"}, rec])
+        with pytest.raises(ForgetlessError, match="options") as e:
+            load_samples(f)
+        assert str(f) in str(e.value) and "line 2" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tasks, evaluate and the CLI
+
+
+def test_resolve_task_by_file_folder_and_name(tmp_path, monkeypatch):
+    folder = tmp_path / "root" / "shapes"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "test.jsonl", [{"question": "Q", "answer": "A"}])
+    (folder / "task.json").write_text(json.dumps({"name": "shapes", "kind": "general_visual", "metric": "exact"}))
+    loose = write_jsonl(tmp_path / "loose.jsonl", [{"question": "Q", "answer": "A"}])
+    assert resolve_task(folder).path == folder / "test.jsonl"
+    assert resolve_task(folder / "test.jsonl").kind == "general_visual"
+    assert resolve_task(loose).name == "loose" and resolve_task(loose).kind is None
+    monkeypatch.setenv("FORGETLESS_TASKS", str(tmp_path / "root"))
+    assert resolve_task("shapes").path == folder / "test.jsonl"
+    with pytest.raises(ForgetlessError, match="no val.jsonl"):
+        resolve_task("shapes", split="val")
+    with pytest.raises(ForgetlessError, match="not found"):
+        resolve_task("nope")
+
+
+def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama):
+    from forgetless.cli import main
+
+    model, enc = llama
+    # multiple choice: the answer is the naive argmax for samples 0 and 2, another option for sample 1
+    mc = mc_samples([None, None, None])
+    records, expected_mc = [], 0
+    with torch.no_grad():
+        for i, s in enumerate(mc):
+            lps = [naive_option_logprob(model, enc, s, o)[0] for o in s.options]
+            best = max(range(len(lps)), key=lambda j: (lps[j], -j))
+            answer = s.options[best] if i != 1 else s.options[(best + 1) % len(s.options)]
+            expected_mc += answer == s.options[best]
+            records.append({"id": s.id, "question": s.turns[0][1], "answer": answer, "options": list(s.options)})
+    folder = tmp_path / "tasks" / "quiz"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "test.jsonl", records)
+    (folder / "task.json").write_text(json.dumps({"name": "quiz", "kind": "downstream", "metric": "mc"}))
+    # exact match: the first answer is the greedy output in other case and spacing, the second is wrong
+    tok = enc.tokenizer
+    stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    free = []
+    with torch.no_grad():
+        for q in ("Say something.", "Another question?"):
+            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            text = tok.decode(greedy_loop(model, ids, stops, 3), skip_special_tokens=True).strip()
+            free.append((q, text))
+    assert all(t for _, t in free)
+    up = free[0][1].upper() if free[0][1].upper().casefold() == free[0][1].casefold() else free[0][1]
+    write_jsonl(tmp_path / "chat.jsonl", [{"id": "c0", "question": free[0][0], "answer": f"  {up} "},
+                                          {"id": "c1", "question": free[1][0], "answer": free[1][1] + " nope"}])
+    base = {"split": "test", "tasks": {"quiz": {"kind": "downstream", "accuracy": 0.0, "n": 3},
+                                       "chat": {"kind": "general_text", "accuracy": 1.0, "n": 2}}}
+    write_json(tmp_path / "base.json", base)
+    out = tmp_path / "res" / "results.json"
+    main(["eval", str(llama_dir), "--tasks", "quiz", "--general", str(tmp_path / "chat.jsonl"),
+          "--task-root", str(tmp_path / "tasks"), "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out),
+          "--base", str(tmp_path / "base.json"), "--device", "cpu"])
+    res = json.loads(out.read_text())
+    quiz, chat = res["tasks"]["quiz"], res["tasks"]["chat"]
+    assert (quiz["n"], quiz["correct"], quiz["metric"]) == (3, expected_mc, "mc") and expected_mc == 2
+    assert quiz["accuracy"] == pytest.approx(2 / 3)
+    assert (chat["n"], chat["correct"], chat["kind"], chat["metric"]) == (2, 1, "general_text", "exact")
+    assert [p["prediction"] for p in chat["predictions"]] == [t for _, t in free]
+    assert res["scores"]["T"] == pytest.approx(200 / 3) and res["scores"]["G"] == pytest.approx(50.0)
+    assert res["comparison"]["E"] == pytest.approx(200 / 3) and res["comparison"]["F"] == pytest.approx(-50.0)
+    assert math.isclose(res["comparison"]["E+F"], 200 / 3 - 50)
+
+
+def test_evaluate_checks_before_loading(tmp_path, llama_dir):
+    write_jsonl(tmp_path / "t.jsonl", [{"id": "x", "question": "Q", "answer": "A"}])
+    save_image(tmp_path / "img.png")
+    write_jsonl(tmp_path / "v.jsonl", [{"id": "y", "image": "img.png", "question": "Q", "answer": "A"}])
+    (tmp_path / "mc").mkdir()
+    write_jsonl(tmp_path / "mc" / "test.jsonl", [{"id": "z", "question": "Q", "answer": "A"}])
+    (tmp_path / "mc" / "task.json").write_text(json.dumps({"kind": "downstream", "metric": "mc"}))
+    with pytest.raises(ForgetlessError, match="no image processor"):
+        evaluate(llama_dir, {"v": tmp_path / "v.jsonl"}, log=None)
+    with pytest.raises(ForgetlessError, match="multiple choice") as e:
+        evaluate(llama_dir, {"mc": tmp_path / "mc"}, log=None)
+    assert str(tmp_path / "mc" / "test.jsonl") in str(e.value)
+    with pytest.raises(ForgetlessError, match="config.json"):
+        evaluate(tmp_path, {"t": tmp_path / "t.jsonl"}, log=None)
+
+
+def test_evaluate_llava_folder_kinds_and_accuracy(tmp_path, llava_processor):
+    model = tiny_llava_for(llava_processor)
+    mdir = tmp_path / "llava"
+    model.save_pretrained(mdir)
+    llava_processor.save_pretrained(mdir)
+    enc = Encoder(llava_processor)
+    imgs = [save_image(tmp_path / "data" / "a.png", color=(200, 30, 30)), None,
+            save_image(tmp_path / "data" / "b.png", (40, 32), color=(10, 120, 240))]
+    records, expected = [], 0
+    with torch.no_grad():
+        for i, s in enumerate(mc_samples(imgs)):
+            lps = [naive_option_logprob(model, enc, s, o)[0] for o in s.options]
+            best = max(range(len(lps)), key=lambda j: (lps[j], -j))
+            answer = s.options[best] if i != 2 else s.options[(best + 1) % len(s.options)]
+            expected += answer == s.options[best]
+            rec = {"id": s.id, "question": s.turns[0][1], "answer": answer, "options": list(s.options)}
+            records.append({**rec, "image": s.image.name} if s.image else rec)
+    write_jsonl(tmp_path / "data" / "quiz.jsonl", records)
+    write_jsonl(tmp_path / "data" / "look.jsonl", [{"id": "v", "image": "a.png", "question": "Colour?",
+                                                    "answer": "red", "options": ["red", "blue"]}])
+    write_jsonl(tmp_path / "data" / "text.jsonl", [{"id": "t", "question": "Hi?", "answer": "zzz"}])
+    res = evaluate(mdir, {"quiz": tmp_path / "data" / "quiz.jsonl"}, device="cpu", batch_size=2, max_new_tokens=2,
+                   general={"look": tmp_path / "data" / "look.jsonl", "text": tmp_path / "data" / "text.jsonl"},
+                   log=None)
+    quiz = res["tasks"]["quiz"]
+    assert (quiz["kind"], quiz["correct"], expected) == ("downstream", 2, 2)
+    assert [p["correct"] for p in quiz["predictions"]] == [True, True, False]
+    assert res["tasks"]["look"]["kind"] == "general_visual" and res["tasks"]["text"]["kind"] == "general_text"
+    assert res["tasks"]["text"]["accuracy"] == 0.0  # a random model does not say "zzz"
+    look = 100.0 * res["tasks"]["look"]["accuracy"]
+    assert res["scores"] == pytest.approx({"T": 200 / 3, "G_v": look, "G_t": 0.0, "G": look / 2})
