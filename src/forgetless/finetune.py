@@ -1,0 +1,576 @@
+"""`forgetless finetune`: supervised fine-tuning of a model folder on a calibration-format data file.
+
+    finetune("models/llava", "task/train.jsonl", "runs/ft", train=["language.layers[20:32]", "projector"],
+             steps=200, batch_size=4, grad_accum=4, lr=2e-5)
+    finetune("models/llava", "task/train.jsonl", "runs/ft-lora", lora=LoraSpec(r=16, targets=["q_proj", "v_proj"]))
+
+One file, read top to bottom: options → data → model and trainable tensors → the loop → the output.
+
+**Data.** The file is read by :func:`forgetless.stats.data.load_samples` (LLaVA conversations or
+``{image?, question, answer}``), encoded by its :class:`~forgetless.stats.data.Encoder` (the model's own processor
+and chat template; labels on the answer tokens only) and batched by its ``collate``. Every sample is encoded once
+before the first step, so a bad sample stops the run before any work (or is skipped and counted, with
+``on_bad_sample="skip"``); encodings are kept while they fit in :data:`CACHE_BYTES`, the rest are encoded again
+when they come round.
+
+**Order.** Samples are drawn as one endless stream: epoch ``e`` is a permutation of the samples seeded with
+``seed + e``, epochs follow each other, and micro-batch ``k`` is the stream's items ``k·B .. (k+1)·B − 1``. So an
+optimizer step always sees ``B × grad_accum`` samples, and ``grad_accum=2, batch_size=2`` sees the same samples as
+``grad_accum=1, batch_size=4``.
+
+**Loss.** A sample's loss is the mean cross-entropy over its answer tokens (:func:`stats.data.answer_loss`); the
+step's loss is the mean over the ``B × grad_accum`` samples of the step. Each micro-batch back-propagates
+``sum(sample losses) / (B × grad_accum)``, so the accumulated gradient is exactly the gradient of that mean. The
+output projection (lm_head) is applied only at the positions whose next token is an answer token
+(:func:`answer_losses`): the same loss as full logits, without the vocabulary-wide matmul over every prompt and
+image token.
+
+**Step.** AdamW (β = 0.9, 0.999, ε = 1e-8) over the trainable tensors only; weight decay on tensors of ≥ 2
+dimensions (matrices), none on biases and norm weights. Gradients are clipped to a total 2-norm of ``clip`` with
+:func:`torch.nn.utils.clip_grad_norm_`. The learning rate of step ``t = 1 .. T`` (``T = steps``, ``W = warmup``,
+``m = min_lr_ratio · lr``)::
+
+    t ≤ W:  lr · t / W                                             (linear warm-up)
+    t > W:  m + (lr − m) · ½ · (1 + cos(π · (t − W) / (T − W)))    (schedule="cosine": lr down to m at t = T)
+            lr                                                     (schedule="constant")
+
+``min_lr_ratio`` defaults to 0.1: the cosine ends at 10 % of the peak (as nanoGPT and LLaMA do), so no step is
+wasted at a zero learning rate; pass 0 for a decay to zero.
+
+**Hooks.** ``hook`` is a plain callable, called once per optimizer step after clipping and before
+``optimizer.step()``, or an object with ``before_step(info)`` and/or ``after_step(info)`` methods
+(:class:`StepHook`): ``before_step`` sees the clipped gradients before the step, ``after_step`` runs right after
+``optimizer.step()`` (gradients still present, weights updated) and may rewrite the weights in place — what
+SPIDER needs. Both receive a :class:`StepInfo`.
+
+**Precision.** Weights, gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward and backward under
+bf16 autocast (the loss is still computed in fp32).
+
+**Output.** Full fine-tune: a complete Hugging Face folder written by the project's streaming writer: every tensor
+of the input under its input name and dtype, the untouched ones copied byte for byte, the trained ones cast back to
+their stored dtype; the config, tokenizer and processor files copied; plus ``finetune.json`` (recipe, per-step
+loss, lr and gradient norm, seconds, trained tensor names). LoRA (through PEFT): a PEFT adapter folder
+(``adapter_config.json``, ``adapter_model.safetensors``) that both PEFT and forgetless's ``DIR+ADAPTER`` load, plus
+``finetune.json``. Either appears whole or not at all (a temporary folder beside it, then a rename); an existing
+output is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import layout as layouts
+from .checkpoint.reader import CheckpointReader
+from .checkpoint.writer import Entry, StreamingWriter, parse_size
+from .errors import ForgetlessError
+from .stats.data import (
+    IGNORE_INDEX,
+    ON_BAD_SAMPLE,
+    SKIP_REMEDY,
+    BadSample,
+    Encoder,
+    answer_loss,
+    collate,
+    data_fingerprint,
+    load_samples,
+)
+from .stats.fisher import checkpoint_names
+from .stats.run import load_model, resolve_device
+
+SCHEDULES = ("cosine", "constant")
+DTYPES = ("float32", "bfloat16")  # bfloat16: autocast over fp32 weights
+DEFAULT_FULL_SCOPE = ("language", "lm_head", "projector")  # the vision tower stays frozen, as in LLaVA's recipe
+DEFAULT_LORA_SCOPE = ("language.layers",)
+CACHE_BYTES = 1 << 30  # encoded samples kept in memory (token ids, pixel tensors)
+LOG_EVERY_S = 5.0
+SHARD_SIZE = "5GB"
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+# ------------------------------------------------------------------------------------------------ public types
+@dataclass
+class LoraSpec:
+    """A LoRA fine-tune through PEFT: ``W + (alpha / r) · B A`` on the chosen Linear layers.
+
+    ``targets`` picks the modules inside the fine-tune's ``train`` scope: each entry is a module name (``q_proj``:
+    every Linear whose name ends with it) or a layout selector (``language.layers[20:]``, ``lm_head``, ``re:…``).
+    None: every Linear layer in scope.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] | None = None
+
+
+@dataclass
+class StepInfo:
+    """What a hook sees at optimizer step ``step`` (1-based).
+
+    ``params`` maps the trainable tensors' names to the parameters themselves: checkpoint names for a full
+    fine-tune, adapter tensor names (as saved in ``adapter_model.safetensors``) for LoRA. ``loss`` is the mean
+    answer loss of the step's samples; ``grad_norm`` the total gradient 2-norm before clipping; ``lr`` the learning
+    rate of this step. ``model`` is the module being trained (a PEFT model for LoRA).
+    """
+
+    step: int
+    steps: int
+    lr: float
+    loss: float
+    grad_norm: float
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor | None]:
+        """The current gradient of every trainable tensor (None where it got no gradient)."""
+        return {n: p.grad for n, p in self.params.items()}
+
+
+class StepHook(Protocol):
+    """Both methods are optional; either receives the same :class:`StepInfo`."""
+
+    def before_step(self, info: StepInfo) -> None: ...  # after clipping, before optimizer.step()
+
+    def after_step(self, info: StepInfo) -> None: ...  # after optimizer.step(), before the gradients are cleared
+
+
+@dataclass
+class FinetuneReport:
+    """What a run did: per-step loss, learning rate and gradient norm (before clipping), and what it trained."""
+
+    out: Path
+    kind: str  # "full" or "lora"
+    trained: list[str]
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    num_samples: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the schedule
+def lr_at(t: int, *, lr: float, steps: int, warmup: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1) -> float:
+    """The learning rate of optimizer step ``t`` (1-based): linear warm-up, then cosine (or constant)."""
+    if t <= warmup:
+        return lr * t / warmup
+    if schedule == "constant":
+        return lr
+    low = min_lr_ratio * lr
+    return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample answer loss ``[B]``, equal to ``answer_loss(model(**inputs).logits, labels)``.
+
+    The hidden states come from the model's base (``model.base_model``: decoder plus vision tower and projector);
+    the output embedding is applied only to the positions whose shifted label is an answer token.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    target = batch["labels"][:, 1:]
+    where = target != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][where]).float()
+    ce = nn.functional.cross_entropy(logits, target[where], reduction="none")
+    rows = where.nonzero()[:, 0]
+    sums = torch.zeros(target.shape[0], device=ce.device, dtype=ce.dtype).index_add(0, rows, ce)
+    return sums / where.sum(1).clamp_min(1)
+
+
+def _plain_head(model: nn.Module) -> bool:
+    """Whether the logits are just the output embedding of the last hidden state (no soft-capping or scaling)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_options(model_dir: Path, out: Path, force: bool, *, steps: int, batch_size: int, grad_accum: int,
+                   lr: float, warmup: int, schedule: str, min_lr_ratio: float, clip: float | None, dtype: str,
+                   on_bad_sample: str, lora: LoraSpec | None) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
+                              remedy="give the Hugging Face folder of the model to fine-tune")
+    if out.exists() and not force:
+        raise ForgetlessError("output folder already exists", file=out,
+                              remedy="choose another --out or pass --force to replace it")
+    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
+        raise ForgetlessError("output inside the model folder", file=out,
+                              remedy="write the fine-tune outside the input model's folder")
+    checks = [
+        (steps >= 1, f"steps must be ≥ 1, got {steps}", "pass --steps N"),
+        (batch_size >= 1, f"batch size must be ≥ 1, got {batch_size}", "pass --batch-size N"),
+        (grad_accum >= 1, f"grad_accum must be ≥ 1, got {grad_accum}", "pass --grad-accum N"),
+        (lr > 0, f"the learning rate must be positive, got {lr}", "pass --lr"),
+        (0 <= warmup < steps, f"warmup must be in 0..steps-1, got {warmup} for {steps} steps", "lower --warmup"),
+        (schedule in SCHEDULES, f"unknown schedule {schedule!r}", f"use one of {SCHEDULES}"),
+        (0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}", "pass 0.1 or 0"),
+        (clip is None or clip > 0, f"clip must be positive, got {clip}", "pass --clip 1.0, or no --clip"),
+        (dtype in DTYPES, f"unknown dtype {dtype!r}", f"use one of {DTYPES}"),
+        (on_bad_sample in ON_BAD_SAMPLE, f"unknown on_bad_sample {on_bad_sample!r}", f"use one of {ON_BAD_SAMPLE}"),
+    ]
+    if lora is not None:
+        checks += [(lora.r >= 1, f"LoRA rank must be ≥ 1, got {lora.r}", "pass --lora-r N"),
+                   (lora.alpha > 0, f"LoRA alpha must be positive, got {lora.alpha}", "pass --lora-alpha"),
+                   (0 <= lora.dropout < 1, f"LoRA dropout must be in [0, 1), got {lora.dropout}", "pass 0.05")]
+    for ok, problem, remedy in checks:
+        if not ok:
+            raise ForgetlessError(problem, remedy=remedy)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _encode_all(samples, encoder: Encoder, on_bad_sample: str) -> tuple[list, dict[int, dict], list]:
+    """Encode every sample once (a bad one stops the run now, or is skipped and counted). Returns the usable
+    samples, the encodings kept (by position in that list, up to :data:`CACHE_BYTES`) and ``(id, reason)`` of
+    the skipped ones."""
+    good, cache, skipped, used = [], {}, [], 0
+    for s in samples:
+        try:
+            enc = encoder(s)
+        except BadSample as e:
+            if on_bad_sample == "error":
+                raise ForgetlessError(f"sample {s.id!r}: {e.reason}", file=s.source, remedy=SKIP_REMEDY) from None
+            skipped.append((s.id, e.reason))
+            continue
+        size = sum(v.numel() * v.element_size() for v in enc.values())
+        if used + size <= CACHE_BYTES:
+            cache[len(good)] = enc
+            used += size
+        good.append(s)
+    if not good:
+        sid, why = skipped[0]
+        raise ForgetlessError(f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
+                              file=samples[0].source, remedy="fix the data")
+    return good, cache, skipped
+
+
+def _sample_stream(n: int, seed: int) -> Iterator[int]:
+    """Sample positions, epoch after epoch; epoch ``e`` is a permutation seeded with ``seed + e``."""
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        yield from order
+        epoch += 1
+
+
+# ------------------------------------------------------------------------------------------------ what trains
+def _stored_names(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Every parameter's module name (tied aliases included) → the name of its tensor in the checkpoint folder.
+
+    The saved name is the one ``save_pretrained`` would write (:func:`stats.fisher.checkpoint_names`); a folder
+    saved under the family's other naming (LLaVA/Qwen2-VL current vs legacy) is matched through the layout's
+    aliases. Parameters that the folder does not store are left out.
+    """
+    out = {}
+    for pname, saved in checkpoint_names(model).items():
+        if saved not in names:
+            hits = [a for a in layouts.name_aliases(saved) if a in names]
+            if len(hits) != 1:
+                continue
+            saved = hits[0]
+        out[pname] = saved
+    return out
+
+
+def _full_params(model: nn.Module, stored: dict[str, str], selected: set[str]) -> dict[str, nn.Parameter]:
+    """checkpoint name → parameter for the selected tensors; a tied parameter appears once (its first name)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    chosen: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for pname, saved in sorted(stored.items(), key=lambda kv: kv[1]):
+        p = named[pname]
+        if saved in selected and id(p) not in seen:
+            seen.add(id(p))
+            chosen[saved] = p
+    return chosen
+
+
+def _is_selector(entry: str, layout: layouts.Layout) -> bool:
+    return entry.startswith("re:") or entry.split("[")[0] in (layouts.LANGUAGE, *layout.parts)
+
+
+def _lora_modules(model: nn.Module, stored: dict[str, str], scope: set[str], spec: LoraSpec,
+                  layout: layouts.Layout, names: list[str], model_dir: Path) -> dict[str, str]:
+    """Module name (as PEFT sees it) → checkpoint weight name, for every Linear in scope that ``spec`` targets."""
+    linears = {m: stored[f"{m}.weight"] for m, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and stored.get(f"{m}.weight") in scope}
+    if not linears:
+        raise ForgetlessError("no Linear layer in the LoRA scope", file=model_dir,
+                              remedy="widen --train (LoRA adapts Linear layers; default: language.layers)")
+    if not spec.targets:
+        return linears
+    chosen: dict[str, str] = {}
+    for entry in spec.targets:
+        if _is_selector(entry, layout):
+            picked = layouts.select(layout, names, [entry], file=model_dir)
+            hits = {m: w for m, w in linears.items() if w in picked}
+        else:
+            hits = {m: w for m, w in linears.items() if m == entry or m.endswith("." + entry)}
+        if not hits:
+            raise ForgetlessError(f"LoRA target {entry!r} matches no Linear layer in the scope", file=model_dir,
+                                  remedy="give module names such as q_proj, v_proj, or selectors inside --train")
+        chosen.update(hits)
+    return dict(sorted(chosen.items()))
+
+
+def _check_lora_targets(spec: LoraSpec, scope: set[str], layout: layouts.Layout, names: list[str],
+                        model_dir: Path) -> None:
+    """Fail before any work on a LoRA target that names no weight in scope (module names by suffix, under either
+    naming of the family); :func:`_lora_modules` does the exact matching on the loaded model."""
+    for entry in spec.targets or []:
+        if _is_selector(entry, layout):
+            found = bool(layouts.select(layout, names, [entry], file=model_dir) & scope)
+        else:
+            found = any(c == f"{entry}.weight" or c.endswith(f".{entry}.weight")
+                        for n in scope for c in (n, *layouts.name_aliases(n)))
+        if not found:
+            raise ForgetlessError(f"LoRA target {entry!r} matches no weight in the scope", file=model_dir,
+                                  remedy="give module names such as q_proj, v_proj, or selectors inside --train")
+
+
+def _adapter_key(pname: str, adapter: str = "default") -> str:
+    """PEFT's in-memory parameter name → its key in ``adapter_model.safetensors``."""
+    return pname.replace(f".{adapter}.", ".")
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], stored: dict[str, str],
+                model: nn.Module, meta: dict[str, Any], force: bool) -> None:
+    """Every tensor of the input folder, under its name and dtype: the trained ones (every checkpoint name of a
+    trained parameter, tied copies included) from the model, all others as the input's own bytes."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    trained_ids = {id(p) for p in trained.values()}
+    from_model = {saved: named[p] for p, saved in stored.items() if id(named[p]) in trained_ids}
+    with CheckpointReader(model_dir) as reader:
+        entries = [Entry(n, reader.info(n).shape, reader.info(n).dtype) for n in reader.names()]
+        writer = StreamingWriter(out, entries, shard_size=parse_size(SHARD_SIZE), force=force,
+                                 metadata={"forgetless_version": __version__, "finetune": "full"})
+        try:
+            for e in entries:
+                if e.name in from_model:
+                    t = from_model[e.name].detach().to("cpu", e.dtype).contiguous()
+                    if tuple(t.shape) != e.shape:
+                        raise AssertionError(f"{e.name}: trained shape {tuple(t.shape)}, stored {e.shape}")
+                    writer.write(e.name, t)
+                else:
+                    writer.write(e.name, reader.raw(e.name))
+            writer.commit(side_files_from=model_dir, extra_files={"finetune.json": json.dumps(meta, indent=1)})
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
+    """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json``, renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(meta, indent=1))
+        os.chmod(tmp, 0o755)
+        trash = None
+        if out.exists():
+            trash = out.parent / f".{out.name}.forgetless-old-{os.getpid()}"
+            os.replace(out, trash)
+        os.replace(tmp, out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+             train: list[str] | None = None, lora: LoraSpec | None = None, steps: int = 100, batch_size: int = 4,
+             grad_accum: int = 1, lr: float = 2e-5, weight_decay: float = 0.0, warmup: int = 0,
+             schedule: str = "cosine", min_lr_ratio: float = 0.1, clip: float | None = 1.0, seed: int = 0,
+             images: str | os.PathLike | None = None, n: int | None = None,
+             hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
+             device: str = "auto", dtype: str = "float32", max_length: int | None = None,
+             on_bad_sample: str = "error", force: bool = False) -> FinetuneReport:
+    """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
+
+    ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
+    ``re:<regex>``), checked against the folder's tensor names before the model is loaded. Default: the language
+    model, lm_head and the projector for a full fine-tune (the vision tower stays frozen); for LoRA the decoder
+    layers, the scope in which ``lora.targets`` picks Linear layers. ``images``: folder of relative image paths
+    (default: the data's folder); ``n``: a seeded subset of that many samples. Returns the per-step losses,
+    learning rates and gradient norms, also written to ``out/finetune.json``.
+    """
+    model_dir, out, data = Path(model_dir), Path(out), Path(data)
+    say = log or (lambda _s: None)
+    _check_options(model_dir, out, force, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                   warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
+                   on_bad_sample=on_bad_sample, lora=lora)
+    methods = hasattr(hook, "before_step") or hasattr(hook, "after_step")
+    before = getattr(hook, "before_step", None) if methods else hook
+    after = getattr(hook, "after_step", None) if methods else None
+    if hook is not None and not callable(before) and not callable(after):
+        raise ForgetlessError("the hook has neither before_step nor after_step and is not callable",
+                              remedy="pass a function of StepInfo or an object with before_step/after_step")
+
+    # -- which tensors: resolved on the folder's own names, before anything heavy is loaded
+    with CheckpointReader(model_dir) as reader:
+        names = reader.names()
+        layout = layouts.detect_layout(reader.config, names)
+        base_fingerprint = reader.weights_fingerprint()
+    if train is None:
+        train = list(DEFAULT_LORA_SCOPE if lora is not None else
+                     [s for s in DEFAULT_FULL_SCOPE if s == layouts.LANGUAGE or (s in layout.parts and any(
+                         layouts.part_of(layout, n) == s for n in names))])  # a tied lm_head is not stored
+    selected = layouts.select(layout, names, train, file=model_dir)
+    if lora is not None:
+        _check_lora_targets(lora, selected, layout, names, model_dir)
+
+    # -- data
+    samples = load_samples(data, image_folder=images, n=n, seed=seed)
+    encoder = Encoder(model_dir, max_length=max_length)
+    samples, cache, skipped = _encode_all(samples, encoder, on_bad_sample)
+    for sid, why in skipped[:10]:
+        say(f"  skipped {sid}: {why}")
+
+    # -- model and trainable tensors
+    torch.manual_seed(seed)
+    dev_name = resolve_device(device)
+    try:
+        model, dev = load_model(model_dir, dev_name, "float32")
+    except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
+        raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
+                              remedy="fine-tuning needs a folder transformers loads (original LLaVA folders: "
+                                     "convert them to the llava-hf format first)") from e
+    model.requires_grad_(False)
+    stored = _stored_names(model, set(names))
+    if lora is None:
+        params = _full_params(model, stored, selected)
+        frozen = selected - set(stored.values())
+        if frozen:
+            say(f"  {len(frozen)} selected tensors are not parameters and stay as they are, e.g. {min(frozen)}")
+        if not params:
+            raise ForgetlessError(f"the selection {train} holds no trainable parameter", file=model_dir,
+                                  remedy="select weights of the model (see `forgetless inspect`)")
+        for p in params.values():
+            p.requires_grad_(True)
+        net, hf_model, trained = model, model, sorted(params)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                            target_modules=list(modules))
+        net = get_peft_model(model, config)
+        net.peft_config["default"].base_model_name_or_path = str(model_dir)
+        hf_model = net.get_base_model()
+        params = {_adapter_key(n): p for n, p in net.named_parameters() if p.requires_grad}
+        trained = sorted(modules.values())
+    net.train()
+    fast = _plain_head(hf_model)
+
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS, eps=EPS)
+    autocast = dtype == "bfloat16"
+    per_step = batch_size * grad_accum
+    n_params = sum(p.numel() for p in params.values())
+    kind = f"LoRA r={lora.r}" if lora else "full"
+    say(f"finetune ({kind}): {len(trained)} tensors "
+        f"({n_params / 1e6:.2f}M trainable parameters) of {model_dir}, {len(samples)} samples"
+        f"{f' ({len(skipped)} skipped)' if skipped else ''}, {steps} steps × {per_step} samples "
+        f"(batch {batch_size} × accumulation {grad_accum}) on {dev}, {dtype}")
+
+    # -- the loop
+    stream = _sample_stream(len(samples), seed)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        encoded = []
+        for _ in range(batch_size):
+            i = next(stream)
+            encoded.append(cache[i] if i in cache else encoder(samples[i]))
+        return {k: v.to(dev) for k, v in collate(encoded, encoder.pad_token_id).items()}
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            if fast:
+                return answer_losses(hf_model, batch)
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
+            return answer_loss(net(**inputs, use_cache=False).logits, batch["labels"])
+
+    report = FinetuneReport(out=out, kind="lora" if lora else "full", trained=trained, num_samples=len(samples),
+                            skipped=skipped)
+    t0 = last_log = time.perf_counter()
+    for step in range(1, steps + 1):
+        lr_t = lr_at(step, lr=lr, steps=steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_t
+        total = 0.0
+        for _ in range(grad_accum):
+            per_sample = loss_of(next_batch())
+            (per_sample.sum() / per_step).backward()
+            total += per_sample.detach().sum().item()
+        loss = total / per_step
+        if not math.isfinite(loss):
+            raise ForgetlessError(f"the loss is {loss} at step {step}", file=model_dir,
+                                  remedy="lower --lr, add --warmup or --clip, or use --dtype float32")
+        norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip if clip is not None else math.inf))
+        info = StepInfo(step, steps, lr_t, loss, norm, net, params, optimizer)
+        if before is not None:
+            before(info)
+        optimizer.step()
+        if after is not None:
+            after(info)
+        optimizer.zero_grad(set_to_none=True)
+        report.losses.append(loss)
+        report.lrs.append(lr_t)
+        report.grad_norms.append(norm)
+
+        now = time.perf_counter()
+        if step in (1, steps) or now - last_log >= LOG_EVERY_S:
+            last_log, elapsed = now, now - t0
+            say(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}  "
+                f"{step * per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (steps - step))}")
+    report.seconds = time.perf_counter() - t0
+    net.eval()
+
+    # -- the output
+    recipe = {"train": train, "lora": asdict(lora) if lora else None, "steps": steps, "batch_size": batch_size,
+              "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+              "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
+              "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
+              "max_length": max_length, "on_bad_sample": on_bad_sample}
+    meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
+            "base_weights_fingerprint": base_fingerprint, "data": str(data),
+            "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
+            "skipped": [list(s) for s in skipped], "recipe": recipe, "trained_tensors": trained,
+            "adapter_tensors": sorted(params) if lora else None, "losses": report.losses, "lrs": report.lrs,
+            "grad_norms": report.grad_norms, "seconds": round(report.seconds, 3), "device": str(dev),
+            "torch": torch.__version__}
+    if lora is None:
+        _write_full(model_dir, out, params, stored, model, meta, force)
+    else:
+        _write_lora(net, out, meta)
+    say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
+        f"{report.losses[-1]:.4f}")
+    return report
