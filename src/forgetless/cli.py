@@ -152,16 +152,189 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -
     cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, **kw)
 
 
+@cli.group("testbed")
+def testbed_group() -> None:
+    """The mini-LLaVA testbed: SmolLM2 + a small vision tower trained here, and its generated tasks."""
+
+
+@testbed_group.command("model")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where to write the folder (default: the cache, ~/.cache/forgetless).")
+def testbed_model_cmd(out: str | None) -> None:
+    """Assemble the testbed's LLaVA folder (once; cached) and print its path."""
+    from .testbed.build import testbed_model
+
+    click.echo(testbed_model(out))
+
+
+@testbed_group.command("tasks")
+@click.option("--root", type=click.Path(file_okay=False), default="runs/tasks", show_default=True)
+@click.option("--task", "names", multiple=True, help="Task name (repeatable; default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Regenerate even when a task folder with this seed exists.")
+def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool) -> None:
+    """Generate the task folders (train/val/test JSONL + images) from a seed."""
+    from .testbed.tasks import TASKS, write_tasks
+
+    for name, path in write_tasks(root, names or None, seed=seed, force=force).items():
+        meta = TASKS[name]
+        click.echo(f"{name:11s} {meta.kind:15s} {path}")
+
+
+@testbed_group.command("build")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where vision.safetensors and build.json go (default: the package's testbed/weights).")
+@click.option("--vision-steps", type=int, default=600, show_default=True)
+@click.option("--align-steps", type=int, default=240, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice). Use 1 when "
+              "other work shares the cores: oversubscribed threads are several times slower.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the training tasks go.")
+def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed: int, threads: int | None,
+                      workdir: str | None) -> None:
+    """Train the testbed's vision tower and projector (the language model stays frozen)."""
+    import torch
+
+    from .testbed.build import build
+
+    if threads:
+        torch.set_num_threads(threads)
+    build(out, vision_steps=vision_steps, align_steps=align_steps, seed=seed, workdir=workdir, log=click.echo)
+
+
+@testbed_group.command("report")
+@click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="runs/testbed/results.md", show_default=True,
+              help="The markdown report (tables + plot), the source of RESULTS.md.")
+@click.option("--keep-models", is_flag=True, help="Keep the merged folders (550 MB each).")
+def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, keep_models: bool) -> None:
+    """Every downstream task: fine-tune, merge with each method, evaluate on the full test splits, report."""
+    from .testbed.report import run_report
+
+    run_report(list(names) or None, workdir, out, keep_models=keep_models, log=click.echo)
+
+
+@cli.command("sweep")
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--param", "params", multiple=True, required=True,
+              help="[METHOD:]NAME=V1,V2,... (repeatable): the grid; applies to every recipe whose method has NAME.")
+@click.option("--tasks", required=True, help="Downstream task(s), comma-separated: names, folders or JSONL files.")
+@click.option("--general", required=True, help="General task(s), comma-separated.")
+@click.option("--task-root", type=click.Path(file_okay=False), default=None,
+              help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--limit", type=int, default=None, help="At most N samples per task.")
+@click.option("--min-task-ratio", type=float, default=0.98, show_default=True,
+              help="Rule: the best general score among points with T ≥ this × T(fine-tuned).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="runs/sweep", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG (default: WORKDIR/sweep.png).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, general: str, task_root: str | None,
+              split: str, limit: int | None, min_task_ratio: float, workdir: str, plot: str | None, out: str | None,
+              batch_size: int) -> None:
+    """Evaluate a grid of a merge method's knob; draw the trade-off (PNG) and pick a point by a stated rule."""
+    from pathlib import Path
+
+    from .eval.harness import resolve_task
+    from .eval.sweep import sweep
+
+    def group(spec: str) -> dict:
+        found = [resolve_task(s.strip(), split=split, task_root=task_root) for s in spec.split(",") if s.strip()]
+        return {t.name: t for t in found}
+
+    wd = Path(workdir)
+    sweep(list(recipes), list(params), tasks=group(tasks), general=group(general), workdir=wd, split=split,
+          limit=limit, min_task_ratio=min_task_ratio, plot=plot or wd / "sweep.png", out=out or wd / "sweep.json",
+          batch_size=batch_size, log=click.echo)
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo).")
-@click.option("--quick", is_flag=True, help="Fewer steps and merges (a smoke run).")
-def demo_cmd(workdir: str | None, quick: bool) -> None:
-    """Fine-tune the embedded SmolLM2 on a generated task, merge it back with each method, print the table."""
+@click.option("--task", default="count_many", show_default=True,
+              type=click.Choice(["digits", "spatial", "count_many", "tag"]), help="The downstream task.")
+@click.option("--quick", is_flag=True, help="Two merges instead of seven (a smoke run).")
+def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
+    """The testbed end to end: fine-tune on a task, merge back with each method, evaluate, table and plot."""
     from pathlib import Path
 
     from .demo import run_demo
 
-    run_demo(Path(workdir) if workdir else None, quick=quick)
+    run_demo(Path(workdir) if workdir else None, task=task, quick=quick, log=click.echo)
+
+
+@cli.command("finetune")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Training set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output: a model folder (full fine-tune) or a PEFT adapter folder (--lora).")
+@click.option("--train", multiple=True, help="Part name, layer slice or re:<regex> to train (repeatable). Default: "
+              "language + lm_head + projector (full), language.layers (LoRA).")
+@click.option("--lora", is_flag=True, help="Train a LoRA adapter (PEFT) instead of the weights themselves.")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--lora-target", multiple=True, help="Module name (q_proj) or selector the adapter goes on, inside "
+              "--train (repeatable). Default: every Linear layer in scope.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Samples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="On matrices only.")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True,
+              help="Where the cosine ends, as a fraction of --lr (0: down to zero).")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: no clipping).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
+@click.option("-n", "num", type=int, default=None, help="Number of samples (a seeded subset).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16: autocast over float32 weights and optimizer state.")
+@click.option("--max-length", type=int, default=None, help="Longest sample in tokens (default: context).")
+@click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
+                 lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None, **kw) -> None:
+    """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
+    from .finetune import LoraSpec, finetune
+
+    spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None) \
+        if lora else None
+    finetune(model, kw.pop("data"), kw.pop("out"), train=list(train) or None, lora=spec, clip=clip or None, n=num,
+             log=click.echo, **kw)
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--tasks", default=None, help="Downstream tasks, comma-separated: JSONL files, task folders, or names "
+              "under --task-root.")
+@click.option("--general", default=None, help="General tasks (visual or text, from task.json or the data), "
+              "comma-separated, as --tasks.")
+@click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
+@click.option("--limit", type=int, default=None, help="Only the first N records of each task.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Longest generated answer.")
+@click.option("--task-root", type=click.Path(file_okay=False), default=None,
+              help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results (JSON) here.")
+@click.option("--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F.")
+@click.option("--finetuned", type=click.Path(dir_okay=False), default=None,
+              help="The fine-tuned model's result JSON: adds its row and the gain kept.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **kw) -> None:
+    """Score MODEL on task splits (multiple choice by log-likelihood, else exact match); print T, G, E, F."""
+    from .eval.report import run_eval
+
+    if not tasks and not general:
+        raise click.UsageError("pass --tasks and/or --general")
+    run_eval(model, tasks, general, progress=not quiet, log=click.echo, **kw)
 
 
 def main(argv: list[str] | None = None) -> None:

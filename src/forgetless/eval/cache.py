@@ -1,0 +1,80 @@
+"""Evaluations cached by what determines them: the model's weights (sha256 of its weight files), the task files
+(sha256), the split, the limit and the harness version. A merge that produces the same weights as another (task
+arithmetic and WiSE-FT of one model at the same λ) is evaluated once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+EVAL_VERSION = 1  # bump when scoring changes: it invalidates cached results
+
+
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
+def weights_digest(model_dir: str | os.PathLike) -> str:
+    """sha256 over the folder's weight files (safetensors / bin, sorted by name) and config.json."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        _file_digest(p, h)
+    return h.hexdigest()[:20]
+
+
+def _task_digest(spec: Any, split: str) -> str:
+    p = Path(getattr(spec, "path", None) or spec)  # a path, or a harness TaskSpec
+    h = hashlib.sha256()
+    target = p / f"{split}.jsonl" if p.is_dir() else p
+    h.update(str(target.resolve()).encode())
+    if target.is_file():
+        _file_digest(target, h)
+    return h.hexdigest()[:16]
+
+
+def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general: dict[str, Any] | None, *,
+                    cache_dir: str | os.PathLike, split: str = "test", limit: int | dict[str, int] | None = None,
+                    batch_size: int = 8, log=print) -> tuple[dict[str, Any], bool]:
+    """(result, whether every task came from the cache). Each task's score is cached on its own (weights digest,
+    task file digest, split, limit), so the base model's general scores are computed once for every experiment.
+    ``limit`` may be one number or a per-task mapping (a task absent from it: no limit)."""
+    from .harness import evaluate
+    from .metrics import scores
+
+    general = general or {}
+    limits = limit if isinstance(limit, dict) else {n: limit for n in [*tasks, *general]}
+    digest = weights_digest(model_dir)
+    cache = Path(cache_dir)
+    entries: dict[str, Any] = {}
+    missing: dict[int | None, tuple[dict, dict]] = {}
+    for group, (name, spec) in [(0, x) for x in tasks.items()] + [(1, x) for x in general.items()]:
+        key = json.dumps({"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
+                          "t": _task_digest(spec, split), "limit": limits.get(name)}, sort_keys=True)
+        path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        if path.is_file():
+            entries[name] = json.loads(path.read_text())
+        else:
+            missing.setdefault(limits.get(name), ({}, {}))[group][name] = (spec, path)
+    for lim, (t, g) in missing.items():
+        r = evaluate(model_dir, {n: s for n, (s, _) in t.items()}, general={n: s for n, (s, _) in g.items()},
+                     split=split, limit=lim, batch_size=batch_size, log=log, progress=log is not None,
+                     keep_predictions=False)
+        for name, (_, path) in {**t, **g}.items():
+            entry = {**r["tasks"][name], "seconds": r.get("seconds")}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entry, indent=1))
+            os.replace(tmp, path)
+            entries[name] = entry
+    result: dict[str, Any] = {"model": str(model_dir), "split": split,
+                              "tasks": {n: entries[n] for n in [*tasks, *general]}}
+    result["scores"] = scores(result)
+    return result, not missing

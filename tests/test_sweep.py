@@ -1,0 +1,83 @@
+"""`forgetless sweep` and the evaluation cache, on a tiny model with the SmolLM2 tokenizer: the grid's end points
+are the base and the fine-tuned models, so their scores must equal those models' own evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import build_llama_with_tokenizer
+
+from forgetless.cli import cli
+from forgetless.errors import ForgetlessError
+from forgetless.eval.cache import cached_evaluate, weights_digest
+from forgetless.eval.harness import evaluate
+from forgetless.eval.sweep import choose, parse_param
+
+
+def _task(folder, name, kind, rows):
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps({"name": name, "kind": kind, "metric": "mc"}))
+    (folder / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    base = build_llama_with_tokenizer(root / "base", seed=0)
+    ft = build_llama_with_tokenizer(root / "ft", seed=1)
+    opts = ["red", "green", "blue", "yellow"]
+    t = _task(root / "tasks" / "colours", "colours", "downstream",
+              [{"id": str(i), "question": f"Colour {i}?", "answer": opts[i % 4], "options": opts} for i in range(8)])
+    g = _task(root / "tasks" / "facts", "facts", "general_text",
+              [{"id": str(i), "question": f"Fact {i}?", "answer": "yes", "options": ["yes", "no", "maybe"]}
+               for i in range(6)])
+    return root, base, ft, t, g
+
+
+def test_choose_rule():
+    pts = [{"T": 90.0, "G": 50.0}, {"T": 99.0, "G": 40.0}, {"T": 98.0, "G": 45.0}, {"T": 97.9, "G": 80.0}]
+    assert choose(pts, 100.0, 0.98) == (pts[2], True)  # best G among T >= 98
+    assert choose(pts, 200.0, 0.98) == (pts[1], False)  # none qualifies: highest T
+    assert choose([], 1.0) == (None, False)
+    assert parse_param("cgm:alpha=0.05,0.2,1") == ("cgm", "alpha", [0.05, 0.2, 1.0])
+    assert parse_param("lambda=0.5") == (None, "lambda", [0.5])
+    with pytest.raises(ForgetlessError, match="NAME=V1"):
+        parse_param("lambda")
+
+
+def test_cache_reuses_identical_weights_and_sees_changes(setup, tmp_path):
+    _root, base, ft, t, g = setup
+    r1, c1 = cached_evaluate(base, {"colours": t}, {"facts": g}, cache_dir=tmp_path, split="val", log=None)
+    r2, c2 = cached_evaluate(base, {"colours": t}, {"facts": g}, cache_dir=tmp_path, split="val", log=None)
+    assert (c1, c2) == (False, True) and r1["scores"] == r2["scores"]
+    direct = evaluate(base, {"colours": t}, general={"facts": g}, split="val", log=None, progress=False)
+    assert r1["scores"] == direct["scores"]
+    assert weights_digest(base) != weights_digest(ft)
+
+
+def test_sweep_end_points_are_the_base_and_the_finetuned_model(setup, tmp_path):
+    _root, base, ft, t, g = setup
+    recipe = tmp_path / "wise.yaml"
+    recipe.write_text(f"method: linear\nbase: {base}\nmodels: [{ft}]\n")
+    res = CliRunner().invoke(cli, ["sweep", str(recipe), "--param", "lambda=0,1", "--tasks", str(t), "--general",
+                                   str(g), "--workdir", str(tmp_path / "w"), "--min-task-ratio", "0"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    p0, p1 = out["points"]
+    for key in ("T", "G_t"):
+        assert p0[key] == out["base"][key] and p1[key] == out["finetuned"][key]
+    assert (tmp_path / "w" / "sweep.png").stat().st_size > 1000
+    assert out["chosen"] in out["points"] and "chosen" in res.output
+    assert not (tmp_path / "w" / "merged" / "linear-lambda-0").exists()  # scratch merges are removed
+
+
+def test_sweep_refuses_a_parameter_no_recipe_has(setup, tmp_path):
+    _root, base, ft, t, g = setup
+    recipe = tmp_path / "wise.yaml"
+    recipe.write_text(f"method: linear\nbase: {base}\nmodels: [{ft}]\n")
+    res = CliRunner().invoke(cli, ["sweep", str(recipe), "--param", "linear:alpha=1", "--tasks", str(t),
+                                   "--general", str(g), "--workdir", str(tmp_path / "w")])
+    assert res.exit_code != 0 and "no parameter 'alpha'" in str(res.exception or res.output)
