@@ -42,7 +42,7 @@ def published_scope(model_dir: str | Path, method: str) -> list[str]:
     return scope
 
 
-def _reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
+def reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
               scope: list[str]) -> bool:
     if not path.is_file():
         return False
@@ -79,7 +79,7 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
     for role, (model_dir, data, images) in jobs.items():
         path = files[role] = stats / f"{role}.safetensors"
         img = Path(images) if images else None
-        if not dry_run and _reusable(path, model_dir, data, img, n, seed, scope):
+        if not dry_run and reusable(path, model_dir, data, img, n, seed, scope):
             say(f"{role}: reusing {path} (same model weights, data selection and scope)")
             continue
         say(f"{role}: at {model_dir} on {data}")

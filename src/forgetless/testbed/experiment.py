@@ -1,0 +1,198 @@
+"""One downstream experiment on the testbed, end to end, with every step cached: fine-tune the base on the task,
+compute the Fisher statistics, merge with each method, evaluate everything, and report (table, JSON, plot).
+
+``make demo`` runs it on one task with small evaluation sets; ``forgetless testbed report`` runs it on every
+downstream task with the full test splits and writes RESULTS.md's tables and plot.
+
+Caching (a second run redoes only what changed): the fine-tuned model by a hash of its recipe and the base
+weights' digest; the statistics by model weights fingerprint, data selection and scope (as ``forgetless cgm``
+does); evaluations by weights digest, task files, split and limit (:mod:`forgetless.eval.cache`). Merges always
+run (seconds each) and are removed after their evaluation unless ``keep_models``.
+
+General calibration data (for the general Fisher at θ₀): 8 training samples from each general visual task and
+the text probes' *validation* split (questions with their answers); the probes' test split, which the general
+score is measured on, is never used for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..eval.cache import cached_evaluate, weights_digest
+from . import tasks as T
+
+# The documented downstream recipe: full fine-tuning of the last 12 decoder layers (the scope CGM's published
+# recipe merges) and the projector, long and hot enough that the model specializes and forgets.
+FINETUNE = {"train": ["language.layers[18:30]", "projector"], "steps": 120, "batch_size": 8, "lr": 2e-4,
+            "warmup": 10, "clip": 1.0, "seed": 0}
+STATS_SAMPLES = 32
+# (label, method, parameters, statistics needed)
+MERGES: list[tuple[str, str, dict, bool]] = [
+    ("WiSE-FT", "linear", {"lambda": 0.5}, False),
+    ("task arithmetic", "task_arithmetic", {"lambda": 0.7}, False),
+    ("TIES", "ties", {"density": 0.2, "lambda": 1.0}, False),
+    ("DARE", "dare_linear", {"density": 0.3, "lambda": 0.7}, False),
+    ("Fisher merging", "fisher_with_base", {"base_weight": 1.0}, True),
+    ("CGM", "cgm", {"alpha": 0.2}, True),
+    ("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, True),
+]
+DEMO_LIMITS = {"probes": 150, **{n: 40 for n in T.GENERAL_VISUAL}}
+DEMO_TASK_LIMIT = 100
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
+    """The fine-tuned model for (base, task, recipe), reused when its recipe hash matches."""
+    from ..finetune import finetune
+
+    key = _hash({"base": weights_digest(base), "data": str((task_dir / "train.jsonl").resolve()),
+                 "task": json.loads((task_dir / "task.json").read_text()), **recipe})
+    stamp = out / "recipe.hash"
+    if stamp.is_file() and stamp.read_text().strip() == key and (out / "config.json").is_file():
+        log(f"fine-tuned model: reusing {out}")
+        return out
+    finetune(base, task_dir / "train.jsonl", out, log=log, force=True, **recipe)
+    stamp.write_text(key + "\n")
+    return out
+
+
+def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
+    """The general calibration set (module docstring), images by absolute path."""
+    from ..stats.data import load_samples
+
+    rows = []
+    for name in T.GENERAL_VISUAL:
+        for s in load_samples(task_root / name / "train.jsonl", n=per_task, seed=0):
+            rows.append({"id": f"{name}-{s.id}", "image": str(Path(s.image).resolve()),
+                         "question": s.turns[0][1], "answer": s.turns[1][1]})
+    for line in (task_root / "probes" / "val.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.append({"id": f"probes-{r['id']}", "question": r["question"], "answer": r["answer"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return out
+
+
+def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log) -> dict[str, Path]:
+    """General Fisher at θ₀ on the general data and task Fisher at θ_ft on the task's training data, over CGM†'s
+    published scope (which contains CGM's), reused when model, data selection and scope match."""
+    from ..cgm_chain import published_scope, reusable
+    from ..stats.run import compute_statistics
+
+    scope = published_scope(base, "cgm_dagger")
+    files = {}
+    for role, model, data in (("fisher_general", base, general), ("fisher_task", ft, task_data)):
+        path = files[role] = stats_dir / f"{role}.safetensors"
+        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope):
+            log(f"{role}: reusing {path}")
+            continue
+        log(f"{role}: at {model} on {data}")
+        compute_statistics("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, batch_size=8,
+                           force=True, log=log)
+    return files
+
+
+def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[str, Path] | None) -> dict:
+    from ..cgm_chain import published_scope
+
+    recipe: dict[str, Any] = {"method": method, "base": str(base), "parameters": dict(params), "seed": 0}
+    if method == "fisher_with_base":
+        recipe["models"] = [{"model": str(ft), "statistics": {"fisher": str(stats["fisher_task"])}}]
+        recipe["statistics"] = {"fisher_base": str(stats["fisher_general"])}
+        recipe["scope"] = {"include": published_scope(base, "cgm_dagger"), "outside": "finetuned",
+                           "no_statistics": "finetuned"}
+    elif method in ("cgm", "cgm_dagger"):
+        recipe["models"] = [str(ft)]
+        recipe["statistics"] = {k: str(v) for k, v in stats.items()}
+        recipe["scope"] = {"include": published_scope(base, method), "outside": "finetuned",
+                           "no_statistics": "finetuned"}
+    else:
+        recipe["models"] = [str(ft)]
+    return recipe
+
+
+def run_experiment(task: str, workdir: str | Path, *, merges=None, finetune_recipe: dict | None = None,
+                   limits: dict[str, int] | None = None, task_limit: int | None = None, split: str = "test",
+                   keep_models: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/results.json) rows
+    with T, G_v, G_t, G, E, F, E+F per model."""
+    import forgetless
+
+    from ..eval.metrics import compare
+    from .build import testbed_model
+
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    timings = {"setup": 0.0, "finetune": 0.0, "statistics": 0.0, "merge": 0.0, "evaluate": 0.0}
+    t = time.perf_counter()
+    base = testbed_model()
+    roots = T.write_tasks(workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
+                          [task, *T.GENERAL_VISUAL, "probes"])
+    task_root = roots[task].parent
+    timings["setup"] = time.perf_counter() - t
+    recipe = {**FINETUNE, **(finetune_recipe or {})}
+    t = time.perf_counter()
+    ft = finetuned_model(base, roots[task], workdir / "finetuned", recipe, log)
+    timings["finetune"] = time.perf_counter() - t
+
+    general = {n: roots[n] for n in [*T.GENERAL_VISUAL, "probes"]}
+    lim = {**(limits or {}), task: task_limit} if (limits or task_limit) else None
+    cache = workdir.parent / "eval-cache"
+
+    def evaluate(model: Path) -> tuple[dict, bool]:
+        t0 = time.perf_counter()
+        r = cached_evaluate(model, {task: roots[task]}, general, cache_dir=cache, split=split, limit=lim, log=None)
+        timings["evaluate"] += time.perf_counter() - t0
+        return r
+
+    rows: list[dict] = []
+    base_r, c0 = evaluate(base)
+    ft_r, c1 = evaluate(ft)
+    for label, r, cached in (("base", base_r, c0), ("fine-tuned", ft_r, c1)):
+        rows.append({"method": label, "knob": "", "result": r, **compare(r, base_r, ft_r), "cached_eval": cached})
+        log(f"{label}: T {rows[-1]['T']:.1f}  G_v {rows[-1]['G_v']:.1f}  G_t {rows[-1]['G_t']:.1f}"
+            f"{'  (cached)' if cached else ''}")
+
+    stats = None
+    for label, method, params, needs_stats in merges if merges is not None else MERGES:
+        if needs_stats and stats is None:
+            t = time.perf_counter()
+            gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
+            stats = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log)
+            timings["statistics"] += time.perf_counter() - t
+        out = workdir / "merged" / f"{method}-{_hash(params)[:6]}"
+        t = time.perf_counter()
+        report = forgetless.merge(merge_recipe(method, params, base, ft, stats), out=out, force=True,
+                                  progress=False, log=None)
+        timings["merge"] += time.perf_counter() - t
+        r, cached = evaluate(out)
+        knob = " ".join(f"{k}={v:g}" for k, v in params.items())
+        rows.append({"method": label, "knob": knob, "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
+                     "summary": report.summary()})
+        log(f"{label} ({knob}): T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
+            f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
+        if not keep_models:
+            shutil.rmtree(out, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t_start
+    results = {"task": task, "split": split, "limits": lim, "finetune": recipe, "base": str(base),
+               "finetuned": str(ft), "rows": [{k: v for k, v in r.items() if k != "result"} | {
+                   "tasks": {n: round(100 * x["accuracy"], 2) for n, x in r["result"]["tasks"].items()}}
+                   for r in rows],
+               "timings": {k: round(v, 1) for k, v in timings.items()},
+               "threads": torch.get_num_threads()}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
