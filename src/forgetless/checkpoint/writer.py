@@ -15,7 +15,10 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -31,6 +34,27 @@ SIDE_FILES = (
     "*.tiktoken", "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json",
 )
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; on success it replaces `out` (an existing `out` is moved
+    aside first and removed after), on error it is removed. Readers never see a half-written `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        trash = None
+        if out.exists():
+            trash = out.parent / f".{out.name}.forgetless-old-{os.getpid()}"
+            os.replace(out, trash)
+        os.replace(tmp, out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_size(size: str | int) -> int:

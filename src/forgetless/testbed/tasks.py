@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint.writer import atomic_folder
 from . import scenes
 from .scenes import COLOURS, KINDS, Shape
 
@@ -225,9 +224,7 @@ def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict
         if old and {k: old.get(k) for k in ("version", "seed", "sizes")} == \
                 {k: meta[k] for k in ("version", "seed", "sizes")}:
             return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         counts = {}
         if spec.make is None:  # the text probes
             from .probes import split_probes, text_probes
@@ -242,11 +239,6 @@ def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict
                                              _records(spec, split, seed, sizes[split], tmp / "images"))
         meta["counts"] = counts
         (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
