@@ -1,0 +1,47 @@
+"""The testbed experiment's plumbing: the general calibration set and the merge recipes it builds (the runs
+themselves are benchmarks: RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import build_tiny_llava
+
+from forgetless.recipe import load_recipe
+from forgetless.testbed import experiment as X
+from forgetless.testbed import tasks as T
+
+
+def test_general_calibration_takes_train_visual_samples_and_only_the_probes_val_split(tmp_path):
+    for name in [*T.GENERAL_VISUAL, "probes"]:
+        T.write_task(tmp_path / "tasks", name, sizes={"train": 12, "val": 2, "test": 2})
+    out = X.general_calibration(tmp_path / "tasks", tmp_path / "general.jsonl", per_task=3)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    visual = [r for r in rows if "image" in r]
+    assert len(visual) == 3 * len(T.GENERAL_VISUAL) and all(r["image"].startswith("/") for r in visual)
+    train_ids = {f"{n}-{json.loads(x)['id']}" for n in T.GENERAL_VISUAL
+                 for x in (tmp_path / "tasks" / n / "train.jsonl").read_text().splitlines()}
+    assert {r["id"] for r in visual} <= train_ids
+    val = {json.loads(x)["question"] for x in (tmp_path / "tasks" / "probes" / "val.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["question"] for x in (tmp_path / "tasks" / "probes" / "test.jsonl").read_text().splitlines()}
+    text = {r["question"] for r in rows if "image" not in r}
+    assert text == val and not text & test
+    before = out.stat().st_mtime_ns
+    X.general_calibration(tmp_path / "tasks", tmp_path / "general.jsonl", per_task=3)
+    assert out.stat().st_mtime_ns == before  # unchanged content is not rewritten
+
+
+def test_merge_recipes_are_valid_and_scoped(tmp_path):
+    base = build_tiny_llava(tmp_path / "base")
+    stats = {"fisher_general": tmp_path / "g.safetensors", "fisher_task": tmp_path / "t.safetensors"}
+    for _label, method, params, needs in X.MERGES:
+        r = X.merge_recipe(method, params, base, tmp_path / "ft", stats if needs else None)
+        rec = load_recipe(r)
+        assert rec.method == method and len(rec.models) == 1
+        if method in ("cgm", "cgm_dagger", "fisher_with_base"):
+            assert r["scope"]["outside"] == "finetuned" and r["scope"]["include"][0].startswith("language.layers[")
+        if method == "fisher_with_base":
+            assert r["statistics"] == {"fisher_base": str(stats["fisher_general"])}
+            assert r["models"][0]["statistics"] == {"fisher": str(stats["fisher_task"])}
+    assert "projector" in X.merge_recipe("cgm_dagger", {}, base, tmp_path / "ft", stats)["scope"]["include"]
+    assert "projector" not in X.merge_recipe("cgm", {}, base, tmp_path / "ft", stats)["scope"]["include"]
