@@ -10,8 +10,8 @@
 5. the table (T, G_v, G_t, E, F, E+F) is printed and the trade-off plot written.
 
 Every step is cached in the work folder (see :mod:`forgetless.testbed.experiment`): a second run only merges
-again. The demo evaluates on the first 100 test samples of the task, 40 of each general visual task and 150 text
-probes; ``forgetless testbed report`` uses the full test splits (RESULTS.md).
+again. The demo evaluates on the first 80 test samples of the task, 30 of each general visual task and 120 text
+probes (to stay within 15 minutes on 2 cores); ``forgetless testbed report`` uses larger test sets (RESULTS.md).
 """
 
 from __future__ import annotations

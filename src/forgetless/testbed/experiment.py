@@ -44,8 +44,8 @@ MERGES: list[tuple[str, str, dict, bool]] = [
     ("CGM", "cgm", {"alpha": 0.2}, True),
     ("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, True),
 ]
-DEMO_LIMITS = {"probes": 150, **{n: 40 for n in T.GENERAL_VISUAL}}
-DEMO_TASK_LIMIT = 100
+DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
+DEMO_TASK_LIMIT = 80
 
 
 def _hash(obj: Any) -> str:
