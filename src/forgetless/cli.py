@@ -296,6 +296,9 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
               help="bfloat16: autocast over float32 weights and optimizer state.")
 @click.option("--max-length", type=int, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
+              help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
+              "or reset the top-50%% |θ₀| entries (MagnitudeMask).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
                  lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None, **kw) -> None:

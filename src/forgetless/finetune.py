@@ -43,6 +43,12 @@ wasted at a zero learning rate; pass 0 for a decay to zero.
 ``optimizer.step()`` (gradients still present, weights updated) and may rewrite the weights in place — what
 SPIDER needs. Both receive a :class:`StepInfo`.
 
+**Keep rules.** ``keep="spider"`` or ``"magnitude_mask"`` (full fine-tune only) pulls the weights back towards the
+input's after every step (:mod:`forgetless.spider`): the rule reads the clipped gradients before the user's
+``before_step`` and rewrites the weights right after ``optimizer.step()``, before the user's ``after_step`` (which
+so sees the final weights). Its memory (``θ₀`` and ``G`` in float32) is logged; ``finetune.json`` records the rule
+and, per step, the fraction of entries that kept their update and the mean coefficient.
+
 **Precision.** Weights, gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward and backward under
 bf16 autocast (the loss is still computed in fp32).
 
@@ -161,6 +167,7 @@ class FinetuneReport:
     num_samples: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    keep: dict[str, Any] | None = None  # the keep rule's summary (forgetless.spider), None without one
 
 
 # ------------------------------------------------------------------------------------------------ the schedule
@@ -396,7 +403,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              images: str | os.PathLike | None = None, n: int | None = None,
              hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
-             on_bad_sample: str = "error", force: bool = False) -> FinetuneReport:
+             on_bad_sample: str = "error", keep: str = "none", force: bool = False) -> FinetuneReport:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -404,13 +411,21 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     model, lm_head and the projector for a full fine-tune (the vision tower stays frozen); for LoRA the decoder
     layers, the scope in which ``lora.targets`` picks Linear layers. ``images``: folder of relative image paths
     (default: the data's folder); ``n``: a seeded subset of that many samples. Returns the per-step losses,
-    learning rates and gradient norms, also written to ``out/finetune.json``.
+    learning rates and gradient norms, also written to ``out/finetune.json``. ``keep``: ``"none"``, ``"spider"``
+    or ``"magnitude_mask"``, a rule applied after every step of a full fine-tune (see the module's notes).
     """
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     say = log or (lambda _s: None)
     _check_options(model_dir, out, force, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
                    on_bad_sample=on_bad_sample, lora=lora)
+    from .spider import KEEP_RULES, make_rule
+
+    if keep not in KEEP_RULES:
+        raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
+    if lora is not None and keep != "none":
+        raise ForgetlessError(f"keep={keep!r} applies to a full fine-tune, not to LoRA", remedy=(
+            "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run"))
     methods = hasattr(hook, "before_step") or hasattr(hook, "after_step")
     before = getattr(hook, "before_step", None) if methods else hook
     after = getattr(hook, "after_step", None) if methods else None
@@ -473,6 +488,19 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         trained = sorted(modules.values())
     net.train()
     fast = _plain_head(hf_model)
+    rule = make_rule(keep, params)  # θ₀ (and G) captured now, before any step
+    if rule is not None:
+        user_before, user_after = before, after
+
+        def before(info: StepInfo) -> None:
+            rule.before_step(info)
+            if user_before is not None:
+                user_before(info)
+
+        def after(info: StepInfo) -> None:
+            rule.after_step(info)
+            if user_after is not None:
+                user_after(info)
 
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
@@ -486,6 +514,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         f"({n_params / 1e6:.2f}M trainable parameters) of {model_dir}, {len(samples)} samples"
         f"{f' ({len(skipped)} skipped)' if skipped else ''}, {steps} steps × {per_step} samples "
         f"(batch {batch_size} × accumulation {grad_accum}) on {dev}, {dtype}")
+    if rule is not None:
+        say(f"  keep rule {keep}: {rule.extra_bytes() / 2**20:.1f} MiB extra on {dev} "
+            f"(θ₀{' and G' if keep == 'spider' else ' and mask'})")
 
     # -- the loop
     stream = _sample_stream(len(samples), seed)
@@ -535,9 +566,12 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         now = time.perf_counter()
         if step in (1, steps) or now - last_log >= LOG_EVERY_S:
             last_log, elapsed = now, now - t0
-            say(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}  "
+            kept = (f"  kept {rule.history[-1]['updated_fraction']:.3f} c̄ {rule.history[-1]['mean_c']:.3f}"
+                    if rule is not None else "")
+            say(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}{kept}  "
                 f"{step * per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (steps - step))}")
     report.seconds = time.perf_counter() - t0
+    report.keep = rule.summary() if rule is not None else None
     net.eval()
 
     # -- the output
@@ -545,14 +579,14 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
               "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
               "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
               "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
-              "max_length": max_length, "on_bad_sample": on_bad_sample}
+              "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep}
     meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
             "base_weights_fingerprint": base_fingerprint, "data": str(data),
             "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
             "skipped": [list(s) for s in skipped], "recipe": recipe, "trained_tensors": trained,
             "adapter_tensors": sorted(params) if lora else None, "losses": report.losses, "lrs": report.lrs,
-            "grad_norms": report.grad_norms, "seconds": round(report.seconds, 3), "device": str(dev),
-            "torch": torch.__version__}
+            "grad_norms": report.grad_norms, "keep": report.keep, "seconds": round(report.seconds, 3),
+            "device": str(dev), "torch": torch.__version__}
     if lora is None:
         _write_full(model_dir, out, params, stored, model, meta, force)
     else:

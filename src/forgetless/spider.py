@@ -1,0 +1,343 @@
+"""SPIDER and MagnitudeMask: rules that pull fine-tuned weights back towards the pre-trained ones after every step.
+
+Both rules act on a dict of named trainable tensors, between the optimizer's step and the clearing of the
+gradients; the optimizer itself is unchanged. With ``θ₀`` the weights when the rule starts (captured once, before
+the first optimizer step), per trainable tensor:
+
+**SPIDER** (``Spider``)::
+
+    R(x)  = sigmoid((|x| − mean|x|) / std|x|)        per tensor, unbiased std (see :func:`importance`)
+    I_pre = R(θ₀)                                     frozen: recomputed from θ₀ at every step, never stored
+    G    += g_t                                       signed sum of every step's gradients, after clipping
+    I_ft  = R(G)
+    c     = I_ft / (I_pre + I_ft) where I_ft > I_pre, else 0
+    c     = min(1, c / mean(c[c ≠ 0]))                (no nonzero c: c stays all zero)
+    θ    ← (1 − c) ⊙ θ₀ + c ⊙ θ                       (torch.lerp: exactly θ₀ where c = 0, exactly θ where c = 1)
+
+**MagnitudeMask** (``MagnitudeMask``, the baseline of the same published code): the ``⌊numel / 2⌋`` entries of
+largest ``|θ₀|`` of each tensor (ties: the lower flat index first) are reset to ``θ₀`` after every step; the other
+entries move freely.
+
+**Where the gradients are read.** ``accumulate()`` reads each tensor's ``.grad``: call it after clipping and
+before ``optimizer.step()`` (the published code reads them after the step under DeepSpeed, where they may already
+be cleared, so that ``G`` stays zero, ``c = 0`` everywhere and every step reverts to ``θ₀``). A step in which no
+tensor has a gradient is an error, and ``apply()`` refuses to run without an ``accumulate()`` since the last one.
+
+**Memory.** Each rule keeps, on every parameter's own device, ``θ₀`` in float32, and SPIDER also ``G`` in float32:
+8 bytes per trainable entry (SPIDER) or 4 + 1 (MagnitudeMask: ``θ₀`` and a bool mask); ``extra_bytes()`` says
+exactly. Everything else (``|x|``, ``I_pre``, ``I_ft``, ``c``) is a temporary of one tensor at a time.
+
+**Mixed precision.** For a bf16/fp16 parameter ``θ₀`` and ``G`` are still float32 (``θ₀`` is its exact value,
+``G`` adds the low-precision gradients in float32); the new weights are computed in float32 and written back in
+the parameter's dtype, so entries with ``c = 0`` are exactly ``θ₀``.
+
+**Statistics.** After each ``apply()`` the rule appends to ``history`` the fraction of trainable entries that keep
+(part of) their update (``c ≠ 0``) and the mean of ``c`` over all entries (for MagnitudeMask ``c`` is 0 on the
+reset entries and 1 elsewhere).
+
+Plain PyTorch loop::
+
+    rule = Spider(dict(model.named_parameters()))        # θ₀ captured now, before any step
+    for batch in batches:
+        loss_of(batch).backward()                        # (several micro-batches: gradients accumulate)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        rule.accumulate()                                # G += clipped gradients
+        optimizer.step()
+        rule.apply()                                     # θ ← (1 − c) θ₀ + c θ
+        optimizer.zero_grad()
+
+forgetless finetune: ``finetune(..., keep="spider")`` (or ``hook=Spider()``: the rule captures ``θ₀`` from the
+step's tensors at the first ``before_step``). transformers: ``Trainer(..., callbacks=[SpiderCallback("spider")])``
+(``on_pre_optimizer_step`` after clipping → ``accumulate``; ``on_optimizer_step`` before ``zero_grad`` →
+``apply``); not under DeepSpeed or FSDP, whose parameters and gradients are sharded outside ``.grad``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ForgetlessError
+
+if TYPE_CHECKING:
+    from .finetune import StepInfo
+
+KEEP_RULES = ("none", "spider", "magnitude_mask")
+MASK_RATIO = 0.5
+ORDER_REMEDY = ("call rule.accumulate() after clipping and before optimizer.step(), and rule.apply() after "
+                "optimizer.step() and before the gradients are cleared")
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def importance(x: torch.Tensor) -> torch.Tensor:
+    """``R(x) = sigmoid((|x| − mean|x|) / std|x|)`` over the whole tensor (unbiased std), in float32.
+
+    Degenerate tensors: all entries zero → all 0 (as the published code); ``|x|`` constant and nonzero (std = 0,
+    or a single entry) → all 0.5, the sigmoid of a zero z-score. No host synchronisation. ``std_mean`` is
+    Welford's: exactly 0 for a constant tensor, where a two-pass sum could leave a rounding residue.
+    """
+    a = x.detach().float().abs()
+    if a.numel() == 0:
+        return a
+    if a.numel() > 1:
+        std, mean = torch.std_mean(a, correction=1)
+    else:
+        std, mean = torch.zeros((), device=a.device), a.sum()  # a copy, not a view of a
+    scale = torch.where(std > 0, std, torch.ones_like(std))
+    a = a.sub_(mean).div_(scale).sigmoid_()  # std = 0: every entry equals the mean, so z = 0 and R = 0.5
+    return a.mul_((mean > 0).to(a.dtype))  # all zero → 0
+
+
+def spider_coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor:
+    """SPIDER's per-entry weight of the fine-tuned value: ``I_ft / (I_pre + I_ft)`` where ``I_ft > I_pre`` (else
+    0), divided by the mean of its nonzero entries and capped at 1. Values in ``[0, 1]``; all zero when no entry
+    has ``I_ft > I_pre``."""
+    grow = i_ft > i_pre
+    c = torch.add(i_pre, i_ft).clamp_min_(torch.finfo(torch.float32).tiny)  # I_pre + I_ft = 0 only where c = 0
+    c = torch.div(i_ft, c, out=c).mul_(grow)
+    count = torch.count_nonzero(grow)
+    mean = c.sum() / count.clamp_min(1)
+    return c.div_(torch.where(count > 0, mean, torch.ones_like(mean))).clamp_max_(1.0)
+
+
+def magnitude_mask(theta0: torch.Tensor, ratio: float = MASK_RATIO) -> torch.Tensor:
+    """Bool mask of the ``int(numel · ratio)`` entries of largest ``|θ₀|`` (ties: lower flat index first)."""
+    flat = theta0.detach().abs().flatten()
+    k = int(flat.numel() * ratio)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return mask.view(theta0.shape)
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+class _KeepRule:
+    """Common part: the tensors (each once, by identity), their ``θ₀`` in float32, the step protocol, statistics."""
+
+    name = "?"
+
+    def __init__(self, params: dict[str, torch.nn.Parameter] | None = None) -> None:
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.theta0: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self._pending = False
+        if params is not None:
+            self.capture(params)
+
+    # -- setup
+    def capture(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Take ``θ₀`` (float32 copies on each tensor's device) and whatever else the rule keeps. Called once,
+        before the first optimizer step; a tensor listed under two names is kept under the first."""
+        if self.params:
+            raise ForgetlessError(f"the {self.name} rule already holds its θ₀", remedy="make a new rule per run")
+        seen: set[int] = set()
+        for n, p in params.items():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.is_floating_point():
+                raise ForgetlessError(f"{self.name}: tensor {n} is not floating point ({p.dtype})", tensor=n,
+                                      remedy="give the rule the trainable (floating point) parameters only")
+            self.params[n] = p
+            with torch.no_grad():
+                self.theta0[n] = p.detach().to(torch.float32, copy=True)
+        if not self.params:
+            raise ForgetlessError(f"the {self.name} rule got no tensor", remedy="pass the trainable parameters")
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-rule state beyond θ₀."""
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def extra_bytes(self) -> int:
+        """Bytes the rule keeps beside the model (θ₀, and G or the mask), all devices together."""
+        return sum(t.numel() * t.element_size() for t in self._state())
+
+    def _state(self) -> list[torch.Tensor]:
+        return list(self.theta0.values())
+
+    # -- the step
+    def accumulate(self) -> None:
+        """Read the current gradients (after clipping, before ``optimizer.step()``)."""
+        if not self.params:
+            raise ForgetlessError(f"the {self.name} rule has no θ₀ yet", remedy="pass the parameters to the rule "
+                                  "(or use it as a finetune hook) before the first step")
+        if self._pending:
+            raise ForgetlessError(f"{self.name}: accumulate() called twice without apply()", remedy=ORDER_REMEDY)
+        if all(p.grad is None for p in self.params.values()):
+            raise ForgetlessError(
+                f"{self.name}: no trainable tensor has a gradient (cleared already, or kept outside .grad as "
+                "under DeepSpeed ZeRO / FSDP)", remedy=ORDER_REMEDY)
+        self._read_grads()
+        self._pending = True
+
+    def _read_grads(self) -> None:
+        """Per-rule use of the gradients."""
+
+    @torch.no_grad()
+    def apply(self) -> dict[str, float]:
+        """Rewrite the weights in place (after ``optimizer.step()``); returns and records this step's statistics:
+        ``updated_fraction`` (entries with ``c ≠ 0``) and ``mean_c`` (over all entries)."""
+        if not self._pending:
+            raise ForgetlessError(f"{self.name}: apply() without accumulate() since the last step",
+                                  remedy=ORDER_REMEDY)
+        self._pending = False
+        nonzero: torch.Tensor | float = 0.0
+        c_sum: torch.Tensor | float = 0.0
+        for n, p in self.params.items():
+            nz, cs = self._apply_one(n, p)
+            nonzero = nonzero + nz
+            c_sum = c_sum + cs
+        total = self.numel
+        stats = {"updated_fraction": float(nonzero) / total, "mean_c": float(c_sum) / total}
+        self.history.append(stats)
+        return stats
+
+    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    # -- forgetless finetune hook protocol
+    def before_step(self, info: StepInfo) -> None:
+        """Hook: capture θ₀ from ``info.params`` on the first call if not given, then :meth:`accumulate`."""
+        if not self.params:
+            self.capture(info.params)
+        self.accumulate()
+
+    def after_step(self, info: StepInfo) -> None:
+        """Hook: :meth:`apply`."""
+        self.apply()
+
+    def summary(self) -> dict[str, Any]:
+        """What finetune.json records: the rule, its memory and its per-step statistics."""
+        return {"rule": self.name, "extra_bytes": self.extra_bytes(), "tensors": len(self.params),
+                "entries": self.numel, "updated_fraction": [h["updated_fraction"] for h in self.history],
+                "mean_c": [h["mean_c"] for h in self.history]}
+
+
+class Spider(_KeepRule):
+    """SPIDER (see the module notes). Keeps ``θ₀`` and ``G`` (float32, on each tensor's device)."""
+
+    name = "spider"
+
+    def __init__(self, params: dict[str, torch.nn.Parameter] | None = None) -> None:
+        self.grad_sum: dict[str, torch.Tensor] = {}
+        super().__init__(params)
+
+    def _setup(self) -> None:
+        self.grad_sum = {n: torch.zeros_like(t) for n, t in self.theta0.items()}
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*self.theta0.values(), *self.grad_sum.values()]
+
+    def _read_grads(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                self.grad_sum[n].add_(p.grad)
+
+    def coefficients(self, name: str) -> torch.Tensor:
+        """``c`` of tensor ``name`` from the current ``θ₀`` and ``G`` (the last step's ``c`` after ``apply()``)."""
+        return spider_coefficients(importance(self.theta0[name]), importance(self.grad_sum[name]))
+
+    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+        c = self.coefficients(name)
+        theta0 = self.theta0[name]
+        if p.dtype == torch.float32:
+            torch.lerp(theta0, p, c, out=p)  # elementwise, so the full overlap of out and end is safe
+        else:
+            p.copy_(torch.lerp(theta0, p.float(), c))
+        return (c != 0).sum(), c.sum(dtype=torch.float64)
+
+
+class MagnitudeMask(_KeepRule):
+    """MagnitudeMask (see the module notes). Keeps ``θ₀`` (float32) and a bool mask of the reset entries."""
+
+    name = "magnitude_mask"
+
+    def __init__(self, params: dict[str, torch.nn.Parameter] | None = None, ratio: float = MASK_RATIO) -> None:
+        self.ratio = ratio
+        self.mask: dict[str, torch.Tensor] = {}
+        self._free: dict[str, int] = {}
+        super().__init__(params)
+
+    def _setup(self) -> None:
+        self.mask = {n: magnitude_mask(t, self.ratio) for n, t in self.theta0.items()}
+        self._free = {n: m.numel() - int(m.sum()) for n, m in self.mask.items()}
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*self.theta0.values(), *self.mask.values()]
+
+    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+        mask, theta0 = self.mask[name], self.theta0[name]
+        if p.dtype == torch.float32:
+            torch.where(mask, theta0, p, out=p)
+        else:
+            p.copy_(torch.where(mask, theta0, p.float()))
+        return self._free[name], self._free[name]  # c = 1 on the free entries, 0 on the reset ones
+
+
+def make_rule(keep: str, params: dict[str, torch.nn.Parameter] | None = None) -> _KeepRule | None:
+    """The rule called ``keep`` (``"none"`` → None) over ``params``."""
+    if keep not in KEEP_RULES:
+        raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
+    if keep == "none":
+        return None
+    return Spider(params) if keep == "spider" else MagnitudeMask(params)
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def _callback_class() -> type:
+    """Build :class:`SpiderCallback` on first use, so that this module imports without transformers."""
+    from transformers import TrainerCallback
+
+    class SpiderCallback(TrainerCallback):
+        """SPIDER or MagnitudeMask inside a transformers ``Trainer``.
+
+        ``on_train_begin`` captures ``θ₀`` over the model's parameters with ``requires_grad``;
+        ``on_pre_optimizer_step`` (after clipping, before ``optimizer.step()``) accumulates the gradients;
+        ``on_optimizer_step`` (after the step, before ``zero_grad``) rewrites the weights. With ``fp16`` loss
+        scaling a step whose gradients are not finite is skipped by the optimizer, and by the rule too. The rule
+        (``.rule``, with its ``history``) is kept for inspection. Refused: DeepSpeed, FSDP, resuming.
+        """
+
+        def __init__(self, rule: str = "spider") -> None:
+            if rule not in KEEP_RULES[1:]:
+                raise ForgetlessError(f"unknown rule {rule!r}", remedy="use 'spider' or 'magnitude_mask'")
+            self.rule_name = rule
+            self.rule: _KeepRule | None = None
+            self._skip = False
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+                raise ForgetlessError("SpiderCallback cannot read gradients under DeepSpeed or FSDP (they are "
+                                      "sharded outside .grad)", remedy="train without DeepSpeed/FSDP")
+            if state.global_step > 0:
+                raise ForgetlessError("SpiderCallback cannot resume: θ₀ and G are not in the checkpoint",
+                                      remedy="start the fine-tune from step 0")
+            self.rule = make_rule(self.rule_name, {n: p for n, p in model.named_parameters() if p.requires_grad})
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if args.fp16:
+                grads = [p.grad for p in self.rule.params.values() if p.grad is not None]
+                self._skip = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+                if self._skip:
+                    return
+            self.rule.accumulate()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self._skip:
+                self._skip = False
+                return
+            self.rule.apply()
+
+    return SpiderCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpiderCallback":
+        cls = _callback_class()
+        globals()["SpiderCallback"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
