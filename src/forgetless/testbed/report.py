@@ -3,7 +3,6 @@ splits, one trade-off plot per task, and a markdown report (the source of RESULT
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,31 +41,27 @@ def table(rows: list[dict]) -> str:
                           "accuracy": r["tasks"]} for r in rows])
 
 
-def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               log: Callable[[str], None] = print) -> Path:
-    workdir, out = Path(workdir), Path(out)
-    names = names or T.DOWNSTREAM
-    t0 = time.perf_counter()
+def markdown(names: list[str], workdir: Path, plots: Path | None = None) -> str:
+    """The report's markdown from each task's ``results.json`` under `workdir`: a summary of E and F per method
+    and task, then per task its table and trade-off plot (drawn into `plots`, default the task's folder)."""
+    import json
+
     sections, summary = [], []
-    limits = {k: v for k, v in REPORT_LIMITS.items() if v is not None}
     for name in names:
-        log(f"=== {name} ===")
-        res = X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES, limits=limits,
-                               task_limit=REPORT_TASK_LIMIT, keep_models=keep_models, log=log)
+        res = json.loads((workdir / name / "results.json").read_text())
         rows = res["rows"]
-        png = plot_rows(rows, workdir / name / "tradeoff.png", f"testbed: {name} (test split)")
-        sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: "
-                        f"{', '.join(res['finetune']['train'])}, {res['finetune']['steps']} steps, lr "
-                        f"{res['finetune']['lr']:g}.\n\n```\n{table(rows)}\n```\n\n![{name}]({png})\n")
-        for r in rows:
-            summary.append((name, r))
-    methods = list(dict.fromkeys(f"{r['method']} {r.get('knob', '')}".strip() for _, r in summary))
+        png = plot_rows(rows, (plots or workdir / name) / f"tradeoff-{name}.png", f"testbed: {name} (test split)")
+        ft = res["finetune"]
+        sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
+                        f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows)}\n```\n\n![{name}]({png})\n")
+        summary += [(name, r) for r in rows]
+    key = [f"{r['method']} {r.get('knob', '')}".strip() for _, r in summary]
     lines = ["| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
              "|---|" + "---|" * (len(names) + 3)]
-    for m in methods:
+    for m in dict.fromkeys(key):
         cells, es, fs = [], [], []
         for n in names:
-            r = next((r for t, r in summary if t == n and f"{r['method']} {r.get('knob', '')}".strip() == m), None)
+            r = next((r for (t, r), k in zip(summary, key) if t == n and k == m), None)
             if r is None:
                 cells.append("—")
                 continue
@@ -75,10 +70,21 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
             fs.append(r["F"])
         me, mf = sum(es) / len(es), sum(fs) / len(fs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {me:+.1f} | {mf:+.1f} | {me + mf:+.1f} |")
-    text = ("## Summary: specialization gain E and general change F (points, test splits)\n\n" + "\n".join(lines)
-            + "\n\n" + "\n".join(sections)
-            + f"\n_{time.perf_counter() - t0:.0f} s for this report (cached steps excluded)._\n")
+    return ("## Summary: specialization gain E and general change F (points, test splits)\n\n" + "\n".join(lines)
+            + "\n\n" + "\n".join(sections))
+
+
+def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
+               log: Callable[[str], None] = print) -> Path:
+    """Run (or reuse) every task's experiment, then write the markdown report to `out`."""
+    workdir, out = Path(workdir), Path(out)
+    names = names or T.DOWNSTREAM
+    limits = {k: v for k, v in REPORT_LIMITS.items() if v is not None}
+    for name in names:
+        log(f"=== {name} ===")
+        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES, limits=limits,
+                         task_limit=REPORT_TASK_LIMIT, keep_models=keep_models, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(markdown(names, workdir))
     log(f"report: {out}")
     return out
