@@ -48,14 +48,20 @@ def tiny_llava_model(seed: int = 0) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(cfg).eval()
 
 
-def tiny_qwen25vl_model(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen25vl_model(seed: int = 0, tok=None) -> Qwen2_5_VLForConditionalGeneration:
+    """A tiny Qwen2.5-VL; with `tok` (a tokenizer that has the Qwen vision tokens) sized and wired to it."""
     torch.manual_seed(seed)
     text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
               "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
               "window_size": 16}
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
-                           vision_start_token_id=122, tie_word_embeddings=False)
+    ids = {"image": 120, "video": 121, "start": 122}
+    if tok is not None:
+        text["vocab_size"] = len(tok)
+        ids = {k: tok.convert_tokens_to_ids(t) for k, t in
+               (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"))}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image"],
+                           video_token_id=ids["video"], vision_start_token_id=ids["start"], tie_word_embeddings=False)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 

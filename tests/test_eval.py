@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT, build_llama_with_tokenizer
+from conftest import build_llama_with_tokenizer, tiny_qwen25vl_model
 from PIL import Image
 from test_stats_data import (
     LLAVA_TEMPLATE,
@@ -24,8 +24,6 @@ from test_stats_data import (
 from transformers import (
     AutoModelForCausalLM,
     LlavaProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -144,16 +142,7 @@ def test_option_scores_equal_naive_on_qwen25vl(tmp_path):
     tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
     ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = _Qwen25VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    torch.manual_seed(0)
-    text = {**TEXT, "vocab_size": len(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
-              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
-              "window_size": 16}
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           tie_word_embeddings=False)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen25vl_model(0, tok)
     imgs = [save_image(tmp_path / "a.png", (16, 16)), None, save_image(tmp_path / "b.png", (24, 16))]
     check_against_naive(model, Encoder(proc), mc_samples(imgs), batch_size=3)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TEXT, build_llama_with_tokenizer, write_qa_jsonl
+from conftest import TEXT, build_llama_with_tokenizer, tiny_qwen25vl_model, write_qa_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -25,8 +25,6 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -195,16 +193,7 @@ def qwen_processor_and_model():
     tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
     ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = ImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    torch.manual_seed(0)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
-    text = {**TEXT, "vocab_size": len(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
-              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
-              "window_size": 16}
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           tie_word_embeddings=False)
-    return proc, Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return proc, tiny_qwen25vl_model(0, tok)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT, build_tiny_llava
+from conftest import TEXT, build_tiny_llava, tiny_qwen25vl_model
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -16,8 +16,6 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -306,16 +304,7 @@ def test_answer_cross_entropy_matches_hand_loop(tmp_path, llava_processor):
 
 def test_qwen25vl_batch_loss_equals_single_sample_loss(tmp_path, qwen_processor):
     tok = qwen_processor.tokenizer
-    torch.manual_seed(0)
-    text = {**TEXT, "vocab_size": len(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
-              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
-              "window_size": 16}
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           tie_word_embeddings=False)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen25vl_model(0, tok)
     enc = Encoder(qwen_processor)
     samples = [Sample("a", save_image(tmp_path / "a.png", (16, 16)), [("user", "Colour?"), ("assistant", "red")]),
                Sample("t", None, [("user", "Count to three, please."), ("assistant", "one two three")]),

@@ -136,7 +136,7 @@ def test_chat_template_renders_smollm2_chatml_without_system_prompt():
     assert text == f"<|im_start|>user\n{build.IMAGE_TOKEN}Hi?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
     img = Image.new("RGB", (scenes.SIZE, scenes.SIZE))
     ids = proc(text=[text], images=[img], return_tensors="pt")["input_ids"][0]
-    assert int((ids == build.text_config_token_id()).sum()) == build.N_PATCHES
+    assert int((ids == build.IMAGE_TOKEN_ID).sum()) == build.N_PATCHES
 
 
 def test_assembled_model_is_smollm2_plus_the_committed_vision_weights():

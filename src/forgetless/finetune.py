@@ -84,12 +84,11 @@ from .errors import ForgetlessError
 from .stats.data import (
     IGNORE_INDEX,
     ON_BAD_SAMPLE,
-    SKIP_REMEDY,
-    BadSample,
     Encoder,
     answer_loss,
     collate,
     data_fingerprint,
+    encode_or_skip,
     load_samples,
 )
 from .stats.fisher import checkpoint_names
@@ -247,12 +246,8 @@ def _encode_all(samples, encoder: Encoder, on_bad_sample: str) -> tuple[list, di
     the skipped ones."""
     good, cache, skipped, used = [], {}, [], 0
     for s in samples:
-        try:
-            enc = encoder(s)
-        except BadSample as e:
-            if on_bad_sample == "error":
-                raise ForgetlessError(f"sample {s.id!r}: {e.reason}", file=s.source, remedy=SKIP_REMEDY) from None
-            skipped.append((s.id, e.reason))
+        enc = encode_or_skip(encoder, s, on_bad_sample, skipped)
+        if enc is None:
             continue
         size = sum(v.numel() * v.element_size() for v in enc.values())
         if used + size <= CACHE_BYTES:

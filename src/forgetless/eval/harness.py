@@ -287,12 +287,16 @@ def _score_naive(model: torch.nn.Module, items: list[_MCItem], encoder: Encoder)
     logits = model(**{k: v.to(dev) for k, v in batch.items()}).logits[:, :-1].float()
     target = labels[:, 1:]
     lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-    totals = (lp * (target != IGNORE_INDEX)).sum(1).tolist()
-    res, r = [], 0
+    return _per_item(items, (lp * (target != IGNORE_INDEX)).sum(1).tolist())
+
+
+def _per_item(items: list[_MCItem], totals: list[float]) -> list[OptionScores]:
+    """The flat per-option totals (items' options in order) regrouped per item."""
+    res, k0 = [], 0
     for it in items:
         k = len(it.answers)
-        res.append(OptionScores(totals[r:r + k], [len(a) for a in it.answers]))
-        r += k
+        res.append(OptionScores(totals[k0:k0 + k], [len(a) for a in it.answers]))
+        k0 += k
     return res
 
 
@@ -338,13 +342,7 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
         r, t = opt_mask.nonzero(as_tuple=True)
         lp = torch.log_softmax(head(hidden[r, t]).float(), -1)
         totals.index_add_(0, r, lp.gather(-1, ids[r, t + 1][:, None])[:, 0])
-    totals_l = totals.tolist()
-    res, k0 = [], 0
-    for it in items:
-        k = len(it.answers)
-        res.append(OptionScores(totals_l[k0:k0 + k], [len(a) for a in it.answers]))
-        k0 += k
-    return res
+    return _per_item(items, totals.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -416,6 +416,20 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[s
     return batch
 
 
+def encode_or_skip(encoder: Encoder, sample: Sample, on_bad_sample: str,
+                   skipped: list) -> dict[str, torch.Tensor] | None:
+    """The sample's encoding; a :class:`BadSample` becomes an error naming the file and sample
+    (``on_bad_sample="error"``) or a ``(id, reason)`` appended to ``skipped`` and ``None`` (``"skip"``)."""
+    try:
+        return encoder(sample)
+    except BadSample as e:
+        if on_bad_sample == "error":
+            raise ForgetlessError(f"sample {sample.id!r}: {e.reason}", file=sample.source,
+                                  remedy=SKIP_REMEDY) from None
+        skipped.append((sample.id, e.reason))
+        return None
+
+
 def iter_batches(samples: list[Sample], encoder: Encoder, batch_size: int, *, on_bad_sample: str = "error",
                  skipped: list | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of encoded samples, in order. A :class:`BadSample` stops with an error naming the data file, the
@@ -429,14 +443,10 @@ def iter_batches(samples: list[Sample], encoder: Encoder, batch_size: int, *, on
     pending: list[dict[str, torch.Tensor]] = []
     n_ok, reasons = 0, []
     for i, s in enumerate(samples):
-        try:
-            enc = encoder(s)
-        except BadSample as e:
-            if on_bad_sample == "error":
-                raise ForgetlessError(f"sample {s.id!r}: {e.reason}", file=s.source, remedy=SKIP_REMEDY) from None
-            reasons.append((s.id, e.reason))
+        enc = encode_or_skip(encoder, s, on_bad_sample, reasons)
+        if enc is None:
             if skipped is not None:
-                skipped.append((s.id, e.reason))
+                skipped.append(reasons[-1])
             continue
         enc["sample_index"] = torch.tensor(i)
         pending.append(enc)

