@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from forgetless.cli import main
 from forgetless.errors import ForgetlessError
 from forgetless.finetune import LoraSpec, StepInfo, finetune
-from forgetless.spider import MagnitudeMask, Spider, importance, magnitude_mask, spider_coefficients
+from forgetless.spider import MagnitudeMask, Spider, abs_moments, importance, magnitude_mask, spider_coefficients
 
 torch.set_num_threads(1)
 
@@ -65,6 +65,21 @@ def test_importance_degenerate_tensors():
     assert importance(torch.full((1000,), -0.1)).eq(0.5).all()  # no rounding residue in the std
     assert importance(torch.tensor([-3.0])).eq(0.5).all()  # a single nonzero entry
     assert torch.isfinite(importance(torch.tensor([0.0, 0.0, 1e-30]))).all()
+    assert importance(torch.full((3_000_001,), 0.1)).eq(0.5).all()  # a float32 sum would not be exact here
+
+
+def test_abs_moments_against_float64_numpy():
+    g = torch.Generator().manual_seed(1)
+    # an RMSNorm-like weight (std/mean = 1e-3: a one-pass Σx² − n·mean² would lose most digits) and a large
+    # half-normal tensor
+    for x in (1 + 1e-3 * torch.randn(600_000, generator=g), torch.randn(2000, 1500, generator=g) * 0.02):
+        a = x.double().abs().numpy()
+        mean, std = abs_moments(x)
+        assert float(mean) == pytest.approx(a.mean(), rel=1e-6)
+        assert float(std) == pytest.approx(a.std(ddof=1), rel=1e-5)
+        work = torch.empty(x.shape)
+        assert torch.equal(importance(x, out=work, work=torch.empty(x.shape)), importance(x))
+        assert torch.equal(importance(x, moments=(mean, std)), importance(x))
 
 
 def test_coefficients_by_hand():
@@ -137,7 +152,8 @@ def test_spider_loop_accumulates_clipped_gradients_and_keeps_theta0_where_c_is_z
         opt.zero_grad()
     assert len(rule.history) == 4
     assert any(not torch.equal(p, theta0[n]) for n, p in params.items())
-    assert rule.extra_bytes() == 8 * sum(p.numel() for p in params.values())  # θ₀ and G, float32
+    scratch = 3 * 4 * max(p.numel() for p in params.values())  # three float32 vectors of the largest tensor
+    assert rule.extra_bytes() == 8 * sum(p.numel() for p in params.values()) + scratch  # θ₀ and G, float32
 
 
 def test_gradients_read_too_late_are_refused():
@@ -320,7 +336,8 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
     meta = json.loads((tmp_path / "out" / "finetune.json").read_text())
     entries = sum(base[n].numel() for n in report.trained)
     assert meta["recipe"]["keep"] == "spider" and meta["keep"]["rule"] == "spider"
-    assert meta["keep"]["extra_bytes"] == 8 * entries and meta["keep"]["entries"] == entries
+    largest = max(base[n].numel() for n in report.trained)
+    assert meta["keep"]["extra_bytes"] == 8 * entries + 12 * largest and meta["keep"]["entries"] == entries
     assert len(meta["keep"]["updated_fraction"]) == steps == len(meta["keep"]["mean_c"])
     assert meta["keep"]["updated_fraction"][-1] == pytest.approx(1 - reverted / entries)
     assert report.keep == meta["keep"]

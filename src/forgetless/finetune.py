@@ -511,7 +511,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         f"(batch {batch_size} × accumulation {grad_accum}) on {dev}, {dtype}")
     if rule is not None:
         say(f"  keep rule {keep}: {rule.extra_bytes() / 2**20:.1f} MiB extra on {dev} "
-            f"(θ₀{' and G' if keep == 'spider' else ' and mask'})")
+            f"(θ₀{' and G, and scratch for the largest tensor' if keep == 'spider' else ' and mask'})")
 
     # -- the loop
     stream = _sample_stream(len(samples), seed)

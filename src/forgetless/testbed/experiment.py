@@ -34,6 +34,8 @@ from . import tasks as T
 FINETUNE = {"train": ["language.layers[18:30]", "projector"], "steps": 120, "batch_size": 8, "lr": 2e-4,
             "warmup": 10, "clip": 1.0, "seed": 0}
 STATS_SAMPLES = 32
+# fine-tunes with a keep rule (forgetless.spider), same recipe otherwise: rows beside the merges
+KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitude_mask")]
 # (label, method, parameters, statistics needed)
 MERGES: list[tuple[str, str, dict, bool]] = [
     ("WiSE-FT", "linear", {"lambda": 0.5}, False),
@@ -124,11 +126,13 @@ def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[st
     return recipe
 
 
-def run_experiment(task: str, workdir: str | Path, *, merges=None, finetune_recipe: dict | None = None,
-                   limits: dict[str, int] | None = None, task_limit: int | None = None, split: str = "test",
-                   keep_models: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[tuple[str, str]] | None = None,
+                   finetune_recipe: dict | None = None, limits: dict[str, int] | None = None,
+                   task_limit: int | None = None, split: str = "test", keep_models: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
     """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/results.json) rows
-    with T, G_v, G_t, G, E, F, E+F per model."""
+    with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
+    recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
     import forgetless
 
     from ..eval.metrics import compare
@@ -165,6 +169,17 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, finetune_reci
         rows.append({"method": label, "knob": "", "result": r, **compare(r, base_r, ft_r), "cached_eval": cached})
         log(f"{label}: T {rows[-1]['T']:.1f}  G_v {rows[-1]['G_v']:.1f}  G_t {rows[-1]['G_t']:.1f}"
             f"{'  (cached)' if cached else ''}")
+
+    for label, keep in keeps or []:
+        t = time.perf_counter()
+        model = finetuned_model(base, roots[task], workdir / f"finetuned-{keep}", {**recipe, "keep": keep}, log)
+        timings["finetune"] += time.perf_counter() - t
+        r, cached = evaluate(model)
+        seconds = json.loads((model / "finetune.json").read_text())["seconds"]
+        rows.append({"method": label, "knob": "", "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
+                     "finetune_seconds": seconds})
+        log(f"{label}: T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
+            f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
 
     stats = None
     for label, method, params, needs_stats in merges if merges is not None else MERGES:

@@ -82,7 +82,7 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
     limits = {k: v for k, v in REPORT_LIMITS.items() if v is not None}
     for name in names:
         log(f"=== {name} ===")
-        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES, limits=limits,
+        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES, keeps=X.KEEPS, limits=limits,
                          task_limit=REPORT_TASK_LIMIT, keep_models=keep_models, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(names, workdir))
