@@ -34,8 +34,8 @@ from forgetless.checkpoint.lora import open_model
 from forgetless.cli import main
 from forgetless.embedded import export_smollm2
 from forgetless.errors import ForgetlessError
-from forgetless.finetune import LoraSpec, StepInfo, answer_losses, finetune
 from forgetless.stats.data import Encoder, Sample, answer_loss, collate, load_samples
+from forgetless.train import LoraSpec, StepInfo, answer_losses, finetune
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""SPIDER and MagnitudeMask (forgetless.spider): the importance R and the coefficients c against hand and numpy
+"""SPIDER and MagnitudeMask (forgetless.train.spider): the importance R and the coefficients c against hand and numpy
 computations, the accumulated gradient G against clipped gradients computed independently, the invariants of the
 rewrite (c = 0 → exactly θ₀; MagnitudeMask's top-50% |θ₀| → exactly θ₀), the transformers callback against the
 plain loop, and finetune(keep=...) end to end.
@@ -20,8 +20,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from forgetless.cli import main
 from forgetless.errors import ForgetlessError
-from forgetless.finetune import LoraSpec, StepInfo, finetune
-from forgetless.spider import MagnitudeMask, Spider, abs_moments, importance, magnitude_mask, spider_coefficients
+from forgetless.train import (
+    LoraSpec,
+    MagnitudeMask,
+    Spider,
+    StepInfo,
+    abs_moments,
+    finetune,
+    importance,
+    magnitude_mask,
+    spider_coefficients,
+)
 
 torch.set_num_threads(1)
 
@@ -54,6 +63,7 @@ def test_importance_by_hand_and_against_numpy():
     assert np.allclose(importance(y).numpy(), r_numpy(y.numpy()), rtol=1e-6, atol=1e-7)
     yb = y.bfloat16()
     r = importance(yb)
+    assert torch.equal(importance(yb, out=torch.empty(7, 5)), r)
     assert r.dtype == torch.float32 and np.allclose(r.numpy(), r_numpy(yb.float().numpy()), rtol=1e-6, atol=1e-7)
 
 
@@ -244,7 +254,7 @@ def test_magnitude_mask_resets_exactly_the_top_half_of_theta0():
 def test_trainer_callback_matches_the_plain_loop(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from forgetless.spider import SpiderCallback
+    from forgetless.train import SpiderCallback
 
     steps, lr, clip = 3, 1e-2, 0.5
     g = torch.Generator().manual_seed(5)

@@ -303,7 +303,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
                  lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None, **kw) -> None:
     """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
-    from .finetune import LoraSpec, finetune
+    from .train import LoraSpec, finetune
 
     spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None) \
         if lora else None

@@ -220,8 +220,8 @@ def pretrain_vision(tower, steps: int, *, batch: int = 64, lr: float = 1e-3, see
 def align(model, proc, data: list, steps: int, *, batch: int = 16, lr: float = 1e-3, tower_lr: float = 2e-4,
           seed: int = 0, log=print) -> list:
     """Train the projector (lr) and the tower (tower_lr) through the frozen language model, answer-only loss."""
-    from ..finetune import answer_losses
     from ..stats.data import Encoder, collate
+    from ..train import answer_losses
 
     enc = Encoder(proc)
     for p in model.parameters():

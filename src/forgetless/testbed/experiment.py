@@ -34,7 +34,7 @@ from . import tasks as T
 FINETUNE = {"train": ["language.layers[18:30]", "projector"], "steps": 120, "batch_size": 8, "lr": 2e-4,
             "warmup": 10, "clip": 1.0, "seed": 0}
 STATS_SAMPLES = 32
-# fine-tunes with a keep rule (forgetless.spider), same recipe otherwise: rows beside the merges
+# fine-tunes with a keep rule (forgetless.train.spider), same recipe otherwise: rows beside the merges
 KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitude_mask")]
 # (label, method, parameters, statistics needed)
 MERGES: list[tuple[str, str, dict, bool]] = [
@@ -56,7 +56,7 @@ def _hash(obj: Any) -> str:
 
 def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
     """The fine-tuned model for (base, task, recipe), reused when its recipe hash matches."""
-    from ..finetune import finetune
+    from ..train import finetune
 
     key = _hash({"base": weights_digest(base), "data": str((task_dir / "train.jsonl").resolve()),
                  "task": json.loads((task_dir / "task.json").read_text()), **recipe})

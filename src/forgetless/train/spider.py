@@ -65,10 +65,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ForgetlessError
+from ..errors import ForgetlessError
 
 if TYPE_CHECKING:
-    from .finetune import StepInfo
+    from .loop import StepInfo
 
 KEEP_RULES = ("none", "spider", "magnitude_mask")
 MASK_RATIO = 0.5
@@ -80,7 +80,9 @@ ORDER_REMEDY = ("call rule.accumulate() after clipping and before optimizer.step
 def _abs(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``|x|`` in float32: a new tensor, or written into ``out`` (a float32 tensor of ``x``'s shape)."""
     x = x.detach()
-    return x.float().abs() if out is None else torch.abs(x, out=out)
+    if out is None:
+        return x.float().abs()
+    return torch.abs(x, out=out) if x.dtype == torch.float32 else out.copy_(x).abs_()
 
 
 def abs_moments(x: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ wasted at a zero learning rate; pass 0 for a decay to zero.
 SPIDER needs. Both receive a :class:`StepInfo`.
 
 **Keep rules.** ``keep="spider"`` or ``"magnitude_mask"`` (full fine-tune only) pulls the weights back towards the
-input's after every step (:mod:`forgetless.spider`): the rule reads the clipped gradients before the user's
+input's after every step (:mod:`forgetless.train.spider`): the rule reads the clipped gradients before the user's
 ``before_step`` and rewrites the weights right after ``optimizer.step()``, before the user's ``after_step`` (which
 so sees the final weights). Its memory (``θ₀`` and ``G`` in float32) is logged; ``finetune.json`` records the rule
 and, per step, the fraction of entries that kept their update and the mean coefficient.
@@ -76,12 +76,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import layout as layouts
-from .checkpoint.reader import CheckpointReader
-from .checkpoint.writer import Entry, StreamingWriter, atomic_folder, parse_size
-from .errors import ForgetlessError
-from .stats.data import (
+from .. import __version__
+from ..checkpoint import layout as layouts
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, parse_size
+from ..errors import ForgetlessError
+from ..stats.data import (
     IGNORE_INDEX,
     ON_BAD_SAMPLE,
     Encoder,
@@ -91,8 +91,8 @@ from .stats.data import (
     encode_or_skip,
     load_samples,
 )
-from .stats.fisher import checkpoint_names
-from .stats.run import load_model, resolve_device
+from ..stats.fisher import checkpoint_names
+from ..stats.run import load_model, resolve_device
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast over fp32 weights
@@ -166,7 +166,7 @@ class FinetuneReport:
     num_samples: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    keep: dict[str, Any] | None = None  # the keep rule's summary (forgetless.spider), None without one
+    keep: dict[str, Any] | None = None  # the keep rule's summary (forgetless.train.spider), None without one
 
 
 # ------------------------------------------------------------------------------------------------ the schedule
