@@ -318,7 +318,8 @@ def text_data(tmp_path_factory) -> Path:
     return write_qa_jsonl(tmp_path_factory.mktemp("text") / "train.jsonl", qa)
 
 
-def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, llama_dir, text_data):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: autocast over float32 weights
+def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, llama_dir, text_data, dtype):
     steps = 3
     g_sum: dict[str, torch.Tensor] = {}
     base = tensors(llama_dir)
@@ -334,7 +335,7 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
                 assert torch.equal(p.detach()[c == 0], base[n][c == 0]), n
 
     report = finetune(llama_dir, text_data, tmp_path / "out", train=["language.layers"], steps=steps, lr=1e-2,
-                      batch_size=2, grad_accum=2, clip=0.5, keep="spider", hook=Watch(), log=quiet)
+                      batch_size=2, grad_accum=2, clip=0.5, keep="spider", hook=Watch(), log=quiet, dtype=dtype)
     out = tensors(tmp_path / "out")
     moved = reverted = 0
     for n in report.trained:
@@ -345,7 +346,7 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
     assert moved > 0 and reverted > 0
     meta = json.loads((tmp_path / "out" / "finetune.json").read_text())
     entries = sum(base[n].numel() for n in report.trained)
-    assert meta["recipe"]["keep"] == "spider" and meta["keep"]["rule"] == "spider"
+    assert meta["recipe"]["keep"] == "spider" and meta["keep"]["rule"] == "spider" and meta["recipe"]["dtype"] == dtype
     largest = max(base[n].numel() for n in report.trained)
     assert meta["keep"]["extra_bytes"] == 8 * entries + 12 * largest and meta["keep"]["entries"] == entries
     assert len(meta["keep"]["updated_fraction"]) == steps == len(meta["keep"]["mean_c"])
