@@ -319,7 +319,7 @@ class Spider(_KeepRule):
             torch.lerp(theta0, p, c, out=p)  # elementwise, so the full overlap of out and end is safe
         else:
             p.copy_(torch.lerp(theta0, p.float(), c))
-        return nonzero, c.sum()
+        return nonzero.double(), c.sum().double()  # summed over tensors in float64: past 2**24 float32 rounds
 
 
 class MagnitudeMask(_KeepRule):
