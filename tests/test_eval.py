@@ -12,20 +12,18 @@ import torch
 from conftest import build_llama_with_tokenizer, tiny_qwen25vl_model
 from PIL import Image
 from test_stats_data import (
-    LLAVA_TEMPLATE,
     QWEN_TEMPLATE,
     QWEN_TOKENS,
     _Qwen25VLImageOnlyProcessor,
     save_image,
     smol_tokenizer,
     tiny_llava_for,
+    tiny_llava_processor,
     write_jsonl,
 )
 from transformers import (
     AutoModelForCausalLM,
-    LlavaProcessor,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from forgetless.errors import ForgetlessError
@@ -70,11 +68,7 @@ def llama(llama_dir):
 
 @pytest.fixture(scope="module")
 def llava_processor():
-    tok = smol_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return tiny_llava_processor()
 
 
 def mc_samples(images: list[Path | None]) -> list[Sample]:

@@ -18,16 +18,15 @@ import torch
 from conftest import TEXT, build_llama_with_tokenizer, tiny_qwen25vl_model, write_qa_jsonl
 from PIL import Image
 from safetensors.torch import load_file
+from test_stats_data import tiny_llava_processor
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     Qwen2_5_VLProcessor,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from forgetless.checkpoint.lora import open_model
@@ -39,12 +38,6 @@ from forgetless.train import LoraSpec, StepInfo, answer_losses, finetune
 
 torch.set_num_threads(1)
 
-LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
@@ -72,12 +65,8 @@ def tiny_llava_for(tok) -> LlavaForConditionalGeneration:
 def llava_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA folder with a real processor: SmolLM2's tokenizer + <image>, CLIP preprocessing at 32×32."""
     d = tmp_path_factory.mktemp("llava")
-    tok = AutoTokenizer.from_pretrained(export_smollm2())
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    tiny_llava_for(tok).save_pretrained(d)
+    proc = tiny_llava_processor()
+    tiny_llava_for(proc.tokenizer).save_pretrained(d)
     proc.save_pretrained(d)
     return d
 

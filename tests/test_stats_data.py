@@ -61,14 +61,19 @@ def smol_tok():
     return smol_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def llava_processor():
+def tiny_llava_processor() -> LlavaProcessor:
+    """A real LLaVA processor for the tiny test models: SmolLM2's tokenizer + <image>, CLIP preprocessing."""
     tok = smol_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # CLIP on 32x32 with patch 8: 16 patches + CLS; "default" drops the CLS -> 16 image tokens
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def llava_processor():
+    return tiny_llava_processor()
 
 
 class _Qwen25VLImageOnlyProcessor(Qwen2_5_VLProcessor):
