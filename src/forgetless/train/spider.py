@@ -141,7 +141,8 @@ def spider_coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor
     """SPIDER's per-entry weight of the fine-tuned value: ``I_ft / (I_pre + I_ft)`` where ``I_ft > I_pre`` (else
     0), divided by the mean of its nonzero entries and capped at 1. Values in ``[0, 1]``; all zero when no entry
     has ``I_ft > I_pre``."""
-    return _coefficients_(i_pre.float().clone(), i_ft.float().clone(), torch.empty_like(i_ft, dtype=torch.float32))[0]
+    f32 = torch.float32
+    return _coefficients_(i_pre.to(f32, copy=True), i_ft.to(f32, copy=True), torch.empty_like(i_ft, dtype=f32))[0]
 
 
 def _coefficients_(i_pre: torch.Tensor, i_ft: torch.Tensor, grow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +209,7 @@ class _KeepRule:
         return sum(p.numel() for p in self.params.values())
 
     def extra_bytes(self) -> int:
-        """Bytes the rule keeps beside the model (θ₀, and G or the mask), all devices together."""
+        """Bytes the rule keeps beside the model (θ₀; G and the scratch, or the mask), all devices together."""
         return sum(t.numel() * t.element_size() for t in self._state())
 
     def _state(self) -> list[torch.Tensor]:
@@ -288,9 +289,10 @@ class Spider(_KeepRule):
     def _setup(self) -> None:
         self.grad_sum = {n: torch.zeros_like(t) for n, t in self.theta0.items()}
         self._moments0 = {n: abs_moments(t) for n, t in self.theta0.items()}
+        largest: dict[torch.device, int] = {}
         for t in self.theta0.values():
-            size = max(t.numel(), self._scratch[t.device].shape[1] if t.device in self._scratch else 0)
-            self._scratch[t.device] = torch.empty((self.SCRATCH, size), device=t.device)
+            largest[t.device] = max(largest.get(t.device, 0), t.numel())
+        self._scratch = {d: torch.empty((self.SCRATCH, n), device=d) for d, n in largest.items()}
 
     def _state(self) -> list[torch.Tensor]:
         return [*self.theta0.values(), *self.grad_sum.values(), *self._scratch.values()]
