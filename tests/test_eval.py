@@ -298,7 +298,7 @@ def test_resolve_task_by_file_folder_and_name(tmp_path, monkeypatch):
         resolve_task("nope")
 
 
-def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama):
+def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama, capsys):
     from forgetless.cli import main
 
     model, enc = llama
@@ -334,6 +334,14 @@ def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama):
     base = {"split": "test", "tasks": {"quiz": {"kind": "downstream", "accuracy": 0.0, "n": 3},
                                        "chat": {"kind": "general_text", "accuracy": 1.0, "n": 2}}}
     write_json(tmp_path / "base.json", base)
+    with pytest.raises(SystemExit):  # intervals are paired: refused before any work
+        main(["eval", str(llama_dir), "--tasks", "quiz", "--task-root", str(tmp_path / "tasks"),
+              "--base", str(tmp_path / "base.json"), "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert f"{tmp_path / 'base.json'}: task 'quiz' has no per-item results" in cap.err
+    assert "evaluating" not in cap.out
+    base["tasks"]["quiz"]["correct_items"], base["tasks"]["chat"]["correct_items"] = "000", "11"
+    write_json(tmp_path / "base.json", base)
     out = tmp_path / "res" / "results.json"
     main(["eval", str(llama_dir), "--tasks", "quiz", "--general", str(tmp_path / "chat.jsonl"),
           "--task-root", str(tmp_path / "tasks"), "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out),
@@ -347,6 +355,12 @@ def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama):
     assert res["scores"]["T"] == pytest.approx(200 / 3) and res["scores"]["G"] == pytest.approx(50.0)
     assert res["comparison"]["E"] == pytest.approx(200 / 3) and res["comparison"]["F"] == pytest.approx(-50.0)
     assert math.isclose(res["comparison"]["E+F"], 200 / 3 - 50)
+    assert quiz["correct_items"] == "".join("1" if p["correct"] else "0" for p in quiz["predictions"])
+    for key, value in (("E", 200 / 3), ("F", -50.0)):  # paired with the base's items; contains the estimate
+        lo, hi = res["comparison_intervals"][key]
+        assert lo <= value <= hi
+    # the base is right on no quiz item: E's resamples are the model's own accuracy resamples
+    assert res["comparison_intervals"]["E"] == pytest.approx(res["intervals"]["T"])
 
 
 def test_evaluate_checks_before_loading(tmp_path, llama_dir):

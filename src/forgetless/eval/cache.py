@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-EVAL_VERSION = 1  # bump when scoring changes: it invalidates cached results
+EVAL_VERSION = 2  # bump when scoring or the stored fields change: it invalidates cached results (2: correct_items)
 
 
 def _file_digest(path: Path, h) -> None:

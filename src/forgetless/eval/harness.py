@@ -477,9 +477,12 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     Everything is checked (tasks, records, images) before the model is loaded, once, in ``dtype`` on ``device``
     (``auto``: CUDA when present), in eval mode under ``torch.no_grad``. Per task: ``accuracy`` (correct / n, a
     fraction), ``n``, ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``,
-    per-sample ``predictions``. ``scores`` holds T, G_v, G_t and G (:func:`forgetless.eval.metrics.scores`).
+    per-sample ``predictions``; always ``correct_items``, the per-item correctness as a string of ``0``/``1``
+    (what the bootstrap intervals resample, :mod:`forgetless.eval.metrics`). ``scores`` holds T, G_v, G_t and G
+    (:func:`forgetless.eval.metrics.scores`).
     """
     from ..stats.run import load_model, resolve_device
+    from .metrics import correct_items
     from .metrics import scores as summary_scores
 
     model_dir = Path(model_dir)
@@ -545,7 +548,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
             entry: dict[str, Any] = {
                 "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
                 "metric": "mc" if not free else "exact" if not mc else "mixed",
-                "n": len(samples), "correct": correct, "accuracy": correct / len(samples)}
+                "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
+                "correct_items": correct_items([p["correct"] for p in ordered])}
             if keep_predictions:
                 entry["predictions"] = ordered
             results[spec.name] = entry

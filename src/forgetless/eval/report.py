@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .metrics import compare, scores
+from .metrics import Bootstrap, compare, half_width, item_correct, scores
 
 TABLE_SCORES = ("T", "G_v", "G_t", "E", "F", "E+F")
 
@@ -21,31 +21,39 @@ TABLE_SCORES = ("T", "G_v", "G_t", "E", "F", "E+F")
 
 
 def table_row(name: str, result: Mapping[str, Any], base: Mapping[str, Any] | None = None,
-              finetuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              finetuned: Mapping[str, Any] | None = None, *, boot: Bootstrap | None = None) -> dict[str, Any]:
     """A table row: ``name``, ``accuracy`` (task → percent) and T, G_v, G_t (and, given ``base``, E, F, E+F,
-    gain_kept — :func:`forgetless.eval.metrics.compare`)."""
+    gain_kept — :func:`forgetless.eval.metrics.compare`). With ``boot``, ``intervals``: each score's 95%
+    interval, E, F and E+F paired with ``base``."""
     acc = {k: 100.0 * float(t["accuracy"]) for k, t in result.get("tasks", {}).items()}
     vals: dict[str, Any] = dict(compare(result, base, finetuned) if base is not None else scores(result))
-    return {"name": name, "accuracy": acc, **vals}
+    row = {"name": name, "accuracy": acc, **vals}
+    if boot is not None:
+        row["intervals"] = boot.intervals(boot.compare(result, base) if base is not None else boot.scores(result))
+    return row
 
 
-def _cell(v: Any, signed: bool = False) -> str:
+def cell(v: Any, signed: bool = False, interval: Sequence[float] | None = None) -> str:
+    """A score as shown: ``62.1``, signed ``+30.0``, with an interval ``+30.0 ± 2.1`` (its half-width)."""
     if v is None:
         return "—"
-    return f"{v:+.1f}" if signed else f"{v:.1f}"
+    text = f"{v:+.1f}" if signed else f"{v:.1f}"
+    return text if interval is None else f"{text} ± {half_width(interval):.1f}"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
     """One line per row (model): its accuracy on each task, then T, G_v, G_t, E, F, E+F; all in percent/points,
-    ``—`` where a value does not exist. Columns E, F, E+F appear only when some row has them. ``tasks`` orders
-    the task columns (default: first appearance)."""
+    ``—`` where a value does not exist, ``± h`` (half the 95% interval) where the row has ``intervals``. Columns
+    E, F, E+F appear only when some row has them. ``tasks`` orders the task columns (default: first
+    appearance)."""
     if tasks is None:
         tasks = list(dict.fromkeys(k for r in rows for k in r.get("accuracy", {})))
     cols = [c for c in TABLE_SCORES if c in ("T", "G_v", "G_t") or any(r.get(c) is not None for r in rows)]
     header = ["model", *tasks, *cols]
     body = [[str(r["name"]),
-             *[_cell(r.get("accuracy", {}).get(t)) for t in tasks],
-             *[_cell(r.get(c), signed=c in ("E", "F", "E+F")) for c in cols]] for r in rows]
+             *[cell(r.get("accuracy", {}).get(t)) for t in tasks],
+             *[cell(r.get(c), c in ("E", "F", "E+F"), (r.get("intervals") or {}).get(c)) for c in cols]]
+            for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
@@ -107,7 +115,8 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 class TradeoffPoint:
     """One model on the trade-off plot: ``task`` (x, T) and ``general`` (y, G) scores; ``method`` and ``knob``
     (the value of the method's parameter) for merged models; ``role`` ``"method"``, ``"base"`` or
-    ``"finetuned"``; ``chosen`` marks the point to highlight."""
+    ``"finetuned"``; ``chosen`` marks the point to highlight; ``task_interval`` / ``general_interval`` (95%,
+    optional) are drawn as error bars."""
 
     method: str
     task: float
@@ -115,6 +124,8 @@ class TradeoffPoint:
     knob: str | float | None = None
     role: str = "method"
     chosen: bool = False
+    task_interval: tuple[float, float] | None = None  # drawn as error bars
+    general_interval: tuple[float, float] | None = None
 
 
 def _point(p: TradeoffPoint | Mapping[str, Any]) -> TradeoffPoint:
@@ -128,12 +139,24 @@ def _knob_key(p: TradeoffPoint) -> float:
         return float("nan")
 
 
+def _error_bars(ax, pts: Sequence[TradeoffPoint], color) -> None:
+    for p in pts:
+        if p.task_interval is None and p.general_interval is None:
+            continue
+        xe = None if p.task_interval is None else [[p.task - p.task_interval[0]], [p.task_interval[1] - p.task]]
+        ye = None if p.general_interval is None else [[p.general - p.general_interval[0]],
+                                                      [p.general_interval[1] - p.general]]
+        ax.errorbar([p.task], [p.general], xerr=xe, yerr=ye, fmt="none", ecolor=color, alpha=0.45, lw=0.9,
+                    capsize=2, zorder=2)
+
+
 def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str | os.PathLike, *,
                   title: str | None = None, xlabel: str = "task score T (%)",
                   ylabel: str = "general score G (%)") -> Path:
     """A PNG of the specialization/retention trade-off: x = task score, y = general score; one line per method
     through its knob values (in numeric knob order when every knob is a number, else as given), each point
-    annotated with its knob; the base and fine-tuned models as distinct markers; a ``chosen`` point ringed.
+    annotated with its knob; the base and fine-tuned models as distinct markers; a ``chosen`` point ringed; 95%
+    intervals, where the points have them, as error bars.
     Written atomically (temporary file, then rename)."""
     import matplotlib
 
@@ -155,12 +178,14 @@ def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str
                 if p.knob is not None:
                     ax.annotate(f"{p.knob}", (p.task, p.general), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7, color=handle.get_color())
+            _error_bars(ax, line, handle.get_color())
         styles = {"base": ("s", "black", "base"), "finetuned": ("^", "tab:red", "fine-tuned")}
         for role, (marker, color, label) in styles.items():
             sel = [p for p in pts if p.role == role]
             if sel:
                 ax.scatter([p.task for p in sel], [p.general for p in sel], marker=marker, s=70, color=color,
                            zorder=5, label=label)
+                _error_bars(ax, sel, color)
         chosen = [p for p in pts if p.chosen]
         if chosen:
             ax.scatter([p.task for p in chosen], [p.general for p in chosen], s=260, facecolors="none",
@@ -196,8 +221,10 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
              finetuned: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
-    model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. ``progress``: print
-    progress lines (through ``log``, which also prints the table)."""
+    model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. Every score gets its
+    95% bootstrap interval (``intervals``; ``comparison_intervals``: E, F, E+F paired with the base model's
+    items), shown as ``± h`` in the table. ``progress``: print progress lines (through ``log``, which also prints
+    the table)."""
     from ..errors import ForgetlessError
     from .harness import evaluate, resolve_task
 
@@ -206,6 +233,12 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
                               remedy="pass --base base.json too")
     base_r = read_json(base) if base is not None else None
     ft_r = read_json(finetuned) if finetuned is not None else None
+    for r in (base_r, ft_r):  # intervals are paired with these: they need their per-item results
+        for name, t in (r or {}).get("tasks", {}).items():
+            try:
+                item_correct(t, name)
+            except ForgetlessError as e:
+                raise ForgetlessError(e.problem, file=r["path"], remedy=e.remedy) from None
     groups = []
     for specs in (_split_list(tasks), _split_list(general)):
         resolved = [resolve_task(s, split=split, task_root=task_root) for s in specs]
@@ -216,13 +249,16 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                    max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root, progress=progress, log=log)
     rows = []
+    boot = Bootstrap()
+    res["intervals"] = boot.intervals(boot.scores(res))
     if base_r is not None:
         res["comparison"] = compare(res, base_r, ft_r)
+        res["comparison_intervals"] = boot.intervals(boot.compare(res, base_r))
         res["base"], res["finetuned"] = str(base), (str(finetuned) if finetuned is not None else None)
-        rows.append(table_row("base", base_r, base_r))
+        rows.append(table_row("base", base_r, base_r, boot=boot))
         if ft_r is not None:
-            rows.append(table_row("fine-tuned", ft_r, base_r, ft_r))
-    rows.append(table_row(Path(model).name or str(model), res, base_r, ft_r))
+            rows.append(table_row("fine-tuned", ft_r, base_r, ft_r, boot=boot))
+    rows.append(table_row(Path(model).name or str(model), res, base_r, ft_r, boot=boot))
     if log is not None:
         log(format_table(rows, list(res["tasks"])))
         kept = res.get("comparison", {}).get("gain_kept")
