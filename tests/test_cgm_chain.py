@@ -48,10 +48,9 @@ def test_chain_computes_at_the_right_models_merges_and_reuses(pair, capsys):
     stats = pair / "merged-statistics"
     general, task = stats / "fisher_general.safetensors", stats / "fisher_task.safetensors"
     base_fp = CheckpointReader(pair / "base").weights_fingerprint()
-    ft_fp = CheckpointReader(pair / "ft").weights_fingerprint()
     with safe_open(str(general), "pt") as g, safe_open(str(task), "pt") as t:
         assert g.metadata()["model_weights_fingerprint"] == base_fp  # general Fisher at θ₀
-        assert t.metadata()["model_weights_fingerprint"] == ft_fp  # task Fisher at θ_ft
+        assert t.metadata()["model_weights_fingerprint"] == base_fp  # task Fisher at θ₀ too (published default)
         fg = {k: g.get_tensor(k) for k in g.keys()}  # noqa: SIM118
         ft_ = {k: t.get_tensor(k) for k in t.keys()}  # noqa: SIM118
     assert sorted(fg) == sorted(n for n in CheckpointReader(pair / "base").names()
@@ -73,3 +72,22 @@ def test_chain_computes_at_the_right_models_merges_and_reuses(pair, capsys):
     assert text.count("reusing") == 2 and (general.stat().st_mtime_ns, task.stat().st_mtime_ns) == mtimes
     main([*args[:-3], "-n", "2", "--force"])  # another sample selection: recomputed
     assert general.stat().st_mtime_ns != mtimes[0]
+
+
+def test_chain_task_fisher_at_the_finetuned_model_and_sampled(pair, capsys):
+    out = pair / "merged-ft"
+    args = ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
+            "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--force",
+            "--task-fisher-at", "finetuned"]
+    main(args)
+    task = pair / "merged-ft-statistics" / "fisher_task.safetensors"
+    with safe_open(str(task), "pt") as t:
+        assert t.metadata()["model_weights_fingerprint"] == CheckpointReader(pair / "ft").weights_fingerprint()
+        empirical = {k: t.get_tensor(k) for k in t.keys()}  # noqa: SIM118
+    capsys.readouterr()
+    main([*args, "--task-fisher-variant", "sampled"])  # same model and data, other variant: recomputed
+    text = capsys.readouterr().out
+    assert text.count("reusing") == 1 and "fisher_task: sampled at" in text
+    with safe_open(str(task), "pt") as t:
+        assert '"variant": "sampled"' in t.metadata()["extra"]
+        assert any(not torch.equal(t.get_tensor(k), v) for k, v in empirical.items())

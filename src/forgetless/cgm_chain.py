@@ -1,8 +1,12 @@
 """`forgetless cgm BASE FINETUNED --general-data … --task-data …`: the whole CGM chain, from two checkpoints and
 two calibration sets to a merged folder.
 
-1. the general Fisher at θ₀ (BASE) on the general data, the task Fisher at θ_ft (FINETUNED, or BASE with
-   ``task_fisher_at="base"``, the published code's reading) on the task data, both over the Linear weights in scope;
+1. the general Fisher at θ₀ (BASE) on the general data and the task Fisher on the task data, both over the Linear
+   weights in scope. The task Fisher is taken at θ₀ by default, as CGM's published run scripts do (their files
+   ``fisher_matrix_flickr_from_pretrain_full.bin`` and ``fisher_matrix_pretrain_full.bin``: both at the pre-trained
+   model, empirical, 16 samples); ``task_fisher_at="finetuned"`` takes it at θ_ft instead, where a converged
+   fine-tune's task gradients, and so its empirical Fisher, nearly vanish (``task_fisher_variant="sampled"``
+   draws the labels from the model's own predictions, which does not vanish there);
 2. a statistics file is reused when it was computed on that model's weights (sampled weights fingerprint), on the
    same sample selection (data fingerprint) and the same scope; otherwise it is (re)computed;
 3. the merge (``cgm`` or ``cgm_dagger``) with the published scope unless told otherwise: the last 37.5% of the
@@ -43,7 +47,7 @@ def published_scope(model_dir: str | Path, method: str) -> list[str]:
 
 
 def reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
-              scope: list[str]) -> bool:
+              scope: list[str], variant: str = "empirical") -> bool:
     if not path.is_file():
         return False
     _, meta = load_statistics(path)
@@ -53,14 +57,15 @@ def reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: in
     return (meta.get("kind") == "fisher"
             and meta.get("model_weights_fingerprint") == want["model_weights_fingerprint"]
             and meta.get("data_fingerprint") == data_fingerprint(data, samples)
-            and extra.get("scope") == scope)
+            and extra.get("scope") == scope
+            and extra.get("variant", "empirical") == variant)
 
 
 def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Path, task_data: str | Path,
               out: str | Path, method: str = "cgm", alpha: float | None = None, keep: float | None = None,
               scope: list[str] | None = None, general_images: str | Path | None = None,
               task_images: str | Path | None = None, n: int | None = 16, seed: int = 0, batch_size: int = 8,
-              task_fisher_at: str = "finetuned", stats_dir: str | Path | None = None, device: str = "auto",
+              task_fisher_at: str = "base", task_fisher_variant: str = "empirical", stats_dir: str | Path | None = None, device: str = "auto",
               dtype: str = "float32", on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
               log: Callable[[str], None] | None = print) -> MergeReport | None:
     """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge."""
@@ -68,24 +73,28 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
         raise ForgetlessError(f"unknown CGM variant {method!r}", remedy="use cgm or cgm_dagger")
     if task_fisher_at not in ("finetuned", "base"):
         raise ForgetlessError(f"task_fisher_at must be finetuned or base, got {task_fisher_at!r}",
-                              remedy="finetuned (default, METHODS.md) or base (the published file name's reading)")
+                              remedy="base (default: the published scripts) or finetuned")
+    if task_fisher_variant not in ("empirical", "sampled"):
+        raise ForgetlessError(f"task_fisher_variant must be empirical or sampled, got {task_fisher_variant!r}",
+                              remedy="empirical (default: the published scripts) or sampled")
     base, finetuned, out = Path(base), Path(finetuned), Path(out)
     scope = scope or published_scope(base, method)
     stats = Path(stats_dir) if stats_dir else out.parent / f"{out.name}-statistics"
     say = log or (lambda _s: None)
-    jobs = {"fisher_general": (base, Path(general_data), general_images),
-            "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images)}
+    jobs = {"fisher_general": (base, Path(general_data), general_images, "empirical"),
+            "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images,
+                            task_fisher_variant)}
     files = {}
-    for role, (model_dir, data, images) in jobs.items():
+    for role, (model_dir, data, images, variant) in jobs.items():
         path = files[role] = stats / f"{role}.safetensors"
         img = Path(images) if images else None
-        if not dry_run and reusable(path, model_dir, data, img, n, seed, scope):
-            say(f"{role}: reusing {path} (same model weights, data selection and scope)")
+        if not dry_run and reusable(path, model_dir, data, img, n, seed, scope, variant):
+            say(f"{role}: reusing {path} (same model weights, data selection, scope and variant)")
             continue
-        say(f"{role}: at {model_dir} on {data}")
+        say(f"{role}: {variant} at {model_dir} on {data}")
         compute_statistics("fisher", model_dir, data, path, images=img, scope=scope, n=n, seed=seed,
-                           batch_size=batch_size, device=device, dtype=dtype, on_bad_sample=on_bad_sample,
-                           force=True, dry_run=dry_run, log=log)
+                           batch_size=batch_size, variant=variant, device=device, dtype=dtype,
+                           on_bad_sample=on_bad_sample, force=True, dry_run=dry_run, log=log)
     params: dict[str, Any] = {}
     if alpha is not None:
         params["alpha"] = alpha

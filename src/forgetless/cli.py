@@ -138,7 +138,10 @@ def stats_gram(**kw) -> None:
 @click.option("-n", "num", type=int, default=16, show_default=True, help="Samples per calibration set.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--task-fisher-at", type=click.Choice(["finetuned", "base"]), default="finetuned", show_default=True)
+@click.option("--task-fisher-at", type=click.Choice(["base", "finetuned"]), default="base", show_default=True,
+              help="The model the task Fisher is taken at: θ₀ as CGM's published scripts do, or θ_ft.")
+@click.option("--task-fisher-variant", type=click.Choice(["empirical", "sampled"]), default="empirical",
+              show_default=True, help="Task Fisher labels from the data (published), or drawn from the model.")
 @click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
               help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).")
 @click.option("--device", default="auto", show_default=True)
@@ -206,13 +209,17 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
 @click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default="runs/testbed/results.md", show_default=True,
-              help="The markdown report (tables + plot), the source of RESULTS.md.")
+              help="The markdown report, written whole (RESULTS.md: --out RESULTS.md); the hand-written reading "
+                   "between its reading markers is kept.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None,
+              help="Where the trade-off PNGs go (default: docs/results beside --out).")
 @click.option("--keep-models", is_flag=True, help="Keep the merged folders (550 MB each).")
-def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, keep_models: bool) -> None:
-    """Every downstream task: fine-tune, merge with each method, evaluate on the full test splits, report."""
+def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool) -> None:
+    """Every downstream task: fine-tune, merge with each method, evaluate on the whole test splits, report with
+    95% intervals."""
     from .testbed.report import run_report
 
-    run_report(list(names) or None, workdir, out, keep_models=keep_models, log=click.echo)
+    run_report(list(names) or None, workdir, out, plots=plots, keep_models=keep_models, log=click.echo)
 
 
 @cli.command("sweep")

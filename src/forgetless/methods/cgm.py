@@ -1,8 +1,8 @@
 """Curvature-Guided Mixing: CGM (soft) and CGM† (hard) (METHODS.md, "CGM" and "CGM†"; seed 000).
 
 One fine-tuned model θ_ft and its pre-trained base θ₀, with two diagonal Fishers shaped like each weight:
-``fisher_task`` (F_task, the task loss's curvature, recommended at θ_ft on task data) and ``fisher_general``
-(F_gen, the general loss's curvature at θ₀ on general data). Δ = θ_ft − θ₀.
+``fisher_task`` (F_task, the task loss's curvature on task data; the published scripts take it at θ₀, not θ_ft)
+and ``fisher_general`` (F_gen, the general loss's curvature at θ₀ on general data). Δ = θ_ft − θ₀.
 
 - ``cgm``, soft mixing: the per-element minimiser of ½ΣF_task(θ−θ_ft)² + (α/2)ΣF_gen(θ−θ₀)²,
   m = F_task / (F_task + α·F_gen + ε), θ = θ₀ + m ⊙ Δ; m = 0 (θ₀) where the denominator is 0.
