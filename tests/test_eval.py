@@ -238,10 +238,10 @@ def test_table_json_and_plot(tmp_path):
     rows = [table_row("base", BASE, BASE), table_row("merged", MERGED, BASE, FT)]
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["model", "shapes", "digits", "scene", "facts", "trivia", "T", "G_v", "G_t", "E", "F",
-                                "E+F"]
-    assert lines[3].split() == ["merged", "70.0", "60.0", "70.0", "60.0", "60.0", "65.0", "70.0", "60.0", "+35.0",
-                                "-7.5", "+27.5"]
+    assert lines[0].split() == ["model", "shapes", "digits", "scene", "facts", "trivia", "T", "G_v", "G_t", "G", "E",
+                                "F", "E+F"]
+    assert lines[3].split() == ["merged", "70.0", "60.0", "70.0", "60.0", "60.0", "65.0", "70.0", "60.0", "65.0",
+                                "+35.0", "-7.5", "+27.5"]
     assert len({len(line) for line in lines[:2]}) == 1  # fixed width
     p = write_json(tmp_path / "out" / "r.json", {**MERGED, "x": [1, 2]})
     assert json.loads(p.read_text())["x"] == [1, 2] and [f.name for f in p.parent.iterdir()] == ["r.json"]

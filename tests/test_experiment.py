@@ -45,3 +45,27 @@ def test_merge_recipes_are_valid_and_scoped(tmp_path):
             assert r["models"][0]["statistics"] == {"fisher": str(stats["fisher_task"])}
     assert "projector" in X.merge_recipe("cgm_dagger", {}, base, tmp_path / "ft", stats)["scope"]["include"]
     assert "projector" not in X.merge_recipe("cgm", {}, base, tmp_path / "ft", stats)["scope"]["include"]
+
+
+def test_finetune_key_follows_the_training_split_not_the_test_split(tmp_path):
+    base = build_tiny_llava(tmp_path / "base")
+    small = T.write_task(tmp_path / "a", "spatial", sizes={"train": 6, "val": 2, "test": 3})
+    large = T.write_task(tmp_path / "b", "spatial", sizes={"train": 6, "val": 5, "test": 9})
+    other = T.write_task(tmp_path / "c", "spatial", sizes={"train": 7, "val": 2, "test": 3})
+    recipe = dict(X.FINETUNE)
+    assert X.finetune_key(base, small, recipe) == X.finetune_key(base, large, recipe)
+    assert X.finetune_key(base, small, recipe) != X.finetune_key(base, other, recipe)
+    assert X.finetune_key(base, small, recipe) != X.finetune_key(base, small, {**recipe, "keep": "spider"})
+    # a grown test split starts with the same items and pictures
+    a, b = (p / "test.jsonl" for p in (small, large))
+    assert b.read_text().splitlines()[:3] == a.read_text().splitlines()
+    for i in range(3):
+        assert (small / "images" / f"test-{i:05d}.png").read_bytes() == \
+            (large / "images" / f"test-{i:05d}.png").read_bytes()
+
+
+def test_task_fishers_of_the_experiment_are_the_published_and_the_own_model():
+    rows = {label: tf for label, _, _, tf in X.MERGES}
+    assert rows["CGM"] == rows["CGM†"] == ("base", "empirical")  # CGM's published scripts: both at θ₀
+    assert rows["Fisher merging"] == ("finetuned", "empirical")  # each model's Fisher at that model
+    assert rows["WiSE-FT"] is None

@@ -13,7 +13,7 @@ from typing import Any
 
 from .metrics import Bootstrap, compare, half_width, item_correct, scores
 
-TABLE_SCORES = ("T", "G_v", "G_t", "E", "F", "E+F")
+TABLE_SCORES = ("T", "G_v", "G_t", "G", "E", "F", "E+F")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,13 +42,13 @@ def cell(v: Any, signed: bool = False, interval: Sequence[float] | None = None) 
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
-    """One line per row (model): its accuracy on each task, then T, G_v, G_t, E, F, E+F; all in percent/points,
+    """One line per row (model): its accuracy on each task, then T, G_v, G_t, G, E, F, E+F; all in percent/points,
     ``—`` where a value does not exist, ``± h`` (half the 95% interval) where the row has ``intervals``. Columns
     E, F, E+F appear only when some row has them. ``tasks`` orders the task columns (default: first
     appearance)."""
     if tasks is None:
         tasks = list(dict.fromkeys(k for r in rows for k in r.get("accuracy", {})))
-    cols = [c for c in TABLE_SCORES if c in ("T", "G_v", "G_t") or any(r.get(c) is not None for r in rows)]
+    cols = [c for c in TABLE_SCORES if c in ("T", "G_v", "G_t", "G") or any(r.get(c) is not None for r in rows)]
     header = ["model", *tasks, *cols]
     body = [[str(r["name"]),
              *[cell(r.get("accuracy", {}).get(t)) for t in tasks],

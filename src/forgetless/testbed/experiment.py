@@ -36,15 +36,20 @@ FINETUNE = {"train": ["language.layers[18:30]", "projector"], "steps": 120, "bat
 STATS_SAMPLES = 32
 # fine-tunes with a keep rule (forgetless.train.spider), same recipe otherwise: rows beside the merges
 KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitude_mask")]
-# (label, method, parameters, statistics needed)
-MERGES: list[tuple[str, str, dict, bool]] = [
-    ("WiSE-FT", "linear", {"lambda": 0.5}, False),
-    ("task arithmetic", "task_arithmetic", {"lambda": 0.7}, False),
-    ("TIES", "ties", {"density": 0.2, "lambda": 1.0}, False),
-    ("DARE", "dare_linear", {"density": 0.3, "lambda": 0.7}, False),
-    ("Fisher merging", "fisher_with_base", {"base_weight": 1.0}, True),
-    ("CGM", "cgm", {"alpha": 0.2}, True),
-    ("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, True),
+# Where the task Fisher is taken, and how: (model, variant). CGM's published scripts take both Fishers at the
+# pre-trained model θ₀ ("base", empirical); Fisher merging (Matena & Raffel) takes each model's Fisher at that
+# model, so its task Fisher is at θ_ft ("finetuned").
+TASK_FISHER_CGM = ("base", "empirical")
+TASK_FISHER_OWN = ("finetuned", "empirical")
+# (label, method, parameters, task Fisher (at, variant) or None when the method needs no statistics)
+MERGES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
+    ("WiSE-FT", "linear", {"lambda": 0.5}, None),
+    ("task arithmetic", "task_arithmetic", {"lambda": 0.7}, None),
+    ("TIES", "ties", {"density": 0.2, "lambda": 1.0}, None),
+    ("DARE", "dare_linear", {"density": 0.3, "lambda": 0.7}, None),
+    ("Fisher merging", "fisher_with_base", {"base_weight": 1.0}, TASK_FISHER_OWN),
+    ("CGM", "cgm", {"alpha": 0.2}, TASK_FISHER_CGM),
+    ("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, TASK_FISHER_CGM),
 ]
 DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
 DEMO_TASK_LIMIT = 80
@@ -54,12 +59,20 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
+    """What a fine-tune depends on: the base weights, the recipe and the training split's records (their images
+    follow from the generator's version and seed) — not the validation or test splits, which may grow."""
+    meta = json.loads((task_dir / "task.json").read_text())
+    train = hashlib.sha256((task_dir / "train.jsonl").read_bytes()).hexdigest()
+    return _hash({"base": weights_digest(base), "train_split": train,
+                  "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
+
+
 def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
-    """The fine-tuned model for (base, task, recipe), reused when its recipe hash matches."""
+    """The fine-tuned model for (base, task, recipe), reused when its :func:`finetune_key` matches."""
     from ..train import finetune
 
-    key = _hash({"base": weights_digest(base), "data": str((task_dir / "train.jsonl").resolve()),
-                 "task": json.loads((task_dir / "task.json").read_text()), **recipe})
+    key = finetune_key(base, task_dir, recipe)
     stamp = out / "recipe.hash"
     if stamp.is_file() and stamp.read_text().strip() == key and (out / "config.json").is_file():
         log(f"fine-tuned model: reusing {out}")
@@ -88,22 +101,29 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
     return out
 
 
-def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log) -> dict[str, Path]:
-    """General Fisher at θ₀ on the general data and task Fisher at θ_ft on the task's training data, over CGM†'s
-    published scope (which contains CGM's), reused when model, data selection and scope match."""
+def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log, *,
+                 task_fisher: tuple[str, str] = TASK_FISHER_CGM) -> dict[str, Path]:
+    """The general Fisher at θ₀ on the general data and the task Fisher on the task's training data, at θ₀
+    (``task_fisher[0] == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or ``sampled`` (``task_fisher[1]``),
+    over CGM†'s published scope (which contains CGM's); reused when model, data selection, scope and variant
+    match."""
     from ..cgm_chain import published_scope, reusable
     from ..stats.run import compute_statistics
 
+    at, variant = task_fisher
     scope = published_scope(base, "cgm_dagger")
     files = {}
-    for role, model, data in (("fisher_general", base, general), ("fisher_task", ft, task_data)):
-        path = files[role] = stats_dir / f"{role}.safetensors"
-        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope):
+    jobs = (("fisher_general", base, general, "empirical", stats_dir / "fisher_general.safetensors"),
+            ("fisher_task", base if at == "base" else ft, task_data, variant,
+             stats_dir / f"fisher_task-{at}-{variant}.safetensors"))
+    for role, model, data, var, path in jobs:
+        files[role] = path
+        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope, variant=var):
             log(f"{role}: reusing {path}")
             continue
-        log(f"{role}: at {model} on {data}")
+        log(f"{role}: {var} at {model} on {data}")
         compute_statistics("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, batch_size=8,
-                           force=True, log=log)
+                           variant=var, force=True, log=log)
     return files
 
 
@@ -129,7 +149,7 @@ def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[st
 def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[tuple[str, str]] | None = None,
                    finetune_recipe: dict | None = None, limits: dict[str, int] | None = None,
                    task_limit: int | None = None, split: str = "test", keep_models: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
+                   eval_batch_size: int = 16, log: Callable[[str], None] = print) -> dict:
     """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/results.json) rows
     with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
     recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
@@ -158,7 +178,8 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
 
     def evaluate(model: Path) -> tuple[dict, bool]:
         t0 = time.perf_counter()
-        r = cached_evaluate(model, {task: roots[task]}, general, cache_dir=cache, split=split, limit=lim, log=None)
+        r = cached_evaluate(model, {task: roots[task]}, general, cache_dir=cache, split=split, limit=lim,
+                            batch_size=eval_batch_size, log=None)
         timings["evaluate"] += time.perf_counter() - t0
         return r
 
@@ -181,20 +202,26 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         log(f"{label}: T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
             f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
 
-    stats = None
-    for label, method, params, needs_stats in merges if merges is not None else MERGES:
-        if needs_stats and stats is None:
-            t = time.perf_counter()
-            gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
-            stats = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log)
-            timings["statistics"] += time.perf_counter() - t
-        out = workdir / "merged" / f"{method}-{_hash(params)[:6]}"
+    stats_by: dict[tuple[str, str], dict[str, Path]] = {}
+    for label, method, params, task_fisher in merges if merges is not None else MERGES:
+        stats = None
+        if task_fisher is not None:
+            if task_fisher not in stats_by:
+                t = time.perf_counter()
+                gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
+                stats_by[task_fisher] = fisher_files(base, ft, gen, roots[task] / "train.jsonl",
+                                                     workdir / "statistics", log, task_fisher=task_fisher)
+                timings["statistics"] += time.perf_counter() - t
+            stats = stats_by[task_fisher]
+        out = workdir / "merged" / f"{method}-{_hash([params, task_fisher])[:6]}"
         t = time.perf_counter()
         report = forgetless.merge(merge_recipe(method, params, base, ft, stats), out=out, force=True,
                                   progress=False, log=None)
         timings["merge"] += time.perf_counter() - t
         r, cached = evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in params.items())
+        if task_fisher not in (None, TASK_FISHER_CGM if method in ("cgm", "cgm_dagger") else TASK_FISHER_OWN):
+            label += f" (task Fisher {task_fisher[1]} at {'θ₀' if task_fisher[0] == 'base' else 'θ_ft'})"
         rows.append({"method": label, "knob": knob, "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
                      "summary": report.summary()})
         log(f"{label} ({knob}): T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
@@ -204,7 +231,9 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
     timings["total"] = time.perf_counter() - t_start
     results = {"task": task, "split": split, "limits": lim, "finetune": recipe, "base": str(base),
                "finetuned": str(ft), "rows": [{k: v for k, v in r.items() if k != "result"} | {
-                   "tasks": {n: round(100 * x["accuracy"], 2) for n, x in r["result"]["tasks"].items()}}
+                   "tasks": {n: round(100 * x["accuracy"], 2) for n, x in r["result"]["tasks"].items()},
+                   "kinds": {n: x["kind"] for n, x in r["result"]["tasks"].items()},
+                   "correct_items": {n: x["correct_items"] for n, x in r["result"]["tasks"].items()}}
                    for r in rows],
                "timings": {k: round(v, 1) for k, v in timings.items()},
                "threads": torch.get_num_threads()}

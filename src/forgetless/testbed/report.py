@@ -1,23 +1,44 @@
-"""``forgetless testbed report``: every downstream task through :func:`.experiment.run_experiment` on the test
-splits, one trade-off plot per task, and a markdown report (the source of RESULTS.md)."""
+"""``forgetless testbed report``: every downstream task through :func:`.experiment.run_experiment` on the whole
+test splits, one trade-off plot per task, and the markdown report — RESULTS.md, rebuilt whole by one command.
+
+Every figure carries its 95% bootstrap interval over the test items (:class:`forgetless.eval.metrics.Bootstrap`):
+E, F and E + F are paired with the base model's items, the means over the tasks resample every task jointly (the
+general test items are the same in every task's experiment, so they share their draws), and differences between
+two methods are paired differences. The hand-written reading between the ``<!-- reading -->`` markers of an
+existing report is kept when the report is rebuilt; everything else is generated from each task's
+``results.json``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from ..eval.report import format_table, tradeoff_plot
+import numpy as np
+
+from ..eval.metrics import Bootstrap
+from ..eval.report import cell, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
 
 # extra knob values so that each of these methods draws a curve, not a point
-CURVES: list[tuple[str, str, dict, bool]] = [
-    ("WiSE-FT", "linear", {"lambda": 0.3}, False),
-    ("CGM", "cgm", {"alpha": 1.0}, True),
+CURVES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
+    ("WiSE-FT", "linear", {"lambda": 0.3}, None),
+    ("CGM", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM),
 ]
-# the first N test samples of each task (2 CPU cores: a model's evaluation is about a minute); all text probes
-REPORT_LIMITS = {"probes": None, **{n: 40 for n in T.GENERAL_VISUAL}}
-REPORT_TASK_LIMIT = 150
+# CGM with other task Fishers than the published one (θ₀, empirical): at θ_ft, empirical (what this project used
+# before the published scripts were read) and sampled (labels drawn from θ_ft's predictions: it does not vanish at a
+# converged fine-tune)
+TASK_FISHERS: list[tuple[str, str, dict, tuple[str, str] | None]] = [
+    ("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
+    ("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
+]
+N_BOOT = 2000
+READING_START = "<!-- reading: written by hand, kept when the report is rebuilt -->"
+READING_END = "<!-- /reading -->"
 
 
 def _knob_value(knob: str) -> float | None:
@@ -27,64 +48,243 @@ def _knob_value(knob: str) -> float | None:
         return None
 
 
-def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
+def row_name(r: Mapping[str, Any]) -> str:
+    return f"{r['method']} {r.get('knob', '')}".strip()
+
+
+def row_result(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A results.json row as an evaluation result (kind, accuracy and per-item correctness per task)."""
+    return {"tasks": {n: {"kind": r["kinds"][n], "accuracy": acc / 100, "correct_items": r["correct_items"][n]}
+                      for n, acc in r["tasks"].items()}}
+
+
+def plot_rows(rows: list[dict], path: Path, title: str, intervals: list[dict] | None = None) -> Path:
     pts = []
-    for r in rows:
+    for k, r in enumerate(rows):
         role = {"base": "base", "fine-tuned": "finetuned"}.get(r["method"], "method")
+        iv = intervals[k] if intervals else {}
         pts.append({"method": r["method"], "task": r["T"], "general": r["G"], "role": role,
-                    "knob": _knob_value(r.get("knob", ""))})
+                    "knob": _knob_value(r.get("knob", "")), "task_interval": iv.get("T"),
+                    "general_interval": iv.get("G")})
     return tradeoff_plot(pts, path, title=title)
 
 
-def table(rows: list[dict]) -> str:
-    return format_table([{"name": f"{r['method']} {r.get('knob', '')}".strip(), **r,
-                          "accuracy": r["tasks"]} for r in rows])
+def table(rows: list[dict], intervals: list[dict] | None = None) -> str:
+    return format_table([{"name": row_name(r), **r, "accuracy": r["tasks"],
+                          "intervals": intervals[k] if intervals else None} for k, r in enumerate(rows)])
 
 
-def markdown(names: list[str], workdir: Path, plots: Path | None = None) -> str:
-    """The report's markdown from each task's ``results.json`` under `workdir`: a summary of E and F per method
-    and task, then per task its table and trade-off plot (drawn into `plots`, default the task's folder)."""
-    import json
+def row_draws(rows: list[dict], boot: Bootstrap) -> dict[str, dict[str, np.ndarray | None]]:
+    """Each row's resampled scores, E, F and E + F paired with the ``base`` row (row name → key → draws)."""
+    base = row_result(next(r for r in rows if r["method"] == "base"))
+    return {row_name(r): boot.compare(row_result(r), base) for r in rows}
 
-    sections, summary = [], []
-    for name in names:
-        res = json.loads((workdir / name / "results.json").read_text())
-        rows = res["rows"]
-        png = plot_rows(rows, (plots or workdir / name) / f"tradeoff-{name}.png", f"testbed: {name} (test split)")
-        ft = res["finetune"]
-        sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
-                        f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows)}\n```\n\n![{name}]({png})\n")
-        summary += [(name, r) for r in rows]
-    key = [f"{r['method']} {r.get('knob', '')}".strip() for _, r in summary]
+
+def row_intervals(rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
+    """The 95% intervals of every row of one experiment (T, G_v, G_t, G; E, F, E + F paired with the base)."""
+    boot = Bootstrap(n_boot, seed=0)
+    draws = row_draws(rows, boot)
+    return [boot.intervals(draws[row_name(r)]) for r in rows]
+
+
+class _Draws:
+    """Every task's rows resampled with one :class:`Bootstrap` (paired within a task, joint across tasks)."""
+
+    def __init__(self, results: Mapping[str, dict], n_boot: int = N_BOOT):
+        self.boot = Bootstrap(n_boot, seed=0)
+        self.results = results
+        self.draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> row name -> key -> [B]
+        for task, res in results.items():
+            self.draws[task] = row_draws(res["rows"], self.boot)
+
+    def intervals(self, task: str) -> list[dict]:
+        return [self.boot.intervals(self.draws[task][row_name(r)]) for r in self.results[task]["rows"]]
+
+    def mean(self, name: str, key: str, tasks: list[str]) -> np.ndarray:
+        return np.mean([self.draws[t][name][key] for t in tasks], axis=0)
+
+
+def _iv(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
+    iv = boot.interval(draws)
+    assert iv is not None
+    return iv
+
+
+def summary(names: list[str], results: Mapping[str, dict], d: _Draws) -> tuple[str, list[str]]:
+    """The E / F table (per task and mean, with intervals) and the methods in it, best mean E + F last."""
+    order = list(dict.fromkeys(row_name(r) for n in names for r in results[n]["rows"]))
     lines = ["| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
              "|---|" + "---|" * (len(names) + 3)]
-    for m in dict.fromkeys(key):
-        cells, es, fs = [], [], []
+    for m in order:
+        cells, have = [], []
         for n in names:
-            r = next((r for (t, r), k in zip(summary, key) if t == n and k == m), None)
+            r = next((r for r in results[n]["rows"] if row_name(r) == m), None)
             if r is None:
                 cells.append("—")
                 continue
-            cells.append(f"{r['E']:+.1f} / {r['F']:+.1f}")
-            es.append(r["E"])
-            fs.append(r["F"])
-        me, mf = sum(es) / len(es), sum(fs) / len(fs)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {me:+.1f} | {mf:+.1f} | {me + mf:+.1f} |")
-    return ("## Summary: specialization gain E and general change F (points, test splits)\n\n" + "\n".join(lines)
-            + "\n\n" + "\n".join(sections))
+            have.append(n)
+            iv = d.boot.intervals(d.draws[n][m])
+            cells.append(f"{cell(r['E'], True, iv['E'])} / {cell(r['F'], True, iv['F'])}")
+        means = []
+        for key in ("E", "F", "E+F"):
+            if len(have) != len(names):
+                means.append("—")
+                continue
+            point = float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)[key] for n in names]))
+            means.append(cell(point, True, _iv(d.boot, d.mean(m, key, names))))
+        lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+    return "\n".join(lines), order
+
+
+def differences(names: list[str], results: Mapping[str, dict], d: _Draws, order: list[str], reference: str
+                ) -> str:
+    """Paired differences of mean E, F and E + F against `reference`, marked where the interval excludes 0."""
+    lines = ["| method | Δ mean E | Δ mean F | Δ mean E+F |", "|---|---|---|---|"]
+    for m in order:
+        if m in (reference, "base") or any(m not in d.draws[n] for n in names):
+            continue
+        cells = []
+        for key in ("E", "F", "E+F"):
+            diff = d.mean(m, key, names) - d.mean(reference, key, names)
+            point = float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)[key]
+                                   - next(r for r in results[n]["rows"] if row_name(r) == reference)[key]
+                                   for n in names]))
+            lo, hi = _iv(d.boot, diff)
+            mark = " **\\***" if lo > 0 or hi < 0 else ""
+            cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sizes(results: Mapping[str, dict], names: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in names:
+        for task, items in results[n]["rows"][0]["correct_items"].items():
+            out[task] = len(items)
+    return out
+
+
+def _header(names: list[str], results: Mapping[str, dict]) -> str:
+    ft = X.FINETUNE
+    sizes = _sizes(results, names)
+    general = ", ".join(f"{t} {sizes[t]}" for t in [*T.GENERAL_VISUAL, "probes"] if t in sizes)
+    task = ", ".join(f"{t} {sizes[t]}" for t in names if t in sizes)
+    merges = "; ".join(f"{label} {' '.join(f'{k}={v:g}' for k, v in p.items())}"
+                       for label, _, p, _ in X.MERGES + CURVES)
+    return f"""# Results: specialization against retention on the testbed
+
+What happens when the testbed model — a real `LlavaForConditionalGeneration` made of the embedded
+SmolLM2-135M-Instruct, a CLIP vision tower trained here from scratch and a two-layer projector (README, "the
+testbed") — is fine-tuned on a downstream task and then merged back with its pre-trained self by each method.
+
+## How it was produced
+
+```sh
+make install
+.venv/bin/forgetless testbed report --workdir runs/testbed --out RESULTS.md
+```
+
+This file is generated whole by that command (tables, intervals, plots, timings) from each task's
+`runs/testbed/<task>/results.json`; only the reading between the `reading` markers is written by hand, and kept.
+
+For each downstream task (`{'`, `'.join(names)}`; `forgetless testbed tasks` generates them from seed 0): the
+documented recipe fine-tunes {', '.join(f'`{x}`' for x in ft['train'])}, {ft['steps']} AdamW steps of
+{ft['batch_size']} samples, lr {ft['lr']:g} ({ft['warmup']} warm-up steps, cosine to 10%), clip {ft['clip']:g},
+seed {ft['seed']} (`forgetless.testbed.experiment.FINETUNE`). Fisher statistics on {X.STATS_SAMPLES} samples each,
+empirical unless said: the general Fisher at θ₀ on 8 training samples of each general visual task and the 60 text
+probes of the *validation* split; the task Fisher on the task's training set — **at θ₀ for CGM and CGM†, as CGM's
+published scripts take it** (`fisher_matrix_flickr_from_pretrain_full.bin`), at θ_ft for Fisher merging (each
+model's Fisher at that model, as Fisher merging defines it). Every model is evaluated on the **whole test splits**:
+{task} items of the downstream task; {general} of the general tasks (items never trained on; the probes are never
+used for anything else).
+
+Scores (percent, `forgetless/eval/metrics.py`): **T** the task accuracy; **G_v** the mean accuracy over the four
+general visual tasks; **G_t** the text probes' accuracy; **G** = (G_v + G_t)/2; **E** = T − T(base), the
+specialization gain; **F** = G − G(base), the general change (negative: forgetting); **E + F** the net. All
+multiple-choice scores are by option log-likelihood; `tag` is exact match of the greedy answer.
+
+**Intervals**: every figure is followed by `± h`, half the width of its 95% bootstrap interval over the test items
+({N_BOOT} resamples, seed 0). E, F and E + F are paired with the base model's answers on the same items; the means
+over the tasks resample every task jointly; differences between two methods are paired differences. One
+fine-tuning seed: the intervals say how much the scores would move on other test items, not on another fine-tune.
+
+Methods and knobs, fixed before the runs (published defaults or common values, never tuned on these test sets;
+`forgetless sweep` tunes on the validation splits): {merges}. CGM and CGM† over their published scope, tensors
+outside it from the fine-tuned model. Two more CGM rows take the task Fisher at θ_ft (`task Fisher … at θ_ft`):
+empirical (this project's default before the published scripts were read) and sampled (labels drawn from θ_ft's
+own predictions). One fine-tuned model, so task arithmetic at λ equals WiSE-FT at λ; TIES and DARE trim or drop
+the single task vector. **SPIDER** and its published baseline **MagnitudeMask** are two more fine-tunes of the
+same recipe, same seed and batches, with the keep rule applied after every optimizer step
+(`forgetless finetune … --keep spider|magnitude_mask`).
+"""
+
+
+def _reading(previous: Path | None) -> str:
+    text = previous.read_text() if previous is not None and previous.is_file() else ""
+    m = re.search(re.escape(READING_START) + r"\n(.*?)" + re.escape(READING_END), text, re.DOTALL)
+    body = m.group(1) if m else "_(not written yet)_\n"
+    return f"{READING_START}\n{body}{READING_END}\n"
+
+
+def _timings(names: list[str], results: Mapping[str, dict]) -> str:
+    lines = []
+    for n in names:
+        t = results[n].get("timings", {})
+        lines.append(f"- {n}: " + ", ".join(f"{k} {t[k]:.0f} s" for k in ("finetune", "statistics", "merge",
+                                                                            "evaluate", "total") if k in t)
+                     + f" ({results[n].get('threads', '?')} threads)")
+    return "\n".join(lines)
+
+
+def markdown(names: list[str], workdir: Path, plots: Path | None = None, previous: Path | None = None) -> str:
+    """The whole report from each task's ``results.json`` under `workdir`: how it was produced, the E / F summary
+    with intervals, paired differences against the best method, per task its table and trade-off plot (drawn
+    into `plots`, default the task's folder), the reading kept from `previous`, and the time it took."""
+    results = {n: json.loads((workdir / n / "results.json").read_text()) for n in names}
+    d = _Draws(results)
+    sections = []
+    for name in names:
+        rows, ivs = results[name]["rows"], d.intervals(name)
+        png = plot_rows(rows, (plots or workdir / name) / f"tradeoff-{name}.png",
+                        f"testbed: {name} (test split, 95% intervals)", ivs)
+        rel = png.relative_to(previous.parent) if previous is not None and png.is_relative_to(previous.parent) \
+            else png
+        ft = results[name]["finetune"]
+        sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
+                        f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
+                        f"![{name}]({rel})\n")
+    table_e_f, order = summary(names, results, d)
+    scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
+    best = max(scored, key=lambda m: float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)["E+F"]
+                                                    for n in names])))
+    return "\n".join([
+        _header(names, results),
+        "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
+        table_e_f, "",
+        (f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
+         f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"),
+        differences(names, results, d, order, best), "",
+        "Against the fine-tuned model (what a merge or a keep rule changes):\n",
+        differences(names, results, d, order, "fine-tuned"), "",
+        "## Per task\n", "\n".join(sections),
+        "## Reading (honest)\n", _reading(previous),
+        "## Time (this run, 2 cores)\n", _timings(names, results), ""])
 
 
 def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               log: Callable[[str], None] = print) -> Path:
-    """Run (or reuse) every task's experiment, then write the markdown report to `out`."""
+               plots: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run (or reuse) every task's experiment on the whole test splits, then write the markdown report to `out`
+    (its plots into `plots`, default ``docs/results`` beside `out`)."""
     workdir, out = Path(workdir), Path(out)
     names = names or T.DOWNSTREAM
-    limits = {k: v for k, v in REPORT_LIMITS.items() if v is not None}
     for name in names:
         log(f"=== {name} ===")
-        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES, keeps=X.KEEPS, limits=limits,
-                         task_limit=REPORT_TASK_LIMIT, keep_models=keep_models, log=log)
+        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES + TASK_FISHERS, keeps=X.KEEPS,
+                         keep_models=keep_models, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(names, workdir))
+    text = markdown(names, workdir, Path(plots) if plots else out.parent / "docs" / "results", previous=out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
     log(f"report: {out}")
     return out
