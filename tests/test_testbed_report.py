@@ -75,3 +75,18 @@ def test_report_without_a_previous_file_says_the_reading_is_missing(workdir, tmp
     wd, _ = workdir
     text = R.markdown(["spatial"], wd, tmp_path / "plots")
     assert f"{R.READING_START}\n_(not written yet)_\n{R.READING_END}" in text
+
+
+def test_what_the_target_takes_scales_each_task_by_the_square_of_its_widest_interval(workdir, tmp_path):
+    wd, results = workdir
+    out = R.run_report(["spatial", "tag"], wd, tmp_path / "R.md", plots=tmp_path / "p", run=False, log=lambda s: None)
+    text = out.read_text()
+    boot = Bootstrap(R.N_BOOT, seed=0)
+    for task in ("spatial", "tag"):
+        rows = results[task]["rows"]
+        ivs = [boot.intervals(boot.compare(R.row_result(r), R.row_result(rows[0]))) for r in rows[1:]]
+        hw_e = max((iv["E"][1] - iv["E"][0]) / 2 for iv in ivs)
+        need = int(np.ceil(300 * (hw_e / R.TARGET) ** 2))
+        line = next(x for x in text.splitlines() if x.startswith(f"| {task} | 300 |"))
+        assert f"| {hw_e:.1f} | {need:,} |" in line
+    assert not any(p.name == "results.md" for p in wd.iterdir())  # nothing run, nothing else written

@@ -214,12 +214,15 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
 @click.option("--plots", type=click.Path(file_okay=False), default=None,
               help="Where the trade-off PNGs go (default: docs/results beside --out).")
 @click.option("--keep-models", is_flag=True, help="Keep the merged folders (550 MB each).")
-def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool) -> None:
+@click.option("--no-run", is_flag=True, help="Only rebuild the report from the results.json files in --workdir.")
+def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool,
+                       no_run: bool) -> None:
     """Every downstream task: fine-tune, merge with each method, evaluate on the whole test splits, report with
     95% intervals."""
     from .testbed.report import run_report
 
-    run_report(list(names) or None, workdir, out, plots=plots, keep_models=keep_models, log=click.echo)
+    run_report(list(names) or None, workdir, out, plots=plots, keep_models=keep_models, run=not no_run,
+               log=click.echo)
 
 
 @cli.command("sweep")

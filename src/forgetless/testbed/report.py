@@ -37,6 +37,8 @@ TASK_FISHERS: list[tuple[str, str, dict, tuple[str, str] | None]] = [
     ("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
 ]
 N_BOOT = 2000
+TARGET = 3.0  # points: the half-width the test splits should reach on E and F
+EVAL_ITEMS_PER_S = 17.3  # fp32, batch 16, 2 cores (BENCHMARKS.md, "Evaluation cost against its floor")
 READING_START = "<!-- reading: written by hand, kept when the report is rebuilt -->"
 READING_END = "<!-- /reading -->"
 
@@ -164,6 +166,34 @@ def _sizes(results: Mapping[str, dict], names: list[str]) -> dict[str, int]:
     return out
 
 
+def what_target_takes(names: list[str], results: Mapping[str, dict], d: _Draws) -> str:
+    """Per task: the widest E and F intervals over the methods, and the test items ±TARGET would need (a half-width
+    shrinks as 1/√n), with the evaluation compute for every model of the report."""
+    head = (f"| task | task items | widest E ± | task items for ±{TARGET:g} on E | general items per task | "
+            f"widest F ± | general items for ±{TARGET:g} on F |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    extra = 0.0
+    for n in names:
+        rows = [r for r in results[n]["rows"] if r["method"] != "base"]
+        sizes = {t: len(c) for t, c in results[n]["rows"][0]["correct_items"].items()}
+        ivs = [d.boot.intervals(d.draws[n][row_name(r)]) for r in rows]
+        hw_e = max((iv["E"][1] - iv["E"][0]) / 2 for iv in ivs)
+        hw_f = max((iv["F"][1] - iv["F"][0]) / 2 for iv in ivs)
+        n_task = sizes[n]
+        n_gen = max(v for t, v in sizes.items() if t in T.GENERAL_VISUAL)
+        need_e = int(np.ceil(n_task * (hw_e / TARGET) ** 2))
+        need_g = int(np.ceil(n_gen * (hw_f / TARGET) ** 2))
+        extra += len(results[n]["rows"]) * (max(need_e - n_task, 0) + len(T.GENERAL_VISUAL) * max(need_g - n_gen, 0))
+        lines.append(f"| {n} | {n_task} | {hw_e:.1f} | {need_e:,} | {n_gen} | {hw_f:.1f} | {need_g:,} |")
+    hours = extra / EVAL_ITEMS_PER_S / 3600
+    return ("\n".join(lines) + f"\n\nReaching ±{TARGET:g} on every row would take about {extra:,.0f} more item "
+            f"evaluations, **{hours:.1f} h more evaluation** on 2 cores at {EVAL_ITEMS_PER_S:g} items/s "
+            "(BENCHMARKS.md), assuming the per-item variances stay as measured (the text probes cannot grow: 325 "
+            "hand-written questions; growing the visual tasks alone narrows F a little less than this says). "
+            "`digits` cannot grow beyond 300 test items without taking scikit-learn's 1,797 digits from its "
+            "training split.\n")
+
+
 def _header(names: list[str], results: Mapping[str, dict]) -> str:
     ft = X.FINETUNE
     sizes = _sizes(results, names)
@@ -266,18 +296,21 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         differences(names, results, d, order, best), "",
         "Against the fine-tuned model (what a merge or a keep rule changes):\n",
         differences(names, results, d, order, "fine-tuned"), "",
+        f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
+        what_target_takes(names, results, d),
         "## Per task\n", "\n".join(sections),
         "## Reading (honest)\n", _reading(previous),
         "## Time (this run, 2 cores)\n", _timings(names, results), ""])
 
 
 def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               plots: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+               plots: str | Path | None = None, run: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every task's experiment on the whole test splits, then write the markdown report to `out`
-    (its plots into `plots`, default ``docs/results`` beside `out`)."""
+    (its plots into `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report from
+    the ``results.json`` files already in `workdir`."""
     workdir, out = Path(workdir), Path(out)
     names = names or T.DOWNSTREAM
-    for name in names:
+    for name in names if run else []:
         log(f"=== {name} ===")
         X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES + TASK_FISHERS, keeps=X.KEEPS,
                          keep_models=keep_models, log=log)
