@@ -69,6 +69,9 @@ def test_sweep_end_points_are_the_base_and_the_finetuned_model(setup, tmp_path):
     p0, p1 = out["points"]
     for key in ("T", "G_t"):
         assert p0[key] == out["base"][key] and p1[key] == out["finetuned"][key]
+    assert p0["intervals"]["E"] == [0.0, 0.0]  # λ = 0 is the base: E paired with itself is exactly 0
+    lo, hi = p1["intervals"]["T"]
+    assert lo <= p1["T"] <= hi and "±" in res.output
     assert (tmp_path / "w" / "sweep.png").stat().st_size > 1000
     assert out["chosen"] in out["points"] and "chosen" in res.output
     assert not (tmp_path / "w" / "merged" / "linear-lambda-0").exists()  # scratch merges are removed

@@ -75,7 +75,7 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     from ..methods.registry import METHODS
     from ..recipe import load_recipe
     from .cache import cached_evaluate
-    from .metrics import compare
+    from .metrics import Bootstrap, compare
     from .report import format_table, tradeoff_plot, write_json
 
     say = log or (lambda _s: None)
@@ -114,6 +114,11 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
         return r
 
     base_r, ft_r = evaluate(base), evaluate(ft)
+    boot = Bootstrap()  # 95% intervals, E and F paired with the base's items
+
+    def intervals(r: dict) -> dict:
+        return boot.intervals(boot.compare(r, base_r))
+
     points: list[dict] = []
     for d, g in loaded:
         for name, values in g:
@@ -126,12 +131,14 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
                 r = evaluate(folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
-                               **compare(r, base_r, ft_r), "accuracy": _accuracy(r)})
+                               **compare(r, base_r, ft_r), "accuracy": _accuracy(r), "intervals": intervals(r)})
     ft_scores = compare(ft_r, base_r, ft_r)
     chosen, met = choose(points, ft_scores["T"], min_task_ratio)
     rule = f"best G with T ≥ {min_task_ratio:g} × T(fine-tuned) = {min_task_ratio * ft_scores['T']:.1f}"
-    rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r)},
-            {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r)}, *points]
+    rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r),
+             "intervals": intervals(base_r)},
+            {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r), "intervals": intervals(ft_r)},
+            *points]
     say(format_table([{"name": f"{r['method']} {r['knob']}".strip(), **r} for r in rows]))
     if chosen is not None:
         say(f"chosen ({rule}{'' if met else '; no point met it, highest T instead'}): {chosen['method']} "
@@ -139,10 +146,13 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     result = {"split": split, "limit": limit, "rule": rule, "rule_met": met, "chosen": chosen,
               "base": compare(base_r, base_r, ft_r), "finetuned": ft_scores, "points": points}
     if plot:
-        pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base"},
-               {"method": "fine-tuned", "task": ft_scores["T"], "general": ft_scores["G"], "role": "finetuned"}]
+        bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
+        pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
+                **bars[0]},
+               {"method": "fine-tuned", "task": ft_scores["T"], "general": ft_scores["G"], "role": "finetuned",
+                **bars[1]}]
         pts += [{"method": p["method"], "task": p["T"], "general": p["G"], "knob": p["value"],
-                 "chosen": p is chosen} for p in points]
+                 "chosen": p is chosen, **b} for p, b in zip(points, bars[2:])]
         tradeoff_plot(pts, plot, title=f"trade-off on {split} ({', '.join(tasks)})")
         result["plot"] = str(plot)
     if out:
