@@ -4,10 +4,15 @@ compute the Fisher statistics, merge with each method, evaluate everything, and 
 ``make demo`` runs it on one task with small evaluation sets; ``forgetless testbed report`` runs it on every
 downstream task with the full test splits and writes RESULTS.md's tables and plot.
 
-Caching (a second run redoes only what changed): the fine-tuned model by a hash of its recipe and the base
-weights' digest; the statistics by model weights fingerprint, data selection and scope (as ``forgetless cgm``
-does); evaluations by weights digest, task files, split and limit (:mod:`forgetless.eval.cache`). Merges always
-run (seconds each) and are removed after their evaluation unless ``keep_models``.
+Caching (a second run redoes only what changed): the fine-tuned model by a hash of its recipe, the base weights'
+digest and the training split (:func:`finetune_key`); the statistics by model weights fingerprint, data selection,
+scope and Fisher variant (as ``forgetless cgm`` does); evaluations by weights digest, task files, split and limit
+(:mod:`forgetless.eval.cache`). Merges always run (seconds each) and are removed after their evaluation unless
+``keep_models``. Each row of ``results.json`` keeps every task's per-item correctness, from which the report
+bootstraps its intervals.
+
+The task Fisher is taken where each method's authors take it: at θ₀ for CGM and CGM† (their published scripts),
+at θ_ft for Fisher merging (:data:`TASK_FISHER_CGM`, :data:`TASK_FISHER_OWN`).
 
 General calibration data (for the general Fisher at θ₀): 8 training samples from each general visual task and
 the text probes' *validation* split (questions with their answers); the probes' test split, which the general
