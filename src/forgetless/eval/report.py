@@ -167,6 +167,8 @@ def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     try:
         methods = list(dict.fromkeys(p.method for p in pts if p.role == "method"))
+        if len(methods) > 10:  # the default cycle has 10 colours: one colour per method beyond that
+            ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(methods))])
         for m in methods:
             line = [p for p in pts if p.role == "method" and p.method == m]
             keys = [_knob_key(p) for p in line]
