@@ -4,7 +4,8 @@ PyTorch loop and as a transformers ``TrainerCallback``)."""
 
 from typing import Any
 
-from .loop import FinetuneReport, LoraSpec, StepHook, StepInfo, answer_losses, finetune, lr_at
+from .hooks import StepHook, StepInfo
+from .loop import FinetuneReport, LoraSpec, answer_losses, finetune, lr_at
 from .spider import (
     KEEP_RULES,
     MagnitudeMask,

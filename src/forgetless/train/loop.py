@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,6 +93,8 @@ from ..stats.data import (
 )
 from ..stats.fisher import checkpoint_names
 from ..stats.run import load_model, resolve_device
+from .hooks import StepHook, StepInfo
+from .spider import KEEP_RULES, make_rule
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast over fp32 weights
@@ -118,39 +120,6 @@ class LoraSpec:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: list[str] | None = None
-
-
-@dataclass
-class StepInfo:
-    """What a hook sees at optimizer step ``step`` (1-based).
-
-    ``params`` maps the trainable tensors' names to the parameters themselves: checkpoint names for a full
-    fine-tune, adapter tensor names (as saved in ``adapter_model.safetensors``) for LoRA. ``loss`` is the mean
-    answer loss of the step's samples; ``grad_norm`` the total gradient 2-norm before clipping; ``lr`` the learning
-    rate of this step. ``model`` is the module being trained (a PEFT model for LoRA).
-    """
-
-    step: int
-    steps: int
-    lr: float
-    loss: float
-    grad_norm: float
-    model: nn.Module
-    params: dict[str, nn.Parameter]
-    optimizer: torch.optim.Optimizer
-
-    @property
-    def grads(self) -> dict[str, torch.Tensor | None]:
-        """The current gradient of every trainable tensor (None where it got no gradient)."""
-        return {n: p.grad for n, p in self.params.items()}
-
-
-class StepHook(Protocol):
-    """Both methods are optional; either receives the same :class:`StepInfo`."""
-
-    def before_step(self, info: StepInfo) -> None: ...  # after clipping, before optimizer.step()
-
-    def after_step(self, info: StepInfo) -> None: ...  # after optimizer.step(), before the gradients are cleared
 
 
 @dataclass
@@ -414,8 +383,6 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     _check_options(model_dir, out, force, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
                    on_bad_sample=on_bad_sample, lora=lora)
-    from .spider import KEEP_RULES, make_rule
-
     if keep not in KEEP_RULES:
         raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
     if lora is not None and keep != "none":

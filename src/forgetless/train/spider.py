@@ -61,14 +61,12 @@ step's tensors at the first ``before_step``). transformers: ``Trainer(..., callb
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import ForgetlessError
-
-if TYPE_CHECKING:
-    from .loop import StepInfo
+from .hooks import StepInfo
 
 KEEP_RULES = ("none", "spider", "magnitude_mask")
 MASK_RATIO = 0.5
