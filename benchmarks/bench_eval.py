@@ -131,9 +131,10 @@ def _timed(fn) -> float:
 
 def token_counts(model: Path, files: dict[str, Path]) -> dict[str, float]:
     enc = Encoder(model)
-    prompts, options, prefix = 0, 0, None
+    n, prompts, options, prefix = 0, 0, 0, None
     for p in files.values():
         for s in load_samples(p / "test.jsonl", shuffle=False):
+            n += 1
             it = _encode_options(enc, s)
             ids = it.prompt["input_ids"].tolist()
             prompts += len(ids)
@@ -145,7 +146,6 @@ def token_counts(model: Path, files: dict[str, Path]) -> dict[str, float]:
                 while k < min(len(prefix), len(ids)) and prefix[k] == ids[k]:
                     k += 1
                 prefix = prefix[:k]
-    n = sum(len(load_samples(p / "test.jsonl", shuffle=False)) for p in files.values())
     shared = len(prefix or [])
     return {"items": n, "prompt_tokens": prompts, "option_tokens": options, "shared_prefix_tokens": shared,
             "shared_fraction": shared * n / (prompts + options)}

@@ -8,7 +8,8 @@ two calibration sets to a merged folder.
    fine-tune's task gradients, and so its empirical Fisher, nearly vanish (``task_fisher_variant="sampled"``
    draws the labels from the model's own predictions, which does not vanish there);
 2. a statistics file is reused when it was computed on that model's weights (sampled weights fingerprint), on the
-   same sample selection (data fingerprint) and the same scope; otherwise it is (re)computed;
+   same sample selection (data fingerprint), the same scope and the same Fisher variant; otherwise it is
+   (re)computed;
 3. the merge (``cgm`` or ``cgm_dagger``) with the published scope unless told otherwise: the last 37.5% of the
    decoder layers and ``lm_head`` (LLaVA-1.5-7B: layers 20–31 of 32); ``cgm_dagger`` also takes the projector.
    Tensors out of scope, and in-scope tensors without a Fisher (norms), keep the fine-tuned values.
@@ -65,8 +66,9 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
               out: str | Path, method: str = "cgm", alpha: float | None = None, keep: float | None = None,
               scope: list[str] | None = None, general_images: str | Path | None = None,
               task_images: str | Path | None = None, n: int | None = 16, seed: int = 0, batch_size: int = 8,
-              task_fisher_at: str = "base", task_fisher_variant: str = "empirical", stats_dir: str | Path | None = None, device: str = "auto",
-              dtype: str = "float32", on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
+              task_fisher_at: str = "base", task_fisher_variant: str = "empirical",
+              stats_dir: str | Path | None = None, device: str = "auto", dtype: str = "float32",
+              on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
               log: Callable[[str], None] | None = print) -> MergeReport | None:
     """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge."""
     if method not in ("cgm", "cgm_dagger", "cgm_plus"):

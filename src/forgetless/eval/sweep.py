@@ -137,7 +137,8 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     rule = f"best G with T ≥ {min_task_ratio:g} × T(fine-tuned) = {min_task_ratio * ft_scores['T']:.1f}"
     rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r),
              "intervals": intervals(base_r)},
-            {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r), "intervals": intervals(ft_r)},
+            {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r),
+             "intervals": intervals(ft_r)},
             *points]
     say(format_table([{"name": f"{r['method']} {r['knob']}".strip(), **r} for r in rows]))
     if chosen is not None:

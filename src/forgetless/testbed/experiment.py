@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,29 +107,31 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
 
 
 def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log, *,
-                 task_fisher: tuple[str, str] = TASK_FISHER_CGM) -> dict[str, Path]:
-    """The general Fisher at θ₀ on the general data and the task Fisher on the task's training data, at θ₀
-    (``task_fisher[0] == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or ``sampled`` (``task_fisher[1]``),
-    over CGM†'s published scope (which contains CGM's); reused when model, data selection, scope and variant
-    match."""
+                 task_fishers: Sequence[tuple[str, str]] = (TASK_FISHER_CGM,)
+                 ) -> dict[tuple[str, str], dict[str, Path]]:
+    """The general Fisher at θ₀ on the general data (once) and, for each ``(at, variant)`` in `task_fishers`, the
+    task Fisher on the task's training data at θ₀ (``at == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or
+    ``sampled``; all over CGM†'s published scope (which contains CGM's), reused when model, data selection, scope
+    and variant match. Returns, per task Fisher, the ``fisher_general`` and ``fisher_task`` files a recipe needs."""
     from ..cgm_chain import published_scope, reusable
     from ..stats.run import compute_statistics
 
-    at, variant = task_fisher
     scope = published_scope(base, "cgm_dagger")
-    files = {}
-    jobs = (("fisher_general", base, general, "empirical", stats_dir / "fisher_general.safetensors"),
-            ("fisher_task", base if at == "base" else ft, task_data, variant,
-             stats_dir / f"fisher_task-{at}-{variant}.safetensors"))
-    for role, model, data, var, path in jobs:
-        files[role] = path
-        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope, variant=var):
+
+    def one(role: str, model: Path, data: Path, variant: str, path: Path) -> Path:
+        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope, variant=variant):
             log(f"{role}: reusing {path}")
-            continue
-        log(f"{role}: {var} at {model} on {data}")
+            return path
+        log(f"{role}: {variant} at {model} on {data}")
         compute_statistics("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, batch_size=8,
-                           variant=var, force=True, log=log)
-    return files
+                           variant=variant, force=True, log=log)
+        return path
+
+    general_file = one("fisher_general", base, general, "empirical", stats_dir / "fisher_general.safetensors")
+    return {(at, variant): {"fisher_general": general_file,
+                            "fisher_task": one("fisher_task", base if at == "base" else ft, task_data, variant,
+                                               stats_dir / f"fisher_task-{at}-{variant}.safetensors")}
+            for at, variant in task_fishers}
 
 
 def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[str, Path] | None) -> dict:
@@ -207,17 +209,17 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         log(f"{label}: T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
             f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
 
+    merges = MERGES if merges is None else merges
+    needed = list(dict.fromkeys(tf for *_, tf in merges if tf is not None))
     stats_by: dict[tuple[str, str], dict[str, Path]] = {}
-    for label, method, params, task_fisher in merges if merges is not None else MERGES:
-        stats = None
-        if task_fisher is not None:
-            if task_fisher not in stats_by:
-                t = time.perf_counter()
-                gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
-                stats_by[task_fisher] = fisher_files(base, ft, gen, roots[task] / "train.jsonl",
-                                                     workdir / "statistics", log, task_fisher=task_fisher)
-                timings["statistics"] += time.perf_counter() - t
-            stats = stats_by[task_fisher]
+    if needed:
+        t = time.perf_counter()
+        gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
+        stats_by = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log,
+                                task_fishers=needed)
+        timings["statistics"] += time.perf_counter() - t
+    for label, method, params, task_fisher in merges:
+        stats = stats_by.get(task_fisher) if task_fisher is not None else None
         out = workdir / "merged" / f"{method}-{_hash([params, task_fisher])[:6]}"
         t = time.perf_counter()
         report = forgetless.merge(merge_recipe(method, params, base, ft, stats), out=out, force=True,

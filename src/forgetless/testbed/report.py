@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.metrics import Bootstrap
+from ..eval.metrics import Bootstrap, half_width
 from ..eval.report import cell, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
@@ -96,14 +96,19 @@ class _Draws:
         self.boot = Bootstrap(n_boot, seed=0)
         self.results = results
         self.draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> row name -> key -> [B]
+        self.rows: dict[str, dict[str, dict]] = {}  # task -> row name -> row
         for task, res in results.items():
             self.draws[task] = row_draws(res["rows"], self.boot)
+            self.rows[task] = {row_name(r): r for r in res["rows"]}
 
     def intervals(self, task: str) -> list[dict]:
         return [self.boot.intervals(self.draws[task][row_name(r)]) for r in self.results[task]["rows"]]
 
     def mean(self, name: str, key: str, tasks: list[str]) -> np.ndarray:
         return np.mean([self.draws[t][name][key] for t in tasks], axis=0)
+
+    def mean_point(self, name: str, key: str, tasks: list[str]) -> float:
+        return float(np.mean([self.rows[t][name][key] for t in tasks]))
 
 
 def _iv(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
@@ -112,15 +117,15 @@ def _iv(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
     return iv
 
 
-def summary(names: list[str], results: Mapping[str, dict], d: _Draws) -> tuple[str, list[str]]:
-    """The E / F table (per task and mean, with intervals) and the methods in it, best mean E + F last."""
-    order = list(dict.fromkeys(row_name(r) for n in names for r in results[n]["rows"]))
+def summary(names: list[str], d: _Draws) -> tuple[str, list[str]]:
+    """The E / F table (per task and mean, with intervals) and the methods in it, in row order."""
+    order = list(dict.fromkeys(m for n in names for m in d.rows[n]))
     lines = ["| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
              "|---|" + "---|" * (len(names) + 3)]
     for m in order:
         cells, have = [], []
         for n in names:
-            r = next((r for r in results[n]["rows"] if row_name(r) == m), None)
+            r = d.rows[n].get(m)
             if r is None:
                 cells.append("—")
                 continue
@@ -132,14 +137,12 @@ def summary(names: list[str], results: Mapping[str, dict], d: _Draws) -> tuple[s
             if len(have) != len(names):
                 means.append("—")
                 continue
-            point = float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)[key] for n in names]))
-            means.append(cell(point, True, _iv(d.boot, d.mean(m, key, names))))
+            means.append(cell(d.mean_point(m, key, names), True, _iv(d.boot, d.mean(m, key, names))))
         lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     return "\n".join(lines), order
 
 
-def differences(names: list[str], results: Mapping[str, dict], d: _Draws, order: list[str], reference: str
-                ) -> str:
+def differences(names: list[str], d: _Draws, order: list[str], reference: str) -> str:
     """Paired differences of mean E, F and E + F against `reference`, marked where the interval excludes 0."""
     lines = ["| method | Δ mean E | Δ mean F | Δ mean E+F |", "|---|---|---|---|"]
     for m in order:
@@ -148,9 +151,7 @@ def differences(names: list[str], results: Mapping[str, dict], d: _Draws, order:
         cells = []
         for key in ("E", "F", "E+F"):
             diff = d.mean(m, key, names) - d.mean(reference, key, names)
-            point = float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)[key]
-                                   - next(r for r in results[n]["rows"] if row_name(r) == reference)[key]
-                                   for n in names]))
+            point = float(np.mean([d.rows[n][m][key] - d.rows[n][reference][key] for n in names]))
             lo, hi = _iv(d.boot, diff)
             mark = " **\\***" if lo > 0 or hi < 0 else ""
             cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
@@ -175,10 +176,10 @@ def what_target_takes(names: list[str], results: Mapping[str, dict], d: _Draws) 
     extra = 0.0
     for n in names:
         rows = [r for r in results[n]["rows"] if r["method"] != "base"]
-        sizes = {t: len(c) for t, c in results[n]["rows"][0]["correct_items"].items()}
+        sizes = _sizes(results, [n])
         ivs = [d.boot.intervals(d.draws[n][row_name(r)]) for r in rows]
-        hw_e = max((iv["E"][1] - iv["E"][0]) / 2 for iv in ivs)
-        hw_f = max((iv["F"][1] - iv["F"][0]) / 2 for iv in ivs)
+        hw_e = max(half_width(iv["E"]) for iv in ivs)
+        hw_f = max(half_width(iv["F"]) for iv in ivs)
         n_task = sizes[n]
         n_gen = max(v for t, v in sizes.items() if t in T.GENERAL_VISUAL)
         need_e = int(np.ceil(n_task * (hw_e / TARGET) ** 2))
@@ -283,19 +284,18 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
                         f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
                         f"![{name}]({rel})\n")
-    table_e_f, order = summary(names, results, d)
+    table_e_f, order = summary(names, d)
     scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
-    best = max(scored, key=lambda m: float(np.mean([next(r for r in results[n]["rows"] if row_name(r) == m)["E+F"]
-                                                    for n in names])))
+    best = max(scored, key=lambda m: d.mean_point(m, "E+F", names))
     return "\n".join([
         _header(names, results),
         "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
         table_e_f, "",
         (f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
          f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"),
-        differences(names, results, d, order, best), "",
+        differences(names, d, order, best), "",
         "Against the fine-tuned model (what a merge or a keep rule changes):\n",
-        differences(names, results, d, order, "fine-tuned"), "",
+        differences(names, d, order, "fine-tuned"), "",
         f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
         what_target_takes(names, results, d),
         "## Per task\n", "\n".join(sections),
