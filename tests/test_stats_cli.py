@@ -83,7 +83,8 @@ def test_torchrun_two_processes_give_the_single_process_file(tiny):
     with safe_open(str(single), "pt") as a, safe_open(str(double), "pt") as b:
         assert a.keys() == b.keys() and b.metadata()["num_samples"] == "6"
         for k in a.keys():  # noqa: SIM118  (safe_open is not iterable)
-            torch.testing.assert_close(b.get_tensor(k), a.get_tensor(k), rtol=1e-6, atol=0)
+            # the shards pad and batch other samples together, so float32 gradients differ by a few ulp (squared: ~10)
+            torch.testing.assert_close(b.get_tensor(k), a.get_tensor(k), rtol=1e-5, atol=0)
 
 
 def test_the_engine_merges_with_the_file(tiny, tmp_path):

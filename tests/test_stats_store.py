@@ -17,7 +17,7 @@ from test_stats_fisher import collate, llava_samples
 import forgetless
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.errors import ForgetlessError
-from forgetless.stats.distributed import all_reduce_sums, dist_info, shard_samples
+from forgetless.stats.distributed import all_reduce_sums, dist_info, finish_distributed, shard_samples
 from forgetless.stats.fisher import accumulate_fisher
 from forgetless.stats.gram import accumulate_gram
 from forgetless.stats.store import (
@@ -135,6 +135,7 @@ def test_shard_and_single_process_helpers():
     assert dist_info() == (0, 1) or "RANK" in os.environ
     s = {"x": torch.ones(2)}
     assert all_reduce_sums(s, 3) == 3 and torch.equal(s["x"], torch.ones(2))
+    finish_distributed()  # no group of ours: nothing to end, no error
 
 
 SCRIPT = """
@@ -144,7 +145,8 @@ import torch
 torch.set_num_threads(1)
 from conftest import tiny_llava_model
 from test_stats_fisher import collate, llava_samples
-from forgetless.stats.distributed import all_reduce_sums, gather_objects, init_distributed, shard_samples
+from forgetless.stats.distributed import (all_reduce_sums, finish_distributed, gather_objects, init_distributed,
+                                          shard_samples)
 from forgetless.stats.fisher import accumulate_fisher
 from forgetless.stats.gram import accumulate_gram
 from forgetless.stats.store import save_fisher, save_gram
@@ -164,6 +166,7 @@ if rank == 0:
     save_fisher(sys.argv[1] + "/fisher.safetensors", f.sums, n, model_fingerprint="m", data_fingerprint="d",
                 extra={{"skipped": sum(skipped, [])}})
     save_gram(sys.argv[1] + "/gram.safetensors", g.grams, counts, ng, model_fingerprint="m", data_fingerprint="d")
+finish_distributed()  # without it a rank may exit while gloo's threads live, and abort
 """
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_OWNED = False  # whether init_distributed created the process group (and so finish_distributed may end it)
 
 
 def dist_info() -> tuple[int, int]:
@@ -27,14 +28,34 @@ def dist_info() -> tuple[int, int]:
 
 def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (no-op for a single process). Returns (rank, world)."""
+    global _OWNED
     rank, world = dist_info()
     if world > 1 and not dist.is_initialized():
         cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        _OWNED = True
         rank, world = dist.get_rank(), dist.get_world_size()
     return rank, world
+
+
+def finish_distributed(ok: bool = True) -> None:
+    """End the process group that :func:`init_distributed` created (a group the caller made is left alone).
+
+    With ``ok`` every rank first waits for the others (rank 0 may still be writing), so no rank exits while a
+    collective's threads are alive: gloo aborts such a process ("terminate called without an active exception").
+    After a failure the group is torn down without that wait, which could hang on a rank that is gone.
+    """
+    global _OWNED
+    if not (_OWNED and dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if ok:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        _OWNED = False
 
 
 def shard_samples(samples: Sequence[T], rank: int, world: int) -> list[T]:

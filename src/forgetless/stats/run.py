@@ -25,7 +25,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import human_bytes
 from ..errors import ForgetlessError
 from .data import Encoder, data_fingerprint, iter_batches, load_samples
-from .distributed import all_reduce_sums, gather_objects, init_distributed, shard_samples
+from .distributed import all_reduce_sums, finish_distributed, gather_objects, init_distributed, shard_samples
 from .fisher import Progress, accumulate_fisher, checkpoint_names, fisher_memory, linear_modules
 from .gram import accumulate_gram, gram_memory
 from .store import model_fingerprints, save_fisher, save_gram
@@ -115,58 +115,64 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
     data_fp = data_fingerprint(data, samples)
     device = resolve_device(device)
     rank, world = init_distributed(device)
-    say = log if (log is not None and rank == 0) else (lambda _s: None)
-    net, dev = load_model(model_dir, device, dtype)
-    targets = _scoped(net, model_dir, scope, kind, all_params)
-    if not targets:
-        raise ForgetlessError(f"no {'Linear layer' if kind == 'gram' else 'parameter'} of the model in scope "
-                              f"{scope}", file=model_dir, remedy="widen --scope")
-    acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
-    memory = fisher_memory(targets) if kind == "fisher" else gram_memory(targets, acc_dtype)
-    report = StatsReport(kind, out_path, tensors=len(targets), memory_bytes=memory)
-    say(f"{kind}: {len(samples)} samples of {data} on {model_dir} ({world} process{'es' if world > 1 else ''}, "
-        f"{dev}), {len(targets)} tensors in scope, accumulators {human_bytes(memory)}")
-    if dry_run:
-        return report
+    ok = False  # every rank waits for rank 0 to write, then the group ends (see finish_distributed)
+    try:
+        say = log if (log is not None and rank == 0) else (lambda _s: None)
+        net, dev = load_model(model_dir, device, dtype)
+        targets = _scoped(net, model_dir, scope, kind, all_params)
+        if not targets:
+            raise ForgetlessError(f"no {'Linear layer' if kind == 'gram' else 'parameter'} of the model in scope "
+                                  f"{scope}", file=model_dir, remedy="widen --scope")
+        acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
+        memory = fisher_memory(targets) if kind == "fisher" else gram_memory(targets, acc_dtype)
+        report = StatsReport(kind, out_path, tensors=len(targets), memory_bytes=memory)
+        say(f"{kind}: {len(samples)} samples of {data} on {model_dir} ({world} process{'es' if world > 1 else ''}, "
+            f"{dev}), {len(targets)} tensors in scope, accumulators {human_bytes(memory)}")
+        if dry_run:
+            ok = True
+            return report
 
-    mine = shard_samples(samples, rank, world)
-    encoder = Encoder(model_dir, max_length=max_length)
-    bad: list[tuple[Any, str]] = []
-    batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, batch_size, on_bad_sample=on_bad_sample,
-                                                       skipped=bad))
-    ticker = _Ticker(say if progress else None, world)
-    t0 = time.perf_counter()
-    if kind == "fisher":
-        res = accumulate_fisher(net, batches, params=targets, variant=variant, seed=seed,
-                                on_bad="skip" if on_bad_sample == "skip" else "error", progress=ticker,
-                                total=len(mine))
-        sums, count, skipped = dict(res.sums), res.num_samples, list(res.skipped)
-        count = all_reduce_sums(sums, count)
-        token_counts = None
-    else:
-        gres = accumulate_gram(net, batches, linears=targets, dtype=acc_dtype, tokens=tokens, progress=ticker,
-                               total=len(mine))
-        sums, count, skipped = dict(gres.grams), gres.num_samples, []
-        reduced = all_reduce_sums(sums, {**gres.token_counts, "\0samples": count})
-        count = reduced.pop("\0samples")  # type: ignore[union-attr]
-        token_counts = reduced
-    skipped = [s for part in gather_objects(skipped + bad) for s in part]  # type: ignore[union-attr]
-    report.seconds = time.perf_counter() - t0
-    report.num_samples, report.skipped = int(count), skipped
-    if rank == 0 and out_path is not None:
-        fps = model_fingerprints(model_dir)
-        extra = {"variant": variant if kind == "fisher" else None, "scope": scope, "seed": seed, "n": len(samples),
-                 "skipped": len(skipped), "data": str(data), "dtype": dtype, "tokens": tokens if kind == "gram" else None}
-        common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps}
+        mine = shard_samples(samples, rank, world)
+        encoder = Encoder(model_dir, max_length=max_length)
+        bad: list[tuple[Any, str]] = []
+        batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, batch_size, on_bad_sample=on_bad_sample,
+                                                           skipped=bad))
+        ticker = _Ticker(say if progress else None, world)
+        t0 = time.perf_counter()
         if kind == "fisher":
-            save_fisher(out_path, sums, int(count), **common)
+            res = accumulate_fisher(net, batches, params=targets, variant=variant, seed=seed,
+                                    on_bad="skip" if on_bad_sample == "skip" else "error", progress=ticker,
+                                    total=len(mine))
+            sums, count, skipped = dict(res.sums), res.num_samples, list(res.skipped)
+            count = all_reduce_sums(sums, count)
+            token_counts = None
         else:
-            save_gram(out_path, sums, token_counts, int(count), **common)  # type: ignore[arg-type]
-        say(f"wrote {out_path}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
-            f"{report.samples_per_s:.2f} samples/s")
-        for sid, reason in skipped[:10]:
-            say(f"  skipped {sid}: {reason}")
-    return report
+            gres = accumulate_gram(net, batches, linears=targets, dtype=acc_dtype, tokens=tokens, progress=ticker,
+                                   total=len(mine))
+            sums, count, skipped = dict(gres.grams), gres.num_samples, []
+            reduced = all_reduce_sums(sums, {**gres.token_counts, "\0samples": count})
+            count = reduced.pop("\0samples")  # type: ignore[union-attr]
+            token_counts = reduced
+        skipped = [s for part in gather_objects(skipped + bad) for s in part]  # type: ignore[union-attr]
+        report.seconds = time.perf_counter() - t0
+        report.num_samples, report.skipped = int(count), skipped
+        if rank == 0 and out_path is not None:
+            fps = model_fingerprints(model_dir)
+            extra = {"variant": variant if kind == "fisher" else None, "scope": scope, "seed": seed, "n": len(samples),
+                     "skipped": len(skipped), "data": str(data), "dtype": dtype, "tokens": tokens if kind == "gram" else None}
+            common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps}
+            if kind == "fisher":
+                save_fisher(out_path, sums, int(count), **common)
+            else:
+                save_gram(out_path, sums, token_counts, int(count), **common)  # type: ignore[arg-type]
+            say(f"wrote {out_path}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
+                f"{report.samples_per_s:.2f} samples/s")
+            for sid, reason in skipped[:10]:
+                say(f"  skipped {sid}: {reason}")
+        ok = True
+        return report
+    finally:
+        finish_distributed(ok)
 
 
 class _Ticker:
