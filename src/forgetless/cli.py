@@ -22,11 +22,16 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Check everything, print the plan and a peak-memory estimate; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool) -> None:
+@click.option("--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter.")
+def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
+    from .recipe import load_recipe
 
-    merge(recipe, out=out, force=force, dry_run=dry_run, progress=not quiet, log=click.echo)
+    loaded = load_recipe(recipe)
+    if fold:
+        loaded = loaded.model_copy(update={"fold": True})
+    merge(loaded, out=out, force=force, dry_run=dry_run, progress=not quiet, log=click.echo)
 
 
 @cli.command("inspect")
@@ -56,7 +61,9 @@ def methods_cmd() -> None:
                            + (" [per model]" if p in spec.per_model else "") for p, d in spec.params.items())
         aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
         needs = f"\n    needs statistics: {', '.join(spec.needs)}" if spec.needs else ""
-        click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}")
+        space = ("\n    adapter space: models are PEFT LoRA adapters of base; writes an adapter (fold: true: the "
+                 "full model)") if spec.space == "adapter" else ""
+        click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}{space}")
 
 
 @cli.group("stats")

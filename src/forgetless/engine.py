@@ -11,13 +11,19 @@ a model of this structure, shapes), the scope and the output folder. Each tensor
 - ``base`` / ``finetuned``: out of scope (``scope.outside``), or lacking statistics (``scope.no_statistics``);
 - ``base (non-float)``: integer or boolean buffers are never merged.
 
-No tensor is dropped; the report counts tensors and bytes per route and per part. Peak memory is the runtime plus
+No tensor is dropped; the report counts tensors and bytes per route and per part.
+
+Adapter-space methods (``spec.space == "adapter"``: CoPA, the SVD baselines) take the same path with a different
+unit: :func:`build_plan` makes an :class:`AdapterPlan` (the adapters checked against each other and the base), and
+:func:`execute` streams one adapted module at a time — every adapter's (A, B) of it, read from disk only then —
+through the method into the same streaming writer, as a PEFT adapter folder or (``fold``) the full model. Peak memory is the runtime plus
 the tensors in flight: the look-ahead window (`PREFETCH` tensors, each with every input in fp32) and one result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 import time
@@ -33,7 +39,7 @@ import torch
 from . import __version__
 from .checkpoint import layout as layouts
 from .checkpoint.lora import open_model, parse_model_ref
-from .checkpoint.reader import CheckpointReader, read_safetensors_metadata
+from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
 from .errors import ForgetlessError
 from .methods import METHODS, MethodSpec
@@ -128,6 +134,10 @@ class Plan:
 
     def table(self) -> str:
         return route_table(self.jobs)
+
+    def card_note(self) -> str:
+        """Extra lines for the model card (what an adapter merge did with the full tensors, …)."""
+        return ""
 
 
 def tally(jobs: list[Job], key: Callable[[Job], Any]) -> dict[Any, list[int]]:
@@ -286,6 +296,13 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         raise ForgetlessError(f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
                               file=where, remedy="list one model")
     params = _resolve_params(recipe, spec)
+    if spec.space == "adapter":
+        return _adapter_plan(recipe, spec, params, Path(out if out is not None else recipe.out)
+                             if (out or recipe.out) else None, force)
+    if recipe.fold or recipe.non_lora != "average":
+        key = "fold" if recipe.fold else "non_lora"
+        raise ForgetlessError(f"{key}: only for adapter-space methods ({', '.join(_adapter_methods())})",
+                              file=where, remedy=f"remove `{key}:` or choose an adapter-space method")
     if recipe.scope.outside == "finetuned" and len(recipe.models) > 1:
         raise ForgetlessError("scope.outside: 'finetuned' is ambiguous with several models", file=where,
                               remedy="use outside: base")
@@ -415,6 +432,8 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     if plan.out is None:
         raise ForgetlessError("no output folder", file=plan.recipe.source or "recipe",
                               remedy="set `out:` in the recipe or pass --out")
+    if isinstance(plan, AdapterPlan):
+        return _execute_adapter(plan, progress=progress, log=log)
     t0 = time.perf_counter()
     metadata = {"forgetless_version": __version__, "method": plan.spec.name}
     writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
@@ -517,8 +536,8 @@ def model_card(plan: Plan, counts: dict[str, Counter] | None = None) -> str:
     r = plan.recipe
     inputs = [("base", r.base, plan.base)] + [(f"models[{i}]", m.model, rd) for i, (m, rd) in
                                               enumerate(zip(r.models, plan.models))]
-    rows = "\n".join(f"| {label} | `{ref}` | `{rd.fingerprint()}` | `{rd.weights_fingerprint()}` |"
-                     for label, ref, rd in inputs)
+    rows = "\n".join(f"| {label} | `{ref}` | `{rd.fingerprint()}` | "
+                     f"`{getattr(rd, 'weights_fingerprint', rd.fingerprint)()}` |" for label, ref, rd in inputs)
     stat_rows = []
     for need, v in plan.stats.items():
         for rd in v if isinstance(v, list) else [v]:
@@ -532,7 +551,7 @@ tags: [forgetless, merge, {plan.spec.name}]
 # Merged with forgetless {__version__}
 
 Method **{plan.spec.name}**: {plan.spec.doc}
-
+{plan.card_note()}
 ## Recipe
 
 ```yaml
@@ -566,4 +585,313 @@ def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, 
         return execute(plan, progress=progress, log=log)
     finally:
         for rd in [plan.base, *plan.models]:
-            rd.close()
+            getattr(rd, "close", lambda: None)()
+
+
+# ------------------------------------------------------------------------------------------------ adapter space
+def _adapter_methods() -> list[str]:
+    return sorted(n for n, s in METHODS.items() if s.space == "adapter" and n == s.name)
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted Linear: its base weight, its module path in the adapters, shapes, input and output ranks."""
+
+    name: str  # base weight name
+    module: str  # module path as models[0] stores it (the written keys derive from it)
+    shape: tuple[int, int]  # (out, in)
+    ranks: tuple[int, ...]
+    rank: int  # output rank
+    scale: float  # the written adapter's PEFT scale for this module
+
+
+@dataclass
+class AdapterPlan(Plan):
+    """A merge of LoRA adapters in adapter space: ``models`` are :class:`LoraAdapter`s of ``base``."""
+
+    modules: list[AdapterModule] = field(default_factory=list)
+    replaced: dict[str, tuple[str, str, torch.dtype]] = field(default_factory=dict)  # base name -> key, file, dtype
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json of the output
+    factor_dtype: torch.dtype = torch.float32
+
+    def input_bytes(self, job: Job) -> int:
+        return 0
+
+    def peak_memory_estimate(self) -> int:
+        """Runtime + one module's factors of every adapter in fp32 (+ the dense deltas for SVD methods) + a tensor
+        being written. The adapters stay on disk until each module is merged."""
+        n = len(self.models)
+        largest = 0
+        for m in self.modules:
+            out_, in_ = m.shape
+            factors = sum(r * (out_ + in_) for r in m.ranks) * 4 * 2  # read + scaled copy
+            dense = (n + 3) * out_ * in_ * 4 if self.spec.dense or self.recipe.fold else 0
+            largest = max(largest, factors + dense)
+        biggest_out = max((j.out_bytes for j in self.jobs), default=0)
+        return RUNTIME_BYTES + largest + 3 * biggest_out
+
+    def entries(self) -> list[Entry]:
+        return [Entry(j.name, j.shape, j.out_dtype) for j in self.jobs]
+
+    def num_shards(self) -> int:
+        return 1 if not self.recipe.fold else super().num_shards()
+
+    def card_note(self) -> str:
+        r = self.recipe
+        took = ("averaged over the adapters (an adapter without one contributes the base tensor)"
+                if r.non_lora == "average" else f"taken from models[{r.non_lora}] ({r.models[int(r.non_lora)].model})")
+        out = "the full model with the merged update folded in" if r.fold else "a PEFT LoRA adapter"
+        ranks = sorted({m.rank for m in self.modules})
+        return (f"\nMerged in adapter space: {len(self.models)} LoRA adapters of `{r.base}` → {out} "
+                f"(rank {', '.join(map(str, ranks))}). Full tensors the adapters carry (non_lora_trainables, "
+                f"modules_to_save): {len(self.replaced)}, {took}.\n")
+
+
+def _adapter_problems(adapters: list[Any], base: CheckpointReader, spec: MethodSpec) -> list[str]:
+    """Every reason these adapters cannot be merged in adapter space, each naming the adapter and module."""
+    problems: list[str] = []
+    bases = {str(a.config.get("base_model_name_or_path")) for a in adapters if a.config.get("base_model_name_or_path")}
+    if len(bases) > 1:
+        problems.append("adapter_config.json base_model_name_or_path differs: " + ", ".join(
+            f"{a.path}: {a.config.get('base_model_name_or_path')!r}" for a in adapters))
+    first = adapters[0].loras()
+    for i, a in enumerate(adapters):
+        loras = a.loras()
+        if not loras:
+            problems.append(f"models[{i}] {a.path}: no LoRA module (only full tensors)")
+        if i and set(loras) != set(first):
+            diff = sorted(set(loras) ^ set(first))
+            problems.append(f"models[{i}] {a.path}: adapts other modules than models[0] ({len(diff)} differ, e.g. "
+                            f"{', '.join(diff[:3])}; target_modules {a.config.get('target_modules')!r} vs "
+                            f"{adapters[0].config.get('target_modules')!r})")
+        for name, lora in sorted(loras.items()):
+            if lora.kind != "linear" or lora.fan_in_fan_out:
+                what = "fan_in_fan_out Linear" if lora.kind == "linear" else lora.kind
+                problems.append(f"models[{i}] {a.path}: {lora.module} is a {what} LoRA (adapter-space merging "
+                                "takes Linear layers)")
+            elif lora.shape() != tuple(base.info(name).shape):
+                problems.append(f"models[{i}] {a.path}: {lora.module} implies shape {list(lora.shape())}, the base "
+                                f"has {list(base.info(name).shape)}")
+            elif spec.equal_ranks and name in first and lora.A.shape[0] != first[name].A.shape[0]:
+                problems.append(f"models[{i}] {a.path}: {lora.module} has rank {lora.A.shape[0]}, models[0] has "
+                                f"{first[name].A.shape[0]} ({spec.name} merges adapters of one rank)")
+        for b in sorted(a.lora_biases()):
+            problems.append(f"models[{i}] {a.path}: {b} has a lora_B bias (lora_bias=True), which adapter-space "
+                            "merging does not take")
+    return problems
+
+
+def _open_adapter(ref: str, base: CheckpointReader, label: str, where: str) -> Any:
+    from .checkpoint.lora import ADAPTER_CONFIG, NON_LORA, LoraAdapter
+
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        if "+" in ref:
+            raise ForgetlessError(f"{label}: adapter-space methods take the adapter folder alone ({ref!r})",
+                                  file=where, remedy="write the adapter folder under models and its base under base")
+        raise ForgetlessError(f"{label}: adapter folder not found", file=path, remedy="check the path")
+    if not (path / ADAPTER_CONFIG).is_file() and not (path / NON_LORA).is_file():
+        what = "a full model folder" if (path / "config.json").is_file() else "not a PEFT adapter folder"
+        raise ForgetlessError(f"{label}: {what}, where a LoRA adapter is expected (no {ADAPTER_CONFIG})", file=path,
+                              remedy="give PEFT adapter folders (save_pretrained), or merge full models with a "
+                                     "weight-space method (task_arithmetic, ties, …)")
+    return LoraAdapter(path, base.names())
+
+
+def _output_config(adapters: list[Any], ranks: list[int]) -> dict[str, Any]:
+    """models[0]'s adapter_config.json with the output ranks: ``r`` the commonest, ``rank_pattern`` for the others;
+    ``lora_alpha`` kept when ``r`` is models[0]'s, else ``r`` (PEFT's add_weighted_adapter does the same);
+    ``modules_to_save`` the union over the adapters (their full tensors are merged)."""
+    cfg = dict(adapters[0].config)
+    saved = [m for a in adapters for m in (a.config.get("modules_to_save") or [])]
+    if saved:
+        cfg["modules_to_save"] = list(dict.fromkeys(saved))
+    r = Counter(ranks).most_common(1)[0][0]
+    if r != cfg.get("r", 8):
+        cfg["lora_alpha"] = r
+    cfg.update(r=r, alpha_pattern={}, inference_mode=True)
+    cfg.setdefault("lora_alpha", 8)
+    cfg.setdefault("peft_type", "LORA")
+    return cfg
+
+
+def _peft_scale(cfg: dict[str, Any], rank: int) -> float:
+    alpha = float(cfg["lora_alpha"])
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def _adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out: Path | None,
+                  force: bool) -> AdapterPlan:
+    from .checkpoint.lora import ADAPTER_SAFE, PEFT_PREFIX
+
+    where = recipe.source or "recipe"
+    if recipe.statistics or any(m.statistics for m in recipe.models):
+        raise ForgetlessError(f"statistics: {spec.name!r} takes none", file=where, remedy="remove `statistics:`")
+    if recipe.scope.include or recipe.scope.exclude:
+        raise ForgetlessError(f"scope: {spec.name!r} merges every module the adapters adapt", file=where,
+                              remedy="remove `scope:` (train the adapters on the modules you want merged)")
+    if isinstance(recipe.non_lora, int) and not 0 <= recipe.non_lora < len(recipe.models):
+        raise ForgetlessError(f"non_lora: {recipe.non_lora} is not an index into models (0–{len(recipe.models) - 1})",
+                              file=where, remedy="give average or the index of one model")
+    base_ref, base_adapter = parse_model_ref(recipe.base)
+    if base_adapter is not None:
+        raise ForgetlessError("base: the base model folder alone, without +ADAPTER", file=where,
+                              remedy="list the adapter under models")
+    _check_paths(recipe, out, force, [])
+    base = CheckpointReader(base_ref)
+    adapters = [_open_adapter(m.model, base, f"models[{i}]", where) for i, m in enumerate(recipe.models)]
+    problems = _adapter_problems(adapters, base, spec)
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
+                                                      if len(problems) > MAX_LISTED else "")
+        raise ForgetlessError(f"{len(problems)} problem(s) with the adapters: {listed}", file=where,
+                              remedy="merge adapters trained on one base, with the same target modules"
+                                     + (" and rank" if spec.equal_ranks else ""))
+    names = base.names()
+    layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
+    first = adapters[0].loras()
+    order = {n: i for i, n in enumerate(names)}
+    rank_of = {name: spec.out_rank([a.loras()[name].A.shape[0] for a in adapters],  # type: ignore[misc]
+                                   {k.rstrip("_"): v for k, v in params.items()})
+               for name in first}
+    cfg = _output_config(adapters, list(rank_of.values()))
+    pattern = {first[n].module: r for n, r in rank_of.items() if r != cfg["r"]}
+    cfg["rank_pattern"] = pattern
+    modules = [AdapterModule(n, first[n].module, tuple(base.info(n).shape),  # type: ignore[arg-type]
+                             tuple(a.loras()[n].A.shape[0] for a in adapters), rank_of[n],
+                             _peft_scale(cfg, rank_of[n]))
+               for n in sorted(first, key=order.__getitem__)]
+    replaced: dict[str, tuple[str, str, torch.dtype]] = {}
+    for a in adapters:
+        for n, (key, src, dt) in a.replacements().items():
+            replaced.setdefault(n, (key, src, DTYPES.get(recipe.dtype, dt)))
+    factor_dtype = DTYPES.get(recipe.dtype) or next(iter(first.values())).A.dtype
+
+    jobs: list[Job] = []
+    route_full = "non_lora average" if recipe.non_lora == "average" else f"non_lora models[{recipe.non_lora}]"
+    if recipe.fold:
+        adapted = {m.name for m in modules}
+        for n in names:
+            info = base.info(n)
+            dt = info.dtype if recipe.dtype == "base" or not info.dtype.is_floating_point else DTYPES[recipe.dtype]
+            route = ("method" if n in adapted else route_full if n in replaced else
+                     "base" if info.dtype.is_floating_point else "base (non-float)")
+            jobs.append(Job(n, route, layouts.part_of(layout, n), info.shape, info.dtype, dt))
+    else:
+        for m in modules:
+            part = layouts.part_of(layout, m.name)
+            for kind, shape in (("lora_A", (m.rank, m.shape[1])), ("lora_B", (m.shape[0], m.rank))):
+                jobs.append(Job(f"{PEFT_PREFIX}{m.module}.{kind}.weight", "method", part, shape, factor_dtype,
+                                factor_dtype))
+        for n, (key, src, dt) in sorted(replaced.items(), key=lambda kv: order[kv[0]]):
+            if src == ADAPTER_SAFE:
+                jobs.append(Job(key, route_full, layouts.part_of(layout, n), tuple(base.info(n).shape), dt, dt))
+        # tensors from non_lora_trainables.bin are written back to that file beside the adapter, not planned here
+    return AdapterPlan(recipe, spec, params, base, adapters, {}, layout, jobs, out, force, modules=modules,
+                       replaced=replaced, config=cfg, factor_dtype=factor_dtype)
+
+
+class _AdapterRunner:
+    """Merges one module (or full tensor) at a time across the adapters."""
+
+    def __init__(self, plan: AdapterPlan):
+        self.plan = plan
+        self.kwargs = dict(plan.params)
+
+    def pair(self, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged ``(A, B)`` of module `m`, scaled for the written adapter (``B @ A · scale`` is the update)."""
+        p = self.plan
+        pairs = []
+        for a in p.models:
+            A, B, s = a.loras()[m.name].factors()
+            root = math.sqrt(s)
+            pairs.append((A * root, B * root))
+        kwargs = dict(self.kwargs)
+        if "name" in p.spec.context:
+            kwargs["name"] = m.name
+        if "generator" in p.spec.context:
+            kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(p.recipe.seed, m.name))
+        A, B = p.spec.fn(pairs, **kwargs)
+        if tuple(A.shape) != (m.rank, m.shape[1]) or tuple(B.shape) != (m.shape[0], m.rank):
+            raise AssertionError(f"method {p.spec.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for "
+                                 f"{m.name}; planned rank {m.rank}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ForgetlessError(f"method {p.spec.name!r} produced NaN or Inf", tensor=m.name,
+                                  remedy="check the adapters' factors of this module for NaN/Inf")
+        inv = 1.0 / math.sqrt(m.scale)
+        return A * inv, B * inv
+
+    def full(self, name: str) -> torch.Tensor:
+        """A full tensor the adapters replace: their average (the base standing in for an adapter without it), or
+        the chosen adapter's."""
+        p = self.plan
+        if p.recipe.non_lora != "average":
+            a = p.models[int(p.recipe.non_lora)]
+            t = a.replacement(name)
+            return p.base.get(name).float() if t is None else t.clone()
+        parts = [a.replacement(name) for a in p.models]
+        base = p.base.get(name).float() if any(t is None for t in parts) else None
+        return torch.stack([base if t is None else t for t in parts]).mean(dim=0)
+
+
+def _execute_adapter(plan: AdapterPlan, *, progress: bool, log: Callable[[str], None] | None) -> MergeReport:
+    from .checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, NON_LORA, PEFT_PREFIX
+
+    t0 = time.perf_counter()
+    r = plan.recipe
+    metadata = {"forgetless_version": __version__, "method": plan.spec.name}
+    entries = plan.entries()
+    shard = parse_size(r.shard_size) if r.fold else sum(e.nbytes for e in entries) + 1
+    writer = StreamingWriter(plan.out, entries, shard_size=shard, force=plan.force,  # type: ignore[arg-type]
+                             metadata=metadata, single_name=SAFE_SINGLE if r.fold else ADAPTER_SAFE)
+    runner = _AdapterRunner(plan)
+    bar = _progress(plan, progress)
+    by_name = {m.name: m for m in plan.modules}
+    try:
+        if r.fold:
+            for job in plan.jobs:
+                if job.route == "method":
+                    A, B = runner.pair(by_name[job.name])
+                    w = runner.full(job.name) if job.name in plan.replaced else plan.base.get(job.name).float()
+                    out = w.addmm_(B, A, alpha=by_name[job.name].scale).to(job.out_dtype)
+                elif job.name in plan.replaced:
+                    out = runner.full(job.name).to(job.out_dtype)
+                elif _copyable(plan.base, job.name, job):
+                    out = plan.base.raw(job.name)
+                else:
+                    out = plan.base.get(job.name).to(job.out_dtype)
+                writer.write(job.name, out)
+                bar.update(job)
+            extra = {"README.md": model_card(plan)}
+            side = _side_dir(r.base)
+        else:
+            jobs = {j.name: j for j in plan.jobs}
+            for m in plan.modules:
+                A, B = runner.pair(m)
+                for kind, t in (("lora_A", A), ("lora_B", B)):
+                    job = jobs[f"{PEFT_PREFIX}{m.module}.{kind}.weight"]
+                    writer.write(job.name, t.to(job.out_dtype).contiguous())
+                    bar.update(job)
+            bin_out: dict[str, torch.Tensor] = {}
+            for name, (key, src, dt) in plan.replaced.items():
+                t = runner.full(name).to(dt)
+                if src == NON_LORA:
+                    bin_out[key] = t
+                else:
+                    writer.write(key, t)
+                    bar.update(jobs[key])
+            if bin_out:
+                torch.save(bin_out, writer.tmp / NON_LORA)
+            extra = {"README.md": model_card(plan), ADAPTER_CONFIG: json.dumps(plan.config, indent=2) + "\n"}
+            side = None
+        writer.commit(side_files_from=side, config_updates=_config_updates(plan) if r.fold else None,
+                      extra_files=extra)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    report = MergeReport(plan.out, plan, time.perf_counter() - t0)
+    if log:
+        log(report.summary())
+    return report

@@ -21,6 +21,11 @@
     layout: auto                            # or a family name: `forgetless inspect` shows the detected one
     out: path/to/merged
 
+Adapter-space methods (``copa``, ``lora_ties``, …; `forgetless methods` marks them) take PEFT LoRA adapter folders
+as ``models`` and write a PEFT adapter folder, or, with ``fold: true``, the full model with the merged update
+folded into ``base``. The adapters' full tensors (LLaVA's ``non_lora_trainables.bin``, PEFT ``modules_to_save``)
+are averaged (``non_lora: average``) or taken from one adapter (``non_lora: 2``, an index into ``models``).
+
 Validation errors name the key (``models[1].model``) and the file.
 """
 
@@ -71,6 +76,8 @@ class Recipe(BaseModel):
     shard_size: str | int = "5GB"
     seed: int = 0
     layout: str = "auto"
+    fold: bool = False
+    non_lora: Literal["average"] | int = "average"
     out: str | None = None
     source: str | None = Field(default=None, exclude=True)  # the file it came from, for error messages
 

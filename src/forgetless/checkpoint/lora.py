@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ForgetlessError
 from .layout import name_aliases
-from .reader import CheckpointReader, TensorInfo, load_bin
+from .reader import SAFE_DTYPES, CheckpointReader, TensorInfo, load_bin
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFE = "adapter_model.safetensors"
@@ -73,6 +73,28 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+class _LazyTensor:
+    """One tensor of an open safetensors file: shape and dtype now, the data when ``load``/``float`` is called."""
+
+    def __init__(self, handle: Any, key: str):
+        self.handle, self.key = handle, key
+        sl = handle.get_slice(key)
+        self.shape = torch.Size(sl.get_shape())
+        self.dtype = SAFE_DTYPES[sl.get_dtype()]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def load(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.key)
+
+    def float(self) -> torch.Tensor:
+        return self.load().float()
 
 
 @dataclass
@@ -123,6 +145,7 @@ class LoraAdapter:
         self._lora: dict[str, _Lora] = {}
         self._bias: dict[str, tuple[torch.Tensor, float]] = {}  # bias name -> (lora_B.bias, scale)
         self._replace: dict[str, torch.Tensor] = {}
+        self._replace_keys: dict[str, tuple[str, str]] = {}  # base name -> (key as stored, file it came from)
         self._build(weights, extra, base)
 
     # ------------------------------------------------------------------ reading
@@ -160,19 +183,21 @@ class LoraAdapter:
                 raise ForgetlessError(f"{key} must be a positive number, got {cfg.get(key)!r}", file=f,
                                       remedy="fix adapter_config.json")
 
-    def _load_weights(self) -> dict[str, torch.Tensor]:
+    def _load_weights(self) -> dict[str, Any]:
+        """Tensor name -> tensor, or a :class:`_LazyTensor` that reads it from the safetensors file when used (eight
+        7B-sized adapters stay on disk until each module is merged)."""
         safe, binf = self.path / ADAPTER_SAFE, self.path / ADAPTER_BIN
         if safe.exists():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+            from safetensors import SafetensorError, safe_open
 
             try:
-                sd = load_file(str(safe))
-            except (SafetensorError, OSError) as e:
+                handle = safe_open(str(safe), framework="pt")  # checks the header covers the file: truncation fails here
+                lazy = {k: _LazyTensor(handle, k) for k in handle.keys()}  # noqa: SIM118 (not iterable)
+            except (SafetensorError, OSError, RuntimeError) as e:
                 raise ForgetlessError(f"cannot read ({e})", file=safe,
                                       remedy="the file is damaged or incomplete; save the adapter again") from None
             self.files.append(safe)
-            return sd
+            return lazy
         if binf.exists():
             self.files.append(binf)
             return load_bin(binf)
@@ -217,9 +242,9 @@ class LoraAdapter:
             # modules_to_save copies; ``<module>.base_layer.weight`` is the full embedding PEFT saves with
             # save_embedding_layers (a replacement the LoRA delta then applies to)
             self._add_replacement(_MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."), key, t, resolve,
-                                  unmapped)
+                                  unmapped, ADAPTER_SAFE)
         for key, t in extra.items():
-            self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped)
+            self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped, NON_LORA)
 
         for module, slots in pairs.items():
             if "lora_embedding_A" in slots or "lora_embedding_B" in slots:
@@ -262,7 +287,8 @@ class LoraAdapter:
                                   file=self.path,
                                   remedy="check that the adapter was trained on this base model")
 
-    def _add_replacement(self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str]) -> None:
+    def _add_replacement(self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str],
+                         source: str) -> None:
         target = resolve(name)
         if target is None:
             unmapped.append(key)
@@ -271,6 +297,7 @@ class LoraAdapter:
                                   file=self.path, tensor=target, remedy="keep one of the two copies")
         else:
             self._replace[target] = t
+            self._replace_keys[target] = (key, source)
 
     # ------------------------------------------------------------------ queries
     def targets(self) -> set[str]:
@@ -300,6 +327,18 @@ class LoraAdapter:
         """``(A, B, scale)`` in float32 with ``delta == scale * (B @ A).reshape(weight.shape)``; None if not LoRA."""
         lora = self._lora.get(name)
         return lora.factors() if lora else None
+
+    def loras(self) -> dict[str, _Lora]:
+        """Base weight name -> its LoRA pair (factors read when used)."""
+        return dict(self._lora)
+
+    def lora_biases(self) -> set[str]:
+        """Base bias names the adapter changes through ``lora_B.bias`` (``lora_bias=True``)."""
+        return set(self._bias)
+
+    def replacements(self) -> dict[str, tuple[str, str, torch.dtype]]:
+        """Base name -> (key as the adapter stores it, the file that holds it: adapter_model / non_lora, dtype)."""
+        return {n: (*kf, self._replace[n].dtype) for n, kf in self._replace_keys.items()}
 
     def replacement(self, name: str) -> torch.Tensor | None:
         t = self._replace.get(name)

@@ -112,7 +112,9 @@ def plan_shards(entries: list[Entry], shard_size: int) -> list[list[Entry]]:
 
 class StreamingWriter:
     def __init__(self, out: Path, entries: list[Entry], *, shard_size: int, force: bool = False,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, single_name: str = SAFE_SINGLE):
+        """``single_name``: the file name when everything fits one shard (a PEFT adapter is one
+        ``adapter_model.safetensors``: give it a shard size above its total)."""
         self.out = Path(out)
         if self.out.exists() and not force:
             raise ForgetlessError("output folder already exists", file=self.out,
@@ -125,7 +127,7 @@ class StreamingWriter:
         self.force = force
         groups = plan_shards(entries, shard_size)
         n = len(groups)
-        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.shards = [_Shard(f, g) for f, g in zip(names, groups)]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []

@@ -23,6 +23,12 @@ The engine reads everything it needs from the registration and the signature:
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
   and reverted elements), which the merge report and model card show per part.
+- ``space``: "weight" (default; the functions above get whole tensors) or "adapter": the method merges LoRA
+  adapters in adapter space (:mod:`.adapter`): its first argument is a list of ``(A, B)`` pairs, one per recipe
+  model, with the update ``B @ A``, and it returns one such pair. ``out_rank(ranks, params)`` gives the output
+  rank from the input ranks and the recipe parameters (the writer plans every tensor before the first merge);
+  ``equal_ranks`` makes the engine refuse adapters of different ranks before any work; ``dense`` says the method
+  forms the full [out, in] deltas (for the memory estimate).
 All tensors arrive in float32 as fresh copies that the method owns: it may work in place on them (and should, for
 large tensors: every new allocation costs page faults). The engine casts the result to the output dtype.
 """
@@ -55,6 +61,10 @@ class MethodSpec:
     without_statistics: Literal["route", "call"] = "route"
     prepare: Callable[..., dict[str, Any] | None] | None = None
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # recipe name -> allowed values (Literal)
+    space: Literal["weight", "adapter"] = "weight"
+    out_rank: Callable[[list[int], dict[str, Any]], int] | None = None
+    equal_ranks: bool = False
+    dense: bool = False
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -77,7 +87,10 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  aliases: tuple[str, ...] = (),
                  stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
                  without_statistics: Literal["route", "call"] = "route",
-                 prepare: Callable[..., dict[str, Any] | None] | None = None):
+                 prepare: Callable[..., dict[str, Any] | None] | None = None,
+                 space: Literal["weight", "adapter"] = "weight",
+                 out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
+                 dense: bool = False):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -96,7 +109,10 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           tuple(per_model), params, tuple(context), tuple(aliases),
                           inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
                           without_statistics, prepare=prepare,
-                          choices=_literal_choices(fn))
+                          choices=_literal_choices(fn), space=space, out_rank=out_rank, equal_ranks=equal_ranks,
+                          dense=dense)
+        if space == "adapter" and out_rank is None:
+            raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
         unknown = set(spec.stat_shapes) - set(spec.needs)
         if unknown:
             raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")

@@ -1,0 +1,204 @@
+"""Adapter-space merges: several LoRA adapters of one base in, one LoRA adapter out (METHODS.md, "CoPA-Merging").
+
+The unit is one adapted Linear across the N input adapters: a list of pairs ``(A, B)`` (A: [r, in], B: [out, r])
+with the task's update ``ΔWₙ = Bₙ @ Aₙ``: the engine folds each adapter's PEFT scale s = α/r into the pair as
+``(√s·A, √s·B)`` before the call (PEFT's ``linear`` and ``cat`` weigh the factors so), so every pair here is
+scale-free. A method returns one pair ``(A', B')`` with the merged update ``B' @ A'``; the engine divides both by
+√s of the output adapter when it writes the PEFT folder (with equal input scales, the reference CoPA's factors
+come out exactly as its code writes them).
+
+- ``copa``: CoPA-Merging (Zeng et al., 2025). A and B are pruned and merged separately, with a per-rank scale that
+  restores the magnitude pruning removed and a cross-task normalisation of that scale. ``variant="paper"`` is the
+  paper's rule; ``variant="reference"`` the published code's (github AuroraZengfh/RobustMerge,
+  ``llava/model/builder.py``, ``load_and_merge_pretrained_model``), with its accidents fixed as documented there.
+- ``lora_task_arithmetic`` / ``lora_ties`` / ``lora_dare_linear`` / ``lora_dare_ties``: the full-weight rules of
+  :mod:`.baselines` applied to the deltas ``ΔWₙ``, re-factored to ``rank`` by truncated SVD (PEFT's
+  ``add_weighted_adapter`` ``svd`` / ``ties_svd`` / ``dare_linear_svd`` / ``dare_ties_svd``; ``B' = U·S``,
+  ``A' = Vᵀ`` as PEFT writes them). Task arithmetic's sum has rank ≤ Σrₙ, so its SVD is taken exactly through
+  the QR factors of the stacked pairs, never of the full [out, in] matrix.
+- ``lora_cat``: the exact sum, rank Σrₙ (PEFT ``cat``); ``lora_linear``: PEFT's ``linear``, which averages A and B
+  separately (``√w``-weighted) — a rough approximation of the sum, kept because PEFT users compare against it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .baselines import Convention, dare_linear, dare_ties, kth_largest, magnitude_trim, ties
+from .registry import merge_method
+
+Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+def deltas(pairs: list[Pair]) -> list[Tensor]:
+    """ΔWₙ = Bₙ @ Aₙ for every pair."""
+    return [B @ A for A, B in pairs]
+
+
+def truncated_svd(delta: Tensor, rank: int) -> Pair:
+    """The best rank-`rank` factors of `delta` (Eckart–Young): ``(Vᵀ[:rank], U[:, :rank]·S[:rank])``."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
+
+
+def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int) -> Pair:
+    """Truncated SVD of ``Σ cₙ Bₙ Aₙ`` without forming it: with ``[c₁B₁ … ] = Q_B R_B`` and ``[A₁; …]ᵀ = Q_A R_A``
+    the sum is ``Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the small Σr × Σr core gives the exact singular triplets."""
+    Bs = torch.cat([B * c for (_, B), c in zip(pairs, coeffs)], dim=1)
+    As = torch.cat([A for A, _ in pairs], dim=0)
+    if Bs.shape[1] >= min(Bs.shape[0], As.shape[1]):  # no smaller core than the matrix itself
+        return truncated_svd(Bs @ As, rank)
+    Qb, Rb = torch.linalg.qr(Bs)
+    Qa, Ra = torch.linalg.qr(As.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    rank = min(rank, S.numel())
+    return (Vh[:rank] @ Qa.T).contiguous(), ((Qb @ U[:, :rank]) * S[:rank]).contiguous()
+
+
+def _svd_rank(pairs: list[Pair], rank: int | None) -> int:
+    """The output rank of the SVD re-factoring: `rank`, else the largest input rank (PEFT's default)."""
+    return int(rank) if rank is not None else max(A.shape[0] for A, _ in pairs)
+
+
+def _zeros_like_delta(pairs: list[Pair]) -> Tensor:
+    A, B = pairs[0]
+    return torch.zeros(B.shape[0], A.shape[1], dtype=A.dtype)
+
+
+def keep_top(t: Tensor, density: float) -> Tensor:
+    """CoPA paper: keep the ⌊density·numel⌋ entries of largest |t| per matrix (ties: lowest index), zero the rest."""
+    return magnitude_trim(t.clone(), density)
+
+
+def keep_at_least_kth(t: Tensor, density: float) -> Tensor:
+    """CoPA reference code: threshold at the k-th smallest |t| with k = int(numel·(1−density)) and keep every entry
+    ``≥`` it (so ties at the threshold are all kept, and n−k+1 entries survive without ties). k = 0: keep all."""
+    n = t.numel()
+    k = int(n * (1.0 - density))
+    if k <= 0:
+        return t.clone()
+    a = t.abs().reshape(-1)
+    thr = kth_largest(a, n - k + 1)  # the k-th smallest is the (n−k+1)-th largest
+    return t * (t.abs() >= thr)
+
+
+def rank_scale(A: Tensor, A_kept: Tensor) -> Tensor:
+    """CoPA's per-rank scale ``Sⁱ = Σⱼ|A[i, j]| / Σⱼ|Ã[i, j]|`` (≥ 1). A rank row of Ã with nothing kept gets
+    S = 1, the value of a row that lost nothing (the published code divides by zero there)."""
+    full, kept = A.abs().sum(dim=1), A_kept.abs().sum(dim=1)
+    return torch.where(kept > 0, full / kept.clamp_min(torch.finfo(A.dtype).tiny), torch.ones_like(full))
+
+
+def clamp_below_at_quantile(s: Tensor, q: float) -> Tensor:
+    """The reference code's clamp: raise every value below the ``int(q·r)``-th smallest (0-based) of `s` to it."""
+    floor = s.sort().values[min(int(q * s.numel()), s.numel() - 1)]
+    return s.clamp_min(floor)
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def _copa_out_rank(ranks: list[int], params: dict) -> int:
+    return ranks[0]
+
+
+def _svd_out_rank(ranks: list[int], params: dict) -> int:
+    return int(params.get("rank") or max(ranks))
+
+
+@merge_method("copa", space="adapter", out_rank=_copa_out_rank, equal_ranks=True)
+def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
+         variant: Literal["paper", "reference"] = "paper") -> Pair:
+    """CoPA-Merging: prune A and B, rescale each rank by the mass pruning removed, normalise across tasks.
+
+    paper:     Ãₙ, B̃ₙ keep the top-`density` |entries| of each matrix; Sₙ = rank_scale(Aₙ, Ãₙ);
+               S̃ₙ = Sₙ / Σₘ Sₘ (per rank); ΔW = λ · (Σₙ B̃ₙ diag(S̃ₙ)) · (Σₙ Ãₙ).
+    reference: masks keep every |entry| ≥ the int(numel·(1−density))-th smallest; each task's S is clamped from
+               below at its int(0.8·r)-th smallest value; A' = λ Σₙ Ãₙ, B' = λ Σₙ B̃ₙ diag(Sₙ) / Σₙ Sₙ, so
+               ΔW = λ² · … (the code's 2.0 on both factors: 4× the sum). A and B of one module are paired
+               explicitly (the code takes B's scale from the preceding lora_A key).
+    """
+    if variant == "paper":
+        kept = []
+        for A, B in loras:
+            a = keep_top(A, density)
+            kept.append((a, keep_top(B, density), rank_scale(A, a)))
+        total = torch.stack([s for *_, s in kept]).sum(dim=0)
+        norm = [torch.where(total > 0, s / total.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+                for *_, s in kept]
+        A_out = torch.stack([a for a, _, _ in kept]).sum(dim=0)
+        B_out = sum(b * n for (_, b, _), n in zip(kept, norm)) * lambda_
+        return A_out, B_out
+    kept = []
+    for A, B in loras:
+        a = keep_at_least_kth(A, density)
+        kept.append((a, keep_at_least_kth(B, density), clamp_below_at_quantile(rank_scale(A, a), 0.8)))
+    total = torch.stack([s for *_, s in kept]).sum(dim=0)
+    A_out = lambda_ * torch.stack([a for a, _, _ in kept]).sum(dim=0)
+    B_out = lambda_ * sum(b * s for _, b, s in kept) / total
+    return A_out, B_out
+
+
+@merge_method("lora_task_arithmetic", aliases=("lora_svd",), space="adapter", per_model=("weight",),
+              out_rank=_svd_out_rank)
+def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0,
+                         rank: int | None = None) -> Pair:
+    """Task arithmetic on the LoRA deltas, λ·Σ wₙ BₙAₙ, re-factored to `rank` by exact truncated SVD (PEFT `svd`)."""
+    return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank))
+
+
+@merge_method("lora_ties", aliases=("lora_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
+              out_rank=_svd_out_rank)
+def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5, lambda_: float = 1.0,
+              sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
+              rank: int | None = None) -> Pair:
+    """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`)."""
+    merged = ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
+                  sign=sign, convention=convention)
+    return truncated_svd(merged, _svd_rank(loras, rank))
+
+
+@merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
+              per_model=("weight", "density"), out_rank=_svd_out_rank)
+def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+                     lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
+                     generator: torch.Generator | None = None) -> Pair:
+    """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`)."""
+    merged = dare_linear(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
+                         rescale=rescale, generator=generator)
+    return truncated_svd(merged, _svd_rank(loras, rank))
+
+
+@merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
+              out_rank=_svd_out_rank)
+def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+                   lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
+                   convention: Convention = "mergekit", rank: int | None = None,
+                   generator: torch.Generator | None = None) -> Pair:
+    """DARE + TIES consensus on the LoRA deltas, re-factored to `rank` by SVD (PEFT `dare_ties_svd`)."""
+    merged = dare_ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
+                       rescale=rescale, sign=sign, convention=convention, generator=generator)
+    return truncated_svd(merged, _svd_rank(loras, rank))
+
+
+@merge_method("lora_cat", space="adapter", per_model=("weight",),
+              out_rank=lambda ranks, params: sum(ranks))
+def lora_cat(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0) -> Pair:
+    """The exact sum λ·Σ wₙ BₙAₙ as one adapter of rank Σrₙ: the factors stacked (PEFT `cat`)."""
+    return (torch.cat([A for A, _ in loras], dim=0),
+            torch.cat([B * (lambda_ * w) for (_, B), w in zip(loras, weight)], dim=1))
+
+
+@merge_method("lora_linear", space="adapter", per_model=("weight",), out_rank=_copa_out_rank, equal_ranks=True)
+def lora_linear(loras: list[Pair], *, weight: list[float] = 1.0) -> Pair:
+    """PEFT's `linear`: A' = Σ ±√|wₙ| Aₙ, B' = Σ √|wₙ| Bₙ (factors averaged separately; cross terms included)."""
+    roots = [abs(w) ** 0.5 for w in weight]
+    A_out = sum(A * (r if w >= 0 else -r) for (A, _), r, w in zip(loras, roots, weight))
+    B_out = sum(B * r for (_, B), r in zip(loras, roots))
+    return A_out, B_out
+
+
+__all__ = ["Pair", "copa", "deltas", "lora_cat", "lora_dare_linear", "lora_dare_ties", "lora_linear",
+           "lora_task_arithmetic", "lora_ties", "lowrank_sum_svd", "truncated_svd"]
