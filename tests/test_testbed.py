@@ -167,3 +167,78 @@ def test_assembled_model_is_smollm2_plus_the_committed_vision_weights():
     tok = proc.tokenizer
     colours = {c: logits[tok.encode(c)[0]].item() for c in scenes.COLOURS}
     assert max(colours, key=colours.get) == "red"  # the trained vision side is read by the language model
+
+
+# ---------------------------------------------------------------------------------- the multi-task experiment's tasks
+NEW = ("largest_colour", "odd_colour", "count_red", "digit_parity")
+
+
+@pytest.fixture(scope="module")
+def new_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("new_tasks")
+    for name in NEW:
+        tasks.write_task(root, name, sizes={**SIZES, "train": SIZES["train"] if tasks.TASKS[name].sizes["train"]
+                                            else 0})
+    return root
+
+
+def _blobs(img, colour):
+    lab, n = ndimage.label(_mask(img, colour))
+    return [np.argwhere(lab == k + 1) for k in range(n)]
+
+
+def test_largest_colour_answer_is_the_widest_blob(new_root):
+    # the largest shape's radius is ≥ 1.35× every other's, so its bounding box's longer side is the longest
+    for rec in _records(new_root / "largest_colour", "test"):
+        img = _pixels(new_root / "largest_colour", rec)
+        extent = {c: max(int(np.ptp(b, axis=0).max()) for b in _blobs(img, c))
+                  for c in scenes.COLOURS if _mask(img, c).any()}
+        assert len(extent) == 3 and max(extent, key=extent.get) == rec["answer"] and rec["answer"] in rec["options"]
+
+
+def test_odd_colour_answer_is_the_colour_with_one_blob(new_root):
+    answers = set()
+    for rec in _records(new_root / "odd_colour", "test"):
+        img = _pixels(new_root / "odd_colour", rec)
+        blobs = {c: len(_blobs(img, c)) for c in scenes.COLOURS}
+        once = [c for c, k in blobs.items() if k == 1]
+        assert once == [rec["answer"]] and 3 <= sum(blobs.values()) <= 5
+        answers.add(rec["answer"])
+    assert len(answers) >= 3
+
+
+def test_count_red_answer_is_the_number_of_red_blobs(new_root):
+    counts = set()
+    for rec in _records(new_root / "count_red", "test"):
+        img = _pixels(new_root / "count_red", rec)
+        k = len(_blobs(img, "red"))
+        assert str(k) == rec["answer"] and rec["options"] == ["1", "2", "3", "4"]
+        assert sum(len(_blobs(img, c)) for c in scenes.COLOURS) > k  # never only red shapes
+        counts.add(k)
+    assert counts == {1, 2, 3, 4}
+
+
+def test_digit_parity_is_the_digits_own_held_out_images(new_root):
+    _, labels = scenes.digits()
+    for split in ("val", "test"):
+        idx = tasks._digit_indices(split, 0)
+        want = ["odd" if labels[i] % 2 else "even" for i in idx[:SIZES[split]]]
+        assert [r["answer"] for r in _records(new_root / "digit_parity", split)] == want
+        assert not set(idx) & set(tasks._digit_indices("train", 0))  # never a digits training picture
+
+
+def test_new_tasks_splits_and_kinds(new_root):
+    for name in NEW:
+        meta = json.loads((new_root / name / "task.json").read_text())
+        assert meta["kind"] == "downstream" and meta["role"] == tasks.TASKS[name].kind
+    for name in ("largest_colour", "odd_colour"):
+        folder = new_root / name
+        digests = {s: {hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() for r in _records(folder, s)}
+                   for s in tasks.SPLITS}
+        assert not digests["train"] & digests["test"] and not digests["val"] & digests["test"]
+    for name in tasks.UNSEEN:
+        assert (new_root / name / "train.jsonl").read_text() == ""
+    # the single-task report's downstream tasks are unchanged; the multi-task ones add to them
+    assert tasks.DOWNSTREAM == ["digits", "spatial", "count_many", "tag"]
+    assert tasks.SEEN == [*tasks.DOWNSTREAM, "largest_colour", "odd_colour"]
+    assert tasks.UNSEEN == ["digit_parity", "count_red"] and not set(tasks.SEEN) & set(tasks.UNSEEN)

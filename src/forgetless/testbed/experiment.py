@@ -74,15 +74,18 @@ def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
 
 
 def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
-    """The fine-tuned model for (base, task, recipe), reused when its :func:`finetune_key` matches."""
-    from ..train import finetune
+    """The fine-tuned model for (base, task, recipe), reused when its :func:`finetune_key` matches. A recipe with
+    ``lora`` (a :class:`forgetless.train.LoraSpec` as a dict) writes a PEFT adapter folder instead."""
+    from ..train import LoraSpec, finetune
 
     key = finetune_key(base, task_dir, recipe)
     stamp = out / "recipe.hash"
-    if stamp.is_file() and stamp.read_text().strip() == key and (out / "config.json").is_file():
+    written = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    if stamp.is_file() and stamp.read_text().strip() == key and written:
         log(f"fine-tuned model: reusing {out}")
         return out
-    finetune(base, task_dir / "train.jsonl", out, log=log, force=True, **recipe)
+    kwargs = {**recipe, "lora": LoraSpec(**recipe["lora"])} if recipe.get("lora") else recipe
+    finetune(base, task_dir / "train.jsonl", out, log=log, force=True, **kwargs)
     stamp.write_text(key + "\n")
     return out
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.metrics import Bootstrap, half_width
+from ..eval.metrics import Bootstrap, half_width, item_correct
 from ..eval.report import cell, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
@@ -250,11 +250,11 @@ same recipe, same seed and batches, with the keep rule applied after every optim
 """
 
 
-def _reading(previous: Path | None) -> str:
+def _reading(previous: Path | None, start: str = READING_START, end: str = READING_END) -> str:
     text = previous.read_text() if previous is not None and previous.is_file() else ""
-    m = re.search(re.escape(READING_START) + r"\n(.*?)" + re.escape(READING_END), text, re.DOTALL)
+    m = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), text, re.DOTALL)
     body = m.group(1) if m else "_(not written yet)_\n"
-    return f"{READING_START}\n{body}{READING_END}\n"
+    return f"{start}\n{body}{end}\n"
 
 
 def _timings(names: list[str], results: Mapping[str, dict]) -> str:
@@ -300,20 +300,30 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         what_target_takes(names, results, d),
         "## Per task\n", "\n".join(sections),
         "## Reading (honest)\n", _reading(previous),
-        "## Time (this run, 2 cores)\n", _timings(names, results), ""])
+        "## Time (this run, 2 cores)\n", _timings(names, results), "",
+        *([multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
+          if (workdir / "multitask" / "results.json").is_file() else [])])
 
 
 def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               plots: str | Path | None = None, run: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Run (or reuse) every task's experiment on the whole test splits, then write the markdown report to `out`
-    (its plots into `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report from
-    the ``results.json`` files already in `workdir`."""
+               plots: str | Path | None = None, run: bool = True, multitask: bool = True,
+               log: Callable[[str], None] = print) -> Path:
+    """Run (or reuse) every task's experiment on the whole test splits, and (`multitask`, when every downstream
+    task is asked for) the multi-task LoRA experiment in ``workdir/multitask``, then write the markdown report to
+    `out` (its plots into `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report
+    from the ``results.json`` files already in `workdir`."""
+    from .multitask import run_multitask
+
     workdir, out = Path(workdir), Path(out)
+    every = not names
     names = names or T.DOWNSTREAM
     for name in names if run else []:
         log(f"=== {name} ===")
         X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES + TASK_FISHERS, keeps=X.KEEPS,
                          keep_models=keep_models, log=log)
+    if run and multitask and every:
+        log("=== multitask ===")
+        run_multitask(workdir / "multitask", keep_models=keep_models, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(names, workdir, Path(plots) if plots else out.parent / "docs" / "results", previous=out)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -321,3 +331,196 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
     tmp.replace(out)
     log(f"report: {out}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# merging LoRA adapters of several tasks (.multitask)
+
+MT_READING_START = "<!-- reading multitask: written by hand, kept when the report is rebuilt -->"
+MT_READING_END = "<!-- /reading multitask -->"
+PUBLISHED_COPA = {"seen": 57.3 - 53.9, "unseen": 38.0 - 33.3}  # CoPA − task arithmetic, MM-MergeBench (METHODS.md)
+OWN = "own adapters"  # the per-task upper bound: each seen task scored by its own adapter
+
+
+def _tasks_result(items: Mapping[str, str], kind: str = "downstream") -> dict[str, Any]:
+    return {"tasks": {n: {"kind": kind, "correct_items": c} for n, c in items.items()}}
+
+
+class MultitaskDraws:
+    """Per method: the seen-task average, the unseen-task average and G, as points and as bootstrap draws (one
+    :class:`Bootstrap`, so every method is resampled on the same items: differences are paired). The
+    :data:`OWN` row takes each seen task from its own adapter, and G as the mean of the adapters' G."""
+
+    KEYS = ("seen", "unseen", "G")
+
+    def __init__(self, res: Mapping[str, Any], n_boot: int = N_BOOT):
+        self.boot = Bootstrap(n_boot, seed=0)
+        self.res = res
+        self.seen, self.unseen = list(res["seen"]), list(res["unseen"])
+        self.points: dict[str, dict[str, float | None]] = {}
+        self.draws: dict[str, dict[str, np.ndarray | None]] = {}
+        own = [r for r in res["rows"] if r["role"] == "own"]
+        for r in res["rows"]:
+            if r["role"] == "own":
+                continue
+            self._add(row_name(r), {n: r["correct_items"][n] for n in self.seen},
+                      {n: r["correct_items"][n] for n in self.unseen}, [r])
+            if r["role"] == "base" and own:  # the own adapters come right after the base
+                self._add(OWN, {r2["task"]: r2["correct_items"][r2["task"]] for r2 in own}, {}, own)
+
+    def _add(self, name: str, seen: Mapping[str, str], unseen: Mapping[str, str], general_rows: list[dict]) -> None:
+        def avg(items: Mapping[str, str]) -> tuple[float | None, np.ndarray | None]:
+            if not items:
+                return None, None
+            acc = [100 * float(np.mean([ch == "1" for ch in c])) for c in items.values()]
+            return float(np.mean(acc)), self.boot.scores(_tasks_result(items))["T"]
+
+        gen = [row_result({**r, "tasks": {n: r["tasks"][n] for n in self.res["general"]}}) for r in general_rows]
+        g_draws = [self.boot.scores(g)["G"] for g in gen]
+        self.points[name] = {"seen": avg(seen)[0], "unseen": avg(unseen)[0],
+                             "G": float(np.mean([r["G"] for r in general_rows]))}
+        self.draws[name] = {"seen": avg(seen)[1], "unseen": avg(unseen)[1], "G": np.mean(g_draws, axis=0)}
+
+    def interval(self, name: str, key: str) -> tuple[float, float] | None:
+        return self.boot.interval(self.draws[name][key])
+
+    def difference(self, a: str, b: str, key: str) -> tuple[float, tuple[float, float]] | None:
+        pa, pb = self.points[a][key], self.points[b][key]
+        if pa is None or pb is None:
+            return None
+        return pa - pb, _iv(self.boot, self.draws[a][key] - self.draws[b][key])
+
+
+def multitask_summary(d: MultitaskDraws) -> str:
+    lines = ["| method | knob | seen avg | unseen avg | G |", "|---|---|---:|---:|---:|"]
+    knobs = {row_name(r): r.get("knob", "") for r in d.res["rows"]}
+    for name, p in d.points.items():
+        cells = [cell(p[k], False, d.interval(name, k)) for k in d.KEYS]
+        lines.append(f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multitask_differences(d: MultitaskDraws, reference: str) -> str:
+    lines = [f"| method | Δ seen avg vs {reference} | Δ unseen avg vs {reference} | Δ G vs {reference} |",
+             "|---|---:|---:|---:|"]
+    for name in d.points:
+        if name in (reference, "base", OWN):
+            continue
+        cells = []
+        for key in d.KEYS:
+            diff = d.difference(name, reference, key)
+            if diff is None:
+                cells.append("—")
+                continue
+            point, (lo, hi) = diff
+            cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" **\\***" if lo > 0 or hi < 0 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multitask_table(d: MultitaskDraws) -> str:
+    """Per task accuracy ± 95% half-width, one line per method (:data:`OWN`: each task by its own adapter)."""
+    res = d.res
+    tasks = [*d.seen, *d.unseen]
+    by_name = {row_name(r): r for r in res["rows"]}
+    own = {r["task"]: r for r in res["rows"] if r["role"] == "own"}
+    lines = ["| method | " + " | ".join(tasks) + " | G_v | G_t |", "|---|" + "---:|" * (len(tasks) + 2)]
+
+    def acc(r: Mapping[str, Any], n: str) -> str:
+        c = item_correct({"correct_items": r["correct_items"][n]}, n)
+        iv = d.boot.interval(c[d.boot.indices(n, len(c))].mean(axis=1) * 100)
+        return cell(r["tasks"][n], False, iv)
+
+    for name in d.points:
+        if name == OWN:
+            cells = [acc(own[n], n) if n in own else "—" for n in tasks]
+            gv = cell(float(np.mean([r["G_v"] for r in own.values()])))
+            gt = cell(float(np.mean([r["G_t"] for r in own.values()])))
+        else:
+            r = by_name[name]
+            cells = [acc(r, n) for n in tasks]
+            gv, gt = cell(r["G_v"]), cell(r["G_t"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gv} | {gt} |")
+    return "\n".join(lines)
+
+
+def multitask_plot(d: MultitaskDraws, path: Path) -> Path:
+    pts = [{"method": name, "task": p["seen"], "general": p["unseen"], "role": "base" if name == "base" else "method",
+            "task_interval": d.interval(name, "seen"), "general_interval": d.interval(name, "unseen")}
+           for name, p in d.points.items() if p["unseen"] is not None]
+    return tradeoff_plot(pts, path, title="LoRA adapters of 6 tasks merged (test splits, 95% intervals)",
+                         xlabel="seen-task average (%)", ylabel="unseen-task average (%)")
+
+
+def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None) -> str:
+    """The section "Merging LoRA adapters of several tasks" from ``workdir/results.json`` (:mod:`.multitask`)."""
+    res = json.loads((Path(workdir) / "results.json").read_text())
+    d = MultitaskDraws(res)
+    png = multitask_plot(d, Path(plots) / "multitask-seen-unseen.png")
+    rel = png.relative_to(previous.parent) if previous is not None and png.is_relative_to(previous.parent) else png
+    a = res["adapter"]
+    lora = a["lora"]
+    sizes = {n: len(c) for r in res["rows"] for n, c in r["correct_items"].items()}
+    val = "\n".join(f"| {n} | {v['base_val']:.0f} | {v['adapter_val']:.0f} |" for n, v in res["validation"].items())
+    sweep = "; ".join(f"{s['method']} {s['knob']}: {s['seen_val']:.1f}" for s in res["sweep"]) or "none"
+    chosen = "; ".join(f"{k}: {v}" for k, v in res["chosen"].items())
+    skipped = (f"\n**Not run** (method not available when the experiment ran): {', '.join(res['skipped'])}.\n"
+               if res.get("skipped") else "")
+    ref = "TA" if "TA" in d.points else None
+    diffs = multitask_differences(d, ref) if ref else "_(no TA row)_"
+    t = res.get("timings", {})
+    return f"""## Merging LoRA adapters of several tasks
+
+CoPA-Merging's protocol (MM-MergeBench: LoRA adapters of 8 seen tasks merged, scored on them and on 4 unseen
+ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, rebuilt (every step cached) by the
+same `forgetless testbed report` command, from `runs/testbed/multitask/results.json`.
+
+- **Seen tasks** (one LoRA adapter each): {', '.join(f'`{n}`' for n in res['seen'])}; **unseen** (held out: no
+  training split exists, so no adapter saw them): {', '.join(f'`{n}` ({T.TASKS[n].description})' for n in res['unseen']
+  if n in T.TASKS)}. Test items: {', '.join(f'{n} {sizes[n]}' for n in [*res['seen'], *res['unseen']])}; general
+  as above ({', '.join(f'{n} {sizes[n]}' for n in res['general'])}).
+- **Adapters**: PEFT LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout {lora['dropout']:g} on
+  {', '.join(lora['targets'])} of every decoder layer (vision tower and projector frozen), {a['steps']} AdamW steps
+  of {a['batch_size']}, lr {a['lr']:g} ({a['warmup']} warm-up, cosine), seed {a['seed']}
+  (`multitask.ADAPTER`). The **joint LoRA** trains the same recipe on all seen training splits mixed,
+  {res['joint_steps']} steps (as many samples of each task as its own adapter). Each adapter learned its task
+  (validation split, base → adapter, %):
+
+| task | base | own adapter |
+|---|---:|---:|
+{val}
+
+- **Merges** in adapter space, re-factored to rank r where the method says so, folded into a full model
+  (`fold: true`) for the evaluation; the own adapters and the joint one are folded alone (`BASE+ADAPTER`, λ = 1).
+  CoPA at its published defaults (λ = 2, top 20% of |entries| of each A and B kept), in the paper's rule and the
+  published code's (`variant: reference`). The baselines' λ chosen on the seen tasks' **validation** splits
+  (mean accuracy; never on test), densities fixed in advance at their papers' values (TIES 0.2, DARE 0.3).
+  Sweep (seen validation average, %): {sweep}. Chosen: {chosen}.{skipped}
+- Scores: **seen avg** / **unseen avg**, the mean test accuracy over the seen / unseen tasks; **G** as above (general
+  visual and text probes). ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples; every method
+  resampled on the same items, so differences are paired). **{OWN}**: each seen task scored by its own adapter
+  (the per-task upper bound), G the mean of the six adapters' G.
+
+### Seen, unseen and general averages (test splits, %)
+
+{multitask_summary(d)}
+
+![seen against unseen average]({rel})
+
+### Against task arithmetic (paired differences, points, 95% interval; **\\*** where it excludes 0)
+
+CoPA's published advantage over task arithmetic on MM-MergeBench (LLaVA-1.5-7B): seen
+{PUBLISHED_COPA['seen']:+.1f}, unseen {PUBLISHED_COPA['unseen']:+.1f} points.
+
+{diffs}
+
+### Per task (test accuracy %, ± 95% half-width)
+
+{multitask_table(d)}
+
+### Reading
+
+{_reading(previous, MT_READING_START, MT_READING_END)}
+Time: fine-tunes {t.get('finetune', 0):.0f} s, merges {t.get('merge', 0):.0f} s, evaluations {t.get('evaluate', 0):.0f} s
+(this run's own work; cached steps take no time), {res.get('threads', '?')} threads.
+"""

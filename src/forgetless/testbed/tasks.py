@@ -6,7 +6,12 @@
 - **downstream** (what the base cannot do, and what pulls it away from its general knowledge): ``digits``
   (scikit-learn's handwritten digits), ``spatial`` (where one shape is relative to another), ``count_many``
   (5–9 shapes: the same question as ``count``, with answers the base never gives) and ``tag`` (a new caption
-  format, ``circle:red square:blue``, scored by exact match of the generated answer).
+  format, ``circle:red square:blue``, scored by exact match of the generated answer);
+- **seen** (downstream tasks of the multi-task experiment only, :mod:`.multitask`): ``largest_colour`` (the
+  colour of the largest of three shapes) and ``odd_colour`` (which colour appears only once among 3–5 shapes);
+- **unseen** (held out: no adapter ever trains on them, and they have no training split): ``digit_parity``
+  ("Is this digit odd or even?" on the digits' own validation and test images) and ``count_red`` ("How many red
+  shapes are there?": counting and colour, a question none of the tasks asks).
 
 Every task is a folder ``<root>/<task>/`` with ``task.json`` and ``train/val/test.jsonl`` in forgetless's
 calibration format (``{id, image?, question, answer, options?}``; with ``options`` a sample is scored as multiple
@@ -17,6 +22,7 @@ disjoint random streams (digits: disjoint image indices), so no test picture is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Iterable
@@ -43,7 +49,7 @@ class Item:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # general_visual | general_text | downstream
+    kind: str  # general_visual | general_text | downstream | seen | unseen
     description: str
     metric: str  # mc | exact
     sizes: dict[str, int]
@@ -133,10 +139,62 @@ def _digit_indices(split: str, seed: int) -> list[int]:
     return {"test": test, "val": val, "train": order[400:]}[split]
 
 
+def _apart(shapes: list[Shape]) -> bool:
+    """No two shapes of one colour touch: a square's corners reach 1.2 r from its centre, beyond the bounding
+    circle that :func:`scenes.place` keeps apart, so two same-coloured squares could merge into one blob."""
+    return all(math.hypot(a.x - b.x, a.y - b.y) >= 1.25 * (a.r + b.r) + 2
+               for k, a in enumerate(shapes) for b in shapes[k + 1:] if a.colour == b.colour)
+
+
+def _largest_colour(rng, split, i):
+    while True:  # three shapes of distinct colours, the largest clearly larger (1.35× the next)
+        s = scenes.place(rng, 3, (4.5, 11))
+        if len({t.colour for t in s}) < 3:
+            continue
+        r = sorted((t.r for t in s), reverse=True)
+        if r[0] >= 1.35 * r[1]:
+            break
+    big = max(s, key=lambda t: t.r)
+    return Item("What colour is the largest shape?", big.colour, list(COLOURS), scenes.scene(rng, s))
+
+
+def _odd_colour(rng, split, i):
+    n = rng.randint(3, 5)  # colour counts: 3 → 1+2, 4 → 1+3, 5 → 1+2+2
+    groups = {3: (1, 2), 4: (1, 3), 5: (1, 2, 2)}[n]
+    cols = rng.sample(list(COLOURS), len(groups))
+    paint = [c for c, k in zip(cols, groups) for _ in range(k)]
+    rng.shuffle(paint)
+    while True:
+        s = [Shape(c, t.kind, t.x, t.y, t.r) for c, t in zip(paint, scenes.place(rng, n, (5, 8)))]
+        if _apart(s):
+            break
+    return Item("Which colour appears only once?", cols[0], list(COLOURS), scenes.scene(rng, s))
+
+
+def _count_red(rng, split, i):
+    k = rng.randint(1, 4)
+    n = rng.randint(k + 1, k + 3)
+    others = [c for c in COLOURS if c != "red"]
+    paint = ["red"] * k + [rng.choice(others) for _ in range(n - k)]
+    rng.shuffle(paint)
+    while True:
+        s = [Shape(c, t.kind, t.x, t.y, t.r) for c, t in zip(paint, scenes.place(rng, n, (4.5, 7)))]
+        if _apart(s):
+            break
+    return Item("How many red shapes are there?", str(k), COUNT_OPTIONS[:4], scenes.scene(rng, s))
+
+
 def _digit(rng, split, i):
     _, labels = scenes.digits()
     idx = rng.idx_list[i % len(rng.idx_list)]  # set by write_split
     return Item("Which digit is written here?", str(int(labels[idx])), [str(d) for d in range(10)],
+                scenes.digit_image(idx, rng))
+
+
+def _digit_parity(rng, split, i):
+    _, labels = scenes.digits()
+    idx = rng.idx_list[i % len(rng.idx_list)]
+    return Item("Is this digit odd or even?", "odd" if int(labels[idx]) % 2 else "even", ["odd", "even"],
                 scenes.digit_image(idx, rng))
 
 
@@ -145,6 +203,7 @@ def _digit(rng, split, i):
 # says what ±3 would take). A grown split starts with the same items: each split is one seeded stream.
 GENERAL_SIZES = {"train": 1500, "val": 100, "test": 150}
 TASK_SIZES = {"train": 2000, "val": 100, "test": 500}
+UNSEEN_SIZES = {"train": 0, "val": 100, "test": 500}  # held out: nothing to train on, by construction
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("colour", "general_visual", "the colour of one shape (6 colours)", "mc", GENERAL_SIZES, _colour),
     TaskSpec("shape", "general_visual", "the kind of one shape (circle, square, triangle)", "mc", GENERAL_SIZES,
@@ -162,9 +221,19 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              TASK_SIZES, _count(5, 9, (4, 6.5))),
     TaskSpec("tag", "downstream", "a new caption format, 'circle:red square:blue', exact match after generation",
              "exact", TASK_SIZES, _tag),
+    TaskSpec("largest_colour", "seen", "the colour of the largest of three shapes", "mc", TASK_SIZES,
+             _largest_colour),
+    TaskSpec("odd_colour", "seen", "which colour appears only once among 3–5 shapes", "mc", TASK_SIZES,
+             _odd_colour),
+    TaskSpec("digit_parity", "unseen", "is the handwritten digit odd or even (the digits' own val/test images)",
+             "mc", {"train": 0, "val": 100, "test": 300}, _digit_parity),
+    TaskSpec("count_red", "unseen", "how many red shapes, 1–4 among 2–7 shapes", "mc", UNSEEN_SIZES, _count_red),
 )}
 GENERAL_VISUAL = [n for n, t in TASKS.items() if t.kind == "general_visual"]
 DOWNSTREAM = [n for n, t in TASKS.items() if t.kind == "downstream"]
+SEEN = [*DOWNSTREAM, *(n for n, t in TASKS.items() if t.kind == "seen")]  # one LoRA adapter each (.multitask)
+UNSEEN = [n for n, t in TASKS.items() if t.kind == "unseen"]
+DIGIT_TASKS = ("digits", "digit_parity")  # drawn from scikit-learn's digits by split (_digit_indices)
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 
 
@@ -177,7 +246,7 @@ class _Rng(random.Random):
 
 
 def _records(spec: TaskSpec, split: str, seed: int, n: int, images: Path | None) -> Iterable[dict]:
-    rng = _Rng(f"{spec.name}/{split}/{seed}", _digit_indices(split, seed) if spec.name == "digits" else None)
+    rng = _Rng(f"{spec.name}/{split}/{seed}", _digit_indices(split, seed) if spec.name in DIGIT_TASKS else None)
     if rng.idx_list:
         n = min(n, len(rng.idx_list))
     for i in range(n):
@@ -217,8 +286,11 @@ def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict
     spec = TASKS[name]
     sizes = {**spec.sizes, **(sizes or {})}
     out = task_dir(root, name)
-    meta = {"name": name, "kind": spec.kind, "description": spec.description, "metric": spec.metric,
-            "version": VERSION, "seed": seed, "sizes": sizes}
+    # the evaluation harness scores seen and unseen tasks as task (downstream) scores; task.json keeps the role
+    meta = {"name": name, "kind": "downstream" if spec.kind in ("seen", "unseen") else spec.kind,
+            **({"role": spec.kind} if spec.kind in ("seen", "unseen") else {}),
+            "description": spec.description, "metric": spec.metric, "version": VERSION, "seed": seed,
+            "sizes": sizes}
     if not force and (out / "task.json").is_file():
         try:
             old = json.loads((out / "task.json").read_text())
