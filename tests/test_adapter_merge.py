@@ -384,3 +384,27 @@ def test_llava_original_adapters_projector_averaged_into_non_lora_trainables(tin
         torch.testing.assert_close(v.float(), ((projectors[0][k].float() + projectors[1][k].float()) / 2).half().float())
     keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.layers.") for k in keys) and len(keys) == 2 * 3 * 2
+
+
+def test_bin_adapter_and_the_cli_fold(adapters, tmp_path):
+    """An adapter saved as adapter_model.bin (read with weights_only) merges like its safetensors twin; the CLI's
+    --fold writes the full model the recipe would write with fold: true."""
+    import yaml
+
+    from forgetless.cli import main
+
+    _, base, paths = adapters
+    twin = tmp_path / "a1bin"
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text((paths[1] / "adapter_config.json").read_text())
+    torch.save(load_file(str(paths[1] / "adapter_model.safetensors")), twin / "adapter_model.bin")
+    _merge(base, paths, "copa", tmp_path / "st")
+    _merge(base, [paths[0], twin, paths[2]], "copa", tmp_path / "bin")
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("st", "bin"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recipe = tmp_path / "copa.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "copa", "base": str(base), "models": [str(p) for p in paths]}))
+    main(["merge", str(recipe), "--fold", "--quiet", "--out", str(tmp_path / "cli")])
+    _merge(base, paths, "copa", tmp_path / "api", fold=True)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
