@@ -408,3 +408,17 @@ def test_bin_adapter_and_the_cli_fold(adapters, tmp_path):
     _merge(base, paths, "copa", tmp_path / "api", fold=True)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_svd_rank_beyond_the_sum_pads_and_beyond_the_layer_is_refused(adapters, tmp_path):
+    _, base, paths = adapters
+    _merge(base, paths[:2], "lora_task_arithmetic", tmp_path / "r10", parameters={"rank": 10})  # Σr = 8
+    peft = _peft_with(paths[:2])
+    peft.add_weighted_adapter(["t0", "t1"], [1.0, 1.0], "merged", combination_type="svd", svd_rank=10)
+    want = _deltas(peft, "merged")
+    got = _deltas(PeftModel.from_pretrained(tiny_llava_model(), tmp_path / "r10", adapter_name="o"), "o")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5)
+    with pytest.raises(ForgetlessError, match="does not fit"):
+        _merge(base, paths, "lora_ties", tmp_path / "never", parameters={"rank": 40})  # q_proj is 32 × 32
+    assert not (tmp_path / "never").exists()

@@ -754,6 +754,12 @@ def _adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out:
     rank_of = {name: spec.out_rank([a.loras()[name].A.shape[0] for a in adapters],  # type: ignore[misc]
                                    {k.rstrip("_"): v for k, v in params.items()})
                for name in first}
+    too_big = [f"{first[n].module} {list(base.info(n).shape)}" for n, r in rank_of.items()
+               if not 1 <= r <= min(base.info(n).shape)]
+    if too_big:
+        raise ForgetlessError(f"output rank {sorted(set(rank_of.values()))} does not fit {len(too_big)} module(s), "
+                              f"e.g. {too_big[0]}", file=where, remedy="set parameters.rank between 1 and the "
+                              "smaller side of every adapted weight")
     cfg = _output_config(adapters, list(rank_of.values()))
     pattern = {first[n].module: r for n, r in rank_of.items() if r != cfg["r"]}
     cfg["rank_pattern"] = pattern

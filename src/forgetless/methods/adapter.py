@@ -55,8 +55,12 @@ def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int) -> Pair:
     Qb, Rb = torch.linalg.qr(Bs)
     Qa, Ra = torch.linalg.qr(As.T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    rank = min(rank, S.numel())
-    return (Vh[:rank] @ Qa.T).contiguous(), ((Qb @ U[:, :rank]) * S[:rank]).contiguous()
+    k = min(rank, S.numel())
+    A, B = Vh[:k] @ Qa.T, (Qb @ U[:, :k]) * S[:k]
+    if k < rank:  # the sum has rank ≤ Σr: the further singular values are 0 (PEFT's full SVD gives them as such)
+        A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
+    return A.contiguous(), B.contiguous()
 
 
 def _svd_rank(pairs: list[Pair], rank: int | None) -> int:
