@@ -124,7 +124,7 @@ class Plan:
         return "\n".join(lines)
 
     def _params_text(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.params.items())
+        return " ".join(f"{k.rstrip('_')}={v}" for k, v in self.params.items())
 
     def num_shards(self) -> int:
         return len(plan_shards(self.entries(), parse_size(self.recipe.shard_size)))
@@ -625,7 +625,8 @@ class AdapterPlan(Plan):
         for m in self.modules:
             out_, in_ = m.shape
             factors = sum(r * (out_ + in_) for r in m.ranks) * 4 * 2  # read + scaled copy
-            dense = (n + 3) * out_ * in_ * 4 if self.spec.dense or self.recipe.fold else 0
+            # the n deltas, the trim's |Δ| and mask, sign/numerator/denominator, the SVD's factors and workspace
+            dense = (n + 6) * out_ * in_ * 4 if self.spec.dense else 3 * out_ * in_ * 4 if self.recipe.fold else 0
             largest = max(largest, factors + dense)
         biggest_out = max((j.out_bytes for j in self.jobs), default=0)
         return RUNTIME_BYTES + largest + 3 * biggest_out
