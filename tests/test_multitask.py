@@ -91,17 +91,21 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
     _small_tasks(monkeypatch)
     f = Fakes(monkeypatch)
     merges = [("TA", "lora_task_arithmetic", {}), ("TIES", "lora_ties", {"density": 0.2}),
+              ("DARE", "lora_dare_linear", {"density": 0.3}),
               ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
               ("gone", "lora_missing", {})]
-    sweep = {"lora_task_arithmetic": [0.3, 0.5, 1.0], "lora_ties": [1.0, 2.0]}
+    sweep = {"lora_task_arithmetic": [0.3, 0.5, 1.0], "lora_ties": [1.0, 2.0], "lora_dare_linear": "TA"}
     kw = {"seen": SEEN, "unseen": UNSEEN, "merges": merges, "sweep": sweep, "tasks_root": tmp_path / "tasks",
           "base": base, "merge": f.merge, "log": lambda s: None}
     res = M.run_multitask(tmp_path / "mt", **kw)
     # one adapter per seen task and one joint adapter with steps per task × tasks
     assert f.finetunes == [*((n, M.ADAPTER["steps"]) for n in SEEN), ("joint-data", M.JOINT_STEPS_PER_TASK * 3)]
-    # the sweep picked the λ with the best validation score (0.5 for TA; the grid's best, 1.0, for TIES)
-    assert res["chosen"] == {"TA": "lambda=0.5", "TIES": "density=0.2 lambda=1", "CoPA":
-                             "lambda=2 density=0.2 variant=paper"}
+    # the sweep picked the λ with the best validation score (0.5 for TA; the grid's best, 1.0, for TIES); DARE
+    # takes TA's
+    assert res["chosen"] == {"TA": "lambda=0.5", "TIES": "density=0.2 lambda=1", "DARE": "density=0.3 lambda=0.5",
+                             "CoPA": "lambda=2 density=0.2 variant=paper"}
+    assert [s["knob"] for s in res["sweep"]] == ["lambda=0.3", "lambda=0.5", "lambda=1", "density=0.2 lambda=1",
+                                                  "density=0.2 lambda=2"]
     assert res["skipped"] == ["gone (lora_missing)"]
     # the sweep and the adapter checks ran on validation only; nothing on test was used to choose
     assert {s for m, s, _ in f.evals if m == "sweep"} == {"val"}
@@ -115,7 +119,7 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
     assert {r["models"][0].split("+")[1] for r in folds} == {str(tmp_path / "mt" / "adapters" / n)
                                                               for n in [*SEEN, "joint"]}
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["base", *(f"own adapter: {n}" for n in SEEN), "joint LoRA", "TA", "TIES", "CoPA"]
+    assert list(rows) == ["base", *(f"own adapter: {n}" for n in SEEN), "joint LoRA", "TA", "TIES", "DARE", "CoPA"]
     assert set(rows["own adapter: spatial"]["tasks"]) == {"spatial", *GENERAL}
     assert set(rows["CoPA"]["tasks"]) == {*SEEN, *UNSEEN, *GENERAL}
     assert rows["CoPA"]["tasks"]["count_red"] == 100 * round(0.9 * 4) / 4

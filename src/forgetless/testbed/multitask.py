@@ -6,8 +6,8 @@ protocol (MM-MergeBench) in small, every step cached.
    :func:`.experiment.finetune_key`; each checked on its validation split (:data:`LEARNED`);
 2. one LoRA trained **jointly** on all seen training splits mixed (:func:`joint_data`), the same recipe with
    :data:`JOINT_STEPS_PER_TASK` steps per seen task — the multi-task reference;
-3. the knobs of the adapter-space baselines (TA, TIES, DARE: their λ) chosen on the seen tasks' **validation**
-   splits (:data:`SWEEP`, the best mean seen accuracy); CoPA at its published defaults (:data:`MERGES`);
+3. task arithmetic's λ chosen on the seen tasks' **validation** splits (:data:`SWEEP`, the best mean seen
+   accuracy), DARE taking the same λ; TIES and CoPA at their published defaults (:data:`MERGES`);
 4. the merges, each through :func:`forgetless.merge` with ``fold: true`` (a full model folder the harness loads);
    each own adapter and the joint one folded alone by task arithmetic at λ = 1 (``BASE+ADAPTER``);
 5. every model evaluated on the test splits (batch 16) by :func:`forgetless.eval.cache.cached_evaluate`: seen and
@@ -49,19 +49,19 @@ JOINT_STEPS_PER_TASK = ADAPTER["steps"] // 2
 LEARNED = 10.0  # points over the base on the validation split: below it, an adapter "did not learn" (logged)
 
 # (label, method, parameters): CoPA at the published defaults (λ = 2, keep the top 20% of each A and B); the
-# baselines' density at their papers' values (TIES keeps 20%, DARE keeps 30%) and λ from SWEEP on validation.
+# baselines' density at their papers' values (TIES keeps 20%, DARE keeps 30%); λ fixed here or from SWEEP.
 MERGES: list[tuple[str, str, dict]] = [
     ("TA", "lora_task_arithmetic", {}),
-    ("TIES", "lora_ties", {"density": 0.2}),
+    ("TIES", "lora_ties", {"density": 0.2, "lambda": 1.0}),
     ("DARE", "lora_dare_linear", {"density": 0.3}),
     ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
     ("CoPA (reference)", "copa", {"lambda": 2.0, "density": 0.2, "variant": "reference"}),
 ]
-# λ grids on the seen tasks' validation splits: the sum of 6 task vectors wants λ well below 1 (task arithmetic's
-# authors find 0.3–0.5 for 8 tasks); TIES averages the agreeing entries, so its λ is near 1
-SWEEP: dict[str, list[float]] = {"lora_task_arithmetic": [0.3, 0.5, 0.8],
-                                 "lora_dare_linear": [0.3, 0.5, 0.8],
-                                 "lora_ties": [0.5, 1.0, 1.5]}
+# λ on the seen tasks' validation splits: a grid, or the label of a row whose chosen λ is taken. The sum of 6 task
+# vectors wants λ well below 1 (task arithmetic's authors find 0.3–0.5 for 8 tasks). DARE's random drop is
+# rescaled, so its sum equals task arithmetic's in expectation: it takes TA's λ. TIES averages the agreeing
+# entries (a disjoint mean, not a sum): λ = 1 as its paper, fixed (no entry here).
+SWEEP: dict[str, list[float] | str] = {"lora_task_arithmetic": [0.3, 0.5, 0.8], "lora_dare_linear": "TA"}
 EVAL_BATCH = 16
 
 
@@ -119,7 +119,8 @@ def _available(method: str) -> bool:
 
 
 def run_multitask(workdir: str | Path, *, seen: list[str] | None = None, unseen: list[str] | None = None,
-                  merges: list[tuple[str, str, dict]] | None = None, sweep: dict[str, list[float]] | None = None,
+                  merges: list[tuple[str, str, dict]] | None = None,
+                  sweep: dict[str, list[float] | str] | None = None,
                   adapter_recipe: dict | None = None, tasks_root: str | Path | None = None,
                   cache_dir: str | Path | None = None, limits: dict[str, int] | None = None,
                   keep_models: bool = False, base: Path | None = None, merge: Callable | None = None,
@@ -198,6 +199,12 @@ def run_multitask(workdir: str | Path, *, seen: list[str] | None = None, unseen:
             log(f"{label}: method {method!r} is not registered yet, skipped")
             continue
         grid = sweep.get(method)
+        if isinstance(grid, str):  # the λ chosen for another row
+            if grid not in chosen:
+                raise ForgetlessError(f"{label} takes the λ of {grid!r}, which is not chosen before it",
+                                      remedy="list that row earlier in merges, with a grid in sweep")
+            chosen[label] = {**params, "lambda": chosen[grid]["lambda"]}
+            continue
         if not grid or "lambda" in params:
             chosen[label] = dict(params)
             continue

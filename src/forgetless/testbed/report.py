@@ -472,8 +472,9 @@ def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None)
     return f"""## Merging LoRA adapters of several tasks
 
 CoPA-Merging's protocol (MM-MergeBench: LoRA adapters of 8 seen tasks merged, scored on them and on 4 unseen
-ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, rebuilt (every step cached) by the
-same `forgetless testbed report` command, from `runs/testbed/multitask/results.json`.
+ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, every step cached, from
+`runs/testbed/multitask/results.json`. `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it
+when no `--task` is given; with `--task …` or `--no-run` this section is rebuilt from the results already there.
 
 - **Seen tasks** (one LoRA adapter each): {', '.join(f'`{n}`' for n in res['seen'])}; **unseen** (held out: no
   training split exists, so no adapter saw them): {', '.join(f'`{n}` ({T.TASKS[n].description})' for n in res['unseen']
