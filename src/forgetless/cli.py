@@ -162,6 +162,46 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -
     cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, **kw)
 
 
+@cli.group("continual")
+def continual_group() -> None:
+    """Merge a sequence of tasks' LoRA adapters, one task at a time (MAny's LPM), through a state folder."""
+
+
+@continual_group.command("add")
+@click.argument("state", type=click.Path(file_okay=False))
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The new task's PEFT LoRA adapter.")
+@click.option("--gram", required=True, type=click.Path(dir_okay=False),
+              help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="The merged model folder (or the adapter folder with --rank). Default: update the state only.")
+@click.option("--base", type=click.Path(file_okay=False), default=None,
+              help="The base model (needed on the first task; later the state's own, checked).")
+@click.option("--name", default=None, help="Task name (default: the adapter folder's name).")
+@click.option("--rank", type=int, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model.")
+@click.option("--gamma", type=float, default=None, help="Ridge γ (first task only; default 1e-6).")
+@click.option("--gamma-mode", type=click.Choice(["relative", "absolute"]), default=None,
+              help="γ relative to the mean diagonal of the Gram sum (default), or absolute (first task only).")
+@click.option("--approx", type=click.Choice(["full", "diagonal"]), default=None,
+              help="full Grams (default) or their diagonals: bounded memory (first task only).")
+@click.option("--state-dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="How the state stores its sums (first task only; default float32).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def continual_add_cmd(state: str, **kw) -> None:
+    """Add one task to STATE (created on the first task) and write the merged output."""
+    from .continual import add_task
+
+    add_task(state, log=click.echo, **kw)
+
+
+@continual_group.command("show")
+@click.argument("state", type=click.Path(file_okay=False))
+def continual_show_cmd(state: str) -> None:
+    """The tasks, options and sizes of a continual state."""
+    from .continual import show_state
+
+    click.echo(show_state(state))
+
+
 @cli.group("testbed")
 def testbed_group() -> None:
     """The mini-LLaVA testbed: SmolLM2 + a small vision tower trained here, and its generated tasks."""

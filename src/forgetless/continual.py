@@ -1,0 +1,508 @@
+"""Continual merging of LoRA adapters, one task at a time: MAny's LPM (:mod:`.methods.lpm`) over a state folder.
+
+    add_task("runs/state", adapter="runs/task3", gram="runs/task3-gram.safetensors", out="merged/after-task3",
+             base="models/llava")       # base: needed on the first task; later taken from the state (and checked)
+    print(show_state("runs/state"))
+
+After each task t a LoRA adapter is trained for that task alone, from the base; the step folds it into the merged
+update of every adapted Linear, ΔW*ₜ = (Σᵢ≤ₜ ΔWᵢGᵢ)(Σᵢ≤ₜ Gᵢ + ρI)⁻¹, by the exact recursion of
+:mod:`.methods.lpm`, from the state, the task's adapter and the task's Gram file alone — never the earlier
+adapters or data — and writes the merged model (the base with ΔW*ₜ folded in) or a rank-r PEFT adapter (truncated
+SVD of ΔW*ₜ, ``rank``).
+
+Choices (inferred; METHODS.md, "MAny")
+--------------------------------------
+* **Where the Gram is taken**: at the base model θ₀, on task t's data: ``forgetless stats gram BASE --data
+  task.jsonl --out gram.safetensors``. Every task's Gram then describes the same network (the one the merged deltas
+  are added to, and the one each task's adapter was trained from), the files can be made before or after training,
+  and the step checks the file against the base's weights fingerprint: a Gram taken at another model (a fine-tuned
+  folder, another base) is refused.
+* **Gram scale**: Gₜ = (Σ x xᵀ) / nₜ, the file's sum over its token count: every task weighs the same in the merge,
+  whatever the size of its calibration set.
+* **γ**: :mod:`.methods.lpm` (relative to the mean diagonal by default, 1e-6; ``gamma_mode="absolute"`` for
+  METHODS.md's literal γI). Fixed when the state is created: the recursion is exact only for one ridge rule.
+* **Shared Grams**: Linear layers that read the same input (q/k/v; gate/up) have equal Gram statistics, so they
+  share one running sum and one factorisation. Found from the first task's Gram file by equality (within 1e-6 of
+  the larger entry: bitwise in practice, the hooks see the same tensor), within one decoder layer and among modules
+  with the same input width — no per-architecture table; every later Gram file must keep that equality (checked).
+* **Modules**: the first task's adapter fixes the adapted Linear weights. A later adapter may adapt a subset (its
+  ΔWₜ = 0 elsewhere: that task's data asks the other modules for the base's outputs; the Gram file must still cover
+  them); one that adapts a module the state lacks is refused (the earlier tasks' Grams of it are unknown).
+  Adapters carrying full tensors (``modules_to_save``, LLaVA's ``non_lora_trainables.bin`` projector) or LoRA on
+  non-Linear layers are refused: LPM merges LoRA deltas of Linear layers; keeping per-task projectors is CPM's job.
+
+The state folder
+----------------
+``state.json`` (format ``forgetless-continual``, version 1): the base (path, structure and weights fingerprints,
+``base_model_name_or_path``), the options (γ, its mode, the approximation, the stored dtype), the first adapter's
+``adapter_config.json`` (the template of the adapter output), the task list (name, adapter path and fingerprint,
+Gram path, its sampled fingerprint, its data fingerprint and sample count), and per adapted Linear its module path,
+shape, part file and Gram group. One safetensors file per decoder layer (``part-NNNNN.safetensors``; modules outside
+any ``layers.N``, such as ``lm_head``, share one more): ``delta/<weight>`` ΔW*ₜ [out, in], ``gram/<group>`` Hₜ =
+Σᵢ≤ₜ Gᵢ ([in, in], or [in] with ``approx="diagonal"``), ``ridge/<group>`` ρₜ (float64 scalar). A step streams the
+parts one at a time (peak memory: one layer's state, not the model's), so its time and memory do not grow with t.
+
+Every step writes a whole new state folder beside the old one and renames it into place
+(:func:`~forgetless.checkpoint.writer.atomic_folder`): a failure midway leaves the previous state as it was. The
+output folder is committed just before the state (an output that appears always belongs to a state that follows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
+from .checkpoint.reader import CheckpointReader
+from .checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size
+from .errors import ForgetlessError
+from .methods.adapter import truncated_svd
+from .methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
+from .stats.store import load_statistics
+
+FORMAT = "forgetless-continual"
+VERSION = 1
+STATE_JSON = "state.json"
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SHARE_TOL = 1e-6
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+OTHER_PART = "(outside the decoder layers)"
+
+
+@dataclass
+class ContinualReport:
+    state: Path
+    out: Path | None
+    task: str
+    step: int
+    seconds: float
+    state_bytes: int
+    output: str  # "model" | "adapter" | "none"
+
+    def summary(self) -> str:
+        wrote = {"model": f"merged model → {self.out}", "adapter": f"rank-r adapter → {self.out}",
+                 "none": "no output"}[self.output]
+        return (f"task {self.step} ({self.task}) added to {self.state} ({human_bytes(self.state_bytes)}) in "
+                f"{self.seconds:.1f} s; {wrote}")
+
+
+# ---------------------------------------------------------------------------------------------- reading a state
+def load_state(state: str | Path) -> dict[str, Any]:
+    """state.json of a continual state folder, checked for format and version."""
+    path = Path(state)
+    f = path / STATE_JSON
+    if not path.is_dir() or not f.is_file():
+        what = "not found" if not path.exists() else f"not a continual state folder (no {STATE_JSON})"
+        raise ForgetlessError(what, file=path, remedy="give the STATE folder `forgetless continual add` created "
+                              "(a new, absent path starts a new state)")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy="restore the state folder") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ForgetlessError(f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless")
+    if meta.get("version") != VERSION:
+        raise ForgetlessError(f"state format version {meta.get('version')}, this forgetless reads {VERSION}",
+                              file=f, remedy=f"use the forgetless version that wrote it ({meta.get('forgetless_version')})")
+    return meta
+
+
+def state_bytes(state: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(state).iterdir() if p.is_file())
+
+
+def show_state(state: str | Path) -> str:
+    """The tasks, options, modules and sizes of a state, as ``forgetless continual show`` prints them."""
+    meta = load_state(state)
+    path = Path(state)
+    opts = meta["options"]
+    mods = meta["modules"]
+    groups = {m["group"] for m in mods.values()}
+    delta_n = sum(math.prod(m["shape"]) for m in mods.values())
+    gram_n = 0
+    for g in groups:
+        width = mods[g]["shape"][1]
+        gram_n += width if opts["approx"] == "diagonal" else width * width
+    size = STATE_DTYPES[opts["dtype"]].itemsize
+    lines = [(f"{path}: continual LPM state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
+             f"({meta['base']['fingerprint']})"),
+             (f"  options: gamma={opts['gamma']} ({opts['gamma_mode']}), approx={opts['approx']}, "
+             f"stored as {opts['dtype']}"),
+             (f"  {len(mods)} adapted Linear weights, {len(groups)} Gram sums (shared inputs), "
+             f"{len(meta['parts'])} part files"),
+             (f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_n * size)}, "
+             f"Gram sums {human_bytes(gram_n * size)})"),
+             "  tasks:"]
+    for i, t in enumerate(meta["tasks"], 1):
+        lines.append(f"    {i}. {t['name']}: adapter {t['adapter']} ({t['adapter_fingerprint']}), {t['modules']} "
+                     f"modules; Gram {t['gram']} ({t['gram_fingerprint']}, data {t['data_fingerprint']}, "
+                     f"{t['num_samples']} samples)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _open_base(base: str | Path, meta: dict[str, Any] | None, state: Path) -> CheckpointReader:
+    path = Path(base)
+    if "+" in str(base) and not path.exists():
+        raise ForgetlessError("the base is the model folder alone, without +ADAPTER", file=base,
+                              remedy="give the base model the adapters were trained from")
+    reader = CheckpointReader(path)
+    if meta is not None:
+        want = meta["base"]
+        fp = reader.fingerprint()
+        wfp = reader.weights_fingerprint()
+        if fp != want["fingerprint"] or wfp != want["weights_fingerprint"]:
+            what = "another architecture" if fp != want["fingerprint"] else "the same architecture, other weights"
+            reader.close()
+            raise ForgetlessError(f"the state was built on another base model ({want['path']}, fingerprint "
+                                  f"{want['weights_fingerprint']}); {path} is {what} ({wfp})", file=state,
+                                  remedy="give the base the state was started from, or start a new state")
+    return reader
+
+
+def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None) -> LoraAdapter:
+    from .engine import _adapter_problems, _open_adapter
+
+    adapter = _open_adapter(str(adapter_dir), base, "adapter", str(adapter_dir))
+    prefix = f"models[0] {adapter.path}: "
+    problems = [p.removeprefix(prefix) for p in
+                _adapter_problems([adapter], base, SimpleNamespace(equal_ranks=False, name="lpm"))]
+    for name in sorted(adapter.replacements()):
+        problems.append(f"carries the full tensor {name} (modules_to_save / non_lora_trainables); LPM merges "
+                        "LoRA deltas of Linear layers only")
+    if problems:
+        raise ForgetlessError(f"{len(problems)} problem(s): " + "; ".join(problems[:3])
+                              + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""), file=adapter.path,
+                              remedy=f"give a LoRA adapter trained from {base.path} on its Linear layers (without "
+                                     "modules_to_save or the projector)")
+    if meta is not None:
+        fp = adapter.fingerprint()
+        for i, t in enumerate(meta["tasks"], 1):
+            if t["adapter_fingerprint"] == fp:
+                raise ForgetlessError(f"this adapter is already task {i} ({t['name']}) of the state (same "
+                                      f"fingerprint {fp})", file=adapter.path,
+                                      remedy="add each task's adapter once; a retrained adapter is a new task")
+        theirs = adapter.config.get("base_model_name_or_path")
+        ours = meta["base"].get("base_model_name_or_path")
+        if theirs and ours and str(theirs) != str(ours):
+            raise ForgetlessError(f"adapter of base_model_name_or_path {theirs!r}, the state's adapters are of "
+                                  f"{ours!r}", file=adapter.path / ADAPTER_CONFIG,
+                                  remedy="give an adapter trained from the state's base (if it is the same model "
+                                         "under another name, correct base_model_name_or_path)")
+        extra = sorted(set(adapter.loras()) - set(meta["modules"]))
+        if extra:
+            raise ForgetlessError(f"adapts {len(extra)} Linear weight(s) the state does not (e.g. {extra[0]}); the "
+                                  "earlier tasks' Grams of them are unknown", file=adapter.path,
+                                  remedy="train the adapter on the state's modules (or a subset), or start a new "
+                                         "state")
+    return adapter
+
+
+def _check_gram(gram: str | Path, base: CheckpointReader, names: list[str]) -> tuple[CheckpointReader, dict]:
+    path = Path(gram)
+    reader, meta = load_statistics(path)
+    try:
+        if meta.get("kind") != "gram":
+            raise ForgetlessError(f"a {meta.get('kind')!r} statistics file, not a Gram file", file=path,
+                                  remedy="compute it with `forgetless stats gram BASE --data TASK_DATA`")
+        if meta.get("model_fingerprint") != base.fingerprint():
+            raise ForgetlessError("Gram statistics of another model (structure fingerprint "
+                                  f"{meta.get('model_fingerprint')}, the base is {base.fingerprint()})", file=path,
+                                  remedy=f"compute it at the base: forgetless stats gram {base.path} --data "
+                                         "TASK_DATA")
+        wfp = meta.get("model_weights_fingerprint")
+        if wfp is not None and wfp != base.weights_fingerprint():
+            raise ForgetlessError(f"Gram statistics taken at other weights ({wfp}) than the base's "
+                                  f"({base.weights_fingerprint()}); LPM takes every task's Gram at the base θ₀",
+                                  file=path, remedy=f"compute it at the base: forgetless stats gram {base.path} "
+                                                    "--data TASK_DATA")
+        have = set(reader.names())
+        counts = meta.get("token_counts") or {}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ForgetlessError(f"no Gram for {len(missing)} adapted Linear weight(s), e.g. {missing[0]}",
+                                  file=path, remedy="compute the Gram over every adapted layer (stats gram without "
+                                                    "--scope, or a scope that covers them)")
+        for n in names:
+            width = base.info(n).shape[1]
+            if tuple(reader.info(n).shape) != (width, width):
+                raise ForgetlessError(f"Gram shape {list(reader.info(n).shape)}, the weight takes {width} inputs",
+                                      file=path, tensor=n, remedy="recompute the Gram file on the base")
+            if int(counts.get(n, 0)) <= 0:
+                raise ForgetlessError("no token count (or zero tokens) for this Gram", file=path, tensor=n,
+                                      remedy="recompute it with `forgetless stats gram` on data that reaches it")
+    except BaseException:
+        reader.close()
+        raise
+    return reader, meta
+
+
+def _check_out(out: Path, state: Path, base: CheckpointReader, force: bool) -> None:
+    o, s, b = out.resolve(), state.resolve(), base.path.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise ForgetlessError("the output overlaps the state folder", file=out, remedy="write --out elsewhere")
+    if o == b or b in o.parents or o in b.parents:
+        raise ForgetlessError("the output overlaps the base model folder", file=out, remedy="write --out elsewhere")
+    if out.exists() and not force:
+        raise ForgetlessError("output folder already exists", file=out,
+                              remedy="choose another --out or pass --force to replace it")
+
+
+# ---------------------------------------------------------------------------------------------- layout of a state
+def part_key(name: str) -> str:
+    """The decoder layer a weight belongs to (``…layers.N``), or one shared key for everything else."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else OTHER_PART
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return tuple(a.shape) == tuple(b.shape) and float((a - b).abs().max()) <= SHARE_TOL * max(scale, 1e-30)
+
+
+def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: CheckpointReader) -> tuple[dict, dict]:
+    """Modules and parts for a new state: each adapted weight's part (decoder layer) and Gram group (the first
+    module, in base order, of its part whose Gram in the first task's file equals its own)."""
+    order = {n: i for i, n in enumerate(base.names())}
+    loras = adapter.loras()
+    names = sorted(loras, key=order.__getitem__)
+    parts: dict[str, dict[str, Any]] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    by_part: dict[str, list[str]] = {}
+    for n in names:
+        by_part.setdefault(part_key(n), []).append(n)
+    for i, (key, members) in enumerate(by_part.items()):
+        fname = f"part-{i:05d}.safetensors"
+        parts[fname] = {"key": key, "modules": members}
+        reps: list[tuple[str, torch.Tensor]] = []
+        for n in members:
+            g = gram.get(n)
+            group = next((r for r, rg in reps if _close(rg, g)), None)
+            if group is None:
+                reps.append((n, g))
+                group = n
+            modules[n] = {"module": loras[n].module, "shape": list(base.info(n).shape), "part": fname,
+                          "group": group}
+        del reps
+    return modules, parts
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def _adapter_config(template: dict[str, Any], rank: int) -> dict[str, Any]:
+    cfg = dict(template)
+    cfg.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False, inference_mode=True,
+               modules_to_save=None)
+    cfg.setdefault("peft_type", "LORA")
+    return cfg
+
+
+def _card(meta: dict[str, Any], rank: int | None) -> str:
+    opts = meta["options"]
+    what = f"a rank-{rank} LoRA adapter (truncated SVD of ΔW*)" if rank else "the base with ΔW* folded in"
+    lines = [f"# Continual LPM merge of {len(meta['tasks'])} task(s)", "",
+             f"Written by forgetless {__version__} (`forgetless continual add`): {what}.", "",
+             f"- base: `{meta['base']['path']}` (weights fingerprint {meta['base']['weights_fingerprint']})",
+             f"- gamma = {opts['gamma']} ({opts['gamma_mode']}), approx = {opts['approx']}", "", "Tasks:", ""]
+    lines += [f"{i}. {t['name']}: adapter `{t['adapter']}` ({t['adapter_fingerprint']}), Gram `{t['gram']}` "
+              f"(data {t['data_fingerprint']})" for i, t in enumerate(meta["tasks"], 1)]
+    return "\n".join(lines) + "\n"
+
+
+def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: str | Path | None,
+             base: str | Path | None = None, name: str | None = None, rank: int | None = None,
+             gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
+             state_dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
+             log: Callable[[str], None] | None = print) -> ContinualReport:
+    """Add one task to the continual state STATE (created on the first task) and write the merged output.
+
+    ``out``: the merged full model (``rank=None``) or a rank-``rank`` PEFT adapter folder; None writes only the
+    state. ``base``: required on the first task; afterwards optional (the state's own, checked by fingerprint).
+    ``gamma`` / ``gamma_mode`` / ``approx`` / ``state_dtype`` are fixed by the first task (defaults 1e-6,
+    "relative", "full", "float32"); a later step that names a different value is refused.
+    Every input is checked before any work (see the module docstring)."""
+    t0 = time.perf_counter()
+    state = Path(state)
+    meta = load_state(state) if state.exists() else None
+    if meta is None and base is None:
+        raise ForgetlessError("a new state needs the base model", file=state,
+                              remedy="pass --base BASE_DIR on the first task")
+    given = {"gamma": gamma, "gamma_mode": gamma_mode, "approx": approx, "dtype": state_dtype}
+    if meta is None:
+        opts = {"gamma": DEFAULT_GAMMA if gamma is None else float(gamma), "gamma_mode": gamma_mode or "relative",
+                "approx": approx or "full", "dtype": state_dtype or "float32"}
+        if not opts["gamma"] >= 0 or opts["gamma_mode"] not in ("relative", "absolute") \
+                or opts["approx"] not in ("full", "diagonal") or opts["dtype"] not in STATE_DTYPES:
+            raise ForgetlessError(f"invalid options {opts}", file=state, remedy="gamma >= 0, gamma_mode relative|"
+                                  "absolute, approx full|diagonal, state dtype float32|float64")
+    else:
+        opts = meta["options"]
+        for k, v in given.items():
+            if v is not None and v != opts[k]:
+                raise ForgetlessError(f"the state was created with {k}={opts[k]!r}, this step asks {k}={v!r} (the "
+                                      "recursion is exact only with one setting)", file=state,
+                                      remedy=f"omit the option (or give {opts[k]!r}), or start a new state")
+    base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)  # type: ignore[index]
+    gram_reader = None
+    try:
+        lora = _check_adapter(adapter, base_reader, meta)
+        loras = lora.loras()
+        state_names = sorted(meta["modules"]) if meta is not None else sorted(loras)
+        gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
+        out_path = Path(out) if out is not None else None
+        if out_path is not None:
+            _check_out(out_path, state, base_reader, force)
+        if rank is not None:
+            shapes = {n: meta["modules"][n]["shape"] if meta else list(base_reader.info(n).shape) for n in state_names}
+            bad = [n for n, s in shapes.items() if not 1 <= rank <= min(s)]
+            if bad:
+                raise ForgetlessError(f"rank {rank} does not fit {len(bad)} adapted weight(s), e.g. {bad[0]} "
+                                      f"{shapes[bad[0]]}", file=adapter, remedy="give --rank between 1 and the "
+                                      "smaller side of every adapted weight")
+        counts = gram_meta.get("token_counts") or {}
+        if meta is None:
+            modules, parts = _new_layout(base_reader, lora, gram_reader)
+            new_meta: dict[str, Any] = {
+                "format": FORMAT, "version": VERSION, "forgetless_version": __version__,
+                "base": {"path": str(Path(base).resolve()), "fingerprint": base_reader.fingerprint(),  # type: ignore[arg-type]
+                         "weights_fingerprint": base_reader.weights_fingerprint(),
+                         "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
+                "options": opts, "adapter_config": lora.config, "tasks": [], "modules": modules, "parts": parts}
+        else:
+            new_meta = dict(meta, forgetless_version=__version__, tasks=list(meta["tasks"]))
+            modules, parts = meta["modules"], meta["parts"]
+        task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
+                "adapter_fingerprint": lora.fingerprint(), "modules": len(loras),
+                "gram": str(Path(gram).resolve()), "gram_fingerprint": gram_reader.weights_fingerprint(),
+                "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
+                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        new_meta["tasks"].append(task)
+        step = len(new_meta["tasks"])
+        dtype = STATE_DTYPES[opts["dtype"]]
+
+        writer = None
+        if out_path is not None:
+            if rank is None:
+                entries = [Entry(n, tuple(base_reader.info(n).shape), base_reader.info(n).dtype)
+                           for n in base_reader.names()]
+                writer = StreamingWriter(out_path, entries, shard_size=parse_size(shard_size), force=force,
+                                         metadata={"forgetless_version": __version__, "method": "lpm"})
+            else:
+                entries = []
+                for n in state_names:
+                    o, i = modules[n]["shape"]
+                    mod = modules[n]["module"]
+                    entries += [Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
+                                Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32)]
+                writer = StreamingWriter(out_path, entries, shard_size=sum(e.nbytes for e in entries) + 1,
+                                         force=force, metadata={"forgetless_version": __version__, "method": "lpm"},
+                                         single_name=ADAPTER_SAFE)
+        if log:
+            log(f"continual: task {step} ({task['name']}) into {state}: {len(loras)} adapted weights, "
+                f"{len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} ({opts['gamma_mode']})")
+        with atomic_folder(state) as tmp:
+            try:
+                for fname, part in parts.items():
+                    _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
+                               loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram)
+                if writer is not None:
+                    if rank is None:
+                        adapted = set(modules)
+                        for n in base_reader.names():
+                            if n not in adapted:
+                                writer.write(n, base_reader.raw(n) if base_reader.format == "safetensors"
+                                             else base_reader.get(n).to(base_reader.info(n).dtype))
+                        writer.commit(side_files_from=base_reader.path,
+                                      extra_files={"README.md": _card(new_meta, None)})
+                    else:
+                        cfg = _adapter_config(new_meta["adapter_config"], rank)
+                        writer.commit(extra_files={ADAPTER_CONFIG: json.dumps(cfg, indent=2) + "\n",
+                                                   "README.md": _card(new_meta, rank)})
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
+    finally:
+        if gram_reader is not None:
+            gram_reader.close()
+        base_reader.close()
+    report = ContinualReport(state, out_path, task["name"], step, time.perf_counter() - t0, state_bytes(state),
+                             "none" if out_path is None else "model" if rank is None else "adapter")
+    if log:
+        log(report.summary())
+    return report
+
+
+def _step_part(old_file: Path | None, new_file: Path, members: list[str], modules: dict[str, Any],
+               loras: dict[str, Any], gram: CheckpointReader, counts: dict[str, int], opts: dict[str, Any],
+               dtype: torch.dtype, writer: StreamingWriter | None, base: CheckpointReader, rank: int | None,
+               gram_path: str | Path) -> None:
+    """One decoder layer's state: read it, fold the task in, write the new file and this layer's output tensors."""
+    old: dict[str, torch.Tensor] = {}
+    if old_file is not None:
+        with safe_open(str(old_file), framework="pt") as f:
+            old = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    new: dict[str, torch.Tensor] = {}
+    groups: dict[str, list[str]] = {}
+    for n in members:
+        groups.setdefault(modules[n]["group"], []).append(n)
+    for group, names in groups.items():
+        g = gram.get(group).double() / int(counts[group])
+        for other in names[1:]:
+            go = gram.get(other).double() / int(counts[other])
+            if not _close(g, go):
+                raise ForgetlessError(f"the Grams of {group} and {other} differ, but the state shares one Gram for "
+                                      "these modules (they read the same input)", file=gram_path, tensor=other,
+                                      remedy="compute the Gram file with `forgetless stats gram` on the base")
+        prev_h = old.get(f"gram/{group}")
+        prev_ridge = float(old[f"ridge/{group}"]) if f"ridge/{group}" in old else 0.0
+        try:
+            h, ridge, inc, gt = lpm_accumulate(prev_h, prev_ridge, g, gamma=opts["gamma"],
+                                               gamma_mode=opts["gamma_mode"], approx=opts["approx"])
+            solver = Solver(h, ridge)
+        except SingularGramError as e:
+            raise ForgetlessError(f"{e}", file=gram_path, tensor=group,
+                                  remedy="start the state with gamma > 0") from None
+        for n in names:
+            lora = loras.get(n)
+            delta = None
+            if lora is not None:
+                A, B, s = lora.factors()
+                delta = (B.double() @ A.double()) * s
+            prev = old.get(f"delta/{n}")
+            merged = lpm_update(prev, delta, gt, inc, solver)
+            if not torch.isfinite(merged).all():
+                raise ForgetlessError("the merged delta has NaN or Inf", tensor=n, file=gram_path,
+                                      remedy="check the adapter's factors and the Gram file for NaN/Inf")
+            new[f"delta/{n}"] = merged.to(dtype).contiguous()
+            if writer is not None:
+                _emit(writer, base, n, modules[n]["module"], merged, rank)
+        new[f"gram/{group}"] = h.to(dtype).contiguous()
+        new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
+    save_file(new, str(new_file), metadata={"format": "pt", "forgetless_version": __version__})
+
+
+def _emit(writer: StreamingWriter, base: CheckpointReader, name: str, module: str, merged: torch.Tensor,
+          rank: int | None) -> None:
+    if rank is None:
+        w = base.get(name)
+        writer.write(name, (w.double() + merged).to(base.info(name).dtype).contiguous())
+    else:
+        A, B = truncated_svd(merged, rank)
+        writer.write(f"{PEFT_PREFIX}{module}.lora_A.weight", A.float().contiguous())
+        writer.write(f"{PEFT_PREFIX}{module}.lora_B.weight", B.float().contiguous())
+
+
+__all__ = ["ContinualReport", "add_task", "load_state", "part_key", "show_state", "state_bytes"]
