@@ -54,6 +54,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -450,28 +451,45 @@ def _step_part(old_file: Path | None, new_file: Path, members: list[str], module
                dtype: torch.dtype, writer: StreamingWriter | None, base: CheckpointReader, rank: int | None,
                gram_path: str | Path) -> None:
     """One decoder layer's state: read it, fold the task in, write the new file and this layer's output tensors."""
-    old: dict[str, torch.Tensor] = {}
-    if old_file is not None:
-        with safe_open(str(old_file), framework="pt") as f:
-            old = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    with ExitStack() as stack:
+        old = stack.enter_context(safe_open(str(old_file), framework="pt")) if old_file is not None else None
+        new = _fold_part(old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank, gram_path)
+    save_file(new, str(new_file), metadata={"format": "pt", "forgetless_version": __version__})
+
+
+def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dict[str, Any], gram: CheckpointReader,
+               counts: dict[str, int], opts: dict[str, Any], dtype: torch.dtype, writer: StreamingWriter | None,
+               base: CheckpointReader, rank: int | None, gram_path: str | Path) -> dict[str, torch.Tensor]:
+    """The new tensors of one part; the old part's tensors are read one at a time (``old``: an open safetensors
+    file, None on the first task)."""
+
+    def previous(key: str) -> torch.Tensor | None:
+        return old.get_tensor(key) if old is not None and key in old.keys() else None  # noqa: SIM118
+
     new: dict[str, torch.Tensor] = {}
     groups: dict[str, list[str]] = {}
     for n in members:
         groups.setdefault(modules[n]["group"], []).append(n)
     for group, names in groups.items():
-        g = gram.get(group).double() / int(counts[group])
+        g = gram.get(group).double().div_(int(counts[group]))
         for other in names[1:]:
-            go = gram.get(other).double() / int(counts[other])
+            go = gram.get(other).double().div_(int(counts[other]))
             if not _close(g, go):
                 raise ForgetlessError(f"the Grams of {group} and {other} differ, but the state shares one Gram for "
                                       "these modules (they read the same input)", file=gram_path, tensor=other,
                                       remedy="compute the Gram file with `forgetless stats gram` on the base")
-        prev_h = old.get(f"gram/{group}")
-        prev_ridge = float(old[f"ridge/{group}"]) if f"ridge/{group}" in old else 0.0
+            del go
+        prev_ridge = previous(f"ridge/{group}")
         try:
-            h, ridge, inc, gt = lpm_accumulate(prev_h, prev_ridge, g, gamma=opts["gamma"],
-                                               gamma_mode=opts["gamma_mode"], approx=opts["approx"])
-            solver = Solver(h, ridge)
+            h, ridge, inc, gt = lpm_accumulate(previous(f"gram/{group}"),
+                                               0.0 if prev_ridge is None else float(prev_ridge), g,
+                                               gamma=opts["gamma"], gamma_mode=opts["gamma_mode"],
+                                               approx=opts["approx"])
+            del g
+            new[f"gram/{group}"] = h.to(dtype, copy=True).contiguous()  # a copy: h is factorised next
+            new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
+            solver = Solver(h, ridge, overwrite=True)  # h is factorised in place
+            del h
         except SingularGramError as e:
             raise ForgetlessError(f"{e}", file=gram_path, tensor=group,
                                   remedy="start the state with gamma > 0") from None
@@ -481,17 +499,16 @@ def _step_part(old_file: Path | None, new_file: Path, members: list[str], module
             if lora is not None:
                 A, B, s = lora.factors()
                 delta = (B.double() @ A.double()) * s
-            prev = old.get(f"delta/{n}")
-            merged = lpm_update(prev, delta, gt, inc, solver)
+            merged = lpm_update(previous(f"delta/{n}"), delta, gt, inc, solver)
+            del delta
             if not torch.isfinite(merged).all():
                 raise ForgetlessError("the merged delta has NaN or Inf", tensor=n, file=gram_path,
                                       remedy="check the adapter's factors and the Gram file for NaN/Inf")
             new[f"delta/{n}"] = merged.to(dtype).contiguous()
             if writer is not None:
                 _emit(writer, base, n, modules[n]["module"], merged, rank)
-        new[f"gram/{group}"] = h.to(dtype).contiguous()
-        new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
-    save_file(new, str(new_file), metadata={"format": "pt", "forgetless_version": __version__})
+            del merged
+    return new
 
 
 def _emit(writer: StreamingWriter, base: CheckpointReader, name: str, module: str, merged: torch.Tensor,

@@ -93,7 +93,9 @@ def ridge_increment(gram: Tensor, *, first: bool, gamma: float, gamma_mode: Gamm
 class Solver:
     """X ↦ X (H + ρI)⁻¹ for one Gram sum, factorised once (Cholesky; elementwise for a diagonal)."""
 
-    def __init__(self, gram_sum: Tensor, ridge: float):
+    def __init__(self, gram_sum: Tensor, ridge: float, *, overwrite: bool = False):
+        """``overwrite=True`` factorises a float64 ``gram_sum`` in place (one [in, in] matrix less at peak; the
+        caller must not use it afterwards)."""
         h = gram_sum.double()
         self.diagonal = h.dim() == 1
         self.zero = _mean_diag(h) + ridge == 0.0  # no data and no ridge: nothing is known, ΔW* = 0
@@ -105,9 +107,9 @@ class Solver:
                 raise SingularGramError("the diagonal Gram sum has zero entries and the ridge is 0")
             self.d = d
         else:
-            m = h.clone()
+            m = h if overwrite and h is gram_sum else h.clone()
             m.diagonal().add_(ridge)
-            chol, info = torch.linalg.cholesky_ex(m)
+            chol, info = torch.linalg.cholesky_ex(m, out=(m, torch.empty((), dtype=torch.int32)))
             if int(info) != 0:
                 raise SingularGramError("the Gram sum plus ridge is not positive definite (singular Gram sum and "
                                         "gamma = 0, or a non-symmetric statistic)")
