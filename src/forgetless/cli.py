@@ -185,12 +185,19 @@ def continual_group() -> None:
               help="full Grams (default) or their diagonals: bounded memory (first task only).")
 @click.option("--state-dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="How the state stores its sums (first task only; default float32).")
+@click.option("--cpm-data", type=click.Path(dir_okay=False), default=None,
+              help="CPM: the task's data with images (its visual prototype); the output becomes a routed model.")
+@click.option("--cpm-images", type=click.Path(file_okay=False), default=None, help="CPM: the image folder.")
+@click.option("--cpm-n", type=int, default=None, help="CPM: images for the prototype (a seeded subset).")
+@click.option("--tau", type=float, default=None, help="CPM routing temperature (first task only; default 0.1).")
+@click.option("--routing", type=click.Choice(["soft", "hard"]), default=None,
+              help="CPM: softmax weights (default) or the nearest prototype only (first task only).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def continual_add_cmd(state: str, **kw) -> None:
+def continual_add_cmd(state: str, routing: str | None, **kw) -> None:
     """Add one task to STATE (created on the first task) and write the merged output."""
     from .continual import add_task
 
-    add_task(state, log=click.echo, **kw)
+    add_task(state, hard=None if routing is None else routing == "hard", log=click.echo, **kw)
 
 
 @continual_group.command("show")

@@ -28,8 +28,12 @@ Choices (inferred; METHODS.md, "MAny")
 * **Modules**: the first task's adapter fixes the adapted Linear weights. A later adapter may adapt a subset (its
   ΔWₜ = 0 elsewhere: that task's data asks the other modules for the base's outputs; the Gram file must still cover
   them); one that adapts a module the state lacks is refused (the earlier tasks' Grams of it are unknown).
-  Adapters carrying full tensors (``modules_to_save``, LLaVA's ``non_lora_trainables.bin`` projector) or LoRA on
-  non-Linear layers are refused: LPM merges LoRA deltas of Linear layers; keeping per-task projectors is CPM's job.
+  Adapters carrying full tensors (``modules_to_save``, LLaVA's ``non_lora_trainables.bin``) or LoRA on non-Linear
+  layers are refused: LPM merges LoRA deltas of Linear layers. The one exception is a full projector under CPM.
+* **CPM** (``cpm_data``, :mod:`.cpm`): the state also keeps, per task, the projector (the base's with the task's
+  adapter applied) and the visual prototype (taken at the base on the task's images), one
+  ``cpm-task-NNNNN.safetensors`` each, hard-linked into every new state (never rewritten), and the output is a
+  routed model folder. Refused when the adapters adapt the vision tower (the prototypes assume the base's).
 
 The state folder
 ----------------
@@ -62,12 +66,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size
+from .cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
 from .errors import ForgetlessError
 from .methods.adapter import truncated_svd
 from .methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
@@ -137,10 +142,11 @@ def show_state(state: str | Path) -> str:
         width = mods[g]["shape"][1]
         gram_n += width if opts["approx"] == "diagonal" else width * width
     size = STATE_DTYPES[opts["dtype"]].itemsize
-    lines = [(f"{path}: continual LPM state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
+    cpm = opts.get("cpm")
+    lines = [(f"{path}: continual LPM{' + CPM' if cpm else ''} state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
              f"({meta['base']['fingerprint']})"),
              (f"  options: gamma={opts['gamma']} ({opts['gamma_mode']}), approx={opts['approx']}, "
-             f"stored as {opts['dtype']}"),
+             f"stored as {opts['dtype']}" + (f"; CPM routing tau={cpm['tau']}, hard={cpm['hard']}" if cpm else "")),
              (f"  {len(mods)} adapted Linear weights, {len(groups)} Gram sums (shared inputs), "
              f"{len(meta['parts'])} part files"),
              (f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_n * size)}, "
@@ -149,7 +155,9 @@ def show_state(state: str | Path) -> str:
     for i, t in enumerate(meta["tasks"], 1):
         lines.append(f"    {i}. {t['name']}: adapter {t['adapter']} ({t['adapter_fingerprint']}), {t['modules']} "
                      f"modules; Gram {t['gram']} ({t['gram_fingerprint']}, data {t['data_fingerprint']}, "
-                     f"{t['num_samples']} samples)")
+                     f"{t['num_samples']} samples)"
+                     + (f"; CPM prototype over {t['cpm_images']} images ({t['cpm_data_fingerprint']})"
+                        if "cpm_images" in t else ""))
     return "\n".join(lines)
 
 
@@ -173,7 +181,8 @@ def _open_base(base: str | Path, meta: dict[str, Any] | None, state: Path) -> Ch
     return reader
 
 
-def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None) -> LoraAdapter:
+def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None, *,
+                   allow_projector: bool = False) -> LoraAdapter:
     from .engine import _adapter_problems, _open_adapter
 
     adapter = _open_adapter(str(adapter_dir), base, "adapter", str(adapter_dir))
@@ -181,8 +190,11 @@ def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[s
     problems = [p.removeprefix(prefix) for p in
                 _adapter_problems([adapter], base, SimpleNamespace(equal_ranks=False, name="lpm"))]
     for name in sorted(adapter.replacements()):
+        if allow_projector and projector_key(name) is not None:
+            continue  # CPM keeps it as this task's projector
         problems.append(f"carries the full tensor {name} (modules_to_save / non_lora_trainables); LPM merges "
-                        "LoRA deltas of Linear layers only")
+                        "LoRA deltas of Linear layers only" + ("" if allow_projector or projector_key(name) is None
+                                                                else " (CPM keeps a projector per task: --cpm-data)"))
     if problems:
         raise ForgetlessError(f"{len(problems)} problem(s): " + "; ".join(problems[:3])
                               + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""), file=adapter.path,
@@ -261,6 +273,70 @@ def _check_out(out: Path, state: Path, base: CheckpointReader, force: bool) -> N
                               remedy="choose another --out or pass --force to replace it")
 
 
+def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path, rank: int | None,
+               adapter: str | Path) -> list[str]:
+    from .checkpoint import layout as layouts
+
+    if rank is not None:
+        raise ForgetlessError("CPM writes a routed model, not a rank-r adapter", file=adapter,
+                              remedy="drop --rank (or start a state without CPM)")
+    if not Path(data).is_file():
+        raise ForgetlessError("CPM data file not found", file=data, remedy="give the task's data (JSON/JSONL with "
+                              "images) to --cpm-data")
+    names = base_projector(base.names(), base.path)
+    lay = layouts.detect_layout(base.config, base.names())
+    vision = [n for n in state_names if layouts.part_of(lay, n) == "vision"]
+    if vision:
+        raise ForgetlessError(f"the adapters adapt {len(vision)} vision-tower weight(s) (e.g. {vision[0]}): CPM's "
+                              "prototypes are taken with the base's vision tower, which must stay the base's",
+                              file=adapter, remedy="train the adapters on the language model (and projector) only, "
+                                                   "or drop CPM")
+    return names
+
+
+def _cpm_file(k: int) -> str:
+    return f"cpm-task-{k:05d}.safetensors"
+
+
+def _cpm_task(base: CheckpointReader, lora: LoraAdapter, proj_names: list[str], data: str | Path,
+              images: str | Path | None, n: int | None, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The task's projector (the base's with this task's adapter applied: its full projector tensors, its LoRA on
+    the projector, or neither) and its visual prototype at the base."""
+    from .stats.run import load_model as load_plain
+
+    tensors = {f"proj/{projector_key(n)}": lora.apply(n, base.get(n)).to(base.info(n).dtype).contiguous()
+               for n in proj_names}
+    model, _ = load_plain(base.path, "cpu", "float32")
+    proto, fp, count = compute_prototype(model, base.path, data, images=images, n=n)
+    del model
+    if log:
+        log(f"  CPM: projector of {len(proj_names)} tensors, prototype over {count} images of {data}")
+    tensors["prototype"] = proto.contiguous()
+    return {"tensors": tensors, "data_fingerprint": fp, "images": count}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (the state's per-task CPM files are never edited: O(1) per step), else a copy."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_routed(out_tmp: Path, state_tmp: Path, meta: dict[str, Any]) -> None:
+    cpm = meta["options"]["cpm"]
+    projectors, prototypes = [], []
+    for k in range(1, len(meta["tasks"]) + 1):
+        t = load_file(str(state_tmp / _cpm_file(k)))
+        prototypes.append(t.pop("prototype"))
+        projectors.append({key.removeprefix("proj/"): v for key, v in t.items()})
+    write_routing(out_tmp, [t["name"] for t in meta["tasks"]], projectors, torch.stack(prototypes),
+                  tau=cpm["tau"], hard=cpm["hard"])
+
+
 # ---------------------------------------------------------------------------------------------- layout of a state
 def part_key(name: str) -> str:
     """The decoder layer a weight belongs to (``…layers.N``), or one shared key for everything else."""
@@ -324,7 +400,9 @@ def _card(meta: dict[str, Any], rank: int | None) -> str:
 def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: str | Path | None,
              base: str | Path | None = None, name: str | None = None, rank: int | None = None,
              gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
-             state_dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
+             state_dtype: str | None = None, cpm_data: str | Path | None = None,
+             cpm_images: str | Path | None = None, cpm_n: int | None = None, tau: float | None = None,
+             hard: bool | None = None, shard_size: str | int = "5GB", force: bool = False,
              log: Callable[[str], None] | None = print) -> ContinualReport:
     """Add one task to the continual state STATE (created on the first task) and write the merged output.
 
@@ -332,6 +410,10 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
     state. ``base``: required on the first task; afterwards optional (the state's own, checked by fingerprint).
     ``gamma`` / ``gamma_mode`` / ``approx`` / ``state_dtype`` are fixed by the first task (defaults 1e-6,
     "relative", "full", "float32"); a later step that names a different value is refused.
+    ``cpm_data`` (the task's data with images; ``cpm_images`` their folder, ``cpm_n`` a seeded subset): CPM on top
+    of LPM (:mod:`.cpm`) — the state keeps the task's projector (from its adapter, else the base's) and visual
+    prototype, and ``out`` is a routed model (``tau``, default 0.1, and ``hard`` fixed by the first task). A state
+    started with CPM needs it on every task, one started without refuses it.
     Every input is checked before any work (see the module docstring)."""
     t0 = time.perf_counter()
     state = Path(state)
@@ -342,7 +424,11 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
     given = {"gamma": gamma, "gamma_mode": gamma_mode, "approx": approx, "dtype": state_dtype}
     if meta is None:
         opts = {"gamma": DEFAULT_GAMMA if gamma is None else float(gamma), "gamma_mode": gamma_mode or "relative",
-                "approx": approx or "full", "dtype": state_dtype or "float32"}
+                "approx": approx or "full", "dtype": state_dtype or "float32",
+                "cpm": None if cpm_data is None else {"tau": DEFAULT_TAU if tau is None else float(tau),
+                                                      "hard": bool(hard)}}
+        if opts["cpm"] is not None and not opts["cpm"]["tau"] > 0:
+            raise ForgetlessError(f"routing temperature tau={tau}", file=state, remedy="give tau > 0 (default 0.1)")
         if not opts["gamma"] >= 0 or opts["gamma_mode"] not in ("relative", "absolute") \
                 or opts["approx"] not in ("full", "diagonal") or opts["dtype"] not in STATE_DTYPES:
             raise ForgetlessError(f"invalid options {opts}", file=state, remedy="gamma >= 0, gamma_mode relative|"
@@ -354,12 +440,24 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
                 raise ForgetlessError(f"the state was created with {k}={opts[k]!r}, this step asks {k}={v!r} (the "
                                       "recursion is exact only with one setting)", file=state,
                                       remedy=f"omit the option (or give {opts[k]!r}), or start a new state")
+        cpm_opts = opts.get("cpm")
+        if (cpm_opts is None) != (cpm_data is None):
+            raise ForgetlessError("the state was created " + ("without" if cpm_opts is None else "with") + " CPM "
+                                  "(per-task projectors and routing); every task must do the same", file=state,
+                                  remedy="drop --cpm-data" if cpm_opts is None else "give --cpm-data TASK_DATA")
+        if cpm_opts is not None and ((tau is not None and float(tau) != cpm_opts["tau"])
+                                     or (hard is not None and bool(hard) != cpm_opts["hard"])):
+            raise ForgetlessError(f"the state routes with tau={cpm_opts['tau']}, hard={cpm_opts['hard']}",
+                                  file=state, remedy="omit --tau / --hard, or start a new state")
     base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)  # type: ignore[index]
     gram_reader = None
     try:
-        lora = _check_adapter(adapter, base_reader, meta)
+        use_cpm = opts.get("cpm") is not None
+        lora = _check_adapter(adapter, base_reader, meta, allow_projector=use_cpm)
         loras = lora.loras()
         state_names = sorted(meta["modules"]) if meta is not None else sorted(loras)
+        if use_cpm:
+            proj_names = _check_cpm(base_reader, state_names, cpm_data, rank, adapter)
         gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
         out_path = Path(out) if out is not None else None
         if out_path is not None:
@@ -391,6 +489,11 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
         new_meta["tasks"].append(task)
         step = len(new_meta["tasks"])
         dtype = STATE_DTYPES[opts["dtype"]]
+        cpm_new = None
+        if use_cpm:
+            cpm_new = _cpm_task(base_reader, lora, proj_names, cpm_data, cpm_images, cpm_n, log)  # type: ignore[arg-type]
+            task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),  # type: ignore[arg-type]
+                        cpm_images=cpm_new.pop("images"))
 
         writer = None
         if out_path is not None:
@@ -414,6 +517,10 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
                 f"{len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} ({opts['gamma_mode']})")
         with atomic_folder(state) as tmp:
             try:
+                if cpm_new is not None:
+                    for k in range(1, step):
+                        _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
+                    save_file(cpm_new["tensors"], str(tmp / _cpm_file(step)), metadata={"format": "pt"})
                 for fname, part in parts.items():
                     _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
                                loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram)
@@ -424,6 +531,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
                             if n not in adapted:
                                 writer.write(n, base_reader.raw(n) if base_reader.format == "safetensors"
                                              else base_reader.get(n).to(base_reader.info(n).dtype))
+                        if cpm_new is not None:
+                            _write_routed(writer.tmp, tmp, new_meta)
                         writer.commit(side_files_from=base_reader.path,
                                       extra_files={"README.md": _card(new_meta, None)})
                     else:
