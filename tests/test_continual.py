@@ -308,3 +308,39 @@ def test_cli_add_and_show(tasks, tiny_llava_dir, tmp_path, capsys):
               "--out", str(tmp_path / "o3")])
     assert e.value.code == 2
     assert "already task 2" in capsys.readouterr().err
+
+
+def test_data_instead_of_gram_computes_it_at_the_base_and_reuses_it(tmp_path):
+    """--data: the Gram is computed at the base over the state's modules (as `stats gram` computes it) and reused
+    for the same base, data selection and modules; the merge is the one the explicit Gram file gives."""
+    from conftest import build_llama_with_tokenizer, write_qa_jsonl
+    from transformers import LlamaForCausalLM
+
+    from forgetless.stats.run import compute_statistics
+
+    base = build_llama_with_tokenizer(tmp_path / "llama", layers=2)
+    data = write_qa_jsonl(tmp_path / "task.jsonl", [("2 + 3 =", "5"), ("Sky colour?", "Blue"), ("H2O?", "Water")])
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    train_adapter(LlamaForCausalLM.from_pretrained(base), cfg, tmp_path / "ad")
+    logs: list[str] = []
+    add_task(tmp_path / "s1", adapter=tmp_path / "ad", data=data, out=tmp_path / "o1", base=base, device="cpu",
+             log=logs.append)
+    computed = sorted((tmp_path / "s1-statistics").glob("gram-*.safetensors"))
+    assert len(computed) == 1
+    names = sorted(load_state(tmp_path / "s1")["modules"])
+    explicit = tmp_path / "explicit.safetensors"
+    compute_statistics("gram", base, data, explicit, device="cpu", log=None, progress=False)
+    a, b = load_file(str(computed[0])), load_file(str(explicit))
+    assert sorted(a) == names and all(torch.equal(a[k], b[k]) for k in names)
+    add_task(tmp_path / "s2", adapter=tmp_path / "ad", gram=explicit, out=tmp_path / "o2", base=base, log=None)
+    x, y = load_file(str(tmp_path / "o1" / "model.safetensors")), load_file(str(tmp_path / "o2" / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert any(not torch.equal(x[n], load_file(str(base / "model.safetensors"))[n]) for n in names)
+    # the same data for another state that uses the same stats folder: reused, not recomputed
+    mtime = computed[0].stat().st_mtime_ns
+    logs.clear()
+    add_task(tmp_path / "s3", adapter=tmp_path / "ad", data=data, out=None, base=base,
+             stats_dir=tmp_path / "s1-statistics", log=logs.append)
+    assert computed[0].stat().st_mtime_ns == mtime and any("reusing" in m for m in logs)
+    with pytest.raises(ForgetlessError, match="one of the two"):
+        add_task(tmp_path / "s4", adapter=tmp_path / "ad", data=data, gram=explicit, out=None, base=base, log=None)

@@ -170,8 +170,14 @@ def continual_group() -> None:
 @continual_group.command("add")
 @click.argument("state", type=click.Path(file_okay=False))
 @click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The new task's PEFT LoRA adapter.")
-@click.option("--gram", required=True, type=click.Path(dir_okay=False),
+@click.option("--gram", type=click.Path(dir_okay=False), default=None,
               help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
+@click.option("-n", "n", type=int, default=None, help="--data: a seeded subset of N samples.")
+@click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
+              help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="The merged model folder (or the adapter folder with --rank). Default: update the state only.")
 @click.option("--base", type=click.Path(file_okay=False), default=None,

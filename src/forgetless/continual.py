@@ -294,6 +294,36 @@ def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path,
     return names
 
 
+def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images: str | Path | None, n: int | None,
+              seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None) -> Path:
+    """The task's Gram file at the base over `names`: reused from `stats_dir` when it was computed on the same base
+    weights, data selection and modules, else computed there."""
+    import hashlib
+
+    from .stats.data import data_fingerprint, load_samples
+    from .stats.run import compute_statistics
+
+    if not Path(data).is_file():
+        raise ForgetlessError("task data file not found", file=data, remedy="check --data")
+    fp = data_fingerprint(data, load_samples(data, image_folder=images, n=n, seed=seed))
+    scope_fp = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+    path = stats_dir / f"gram-{fp}-{scope_fp}.safetensors"
+    if path.is_file():
+        reader, meta = load_statistics(path)
+        with reader:
+            ok = (meta.get("kind") == "gram" and meta.get("data_fingerprint") == fp
+                  and meta.get("model_weights_fingerprint") == base.weights_fingerprint()
+                  and set(names) <= set(reader.names()))
+        if ok:
+            if log:
+                log(f"  Gram: reusing {path} (same base weights, data selection and modules)")
+            return path
+    scope = ["re:^(?:" + "|".join(re.escape(x) for x in names) + ")$"]
+    compute_statistics("gram", base.path, data, path, images=images, scope=scope, n=n, seed=seed,
+                       batch_size=batch_size, device=device, force=True, log=log, progress=False)
+    return path
+
+
 def _cpm_file(k: int) -> str:
     return f"cpm-task-{k:05d}.safetensors"
 
@@ -397,12 +427,14 @@ def _card(meta: dict[str, Any], rank: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: str | Path | None,
+def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None = None, out: str | Path | None,
              base: str | Path | None = None, name: str | None = None, rank: int | None = None,
              gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
              state_dtype: str | None = None, cpm_data: str | Path | None = None,
              cpm_images: str | Path | None = None, cpm_n: int | None = None, tau: float | None = None,
-             hard: bool | None = None, shard_size: str | int = "5GB", force: bool = False,
+             hard: bool | None = None, data: str | Path | None = None, images: str | Path | None = None,
+             n: int | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
+             stats_dir: str | Path | None = None, shard_size: str | int = "5GB", force: bool = False,
              log: Callable[[str], None] | None = print) -> ContinualReport:
     """Add one task to the continual state STATE (created on the first task) and write the merged output.
 
@@ -414,6 +446,10 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
     of LPM (:mod:`.cpm`) — the state keeps the task's projector (from its adapter, else the base's) and visual
     prototype, and ``out`` is a routed model (``tau``, default 0.1, and ``hard`` fixed by the first task). A state
     started with CPM needs it on every task, one started without refuses it.
+    ``gram``: the task's Gram file (taken at the base); or ``data`` (``images``, ``n``, ``seed``): the task's data,
+    whose Gram is computed at the base over the state's modules (``forgetless stats gram``) into ``stats_dir``
+    (default: ``STATE-statistics`` beside STATE), or reused from there when it was computed on the same base
+    weights, data selection and modules.
     Every input is checked before any work (see the module docstring)."""
     t0 = time.perf_counter()
     state = Path(state)
@@ -458,6 +494,12 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
         state_names = sorted(meta["modules"]) if meta is not None else sorted(loras)
         if use_cpm:
             proj_names = _check_cpm(base_reader, state_names, cpm_data, rank, adapter)
+        if (gram is None) == (data is None):
+            raise ForgetlessError("give the task's Gram file or its data (one of the two)", file=adapter,
+                                  remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA")
+        if gram is None:
+            gram = _gram_for(base_reader, state_names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
+                             Path(stats_dir) if stats_dir else state.parent / f"{state.name}-statistics", log)
         gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
         out_path = Path(out) if out is not None else None
         if out_path is not None:
@@ -498,15 +540,15 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
         writer = None
         if out_path is not None:
             if rank is None:
-                entries = [Entry(n, tuple(base_reader.info(n).shape), base_reader.info(n).dtype)
-                           for n in base_reader.names()]
+                entries = [Entry(wn, tuple(base_reader.info(wn).shape), base_reader.info(wn).dtype)
+                           for wn in base_reader.names()]
                 writer = StreamingWriter(out_path, entries, shard_size=parse_size(shard_size), force=force,
                                          metadata={"forgetless_version": __version__, "method": "lpm"})
             else:
                 entries = []
-                for n in state_names:
-                    o, i = modules[n]["shape"]
-                    mod = modules[n]["module"]
+                for wn in state_names:
+                    o, i = modules[wn]["shape"]
+                    mod = modules[wn]["module"]
                     entries += [Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
                                 Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32)]
                 writer = StreamingWriter(out_path, entries, shard_size=sum(e.nbytes for e in entries) + 1,
@@ -527,10 +569,10 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path, out: s
                 if writer is not None:
                     if rank is None:
                         adapted = set(modules)
-                        for n in base_reader.names():
-                            if n not in adapted:
-                                writer.write(n, base_reader.raw(n) if base_reader.format == "safetensors"
-                                             else base_reader.get(n).to(base_reader.info(n).dtype))
+                        for wn in base_reader.names():
+                            if wn not in adapted:
+                                writer.write(wn, base_reader.raw(wn) if base_reader.format == "safetensors"
+                                             else base_reader.get(wn).to(base_reader.info(wn).dtype))
                         if cpm_new is not None:
                             _write_routed(writer.tmp, tmp, new_meta)
                         writer.commit(side_files_from=base_reader.path,
