@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+import bench_lora_merge
 from bench_lora_merge import TARGETS, llava7b_config
 from bench_merge import run_measured
 
@@ -35,27 +36,22 @@ SHARED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gateu
 
 
 def write_base(path: Path, scale: float) -> dict[str, tuple[int, ...]]:
-    """A sparse LLaVA-1.5-7B-shaped folder (hidden/intermediate sizes × `scale`): every tensor planned, none
-    written."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
+    """bench_lora_merge's sparse LLaVA-1.5-7B-shaped folder, hidden and intermediate sizes × `scale`."""
+    if scale == 1.0:
+        return bench_lora_merge.write_base(path)
 
-    from forgetless.checkpoint.writer import Entry, StreamingWriter
-
-    cfg = llava7b_config()
-    if scale != 1.0:
+    def scaled():
+        cfg = llava7b_config()
         cfg.text_config.hidden_size = int(4096 * scale)
         cfg.text_config.intermediate_size = int(11008 * scale)
         cfg.text_config.head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if not (path / "config.json").is_file():
-        w = StreamingWriter(path, [Entry(n, s, torch.float16) for n, s in shapes.items()], shard_size=1 << 62,
-                            force=True)
-        w._pending.clear()  # holes: a continual step reads only the base's names and shapes
-        w.commit(extra_files={"config.json": cfg.to_json_string()})
-    return shapes
+        return cfg
+
+    bench_lora_merge.llava7b_config = scaled  # write_base builds its config through this module global
+    try:
+        return bench_lora_merge.write_base(path)
+    finally:
+        bench_lora_merge.llava7b_config = llava7b_config
 
 
 def targets(shapes: dict[str, tuple[int, ...]], layers: int) -> dict[str, tuple[int, int]]:
