@@ -164,7 +164,8 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -
 
 @cli.group("continual")
 def continual_group() -> None:
-    """Merge a sequence of tasks' LoRA adapters, one task at a time (MAny's LPM), through a state folder."""
+    """Merge a sequence of tasks' LoRA adapters one task at a time through a state folder (MAny: LPM, and CPM
+    routing with --cpm-data)."""
 
 
 @continual_group.command("add")
