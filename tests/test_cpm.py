@@ -177,3 +177,20 @@ def test_cli_cpm_options(cpm_setup, tmp_path):
     cfg, projectors, prototypes = read_routing(tmp_path / "o")
     assert cfg["hard"] is True and cfg["tau"] == 0.2 and len(projectors) == 1 and prototypes.shape == (1, 32)
     assert load_state(tmp_path / "s")["tasks"][0]["cpm_images"] == 3
+
+
+def test_routed_folder_is_what_eval_and_the_package_load(cpm_setup, tmp_path):
+    """`forgetless.load_model` (what the evaluation harness loads with) installs the routing, and the eval cache's
+    weights digest changes with the routing config (τ, hard/soft change the outputs, not the weight files)."""
+    import forgetless
+    from forgetless.eval.cache import weights_digest
+
+    base, tasks = cpm_setup
+    state = tmp_path / "state"
+    _add(state, tasks["red"], tmp_path / "o1", base=base)
+    _add(state, tasks["blue"], tmp_path / "o2")
+    assert isinstance(forgetless.load_model(tmp_path / "o2").model.multi_modal_projector, RoutedProjector)
+    before = weights_digest(tmp_path / "o2")
+    f = tmp_path / "o2" / ROUTING_FILE
+    f.write_text(f.read_text().replace('"hard": false', '"hard": true'))
+    assert weights_digest(tmp_path / "o2") != before

@@ -5,10 +5,12 @@ The Python API is what the CLI wraps:
     import forgetless
     report = forgetless.merge("examples/ties.yaml", out="merged")   # or a dict recipe
     print(report.summary())
+    model = forgetless.load_model("merged")                          # any model folder, CPM routing included
 """
 
 __version__ = "0.1.0"
 
+from .cpm import load_model
 from .engine import MergeReport, build_plan, merge
 from .errors import ForgetlessError
 from .inspect import inspect_model
@@ -23,6 +25,7 @@ __all__ = [
            "__version__",
            "build_plan",
            "inspect_model",
+           "load_model",
            "load_recipe",
            "merge",
            "merge_method",

@@ -20,10 +20,12 @@ def _file_digest(path: Path, h) -> None:
 
 
 def weights_digest(model_dir: str | os.PathLike) -> str:
-    """sha256 over the folder's weight files (safetensors / bin, sorted by name) and config.json."""
+    """sha256 over the folder's weight files (safetensors / bin, sorted by name), config.json and a CPM routing
+    config (its τ and hard/soft routing change the outputs)."""
     d = Path(model_dir)
     h = hashlib.sha256()
-    files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    files = sorted(p for p in d.iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "cpm_routing.json"))
     for p in files:
         h.update(p.name.encode() + b"\0")
         _file_digest(p, h)

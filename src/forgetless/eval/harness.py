@@ -481,7 +481,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     (what the bootstrap intervals resample, :mod:`forgetless.eval.metrics`). ``scores`` holds T, G_v, G_t and G
     (:func:`forgetless.eval.metrics.scores`).
     """
-    from ..stats.run import load_model, resolve_device
+    from ..cpm import load_model
+    from ..stats.run import resolve_device
     from .metrics import correct_items
     from .metrics import scores as summary_scores
 
@@ -513,7 +514,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    model, _ = load_model(model_dir, dev, dtype)
+    model = load_model(model_dir, dtype=dtype, device=str(dev))  # a CPM-routed folder comes with its routing
     if say:
         say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype})")
     meter = _Progress(total, say)
