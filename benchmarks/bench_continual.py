@@ -110,7 +110,7 @@ def write_task(root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: i
 
 
 def child(state: str, adapter: str, gram: str, approx: str, seconds_file: str) -> None:
-    from forgetless.continual import add_task
+    from forgetless.chains.continual import add_task
 
     report = add_task(state, adapter=adapter, gram=gram, out=None, base=str(Path(state).parent / "base"),
                       approx=approx, log=None)

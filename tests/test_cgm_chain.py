@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from forgetless.cgm_chain import published_scope
+from forgetless.chains.cgm import published_scope
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.cli import main
 from forgetless.methods.cgm import cgm

@@ -1,4 +1,4 @@
-"""The continual LPM state (forgetless.continual): three `add` steps on a tiny LLaVA against the batch LPM computed
+"""The continual LPM state (forgetless.chains.continual): three `add` steps on a tiny LLaVA against the batch LPM computed
 independently (PEFT's own merged weights for the deltas, a dense solve for the merge), the rank-r adapter output,
 the state's layout, atomic replacement when a step fails, and every bad input refused before any work."""
 
@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from test_lora import legacy_to_current, train_adapter
 from transformers import LlavaForConditionalGeneration
 
+from forgetless.chains.continual import add_task, load_state, show_state
 from forgetless.checkpoint.reader import CheckpointReader
-from forgetless.continual import add_task, load_state, show_state
 from forgetless.errors import ForgetlessError
 from forgetless.stats.store import model_fingerprints, save_gram
 
@@ -201,7 +201,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_failing_step_leaves_the_previous_state_intact(tasks, tiny_llava_dir, tmp_path, monkeypatch):
-    from forgetless import continual
+    from forgetless.chains import continual
 
     state = tmp_path / "state"
     _add(state, tasks[0], None, base=tiny_llava_dir)

@@ -16,7 +16,7 @@ from test_continual import _write_gram
 from test_lora import train_adapter
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
-from forgetless.continual import add_task, load_state, show_state
+from forgetless.chains.continual import add_task, load_state, show_state
 from forgetless.cpm import ROUTING_FILE, RoutedProjector, load_model, read_routing, routing_accuracy
 from forgetless.errors import ForgetlessError
 

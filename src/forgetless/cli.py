@@ -157,7 +157,7 @@ def stats_gram(**kw) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
 def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -> None:
     """CGM from two checkpoints and two calibration sets: Fisher statistics at the right models, then the merge."""
-    from .cgm_chain import cgm_chain
+    from .chains.cgm import cgm_chain
 
     cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, **kw)
 
@@ -202,7 +202,7 @@ def continual_group() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def continual_add_cmd(state: str, routing: str | None, **kw) -> None:
     """Add one task to STATE (created on the first task) and write the merged output."""
-    from .continual import add_task
+    from .chains.continual import add_task
 
     add_task(state, hard=None if routing is None else routing == "hard", log=click.echo, **kw)
 
@@ -211,7 +211,7 @@ def continual_add_cmd(state: str, routing: str | None, **kw) -> None:
 @click.argument("state", type=click.Path(file_okay=False))
 def continual_show_cmd(state: str) -> None:
     """The tasks, options and sizes of a continual state."""
-    from .continual import show_state
+    from .chains.continual import show_state
 
     click.echo(show_state(state))
 

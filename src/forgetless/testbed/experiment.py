@@ -116,19 +116,14 @@ def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir
     task Fisher on the task's training data at θ₀ (``at == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or
     ``sampled``; all over CGM†'s published scope (which contains CGM's), reused when model, data selection, scope
     and variant match. Returns, per task Fisher, the ``fisher_general`` and ``fisher_task`` files a recipe needs."""
-    from ..cgm_chain import published_scope, reusable
-    from ..stats.run import compute_statistics
+    from ..chains.cgm import published_scope
+    from ..chains.steps import statistics_step
 
     scope = published_scope(base, "cgm_dagger")
 
     def one(role: str, model: Path, data: Path, variant: str, path: Path) -> Path:
-        if reusable(path, model, data, None, STATS_SAMPLES, 0, scope, variant=variant):
-            log(f"{role}: reusing {path}")
-            return path
-        log(f"{role}: {variant} at {model} on {data}")
-        compute_statistics("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, batch_size=8,
-                           variant=variant, force=True, log=log)
-        return path
+        return statistics_step("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, variant=variant,
+                               role=role, log=log, batch_size=8)
 
     general_file = one("fisher_general", base, general, "empirical", stats_dir / "fisher_general.safetensors")
     return {(at, variant): {"fisher_general": general_file,
@@ -138,7 +133,7 @@ def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir
 
 
 def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[str, Path] | None) -> dict:
-    from ..cgm_chain import published_scope
+    from ..chains.cgm import published_scope
 
     recipe: dict[str, Any] = {"method": method, "base": str(base), "parameters": dict(params), "seed": 0}
     if method == "fisher_with_base":

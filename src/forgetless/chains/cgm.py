@@ -22,13 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import layout as layouts
-from .checkpoint.reader import CheckpointReader
-from .engine import MergeReport, merge
-from .errors import ForgetlessError
-from .stats.data import data_fingerprint, load_samples
-from .stats.run import compute_statistics
-from .stats.store import load_statistics, model_fingerprints
+from ..checkpoint import layout as layouts
+from ..checkpoint.reader import CheckpointReader
+from ..engine import MergeReport, merge
+from ..errors import ForgetlessError
+from .steps import statistics_step
 
 PUBLISHED_FRACTION = 0.375  # 12 of LLaVA-1.5-7B's 32 decoder layers
 
@@ -45,21 +43,6 @@ def published_scope(model_dir: str | Path, method: str) -> list[str]:
     if method != "cgm" and has_projector:
         scope.append("projector")
     return scope
-
-
-def reusable(path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
-              scope: list[str], variant: str = "empirical") -> bool:
-    if not path.is_file():
-        return False
-    _, meta = load_statistics(path)
-    want = model_fingerprints(model_dir)
-    samples = load_samples(data, image_folder=images, n=n, seed=seed)
-    extra = meta.get("extra") or {}
-    return (meta.get("kind") == "fisher"
-            and meta.get("model_weights_fingerprint") == want["model_weights_fingerprint"]
-            and meta.get("data_fingerprint") == data_fingerprint(data, samples)
-            and extra.get("scope") == scope
-            and extra.get("variant", "empirical") == variant)
 
 
 def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Path, task_data: str | Path,
@@ -86,17 +69,11 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
     jobs = {"fisher_general": (base, Path(general_data), general_images, "empirical"),
             "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images,
                             task_fisher_variant)}
-    files = {}
-    for role, (model_dir, data, images, variant) in jobs.items():
-        path = files[role] = stats / f"{role}.safetensors"
-        img = Path(images) if images else None
-        if not dry_run and reusable(path, model_dir, data, img, n, seed, scope, variant):
-            say(f"{role}: reusing {path} (same model weights, data selection, scope and variant)")
-            continue
-        say(f"{role}: {variant} at {model_dir} on {data}")
-        compute_statistics("fisher", model_dir, data, path, images=img, scope=scope, n=n, seed=seed,
-                           batch_size=batch_size, variant=variant, device=device, dtype=dtype,
-                           on_bad_sample=on_bad_sample, force=True, dry_run=dry_run, log=log)
+    files = {role: statistics_step("fisher", model_dir, data, stats / f"{role}.safetensors", scope=scope,
+                                   images=images, n=n, seed=seed, variant=variant, role=role, dry_run=dry_run,
+                                   log=log, batch_size=batch_size, device=device, dtype=dtype,
+                                   on_bad_sample=on_bad_sample)
+             for role, (model_dir, data, images, variant) in jobs.items()}
     params: dict[str, Any] = {}
     if alpha is not None:
         params["alpha"] = alpha

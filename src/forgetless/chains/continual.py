@@ -68,15 +68,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
-from .checkpoint.reader import CheckpointReader
-from .checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size
-from .cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
-from .errors import ForgetlessError
-from .methods.adapter import truncated_svd
-from .methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
-from .stats.store import load_statistics
+from .. import __version__
+from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size
+from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
+from ..errors import ForgetlessError
+from ..methods.adapter import truncated_svd
+from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
+from ..stats.store import load_statistics
 
 FORMAT = "forgetless-continual"
 VERSION = 1
@@ -183,7 +183,7 @@ def _open_base(base: str | Path, meta: dict[str, Any] | None, state: Path) -> Ch
 
 def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None, *,
                    allow_projector: bool = False) -> LoraAdapter:
-    from .engine import _adapter_problems, _open_adapter
+    from ..engine import _adapter_problems, _open_adapter
 
     adapter = _open_adapter(str(adapter_dir), base, "adapter", str(adapter_dir))
     prefix = f"models[0] {adapter.path}: "
@@ -275,7 +275,7 @@ def _check_out(out: Path, state: Path, base: CheckpointReader, force: bool) -> N
 
 def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path, rank: int | None,
                adapter: str | Path) -> list[str]:
-    from .checkpoint import layout as layouts
+    from ..checkpoint import layout as layouts
 
     if rank is not None:
         raise ForgetlessError("CPM writes a routed model, not a rank-r adapter", file=adapter,
@@ -296,32 +296,21 @@ def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path,
 
 def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images: str | Path | None, n: int | None,
               seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None) -> Path:
-    """The task's Gram file at the base over `names`: reused from `stats_dir` when it was computed on the same base
-    weights, data selection and modules, else computed there."""
+    """The task's Gram file at the base over `names`, reused from `stats_dir` when it was computed on the same base
+    weights, data selection and modules (:func:`~forgetless.chains.steps.statistics_step`), else computed there."""
     import hashlib
 
-    from .stats.data import data_fingerprint, load_samples
-    from .stats.run import compute_statistics
+    from ..stats.data import data_fingerprint, load_samples
+    from .steps import statistics_step
 
     if not Path(data).is_file():
         raise ForgetlessError("task data file not found", file=data, remedy="check --data")
     fp = data_fingerprint(data, load_samples(data, image_folder=images, n=n, seed=seed))
     scope_fp = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
-    path = stats_dir / f"gram-{fp}-{scope_fp}.safetensors"
-    if path.is_file():
-        reader, meta = load_statistics(path)
-        with reader:
-            ok = (meta.get("kind") == "gram" and meta.get("data_fingerprint") == fp
-                  and meta.get("model_weights_fingerprint") == base.weights_fingerprint()
-                  and set(names) <= set(reader.names()))
-        if ok:
-            if log:
-                log(f"  Gram: reusing {path} (same base weights, data selection and modules)")
-            return path
     scope = ["re:^(?:" + "|".join(re.escape(x) for x in names) + ")$"]
-    compute_statistics("gram", base.path, data, path, images=images, scope=scope, n=n, seed=seed,
-                       batch_size=batch_size, device=device, force=True, log=log, progress=False)
-    return path
+    return statistics_step("gram", base.path, data, stats_dir / f"gram-{fp}-{scope_fp}.safetensors", scope=scope,
+                           images=images, n=n, seed=seed, role="  Gram", log=log, batch_size=batch_size,
+                           device=device, progress=False)
 
 
 def _cpm_file(k: int) -> str:
@@ -332,7 +321,7 @@ def _cpm_task(base: CheckpointReader, lora: LoraAdapter, proj_names: list[str], 
               images: str | Path | None, n: int | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     """The task's projector (the base's with this task's adapter applied: its full projector tensors, its LoRA on
     the projector, or neither) and its visual prototype at the base."""
-    from .stats.run import load_model as load_plain
+    from ..stats.run import load_model as load_plain
 
     tensors = {f"proj/{projector_key(n)}": lora.apply(n, base.get(n)).to(base.info(n).dtype).contiguous()
                for n in proj_names}
