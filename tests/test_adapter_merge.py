@@ -18,7 +18,13 @@ from transformers import LlavaForConditionalGeneration
 import forgetless
 from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS
-from forgetless.methods.adapter import copa, lora_dare_linear, lora_task_arithmetic, lowrank_sum_svd
+from forgetless.methods.adapter import (
+    copa,
+    lora_dare_linear,
+    lora_dare_ties,
+    lora_task_arithmetic,
+    lowrank_sum_svd,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -142,6 +148,8 @@ def test_lowrank_sum_svd_is_the_exact_truncated_svd():
 
 
 def test_dare_matches_peft_with_the_same_random_stream():
+    """PEFT draws DARE's masks from torch's global generator, task by task; ours from the per-tensor generator:
+    seeded alike, the masks are the same draws, so the merged updates agree (rank 20 = the full update here)."""
     g = torch.Generator().manual_seed(1)
     pairs = [(torch.randn(4, 24, generator=g), torch.randn(20, 4, generator=g)) for _ in range(3)]
     weights = [0.7, 1.3, 0.5]
@@ -149,6 +157,11 @@ def test_dare_matches_peft_with_the_same_random_stream():
     peft = merge_utils.dare_linear([B @ A for A, B in pairs], torch.tensor(weights), 0.6)
     A, B = lora_dare_linear(pairs, weight=weights, density=[0.6] * 3, rank=20,
                             generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(B @ A, peft, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(12)
+    peft = merge_utils.dare_ties([B @ A for A, B in pairs], torch.tensor(weights), 0.6, "total")
+    A, B = lora_dare_ties(pairs, weight=weights, density=[0.6] * 3, rank=20, convention="peft",
+                          generator=torch.Generator().manual_seed(12))
     torch.testing.assert_close(B @ A, peft, rtol=1e-4, atol=1e-5)
 
 
