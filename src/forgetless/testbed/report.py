@@ -363,7 +363,7 @@ class MultitaskDraws:
         for r in res["rows"]:
             if r["role"] == "own":
                 continue
-            self._add(row_name(r), {n: r["correct_items"][n] for n in self.seen},
+            self._add(r["method"], {n: r["correct_items"][n] for n in self.seen},
                       {n: r["correct_items"][n] for n in self.unseen}, [r])
             if r["role"] == "base" and own:  # the own adapters come right after the base
                 self._add(OWN, {r2["task"]: r2["correct_items"][r2["task"]] for r2 in own}, {}, own)
@@ -393,7 +393,7 @@ class MultitaskDraws:
 
 def multitask_summary(d: MultitaskDraws) -> str:
     lines = ["| method | knob | seen avg | unseen avg | G |", "|---|---|---:|---:|---:|"]
-    knobs = {row_name(r): r.get("knob", "") for r in d.res["rows"]}
+    knobs = {r["method"]: r.get("knob", "") for r in d.res["rows"]}
     for name, p in d.points.items():
         cells = [cell(p[k], False, d.interval(name, k)) for k in d.KEYS]
         lines.append(f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + " |")
@@ -422,7 +422,7 @@ def multitask_table(d: MultitaskDraws) -> str:
     """Per task accuracy ± 95% half-width, one line per method (:data:`OWN`: each task by its own adapter)."""
     res = d.res
     tasks = [*d.seen, *d.unseen]
-    by_name = {row_name(r): r for r in res["rows"]}
+    by_name = {r["method"]: r for r in res["rows"]}
     own = {r["task"]: r for r in res["rows"] if r["role"] == "own"}
     lines = ["| method | " + " | ".join(tasks) + " | G_v | G_t |", "|---|" + "---:|" * (len(tasks) + 2)]
 
@@ -448,12 +448,14 @@ def multitask_plot(d: MultitaskDraws, path: Path) -> Path:
     pts = [{"method": name, "task": p["seen"], "general": p["unseen"], "role": "base" if name == "base" else "method",
             "task_interval": d.interval(name, "seen"), "general_interval": d.interval(name, "unseen")}
            for name, p in d.points.items() if p["unseen"] is not None]
-    return tradeoff_plot(pts, path, title="LoRA adapters of 6 tasks merged (test splits, 95% intervals)",
+    return tradeoff_plot(pts, path, title=f"LoRA adapters of {len(d.seen)} tasks merged (test splits, 95% intervals)",
                          xlabel="seen-task average (%)", ylabel="unseen-task average (%)")
 
 
 def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None) -> str:
     """The section "Merging LoRA adapters of several tasks" from ``workdir/results.json`` (:mod:`.multitask`)."""
+    from . import multitask as M
+
     res = json.loads((Path(workdir) / "results.json").read_text())
     d = MultitaskDraws(res)
     png = multitask_plot(d, Path(plots) / "multitask-seen-unseen.png")
@@ -462,6 +464,10 @@ def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None)
     lora = a["lora"]
     sizes = {n: len(c) for r in res["rows"] for n, c in r["correct_items"].items()}
     val = "\n".join(f"| {n} | {v['base_val']:.0f} | {v['adapter_val']:.0f} |" for n, v in res["validation"].items())
+    failed = [n for n, v in res["validation"].items() if not v["learned"]]
+    learned = (f"Every adapter learned its task (≥ {M.LEARNED:g} points over the base)" if not failed else
+               f"Every adapter but {', '.join(f'`{n}`' for n in failed)} learned its task (≥ {M.LEARNED:g} points "
+               "over the base; kept as run, not retrained)")
     sweep = "; ".join(f"{s['method']} {s['knob']}: {s['seen_val']:.1f}" for s in res["sweep"]) or "none"
     chosen = "; ".join(f"{k}: {v}" for k, v in res["chosen"].items())
     skipped = (f"\n**Not run** (method not available when the experiment ran): {', '.join(res['skipped'])}.\n"
@@ -484,8 +490,8 @@ when no `--task` is given; with `--task …` or `--no-run` this section is rebui
   {', '.join(lora['targets'])} of every decoder layer (vision tower and projector frozen), {a['steps']} AdamW steps
   of {a['batch_size']}, lr {a['lr']:g} ({a['warmup']} warm-up, cosine), seed {a['seed']}
   (`multitask.ADAPTER`). The **joint LoRA** trains the same recipe on all seen training splits mixed,
-  {res['joint_steps']} steps (as many samples of each task as its own adapter). Each adapter learned its task
-  (validation split, base → adapter, %):
+  {res['joint_steps']} steps ({res['joint_steps'] * a['batch_size'] // len(res['seen'])} samples of each task on
+  average; its own adapter sees {a['steps'] * a['batch_size']}). {learned} (validation split, base → adapter, %):
 
 | task | base | own adapter |
 |---|---:|---:|
@@ -494,8 +500,10 @@ when no `--task` is given; with `--task …` or `--no-run` this section is rebui
 - **Merges** in adapter space, re-factored to rank r where the method says so, folded into a full model
   (`fold: true`) for the evaluation; the own adapters and the joint one are folded alone (`BASE+ADAPTER`, λ = 1).
   CoPA at its published defaults (λ = 2, top 20% of |entries| of each A and B kept), in the paper's rule and the
-  published code's (`variant: reference`). The baselines' λ chosen on the seen tasks' **validation** splits
-  (mean accuracy; never on test), densities fixed in advance at their papers' values (TIES 0.2, DARE 0.3).
+  published code's (`variant: reference`). Task arithmetic's λ chosen on the seen tasks' **validation** splits
+  (mean accuracy; never on test); DARE takes the same λ (its rescaled random drop has task arithmetic's sum in
+  expectation); TIES at λ = 1 (its paper; a disjoint mean, not a sum); densities fixed in advance at their
+  papers' values (TIES 0.2, DARE 0.3).
   Sweep (seen validation average, %): {sweep}. Chosen: {chosen}.{skipped}
 - Scores: **seen avg** / **unseen avg**, the mean test accuracy over the seen / unseen tasks; **G** as above (general
   visual and text probes). ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples; every method
