@@ -614,9 +614,6 @@ class AdapterPlan(Plan):
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json of the output
     factor_dtype: torch.dtype = torch.float32
 
-    def input_bytes(self, job: Job) -> int:
-        return 0
-
     def peak_memory_estimate(self) -> int:
         """Runtime + one module's factors of every adapter in fp32 (+ the dense deltas for SVD methods) + a tensor
         being written. The adapters stay on disk until each module is merged."""
@@ -630,9 +627,6 @@ class AdapterPlan(Plan):
             largest = max(largest, factors + dense)
         biggest_out = max((j.out_bytes for j in self.jobs), default=0)
         return RUNTIME_BYTES + largest + 3 * biggest_out
-
-    def entries(self) -> list[Entry]:
-        return [Entry(j.name, j.shape, j.out_dtype) for j in self.jobs]
 
     def num_shards(self) -> int:
         return 1 if not self.recipe.fold else super().num_shards()
@@ -648,8 +642,9 @@ class AdapterPlan(Plan):
                 f"modules_to_save): {len(self.replaced)}, {took}.\n")
 
 
-def _adapter_problems(adapters: list[Any], base: CheckpointReader, spec: MethodSpec) -> list[str]:
-    """Every reason these adapters cannot be merged in adapter space, each naming the adapter and module."""
+def _adapter_problems(adapters: list[Any], base: CheckpointReader, one_rank: str | None = None) -> list[str]:
+    """Every reason these adapters cannot be merged in adapter space, each naming the adapter and module.
+    `one_rank`: the name of a method that needs every adapter at one rank (ranks are then compared)."""
     problems: list[str] = []
     bases = {str(a.config.get("base_model_name_or_path")) for a in adapters if a.config.get("base_model_name_or_path")}
     if len(bases) > 1:
@@ -673,9 +668,9 @@ def _adapter_problems(adapters: list[Any], base: CheckpointReader, spec: MethodS
             elif lora.shape() != tuple(base.info(name).shape):
                 problems.append(f"models[{i}] {a.path}: {lora.module} implies shape {list(lora.shape())}, the base "
                                 f"has {list(base.info(name).shape)}")
-            elif spec.equal_ranks and name in first and lora.A.shape[0] != first[name].A.shape[0]:
+            elif one_rank and name in first and lora.A.shape[0] != first[name].A.shape[0]:
                 problems.append(f"models[{i}] {a.path}: {lora.module} has rank {lora.A.shape[0]}, models[0] has "
-                                f"{first[name].A.shape[0]} ({spec.name} merges adapters of one rank)")
+                                f"{first[name].A.shape[0]} ({one_rank} merges adapters of one rank)")
         for b in sorted(a.lora_biases()):
             problems.append(f"models[{i}] {a.path}: {b} has a lora_B bias (lora_bias=True), which adapter-space "
                             "merging does not take")
@@ -741,7 +736,7 @@ def _adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out:
     _check_paths(recipe, out, force, [])
     base = CheckpointReader(base_ref)
     adapters = [_open_adapter(m.model, base, f"models[{i}]", where) for i, m in enumerate(recipe.models)]
-    problems = _adapter_problems(adapters, base, spec)
+    problems = _adapter_problems(adapters, base, spec.name if spec.equal_ranks else None)
     if problems:
         listed = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
                                                       if len(problems) > MAX_LISTED else "")

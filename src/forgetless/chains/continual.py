@@ -61,7 +61,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -187,8 +186,7 @@ def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[s
 
     adapter = _open_adapter(str(adapter_dir), base, "adapter", str(adapter_dir))
     prefix = f"models[0] {adapter.path}: "
-    problems = [p.removeprefix(prefix) for p in
-                _adapter_problems([adapter], base, SimpleNamespace(equal_ranks=False, name="lpm"))]
+    problems = [p.removeprefix(prefix) for p in _adapter_problems([adapter], base)]
     for name in sorted(adapter.replacements()):
         if allow_projector and projector_key(name) is not None:
             continue  # CPM keeps it as this task's projector

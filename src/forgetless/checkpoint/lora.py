@@ -24,9 +24,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -328,9 +329,9 @@ class LoraAdapter:
         lora = self._lora.get(name)
         return lora.factors() if lora else None
 
-    def loras(self) -> dict[str, _Lora]:
-        """Base weight name -> its LoRA pair (factors read when used)."""
-        return dict(self._lora)
+    def loras(self) -> Mapping[str, _Lora]:
+        """Base weight name -> its LoRA pair (factors read when used); a read-only view, not a copy."""
+        return MappingProxyType(self._lora)
 
     def lora_biases(self) -> set[str]:
         """Base bias names the adapter changes through ``lora_B.bias`` (``lora_bias=True``)."""

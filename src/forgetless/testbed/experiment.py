@@ -64,6 +64,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def task_fields(result: dict) -> dict:
+    """What a ``results.json`` row keeps of an evaluation: per task its accuracy (%), kind and per-item correctness
+    (what the report bootstraps)."""
+    tasks = result["tasks"]
+    return {"tasks": {n: round(100 * x["accuracy"], 2) for n, x in tasks.items()},
+            "kinds": {n: x["kind"] for n, x in tasks.items()},
+            "correct_items": {n: x["correct_items"] for n, x in tasks.items()}}
+
+
 def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
     """What a fine-tune depends on: the base weights, the recipe and the training split's records (their images
     follow from the generator's version and seed) — not the validation or test splits, which may grow."""
@@ -235,11 +244,8 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
             shutil.rmtree(out, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
     results = {"task": task, "split": split, "limits": lim, "finetune": recipe, "base": str(base),
-               "finetuned": str(ft), "rows": [{k: v for k, v in r.items() if k != "result"} | {
-                   "tasks": {n: round(100 * x["accuracy"], 2) for n, x in r["result"]["tasks"].items()},
-                   "kinds": {n: x["kind"] for n, x in r["result"]["tasks"].items()},
-                   "correct_items": {n: x["correct_items"] for n, x in r["result"]["tasks"].items()}}
-                   for r in rows],
+               "finetuned": str(ft), "rows": [{k: v for k, v in r.items() if k != "result"} | task_fields(r["result"])
+                                              for r in rows],
                "timings": {k: round(v, 1) for k, v in timings.items()},
                "threads": torch.get_num_threads()}
     workdir.mkdir(parents=True, exist_ok=True)

@@ -105,10 +105,7 @@ def merge_adapters(method: str, params: dict, base: Path, adapters: list[Path], 
 
 
 def _row(label: str, role: str, knob: str, r: dict, cached: bool, **extra) -> dict:
-    return {"method": label, "role": role, "knob": knob,
-            "tasks": {n: round(100 * x["accuracy"], 2) for n, x in r["tasks"].items()},
-            "kinds": {n: x["kind"] for n, x in r["tasks"].items()},
-            "correct_items": {n: x["correct_items"] for n, x in r["tasks"].items()},
+    return {"method": label, "role": role, "knob": knob, **X.task_fields(r),
             **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}, "cached_eval": cached, **extra}
 
 
