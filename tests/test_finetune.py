@@ -283,6 +283,43 @@ def test_lora_adapter_loads_in_peft_and_forgetless_alike(tmp_path, llava_dir, im
             assert torch.equal(mine, base[name]) != (name in targets), name
 
 
+def test_init_adapter_continues_from_the_adapters_own_weights(tmp_path, llava_dir, image_data):
+    """Sequential fine-tuning: the second run starts from the first adapter's tensors (B ≠ 0), not PEFT's init."""
+    from safetensors.torch import load_file
+
+    spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+    first = tmp_path / "task1"
+    finetune(llava_dir, image_data, first, train=["language.layers[1:]"], lora=spec, steps=2, lr=1e-2, batch_size=2,
+             log=quiet)
+    saved = load_file(str(first / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())
+    seen: dict[str, torch.Tensor] = {}
+
+    def before(info: StepInfo) -> None:
+        if info.step == 1:
+            seen.update({k: p.detach().clone() for k, p in info.params.items()})
+
+    second = tmp_path / "task2"
+    finetune(llava_dir, image_data, second, train=["language.layers[1:]"], lora=spec, steps=1, lr=1e-2,
+             batch_size=2, init_adapter=first, hook=before, log=quiet)
+    assert set(seen) == set(saved)
+    for k in saved:
+        assert torch.equal(seen[k], saved[k]), k
+    assert json.loads((second / "finetune.json").read_text())["recipe"]["init_adapter"] == str(first)
+    after = load_file(str(second / "adapter_model.safetensors"))
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)  # and it trained on from there
+
+    with pytest.raises(ForgetlessError, match="rank 4 and alpha 8, this run trains rank 2"):
+        finetune(llava_dir, image_data, tmp_path / "x", train=["language.layers[1:]"], lora=LoraSpec(r=2, alpha=8),
+                 init_adapter=first, log=quiet)
+    with pytest.raises(ForgetlessError, match="not in it"):
+        finetune(llava_dir, image_data, tmp_path / "y", train=["language.layers[1:]"],
+                 lora=LoraSpec(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj"]), init_adapter=first, log=quiet)
+    with pytest.raises(ForgetlessError, match="full fine-tune"):
+        finetune(llava_dir, image_data, tmp_path / "z", init_adapter=first, log=quiet)
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 def test_bad_selector_and_existing_output_are_refused_up_front(tmp_path, llama_dir, text_data):
     with pytest.raises(ForgetlessError, match=re.escape("language.layerz[1]")):

@@ -185,7 +185,7 @@ def continual_group() -> None:
               help="The base model (needed on the first task; later the state's own, checked).")
 @click.option("--name", default=None, help="Task name (default: the adapter folder's name).")
 @click.option("--rank", type=int, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model.")
-@click.option("--gamma", type=float, default=None, help="Ridge γ (first task only; default 1e-6).")
+@click.option("--gamma", type=float, default=None, help="Ridge γ (first task only; default 1e-4).")
 @click.option("--gamma-mode", type=click.Choice(["relative", "absolute"]), default=None,
               help="γ relative to the mean diagonal of the Gram sum (default), or absolute (first task only).")
 @click.option("--approx", type=click.Choice(["full", "diagonal"]), default=None,
@@ -370,6 +370,9 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
               help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
               "or reset the top-50%% |θ₀| entries (MagnitudeMask).")
+@click.option("--init-adapter", type=click.Path(file_okay=False), default=None,
+              help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
+              "fine-tuning, one task after another.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
                  lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None, **kw) -> None:

@@ -74,10 +74,14 @@ def task_fields(result: dict) -> dict:
 
 
 def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
-    """What a fine-tune depends on: the base weights, the recipe and the training split's records (their images
-    follow from the generator's version and seed) — not the validation or test splits, which may grow."""
+    """What a fine-tune depends on: the base weights, the recipe (with the weights of the adapter it continues,
+    ``init_adapter``) and the training split's records (their images follow from the generator's version and
+    seed) — not the validation or test splits, which may grow."""
     meta = json.loads((task_dir / "task.json").read_text())
     train = hashlib.sha256((task_dir / "train.jsonl").read_bytes()).hexdigest()
+    if recipe.get("init_adapter"):
+        weights = Path(recipe["init_adapter"]) / "adapter_model.safetensors"
+        recipe = {**recipe, "init_adapter": hashlib.sha256(weights.read_bytes()).hexdigest()}
     return _hash({"base": weights_digest(base), "train_split": train,
                   "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
 

@@ -320,6 +320,40 @@ def _adapter_key(pname: str, adapter: str = "default") -> str:
     return pname.replace(f".{adapter}.", ".")
 
 
+def _read_init_adapter(folder: Path, lora: LoraSpec) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of the adapter a run continues, after checking its rank and alpha against `lora`."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE
+
+    cfg_file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_SAFE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ForgetlessError(f"not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_SAFE} needed)", file=folder,
+                              remedy="give a folder written by `forgetless finetune --lora` or PEFT's save_pretrained")
+    cfg = json.loads(cfg_file.read_text())
+    if int(cfg.get("r", -1)) != lora.r or float(cfg.get("lora_alpha", -1)) != float(lora.alpha):
+        raise ForgetlessError(f"adapter of rank {cfg.get('r')} and alpha {cfg.get('lora_alpha')}, this run trains "
+                              f"rank {lora.r} and alpha {lora.alpha:g}", file=cfg_file,
+                              remedy="give --lora-r and --lora-alpha as the adapter's")
+    return load_file(str(weights))
+
+
+def _load_init_adapter(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy the adapter's tensors into the run's LoRA parameters: the same names and shapes, every one."""
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        what = (f"{len(missing)} of this run's LoRA tensors are not in it (e.g. {missing[0]})" if missing
+                else f"it has {len(extra)} tensors this run does not train (e.g. {extra[0]})")
+        raise ForgetlessError(f"the adapter does not match this run's LoRA modules: {what}", file=folder,
+                              remedy="train the same --train scope and --lora-target as the adapter was trained on")
+    for k, p in params.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise ForgetlessError(f"shape {list(state[k].shape)}, this run's is {list(p.shape)}", file=folder,
+                                  tensor=k, remedy="continue an adapter of the same model and rank")
+        with torch.no_grad():
+            p.copy_(state[k])
+
+
 # ------------------------------------------------------------------------------------------------ output
 def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], stored: dict[str, str],
                 model: nn.Module, meta: dict[str, Any], force: bool) -> None:
@@ -367,7 +401,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              images: str | os.PathLike | None = None, n: int | None = None,
              hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
-             on_bad_sample: str = "error", keep: str = "none", force: bool = False) -> FinetuneReport:
+             on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
+             force: bool = False) -> FinetuneReport:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -377,6 +412,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     (default: the data's folder); ``n``: a seeded subset of that many samples. Returns the per-step losses,
     learning rates and gradient norms, also written to ``out/finetune.json``. ``keep``: ``"none"``, ``"spider"``
     or ``"magnitude_mask"``, a rule applied after every step of a full fine-tune (see the module's notes).
+    ``init_adapter``: a PEFT adapter folder to continue training (LoRA only): its LoRA weights are the starting
+    point instead of PEFT's initialisation (B = 0); it must have the same rank, alpha and adapted weights as this
+    run. The optimizer state starts fresh. Sequential fine-tuning, task after task, is one adapter passed on.
     """
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     say = log or (lambda _s: None)
@@ -385,6 +423,10 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                    on_bad_sample=on_bad_sample, lora=lora)
     if keep not in KEEP_RULES:
         raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
+    if init_adapter is not None and lora is None:
+        raise ForgetlessError("init_adapter continues a LoRA adapter; this run is a full fine-tune", file=init_adapter,
+                              remedy="pass --lora with the adapter's rank and targets, or drop --init-adapter")
+    init_state = _read_init_adapter(Path(init_adapter), lora) if init_adapter is not None else None
     if lora is not None and keep != "none":
         raise ForgetlessError(f"keep={keep!r} applies to a full fine-tune, not to LoRA", remedy=(
             "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run"))
@@ -448,6 +490,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         hf_model = net.get_base_model()
         params = {_adapter_key(n): p for n, p in net.named_parameters() if p.requires_grad}
         trained = sorted(modules.values())
+        if init_state is not None:
+            _load_init_adapter(params, init_state, Path(init_adapter))  # type: ignore[arg-type]
+            say(f"  continuing the adapter {init_adapter} ({len(init_state)} tensors)")
     net.train()
     fast = _plain_head(hf_model)
     rule = make_rule(keep, params)  # θ₀ (and G) captured now, before any step
@@ -541,7 +586,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
               "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
               "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
               "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
-              "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep}
+              "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
+              "init_adapter": None if init_adapter is None else str(init_adapter)}
     meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
             "base_weights_fingerprint": base_fingerprint, "data": str(data),
             "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
