@@ -19,7 +19,7 @@ Choices (inferred; METHODS.md, "MAny")
   folder, another base) is refused.
 * **Gram scale**: Gₜ = (Σ x xᵀ) / nₜ, the file's sum over its token count: every task weighs the same in the merge,
   whatever the size of its calibration set.
-* **γ**: :mod:`.methods.lpm` (relative to the mean diagonal by default, 1e-6; ``gamma_mode="absolute"`` for
+* **γ**: :mod:`.methods.lpm` (relative to the mean diagonal by default, 1e-4; ``gamma_mode="absolute"`` for
   METHODS.md's literal γI). Fixed when the state is created: the recursion is exact only for one ridge rule.
 * **Shared Grams**: Linear layers that read the same input (q/k/v; gate/up) have equal Gram statistics, so they
   share one running sum and one factorisation. Found from the first task's Gram file by equality (within 1e-6 of
@@ -427,7 +427,7 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
 
     ``out``: the merged full model (``rank=None``) or a rank-``rank`` PEFT adapter folder; None writes only the
     state. ``base``: required on the first task; afterwards optional (the state's own, checked by fingerprint).
-    ``gamma`` / ``gamma_mode`` / ``approx`` / ``state_dtype`` are fixed by the first task (defaults 1e-6,
+    ``gamma`` / ``gamma_mode`` / ``approx`` / ``state_dtype`` are fixed by the first task (defaults 1e-4,
     "relative", "full", "float32"); a later step that names a different value is refused.
     ``cpm_data`` (the task's data with images; ``cpm_images`` their folder, ``cpm_n`` a seeded subset): CPM on top
     of LPM (:mod:`.cpm`) — the state keeps the task's projector (from its adapter, else the base's) and visual
@@ -630,7 +630,8 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
             del h
         except SingularGramError as e:
             raise ForgetlessError(f"{e}", file=gram_path, tensor=group,
-                                  remedy="start the state with gamma > 0") from None
+                                  remedy="start the state with a larger gamma (relative: 1e-3), or "
+                                         "compute the Gram on more data") from None
         for n in names:
             lora = loras.get(n)
             delta = None
