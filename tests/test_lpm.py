@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forgetless.methods.lpm import SingularGramError, lpm_batch, lpm_recursive
+from forgetless.methods.lpm import DEFAULT_GAMMA, SingularGramError, lpm_batch, lpm_recursive
 
 OUT, IN, T = 5, 7, 5
 
@@ -124,3 +124,23 @@ def test_unseen_inputs_stay_at_the_base_and_a_singular_sum_without_ridge_is_refu
         lpm_batch([d], [G], gamma=0.0, approx="diagonal")
     with pytest.raises(ValueError, match="gamma"):
         lpm_batch([d], [G], gamma=-1.0)
+
+
+def test_default_ridge_survives_a_float32_gram_with_a_massive_activation():
+    """A rank-deficient Gram (150 tokens, 1536 features) with one token 30× larger than the rest — the massive
+    activations of real MLP inputs — rounded to float32 as Gram files are: its null-space eigenvalues go negative
+    by more than 1e-6 × the mean diagonal (the old default ridge fails), and the default ridge clears them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 1536, generator=g, dtype=torch.float64)
+    x[0] *= 30
+    gram = (x.T @ x / 150).float().double()
+    assert torch.linalg.eigvalsh(gram)[0] < -1e-6 * gram.diagonal().mean()
+    delta = torch.randn(8, 1536, generator=g, dtype=torch.float64)
+    with pytest.raises(SingularGramError):
+        lpm_batch([delta], [gram], gamma=1e-6)
+    merged = lpm_batch([delta], [gram])
+    assert DEFAULT_GAMMA == 1e-4 and torch.isfinite(merged).all()
+    # on the directions the data sees, one task's merge is its own delta, up to O(γ)
+    top = torch.linalg.eigh(gram).eigenvectors[:, -100:]
+    err = ((merged - delta) @ top).norm() / (delta @ top).norm()
+    assert err < 1e-2
