@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+import threading
 
 import click
 
@@ -13,7 +16,9 @@ from .errors import ForgetlessError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
 def cli() -> None:
-    """Adapt multimodal LLMs to a task without losing what they knew."""
+    """Adapt multimodal LLMs to a task without losing what they knew.
+
+    Errors are one line; `forgetless --debug ...` shows the traceback of an unexpected one."""
 
 
 @cli.command("merge")
@@ -414,9 +419,36 @@ def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **
     run_eval(model, tasks, general, progress=not quiet, log=click.echo, **kw)
 
 
+def _os_error_line(e: OSError) -> str:
+    """One line for an operating-system failure: the path, what the system said, and what to do."""
+    where = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    remedy = {errno.ENOSPC: "free space on that disk, or write the output to another disk",
+              errno.EDQUOT: "free space within your quota, or write the output elsewhere",
+              errno.EACCES: "write to a folder you may write to (or fix its permissions)",
+              errno.EPERM: "write to a folder you may write to (or fix its permissions)",
+              errno.EROFS: "the file system is read-only: write the output to another one",
+              errno.ENOENT: "check the path",
+              errno.EMFILE: "raise the open-file limit (ulimit -n)"}.get(e.errno or -1, "check the path and the disk")
+    what = e.strerror or type(e).__name__
+    return f"{where}: {what} — {remedy}" if where else f"{what} — {remedy}"
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM (what batch schedulers send) unwinds like Ctrl-C: temporary folders are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line's error boundary: a user error (ours, the operating system's) is one line and exit
+    status 2; an unexpected error one line asking for a report, its traceback only with ``--debug``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        cli.main(args=argv, prog_name="forgetless", standalone_mode=False)
+        cli.main(args=args, prog_name="forgetless", standalone_mode=False)
     except ForgetlessError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -425,6 +457,21 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            raise
+        click.echo(f"error: {_os_error_line(e)}", err=True)
+        sys.exit(2)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — this is a "
+                   "bug in forgetless: please report it with the command line; --debug shows the traceback",
+                   err=True)
+        sys.exit(1)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

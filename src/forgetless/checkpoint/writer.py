@@ -7,13 +7,23 @@ does not grow with the shard size.
 
 Everything goes to a temporary folder beside the output, renamed into place by :meth:`StreamingWriter.commit`;
 :meth:`abort` removes it. An existing output is replaced only when asked (``force``).
+
+Concurrency and crashes (:func:`temp_folder`, :func:`commit_folder`): every temporary folder has a unique name
+that carries its process id (``.OUT.forgetless-tmp-PID-XXXX``), so two writers — processes or threads — never
+share one; a writer removes the temporary folders of the same output left by processes that no longer run (a
+``kill -9``); and the final rename never replaces an output another writer committed meanwhile unless asked
+(``renameat2(RENAME_NOREPLACE)`` on Linux, else a rename that fails on a non-empty folder).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,23 +46,105 @@ SIDE_FILES = (
 )
 
 
-@contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` to write into; on success it replaces `out` (an existing `out` is moved
-    aside first and removed after), on error it is removed. Readers never see a half-written `out`."""
+_LEFTOVER = re.compile(r"\.forgetless-(?:tmp|old)-(\d+)-[^/]*$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary (and moved-aside) folders of `out` whose process no longer runs; returns them."""
+    out = Path(out)
+    gone = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.forgetless-*-*"):
+        m = _LEFTOVER.search(p.name)
+        if m and p.name.startswith(f".{out.name}.forgetless-") and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def temp_folder(out: Path) -> Path:
+    """A new temporary folder beside `out`, unique to this call, named with this process's id; the leftovers of
+    dead processes writing the same `out` are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-", dir=out.parent))
+    remove_stale(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-{os.getpid()}-", dir=out.parent))
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, raising FileExistsError when `dst` exists — atomically where the kernel can
+    (``renameat2`` with ``RENAME_NOREPLACE``), else by a rename that cannot replace a non-empty folder."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        e = ctypes.get_errno()
+        if e == errno.EEXIST:
+            raise FileExistsError(e, os.strerror(e), str(dst))
+        if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(e, os.strerror(e), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
+
+
+def commit_folder(tmp: Path, out: Path, *, replace: bool) -> Path:
+    """Rename the finished `tmp` to `out`. ``replace``: an existing `out` is moved aside, then removed; without
+    it, an `out` that exists — another writer committed it while this one worked — is never touched (one line
+    names it) and `tmp` is removed."""
+    tmp, out = Path(tmp), Path(out)
+    os.chmod(tmp, 0o755)
+    if not replace:
+        try:
+            _rename_noreplace(tmp, out)
+        except FileExistsError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ForgetlessError("output folder appeared while this run was writing it (another process or "
+                                  "thread wrote the same output); it was left as it is", file=out,
+                                  remedy="choose another --out, or pass --force to replace it") from None
+        return out
+    for _ in range(3):  # another writer with replace may commit between our two renames: move it aside too
+        trash = None
+        if os.path.lexists(out):
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-old-{os.getpid()}-", dir=out.parent))
+            os.replace(out, trash / "old")
+        try:
+            _rename_noreplace(tmp, out)
+        except FileExistsError:
+            continue
+        finally:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        return out
+    raise ForgetlessError("output folder is being replaced by other writers at the same time", file=out,
+                          remedy="run one writer per output folder")
+
+
+@contextmanager
+def atomic_folder(out: Path, *, replace: bool = True) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into (:func:`temp_folder`); on success it is renamed to `out`
+    (:func:`commit_folder`: an existing `out` is replaced only with ``replace``), on error it is removed. Readers
+    never see a half-written `out`."""
+    out = Path(out)
+    tmp = temp_folder(out)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
-        trash = None
-        if out.exists():
-            trash = out.parent / f".{out.name}.forgetless-old-{os.getpid()}"
-            os.replace(out, trash)
-        os.replace(tmp, out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        commit_folder(tmp, out, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -119,11 +211,7 @@ class StreamingWriter:
         if self.out.exists() and not force:
             raise ForgetlessError("output folder already exists", file=self.out,
                                   remedy="choose another --out or pass --force to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.forgetless-tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        self.tmp = temp_folder(self.out)
         self.force = force
         groups = plan_shards(entries, shard_size)
         n = len(groups)
@@ -135,8 +223,12 @@ class StreamingWriter:
         self._lock = threading.Lock()
         self.total_size = sum(e.nbytes for e in entries)
         meta = {"format": "pt", **(metadata or {})}
-        for shard in self.shards:
-            self._open_shard(shard, meta)
+        try:
+            for shard in self.shards:
+                self._open_shard(shard, meta)
+        except BaseException:  # a full disk at the headers: nothing of this writer is left behind
+            self.abort()
+            raise
 
     def _open_shard(self, shard: _Shard, meta: dict[str, str]) -> None:
         header: dict[str, object] = {"__metadata__": meta}
@@ -188,14 +280,7 @@ class StreamingWriter:
             copy_side_files(side_files_from, self.tmp, config_updates or {})
         for fname, text in (extra_files or {}).items():
             (self.tmp / fname).write_text(text)
-        trash = None
-        if self.out.exists():
-            trash = self.out.parent / f".{self.out.name}.forgetless-old-{os.getpid()}"
-            os.replace(self.out, trash)
-        os.replace(self.tmp, self.out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return self.out
+        return commit_folder(self.tmp, self.out, replace=self.force)
 
     def abort(self) -> None:
         for fd in self._fds:

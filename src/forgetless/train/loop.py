@@ -381,9 +381,9 @@ def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], st
             raise
 
 
-def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
+def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any], force: bool) -> None:
     """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json``, renamed into place."""
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, replace=force) as tmp:
         peft_model.save_pretrained(tmp)
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=1))
 
@@ -598,7 +598,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     if lora is None:
         _write_full(model_dir, out, params, stored, model, meta, force)
     else:
-        _write_lora(net, out, meta)
+        _write_lora(net, out, meta, force)
     say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
         f"{report.losses[-1]:.4f}")
     return report

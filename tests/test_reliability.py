@@ -1,0 +1,191 @@
+"""Reliability under failures that are not bad input (issue 14): operating-system errors, unexpected errors,
+signals, crashed writers and concurrent writers — one line, no traceback, inputs untouched, outputs whole or
+absent, no temporary folder left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_tiny_llama
+from test_bad_input import digest, fail, recipe
+
+import forgetless
+from forgetless.checkpoint import writer as W
+from forgetless.cli import main
+from forgetless.errors import ForgetlessError
+
+
+@pytest.fixture()
+def ws(tmp_path):
+    base = build_tiny_llama(tmp_path / "base", seed=0)
+    ft = build_tiny_llama(tmp_path / "ft", seed=1)
+    return tmp_path, base, ft
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*forgetless-*")]
+
+
+# ------------------------------------------------------------------------------------- operating-system errors
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
+                                         (errno.EIO, "check the path and the disk")])
+def test_a_failing_disk_is_one_line_and_keeps_the_old_output(ws, capsys, monkeypatch, code, words):
+    root, base, ft = ws
+    main(["merge", str(_write(root, recipe(base, ft))), "--out", str(root / "out"), "--quiet"])
+    old = digest(root / "out")
+
+    def full(fd, buf, off):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(W.os, "pwrite", full)
+    err = fail(root, recipe(base, ft, parameters={"lambda": 0.5}), "--force", capsys=capsys)
+    assert os.strerror(code) in err and words in err
+    assert digest(root / "out") == old  # the previous output is kept whole
+
+
+def test_an_unwritable_output_folder_is_one_line(ws, capsys, monkeypatch):
+    root, base, ft = ws
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(root))
+    monkeypatch.setattr(W.tempfile, "mkdtemp", denied)
+    err = fail(root, recipe(base, ft), capsys=capsys)
+    assert str(root) in err and "Permission denied" in err and "folder you may write to" in err
+
+
+def test_an_unexpected_error_asks_for_a_report_and_debug_shows_the_traceback(ws, capsys, monkeypatch):
+    root, base, ft = ws
+    from forgetless import engine
+
+    def boom(*a, **k):
+        raise RuntimeError("something nobody expected\nsecond line")
+    monkeypatch.setattr(engine, "execute", boom)
+    r = _write(root, recipe(base, ft))
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(r), "--out", str(root / "out"), "--quiet"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unexpected RuntimeError: something nobody expected" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="nobody expected"):
+        main(["--debug", "merge", str(r), "--out", str(root / "out"), "--quiet"])
+
+
+def _write(root: Path, rec: dict) -> Path:
+    p = root / "recipe.yaml"
+    p.write_text(yaml.safe_dump(rec))
+    return p
+
+
+# ------------------------------------------------------------------------------------- signals and crashes
+SLOW_MERGE = """
+import sys, time
+from forgetless.checkpoint import writer
+real = writer.StreamingWriter.write
+def slow(self, name, data):
+    real(self, name, data)
+    time.sleep(0.2)
+writer.StreamingWriter.write = slow
+from forgetless.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_removes_the_temporary_folder(ws):
+    root, base, ft = ws
+    r = _write(root, recipe(base, ft))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(r), "--out", str(root / "out"),
+                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not leftovers(root) and time.time() < deadline:
+        time.sleep(0.05)
+    assert leftovers(root), "the merge never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not leftovers(root) and not (root / "out").exists()
+    assert "Traceback" not in err
+
+
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(ws):
+    root, base, ft = ws
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    stale = [root / f".out.forgetless-tmp-{dead_pid}-abc", root / f".out.forgetless-old-{dead_pid}-xyz"]
+    live = root / f".out.forgetless-tmp-{os.getppid()}-def"
+    other = root / f".other.forgetless-tmp-{dead_pid}-ghi"  # another output's: not ours to remove
+    for p in [*stale, live, other]:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    main(["merge", str(_write(root, recipe(base, ft))), "--out", str(root / "out"), "--quiet"])
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+    assert (root / "out" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- concurrent writers
+def _entries():
+    return [W.Entry("w", (4,), torch.float32)]
+
+
+def test_two_writers_of_one_output_never_share_a_folder_and_the_second_cannot_replace_the_first(tmp_path):
+    out = tmp_path / "out"
+    a = W.StreamingWriter(out, _entries(), shard_size=1 << 20)
+    b = W.StreamingWriter(out, _entries(), shard_size=1 << 20)
+    assert a.tmp != b.tmp and a.tmp.is_dir() and b.tmp.is_dir()
+    a.write("w", torch.ones(4))
+    b.write("w", torch.zeros(4))
+    a.commit()
+    with pytest.raises(ForgetlessError, match="appeared while this run was writing"):
+        b.commit()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(out / "model.safetensors"))["w"], torch.ones(4))
+    assert not leftovers(tmp_path)
+    # with force the second one replaces it, whole
+    c = W.StreamingWriter(out, _entries(), shard_size=1 << 20, force=True)
+    c.write("w", torch.full((4,), 2.0))
+    c.commit()
+    assert torch.equal(load_file(str(out / "model.safetensors"))["w"], torch.full((4,), 2.0))
+    assert not leftovers(tmp_path)
+
+
+def test_two_threads_merging_into_one_output_one_wins_the_other_is_told(ws):
+    root, base, ft = ws
+    results: list[object] = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = forgetless.merge(recipe(base, ft, parameters={"lambda": 0.3 + 0.4 * i}), out=root / "out",
+                                          progress=False, log=None)
+        except BaseException as e:  # noqa: BLE001 — what each thread got is the test
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(e, ForgetlessError) for e in errors), errors  # never FileNotFoundError
+    assert len(errors) <= 1 and (root / "out" / "model.safetensors").is_file()
+    assert not leftovers(root)
+
+
+def test_atomic_folder_without_replace_keeps_what_another_writer_committed(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ForgetlessError, match="appeared while"), W.atomic_folder(out, replace=False) as tmp:
+        (tmp / "mine").write_text("1")
+        out.mkdir()
+        (out / "theirs").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"] and not leftovers(tmp_path)
+    with W.atomic_folder(out) as tmp:  # replace (the default: the state folders' and caches' rule)
+        (tmp / "mine").write_text("1")
+    assert sorted(p.name for p in out.iterdir()) == ["mine"] and not leftovers(tmp_path)
