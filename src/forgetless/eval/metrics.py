@@ -200,6 +200,28 @@ class Bootstrap:
         return {k: self.interval(v) for k, v in draws.items()}
 
 
+
+class NamedDraws:
+    """Named rows' point values and bootstrap draws (name → key → value / [n_boot] array), all resampled by one
+    :class:`Bootstrap`, so that a difference between two rows is paired."""
+
+    def __init__(self, boot: Bootstrap):
+        self.boot = boot
+        self.points: dict[str, dict[str, float | None]] = {}
+        self.draws: dict[str, dict[str, np.ndarray | None]] = {}
+
+    def interval(self, name: str, key: str) -> tuple[float, float] | None:
+        return self.boot.interval(self.draws[name][key])
+
+    def difference(self, a: str, b: str, key: str) -> tuple[float, tuple[float, float]] | None:
+        """(point a − b, its paired 95% interval), or None where either row lacks `key`."""
+        pa, pb, da, db = self.points[a][key], self.points[b][key], self.draws[a][key], self.draws[b][key]
+        if pa is None or pb is None or da is None or db is None:
+            return None
+        iv = self.boot.interval(da - db)
+        assert iv is not None
+        return pa - pb, iv
+
 def intervals(model: Mapping[str, Any], base: Mapping[str, Any] | None = None, *, n_boot: int = 2000,
               seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float] | None]:
     """95% intervals of T, G_v, G_t, G (and, given `base`, the paired E, F, E+F) of one result."""

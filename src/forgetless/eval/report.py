@@ -41,6 +41,12 @@ def cell(v: Any, signed: bool = False, interval: Sequence[float] | None = None) 
     return text if interval is None else f"{text} ± {half_width(interval):.1f}"
 
 
+def diff_cell(point: float, interval: Sequence[float]) -> str:
+    r"""A paired difference as shown: ``+3.1 [+0.4, +5.9]``, marked **\*** when its interval excludes 0."""
+    lo, hi = interval
+    return f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" **\\***" if lo > 0 or hi < 0 else "")
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
     """One line per row (model): its accuracy on each task, then T, G_v, G_t, G, E, F, E+F; all in percent/points,
     ``—`` where a value does not exist, ``± h`` (half the 95% interval) where the row has ``intervals``. Columns

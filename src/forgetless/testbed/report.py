@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.metrics import Bootstrap, half_width, item_correct
-from ..eval.report import cell, format_table, tradeoff_plot
+from ..eval.metrics import Bootstrap, NamedDraws, half_width, item_correct
+from ..eval.report import cell, diff_cell, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
+from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
 
 # extra knob values so that each of these methods draws a curve, not a point
 CURVES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
@@ -152,9 +153,7 @@ def differences(names: list[str], d: _Draws, order: list[str], reference: str) -
         for key in ("E", "F", "E+F"):
             diff = d.mean(m, key, names) - d.mean(reference, key, names)
             point = float(np.mean([d.rows[n][m][key] - d.rows[n][reference][key] for n in names]))
-            lo, hi = _iv(d.boot, diff)
-            mark = " **\\***" if lo > 0 or hi < 0 else ""
-            cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+            cells.append(diff_cell(point, _iv(d.boot, diff)))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -302,14 +301,18 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         "## Reading (honest)\n", _reading(previous),
         "## Time (this run, 2 cores)\n", _timings(names, results), "",
         *([multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
-          if (workdir / "multitask" / "results.json").is_file() else [])])
+          if (workdir / "multitask" / "results.json").is_file() else []),
+        *([continual_markdown(workdir / "continual", plots or workdir / "continual", previous,
+                              _reading(previous, CL_READING_START, CL_READING_END))]
+          if (workdir / "continual" / "results.json").is_file() else [])])
 
 
 def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               plots: str | Path | None = None, run: bool = True, multitask: bool = True,
+               plots: str | Path | None = None, run: bool = True, multitask: bool = True, continual: bool = True,
                log: Callable[[str], None] = print) -> Path:
-    """Run (or reuse) every task's experiment on the whole test splits, and (`multitask`, when every downstream
-    task is asked for) the multi-task LoRA experiment in ``workdir/multitask``, then write the markdown report to
+    """Run (or reuse) every task's experiment on the whole test splits, and (`multitask`, `continual`, when every
+    downstream task is asked for) the multi-task LoRA experiment in ``workdir/multitask`` and the continual protocol
+    in ``workdir/continual`` (:mod:`.continual`), then write the markdown report to
     `out` (its plots into `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report
     from the ``results.json`` files already in `workdir`."""
     from .multitask import run_multitask
@@ -324,6 +327,11 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
     if run and multitask and every:
         log("=== multitask ===")
         run_multitask(workdir / "multitask", keep_models=keep_models, log=log)
+    if run and continual and every:
+        from .continual import run_continual
+
+        log("=== continual ===")
+        run_continual(workdir / "continual", log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(names, workdir, Path(plots) if plots else out.parent / "docs" / "results", previous=out)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -346,7 +354,7 @@ def _tasks_result(items: Mapping[str, str], kind: str = "downstream") -> dict[st
     return {"tasks": {n: {"kind": kind, "correct_items": c} for n, c in items.items()}}
 
 
-class MultitaskDraws:
+class MultitaskDraws(NamedDraws):
     """Per method: the seen-task average, the unseen-task average and G, as points and as bootstrap draws (one
     :class:`Bootstrap`, so every method is resampled on the same items: differences are paired). The
     :data:`OWN` row takes each seen task from its own adapter, and G as the mean of the adapters' G."""
@@ -354,11 +362,9 @@ class MultitaskDraws:
     KEYS = ("seen", "unseen", "G")
 
     def __init__(self, res: Mapping[str, Any], n_boot: int = N_BOOT):
-        self.boot = Bootstrap(n_boot, seed=0)
+        super().__init__(Bootstrap(n_boot, seed=0))
         self.res = res
         self.seen, self.unseen = list(res["seen"]), list(res["unseen"])
-        self.points: dict[str, dict[str, float | None]] = {}
-        self.draws: dict[str, dict[str, np.ndarray | None]] = {}
         own = [r for r in res["rows"] if r["role"] == "own"]
         for r in res["rows"]:
             if r["role"] == "own":
@@ -381,15 +387,6 @@ class MultitaskDraws:
                              "G": float(np.mean([r["G"] for r in general_rows]))}
         self.draws[name] = {"seen": avg(seen)[1], "unseen": avg(unseen)[1], "G": np.mean(g_draws, axis=0)}
 
-    def interval(self, name: str, key: str) -> tuple[float, float] | None:
-        return self.boot.interval(self.draws[name][key])
-
-    def difference(self, a: str, b: str, key: str) -> tuple[float, tuple[float, float]] | None:
-        pa, pb = self.points[a][key], self.points[b][key]
-        if pa is None or pb is None:
-            return None
-        return pa - pb, _iv(self.boot, self.draws[a][key] - self.draws[b][key])
-
 
 def multitask_summary(d: MultitaskDraws) -> str:
     lines = ["| method | knob | seen avg | unseen avg | G |", "|---|---|---:|---:|---:|"]
@@ -409,11 +406,7 @@ def multitask_differences(d: MultitaskDraws, reference: str) -> str:
         cells = []
         for key in d.KEYS:
             diff = d.difference(name, reference, key)
-            if diff is None:
-                cells.append("—")
-                continue
-            point, (lo, hi) = diff
-            cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" **\\***" if lo > 0 or hi < 0 else ""))
+            cells.append("—" if diff is None else diff_cell(*diff))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
