@@ -36,6 +36,47 @@ def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*forgetless-*")]
 
 
+# ------------------------------------------------------------------------------------- recipe values
+BAD_VALUES = [
+    ("ties", {"parameters": {"density": "high"}}, "parameters.density: 'high' is not a number in (0, 1]"),
+    ("ties", {"parameters": {"density": 1.5}}, "parameters.density: 1.5 is outside (0, 1]"),
+    ("dare_linear", {"models_density": 0.0}, "models[0].density: 0.0 is outside (0, 1]"),
+    ("dare_linear", {"parameters": {"rescale": "maybe"}}, "parameters.rescale: 'maybe' is not true or false"),
+    ("task_arithmetic", {"parameters": {"lambda": "x"}}, "parameters.lambda: 'x' is not a number"),
+    ("task_arithmetic", {"parameters": {"lambda": float("nan")}}, "parameters.lambda: nan is not a finite number"),
+    ("task_arithmetic", {"parameters": {"lambda": True}}, "parameters.lambda: True is not a number"),
+    ("linear", {"parameters": {"lambda": None}}, "parameters.lambda: a value is required"),
+    ("regmean", {"parameters": {"alpha": 2}}, "parameters.alpha: 2 is outside [0, 1]"),
+    ("ties", {"parameters": {"sign": "most"}}, "parameters.sign: 'most' is not one of 'total', 'frequency'"),
+    ("ties", {"shard_size": "big"}, "shard_size: 'big' is not a size"),
+    ("ties", {"shard_size": 0}, "shard_size: 0: a shard size must be positive"),
+    ("ties", {"seed": -1}, "seed: Input should be greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("method, change, words", BAD_VALUES, ids=[w.split(":")[0] + f"-{i}"
+                                                                  for i, (_, _, w) in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+def test_a_bad_recipe_value_is_named_before_any_work(ws, capsys, method, change, words, dry):
+    root, base, ft = ws
+    rec = recipe(base, ft, method=method)
+    if "models_density" in change:
+        rec["models"] = [{"model": str(ft), "density": change["models_density"]}]
+    else:
+        rec.update(change)
+    err = fail(root, rec, *(["--dry-run"] if dry else []), capsys=capsys)
+    assert words in err, err
+
+
+def test_every_numeric_parameter_of_every_method_has_a_kind():
+    """No method parameter escapes the check: each has an annotated kind (or Literal choices)."""
+    from forgetless.methods import METHODS
+
+    for name, spec in METHODS.items():
+        for p in spec.params:
+            assert p in spec.choices or spec.kinds.get(p, ("any",))[0] != "any", (name, p)
+
+
 # ------------------------------------------------------------------------------------- operating-system errors
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
                                          (errno.EIO, "check the path and the disk")])

@@ -214,11 +214,13 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
             if v is REQUIRED:
                 raise ForgetlessError(f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT)
             params[spec.arg(p)] = v
-    for p, allowed in spec.choices.items():
-        for v in params[spec.arg(p)] if p in spec.per_model else [params[spec.arg(p)]]:
-            if v not in allowed:
-                raise ForgetlessError(f"parameters.{p}: {v!r} is not one of {', '.join(map(repr, allowed))}",
-                                      file=where, remedy=EXAMPLES_HINT)
+    for p in spec.params:
+        values = params[spec.arg(p)] if p in spec.per_model else [params[spec.arg(p)]]
+        for i, v in enumerate(values):
+            problem = spec.problem(p, v)
+            if problem is not None:
+                key = f"models[{i}].{p}" if p in spec.per_model and p in recipe.models[i].params else f"parameters.{p}"
+                raise ForgetlessError(f"{key}: {problem} (method {spec.name!r})", file=where, remedy=EXAMPLES_HINT)
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:

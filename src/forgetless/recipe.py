@@ -74,7 +74,7 @@ class Recipe(BaseModel):
     scope: Scope = Field(default_factory=Scope)
     dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
     shard_size: str | int = "5GB"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     layout: str = "auto"
     fold: bool = False
     non_lora: Literal["average"] | int = "average"
@@ -86,6 +86,19 @@ class Recipe(BaseModel):
     def _shorthand(cls, v):
         if isinstance(v, list):
             return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v):
+        from .checkpoint.writer import parse_size
+
+        try:
+            n = parse_size(v)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{v!r} is not a size (e.g. 5GB, 500MiB, 2e9)") from None
+        if n <= 0:
+            raise ValueError(f"{v!r}: a shard size must be positive")
         return v
 
     def to_yaml(self) -> str:
@@ -117,6 +130,8 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
             msg = "unknown key"
         elif first["type"] == "missing":
             msg = "required key is missing"
+        elif first["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
         raise ForgetlessError(f"{key}: {msg}{more}", file=where, remedy=EXAMPLES_HINT) from None
     recipe.source = str(source) if source else None

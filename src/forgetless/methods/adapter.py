@@ -112,7 +112,7 @@ def _svd_out_rank(ranks: list[int], params: dict) -> int:
     return int(params.get("rank") or max(ranks))
 
 
-@merge_method("copa", space="adapter", out_rank=_copa_out_rank, equal_ranks=True)
+@merge_method("copa", space="adapter", out_rank=_copa_out_rank, equal_ranks=True, ranges={"density": "(0, 1]"})
 def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
          variant: Literal["paper", "reference"] = "paper") -> Pair:
     """CoPA-Merging: prune A and B, rescale each rank by the mass pruning removed, normalise across tasks.
@@ -146,7 +146,7 @@ def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
 
 
 @merge_method("lora_task_arithmetic", aliases=("lora_svd",), space="adapter", per_model=("weight",),
-              out_rank=_svd_out_rank)
+              out_rank=_svd_out_rank, ranges={"rank": "[1, inf)"})
 def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0,
                          rank: int | None = None) -> Pair:
     """Task arithmetic on the LoRA deltas, λ·Σ wₙ BₙAₙ, re-factored to `rank` by exact truncated SVD (PEFT `svd`)."""
@@ -154,7 +154,7 @@ def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda
 
 
 @merge_method("lora_ties", aliases=("lora_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank)
+              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
 def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5, lambda_: float = 1.0,
               sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
               rank: int | None = None) -> Pair:
@@ -165,7 +165,7 @@ def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[flo
 
 
 @merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
-              per_model=("weight", "density"), out_rank=_svd_out_rank)
+              per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
 def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                      lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
                      generator: torch.Generator | None = None) -> Pair:
@@ -176,7 +176,7 @@ def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: l
 
 
 @merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank)
+              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
 def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                    lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
                    convention: Convention = "mergekit", rank: int | None = None,

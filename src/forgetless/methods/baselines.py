@@ -143,7 +143,7 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float
     return add_deltas(base, [ft.sub_(base) for ft in finetuned], [lambda_ * w for w in weight])
 
 
-@merge_method("ties", per_model=("weight", "density"))
+@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
 def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
          lambda_: float = 1.0, sign: Literal["total", "frequency"] = "total",
          convention: Convention = "mergekit") -> Tensor:
@@ -152,7 +152,7 @@ def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, de
     return _ties_combine(base, deltas, weight, lambda_, sign, convention)
 
 
-@merge_method("dare_linear", per_model=("weight", "density"))
+@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
 def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                 lambda_: float = 1.0, rescale: bool = True, generator: torch.Generator | None = None) -> Tensor:
     """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ."""
@@ -160,7 +160,7 @@ def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 
     return add_deltas(base, deltas, [lambda_ * w for w in weight])
 
 
-@merge_method("dare_ties", per_model=("weight", "density"))
+@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
 def dare_ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
               lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
               convention: Convention = "mergekit",

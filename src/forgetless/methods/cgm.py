@@ -62,7 +62,8 @@ def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.
     return ft.div_(den).masked_fill_(zero, 0.0)  # 0/0 = NaN there; F ≥ 0, so den = 0 only where F_task = 0
 
 
-@merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"))
+@merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"),
+              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"})
 def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2,
         epsilon: float = 0.0, counts: Counter | None = None) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
@@ -199,7 +200,7 @@ def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) 
 
 
 @merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",),
-              prepare=cgm_dagger_prepare)
+              prepare=cgm_dagger_prepare, ranges={"keep": "[0, 1]", "alpha": "[0, inf)"})
 def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
                alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
                revert: Revert = "budget", threshold: float | None = None,

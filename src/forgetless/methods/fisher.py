@@ -67,14 +67,15 @@ def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[fl
     return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
 
 
-@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",))
+@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"})
 def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: list[float] = 1.0,
            epsilon: float = 1e-8, normalize: Normalize = "none") -> Tensor:
     """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""
     return fisher_combine(finetuned, fisher, weight, epsilon, normalize)
 
 
-@merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",))
+@merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",),
+              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"})
 def fisher_with_base(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], fisher_base: Tensor,
                      weight: list[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
                      normalize: Normalize = "none") -> Tensor:

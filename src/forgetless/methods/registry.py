@@ -23,6 +23,9 @@ The engine reads everything it needs from the registration and the signature:
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
   and reverted elements), which the merge report and model card show per part.
+- ``ranges``: recipe parameter -> interval of allowed values in the usual notation (``"(0, 1]"``, ``"[0, inf)"``);
+  together with the parameter's annotation (float, int, bool, Literal, ``| None``; per-model lists by their element
+  type) the engine checks every value at plan time (:meth:`MethodSpec.problem`), so ``--dry-run`` names a bad one;
 - ``space``: "weight" (default; the functions above get whole tensors) or "adapter": the method merges LoRA
   adapters in adapter space (:mod:`.adapter`): its first argument is a list of ``(A, B)`` pairs, one per recipe
   model, with the update ``B @ A``, and it returns one such pair. ``out_rank(ranks, params)`` gives the output
@@ -36,6 +39,9 @@ large tensors: every new allocation costs page faults). The engine casts the res
 from __future__ import annotations
 
 import inspect
+import math
+import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +49,50 @@ from typing import Any, Literal
 
 CONTEXT_ARGS = ("name", "generator", "counts")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Allowed values of a numeric parameter: ``lo``..``hi``, each end open or closed (``"(0, 1]"``)."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*", text)
+        if m is None:
+            raise ValueError(f"not an interval: {text!r} (e.g. '(0, 1]')")
+        return cls(float(m.group(2)), float(m.group(3)), m.group(1) == "(", m.group(4) == ")")
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def end(x: float) -> str:
+            return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
+        return f"{'(' if self.lo_open else '['}{end(self.lo)}, {end(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _kinds(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
+    """Recipe parameter -> (its scalar kind: "float", "int", "bool", "str" or "any"; whether None is allowed), from
+    the annotations (a per-model ``list[float]`` is checked element by element, as ``float``)."""
+    out = {}
+    for name, h in typing.get_type_hints(fn).items():
+        optional = False
+        if typing.get_origin(h) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(h) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(h))
+            h = args[0] if len(args) == 1 else h
+        if typing.get_origin(h) is list:
+            h = typing.get_args(h)[0]
+        kind = {float: "float", int: "int", bool: "bool", str: "str"}.get(h, "any")
+        out[name.rstrip("_")] = (kind, optional)
+    return out
 
 
 @dataclass(frozen=True)
@@ -62,6 +112,8 @@ class MethodSpec:
     prepare: Callable[..., dict[str, Any] | None] | None = None
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # recipe name -> allowed values (Literal)
     space: Literal["weight", "adapter"] = "weight"
+    kinds: dict[str, tuple[str, bool]] = field(default_factory=dict)  # recipe name -> (kind, None allowed)
+    ranges: dict[str, Interval] = field(default_factory=dict)  # recipe name -> allowed interval
     out_rank: Callable[[list[int], dict[str, Any]], int] | None = None
     equal_ranks: bool = False
     dense: bool = False
@@ -70,6 +122,33 @@ class MethodSpec:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
         rule = self.stat_shapes.get(need)
         return tuple(weight_shape) if rule is None else rule(tuple(weight_shape))
+
+    def problem(self, param: str, value: Any) -> str | None:
+        """What is wrong with `value` for recipe parameter `param` (its type, its interval, its choices), or
+        None when it is fine."""
+        allowed = self.choices.get(param)
+        if allowed is not None:
+            return None if value in allowed else f"{value!r} is not one of {', '.join(map(repr, allowed))}"
+        kind, optional = self.kinds.get(param, ("any", True))
+        if value is None:
+            return None if optional or kind == "any" else f"a value is required (a {kind})"
+        rng = self.ranges.get(param)
+        want = f"a number in {rng}" if rng and kind == "float" else f"an integer in {rng}" if rng and kind == "int" \
+            else {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(kind)
+        if kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return f"{value!r} is not {want}"
+        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            return f"{value!r} is not {want}"
+        if kind == "bool" and not isinstance(value, bool):
+            return f"{value!r} is not {want}"
+        if kind == "str" and not isinstance(value, str):
+            return f"{value!r} is not {want}"
+        if kind in ("float", "int"):
+            if not math.isfinite(value):
+                return f"{value!r} is not a finite number"
+            if rng is not None and value not in rng:
+                return f"{value!r} is outside {rng}"
+        return None
 
     def arg(self, recipe_name: str) -> str:
         """The Python keyword for a recipe parameter name."""
@@ -90,7 +169,7 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  prepare: Callable[..., dict[str, Any] | None] | None = None,
                  space: Literal["weight", "adapter"] = "weight",
                  out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
-                 dense: bool = False):
+                 dense: bool = False, ranges: dict[str, str] | None = None):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -109,10 +188,14 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           tuple(per_model), params, tuple(context), tuple(aliases),
                           inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
                           without_statistics, prepare=prepare,
-                          choices=_literal_choices(fn), space=space, out_rank=out_rank, equal_ranks=equal_ranks,
-                          dense=dense)
+                          choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
+                          ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
+                          equal_ranks=equal_ranks, dense=dense)
         if space == "adapter" and out_rank is None:
             raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
+        if set(spec.ranges) - set(spec.params):
+            raise TypeError(f"{fn.__name__}: ranges for parameters it does not take: "
+                            f"{sorted(set(spec.ranges) - set(spec.params))}")
         unknown = set(spec.stat_shapes) - set(spec.needs)
         if unknown:
             raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")
