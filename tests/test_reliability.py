@@ -77,6 +77,70 @@ def test_every_numeric_parameter_of_every_method_has_a_kind():
             assert p in spec.choices or spec.kinds.get(p, ("any",))[0] != "any", (name, p)
 
 
+# ------------------------------------------------------------------------------------- statistics
+def _fisher_file(root: Path, at: Path, name: str, change=None, weights_of: Path | None = None) -> Path:
+    """A Fisher file over every projection weight of `at`'s structure, as `forgetless stats` records it (taken
+    at `weights_of`, default `at`); `change(tensors)` spoils it."""
+    from safetensors.torch import load_file, save_file
+
+    from forgetless.checkpoint.reader import CheckpointReader
+
+    sd = load_file(str(at / "model.safetensors"))
+    t = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(len(k))) + 0.1
+         for k, v in sd.items() if k.endswith("proj.weight")}
+    if change:
+        change(t)
+    meta = {"kind": "fisher", "num_samples": "4", "model_fingerprint": CheckpointReader(at).fingerprint(),
+            "model_weights_fingerprint": CheckpointReader(weights_of or at).weights_fingerprint()}
+    save_file(t, str(root / name), metadata=meta)
+    return root / name
+
+
+def _fisher_recipe(base: Path, ft: Path, fisher: Path, method: str = "fisher_with_base") -> dict:
+    scope = {"include": ["re:.*proj\\.weight$"], "outside": "finetuned"}
+    if method == "fisher_with_base":
+        return {"method": method, "base": str(base), "models": [{"model": str(ft), "statistics": {"fisher": str(fisher)}}],
+                "statistics": {"fisher_base": str(fisher)}, "scope": scope}
+    return {"method": method, "base": str(base), "models": [str(ft)], "scope": scope,
+            "statistics": {"fisher_task": str(fisher), "fisher_general": str(fisher)}}
+
+
+def _first_proj(t: dict) -> str:
+    return sorted(t)[0]
+
+
+@pytest.mark.parametrize("method", ["fisher_with_base", "cgm", "cgm_dagger"])
+@pytest.mark.parametrize("spoil, words", [
+    (lambda t: t[_first_proj(t)].view(-1).__setitem__(3, float("nan")), "1 NaN/Inf entries"),
+    (lambda t: t[_first_proj(t)].view(-1).__setitem__(0, float("inf")), "1 NaN/Inf entries"),
+    (lambda t: t[_first_proj(t)].view(-1).__setitem__(5, -1.0), "1 negative entries"),
+], ids=["nan", "inf", "negative"])
+def test_a_spoiled_statistic_is_named_with_its_tensor(ws, capsys, method, spoil, words):
+    root, base, ft = ws
+    f = _fisher_file(root, base, "fisher.safetensors", spoil)
+    from safetensors import safe_open
+
+    first = sorted(safe_open(str(f), "pt").keys())[0]
+    err = fail(root, _fisher_recipe(base, ft, f, method), capsys=capsys)
+    assert str(f) in err and f"tensor '{first}'" in err and words in err and "recompute" in err
+
+
+def test_statistics_taken_at_other_weights_are_refused_unless_allowed(ws, capsys):
+    root, base, ft = ws
+    other = build_tiny_llama(root / "other", seed=7)  # the same architecture, other weights
+    f = _fisher_file(root, base, "fisher.safetensors", weights_of=other)
+    err = fail(root, _fisher_recipe(base, ft, f), capsys=capsys)
+    assert str(f) in err and "computed at other weights" in err and "--allow-other-model" in err
+    r = _write(root, _fisher_recipe(base, ft, f))
+    main(["merge", str(r), "--out", str(root / "out"), "--quiet", "--allow-other-model"])
+    assert (root / "out" / "model.safetensors").is_file()
+    # taken at the fine-tuned model (Fisher merging's own) or at the base (CGM's): accepted as they are
+    for at in (ft, base):
+        g = _fisher_file(root, base, f"fisher-{at.name}.safetensors", weights_of=at)
+        main(["merge", str(_write(root, _fisher_recipe(base, ft, g))), "--out", str(root / f"out-{at.name}"),
+              "--quiet"])
+
+
 # ------------------------------------------------------------------------------------- operating-system errors
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
                                          (errno.EIO, "check the path and the disk")])

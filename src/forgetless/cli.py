@@ -28,7 +28,10 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter.")
-def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool) -> None:
+@click.option("--allow-other-model", is_flag=True, help="Accept statistics computed at weights that are neither the "
+              "base's nor a merged model's (same architecture; the recipe key allow_other_model).")
+def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool,
+              allow_other_model: bool) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
     from .recipe import load_recipe
@@ -36,6 +39,8 @@ def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: b
     loaded = load_recipe(recipe)
     if fold:
         loaded = loaded.model_copy(update={"fold": True})
+    if allow_other_model:
+        loaded = loaded.model_copy(update={"allow_other_model": True})
     merge(loaded, out=out, force=force, dry_run=dry_run, progress=not quiet, log=click.echo)
 
 

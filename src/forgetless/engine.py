@@ -260,7 +260,11 @@ def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list
                               remedy="choose another --out or pass --force to replace it")
 
 
-def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: str) -> CheckpointReader:
+def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: str,
+               weights: dict[str, str] | None = None) -> CheckpointReader:
+    """A statistics file, checked against the model before any work: structure fingerprint, and (`weights`: the
+    weights fingerprints of the base and of every merged model, by label; None skips it) that it was taken at one
+    of those weights when the file records where it was taken."""
     p = Path(path)
     if not p.is_file():
         raise ForgetlessError("statistics file not found", file=p,
@@ -271,6 +275,12 @@ def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: st
     if fp is not None and fp != base.fingerprint():
         raise ForgetlessError(f"computed on another model (fingerprint {fp}, this base is {base.fingerprint()})",
                               file=p, remedy="recompute the statistics on this model")
+    wfp = meta.get("model_weights_fingerprint")
+    if weights is not None and wfp is not None and wfp not in weights.values():
+        known = ", ".join(f"{label} {v}" for label, v in weights.items())
+        raise ForgetlessError(f"computed at other weights of this architecture (weights fingerprint {wfp}; {known})",
+                              file=p, remedy="recompute the statistics at the base or the fine-tuned model, or "
+                                             "pass --allow-other-model (recipe: allow_other_model: true)")
     for name, info in reader.infos.items():
         if name not in base.infos:
             raise ForgetlessError("statistics for a tensor the model does not have", file=p, tensor=name,
@@ -332,9 +342,11 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
     models = [open_model(m.model) for m in recipe.models]
     for i, m in enumerate(models):
         _check_structure(base, m, f"models[{i}]")
-    stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where, spec, need)
+    weights = None if recipe.allow_other_model or not stat_paths else {
+        "base": base.weights_fingerprint(), **{f"models[{i}]": m.weights_fingerprint() for i, m in enumerate(models)}}
+    stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where, spec, need, weights)
                      for i, p in enumerate(v)]
-                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where, spec, need))
+                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where, spec, need, weights))
              for need, v in stat_paths.items()}
 
     names = base.names()
@@ -381,6 +393,22 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def _statistic(reader: CheckpointReader, name: str, kind: str) -> torch.Tensor:
+    """One statistics tensor in float32, checked as it is read: finite, and non-negative for a (diagonal) Fisher —
+    a NaN would otherwise turn into a silent fallback or a traceback deep inside a method."""
+    t = reader.get(name).float()
+    bad = None
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        bad = f"{int((~torch.isfinite(t)).sum())} NaN/Inf entries"
+    elif kind.startswith("fisher") and bool((t < 0).any()):
+        bad = f"{int((t < 0).sum())} negative entries (a diagonal Fisher is a mean of squares)"
+    if bad is not None:
+        raise ForgetlessError(f"{kind} statistics with {bad}", file=reader.path, tensor=name,
+                              remedy="recompute the statistics (`forgetless stats`); check the model and data for "
+                                     "NaN/Inf (a bf16 overflow, a diverged fine-tune)")
+    return t
+
+
 def _copyable(reader, name: str, job: Job) -> bool:
     """True when the stored bytes are the output bytes: same dtype, not changed by an adapter."""
     return job.out_dtype == job.in_dtype and getattr(reader, "is_untouched", lambda n: True)(name)
@@ -403,7 +431,7 @@ class _Runner:
         fts = [m.get(job.name).float() for m in p.models]
         if job.route == NO_STATS_ROUTE:
             return base, fts, {}
-        stats = {k: ([r.get(job.name).float() for r in v] if isinstance(v, list) else v.get(job.name).float())
+        stats = {k: ([_statistic(r, job.name, k) for r in v] if isinstance(v, list) else _statistic(v, job.name, k))
                  for k, v in p.stats.items()}
         return base, fts, stats
 

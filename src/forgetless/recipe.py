@@ -77,6 +77,7 @@ class Recipe(BaseModel):
     seed: int = Field(default=0, ge=0)
     layout: str = "auto"
     fold: bool = False
+    allow_other_model: bool = False  # statistics taken at weights that are neither the base's nor a model's
     non_lora: Literal["average"] | int = "average"
     out: str | None = None
     source: str | None = Field(default=None, exclude=True)  # the file it came from, for error messages
