@@ -141,6 +141,28 @@ def test_statistics_taken_at_other_weights_are_refused_unless_allowed(ws, capsys
               "--quiet"])
 
 
+# ------------------------------------------------------------------------------------- mixed dtypes
+@pytest.mark.parametrize("outside", ["finetuned", "base"])
+def test_a_bf16_finetune_beside_an_fp32_base(ws, outside):
+    """Tensors taken from a model stored in another dtype are converted, not copied as raw bytes."""
+    from safetensors.torch import load_file, save_file
+
+    root, base, ft = ws
+    sd = load_file(str(ft / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
+              str(ft / "model.safetensors"), metadata={"format": "pt"})
+    rec = recipe(base, ft, scope={"include": ["re:.*q_proj\\.weight$"], "outside": outside})
+    main(["merge", str(_write(root, rec)), "--out", str(root / "out"), "--quiet", "--dry-run"])
+    main(["merge", str(_write(root, rec)), "--out", str(root / "out"), "--quiet"])
+    got, b = load_file(str(root / "out" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    bf = load_file(str(ft / "model.safetensors"))
+    for k, v in got.items():
+        assert v.dtype == b[k].dtype, k
+        src = bf if (outside == "finetuned" or k.endswith("q_proj.weight")) else b
+        if v.is_floating_point() and not k.endswith("q_proj.weight"):
+            assert torch.equal(v, src[k].to(v.dtype)), k
+
+
 # ------------------------------------------------------------------------------------- operating-system errors
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
                                          (errno.EIO, "check the path and the disk")])

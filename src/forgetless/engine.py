@@ -410,8 +410,9 @@ def _statistic(reader: CheckpointReader, name: str, kind: str) -> torch.Tensor:
 
 
 def _copyable(reader, name: str, job: Job) -> bool:
-    """True when the stored bytes are the output bytes: same dtype, not changed by an adapter."""
-    return job.out_dtype == job.in_dtype and getattr(reader, "is_untouched", lambda n: True)(name)
+    """True when the stored bytes are the output bytes: stored in the output dtype by this reader (a bf16
+    fine-tune beside an fp32 base is not), not changed by an adapter."""
+    return reader.info(name).dtype == job.out_dtype and getattr(reader, "is_untouched", lambda n: True)(name)
 
 
 class _Runner:
