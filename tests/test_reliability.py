@@ -163,6 +163,39 @@ def test_a_bf16_finetune_beside_an_fp32_base(ws, outside):
             assert torch.equal(v, src[k].to(v.dtype)), k
 
 
+# ------------------------------------------------------------------------------------- damaged models
+def _truncate(m: Path) -> Path:
+    f = m / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    return f
+
+
+def _not_a_state_dict(m: Path) -> Path:
+    (m / "model.safetensors").unlink()
+    torch.save({"a": [1, 2]}, m / "pytorch_model.bin")
+    return m / "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_not_a_state_dict, "not a state dict")],
+                         ids=["truncated", "bin-not-a-state-dict"])
+@pytest.mark.parametrize("command", ["finetune", "stats fisher", "stats gram", "inspect"])
+def test_a_damaged_model_is_one_line_for_every_command(tmp_path, capsys, damage, words, command):
+    m = build_tiny_llama(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    f = damage(m)
+    args = {"finetune": ["finetune", str(m), "--data", str(data), "--out", str(tmp_path / "o")],
+            "stats fisher": ["stats", "fisher", str(m), "--data", str(data), "--out", str(tmp_path / "f.safetensors")],
+            "stats gram": ["stats", "gram", str(m), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+            "inspect": ["inspect", str(m)]}[command]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert str(f) in err and words in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "m"]  # no output, no temporary folder
+
+
 # ------------------------------------------------------------------------------------- operating-system errors
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
                                          (errno.EIO, "check the path and the disk")])

@@ -111,6 +111,8 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
         if model_dir.resolve() in out_path.resolve().parents:
             raise ForgetlessError("output inside the model folder", file=out_path,
                                   remedy="write statistics outside the model's folder")
+    with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
+        pass
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     data_fp = data_fingerprint(data, samples)
     device = resolve_device(device)
