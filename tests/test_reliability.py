@@ -106,7 +106,7 @@ def _fisher_recipe(base: Path, ft: Path, fisher: Path, method: str = "fisher_wit
 
 
 def _first_proj(t: dict) -> str:
-    return sorted(t)[0]
+    return min(t)
 
 
 @pytest.mark.parametrize("method", ["fisher_with_base", "cgm", "cgm_dagger"])
@@ -120,7 +120,7 @@ def test_a_spoiled_statistic_is_named_with_its_tensor(ws, capsys, method, spoil,
     f = _fisher_file(root, base, "fisher.safetensors", spoil)
     from safetensors import safe_open
 
-    first = sorted(safe_open(str(f), "pt").keys())[0]
+    first = min(safe_open(str(f), "pt").keys())
     err = fail(root, _fisher_recipe(base, ft, f, method), capsys=capsys)
     assert str(f) in err and f"tensor '{first}'" in err and words in err and "recompute" in err
 
@@ -194,6 +194,32 @@ def test_a_damaged_model_is_one_line_for_every_command(tmp_path, capsys, damage,
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert str(f) in err and words in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "m"]  # no output, no temporary folder
+
+
+# ------------------------------------------------------------------------------------- malicious files
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_malicious_pickle_runs_no_code(ws, capsys):
+    root, base, ft = ws
+    (ft / "model.safetensors").unlink()
+    marker = root / "pwned"
+    torch.save({"model.embed_tokens.weight": _Payload(str(marker))}, ft / "pytorch_model.bin")
+    err = fail(root, recipe(base, ft), capsys=capsys)
+    assert "pytorch_model.bin" in err and not marker.exists()
+
+
+def test_a_yaml_tag_runs_no_code(ws, capsys):
+    root, base, ft = ws
+    marker = root / "pwned"
+    text = yaml.safe_dump(recipe(base, ft)) + f"seed: !!python/object/apply:os.mkdir ['{marker}']\n"
+    err = fail(root, text, capsys=capsys)
+    assert "recipe.yaml" in err and not marker.exists()
 
 
 # ------------------------------------------------------------------------------------- operating-system errors
