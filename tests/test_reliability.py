@@ -365,6 +365,22 @@ def test_two_threads_merging_into_one_output_one_wins_the_other_is_told(ws):
     assert not leftovers(root)
 
 
+def test_a_statistics_file_that_appears_meanwhile_is_kept(tmp_path):
+    from forgetless.stats.store import save_statistics
+
+    out = tmp_path / "f.safetensors"
+    kw = {"kind": "fisher", "num_samples": 1, "model_fingerprint": "m", "data_fingerprint": "d"}
+    save_statistics(out, {"w": torch.ones(2)}, **kw, replace=False)
+    with pytest.raises(ForgetlessError, match="appeared while"):
+        save_statistics(out, {"w": torch.zeros(2)}, **kw, replace=False)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(out))["w"], torch.ones(2)) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "f.safetensors"]
+    save_statistics(out, {"w": torch.zeros(2)}, **kw)  # replace (--force)
+    assert torch.equal(load_file(str(out))["w"], torch.zeros(2))
+
+
 def test_atomic_folder_without_replace_keeps_what_another_writer_committed(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ForgetlessError, match="appeared while"), W.atomic_folder(out, replace=False) as tmp:

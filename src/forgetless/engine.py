@@ -470,21 +470,22 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
                              force=plan.force, metadata=metadata)
     runner = _Runner(plan)
-    if plan.spec.prepare is not None:
-        method_jobs = [j for j in plan.jobs if j.route == "method"]
+    bar = None
+    try:  # from here on, any failure or signal removes the writer's temporary folder
+        if plan.spec.prepare is not None:
+            method_jobs = [j for j in plan.jobs if j.route == "method"]
 
-        def stream():
-            for j in method_jobs:
-                base, fts, stats = runner.load(j)
-                yield j.name, base, fts[0] if plan.spec.models == "one" else fts, stats
+            def stream():
+                for j in method_jobs:
+                    base, fts, stats = runner.load(j)
+                    yield j.name, base, fts[0] if plan.spec.models == "one" else fts, stats
 
-        extra = plan.spec.prepare(dict(plan.params), stream, sum(math.prod(j.shape) for j in method_jobs))
-        runner.method_kwargs.update(extra or {})
-        if extra and log:
-            log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                                             for k, v in extra.items()))
-    bar = _progress(plan, progress)
-    try:
+            extra = plan.spec.prepare(dict(plan.params), stream, sum(math.prod(j.shape) for j in method_jobs))
+            runner.method_kwargs.update(extra or {})
+            if extra and log:
+                log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float)
+                                                                 else f"{k}={v}" for k, v in extra.items()))
+        bar = _progress(plan, progress)
         with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="forgetless-write") as writers:
             jobs = plan.jobs
@@ -525,7 +526,8 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
         writer.abort()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     report = MergeReport(plan.out, plan, time.perf_counter() - t0, counts=dict(runner.counts))
     if log:
         log(report.summary())
@@ -877,10 +879,11 @@ def _execute_adapter(plan: AdapterPlan, *, progress: bool, log: Callable[[str], 
     shard = parse_size(r.shard_size) if r.fold else sum(e.nbytes for e in entries) + 1
     writer = StreamingWriter(plan.out, entries, shard_size=shard, force=plan.force,  # type: ignore[arg-type]
                              metadata=metadata, single_name=SAFE_SINGLE if r.fold else ADAPTER_SAFE)
-    runner = _AdapterRunner(plan)
-    bar = _progress(plan, progress)
-    by_name = {m.name: m for m in plan.modules}
-    try:
+    bar = None
+    try:  # from here on, any failure or signal removes the writer's temporary folder
+        runner = _AdapterRunner(plan)
+        bar = _progress(plan, progress)
+        by_name = {m.name: m for m in plan.modules}
         if r.fold:
             for job in plan.jobs:
                 if job.route == "method":
@@ -923,7 +926,8 @@ def _execute_adapter(plan: AdapterPlan, *, progress: bool, log: Callable[[str], 
         writer.abort()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     report = MergeReport(plan.out, plan, time.perf_counter() - t0)
     if log:
         log(report.summary())

@@ -211,7 +211,6 @@ class StreamingWriter:
         if self.out.exists() and not force:
             raise ForgetlessError("output folder already exists", file=self.out,
                                   remedy="choose another --out or pass --force to replace it")
-        self.tmp = temp_folder(self.out)
         self.force = force
         groups = plan_shards(entries, shard_size)
         n = len(groups)
@@ -223,6 +222,7 @@ class StreamingWriter:
         self._lock = threading.Lock()
         self.total_size = sum(e.nbytes for e in entries)
         meta = {"format": "pt", **(metadata or {})}
+        self.tmp = temp_folder(self.out)
         try:
             for shard in self.shards:
                 self._open_shard(shard, meta)

@@ -162,7 +162,8 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
             fps = model_fingerprints(model_dir)
             extra = {"variant": variant if kind == "fisher" else None, "scope": scope, "seed": seed, "n": len(samples),
                      "skipped": len(skipped), "data": str(data), "dtype": dtype, "tokens": tokens if kind == "gram" else None}
-            common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps}
+            common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps,
+                                      "replace": force}
             if kind == "fisher":
                 save_fisher(out_path, sums, int(count), **common)
             else:

@@ -51,8 +51,9 @@ def model_fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
 def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, num_samples: int,
                     model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype | str = torch.float32,
                     token_counts: Mapping[str, int] | None = None, model_weights_fingerprint: str | None = None,
-                    extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``tensors`` (already final: the mean for a Fisher, the sum for a Gram) atomically to ``path``."""
+                    extra: Mapping[str, Any] | None = None, replace: bool = True) -> Path:
+    """Write ``tensors`` (already final: the mean for a Fisher, the sum for a Gram) atomically to ``path``.
+    ``replace=False``: a file that appeared at ``path`` meanwhile (another writer) is never replaced."""
     path = Path(path)
     if isinstance(dtype, str):
         if dtype not in STORE_DTYPES:
@@ -100,7 +101,17 @@ def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     os.close(fd)
     try:
         save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails on an existing path: the no-replace rename of a file
+            except FileExistsError:
+                raise ForgetlessError("output file appeared while the statistics were computed (another "
+                                      "process wrote it); it was left as it is", file=path,
+                                      remedy="choose another --out, or pass --force to replace it") from None
+            finally:
+                Path(tmp).unlink(missing_ok=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
