@@ -381,6 +381,30 @@ def test_a_statistics_file_that_appears_meanwhile_is_kept(tmp_path):
     assert torch.equal(load_file(str(out))["w"], torch.zeros(2))
 
 
+def test_concurrent_cache_writes_of_one_entry_never_clash(tmp_path):
+    """The evaluation cache's entries (write_json): a temporary file unique to each call, then a rename."""
+    import json
+
+    from forgetless.eval.report import write_json
+
+    path = tmp_path / "entry.json"
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            for i in range(20):
+                write_json(path, {"k": k, "i": i})
+        except BaseException as e:  # noqa: BLE001 — collected: the test is that there are none
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads(path.read_text())["i"] == 19
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+
+
 def test_atomic_folder_without_replace_keeps_what_another_writer_committed(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ForgetlessError, match="appeared while"), W.atomic_folder(out, replace=False) as tmp:

@@ -50,6 +50,7 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     ``limit`` may be one number or a per-task mapping (a task absent from it: no limit)."""
     from .harness import evaluate
     from .metrics import scores
+    from .report import write_json
 
     general = general or {}
     limits = limit if isinstance(limit, dict) else {n: limit for n in [*tasks, *general]}
@@ -71,10 +72,7 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
                      keep_predictions=False)
         for name, (_, path) in {**t, **g}.items():
             entry = {**r["tasks"][name], "seconds": r.get("seconds")}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(entry, indent=1))
-            os.replace(tmp, path)
+            write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash
             entries[name] = entry
     result: dict[str, Any] = {"model": str(model_dir), "split": split,
                               "tasks": {n: entries[n] for n in [*tasks, *general]}}
