@@ -99,8 +99,8 @@ def _fisher_file(root: Path, at: Path, name: str, change=None, weights_of: Path 
 def _fisher_recipe(base: Path, ft: Path, fisher: Path, method: str = "fisher_with_base") -> dict:
     scope = {"include": ["re:.*proj\\.weight$"], "outside": "finetuned"}
     if method == "fisher_with_base":
-        return {"method": method, "base": str(base), "models": [{"model": str(ft), "statistics": {"fisher": str(fisher)}}],
-                "statistics": {"fisher_base": str(fisher)}, "scope": scope}
+        return {"method": method, "base": str(base), "scope": scope, "statistics": {"fisher_base": str(fisher)},
+                "models": [{"model": str(ft), "statistics": {"fisher": str(fisher)}}]}
     return {"method": method, "base": str(base), "models": [str(ft)], "scope": scope,
             "statistics": {"fisher_task": str(fisher), "fisher_general": str(fisher)}}
 

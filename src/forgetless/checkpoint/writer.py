@@ -65,7 +65,7 @@ def remove_stale(out: Path) -> list[Path]:
     gone = []
     for p in out.parent.glob(f".{glob.escape(out.name)}.forgetless-*-*"):
         m = _LEFTOVER.search(p.name)
-        if m and p.name.startswith(f".{out.name}.forgetless-") and not _alive(int(m.group(1))):
+        if m and not _alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone

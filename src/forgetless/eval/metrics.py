@@ -200,7 +200,6 @@ class Bootstrap:
         return {k: self.interval(v) for k, v in draws.items()}
 
 
-
 class NamedDraws:
     """Named rows' point values and bootstrap draws (name → key → value / [n_boot] array), all resampled by one
     :class:`Bootstrap`, so that a difference between two rows is paired."""
@@ -221,6 +220,7 @@ class NamedDraws:
         iv = self.boot.interval(da - db)
         assert iv is not None
         return pa - pb, iv
+
 
 def intervals(model: Mapping[str, Any], base: Mapping[str, Any] | None = None, *, n_boot: int = 2000,
               seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float] | None]:

@@ -47,6 +47,11 @@ def diff_cell(point: float, interval: Sequence[float]) -> str:
     return f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" **\\***" if lo > 0 or hi < 0 else "")
 
 
+def doc_link(path: Path, doc: Path | None) -> Path:
+    """How a markdown file `doc` links to `path`: relative to the document's folder when `path` is inside it."""
+    return path.relative_to(doc.parent) if doc is not None and path.is_relative_to(doc.parent) else path
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
     """One line per row (model): its accuracy on each task, then T, G_v, G_t, G, E, F, E+F; all in percent/points,
     ``—`` where a value does not exist, ``± h`` (half the 95% interval) where the row has ``intervals``. Columns

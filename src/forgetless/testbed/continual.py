@@ -28,7 +28,6 @@ only what changed; LPM's state folders step on only as far as they have not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -60,10 +59,6 @@ LPM_STATES = {"LPM": {}, "LPM (diagonal)": {"approx": "diagonal"}, "LPM + CPM": 
 REGMEAN = {"alpha": 0.9}
 TIES = {"density": 0.2, "lambda": 1.0}
 EVAL_BATCH = MT.EVAL_BATCH
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _slug(label: str) -> str:
@@ -118,28 +113,24 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
         timings["evaluate"] += time.perf_counter() - t0
         return out
 
-    def finetuned(task: str, out: Path, r: dict) -> Path:
+    def finetuned(task_dir: Path, out: Path, r: dict) -> Path:
         t0 = time.perf_counter()
-        p = X.finetuned_model(base, roots[task], out, r, log)
+        p = X.finetuned_model(base, task_dir, out, r, log)
         timings["finetune"] += time.perf_counter() - t0
         return p
 
-    def quiet_merge(recipe_: dict, out: Path) -> Any:
-        return forgetless.merge(recipe_, out=out, force=True, progress=False, log=None)
+    def merge_adapters(method: str, params: dict, adapters: list[Path], out: Path) -> Any:
+        return MT.merge_adapters(method, params, base, adapters, out, forgetless.merge)
 
     # 1: the adapters, the sequential chain, the joint adapter
-    own = {n: finetuned(n, workdir / "adapters" / n, recipe) for n in sequence}
+    own = {n: finetuned(roots[n], workdir / "adapters" / n, recipe) for n in sequence}
     chain = [own[sequence[0]]]
     for t, name in enumerate(sequence[1:], 2):
-        chain.append(finetuned(name, workdir / "sequential" / f"{t}-{name}",
+        chain.append(finetuned(roots[name], workdir / "sequential" / f"{t}-{name}",
                                {**recipe, "init_adapter": str(chain[-1])}))
-    joint_adapter = None
-    if joint:
-        t0 = time.perf_counter()
-        joint_adapter = X.finetuned_model(base, MT.joint_data(roots, sequence, workdir / "joint-data"),
-                                          workdir / "adapters" / "joint",
-                                          {**recipe, "steps": MT.JOINT_STEPS_PER_TASK * len(sequence)}, log)
-        timings["finetune"] += time.perf_counter() - t0
+    joint_steps = MT.JOINT_STEPS_PER_TASK * len(sequence)
+    joint_adapter = finetuned(MT.joint_data(roots, sequence, workdir / "joint-data"), workdir / "adapters" / "joint",
+                              {**recipe, "steps": joint_steps}) if joint else None
     train = {n: roots[n] / "train.jsonl" for n in sequence}
 
     # the own adapters folded: the individual reference, and RegMean's models (with their Grams at themselves)
@@ -155,14 +146,22 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
             folded[name] = out
         return folded[name]
 
+    grams: dict[str, Path] = {}
+
     def own_gram(name: str) -> Path:
-        t0 = time.perf_counter()
-        model = own_model(name)
-        p = statistics_step("gram", model, train[name], stats_dir / f"regmean-gram-{name}.safetensors",
-                            scope=ADAPTED_SCOPE, n=gram_samples, seed=0, role=f"RegMean Gram ({name})", log=log,
-                            batch_size=8, progress=False)
-        timings["statistics"] += time.perf_counter() - t0
-        return p
+        if name not in grams:
+            t0 = time.perf_counter()
+            grams[name] = statistics_step("gram", own_model(name), train[name],
+                                          stats_dir / f"regmean-gram-{name}.safetensors", scope=ADAPTED_SCOPE,
+                                          n=gram_samples, seed=0, role=f"RegMean Gram ({name})", log=log,
+                                          batch_size=8, progress=False)
+            timings["statistics"] += time.perf_counter() - t0
+        return grams[name]
+
+    def save_cell(f: Path, row: dict) -> None:
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row) + "\n")
+        tmp.replace(f)
 
     # 2–3: the accuracy matrices, one cell (method, after task t) at a time
     cells: dict[str, list[dict]] = {m: [] for m in methods}
@@ -175,11 +174,15 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
         fps = [_adapter_fp(own[n]) for n in so_far]
         adapters = [own[n] for n in so_far]
 
-        def cell(label: str, extra: dict, build: Callable[[Path], Any], names: list[str] | None = None) -> dict:
+        def cell(label: str, extra: dict, build: Callable[[Path], Any], names: list[str] | None = None,
+                 measure: Callable[[], dict] | None = None) -> dict:
+            """The cached row of (label, task t), or: build the model, evaluate it, add `measure()` (what the
+            build left behind, taken now), save the row."""
             names = names or so_far
             general_too = last and names == so_far
-            key = _key({"tasks": so_far, "limit": task_limit, "general": general_limits if general_too else None,
-                        "method": label, **extra, "names": names})
+            key = X.stable_hash({"tasks": so_far, "limit": task_limit,
+                                 "general": general_limits if general_too else None, "method": label, **extra,
+                                 "names": names})
             f = cells_dir / f"{_slug(label)}-{t}.json"
             if f.is_file():
                 row = json.loads(f.read_text())
@@ -195,9 +198,8 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
                    **X.task_fields(r), **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
             if label == "LPM + CPM" and general_too:
                 row["routing"] = routing_accuracy(model, {n: roots[n] for n in sequence})
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row) + "\n")
-            tmp.replace(f)
+            row.update(measure() if measure is not None else {})
+            save_cell(f, row)
             if model == out:
                 shutil.rmtree(out, ignore_errors=True)
             log(f"after task {t} ({so_far[-1]}), {label}: " + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in names)
@@ -229,51 +231,44 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
                 row = cell(label, {"adapter": _adapter_fp(chain[t - 1])},
                            lambda out: MT.fold(base, chain[t - 1], out, forgetless.merge))
             elif label == "TA":
-                lam = _choose_ta(so_far, own, ta_grid, base, models_dir, evaluate, quiet_merge, log)
+                lam = _choose_ta(adapters, so_far, ta_grid, models_dir, evaluate, merge_adapters, log)
                 chosen_ta.append(lam)
-                row = cell(label, {"adapters": fps, "lambda": lam}, lambda out, lam=lam: quiet_merge(
-                    _adapter_recipe("lora_task_arithmetic", {"lambda": lam}, base, adapters), out))
+                row = cell(label, {"adapters": fps, "lambda": lam}, lambda out, lam=lam: merge_adapters(
+                    "lora_task_arithmetic", {"lambda": lam}, adapters, out))
             elif label == "TIES":
-                row = cell(label, {"adapters": fps, **TIES}, lambda out: quiet_merge(
-                    _adapter_recipe("lora_ties", TIES, base, adapters), out))
+                row = cell(label, {"adapters": fps, **TIES},
+                           lambda out: merge_adapters("lora_ties", TIES, adapters, out))
             elif label == "RegMean":
                 models = [{"model": str(own_model(n)), "statistics": {"gram": str(own_gram(n))}} for n in so_far]
                 row = cell(label, {"adapters": fps, **REGMEAN, "gram_samples": gram_samples},
-                           lambda out, models=models: quiet_merge(
+                           lambda out, models=models: forgetless.merge(
                                {"method": "regmean", "base": str(base), "parameters": dict(REGMEAN), "seed": 0,
-                                "models": models}, out))
+                                "models": models}, out=out, force=True, progress=False, log=None))
             else:
                 opts = LPM_STATES[label]
-                state = workdir / "states" / f"{_slug(label)}-{_key([recipe, gram_samples, opts])[:8]}"
+                state = workdir / "states" / f"{_slug(label)}-{X.stable_hash([recipe, gram_samples, opts])[:8]}"
                 row = cell(label, {"adapters": fps, "gram_samples": gram_samples, **opts},
-                           lambda out, state=state, opts=opts: lpm_step(out, state, opts))
-                row["state_bytes"] = state_bytes(state) if state.exists() else None
+                           lambda out, state=state, opts=opts: lpm_step(out, state, opts),
+                           measure=lambda state=state: {"state_bytes": state_bytes(state)})
             cells[label].append(row)
             merge_seconds[label].append(row["merge_seconds"])
 
     for t in range(1, len(sequence) + 1):
         after_task(t)
 
-    rows = []
+    joint_row = None
     if joint_adapter is not None:
-        jr = {"key": None}
-
-        def joint_model(out: Path) -> Path:
-            return MT.fold(base, joint_adapter, out, forgetless.merge)
-
-        key = _key({"joint": _adapter_fp(joint_adapter), "tasks": sequence, "limit": task_limit,
-                    "general": general_limits})
+        key = X.stable_hash({"joint": _adapter_fp(joint_adapter), "tasks": sequence, "limit": task_limit,
+                             "general": general_limits})
         f = cells_dir / "joint.json"
-        if f.is_file() and json.loads(f.read_text()).get("key") == key:
-            jr = json.loads(f.read_text())
-        else:
-            out = joint_model(models_dir / "current")
+        joint_row = json.loads(f.read_text()) if f.is_file() else None
+        if joint_row is None or joint_row.get("key") != key:
+            out = MT.fold(base, joint_adapter, models_dir / "current", forgetless.merge)
             r, _ = evaluate(out, sequence, with_general=True)
-            jr = {"key": key, "method": "joint LoRA", "step": len(sequence), **X.task_fields(r),
-                  **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
-            f.write_text(json.dumps(jr) + "\n")
+            joint_row = {"key": key, "method": "joint LoRA", "step": len(sequence), **X.task_fields(r),
+                         **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
+            save_cell(f, joint_row)
             shutil.rmtree(out, ignore_errors=True)
-        rows.append(jr)
     base_r, _ = evaluate(base, sequence, with_general=True)
 
     # what each method keeps between tasks to make its next model (after the last task)
@@ -292,11 +287,12 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
             kept[label] = cells[label][-1].get("state_bytes")
     results = {"sequence": sequence, "methods": methods, "split": "test", "task_limit": task_limit,
                "general_limits": general_limits, "adapter": recipe, "gram_samples": gram_samples,
-               "ta_grid": ta_grid, "joint_steps": MT.JOINT_STEPS_PER_TASK * len(sequence) if joint else None, "ta_lambda": chosen_ta, "base": str(base),
+               "ta_grid": ta_grid, "joint_steps": joint_steps if joint else None, "ta_lambda": chosen_ta,
+               "base": str(base),
                "adapters": {n: str(p) for n, p in own.items()}, "sequential": [str(p) for p in chain],
                "base_row": {"method": "base", **X.task_fields(base_r),
                             **{k: base_r["scores"][k] for k in ("G_v", "G_t", "G")}},
-               "individual": individual, "matrices": cells, "joint": rows[0] if rows else None,
+               "individual": individual, "matrices": cells, "joint": joint_row,
                "kept_bytes": kept, "merge_seconds": {k: [round(x, 2) for x in v] for k, v in merge_seconds.items()},
                "timings": {k: round(v, 1) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
                "threads": torch.get_num_threads()}
@@ -307,18 +303,13 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
     return results
 
 
-def _adapter_recipe(method: str, params: dict, base: Path, adapters: list[Path]) -> dict:
-    return {"method": method, "base": str(base), "models": [str(a) for a in adapters], "parameters": dict(params),
-            "seed": 0, "fold": True}
-
-
-def _choose_ta(so_far: list[str], own: dict[str, Path], grid: list[float], base: Path, models_dir: Path,
-               evaluate: Callable, merge: Callable, log: Callable[[str], None]) -> float:
+def _choose_ta(adapters: list[Path], so_far: list[str], grid: list[float], models_dir: Path, evaluate: Callable,
+               merge_adapters: Callable, log: Callable[[str], None]) -> float:
     """Task arithmetic's λ after task t: the best mean validation accuracy over tasks 1..t (ties: the first)."""
     best: tuple[float, float] | None = None
     for lam in grid:
         out = models_dir / "sweep"
-        merge(_adapter_recipe("lora_task_arithmetic", {"lambda": lam}, base, [own[n] for n in so_far]), out)
+        merge_adapters("lora_task_arithmetic", {"lambda": lam}, adapters, out)
         r, _ = evaluate(out, so_far, "val")
         avg = 100 * sum(r["tasks"][n]["accuracy"] for n in so_far) / len(so_far)
         if best is None or avg > best[0]:

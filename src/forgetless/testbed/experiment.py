@@ -60,7 +60,8 @@ DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
 DEMO_TASK_LIMIT = 80
 
 
-def _hash(obj: Any) -> str:
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of SHA-256 over `obj` as sorted JSON: the testbed's cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -82,7 +83,7 @@ def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
     if recipe.get("init_adapter"):
         weights = Path(recipe["init_adapter"]) / "adapter_model.safetensors"
         recipe = {**recipe, "init_adapter": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    return _hash({"base": weights_digest(base), "train_split": train,
+    return stable_hash({"base": weights_digest(base), "train_split": train,
                   "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
 
 
@@ -231,7 +232,7 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         timings["statistics"] += time.perf_counter() - t
     for label, method, params, task_fisher in merges:
         stats = stats_by.get(task_fisher) if task_fisher is not None else None
-        out = workdir / "merged" / f"{method}-{_hash([params, task_fisher])[:6]}"
+        out = workdir / "merged" / f"{method}-{stable_hash([params, task_fisher])[:6]}"
         t = time.perf_counter()
         report = forgetless.merge(merge_recipe(method, params, base, ft, stats), out=out, force=True,
                                   progress=False, log=None)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..eval.metrics import Bootstrap, NamedDraws, half_width, item_correct
-from ..eval.report import cell, diff_cell, format_table, tradeoff_plot
+from ..eval.report import cell, diff_cell, doc_link, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
@@ -277,8 +277,7 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         rows, ivs = results[name]["rows"], d.intervals(name)
         png = plot_rows(rows, (plots or workdir / name) / f"tradeoff-{name}.png",
                         f"testbed: {name} (test split, 95% intervals)", ivs)
-        rel = png.relative_to(previous.parent) if previous is not None and png.is_relative_to(previous.parent) \
-            else png
+        rel = doc_link(png, previous)
         ft = results[name]["finetune"]
         sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
                         f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
@@ -452,7 +451,7 @@ def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None)
     res = json.loads((Path(workdir) / "results.json").read_text())
     d = MultitaskDraws(res)
     png = multitask_plot(d, Path(plots) / "multitask-seen-unseen.png")
-    rel = png.relative_to(previous.parent) if previous is not None and png.is_relative_to(previous.parent) else png
+    rel = doc_link(png, previous)
     a = res["adapter"]
     lora = a["lora"]
     sizes = {n: len(c) for r in res["rows"] for n, c in r["correct_items"].items()}

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checkpoint.writer import human_bytes
 from ..eval.metrics import Bootstrap, NamedDraws, item_correct
-from ..eval.report import _atomic_write, cell, diff_cell
+from ..eval.report import _atomic_write, cell, diff_cell, doc_link
 
 N_BOOT = 2000
 CL_READING_START = "<!-- reading continual: written by hand, kept when the report is rebuilt -->"
@@ -62,14 +62,12 @@ class ContinualDraws(NamedDraws):
         return c[self.boot.indices(task, len(c))].mean(axis=1) * 100
 
     def _add(self, name: str, final: Mapping[str, Any], rows: list[dict] | None, general: bool = True) -> None:
-        T = len(self.seq)
         p: dict[str, float | None] = {"final": float(np.mean([final["tasks"][n] for n in self.seq]))}
         d: dict[str, np.ndarray | None] = {"final": np.mean([self.acc(final, n) for n in self.seq], axis=0)}
         if rows is not None:
-            p["forgetting"] = float(np.mean([rows[j]["tasks"][n] - final["tasks"][n]
-                                             for j, n in enumerate(self.seq[:-1])]))
-            d["forgetting"] = np.mean([self.acc(rows[j], n) - self.acc(final, n)
-                                       for j, n in enumerate(self.seq[: T - 1])], axis=0)
+            learned = list(enumerate(self.seq[:-1]))  # (j, task j): all but the last, learned before the end
+            p["forgetting"] = float(np.mean([rows[j]["tasks"][n] - final["tasks"][n] for j, n in learned]))
+            d["forgetting"] = np.mean([self.acc(rows[j], n) - self.acc(final, n) for j, n in learned], axis=0)
         else:
             p["forgetting"], d["forgetting"] = None, None
         if general and final.get("G") is not None:
@@ -105,7 +103,8 @@ def differences_table(d: ContinualDraws, pairs: list[tuple[str, str]]) -> str:
     lines = ["| comparison | Δ final avg accuracy | Δ avg forgetting | Δ G |", "|---|---:|---:|---:|"]
     for a, b in pairs:
         if a in d.points and b in d.points:
-            lines.append(f"| {a} − {b} | " + " | ".join("—" if (x := d.difference(a, b, k)) is None else diff_cell(*x) for k in d.KEYS) + " |")
+            diffs = [d.difference(a, b, k) for k in d.KEYS]
+            lines.append(f"| {a} − {b} | " + " | ".join("—" if x is None else diff_cell(*x) for x in diffs) + " |")
     return "\n".join(lines)
 
 
@@ -182,10 +181,6 @@ def average_curve(d: ContinualDraws, path: Path) -> Path:
         plt.close(fig)
 
 
-def _rel(png: Path, previous: Path | None) -> Path:
-    return png.relative_to(previous.parent) if previous is not None and png.is_relative_to(previous.parent) else png
-
-
 def continual_markdown(workdir: Path, plots: Path, previous: Path | None = None, reading: str = "") -> str:
     """The section "Continual merging" from ``workdir/results.json``; `reading`: the hand-written reading (kept
     between :data:`CL_READING_START` and :data:`CL_READING_END` by the caller); figure links relative to
@@ -213,7 +208,8 @@ MAny's setting (continual instruction tuning, a training-free merge on CPU after
 `forgetless.testbed.continual.run_continual`, every step cached, from `runs/testbed/continual/results.json`;
 `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it when no `--task` is given.
 
-- **Sequence**: {' → '.join(f'`{n}`' for n in d.seq)} ({'; '.join(T.TASKS[n].description for n in d.seq if n in T.TASKS)}).
+- **Sequence**: {' → '.join(f'`{n}`' for n in d.seq)}
+  ({'; '.join(T.TASKS[n].description for n in d.seq if n in T.TASKS)}).
   Test items per task and cell: {', '.join(f'{n} {sizes[n]}' for n in d.seq)} (the first {res['task_limit']} of
   each test split: every cell of every matrix is scored on the same items); G on the full general test splits
   after the last task.
@@ -242,7 +238,7 @@ MAny's setting (continual instruction tuning, a training-free merge on CPU after
 
 CPM routing accuracy (first 64 test images per task routed to their own task's projector): {routing_txt}.
 
-![average accuracy after each task]({_rel(curve, previous)})
+![average accuracy after each task]({doc_link(curve, previous)})
 
 ### Paired differences (points, 95% interval; **\\*** where it excludes 0)
 
@@ -252,7 +248,7 @@ Best baseline by final average accuracy: **{best}**.
 
 ### Accuracy matrices (row: after task t; column: task j; test accuracy %)
 
-![accuracy matrices]({_rel(heat, previous)})
+![accuracy matrices]({doc_link(heat, previous)})
 
 {matrices}
 
