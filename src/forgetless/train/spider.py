@@ -29,6 +29,18 @@ tensor has a gradient is an error, and ``apply()`` refuses to run without an ``a
 scratch vectors per device the size of the largest trainable tensor (``|x|``, ``I_pre``, ``I_ft``, ``c`` live
 there, one tensor at a time) and two scalars per tensor (the moments of ``|θ₀|``). ``extra_bytes()`` says exactly.
 
+**Several processes.** Under DDP (``forgetless finetune`` under torchrun, the Trainer with accelerate) every rank
+keeps the whole rule and reads the same all-reduced gradients, so every rank rewrites its replica alike. Under FSDP2
+(``torch.distributed.fsdp.fully_shard``: the parameters and their gradients are DTensors, each rank holding a piece
+along dim 0) the rule keeps ``θ₀``, ``G``, the scratch and the mask for this rank's pieces only, so its memory is
+divided by the number of ranks; what is computed over a whole tensor is all-reduced over the ranks that hold its
+pieces (:class:`Sharding`): the moments of ``|θ₀|`` (once) and of ``|G|`` (the sum, min and max, then the sums of
+deviations from the whole tensor's mean: the same two-pass algorithm), and the mean of the nonzero ``c`` — four
+all-reduces of one or two numbers per tensor and step, and one more for the step's statistics. The result is the
+single-process rule's up to the order of float32 additions (≈1e-7 relative). MagnitudeMask's top half is the whole tensor's, ties to the lower flat
+index: each rank gathers one whole tensor at a time at capture and keeps its piece of the mask. Every rank must run
+the rule (it issues collectives), on the same tensors in the same order. Tensor-parallel placements are refused.
+
 **Speed.** The rule is a few elementwise passes per tensor: the moments of ``|G|`` by the corrected two-pass
 algorithm (``torch.std_mean`` is about 10× slower on CPU), float masks rather than bool ones, and temporaries
 written into the reused scratch (allocating them afresh costs more than the arithmetic on CPU). See BENCHMARKS.md
@@ -56,17 +68,25 @@ Plain PyTorch loop::
 forgetless finetune: ``finetune(..., keep="spider")`` (or ``hook=Spider()``: the rule captures ``θ₀`` from the
 step's tensors at the first ``before_step``). transformers: ``Trainer(..., callbacks=[SpiderCallback("spider")])``
 (``on_pre_optimizer_step`` after clipping → ``accumulate``; ``on_optimizer_step`` before ``zero_grad`` →
-``apply``); not under DeepSpeed or FSDP, whose parameters and gradients are sharded outside ``.grad``.
+``apply``), under DDP and FSDP2; not under DeepSpeed or FSDP1, whose gradients are kept outside the parameters'
+``.grad``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..errors import ForgetlessError
 from .hooks import StepInfo
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support: no tensor is ever sharded
+    DTensor = ()  # type: ignore[assignment,misc]
 
 KEEP_RULES = ("none", "spider", "magnitude_mask")
 MASK_RATIO = 0.5
@@ -83,33 +103,86 @@ def _abs(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.abs(x, out=out) if x.dtype == torch.float32 else out.copy_(x).abs_()
 
 
-def abs_moments(x: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Sharding:
+    """A tensor split across the ranks of ``group`` (FSDP2's ``fully_shard``: a DTensor with one ``Shard``
+    placement): each rank holds a disjoint piece, ``numel`` is the whole tensor's size, and a whole-tensor sum is
+    the all-reduced sum of the pieces'. Every rank must reduce the same tensors in the same order."""
+
+    group: Any
+    numel: int
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local piece (a view of its storage: writing into it writes the parameter); any other tensor as
+    it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sharding_of(p: torch.Tensor, name: str = "?") -> Sharding | None:
+    """How ``p`` is split across ranks: None for a plain tensor or a replicated DTensor; for a DTensor sharded
+    along one mesh dimension (FSDP2, HSDP: other dimensions replicated), that dimension's process group."""
+    if not isinstance(p, DTensor):
+        return None
+    sharded = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(sharded) > 1 or any(not (pl.is_shard() or pl.is_replicate()) for pl in p.placements):
+        raise ForgetlessError(f"tensor {name} is a DTensor placed as {p.placements}", tensor=name,
+                              remedy="keep rules support FSDP2's sharding along one mesh dimension "
+                                     "(fully_shard, HSDP), not tensor parallelism or partial tensors")
+    return Sharding(p.device_mesh.get_group(sharded[0]), p.numel()) if sharded else None
+
+
+def abs_moments(x: torch.Tensor, work: torch.Tensor | None = None, sharding: Sharding | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean|x|, std|x|)`` over the whole tensor as float32 scalars, with ``std`` replaced by 1 where it is 0
     (a constant ``|x|``, or a single entry): the scale :func:`importance` divides by. ``work``: a float32 tensor
-    of ``x``'s shape to use as scratch (overwritten) instead of allocating one."""
+    of ``x``'s shape to use as scratch (overwritten) instead of allocating one. ``sharding``: ``x`` is this rank's
+    piece of a tensor split across ranks (:class:`Sharding`); the moments are the whole tensor's."""
     a = _abs(x, work)
-    return _moments_of(a, a)
+    return _moments_of(a, a, sharding)
 
 
-def _moments_of(a: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments_of(a: torch.Tensor, work: torch.Tensor, sharding: Sharding | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`abs_moments` of ``a = |x|``; ``work`` (a float32 tensor of ``a``'s shape, or ``a`` itself) is
     overwritten.
 
-    The corrected two-pass algorithm (Chan, Golub & LeVeque): ``d = a − mean``, ``var = (Σd² − (Σd)²/n) /
-    (n − 1)``, with torch's float32 cascade sums; about 10× faster than ``torch.std_mean`` on CPU and as accurate.
-    A constant ``a`` (its min equals its max) gets its value as the mean and a std of exactly 0, free of the
-    rounding residue a float32 mean would leave. No host synchronisation.
+    The corrected two-pass algorithm (Chan, Golub & LeVeque): ``mean = Σa / n``, ``d = a − mean``,
+    ``var = (Σd² − (Σd)²/n) / (n − 1)``, with torch's float32 cascade sums; about 10× faster than
+    ``torch.std_mean`` on CPU and as accurate. A constant ``a`` (its min equals its max) gets its value as the mean
+    and a std of exactly 0, free of the rounding residue a float32 mean would leave. No host synchronisation.
+
+    ``sharding``: ``a`` is this rank's piece of a tensor split across ranks; the sums, min and max are all-reduced
+    (two collectives for the mean, one for the variance), so every rank gets the whole tensor's moments — the
+    single-process ones up to the order of the float32 additions (about 1e-7 relative).
     """
-    n = a.numel()
+    n = a.numel() if sharding is None else sharding.numel
     if n == 0:
         zero = torch.zeros((), device=a.device)
         return zero, zero + 1
-    lo, hi = torch.aminmax(a)
-    mean = a.mean()
+    if a.numel():
+        lo, hi = torch.aminmax(a)
+    else:  # an empty piece: the neutral elements of min and max
+        lo, hi = torch.full((), torch.inf, device=a.device), torch.full((), -torch.inf, device=a.device)
+    total = a.sum()
+    if sharding is not None:
+        hi, neg_lo = sharding.max_(torch.stack([hi, -lo]))
+        lo, total = -neg_lo, sharding.sum_(total)
+    mean = total / n
     if n > 1:
         d = torch.sub(a, mean, out=work)
-        s1 = d.sum()
-        var = d.square_().sum().sub_(s1 * s1 / n).clamp_min_(0).div_(n - 1)
+        sums = torch.stack([d.sum(), d.square_().sum()])  # Σd, Σd²
+        if sharding is not None:
+            sharding.sum_(sums)
+        var = sums[1].sub(sums[0] * sums[0] / n).clamp_min_(0).div_(n - 1)
     else:
         var = torch.zeros((), device=a.device)
     constant = hi == lo
@@ -130,6 +203,11 @@ def importance(x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | Non
     a = _abs(x, out)
     if moments is None:
         moments = _moments_of(a, torch.empty_like(a) if work is None else work)
+    return _importance_(a, moments)
+
+
+def _importance_(a: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:func:`importance` in place on ``a = |x|`` (float32), given the moments of the whole tensor."""
     mean, scale = moments
     a = a.sub_(mean).div_(scale).sigmoid_()  # std = 0: every entry equals the mean: z = 0, R = 0.5
     return a.mul_((mean > 0).to(a.dtype))  # all zero → 0
@@ -143,16 +221,22 @@ def spider_coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor
     return _coefficients_(i_pre.to(f32, copy=True), i_ft.to(f32, copy=True), torch.empty_like(i_ft, dtype=f32))[0]
 
 
-def _coefficients_(i_pre: torch.Tensor, i_ft: torch.Tensor, grow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _coefficients_(i_pre: torch.Tensor, i_ft: torch.Tensor, grow: torch.Tensor, sharding: Sharding | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`spider_coefficients` in place: returns ``c`` (written over ``i_ft``; ``i_pre`` and ``grow``, a
-    float32 tensor of the same shape, are overwritten as scratch) and the number of nonzero ``c`` (a float32
-    scalar): where ``I_ft > I_pre`` the unnormalised ``c`` exceeds 1/2, so ``c ≠ 0`` exactly there."""
+    float32 tensor of the same shape, are overwritten as scratch) and the number of nonzero ``c`` in it (a float32
+    scalar): where ``I_ft > I_pre`` the unnormalised ``c`` exceeds 1/2, so ``c ≠ 0`` exactly there. ``sharding``:
+    the inputs are this rank's piece of a split tensor; the mean of the nonzero ``c`` is the whole tensor's (its
+    sum and count all-reduced), the count returned this piece's."""
     torch.gt(i_ft, i_pre, out=grow)  # 1.0 / 0.0: float masks are faster than bool ones on CPU
     den = i_pre.add_(i_ft).clamp_min_(torch.finfo(torch.float32).tiny)  # 0 only where I_ft = I_pre = 0: c = 0
     c = i_ft.div_(den).mul_(grow)
     count = grow.sum()  # float32 cascade sum: exact to 2**24 entries, and to about 1e-7 beyond
-    mean = c.sum() / count.clamp_min(1)
-    return c.div_(torch.where(count > 0, mean, torch.ones_like(mean))).clamp_max_(1.0), count
+    c_sum, n_sum = c.sum(), count
+    if sharding is not None:
+        c_sum, n_sum = sharding.sum_(torch.stack([c_sum, count]))
+    mean = c_sum / n_sum.clamp_min(1)
+    return c.div_(torch.where(n_sum > 0, mean, torch.ones_like(mean))).clamp_max_(1.0), count
 
 
 def magnitude_mask(theta0: torch.Tensor, ratio: float = MASK_RATIO) -> torch.Tensor:
@@ -173,6 +257,7 @@ class _KeepRule:
     def __init__(self, params: dict[str, torch.nn.Parameter] | None = None) -> None:
         self.params: dict[str, torch.nn.Parameter] = {}
         self.theta0: dict[str, torch.Tensor] = {}
+        self.shards: dict[str, Sharding | None] = {}
         self.history: list[dict[str, float]] = []
         self._pending = False
         if params is not None:
@@ -180,8 +265,9 @@ class _KeepRule:
 
     # -- setup
     def capture(self, params: dict[str, torch.nn.Parameter]) -> None:
-        """Take ``θ₀`` (float32 copies on each tensor's device) and whatever else the rule keeps. Called once,
-        before the first optimizer step; a tensor listed under two names is kept under the first."""
+        """Take ``θ₀`` (float32 copies on each tensor's device; of its local piece for a sharded DTensor) and
+        whatever else the rule keeps. Called once, before the first optimizer step, on every rank alike; a tensor
+        listed under two names is kept under the first."""
         if self.params:
             raise ForgetlessError(f"the {self.name} rule already holds its θ₀", remedy="make a new rule per run")
         seen: set[int] = set()
@@ -193,8 +279,9 @@ class _KeepRule:
                 raise ForgetlessError(f"{self.name}: tensor {n} is not floating point ({p.dtype})", tensor=n,
                                       remedy="give the rule the trainable (floating point) parameters only")
             self.params[n] = p
+            self.shards[n] = sharding_of(p, n)
             with torch.no_grad():
-                self.theta0[n] = p.detach().to(torch.float32, copy=True)
+                self.theta0[n] = local_part(p.detach()).to(torch.float32, copy=True)
         if not self.params:
             raise ForgetlessError(f"the {self.name} rule got no tensor", remedy="pass the trainable parameters")
         self._setup()
@@ -204,10 +291,12 @@ class _KeepRule:
 
     @property
     def numel(self) -> int:
+        """Entries of the whole tensors (all ranks' pieces together)."""
         return sum(p.numel() for p in self.params.values())
 
     def extra_bytes(self) -> int:
-        """Bytes the rule keeps beside the model (θ₀; G and the scratch, or the mask), all devices together."""
+        """Bytes the rule keeps beside the model (θ₀; G and the scratch, or the mask), all devices together: on
+        this rank only, which for sharded tensors is its pieces' share."""
         return sum(t.numel() * t.element_size() for t in self._state())
 
     def _state(self) -> list[torch.Tensor]:
@@ -239,18 +328,23 @@ class _KeepRule:
             raise ForgetlessError(f"{self.name}: apply() without accumulate() since the last step",
                                   remedy=ORDER_REMEDY)
         self._pending = False
-        nonzero: torch.Tensor | float = 0.0
-        c_sum: torch.Tensor | float = 0.0
+        sums: dict[Any, torch.Tensor] = {}  # process group (None: whole tensors) → [Σ nonzero c, Σ c] in float64
         for n, p in self.params.items():
-            nz, cs = self._apply_one(n, p)
-            nonzero = nonzero + nz
-            c_sum = c_sum + cs
+            part = torch.stack(self._apply_one(n, local_part(p)))
+            group = None if self.shards[n] is None else self.shards[n].group  # type: ignore[union-attr]
+            sums[group] = sums[group] + part if group in sums else part
+        for group, part in sums.items():  # pieces' sums: one all-reduce per process group, in the same order
+            if group is not None:
+                dist.all_reduce(part, group=group)
+        nonzero, c_sum = (float(x) for x in sum(sums.values()))  # type: ignore[misc]
         total = self.numel
-        stats = {"updated_fraction": float(nonzero) / total, "mean_c": float(c_sum) / total}
+        stats = {"updated_fraction": nonzero / total, "mean_c": c_sum / total}
         self.history.append(stats)
         return stats
 
-    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+    def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewrite ``p`` (the parameter, or its local piece) in place; return its number of entries with ``c ≠ 0``
+        and its sum of ``c``, as float64 scalars (summed over tensors in float64: past 2**24 float32 rounds)."""
         raise NotImplementedError
 
     # -- forgetless finetune hook protocol
@@ -274,7 +368,8 @@ class _KeepRule:
 class Spider(_KeepRule):
     """SPIDER (see the module notes). Keeps ``θ₀`` and ``G`` (float32, on each tensor's device), the two moments
     of ``|θ₀|`` per tensor, and on each device three float32 scratch vectors the size of its largest trainable
-    tensor, reused at every step (allocating the temporaries afresh costs more than the arithmetic on CPU)."""
+    tensor, reused at every step (allocating the temporaries afresh costs more than the arithmetic on CPU). For a
+    sharded tensor all of it is the local piece's."""
 
     name = "spider"
     SCRATCH = 3
@@ -286,7 +381,7 @@ class Spider(_KeepRule):
 
     def _setup(self) -> None:
         self.grad_sum = {n: torch.zeros_like(t) for n, t in self.theta0.items()}
-        self._moments0 = {n: abs_moments(t) for n, t in self.theta0.items()}
+        self._moments0 = {n: abs_moments(t, sharding=self.shards[n]) for n, t in self.theta0.items()}
         largest: dict[torch.device, int] = {}
         for t in self.theta0.values():
             largest[t.device] = max(largest.get(t.device, 0), t.numel())
@@ -298,49 +393,62 @@ class Spider(_KeepRule):
     def _read_grads(self) -> None:
         for n, p in self.params.items():
             if p.grad is not None:
-                self.grad_sum[n].add_(p.grad)
+                self.grad_sum[n].add_(local_part(p.grad))
 
     def coefficients(self, name: str) -> torch.Tensor:
-        """``c`` of tensor ``name`` from the current ``θ₀`` and ``G`` (the last step's ``c`` after ``apply()``)."""
+        """``c`` of tensor ``name`` from the current ``θ₀`` and ``G`` (the last step's ``c`` after ``apply()``); of
+        the local piece for a sharded tensor (a collective: call it on every rank)."""
         return self._coefficients(name)[0].clone()
 
     def _coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``c`` (a view of this device's scratch, valid until the next call) and its number of nonzero entries."""
-        theta0 = self.theta0[name]
+        theta0, sharding = self.theta0[name], self.shards[name]
         a, b, grow = (w[:theta0.numel()].view(theta0.shape) for w in self._scratch[theta0.device])
         i_pre = importance(theta0, self._moments0[name], out=a)
-        i_ft = importance(self.grad_sum[name], out=b, work=grow)
-        return _coefficients_(i_pre, i_ft, grow)
+        g = _abs(self.grad_sum[name], b)
+        i_ft = _importance_(g, _moments_of(g, grow, sharding))
+        return _coefficients_(i_pre, i_ft, grow, sharding)
 
-    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+    def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, nonzero = self._coefficients(name)
         theta0 = self.theta0[name]
         if p.dtype == torch.float32:
             torch.lerp(theta0, p, c, out=p)  # elementwise, so the full overlap of out and end is safe
         else:
             p.copy_(torch.lerp(theta0, p.float(), c))
-        return nonzero.double(), c.sum().double()  # summed over tensors in float64: past 2**24 float32 rounds
+        return nonzero.double(), c.sum().double()
 
 
 class MagnitudeMask(_KeepRule):
-    """MagnitudeMask (see the module notes). Keeps ``θ₀`` (float32) and a bool mask of the reset entries."""
+    """MagnitudeMask (see the module notes). Keeps ``θ₀`` (float32) and a bool mask of the reset entries. For a
+    sharded tensor both are the local piece's; the mask is still the whole tensor's top half (ties to the lower flat
+    index): at capture every rank gathers the whole tensor once, ranks its entries and keeps its piece of the mask
+    (a transient copy of one tensor at a time, as in one process)."""
 
     name = "magnitude_mask"
 
     def __init__(self, params: dict[str, torch.nn.Parameter] | None = None, ratio: float = MASK_RATIO) -> None:
         self.ratio = ratio
         self.mask: dict[str, torch.Tensor] = {}
-        self._free: dict[str, int] = {}
+        self._free: dict[str, torch.Tensor] = {}
         super().__init__(params)
 
     def _setup(self) -> None:
-        self.mask = {n: magnitude_mask(t, self.ratio) for n, t in self.theta0.items()}
-        self._free = {n: m.numel() - int(m.sum()) for n, m in self.mask.items()}
+        for n, t in self.theta0.items():
+            if self.shards[n] is None:
+                self.mask[n] = magnitude_mask(t, self.ratio)
+            else:  # the whole tensor's mask, cut as the parameter is (src_data_rank=None: no broadcast)
+                p = self.params[n]
+                whole = magnitude_mask(p.detach().full_tensor(), self.ratio)
+                self.mask[n] = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                del whole
+            m = self.mask[n]
+            self._free[n] = torch.tensor(m.numel() - int(m.sum()), dtype=torch.float64, device=m.device)
 
     def _state(self) -> list[torch.Tensor]:
         return [*self.theta0.values(), *self.mask.values()]
 
-    def _apply_one(self, name: str, p: torch.nn.Parameter) -> tuple[Any, Any]:
+    def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask, theta0 = self.mask[name], self.theta0[name]
         if p.dtype == torch.float32:
             torch.where(mask, theta0, p, out=p)
@@ -359,6 +467,15 @@ def make_rule(keep: str, params: dict[str, torch.nn.Parameter] | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------- transformers
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``grads`` is finite; with sharded (DTensor) gradients, on all ranks' pieces (an
+    all-reduce, so that every rank takes the same decision)."""
+    flag = torch.stack([torch.isfinite(local_part(g)).all() for g in grads]).all().float()
+    if any(isinstance(g, DTensor) for g in grads):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def _callback_class() -> type:
     """Build :class:`SpiderCallback` on first use, so that this module imports without transformers."""
     from transformers import TrainerCallback
@@ -369,8 +486,13 @@ def _callback_class() -> type:
         ``on_train_begin`` captures ``θ₀`` over the model's parameters with ``requires_grad``;
         ``on_pre_optimizer_step`` (after clipping, before ``optimizer.step()``) accumulates the gradients;
         ``on_optimizer_step`` (after the step, before ``zero_grad``) rewrites the weights. With ``fp16`` loss
-        scaling a step whose gradients are not finite is skipped by the optimizer, and by the rule too. The rule
-        (``.rule``, with its ``history``) is kept for inspection. Refused: DeepSpeed, FSDP, resuming.
+        scaling a step whose gradients are not finite is skipped by the optimizer, and by the rule too (on every
+        rank alike). The rule (``.rule``, with its ``history``) is kept for inspection.
+
+        Several processes: under DDP every rank keeps the whole rule and reads the same all-reduced gradients;
+        under FSDP2 (``fsdp_config={"version": 2}``; accelerate's ``fsdp_version: 2``) the parameters are DTensors
+        and every rank keeps the rule for its own pieces, the whole-tensor moments all-reduced. Refused: DeepSpeed
+        and FSDP1 (gradients and parameters outside the tensors the rule sees), resuming.
         """
 
         def __init__(self, rule: str = "spider") -> None:
@@ -381,18 +503,24 @@ def _callback_class() -> type:
             self._skip = False
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-                raise ForgetlessError("SpiderCallback cannot read gradients under DeepSpeed or FSDP (they are "
-                                      "sharded outside .grad)", remedy="train without DeepSpeed/FSDP")
+            if getattr(args, "deepspeed", None):
+                raise ForgetlessError("SpiderCallback cannot read gradients under DeepSpeed (they are sharded "
+                                      "outside .grad)", remedy="train without DeepSpeed, or with FSDP2")
             if state.global_step > 0:
                 raise ForgetlessError("SpiderCallback cannot resume: θ₀ and G are not in the checkpoint",
                                       remedy="start the fine-tune from step 0")
-            self.rule = make_rule(self.rule_name, {n: p for n, p in model.named_parameters() if p.requires_grad})
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if getattr(args, "fsdp", None) and not all(isinstance(p, DTensor) for p in params.values()):
+                raise ForgetlessError(
+                    "SpiderCallback under FSDP needs FSDP2's parameters (DTensors); these are plain tensors: FSDP1 "
+                    "(flat parameters, gradients outside .grad), or FSDP not in effect (accelerate applies it on "
+                    "GPUs only)", remedy='use FSDP2: fsdp_config={"version": 2} (accelerate: fsdp_version: 2)')
+            self.rule = make_rule(self.rule_name, params)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if args.fp16:
                 grads = [p.grad for p in self.rule.params.values() if p.grad is not None]
-                self._skip = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+                self._skip = bool(grads) and not _all_finite(grads)
                 if self._skip:
                     return
             self.rule.accumulate()
