@@ -1,4 +1,5 @@
-"""Data-parallel statistics under ``torchrun --nproc-per-node K``.
+"""Data-parallel statistics under ``torchrun --nproc-per-node K`` (and the process group of ``forgetless finetune``'s
+DDP, :mod:`forgetless.train.loop`).
 
 Each rank takes an interleaved shard of the samples (``samples[rank::world]``), accumulates its sums, then the
 sums and counts are all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes. Sums are additive, so the result
@@ -9,7 +10,8 @@ per sample index, so it too is independent of the sharding.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -56,6 +58,20 @@ def finish_distributed(ok: bool = True) -> None:
     finally:
         dist.destroy_process_group()
         _OWNED = False
+
+
+@contextmanager
+def process_group(device: str | torch.device | None = None) -> Iterator[tuple[int, int]]:
+    """``with process_group(device) as (rank, world):`` :func:`init_distributed` on entry, and on exit
+    :func:`finish_distributed`: after the others (rank 0 may still be writing) when the block ended normally,
+    at once when it raised."""
+    rank, world = init_distributed(device)
+    ok = False
+    try:
+        yield rank, world
+        ok = True
+    finally:
+        finish_distributed(ok)
 
 
 def shard_samples(samples: Sequence[T], rank: int, world: int) -> list[T]:

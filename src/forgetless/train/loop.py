@@ -49,6 +49,17 @@ input's after every step (:mod:`forgetless.train.spider`): the rule reads the cl
 so sees the final weights). Its memory (``θ₀`` and ``G`` in float32) is logged; ``finetune.json`` records the rule
 and, per step, the fraction of entries that kept their update and the mean coefficient.
 
+**Several processes.** ``torchrun --nproc-per-node N -m forgetless.cli finetune …`` trains with DDP (gloo on CPU,
+nccl on CUDA, a GPU per local rank): every rank reads the same sample stream and takes its interleaved share of
+each micro-batch (``items[rank::N]``; ``B`` must be a multiple of ``N``, checked before any work); each rank
+back-propagates ``N · sum(its sample losses) / (B × grad_accum)`` and DDP averages over the ranks, so the
+all-reduced gradient is exactly the single-process one's (up to the order of float32 additions): clipping, the
+keep rule and the hooks see it whole, on every rank. DDP syncs once per optimizer step (``no_sync`` for the other
+micro-batches). The reported loss is the all-reduced mean. Only rank 0 logs and writes the output; the others wait
+for it. Every rank holds the whole model, optimizer state and keep rule (for a rule whose memory is divided among
+the ranks, use FSDP2 with :mod:`.spider` in your own loop or the Trainer). With dropout (``--lora-dropout``) each
+rank draws its own masks, so only the distribution, not the draw, matches one process.
+
 **Precision.** Weights, gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward and backward under
 bf16 autocast (the loss is still computed in fp32).
 
@@ -63,6 +74,7 @@ output is replaced only with ``force``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,6 +103,7 @@ from ..stats.data import (
     encode_or_skip,
     load_samples,
 )
+from ..stats.distributed import all_reduce_sums, dist_info, process_group
 from ..stats.fisher import checkpoint_names
 from ..stats.run import load_model, resolve_device
 from .hooks import StepHook, StepInfo
@@ -168,6 +181,23 @@ def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return sums / where.sum(1).clamp_min(1)
 
 
+class _SampleLosses(nn.Module):
+    """A batch's per-sample answer losses as one module's forward: what DDP wraps (its gradient hooks are armed by
+    a forward through it). ``fast``: :func:`answer_losses` on ``hf_model`` (``net``'s transformers model, the same
+    parameters); else the full logits of ``net``."""
+
+    def __init__(self, net: nn.Module, hf_model: nn.Module, fast: bool) -> None:
+        super().__init__()
+        self.net, self.fast = net, fast
+        self._hf = (hf_model,)  # in a tuple: its parameters are net's, registered once
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fast:
+            return answer_losses(self._hf[0], batch)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
+        return answer_loss(self.net(**inputs, use_cache=False).logits, batch["labels"])
+
+
 def _plain_head(model: nn.Module) -> bool:
     """Whether the logits are just the output embedding of the last hidden state (no soft-capping or scaling)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -177,7 +207,7 @@ def _plain_head(model: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------ checks
 def _check_options(model_dir: Path, out: Path, force: bool, *, steps: int, batch_size: int, grad_accum: int,
                    lr: float, warmup: int, schedule: str, min_lr_ratio: float, clip: float | None, dtype: str,
-                   on_bad_sample: str, lora: LoraSpec | None) -> None:
+                   on_bad_sample: str, lora: LoraSpec | None, world: int = 1) -> None:
     if not (model_dir / "config.json").is_file():
         raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
                               remedy="give the Hugging Face folder of the model to fine-tune")
@@ -190,6 +220,8 @@ def _check_options(model_dir: Path, out: Path, force: bool, *, steps: int, batch
     checks = [
         (steps >= 1, f"steps must be ≥ 1, got {steps}", "pass --steps N"),
         (batch_size >= 1, f"batch size must be ≥ 1, got {batch_size}", "pass --batch-size N"),
+        (batch_size % world == 0, f"batch size {batch_size} is not divisible by the {world} processes",
+         f"pass a --batch-size that is a multiple of {world}: each process takes an equal share of every batch"),
         (grad_accum >= 1, f"grad_accum must be ≥ 1, got {grad_accum}", "pass --grad-accum N"),
         (lr > 0, f"the learning rate must be positive, got {lr}", "pass --lr"),
         (0 <= warmup < steps, f"warmup must be in 0..steps-1, got {warmup} for {steps} steps", "lower --warmup"),
@@ -417,10 +449,11 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     run. The optimizer state starts fresh. Sequential fine-tuning, task after task, is one adapter passed on.
     """
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
-    say = log or (lambda _s: None)
+    rank, world = dist_info()  # torchrun's environment: the checks below run before the process group is joined
+    say = log if (log is not None and rank == 0) else (lambda _s: None)
     _check_options(model_dir, out, force, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
-                   on_bad_sample=on_bad_sample, lora=lora)
+                   on_bad_sample=on_bad_sample, lora=lora, world=world)
     if keep not in KEEP_RULES:
         raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
     if init_adapter is not None and lora is None:
@@ -457,148 +490,155 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     for sid, why in skipped[:10]:
         say(f"  skipped {sid}: {why}")
 
-    # -- model and trainable tensors
-    torch.manual_seed(seed)
     dev_name = resolve_device(device)
-    try:
-        model, dev = load_model(model_dir, dev_name, "float32")
-    except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
-        raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
-                              remedy="fine-tuning needs a folder transformers loads (original LLaVA folders: "
-                                     "convert them to the llava-hf format first)") from e
-    model.requires_grad_(False)
-    stored = _stored_names(model, set(names))
-    if lora is None:
-        params = _full_params(model, stored, selected)
-        frozen = selected - set(stored.values())
-        if frozen:
-            say(f"  {len(frozen)} selected tensors are not parameters and stay as they are, e.g. {min(frozen)}")
-        if not params:
-            raise ForgetlessError(f"the selection {train} holds no trainable parameter", file=model_dir,
-                                  remedy="select weights of the model (see `forgetless inspect`)")
-        for p in params.values():
-            p.requires_grad_(True)
-        net, hf_model, trained = model, model, sorted(params)
-    else:
-        from peft import LoraConfig, get_peft_model
+    with process_group(dev_name) as (rank, world):
+        # -- model and trainable tensors
+        torch.manual_seed(seed)
+        try:
+            model, dev = load_model(model_dir, dev_name, "float32")
+        except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
+            raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
+                                  remedy="fine-tuning needs a folder transformers loads (original LLaVA folders: "
+                                         "convert them to the llava-hf format first)") from e
+        model.requires_grad_(False)
+        stored = _stored_names(model, set(names))
+        if lora is None:
+            params = _full_params(model, stored, selected)
+            frozen = selected - set(stored.values())
+            if frozen:
+                say(f"  {len(frozen)} selected tensors are not parameters and stay as they are, e.g. {min(frozen)}")
+            if not params:
+                raise ForgetlessError(f"the selection {train} holds no trainable parameter", file=model_dir,
+                                      remedy="select weights of the model (see `forgetless inspect`)")
+            for p in params.values():
+                p.requires_grad_(True)
+            net, hf_model, trained = model, model, sorted(params)
+        else:
+            from peft import LoraConfig, get_peft_model
 
-        modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                            target_modules=list(modules))
-        net = get_peft_model(model, config)
-        net.peft_config["default"].base_model_name_or_path = str(model_dir)
-        hf_model = net.get_base_model()
-        params = {_adapter_key(n): p for n, p in net.named_parameters() if p.requires_grad}
-        trained = sorted(modules.values())
-        if init_state is not None:
-            _load_init_adapter(params, init_state, Path(init_adapter))  # type: ignore[arg-type]
-            say(f"  continuing the adapter {init_adapter} ({len(init_state)} tensors)")
-    net.train()
-    fast = _plain_head(hf_model)
-    rule = make_rule(keep, params)  # θ₀ (and G) captured now, before any step
-    if rule is not None:
-        user_before, user_after = before, after
+            modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                                target_modules=list(modules))
+            net = get_peft_model(model, config)
+            net.peft_config["default"].base_model_name_or_path = str(model_dir)
+            hf_model = net.get_base_model()
+            params = {_adapter_key(n): p for n, p in net.named_parameters() if p.requires_grad}
+            trained = sorted(modules.values())
+            if init_state is not None:
+                _load_init_adapter(params, init_state, Path(init_adapter))  # type: ignore[arg-type]
+                say(f"  continuing the adapter {init_adapter} ({len(init_state)} tensors)")
+        net.train()
+        losses: nn.Module = _SampleLosses(net, hf_model, _plain_head(hf_model))
+        if world > 1:  # after this, a backward through `losses` all-reduces the gradients (averaged over ranks)
+            losses = nn.parallel.DistributedDataParallel(
+                losses, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False,
+                find_unused_parameters=True)  # a tensor a rank's samples do not reach (the projector, text-only)
+        rule = make_rule(keep, params)  # θ₀ (and G) captured now, before any step
+        if rule is not None:
+            user_before, user_after = before, after
 
-        def before(info: StepInfo) -> None:
-            rule.before_step(info)
-            if user_before is not None:
-                user_before(info)
+            def before(info: StepInfo) -> None:
+                rule.before_step(info)
+                if user_before is not None:
+                    user_before(info)
 
-        def after(info: StepInfo) -> None:
-            rule.after_step(info)
-            if user_after is not None:
-                user_after(info)
+            def after(info: StepInfo) -> None:
+                rule.after_step(info)
+                if user_after is not None:
+                    user_after(info)
 
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS, eps=EPS)
-    autocast = dtype == "bfloat16"
-    per_step = batch_size * grad_accum
-    n_params = sum(p.numel() for p in params.values())
-    kind = f"LoRA r={lora.r}" if lora else "full"
-    say(f"finetune ({kind}): {len(trained)} tensors "
-        f"({n_params / 1e6:.2f}M trainable parameters) of {model_dir}, {len(samples)} samples"
-        f"{f' ({len(skipped)} skipped)' if skipped else ''}, {steps} steps × {per_step} samples "
-        f"(batch {batch_size} × accumulation {grad_accum}) on {dev}, {dtype}")
-    if rule is not None:
-        say(f"  keep rule {keep}: {rule.extra_bytes() / 2**20:.1f} MiB extra on {dev} "
-            f"(θ₀{' and G, and scratch for the largest tensor' if keep == 'spider' else ' and mask'})")
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS, eps=EPS)
+        autocast = dtype == "bfloat16"
+        per_step = batch_size * grad_accum
+        n_params = sum(p.numel() for p in params.values())
+        kind = f"LoRA r={lora.r}" if lora else "full"
+        ranks = f" × {world} processes (DDP, {batch_size // world} samples of each batch per rank)" if world > 1 else ""
+        say(f"finetune ({kind}): {len(trained)} tensors "
+            f"({n_params / 1e6:.2f}M trainable parameters) of {model_dir}, {len(samples)} samples"
+            f"{f' ({len(skipped)} skipped)' if skipped else ''}, {steps} steps × {per_step} samples "
+            f"(batch {batch_size} × accumulation {grad_accum}) on {dev}{ranks}, {dtype}")
+        if rule is not None:
+            say(f"  keep rule {keep}: {rule.extra_bytes() / 2**20:.1f} MiB extra on {dev}"
+                f"{' on every rank' if world > 1 else ''} "
+                f"(θ₀{' and G, and scratch for the largest tensor' if keep == 'spider' else ' and mask'})")
 
-    # -- the loop
-    stream = _sample_stream(len(samples), seed)
+        # -- the loop
+        stream = _sample_stream(len(samples), seed)
 
-    def next_batch() -> dict[str, torch.Tensor]:
-        encoded = []
-        for _ in range(batch_size):
-            i = next(stream)
-            encoded.append(cache[i] if i in cache else encoder(samples[i]))
-        return {k: v.to(dev) for k, v in collate(encoded, encoder.pad_token_id).items()}
+        def next_batch() -> dict[str, torch.Tensor]:
+            mine = [next(stream) for _ in range(batch_size)][rank::world]  # this rank's share of the micro-batch
+            encoded = [cache[i] if i in cache else encoder(samples[i]) for i in mine]
+            return {k: v.to(dev) for k, v in collate(encoded, encoder.pad_token_id).items()}
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            if fast:
-                return answer_losses(hf_model, batch)
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
-            return answer_loss(net(**inputs, use_cache=False).logits, batch["labels"])
+        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                return losses(batch)
 
-    report = FinetuneReport(out=out, kind="lora" if lora else "full", trained=trained, num_samples=len(samples),
-                            skipped=skipped)
-    t0 = last_log = time.perf_counter()
-    for step in range(1, steps + 1):
-        lr_t = lr_at(step, lr=lr, steps=steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_t
-        total = 0.0
-        for _ in range(grad_accum):
-            per_sample = loss_of(next_batch())
-            (per_sample.sum() / per_step).backward()
-            total += per_sample.detach().sum().item()
-        loss = total / per_step
-        if not math.isfinite(loss):
-            raise ForgetlessError(f"the loss is {loss} at step {step}", file=model_dir,
-                                  remedy="lower --lr, add --warmup or --clip, or use --dtype float32")
-        norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip if clip is not None else math.inf))
-        info = StepInfo(step, steps, lr_t, loss, norm, net, params, optimizer)
-        if before is not None:
-            before(info)
-        optimizer.step()
-        if after is not None:
-            after(info)
-        optimizer.zero_grad(set_to_none=True)
-        report.losses.append(loss)
-        report.lrs.append(lr_t)
-        report.grad_norms.append(norm)
+        report = FinetuneReport(out=out, kind="lora" if lora else "full", trained=trained, num_samples=len(samples),
+                                skipped=skipped)
+        t0 = last_log = time.perf_counter()
+        for step in range(1, steps + 1):
+            lr_t = lr_at(step, lr=lr, steps=steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_t
+            total = 0.0
+            for k in range(grad_accum):
+                last = k == grad_accum - 1  # DDP all-reduces after the last micro-batch only
+                with contextlib.nullcontext() if world == 1 or last else losses.no_sync():
+                    per_sample = loss_of(next_batch())
+                    (per_sample.sum() * world / per_step).backward()  # DDP's mean over ranks: the sum
+                total += per_sample.detach().sum().item()
+            step_sum = torch.tensor(total, dtype=torch.float64, device=dev)
+            all_reduce_sums({"loss": step_sum})
+            loss = float(step_sum) / per_step
+            if not math.isfinite(loss):
+                raise ForgetlessError(f"the loss is {loss} at step {step}", file=model_dir,
+                                      remedy="lower --lr, add --warmup or --clip, or use --dtype float32")
+            norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip if clip is not None else math.inf))
+            info = StepInfo(step, steps, lr_t, loss, norm, net, params, optimizer)
+            if before is not None:
+                before(info)
+            optimizer.step()
+            if after is not None:
+                after(info)
+            optimizer.zero_grad(set_to_none=True)
+            report.losses.append(loss)
+            report.lrs.append(lr_t)
+            report.grad_norms.append(norm)
 
-        now = time.perf_counter()
-        if step in (1, steps) or now - last_log >= LOG_EVERY_S:
-            last_log, elapsed = now, now - t0
-            kept = (f"  kept {rule.history[-1]['updated_fraction']:.3f} c̄ {rule.history[-1]['mean_c']:.3f}"
-                    if rule is not None else "")
-            say(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}{kept}  "
-                f"{step * per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (steps - step))}")
-    report.seconds = time.perf_counter() - t0
-    report.keep = rule.summary() if rule is not None else None
-    net.eval()
+            now = time.perf_counter()
+            if step in (1, steps) or now - last_log >= LOG_EVERY_S:
+                last_log, elapsed = now, now - t0
+                kept = (f"  kept {rule.history[-1]['updated_fraction']:.3f} c̄ {rule.history[-1]['mean_c']:.3f}"
+                        if rule is not None else "")
+                say(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}{kept}  "
+                    f"{step * per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (steps - step))}")
+        report.seconds = time.perf_counter() - t0
+        report.keep = rule.summary() if rule is not None else None
+        net.eval()
 
-    # -- the output
-    recipe = {"train": train, "lora": asdict(lora) if lora else None, "steps": steps, "batch_size": batch_size,
-              "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-              "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
-              "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
-              "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
-              "init_adapter": None if init_adapter is None else str(init_adapter)}
-    meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
-            "base_weights_fingerprint": base_fingerprint, "data": str(data),
-            "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
-            "skipped": [list(s) for s in skipped], "recipe": recipe, "trained_tensors": trained,
-            "adapter_tensors": sorted(params) if lora else None, "losses": report.losses, "lrs": report.lrs,
-            "grad_norms": report.grad_norms, "keep": report.keep, "seconds": round(report.seconds, 3),
-            "device": str(dev), "torch": torch.__version__}
-    if lora is None:
-        _write_full(model_dir, out, params, stored, model, meta, force)
-    else:
-        _write_lora(net, out, meta, force)
-    say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
-        f"{report.losses[-1]:.4f}")
-    return report
+        # -- the output
+        recipe = {"train": train, "lora": asdict(lora) if lora else None, "steps": steps, "batch_size": batch_size,
+                  "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+                  "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
+                  "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
+                  "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
+                  "init_adapter": None if init_adapter is None else str(init_adapter)}
+        meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
+                "base_weights_fingerprint": base_fingerprint, "data": str(data),
+                "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
+                "skipped": [list(s) for s in skipped], "recipe": recipe, "trained_tensors": trained,
+                "adapter_tensors": sorted(params) if lora else None, "losses": report.losses, "lrs": report.lrs,
+                "grad_norms": report.grad_norms, "keep": report.keep, "seconds": round(report.seconds, 3),
+                "device": str(dev), "processes": world, "torch": torch.__version__}
+        if rank == 0:  # the others wait for it as the process group ends
+            if lora is None:
+                _write_full(model_dir, out, params, stored, model, meta, force)
+            else:
+                _write_lora(net, out, meta, force)
+        say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
+            f"{report.losses[-1]:.4f}")
+        return report
