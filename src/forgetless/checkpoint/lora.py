@@ -97,6 +97,10 @@ class _LazyTensor:
     def float(self) -> torch.Tensor:
         return self.load().float()
 
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Rows of the tensor (dim 0), read alone."""
+        return self.handle.get_slice(self.key)[rows]
+
 
 @dataclass
 class _Lora:
@@ -124,9 +128,13 @@ class _Lora:
             return A.flatten(1), B.flatten(1), self.scale
         return A, B, self.scale
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``scale · B @ A`` shaped like the weight; ``rows``: only the weight's rows ``start:stop`` (dim 0)."""
         A, B, _ = self.factors()
-        return ((B @ A) * self.scale).reshape(self.shape())
+        shape = self.shape()
+        if rows is not None:
+            B, shape = B[rows[0]:rows[1]], (rows[1] - rows[0], *shape[1:])
+        return ((B @ A) * self.scale).reshape(shape)
 
 
 class LoraAdapter:
@@ -315,13 +323,14 @@ class LoraAdapter:
             return tuple(self._replace[name].shape)
         return None
 
-    def delta(self, name: str) -> torch.Tensor | None:
-        """``scale · B @ A`` in float32, shaped like the weight; None where there is no LoRA (a replacement alone)."""
+    def delta(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """``scale · B @ A`` in float32, shaped like the weight (``rows``: its rows ``start:stop`` only); None where
+        there is no LoRA (a replacement alone)."""
         if name in self._lora:
-            return self._lora[name].delta()
+            return self._lora[name].delta(rows)
         if name in self._bias:
             b, scale = self._bias[name]
-            return b.float() * scale
+            return _rows(b, rows).float() * scale
         return None
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -345,19 +354,20 @@ class LoraAdapter:
         t = self._replace.get(name)
         return None if t is None else t.float()
 
-    def apply(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, name: str, base: torch.Tensor | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The adapted tensor in float32: (replacement or base) + delta; untouched tensors come back as given.
 
-        ``base`` may be None for a tensor the adapter replaces (see :meth:`replacement`).
+        ``base`` may be None for a tensor the adapter replaces (see :meth:`replacement`). ``rows``: `base` is the
+        rows ``start:stop`` (dim 0) of the tensor, and so is the result.
         """
         if name not in self.targets():
             if base is None:
                 raise KeyError(name)
             return base
-        w = self._replace.get(name, base)
+        w = _rows(self._replace[name], rows) if name in self._replace else base
         if w is None:
             raise KeyError(name)
-        d = self.delta(name)
+        d = self.delta(name, rows)
         return w.float().clone() if d is None else w.float() + d
 
     def fingerprint(self) -> str:
@@ -414,17 +424,18 @@ class AdaptedReader:
     def is_untouched(self, name: str) -> bool:
         return name not in self._targets
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor: float32 base+delta for the adapter's targets, the stored tensor otherwise."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A fresh tensor: float32 base+delta for the adapter's targets, the stored tensor otherwise; ``rows``: its
+        rows ``start:stop`` (dim 0) only."""
         if name not in self._targets:
-            return self.base.get(name)
-        replaced = self.adapter.replacement(name) is not None
-        return self.adapter.apply(name, None if replaced else self.base.get(name))
+            return self.base.get(name, rows)
+        replaced = name in self.adapter.replacements()
+        return self.adapter.apply(name, None if replaced else self.base.get(name, rows), rows)
 
-    def raw(self, name: str) -> bytes:
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> bytes | bytearray:
         if name not in self._targets:
-            return self.base.raw(name)
-        t = self.get(name).to(self.info(name).dtype).contiguous()
+            return self.base.raw(name, rows)
+        t = self.get(name, rows).to(self.info(name).dtype).contiguous()
         return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
     def files(self) -> list[Path]:
@@ -446,6 +457,10 @@ class AdaptedReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return t if rows is None else t[rows[0]:rows[1]]
 
 
 def open_model(ref: str) -> CheckpointReader | AdaptedReader:

@@ -67,6 +67,11 @@ def dtype_size(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
+def row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of one row (dim 0) of a tensor; a scalar is one row."""
+    return math.prod(shape[1:]) * dtype_size(dtype)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header. Returns (header without __metadata__, data start offset)."""
     try:
@@ -224,14 +229,17 @@ class CheckpointReader:
     def info(self, name: str) -> TensorInfo:
         return self.infos[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor (never a view into the file), read straight into its own memory."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A fresh tensor (never a view into the file), read straight into its own memory; ``rows``: only its rows
+        ``start:stop`` along dim 0 (a contiguous byte range of the file)."""
         info = self.infos[name]
         if info.offset < 0:
-            return self._bin[info.file][name].clone()
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            self._read_into(info, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            t = self._bin[info.file][name]
+            return (t if rows is None else t[rows[0]:rows[1]]).clone()
+        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        out = torch.empty(shape, dtype=info.dtype)
+        if out.numel():
+            self._read_into(info, memoryview(out.reshape(-1).view(torch.uint8).numpy()), rows)
         return out
 
     def _fd(self, file: Path) -> int:
@@ -240,23 +248,29 @@ class CheckpointReader:
             fd = self._fds.setdefault(file, os.open(file, os.O_RDONLY))
         return fd
 
-    def _read_into(self, info: TensorInfo, buf: memoryview) -> None:
+    def _read_into(self, info: TensorInfo, buf: memoryview, rows: tuple[int, int] | None = None) -> None:
         fd, off, done = self._fd(info.file), info.offset, 0
-        while done < info.nbytes:
+        if rows is not None:
+            off += rows[0] * row_bytes(info.shape, info.dtype)
+        while done < len(buf):
             k = os.preadv(fd, [buf[done:]], off + done)
             if k == 0:
                 raise ForgetlessError("file is truncated while reading", file=info.file, tensor=info.name,
                                       remedy="the file changed or is damaged; save it again")
             done += k
 
-    def raw(self, name: str) -> bytes | bytearray:
-        """The tensor's bytes as stored (safetensors only): used to copy untouched tensors without decoding."""
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> bytes | bytearray:
+        """The tensor's bytes as stored (``rows``: of its rows ``start:stop`` only): used to copy untouched tensors
+        without decoding."""
         info = self.infos[name]
         if info.offset < 0:
-            t = self._bin[info.file][name].contiguous()
+            t = self._bin[info.file][name]
+            t = (t if rows is None else t[rows[0]:rows[1]]).contiguous()
             return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        buf = bytearray(info.nbytes)
-        self._read_into(info, memoryview(buf))
+        n = info.nbytes if rows is None else (rows[1] - rows[0]) * row_bytes(info.shape, info.dtype)
+        buf = bytearray(n)
+        if n:
+            self._read_into(info, memoryview(buf), rows)
         return buf
 
     def close(self) -> None:

@@ -219,6 +219,7 @@ class StreamingWriter:
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []
         self._pending = {e.name for e in entries}
+        self._partial: dict[str, int] = {}  # name -> bytes written so far, for tensors written in pieces
         self._lock = threading.Lock()
         self.total_size = sum(e.nbytes for e in entries)
         meta = {"format": "pt", **(metadata or {})}
@@ -248,20 +249,31 @@ class StreamingWriter:
             off = start + header[e.name]["data_offsets"][0]  # type: ignore[index]
             self._where[e.name] = (fd, off, e.nbytes)
 
-    def write(self, name: str, data: torch.Tensor | bytes) -> None:
-        """Write one tensor (already in its planned dtype and shape) or its raw bytes. Thread-safe."""
+    def write(self, name: str, data: torch.Tensor | bytes, at: int = 0) -> None:
+        """Write one tensor (already in its planned dtype and shape) or its raw bytes; or, with ``at``, a piece of
+        it (a block of rows) whose first byte is byte `at` of the tensor. The tensor is done when every one of its
+        bytes has been written once. Thread-safe."""
         fd, off, nbytes = self._where[name]
         if isinstance(data, torch.Tensor):
-            buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()) if nbytes else b""
+            buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
         else:
             buf = memoryview(data)
-        if len(buf) != nbytes:
-            raise AssertionError(f"{name}: {len(buf)} bytes written, {nbytes} planned")
+        size = len(buf)
+        if (at, size) == (0, nbytes):
+            done = nbytes
+        else:
+            with self._lock:
+                done = self._partial.get(name, 0) + size
+                self._partial[name] = done
+            if at < 0 or at + size > nbytes or done > nbytes:
+                raise AssertionError(f"{name}: bytes {at}..{at + size} written ({done} in all), {nbytes} planned")
+        off += at
         while len(buf):
             k = os.pwrite(fd, buf, off)
             buf, off = buf[k:], off + k
-        with self._lock:
-            self._pending.discard(name)
+        if done == nbytes:
+            with self._lock:
+                self._pending.discard(name)
 
     def commit(self, *, side_files_from: Path | None = None, config_updates: dict | None = None,
                extra_files: dict[str, str] | None = None) -> Path:
