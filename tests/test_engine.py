@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 import forgetless
 from forgetless.engine import tensor_seed
-from forgetless.methods.baselines import dare_ties, ties
+from forgetless.methods.baselines import dare_linear, dare_ties, ties
 
 
 def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, dtype: torch.dtype | None = None) -> Path:
@@ -97,9 +97,18 @@ def test_dare_is_seeded_per_tensor_name_and_independent_of_sharding(family, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[name], c[name])
     base, fts = tensors(family["base"]), [tensors(p) for p in family["fts"]]
+    def gens():
+        return [torch.Generator().manual_seed(tensor_seed(7, name if k == 0 else f"{name}#{k}")) for k in range(3)]
     want = dare_ties(base[name].clone(), [f[name].clone() for f in fts], weight=[1.0] * 3, density=[0.5] * 3,
-                     generator=torch.Generator().manual_seed(tensor_seed(7, name)))
+                     generator=gens())
     assert torch.equal(a[name], want)
+    # each model draws from its own stream: model 1's kept entries do not depend on model 0
+    d1 = [f[name] - base[name] for f in fts][1]
+    kept = dare_linear(torch.zeros_like(d1), [torch.zeros_like(d1), d1.clone()], weight=[1.0, 1.0],
+                       density=[0.5, 0.5], generator=gens()[:2])
+    mask = torch.bernoulli(torch.full_like(d1, 0.5), generator=torch.Generator().manual_seed(
+        tensor_seed(7, f"{name}#1")))
+    assert torch.equal(kept, d1 * mask / 0.5)
 
 
 def test_scope_routes_every_tensor_and_reports_it(family, tmp_path):

@@ -33,7 +33,7 @@ def test_registry_exposes_methods_with_their_parameters():
     ties_spec = METHODS["ties"]
     assert ties_spec.per_model == ("weight", "density")
     assert ties_spec.params["lambda"] == 1.0 and ties_spec.arg("lambda") == "lambda_"
-    assert METHODS["dare_ties"].context == ("generator",)
+    assert METHODS["dare_ties"].context == ("generator", "block")
 
 
 @pytest.mark.parametrize("k_frac", [0.0, 0.001, 0.3, 0.5, 0.9, 1.0])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import forgetless
 from forgetless.methods.cgm import cgm, cgm_dagger, cgm_dagger_mask
-from forgetless.methods.registry import METHODS
+from forgetless.methods.registry import METHODS, Rows
 
 SHAPE = (12, 20)
 
@@ -305,7 +305,7 @@ def test_global_threshold_from_a_small_sample_is_exact():
 
     def stream():
         for name, (b, f, ft_, fg) in tensors.items():
-            yield name, b.clone(), f.clone(), {"fisher_task": ft_.abs(), "fisher_general": fg.abs()}
+            yield Rows(name, b.clone(), f.clone(), {"fisher_task": ft_.abs(), "fisher_general": fg.abs()})
 
     numel = sum(t[0].numel() for t in tensors.values())
     params = {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "global", "revert": "budget", "threshold": None}

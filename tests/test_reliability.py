@@ -276,8 +276,8 @@ SLOW_MERGE = """
 import sys, time
 from forgetless.checkpoint import writer
 real = writer.StreamingWriter.write
-def slow(self, name, data):
-    real(self, name, data)
+def slow(self, name, data, at=0):
+    real(self, name, data, at)
     time.sleep(0.2)
 writer.StreamingWriter.write = slow
 from forgetless.cli import main

@@ -30,8 +30,11 @@ def cli() -> None:
 @click.option("--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter.")
 @click.option("--allow-other-model", is_flag=True, help="Accept statistics computed at weights that are neither the "
               "base's nor a merged model's (same architecture; the recipe key allow_other_model).")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Peak memory the merge may take (e.g. 8GiB; default: the recipe's memory, else auto = half of "
+                   "the available memory). Tensors too large for it are merged in blocks of rows, with the same result.")
 def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool,
-              allow_other_model: bool) -> None:
+              allow_other_model: bool, memory: str | None) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
     from .recipe import load_recipe
@@ -41,7 +44,7 @@ def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: b
         loaded = loaded.model_copy(update={"fold": True})
     if allow_other_model:
         loaded = loaded.model_copy(update={"allow_other_model": True})
-    merge(loaded, out=out, force=force, dry_run=dry_run, progress=not quiet, log=click.echo)
+    merge(loaded, out=out, force=force, dry_run=dry_run, progress=not quiet, log=click.echo, memory=memory)
 
 
 @cli.command("inspect")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -39,16 +40,18 @@ import torch
 from . import __version__
 from .checkpoint import layout as layouts
 from .checkpoint.lora import open_model, parse_model_ref
-from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata
+from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata, row_bytes
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
 from .errors import ForgetlessError
 from .methods import METHODS, MethodSpec
-from .methods.registry import REQUIRED
-from .recipe import EXAMPLES_HINT, Recipe, load_recipe
+from .methods.registry import REQUIRED, RowBlock, Rows
+from .recipe import EXAMPLES_HINT, Recipe, check_size, load_recipe
 
-PREFETCH = 2  # tensors read ahead of the one being computed …
+PREFETCH = 2  # tensors (or row blocks) read ahead of the one being computed …
 PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
 RUNTIME_BYTES = 300 * 2**20  # python + torch + forgetless after import: 230 MB measured on the 2-core CI machine
+TEMPORARIES = 4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
+AUTO_MEMORY = 0.5  # memory: auto = this fraction of the memory available when the merge is planned
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LISTED = 12
 NO_STATS_ROUTE = "method (no stats)"  # in scope, no statistics, the method's own fallback (without_statistics="call")
@@ -68,6 +71,26 @@ class Job:
         return Entry(self.name, self.shape, self.out_dtype).nbytes
 
 
+def num_rows(shape: tuple[int, ...]) -> int:
+    """Rows along dim 0 (a 1-D tensor's entries); a scalar is one row."""
+    return shape[0] if shape else 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What the engine reads, computes and writes at once: a whole tensor (``rows`` None), or the block of its
+    rows ``start:stop`` (dim 0) when the tensor does not fit the memory budget."""
+
+    job: Job
+    rows: tuple[int, int] | None = None
+    last: bool = True  # the job's last unit
+
+    @property
+    def offset(self) -> int:
+        """Flat index of the unit's first entry in the whole tensor."""
+        return 0 if self.rows is None else self.rows[0] * (math.prod(self.job.shape) // num_rows(self.job.shape))
+
+
 @dataclass
 class Plan:
     recipe: Recipe
@@ -80,35 +103,53 @@ class Plan:
     jobs: list[Job]
     out: Path | None
     force: bool = False
+    memory: int = 0  # the budget for the peak (0: none)
+    memory_source: str = ""  # how the budget was set, for the plan's description
+    block_rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows per block, for those split
 
     def totals(self) -> dict[str, list[int]]:
         """route -> [tensors, bytes]"""
         return tally(self.jobs, lambda j: j.route)
 
-    def num_inputs(self) -> int:
-        """Tensors read for one method job: base, each model, each statistic (per model where per-model)."""
-        return 1 + len(self.models) + sum(len(self.models) if n in self.spec.per_model_needs else 1
-                                          for n in self.spec.needs)
+    def units(self) -> list[Unit]:
+        """Every job as it is executed: whole, or (tensors in ``block_rows``) in blocks of rows, in order."""
+        return [u for j in self.jobs for u in self.units_of(j)]
 
-    def input_bytes(self, job: Job) -> int:
-        """Memory that reading `job` takes: every input in fp32 for the method, the stored bytes for a copy."""
+    def units_of(self, job: Job) -> list[Unit]:
+        step = self.block_rows.get(job.name)
+        if step is None:
+            return [Unit(job)]
+        n = num_rows(job.shape)
+        return [Unit(job, (a, min(a + step, n)), a + step >= n) for a in range(0, n, step)]
+
+    def cost(self, job: Job, rows: int | None = None) -> tuple[int, int, int]:
+        """(inputs, temporaries, output) bytes of `job` computed whole, or `rows` of its rows at once: every input
+        in fp32 for the method (statistics not shaped like the weight, RegMean's Gram, whole), the stored bytes
+        for a copy; :data:`TEMPORARIES` fp32 copies for a method."""
+        frac = 1.0 if rows is None else rows / num_rows(job.shape)
         if job.route not in ("method", NO_STATS_ROUTE):
-            return Entry(job.name, job.shape, job.in_dtype).nbytes
-        tensors = (1 + len(self.models)) * Entry(job.name, job.shape, torch.float32).nbytes
-        if job.route == NO_STATS_ROUTE:
-            return tensors
-        for need in self.spec.needs:
-            count = len(self.models) if need in self.spec.per_model_needs else 1
-            shape = self.spec.stat_shape(need, job.shape) or job.shape
-            tensors += count * Entry(job.name, shape, torch.float32).nbytes
-        return tensors
+            return int(Entry(job.name, job.shape, job.in_dtype).nbytes * frac), 0, int(job.out_bytes * frac)
+        f32 = Entry(job.name, job.shape, torch.float32).nbytes
+        inputs = (1 + len(self.models)) * f32 * frac
+        if job.route == "method":
+            for need in self.spec.needs:
+                count = len(self.models) if need in self.spec.per_model_needs else 1
+                shape = self.spec.stat_shape(need, job.shape) or job.shape
+                whole = Entry(job.name, shape, torch.float32).nbytes
+                inputs += count * (whole * frac if tuple(shape) == tuple(job.shape) else whole)
+        return int(inputs), int(TEMPORARIES * f32 * frac), int(job.out_bytes * frac)
+
+    def unit_cost(self, unit: Unit) -> tuple[int, int, int]:
+        return self.cost(unit.job, None if unit.rows is None else unit.rows[1] - unit.rows[0])
+
+    def input_bytes(self, unit: Unit) -> int:
+        return self.unit_cost(unit)[0]
 
     def peak_memory_estimate(self) -> int:
-        """Runtime + the job being computed (inputs and ~4 fp32 temporaries) + what is read ahead + one write."""
-        largest = max((self.input_bytes(j) for j in self.jobs), default=0)
-        largest_f32 = max((Entry(j.name, j.shape, torch.float32).nbytes for j in self.jobs), default=0)
-        ahead = max(largest, PREFETCH_BYTES)
-        return RUNTIME_BYTES + largest + 4 * largest_f32 + ahead + max(j.out_bytes for j in self.jobs)
+        """Runtime + the unit being computed (its inputs, temporaries and result) + what is read ahead (up to
+        PREFETCH_BYTES, or the largest unit's inputs)."""
+        costs = [self.unit_cost(u) for u in self.units()] or [(0, 0, 0)]
+        return RUNTIME_BYTES + max(map(sum, costs)) + max(PREFETCH_BYTES, max(c[0] for c in costs))
 
     def describe(self) -> str:
         r = self.recipe
@@ -120,8 +161,17 @@ class Plan:
                  f"layout      {self.layout.family} ({self.layout.num_layers} decoder layers)",
                  f"output      {self.out or '(none)'}  dtype={r.dtype}  shards={self.num_shards()}",
                  "", self.table(), "",
-                 f"peak memory estimate  {human_bytes(self.peak_memory_estimate())}"]
+                 f"peak memory estimate  {human_bytes(self.peak_memory_estimate())}  {self.memory_note()}"]
         return "\n".join(lines)
+
+    def memory_note(self) -> str:
+        if not self.memory:
+            return ""
+        split = [f"{n} ({math.ceil(num_rows(self.base.info(n).shape) / r)} blocks of {r} row{'s' * (r > 1)})"
+                 for n, r in self.block_rows.items()]
+        listed = ", ".join(split[:3]) + (f" and {len(split) - 3} more" if len(split) > 3 else "")
+        return (f"(budget {human_bytes(self.memory)}, {self.memory_source}" +
+                (f"; in row blocks: {listed})" if split else "; every tensor whole)"))
 
     def _params_text(self) -> str:
         return " ".join(f"{k.rstrip('_')}={v}" for k, v in self.params.items())
@@ -297,7 +347,74 @@ def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: st
     return reader
 
 
-def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False) -> Plan:
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_memory(value: str | int, where: str) -> tuple[int, str]:
+    """The memory budget in bytes and how it was set: a size, or ``auto`` (:data:`AUTO_MEMORY` of the available
+    memory). A budget the runtime and the read-ahead alone exceed is refused."""
+    if value == "auto":
+        avail = available_memory()
+        n, how = int(avail * AUTO_MEMORY), f"auto: {AUTO_MEMORY:.0%} of the {human_bytes(avail)} available"
+    else:
+        try:
+            n, how = check_size(value, "a memory budget"), "set"
+        except ValueError as e:
+            raise ForgetlessError(f"memory: {e}", file=where, remedy="give a size such as 8GiB or 500MB, or auto") \
+                from None
+    floor = RUNTIME_BYTES + PREFETCH_BYTES
+    if n <= floor:
+        raise ForgetlessError(f"memory: {value} ({human_bytes(n)}) is below what the merge needs before any tensor "
+                              f"(runtime and read-ahead, {human_bytes(floor)})", file=where,
+                              remedy="give a larger budget (e.g. memory: 2GiB, or --memory 2GiB)")
+    return n, how
+
+
+def unit_cap(memory: int) -> int:
+    """The most one unit (inputs + temporaries + result) may take for :meth:`Plan.peak_memory_estimate` to stay
+    within `memory`: the read-ahead is PREFETCH_BYTES or, when units are larger, one more unit's inputs."""
+    free = memory - RUNTIME_BYTES
+    return free // 2 if free // 2 > PREFETCH_BYTES else min(PREFETCH_BYTES, free - PREFETCH_BYTES)
+
+
+def _block_rows(plan: Plan, where: str) -> dict[str, int]:
+    """Rows per block for every job whole too large for the budget; an error naming the tensor when one cannot
+    be split (the method merges whole tensors only) or one row already exceeds the budget."""
+    cap = unit_cap(plan.memory)
+    out: dict[str, int] = {}
+    for j in plan.jobs:
+        if sum(plan.cost(j)) <= cap:
+            continue
+        n = num_rows(j.shape)
+        if j.route in ("method", NO_STATS_ROUTE) and plan.spec.rows != "blocks":
+            raise ForgetlessError(f"{plan.spec.name!r} merges whole tensors, and this one needs "
+                                  f"{human_bytes(sum(plan.cost(j)))} at once, more than the memory budget "
+                                  f"{human_bytes(plan.memory)} allows one tensor ({human_bytes(cap)})", file=where,
+                                  tensor=j.name, remedy="raise memory: (or --memory), or leave this tensor out "
+                                                        "of the scope")
+        fixed = sum(plan.cost(j, 0))
+        per_row = (sum(plan.cost(j, n)) - fixed) / n
+        rows = min(n, int((cap - fixed) // per_row)) if len(j.shape) and cap > fixed else 0
+        if rows < 1:
+            raise ForgetlessError(f"one row of this tensor needs {human_bytes(fixed + per_row)}, more than the "
+                                  f"memory budget {human_bytes(plan.memory)} allows a block ({human_bytes(cap)})",
+                                  file=where, tensor=j.name, remedy="raise memory: (or --memory)")
+        if rows < n:
+            out[j.name] = rows
+    return out
+
+
+def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False,
+               memory: str | int | None = None) -> Plan:
+    """``memory`` (a size, or "auto") overrides the recipe's ``memory:``."""
     recipe = load_recipe(recipe)
     where = recipe.source or "recipe"
     spec = METHODS.get(recipe.method)
@@ -385,7 +502,10 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         raise ForgetlessError(f"{len(missing_stats)} tensors in scope have no statistics, e.g. "
                               f"{', '.join(missing_stats[:3])}", file=where,
                               remedy="narrow the scope, or set scope.no_statistics: base | finetuned")
-    return Plan(recipe, spec, params, base, models, stats, layout, jobs, out, force)
+    budget, how = resolve_memory(recipe.memory if memory is None else memory, where)
+    plan = Plan(recipe, spec, params, base, models, stats, layout, jobs, out, force, budget, how)
+    plan.block_rows = _block_rows(plan, where)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ execution
@@ -393,10 +513,18 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _statistic(reader: CheckpointReader, name: str, kind: str) -> torch.Tensor:
-    """One statistics tensor in float32, checked as it is read: finite, and non-negative for a (diagonal) Fisher —
-    a NaN would otherwise turn into a silent fallback or a traceback deep inside a method."""
-    t = reader.get(name).float()
+def tensor_generators(seed: int, name: str, n: int) -> list[torch.Generator]:
+    """One generator per merged model for a tensor: model 0's seeded from (seed, name) as a one-model method's
+    generator is, model k's from (seed, name, k); so each model's random draws depend neither on the other
+    models nor on how the tensor is split into row blocks."""
+    return [torch.Generator().manual_seed(tensor_seed(seed, name if k == 0 else f"{name}#{k}")) for k in range(n)]
+
+
+def _statistic(reader: CheckpointReader, name: str, kind: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One statistics tensor (``rows``: its rows start:stop) in float32, checked as it is read: finite, and
+    non-negative for a (diagonal) Fisher — a NaN would otherwise turn into a silent fallback or a traceback deep
+    inside a method."""
+    t = reader.get(name, rows).float()
     bad = None
     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         bad = f"{int((~torch.isfinite(t)).sum())} NaN/Inf entries"
@@ -416,27 +544,63 @@ def _copyable(reader, name: str, job: Job) -> bool:
 
 
 class _Runner:
+    """Reads and computes units. ``load`` runs on the reader threads; ``compute`` on the main thread, in order
+    (a tensor's row blocks one after the other: its pre-pass result and its generators are kept from its first
+    block to its last)."""
+
     def __init__(self, plan: Plan):
         self.plan = plan
         self.method_kwargs = dict(plan.params)
         self.counts: dict[str, Counter] = defaultdict(Counter)  # part -> element counts the method reports
+        self._tensor: tuple[str, dict[str, Any]] | None = None  # (name, state) of the tensor in row blocks
 
-    def load(self, job: Job) -> Any:
-        p = self.plan
+    def load(self, unit: Unit) -> Any:
+        p, job, rows = self.plan, unit.job, unit.rows
         if job.route in ("base", "finetuned", "base (non-float)"):
             src = p.base if job.route != "finetuned" else p.models[0]
             if _copyable(src, job.name, job):
-                return src.raw(job.name)
-            return src.get(job.name)
-        base = p.base.get(job.name).float()
-        fts = [m.get(job.name).float() for m in p.models]
+                return src.raw(job.name, rows)
+            return src.get(job.name, rows)
+        base = p.base.get(job.name, rows).float()
+        fts = [m.get(job.name, rows).float() for m in p.models]
         if job.route == NO_STATS_ROUTE:
             return base, fts, {}
-        stats = {k: ([_statistic(r, job.name, k) for r in v] if isinstance(v, list) else _statistic(v, job.name, k))
-                 for k, v in p.stats.items()}
+
+        def read(r, k):  # statistics shaped like the weight come in the same rows; others (a Gram) whole
+            whole = p.spec.stat_shape(k, job.shape) != tuple(job.shape)
+            return _statistic(r, job.name, k, None if whole else rows)
+        stats = {k: ([read(r, k) for r in v] if isinstance(v, list) else read(v, k)) for k, v in p.stats.items()}
         return base, fts, stats
 
-    def compute(self, job: Job, loaded: Any) -> torch.Tensor | bytes:
+    def rows_of(self, unit: Unit, loaded: Any) -> Rows:
+        base, fts, stats = loaded
+        return Rows(unit.job.name, base, fts[0] if self.plan.spec.models == "one" else fts, stats, unit.offset)
+
+    def _state(self, unit: Unit) -> dict[str, Any]:
+        """Per-tensor state of a tensor merged in row blocks: its generators and its pre-pass result."""
+        job = unit.job
+        if self._tensor is None or self._tensor[0] != job.name:
+            self._tensor = (job.name, {})
+        return self._tensor[1]
+
+    def _generator(self, job: Job) -> torch.Generator | list[torch.Generator]:
+        seed = self.plan.recipe.seed
+        if self.plan.spec.models == "one":
+            return torch.Generator().manual_seed(tensor_seed(seed, job.name))
+        return tensor_generators(seed, job.name, len(self.plan.models))
+
+    def _prepared(self, unit: Unit) -> dict[str, Any]:
+        """The method's pre-pass over every block of this tensor (once, at its first block)."""
+        spec, job = self.plan.spec, unit.job
+        if spec.tensor_prepare is None:
+            return {}
+        def stream():
+            for u in self.plan.units_of(job):
+                yield self.rows_of(u, self.load(u))
+        return spec.tensor_prepare(dict(self.method_kwargs), stream, job.shape) or {}
+
+    def compute(self, unit: Unit, loaded: Any) -> torch.Tensor | bytes:
+        job = unit.job
         if isinstance(loaded, bytes | bytearray):
             return loaded
         if isinstance(loaded, torch.Tensor):
@@ -444,12 +608,20 @@ class _Runner:
         base, fts, stats = loaded
         spec = self.plan.spec
         kwargs = {**self.method_kwargs, **stats}
+        state = self._state(unit) if unit.rows is not None else {}
         if "name" in spec.context:
             kwargs["name"] = job.name
         if "counts" in spec.context:
             kwargs["counts"] = self.counts[job.part]  # compute runs on the main thread only
         if "generator" in spec.context:
-            kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+            kwargs["generator"] = state["generator"] if "generator" in state else self._generator(job)
+            state.setdefault("generator", kwargs["generator"])
+        if "block" in spec.context and unit.rows is not None:
+            if "prepared" not in state:
+                state["prepared"] = self._prepared(unit)
+            kwargs["block"] = RowBlock(unit.offset, job.shape, state["prepared"])
+        if unit.last:
+            self._tensor = None
         result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
         if result.shape != base.shape:
             raise AssertionError(f"method {spec.name} returned shape {tuple(result.shape)} for {job.name}")
@@ -470,17 +642,18 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
                              force=plan.force, metadata=metadata)
     runner = _Runner(plan)
+    units = plan.units()
     bar = None
     try:  # from here on, any failure or signal removes the writer's temporary folder
         if plan.spec.prepare is not None:
-            method_jobs = [j for j in plan.jobs if j.route == "method"]
+            method_units = [u for u in units if u.job.route == "method"]
 
             def stream():
-                for j in method_jobs:
-                    base, fts, stats = runner.load(j)
-                    yield j.name, base, fts[0] if plan.spec.models == "one" else fts, stats
+                for u in method_units:
+                    yield runner.rows_of(u, runner.load(u))
 
-            extra = plan.spec.prepare(dict(plan.params), stream, sum(math.prod(j.shape) for j in method_jobs))
+            numel = sum(math.prod(j.shape) for j in plan.jobs if j.route == "method")
+            extra = plan.spec.prepare(dict(plan.params), stream, numel)
             runner.method_kwargs.update(extra or {})
             if extra and log:
                 log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float)
@@ -488,35 +661,35 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
         bar = _progress(plan, progress)
         with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="forgetless-write") as writers:
-            jobs = plan.jobs
             loads: dict[int, tuple[Future, int]] = {}
             inflight, nxt = 0, 0
 
             def prefetch() -> None:
-                """Read ahead up to PREFETCH tensors and PREFETCH_BYTES (always at least the next one)."""
+                """Read ahead up to PREFETCH units and PREFETCH_BYTES (always at least the next one)."""
                 nonlocal inflight, nxt
-                while nxt < len(jobs) and len(loads) < PREFETCH:
-                    cost = plan.input_bytes(jobs[nxt])
+                while nxt < len(units) and len(loads) < PREFETCH:
+                    cost = plan.input_bytes(units[nxt])
                     if loads and inflight + cost > PREFETCH_BYTES:
                         break
-                    loads[nxt] = (readers.submit(runner.load, jobs[nxt]), cost)
+                    loads[nxt] = (readers.submit(runner.load, units[nxt]), cost)
                     inflight += cost
                     nxt += 1
 
             prefetch()
             pending_write: Future | None = None
-            for i, job in enumerate(jobs):
-                future, cost = loads.pop(i)  # prefetch() always holds the next job
+            for i, unit in enumerate(units):
+                future, cost = loads.pop(i)  # prefetch() always holds the next unit
                 loaded = future.result()
                 inflight -= cost
                 prefetch()
-                result = runner.compute(job, loaded)
+                result = runner.compute(unit, loaded)
                 del loaded
                 if pending_write is not None:
                     pending_write.result()
-                pending_write = writers.submit(writer.write, job.name, result)
+                at = 0 if unit.rows is None else unit.rows[0] * row_bytes(unit.job.shape, unit.job.out_dtype)
+                pending_write = writers.submit(writer.write, unit.job.name, result, at)
                 del result
-                bar.update(job)
+                bar.update(unit, plan.unit_cost(unit)[2])
             if pending_write is not None:
                 pending_write.result()
         card = model_card(plan, runner.counts)
@@ -556,10 +729,14 @@ class _progress:
         self.bar = tqdm(total=sum(j.out_bytes for j in plan.jobs), unit="B", unit_scale=True, unit_divisor=1024,
                         desc=f"merge {plan.spec.name}", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, job: Job) -> None:
-        self.done += 1
-        self.bar.set_postfix_str(f"{self.done}/{self.n} tensors", refresh=False)
-        self.bar.update(job.out_bytes)
+    def update(self, unit: Job | Unit, nbytes: int | None = None) -> None:
+        """A job done, or a unit of one (`nbytes` its output bytes): the tensor counts when its last unit is."""
+        if isinstance(unit, Job):
+            unit, nbytes = Unit(unit), unit.out_bytes
+        if unit.last:
+            self.done += 1
+            self.bar.set_postfix_str(f"{self.done}/{self.n} tensors", refresh=False)
+        self.bar.update(nbytes)
 
     def close(self) -> None:
         self.bar.close()
@@ -607,9 +784,11 @@ Method **{plan.spec.name}**: {plan.spec.doc}
 
 
 def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False,
-          dry_run: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
-    """Plan, check and run a merge. The CLI's `forgetless merge` is this function."""
-    plan = build_plan(recipe, out=out, force=force)
+          dry_run: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+          memory: str | int | None = None) -> MergeReport:
+    """Plan, check and run a merge. The CLI's `forgetless merge` is this function. ``memory``: the peak memory
+    budget (a size or "auto"), overriding the recipe's ``memory:``."""
+    plan = build_plan(recipe, out=out, force=force, memory=memory)
     if dry_run:
         if log:
             log(plan.describe())

@@ -17,6 +17,8 @@
                                             # | method (its own fallback; the default for methods that have one)
     dtype: base                             # output dtype: base | float32 | bfloat16 | float16
     shard_size: 5GB
+    memory: auto                            # peak memory the merge may take (e.g. 8GiB; auto: half of what is
+                                            # available); larger tensors are merged in blocks of rows
     seed: 0                                 # random methods (DARE) are seeded per tensor name from this
     layout: auto                            # or a family name: `forgetless inspect` shows the detected one
     out: path/to/merged
@@ -74,6 +76,7 @@ class Recipe(BaseModel):
     scope: Scope = Field(default_factory=Scope)
     dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
     shard_size: str | int = "5GB"
+    memory: str | int = "auto"
     seed: int = Field(default=0, ge=0)
     layout: str = "auto"
     fold: bool = False
@@ -89,21 +92,29 @@ class Recipe(BaseModel):
             return [{"model": m} if isinstance(m, str) else m for m in v]
         return v
 
-    @field_validator("shard_size")
+    @field_validator("shard_size", "memory")
     @classmethod
-    def _size(cls, v):
-        from .checkpoint.writer import parse_size
-
-        try:
-            n = parse_size(v)
-        except (ValueError, OverflowError):
-            raise ValueError(f"{v!r} is not a size (e.g. 5GB, 500MiB, 2e9)") from None
-        if n <= 0:
-            raise ValueError(f"{v!r}: a shard size must be positive")
+    def _size(cls, v, info):
+        if info.field_name == "memory" and v == "auto":
+            return v
+        check_size(v, "a shard size" if info.field_name == "shard_size" else "a memory budget")
         return v
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude={"source"}), sort_keys=False)
+
+
+def check_size(v: Any, what: str) -> int:
+    """`v` in bytes ('5GB', '500MiB', 2e9, an int); ValueError naming `what` when it is not a positive size."""
+    from .checkpoint.writer import parse_size
+
+    try:
+        n = parse_size(v)
+    except (ValueError, OverflowError, TypeError):
+        raise ValueError(f"{v!r} is not a size (e.g. 5GB, 500MiB, 2e9)") from None
+    if n <= 0:
+        raise ValueError(f"{v!r}: {what} must be positive")
+    return n
 
 
 def _loc(loc: tuple) -> str:

@@ -9,12 +9,14 @@ weights 1 the two are the same.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .registry import merge_method
+from .registry import RowBlock, merge_method
+from .select import Cut, Pieces, one_piece, top_k_cut, top_k_cuts
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -40,50 +42,34 @@ def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tenso
     return base
 
 
-def kth_largest(a: Tensor, k: int, sample: int = 1 << 16) -> Tensor:
-    """The exact k-th largest value of a 1-D tensor, without sorting or selecting over all of it.
-
-    A seeded random sample brackets the answer; one pass counts the entries above the bracket and gathers those
-    inside it, and an exact selection runs on that small set. If the bracket misses (it is checked, not trusted),
-    the selection runs on the whole tensor. Same result as ``a.kthvalue(n − k + 1)``, typically 20× faster.
-    """
-    n = a.numel()
-    if n <= 4 * sample:
-        return a.kthvalue(n - k + 1).values
-    g = torch.Generator().manual_seed(n)
-    s = a[torch.randint(n, (sample,), generator=g)]
-    q = 1.0 - k / n  # the answer is the q-quantile; bracket it with ±6 standard errors of the sample quantile
-    margin = 6.0 / sample**0.5
-    lo = s.kthvalue(max(1, int((q - margin) * sample))).values if q - margin > 0 else a.min()
-    hi = s.kthvalue(min(sample, int((q + margin) * sample) + 1)).values if q + margin < 1 else a.max()
-    above = int(torch.count_nonzero(a > hi))  # count_nonzero: ~25x faster than a bool .sum()
-    inside = a[(a >= lo) & (a <= hi)]
-    r = k - above  # rank of the answer among `inside`, counted from the top
-    if 1 <= r <= inside.numel():
-        return inside.kthvalue(inside.numel() - r + 1).values
-    return a.kthvalue(n - k + 1).values
+def kth_largest(a: Tensor, k: int) -> Tensor:
+    """The exact k-th largest value of a 1-D tensor (:func:`.select.top_k_cut`: a sampled bracket and one
+    selection on the few entries inside it, no sort). Same result as ``a.kthvalue(n − k + 1)``."""
+    if k >= a.numel():
+        return a.min()
+    return torch.tensor(top_k_cut(one_piece(a), k, a.numel()).value, dtype=a.dtype)
 
 
-def magnitude_trim(delta: Tensor, density: float) -> Tensor:
+def trim_cut(pieces: Pieces, numel: int, density: float) -> Cut:
+    """The :class:`.select.Cut` of TIES's trim: the k = ⌊density·numel⌋ largest |Δ| (ties: lowest flat index first)
+    among the flat |Δ| pieces that ``pieces()`` yields."""
+    return top_k_cut(pieces, int(density * numel), numel)
+
+
+def magnitude_trim(delta: Tensor, density: float, cut: Cut | None = None, offset: int = 0) -> Tensor:
     """Keep the k = ⌊density·numel⌋ entries of largest |delta| (ties: lowest flat index first), zero the rest.
-    Works in place on `delta`."""
-    n = delta.numel()
-    k = int(density * n)
-    if k >= n:
-        return delta
-    if k <= 0:
-        return torch.zeros_like(delta)
+    Works in place on `delta`. ``cut``/``offset``: `delta` is a block of a larger tensor whose trim was found over
+    the whole of it (:func:`trim_cut`), and its first entry has flat index `offset` there."""
     a = delta.abs().reshape(-1)
-    thr = kth_largest(a, k)
-    keep = a >= thr
-    extra = int(torch.count_nonzero(keep)) - k  # entries equal to thr beyond the k-th: drop the last ones
-    if extra > 0:
-        keep[(a == thr).nonzero().squeeze(1)[-extra:]] = False
-    return delta.mul_(keep.view_as(delta))
+    if cut is None:
+        cut = trim_cut(one_piece(a), a.numel(), density)
+    return delta.mul_(cut.mask(a, offset).view_as(delta))
 
 
 def random_drop(delta: Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> Tensor:
-    """DARE: keep each entry with probability `density` (Bernoulli), rescale survivors by 1/density."""
+    """DARE: keep each entry with probability `density` (Bernoulli), rescale survivors by 1/density. The draws come
+    from `generator` entry by entry in flat order, so a tensor's row blocks dropped one after the other with one
+    generator drop the same entries as the whole tensor."""
     mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
     out = delta * mask
     return out / density if rescale and density > 0 else out
@@ -111,6 +97,14 @@ def disjoint_mean(deltas: list[Tensor], weights: list[float], sign: Tensor,
 
 
 Convention = Literal["mergekit", "peft"]
+Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
+
+
+def _each(generator: Generators, models: list[Tensor]) -> list[torch.Generator | None]:
+    """The generator of each model's draws: a list gives each model its own stream (the engine's choice: a
+    model's mask then does not depend on the others, nor on how the tensor is split in row blocks); a single
+    generator is drawn from model after model."""
+    return list(generator) if isinstance(generator, list) else [generator] * len(models)
 
 
 def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
@@ -126,45 +120,59 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
 
 
 # ---------------------------------------------------------------------------------------------- methods
-@merge_method("linear", aliases=("wise_ft",), per_model=("weight",))
-def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5) -> Tensor:
+@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks")
+def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5,
+           block: RowBlock | None = None) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""
     if len(finetuned) == 1:
         return interpolate(base, finetuned[0], lambda_)
     return interpolate(base, weighted_average(finetuned, weight), lambda_)
 
 
-@merge_method("task_arithmetic", per_model=("weight",))
+@merge_method("task_arithmetic", per_model=("weight",), rows="blocks")
 def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0,
-                    lambda_: float = 1.0) -> Tensor:
+                    lambda_: float = 1.0, block: RowBlock | None = None) -> Tensor:
     """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀)."""
     if len(finetuned) == 1:
         return interpolate(base, finetuned[0], lambda_ * weight[0])
     return add_deltas(base, [ft.sub_(base) for ft in finetuned], [lambda_ * w for w in weight])
 
 
-@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
+def ties_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+    """TIES on row blocks: every model's trim (:func:`trim_cut`) over the whole tensor, in two streamed passes."""
+    n = math.prod(shape)
+
+    def pieces():
+        for r in stream():
+            yield [ft.sub_(r.base).abs_().reshape(-1) for ft in r.finetuned], r.offset
+    return {"cuts": top_k_cuts(pieces, [int(d * n) for d in params["density"]], n)}
+
+
+@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks",
+              tensor_prepare=ties_prepare)
 def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
          lambda_: float = 1.0, sign: Literal["total", "frequency"] = "total",
-         convention: Convention = "mergekit") -> Tensor:
+         convention: Convention = "mergekit", block: RowBlock | None = None) -> Tensor:
     """TIES: trim each Δₖ to its top-`density` magnitudes, elect a sign per entry, average the agreeing entries."""
-    deltas = [magnitude_trim(ft.sub_(base), d) for ft, d in zip(finetuned, density)]
+    cuts, offset = (block.prepared["cuts"], block.offset) if block else ([None] * len(finetuned), 0)
+    deltas = [magnitude_trim(ft.sub_(base), d, c, offset) for ft, d, c in zip(finetuned, density, cuts)]
     return _ties_combine(base, deltas, weight, lambda_, sign, convention)
 
 
-@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
+@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")
 def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
-                lambda_: float = 1.0, rescale: bool = True, generator: torch.Generator | None = None) -> Tensor:
+                lambda_: float = 1.0, rescale: bool = True, generator: Generators = None,
+                block: RowBlock | None = None) -> Tensor:
     """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ."""
-    deltas = [random_drop(ft.sub_(base), d, generator, rescale) for ft, d in zip(finetuned, density)]
+    deltas = [random_drop(ft.sub_(base), d, g, rescale) for ft, d, g in zip(finetuned, density, _each(generator, finetuned))]
     return add_deltas(base, deltas, [lambda_ * w for w in weight])
 
 
-@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"})
+@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")
 def dare_ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
               lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
-              convention: Convention = "mergekit",
-              generator: torch.Generator | None = None) -> Tensor:
+              convention: Convention = "mergekit", generator: Generators = None,
+              block: RowBlock | None = None) -> Tensor:
     """DARE + TIES consensus: random drop and rescale each Δₖ, then sign election and disjoint mean."""
-    deltas = [random_drop(ft.sub_(base), d, generator, rescale) for ft, d in zip(finetuned, density)]
+    deltas = [random_drop(ft.sub_(base), d, g, rescale) for ft, d, g in zip(finetuned, density, _each(generator, finetuned))]
     return _ties_combine(base, deltas, weight, lambda_, sign, convention)

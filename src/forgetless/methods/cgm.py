@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .registry import merge_method
+from .registry import RowBlock, merge_method
+from .select import Cut, one_piece, top_k_cut
 
 Score = Literal["cgm", "delta2", "task", "general"]
 Budget = Literal["row", "tensor", "global"]
@@ -63,9 +64,9 @@ def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.
 
 
 @merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"),
-              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"})
+              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"}, rows="blocks")
 def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2,
-        epsilon: float = 0.0, counts: Counter | None = None) -> Tensor:
+        epsilon: float = 0.0, counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
 
     Per element, θ minimises ½·F_task·(θ − θ_ft)² + (α/2)·F_gen·(θ − θ₀)² (each loss expanded around its own
@@ -122,7 +123,7 @@ def _lowest_k(rows: Tensor, k: int) -> Tensor:
 
 
 def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", revert: Revert = "budget",
-                    threshold: float | None = None) -> Tensor:
+                    threshold: float | None = None, cut: Cut | None = None, offset: int = 0) -> Tensor:
     """Boolean mask, True where the element keeps θ_ft, False where it reverts to θ₀.
 
     revert="budget" (default, published): the lowest-scoring ⌊n·keep⌋ elements keep θ_ft, n counted
@@ -136,6 +137,9 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
       ⌊n·keep⌋ is ``int(n * keep)`` as in the published code; ties keep the lower (flat, row-major) index first.
     revert="positive": revert exactly where S > 0 (no budget: `keep` and `budget` are ignored).
     A NaN score (NaN statistics) is an error: it has no place in the ordering.
+    ``cut``/``offset``: `score` is a block of rows of a larger tensor whose one budget ("tensor", or "row" for a
+    1-D tensor: one row) was found over all of it (:func:`tensor_budget_cut`); its first entry has flat index
+    `offset` there.
     """
     if revert not in REVERTS:
         raise ValueError(f"revert must be {' | '.join(REVERTS)}, got {revert!r}")
@@ -152,18 +156,23 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
         raise ValueError(f"budget must be {' | '.join(BUDGETS)}, got {budget!r}")
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be in [0, 1], got {keep}")
-    rows = score.reshape(1, -1) if budget == "tensor" or score.dim() < 2 else score.reshape(score.shape[0], -1)
-    return _lowest_k(rows, int(rows.shape[1] * keep)).view(score.shape)
+    if budget == "tensor" or score.dim() < 2:  # one budget over the whole tensor
+        flat = score.reshape(-1)
+        if cut is None:
+            cut = tensor_budget_cut(one_piece(flat), flat.numel(), keep)
+        return cut.mask(flat, offset).view(score.shape)
+    return _lowest_k(score.reshape(score.shape[0], -1), int(score[0].numel() * keep)).view(score.shape)
+
+
+def tensor_budget_cut(pieces, numel: int, keep: float) -> Cut:
+    """The ⌊numel·keep⌋ lowest scores of a tensor (ties: the lower flat index first), over its flat pieces."""
+    return top_k_cut(pieces, int(numel * keep), numel, largest=False)
 
 
 def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) -> dict | None:
-    """Pre-pass of the global budget: the exact ⌊N·keep⌋-th lowest score S over every tensor in scope.
-
-    Two streaming passes, never all scores at once: a seeded sample of the scores brackets the answer
-    (±6 standard errors of the sample quantile); the second pass counts the scores below the bracket and keeps
-    those inside it, and an exact selection runs on those. If the bracket misses (it is checked), the second
-    pass is repeated keeping every score.
-    """
+    """Pre-pass of the global budget: the exact ⌊N·keep⌋-th lowest score S over every tensor in scope, by
+    :func:`.select.top_k_cut` over the streamed scores (a sampled bracket, then one counting pass; never all
+    scores at once)."""
     if params.get("budget") != "global" or params.get("revert") == "positive" or params.get("threshold") is not None:
         return None
     k = int(numel * params["keep"])
@@ -171,40 +180,42 @@ def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) 
         return {"threshold": float("-inf")}
     if k >= numel:
         return {"threshold": float("inf")}
+    pieces = _flat_scores(stream, params)
+    return {"threshold": top_k_cut(pieces, k, numel, largest=False, sample=sample).value}
 
-    def scores():
-        for name, base, ft, stats in stream():
-            yield name, cgm_dagger_score(base, ft, stats["fisher_task"], stats["fisher_general"], params["alpha"],
-                                         params["score"]).reshape(-1)
 
-    rate = min(1.0, sample / numel)
-    picks = []
-    for i, (_, s) in enumerate(scores()):
-        g = torch.Generator().manual_seed(i)
-        picks.append(s[torch.randint(s.numel(), (max(1, round(s.numel() * rate)),), generator=g)])
-    pool = torch.cat(picks)
-    q, margin = k / numel, 6.0 / pool.numel() ** 0.5
-    lo = float(pool.kthvalue(max(1, int((q - margin) * pool.numel()))).values) if q - margin > 0 else -math.inf
-    hi = float(pool.kthvalue(min(pool.numel(), int((q + margin) * pool.numel()) + 1)).values) \
-        if q + margin < 1 else math.inf
-    for bounds in ((lo, hi), (-math.inf, math.inf)):
-        below, inside = 0, []
-        for _, s in scores():
-            below += int(torch.count_nonzero(s < bounds[0]))
-            inside.append(s[(s >= bounds[0]) & (s <= bounds[1])])
-        vals = torch.cat(inside)
-        r = k - below  # rank of the answer among `vals`
-        if 1 <= r <= vals.numel():
-            return {"threshold": float(vals.kthvalue(r).values)}
-    raise AssertionError("the global CGM† threshold was not found")  # the second bracket holds every score
+def _flat_scores(stream, params: dict):
+    """``pieces`` for :func:`.select.top_k_cut`: the flat scores of the streamed tensors or blocks, each with its
+    flat offset in the concatenation of everything streamed."""
+    def pieces():
+        at = 0
+        for r in stream():
+            s = _score(r, params).reshape(-1)
+            yield s, at
+            at += s.numel()
+    return pieces
+
+
+def _score(r, params: dict) -> Tensor:
+    return cgm_dagger_score(r.base, r.finetuned, r.stats["fisher_task"], r.stats["fisher_general"], params["alpha"],
+                            params["score"])
+
+
+def cgm_dagger_tensor_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+    """CGM† on row blocks: a budget over the whole tensor ("tensor", or "row" on a 1-D tensor) is found in two
+    streamed passes over its scores; a per-row budget, the global threshold and "positive" need nothing."""
+    if params["revert"] == "positive" or params["budget"] == "global" or (params["budget"] == "row" and len(shape) > 1):
+        return {}
+    return {"cut": tensor_budget_cut(_flat_scores(stream, params), math.prod(shape), params["keep"])}
 
 
 @merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",),
-              prepare=cgm_dagger_prepare, ranges={"keep": "[0, 1]", "alpha": "[0, inf)"})
+              prepare=cgm_dagger_prepare, ranges={"keep": "[0, 1]", "alpha": "[0, inf)"}, rows="blocks",
+              tensor_prepare=cgm_dagger_tensor_prepare)
 def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
                alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
                revert: Revert = "budget", threshold: float | None = None,
-               counts: Counter | None = None) -> Tensor:
+               counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
     """CGM† hard mixing: per row, the ⌊in·keep⌋ elements of lowest S = (α·F_gen − F_task)⊙Δ² keep θ_ft, the rest θ₀.
 
     S estimates the general loss saved minus the task loss paid by reverting an element to θ₀ (the quadratic model
@@ -216,7 +227,8 @@ def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_g
     threshold; ``threshold`` may also be given). Every element is exactly θ_ft or θ₀.
     """
     s = cgm_dagger_score(base, finetuned, fisher_task, fisher_general, alpha, score)
-    mask = cgm_dagger_mask(s, keep, budget, revert, threshold)
+    mask = cgm_dagger_mask(s, keep, budget, revert, threshold, *((block.prepared.get("cut"), block.offset)
+                                                                 if block else (None, 0)))
     if counts is not None:  # for the report: elements that keep θ_ft and that revert to θ₀
         kept = int(torch.count_nonzero(mask))
         counts.update(kept=kept, reverted=mask.numel() - kept)

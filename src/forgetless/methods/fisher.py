@@ -22,13 +22,15 @@ engine streams one tensor at a time), not over the whole model as in FusionBench
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .baselines import weighted_average
-from .registry import merge_method
+from .registry import RowBlock, merge_method
 
 Normalize = Literal["none", "mean", "max"]
 
@@ -38,26 +40,51 @@ def _check_weights(weights: list[float]) -> None:
         raise ValueError(f"Fisher merging needs weights >= 0 with a positive sum, got {weights}")
 
 
+def fisher_scales(pieces: Iterable[list[Tensor]], numel: int, normalize: Normalize = "none") -> tuple[list[float], float]:
+    """Per Fisher, the scale it is divided by (``normalize``: its mean or max over the whole tensor; else 1), and
+    the level F̄ (the mean of the scaled Fishers) — from the whole tensor, or from its row blocks one after the
+    other (`pieces` yields, per block, every Fisher's rows). Negative entries count as zero (clamped in place).
+
+    Exact whatever the blocks: each row is summed in float64 and the row sums are added with ``math.fsum``
+    (exactly rounded, so independent of their grouping)."""
+    sums: list[list[float]] | None = None
+    peaks: list[float] = []
+    for fishers in pieces:
+        if sums is None:
+            sums, peaks = [[] for _ in fishers], [0.0] * len(fishers)
+        for k, f in enumerate(fishers):
+            f.clamp_(min=0)
+            rows = f.reshape(f.shape[0], -1) if f.dim() >= 2 else f.reshape(-1, 1)
+            sums[k] += rows.sum(dim=1, dtype=torch.float64).tolist()
+            if f.numel():
+                peaks[k] = max(peaks[k], float(f.max()))
+    means = [math.fsum(s) / numel if numel else 0.0 for s in sums or []]
+    if normalize == "none":
+        scales = [1.0] * len(means)
+    else:
+        scales = [v if v > 0 else 1.0 for v in (means if normalize == "mean" else peaks)]
+    return scales, sum(m / sc for m, sc in zip(means, scales)) / max(1, len(means))
+
+
 def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,
-                   normalize: Normalize = "none") -> Tensor:
-    """Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ, ε·F̄) (module docstring). Consumes `fishers` (works in place)."""
+                   normalize: Normalize = "none", scales: tuple[list[float], float] | None = None) -> Tensor:
+    """Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ, ε·F̄) (module docstring). Consumes `fishers` (works in place).
+    ``scales``: :func:`fisher_scales` of the whole tensor when `params` are a block of its rows."""
     if len(params) != len(fishers) or len(params) != len(weights):
         raise ValueError(f"{len(params)} tensors, {len(fishers)} Fishers, {len(weights)} weights")
     _check_weights(weights)
     if normalize not in ("none", "mean", "max"):
         raise ValueError(f"normalize must be none | mean | max, got {normalize!r}")
-    for f in fishers:
-        f.clamp_(min=0)
-    if normalize != "none":
-        for f in fishers:
-            scale = float(f.mean(dtype=torch.float64) if normalize == "mean" else f.max())
-            if scale > 0:
-                f.div_(scale)
-    level = sum(float(f.mean(dtype=torch.float64)) for f in fishers) / len(fishers)
+    if scales is None:
+        scales = fisher_scales([fishers], params[0].numel(), normalize)
+    factors, level = scales
     floor = epsilon * level
     num = torch.zeros_like(params[0])
     den = torch.zeros_like(params[0])
-    for p, f, w in zip(params, fishers, weights):
+    for p, f, w, sc in zip(params, fishers, weights, factors):
+        f.clamp_(min=0)
+        if sc != 1.0:
+            f.div_(sc)
         f.clamp_(min=floor).mul_(w)
         den.add_(f)
         num.addcmul_(f, p)
@@ -67,17 +94,26 @@ def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[fl
     return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
 
 
-@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"})
+def _fisher_prepare(which):
+    def prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+        return {"scales": fisher_scales((which(r.stats) for r in stream()), math.prod(shape), params["normalize"])}
+    return prepare
+
+
+@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"},
+              rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"]))
 def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: list[float] = 1.0,
-           epsilon: float = 1e-8, normalize: Normalize = "none") -> Tensor:
+           epsilon: float = 1e-8, normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
     """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""
-    return fisher_combine(finetuned, fisher, weight, epsilon, normalize)
+    return fisher_combine(finetuned, fisher, weight, epsilon, normalize, block.prepared["scales"] if block else None)
 
 
 @merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",),
-              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"})
+              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"}, rows="blocks",
+              tensor_prepare=_fisher_prepare(lambda st: [st["fisher_base"], *st["fisher"]]))
 def fisher_with_base(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], fisher_base: Tensor,
                      weight: list[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
-                     normalize: Normalize = "none") -> Tensor:
+                     normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
     """Fisher merging with θ₀ as one more term: θ = (λ₀F₀θ₀ + Σₖ λₖFₖθₖ) / (λ₀F₀ + Σₖ λₖFₖ)."""
-    return fisher_combine([base, *finetuned], [fisher_base, *fisher], [base_weight, *weight], epsilon, normalize)
+    return fisher_combine([base, *finetuned], [fisher_base, *fisher], [base_weight, *weight], epsilon, normalize,
+                          block.prepared["scales"] if block else None)

@@ -16,13 +16,23 @@ The engine reads everything it needs from the registration and the signature:
   "call" calls the method without those keywords (so they take their defaults, None), and the method falls back
   by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
 - ``prepare``: an optional pre-pass for methods that need the whole model before merging any tensor (CGM†'s global
-  budget): ``prepare(params, stream, numel)`` gets the resolved parameters, a function that streams
-  ``(name, base, finetuned, statistics)`` over the tensors the method will merge (callable several times), and
-  their total element count; it returns extra keyword arguments for the method (or None);
+  budget): ``prepare(params, stream, numel)`` gets the resolved parameters, a function that streams :class:`Rows`
+  ``(name, base, finetuned, stats, offset)`` over the tensors the method will merge — tensors larger than the memory
+  budget as several blocks of rows — (callable several times), and their total element count; it returns extra keyword arguments for the method (or None);
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
   name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
   and reverted elements), which the merge report and model card show per part.
+- ``rows``: how the method meets a tensor too large for the merge's memory budget (the engine then reads it in
+  blocks of whole rows, along dim 0; a 1-D tensor's rows are its entries). "whole" (default): the engine always
+  passes whole tensors. "blocks": called on a block of rows, the method returns those rows of its result on the
+  whole tensor, given the context argument ``block`` (a :class:`RowBlock`: the block's flat offset in the tensor,
+  the tensor's shape, and what ``tensor_prepare`` returned). ``tensor_prepare(params, stream, shape)`` is an
+  optional pre-pass over one tensor's blocks (``stream()`` yields :class:`Rows`, as ``prepare``'s does) that finds
+  what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means, RegMean's factorisation) and
+  returns it as a dict (``block.prepared``). ``block`` is None when the method gets the whole tensor: it then
+  computes those quantities itself, with the same functions, so both paths give the same result. Random methods
+  get one generator per tensor, drawn from block after block in order;
 - ``ranges``: recipe parameter -> interval of allowed values in the usual notation (``"(0, 1]"``, ``"[0, inf)"``);
   together with the parameter's annotation (float, int, bool, Literal, ``| None``; per-model lists by their element
   type) the engine checks every value at plan time (:meth:`MethodSpec.problem`), so ``--dry-run`` names a bad one;
@@ -45,10 +55,30 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-CONTEXT_ARGS = ("name", "generator", "counts")
+CONTEXT_ARGS = ("name", "generator", "counts", "block")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
+
+
+class Rows(NamedTuple):
+    """One item of the streams that ``prepare`` and ``tensor_prepare`` get: a whole tensor, or a block of its rows
+    whose first entry has flat index ``offset`` (0 for a whole tensor). Fresh float32 copies, as a method gets."""
+
+    name: str
+    base: Any  # Tensor
+    finetuned: Any  # Tensor (models="one") or list of Tensors
+    stats: dict[str, Any]
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """The context argument ``block`` of a method called on a block of a tensor's rows."""
+
+    offset: int  # flat index of the block's first entry in the whole tensor
+    shape: tuple[int, ...]  # the whole tensor's shape
+    prepared: dict[str, Any]  # what the method's tensor_prepare returned for this tensor ({} without one)
 
 
 @dataclass(frozen=True)
@@ -117,6 +147,8 @@ class MethodSpec:
     out_rank: Callable[[list[int], dict[str, Any]], int] | None = None
     equal_ranks: bool = False
     dense: bool = False
+    rows: Literal["whole", "blocks"] = "whole"
+    tensor_prepare: Callable[..., dict[str, Any]] | None = None
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -169,7 +201,9 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  prepare: Callable[..., dict[str, Any] | None] | None = None,
                  space: Literal["weight", "adapter"] = "weight",
                  out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
-                 dense: bool = False, ranges: dict[str, str] | None = None):
+                 dense: bool = False, ranges: dict[str, str] | None = None,
+                 rows: Literal["whole", "blocks"] = "whole",
+                 tensor_prepare: Callable[..., dict[str, Any]] | None = None):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -190,12 +224,16 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           without_statistics, prepare=prepare,
                           choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
                           ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
-                          equal_ranks=equal_ranks, dense=dense)
+                          equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare)
         if space == "adapter" and out_rank is None:
             raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
         if set(spec.ranges) - set(spec.params):
             raise TypeError(f"{fn.__name__}: ranges for parameters it does not take: "
                             f"{sorted(set(spec.ranges) - set(spec.params))}")
+        if rows == "blocks" and "block" not in context:
+            raise TypeError(f"{fn.__name__}: rows='blocks' needs the context argument `block`")
+        if tensor_prepare is not None and rows != "blocks":
+            raise TypeError(f"{fn.__name__}: tensor_prepare is for rows='blocks'")
         unknown = set(spec.stat_shapes) - set(spec.needs)
         if unknown:
             raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")

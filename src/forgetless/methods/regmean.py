@@ -26,11 +26,13 @@ not used.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .baselines import weighted_average
-from .registry import merge_method
+from .registry import RowBlock, merge_method
 
 
 def gram_shape(weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -46,9 +48,18 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     return gram
 
 
-def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                    ridge: float = 1e-6) -> Tensor:
-    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ in float64 (module docstring); the result has the dtype of params."""
+@dataclass(frozen=True)
+class RegmeanSystem:
+    """The left-hand side of one Linear weight's merge, shared by all its output rows: Σₖ λₖG̃ₖ + ρI, its Cholesky
+    factor (None when it is not numerically positive definite) and ρ; ``zero`` when every Gram is zero."""
+
+    lhs: Tensor | None
+    chol: Tensor | None
+    rho: float
+    zero: bool = False
+
+
+def _check(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float, ridge: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha}")
     if ridge < 0:
@@ -63,38 +74,78 @@ def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[flo
         if tuple(g.shape) != (n_in, n_in):
             raise ValueError(f"gram shape {tuple(g.shape)} does not match a weight {tuple(w0.shape)} "
                              f"(expected [in, in] = [{n_in}, {n_in}])")
-    avg = weighted_average(params, weights).double()
+
+
+def _weighted_gram(g: Tensor, alpha: float, lam: float) -> Tensor:
+    """λ·G̃ in float64 (a fresh copy)."""
+    return reduce_off_diagonal(g.double(), alpha).mul_(lam)
+
+
+def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9,
+                   ridge: float = 1e-6) -> RegmeanSystem:
+    """Σₖ λₖG̃ₖ + ρI and its Cholesky factor, ρ = ridge·mean(diag Σₖ λₖG̃ₖ) (module docstring)."""
+    n_in = grams[0].shape[0]
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
-    rhs = torch.zeros(w0.shape, dtype=torch.float64)
-    for w, g, lam in zip(params, grams, weights):
-        if lam == 0:
-            continue
-        g = reduce_off_diagonal(g.double(), alpha).mul_(lam)
-        lhs.add_(g)
-        rhs.addmm_(w.double(), g)
-        del g
+    for g, lam in zip(grams, weights):
+        if lam:
+            lhs.add_(_weighted_gram(g, alpha, lam))
     scale = float(lhs.diagonal().mean())
     if scale <= 0:
-        return avg.to(w0.dtype)  # every Gram is zero: the data says nothing about this layer
+        return RegmeanSystem(None, None, 0.0, zero=True)  # every Gram is zero: the data says nothing here
     rho = ridge * scale
     lhs.diagonal().add_(rho)
-    rhs.add_(avg, alpha=rho)
-    # W* lhs = rhs  ⇔  lhs W*ᵀ = rhsᵀ (lhs symmetric)
     chol, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) == 0:
-        out = torch.cholesky_solve(rhs.T, chol).T
+    return RegmeanSystem(lhs, chol if int(info) == 0 else None, rho)
+
+
+def regmean_solve(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float,
+                  system: RegmeanSystem) -> Tensor:
+    """W* = (Σ λₖWₖG̃ₖ + ρW̄) · lhs⁻¹ for the rows that `params` hold (each output row is solved on its own, so
+    a block of rows gives those rows of the whole result)."""
+    w0 = params[0]
+    avg = weighted_average(params, weights).double()
+    if system.zero:
+        return avg.to(w0.dtype)
+    rhs = torch.zeros(w0.shape, dtype=torch.float64)
+    for w, g, lam in zip(params, grams, weights):
+        if lam:
+            rhs.addmm_(w.double(), _weighted_gram(g, alpha, lam))
+    rhs.add_(avg, alpha=system.rho)
+    # W* lhs = rhs  ⇔  lhs W*ᵀ = rhsᵀ (lhs symmetric)
+    if system.chol is not None:
+        out = torch.cholesky_solve(rhs.T, system.chol).T
     else:  # not numerically positive definite (ridge 0 and a singular sum, or a bad statistic): least squares
-        out = torch.linalg.lstsq(lhs, rhs.T, driver="gelsd").solution.T
+        out = torch.linalg.lstsq(system.lhs, rhs.T, driver="gelsd").solution.T
     return out.to(w0.dtype)
 
 
+def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
+                    ridge: float = 1e-6) -> Tensor:
+    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ in float64 (module docstring); the result has the dtype of params."""
+    _check(params, grams, weights, alpha, ridge)
+    return regmean_solve(params, grams, weights, alpha, regmean_system(grams, weights, alpha, ridge))
+
+
+def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+    """RegMean on row blocks: the system (from the whole Grams) once per tensor; none without Grams."""
+    first = next(iter(stream()))
+    grams = first.stats.get("gram")
+    if grams is None:
+        return {}
+    _check(first.finetuned, grams, params["weight"], params["alpha"], params["ridge"])
+    return {"system": regmean_system(grams, params["weight"], params["alpha"], params["ridge"])}
+
+
 @merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
-              without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"})
+              without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
+              rows="blocks", tensor_prepare=regmean_prepare)
 def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: list[float] = 1.0,
-            alpha: float = 0.9, ridge: float = 1e-6) -> Tensor:
+            alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None) -> Tensor:
     """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight; tensors without a Gram get the plain average."""
     if gram is None:
         if any(w < 0 for w in weight) or sum(weight) <= 0:
             raise ValueError(f"RegMean needs weights >= 0 with a positive sum, got {weight}")
         return weighted_average(finetuned, weight)
+    if block is not None:
+        return regmean_solve(finetuned, gram, weight, alpha, block.prepared["system"])
     return regmean_combine(finetuned, gram, weight, alpha, ridge)
