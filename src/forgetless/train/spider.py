@@ -34,12 +34,13 @@ keeps the whole rule and reads the same all-reduced gradients, so every rank rew
 (``torch.distributed.fsdp.fully_shard``: the parameters and their gradients are DTensors, each rank holding a piece
 along dim 0) the rule keeps ``θ₀``, ``G``, the scratch and the mask for this rank's pieces only, so its memory is
 divided by the number of ranks; what is computed over a whole tensor is all-reduced over the ranks that hold its
-pieces (:class:`Sharding`): the moments of ``|θ₀|`` (once) and of ``|G|`` (the sum, min and max, then the sums of
-deviations from the whole tensor's mean: the same two-pass algorithm), and the mean of the nonzero ``c`` — four
-all-reduces of one or two numbers per tensor and step, and one more for the step's statistics. The result is the
-single-process rule's up to the order of float32 additions (≈1e-7 relative). MagnitudeMask's top half is the whole tensor's, ties to the lower flat
-index: each rank gathers one whole tensor at a time at capture and keeps its piece of the mask. Every rank must run
-the rule (it issues collectives), on the same tensors in the same order. Tensor-parallel placements are refused.
+pieces (:class:`Sharding`): the moments of ``|θ₀|`` (once) and of ``|G|`` (the sums, min and max, then the sums of
+deviations from the whole tensor's mean: the same two-pass algorithm; three all-reduces per step for all tensors
+together), and the mean of the nonzero ``c`` (one all-reduce of two numbers per tensor and step), and the step's
+statistics (one more). The result is the single-process rule's up to the order of float32 additions (≈1e-7
+relative). MagnitudeMask's top half is the whole tensor's, ties to the lower flat index: at capture each rank
+gathers one whole tensor at a time, ranks it and keeps its piece of the mask. Every rank must run the rule (it
+issues collectives), on the same tensors in the same order. Tensor-parallel placements are refused.
 
 **Speed.** The rule is a few elementwise passes per tensor: the moments of ``|G|`` by the corrected two-pass
 algorithm (``torch.std_mean`` is about 10× slower on CPU), float masks rather than bool ones, and temporaries
@@ -74,6 +75,7 @@ step's tensors at the first ``before_step``). transformers: ``Trainer(..., callb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,34 +162,53 @@ def _moments_of(a: torch.Tensor, work: torch.Tensor, sharding: Sharding | None =
     ``torch.std_mean`` on CPU and as accurate. A constant ``a`` (its min equals its max) gets its value as the mean
     and a std of exactly 0, free of the rounding residue a float32 mean would leave. No host synchronisation.
 
-    ``sharding``: ``a`` is this rank's piece of a tensor split across ranks; the sums, min and max are all-reduced
-    (two collectives for the mean, one for the variance), so every rank gets the whole tensor's moments — the
-    single-process ones up to the order of the float32 additions (about 1e-7 relative).
+    ``sharding``: ``a`` is this rank's piece of a tensor split across ranks; the sums, min and max are all-reduced,
+    so every rank gets the whole tensor's moments — the single-process ones up to the order of the float32
+    additions (about 1e-7 relative).
     """
     n = a.numel() if sharding is None else sharding.numel
-    if n == 0:
-        zero = torch.zeros((), device=a.device)
-        return zero, zero + 1
-    if a.numel():
-        lo, hi = torch.aminmax(a)
-    else:  # an empty piece: the neutral elements of min and max
-        lo, hi = torch.full((), torch.inf, device=a.device), torch.full((), -torch.inf, device=a.device)
-    total = a.sum()
-    if sharding is not None:
-        hi, neg_lo = sharding.max_(torch.stack([hi, -lo]))
-        lo, total = -neg_lo, sharding.sum_(total)
-    mean = total / n
-    if n > 1:
-        d = torch.sub(a, mean, out=work)
-        sums = torch.stack([d.sum(), d.square_().sum()])  # Σd, Σd²
-        if sharding is not None:
-            sharding.sum_(sums)
-        var = sums[1].sub(sums[0] * sums[0] / n).clamp_min_(0).div_(n - 1)
-    else:
-        var = torch.zeros((), device=a.device)
-    constant = hi == lo
-    mean = torch.where(constant, hi, mean)
-    return mean, torch.where(constant | (var == 0), torch.ones_like(var), var.sqrt_())
+    return _moments_many(lambda _i: (a, work), [n], None if sharding is None else sharding.group)[0]
+
+
+def _moments_many(load: Callable[[int], tuple[torch.Tensor, torch.Tensor]], numels: list[int], group: Any
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_moments_of` of ``k = len(numels)`` tensors at once: ``load(i)`` gives ``|x_i|`` (or this rank's piece
+    of it, ``numels[i]`` entries whole) and a scratch tensor of its shape, and is called twice per tensor, once per
+    pass, so that both may live in reused scratch. With ``group`` (the ranks holding the pieces) each pass ends in
+    all-reduces of all ``k`` tensors' sums together: three per call, whatever ``k``."""
+    first = []  # per tensor [Σa, max a, −min a]; an empty piece gives the neutral elements
+    for i in range(len(numels)):
+        a = load(i)[0]
+        if a.numel():
+            lo, hi = torch.aminmax(a)
+            first.append(torch.stack([a.sum(), hi, -lo]))
+        else:
+            first.append(torch.tensor([0.0, -torch.inf, -torch.inf], device=a.device))
+    sums, extremes = (torch.stack(first)[:, cols].contiguous() for cols in (0, slice(1, 3)))
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    second = []  # per tensor [Σd, Σd²], d = a − mean
+    for i, n in enumerate(numels):
+        a, work = load(i)
+        d = torch.sub(a, sums[i] / max(n, 1), out=work)
+        second.append(torch.stack([d.sum(), d.square_().sum()]))
+    dev = sums.device
+    deviations = torch.stack(second) if second else torch.zeros((0, 2), device=dev)
+    if group is not None:
+        dist.all_reduce(deviations, group=group)
+    out = []
+    for i, n in enumerate(numels):
+        if n == 0:
+            out.append((torch.zeros((), device=dev), torch.ones((), device=dev)))
+            continue
+        mean, hi, lo = sums[i] / n, extremes[i, 0], -extremes[i, 1]
+        s1, s2 = deviations[i]
+        var = s2.sub(s1 * s1 / n).clamp_min_(0).div_(n - 1) if n > 1 else torch.zeros((), device=dev)
+        constant = hi == lo
+        mean = torch.where(constant, hi, mean)
+        out.append((mean, torch.where(constant | (var == 0), torch.ones_like(var), var.sqrt_())))
+    return out
 
 
 def importance(x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -258,6 +279,7 @@ class _KeepRule:
         self.params: dict[str, torch.nn.Parameter] = {}
         self.theta0: dict[str, torch.Tensor] = {}
         self.shards: dict[str, Sharding | None] = {}
+        self._by_group: dict[Any, list[str]] = {}  # process group of the pieces (None: whole tensors) → names
         self.history: list[dict[str, float]] = []
         self._pending = False
         if params is not None:
@@ -284,6 +306,8 @@ class _KeepRule:
                 self.theta0[n] = local_part(p.detach()).to(torch.float32, copy=True)
         if not self.params:
             raise ForgetlessError(f"the {self.name} rule got no tensor", remedy="pass the trainable parameters")
+        for n, sharding in self.shards.items():
+            self._by_group.setdefault(None if sharding is None else sharding.group, []).append(n)
         self._setup()
 
     def _setup(self) -> None:
@@ -328,19 +352,21 @@ class _KeepRule:
             raise ForgetlessError(f"{self.name}: apply() without accumulate() since the last step",
                                   remedy=ORDER_REMEDY)
         self._pending = False
-        sums: dict[Any, torch.Tensor] = {}  # process group (None: whole tensors) → [Σ nonzero c, Σ c] in float64
-        for n, p in self.params.items():
-            part = torch.stack(self._apply_one(n, local_part(p)))
-            group = None if self.shards[n] is None else self.shards[n].group  # type: ignore[union-attr]
-            sums[group] = sums[group] + part if group in sums else part
-        for group, part in sums.items():  # pieces' sums: one all-reduce per process group, in the same order
+        self._prepare()
+        totals = []  # per process group: [Σ nonzero c, Σ c] in float64, all-reduced over the group's ranks
+        for group, names in self._by_group.items():
+            part = sum(torch.stack(self._apply_one(n, local_part(self.params[n]))) for n in names)
             if group is not None:
                 dist.all_reduce(part, group=group)
-        nonzero, c_sum = (float(x) for x in sum(sums.values()))  # type: ignore[misc]
+            totals.append(part)
+        nonzero, c_sum = (float(x) for x in sum(totals))
         total = self.numel
         stats = {"updated_fraction": nonzero / total, "mean_c": c_sum / total}
         self.history.append(stats)
         return stats
+
+    def _prepare(self) -> None:
+        """What a step computes over all tensors before rewriting them one by one."""
 
     def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewrite ``p`` (the parameter, or its local piece) in place; return its number of entries with ``c ≠ 0``
@@ -381,11 +407,36 @@ class Spider(_KeepRule):
 
     def _setup(self) -> None:
         self.grad_sum = {n: torch.zeros_like(t) for n, t in self.theta0.items()}
-        self._moments0 = {n: abs_moments(t, sharding=self.shards[n]) for n, t in self.theta0.items()}
         largest: dict[torch.device, int] = {}
         for t in self.theta0.values():
             largest[t.device] = max(largest.get(t.device, 0), t.numel())
         self._scratch = {d: torch.empty((self.SCRATCH, n), device=d) for d, n in largest.items()}
+        self._moments0 = self._whole_moments(self.theta0, self._by_group)
+        self._g_moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _views(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three scratch vectors of tensor ``name``'s device, viewed in its (local) shape."""
+        t = self.theta0[name]
+        a, b, c = (w[:t.numel()].view(t.shape) for w in self._scratch[t.device])
+        return a, b, c
+
+    def _whole_moments(self, tensors: dict[str, torch.Tensor], groups: dict[Any, list[str]]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The moments of ``|tensors[n]|`` over each whole tensor, for the names in ``groups``: per process group
+        at once (three all-reduces per group, whatever the number of tensors), computed in the scratch."""
+        out = {}
+        for group, names in groups.items():
+            def load(i: int, names: list[str] = names) -> tuple[torch.Tensor, torch.Tensor]:
+                a, _, work = self._views(names[i])
+                return _abs(tensors[names[i]], a), work
+
+            out.update(zip(names, _moments_many(load, [self.params[n].numel() for n in names], group), strict=True))
+        return out
+
+    def _prepare(self) -> None:
+        """The moments of ``|G|`` of the sharded tensors, all at once (those of a whole tensor are computed where
+        its ``c`` is, from the ``|G|`` already in the scratch)."""
+        self._g_moments = self._whole_moments(self.grad_sum, {g: ns for g, ns in self._by_group.items() if g is not None})
 
     def _state(self) -> list[torch.Tensor]:
         return [*self.theta0.values(), *self.grad_sum.values(), *self._scratch.values()]
@@ -397,16 +448,19 @@ class Spider(_KeepRule):
 
     def coefficients(self, name: str) -> torch.Tensor:
         """``c`` of tensor ``name`` from the current ``θ₀`` and ``G`` (the last step's ``c`` after ``apply()``); of
-        the local piece for a sharded tensor (a collective: call it on every rank)."""
+        the local piece for a sharded tensor (collectives: call it on every rank)."""
+        sharding = self.shards[name]
+        if sharding is not None:
+            self._g_moments.update(self._whole_moments(self.grad_sum, {sharding.group: [name]}))
         return self._coefficients(name)[0].clone()
 
     def _coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``c`` (a view of this device's scratch, valid until the next call) and its number of nonzero entries."""
         theta0, sharding = self.theta0[name], self.shards[name]
-        a, b, grow = (w[:theta0.numel()].view(theta0.shape) for w in self._scratch[theta0.device])
+        a, b, grow = self._views(name)
         i_pre = importance(theta0, self._moments0[name], out=a)
         g = _abs(self.grad_sum[name], b)
-        i_ft = _importance_(g, _moments_of(g, grow, sharding))
+        i_ft = _importance_(g, _moments_of(g, grow) if sharding is None else self._g_moments[name])
         return _coefficients_(i_pre, i_ft, grow, sharding)
 
     def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
