@@ -86,9 +86,9 @@ def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir,
 def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama_dir, text_data):
     from forgetless.cli import main
 
-    # lr 1e-3: AdamW moves an entry whose gradient is below its ε = 1e-8 by lr·g/ε, which turns the float32
-    # rounding of a gradient near zero (the LoRA A and B start at B = 0) into lr × 1e6 × ~1e-11: at 1e-2 one
-    # process differs from itself by 2e-5 between batch 4 and 2 × 2 accumulation
+    # lr 1e-3: AdamW moves an entry whose gradient is below its ε = 1e-8 by lr·g/ε, so float32 rounding in
+    # gradients near zero (LoRA's A gets tiny ones while B is near its start at 0) reaches the weights as
+    # lr × 1e6 × ~1e-11: at lr 1e-2 one process differs from itself by 2e-5 between batch 4 and 2 × 2 accumulation
     extra = ("--lr", "1e-3", "--lora", "--lora-r", "4", "--lora-dropout", "0")
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
     torchrun("-m", "forgetless.cli", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
