@@ -173,7 +173,9 @@ def large_config(shape: str, base_config: Path):
 
     wide: hidden 576->1536, intermediate 1536->4096, 30->40 layers, 24 heads / 8 kv heads (head_dim 64):
           tensors grow too (the tied embedding 49152x1536 is 2.7x the small one's);
-    deep: the same tensors as SmolLM2-135M, 30->296 layers: only the number of tensors grows.
+    deep: the same tensors as SmolLM2-135M, 30->296 layers: only the number of tensors grows;
+    qwen-embed: the largest tensor is Qwen2.5-VL-7B's embedding, 152064x3584 (545 M entries, 2.03 GiB in fp32),
+          with one Qwen2.5-7B decoder layer (hidden 3584, intermediate 18944, 28/4 heads): 0.78 B params.
     """
     from transformers import LlamaConfig
 
@@ -183,6 +185,10 @@ def large_config(shape: str, base_config: Path):
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 24, 8, 64
     elif shape == "deep":
         cfg.num_hidden_layers = 296
+    elif shape == "qwen-embed":  # Qwen2.5-VL-7B's language model: its (tied here) embedding and one decoder layer
+        cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 152064, 3584, 18944, 1
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 28, 4, 128
+        cfg.tie_word_embeddings = True
     else:
         raise ValueError(shape)
     cfg.architectures = ["LlamaForCausalLM"]
@@ -397,9 +403,9 @@ def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path
     return path
 
 
-def forgetless_cmd(recipe: Path, out: Path) -> list[str]:
+def forgetless_cmd(recipe: Path, out: Path, memory: str | None = None) -> list[str]:
     exe = Path(sys.executable).parent / "forgetless"
-    return [str(exe), "merge", str(recipe), "--out", str(out), "--force"]
+    return [str(exe), "merge", str(recipe), "--out", str(out), "--force", *(["--memory", memory] if memory else [])]
 
 
 def mergekit_cmd(exe: Path, cfg: Path, out: Path) -> list[str]:
@@ -610,7 +616,7 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
     jobs = {}
     if "forgetless" in tools:
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts, params_fl)
-        jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless"), work / "out-forgetless")
+        jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory), work / "out-forgetless")
     if "mergekit" in tools and mk_exe:
         cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
                                     {"normalize": True, "lambda": 1.0, "int8_mask": False})
@@ -682,7 +688,8 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts,
                                          {"density": DENSITY, "lambda": 1.0})
         if "forgetless" in tools:
-            jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless"), work / "out-forgetless")
+            jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory),
+                                  work / "out-forgetless")
         if args.large_mergekit and mk_exe:
             cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
                                         {"normalize": True, "lambda": 1.0, "int8_mask": False})
@@ -759,8 +766,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma-separated subset of ties,task_arithmetic,large")
     ap.add_argument("--skip-large", action="store_true", help="skip the ~8x checkpoints (17 GiB of disk per shape)")
     ap.add_argument("--large-shapes", default="wide,deep",
-                    help="wide: wider+more layers (tensors grow); deep: same tensors, 296 layers")
+                    help="wide: wider+more layers (tensors grow); deep: same tensors, 296 layers; qwen-embed: "
+                         "Qwen2.5-VL-7B's 152064x3584 embedding and one 7B layer")
     ap.add_argument("--large-runs", type=int, default=1)
+    ap.add_argument("--memory", default=None,
+                    help="forgetless's --memory for the TIES runs (small and large), e.g. 1.5GiB; default: its own")
     ap.add_argument("--large-mergekit", action="store_true", help="also run mergekit on the large checkpoints")
     ap.add_argument("--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)")
     ap.add_argument("--no-warm-large", dest="warm_large", action="store_false",

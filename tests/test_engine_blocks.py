@@ -247,11 +247,11 @@ def test_a_merge_in_row_blocks_is_bit_identical_and_within_its_budget(tied_famil
     assert not whole.plan.block_rows
     a = tensors(tmp_path / "whole")
     short = False
-    for budget in (120_000, 150_000) if which == "regmean" else (9000, 11000):  # RegMean's Grams come whole
+    for budget in (220_000, 230_000) if which == "regmean" else (12_000, 16_000):  # RegMean's Grams come whole
         plan = engine.build_plan(recipe, out=tmp_path / f"blocks{budget}", memory=budget)
         assert plan.peak_memory_estimate() <= budget
         split = plan.block_rows
-        assert "model.embed_tokens.weight" in split and len(split) >= 10  # the embedding and most matrices
+        assert "model.embed_tokens.weight" in split and len(split) >= 5  # the embedding and several matrices
         short |= any(engine.num_rows(plan.base.info(n).shape) % r for n, r in split.items())  # a short last block
         assert "row blocks" in plan.describe()
         report = engine.execute(plan, progress=False)
@@ -285,7 +285,7 @@ def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_fami
         recipe = {"method": "ties", "base": str(base), "models": [ref, str(tied_family["fts"][1])],
                   "parameters": {"density": 0.5}}
         forgetless.merge(recipe, out=tmp_path / "w", progress=False, force=True, memory="1GiB")
-        forgetless.merge(recipe, out=tmp_path / "b", progress=False, force=True, memory=5000)
+        assert forgetless.merge(recipe, out=tmp_path / "b", progress=False, force=True, memory=8000).plan.block_rows
         a, b = tensors(tmp_path / "w"), tensors(tmp_path / "b")
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -352,7 +352,7 @@ def test_cli_memory_option_reaches_the_plan(tied_family, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "PREFETCH_BYTES", 512)
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps({**recipes(tied_family)["ties"], "out": str(tmp_path / "o")}))
-    res = CliRunner().invoke(cli, ["merge", str(path), "--dry-run", "--memory", "6000"])
+    res = CliRunner().invoke(cli, ["merge", str(path), "--dry-run", "--memory", "12000"])
     assert res.exit_code == 0, res.output
-    assert "(budget 5.86 KiB, set; in row blocks: " in res.output
-    assert "model.embed_tokens.weight (64 blocks of 2 rows)" in res.output
+    assert "(budget 11.72 KiB, set; in row blocks: " in res.output
+    assert "model.embed_tokens.weight (26 blocks of 5 rows)" in res.output

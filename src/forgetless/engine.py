@@ -16,8 +16,16 @@ No tensor is dropped; the report counts tensors and bytes per route and per part
 Adapter-space methods (``spec.space == "adapter"``: CoPA, the SVD baselines) take the same path with a different
 unit: :func:`build_plan` makes an :class:`AdapterPlan` (the adapters checked against each other and the base), and
 :func:`execute` streams one adapted module at a time — every adapter's (A, B) of it, read from disk only then —
-through the method into the same streaming writer, as a PEFT adapter folder or (``fold``) the full model. Peak memory is the runtime plus
-the tensors in flight: the look-ahead window (`PREFETCH` tensors, each with every input in fp32) and one result.
+through the method into the same streaming writer, as a PEFT adapter folder or (``fold``) the full model.
+
+Memory. Peak memory is the runtime plus the units in flight: the one being computed (every input in fp32, the
+method's temporaries, its result) and the look-ahead window (`PREFETCH` units within `PREFETCH_BYTES`, or one).
+A unit is a whole tensor, or — when a tensor would not fit the budget (``memory:`` / ``--memory``, default half of
+the available memory) — a block of its rows (dim 0): read from the files by byte range, merged, and written at its
+offset in the output. Methods declare that they run on row blocks (``rows="blocks"``) and give the same result as
+on the whole tensor: what depends on the whole tensor (TIES's trim thresholds, CGM†'s tensor budget, Fisher's
+means, RegMean's factorisation) is found first by their ``tensor_prepare`` in streamed passes over its blocks.
+Adapter-space merges hold one module's factors at a time and do not use the budget.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from .recipe import EXAMPLES_HINT, Recipe, check_size, load_recipe
 
 PREFETCH = 2  # tensors (or row blocks) read ahead of the one being computed …
 PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
-RUNTIME_BYTES = 300 * 2**20  # python + torch + forgetless after import: 230 MB measured on the 2-core CI machine
+RUNTIME_BYTES = 400 * 2**20  # python + torch + forgetless after import (255 MiB measured) + the threads' malloc arenas
 TEMPORARIES = 4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
 AUTO_MEMORY = 0.5  # memory: auto = this fraction of the memory available when the merge is planned
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +133,8 @@ class Plan:
     def cost(self, job: Job, rows: int | None = None) -> tuple[int, int, int]:
         """(inputs, temporaries, output) bytes of `job` computed whole, or `rows` of its rows at once: every input
         in fp32 for the method (statistics not shaped like the weight, RegMean's Gram, whole), the stored bytes
-        for a copy; :data:`TEMPORARIES` fp32 copies for a method."""
+        for a copy; :data:`TEMPORARIES` fp32 copies for a method. (A method's pre-pass over a tensor's blocks holds
+        two blocks' inputs at most, and runs before any block of that tensor is read ahead.)"""
         frac = 1.0 if rows is None else rows / num_rows(job.shape)
         if job.route not in ("method", NO_STATS_ROUTE):
             return int(Entry(job.name, job.shape, job.in_dtype).nbytes * frac), 0, int(job.out_bytes * frac)
@@ -589,15 +598,21 @@ class _Runner:
             return torch.Generator().manual_seed(tensor_seed(seed, job.name))
         return tensor_generators(seed, job.name, len(self.plan.models))
 
-    def _prepared(self, unit: Unit) -> dict[str, Any]:
-        """The method's pre-pass over every block of this tensor (once, at its first block)."""
-        spec, job = self.plan.spec, unit.job
-        if spec.tensor_prepare is None:
-            return {}
+    def needs_prepare(self, unit: Unit) -> bool:
+        """The first block of a tensor whose method has a pre-pass over its blocks."""
+        return (unit.rows is not None and unit.rows[0] == 0 and self.plan.spec.tensor_prepare is not None
+                and unit.job.route in ("method", NO_STATS_ROUTE))
+
+    def prepare(self, unit: Unit) -> None:
+        """The method's pre-pass over every block of this tensor, at its first block (before any of its blocks is
+        read ahead, so that the pass's reads are the only ones of this tensor in memory)."""
+        job = unit.job
+
         def stream():
             for u in self.plan.units_of(job):
                 yield self.rows_of(u, self.load(u))
-        return spec.tensor_prepare(dict(self.method_kwargs), stream, job.shape) or {}
+        self._state(unit)["prepared"] = self.plan.spec.tensor_prepare(dict(self.method_kwargs), stream,
+                                                                      job.shape) or {}
 
     def compute(self, unit: Unit, loaded: Any) -> torch.Tensor | bytes:
         job = unit.job
@@ -617,9 +632,7 @@ class _Runner:
             kwargs["generator"] = state["generator"] if "generator" in state else self._generator(job)
             state.setdefault("generator", kwargs["generator"])
         if "block" in spec.context and unit.rows is not None:
-            if "prepared" not in state:
-                state["prepared"] = self._prepared(unit)
-            kwargs["block"] = RowBlock(unit.offset, job.shape, state["prepared"])
+            kwargs["block"] = RowBlock(unit.offset, job.shape, state.get("prepared", {}))
         if unit.last:
             self._tensor = None
         result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
@@ -629,6 +642,22 @@ class _Runner:
             raise ForgetlessError(f"method {spec.name!r} produced NaN or Inf", tensor=job.name,
                                   remedy="check the inputs (and statistics) of this tensor for NaN/Inf")
         return result.to(job.out_dtype)
+
+
+def _release_freed_memory() -> None:
+    """Make glibc return freed blocks of 1 MiB and more to the system at once (a fixed mmap threshold). By default
+    it raises that threshold up to 32 MiB as large blocks are freed, and then keeps freed blocks below it in its
+    per-thread arenas: with tensors in row blocks, each block's masks and temporaries are such blocks, and the
+    process grew by one block's worth of them per block (+200 MiB measured on a 545 M-entry embedding) instead of
+    staying within the budget. Process-wide and lasting; a no-op where glibc's mallopt is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
@@ -643,6 +672,8 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                              force=plan.force, metadata=metadata)
     runner = _Runner(plan)
     units = plan.units()
+    if plan.block_rows:
+        _release_freed_memory()
     bar = None
     try:  # from here on, any failure or signal removes the writer's temporary folder
         if plan.spec.prepare is not None:
@@ -665,9 +696,12 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
             inflight, nxt = 0, 0
 
             def prefetch() -> None:
-                """Read ahead up to PREFETCH units and PREFETCH_BYTES (always at least the next one)."""
+                """Read ahead up to PREFETCH units and PREFETCH_BYTES (always at least the next one), never past a
+                tensor whose pre-pass has not run."""
                 nonlocal inflight, nxt
                 while nxt < len(units) and len(loads) < PREFETCH:
+                    if runner.needs_prepare(units[nxt]) and nxt not in ready:
+                        break
                     cost = plan.input_bytes(units[nxt])
                     if loads and inflight + cost > PREFETCH_BYTES:
                         break
@@ -675,9 +709,14 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                     inflight += cost
                     nxt += 1
 
+            ready: set[int] = set()  # units that begin a tensor whose pre-pass has run
             prefetch()
             pending_write: Future | None = None
             for i, unit in enumerate(units):
+                if runner.needs_prepare(unit):
+                    runner.prepare(unit)
+                    ready.add(i)
+                    prefetch()
                 future, cost = loads.pop(i)  # prefetch() always holds the next unit
                 loaded = future.result()
                 inflight -= cost

@@ -10,9 +10,11 @@ whole tensor or its blocks one at a time (:class:`Cut` carries everything a bloc
 index of the last tie kept).
 
 The answer is found without sorting and without holding more than one piece: a seeded random sample of every piece
-brackets the k-th value (±6 standard errors of the sample quantile), one pass counts the entries beyond the bracket
-and gathers those inside it with their flat indices, and an exact selection runs on that small set. A bracket that
-misses is detected, not trusted: the pass is repeated with an unbounded bracket (every entry gathered).
+brackets the k-th value (±6 standard errors of the sample quantile; the sample grows with the tensor so that about
+:data:`GATHER` entries fall inside), one pass counts the entries beyond the bracket and gathers the values inside
+it, and an exact selection runs on that small set. Only when the k-th value is tied and some of its ties are left
+out does one more pass find the flat index of the last tie kept. A bracket that misses is detected, not trusted:
+the pass is repeated with an unbounded bracket (every entry gathered).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from torch import Tensor
 
 Pieces = Callable[[], Iterable[tuple[Tensor, int]]]  # each call: a fresh iterator of (flat piece, flat offset)
-SAMPLE = 1 << 16
+SAMPLE = 1 << 16  # the least sample for the bracket
+GATHER = 1 << 22  # entries expected inside the bracket: the sample is sized for it (16 MiB of fp32 per selection)
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,12 @@ class Cut:
     value: float
     last: int
     largest: bool = True
+    every_tie: bool = False  # every entry equal to `value` is selected (the common case: one compare per entry)
 
     def mask(self, piece: Tensor, offset: int = 0) -> Tensor:
         """Boolean mask of the selected entries of a flat `piece` whose first entry has flat index `offset`."""
+        if self.every_tie:
+            return piece >= self.value if self.largest else piece <= self.value
         keep = piece > self.value if self.largest else piece < self.value
         n = piece.numel()
         if self.last < offset:
@@ -70,8 +76,10 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
     if not todo:
         return cuts  # type: ignore[return-value]
     bounds = {j: (-math.inf, math.inf) for j in todo}
-    if n > 4 * sample:  # a sampled bracket; below this size one exact pass is as cheap
-        rate = sample / n
+    # the bracket ±6/√s wide in quantile holds ≈ 12·n/√s entries: a sample of (12·n/GATHER)² keeps that near GATHER
+    s_want = max(sample, math.ceil((12 * n / GATHER) ** 2))
+    if n > 4 * s_want:  # a sampled bracket; below this size one exact pass is as cheap
+        rate = s_want / n
         picks: dict[int, list[Tensor]] = {j: [] for j in todo}
         for i, (ps, _) in enumerate(pieces()):
             m = max(1, round(ps[0].numel() * rate)) if ps[0].numel() else 0
@@ -81,26 +89,25 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
                     picks[j].append(ps[j][at])
         for j in todo:
             pool = torch.cat(picks[j])
-            s, margin = pool.numel(), 6.0 / math.sqrt(pool.numel())
+            sz, margin = pool.numel(), 6.0 / math.sqrt(pool.numel())
             # the k-th largest lies near the (1 − k/n)-quantile, the k-th smallest near the (k/n)-quantile
             q = 1.0 - ks[j] / n if largest else ks[j] / n
-            lo = float(pool.kthvalue(max(1, int((q - margin) * s))).values) if q - margin > 0 else -math.inf
-            hi = float(pool.kthvalue(min(s, int((q + margin) * s) + 1)).values) if q + margin < 1 else math.inf
+            lo = float(pool.kthvalue(max(1, int((q - margin) * sz))).values) if q - margin > 0 else -math.inf
+            hi = float(pool.kthvalue(min(sz, int((q + margin) * sz) + 1)).values) if q + margin < 1 else math.inf
             bounds[j] = (lo, hi)
+        del picks
+    found: dict[int, tuple[float, int, int]] = {}  # j -> (value, ties to keep, ties in all)
     while todo:
         beyond = dict.fromkeys(todo, 0)
         values: dict[int, list[Tensor]] = {j: [] for j in todo}
-        where: dict[int, list[Tensor]] = {j: [] for j in todo}
-        for ps, offset in pieces():
+        for ps, _ in pieces():
             for j in todo:
                 p, (lo, hi) = ps[j], bounds[j]
                 beyond[j] += int(torch.count_nonzero(p > hi if largest else p < lo))
-                inside = ((p >= lo) & (p <= hi)).nonzero().squeeze(1)
-                values[j].append(p[inside])
-                where[j].append(inside.add_(offset))
+                values[j].append(p[(p >= lo) & (p <= hi)])
         missed = []
         for j in todo:
-            vals, idx = torch.cat(values[j]), torch.cat(where[j])
+            vals = torch.cat(values.pop(j))
             r = ks[j] - beyond[j]  # the answer's rank among the gathered entries, from the top / bottom
             if not 1 <= r <= vals.numel():
                 if bounds[j] == (-math.inf, math.inf):
@@ -109,10 +116,27 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
                 continue
             v = vals.kthvalue(vals.numel() - r + 1 if largest else r).values
             before = int(torch.count_nonzero(vals > v if largest else vals < v))
-            ties = idx[vals == v]  # in flat order: pieces come in order and nonzero() is ordered
-            cuts[j] = Cut(float(v), int(ties[r - before - 1]), largest)
+            found[j] = (float(v), r - before, int(torch.count_nonzero(vals == v)))  # every tie lies in the bracket
         todo = missed
         bounds.update(dict.fromkeys(missed, (-math.inf, math.inf)))  # a missed bracket: gather everything
+    for j, (v, keep, ties) in found.items():
+        if keep == ties:
+            cuts[j] = Cut(v, 1 << 62, largest, every_tie=True)
+    partial = {j: 0 for j, (v, keep, ties) in found.items() if keep < ties}  # j -> ties seen so far
+    if partial:  # the flat index of the last tie kept: one more pass, until every such selection has found it
+        for ps, offset in pieces():
+            for j in list(partial):
+                v, keep, _ = found[j]
+                eq = ps[j] == v
+                c = int(torch.count_nonzero(eq))
+                if partial[j] + c >= keep:
+                    at = int(eq.nonzero()[keep - partial[j] - 1]) + offset
+                    cuts[j] = Cut(v, at, largest)
+                    del partial[j]
+                else:
+                    partial[j] += c
+            if not partial:
+                break
     return cuts  # type: ignore[return-value]
 
 
