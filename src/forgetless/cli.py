@@ -279,6 +279,19 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
     build(out, vision_steps=vision_steps, align_steps=align_steps, seed=seed, workdir=workdir, log=click.echo)
 
 
+@testbed_group.command("frontier")
+@click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
+def testbed_frontier_cmd(names: tuple[str, ...], workdir: str) -> None:
+    """Every method's trade-off curve over its knob on the validation splits (cached; `testbed report` draws them)."""
+    from .testbed import tasks as T
+    from .testbed.frontier import run_frontier
+
+    for name in names or T.DOWNSTREAM:
+        click.echo(f"== {name}")
+        run_frontier(name, f"{workdir}/{name}", log=click.echo)
+
+
 @testbed_group.command("report")
 @click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)

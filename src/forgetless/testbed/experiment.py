@@ -25,13 +25,15 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..eval.cache import cached_evaluate, weights_digest
+from ..eval.metrics import Bootstrap
 from . import tasks as T
 
 # The documented downstream recipe: full fine-tuning of the last 12 decoder layers (the scope CGM's published
@@ -72,6 +74,23 @@ def task_fields(result: dict) -> dict:
     return {"tasks": {n: round(100 * x["accuracy"], 2) for n, x in tasks.items()},
             "kinds": {n: x["kind"] for n, x in tasks.items()},
             "correct_items": {n: x["correct_items"] for n, x in tasks.items()}}
+
+
+def row_name(r: Mapping[str, Any]) -> str:
+    """A results.json row's name: its method label and knob."""
+    return f"{r['method']} {r.get('knob', '')}".strip()
+
+
+def row_result(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A results.json row as an evaluation result (kind, accuracy and per-item correctness per task)."""
+    return {"tasks": {n: {"kind": r["kinds"][n], "accuracy": acc / 100, "correct_items": r["correct_items"][n]}
+                      for n, acc in r["tasks"].items()}}
+
+
+def row_draws(rows: list[dict], boot: Bootstrap) -> dict[str, dict[str, np.ndarray | None]]:
+    """Each row's resampled scores, E, F and E + F paired with the ``base`` row (row name → key → draws)."""
+    base = row_result(next(r for r in rows if r["method"] == "base"))
+    return {row_name(r): boot.compare(row_result(r), base) for r in rows}
 
 
 def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
@@ -168,8 +187,9 @@ def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[st
 def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[tuple[str, str]] | None = None,
                    finetune_recipe: dict | None = None, limits: dict[str, int] | None = None,
                    task_limit: int | None = None, split: str = "test", keep_models: bool = False,
-                   eval_batch_size: int = 16, log: Callable[[str], None] = print) -> dict:
-    """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/results.json) rows
+                   eval_batch_size: int = 16, results_name: str = "results.json",
+                   log: Callable[[str], None] = print) -> dict:
+    """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/`results_name`) rows
     with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
     recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
     import forgetless
@@ -254,5 +274,5 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
                "timings": {k: round(v, 1) for k, v in timings.items()},
                "threads": torch.get_num_threads()}
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (workdir / results_name).write_text(json.dumps(results, indent=1) + "\n")
     return results

@@ -23,7 +23,10 @@ from ..eval.metrics import Bootstrap, NamedDraws, half_width, item_correct
 from ..eval.report import cell, diff_cell, doc_link, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
+from .experiment import row_draws, row_name, row_result
+from .frontier import RESULTS as FRONTIER_RESULTS
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
+from .report_frontier import frontier_markdown
 
 # extra knob values so that each of these methods draws a curve, not a point
 CURVES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
@@ -51,16 +54,6 @@ def _knob_value(knob: str) -> float | None:
         return None
 
 
-def row_name(r: Mapping[str, Any]) -> str:
-    return f"{r['method']} {r.get('knob', '')}".strip()
-
-
-def row_result(r: Mapping[str, Any]) -> dict[str, Any]:
-    """A results.json row as an evaluation result (kind, accuracy and per-item correctness per task)."""
-    return {"tasks": {n: {"kind": r["kinds"][n], "accuracy": acc / 100, "correct_items": r["correct_items"][n]}
-                      for n, acc in r["tasks"].items()}}
-
-
 def plot_rows(rows: list[dict], path: Path, title: str, intervals: list[dict] | None = None) -> Path:
     pts = []
     for k, r in enumerate(rows):
@@ -75,12 +68,6 @@ def plot_rows(rows: list[dict], path: Path, title: str, intervals: list[dict] | 
 def table(rows: list[dict], intervals: list[dict] | None = None) -> str:
     return format_table([{"name": row_name(r), **r, "accuracy": r["tasks"],
                           "intervals": intervals[k] if intervals else None} for k, r in enumerate(rows)])
-
-
-def row_draws(rows: list[dict], boot: Bootstrap) -> dict[str, dict[str, np.ndarray | None]]:
-    """Each row's resampled scores, E, F and E + F paired with the ``base`` row (row name → key → draws)."""
-    base = row_result(next(r for r in rows if r["method"] == "base"))
-    return {row_name(r): boot.compare(row_result(r), base) for r in rows}
 
 
 def row_intervals(rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
@@ -299,6 +286,8 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         "## Per task\n", "\n".join(sections),
         "## Reading (honest)\n", _reading(previous),
         "## Time (this run, 2 cores)\n", _timings(names, results), "",
+        *([frontier_markdown(workdir, names, plots or workdir, previous)]
+          if any((workdir / n / FRONTIER_RESULTS).is_file() for n in names) else []),
         *([multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
           if (workdir / "multitask" / "results.json").is_file() else []),
         *([continual_markdown(workdir / "continual", plots or workdir / "continual", previous,

@@ -1,0 +1,82 @@
+"""The forgetting frontier's arithmetic: F at matched E and the area under a curve against hand computations, the
+bootstrap draws against the point values, and the section rendered from a synthetic frontier-val.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from forgetless.eval.metrics import Bootstrap, compare, correct_items
+from forgetless.testbed import frontier as FR
+from forgetless.testbed.experiment import row_result, task_fields
+from forgetless.testbed.report_frontier import Curves, frontier_markdown, knob_of
+
+
+def test_curve_at_interpolates_along_e_and_is_nan_beyond_the_ends():
+    e, f = np.array([0.0, 10.0, 4.0]), np.array([0.0, -8.0, -2.0])  # unordered: sorted by E first
+    got = FR.curve_at(e, f, np.array([2.0, 4.0, 7.0, 10.0, 11.0]))
+    assert np.allclose(got[:4], [-1.0, -2.0, -5.0, -8.0]) and np.isnan(got[4])
+    draws_e = np.stack([e, e * 2]).T  # [P=3, B=2]
+    draws_f = np.stack([f, f]).T
+    got = FR.curve_at(draws_e, draws_f, np.array([[4.0, 4.0]]))
+    assert np.allclose(got, [[-2.0, -1.0]])  # the second resample's E doubled: F(4) = F_first(2) = -1
+
+
+def test_curve_area_is_the_mean_f_over_the_curve():
+    e = np.array([0.0, 5.0, 10.0])
+    assert FR.curve_area(e, -0.5 * e, 10.0) == pytest.approx(-2.5)  # linear F: its mean is the midpoint's
+    assert FR.curve_area(e, np.array([0.0, -5.0, -5.0]), 10.0) == pytest.approx((-12.5 - 25.0) / 10)
+    draws = FR.curve_area(np.stack([e, e]).T, np.stack([-0.5 * e, -e]).T, np.array([10.0, 10.0]))
+    assert np.allclose(draws, [-2.5, -5.0])
+
+
+def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
+    merges = FR.frontier_merges()
+    assert len(merges) == sum(len(v[3]) for v in FR.KNOBS.values())
+    for label, method, params, _ in merges:
+        assert next(iter(params)) == FR.KNOBS[label][2]
+    assert knob_of({"knob": "lambda=1 density=0.05"}, "TIES") == 0.05
+
+
+def _result(acc: dict[str, float], n: int = 200, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    kinds = {"digits": "downstream", "colour": "general_visual", "probes": "general_text"}
+    tasks = {}
+    for t, a in acc.items():
+        flags = rng.random(n) < a
+        tasks[t] = {"kind": kinds[t], "accuracy": float(flags.mean()), "correct_items": correct_items(flags)}
+    return {"tasks": tasks}
+
+
+def test_curves_and_section_from_a_frontier_file(tmp_path):
+    base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, seed=1)
+    ft = _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=2)
+    rows = [("base", "", base), ("fine-tuned", "", ft)]
+    for i, lam in enumerate((0.3, 0.6)):
+        rows.append(("WiSE-FT", f"lambda={lam:g}", _result({"digits": 0.3 + 0.6 * lam, "colour": 0.8 - 0.2 * lam,
+                                                           "probes": 0.7 - 0.1 * lam}, seed=10 + i)))
+    for i, a in enumerate((1.0, 25.0)):
+        rows.append(("CGM", f"alpha={a:g}", _result({"digits": 0.8 - 0.01 * a, "colour": 0.6, "probes": 0.6},
+                                                   seed=20 + i)))
+    rows.append(("SPIDER", "", _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=30)))
+    out = {"rows": [{"method": m, "knob": k, **compare(r, base, ft), **task_fields(r)} for m, k, r in rows]}
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / FR.RESULTS).write_text(json.dumps(out))
+    c = Curves(out, Bootstrap(200, seed=0))
+    by = {(r["method"], r["knob"]): r for r in out["rows"]}
+    e_ft = by[("fine-tuned", "")]["E"]
+    pts = sorted([(0.0, 0.0), (e_ft, by[("fine-tuned", "")]["F"]),
+                  *[(by[("WiSE-FT", k)]["E"], by[("WiSE-FT", k)]["F"]) for k in ("lambda=0.3", "lambda=0.6")]])
+    want = np.interp(0.9 * e_ft, [p[0] for p in pts], [p[1] for p in pts])
+    point, draws = c.at("WiSE-FT", 0.9)
+    assert point == pytest.approx(want)
+    assert draws.shape == (200,) and abs(np.nanmedian(draws) - point) < 5
+    # a resample's curve is the curve of that resample's rows
+    boot = c.boot
+    d_base = boot.compare(row_result(by[("base", "")]), row_result(by[("base", "")]))
+    assert np.allclose(d_base["E"], 0.0)
+    md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots")
+    assert "Not run yet: tag." in md and "| WiSE-FT | lambda 0.3, 0.6 |" in md and "| SPIDER | one fine-tune" in md
+    assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000
