@@ -13,13 +13,15 @@ from forgetless.cli import cli
 from forgetless.errors import ForgetlessError
 from forgetless.eval.cache import cached_evaluate, weights_digest
 from forgetless.eval.harness import evaluate
-from forgetless.eval.sweep import choose, parse_param
+from forgetless.eval.sweep import Rule, choose, parse_param
 
 
 def _task(folder, name, kind, rows):
     folder.mkdir(parents=True)
     (folder / "task.json").write_text(json.dumps({"name": name, "kind": kind, "metric": "mc"}))
     (folder / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps({**r, "id": f"t{r['id']}", "question": r["question"] + " Again?"})
+                                               + "\n" for r in rows[::-1]))
     return folder
 
 
@@ -42,6 +44,17 @@ def test_choose_rule():
     assert choose(pts, 100.0, 0.98) == (pts[2], True)  # best G among T >= 98
     assert choose(pts, 200.0, 0.98) == (pts[1], False)  # none qualifies: highest T
     assert choose([], 1.0) == (None, False)
+    ft = {"T": 100.0, "G": 30.0, "E": 40.0, "F": -20.0}
+    pts = [{"T": 90, "G": 50, "E": 30, "F": -5}, {"T": 99, "G": 40, "E": 39, "F": -12},
+           {"T": 98, "G": 45, "E": 38, "F": -9}, {"T": 96, "G": 46, "E": 36, "F": -8}]
+    assert choose(pts, ft, Rule(keep_gain=0.95)) == (pts[2], True)  # E ≥ 38: best F
+    assert choose(pts, ft, Rule(keep_gain=0.99)) == (pts[1], False)  # none: the highest E
+    assert choose(pts, ft, Rule(max_loss=8.5)) == (pts[3], True)  # F ≥ −8.5: best E
+    assert choose(pts, ft, Rule(max_loss=1)) == (pts[0], False)  # none: the highest F
+    with pytest.raises(ForgetlessError, match="one target"):
+        Rule(keep_gain=0.9, max_loss=2)
+    with pytest.raises(ForgetlessError, match="fraction"):
+        Rule(keep_gain=95)
     assert parse_param("cgm:alpha=0.05,0.2,1") == ("cgm", "alpha", [0.05, 0.2, 1.0])
     assert parse_param("lambda=0.5") == (None, "lambda", [0.5])
     with pytest.raises(ForgetlessError, match="NAME=V1"):
@@ -84,3 +97,26 @@ def test_sweep_refuses_a_parameter_no_recipe_has(setup, tmp_path):
     res = CliRunner().invoke(cli, ["sweep", str(recipe), "--param", "linear:alpha=1", "--tasks", str(t),
                                    "--general", str(g), "--workdir", str(tmp_path / "w")])
     assert res.exit_code != 0 and "no parameter 'alpha'" in str(res.exception or res.output)
+
+
+def test_sweep_picks_by_the_users_target_and_reports_the_held_out_split(setup, tmp_path):
+    _root, base, ft, t, g = setup
+    wise = tmp_path / "wise.yaml"
+    wise.write_text(f"method: linear\nbase: {base}\nmodels: [{ft}]\n")
+    ta = tmp_path / "ta.yaml"
+    ta.write_text(f"method: task_arithmetic\nbase: {base}\nmodels: [{ft}]\n")
+    res = CliRunner().invoke(cli, ["sweep", str(wise), str(ta), "--param", "lambda=0,0.5,1", "--tasks", str(t),
+                                   "--general", str(g), "--workdir", str(tmp_path / "w"), "--max-loss", "0",
+                                   "--held-out", "test"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    assert len(out["points"]) == 6 and out["rule"] == "best E with F ≥ −0"
+    ok = [p for p in out["points"] if p["F"] >= 0]
+    assert out["chosen"] == max(ok, key=lambda p: (p["E"], p["F"]))  # λ = 0 (the base) qualifies at least
+    h = out["held_out"]
+    assert h["split"] == "test" and h["intervals"]["E"][0] <= h["E"] <= h["intervals"]["E"][1]
+    direct = cached_evaluate(base, {"colours": t}, {"facts": g}, cache_dir=tmp_path / "w" / "eval-cache",
+                             split="test", log=None)[0]
+    assert direct["split"] == "test" and "(held out)" in res.output
+    if out["chosen"]["value"] == 0:  # the base itself: E and F exactly 0 on the held-out split too
+        assert h["E"] == 0 and h["F"] == 0 and h["rule_met"]

@@ -328,23 +328,33 @@ def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: st
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG (default: WORKDIR/sweep.png).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--keep-gain", type=float, default=None, metavar="FRACTION",
+              help="Rule: keep at least this fraction of the fine-tune's task gain E (e.g. 0.95), then the best F.")
+@click.option("--max-loss", type=float, default=None, metavar="POINTS",
+              help="Rule: lose at most this many points of general score (F ≥ −POINTS), then the best E.")
+@click.option("--held-out", default=None, metavar="SPLIT",
+              help="Evaluate the chosen point on this split too (e.g. test): what to expect there, with intervals.")
 def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, general: str, task_root: str | None,
               split: str, limit: int | None, min_task_ratio: float, workdir: str, plot: str | None, out: str | None,
-              batch_size: int) -> None:
-    """Evaluate a grid of a merge method's knob; draw the trade-off (PNG) and pick a point by a stated rule."""
+              batch_size: int, keep_gain: float | None, max_loss: float | None, held_out: str | None) -> None:
+    """Evaluate a grid of merge knobs (one recipe per method); draw the trade-off (PNG) and pick the method and knob
+    by a stated rule: --keep-gain, --max-loss or --min-task-ratio."""
     from pathlib import Path
 
     from .eval.harness import resolve_task
-    from .eval.sweep import sweep
+    from .eval.sweep import Rule, sweep
 
-    def group(spec: str) -> dict:
-        found = [resolve_task(s.strip(), split=split, task_root=task_root) for s in spec.split(",") if s.strip()]
+    def group(spec: str, on: str) -> dict:
+        found = [resolve_task(s.strip(), split=on, task_root=task_root) for s in spec.split(",") if s.strip()]
         return {t.name: t for t in found}
 
+    rule = Rule(min_task_ratio=min_task_ratio, keep_gain=keep_gain, max_loss=max_loss)
+    where = ({"split": held_out, "tasks": group(tasks, held_out), "general": group(general, held_out)}
+             if held_out else None)
     wd = Path(workdir)
-    sweep(list(recipes), list(params), tasks=group(tasks), general=group(general), workdir=wd, split=split,
-          limit=limit, min_task_ratio=min_task_ratio, plot=plot or wd / "sweep.png", out=out or wd / "sweep.json",
-          batch_size=batch_size, log=click.echo)
+    sweep(list(recipes), list(params), tasks=group(tasks, split), general=group(general, split), workdir=wd,
+          split=split, limit=limit, rule=rule, held_out=where, plot=plot or wd / "sweep.png",
+          out=out or wd / "sweep.json", batch_size=batch_size, log=click.echo)
 
 
 @cli.command("demo")

@@ -5,9 +5,16 @@ Each recipe (a merge recipe: method, base, one fine-tuned model, statistics…) 
 scratch folder, evaluated (cached by weights digest, so repeated points and the base/fine-tuned models cost
 nothing the second time), and removed. The base and fine-tuned models are evaluated as reference points.
 
-The rule (``min_task_ratio``, default 0.98): among the grid points whose task score T is at least that fraction of
-the fine-tuned model's, the one with the best general score G (ties: higher T, then the earlier point). If no
-point qualifies, the one with the highest T, and the result says so.
+The rule, what the user states (:class:`Rule`; one of):
+
+- ``keep_gain`` g ("keep at least 95% of the task gain"): among the points with E ≥ g·E(fine-tuned), the best F;
+- ``max_loss`` L ("lose at most 2 points of general score"): among the points with F ≥ −L, the best E;
+- ``min_task_ratio`` r (the default, 0.98): among the points with T ≥ r·T(fine-tuned), the best G.
+
+Ties go to the other score, then to the earlier point. If no point qualifies, the one closest to qualifying (the
+highest E, F or T), and the result says so. With ``held_out`` (a split, e.g. "test") the chosen point is merged
+again and evaluated there with the base and the fine-tuned model: what the choice is expected to give on data it
+was not chosen on, with 95% intervals, and whether the stated target holds there.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import copy
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +45,60 @@ def parse_param(spec: str) -> tuple[str | None, str, list[float]]:
     return method or None, name.strip(), vals
 
 
-def choose(points: list[dict], ft_task: float, min_task_ratio: float = 0.98) -> tuple[dict | None, bool]:
-    """(chosen point, whether it met the rule) — see the module docstring."""
+@dataclass(frozen=True)
+class Rule:
+    """What the user wants of the chosen point (module docstring): exactly one of the three is used, the first
+    set of ``keep_gain``, ``max_loss``, then ``min_task_ratio``."""
+
+    min_task_ratio: float = 0.98
+    keep_gain: float | None = None
+    max_loss: float | None = None
+
+    def __post_init__(self):
+        if self.keep_gain is not None and self.max_loss is not None:
+            raise ForgetlessError("give one target: --keep-gain or --max-loss, not both",
+                                  remedy="state what matters most; the other score is then made as good as it gets")
+        if self.keep_gain is not None and not 0 < self.keep_gain <= 1.5:
+            raise ForgetlessError(f"--keep-gain {self.keep_gain:g} is a fraction of the task gain, e.g. 0.95",
+                                  remedy="give a fraction in (0, 1.5]")
+        if self.max_loss is not None and self.max_loss < 0:
+            raise ForgetlessError(f"--max-loss {self.max_loss:g}: points of general score lost, ≥ 0",
+                                  remedy="e.g. --max-loss 2")
+
+    def keys(self) -> tuple[str, str]:
+        """(the score the target bounds, the score then maximised)."""
+        return ("E", "F") if self.keep_gain is not None else ("F", "E") if self.max_loss is not None else ("T", "G")
+
+    def bound(self, finetuned: dict) -> float:
+        if self.keep_gain is not None:
+            return self.keep_gain * finetuned["E"]
+        if self.max_loss is not None:
+            return -self.max_loss
+        return self.min_task_ratio * finetuned["T"]
+
+    def describe(self, finetuned: dict) -> str:
+        if self.keep_gain is not None:
+            return f"best F with E ≥ {self.keep_gain:g} × E(fine-tuned) = {self.bound(finetuned):.1f}"
+        if self.max_loss is not None:
+            return f"best E with F ≥ −{self.max_loss:g}"
+        return f"best G with T ≥ {self.min_task_ratio:g} × T(fine-tuned) = {self.bound(finetuned):.1f}"
+
+    def met(self, point: dict, finetuned: dict) -> bool:
+        return point[self.keys()[0]] >= self.bound(finetuned)
+
+
+def choose(points: list[dict], finetuned: dict | float, rule: Rule | float = 0.98) -> tuple[dict | None, bool]:
+    """(chosen point, whether it met the rule) — see the module docstring. ``finetuned``: the fine-tuned model's
+    scores (or its T alone, with a ``min_task_ratio`` rule given as a number)."""
+    rule = rule if isinstance(rule, Rule) else Rule(min_task_ratio=rule)
+    ft = finetuned if isinstance(finetuned, dict) else {"T": finetuned}
     if not points:
         return None, False
-    ok = [p for p in points if p["T"] >= min_task_ratio * ft_task]
+    bounded, best = rule.keys()
+    ok = [p for p in points if rule.met(p, ft)]
     if ok:
-        return max(ok, key=lambda p: (p["G"], p["T"], -points.index(p))), True
-    return max(points, key=lambda p: (p["T"], p["G"], -points.index(p))), False
+        return max(ok, key=lambda p: (p[best], p[bounded], -points.index(p))), True
+    return max(points, key=lambda p: (p[bounded], p[best], -points.index(p))), False
 
 
 def _grid_for(method: str, accepted: set[str], params: list[tuple[str | None, str, list[float]]]):
@@ -68,8 +122,12 @@ def _accuracy(result: dict) -> dict[str, float]:
 def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks: dict[str, Any],
           general: dict[str, Any], workdir: str | Path, split: str = "val", limit: int | None = None,
           min_task_ratio: float = 0.98, plot: str | Path | None = None, out: str | Path | None = None,
-          batch_size: int = 8, log: Callable[[str], None] | None = print) -> dict:
-    """Run the grid (module docstring); returns ``{"points", "base", "finetuned", "chosen", "rule", ...}``."""
+          batch_size: int = 8, rule: Rule | None = None, held_out: dict[str, dict[str, Any]] | None = None,
+          log: Callable[[str], None] | None = print) -> dict:
+    """Run the grid (module docstring); returns ``{"points", "base", "finetuned", "chosen", "rule", ...}``.
+    ``rule`` (default: ``min_task_ratio``'s); ``held_out``: {"split": name, "tasks": …, "general": …} — the
+    chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``)."""
+    rule = rule or Rule(min_task_ratio=min_task_ratio)
     import forgetless
 
     from ..methods.registry import METHODS
@@ -107,9 +165,10 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     ft = Path(m0["model"] if isinstance(m0, dict) else m0)
     cache = workdir / "eval-cache"
 
-    def evaluate(model: Path) -> dict:
-        r, cached = cached_evaluate(model, tasks, general, cache_dir=cache, split=split, limit=limit,
-                                    batch_size=batch_size, log=None)
+    def evaluate(model: Path, where: dict | None = None) -> dict:
+        w = where or {"split": split, "tasks": tasks, "general": general}
+        r, cached = cached_evaluate(model, w["tasks"], w["general"], cache_dir=cache, split=w["split"],
+                                    limit=limit, batch_size=batch_size, log=None)
         say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
         return r
 
@@ -133,8 +192,8 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
                 points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
                                **compare(r, base_r, ft_r), "accuracy": _accuracy(r), "intervals": intervals(r)})
     ft_scores = compare(ft_r, base_r, ft_r)
-    chosen, met = choose(points, ft_scores["T"], min_task_ratio)
-    rule = f"best G with T ≥ {min_task_ratio:g} × T(fine-tuned) = {min_task_ratio * ft_scores['T']:.1f}"
+    chosen, met = choose(points, ft_scores, rule)
+    stated = rule.describe(ft_scores)
     rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r),
              "intervals": intervals(base_r)},
             {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r),
@@ -142,10 +201,13 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
             *points]
     say(format_table([{"name": f"{r['method']} {r['knob']}".strip(), **r} for r in rows]))
     if chosen is not None:
-        say(f"chosen ({rule}{'' if met else '; no point met it, highest T instead'}): {chosen['method']} "
-            f"{chosen['knob']}: T {chosen['T']:.1f}, G {chosen['G']:.1f}")
-    result = {"split": split, "limit": limit, "rule": rule, "rule_met": met, "chosen": chosen,
+        say(f"chosen ({stated}{'' if met else f'; no point met it, highest {rule.keys()[0]} instead'}): "
+            f"{chosen['method']} {chosen['knob']}: T {chosen['T']:.1f}, G {chosen['G']:.1f}, E {chosen['E']:+.1f}, "
+            f"F {chosen['F']:+.1f}")
+    result = {"split": split, "limit": limit, "rule": stated, "rule_met": met, "chosen": chosen,
               "base": compare(base_r, base_r, ft_r), "finetuned": ft_scores, "points": points}
+    if held_out and chosen is not None:
+        result["held_out"] = _held_out(chosen, loaded, held_out, rule, workdir, evaluate, say)
     if plot:
         bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
         pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
@@ -159,3 +221,35 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     if out:
         write_json(out, result)
     return result
+
+
+def _held_out(chosen: dict, loaded: list, where: dict, rule: Rule, workdir: Path, evaluate, say) -> dict:
+    """The chosen point merged again and evaluated on the held-out split with the base and the fine-tuned model:
+    its scores with 95% intervals (E and F paired with the base there) and whether the target holds there."""
+    import forgetless
+
+    from .metrics import Bootstrap, compare
+
+    d = next(d for d, _ in loaded if d["method"] == chosen["method"])
+    rec = copy.deepcopy(d)
+    rec.setdefault("parameters", {})[chosen["param"]] = chosen["value"]
+    first = loaded[0][0]
+    m0 = first["models"][0]
+    base, ft = Path(first["base"]), Path(m0["model"] if isinstance(m0, dict) else m0)
+    folder = workdir / "merged" / f"held-out-{chosen['method']}"
+    forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
+    try:
+        r = evaluate(folder, where)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    base_r, ft_r = evaluate(base, where), evaluate(ft, where)
+    boot = Bootstrap()
+    got = {**compare(r, base_r, ft_r), "intervals": boot.intervals(boot.compare(r, base_r))}
+    ft_scores = compare(ft_r, base_r, ft_r)
+    got["finetuned"] = ft_scores
+    got["rule_met"] = rule.met(got, ft_scores)
+    iv = got["intervals"]
+    say(f"on {where['split']} (held out): E {got['E']:+.1f} [{iv['E'][0]:+.1f}, {iv['E'][1]:+.1f}], "
+        f"F {got['F']:+.1f} [{iv['F'][0]:+.1f}, {iv['F'][1]:+.1f}] (fine-tuned: E {ft_scores['E']:+.1f}, "
+        f"F {ft_scores['F']:+.1f}); the target {'holds' if got['rule_met'] else 'does not hold'} there")
+    return {"split": where["split"], **got}
