@@ -14,22 +14,22 @@ from forgetless.testbed.experiment import row_result, task_fields
 from forgetless.testbed.report_frontier import Curves, frontier_markdown, knob_of
 
 
-def test_curve_at_interpolates_along_e_and_is_nan_beyond_the_ends():
-    e, f = np.array([0.0, 10.0, 4.0]), np.array([0.0, -8.0, -2.0])  # unordered: sorted by E first
-    got = FR.curve_at(e, f, np.array([2.0, 4.0, 7.0, 10.0, 11.0]))
-    assert np.allclose(got[:4], [-1.0, -2.0, -5.0, -8.0]) and np.isnan(got[4])
-    draws_e = np.stack([e, e * 2]).T  # [P=3, B=2]
+def test_curve_at_is_the_best_f_among_points_that_keep_the_target_e():
+    e, f = np.array([0.0, 10.0, 4.0, 8.0]), np.array([0.0, -8.0, -2.0, -9.0])
+    got = FR.curve_at(e, f, np.array([0.0, 2.0, 4.0, 7.0, 10.0, 11.0]))
+    assert np.allclose(got[:5], [0.0, -2.0, -2.0, -8.0, -8.0]) and np.isnan(got[5])
+    draws_e = np.stack([e, e * 2]).T  # [P=4, B=2]
     draws_f = np.stack([f, f]).T
-    got = FR.curve_at(draws_e, draws_f, np.array([[4.0, 4.0]]))
-    assert np.allclose(got, [[-2.0, -1.0]])  # the second resample's E doubled: F(4) = F_first(2) = -1
+    got = FR.curve_at(draws_e, draws_f, np.array([[5.0, 5.0]]))
+    assert np.allclose(got, [[-8.0, -2.0]])  # the second resample's E doubled: the point at 4 → 8 reaches 5
 
 
-def test_curve_area_is_the_mean_f_over_the_curve():
-    e = np.array([0.0, 5.0, 10.0])
-    assert FR.curve_area(e, -0.5 * e, 10.0) == pytest.approx(-2.5)  # linear F: its mean is the midpoint's
-    assert FR.curve_area(e, np.array([0.0, -5.0, -5.0]), 10.0) == pytest.approx((-12.5 - 25.0) / 10)
-    draws = FR.curve_area(np.stack([e, e]).T, np.stack([-0.5 * e, -e]).T, np.array([10.0, 10.0]))
-    assert np.allclose(draws, [-2.5, -5.0])
+def test_curve_area_is_the_mean_best_f_over_e():
+    e, f = np.array([0.0, 5.0, 10.0]), np.array([0.0, -2.0, -6.0])
+    # best F: 0 at E = 0, -2 on (0, 5], -6 on (5, 10]: mean (-2·5 - 6·5) / 10 = -4, up to the grid's step
+    assert FR.curve_area(e, f, 10.0, n=2001) == pytest.approx(-4.0, abs=0.01)
+    draws = FR.curve_area(np.stack([e, e]).T, np.stack([f, 2 * f]).T, np.array([10.0, 10.0]), n=2001)
+    assert np.allclose(draws, [-4.0, -8.0], atol=0.02)
 
 
 def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
@@ -67,9 +67,9 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
     c = Curves(out, Bootstrap(200, seed=0))
     by = {(r["method"], r["knob"]): r for r in out["rows"]}
     e_ft = by[("fine-tuned", "")]["E"]
-    pts = sorted([(0.0, 0.0), (e_ft, by[("fine-tuned", "")]["F"]),
-                  *[(by[("WiSE-FT", k)]["E"], by[("WiSE-FT", k)]["F"]) for k in ("lambda=0.3", "lambda=0.6")]])
-    want = np.interp(0.9 * e_ft, [p[0] for p in pts], [p[1] for p in pts])
+    pts = [(0.0, 0.0), (e_ft, by[("fine-tuned", "")]["F"]),
+           *[(by[("WiSE-FT", k)]["E"], by[("WiSE-FT", k)]["F"]) for k in ("lambda=0.3", "lambda=0.6")]]
+    want = max(f for e, f in pts if e >= 0.9 * e_ft)
     point, draws = c.at("WiSE-FT", 0.9)
     assert point == pytest.approx(want)
     assert draws.shape == (200,) and abs(np.nanmedian(draws) - point) < 5

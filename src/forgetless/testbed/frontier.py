@@ -9,12 +9,18 @@ fine-tune, statistics and evaluation caches as the test-split experiment) with `
 ``runs/testbed/<task>/frontier-val.json``.
 
 Curves. Every merge curve runs from the base (E = F = 0: each knob has an end that gives θ₀) to the fine-tuned
-model (the other end), through the swept points ordered by E. Headline numbers, each with its 95% bootstrap
-interval over the validation items (the same resamples for every method, so differences are paired):
+model (the other end) through the swept points. On a few hundred validation items E is not monotone in a knob, so
+a curve is read as what the method can deliver: at each E, the best F among its points that keep at least that E
+(:func:`curve_at`; the rule ``forgetless sweep --keep-gain`` applies). Headline numbers, each with its 95%
+bootstrap interval over the validation items (the same resamples for every method, so differences are paired;
+each resample takes its own best point):
 
-- **F at matched E**: F of the curve, linearly interpolated, where E reaches 80%, 90% and 95% of the fine-tune's E
-  (on each resample, its own fine-tune's E);
-- **area**: the mean F along the curve, ∫F dE / E_ft over E ∈ [0, E_ft] (trapezoids on the interpolated curve).
+- **F at matched E**: that best F where E must reach 80%, 90% and 95% of the fine-tune's E (on each resample, its
+  own fine-tune's E);
+- **area**: its mean over E ∈ [0, E_ft], ∫F dE / E_ft.
+
+Picking the best of several noisy points favours a method with more points (the winner's curse): the test splits
+report the chosen points again.
 """
 
 from __future__ import annotations
@@ -52,24 +58,23 @@ def run_frontier(task: str, workdir: str | Path, *, log: Callable[[str], None] =
 
 
 def curve_at(e: np.ndarray, f: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """F of the curve through the points (e[i], f[i]) at each E in `targets`, linearly interpolated along E
-    (points ordered by E; NaN outside their range). ``e``, ``f``: [P] or [P, B] (B resamples, then ``targets`` is
-    [T] or [T, B]); returns [T] or [T, B]."""
-    if e.ndim == 1:
-        o = np.argsort(e, kind="stable")
-        return np.interp(targets, e[o], f[o], left=np.nan, right=np.nan)
-    out = np.empty((targets.shape[0], e.shape[1]))
-    for b in range(e.shape[1]):
-        out[:, b] = curve_at(e[:, b], f[:, b], targets[:, b] if targets.ndim == 2 else targets)
-    return out
+    """The best F a method reaches while keeping at least each target E: max{f[i] : e[i] ≥ target} (NaN where no
+    point reaches it). ``e``, ``f``: [P] points, or [P, B] (B resamples: then ``targets`` is [T] or [T, B]);
+    returns [T] or [T, B]. A step function of the target, realised by one of the method's own points — no
+    interpolation between knob values that were not run."""
+    e, f = np.asarray(e, dtype=float), np.asarray(f, dtype=float)
+    t = np.asarray(targets, dtype=float)
+    if e.ndim == 2 and t.ndim == 1:
+        t = np.broadcast_to(t[:, None], (t.shape[0], e.shape[1]))
+    reach = e[None] >= t[:, None]  # [T, P] or [T, P, B]
+    best = np.where(reach, f[None], -np.inf).max(axis=1)
+    return np.where(np.isfinite(best), best, np.nan)
 
 
-def curve_area(e: np.ndarray, f: np.ndarray, e_end: np.ndarray | float, n: int = 101) -> np.ndarray | float:
-    """The mean F along the curve over E ∈ [0, e_end] (∫F dE / e_end on `n` evenly spaced E)."""
-    if e.ndim == 1:
-        grid = np.linspace(0.0, float(e_end), n)
-        return float(np.trapezoid(curve_at(e, f, grid), grid) / float(e_end))
-    ends = np.broadcast_to(np.asarray(e_end, dtype=float), (e.shape[1],))
+def curve_area(e: np.ndarray, f: np.ndarray, e_end: np.ndarray | float, n: int = 201) -> np.ndarray | float:
+    """The mean of :func:`curve_at` over E ∈ [0, e_end] (trapezoids on `n` evenly spaced E): ∫F dE / e_end."""
     unit = np.linspace(0.0, 1.0, n)
-    grid = unit[:, None] * ends[None, :]
-    return np.trapezoid(curve_at(e, f, grid), unit, axis=0)  # ∫F dE / e_end = ∫F d(E / e_end)
+    if np.ndim(e) == 1:
+        return float(np.trapezoid(curve_at(e, f, unit * float(e_end)), unit))
+    ends = np.broadcast_to(np.asarray(e_end, dtype=float), (np.shape(e)[1],))
+    return np.trapezoid(curve_at(e, f, unit[:, None] * ends[None, :]), unit, axis=0)

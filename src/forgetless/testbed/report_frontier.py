@@ -153,10 +153,12 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft['F']:+.1f} (validation items: {sizes}).
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
 the **validation** splits (the test splits stay for the points chosen on these curves). Grid: {grid}. Task
 arithmetic at λ is WiSE-FT at λ with one fine-tuned model. SPIDER and MagnitudeMask are one fine-tune each. Every
-merge curve runs from the base (E = F = 0) to the fine-tune through its points ordered by E. **F at E = x%**: F
-of the curve, linearly interpolated, where E is x% of the fine-tune's E; **area**: the mean F along the curve over
-E ∈ [0, E_ft]. ± half the 95% bootstrap interval over the validation items ({N_BOOT} resamples, the fine-tune's E
-resampled with them); **vs {REFERENCE}**: the paired difference, **\\*** where its interval excludes 0.
+merge curve has the base (E = F = 0) and the fine-tune as its ends. **F at E = x%**: the best F among the method's
+points whose E is at least x% of the fine-tune's E (what `forgetless sweep --keep-gain` would pick; one of its own
+points, no interpolation); **area**: the mean of that best F over E ∈ [0, E_ft]. ± half the 95% bootstrap interval
+over the validation items ({N_BOOT} resamples; the fine-tune's E and each method's best point re-taken on every
+resample); **vs {REFERENCE}**: the paired difference, **\\*** where its interval excludes 0. The best of several
+noisy points flatters the methods with more points (a winner's curse); the test splits are for the chosen points.
 {f"Not run yet: {', '.join(missing)}." if missing else ""}
 
 {chr(10).join(parts)}"""
