@@ -10,12 +10,12 @@ from forgetless.methods import METHODS
 from forgetless.methods.baselines import (
     dare_linear,
     dare_ties,
-    kth_largest,
     linear,
     magnitude_trim,
     task_arithmetic,
     ties,
 )
+from forgetless.methods.select import kth_largest
 
 
 def _models(n=3, shape=(48, 40), seed=0, scale=1.0):

@@ -143,9 +143,8 @@ class Plan:
         if job.route == "method":
             for need in self.spec.needs:
                 count = len(self.models) if need in self.spec.per_model_needs else 1
-                shape = self.spec.stat_shape(need, job.shape) or job.shape
-                whole = Entry(job.name, shape, torch.float32).nbytes
-                inputs += count * (whole * frac if tuple(shape) == tuple(job.shape) else whole)
+                whole = Entry(job.name, self.spec.stat_shape(need, job.shape) or job.shape, torch.float32).nbytes
+                inputs += count * (whole * frac if self.spec.stat_in_rows(need, job.shape) else whole)
         return int(inputs), int(TEMPORARIES * f32 * frac), int(job.out_bytes * frac)
 
     def unit_cost(self, unit: Unit) -> tuple[int, int, int]:
@@ -576,8 +575,7 @@ class _Runner:
             return base, fts, {}
 
         def read(r, k):  # statistics shaped like the weight come in the same rows; others (a Gram) whole
-            whole = p.spec.stat_shape(k, job.shape) != tuple(job.shape)
-            return _statistic(r, job.name, k, None if whole else rows)
+            return _statistic(r, job.name, k, rows if p.spec.stat_in_rows(k, job.shape) else None)
         stats = {k: ([read(r, k) for r in v] if isinstance(v, list) else read(v, k)) for k, v in p.stats.items()}
         return base, fts, stats
 
@@ -593,15 +591,15 @@ class _Runner:
         return self._tensor[1]
 
     def _generator(self, job: Job) -> torch.Generator | list[torch.Generator]:
-        seed = self.plan.recipe.seed
-        if self.plan.spec.models == "one":
-            return torch.Generator().manual_seed(tensor_seed(seed, job.name))
-        return tensor_generators(seed, job.name, len(self.plan.models))
+        gens = tensor_generators(self.plan.recipe.seed, job.name, len(self.plan.models))
+        return gens[0] if self.plan.spec.models == "one" else gens
 
     def needs_prepare(self, unit: Unit) -> bool:
-        """The first block of a tensor whose method has a pre-pass over its blocks."""
+        """The first block of a tensor whose method has a pre-pass over its blocks, before that pass has run."""
         return (unit.rows is not None and unit.rows[0] == 0 and self.plan.spec.tensor_prepare is not None
-                and unit.job.route in ("method", NO_STATS_ROUTE))
+                and unit.job.route in ("method", NO_STATS_ROUTE)
+                and not (self._tensor is not None and self._tensor[0] == unit.job.name
+                         and "prepared" in self._tensor[1]))
 
     def prepare(self, unit: Unit) -> None:
         """The method's pre-pass over every block of this tensor, at its first block (before any of its blocks is
@@ -700,7 +698,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                 tensor whose pre-pass has not run."""
                 nonlocal inflight, nxt
                 while nxt < len(units) and len(loads) < PREFETCH:
-                    if runner.needs_prepare(units[nxt]) and nxt not in ready:
+                    if runner.needs_prepare(units[nxt]):
                         break
                     cost = plan.input_bytes(units[nxt])
                     if loads and inflight + cost > PREFETCH_BYTES:
@@ -709,13 +707,11 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                     inflight += cost
                     nxt += 1
 
-            ready: set[int] = set()  # units that begin a tensor whose pre-pass has run
             prefetch()
             pending_write: Future | None = None
             for i, unit in enumerate(units):
                 if runner.needs_prepare(unit):
                     runner.prepare(unit)
-                    ready.add(i)
                     prefetch()
                 future, cost = loads.pop(i)  # prefetch() always holds the next unit
                 loaded = future.result()
@@ -1063,7 +1059,7 @@ class _AdapterRunner:
         if "name" in p.spec.context:
             kwargs["name"] = m.name
         if "generator" in p.spec.context:
-            kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(p.recipe.seed, m.name))
+            kwargs["generator"] = tensor_generators(p.recipe.seed, m.name, 1)[0]
         A, B = p.spec.fn(pairs, **kwargs)
         if tuple(A.shape) != (m.rank, m.shape[1]) or tuple(B.shape) != (m.shape[0], m.rank):
             raise AssertionError(f"method {p.spec.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for "

@@ -127,7 +127,6 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     """Run the grid (module docstring); returns ``{"points", "base", "finetuned", "chosen", "rule", ...}``.
     ``rule`` (default: ``min_task_ratio``'s); ``held_out``: {"split": name, "tasks": …, "general": …} — the
     chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``)."""
-    rule = rule or Rule(min_task_ratio=min_task_ratio)
     import forgetless
 
     from ..methods.registry import METHODS
@@ -136,6 +135,7 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     from .metrics import Bootstrap, compare
     from .report import format_table, tradeoff_plot, write_json
 
+    rule = rule or Rule(min_task_ratio=min_task_ratio)
     say = log or (lambda _s: None)
     workdir = Path(workdir)
     grid = [parse_param(p) for p in params]
@@ -178,17 +178,24 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     def intervals(r: dict) -> dict:
         return boot.intervals(boot.compare(r, base_r))
 
+    def merged(rec: dict, folder: Path, where: dict | None = None) -> dict:
+        """Merge `rec` into a scratch folder, evaluate it, remove it."""
+        forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
+        try:
+            return evaluate(folder, where)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     points: list[dict] = []
+    point_recipes: list[dict] = []  # the recipe each point merged, in order
     for d, g in loaded:
         for name, values in g:
             for v in values:
                 rec = copy.deepcopy(d)
                 rec.setdefault("parameters", {})[name] = v
-                folder = workdir / "merged" / f"{d['method']}-{name}-{v:g}"
                 say(f"{d['method']} {name}={v:g}: merging")
-                forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
-                r = evaluate(folder)
-                shutil.rmtree(folder, ignore_errors=True)
+                r = merged(rec, workdir / "merged" / f"{d['method']}-{name}-{v:g}")
+                point_recipes.append(rec)
                 points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
                                **compare(r, base_r, ft_r), "accuracy": _accuracy(r), "intervals": intervals(r)})
     ft_scores = compare(ft_r, base_r, ft_r)
@@ -207,7 +214,8 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     result = {"split": split, "limit": limit, "rule": stated, "rule_met": met, "chosen": chosen,
               "base": compare(base_r, base_r, ft_r), "finetuned": ft_scores, "points": points}
     if held_out and chosen is not None:
-        result["held_out"] = _held_out(chosen, loaded, held_out, rule, workdir, evaluate, say)
+        rec = point_recipes[next(i for i, p in enumerate(points) if p is chosen)]
+        result["held_out"] = _held_out(rec, base, ft, held_out, rule, workdir, merged, evaluate, say)
     if plot:
         bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
         pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
@@ -223,25 +231,14 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     return result
 
 
-def _held_out(chosen: dict, loaded: list, where: dict, rule: Rule, workdir: Path, evaluate, say) -> dict:
-    """The chosen point merged again and evaluated on the held-out split with the base and the fine-tuned model:
-    its scores with 95% intervals (E and F paired with the base there) and whether the target holds there."""
-    import forgetless
-
+def _held_out(rec: dict, base: Path, ft: Path, where: dict, rule: Rule, workdir: Path, merged, evaluate,
+              say) -> dict:
+    """The chosen point's recipe `rec` merged again and evaluated on the held-out split with the base and the
+    fine-tuned model: its scores with 95% intervals (E and F paired with the base there) and whether the target
+    holds there."""
     from .metrics import Bootstrap, compare
 
-    d = next(d for d, _ in loaded if d["method"] == chosen["method"])
-    rec = copy.deepcopy(d)
-    rec.setdefault("parameters", {})[chosen["param"]] = chosen["value"]
-    first = loaded[0][0]
-    m0 = first["models"][0]
-    base, ft = Path(first["base"]), Path(m0["model"] if isinstance(m0, dict) else m0)
-    folder = workdir / "merged" / f"held-out-{chosen['method']}"
-    forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
-    try:
-        r = evaluate(folder, where)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    r = merged(rec, workdir / "merged" / f"held-out-{rec['method']}", where)
     base_r, ft_r = evaluate(base, where), evaluate(ft, where)
     boot = Bootstrap()
     got = {**compare(r, base_r, ft_r), "intervals": boot.intervals(boot.compare(r, base_r))}

@@ -27,8 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .baselines import Convention, dare_linear, dare_ties, kth_largest, magnitude_trim, ties
+from .baselines import Convention, dare_linear, dare_ties, magnitude_trim, ties
 from .registry import merge_method
+from .select import kth_largest
 
 Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
 

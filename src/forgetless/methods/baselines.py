@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .registry import RowBlock, merge_method
-from .select import Cut, Pieces, one_piece, top_k_cut, top_k_cuts
+from .select import Cut, top_k_cuts
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -42,27 +42,19 @@ def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tenso
     return base
 
 
-def kth_largest(a: Tensor, k: int) -> Tensor:
-    """The exact k-th largest value of a 1-D tensor (:func:`.select.top_k_cut`: a sampled bracket and one
-    selection on the few entries inside it, no sort). Same result as ``a.kthvalue(n − k + 1)``."""
-    if k >= a.numel():
-        return a.min()
-    return torch.tensor(top_k_cut(one_piece(a), k, a.numel()).value, dtype=a.dtype)
-
-
-def trim_cut(pieces: Pieces, numel: int, density: float) -> Cut:
-    """The :class:`.select.Cut` of TIES's trim: the k = ⌊density·numel⌋ largest |Δ| (ties: lowest flat index first)
-    among the flat |Δ| pieces that ``pieces()`` yields."""
-    return top_k_cut(pieces, int(density * numel), numel)
+def trim_cuts(pieces, numel: int, densities: list[float]) -> list[Cut]:
+    """The :class:`.select.Cut` of TIES's trim of each model: the k = ⌊density·numel⌋ largest |Δ| (ties: lowest
+    flat index first); ``pieces()`` yields, per piece, every model's flat |Δ| and the piece's flat offset."""
+    return top_k_cuts(pieces, [int(d * numel) for d in densities], numel)
 
 
 def magnitude_trim(delta: Tensor, density: float, cut: Cut | None = None, offset: int = 0) -> Tensor:
     """Keep the k = ⌊density·numel⌋ entries of largest |delta| (ties: lowest flat index first), zero the rest.
     Works in place on `delta`. ``cut``/``offset``: `delta` is a block of a larger tensor whose trim was found over
-    the whole of it (:func:`trim_cut`), and its first entry has flat index `offset` there."""
+    the whole of it (:func:`trim_cuts`), and its first entry has flat index `offset` there."""
     a = delta.abs().reshape(-1)
     if cut is None:
-        cut = trim_cut(one_piece(a), a.numel(), density)
+        (cut,) = trim_cuts(lambda: iter([([a], 0)]), a.numel(), [density])
     return delta.mul_(cut.mask(a, offset).view_as(delta))
 
 
@@ -139,13 +131,11 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float
 
 
 def ties_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
-    """TIES on row blocks: every model's trim (:func:`trim_cut`) over the whole tensor, in two streamed passes."""
-    n = math.prod(shape)
-
+    """TIES on row blocks: every model's trim (:func:`trim_cuts`) over the whole tensor, in two streamed passes."""
     def pieces():
         for r in stream():
             yield [ft.sub_(r.base).abs_().reshape(-1) for ft in r.finetuned], r.offset
-    return {"cuts": top_k_cuts(pieces, [int(d * n) for d in params["density"]], n)}
+    return {"cuts": trim_cuts(pieces, math.prod(shape), params["density"])}
 
 
 @merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks",

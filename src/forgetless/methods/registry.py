@@ -18,9 +18,11 @@ The engine reads everything it needs from the registration and the signature:
 - ``prepare``: an optional pre-pass for methods that need the whole model before merging any tensor (CGM†'s global
   budget): ``prepare(params, stream, numel)`` gets the resolved parameters, a function that streams :class:`Rows`
   ``(name, base, finetuned, stats, offset)`` over the tensors the method will merge — tensors larger than the memory
-  budget as several blocks of rows — (callable several times), and their total element count; it returns extra keyword arguments for the method (or None);
+  budget as several blocks of rows — (callable several times), and their total element count; it returns extra
+  keyword arguments for the method (or None);
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
-  name) are passed when the signature asks for them, so a random method is reproducible and order-independent;
+  name; for models="many", a list with one per model, :func:`forgetless.engine.tensor_generators`) are passed when
+  the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
   and reverted elements), which the merge report and model card show per part.
 - ``rows``: how the method meets a tensor too large for the merge's memory budget (the engine then reads it in
@@ -32,7 +34,7 @@ The engine reads everything it needs from the registration and the signature:
   what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means, RegMean's factorisation) and
   returns it as a dict (``block.prepared``). ``block`` is None when the method gets the whole tensor: it then
   computes those quantities itself, with the same functions, so both paths give the same result. Random methods
-  get one generator per tensor, drawn from block after block in order;
+  get the same generators for every block of a tensor, drawn from block after block in order;
 - ``ranges``: recipe parameter -> interval of allowed values in the usual notation (``"(0, 1]"``, ``"[0, inf)"``);
   together with the parameter's annotation (float, int, bool, Literal, ``| None``; per-model lists by their element
   type) the engine checks every value at plan time (:meth:`MethodSpec.problem`), so ``--dry-run`` names a bad one;
@@ -154,6 +156,11 @@ class MethodSpec:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
         rule = self.stat_shapes.get(need)
         return tuple(weight_shape) if rule is None else rule(tuple(weight_shape))
+
+    def stat_in_rows(self, need: str, weight_shape: tuple[int, ...]) -> bool:
+        """Whether statistic `need` is shaped like the weight, and so is read in the same row blocks (RegMean's
+        Gram is not: it comes whole with every block)."""
+        return self.stat_shape(need, weight_shape) == tuple(weight_shape)
 
     def problem(self, param: str, value: Any) -> str | None:
         """What is wrong with `value` for recipe parameter `param` (its type, its interval, its choices), or

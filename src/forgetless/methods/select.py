@@ -140,6 +140,14 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
     return cuts  # type: ignore[return-value]
 
 
+def kth_largest(a: Tensor, k: int) -> Tensor:
+    """The exact k-th largest value of a 1-D tensor (:func:`top_k_cut`: a sampled bracket and one selection on the
+    few entries inside it, no sort). Same result as ``a.kthvalue(n − k + 1)``."""
+    if k >= a.numel():
+        return a.min()
+    return torch.tensor(top_k_cut(one_piece(a), k, a.numel()).value, dtype=a.dtype)
+
+
 def one_piece(flat: Tensor) -> Pieces:
     """``pieces`` for a tensor in memory."""
     def gen() -> Iterator[tuple[Tensor, int]]:

@@ -36,9 +36,8 @@ class Curves:
         rows = result["rows"]
         draws = row_draws(rows, boot)
         self.boot = boot
-        self.rows = rows
         by = {row_name(r): r for r in rows}
-        self.base, self.ft = by["base"], by["fine-tuned"]
+        self.ft = by["fine-tuned"]
         self.e_ft, self.e_ft_draws = self.ft["E"], draws["fine-tuned"]["E"]
         self.curves: dict[str, dict[str, np.ndarray]] = {}
         self.singles: dict[str, dict[str, Any]] = {}
@@ -92,13 +91,12 @@ def task_table(c: Curves) -> str:
             " | area (mean F) | " + " | ".join(f"vs {REFERENCE} at {int(f * 100)}%" for f in FR.FRACTIONS) +
             f" | area vs {REFERENCE} |")
     lines = [head, "|" + "---|" * (2 + 2 * len(FR.FRACTIONS) + 2)]
+    ref = ([c.at(REFERENCE, f) for f in FR.FRACTIONS] + [c.area(REFERENCE)]) if REFERENCE in c.curves else None
     for label in c.curves:
         at = [c.at(label, f) for f in FR.FRACTIONS]
         area = c.area(label)
-        ref_at = [c.at(REFERENCE, f) for f in FR.FRACTIONS] if REFERENCE in c.curves else None
-        ref_area = c.area(REFERENCE) if REFERENCE in c.curves else None
-        diffs = ([_diff(c.boot, a, r) for a, r in zip(at, ref_at)] + [_diff(c.boot, area, ref_area)]
-                 if ref_at is not None and label != REFERENCE else ["—"] * (len(FR.FRACTIONS) + 1))
+        diffs = ([_diff(c.boot, a, r) for a, r in zip([*at, area], ref)]
+                 if ref is not None and label != REFERENCE else ["—"] * (len(FR.FRACTIONS) + 1))
         knobs = ", ".join(f"{k:g}" for k in c.curves[label]["knobs"] if k is not None)
         lines.append(f"| {label} | {FR.KNOBS[label][2]} {knobs} | " + " | ".join(_iv_cell(c.boot, *a) for a in at) +
                      f" | {_iv_cell(c.boot, *area)} | " + " | ".join(diffs) + " |")
