@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import build_tiny_llava
 
 from forgetless.recipe import load_recipe
@@ -34,7 +35,7 @@ def test_general_calibration_takes_train_visual_samples_and_only_the_probes_val_
 def test_merge_recipes_are_valid_and_scoped(tmp_path):
     base = build_tiny_llava(tmp_path / "base")
     stats = {"fisher_general": tmp_path / "g.safetensors", "fisher_task": tmp_path / "t.safetensors"}
-    for _label, method, params, needs in X.MERGES:
+    for _label, method, params, needs, _model in X.MERGES:
         r = X.merge_recipe(method, params, base, tmp_path / "ft", stats if needs else None)
         rec = load_recipe(r)
         assert rec.method == method and len(rec.models) == 1
@@ -65,7 +66,15 @@ def test_finetune_key_follows_the_training_split_not_the_test_split(tmp_path):
 
 
 def test_task_fishers_of_the_experiment_are_the_published_and_the_own_model():
-    rows = {label: tf for label, _, _, tf in X.MERGES}
+    rows = {m.label: m.task_fisher for m in X.MERGES}
     assert rows["CGM"] == rows["CGM†"] == ("base", "empirical")  # CGM's published scripts: both at θ₀
     assert rows["Fisher merging"] == ("finetuned", "empirical")  # each model's Fisher at that model
     assert rows["WiSE-FT"] is None
+
+
+def test_a_merge_of_a_keep_rules_fine_tune_is_checked_before_any_work(tmp_path):
+    for bad in (X.Merge("x", "linear", {"lambda": 0.5}, model="nope"),
+                X.Merge("x", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM, model="spider")):
+        with pytest.raises(ValueError, match="keep rule of KEEPS"):
+            X.run_experiment("digits", tmp_path / "w", merges=[bad])
+    assert not (tmp_path / "w").exists()

@@ -34,9 +34,11 @@ def test_curve_area_is_the_mean_best_f_over_e():
 
 def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
     merges = FR.frontier_merges()
-    assert len(merges) == sum(len(v[3]) for v in FR.KNOBS.values())
-    for label, method, params, _ in merges:
-        assert next(iter(params)) == FR.KNOBS[label][2]
+    assert len(merges) == sum(len(k.values) for k in FR.KNOBS.values())
+    for m in merges:
+        k = FR.KNOBS[m.label]
+        assert next(iter(m.params)) == k.knob and (m.method, m.task_fisher, m.model) == (k.method, k.task_fisher,
+                                                                                         k.model)
     assert knob_of({"knob": "lambda=1 density=0.05"}, "TIES") == 0.05
 
 
@@ -61,6 +63,7 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
         rows.append(("CGM", f"alpha={a:g}", _result({"digits": 0.8 - 0.01 * a, "colour": 0.6, "probes": 0.6},
                                                    seed=20 + i)))
     rows.append(("SPIDER", "", _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=30)))
+    rows.append(("SPIDER → WiSE-FT", "lambda=0.5", _result({"digits": 0.6, "colour": 0.7, "probes": 0.6}, seed=31)))
     out = {"rows": [{"method": m, "knob": k, **compare(r, base, ft), **task_fields(r)} for m, k, r in rows]}
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / FR.RESULTS).write_text(json.dumps(out))
@@ -77,6 +80,12 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
     boot = c.boot
     d_base = boot.compare(row_result(by[("base", "")]), row_result(by[("base", "")]))
     assert np.allclose(d_base["E"], 0.0)
+    # a keep rule's fine-tune merged back runs from the base to that fine-tune, not to the plain one
+    sw = c.curves["SPIDER → WiSE-FT"]
+    assert np.allclose(sw["E"], [0.0, by[("SPIDER", "")]["E"], by[("SPIDER → WiSE-FT", "lambda=0.5")]["E"]])
+    assert np.allclose(sw["F"], [0.0, by[("SPIDER", "")]["F"], by[("SPIDER → WiSE-FT", "lambda=0.5")]["F"]])
+    with pytest.raises(ValueError, match="'SPIDER' which has no row|from 'SPIDER'"):
+        Curves({"rows": [r for r in out["rows"] if r["method"] != "SPIDER"]}, Bootstrap(20, seed=0))
     md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots")
     assert "Not run yet: tag." in md and "| WiSE-FT | lambda 0.3, 0.6 |" in md and "| SPIDER | one fine-tune" in md
     assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,15 +48,28 @@ KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitu
 # model, so its task Fisher is at θ_ft ("finetuned").
 TASK_FISHER_CGM = ("base", "empirical")
 TASK_FISHER_OWN = ("finetuned", "empirical")
-# (label, method, parameters, task Fisher (at, variant) or None when the method needs no statistics)
-MERGES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
-    ("WiSE-FT", "linear", {"lambda": 0.5}, None),
-    ("task arithmetic", "task_arithmetic", {"lambda": 0.7}, None),
-    ("TIES", "ties", {"density": 0.2, "lambda": 1.0}, None),
-    ("DARE", "dare_linear", {"density": 0.3, "lambda": 0.7}, None),
-    ("Fisher merging", "fisher_with_base", {"base_weight": 1.0}, TASK_FISHER_OWN),
-    ("CGM", "cgm", {"alpha": 0.2}, TASK_FISHER_CGM),
-    ("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, TASK_FISHER_CGM),
+
+
+class Merge(NamedTuple):
+    """One merge of an experiment: its row label, the registered method and its parameters, the task Fisher it
+    needs ((at, variant), None when the method needs no statistics) and which fine-tune it merges with the base:
+    None for the plain one, or a keep rule of :data:`KEEPS` (that rule's fine-tune: e.g. SPIDER, then a merge)."""
+
+    label: str
+    method: str
+    params: dict
+    task_fisher: tuple[str, str] | None = None
+    model: str | None = None
+
+
+MERGES: list[Merge] = [
+    Merge("WiSE-FT", "linear", {"lambda": 0.5}),
+    Merge("task arithmetic", "task_arithmetic", {"lambda": 0.7}),
+    Merge("TIES", "ties", {"density": 0.2, "lambda": 1.0}),
+    Merge("DARE", "dare_linear", {"density": 0.3, "lambda": 0.7}),
+    Merge("Fisher merging", "fisher_with_base", {"base_weight": 1.0}, TASK_FISHER_OWN),
+    Merge("CGM", "cgm", {"alpha": 0.2}, TASK_FISHER_CGM),
+    Merge("CGM†", "cgm_dagger", {"keep": 0.95, "alpha": 1.0}, TASK_FISHER_CGM),
 ]
 DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
 DEMO_TASK_LIMIT = 80
@@ -197,6 +210,12 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
     from ..eval.metrics import compare
     from .build import testbed_model
 
+    merges = MERGES if merges is None else merges
+    for m in merges:
+        if m.model is not None and (m.task_fisher is not None or m.model not in dict(map(reversed, KEEPS))):
+            raise ValueError(f"merge {m.label!r}: model must be a keep rule of KEEPS ({[r for _, r in KEEPS]}), "
+                             "and a merge of a keep rule's fine-tune takes no statistics (they are the plain "
+                             "fine-tune's)")
     t_start = time.perf_counter()
     workdir = Path(workdir)
     timings = {"setup": 0.0, "finetune": 0.0, "statistics": 0.0, "merge": 0.0, "evaluate": 0.0}
@@ -241,8 +260,7 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         log(f"{label}: T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
             f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
 
-    merges = MERGES if merges is None else merges
-    needed = list(dict.fromkeys(tf for *_, tf in merges if tf is not None))
+    needed = list(dict.fromkeys(m.task_fisher for m in merges if m.task_fisher is not None))
     stats_by: dict[tuple[str, str], dict[str, Path]] = {}
     if needed:
         t = time.perf_counter()
@@ -250,11 +268,13 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         stats_by = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log,
                                 task_fishers=needed)
         timings["statistics"] += time.perf_counter() - t
-    for label, method, params, task_fisher in merges:
+    for label, method, params, task_fisher, model in merges:
         stats = stats_by.get(task_fisher) if task_fisher is not None else None
-        out = workdir / "merged" / f"{method}-{stable_hash([params, task_fisher])[:6]}"
+        out = workdir / "merged" / f"{method}-{stable_hash([params, task_fisher, model])[:6]}"
+        source = ft if model is None else finetuned_model(base, roots[task], workdir / f"finetuned-{model}",
+                                                          {**recipe, "keep": model}, log)
         t = time.perf_counter()
-        report = forgetless.merge(merge_recipe(method, params, base, ft, stats), out=out, force=True,
+        report = forgetless.merge(merge_recipe(method, params, base, source, stats), out=out, force=True,
                                   progress=False, log=None)
         timings["merge"] += time.perf_counter() - t
         r, cached = evaluate(out)

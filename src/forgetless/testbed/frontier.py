@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,21 +35,47 @@ from . import experiment as X
 
 RESULTS = "frontier-val.json"
 FRACTIONS = (0.8, 0.9, 0.95)
-# label -> (method, fixed parameters, knob, values, task Fisher)
-KNOBS: dict[str, tuple[str, dict, str, list[float], tuple[str, str] | None]] = {
-    "WiSE-FT": ("linear", {}, "lambda", [0.1, 0.2, 0.3, 0.4, 0.5, 0.7], None),
-    "TIES": ("ties", {"lambda": 1.0}, "density", [0.05, 0.1, 0.2, 0.5], None),
-    "DARE": ("dare_linear", {"lambda": 1.0}, "density", [0.1, 0.3, 0.5], None),
-    "Fisher merging": ("fisher_with_base", {}, "base_weight", [0.01, 0.1, 1.0, 10.0], X.TASK_FISHER_OWN),
-    "CGM": ("cgm", {}, "alpha", [0.2, 1.0, 5.0, 25.0, 125.0], X.TASK_FISHER_CGM),
-    "CGM†": ("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
+
+
+class Knob(NamedTuple):
+    """One method's curve: the registered method, its fixed parameters, the swept knob and its values, the task
+    Fisher it needs (as :class:`.experiment.Merge`), which fine-tune it merges with the base (None: the plain one;
+    a keep rule of :data:`.experiment.KEEPS`: that rule's fine-tune, the curve's far end) and whether it is one of
+    issue 16's candidates for a curvature-guided method that beats WiSE-FT (``trial``) rather than a published
+    method's curve."""
+
+    method: str
+    fixed: dict
+    knob: str
+    values: list[float]
+    task_fisher: tuple[str, str] | None = None
+    model: str | None = None
+    trial: bool = False
+
+
+KNOBS: dict[str, Knob] = {
+    "WiSE-FT": Knob("linear", {}, "lambda", [0.1, 0.2, 0.3, 0.4, 0.5, 0.7]),
+    "TIES": Knob("ties", {"lambda": 1.0}, "density", [0.05, 0.1, 0.2, 0.5]),
+    "DARE": Knob("dare_linear", {"lambda": 1.0}, "density", [0.1, 0.3, 0.5]),
+    "Fisher merging": Knob("fisher_with_base", {}, "base_weight", [0.01, 0.1, 1.0, 10.0], X.TASK_FISHER_OWN),
+    "CGM": Knob("cgm", {}, "alpha", [0.2, 1.0, 5.0, 25.0, 125.0], X.TASK_FISHER_CGM),
+    "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
+    # issue 16, part 2: keep-rule fine-tunes merged back toward θ₀ (WiSE-FT from their far end)
+    "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
+    "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask",
+                                     trial=True),
 }
 
 
-def frontier_merges() -> list[tuple[str, str, dict, tuple[str, str] | None]]:
+def keep_label(rule: str) -> str:
+    """The row label of a keep rule's fine-tune (:data:`.experiment.KEEPS`)."""
+    return {r: label for label, r in X.KEEPS}[rule]
+
+
+def frontier_merges() -> list[X.Merge]:
     """The grid as :func:`.experiment.run_experiment`'s ``merges``."""
-    return [(label, method, {knob: v, **fixed}, tf) for label, (method, fixed, knob, values, tf) in KNOBS.items()
-            for v in values]
+    return [X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model)
+            for label, k in KNOBS.items() for v in k.values]
 
 
 def run_frontier(task: str, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict:

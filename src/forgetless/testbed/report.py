@@ -29,16 +29,16 @@ from .report_continual import CL_READING_END, CL_READING_START, continual_markdo
 from .report_frontier import frontier_markdown
 
 # extra knob values so that each of these methods draws a curve, not a point
-CURVES: list[tuple[str, str, dict, tuple[str, str] | None]] = [
-    ("WiSE-FT", "linear", {"lambda": 0.3}, None),
-    ("CGM", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM),
+CURVES: list[X.Merge] = [
+    X.Merge("WiSE-FT", "linear", {"lambda": 0.3}),
+    X.Merge("CGM", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM),
 ]
 # CGM with other task Fishers than the published one (θ₀, empirical): at θ_ft, empirical (what this project used
 # before the published scripts were read) and sampled (labels drawn from θ_ft's predictions: it does not vanish at a
 # converged fine-tune)
-TASK_FISHERS: list[tuple[str, str, dict, tuple[str, str] | None]] = [
-    ("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
-    ("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
+TASK_FISHERS: list[X.Merge] = [
+    X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
+    X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
 ]
 N_BOOT = 2000
 TARGET = 3.0  # points: the half-width the test splits should reach on E and F
@@ -187,7 +187,7 @@ def _header(names: list[str], results: Mapping[str, dict]) -> str:
     general = ", ".join(f"{t} {sizes[t]}" for t in [*T.GENERAL_VISUAL, "probes"] if t in sizes)
     task = ", ".join(f"{t} {sizes[t]}" for t in names if t in sizes)
     merges = "; ".join(f"{label} {' '.join(f'{k}={v:g}' for k, v in p.items())}"
-                       for label, _, p, _ in X.MERGES + CURVES)
+                       for label, _, p, *_ in X.MERGES + CURVES)
     return f"""# Results: specialization against retention on the testbed
 
 What happens when the testbed model — a real `LlavaForConditionalGeneration` made of the embedded

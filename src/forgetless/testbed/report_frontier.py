@@ -24,7 +24,7 @@ def knob_of(row: Mapping[str, Any], label: str) -> float | None:
     if label not in FR.KNOBS:
         return None
     pairs = dict(p.split("=", 1) for p in row.get("knob", "").split() if "=" in p)
-    v = pairs.get(FR.KNOBS[label][2])
+    v = pairs.get(FR.KNOBS[label].knob)
     return None if v is None else float(v)
 
 
@@ -47,7 +47,10 @@ class Curves:
                 r = members[0]
                 self.singles[label] = {"E": r["E"], "F": r["F"], "draws": draws[row_name(r)]}
                 continue
-            ends = ["base", "fine-tuned"]
+            model = FR.KNOBS[label].model
+            ends = ["base", "fine-tuned" if model is None else FR.keep_label(model)]
+            if ends[1] not in by:
+                raise ValueError(f"frontier rows: curve {label!r} merges from {ends[1]!r}, which has no row")
             names = [row_name(r) for r in members]
             self.curves[label] = {
                 "E": np.array([by[n]["E"] for n in ends + names], dtype=float),
@@ -98,7 +101,7 @@ def task_table(c: Curves) -> str:
         diffs = ([_diff(c.boot, a, r) for a, r in zip([*at, area], ref)]
                  if ref is not None and label != REFERENCE else ["—"] * (len(FR.FRACTIONS) + 1))
         knobs = ", ".join(f"{k:g}" for k in c.curves[label]["knobs"] if k is not None)
-        lines.append(f"| {label} | {FR.KNOBS[label][2]} {knobs} | " + " | ".join(_iv_cell(c.boot, *a) for a in at) +
+        lines.append(f"| {label} | {FR.KNOBS[label].knob} {knobs} | " + " | ".join(_iv_cell(c.boot, *a) for a in at) +
                      f" | {_iv_cell(c.boot, *area)} | " + " | ".join(diffs) + " |")
     for label, s in c.singles.items():
         e_iv, f_iv = c.boot.interval(s["draws"]["E"]), c.boot.interval(s["draws"]["F"])
@@ -143,9 +146,9 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft['F']:+.1f} (validation items: {sizes}).
 
 ![{name}: curves]({doc_link(png, previous)})
 """)
-    grid = "; ".join(f"{label}: {knob} {', '.join(f'{v:g}' for v in values)}"
-                     + (f" ({', '.join(f'{k}={v:g}' for k, v in fixed.items())})" if fixed else "")
-                     for label, (_, fixed, knob, values, _) in FR.KNOBS.items())
+    grid = "; ".join(f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
+                     + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
+                     for label, k in FR.KNOBS.items() if not k.trial)
     return f"""## The forgetting frontier (validation splits)
 
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
