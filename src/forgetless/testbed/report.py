@@ -27,6 +27,7 @@ from .experiment import row_draws, row_name, row_result
 from .frontier import RESULTS as FRONTIER_RESULTS
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
 from .report_frontier import frontier_markdown
+from .tables import N_BOOT, TaskDraws, differences, summary
 
 # extra knob values so that each of these methods draws a curve, not a point
 CURVES: list[X.Merge] = [
@@ -40,7 +41,6 @@ TASK_FISHERS: list[X.Merge] = [
     X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
     X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
 ]
-N_BOOT = 2000
 TARGET = 3.0  # points: the half-width the test splits should reach on E and F
 EVAL_ITEMS_PER_S = 17.3  # fp32, batch 16, 2 cores (BENCHMARKS.md, "Evaluation cost against its floor")
 READING_START = "<!-- reading: written by hand, kept when the report is rebuilt -->"
@@ -77,74 +77,6 @@ def row_intervals(rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
     return [boot.intervals(draws[row_name(r)]) for r in rows]
 
 
-class _Draws:
-    """Every task's rows resampled with one :class:`Bootstrap` (paired within a task, joint across tasks)."""
-
-    def __init__(self, results: Mapping[str, dict], n_boot: int = N_BOOT):
-        self.boot = Bootstrap(n_boot, seed=0)
-        self.results = results
-        self.draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> row name -> key -> [B]
-        self.rows: dict[str, dict[str, dict]] = {}  # task -> row name -> row
-        for task, res in results.items():
-            self.draws[task] = row_draws(res["rows"], self.boot)
-            self.rows[task] = {row_name(r): r for r in res["rows"]}
-
-    def intervals(self, task: str) -> list[dict]:
-        return [self.boot.intervals(self.draws[task][row_name(r)]) for r in self.results[task]["rows"]]
-
-    def mean(self, name: str, key: str, tasks: list[str]) -> np.ndarray:
-        return np.mean([self.draws[t][name][key] for t in tasks], axis=0)
-
-    def mean_point(self, name: str, key: str, tasks: list[str]) -> float:
-        return float(np.mean([self.rows[t][name][key] for t in tasks]))
-
-
-def _iv(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
-    iv = boot.interval(draws)
-    assert iv is not None
-    return iv
-
-
-def summary(names: list[str], d: _Draws) -> tuple[str, list[str]]:
-    """The E / F table (per task and mean, with intervals) and the methods in it, in row order."""
-    order = list(dict.fromkeys(m for n in names for m in d.rows[n]))
-    lines = ["| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
-             "|---|" + "---|" * (len(names) + 3)]
-    for m in order:
-        cells, have = [], []
-        for n in names:
-            r = d.rows[n].get(m)
-            if r is None:
-                cells.append("—")
-                continue
-            have.append(n)
-            iv = d.boot.intervals(d.draws[n][m])
-            cells.append(f"{cell(r['E'], True, iv['E'])} / {cell(r['F'], True, iv['F'])}")
-        means = []
-        for key in ("E", "F", "E+F"):
-            if len(have) != len(names):
-                means.append("—")
-                continue
-            means.append(cell(d.mean_point(m, key, names), True, _iv(d.boot, d.mean(m, key, names))))
-        lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
-    return "\n".join(lines), order
-
-
-def differences(names: list[str], d: _Draws, order: list[str], reference: str) -> str:
-    """Paired differences of mean E, F and E + F against `reference`, marked where the interval excludes 0."""
-    lines = ["| method | Δ mean E | Δ mean F | Δ mean E+F |", "|---|---|---|---|"]
-    for m in order:
-        if m in (reference, "base") or any(m not in d.draws[n] for n in names):
-            continue
-        cells = []
-        for key in ("E", "F", "E+F"):
-            diff = d.mean(m, key, names) - d.mean(reference, key, names)
-            point = float(np.mean([d.rows[n][m][key] - d.rows[n][reference][key] for n in names]))
-            cells.append(diff_cell(point, _iv(d.boot, diff)))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _sizes(results: Mapping[str, dict], names: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for n in names:
@@ -153,7 +85,7 @@ def _sizes(results: Mapping[str, dict], names: list[str]) -> dict[str, int]:
     return out
 
 
-def what_target_takes(names: list[str], results: Mapping[str, dict], d: _Draws) -> str:
+def what_target_takes(names: list[str], results: Mapping[str, dict], d: TaskDraws) -> str:
     """Per task: the widest E and F intervals over the methods, and the test items ±TARGET would need (a half-width
     shrinks as 1/√n), with the evaluation compute for every model of the report."""
     head = (f"| task | task items | widest E ± | task items for ±{TARGET:g} on E | general items per task | "
@@ -258,7 +190,7 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
     with intervals, paired differences against the best method, per task its table and trade-off plot (drawn
     into `plots`, default the task's folder), the reading kept from `previous`, and the time it took."""
     results = {n: json.loads((workdir / n / "results.json").read_text()) for n in names}
-    d = _Draws(results)
+    d = TaskDraws(results)
     sections = []
     for name in names:
         rows, ivs = results[name]["rows"], d.intervals(name)

@@ -14,8 +14,8 @@ from ..eval.metrics import Bootstrap
 from ..eval.report import diff_cell, doc_link, tradeoff_plot
 from . import frontier as FR
 from .experiment import row_draws, row_name
+from .tables import N_BOOT
 
-N_BOOT = 2000
 REFERENCE = "WiSE-FT"
 
 
