@@ -11,7 +11,7 @@ import pytest
 from forgetless.eval.metrics import Bootstrap, compare, correct_items
 from forgetless.testbed import frontier as FR
 from forgetless.testbed.experiment import row_result, task_fields
-from forgetless.testbed.report_frontier import Curves, frontier_markdown, knob_of
+from forgetless.testbed.report_frontier import Curves, chosen_markdown, frontier_markdown, knob_of
 
 
 def test_curve_at_is_the_best_f_among_points_that_keep_the_target_e():
@@ -89,3 +89,54 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
     md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots")
     assert "Not run yet: tag." in md and "| WiSE-FT | lambda 0.3, 0.6 |" in md and "| SPIDER | one fine-tune" in md
     assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000
+
+
+def _row(method: str, knob: str, e: float, f: float) -> dict:
+    return {"method": method, "knob": knob, "E": e, "F": f}
+
+
+def test_choose_takes_the_best_f_that_keeps_the_gain_ends_included():
+    rows = [_row("base", "", 0, 0), _row("fine-tuned", "", 20, -20), _row("SPIDER", "", 17, -10),
+            _row("WiSE-FT", "lambda=0.5", 19, -9), _row("WiSE-FT", "lambda=0.7", 18.5, -4),
+            _row("WiSE-FT", "lambda=0.3", 10, -1), _row("TIES", "density=0.2", 12, -3),
+            _row("SPIDER → WiSE-FT", "lambda=0.5", 15, -2)]
+    picks = FR.choose(rows, 0.9)
+    # brute force: every curve's points (its ends and its own rows), E ≥ 18, the largest F
+    want_wise = max([r for r in rows if r["method"] in ("base", "fine-tuned", "WiSE-FT") and r["E"] >= 18],
+                    key=lambda r: r["F"])
+    assert picks["WiSE-FT"] is want_wise and want_wise["knob"] == "lambda=0.7"
+    assert picks["TIES"]["method"] == "fine-tuned"  # its only point below 18: the fine-tune is its choice
+    assert picks["SPIDER → WiSE-FT"] is None  # SPIDER's own E (17) is below 18 already
+    assert set(picks) == {"WiSE-FT", "TIES", "SPIDER → WiSE-FT"}
+    assert FR.choose(rows, 0.5)["SPIDER → WiSE-FT"]["method"] == "SPIDER → WiSE-FT"
+
+
+def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
+    val = [_row("base", "", 0, 0), _row("fine-tuned", "", 20, -20), _row("SPIDER", "", 17, -10),
+           _row("WiSE-FT", "lambda=0.7", 19, -4), _row("TIES", "density=0.2", 12, -3)]
+    picks = FR.choose(val, 0.9)
+    base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, seed=1)
+    models = {"fine-tuned": _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=2),
+              "SPIDER": _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=3),
+              "WiSE-FT": _result({"digits": 0.85, "colour": 0.75, "probes": 0.65}, seed=4)}
+    test_rows = [{"method": "base", "knob": "", **compare(base, base, models["fine-tuned"]), **task_fields(base)}]
+    for m, knob in (("fine-tuned", ""), ("SPIDER", ""), ("WiSE-FT", "lambda=0.7")):
+        test_rows.append({"method": m, "knob": knob, **compare(models[m], base, models["fine-tuned"]),
+                          **task_fields(models[m])})
+    res = FR.chosen_result({"rows": test_rows}, picks, 0.9, log=lambda _: None)
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["WiSE-FT"]["chosen"] == "lambda=0.7" and by["WiSE-FT"]["knob"] == "" and by["WiSE-FT"]["val"]["F"] == -4
+    assert by["TIES"]["chosen"] == "fine-tuned" and by["TIES"]["E"] == by["fine-tuned"]["E"]
+    for task in ("digits", "spatial"):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / FR.TEST_RESULTS).write_text(json.dumps(res))
+    md = chosen_markdown(tmp_path, ["digits", "spatial", "tag"])
+    assert "not run yet: tag" in md and "| WiSE-FT | lambda=0.7 (val E +19.0, F -4.0) |" in md
+    # the goal table: the same rows in both tasks, so the means are the rows' own E and F
+    e_ft, f_ft, w = by["fine-tuned"]["E"], by["fine-tuned"]["F"], by["WiSE-FT"]
+    kept, rec = w["E"] / e_ft, (w["F"] - f_ft) / -f_ft
+    line = next(x for x in md.splitlines() if x.startswith("| WiSE-FT | ") and "%" in x)
+    assert line.startswith(f"| WiSE-FT | {kept:.0%} [") and f"| {rec:.0%} [" in line
+    assert line.endswith("| yes |" if kept >= 0.95 and rec >= 0.9 else "| no |")
+    assert "| TIES | +0.0 [+0.0, +0.0] |" not in md  # TIES chose the fine-tune: compared with WiSE-FT, not itself
+    assert chosen_markdown(tmp_path, ["count_many"]) == ""

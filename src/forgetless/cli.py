@@ -282,14 +282,22 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
 @testbed_group.command("frontier")
 @click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
-def testbed_frontier_cmd(names: tuple[str, ...], workdir: str) -> None:
+@click.option("--test", "test", is_flag=True,
+              help="Then evaluate each curve's point chosen on validation (best F keeping --keep-gain of the "
+                   "fine-tune's E) on the test splits.")
+@click.option("--keep-gain", type=click.FloatRange(0, 1.5, min_open=True), default=0.9, show_default=True,
+              help="With --test: the share of the fine-tune's validation E a chosen point must keep.")
+def testbed_frontier_cmd(names: tuple[str, ...], workdir: str, test: bool, keep_gain: float) -> None:
     """Every method's trade-off curve over its knob on the validation splits (cached; `testbed report` draws them)."""
     from .testbed import tasks as T
-    from .testbed.frontier import run_frontier
+    from .testbed.frontier import run_chosen, run_frontier
 
     for name in names or T.DOWNSTREAM:
         click.echo(f"== {name}")
         run_frontier(name, f"{workdir}/{name}", log=click.echo)
+        if test:
+            click.echo(f"== {name}: chosen points on the test splits")
+            run_chosen(name, f"{workdir}/{name}", keep_gain=keep_gain, log=click.echo)
 
 
 @testbed_group.command("report")

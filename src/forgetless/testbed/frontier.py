@@ -25,12 +25,14 @@ report the chosen points again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..errors import ForgetlessError
 from . import experiment as X
 
 RESULTS = "frontier-val.json"
@@ -105,3 +107,76 @@ def curve_area(e: np.ndarray, f: np.ndarray, e_end: np.ndarray | float, n: int =
         return float(np.trapezoid(curve_at(e, f, unit * float(e_end)), unit))
     ends = np.broadcast_to(np.asarray(e_end, dtype=float), (np.shape(e)[1],))
     return np.trapezoid(curve_at(e, f, unit[:, None] * ends[None, :]), unit, axis=0)
+
+
+TEST_RESULTS = "frontier-test.json"
+KEEP_GAIN = 0.9
+
+
+def curve_rows(rows: list[Mapping[str, Any]], label: str) -> list[Mapping[str, Any]]:
+    """A curve's points as rows: its two ends (the base and the fine-tune it merges from) and its swept points."""
+    model = KNOBS[label].model
+    end = "fine-tuned" if model is None else keep_label(model)
+    by = {X.row_name(r): r for r in rows}
+    if end not in by or "base" not in by:
+        raise ValueError(f"frontier rows: curve {label!r} merges from {end!r}, which has no row")
+    return [by["base"], by[end], *[r for r in rows if r["method"] == label]]
+
+
+def choose(rows: list[Mapping[str, Any]], keep_gain: float = KEEP_GAIN) -> dict[str, Mapping[str, Any] | None]:
+    """Per curve, the point :func:`curve_at` delivers where E must reach `keep_gain` × the fine-tune's E (what
+    ``forgetless sweep --keep-gain`` picks): the row of the best F among the curve's points — its ends included —
+    that keep that E; None where none does. Ties go to the earlier point (an end before a swept point)."""
+    e_ft = next(r for r in rows if r["method"] == "fine-tuned")["E"]
+    out: dict[str, Mapping[str, Any] | None] = {}
+    for label in KNOBS:
+        if not any(r["method"] == label for r in rows):
+            continue
+        reach = [r for r in curve_rows(rows, label) if r["E"] >= keep_gain * e_ft]
+        out[label] = max(reach, key=lambda r: r["F"]) if reach else None  # max keeps the first of equal F
+    return out
+
+
+def run_chosen(task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN,
+               log: Callable[[str], None] = print) -> dict:
+    """Each curve's point chosen on the validation splits (:func:`choose`, from ``workdir``/RESULTS) evaluated on
+    the **test** splits (evaluations cached as everywhere): writes ``workdir``/TEST_RESULTS, one row per curve named
+    by its label alone (``chosen``: the knob, or the end it chose; ``val``: its validation E and F) beside the base,
+    the fine-tune and the keep rules' fine-tunes."""
+    workdir = Path(workdir)
+    val = workdir / RESULTS
+    if not val.is_file():
+        raise ForgetlessError(f"{val}: no validation curves to choose from",
+                              remedy=f"run `forgetless testbed frontier --task {task}` first")
+    picks = choose(json.loads(val.read_text())["rows"], keep_gain)
+    merges = [X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
+              for label, r in picks.items() if r is not None and r["method"] == label
+              for k in [KNOBS[label]]]
+    res = X.run_experiment(task, workdir, merges=merges, keeps=X.KEEPS, split="test", results_name=TEST_RESULTS,
+                           log=log)
+    res = chosen_result(res, picks, keep_gain, log)
+    (workdir / TEST_RESULTS).write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def chosen_result(res: Mapping[str, Any], picks: Mapping[str, Mapping[str, Any] | None], keep_gain: float,
+                  log: Callable[[str], None] = print) -> dict:
+    """The test-split experiment `res` (its merges: the chosen points) rewritten as one row per curve: the row of
+    the point each curve chose (a merge, or the end it chose: base, fine-tune, a keep rule's fine-tune) renamed to
+    the curve's label, with ``chosen`` and its validation ``val`` E and F; the curves that reach no point are
+    listed in ``unreached``."""
+    by = {X.row_name(r): r for r in res["rows"]}
+    rows = [r for r in res["rows"] if r["method"] not in KNOBS]
+    for label, pick in picks.items():
+        if pick is None:
+            log(f"{label}: no point keeps {keep_gain:g} × the fine-tune's E on validation")
+            continue
+        rows.append({**by[X.row_name(pick)], "method": label, "knob": "", "chosen": pick["knob"] or pick["method"],
+                     "val": {"E": pick["E"], "F": pick["F"]}})
+    return {**res, "rows": rows, "keep_gain": keep_gain,
+            "unreached": [label for label, pick in picks.items() if pick is None]}
+
+
+def _params(knob: str) -> dict[str, float]:
+    """A row's knob string (``lambda=1 density=0.05``) as merge parameters."""
+    return {k: float(v) for k, v in (p.split("=", 1) for p in knob.split())}

@@ -14,7 +14,7 @@ from ..eval.metrics import Bootstrap
 from ..eval.report import diff_cell, doc_link, tradeoff_plot
 from . import frontier as FR
 from .experiment import row_draws, row_name
-from .tables import N_BOOT
+from .tables import N_BOOT, TaskDraws, differences, summary
 
 REFERENCE = "WiSE-FT"
 
@@ -47,16 +47,12 @@ class Curves:
                 r = members[0]
                 self.singles[label] = {"E": r["E"], "F": r["F"], "draws": draws[row_name(r)]}
                 continue
-            model = FR.KNOBS[label].model
-            ends = ["base", "fine-tuned" if model is None else FR.keep_label(model)]
-            if ends[1] not in by:
-                raise ValueError(f"frontier rows: curve {label!r} merges from {ends[1]!r}, which has no row")
-            names = [row_name(r) for r in members]
+            names = [row_name(r) for r in FR.curve_rows(rows, label)]
             self.curves[label] = {
-                "E": np.array([by[n]["E"] for n in ends + names], dtype=float),
-                "F": np.array([by[n]["F"] for n in ends + names], dtype=float),
-                "dE": np.stack([draws[n]["E"] for n in ends + names]),
-                "dF": np.stack([draws[n]["F"] for n in ends + names]),
+                "E": np.array([by[n]["E"] for n in names], dtype=float),
+                "F": np.array([by[n]["F"] for n in names], dtype=float),
+                "dE": np.stack([draws[n]["E"] for n in names]),
+                "dF": np.stack([draws[n]["F"] for n in names]),
                 "knobs": [knob_of(r, label) for r in members]}
 
     def at(self, label: str, fraction: float) -> tuple[float, np.ndarray]:
@@ -127,6 +123,71 @@ def task_plot(task: str, c: Curves, path: Path) -> Path:
                          xlabel="specialization gain E (points)", ylabel="general change F (points)")
 
 
+GOAL_E, GOAL_F = 0.95, 0.90  # issue 16: keep ≥ 95% of the task gain while recovering ≥ 90% of the lost general score
+
+
+def goal_table(names: list[str], d: TaskDraws, order: list[str]) -> str:
+    """Over the tasks: the share of the fine-tune's mean E each row keeps and the share of the fine-tune's mean
+    general loss it recovers ((F − F_ft) / −F_ft), with 95% intervals, and whether both goals hold."""
+    e_ft, f_ft = d.mean_point("fine-tuned", "E", names), d.mean_point("fine-tuned", "F", names)
+    de_ft, df_ft = d.mean("fine-tuned", "E", names), d.mean("fine-tuned", "F", names)
+    lines = [(f"| method | mean E kept (of the fine-tune's {e_ft:+.1f}) | mean general loss recovered (of "
+             f"{f_ft:+.1f}) | ≥ {GOAL_E:.0%} kept and ≥ {GOAL_F:.0%} recovered |"), "|---|---|---|---|"]
+    for m in order:
+        if m in ("base", "fine-tuned") or any(m not in d.rows[n] for n in names):
+            continue
+        kept = (d.mean_point(m, "E", names) / e_ft, d.mean(m, "E", names) / de_ft)
+        rec = ((d.mean_point(m, "F", names) - f_ft) / -f_ft, (d.mean(m, "F", names) - df_ft) / -df_ft)
+        cells = []
+        for point, draws in (kept, rec):
+            lo, hi = d.boot.interval(draws)
+            cells.append(f"{point:.0%} [{lo:.0%}, {hi:.0%}]")
+        met = kept[0] >= GOAL_E and rec[0] >= GOAL_F
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
+def chosen_markdown(workdir: Path, names: list[str]) -> str:
+    """The points chosen on validation (:func:`.frontier.run_chosen`) on the test splits: which point each curve
+    chose, the E / F summary over the tasks, the goal table and paired differences against WiSE-FT's choice and
+    the fine-tune. Empty where no task has a ``frontier-test.json``."""
+    done = [n for n in names if (Path(workdir) / n / FR.TEST_RESULTS).is_file()]
+    if not done:
+        return ""
+    results = {n: json.loads((Path(workdir) / n / FR.TEST_RESULTS).read_text()) for n in done}
+    gains = sorted({results[n]["keep_gain"] for n in done})
+    d = TaskDraws(results)
+    table, order = summary(done, d)
+    picks = ["| method | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
+    for m in order:
+        cells = [(f"{r['chosen']} (val E {r['val']['E']:+.1f}, F {r['val']['F']:+.1f})" if "chosen" in r else
+                  "—" if m in results[n]["unreached"] else "") for n in done for r in [d.rows[n].get(m, {})]]
+        if any(cells):
+            picks.append(f"| {m} | " + " | ".join(cells) + " |")
+    complete = all(n in done for n in names)
+    return f"""### Chosen points on the test splits
+
+Each curve's point chosen on **validation** — the best F among its points (its ends included) that keep at least
+{' / '.join(f'{g:g}' for g in gains)} × the fine-tune's E there (`forgetless sweep --keep-gain`), "—" where none
+does — merged again and evaluated on the **test** splits (`forgetless testbed frontier --test`; tasks:
+{', '.join(done)}{'' if complete else f'; not run yet: {", ".join(n for n in names if n not in done)}'}).
+Intervals as in the summary at the top (paired within a task, joint across tasks).
+
+{chr(10).join(picks)}
+
+{table}
+
+Against the goal of issue 16 (over the tasks: at least {GOAL_E:.0%} of the fine-tune's E kept and at least
+{GOAL_F:.0%} of its general loss recovered):
+
+{goal_table(done, d, order)}
+
+Paired differences of the means against **WiSE-FT**'s chosen point (**\\*** where the interval excludes 0):
+
+{differences(done, d, order, REFERENCE) if "WiSE-FT" in order else "_(no WiSE-FT row)_"}
+"""
+
+
 def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Path | None = None) -> str:
     """The section, from each task's ``workdir/<task>/frontier-val.json`` (tasks without one are listed as not
     run)."""
@@ -162,4 +223,5 @@ resample); **vs {REFERENCE}**: the paired difference, **\\*** where its interval
 noisy points flatters the methods with more points (a winner's curse); the test splits are for the chosen points.
 {f"Not run yet: {', '.join(missing)}." if missing else ""}
 
-{chr(10).join(parts)}"""
+{chr(10).join(parts)}
+{chosen_markdown(workdir, names)}"""
