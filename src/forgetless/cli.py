@@ -417,16 +417,33 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--init-adapter", type=click.Path(file_okay=False), default=None,
               help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
               "fine-tuning, one task after another.")
+@click.option("--optimizer-fisher", type=click.Path(dir_okay=False), default=None,
+              help="Also write AdamW's squared gradients, averaged over the run, as a task Fisher statistics file "
+              "(full fine-tune; for `forgetless merge` / `cgm`, no extra pass over the data).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
-                 lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None, **kw) -> None:
+                 lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None,
+                 optimizer_fisher: str | None, **kw) -> None:
     """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
+    from pathlib import Path
+
+    from .stats.distributed import dist_info
     from .train import LoraSpec, finetune
+    from .train.moments import OptimizerFisher
 
     spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None) \
         if lora else None
-    finetune(model, kw.pop("data"), kw.pop("out"), train=list(train) or None, lora=spec, clip=clip or None, n=num,
-             log=click.echo, **kw)
+    if optimizer_fisher is not None and lora:
+        raise ForgetlessError("--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
+                              remedy="drop --lora or --optimizer-fisher")
+    if optimizer_fisher is not None and Path(optimizer_fisher).exists() and not kw["force"]:
+        raise ForgetlessError("the statistics file exists", file=optimizer_fisher, remedy="pass --force to replace it")
+    moments = OptimizerFisher() if optimizer_fisher is not None else None
+    out = kw.pop("out")
+    finetune(model, kw.pop("data"), out, train=list(train) or None, lora=spec, clip=clip or None, n=num,
+             log=click.echo, hook=moments, **kw)
+    if moments is not None and dist_info()[0] == 0:  # under DDP every rank holds the same state; rank 0 writes
+        click.echo(f"wrote {moments.save(optimizer_fisher, out)}: the optimizer's task Fisher")
 
 
 @cli.command("eval")
