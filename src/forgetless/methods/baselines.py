@@ -4,7 +4,10 @@ Pure functions over float32 tensors; the building blocks (trim, sign election, d
 separate so that the later methods reuse them. Conventions follow PEFT's ``merge_utils`` where PEFT has the rule;
 TIES with unequal weights follows mergekit by default (sign of the weighted sum, divide by the agreeing models'
 summed weights); ``convention="peft"`` selects PEFT's rule (sign of the plain sum, divide by the count). With all
-weights 1 the two are the same.
+weights 1 the two are the same. The "mergekit" convention (TIES, DARE-TIES; task arithmetic and DARE-linear on
+request) also follows mergekit's order of operations — each wₖ·Δₖ rounded, summed model after model, divided, then
+×λ, then added to θ₀ — so the result is mergekit's bit for bit (up to four models: torch sums five or more stacked
+tensors in another order; TIES: up to which of equal |Δ| at the top-k boundary are kept).
 """
 
 from __future__ import annotations
@@ -76,19 +79,32 @@ def elect_sign(deltas: list[Tensor], weights: list[float], how: Literal["total",
 
 
 def disjoint_mean(deltas: list[Tensor], weights: list[float], sign: Tensor,
-                  divisor: Literal["weights", "count"]) -> Tensor:
+                  divisor: Literal["weights", "count"], weighted: bool = False) -> Tensor:
     """Mean of wₖ·Δₖ over the models whose Δₖ agrees with the elected sign (zeros never agree), divided by the
-    summed weights of those models (or their count). Consumes `deltas` (works in place)."""
+    summed weights of those models (or their count). ``weighted``: `deltas` are wₖ·Δₖ already (agreement is then
+    the sign of wₖ·Δₖ, as in mergekit). Consumes `deltas` (works in place)."""
     num = torch.zeros_like(sign)
     den = torch.zeros_like(sign)
     for d, w in zip(deltas, weights):
         d.mul_(sign)  # > 0 exactly where Δₖ agrees; then sign·relu(sign·Δₖ) = Δₖ there and 0 elsewhere
         den.add_(d > 0, alpha=w if divisor == "weights" else 1.0)
-        num.add_(d.clamp_min_(0), alpha=w)
+        num.add_(d.clamp_min_(0), alpha=1.0 if weighted else w)
     return num.mul_(sign).div_(den.masked_fill_(den == 0, 1.0))  # no agreeing model: num is 0 there
 
 
+def mergekit_sum(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float) -> Tensor:
+    """θ₀ + λ·Σₖ wₖ·Δₖ in mergekit's order of operations (each wₖ·Δₖ rounded, summed model after model, ×λ when
+    λ ≠ 1, then added to θ₀): mergekit's task arithmetic bit for bit. Consumes `deltas`; in place on `base`."""
+    mixed = deltas[0] if weights[0] == 1 else deltas[0].mul_(weights[0])  # × 1 is exact: skipped
+    for d, w in zip(deltas[1:], weights[1:]):
+        mixed.add_(d if w == 1 else d.mul_(w))
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return base.add_(mixed)
+
+
 Convention = Literal["mergekit", "peft"]
+SumConvention = Literal["forgetless", "mergekit"]  # task arithmetic's sum: fused (exact at the ends), or mergekit's
 Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
 
 
@@ -102,13 +118,16 @@ def _each(generator: Generators, models: list[Tensor]) -> list[torch.Generator |
 def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
                   sign: Literal["total", "frequency"], convention: Convention) -> Tensor:
     """Sign election and disjoint mean. The two published conventions differ only when weights are not all 1:
-    "mergekit" elects the sign of Σ wₖΔₖ and divides by the agreeing models' summed weights; "peft" elects the
-    sign of Σ Δₖ and divides by their count."""
-    if convention == "mergekit":
-        elected, divisor = elect_sign(deltas, weights, sign), "weights"
-    else:
-        elected, divisor = elect_sign(deltas, [1.0] * len(deltas), sign), "count"
-    return base.add_(disjoint_mean(deltas, weights, elected, divisor), alpha=lambda_)
+    "mergekit" elects the sign of Σ wₖΔₖ and divides by the agreeing models' summed weights, in mergekit's order of
+    operations (each wₖΔₖ rounded first, ×λ after the division); "peft" elects the sign of Σ Δₖ and divides by
+    their count."""
+    ones = [1.0] * len(deltas)
+    if convention == "peft":
+        return base.add_(disjoint_mean(deltas, weights, elect_sign(deltas, ones, sign), "count"), alpha=lambda_)
+    if any(w != 1 for w in weights):  # mergekit weighs before electing, each wₖ·Δₖ rounded
+        deltas = [d.mul_(w) for d, w in zip(deltas, weights)]
+    mixed = disjoint_mean(deltas, weights, elect_sign(deltas, ones, sign), "weights", weighted=True)
+    return base.add_(mixed.mul_(lambda_) if lambda_ != 1 else mixed)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -123,8 +142,14 @@ def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, 
 
 @merge_method("task_arithmetic", per_model=("weight",), rows="blocks")
 def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0,
-                    lambda_: float = 1.0, block: RowBlock | None = None) -> Tensor:
-    """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀)."""
+                    lambda_: float = 1.0, convention: SumConvention = "forgetless",
+                    block: RowBlock | None = None) -> Tensor:
+    """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀).
+
+    ``convention="mergekit"``: summed in mergekit's order (:func:`mergekit_sum`), mergekit's result bit for bit;
+    the default fuses each term into θ₀ and is exact at λ·w = 0 and 1 for one model."""
+    if convention == "mergekit":
+        return mergekit_sum(base, [ft.sub_(base) for ft in finetuned], weight, lambda_)
     if len(finetuned) == 1:
         return interpolate(base, finetuned[0], lambda_ * weight[0])
     return add_deltas(base, [ft.sub_(base) for ft in finetuned], [lambda_ * w for w in weight])
@@ -151,10 +176,13 @@ def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, de
 
 @merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")
 def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
-                lambda_: float = 1.0, rescale: bool = True, generator: Generators = None,
-                block: RowBlock | None = None) -> Tensor:
-    """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ."""
+                lambda_: float = 1.0, rescale: bool = True, convention: SumConvention = "forgetless",
+                generator: Generators = None, block: RowBlock | None = None) -> Tensor:
+    """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ (in
+    mergekit's order of operations with ``convention="mergekit"``)."""
     deltas = [random_drop(ft.sub_(base), d, g, rescale) for ft, d, g in zip(finetuned, density, _each(generator, finetuned))]
+    if convention == "mergekit":
+        return mergekit_sum(base, deltas, weight, lambda_)
     return add_deltas(base, deltas, [lambda_ * w for w in weight])
 
 
