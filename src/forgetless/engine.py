@@ -161,7 +161,9 @@ class Plan:
 
     def describe(self) -> str:
         r = self.recipe
-        lines = [f"method      {self.spec.name}  {self._params_text()}",
+        mapped = ([f"recipe      mapped from a {r.mapped_from} config ({r.source or 'a mapping'}):",
+                   *(f"  {line}" for line in r.to_yaml(defaults=False).splitlines()), ""] if r.mapped_from else [])
+        lines = [*mapped, f"method      {self.spec.name}  {self._params_text()}",
                  f"base        {r.base}",
                  *[f"model[{i}]    {m.model}" for i, m in enumerate(r.models)],
                  *[f"statistic   {k}: {v}" for k, v in r.statistics.items()],

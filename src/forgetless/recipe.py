@@ -29,6 +29,9 @@ folded into ``base``. The adapters' full tensors (LLaVA's ``non_lora_trainables.
 are averaged (``non_lora: average``) or taken from one adapter (``non_lora: 2``, an index into ``models``).
 
 Validation errors name the key (``models[1].model``) and the file.
+
+A mergekit config (``merge_method:``, ``base_model:``, ``models[].parameters``, …) is read as it is: the dialect is
+told by its keys and :mod:`.recipe_mergekit` maps it onto this format, or refuses what forgetless does not have.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ForgetlessError
+from .recipe_mergekit import is_mergekit, translate
 
 EXAMPLES_HINT = "see the recipes in examples/ and `forgetless methods`"
 
@@ -84,6 +88,7 @@ class Recipe(BaseModel):
     non_lora: Literal["average"] | int = "average"
     out: str | None = None
     source: str | None = Field(default=None, exclude=True)  # the file it came from, for error messages
+    mapped_from: str | None = Field(default=None, exclude=True)  # "mergekit": translated from that dialect
 
     @field_validator("models", mode="before")
     @classmethod
@@ -100,8 +105,10 @@ class Recipe(BaseModel):
         check_size(v, "a shard size" if info.field_name == "shard_size" else "a memory budget")
         return v
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude={"source"}), sort_keys=False)
+    def to_yaml(self, defaults: bool = True) -> str:
+        """The recipe as YAML; ``defaults=False``: only the keys whose values are not the defaults."""
+        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=not defaults, exclude={"source"}),
+                              sort_keys=False)
 
 
 def check_size(v: Any, what: str) -> int:
@@ -132,6 +139,9 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise ForgetlessError("a recipe must be a mapping (method, base, models, …)", file=where,
                               remedy=EXAMPLES_HINT)
+    dialect = None
+    if is_mergekit(data):  # mergekit's YAML as it is: mapped onto this format first (recipe_mergekit.py)
+        data, dialect = translate(data, where), "mergekit"
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -147,6 +157,7 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
         raise ForgetlessError(f"{key}: {msg}{more}", file=where, remedy=EXAMPLES_HINT) from None
     recipe.source = str(source) if source else None
+    recipe.mapped_from = dialect
     return recipe
 
 

@@ -1,0 +1,218 @@
+"""mergekit's YAML, as it is: translated into a forgetless recipe (:mod:`.recipe` calls :func:`translate`).
+
+A mapping with ``merge_method`` (or with mergekit's other top-level keys and no ``method``) is a mergekit config.
+What maps, checked against mergekit 0.1.5's ``merge_methods/`` (``generalized_task_arithmetic.py``, ``linear.py``,
+``registry.py``), ``sparsify.py``, ``config.py`` and ``plan.py``:
+
+- ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``: θ₀ + λ·Σ wₖ·Δₖ over the models other than
+  ``base_model`` (listing the base among ``models`` is allowed: mergekit skips it), after TIES's magnitude trim or
+  DARE's Bernoulli drop, with TIES's sign election and disjoint mean. ``weight`` is required per model (a model's
+  ``parameters`` or the top-level ones), ``density`` defaults to 1 (mergekit's default, not forgetless's 0.5),
+  ``lambda`` to 1. mergekit's ``normalize`` (dividing by the summed weights) maps where forgetless has the same
+  rule: TIES's disjoint mean is ``normalize: true``; task arithmetic and DARE-linear with ``normalize: true``
+  become weights wₖ/Σw. ``int8_mask`` changes only the dtype of mergekit's sign mask, never a value: accepted.
+  The sums are taken in mergekit's order of operations (``convention: mergekit``), so task arithmetic is mergekit's
+  result bit for bit (up to four models), and TIES too, up to which of equal |Δ| at the top-k boundary are kept.
+- ``linear``: the weighted average Σ wₖθₖ / Σ wₖ of the listed models (and of ``base_model`` when it is not
+  listed, as mergekit adds it), forgetless's ``linear`` at λ = 1.
+- ``dtype`` is mergekit's compute dtype: forgetless computes in float32 whatever it says, and writes
+  ``out_dtype``, else ``dtype``, else the base's dtype. ``tokenizer_source: base`` (or absent): the base's
+  tokenizer files are copied, as forgetless always does.
+
+Everything else is refused, in one line naming the key and what to do: other merge methods, ``slices`` and
+``modules``, tokenizer unions and ``tokenizer:``, ``chat_template``, per-layer gradients and filtered values,
+Hub revisions, DARE's L1 ``rescale`` (mergekit rescales the kept entries to the tensor's L1 norm, forgetless by
+1/density), ``normalize`` values whose rule forgetless does not have, and keys mergekit's method does not take.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ForgetlessError
+
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "tokenizer", "chat_template")
+MAPPED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+# mergekit 0.1.5's defaults (registry.py): normalize and rescale per method
+NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
+RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
+DTYPES = ("float32", "bfloat16", "float16")
+HINT = "see README.md, 'Coming from mergekit'"
+
+
+def is_mergekit(data: dict) -> bool:
+    """A mergekit config: it names ``merge_method``, or has mergekit's keys and no forgetless ``method``."""
+    return "merge_method" in data or ("method" not in data and any(k in data for k in MERGEKIT_KEYS if k not in
+                                                                     ("models", "parameters", "dtype")))
+
+
+def translate(data: dict, where: str) -> dict:
+    """The forgetless recipe (a plain mapping) that computes what the mergekit config `data` does; a
+    :class:`ForgetlessError` naming the key when it uses something forgetless does not have."""
+    def refuse(key: str, problem: str, remedy: str = HINT) -> ForgetlessError:
+        return ForgetlessError(f"{key}: {problem}", file=where, remedy=remedy)
+
+    if "method" in data:
+        raise refuse("merge_method", "a recipe names either `method` (forgetless) or `merge_method` (mergekit)",
+                     "keep one dialect per file")
+    for key in data:
+        if key not in MERGEKIT_KEYS:
+            raise refuse(key, "not a key of a mergekit config forgetless reads",
+                         f"remove it (mergekit keys read: {', '.join(MERGEKIT_KEYS)}); --out and --memory are "
+                         "command-line options")
+    method = data.get("merge_method")
+    if method is None:
+        raise refuse("merge_method", "required key is missing")
+    if method not in MAPPED:
+        raise refuse("merge_method", f"{method!r} is not in forgetless", f"forgetless runs mergekit's "
+                     f"{', '.join(MAPPED)}; `forgetless methods` lists its own (write a forgetless recipe)")
+    for key, why, remedy in (
+            ("slices", "layer slices (frankenmerges) are not merges of matching tensors",
+             "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only"),
+            ("modules", "per-module configs are not read", "use one `models:` list for the whole model"),
+            ("tokenizer", "forgetless copies the base's tokenizer and never changes the vocabulary",
+             "remove it (tokenizer_source: base is what forgetless does)"),
+            ("chat_template", "forgetless copies the base's tokenizer files, chat template included",
+             "remove it, and set the template in the output's tokenizer_config.json afterwards")):
+        if data.get(key) is not None:
+            raise refuse(key, why, remedy)
+    base = data.get("base_model")
+    if base is not None:
+        base = _reference(base, "base_model", refuse)
+    source = data.get("tokenizer_source")
+    if source is not None and source not in ("base", base):
+        raise refuse("tokenizer_source", f"{source!r}: forgetless copies the base's tokenizer and never builds "
+                     "another vocabulary", "merge models that share the base's tokenizer, with tokenizer_source: base")
+    dtype = _dtype(data, refuse)
+
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise refuse("models", "a list of models is required")
+    top = data.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise refuse("parameters", "must be a mapping")
+    per_model_keys = ("weight",) if method == "linear" else ("weight", "density")
+    global_keys = ("normalize",) if method == "linear" else ("normalize", "rescale", "int8_mask", "lambda")
+    for k, v in top.items():
+        if k not in per_model_keys + global_keys:
+            raise refuse(f"parameters.{k}", f"not a parameter of mergekit's {method}",
+                         f"remove it (mergekit ignores it; {method} takes {', '.join(per_model_keys + global_keys)})")
+        _scalar(v, f"parameters.{k}", refuse)
+
+    entries = []  # (index, model reference, {per-model key: value})
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or "model" not in m:
+            raise refuse(f"models[{i}]", "each entry is a mapping with `model:` (and optional `parameters:`)")
+        extra = sorted(set(m) - {"model", "parameters"})
+        if extra:
+            raise refuse(f"models[{i}].{extra[0]}", "not a key of a mergekit model entry", "remove it")
+        ref = _reference(m["model"], f"models[{i}].model", refuse)
+        params = m.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise refuse(f"models[{i}].parameters", "must be a mapping")
+        for k, v in params.items():
+            if k not in per_model_keys:
+                raise refuse(f"models[{i}].parameters.{k}", f"not a per-model parameter of mergekit's {method}",
+                             f"remove it (mergekit ignores it; per model {method} takes {', '.join(per_model_keys)})")
+            _scalar(v, f"models[{i}].parameters.{k}", refuse)
+        entries.append((i, ref, params))
+
+    def value(i: int, params: dict, key: str, default: Any = None) -> Any:
+        v = params.get(key, top.get(key, default))
+        if v is None:
+            raise refuse(f"models[{i}].parameters.{key}", f"mergekit's {method} requires it",
+                         f"give it per model or under parameters: (e.g. {key}: 1.0)")
+        return v
+
+    normalize = top.get("normalize", NORMALIZE[method])
+    if method == "linear":
+        return _linear(entries, base, top, normalize, dtype, value, refuse)
+
+    if base is None:
+        raise refuse("base_model", f"mergekit's {method} takes task vectors from it: required")
+    tasks = [(i, ref, params) for i, ref, params in entries if ref != base]  # mergekit skips the base's entry
+    if not tasks:
+        raise refuse("models", "only the base model is listed: nothing to merge", "list the fine-tuned models")
+    weights = [float(value(i, p, "weight")) for i, _, p in tasks]
+    densities = [min(value(i, p, "density", 1.0), 1.0) for i, _, p in tasks]  # mergekit: ≥ 1 keeps all
+    lam = top.get("lambda", 1.0)
+    rescale = top.get("rescale", RESCALE[method])
+    params: dict[str, Any] = {"lambda": lam, "convention": "mergekit"}
+    if method in ("ties", "dare_ties") and not normalize:
+        default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
+        raise refuse("parameters.normalize", f"false{default}: mergekit then adds the agreeing entries without "
+                     f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
+                     "(normalize: true)", "set normalize: true to merge as forgetless does")
+    if method in ("task_arithmetic", "dare_linear") and normalize:
+        total = sum(weights)
+        if abs(total) >= 1e-8:  # mergekit leaves a (near) zero divisor at 1
+            weights = [w / total for w in weights]
+    if method == "ties" and rescale:
+        raise refuse("parameters.rescale", "true: mergekit rescales the trimmed task vector to its L1 norm; "
+                     "forgetless's ties does not rescale", "remove it (mergekit's default for ties is false)")
+    if method.startswith("dare"):
+        if rescale and any(d < 1 for d in densities):
+            raise refuse("parameters.rescale", "true (mergekit's default for DARE): mergekit rescales the kept "
+                         "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
+                         "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
+                         f"(method: {method}) to rescale by 1/density")
+        params["rescale"] = bool(rescale)
+    out_models = []
+    for (_, ref, _), w, d in zip(tasks, weights, densities):
+        entry = {"model": ref, "weight": w}
+        if method != "task_arithmetic":
+            entry["density"] = d
+        out_models.append(entry)
+    return {"method": method, "base": base, "models": out_models, "parameters": params, "dtype": dtype}
+
+
+def _linear(entries, base, top, normalize, dtype, value, refuse) -> dict:
+    """mergekit's linear: Σ wₖθₖ / Σ wₖ over every listed model, and the base when it is not listed (mergekit
+    adds it, with the top-level weight)."""
+    models = [{"model": ref, "weight": float(value(i, p, "weight"))} for i, ref, p in entries]
+    if base is not None and all(m["model"] != base for m in models):
+        if top.get("weight") is None:
+            raise refuse("base_model", "not among models: mergekit's linear averages it in, and needs a weight "
+                         "for it", "list it under models with its weight, or drop base_model")
+        models.append({"model": base, "weight": float(top["weight"])})
+    total = sum(m["weight"] for m in models)
+    if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
+        raise refuse("parameters.normalize", f"false with weights summing to {total:g}: forgetless's linear is "
+                     "the weighted average", "set normalize: true (or weights summing to 1)")
+    return {"method": "linear", "base": base if base is not None else models[0]["model"], "models": models,
+            "parameters": {"lambda": 1.0}, "dtype": dtype}
+
+
+def _reference(v: Any, key: str, refuse) -> str:
+    """A model reference as forgetless reads it: a local folder, or ``DIR+ADAPTER`` (mergekit's ``model+lora``)."""
+    if not isinstance(v, str):
+        raise refuse(key, "give the model as a string (a folder, or FOLDER+LORA_ADAPTER)")
+    if "@" in v:
+        raise refuse(key, f"{v!r} names a Hub revision: forgetless reads local folders",
+                     "download that revision (huggingface-cli download REPO --revision REV --local-dir DIR) "
+                     "and give the folder")
+    return v
+
+
+def _scalar(v: Any, key: str, refuse) -> None:
+    if isinstance(v, (list, dict)):
+        raise refuse(key, "a per-layer gradient or a filtered value: forgetless takes one value per model",
+                     "give one number; to merge some layers differently, run forgetless recipes with scope:")
+    if not isinstance(v, (int, float, bool)):
+        raise refuse(key, f"{v!r} is not a number or true/false")
+
+
+def _dtype(data: dict, refuse) -> str:
+    """forgetless's output dtype: mergekit's ``out_dtype``, else its ``dtype`` (its compute and output dtype),
+    else the base's."""
+    names = {}
+    for key in ("out_dtype", "dtype"):
+        v = data.get(key)
+        if v is not None:
+            names[key] = v.removeprefix("torch.") if isinstance(v, str) else v
+            if names[key] not in DTYPES:
+                raise refuse(key, f"{v!r}: forgetless writes {', '.join(DTYPES)}", "choose one of them")
+    return names.get("out_dtype", names.get("dtype", "base"))
