@@ -86,3 +86,27 @@ def test_cli_writes_the_optimizer_fisher_and_refuses_lora(tmp_path, llama_dir, t
         with pytest.raises(SystemExit) as e:
             main([*args, *extra])
         assert e.value.code != 0 and words in capsys.readouterr().err and not (tmp_path / folder).exists()
+
+
+def test_testbed_optimizer_fisher_is_the_cached_fine_tunes_and_reused(tmp_path, llama_dir, text_data):
+    import json
+    import shutil
+
+    from forgetless.testbed.experiment import optimizer_fisher
+
+    task = tmp_path / "task"
+    task.mkdir()
+    shutil.copy(text_data, task / "train.jsonl")
+    (task / "task.json").write_text(json.dumps({"name": "qa", "version": 1, "seed": 0}))
+    recipe = {"train": ["language.layers[1]"], "steps": 3, "batch_size": 2, "lr": 1e-3, "seed": 0}
+    finetune(llama_dir, task / "train.jsonl", tmp_path / "ft", log=None, **recipe)
+    lines: list[str] = []
+    path = optimizer_fisher(llama_dir, task, recipe, tmp_path / "ft", tmp_path / "s" / "f.safetensors", lines.append)
+    assert json.loads(path.with_name("f.safetensors.json").read_text())["same_weights_as_finetuned"] is True
+    assert any("weights equal" in x for x in lines) and not (tmp_path / "s" / ".f-finetune").exists()
+    reader, meta = load_statistics(path)
+    with reader:
+        assert meta["num_samples"] == 3 * 2 and reader.names()
+    before = path.stat().st_mtime_ns
+    optimizer_fisher(llama_dir, task, recipe, tmp_path / "ft", path, lines.append)
+    assert path.stat().st_mtime_ns == before and "reusing" in lines[-1]

@@ -48,6 +48,8 @@ KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitu
 # model, so its task Fisher is at θ_ft ("finetuned").
 TASK_FISHER_CGM = ("base", "empirical")
 TASK_FISHER_OWN = ("finetuned", "empirical")
+# AdamW's squared gradients averaged over the fine-tune (forgetless.train.moments): along the path θ₀ → θ_ft
+TASK_FISHER_PATH = ("path", "optimizer")
 
 
 class Merge(NamedTuple):
@@ -156,12 +158,14 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
 
 
 def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log, *,
-                 task_fishers: Sequence[tuple[str, str]] = (TASK_FISHER_CGM,)
+                 task_fishers: Sequence[tuple[str, str]] = (TASK_FISHER_CGM,), recipe: dict | None = None
                  ) -> dict[tuple[str, str], dict[str, Path]]:
     """The general Fisher at θ₀ on the general data (once) and, for each ``(at, variant)`` in `task_fishers`, the
     task Fisher on the task's training data at θ₀ (``at == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or
     ``sampled``; all over CGM†'s published scope (which contains CGM's), reused when model, data selection, scope
-    and variant match. Returns, per task Fisher, the ``fisher_general`` and ``fisher_task`` files a recipe needs."""
+    and variant match. :data:`TASK_FISHER_PATH` is the fine-tune's own optimizer state (:func:`optimizer_fisher`,
+    needs the fine-tuning `recipe`). Returns, per task Fisher, the ``fisher_general`` and ``fisher_task`` files a
+    recipe needs."""
     from ..chains.cgm import published_scope
     from ..chains.steps import statistics_step
 
@@ -171,11 +175,40 @@ def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir
         return statistics_step("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, variant=variant,
                                role=role, log=log, batch_size=8)
 
+    def task_file(at: str, variant: str) -> Path:
+        path = stats_dir / f"fisher_task-{at}-{variant}.safetensors"
+        if (at, variant) == TASK_FISHER_PATH:
+            if recipe is None:
+                raise ValueError("the optimizer's task Fisher needs the fine-tuning recipe")
+            return optimizer_fisher(base, task_data.parent, recipe, ft, path, log)
+        return one("fisher_task", base if at == "base" else ft, task_data, variant, path)
+
     general_file = one("fisher_general", base, general, "empirical", stats_dir / "fisher_general.safetensors")
-    return {(at, variant): {"fisher_general": general_file,
-                            "fisher_task": one("fisher_task", base if at == "base" else ft, task_data, variant,
-                                               stats_dir / f"fisher_task-{at}-{variant}.safetensors")}
-            for at, variant in task_fishers}
+    return {tf: {"fisher_general": general_file, "fisher_task": task_file(*tf)} for tf in task_fishers}
+
+
+def optimizer_fisher(base: Path, task_dir: Path, recipe: dict, ft: Path, path: Path, log) -> Path:
+    """AdamW's squared gradients of the fine-tune `recipe` as a task Fisher (:mod:`forgetless.train.moments`),
+    reused while its :func:`finetune_key` matches: the fine-tune is run again with the hook into a scratch folder
+    (the cached fine-tune `ft` keeps no optimizer state), and whether the re-run's weights equal `ft`'s bit for bit
+    (then the moments are exactly those of `ft`'s run) is logged and kept beside the file."""
+    from ..train import finetune
+    from ..train.moments import OptimizerFisher
+
+    key = finetune_key(base, task_dir, recipe)
+    stamp = path.with_name(path.name + ".json")
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        log(f"optimizer Fisher: reusing {path}")
+        return path
+    scratch = path.parent / f".{path.stem}-finetune"
+    hook = OptimizerFisher()
+    finetune(base, task_dir / "train.jsonl", scratch, log=log, force=True, hook=hook, **recipe)
+    same = weights_digest(scratch) == weights_digest(ft)
+    log(f"optimizer Fisher: the re-run's weights {'equal' if same else 'DIFFER from'} {ft}'s")
+    hook.save(path, scratch)
+    stamp.write_text(json.dumps({"key": key, "same_weights_as_finetuned": same}) + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return path
 
 
 def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[str, Path] | None) -> dict:
@@ -266,7 +299,7 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         t = time.perf_counter()
         gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
         stats_by = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log,
-                                task_fishers=needed)
+                                task_fishers=needed, recipe=recipe)
         timings["statistics"] += time.perf_counter() - t
     for label, method, params, task_fisher, model in merges:
         stats = stats_by.get(task_fisher) if task_fisher is not None else None
@@ -279,8 +312,6 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
         timings["merge"] += time.perf_counter() - t
         r, cached = evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in params.items())
-        if task_fisher not in (None, TASK_FISHER_CGM if method in ("cgm", "cgm_dagger") else TASK_FISHER_OWN):
-            label += f" (task Fisher {task_fisher[1]} at {'θ₀' if task_fisher[0] == 'base' else 'θ_ft'})"
         rows.append({"method": label, "knob": knob, "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
                      "summary": report.summary()})
         log(f"{label} ({knob}): T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "

@@ -38,8 +38,8 @@ CURVES: list[X.Merge] = [
 # before the published scripts were read) and sampled (labels drawn from θ_ft's predictions: it does not vanish at a
 # converged fine-tune)
 TASK_FISHERS: list[X.Merge] = [
-    X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
-    X.Merge("CGM", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
+    X.Merge("CGM (task Fisher empirical at θ_ft)", "cgm", {"alpha": 0.2}, ("finetuned", "empirical")),
+    X.Merge("CGM (task Fisher sampled at θ_ft)", "cgm", {"alpha": 0.2}, ("finetuned", "sampled")),
 ]
 TARGET = 3.0  # points: the half-width the test splits should reach on E and F
 EVAL_ITEMS_PER_S = 17.3  # fp32, batch 16, 2 cores (BENCHMARKS.md, "Evaluation cost against its floor")
