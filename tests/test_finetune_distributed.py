@@ -64,6 +64,8 @@ def compare_runs(tmp_path: Path, weights: str) -> tuple[dict, dict]:
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the same samples in every step
     assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)  # the same gradient, not 2× or ½×
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one writer, no temporary folder left
+    events = list((tmp_path / "two").glob("runs/*/events.out.tfevents.*"))  # TensorBoard: rank 0 alone logs
+    assert len(events) == 1 and two["tensorboard"] == f"runs/{events[0].parent.name}"
     return one, two
 
 

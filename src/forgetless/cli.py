@@ -420,6 +420,9 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--optimizer-fisher", type=click.Path(dir_okay=False), default=None,
               help="Also write AdamW's squared gradients, averaged over the run, as a task Fisher statistics file "
               "(full fine-tune; for `forgetless merge` / `cgm`, no extra pass over the data).")
+@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+              help="TensorBoard event files: OUT.tensorboard/RUN while training, OUT/runs/RUN after "
+              "(rank 0 only; needs the tensorboard package).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
                  lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None,

@@ -60,6 +60,11 @@ for it. Every rank holds the whole model, optimizer state and keep rule (for a r
 the ranks, use FSDP2 with :mod:`.spider` in your own loop or the Trainer). With dropout (``--lora-dropout``) each
 rank draws its own masks, so only the distribution, not the draw, matches one process.
 
+**Logs.** Every optimizer step's loss, learning rate, gradient norm, samples/s (and epoch), and a keep rule's
+fraction of kept entries and mean coefficient, go to TensorBoard event files (:mod:`.tblog`; ``tensorboard=False``
+turns them off): beside the output while training (``OUT.tensorboard/RUN``), then inside it as the Hugging Face
+Trainer writes them (``OUT/runs/RUN``). Rank 0 only.
+
 **Precision.** Weights, gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward and backward under
 bf16 autocast (the loss is still computed in fp32).
 
@@ -108,6 +113,7 @@ from ..stats.fisher import checkpoint_names
 from ..stats.run import load_model, resolve_device
 from .hooks import StepHook, StepInfo
 from .spider import KEEP_RULES, make_rule
+from .tblog import TrainingLog
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast over fp32 weights
@@ -149,6 +155,7 @@ class FinetuneReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     keep: dict[str, Any] | None = None  # the keep rule's summary (forgetless.train.spider), None without one
+    tensorboard: Path | None = None  # the run's TensorBoard events in the output (OUT/runs/RUN), None without
 
 
 # ------------------------------------------------------------------------------------------------ the schedule
@@ -388,9 +395,10 @@ def _load_init_adapter(params: dict[str, nn.Parameter], state: dict[str, torch.T
 
 # ------------------------------------------------------------------------------------------------ output
 def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], stored: dict[str, str],
-                model: nn.Module, meta: dict[str, Any], force: bool) -> None:
+                model: nn.Module, meta: dict[str, Any], force: bool, tb: TrainingLog | None = None) -> None:
     """Every tensor of the input folder, under its name and dtype: the trained ones (every checkpoint name of a
-    trained parameter, tied copies included) from the model, all others as the input's own bytes."""
+    trained parameter, tied copies included) from the model, all others as the input's own bytes; and the run's
+    TensorBoard events."""
     named = dict(model.named_parameters(remove_duplicate=False))
     trained_ids = {id(p) for p in trained.values()}
     from_model = {saved: named[p] for p, saved in stored.items() if id(named[p]) in trained_ids}
@@ -407,17 +415,23 @@ def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], st
                     writer.write(e.name, t)
                 else:
                     writer.write(e.name, reader.raw(e.name))
+            if tb is not None:
+                tb.copy_into(writer.tmp)
             writer.commit(side_files_from=model_dir, extra_files={"finetune.json": json.dumps(meta, indent=1)})
         except BaseException:
             writer.abort()
             raise
 
 
-def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any], force: bool) -> None:
-    """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json``, renamed into place."""
+def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any], force: bool,
+                tb: TrainingLog | None = None) -> None:
+    """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json`` and the TensorBoard events, renamed into
+    place."""
     with atomic_folder(out, replace=force) as tmp:
         peft_model.save_pretrained(tmp)
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=1))
+        if tb is not None:
+            tb.copy_into(tmp)
 
 
 def _hms(seconds: float) -> str:
@@ -434,7 +448,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
              on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
-             force: bool = False) -> FinetuneReport:
+             tensorboard: bool = True, force: bool = False) -> FinetuneReport:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -447,6 +461,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     ``init_adapter``: a PEFT adapter folder to continue training (LoRA only): its LoRA weights are the starting
     point instead of PEFT's initialisation (B = 0); it must have the same rank, alpha and adapted weights as this
     run. The optimizer state starts fresh. Sequential fine-tuning, task after task, is one adapter passed on.
+    ``tensorboard``: write TensorBoard event files (see the module's notes; skipped, in one line, without the
+    tensorboard package).
     """
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     rank, world = dist_info()  # torchrun's environment: the checks below run before the process group is joined
@@ -491,7 +507,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         say(f"  skipped {sid}: {why}")
 
     dev_name = resolve_device(device)
-    with process_group(dev_name) as (rank, world):
+    with process_group(dev_name) as (rank, world), contextlib.ExitStack() as cleanup:
         # -- model and trainable tensors
         torch.manual_seed(seed)
         try:
@@ -565,6 +581,10 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                 f"{' on every rank' if world > 1 else ''} "
                 f"(θ₀{' and G, and scratch for the largest tensor' if keep == 'spider' else ' and mask'})")
 
+        tb = TrainingLog.open(out, say) if tensorboard and rank == 0 else None
+        if tb is not None:
+            cleanup.callback(tb.close)  # the events flushed however the run ends
+
         # -- the loop
         stream = _sample_stream(len(samples), seed)
 
@@ -579,7 +599,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
 
         report = FinetuneReport(out=out, kind="lora" if lora else "full", trained=trained, num_samples=len(samples),
                                 skipped=skipped)
-        t0 = last_log = time.perf_counter()
+        t0 = last_log = step_end = time.perf_counter()
         for step in range(1, steps + 1):
             lr_t = lr_at(step, lr=lr, steps=steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
             for group in optimizer.param_groups:
@@ -610,6 +630,11 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             report.grad_norms.append(norm)
 
             now = time.perf_counter()
+            if tb is not None:
+                kept_now = {k: rule.history[-1][k] for k in ("updated_fraction", "mean_c")} if rule is not None else {}
+                tb.scalars(step, {"loss": loss, "lr": lr_t, "grad_norm": norm, "epoch": step * per_step / len(samples),
+                                  "samples_per_second": per_step / (now - step_end), **kept_now})
+            step_end = now
             if step in (1, steps) or now - last_log >= LOG_EVERY_S:
                 last_log, elapsed = now, now - t0
                 kept = (f"  kept {rule.history[-1]['updated_fraction']:.3f} c̄ {rule.history[-1]['mean_c']:.3f}"
@@ -634,11 +659,15 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                 "adapter_tensors": sorted(params) if lora else None, "losses": report.losses, "lrs": report.lrs,
                 "grad_norms": report.grad_norms, "keep": report.keep, "seconds": round(report.seconds, 3),
                 "device": str(dev), "processes": world, "torch": torch.__version__}
+        if tb is not None:
+            report.tensorboard, meta["tensorboard"] = out / "runs" / tb.name, f"runs/{tb.name}"
         if rank == 0:  # the others wait for it as the process group ends
             if lora is None:
-                _write_full(model_dir, out, params, stored, model, meta, force)
+                _write_full(model_dir, out, params, stored, model, meta, force, tb)
             else:
-                _write_lora(net, out, meta, force)
+                _write_lora(net, out, meta, force, tb)
+            if tb is not None:
+                tb.finish()
         say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
             f"{report.losses[-1]:.4f}")
         return report
