@@ -66,7 +66,8 @@ def test_top_k_cut_over_pieces_equals_a_stable_sort(largest, sample):
 
 def test_a_missed_bracket_is_detected_and_the_answer_still_exact():
     """The sampling pass sees other data than the counting passes (as if the sample were unlucky): the bracket
-    misses, the miss is detected, and the pass over every entry finds the exact cut."""
+    misses, the miss is detected, a bracket three times as wide misses too, and the pass over every entry finds
+    the exact cut: sampling, counting, counting wider, counting everything."""
     x = torch.arange(20_000.0)
     calls = []
 
@@ -74,8 +75,34 @@ def test_a_missed_bracket_is_detected_and_the_answer_still_exact():
         calls.append(1)
         yield ([x + 20_000.0] if len(calls) == 1 else [x]), 0
     (cut,) = top_k_cuts(pieces, [100], x.numel(), sample=1000)
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert torch.equal(cut.mask(x), stable_top(x, 100, True))
+
+
+def test_a_slightly_missed_bracket_is_widened_not_dropped():
+    """A sample that misses by a little (its values shifted by less than the wider bracket's margin): the second
+    count pass, three times as wide, finds the exact cut without gathering every entry."""
+    x = torch.arange(200_000.0)
+    calls, gathered = [], []
+
+    def pieces():
+        calls.append(1)
+        yield [x + 15_000.0 if len(calls) == 1 else x], 0  # beyond ±4 standard errors, within ±12
+    from forgetless.methods import select
+
+    count = select._count_and_gather
+
+    def spy(*args):
+        out = count(*args)
+        gathered.append(out[0].values.numel())
+        return out
+    select._count_and_gather = spy
+    try:
+        (cut,) = top_k_cuts(pieces, [100_000], x.numel(), sample=1000)
+    finally:
+        select._count_and_gather = count
+    assert len(calls) == 3 and gathered[0] < gathered[1] < x.numel()
+    assert torch.equal(cut.mask(x), stable_top(x, 100_000, True))
 
 
 # ----------------------------------------------------------------------------------------------- methods

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .registry import RowBlock, merge_method
-from .select import Cut, top_k_cuts
+from .select import CHUNK, Cut, top_k_cuts
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -70,26 +70,35 @@ def random_drop(delta: Tensor, density: float, generator: torch.Generator | None
     return out / density if rescale and density > 0 else out
 
 
-def elect_sign(deltas: list[Tensor], weights: list[float], how: Literal["total", "frequency"] = "total") -> Tensor:
-    """Per element, +1 or −1: the sign of Σₖ wₖ·Δₖ ("total") or of Σₖ sign(Δₖ) ("frequency"); 0 counts as +."""
-    acc = torch.zeros_like(deltas[0])
+def elect_sign(deltas: list[Tensor], weights: list[float], how: Literal["total", "frequency"] = "total",
+               out: Tensor | None = None, tmp: Tensor | None = None) -> Tensor:
+    """Per element, +1 or −1: the sign of Σₖ wₖ·Δₖ ("total") or of Σₖ sign(Δₖ) ("frequency"); 0 counts as +.
+    ``out``/``tmp``: buffers shaped like a delta to work in (else fresh ones)."""
+    acc = torch.zeros_like(deltas[0]) if out is None else out.zero_()
     for d, w in zip(deltas, weights):
-        acc.add_(d if how == "total" else d.sign(), alpha=w if how == "total" else 1.0)
+        if how == "total":
+            acc.add_(d, alpha=w)
+        else:
+            acc.add_(d.sign() if tmp is None else torch.sign(d, out=tmp), alpha=1.0)
     return acc.sign_().add_(0.5).sign_()  # −1 → −1, 0 → +1, +1 → +1, in place
 
 
 def disjoint_mean(deltas: list[Tensor], weights: list[float], sign: Tensor,
-                  divisor: Literal["weights", "count"], weighted: bool = False) -> Tensor:
+                  divisor: Literal["weights", "count"], weighted: bool = False,
+                  out: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Mean of wₖ·Δₖ over the models whose Δₖ agrees with the elected sign (zeros never agree), divided by the
     summed weights of those models (or their count). ``weighted``: `deltas` are wₖ·Δₖ already (agreement is then
-    the sign of wₖ·Δₖ, as in mergekit). Consumes `deltas` (works in place)."""
-    num = torch.zeros_like(sign)
-    den = torch.zeros_like(sign)
+    the sign of wₖ·Δₖ, as in mergekit). Consumes `deltas` (works in place). ``out``: three buffers shaped like
+    `sign` to work in (numerator, denominator, a mask); else fresh ones. Masks are float (a compare into a float
+    buffer is several times faster than into a bool one; adding 1.0 or True is the same), and a zero denominator
+    becomes 1 as den + (den == 0), equal to ``masked_fill`` for every den."""
+    num, den, mask = (torch.zeros_like(sign), torch.zeros_like(sign), torch.empty_like(sign)) if out is None else (
+        out[0].zero_(), out[1].zero_(), out[2])
     for d, w in zip(deltas, weights):
         d.mul_(sign)  # > 0 exactly where Δₖ agrees; then sign·relu(sign·Δₖ) = Δₖ there and 0 elsewhere
-        den.add_(d > 0, alpha=w if divisor == "weights" else 1.0)
+        den.add_(torch.gt(d, 0, out=mask), alpha=w if divisor == "weights" else 1.0)
         num.add_(d.clamp_min_(0), alpha=1.0 if weighted else w)
-    return num.mul_(sign).div_(den.masked_fill_(den == 0, 1.0))  # no agreeing model: num is 0 there
+    return num.mul_(sign).div_(den.add_(torch.eq(den, 0, out=mask)))  # no agreeing model: num is 0 there
 
 
 def mergekit_sum(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float) -> Tensor:
@@ -115,19 +124,47 @@ def _each(generator: Generators, models: list[Tensor]) -> list[torch.Generator |
     return list(generator) if isinstance(generator, list) else [generator] * len(models)
 
 
-def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
-                  sign: Literal["total", "frequency"], convention: Convention) -> Tensor:
-    """Sign election and disjoint mean. The two published conventions differ only when weights are not all 1:
-    "mergekit" elects the sign of Σ wₖΔₖ and divides by the agreeing models' summed weights, in mergekit's order of
-    operations (each wₖΔₖ rounded first, ×λ after the division); "peft" elects the sign of Σ Δₖ and divides by
-    their count."""
+class _Scratch:
+    """Reused buffers of up to :data:`.select.CHUNK` entries for the chunked TIES rule."""
+
+    def __init__(self, n: int, models: int):
+        size = min(n, CHUNK)
+        self.deltas = [torch.empty(size) for _ in range(models)]
+        self.acc, self.num, self.den, self.tmp = (torch.empty(size) for _ in range(4))
+
+    def cut(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.acc[:k], self.num[:k], self.den[:k], self.tmp[:k]
+
+
+def _combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
+             sign: Literal["total", "frequency"], convention: Convention, scratch: _Scratch) -> Tensor:
+    """:func:`_ties_combine` on one chunk, its temporaries in `scratch`."""
+    acc, num, den, tmp = scratch.cut(base.numel())
     ones = [1.0] * len(deltas)
     if convention == "peft":
-        return base.add_(disjoint_mean(deltas, weights, elect_sign(deltas, ones, sign), "count"), alpha=lambda_)
+        elected = elect_sign(deltas, ones, sign, acc, tmp)
+        return base.add_(disjoint_mean(deltas, weights, elected, "count", out=(num, den, tmp)), alpha=lambda_)
     if any(w != 1 for w in weights):  # mergekit weighs before electing, each wₖ·Δₖ rounded
         deltas = [d.mul_(w) for d, w in zip(deltas, weights)]
-    mixed = disjoint_mean(deltas, weights, elect_sign(deltas, ones, sign), "weights", weighted=True)
+    elected = elect_sign(deltas, ones, sign, acc, tmp)
+    mixed = disjoint_mean(deltas, weights, elected, "weights", weighted=True, out=(num, den, tmp))
     return base.add_(mixed.mul_(lambda_) if lambda_ != 1 else mixed)
+
+
+def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
+                  sign: Literal["total", "frequency"], convention: Convention) -> Tensor:
+    """Sign election and disjoint mean, into `base`. The two published conventions differ only when weights are
+    not all 1: "mergekit" elects the sign of Σ wₖΔₖ and divides by the agreeing models' summed weights, in
+    mergekit's order of operations (each wₖΔₖ rounded first, ×λ after the division); "peft" elects the sign of
+    Σ Δₖ and divides by their count. Elementwise, so computed chunk by chunk (:data:`.select.CHUNK` entries): the
+    temporaries are reused buffers that stay in the CPU's cache, not fresh tensors of the tensor's size.
+    Consumes `deltas`."""
+    b, ds = base.contiguous().view(-1), [d.reshape(-1) for d in deltas]  # views of the engine's inputs
+    scratch = _Scratch(b.numel(), 0)
+    for at in range(0, b.numel(), CHUNK):
+        stop = min(b.numel(), at + CHUNK)
+        _combine(b[at:stop], [d[at:stop] for d in ds], weights, lambda_, sign, convention, scratch)
+    return b.view(base.shape)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -155,12 +192,43 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float
     return add_deltas(base, [ft.sub_(base) for ft in finetuned], [lambda_ * w for w in weight])
 
 
+def _abs_deltas(base: Tensor, finetuned: list[Tensor], offset: int = 0, scratch: list[Tensor] | None = None):
+    """Per chunk of :data:`.select.CHUNK` entries of flat `base` and `finetuned`: every model's |θₖ − θ₀| (in
+    reused scratch; the inputs are not changed) and the chunk's flat offset (`offset` first): TIES's ``pieces``."""
+    n = base.numel()
+    scratch = scratch or [torch.empty(min(n, CHUNK)) for _ in finetuned]
+    for at in range(0, n, CHUNK):
+        stop = min(n, at + CHUNK)
+        b = base[at:stop]
+        yield [torch.sub(ft[at:stop], b, out=s[:stop - at]).abs_() for ft, s in zip(finetuned, scratch)], offset + at
+
+
 def ties_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
     """TIES on row blocks: every model's trim (:func:`trim_cuts`) over the whole tensor, in two streamed passes."""
+    scratch = [torch.empty(CHUNK) for _ in params["density"]]
+
     def pieces():
         for r in stream():
-            yield [ft.sub_(r.base).abs_().reshape(-1) for ft in r.finetuned], r.offset
+            yield from _abs_deltas(r.base.reshape(-1), [ft.reshape(-1) for ft in r.finetuned], r.offset, scratch)
     return {"cuts": trim_cuts(pieces, math.prod(shape), params["density"])}
+
+
+def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], offset: int, weights: list[float],
+                      lambda_: float, sign: Literal["total", "frequency"], convention: Convention) -> Tensor:
+    """TIES on flat tensors, into `base`, chunk by chunk (:data:`.select.CHUNK` entries, every temporary a reused
+    buffer): each Δₖ = θₖ − θ₀ trimmed by its cut (the tensor's entries from flat index `offset` on, as
+    :func:`magnitude_trim`), then :func:`_ties_combine`. `finetuned` is read, not changed."""
+    n = base.numel()
+    scratch = _Scratch(n, len(finetuned))
+    for at in range(0, n, CHUNK):
+        stop = min(n, at + CHUNK)
+        b, tmp = base[at:stop], scratch.tmp[:stop - at]
+        trimmed = []
+        for ft, cut, d in zip(finetuned, cuts, scratch.deltas):
+            d = torch.sub(ft[at:stop], b, out=d[:stop - at])
+            trimmed.append(d.mul_(cut.keep(torch.abs(d, out=tmp), offset + at, out=tmp)))
+        _combine(b, trimmed, weights, lambda_, sign, convention, scratch)
+    return base
 
 
 @merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks",
@@ -169,9 +237,18 @@ def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, de
          lambda_: float = 1.0, sign: Literal["total", "frequency"] = "total",
          convention: Convention = "mergekit", block: RowBlock | None = None) -> Tensor:
     """TIES: trim each Δₖ to its top-`density` magnitudes, elect a sign per entry, average the agreeing entries."""
-    cuts, offset = (block.prepared["cuts"], block.offset) if block else ([None] * len(finetuned), 0)
-    deltas = [magnitude_trim(ft.sub_(base), d, c, offset) for ft, d, c in zip(finetuned, density, cuts)]
-    return _ties_combine(base, deltas, weight, lambda_, sign, convention)
+    b = base.contiguous().view(-1)  # a view of the engine's (contiguous) input: the result is written into it
+    fts = [ft.reshape(-1) for ft in finetuned]
+    if block is not None:
+        cuts, offset = block.prepared["cuts"], block.offset
+    else:
+        n, offset = b.numel(), 0
+
+        def sampler(at: Tensor) -> list[Tensor]:
+            bs = b.index_select(0, at)
+            return [ft.index_select(0, at).sub_(bs).abs_() for ft in fts]
+        cuts = top_k_cuts(lambda: _abs_deltas(b, fts), [int(d * n) for d in density], n, sampler=sampler)
+    return _trim_and_combine(b, fts, cuts, offset, weight, lambda_, sign, convention).view(base.shape)
 
 
 @merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")

@@ -9,26 +9,37 @@ flat index of its first entry), so a method that selects gives the same result w
 whole tensor or its blocks one at a time (:class:`Cut` carries everything a block needs: the k-th value and the flat
 index of the last tie kept).
 
-The answer is found without sorting and without holding more than one piece: a seeded random sample of every piece
-brackets the k-th value (±6 standard errors of the sample quantile; the sample grows with the tensor so that about
-:data:`GATHER` entries fall inside), one pass counts the entries beyond the bracket and gathers the values inside
-it, and an exact selection runs on that small set. Only when the k-th value is tied and some of its ties are left
-out does one more pass find the flat index of the last tie kept. A bracket that misses is detected, not trusted:
-the pass is repeated with an unbounded bracket (every entry gathered).
+The answer is found without sorting and without holding more than one piece: a seeded random sample brackets the
+k-th value (±6 standard errors of the sample quantile), one pass counts the entries beyond the bracket and gathers
+the values inside it, and an exact selection (``kthvalue``) runs on that small set. Only when the k-th value is tied
+and some of its ties are left out does one more pass find the flat index of the last tie kept. A bracket that
+misses is detected, not trusted: the pass is repeated with an unbounded bracket (every entry gathered).
+
+Cost. The pass works through each piece in chunks of :data:`CHUNK` entries with preallocated scratch, so that its
+compares stay in the CPU cache and allocate nothing: a float compare into a reused buffer and its sum count the
+entries beyond the bracket, two compares and a gather collect the values inside it. The sample is sized to balance
+its own selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about :data:`GATHER`
+entries at most fall inside the bracket); the caller may draw it itself (``sampler``: the values at given flat
+indices), which saves the sampling pass over the pieces.
+
+NaN entries are never selected nor counted (callers refuse or propagate them first).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 Pieces = Callable[[], Iterable[tuple[Tensor, int]]]  # each call: a fresh iterator of (flat piece, flat offset)
-SAMPLE = 1 << 16  # the least sample for the bracket
-GATHER = 1 << 22  # entries expected inside the bracket: the sample is sized for it (16 MiB of fp32 per selection)
+Sampler = Callable[[Tensor], list[Tensor]]  # flat indices -> the values there, one tensor per selection
+SAMPLE = 1 << 12  # the least sample for the bracket (below 4× this many entries one exact pass is as cheap)
+GATHER = 1 << 22  # entries at most expected inside the bracket: the sample grows for it (16 MiB of fp32)
+CHUNK = 1 << 16  # entries compared at once: the scratch and the compared values stay in the CPU's cache
+MARGIN = 4.0  # the bracket: ± this many standard errors of the sample quantile (a miss: 3× as wide)
 
 
 @dataclass(frozen=True)
@@ -41,103 +52,194 @@ class Cut:
     largest: bool = True
     every_tie: bool = False  # every entry equal to `value` is selected (the common case: one compare per entry)
 
+    def _split(self, n: int, offset: int) -> int:
+        """How many leading entries of a piece of `n` entries at flat `offset` select the ties of ``value``."""
+        return n if self.every_tie else min(n, max(0, self.last - offset + 1))
+
     def mask(self, piece: Tensor, offset: int = 0) -> Tensor:
         """Boolean mask of the selected entries of a flat `piece` whose first entry has flat index `offset`."""
-        if self.every_tie:
-            return piece >= self.value if self.largest else piece <= self.value
-        keep = piece > self.value if self.largest else piece < self.value
-        n = piece.numel()
-        if self.last < offset:
-            return keep
-        ties = piece == self.value
-        if self.last < offset + n - 1:
-            ties[self.last - offset + 1:] = False
-        return keep.logical_or_(ties)
+        return self._into(piece, offset, torch.empty(piece.shape, dtype=torch.bool))
+
+    def keep(self, piece: Tensor, offset: int = 0, out: Tensor | None = None) -> Tensor:
+        """The selection of a flat `piece` (flat index `offset` first) as 1.0 (selected) and 0.0 in `piece`'s float
+        dtype, written into `out` (may be `piece` itself): what a multiplication applies without a bool mask's
+        type promotion."""
+        return self._into(piece, offset, torch.empty_like(piece) if out is None else out)
+
+    def _into(self, piece: Tensor, offset: int, out: Tensor) -> Tensor:
+        at = self._split(piece.numel(), offset)
+        with_ties, without = (torch.ge, torch.gt) if self.largest else (torch.le, torch.lt)
+        if at:
+            with_ties(piece[:at], self.value, out=out[:at])
+        if at < piece.numel():
+            without(piece[at:], self.value, out=out[at:])
+        return out
 
 
 _ALL = {True: Cut(-math.inf, 1 << 62, True), False: Cut(math.inf, 1 << 62, False)}  # k ≥ n: every entry
 _NONE = {True: Cut(math.inf, -1, True), False: Cut(-math.inf, -1, False)}
 
 
-def top_k_cut(pieces: Pieces, k: int, n: int, *, largest: bool = True, sample: int = SAMPLE) -> Cut:
+def top_k_cut(pieces: Pieces, k: int, n: int, *, largest: bool = True, sample: int = SAMPLE,
+              sampler: Callable[[Tensor], Tensor] | None = None) -> Cut:
     """The :class:`Cut` of the `k` largest (``largest``) or smallest entries among the `n` entries that
     ``pieces()`` yields, ties to the lower flat index. ``pieces`` is called once per pass (two; three if the
-    sampled bracket misses). NaN entries are never selected nor counted (callers refuse them first)."""
-    return top_k_cuts(lambda: (([p], o) for p, o in pieces()), [k], n, largest=largest, sample=sample)[0]
+    sampled bracket misses; one fewer with a ``sampler``, the values at given flat indices). NaN entries are never
+    selected nor counted."""
+    many = None if sampler is None else (lambda at: [sampler(at)])
+    return top_k_cuts(lambda: (([p], o) for p, o in pieces()), [k], n, largest=largest, sample=sample,
+                      sampler=many)[0]
+
+
+def sample_size(n: int, sample: int = SAMPLE) -> int:
+    """Entries sampled to bracket the k-th of `n`: at least `sample`, about (3n)^⅔ (the sample's own selection
+    and the one on the ≈ 12n/√s entries inside the bracket then cost alike), and enough that at most
+    :data:`GATHER` entries fall inside."""
+    return max(sample, math.ceil((3 * n) ** (2 / 3)), math.ceil((12 * n / GATHER) ** 2))
 
 
 def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: list[int], n: int, *,
-               largest: bool = True, sample: int = SAMPLE) -> list[Cut]:
+               largest: bool = True, sample: int = SAMPLE, sampler: Sampler | None = None) -> list[Cut]:
     """Several selections in the same passes: ``pieces()`` yields, per piece, one flat tensor per selection (all
     of one length, e.g. every model's |Δ| of the same rows) and their flat offset; selection j takes the ``ks[j]``
-    largest / smallest of its `n` entries. One :class:`Cut` per selection, each as :func:`top_k_cut` finds it."""
+    largest / smallest of its `n` entries. One :class:`Cut` per selection, each as :func:`top_k_cut` finds it.
+    ``sampler(at)``: the values of every selection at the flat indices `at` (else the first pass samples
+    the pieces)."""
     cuts: list[Cut | None] = [_ALL[largest] if k >= n else _NONE[largest] if k <= 0 else None for k in ks]
     todo = [j for j, c in enumerate(cuts) if c is None]
     if not todo:
         return cuts  # type: ignore[return-value]
-    bounds = {j: (-math.inf, math.inf) for j in todo}
-    # the bracket ±6/√s wide in quantile holds ≈ 12·n/√s entries: a sample of (12·n/GATHER)² keeps that near GATHER
-    s_want = max(sample, math.ceil((12 * n / GATHER) ** 2))
+    unbounded = (-math.inf, math.inf)
+    bounds = dict.fromkeys(todo, unbounded)
+    pools: dict[int, Tensor] = {}
+    s_want = sample_size(n, sample)
     if n > 4 * s_want:  # a sampled bracket; below this size one exact pass is as cheap
-        rate = s_want / n
-        picks: dict[int, list[Tensor]] = {j: [] for j in todo}
-        for i, (ps, _) in enumerate(pieces()):
-            m = max(1, round(ps[0].numel() * rate)) if ps[0].numel() else 0
-            if m:
-                at = torch.randint(ps[0].numel(), (m,), generator=torch.Generator().manual_seed(i))
-                for j in todo:
-                    picks[j].append(ps[j][at])
-        for j in todo:
-            pool = torch.cat(picks[j])
-            sz, margin = pool.numel(), 6.0 / math.sqrt(pool.numel())
-            # the k-th largest lies near the (1 − k/n)-quantile, the k-th smallest near the (k/n)-quantile
-            q = 1.0 - ks[j] / n if largest else ks[j] / n
-            lo = float(pool.kthvalue(max(1, int((q - margin) * sz))).values) if q - margin > 0 else -math.inf
-            hi = float(pool.kthvalue(min(sz, int((q + margin) * sz) + 1)).values) if q + margin < 1 else math.inf
-            bounds[j] = (lo, hi)
-        del picks
-    found: dict[int, tuple[float, int, int]] = {}  # j -> (value, ties to keep, ties in all)
+        pools = {j: p[~p.isnan()] for j, p in _sample(pieces, sampler, todo, n, s_want).items()}  # NaN: never selected
+        bounds = {j: _bracket(pools[j], ks[j] / n, largest, MARGIN) for j in todo}
     while todo:
-        beyond = dict.fromkeys(todo, 0)
-        values: dict[int, list[Tensor]] = {j: [] for j in todo}
-        for ps, _ in pieces():
-            for j in todo:
-                p, (lo, hi) = ps[j], bounds[j]
-                beyond[j] += int(torch.count_nonzero(p > hi if largest else p < lo))
-                values[j].append(p[(p >= lo) & (p <= hi)])
+        tallies = _count_and_gather(pieces, todo, bounds, largest)
         missed = []
         for j in todo:
-            vals = torch.cat(values.pop(j))
-            r = ks[j] - beyond[j]  # the answer's rank among the gathered entries, from the top / bottom
-            if not 1 <= r <= vals.numel():
-                if bounds[j] == (-math.inf, math.inf):
-                    raise AssertionError("top_k_cuts: the k-th entry was not found (NaN entries?)")
+            t = tallies.pop(j)
+            r = ks[j] - t.beyond  # the answer's rank among the gathered entries, from the top / bottom
+            if 1 <= r <= t.values.numel():
+                cuts[j] = t.cut(r, largest)
+            elif bounds[j] == unbounded:
+                raise AssertionError("top_k_cuts: the k-th entry was not found (NaN entries?)")
+            else:  # a missed bracket (rare): once more, 3× as wide, then unbounded (every entry gathered)
                 missed.append(j)
-                continue
-            v = vals.kthvalue(vals.numel() - r + 1 if largest else r).values
-            before = int(torch.count_nonzero(vals > v if largest else vals < v))
-            found[j] = (float(v), r - before, int(torch.count_nonzero(vals == v)))  # every tie lies in the bracket
+                wide = _bracket(pools[j], ks[j] / n, largest, 3 * MARGIN) if j in pools else unbounded
+                pools.pop(j, None)
+                bounds[j] = unbounded if wide == bounds[j] else wide
         todo = missed
-        bounds.update(dict.fromkeys(missed, (-math.inf, math.inf)))  # a missed bracket: gather everything
-    for j, (v, keep, ties) in found.items():
-        if keep == ties:
-            cuts[j] = Cut(v, 1 << 62, largest, every_tie=True)
-    partial = {j: 0 for j, (v, keep, ties) in found.items() if keep < ties}  # j -> ties seen so far
-    if partial:  # the flat index of the last tie kept: one more pass, until every such selection has found it
-        for ps, offset in pieces():
-            for j in list(partial):
-                v, keep, _ = found[j]
-                eq = ps[j] == v
-                c = int(torch.count_nonzero(eq))
-                if partial[j] + c >= keep:
-                    at = int(eq.nonzero()[keep - partial[j] - 1]) + offset
-                    cuts[j] = Cut(v, at, largest)
-                    del partial[j]
-                else:
-                    partial[j] += c
-            if not partial:
-                break
     return cuts  # type: ignore[return-value]
+
+
+@dataclass
+class _Tally:
+    """One selection's counting pass: the entries beyond its bracket, and the values inside it with where they
+    are (per chunk: its flat offset and how many it holds; per value: its index in its chunk)."""
+
+    beyond: int = 0
+    values: Tensor | list[Tensor] = field(default_factory=list)
+    local: Tensor | list[Tensor] = field(default_factory=list)  # int32
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    def add(self, piece: Tensor, inside: Tensor, offset: int) -> None:
+        at = inside.nonzero().view(-1)
+        if at.numel():
+            self.values.append(piece.index_select(0, at))  # type: ignore[union-attr]
+            self.local.append(at.to(torch.int32))  # type: ignore[union-attr]
+            self.starts.append(offset)
+            self.counts.append(at.numel())
+
+    def done(self) -> _Tally:
+        self.values = torch.cat(self.values) if self.values else torch.empty(0)  # type: ignore[arg-type]
+        self.local = torch.cat(self.local) if self.local else torch.empty(0, dtype=torch.int32)  # type: ignore[arg-type]
+        return self
+
+    def cut(self, r: int, largest: bool) -> Cut:
+        """The cut whose last selected entry is the `r`-th of the gathered values from the top (``largest``) or
+        bottom: every tie of that value lies inside the bracket, so the flat index of the last tie kept is
+        found among the gathered ones (ties to the lower flat index)."""
+        vals = self.values
+        assert isinstance(vals, Tensor) and isinstance(self.local, Tensor)
+        v = vals.kthvalue(vals.numel() - r + 1 if largest else r).values
+        before = int(torch.count_nonzero(vals > v if largest else vals < v))
+        tied = (vals == v).nonzero().view(-1)
+        keep = r - before
+        if keep == tied.numel():
+            return Cut(float(v), 1 << 62, largest, every_tie=True)
+        chunk = torch.searchsorted(torch.tensor(self.counts).cumsum(0), tied, right=True)
+        flat = torch.tensor(self.starts).index_select(0, chunk) + self.local.index_select(0, tied)
+        if not bool((flat[1:] > flat[:-1]).all()):  # pieces out of flat order
+            flat = flat.sort().values
+        return Cut(float(v), int(flat[keep - 1]), largest)
+
+
+def _bracket(pool: Tensor, frac: float, largest: bool, margin: float) -> tuple[float, float]:
+    """(lo, hi) around the k-th largest (``largest``; else smallest) of a tensor, k = `frac` of its entries, from a
+    uniform sample `pool` of it: the sample's quantiles ± `margin` standard errors (±margin/√s in quantile)."""
+    sz = pool.numel()
+    if not sz:
+        return -math.inf, math.inf
+    m = margin / math.sqrt(sz)
+    q = 1.0 - frac if largest else frac  # the k-th largest lies near the (1 − k/n)-quantile
+    lo = float(pool.kthvalue(max(1, int((q - m) * sz))).values) if q - m > 0 else -math.inf
+    hi = float(pool.kthvalue(min(sz, int((q + m) * sz) + 1)).values) if q + m < 1 else math.inf
+    return lo, hi
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    for at in range(0, n, CHUNK):
+        yield at, min(n, at + CHUNK)
+
+
+def _scratch(buf: Tensor, like: Tensor) -> Tensor:
+    """`buf`, or a new one-chunk buffer when it does not fit `like`'s dtype and length."""
+    if buf.dtype != like.dtype or buf.numel() < min(like.numel(), CHUNK):
+        return torch.empty(CHUNK, dtype=like.dtype)
+    return buf
+
+
+def _sample(pieces, sampler: Sampler | None, todo: list[int], n: int, s: int) -> dict[int, Tensor]:
+    """About `s` entries of every selection in `todo`, drawn uniformly (seeded: the same draw every time)."""
+    g = torch.Generator().manual_seed(0)
+    if sampler is not None:
+        got = sampler(torch.randint(n, (s,), generator=g))
+        return {j: got[j] for j in todo}
+    rate = s / n
+    picks: dict[int, list[Tensor]] = {j: [] for j in todo}
+    for ps, _ in pieces():
+        m = max(1, round(ps[0].numel() * rate)) if ps[0].numel() else 0
+        if m:
+            at = torch.randint(ps[0].numel(), (m,), generator=g)
+            for j in todo:
+                picks[j].append(ps[j].index_select(0, at))
+    return {j: torch.cat(picks[j]) for j in todo}
+
+
+def _count_and_gather(pieces, todo: list[int], bounds: dict[int, tuple[float, float]],
+                      largest: bool) -> dict[int, _Tally]:
+    """One pass: per selection, the entries beyond its bracket (above `hi` for the largest, below `lo` for the
+    smallest) counted, and the values inside it (NaN excluded) gathered with where they are."""
+    tallies = {j: _Tally() for j in todo}
+    f = torch.empty(0)
+    inside = torch.empty(0, dtype=torch.bool)
+    for ps, offset in pieces():
+        for at, stop in _chunks(ps[0].numel()):
+            m = stop - at
+            for j in todo:
+                p, (lo, hi), t = ps[j][at:stop], bounds[j], tallies[j]
+                if inside.numel() < m:
+                    inside = torch.empty(CHUNK, dtype=torch.bool)
+                f = _scratch(f, p)
+                if (hi if largest else lo) != (math.inf if largest else -math.inf):
+                    t.beyond += int((torch.gt(p, hi, out=f[:m]) if largest else torch.lt(p, lo, out=f[:m])).sum())
+                # inside the bracket: where clamping to it changes nothing (never at NaN)
+                t.add(p, torch.eq(torch.clamp(p, lo, hi, out=f[:m]), p, out=inside[:m]), offset + at)
+    return {j: t.done() for j, t in tallies.items()}
 
 
 def kth_largest(a: Tensor, k: int) -> Tensor:
