@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .registry import RowBlock, merge_method
-from .select import CHUNK, Cut, top_k_cuts
+from .select import CHUNK, Cut, part, top_k_cuts
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -133,7 +133,7 @@ class _Scratch:
         self.acc, self.num, self.den, self.tmp = (torch.empty(size) for _ in range(4))
 
     def cut(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.acc[:k], self.num[:k], self.den[:k], self.tmp[:k]
+        return part(self.acc, 0, k), part(self.num, 0, k), part(self.den, 0, k), part(self.tmp, 0, k)
 
 
 def _combine(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float,
@@ -163,7 +163,7 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
     scratch = _Scratch(b.numel(), 0)
     for at in range(0, b.numel(), CHUNK):
         stop = min(b.numel(), at + CHUNK)
-        _combine(b[at:stop], [d[at:stop] for d in ds], weights, lambda_, sign, convention, scratch)
+        _combine(part(b, at, stop), [part(d, at, stop) for d in ds], weights, lambda_, sign, convention, scratch)
     return b.view(base.shape)
 
 
@@ -199,8 +199,9 @@ def _abs_deltas(base: Tensor, finetuned: list[Tensor], offset: int = 0, scratch:
     scratch = scratch or [torch.empty(min(n, CHUNK)) for _ in finetuned]
     for at in range(0, n, CHUNK):
         stop = min(n, at + CHUNK)
-        b = base[at:stop]
-        yield [torch.sub(ft[at:stop], b, out=s[:stop - at]).abs_() for ft, s in zip(finetuned, scratch)], offset + at
+        b = part(base, at, stop)
+        yield [torch.sub(part(ft, at, stop), b, out=part(s, 0, stop - at)).abs_()
+               for ft, s in zip(finetuned, scratch)], offset + at
 
 
 def ties_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
@@ -222,10 +223,10 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
     scratch = _Scratch(n, len(finetuned))
     for at in range(0, n, CHUNK):
         stop = min(n, at + CHUNK)
-        b, tmp = base[at:stop], scratch.tmp[:stop - at]
+        b, tmp = part(base, at, stop), part(scratch.tmp, 0, stop - at)
         trimmed = []
         for ft, cut, d in zip(finetuned, cuts, scratch.deltas):
-            d = torch.sub(ft[at:stop], b, out=d[:stop - at])
+            d = torch.sub(part(ft, at, stop), b, out=part(d, 0, stop - at))
             trimmed.append(d.mul_(cut.keep(torch.abs(d, out=tmp), offset + at, out=tmp)))
         _combine(b, trimmed, weights, lambda_, sign, convention, scratch)
     return base

@@ -67,12 +67,13 @@ class Cut:
         return self._into(piece, offset, torch.empty_like(piece) if out is None else out)
 
     def _into(self, piece: Tensor, offset: int, out: Tensor) -> Tensor:
-        at = self._split(piece.numel(), offset)
+        n = piece.numel()
+        at = self._split(n, offset)
         with_ties, without = (torch.ge, torch.gt) if self.largest else (torch.le, torch.lt)
         if at:
-            with_ties(piece[:at], self.value, out=out[:at])
-        if at < piece.numel():
-            without(piece[at:], self.value, out=out[at:])
+            with_ties(part(piece, 0, at), self.value, out=part(out, 0, at))
+        if at < n:
+            without(part(piece, at, n), self.value, out=part(out, at, n))
         return out
 
 
@@ -196,6 +197,12 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
         yield at, min(n, at + CHUNK)
 
 
+def part(t: Tensor, at: int, stop: int) -> Tensor:
+    """``t[at:stop]`` of a flat tensor, `t` itself when that is all of it (a slice costs microseconds, and the
+    chunked loops take thousands)."""
+    return t if at == 0 and stop == t.numel() else t[at:stop]
+
+
 def _scratch(buf: Tensor, like: Tensor) -> Tensor:
     """`buf`, or a new one-chunk buffer when it does not fit `like`'s dtype and length."""
     if buf.dtype != like.dtype or buf.numel() < min(like.numel(), CHUNK):
@@ -231,14 +238,15 @@ def _count_and_gather(pieces, todo: list[int], bounds: dict[int, tuple[float, fl
         for at, stop in _chunks(ps[0].numel()):
             m = stop - at
             for j in todo:
-                p, (lo, hi), t = ps[j][at:stop], bounds[j], tallies[j]
+                p, (lo, hi), t = part(ps[j], at, stop), bounds[j], tallies[j]
                 if inside.numel() < m:
                     inside = torch.empty(CHUNK, dtype=torch.bool)
                 f = _scratch(f, p)
+                fm, im = part(f, 0, m), part(inside, 0, m)
                 if (hi if largest else lo) != (math.inf if largest else -math.inf):
-                    t.beyond += int((torch.gt(p, hi, out=f[:m]) if largest else torch.lt(p, lo, out=f[:m])).sum())
+                    t.beyond += int((torch.gt(p, hi, out=fm) if largest else torch.lt(p, lo, out=fm)).sum())
                 # inside the bracket: where clamping to it changes nothing (never at NaN)
-                t.add(p, torch.eq(torch.clamp(p, lo, hi, out=f[:m]), p, out=inside[:m]), offset + at)
+                t.add(p, torch.eq(torch.clamp(p, lo, hi, out=fm), p, out=im), offset + at)
     return {j: t.done() for j, t in tallies.items()}
 
 
