@@ -35,10 +35,11 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,12 @@ from .methods import METHODS, MethodSpec
 from .methods.registry import REQUIRED, RowBlock, Rows
 from .recipe import EXAMPLES_HINT, Recipe, check_size, load_recipe
 
-PREFETCH = 2  # tensors (or row blocks) read ahead of the one being computed …
+PREFETCH = 2  # tensors (or row blocks) read ahead of those being computed …
 PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
 RUNTIME_BYTES = 400 * 2**20  # python + torch + forgetless after import (255 MiB measured) + the threads' malloc arenas
 TEMPORARIES = 4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
 AUTO_MEMORY = 0.5  # memory: auto = this fraction of the memory available when the merge is planned
+MERGERS = 2  # units merged at once, each on its own thread with few torch threads (see merge_threads)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LISTED = 12
 NO_STATS_ROUTE = "method (no stats)"  # in scope, no statistics, the method's own fallback (without_statistics="call")
@@ -554,15 +556,16 @@ def _copyable(reader, name: str, job: Job) -> bool:
 
 
 class _Runner:
-    """Reads and computes units. ``load`` runs on the reader threads; ``compute`` on the main thread, in order
-    (a tensor's row blocks one after the other: its pre-pass result and its generators are kept from its first
-    block to its last)."""
+    """Reads and computes units. ``load`` runs on the reader threads; ``compute`` on the merge threads, whole
+    tensors several at once, a tensor's row blocks one after the other and alone (its pre-pass result and its
+    generators are kept from its first block to its last)."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.method_kwargs = dict(plan.params)
         self.counts: dict[str, Counter] = defaultdict(Counter)  # part -> element counts the method reports
         self._tensor: tuple[str, dict[str, Any]] | None = None  # (name, state) of the tensor in row blocks
+        self._lock = threading.Lock()
 
     def load(self, unit: Unit) -> Any:
         p, job, rows = self.plan, unit.job, unit.rows
@@ -626,16 +629,20 @@ class _Runner:
         state = self._state(unit) if unit.rows is not None else {}
         if "name" in spec.context:
             kwargs["name"] = job.name
+        counts: Counter = Counter()
         if "counts" in spec.context:
-            kwargs["counts"] = self.counts[job.part]  # compute runs on the main thread only
+            kwargs["counts"] = counts  # this call's own: units are merged on several threads
         if "generator" in spec.context:
             kwargs["generator"] = state["generator"] if "generator" in state else self._generator(job)
             state.setdefault("generator", kwargs["generator"])
         if "block" in spec.context and unit.rows is not None:
             kwargs["block"] = RowBlock(unit.offset, job.shape, state.get("prepared", {}))
-        if unit.last:
+        if unit.last and unit.rows is not None:
             self._tensor = None
         result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
+        if counts:
+            with self._lock:
+                self.counts[job.part].update(counts)
         if result.shape != base.shape:
             raise AssertionError(f"method {spec.name} returned shape {tuple(result.shape)} for {job.name}")
         if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():  # a sum is NaN/Inf if any is
@@ -690,45 +697,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
                 log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float)
                                                                  else f"{k}={v}" for k, v in extra.items()))
         bar = _progress(plan, progress)
-        with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
-                ThreadPoolExecutor(1, thread_name_prefix="forgetless-write") as writers:
-            loads: dict[int, tuple[Future, int]] = {}
-            inflight, nxt = 0, 0
-
-            def prefetch() -> None:
-                """Read ahead up to PREFETCH units and PREFETCH_BYTES (always at least the next one), never past a
-                tensor whose pre-pass has not run."""
-                nonlocal inflight, nxt
-                while nxt < len(units) and len(loads) < PREFETCH:
-                    if runner.needs_prepare(units[nxt]):
-                        break
-                    cost = plan.input_bytes(units[nxt])
-                    if loads and inflight + cost > PREFETCH_BYTES:
-                        break
-                    loads[nxt] = (readers.submit(runner.load, units[nxt]), cost)
-                    inflight += cost
-                    nxt += 1
-
-            prefetch()
-            pending_write: Future | None = None
-            for i, unit in enumerate(units):
-                if runner.needs_prepare(unit):
-                    runner.prepare(unit)
-                    prefetch()
-                future, cost = loads.pop(i)  # prefetch() always holds the next unit
-                loaded = future.result()
-                inflight -= cost
-                prefetch()
-                result = runner.compute(unit, loaded)
-                del loaded
-                if pending_write is not None:
-                    pending_write.result()
-                at = 0 if unit.rows is None else unit.rows[0] * row_bytes(unit.job.shape, unit.job.out_dtype)
-                pending_write = writers.submit(writer.write, unit.job.name, result, at)
-                del result
-                bar.update(unit, plan.unit_cost(unit)[2])
-            if pending_write is not None:
-                pending_write.result()
+        _pipeline(plan, runner, writer, bar, units)
         card = model_card(plan, runner.counts)
         writer.commit(side_files_from=_side_dir(plan.recipe.base), config_updates=_config_updates(plan),
                       extra_files={"README.md": card})
@@ -742,6 +711,88 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     if log:
         log(report.summary())
     return report
+
+
+def merge_threads() -> tuple[int, int]:
+    """(units merged at once, torch intra-op threads for each). Elementwise merges on a few cores gain more from
+    merging :data:`MERGERS` units side by side, each on one thread, than from torch's OpenMP threads: those meet
+    at a barrier after every operation, and on a machine whose cores are busy with the merge's own reads and writes
+    (or anything else) a thread waiting there for a core spins — a TIES merge on 2 busy cores ran 10× slower with
+    2 OpenMP threads than with 1. Cores beyond those go to torch's threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    mergers = max(1, min(MERGERS, cores))
+    return mergers, max(1, cores // mergers - 1)
+
+
+def _pipeline(plan: Plan, runner: _Runner, writer: StreamingWriter, bar: _progress, units: list[Unit]) -> None:
+    """Read, merge and write every unit: reads on two threads, merges on :func:`merge_threads` threads (each writes
+    its result at its offset as soon as it is done; the writer syncs shards in the background). A unit's read
+    starts only while the units read or being merged, counted whole (inputs, temporaries, result), stay within
+    what the peak-memory estimate allows them beyond the runtime — one unit, however large, always may. Row
+    blocks of a tensor are merged one after the other, alone; a tensor's pre-pass runs with nothing else in
+    flight, before any of its blocks is read ahead."""
+    mergers, threads = merge_threads()
+    allowance = plan.peak_memory_estimate() - RUNTIME_BYTES
+    lock = threading.Lock()
+
+    def merge(unit: Unit, read: Future) -> None:
+        result = runner.compute(unit, read.result())
+        at = 0 if unit.rows is None else unit.rows[0] * row_bytes(unit.job.shape, unit.job.out_dtype)
+        writer.write(unit.job.name, result, at)
+        with lock:
+            bar.update(unit, plan.unit_cost(unit)[2])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
+                ThreadPoolExecutor(mergers, thread_name_prefix="forgetless-merge") as pool:
+            reads: dict[int, Future] = {}
+            running: dict[Future, int] = {}  # merge -> bytes it holds
+            held, nxt = 0, 0  # bytes of the units read or being merged; the next unit to read
+
+            def read_ahead() -> None:
+                nonlocal held, nxt
+                while nxt < len(units) and len(reads) < PREFETCH and not runner.needs_prepare(units[nxt]):
+                    cost = sum(plan.unit_cost(units[nxt]))
+                    if held and held + cost > allowance:
+                        break
+                    reads[nxt] = readers.submit(runner.load, units[nxt])
+                    held += cost
+                    nxt += 1
+
+            def settle(every: bool = False) -> None:
+                """Wait for one merge to finish (`every`: for all), free what it held, read ahead."""
+                nonlocal held
+                while running:
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for f in done:
+                        held -= running.pop(f)
+                        f.result()  # a merge's error stops the run here
+                    read_ahead()
+                    if not every:
+                        return
+
+            read_ahead()
+            for i, unit in enumerate(units):
+                alone = unit.rows is not None
+                if runner.needs_prepare(unit):
+                    settle(every=True)
+                    runner.prepare(unit)
+                    read_ahead()
+                if alone:
+                    settle(every=True)
+                while i not in reads or len(running) >= mergers:
+                    settle()
+                    if not running:
+                        read_ahead()  # nothing held by merges: this unit's read is admitted
+                running[pool.submit(merge, unit, reads.pop(i))] = sum(plan.unit_cost(unit))
+                if alone:
+                    settle(every=True)
+                read_ahead()
+            settle(every=True)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _side_dir(ref: str) -> Path:

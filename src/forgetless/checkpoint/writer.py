@@ -5,8 +5,11 @@ safetensors header is written up front and every tensor is written at its final 
 moment it is ready, in any order, from any thread. Nothing is buffered beyond the tensor being written, so memory
 does not grow with the shard size.
 
-Everything goes to a temporary folder beside the output, renamed into place by :meth:`StreamingWriter.commit`;
-:meth:`abort` removes it. An existing output is replaced only when asked (``force``).
+Everything goes to a temporary folder beside the output, renamed into place by :meth:`StreamingWriter.commit`
+once every file in it and the folder itself are on disk (``fsync``); :meth:`abort` removes it. An existing output
+is replaced only when asked (``force``). The disk writes overlap the merge: a shard is synced on a background thread
+after every :data:`SYNC_EVERY` bytes written to it and when its last tensor is written, so that the sync at commit
+finds little left to write.
 
 Concurrency and crashes (:func:`temp_folder`, :func:`commit_folder`): every temporary folder has a unique name
 that carries its process id (``.OUT.forgetless-tmp-PID-XXXX``), so two writers — processes or threads — never
@@ -28,6 +31,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -45,6 +49,8 @@ SIDE_FILES = (
     "video_preprocessor_config.json",
 )
 
+
+SYNC_EVERY = 64 * 2**20  # bytes written to a shard between two background syncs of it
 
 _LEFTOVER = re.compile(r"\.forgetless-(?:tmp|old)-(\d+)-[^/]*$")
 
@@ -218,6 +224,10 @@ class StreamingWriter:
         self.shards = [_Shard(f, g) for f, g in zip(names, groups)]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []
+        self._left: dict[int, int] = {}  # fd -> bytes of its shard not written yet
+        self._unsynced: dict[int, int] = {}  # fd -> bytes written since its last background sync
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future] = []
         self._pending = {e.name for e in entries}
         self._partial: dict[str, int] = {}  # name -> bytes written so far, for tensors written in pieces
         self._lock = threading.Lock()
@@ -248,6 +258,7 @@ class StreamingWriter:
         for e in shard.entries:
             off = start + header[e.name]["data_offsets"][0]  # type: ignore[index]
             self._where[e.name] = (fd, off, e.nbytes)
+        self._left[fd], self._unsynced[fd] = pos, 0
 
     def write(self, name: str, data: torch.Tensor | bytes, at: int = 0) -> None:
         """Write one tensor (already in its planned dtype and shape) or its raw bytes; or, with ``at``, a piece of
@@ -271,34 +282,72 @@ class StreamingWriter:
         while len(buf):
             k = os.pwrite(fd, buf, off)
             buf, off = buf[k:], off + k
-        if done == nbytes:
-            with self._lock:
+        with self._lock:
+            if done == nbytes:
                 self._pending.discard(name)
+            self._left[fd] -= size
+            self._unsynced[fd] += size
+            if self._unsynced[fd] >= SYNC_EVERY or (self._left[fd] == 0 and self._unsynced[fd]):
+                self._unsynced[fd] = 0
+                if self._syncer is None:
+                    self._syncer = ThreadPoolExecutor(1, thread_name_prefix="forgetless-sync")
+                self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+
+    def _stop_syncing(self) -> None:
+        """Wait for the background syncs; raise the first one's error (a full disk, an I/O error)."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        syncs, self._syncs = self._syncs, []
+        for f in syncs:
+            f.result()
 
     def commit(self, *, side_files_from: Path | None = None, config_updates: dict | None = None,
                extra_files: dict[str, str] | None = None) -> Path:
         """Finish: check every tensor was written, write the index and side files, rename into place."""
         if self._pending:
             raise AssertionError(f"{len(self._pending)} planned tensors never written, e.g. {sorted(self._pending)[:3]}")
+        self._stop_syncing()
         for fd in self._fds:
-            os.fsync(fd)
+            os.fsync(fd)  # what the background syncs left, and the file's size and metadata
             os.close(fd)
         self._fds.clear()
+        written = []
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {e.name: s.file for s in self.shards for e in s.entries}}
             (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            written.append(SAFE_INDEX)
         if side_files_from is not None:
-            copy_side_files(side_files_from, self.tmp, config_updates or {})
+            written += copy_side_files(side_files_from, self.tmp, config_updates or {})
         for fname, text in (extra_files or {}).items():
             (self.tmp / fname).write_text(text)
-        return commit_folder(self.tmp, self.out, replace=self.force)
+            written.append(fname)
+        for fname in written:
+            fsync_path(self.tmp / fname)
+        fsync_path(self.tmp)  # the folder's entries
+        out = commit_folder(self.tmp, self.out, replace=self.force)
+        fsync_path(out.parent)  # the rename
+        return out
 
     def abort(self) -> None:
+        try:
+            self._stop_syncing()
+        except OSError:
+            pass  # the failure being handled is the one to report
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_side_files(src: Path, dst: Path, config_updates: dict) -> list[str]:
