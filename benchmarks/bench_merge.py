@@ -14,7 +14,12 @@ Every tool runs as a child process; its peak RSS is the kernel's high-water mark
 rusage ``ru_maxrss``), which counts resident file-backed pages of mmap'd safetensors files as well as anonymous
 memory, so the peak anonymous RSS (``RssAnon`` polled from /proc every ``--poll-ms``) is reported beside it.
 
-Usage: ``.venv/bin/python benchmarks/bench_merge.py [--runs 3] [--skip-large] [--bench-dir DIR]``
+Every figure is reported as the median of ``--runs`` interleaved runs with its minimum and maximum; ratios are taken
+run by run (run i of one tool against run i of the other) and summarised the same way. Each run records the load
+average and the CPU time the rest of the machine spent meanwhile (``other_cpu_s``, from /proc/stat): a quiet machine
+shows ~0 there.
+
+Usage: ``.venv/bin/python benchmarks/bench_merge.py [--runs 5] [--skip-large] [--bench-dir DIR]``
 """
 
 from __future__ import annotations
@@ -304,6 +309,33 @@ def _read_status(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine has spent busy (every core; /proc/stat), or NaN off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_processes() -> list[str]:
+    """Other processes using a CPU now (ps's %CPU ≥ 10, this benchmark and its children aside): what a quiet
+    machine must not have."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--no-headers"], capture_output=True, text=True,
+                             check=False).stdout
+    except OSError:
+        return []
+    mine = {os.getpid(), os.getppid()}
+    busy = []
+    for line in out.splitlines():
+        pid, ppid, pcpu, args = line.split(None, 3)
+        if float(pcpu) >= 10 and int(pid) not in mine and int(ppid) not in mine and not args.startswith("ps "):
+            busy.append(f"{pid} {pcpu}% {args[:100]}")
+    return busy
+
+
 def launch(cmd: list[str], log: Path, poll_ms: float) -> dict:
     """Run `cmd` as a child of this (small, torch-free) process: wall time, kernel peak RSS, polled peaks.
 
@@ -317,6 +349,7 @@ def launch(cmd: list[str], log: Path, poll_ms: float) -> dict:
     done = threading.Event()
     log.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
+    busy0 = cpu_busy_s()
     with open(log, "w") as lf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO)
@@ -332,6 +365,7 @@ def launch(cmd: list[str], log: Path, poll_ms: float) -> dict:
         th.start()
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        busy = cpu_busy_s() - busy0
         done.set()
         th.join()
     return {
@@ -347,6 +381,9 @@ def launch(cmd: list[str], log: Path, poll_ms: float) -> dict:
         # 1-min load average before and after: other work on the machine shows up here (the child adds ~1-2)
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
+        # CPU seconds the rest of the machine spent during the run (busy time of every core minus the child's;
+        # the launcher's poll thread is a few ms): 0 on a quiet machine, whatever else ran otherwise
+        "other_cpu_s": round(busy - ru.ru_utime - ru.ru_stime, 2),
         "launcher_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "log": str(log),
     }
@@ -363,9 +400,24 @@ def run_measured(cmd: list[str], log: Path, poll_ms: float) -> dict:
     return res
 
 
+KEYS = ("wall_s", "peak_rss_mib", "peak_anon_mib", "peak_file_mib", "polled_hwm_mib", "user_s", "sys_s", "cpu_s",
+        "other_cpu_s", "load_before")
+
+
 def median_of(runs: list[dict]) -> dict:
-    keys = ("wall_s", "peak_rss_mib", "peak_anon_mib", "peak_file_mib", "polled_hwm_mib", "user_s", "sys_s", "cpu_s")
-    return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in KEYS}
+
+
+def spread_of(runs: list[dict]) -> dict:
+    """[min, max] over the runs, per measure."""
+    return {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in KEYS}
+
+
+def paired(runs_a: list[dict], runs_b: list[dict], key: str = "wall_s") -> dict:
+    """a/b of each interleaved pair of runs (run i of a against run i of b): median, min, max."""
+    r = [x[key] / y[key] for x, y in zip(runs_a, runs_b, strict=True)]
+    return {"median": round(statistics.median(r), 4), "min": round(min(r), 4), "max": round(max(r), 4),
+            "runs": [round(x, 4) for x in r]}
 
 
 # ----------------------------------------------------------------------------------------------- recipes
@@ -604,10 +656,10 @@ def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, lo
             r = run_measured(cmd, logs / f"{name}-{tool}-{i + 1}.log", poll_ms)
             print(f"  [{name}] {tool:<10} run {i + 1}/{runs}: {r['wall_s']:7.2f} s  peak RSS "
                   f"{r['peak_rss_mib']:7.0f} MiB  (anon {r['peak_anon_mib']:.0f}, file {r['peak_file_mib']:.0f})  "
-                  f"cpu {r['cpu_s']:.1f} s  load {r['load_before']:.1f}->{r['load_after']:.1f}",
-                  flush=True)
+                  f"cpu {r['cpu_s']:.1f} s  others' cpu {r['other_cpu_s']:.1f} s  "
+                  f"load {r['load_before']:.1f}->{r['load_after']:.1f}", flush=True)
             res[tool].append(r)
-    return {tool: {"runs": rs, "median": median_of(rs)} for tool, rs in res.items()}
+    return {tool: {"runs": rs, "median": median_of(rs), "spread": spread_of(rs)} for tool, rs in res.items()}
 
 
 def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: list[str]) -> dict:
@@ -641,6 +693,7 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
                   f"{d['forgetless_max_abs_diff_vs_reference_stable']:.3g})", flush=True)
         fl, mk = res["forgetless"]["median"], res["mergekit"]["median"]
         res["ratios"] = {"speedup": round(mk["wall_s"] / fl["wall_s"], 2),
+                         "wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"]),
                          "rss_fraction": round(fl["peak_rss_mib"] / mk["peak_rss_mib"], 3),
                          "anon_fraction": round(fl["peak_anon_mib"] / max(mk["peak_anon_mib"], 1e-9), 3)}
     return res
@@ -660,6 +713,8 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
     floor = res["io_floor"]["median"]["wall_s"]
     res["ratios"] = {f"{t}_vs_io_floor": round(res[t]["median"]["wall_s"] / floor, 2)
                      for t in ("forgetless", "mergekit") if t in res}
+    res["ratios"].update({f"{t}_vs_io_floor_paired": paired(res[t]["runs"], res["io_floor"]["runs"])
+                          for t in ("forgetless", "mergekit") if t in res})
     if {"forgetless", "mergekit"} <= set(jobs):
         res["compare"] = compare_outputs(work / "out-forgetless", work / "out-mergekit")
         c = res["compare"]
@@ -717,12 +772,14 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| benchmark | tool | median wall (s) | median peak RSS (MiB) | peak RssAnon (MiB) | ratio |",
-            "|---|---|---:|---:|---:|---|"]
+    rows = [("| benchmark | tool | wall (s): median [min–max] | peak RSS (MiB): median [min–max] | peak RssAnon "
+             "(MiB) | others' CPU (s) [max] | ratio |"), "|---|---|---:|---:|---:|---:|---|"]
 
-    def row(bench: str, tool: str, m: dict, ratio: str = "") -> None:
-        rows.append(f"| {bench} | {tool} | {m['wall_s']:.2f} | {m['peak_rss_mib']:.0f} | "
-                    f"{m['peak_anon_mib']:.0f} | {ratio} |")
+    def row(bench: str, tool: str, res: dict, ratio: str = "") -> None:
+        m, sp = res["median"], res.get("spread") or {k: [v, v] for k, v in res["median"].items()}
+        rows.append(f"| {bench} | {tool} | {m['wall_s']:.2f} [{sp['wall_s'][0]:.2f}–{sp['wall_s'][1]:.2f}] | "
+                    f"{m['peak_rss_mib']:.0f} [{sp['peak_rss_mib'][0]:.0f}–{sp['peak_rss_mib'][1]:.0f}] | "
+                    f"{m['peak_anon_mib']:.0f} | {sp['other_cpu_s'][1]:.1f} | {ratio} |")
 
     ties = results.get("ties")
     if ties:
@@ -731,21 +788,24 @@ def markdown_table(results: dict) -> str:
             if tool in ties:
                 ratio = ""
                 if tool == "forgetless" and r:
-                    ratio = f"{r['speedup']}x faster, {r['rss_fraction']}x the peak RSS"
-                row("TIES, 3 models, 135M fp32", tool, ties[tool]["median"], ratio)
+                    w = r["wall_fraction"]
+                    ratio = (f"{w['median']}x mergekit's wall [{w['min']}–{w['max']}] ({r['speedup']}x faster), "
+                             f"{r['rss_fraction']}x the peak RSS")
+                row("TIES, 3 models, 135M fp32", tool, ties[tool], ratio)
     ta = results.get("task_arithmetic")
     if ta:
         for tool in ("io_floor", "forgetless", "mergekit"):
             if tool in ta:
-                ratio = f"{ta['ratios'].get(f'{tool}_vs_io_floor', '')}x the I/O floor" if tool != "io_floor" else ""
-                row("task arithmetic, 1 model", tool, ta[tool]["median"], ratio)
+                p = ta["ratios"].get(f"{tool}_vs_io_floor_paired")
+                ratio = f"{p['median']}x the I/O floor [{p['min']}–{p['max']}]" if p else ""
+                row("task arithmetic, 1 model", tool, ta[tool], ratio)
     for shape, big in results.get("large", {}).items():
         p = big["checkpoint"]["params"] / 1e9
         for tool in ("forgetless", "mergekit"):
             if tool in big:
                 g = big.get("growth_vs_small", {}).get(tool)
                 ratio = f"peak RSS {g['peak_rss']}x the 135M run (anon {g['peak_anon']}x)" if g else ""
-                row(f"TIES, 3 models, {p:.2f}B fp32 ({shape})", tool, big[tool]["median"], ratio)
+                row(f"TIES, 3 models, {p:.2f}B fp32 ({shape})", tool, big[tool], ratio)
     return "\n".join(rows)
 
 
@@ -755,7 +815,7 @@ def markdown_table(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per tool (small checkpoints)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per tool (small checkpoints), interleaved")
     ap.add_argument("--bench-dir", type=Path, default=Path(os.environ.get("BENCH_DIR", REPO / "bench-out")),
                     help="checkpoints, outputs, logs and results (default $BENCH_DIR or ./bench-out)")
     ap.add_argument("--base", type=Path, default=None,
@@ -804,7 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     args.bench_dir.mkdir(parents=True, exist_ok=True)
     mk_exe = ensure_mergekit(args.mergekit_venv) if "mergekit" in args.tools else None
     results: dict = {"machine": machine_info(), "args": {k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()}}
+                                                          for k, v in vars(args).items()},
+                     "busy_before": busy_processes(), "loadavg_before": os.getloadavg()}
+    if results["busy_before"]:
+        print("[setup] WARNING: the machine is not quiet; busy processes:\n  " + "\n  ".join(results["busy_before"]),
+              flush=True)
     print(f"[setup] {results['machine']['cpus']} CPUs, {results['machine']['mem_gib']} GiB, "
           f"torch {results['machine']['torch']}, mergekit {MERGEKIT_VERSION}", flush=True)
     base, fts = make_small_set(args.bench_dir, args.base)
