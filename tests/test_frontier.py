@@ -140,3 +140,23 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
     assert line.endswith("| yes |" if kept >= 0.95 and rec >= 0.9 else "| no |")
     assert "| TIES | +0.0 [+0.0, +0.0] |" not in md  # TIES chose the fine-tune: compared with WiSE-FT, not itself
     assert chosen_markdown(tmp_path, ["count_many"]) == ""
+
+
+def test_curve_labels_and_keeping_the_other_curves():
+    from forgetless.errors import ForgetlessError
+
+    assert FR.curve_labels(["wise-ft", "SPIDER", "magnitudemask ->", "cgm†"]) == [
+        "WiSE-FT", "SPIDER → WiSE-FT", "MagnitudeMask → WiSE-FT", "CGM†"]
+    for bad, words in (("cg", "ambiguous"), ("nope", "not one of")):
+        with pytest.raises(ForgetlessError, match=words):
+            FR.curve_labels([bad])
+    base, ft = {"method": "base", "knob": "", "correct_items": {"d": "1"}}, \
+        {"method": "fine-tuned", "knob": "", "correct_items": {"d": "3"}}
+    old = {"rows": [base, ft, {"method": "TIES", "knob": "density=0.1"}, {"method": "CGM", "knob": "alpha=1"},
+                    {"method": "gone", "knob": ""}]}
+    new = {"rows": [base, ft, {"method": "CGM", "knob": "alpha=5"}]}
+    got = FR.keep_curves(new, old, ["CGM"], log=lambda _: None)
+    assert [(r["method"], r["knob"]) for r in got["rows"]] == [("base", ""), ("fine-tuned", ""), ("CGM", "alpha=5"),
+                                                               ("TIES", "density=0.1")]
+    other_ft = {"rows": [base, {**ft, "correct_items": {"d": "2"}}, {"method": "CGM", "knob": "alpha=5"}]}
+    assert FR.keep_curves(other_ft, old, ["CGM"], log=lambda _: None) == other_ft

@@ -287,14 +287,19 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
                    "fine-tune's E) on the test splits.")
 @click.option("--keep-gain", type=click.FloatRange(0, 1.5, min_open=True), default=0.9, show_default=True,
               help="With --test: the share of the fine-tune's validation E a chosen point must keep.")
-def testbed_frontier_cmd(names: tuple[str, ...], workdir: str, test: bool, keep_gain: float) -> None:
+@click.option("--curve", "curves", multiple=True,
+              help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, spider); the "
+                   "other curves already measured are kept.")
+def testbed_frontier_cmd(names: tuple[str, ...], workdir: str, test: bool, keep_gain: float,
+                         curves: tuple[str, ...]) -> None:
     """Every method's trade-off curve over its knob on the validation splits (cached; `testbed report` draws them)."""
     from .testbed import tasks as T
-    from .testbed.frontier import run_chosen, run_frontier
+    from .testbed.frontier import curve_labels, run_chosen, run_frontier
 
+    chosen = curve_labels(curves) if curves else None  # a misspelt curve fails before any work
     for name in names or T.DOWNSTREAM:
         click.echo(f"== {name}")
-        run_frontier(name, f"{workdir}/{name}", log=click.echo)
+        run_frontier(name, f"{workdir}/{name}", curves=chosen, log=click.echo)
         if test:
             click.echo(f"== {name}: chosen points on the test splits")
             run_chosen(name, f"{workdir}/{name}", keep_gain=keep_gain, log=click.echo)

@@ -26,7 +26,7 @@ report the chosen points again.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,10 +83,51 @@ def frontier_merges() -> list[X.Merge]:
             for label, k in KNOBS.items() for v in k.values]
 
 
-def run_frontier(task: str, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict:
-    """Every curve of one task on its validation splits (cached steps are reused); writes `workdir`/RESULTS."""
-    return X.run_experiment(task, workdir, merges=frontier_merges(), keeps=X.KEEPS, split="val",
-                            results_name=RESULTS, log=log)
+def curve_labels(names: Sequence[str]) -> list[str]:
+    """Curve labels from what a user typed: a label of :data:`KNOBS`, case-insensitively, or a prefix of exactly
+    one (``spider`` → ``SPIDER → WiSE-FT``; ``->`` stands for ``→``)."""
+    out = []
+    for name in names:
+        key = name.lower().replace("->", "→")
+        exact = [k for k in KNOBS if k.lower() == key]
+        found = exact or [k for k in KNOBS if k.lower().startswith(key)]
+        if len(found) != 1:
+            raise ForgetlessError(f"curve {name!r} {'is ambiguous' if found else 'is not one of the frontier'}",
+                                  remedy=f"name one of: {', '.join(KNOBS)}")
+        out.append(found[0])
+    return list(dict.fromkeys(out))
+
+
+def run_frontier(task: str, workdir: str | Path, *, curves: Sequence[str] | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Every curve of one task — or the `curves` named (labels of :data:`KNOBS`) — on its validation splits
+    (cached steps are reused); writes `workdir`/RESULTS. A run of some curves keeps the other curves' rows of the
+    RESULTS file already there when they were measured against the same base and fine-tune (:func:`keep_curves`),
+    so curves can be added one at a time."""
+    ran = curve_labels(curves) if curves is not None else list(KNOBS)
+    path = Path(workdir) / RESULTS
+    old = json.loads(path.read_text()) if path.is_file() else None
+    res = X.run_experiment(task, workdir, merges=[m for m in frontier_merges() if m.label in ran], keeps=X.KEEPS,
+                           split="val", results_name=RESULTS, log=log)
+    if old is not None and curves is not None:
+        res = keep_curves(res, old, ran, log)
+        path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def keep_curves(new: Mapping[str, Any], old: Mapping[str, Any], ran: Sequence[str],
+                log: Callable[[str], None] = print) -> dict:
+    """`new` with the rows of `old`'s curves that `new` did not run — when both measured the same base and
+    fine-tune (their per-item answers are equal); otherwise `new` alone (the old rows are of another model)."""
+    def ends(res: Mapping[str, Any]) -> dict:
+        return {r["method"]: r["correct_items"] for r in res["rows"] if r["method"] in ("base", "fine-tuned")}
+
+    if ends(old) != ends(new):
+        log("frontier: the earlier curves were measured against another base or fine-tune; not kept")
+        return dict(new)
+    have = {X.row_name(r) for r in new["rows"]}
+    kept = [r for r in old["rows"] if r["method"] in KNOBS and r["method"] not in ran and X.row_name(r) not in have]
+    return {**new, "rows": [*new["rows"], *kept]}
 
 
 def curve_at(e: np.ndarray, f: np.ndarray, targets: np.ndarray) -> np.ndarray:
