@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,43 @@ print(json.dumps({{"light": light, "modules": sorted(sys.modules)}}))
     assert {"torch", "pydantic"} <= top
     assert not top & {"transformers", "peft", "accelerate", "matplotlib", "sklearn", "scipy", "PIL"}
     assert tensors(tmp_path / "o")  # the merge ran
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def test_a_view_is_the_tensor_mapped_copy_on_write(tied_family, tmp_path):  # noqa: F811
+    import shutil
+
+    from forgetless.checkpoint.reader import CheckpointReader
+
+    folder = tmp_path / "m"
+    shutil.copytree(tied_family["fts"][0], folder)
+    before = (folder / "model.safetensors").read_bytes()
+    with CheckpointReader(folder) as r:
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+            v = r.view(name)
+            assert torch.equal(v, r.get(name)) and v.dtype == r.info(name).dtype
+            assert torch.equal(r.view(name, (3, 7)), r.get(name)[3:7])
+            v.mul_(2.0)  # a write copies the page: the file and other views are untouched
+            assert torch.equal(r.view(name), r.get(name)) and not torch.equal(v, r.get(name))
+        def mappings() -> int:
+            return len(Path("/proc/self/maps").read_text().splitlines())
+        maps = mappings()
+        views = [r.view("model.embed_tokens.weight") for _ in range(20)]
+        assert mappings() >= maps + 20
+        del views, v
+        assert mappings() <= maps  # unmapped with the tensors
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("which, viewed", [("ties", True), ("task_arithmetic", True), ("dare_ties", False)])
+def test_methods_that_only_read_get_views_of_the_fine_tuned_files(tied_family, tmp_path, monkeypatch,  # noqa: F811
+                                                                  which, viewed):
+    from forgetless.checkpoint.reader import CheckpointReader
+
+    calls = []
+    view = CheckpointReader.view
+    monkeypatch.setattr(CheckpointReader, "view", lambda self, *a: calls.append(self.path) or view(self, *a))
+    recipe = recipes(tied_family)[which]
+    forgetless.merge(recipe, out=tmp_path / "o", progress=False)
+    models = {str(p) for p in recipe["models"]}
+    assert bool(calls) == viewed and {str(p) for p in calls} <= models  # never the base: it is written into

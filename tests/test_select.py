@@ -252,3 +252,26 @@ def test_dare_ties_combines_in_chunks_as_on_whole_tensors(small_chunks):
     got = baselines.dare_ties(base.clone(), [f.clone() for f in fts], weight=w, density=[1.0] * 3, lambda_=0.9)
     want = ties_by_sort(base, fts, w, [1.0] * 3, 0.9, "total", "mergekit")  # density 1: nothing dropped or trimmed
     assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("convention", ["forgetless", "mergekit"])
+def test_task_arithmetic_in_chunks_equals_the_whole_tensor_sum_and_reads_only(small_chunks, convention):
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(23, 37, generator=g)
+    base.view(-1)[:5] = -0.0
+    fts = [base + torch.randn(23, 37, generator=g) * s for s in (0.1, 1.0, 0.0)]
+    before = [f.clone() for f in fts]
+    w, lam = [0.7, 1.0, 1.3], 0.9
+    got = baselines.task_arithmetic(base.clone(), fts, weight=w, lambda_=lam, convention=convention)
+    deltas = [f - base for f in before]  # every Δ from θ₀ as it was, then summed in the convention's order
+    if convention == "mergekit":
+        mixed = deltas[0] * w[0]
+        for d, wk in zip(deltas[1:], w[1:]):
+            mixed = mixed + (d if wk == 1 else d * wk)
+        want = base + mixed * lam
+    else:
+        want = base.clone()
+        for d, wk in zip(deltas, w):
+            want.add_(d, alpha=lam * wk)
+    assert same_bits(got, want)
+    assert all(torch.equal(f, f0) for f, f0 in zip(fts, before))  # the fine-tuned tensors are only read

@@ -575,7 +575,9 @@ class _Runner:
                 return src.raw(job.name, rows)
             return src.get(job.name, rows)
         base = p.base.get(job.name, rows).float()
-        fts = [m.get(job.name, rows).float() for m in p.models]
+        # a method that only reads its fine-tuned tensors gets them mapped from the files: no copy
+        fts = [(getattr(m, "view", m.get) if p.spec.reads_finetuned else m.get)(job.name, rows).float()
+               for m in p.models]
         if job.route == NO_STATS_ROUTE:
             return base, fts, {}
 

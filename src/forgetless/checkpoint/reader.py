@@ -6,7 +6,8 @@ Supported: a single ``model.safetensors``, sharded safetensors with ``model.safe
 Safetensors headers are parsed here (they are a length and a JSON object), so that every file is validated before
 any work starts: a truncated file, a missing shard or an index that disagrees with its shards is reported by name.
 Tensor data is read with ``os.pread`` straight into the tensor's own buffer: one copy, no mmap pages charged to the
-process, and the GIL released while the kernel copies.
+process, and the GIL released while the kernel copies. A tensor the caller will only read can instead be mapped
+from the file (:meth:`CheckpointReader.view`): no copy at all, its pages shared with the page cache while it lives.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -241,6 +243,28 @@ class CheckpointReader:
         if out.numel():
             self._read_into(info, memoryview(out.reshape(-1).view(torch.uint8).numpy()), rows)
         return out
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (``rows``: its rows ``start:stop``) mapped from its file rather than read: no copy, the pages
+        those of the page cache, unmapped when the tensor is freed. The mapping is private and copy-on-write: the
+        file never changes, and a write into the tensor copies the page it touches. For a caller that only reads
+        (a method whose fine-tuned inputs are not written); a legacy .bin tensor, one whose data is not aligned
+        for its dtype, or one on a file system that cannot map files, is read as :meth:`get` reads it. (A file
+        truncated by another process while mapped raises SIGBUS where a read reports the truncation: inputs are
+        expected to stay as they are while they are merged.)"""
+        info = self.infos[name]
+        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        numel = math.prod(shape)
+        at = info.offset + (0 if rows is None else rows[0] * row_bytes(info.shape, info.dtype))
+        if info.offset < 0 or not numel or at % dtype_size(info.dtype):
+            return self.get(name, rows)
+        start = at - at % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(self._fd(info.file), at - start + numel * dtype_size(info.dtype), flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except OSError:  # a file system that cannot map files
+            return self.get(name, rows)
+        return torch.frombuffer(m, dtype=info.dtype, count=numel, offset=at - start).view(shape)  # keeps `m` alive
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -168,7 +168,7 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
 
 
 # ---------------------------------------------------------------------------------------------- methods
-@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks")
+@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks", reads_finetuned=True)
 def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5,
            block: RowBlock | None = None) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""
@@ -177,19 +177,28 @@ def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, 
     return interpolate(base, weighted_average(finetuned, weight), lambda_)
 
 
-@merge_method("task_arithmetic", per_model=("weight",), rows="blocks")
+@merge_method("task_arithmetic", per_model=("weight",), rows="blocks", reads_finetuned=True)
 def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0,
                     lambda_: float = 1.0, convention: SumConvention = "forgetless",
                     block: RowBlock | None = None) -> Tensor:
     """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀).
 
     ``convention="mergekit"``: summed in mergekit's order (:func:`mergekit_sum`), mergekit's result bit for bit;
-    the default fuses each term into θ₀ and is exact at λ·w = 0 and 1 for one model."""
-    if convention == "mergekit":
-        return mergekit_sum(base, [ft.sub_(base) for ft in finetuned], weight, lambda_)
-    if len(finetuned) == 1:
+    the default fuses each term into θ₀ and is exact at λ·w = 0 and 1 for one model. The deltas are formed chunk
+    by chunk in reused buffers (every Δₖ of a chunk from θ₀ as it was), the fine-tuned tensors only read."""
+    if convention != "mergekit" and len(finetuned) == 1:
         return interpolate(base, finetuned[0], lambda_ * weight[0])
-    return add_deltas(base, [ft.sub_(base) for ft in finetuned], [lambda_ * w for w in weight])
+    b, fts = base.contiguous().view(-1), [ft.reshape(-1) for ft in finetuned]
+    scratch = [torch.empty(min(b.numel(), CHUNK)) for _ in fts]
+    for at in range(0, b.numel(), CHUNK):
+        stop = min(b.numel(), at + CHUNK)
+        chunk = part(b, at, stop)
+        deltas = [torch.sub(part(ft, at, stop), chunk, out=part(d, 0, stop - at)) for ft, d in zip(fts, scratch)]
+        if convention == "mergekit":
+            mergekit_sum(chunk, deltas, weight, lambda_)
+        else:
+            add_deltas(chunk, deltas, [lambda_ * w for w in weight])
+    return b.view(base.shape)
 
 
 def _abs_deltas(base: Tensor, finetuned: list[Tensor], offset: int = 0, scratch: list[Tensor] | None = None):
@@ -233,7 +242,7 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
 
 
 @merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks",
-              tensor_prepare=ties_prepare)
+              tensor_prepare=ties_prepare, reads_finetuned=True)
 def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
          lambda_: float = 1.0, sign: Literal["total", "frequency"] = "total",
          convention: Convention = "mergekit", block: RowBlock | None = None) -> Tensor:

@@ -44,8 +44,11 @@ The engine reads everything it needs from the registration and the signature:
   rank from the input ranks and the recipe parameters (the writer plans every tensor before the first merge);
   ``equal_ranks`` makes the engine refuse adapters of different ranks before any work; ``dense`` says the method
   forms the full [out, in] deltas (for the memory estimate).
-All tensors arrive in float32 as fresh copies that the method owns: it may work in place on them (and should, for
-large tensors: every new allocation costs page faults). The engine casts the result to the output dtype.
+- ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
+  tensors of its own): the engine may then hand them over as copy-on-write views of the files, not copies.
+All tensors arrive in float32 as fresh copies that the method owns (the fine-tuned ones of a ``reads_finetuned``
+method as views, to be read only): it may work in place on them (and should, for large tensors: every new
+allocation costs page faults). The engine casts the result to the output dtype.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class MethodSpec:
     dense: bool = False
     rows: Literal["whole", "blocks"] = "whole"
     tensor_prepare: Callable[..., dict[str, Any]] | None = None
+    reads_finetuned: bool = False
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -210,7 +214,7 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
                  dense: bool = False, ranges: dict[str, str] | None = None,
                  rows: Literal["whole", "blocks"] = "whole",
-                 tensor_prepare: Callable[..., dict[str, Any]] | None = None):
+                 tensor_prepare: Callable[..., dict[str, Any]] | None = None, reads_finetuned: bool = False):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -231,7 +235,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           without_statistics, prepare=prepare,
                           choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
                           ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
-                          equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare)
+                          equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare,
+                          reads_finetuned=reads_finetuned)
         if space == "adapter" and out_rank is None:
             raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
         if set(spec.ranges) - set(spec.params):
