@@ -259,9 +259,9 @@ def write_random_checkpoint(cfg, dst: Path, aux_src: Path, seed: int, shard_byte
     return dst
 
 
-def make_large_set(bench_dir: Path, small_base: Path, shape: str, shard_bytes: int) -> tuple[Path, list[Path]]:
+def make_large_set(ckpt_dir: Path, small_base: Path, shape: str, shard_bytes: int) -> tuple[Path, list[Path]]:
     cfg = large_config(shape, small_base)
-    root = bench_dir / "ckpt" / f"large-{shape}"
+    root = ckpt_dir / f"large-{shape}"
     base = write_random_checkpoint(cfg, root / "base", small_base, seed=7, shard_bytes=shard_bytes)
     fts = [perturb_checkpoint(base, root / f"ft{i + 1}", seed=2000 + i) for i in range(N_MODELS)]
     return base, fts
@@ -455,9 +455,22 @@ def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path
     return path
 
 
-def forgetless_cmd(recipe: Path, out: Path, memory: str | None = None) -> list[str]:
-    exe = Path(sys.executable).parent / "forgetless"
-    return [str(exe), "merge", str(recipe), "--out", str(out), "--force", *(["--memory", memory] if memory else [])]
+def forgetless_cmd(recipe: Path, out: Path, memory: str | None = None, src: Path | None = None) -> list[str]:
+    """The `forgetless merge` CLI; `src`: another tree's ``src/`` instead of the installed one (the engine before a
+    change, run side by side with it)."""
+    exe = [str(Path(sys.executable).parent / "forgetless")] if src is None else \
+        ["env", f"PYTHONPATH={src}", sys.executable, "-m", "forgetless.cli"]
+    return [*exe, "merge", str(recipe), "--out", str(out), "--force", *(["--memory", memory] if memory else [])]
+
+
+def before_jobs(args, recipe: Path, work: Path, memory: str | None = None) -> dict[str, tuple[list[str], Path]]:
+    """`--before LABEL=SRC`: the same forgetless merge from another source tree, as tool `forgetless-LABEL`."""
+    jobs = {}
+    for spec in args.before:
+        label, _, src = spec.partition("=")
+        out = work / f"out-forgetless-{label}"
+        jobs[f"forgetless-{label}"] = (forgetless_cmd(recipe, out, memory, Path(src).resolve()), out)
+    return jobs
 
 
 def mergekit_cmd(exe: Path, cfg: Path, out: Path) -> list[str]:
@@ -647,19 +660,37 @@ def diagnose_ties(fl_dir: Path, mk_dir: Path, base: Path, fts: list[Path], names
 # ----------------------------------------------------------------------------------------------- benchmarks
 
 
-def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, logs: Path, poll_ms: float) -> dict:
-    """Interleaved runs of each job (tool -> (cmd, out dir)); every output dir is removed before its run."""
+def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, logs: Path, poll_ms: float,
+               keep_outputs: bool = True) -> dict:
+    """Interleaved runs of each job (tool -> (cmd, out dir)); every output dir is removed before its run (and
+    after it, unless `keep_outputs`: the large outputs are 4 GiB each)."""
     res: dict[str, list[dict]] = {tool: [] for tool in jobs}
     for i in range(runs):
         for tool, (cmd, out) in jobs.items():
             fresh(out)
             r = run_measured(cmd, logs / f"{name}-{tool}-{i + 1}.log", poll_ms)
+            if not keep_outputs:
+                fresh(out)
             print(f"  [{name}] {tool:<10} run {i + 1}/{runs}: {r['wall_s']:7.2f} s  peak RSS "
                   f"{r['peak_rss_mib']:7.0f} MiB  (anon {r['peak_anon_mib']:.0f}, file {r['peak_file_mib']:.0f})  "
                   f"cpu {r['cpu_s']:.1f} s  others' cpu {r['other_cpu_s']:.1f} s  "
                   f"load {r['load_before']:.1f}->{r['load_after']:.1f}", flush=True)
             res[tool].append(r)
     return {tool: {"runs": rs, "median": median_of(rs), "spread": spread_of(rs)} for tool, rs in res.items()}
+
+
+def compare_befores(res: dict, jobs: dict, work: Path, name: str) -> None:
+    """Each `--before` tool's outputs against forgetless's, tensor by tensor (the same bits expected), and the
+    per-run wall ratio forgetless / before."""
+    for tool in jobs:
+        if tool.startswith("forgetless-") and "forgetless" in jobs:
+            c = compare_outputs(work / "out-forgetless", work / f"out-{tool}")
+            res.setdefault("compare_before", {})[tool] = {k: c[k] for k in (
+                "compared", "bitwise_equal", "max_abs_diff", "differing_entries", "total_entries", "only_in_a",
+                "only_in_b", "shape_or_dtype_mismatch")}
+            res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(res["forgetless"]["runs"], res[tool]["runs"])
+            print(f"  [{name}] forgetless vs {tool}: {c['bitwise_equal']}/{c['compared']} tensors bitwise equal, "
+                  f"wall ratio {res['ratios'][f'wall_vs_{tool}']['median']}", flush=True)
 
 
 def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: list[str]) -> dict:
@@ -669,6 +700,7 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
     if "forgetless" in tools:
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts, params_fl)
         jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory), work / "out-forgetless")
+        jobs.update(before_jobs(args, recipe, work, args.memory))
     if "mergekit" in tools and mk_exe:
         cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
                                     {"normalize": True, "lambda": 1.0, "int8_mask": False})
@@ -696,6 +728,7 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
                          "wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"]),
                          "rss_fraction": round(fl["peak_rss_mib"] / mk["peak_rss_mib"], 3),
                          "anon_fraction": round(fl["peak_anon_mib"] / max(mk["peak_anon_mib"], 1e-9), 3)}
+    compare_befores(res, jobs, work, "ties")
     return res
 
 
@@ -705,32 +738,35 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
     if "forgetless" in tools:
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "task_arithmetic", base, [ft], {"lambda": 1.0})
         jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless"), work / "out-forgetless")
+        jobs.update(before_jobs(args, recipe, work))
     if "mergekit" in tools and mk_exe:
         cfg = write_mergekit_config(work / "mergekit.yaml", "task_arithmetic", base, [ft], {}, {"lambda": 1.0})
         jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
     print(f"[task_arithmetic] 1 model, {args.runs} runs", flush=True)
     res = bench_pair("ta", jobs, args.runs, args.bench_dir / "logs", args.poll_ms)
     floor = res["io_floor"]["median"]["wall_s"]
-    res["ratios"] = {f"{t}_vs_io_floor": round(res[t]["median"]["wall_s"] / floor, 2)
-                     for t in ("forgetless", "mergekit") if t in res}
+    tools_run = [t for t in jobs if t != "io_floor"]
+    res["ratios"] = {f"{t}_vs_io_floor": round(res[t]["median"]["wall_s"] / floor, 2) for t in tools_run}
     res["ratios"].update({f"{t}_vs_io_floor_paired": paired(res[t]["runs"], res["io_floor"]["runs"])
-                          for t in ("forgetless", "mergekit") if t in res})
+                          for t in tools_run})
     if {"forgetless", "mergekit"} <= set(jobs):
         res["compare"] = compare_outputs(work / "out-forgetless", work / "out-mergekit")
         c = res["compare"]
         print(f"  [ta] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g}, "
               f"allclose {c['allclose']}", flush=True)
+    compare_befores(res, jobs, work, "ta")
     return res
 
 
 def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | None, tools: list[str]) -> dict:
     out: dict = {}
     for shape in args.large_shapes:
-        free = shutil.disk_usage(args.bench_dir).free / 1024**3
-        print(f"[large-{shape}] generating checkpoints under {args.bench_dir / 'ckpt'} ({free:.0f} GiB free)",
+        args.large_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(args.large_dir).free / 1024**3
+        print(f"[large-{shape}] generating checkpoints under {args.large_dir} ({free:.0f} GiB free)",
               flush=True)
         t0 = time.perf_counter()
-        base, fts = make_large_set(args.bench_dir, small_base, shape, int(args.shard_gb * 1024**3))
+        base, fts = make_large_set(args.large_dir, small_base, shape, int(args.shard_gb * 1024**3))
         gen_s = time.perf_counter() - t0
         stats = checkpoint_stats(base)
         print(f"  [large-{shape}] {stats['params'] / 1e9:.3f} B params, {stats['tensors']} tensors, "
@@ -745,12 +781,20 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
         if "forgetless" in tools:
             jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory),
                                   work / "out-forgetless")
+            jobs.update(before_jobs(args, recipe, work, args.memory))
         if args.large_mergekit and mk_exe:
             cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
                                         {"normalize": True, "lambda": 1.0, "int8_mask": False})
             jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
-        res = bench_pair(f"large-{shape}", jobs, args.large_runs, args.bench_dir / "logs", args.poll_ms)
+        res = bench_pair(f"large-{shape}", jobs, args.large_runs, args.bench_dir / "logs", args.poll_ms,
+                         keep_outputs=False)
         res["checkpoint"] = stats
+        if {"forgetless", "mergekit"} <= set(jobs):
+            res["ratios"] = {"wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"])}
+        for tool in jobs:
+            if tool.startswith("forgetless-") and "forgetless" in jobs:
+                res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(res["forgetless"]["runs"],
+                                                                         res[tool]["runs"])
         if small_ties:
             for tool in jobs:
                 if tool in small_ties:
@@ -764,7 +808,7 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
         for tool in jobs:
             fresh(work / f"out-{tool}")
         if not args.keep_large:
-            shutil.rmtree(args.bench_dir / "ckpt" / f"large-{shape}", ignore_errors=True)
+            shutil.rmtree(args.large_dir / f"large-{shape}", ignore_errors=True)
     return out
 
 
@@ -784,27 +828,37 @@ def markdown_table(results: dict) -> str:
     ties = results.get("ties")
     if ties:
         r = ties.get("ratios", {})
-        for tool in ("forgetless", "mergekit"):
+        for tool in ("forgetless", "mergekit", *sorted(t for t in ties if t.startswith("forgetless-"))):
             if tool in ties:
                 ratio = ""
-                if tool == "forgetless" and r:
+                if tool.startswith("forgetless-"):
+                    w = r[f"wall_vs_{tool}"]
+                    ratio = f"forgetless takes {w['median']}x its wall [{w['min']}–{w['max']}]"
+                elif tool == "forgetless" and "wall_fraction" in r:
                     w = r["wall_fraction"]
                     ratio = (f"{w['median']}x mergekit's wall [{w['min']}–{w['max']}] ({r['speedup']}x faster), "
                              f"{r['rss_fraction']}x the peak RSS")
                 row("TIES, 3 models, 135M fp32", tool, ties[tool], ratio)
     ta = results.get("task_arithmetic")
     if ta:
-        for tool in ("io_floor", "forgetless", "mergekit"):
+        for tool in ("io_floor", "forgetless", "mergekit", *sorted(t for t in ta if t.startswith("forgetless-"))):
             if tool in ta:
                 p = ta["ratios"].get(f"{tool}_vs_io_floor_paired")
                 ratio = f"{p['median']}x the I/O floor [{p['min']}–{p['max']}]" if p else ""
                 row("task arithmetic, 1 model", tool, ta[tool], ratio)
     for shape, big in results.get("large", {}).items():
         p = big["checkpoint"]["params"] / 1e9
-        for tool in ("forgetless", "mergekit"):
+        for tool in ("forgetless", "mergekit", *sorted(t for t in big if t.startswith("forgetless-"))):
             if tool in big:
                 g = big.get("growth_vs_small", {}).get(tool)
                 ratio = f"peak RSS {g['peak_rss']}x the 135M run (anon {g['peak_anon']}x)" if g else ""
+                r = big.get("ratios", {})
+                if tool == "forgetless" and "wall_fraction" in r:
+                    w = r["wall_fraction"]
+                    ratio += f"; {w['median']}x mergekit's wall [{w['min']}–{w['max']}]"
+                if f"wall_vs_{tool}" in r:
+                    w = r[f"wall_vs_{tool}"]
+                    ratio += f"; forgetless takes {w['median']}x its wall [{w['min']}–{w['max']}]"
                 row(f"TIES, 3 models, {p:.2f}B fp32 ({shape})", tool, big[tool], ratio)
     return "\n".join(rows)
 
@@ -832,7 +886,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--memory", default=None,
                     help="forgetless's --memory for the TIES runs (small and large), e.g. 1.5GiB; default: its own")
     ap.add_argument("--large-mergekit", action="store_true", help="also run mergekit on the large checkpoints")
+    ap.add_argument("--before", action="append", default=[], metavar="LABEL=SRC",
+                    help="also run forgetless from another tree's src/ (e.g. before=/tmp/old/src: the engine before "
+                         "a change) as tool forgetless-LABEL, interleaved with the others (repeatable)")
     ap.add_argument("--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)")
+    ap.add_argument("--large-dir", type=Path, default=None,
+                    help="where the large checkpoints are written (default BENCH_DIR/ckpt; a tmpfs such as /dev/shm "
+                         "where the disk is short: 4 × 4 GiB per shape, the outputs stay in BENCH_DIR)")
     ap.add_argument("--no-warm-large", dest="warm_large", action="store_false",
                     help="do not pre-read the large checkpoints into the page cache")
     ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the large checkpoints (GiB)")
@@ -861,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         io_floor(*(Path(p) for p in args.io_floor))
         return 0
     args.bench_dir = args.bench_dir.resolve()
+    args.large_dir = (args.large_dir or args.bench_dir / "ckpt").resolve()
     args.bench_dir.mkdir(parents=True, exist_ok=True)
     mk_exe = ensure_mergekit(args.mergekit_venv) if "mergekit" in args.tools else None
     results: dict = {"machine": machine_info(), "args": {k: str(v) if isinstance(v, Path) else v
