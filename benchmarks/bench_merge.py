@@ -661,15 +661,15 @@ def diagnose_ties(fl_dir: Path, mk_dir: Path, base: Path, fts: list[Path], names
 
 
 def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, logs: Path, poll_ms: float,
-               keep_outputs: bool = True) -> dict:
+               keep_outputs: bool | set[str] = True) -> dict:
     """Interleaved runs of each job (tool -> (cmd, out dir)); every output dir is removed before its run (and
-    after it, unless `keep_outputs`: the large outputs are 4 GiB each)."""
+    after it, unless `keep_outputs` is True or holds the tool: outputs that are not compared take disk only)."""
     res: dict[str, list[dict]] = {tool: [] for tool in jobs}
     for i in range(runs):
         for tool, (cmd, out) in jobs.items():
             fresh(out)
             r = run_measured(cmd, logs / f"{name}-{tool}-{i + 1}.log", poll_ms)
-            if not keep_outputs:
+            if keep_outputs is not True and tool not in (keep_outputs or ()):
                 fresh(out)
             print(f"  [{name}] {tool:<10} run {i + 1}/{runs}: {r['wall_s']:7.2f} s  peak RSS "
                   f"{r['peak_rss_mib']:7.0f} MiB  (anon {r['peak_anon_mib']:.0f}, file {r['peak_file_mib']:.0f})  "
@@ -729,6 +729,9 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
                          "rss_fraction": round(fl["peak_rss_mib"] / mk["peak_rss_mib"], 3),
                          "anon_fraction": round(fl["peak_anon_mib"] / max(mk["peak_anon_mib"], 1e-9), 3)}
     compare_befores(res, jobs, work, "ties")
+    if not args.keep_outputs:
+        for _, out in jobs.values():
+            fresh(out)
     return res
 
 
@@ -743,7 +746,8 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
         cfg = write_mergekit_config(work / "mergekit.yaml", "task_arithmetic", base, [ft], {}, {"lambda": 1.0})
         jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
     print(f"[task_arithmetic] 1 model, {args.runs} runs", flush=True)
-    res = bench_pair("ta", jobs, args.runs, args.bench_dir / "logs", args.poll_ms)
+    res = bench_pair("ta", jobs, args.runs, args.bench_dir / "logs", args.poll_ms,
+                     keep_outputs={t for t in jobs if t != "io_floor"})
     floor = res["io_floor"]["median"]["wall_s"]
     tools_run = [t for t in jobs if t != "io_floor"]
     res["ratios"] = {f"{t}_vs_io_floor": round(res[t]["median"]["wall_s"] / floor, 2) for t in tools_run}
@@ -755,6 +759,9 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
         print(f"  [ta] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g}, "
               f"allclose {c['allclose']}", flush=True)
     compare_befores(res, jobs, work, "ta")
+    if not args.keep_outputs:
+        for _, out in jobs.values():
+            fresh(out)
     return res
 
 
@@ -890,6 +897,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run forgetless from another tree's src/ (e.g. before=/tmp/old/src: the engine before "
                          "a change) as tool forgetless-LABEL, interleaved with the others (repeatable)")
     ap.add_argument("--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep the last merged outputs of the small benchmarks (else removed once compared)")
     ap.add_argument("--large-dir", type=Path, default=None,
                     help="where the large checkpoints are written (default BENCH_DIR/ckpt; a tmpfs such as /dev/shm "
                          "where the disk is short: 4 × 4 GiB per shape, the outputs stay in BENCH_DIR)")
