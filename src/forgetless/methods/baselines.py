@@ -74,8 +74,15 @@ def elect_sign(deltas: list[Tensor], weights: list[float], how: Literal["total",
                out: Tensor | None = None, tmp: Tensor | None = None) -> Tensor:
     """Per element, +1 or −1: the sign of Σₖ wₖ·Δₖ ("total") or of Σₖ sign(Δₖ) ("frequency"); 0 counts as +.
     ``out``/``tmp``: buffers shaped like a delta to work in (else fresh ones)."""
-    acc = torch.zeros_like(deltas[0]) if out is None else out.zero_()
-    for d, w in zip(deltas, weights):
+    acc = torch.zeros_like(deltas[0]) if out is None else out
+    rest = zip(deltas, weights)
+    if how == "total" and len(deltas) > 1 and weights[0] == weights[1] == 1:
+        # 0 + Δ₀ + Δ₁ and Δ₀ + Δ₁ differ only in the sign of a zero, which elects + either way
+        torch.add(deltas[0], deltas[1], out=acc)
+        rest = zip(deltas[2:], weights[2:])
+    elif out is not None:
+        acc.zero_()
+    for d, w in rest:
         if how == "total":
             acc.add_(d, alpha=w)
         else:
@@ -91,14 +98,18 @@ def disjoint_mean(deltas: list[Tensor], weights: list[float], sign: Tensor,
     the sign of wₖ·Δₖ, as in mergekit). Consumes `deltas` (works in place). ``out``: three buffers shaped like
     `sign` to work in (numerator, denominator, a mask); else fresh ones. Masks are float (a compare into a float
     buffer is several times faster than into a bool one; adding 1.0 or True is the same), and a zero denominator
-    becomes 1 as den + (den == 0), equal to ``masked_fill`` for every den."""
+    becomes 1 as den + (den == 0) — equal to ``masked_fill`` for every den — or, when no weight is below 1, as
+    max(den, 1)."""
     num, den, mask = (torch.zeros_like(sign), torch.zeros_like(sign), torch.empty_like(sign)) if out is None else (
         out[0].zero_(), out[1].zero_(), out[2])
-    for d, w in zip(deltas, weights):
+    den_w = weights if divisor == "weights" else [1.0] * len(deltas)
+    for d, w, wd in zip(deltas, weights, den_w):
         d.mul_(sign)  # > 0 exactly where Δₖ agrees; then sign·relu(sign·Δₖ) = Δₖ there and 0 elsewhere
-        den.add_(torch.gt(d, 0, out=mask), alpha=w if divisor == "weights" else 1.0)
+        den.add_(torch.gt(d, 0, out=mask), alpha=wd)
         num.add_(d.clamp_min_(0), alpha=1.0 if weighted else w)
-    return num.mul_(sign).div_(den.add_(torch.eq(den, 0, out=mask)))  # no agreeing model: num is 0 there
+    # no agreeing model: num is 0 there; with every weight ≥ 1 the denominator is 0 or ≥ 1, and max(den, 1) is it
+    nonzero = den.clamp_min_(1) if all(w >= 1 for w in den_w) else den.add_(torch.eq(den, 0, out=mask))
+    return num.mul_(sign).div_(nonzero)
 
 
 def mergekit_sum(base: Tensor, deltas: list[Tensor], weights: list[float], lambda_: float) -> Tensor:
