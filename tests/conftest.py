@@ -9,11 +9,13 @@ Note: transformers 5 writes LLaVA and Qwen2.5-VL checkpoints under their *legacy
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from deprecation_guard import deprecation_guard
 from safetensors.torch import save_file
 from transformers import (
     CLIPVisionConfig,
@@ -26,8 +28,38 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-hf_logging.set_verbosity_error()
+# transformers' log records down to WARNING reach the deprecation guard; its own handlers print errors only, as quiet
+# as set_verbosity_error() was
+hf_logging.set_verbosity_warning()
+for _handler in logging.getLogger("transformers").handlers:
+    _handler.setLevel(logging.ERROR)
 hf_logging.disable_progress_bar()
+
+
+def _guarded():
+    """Run a test phase; fail it when forgetless caused a deprecation in it (tests/deprecation_guard.py: how a
+    warning that transformers attributes to its own or torch's frame is traced back to our call)."""
+    with deprecation_guard() as found:
+        result = yield
+    if found:
+        pytest.fail("deprecated API used by forgetless (move to the current API):\n" + "\n".join(found),
+                    pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _guarded())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from _guarded())
 
 TEXT = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1,

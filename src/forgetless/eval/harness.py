@@ -300,6 +300,18 @@ def _per_item(items: list[_MCItem], totals: list[float]) -> list[OptionScores]:
     return res
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward takes a KV cache by: ``cache`` where it has one (transformers ≥ 5.24, which
+    deprecates ``past_key_values`` and removes it in 5.40), else ``past_key_values`` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward with ``use_cache=True`` returned: ``output.cache`` (transformers ≥ 5.24), else
+    ``output.past_key_values`` (read only where ``cache`` is absent: it is deprecated where both exist)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
                 ) -> list[OptionScores]:
     base, head, mrope = parts
@@ -318,7 +330,7 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
                                          image_grid_thw=batch.get("image_grid_thw"), attention_mask=mask)
         delta = delta.to(dev).long().view(len(items), 1)
     first = base(**batch, position_ids=pos, use_cache=True)
-    cache = first.past_key_values
+    cache = output_cache(first)
     lp_first = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), -1)  # [B, V]
 
     # one row per option
@@ -338,7 +350,7 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
         if mrope:
             opt_pos = (opt_pos + delta[row_item])[None].expand(3, -1, -1)
         hidden = base(input_ids=ids[:, :width], attention_mask=torch.cat([mask[row_item], opt_mask], 1),
-                      position_ids=opt_pos, past_key_values=cache, use_cache=True).last_hidden_state
+                      position_ids=opt_pos, use_cache=True, **{cache_keyword(base): cache}).last_hidden_state
         r, t = opt_mask.nonzero(as_tuple=True)
         lp = torch.log_softmax(head(hidden[r, t]).float(), -1)
         totals.index_add_(0, r, lp.gather(-1, ids[r, t + 1][:, None])[:, 0])
