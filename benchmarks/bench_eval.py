@@ -138,7 +138,7 @@ def token_counts(model: Path, files: dict[str, Path]) -> dict[str, float]:
             it = _encode_options(enc, s)
             ids = it.prompt["input_ids"].tolist()
             prompts += len(ids)
-            options += sum(len(a) - 1 for a in it.answers)  # the tokens fed after the prompt
+            options += sum(len(a) + len(t) - 1 for a, t in zip(it.answers, it.tails))  # fed after the prompt
             if prefix is None:
                 prefix = ids
             else:

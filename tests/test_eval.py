@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_llama_with_tokenizer, tiny_qwen25vl_model
@@ -80,29 +81,42 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
 
 
-def naive_option_logprob(model, enc: Encoder, sample: Sample, option: str) -> tuple[float, int]:
-    """Run the whole (question, option) sequence alone; sum log-softmax at the labelled tokens."""
+def naive_scores(model, enc: Encoder, sample: Sample, option: str) -> tuple[float, int, float, int]:
+    """Run the whole (question, option) sequence alone: the summed log-softmax at the labelled tokens and their
+    count, then the same over the tokens after the last labelled one (the template's tail)."""
     e = enc(Sample(sample.id, sample.image, [sample.turns[0], ("assistant", option)]))
     logits = model(**model_inputs(collate([e], enc.pad_token_id))).logits[0].double()
     ids, labels = e["input_ids"], e["labels"]
-    total, count = 0.0, 0
+    last = max(t for t in range(ids.shape[0]) if labels[t] != -100)
+    total, count, tail, k = 0.0, 0, 0.0, 0
     for t in range(1, ids.shape[0]):
+        lp = torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
         if labels[t] != -100:
-            total += torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
-            count += 1
-    return total, count
+            total, count = total + lp, count + 1
+        elif t > last:
+            tail, k = tail + lp, k + 1
+    return total, count, tail, k
+
+
+def naive_option_logprob(model, enc: Encoder, sample: Sample, option: str) -> tuple[float, int]:
+    """Run the whole (question, option) sequence alone; sum log-softmax at the labelled tokens."""
+    return naive_scores(model, enc, sample, option)[:2]
 
 
 def check_against_naive(model, enc: Encoder, samples: list[Sample], batch_size: int) -> None:
+    """The harness's scores (prompt once, its KV cache reused for every option) equal each (question, option)
+    sequence run alone, answer and tail tokens."""
     with torch.no_grad():
         got = score_options(model, enc, samples, batch_size=batch_size)
         assert len(got) == len(samples)
         for s, sc in zip(samples, got):
-            ref = [naive_option_logprob(model, enc, s, o) for o in s.options]
-            assert sc.num_tokens == [n for _, n in ref]
-            assert sc.logprobs == pytest.approx([lp for lp, _ in ref], abs=1e-4)
+            ref = [naive_scores(model, enc, s, o) for o in s.options]
+            assert sc.num_tokens == [r[1] for r in ref] and sc.tail_tokens == [r[3] for r in ref]
+            assert sc.logprobs == pytest.approx([r[0] for r in ref], abs=1e-4)
+            assert sc.tail_logprobs == pytest.approx([r[2] for r in ref], abs=1e-4)
             best = max(range(len(ref)), key=lambda j: (ref[j][0], -j))
             assert sc.predicted == best
+    assert all(k > 0 for sc in got for k in sc.tail_tokens)  # every template here renders a tail
     # the options of a sample really have different lengths (so the padded option pass is exercised)
     assert any(len(set(sc.num_tokens)) > 1 for sc in got)
 
@@ -121,6 +135,7 @@ def test_option_scores_equal_naive_on_llama(llama):
         slow = score_options(model, enc, samples, batch_size=3, naive=True)
     for a, b in zip(fast, slow):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.tail_logprobs == pytest.approx(b.tail_logprobs, abs=1e-4) and a.tail_tokens == b.tail_tokens
 
 
 def test_option_scores_equal_naive_on_llava_with_images(tmp_path, llava_processor):
@@ -146,6 +161,52 @@ def test_ties_go_to_the_lowest_index():
 
     assert OptionScores([-2.0, -1.0, -1.0], [1, 1, 1]).predicted == 1
     assert OptionScores([-0.5, -3.0], [2, 1]).predicted == 0
+    sc = OptionScores([-4.0, -2.0, -6.0], [2, 1, 3], [4, 2, 6], [-2.0, -2.0, -2.0], [1, 1, 1])
+    assert [sc.predicted_by(m) for m in ("acc", "acc_norm", "lmms_eval_acc")] == [1, 0, 0]  # -1 a char, -2 a token
+    with pytest.raises(ForgetlessError, match="needs scores"):
+        OptionScores([-1.0], [1]).predicted_by("acc_norm")
+
+
+def lm_eval_prediction(logprobs: list[float], options: tuple[str, ...], metric: str) -> int:
+    """lm-evaluation-harness's choice (lm_eval/api/task.py, multiple_choice): argmax of the log-likelihoods
+    (acc), or of them divided by each choice string's length (acc_norm)."""
+    lls = np.array(logprobs)
+    return int(np.argmax(lls if metric == "acc" else lls / np.array([float(len(o)) for o in options])))
+
+
+def lmms_eval_loss(model, tok, question: str, option: str) -> float:
+    """lmms-eval's log-likelihood request as its LLaVA models compute it: the conversation rendered by the chat
+    template without and with the answer, every token after the prompt labelled, the model's own mean loss."""
+    msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": option}]
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    ids = tok(tok.apply_chat_template(msgs, tokenize=False), return_tensors="pt")["input_ids"]
+    labels = ids.clone()
+    labels[:, : tok(prompt, return_tensors="pt")["input_ids"].shape[1]] = -100
+    return float(model(input_ids=ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_acc_norm_and_lmms_eval_acc_equal_the_harnesses_rules(llama, naive):
+    model, enc = llama
+    samples = mc_samples([None, None, None])
+    differ = set()
+    with torch.no_grad():
+        got = score_options(model, enc, samples, batch_size=3, naive=naive)
+        for s, sc in zip(samples, got):
+            lls = [naive_option_logprob(model, enc, s, o)[0] for o in s.options]
+            losses = [lmms_eval_loss(model, enc.tokenizer, s.turns[0][1], o) for o in s.options]
+            assert sc.num_chars == [len(o) for o in s.options]
+            assert sc.values("acc_norm") == pytest.approx([lp / len(o) for lp, o in zip(lls, s.options)], abs=1e-5)
+            assert [-v for v in sc.values("lmms_eval_acc")] == pytest.approx(losses, abs=1e-5)
+            picks = {"acc": sc.predicted, "acc_norm": sc.predicted_by("acc_norm"),
+                     "lmms_eval_acc": sc.predicted_by("lmms_eval_acc")}
+            assert picks["acc"] == lm_eval_prediction(lls, s.options, "acc")
+            assert picks["acc_norm"] == lm_eval_prediction(lls, s.options, "acc_norm")
+            assert picks["lmms_eval_acc"] == int(np.argmin(losses))  # lmms-eval: argmin of the returned losses
+            differ |= {m for m in ("acc_norm", "lmms_eval_acc") if picks[m] != picks["acc"]}
+            if picks["acc_norm"] != picks["acc"]:  # between options of different lengths
+                assert sc.num_tokens[picks["acc_norm"]] != sc.num_tokens[picks["acc"]]
+    assert differ == {"acc_norm", "lmms_eval_acc"}  # each ranks some sample otherwise than acc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +422,72 @@ def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama, capsys
         assert lo <= value <= hi
     # the base is right on no quiz item: E's resamples are the model's own accuracy resamples
     assert res["comparison_intervals"]["E"] == pytest.approx(res["intervals"]["T"])
+
+
+def test_cli_eval_reports_every_metric_with_intervals(tmp_path, llama_dir, llama, capsys):
+    """`forgetless eval` on three multiple-choice items whose answer is acc_norm's pick and one exact-match item:
+    every metric's per-task counts, scores, intervals and comparison against independent per-option rules."""
+    from forgetless.cli import main
+
+    model, enc = llama
+    mc = mc_samples([None, None, None])
+    records, picks = [], {"acc": [], "acc_norm": [], "lmms_eval_acc": []}
+    with torch.no_grad():
+        for s in mc:
+            lls = [naive_option_logprob(model, enc, s, o)[0] for o in s.options]
+            losses = [lmms_eval_loss(model, enc.tokenizer, s.turns[0][1], o) for o in s.options]
+            for m in ("acc", "acc_norm"):
+                picks[m].append(lm_eval_prediction(lls, s.options, m))
+            picks["lmms_eval_acc"].append(int(np.argmin(losses)))
+            records.append({"id": s.id, "question": s.turns[0][1], "answer": s.options[picks["acc_norm"][-1]],
+                            "options": list(s.options)})
+    write_jsonl(tmp_path / "quiz.jsonl", records)
+    write_jsonl(tmp_path / "chat.jsonl", [{"id": "c0", "question": "Hi?", "answer": "zzz"}])
+    right = {m: [p == a for p, a in zip(picks[m], picks["acc_norm"])] for m in picks}
+    assert sum(right["acc"]) < sum(right["lmms_eval_acc"]) < sum(right["acc_norm"]) == 3  # the metrics differ here
+
+    def run(out, *extra):
+        main(["eval", str(llama_dir), "--tasks", str(tmp_path / "quiz.jsonl"), "--general", str(tmp_path / "chat.jsonl"),
+              "--max-new-tokens", "2", "--device", "cpu", "--out", str(out), *extra])
+        return json.loads(out.read_text())
+
+    res = run(tmp_path / "base.json")
+    quiz, chat = res["tasks"]["quiz"], res["tasks"]["chat"]
+    for m, flags in right.items():
+        task = quiz if m == "acc" else quiz[m]
+        assert task["correct"] == sum(flags) and task["accuracy"] == pytest.approx(sum(flags) / 3)
+        assert task["correct_items"] == "".join("1" if f else "0" for f in flags)
+        scores_m = res["scores"] if m == "acc" else res[m]["scores"]
+        intervals_m = res["intervals"] if m == "acc" else res[m]["intervals"]
+        assert scores_m["T"] == pytest.approx(100 * sum(flags) / 3) and scores_m["G"] == 0.0  # exact: same in all
+        assert intervals_m["T"][0] <= scores_m["T"] <= intervals_m["T"][1]
+        assert intervals_m["T"][0] < intervals_m["T"][1] or sum(flags) in (0, 3)
+    assert [p["predicted_index"] for p in quiz["predictions"]] == picks["acc"]
+    for m in ("acc_norm", "lmms_eval_acc"):
+        assert [p[m]["predicted_index"] for p in quiz["predictions"]] == picks[m]
+        assert m not in chat and "comparison" not in res[m]
+    with torch.no_grad():
+        losses = [lmms_eval_loss(model, enc.tokenizer, s.turns[0][1], o) for s in mc for o in s.options]
+    assert [x for p in quiz["predictions"] for x in p["lmms_eval_loss"]] == pytest.approx(losses, abs=1e-5)
+    printed = capsys.readouterr().out
+    for m in ("acc", "acc_norm", "lmms_eval_acc"):
+        assert f"\n{m}: " in printed
+    t_acc_norm = printed.split("\nacc_norm: ")[1].splitlines()[3].split()  # its table's row of the model
+    assert t_acc_norm[1] == "100.0" and t_acc_norm[3] == "100.0"  # quiz, T
+
+    # against a base (here the same model): every metric's E and F, paired, are 0 exactly
+    again = run(tmp_path / "again.json", "--base", str(tmp_path / "base.json"))
+    for m in ("acc_norm", "lmms_eval_acc"):
+        assert again[m]["comparison"]["E"] == 0.0 and again[m]["comparison_intervals"]["E"] == [0.0, 0.0]
+    # a base result without acc_norm (written by an older version): acc_norm gets no comparison, and says so
+    old = json.loads((tmp_path / "base.json").read_text())
+    for m in ("acc_norm", "lmms_eval_acc"):
+        del old["tasks"]["quiz"][m], old[m]
+    write_json(tmp_path / "old.json", old)
+    capsys.readouterr()
+    again = run(tmp_path / "again.json", "--base", str(tmp_path / "old.json"))
+    assert "comparison" in again and "comparison" not in again["acc_norm"]
+    assert "(the base result, written by an older version, lacks it: no comparison)" in capsys.readouterr().out
 
 
 def test_evaluate_checks_before_loading(tmp_path, llama_dir):

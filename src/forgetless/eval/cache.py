@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 EVAL_VERSION = 2  # bump when scoring or the stored fields change: it invalidates cached results (2: correct_items)
+# (acc_norm beside acc did not bump it: acc is unchanged, and an entry without acc_norm reads as lacking it)
 
 
 def _file_digest(path: Path, h) -> None:
@@ -47,7 +48,8 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
                     batch_size: int = 8, log=print) -> tuple[dict[str, Any], bool]:
     """(result, whether every task came from the cache). Each task's score is cached on its own (weights digest,
     task file digest, split, limit), so the base model's general scores are computed once for every experiment.
-    ``limit`` may be one number or a per-task mapping (a task absent from it: no limit)."""
+    ``limit`` may be one number or a per-task mapping (a task absent from it: no limit). Multiple choice is
+    scored as ``acc`` and ``acc_norm``, not ``lmms_eval_acc`` (its extra token per option is not paid here)."""
     from .harness import evaluate
     from .metrics import scores
     from .report import write_json
@@ -69,7 +71,7 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     for lim, (t, g) in missing.items():
         r = evaluate(model_dir, {n: s for n, (s, _) in t.items()}, general={n: s for n, (s, _) in g.items()},
                      split=split, limit=lim, batch_size=batch_size, log=log, progress=log is not None,
-                     keep_predictions=False)
+                     keep_predictions=False, metrics=("acc", "acc_norm"))
         for name, (_, path) in {**t, **g}.items():
             entry = {**r["tasks"][name], "seconds": r.get("seconds")}
             write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash

@@ -5,8 +5,11 @@
 
 A record with ``options`` is scored as multiple choice: each option is put in the assistant's turn and scored by
 the summed log-probability of exactly the tokens :class:`~forgetless.stats.data.Encoder` labels for an answer
-(the option's tokens and the end-of-turn token); the prediction is the best option (ties: the first). A record
-without options is scored by exact match (whitespace-stripped, case-insensitive) of the greedily generated answer.
+(the option's tokens and the end-of-turn token); the prediction is the best option (ties: the first). That is
+``acc``, the default; the same scores ranked as lm-evaluation-harness's ``acc_norm`` and lmms-eval's ``acc`` rank
+them are reported beside it (:data:`forgetless.eval.metrics.MC_METRICS`, :meth:`OptionScores.predicted_by`). A
+record without options is scored by exact match (whitespace-stripped, case-insensitive) of the greedily generated
+answer.
 
 Multiple choice is computed with one prompt pass per sample and one batched pass over all options' tokens that
 reuses the prompt's KV cache, and the vocabulary projection is applied only where an answer token is predicted
@@ -29,6 +32,7 @@ import torch
 
 from ..errors import ForgetlessError
 from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, collate, load_samples
+from .metrics import MC_METRICS
 
 KINDS = ("downstream", "general_visual", "general_text")
 METRICS = ("mc", "exact")
@@ -113,7 +117,10 @@ class _MCItem:
 
     prompt: dict[str, torch.Tensor]  # per-token tensors (1-D, the prompt only) and image tensors
     answers: list[torch.Tensor]  # labelled token ids of each option (answer + end-of-turn)
-    full: list[dict[str, torch.Tensor]]  # each option's whole encoding, labels kept on the option's tokens only
+    tails: list[torch.Tensor]  # each option's tokens after its labelled ones (ChatML: the newline after end-of-turn)
+    full: list[dict[str, torch.Tensor]]  # each option's whole encoding, labels on its answer and tail tokens only
+    chars: list[int]  # each option's length in characters
+    tail: bool  # whether the tails are scored (else they are empty)
 
 
 def _sample_error(sample: Sample, problem: str) -> ForgetlessError:
@@ -148,10 +155,10 @@ def _encode(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
         raise _sample_error(sample, e.reason) from None
 
 
-def _encode_options(encoder: Encoder, sample: Sample) -> _MCItem:
+def _encode_options(encoder: Encoder, sample: Sample, tail: bool = True) -> _MCItem:
     if not sample.options:
         raise _sample_error(sample, "no 'options' to score (multiple choice needs them)")
-    answers, full, prompt = [], [], None
+    answers, tails, full, prompt = [], [], [], None
     for j, option in enumerate(sample.options):
         enc = _encode(encoder, _with_answer(sample, option))
         ids, labels = enc["input_ids"], enc["labels"]
@@ -164,11 +171,13 @@ def _encode_options(encoder: Encoder, sample: Sample) -> _MCItem:
             raise _sample_error(sample, f"option {j} ({option!r}) changes the tokens before the answer, so the "
                                         "options do not share one prompt")
         answers.append(ids[a:b].clone())
+        end = len(ids) if tail else b
+        tails.append(ids[b:end].clone())
         only = torch.full_like(labels, IGNORE_INDEX)
-        only[a:b] = labels[a:b]
+        only[a:end] = ids[a:end]
         full.append({**enc, "labels": only})
     assert prompt is not None
-    return _MCItem(prompt, answers, full)
+    return _MCItem(prompt, answers, tails, full, [len(o) for o in sample.options], tail)
 
 
 def encode_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
@@ -224,15 +233,43 @@ def _device(model: torch.nn.Module) -> torch.device:
 @dataclass
 class OptionScores:
     """One sample's options: ``logprobs[j]`` is the summed log-probability of option j's answer tokens
-    (``num_tokens[j]`` of them, end-of-turn included); ``predicted`` the argmax (ties: the lowest index)."""
+    (``num_tokens[j]`` of them, end-of-turn included); ``num_chars[j]`` the option's length in characters;
+    ``tail_logprobs[j]`` the summed log-probability of the ``tail_tokens[j]`` tokens the chat template renders after
+    them to the end of the conversation (ChatML: the newline after ``<|im_end|>``), which lmms-eval scores too.
+
+    ``predicted`` is the argmax of ``logprobs`` (``acc``); :meth:`predicted_by` ranks by any of
+    :data:`~forgetless.eval.metrics.MC_METRICS` (ties: the lowest index, as numpy's argmax/argmin in both harnesses).
+    """
 
     logprobs: list[float]
     num_tokens: list[int]
+    num_chars: list[int] | None = None
+    tail_logprobs: list[float] | None = None
+    tail_tokens: list[int] | None = None
+
+    def values(self, metric: str = "acc") -> list[float]:
+        """What ``metric`` ranks the options by (the highest wins): ``acc`` the summed log-probability;
+        ``acc_norm`` that divided by the option's length in characters (lm-evaluation-harness: ``lls /
+        completion_len``, ``len`` of the option string); ``lmms_eval_acc`` the mean log-probability per token
+        over the answer, end-of-turn and tail tokens — minus the loss lmms-eval ranks by (``argmin``)."""
+        if metric == "acc":
+            return list(self.logprobs)
+        if metric == "acc_norm" and self.num_chars is not None:
+            return [lp / n for lp, n in zip(self.logprobs, self.num_chars)]
+        if metric == "lmms_eval_acc" and self.tail_logprobs is not None and self.tail_tokens is not None:
+            return [(lp + tl) / (n + tn) for lp, n, tl, tn in
+                    zip(self.logprobs, self.num_tokens, self.tail_logprobs, self.tail_tokens)]
+        known = metric in MC_METRICS
+        raise ForgetlessError(f"multiple-choice metric {metric!r} " + ("needs scores this object lacks" if known
+                              else "is unknown"), remedy=f"use one of {', '.join(MC_METRICS)}")
+
+    def predicted_by(self, metric: str = "acc") -> int:
+        v = self.values(metric)
+        return v.index(max(v))
 
     @property
     def predicted(self) -> int:
-        best = max(self.logprobs)
-        return self.logprobs.index(best)
+        return self.predicted_by("acc")
 
 
 def _fast_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, bool] | None:
@@ -254,16 +291,18 @@ def _fast_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def score_options(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 8,
-                  *, naive: bool = False) -> list[OptionScores]:
+                  *, naive: bool = False, tail: bool = True) -> list[OptionScores]:
     """Score every option of every sample (samples need ``options``): the summed log-probability of the
     option's answer tokens (exactly the tokens the Encoder labels: the answer and the end-of-turn token), given
-    the prompt (the common prefix of the encoded (question, option) sequences, checked identical across options).
+    the prompt (the common prefix of the encoded (question, option) sequences, checked identical across options),
+    and, with ``tail``, of the tokens the template renders after them (:class:`OptionScores`; what
+    ``lmms_eval_acc`` needs: one more token per option, +15% matrix products on the testbed's tasks).
 
     Fast path, for ``<base model> → lm_head`` models (Llama-style causal LMs, LLaVA, Qwen2.5-VL): ``batch_size``
     prompts run once, left-padded, with position ids from the attention mask (Qwen2.5-VL: its 3-D rope positions
     from ``get_rope_index``, text positions after the prompt offset by the row's rope delta) and images; the KV
     cache is then repeated per option and all options' tokens (right-padded) run in one forward. ``lm_head`` is
-    applied only to the hidden states that predict an answer token: the prompt's last position (first answer
+    applied only to the hidden states that predict an option's token: the prompt's last position (first answer
     token) and each option position but the last. Other models (e.g. with logit soft-capping), or
     ``naive=True``, take the naive path: each (question, option) sequence as a whole, full logits.
     Call under ``torch.no_grad()`` with the model in eval mode (as :func:`evaluate` does).
@@ -273,7 +312,7 @@ def score_options(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sa
     parts = None if naive else _fast_parts(model)
     out: list[OptionScores] = []
     for i in range(0, len(samples), batch_size):
-        items = [_encode_options(encoder, s) for s in samples[i:i + batch_size]]
+        items = [_encode_options(encoder, s, tail) for s in samples[i:i + batch_size]]
         out.extend(_score_fast(items, encoder, parts) if parts is not None else _score_naive(model, items, encoder))
     return out
 
@@ -287,15 +326,19 @@ def _score_naive(model: torch.nn.Module, items: list[_MCItem], encoder: Encoder)
     logits = model(**{k: v.to(dev) for k, v in batch.items()}).logits[:, :-1].float()
     target = labels[:, 1:]
     lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-    return _per_item(items, (lp * (target != IGNORE_INDEX)).sum(1).tolist())
+    scored = target != IGNORE_INDEX  # each row: its answer tokens, then its tail
+    n_answer = torch.tensor([len(a) for it in items for a in it.answers], device=dev)[:, None]
+    in_answer = scored & (scored.cumsum(1) <= n_answer)
+    return _per_item(items, (lp * in_answer).sum(1).tolist(), (lp * (scored & ~in_answer)).sum(1).tolist())
 
 
-def _per_item(items: list[_MCItem], totals: list[float]) -> list[OptionScores]:
-    """The flat per-option totals (items' options in order) regrouped per item."""
+def _per_item(items: list[_MCItem], answer: list[float], tail: list[float]) -> list[OptionScores]:
+    """The flat per-option sums over answer and tail tokens (items' options in order) regrouped per item."""
     res, k0 = [], 0
     for it in items:
         k = len(it.answers)
-        res.append(OptionScores(totals[k0:k0 + k], [len(a) for a in it.answers]))
+        res.append(OptionScores(answer[k0:k0 + k], [len(a) for a in it.answers], list(it.chars),
+                                tail[k0:k0 + k] if it.tail else None, [len(t) for t in it.tails] if it.tail else None))
         k0 += k
     return res
 
@@ -333,17 +376,18 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
     cache = output_cache(first)
     lp_first = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), -1)  # [B, V]
 
-    # one row per option
+    # one row per option: its answer tokens, then its tail
     row_item = torch.tensor([i for i, it in enumerate(items) for _ in it.answers], device=dev)
-    answers = [a.to(dev) for it in items for a in it.answers]
-    first_tok = torch.stack([a[0] for a in answers])
-    totals = lp_first[row_item, first_tok].clone()
-    width = max(len(a) for a in answers) - 1
+    seqs = [torch.cat([a, t]).to(dev) for it in items for a, t in zip(it.answers, it.tails)]
+    n_answer = torch.tensor([len(a) for it in items for a in it.answers], device=dev)
+    sums = torch.zeros(2, len(seqs), device=dev)  # per option: over its answer tokens, over its tail
+    sums[0] = lp_first[row_item, torch.stack([s[0] for s in seqs])]
+    width = max(len(s) for s in seqs) - 1
     if width > 0:
-        ids = torch.full((len(answers), width + 1), encoder.pad_token_id, dtype=torch.long, device=dev)
-        for r, a in enumerate(answers):
-            ids[r, : len(a)] = a
-        n_in = torch.tensor([len(a) - 1 for a in answers], device=dev)
+        ids = torch.full((len(seqs), width + 1), encoder.pad_token_id, dtype=torch.long, device=dev)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+        n_in = torch.tensor([len(s) - 1 for s in seqs], device=dev)
         opt_mask = (torch.arange(width, device=dev)[None] < n_in[:, None]).long()
         cache.batch_select_indices(row_item)  # the prompt's keys and values, once per option
         opt_pos = lengths[row_item, None] + torch.arange(width, device=dev)[None]
@@ -352,9 +396,10 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
         hidden = base(input_ids=ids[:, :width], attention_mask=torch.cat([mask[row_item], opt_mask], 1),
                       position_ids=opt_pos, use_cache=True, **{cache_keyword(base): cache}).last_hidden_state
         r, t = opt_mask.nonzero(as_tuple=True)
-        lp = torch.log_softmax(head(hidden[r, t]).float(), -1)
-        totals.index_add_(0, r, lp.gather(-1, ids[r, t + 1][:, None])[:, 0])
-    return _per_item(items, totals.tolist())
+        lp = torch.log_softmax(head(hidden[r, t]).float(), -1).gather(-1, ids[r, t + 1][:, None])[:, 0]
+        in_tail = (t + 1 >= n_answer[r]).long()  # position t predicts token t + 1
+        sums.view(-1).index_add_(0, in_tail * len(seqs) + r, lp)
+    return _per_item(items, sums[0].tolist(), sums[1].tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,7 +521,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
              general: Mapping[str, str | os.PathLike | TaskSpec] | None = None, split: str = "test",
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32, device: str = "auto",
              dtype: str = "float32", task_root: str | os.PathLike | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = print, keep_predictions: bool = True) -> dict[str, Any]:
+             log: Callable[[str], None] | None = print, keep_predictions: bool = True,
+             metrics: Sequence[str] = MC_METRICS) -> dict[str, Any]:
     """Evaluate the model folder on each task; returns the result dict (what ``forgetless eval`` writes).
 
     ``tasks`` (downstream) and ``general`` map a name to a JSONL file, a task folder (its ``<split>.jsonl``) or a
@@ -491,11 +537,14 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     fraction), ``n``, ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``,
     per-sample ``predictions``; always ``correct_items``, the per-item correctness as a string of ``0``/``1``
     (what the bootstrap intervals resample, :mod:`forgetless.eval.metrics`). ``scores`` holds T, G_v, G_t and G
-    (:func:`forgetless.eval.metrics.scores`).
+    (:func:`forgetless.eval.metrics.scores`). These are ``acc``; a task with multiple-choice records also has
+    the other ``metrics`` of :data:`forgetless.eval.metrics.MC_METRICS` (``acc_norm``; ``lmms_eval_acc``, which
+    scores one more token per option) as ``{"accuracy", "correct", "correct_items"}`` (exact-match records counted
+    as in ``acc``), and so has the result (``{"scores"}``).
     """
     from ..cpm import load_model
     from ..stats.run import resolve_device
-    from .metrics import correct_items
+    from .metrics import correct_items, metric_view
     from .metrics import scores as summary_scores
 
     model_dir = Path(model_dir)
@@ -504,6 +553,10 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                               remedy="pass a Hugging Face model folder")
     if limit is not None and limit < 1:
         raise ForgetlessError(f"--limit must be ≥ 1, got {limit}", remedy="pass a positive limit or none")
+    if set(metrics) - set(MC_METRICS):
+        raise ForgetlessError(f"unknown metrics {sorted(set(metrics) - set(MC_METRICS))}",
+                              remedy=f"use some of {', '.join(MC_METRICS)}")
+    extra = [m for m in MC_METRICS[1:] if m in metrics]
     specs: list[tuple[TaskSpec, str]] = []
     for group_tasks, group in ((tasks, "downstream"), (general or {}, "general")):
         for name, t in group_tasks.items():
@@ -540,12 +593,18 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
             done = 0
             for i in range(0, len(mc), batch_size):
                 chunk = mc[i:i + batch_size]
-                for s, sc in zip(chunk, score_options(model, encoder, chunk, batch_size)):
+                scored = score_options(model, encoder, chunk, batch_size, tail="lmms_eval_acc" in extra)
+                for s, sc in zip(chunk, scored):
                     assert s.options is not None
                     answer, guess = _answer(s), s.options[sc.predicted]
                     preds[id(s)] = {"id": s.id, "answer": answer, "prediction": guess,
                                     "predicted_index": sc.predicted, "logprobs": sc.logprobs,
-                                    "correct": guess == answer}
+                                    "num_tokens": sc.num_tokens, "correct": guess == answer}
+                    if "lmms_eval_acc" in extra:
+                        preds[id(s)]["lmms_eval_loss"] = [-v for v in sc.values("lmms_eval_acc")]
+                    for m in extra:
+                        j = sc.predicted_by(m)
+                        preds[id(s)][m] = {"predicted_index": j, "correct": s.options[j] == answer}
                 done += len(chunk)
                 meter(spec.name, len(chunk), done, len(samples))
             for i in range(0, len(free), batch_size):
@@ -563,6 +622,10 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                 "metric": "mc" if not free else "exact" if not mc else "mixed",
                 "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
                 "correct_items": correct_items([p["correct"] for p in ordered])}
+            for m in extra if mc else ():  # an exact-match record is right or wrong for every metric
+                flags = [p[m]["correct"] if m in p else p["correct"] for p in ordered]
+                entry[m] = {"correct": sum(flags), "accuracy": sum(flags) / len(samples),
+                            "correct_items": correct_items(flags)}
             if keep_predictions:
                 entry["predictions"] = ordered
             results[spec.name] = entry
@@ -570,4 +633,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     out = {"model": str(model_dir), "split": split, "limit": limit, "tasks": results, "seconds": round(seconds, 3),
            "samples_per_s": round(total / seconds, 3) if seconds else None}
     out["scores"] = summary_scores(out)
+    if any(t["metric"] != "exact" for t in results.values()):
+        for m in extra:
+            out[m] = {"scores": summary_scores(metric_view(out, m))}
     return out

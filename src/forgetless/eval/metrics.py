@@ -21,6 +21,23 @@ for a model m:
 E, F and E + F are in percentage points. Results are compared only when they cover the same tasks, split and
 sample counts.
 
+**Which option a multiple-choice item picks** (:data:`MC_METRICS`, named as the evaluation harnesses name them).
+Each option j is scored by Σⱼ, the summed log-probability of its answer tokens and the end-of-turn token:
+
+- ``acc`` (the default: every figure above, RESULTS.md, the testbed, the sweep): argmax Σⱼ — lm-evaluation-harness's
+  ``acc`` rule (which sums its continuation: the option's tokens, no end-of-turn token).
+- ``acc_norm``: argmax Σⱼ / (the option's length in characters) — lm-evaluation-harness's ``acc_norm`` rule
+  (``lls / completion_len``, ``len`` of the choice string: characters, not bytes — its ``acc_bytes`` divides by
+  UTF-8 bytes).
+- ``lmms_eval_acc``: argmax (Σⱼ + tⱼ) / (nⱼ + kⱼ), the mean log-probability per token, where tⱼ is the
+  log-probability of the kⱼ tokens the chat template renders after the end-of-turn token (ChatML's newline) and nⱼ
+  the answer's tokens with the end-of-turn — lmms-eval's ``acc``: its LLaVA models return the mean loss over every
+  token after the prompt, and it takes the argmin.
+
+Ties go to the first option in each. A task scored by exact match is the same under every metric. A result
+carries the others beside ``acc``: per task ``acc_norm`` / ``lmms_eval_acc`` = ``{"accuracy", "correct",
+"correct_items"}``, and :func:`metric_view` turns it into a result whose figures are that metric's.
+
 **Intervals** (:class:`Bootstrap`): each score's 95% interval comes from a seeded bootstrap over the test items —
 every task's items are resampled with replacement (B = 2000 times), and the scores recomputed on each resample. The
 draws are a function of the seed, the task's name and its item count only, so every model evaluated on the same
@@ -42,6 +59,13 @@ from ..errors import ForgetlessError
 
 SCORE_KEYS = ("T", "G_v", "G_t", "G")
 COMPARE_KEYS = ("E", "F", "E+F", "gain_kept")
+# how a multiple-choice item's option is picked (module docstring); the first is the default, a result's own figures
+MC_METRICS = ("acc", "acc_norm", "lmms_eval_acc")
+MC_METRIC_DOC = {
+    "acc": "options ranked by summed log-likelihood — lm-evaluation-harness's acc rule (the default)",
+    "acc_norm": "log-likelihood per character of the option — lm-evaluation-harness's acc_norm",
+    "lmms_eval_acc": "mean log-likelihood per token, the template's tokens after end-of-turn included — lmms-eval's acc",
+}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -57,6 +81,25 @@ def _combine(accuracy: Mapping[str, tuple[str | None, Any]]) -> dict[str, Any]:
     t, gv, gt = _mean(by_kind("downstream")), _mean(by_kind("general_visual")), _mean(by_kind("general_text"))
     g = _mean([x for x in (gv, gt) if x is not None])
     return {k: (None if v is None else 100.0 * v) for k, v in zip(SCORE_KEYS, (t, gv, gt, g))}
+
+
+def metric_view(result: Mapping[str, Any], metric: str) -> dict[str, Any] | None:
+    """``result`` with every task's ``accuracy``, ``correct`` and ``correct_items`` those of ``metric`` (one of
+    :data:`MC_METRICS`), so that :func:`scores`, :func:`compare` and :class:`Bootstrap` give that metric's figures;
+    ``None`` when a task scored by multiple choice lacks it (a result written before forgetless recorded it)."""
+    if metric not in MC_METRICS:
+        raise ForgetlessError(f"unknown multiple-choice metric {metric!r}", remedy=f"use one of {', '.join(MC_METRICS)}")
+    if metric == MC_METRICS[0]:
+        return dict(result)
+    tasks = {}
+    for name, t in result.get("tasks", {}).items():
+        if isinstance(t.get(metric), Mapping):
+            tasks[name] = {**t, **t[metric]}
+        elif t.get("metric") == "exact":
+            tasks[name] = t
+        else:
+            return None
+    return {**result, "tasks": tasks}
 
 
 def scores(result: Mapping[str, Any]) -> dict[str, float | None]:

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .metrics import Bootstrap, compare, half_width, item_correct, scores
+from .metrics import (
+    MC_METRIC_DOC,
+    MC_METRICS,
+    Bootstrap,
+    compare,
+    half_width,
+    item_correct,
+    metric_view,
+    scores,
+)
 
 TABLE_SCORES = ("T", "G_v", "G_t", "G", "E", "F", "E+F")
 
@@ -227,6 +236,22 @@ def _split_list(value: str | Sequence[str] | None) -> list[str]:
     return [x.strip() for x in items if x.strip()]
 
 
+def _figures(name: str, res: Mapping[str, Any], base: Mapping[str, Any] | None, ft: Mapping[str, Any] | None, *,
+             boot: Bootstrap) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One metric's figures of a result — ``scores``, ``intervals`` and, given the base model's result,
+    ``comparison`` and ``comparison_intervals`` — and its table rows (base, fine-tuned, the model)."""
+    figures: dict[str, Any] = {"scores": scores(res), "intervals": boot.intervals(boot.scores(res))}
+    rows = []
+    if base is not None:
+        figures["comparison"] = compare(res, base, ft)
+        figures["comparison_intervals"] = boot.intervals(boot.compare(res, base))
+        rows.append(table_row("base", base, base, boot=boot))
+        if ft is not None:
+            rows.append(table_row("fine-tuned", ft, base, ft, boot=boot))
+    rows.append(table_row(name, res, base, ft, boot=boot))
+    return figures, rows
+
+
 def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, general: str | Sequence[str] | None = None,
              *, split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
              device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
@@ -236,8 +261,10 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
     model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. Every score gets its
     95% bootstrap interval (``intervals``; ``comparison_intervals``: E, F, E+F paired with the base model's
-    items), shown as ``± h`` in the table. ``progress``: print progress lines (through ``log``, which also prints
-    the table)."""
+    items), shown as ``± h`` in the table. These are ``acc``; where tasks are scored by multiple choice, the
+    result's ``acc_norm`` and ``lmms_eval_acc`` get the same keys (E and F where the base result has that metric
+    too) and a table each (:data:`forgetless.eval.metrics.MC_METRICS`). ``progress``: print progress lines
+    (through ``log``, which also prints the tables)."""
     from ..errors import ForgetlessError
     from .harness import evaluate, resolve_task
 
@@ -261,22 +288,26 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
                                   remedy="give each task once (rename a JSONL file if two have the same stem)")
     res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                    max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root, progress=progress, log=log)
-    rows = []
-    boot = Bootstrap()
-    res["intervals"] = boot.intervals(boot.scores(res))
     if base_r is not None:
-        res["comparison"] = compare(res, base_r, ft_r)
-        res["comparison_intervals"] = boot.intervals(boot.compare(res, base_r))
         res["base"], res["finetuned"] = str(base), (str(finetuned) if finetuned is not None else None)
-        rows.append(table_row("base", base_r, base_r, boot=boot))
-        if ft_r is not None:
-            rows.append(table_row("fine-tuned", ft_r, base_r, ft_r, boot=boot))
-    rows.append(table_row(Path(model).name or str(model), res, base_r, ft_r, boot=boot))
-    if log is not None:
-        log(format_table(rows, list(res["tasks"])))
-        kept = res.get("comparison", {}).get("gain_kept")
-        if kept is not None:
-            log(f"gain kept: {kept:.1%} of the fine-tuned model's")
+    boot = Bootstrap()
+    name = Path(model).name or str(model)
+    for metric in [m for m in MC_METRICS if m == MC_METRICS[0] or m in res]:
+        views = [metric_view(r, metric) if r is not None else None for r in (res, base_r, ft_r)]
+        figures, rows = _figures(name, *views, boot=boot)
+        if metric == MC_METRICS[0]:
+            res.update(figures)
+        else:
+            res[metric].update(figures)
+        if log is not None:
+            lacks = next((f" (the {who} result, written by an older version, lacks it: no {what})" for who, r, v, what
+                          in (("base", base_r, views[1], "comparison"), ("fine-tuned", ft_r, views[2], "gain kept"))
+                          if r is not None and v is None), "")
+            log(f"\n{metric}: {MC_METRIC_DOC[metric]}{lacks}")
+            log(format_table(rows, list(res["tasks"])))
+            kept = figures.get("comparison", {}).get("gain_kept")
+            if kept is not None:
+                log(f"gain kept: {kept:.1%} of the fine-tuned model's")
     if out is not None:
         write_json(out, res)
         if log is not None:

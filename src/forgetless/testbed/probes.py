@@ -576,7 +576,8 @@ def probe_accuracy(model_dir: str | Path | None = None, probes: Sequence[dict[st
     with torch.no_grad():
         for k in range(0, len(samples), batch_size):
             chunk = samples[k:k + batch_size]
-            for p, sc in zip(probes[k:k + batch_size], score_options(model, encoder, chunk, batch_size)):
+            scored = score_options(model, encoder, chunk, batch_size, tail=False)  # acc only
+            for p, sc in zip(probes[k:k + batch_size], scored):
                 total[p["category"]] += 1
                 right[p["category"]] += p["options"][sc.predicted] == p["answer"]
     acc = {c: right[c] / total[c] for c in CATEGORIES if total[c]}
