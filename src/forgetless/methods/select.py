@@ -10,17 +10,19 @@ whole tensor or its blocks one at a time (:class:`Cut` carries everything a bloc
 index of the last tie kept).
 
 The answer is found without sorting and without holding more than one piece: a seeded random sample brackets the
-k-th value (±6 standard errors of the sample quantile), one pass counts the entries beyond the bracket and gathers
-the values inside it, and an exact selection (``kthvalue``) runs on that small set. Only when the k-th value is tied
-and some of its ties are left out does one more pass find the flat index of the last tie kept. A bracket that
-misses is detected, not trusted: the pass is repeated with an unbounded bracket (every entry gathered).
+k-th value (±:data:`MARGIN` standard errors of the sample quantile), one pass counts the entries beyond the bracket
+and gathers the values inside it with where they are, and an exact selection (``kthvalue``) runs on that small set;
+every tie of the k-th value lies inside the bracket, so when only some of its ties are kept, the flat index of the
+last one kept is read from the gathered positions — no further pass. A bracket that misses is detected, not
+trusted: the pass is repeated once with a bracket three times as wide, then with an unbounded one (every entry
+gathered).
 
 Cost. The pass works through each piece in chunks of :data:`CHUNK` entries with preallocated scratch, so that its
 compares stay in the CPU cache and allocate nothing: a float compare into a reused buffer and its sum count the
-entries beyond the bracket, two compares and a gather collect the values inside it. The sample is sized to balance
-its own selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about :data:`GATHER`
-entries at most fall inside the bracket); the caller may draw it itself (``sampler``: the values at given flat
-indices), which saves the sampling pass over the pieces.
+entries beyond the bracket; a clamp, a compare and ``nonzero`` find the entries inside it. The sample is sized to
+balance its own selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about
+:data:`GATHER` entries at most fall inside the bracket); the caller may draw it itself (``sampler``: the values at
+given flat indices), which saves the sampling pass over the pieces.
 
 NaN entries are never selected nor counted (callers refuse or propagate them first).
 """
@@ -37,7 +39,7 @@ from torch import Tensor
 Pieces = Callable[[], Iterable[tuple[Tensor, int]]]  # each call: a fresh iterator of (flat piece, flat offset)
 Sampler = Callable[[Tensor], list[Tensor]]  # flat indices -> the values there, one tensor per selection
 SAMPLE = 1 << 12  # the least sample for the bracket (below 4× this many entries one exact pass is as cheap)
-GATHER = 1 << 22  # entries at most expected inside the bracket: the sample grows for it (16 MiB of fp32)
+GATHER = 1 << 22  # entries at most expected inside the bracket: the sample grows for it (32 MiB: values, positions)
 CHUNK = 1 << 16  # entries compared at once: the scratch and the compared values stay in the CPU's cache
 MARGIN = 4.0  # the bracket: ± this many standard errors of the sample quantile (a miss: 3× as wide)
 
