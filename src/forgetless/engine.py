@@ -1,7 +1,7 @@
-"""The merge engine: streams every tensor name of the base through a method, one tensor at a time.
+"""The merge engine: streams every tensor name of the base through a method, a few tensors at a time.
 
     plan = build_plan(recipe)      # opens inputs lazily, checks everything, decides each tensor's route
-    report = execute(plan, out)    # reads ahead on a thread pool, computes in fp32, writes as each one is done
+    report = execute(plan, out)    # reads ahead, merges in fp32 on a few threads, writes each result when done
 
 Every check runs in :func:`build_plan`, before any output exists: the recipe (method, parameters, statistics
 given), the inputs (same tensor names and shapes as the base, every mismatch listed), the statistics (computed on
@@ -18,9 +18,10 @@ unit: :func:`build_plan` makes an :class:`AdapterPlan` (the adapters checked aga
 :func:`execute` streams one adapted module at a time — every adapter's (A, B) of it, read from disk only then —
 through the method into the same streaming writer, as a PEFT adapter folder or (``fold``) the full model.
 
-Memory. Peak memory is the runtime plus the units in flight: the one being computed (every input in fp32, the
-method's temporaries, its result) and the look-ahead window (`PREFETCH` units within `PREFETCH_BYTES`, or one).
-A unit is a whole tensor, or — when a tensor would not fit the budget (``memory:`` / ``--memory``, default half of
+Memory. Peak memory is the runtime plus the units in flight: those being computed (every input in fp32, the
+method's temporaries, its result) and the look-ahead window (`PREFETCH` units within `PREFETCH_BYTES`, or one);
+the estimate (:meth:`Plan.peak_memory_estimate`) allows the largest unit and the window, and units are read, and
+merged side by side (:func:`merge_threads`), only while all in flight fit that allowance. A unit is a whole tensor, or — when a tensor would not fit the budget (``memory:`` / ``--memory``, default half of
 the available memory) — a block of its rows (dim 0): read from the files by byte range, merged, and written at its
 offset in the output. Methods declare that they run on row blocks (``rows="blocks"``) and give the same result as
 on the whole tensor: what depends on the whole tensor (TIES's trim thresholds, CGM†'s tensor budget, Fisher's
