@@ -275,3 +275,12 @@ def test_task_arithmetic_in_chunks_equals_the_whole_tensor_sum_and_reads_only(sm
             want.add_(d, alpha=lam * wk)
     assert same_bits(got, want)
     assert all(torch.equal(f, f0) for f, f0 in zip(fts, before))  # the fine-tuned tensors are only read
+
+
+def test_the_stratified_sample_takes_one_index_per_stratum():
+    g = torch.Generator().manual_seed(10)
+    for n, s in ((10, 10), (10, 3), (1_000_003, 19_171), (7, 100), (545_000_000, 2_700_000)):
+        at = select.stratified(n, s, g)
+        m = min(n, s)
+        lo = torch.arange(m) * (n // m)
+        assert at.numel() == m and bool(((at >= lo) & (at < lo + n // m)).all()), (n, s)  # so strictly ascending
