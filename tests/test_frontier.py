@@ -86,7 +86,8 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
     assert np.allclose(sw["F"], [0.0, by[("SPIDER", "")]["F"], by[("SPIDER → WiSE-FT", "lambda=0.5")]["F"]])
     with pytest.raises(ValueError, match="'SPIDER' which has no row|from 'SPIDER'"):
         Curves({"rows": [r for r in out["rows"] if r["method"] != "SPIDER"]}, Bootstrap(20, seed=0))
-    md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots")
+    md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots", reading="READING-KEPT\n")
+    assert "READING-KEPT" in md and "Curves not run yet on this task: TIES, DARE, Fisher merging" in md
     assert "Not run yet: tag." in md and "| WiSE-FT | lambda 0.3, 0.6 |" in md and "| SPIDER | one fine-tune" in md
     assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000
 

@@ -26,7 +26,7 @@ from . import tasks as T
 from .experiment import row_draws, row_name, row_result
 from .frontier import RESULTS as FRONTIER_RESULTS
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
-from .report_frontier import frontier_markdown
+from .report_frontier import FR_READING_END, FR_READING_START, frontier_markdown
 from .tables import N_BOOT, TaskDraws, differences, summary
 
 # extra knob values so that each of these methods draws a curve, not a point
@@ -218,7 +218,8 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
         "## Per task\n", "\n".join(sections),
         "## Reading (honest)\n", _reading(previous),
         "## Time (this run, 2 cores)\n", _timings(names, results), "",
-        *([frontier_markdown(workdir, names, plots or workdir, previous)]
+        *([frontier_markdown(workdir, names, plots or workdir, previous,
+                             _reading(previous, FR_READING_START, FR_READING_END))]
           if any((workdir / n / FRONTIER_RESULTS).is_file() for n in names) else []),
         *([multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
           if (workdir / "multitask" / "results.json").is_file() else []),

@@ -123,6 +123,8 @@ def task_plot(task: str, c: Curves, path: Path) -> Path:
                          xlabel="specialization gain E (points)", ylabel="general change F (points)")
 
 
+FR_READING_START = "<!-- reading frontier: written by hand, kept when the report is rebuilt -->"
+FR_READING_END = "<!-- /reading frontier -->"
 GOAL_E, GOAL_F = 0.95, 0.90  # issue 16: keep ≥ 95% of the task gain while recovering ≥ 90% of the lost general score
 
 
@@ -188,9 +190,11 @@ Paired differences of the means against **WiSE-FT**'s chosen point (**\\*** wher
 """
 
 
-def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Path | None = None) -> str:
+def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Path | None = None,
+                      reading: str = "") -> str:
     """The section, from each task's ``workdir/<task>/frontier-val.json`` (tasks without one are listed as not
-    run)."""
+    run); `reading`: the hand-written reading (kept between :data:`FR_READING_START` and :data:`FR_READING_END` by
+    the caller)."""
     done = [n for n in names if (Path(workdir) / n / FR.RESULTS).is_file()]
     missing = [n for n in names if n not in done]
     parts = []
@@ -199,23 +203,30 @@ def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Pa
         c = Curves(result, Bootstrap(N_BOOT, seed=0))
         png = task_plot(name, c, Path(plots) / f"frontier-{name}.png")
         sizes = ", ".join(f"{t} {len(x)}" for t, x in c.ft["correct_items"].items())
+        absent = [k for k in FR.KNOBS if k not in c.curves]
         parts.append(f"""### {name}
 
-Fine-tune: E {c.e_ft:+.1f}, F {c.ft['F']:+.1f} (validation items: {sizes}).
+Fine-tune: E {c.e_ft:+.1f}, F {c.ft['F']:+.1f} (validation items: {sizes}).{
+f" Curves not run yet on this task: {', '.join(absent)}." if absent else ""}
 
 {task_table(c)}
 
 ![{name}: curves]({doc_link(png, previous)})
 """)
-    grid = "; ".join(f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
-                     + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
-                     for label, k in FR.KNOBS.items() if not k.trial)
+    def grid(trial: bool) -> str:
+        return "; ".join(f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
+                         + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
+                         for label, k in FR.KNOBS.items() if k.trial == trial)
+
     return f"""## The forgetting frontier (validation splits)
 
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
-the **validation** splits (the test splits stay for the points chosen on these curves). Grid: {grid}. Task
+the **validation** splits (the test splits stay for the points chosen on these curves). Grid: {grid(False)}. Task
 arithmetic at λ is WiSE-FT at λ with one fine-tuned model. SPIDER and MagnitudeMask are one fine-tune each. Every
-merge curve has the base (E = F = 0) and the fine-tune as its ends. **F at E = x%**: the best F among the method's
+merge curve has the base (E = F = 0) and the fine-tune as its ends. Candidates of ours for a method that beats
+WiSE-FT (issue 16; not published methods): {grid(True)} — a keep rule's fine-tune merged back toward θ₀ runs from
+the base to that fine-tune (its own far end); the optimizer Fisher is AdamW's squared gradients of the same
+fine-tune (`forgetless finetune --optimizer-fisher`). **F at E = x%**: the best F among the method's
 points whose E is at least x% of the fine-tune's E (what `forgetless sweep --keep-gain` would pick; one of its own
 points, no interpolation); **area**: the mean of that best F over E ∈ [0, E_ft]. ± half the 95% bootstrap interval
 over the validation items ({N_BOOT} resamples; the fine-tune's E and each method's best point re-taken on every
@@ -223,5 +234,6 @@ resample); **vs {REFERENCE}**: the paired difference, **\\*** where its interval
 noisy points flatters the methods with more points (a winner's curse); the test splits are for the chosen points.
 {f"Not run yet: {', '.join(missing)}." if missing else ""}
 
+{reading}
 {chr(10).join(parts)}
 {chosen_markdown(workdir, names)}"""
