@@ -54,6 +54,7 @@ class Curves:
                 "dE": np.stack([draws[n]["E"] for n in names]),
                 "dF": np.stack([draws[n]["F"] for n in names]),
                 "knobs": [knob_of(r, label) for r in members]}
+        self.curves = {k: self.curves[k] for k in FR.KNOBS if k in self.curves}  # published first, as in KNOBS
 
     def at(self, label: str, fraction: float) -> tuple[float, np.ndarray]:
         """F of `label`'s curve where E = fraction × the fine-tune's E: the point value and its draws."""
