@@ -168,7 +168,7 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
     not all 1: "mergekit" elects the sign of Σ wₖΔₖ and divides by the agreeing models' summed weights, in
     mergekit's order of operations (each wₖΔₖ rounded first, ×λ after the division); "peft" elects the sign of
     Σ Δₖ and divides by their count. Elementwise, so computed chunk by chunk (:data:`.select.CHUNK` entries): the
-    temporaries are reused buffers that stay in the CPU's cache, not fresh tensors of the tensor's size.
+    temporaries are reused buffers of a chunk's size, not fresh tensors of the tensor's size.
     Consumes `deltas`."""
     b, ds = base.contiguous().view(-1), [d.reshape(-1) for d in deltas]  # views of the engine's inputs
     scratch = _Scratch(b.numel(), 0)
