@@ -74,8 +74,6 @@ def test_top_k_cut_equals_a_stable_sort_on_adversarial_inputs(small_chunks, larg
                 cut = top_k_cut(split(x, cuts), k, n, largest=largest, sample=sample)
                 got = torch.cat([cut.mask(p, o) for p, o in split(x, [130, 2000])()])
                 assert torch.equal(got, want), (name, k, cuts)
-                keep = torch.cat([cut.keep(p, o) for p, o in split(x, [7])()])
-                assert torch.equal(keep, want.float()), (name, k, cuts)
 
 
 def test_the_caller_s_sampler_gives_the_same_cut(small_chunks):
@@ -126,7 +124,7 @@ def test_ties_at_the_k_th_value_are_kept_lowest_index_first_across_pieces(small_
     assert cut.value == 1.0 and not cut.every_tie and cut.last == 3 * 99
     assert torch.equal(cut.mask(x), stable_top(x, 100, True))
     out = torch.empty(1000)
-    assert cut.keep(x, 0, out) is out and int(out.sum()) == 100
+    assert cut.trim(x, 0, out) is out and int(torch.count_nonzero(out)) == 100
 
 
 def test_pieces_out_of_flat_order_still_keep_the_lowest_flat_index():
@@ -230,16 +228,40 @@ def test_ties_leaves_the_fine_tuned_inputs_unchanged_and_writes_into_base():
     assert same_bits(out, ties_by_sort(base, before, [1.0] * 3, [0.5] * 3, 1.0, "total", "mergekit"))
 
 
-def test_keep_and_mask_agree_on_every_split():
+def test_the_mask_keeps_what_it_says_on_every_split():
     x = torch.tensor([3.0, 1.0, 1.0, -0.0, 1.0, 0.0, 2.0, 1.0])
     for cut in (Cut(1.0, 2), Cut(1.0, 4), Cut(1.0, -1), Cut(1.0, 1 << 62, every_tie=True),
                 Cut(0.0, 3, largest=False), Cut(0.0, 5, largest=False)):
         for at in range(9):
             m = torch.cat([cut.mask(x[:at], 0), cut.mask(x[at:], at)])
-            assert torch.equal(m, torch.cat([cut.keep(x[:at], 0), cut.keep(x[at:], at)]).bool()), (cut, at)
             ref = (x > cut.value) if cut.largest else (x < cut.value)
             ties = (x == cut.value) & (torch.arange(8) <= cut.last)
-            assert torch.equal(m, ref | ties)
+            assert torch.equal(m, ref | ties), (cut, at)
+
+
+def test_trim_zeroes_what_the_mask_of_the_magnitudes_drops(small_chunks):
+    """Cut.trim (one hardshrink at the float below the cut) against the signed values times the mask of their
+    magnitudes: the same values — kept entries bit for bit, ±0 alike — on every split, for cuts with some, every
+    or none of their ties kept, at 0, at subnormals and at ±∞."""
+    x = torch.tensor([3.0, -1.0, 1.0, -0.0, -1.0, 0.0, 2.0, 1.0, 1e-45, -1e-45, -2.0])
+    cuts = [Cut(1.0, 2), Cut(1.0, 4), Cut(1.0, -1), Cut(1.0, 1 << 62, every_tie=True), Cut(0.0, 4), Cut(0.0, -1),
+            Cut(1e-45, 8), Cut(-math.inf, 1 << 62), Cut(math.inf, -1), Cut(2.0, 6)]
+    for name, v in adversarial(500).items():
+        if name != "with infinities":
+            k = 137
+            cuts_v = (top_k_cut(split(v.abs(), [100, 333]), k, v.numel()),)
+            got = torch.cat([cuts_v[0].trim(v[:250], 0), cuts_v[0].trim(v[250:], 250)])
+            want = v * stable_top(v.abs(), k, True)
+            assert torch.equal(got, want) and int(torch.count_nonzero(got)) == int(torch.count_nonzero(want)), name
+    for cut in cuts:
+        for at in range(x.numel() + 1):
+            got = torch.cat([cut.trim(x[:at], 0), cut.trim(x[at:], at)])
+            want = x * torch.cat([cut.mask(x[:at].abs(), 0), cut.mask(x[at:].abs(), at)])
+            assert torch.equal(got, want), (cut, at)
+            kept = want != 0
+            assert same_bits(got[kept], x[kept])
+    out = torch.empty_like(x)
+    assert Cut(1.0, 2).trim(x, 0, out=out) is out
 
 
 def test_dare_ties_combines_in_chunks_as_on_whole_tensors(small_chunks):

@@ -246,8 +246,8 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
         b, tmp = part(base, at, stop), part(scratch.tmp, 0, stop - at)
         trimmed = []
         for ft, cut, d in zip(finetuned, cuts, scratch.deltas):
-            d = torch.sub(part(ft, at, stop), b, out=part(d, 0, stop - at))
-            trimmed.append(d.mul_(cut.keep(torch.abs(d, out=tmp), offset + at, out=tmp)))
+            torch.sub(part(ft, at, stop), b, out=tmp)
+            trimmed.append(cut.trim(tmp, offset + at, out=part(d, 0, stop - at)))
         _combine(b, trimmed, weights, lambda_, sign, convention, scratch)
     return base
 
