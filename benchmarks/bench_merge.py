@@ -423,7 +423,8 @@ def paired(runs_a: list[dict], runs_b: list[dict], key: str = "wall_s") -> dict:
 # ----------------------------------------------------------------------------------------------- recipes
 
 
-def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Path], params: dict) -> Path:
+def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Path], params: dict,
+                            out_dtype: str = "float32") -> Path:
     import yaml
 
     recipe = {
@@ -431,7 +432,7 @@ def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Pa
         "base": str(base),
         "models": [{"model": str(m), "weight": 1.0} for m in models],
         "parameters": params,
-        "dtype": "float32",
+        "dtype": out_dtype,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -439,7 +440,7 @@ def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Pa
 
 
 def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path], model_params: dict,
-                          params: dict) -> Path:
+                          params: dict, out_dtype: str = "float32") -> Path:
     import yaml
 
     cfg = {
@@ -448,7 +449,7 @@ def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path
         "models": [{"model": str(m), "parameters": {**model_params, "weight": 1.0}} for m in models],
         "parameters": params,
         "dtype": "float32",
-        "out_dtype": "float32",
+        "out_dtype": out_dtype,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -784,14 +785,14 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
         work = args.bench_dir / f"large-{shape}"
         jobs = {}
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts,
-                                         {"density": DENSITY, "lambda": 1.0})
+                                         {"density": DENSITY, "lambda": 1.0}, args.large_out_dtype)
         if "forgetless" in tools:
             jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory),
                                   work / "out-forgetless")
             jobs.update(before_jobs(args, recipe, work, args.memory))
         if args.large_mergekit and mk_exe:
             cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
-                                        {"normalize": True, "lambda": 1.0, "int8_mask": False})
+                                        {"normalize": True, "lambda": 1.0, "int8_mask": False}, args.large_out_dtype)
             jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
         res = bench_pair(f"large-{shape}", jobs, args.large_runs, args.bench_dir / "logs", args.poll_ms,
                          keep_outputs=False)
@@ -897,6 +898,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run forgetless from another tree's src/ (e.g. before=/tmp/old/src: the engine before "
                          "a change) as tool forgetless-LABEL, interleaved with the others (repeatable)")
     ap.add_argument("--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)")
+    ap.add_argument("--large-out-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="output dtype of the large merges, both tools (bfloat16: half the output's disk)")
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep the last merged outputs of the small benchmarks (else removed once compared)")
     ap.add_argument("--large-dir", type=Path, default=None,
