@@ -249,8 +249,8 @@ def test_trim_zeroes_what_the_mask_of_the_magnitudes_drops(small_chunks):
     for name, v in adversarial(500).items():
         if name != "with infinities":
             k = 137
-            cuts_v = (top_k_cut(split(v.abs(), [100, 333]), k, v.numel()),)
-            got = torch.cat([cuts_v[0].trim(v[:250], 0), cuts_v[0].trim(v[250:], 250)])
+            cut = top_k_cut(split(v.abs(), [100, 333]), k, v.numel())
+            got = torch.cat([cut.trim(v[:250], 0), cut.trim(v[250:], 250)])
             want = v * stable_top(v.abs(), k, True)
             assert torch.equal(got, want) and int(torch.count_nonzero(got)) == int(torch.count_nonzero(want)), name
     for cut in cuts:

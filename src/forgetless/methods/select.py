@@ -19,12 +19,12 @@ gathered).
 
 Cost. The pass works through each piece in chunks of :data:`CHUNK` entries with preallocated scratch, so that its
 compares allocate nothing (a fresh tensor-sized buffer costs page faults) and each operation is large enough that
-its per-call cost — and the GIL it holds, with merges on several threads — is small (the 135M TIES merge on two
-threads: 5.25 s with chunks of 2 MiB, 6.44 s with 512 KiB, medians of 4): a float compare into a reused buffer and
-its sum count the entries beyond the bracket; a clamp, a compare and ``nonzero`` find the entries inside it. The sample is sized to
-balance its own selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about
-:data:`GATHER` entries at most fall inside the bracket); the caller may draw it itself (``sampler``: the values at
-given flat indices), which saves the sampling pass over the pieces.
+its per-call cost — and the GIL it holds, with merges on several threads — is small (BENCHMARKS.md, issue 18:
+chunks of 2 MiB against 256 KiB): a float compare into a reused buffer and its sum count the entries beyond the
+bracket; a clamp, a compare and ``nonzero`` find the entries inside it. The sample is sized to balance its own
+selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about :data:`GATHER` entries at
+most fall inside the bracket); the caller may draw it itself (``sampler``: the values at given flat indices), which
+saves the sampling pass over the pieces.
 
 NaN entries are never selected nor counted (callers refuse or propagate them first).
 """
@@ -76,7 +76,7 @@ class Cut:
         """`piece` with every entry whose magnitude is not selected set to 0, into `out` (may be `piece`): the cut
         of a selection of the largest |entries| applied to the signed values in one operation. ``hardshrink(x, l)``
         keeps x where |x| > l, and for float32 |x| ≥ v ⇔ |x| > the float just below v; the three operations
-        ``piece · (|piece| ≥ v)`` take cost 2.8× as much (0.43 against 1.2 ns per entry). Kept entries are
+        ``piece · (|piece| ≥ v)`` cost 2.8× as much (0.43 against 1.2 ns per entry). Kept entries are
         `piece`'s bit for bit; dropped ones are +0 where the product gave ±0 (the TIES sum never sees the
         difference: agreement needs a nonzero entry)."""
         assert self.largest and piece.dtype == torch.float32, "Cut.trim: magnitudes of float32 entries"
