@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile src/forgetless/methods/_kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU build from local disk here, never a resolver-picked CUDA build

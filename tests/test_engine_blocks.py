@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -317,6 +318,26 @@ def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_fami
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ties_with_the_fused_kernels_writes_the_torch_rule_s_bytes(tied_family, tmp_path, small_allowances,
+                                                                   monkeypatch):
+    """The engine's TIES, whole tensors and row blocks, with the kernels (methods/kernels.py: the histogram bracket,
+    the fused count and the fused combine) and with the torch rule alone: the same bytes."""
+    from forgetless.methods import kernels
+    recipe = {**recipes(tied_family)["ties"], "parameters": {"density": 0.4, "lambda": 0.9}}
+    recipe["models"] = [{"model": m, "weight": w} for m, w in zip(recipe["models"], (1.0, 0.5, 2.0))]
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", fused)
+        for budget in ("1GiB", 12_000):
+            report = forgetless.merge(recipe, out=tmp_path / f"{fused}{budget}", progress=False, memory=budget)
+            assert bool(report.plan.block_rows) == (budget == 12_000)
+            outs[fused, budget] = tensors(tmp_path / f"{fused}{budget}")
+    want = outs[False, "1GiB"]
+    assert {t.dtype for t in want.values()} == {torch.float32}
+    for got in outs.values():
+        assert all(torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)) for k in want)
+
+
 def test_safetensors_rows_are_read_from_the_file_offsets(tied_family):
     with CheckpointReader(tied_family["base"]) as r:
         full = r.get("model.embed_tokens.weight")
@@ -341,6 +362,26 @@ def test_the_writer_takes_a_tensor_in_pieces_in_any_order(tmp_path):
         w.write("a", t[:1], at=0)  # every byte already written
     w.commit()
     assert torch.equal(load_file(str(tmp_path / "o" / "model.safetensors"))["a"], t)
+
+
+def test_the_writer_writes_a_large_tensor_in_pieces_that_interleave(tmp_path, monkeypatch):
+    """Each write call takes at most WRITE_PIECE bytes (so that another thread's write of the same file waits for
+    one piece, not for a whole embedding); the file holds every byte once, in place."""
+    from forgetless.checkpoint import writer as W
+    monkeypatch.setattr(W, "WRITE_PIECE", 28)  # not a multiple of 4: pieces split entries
+    calls = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(W.os, "pwrite", lambda fd, buf, off: calls.append(len(buf)) or pwrite(fd, buf, off))
+    t, u = torch.randn(13, 7), torch.randn(3)
+    w = StreamingWriter(tmp_path / "o", [Entry("t", (13, 7), torch.float32), Entry("u", (3,), torch.float32)],
+                        shard_size=10**9)
+    calls.clear()  # the header's write
+    w.write("t", t)
+    w.write("u", u)
+    w.commit()
+    assert max(calls) == 28 and sum(calls) == 13 * 7 * 4 + 3 * 4
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(got["t"], t) and torch.equal(got["u"], u)
 
 
 def test_budget_errors_name_the_problem_before_any_work(tied_family, tmp_path, monkeypatch):

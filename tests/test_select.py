@@ -4,7 +4,8 @@ Every selection is compared with a stable sort (ties to the lower flat index), t
 chosen to break a threshold search: many exact ties at the k-th value, zeros and ±0, denormals, a huge dynamic range,
 NaN entries, a constant tensor, pieces of uneven sizes (a tensor read in row blocks), the sampled bracket and the
 exact pass, with and without a caller's sampler, and chunks much smaller than a piece (``CHUNK`` patched) so that
-every chunk boundary case is met on small data. TIES is compared bit for bit (sign of zero included) with the
+every chunk boundary case is met on small data; each with the fused kernels (the histogram bracket, the fused count
+and combine) and with the torch rule alone. TIES is compared bit for bit (sign of zero included) with the
 rule written with whole-tensor ops, bool masks and a sort-based trim, as it was computed before it ran in chunks.
 """
 
@@ -16,7 +17,7 @@ import math
 import pytest
 import torch
 
-from forgetless.methods import baselines, select
+from forgetless.methods import baselines, kernels, select
 from forgetless.methods.registry import RowBlock, Rows
 from forgetless.methods.select import Cut, top_k_cut, top_k_cuts
 
@@ -56,11 +57,13 @@ def adversarial(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return x
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 64 entries (and the samples of small tensors allowed): every piece spans many chunks."""
+@pytest.fixture(params=[True, False], ids=["kernels", "torch"])
+def small_chunks(monkeypatch, request):
+    """Chunks of 64 entries (and the samples of small tensors allowed): every piece spans many chunks. Each test
+    runs twice: with the fused kernels (methods/kernels.py) and with the torch rule alone."""
     monkeypatch.setattr(select, "CHUNK", 64)
     monkeypatch.setattr(baselines, "CHUNK", 64)
+    monkeypatch.setattr(kernels, "ENABLED", request.param)
 
 
 @pytest.mark.parametrize("largest", [True, False])

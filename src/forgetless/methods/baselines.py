@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import kernels
 from .registry import RowBlock, merge_method
-from .select import CHUNK, Cut, part, top_k_cuts
+from .select import CHUNK, AbsDiff, Cut, part, top_k_cuts
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -48,7 +49,7 @@ def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tenso
 def trim_cuts(pieces, numel: int, densities: list[float]) -> list[Cut]:
     """The :class:`.select.Cut` of TIES's trim of each model: the k = ⌊density·numel⌋ largest |Δ| (ties: lowest
     flat index first); ``pieces()`` yields, per piece, every model's flat |Δ| and the piece's flat offset."""
-    return top_k_cuts(pieces, [int(d * numel) for d in densities], numel)
+    return top_k_cuts(pieces, [int(d * numel) for d in densities], numel, histogram=True)
 
 
 def magnitude_trim(delta: Tensor, density: float, cut: Cut | None = None, offset: int = 0) -> Tensor:
@@ -212,25 +213,13 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float
     return b.view(base.shape)
 
 
-def _abs_deltas(base: Tensor, finetuned: list[Tensor], offset: int = 0, scratch: list[Tensor] | None = None):
-    """Per chunk of :data:`.select.CHUNK` entries of flat `base` and `finetuned`: every model's |θₖ − θ₀| (in
-    reused scratch; the inputs are not changed) and the chunk's flat offset (`offset` first): TIES's ``pieces``."""
-    n = base.numel()
-    scratch = scratch or [torch.empty(min(n, CHUNK)) for _ in finetuned]
-    for at in range(0, n, CHUNK):
-        stop = min(n, at + CHUNK)
-        b = part(base, at, stop)
-        yield [torch.sub(part(ft, at, stop), b, out=part(s, 0, stop - at)).abs_()
-               for ft, s in zip(finetuned, scratch)], offset + at
-
-
 def ties_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
-    """TIES on row blocks: every model's trim (:func:`trim_cuts`) over the whole tensor, in two streamed passes."""
-    scratch = [torch.empty(CHUNK) for _ in params["density"]]
-
+    """TIES on row blocks: every model's trim (:func:`trim_cuts`) over the whole tensor, in two streamed passes
+    (each block's |θₖ − θ₀| read where it lies, :class:`.select.AbsDiff`)."""
     def pieces():
         for r in stream():
-            yield from _abs_deltas(r.base.reshape(-1), [ft.reshape(-1) for ft in r.finetuned], r.offset, scratch)
+            b = r.base.reshape(-1)
+            yield [AbsDiff(ft.reshape(-1), b) for ft in r.finetuned], r.offset
     return {"cuts": trim_cuts(pieces, math.prod(shape), params["density"])}
 
 
@@ -238,8 +227,13 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
                       lambda_: float, sign: Literal["total", "frequency"], convention: Convention) -> Tensor:
     """TIES on flat tensors, into `base`, chunk by chunk (:data:`.select.CHUNK` entries, every temporary a reused
     buffer): each Δₖ = θₖ − θ₀ trimmed by its cut (the tensor's entries from flat index `offset` on, as
-    :func:`magnitude_trim`), then :func:`_ties_combine`. `finetuned` is read, not changed."""
+    :func:`magnitude_trim`), then :func:`_ties_combine`. `finetuned` is read, not changed. The fused kernel
+    (:func:`.kernels.ties`) runs the same operations in one pass where it applies: mergekit's convention, or
+    PEFT's when its result is the same (every weight 1, λ = 1)."""
     n = base.numel()
+    if kernels.fits(base, *finetuned) and (convention == "mergekit" or (lambda_ == 1 and all(w == 1 for w in weights))):
+        return kernels.ties(base, finetuned, [c.below for c in cuts], [c.value for c in cuts],
+                            [c.split(n, offset) for c in cuts], weights, lambda_, sign == "frequency")
     scratch = _Scratch(n, len(finetuned))
     for at in range(0, n, CHUNK):
         stop = min(n, at + CHUNK)
@@ -268,7 +262,9 @@ def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, de
         def sampler(at: Tensor) -> list[Tensor]:
             bs = b.index_select(0, at)
             return [ft.index_select(0, at).sub_(bs).abs_() for ft in fts]
-        cuts = top_k_cuts(lambda: _abs_deltas(b, fts), [int(d * n) for d in density], n, sampler=sampler)
+        pieces = [AbsDiff(ft, b) for ft in fts]
+        cuts = top_k_cuts(lambda: iter([(pieces, 0)]), [int(d * n) for d in density], n, sampler=sampler,
+                          histogram=True)
     return _trim_and_combine(b, fts, cuts, offset, weight, lambda_, sign, convention).view(base.shape)
 
 

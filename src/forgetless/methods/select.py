@@ -26,12 +26,19 @@ selection against the one on the gathered values (≈ (3n)^⅔ entries, and enou
 most fall inside the bracket); the caller may draw it itself (``sampler``: the values at given flat indices), which
 saves the sampling pass over the pieces.
 
+Magnitudes |a − b| (TIES's |Δ|, :class:`AbsDiff` pieces, ``histogram=True``) are bracketed without a sample where
+the fused kernels run (:mod:`.kernels`): one pass counts the entries in each bin of the top 16 bits of their
+float32 bits (for non-negative floats the bits order as the values), and the bin that holds the k-th largest is the
+bracket — exact, so it never misses, and it holds a few thousandths of the entries instead of several hundredths,
+which makes the final selection on them cheap. The counting pass and the final selection are the same as above.
+
 NaN entries are never selected nor counted (callers refuse or propagate them first).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,12 +46,37 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from . import kernels
+
 Pieces = Callable[[], Iterable[tuple[Tensor, int]]]  # each call: a fresh iterator of (flat piece, flat offset)
 Sampler = Callable[[Tensor], list[Tensor]]  # flat indices -> the values there, one tensor per selection
 SAMPLE = 1 << 12  # the least sample for the bracket (below 4× this many entries one exact pass is as cheap)
 GATHER = 1 << 22  # entries at most expected inside the bracket: the sample grows for it (32 MiB: values, positions)
 CHUNK = 1 << 19  # entries per operation: large enough that the per-call overhead (and GIL time) is small
+BINS = 1 << 15  # the histogram of magnitudes: one bin per value of the top 16 bits of a non-negative float32
 MARGIN = 4.0  # the bracket: ± this many standard errors of the sample quantile (a miss: 3× as wide)
+
+
+@dataclass(frozen=True)
+class AbsDiff:
+    """|a − b| of two flat float tensors of one length, as a selection's piece: read chunk by chunk and never
+    formed whole (the fused kernel reads `a` and `b` themselves; the torch rule forms each chunk in scratch).
+    Sliced like a flat tensor (:func:`part`)."""
+
+    a: Tensor
+    b: Tensor
+
+    def numel(self) -> int:
+        return self.a.numel()
+
+    def __getitem__(self, span: slice) -> AbsDiff:
+        return AbsDiff(self.a[span], self.b[span])
+
+    def index_select(self, dim: int, at: Tensor) -> Tensor:
+        return self.a.index_select(dim, at).sub_(self.b.index_select(dim, at)).abs_()
+
+    def into(self, out: Tensor) -> Tensor:
+        return torch.sub(self.a, self.b, out=out).abs_()
 
 
 @dataclass(frozen=True)
@@ -57,7 +89,7 @@ class Cut:
     largest: bool = True
     every_tie: bool = False  # every entry equal to `value` is selected (the common case: one compare per entry)
 
-    def _split(self, n: int, offset: int) -> int:
+    def split(self, n: int, offset: int) -> int:
         """How many leading entries of a piece of `n` entries at flat `offset` select the ties of ``value``."""
         return n if self.every_tie else min(n, max(0, self.last - offset + 1))
 
@@ -82,7 +114,7 @@ class Cut:
         assert self.largest and piece.dtype == torch.float32, "Cut.trim: magnitudes of float32 entries"
         out = torch.empty_like(piece) if out is None else out
         n = piece.numel()
-        at = self._split(n, offset)
+        at = self.split(n, offset)
         if at:
             torch.ops.aten.hardshrink.out(part(piece, 0, at), self.below, out=part(out, 0, at))
         if at < n:
@@ -91,7 +123,7 @@ class Cut:
 
     def _into(self, piece: Tensor, offset: int, out: Tensor) -> Tensor:
         n = piece.numel()
-        at = self._split(n, offset)
+        at = self.split(n, offset)
         with_ties, without = (torch.ge, torch.gt) if self.largest else (torch.le, torch.lt)
         if at:
             with_ties(part(piece, 0, at), self.value, out=part(out, 0, at))
@@ -123,12 +155,15 @@ def sample_size(n: int, sample: int = SAMPLE) -> int:
 
 
 def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: list[int], n: int, *,
-               largest: bool = True, sample: int = SAMPLE, sampler: Sampler | None = None) -> list[Cut]:
+               largest: bool = True, sample: int = SAMPLE, sampler: Sampler | None = None,
+               histogram: bool = False) -> list[Cut]:
     """Several selections in the same passes: ``pieces()`` yields, per piece, one flat tensor per selection (all
     of one length, e.g. every model's |Δ| of the same rows) and their flat offset; selection j takes the ``ks[j]``
     largest / smallest of its `n` entries. One :class:`Cut` per selection, each as :func:`top_k_cut` finds it.
     ``sampler(at)``: the values of every selection at the flat indices `at` (else the first pass samples
-    the pieces)."""
+    the pieces). ``histogram``: the pieces are :class:`AbsDiff` and the k-th largest is bracketed exactly, by the
+    bin of a histogram of the magnitudes' top bits (:func:`_histograms`: one fused pass, the bracket never misses
+    and holds a few thousandths of the entries), where the kernels take them; else as without."""
     cuts: list[Cut | None] = [_ALL[largest] if k >= n else _NONE[largest] if k <= 0 else None for k in ks]
     todo = [j for j, c in enumerate(cuts) if c is None]
     if not todo:
@@ -137,7 +172,10 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
     bounds = dict.fromkeys(todo, unbounded)
     pools: dict[int, Tensor] = {}
     s_want = sample_size(n, sample)
-    if n > 4 * s_want:  # a sampled bracket; below this size one exact pass is as cheap
+    hists = _histograms(pieces, todo) if histogram and largest and kernels.ENABLED else None
+    if hists is not None:  # the bin of the k-th largest, exactly
+        bounds = {j: _bin_bracket(hists[j], ks[j]) for j in todo}
+    elif n > 4 * s_want:  # a sampled bracket; below this size one exact pass is as cheap
         pools = {j: p[~p.isnan()] for j, p in _sample(pieces, sampler, todo, n, s_want).items()}  # NaN: never selected
         bounds = {j: _bracket(pools[j], ks[j] / n, largest, MARGIN) for j in todo}
     while todo:
@@ -173,10 +211,14 @@ class _Tally:
     def add(self, piece: Tensor, inside: Tensor, offset: int) -> None:
         at = inside.nonzero().view(-1)
         if at.numel():
-            self.values.append(piece.index_select(0, at))  # type: ignore[union-attr]
-            self.local.append(at.to(torch.int32))  # type: ignore[union-attr]
-            self.starts.append(offset)
-            self.counts.append(at.numel())
+            self.gathered(piece.index_select(0, at), at.to(torch.int32), offset)
+
+    def gathered(self, values: Tensor, local: Tensor, offset: int) -> None:
+        """A chunk's entries inside the bracket (its own tensors) and their indices in the chunk at `offset`."""
+        self.values.append(values)  # type: ignore[union-attr]
+        self.local.append(local)  # type: ignore[union-attr]
+        self.starts.append(offset)
+        self.counts.append(local.numel())
 
     def done(self) -> _Tally:
         self.values = torch.cat(self.values) if self.values else torch.empty(0)  # type: ignore[arg-type]
@@ -200,6 +242,37 @@ class _Tally:
         if not bool((flat[1:] > flat[:-1]).all()):  # pieces out of flat order
             flat = flat.sort().values
         return Cut(float(v), int(flat[keep - 1]), largest)
+
+
+def _histograms(pieces, todo: list[int]) -> dict[int, Tensor] | None:
+    """One fused pass (:func:`.kernels.histogram`): per selection in `todo`, how many of its entries fall in each
+    of the :data:`BINS` bins of the top 16 bits of their float32 bits (NaN left out). None — having looked at the
+    first piece only — unless every piece is an :class:`AbsDiff` the kernels take (magnitudes: no −0, and the
+    bits order as the values)."""
+    hists: dict[int, Tensor] | None = None
+    for ps, _ in pieces():
+        if hists is None:
+            if not all(isinstance(ps[j], AbsDiff) and kernels.fits(ps[j].a, ps[j].b) for j in todo):
+                return None
+            hists = {j: torch.zeros(BINS, dtype=torch.int64) for j in todo}
+        for j in todo:
+            kernels.histogram(ps[j].a, ps[j].b, hists[j])
+    return hists
+
+
+def _bin_bracket(hist: Tensor, k: int) -> tuple[float, float]:
+    """The bracket [lo, hi] of the bin that holds the k-th largest entry (every entry above `hi` lies in a higher
+    bin): its least and greatest float32. Unbounded when fewer than k entries were counted (NaN left out)."""
+    from_top = hist.flip(0).cumsum(0)  # entries in each bin and the bins above it
+    top = int(torch.searchsorted(from_top, k))  # bins above the one that holds the k-th
+    if top >= hist.numel():
+        return -math.inf, math.inf
+    b = hist.numel() - 1 - top
+    return _float_bits(b << 16), _float_bits(min(b << 16 | 0xFFFF, 0x7F800000))  # bin 0x7F80: +∞ alone
+
+
+def _float_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def _bracket(pool: Tensor, frac: float, largest: bool, margin: float) -> tuple[float, float]:
@@ -263,18 +336,32 @@ def _sample(pieces, sampler: Sampler | None, todo: list[int], n: int, s: int) ->
 def _count_and_gather(pieces, todo: list[int], bounds: dict[int, tuple[float, float]],
                       largest: bool) -> dict[int, _Tally]:
     """One pass: per selection, the entries beyond its bracket (above `hi` for the largest, below `lo` for the
-    smallest) counted, and the values inside it (NaN excluded) gathered with where they are."""
+    smallest) counted, and the values inside it (NaN excluded) gathered with where they are. Each chunk in one
+    fused pass (:func:`.kernels.count_gather`) where the kernels take it, else in torch operations."""
     tallies = {j: _Tally() for j in todo}
-    f = torch.empty(0)
+    f, d = torch.empty(0), torch.empty(0)
     inside = torch.empty(0, dtype=torch.bool)
+    index = torch.empty(0, dtype=torch.int32)
     for ps, offset in pieces():
         for at, stop in _chunks(ps[0].numel()):
             m = stop - at
             for j in todo:
                 p, (lo, hi), t = part(ps[j], at, stop), bounds[j], tallies[j]
+                a, b = (p.a, p.b) if isinstance(p, AbsDiff) else (p, None)
+                f = _scratch(f, a)
+                if kernels.fits(a, *([] if b is None else [b])):
+                    if index.numel() < m:
+                        index = torch.empty(CHUNK, dtype=torch.int32)
+                    beyond, k = kernels.count_gather(a, b, lo, hi, largest, f, index)
+                    t.beyond += beyond
+                    if k:
+                        t.gathered(f[:k].clone(), index[:k].clone(), offset + at)
+                    continue
+                if b is not None:  # |a − b| of this chunk, in scratch
+                    d = _scratch(d, a)
+                    p = p.into(part(d, 0, m))
                 if inside.numel() < m:
                     inside = torch.empty(CHUNK, dtype=torch.bool)
-                f = _scratch(f, p)
                 fm, im = part(f, 0, m), part(inside, 0, m)
                 if (hi if largest else lo) != (math.inf if largest else -math.inf):
                     t.beyond += int((torch.gt(p, hi, out=fm) if largest else torch.lt(p, lo, out=fm)).sum())
