@@ -51,6 +51,7 @@ SIDE_FILES = (
 
 
 SYNC_EVERY = 64 * 2**20  # bytes written to a shard between two background syncs of it
+WRITE_PIECE = 4 * 2**20  # bytes per write call (BENCHMARKS.md, issue 18)
 
 _LEFTOVER = re.compile(r"\.forgetless-(?:tmp|old)-(\d+)-[^/]*$")
 
@@ -279,8 +280,8 @@ class StreamingWriter:
             if at < 0 or at + size > nbytes or done > nbytes:
                 raise AssertionError(f"{name}: bytes {at}..{at + size} written ({done} in all), {nbytes} planned")
         off += at
-        while len(buf):
-            k = os.pwrite(fd, buf, off)
+        while len(buf):  # in pieces: a write holds the file's lock, and other threads' writes wait for it
+            k = os.pwrite(fd, buf[:WRITE_PIECE], off)
             buf, off = buf[k:], off + k
         with self._lock:
             if done == nbytes:
