@@ -48,7 +48,8 @@ def add_deltas(base: Tensor, deltas: list[Tensor], coeffs: list[float]) -> Tenso
 
 def trim_cuts(pieces, numel: int, densities: list[float]) -> list[Cut]:
     """The :class:`.select.Cut` of TIES's trim of each model: the k = ⌊density·numel⌋ largest |Δ| (ties: lowest
-    flat index first); ``pieces()`` yields, per piece, every model's flat |Δ| and the piece's flat offset."""
+    flat index first); ``pieces()`` yields, per piece, every model's flat |Δ| — an :class:`.select.AbsDiff` of
+    θₖ and θ₀ (bracketed by a histogram where the kernels run), or a tensor — and the piece's flat offset."""
     return top_k_cuts(pieces, [int(d * numel) for d in densities], numel, histogram=True)
 
 

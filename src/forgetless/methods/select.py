@@ -299,11 +299,18 @@ def part(t: Tensor, at: int, stop: int) -> Tensor:
     return t if at == 0 and stop == t.numel() else t[at:stop]
 
 
-def _scratch(buf: Tensor, like: Tensor) -> Tensor:
-    """`buf`, or a new one-chunk buffer when it does not fit `like`'s dtype and length."""
-    if buf.dtype != like.dtype or buf.numel() < min(like.numel(), CHUNK):
-        return torch.empty(CHUNK, dtype=like.dtype)
-    return buf
+class _Buffers:
+    """One-chunk buffers reused across the chunks of a pass (a fresh chunk-sized tensor costs page faults)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, dtype: torch.dtype, m: int) -> Tensor:
+        """The first `m` entries of buffer `name` (of at least :data:`CHUNK` entries of `dtype`)."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < m:
+            buf = self._bufs[name] = torch.empty(max(m, CHUNK), dtype=dtype)
+        return part(buf, 0, m)
 
 
 def stratified(n: int, s: int, generator: torch.Generator) -> Tensor:
@@ -336,38 +343,37 @@ def _sample(pieces, sampler: Sampler | None, todo: list[int], n: int, s: int) ->
 def _count_and_gather(pieces, todo: list[int], bounds: dict[int, tuple[float, float]],
                       largest: bool) -> dict[int, _Tally]:
     """One pass: per selection, the entries beyond its bracket (above `hi` for the largest, below `lo` for the
-    smallest) counted, and the values inside it (NaN excluded) gathered with where they are. Each chunk in one
-    fused pass (:func:`.kernels.count_gather`) where the kernels take it, else in torch operations."""
+    smallest) counted, and the values inside it (NaN excluded) gathered with where they are."""
     tallies = {j: _Tally() for j in todo}
-    f, d = torch.empty(0), torch.empty(0)
-    inside = torch.empty(0, dtype=torch.bool)
-    index = torch.empty(0, dtype=torch.int32)
+    bufs = _Buffers()
     for ps, offset in pieces():
         for at, stop in _chunks(ps[0].numel()):
-            m = stop - at
             for j in todo:
-                p, (lo, hi), t = part(ps[j], at, stop), bounds[j], tallies[j]
-                a, b = (p.a, p.b) if isinstance(p, AbsDiff) else (p, None)
-                f = _scratch(f, a)
-                if kernels.fits(a, *([] if b is None else [b])):
-                    if index.numel() < m:
-                        index = torch.empty(CHUNK, dtype=torch.int32)
-                    beyond, k = kernels.count_gather(a, b, lo, hi, largest, f, index)
-                    t.beyond += beyond
-                    if k:
-                        t.gathered(f[:k].clone(), index[:k].clone(), offset + at)
-                    continue
-                if b is not None:  # |a − b| of this chunk, in scratch
-                    d = _scratch(d, a)
-                    p = p.into(part(d, 0, m))
-                if inside.numel() < m:
-                    inside = torch.empty(CHUNK, dtype=torch.bool)
-                fm, im = part(f, 0, m), part(inside, 0, m)
-                if (hi if largest else lo) != (math.inf if largest else -math.inf):
-                    t.beyond += int((torch.gt(p, hi, out=fm) if largest else torch.lt(p, lo, out=fm)).sum())
-                # inside the bracket: where clamping to it changes nothing (never at NaN)
-                t.add(p, torch.eq(torch.clamp(p, lo, hi, out=fm), p, out=im), offset + at)
+                _tally_chunk(tallies[j], part(ps[j], at, stop), *bounds[j], largest, offset + at, bufs)
     return {j: t.done() for j, t in tallies.items()}
+
+
+def _tally_chunk(t: _Tally, p: Tensor | AbsDiff, lo: float, hi: float, largest: bool, offset: int,
+                 bufs: _Buffers) -> None:
+    """One chunk (flat index `offset` on) of the counting pass into `t`: in one fused pass
+    (:func:`.kernels.count_gather`) where the kernels take it, else in torch operations."""
+    a, b = (p.a, p.b) if isinstance(p, AbsDiff) else (p, None)
+    m = a.numel()
+    values = bufs.take("values", a.dtype, m)
+    if kernels.fits(a, *([] if b is None else [b])):
+        index = bufs.take("index", torch.int32, m)
+        beyond, k = kernels.count_gather(a, b, lo, hi, largest, values, index)
+        t.beyond += beyond
+        if k:
+            t.gathered(values[:k].clone(), index[:k].clone(), offset)
+        return
+    if isinstance(p, AbsDiff):  # |a − b| of this chunk, formed in a buffer
+        p = p.into(bufs.take("diff", a.dtype, m))
+    if (hi if largest else lo) != (math.inf if largest else -math.inf):
+        t.beyond += int((torch.gt(p, hi, out=values) if largest else torch.lt(p, lo, out=values)).sum())
+    # inside the bracket: where clamping to it changes nothing (never at NaN)
+    inside = bufs.take("inside", torch.bool, m)
+    t.add(p, torch.eq(torch.clamp(p, lo, hi, out=values), p, out=inside), offset)
 
 
 def kth_largest(a: Tensor, k: int) -> Tensor:
