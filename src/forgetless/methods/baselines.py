@@ -232,7 +232,8 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
     (:func:`.kernels.ties`) runs the same operations in one pass where it applies: mergekit's convention, or
     PEFT's when its result is the same (every weight 1, λ = 1)."""
     n = base.numel()
-    if kernels.fits(base, *finetuned) and (convention == "mergekit" or (lambda_ == 1 and all(w == 1 for w in weights))):
+    same = convention == "mergekit" or (lambda_ == 1 and all(w == 1 for w in weights))  # where PEFT's rule is mergekit's
+    if same and len(finetuned) <= kernels.MAX_MODELS and kernels.fits(base, *finetuned):
         return kernels.ties(base, finetuned, [c.below for c in cuts], [c.value for c in cuts],
                             [c.split(n, offset) for c in cuts], weights, lambda_, sign == "frequency")
     scratch = _Scratch(n, len(finetuned))

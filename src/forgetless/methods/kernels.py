@@ -2,8 +2,9 @@
 
 Each does in one pass over memory what the pure-torch rule beside it does in several torch operations, with the
 same float32 operations in the same order: the result is the torch rule's bit for bit (tests/test_kernels.py holds
-the two side by side on values with ties, zeros, infinities and NaN). A TIES merge over three 135M models spends
-about a fifth of the CPU time of the torch rule (BENCHMARKS.md, issue 18).
+the two side by side on values with ties, zeros, infinities and NaN). TIES with three models costs about a third of
+the torch rule's CPU per entry (10.5–11.4 against 31–34 ns, one thread), and the CLI's TIES merge of three 135M
+models 0.63× its wall (BENCHMARKS.md, issue 18).
 
 The extension is optional: where it was not built (no C compiler at install) or ``FORGETLESS_KERNELS=0`` is set,
 :data:`ENABLED` is False and the callers run their torch rule. Callers pass flat, contiguous float32 CPU tensors
@@ -22,6 +23,7 @@ try:
 except ImportError:  # not built: the torch rule runs
     _kernels = None
 
+MAX_MODELS = 64  # the TIES kernel's limit (_kernels.c); more models run the torch rule
 ENABLED = _kernels is not None and os.environ.get("FORGETLESS_KERNELS", "1") != "0"
 
 

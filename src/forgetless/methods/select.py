@@ -360,7 +360,7 @@ def _tally_chunk(t: _Tally, p: Tensor | AbsDiff, lo: float, hi: float, largest: 
     a, b = (p.a, p.b) if isinstance(p, AbsDiff) else (p, None)
     m = a.numel()
     values = bufs.take("values", a.dtype, m)
-    if kernels.fits(a, *([] if b is None else [b])):
+    if kernels.fits(a) and (b is None or kernels.fits(b)):
         index = bufs.take("index", torch.int32, m)
         beyond, k = kernels.count_gather(a, b, lo, hi, largest, values, index)
         t.beyond += beyond
