@@ -220,7 +220,7 @@ def test_a_failing_step_leaves_the_previous_state_intact(tasks, tiny_llava_dir, 
     assert len(calls) == 10
     assert _snapshot(state) == before
     assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.lock", "state"]  # no temporary folder left
     monkeypatch.setattr(continual, "lpm_update", real)
     _add(state, tasks[1], tmp_path / "out")  # the same step succeeds afterwards
     assert len(load_state(state)["tasks"]) == 2
@@ -282,7 +282,7 @@ def test_bad_inputs_are_refused_before_any_work(tasks, tiny_llava_dir, tmp_path)
     # options are fixed by the first task; an existing output is not replaced without force
     _refused("created with gamma", state, lambda: _add(state, tasks[1], out, gamma=0.5))
     _refused("already exists", state, lambda: _add(state, tasks[1], tmp_path / "out1"))
-    _refused("overlaps the state", state, lambda: _add(state, tasks[1], state / "inside"))
+    _refused("lies inside an input", state, lambda: _add(state, tasks[1], state / "inside"))
     _refused("rank 40 does not fit", state, lambda: _add(state, tasks[1], out, rank=40))
     # not a state
     (tmp_path / "junk").mkdir()

@@ -6,6 +6,11 @@ The CLI prints it without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ForgetlessError(Exception):
     """A user-facing error: ``file: [tensor: ]problem; remedy``."""
@@ -25,3 +30,20 @@ class ForgetlessError(Exception):
         if remedy:
             msg += f" — {remedy}"
         super().__init__(msg)
+
+
+@contextmanager
+def naming(path: object) -> Iterator[None]:
+    """Operating-system errors raised inside carry `path` (a full disk met by ``write`` or by safetensors' own
+    writer names no file), so that the command's one line names it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))  # safetensors: "I/O error: … (os error 28) at path …"
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e

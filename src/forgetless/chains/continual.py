@@ -53,9 +53,11 @@ output folder is committed just before the state (an output that appears always 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -64,15 +66,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..checkpoint.guard import check_output, exclusive, lock_path
 from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
 from ..checkpoint.reader import CheckpointReader
-from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size
+from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size, recover
 from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
-from ..errors import ForgetlessError
+from ..errors import ForgetlessError, naming
 from ..methods.adapter import truncated_svd
 from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
 from ..stats.store import load_statistics
@@ -84,6 +87,11 @@ STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHARE_TOL = 1e-6
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 OTHER_PART = "(outside the decoder layers)"
+TASK_KEYS = frozenset({"name", "adapter", "adapter_fingerprint", "modules", "gram", "gram_fingerprint",
+                       "data_fingerprint", "num_samples"})
+BASE_KEYS = frozenset({"path", "fingerprint", "weights_fingerprint"})
+DAMAGED = ("restore the state folder from a backup, or rebuild it: add the tasks listed in its state.json to a new "
+           "state")
 
 
 @dataclass
@@ -105,8 +113,12 @@ class ContinualReport:
 
 # ---------------------------------------------------------------------------------------------- reading a state
 def load_state(state: str | Path) -> dict[str, Any]:
-    """state.json of a continual state folder, checked for format and version."""
+    """state.json of a continual state folder, checked for format, version and the shape of every entry (a
+    damaged file is named, never a crash later). A state a crashed replace left moved aside is put back first,
+    unless a live writer holds the state's lock."""
     path = Path(state)
+    if not path.exists():
+        _recover_unlocked(path)
     f = path / STATE_JSON
     if not path.is_dir() or not f.is_file():
         what = "not found" if not path.exists() else f"not a continual state folder (no {STATE_JSON})"
@@ -114,14 +126,130 @@ def load_state(state: str | Path) -> dict[str, Any]:
                               "(a new, absent path starts a new state)")
     try:
         meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy="restore the state folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy=DAMAGED) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ForgetlessError(f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless")
     if meta.get("version") != VERSION:
-        raise ForgetlessError(f"state format version {meta.get('version')}, this forgetless reads {VERSION}",
+        raise ForgetlessError(f"state format version {meta.get('version')!r}, this forgetless reads {VERSION}",
                               file=f, remedy=f"use the forgetless version that wrote it ({meta.get('forgetless_version')})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ForgetlessError(f"damaged state: {problem}", file=f, remedy=DAMAGED)
     return meta
+
+
+def _recover_unlocked(path: Path) -> None:
+    """:func:`~forgetless.checkpoint.writer.recover` under the state's lock, without waiting for a live writer."""
+    try:
+        with exclusive(path, wait=False):
+            recover(path)
+    except (ForgetlessError, OSError):
+        pass  # a writer holds it (it recovers first), or the parent folder is not writable: nothing to put back
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a state.json's entries (keys, types, ranges), or None."""
+    need = {"base": dict, "options": dict, "adapter_config": dict, "tasks": list, "modules": dict, "parts": dict}
+    for key, kind in need.items():
+        if not isinstance(meta.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not BASE_KEYS <= meta["base"].keys():
+        return f"'base' needs {sorted(BASE_KEYS)}"
+    bad = _options_problem(meta["options"])
+    if bad:
+        return f"options: {bad}"
+    if not meta["tasks"] or not all(isinstance(t, dict) and TASK_KEYS <= t.keys() for t in meta["tasks"]):
+        return f"'tasks' must be a non-empty list of tasks with {sorted(TASK_KEYS)}"
+    for n, m in meta["modules"].items():
+        if not (isinstance(m, dict) and _is_shape(m.get("shape"), 2) and m.get("part") in meta["parts"]
+                and m.get("group") in meta["modules"] and isinstance(m.get("module"), str)):
+            return f"module {n!r}: needs module, a 2-d shape, a part in 'parts' and a group in 'modules'"
+    for fname, part in meta["parts"].items():
+        if not (isinstance(part, dict) and isinstance(part.get("modules"), list)
+                and all(meta["modules"].get(n, {}).get("part") == fname for n in part["modules"])):
+            return f"part {fname!r}: its modules do not name it"
+    return None
+
+
+def _is_shape(shape: Any, ndim: int) -> bool:
+    return isinstance(shape, list) and len(shape) == ndim and all(type(s) is int and s > 0 for s in shape)
+
+
+def _options_problem(opts: dict[str, Any]) -> str | None:
+    """What is out of range in a state's options, or None (checked on the first task and on every read)."""
+    gamma = opts.get("gamma")
+    if type(gamma) not in (int, float) or not (math.isfinite(gamma) and gamma >= 0):
+        return f"gamma={gamma!r} (a finite number >= 0)"
+    if opts.get("gamma_mode") not in ("relative", "absolute"):
+        return f"gamma_mode={opts.get('gamma_mode')!r} (relative | absolute)"
+    if opts.get("approx") not in ("full", "diagonal"):
+        return f"approx={opts.get('approx')!r} (full | diagonal)"
+    if opts.get("dtype") not in STATE_DTYPES:
+        return f"dtype={opts.get('dtype')!r} (float32 | float64)"
+    cpm = opts.get("cpm")
+    if cpm is not None:
+        tau = cpm.get("tau") if isinstance(cpm, dict) else None
+        if type(tau) not in (int, float) or not (math.isfinite(tau) and tau > 0):
+            return f"cpm tau={tau!r} (a finite number > 0)"
+        if not isinstance(cpm.get("hard"), bool):
+            return f"cpm hard={cpm.get('hard')!r} (true | false)"
+    return None
+
+
+def check_state(state: str | Path) -> dict[str, Any]:
+    """:func:`load_state`, and every part file present with the tensors state.json promises (else one line)."""
+    meta = load_state(state)
+    problems = part_problems(state, meta)
+    if problems:
+        raise ForgetlessError(f"damaged state: {len(problems)} part file(s): " + "; ".join(problems[:3]),
+                              file=state, remedy=DAMAGED)
+    return meta
+
+
+def part_problems(state: str | Path, meta: dict[str, Any]) -> list[str]:
+    """Every part file of the state that is missing, unreadable, or lacks a tensor of the expected shape
+    (headers only: cheap at any size)."""
+    path = Path(state)
+    problems = []
+    for fname, part in meta["parts"].items():
+        bad = _part_problem(path / fname, _expected(meta, part["modules"]))
+        if bad:
+            problems.append(f"{fname}: {bad}")
+    if meta["options"].get("cpm") is not None:
+        for k in range(1, len(meta["tasks"]) + 1):
+            if not (path / _cpm_file(k)).is_file():
+                problems.append(f"{_cpm_file(k)}: missing")
+    return problems
+
+
+def _expected(meta: dict[str, Any], members: list[str]) -> dict[str, list[int]]:
+    """The tensors one part holds and their shapes."""
+    mods, diagonal = meta["modules"], meta["options"]["approx"] == "diagonal"
+    want = {}
+    for n in members:
+        width = mods[n]["shape"][1]
+        want[f"delta/{n}"] = mods[n]["shape"]
+        group = mods[n]["group"]
+        want[f"gram/{group}"] = [width] if diagonal else [width, width]
+        want[f"ridge/{group}"] = []
+    return want
+
+
+def _part_problem(file: Path, want: dict[str, list[int]]) -> str | None:
+    if not file.is_file():
+        return "missing"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            have = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:  # a truncated or garbage file
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for key, shape in want.items():
+        if key not in have:
+            return f"lacks {key}"
+        if have[key] != shape:
+            return f"{key} has shape {have[key]}, expected {shape}"
+    return None
 
 
 def state_bytes(state: str | Path) -> int:
@@ -130,7 +258,7 @@ def state_bytes(state: str | Path) -> int:
 
 def show_state(state: str | Path) -> str:
     """The tasks, options, modules and sizes of a state, as ``forgetless continual show`` prints them."""
-    meta = load_state(state)
+    meta = check_state(state)
     path = Path(state)
     opts = meta["options"]
     mods = meta["modules"]
@@ -260,15 +388,8 @@ def _check_gram(gram: str | Path, base: CheckpointReader, names: list[str]) -> t
     return reader, meta
 
 
-def _check_out(out: Path, state: Path, base: CheckpointReader, force: bool) -> None:
-    o, s, b = out.resolve(), state.resolve(), base.path.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise ForgetlessError("the output overlaps the state folder", file=out, remedy="write --out elsewhere")
-    if o == b or b in o.parents or o in b.parents:
-        raise ForgetlessError("the output overlaps the base model folder", file=out, remedy="write --out elsewhere")
-    if out.exists() and not force:
-        raise ForgetlessError("output folder already exists", file=out,
-                              remedy="choose another --out or pass --force to replace it")
+def _stats_dir(state: Path) -> Path:
+    return state.parent / f"{state.name}-statistics"
 
 
 def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path, rank: int | None,
@@ -414,6 +535,31 @@ def _card(meta: dict[str, Any], rank: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _one_writer(step: Callable[..., ContinualReport]) -> Callable[..., ContinualReport]:
+    """Run `step` holding the state's lock (a second writer waits), after putting back a state a crash left moved
+    aside; an interruption (Ctrl-C, SIGTERM) says in one line that the state is whole and how many tasks it has."""
+
+    @functools.wraps(step)
+    def locked(state: str | Path, **kw: Any) -> ContinualReport:
+        state = Path(state)
+        with exclusive(state, log=kw.get("log", print)):
+            recover(state)
+            try:
+                return step(state, **kw)
+            except (KeyboardInterrupt, SystemExit):
+                sys.stderr.write(f"{state}: interrupted; {_whole(state)}\n")
+                raise
+
+    return locked
+
+
+def _whole(state: Path) -> str:
+    if not state.exists():
+        return "no state was written"
+    return f"the state is whole, with {len(load_state(state)['tasks'])} task(s)"
+
+
+@_one_writer
 def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None = None, out: str | Path | None,
              base: str | Path | None = None, name: str | None = None, rank: int | None = None,
              gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
@@ -440,7 +586,7 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
     Every input is checked before any work (see the module docstring)."""
     t0 = time.perf_counter()
     state = Path(state)
-    meta = load_state(state) if state.exists() else None
+    meta = check_state(state) if state.exists() else None
     if meta is None and base is None:
         raise ForgetlessError("a new state needs the base model", file=state,
                               remedy="pass --base BASE_DIR on the first task")
@@ -450,12 +596,10 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
                 "approx": approx or "full", "dtype": state_dtype or "float32",
                 "cpm": None if cpm_data is None else {"tau": DEFAULT_TAU if tau is None else float(tau),
                                                       "hard": bool(hard)}}
-        if opts["cpm"] is not None and not opts["cpm"]["tau"] > 0:
-            raise ForgetlessError(f"routing temperature tau={tau}", file=state, remedy="give tau > 0 (default 0.1)")
-        if not opts["gamma"] >= 0 or opts["gamma_mode"] not in ("relative", "absolute") \
-                or opts["approx"] not in ("full", "diagonal") or opts["dtype"] not in STATE_DTYPES:
-            raise ForgetlessError(f"invalid options {opts}", file=state, remedy="gamma >= 0, gamma_mode relative|"
-                                  "absolute, approx full|diagonal, state dtype float32|float64")
+        bad = _options_problem(opts)
+        if bad:
+            raise ForgetlessError(f"invalid option {bad}", file=state, remedy="give --gamma a finite number >= 0 "
+                                  "and --tau a finite number > 0")
     else:
         opts = meta["options"]
         for k, v in given.items():
@@ -484,13 +628,13 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
         if (gram is None) == (data is None):
             raise ForgetlessError("give the task's Gram file or its data (one of the two)", file=adapter,
                                   remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA")
+        out_path = None if out is None else check_output(
+            out, [state, lock_path(state), base_reader.path, adapter, gram, data, images, cpm_data, cpm_images,
+                  stats_dir or _stats_dir(state)], force=force)
         if gram is None:
             gram = _gram_for(base_reader, state_names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
-                             Path(stats_dir) if stats_dir else state.parent / f"{state.name}-statistics", log)
+                             Path(stats_dir) if stats_dir else _stats_dir(state), log)
         gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
-        out_path = Path(out) if out is not None else None
-        if out_path is not None:
-            _check_out(out_path, state, base_reader, force)
         if rank is not None:
             shapes = {n: meta["modules"][n]["shape"] if meta else list(base_reader.info(n).shape) for n in state_names}
             bad = [n for n, s in shapes.items() if not 1 <= rank <= min(s)]
@@ -549,7 +693,7 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
                 if cpm_new is not None:
                     for k in range(1, step):
                         _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
-                    save_file(cpm_new["tensors"], str(tmp / _cpm_file(step)), metadata={"format": "pt"})
+                    _save(cpm_new["tensors"], tmp / _cpm_file(step))
                 for fname, part in parts.items():
                     _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
                                loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram)
@@ -572,7 +716,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
                 if writer is not None:
                     writer.abort()
                 raise
-            (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
+            with naming(tmp / STATE_JSON):
+                (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
     finally:
         if gram_reader is not None:
             gram_reader.close()
@@ -592,7 +737,22 @@ def _step_part(old_file: Path | None, new_file: Path, members: list[str], module
     with ExitStack() as stack:
         old = stack.enter_context(safe_open(str(old_file), framework="pt")) if old_file is not None else None
         new = _fold_part(old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank, gram_path)
-    save_file(new, str(new_file), metadata={"format": "pt", "forgetless_version": __version__})
+    _save(new, new_file)
+
+
+def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    with naming(file):
+        save_file(tensors, str(file), metadata={"format": "pt", "forgetless_version": __version__})
+
+
+def _per_token(gram: CheckpointReader, name: str, counts: dict[str, int], path: str | Path) -> torch.Tensor:
+    """One module's Gram over its token count, in float64; NaN or Inf named."""
+    g = gram.get(name)
+    if not torch.isfinite(g).all():
+        raise ForgetlessError("the Gram has NaN or Inf entries", file=path, tensor=name,
+                              remedy="recompute it with `forgetless stats gram` (and check the data and the model "
+                                     "for NaN)")
+    return g.double().div_(int(counts[name]))
 
 
 def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dict[str, Any], gram: CheckpointReader,
@@ -609,9 +769,9 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
     for n in members:
         groups.setdefault(modules[n]["group"], []).append(n)
     for group, names in groups.items():
-        g = gram.get(group).double().div_(int(counts[group]))
+        g = _per_token(gram, group, counts, gram_path)
         for other in names[1:]:
-            go = gram.get(other).double().div_(int(counts[other]))
+            go = _per_token(gram, other, counts, gram_path)
             if not _close(g, go):
                 raise ForgetlessError(f"the Grams of {group} and {other} differ, but the state shares one Gram for "
                                       "these modules (they read the same input)", file=gram_path, tensor=other,

@@ -15,7 +15,10 @@ Concurrency and crashes (:func:`temp_folder`, :func:`commit_folder`): every temp
 that carries its process id (``.OUT.forgetless-tmp-PID-XXXX``), so two writers — processes or threads — never
 share one; a writer removes the temporary folders of the same output left by processes that no longer run (a
 ``kill -9``); and the final rename never replaces an output another writer committed meanwhile unless asked
-(``renameat2(RENAME_NOREPLACE)`` on Linux, else a rename that fails on a non-empty folder).
+(``renameat2(RENAME_NOREPLACE)`` on Linux, else a rename that fails on a non-empty folder). Replacing swaps the
+two folders in one step (``RENAME_EXCHANGE``), so a ``kill -9`` at any instant leaves the old output or the new
+one at the path; where the file system cannot swap, :func:`recover` puts back an output that a crash left moved
+aside, before any cleanup.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ SYNC_EVERY = 64 * 2**20  # bytes written to a shard between two background syncs
 WRITE_PIECE = 4 * 2**20  # bytes per write call (BENCHMARKS.md, issue 18)
 
 _LEFTOVER = re.compile(r"\.forgetless-(?:tmp|old)-(\d+)-[^/]*$")
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (Linux)
+_UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP)
 
 
 def _alive(pid: int) -> bool:
@@ -83,23 +88,32 @@ def temp_folder(out: Path) -> Path:
     dead processes writing the same `out` are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)  # before the cleanup, which would delete what a crashed replace moved aside
     remove_stale(out)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-tmp-{os.getpid()}-", dir=out.parent))
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> int:
+    """``renameat2(src, dst, flags)``: 0, or the errno (ENOSYS where the C library lacks it)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return errno.ENOSYS
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`, raising FileExistsError when `dst` exists — atomically where the kernel can
     (``renameat2`` with ``RENAME_NOREPLACE``), else by a rename that cannot replace a non-empty folder."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is not None:
-        at_fdcwd, rename_noreplace = -100, 1
-        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
-            return
-        e = ctypes.get_errno()
-        if e == errno.EEXIST:
-            raise FileExistsError(e, os.strerror(e), str(dst))
-        if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(e, os.strerror(e), str(dst))
+    e = _renameat2(src, dst, RENAME_NOREPLACE)
+    if e == 0:
+        return
+    if e == errno.EEXIST:
+        raise FileExistsError(e, os.strerror(e), str(dst))
+    if e not in _UNSUPPORTED:
+        raise OSError(e, os.strerror(e), str(dst))
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
     try:
@@ -110,10 +124,23 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         raise
 
 
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (``RENAME_EXCHANGE``); False where the kernel or the file system
+    cannot, and FileNotFoundError when `b` is gone."""
+    e = _renameat2(a, b, RENAME_EXCHANGE)
+    if e == 0:
+        return True
+    if e in _UNSUPPORTED:
+        return False
+    raise (FileNotFoundError if e == errno.ENOENT else OSError)(e, os.strerror(e), str(b))
+
+
 def commit_folder(tmp: Path, out: Path, *, replace: bool) -> Path:
-    """Rename the finished `tmp` to `out`. ``replace``: an existing `out` is moved aside, then removed; without
-    it, an `out` that exists — another writer committed it while this one worked — is never touched (one line
-    names it) and `tmp` is removed."""
+    """Rename the finished `tmp` to `out`. ``replace``: an existing `out` is swapped with `tmp` in one step, so
+    that `out` holds the old folder or the new one at every instant, then the old one is removed (where the file
+    system cannot swap, the old `out` is moved aside first and :func:`recover` restores it after a crash between
+    the two renames). Without ``replace``, an `out` that exists — another writer committed it while this one
+    worked — is never touched (one line names it) and `tmp` is removed."""
     tmp, out = Path(tmp), Path(out)
     os.chmod(tmp, 0o755)
     if not replace:
@@ -125,33 +152,75 @@ def commit_folder(tmp: Path, out: Path, *, replace: bool) -> Path:
                                   "thread wrote the same output); it was left as it is", file=out,
                                   remedy="choose another --out, or pass --force to replace it") from None
         return out
-    for _ in range(3):  # another writer with replace may commit between our two renames: move it aside too
-        trash = None
-        if os.path.lexists(out):
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-old-{os.getpid()}-", dir=out.parent))
-            os.replace(out, trash / "old")
+    for _ in range(3):  # another writer may commit or remove `out` between our steps: look again
         try:
             _rename_noreplace(tmp, out)
+            return out
         except FileExistsError:
+            pass
+        try:
+            swapped = _rename_exchange(tmp, out)
+        except FileNotFoundError:
             continue
-        finally:
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-        return out
+        if swapped:
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now at tmp's name
+            return out
+        if _replace_moving_aside(tmp, out):
+            return out
     raise ForgetlessError("output folder is being replaced by other writers at the same time", file=out,
                           remedy="run one writer per output folder")
 
 
+def _replace_moving_aside(tmp: Path, out: Path) -> bool:
+    """Replace `out` by `tmp` in two renames (for file systems that cannot swap): the old `out` goes to a
+    ``.OUT.forgetless-old-PID-…/old`` folder first, which :func:`recover` moves back after a crash in between."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.forgetless-old-{os.getpid()}-", dir=out.parent))
+    try:
+        try:
+            os.replace(out, trash / "old")
+        except FileNotFoundError:
+            return False
+        try:
+            _rename_noreplace(tmp, out)
+        except BaseException:
+            _rename_noreplace(trash / "old", out)  # put the old one back where it was
+            raise
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(out: Path) -> Path | None:
+    """Put back the folder a crashed replace moved aside (:func:`_replace_moving_aside`), when `out` is absent and
+    that writer no longer runs; returns the restored path. Run before any cleanup of leftovers."""
+    out = Path(out)
+    if os.path.lexists(out):
+        return None
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.forgetless-old-*-*")):
+        m = _LEFTOVER.search(p.name)
+        if m and not _alive(int(m.group(1))) and os.path.lexists(p / "old"):
+            try:
+                _rename_noreplace(p / "old", out)
+            except FileExistsError:
+                return None
+            return out
+    return None
+
+
 @contextmanager
 def atomic_folder(out: Path, *, replace: bool = True) -> Iterator[Path]:
-    """A temporary folder beside `out` to write into (:func:`temp_folder`); on success it is renamed to `out`
-    (:func:`commit_folder`: an existing `out` is replaced only with ``replace``), on error it is removed. Readers
-    never see a half-written `out`."""
+    """A temporary folder beside `out` to write into (:func:`temp_folder`); on success its files and itself are
+    synced to disk and it is renamed to `out` (:func:`commit_folder`: an existing `out` is replaced only with
+    ``replace``), on error it is removed. Readers never see a half-written `out`."""
     out = Path(out)
     tmp = temp_folder(out)
     try:
         yield tmp
+        sync_folder(tmp)
         commit_folder(tmp, out, replace=replace)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -233,7 +302,11 @@ class StreamingWriter:
         self._partial: dict[str, int] = {}  # name -> bytes written so far, for tensors written in pieces
         self._lock = threading.Lock()
         self.total_size = sum(e.nbytes for e in entries)
+        from .space import check_free_space
+
+        check_free_space(self.out, self.total_size, "the output")
         meta = {"format": "pt", **(metadata or {})}
+        self._paths: dict[int, Path] = {}  # fd -> its file, for the messages of OS errors that lack it
         self.tmp = temp_folder(self.out)
         try:
             for shard in self.shards:
@@ -253,9 +326,11 @@ class StreamingWriter:
         path = self.tmp / shard.file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        self._paths[fd] = path
         start = 8 + len(raw)
-        os.ftruncate(fd, start + pos)
+        with naming(path):
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, start + pos)
         for e in shard.entries:
             off = start + header[e.name]["data_offsets"][0]  # type: ignore[index]
             self._where[e.name] = (fd, off, e.nbytes)
@@ -280,9 +355,10 @@ class StreamingWriter:
             if at < 0 or at + size > nbytes or done > nbytes:
                 raise AssertionError(f"{name}: bytes {at}..{at + size} written ({done} in all), {nbytes} planned")
         off += at
-        while len(buf):  # in pieces: a write holds the file's lock, and other threads' writes wait for it
-            k = os.pwrite(fd, buf[:WRITE_PIECE], off)
-            buf, off = buf[k:], off + k
+        with naming(self._paths[fd]):
+            while len(buf):  # in pieces: a write holds the file's lock, and other threads' writes wait for it
+                k = os.pwrite(fd, buf[:WRITE_PIECE], off)
+                buf, off = buf[k:], off + k
         with self._lock:
             if done == nbytes:
                 self._pending.discard(name)
@@ -292,7 +368,11 @@ class StreamingWriter:
                 self._unsynced[fd] = 0
                 if self._syncer is None:
                     self._syncer = ThreadPoolExecutor(1, thread_name_prefix="forgetless-sync")
-                self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+                self._syncs.append(self._syncer.submit(self._datasync, fd))
+
+    def _datasync(self, fd: int) -> None:
+        with naming(self._paths[fd]):
+            os.fdatasync(fd)
 
     def _stop_syncing(self) -> None:
         """Wait for the background syncs; raise the first one's error (a full disk, an I/O error)."""
@@ -310,7 +390,8 @@ class StreamingWriter:
             raise AssertionError(f"{len(self._pending)} planned tensors never written, e.g. {sorted(self._pending)[:3]}")
         self._stop_syncing()
         for fd in self._fds:
-            os.fsync(fd)  # what the background syncs left, and the file's size and metadata
+            with naming(self._paths[fd]):
+                os.fsync(fd)  # what the background syncs left, and the file's size and metadata
             os.close(fd)
         self._fds.clear()
         written = []
@@ -346,9 +427,30 @@ def fsync_path(path: Path) -> None:
     """Flush a file or a folder (its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with naming(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised without a file name (``os.pwrite``, ``os.fsync``, safetensors' ``save_file`` say
+    only "No space left on device") the file being written, so that its message names it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush every file in `folder` (not its subfolders), then the folder's entries."""
+    for f in folder.iterdir():
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(folder)
 
 
 def copy_side_files(src: Path, dst: Path, config_updates: dict) -> list[str]:
