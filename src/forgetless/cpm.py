@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import ForgetlessError
+from .safeload import read_json
 
 ROUTING_FILE = "cpm_routing.json"
 PROJECTORS_FILE = "cpm_projectors.safetensors"
@@ -204,10 +205,7 @@ def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Ten
     f = folder / ROUTING_FILE
     if not f.is_file():
         return None
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy="restore the routed model folder") from None
+    cfg = read_json(f, remedy="restore the routed model folder")
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         raise ForgetlessError(f"not a {FORMAT} v{VERSION} routing file", file=f,
                               remedy="use the forgetless version that wrote it")

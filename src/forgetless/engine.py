@@ -980,6 +980,16 @@ def _adapter_problems(adapters: list[Any], base: CheckpointReader, one_rank: str
     return problems
 
 
+def _refuse_other_bases(adapters: list[Any], base: Path, where: str) -> None:
+    """Folding adapters trained on another model than `base` writes a model nobody trained: refused, naming them."""
+    others = [f"models[{i}] {a.path}: {name!r}" for i, a in enumerate(adapters) if (name := a.other_base(base))]
+    if others:
+        raise ForgetlessError(f"fold: {len(others)} adapter(s) name another base model than {base} in "
+                              f"base_model_name_or_path ({'; '.join(others[:MAX_LISTED])})", file=where,
+                              remedy="fold adapters into the model they were trained on; if base is that model "
+                                     "under another name, pass --allow-other-model (recipe: allow_other_model: true)")
+
+
 def _open_adapter(ref: str, base: CheckpointReader, label: str, where: str) -> Any:
     from .checkpoint.lora import ADAPTER_CONFIG, NON_LORA, LoraAdapter
 
@@ -1046,6 +1056,8 @@ def _adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out:
         raise ForgetlessError(f"{len(problems)} problem(s) with the adapters: {listed}", file=where,
                               remedy="merge adapters trained on one base, with the same target modules"
                                      + (" and rank" if spec.equal_ranks else ""))
+    if recipe.fold and not recipe.allow_other_model:
+        _refuse_other_bases(adapters, base_ref, where)
     names = base.names()
     layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
     first = adapters[0].loras()

@@ -45,8 +45,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ForgetlessError
 from .recipe_mergekit import is_mergekit, translate
+from .safeload import read_yaml
 
 EXAMPLES_HINT = "see the recipes in examples/ and `forgetless methods`"
+RECIPE_BYTES = 16 << 20  # a recipe is a few lines; anything this large is not one
 
 
 class ModelEntry(BaseModel):
@@ -84,7 +86,9 @@ class Recipe(BaseModel):
     seed: int = Field(default=0, ge=0)
     layout: str = "auto"
     fold: bool = False
-    allow_other_model: bool = False  # statistics taken at weights that are neither the base's nor a model's
+    # statistics taken at weights that are neither the base's nor a model's; with fold, adapters whose
+    # base_model_name_or_path names another model than base
+    allow_other_model: bool = False
     non_lora: Literal["average"] | int = "average"
     out: str | None = None
     source: str | None = Field(default=None, exclude=True)  # the file it came from, for error messages
@@ -162,7 +166,7 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
 
 
 def load_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
-    """A Recipe from a Recipe, a dict, or a YAML file path."""
+    """A Recipe from a Recipe, a dict, or a YAML (or JSON) file path, read by :func:`.safeload.read_yaml`."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -170,10 +174,4 @@ def load_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
     path = Path(recipe)
     if not path.is_file():
         raise ForgetlessError("recipe file not found", file=path, remedy="check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ForgetlessError(f"invalid YAML{where}", file=path, remedy="fix the syntax") from None
-    return parse_recipe(data, path)
+    return parse_recipe(read_yaml(path, remedy="fix the syntax", limit=RECIPE_BYTES), path)

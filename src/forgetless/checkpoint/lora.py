@@ -20,7 +20,6 @@ module; linear ``B @ A`` (transposed under ``fan_in_fan_out``), embedding ``(B @
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import ForgetlessError
+from ..safeload import read_json
 from .layout import name_aliases
 from .reader import SAFE_DTYPES, CheckpointReader, TensorInfo, load_bin
 
@@ -42,6 +42,10 @@ ADAPTER_BIN = "adapter_model.bin"
 NON_LORA = "non_lora_trainables.bin"
 PEFT_PREFIX = "base_model.model."
 MERGE_REMEDY = "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
+CONFIG_BYTES = 16 << 20  # an adapter_config.json is a few KiB
+CONFIG_REMEDY = "fix adapter_config.json (the values the adapter was trained with), or save the adapter again"
+GATHER_REMEDY = ("save the adapter again with the full parameters gathered (DeepSpeed ZeRO-3: inside "
+                 "deepspeed.zero.GatheredParameters; FSDP: inside summon_full_params)")
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 _EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
@@ -66,6 +70,46 @@ def parse_model_ref(ref: str) -> tuple[Path, Path | None]:
                               remedy="check the part after '+': a PEFT adapter folder (adapter_config.json + "
                                      "adapter_model.safetensors)")
     return base, adapter
+
+
+def _check_scale(key: str, v: Any, f: Path, whole: bool = False) -> None:
+    """`v` (an adapter_config.json value) is a positive finite number, a whole one when `whole`."""
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not ok or (whole and v != int(v)):
+        raise ForgetlessError(f"{key} must be a positive {'whole' if whole else 'finite'} number, got "
+                              f"{repr(v)[:60]}", file=f, remedy=CONFIG_REMEDY)
+
+
+def _check_pattern(key: str, v: Any, f: Path) -> None:
+    """`v` is a PEFT pattern mapping: regular expressions to positive ranks (whole) or alphas."""
+    if not isinstance(v, dict):
+        raise ForgetlessError(f"{key} must be a mapping of module patterns to numbers, got {repr(v)[:60]} (PEFT "
+                              "cannot load it either)", file=f, remedy="write {} for no pattern, or save the "
+                              "adapter again")
+    for pattern, value in v.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ForgetlessError(f"{key}: {pattern[:60]!r} is not a regular expression ({e})", file=f,
+                                  remedy=CONFIG_REMEDY) from None
+        _check_scale(f"{key}[{pattern[:60]!r}]", value, f, whole=key == "rank_pattern")
+
+
+def _check_tensor(key: str, t: Any, f: Path) -> None:
+    """An adapter tensor holds no NaN or Inf (read once, one tensor at a time, and dropped)."""
+    x = t.load() if isinstance(t, _LazyTensor) else t
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ForgetlessError("the adapter holds NaN or Inf values", file=f, tensor=key,
+                              remedy="its training diverged or the file is damaged: use an earlier checkpoint of "
+                                     "the adapter, or train it again")
+
+
+def _check_factor_shape(key: str, t: Any, f: Path) -> None:
+    """lora_A / lora_B are 2-D or more and not empty; PEFT's sign of ZeRO-3/FSDP shards not gathered otherwise."""
+    if t.dim() < 2 or t.numel() == 0:
+        raise ForgetlessError(f"LoRA factor of shape {list(t.shape)}: a 1-D or empty lora_A/lora_B means the "
+                              "DeepSpeed ZeRO-3/FSDP shards were not gathered before save_pretrained() (PEFT warns "
+                              "of the same)", file=f, tensor=key, remedy=GATHER_REMEDY)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -166,10 +210,7 @@ class LoraAdapter:
                 return {}  # only full replacement tensors
             raise ForgetlessError(f"no {ADAPTER_CONFIG}", file=self.path,
                                   remedy="give a PEFT adapter folder saved with save_pretrained()")
-        try:
-            cfg = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy="fix or restore adapter_config.json") from None
+        cfg = read_json(f, remedy="fix or restore adapter_config.json", limit=CONFIG_BYTES)
         if not isinstance(cfg, dict):
             raise ForgetlessError("not a JSON object", file=f, remedy="fix or restore adapter_config.json")
         return cfg
@@ -187,10 +228,14 @@ class LoraAdapter:
         for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
             if cfg.get(key):
                 raise ForgetlessError(f"adapters with {key} are not supported", file=f, remedy=MERGE_REMEDY)
-        for key in ("r", "lora_alpha"):
-            if not isinstance(cfg.get(key, 8), int | float) or cfg.get(key, 8) <= 0:
-                raise ForgetlessError(f"{key} must be a positive number, got {cfg.get(key)!r}", file=f,
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(cfg.get(key, False), bool | None):
+                raise ForgetlessError(f"{key} must be true or false, got {cfg[key]!r}", file=f,
                                       remedy="fix adapter_config.json")
+        _check_scale("r", cfg.get("r", 8), f, whole=True)
+        _check_scale("lora_alpha", cfg.get("lora_alpha", 8), f)
+        for key in ("rank_pattern", "alpha_pattern"):
+            _check_pattern(key, cfg.get(key, {}), f)
 
     def _load_weights(self) -> dict[str, Any]:
         """Tensor name -> tensor, or a :class:`_LazyTensor` that reads it from the safetensors file when used (eight
@@ -226,7 +271,7 @@ class LoraAdapter:
     def _build(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], base: set[str]) -> None:
         cfg = self.config
         r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern", {}), cfg.get("alpha_pattern", {})
         rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
         cfg_file = self.path / ADAPTER_CONFIG
 
@@ -243,8 +288,11 @@ class LoraAdapter:
             if "lora_magnitude_vector" in k:
                 raise ForgetlessError("DoRA adapters are not supported: their update is not W + B·A",
                                       file=self.files[0], tensor=key, remedy=MERGE_REMEDY)
+            _check_tensor(key, t, self.files[0])
             m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
             if m:
+                if m.groupdict().get("param") != "bias":
+                    _check_factor_shape(key, t, self.files[0])
                 slot = m.group("kind") + ("." + m.group("param") if "param" in m.groupdict() else "")
                 pairs.setdefault(m.group("module"), {})[slot] = t
                 continue
@@ -253,6 +301,7 @@ class LoraAdapter:
             self._add_replacement(_MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."), key, t, resolve,
                                   unmapped, ADAPTER_SAFE)
         for key, t in extra.items():
+            _check_tensor(key, t, self.path / NON_LORA)
             self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped, NON_LORA)
 
         for module, slots in pairs.items():
@@ -264,10 +313,6 @@ class LoraAdapter:
             if A is None or B is None:
                 raise ForgetlessError(f"module {module} has only one of its two LoRA factors", file=self.files[0],
                                       remedy="the adapter file is incomplete; save the adapter again")
-            if A.dim() < 2 or B.dim() < 2 or A.numel() == 0 or B.numel() == 0:
-                raise ForgetlessError(f"LoRA factors of {module} have shapes {list(A.shape)}, {list(B.shape)}",
-                                      file=self.files[0], remedy="the adapter was saved from DeepSpeed ZeRO-3/FSDP "
-                                      "shards; save it again with the full parameters gathered")
             target = resolve(module + ".weight")
             if target is None:
                 unmapped.append(f"{PEFT_PREFIX}{module}")
@@ -369,6 +414,21 @@ class LoraAdapter:
             raise KeyError(name)
         d = self.delta(name, rows)
         return w.float().clone() if d is None else w.float() + d
+
+    def other_base(self, base: str | os.PathLike) -> str | None:
+        """``base_model_name_or_path`` when it names another model than the folder `base`, else None (also when
+        it names none). A path that exists here matches by its real path; a Hub id, or a path from another
+        machine, by its last part: the folder's name, or the Hub cache's ``models--ORG--NAME`` above it."""
+        name = self.config.get("base_model_name_or_path")
+        if not name:
+            return None
+        name, folder = str(name), Path(base).resolve()
+        given = Path(name).expanduser()
+        if given.exists():
+            return None if given.resolve() == folder else name
+        tail = [p.lower() for p in name.replace("\\", "/").split("/") if p]
+        parts = [p.lower() for p in folder.parts]
+        return None if tail and (parts[-1] == tail[-1] or "models--" + "--".join(tail) in parts) else name
 
     def fingerprint(self) -> str:
         """Full SHA-256 of the adapter files (adapters are small)."""

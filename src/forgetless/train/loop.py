@@ -364,12 +364,13 @@ def _read_init_adapter(folder: Path, lora: LoraSpec) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE
+    from ..safeload import read_json
 
     cfg_file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_SAFE
     if not cfg_file.is_file() or not weights.is_file():
         raise ForgetlessError(f"not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_SAFE} needed)", file=folder,
                               remedy="give a folder written by `forgetless finetune --lora` or PEFT's save_pretrained")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file, remedy="fix or restore adapter_config.json")
     if int(cfg.get("r", -1)) != lora.r or float(cfg.get("lora_alpha", -1)) != float(lora.alpha):
         raise ForgetlessError(f"adapter of rank {cfg.get('r')} and alpha {cfg.get('lora_alpha')}, this run trains "
                               f"rank {lora.r} and alpha {lora.alpha:g}", file=cfg_file,
