@@ -22,8 +22,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from forgetless.chains import continual  # noqa: E402
-from forgetless.checkpoint import writer as W  # noqa: E402
+from forgetless.chains import continual
+from forgetless.checkpoint import writer as W
 
 
 def _kill_at(k: int, fallback: bool) -> None:
