@@ -108,6 +108,22 @@ def test_bad_adapter_config_values_are_named(ws, tmp_path, capsys, config, probl
     assert f"{bad / 'adapter_config.json'}: {problem}" in err
 
 
+def huge_factors(sd):
+    for k in sd:
+        sd[k] = sd[k] * 1e30
+
+
+@pytest.mark.parametrize("config, tensors, peaks", [({"lora_alpha": 1e300}, None, "scale 2.5e+299, rank 4"),
+                                                    (None, huge_factors, "scale 2, rank 4, largest |A| ")])
+@pytest.mark.parametrize("build", [adapter_recipe, fold_in_recipe])
+def test_an_update_beyond_float32_is_refused_before_it_overflows(ws, tmp_path, capsys, config, tensors, peaks, build):
+    """Finite but absurd: the bound scale · rank · max|A| · max|B| on |ΔW| passes 1e30 (merges overflowed)."""
+    bad = damaged(ws[2][1], tmp_path / "bad", config=config, tensors=tensors)
+    err = refused(ws, tmp_path, build(ws, bad), capsys=capsys)
+    assert f"{bad}: the update of model.language_model.layers.0.self_attn.q_proj can reach " in err
+    assert peaks in err and "far beyond any trained adapter's" in err
+
+
 @pytest.mark.parametrize("build", [adapter_recipe, fold_in_recipe])
 def test_one_dimensional_lora_b_says_the_shards_were_not_gathered(ws, tmp_path, capsys, build):
     def flatten(sd):

@@ -44,6 +44,7 @@ PEFT_PREFIX = "base_model.model."
 MERGE_REMEDY = "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
 CONFIG_BYTES = 16 << 20  # an adapter_config.json is a few KiB
 CONFIG_REMEDY = "fix adapter_config.json (the values the adapter was trained with), or save the adapter again"
+MAX_UPDATE = 1e30  # a bound on |scale·B·A| no trained update nears; float32 ends at 3.4e38 and merges add several
 GATHER_REMEDY = ("save the adapter again with the full parameters gathered (DeepSpeed ZeRO-3: inside "
                  "deepspeed.zero.GatheredParameters; FSDP: inside summon_full_params)")
 
@@ -95,13 +96,16 @@ def _check_pattern(key: str, v: Any, f: Path) -> None:
         _check_scale(f"{key}[{pattern[:60]!r}]", value, f, whole=key == "rank_pattern")
 
 
-def _check_tensor(key: str, t: Any, f: Path) -> None:
-    """An adapter tensor holds no NaN or Inf (read once, one tensor at a time, and dropped)."""
+def _check_tensor(key: str, t: Any, f: Path) -> float:
+    """An adapter tensor holds no NaN or Inf (read once, one tensor at a time, and dropped); its largest |entry|."""
     x = t.load() if isinstance(t, _LazyTensor) else t
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not x.is_floating_point() or x.numel() == 0:
+        return 0.0
+    if not bool(torch.isfinite(x).all()):
         raise ForgetlessError("the adapter holds NaN or Inf values", file=f, tensor=key,
                               remedy="its training diverged or the file is damaged: use an earlier checkpoint of "
                                      "the adapter, or train it again")
+    return float(x.abs().max())
 
 
 def _check_factor_shape(key: str, t: Any, f: Path) -> None:
@@ -283,18 +287,20 @@ class LoraAdapter:
 
         unmapped: list[str] = []
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        peaks: dict[tuple[str, str], float] = {}  # (module, slot) -> largest |entry|
         for key, t in weights.items():
             k = key.removeprefix(PEFT_PREFIX)
             if "lora_magnitude_vector" in k:
                 raise ForgetlessError("DoRA adapters are not supported: their update is not W + B·A",
                                       file=self.files[0], tensor=key, remedy=MERGE_REMEDY)
-            _check_tensor(key, t, self.files[0])
+            peak = _check_tensor(key, t, self.files[0])
             m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
             if m:
                 if m.groupdict().get("param") != "bias":
                     _check_factor_shape(key, t, self.files[0])
                 slot = m.group("kind") + ("." + m.group("param") if "param" in m.groupdict() else "")
                 pairs.setdefault(m.group("module"), {})[slot] = t
+                peaks[m.group("module"), slot] = peak
                 continue
             # modules_to_save copies; ``<module>.base_layer.weight`` is the full embedding PEFT saves with
             # save_embedding_layers (a replacement the LoRA delta then applies to)
@@ -305,11 +311,10 @@ class LoraAdapter:
             self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped, NON_LORA)
 
         for module, slots in pairs.items():
-            if "lora_embedding_A" in slots or "lora_embedding_B" in slots:
-                A, B, kind = slots.get("lora_embedding_A"), slots.get("lora_embedding_B"), "embedding"
-            else:
-                A, B = slots.get("lora_A.weight"), slots.get("lora_B.weight")
-                kind = "conv" if A is not None and A.dim() > 2 else "linear"
+            emb = "lora_embedding_A" in slots or "lora_embedding_B" in slots
+            a_slot, b_slot = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+            A, B = slots.get(a_slot), slots.get(b_slot)
+            kind = "embedding" if emb else "conv" if A is not None and A.dim() > 2 else "linear"
             if A is None or B is None:
                 raise ForgetlessError(f"module {module} has only one of its two LoRA factors", file=self.files[0],
                                       remedy="the adapter file is incomplete; save the adapter again")
@@ -327,6 +332,7 @@ class LoraAdapter:
                 raise ForgetlessError(f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
                                       file=self.files[0], remedy=MERGE_REMEDY)
             scale = alpha / math.sqrt(r) if rslora else alpha / r
+            self._check_update(module, scale, rank, peaks[module, a_slot], peaks[module, b_slot])
             self._lora[target] = _Lora(module, A, B, float(scale), kind, fifo and kind == "linear")
             if "lora_B.bias" in slots:
                 bias = resolve(module + ".bias")
@@ -340,6 +346,16 @@ class LoraAdapter:
             raise ForgetlessError(f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
                                   file=self.path,
                                   remedy="check that the adapter was trained on this base model")
+
+    def _check_update(self, module: str, scale: float, rank: int, peak_a: float, peak_b: float) -> None:
+        """``scale · B @ A`` stays far inside float32 (bounded by scale · rank · max|A| · max|B|), else a merge
+        would overflow to Inf: refused, with the numbers that make it."""
+        bound = scale * rank * peak_a * peak_b
+        if not bound < MAX_UPDATE:
+            raise ForgetlessError(f"the update of {module} can reach {bound:.3g} (scale {scale:.3g}, rank {rank}, "
+                                  f"largest |A| {peak_a:.3g}, |B| {peak_b:.3g}), far beyond any trained adapter's",
+                                  file=self.path, remedy="check lora_alpha / alpha_pattern in adapter_config.json "
+                                  "and the factors; save the adapter again")
 
     def _add_replacement(self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str],
                          source: str) -> None:
