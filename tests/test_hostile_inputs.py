@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_lora import train_adapter
 
 from forgetless.cli import main
+from forgetless.recipe import load_recipe
 
 Q_A = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -164,6 +165,10 @@ def test_deeply_nested_adapter_config_is_refused_by_depth(ws, tmp_path, capsys):
     (bad / "adapter_config.json").write_text(DEEP)
     err = refused(ws, tmp_path, adapter_recipe(ws, bad), capsys=capsys)
     assert f"{bad / 'adapter_config.json'}: JSON nested deeper than 100 levels" in err
+    cfg = json.loads((ws[2][1] / "adapter_config.json").read_text())  # brackets inside a string do not nest
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "notes": "[{" * 200 + '\\"]'}))
+    main(["merge", str(tmp_path / "recipe.yaml"), "--quiet", "--out", str(tmp_path / "ok")])
+    assert (tmp_path / "ok" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -186,6 +191,11 @@ def test_duplicated_yaml_keys_are_refused_naming_the_key_and_lines(ws, tmp_path,
                 f"  - model: {base}\n    parameters: {{weight: 0.5, weight: 1.0}}\n")
     err = refused(ws, tmp_path, mergekit, capsys=capsys)
     assert "key 'weight' is given twice (lines 7 and 7)" in err
+    merged = tmp_path / "merge_key.yaml"  # a key that overrides a merged mapping (<<) is no duplicate
+    merged.write_text(f"method: lora_ties\nbase: {base}\nmodels:\n  - &m0 {{model: {a0}, weight: 0.5}}\n"
+                      f"  - {{<<: *m0, model: {a1}}}\n")
+    models = load_recipe(merged).models
+    assert [m.model for m in models] == [str(a0), str(a1)] and models[1].params == {"weight": 0.5}
 
 
 def laughs(levels: int) -> str:
