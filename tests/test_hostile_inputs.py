@@ -223,6 +223,8 @@ def test_binary_garbage_as_recipe_or_config_is_named(ws, tmp_path, capsys):
     assert f"{bad / 'adapter_config.json'}: not a text file" in err
     err = refused(ws, tmp_path, "method: ties\x00\nbase: b\n", capsys=capsys)
     assert "invalid YAML (special characters are not allowed)" in err
+    err = refused(ws, tmp_path, "#" * (16 << 20) + "\nmethod: ties\n", capsys=capsys)
+    assert f"{tmp_path / 'recipe.yaml'}: 16.0 MiB, more than the 16 MiB read from a file of this kind" in err
 
 
 @pytest.mark.parametrize("content, problem", [(DEEP.encode(), "JSON nested deeper than 100 levels"),

@@ -31,8 +31,8 @@ def read_text(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> str:
     path = Path(path)
     size = path.stat().st_size
     if size > limit:
-        raise ForgetlessError(f"{size} bytes, more than the {limit} bytes read from a text file", file=path,
-                              remedy=remedy)
+        raise ForgetlessError(f"{size / 2**20:.1f} MiB, more than the {limit / 2**20:g} MiB read from a file of "
+                              "this kind", file=path, remedy=remedy)
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
