@@ -113,9 +113,11 @@ def test_missing_model(ws, capsys):
 def test_output_inside_an_input(ws, capsys):
     root, base, ft = ws
     err = fail(root, recipe(base, ft), out=ft / "merged", capsys=capsys)
-    assert "overlaps an input" in err and "outside every input" in err
+    assert "--out lies inside an input" in err and "outside every input" in err
     err = fail(root, recipe(base, ft), out=base, capsys=capsys)
-    assert "is an input" in err
+    assert "--out is an input" in err
+    err = fail(root, recipe(base, ft), out=root, capsys=capsys)
+    assert "--out contains an input" in err
 
 
 def test_existing_output_needs_force(ws, capsys):

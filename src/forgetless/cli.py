@@ -433,8 +433,7 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
                  lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None,
                  optimizer_fisher: str | None, **kw) -> None:
     """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
-    from pathlib import Path
-
+    from .checkpoint.guard import check_output
     from .stats.distributed import dist_info
     from .train import LoraSpec, finetune
     from .train.moments import OptimizerFisher
@@ -444,8 +443,9 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
     if optimizer_fisher is not None and lora:
         raise ForgetlessError("--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
                               remedy="drop --lora or --optimizer-fisher")
-    if optimizer_fisher is not None and Path(optimizer_fisher).exists() and not kw["force"]:
-        raise ForgetlessError("the statistics file exists", file=optimizer_fisher, remedy="pass --force to replace it")
+    if optimizer_fisher is not None:
+        check_output(optimizer_fisher, [model, kw["data"], kw["images"], kw["init_adapter"]], force=kw["force"],
+                     option="--optimizer-fisher")
     moments = OptimizerFisher() if optimizer_fisher is not None else None
     out = kw.pop("out")
     finetune(model, kw.pop("data"), out, train=list(train) or None, lora=spec, clip=clip or None, n=num,

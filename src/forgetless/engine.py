@@ -49,6 +49,7 @@ import torch
 
 from . import __version__
 from .checkpoint import layout as layouts
+from .checkpoint.guard import check_output
 from .checkpoint.lora import open_model, parse_model_ref
 from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata, row_bytes
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
@@ -309,18 +310,8 @@ def _check_structure(base, model, label: str) -> None:
 def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list[Path]) -> None:
     if out is None:
         return
-    o = out.resolve()
-    inputs = []
-    for ref in [recipe.base, *(m.model for m in recipe.models)]:
-        inputs += [p.resolve() for p in parse_model_ref(ref) if p is not None]
-    inputs += [p.resolve() for p in stat_files]
-    for p in inputs:
-        if o == p or o in p.parents or p in o.parents:
-            raise ForgetlessError(f"the output folder {'is' if o == p else 'overlaps'} an input ({p})", file=out,
-                                  remedy="choose an output folder outside every input")
-    if o.exists() and not force:
-        raise ForgetlessError("output folder already exists", file=out,
-                              remedy="choose another --out or pass --force to replace it")
+    inputs = [p for ref in [recipe.base, *(m.model for m in recipe.models)] for p in parse_model_ref(ref)]
+    check_output(out, [*inputs, *stat_files], force=force)
 
 
 def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: str,

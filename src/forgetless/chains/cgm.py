@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import layout as layouts
+from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..engine import MergeReport, merge
 from ..errors import ForgetlessError
@@ -65,6 +66,7 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
     base, finetuned, out = Path(base), Path(finetuned), Path(out)
     scope = scope or published_scope(base, method)
     stats = Path(stats_dir) if stats_dir else out.parent / f"{out.name}-statistics"
+    check_output(out, [base, finetuned, general_data, task_data, general_images, task_images, stats], force=force)
     say = log or (lambda _s: None)
     jobs = {"fisher_general": (base, Path(general_data), general_images, "empirical"),
             "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import layout as layouts
+from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import human_bytes
 from ..errors import ForgetlessError
@@ -106,11 +107,7 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
     if out_path is not None and not dry_run:
         if out_path.suffix != ".safetensors":
             raise ForgetlessError("statistics files end in .safetensors", file=out_path, remedy="rename --out")
-        if out_path.exists() and not force:
-            raise ForgetlessError("output file already exists", file=out_path, remedy="pass --force to replace it")
-        if model_dir.resolve() in out_path.resolve().parents:
-            raise ForgetlessError("output inside the model folder", file=out_path,
-                                  remedy="write statistics outside the model's folder")
+        check_output(out_path, [model_dir, data, images], force=force)
     with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
         pass
     samples = load_samples(data, image_folder=images, n=n, seed=seed)

@@ -95,6 +95,7 @@ from torch import nn
 
 from .. import __version__
 from ..checkpoint import layout as layouts
+from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, parse_size
 from ..errors import ForgetlessError
@@ -212,18 +213,12 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_options(model_dir: Path, out: Path, force: bool, *, steps: int, batch_size: int, grad_accum: int,
+def _check_options(model_dir: Path, *, steps: int, batch_size: int, grad_accum: int,
                    lr: float, warmup: int, schedule: str, min_lr_ratio: float, clip: float | None, dtype: str,
                    on_bad_sample: str, lora: LoraSpec | None, world: int = 1) -> None:
     if not (model_dir / "config.json").is_file():
         raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
                               remedy="give the Hugging Face folder of the model to fine-tune")
-    if out.exists() and not force:
-        raise ForgetlessError("output folder already exists", file=out,
-                              remedy="choose another --out or pass --force to replace it")
-    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
-        raise ForgetlessError("output inside the model folder", file=out,
-                              remedy="write the fine-tune outside the input model's folder")
     checks = [
         (steps >= 1, f"steps must be ≥ 1, got {steps}", "pass --steps N"),
         (batch_size >= 1, f"batch size must be ≥ 1, got {batch_size}", "pass --batch-size N"),
@@ -468,7 +463,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     rank, world = dist_info()  # torchrun's environment: the checks below run before the process group is joined
     say = log if (log is not None and rank == 0) else (lambda _s: None)
-    _check_options(model_dir, out, force, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+    check_output(out, [model_dir, data, images, init_adapter], force=force)
+    _check_options(model_dir, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
                    on_bad_sample=on_bad_sample, lora=lora, world=world)
     if keep not in KEEP_RULES:
