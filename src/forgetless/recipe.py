@@ -28,7 +28,9 @@ as ``models`` and write a PEFT adapter folder, or, with ``fold: true``, the full
 folded into ``base``. The adapters' full tensors (LLaVA's ``non_lora_trainables.bin``, PEFT ``modules_to_save``)
 are averaged (``non_lora: average``) or taken from one adapter (``non_lora: 2``, an index into ``models``).
 
-Validation errors name the key (``models[1].model``) and the file.
+Validation errors name the key (``models[1].model``) and the file. The file is read by :mod:`.safeload`: a key
+given twice in one mapping, aliases that expand past its node limit, nesting past its depth limit and bytes that
+are not text are refused before anything is built.
 
 A mergekit config (``merge_method:``, ``base_model:``, ``models[].parameters``, …) is read as it is: the dialect is
 told by its keys and :mod:`.recipe_mergekit` maps it onto this format, or refuses what forgetless does not have.
