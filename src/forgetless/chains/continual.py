@@ -46,9 +46,12 @@ any ``layers.N``, such as ``lm_head``, share one more): ``delta/<weight>`` ΔW*�
 Σᵢ≤ₜ Gᵢ ([in, in], or [in] with ``approx="diagonal"``), ``ridge/<group>`` ρₜ (float64 scalar). A step streams the
 parts one at a time (peak memory: one layer's state, not the model's), so its time and memory do not grow with t.
 
-Every step writes a whole new state folder beside the old one and renames it into place
-(:func:`~forgetless.checkpoint.writer.atomic_folder`): a failure midway leaves the previous state as it was. The
-output folder is committed just before the state (an output that appears always belongs to a state that follows).
+Every step holds the state's lock (:func:`~forgetless.checkpoint.guard.exclusive`: a second writer waits), writes
+a whole new state folder beside the old one and swaps it into place in one step
+(:func:`~forgetless.checkpoint.writer.atomic_folder`): a failure or a ``kill -9`` at any instant leaves the old
+state or the new one, and a state a crash left moved aside is put back before anything else. The output folder is
+committed just before the state: a kill between the two leaves an output whose state did not follow (the step is
+then run again with ``--force``).
 """
 
 from __future__ import annotations
