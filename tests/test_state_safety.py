@@ -248,3 +248,10 @@ def test_options_out_of_range_are_refused_at_the_first_task(tasks, tiny_llava_di
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "invalid option" in err and not state.exists()
     assert lock_path(state).exists()  # the lock file stays: removing it would let two writers lock two files
+
+
+def test_show_of_an_absent_state_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["continual", "show", str(tmp_path / "typo" / "state")])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no lock file, no folder made by a command that only reads

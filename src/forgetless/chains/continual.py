@@ -76,7 +76,15 @@ from .. import __version__
 from ..checkpoint.guard import check_output, exclusive, lock_path
 from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
 from ..checkpoint.reader import CheckpointReader
-from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, human_bytes, parse_size, recover
+from ..checkpoint.writer import (
+    Entry,
+    StreamingWriter,
+    atomic_folder,
+    human_bytes,
+    moved_aside,
+    parse_size,
+    recover,
+)
 from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
 from ..errors import ForgetlessError, naming
 from ..methods.adapter import truncated_svd
@@ -120,7 +128,7 @@ def load_state(state: str | Path) -> dict[str, Any]:
     damaged file is named, never a crash later). A state a crashed replace left moved aside is put back first,
     unless a live writer holds the state's lock."""
     path = Path(state)
-    if not path.exists():
+    if not path.exists() and moved_aside(path):
         _recover_unlocked(path)
     f = path / STATE_JSON
     if not path.is_dir() or not f.is_file():

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ForgetlessError
+from ..errors import ForgetlessError, naming
 from .reader import DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE, dtype_size
 
 SIDE_FILES = (
@@ -198,15 +198,23 @@ def recover(out: Path) -> Path | None:
     out = Path(out)
     if os.path.lexists(out):
         return None
-    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.forgetless-old-*-*")):
+    for p in moved_aside(out):
+        try:
+            _rename_noreplace(p / "old", out)
+        except FileExistsError:
+            return None
+        return out
+    return None
+
+
+def moved_aside(out: Path) -> list[Path]:
+    """The folders holding a copy of `out` that a crashed replace moved aside (their writer no longer runs)."""
+    found = []
+    for p in sorted(Path(out).parent.glob(f".{glob.escape(Path(out).name)}.forgetless-old-*-*")):
         m = _LEFTOVER.search(p.name)
         if m and not _alive(int(m.group(1))) and os.path.lexists(p / "old"):
-            try:
-                _rename_noreplace(p / "old", out)
-            except FileExistsError:
-                return None
-            return out
-    return None
+            found.append(p)
+    return found
 
 
 @contextmanager
@@ -326,9 +334,9 @@ class StreamingWriter:
         path = self.tmp / shard.file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
-        self._paths[fd] = path
+        self._paths[fd] = self.out / shard.file  # the file the user asked for, on the same disk as `path`
         start = 8 + len(raw)
-        with naming(path):
+        with naming(self._paths[fd]):
             os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
             os.ftruncate(fd, start + pos)
         for e in shard.entries:
@@ -431,18 +439,6 @@ def fsync_path(path: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextmanager
-def naming(path: str | os.PathLike) -> Iterator[None]:
-    """Give an OSError raised without a file name (``os.pwrite``, ``os.fsync``, safetensors' ``save_file`` say
-    only "No space left on device") the file being written, so that its message names it."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
 
 
 def sync_folder(folder: Path) -> None:
