@@ -142,6 +142,9 @@ def test_fold_refuses_an_adapter_of_another_model_unless_allowed(ws, tmp_path, c
     recipe = adapter_recipe(ws, other, "copa")
     err = refused(ws, tmp_path, recipe, "--fold", capsys=capsys)
     assert f"models[1] {other}: 'org/another-model'" in err and "--allow-other-model" in err
+    odd = damaged(a1, tmp_path / "odd", config={"base_model_name_or_path": "x\x00" + "y" * 5000})
+    err = refused(ws, tmp_path, adapter_recipe(ws, odd, "copa"), "--fold", capsys=capsys)
+    assert f"models[1] {odd}: 'x\\x00yyy" in err
     refused(ws, tmp_path, {**recipe, "fold": True}, capsys=capsys)  # the recipe key refuses the same
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     main(["merge", str(tmp_path / "recipe.yaml"), "--fold", "--allow-other-model", "--quiet",

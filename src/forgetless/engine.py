@@ -973,7 +973,7 @@ def _adapter_problems(adapters: list[Any], base: CheckpointReader, one_rank: str
 
 def _refuse_other_bases(adapters: list[Any], base: Path, where: str) -> None:
     """Folding adapters trained on another model than `base` writes a model nobody trained: refused, naming them."""
-    others = [f"models[{i}] {a.path}: {name!r}" for i, a in enumerate(adapters) if (name := a.other_base(base))]
+    others = [f"models[{i}] {a.path}: {name[:100]!r}" for i, a in enumerate(adapters) if (name := a.other_base(base))]
     if others:
         raise ForgetlessError(f"fold: {len(others)} adapter(s) name another base model than {base} in "
                               f"base_model_name_or_path ({'; '.join(others[:MAX_LISTED])})", file=where,

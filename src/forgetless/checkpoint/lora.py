@@ -441,7 +441,11 @@ class LoraAdapter:
             return None
         name, folder = str(name), Path(base).resolve()
         given = Path(name).expanduser()
-        if given.exists():
+        try:
+            here = given.exists()
+        except (OSError, ValueError):  # a name too long or with a NUL byte names no folder here
+            here = False
+        if here:
             return None if given.resolve() == folder else name
         tail = [p.lower() for p in name.replace("\\", "/").split("/") if p]
         parts = [p.lower() for p in folder.parts]
