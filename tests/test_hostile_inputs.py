@@ -101,6 +101,8 @@ def test_nan_or_inf_in_a_factor_names_the_tensor(ws, tmp_path, capsys, key, valu
     ({"lora_alpha": float("inf")}, "lora_alpha must be a positive finite number, got inf"),
     ({"lora_alpha": True}, "lora_alpha must be a positive finite number, got True"),
     ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+    ({"modules_to_save": 5}, "modules_to_save must be a list of module names, got 5"),
+    ({"modules_to_save": "multi_modal_projector"}, "modules_to_save must be a list of module names, got 'multi_"),
 ])
 @pytest.mark.parametrize("build", [adapter_recipe, fold_in_recipe])
 def test_bad_adapter_config_values_are_named(ws, tmp_path, capsys, config, problem, build):

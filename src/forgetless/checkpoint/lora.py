@@ -73,6 +73,22 @@ def parse_model_ref(ref: str) -> tuple[Path, Path | None]:
     return base, adapter
 
 
+def _check_values(cfg: dict[str, Any], f: Path) -> None:
+    """The adapter_config.json values the fold reads have PEFT's types and ranges (named where not)."""
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool | None):
+            raise ForgetlessError(f"{key} must be true or false, got {repr(cfg[key])[:60]}", file=f,
+                                  remedy=CONFIG_REMEDY)
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise ForgetlessError(f"modules_to_save must be a list of module names, got {repr(saved)[:60]}", file=f,
+                              remedy=CONFIG_REMEDY)
+    _check_scale("r", cfg.get("r", 8), f, whole=True)
+    _check_scale("lora_alpha", cfg.get("lora_alpha", 8), f)
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_pattern(key, cfg.get(key, {}), f)
+
+
 def _check_scale(key: str, v: Any, f: Path, whole: bool = False) -> None:
     """`v` (an adapter_config.json value) is a positive finite number, a whole one when `whole`."""
     ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -233,14 +249,7 @@ class LoraAdapter:
         for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
             if cfg.get(key):
                 raise ForgetlessError(f"adapters with {key} are not supported", file=f, remedy=MERGE_REMEDY)
-        for key in ("use_rslora", "fan_in_fan_out"):
-            if not isinstance(cfg.get(key, False), bool | None):
-                raise ForgetlessError(f"{key} must be true or false, got {cfg[key]!r}", file=f,
-                                      remedy="fix adapter_config.json")
-        _check_scale("r", cfg.get("r", 8), f, whole=True)
-        _check_scale("lora_alpha", cfg.get("lora_alpha", 8), f)
-        for key in ("rank_pattern", "alpha_pattern"):
-            _check_pattern(key, cfg.get(key, {}), f)
+        _check_values(cfg, f)
 
     def _load_weights(self) -> dict[str, Any]:
         """Tensor name -> tensor, or a :class:`_LazyTensor` that reads it from the safetensors file when used (eight
