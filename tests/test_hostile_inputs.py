@@ -170,6 +170,9 @@ def test_deeply_nested_adapter_config_is_refused_by_depth(ws, tmp_path, capsys):
     (bad / "adapter_config.json").write_text(DEEP)
     err = refused(ws, tmp_path, adapter_recipe(ws, bad), capsys=capsys)
     assert f"{bad / 'adapter_config.json'}: JSON nested deeper than 100 levels" in err
+    (bad / "adapter_config.json").write_text('{"r": ' + "4" * 5000 + "}")  # more digits than int() converts
+    err = refused(ws, tmp_path, adapter_recipe(ws, bad), capsys=capsys)
+    assert f"{bad / 'adapter_config.json'}: invalid JSON (Exceeds the limit (4300 digits)" in err
     cfg = json.loads((ws[2][1] / "adapter_config.json").read_text())  # brackets inside a string do not nest
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "notes": "[{" * 200 + '\\"]'}))
     main(["merge", str(tmp_path / "recipe.yaml"), "--quiet", "--out", str(tmp_path / "ok")])
@@ -180,8 +183,10 @@ def test_deeply_nested_adapter_config_is_refused_by_depth(ws, tmp_path, capsys):
     (DEEP, "YAML nested deeper than 100 levels"),
     ('{"method": "ties", "base": "b", "models": ' + "[" * 5000 + "]" * 5000 + "}", "YAML nested deeper than 100"),
     ("method: ties\nbase: b\nmodels: &m [*m]\n", "YAML alias inside its own anchor (a structure that contains itself)"),
+    ("method: ties\nbase: b\nmodels: [a]\nseed: 2024-13-45\n", "invalid YAML value (month must be in 1..12) (line 4)"),
+    ("method: ties\nbase: b\nmodels: [a]\nseed: " + "7" * 5000, "invalid YAML value (Exceeds the limit (4300 digits)"),
 ])
-def test_deeply_nested_or_self_referring_recipe_is_refused(ws, tmp_path, capsys, text, problem):
+def test_deep_self_referring_or_unconvertible_recipe_is_refused(ws, tmp_path, capsys, text, problem):
     err = refused(ws, tmp_path, text, capsys=capsys)
     assert f"{tmp_path / 'recipe.yaml'}: {problem}" in err
 

@@ -59,7 +59,7 @@ def parse_json(text: str, *, file: str | Path | None, remedy: str) -> Any:
         raise ForgetlessError(f"JSON nested deeper than {MAX_DEPTH} levels", file=file, remedy=remedy)
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or a number of more digits than int() converts
         raise ForgetlessError(f"invalid JSON ({e})", file=file, remedy=remedy) from None
 
 
@@ -117,6 +117,12 @@ class _Loader(yaml.SafeLoader):
                 raise self.refuse(f"key {key.value!r} is given twice (lines {first.start_mark.line + 1} and "
                                   f"{key.start_mark.line + 1}): which value wins is ambiguous")
         return node
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as e:  # a tagged or implicit value its type refuses: 2024-13-45, !!int x, 5000 digits
+            raise self.refuse(f"invalid YAML value ({str(e)[:80]})", node) from None
 
     def compose_document(self):
         node = super().compose_document()
