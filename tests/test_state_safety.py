@@ -218,7 +218,11 @@ DAMAGES = [
     ("tasks not a list", _meta_edit(lambda m: m.update(tasks="a0")), "'tasks' is missing or not a list"),
     ("unknown version", _meta_edit(lambda m: m.update(version=99)), "state format version 99"),
     ("gamma inf", _meta_edit(lambda m: m["options"].update(gamma=float("inf"))), "gamma=inf"),
-    ("state.json garbage", lambda s: (s / "state.json").write_bytes(b"\xff\xfe{["), "invalid JSON"),
+    ("state.json garbage", lambda s: (s / "state.json").write_bytes(b"\x00\xff\xfe{["), "not a text file"),
+    ("state.json cut short", lambda s: (s / "state.json").write_text('{"format": "forgetless-continual", '),
+     "invalid JSON"),
+    ("state.json nested deep", lambda s: (s / "state.json").write_text("[" * 100_000 + "]" * 100_000),
+     "JSON nested deeper than"),
 ]
 
 

@@ -89,6 +89,7 @@ from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key,
 from ..errors import ForgetlessError, naming
 from ..methods.adapter import truncated_svd
 from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
+from ..safeload import read_json
 from ..stats.store import load_statistics
 
 FORMAT = "forgetless-continual"
@@ -135,10 +136,7 @@ def load_state(state: str | Path) -> dict[str, Any]:
         what = "not found" if not path.exists() else f"not a continual state folder (no {STATE_JSON})"
         raise ForgetlessError(what, file=path, remedy="give the STATE folder `forgetless continual add` created "
                               "(a new, absent path starts a new state)")
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ForgetlessError(f"invalid JSON ({e})", file=f, remedy=DAMAGED) from None
+    meta = read_json(f, remedy=DAMAGED)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ForgetlessError(f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless")
     if meta.get("version") != VERSION:
