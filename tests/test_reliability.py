@@ -68,6 +68,14 @@ def test_a_bad_recipe_value_is_named_before_any_work(ws, capsys, method, change,
     assert words in err, err
 
 
+def test_linear_weights_summing_to_zero_are_named(ws, capsys):
+    root, base, ft = ws
+    rec = recipe(base, ft, ft, method="linear")
+    rec["models"] = [{"model": str(ft), "weight": 1.0}, {"model": str(ft), "weight": -1.0}]
+    err = fail(root, rec, capsys=capsys)
+    assert "the weights [1.0, -1.0] sum to 0" in err and "bug" not in err
+
+
 def test_every_numeric_parameter_of_every_method_has_a_kind():
     """No method parameter escapes the check: each has an annotated kind (or Literal choices)."""
     from forgetless.methods import METHODS
