@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .errors import ForgetlessError
 
+POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or less is refused before any work
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
@@ -93,16 +94,16 @@ def _stats_options(fn):
         click.option("--out", type=click.Path(dir_okay=False), help="Output .safetensors file."),
         click.option("--scope", multiple=True, help="Part name, layer slice or re:<regex> (repeatable). "
                      "Default: every Linear weight."),
-        click.option("-n", "num", type=int, default=None, help="Number of samples (a seeded subset)."),
+        click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--batch-size", type=POSITIVE, default=8, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                      show_default=True, help="Model dtype (statistics are accumulated in fp32/fp64)."),
         click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True),
         click.option("--store-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                      show_default=True),
-        click.option("--max-length", type=int, default=None, help="Longest sample in tokens (default: context)."),
+        click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."),
         click.option("--force", is_flag=True, help="Replace an existing output file."),
         click.option("--dry-run", is_flag=True, help="Say what would be computed and the memory it takes."),
     ]
@@ -155,9 +156,9 @@ def stats_gram(**kw) -> None:
 @click.option("--keep", type=float, default=None, help="cgm_dagger: fraction kept per row (published 0.95).")
 @click.option("--scope", multiple=True, help="Default: the last 37.5% of decoder layers and lm_head (+ projector "
               "for cgm_dagger).")
-@click.option("-n", "num", type=int, default=16, show_default=True, help="Samples per calibration set.")
+@click.option("-n", "num", type=POSITIVE, default=16, show_default=True, help="Samples per calibration set.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
 @click.option("--task-fisher-at", type=click.Choice(["base", "finetuned"]), default="base", show_default=True,
               help="The model the task Fisher is taken at: θ₀ as CGM's published scripts do, or θ_ft.")
 @click.option("--task-fisher-variant", type=click.Choice(["empirical", "sampled"]), default="empirical",
@@ -189,7 +190,7 @@ def continual_group() -> None:
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
-@click.option("-n", "n", type=int, default=None, help="--data: a seeded subset of N samples.")
+@click.option("-n", "n", type=POSITIVE, default=None, help="--data: a seeded subset of N samples.")
 @click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
               help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -197,7 +198,7 @@ def continual_group() -> None:
 @click.option("--base", type=click.Path(file_okay=False), default=None,
               help="The base model (needed on the first task; later the state's own, checked).")
 @click.option("--name", default=None, help="Task name (default: the adapter folder's name).")
-@click.option("--rank", type=int, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model.")
+@click.option("--rank", type=POSITIVE, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model.")
 @click.option("--gamma", type=float, default=None, help="Ridge γ (first task only; default 1e-4).")
 @click.option("--gamma-mode", type=click.Choice(["relative", "absolute"]), default=None,
               help="γ relative to the mean diagonal of the Gram sum (default), or absolute (first task only).")
@@ -208,7 +209,7 @@ def continual_group() -> None:
 @click.option("--cpm-data", type=click.Path(dir_okay=False), default=None,
               help="CPM: the task's data with images (its visual prototype); the output becomes a routed model.")
 @click.option("--cpm-images", type=click.Path(file_okay=False), default=None, help="CPM: the image folder.")
-@click.option("--cpm-n", type=int, default=None, help="CPM: images for the prototype (a seeded subset).")
+@click.option("--cpm-n", type=POSITIVE, default=None, help="CPM: images for the prototype (a seeded subset).")
 @click.option("--tau", type=float, default=None, help="CPM routing temperature (first task only; default 0.1).")
 @click.option("--routing", type=click.Choice(["soft", "hard"]), default=None,
               help="CPM: softmax weights (default) or the nearest prototype only (first task only).")
@@ -261,10 +262,10 @@ def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool)
 @testbed_group.command("build")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where vision.safetensors and build.json go (default: the package's testbed/weights).")
-@click.option("--vision-steps", type=int, default=600, show_default=True)
-@click.option("--align-steps", type=int, default=240, show_default=True)
+@click.option("--vision-steps", type=POSITIVE, default=600, show_default=True)
+@click.option("--align-steps", type=POSITIVE, default=240, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice). Use 1 when "
+@click.option("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice). Use 1 when "
               "other work shares the cores: oversubscribed threads are several times slower.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the training tasks go.")
 def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed: int, threads: int | None,
@@ -334,13 +335,13 @@ def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: st
 @click.option("--task-root", type=click.Path(file_okay=False), default=None,
               help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).")
 @click.option("--split", default="val", show_default=True)
-@click.option("--limit", type=int, default=None, help="At most N samples per task.")
+@click.option("--limit", type=POSITIVE, default=None, help="At most N samples per task.")
 @click.option("--min-task-ratio", type=float, default=0.98, show_default=True,
               help="Rule: the best general score among points with T ≥ this × T(fine-tuned).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/sweep", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG (default: WORKDIR/sweep.png).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
 @click.option("--keep-gain", type=float, default=None, metavar="FRACTION",
               help="Rule: keep at least this fraction of the fine-tune's task gain E (e.g. 0.95), then the best F.")
 @click.option("--max-loss", type=float, default=None, metavar="POINTS",
@@ -393,28 +394,28 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--train", multiple=True, help="Part name, layer slice or re:<regex> to train (repeatable). Default: "
               "language + lm_head + projector (full), language.layers (LoRA).")
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter (PEFT) instead of the weights themselves.")
-@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-r", type=POSITIVE, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
 @click.option("--lora-target", multiple=True, help="Module name (q_proj) or selector the adapter goes on, inside "
               "--train (repeatable). Default: every Linear layer in scope.")
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Samples per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--steps", type=POSITIVE, default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Samples per micro-batch.")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="On matrices only.")
-@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--min-lr-ratio", type=float, default=0.1, show_default=True,
               help="Where the cosine ends, as a fraction of --lr (0: down to zero).")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: no clipping).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
-@click.option("-n", "num", type=int, default=None, help="Number of samples (a seeded subset).")
+@click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="bfloat16: autocast over float32 weights and optimizer state.")
-@click.option("--max-length", type=int, default=None, help="Longest sample in tokens (default: context).")
+@click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
               help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
@@ -461,9 +462,9 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
 @click.option("--general", default=None, help="General tasks (visual or text, from task.json or the data), "
               "comma-separated, as --tasks.")
 @click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
-@click.option("--limit", type=int, default=None, help="Only the first N records of each task.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Longest generated answer.")
+@click.option("--limit", type=POSITIVE, default=None, help="Only the first N records of each task.")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer.")
 @click.option("--task-root", type=click.Path(file_okay=False), default=None,
               help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
@@ -497,6 +498,40 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}: {what} — {remedy}" if where else f"{what} — {remedy}"
 
 
+LOWER = {"merge": "--memory (large tensors are then merged in blocks of rows), or fewer threads",
+         "stats": "--batch-size, --max-length, --dtype bfloat16, or fewer modules (--scope)",
+         "cgm": "--batch-size or fewer modules (--scope)",
+         "eval": "--batch-size or --dtype bfloat16",
+         "sweep": "--batch-size",
+         "finetune": "--batch-size (raise --grad-accum to keep the step's samples), --max-length, --dtype bfloat16, "
+                     "--lora, or fewer modules (--train)",
+         "continual": "--approx diagonal, --state-dtype float32, or a smaller -n"}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CPU MemoryError, CUDA's torch.OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (isinstance(e, MemoryError) or (oom is not None and isinstance(e, oom))
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+
+
+def _memory_line(e: BaseException, args: list[str]) -> str:
+    """One line for an out-of-memory: the command, the allocation that failed (when its message says), what to
+    lower."""
+    import re
+
+    from .checkpoint.writer import human_bytes
+
+    command = next((a for a in args if not a.startswith("-")), "")
+    asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTP]?i?B)", str(e))
+    size = "" if asked is None else human_bytes(int(asked[1])) if asked[1] else asked[2]
+    gpu = "GPU " if "CUDA" in str(e) else ""
+    what = f": {size} could not be allocated" if size else ""
+    lower = LOWER.get(command, "--batch-size, --memory, --dtype bfloat16, or fewer modules (--scope)")
+    return f"out of {gpu}memory in `forgetless {command}`{what} — lower {lower}"
+
+
 def _terminate(signum: int, _frame: object) -> None:
     """SIGTERM (what batch schedulers send) unwinds like Ctrl-C: temporary folders are removed on the way out."""
     raise SystemExit(128 + signum)
@@ -518,6 +553,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:
+        hint = f" — see '{e.ctx.command_path} -h'" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -529,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
+        if _out_of_memory(e):
+            click.echo(f"error: {_memory_line(e, args)}", err=True)
+            sys.exit(2)
         click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — this is a "
                    "bug in forgetless: please report it with the command line; --debug shows the traceback",
                    err=True)

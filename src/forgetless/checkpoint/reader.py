@@ -12,6 +12,7 @@ from the file (:meth:`CheckpointReader.view`): no copy at all, its pages shared 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -250,9 +251,10 @@ class CheckpointReader:
         those of the page cache, unmapped when the tensor is freed. The mapping is private and copy-on-write: the
         file never changes, and a write into the tensor copies the page it touches. For a caller that only reads
         (a method whose fine-tuned inputs are not written); a legacy .bin tensor, one whose data is not aligned
-        for its dtype, or one on a file system that cannot map files, is read as :meth:`get` reads it. (A file
-        truncated by another process while mapped raises SIGBUS where a read reports the truncation: inputs are
-        expected to stay as they are while they are merged.)"""
+        for its dtype, or one on a file system that cannot map files, is read as :meth:`get` reads it. A file
+        shortened by another process before the view, or between mapping and populating its pages, is an error
+        naming it (populating reports EFAULT where a first touch would raise SIGBUS); one shortened while the
+        tensor is in use still raises SIGBUS: inputs must stay as they are while they are merged."""
         info = self.infos[name]
         shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
         numel = math.prod(shape)
@@ -263,11 +265,17 @@ class CheckpointReader:
         try:
             m = mmap.mmap(self._fd(info.file), at - start + numel * dtype_size(info.dtype), flags=mmap.MAP_PRIVATE,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except ValueError:  # Python's own size check: the file is now shorter than its header says
+            raise truncated(info) from None
         except OSError:  # a file system that cannot map files
             return self.get(name, rows)
         try:  # map every page now, on this (reader) thread, in one call: faulting them in one by one where the
             m.madvise(MADV_POPULATE_READ)  # merge first touches them cost it 2-7x more (the sample's scattered reads)
-        except (OSError, ValueError):  # Linux before 5.14
+        except OSError as e:
+            if e.errno == errno.EFAULT:  # a page past the file's end: touching it would raise SIGBUS
+                m.close()
+                raise truncated(info) from None
+        except ValueError:  # Linux before 5.14 (EINVAL is an OSError, passed over above)
             pass
         return torch.frombuffer(m, dtype=info.dtype, count=numel, offset=at - start).view(shape)  # keeps `m` alive
 
@@ -284,8 +292,7 @@ class CheckpointReader:
         while done < len(buf):
             k = os.preadv(fd, [buf[done:]], off + done)
             if k == 0:
-                raise ForgetlessError("file is truncated while reading", file=info.file, tensor=info.name,
-                                      remedy="the file changed or is damaged; save it again")
+                raise truncated(info)
             done += k
 
     def raw(self, name: str, rows: tuple[int, int] | None = None) -> bytes | bytearray:
@@ -337,6 +344,13 @@ class CheckpointReader:
                 for pos in range(0, size, step):
                     h.update(os.pread(fh.fileno(), chunk, pos))
         return h.hexdigest()[:16]
+
+
+def truncated(info: TensorInfo) -> ForgetlessError:
+    """The error for a file found shorter than its header says while it is read (another process shortened it)."""
+    return ForgetlessError("file is truncated while reading (shorter than its header says: did another process "
+                           "change it?)", file=info.file, tensor=info.name,
+                           remedy="leave the inputs as they are while a command reads them; save the file again")
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

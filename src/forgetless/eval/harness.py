@@ -19,6 +19,7 @@ reuses the prompt's KV cache, and the vocabulary projection is applied only wher
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import ForgetlessError
-from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, collate, load_samples
+from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, check_image, collate, load_samples
 from .metrics import MC_METRICS
 
 KINDS = ("downstream", "general_visual", "general_text")
@@ -467,6 +468,22 @@ def _answer(sample: Sample) -> str:
     return next(text for role, text in reversed(sample.turns) if role == "assistant")
 
 
+def item_fingerprints(samples: Sequence[Sample]) -> list[str]:
+    """Per item, 12 hex digits of the sha256 of what is asked and expected (its turns, options and image file
+    name): two results compared item by item must have been scored on the same items, not only on tasks of the
+    same name and size."""
+    out = []
+    for s in samples:
+        what = [s.turns, s.options, None if s.image is None else Path(s.image).name]
+        out.append(hashlib.sha256(json.dumps(what, ensure_ascii=False).encode("utf-8")).hexdigest()[:12])
+    return out
+
+
+def task_fingerprints(spec: TaskSpec, limit: int | None) -> list[str]:
+    """The item fingerprints a task's evaluation will record (its records checked as :func:`evaluate` checks them)."""
+    return item_fingerprints(_load_task(spec, limit))
+
+
 def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
     samples = load_samples(spec.path, shuffle=False)
     if limit is not None:
@@ -477,8 +494,11 @@ def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
         if spec.metric == "mc" and not s.options:
             raise _sample_error(s, "the task's metric is multiple choice (task.json) but the record has no "
                                    "'options'")
-        if s.image is not None and not Path(s.image).is_file():
-            raise _sample_error(s, f"image not found: {s.image}")
+        if s.image is not None:
+            try:  # missing, unreadable or a decompression bomb: named before the model is loaded
+                check_image(s.image)
+            except BadSample as e:
+                raise _sample_error(s, e.reason) from None
     return samples
 
 
@@ -621,7 +641,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                 "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
                 "metric": "mc" if not free else "exact" if not mc else "mixed",
                 "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
-                "correct_items": correct_items([p["correct"] for p in ordered])}
+                "correct_items": correct_items([p["correct"] for p in ordered]),
+                "item_fingerprints": item_fingerprints(samples)}
             for m in extra if mc else ():  # an exact-match record is right or wrong for every metric
                 flags = [p[m]["correct"] if m in p else p["correct"] for p in ordered]
                 entry[m] = {"correct": sum(flags), "accuracy": sum(flags) / len(samples),

@@ -107,6 +107,25 @@ def scores(result: Mapping[str, Any]) -> dict[str, float | None]:
     return _combine({n: (t.get("kind"), float(t["accuracy"])) for n, t in result.get("tasks", {}).items()})
 
 
+FINGERPRINTS = "item_fingerprints"  # per task: one short hash per item (what is asked and expected)
+
+
+def check_items(name: str, fa: Any, fb: Any, path: Any, what: str) -> None:
+    """Refuse two results of a task that were scored on different items. A result written before forgetless
+    recorded the items has no fingerprints: it is matched by task name and size only (see :func:`unchecked`)."""
+    if fa is None or fb is None or fa == fb:
+        return
+    first = next((i for i, (x, y) in enumerate(zip(fa, fb)) if x != y), min(len(fa), len(fb)))
+    raise ForgetlessError(f"task {name!r} was scored on other items than the {what}'s (item {first} differs: "
+                          "another file, split or version of a task with the same name)", file=path,
+                          remedy="evaluate every model on the same task files")
+
+
+def unchecked(result: Mapping[str, Any]) -> list[str]:
+    """The tasks of ``result`` without item fingerprints (written by an older forgetless)."""
+    return [n for n, t in result.get("tasks", {}).items() if t.get(FINGERPRINTS) is None]
+
+
 def _check_same(a: Mapping[str, Any], b: Mapping[str, Any], what: str) -> None:
     ta, tb = a.get("tasks", {}), b.get("tasks", {})
     for name in sorted(set(ta) | set(tb)):
@@ -120,6 +139,8 @@ def _check_same(a: Mapping[str, Any], b: Mapping[str, Any], what: str) -> None:
             raise ForgetlessError(f"task {name!r} differs from the {what}'s (kind {ka} vs {kb}, n {na} vs {nb})",
                                   file=b.get("path") or a.get("path"),
                                   remedy="evaluate every model with the same --split and --limit")
+        check_items(name, ta[name].get(FINGERPRINTS), tb[name].get(FINGERPRINTS), b.get("path") or a.get("path"),
+                     what)
     if a.get("split") != b.get("split"):
         raise ForgetlessError(f"split {a.get('split')!r} differs from the {what}'s ({b.get('split')!r})",
                               remedy="evaluate every model on the same --split")

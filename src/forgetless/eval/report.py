@@ -6,20 +6,24 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .metrics import (
+    FINGERPRINTS,
     MC_METRIC_DOC,
     MC_METRICS,
     Bootstrap,
+    check_items,
     compare,
     half_width,
     item_correct,
     metric_view,
     scores,
+    unchecked,
 )
 
 TABLE_SCORES = ("T", "G_v", "G_t", "G", "E", "F", "E+F")
@@ -252,6 +256,38 @@ def _figures(name: str, res: Mapping[str, Any], base: Mapping[str, Any] | None, 
     return figures, rows
 
 
+@contextmanager
+def _loading_bars(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") hidden while the block runs, unless ``shown``: --quiet
+    means no progress output at all."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not shown and was:
+            hf_logging.enable_progress_bar()
+
+
+def _check_items_first(result: dict[str, Any], who: str, groups: list[dict], limit: int | None, log) -> None:
+    """Before any work: the tasks about to be evaluated hold the items ``result`` was scored on. Tasks of a result
+    written before forgetless recorded its items are matched by name and size only, which ``log`` notes."""
+    from .harness import task_fingerprints
+
+    for group in groups:
+        for name, spec in group.items():
+            theirs = result["tasks"].get(name, {}).get(FINGERPRINTS)
+            if theirs is not None:
+                check_items(name, task_fingerprints(spec, limit), theirs, result["path"], who)
+    old = unchecked(result)
+    if old and log is not None:
+        log(f"note: {result['path']} has no item fingerprints for {', '.join(old)} (written by an older "
+            "forgetless): matched by task name and size only; evaluate that model again to check its items")
+
+
 def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, general: str | Sequence[str] | None = None,
              *, split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
              device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
@@ -286,8 +322,13 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
         if len(groups[-1]) != len(resolved):
             raise ForgetlessError(f"two tasks share a name: {', '.join(t.name for t in resolved)}",
                                   remedy="give each task once (rename a JSONL file if two have the same stem)")
-    res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
-                   max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root, progress=progress, log=log)
+    for r, who in ((base_r, "base model"), (ft_r, "fine-tuned model")):
+        if r is not None:
+            _check_items_first(r, who, groups, limit, log)
+    with _loading_bars(progress):
+        res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,
+                       progress=progress, log=log)
     if base_r is not None:
         res["base"], res["finetuned"] = str(base), (str(finetuned) if finetuned is not None else None)
     boot = Bootstrap()

@@ -13,7 +13,10 @@ else (system prompt, user turns, image tokens, template scaffolding) with ``-100
 rendering the conversation up to each assistant turn with and without that turn and tokenizing both, so no
 template-specific parsing is needed; a template whose renderings are not prefixes of one another is refused.
 
-A sample that cannot be used (image missing or unreadable, empty answer, longer than the context) raises
+An image is refused before it is decoded when it has more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``
+(89,478,485 by default: a larger one is most likely a decompression bomb, a small file that expands to gigabytes).
+
+A sample that cannot be used (image missing, unreadable or too large, empty answer, longer than the context) raises
 :class:`BadSample`; :func:`iter_batches` turns that into an error naming the file and the sample, or into a counted
 skip, as the user chooses. Nothing is ever dropped silently.
 """
@@ -25,6 +28,7 @@ import json
 import os
 import random
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +234,41 @@ def _max_positions(model_dir: Path) -> int | None:
     return None
 
 
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Any]:
+    """The image opened lazily (its header read, its pixels not yet decoded), after checking that it exists and
+    that its pixel count is within Pillow's ``MAX_IMAGE_PIXELS``; :class:`BadSample` otherwise."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadSample(f"image not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():  # Pillow warns from the limit up and refuses from twice it: one rule here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise BadSample(f"image {path} has more pixels than twice the limit of {limit:,} (Pillow's "
+                        "MAX_IMAGE_PIXELS): refused as a possible decompression bomb") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise BadSample(f"cannot read image {path}: {e}") from None
+    with im:
+        w, h = im.size
+        if limit is not None and w * h > limit:
+            raise BadSample(f"image {path} has {w}×{h} = {w * h:,} pixels, more than the limit of {limit:,} "
+                            "(Pillow's MAX_IMAGE_PIXELS): refused as a possible decompression bomb")
+        yield im
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Raise :class:`BadSample` for an image that is missing, unreadable or over the pixel limit; decode nothing."""
+    with open_image(path):
+        pass
+
+
 class Encoder:
     """Turns a :class:`Sample` into the model's inputs and answer-only labels, for one sample at a time.
 
@@ -317,15 +356,11 @@ class Encoder:
         return dict(self.processor(text=[text], images=images, return_tensors="pt", **kw))
 
     def _open_image(self, path: Path):
-        from PIL import Image, UnidentifiedImageError
-
-        if not path.is_file():
-            raise BadSample(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
+        with open_image(path) as im:
+            try:
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise BadSample(f"cannot read image {path}: {e}") from None
+            except (OSError, ValueError) as e:
+                raise BadSample(f"cannot read image {path}: {e}") from None
 
     def _is_blank(self, token_id: int) -> bool:
         return not self.tokenizer.decode([token_id]).strip()

@@ -23,8 +23,9 @@ import torch
 from ..checkpoint import layout as layouts
 from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.space import check_free_space
 from ..checkpoint.writer import human_bytes
-from ..errors import ForgetlessError
+from ..errors import ForgetlessError, naming
 from .data import Encoder, data_fingerprint, iter_batches, load_samples
 from .distributed import all_reduce_sums, finish_distributed, gather_objects, init_distributed, shard_samples
 from .fisher import Progress, accumulate_fisher, checkpoint_names, fisher_memory, linear_modules
@@ -88,6 +89,14 @@ def _scoped(model, model_dir: Path, scope: list[str] | None, kind: Kind, all_par
     return {to_ckpt[n]: p for n, p in params.items() if to_ckpt.get(n) in selected}
 
 
+def _file_bytes(kind: Kind, targets: dict[str, Any], store_dtype: str) -> int:
+    """The statistics file's size: one value per parameter (Fisher) or in×in per Linear (Gram), as stored."""
+    per = TORCH_DTYPES[store_dtype].itemsize
+    if kind == "gram":
+        return sum(m.in_features ** 2 for m in targets.values()) * per
+    return sum(p.numel() for p in targets.values()) * per
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -130,6 +139,8 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
         if dry_run:
             ok = True
             return report
+        if out_path is not None:
+            check_free_space(out_path, _file_bytes(kind, targets, store_dtype), f"the {kind} file")
 
         mine = shard_samples(samples, rank, world)
         encoder = Encoder(model_dir, max_length=max_length)
@@ -161,10 +172,11 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
                      "skipped": len(skipped), "data": str(data), "dtype": dtype, "tokens": tokens if kind == "gram" else None}
             common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps,
                                       "replace": force}
-            if kind == "fisher":
-                save_fisher(out_path, sums, int(count), **common)
-            else:
-                save_gram(out_path, sums, token_counts, int(count), **common)  # type: ignore[arg-type]
+            with naming(out_path):  # safetensors' save_file says "No space left on device" without the file
+                if kind == "fisher":
+                    save_fisher(out_path, sums, int(count), **common)
+                else:
+                    save_gram(out_path, sums, token_counts, int(count), **common)  # type: ignore[arg-type]
             say(f"wrote {out_path}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
                 f"{report.samples_per_s:.2f} samples/s")
             for sid, reason in skipped[:10]:

@@ -1,0 +1,29 @@
+"""Free space on the output's disk, checked before long work whose output size is known."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import ForgetlessError
+
+
+def _existing_parent(path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists (an output is usually not there yet)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_free_space(path: str | os.PathLike, nbytes: int, what: str) -> None:
+    """Refuse, before any work, to write ``nbytes`` of ``what`` at ``path`` when its disk has less free space:
+    a full disk found after hours of computing wastes them."""
+    from .writer import human_bytes
+
+    where = _existing_parent(Path(path))
+    free = shutil.disk_usage(where).free
+    if nbytes > free:
+        raise ForgetlessError(f"{what} needs {human_bytes(nbytes)} but its disk has {human_bytes(free)} free",
+                              file=path, remedy="free space on that disk, or write the output to another disk")
