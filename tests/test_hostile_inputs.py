@@ -159,6 +159,13 @@ def test_fold_refuses_an_adapter_of_another_model_unless_allowed(ws, tmp_path, c
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(adapter_recipe(ws, same, "copa")))
         main(["merge", str(tmp_path / "recipe.yaml"), "--fold", "--quiet", "--out", str(tmp_path / f"same{i}out")])
         assert (tmp_path / f"same{i}out" / "model.safetensors").is_file()
+    # MODEL+ADAPTER in a full-model merge folds the adapter into MODEL: the same rule
+    folded = {"method": "task_arithmetic", "base": str(base), "models": [f"{base}+{other}"]}
+    err = refused(ws, tmp_path, folded, capsys=capsys)
+    assert f"models[0] {other}: 'org/another-model' is not {base}" in err
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**folded, "allow_other_model": True}))
+    main(["merge", str(tmp_path / "recipe.yaml"), "--quiet", "--out", str(tmp_path / "plus")])
+    assert (tmp_path / "plus" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -30,7 +30,8 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter.")
 @click.option("--allow-other-model", is_flag=True, help="Accept statistics computed at weights that are neither the "
-              "base's nor a merged model's (same architecture; the recipe key allow_other_model).")
+              "base's nor a merged model's (same architecture), and adapters folded into another model than their "
+              "base_model_name_or_path (--fold, MODEL+ADAPTER); the recipe key allow_other_model.")
 @click.option("--memory", default=None, metavar="SIZE",
               help="Peak memory the merge may take (e.g. 8GiB; default: the recipe's memory, else auto = half of "
                    "the available memory). Tensors too large for it are merged in blocks of rows, with the same result.")

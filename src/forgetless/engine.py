@@ -50,7 +50,7 @@ import torch
 from . import __version__
 from .checkpoint import layout as layouts
 from .checkpoint.guard import check_output
-from .checkpoint.lora import open_model, parse_model_ref
+from .checkpoint.lora import AdaptedReader, open_model, parse_model_ref
 from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata, row_bytes
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
 from .errors import ForgetlessError
@@ -464,6 +464,10 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
 
     base = open_model(recipe.base)
     models = [open_model(m.model) for m in recipe.models]
+    if not recipe.allow_other_model:  # MODEL+ADAPTER: the adapter is folded into MODEL
+        readers = {"base": base, **{f"models[{i}]": m for i, m in enumerate(models)}}
+        _refuse_other_bases([(label, r.adapter, r.base.path) for label, r in readers.items()
+                             if isinstance(r, AdaptedReader)], where)
     for i, m in enumerate(models):
         _check_structure(base, m, f"models[{i}]")
     weights = None if recipe.allow_other_model or not stat_paths else {
@@ -974,11 +978,13 @@ def _adapter_problems(adapters: list[Any], base: CheckpointReader, one_rank: str
     return problems
 
 
-def _refuse_other_bases(adapters: list[Any], base: Path, where: str) -> None:
-    """Folding adapters trained on another model than `base` writes a model nobody trained: refused, naming them."""
-    others = [f"models[{i}] {a.path}: {name[:100]!r}" for i, a in enumerate(adapters) if (name := a.other_base(base))]
+def _refuse_other_bases(folds: list[tuple[str, Any, Path]], where: str) -> None:
+    """Folding an adapter into another model than the one it was trained on writes a model nobody trained:
+    refused, naming them. ``folds``: (label, adapter, the model it is folded into)."""
+    others = [f"{label} {a.path}: {name[:100]!r} is not {base}" for label, a, base in folds
+              if (name := a.other_base(base))]
     if others:
-        raise ForgetlessError(f"fold: {len(others)} adapter(s) name another base model than {base} in "
+        raise ForgetlessError(f"fold: {len(others)} adapter(s) name another base model in "
                               f"base_model_name_or_path ({'; '.join(others[:MAX_LISTED])})", file=where,
                               remedy="fold adapters into the model they were trained on; if base is that model "
                                      "under another name, pass --allow-other-model (recipe: allow_other_model: true)")
@@ -1051,7 +1057,7 @@ def _adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out:
                               remedy="merge adapters trained on one base, with the same target modules"
                                      + (" and rank" if spec.equal_ranks else ""))
     if recipe.fold and not recipe.allow_other_model:
-        _refuse_other_bases(adapters, base_ref, where)
+        _refuse_other_bases([(f"models[{i}]", a, base_ref) for i, a in enumerate(adapters)], where)
     names = base.names()
     layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
     first = adapters[0].loras()
