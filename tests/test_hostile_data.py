@@ -273,6 +273,28 @@ def test_a_full_disk_while_the_statistics_are_saved_names_the_file(tmp_path, lla
     assert not (tmp_path / "gram.safetensors").exists() and not list(tmp_path.glob(".gram*"))
 
 
+def test_a_full_disk_while_a_result_is_written_names_the_file(tmp_path, monkeypatch):
+    import io
+
+    from forgetless.eval import report
+
+    class Full(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_file(fd, mode):
+        os.close(fd)
+        return Full()
+    monkeypatch.setattr(report.os, "fdopen", full_file)
+    with pytest.raises(OSError) as e:
+        report.write_json(tmp_path / "result.json", {"tasks": {}})
+    assert e.value.filename == str(tmp_path / "result.json") and e.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------- out of memory
 OOM = [
     ("merge", MemoryError(), "out of memory in `forgetless merge` — lower --memory"),

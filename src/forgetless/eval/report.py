@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import naming
 from .metrics import (
     FINGERPRINTS,
     MC_METRIC_DOC,
@@ -96,7 +97,7 @@ def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".forgetless-tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:  # a full disk names the file, not only "No space left"
             write(f)
         os.replace(tmp, path)
     except BaseException:
