@@ -138,6 +138,15 @@ def test_counts_of_zero_or_less_are_refused_before_any_work(tmp_path, capsys, mo
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args", [[], ["stats"]], ids=["forgetless", "forgetless stats"])
+def test_a_bare_command_group_still_prints_its_help(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"Usage: {' '.join(['forgetless', *args])} [OPTIONS] COMMAND")
+    assert "Commands:" in err and "error" not in err
+
+
 def test_eval_refuses_a_base_result_scored_on_other_items(tmp_path, llama_dir, capsys, monkeypatch):
     import forgetless.cpm
 

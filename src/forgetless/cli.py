@@ -555,8 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.UsageError as e:
-        hint = f" — see '{e.ctx.command_path} -h'" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
+        if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group: its help, as before
+            e.show()
+        else:
+            hint = f" — see '{e.ctx.command_path} -h'" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
         sys.exit(2)
     except click.ClickException as e:
         e.show()
