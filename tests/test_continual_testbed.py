@@ -101,6 +101,7 @@ class Fakes:
         monkeypatch.setattr(steps_mod, "statistics_step", statistics_step)
         monkeypatch.setattr(chain_mod, "add_task", add_task)
         monkeypatch.setattr(chain_mod, "state_bytes", lambda s: 1234)
+        monkeypatch.setattr(chain_mod, "load_state", lambda s: json.loads((Path(s) / "state.json").read_text()))
         monkeypatch.setattr(C, "cached_evaluate", evaluate)
         monkeypatch.setattr(C, "routing_accuracy", lambda model, roots: {n: 100.0 for n in roots})
 
