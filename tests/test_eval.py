@@ -485,7 +485,7 @@ def test_cli_eval_reports_every_metric_with_intervals(tmp_path, llama_dir, llama
         del old["tasks"]["quiz"][m], old[m]
     write_json(tmp_path / "old.json", old)
     capsys.readouterr()
-    again = run(tmp_path / "again.json", "--base", str(tmp_path / "old.json"))
+    again = run(tmp_path / "again.json", "--base", str(tmp_path / "old.json"), "--force")
     assert "comparison" in again and "comparison" not in again["acc_norm"]
     assert "(the base result, written by an older version, lacks it: no comparison)" in capsys.readouterr().out
 

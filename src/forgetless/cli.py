@@ -476,6 +476,7 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
 @click.option("--finetuned", type=click.Path(dir_okay=False), default=None,
               help="The fine-tuned model's result JSON: adds its row and the gain kept.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **kw) -> None:
     """Score MODEL on task splits (multiple choice by log-likelihood, else exact match); print T, G, E, F."""
     from .eval.report import run_eval

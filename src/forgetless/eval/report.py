@@ -293,7 +293,8 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
              *, split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
              device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
-             finetuned: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+             finetuned: str | os.PathLike | None = None, progress: bool = True, force: bool = False,
+             log=print) -> dict[str, Any]:
     """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
     model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. Every score gets its
@@ -301,7 +302,9 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     items), shown as ``± h`` in the table. These are ``acc``; where tasks are scored by multiple choice, the
     result's ``acc_norm`` and ``lmms_eval_acc`` get the same keys (E and F where the base result has that metric
     too) and a table each (:data:`forgetless.eval.metrics.MC_METRICS`). ``progress``: print progress lines
-    (through ``log``, which also prints the tables)."""
+    (through ``log``, which also prints the tables). An existing ``out`` is replaced only with ``force``."""
+    from ..checkpoint.guard import check_output
+    from ..checkpoint.lora import parse_model_ref
     from ..errors import ForgetlessError
     from .harness import evaluate, resolve_task
 
@@ -326,6 +329,9 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     for r, who in ((base_r, "base model"), (ft_r, "fine-tuned model")):
         if r is not None:
             _check_items_first(r, who, groups, limit, log)
+    if out is not None:  # the model folder, the task files and the result files read are never written over
+        specs = [t.path for g in groups for t in g.values()]
+        check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
     with _loading_bars(progress):
         res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,
