@@ -22,6 +22,7 @@ from test_continual import _add, _snapshot, tasks  # noqa: F401  (tasks: the fix
 
 from forgetless.chains import continual
 from forgetless.chains.continual import add_task, load_state, show_state
+from forgetless.checkpoint import writer as W
 from forgetless.checkpoint.guard import exclusive, lock_path
 from forgetless.cli import main
 from forgetless.errors import ForgetlessError, naming
@@ -259,3 +260,44 @@ def test_show_of_an_absent_state_writes_nothing(tmp_path, capsys):
         main(["continual", "show", str(tmp_path / "typo" / "state")])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no lock file, no folder made by a command that only reads
+
+
+def test_a_full_disk_while_writing_the_output_keeps_the_old_state(tasks, one_task, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
+    before = _snapshot(one_task)
+    real, calls = os.pwrite, []
+
+    def full(*a):  # the shard's header goes through, then the disk is full
+        calls.append(a)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a)
+
+    monkeypatch.setattr(W.os, "pwrite", full)
+    with pytest.raises(SystemExit) as e:
+        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'out' / 'model.safetensors'}: No space left")
+    assert _snapshot(one_task) == before and not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(tasks, one_task, tmp_path, capsys,  # noqa: F811
+                                                                         monkeypatch):
+    meta = load_state(one_task)
+    state_bytes = sum(p.stat().st_size for p in one_task.glob("part-*.safetensors"))
+    planned = sum(continual._sums_bytes(meta))
+    assert 0 < state_bytes - planned < 4096 * len(meta["parts"])  # the parts' sums, and their headers
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=planned + 1000))
+    calls = []
+    monkeypatch.setattr(continual, "_step_part", lambda *a, **kw: calls.append(a))
+    with pytest.raises(SystemExit) as e:
+        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "the new state and the output needs" in err and str(one_task) in err
+    assert not calls and not (tmp_path / "out").exists()
+    continual._check_space(one_task, meta, None, 10**15)  # without an output, the state alone fits
+    with pytest.raises(ForgetlessError, match="the new state needs"):
+        continual._check_space(one_task, meta | {"options": meta["options"] | {"dtype": "float64"}}, None, 0)

@@ -75,7 +75,8 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..checkpoint.guard import check_output, exclusive, lock_path
 from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE, PEFT_PREFIX, LoraAdapter
-from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.reader import SAFE_SINGLE, CheckpointReader
+from ..checkpoint.space import check_free_space, same_disk
 from ..checkpoint.writer import (
     Entry,
     StreamingWriter,
@@ -265,6 +266,15 @@ def state_bytes(state: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(state).iterdir() if p.is_file())
 
 
+def _sums_bytes(meta: dict[str, Any]) -> tuple[int, int]:
+    """Bytes of the merged deltas and of the Gram sums that a state of `meta` stores."""
+    opts, mods = meta["options"], meta["modules"]
+    size = STATE_DTYPES[opts["dtype"]].itemsize
+    widths = [mods[g]["shape"][1] for g in {m["group"] for m in mods.values()}]
+    grams = sum(w if opts["approx"] == "diagonal" else w * w for w in widths)
+    return sum(math.prod(m["shape"]) for m in mods.values()) * size, grams * size
+
+
 def show_state(state: str | Path) -> str:
     """The tasks, options, modules and sizes of a state, as ``forgetless continual show`` prints them."""
     meta = check_state(state)
@@ -272,12 +282,7 @@ def show_state(state: str | Path) -> str:
     opts = meta["options"]
     mods = meta["modules"]
     groups = {m["group"] for m in mods.values()}
-    delta_n = sum(math.prod(m["shape"]) for m in mods.values())
-    gram_n = 0
-    for g in groups:
-        width = mods[g]["shape"][1]
-        gram_n += width if opts["approx"] == "diagonal" else width * width
-    size = STATE_DTYPES[opts["dtype"]].itemsize
+    delta_bytes, gram_bytes = _sums_bytes(meta)
     cpm = opts.get("cpm")
     lines = [(f"{path}: continual LPM{' + CPM' if cpm else ''} state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
              f"({meta['base']['fingerprint']})"),
@@ -285,8 +290,8 @@ def show_state(state: str | Path) -> str:
              f"stored as {opts['dtype']}" + (f"; CPM routing tau={cpm['tau']}, hard={cpm['hard']}" if cpm else "")),
              (f"  {len(mods)} adapted Linear weights, {len(groups)} Gram sums (shared inputs), "
              f"{len(meta['parts'])} part files"),
-             (f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_n * size)}, "
-             f"Gram sums {human_bytes(gram_n * size)})"),
+             (f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_bytes)}, "
+             f"Gram sums {human_bytes(gram_bytes)})"),
              "  tasks:"]
     for i, t in enumerate(meta["tasks"], 1):
         lines.append(f"    {i}. {t['name']}: adapter {t['adapter']} ({t['adapter_fingerprint']}), {t['modules']} "
@@ -677,23 +682,15 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
             task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),  # type: ignore[arg-type]
                         cpm_images=cpm_new.pop("images"))
 
+        entries = _output_entries(base_reader, state_names, modules, rank) if out_path is not None else []
+        _check_space(state, new_meta, out_path, sum(e.nbytes for e in entries))
         writer = None
         if out_path is not None:
-            if rank is None:
-                entries = [Entry(wn, tuple(base_reader.info(wn).shape), base_reader.info(wn).dtype)
-                           for wn in base_reader.names()]
-                writer = StreamingWriter(out_path, entries, shard_size=parse_size(shard_size), force=force,
-                                         metadata={"forgetless_version": __version__, "method": "lpm"})
-            else:
-                entries = []
-                for wn in state_names:
-                    o, i = modules[wn]["shape"]
-                    mod = modules[wn]["module"]
-                    entries += [Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
-                                Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32)]
-                writer = StreamingWriter(out_path, entries, shard_size=sum(e.nbytes for e in entries) + 1,
-                                         force=force, metadata={"forgetless_version": __version__, "method": "lpm"},
-                                         single_name=ADAPTER_SAFE)
+            one_file = rank is not None  # a PEFT adapter is one adapter_model.safetensors
+            writer = StreamingWriter(out_path, entries, force=force,
+                                     shard_size=sum(e.nbytes for e in entries) + 1 if one_file else parse_size(shard_size),
+                                     single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
+                                     metadata={"forgetless_version": __version__, "method": "lpm"})
         if log:
             log(f"continual: task {step} ({task['name']}) into {state}: {len(loras)} adapted weights, "
                 f"{len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} ({opts['gamma_mode']})")
@@ -736,6 +733,28 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
     if log:
         log(report.summary())
     return report
+
+
+def _output_entries(base: CheckpointReader, names: list[str], modules: dict[str, Any],
+                    rank: int | None) -> list[Entry]:
+    """The output's tensors: every tensor of the base (the merged model), or each module's rank-r factors."""
+    if rank is None:
+        return [Entry(n, tuple(base.info(n).shape), base.info(n).dtype) for n in base.names()]
+    entries = []
+    for n in names:
+        (o, i), mod = modules[n]["shape"], modules[n]["module"]
+        entries += [Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
+                    Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32)]
+    return entries
+
+
+def _check_space(state: Path, meta: dict[str, Any], out: Path | None, out_bytes: int) -> None:
+    """The new state, written beside the old one (and the output, where it goes to the same disk), fits its disk:
+    checked before the step's work."""
+    need, what = sum(_sums_bytes(meta)), "the new state"
+    if out is not None and same_disk(state, out):
+        need, what = need + out_bytes, "the new state and the output"
+    check_free_space(state, need, what)
 
 
 def _step_part(old_file: Path | None, new_file: Path, members: list[str], modules: dict[str, Any],

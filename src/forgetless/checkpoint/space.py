@@ -27,3 +27,8 @@ def check_free_space(path: str | os.PathLike, nbytes: int, what: str) -> None:
     if nbytes > free:
         raise ForgetlessError(f"{what} needs {human_bytes(nbytes)} but its disk has {human_bytes(free)} free",
                               file=path, remedy="free space on that disk, or write the output to another disk")
+
+
+def same_disk(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two outputs (existing or not yet) land on one file system, and so share its free space."""
+    return os.stat(_existing_parent(Path(a))).st_dev == os.stat(_existing_parent(Path(b))).st_dev
