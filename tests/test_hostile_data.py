@@ -110,6 +110,19 @@ def test_eval_refuses_a_bomb_before_loading_the_model(tmp_path, llama_dir, capsy
     assert err.startswith(f"error: {task}: sample 'a': image {bomb} has more pixels") and "bomb" in err
 
 
+def test_stats_refuses_a_bomb_before_loading_the_model(tmp_path, llama_dir, capsys, monkeypatch):
+    from forgetless.stats import run
+
+    monkeypatch.setattr(run, "load_model", None)
+    bomb = png(tmp_path / "bomb.png", 20000, 20000)
+    data = tmp_path / "calib.jsonl"
+    data.write_text(json.dumps({"id": "b", "image": "bomb.png", "question": "<image> colour?", "answer": "black"}))
+    err = refused(["stats", "gram", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+                  capsys)
+    assert err.startswith(f"error: {data}: sample 'b': image {bomb} has more pixels than twice the limit")
+    assert err.endswith("— fix the sample or pass --on-bad-sample skip")
+
+
 COUNTS = [
     ["eval", "M", "--tasks", "t", "--batch-size", "0"],
     ["eval", "M", "--tasks", "t", "--max-new-tokens", "0"],

@@ -459,10 +459,26 @@ def encode_or_skip(encoder: Encoder, sample: Sample, on_bad_sample: str,
         return encoder(sample)
     except BadSample as e:
         if on_bad_sample == "error":
-            raise ForgetlessError(f"sample {sample.id!r}: {e.reason}", file=sample.source,
-                                  remedy=SKIP_REMEDY) from None
+            raise _bad(sample, e) from None
         skipped.append((sample.id, e.reason))
         return None
+
+
+def _bad(sample: Sample, e: BadSample) -> ForgetlessError:
+    return ForgetlessError(f"sample {sample.id!r}: {e.reason}", file=sample.source, remedy=SKIP_REMEDY)
+
+
+def check_images(samples: Iterable[Sample], on_bad_sample: str) -> None:
+    """With ``on_bad_sample="error"``, the first missing, unreadable or oversized image is named before the model
+    is loaded (only headers are read); with ``"skip"`` its sample is skipped when it is encoded."""
+    if on_bad_sample != "error":
+        return
+    for s in samples:
+        if s.image is not None:
+            try:
+                check_image(s.image)
+            except BadSample as e:
+                raise _bad(s, e) from None
 
 
 def iter_batches(samples: list[Sample], encoder: Encoder, batch_size: int, *, on_bad_sample: str = "error",

@@ -26,7 +26,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.space import check_free_space
 from ..checkpoint.writer import human_bytes
 from ..errors import ForgetlessError, naming
-from .data import Encoder, data_fingerprint, iter_batches, load_samples
+from .data import Encoder, check_images, data_fingerprint, iter_batches, load_samples
 from .distributed import all_reduce_sums, finish_distributed, gather_objects, init_distributed, shard_samples
 from .fisher import Progress, accumulate_fisher, checkpoint_names, fisher_memory, linear_modules
 from .gram import accumulate_gram, gram_memory
@@ -120,6 +120,7 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
     with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
         pass
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
+    check_images(samples, on_bad_sample)
     data_fp = data_fingerprint(data, samples)
     device = resolve_device(device)
     rank, world = init_distributed(device)
