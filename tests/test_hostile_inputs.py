@@ -261,3 +261,46 @@ def test_routing_file_and_continued_adapter_config_are_read_within_limits(ws, tm
     (bad / "adapter_config.json").write_bytes(content)
     with pytest.raises(ForgetlessError, match=r"^\S*adapter_config\.json: " + problem.replace("(", r"\(")):
         _read_init_adapter(bad, LoraSpec(r=4, alpha=8))
+
+
+# ---------------------------------------------------------------------------------------------- every JSON read
+def _deep_header(path: Path) -> None:
+    raw = (b'{"a":' * 2000 + b"1" + b"}" * 2000).ljust(8 * 1250)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+
+
+def _deep_index(model: Path) -> None:
+    (model / "model.safetensors.index.json").write_text('{"weight_map": ' + DEEP + "}")
+
+
+DEEP_FILES = [  # (what, damage(model folder, data file), command, words)
+    ("config.json", lambda m, d: (m / "config.json").write_text(DEEP), "stats", "config.json: JSON nested deeper"),
+    ("a shard's header", lambda m, d: _deep_header(m / "model.safetensors"), "stats",
+     "model.safetensors: JSON nested deeper"),
+    ("the index", lambda m, d: _deep_index(m), "merge", "model.safetensors.index.json: JSON nested deeper"),
+    ("a JSON data file", lambda m, d: d.write_text(DEEP), "stats", "JSON nested too deep to read"),
+    ("a JSONL data line", lambda m, d: d.write_text('{"question": "q", "answer": "a"}\n' + DEEP + "\n"), "stats",
+     "line 2: invalid JSON (nested too deep)"),
+    ("a result file", lambda m, d: (d.parent / "base.json").write_text(DEEP), "eval --base", "base.json: JSON nested"),
+    ("a task.json", lambda m, d: (d.parent / "task.json").write_text(DEEP), "eval", "task.json: JSON nested"),
+]
+
+
+@pytest.mark.parametrize("damage, command, words", [c[1:] for c in DEEP_FILES], ids=[c[0] for c in DEEP_FILES])
+def test_every_json_the_tool_reads_is_refused_by_depth_not_a_recursion_error(ws, tmp_path, capsys, damage, command,
+                                                                             words):
+    model, data = tmp_path / "model", tmp_path / "task" / "test.jsonl"
+    shutil.copytree(ws[1], model)
+    data.parent.mkdir()
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    (data.parent / "base.json").write_text("{}")
+    damage(model, data)
+    argv = {"stats": ["stats", "gram", str(model), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+            "eval": ["eval", str(model), "--tasks", str(data.parent)],
+            "eval --base": ["eval", str(model), "--tasks", str(data.parent), "--base", str(data.parent / "base.json")],
+            "merge": ["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]}[command]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "linear", "base": str(ws[1]), "models": [str(model)]}))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and words in err and "bug" not in err, err

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ForgetlessError
+from ..safeload import parse_json, read_json
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -92,9 +93,10 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
                                   file=path, remedy=remedy)
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ForgetlessError(f"corrupt safetensors header ({e.__class__.__name__})", file=path, remedy=remedy) from None
+    header = parse_json(text, file=path, remedy=remedy)
     if not isinstance(header, dict):
         raise ForgetlessError("corrupt safetensors header (not a JSON object)", file=path, remedy=remedy)
     header.pop("__metadata__", None)
@@ -122,7 +124,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
+        meta = json.loads(f.read(n)).get("__metadata__")  # the header was checked by CheckpointReader first
+    return meta if isinstance(meta, dict) else {}
 
 
 def is_model_dir(path: Path) -> bool:
@@ -173,17 +176,18 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise ForgetlessError(f"invalid JSON ({e})", file=cfg, remedy="fix or restore config.json") from None
+        cfg_dict = read_json(cfg, remedy="fix or restore config.json")
+        if not isinstance(cfg_dict, dict):
+            raise ForgetlessError("config.json is not a JSON object", file=cfg, remedy="fix or restore config.json")
+        return cfg_dict
 
     def _files_from_index(self, index: Path) -> dict[str, Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ForgetlessError(f"invalid index ({e.__class__.__name__}: {e})", file=index,
-                                  remedy="restore the index file from the original checkpoint") from None
+        remedy = "restore the index file from the original checkpoint"
+        weight_map = read_json(index, remedy=remedy)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ForgetlessError("invalid index (no 'weight_map' of tensor names to shard files)", file=index,
+                                  remedy=remedy)
         self._weight_map = weight_map
         files = {}
         for shard in dict.fromkeys(weight_map.values()):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import ForgetlessError
+from ..safeload import read_json
 from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, check_image, collate, load_samples
 from .metrics import MC_METRICS
 
@@ -63,11 +64,7 @@ def _read_task_json(folder: Path) -> dict:
     f = folder / "task.json"
     if not f.is_file():
         return {}
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ForgetlessError(f"cannot read the task description ({e})", file=f,
-                              remedy='task.json is {"name", "kind", "description", "metric"}') from None
+    meta = read_json(f, remedy='task.json is {"name", "kind", "description", "metric"}')
     if not isinstance(meta, dict):
         raise ForgetlessError("task.json is not a JSON object", file=f,
                               remedy='task.json is {"name", "kind", "description", "metric"}')

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import safeload
 from ..errors import naming
 from .metrics import (
     FINGERPRINTS,
@@ -117,14 +118,9 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     from ..errors import ForgetlessError
 
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ForgetlessError("result file not found", file=p, remedy="pass a JSON written by forgetless eval"
-                              ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ForgetlessError(f"cannot read the result file ({e})", file=p,
-                              remedy="pass a JSON written by forgetless eval") from None
+    if not p.is_file():
+        raise ForgetlessError("result file not found", file=p, remedy="pass a JSON written by forgetless eval")
+    data = safeload.read_json(p, remedy="pass a JSON written by forgetless eval")
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise ForgetlessError("not an evaluation result (no 'tasks')", file=p,
                               remedy="pass a JSON written by forgetless eval --out")

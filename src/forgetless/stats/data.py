@@ -93,6 +93,10 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
             raise ForgetlessError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", file=path,
                                   remedy="fix the file (a JSON list of samples, or one JSON object per line)"
                                   ) from None
+        except RecursionError:  # caught rather than pre-scanned: data files run to gigabytes
+            raise ForgetlessError("JSON nested too deep to read", file=path,
+                                  remedy="fix the file (a JSON list of samples, or one JSON object per line)"
+                                  ) from None
         return [(f"record {i}", r) for i, r in enumerate(data)]
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -100,8 +104,9 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
             continue
         try:
             out.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ForgetlessError(f"line {lineno}: invalid JSON ({e.msg}, column {e.colno})", file=path,
+        except (json.JSONDecodeError, RecursionError) as e:
+            what = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deep"
+            raise ForgetlessError(f"line {lineno}: invalid JSON ({what})", file=path,
                                   remedy="fix the line (JSON Lines: one JSON object per line)") from None
     return out
 

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint.reader import CheckpointReader, read_safetensors_metadata
 from ..errors import ForgetlessError
+from ..safeload import parse_json
 
 STORE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -148,5 +149,5 @@ def load_statistics(path: str | os.PathLike) -> tuple[CheckpointReader, dict[str
     meta["num_samples"] = int(meta["num_samples"])
     for key in ("token_counts", "extra"):
         if key in meta:
-            meta[key] = json.loads(meta[key])
+            meta[key] = parse_json(meta[key], file=path, remedy="recompute it with `forgetless stats`")
     return reader, meta
