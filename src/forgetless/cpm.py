@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import ForgetlessError
+from .errors import ForgetlessError, naming
 from .safeload import read_json
 
 ROUTING_FILE = "cpm_routing.json"
@@ -194,9 +194,11 @@ def write_routing(folder: str | Path, names: Sequence[str], projectors: Sequence
     folder = Path(folder)
     tensors = {f"{t}/{k}": v.contiguous() for t, sd in enumerate(projectors) for k, v in sd.items()}
     tensors["prototypes"] = prototypes.float().contiguous()
-    save_file(tensors, str(folder / PROJECTORS_FILE), metadata={"format": "pt"})
-    (folder / ROUTING_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "tau": tau, "hard": hard,
-                                                   "tasks": list(names)}, indent=1) + "\n")
+    with naming(folder / PROJECTORS_FILE):
+        save_file(tensors, str(folder / PROJECTORS_FILE), metadata={"format": "pt"})
+    with naming(folder / ROUTING_FILE):
+        (folder / ROUTING_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "tau": tau,
+                                                       "hard": hard, "tasks": list(names)}, indent=1) + "\n")
 
 
 def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Tensor]], Tensor] | None:
