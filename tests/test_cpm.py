@@ -194,3 +194,17 @@ def test_routed_folder_is_what_eval_and_the_package_load(cpm_setup, tmp_path):
     f = tmp_path / "o2" / ROUTING_FILE
     f.write_text(f.read_text().replace('"hard": false', '"hard": true'))
     assert weights_digest(tmp_path / "o2") != before
+
+
+def test_a_full_disk_while_routing_files_are_written_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from forgetless import cpm
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    monkeypatch.setattr(cpm, "save_file", full)
+    with pytest.raises(OSError) as e:
+        cpm.write_routing(tmp_path, ["t"], [{"w": torch.zeros(2)}], torch.zeros(1, 2))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / cpm.PROJECTORS_FILE)
