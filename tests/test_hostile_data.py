@@ -388,3 +388,19 @@ def test_check_free_space_looks_at_the_nearest_existing_folder(tmp_path, monkeyp
     assert seen == [tmp_path]
     with pytest.raises(ForgetlessError, match="the output needs 6 B but its disk has 5 B free"):
         check_free_space(tmp_path / "a" / "b" / "out", 6, "the output")
+
+
+def test_a_full_finetune_too_large_for_the_free_space_is_refused_before_training(tmp_path, llama_dir, capsys,
+                                                                                 monkeypatch):
+    from forgetless.train import loop
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(loop, "load_model", None)  # the model is never loaded
+    data = write_qa_jsonl(tmp_path / "train.jsonl", [("Say yes.", "yes"), ("Say no.", "no")])
+    with CheckpointReader(llama_dir) as r:
+        size = sum(r.info(n).nbytes for n in r.names())
+    err = refused(["finetune", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "ft"), "--steps", "1",
+                   "--no-tensorboard"], capsys)
+    assert err == (f"error: {tmp_path / 'ft'}: the fine-tuned model needs {W.human_bytes(size)} but its disk has "
+                   "1000 B free — free space on that disk, or write the output to another disk")

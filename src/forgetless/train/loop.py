@@ -97,6 +97,7 @@ from .. import __version__
 from ..checkpoint import layout as layouts
 from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.space import check_free_space
 from ..checkpoint.writer import Entry, StreamingWriter, atomic_folder, parse_size
 from ..errors import ForgetlessError
 from ..stats.data import (
@@ -488,6 +489,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         names = reader.names()
         layout = layouts.detect_layout(reader.config, names)
         base_fingerprint = reader.weights_fingerprint()
+        if lora is None and rank == 0:  # the output is the model as stored: its disk must hold it, before training
+            check_free_space(out, sum(reader.info(n).nbytes for n in names), "the fine-tuned model")
     if train is None:
         train = list(DEFAULT_LORA_SCOPE if lora is not None else
                      [s for s in DEFAULT_FULL_SCOPE if s == layouts.LANGUAGE or (s in layout.parts and any(
