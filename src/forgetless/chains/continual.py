@@ -570,7 +570,10 @@ def _one_writer(step: Callable[..., ContinualReport]) -> Callable[..., Continual
 def _whole(state: Path) -> str:
     if not state.exists():
         return "no state was written"
-    return f"the state is whole, with {len(load_state(state)['tasks'])} task(s)"
+    try:
+        return f"the state is whole, with {len(load_state(state)['tasks'])} task(s)"
+    except ForgetlessError:
+        return "the state is as it was before this step"
 
 
 @_one_writer
