@@ -80,7 +80,7 @@ def test_cli_writes_the_optimizer_fisher_and_refuses_lora(tmp_path, llama_dir, t
     with reader:
         assert meta["num_samples"] == 4 and all(reader.get(n).min() >= 0 for n in reader.names())
     capsys.readouterr()
-    for extra, words, folder in ((["--out", str(tmp_path / "again")], "statistics file exists", "again"),
+    for extra, words, folder in ((["--out", str(tmp_path / "again")], "--optimizer-fisher already exists", "again"),
                                  (["--out", str(tmp_path / "lora"), "--lora", "--optimizer-fisher",
                                    str(tmp_path / "l.safetensors")], "LoRA run has none", "lora")):
         with pytest.raises(SystemExit) as e:
