@@ -1,18 +1,26 @@
-"""What tests/test_finetune_distributed.py runs under torchrun (2 CPU ranks, gloo); not a test module itself.
+"""What the tests run under torchrun (2 CPU ranks, gloo), and :func:`torchrun`; not a test module itself.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py fsdp spider OUT
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py trainer spider OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py fsdp OUT spider
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py trainer OUT spider
 
-``fsdp RULE OUT``: a tiny Llama sharded with FSDP2 (``fully_shard`` per decoder layer and at the root), trained
+``fsdp OUT RULE``: a tiny Llama sharded with FSDP2 (``fully_shard`` per decoder layer and at the root), trained
 for :data:`STEPS` steps on :func:`batches` — each rank its interleaved half of every batch — twice: once with the
 rule's plain API and once through ``SpiderCallback``'s hooks, called as the Trainer calls them. Rank 0 writes the
 whole trained weights (``plain.safetensors``, ``callback.safetensors``); every rank writes its pieces of the rule's
 state (``rank{R}.safetensors``: θ₀, and G or the mask) and ``rank{R}.json`` (the rule's history and
 ``extra_bytes()``, the whole-tensor moments of |θ₀| it computed, and :func:`moment_checks`).
 
-``trainer RULE OUT``: the transformers Trainer (accelerate's DDP on CPU) with ``SpiderCallback``, per-device batch
-:data:`PER_RANK`; rank 0 writes ``trainer.safetensors`` and ``trainer.json``. ``trainer_fsdp RULE OUT``: the same
+``trainer OUT RULE``: the transformers Trainer (accelerate's DDP on CPU) with ``SpiderCallback``, per-device batch
+:data:`PER_RANK`; rank 0 writes ``trainer.safetensors`` and ``trainer.json``. ``trainer_fsdp OUT RULE``: the same
 with FSDP2 (``fsdp_config={"version": 2}``), one GPU per rank: accelerate applies FSDP on GPUs only.
+
+``cli OUT ARGS… [--then ARGS…]``: ``forgetless.cli.main(ARGS)``, as ``python -m forgetless.cli ARGS`` runs it;
+after ``--then`` another command in the same process, as the cgm chain computes its statistics one after the
+other (rank 1 starts it a second after rank 0: a rank that reads its peer's address before the peer has
+published it fails at once).
+
+Every mode ends with rank R writing ``OUT/threads{R}.json``: the gloo threads alive right after each of its process
+groups ended and at its end, which must be none (a gloo thread alive while the interpreter finalizes may abort it).
 
 The single-process references are computed by the test itself, from :func:`tiny_model` and :func:`batches`.
 """
@@ -20,7 +28,10 @@ The single-process references are computed by the test itself, from :func:`tiny_
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -131,7 +142,6 @@ def train_fsdp(rule_name: str, mesh, via_callback: bool):
 def run_fsdp(rule_name: str, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model, rule = train_fsdp(rule_name, mesh, via_callback=False)
@@ -146,6 +156,7 @@ def run_fsdp(rule_name: str, out: Path) -> None:
         state |= {f"mask/{n}": t for n, t in rule.mask.items()}
         moments0 = {}
     checks = moment_checks(mesh)
+    getattr(mesh, "_pg_registry", {}).clear()  # torch's DTensor dispatch cache keeps the mesh for good: it must not keep the group
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "history": rule.history, "extra_bytes": rule.extra_bytes(), "moments0": moments0, "moment_checks": checks,
@@ -153,8 +164,6 @@ def run_fsdp(rule_name: str, out: Path) -> None:
     if rank == 0:
         save_file(weights, str(out / "plain.safetensors"))
         save_file(cb_weights, str(out / "callback.safetensors"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def trainer_args(output_dir: Path, per_device: int, fsdp: bool, cpu: bool):
@@ -206,10 +215,59 @@ def run_trainer(rule_name: str, out: Path, fsdp: bool = False) -> None:
         (out / "trainer.json").write_text(json.dumps({"history": rule.history, "world": dist.get_world_size()}))
 
 
+def gloo_threads() -> int:
+    """How many of this process's threads are gloo's (its worker and TCP loop threads, named by torch)."""
+    names = (Path(f"/proc/self/task/{t}/comm").read_text() for t in os.listdir("/proc/self/task"))
+    return sum(n.startswith(("pt_gloo", "gloo")) for n in names)
+
+
+def torchrun(mode: str, out: Path, *args: str, timeout: int = 120) -> list[int]:
+    """This worker's ``mode out args…`` on 2 ranks, one CPU thread each; fail with their output, or if a rank
+    had a gloo thread alive once a process group ended or at its exit. Returns rank 0's ends (see :func:`main`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, mode,
+           str(out), *args]
+    out.mkdir(exist_ok=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    ranks = [json.loads((out / f"threads{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["at_exit"] == 0 and set(ranks[0]["ends"]) == {0}, ranks
+    return ranks[0]["ends"]
+
+
+def main(what: str, out: Path, args: list[str]) -> None:
+    """Run the mode, then write ``threads{RANK}.json``: the gloo threads alive right after each process group
+    ended (``ends``: the group's threads are joined as it ends) and at the end (``at_exit``)."""
+    from forgetless.stats import distributed
+
+    ends: list[int] = []
+    end = distributed.end_process_group
+
+    def counted_end(wait: bool = True) -> None:
+        end(wait)
+        ends.append(gloo_threads())
+
+    distributed.end_process_group = counted_end
+    if what == "fsdp":
+        with distributed.process_group("cpu"):
+            run_fsdp(args[0], out)
+    elif what == "cli":
+        from forgetless.cli import main as cli
+
+        commands: list[list[str]] = [[]]
+        for a in args:
+            commands.append([]) if a == "--then" else commands[-1].append(a)
+        for i, command in enumerate(commands):
+            if i and os.environ["RANK"] == "1":
+                time.sleep(1.0)
+            cli(command)  # a failure exits here
+    else:
+        run_trainer(args[0], out, fsdp=what == "trainer_fsdp")
+        distributed.end_process_group()  # accelerate's group: nothing in the Trainer ends it
+    threads = {"ends": ends, "at_exit": gloo_threads()}
+    (out / f"threads{os.environ['RANK']}.json").write_text(json.dumps(threads))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    what, rule_arg, out_arg = sys.argv[1:4]
-    if what == "fsdp":
-        run_fsdp(rule_arg, Path(out_arg))
-    else:
-        run_trainer(rule_arg, Path(out_arg), fsdp=what == "trainer_fsdp")
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])

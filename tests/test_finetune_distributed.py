@@ -7,7 +7,8 @@
   single-process ones. The same through ``SpiderCallback``'s hooks.
 - ``SpiderCallback`` under the transformers Trainer with accelerate's DDP: the single-process Trainer's weights.
 
-The 2-rank runs are subprocesses (``python -m torch.distributed.run --standalone``, a free port each time); the
+The 2-rank runs are subprocesses (``python -m torch.distributed.run --standalone``, a free port each time), each
+also checked to end its process group with the group's gloo threads (:func:`dist_worker.torchrun`); the
 references are computed here in one process. Under AdamW the comparison of weights is blind to the scale of the
 gradients (Adam divides it out), so the finetune tests also compare the recorded gradient norms.
 """
@@ -15,9 +16,6 @@ gradients (Adam divides it out), so the finetune tests also compare the recorded
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,14 +32,6 @@ from forgetless.train.spider import SpiderCallback, abs_moments, make_rule
 torch.set_num_threads(1)
 TOL = 1e-5  # max abs difference of trained weights, one process against two
 llama_dir, text_data = test_finetune.llama_dir, test_finetune.text_data  # fixtures: a 2-layer Llama, 8 QA samples
-
-
-def torchrun(*args: str, timeout: int = 120) -> None:
-    """Run ``args`` on 2 ranks (``-m module …`` or a script), one CPU thread each; fail with their output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -63,7 +53,7 @@ def compare_runs(tmp_path: Path, weights: str) -> tuple[dict, dict]:
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the same samples in every step
     assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)  # the same gradient, not 2× or ½×
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one writer, no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "probe", "two"]  # no temporary folder left
     events = list((tmp_path / "two").glob("runs/*/events.out.tfevents.*"))  # TensorBoard: rank 0 alone logs
     assert len(events) == 1 and two["tensorboard"] == f"runs/{events[0].parent.name}"
     return one, two
@@ -75,7 +65,7 @@ def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir,
 
     extra = ("--lr", "1e-2", "--keep", keep)
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    torchrun("-m", "forgetless.cli", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
+    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
     one, two = compare_runs(tmp_path, "model.safetensors")
     base, got = load_file(str(llama_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert min((got[n] - base[n]).abs().max().item() for n in two["trained_tensors"]) > 100 * TOL  # all moved
@@ -93,7 +83,7 @@ def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama
     # lr × 1e6 × ~1e-11: at lr 1e-2 one process differs from itself by 2e-5 between batch 4 and 2 × 2 accumulation
     extra = ("--lr", "1e-3", "--lora", "--lora-r", "4", "--lora-dropout", "0")
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    torchrun("-m", "forgetless.cli", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
+    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
     compare_runs(tmp_path, "adapter_model.safetensors")
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert min(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 100 * TOL  # B moved off zero
@@ -127,7 +117,7 @@ def single_process_rule(rule_name: str):
 
 @pytest.mark.parametrize("rule_name", ["spider", "magnitude_mask"])
 def test_rule_under_fsdp2_keeps_its_pieces_and_gives_the_single_process_weights(tmp_path, rule_name):
-    torchrun(str(Path(__file__).parent / "dist_worker.py"), "fsdp", rule_name, str(tmp_path))
+    W.torchrun("fsdp", tmp_path, rule_name)
     model, rule = single_process_rule(rule_name)
     want = {n: p.detach() for n, p in model.named_parameters()}
     base = dict(W.tiny_model().named_parameters())
@@ -191,7 +181,7 @@ def test_callback_refuses_fsdp1_and_deepspeed():
 
 # ------------------------------------------------------------------------------------------------ Trainer
 def check_trainer_run(tmp_path: Path, mode: str) -> None:
-    torchrun(str(Path(__file__).parent / "dist_worker.py"), mode, "spider", str(tmp_path), timeout=180)
+    W.torchrun(mode, tmp_path, "spider", timeout=180)
     meta = json.loads((tmp_path / "trainer.json").read_text())
     got = load_file(str(tmp_path / "trainer.safetensors"))
     # one process, the same global batch: per-device 2 × 2 ranks = 4

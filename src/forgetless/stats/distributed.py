@@ -5,10 +5,16 @@ Each rank takes an interleaved shard of the samples (``samples[rank::world]``), 
 sums and counts are all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes. Sums are additive, so the result
 equals the single-process one up to the order of floating-point additions. The sampled Fisher seeds its labels
 per sample index, so it too is independent of the sharding.
+
+A process group ends before the interpreter does (:func:`end_process_group`): gloo's worker threads drop a finished
+collective's tensors a moment after it returns, and one doing so while the interpreter finalizes cannot take the GIL
+and aborts the process ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +25,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 _OWNED = False  # whether init_distributed created the process group (and so finish_distributed may end it)
+_GROUPS = 0  # process groups init_distributed has created in this process
 
 
 def dist_info() -> tuple[int, int]:
@@ -30,34 +37,48 @@ def dist_info() -> tuple[int, int]:
 
 def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (no-op for a single process). Returns (rank, world)."""
-    global _OWNED
+    global _OWNED, _GROUPS
     rank, world = dist_info()
     if world > 1 and not dist.is_initialized():
         cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        _OWNED = True
-        rank, world = dist.get_rank(), dist.get_world_size()
+        importlib.import_module("torch._dynamo")  # imported after the group exists, it would keep references to it
+
+        # each group under its own prefix of torchrun's store: a later group (the cgm chain's next statistics)
+        # must not read the addresses the ended one left there
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"forgetless{_GROUPS}", store))
+        _OWNED, _GROUPS = True, _GROUPS + 1
     return rank, world
 
 
 def finish_distributed(ok: bool = True) -> None:
-    """End the process group that :func:`init_distributed` created (a group the caller made is left alone).
-
-    With ``ok`` every rank first waits for the others (rank 0 may still be writing), so no rank exits while a
-    collective's threads are alive: gloo aborts such a process ("terminate called without an active exception").
-    After a failure the group is torn down without that wait, which could hang on a rank that is gone.
-    """
+    """End the process group that :func:`init_distributed` created (a group the caller made is left alone),
+    by :func:`end_process_group`: after the others when ``ok``, at once after a failure."""
     global _OWNED
-    if not (_OWNED and dist.is_available() and dist.is_initialized()):
+    if _OWNED:
+        _OWNED = False
+        end_process_group(wait=ok)
+
+
+def end_process_group(wait: bool = True) -> None:
+    """End this process's process group, whoever created it (accelerate's, under the Trainer), and join its threads.
+
+    With ``wait`` every rank first waits for the others (rank 0 may still be writing), so no rank leaves while a
+    peer still needs it; after a failure it does not wait for a rank that may be gone. The group is then destroyed
+    and collected, so that gloo's threads end now rather than while the interpreter finalizes. Whoever holds
+    the group (a DDP wrapper) must have dropped it before.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        if ok:
+        if wait:
             dist.barrier()
     finally:
         dist.destroy_process_group()
-        _OWNED = False
+        gc.collect()  # a holder of the group in a reference cycle
 
 
 @contextmanager

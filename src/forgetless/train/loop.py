@@ -549,6 +549,12 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             losses = nn.parallel.DistributedDataParallel(
                 losses, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False,
                 find_unused_parameters=True)  # a tensor a rank's samples do not reach (the projector, text-only)
+
+            def drop_ddp() -> None:  # DDP holds the process group: let it go first, so the group's end joins its threads
+                nonlocal losses
+                del losses
+
+            cleanup.callback(drop_ddp)
         rule = make_rule(keep, params)  # θ₀ (and G) captured now, before any step
         if rule is not None:
             user_before, user_after = before, after
