@@ -301,3 +301,19 @@ def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(tasks,
     continual._check_space(one_task, meta, None, 10**15)  # without an output, the state alone fits
     with pytest.raises(ForgetlessError, match="the new state needs"):
         continual._check_space(one_task, meta | {"options": meta["options"] | {"dtype": "float64"}}, None, 0)
+
+
+def test_a_gram_with_nan_is_named_not_reported_as_differing_grams(tasks, one_task, tmp_path, capsys):  # noqa: F811
+    from safetensors import safe_open
+
+    with safe_open(str(tasks[1][1]), framework="pt") as f:
+        meta, sums = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    q = "language_model.model.layers.1.self_attn.q_proj.weight"
+    sums[q][0, 0] = float("nan")
+    save_file(sums, str(tmp_path / "nan.safetensors"), metadata=meta)
+    before = _snapshot(one_task)
+    with pytest.raises(SystemExit) as e:
+        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tmp_path / "nan.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"tensor '{q}': the Gram has NaN or Inf entries" in err and "differ" not in err
+    assert _snapshot(one_task) == before and not _leftovers(tmp_path)
