@@ -46,6 +46,32 @@ def truncated_svd(delta: Tensor, rank: int) -> Pair:
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
+def randomized_svd(delta: Tensor, rank: int, *, oversample: int = 30, power_iters: int = 6,
+                   seed: int = 0) -> Pair:
+    """Rank-`rank` factors of `delta` by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4):
+    Q spans ``delta`` applied to ``rank + oversample`` seeded Gaussian vectors, refined by `power_iters`
+    re-orthonormalised passes through ``delta·deltaᵀ``; the exact SVD of the small ``Qᵀ·delta`` gives the factors.
+    Cost O(out·in·(rank + oversample)·(2·power_iters + 2)) instead of a dense SVD's O(out·in·min(out, in))."""
+    k = min(rank + oversample, *delta.shape)
+    g = torch.Generator(device=delta.device).manual_seed(seed)
+    omega = torch.randn(delta.shape[1], k, generator=g, dtype=delta.dtype, device=delta.device)
+    Q = torch.linalg.qr(delta @ omega).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(delta.T @ Q).Q
+        Q = torch.linalg.qr(delta @ Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)
+    A, B = Vh[:rank], (Q @ U[:, :rank]) * S[:rank]
+    if A.shape[0] < rank:  # a matrix narrower than the rank: the further singular values are 0
+        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
+    return A.contiguous(), B.contiguous()
+
+
+def refactor(delta: Tensor, rank: int, svd: Literal["exact", "randomized"] = "exact") -> Pair:
+    """`delta` as rank-`rank` factors: the exact truncated SVD (PEFT's result) or the randomized one."""
+    return truncated_svd(delta, rank) if svd == "exact" else randomized_svd(delta, rank)
+
+
 def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int) -> Pair:
     """Truncated SVD of ``Σ cₙ Bₙ Aₙ`` without forming it: with ``[c₁B₁ … ] = Q_B R_B`` and ``[A₁; …]ᵀ = Q_A R_A``
     the sum is ``Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the small Σr × Σr core gives the exact singular triplets."""
@@ -158,22 +184,22 @@ def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda
               out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
 def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5, lambda_: float = 1.0,
               sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
-              rank: int | None = None) -> Pair:
-    """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`)."""
+              rank: int | None = None, svd: Literal["exact", "randomized"] = "exact") -> Pair:
+    """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`), exact or randomized."""
     merged = ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                   sign=sign, convention=convention)
-    return truncated_svd(merged, _svd_rank(loras, rank))
+    return refactor(merged, _svd_rank(loras, rank), svd)
 
 
 @merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
               per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
 def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                      lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
-                     generator: torch.Generator | None = None) -> Pair:
-    """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`)."""
+                     svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None) -> Pair:
+    """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`), exact or randomized."""
     merged = dare_linear(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                          rescale=rescale, generator=generator)
-    return truncated_svd(merged, _svd_rank(loras, rank))
+    return refactor(merged, _svd_rank(loras, rank), svd)
 
 
 @merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
@@ -181,11 +207,11 @@ def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: l
 def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                    lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
                    convention: Convention = "mergekit", rank: int | None = None,
-                   generator: torch.Generator | None = None) -> Pair:
-    """DARE + TIES consensus on the LoRA deltas, re-factored to `rank` by SVD (PEFT `dare_ties_svd`)."""
+                   svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None) -> Pair:
+    """DARE + TIES consensus on the LoRA deltas, re-factored by SVD (PEFT `dare_ties_svd`), exact or randomized."""
     merged = dare_ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                        rescale=rescale, sign=sign, convention=convention, generator=generator)
-    return truncated_svd(merged, _svd_rank(loras, rank))
+    return refactor(merged, _svd_rank(loras, rank), svd)
 
 
 @merge_method("lora_cat", space="adapter", per_model=("weight",),
@@ -206,4 +232,4 @@ def lora_linear(loras: list[Pair], *, weight: list[float] = 1.0) -> Pair:
 
 
 __all__ = ["Pair", "copa", "deltas", "lora_cat", "lora_dare_linear", "lora_dare_ties", "lora_linear",
-           "lora_task_arithmetic", "lora_ties", "lowrank_sum_svd", "truncated_svd"]
+           "lora_task_arithmetic", "lora_ties", "lowrank_sum_svd", "randomized_svd", "refactor", "truncated_svd"]
