@@ -144,3 +144,20 @@ def test_default_ridge_survives_a_float32_gram_with_a_massive_activation():
     top = torch.linalg.eigh(gram).eigenvectors[:, -100:]
     err = ((merged - delta) @ top).norm() / (delta @ top).norm()
     assert err < 1e-2
+
+
+@pytest.mark.parametrize("approx", ["full", "diagonal"])
+def test_a_step_from_the_adapters_factors_equals_the_step_from_their_product(approx):
+    """ΔWₜGₜ taken as B(AG) from the LoRA factors gives the step of the multiplied-out ΔW = BA, to rounding."""
+    from forgetless.methods.lpm import Solver, lpm_accumulate, lpm_update
+
+    g = torch.Generator().manual_seed(3)
+    factors = [(torch.randn(2, IN, generator=g, dtype=torch.float64),
+                torch.randn(OUT, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+    grams = [X.T @ X for X in (torch.randn(10, IN, generator=g, dtype=torch.float64) for _ in range(3))]
+    dense = lpm_recursive([B @ A for A, B in factors], grams, gamma=1e-2, approx=approx)
+    merged, h, ridge = None, None, 0.0
+    for t, ((A, B), G) in enumerate(zip(factors, grams)):
+        h, ridge, inc, gt = lpm_accumulate(h, ridge, G, gamma=1e-2, approx=approx)
+        merged = lpm_update(merged, (A, B), gt, inc, Solver(h, ridge))
+        assert _rel(merged, dense[t]) < 1e-12, t

@@ -825,12 +825,12 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
                                          "compute the Gram on more data") from None
         for n in names:
             lora = loras.get(n)
-            delta = None
+            factors = None
             if lora is not None:
                 A, B, s = lora.factors()
-                delta = (B.double() @ A.double()) * s
-            merged = lpm_update(previous(f"delta/{n}"), delta, gt, inc, solver)
-            del delta
+                factors = (A.double() * s, B.double())  # ΔWₜGₜ as B(AG): never the [out, in] product
+            merged = lpm_update(previous(f"delta/{n}"), factors, gt, inc, solver)
+            del factors
             if not torch.isfinite(merged).all():
                 raise ForgetlessError("the merged delta has NaN or Inf", tensor=n, file=gram_path,
                                       remedy="check the adapter's factors and the Gram file for NaN/Inf")

@@ -164,22 +164,35 @@ def lpm_accumulate(gram_sum: Tensor | None, ridge: float, gram: Tensor, *, gamma
     return h, ridge + inc, inc, g
 
 
-def lpm_update(merged: Tensor | None, delta: Tensor | None, gram: Tensor, ridge_inc: float,
+Delta = Tensor | tuple[Tensor, Tensor]  # ΔW [out, in], or its LoRA factors (A [r, in], B [out, r]): ΔW = B·A
+
+
+def _delta_times_gram(delta: Delta, gram: Tensor) -> Tensor:
+    """ΔW G, float64; from the factors as B(AG): r·in² + out·r·in operations instead of out·in²."""
+    if isinstance(delta, Tensor):
+        return _times_gram(delta.double(), gram)
+    A, B = delta
+    return B.double() @ _times_gram(A.double(), gram)
+
+
+def lpm_update(merged: Tensor | None, delta: Delta | None, gram: Tensor, ridge_inc: float,
                solver: Solver) -> Tensor:
     """ΔW*ₜ = ΔW*ₜ₋₁ + (ΔWₜGₜ − ΔW*ₜ₋₁(Gₜ + δₜI)) Pₜ, float64. ``merged=None``: the first task (ΔW*₀ = 0);
-    ``delta=None``: task t did not adapt this module (ΔWₜ = 0: its data asks for the base's outputs). ``gram`` is
-    Gₜ as :func:`lpm_accumulate` returns it, ``solver`` Pₜ's factorisation of its (Hₜ, ρₜ)."""
+    ``delta=None``: task t did not adapt this module (ΔWₜ = 0: its data asks for the base's outputs); ``delta``
+    may be the adapter's factors (A, B), never multiplied out. ``gram`` is Gₜ as :func:`lpm_accumulate` returns it,
+    ``solver`` Pₜ's factorisation of its (Hₜ, ρₜ)."""
     if merged is None and delta is None:
         raise ValueError("an LPM step needs the previous merged delta or the task's delta")
-    rhs = _times_gram(delta.double(), gram) if delta is not None else None
+    rhs = _delta_times_gram(delta, gram) if delta is not None else None
     if merged is None:
         return solver.solve(rhs)  # type: ignore[arg-type]
     prev = merged.double()
     resid = _times_gram(prev, gram)
     if ridge_inc:
-        resid = resid + prev * ridge_inc
-    resid = -resid if rhs is None else rhs - resid
-    return prev + solver.solve(resid)
+        resid.add_(prev, alpha=ridge_inc)
+    resid = resid.neg_() if rhs is None else rhs.sub_(resid)
+    del rhs
+    return solver.solve(resid).add_(prev)
 
 
 def lpm_recursive(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: float = DEFAULT_GAMMA,
@@ -198,6 +211,7 @@ def lpm_recursive(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: f
 
 __all__ = [
     "DEFAULT_GAMMA",
+    "Delta",
     "SingularGramError",
     "Solver",
     "as_gram",
