@@ -5,6 +5,7 @@ the state's layout, atomic replacement when a step fails, and every bad input re
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -344,3 +345,42 @@ def test_data_instead_of_gram_computes_it_at_the_base_and_reuses_it(tmp_path):
     assert computed[0].stat().st_mtime_ns == mtime and any("reusing" in m for m in logs)
     with pytest.raises(ForgetlessError, match="one of the two"):
         add_task(tmp_path / "s4", adapter=tmp_path / "ad", data=data, gram=explicit, out=None, base=base, log=None)
+
+
+def _conditioned_gram(model_dir: Path, path: Path, seed: int, cond: float) -> dict[str, torch.Tensor]:
+    """A Gram file whose every matrix has eigenvalues log-spaced over [1, cond] (float32 sums, count 1); returns
+    the per-token Grams in float64 as stored."""
+    g = torch.Generator().manual_seed(seed)
+    sums, stored, by_width = {}, {}, {}
+    with CheckpointReader(model_dir) as r:
+        for n in [n for n in r.names() if n.endswith(".weight") and len(r.info(n).shape) == 2]:
+            key = _input_key(n)
+            if key not in by_width:
+                w = r.info(n).shape[1]
+                Q = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64)).Q
+                by_width[key] = ((Q * torch.logspace(0, math.log10(cond), w, dtype=torch.float64)) @ Q.T).float()
+            sums[n] = by_width[key].clone()
+            stored[n] = sums[n].double()
+    save_gram(path, sums, dict.fromkeys(sums, 1), 1, data_fingerprint=f"cond{seed}", **model_fingerprints(model_dir))
+    return stored
+
+
+@pytest.mark.parametrize("dtype, bound", [("float64", 2e-7), ("float32", 2e-5)])
+def test_the_stored_dtype_bounds_the_agreement_with_the_batch_solve(tasks, tiny_llava_dir, tmp_path, dtype, bound):
+    """Three steps through Grams of condition 2e5: the state's ΔW*₃ against the dense batch solve. float64 sums
+    keep the recursion exact to rounding; float32 sums (the default, half the size) carry their rounding forward."""
+    grams = [_conditioned_gram(tiny_llava_dir, tmp_path / f"c{i}.safetensors", i, 2e5) for i in range(3)]
+    state = tmp_path / "state"
+    for i, t in enumerate(tasks):
+        first = {"base": tiny_llava_dir, "state_dtype": dtype, "gamma": 1e-6} if i == 0 else {}
+        add_task(state, adapter=t[0], gram=tmp_path / f"c{i}.safetensors", out=None, log=None, **first)
+    meta = load_state(state)
+    worst = 0.0
+    for n, m in meta["modules"].items():
+        got = load_file(str(state / m["part"]))[f"delta/{n}"].double()
+        H = sum(g[n] for g in grams)
+        num = sum(t[2].get(n, torch.zeros_like(H[:1])) @ g[n] for t, g in zip(tasks, grams))
+        want = torch.linalg.solve(H + 1e-6 * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype),
+                                  num.T).T
+        worst = max(worst, float((got - want).norm() / want.norm()))
+    assert worst < bound, worst
