@@ -285,9 +285,9 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
             if problem is not None:
                 key = f"models[{i}].{p}" if p in spec.per_model and p in recipe.models[i].params else f"parameters.{p}"
                 raise ForgetlessError(f"{key}: {problem} (method {spec.name!r})", file=where, remedy=EXAMPLES_HINT)
-    if spec.name == "linear" and len(recipe.models) > 1 and sum(params["weight"]) == 0:  # θ̄ = Σ wθ / Σ w
-        raise ForgetlessError(f"models[*].weight: the weights {params['weight']} sum to 0, and linear divides by "
-                              "their sum", file=where, remedy="give weights with a non-zero sum")
+    if spec.divides_by_weights and len(recipe.models) > 1 and sum(params["weight"]) == 0:  # Σ wθ / Σ w
+        raise ForgetlessError(f"models[*].weight: the weights {params['weight']} sum to 0, and {spec.name} divides "
+                              "by their sum", file=where, remedy="give weights with a non-zero sum")
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:

@@ -88,8 +88,8 @@ class Recipe(BaseModel):
     seed: int = Field(default=0, ge=0)
     layout: str = "auto"
     fold: bool = False
-    # statistics taken at weights that are neither the base's nor a model's; with fold, adapters whose
-    # base_model_name_or_path names another model than base
+    # statistics taken at weights that are neither the base's nor a model's; adapters folded (fold, MODEL+ADAPTER)
+    # into another model than their base_model_name_or_path
     allow_other_model: bool = False
     non_lora: Literal["average"] | int = "average"
     out: str | None = None

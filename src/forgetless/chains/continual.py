@@ -686,12 +686,13 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
                         cpm_images=cpm_new.pop("images"))
 
         entries = _output_entries(base_reader, state_names, modules, rank) if out_path is not None else []
-        _check_space(state, new_meta, out_path, sum(e.nbytes for e in entries))
+        out_bytes = sum(e.nbytes for e in entries)
+        _check_space(state, new_meta, out_path, out_bytes)
         writer = None
         if out_path is not None:
             one_file = rank is not None  # a PEFT adapter is one adapter_model.safetensors
             writer = StreamingWriter(out_path, entries, force=force,
-                                     shard_size=sum(e.nbytes for e in entries) + 1 if one_file else parse_size(shard_size),
+                                     shard_size=out_bytes + 1 if one_file else parse_size(shard_size),
                                      single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
                                      metadata={"forgetless_version": __version__, "method": "lpm"})
         if log:

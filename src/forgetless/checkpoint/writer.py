@@ -44,6 +44,7 @@ import torch
 
 from ..errors import ForgetlessError, naming
 from .reader import DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE, dtype_size
+from .space import check_free_space
 
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -310,8 +311,6 @@ class StreamingWriter:
         self._partial: dict[str, int] = {}  # name -> bytes written so far, for tensors written in pieces
         self._lock = threading.Lock()
         self.total_size = sum(e.nbytes for e in entries)
-        from .space import check_free_space
-
         check_free_space(self.out, self.total_size, "the output")
         meta = {"format": "pt", **(metadata or {})}
         self._paths: dict[int, Path] = {}  # fd -> its file, for the messages of OS errors that lack it

@@ -269,16 +269,14 @@ def _loading_bars(shown: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_items_first(result: dict[str, Any], who: str, groups: list[dict], limit: int | None, log) -> None:
-    """Before any work: the tasks about to be evaluated hold the items ``result`` was scored on. Tasks of a result
-    written before forgetless recorded its items are matched by name and size only, which ``log`` notes."""
-    from .harness import task_fingerprints
-
-    for group in groups:
-        for name, spec in group.items():
-            theirs = result["tasks"].get(name, {}).get(FINGERPRINTS)
-            if theirs is not None:
-                check_items(name, task_fingerprints(spec, limit), theirs, result["path"], who)
+def _check_items_first(result: dict[str, Any], who: str, mine: Mapping[str, list[str]], log) -> None:
+    """Before any work: the tasks about to be evaluated (``mine``: their item fingerprints by name) hold the items
+    ``result`` was scored on. Tasks of a result written before forgetless recorded its items are matched by name
+    and size only, which ``log`` notes."""
+    for name, fingerprints in mine.items():
+        theirs = result["tasks"].get(name, {}).get(FINGERPRINTS)
+        if theirs is not None:
+            check_items(name, fingerprints, theirs, result["path"], who)
     old = unchecked(result)
     if old and log is not None:
         log(f"note: {result['path']} has no item fingerprints for {', '.join(old)} (written by an older "
@@ -302,7 +300,7 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     from ..checkpoint.guard import check_output
     from ..checkpoint.lora import parse_model_ref
     from ..errors import ForgetlessError
-    from .harness import evaluate, resolve_task
+    from .harness import evaluate, resolve_task, task_fingerprints
 
     if finetuned is not None and base is None:
         raise ForgetlessError("--finetuned needs --base (E and F are measured from the base model)",
@@ -322,12 +320,14 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
         if len(groups[-1]) != len(resolved):
             raise ForgetlessError(f"two tasks share a name: {', '.join(t.name for t in resolved)}",
                                   remedy="give each task once (rename a JSONL file if two have the same stem)")
-    for r, who in ((base_r, "base model"), (ft_r, "fine-tuned model")):
-        if r is not None:
-            _check_items_first(r, who, groups, limit, log)
     if out is not None:  # the model folder, the task files and the result files read are never written over
         specs = [t.path for g in groups for t in g.values()]
         check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
+    if base_r is not None:  # each task read once for both results
+        mine = {name: task_fingerprints(spec, limit) for g in groups for name, spec in g.items()}
+        for r, who in ((base_r, "base model"), (ft_r, "fine-tuned model")):
+            if r is not None:
+                _check_items_first(r, who, mine, log)
     with _loading_bars(progress):
         res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,

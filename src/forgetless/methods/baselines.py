@@ -181,7 +181,8 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
 
 
 # ---------------------------------------------------------------------------------------------- methods
-@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks", reads_finetuned=True)
+@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks", reads_finetuned=True,
+              divides_by_weights=True)
 def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5,
            block: RowBlock | None = None) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""

@@ -101,7 +101,7 @@ def _fisher_prepare(which):
 
 
 @merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"},
-              rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"]))
+              rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"]), divides_by_weights=True)
 def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: list[float] = 1.0,
            epsilon: float = 1e-8, normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
     """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""

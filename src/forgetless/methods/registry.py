@@ -155,6 +155,7 @@ class MethodSpec:
     rows: Literal["whole", "blocks"] = "whole"
     tensor_prepare: Callable[..., dict[str, Any]] | None = None
     reads_finetuned: bool = False
+    divides_by_weights: bool = False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -214,7 +215,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
                  dense: bool = False, ranges: dict[str, str] | None = None,
                  rows: Literal["whole", "blocks"] = "whole",
-                 tensor_prepare: Callable[..., dict[str, Any]] | None = None, reads_finetuned: bool = False):
+                 tensor_prepare: Callable[..., dict[str, Any]] | None = None, reads_finetuned: bool = False,
+                 divides_by_weights: bool = False):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -236,7 +238,7 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
                           ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
                           equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare,
-                          reads_finetuned=reads_finetuned)
+                          reads_finetuned=reads_finetuned, divides_by_weights=divides_by_weights)
         if space == "adapter" and out_rank is None:
             raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
         if set(spec.ranges) - set(spec.params):

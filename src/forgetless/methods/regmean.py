@@ -138,7 +138,7 @@ def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
 
 @merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
               without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
-              rows="blocks", tensor_prepare=regmean_prepare)
+              rows="blocks", tensor_prepare=regmean_prepare, divides_by_weights=True)
 def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: list[float] = 1.0,
             alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None) -> Tensor:
     """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight; tensors without a Gram get the plain average."""
