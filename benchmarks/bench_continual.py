@@ -1,7 +1,7 @@
 """Continual LPM steps at LLaVA-1.5-7B shapes: time and peak memory per `continual add`, against the task index t.
 
     .venv/bin/python benchmarks/bench_continual.py [--layers 2] [--tasks 4] [--approx full diagonal] [--rank 16]
-                                                  [--scale 1.0] [--bench-dir DIR]
+                                                  [--scale 1.0] [--bench-dir DIR] [--repeat N] [--device cpu]
 
 Inputs, synthetic:
 - the base: bench_lora_merge's sparse LLaVA-1.5-7B-hf-shaped folder (names and shapes only; a state update reads
@@ -16,14 +16,23 @@ streaming fold, the rank-r output a truncated SVD per module) in a fresh child p
 kernel peak RSS: bench_merge.py's `run_measured`; the step's own time, without Python and torch starting, as
 ``step_s``), for t = 1…``--tasks``. A step streams the state one decoder layer at a time, so
 its time and memory are per layer: the 32-layer figure is the measured time × 32 / ``--layers``, its peak memory
-the measured one (one layer's part in memory, whatever the number of layers). Results:
-benchmarks/bench_continual_results.json.
+the measured one (one layer's part in memory, whatever the number of layers). ``--repeat N`` runs the whole
+sequence N times from an empty state and reports each step's median and [min, max]; ``--device`` is `continual
+add`'s (where the solves run). Results: benchmarks/bench_continual_results.json (``--out``).
+
+The FLOP floor (full Grams): what a step cannot avoid, :func:`forgetless.methods.lpm.lpm_step_flops` summed
+over the step's modules (one factorisation per distinct Gram: q/k/v and gate/up share theirs; ΔW*ₜ₋₁Gₜ from
+t = 2 on), divided by the float64 GEMM rate measured here, in a fresh child process with the steps' threads:
+the best of 3 float64 products [h, h]·[h, h] at the model's hidden size h, the shape of most of the step's
+products. A step's ``step_s / floor_s`` is how far it is from that floor (the state's reading and writing
+included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -109,12 +118,50 @@ def write_task(root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: i
     return adapter, gram
 
 
-def child(state: str, adapter: str, gram: str, approx: str, seconds_file: str) -> None:
+def child(state: str, adapter: str, gram: str, approx: str, seconds_file: str, device: str = "cpu") -> None:
     from forgetless.chains.continual import add_task
 
     report = add_task(state, adapter=adapter, gram=gram, out=None, base=str(Path(state).parent / "base"),
-                      approx=approx, log=None)
+                      approx=approx, device=device, log=None)
     Path(seconds_file).write_text(str(report.seconds))
+
+
+def step_flops(mods: dict[str, tuple[int, int]], rank: int, t: int) -> float:
+    """The FLOP floor of step t over all the modules (full Grams): one factorisation per distinct Gram."""
+    from forgetless.methods.lpm import lpm_step_flops
+
+    seen: set[str] = set()
+    total = 0.0
+    for n, (o, i) in mods.items():
+        key = n.rsplit(".", 2)[0] + "." + SHARED.get(n.split(".")[-2], n.split(".")[-2])
+        total += lpm_step_flops(o, i, rank, previous=t > 1, factorise=key not in seen)
+        seen.add(key)
+    return total
+
+
+def gemm_child(size: str, out_file: str) -> None:
+    """The float64 GEMM rate (FLOP/s) of [size, size]·[size, size], best of 3, written to `out_file`."""
+    import time
+
+    import torch
+
+    n = int(size)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    b = torch.randn(n, n, generator=g, dtype=torch.float64)
+    c = a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    Path(out_file).write_text(json.dumps({"size": n, "seconds": best, "flops_per_s": 2 * n**3 / best,
+                                          "threads": torch.get_num_threads()}))
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2)}
 
 
 def main() -> None:
@@ -124,6 +171,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--approx", nargs="+", default=["full", "diagonal"])
+    p.add_argument("--repeat", type=int, default=1, help="Run the whole sequence this many times.")
+    p.add_argument("--device", default="cpu", help="continual add --device (where the solves run).")
     p.add_argument("--bench-dir", type=Path, default=Path("runs/bench_continual"))
     p.add_argument("--poll-ms", type=float, default=50.0)
     p.add_argument("--out", type=Path, default=HERE.parent / "bench_continual_results.json")
@@ -135,22 +184,45 @@ def main() -> None:
     shapes = write_base(base, a.scale)
     mods = targets(shapes, a.layers)
     tasks = [write_task(root, base, mods, a.rank, seed) for seed in range(1, a.tasks + 1)]
-    results: dict = {"layers": a.layers, "scale": a.scale, "rank": a.rank, "modules": len(mods), "runs": {}}
+    hidden = min(i for _, i in mods.values())
+    rate_file = root / "gemm_rate.json"
+    run_measured([sys.executable, str(HERE), "--gemm", str(hidden), str(rate_file)], root / "log-gemm.txt",
+                 a.poll_ms)
+    gemm = json.loads(rate_file.read_text())
+    print("float64 GEMM", gemm, flush=True)
+    results: dict = {"layers": a.layers, "scale": a.scale, "rank": a.rank, "modules": len(mods),
+                     "device": a.device, "repeat": a.repeat, "gemm_float64": gemm, "runs": {}}
     for approx in a.approx:
-        state = root / f"state-{approx}"
-        shutil.rmtree(state, ignore_errors=True)
-        steps = []
-        for t, (adapter, gram) in enumerate(tasks, 1):
-            secs = root / "step_seconds.txt"
-            cmd = [sys.executable, str(HERE), "--child", str(state), str(adapter), str(gram), approx, str(secs)]
-            res = run_measured(cmd, root / f"log-{approx}-{t}.txt", a.poll_ms)
-            step_s = float(secs.read_text())
-            size = sum(f.stat().st_size for f in state.iterdir())
-            steps.append({"t": t, "process_wall_s": round(res["wall_s"], 2), "step_s": round(step_s, 2),
-                          "peak_rss_mib": round(res["peak_rss_mib"]), "state_mib": round(size / 2**20, 1),
-                          "step_s_32_layers": round(step_s * 32 / a.layers, 1)})
-            print(approx, steps[-1], flush=True)
-        results["runs"][approx] = steps
+        runs: list[list[dict]] = []
+        for rep in range(a.repeat):
+            state = root / f"state-{approx}"
+            shutil.rmtree(state, ignore_errors=True)
+            steps = []
+            for t, (adapter, gram) in enumerate(tasks, 1):
+                secs = root / "step_seconds.txt"
+                cmd = [sys.executable, str(HERE), "--child", str(state), str(adapter), str(gram), approx,
+                       str(secs), a.device]
+                res = run_measured(cmd, root / f"log-{approx}-{t}.txt", a.poll_ms)
+                step_s = float(secs.read_text())
+                size = sum(f.stat().st_size for f in state.iterdir())
+                step = {"t": t, "process_wall_s": round(res["wall_s"], 2), "step_s": round(step_s, 2),
+                        "peak_rss_mib": round(res["peak_rss_mib"]), "state_mib": round(size / 2**20, 1),
+                        "other_cpu_s": round(res["other_cpu_s"], 1),
+                        "step_s_32_layers": round(step_s * 32 / a.layers, 1)}
+                if approx == "full":
+                    floor = step_flops(mods, a.rank, t) / gemm["flops_per_s"]
+                    step.update(flop_floor=step_flops(mods, a.rank, t), floor_s=round(floor, 2),
+                                over_floor=round(step_s / floor, 3))
+                steps.append(step)
+                print(approx, f"run {rep + 1}/{a.repeat}", steps[-1], flush=True)
+            runs.append(steps)
+        by_t = [[r[t] for r in runs] for t in range(len(tasks))]
+        results["runs"][approx] = {
+            "steps": runs,
+            "summary": [{"t": t + 1, **{k: summary([s[k] for s in group])
+                                       for k in ("step_s", "peak_rss_mib", "over_floor") if k in group[0]}}
+                        for t, group in enumerate(by_t)]}
+        print(approx, "summary", json.dumps(results["runs"][approx]["summary"]), flush=True)
     a.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {a.out}")
 
@@ -158,5 +230,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--gemm":
+        gemm_child(*sys.argv[2:])
     else:
         main()

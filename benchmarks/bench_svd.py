@@ -1,6 +1,7 @@
 """The re-factoring SVD of the adapter-space baselines at LLaVA-1.5-7B's widest shape: exact against randomized.
 
     .venv/bin/python benchmarks/bench_svd.py [--out 4096] [--in 11008] [--models 8] [--rank 16] [--runs 3]
+    .venv/bin/python benchmarks/bench_svd.py --whole [--runs 3]
 
 One module: `--models` random rank-`--rank` adapters (factors N(0, 0.01²)), their deltas merged by TIES (density
 0.5, mergekit's convention), the merged [out, in] update re-factored to rank `--rank` by the exact truncated SVD
@@ -9,6 +10,11 @@ each one's wall time (median of `--runs`, with the spread), the relative Frobeni
 reconstruction ‖M − BA‖/‖M‖, its excess over the exact SVD's (the Eckart–Young optimum), and the largest relative
 error of the r singular values. Random factors give a nearly flat spectrum after the trim: the hardest case for a
 range finder. Results: benchmarks/bench_svd_results.json.
+
+``--whole``: the whole merge, `forgetless.merge` of `lora_ties` (density 0.5, ``svd: randomized``) over 8 rank-16
+adapters on all 224 Linears of bench_lora_merge's LLaVA-1.5-7B-shaped folders, in a fresh process per run (wall
+time and peak RSS: bench_merge's `run_measured`; the method's own time per module shape beside). Results:
+benchmarks/bench_svd_whole_results.json.
 """
 
 from __future__ import annotations
@@ -38,14 +44,43 @@ def rel_err(M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
     return float((M.double() - B.double() @ A.double()).norm() / M.double().norm())
 
 
+def whole(runs: int) -> None:
+    """The 224-module lora_ties merge with svd: randomized, `runs` times (module docstring)."""
+    import sys
+
+    import bench_lora_merge as blm
+    from bench_merge import median_of, run_measured, spread_of
+
+    d = Path("/tmp/forgetless-bench-lora")
+    d.mkdir(parents=True, exist_ok=True)
+    modules = blm.lora_modules(blm.write_base(d / "base"))
+    adapters = [d / f"adapter-{k}" for k in range(8)]
+    for k, a in enumerate(adapters):
+        blm.write_adapter(a, modules, 16, seed=k)
+    params = json.dumps({"density": 0.5, "svd": "randomized"})
+    cmd = [sys.executable, blm.__file__, "--child-forgetless", "lora_ties", str(d / "base"), str(d / "out-ties-rsvd"),
+           params, *map(str, adapters)]
+    results = [run_measured(cmd, d / f"ties-rsvd-{r}.log", 50.0) for r in range(runs)]
+    per = json.loads((d / "out-ties-rsvd" / "module_seconds.json").read_text())
+    out = {"modules": len(modules), "adapters": 8, "rank": 16, "params": json.loads(params),
+           "median": median_of(results), "spread": spread_of(results), "last_run_module_seconds": per,
+           "threads": torch.get_num_threads()}
+    Path(__file__).with_name("bench_svd_whole_results.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out[k] for k in ("median", "spread")}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--whole", action="store_true", help="the whole 224-module merge (module docstring)")
     ap.add_argument("--out", type=int, default=4096)
     ap.add_argument("--in", dest="inp", type=int, default=11008)
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    if args.whole:
+        whole(args.runs)
+        return
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(args.rank, args.inp, generator=g) / 100, torch.randn(args.out, args.rank, generator=g) / 100)
              for _ in range(args.models)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +21,8 @@ GENERAL = [("Capital of France?", "Paris."), ("2 + 2 =", "4"), ("Colour of grass
 TASK = [("Zorb: red fox", "glim tor"), ("Zorb: blue cat", "pak vree"), ("Zorb: red cat", "pak tor")]
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cgm")
+def make_pair(root: Path) -> Path:
+    """root/base (a tiny 8-layer Llama), root/ft (it, moved by 2% noise), general and task calibration files."""
     base = build_llama_with_tokenizer(root / "base", layers=8, tie=False)
     shutil.copytree(base, root / "ft")
     model = LlamaForCausalLM.from_pretrained(base)
@@ -33,6 +33,11 @@ def pair(tmp_path_factory):
     write_qa_jsonl(root / "general.jsonl", GENERAL)
     write_qa_jsonl(root / "task.jsonl", TASK)
     return root
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("cgm"))
 
 
 def test_published_scope_is_the_last_three_eighths_and_lm_head(pair):

@@ -372,8 +372,9 @@ def test_statistics_too_large_for_the_free_space_are_refused_before_the_pass(tmp
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     monkeypatch.setattr(run, "accumulate_gram", None)  # the pass over the data is not started
     cfg = json.loads((llama_dir / "config.json").read_text())
-    linears = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 2 * cfg["hidden_size"] ** 2
-                                          + cfg["intermediate_size"] ** 2) + cfg["hidden_size"] ** 2
+    # one Gram per distinct input: q/k/v, o, gate/up (hidden wide) and down (intermediate wide), and lm_head's
+    linears = cfg["num_hidden_layers"] * (3 * cfg["hidden_size"] ** 2 + cfg["intermediate_size"] ** 2) \
+        + cfg["hidden_size"] ** 2
     err = refused(stats_args(llama_dir, tmp_path), capsys)
     assert err == (f"error: {tmp_path / 'gram.safetensors'}: the gram file needs {W.human_bytes(4 * linears)} but "
                    "its disk has 1000 B free — free space on that disk, or write the output to another disk")

@@ -19,7 +19,7 @@ from forgetless.stats.fisher import (
     linear_modules,
     sample_answer_labels,
 )
-from forgetless.stats.gram import accumulate_gram, gram_memory
+from forgetless.stats.gram import accumulate_gram, expected_shares, gram_memory
 
 PAD = 0
 LLAVA_IMG, LLAVA_TOKENS = 127, 16  # 32×32 image, 8×8 patches, CLS dropped
@@ -370,15 +370,20 @@ def test_gram_equals_explicit_sum_over_non_padding_tokens(family, tokens):
         for h in hooks:
             h.remove()
     assert res.token_counts == counts
-    for n in linears:
-        assert res.grams[n].dtype == torch.float64
-        assert_rel_close(res.grams[n], want[n], 1e-12, n)
-    assert gram_memory(linears) == sum(m.in_features ** 2 * 8 for m in linears.values())
+    for n in linears:  # a shared Gram is the Gram of every module that reads the input
+        got = res.grams[res.shared.get(n, n)]
+        assert got.dtype == torch.float64
+        assert_rel_close(got, want[n], 1e-12, n)
+    assert set(res.grams) == set(linears) - set(res.shared)
+    # q/k/v and gate/up share, in the language model and the tower, as the names predict
+    assert {n.split(".")[-2] for n in [*res.shared, *res.shared.values()]} >= {"k_proj", "v_proj", "up_proj"}
+    assert res.shared == expected_shares(list(linears))
+    assert gram_memory(linears, shared=res.shared) == sum(g.numel() * 8 for g in res.grams.values())
     if family != "llama":
         assert any(counts[n] > 0 and ("vision" in n or "visual" in n) for n in linears)
 
 
-def test_gram_float32_compensated_matches_float64():
+def test_gram_float32_matches_float64_in_half_the_memory():
     model = tiny_llama_model()
     batches = [collate(llama_samples(s), "llama") for s in range(3)]
     a = accumulate_gram(model, batches, dtype=torch.float64)
@@ -386,9 +391,19 @@ def test_gram_float32_compensated_matches_float64():
     for n in a.grams:
         assert b.grams[n].dtype == torch.float32
         assert_rel_close(b.grams[n].double(), a.grams[n], 1e-6, n)
-    assert a.token_counts == b.token_counts
-    # float32 + its Kahan compensation buffer: 8 bytes per entry, like float64
-    assert gram_memory(linear_modules(model), torch.float32) == gram_memory(linear_modules(model))
+    assert a.token_counts == b.token_counts and a.shared == b.shared
+    assert gram_memory(linear_modules(model), torch.float32) * 2 == gram_memory(linear_modules(model))
+
+
+def test_unshared_gram_gives_every_module_its_own_equal_sum():
+    model = tiny_llama_model()
+    batches = [collate(llama_samples(s), "llama") for s in range(2)]
+    shared = accumulate_gram(model, batches)
+    alone = accumulate_gram(model, batches, share=False)
+    assert alone.shared == {} and set(alone.grams) == set(linear_modules(model))
+    for n, rep in shared.shared.items():
+        assert torch.equal(alone.grams[n], alone.grams[rep]), n
+        assert torch.equal(alone.grams[rep], shared.grams[rep]), rep
 
 
 def test_tied_output_embedding_gets_the_gradient_of_both_uses():

@@ -165,7 +165,8 @@ skipped = gather_objects(f.skipped)
 if rank == 0:
     save_fisher(sys.argv[1] + "/fisher.safetensors", f.sums, n, model_fingerprint="m", data_fingerprint="d",
                 extra={{"skipped": sum(skipped, [])}})
-    save_gram(sys.argv[1] + "/gram.safetensors", g.grams, counts, ng, model_fingerprint="m", data_fingerprint="d")
+    save_gram(sys.argv[1] + "/gram.safetensors", g.grams, counts, ng, model_fingerprint="m", data_fingerprint="d",
+              shared=g.shared)
 finish_distributed()  # without it a rank may exit while gloo's threads live, and abort
 """
 

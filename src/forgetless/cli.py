@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import signal
 import sys
 import threading
@@ -35,13 +36,18 @@ def cli() -> None:
 @click.option("--memory", default=None, metavar="SIZE",
               help="Peak memory the merge may take (e.g. 8GiB; default: the recipe's memory, else auto = half of "
                    "the available memory). Tensors too large for it are merged in blocks of rows, with the same result.")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Where RegMean's solves and the adapter-space SVDs run: cpu, cuda, cuda:N or auto (CUDA "
+                   "when present); overrides the recipe's device (default cpu). Other methods: the CPU.")
 def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool,
-              allow_other_model: bool, memory: str | None) -> None:
+              allow_other_model: bool, memory: str | None, device: str | None) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if device is not None:
+        loaded = loaded.model_copy(update={"device": device})  # checked when the merge is planned
     if fold:
         loaded = loaded.model_copy(update={"fold": True})
     if allow_other_model:
@@ -81,6 +87,22 @@ def methods_cmd() -> None:
         click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}{space}")
 
 
+def _tf32_option(fn):
+    """--tf32/--no-tf32: the command runs with TF32 float32 matmuls on CUDA (PyTorch's recommendation for Ampere and
+    later GPUs) or IEEE float32; the settings are put back when it returns."""
+
+    @functools.wraps(fn)
+    def run(*args, tf32: bool, **kw):
+        from .precision import tf32 as tf32_matmuls
+
+        with tf32_matmuls(tf32):
+            return fn(*args, **kw)
+
+    return click.option("--tf32/--no-tf32", default=True, show_default=True,
+                        help="CUDA: float32 matmuls on TF32 tensor cores (10-bit mantissa, float32 accumulation); "
+                        "--no-tf32 for IEEE float32. No effect on the CPU or on bfloat16/float16.")(run)
+
+
 @cli.group("stats")
 def stats_group() -> None:
     """Curvature and activation statistics on calibration data (Fisher, Gram). Data-parallel under torchrun."""
@@ -106,8 +128,12 @@ def _stats_options(fn):
                      show_default=True),
         click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."),
         click.option("--force", is_flag=True, help="Replace an existing output file."),
-        click.option("--dry-run", is_flag=True, help="Say what would be computed and the memory it takes."),
+        click.option("--dry-run", is_flag=True, help="Say what would be computed and the memory per device it takes "
+                     "(accounted without reading the weights)."),
+        click.option("--memory", default=None, help="Refuse before any work when the memory per device would exceed "
+                     "this (e.g. 40GiB); the device's free memory is always checked."),
     ]
+    fn = _tf32_option(fn)
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -138,9 +164,15 @@ def stats_fisher(**kw) -> None:
 @click.option("--tokens", type=click.Choice(["all", "answer"]), default="all", show_default=True,
               help="Which tokens' inputs count: every non-padding token, or answer tokens only.")
 @click.option("--accumulate", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="float32 uses compensated (Kahan) sums.")
+              help="Accumulator dtype: float32 halves the memory (4 bytes per entry).")
+@click.option("--no-share", "share", flag_value=False, default=True,
+              help="One Gram per Linear even where several read the same input (q/k/v, gate/up).")
+@click.option("--split", type=click.Choice(["none", "modules"]), default="none", show_default=True,
+              help="Under torchrun: each rank accumulates a share of the modules over every sample (memory / ranks) "
+                   "instead of every module over a share of the samples (time / ranks).")
 def stats_gram(**kw) -> None:
-    """Input Gram matrices G = Σ x xᵀ of every Linear layer in scope, with token counts."""
+    """Input Gram matrices G = Σ x xᵀ of every Linear layer in scope, with token counts. Linears that read the same
+    input share one Gram; runs over disjoint --scope write files that complete each other."""
     _run_stats("gram", **kw)
 
 
@@ -167,6 +199,10 @@ def stats_gram(**kw) -> None:
 @click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
               help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="The models' dtype in the Fisher passes (the Fisher is accumulated in fp32); "
+              "a Fisher file taken in another dtype is not reused.")
+@_tf32_option
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
@@ -186,12 +222,20 @@ def continual_group() -> None:
 @continual_group.command("add")
 @click.argument("state", type=click.Path(file_okay=False))
 @click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The new task's PEFT LoRA adapter.")
-@click.option("--gram", type=click.Path(dir_okay=False), default=None,
-              help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA.")
+@click.option("--gram", type=click.Path(dir_okay=False), multiple=True,
+              help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA. "
+                   "Repeat it for files over disjoint --scope that together cover the adapted modules.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
 @click.option("-n", "n", type=POSITIVE, default=None, help="--data: a seeded subset of N samples.")
+@click.option("--dtype", "gram_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="--data: the base model's dtype in the Gram pass; a Gram file taken in another "
+              "dtype is not reused.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the step computes: the Gram of --data, and the LPM solves (Cholesky and triangular "
+                   "solves, in float64, or in float32 refined to float64 accuracy on GPUs slow in float64): "
+                   "auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
               help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -215,11 +259,12 @@ def continual_group() -> None:
 @click.option("--routing", type=click.Choice(["soft", "hard"]), default=None,
               help="CPM: softmax weights (default) or the nearest prototype only (first task only).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def continual_add_cmd(state: str, routing: str | None, **kw) -> None:
+def continual_add_cmd(state: str, routing: str | None, gram: tuple[str, ...], **kw) -> None:
     """Add one task to STATE (created on the first task) and write the merged output."""
     from .chains.continual import add_task
 
-    add_task(state, hard=None if routing is None else routing == "hard", log=click.echo, **kw)
+    files = list(gram) if len(gram) > 1 else (gram[0] if gram else None)
+    add_task(state, hard=None if routing is None else routing == "hard", gram=files, log=click.echo, **kw)
 
 
 @continual_group.command("show")
@@ -416,6 +461,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="bfloat16: autocast over float32 weights and optimizer state.")
+@_tf32_option
 @click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
@@ -471,6 +517,7 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True)
+@_tf32_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results (JSON) here.")
 @click.option("--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F.")
 @click.option("--finetuned", type=click.Path(dir_okay=False), default=None,

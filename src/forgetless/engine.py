@@ -51,12 +51,14 @@ from . import __version__
 from .checkpoint import layout as layouts
 from .checkpoint.guard import check_output
 from .checkpoint.lora import AdaptedReader, open_model, parse_model_ref
-from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, read_safetensors_metadata, row_bytes
+from .checkpoint.reader import SAFE_SINGLE, CheckpointReader, row_bytes
+from .checkpoint.space import available_memory
 from .checkpoint.writer import Entry, StreamingWriter, human_bytes, parse_size, plan_shards
 from .errors import ForgetlessError
 from .methods import METHODS, MethodSpec
 from .methods.registry import REQUIRED, RowBlock, Rows
 from .recipe import EXAMPLES_HINT, Recipe, check_size, load_recipe
+from .stats.store import Statistics
 
 PREFETCH = 2  # tensors (or row blocks) read ahead of those being computed …
 PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
@@ -310,6 +312,11 @@ def _check_structure(base, model, label: str) -> None:
                               "(a resized vocabulary must be resized in the base too)")
 
 
+def _flat(v: str | list) -> list[str]:
+    """The files named by a statistics entry: a file, a list of files, or (per model) a list of those."""
+    return [p for x in (v if isinstance(v, list) else [v]) for p in (x if isinstance(x, list) else [x])]
+
+
 def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list[Path]) -> None:
     if out is None:
         return
@@ -317,17 +324,18 @@ def _check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list
     check_output(out, [*inputs, *stat_files], force=force)
 
 
-def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: str,
-               weights: dict[str, str] | None = None) -> CheckpointReader:
-    """A statistics file, checked against the model before any work: structure fingerprint, and (`weights`: the
-    weights fingerprints of the base and of every merged model, by label; None skips it) that it was taken at one
-    of those weights when the file records where it was taken."""
-    p = Path(path)
-    if not p.is_file():
-        raise ForgetlessError("statistics file not found", file=p,
-                              remedy=f"compute it with `forgetless stats` or fix {key} in {where}")
-    reader = CheckpointReader(p)
-    meta = read_safetensors_metadata(p)
+def _open_stat(path: str | list[str], base, key: str, where: str, spec: MethodSpec, need: str,
+               weights: dict[str, str] | None = None) -> Statistics:
+    """A statistic from one file or several that complete each other, checked against the model before any work:
+    structure fingerprint, and (`weights`: the weights fingerprints of the base and of every merged model, by
+    label; None skips it) that it was taken at one of those weights when the file records where it was taken."""
+    paths = [Path(p) for p in (path if isinstance(path, list) else [path])]
+    for p in paths:
+        if not p.is_file():
+            raise ForgetlessError("statistics file not found", file=p,
+                                  remedy=f"compute it with `forgetless stats` or fix {key} in {where}")
+    stats = Statistics(paths, strict=False)  # a plain safetensors file of statistics is accepted
+    p, meta = paths[0], stats.meta
     fp = meta.get("model_fingerprint")
     if fp is not None and fp != base.fingerprint():
         raise ForgetlessError(f"computed on another model (fingerprint {fp}, this base is {base.fingerprint()})",
@@ -338,7 +346,8 @@ def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: st
         raise ForgetlessError(f"computed at other weights of this architecture (weights fingerprint {wfp}; {known})",
                               file=p, remedy="recompute the statistics at the base or the fine-tuned model, or "
                                              "pass --allow-other-model (recipe: allow_other_model: true)")
-    for name, info in reader.infos.items():
+    for name, info in stats.infos.items():
+        p = stats.file_of(name)
         if name not in base.infos:
             raise ForgetlessError("statistics for a tensor the model does not have", file=p, tensor=name,
                                   remedy="recompute the statistics on this model")
@@ -351,18 +360,19 @@ def _open_stat(path: str, base, key: str, where: str, spec: MethodSpec, need: st
             raise ForgetlessError(f"shape {list(info.shape)} differs from the expected {list(want)} (the model's "
                                   f"tensor is {list(base.infos[name].shape)})",
                                   file=p, tensor=name, remedy="recompute the statistics on this model")
-    return reader
+    return stats
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (``MemAvailable``), else the physical memory."""
+def resolve_method_device(value: str, where: str) -> str:
+    """The recipe's ``device:`` as the device a method gets (``cpu``, ``cuda:N``), refused before any work
+    when it is malformed or this machine lacks it."""
+    from .methods.linalg import resolve_device
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return str(resolve_device(value))
+    except ValueError as e:
+        raise ForgetlessError(f"device: {e}", file=where,
+                              remedy="give device: cpu, cuda, cuda:N or auto (CUDA when present)") from None
 
 
 def resolve_memory(value: str | int, where: str) -> tuple[int, str]:
@@ -432,6 +442,8 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         raise ForgetlessError(f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
                               file=where, remedy="list one model")
     params = _resolve_params(recipe, spec)
+    if spec.uses_device:
+        params["device"] = resolve_method_device(recipe.device, where)
     if spec.space == "adapter":
         return _adapter_plan(recipe, spec, params, Path(out if out is not None else recipe.out)
                              if (out or recipe.out) else None, force)
@@ -459,7 +471,7 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         else:
             stat_paths[need] = recipe.statistics[need]
     out = Path(out if out is not None else recipe.out) if (out or recipe.out) else None
-    flat_stats = [Path(p) for v in stat_paths.values() for p in (v if isinstance(v, list) else [v])]
+    flat_stats = [Path(p) for v in stat_paths.values() for p in _flat(v)]
     _check_paths(recipe, out, force, flat_stats)
 
     base = open_model(recipe.base)
@@ -474,7 +486,8 @@ def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = N
         "base": base.weights_fingerprint(), **{f"models[{i}]": m.weights_fingerprint() for i, m in enumerate(models)}}
     stats = {need: ([_open_stat(p, base, f"models[{i}].statistics.{need}", where, spec, need, weights)
                      for i, p in enumerate(v)]
-                    if isinstance(v, list) else _open_stat(v, base, f"statistics.{need}", where, spec, need, weights))
+                    if need in spec.per_model_needs
+                    else _open_stat(v, base, f"statistics.{need}", where, spec, need, weights))
              for need, v in stat_paths.items()}
 
     names = base.names()
@@ -531,18 +544,19 @@ def tensor_generators(seed: int, name: str, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(tensor_seed(seed, name if k == 0 else f"{name}#{k}")) for k in range(n)]
 
 
-def _statistic(reader: CheckpointReader, name: str, kind: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def _statistic(reader: Statistics, name: str, kind: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One statistics tensor (``rows``: its rows start:stop) in float32, checked as it is read: finite, and
     non-negative for a (diagonal) Fisher — a NaN would otherwise turn into a silent fallback or a traceback deep
     inside a method."""
     t = reader.get(name, rows).float()
+    file = reader.file_of(name)
     bad = None
     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         bad = f"{int((~torch.isfinite(t)).sum())} NaN/Inf entries"
     elif kind.startswith("fisher") and bool((t < 0).any()):
         bad = f"{int((t < 0).sum())} negative entries (a diagonal Fisher is a mean of squares)"
     if bad is not None:
-        raise ForgetlessError(f"{kind} statistics with {bad}", file=reader.path, tensor=name,
+        raise ForgetlessError(f"{kind} statistics with {bad}", file=file, tensor=name,
                               remedy="recompute the statistics (`forgetless stats`); check the model and data for "
                                      "NaN/Inf (a bf16 overflow, a diverged fine-tune)")
     return t
@@ -840,8 +854,9 @@ def model_card(plan: Plan, counts: dict[str, Counter] | None = None) -> str:
     stat_rows = []
     for need, v in plan.stats.items():
         for rd in v if isinstance(v, list) else [v]:
-            meta = read_safetensors_metadata(rd.path)
-            stat_rows.append(f"| {need} | `{rd.path}` | {meta.get('kind', '?')} | N={meta.get('num_samples', '?')} |")
+            meta = rd.meta
+            files = ", ".join(f"`{p}`" for p in rd.paths)
+            stat_rows.append(f"| {need} | {files} | {meta.get('kind', '?')} | N={meta.get('num_samples', '?')} |")
     stats = ("\n## Statistics\n\n| role | file | kind | samples |\n|---|---|---|---|\n" + "\n".join(stat_rows) + "\n"
              if stat_rows else "")
     return f"""---

@@ -20,6 +20,8 @@
     memory: auto                            # peak memory the merge may take (e.g. 8GiB; auto: half of what is
                                             # available); larger tensors are merged in blocks of rows
     seed: 0                                 # random methods (DARE) are seeded per tensor name from this
+    device: cpu                             # where RegMean's solves and the adapter SVDs run: cpu | cuda
+                                            # | cuda:N | auto (CUDA when present); other methods: the CPU
     layout: auto                            # or a family name: `forgetless inspect` shows the detected one
     out: path/to/merged
 
@@ -58,7 +60,7 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str
-    statistics: dict[str, str] = Field(default_factory=dict)
+    statistics: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: files that complete each other
 
     @property
     def params(self) -> dict[str, Any]:
@@ -80,12 +82,13 @@ class Recipe(BaseModel):
     base: str
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    statistics: dict[str, str] = Field(default_factory=dict)
+    statistics: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: files that complete each other
     scope: Scope = Field(default_factory=Scope)
     dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
     shard_size: str | int = "5GB"
     memory: str | int = "auto"
     seed: int = Field(default=0, ge=0)
+    device: str = "cpu"  # the linear algebra of the methods that use a device (MethodSpec.uses_device)
     layout: str = "auto"
     fold: bool = False
     # statistics taken at weights that are neither the base's nor a model's; adapters folded (fold, MODEL+ADAPTER)
@@ -101,6 +104,16 @@ class Recipe(BaseModel):
     def _shorthand(cls, v):
         if isinstance(v, list):
             return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        from .methods.linalg import device_problem
+
+        bad = device_problem(v)
+        if bad is not None:
+            raise ValueError(bad)
         return v
 
     @field_validator("shard_size", "memory")

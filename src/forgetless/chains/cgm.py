@@ -8,8 +8,8 @@ two calibration sets to a merged folder.
    fine-tune's task gradients, and so its empirical Fisher, nearly vanish (``task_fisher_variant="sampled"``
    draws the labels from the model's own predictions, which does not vanish there);
 2. a statistics file is reused when it was computed on that model's weights (sampled weights fingerprint), on the
-   same sample selection (data fingerprint), the same scope and the same Fisher variant; otherwise it is
-   (re)computed;
+   same sample selection (data fingerprint), the same scope, with the model in the same dtype (``dtype``) and of
+   the same Fisher variant; otherwise it is (re)computed;
 3. the merge (``cgm`` or ``cgm_dagger``) with the published scope unless told otherwise: the last 37.5% of the
    decoder layers and ``lm_head`` (LLaVA-1.5-7B: layers 20–31 of 32); ``cgm_dagger`` also takes the projector.
    Tensors out of scope, and in-scope tensors without a Fisher (norms), keep the fine-tuned values.

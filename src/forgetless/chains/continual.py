@@ -89,9 +89,10 @@ from ..checkpoint.writer import (
 from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
 from ..errors import ForgetlessError, naming
 from ..methods.adapter import truncated_svd
+from ..methods.linalg import resolve_device
 from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
 from ..safeload import read_json
-from ..stats.store import load_statistics
+from ..stats.store import Statistics
 
 FORMAT = "forgetless-continual"
 VERSION = 1
@@ -100,6 +101,8 @@ STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHARE_TOL = 1e-6
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 OTHER_PART = "(outside the decoder layers)"
+GramFiles = str | Path | list[str | Path]  # one Gram file, or several over disjoint modules
+
 TASK_KEYS = frozenset({"name", "adapter", "adapter_fingerprint", "modules", "gram", "gram_fingerprint",
                        "data_fingerprint", "num_samples"})
 BASE_KEYS = frozenset({"path", "fingerprint", "weights_fingerprint"})
@@ -363,9 +366,13 @@ def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[s
     return adapter
 
 
-def _check_gram(gram: str | Path, base: CheckpointReader, names: list[str]) -> tuple[CheckpointReader, dict]:
-    path = Path(gram)
-    reader, meta = load_statistics(path)
+def _check_gram(gram: GramFiles, base: CheckpointReader, names: list[str]) -> tuple[Statistics, dict]:
+    """The task's Gram from one file or several that complete each other, checked against the base and the
+    state's modules."""
+    paths = [Path(g) for g in (gram if isinstance(gram, list) else [gram])]
+    path = paths[0]
+    reader = Statistics(paths)
+    meta = reader.meta
     try:
         if meta.get("kind") != "gram":
             raise ForgetlessError(f"a {meta.get('kind')!r} statistics file, not a Gram file", file=path,
@@ -381,25 +388,29 @@ def _check_gram(gram: str | Path, base: CheckpointReader, names: list[str]) -> t
                                   f"({base.weights_fingerprint()}); LPM takes every task's Gram at the base θ₀",
                                   file=path, remedy=f"compute it at the base: forgetless stats gram {base.path} "
                                                     "--data TASK_DATA")
-        have = set(reader.names())
         counts = meta.get("token_counts") or {}
-        missing = [n for n in names if n not in have]
+        missing = [n for n in names if n not in reader]
         if missing:
             raise ForgetlessError(f"no Gram for {len(missing)} adapted Linear weight(s), e.g. {missing[0]}",
                                   file=path, remedy="compute the Gram over every adapted layer (stats gram without "
-                                                    "--scope, or a scope that covers them)")
+                                                    "--scope, or files whose scopes together cover them)")
         for n in names:
             width = base.info(n).shape[1]
             if tuple(reader.info(n).shape) != (width, width):
                 raise ForgetlessError(f"Gram shape {list(reader.info(n).shape)}, the weight takes {width} inputs",
-                                      file=path, tensor=n, remedy="recompute the Gram file on the base")
+                                      file=reader.file_of(n), tensor=n, remedy="recompute the Gram file on the base")
             if int(counts.get(n, 0)) <= 0:
-                raise ForgetlessError("no token count (or zero tokens) for this Gram", file=path, tensor=n,
+                raise ForgetlessError("no token count (or zero tokens) for this Gram", file=reader.file_of(n),
+                                      tensor=n,
                                       remedy="recompute it with `forgetless stats gram` on data that reaches it")
     except BaseException:
         reader.close()
         raise
     return reader, meta
+
+
+def _gram_files(gram: GramFiles | None) -> list[str | Path]:
+    return [] if gram is None else list(gram) if isinstance(gram, list) else [gram]
 
 
 def _stats_dir(state: Path) -> Path:
@@ -428,7 +439,8 @@ def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path,
 
 
 def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images: str | Path | None, n: int | None,
-              seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None) -> Path:
+              seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None,
+              dtype: str = "float32") -> Path:
     """The task's Gram file at the base over `names`, reused from `stats_dir` when it was computed on the same base
     weights, data selection and modules (:func:`~forgetless.chains.steps.statistics_step`), else computed there."""
     import hashlib
@@ -443,7 +455,7 @@ def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images
     scope = ["re:^(?:" + "|".join(re.escape(x) for x in names) + ")$"]
     return statistics_step("gram", base.path, data, stats_dir / f"gram-{fp}-{scope_fp}.safetensors", scope=scope,
                            images=images, n=n, seed=seed, role="  Gram", log=log, batch_size=batch_size,
-                           device=device, progress=False)
+                           device=device, dtype=dtype, progress=False)
 
 
 def _cpm_file(k: int) -> str:
@@ -501,9 +513,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return tuple(a.shape) == tuple(b.shape) and float((a - b).abs().max()) <= SHARE_TOL * max(scale, 1e-30)
 
 
-def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: CheckpointReader) -> tuple[dict, dict]:
+def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: Statistics) -> tuple[dict, dict]:
     """Modules and parts for a new state: each adapted weight's part (decoder layer) and Gram group (the first
-    module, in base order, of its part whose Gram in the first task's file equals its own)."""
+    module, in base order, of its part whose Gram in the first task's file is the same stored tensor, or, in a
+    file without shared Grams, equal to its own)."""
     order = {n: i for i, n in enumerate(base.names())}
     loras = adapter.loras()
     names = sorted(loras, key=order.__getitem__)
@@ -516,12 +529,15 @@ def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: CheckpointRe
         fname = f"part-{i:05d}.safetensors"
         parts[fname] = {"key": key, "modules": members}
         reps: list[tuple[str, torch.Tensor]] = []
+        by_key: dict[tuple, str] = {}
         for n in members:
-            g = gram.get(n)
-            group = next((r for r, rg in reps if _close(rg, g)), None)
-            if group is None:
-                reps.append((n, g))
-                group = n
+            group = by_key.setdefault(gram.key(n), n)
+            if group == n and not gram.meta.get("shared"):
+                g = gram.get(n)
+                group = next((r for r, rg in reps if _close(rg, g)), None)
+                if group is None:
+                    reps.append((n, g))
+                    group = n
             modules[n] = {"module": loras[n].module, "shape": list(base.info(n).shape), "part": fname,
                           "group": group}
         del reps
@@ -577,14 +593,15 @@ def _whole(state: Path) -> str:
 
 
 @_one_writer
-def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None = None, out: str | Path | None,
+def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None = None, out: str | Path | None,
              base: str | Path | None = None, name: str | None = None, rank: int | None = None,
              gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
              state_dtype: str | None = None, cpm_data: str | Path | None = None,
              cpm_images: str | Path | None = None, cpm_n: int | None = None, tau: float | None = None,
              hard: bool | None = None, data: str | Path | None = None, images: str | Path | None = None,
              n: int | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
-             stats_dir: str | Path | None = None, shard_size: str | int = "5GB", force: bool = False,
+             gram_dtype: str = "float32", stats_dir: str | Path | None = None, shard_size: str | int = "5GB",
+             force: bool = False,
              log: Callable[[str], None] | None = print) -> ContinualReport:
     """Add one task to the continual state STATE (created on the first task) and write the merged output.
 
@@ -596,13 +613,15 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
     of LPM (:mod:`.cpm`) — the state keeps the task's projector (from its adapter, else the base's) and visual
     prototype, and ``out`` is a routed model (``tau``, default 0.1, and ``hard`` fixed by the first task). A state
     started with CPM needs it on every task, one started without refuses it.
-    ``gram``: the task's Gram file (taken at the base); or ``data`` (``images``, ``n``, ``seed``): the task's data,
+    ``gram``: the task's Gram file (taken at the base), or a list of files over disjoint modules; or ``data``
+    (``images``, ``n``, ``seed``): the task's data,
     whose Gram is computed at the base over the state's modules (``forgetless stats gram``) into ``stats_dir``
     (default: ``STATE-statistics`` beside STATE), or reused from there when it was computed on the same base
     weights, data selection and modules.
     Every input is checked before any work (see the module docstring)."""
     t0 = time.perf_counter()
     state = Path(state)
+    solve_device = _solve_device(device, state)
     meta = check_state(state) if state.exists() else None
     if meta is None and base is None:
         raise ForgetlessError("a new state needs the base model", file=state,
@@ -646,11 +665,12 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
             raise ForgetlessError("give the task's Gram file or its data (one of the two)", file=adapter,
                                   remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA")
         out_path = None if out is None else check_output(
-            out, [state, lock_path(state), base_reader.path, adapter, gram, data, images, cpm_data, cpm_images,
+            out, [state, lock_path(state), base_reader.path, adapter, *_gram_files(gram), data, images, cpm_data,
+                  cpm_images,
                   stats_dir or _stats_dir(state)], force=force)
         if gram is None:
             gram = _gram_for(base_reader, state_names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
-                             Path(stats_dir) if stats_dir else _stats_dir(state), log)
+                             Path(stats_dir) if stats_dir else _stats_dir(state), log, gram_dtype)
         gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
         if rank is not None:
             shapes = {n: meta["modules"][n]["shape"] if meta else list(base_reader.info(n).shape) for n in state_names}
@@ -673,7 +693,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
             modules, parts = meta["modules"], meta["parts"]
         task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
                 "adapter_fingerprint": lora.fingerprint(), "modules": len(loras),
-                "gram": str(Path(gram).resolve()), "gram_fingerprint": gram_reader.weights_fingerprint(),
+                "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),
+                "gram_fingerprint": gram_reader.weights_fingerprint(),
                 "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
                 "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         new_meta["tasks"].append(task)
@@ -706,7 +727,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: str | Path | None 
                     _save(cpm_new["tensors"], tmp / _cpm_file(step))
                 for fname, part in parts.items():
                     _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
-                               loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram)
+                               loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram,
+                               solve_device)
                 if writer is not None:
                     if rank is None:
                         adapted = set(modules)
@@ -761,14 +783,24 @@ def _check_space(state: Path, meta: dict[str, Any], out: Path | None, out_bytes:
     check_free_space(state, need, what)
 
 
+def _solve_device(device: str, state: Path) -> torch.device:
+    """The device of the step's solves (``--device``), refused before any work when malformed or absent."""
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise ForgetlessError(f"--device: {e}", file=state,
+                              remedy="give --device cpu, cuda, cuda:N or auto") from None
+
+
 def _step_part(old_file: Path | None, new_file: Path, members: list[str], modules: dict[str, Any],
-               loras: dict[str, Any], gram: CheckpointReader, counts: dict[str, int], opts: dict[str, Any],
+               loras: dict[str, Any], gram: Statistics, counts: dict[str, int], opts: dict[str, Any],
                dtype: torch.dtype, writer: StreamingWriter | None, base: CheckpointReader, rank: int | None,
-               gram_path: str | Path) -> None:
+               gram_path: str | Path, device: str | torch.device = "cpu") -> None:
     """One decoder layer's state: read it, fold the task in, write the new file and this layer's output tensors."""
     with ExitStack() as stack:
         old = stack.enter_context(safe_open(str(old_file), framework="pt")) if old_file is not None else None
-        new = _fold_part(old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank, gram_path)
+        new = _fold_part(old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank,
+                         gram_path, device)
     _save(new, new_file)
 
 
@@ -777,21 +809,23 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
         save_file(tensors, str(file), metadata={"format": "pt", "forgetless_version": __version__})
 
 
-def _per_token(gram: CheckpointReader, name: str, counts: dict[str, int], path: str | Path) -> torch.Tensor:
+def _per_token(gram: Statistics, name: str, counts: dict[str, int], path: str | Path) -> torch.Tensor:
     """One module's Gram over its token count, in float64; NaN or Inf named."""
     g = gram.get(name)
     if not torch.isfinite(g).all():
-        raise ForgetlessError("the Gram has NaN or Inf entries", file=path, tensor=name,
+        raise ForgetlessError("the Gram has NaN or Inf entries", file=gram.file_of(name), tensor=name,
                               remedy="recompute it with `forgetless stats gram` (and check the data and the model "
                                      "for NaN)")
     return g.double().div_(int(counts[name]))
 
 
-def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dict[str, Any], gram: CheckpointReader,
+def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dict[str, Any], gram: Statistics,
                counts: dict[str, int], opts: dict[str, Any], dtype: torch.dtype, writer: StreamingWriter | None,
-               base: CheckpointReader, rank: int | None, gram_path: str | Path) -> dict[str, torch.Tensor]:
+               base: CheckpointReader, rank: int | None, gram_path: str | Path,
+               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The new tensors of one part; the old part's tensors are read one at a time (``old``: an open safetensors
-    file, None on the first task)."""
+    file, None on the first task). The solves, and the products they need, run on `device`; what the state and
+    the output keep comes back to the CPU."""
 
     def previous(key: str) -> torch.Tensor | None:
         return old.get_tensor(key) if old is not None and key in old.keys() else None  # noqa: SIM118
@@ -800,9 +834,12 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
     groups: dict[str, list[str]] = {}
     for n in members:
         groups.setdefault(modules[n]["group"], []).append(n)
-    for group, names in groups.items():
+    # the widest Gram first: its solve is the step's peak, reached before the part's other new tensors exist
+    for group, names in sorted(groups.items(), key=lambda kv: -modules[kv[0]]["shape"][1]):
         g = _per_token(gram, group, counts, gram_path)
         for other in names[1:]:
+            if gram.key(other) == gram.key(group):
+                continue  # stored once: the same tensor
             go = _per_token(gram, other, counts, gram_path)
             if not _close(g, go):
                 raise ForgetlessError(f"the Grams of {group} and {other} differ, but the state shares one Gram for "
@@ -818,8 +855,9 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
             del g
             new[f"gram/{group}"] = h.to(dtype, copy=True).contiguous()  # a copy: h is factorised next
             new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
-            solver = Solver(h, ridge, overwrite=True)  # h is factorised in place
+            solver = Solver(h, ridge, overwrite=True, device=device)  # on the CPU, h is factorised in place
             del h
+            gt = gt.to(solver.device)  # once for the modules that share it
         except SingularGramError as e:
             raise ForgetlessError(f"{e}", file=gram_path, tensor=group,
                                   remedy="start the state with a larger gamma (relative: 1e-3), or "

@@ -1,8 +1,9 @@
 """One way to record and reuse a step of a multi-step command: statistics files keyed by fingerprints.
 
 A statistics file written by `forgetless stats` records the model's weights fingerprint, the data selection's
-fingerprint (the samples drawn, not only the file), the scope and, for a Fisher, its variant. :func:`statistics_step`
-returns the file at `path` when all of those match what the step asks for, and computes it there otherwise.
+fingerprint (the samples drawn, not only the file), the scope, the dtype the model ran in and, for a Fisher, its
+variant. :func:`statistics_step` returns the file at `path` when all of those match what the step asks for, and
+computes it there otherwise.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from ..stats.store import load_statistics, model_fingerprints
 
 
 def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
-             scope: list[str], variant: str | None = None) -> bool:
-    """Whether `path` holds `kind` statistics of `model_dir`'s weights on the same data selection, scope (and Fisher
-    variant)."""
+             scope: list[str], variant: str | None = None, dtype: str = "float32") -> bool:
+    """Whether `path` holds `kind` statistics of `model_dir`'s weights on the same data selection and scope, taken
+    with the model in `dtype` (and of the same Fisher variant)."""
     if not Path(path).is_file():
         return False
     reader, meta = load_statistics(path)
@@ -29,6 +30,7 @@ def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | 
             and meta.get("model_weights_fingerprint") == model_fingerprints(model_dir)["model_weights_fingerprint"]
             and meta.get("data_fingerprint") == data_fingerprint(data, samples)
             and extra.get("scope") == scope
+            and extra.get("dtype") == dtype
             and (kind != "fisher" or extra.get("variant", "empirical") == (variant or "empirical")))
 
 
@@ -43,11 +45,13 @@ def statistics_step(kind: str, model_dir: str | Path, data: str | Path, path: st
     img = Path(images) if images else None
     say = log or (lambda _s: None)
     label = role or kind
-    if not dry_run and reusable(kind, path, model_dir, data, img, n, seed, scope, variant):
-        say(f"{label}: reusing {path} (same model weights, data selection, scope"
+    dtype = compute.get("dtype", "float32")
+    if not dry_run and reusable(kind, path, model_dir, data, img, n, seed, scope, variant, dtype):
+        say(f"{label}: reusing {path} (same model weights, data selection, scope, dtype"
             f"{' and variant' if kind == 'fisher' else ''})")
         return path
-    say(f"{label}: {(variant or 'empirical') if kind == 'fisher' else kind} at {model_dir} on {data}")
+    say(f"{label}: {(variant or 'empirical') if kind == 'fisher' else kind} at {model_dir} on {data}"
+        f"{'' if dtype == 'float32' else f' ({dtype})'}")
     if kind == "fisher":
         compute["variant"] = variant or "empirical"
     compute_statistics(kind, model_dir, data, path, images=img, scope=scope, n=n, seed=seed, force=True,  # type: ignore[arg-type]

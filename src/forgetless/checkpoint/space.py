@@ -1,4 +1,4 @@
-"""Free space on the output's disk, checked before long work whose output size is known."""
+"""Free space on the output's disk, checked before long work whose output size is known; available memory."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def check_free_space(path: str | os.PathLike, nbytes: int, what: str) -> None:
 def same_disk(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two outputs (existing or not yet) land on one file system, and so share its free space."""
     return os.stat(_existing_parent(Path(a))).st_dev == os.stat(_existing_parent(Path(b))).st_dev
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .baselines import Convention, dare_linear, dare_ties, magnitude_trim, ties
+from .linalg import resolve_device
 from .registry import merge_method
 from .select import kth_largest
 
@@ -51,10 +52,11 @@ def randomized_svd(delta: Tensor, rank: int, *, oversample: int = 30, power_iter
     """Rank-`rank` factors of `delta` by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4):
     Q spans ``delta`` applied to ``rank + oversample`` seeded Gaussian vectors, refined by `power_iters`
     re-orthonormalised passes through ``delta·deltaᵀ``; the exact SVD of the small ``Qᵀ·delta`` gives the factors.
-    Cost O(out·in·(rank + oversample)·(2·power_iters + 2)) instead of a dense SVD's O(out·in·min(out, in))."""
+    Cost O(out·in·(rank + oversample)·(2·power_iters + 2)) instead of a dense SVD's O(out·in·min(out, in)).
+    The Gaussian vectors are drawn on the CPU whatever ``delta``'s device: every device starts alike."""
     k = min(rank + oversample, *delta.shape)
-    g = torch.Generator(device=delta.device).manual_seed(seed)
-    omega = torch.randn(delta.shape[1], k, generator=g, dtype=delta.dtype, device=delta.device)
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(delta.shape[1], k, generator=g, dtype=delta.dtype).to(delta.device)
     Q = torch.linalg.qr(delta @ omega).Q
     for _ in range(power_iters):
         Q = torch.linalg.qr(delta.T @ Q).Q
@@ -67,18 +69,26 @@ def randomized_svd(delta: Tensor, rank: int, *, oversample: int = 30, power_iter
     return A.contiguous(), B.contiguous()
 
 
-def refactor(delta: Tensor, rank: int, svd: Literal["exact", "randomized"] = "exact") -> Pair:
-    """`delta` as rank-`rank` factors: the exact truncated SVD (PEFT's result) or the randomized one."""
-    return truncated_svd(delta, rank) if svd == "exact" else randomized_svd(delta, rank)
+def refactor(delta: Tensor, rank: int, svd: Literal["exact", "randomized"] = "exact",
+             device: str | torch.device = "cpu") -> Pair:
+    """`delta` as rank-`rank` factors: the exact truncated SVD (PEFT's result) or the randomized one, computed
+    on `device`; the factors on the CPU."""
+    d = delta.to(resolve_device(device))
+    A, B = truncated_svd(d, rank) if svd == "exact" else randomized_svd(d, rank)
+    return A.cpu(), B.cpu()
 
 
-def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int) -> Pair:
+def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int,
+                    device: str | torch.device = "cpu") -> Pair:
     """Truncated SVD of ``Σ cₙ Bₙ Aₙ`` without forming it: with ``[c₁B₁ … ] = Q_B R_B`` and ``[A₁; …]ᵀ = Q_A R_A``
-    the sum is ``Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the small Σr × Σr core gives the exact singular triplets."""
-    Bs = torch.cat([B * c for (_, B), c in zip(pairs, coeffs)], dim=1)
-    As = torch.cat([A for A, _ in pairs], dim=0)
+    the sum is ``Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the small Σr × Σr core gives the exact singular triplets.
+    Computed on `device`; the factors on the CPU."""
+    dev = resolve_device(device)
+    Bs = torch.cat([B * c for (_, B), c in zip(pairs, coeffs)], dim=1).to(dev)
+    As = torch.cat([A for A, _ in pairs], dim=0).to(dev)
     if Bs.shape[1] >= min(Bs.shape[0], As.shape[1]):  # no smaller core than the matrix itself
-        return truncated_svd(Bs @ As, rank)
+        A, B = truncated_svd(Bs @ As, rank)
+        return A.cpu(), B.cpu()
     Qb, Rb = torch.linalg.qr(Bs)
     Qa, Ra = torch.linalg.qr(As.T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
@@ -87,7 +97,7 @@ def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int) -> Pair:
     if k < rank:  # the sum has rank ≤ Σr: the further singular values are 0 (PEFT's full SVD gives them as such)
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
-    return A.contiguous(), B.contiguous()
+    return A.contiguous().cpu(), B.contiguous().cpu()
 
 
 def _svd_rank(pairs: list[Pair], rank: int | None) -> int:
@@ -173,45 +183,49 @@ def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
 
 
 @merge_method("lora_task_arithmetic", aliases=("lora_svd",), space="adapter", per_model=("weight",),
-              out_rank=_svd_out_rank, ranges={"rank": "[1, inf)"})
+              out_rank=_svd_out_rank, ranges={"rank": "[1, inf)"}, uses_device=True)
 def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0,
-                         rank: int | None = None) -> Pair:
+                         rank: int | None = None, device: str = "cpu") -> Pair:
     """Task arithmetic on the LoRA deltas, λ·Σ wₙ BₙAₙ, re-factored to `rank` by exact truncated SVD (PEFT `svd`)."""
-    return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank))
+    return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank), device)
 
 
 @merge_method("lora_ties", aliases=("lora_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
+              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
 def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5, lambda_: float = 1.0,
               sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
-              rank: int | None = None, svd: Literal["exact", "randomized"] = "exact") -> Pair:
+              rank: int | None = None, svd: Literal["exact", "randomized"] = "exact",
+              device: str = "cpu") -> Pair:
     """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`), exact or randomized."""
     merged = ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                   sign=sign, convention=convention)
-    return refactor(merged, _svd_rank(loras, rank), svd)
+    return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
 @merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
-              per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
+              per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"},
+              uses_device=True)
 def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                      lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
-                     svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None) -> Pair:
+                     svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
+                     device: str = "cpu") -> Pair:
     """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`), exact or randomized."""
     merged = dare_linear(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                          rescale=rescale, generator=generator)
-    return refactor(merged, _svd_rank(loras, rank), svd)
+    return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
 @merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"})
+              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
 def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
                    lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
                    convention: Convention = "mergekit", rank: int | None = None,
-                   svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None) -> Pair:
+                   svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
+                   device: str = "cpu") -> Pair:
     """DARE + TIES consensus on the LoRA deltas, re-factored by SVD (PEFT `dare_ties_svd`), exact or randomized."""
     merged = dare_ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
                        rescale=rescale, sign=sign, convention=convention, generator=generator)
-    return refactor(merged, _svd_rank(loras, rank), svd)
+    return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
 @merge_method("lora_cat", space="adapter", per_model=("weight",),

@@ -30,8 +30,14 @@ leaves eigenvalues as low as −4e-6 × its mean diagonal on the testbed's MLP i
 largest eigenvalue ≈ 950 × the mean diagonal); a ridge below that fails the Cholesky factorisation. Larger γ shrinks the merged update towards the base. γ = 0 is allowed when the Gram sum
 is positive definite; a singular sum with γ = 0 is refused.
 
-Numerics: float64 throughout; every solve is a Cholesky factorisation of the symmetric Hₜ + ρₜI
-(``cholesky_solve``), never an explicit inverse.
+Numerics: every solve is a Cholesky factorisation of the symmetric Hₜ + ρₜI (``cholesky_solve``), never an
+explicit inverse; float64 on the CPU (the default), on the device ``device`` names otherwise, in float64 where
+that device does float64 well and else in float32 refined with float64 residuals (:mod:`.linalg`). The results
+come back to the CPU in float64 either way.
+
+What a step cannot avoid (:func:`lpm_step_flops`): per distinct Gram the factorisation (in³/3), per module the
+two triangular solves of its ``out`` rows (2·out·in²), ΔWₜGₜ from the factors (2·(r·in² + out·r·in)) and, from
+the second task on, ΔW*ₜ₋₁Gₜ (2·out·in²) — the state keeps ΔW*, not the numerator Σᵢ ΔWᵢGᵢ.
 
 ``approx="diagonal"`` — the bounded-memory variant
 --------------------------------------------------
@@ -51,6 +57,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .linalg import Cholesky, Precision, resolve_device
 
 GammaMode = Literal["relative", "absolute"]
 Approx = Literal["full", "diagonal"]
@@ -93,13 +101,17 @@ def ridge_increment(gram: Tensor, *, first: bool, gamma: float, gamma_mode: Gamm
 
 
 class Solver:
-    """X ↦ X (H + ρI)⁻¹ for one Gram sum, factorised once (Cholesky; elementwise for a diagonal)."""
+    """X ↦ X (H + ρI)⁻¹ for one Gram sum, factorised once (Cholesky on `device`, in the precision
+    :mod:`.linalg` chooses; elementwise on the CPU for a diagonal)."""
 
-    def __init__(self, gram_sum: Tensor, ridge: float, *, overwrite: bool = False):
+    def __init__(self, gram_sum: Tensor, ridge: float, *, overwrite: bool = False,
+                 device: str | torch.device = "cpu", precision: Precision = "auto"):
         """``overwrite=True`` factorises a float64 ``gram_sum`` in place (one [in, in] matrix less at peak; the
-        caller must not use it afterwards)."""
+        caller must not use it afterwards). On the CPU in float64 (the defaults) the result is the same, bit
+        for bit, as a plain float64 Cholesky solve."""
         h = gram_sum.double()
         self.diagonal = h.dim() == 1
+        self.device = torch.device("cpu") if self.diagonal else resolve_device(device)
         mean_diag = _mean_diag(h)
         self.zero = mean_diag + ridge == 0.0  # no data and no ridge: nothing is known, ΔW* = 0
         if self.zero:
@@ -110,24 +122,42 @@ class Solver:
                 raise SingularGramError("the diagonal Gram sum has zero entries and the ridge is 0")
             self.d = d
         else:
-            m = h if overwrite and h is gram_sum else h.clone()
-            m.diagonal().add_(ridge)
-            chol, info = torch.linalg.cholesky_ex(m, out=(m, torch.empty((), dtype=torch.int32)))
-            if int(info) != 0:
+            self.chol = Cholesky(h, shift=ridge, device=self.device, precision=precision,
+                                 overwrite=overwrite and h is gram_sum)
+            if not self.chol.ok:
                 raise SingularGramError("the Gram sum plus ridge is not positive definite (a singular Gram sum with "
                                         f"a ridge of {ridge:.3g} — {ridge / max(mean_diag, 1e-300):.2g} × its "
                                         "mean diagonal — below its float32 rounding error, or a non-symmetric "
                                         "statistic)")
-            self.chol = chol
 
     def solve(self, x: Tensor) -> Tensor:
-        """x (H + ρI)⁻¹ for x [out, in], float64."""
-        x = x.double()
+        """x (H + ρI)⁻¹ for x [out, in], float64 on the CPU."""
+        return self.solve_here(x).cpu()
+
+    def solve_here(self, x: Tensor) -> Tensor:
+        """x (H + ρI)⁻¹ for x [out, in], float64 on the solver's device."""
+        x = x.to(self.device, torch.float64)
         if self.zero:
             return torch.zeros_like(x)
         if self.diagonal:
             return x / self.d
-        return torch.cholesky_solve(x.T, self.chol).T  # (H+ρI) is symmetric: solve (H+ρI) Yᵀ = xᵀ
+        return self.chol.solve(x)
+
+
+def lpm_step_flops(out: int, in_: int, rank: int | None, *, previous: bool, factorise: bool = True) -> float:
+    """Floating-point operations of one full-Gram LPM step of one module [out, in] (a multiply-add counts
+    two): the Cholesky factorisation in³/3 (``factorise=False`` for a module whose Gram another module of the
+    step already factorised), the two triangular solves of its rows 2·out·in², ΔWₜGₜ as B(AG) from
+    rank-``rank`` factors 2·(r·in² + out·r·in) (``rank=None``: the task did not adapt the module) and, when
+    there is a previous merged delta (``previous``), ΔW*ₜ₋₁Gₜ 2·out·in². Elementwise work (the ridge term,
+    the sums) is left out: it is O(out·in). The floor a step's time is measured against."""
+    flops = in_ ** 3 / 3 if factorise else 0.0
+    flops += 2 * out * in_ ** 2
+    if rank is not None:
+        flops += 2 * (rank * in_ ** 2 + out * rank * in_)
+    if previous:
+        flops += 2 * out * in_ ** 2
+    return float(flops)
 
 
 def _times_gram(x: Tensor, gram: Tensor) -> Tensor:
@@ -160,7 +190,7 @@ def lpm_accumulate(gram_sum: Tensor | None, ridge: float, gram: Tensor, *, gamma
         raise ValueError(f"Gram shape {tuple(g.shape)} does not match the running sum's "
                          f"{tuple(gram_sum.shape)}")  # type: ignore[union-attr]
     inc = ridge_increment(g, first=first, gamma=gamma, gamma_mode=gamma_mode)
-    h = g.clone() if first else gram_sum.double() + g  # type: ignore[union-attr]
+    h = g.clone() if first else g.clone().add_(gram_sum)  # type: ignore[arg-type]  # no float64 copy of the sum
     return h, ridge + inc, inc, g
 
 
@@ -168,31 +198,34 @@ Delta = Tensor | tuple[Tensor, Tensor]  # ΔW [out, in], or its LoRA factors (A 
 
 
 def _delta_times_gram(delta: Delta, gram: Tensor) -> Tensor:
-    """ΔW G, float64; from the factors as B(AG): r·in² + out·r·in operations instead of out·in²."""
+    """ΔW G, float64 on G's device; from the factors as B(AG): r·in² + out·r·in operations, not out·in²."""
     if isinstance(delta, Tensor):
-        return _times_gram(delta.double(), gram)
-    A, B = delta
-    return B.double() @ _times_gram(A.double(), gram)
+        return _times_gram(delta.to(gram.device, torch.float64), gram)
+    A, B = (f.to(gram.device, torch.float64) for f in delta)
+    return B @ _times_gram(A, gram)
 
 
 def lpm_update(merged: Tensor | None, delta: Delta | None, gram: Tensor, ridge_inc: float,
                solver: Solver) -> Tensor:
-    """ΔW*ₜ = ΔW*ₜ₋₁ + (ΔWₜGₜ − ΔW*ₜ₋₁(Gₜ + δₜI)) Pₜ, float64. ``merged=None``: the first task (ΔW*₀ = 0);
-    ``delta=None``: task t did not adapt this module (ΔWₜ = 0: its data asks for the base's outputs); ``delta``
-    may be the adapter's factors (A, B), never multiplied out. ``gram`` is Gₜ as :func:`lpm_accumulate` returns it,
-    ``solver`` Pₜ's factorisation of its (Hₜ, ρₜ)."""
+    """ΔW*ₜ = ΔW*ₜ₋₁ + (ΔWₜGₜ − ΔW*ₜ₋₁(Gₜ + δₜI)) Pₜ, float64 on the CPU. ``merged=None``: the first task
+    (ΔW*₀ = 0); ``delta=None``: task t did not adapt this module (ΔWₜ = 0: its data asks for the base's
+    outputs); ``delta`` may be the adapter's factors (A, B), never multiplied out. ``gram`` is Gₜ as
+    :func:`lpm_accumulate` returns it, ``solver`` Pₜ's factorisation of its (Hₜ, ρₜ). The products and the
+    solve run on the solver's device (give ``gram`` there already to move it once for the modules that share
+    it)."""
     if merged is None and delta is None:
         raise ValueError("an LPM step needs the previous merged delta or the task's delta")
+    gram = gram.to(solver.device)
     rhs = _delta_times_gram(delta, gram) if delta is not None else None
     if merged is None:
         return solver.solve(rhs)  # type: ignore[arg-type]
-    prev = merged.double()
+    prev = merged.to(solver.device, torch.float64)
     resid = _times_gram(prev, gram)
     if ridge_inc:
         resid.add_(prev, alpha=ridge_inc)
     resid = resid.neg_() if rhs is None else rhs.sub_(resid)
     del rhs
-    return solver.solve(resid).add_(prev)
+    return solver.solve_here(resid).add_(prev).cpu()
 
 
 def lpm_recursive(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: float = DEFAULT_GAMMA,
@@ -218,6 +251,7 @@ __all__ = [
     "lpm_accumulate",
     "lpm_batch",
     "lpm_recursive",
+    "lpm_step_flops",
     "lpm_update",
     "ridge_increment",
 ]

@@ -44,6 +44,9 @@ The engine reads everything it needs from the registration and the signature:
   rank from the input ranks and the recipe parameters (the writer plans every tensor before the first merge);
   ``equal_ranks`` makes the engine refuse adapters of different ranks before any work; ``dense`` says the method
   forms the full [out, in] deltas (for the memory estimate).
+- ``uses_device``: the method runs its heavy linear algebra (solves, SVDs) on a device; the engine passes the
+  recipe's ``device:`` (resolved: ``cpu``, ``cuda:N``) as the context argument ``device``, and the method
+  returns its result on the CPU (RegMean, the adapter-space SVD methods);
 - ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
   tensors of its own): the engine may then hand them over as copy-on-write views of the files, not copies.
 All tensors arrive in float32 as fresh copies that the method owns (the fine-tuned ones of a ``reads_finetuned``
@@ -62,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-CONTEXT_ARGS = ("name", "generator", "counts", "block")
+CONTEXT_ARGS = ("name", "generator", "counts", "block", "device")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
 
 
@@ -156,6 +159,7 @@ class MethodSpec:
     tensor_prepare: Callable[..., dict[str, Any]] | None = None
     reads_finetuned: bool = False
     divides_by_weights: bool = False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
+    uses_device: bool = False  # gets the recipe's device as the context argument `device`
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -216,7 +220,7 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  dense: bool = False, ranges: dict[str, str] | None = None,
                  rows: Literal["whole", "blocks"] = "whole",
                  tensor_prepare: Callable[..., dict[str, Any]] | None = None, reads_finetuned: bool = False,
-                 divides_by_weights: bool = False):
+                 divides_by_weights: bool = False, uses_device: bool = False):
     def register(fn):
         sig = inspect.signature(fn)
         params: dict[str, Any] = {}
@@ -238,7 +242,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                           choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
                           ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
                           equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare,
-                          reads_finetuned=reads_finetuned, divides_by_weights=divides_by_weights)
+                          reads_finetuned=reads_finetuned, divides_by_weights=divides_by_weights,
+                          uses_device=uses_device)
         if space == "adapter" and out_rank is None:
             raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
         if set(spec.ranges) - set(spec.params):
@@ -246,6 +251,8 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                             f"{sorted(set(spec.ranges) - set(spec.params))}")
         if rows == "blocks" and "block" not in context:
             raise TypeError(f"{fn.__name__}: rows='blocks' needs the context argument `block`")
+        if uses_device != ("device" in context):
+            raise TypeError(f"{fn.__name__}: uses_device=True and the context argument `device` go together")
         if tensor_prepare is not None and rows != "blocks":
             raise TypeError(f"{fn.__name__}: tensor_prepare is for rows='blocks'")
         unknown = set(spec.stat_shapes) - set(spec.needs)

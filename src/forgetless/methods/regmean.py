@@ -12,12 +12,15 @@ experiments and in the authors' reimplementations (``reduce_non_diagonal_ratio``
 diagonal and multiplies the rest by this ratio, as here). λₖ (``weight``, default 1) scales Gₖ: the same as
 weighting model k's calibration tokens.
 
-Solved in float64 with a Cholesky factorisation of the symmetric Σₖ λₖG̃ₖ (G̃ₖ is PSD for α ∈ [0, 1]: a convex
-combination of Gₖ and its diagonal), never an explicit inverse. A ridge toward the plain λ-weighted average W̄,
-ρ = ``ridge``·mean(diag Σₖ λₖG̃ₖ), is always added: W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹, the minimiser of the
-objective plus ρ‖W − W̄‖². It keeps the solve finite when the Gram sum is singular (an input feature that is zero on
-all calibration data, fewer tokens than features) and sends the directions the data does not see to the average
-instead of to 0; on the directions the data does see it changes the result by O(ρ / λ_min).
+Solved with a Cholesky factorisation of the symmetric Σₖ λₖG̃ₖ (G̃ₖ is PSD for α ∈ [0, 1]: a convex
+combination of Gₖ and its diagonal), never an explicit inverse: in float64 on the CPU (the default), or on the
+device the recipe's ``device:`` names, in float64 where that device does float64 well and else in float32
+refined with float64 residuals (:mod:`.linalg`); the result comes back to the CPU. A ridge toward the plain
+λ-weighted average W̄, ρ = ``ridge``·mean(diag Σₖ λₖG̃ₖ), is always added:
+W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹, the minimiser of the objective plus ρ‖W − W̄‖². It keeps the solve
+finite when the Gram sum is singular (an input feature that is zero on all calibration data, fewer tokens than
+features) and sends the directions the data does not see to the average instead of to 0; on the directions the
+data does see it changes the result by O(ρ / λ_min).
 
 Tensors without a Gram (biases, norms, embeddings, anything that is not a Linear weight) are merged by the
 λ-weighted average: ``regmean`` called with ``gram=None`` returns it. RegMean merges the fine-tuned models; θ₀ is
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .baselines import weighted_average
+from .linalg import Cholesky, Precision
 from .registry import RowBlock, merge_method
 
 
@@ -50,11 +54,12 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
 
 @dataclass(frozen=True)
 class RegmeanSystem:
-    """The left-hand side of one Linear weight's merge, shared by all its output rows: Σₖ λₖG̃ₖ + ρI, its Cholesky
-    factor (None when it is not numerically positive definite) and ρ; ``zero`` when every Gram is zero."""
+    """The left-hand side of one Linear weight's merge, shared by all its output rows: Σₖ λₖG̃ₖ + ρI
+    factorised (``factor``), or, when it is not numerically positive definite, the matrix itself (``lhs``, CPU
+    float64, for a least-squares solve); ρ; ``zero`` when every Gram is zero."""
 
     lhs: Tensor | None
-    chol: Tensor | None
+    factor: Cholesky | None
     rho: float
     zero: bool = False
 
@@ -77,13 +82,13 @@ def _check(params: list[Tensor], grams: list[Tensor], weights: list[float], alph
 
 
 def _weighted_gram(g: Tensor, alpha: float, lam: float) -> Tensor:
-    """λ·G̃ in float64 (a fresh copy)."""
-    return reduce_off_diagonal(g.double(), alpha).mul_(lam)
+    """λ·G̃ in float64 (a fresh copy), on g's device."""
+    return reduce_off_diagonal(g.to(torch.float64, copy=True), alpha).mul_(lam)
 
 
-def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                   ridge: float = 1e-6) -> RegmeanSystem:
-    """Σₖ λₖG̃ₖ + ρI and its Cholesky factor, ρ = ridge·mean(diag Σₖ λₖG̃ₖ) (module docstring)."""
+def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9, ridge: float = 1e-6, *,
+                   device: str | torch.device = "cpu", precision: Precision = "auto") -> RegmeanSystem:
+    """Σₖ λₖG̃ₖ + ρI factorised on `device`, ρ = ridge·mean(diag Σₖ λₖG̃ₖ) (module docstring)."""
     n_in = grams[0].shape[0]
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
     for g, lam in zip(grams, weights):
@@ -94,36 +99,39 @@ def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9
         return RegmeanSystem(None, None, 0.0, zero=True)  # every Gram is zero: the data says nothing here
     rho = ridge * scale
     lhs.diagonal().add_(rho)
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    return RegmeanSystem(lhs, chol if int(info) == 0 else None, rho)
+    factor = Cholesky(lhs, device=device, precision=precision)
+    return RegmeanSystem(None, factor, rho) if factor.ok else RegmeanSystem(lhs, None, rho)
 
 
 def regmean_solve(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float,
                   system: RegmeanSystem) -> Tensor:
-    """W* = (Σ λₖWₖG̃ₖ + ρW̄) · lhs⁻¹ for the rows that `params` hold (each output row is solved on its own, so
-    a block of rows gives those rows of the whole result)."""
+    """W* = (Σ λₖWₖG̃ₖ + ρW̄) · lhs⁻¹ for the rows that `params` hold (each output row is solved on its own,
+    so a block of rows gives those rows of the whole result), on the system's device; the result on the CPU,
+    in the dtype of `params`."""
     w0 = params[0]
     avg = weighted_average(params, weights).double()
     if system.zero:
         return avg.to(w0.dtype)
-    rhs = torch.zeros(w0.shape, dtype=torch.float64)
+    dev = system.factor.device if system.factor is not None else torch.device("cpu")
+    rhs = torch.zeros(w0.shape, dtype=torch.float64, device=dev)
     for w, g, lam in zip(params, grams, weights):
         if lam:
-            rhs.addmm_(w.double(), _weighted_gram(g, alpha, lam))
-    rhs.add_(avg, alpha=system.rho)
-    # W* lhs = rhs  ⇔  lhs W*ᵀ = rhsᵀ (lhs symmetric)
-    if system.chol is not None:
-        out = torch.cholesky_solve(rhs.T, system.chol).T
+            rhs.addmm_(w.to(dev, torch.float64), _weighted_gram(g.to(dev), alpha, lam))
+    rhs.add_(avg.to(dev), alpha=system.rho)
+    if system.factor is not None:
+        out = system.factor.solve(rhs)  # W* lhs = rhs, solved row by row
     else:  # not numerically positive definite (ridge 0 and a singular sum, or a bad statistic): least squares
         out = torch.linalg.lstsq(system.lhs, rhs.T, driver="gelsd").solution.T
-    return out.to(w0.dtype)
+    return out.to("cpu", w0.dtype)
 
 
 def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                    ridge: float = 1e-6) -> Tensor:
-    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ in float64 (module docstring); the result has the dtype of params."""
+                    ridge: float = 1e-6, *, device: str | torch.device = "cpu",
+                    precision: Precision = "auto") -> Tensor:
+    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ (module docstring); the result has the dtype of params."""
     _check(params, grams, weights, alpha, ridge)
-    return regmean_solve(params, grams, weights, alpha, regmean_system(grams, weights, alpha, ridge))
+    system = regmean_system(grams, weights, alpha, ridge, device=device, precision=precision)
+    return regmean_solve(params, grams, weights, alpha, system)
 
 
 def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
@@ -133,19 +141,23 @@ def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
     if grams is None:
         return {}
     _check(first.finetuned, grams, params["weight"], params["alpha"], params["ridge"])
-    return {"system": regmean_system(grams, params["weight"], params["alpha"], params["ridge"])}
+    system = regmean_system(grams, params["weight"], params["alpha"], params["ridge"],
+                            device=params.get("device", "cpu"))
+    return {"system": system}
 
 
 @merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
               without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
-              rows="blocks", tensor_prepare=regmean_prepare, divides_by_weights=True)
+              rows="blocks", tensor_prepare=regmean_prepare, divides_by_weights=True, uses_device=True)
 def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: list[float] = 1.0,
-            alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None) -> Tensor:
-    """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight; tensors without a Gram get the plain average."""
+            alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None,
+            device: str = "cpu") -> Tensor:
+    """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight (solved on `device`); tensors without a Gram get
+    the plain average."""
     if gram is None:
         if any(w < 0 for w in weight) or sum(weight) <= 0:
             raise ValueError(f"RegMean needs weights >= 0 with a positive sum, got {weight}")
         return weighted_average(finetuned, weight)
     if block is not None:
         return regmean_solve(finetuned, gram, weight, alpha, block.prepared["system"])
-    return regmean_combine(finetuned, gram, weight, alpha, ridge)
+    return regmean_combine(finetuned, gram, weight, alpha, ridge, device=device)

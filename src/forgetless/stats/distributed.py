@@ -2,7 +2,8 @@
 DDP, :mod:`forgetless.train.loop`).
 
 Each rank takes an interleaved shard of the samples (``samples[rank::world]``), accumulates its sums, then the
-sums and counts are all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes. Sums are additive, so the result
+sums are reduced onto rank 0 (gloo on CPU, nccl on CUDA), which writes. A split run (:func:`collect_owned`)
+instead gives each rank every sample and a share of the modules, and sends each share to rank 0. Sums are additive, so the result
 equals the single-process one up to the order of floating-point additions. The sampled Fisher seeds its labels
 per sample index, so it too is independent of the sharding.
 
@@ -124,6 +125,38 @@ def all_reduce_sums(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int] 
     t = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def reduce_to(sums: Mapping[str, torch.Tensor], dst: int = 0) -> None:
+    """Sum ``sums`` over all ranks onto rank ``dst`` only, in place (the writer; other ranks' copies are left
+    partial): the collective moves each tensor once, rather than giving every rank the total."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for name in sorted(sums):
+        dist.reduce(sums[name], dst=dst, op=dist.ReduceOp.SUM)
+
+
+def collect_owned(tensors: Mapping[str, torch.Tensor], dst: int = 0) -> dict[str, torch.Tensor]:
+    """Every rank's own tensors (disjoint names) onto rank ``dst``'s CPU, one at a time and point to point, so no
+    rank ever holds another's share on its device. Other ranks get {}."""
+    rank, world = dist_info()
+    if world == 1 or not dist.is_initialized():
+        return {k: v.cpu() for k, v in tensors.items()}
+    shapes = {k: (tuple(v.shape), v.dtype, rank) for k, v in tensors.items()}
+    everything = {k: v for part in gather_objects(shapes) for k, v in part.items()}  # type: ignore[union-attr]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(everything):
+        shape, dtype, src = everything[name]
+        if src == dst and rank == dst:
+            out[name] = tensors[name].cpu()
+        elif rank == src:
+            dist.send(tensors[name].contiguous(), dst)
+        elif rank == dst:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(buf, src)
+            out[name] = buf.cpu()
+    return out
 
 
 def gather_objects(obj: object) -> list[object]:

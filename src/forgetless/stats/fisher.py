@@ -11,6 +11,8 @@ One forward and one backward per batch, of the loss Σᵢ ℓᵢ (a sum, so ever
   on its output receives the output gradient g. Sample i's weight gradient is Σ_rows g_rowᵀ x_row over the rows that
   belong to sample i (``'bro,bri->boi'``), its bias gradient Σ_rows g_row. Squares are summed into the accumulator
   inside the hook, a chunk of samples at a time, so at most ``chunk_bytes`` of per-sample gradients exist at once.
+  The products run in the model's dtype: a bfloat16 model's rows (a float16 model's on CUDA) are multiplied as
+  they are, with float32 accumulation (:func:`per_sample_products`), not copied to float32 first.
   The weights themselves get ``requires_grad=False``: autograd never forms their batch gradient (a third of the
   backward's work and a full copy of the model in memory saved); the gradient reaches the hooks because the first
   in-scope layer's output is made to require grad.
@@ -300,6 +302,23 @@ def per_sample_rows(calls: list[tuple[Tensor, Tensor | None, list[int] | None]],
     return out
 
 
+def per_sample_products(g: Tensor, x: Tensor) -> Tensor:
+    """Each sample's weight gradient gᵀx ([B, R, out], [B, R, in] → [B, out, in]), in float32.
+
+    float32 inputs (and any other pair) take the float32 product. bfloat16 or float16 inputs are multiplied as they
+    are, which is what the model's own matmuls do: on CUDA with float32 accumulation and a float32 result (no
+    rounding beyond the accumulation's); elsewhere torch has no such kernel, and a bfloat16 product is rounded to
+    bfloat16 before it is squared in float32, while a float16 one is taken in float32 (its sums could overflow
+    float16's range).
+    """
+    if g.dtype == x.dtype and g.dtype in (torch.bfloat16, torch.float16):
+        if g.is_cuda:
+            return torch.bmm(g.transpose(1, 2), x, out_dtype=torch.float32)
+        if g.dtype == torch.bfloat16:
+            return torch.bmm(g.transpose(1, 2), x).float()
+    return torch.bmm(g.float().transpose(1, 2), x.float())
+
+
 class FisherResult(NamedTuple):
     sums: dict[str, Tensor]  # Σᵢ (∇ℓᵢ)², fp32, by checkpoint name
     num_samples: int
@@ -421,12 +440,12 @@ class FisherAccumulator:
         out_f, in_f = gs.shape[-1], xs.shape[-1]
         chunk = max(1, self.chunk_bytes // (4 * out_f * (in_f + 1)))
         for s in range(0, B, chunk):
-            gc = gs[s:s + chunk].float()
+            gc = gs[s:s + chunk]
             parts = {}
             if wname:
-                parts[wname] = torch.bmm(gc.transpose(1, 2), xs[s:s + chunk].float())
+                parts[wname] = per_sample_products(gc, xs[s:s + chunk])
             if bname:
-                parts[bname] = gc.sum(1)
+                parts[bname] = gc.sum(1, dtype=torch.float32)
             self._add(parts, s)
 
     def _embedding_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -458,12 +477,13 @@ class FisherAccumulator:
             acc.index_add_(0, uniq, rows.square() * self._sign)
 
     def _add(self, parts: dict[str, Tensor], start: int) -> None:
-        """Add the squares of per-sample gradients (first dim: samples start…) for kept, finite samples."""
+        """Add the squares of per-sample gradients (first dim: samples start…) for kept, finite samples. The
+        squares are taken in place (``parts`` are the caller's temporaries): one chunk-sized buffer, not two."""
         n = next(iter(parts.values())).shape[0]
         ok = self._keep[start:start + n].clone()
         squares = {}
         for name, t in parts.items():
-            sq = squares[name] = t.square()
+            sq = squares[name] = t.square_()
             # a sample's sum of squares is NaN/Inf iff one of its entries is (or they overflow float32, when its
             # Fisher could not be stored either): one reduction instead of an elementwise isfinite pass
             fin = torch.isfinite(sq.reshape(n, -1).sum(1))

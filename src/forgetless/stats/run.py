@@ -3,14 +3,15 @@
     compute_statistics("fisher", "models/llava", "calib.json", "fisher.safetensors",
                        scope=["language.layers[20:32]", "lm_head"], n=64)
 
-Each rank takes an interleaved shard of the (seeded) sample selection, accumulates sums, the sums and counts are
-all-reduced, and rank 0 writes the file (atomically; NaN/Inf never written). The file is keyed by the checkpoint's
+Each rank takes an interleaved shard of the (seeded) sample selection, accumulates sums, the sums are reduced onto
+rank 0, and rank 0 writes the file (atomically; NaN/Inf never written); with ``split="modules"`` each rank takes
+every sample and a share of the modules instead. The memory per device is accounted on the meta device and a run
+that does not fit is refused before the weights are read (``--dry-run`` prints it). The file is keyed by the checkpoint's
 own tensor names and records the model's fingerprint, so the merge engine refuses it for another model.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -20,20 +21,19 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoint import layout as layouts
 from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.space import check_free_space
-from ..checkpoint.writer import human_bytes
 from ..errors import ForgetlessError, naming
+from ..recipe import check_size
 from .data import Encoder, check_images, data_fingerprint, iter_batches, load_samples
-from .distributed import all_reduce_sums, finish_distributed, gather_objects, init_distributed, shard_samples
-from .fisher import Progress, accumulate_fisher, checkpoint_names, fisher_memory, linear_modules
-from .gram import accumulate_gram, gram_memory
+from .distributed import collect_owned, gather_objects, process_group, reduce_to, shard_samples
+from .fisher import Progress, accumulate_fisher
+from .footprint import TORCH_DTYPES, Footprint, account, check_fits, meta_model, model_class, scoped_targets
+from .gram import GramResult, accumulate_gram
 from .store import model_fingerprints, save_fisher, save_gram
 
 Kind = Literal["fisher", "gram"]
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -63,42 +63,48 @@ def resolve_device(device: str) -> str:
 
 def load_model(model_dir: Path, device: str, dtype: str):
     """The model as transformers loads it for image-text-to-text (when it has a vision config) or causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cls = AutoModelForImageTextToText if "vision_config" in cfg else AutoModelForCausalLM
-    model = cls.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype])
+    model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype])
     return model.to(device).eval(), torch.device(device)
 
 
-def _scoped(model, model_dir: Path, scope: list[str] | None, kind: Kind, all_params: bool) -> dict[str, Any]:
-    """checkpoint name → parameter (Fisher) or Linear module (Gram) in scope. Default: every Linear weight."""
-    with CheckpointReader(model_dir) as reader:
-        names = reader.names()
-        selected = set(names)
-        if scope:
-            lay = layouts.detect_layout(reader.config, names)
-            selected = layouts.select(lay, names, scope)
-    linears = {k: m for k, m in linear_modules(model).items() if k in selected}
-    if kind == "gram":
-        return linears
-    if not all_params:
-        return {k: m.weight for k, m in linears.items()}
-    to_ckpt = checkpoint_names(model)
-    params = dict(model.named_parameters())
-    return {to_ckpt[n]: p for n, p in params.items() if to_ckpt.get(n) in selected}
-
-
-def _file_bytes(kind: Kind, targets: dict[str, Any], store_dtype: str) -> int:
-    """The statistics file's size: one value per parameter (Fisher) or in×in per Linear (Gram), as stored."""
+def _file_bytes(kind: Kind, targets: dict[str, Any], store_dtype: str, shared: dict[str, str]) -> int:
+    """The statistics file's size: one value per parameter (Fisher) or in×in per distinct input (Gram)."""
     per = TORCH_DTYPES[store_dtype].itemsize
     if kind == "gram":
-        return sum(m.in_features ** 2 for m in targets.values()) * per
+        return sum(m.in_features ** 2 for n, m in targets.items() if n not in shared) * per
     return sum(p.numel() for p in targets.values()) * per
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _check_request(kind: Kind, model_dir: Path, out_path: Path | None, inputs: list, *, force: bool, dry_run: bool,
+                   split: str, accumulate: str) -> None:
+    """The refusals that need neither the data nor the model."""
+    if not (model_dir / "config.json").exists():
+        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
+                              remedy="give the Hugging Face folder of the model the statistics are for")
+    if split not in ("none", "modules"):
+        raise ForgetlessError(f"unknown split {split!r}", remedy="use none or modules")
+    if split == "modules" and kind != "gram":
+        raise ForgetlessError("--split modules is for Gram statistics: a Fisher's accumulators (4 bytes per "
+                              "parameter) fit beside the model", remedy="drop --split")
+    if accumulate not in ("float64", "float32"):
+        raise ForgetlessError(f"unknown accumulation dtype {accumulate!r}", remedy="use float64 or float32")
+    if out_path is not None and not dry_run:
+        if out_path.suffix != ".safetensors":
+            raise ForgetlessError("statistics files end in .safetensors", file=out_path, remedy="rename --out")
+        check_output(out_path, [model_dir, *inputs], force=force)
+    with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
+        pass
+
+
+def _budget(memory: str | int) -> int:
+    try:
+        return check_size(memory, "a memory budget")
+    except ValueError as e:
+        raise ForgetlessError(f"--memory: {e}", remedy="give a size such as 40GiB") from None
 
 
 def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str | Path | None, *,
@@ -107,85 +113,125 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
                        variant: str = "empirical", on_bad_sample: str = "error", store_dtype: str = "float32",
                        all_params: bool = False, accumulate: str = "float64", tokens: str = "all",
                        max_length: int | None = None, force: bool = False, dry_run: bool = False,
+                       share: bool = True, split: str = "none", memory: str | int | None = None,
                        log: Callable[[str], None] | None = print, progress: bool = True) -> StatsReport:
+    """Calibration data → a statistics file (module docstring). ``share``: one Gram per distinct input;
+    ``split="modules"``: under torchrun each rank accumulates a share of the modules over every sample;
+    ``memory``: refuse a run whose accounted footprint per device exceeds it (the device's free memory always)."""
     model_dir = Path(model)
-    if not (model_dir / "config.json").exists():
-        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
-                              remedy="give the Hugging Face folder of the model the statistics are for")
     out_path = Path(out) if out is not None else None
-    if out_path is not None and not dry_run:
-        if out_path.suffix != ".safetensors":
-            raise ForgetlessError("statistics files end in .safetensors", file=out_path, remedy="rename --out")
-        check_output(out_path, [model_dir, data, images], force=force)
-    with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
-        pass
+    _check_request(kind, model_dir, out_path, [data, images], force=force, dry_run=dry_run, split=split,
+                   accumulate=accumulate)
+    budget = None if memory is None else _budget(memory)
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     check_images(samples, on_bad_sample)
     data_fp = data_fingerprint(data, samples)
     device = resolve_device(device)
-    rank, world = init_distributed(device)
-    ok = False  # every rank waits for rank 0 to write, then the group ends (see finish_distributed)
-    try:
+    acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
+    with process_group(device) as (rank, world):
         say = log if (log is not None and rank == 0) else (lambda _s: None)
-        net, dev = load_model(model_dir, device, dtype)
-        targets = _scoped(net, model_dir, scope, kind, all_params)
+        planned = meta_model(model_dir, dtype)
+        targets = scoped_targets(planned, model_dir, scope, kind, all_params)
         if not targets:
             raise ForgetlessError(f"no {'Linear layer' if kind == 'gram' else 'parameter'} of the model in scope "
                                   f"{scope}", file=model_dir, remedy="widen --scope")
-        acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
-        memory = fisher_memory(targets) if kind == "fisher" else gram_memory(targets, acc_dtype)
-        report = StatsReport(kind, out_path, tensors=len(targets), memory_bytes=memory)
+        footprint = account(kind, planned, targets, acc_dtype, world=world, split=split == "modules", share=share)
+        del planned
+        report = StatsReport(kind, out_path, tensors=len(targets), memory_bytes=footprint.per_device)
         say(f"{kind}: {len(samples)} samples of {data} on {model_dir} ({world} process{'es' if world > 1 else ''}, "
-            f"{dev}), {len(targets)} tensors in scope, accumulators {human_bytes(memory)}")
+            f"{device}), {len(targets)} tensors in scope, {len(footprint.shared)} sharing another's Gram")
+        say(f"  {footprint.describe(device, world)}")
+        check_fits(footprint, device, budget, model_dir)
         if dry_run:
-            ok = True
             return report
         if out_path is not None:
-            check_free_space(out_path, _file_bytes(kind, targets, store_dtype), f"the {kind} file")
-
-        mine = shard_samples(samples, rank, world)
-        encoder = Encoder(model_dir, max_length=max_length)
-        bad: list[tuple[Any, str]] = []
-        batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, batch_size, on_bad_sample=on_bad_sample,
-                                                           skipped=bad))
-        ticker = _Ticker(say if progress else None, world)
-        t0 = time.perf_counter()
-        if kind == "fisher":
-            res = accumulate_fisher(net, batches, params=targets, variant=variant, seed=seed,
-                                    on_bad="skip" if on_bad_sample == "skip" else "error", progress=ticker,
-                                    total=len(mine))
-            sums, count, skipped = dict(res.sums), res.num_samples, list(res.skipped)
-            count = all_reduce_sums(sums, count)
-            token_counts = None
-        else:
-            gres = accumulate_gram(net, batches, linears=targets, dtype=acc_dtype, tokens=tokens, progress=ticker,
-                                   total=len(mine))
-            sums, count, skipped = dict(gres.grams), gres.num_samples, []
-            reduced = all_reduce_sums(sums, {**gres.token_counts, "\0samples": count})
-            count = reduced.pop("\0samples")  # type: ignore[union-attr]
-            token_counts = reduced
-        skipped = [s for part in gather_objects(skipped + bad) for s in part]  # type: ignore[union-attr]
-        report.seconds = time.perf_counter() - t0
-        report.num_samples, report.skipped = int(count), skipped
-        if rank == 0 and out_path is not None:
-            fps = model_fingerprints(model_dir)
-            extra = {"variant": variant if kind == "fisher" else None, "scope": scope, "seed": seed, "n": len(samples),
-                     "skipped": len(skipped), "data": str(data), "dtype": dtype, "tokens": tokens if kind == "gram" else None}
-            common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": store_dtype, "extra": extra, **fps,
-                                      "replace": force}
-            with naming(out_path):  # safetensors' save_file says "No space left on device" without the file
-                if kind == "fisher":
-                    save_fisher(out_path, sums, int(count), **common)
-                else:
-                    save_gram(out_path, sums, token_counts, int(count), **common)  # type: ignore[arg-type]
-            say(f"wrote {out_path}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
-                f"{report.samples_per_s:.2f} samples/s")
-            for sid, reason in skipped[:10]:
-                say(f"  skipped {sid}: {reason}")
-        ok = True
+            check_free_space(out_path, _file_bytes(kind, targets, store_dtype, footprint.shared), f"the {kind} file")
+        _run(kind, report, model_dir, samples, data, data_fp, device, rank, world, footprint, say,
+             {"scope": scope, "all_params": all_params, "batch_size": batch_size, "max_length": max_length,
+              "on_bad_sample": on_bad_sample, "variant": variant, "seed": seed, "acc_dtype": acc_dtype,
+              "tokens": tokens, "share": share, "progress": progress, "dtype": dtype, "store_dtype": store_dtype,
+              "force": force})
         return report
-    finally:
-        finish_distributed(ok)
+
+
+def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: str | Path, data_fp: str,
+         device: str, rank: int, world: int, footprint: Footprint, say: Callable[[str], None],
+         o: dict[str, Any]) -> None:
+    """Load the model, accumulate this rank's share, bring the sums to rank 0 and write them there."""
+    net, dev = load_model(model_dir, device, o["dtype"])
+    targets = scoped_targets(net, model_dir, o["scope"], kind, o["all_params"])
+    owners = footprint.owners
+    if owners is not None:  # every sample, this rank's modules
+        targets = {k: v for k, v in targets.items() if owners[k] == rank}
+    mine = samples if owners is not None else shard_samples(samples, rank, world)
+    encoder = Encoder(model_dir, max_length=o["max_length"])
+    bad: list[tuple[Any, str]] = []
+    batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, o["batch_size"],
+                                                       on_bad_sample=o["on_bad_sample"], skipped=bad))
+    ticker = _Ticker(say if o["progress"] else None, world)
+    t0 = time.perf_counter()
+    if kind == "fisher":
+        res = accumulate_fisher(net, batches, params=targets, variant=o["variant"], seed=o["seed"],
+                                on_bad="skip" if o["on_bad_sample"] == "skip" else "error", progress=ticker,
+                                total=len(mine))
+        sums, count, skipped, counts, shared = dict(res.sums), res.num_samples, list(res.skipped), None, {}
+        reduce_to(sums)
+        count = sum(gather_objects(count))  # type: ignore[arg-type]
+    else:
+        gres = accumulate_gram(net, batches, linears=targets, dtype=o["acc_dtype"], tokens=o["tokens"],
+                               share=o["share"], progress=ticker, total=len(mine)) if targets else None
+        sums, counts, shared = _gram_sums(gres, owners is not None)
+        counted = gather_objects(gres.num_samples if gres is not None else 0)
+        count = max(counted) if owners is not None else sum(counted)  # type: ignore[type-var,arg-type]
+        skipped = []
+    del net
+    if owners is None:
+        skipped = [s for part in gather_objects(skipped + bad) for s in part]  # type: ignore[union-attr]
+    else:  # every rank saw every sample: its own skips stand for all
+        skipped = skipped + bad
+    report.seconds = time.perf_counter() - t0
+    report.num_samples, report.skipped = int(count), skipped
+    if rank == 0 and report.out is not None:
+        _write(kind, report, model_dir, sums, counts, shared, int(count), data, data_fp, o)
+        say(f"wrote {report.out}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
+            f"{report.samples_per_s:.2f} samples/s")
+        for sid, reason in skipped[:10]:
+            say(f"  skipped {sid}: {reason}")
+
+
+def _gram_sums(gres: GramResult | None, split: bool) -> tuple[dict, dict[str, int], dict[str, str]]:
+    """(sums on rank 0, token counts, shares): reduced onto rank 0 (data-parallel), or each rank's modules sent
+    there (split)."""
+    grams = dict(gres.grams) if gres is not None else {}
+    counts = dict(gres.token_counts) if gres is not None else {}
+    shared = dict(gres.shared) if gres is not None else {}
+    if split:
+        merged_counts: dict[str, int] = {}
+        merged_shared: dict[str, str] = {}
+        for c, sh in gather_objects((counts, shared)):  # type: ignore[misc]
+            merged_counts.update(c)
+            merged_shared.update(sh)
+        return collect_owned(grams), merged_counts, merged_shared
+    reduce_to(grams)
+    total: dict[str, int] = {}
+    for part in gather_objects(counts):
+        for k, v in part.items():  # type: ignore[attr-defined]
+            total[k] = total.get(k, 0) + v
+    return grams, total, shared
+
+
+def _write(kind: Kind, report: StatsReport, model_dir: Path, sums: dict, counts: dict[str, int] | None,
+           shared: dict[str, str], count: int, data: str | Path, data_fp: str, o: dict[str, Any]) -> None:
+    extra = {"variant": o["variant"] if kind == "fisher" else None, "scope": o["scope"], "seed": o["seed"],
+             "n": report.num_samples, "skipped": len(report.skipped), "data": str(data), "dtype": o["dtype"],
+             "tokens": o["tokens"] if kind == "gram" else None}
+    common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": o["store_dtype"], "extra": extra,
+                              **model_fingerprints(model_dir), "replace": o["force"]}
+    with naming(report.out):  # safetensors' save_file says "No space left on device" without the file
+        if kind == "fisher":
+            save_fisher(report.out, sums, count, **common)
+        else:
+            save_gram(report.out, sums, counts, count, shared=shared, **common)  # type: ignore[arg-type]
 
 
 class _Ticker:

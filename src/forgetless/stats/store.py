@@ -8,9 +8,13 @@ Metadata (all strings, as safetensors requires):
   ``data_fingerprint``        given by the caller (the calibration data)
   ``forgetless_version``
   ``token_counts``            Gram files: JSON {tensor name: rows summed}
+  ``shared``                  Gram files: JSON {module: the module whose stored Gram it reads} for Linears that
+                              read the same input (q/k/v, gate/up); their Gram is stored once
   ``extra``                   JSON of anything else the caller passes (variant, seed, skipped samples, …)
 
 A Fisher file holds F = sums / N (the mean); a Gram file holds Σ x xᵀ (the sum) and the token counts.
+:class:`Statistics` reads one statistic by module name, from one file or from several that complete each other
+(runs of the same model and data over disjoint ``--scope``).
 Files appear whole or not at all (written to a temporary file in the same folder, then ``os.replace``). A tensor
 with a NaN or Inf is refused, naming the tensor. Stored in float32 (default) or bfloat16; never float16, whose
 range the tiny squared gradients fall out of.
@@ -18,6 +22,7 @@ range the tiny squared gradients fall out of.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,7 +57,8 @@ def model_fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
 def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, num_samples: int,
                     model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype | str = torch.float32,
                     token_counts: Mapping[str, int] | None = None, model_weights_fingerprint: str | None = None,
-                    extra: Mapping[str, Any] | None = None, replace: bool = True) -> Path:
+                    extra: Mapping[str, Any] | None = None, replace: bool = True,
+                    shared: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` (already final: the mean for a Fisher, the sum for a Gram) atomically to ``path``.
     ``replace=False``: a file that appeared at ``path`` meanwhile (another writer) is never replaced."""
     path = Path(path)
@@ -90,11 +96,17 @@ def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
             "forgetless_version": _version()}
     if model_weights_fingerprint is not None:
         meta["model_weights_fingerprint"] = str(model_weights_fingerprint)
+    if shared:
+        bad = next((m for m, r in shared.items() if r not in out or m in out), None)
+        if bad is not None:
+            raise ForgetlessError("a shared Gram must name a stored one", file=path, tensor=bad)
+        meta["shared"] = json.dumps(dict(shared), sort_keys=True)
     if token_counts is not None:
-        missing = set(out) - set(token_counts)
+        missing = (set(out) | set(shared or {})) - set(token_counts)
         if missing:
             raise ForgetlessError("no token count", file=path, tensor=min(missing))
-        meta["token_counts"] = json.dumps({k: int(token_counts[k]) for k in out}, sort_keys=True)
+        meta["token_counts"] = json.dumps({k: int(token_counts[k]) for k in [*out, *(shared or {})]},
+                                          sort_keys=True)
     if extra:
         meta["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,20 +146,122 @@ def save_gram(path: str | os.PathLike, grams: Mapping[str, torch.Tensor], token_
     return save_statistics(path, grams, kind="gram", num_samples=num_samples, token_counts=token_counts, **kw)
 
 
-def load_statistics(path: str | os.PathLike) -> tuple[CheckpointReader, dict[str, Any]]:
-    """(a lazy reader of the tensors by name, metadata). Metadata: strings, except ``num_samples`` (int) and
-    ``token_counts`` / ``extra`` (decoded JSON)."""
+def load_statistics(path: str | os.PathLike, strict: bool = True) -> tuple[CheckpointReader, dict[str, Any]]:
+    """(a lazy reader of the stored tensors by name, metadata). Metadata: strings, except ``num_samples`` (int)
+    and ``token_counts`` / ``extra`` / ``shared`` (decoded JSON). ``strict=False`` also takes a plain safetensors
+    file of statistics without forgetless's metadata (the merge engine does)."""
     path = Path(path)
     if not path.is_file():
         raise ForgetlessError("statistics file not found", file=path, remedy="compute it with `forgetless stats`")
     reader = CheckpointReader(path)
     meta: dict[str, Any] = dict(read_safetensors_metadata(path))
-    if "kind" not in meta or "num_samples" not in meta:
+    if strict and ("kind" not in meta or "num_samples" not in meta):
         reader.close()
         raise ForgetlessError("not a forgetless statistics file (no kind / num_samples metadata)", file=path,
                               remedy="compute it with `forgetless stats`")
-    meta["num_samples"] = int(meta["num_samples"])
-    for key in ("token_counts", "extra"):
+    if "num_samples" in meta:
+        meta["num_samples"] = int(meta["num_samples"])
+    for key in ("token_counts", "extra", "shared"):
         if key in meta:
             meta[key] = parse_json(meta[key], file=path, remedy="recompute it with `forgetless stats`")
     return reader, meta
+
+
+AGREE = ("kind", "model_fingerprint", "model_weights_fingerprint", "data_fingerprint", "num_samples")
+
+
+class Statistics:
+    """One statistic by module name, read from one file or from several that complete each other.
+
+    Several files must agree on the kind, model, weights, data and sample count, and cover disjoint modules
+    (refused otherwise, naming the module and both files); ``strict=False`` takes files without forgetless's
+    metadata too (see :func:`load_statistics`). A module whose Gram is shared (``shared`` metadata)
+    reads the stored tensor of the module it shares with. Readers take ``infos``, ``get`` and ``in`` as on a
+    :class:`CheckpointReader`.
+    """
+
+    def __init__(self, paths: str | os.PathLike | list[str | os.PathLike], strict: bool = True):
+        self.paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+        self.strict = strict
+        if not self.paths:
+            raise ForgetlessError("no statistics file given", remedy="name at least one file")
+        self.readers: list[CheckpointReader] = []
+        self.metas: list[dict[str, Any]] = []
+        self._where: dict[str, tuple[CheckpointReader, str]] = {}  # module → (its file's reader, stored key)
+        try:
+            for p in self.paths:
+                self._add(p)
+        except BaseException:
+            self.close()
+            raise
+        self.path = self.paths[0]
+        self.meta = self._combined_meta()
+        self.infos = {n: r.info(k) for n, (r, k) in self._where.items()}
+
+    def _add(self, path: Path) -> None:
+        reader, meta = load_statistics(path, self.strict)
+        self.readers.append(reader)
+        self.metas.append(meta)
+        first = self.metas[0]
+        for key in AGREE:
+            if meta.get(key) != first.get(key):
+                raise ForgetlessError(f"{key} {meta.get(key)!r} differs from {self.paths[0]}'s {first.get(key)!r}; "
+                                      "files that complete each other come from one model, data and sample count",
+                                      file=path, remedy="compute every part with the same model, --data, -n, --seed")
+        stored = {n: (reader, n) for n in reader.names()}
+        shared = {m: (reader, r) for m, r in (meta.get("shared") or {}).items()}
+        for name, where in {**stored, **shared}.items():
+            if name in self._where:
+                other = self.paths[self.readers.index(self._where[name][0])]
+                raise ForgetlessError(f"statistics for this module are also in {other}; the files overlap",
+                                      file=path, tensor=name, remedy="give files over disjoint --scope")
+            if where[1] not in reader:
+                raise ForgetlessError(f"shares the Gram of {where[1]}, which the file does not hold", file=path,
+                                      tensor=name, remedy="recompute it with `forgetless stats gram`")
+            self._where[name] = where
+
+    def _combined_meta(self) -> dict[str, Any]:
+        meta = dict(self.metas[0])
+        for key in ("token_counts", "shared"):
+            merged = {k: v for m in self.metas for k, v in (m.get(key) or {}).items()}
+            if merged or key in meta:
+                meta[key] = merged
+        return meta
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str):
+        return self.infos[name]
+
+    def key(self, name: str) -> tuple[Path, str]:
+        """Where the module's tensor is stored: (file, tensor name). Modules with the same key share it."""
+        reader, key = self._where[name]
+        return reader.path, key
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name][0].path
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        reader, key = self._where[name]
+        return reader.get(key, rows)
+
+    def weights_fingerprint(self) -> str:
+        """The files' sampled-content fingerprint (one file: that file's own)."""
+        fps = [r.weights_fingerprint() for r in self.readers]
+        if len(fps) == 1:
+            return fps[0]
+        return hashlib.sha256("\n".join(fps).encode()).hexdigest()[:16]
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
