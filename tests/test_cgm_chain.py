@@ -96,3 +96,23 @@ def test_chain_task_fisher_at_the_finetuned_model_and_sampled(pair, capsys):
     with safe_open(str(task), "pt") as t:
         assert '"variant": "sampled"' in t.metadata()["extra"]
         assert any(not torch.equal(t.get_tensor(k), v) for k, v in empirical.items())
+
+
+def test_chain_under_torchrun_is_one_process_group_and_one_writer(pair, tmp_path):
+    """torchrun with 2 ranks: both Fishers in one process group (created once, ended once with its threads),
+    the merge on rank 0 alone; the merged model is the one process's to the Fishers' rounding."""
+    import dist_worker as W
+
+    def args(out):
+        return ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
+                "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--batch-size", "1",
+                "--device", "cpu", "--force"]
+
+    main(args(tmp_path / "one"))
+    ends = W.torchrun("cli", tmp_path / "probe", *args(tmp_path / "two"), timeout=300)
+    assert ends == [0]  # one group for the whole chain
+    one, two = (load_file(str(tmp_path / o / "model.safetensors")) for o in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one-statistics", "probe", "two", "two-statistics"]

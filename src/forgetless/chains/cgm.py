@@ -10,7 +10,8 @@ two calibration sets to a merged folder.
 2. a statistics file is reused when it was computed on that model's weights (sampled weights fingerprint), on the
    same sample selection (data fingerprint), the same scope, with the model in the same dtype (``dtype``) and of
    the same Fisher variant; otherwise it is (re)computed;
-3. the merge (``cgm`` or ``cgm_dagger``) with the published scope unless told otherwise: the last 37.5% of the
+3. the merge (``cgm`` or ``cgm_dagger``), on rank 0 alone under torchrun (the statistics are data-parallel, in one
+   process group for the whole chain), with the published scope unless told otherwise: the last 37.5% of the
    decoder layers and ``lm_head`` (LLaVA-1.5-7B: layers 20–31 of 32); ``cgm_dagger`` also takes the projector.
    Tensors out of scope, and in-scope tensors without a Fisher (norms), keep the fine-tuned values.
 """
@@ -27,6 +28,8 @@ from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..engine import MergeReport, merge
 from ..errors import ForgetlessError
+from ..stats.distributed import process_group
+from ..stats.run import resolve_device
 from .steps import statistics_step
 
 PUBLISHED_FRACTION = 0.375  # 12 of LLaVA-1.5-7B's 32 decoder layers
@@ -67,15 +70,26 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
     scope = scope or published_scope(base, method)
     stats = Path(stats_dir) if stats_dir else out.parent / f"{out.name}-statistics"
     check_output(out, [base, finetuned, general_data, task_data, general_images, task_images, stats], force=force)
-    say = log or (lambda _s: None)
     jobs = {"fisher_general": (base, Path(general_data), general_images, "empirical"),
             "fisher_task": (finetuned if task_fisher_at == "finetuned" else base, Path(task_data), task_images,
                             task_fisher_variant)}
-    files = {role: statistics_step("fisher", model_dir, data, stats / f"{role}.safetensors", scope=scope,
-                                   images=images, n=n, seed=seed, variant=variant, role=role, dry_run=dry_run,
-                                   log=log, batch_size=batch_size, device=device, dtype=dtype,
-                                   on_bad_sample=on_bad_sample)
-             for role, (model_dir, data, images, variant) in jobs.items()}
+    with process_group(resolve_device(device)) as (rank, _world):  # one group for both statistics
+        log = log if rank == 0 else None
+        files = {role: statistics_step("fisher", model_dir, data, stats / f"{role}.safetensors", scope=scope,
+                                       images=images, n=n, seed=seed, variant=variant, role=role, dry_run=dry_run,
+                                       log=log, batch_size=batch_size, device=device, dtype=dtype,
+                                       on_bad_sample=on_bad_sample)
+                 for role, (model_dir, data, images, variant) in jobs.items()}
+        if rank == 0:  # the others wait for it as the group ends
+            return _merge(method, base, finetuned, out, files, scope, alpha, keep, dry_run, force, log)
+    return None
+
+
+def _merge(method: str, base: Path, finetuned: Path, out: Path, files: dict[str, Path], scope: list[str],
+           alpha: float | None, keep: float | None, dry_run: bool, force: bool,
+           log: Callable[[str], None] | None) -> MergeReport | None:
+    """The merge of the chain, from the two Fisher files."""
+    say = log or (lambda _s: None)
     params: dict[str, Any] = {}
     if alpha is not None:
         params["alpha"] = alpha

@@ -84,16 +84,19 @@ def end_process_group(wait: bool = True) -> None:
 
 @contextmanager
 def process_group(device: str | torch.device | None = None) -> Iterator[tuple[int, int]]:
-    """``with process_group(device) as (rank, world):`` :func:`init_distributed` on entry, and on exit
-    :func:`finish_distributed`: after the others (rank 0 may still be writing) when the block ended normally,
-    at once when it raised."""
+    """``with process_group(device) as (rank, world):`` :func:`init_distributed` on entry, and on exit the group's
+    end: after the others (rank 0 may still be writing) when the block ended normally, at once when it raised. A
+    group that already exists (an enclosing block's, as the cgm chain holds one over its statistics, or the
+    caller's) is used and left to its owner."""
+    existed = dist.is_available() and dist.is_initialized()
     rank, world = init_distributed(device)
     ok = False
     try:
         yield rank, world
         ok = True
     finally:
-        finish_distributed(ok)
+        if not existed:
+            finish_distributed(ok)
 
 
 def shard_samples(samples: Sequence[T], rank: int, world: int) -> list[T]:
