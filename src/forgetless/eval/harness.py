@@ -34,6 +34,7 @@ import torch
 from ..errors import ForgetlessError
 from ..safeload import read_json
 from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, check_image, collate, load_samples
+from ..stats.distributed import gather_objects, process_group
 from .metrics import MC_METRICS
 
 KINDS = ("downstream", "general_visual", "general_text")
@@ -502,13 +503,14 @@ def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
 class _Progress:
     """Samples done, samples/s and ETA over the whole evaluation, at most every ``every`` seconds."""
 
-    def __init__(self, total: int, log: Callable[[str], None] | None, every: float = 5.0):
-        self.total, self.log, self.every = total, log, every
+    def __init__(self, total: int, log: Callable[[str], None] | None, every: float = 5.0, scale: int = 1):
+        self.total, self.log, self.every, self.scale = total, log, every, scale
         self.done, self.t0 = 0, time.perf_counter()
         self.last = self.t0
 
     def __call__(self, task: str, n: int, task_done: int, task_total: int) -> None:
-        self.done += n
+        """``n`` more done (this rank's, counted ``scale`` times: each rank does its share)."""
+        self.done += n * self.scale
         now = time.perf_counter()
         if self.log is None or (now - self.last < self.every and task_done < task_total):
             return
@@ -534,6 +536,91 @@ def _infer_kind(spec: TaskSpec, samples: list[Sample], group: str) -> str:
     return "general_visual" if any(s.image is not None for s in samples) else "general_text"
 
 
+def shard_by_length(samples: Sequence[Sample], rank: int, world: int) -> list[int]:
+    """This rank's item indices, in file order: the longest items first onto the least-loaded rank (length: the
+    characters of the turns and the options), so the ranks' shares cost about the same; all of them in one
+    process."""
+    if world == 1:
+        return list(range(len(samples)))
+    cost = [sum(len(text) for _role, text in s.turns) + sum(len(o) for o in s.options or []) for s in samples]
+    load, owner = [0] * world, [0] * len(samples)
+    for i in sorted(range(len(samples)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + cost[i] + 1
+    return [i for i in range(len(samples)) if owner[i] == rank]
+
+
+def _gathered(own: list[dict[str, Any]], mine: list[int], n: int) -> list[dict[str, Any]]:
+    """Every rank's predictions, back in file order (each rank gets them all)."""
+    ordered: list[dict[str, Any] | None] = [None] * n
+    for indices, preds in gather_objects((mine, own)):  # type: ignore[misc]
+        for i, p in zip(indices, preds):
+            ordered[i] = p
+    return ordered  # type: ignore[return-value]
+
+
+def _predict(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], spec: TaskSpec, extra: list[str],
+             batch_size: int, max_new_tokens: int, meter: _Progress) -> list[dict[str, Any]]:
+    """One prediction per sample, in order: options scored by log-likelihood (multiple choice, unless the task's
+    metric is exact match), else a greedy answer."""
+    by_mc = spec.metric != "exact"
+    mc = [s for s in samples if s.options and by_mc]
+    free = [s for s in samples if not (s.options and by_mc)]
+    preds: dict[int, dict[str, Any]] = {}
+    done = 0
+    for i in range(0, len(mc), batch_size):
+        chunk = mc[i:i + batch_size]
+        scored = score_options(model, encoder, chunk, batch_size, tail="lmms_eval_acc" in extra)
+        for s, sc in zip(chunk, scored):
+            preds[id(s)] = _mc_prediction(s, sc, extra)
+        done += len(chunk)
+        meter(spec.name, len(chunk), done, len(samples))
+    for i in range(0, len(free), batch_size):
+        chunk = free[i:i + batch_size]
+        for s, text in zip(chunk, generate_answers(model, encoder, chunk, max_new_tokens, batch_size)):
+            answer = _answer(s)
+            preds[id(s)] = {"id": s.id, "answer": answer, "prediction": text, "correct": exact_match(text, answer)}
+        done += len(chunk)
+        meter(spec.name, len(chunk), done, len(samples))
+    return [preds[id(s)] for s in samples]
+
+
+def _mc_prediction(s: Sample, sc: OptionScores, extra: list[str]) -> dict[str, Any]:
+    assert s.options is not None
+    answer, guess = _answer(s), s.options[sc.predicted]
+    pred = {"id": s.id, "answer": answer, "prediction": guess, "predicted_index": sc.predicted,
+            "logprobs": sc.logprobs, "num_tokens": sc.num_tokens, "correct": guess == answer}
+    if "lmms_eval_acc" in extra:
+        pred["lmms_eval_loss"] = [-v for v in sc.values("lmms_eval_acc")]
+    for m in extra:
+        j = sc.predicted_by(m)
+        pred[m] = {"predicted_index": j, "correct": s.options[j] == answer}
+    return pred
+
+
+def _task_entry(spec: TaskSpec, samples: list[Sample], group: str, ordered: list[dict[str, Any]],
+                extra: list[str], keep_predictions: bool) -> dict[str, Any]:
+    """A task's result: accuracy, per-item correctness and fingerprints, the other metrics, the predictions."""
+    from .metrics import correct_items
+
+    has_mc = any("predicted_index" in p for p in ordered)
+    has_free = any("predicted_index" not in p for p in ordered)
+    correct = sum(p["correct"] for p in ordered)
+    entry: dict[str, Any] = {
+        "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
+        "metric": "mc" if not has_free else "exact" if not has_mc else "mixed",
+        "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
+        "correct_items": correct_items([p["correct"] for p in ordered]),
+        "item_fingerprints": item_fingerprints(samples)}
+    for m in extra if has_mc else ():  # an exact-match record is right or wrong for every metric
+        flags = [p[m]["correct"] if m in p else p["correct"] for p in ordered]
+        entry[m] = {"correct": sum(flags), "accuracy": sum(flags) / len(samples),
+                    "correct_items": correct_items(flags)}
+    if keep_predictions:
+        entry["predictions"] = ordered
+    return entry
+
+
 def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike | TaskSpec], *,
              general: Mapping[str, str | os.PathLike | TaskSpec] | None = None, split: str = "test",
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32, device: str = "auto",
@@ -550,7 +637,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     keeps each split's first N records (file order).
 
     Everything is checked (tasks, records, images) before the model is loaded, once, in ``dtype`` on ``device``
-    (``auto``: CUDA when present), in eval mode under ``torch.no_grad``. Per task: ``accuracy`` (correct / n, a
+    (``auto``: CUDA when present), in eval mode under ``torch.no_grad``. Under torchrun each rank scores its share
+    of every task's items (:func:`shard_by_length`) and every rank returns the whole result, gathered. Per task: ``accuracy`` (correct / n, a
     fraction), ``n``, ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``,
     per-sample ``predictions``; always ``correct_items``, the per-item correctness as a string of ``0``/``1``
     (what the bootstrap intervals resample, :mod:`forgetless.eval.metrics`). ``scores`` holds T, G_v, G_t and G
@@ -561,7 +649,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     """
     from ..cpm import load_model
     from ..stats.run import resolve_device
-    from .metrics import correct_items, metric_view
+    from .metrics import metric_view
     from .metrics import scores as summary_scores
 
     model_dir = Path(model_dir)
@@ -596,57 +684,21 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    model = load_model(model_dir, dtype=dtype, device=str(dev))  # a CPM-routed folder comes with its routing
-    if say:
-        say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype})")
-    meter = _Progress(total, say)
-    results: dict[str, Any] = {}
-    with torch.no_grad():
-        for spec, samples, group in loaded:
-            by_mc = spec.metric != "exact"
-            mc = [s for s in samples if s.options and by_mc]
-            free = [s for s in samples if not (s.options and by_mc)]
-            preds: dict[int, dict[str, Any]] = {}
-            done = 0
-            for i in range(0, len(mc), batch_size):
-                chunk = mc[i:i + batch_size]
-                scored = score_options(model, encoder, chunk, batch_size, tail="lmms_eval_acc" in extra)
-                for s, sc in zip(chunk, scored):
-                    assert s.options is not None
-                    answer, guess = _answer(s), s.options[sc.predicted]
-                    preds[id(s)] = {"id": s.id, "answer": answer, "prediction": guess,
-                                    "predicted_index": sc.predicted, "logprobs": sc.logprobs,
-                                    "num_tokens": sc.num_tokens, "correct": guess == answer}
-                    if "lmms_eval_acc" in extra:
-                        preds[id(s)]["lmms_eval_loss"] = [-v for v in sc.values("lmms_eval_acc")]
-                    for m in extra:
-                        j = sc.predicted_by(m)
-                        preds[id(s)][m] = {"predicted_index": j, "correct": s.options[j] == answer}
-                done += len(chunk)
-                meter(spec.name, len(chunk), done, len(samples))
-            for i in range(0, len(free), batch_size):
-                chunk = free[i:i + batch_size]
-                for s, text in zip(chunk, generate_answers(model, encoder, chunk, max_new_tokens, batch_size)):
-                    answer = _answer(s)
-                    preds[id(s)] = {"id": s.id, "answer": answer, "prediction": text,
-                                    "correct": exact_match(text, answer)}
-                done += len(chunk)
-                meter(spec.name, len(chunk), done, len(samples))
-            ordered = [preds[id(s)] for s in samples]
-            correct = sum(p["correct"] for p in ordered)
-            entry: dict[str, Any] = {
-                "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
-                "metric": "mc" if not free else "exact" if not mc else "mixed",
-                "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
-                "correct_items": correct_items([p["correct"] for p in ordered]),
-                "item_fingerprints": item_fingerprints(samples)}
-            for m in extra if mc else ():  # an exact-match record is right or wrong for every metric
-                flags = [p[m]["correct"] if m in p else p["correct"] for p in ordered]
-                entry[m] = {"correct": sum(flags), "accuracy": sum(flags) / len(samples),
-                            "correct_items": correct_items(flags)}
-            if keep_predictions:
-                entry["predictions"] = ordered
-            results[spec.name] = entry
+    with process_group(dev) as (rank, world):
+        say = say if rank == 0 else None
+        model = load_model(model_dir, dtype=dtype, device=str(dev))  # a CPM-routed folder comes with its routing
+        if say:
+            ranks = f", {world} processes" if world > 1 else ""
+            say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype}{ranks})")
+        meter = _Progress(total, say, scale=world)
+        results: dict[str, Any] = {}
+        with torch.no_grad():
+            for spec, samples, group in loaded:
+                mine = shard_by_length(samples, rank, world)
+                own = _predict(model, encoder, [samples[i] for i in mine], spec, extra, batch_size, max_new_tokens,
+                               meter)
+                ordered = _gathered(own, mine, len(samples))
+                results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
     seconds = time.perf_counter() - t0
     out = {"model": str(model_dir), "split": split, "limit": limit, "tasks": results, "seconds": round(seconds, 3),
            "samples_per_s": round(total / seconds, 3) if seconds else None}

@@ -296,10 +296,13 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     items), shown as ``± h`` in the table. These are ``acc``; where tasks are scored by multiple choice, the
     result's ``acc_norm`` and ``lmms_eval_acc`` get the same keys (E and F where the base result has that metric
     too) and a table each (:data:`forgetless.eval.metrics.MC_METRICS`). ``progress``: print progress lines
-    (through ``log``, which also prints the tables). An existing ``out`` is replaced only with ``force``."""
+    (through ``log``, which also prints the tables). An existing ``out`` is replaced only with ``force``. Under
+    torchrun the items are shared among the ranks (:func:`~forgetless.eval.harness.evaluate`) and rank 0 alone
+    prints and writes."""
     from ..checkpoint.guard import check_output
     from ..checkpoint.lora import parse_model_ref
     from ..errors import ForgetlessError
+    from ..stats.distributed import dist_info
     from .harness import evaluate, resolve_task, task_fingerprints
 
     if finetuned is not None and base is None:
@@ -332,6 +335,8 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
         res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,
                        progress=progress, log=log)
+    if dist_info()[0] != 0:  # under torchrun every rank has the whole result; rank 0 alone prints and writes
+        log, out = None, None
     if base_r is not None:
         res["base"], res["finetuned"] = str(base), (str(finetuned) if finetuned is not None else None)
     boot = Bootstrap()
