@@ -394,9 +394,13 @@ def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: st
               help="Rule: lose at most this many points of general score (F ≥ −POINTS), then the best E.")
 @click.option("--held-out", default=None, metavar="SPLIT",
               help="Evaluate the chosen point on this split too (e.g. test): what to expect there, with intervals.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="The evaluations' model dtype (results of other dtypes are cached apart).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, general: str, task_root: str | None,
               split: str, limit: int | None, min_task_ratio: float, workdir: str, plot: str | None, out: str | None,
-              batch_size: int, keep_gain: float | None, max_loss: float | None, held_out: str | None) -> None:
+              batch_size: int, keep_gain: float | None, max_loss: float | None, held_out: str | None, dtype: str,
+              device: str) -> None:
     """Evaluate a grid of merge knobs (one recipe per method); draw the trade-off (PNG) and pick the method and knob
     by a stated rule: --keep-gain, --max-loss or --min-task-ratio."""
     from pathlib import Path
@@ -414,7 +418,7 @@ def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, gen
     wd = Path(workdir)
     sweep(list(recipes), list(params), tasks=group(tasks, split), general=group(general, split), workdir=wd,
           split=split, limit=limit, rule=rule, held_out=where, plot=plot or wd / "sweep.png",
-          out=out or wd / "sweep.json", batch_size=batch_size, log=click.echo)
+          out=out or wd / "sweep.json", batch_size=batch_size, dtype=dtype, device=device, log=click.echo)
 
 
 @cli.command("demo")

@@ -1,5 +1,5 @@
 """Evaluations cached by what determines them: the model's weights (sha256 of its weight files), the task files
-(sha256), the split, the limit and the harness version. A merge that produces the same weights as another (task
+(sha256), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same weights as another (task
 arithmetic and WiSE-FT of one model at the same λ) is evaluated once."""
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def _task_digest(spec: Any, split: str) -> str:
 
 def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general: dict[str, Any] | None, *,
                     cache_dir: str | os.PathLike, split: str = "test", limit: int | dict[str, int] | None = None,
-                    batch_size: int = 8, log=print) -> tuple[dict[str, Any], bool]:
+                    batch_size: int = 8, dtype: str = "float32", device: str = "auto",
+                    log=print) -> tuple[dict[str, Any], bool]:
     """(result, whether every task came from the cache). Each task's score is cached on its own (weights digest,
     task file digest, split, limit), so the base model's general scores are computed once for every experiment.
     ``limit`` may be one number or a per-task mapping (a task absent from it: no limit). Multiple choice is
-    scored as ``acc`` and ``acc_norm``, not ``lmms_eval_acc`` (its extra token per option is not paid here)."""
+    scored as ``acc`` and ``acc_norm``, not ``lmms_eval_acc`` (its extra token per option is not paid here).
+    A score in another ``dtype`` than float32 is cached apart (float32's keys are those of earlier versions)."""
     from .harness import evaluate
     from .metrics import scores
     from .report import write_json
@@ -61,8 +63,11 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     entries: dict[str, Any] = {}
     missing: dict[int | None, tuple[dict, dict]] = {}
     for group, (name, spec) in [(0, x) for x in tasks.items()] + [(1, x) for x in general.items()]:
-        key = json.dumps({"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
-                          "t": _task_digest(spec, split), "limit": limits.get(name)}, sort_keys=True)
+        fields = {"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
+                  "t": _task_digest(spec, split), "limit": limits.get(name)}
+        if dtype != "float32":
+            fields["dtype"] = dtype
+        key = json.dumps(fields, sort_keys=True)
         path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
         if path.is_file():
             entries[name] = json.loads(path.read_text())
@@ -70,13 +75,14 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
             missing.setdefault(limits.get(name), ({}, {}))[group][name] = (spec, path)
     for lim, (t, g) in missing.items():
         r = evaluate(model_dir, {n: s for n, (s, _) in t.items()}, general={n: s for n, (s, _) in g.items()},
-                     split=split, limit=lim, batch_size=batch_size, log=log, progress=log is not None,
+                     split=split, limit=lim, batch_size=batch_size, dtype=dtype, device=device, log=log,
+                     progress=log is not None,
                      keep_predictions=False, metrics=("acc", "acc_norm"))
         for name, (_, path) in {**t, **g}.items():
             entry = {**r["tasks"][name], "seconds": r.get("seconds")}
             write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash
             entries[name] = entry
-    result: dict[str, Any] = {"model": str(model_dir), "split": split,
+    result: dict[str, Any] = {"model": str(model_dir), "split": split, "dtype": dtype,
                               "tasks": {n: entries[n] for n in [*tasks, *general]}}
     result["scores"] = scores(result)
     return result, not missing

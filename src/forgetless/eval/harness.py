@@ -700,7 +700,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                 ordered = _gathered(own, mine, len(samples))
                 results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
     seconds = time.perf_counter() - t0
-    out = {"model": str(model_dir), "split": split, "limit": limit, "tasks": results, "seconds": round(seconds, 3),
+    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, "tasks": results,
+           "seconds": round(seconds, 3),
            "samples_per_s": round(total / seconds, 3) if seconds else None}
     out["scores"] = summary_scores(out)
     if any(t["metric"] != "exact" for t in results.values()):

@@ -123,10 +123,11 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
           general: dict[str, Any], workdir: str | Path, split: str = "val", limit: int | None = None,
           min_task_ratio: float = 0.98, plot: str | Path | None = None, out: str | Path | None = None,
           batch_size: int = 8, rule: Rule | None = None, held_out: dict[str, dict[str, Any]] | None = None,
-          log: Callable[[str], None] | None = print) -> dict:
+          dtype: str = "float32", device: str = "auto", log: Callable[[str], None] | None = print) -> dict:
     """Run the grid (module docstring); returns ``{"points", "base", "finetuned", "chosen", "rule", ...}``.
     ``rule`` (default: ``min_task_ratio``'s); ``held_out``: {"split": name, "tasks": …, "general": …} — the
-    chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``)."""
+    chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``). ``dtype`` and
+    ``device``: the evaluations' (cached apart per dtype)."""
     import forgetless
 
     from ..methods.registry import METHODS
@@ -168,7 +169,7 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     def evaluate(model: Path, where: dict | None = None) -> dict:
         w = where or {"split": split, "tasks": tasks, "general": general}
         r, cached = cached_evaluate(model, w["tasks"], w["general"], cache_dir=cache, split=w["split"],
-                                    limit=limit, batch_size=batch_size, log=None)
+                                    limit=limit, batch_size=batch_size, dtype=dtype, device=device, log=None)
         say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
         return r
 
