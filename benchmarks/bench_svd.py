@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_svd.py [--out 4096] [--in 11008] [--models 8] [--rank 16] [--runs 3]
     .venv/bin/python benchmarks/bench_svd.py --whole [--runs 3]
+    .venv/bin/python benchmarks/bench_svd.py --trained
 
 One module: `--models` random rank-`--rank` adapters (factors N(0, 0.01²)), their deltas merged by TIES (density
 0.5, mergekit's convention), the merged [out, in] update re-factored to rank `--rank` by the exact truncated SVD
@@ -15,6 +16,12 @@ range finder. Results: benchmarks/bench_svd_results.json.
 adapters on all 224 Linears of bench_lora_merge's LLaVA-1.5-7B-shaped folders, in a fresh process per run (wall
 time and peak RSS: bench_merge's `run_measured`; the method's own time per module shape beside). Results:
 benchmarks/bench_svd_whole_results.json.
+
+``--trained``: real adapters. Eight rank-16 LoRA adapters trained by `forgetless finetune` on the embedded
+SmolLM2-135M (every Linear of its 30 layers; eight seeded synthetic question-answer tasks, 40 steps each), merged
+per module by TIES (density 0.5) and re-factored to rank 16 both ways: the randomized reconstruction error's
+excess over the exact SVD's, and the largest singular-value error, over the 210 modules. Results:
+benchmarks/bench_svd_trained_results.json.
 """
 
 from __future__ import annotations
@@ -69,8 +76,56 @@ def whole(runs: int) -> None:
     print(json.dumps({k: out[k] for k in ("median", "spread")}, indent=1))
 
 
+def task_data(path: Path, k: int) -> Path:
+    """Task k: 64 seeded questions 'k: a b c' answered by a fixed word permutation of task k."""
+    g = torch.Generator().manual_seed(k)
+    words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "salt", "rain"]
+    perm = torch.randperm(len(words), generator=g).tolist()
+    rows = []
+    for _ in range(64):
+        q = torch.randint(0, len(words), (3,), generator=g).tolist()
+        rows.append({"question": f"Task {k}: {' '.join(words[i] for i in q)}",
+                     "answer": " ".join(words[perm[i]] for i in q)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained() -> None:
+    """Randomized against exact re-factoring on eight trained adapters (module docstring)."""
+    from forgetless.checkpoint.lora import LoraAdapter
+    from forgetless.checkpoint.reader import CheckpointReader
+    from forgetless.embedded import export_smollm2
+    from forgetless.train.loop import LoraSpec, finetune
+
+    base, d = export_smollm2(), Path("/tmp/forgetless-bench-svd-trained")
+    d.mkdir(parents=True, exist_ok=True)
+    for k in range(8):
+        if not (d / f"adapter-{k}" / "adapter_config.json").is_file():
+            finetune(base, task_data(d / f"task-{k}.jsonl", k), d / f"adapter-{k}", lora=LoraSpec(r=16, alpha=32),
+                     steps=40, batch_size=8, lr=1e-3, seed=k, device="cpu", tensorboard=False, log=None)
+    names = CheckpointReader(base).names()
+    adapters = [LoraAdapter(d / f"adapter-{k}", names).loras() for k in range(8)]
+    rows = {}
+    for name in adapters[0]:
+        pairs = [(A * s, B) for A, B, s in (a[name].factors() for a in adapters)]
+        M = ties(torch.zeros(pairs[0][1].shape[0], pairs[0][0].shape[1]), [B @ A for A, B in pairs],
+                 weight=[1.0] * 8, density=[0.5] * 8, lambda_=1.0)
+        S = torch.linalg.svdvals(M)[:16]
+        exact, rand = truncated_svd(M, 16), randomized_svd(M, 16)
+        rows[name] = {"exact": rel_err(M, *exact), "randomized": rel_err(M, *rand),
+                      "sv_max_rel_err": float(((torch.linalg.svdvals(rand[1] @ rand[0])[:16] - S).abs() / S).max())}
+    excess = [r["randomized"] - r["exact"] for r in rows.values()]
+    out = {"modules": len(rows), "max_excess_over_exact": max(excess),
+           "median_excess_over_exact": statistics.median(excess),
+           "median_exact_rel_err": statistics.median(r["exact"] for r in rows.values()),
+           "max_sv_rel_err": max(r["sv_max_rel_err"] for r in rows.values()), "per_module": rows}
+    Path(__file__).with_name("bench_svd_trained_results.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "per_module"}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--trained", action="store_true", help="eight trained SmolLM2 adapters (module docstring)")
     ap.add_argument("--whole", action="store_true", help="the whole 224-module merge (module docstring)")
     ap.add_argument("--out", type=int, default=4096)
     ap.add_argument("--in", dest="inp", type=int, default=11008)
@@ -80,6 +135,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.whole:
         whole(args.runs)
+        return
+    if args.trained:
+        trained()
         return
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(args.rank, args.inp, generator=g) / 100, torch.randn(args.out, args.rank, generator=g) / 100)

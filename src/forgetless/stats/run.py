@@ -62,8 +62,11 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(model_dir: Path, device: str, dtype: str):
-    """The model as transformers loads it for image-text-to-text (when it has a vision config) or causal LM."""
-    model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype])
+    """The model as transformers loads it for image-text-to-text (when it has a vision config) or causal LM, in
+    ``dtype`` and, on a GPU, straight onto it (``device_map``): a rank never holds the whole model in host memory
+    first."""
+    placement = {"device_map": device} if torch.device(device).type == "cuda" else {}
+    model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
     return model.to(device).eval(), torch.device(device)
 
 
