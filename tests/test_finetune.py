@@ -220,6 +220,46 @@ def test_bfloat16_autocast_keeps_float32_weights_and_the_loss(tmp_path, llama_di
     assert {t.dtype for t in tensors(tmp_path / "bf16").values()} == {torch.float32}
 
 
+def test_bfloat16_holds_the_frozen_weights_in_bf16_and_the_trained_in_float32(tmp_path, llama_dir, text_data):
+    """Frozen weights in the compute dtype (half their memory), trainable weights and AdamW state float32; the
+    untouched tensors of the output are the input's bytes, and finetune.json says what ran in which precision."""
+    kw: dict[str, Any] = {"train": ["language.layers[0]"], "steps": 2, "lr": 1e-3, "batch_size": 4, "log": quiet}
+    seen: dict[str, set] = {"frozen": set(), "trained": set(), "state": set()}
+
+    def look(info) -> None:
+        trained = {id(p) for p in info.params.values()}
+        seen["frozen"] |= {p.dtype for p in info.model.parameters() if id(p) not in trained}
+        seen["trained"] |= {p.dtype for p in info.params.values()}
+        seen["state"] |= {v.dtype for st in info.optimizer.state.values() for v in st.values() if v.dim()}
+
+    finetune(llama_dir, text_data, tmp_path / "bf16", dtype="bfloat16", hook=look, **kw)
+    assert seen == {"frozen": {torch.bfloat16}, "trained": {torch.float32}, "state": {torch.float32}}
+    out, base = tensors(tmp_path / "bf16"), tensors(llama_dir)
+    report = json.loads((tmp_path / "bf16" / "finetune.json").read_text())
+    assert report["recipe"]["precision"] == {"trainable": "float32", "optimizer": "float32", "frozen": "bfloat16"}
+    for name in set(base) - set(report["trained_tensors"]):
+        assert torch.equal(out[name], base[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, llama_dir, text_data):
+    """Activations recomputed in the backward: the same losses and weights, to rounding."""
+    kw: dict[str, Any] = {"train": ["language.layers"], "steps": 2, "lr": 1e-3, "batch_size": 4, "seed": 1,
+                          "log": quiet}
+    flags = {False: set(), True: set()}
+
+    def look(on: bool):
+        return lambda info: flags[on].update(layer.gradient_checkpointing for layer in info.model.model.layers)
+
+    plain = finetune(llama_dir, text_data, tmp_path / "plain", hook=look(False), **kw)
+    ckpt = finetune(llama_dir, text_data, tmp_path / "ckpt", gradient_checkpointing=True, hook=look(True), **kw)
+    assert flags == {False: {False}, True: {True}}  # every decoder layer recomputed in the backward, or none
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+    a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "ckpt")
+    for name in plain.trained:
+        assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+    assert json.loads((tmp_path / "ckpt" / "finetune.json").read_text())["recipe"]["gradient_checkpointing"]
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 def test_full_finetune_changes_only_the_selected_tensors(tmp_path, llava_dir, image_data):
     last: dict[str, torch.Tensor] = {}

@@ -464,8 +464,11 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="bfloat16: autocast over float32 weights and optimizer state.")
+              help="bfloat16: autocast, the frozen weights held in bf16; trainable weights and optimizer state "
+              "float32.")
 @_tf32_option
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute each layer's activations in the backward instead of keeping them (less memory).")
 @click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,

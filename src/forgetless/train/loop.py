@@ -65,8 +65,10 @@ fraction of kept entries and mean coefficient, go to TensorBoard event files (:m
 turns them off): beside the output while training (``OUT.tensorboard/RUN``), then inside it as the Hugging Face
 Trainer writes them (``OUT/runs/RUN``). Rank 0 only.
 
-**Precision.** Weights, gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward and backward under
-bf16 autocast (the loss is still computed in fp32).
+**Precision.** Trainable weights, their gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward
+and backward under bf16 autocast (the loss is still computed in fp32) and holds the frozen weights in bf16 (half
+their memory; ``finetune.json`` records it under ``recipe.precision``). ``gradient_checkpointing`` recomputes each
+layer's activations in the backward instead of keeping them.
 
 **Output.** Full fine-tune: a complete Hugging Face folder written by the project's streaming writer: every tensor
 of the input under its input name and dtype, the untouched ones copied byte for byte, the trained ones cast back to
@@ -437,6 +439,18 @@ def _hms(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
+def _hold_frozen(model: nn.Module, dtype: str) -> str:
+    """Frozen floating-point weights in the compute dtype (bf16 under ``dtype="bfloat16"``: autocast computes
+    their matmuls in bf16 anyway) — half their memory; trainable weights and the optimizer stay float32. Returns
+    the frozen weights' dtype."""
+    if dtype != "bfloat16":
+        return "float32"
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
+    return "bfloat16"
+
+
 def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              train: list[str] | None = None, lora: LoraSpec | None = None, steps: int = 100, batch_size: int = 4,
              grad_accum: int = 1, lr: float = 2e-5, weight_decay: float = 0.0, warmup: int = 0,
@@ -445,7 +459,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
              on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
-             tensorboard: bool = True, force: bool = False) -> FinetuneReport:
+             tensorboard: bool = True, gradient_checkpointing: bool = False, force: bool = False) -> FinetuneReport:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -543,12 +557,16 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             if init_state is not None:
                 _load_init_adapter(params, init_state, Path(init_adapter))  # type: ignore[arg-type]
                 say(f"  continuing the adapter {init_adapter} ({len(init_state)} tensors)")
+        frozen_dtype = _hold_frozen(model, dtype)
+        if gradient_checkpointing:  # activations recomputed in the backward, layer by layer
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         net.train()
         losses: nn.Module = _SampleLosses(net, hf_model, _plain_head(hf_model))
         if world > 1:  # after this, a backward through `losses` all-reduces the gradients (averaged over ranks)
             losses = nn.parallel.DistributedDataParallel(
                 losses, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False,
-                find_unused_parameters=True)  # a tensor a rank's samples do not reach (the projector, text-only)
+                find_unused_parameters=True,  # a tensor a rank's samples do not reach (the projector, text-only)
+                gradient_as_bucket_view=True)  # the gradients live in the buckets: no second copy
 
             def drop_ddp() -> None:  # DDP holds the process group: let it go first, so the group's end joins its threads
                 nonlocal losses
@@ -657,7 +675,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                   "schedule": schedule, "min_lr_ratio": min_lr_ratio, "clip": clip, "seed": seed, "n": n,
                   "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
                   "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
-                  "init_adapter": None if init_adapter is None else str(init_adapter)}
+                  "init_adapter": None if init_adapter is None else str(init_adapter),
+                  "gradient_checkpointing": gradient_checkpointing,
+                  "precision": {"trainable": "float32", "optimizer": "float32", "frozen": frozen_dtype}}
         meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
                 "base_weights_fingerprint": base_fingerprint, "data": str(data),
                 "data_fingerprint": data_fingerprint(data, samples), "num_samples": len(samples),
