@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from forgetless.checkpoint.lora import open_model
+from forgetless.checkpoint.writer import human_bytes
 from forgetless.cli import main
 from forgetless.embedded import export_smollm2
 from forgetless.errors import ForgetlessError
@@ -394,3 +395,30 @@ def test_cli_finetune(tmp_path, llama_dir, text_data, capsys):
     assert meta["recipe"]["grad_accum"] == 2 and meta["recipe"]["clip"] is None and meta["num_samples"] == 6
     assert len(meta["losses"]) == 3 and all(n.startswith("model.layers.1.") for n in meta["trained_tensors"])
     assert "step 3/3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["full", "lora"])
+def test_dry_run_accounts_the_trained_tensors_without_loading(tmp_path, llama_dir, text_data, monkeypatch, how):
+    """--dry-run: the memory per rank from the meta-device model, before any weight is read, nothing written; its
+    trainable count is what the real run trains."""
+    from forgetless.train import loop
+
+    kw: dict[str, Any] = {"train": ["language.layers[1]"], "steps": 1, "batch_size": 4, "keep": "spider",
+                          "dtype": "bfloat16"}
+    if how == "lora":
+        kw.update(lora=LoraSpec(r=4, alpha=8), keep="none")
+    said: list[str] = []
+    monkeypatch.setattr(loop, "load_model", lambda *a: pytest.fail("the dry run loaded the model"))
+    assert finetune(llama_dir, text_data, tmp_path / "dry", dry_run=True, log=said.append, **kw) is None
+    monkeypatch.undo()
+    assert not (tmp_path / "dry").exists() and said[-2].startswith("memory per rank:")
+    seen: dict[str, int] = {}
+    report = finetune(llama_dir, text_data, tmp_path / "real", log=quiet, **kw,
+                      hook=lambda info: seen.setdefault("n", sum(p.numel() for p in info.params.values())))
+    assert report is not None
+    n = seen["n"]  # the values the run trained
+    frozen = sum(t.numel() for t in tensors(llama_dir).values()) - (n if how == "full" else 0)
+    line = said[-2]
+    for what, size in [("frozen weights", frozen * 2), ("trainable weights", n * 4), ("gradients", n * 4),
+                       ("optimizer", n * 8), ("keep rule", n * (8 if how == "full" else 0))]:
+        assert f"{what} {human_bytes(size)}" in line, (what, line)

@@ -469,6 +469,8 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @_tf32_option
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute each layer's activations in the backward instead of keeping them (less memory).")
+@click.option("--dry-run", is_flag=True, help="Print the memory per rank (weights, gradients, optimizer, keep rule, "
+              "activations) from the model built on the meta device; train nothing.")
 @click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
@@ -503,9 +505,9 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
                      option="--optimizer-fisher")
     moments = OptimizerFisher() if optimizer_fisher is not None else None
     out = kw.pop("out")
-    finetune(model, kw.pop("data"), out, train=list(train) or None, lora=spec, clip=clip or None, n=num,
-             log=click.echo, hook=moments, **kw)
-    if moments is not None and dist_info()[0] == 0:  # under DDP every rank holds the same state; rank 0 writes
+    report = finetune(model, kw.pop("data"), out, train=list(train) or None, lora=spec, clip=clip or None, n=num,
+                      log=click.echo, hook=moments, **kw)
+    if report is not None and moments is not None and dist_info()[0] == 0:  # under DDP every rank holds the same state; rank 0 writes
         click.echo(f"wrote {moments.save(optimizer_fisher, out)}: the optimizer's task Fisher")
 
 

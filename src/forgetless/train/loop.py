@@ -116,6 +116,7 @@ from ..stats.distributed import all_reduce_sums, dist_info, process_group
 from ..stats.fisher import checkpoint_names
 from ..stats.run import load_model, resolve_device
 from .hooks import StepHook, StepInfo
+from .memory import TrainFootprint, account
 from .spider import KEEP_RULES, make_rule
 from .tblog import TrainingLog
 
@@ -439,6 +440,25 @@ def _hms(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
+def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: layouts.Layout,
+               lora: LoraSpec | None, **kw: Any) -> TrainFootprint:
+    """:func:`train.memory.account` for this run, its trainable values counted on the meta-device model."""
+    from ..stats.footprint import meta_model
+
+    model = meta_model(model_dir, "float32")
+    stored = _stored_names(model, set(names))
+    total = sum(p.numel() for p in model.parameters())
+    if lora is None:
+        trainable = sum(p.numel() for p in _full_params(model, stored, selected).values())
+    else:
+        modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
+        linears = dict(model.named_modules())
+        trainable = sum(lora.r * (linears[m].in_features + linears[m].out_features) for m in modules)
+        total += trainable
+    text = model.config.get_text_config()
+    return account(trainable, total - trainable, hidden=text.hidden_size, layers=text.num_hidden_layers, **kw)
+
+
 def _hold_frozen(model: nn.Module, dtype: str) -> str:
     """Frozen floating-point weights in the compute dtype (bf16 under ``dtype="bfloat16"``: autocast computes
     their matmuls in bf16 anyway) — half their memory; trainable weights and the optimizer stay float32. Returns
@@ -459,7 +479,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
              on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
-             tensorboard: bool = True, gradient_checkpointing: bool = False, force: bool = False) -> FinetuneReport:
+             tensorboard: bool = True, gradient_checkpointing: bool = False, dry_run: bool = False,
+             force: bool = False) -> FinetuneReport | None:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -519,6 +540,13 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     samples, cache, skipped = _encode_all(samples, encoder, on_bad_sample)
     for sid, why in skipped[:10]:
         say(f"  skipped {sid}: {why}")
+    if dry_run:  # the memory per rank, from the model built on the meta device: nothing is loaded
+        longest = max((e["input_ids"].numel() for e in cache.values()), default=max_length or 0)
+        footprint = _footprint(model_dir, names, selected, layout, lora, dtype=dtype, keep=keep,
+                               tokens=batch_size // world * longest, checkpointing=gradient_checkpointing)
+        for line in footprint.lines():
+            say(line)
+        return None
 
     dev_name = resolve_device(device)
     with process_group(dev_name) as (rank, world), contextlib.ExitStack() as cleanup:
