@@ -4,8 +4,8 @@ decoder layer.
     .venv/bin/python benchmarks/bench_finetune_memory.py
 
 Accounted (`forgetless finetune --dry-run`'s `train.memory.account`): the README's example — LLaVA-1.5-7B,
-``language.layers[18:30]`` + projector trained, ``--keep spider``, 8 samples of 640 tokens per micro-batch —
-in float32 (before) and with ``--dtype bfloat16`` and ``--gradient-checkpointing``.
+``language.layers[18:30]`` + projector trained, ``--keep spider`` (θ₀ held in the checkpoint's fp16), 8 samples
+of 640 tokens per micro-batch — in float32 and with ``--dtype bfloat16`` and ``--gradient-checkpointing``.
 
 Measured: a Llama of LLaVA-1.5-7B's sizes with one decoder layer (SmolLM2's tokenizer and vocabulary), that layer
 fully trained with SPIDER for 2 steps in a fresh process (bench_merge's `run_measured`: peak RSS), against the
@@ -43,7 +43,7 @@ def readme_example() -> dict:
     for label, dtype, ckpt in (("float32", "float32", False), ("bf16", "bfloat16", False),
                                ("bf16 + checkpointing", "bfloat16", True)):
         fp = account(trainable, total - trainable, dtype=dtype, keep="spider", tokens=8 * 640, hidden=4096, layers=32,
-                     checkpointing=ckpt)
+                     checkpointing=ckpt, theta0_bytes=2)  # LLaVA-1.5-7B is stored in fp16: θ₀ held in fp16
         out[label] = {k: round(v / 2**30, 2) for k, v in {**fp.__dict__, "total": fp.total}.items()}
     return {"trainable": trainable, "total": total, "gib": out}
 

@@ -133,13 +133,14 @@ def test_rule_under_fsdp2_keeps_its_pieces_and_gives_the_single_process_weights(
         assert [h["updated_fraction"] for h in r["history"]] == pytest.approx(
             [h["updated_fraction"] for h in rule.history], abs=1e-4)
         assert [h["mean_c"] for h in r["history"]] == pytest.approx([h["mean_c"] for h in rule.history], abs=1e-4)
-    local = [0, 0]
+    local, held = [0, 0], [0, 0]  # entries, and θ₀'s bytes (held losslessly: the RMSNorm ones in bf16)
     for n in rule.params:
         joined = {k: torch.cat([pieces[0][f"{k}/{n}"], pieces[1][f"{k}/{n}"]])
                   for k in ("theta0", "grad_sum", "mask") if f"{k}/{n}" in pieces[0]}
         assert torch.equal(joined["theta0"], rule.theta0[n])  # each rank's θ₀ is its piece, and no more
         for r in (0, 1):
             local[r] += pieces[r][f"theta0/{n}"].numel()
+            held[r] += pieces[r][f"theta0/{n}"].numel() * pieces[r][f"theta0/{n}"].element_size()
         if rule_name == "spider":
             g = rule.grad_sum[n]  # float32 sums of other batch splits: compared at the tensor's own scale
             assert (joined["grad_sum"] - g).abs().max() <= 1e-5 * g.abs().max(), n
@@ -151,12 +152,12 @@ def test_rule_under_fsdp2_keeps_its_pieces_and_gives_the_single_process_weights(
     norm = "model.layers.0.input_layernorm.weight"
     if rule_name == "magnitude_mask":
         assert pieces[0][f"mask/{norm}"].all() and not pieces[1][f"mask/{norm}"].any()
-    # the rule's memory on each rank: its pieces' (spider: θ₀ + G, 8 B/entry, plus 3 float32 scratch vectors of
-    # the rank's largest piece; magnitude_mask: θ₀ + mask, 5 B/entry)
+    # the rule's memory on each rank: its pieces' (spider: θ₀ + G, 4 B/entry beside θ₀, plus 3 float32 scratch
+    # vectors of the rank's largest piece; magnitude_mask: θ₀ + mask, 1 B/entry beside θ₀)
     assert local[0] + local[1] == rule.numel
     for r in (0, 1):
         largest = max(pieces[r][f"theta0/{n}"].numel() for n in rule.params)
-        expected = 8 * local[r] + 12 * largest if rule_name == "spider" else 5 * local[r]
+        expected = held[r] + (4 * local[r] + 12 * largest if rule_name == "spider" else local[r])
         assert ranks[r]["extra_bytes"] == expected
         assert ranks[r]["extra_bytes"] < 0.6 * rule.extra_bytes()
 

@@ -31,6 +31,7 @@ from forgetless.train import (
     magnitude_mask,
     spider_coefficients,
 )
+from forgetless.train.spider import lossless_copy
 
 torch.set_num_threads(1)
 
@@ -206,7 +207,8 @@ def test_bfloat16_parameters_keep_fp32_state_and_exact_theta0():
     params = dict(net.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     rule = Spider(params)
-    assert all(t.dtype == torch.float32 for t in [*rule.theta0.values(), *rule.grad_sum.values()])
+    assert all(t.dtype == torch.bfloat16 for t in rule.theta0.values())  # θ₀ exactly, in the parameters' dtype
+    assert all(t.dtype == torch.float32 for t in rule.grad_sum.values())
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     for step in range(2):
         for x, y in micro_batches(step):
@@ -348,7 +350,9 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
     entries = sum(base[n].numel() for n in report.trained)
     assert meta["recipe"]["keep"] == "spider" and meta["keep"]["rule"] == "spider" and meta["recipe"]["dtype"] == dtype
     largest = max(base[n].numel() for n in report.trained)
-    assert meta["keep"]["extra_bytes"] == 8 * entries + 12 * largest and meta["keep"]["entries"] == entries
+    held = sum(base[n].numel() * lossless_copy(base[n]).element_size() for n in report.trained)  # θ₀ (RMSNorm's
+    assert held < 4 * entries  # ones are bf16-exact), G in float32, three float32 scratch vectors
+    assert meta["keep"]["extra_bytes"] == held + 4 * entries + 12 * largest and meta["keep"]["entries"] == entries
     assert len(meta["keep"]["updated_fraction"]) == steps == len(meta["keep"]["mean_c"])
     assert meta["keep"]["updated_fraction"][-1] == pytest.approx(1 - reverted / entries)
     assert report.keep == meta["keep"]
@@ -373,3 +377,43 @@ def test_cli_keep_magnitude_mask_and_lora_refusal(tmp_path, llama_dir, text_data
               "--keep", "spider"])
     assert exit_.value.code == 2 and "not to LoRA" in capsys.readouterr().err
     assert not (tmp_path / "lora").exists() and not (tmp_path / "l2").exists()
+
+
+def test_theta0_is_held_in_the_narrowest_exact_dtype_and_the_rules_are_unchanged(monkeypatch):
+    """θ₀ of float32 weights that came from an fp16 (bf16) checkpoint is held in fp16 (bf16): half the memory, the
+    same values; arbitrary float32 stays float32. SPIDER and MagnitudeMask give the weights they gave with θ₀ held
+    in float32, bit for bit."""
+    from forgetless.train import spider
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    assert spider.lossless_copy(x.half().float()).dtype == torch.float16
+    assert spider.lossless_copy(x.bfloat16().float()).dtype == torch.bfloat16
+    assert spider.lossless_copy(x).dtype == torch.float32
+    assert torch.equal(spider.lossless_copy(x.half().float()).float(), x.half().float())
+
+    def run(rule_cls, wide: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = small_net()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(p.half().float())  # weights as an fp16 checkpoint gives them
+        params = dict(net.named_parameters())
+        if wide:
+            monkeypatch.setattr(spider, "lossless_copy", lambda t: t.to(torch.float32, copy=True))
+        rule = rule_cls(params)
+        monkeypatch.undo()
+        assert {t.dtype for t in rule.theta0.values()} == {torch.float32 if wide else torch.float16}
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        for step in range(2):
+            for xb, yb in micro_batches(step):
+                nn.functional.mse_loss(net(xb), yb).backward()
+            rule.accumulate()
+            opt.step()
+            rule.apply()
+            opt.zero_grad()
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    for rule_cls in (Spider, MagnitudeMask):
+        narrow, wide = run(rule_cls, False), run(rule_cls, True)
+        assert all(torch.equal(narrow[n], wide[n]) for n in wide), rule_cls.__name__

@@ -456,7 +456,10 @@ def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: la
         trainable = sum(lora.r * (linears[m].in_features + linears[m].out_features) for m in modules)
         total += trainable
     text = model.config.get_text_config()
-    return account(trainable, total - trainable, hidden=text.hidden_size, layers=text.num_hidden_layers, **kw)
+    with CheckpointReader(model_dir) as reader:  # θ₀ is held in the stored dtype where that is 16-bit
+        theta0 = max(reader.info(n).dtype.itemsize for n in selected) if selected else 4
+    return account(trainable, total - trainable, hidden=text.hidden_size, layers=text.num_hidden_layers,
+                   theta0_bytes=theta0, **kw)
 
 
 def _hold_frozen(model: nn.Module, dtype: str) -> str:

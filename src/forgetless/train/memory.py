@@ -2,8 +2,8 @@
 
 Weights: trainable ones in float32, frozen ones in the compute dtype (bf16 under ``--dtype bfloat16``, else
 float32). Gradients: float32, one per trainable value (DDP keeps them in its buckets: no second copy). AdamW: two
-float32 moments. Keep rule: SPIDER keeps θ₀ and its gradient sum (8 bytes per trainable value), MagnitudeMask θ₀
-and a bool mask (5). Activations, an estimate: 34·h bytes per token and decoder layer in 16-bit (Korthikanti et
+float32 moments. Keep rule: SPIDER keeps θ₀ (in the checkpoint's 16-bit dtype where it holds the values exactly,
+else float32) and a float32 gradient sum, MagnitudeMask θ₀ and a bool mask. Activations, an estimate: 34·h bytes per token and decoder layer in 16-bit (Korthikanti et
 al. 2022, without the attention-score term that fused attention does not store), twice that in float32; with
 gradient checkpointing each layer keeps only its input (2·h or 4·h bytes per token) and one layer at a time its
 full set — over every decoder layer, an upper bound where the lower layers are frozen.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from ..checkpoint.writer import human_bytes
 
-RULE_BYTES = {"none": 0, "spider": 8, "magnitude_mask": 5}
+RULE_EXTRA = {"none": None, "spider": 4, "magnitude_mask": 1}  # bytes per trainable value beside θ₀
 ACTIVATION_BYTES = 34  # per token, per unit of hidden size and decoder layer, with 16-bit activations
 
 
@@ -48,11 +48,18 @@ def activation_bytes(tokens: int, hidden: int, layers: int, *, half: bool, check
     return layers * (2 if half else 4) * hidden * tokens + per_layer
 
 
+def rule_bytes(keep: str, theta0_bytes: int) -> int:
+    """Bytes per trainable value the keep rule holds: θ₀ (``theta0_bytes``: 2 from a 16-bit checkpoint, else 4)
+    and G (SPIDER) or the mask (MagnitudeMask)."""
+    extra = RULE_EXTRA[keep]
+    return 0 if extra is None else theta0_bytes + extra
+
+
 def account(trainable: int, frozen: int, *, dtype: str, keep: str, tokens: int, hidden: int, layers: int,
-            checkpointing: bool) -> TrainFootprint:
+            checkpointing: bool, theta0_bytes: int = 4) -> TrainFootprint:
     """The footprint of one rank holding ``trainable`` and ``frozen`` values (module docstring)."""
     half = dtype == "bfloat16"
     return TrainFootprint(frozen_weights=frozen * (2 if half else 4), trainable_weights=trainable * 4,
-                          gradients=trainable * 4, optimizer=trainable * 8, keep_rule=trainable * RULE_BYTES[keep],
+                          gradients=trainable * 4, optimizer=trainable * 8, keep_rule=trainable * rule_bytes(keep, theta0_bytes),
                           activations=activation_bytes(tokens, hidden, layers, half=half,
                                                        checkpointing=checkpointing))

@@ -24,8 +24,10 @@ before ``optimizer.step()`` (the published code reads them after the step under 
 be cleared, so that ``G`` stays zero, ``c = 0`` everywhere and every step reverts to ``θ₀``). A step in which no
 tensor has a gradient is an error, and ``apply()`` refuses to run without an ``accumulate()`` since the last one.
 
-**Memory.** Each rule keeps, on every parameter's own device, ``θ₀`` in float32, and SPIDER also ``G`` in float32:
-8 bytes per trainable entry (SPIDER) or 4 + 1 (MagnitudeMask: ``θ₀`` and a bool mask). SPIDER adds three float32
+**Memory.** Each rule keeps, on every parameter's own device, ``θ₀`` — in bf16 or fp16 where that holds every
+value exactly (weights loaded from such a checkpoint), else float32, and always read in float32 — and SPIDER also
+``G`` in float32: 2 or 4 bytes + 4 per trainable entry (SPIDER), or 2 or 4 + 1 (MagnitudeMask: ``θ₀`` and a bool
+mask). SPIDER adds three float32
 scratch vectors per device the size of the largest trainable tensor (``|x|``, ``I_pre``, ``I_ft``, ``c`` live
 there, one tensor at a time) and two scalars per tensor (the moments of ``|θ₀|``). ``extra_bytes()`` says exactly.
 
@@ -47,7 +49,7 @@ algorithm (``torch.std_mean`` is about 10× slower on CPU), float masks rather t
 written into the reused scratch (allocating them afresh costs more than the arithmetic on CPU). See BENCHMARKS.md
 for the cost per step against plain fine-tuning.
 
-**Mixed precision.** For a bf16/fp16 parameter ``θ₀`` and ``G`` are still float32 (``θ₀`` is its exact value,
+**Mixed precision.** For a bf16/fp16 parameter ``G`` is still float32 (``θ₀`` is its exact value,
 ``G`` adds the low-precision gradients in float32); the new weights are computed in float32 and written back in
 the parameter's dtype, so entries with ``c = 0`` are exactly ``θ₀``.
 
@@ -97,6 +99,16 @@ ORDER_REMEDY = ("call rule.accumulate() after clipping and before optimizer.step
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
+def lossless_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` in the narrowest of bfloat16, float16 and float32 that holds every value exactly: θ₀ loaded
+    from an fp16 or bf16 checkpoint keeps half the memory and loses nothing (every use reads it in float32)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = x.to(dtype, copy=True)  # a copy even in x's own dtype: θ₀ must not follow the parameter
+        if torch.equal(narrow.to(x.dtype), x):
+            return narrow
+    return x.to(torch.float32, copy=True)
+
+
 def _abs(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``|x|`` in float32: a new tensor, or written into ``out`` (a float32 tensor of ``x``'s shape)."""
     x = x.detach()
@@ -271,7 +283,8 @@ def magnitude_mask(theta0: torch.Tensor, ratio: float = MASK_RATIO) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------- the rules
 class _KeepRule:
-    """Common part: the tensors (each once, by identity), their ``θ₀`` in float32, the step protocol, statistics."""
+    """Common part: the tensors (each once, by identity), their ``θ₀`` (held losslessly), the step protocol,
+    statistics."""
 
     name = "?"
 
@@ -287,7 +300,8 @@ class _KeepRule:
 
     # -- setup
     def capture(self, params: dict[str, torch.nn.Parameter]) -> None:
-        """Take ``θ₀`` (float32 copies on each tensor's device; of its local piece for a sharded DTensor) and
+        """Take ``θ₀`` (copies on each tensor's device, in the narrowest dtype that holds them exactly:
+        :func:`lossless_copy`; of its local piece for a sharded DTensor) and
         whatever else the rule keeps. Called once, before the first optimizer step, on every rank alike; a tensor
         listed under two names is kept under the first."""
         if self.params:
@@ -303,7 +317,7 @@ class _KeepRule:
             self.params[n] = p
             self.shards[n] = sharding_of(p, n)
             with torch.no_grad():
-                self.theta0[n] = local_part(p.detach()).to(torch.float32, copy=True)
+                self.theta0[n] = lossless_copy(local_part(p.detach()))
         if not self.params:
             raise ForgetlessError(f"the {self.name} rule got no tensor", remedy="pass the trainable parameters")
         for n, sharding in self.shards.items():
@@ -392,9 +406,9 @@ class _KeepRule:
 
 
 class Spider(_KeepRule):
-    """SPIDER (see the module notes). Keeps ``θ₀`` and ``G`` (float32, on each tensor's device), the two moments
-    of ``|θ₀|`` per tensor, and on each device three float32 scratch vectors the size of its largest trainable
-    tensor, reused at every step (allocating the temporaries afresh costs more than the arithmetic on CPU). For a
+    """SPIDER (see the module notes). Keeps ``θ₀`` (losslessly) and ``G`` (float32) on each tensor's device, the
+    two moments of ``|θ₀|`` per tensor, and on each device three float32 scratch vectors the size of its largest
+    trainable tensor, reused at every step (allocating the temporaries afresh costs more than the arithmetic on CPU). For a
     sharded tensor all of it is the local piece's."""
 
     name = "spider"
@@ -406,7 +420,7 @@ class Spider(_KeepRule):
         super().__init__(params)
 
     def _setup(self) -> None:
-        self.grad_sum = {n: torch.zeros_like(t) for n, t in self.theta0.items()}
+        self.grad_sum = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.theta0.items()}
         largest: dict[torch.device, int] = {}
         for t in self.theta0.values():
             largest[t.device] = max(largest.get(t.device, 0), t.numel())
@@ -466,6 +480,8 @@ class Spider(_KeepRule):
     def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, nonzero = self._coefficients(name)
         theta0 = self.theta0[name]
+        if theta0.dtype != torch.float32:  # θ₀ in float32, in the scratch vector c no longer needs
+            theta0 = self._views(name)[0].copy_(theta0)
         if p.dtype == torch.float32:
             torch.lerp(theta0, p, c, out=p)  # elementwise, so the full overlap of out and end is safe
         else:
@@ -474,7 +490,7 @@ class Spider(_KeepRule):
 
 
 class MagnitudeMask(_KeepRule):
-    """MagnitudeMask (see the module notes). Keeps ``θ₀`` (float32) and a bool mask of the reset entries. For a
+    """MagnitudeMask (see the module notes). Keeps ``θ₀`` (losslessly) and a bool mask of the reset entries. For a
     sharded tensor both are the local piece's; the mask is still the whole tensor's top half (ties to the lower flat
     index): at capture every rank gathers the whole tensor once, ranks its entries and keeps its piece of the mask
     (a transient copy of one tensor at a time, as in one process)."""
@@ -503,7 +519,7 @@ class MagnitudeMask(_KeepRule):
         return [*self.theta0.values(), *self.mask.values()]
 
     def _apply_one(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, theta0 = self.mask[name], self.theta0[name]
+        mask, theta0 = self.mask[name], self.theta0[name].float()  # no copy when θ₀ is held in float32
         if p.dtype == torch.float32:
             torch.where(mask, theta0, p, out=p)
         else:
