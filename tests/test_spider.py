@@ -120,6 +120,17 @@ def micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)) for _ in range(2)]
 
 
+def train_with_rule(net: nn.Module, rule, opt: torch.optim.Optimizer, steps: int) -> None:
+    """The plain loop a rule is made for: accumulate after the micro-batches, step, apply."""
+    for step in range(steps):
+        for x, y in micro_batches(step):
+            nn.functional.mse_loss(net(x), y).backward()
+        rule.accumulate()
+        opt.step()
+        rule.apply()
+        opt.zero_grad()
+
+
 def test_spider_loop_accumulates_clipped_gradients_and_keeps_theta0_where_c_is_zero():
     net = small_net()
     params = dict(net.named_parameters())
@@ -229,14 +240,7 @@ def test_magnitude_mask_resets_exactly_the_top_half_of_theta0():
     params = dict(net.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     rule = MagnitudeMask(params)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
-    for step in range(3):
-        for x, y in micro_batches(step):
-            nn.functional.mse_loss(net(x), y).backward()
-        rule.accumulate()
-        opt.step()
-        rule.apply()
-        opt.zero_grad()
+    train_with_rule(net, rule, torch.optim.AdamW(net.parameters(), lr=0.01), 3)
     total = free = 0
     for n, p in params.items():
         flat = theta0[n].flatten().numpy()
@@ -404,14 +408,7 @@ def test_theta0_is_held_in_the_narrowest_exact_dtype_and_the_rules_are_unchanged
         rule = rule_cls(params)
         monkeypatch.undo()
         assert {t.dtype for t in rule.theta0.values()} == {torch.float32 if wide else torch.float16}
-        opt = torch.optim.SGD(net.parameters(), lr=0.5)
-        for step in range(2):
-            for xb, yb in micro_batches(step):
-                nn.functional.mse_loss(net(xb), yb).backward()
-            rule.accumulate()
-            opt.step()
-            rule.apply()
-            opt.zero_grad()
+        train_with_rule(net, rule, torch.optim.SGD(net.parameters(), lr=0.5), 2)
         return {n: p.detach().clone() for n, p in params.items()}
 
     for rule_cls in (Spider, MagnitudeMask):
