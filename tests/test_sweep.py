@@ -120,3 +120,28 @@ def test_sweep_picks_by_the_users_target_and_reports_the_held_out_split(setup, t
     assert direct["split"] == "test" and "(held out)" in res.output
     if out["chosen"]["value"] == 0:  # the base itself: E and F exactly 0 on the held-out split too
         assert h["E"] == 0 and h["F"] == 0 and h["rule_met"]
+
+
+def test_sweep_under_torchrun_is_one_process_group_and_gives_the_one_process_result(setup, tmp_path):
+    """2 gloo ranks: rank 0 merges each point and writes the cache and the result, every rank evaluates its share;
+    the chosen point, every point's scores and intervals are the one process's; one group, ended once."""
+    import dist_worker as W
+
+    _root, base, ft, t, g = setup
+    recipe = tmp_path / "wise.yaml"
+    recipe.write_text(f"method: linear\nbase: {base}\nmodels: [{ft}]\n")
+
+    def args(work):
+        return ["sweep", str(recipe), "--param", "lambda=0,0.5,1", "--tasks", str(t), "--general", str(g),
+                "--workdir", str(tmp_path / work), "--min-task-ratio", "0", "--device", "cpu"]
+
+    res = CliRunner().invoke(cli, args("one"))
+    assert res.exit_code == 0, res.output
+    assert W.torchrun("cli", tmp_path / "probe", *args("two"), timeout=300) == [0]
+    one, two = (json.loads((tmp_path / w / "sweep.json").read_text()) for w in ("one", "two"))
+    assert two["chosen"] == one["chosen"] and two["base"] == one["base"] and two["finetuned"] == one["finetuned"]
+    for p, q in zip(one["points"], two["points"], strict=True):
+        assert q == p
+    assert sorted(p.name for p in (tmp_path / "two" / "eval-cache").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "eval-cache").iterdir())
+    assert not (tmp_path / "two" / "merged").exists() or not any((tmp_path / "two" / "merged").iterdir())

@@ -43,6 +43,17 @@ def _task_digest(spec: Any, split: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_path(cache: Path, digest: str, split: str, name: str, group: int, spec: Any, limit: int | None,
+                dtype: str) -> Path:
+    """Where a task's score is cached: the hash of everything that determines it."""
+    fields = {"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
+              "t": _task_digest(spec, split), "limit": limit}
+    if dtype != "float32":
+        fields["dtype"] = dtype
+    key = json.dumps(fields, sort_keys=True)
+    return cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
 def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general: dict[str, Any] | None, *,
                     cache_dir: str | os.PathLike, split: str = "test", limit: int | dict[str, int] | None = None,
                     batch_size: int = 8, dtype: str = "float32", device: str = "auto",
@@ -52,6 +63,7 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     ``limit`` may be one number or a per-task mapping (a task absent from it: no limit). Multiple choice is
     scored as ``acc`` and ``acc_norm``, not ``lmms_eval_acc`` (its extra token per option is not paid here).
     A score in another ``dtype`` than float32 is cached apart (float32's keys are those of earlier versions)."""
+    from ..stats.distributed import dist_info, from_rank0
     from .harness import evaluate
     from .metrics import scores
     from .report import write_json
@@ -62,25 +74,22 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     cache = Path(cache_dir)
     entries: dict[str, Any] = {}
     missing: dict[int | None, tuple[dict, dict]] = {}
-    for group, (name, spec) in [(0, x) for x in tasks.items()] + [(1, x) for x in general.items()]:
-        fields = {"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
-                  "t": _task_digest(spec, split), "limit": limits.get(name)}
-        if dtype != "float32":
-            fields["dtype"] = dtype
-        key = json.dumps(fields, sort_keys=True)
-        path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-        if path.is_file():
+    keyed = [(group, name, spec) for group, pairs in enumerate((tasks, general)) for name, spec in pairs.items()]
+    paths = [_cache_path(cache, digest, split, name, group, spec, limits.get(name), dtype) for group, name, spec in keyed]
+    cached = from_rank0([p.is_file() for p in paths])  # under torchrun every rank takes rank 0's view
+    for (group, name, spec), path, hit in zip(keyed, paths, cached):
+        if hit:
             entries[name] = json.loads(path.read_text())
         else:
             missing.setdefault(limits.get(name), ({}, {}))[group][name] = (spec, path)
     for lim, (t, g) in missing.items():
         r = evaluate(model_dir, {n: s for n, (s, _) in t.items()}, general={n: s for n, (s, _) in g.items()},
                      split=split, limit=lim, batch_size=batch_size, dtype=dtype, device=device, log=log,
-                     progress=log is not None,
-                     keep_predictions=False, metrics=("acc", "acc_norm"))
+                     progress=log is not None, keep_predictions=False, metrics=("acc", "acc_norm"))
         for name, (_, path) in {**t, **g}.items():
             entry = {**r["tasks"][name], "seconds": r.get("seconds")}
-            write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash
+            if dist_info()[0] == 0:
+                write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash
             entries[name] = entry
     result: dict[str, Any] = {"model": str(model_dir), "split": split, "dtype": dtype,
                               "tasks": {n: entries[n] for n in [*tasks, *general]}}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ForgetlessError
+from ..stats.distributed import barrier, process_group
 
 
 def parse_param(spec: str) -> tuple[str | None, str, list[float]]:
@@ -128,13 +129,8 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     ``rule`` (default: ``min_task_ratio``'s); ``held_out``: {"split": name, "tasks": …, "general": …} — the
     chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``). ``dtype`` and
     ``device``: the evaluations' (cached apart per dtype)."""
-    import forgetless
-
     from ..methods.registry import METHODS
     from ..recipe import load_recipe
-    from .cache import cached_evaluate
-    from .metrics import Bootstrap, compare
-    from .report import format_table, tradeoff_plot, write_json
 
     rule = rule or Rule(min_task_ratio=min_task_ratio)
     say = log or (lambda _s: None)
@@ -160,6 +156,25 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
             raise ForgetlessError(f"no --param applies to method {d['method']!r}",
                                   remedy=f"its parameters: {', '.join(sorted(accepted))}")
         loaded.append((d, g))
+    from ..stats.run import resolve_device
+
+    with process_group(resolve_device(device)) as (rank, _world):  # under torchrun: one group, rank 0 writes
+        return _run_grid(loaded, tasks=tasks, general=general, workdir=workdir, split=split, limit=limit,
+                         batch_size=batch_size, rule=rule, held_out=held_out, plot=plot, out=out, dtype=dtype,
+                         device=device, say=say if rank == 0 else (lambda _s: None), rank=rank)
+
+
+def _run_grid(loaded: list, *, tasks: dict[str, Any], general: dict[str, Any], workdir: Path, split: str,
+              limit: int | None, batch_size: int, rule: Rule, held_out: dict[str, dict[str, Any]] | None,
+              plot: str | Path | None, out: str | Path | None, dtype: str, device: str,
+              say: Callable[[str], None], rank: int) -> dict:
+    """Evaluate the base, the fine-tuned model and every point of the grid; choose; plot and write (rank 0)."""
+    import forgetless
+
+    from .cache import cached_evaluate
+    from .metrics import Bootstrap, compare
+    from .report import format_table, tradeoff_plot, write_json
+
     first = loaded[0][0]
     base = Path(first["base"])
     m0 = first["models"][0]
@@ -180,12 +195,16 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
         return boot.intervals(boot.compare(r, base_r))
 
     def merged(rec: dict, folder: Path, where: dict | None = None) -> dict:
-        """Merge `rec` into a scratch folder, evaluate it, remove it."""
-        forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
+        """Merge `rec` into a scratch folder (rank 0), evaluate it (every rank), remove it (rank 0)."""
+        if rank == 0:
+            forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
+        barrier()
         try:
             return evaluate(folder, where)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            barrier()
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
 
     points: list[dict] = []
     point_recipes: list[dict] = []  # the recipe each point merged, in order
@@ -217,7 +236,7 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
     if held_out and chosen is not None:
         rec = point_recipes[next(i for i, p in enumerate(points) if p is chosen)]
         result["held_out"] = _held_out(rec, base, ft, held_out, rule, workdir, merged, evaluate, say)
-    if plot:
+    if plot and rank == 0:
         bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
         pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
                 **bars[0]},
@@ -227,7 +246,7 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
                  "chosen": p is chosen, **b} for p, b in zip(points, bars[2:])]
         tradeoff_plot(pts, plot, title=f"trade-off on {split} ({', '.join(tasks)})")
         result["plot"] = str(plot)
-    if out:
+    if out and rank == 0:
         write_json(out, result)
     return result
 

@@ -162,6 +162,17 @@ def collect_owned(tensors: Mapping[str, torch.Tensor], dst: int = 0) -> dict[str
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def from_rank0(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (a decision all ranks must take alike, such as what a cache holds)."""
+    return gather_objects(obj)[0]  # type: ignore[return-value]
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` (e.g. lists of skipped samples), in rank order; ``[obj]`` in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
