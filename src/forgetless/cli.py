@@ -87,6 +87,15 @@ def methods_cmd() -> None:
         click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}{space}")
 
 
+def _pixels_options(fn):
+    """--min-pixels / --max-pixels: a dynamic-resolution processor's image bounds (Qwen2-VL, Qwen2.5-VL)."""
+    for name, what in (("--max-pixels", "at most"), ("--min-pixels", "at least")):
+        fn = click.option(name, type=POSITIVE, default=None,
+                          help=f"Resize each image to {what} this many pixels (Qwen2-VL, Qwen2.5-VL: its tokens, "
+                          "and so the memory, grow with them). Default: the processor's.")(fn)
+    return fn
+
+
 def _tf32_option(fn):
     """--tf32/--no-tf32: the command runs with TF32 float32 matmuls on CUDA (PyTorch's recommendation for Ampere and
     later GPUs) or IEEE float32; the settings are put back when it returns."""
@@ -133,7 +142,7 @@ def _stats_options(fn):
         click.option("--memory", default=None, help="Refuse before any work when the memory per device would exceed "
                      "this (e.g. 40GiB); the device's free memory is always checked."),
     ]
-    fn = _tf32_option(fn)
+    fn = _pixels_options(_tf32_option(fn))
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -467,6 +476,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
               help="bfloat16: autocast, the frozen weights held in bf16; trainable weights and optimizer state "
               "float32.")
 @_tf32_option
+@_pixels_options
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute each layer's activations in the backward instead of keeping them (less memory).")
 @click.option("--dry-run", is_flag=True, help="Print the memory per rank (weights, gradients, optimizer, keep rule, "
@@ -527,6 +537,7 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True)
 @_tf32_option
+@_pixels_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results (JSON) here.")
 @click.option("--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F.")
 @click.option("--finetuned", type=click.Path(dir_okay=False), default=None,

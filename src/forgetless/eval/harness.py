@@ -626,7 +626,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32, device: str = "auto",
              dtype: str = "float32", task_root: str | os.PathLike | None = None, progress: bool = True,
              log: Callable[[str], None] | None = print, keep_predictions: bool = True,
-             metrics: Sequence[str] = MC_METRICS) -> dict[str, Any]:
+             metrics: Sequence[str] = MC_METRICS, min_pixels: int | None = None,
+             max_pixels: int | None = None) -> dict[str, Any]:
     """Evaluate the model folder on each task; returns the result dict (what ``forgetless eval`` writes).
 
     ``tasks`` (downstream) and ``general`` map a name to a JSONL file, a task folder (its ``<split>.jsonl``) or a
@@ -674,7 +675,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     if not specs:
         raise ForgetlessError("no tasks to evaluate", remedy="pass --tasks and/or --general")
     loaded = [(spec, _load_task(spec, limit), group) for spec, group in specs]
-    encoder = Encoder(model_dir)
+    encoder = Encoder(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     for spec, samples, _ in loaded:
         if encoder.processor is None and any(s.image is not None for s in samples):
             raise ForgetlessError(f"task {spec.name!r} has images but the model has no image processor",
@@ -700,7 +701,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                 ordered = _gathered(own, mine, len(samples))
                 results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
     seconds = time.perf_counter() - t0
-    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, "tasks": results,
+    pixels = {"pixels": [min_pixels, max_pixels]} if min_pixels or max_pixels else {}
+    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, **pixels, "tasks": results,
            "seconds": round(seconds, 3),
            "samples_per_s": round(total / seconds, 3) if seconds else None}
     out["scores"] = summary_scores(out)

@@ -288,7 +288,7 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
              device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
              finetuned: str | os.PathLike | None = None, progress: bool = True, force: bool = False,
-             log=print) -> dict[str, Any]:
+             min_pixels: int | None = None, max_pixels: int | None = None, log=print) -> dict[str, Any]:
     """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
     model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. Every score gets its
@@ -334,7 +334,7 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     with _loading_bars(progress):
         res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,
-                       progress=progress, log=log)
+                       progress=progress, log=log, min_pixels=min_pixels, max_pixels=max_pixels)
     if dist_info()[0] != 0:  # under torchrun every rank has the whole result; rank 0 alone prints and writes
         log, out = None, None
     if base_r is not None:

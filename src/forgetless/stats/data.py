@@ -23,6 +23,7 @@ skip, as the user chooses. Nothing is ever dropped silently.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -274,15 +275,37 @@ def check_image(path: str | os.PathLike) -> None:
         pass
 
 
+def with_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None, source: Path | None) -> Any:
+    """A copy of ``processor`` whose dynamic-resolution image processor keeps each image within
+    [``min_pixels``, ``max_pixels``] pixels (None: the processor's own bound); the given processor is not changed."""
+    images = getattr(processor, "image_processor", None)
+    size = getattr(images, "size", None)
+    if images is None or not hasattr(images, "merge_size") or getattr(size, "longest_edge", None) is None:
+        raise ForgetlessError("--min-pixels / --max-pixels bound a dynamic-resolution image processor (Qwen2-VL, "
+                              "Qwen2.5-VL); this model's has none", file=source,
+                              remedy="drop --min-pixels / --max-pixels")
+    low = size.shortest_edge if min_pixels is None else min_pixels
+    high = size.longest_edge if max_pixels is None else max_pixels
+    if not 0 < low <= high:
+        raise ForgetlessError(f"the pixel bounds [{low}, {high}] are empty", file=source,
+                              remedy="give 0 < --min-pixels ≤ --max-pixels")
+    processor = copy.deepcopy(processor)
+    processor.image_processor.size = {"shortest_edge": low, "longest_edge": high}
+    return processor
+
+
 class Encoder:
     """Turns a :class:`Sample` into the model's inputs and answer-only labels, for one sample at a time.
 
     ``model_dir_or_processor``: a model folder (its processor is loaded when it has one — LLaVA, Qwen2.5-VL —
     else its tokenizer), or an already built processor or tokenizer. ``max_length`` defaults to the model
     config's ``max_position_embeddings`` (a folder) or the tokenizer's ``model_max_length`` when it is finite.
+    ``min_pixels`` / ``max_pixels``: the bounds a dynamic-resolution image processor (Qwen2-VL, Qwen2.5-VL)
+    resizes each image into — the image's tokens, and so the memory, grow with its pixels.
     """
 
-    def __init__(self, model_dir_or_processor: Any, *, max_length: int | None = None):
+    def __init__(self, model_dir_or_processor: Any, *, max_length: int | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
         obj = model_dir_or_processor
         self.source = None
         if isinstance(obj, (str, os.PathLike)):
@@ -293,6 +316,8 @@ class Encoder:
             if max_length is None:
                 max_length = _max_positions(d)
             obj = self._load(d)
+        if min_pixels is not None or max_pixels is not None:
+            obj = with_pixels(obj, min_pixels, max_pixels, self.source)
         if hasattr(obj, "tokenizer") and hasattr(obj, "image_processor"):
             self.processor, self.tokenizer = obj, obj.tokenizer
             self.image_token = getattr(obj, "image_token", IMAGE_PLACEHOLDER)

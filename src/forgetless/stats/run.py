@@ -117,10 +117,12 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
                        all_params: bool = False, accumulate: str = "float64", tokens: str = "all",
                        max_length: int | None = None, force: bool = False, dry_run: bool = False,
                        share: bool = True, split: str = "none", memory: str | int | None = None,
+                       min_pixels: int | None = None, max_pixels: int | None = None,
                        log: Callable[[str], None] | None = print, progress: bool = True) -> StatsReport:
     """Calibration data → a statistics file (module docstring). ``share``: one Gram per distinct input;
     ``split="modules"``: under torchrun each rank accumulates a share of the modules over every sample;
-    ``memory``: refuse a run whose accounted footprint per device exceeds it (the device's free memory always)."""
+    ``memory``: refuse a run whose accounted footprint per device exceeds it (the device's free memory always).
+    ``min_pixels`` / ``max_pixels``: a dynamic-resolution processor's image bounds (:class:`~.data.Encoder`)."""
     model_dir = Path(model)
     out_path = Path(out) if out is not None else None
     _check_request(kind, model_dir, out_path, [data, images], force=force, dry_run=dry_run, split=split,
@@ -128,6 +130,7 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
     budget = None if memory is None else _budget(memory)
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     check_images(samples, on_bad_sample)
+    encoder = Encoder(model_dir, max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels)
     data_fp = data_fingerprint(data, samples)
     device = resolve_device(device)
     acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
@@ -150,10 +153,10 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
         if out_path is not None:
             check_free_space(out_path, _file_bytes(kind, targets, store_dtype, footprint.shared), f"the {kind} file")
         _run(kind, report, model_dir, samples, data, data_fp, device, rank, world, footprint, say,
-             {"scope": scope, "all_params": all_params, "batch_size": batch_size, "max_length": max_length,
+             {"scope": scope, "all_params": all_params, "batch_size": batch_size,
               "on_bad_sample": on_bad_sample, "variant": variant, "seed": seed, "acc_dtype": acc_dtype,
               "tokens": tokens, "share": share, "progress": progress, "dtype": dtype, "store_dtype": store_dtype,
-              "force": force})
+              "force": force, "pixels": (min_pixels, max_pixels), "encoder": encoder})
         return report
 
 
@@ -167,7 +170,7 @@ def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: 
     if owners is not None:  # every sample, this rank's modules
         targets = {k: v for k, v in targets.items() if owners[k] == rank}
     mine = samples if owners is not None else shard_samples(samples, rank, world)
-    encoder = Encoder(model_dir, max_length=o["max_length"])
+    encoder = o["encoder"]
     bad: list[tuple[Any, str]] = []
     batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, o["batch_size"],
                                                        on_bad_sample=o["on_bad_sample"], skipped=bad))
@@ -227,7 +230,8 @@ def _write(kind: Kind, report: StatsReport, model_dir: Path, sums: dict, counts:
            shared: dict[str, str], count: int, data: str | Path, data_fp: str, o: dict[str, Any]) -> None:
     extra = {"variant": o["variant"] if kind == "fisher" else None, "scope": o["scope"], "seed": o["seed"],
              "n": report.num_samples, "skipped": len(report.skipped), "data": str(data), "dtype": o["dtype"],
-             "tokens": o["tokens"] if kind == "gram" else None}
+             "tokens": o["tokens"] if kind == "gram" else None,
+             **({"pixels": list(o["pixels"])} if any(o["pixels"]) else {})}
     common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": o["store_dtype"], "extra": extra,
                               **model_fingerprints(model_dir), "replace": o["force"]}
     with naming(report.out):  # safetensors' save_file says "No space left on device" without the file

@@ -483,6 +483,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
              on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
              tensorboard: bool = True, gradient_checkpointing: bool = False, dry_run: bool = False,
+             min_pixels: int | None = None, max_pixels: int | None = None,
              force: bool = False) -> FinetuneReport | None:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
@@ -539,7 +540,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
 
     # -- data
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
-    encoder = Encoder(model_dir, max_length=max_length)
+    encoder = Encoder(model_dir, max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels)
     samples, cache, skipped = _encode_all(samples, encoder, on_bad_sample)
     for sid, why in skipped[:10]:
         say(f"  skipped {sid}: {why}")
@@ -707,7 +708,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                   "dtype": dtype, "optimizer": {"name": "AdamW", "betas": list(BETAS), "eps": EPS},
                   "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
                   "init_adapter": None if init_adapter is None else str(init_adapter),
-                  "gradient_checkpointing": gradient_checkpointing,
+                  "gradient_checkpointing": gradient_checkpointing, "pixels": [min_pixels, max_pixels],
                   "precision": {"trainable": "float32", "optimizer": "float32", "frozen": frozen_dtype}}
         meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
                 "base_weights_fingerprint": base_fingerprint, "data": str(data),
