@@ -54,3 +54,22 @@ def test_stats_finetune_and_eval_pass_the_bounds_to_their_encoder(tmp_path, caps
         line = refused([*args, "--max-pixels", "256"], capsys)
         assert "dynamic-resolution image processor" in line, (args, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "qa.jsonl"]
+
+
+def test_a_statistics_file_is_reused_only_under_the_same_image_bounds(tmp_path, capsys):
+    """cgm and continual add pass the bounds to their statistics; a file taken under other bounds is not reused."""
+    from conftest import build_llama_with_tokenizer, write_qa_jsonl
+    from test_hostile_data import refused
+
+    from forgetless.chains.steps import reusable
+    from forgetless.stats.run import compute_statistics
+
+    model = build_llama_with_tokenizer(tmp_path / "llama", layers=1)
+    data = write_qa_jsonl(tmp_path / "qa.jsonl", [("2 + 2 =", "4")])
+    out = tmp_path / "f.safetensors"
+    compute_statistics("fisher", model, data, out, scope=["language.layers"], device="cpu", log=None, progress=False)
+    assert reusable("fisher", out, model, data, None, None, 0, ["language.layers"])
+    assert not reusable("fisher", out, model, data, None, None, 0, ["language.layers"], pixels=(None, 256))
+    line = refused(["cgm", str(model), str(model), "--general-data", str(data), "--task-data", str(data), "--out",
+                    str(tmp_path / "m"), "-n", "1", "--max-pixels", "256"], capsys)
+    assert "dynamic-resolution image processor" in line

@@ -212,6 +212,7 @@ def stats_gram(**kw) -> None:
               show_default=True, help="The models' dtype in the Fisher passes (the Fisher is accumulated in fp32); "
               "a Fisher file taken in another dtype is not reused.")
 @_tf32_option
+@_pixels_options
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
@@ -238,6 +239,7 @@ def continual_group() -> None:
               help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
 @click.option("-n", "n", type=POSITIVE, default=None, help="--data: a seeded subset of N samples.")
+@_pixels_options
 @click.option("--dtype", "gram_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="--data: the base model's dtype in the Gram pass; a Gram file taken in another "
               "dtype is not reused.")

@@ -55,6 +55,7 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
               task_images: str | Path | None = None, n: int | None = 16, seed: int = 0, batch_size: int = 8,
               task_fisher_at: str = "base", task_fisher_variant: str = "empirical",
               stats_dir: str | Path | None = None, device: str = "auto", dtype: str = "float32",
+              min_pixels: int | None = None, max_pixels: int | None = None,
               on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
               log: Callable[[str], None] | None = print) -> MergeReport | None:
     """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge."""
@@ -78,7 +79,7 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
         files = {role: statistics_step("fisher", model_dir, data, stats / f"{role}.safetensors", scope=scope,
                                        images=images, n=n, seed=seed, variant=variant, role=role, dry_run=dry_run,
                                        log=log, batch_size=batch_size, device=device, dtype=dtype,
-                                       on_bad_sample=on_bad_sample)
+                                       on_bad_sample=on_bad_sample, min_pixels=min_pixels, max_pixels=max_pixels)
                  for role, (model_dir, data, images, variant) in jobs.items()}
         if rank == 0:  # the others wait for it as the group ends
             return _merge(method, base, finetuned, out, files, scope, alpha, keep, dry_run, force, log)

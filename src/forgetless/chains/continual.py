@@ -440,7 +440,7 @@ def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path,
 
 def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images: str | Path | None, n: int | None,
               seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", pixels: tuple[int | None, int | None] = (None, None)) -> Path:
     """The task's Gram file at the base over `names`, reused from `stats_dir` when it was computed on the same base
     weights, data selection and modules (:func:`~forgetless.chains.steps.statistics_step`), else computed there."""
     import hashlib
@@ -455,7 +455,7 @@ def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images
     scope = ["re:^(?:" + "|".join(re.escape(x) for x in names) + ")$"]
     return statistics_step("gram", base.path, data, stats_dir / f"gram-{fp}-{scope_fp}.safetensors", scope=scope,
                            images=images, n=n, seed=seed, role="  Gram", log=log, batch_size=batch_size,
-                           device=device, dtype=dtype, progress=False)
+                           device=device, dtype=dtype, min_pixels=pixels[0], max_pixels=pixels[1], progress=False)
 
 
 def _cpm_file(k: int) -> str:
@@ -600,7 +600,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
              cpm_images: str | Path | None = None, cpm_n: int | None = None, tau: float | None = None,
              hard: bool | None = None, data: str | Path | None = None, images: str | Path | None = None,
              n: int | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
-             gram_dtype: str = "float32", stats_dir: str | Path | None = None, shard_size: str | int = "5GB",
+             gram_dtype: str = "float32", min_pixels: int | None = None, max_pixels: int | None = None,
+             stats_dir: str | Path | None = None, shard_size: str | int = "5GB",
              force: bool = False,
              log: Callable[[str], None] | None = print) -> ContinualReport:
     """Add one task to the continual state STATE (created on the first task) and write the merged output.
@@ -670,7 +671,8 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
                   stats_dir or _stats_dir(state)], force=force)
         if gram is None:
             gram = _gram_for(base_reader, state_names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
-                             Path(stats_dir) if stats_dir else _stats_dir(state), log, gram_dtype)
+                             Path(stats_dir) if stats_dir else _stats_dir(state), log, gram_dtype,
+                             (min_pixels, max_pixels))
         gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
         if rank is not None:
             shapes = {n: meta["modules"][n]["shape"] if meta else list(base_reader.info(n).shape) for n in state_names}

@@ -17,9 +17,10 @@ from ..stats.store import load_statistics, model_fingerprints
 
 
 def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
-             scope: list[str], variant: str | None = None, dtype: str = "float32") -> bool:
+             scope: list[str], variant: str | None = None, dtype: str = "float32",
+             pixels: tuple[int | None, int | None] = (None, None)) -> bool:
     """Whether `path` holds `kind` statistics of `model_dir`'s weights on the same data selection and scope, taken
-    with the model in `dtype` (and of the same Fisher variant)."""
+    with the model in `dtype` and the same image bounds `pixels` (and of the same Fisher variant)."""
     if not Path(path).is_file():
         return False
     reader, meta = load_statistics(path)
@@ -31,6 +32,7 @@ def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | 
             and meta.get("data_fingerprint") == data_fingerprint(data, samples)
             and extra.get("scope") == scope
             and extra.get("dtype") == dtype
+            and extra.get("pixels") == (list(pixels) if any(pixels) else None)
             and (kind != "fisher" or extra.get("variant", "empirical") == (variant or "empirical")))
 
 
@@ -46,8 +48,9 @@ def statistics_step(kind: str, model_dir: str | Path, data: str | Path, path: st
     say = log or (lambda _s: None)
     label = role or kind
     dtype = compute.get("dtype", "float32")
-    if not dry_run and reusable(kind, path, model_dir, data, img, n, seed, scope, variant, dtype):
-        say(f"{label}: reusing {path} (same model weights, data selection, scope, dtype"
+    pixels = (compute.get("min_pixels"), compute.get("max_pixels"))
+    if not dry_run and reusable(kind, path, model_dir, data, img, n, seed, scope, variant, dtype, pixels):
+        say(f"{label}: reusing {path} (same model weights, data selection, scope, dtype, image bounds"
             f"{' and variant' if kind == 'fisher' else ''})")
         return path
     say(f"{label}: {(variant or 'empirical') if kind == 'fisher' else kind} at {model_dir} on {data}"
