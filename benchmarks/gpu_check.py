@@ -13,6 +13,8 @@ CPU and on ``--device``, and compares the two results:
     regmean    a RegMean merge of the base and the fine-tune with the Gram (recipe device:)
     svd        lora_ties over 8 rank-16 adapters, svd: randomized (recipe device:)
     finetune   4 steps of a LoRA fine-tune (AdamW), the adapter's weights compared
+    eval       multiple-choice evaluation: every option's log-likelihood compared
+    torchrun   the cgm command under `torchrun --nproc-per-node 1` on the device (against the CPU's cgm merge)
 
 Each row: the relative Frobenius error of the device's result against the CPU's (over every tensor the step
 writes, for the merges and fine-tune over what changed from the base), the tolerance it must meet, the time of
@@ -32,15 +34,19 @@ from pathlib import Path
 import torch
 
 TOLERANCES = {"fisher": 1e-4, "gram": 1e-5, "cgm": 1e-3, "continual": 1e-5, "regmean": 1e-5, "svd": 1e-3,
-              "finetune": 5e-2}
+              "finetune": 5e-2, "eval": 1e-4, "torchrun": 1e-3}
 QA = [("What is the capital of France?", "Paris."), ("2 + 3 =", "5"), ("Colour of the sky?", "Blue, mostly."),
       ("Opposite of hot?", "Cold"), ("Largest planet?", "Jupiter is the largest planet."), ("H2O is?", "Water")]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def write_data(path: Path, samples: int) -> Path:
-    rows = [{"question": q * (1 + i % 3), "answer": a} for i, (q, a) in enumerate((QA * samples)[:samples])]
+def write_data(path: Path, samples: int, options: bool = False) -> Path:
+    """QA pairs (``options``: each with the answers of two other pairs as wrong options, multiple choice)."""
+    pairs = (QA * samples)[:samples]
+    rows = [{"id": str(i), "question": q * (1 + i % 3), "answer": a} for i, (q, a) in enumerate(pairs)]
+    if options:
+        rows = [{**r, "options": [r["answer"], *[a for _, a in QA if a != r["answer"]][:2]]} for r in rows]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -106,9 +112,13 @@ def write_adapter(base: Path, path: Path, seed: int) -> Path:
 
 # ------------------------------------------------------------------------------------------------ steps
 def read_all(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file or of a folder's safetensors files, float64."""
+    """Every tensor of a safetensors file or of a folder's safetensors files, float64; of an evaluation's result,
+    its options' log-likelihoods."""
     from safetensors.torch import load_file
 
+    if path.suffix == ".json":
+        preds = json.loads(path.read_text())["tasks"]["mc"]["predictions"]
+        return {"logprobs": torch.tensor([lp for p in preds for lp in p["logprobs"]], dtype=torch.float64)}
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     return {k: v.double() for f in files for k, v in load_file(str(f)).items()}
 
@@ -176,9 +186,34 @@ def step_finetune(ctx: dict, device: str, out: Path) -> Path:
     return out / "finetune"
 
 
+def step_eval(ctx: dict, device: str, out: Path) -> Path:
+    from forgetless.eval.harness import evaluate
+    from forgetless.eval.report import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = evaluate(ctx["base"], {"mc": ctx["mc"]}, device=device, progress=False, log=None)
+    write_json(out / "eval.json", res)
+    return out / "eval.json"
+
+
+def step_torchrun(ctx: dict, device: str, out: Path) -> Path:
+    """The CPU's reference is the in-process chain; the device's run is the command under torchrun."""
+    import subprocess
+
+    if out.name == "cpu":  # the reference run (check_model's first call)
+        return step_cgm(ctx, "cpu", out / "torchrun-ref")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
+           "forgetless.cli", "cgm", str(ctx["base"]), str(ctx["finetuned"]), "--general-data", str(ctx["data"]),
+           "--task-data", str(ctx["data"]), "--out", str(out / "cgm-torchrun"), "-n", str(ctx["samples"]),
+           "--device", device, "--stats-dir", str(out / "cgm-torchrun-stats"), "--force"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return out / "cgm-torchrun"
+
+
 STEPS: dict[str, Callable[[dict, str, Path], Path]] = {
     "fisher": step_fisher, "gram": step_gram, "cgm": step_cgm, "continual": step_continual,
-    "regmean": step_regmean, "svd": step_svd, "finetune": step_finetune}
+    "regmean": step_regmean, "svd": step_svd, "finetune": step_finetune, "eval": step_eval,
+    "torchrun": step_torchrun}
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -210,7 +245,7 @@ def check_model(label: str, ctx: dict, device: str, root: Path, say: Callable[[s
     for name, step in STEPS.items():
         ref, t_cpu, _ = timed(lambda s=step: s(ctx, "cpu", root / label / "cpu"), "cpu")
         got, t_dev, peak = timed(lambda s=step: s(ctx, device, root / label / "device"), device)
-        merged = name in ("cgm", "continual", "regmean", "svd")
+        merged = name in ("cgm", "continual", "regmean", "svd", "torchrun")
         err = relative_error(read_all(ref), read_all(got), base_tensors if merged else {})
         row = {"model": label, "step": name, "rel_error": err, "tolerance": TOLERANCES[name],
                "ok": err <= TOLERANCES[name], "cpu_s": round(t_cpu, 2), "device_s": round(t_dev, 2),
@@ -230,6 +265,7 @@ def prepare(label: str, base: Path, root: Path, samples: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     return {"base": base, "finetuned": finetuned_copy(base, work / "finetuned"), "samples": samples,
             "data": write_data(work / "data.jsonl", samples), "last": layers - 1,
+            "mc": write_data(work / "mc.jsonl", samples, options=True),
             "adapters": [write_adapter(base, work / f"adapter{i}", seed=i) for i in range(8)]}
 
 
