@@ -127,8 +127,9 @@ def test_a_run_over_the_memory_budget_is_refused_before_loading(tiny, monkeypatc
 
 
 def test_split_over_two_ranks_equals_one_process(tiny, tmp_path):
-    """--split modules: each rank every sample and a share of the modules; the file is the one-process file bit for
-    bit (the same batches in the same order per module). The default data-parallel run agrees to rounding."""
+    """--split modules: each rank every sample and a share of the modules; the file is the one-process file to
+    float32 rounding (the same batches in the same order per module; the ranks run one thread each, this process
+    may not). The default data-parallel run agrees to rounding too."""
     _, model, data, _ = tiny
     args = ["stats", "gram", str(model), "--data", str(data), "--batch-size", "2", "--accumulate", "float32",
             "--device", "cpu", "--force"]
@@ -141,7 +142,7 @@ def test_split_over_two_ranks_equals_one_process(tiny, tmp_path):
         assert a.meta["shared"] == b.meta["shared"] and a.meta["token_counts"] == b.meta["token_counts"]
         assert a.meta["num_samples"] == b.meta["num_samples"] == c.meta["num_samples"] == len(QA)
         for n in a.names():
-            assert torch.equal(a.get(n), b.get(n)), n
+            torch.testing.assert_close(b.get(n), a.get(n), rtol=1e-6, atol=0)
             torch.testing.assert_close(c.get(n), a.get(n), rtol=1e-5, atol=1e-6)
 
 
