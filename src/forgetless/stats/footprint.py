@@ -32,7 +32,6 @@ class Footprint:
 
     model_bytes: int
     accumulator_bytes: int
-    tensors: int
     shared: dict[str, str] = field(default_factory=dict)
     owners: dict[str, int] | None = None  # module → the rank that accumulates it (split runs)
 
@@ -110,10 +109,10 @@ def account(kind: str, model: nn.Module, targets: dict[str, Any], acc_dtype: tor
     sizes = {n: 0 if n in shared else tensor_bytes(kind, n, t, acc_dtype) for n, t in targets.items()}
     fixed = DEFAULT_CHUNK_BYTES if kind == "fisher" else 0
     if not (split and world > 1):
-        return Footprint(model_bytes, sum(sizes.values()) + fixed, len(targets), shared)
+        return Footprint(model_bytes, sum(sizes.values()) + fixed, shared)
     owners = assign_owners(sizes, shared, world)
     per_rank = [sum(s for n, s in sizes.items() if owners[n] == r) for r in range(world)]
-    return Footprint(model_bytes, max(per_rank) + fixed, len(targets), shared, owners)
+    return Footprint(model_bytes, max(per_rank) + fixed, shared, owners)
 
 
 def free_memory(device: str) -> tuple[int, str]:
