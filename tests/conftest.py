@@ -157,7 +157,7 @@ def llava_legacy_to_original(name: str) -> str:
     name = name.replace("language_model.model.", "model.").replace("language_model.lm_head.", "lm_head.")
     name = name.replace("multi_modal_projector.linear_1.", "model.mm_projector.0.")
     name = name.replace("multi_modal_projector.linear_2.", "model.mm_projector.2.")
-    return re.sub(r"^vision_tower\.", "model.vision_tower.vision_tower.", name)
+    return re.sub(r"^vision_tower\.", "model.vision_tower.vision_tower.vision_model.", name)
 
 
 LLAVA_ORIGINAL_CONFIG = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",

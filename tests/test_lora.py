@@ -41,7 +41,7 @@ def original_to_current(name: str) -> str:
     name = re.sub(r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1.", name)
     name = name.replace("model.mm_projector.0.", "model.multi_modal_projector.linear_1.")
     name = name.replace("model.mm_projector.2.", "model.multi_modal_projector.linear_2.")
-    return name.replace("model.vision_tower.vision_tower.", "model.vision_tower.")
+    return name.replace("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.")
 
 
 def train_adapter(model: torch.nn.Module, config: LoraConfig, out, seed: int = 1) -> dict[str, torch.Tensor]:

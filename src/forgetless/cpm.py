@@ -26,8 +26,8 @@ for every task's projector, ``prototypes`` [T, d]) and ``cpm_routing.json`` (for
 :func:`load_model` loads any model folder, and installs the routing when the folder has it; transformers alone
 loads the same folder as the plain merged model (the base projector).
 
-LLaVA-family models whose projector is ``multi_modal_projector`` only (llava-hf layouts); Qwen2.5-VL's merger and
-original-LLaVA ``mm_projector`` folders are refused with a clear error.
+LLaVA-family models: llava-hf's ``multi_modal_projector`` and the original ``mm_projector`` (loaded as llava-hf's);
+Qwen2.5-VL's merger is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -52,13 +52,17 @@ PROJECTORS_FILE = "cpm_projectors.safetensors"
 FORMAT = "forgetless-cpm"
 VERSION = 1
 DEFAULT_TAU = 0.1
-_PROJ = re.compile(r"^(?:model\.)?multi_modal_projector\.(.+)$")
+_PROJ = re.compile(r"^(?:model\.)?(?:multi_modal_projector\.(?P<hf>.+)|mm_projector\.(?P<layer>[02])\.(?P<rest>.+))$")
+_ORIGINAL_LAYERS = {"0": "linear_1", "2": "linear_2"}  # the original nn.Sequential's Linear layers
 
 
 def projector_key(name: str) -> str | None:
-    """The projector-relative name (``linear_1.weight``) of a checkpoint tensor, or None when it is not one."""
+    """The projector-relative name (``linear_1.weight``) of a checkpoint tensor, or None when it is not one
+    (llava-hf's ``multi_modal_projector.linear_1.weight``, the original ``model.mm_projector.0.weight``)."""
     m = _PROJ.match(name)
-    return m.group(1) if m else None
+    if m is None:
+        return None
+    return m["hf"] or f"{_ORIGINAL_LAYERS[m['layer']]}.{m['rest']}"
 
 
 def base_projector(names: Sequence[str], where: Any) -> list[str]:
@@ -66,7 +70,7 @@ def base_projector(names: Sequence[str], where: Any) -> list[str]:
     found = [n for n in names if projector_key(n) is not None]
     if not found:
         raise ForgetlessError("no LLaVA multi_modal_projector in this model", file=where,
-                              remedy="CPM routes LLaVA (llava-hf layout) projectors; drop the CPM options")
+                              remedy="CPM routes LLaVA projectors; drop the CPM options")
     return found
 
 

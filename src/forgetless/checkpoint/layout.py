@@ -163,7 +163,8 @@ def _parts_used(family: str, names: list[str]) -> int:
     return sum(1 for p in LAYOUTS[family].values() if any(_rx(p).match(n) for n in names))
 
 
-def _config_group(config: Mapping[str, Any]) -> str | None:
+def config_family(config: Mapping[str, Any]) -> str | None:
+    """The family group config.json names (llava, llava_original, qwen2_vl, causal_lm); None if unrecognised."""
     archs = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
     model_type = str(config.get("model_type") or "")
     if model_type in _QWEN_VL_TYPES or any(a.startswith(("Qwen2VL", "Qwen2_5_VL")) for a in archs):
@@ -190,7 +191,7 @@ def detect_layout(config: Mapping[str, Any], names: Iterable[str], override: str
         if override not in LAYOUTS:
             raise ForgetlessError(f"unknown layout {override!r}", remedy=f"use one of: {valid}")
         return _make(override, config, names)
-    group = _config_group(config)
+    group = config_family(config)
     if group is None and not config:
         # no config.json: accept the most specific family that explains every tensor name
         # (the one using the most parts; among equals the one that defines the fewest, so Llama -> causal_lm)

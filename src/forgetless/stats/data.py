@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import original
 from ..errors import ForgetlessError
 
 IGNORE_INDEX = -100
@@ -336,6 +337,8 @@ class Encoder:
     def _load(d: Path):
         from transformers import AutoProcessor, AutoTokenizer
 
+        if original.is_original(d):
+            return original.processor(d)
         try:
             if any((d / f).is_file() for f in PROCESSOR_FILES):
                 return AutoProcessor.from_pretrained(d)

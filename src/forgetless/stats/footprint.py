@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import layout as layouts
+from ..checkpoint import original
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.space import available_memory
 from ..checkpoint.writer import human_bytes
@@ -58,6 +59,8 @@ def meta_model(model_dir: Path, dtype: str) -> nn.Module:
     """The model built from its config on the meta device: shapes and names, no memory, no weights read."""
     from transformers import AutoConfig
 
+    if original.is_original(model_dir):
+        return original.build_meta(model_dir, TORCH_DTYPES[dtype])
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         return model_class(model_dir).from_config(config, dtype=TORCH_DTYPES[dtype])

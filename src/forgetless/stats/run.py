@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..checkpoint import original
 from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.space import check_free_space
@@ -66,7 +67,10 @@ def load_model(model_dir: Path, device: str, dtype: str):
     ``dtype`` and, on a GPU, straight onto it (``device_map``): a rank never holds the whole model in host memory
     first."""
     placement = {"device_map": device} if torch.device(device).type == "cuda" else {}
-    model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
+    if original.is_original(model_dir):
+        model = original.load(model_dir, TORCH_DTYPES[dtype], **placement)
+    else:
+        model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
     return model.to(device).eval(), torch.device(device)
 
 
