@@ -54,3 +54,16 @@ def test_merge_dry_run_prints_plan(tmp_path, capsys):
     n_last = sum(1 for n in CheckpointReader(base).names() if ".layers.2." in n)
     assert any(line.split()[:3] == ["language.layers", "method", str(n_last)] for line in out.splitlines())
     assert "peak memory estimate" in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["merge", "recipe.yaml"], ["continual", "add", "state", "--adapter", "a"],
+                                  ["testbed", "model"]])
+def test_commands_that_are_not_data_parallel_refuse_several_processes(argv, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`forgetless {' '.join(argv[:2 if argv[0] == 'continual' else 1])}` runs on one process" in err
+    assert "without torchrun" in err and not (tmp_path / "state").exists()

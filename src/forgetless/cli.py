@@ -15,6 +15,16 @@ from .errors import ForgetlessError
 
 POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or less is refused before any work
 
+
+def one_process(command: str) -> None:
+    """Refuse a command that is not data-parallel when torchrun started several processes (each would redo it)."""
+    from .stats.distributed import dist_info
+
+    if dist_info()[1] > 1:
+        raise ForgetlessError(f"`forgetless {command}` runs on one process, and torchrun started several",
+                              remedy="run it without torchrun (stats, cgm, eval, sweep and finetune are the "
+                                     "commands that divide their work among torchrun's processes)")
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
 def cli() -> None:
@@ -43,6 +53,8 @@ def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: b
               allow_other_model: bool, memory: str | None, device: str | None) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
+
+    one_process("merge")
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -274,6 +286,8 @@ def continual_add_cmd(state: str, routing: str | None, gram: tuple[str, ...], **
     """Add one task to STATE (created on the first task) and write the merged output."""
     from .chains.continual import add_task
 
+    one_process("continual add")
+
     files = list(gram) if len(gram) > 1 else (gram[0] if gram else None)
     add_task(state, hard=None if routing is None else routing == "hard", gram=files, log=click.echo, **kw)
 
@@ -290,6 +304,7 @@ def continual_show_cmd(state: str) -> None:
 @cli.group("testbed")
 def testbed_group() -> None:
     """The mini-LLaVA testbed: SmolLM2 + a small vision tower trained here, and its generated tasks."""
+    one_process("testbed")
 
 
 @testbed_group.command("model")
