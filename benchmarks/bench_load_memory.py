@@ -68,7 +68,7 @@ def child(dtype: str) -> None:
             p.sum()
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     assert held == accounted and next(model.parameters()).dtype == getattr(torch, dtype)
-    print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "dtype": dtype,
+    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "dtype": dtype,
                       "accounted_mib": round(accounted / 2**20, 1), "peak_before_mib": round(before, 1),
                       "peak_after_mib": round(after, 1), "load_peak_mib": round(after - before, 1),
                       "anon_after_mib": round(_status_mib("RssAnon"), 1),

@@ -15,6 +15,8 @@ CPU and on ``--device``, and compares the two results:
     finetune   4 steps of a LoRA fine-tune (AdamW), the adapter's weights compared
     eval       multiple-choice evaluation: every option's log-likelihood compared
     torchrun   the cgm command under `torchrun --nproc-per-node 1` on the device (against the CPU's cgm merge)
+    fsdp       one full fine-tune step of the last layer, `finetune --fsdp` under `torchrun --nproc-per-node 1`
+               on the device (FSDP2 over one rank, --no-tf32), against the plain fine-tune on the CPU
 
 Each row: the relative Frobenius error of the device's result against the CPU's (over every tensor the step
 writes, for the merges and fine-tune over what changed from the base), the tolerance it must meet, the time of
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 TOLERANCES = {"fisher": 1e-4, "gram": 1e-5, "cgm": 1e-3, "continual": 1e-5, "regmean": 1e-5, "svd": 1e-3,
-              "finetune": 5e-2, "eval": 1e-4, "torchrun": 1e-3}
+              "finetune": 5e-2, "eval": 1e-4, "torchrun": 1e-3, "fsdp": 5e-2}
 QA = [("What is the capital of France?", "Paris."), ("2 + 3 =", "5"), ("Colour of the sky?", "Blue, mostly."),
       ("Opposite of hot?", "Cold"), ("Largest planet?", "Jupiter is the largest planet."), ("H2O is?", "Water")]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -210,10 +212,29 @@ def step_torchrun(ctx: dict, device: str, out: Path) -> Path:
     return out / "cgm-torchrun"
 
 
+def step_fsdp(ctx: dict, device: str, out: Path) -> Path:
+    """The CPU's reference is the plain fine-tune in this process; the device's is `finetune --fsdp` under torchrun."""
+    import subprocess
+
+    from forgetless.train.loop import finetune
+
+    train = f"language.layers[{ctx['last']}]"
+    if out.name == "cpu":  # the reference run (check_model's first call)
+        finetune(ctx["base"], ctx["data"], out / "fsdp-ref", train=[train], steps=1, batch_size=4, lr=1e-4,
+                 device="cpu", tensorboard=False, force=True, log=None)
+        return out / "fsdp-ref"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
+           "forgetless.cli", "finetune", str(ctx["base"]), "--data", str(ctx["data"]), "--out", str(out / "fsdp"),
+           "--train", train, "--steps", "1", "--batch-size", "4", "--lr", "1e-4", "--device", device, "--fsdp",
+           "--no-tf32", "--no-tensorboard", "--force"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return out / "fsdp"
+
+
 STEPS: dict[str, Callable[[dict, str, Path], Path]] = {
     "fisher": step_fisher, "gram": step_gram, "cgm": step_cgm, "continual": step_continual,
     "regmean": step_regmean, "svd": step_svd, "finetune": step_finetune, "eval": step_eval,
-    "torchrun": step_torchrun}
+    "torchrun": step_torchrun, "fsdp": step_fsdp}
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -245,7 +266,7 @@ def check_model(label: str, ctx: dict, device: str, root: Path, say: Callable[[s
     for name, step in STEPS.items():
         ref, t_cpu, _ = timed(lambda s=step: s(ctx, "cpu", root / label / "cpu"), "cpu")
         got, t_dev, peak = timed(lambda s=step: s(ctx, device, root / label / "device"), device)
-        merged = name in ("cgm", "continual", "regmean", "svd", "torchrun")
+        merged = name in ("cgm", "continual", "regmean", "svd", "torchrun", "fsdp")
         err = relative_error(read_all(ref), read_all(got), base_tensors if merged else {})
         row = {"model": label, "step": name, "rel_error": err, "tolerance": TOLERANCES[name],
                "ok": err <= TOLERANCES[name], "cpu_s": round(t_cpu, 2), "device_s": round(t_dev, 2),

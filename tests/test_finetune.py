@@ -242,6 +242,43 @@ def test_bfloat16_holds_the_frozen_weights_in_bf16_and_the_trained_in_float32(tm
         assert torch.equal(out[name], base[name]), name
 
 
+@pytest.mark.parametrize("how", ["full", "lora"])
+def test_bfloat16_loads_in_bf16_and_trains_what_a_float32_load_trains(tmp_path, llama_dir, text_data, monkeypatch,
+                                                                       how):
+    """Under bfloat16 the model is loaded in bf16 (the frozen weights never in float32), then the trainable tensors
+    are given the checkpoint's values in float32: at the first step they are the stored values exactly (stored in
+    float32 here, most of them not bf16 values), and the trained weights are bit for bit those of a float32 load
+    whose frozen weights are cast to bf16 afterwards. LoRA: PEFT's adapters keep their float32 initial values."""
+    from forgetless.train import loop
+
+    real = loop.load_model
+    asked: list[str] = []
+    monkeypatch.setattr(loop, "load_model", lambda d, dev, dt: asked.append(dt) or real(d, dev, dt))
+    kw: dict[str, Any] = {"train": ["language.layers[1]"], "steps": 3, "batch_size": 4, "lr": 1e-2,
+                          "dtype": "bfloat16", "log": quiet}
+    if how == "lora":
+        kw.update(lora=LoraSpec(r=4, alpha=8, dropout=0.0), lr=1e-3)
+    first: dict[str, dict[str, torch.Tensor]] = {}
+
+    def keep_first(label: str):
+        return lambda info: first.setdefault(label, {n: p.detach().clone() for n, p in info.params.items()})
+
+    finetune(llama_dir, text_data, tmp_path / "bf16", hook=keep_first("bf16"), **kw)
+    assert asked == ["bfloat16"]
+    monkeypatch.setattr(loop, "load_model", lambda d, dev, dt: real(d, dev, "float32"))  # the float32 load
+    finetune(llama_dir, text_data, tmp_path / "fp32", hook=keep_first("fp32"), **kw)
+    stored = tensors(llama_dir)
+    for name, t in first["bf16"].items():
+        assert t.dtype == torch.float32 and torch.equal(t, first["fp32"][name]), name
+        if how == "full":
+            assert torch.equal(t, stored[name]), name
+    if how == "full":
+        assert any(not torch.equal(stored[n].bfloat16().float(), stored[n]) for n in first["bf16"])
+    weights = "model.safetensors" if how == "full" else "adapter_model.safetensors"
+    a, b = (load_file(str(tmp_path / d / weights)) for d in ("bf16", "fp32"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_checkpointing_gives_the_same_steps(tmp_path, llama_dir, text_data):
     """Activations recomputed in the backward: the same losses and weights, to rounding."""
     kw: dict[str, Any] = {"train": ["language.layers"], "steps": 2, "lr": 1e-3, "batch_size": 4, "seed": 1,

@@ -1,7 +1,10 @@
 """Fine-tuning on several processes (issue 15, part 2): 2 CPU ranks under torchrun (gloo) against one process.
 
-- ``forgetless finetune`` under torchrun (DDP, each rank its share of every micro-batch) writes the weights one
-  process writes with the same global batch: full fine-tune with and without ``--keep spider``, and LoRA.
+- ``forgetless finetune`` under torchrun (DDP, or FSDP2 with ``--fsdp``; each rank its share of every micro-batch)
+  writes the weights one process writes with the same global batch: full fine-tune with and without
+  ``--keep spider``, and LoRA; under FSDP2 also a LLaVA whose projector some steps' samples (text-only) reach on
+  one rank only, or on none. ``--dry-run --fsdp --ranks 2``: the memory per rank, shares and gathered layers
+  counted here from the folder's tensors.
 - SPIDER and MagnitudeMask under FSDP2 (``fully_shard``): each rank keeps θ₀ and G (or the mask) for its own
   pieces; the pieces put together are the single-process rule's state, and the trained weights are the
   single-process ones. The same through ``SpiderCallback``'s hooks.
@@ -16,6 +19,7 @@ gradients (Adam divides it out), so the finetune tests also compare the recorded
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,13 +29,16 @@ import test_finetune
 import torch
 from safetensors.torch import load_file
 
+from forgetless.checkpoint.writer import human_bytes
 from forgetless.errors import ForgetlessError
 from forgetless.train import finetune, magnitude_mask
+from forgetless.train.feed import epoch_order
 from forgetless.train.spider import SpiderCallback, abs_moments, make_rule
 
 torch.set_num_threads(1)
 TOL = 1e-5  # max abs difference of trained weights, one process against two
 llama_dir, text_data = test_finetune.llama_dir, test_finetune.text_data  # fixtures: a 2-layer Llama, 8 QA samples
+llava_dir, image_data = test_finetune.llava_dir, test_finetune.image_data  # a tiny LLaVA, 4 colour images
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -59,23 +66,33 @@ def compare_runs(tmp_path: Path, weights: str) -> tuple[dict, dict]:
     return one, two
 
 
+PARALLEL = {"ddp": (), "fsdp": ("--fsdp",)}  # the 2-rank run's flags
+
+
+@pytest.mark.parametrize("parallel", list(PARALLEL))
 @pytest.mark.parametrize("keep", ["none", "spider"])
-def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir, text_data, keep):
+def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir, text_data, keep, parallel):
     from forgetless.cli import main
 
     extra = ("--lr", "1e-2", "--keep", keep)
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
+    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra,
+                                                          *PARALLEL[parallel]))
     one, two = compare_runs(tmp_path, "model.safetensors")
+    assert (one["recipe"]["parallel"], two["recipe"]["parallel"]) == ("none", parallel)
     base, got = load_file(str(llama_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert min((got[n] - base[n]).abs().max().item() for n in two["trained_tensors"]) > 100 * TOL  # all moved
-    if keep == "spider":  # every rank keeps the whole rule: the same statistics, the same memory
+    if keep == "spider":  # the same statistics; DDP: every rank keeps the whole rule, FSDP2: its pieces'
         assert two["keep"]["updated_fraction"] == pytest.approx(one["keep"]["updated_fraction"], abs=1e-4)
-        assert two["keep"]["extra_bytes"] == one["keep"]["extra_bytes"]
+        if parallel == "ddp":
+            assert two["keep"]["extra_bytes"] == one["keep"]["extra_bytes"]
+        else:  # rank 0's pieces: every tensor has an even number of rows, so half of θ₀, G and the scratch
+            assert two["keep"]["extra_bytes"] * 2 == one["keep"]["extra_bytes"]
         assert all((got[n] == base[n]).any() for n in two["trained_tensors"])  # entries pulled back to θ₀
 
 
-def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama_dir, text_data):
+@pytest.mark.parametrize("parallel", list(PARALLEL))
+def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama_dir, text_data, parallel):
     from forgetless.cli import main
 
     # lr 1e-3: AdamW moves an entry whose gradient is below its ε = 1e-8 by lr·g/ε, so float32 rounding in
@@ -83,10 +100,94 @@ def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama
     # lr × 1e6 × ~1e-11: at lr 1e-2 one process differs from itself by 2e-5 between batch 4 and 2 × 2 accumulation
     extra = ("--lr", "1e-3", "--lora", "--lora-r", "4", "--lora-dropout", "0")
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
+    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra,
+                                                          *PARALLEL[parallel]))
     compare_runs(tmp_path, "adapter_model.safetensors")
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert min(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 100 * TOL  # B moved off zero
+
+
+def test_fsdp_on_one_process_shards_over_one_rank_and_trains_as_without(tmp_path, llama_dir, text_data):
+    """``fsdp=True`` without torchrun: FSDP2 over a process group of this process alone (the code path of several
+    ranks: DTensor parameters, the output gathered from them), and bit for bit the plain run's weights, SPIDER
+    included; the group ends with the run, its gloo threads with it."""
+    kw = {"train": ["language.layers"], "steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "clip": 0.5,
+          "keep": "spider", "tensorboard": False, "log": None}
+    kinds: set[str] = set()
+    plain = finetune(llama_dir, text_data, tmp_path / "plain", **kw)
+    sharded = finetune(llama_dir, text_data, tmp_path / "fsdp", fsdp=True, **kw,
+                       hook=lambda info: kinds.update(type(p).__name__ for p in info.params.values()))
+    assert kinds == {"DTensor"} and not torch.distributed.is_initialized() and W.gloo_threads() == 0
+    assert sharded.losses == plain.losses and sharded.grad_norms == plain.grad_norms
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "fsdp"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "fsdp" / "finetune.json").read_text())["recipe"]["parallel"] == "fsdp"
+
+
+def mixed_data(path: Path, images: Path) -> Path:
+    """Samples 0 and 1 show a colour, the six others are text-only."""
+    rows = [{"id": c, "image": str(images.parent / f"{c}.png"), "question": "What colour is it?", "answer": c}
+            for c in ("red", "green")]
+    rows += [{"id": f"text{i}", "question": q, "answer": a} for i, (q, a) in enumerate(test_finetune.QA[:6])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_torchrun_fsdp_trains_a_projector_that_some_steps_reach_on_one_rank_or_none(
+        tmp_path, tmp_path_factory, llava_dir, image_data):
+    """Text-only samples do not run LLaVA's projector (nor its vision tower, which so stays in FSDP2's root group).
+    One sample per rank: in steps 1 and 3 one rank's sample has an image (its peer reduce-scatters zeros for the
+    projector), in steps 2 and 4 none has (no gradient, as in one process, where AdamW then skips the projector
+    rather than moving it by its momentum). The weights are one process's."""
+    from forgetless.cli import main
+
+    data = mixed_data(tmp_path_factory.mktemp("mixed") / "mixed.jsonl", image_data)
+    order = epoch_order(8, 0, 0)  # the 4 steps' samples, 2 each, in the seeded order (--seed 0)
+    assert [sum(i < 2 for i in order[2 * s:2 * s + 2]) for s in range(4)] == [1, 0, 1, 0]
+
+    def args(out: str, *extra: str) -> list[str]:
+        return ["finetune", str(llava_dir), "--data", str(data), "--out", str(tmp_path / out), "--train",
+                "language.layers[1]", "--train", "projector", "--steps", "4", "--batch-size", "2", "--lr", "1e-2",
+                "--clip", "0.5", "--schedule", "constant", *extra]
+
+    main(args("one"))
+    W.torchrun("cli", tmp_path / "probe", *args("two", "--fsdp"))
+    _, two = compare_runs(tmp_path, "model.safetensors")
+    base, got = load_file(str(llava_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    projector = [n for n in two["trained_tensors"] if "projector" in n]
+    assert projector and min((got[n] - base[n]).abs().max().item() for n in projector) > 100 * TOL
+
+
+def test_dry_run_with_fsdp_accounts_each_ranks_share(tmp_path, llama_dir, text_data):
+    """``--dry-run --fsdp --ranks 2`` in one process: the weights, gradients, AdamW state and SPIDER's θ₀ and G
+    halved (rounded up), the activations of half the batch, the whole model as each rank loads it, and what FSDP2
+    gathers whole — the root group (embeddings, final norm, lm_head: frozen, bf16) for the step, two decoder layers'
+    weights and one's gradients — all counted here from the folder's tensors."""
+    said: dict[int, str] = {}
+    for ranks in (1, 2):
+        lines: list[str] = []
+        finetune(llama_dir, text_data, tmp_path / "dry", train=["language.layers"], batch_size=4, keep="spider",
+                 dtype="bfloat16", dry_run=True, fsdp=ranks > 1, ranks=ranks, log=lines.append)
+        said[ranks] = "\n".join(lines)
+    stored = load_file(str(llama_dir / "model.safetensors"))
+    layers: dict[str, int] = {}
+    for name, t in stored.items():
+        if m := re.match(r"model\.layers\.(\d+)\.", name):
+            layers[m[1]] = layers.get(m[1], 0) + t.numel()
+    trained = sum(layers.values())
+    frozen = sum(t.numel() for t in stored.values()) - trained
+    layer = max(layers.values())
+    expected = [("frozen weights", frozen * 2 // 2), ("trainable weights", trained * 4 // 2),
+                ("gradients", trained * 4 // 2), ("optimizer", trained * 8 // 2),
+                ("keep rule", trained * 8 // 2),  # θ₀ as stored (float32) and G
+                ("gathered", frozen * 2 + 2 * layer * 4 + layer * 4), ("loading:", frozen * 2 + trained * 4)]
+    for what, size in expected:
+        assert f"{what} {human_bytes(size)}" in said[2], (what, said[2])
+    activations = [re.search(r"activations ([\d.]+) KiB", said[r])[1] for r in (1, 2)]
+    assert float(activations[1]) == pytest.approx(float(activations[0]) / 2, abs=0.01)
+    assert "gathered" not in said[1] and "loading" not in said[1]
+    with pytest.raises(ForgetlessError, match="dry run"):
+        finetune(llama_dir, text_data, tmp_path / "run", ranks=2, log=None)
 
 
 def test_a_batch_the_ranks_cannot_share_is_refused_before_any_work(tmp_path, llama_dir, text_data, monkeypatch):

@@ -290,3 +290,29 @@ def test_refusals_name_the_folder_and_the_remedy(folders, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ForgetlessError, match=original.VISION_TOWER_ENV):
         load_model(blind, "cpu", "float32")
+
+
+def test_a_lora_adapter_is_keyed_as_the_original_code_keys_it(folders, tmp_path):
+    """LoRA on an original folder: the adapter's keys and target modules under the folder's module names (what
+    the original code's PEFT adapters hold), its values the hf twin's, and a run continues from it."""
+    from forgetless.checkpoint.lora import open_model
+    from forgetless.train.loop import LoraSpec
+
+    hf, orig, data = folders
+    kw = {"lora": LoraSpec(r=2, alpha=4, targets=["q_proj", "v_proj"]), "steps": 2, "batch_size": 2, "lr": 1e-2,
+          "images": data, "device": "cpu", "log": None, "tensorboard": False}
+    finetune(orig, data / "train.jsonl", tmp_path / "orig", **kw)
+    finetune(hf, data / "train.jsonl", tmp_path / "hf", **kw)
+    got = load_file(str(tmp_path / "orig" / "adapter_model.safetensors"))
+    want = {k.replace("base_model.model.model.language_model.", "base_model.model.model."): v
+            for k, v in load_file(str(tmp_path / "hf" / "adapter_model.safetensors")).items()}
+    assert got.keys() == want.keys() and "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in got
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)
+    targets = json.loads((tmp_path / "orig" / "adapter_config.json").read_text())["target_modules"]
+    assert targets and all(t.startswith("model.layers.") for t in targets)
+    with open_model(f"{orig}+{tmp_path / 'orig'}") as a, open_model(f"{hf}+{tmp_path / 'hf'}") as b:
+        q = "self_attn.q_proj.weight"
+        torch.testing.assert_close(a.get(f"model.layers.0.{q}"), b.get(f"language_model.model.layers.0.{q}"),
+                                   rtol=1e-5, atol=1e-7)
+    finetune(orig, data / "train.jsonl", tmp_path / "more", init_adapter=tmp_path / "orig", **{**kw, "steps": 1})

@@ -498,8 +498,15 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
               help="Recompute each layer's activations in the backward instead of keeping them (less memory).")
 @click.option("--dry-run", is_flag=True, help="Print the memory per rank (weights, gradients, optimizer, keep rule, "
               "activations) from the model built on the meta device; train nothing.")
+@click.option("--fsdp", is_flag=True, help="Shard the model with FSDP2 over the torchrun ranks (each holds its share "
+              "of the weights, gradients, optimizer state and keep rule) instead of DDP's whole copy per rank.")
+@click.option("--ranks", type=POSITIVE, default=None, help="With --dry-run: the number of processes to account "
+              "for (default: torchrun's).")
 @click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data loader processes per rank, encoding "
+              "the coming batches while the model trains (0: in the main process). Default: up to 2, none when "
+              "every sample stays encoded in memory.")
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
               help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
               "or reset the top-50%% |θ₀| entries (MagnitudeMask).")
@@ -527,6 +534,10 @@ def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lo
     if optimizer_fisher is not None and lora:
         raise ForgetlessError("--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
                               remedy="drop --lora or --optimizer-fisher")
+    if optimizer_fisher is not None and kw["fsdp"]:
+        raise ForgetlessError("--optimizer-fisher saves AdamW's state, which --fsdp shards across the ranks",
+                              remedy="drop --fsdp (DDP keeps the whole state on every rank), or compute the Fisher "
+                              "with `forgetless stats fisher`")
     if optimizer_fisher is not None:
         check_output(optimizer_fisher, [model, kw["data"], kw["images"], kw["init_adapter"]], force=kw["force"],
                      option="--optimizer-fisher")

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ KEY_MAPPING = {
     r"^model\.mm_projector\.2\.": "model.multi_modal_projector.linear_2.",
     r"^model\.(?!vision_tower\.|mm_projector\.|multi_modal_projector\.|language_model\.)": "model.language_model.",
 }
+# the same renaming as plain prefixes (original, in-memory), for names outside from_pretrained: adapters, side files
+PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.", "model.language_model."),
+]
+PEFT_PREFIX = "base_model.model."
 _LLAMA_ONLY_KEYS = re.compile(r"^(mm_|tune_mm|freeze_mm|unfreeze_mm|use_mm|image_aspect|architectures$|model_type$)")
 
 
@@ -70,12 +79,37 @@ def is_original(model_dir: Path) -> bool:
 
 
 def to_memory(name: str) -> str:
-    """The in-memory name of an original tensor name."""
-    for pattern, new in KEY_MAPPING.items():
-        name, hits = re.subn(pattern, new, name)
-        if hits:
-            return name
+    """The in-memory name of an original tensor (or module) name."""
+    for old, new in PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
     return name
+
+
+def to_original(name: str) -> str:
+    """The original name of an in-memory tensor (or module) name."""
+    for old, new in PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def adapter_key(key: str, rename: Callable[[str], str]) -> str:
+    """A PEFT adapter key (``base_model.model.<module>.lora_A.weight``) with its module path renamed."""
+    return PEFT_PREFIX + rename(key.removeprefix(PEFT_PREFIX))
+
+
+def rename_adapter(folder: Path, rename: Callable[[str], str]) -> None:
+    """Rename a PEFT adapter folder's tensors and target modules in place (a folder being written)."""
+    from safetensors.torch import load_file, save_file
+
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    tensors = load_file(str(weights))
+    save_file({adapter_key(k, rename): v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    cfg = json.loads(config.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = [rename(m) for m in cfg["target_modules"]]
+    config.write_text(json.dumps(cfg, indent=2))
 
 
 def _config(path: Path) -> dict[str, Any]:

@@ -67,10 +67,14 @@ def load_model(model_dir: Path, device: str, dtype: str):
     ``dtype`` and, on a GPU, straight onto it (``device_map``): a rank never holds the whole model in host memory
     first."""
     placement = {"device_map": device} if torch.device(device).type == "cuda" else {}
-    if original.is_original(model_dir):
-        model = original.load(model_dir, TORCH_DTYPES[dtype], **placement)
-    else:
-        model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
+    try:
+        if original.is_original(model_dir):
+            model = original.load(model_dir, TORCH_DTYPES[dtype], **placement)
+        else:
+            model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
+    except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
+        raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
+                              remedy="give a Hugging Face model folder or an original LLaVA folder") from e
     return model.to(device).eval(), torch.device(device)
 
 

@@ -8,10 +8,12 @@ One file, read top to bottom: options → data → model and trainable tensors �
 
 **Data.** The file is read by :func:`forgetless.stats.data.load_samples` (LLaVA conversations or
 ``{image?, question, answer}``), encoded by its :class:`~forgetless.stats.data.Encoder` (the model's own processor
-and chat template; labels on the answer tokens only) and batched by its ``collate``. Every sample is encoded once
-before the first step, so a bad sample stops the run before any work (or is skipped and counted, with
-``on_bad_sample="skip"``); encodings are kept while they fit in :data:`CACHE_BYTES`, the rest are encoded again
-when they come round.
+and chat template; labels on the answer tokens only) and batched by its ``collate``, all in :mod:`.feed`. Every
+sample is encoded once before the first step, each by one rank (its share), so a bad sample stops every rank
+before any work (or is skipped and counted alike on every rank, with ``on_bad_sample="skip"``); encodings are kept
+while they fit in :data:`.feed.CACHE_BYTES`. In the loop a DataLoader (``workers`` processes, 0: the main one)
+encodes and collates this rank's share of the coming micro-batches ahead of the step that takes them; the batches
+are the same whatever the number of workers.
 
 **Order.** Samples are drawn as one endless stream: epoch ``e`` is a permutation of the samples seeded with
 ``seed + e``, epochs follow each other, and micro-batch ``k`` is the stream's items ``k·B .. (k+1)·B − 1``. So an
@@ -56,9 +58,19 @@ back-propagates ``N · sum(its sample losses) / (B × grad_accum)`` and DDP aver
 all-reduced gradient is exactly the single-process one's (up to the order of float32 additions): clipping, the
 keep rule and the hooks see it whole, on every rank. DDP syncs once per optimizer step (``no_sync`` for the other
 micro-batches). The reported loss is the all-reduced mean. Only rank 0 logs and writes the output; the others wait
-for it. Every rank holds the whole model, optimizer state and keep rule (for a rule whose memory is divided among
-the ranks, use FSDP2 with :mod:`.spider` in your own loop or the Trainer). With dropout (``--lora-dropout``) each
+for it. Every rank holds the whole model, optimizer state and keep rule. With dropout (``--lora-dropout``) each
 rank draws its own masks, so only the distribution, not the draw, matches one process.
+
+**FSDP2.** With ``fsdp`` (``--fsdp``) the ranks shard the model instead (``fully_shard``: each decoder layer, the
+vision tower's layers when every sample has an image, then the rest as the root group; :func:`_shard_units`), so
+each holds its share of the weights, gradients, AdamW state and keep rule (:mod:`.spider` works on the DTensor
+pieces, :mod:`.memory` accounts it). The loss is scaled as under DDP (the reduce-scatter averages over the ranks);
+the micro-batches before a step's last keep their gradients whole, unreduced (``set_requires_gradient_sync``);
+clipping reduces the pieces' norms over the ranks; the output is gathered whole (``full_tensor``, every rank) and
+written by rank 0. A root-group tensor that a rank's samples do not reach (the projector, text-only samples) is
+reduce-scattered as zeros there (``set_reduce_scatter_unused_params``: every rank reduces the same tensors), and
+left without a gradient when no rank reached it, as one process leaves it (:class:`_Reached`). On one process
+``fsdp`` shards over a group of that process alone: the code of several ranks, the plain run's weights.
 
 **Logs.** Every optimizer step's loss, learning rate, gradient norm, samples/s (and epoch), and a keep rule's
 fraction of kept entries and mean coefficient, go to TensorBoard event files (:mod:`.tblog`; ``tensorboard=False``
@@ -67,8 +79,10 @@ Trainer writes them (``OUT/runs/RUN``). Rank 0 only.
 
 **Precision.** Trainable weights, their gradients and AdamW state are float32. ``dtype="bfloat16"`` runs forward
 and backward under bf16 autocast (the loss is still computed in fp32) and holds the frozen weights in bf16 (half
-their memory; ``finetune.json`` records it under ``recipe.precision``). ``gradient_checkpointing`` recomputes each
-layer's activations in the backward instead of keeping them.
+their memory; ``finetune.json`` records it under ``recipe.precision``): the model is loaded in bf16 and the
+trainable tensors then read in float32 from the checkpoint, their values those of a float32 load bit for bit
+(LoRA's adapters keep PEFT's float32 initial values), so the frozen weights are never held in float32.
+``gradient_checkpointing`` recomputes each layer's activations in the backward instead of keeping them.
 
 **Output.** Full fine-tune: a complete Hugging Face folder written by the project's streaming writer: every tensor
 of the input under its input name and dtype, the untouched ones copied byte for byte, the trained ones cast back to
@@ -82,10 +96,11 @@ output is replaced only with ``force``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -93,10 +108,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
 from ..checkpoint import layout as layouts
+from ..checkpoint import original
 from ..checkpoint.guard import check_output
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.space import check_free_space
@@ -107,26 +124,26 @@ from ..stats.data import (
     ON_BAD_SAMPLE,
     Encoder,
     answer_loss,
-    collate,
     data_fingerprint,
-    encode_or_skip,
     load_samples,
 )
-from ..stats.distributed import all_reduce_sums, dist_info, process_group
+from ..stats.distributed import all_reduce_sums, dist_info, end_process_group, process_group
 from ..stats.fisher import checkpoint_names
 from ..stats.run import load_model, resolve_device
+from .feed import Feed
 from .hooks import StepHook, StepInfo
-from .memory import TrainFootprint, account
-from .spider import KEEP_RULES, make_rule
+from .memory import TrainFootprint, account, gathered_bytes
+from .spider import KEEP_RULES, DTensor, make_rule
 from .tblog import TrainingLog
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast over fp32 weights
 DEFAULT_FULL_SCOPE = ("language", "lm_head", "projector")  # the vision tower stays frozen, as in LLaVA's recipe
 DEFAULT_LORA_SCOPE = ("language.layers",)
-CACHE_BYTES = 1 << 30  # encoded samples kept in memory (token ids, pixel tensors)
 LOG_EVERY_S = 5.0
 SHARD_SIZE = "5GB"
+PARALLEL = {"fsdp": "FSDP2: each rank holds its share of the weights, gradients, optimizer state and keep rule",
+            "ddp": "DDP", "none": "one process"}
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -246,38 +263,6 @@ def _check_options(model_dir: Path, *, steps: int, batch_size: int, grad_accum: 
             raise ForgetlessError(problem, remedy=remedy)
 
 
-# ------------------------------------------------------------------------------------------------ data
-def _encode_all(samples, encoder: Encoder, on_bad_sample: str) -> tuple[list, dict[int, dict], list]:
-    """Encode every sample once (a bad one stops the run now, or is skipped and counted). Returns the usable
-    samples, the encodings kept (by position in that list, up to :data:`CACHE_BYTES`) and ``(id, reason)`` of
-    the skipped ones."""
-    good, cache, skipped, used = [], {}, [], 0
-    for s in samples:
-        enc = encode_or_skip(encoder, s, on_bad_sample, skipped)
-        if enc is None:
-            continue
-        size = sum(v.numel() * v.element_size() for v in enc.values())
-        if used + size <= CACHE_BYTES:
-            cache[len(good)] = enc
-            used += size
-        good.append(s)
-    if not good:
-        sid, why = skipped[0]
-        raise ForgetlessError(f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
-                              file=samples[0].source, remedy="fix the data")
-    return good, cache, skipped
-
-
-def _sample_stream(n: int, seed: int) -> Iterator[int]:
-    """Sample positions, epoch after epoch; epoch ``e`` is a permutation seeded with ``seed + e``."""
-    epoch = 0
-    while True:
-        order = list(range(n))
-        random.Random(seed + epoch).shuffle(order)
-        yield from order
-        epoch += 1
-
-
 # ------------------------------------------------------------------------------------------------ what trains
 def _stored_names(model: nn.Module, names: set[str]) -> dict[str, str]:
     """Every parameter's module name (tied aliases included) → the name of its tensor in the checkpoint folder.
@@ -358,8 +343,10 @@ def _adapter_key(pname: str, adapter: str = "default") -> str:
     return pname.replace(f".{adapter}.", ".")
 
 
-def _read_init_adapter(folder: Path, lora: LoraSpec) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of the adapter a run continues, after checking its rank and alpha against `lora`."""
+def _read_init_adapter(folder: Path, lora: LoraSpec, rename: Callable[[str], str] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of the adapter a run continues, after checking its rank and alpha against `lora`
+    (``rename``: its module paths to the loaded model's, for an original LLaVA folder)."""
     from safetensors.torch import load_file
 
     from ..checkpoint.lora import ADAPTER_CONFIG, ADAPTER_SAFE
@@ -374,7 +361,8 @@ def _read_init_adapter(folder: Path, lora: LoraSpec) -> dict[str, torch.Tensor]:
         raise ForgetlessError(f"adapter of rank {cfg.get('r')} and alpha {cfg.get('lora_alpha')}, this run trains "
                               f"rank {lora.r} and alpha {lora.alpha:g}", file=cfg_file,
                               remedy="give --lora-r and --lora-alpha as the adapter's")
-    return load_file(str(weights))
+    tensors = load_file(str(weights))
+    return tensors if rename is None else {original.adapter_key(k, rename): v for k, v in tensors.items()}
 
 
 def _load_init_adapter(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -394,14 +382,18 @@ def _load_init_adapter(params: dict[str, nn.Parameter], state: dict[str, torch.T
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], stored: dict[str, str],
-                model: nn.Module, meta: dict[str, Any], force: bool, tb: TrainingLog | None = None) -> None:
-    """Every tensor of the input folder, under its name and dtype: the trained ones (every checkpoint name of a
-    trained parameter, tied copies included) from the model, all others as the input's own bytes; and the run's
-    TensorBoard events."""
+def _by_stored_name(trained: dict[str, nn.Parameter], stored: dict[str, str], model: nn.Module
+                    ) -> dict[str, nn.Parameter]:
+    """Every checkpoint name of a trained parameter (tied copies included) → the parameter."""
     named = dict(model.named_parameters(remove_duplicate=False))
     trained_ids = {id(p) for p in trained.values()}
-    from_model = {saved: named[p] for p, saved in stored.items() if id(named[p]) in trained_ids}
+    return {saved: named[p] for p, saved in stored.items() if id(named[p]) in trained_ids}
+
+
+def _write_full(model_dir: Path, out: Path, from_model: dict[str, torch.Tensor], meta: dict[str, Any], force: bool,
+                tb: TrainingLog | None = None) -> None:
+    """Every tensor of the input folder, under its name and dtype: those of ``from_model`` (checkpoint name →
+    the trained tensor) from it, all others as the input's own bytes; and the run's TensorBoard events."""
     with CheckpointReader(model_dir) as reader:
         entries = [Entry(n, reader.info(n).shape, reader.info(n).dtype) for n in reader.names()]
         writer = StreamingWriter(out, entries, shard_size=parse_size(SHARD_SIZE), force=force,
@@ -424,11 +416,15 @@ def _write_full(model_dir: Path, out: Path, trained: dict[str, nn.Parameter], st
 
 
 def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any], force: bool,
-                tb: TrainingLog | None = None) -> None:
-    """The PEFT adapter folder (``save_pretrained``) plus ``finetune.json`` and the TensorBoard events, renamed into
-    place."""
+                tb: TrainingLog | None = None, state: dict[str, torch.Tensor] | None = None,
+                rename: Callable[[str], str] | None = None) -> None:
+    """The PEFT adapter folder (``save_pretrained``; ``state``: the adapter's tensors by parameter name, when the
+    model's own are pieces; ``rename``: module paths to the base folder's own, for an original LLaVA folder) plus
+    ``finetune.json`` and the TensorBoard events, renamed into place."""
     with atomic_folder(out, replace=force) as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, state_dict=state)
+        if rename is not None:
+            original.rename_adapter(tmp, rename)
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=1))
         if tb is not None:
             tb.copy_into(tmp)
@@ -441,15 +437,21 @@ def _hms(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: layouts.Layout,
-               lora: LoraSpec | None, **kw: Any) -> TrainFootprint:
-    """:func:`train.memory.account` for this run, its trainable values counted on the meta-device model."""
+               lora: LoraSpec | None, images: bool, **kw: Any) -> TrainFootprint:
+    """:func:`train.memory.account` for this run, its trainable values counted on the meta-device model; with
+    ``fsdp``, what FSDP2 gathers whole, from the values of its units and root group (LoRA's adapters, small, left
+    out of those)."""
     from ..stats.footprint import meta_model
 
     model = meta_model(model_dir, "float32")
     stored = _stored_names(model, set(names))
     total = sum(p.numel() for p in model.parameters())
+    ids = {id(p) for p in _full_params(model, stored, selected).values()} if lora is None else set()
+    if kw["fsdp"]:
+        root, units = _group_values(model, _shard_units(model, stored, layout, images), ids)
+        kw["gathered"] = gathered_bytes(root, units, half=kw["dtype"] == "bfloat16")
     if lora is None:
-        trainable = sum(p.numel() for p in _full_params(model, stored, selected).values())
+        trainable = sum(p.numel() for p in model.parameters() if id(p) in ids)
     else:
         modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
         linears = dict(model.named_modules())
@@ -462,16 +464,187 @@ def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: la
                    theta0_bytes=theta0, **kw)
 
 
+# ------------------------------------------------------------------------------------------------ precision
+def _float32_from_checkpoint(params: dict[str, nn.Parameter], model_dir: Path) -> None:
+    """The trainable tensors (by checkpoint name) of a model loaded in 16-bit, made float32 from the checkpoint's
+    own values: bit for bit what a float32 load gives them, while the frozen weights were never held in float32.
+    Each stored tensor is checked to be the one loaded (its values in the loaded dtype)."""
+    with CheckpointReader(model_dir) as reader:
+        for saved, p in params.items():
+            if p.dtype == torch.float32:
+                continue
+            value = reader.get(saved).to(p.device)
+            if value.shape != p.shape or not torch.equal(value.to(p.dtype), p.data):
+                raise ForgetlessError("the stored tensor is not the parameter transformers loaded from it",
+                                      file=model_dir, tensor=saved, remedy="fine-tune with --dtype float32")
+            p.data = value.float()
+
+
+@contextlib.contextmanager
+def _float32_targets(model: nn.Module, modules: dict[str, str]) -> Iterator[None]:
+    """While PEFT adds the adapters, the targeted Linear layers show a float32 weight (a zero-stride stand-in:
+    no memory). PEFT draws each adapter's initial values in float32, then casts them to its base layer's weight
+    dtype; so a model loaded in 16-bit gets the adapters a float32 load gets, unrounded."""
+    named = dict(model.named_modules())
+    held = {m: named[m].weight for m in modules}
+    for m, w in held.items():
+        named[m].weight = nn.Parameter(torch.zeros((), device=w.device).expand(w.shape), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, w in held.items():
+            named[m].weight = w  # PEFT keeps the layer itself as its adapter's base_layer
+
+
 def _hold_frozen(model: nn.Module, dtype: str) -> str:
     """Frozen floating-point weights in the compute dtype (bf16 under ``dtype="bfloat16"``: autocast computes
-    their matmuls in bf16 anyway) — half their memory; trainable weights and the optimizer stay float32. Returns
-    the frozen weights' dtype."""
+    their matmuls in bf16 anyway) — half their memory; trainable weights and the optimizer stay float32. The model
+    is loaded in that dtype already; this casts what the load kept in float32. Returns the frozen weights'
+    dtype."""
     if dtype != "bfloat16":
         return "float32"
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(torch.bfloat16)
     return "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+@contextlib.contextmanager
+def _ranks(dev_name: str, fsdp: bool) -> Iterator[tuple[int, int]]:
+    """``(rank, world)`` in torchrun's process group (:func:`stats.distributed.process_group`); with ``fsdp`` on one
+    process, in a group of this process alone, so that FSDP2 shards over one rank by the code that shards over
+    several."""
+    with process_group(dev_name) as (rank, world):
+        if not fsdp or dist.is_initialized():
+            yield rank, world
+            return
+        importlib.import_module("torch._dynamo")  # as init_distributed does: imported after the group, it pins it
+        backend = "nccl" if torch.device(dev_name).type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        ok = False
+        try:
+            yield 0, 1
+            ok = True
+        finally:
+            end_process_group(wait=ok)
+
+
+def _shard_units(model: nn.Module, stored: dict[str, str], layout: layouts.Layout, images: bool) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one, each gathered whole only for its own forward and backward: every decoder
+    layer of the language model, and the vision tower's layers when every sample has an image. A unit some rank's
+    micro-batch skips would leave the others waiting in its all-gather, so a vision tower that text-only samples
+    skip stays in the root group, with the embeddings, norms, lm_head and projector (gathered for the whole step)."""
+    parts = {"language.layers", *(["vision"] if images else [])}
+    units: list[nn.Module] = []
+    inside: list[str] = []  # the units' names: a ModuleList within one (experts) is part of it
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or any(name.startswith(u + ".") for u in inside):
+            continue
+        for i, child in enumerate(mod):
+            first = next((f"{name}.{i}.{n}" for n, _ in child.named_parameters()), None)
+            if first in stored and layouts.part_of(layout, stored[first]) in parts:
+                units.append(child)
+                inside.append(f"{name}.{i}")
+    return units
+
+
+def _group_values(model: nn.Module, units: list[nn.Module], trainable: set[int]
+                  ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """``(trainable, frozen)`` values of FSDP2's root group (what no unit holds) and of each unit; ``trainable``:
+    the ids of the trainable parameters."""
+    def values(params: list[nn.Parameter]) -> tuple[int, int]:
+        n = sum(p.numel() for p in params if id(p) in trainable)
+        return n, sum(p.numel() for p in params) - n
+
+    inside = {id(p) for u in units for p in u.parameters()}
+    return values([p for p in model.parameters() if id(p) not in inside]), [values(list(u.parameters())) for u in units]
+
+
+def _shard(root: nn.Module, net: nn.Module, units: list[nn.Module], params: dict[str, nn.Parameter],
+           dev: torch.device) -> tuple[Any, dict[str, nn.Parameter]]:
+    """FSDP2 (``fully_shard``) over the process group's ranks: each unit, then ``root`` (the rest). Returns the
+    device mesh and ``params`` (keys as given, of ``net``'s parameters) as the sharded parameters that replace them.
+    A tensor a rank's samples do not reach (the projector, text-only) gets a zero gradient there, so that every
+    rank reduce-scatters the same tensors (:class:`_Reached` puts None back where no rank reached it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in net.named_parameters()}
+    order = [(key, names[id(p)]) for key, p in params.items()]
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    root.set_reduce_scatter_unused_params(True)
+    sharded = dict(net.named_parameters())
+    return mesh, {key: sharded[name] for key, name in order}
+
+
+def _forget_group(mesh: Any) -> None:
+    """Let the device mesh drop the process group: torch's DTensor dispatch cache keeps the mesh for good, and the
+    group's threads end only once nothing holds it."""
+    getattr(mesh, "_pg_registry", {}).clear()
+
+
+class _Reached:
+    """Whether the modules of FSDP2's root group that own trainable tensors ran in a step, on any rank. Where no
+    rank's samples reached one (no image in the step), FSDP2 still reduce-scatters a zero gradient for its
+    tensors, where one process leaves them none and AdamW skips them: :meth:`settle` takes the zeros away."""
+
+    def __init__(self, root: nn.Module, units: list[nn.Module]) -> None:
+        inside = {id(m) for u in units for m in u.modules()}
+        self.modules = [m for m in root.modules() if id(m) not in inside
+                        and any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.runs = [0] * len(self.modules)
+        for i, m in enumerate(self.modules):
+            m.register_forward_pre_hook(functools.partial(self._ran, i))
+
+    def _ran(self, i: int, *_: Any) -> None:
+        self.runs[i] += 1
+
+    def settle(self, device: torch.device) -> None:
+        """After the step's backward passes, on every rank (an all-reduce): no gradient where no rank ran."""
+        runs = torch.tensor(self.runs, dtype=torch.float64, device=device)
+        all_reduce_sums({"runs": runs})
+        for m, n in zip(self.modules, runs.tolist(), strict=True):
+            for p in m.parameters(recurse=False) if n == 0 else []:
+                p.grad = None
+        self.runs = [0] * len(self.modules)
+
+
+def _syncing(losses: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Gradients reduced over the ranks after the step's last micro-batch only: DDP's ``no_sync`` and FSDP2's
+    ``set_requires_gradient_sync`` keep the others' unreduced, whole, for the next micro-batch to add to."""
+    if isinstance(losses, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if last else losses.no_sync()
+    if hasattr(losses, "set_requires_gradient_sync"):
+        losses.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _clip(params: list[nn.Parameter], clip: float | None) -> float:
+    """Scale the gradients to a total 2-norm of at most ``clip`` (None: leave them); returns the norm before. With
+    FSDP2's sharded gradients the pieces' norms are reduced over the ranks first (a collective)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, clip if clip is not None else math.inf, norm)
+    return float(norm)
+
+
+def _gather(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Every tensor whole, on rank 0's CPU (the other ranks get {}): a DTensor gathered from its pieces, one at a
+    time, once however many names it has. A collective: every rank calls it, with the same tensors in order."""
+    seen: set[int] = set()
+    whole: dict[int, torch.Tensor] = {}
+    for t in tensors.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+            if rank == 0:
+                whole[id(t)] = full.to("cpu")
+    return {name: whole[id(t)] for name, t in tensors.items() if id(t) in whole}
 
 
 def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
@@ -483,8 +656,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              device: str = "auto", dtype: str = "float32", max_length: int | None = None,
              on_bad_sample: str = "error", keep: str = "none", init_adapter: str | os.PathLike | None = None,
              tensorboard: bool = True, gradient_checkpointing: bool = False, dry_run: bool = False,
-             min_pixels: int | None = None, max_pixels: int | None = None,
-             force: bool = False) -> FinetuneReport | None:
+             min_pixels: int | None = None, max_pixels: int | None = None, workers: int | None = None,
+             fsdp: bool = False, ranks: int | None = None, force: bool = False) -> FinetuneReport | None:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (see the module's notes).
 
     ``train``: layout selectors of the tensors to train (``language.layers[20:30]``, ``projector``, ``lm_head``,
@@ -498,21 +671,29 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     point instead of PEFT's initialisation (B = 0); it must have the same rank, alpha and adapted weights as this
     run. The optimizer state starts fresh. Sequential fine-tuning, task after task, is one adapter passed on.
     ``tensorboard``: write TensorBoard event files (see the module's notes; skipped, in one line, without the
-    tensorboard package).
+    tensorboard package). ``workers``: the data loader's processes per rank, encoding the coming micro-batches
+    while the model trains (0: in the main process; None: up to 2, none when every sample is kept encoded).
+    ``fsdp``: shard the model over the ranks with FSDP2 (see the module's notes). ``ranks``: with ``dry_run``, the
+    number of processes the memory per rank is for (default: torchrun's).
     """
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     rank, world = dist_info()  # torchrun's environment: the checks below run before the process group is joined
     say = log if (log is not None and rank == 0) else (lambda _s: None)
     check_output(out, [model_dir, data, images, init_adapter], force=force)
+    if ranks is not None and not dry_run:
+        raise ForgetlessError("ranks (--ranks) is the number of processes a dry run accounts for", remedy=(
+            "drop --ranks: a run's processes are torchrun's (--nproc-per-node), or add --dry-run"))
+    accounted = world if ranks is None else ranks  # the processes the memory per rank is for
     _check_options(model_dir, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, clip=clip, dtype=dtype,
-                   on_bad_sample=on_bad_sample, lora=lora, world=world)
+                   on_bad_sample=on_bad_sample, lora=lora, world=accounted)
     if keep not in KEEP_RULES:
         raise ForgetlessError(f"unknown keep rule {keep!r}", remedy=f"use one of {', '.join(KEEP_RULES)}")
     if init_adapter is not None and lora is None:
         raise ForgetlessError("init_adapter continues a LoRA adapter; this run is a full fine-tune", file=init_adapter,
                               remedy="pass --lora with the adapter's rank and targets, or drop --init-adapter")
-    init_state = _read_init_adapter(Path(init_adapter), lora) if init_adapter is not None else None
+    init_state = None if init_adapter is None else _read_init_adapter(
+        Path(init_adapter), lora, rename=original.to_memory if original.is_original(model_dir) else None)
     if lora is not None and keep != "none":
         raise ForgetlessError(f"keep={keep!r} applies to a full fine-tune, not to LoRA", remedy=(
             "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run"))
@@ -541,29 +722,39 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     # -- data
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     encoder = Encoder(model_dir, max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels)
-    samples, cache, skipped = _encode_all(samples, encoder, on_bad_sample)
-    for sid, why in skipped[:10]:
-        say(f"  skipped {sid}: {why}")
+
+    def check_data(rank: int, world: int) -> Feed:
+        """Every sample checked once (this rank its share, the findings gathered: a collective), before any work."""
+        feed = Feed(samples, encoder, on_bad_sample=on_bad_sample, batch_size=batch_size,
+                    micro_batches=steps * grad_accum, seed=seed, rank=rank, world=world, workers=workers)
+        for sid, why in feed.skipped[:10]:
+            say(f"  skipped {sid}: {why}")
+        return feed
+
     if dry_run:  # the memory per rank, from the model built on the meta device: nothing is loaded
-        longest = max((e["input_ids"].numel() for e in cache.values()), default=max_length or 0)
-        footprint = _footprint(model_dir, names, selected, layout, lora, dtype=dtype, keep=keep,
-                               tokens=batch_size // world * longest, checkpointing=gradient_checkpointing)
+        feed = check_data(0, 1)
+        images_everywhere = all(s.image is not None for s in feed.samples)
+        footprint = _footprint(model_dir, names, selected, layout, lora, images_everywhere, dtype=dtype, keep=keep,
+                               tokens=batch_size // accounted * feed.longest, checkpointing=gradient_checkpointing,
+                               world=accounted, fsdp=fsdp, accumulate=grad_accum > 1)
         for line in footprint.lines():
             say(line)
         return None
 
     dev_name = resolve_device(device)
-    with process_group(dev_name) as (rank, world), contextlib.ExitStack() as cleanup:
+
+    def run(rank: int, world: int, feed: Feed, cleanup: contextlib.ExitStack, before: Callable | None,
+            after: Callable | None) -> FinetuneReport:
+        """The run, in a frame of its own: what it builds (FSDP2's state, DTensors, a DDP wrapper) holds the
+        process group, and is gone when the group ends."""
+        samples, skipped = feed.samples, feed.skipped
+        images_everywhere = all(s.image is not None for s in samples)  # every micro-batch runs the vision tower
         # -- model and trainable tensors
         torch.manual_seed(seed)
-        try:
-            model, dev = load_model(model_dir, dev_name, "float32")
-        except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
-            raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
-                                  remedy="fine-tuning needs a folder transformers loads (original LLaVA folders: "
-                                         "convert them to the llava-hf format first)") from e
+        model, dev = load_model(model_dir, dev_name, dtype)  # frozen weights straight in the compute dtype
         model.requires_grad_(False)
         stored = _stored_names(model, set(names))
+        units = _shard_units(model, stored, layout, images_everywhere) if fsdp else []
         if lora is None:
             params = _full_params(model, stored, selected)
             frozen = selected - set(stored.values())
@@ -574,6 +765,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                                       remedy="select weights of the model (see `forgetless inspect`)")
             for p in params.values():
                 p.requires_grad_(True)
+            _float32_from_checkpoint(params, model_dir)  # a float32 load's values, bit for bit
             net, hf_model, trained = model, model, sorted(params)
         else:
             from peft import LoraConfig, get_peft_model
@@ -581,7 +773,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             modules = _lora_modules(model, stored, selected, lora, layout, names, model_dir)
             config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                                 target_modules=list(modules))
-            net = get_peft_model(model, config)
+            with _float32_targets(model, modules):  # the adapters' float32 initial values, whatever the dtype
+                net = get_peft_model(model, config)
             net.peft_config["default"].base_model_name_or_path = str(model_dir)
             hf_model = net.get_base_model()
             params = {_adapter_key(n): p for n, p in net.named_parameters() if p.requires_grad}
@@ -594,7 +787,12 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         net.train()
         losses: nn.Module = _SampleLosses(net, hf_model, _plain_head(hf_model))
-        if world > 1:  # after this, a backward through `losses` all-reduces the gradients (averaged over ranks)
+        reached = None
+        if fsdp:  # after this, the trainable tensors are DTensors: this rank's pieces (reduce-scatters average)
+            mesh, params = _shard(losses, net, units, params, dev)
+            cleanup.callback(_forget_group, mesh)
+            reached = _Reached(losses, units)
+        elif world > 1:  # after this, a backward through `losses` all-reduces the gradients (averaged over ranks)
             losses = nn.parallel.DistributedDataParallel(
                 losses, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False,
                 find_unused_parameters=True,  # a tensor a rank's samples do not reach (the projector, text-only)
@@ -627,14 +825,16 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         per_step = batch_size * grad_accum
         n_params = sum(p.numel() for p in params.values())
         kind = f"LoRA r={lora.r}" if lora else "full"
-        ranks = f" × {world} processes (DDP, {batch_size // world} samples of each batch per rank)" if world > 1 else ""
+        parallel = "fsdp" if fsdp else "ddp" if world > 1 else "none"
+        spread = (f" × {world} processes ({PARALLEL[parallel]}, {batch_size // world} samples of each batch per rank)"
+                  if parallel != "none" else "")
         say(f"finetune ({kind}): {len(trained)} tensors "
             f"({n_params / 1e6:.2f}M trainable parameters) of {model_dir}, {len(samples)} samples"
             f"{f' ({len(skipped)} skipped)' if skipped else ''}, {steps} steps × {per_step} samples "
-            f"(batch {batch_size} × accumulation {grad_accum}) on {dev}{ranks}, {dtype}")
+            f"(batch {batch_size} × accumulation {grad_accum}) on {dev}{spread}, {dtype}")
         if rule is not None:
             say(f"  keep rule {keep}: {rule.extra_bytes() / 2**20:.1f} MiB extra on {dev}"
-                f"{' on every rank' if world > 1 else ''} "
+                f"{' on this rank (its pieces)' if fsdp else ' on every rank' if world > 1 else ''} "
                 f"(θ₀{' and G, and scratch for the largest tensor' if keep == 'spider' else ' and mask'})")
 
         tb = TrainingLog.open(out, say) if tensorboard and rank == 0 else None
@@ -642,12 +842,11 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
             cleanup.callback(tb.close)  # the events flushed however the run ends
 
         # -- the loop
-        stream = _sample_stream(len(samples), seed)
+        batches = feed.batches(dev)  # this rank's share of each micro-batch, encoded ahead by the loader's workers
+        cleanup.callback(batches.close)  # the workers end with the run, however it ends
 
         def next_batch() -> dict[str, torch.Tensor]:
-            mine = [next(stream) for _ in range(batch_size)][rank::world]  # this rank's share of the micro-batch
-            encoded = [cache[i] if i in cache else encoder(samples[i]) for i in mine]
-            return {k: v.to(dev) for k, v in collate(encoded, encoder.pad_token_id).items()}
+            return next(batches)
 
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -662,18 +861,20 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                 group["lr"] = lr_t
             total = 0.0
             for k in range(grad_accum):
-                last = k == grad_accum - 1  # DDP all-reduces after the last micro-batch only
-                with contextlib.nullcontext() if world == 1 or last else losses.no_sync():
+                last = k == grad_accum - 1  # DDP and FSDP2 reduce after the last micro-batch only
+                with _syncing(losses, last):
                     per_sample = loss_of(next_batch())
-                    (per_sample.sum() * world / per_step).backward()  # DDP's mean over ranks: the sum
+                    (per_sample.sum() * world / per_step).backward()  # the mean over ranks: the sum
                 total += per_sample.detach().sum().item()
+            if reached is not None:
+                reached.settle(dev)
             step_sum = torch.tensor(total, dtype=torch.float64, device=dev)
             all_reduce_sums({"loss": step_sum})
             loss = float(step_sum) / per_step
             if not math.isfinite(loss):
                 raise ForgetlessError(f"the loss is {loss} at step {step}", file=model_dir,
                                       remedy="lower --lr, add --warmup or --clip, or use --dtype float32")
-            norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip if clip is not None else math.inf))
+            norm = _clip(list(params.values()), clip)
             info = StepInfo(step, steps, lr_t, loss, norm, net, params, optimizer)
             if before is not None:
                 before(info)
@@ -709,6 +910,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                   "max_length": max_length, "on_bad_sample": on_bad_sample, "keep": keep,
                   "init_adapter": None if init_adapter is None else str(init_adapter),
                   "gradient_checkpointing": gradient_checkpointing, "pixels": [min_pixels, max_pixels],
+                  "workers": feed.workers, "parallel": parallel,
                   "precision": {"trainable": "float32", "optimizer": "float32", "frozen": frozen_dtype}}
         meta = {"forgetless_version": __version__, "kind": report.kind, "base": str(model_dir),
                 "base_weights_fingerprint": base_fingerprint, "data": str(data),
@@ -719,13 +921,21 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                 "device": str(dev), "processes": world, "torch": torch.__version__}
         if tb is not None:
             report.tensorboard, meta["tensorboard"] = out / "runs" / tb.name, f"runs/{tb.name}"
+        written = (_by_stored_name(params, stored, model) if lora is None else
+                   {n: p for n, p in net.named_parameters() if p.requires_grad})
+        if fsdp:  # the whole tensors, gathered from the ranks' pieces onto rank 0 (every rank takes part)
+            written = _gather(written, rank)
         if rank == 0:  # the others wait for it as the process group ends
             if lora is None:
-                _write_full(model_dir, out, params, stored, model, meta, force, tb)
+                _write_full(model_dir, out, written, meta, force, tb)
             else:
-                _write_lora(net, out, meta, force, tb)
+                _write_lora(net, out, meta, force, tb, state=written if fsdp else None,
+                            rename=original.to_original if original.is_original(model_dir) else None)
             if tb is not None:
                 tb.finish()
         say(f"wrote {out}: {steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
             f"{report.losses[-1]:.4f}")
         return report
+
+    with _ranks(dev_name, fsdp) as (rank, world), contextlib.ExitStack() as cleanup:  # one group, data to output
+        return run(rank, world, check_data(rank, world), cleanup, before, after)
