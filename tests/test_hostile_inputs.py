@@ -250,7 +250,7 @@ def test_routing_file_and_continued_adapter_config_are_read_within_limits(ws, tm
     """The routed model's cpm_routing.json and the adapter config `finetune --init-adapter` continues."""
     from forgetless.cpm import ROUTING_FILE, read_routing
     from forgetless.errors import ForgetlessError
-    from forgetless.train.loop import LoraSpec, _read_init_adapter
+    from forgetless.train.targets import LoraSpec, read_init_adapter
 
     routed = tmp_path / "routed"
     routed.mkdir()
@@ -260,7 +260,7 @@ def test_routing_file_and_continued_adapter_config_are_read_within_limits(ws, tm
     bad = damaged(ws[2][1], tmp_path / "bad")
     (bad / "adapter_config.json").write_bytes(content)
     with pytest.raises(ForgetlessError, match=r"^\S*adapter_config\.json: " + problem.replace("(", r"\(")):
-        _read_init_adapter(bad, LoraSpec(r=4, alpha=8))
+        read_init_adapter(bad, LoraSpec(r=4, alpha=8))
 
 
 # ---------------------------------------------------------------------------------------------- every JSON read

@@ -4,8 +4,9 @@ PyTorch loop and as a transformers ``TrainerCallback``)."""
 
 from typing import Any
 
+from .config import FinetuneConfig, LoraSpec
 from .hooks import StepHook, StepInfo
-from .loop import FinetuneReport, LoraSpec, answer_losses, finetune, lr_at
+from .loop import FinetuneReport, answer_losses, finetune, lr_at
 from .spider import (
     KEEP_RULES,
     MagnitudeMask,
@@ -17,8 +18,8 @@ from .spider import (
     spider_coefficients,
 )
 
-__all__ = ["KEEP_RULES", "FinetuneReport", "LoraSpec", "MagnitudeMask", "Spider", "SpiderCallback", "StepHook",
-           "StepInfo", "abs_moments", "answer_losses", "finetune", "importance", "lr_at", "magnitude_mask",
+__all__ = ["KEEP_RULES", "FinetuneConfig", "FinetuneReport", "LoraSpec", "MagnitudeMask", "Spider", "SpiderCallback",
+           "StepHook", "StepInfo", "abs_moments", "answer_losses", "finetune", "importance", "lr_at", "magnitude_mask",
            "make_rule", "spider_coefficients"]
 
 
