@@ -64,7 +64,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key,
 from ..errors import ForgetlessError, naming
 from ..methods.adapter import truncated_svd
 from ..methods.linalg import resolve_device
-from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update
+from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update, option_problem
 from ..safeload import read_json
 from ..stats.store import Statistics
 
@@ -189,25 +189,77 @@ def _is_shape(shape: Any, ndim: int) -> bool:
     return isinstance(shape, list) and len(shape) == ndim and all(type(s) is int and s > 0 for s in shape)
 
 
-def _options_problem(opts: dict[str, Any]) -> str | None:
-    """What is out of range in a state's options, or None (checked on the first task and on every read)."""
-    gamma = opts.get("gamma")
-    if type(gamma) not in (int, float) or not (math.isfinite(gamma) and gamma >= 0):
-        return f"gamma={gamma!r} (a finite number >= 0)"
-    if opts.get("gamma_mode") not in ("relative", "absolute"):
-        return f"gamma_mode={opts.get('gamma_mode')!r} (relative | absolute)"
-    if opts.get("approx") not in ("full", "diagonal"):
-        return f"approx={opts.get('approx')!r} (full | diagonal)"
-    if opts.get("dtype") not in STATE_DTYPES:
-        return f"dtype={opts.get('dtype')!r} (float32 | float64)"
-    cpm = opts.get("cpm")
-    if cpm is not None:
-        tau = cpm.get("tau") if isinstance(cpm, dict) else None
+@dataclass(frozen=True)
+class ContinualOptions:
+    """The options a state is created with, which every later step keeps (the recursion is exact for one setting):
+    LPM's γ, its mode and the Gram approximation, the stored dtype, and CPM's routing (``{"tau", "hard"}``) or None."""
+
+    gamma: float = DEFAULT_GAMMA
+    gamma_mode: str = "relative"
+    approx: str = "full"
+    dtype: str = "float32"
+    cpm: dict[str, Any] | None = None
+
+    @classmethod
+    def of_state(cls, opts: dict[str, Any]) -> ContinualOptions:
+        return cls(**{f.name: opts.get(f.name) for f in fields(cls)})
+
+    def problem(self) -> str | None:
+        """What is out of range, or None (checked on the first task and on every read of a state)."""
+        lpm_problem = option_problem(self.gamma, self.gamma_mode, self.approx)
+        if lpm_problem is not None:
+            return lpm_problem
+        if self.dtype not in STATE_DTYPES:
+            return f"dtype={self.dtype!r} (float32 | float64)"
+        if self.cpm is None:
+            return None
+        tau = self.cpm.get("tau") if isinstance(self.cpm, dict) else None
         if type(tau) not in (int, float) or not (math.isfinite(tau) and tau > 0):
             return f"cpm tau={tau!r} (a finite number > 0)"
-        if not isinstance(cpm.get("hard"), bool):
-            return f"cpm hard={cpm.get('hard')!r} (true | false)"
-    return None
+        if not isinstance(self.cpm.get("hard"), bool):
+            return f"cpm hard={self.cpm.get('hard')!r} (true | false)"
+        return None
+
+
+def _options_problem(opts: dict[str, Any]) -> str | None:
+    return ContinualOptions.of_state(opts).problem()
+
+
+def settle_options(meta: dict[str, Any] | None, state: Path, *, gamma: float | None, gamma_mode: str | None,
+                   approx: str | None, state_dtype: str | None, cpm_data: Any, tau: float | None,
+                   hard: bool | None) -> ContinualOptions:
+    """A new state's options (the defaults where not given), checked; or the state's own, with every option this
+    step names checked against them."""
+    if meta is None:
+        cpm = None if cpm_data is None else {"tau": DEFAULT_TAU if tau is None else float(tau), "hard": bool(hard)}
+        opts = ContinualOptions(DEFAULT_GAMMA if gamma is None else float(gamma), gamma_mode or "relative",
+                                approx or "full", state_dtype or "float32", cpm)
+        bad = opts.problem()
+        if bad:
+            raise ForgetlessError(f"invalid option {bad}", file=state, remedy="give --gamma a finite number >= 0 "
+                                  "and --tau a finite number > 0")
+        return opts
+    opts = ContinualOptions.of_state(meta["options"])
+    given = {"gamma": gamma, "gamma_mode": gamma_mode, "approx": approx, "dtype": state_dtype}
+    for k, v in given.items():
+        if v is not None and v != getattr(opts, k):
+            raise ForgetlessError(f"the state was created with {k}={getattr(opts, k)!r}, this step asks {k}={v!r} "
+                                  "(the recursion is exact only with one setting)", file=state,
+                                  remedy=f"omit the option (or give {getattr(opts, k)!r}), or start a new state")
+    _check_same_cpm(opts.cpm, state, cpm_data, tau, hard)
+    return opts
+
+
+def _check_same_cpm(cpm: dict[str, Any] | None, state: Path, cpm_data: Any, tau: float | None,
+                    hard: bool | None) -> None:
+    if (cpm is None) != (cpm_data is None):
+        raise ForgetlessError("the state was created " + ("without" if cpm is None else "with") + " CPM "
+                              "(per-task projectors and routing); every task must do the same", file=state,
+                              remedy="drop --cpm-data" if cpm is None else "give --cpm-data TASK_DATA")
+    if cpm is not None and ((tau is not None and float(tau) != cpm["tau"])
+                            or (hard is not None and bool(hard) != cpm["hard"])):
+        raise ForgetlessError(f"the state routes with tau={cpm['tau']}, hard={cpm['hard']}",
+                              file=state, remedy="omit --tau / --hard, or start a new state")
 
 
 def check_state(state: str | Path) -> dict[str, Any]:
@@ -592,6 +644,24 @@ def _whole(state: Path) -> str:
         return "the state is as it was before this step"
 
 
+@dataclass
+class _Step:
+    """One step's inputs, checked and opened: the state's options, the base, the task's adapter and Gram, and
+    where the output goes."""
+
+    state: Path
+    meta: dict[str, Any] | None
+    opts: ContinualOptions
+    base: CheckpointReader
+    lora: LoraAdapter
+    names: list[str]  # the state's adapted weights
+    proj_names: list[str] | None
+    gram_reader: Statistics | None = None
+    gram_meta: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    rank: int | None = None
+
+
 @_one_writer
 def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None = None, out: str | Path | None,
              base: str | Path | None = None, name: str | None = None, rank: int | None = None,
@@ -627,140 +697,157 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
     if meta is None and base is None:
         raise ForgetlessError("a new state needs the base model", file=state,
                               remedy="pass --base BASE_DIR on the first task")
-    given = {"gamma": gamma, "gamma_mode": gamma_mode, "approx": approx, "dtype": state_dtype}
-    if meta is None:
-        opts = {"gamma": DEFAULT_GAMMA if gamma is None else float(gamma), "gamma_mode": gamma_mode or "relative",
-                "approx": approx or "full", "dtype": state_dtype or "float32",
-                "cpm": None if cpm_data is None else {"tau": DEFAULT_TAU if tau is None else float(tau),
-                                                      "hard": bool(hard)}}
-        bad = _options_problem(opts)
-        if bad:
-            raise ForgetlessError(f"invalid option {bad}", file=state, remedy="give --gamma a finite number >= 0 "
-                                  "and --tau a finite number > 0")
-    else:
-        opts = meta["options"]
-        for k, v in given.items():
-            if v is not None and v != opts[k]:
-                raise ForgetlessError(f"the state was created with {k}={opts[k]!r}, this step asks {k}={v!r} (the "
-                                      "recursion is exact only with one setting)", file=state,
-                                      remedy=f"omit the option (or give {opts[k]!r}), or start a new state")
-        cpm_opts = opts.get("cpm")
-        if (cpm_opts is None) != (cpm_data is None):
-            raise ForgetlessError("the state was created " + ("without" if cpm_opts is None else "with") + " CPM "
-                                  "(per-task projectors and routing); every task must do the same", file=state,
-                                  remedy="drop --cpm-data" if cpm_opts is None else "give --cpm-data TASK_DATA")
-        if cpm_opts is not None and ((tau is not None and float(tau) != cpm_opts["tau"])
-                                     or (hard is not None and bool(hard) != cpm_opts["hard"])):
-            raise ForgetlessError(f"the state routes with tau={cpm_opts['tau']}, hard={cpm_opts['hard']}",
-                                  file=state, remedy="omit --tau / --hard, or start a new state")
+    opts = settle_options(meta, state, gamma=gamma, gamma_mode=gamma_mode, approx=approx, state_dtype=state_dtype,
+                          cpm_data=cpm_data, tau=tau, hard=hard)
     base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)  # type: ignore[index]
-    gram_reader = None
+    step: _Step | None = None
     try:
-        use_cpm = opts.get("cpm") is not None
-        lora = _check_adapter(adapter, base_reader, meta, allow_projector=use_cpm)
-        loras = lora.loras()
-        state_names = sorted(meta["modules"]) if meta is not None else sorted(loras)
-        if use_cpm:
-            proj_names = _check_cpm(base_reader, state_names, cpm_data, rank, adapter)
+        step = _open_step(state, meta, opts, base_reader, adapter, cpm_data, rank)
         if (gram is None) == (data is None):
             raise ForgetlessError("give the task's Gram file or its data (one of the two)", file=adapter,
                                   remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA")
-        out_path = None if out is None else check_output(
+        stats = Path(stats_dir) if stats_dir else _stats_dir(state)
+        step.out = None if out is None else check_output(
             out, [state, lock_path(state), base_reader.path, adapter, *_gram_files(gram), data, images, cpm_data,
-                  cpm_images,
-                  stats_dir or _stats_dir(state)], force=force)
+                  cpm_images, stats], force=force)
         if gram is None:
-            gram = _gram_for(base_reader, state_names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
-                             Path(stats_dir) if stats_dir else _stats_dir(state), log, gram_dtype,
-                             (min_pixels, max_pixels))
-        gram_reader, gram_meta = _check_gram(gram, base_reader, state_names)
-        if rank is not None:
-            shapes = {n: meta["modules"][n]["shape"] if meta else list(base_reader.info(n).shape) for n in state_names}
-            bad = [n for n, s in shapes.items() if not 1 <= rank <= min(s)]
-            if bad:
-                raise ForgetlessError(f"rank {rank} does not fit {len(bad)} adapted weight(s), e.g. {bad[0]} "
-                                      f"{shapes[bad[0]]}", file=adapter, remedy="give --rank between 1 and the "
-                                      "smaller side of every adapted weight")
-        counts = gram_meta.get("token_counts") or {}
-        if meta is None:
-            modules, parts = _new_layout(base_reader, lora, gram_reader)
-            new_meta: dict[str, Any] = {
-                "format": FORMAT, "version": VERSION, "forgetless_version": __version__,
-                "base": {"path": str(Path(base).resolve()), "fingerprint": base_reader.fingerprint(),  # type: ignore[arg-type]
-                         "weights_fingerprint": base_reader.weights_fingerprint(),
-                         "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
-                "options": opts, "adapter_config": lora.config, "tasks": [], "modules": modules, "parts": parts}
-        else:
-            new_meta = dict(meta, forgetless_version=__version__, tasks=list(meta["tasks"]))
-            modules, parts = meta["modules"], meta["parts"]
-        task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
-                "adapter_fingerprint": lora.fingerprint(), "modules": len(loras),
-                "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),
-                "gram_fingerprint": gram_reader.weights_fingerprint(),
-                "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
-                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        new_meta["tasks"].append(task)
-        step = len(new_meta["tasks"])
-        dtype = STATE_DTYPES[opts["dtype"]]
+            gram = _gram_for(base_reader, step.names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
+                             stats, log, gram_dtype, (min_pixels, max_pixels))
+        step.gram_reader, step.gram_meta = _check_gram(gram, base_reader, step.names)
+        _check_rank(step, adapter)
+        new_meta, task = _next_meta(step, base, adapter, name)
         cpm_new = None
-        if use_cpm:
-            cpm_new = _cpm_task(base_reader, lora, proj_names, cpm_data, cpm_images, cpm_n, log)  # type: ignore[arg-type]
+        if step.proj_names is not None:
+            cpm_new = _cpm_task(base_reader, step.lora, step.proj_names, cpm_data, cpm_images, cpm_n, log)  # type: ignore[arg-type]
             task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),  # type: ignore[arg-type]
                         cpm_images=cpm_new.pop("images"))
-
-        entries = _output_entries(base_reader, state_names, modules, rank) if out_path is not None else []
-        out_bytes = sum(e.nbytes for e in entries)
-        _check_space(state, new_meta, out_path, out_bytes)
-        writer = None
-        if out_path is not None:
-            one_file = rank is not None  # a PEFT adapter is one adapter_model.safetensors
-            writer = StreamingWriter(out_path, entries, force=force,
-                                     shard_size=out_bytes + 1 if one_file else parse_size(shard_size),
-                                     single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
-                                     metadata={"forgetless_version": __version__, "method": "lpm"})
-        if log:
-            log(f"continual: task {step} ({task['name']}) into {state}: {len(loras)} adapted weights, "
-                f"{len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} ({opts['gamma_mode']})")
-        with atomic_folder(state) as tmp:
-            try:
-                if cpm_new is not None:
-                    for k in range(1, step):
-                        _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
-                    _save(cpm_new["tensors"], tmp / _cpm_file(step))
-                for fname, part in parts.items():
-                    _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
-                               loras, gram_reader, counts, opts, dtype, writer, base_reader, rank, gram,
-                               solve_device)
-                if writer is not None:
-                    if rank is None:
-                        adapted = set(modules)
-                        for wn in base_reader.names():
-                            if wn not in adapted:
-                                writer.write(wn, base_reader.raw(wn) if base_reader.format == "safetensors"
-                                             else base_reader.get(wn).to(base_reader.info(wn).dtype))
-                        if cpm_new is not None:
-                            _write_routed(writer.tmp, tmp, new_meta)
-                        writer.commit(side_files_from=base_reader.path,
-                                      extra_files={"README.md": _card(new_meta, None)})
-                    else:
-                        cfg = _adapter_config(new_meta["adapter_config"], rank)
-                        writer.commit(extra_files={ADAPTER_CONFIG: json.dumps(cfg, indent=2) + "\n",
-                                                   "README.md": _card(new_meta, rank)})
-            except BaseException:
-                if writer is not None:
-                    writer.abort()
-                raise
-            with naming(tmp / STATE_JSON):
-                (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
+        _commit(step, new_meta, cpm_new, gram, solve_device, shard_size, force, log)
     finally:
-        if gram_reader is not None:
-            gram_reader.close()
+        if step is not None and step.gram_reader is not None:
+            step.gram_reader.close()
         base_reader.close()
-    report = ContinualReport(state, out_path, task["name"], step, time.perf_counter() - t0, state_bytes(state),
-                             "none" if out_path is None else "model" if rank is None else "adapter")
+    report = ContinualReport(state, step.out, task["name"], len(new_meta["tasks"]), time.perf_counter() - t0,
+                             state_bytes(state), "none" if step.out is None else "model" if rank is None else "adapter")
     if log:
         log(report.summary())
     return report
+
+
+def _open_step(state: Path, meta: dict[str, Any] | None, opts: ContinualOptions, base: CheckpointReader,
+               adapter: str | Path, cpm_data: str | Path | None, rank: int | None) -> _Step:
+    """The task's adapter checked against the base and the state (and, with CPM, the projector's data)."""
+    use_cpm = opts.cpm is not None
+    lora = _check_adapter(adapter, base, meta, allow_projector=use_cpm)
+    names = sorted(meta["modules"]) if meta is not None else sorted(lora.loras())
+    proj_names = _check_cpm(base, names, cpm_data, rank, adapter) if use_cpm else None  # type: ignore[arg-type]
+    return _Step(state, meta, opts, base, lora, names, proj_names, rank=rank)
+
+
+def _check_rank(step: _Step, adapter: str | Path) -> None:
+    """An adapter output's rank fits every adapted weight."""
+    if step.rank is None:
+        return
+    meta, rank = step.meta, step.rank
+    shapes = {n: meta["modules"][n]["shape"] if meta else list(step.base.info(n).shape) for n in step.names}
+    bad = [n for n, s in shapes.items() if not 1 <= rank <= min(s)]
+    if bad:
+        raise ForgetlessError(f"rank {rank} does not fit {len(bad)} adapted weight(s), e.g. {bad[0]} "
+                              f"{shapes[bad[0]]}", file=adapter, remedy="give --rank between 1 and the "
+                              "smaller side of every adapted weight")
+
+
+def _next_meta(step: _Step, base: str | Path | None, adapter: str | Path, name: str | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state.json this step writes (a new state's, or the old one's with this task added) and the task's entry."""
+    meta, reader, lora = step.meta, step.base, step.lora
+    if meta is None:
+        modules, parts = _new_layout(reader, lora, step.gram_reader)  # type: ignore[arg-type]
+        new_meta: dict[str, Any] = {
+            "format": FORMAT, "version": VERSION, "forgetless_version": __version__,
+            "base": {"path": str(Path(base).resolve()), "fingerprint": reader.fingerprint(),  # type: ignore[arg-type]
+                     "weights_fingerprint": reader.weights_fingerprint(),
+                     "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
+            "options": asdict(step.opts), "adapter_config": lora.config, "tasks": [], "modules": modules,
+            "parts": parts}
+    else:
+        new_meta = dict(meta, forgetless_version=__version__, tasks=list(meta["tasks"]))
+    gram_reader, gram_meta = step.gram_reader, step.gram_meta
+    task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
+            "adapter_fingerprint": lora.fingerprint(), "modules": len(lora.loras()),
+            "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),  # type: ignore[union-attr]
+            "gram_fingerprint": gram_reader.weights_fingerprint(),  # type: ignore[union-attr]
+            "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
+            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    new_meta["tasks"].append(task)
+    return new_meta, task
+
+
+def _output_writer(step: _Step, modules: dict[str, Any], shard_size: str | int, force: bool
+                   ) -> StreamingWriter | None:
+    """The output's writer (the merged model, or a rank-r PEFT adapter in one file); None without an output."""
+    if step.out is None:
+        return None
+    entries = _output_entries(step.base, step.names, modules, step.rank)
+    out_bytes = sum(e.nbytes for e in entries)
+    one_file = step.rank is not None  # a PEFT adapter is one adapter_model.safetensors
+    return StreamingWriter(step.out, entries, force=force,
+                           shard_size=out_bytes + 1 if one_file else parse_size(shard_size),
+                           single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
+                           metadata={"forgetless_version": __version__, "method": "lpm"})
+
+
+def _commit(step: _Step, new_meta: dict[str, Any], cpm_new: dict[str, Any] | None, gram: GramFiles,
+            solve_device: torch.device, shard_size: str | int, force: bool, log: Callable[[str], None] | None) -> None:
+    """Fold the task into every part (streamed, one at a time) into a new state beside the old one, write the
+    output as it goes, commit the output, then swap the new state into place."""
+    state, meta, opts, base = step.state, step.meta, asdict(step.opts), step.base
+    modules, parts = new_meta["modules"], new_meta["parts"]
+    number = len(new_meta["tasks"])
+    out_bytes = sum(e.nbytes for e in _output_entries(base, step.names, modules, step.rank)) if step.out else 0
+    _check_space(state, new_meta, step.out, out_bytes)
+    writer = _output_writer(step, modules, shard_size, force)
+    if log:
+        log(f"continual: task {number} ({new_meta['tasks'][-1]['name']}) into {state}: {len(step.lora.loras())} "
+            f"adapted weights, {len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} "
+            f"({opts['gamma_mode']})")
+    counts = step.gram_meta.get("token_counts") or {}
+    with atomic_folder(state) as tmp:
+        try:
+            if cpm_new is not None:
+                for k in range(1, number):
+                    _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
+                _save(cpm_new["tensors"], tmp / _cpm_file(number))
+            for fname, part in parts.items():
+                _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
+                           step.lora.loras(), step.gram_reader, counts, opts, STATE_DTYPES[opts["dtype"]], writer,
+                           base, step.rank, gram, solve_device)
+            if writer is not None:
+                _finish_output(step, writer, new_meta, tmp, cpm_new is not None)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        with naming(tmp / STATE_JSON):
+            (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
+
+
+def _finish_output(step: _Step, writer: StreamingWriter, new_meta: dict[str, Any], state_tmp: Path,
+                   routed: bool) -> None:
+    """The merged model's untouched tensors (and CPM's routing files), or the adapter's config; then commit."""
+    base = step.base
+    if step.rank is not None:
+        cfg = _adapter_config(new_meta["adapter_config"], step.rank)
+        writer.commit(extra_files={ADAPTER_CONFIG: json.dumps(cfg, indent=2) + "\n",
+                                   "README.md": _card(new_meta, step.rank)})
+        return
+    adapted = set(new_meta["modules"])
+    for wn in base.names():
+        if wn not in adapted:
+            writer.write(wn, base.raw(wn) if base.format == "safetensors"
+                         else base.get(wn).to(base.info(wn).dtype))
+    if routed:
+        _write_routed(writer.tmp, state_tmp, new_meta)
+    writer.commit(side_files_from=base.path, extra_files={"README.md": _card(new_meta, None)})
 
 
 def _output_entries(base: CheckpointReader, names: list[str], modules: dict[str, Any],

@@ -52,8 +52,9 @@ costs in accuracy is a measurement on real tasks (issue 13, part 4), not a numbe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -69,13 +70,21 @@ class SingularGramError(ValueError):
     """The Gram sum plus ridge is not positive definite (γ = 0 and an input direction no task's data excites)."""
 
 
-def _check(gamma: float, gamma_mode: str, approx: str) -> None:
-    if not gamma >= 0:
-        raise ValueError(f"LPM gamma must be >= 0, got {gamma}")
+def option_problem(gamma: Any, gamma_mode: Any, approx: Any) -> str | None:
+    """What is out of range among LPM's options, or None."""
+    if type(gamma) not in (int, float) or not (math.isfinite(gamma) and gamma >= 0):
+        return f"gamma={gamma!r} (a finite number >= 0)"
     if gamma_mode not in ("relative", "absolute"):
-        raise ValueError(f"LPM gamma_mode must be 'relative' or 'absolute', got {gamma_mode!r}")
+        return f"gamma_mode={gamma_mode!r} (relative | absolute)"
     if approx not in ("full", "diagonal"):
-        raise ValueError(f"LPM approx must be 'full' or 'diagonal', got {approx!r}")
+        return f"approx={approx!r} (full | diagonal)"
+    return None
+
+
+def _check(gamma: float, gamma_mode: str, approx: str) -> None:
+    problem = option_problem(float(gamma), gamma_mode, approx)  # any real number type a caller passes
+    if problem is not None:
+        raise ValueError(f"LPM {problem}")
 
 
 def as_gram(gram: Tensor, approx: Approx) -> Tensor:
