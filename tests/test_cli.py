@@ -10,7 +10,7 @@ from conftest import build_tiny_llama
 
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.cli import main
-from forgetless.engine import _resolve_params
+from forgetless.engine import resolve_params
 from forgetless.methods import METHODS
 from forgetless.recipe import load_recipe
 
@@ -21,7 +21,7 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 def test_example_recipes_are_valid(path):
     recipe = load_recipe(path)
     spec = METHODS[recipe.method]
-    params = _resolve_params(recipe, spec)
+    params = resolve_params(recipe, spec)
     for p in spec.per_model:
         assert len(params[spec.arg(p)]) == len(recipe.models)
 
@@ -67,3 +67,10 @@ def test_commands_that_are_not_data_parallel_refuse_several_processes(argv, monk
     err = capsys.readouterr().err
     assert f"`forgetless {' '.join(argv[:2 if argv[0] == 'continual' else 1])}` runs on one process" in err
     assert "without torchrun" in err and not (tmp_path / "state").exists()
+
+
+def test_help_lists_debug_and_cgm_quiet_and_prints_percent_once(capsys):
+    for argv, want in ((["--help"], "--debug"), (["cgm", "--help"], "--quiet"), (["finetune", "--help"], "50% |θ₀|")):
+        main(argv)
+        out = " ".join(capsys.readouterr().out.split())  # click wraps help text
+        assert want in out and "%%" not in out, argv

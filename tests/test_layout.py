@@ -4,7 +4,13 @@ import math
 import re
 
 import pytest
-from conftest import build_tiny_llava_original, save_current_names, tiny_llava_model, tiny_qwen25vl_model
+from conftest import (
+    build_llama_with_tokenizer,
+    build_tiny_llava_original,
+    save_current_names,
+    tiny_llava_model,
+    tiny_qwen25vl_model,
+)
 from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from forgetless.checkpoint.layout import (
@@ -176,3 +182,17 @@ def test_unknown_architecture_and_override(dirs):
     # without config.json the names alone decide, and the most specific complete layout wins
     assert detect_layout({}, CheckpointReader(dirs["llava"]).names()).family == "llava"
     assert detect_layout({}, r.names()).family == "causal_lm"
+
+
+def test_a_tied_lm_head_is_named_with_the_selector_to_use(tmp_path):
+    """A model whose lm_head is tied to the embeddings stores no lm_head tensor: the selector's error says so."""
+    model = build_llama_with_tokenizer(tmp_path / "tied", layers=2, tie=True)
+    with CheckpointReader(model) as r:
+        lay = detect_layout(r.config, r.names())
+        names = r.names()
+    with pytest.raises(ForgetlessError, match="tied to its input embeddings") as e:
+        select(lay, names, ["lm_head"], file=model)
+    assert "select language.embed" in str(e.value)
+    with pytest.raises(ForgetlessError, match="matches no tensor") as e:
+        select(lay, names, ["re:^nothing"], file=model)
+    assert "language.norm, re:" in str(e.value)  # the valid selectors: the parts this checkpoint stores, no lm_head

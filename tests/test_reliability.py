@@ -186,22 +186,29 @@ def _not_a_state_dict(m: Path) -> Path:
 
 @pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_not_a_state_dict, "not a state dict")],
                          ids=["truncated", "bin-not-a-state-dict"])
-@pytest.mark.parametrize("command", ["finetune", "stats fisher", "stats gram", "inspect"])
+@pytest.mark.parametrize("command", ["finetune", "stats fisher", "stats gram", "inspect", "eval", "cgm"])
 def test_a_damaged_model_is_one_line_for_every_command(tmp_path, capsys, damage, words, command):
+    """cgm: the damaged model is the fine-tuned one, named before the base's statistics are computed."""
     m = build_tiny_llama(tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "q", "answer": "a"}\n')
     f = damage(m)
+    inputs = ["d.jsonl", "m"]
+    if command == "cgm":
+        inputs.insert(0, build_tiny_llama(tmp_path / "b").name)
     args = {"finetune": ["finetune", str(m), "--data", str(data), "--out", str(tmp_path / "o")],
             "stats fisher": ["stats", "fisher", str(m), "--data", str(data), "--out", str(tmp_path / "f.safetensors")],
             "stats gram": ["stats", "gram", str(m), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
-            "inspect": ["inspect", str(m)]}[command]
+            "inspect": ["inspect", str(m)],
+            "eval": ["eval", str(m), "--tasks", str(data), "--out", str(tmp_path / "r.json")],
+            "cgm": ["cgm", str(tmp_path / "b"), str(m), "--general-data", str(data), "--task-data", str(data),
+                    "--out", str(tmp_path / "o"), "-n", "1"]}[command]
     with pytest.raises(SystemExit) as e:
         main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert str(f) in err and words in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "m"]  # no output, no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs  # no output, no statistics, no temporary folder
 
 
 # ------------------------------------------------------------------------------------- malicious files
@@ -258,11 +265,11 @@ def test_an_unwritable_output_folder_is_one_line(ws, capsys, monkeypatch):
 
 def test_an_unexpected_error_asks_for_a_report_and_debug_shows_the_traceback(ws, capsys, monkeypatch):
     root, base, ft = ws
-    from forgetless import engine
+    from forgetless.engine import run
 
     def boom(*a, **k):
         raise RuntimeError("something nobody expected\nsecond line")
-    monkeypatch.setattr(engine, "execute", boom)
+    monkeypatch.setattr(run, "execute", boom)
     r = _write(root, recipe(base, ft))
     with pytest.raises(SystemExit) as e:
         main(["merge", str(r), "--out", str(root / "out"), "--quiet"])

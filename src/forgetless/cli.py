@@ -27,10 +27,9 @@ def one_process(command: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
-def cli() -> None:
-    """Adapt multimodal LLMs to a task without losing what they knew.
-
-    Errors are one line; `forgetless --debug ...` shows the traceback of an unexpected one."""
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (errors are one line).")
+def cli(debug: bool) -> None:
+    """Adapt multimodal LLMs to a task without losing what they knew."""
 
 
 @cli.command("merge")
@@ -228,11 +227,12 @@ def stats_gram(**kw) -> None:
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
-def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, **kw) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, quiet: bool, **kw) -> None:
     """CGM from two checkpoints and two calibration sets: Fisher statistics at the right models, then the merge."""
     from .chains.cgm import cgm_chain
 
-    cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, **kw)
+    cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, progress=not quiet, **kw)
 
 
 @cli.group("continual")
@@ -509,7 +509,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
               "every sample stays encoded in memory.")
 @click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
               help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
-              "or reset the top-50%% |θ₀| entries (MagnitudeMask).")
+              "or reset the top-50% |θ₀| entries (MagnitudeMask).")
 @click.option("--init-adapter", type=click.Path(file_okay=False), default=None,
               help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
               "fine-tuning, one task after another.")

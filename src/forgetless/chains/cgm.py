@@ -56,9 +56,10 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
               task_fisher_at: str = "base", task_fisher_variant: str = "empirical",
               stats_dir: str | Path | None = None, device: str = "auto", dtype: str = "float32",
               min_pixels: int | None = None, max_pixels: int | None = None,
-              on_bad_sample: str = "error", force: bool = False, dry_run: bool = False,
+              on_bad_sample: str = "error", force: bool = False, dry_run: bool = False, progress: bool = True,
               log: Callable[[str], None] | None = print) -> MergeReport | None:
-    """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge."""
+    """Statistics (computed or reused) and the merge; with ``dry_run``, what would be computed, and no merge.
+    ``progress``: the statistics' and the merge's progress bars."""
     if method not in ("cgm", "cgm_dagger", "cgm_plus"):
         raise ForgetlessError(f"unknown CGM variant {method!r}", remedy="use cgm or cgm_dagger")
     if task_fisher_at not in ("finetuned", "base"):
@@ -68,7 +69,14 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
         raise ForgetlessError(f"task_fisher_variant must be empirical or sampled, got {task_fisher_variant!r}",
                               remedy="empirical (default: the published scripts) or sampled")
     base, finetuned, out = Path(base), Path(finetuned), Path(out)
-    scope = scope or published_scope(base, method)
+    for folder in (base, finetuned):  # a damaged or missing weight file is named before any statistic is computed
+        with CheckpointReader(folder):
+            pass
+    if not scope:
+        scope = published_scope(base, method)
+        if "lm_head" not in scope and log is not None:
+            log("  lm_head is tied to the input embeddings (stored once, as language.embed): the published scope's "
+                "lm_head is left out")
     stats = Path(stats_dir) if stats_dir else out.parent / f"{out.name}-statistics"
     check_output(out, [base, finetuned, general_data, task_data, general_images, task_images, stats], force=force)
     jobs = {"fisher_general": (base, Path(general_data), general_images, "empirical"),
@@ -79,15 +87,16 @@ def cgm_chain(base: str | Path, finetuned: str | Path, *, general_data: str | Pa
         files = {role: statistics_step("fisher", model_dir, data, stats / f"{role}.safetensors", scope=scope,
                                        images=images, n=n, seed=seed, variant=variant, role=role, dry_run=dry_run,
                                        log=log, batch_size=batch_size, device=device, dtype=dtype,
-                                       on_bad_sample=on_bad_sample, min_pixels=min_pixels, max_pixels=max_pixels)
+                                       on_bad_sample=on_bad_sample, min_pixels=min_pixels, max_pixels=max_pixels,
+                                       progress=progress)
                  for role, (model_dir, data, images, variant) in jobs.items()}
         if rank == 0:  # the others wait for it as the group ends
-            return _merge(method, base, finetuned, out, files, scope, alpha, keep, dry_run, force, log)
+            return _merge(method, base, finetuned, out, files, scope, alpha, keep, dry_run, force, progress, log)
     return None
 
 
 def _merge(method: str, base: Path, finetuned: Path, out: Path, files: dict[str, Path], scope: list[str],
-           alpha: float | None, keep: float | None, dry_run: bool, force: bool,
+           alpha: float | None, keep: float | None, dry_run: bool, force: bool, progress: bool,
            log: Callable[[str], None] | None) -> MergeReport | None:
     """The merge of the chain, from the two Fisher files."""
     say = log or (lambda _s: None)
@@ -102,4 +111,4 @@ def _merge(method: str, base: Path, finetuned: Path, out: Path, files: dict[str,
     if dry_run:
         say(f"then: merge {method} over {scope} into {out}")
         return None
-    return merge(recipe, out=out, force=force, log=log)
+    return merge(recipe, out=out, force=force, progress=progress, log=log)

@@ -54,7 +54,7 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
                                   "input", file=out, remedy=f"choose {option} outside every input")
     if os.path.lexists(out) and not force:
         raise ForgetlessError(f"{option} already exists", file=out,
-                              remedy=f"choose another {option} or pass --force to replace it")
+                              remedy=f"choose another {option} or pass --force (force=True in Python) to replace it")
     return out
 
 

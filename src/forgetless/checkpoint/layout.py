@@ -260,8 +260,9 @@ def select(layout: Layout, names: Iterable[str], selectors: list[str], *, file: 
     "language.layers[5]"), or "re:<regex>" (``re.search`` on the name). A selector that matches nothing is an error.
     """
     names = list(names)
-    valid = ", ".join([LANGUAGE, *layout.parts, "re:<regex>"])
-    remedy = f"valid selectors for layout {layout.family}: {valid}; layers as language.layers[a:b]"
+    present = {part_of(layout, n) for n in names}
+    valid = ", ".join([LANGUAGE, *(p for p in layout.parts if p in present), "re:<regex>"])
+    remedy = f"valid selectors for this checkpoint ({layout.family}): {valid}; layers as language.layers[a:b]"
     chosen: set[str] = set()
     for sel in selectors:
         if sel.startswith("re:"):
@@ -290,9 +291,18 @@ def select(layout: Layout, names: Iterable[str], selectors: list[str], *, file: 
                     continue
                 found.add(n)
         if not found:
-            raise ForgetlessError(f"selector {sel!r} matches no tensor", file=file, remedy=remedy)
+            raise _matches_nothing(sel, layout, present, file, remedy)
         chosen |= found
     return chosen
+
+
+def _matches_nothing(sel: str, layout: Layout, present: set[str | None], file: object, remedy: str) -> ForgetlessError:
+    """The error for a selector that picks no tensor; a tied lm_head (stored once, as the input embedding) is named."""
+    if sel.strip() == "lm_head" and "lm_head" in layout.parts and "language.embed" in present:
+        return ForgetlessError("selector 'lm_head' matches no tensor: this model's lm_head is tied to its input "
+                               "embeddings, stored once as language.embed", file=file,
+                               remedy="select language.embed to train or merge the tied head, or drop lm_head")
+    return ForgetlessError(f"selector {sel!r} matches no tensor", file=file, remedy=remedy)
 
 
 def describe(layout: Layout, reader_or_infos: Any) -> list[dict[str, Any]]:

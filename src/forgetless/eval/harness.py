@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.reader import CheckpointReader
 from ..errors import ForgetlessError
 from ..safeload import read_json
 from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, check_image, collate, load_samples
@@ -657,6 +658,8 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     if not (model_dir / "config.json").is_file():
         raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
                               remedy="pass a Hugging Face model folder")
+    with CheckpointReader(model_dir):  # a damaged or missing weight file is named before any work
+        pass
     if limit is not None and limit < 1:
         raise ForgetlessError(f"--limit must be ≥ 1, got {limit}", remedy="pass a positive limit or none")
     if set(metrics) - set(MC_METRICS):
