@@ -74,7 +74,9 @@ def test_paired_difference_matches_its_closed_form_and_is_tighter_than_unpaired(
     se = 100 * d.std() / math.sqrt(n)
     lo, hi = boot.interval(e)
     assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.08)
-    assert np.allclose(e, boot.difference(m, b, "T")) and np.allclose(e, boot.difference(m, b, "E"))
+    assert np.allclose(e, boot.difference_draws(m, b, "T")) and np.allclose(e, boot.difference_draws(m, b, "E"))
+    point, interval = boot.difference(m, b, "E")
+    assert point == pytest.approx(100 * d.mean()) and interval == boot.interval(e)
     unpaired = 1.96 * 100 * math.sqrt(model.mean() * (1 - model.mean()) / n + base.mean() * (1 - base.mean()) / n)
     assert (hi - lo) / 2 < unpaired / 2  # pairing: much tighter than two independent intervals
 

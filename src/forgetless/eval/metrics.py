@@ -241,7 +241,7 @@ class Bootstrap:
         e, f = _diff(s["T"], b["T"]), _diff(s["G"], b["G"])
         return {**s, "E": e, "F": f, "E+F": None if e is None or f is None else e + f}
 
-    def difference(self, a, b, key: str) -> np.ndarray | None:
+    def difference_draws(self, a, b, key: str) -> np.ndarray | None:
         """Resampled key(a) − key(b), paired. ``key``: a score (T, G_v, G_t, G) or E, F, E+F — against a common
         base E(a) − E(b) = T(a) − T(b), F(a) − F(b) = G(a) − G(b), and E+F's difference is that of T + G."""
         sa, sb = self.scores(a), self.scores(b)
@@ -251,6 +251,19 @@ class Bootstrap:
                 return None
             return (sa["T"] + sa["G"]) - (sb["T"] + sb["G"])
         return _diff(sa[pick], sb[pick])
+
+    def difference(self, a, b, key: str) -> tuple[float, tuple[float, float]] | None:
+        """(key(a) − key(b), its paired interval) of two results on the same items (or two lists of seeds' results),
+        or None where either lacks ``key``: the number a reader quotes, ``+2.1 [0.4, 3.9]``."""
+        draws = self.difference_draws(a, b, key)
+        if draws is None:
+            return None
+        pick = {"E": "T", "F": "G"}.get(key, key)
+        sa, sb = _seed_mean(a), _seed_mean(b)
+        point = (sa["T"] + sa["G"] - sb["T"] - sb["G"]) if pick == "E+F" else sa[pick] - sb[pick]
+        iv = self.interval(draws)
+        assert iv is not None
+        return point, iv
 
     def interval(self, draws: np.ndarray | None) -> tuple[float, float] | None:
         """The central `level` percentile interval of resampled values."""
@@ -262,6 +275,12 @@ class Bootstrap:
 
     def intervals(self, draws: Mapping[str, np.ndarray | None]) -> dict[str, tuple[float, float] | None]:
         return {k: self.interval(v) for k, v in draws.items()}
+
+
+def _seed_mean(result: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """:func:`scores` of one result, or their mean over a list of seeds' results (the keys all have)."""
+    many = [scores(result)] if isinstance(result, Mapping) else [scores(r) for r in result]
+    return {k: float(np.mean([s[k] for s in many])) for k in SCORE_KEYS if all(s[k] is not None for s in many)}
 
 
 class NamedDraws:
