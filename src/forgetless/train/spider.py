@@ -19,43 +19,8 @@ the first optimizer step), per trainable tensor:
 largest ``|θ₀|`` of each tensor (ties: the lower flat index first) are reset to ``θ₀`` after every step; the other
 entries move freely.
 
-**Where the gradients are read.** ``accumulate()`` reads each tensor's ``.grad``: call it after clipping and
-before ``optimizer.step()`` (the published code reads them after the step under DeepSpeed, where they may already
-be cleared, so that ``G`` stays zero, ``c = 0`` everywhere and every step reverts to ``θ₀``). A step in which no
-tensor has a gradient is an error, and ``apply()`` refuses to run without an ``accumulate()`` since the last one.
-
-**Memory.** Each rule keeps, on every parameter's own device, ``θ₀`` — in bf16 or fp16 where that holds every
-value exactly (weights loaded from such a checkpoint), else float32, and always read in float32 — and SPIDER also
-``G`` in float32: 2 or 4 bytes + 4 per trainable entry (SPIDER), or 2 or 4 + 1 (MagnitudeMask: ``θ₀`` and a bool
-mask). SPIDER adds three float32
-scratch vectors per device the size of the largest trainable tensor (``|x|``, ``I_pre``, ``I_ft``, ``c`` live
-there, one tensor at a time) and two scalars per tensor (the moments of ``|θ₀|``). ``extra_bytes()`` says exactly.
-
-**Several processes.** Under DDP (``forgetless finetune`` under torchrun, the Trainer with accelerate) every rank
-keeps the whole rule and reads the same all-reduced gradients, so every rank rewrites its replica alike. Under FSDP2
-(``torch.distributed.fsdp.fully_shard``: the parameters and their gradients are DTensors, each rank holding a piece
-along dim 0) the rule keeps ``θ₀``, ``G``, the scratch and the mask for this rank's pieces only, so its memory is
-divided by the number of ranks; what is computed over a whole tensor is all-reduced over the ranks that hold its
-pieces (:class:`Sharding`): the moments of ``|θ₀|`` (once) and of ``|G|`` (the sums, min and max, then the sums of
-deviations from the whole tensor's mean: the same two-pass algorithm; three all-reduces per step for all tensors
-together), and the mean of the nonzero ``c`` (one all-reduce of two numbers per tensor and step), and the step's
-statistics (one more). The result is the single-process rule's up to the order of float32 additions (≈1e-7
-relative). MagnitudeMask's top half is the whole tensor's, ties to the lower flat index: at capture each rank
-gathers one whole tensor at a time, ranks it and keeps its piece of the mask. Every rank must run the rule (it
-issues collectives), on the same tensors in the same order. Tensor-parallel placements are refused.
-
-**Speed.** The rule is a few elementwise passes per tensor: the moments of ``|G|`` by the corrected two-pass
-algorithm (``torch.std_mean`` is about 10× slower on CPU), float masks rather than bool ones, and temporaries
-written into the reused scratch (allocating them afresh costs more than the arithmetic on CPU). See BENCHMARKS.md
-for the cost per step against plain fine-tuning.
-
-**Mixed precision.** For a bf16/fp16 parameter ``G`` is still float32 (``θ₀`` is its exact value,
-``G`` adds the low-precision gradients in float32); the new weights are computed in float32 and written back in
-the parameter's dtype, so entries with ``c = 0`` are exactly ``θ₀``.
-
-**Statistics.** After each ``apply()`` the rule appends to ``history`` the fraction of trainable entries that keep
-(part of) their update (``c ≠ 0``) and the mean of ``c`` over all entries (for MagnitudeMask ``c`` is 0 on the
-reset entries and 1 elsewhere).
+Where the gradients are read, the memory, several processes (DDP, FSDP2), mixed precision and the recorded
+statistics: docs/keep-rules.md.
 
 Plain PyTorch loop::
 
