@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import forgetless
-from forgetless.engine import tensor_seed
+from forgetless.checkpoint.lora import open_model
+from forgetless.engine import Count, budget, tensor_seed
 from forgetless.methods.baselines import dare_linear, dare_ties, ties
 
 
@@ -80,7 +81,7 @@ def test_ties_through_the_engine_equals_the_function_per_tensor(family, tmp_path
     for k, b in base.items():
         want = ties(b.float(), [f[k].float() for f in fts], weight=[1.0] * 3, density=[0.4] * 3, lambda_=0.9)
         assert torch.equal(got[k], want), k
-    assert report.routes == {"method": [len(base), sum(t.numel() * 4 for t in base.values())]}
+    assert report.routes == {"method": Count(len(base), sum(t.numel() * 4 for t in base.values()))}
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # 20 kB shards
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in base.values())
@@ -142,7 +143,7 @@ def test_output_dtype_side_files_model_card_and_transformers_round_trip(family, 
     assert cfg["dtype"] == "float32"
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
     card = (out / "README.md").read_text()
-    reader = forgetless.engine.open_model(str(base16))
+    reader = open_model(str(base16))
     assert reader.fingerprint() in card and "method: linear" in card and reader.weights_fingerprint() in card
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["forgetless_version"] == forgetless.__version__
@@ -193,4 +194,4 @@ def test_dry_run_writes_nothing_and_estimates_memory(family, tmp_path):
     assert "peak memory estimate" in text and "causal_lm" in text
     largest = max(t.numel() * 4 for t in tensors(family["base"]).values())
     est = report.plan.peak_memory_estimate()
-    assert est >= forgetless.engine.RUNTIME_BYTES + 4 * largest
+    assert est >= budget.RUNTIME_BYTES + 4 * largest

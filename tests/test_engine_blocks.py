@@ -27,13 +27,14 @@ from forgetless import engine
 from forgetless.checkpoint.lora import open_model
 from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.checkpoint.writer import Entry, StreamingWriter
+from forgetless.engine import budget as engine_budget
 from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS
-from forgetless.methods.registry import RowBlock, Rows
+from forgetless.methods.registry import RowBlock, Rows, Streaming
 from forgetless.methods.select import top_k_cut, top_k_cuts
 from forgetless.recipe import load_recipe
 
-BLOCK_METHODS = sorted({s.name for s in METHODS.values() if s.rows == "blocks"})
+BLOCK_METHODS = sorted({s.name for s in METHODS.values() if s.streaming.rows == "blocks"})
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -157,7 +158,7 @@ def call(spec, params, base, fts, stats, rows, gens=None, block=None):
 def resolved(name, n_models, parameters):
     recipe = load_recipe({"method": name, "base": "b", "models": [f"m{i}" for i in range(n_models)],
                           "parameters": parameters})
-    return engine._resolve_params(recipe, METHODS[name])
+    return engine.resolve_params(recipe, METHODS[name])
 
 
 def on_blocks(spec, params, base, fts, stats, step, seed):
@@ -178,7 +179,8 @@ def on_blocks(spec, params, base, fts, stats, step, seed):
         for a, b in blocks:
             bb, ff, st = piece(a, b)
             yield Rows("t", bb, ff[0] if spec.models == "one" else ff, st, a * row)
-    prepared = spec.tensor_prepare(dict(params), stream, shape) if spec.tensor_prepare else {}
+    prepare = spec.streaming.tensor_prepare
+    prepared = prepare(dict(params), stream, shape) if prepare else {}
     gens = gens_for(spec, len(fts), seed)
     return torch.cat([call(spec, params, *piece(a, b), None, gens, RowBlock(a * row, shape, prepared))
                       for a, b in blocks])
@@ -213,8 +215,8 @@ def test_a_method_on_row_blocks_gives_its_result_on_the_whole_tensor(name, shape
 @pytest.fixture
 def small_allowances(monkeypatch):
     """Runtime and read-ahead allowances of a few bytes, so that a budget of a few kB splits the tiny tensors."""
-    monkeypatch.setattr(engine, "RUNTIME_BYTES", 0)
-    monkeypatch.setattr(engine, "PREFETCH_BYTES", 512)
+    monkeypatch.setattr(engine_budget, "RUNTIME_BYTES", 0)
+    monkeypatch.setattr(engine_budget, "PREFETCH_BYTES", 512)
 
 
 @pytest.fixture(scope="module")
@@ -392,19 +394,19 @@ def test_budget_errors_name_the_problem_before_any_work(tied_family, tmp_path, m
         engine.build_plan(recipe, out=tmp_path / "o", memory="lots")
     with pytest.raises(ForgetlessError, match="memory: .*not a size"):
         load_recipe({**recipe, "memory": "lots"})
-    monkeypatch.setattr(engine, "RUNTIME_BYTES", 0)
-    monkeypatch.setattr(engine, "PREFETCH_BYTES", 16)
+    monkeypatch.setattr(engine_budget, "RUNTIME_BYTES", 0)
+    monkeypatch.setattr(engine_budget, "PREFETCH_BYTES", 16)
     with pytest.raises(ForgetlessError, match="one row of this tensor needs") as e:
         engine.build_plan(recipe, out=tmp_path / "o", memory=600)
     assert "model." in str(e.value) or "lm_head" in str(e.value)
-    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], rows="whole", tensor_prepare=None))
+    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], streaming=Streaming()))
     with pytest.raises(ForgetlessError, match="merges whole tensors"):
         engine.build_plan(recipe, out=tmp_path / "o", memory=6000)
     assert not (tmp_path / "o").exists()
 
 
 def test_auto_budget_is_half_the_available_memory(tied_family, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(engine_budget, "available_memory", lambda: 8 * 2**30)
     plan = engine.build_plan(recipes(tied_family)["ties"], out=tmp_path / "o")
     assert plan.memory == 4 * 2**30 and "auto" in plan.memory_note() and not plan.block_rows
     plan = engine.build_plan({**recipes(tied_family)["ties"], "memory": "2GiB"}, out=tmp_path / "o")
@@ -416,8 +418,8 @@ def test_cli_memory_option_reaches_the_plan(tied_family, tmp_path, monkeypatch):
 
     from forgetless.cli import cli
 
-    monkeypatch.setattr(engine, "RUNTIME_BYTES", 0)
-    monkeypatch.setattr(engine, "PREFETCH_BYTES", 512)
+    monkeypatch.setattr(engine_budget, "RUNTIME_BYTES", 0)
+    monkeypatch.setattr(engine_budget, "PREFETCH_BYTES", 512)
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps({**recipes(tied_family)["ties"], "out": str(tmp_path / "o")}))
     res = CliRunner().invoke(cli, ["merge", str(path), "--dry-run", "--memory", "12000"])

@@ -18,6 +18,7 @@ from test_engine_blocks import recipes, small_allowances, tied_family  # noqa: F
 import forgetless
 from forgetless import engine
 from forgetless.checkpoint import writer as W
+from forgetless.engine import budget, run, runner
 from forgetless.errors import ForgetlessError
 
 
@@ -31,16 +32,16 @@ def test_merge_threads_policy(monkeypatch):
                                    "scope_copy"])
 def test_units_merged_side_by_side_equal_one_after_the_other(tied_family, tmp_path, monkeypatch, which):  # noqa: F811
     recipe = recipes(tied_family)[which]
-    monkeypatch.setattr(engine, "MERGERS", 1)
+    monkeypatch.setattr(run, "MERGERS", 1)
     one = forgetless.merge(recipe, out=tmp_path / "one", progress=False)
-    monkeypatch.setattr(engine, "MERGERS", 4)
+    monkeypatch.setattr(run, "MERGERS", 4)
     seen: set[str] = set()
-    compute = engine._Runner.compute
+    compute = runner.Runner.compute
 
     def spy(self, unit, loaded):
         seen.add(threading.current_thread().name)
         return compute(self, unit, loaded)
-    monkeypatch.setattr(engine._Runner, "compute", spy)
+    monkeypatch.setattr(runner.Runner, "compute", spy)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     many = forgetless.merge(recipe, out=tmp_path / "many", progress=False)
     assert len(seen) > 1  # merged on several threads
@@ -54,11 +55,11 @@ def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(tied_family
                                                                       small_allowances):  # noqa: F811
     recipe = recipes(tied_family)["dare_ties"]  # random draws, block after block: order matters
     whole = tensors(forgetless.merge(recipe, out=tmp_path / "whole", progress=False, memory="1GiB").out)
-    monkeypatch.setattr(engine, "MERGERS", 4)
+    monkeypatch.setattr(run, "MERGERS", 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     active, most, order = [0], [0], []
     lock = threading.Lock()
-    compute = engine._Runner.compute
+    compute = runner.Runner.compute
 
     def spy(self, unit, loaded):
         with lock:
@@ -71,7 +72,7 @@ def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(tied_family
         finally:
             with lock:
                 active[0] -= 1
-    monkeypatch.setattr(engine._Runner, "compute", spy)
+    monkeypatch.setattr(runner.Runner, "compute", spy)
     plan = engine.build_plan(recipe, out=tmp_path / "blocks", memory=12_000)
     assert plan.block_rows
     engine.execute(plan, progress=False)
@@ -87,8 +88,8 @@ def test_torch_threads_are_set_for_the_merge_and_restored(tied_family, tmp_path,
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
     before = torch.get_num_threads()
     seen = []
-    compute = engine._Runner.compute
-    monkeypatch.setattr(engine._Runner, "compute",
+    compute = runner.Runner.compute
+    monkeypatch.setattr(runner.Runner, "compute",
                         lambda self, u, x: seen.append(torch.get_num_threads()) or compute(self, u, x))
     forgetless.merge(recipes(tied_family)["ties"], out=tmp_path / "o", progress=False)
     assert set(seen) == {7} and torch.get_num_threads() == before
@@ -97,13 +98,13 @@ def test_torch_threads_are_set_for_the_merge_and_restored(tied_family, tmp_path,
 def test_units_in_flight_stay_within_the_estimate(tied_family, tmp_path, monkeypatch):  # noqa: F811
     """Every unit is counted whole from the start of its read to the end of its write; their sum never exceeds
     what the peak-memory estimate allows beyond the runtime (unless one unit alone does)."""
-    monkeypatch.setattr(engine, "MERGERS", 4)
+    monkeypatch.setattr(run, "MERGERS", 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    monkeypatch.setattr(engine, "PREFETCH_BYTES", 4096)
+    monkeypatch.setattr(budget, "PREFETCH_BYTES", 4096)
     plan = engine.build_plan(recipes(tied_family)["ties"], out=tmp_path / "o", memory="1GiB")
-    allowance = plan.peak_memory_estimate() - engine.RUNTIME_BYTES
+    allowance = plan.peak_memory_estimate() - budget.RUNTIME_BYTES
     held, most, lock = [0], [0], threading.Lock()
-    load, compute = engine._Runner.load, engine._Runner.compute
+    load, compute = runner.Runner.load, runner.Runner.compute
 
     def spy_load(self, unit):
         with lock:
@@ -117,8 +118,8 @@ def test_units_in_flight_stay_within_the_estimate(tied_family, tmp_path, monkeyp
         finally:
             with lock:
                 held[0] -= sum(plan.unit_cost(unit))
-    monkeypatch.setattr(engine._Runner, "load", spy_load)
-    monkeypatch.setattr(engine._Runner, "compute", spy_compute)
+    monkeypatch.setattr(runner.Runner, "load", spy_load)
+    monkeypatch.setattr(runner.Runner, "compute", spy_compute)
     engine.execute(plan, progress=False)
     largest = max(sum(plan.unit_cost(u)) for u in plan.units())
     assert largest < most[0] <= allowance  # several units at once, within the allowance
@@ -181,7 +182,7 @@ def test_a_failed_background_sync_stops_the_merge_and_leaves_nothing(tied_family
 
 
 def test_a_writer_error_on_a_merge_thread_is_the_merge_s_error(tied_family, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(engine, "MERGERS", 4)
+    monkeypatch.setattr(run, "MERGERS", 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     write = W.StreamingWriter.write
 

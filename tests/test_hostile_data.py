@@ -332,7 +332,7 @@ OOM = [
 
 @pytest.mark.parametrize("command, error, words", OOM, ids=[c for c, _, _ in OOM])
 def test_out_of_memory_is_one_line_saying_what_to_lower(ws, capsys, monkeypatch, command, error, words):
-    from forgetless import engine
+    from forgetless.engine import run as engine
     from forgetless.eval import report
     from forgetless.stats import run
 

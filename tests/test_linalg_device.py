@@ -20,6 +20,7 @@ import forgetless
 from forgetless import engine
 from forgetless.chains import continual
 from forgetless.cli import main
+from forgetless.engine import budget
 from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS, linalg
 from forgetless.methods import adapter as adapter_mod
@@ -298,8 +299,8 @@ def test_a_regmean_merge_gets_the_recipe_device_and_refined_equals_float64(regme
     recipe, linear = regmean_models
     memory = "1GiB"
     if blocks:
-        monkeypatch.setattr(engine, "RUNTIME_BYTES", 0)
-        monkeypatch.setattr(engine, "PREFETCH_BYTES", 512)
+        monkeypatch.setattr(budget, "RUNTIME_BYTES", 0)
+        monkeypatch.setattr(budget, "PREFETCH_BYTES", 512)
         memory = 220_000  # RegMean's Grams come whole with every block
         assert engine.build_plan(recipe, out=tmp_path / "x", memory=memory).block_rows
     forgetless.merge(recipe, out=tmp_path / "f64", progress=False, memory=memory)

@@ -43,7 +43,7 @@ def test_registrations():
     assert METHODS["cgm"].params == {"alpha": 0.2, "epsilon": 0.0}
     assert METHODS["cgm_dagger"].params == {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "row",
                                             "revert": "budget", "threshold": None}
-    assert METHODS["cgm_dagger"].prepare is not None
+    assert METHODS["cgm_dagger"].streaming.prepare is not None
 
 
 # ------------------------------------------------------------------------------------------------ CGM (soft)

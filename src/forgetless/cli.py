@@ -27,7 +27,7 @@ def one_process(command: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
-@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (errors are one line).")
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected failure (otherwise one line).")
 def cli(debug: bool) -> None:
     """Adapt multimodal LLMs to a task without losing what they knew."""
 

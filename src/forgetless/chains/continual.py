@@ -10,48 +10,8 @@ update of every adapted Linear, ΔW*ₜ = (Σᵢ≤ₜ ΔWᵢGᵢ)(Σᵢ≤ₜ G
 adapters or data — and writes the merged model (the base with ΔW*ₜ folded in) or a rank-r PEFT adapter (truncated
 SVD of ΔW*ₜ, ``rank``).
 
-Choices (inferred; METHODS.md, "MAny")
---------------------------------------
-* **Where the Gram is taken**: at the base model θ₀, on task t's data: ``forgetless stats gram BASE --data
-  task.jsonl --out gram.safetensors``. Every task's Gram then describes the same network (the one the merged deltas
-  are added to, and the one each task's adapter was trained from), the files can be made before or after training,
-  and the step checks the file against the base's weights fingerprint: a Gram taken at another model (a fine-tuned
-  folder, another base) is refused.
-* **Gram scale**: Gₜ = (Σ x xᵀ) / nₜ, the file's sum over its token count: every task weighs the same in the merge,
-  whatever the size of its calibration set.
-* **γ**: :mod:`.methods.lpm` (relative to the mean diagonal by default, 1e-4; ``gamma_mode="absolute"`` for
-  METHODS.md's literal γI). Fixed when the state is created: the recursion is exact only for one ridge rule.
-* **Shared Grams**: Linear layers that read the same input (q/k/v; gate/up) have equal Gram statistics, so they
-  share one running sum and one factorisation. Found from the first task's Gram file by equality (within 1e-6 of
-  the larger entry: bitwise in practice, the hooks see the same tensor), within one decoder layer and among modules
-  with the same input width — no per-architecture table; every later Gram file must keep that equality (checked).
-* **Modules**: the first task's adapter fixes the adapted Linear weights. A later adapter may adapt a subset (its
-  ΔWₜ = 0 elsewhere: that task's data asks the other modules for the base's outputs; the Gram file must still cover
-  them); one that adapts a module the state lacks is refused (the earlier tasks' Grams of it are unknown).
-  Adapters carrying full tensors (``modules_to_save``, LLaVA's ``non_lora_trainables.bin``) or LoRA on non-Linear
-  layers are refused: LPM merges LoRA deltas of Linear layers. The one exception is a full projector under CPM.
-* **CPM** (``cpm_data``, :mod:`.cpm`): the state also keeps, per task, the projector (the base's with the task's
-  adapter applied) and the visual prototype (taken at the base on the task's images), one
-  ``cpm-task-NNNNN.safetensors`` each, hard-linked into every new state (never rewritten), and the output is a
-  routed model folder. Refused when the adapters adapt the vision tower (the prototypes assume the base's).
-
-The state folder
-----------------
-``state.json`` (format ``forgetless-continual``, version 1): the base (path, structure and weights fingerprints,
-``base_model_name_or_path``), the options (γ, its mode, the approximation, the stored dtype), the first adapter's
-``adapter_config.json`` (the template of the adapter output), the task list (name, adapter path and fingerprint,
-Gram path, its sampled fingerprint, its data fingerprint and sample count), and per adapted Linear its module path,
-shape, part file and Gram group. One safetensors file per decoder layer (``part-NNNNN.safetensors``; modules outside
-any ``layers.N``, such as ``lm_head``, share one more): ``delta/<weight>`` ΔW*ₜ [out, in], ``gram/<group>`` Hₜ =
-Σᵢ≤ₜ Gᵢ ([in, in], or [in] with ``approx="diagonal"``), ``ridge/<group>`` ρₜ (float64 scalar). A step streams the
-parts one at a time (peak memory: one layer's state, not the model's), so its time and memory do not grow with t.
-
-Every step holds the state's lock (:func:`~forgetless.checkpoint.guard.exclusive`: a second writer waits), writes
-a whole new state folder beside the old one and swaps it into place in one step
-(:func:`~forgetless.checkpoint.writer.atomic_folder`): a failure or a ``kill -9`` at any instant leaves the old
-state or the new one, and a state a crash left moved aside is put back before anything else. The output folder is
-committed just before the state: a kill between the two leaves an output whose state did not follow (the step is
-then run again with ``--force``).
+The choices made where MAny's paper is silent (where the Gram is taken, its scale, γ, shared Grams, which modules,
+CPM) and the state folder's format, with its crash safety: docs/continual-state.md.
 """
 
 from __future__ import annotations
@@ -379,7 +339,8 @@ def _open_base(base: str | Path, meta: dict[str, Any] | None, state: Path) -> Ch
 
 def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None, *,
                    allow_projector: bool = False) -> LoraAdapter:
-    from ..engine import _adapter_problems, _open_adapter
+    from ..engine import adapter_problems as _adapter_problems
+    from ..engine import open_adapter as _open_adapter
 
     adapter = _open_adapter(str(adapter_dir), base, "adapter", str(adapter_dir))
     prefix = f"models[0] {adapter.path}: "

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .baselines import Convention, dare_linear, dare_ties, magnitude_trim, ties
 from .linalg import resolve_device
-from .registry import merge_method
+from .registry import PerModel, merge_method
 from .select import kth_largest
 
 Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
@@ -184,7 +184,7 @@ def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
 
 @merge_method("lora_task_arithmetic", aliases=("lora_svd",), space="adapter", per_model=("weight",),
               out_rank=_svd_out_rank, ranges={"rank": "[1, inf)"}, uses_device=True)
-def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0,
+def lora_task_arithmetic(loras: list[Pair], *, weight: PerModel[float] = 1.0, lambda_: float = 1.0,
                          rank: int | None = None, device: str = "cpu") -> Pair:
     """Task arithmetic on the LoRA deltas, λ·Σ wₙ BₙAₙ, re-factored to `rank` by exact truncated SVD (PEFT `svd`)."""
     return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank), device)
@@ -192,7 +192,7 @@ def lora_task_arithmetic(loras: list[Pair], *, weight: list[float] = 1.0, lambda
 
 @merge_method("lora_ties", aliases=("lora_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
               out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
-def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5, lambda_: float = 1.0,
+def lora_ties(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5, lambda_: float = 1.0,
               sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
               rank: int | None = None, svd: Literal["exact", "randomized"] = "exact",
               device: str = "cpu") -> Pair:
@@ -205,7 +205,7 @@ def lora_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[flo
 @merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
               per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"},
               uses_device=True)
-def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+def lora_dare_linear(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
                      lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
                      svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
                      device: str = "cpu") -> Pair:
@@ -217,7 +217,7 @@ def lora_dare_linear(loras: list[Pair], *, weight: list[float] = 1.0, density: l
 
 @merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
               out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
-def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+def lora_dare_ties(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
                    lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
                    convention: Convention = "mergekit", rank: int | None = None,
                    svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
@@ -230,14 +230,14 @@ def lora_dare_ties(loras: list[Pair], *, weight: list[float] = 1.0, density: lis
 
 @merge_method("lora_cat", space="adapter", per_model=("weight",),
               out_rank=lambda ranks, params: sum(ranks))
-def lora_cat(loras: list[Pair], *, weight: list[float] = 1.0, lambda_: float = 1.0) -> Pair:
+def lora_cat(loras: list[Pair], *, weight: PerModel[float] = 1.0, lambda_: float = 1.0) -> Pair:
     """The exact sum λ·Σ wₙ BₙAₙ as one adapter of rank Σrₙ: the factors stacked (PEFT `cat`)."""
     return (torch.cat([A for A, _ in loras], dim=0),
             torch.cat([B * (lambda_ * w) for (_, B), w in zip(loras, weight)], dim=1))
 
 
 @merge_method("lora_linear", space="adapter", per_model=("weight",), out_rank=_copa_out_rank, equal_ranks=True)
-def lora_linear(loras: list[Pair], *, weight: list[float] = 1.0) -> Pair:
+def lora_linear(loras: list[Pair], *, weight: PerModel[float] = 1.0) -> Pair:
     """PEFT's `linear`: A' = Σ ±√|wₙ| Aₙ, B' = Σ √|wₙ| Bₙ (factors averaged separately; cross terms included)."""
     roots = [abs(w) ** 0.5 for w in weight]
     A_out = sum(A * (r if w >= 0 else -r) for (A, _), r, w in zip(loras, roots, weight))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .registry import RowBlock, merge_method
+from .registry import PerModel, RowBlock, Streaming, merge_method
 from .select import CHUNK, AbsDiff, Cut, part, top_k_cuts
 
 
@@ -181,9 +181,9 @@ def _ties_combine(base: Tensor, deltas: list[Tensor], weights: list[float], lamb
 
 
 # ---------------------------------------------------------------------------------------------- methods
-@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), rows="blocks", reads_finetuned=True,
-              divides_by_weights=True)
-def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, lambda_: float = 0.5,
+@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), divides_by_weights=True,
+              streaming=Streaming(rows="blocks", reads_finetuned=True))
+def linear(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, lambda_: float = 0.5,
            block: RowBlock | None = None) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""
     if len(finetuned) == 1:
@@ -191,8 +191,8 @@ def linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, 
     return interpolate(base, weighted_average(finetuned, weight), lambda_)
 
 
-@merge_method("task_arithmetic", per_model=("weight",), rows="blocks", reads_finetuned=True)
-def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0,
+@merge_method("task_arithmetic", per_model=("weight",), streaming=Streaming(rows="blocks", reads_finetuned=True))
+def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0,
                     lambda_: float = 1.0, convention: SumConvention = "forgetless",
                     block: RowBlock | None = None) -> Tensor:
     """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀).
@@ -249,9 +249,9 @@ def _trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], of
     return base
 
 
-@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks",
-              tensor_prepare=ties_prepare, reads_finetuned=True)
-def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
+              streaming=Streaming(rows="blocks", tensor_prepare=ties_prepare, reads_finetuned=True))
+def ties(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
          lambda_: float = 1.0, sign: Literal["total", "frequency"] = "total",
          convention: Convention = "mergekit", block: RowBlock | None = None) -> Tensor:
     """TIES: trim each Δₖ to its top-`density` magnitudes, elect a sign per entry, average the agreeing entries."""
@@ -271,8 +271,9 @@ def ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, de
     return _trim_and_combine(b, fts, cuts, offset, weight, lambda_, sign, convention).view(base.shape)
 
 
-@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")
-def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
+              streaming=Streaming(rows="blocks"))
+def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
                 lambda_: float = 1.0, rescale: bool = True, convention: SumConvention = "forgetless",
                 generator: Generators = None, block: RowBlock | None = None) -> Tensor:
     """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ (in
@@ -283,8 +284,9 @@ def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 
     return add_deltas(base, deltas, [lambda_ * w for w in weight])
 
 
-@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"}, rows="blocks")
-def dare_ties(base: Tensor, finetuned: list[Tensor], *, weight: list[float] = 1.0, density: list[float] = 0.5,
+@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
+              streaming=Streaming(rows="blocks"))
+def dare_ties(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
               lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
               convention: Convention = "mergekit", generator: Generators = None,
               block: RowBlock | None = None) -> Tensor:

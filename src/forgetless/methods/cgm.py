@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .registry import RowBlock, merge_method
+from .registry import RowBlock, Streaming, merge_method
 from .select import Cut, one_piece, top_k_cut
 
 Score = Literal["cgm", "delta2", "task", "general"]
@@ -64,7 +64,7 @@ def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.
 
 
 @merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"),
-              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"}, rows="blocks")
+              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"}, streaming=Streaming(rows="blocks"))
 def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2,
         epsilon: float = 0.0, counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
@@ -210,8 +210,9 @@ def cgm_dagger_tensor_prepare(params: dict, stream, shape: tuple[int, ...]) -> d
 
 
 @merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",),
-              prepare=cgm_dagger_prepare, ranges={"keep": "[0, 1]", "alpha": "[0, inf)"}, rows="blocks",
-              tensor_prepare=cgm_dagger_tensor_prepare)
+              ranges={"keep": "[0, 1]", "alpha": "[0, inf)"},
+              streaming=Streaming(rows="blocks", tensor_prepare=cgm_dagger_tensor_prepare,
+                                  prepare=cgm_dagger_prepare))
 def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
                alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
                revert: Revert = "budget", threshold: float | None = None,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .baselines import weighted_average
-from .registry import RowBlock, merge_method
+from .registry import PerModel, RowBlock, Streaming, merge_method
 
 Normalize = Literal["none", "mean", "max"]
 
@@ -101,18 +101,20 @@ def _fisher_prepare(which):
 
 
 @merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"},
-              rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"]), divides_by_weights=True)
-def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: list[float] = 1.0,
+              divides_by_weights=True,
+              streaming=Streaming(rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"])))
+def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: PerModel[float] = 1.0,
            epsilon: float = 1e-8, normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
     """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""
     return fisher_combine(finetuned, fisher, weight, epsilon, normalize, block.prepared["scales"] if block else None)
 
 
 @merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",),
-              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"}, rows="blocks",
-              tensor_prepare=_fisher_prepare(lambda st: [st["fisher_base"], *st["fisher"]]))
+              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"},
+              streaming=Streaming(rows="blocks",
+                                  tensor_prepare=_fisher_prepare(lambda st: [st["fisher_base"], *st["fisher"]])))
 def fisher_with_base(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], fisher_base: Tensor,
-                     weight: list[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
+                     weight: PerModel[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
                      normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
     """Fisher merging with θ₀ as one more term: θ = (λ₀F₀θ₀ + Σₖ λₖFₖθₖ) / (λ₀F₀ + Σₖ λₖFₖ)."""
     return fisher_combine([base, *finetuned], [fisher_base, *fisher], [base_weight, *weight], epsilon, normalize,

@@ -1,40 +1,26 @@
 """The method registry: a merge method is a pure function over tensors, registered by a decorator.
 
-    @merge_method("ties", models="many")
-    def ties(base, finetuned, *, weights, density=0.5, lambda_=1.0): ...
+    @merge_method("ties", per_model=("weight", "density"), streaming=Streaming(rows="blocks"))
+    def ties(base, finetuned, *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5, lambda_=1.0): ...
 
 The engine reads everything it needs from the registration and the signature:
 - ``models``: "one" (``finetuned`` is a Tensor) or "many" (a list of Tensors, one per recipe model);
 - ``needs``: statistics the method consumes, passed as keyword arguments of the same names (a Tensor, or a list
   with one per model when the statistic is listed in ``per_model_needs``);
 - keyword parameters with defaults are the recipe's ``parameters``; those listed in ``per_model`` take one value per
-  model (recipe ``models[i].<param>``, else ``parameters.<param>`` for all) and arrive as lists;
+  model (recipe ``models[i].<param>``, else ``parameters.<param>`` for all) and arrive as lists (:data:`PerModel`);
 - a trailing underscore maps a Python keyword: ``lambda_`` is the recipe's ``lambda``;
 - ``stat_shapes``: statistic -> function of the weight's shape giving the statistic's shape (None: this tensor cannot
   have that statistic); a statistic not listed is shaped like the weight. RegMean's ``gram`` is [in, in];
 - ``without_statistics``: "route" (default) sends in-scope tensors that lack statistics to ``scope.no_statistics``;
   "call" calls the method without those keywords (so they take their defaults, None), and the method falls back
   by itself (RegMean: the plain average). ``scope.no_statistics`` set in the recipe still wins;
-- ``prepare``: an optional pre-pass for methods that need the whole model before merging any tensor (CGM†'s global
-  budget): ``prepare(params, stream, numel)`` gets the resolved parameters, a function that streams :class:`Rows`
-  ``(name, base, finetuned, stats, offset)`` over the tensors the method will merge — tensors larger than the memory
-  budget as several blocks of rows — (callable several times), and their total element count; it returns extra
-  keyword arguments for the method (or None);
 - ``name`` (the tensor's name) and ``generator`` (a torch.Generator seeded from the recipe seed and the tensor
   name; for models="many", a list with one per model, :func:`forgetless.engine.tensor_generators`) are passed when
   the signature asks for them, so a random method is reproducible and order-independent;
   ``counts`` (a collections.Counter of the tensor's part) lets a method report element counts (e.g. CGM†'s kept
   and reverted elements), which the merge report and model card show per part.
-- ``rows``: how the method meets a tensor too large for the merge's memory budget (the engine then reads it in
-  blocks of whole rows, along dim 0; a 1-D tensor's rows are its entries). "whole" (default): the engine always
-  passes whole tensors. "blocks": called on a block of rows, the method returns those rows of its result on the
-  whole tensor, given the context argument ``block`` (a :class:`RowBlock`: the block's flat offset in the tensor,
-  the tensor's shape, and what ``tensor_prepare`` returned). ``tensor_prepare(params, stream, shape)`` is an
-  optional pre-pass over one tensor's blocks (``stream()`` yields :class:`Rows`, as ``prepare``'s does) that finds
-  what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means, RegMean's factorisation) and
-  returns it as a dict (``block.prepared``). ``block`` is None when the method gets the whole tensor: it then
-  computes those quantities itself, with the same functions, so both paths give the same result. Random methods
-  get the same generators for every block of a tensor, drawn from block after block in order;
+- ``streaming``: how the engine may stream the method's tensors (row blocks, pre-passes, views): :class:`Streaming`;
 - ``ranges``: recipe parameter -> interval of allowed values in the usual notation (``"(0, 1]"``, ``"[0, inf)"``);
   together with the parameter's annotation (float, int, bool, Literal, ``| None``; per-model lists by their element
   type) the engine checks every value at plan time (:meth:`MethodSpec.problem`), so ``--dry-run`` names a bad one;
@@ -47,8 +33,7 @@ The engine reads everything it needs from the registration and the signature:
 - ``uses_device``: the method runs its heavy linear algebra (solves, SVDs) on a device; the engine passes the
   recipe's ``device:`` (resolved: ``cpu``, ``cuda:N``) as the context argument ``device``, and the method
   returns its result on the CPU (RegMean, the adapter-space SVD methods);
-- ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
-  tensors of its own): the engine may then hand them over as copy-on-write views of the files, not copies.
+- ``divides_by_weights``: the rule normalises by Σ wₖ (a weighted average), so weights summing to 0 are refused.
 All tensors arrive in float32 as fresh copies that the method owns (the fine-tuned ones of a ``reads_finetuned``
 method as views, to be read only): it may work in place on them (and should, for large tensors: every new
 allocation costs page faults). The engine casts the result to the output dtype.
@@ -63,10 +48,47 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 CONTEXT_ARGS = ("name", "generator", "counts", "block", "device")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
+
+T = TypeVar("T")
+PerModel = list[T] | T  # a generic alias: PerModel[float]
+"""A per-model parameter's annotation: the method gets a list, one value per model; one value (the default, or the
+recipe's ``parameters.<name>``) is every model's, expanded by the engine."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How the engine may stream a method's tensors; only the engine reads it, the method's math never does.
+
+    ``rows``: how the method meets a tensor too large for the merge's memory budget (the engine then reads it in
+    blocks of whole rows, along dim 0; a 1-D tensor's rows are its entries). "whole": the engine always passes
+    whole tensors. "blocks": called on a block of rows, the method returns those rows of its result on the whole
+    tensor, given the context argument ``block`` (a :class:`RowBlock`). ``block`` is None when the method gets the
+    whole tensor: it then computes what depends on the whole tensor itself, with the same functions, so both paths
+    give the same result. Random methods get the same generators for every block, drawn from block after block.
+
+    ``tensor_prepare(params, stream, shape)``: a pre-pass over one tensor's blocks (``stream()`` yields
+    :class:`Rows`) that finds what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means,
+    RegMean's factorisation) and returns it as a dict (``block.prepared``); for ``rows="blocks"`` only.
+
+    ``prepare(params, stream, numel)``: a pre-pass over the whole model before any tensor is merged (CGM†'s global
+    budget): the resolved parameters, a function that streams :class:`Rows` over the tensors the method will merge
+    (tensors over the budget as several blocks; callable several times) and their total element count; it returns
+    extra keyword arguments for the method (or None).
+
+    ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
+    tensors of its own), so the engine may hand them over as copy-on-write views of the files, not copies.
+    """
+
+    rows: Literal["whole", "blocks"] = "whole"
+    tensor_prepare: Callable[..., dict[str, Any]] | None = None
+    prepare: Callable[..., dict[str, Any] | None] | None = None
+    reads_finetuned: bool = False
 
 
 class Rows(NamedTuple):
@@ -118,18 +140,15 @@ class Interval:
 
 def _kinds(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
     """Recipe parameter -> (its scalar kind: "float", "int", "bool", "str" or "any"; whether None is allowed), from
-    the annotations (a per-model ``list[float]`` is checked element by element, as ``float``)."""
+    the annotations (a per-model ``PerModel[float]`` is checked value by value, as ``float``)."""
     out = {}
     for name, h in typing.get_type_hints(fn).items():
-        optional = False
-        if typing.get_origin(h) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(h) if a is not type(None)]
-            optional = len(args) < len(typing.get_args(h))
-            h = args[0] if len(args) == 1 else h
-        if typing.get_origin(h) is list:
-            h = typing.get_args(h)[0]
-        kind = {float: "float", int: "int", bool: "bool", str: "str"}.get(h, "any")
-        out[name.rstrip("_")] = (kind, optional)
+        union = typing.get_origin(h) in (typing.Union, types.UnionType)
+        args = typing.get_args(h) if union else (h,)
+        scalars = {typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args if a is not type(None)}
+        one = scalars.pop() if len(scalars) == 1 else None
+        out[name.rstrip("_")] = ({float: "float", int: "int", bool: "bool", str: "str"}.get(one, "any"),
+                                 type(None) in args)
     return out
 
 
@@ -147,7 +166,6 @@ class MethodSpec:
     doc: str = ""
     stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = field(default_factory=dict)
     without_statistics: Literal["route", "call"] = "route"
-    prepare: Callable[..., dict[str, Any] | None] | None = None
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # recipe name -> allowed values (Literal)
     space: Literal["weight", "adapter"] = "weight"
     kinds: dict[str, tuple[str, bool]] = field(default_factory=dict)  # recipe name -> (kind, None allowed)
@@ -155,11 +173,9 @@ class MethodSpec:
     out_rank: Callable[[list[int], dict[str, Any]], int] | None = None
     equal_ranks: bool = False
     dense: bool = False
-    rows: Literal["whole", "blocks"] = "whole"
-    tensor_prepare: Callable[..., dict[str, Any]] | None = None
-    reads_finetuned: bool = False
     divides_by_weights: bool = False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
     uses_device: bool = False  # gets the recipe's device as the context argument `device`
+    streaming: Streaming = field(default_factory=Streaming)  # read by the engine only
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape statistic `need` must have for a tensor of `weight_shape` (None: it cannot have one)."""
@@ -214,50 +230,23 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
                  aliases: tuple[str, ...] = (),
                  stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
                  without_statistics: Literal["route", "call"] = "route",
-                 prepare: Callable[..., dict[str, Any] | None] | None = None,
                  space: Literal["weight", "adapter"] = "weight",
                  out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
-                 dense: bool = False, ranges: dict[str, str] | None = None,
-                 rows: Literal["whole", "blocks"] = "whole",
-                 tensor_prepare: Callable[..., dict[str, Any]] | None = None, reads_finetuned: bool = False,
-                 divides_by_weights: bool = False, uses_device: bool = False):
-    def register(fn):
-        sig = inspect.signature(fn)
-        params: dict[str, Any] = {}
-        context = []
-        for p in sig.parameters.values():
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-                continue
-            if p.name in CONTEXT_ARGS:
-                context.append(p.name)
-            elif p.name not in needs and p.name not in per_model_needs:
-                params[p.name.rstrip("_")] = p.default
-        for pm in per_model:
-            if pm not in params:
-                raise TypeError(f"{fn.__name__}: per-model parameter {pm!r} is not a keyword parameter")
+                 dense: bool = False, ranges: dict[str, str] | None = None, divides_by_weights: bool = False,
+                 uses_device: bool = False, streaming: Streaming = Streaming()) -> Callable[[F], F]:
+    """Register the decorated function as merge method `name` (and its `aliases`); the options are the module
+    docstring's. A registration that contradicts the signature is a TypeError at import, not at a user's merge."""
+
+    def register(fn: F) -> F:
+        params, context = _signature(fn, (*needs, *per_model_needs))
         spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
-                          tuple(per_model), params, tuple(context), tuple(aliases),
+                          tuple(per_model), params, context, tuple(aliases),
                           inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
-                          without_statistics, prepare=prepare,
-                          choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
+                          without_statistics, choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
                           ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
-                          equal_ranks=equal_ranks, dense=dense, rows=rows, tensor_prepare=tensor_prepare,
-                          reads_finetuned=reads_finetuned, divides_by_weights=divides_by_weights,
-                          uses_device=uses_device)
-        if space == "adapter" and out_rank is None:
-            raise TypeError(f"{fn.__name__}: an adapter-space method needs out_rank")
-        if set(spec.ranges) - set(spec.params):
-            raise TypeError(f"{fn.__name__}: ranges for parameters it does not take: "
-                            f"{sorted(set(spec.ranges) - set(spec.params))}")
-        if rows == "blocks" and "block" not in context:
-            raise TypeError(f"{fn.__name__}: rows='blocks' needs the context argument `block`")
-        if uses_device != ("device" in context):
-            raise TypeError(f"{fn.__name__}: uses_device=True and the context argument `device` go together")
-        if tensor_prepare is not None and rows != "blocks":
-            raise TypeError(f"{fn.__name__}: tensor_prepare is for rows='blocks'")
-        unknown = set(spec.stat_shapes) - set(spec.needs)
-        if unknown:
-            raise TypeError(f"{fn.__name__}: stat_shapes for statistics it does not need: {sorted(unknown)}")
+                          equal_ranks=equal_ranks, dense=dense, divides_by_weights=divides_by_weights,
+                          uses_device=uses_device, streaming=streaming)
+        _check_registration(spec)
         for key in (name, *aliases):
             if key in METHODS:
                 raise ValueError(f"merge method {key!r} registered twice")
@@ -265,6 +254,43 @@ def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: t
         return fn
 
     return register
+
+
+def _signature(fn: Callable[..., Any], stats: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The recipe parameters (recipe name -> default) and the context arguments among `fn`'s keyword-only
+    parameters; `stats` (the statistics it needs) are neither."""
+    params: dict[str, Any] = {}
+    context = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.name in CONTEXT_ARGS:
+            context.append(p.name)
+        elif p.name not in stats:
+            params[p.name.rstrip("_")] = p.default
+    return params, tuple(context)
+
+
+def _check_registration(spec: MethodSpec) -> None:
+    """Refuse a registration whose options contradict each other or the signature."""
+    fn, streaming = spec.fn.__name__, spec.streaming
+    for pm in spec.per_model:
+        if pm not in spec.params:
+            raise TypeError(f"{fn}: per-model parameter {pm!r} is not a keyword parameter")
+    if spec.space == "adapter" and spec.out_rank is None:
+        raise TypeError(f"{fn}: an adapter-space method needs out_rank")
+    if set(spec.ranges) - set(spec.params):
+        raise TypeError(f"{fn}: ranges for parameters it does not take: "
+                        f"{sorted(set(spec.ranges) - set(spec.params))}")
+    if streaming.rows == "blocks" and "block" not in spec.context:
+        raise TypeError(f"{fn}: rows='blocks' needs the context argument `block`")
+    if spec.uses_device != ("device" in spec.context):
+        raise TypeError(f"{fn}: uses_device=True and the context argument `device` go together")
+    if streaming.tensor_prepare is not None and streaming.rows != "blocks":
+        raise TypeError(f"{fn}: tensor_prepare is for rows='blocks'")
+    unknown = set(spec.stat_shapes) - set(spec.needs)
+    if unknown:
+        raise TypeError(f"{fn}: stat_shapes for statistics it does not need: {sorted(unknown)}")
 
 
 def _literal_choices(fn: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
@@ -276,4 +302,5 @@ def _literal_choices(fn: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered method (or alias) `name`."""
     return METHODS[name]

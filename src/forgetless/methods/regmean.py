@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .baselines import weighted_average
 from .linalg import Cholesky, Precision
-from .registry import RowBlock, merge_method
+from .registry import PerModel, RowBlock, Streaming, merge_method
 
 
 def gram_shape(weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -148,8 +148,9 @@ def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
 
 @merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
               without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
-              rows="blocks", tensor_prepare=regmean_prepare, divides_by_weights=True, uses_device=True)
-def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: list[float] = 1.0,
+              divides_by_weights=True, uses_device=True,
+              streaming=Streaming(rows="blocks", tensor_prepare=regmean_prepare))
+def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: PerModel[float] = 1.0,
             alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None,
             device: str = "cpu") -> Tensor:
     """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight (solved on `device`); tensors without a Gram get
