@@ -223,6 +223,19 @@ def test_dry_run_prints_the_mapped_recipe(ws, capsys):
     assert not (root / "dry-out").exists()
 
 
+def test_a_dry_run_without_an_output_is_refused_as_the_run_is(ws, capsys):
+    """A mergekit config names no output folder: the dry run says so, as the run would, instead of passing."""
+    root, base, fts = ws
+    path = root / "no-out.yaml"
+    path.write_text(yaml.safe_dump(mergekit_config("ties", base, fts[:2], [{"weight": 1.0}, {"weight": 0.5}],
+                                                   density=0.5)))
+    for dry in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as e:
+            main(["merge", str(path), *dry])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "no output folder" in err and "--out" in err and str(path) in err
+
+
 # ------------------------------------------------------------------------------- what is refused
 def _refusal(ws, capsys, cfg: dict) -> str:
     root = ws[0]

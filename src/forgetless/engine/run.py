@@ -40,6 +40,7 @@ def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, 
     """Plan, check and run a merge. The CLI's `forgetless merge` is this function. ``memory``: the peak memory
     budget (a size or "auto"), overriding the recipe's ``memory:``."""
     plan = build_plan(recipe, out=out, force=force, memory=memory)
+    require_output(plan)  # by the dry run too: it checks what the run would
     if dry_run:
         if log:
             log(plan.describe())
@@ -51,11 +52,16 @@ def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, 
             getattr(rd, "close", lambda: None)()
 
 
-def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
-    """Write the plan's output: every unit read, merged and written, then the folder committed."""
+def require_output(plan: Plan) -> None:
+    """Refuse a plan without an output folder."""
     if plan.out is None:
         raise ForgetlessError("no output folder", file=plan.recipe.source or "recipe",
                               remedy="set `out:` in the recipe or pass --out")
+
+
+def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
+    """Write the plan's output: every unit read, merged and written, then the folder committed."""
+    require_output(plan)
     if plan.spec.space == "adapter":
         from .adapter import execute_adapter  # it builds on this module
 
