@@ -28,6 +28,7 @@ Hub revisions, DARE's L1 ``rescale`` (mergekit rescales the kept entries to the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ForgetlessError
@@ -40,7 +41,15 @@ GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
 RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
 DTYPES = ("float32", "bfloat16", "float16")
-HINT = "see README.md, 'Coming from mergekit'"
+HINT = "see docs/mergekit.md"
+UNSUPPORTED = (  # (key, why forgetless refuses it, what to do)
+    ("slices", "layer slices (frankenmerges) are not merges of matching tensors",
+     "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only"),
+    ("modules", "per-module configs are not read", "use one `models:` list for the whole model"),
+    ("tokenizer", "forgetless copies the base's tokenizer and never changes the vocabulary",
+     "remove it (tokenizer_source: base is what forgetless does)"),
+    ("chat_template", "forgetless copies the base's tokenizer files, chat template included",
+     "remove it, and set the template in the output's tokenizer_config.json afterwards"))
 
 
 def is_mergekit(data: dict) -> bool:
@@ -49,12 +58,56 @@ def is_mergekit(data: dict) -> bool:
                                                                      ("models", "parameters", "dtype")))
 
 
+@dataclass
+class _Config:
+    """A mergekit config being read: its method, top-level parameters and where it came from (for errors)."""
+
+    data: dict
+    where: str
+    method: str = ""
+    top: dict = field(default_factory=dict)
+
+    def refuse(self, key: str, problem: str, remedy: str = HINT) -> ForgetlessError:
+        return ForgetlessError(f"{key}: {problem}", file=self.where, remedy=remedy)
+
+    def value(self, i: int, params: dict, key: str, default: Any = None) -> Any:
+        """Model ``i``'s parameter: its own, else the top-level one, else ``default``; required when neither."""
+        v = params.get(key, self.top.get(key, default))
+        if v is None:
+            raise self.refuse(f"models[{i}].parameters.{key}", f"mergekit's {self.method} requires it",
+                              f"give it per model or under parameters: (e.g. {key}: 1.0)")
+        return v
+
+    @property
+    def per_model_keys(self) -> tuple[str, ...]:
+        return ("weight",) if self.method == "linear" else ("weight", "density")
+
+    @property
+    def global_keys(self) -> tuple[str, ...]:
+        return ("normalize",) if self.method == "linear" else ("normalize", "rescale", "int8_mask", "lambda")
+
+
 def translate(data: dict, where: str) -> dict:
     """The forgetless recipe (a plain mapping) that computes what the mergekit config `data` does; a
     :class:`ForgetlessError` naming the key when it uses something forgetless does not have."""
-    def refuse(key: str, problem: str, remedy: str = HINT) -> ForgetlessError:
-        return ForgetlessError(f"{key}: {problem}", file=where, remedy=remedy)
+    cfg = _Config(data, where)
+    _check_keys(cfg)
+    base = data.get("base_model")
+    if base is not None:
+        base = _reference(base, "base_model", cfg.refuse)
+    _check_tokenizer(cfg, base)
+    dtype = _dtype(data, cfg.refuse)
+    _check_top_parameters(cfg)
+    entries = _entries(cfg)
+    normalize = cfg.top.get("normalize", NORMALIZE[cfg.method])
+    if cfg.method == "linear":
+        return _linear(entries, base, cfg, normalize, dtype)
+    return _task_vectors(entries, base, cfg, normalize, dtype)
 
+
+def _check_keys(cfg: _Config) -> None:
+    """One dialect per file, mergekit's keys only, a method forgetless runs, nothing it cannot honour."""
+    data, refuse = cfg.data, cfg.refuse
     if "method" in data:
         raise refuse("merge_method", "a recipe names either `method` (forgetless) or `merge_method` (mergekit)",
                      "keep one dialect per file")
@@ -69,40 +122,39 @@ def translate(data: dict, where: str) -> dict:
     if method not in MAPPED:
         raise refuse("merge_method", f"{method!r} is not in forgetless", f"forgetless runs mergekit's "
                      f"{', '.join(MAPPED)}; `forgetless methods` lists its own (write a forgetless recipe)")
-    for key, why, remedy in (
-            ("slices", "layer slices (frankenmerges) are not merges of matching tensors",
-             "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only"),
-            ("modules", "per-module configs are not read", "use one `models:` list for the whole model"),
-            ("tokenizer", "forgetless copies the base's tokenizer and never changes the vocabulary",
-             "remove it (tokenizer_source: base is what forgetless does)"),
-            ("chat_template", "forgetless copies the base's tokenizer files, chat template included",
-             "remove it, and set the template in the output's tokenizer_config.json afterwards")):
+    cfg.method = method
+    for key, why, remedy in UNSUPPORTED:
         if data.get(key) is not None:
             raise refuse(key, why, remedy)
-    base = data.get("base_model")
-    if base is not None:
-        base = _reference(base, "base_model", refuse)
-    source = data.get("tokenizer_source")
-    if source is not None and source not in ("base", base):
-        raise refuse("tokenizer_source", f"{source!r}: forgetless copies the base's tokenizer and never builds "
-                     "another vocabulary", "merge models that share the base's tokenizer, with tokenizer_source: base")
-    dtype = _dtype(data, refuse)
 
-    models = data.get("models")
+
+def _check_tokenizer(cfg: _Config, base: str | None) -> None:
+    source = cfg.data.get("tokenizer_source")
+    if source is not None and source not in ("base", base):
+        raise cfg.refuse("tokenizer_source", f"{source!r}: forgetless copies the base's tokenizer and never builds "
+                         "another vocabulary", "merge models that share the base's tokenizer, with "
+                         "tokenizer_source: base")
+
+
+def _check_top_parameters(cfg: _Config) -> None:
+    top = cfg.data.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise cfg.refuse("parameters", "must be a mapping")
+    allowed = cfg.per_model_keys + cfg.global_keys
+    for k, v in top.items():
+        if k not in allowed:
+            raise cfg.refuse(f"parameters.{k}", f"not a parameter of mergekit's {cfg.method}",
+                             f"remove it (mergekit ignores it; {cfg.method} takes {', '.join(allowed)})")
+        _scalar(v, f"parameters.{k}", cfg.refuse)
+    cfg.top = top
+
+
+def _entries(cfg: _Config) -> list[tuple[int, str, dict]]:
+    """(index, model reference, its per-model parameters) of every entry of ``models:``, checked."""
+    models, refuse = cfg.data.get("models"), cfg.refuse
     if not isinstance(models, list) or not models:
         raise refuse("models", "a list of models is required")
-    top = data.get("parameters") or {}
-    if not isinstance(top, dict):
-        raise refuse("parameters", "must be a mapping")
-    per_model_keys = ("weight",) if method == "linear" else ("weight", "density")
-    global_keys = ("normalize",) if method == "linear" else ("normalize", "rescale", "int8_mask", "lambda")
-    for k, v in top.items():
-        if k not in per_model_keys + global_keys:
-            raise refuse(f"parameters.{k}", f"not a parameter of mergekit's {method}",
-                         f"remove it (mergekit ignores it; {method} takes {', '.join(per_model_keys + global_keys)})")
-        _scalar(v, f"parameters.{k}", refuse)
-
-    entries = []  # (index, model reference, {per-model key: value})
+    entries = []
     for i, m in enumerate(models):
         if not isinstance(m, dict) or "model" not in m:
             raise refuse(f"models[{i}]", "each entry is a mapping with `model:` (and optional `parameters:`)")
@@ -114,52 +166,30 @@ def translate(data: dict, where: str) -> dict:
         if not isinstance(params, dict):
             raise refuse(f"models[{i}].parameters", "must be a mapping")
         for k, v in params.items():
-            if k not in per_model_keys:
-                raise refuse(f"models[{i}].parameters.{k}", f"not a per-model parameter of mergekit's {method}",
-                             f"remove it (mergekit ignores it; per model {method} takes {', '.join(per_model_keys)})")
+            if k not in cfg.per_model_keys:
+                raise refuse(f"models[{i}].parameters.{k}", f"not a per-model parameter of mergekit's {cfg.method}",
+                             f"remove it (mergekit ignores it; per model {cfg.method} takes "
+                             f"{', '.join(cfg.per_model_keys)})")
             _scalar(v, f"models[{i}].parameters.{k}", refuse)
         entries.append((i, ref, params))
+    return entries
 
-    def value(i: int, params: dict, key: str, default: Any = None) -> Any:
-        v = params.get(key, top.get(key, default))
-        if v is None:
-            raise refuse(f"models[{i}].parameters.{key}", f"mergekit's {method} requires it",
-                         f"give it per model or under parameters: (e.g. {key}: 1.0)")
-        return v
 
-    normalize = top.get("normalize", NORMALIZE[method])
-    if method == "linear":
-        return _linear(entries, base, top, normalize, dtype, value, refuse)
-
+def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool, dtype: str) -> dict:
+    """task_arithmetic, ties, dare_linear, dare_ties: θ₀ + λ·Σ wₖ·Δₖ over the models other than the base."""
+    method, refuse = cfg.method, cfg.refuse
     if base is None:
         raise refuse("base_model", f"mergekit's {method} takes task vectors from it: required")
     tasks = [(i, ref, params) for i, ref, params in entries if ref != base]  # mergekit skips the base's entry
     if not tasks:
         raise refuse("models", "only the base model is listed: nothing to merge", "list the fine-tuned models")
-    weights = [float(value(i, p, "weight")) for i, _, p in tasks]
-    densities = [min(value(i, p, "density", 1.0), 1.0) for i, _, p in tasks]  # mergekit: ≥ 1 keeps all
-    lam = top.get("lambda", 1.0)
-    rescale = top.get("rescale", RESCALE[method])
-    params: dict[str, Any] = {"lambda": lam, "convention": "mergekit"}
-    if method in ("ties", "dare_ties") and not normalize:
-        default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
-        raise refuse("parameters.normalize", f"false{default}: mergekit then adds the agreeing entries without "
-                     f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
-                     "(normalize: true)", "set normalize: true to merge as forgetless does")
-    if method in ("task_arithmetic", "dare_linear") and normalize:
-        total = sum(weights)
-        if abs(total) >= 1e-8:  # mergekit leaves a (near) zero divisor at 1
-            weights = [w / total for w in weights]
-    if method == "ties" and rescale:
-        raise refuse("parameters.rescale", "true: mergekit rescales the trimmed task vector to its L1 norm; "
-                     "forgetless's ties does not rescale", "remove it (mergekit's default for ties is false)")
-    if method.startswith("dare"):
-        if rescale and any(d < 1 for d in densities):
-            raise refuse("parameters.rescale", "true (mergekit's default for DARE): mergekit rescales the kept "
-                         "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
-                         "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
-                         f"(method: {method}) to rescale by 1/density")
-        params["rescale"] = bool(rescale)
+    weights = [float(cfg.value(i, p, "weight")) for i, _, p in tasks]
+    densities = [min(cfg.value(i, p, "density", 1.0), 1.0) for i, _, p in tasks]  # mergekit: ≥ 1 keeps all
+    params: dict[str, Any] = {"lambda": cfg.top.get("lambda", 1.0), "convention": "mergekit"}
+    weights = _normalized(cfg, normalize, weights)
+    rescale = _rescale(cfg, densities)
+    if rescale is not None:
+        params["rescale"] = rescale
     out_models = []
     for (_, ref, _), w, d in zip(tasks, weights, densities):
         entry = {"model": ref, "weight": w}
@@ -169,19 +199,51 @@ def translate(data: dict, where: str) -> dict:
     return {"method": method, "base": base, "models": out_models, "parameters": params, "dtype": dtype}
 
 
-def _linear(entries, base, top, normalize, dtype, value, refuse) -> dict:
+def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[float]:
+    """mergekit's ``normalize`` where forgetless has the same rule: TIES's disjoint mean is normalize: true; task
+    arithmetic and DARE-linear with it become weights wₖ/Σw."""
+    method = cfg.method
+    if method in ("ties", "dare_ties") and not normalize:
+        default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
+        raise cfg.refuse("parameters.normalize", f"false{default}: mergekit then adds the agreeing entries without "
+                         f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
+                         "(normalize: true)", "set normalize: true to merge as forgetless does")
+    if method in ("task_arithmetic", "dare_linear") and normalize:
+        total = sum(weights)
+        if abs(total) >= 1e-8:  # mergekit leaves a (near) zero divisor at 1
+            return [w / total for w in weights]
+    return weights
+
+
+def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
+    """DARE's ``rescale`` as forgetless takes it (None: the method has none); mergekit's L1 rescaling refused."""
+    method, rescale = cfg.method, cfg.top.get("rescale", RESCALE[cfg.method])
+    if method == "ties" and rescale:
+        raise cfg.refuse("parameters.rescale", "true: mergekit rescales the trimmed task vector to its L1 norm; "
+                         "forgetless's ties does not rescale", "remove it (mergekit's default for ties is false)")
+    if not method.startswith("dare"):
+        return None
+    if rescale and any(d < 1 for d in densities):
+        raise cfg.refuse("parameters.rescale", "true (mergekit's default for DARE): mergekit rescales the kept "
+                         "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
+                         "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
+                         f"(method: {method}) to rescale by 1/density")
+    return bool(rescale)
+
+
+def _linear(entries: list, base: str | None, cfg: _Config, normalize: bool, dtype: str) -> dict:
     """mergekit's linear: Σ wₖθₖ / Σ wₖ over every listed model, and the base when it is not listed (mergekit
     adds it, with the top-level weight)."""
-    models = [{"model": ref, "weight": float(value(i, p, "weight"))} for i, ref, p in entries]
+    models = [{"model": ref, "weight": float(cfg.value(i, p, "weight"))} for i, ref, p in entries]
     if base is not None and all(m["model"] != base for m in models):
-        if top.get("weight") is None:
-            raise refuse("base_model", "not among models: mergekit's linear averages it in, and needs a weight "
-                         "for it", "list it under models with its weight, or drop base_model")
-        models.append({"model": base, "weight": float(top["weight"])})
+        if cfg.top.get("weight") is None:
+            raise cfg.refuse("base_model", "not among models: mergekit's linear averages it in, and needs a weight "
+                             "for it", "list it under models with its weight, or drop base_model")
+        models.append({"model": base, "weight": float(cfg.top["weight"])})
     total = sum(m["weight"] for m in models)
     if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
-        raise refuse("parameters.normalize", f"false with weights summing to {total:g}: forgetless's linear is "
-                     "the weighted average", "set normalize: true (or weights summing to 1)")
+        raise cfg.refuse("parameters.normalize", f"false with weights summing to {total:g}: forgetless's linear is "
+                         "the weighted average", "set normalize: true (or weights summing to 1)")
     return {"method": "linear", "base": base if base is not None else models[0]["model"], "models": models,
             "parameters": {"lambda": 1.0}, "dtype": dtype}
 
