@@ -1,9 +1,12 @@
-"""The testbed experiment's plumbing: the general calibration set and the merge recipes it builds (the runs
-themselves are benchmarks: RESULTS.md)."""
+"""The testbed experiment's plumbing: the general calibration set, the merge recipes it builds, and the whole
+orchestration with fake fine-tunes, statistics, merges and evaluations (no real model): which model each step
+takes, the rows against hand-computed scores, and every step reused on a second run (the real runs are
+RESULTS.md)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny_llava
@@ -78,3 +81,118 @@ def test_a_merge_of_a_keep_rules_fine_tune_is_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match="keep rule of KEEPS"):
             X.run_experiment("digits", tmp_path / "w", merges=[bad])
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------------------------ the whole experiment
+SMALL = {"train": 9, "val": 3, "test": 5}
+K = 10  # items per fake evaluation
+ACC = {"base": (0.2, 0.7), "finetuned": (0.9, 0.3)}  # (task, general) accuracy of the fake models
+
+
+class Fakes:
+    """Fine-tunes write a model folder (recording the keep rule); statistics and merges record what they were
+    given; evaluation scores a model by its folder: the base, a fine-tune, or a merge (its recipe recorded)."""
+
+    def __init__(self, monkeypatch, base: Path):
+        self.finetunes: list[dict] = []
+        self.merges: list[dict] = []
+        self.stats: list[dict] = []
+        self.evals: list[str] = []
+
+        def write_tasks(root, names, **kw):
+            return {n: T.write_task(root, n, sizes=None if n == "probes" else SMALL) for n in names}
+
+        def finetune(base_, data, out, *, keep=None, log=None, force=False, **kw):
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            self.finetunes.append({"task": Path(data).parent.name, "out": out.name, "keep": keep, "lr": kw["lr"]})
+            (out / "config.json").write_text("{}")
+            (out / "model.safetensors").write_bytes(f"{keep}".encode())
+            (out / "finetune.json").write_text(json.dumps({"seconds": 1.5}))
+
+        def merge(recipe, out, **kw):
+            self.merges.append(recipe)
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "record.json").write_text(json.dumps(recipe))
+
+            class Report:
+                def summary(self):
+                    return f"merged by {recipe['method']}"
+            return Report()
+
+        def statistics_step(kind, model_dir, data, path, **kw):
+            self.stats.append({"model": Path(model_dir).name, "data": Path(data).name, "path": Path(path).name,
+                               "variant": kw["variant"]})
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(b"f")
+            return Path(path)
+
+        def evaluate(model, tasks, general, *, cache_dir, split, limit, batch_size, log):
+            from forgetless.eval.metrics import scores
+
+            model = Path(model)
+            self.evals.append(model.name)
+            acc_t, acc_g = (0.6, 0.5) if (model / "record.json").is_file() else \
+                ACC["base" if model == base else "finetuned"]
+            out = {n: {"kind": "downstream", "correct_items": "1" * round(acc_t * K) + "0" * (K - round(acc_t * K))}
+                   for n in tasks}
+            for n in general:
+                out[n] = {"kind": "general_text" if n == "probes" else "general_visual",
+                          "correct_items": "1" * round(acc_g * K) + "0" * (K - round(acc_g * K))}
+            for v in out.values():
+                v["accuracy"] = v["correct_items"].count("1") / K
+            res = {"tasks": out}
+            res["scores"] = scores(res)
+            return res, False
+
+        import forgetless
+        import forgetless.chains.steps as steps_mod
+
+        monkeypatch.setattr(T, "write_tasks", write_tasks)
+        monkeypatch.setattr("forgetless.train.finetune", finetune)
+        monkeypatch.setattr("forgetless.testbed.build.testbed_model", lambda: base)
+        monkeypatch.setattr(forgetless, "merge", merge)
+        monkeypatch.setattr(steps_mod, "statistics_step", statistics_step)
+        monkeypatch.setattr("forgetless.eval.cache.cached_evaluate", evaluate)
+
+
+def test_run_experiment_takes_each_step_at_the_right_model_and_reuses_them(tmp_path, monkeypatch):
+    base = build_tiny_llava(tmp_path / "base")
+    f = Fakes(monkeypatch, base)
+    merges = [*X.MERGES, X.Merge("SPIDER → WiSE-FT", "linear", {"lambda": 0.5}, model="spider")]
+    work = tmp_path / "w" / "digits"
+    lines: list[str] = []
+    res = X.run_experiment("digits", work, merges=merges, keeps=X.KEEPS, log=lines.append)
+    # one plain fine-tune and one per keep rule, of the same recipe
+    assert [(x["out"], x["keep"]) for x in f.finetunes] == [("finetuned", None), ("finetuned-spider", "spider"),
+                                                            ("finetuned-magnitude_mask", "magnitude_mask")]
+    # the general Fisher at θ₀ on the calibration set; the task Fisher at θ_ft (Fisher merging) and θ₀ (CGM, CGM†)
+    assert [(s["model"], s["data"], s["path"]) for s in f.stats] == [
+        ("base", "general.jsonl", "fisher_general.safetensors"),
+        ("finetuned", "train.jsonl", "fisher_task-finetuned-empirical.safetensors"),
+        ("base", "train.jsonl", "fisher_task-base-empirical.safetensors")]
+    by = {m["method"]: m for m in f.merges}
+    assert by["cgm"]["statistics"]["fisher_task"].endswith("fisher_task-base-empirical.safetensors")
+    assert by["fisher_with_base"]["models"][0]["statistics"]["fisher"].endswith(
+        "fisher_task-finetuned-empirical.safetensors")
+    assert [m["models"][0] for m in f.merges if m["method"] == "linear"] == [str(work / "finetuned"),
+                                                                              str(work / "finetuned-spider")]
+    # the rows: E and F against the base, from the fake accuracies
+    rows = {X.row_name(r): r for r in res["rows"]}
+    assert list(rows)[:4] == ["base", "fine-tuned", "SPIDER", "MagnitudeMask"] and len(rows) == 4 + len(merges)
+    for name, r in rows.items():
+        t, g = (0.6, 0.5) if name not in ("base", "fine-tuned", "SPIDER", "MagnitudeMask") else \
+            ACC["base" if name == "base" else "finetuned"]
+        assert (r["T"], r["G"]) == (100 * t, 100 * g), name
+        assert r["E"] == pytest.approx(100 * (t - 0.2)) and r["F"] == pytest.approx(100 * (g - 0.7)), name
+    assert rows["SPIDER"]["finetune_seconds"] == 1.5 and rows["TIES density=0.2 lambda=1"]["summary"] == "merged by ties"
+    assert json.loads((work / "results.json").read_text()) == res and not list((work / "merged").iterdir())
+    # a second run reuses every fine-tune; records of an earlier version (the key alone) are read too
+    for stamp in work.glob("finetuned*/recipe.hash"):
+        stamp.write_text(json.loads(stamp.read_text())["key"] + "\n")
+    again = X.run_experiment("digits", work, merges=merges, keeps=X.KEEPS, log=lines.append)
+    assert len(f.finetunes) == 3 and "fine-tuned model: reusing " + str(work / "finetuned") in lines
+    assert [r for r in again["rows"]] == res["rows"]
+    # another recipe fine-tunes again
+    X.run_experiment("digits", work, merges=[], keeps=X.KEEPS, finetune_recipe={"lr": 1e-4}, log=lines.append)
+    assert [x["lr"] for x in f.finetunes[3:]] == [1e-4] * 3

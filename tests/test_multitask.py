@@ -73,7 +73,7 @@ class Fakes:
             return res, False
 
         monkeypatch.setattr("forgetless.train.finetune", finetune)
-        monkeypatch.setattr(M, "cached_evaluate", evaluate)
+        monkeypatch.setattr("forgetless.eval.cache.cached_evaluate", evaluate)
         monkeypatch.setattr(M, "_available", lambda m: m != "lora_missing")
         self.merge = merge
 

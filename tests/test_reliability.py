@@ -397,10 +397,11 @@ def test_a_statistics_file_that_appears_meanwhile_is_kept(tmp_path):
 
 
 def test_concurrent_cache_writes_of_one_entry_never_clash(tmp_path):
-    """The evaluation cache's entries (write_json): a temporary file unique to each call, then a rename."""
+    """The evaluation cache's entries and every step record (Step.save, atomic_write): a temporary file unique to
+    each call, then a rename; a reader never sees half a record."""
     import json
 
-    from forgetless.eval.report import write_json
+    from forgetless.chains.steps import Step
 
     path = tmp_path / "entry.json"
     errors: list[BaseException] = []
@@ -408,7 +409,8 @@ def test_concurrent_cache_writes_of_one_entry_never_clash(tmp_path):
     def run(k: int) -> None:
         try:
             for i in range(20):
-                write_json(path, {"k": k, "i": i})
+                Step(path).save({"k": k, "i": i, "pad": "x" * 5000})
+                assert Step(path).done() is not None
         except BaseException as e:  # noqa: BLE001 — collected: the test is that there are none
             errors.append(e)
     threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]

@@ -211,7 +211,7 @@ def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Ten
     f = folder / ROUTING_FILE
     if not f.is_file():
         return None
-    cfg = read_json(f, remedy="restore the routed model folder")
+    cfg = read_json(f, remedy="restore the routed model folder", expect=dict)
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         raise ForgetlessError(f"not a {FORMAT} v{VERSION} routing file", file=f,
                               remedy="use the forgetless version that wrote it")

@@ -24,6 +24,7 @@ MAX_YAML_NODES = 100_000
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_JSON_TYPES = {dict: "object", list: "array"}
 
 
 def read_text(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> str:
@@ -63,9 +64,16 @@ def parse_json(text: str, *, file: str | Path | None, remedy: str) -> Any:
         raise ForgetlessError(f"invalid JSON ({e})", file=file, remedy=remedy) from None
 
 
-def read_json(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> Any:
-    """The JSON file at `path`, within the limits of this module."""
-    return parse_json(read_text(path, remedy=remedy, limit=limit), file=path, remedy=remedy)
+def read_json(path: str | Path, *, remedy: str, limit: int = MAX_BYTES, expect: type | None = None) -> Any:
+    """The JSON file at `path`, within the limits of this module. An absent file, and with `expect` (``dict`` or
+    ``list``) a value of another type, are refused too: every refusal names the file and says `remedy`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ForgetlessError("not found" if not path.exists() else "not a file", file=path, remedy=remedy)
+    data = parse_json(read_text(path, remedy=remedy, limit=limit), file=path, remedy=remedy)
+    if expect is not None and not isinstance(data, expect):
+        raise ForgetlessError(f"not a JSON {_JSON_TYPES.get(expect, expect.__name__)}", file=path, remedy=remedy)
+    return data
 
 
 def read_yaml(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> Any:

@@ -231,10 +231,7 @@ class LoraAdapter:
                 return {}  # only full replacement tensors
             raise ForgetlessError(f"no {ADAPTER_CONFIG}", file=self.path,
                                   remedy="give a PEFT adapter folder saved with save_pretrained()")
-        cfg = read_json(f, remedy="fix or restore adapter_config.json", limit=CONFIG_BYTES)
-        if not isinstance(cfg, dict):
-            raise ForgetlessError("not a JSON object", file=f, remedy="fix or restore adapter_config.json")
-        return cfg
+        return read_json(f, remedy="fix or restore adapter_config.json", limit=CONFIG_BYTES, expect=dict)
 
     def _check_config(self) -> None:
         cfg, f = self.config, self.path / ADAPTER_CONFIG

@@ -113,7 +113,7 @@ def rename_adapter(folder: Path, rename: Callable[[str], str]) -> None:
 
 
 def _config(path: Path) -> dict[str, Any]:
-    return read_json(path, remedy="restore the model folder's config.json")
+    return read_json(path, remedy="restore the model folder's config.json", expect=dict)
 
 
 def _refuse_unsupported(cfg: dict[str, Any], file: Path) -> None:

@@ -176,10 +176,7 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
-        cfg_dict = read_json(cfg, remedy="fix or restore config.json")
-        if not isinstance(cfg_dict, dict):
-            raise ForgetlessError("config.json is not a JSON object", file=cfg, remedy="fix or restore config.json")
-        return cfg_dict
+        return read_json(cfg, remedy="fix or restore config.json", expect=dict)
 
     def _files_from_index(self, index: Path) -> dict[str, Path]:
         remedy = "restore the index file from the original checkpoint"

@@ -19,6 +19,9 @@ share one; a writer removes the temporary folders of the same output left by pro
 two folders in one step (``RENAME_EXCHANGE``), so a ``kill -9`` at any instant leaves the old output or the new
 one at the path; where the file system cannot swap, :func:`recover` puts back an output that a crash left moved
 aside, before any cleanup.
+
+A single file (a JSON record, a statistics file, a plot) is written the same way by :func:`atomic_write`: a
+temporary file of a unique name beside it, renamed over it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,6 +236,47 @@ def atomic_folder(out: Path, *, replace: bool = True) -> Iterator[Path]:
         fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """A new file beside `path` named with this process's id (as :func:`temp_folder`'s), created with the
+    permissions the umask gives an ordinary file (mkstemp's are the owner's alone)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.forgetless-tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], object], *,
+                 replace: bool = True) -> Path:
+    """Write `data` to the file `path`, whole or not at all: bytes, text (UTF-8), or a function that writes the
+    path it is given. It goes to a temporary file beside `path`, unique to this call (concurrent writers never
+    share one), renamed over `path`; on any failure the temporary file is removed and an error of the operating
+    system names `path` (a full disk says which file). ``replace=False``: an existing `path` is kept and
+    FileExistsError raised (the file system's no-replace rename of a file: a hard link)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_file(path)
+    try:
+        with naming(path):
+            if callable(data):
+                os.close(fd)
+                data(tmp)
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # FileExistsError on an existing path
+            os.unlink(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def parse_size(size: str | int) -> int:

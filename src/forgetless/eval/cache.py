@@ -1,14 +1,16 @@
 """Evaluations cached by what determines them: the model's weights (sha256 of its weight files), the task files
-(sha256), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same weights as another (task
-arithmetic and WiSE-FT of one model at the same λ) is evaluated once."""
+(sha256), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same
+weights as another (task arithmetic and WiSE-FT of one model at the same λ) is evaluated once. Each task's score is
+a content-addressed step (:class:`forgetless.chains.steps.Step`): its file is named by the fingerprint of those."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from ..chains.steps import Step, fingerprint
 
 EVAL_VERSION = 2  # bump when scoring or the stored fields change: it invalidates cached results (2: correct_items)
 # (acc_norm beside acc did not bump it: acc is unchanged, and an entry without acc_norm reads as lacking it)
@@ -43,15 +45,14 @@ def _task_digest(spec: Any, split: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_path(cache: Path, digest: str, split: str, name: str, group: int, spec: Any, limit: int | None,
-                dtype: str) -> Path:
-    """Where a task's score is cached: the hash of everything that determines it."""
+def _cache_step(cache: Path, digest: str, split: str, name: str, group: int, spec: Any, limit: int | None,
+                dtype: str) -> Step:
+    """A task's score as a step: its file named by the fingerprint of everything that determines it."""
     fields = {"v": EVAL_VERSION, "w": digest, "split": split, "name": name, "group": group,
               "t": _task_digest(spec, split), "limit": limit}
     if dtype != "float32":
         fields["dtype"] = dtype
-    key = json.dumps(fields, sort_keys=True)
-    return cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return Step(cache / f"{fingerprint(fields, 24)}.json")
 
 
 def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general: dict[str, Any] | None, *,
@@ -66,7 +67,6 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     from ..stats.distributed import dist_info, from_rank0
     from .harness import evaluate
     from .metrics import scores
-    from .report import write_json
 
     general = general or {}
     limits = limit if isinstance(limit, dict) else {n: limit for n in [*tasks, *general]}
@@ -75,21 +75,22 @@ def cached_evaluate(model_dir: str | os.PathLike, tasks: dict[str, Any], general
     entries: dict[str, Any] = {}
     missing: dict[int | None, tuple[dict, dict]] = {}
     keyed = [(group, name, spec) for group, pairs in enumerate((tasks, general)) for name, spec in pairs.items()]
-    paths = [_cache_path(cache, digest, split, name, group, spec, limits.get(name), dtype) for group, name, spec in keyed]
-    cached = from_rank0([p.is_file() for p in paths])  # under torchrun every rank takes rank 0's view
-    for (group, name, spec), path, hit in zip(keyed, paths, cached):
-        if hit:
-            entries[name] = json.loads(path.read_text())
+    steps = [_cache_step(cache, digest, split, name, group, spec, limits.get(name), dtype)
+             for group, name, spec in keyed]
+    done = from_rank0([s.done() for s in steps])  # under torchrun every rank takes rank 0's entries
+    for (group, name, spec), step, entry in zip(keyed, steps, done):
+        if entry is not None:
+            entries[name] = entry
         else:
-            missing.setdefault(limits.get(name), ({}, {}))[group][name] = (spec, path)
+            missing.setdefault(limits.get(name), ({}, {}))[group][name] = (spec, step)
     for lim, (t, g) in missing.items():
         r = evaluate(model_dir, {n: s for n, (s, _) in t.items()}, general={n: s for n, (s, _) in g.items()},
                      split=split, limit=lim, batch_size=batch_size, dtype=dtype, device=device, log=log,
                      progress=log is not None, keep_predictions=False, metrics=("acc", "acc_norm"))
-        for name, (_, path) in {**t, **g}.items():
+        for name, (_, step) in {**t, **g}.items():
             entry = {**r["tasks"][name], "seconds": r.get("seconds")}
             if dist_info()[0] == 0:
-                write_json(path, entry)  # a temporary file unique to this call, renamed: concurrent runs never clash
+                step.save(entry)
             entries[name] = entry
     result: dict[str, Any] = {"model": str(model_dir), "split": split, "dtype": dtype,
                               "tasks": {n: entries[n] for n in [*tasks, *general]}}

@@ -66,10 +66,7 @@ def _read_task_json(folder: Path) -> dict:
     f = folder / "task.json"
     if not f.is_file():
         return {}
-    meta = read_json(f, remedy='task.json is {"name", "kind", "description", "metric"}')
-    if not isinstance(meta, dict):
-        raise ForgetlessError("task.json is not a JSON object", file=f,
-                              remedy='task.json is {"name", "kind", "description", "metric"}')
+    meta = read_json(f, remedy='task.json is {"name", "kind", "description", "metric"}', expect=dict)
     if meta.get("kind") is not None and meta["kind"] not in KINDS:
         raise ForgetlessError(f"unknown task kind {meta['kind']!r}", file=f, remedy=f"use one of {', '.join(KINDS)}")
     if meta.get("metric") is not None and meta["metric"] not in METRICS:
@@ -649,12 +646,29 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     scores one more token per option) as ``{"accuracy", "correct", "correct_items"}`` (exact-match records counted
     as in ``acc``), and so has the result (``{"scores"}``).
     """
-    from ..cpm import load_model
-    from ..stats.run import resolve_device
-    from .metrics import metric_view
-    from .metrics import scores as summary_scores
-
     model_dir = Path(model_dir)
+    extra = _check_request(model_dir, limit, metrics)
+    loaded = _load_tasks(tasks, general, split, task_root, limit)
+    encoder = Encoder(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    for spec, samples, _ in loaded:
+        if encoder.processor is None and any(s.image is not None for s in samples):
+            raise ForgetlessError(f"task {spec.name!r} has images but the model has no image processor",
+                                  file=spec.path, remedy="evaluate a multimodal model (with processor files)")
+    t0 = time.perf_counter()
+    results = _score_tasks(model_dir, loaded, encoder, extra, device=device, dtype=dtype, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, keep_predictions=keep_predictions,
+                           say=log if progress else None)
+    seconds = time.perf_counter() - t0
+    total = sum(len(s) for _, s, _ in loaded)
+    pixels = {"pixels": [min_pixels, max_pixels]} if min_pixels or max_pixels else {}
+    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, **pixels, "tasks": results,
+           "seconds": round(seconds, 3),
+           "samples_per_s": round(total / seconds, 3) if seconds else None}
+    return _with_scores(out, extra)
+
+
+def _check_request(model_dir: Path, limit: int | None, metrics: Sequence[str]) -> list[str]:
+    """The refusals that need no task file; returns the metrics asked beside ``acc``."""
     if not (model_dir / "config.json").is_file():
         raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
                               remedy="pass a Hugging Face model folder")
@@ -665,7 +679,12 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     if set(metrics) - set(MC_METRICS):
         raise ForgetlessError(f"unknown metrics {sorted(set(metrics) - set(MC_METRICS))}",
                               remedy=f"use some of {', '.join(MC_METRICS)}")
-    extra = [m for m in MC_METRICS[1:] if m in metrics]
+    return [m for m in MC_METRICS[1:] if m in metrics]
+
+
+def _load_tasks(tasks: Mapping[str, Any], general: Mapping[str, Any] | None, split: str,
+                task_root: str | os.PathLike | None, limit: int | None) -> list[tuple[TaskSpec, list[Sample], str]]:
+    """(spec, samples, group) of every task, downstream first; names unique, at least one task."""
     specs: list[tuple[TaskSpec, str]] = []
     for group_tasks, group in ((tasks, "downstream"), (general or {}, "general")):
         for name, t in group_tasks.items():
@@ -677,17 +696,19 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
         raise ForgetlessError(f"task names given twice: {', '.join(dup)}", remedy="give each task once")
     if not specs:
         raise ForgetlessError("no tasks to evaluate", remedy="pass --tasks and/or --general")
-    loaded = [(spec, _load_task(spec, limit), group) for spec, group in specs]
-    encoder = Encoder(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-    for spec, samples, _ in loaded:
-        if encoder.processor is None and any(s.image is not None for s in samples):
-            raise ForgetlessError(f"task {spec.name!r} has images but the model has no image processor",
-                                  file=spec.path, remedy="evaluate a multimodal model (with processor files)")
-    total = sum(len(s) for _, s, _ in loaded)
-    say = log if progress else None
+    return [(spec, _load_task(spec, limit), group) for spec, group in specs]
 
-    t0 = time.perf_counter()
+
+def _score_tasks(model_dir: Path, loaded: list[tuple[TaskSpec, list[Sample], str]], encoder: Encoder,
+                 extra: list[str], *, device: str, dtype: str, batch_size: int, max_new_tokens: int,
+                 keep_predictions: bool, say: Callable[[str], None] | None) -> dict[str, Any]:
+    """Every task's entry: the model loaded once; under torchrun each rank scores its share, gathered."""
+    from ..cpm import load_model
+    from ..stats.run import resolve_device
+
+    total = sum(len(s) for _, s, _ in loaded)
     dev = resolve_device(device)
+    results: dict[str, Any] = {}
     with process_group(dev) as (rank, world):
         say = say if rank == 0 else None
         model = load_model(model_dir, dtype=dtype, device=str(dev))  # a CPM-routed folder comes with its routing
@@ -695,7 +716,6 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
             ranks = f", {world} processes" if world > 1 else ""
             say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype}{ranks})")
         meter = _Progress(total, say, scale=world)
-        results: dict[str, Any] = {}
         with torch.no_grad():
             for spec, samples, group in loaded:
                 mine = shard_by_length(samples, rank, world)
@@ -703,13 +723,16 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
                                meter)
                 ordered = _gathered(own, mine, len(samples))
                 results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
-    seconds = time.perf_counter() - t0
-    pixels = {"pixels": [min_pixels, max_pixels]} if min_pixels or max_pixels else {}
-    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, **pixels, "tasks": results,
-           "seconds": round(seconds, 3),
-           "samples_per_s": round(total / seconds, 3) if seconds else None}
+    return results
+
+
+def _with_scores(out: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """The result with its summary scores (T, G_v, G_t, G), and each extra metric's."""
+    from .metrics import metric_view
+    from .metrics import scores as summary_scores
+
     out["scores"] = summary_scores(out)
-    if any(t["metric"] != "exact" for t in results.values()):
+    if any(t["metric"] != "exact" for t in out["tasks"].values()):
         for m in extra:
             out[m] = {"scores": summary_scores(metric_view(out, m))}
     return out

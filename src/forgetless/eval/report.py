@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import safeload
-from ..errors import naming
+from ..checkpoint.writer import atomic_write
 from .metrics import (
     FINGERPRINTS,
     MC_METRIC_DOC,
@@ -93,24 +92,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None 
 # files
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".forgetless-tmp", dir=path.parent)
-    try:
-        with naming(path), os.fdopen(fd, "wb") as f:  # a full disk names the file, not only "No space left"
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON: to a temporary file beside ``path``, renamed into place."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -118,10 +102,8 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     from ..errors import ForgetlessError
 
     p = Path(path)
-    if not p.is_file():
-        raise ForgetlessError("result file not found", file=p, remedy="pass a JSON written by forgetless eval")
-    data = safeload.read_json(p, remedy="pass a JSON written by forgetless eval")
-    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+    data = safeload.read_json(p, remedy="pass a JSON written by forgetless eval", expect=dict)
+    if not isinstance(data.get("tasks"), dict):
         raise ForgetlessError("not an evaluation result (no 'tasks')", file=p,
                               remedy="pass a JSON written by forgetless eval --out")
     data["path"] = str(p)
@@ -221,7 +203,7 @@ def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str
         if pts:
             ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        return _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 

@@ -15,7 +15,7 @@ Metadata (all strings, as safetensors requires):
 A Fisher file holds F = sums / N (the mean); a Gram file holds Σ x xᵀ (the sum) and the token counts.
 :class:`Statistics` reads one statistic by module name, from one file or from several that complete each other
 (runs of the same model and data over disjoint ``--scope``).
-Files appear whole or not at all (written to a temporary file in the same folder, then ``os.replace``). A tensor
+Files appear whole or not at all (:func:`forgetless.checkpoint.writer.atomic_write`). A tensor
 with a NaN or Inf is refused, naming the tensor. Stored in float32 (default) or bfloat16; never float16, whose
 range the tiny squared gradients fall out of.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .._version import __version__
 from ..checkpoint.reader import CheckpointReader, read_safetensors_metadata
+from ..checkpoint.writer import atomic_write
 from ..errors import ForgetlessError
 from ..safeload import parse_json
 
 STORE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _version() -> str:
-    try:
-        from .. import __version__  # lazily: the package __init__ imports the engine, which may import us
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    return __version__
 
 
 def model_fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
@@ -93,7 +86,7 @@ def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
         out[name] = c
     meta = {"format": "pt", "kind": str(kind), "num_samples": str(int(num_samples)),
             "model_fingerprint": str(model_fingerprint), "data_fingerprint": str(data_fingerprint),
-            "forgetless_version": _version()}
+            "forgetless_version": __version__}
     if model_weights_fingerprint is not None:
         meta["model_weights_fingerprint"] = str(model_weights_fingerprint)
     if shared:
@@ -109,25 +102,12 @@ def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
                                           sort_keys=True)
     if extra:
         meta["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(out, tmp, metadata=meta)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails on an existing path: the no-replace rename of a file
-            except FileExistsError:
-                raise ForgetlessError("output file appeared while the statistics were computed (another "
-                                      "process wrote it); it was left as it is", file=path,
-                                      remedy="choose another --out, or pass --force to replace it") from None
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta), replace=replace)
+    except FileExistsError:
+        raise ForgetlessError("output file appeared while the statistics were computed (another process wrote "
+                              "it); it was left as it is", file=path,
+                              remedy="choose another --out, or pass --force to replace it") from None
     return path
 
 

@@ -22,26 +22,25 @@ adapter trained from the base on that task alone, and after every task one model
 
 ``results.json`` keeps, per method, the accuracy matrix (row t: after task t) with each cell's per-item
 correctness, from which :mod:`.report` bootstraps final average accuracy, average forgetting and G. Every cell is
-cached in ``cells/`` (its key: the method, its options, the adapters so far, split and limit), so a rerun redoes
-only what changed; LPM's state folders step on only as far as they have not.
+a step (:class:`forgetless.chains.steps.Step`) recorded in ``cells/`` (its key: the method, its options, the
+adapters so far, split and limit), so a rerun redoes only what changed; LPM's state folders step on only as far as
+they have not.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..chains.steps import Step, fingerprint, read_record
 from ..errors import ForgetlessError
-from ..eval.cache import cached_evaluate
 from . import experiment as X
 from . import multitask as MT
-from . import tasks as T
+from .context import Context
 
 # the task sequence: the five downstream tasks whose adapters learn (multitask.LEARNED; odd_colour does not)
 SEQUENCE = ["digits", "spatial", "count_many", "tag", "largest_colour"]
@@ -49,7 +48,7 @@ SEQUENCE = ["digits", "spatial", "count_many", "tag", "largest_colour"]
 # projector with each task, and CPM keeps one projector per task (without it, CPM would route between copies)
 LORA = {**MT.LORA, "targets": [*MT.LORA["targets"], "projector"]}
 ADAPTER = {**MT.ADAPTER, "train": ["language.layers", "projector"], "lora": LORA}
-TASK_LIMIT = 300  # test items per task and cell: 15 cells per method (5 + 4 + … + 1), ~5 min of evaluation each
+TASK_LIMIT = 300  # test items per task and cell: 15 cells per method (5 + 4 + … + 1); their cost: RESULTS.md
 TA_GRID = [0.4, 0.7, 1.0]  # task arithmetic's λ, chosen after every task on the validation splits of tasks so far
 # the Linear layers the adapters adapt (every one of the decoder layers and the projector's two): RegMean's scope
 ADAPTED_SCOPE = ["language.layers", "projector"]
@@ -66,7 +65,16 @@ def _slug(label: str) -> str:
 
 
 def _adapter_fp(adapter: Path) -> str:
-    return (adapter / "recipe.hash").read_text().strip()
+    """The fingerprint an adapter was trained from (its fine-tune's step key): what identifies it in a cell's key."""
+    record = read_record(adapter / X.FINETUNE_RECORD)
+    if record is None:
+        raise ForgetlessError("no record of the fine-tune that made this adapter", file=adapter,
+                              remedy="remove the folder: the next run trains it again")
+    return record["key"]
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*.safetensors")) if p.is_dir() else p.stat().st_size
 
 
 def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, methods: list[str] | None = None,
@@ -78,245 +86,256 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
     """The whole protocol (module docstring); writes and returns ``workdir/results.json``. Tasks are generated under
     `tasks_root` (default ``workdir/../tasks``) and evaluations cached under `cache_dir` (default
     ``workdir/../eval-cache``), shared with the other testbed experiments."""
-    import forgetless
-
-    from ..chains.continual import add_task, load_state, state_bytes
-    from ..chains.steps import statistics_step
-    from .build import testbed_model
-
-    t_start = time.perf_counter()
-    workdir = Path(workdir)
     sequence = list(sequence or SEQUENCE)
     methods = list(METHODS if methods is None else methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(sequence) < 2:
         raise ForgetlessError(f"unknown methods {unknown}" if unknown else "a sequence needs two tasks or more",
                               remedy=f"methods from {METHODS}; a sequence of testbed task names")
-    recipe = {**ADAPTER, **(adapter_recipe or {})}
-    ta_grid = list(ta_grid or TA_GRID)
-    base = Path(base) if base is not None else testbed_model()
-    tasks_root = Path(tasks_root) if tasks_root else workdir.parent / "tasks"
-    cache = Path(cache_dir) if cache_dir else workdir.parent / "eval-cache"
-    roots = T.write_tasks(tasks_root, [*sequence, *T.GENERAL_VISUAL, "probes"])
-    general = {n: roots[n] for n in [*T.GENERAL_VISUAL, "probes"]}
-    models_dir, cells_dir, stats_dir = workdir / "models", workdir / "cells", workdir / "statistics"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {"finetune": 0.0, "statistics": 0.0, "evaluate": 0.0}
-    merge_seconds: dict[str, list[float]] = {m: [] for m in methods}
+    ctx = Context.open(workdir, sequence, timings=("finetune", "statistics", "evaluate"), base=base,
+                       tasks_root=tasks_root, cache_dir=cache_dir, eval_batch=EVAL_BATCH, log=log)
+    run = Continual(ctx, sequence, methods, {**ADAPTER, **(adapter_recipe or {})}, task_limit, general_limits,
+                    gram_samples, list(ta_grid or TA_GRID))
+    joint_adapter = run.train_adapters(joint)
+    for t in range(1, len(sequence) + 1):
+        run.after_task(t)
+    joint_row = run.joint_row(joint_adapter) if joint_adapter is not None else None
+    base_r, _ = run.evaluate(ctx.base, sequence, general=True)
+    results = ctx.write(run.results(base_r, joint_row, joint))
+    shutil.rmtree(run.models / "current", ignore_errors=True)
+    return results
 
-    def evaluate(model: Path, names: list[str], split: str = "test", with_general: bool = False):
-        t0 = time.perf_counter()
-        lim = {n: task_limit for n in names} if task_limit else {}
-        out = cached_evaluate(model, {n: roots[n] for n in names}, general if with_general else None,
-                              cache_dir=cache, split=split, limit={**lim, **(general_limits or {})} or None,
-                              batch_size=EVAL_BATCH, log=None)
-        timings["evaluate"] += time.perf_counter() - t0
-        return out
 
-    def finetuned(task_dir: Path, out: Path, r: dict) -> Path:
-        t0 = time.perf_counter()
-        p = X.finetuned_model(base, task_dir, out, r, log)
-        timings["finetune"] += time.perf_counter() - t0
-        return p
+@dataclass
+class Continual:
+    """The protocol between its steps: the options, the adapters trained (each task's own, the sequential chain),
+    their folded models and Grams as far as made, and the cells of every method so far."""
 
-    def merge_adapters(method: str, params: dict, adapters: list[Path], out: Path) -> Any:
-        return MT.merge_adapters(method, params, base, adapters, out, forgetless.merge)
+    ctx: Context
+    sequence: list[str]
+    methods: list[str]
+    recipe: dict
+    task_limit: int | None
+    general_limits: dict[str, int] | None
+    gram_samples: int
+    ta_grid: list[float]
+    own: dict[str, Path] = field(default_factory=dict)
+    chain: list[Path] = field(default_factory=list)
+    folded: dict[str, Path] = field(default_factory=dict)
+    grams: dict[str, Path] = field(default_factory=dict)
+    cells: dict[str, list[dict]] = field(default_factory=dict)
+    individual: list[dict] = field(default_factory=list)
+    chosen_ta: list[float] = field(default_factory=list)
 
-    # 1: the adapters, the sequential chain, the joint adapter
-    own = {n: finetuned(roots[n], workdir / "adapters" / n, recipe) for n in sequence}
-    chain = [own[sequence[0]]]
-    for t, name in enumerate(sequence[1:], 2):
-        chain.append(finetuned(roots[name], workdir / "sequential" / f"{t}-{name}",
-                               {**recipe, "init_adapter": str(chain[-1])}))
-    joint_steps = MT.JOINT_STEPS_PER_TASK * len(sequence)
-    joint_adapter = finetuned(MT.joint_data(roots, sequence, workdir / "joint-data"), workdir / "adapters" / "joint",
-                              {**recipe, "steps": joint_steps}) if joint else None
-    train = {n: roots[n] / "train.jsonl" for n in sequence}
+    def __post_init__(self):
+        self.cells = {m: [] for m in self.methods}
 
-    # the own adapters folded: the individual reference, and RegMean's models (with their Grams at themselves)
-    folded: dict[str, Path] = {}
+    @property
+    def models(self) -> Path:
+        return self.ctx.workdir / "models"
 
-    def own_model(name: str) -> Path:
-        if name not in folded:
-            out = models_dir / f"own-{name}"
-            stamp = out / "adapter.hash"
-            if not (stamp.is_file() and stamp.read_text() == _adapter_fp(own[name])):
-                MT.fold(base, own[name], out, forgetless.merge)
-                stamp.write_text(_adapter_fp(own[name]))
-            folded[name] = out
-        return folded[name]
+    @property
+    def joint_steps(self) -> int:
+        return MT.JOINT_STEPS_PER_TASK * len(self.sequence)
 
-    grams: dict[str, Path] = {}
+    def train(self, name: str) -> Path:
+        return self.ctx.roots[name] / "train.jsonl"
 
-    def own_gram(name: str) -> Path:
-        if name not in grams:
-            t0 = time.perf_counter()
-            grams[name] = statistics_step("gram", own_model(name), train[name],
-                                          stats_dir / f"regmean-gram-{name}.safetensors", scope=ADAPTED_SCOPE,
-                                          n=gram_samples, seed=0, role=f"RegMean Gram ({name})", log=log,
-                                          batch_size=8, progress=False)
-            timings["statistics"] += time.perf_counter() - t0
-        return grams[name]
+    def evaluate(self, model: Path, names: list[str], split: str = "test", general: bool = False):
+        lim = {n: self.task_limit for n in names} if self.task_limit else {}
+        return self.ctx.evaluate(model, names, split=split, general=general,
+                                 limit={**lim, **(self.general_limits or {})} or None)
 
-    def save_cell(f: Path, row: dict) -> None:
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row) + "\n")
-        tmp.replace(f)
+    def train_adapters(self, joint: bool) -> Path | None:
+        """Step 1: each task's own adapter, the sequential chain (each continuing the previous one) and, with
+        `joint`, the joint adapter (returned)."""
+        ctx, seq = self.ctx, self.sequence
+        self.own = {n: ctx.finetuned(ctx.roots[n], ctx.workdir / "adapters" / n, self.recipe) for n in seq}
+        self.chain = [self.own[seq[0]]]
+        for t, name in enumerate(seq[1:], 2):
+            self.chain.append(ctx.finetuned(ctx.roots[name], ctx.workdir / "sequential" / f"{t}-{name}",
+                                            {**self.recipe, "init_adapter": str(self.chain[-1])}))
+        if not joint:
+            return None
+        data = MT.joint_data(ctx.roots, seq, ctx.workdir / "joint-data")
+        return ctx.finetuned(data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps})
 
-    # 2–3: the accuracy matrices, one cell (method, after task t) at a time
-    cells: dict[str, list[dict]] = {m: [] for m in methods}
-    individual: list[dict] = []
-    chosen_ta: list[float] = []
+    def own_model(self, name: str) -> Path:
+        """Task `name`'s own adapter folded into the base: the individual reference and RegMean's model; a step
+        keyed by the adapter's fingerprint."""
+        if name not in self.folded:
+            out = self.models / f"own-{name}"
 
-    def after_task(t: int) -> None:
-        so_far = sequence[:t]
-        last = t == len(sequence)
-        fps = [_adapter_fp(own[n]) for n in so_far]
-        adapters = [own[n] for n in so_far]
+            def make() -> None:
+                self.ctx.merged(MT.fold_recipe(self.ctx.base, self.own[name]), out)
 
-        def cell(label: str, extra: dict, build: Callable[[Path], Any], names: list[str] | None = None,
-                 measure: Callable[[], dict] | None = None) -> dict:
-            """The cached row of (label, task t), or: build the model, evaluate it, add `measure()` (what the
-            build left behind, taken now), save the row."""
-            names = names or so_far
-            general_too = last and names == so_far
-            key = X.stable_hash({"tasks": so_far, "limit": task_limit,
-                                 "general": general_limits if general_too else None, "method": label, **extra,
-                                 "names": names})
-            f = cells_dir / f"{_slug(label)}-{t}.json"
-            if f.is_file():
-                row = json.loads(f.read_text())
-                if row.get("key") == key:
-                    return row
-            out = models_dir / "current"
+            Step(out / "adapter.hash", _adapter_fp(self.own[name])).run(make)
+            self.folded[name] = out
+        return self.folded[name]
+
+    def own_gram(self, name: str) -> Path:
+        """The Gram of RegMean's model of task `name`, taken at itself on its training data."""
+        from ..chains import steps
+
+        if name not in self.grams:
+            with self.ctx.timed("statistics"):
+                self.grams[name] = steps.statistics_step(
+                    "gram", self.own_model(name), self.train(name),
+                    self.ctx.workdir / "statistics" / f"regmean-gram-{name}.safetensors", scope=ADAPTED_SCOPE,
+                    n=self.gram_samples, seed=0, role=f"RegMean Gram ({name})", log=self.ctx.log, batch_size=8,
+                    progress=False)
+        return self.grams[name]
+
+    def after_task(self, t: int) -> None:
+        """Steps 2–3 after task `t`: the individual reference's cell and every method's."""
+        so_far = self.sequence[:t]
+        fp = _adapter_fp(self.own[so_far[-1]])
+        self.individual.append(self.cell(t, "own adapter", {"adapter": fp}, lambda out: self.own_model(so_far[-1]),
+                                         names=so_far[-1:]))
+        for label in self.methods:
+            self.cells[label].append(self.method_cell(t, label))
+
+    def method_cell(self, t: int, label: str) -> dict:
+        """Method `label`'s cell after task `t`, its model built from what the method may keep."""
+        ctx, so_far = self.ctx, self.sequence[:t]
+        adapters = [self.own[n] for n in so_far]
+        fps = [_adapter_fp(a) for a in adapters]
+        if label == "sequential FT":
+            return self.cell(t, label, {"adapter": _adapter_fp(self.chain[t - 1])},
+                             lambda out: ctx.merged(MT.fold_recipe(ctx.base, self.chain[t - 1]), out))
+        if label == "TA":
+            lam = self.choose_ta(so_far)
+            self.chosen_ta.append(lam)
+            return self.cell(t, label, {"adapters": fps, "lambda": lam}, lambda out: ctx.merged(
+                MT.adapters_recipe("lora_task_arithmetic", {"lambda": lam}, ctx.base, adapters), out))
+        if label == "TIES":
+            return self.cell(t, label, {"adapters": fps, **TIES},
+                             lambda out: ctx.merged(MT.adapters_recipe("lora_ties", TIES, ctx.base, adapters), out))
+        if label == "RegMean":
+            models = [{"model": str(self.own_model(n)), "statistics": {"gram": str(self.own_gram(n))}} for n in so_far]
+            recipe = {"method": "regmean", "base": str(ctx.base), "parameters": dict(REGMEAN), "seed": 0,
+                      "models": models}
+            return self.cell(t, label, {"adapters": fps, **REGMEAN, "gram_samples": self.gram_samples},
+                             lambda out: ctx.merged(recipe, out))
+        from ..chains.continual import state_bytes
+
+        opts = LPM_STATES[label]
+        state = ctx.workdir / "states" / f"{_slug(label)}-{fingerprint([self.recipe, self.gram_samples, opts])[:8]}"
+        return self.cell(t, label, {"adapters": fps, "gram_samples": self.gram_samples, **opts},
+                         lambda out: self.lpm_step(so_far, out, state, opts),
+                         measure=lambda: {"state_bytes": state_bytes(state)})
+
+    def cell(self, t: int, label: str, extra: dict, build: Callable[[Path], Any], names: list[str] | None = None,
+             measure: Callable[[], dict] | None = None) -> dict:
+        """The row of (`label`, task `t`): a step keyed by the method, its options (`extra`), the tasks so far and
+        the limits. Made by building the model (`build`), evaluating it on `names` (default: the tasks so far; the
+        general tasks too after the last task) and adding `measure()` (what the build left behind, taken now)."""
+        so_far = self.sequence[:t]
+        names = names or so_far
+        general = t == len(self.sequence) and names == so_far
+        key = fingerprint({"tasks": so_far, "limit": self.task_limit,
+                           "general": self.general_limits if general else None, "method": label, **extra,
+                           "names": names})
+
+        def make() -> dict:
+            out = self.models / "current"
             t0 = time.perf_counter()
             built = build(out)
             seconds = time.perf_counter() - t0
             model = built if isinstance(built, Path) else out
-            r, _ = evaluate(model, names, with_general=general_too)
-            row = {"key": key, "method": label, "step": t, "merge_seconds": round(seconds, 2),
-                   **X.task_fields(r), **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
-            if label == "LPM + CPM" and general_too:
-                row["routing"] = routing_accuracy(model, {n: roots[n] for n in sequence})
+            r, _ = self.evaluate(model, names, general=general)
+            row = {"method": label, "step": t, "merge_seconds": round(seconds, 2), **X.task_fields(r),
+                   **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
+            if label == "LPM + CPM" and general:
+                row["routing"] = routing_accuracy(model, {n: self.ctx.roots[n] for n in self.sequence})
             row.update(measure() if measure is not None else {})
-            save_cell(f, row)
             if model == out:
                 shutil.rmtree(out, ignore_errors=True)
-            log(f"after task {t} ({so_far[-1]}), {label}: " + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in names)
-                + (f"  G {row['G']:.1f}" if general_too else "") + f"  [{seconds:.0f} s to build]")
+            self.ctx.log(f"after task {t} ({so_far[-1]}), {label}: "
+                         + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in names)
+                         + (f"  G {row['G']:.1f}" if general else "") + f"  [{seconds:.0f} s to build]")
             return row
 
-        def lpm_step(out: Path, state: Path, opts: dict) -> Path:
-            paths = [str(own[n].resolve()) for n in so_far]
-            have = [x["adapter"] for x in load_state(state)["tasks"]] if state.exists() else []
-            if have == paths and (out / "config.json").is_file():
-                return out  # stepped, and its output written, before an interruption
-            todo = so_far
-            if have == paths[:-1]:
-                todo = so_far[-1:]
-            else:  # another history: replay the tasks before this one
-                shutil.rmtree(state, ignore_errors=True)
-            for n in todo:
-                add_task(state, adapter=own[n], data=train[n], n=gram_samples, base=base, name=n,
-                         approx=opts.get("approx"), stats_dir=stats_dir, cpm_n=gram_samples,
-                         cpm_data=train[n] if opts.get("cpm") else None,
-                         out=out if n == so_far[-1] else None, force=True, log=None)
-            return out
+        return Step(self.ctx.workdir / "cells" / f"{_slug(label)}-{t}.json", key).run(make)[0]
 
-        # the individual reference: task t by its own adapter, just after learning it
-        individual.append(cell("own adapter", {"adapter": fps[-1]}, lambda out: own_model(so_far[-1]),
-                               names=so_far[-1:]))
-        for label in methods:
-            if label == "sequential FT":
-                row = cell(label, {"adapter": _adapter_fp(chain[t - 1])},
-                           lambda out: MT.fold(base, chain[t - 1], out, forgetless.merge))
-            elif label == "TA":
-                lam = _choose_ta(adapters, so_far, ta_grid, models_dir, evaluate, merge_adapters, log)
-                chosen_ta.append(lam)
-                row = cell(label, {"adapters": fps, "lambda": lam}, lambda out, lam=lam: merge_adapters(
-                    "lora_task_arithmetic", {"lambda": lam}, adapters, out))
-            elif label == "TIES":
-                row = cell(label, {"adapters": fps, **TIES},
-                           lambda out: merge_adapters("lora_ties", TIES, adapters, out))
-            elif label == "RegMean":
-                models = [{"model": str(own_model(n)), "statistics": {"gram": str(own_gram(n))}} for n in so_far]
-                row = cell(label, {"adapters": fps, **REGMEAN, "gram_samples": gram_samples},
-                           lambda out, models=models: forgetless.merge(
-                               {"method": "regmean", "base": str(base), "parameters": dict(REGMEAN), "seed": 0,
-                                "models": models}, out=out, force=True, progress=False, log=None))
-            else:
-                opts = LPM_STATES[label]
-                state = workdir / "states" / f"{_slug(label)}-{X.stable_hash([recipe, gram_samples, opts])[:8]}"
-                row = cell(label, {"adapters": fps, "gram_samples": gram_samples, **opts},
-                           lambda out, state=state, opts=opts: lpm_step(out, state, opts),
-                           measure=lambda state=state: {"state_bytes": state_bytes(state)})
-            cells[label].append(row)
-            merge_seconds[label].append(row["merge_seconds"])
+    def lpm_step(self, so_far: list[str], out: Path, state: Path, opts: dict) -> Path:
+        """The LPM state stepped to the tasks so far (only the last task's step when it holds the ones before,
+        else replayed from the first) and its model written to `out`."""
+        from ..chains.continual import add_task, load_state
 
-    for t in range(1, len(sequence) + 1):
-        after_task(t)
+        paths = [str(self.own[n].resolve()) for n in so_far]
+        have = [x["adapter"] for x in load_state(state)["tasks"]] if state.exists() else []
+        if have == paths and (out / "config.json").is_file():
+            return out  # stepped, and its output written, before an interruption
+        todo = so_far
+        if have == paths[:-1]:
+            todo = so_far[-1:]
+        else:  # another history: replay the tasks before this one
+            shutil.rmtree(state, ignore_errors=True)
+        for n in todo:
+            add_task(state, adapter=self.own[n], data=self.train(n), n=self.gram_samples, base=self.ctx.base, name=n,
+                     approx=opts.get("approx"), stats_dir=self.ctx.workdir / "statistics", cpm_n=self.gram_samples,
+                     cpm_data=self.train(n) if opts.get("cpm") else None,
+                     out=out if n == so_far[-1] else None, force=True, log=None)
+        return out
 
-    joint_row = None
-    if joint_adapter is not None:
-        key = X.stable_hash({"joint": _adapter_fp(joint_adapter), "tasks": sequence, "limit": task_limit,
-                             "general": general_limits})
-        f = cells_dir / "joint.json"
-        joint_row = json.loads(f.read_text()) if f.is_file() else None
-        if joint_row is None or joint_row.get("key") != key:
-            out = MT.fold(base, joint_adapter, models_dir / "current", forgetless.merge)
-            r, _ = evaluate(out, sequence, with_general=True)
-            joint_row = {"key": key, "method": "joint LoRA", "step": len(sequence), **X.task_fields(r),
-                         **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
-            save_cell(f, joint_row)
+    def choose_ta(self, so_far: list[str]) -> float:
+        """Task arithmetic's λ after task t: the best mean validation accuracy over tasks 1..t (ties: the first)."""
+        ctx = self.ctx
+        adapters = [self.own[n] for n in so_far]
+        best: tuple[float, float] | None = None
+        out = self.models / "sweep"
+        for lam in self.ta_grid:
+            ctx.merged(MT.adapters_recipe("lora_task_arithmetic", {"lambda": lam}, ctx.base, adapters), out)
+            r, _ = self.evaluate(out, so_far, "val")
+            avg = 100 * sum(r["tasks"][n]["accuracy"] for n in so_far) / len(so_far)
+            if best is None or avg > best[0]:
+                best = (avg, lam)
+        shutil.rmtree(out, ignore_errors=True)
+        ctx.log(f"TA after {len(so_far)} tasks: λ = {best[1]:g} (validation {best[0]:.1f})")  # type: ignore[index]
+        return best[1]  # type: ignore[index]
+
+    def joint_row(self, adapter: Path) -> dict:
+        """The joint adapter's row after the last task, a step keyed by its fingerprint, the tasks and limits."""
+        key = fingerprint({"joint": _adapter_fp(adapter), "tasks": self.sequence, "limit": self.task_limit,
+                           "general": self.general_limits})
+
+        def make() -> dict:
+            out = self.models / "current"
+            self.ctx.merged(MT.fold_recipe(self.ctx.base, adapter), out)
+            r, _ = self.evaluate(out, self.sequence, general=True)
             shutil.rmtree(out, ignore_errors=True)
-    base_r, _ = evaluate(base, sequence, with_general=True)
+            return {"method": "joint LoRA", "step": len(self.sequence), **X.task_fields(r),
+                    **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
 
-    # what each method keeps between tasks to make its next model (after the last task)
-    def size(p: Path) -> int:
-        return sum(f.stat().st_size for f in p.rglob("*.safetensors")) if p.is_dir() else p.stat().st_size
+        return Step(self.ctx.workdir / "cells" / "joint.json", key).run(make)[0]
 
-    kept: dict[str, int | None] = {}
-    for label in methods:
-        if label == "sequential FT":
-            kept[label] = size(chain[-1])
-        elif label in ("TA", "TIES"):
-            kept[label] = sum(size(own[n]) for n in sequence)
-        elif label == "RegMean":
-            kept[label] = sum(size(own_model(n)) + size(own_gram(n)) for n in sequence)
-        else:
-            kept[label] = cells[label][-1].get("state_bytes")
-    results = {"sequence": sequence, "methods": methods, "split": "test", "task_limit": task_limit,
-               "general_limits": general_limits, "adapter": recipe, "gram_samples": gram_samples,
-               "ta_grid": ta_grid, "joint_steps": joint_steps if joint else None, "ta_lambda": chosen_ta,
-               "base": str(base),
-               "adapters": {n: str(p) for n, p in own.items()}, "sequential": [str(p) for p in chain],
-               "base_row": {"method": "base", **X.task_fields(base_r),
-                            **{k: base_r["scores"][k] for k in ("G_v", "G_t", "G")}},
-               "individual": individual, "matrices": cells, "joint": joint_row,
-               "kept_bytes": kept, "merge_seconds": {k: [round(x, 2) for x in v] for k, v in merge_seconds.items()},
-               "timings": {k: round(v, 1) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
-               "threads": torch.get_num_threads()}
-    tmp = workdir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(workdir / "results.json")
-    shutil.rmtree(models_dir / "current", ignore_errors=True)
-    return results
+    def kept_bytes(self) -> dict[str, int | None]:
+        """What each method keeps between tasks to make its next model (after the last task)."""
+        kept: dict[str, int | None] = {}
+        for label in self.methods:
+            if label == "sequential FT":
+                kept[label] = _size(self.chain[-1])
+            elif label in ("TA", "TIES"):
+                kept[label] = sum(_size(self.own[n]) for n in self.sequence)
+            elif label == "RegMean":
+                kept[label] = sum(_size(self.own_model(n)) + _size(self.own_gram(n)) for n in self.sequence)
+            else:
+                kept[label] = self.cells[label][-1].get("state_bytes")
+        return kept
 
-
-def _choose_ta(adapters: list[Path], so_far: list[str], grid: list[float], models_dir: Path, evaluate: Callable,
-               merge_adapters: Callable, log: Callable[[str], None]) -> float:
-    """Task arithmetic's λ after task t: the best mean validation accuracy over tasks 1..t (ties: the first)."""
-    best: tuple[float, float] | None = None
-    for lam in grid:
-        out = models_dir / "sweep"
-        merge_adapters("lora_task_arithmetic", {"lambda": lam}, adapters, out)
-        r, _ = evaluate(out, so_far, "val")
-        avg = 100 * sum(r["tasks"][n]["accuracy"] for n in so_far) / len(so_far)
-        if best is None or avg > best[0]:
-            best = (avg, lam)
-    shutil.rmtree(models_dir / "sweep", ignore_errors=True)
-    log(f"TA after {len(so_far)} tasks: λ = {best[1]:g} (validation {best[0]:.1f})")  # type: ignore[index]
-    return best[1]  # type: ignore[index]
+    def results(self, base_r: dict, joint_row: dict | None, joint: bool) -> dict:
+        return {"sequence": self.sequence, "methods": self.methods, "split": "test", "task_limit": self.task_limit,
+                "general_limits": self.general_limits, "adapter": self.recipe, "gram_samples": self.gram_samples,
+                "ta_grid": self.ta_grid, "joint_steps": self.joint_steps if joint else None,
+                "ta_lambda": self.chosen_ta, "base": str(self.ctx.base),
+                "adapters": {n: str(p) for n, p in self.own.items()}, "sequential": [str(p) for p in self.chain],
+                "base_row": {"method": "base", **X.task_fields(base_r),
+                             **{k: base_r["scores"][k] for k in ("G_v", "G_t", "G")}},
+                "individual": self.individual, "matrices": self.cells, "joint": joint_row,
+                "kept_bytes": self.kept_bytes(),
+                "merge_seconds": {k: [round(r["merge_seconds"], 2) for r in v] for k, v in self.cells.items()},
+                **self.ctx.closing()}
 
 
 def routing_accuracy(model_dir: Path, roots: dict[str, Path], n: int = 64) -> dict[str, float]:

@@ -4,11 +4,11 @@ compute the Fisher statistics, merge with each method, evaluate everything, and 
 ``make demo`` runs it on one task with small evaluation sets; ``forgetless testbed report`` runs it on every
 downstream task with the full test splits and writes RESULTS.md's tables and plot.
 
-Caching (a second run redoes only what changed): the fine-tuned model by a hash of its recipe, the base weights'
-digest and the training split (:func:`finetune_key`); the statistics by model weights fingerprint, data selection,
-scope and Fisher variant (as ``forgetless cgm`` does); evaluations by weights digest, task files, split and limit
-(:mod:`forgetless.eval.cache`). Merges always run (seconds each) and are removed after their evaluation unless
-``keep_models``. Each row of ``results.json`` keeps every task's per-item correctness, from which the report
+Caching (a second run redoes only what changed; every step a :class:`forgetless.chains.steps.Step`): the
+fine-tuned model keyed by its recipe, the base weights' digest and the training split (:func:`finetune_key`); the
+statistics by model weights fingerprint, data selection, scope and Fisher variant (as ``forgetless cgm`` does);
+evaluations by weights digest, task files, split and limit (:mod:`forgetless.eval.cache`). Merges always run (they
+are cheap) and are removed after their evaluation unless ``keep_models``. Each row of ``results.json`` keeps every task's per-item correctness, from which the report
 bootstraps its intervals.
 
 The task Fisher is taken where each method's authors take it: at θ₀ for CGM and CGM† (their published scripts),
@@ -24,17 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
-from ..eval.cache import cached_evaluate, weights_digest
+from ..chains.steps import Step, fingerprint
+from ..eval.cache import weights_digest
 from ..eval.metrics import Bootstrap
+from ..safeload import read_json
 from . import tasks as T
+from .context import Context, write_if_changed
 
 # The documented downstream recipe: full fine-tuning of the last 12 decoder layers (the scope CGM's published
 # recipe merges) and the projector, long and hot enough that the model specializes and forgets.
@@ -75,11 +77,7 @@ MERGES: list[Merge] = [
 ]
 DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
 DEMO_TASK_LIMIT = 80
-
-
-def stable_hash(obj: Any) -> str:
-    """16 hex digits of SHA-256 over `obj` as sorted JSON: the testbed's cache keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+FINETUNE_RECORD = "recipe.hash"  # a fine-tune's step record, in its folder (the name earlier versions gave it)
 
 
 def task_fields(result: dict) -> dict:
@@ -112,29 +110,32 @@ def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
     """What a fine-tune depends on: the base weights, the recipe (with the weights of the adapter it continues,
     ``init_adapter``) and the training split's records (their images follow from the generator's version and
     seed) — not the validation or test splits, which may grow."""
-    meta = json.loads((task_dir / "task.json").read_text())
+    meta = read_json(task_dir / "task.json", remedy="generate the task again (forgetless testbed tasks)", expect=dict)
     train = hashlib.sha256((task_dir / "train.jsonl").read_bytes()).hexdigest()
     if recipe.get("init_adapter"):
         weights = Path(recipe["init_adapter"]) / "adapter_model.safetensors"
         recipe = {**recipe, "init_adapter": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    return stable_hash({"base": weights_digest(base), "train_split": train,
-                  "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
+    return fingerprint({"base": weights_digest(base), "train_split": train,
+                        "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
+
+
+def finetune_step(base: Path, task_dir: Path, out: Path, recipe: dict) -> Step:
+    """The fine-tune of (base, task, recipe) into the folder `out` as a step: keyed by :func:`finetune_key`,
+    recorded in the folder, done when its config (a LoRA recipe's adapter config) is there."""
+    made = out / ("adapter_config.json" if recipe.get("lora") else "config.json")
+    return Step(out / FINETUNE_RECORD, finetune_key(base, task_dir, recipe), made)
 
 
 def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
-    """The fine-tuned model for (base, task, recipe), reused when its :func:`finetune_key` matches. A recipe with
+    """The fine-tuned model for (base, task, recipe), reused when its :func:`finetune_step` is done. A recipe with
     ``lora`` (a :class:`forgetless.train.LoraSpec` as a dict) writes a PEFT adapter folder instead."""
     from ..train import LoraSpec, finetune
 
-    key = finetune_key(base, task_dir, recipe)
-    stamp = out / "recipe.hash"
-    written = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
-    if stamp.is_file() and stamp.read_text().strip() == key and written:
-        log(f"fine-tuned model: reusing {out}")
-        return out
-    kwargs = {**recipe, "lora": LoraSpec(**recipe["lora"])} if recipe.get("lora") else recipe
-    finetune(base, task_dir / "train.jsonl", out, log=log, force=True, **kwargs)
-    stamp.write_text(key + "\n")
+    def make() -> None:
+        kwargs = {**recipe, "lora": LoraSpec(**recipe["lora"])} if recipe.get("lora") else recipe
+        finetune(base, task_dir / "train.jsonl", out, log=log, force=True, **kwargs)
+
+    finetune_step(base, task_dir, out, recipe).run(make, log=log, reusing=f"fine-tuned model: reusing {out}")
     return out
 
 
@@ -150,10 +151,7 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
     for line in (task_root / "probes" / "val.jsonl").read_text().splitlines():
         r = json.loads(line)
         rows.append({"id": f"probes-{r['id']}", "question": r["question"], "answer": r["answer"]})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not out.is_file() or out.read_text() != text:
-        out.write_text(text)
+    write_if_changed(out, "".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
@@ -166,14 +164,14 @@ def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir
     and variant match. :data:`TASK_FISHER_PATH` is the fine-tune's own optimizer state (:func:`optimizer_fisher`,
     needs the fine-tuning `recipe`). Returns, per task Fisher, the ``fisher_general`` and ``fisher_task`` files a
     recipe needs."""
+    from ..chains import steps
     from ..chains.cgm import published_scope
-    from ..chains.steps import statistics_step
 
     scope = published_scope(base, "cgm_dagger")
 
     def one(role: str, model: Path, data: Path, variant: str, path: Path) -> Path:
-        return statistics_step("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0, variant=variant,
-                               role=role, log=log, batch_size=8)
+        return steps.statistics_step("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0,
+                                     variant=variant, role=role, log=log, batch_size=8)
 
     def task_file(at: str, variant: str) -> Path:
         path = stats_dir / f"fisher_task-{at}-{variant}.safetensors"
@@ -191,23 +189,22 @@ def optimizer_fisher(base: Path, task_dir: Path, recipe: dict, ft: Path, path: P
     """AdamW's squared gradients of the fine-tune `recipe` as a task Fisher (:mod:`forgetless.train.moments`),
     reused while its :func:`finetune_key` matches: the fine-tune is run again with the hook into a scratch folder
     (the cached fine-tune `ft` keeps no optimizer state), and whether the re-run's weights equal `ft`'s bit for bit
-    (then the moments are exactly those of `ft`'s run) is logged and kept beside the file."""
+    (then the moments are exactly those of `ft`'s run) is logged and recorded beside the file."""
     from ..train import finetune
     from ..train.moments import OptimizerFisher
 
-    key = finetune_key(base, task_dir, recipe)
-    stamp = path.with_name(path.name + ".json")
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-        log(f"optimizer Fisher: reusing {path}")
-        return path
-    scratch = path.parent / f".{path.stem}-finetune"
-    hook = OptimizerFisher()
-    finetune(base, task_dir / "train.jsonl", scratch, log=log, force=True, hook=hook, **recipe)
-    same = weights_digest(scratch) == weights_digest(ft)
-    log(f"optimizer Fisher: the re-run's weights {'equal' if same else 'DIFFER from'} {ft}'s")
-    hook.save(path, scratch)
-    stamp.write_text(json.dumps({"key": key, "same_weights_as_finetuned": same}) + "\n")
-    shutil.rmtree(scratch, ignore_errors=True)
+    def make() -> dict:
+        scratch = path.parent / f".{path.stem}-finetune"
+        hook = OptimizerFisher()
+        finetune(base, task_dir / "train.jsonl", scratch, log=log, force=True, hook=hook, **recipe)
+        same = weights_digest(scratch) == weights_digest(ft)
+        log(f"optimizer Fisher: the re-run's weights {'equal' if same else 'DIFFER from'} {ft}'s")
+        hook.save(path, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return {"same_weights_as_finetuned": same}
+
+    step = Step(path.with_name(path.name + ".json"), finetune_key(base, task_dir, recipe), path)
+    step.run(make, log=log, reusing=f"optimizer Fisher: reusing {path}")
     return path
 
 
@@ -238,92 +235,112 @@ def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[t
     """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/`results_name`) rows
     with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
     recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
-    import forgetless
-
-    from ..eval.metrics import compare
-    from .build import testbed_model
-
     merges = MERGES if merges is None else merges
-    for m in merges:
-        if m.model is not None and (m.task_fisher is not None or m.model not in dict(map(reversed, KEEPS))):
-            raise ValueError(f"merge {m.label!r}: model must be a keep rule of KEEPS ({[r for _, r in KEEPS]}), "
-                             "and a merge of a keep rule's fine-tune takes no statistics (they are the plain "
-                             "fine-tune's)")
-    t_start = time.perf_counter()
+    check_merges(merges)
     workdir = Path(workdir)
-    timings = {"setup": 0.0, "finetune": 0.0, "statistics": 0.0, "merge": 0.0, "evaluate": 0.0}
-    t = time.perf_counter()
-    base = testbed_model()
-    roots = T.write_tasks(workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
-                          [task, *T.GENERAL_VISUAL, "probes"])
-    task_root = roots[task].parent
-    timings["setup"] = time.perf_counter() - t
-    recipe = {**FINETUNE, **(finetune_recipe or {})}
-    t = time.perf_counter()
-    ft = finetuned_model(base, roots[task], workdir / "finetuned", recipe, log)
-    timings["finetune"] = time.perf_counter() - t
-
-    general = {n: roots[n] for n in [*T.GENERAL_VISUAL, "probes"]}
+    ctx = Context.open(workdir, [task], tasks_root=workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
+                       timings=("setup", "finetune", "statistics", "merge", "evaluate"),
+                       eval_batch=eval_batch_size, log=log)
     lim = {**(limits or {}), task: task_limit} if (limits or task_limit) else None
-    cache = workdir.parent / "eval-cache"
+    run = Experiment.start(ctx, task, {**FINETUNE, **(finetune_recipe or {})}, split, lim)
+    rows = [*run.reference_rows(), *(run.keep_row(label, rule) for label, rule in keeps or [])]
+    stats = run.statistics(merges)
+    rows += [run.merge_row(m, stats.get(m.task_fisher), keep_models) for m in merges]
+    return ctx.write({"task": task, "split": split, "limits": lim, "finetune": run.recipe, "base": str(ctx.base),
+                      "finetuned": str(run.ft),
+                      "rows": [{k: v for k, v in r.items() if k != "result"} | task_fields(r["result"]) for r in rows],
+                      **ctx.closing()}, results_name)
 
-    def evaluate(model: Path) -> tuple[dict, bool]:
-        t0 = time.perf_counter()
-        r = cached_evaluate(model, {task: roots[task]}, general, cache_dir=cache, split=split, limit=lim,
-                            batch_size=eval_batch_size, log=None)
-        timings["evaluate"] += time.perf_counter() - t0
-        return r
 
-    rows: list[dict] = []
-    base_r, c0 = evaluate(base)
-    ft_r, c1 = evaluate(ft)
-    for label, r, cached in (("base", base_r, c0), ("fine-tuned", ft_r, c1)):
-        rows.append({"method": label, "knob": "", "result": r, **compare(r, base_r, ft_r), "cached_eval": cached})
-        log(f"{label}: T {rows[-1]['T']:.1f}  G_v {rows[-1]['G_v']:.1f}  G_t {rows[-1]['G_t']:.1f}"
-            f"{'  (cached)' if cached else ''}")
+def check_merges(merges: Sequence[Merge]) -> None:
+    """Refuse, before any work, a merge of a keep rule's fine-tune that is not one of :data:`KEEPS` or that asks
+    for statistics (they are the plain fine-tune's)."""
+    rules = [r for _, r in KEEPS]
+    for m in merges:
+        if m.model is not None and (m.task_fisher is not None or m.model not in rules):
+            raise ValueError(f"merge {m.label!r}: model must be a keep rule of KEEPS ({rules}), and a merge of a "
+                             "keep rule's fine-tune takes no statistics (they are the plain fine-tune's)")
 
-    for label, keep in keeps or []:
-        t = time.perf_counter()
-        model = finetuned_model(base, roots[task], workdir / f"finetuned-{keep}", {**recipe, "keep": keep}, log)
-        timings["finetune"] += time.perf_counter() - t
-        r, cached = evaluate(model)
-        seconds = json.loads((model / "finetune.json").read_text())["seconds"]
-        rows.append({"method": label, "knob": "", "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
-                     "finetune_seconds": seconds})
-        log(f"{label}: T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
-            f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
 
-    needed = list(dict.fromkeys(m.task_fisher for m in merges if m.task_fisher is not None))
-    stats_by: dict[tuple[str, str], dict[str, Path]] = {}
-    if needed:
-        t = time.perf_counter()
-        gen = general_calibration(task_root, workdir / "calibration" / "general.jsonl")
-        stats_by = fisher_files(base, ft, gen, roots[task] / "train.jsonl", workdir / "statistics", log,
-                                task_fishers=needed, recipe=recipe)
-        timings["statistics"] += time.perf_counter() - t
-    for label, method, params, task_fisher, model in merges:
-        stats = stats_by.get(task_fisher) if task_fisher is not None else None
-        out = workdir / "merged" / f"{method}-{stable_hash([params, task_fisher, model])[:6]}"
-        source = ft if model is None else finetuned_model(base, roots[task], workdir / f"finetuned-{model}",
-                                                          {**recipe, "keep": model}, log)
-        t = time.perf_counter()
-        report = forgetless.merge(merge_recipe(method, params, base, source, stats), out=out, force=True,
-                                  progress=False, log=None)
-        timings["merge"] += time.perf_counter() - t
-        r, cached = evaluate(out)
-        knob = " ".join(f"{k}={v:g}" for k, v in params.items())
-        rows.append({"method": label, "knob": knob, "result": r, **compare(r, base_r, ft_r), "cached_eval": cached,
-                     "summary": report.summary()})
-        log(f"{label} ({knob}): T {rows[-1]['T']:.1f}  G {rows[-1]['G']:.1f}  E {rows[-1]['E']:+.1f}  "
-            f"F {rows[-1]['F']:+.1f}{'  (cached)' if cached else ''}")
-        if not keep_models:
+@dataclass
+class Experiment:
+    """One experiment between its steps: the task, the fine-tuning recipe, the plain fine-tune `ft`, and the
+    base's and the fine-tune's results that every row is compared with."""
+
+    ctx: Context
+    task: str
+    recipe: dict
+    split: str
+    limit: dict[str, int] | None
+    ft: Path
+    base_r: dict = field(default_factory=dict)
+    ft_r: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, ctx: Context, task: str, recipe: dict, split: str, limit: dict[str, int] | None) -> Experiment:
+        """The experiment, its plain fine-tune made (or reused) first."""
+        return cls(ctx, task, recipe, split, limit, ctx.finetuned(ctx.roots[task], ctx.workdir / "finetuned", recipe))
+
+    def evaluate(self, model: Path) -> tuple[dict, bool]:
+        return self.ctx.evaluate(model, [self.task], split=self.split, limit=self.limit)
+
+    def row(self, label: str, r: dict, cached: bool, knob: str = "", **extra: Any) -> dict:
+        from ..eval.metrics import compare
+
+        return {"method": label, "knob": knob, "result": r, **compare(r, self.base_r, self.ft_r),
+                "cached_eval": cached, **extra}
+
+    def keep_finetune(self, rule: str) -> Path:
+        """The fine-tune of the same recipe with the keep rule `rule` (untimed: a cached one costs a digest)."""
+        ctx = self.ctx
+        return finetuned_model(ctx.base, ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}",
+                               {**self.recipe, "keep": rule}, ctx.log)
+
+    def reference_rows(self) -> list[dict]:
+        """The base's and the plain fine-tune's rows."""
+        self.base_r, c0 = self.evaluate(self.ctx.base)
+        self.ft_r, c1 = self.evaluate(self.ft)
+        rows = [self.row("base", self.base_r, c0), self.row("fine-tuned", self.ft_r, c1)]
+        for r in rows:
+            self.ctx.log(f"{r['method']}: T {r['T']:.1f}  G_v {r['G_v']:.1f}  G_t {r['G_t']:.1f}"
+                         f"{'  (cached)' if r['cached_eval'] else ''}")
+        return rows
+
+    def keep_row(self, label: str, rule: str) -> dict:
+        """The row of the fine-tune with the keep rule `rule`, with the seconds that fine-tune took."""
+        ctx = self.ctx
+        model = ctx.finetuned(ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}", {**self.recipe, "keep": rule})
+        r, cached = self.evaluate(model)
+        seconds = read_json(model / "finetune.json", remedy="fine-tune it again (remove the folder)")["seconds"]
+        row = self.row(label, r, cached, finetune_seconds=seconds)
+        self.log_row(label, row)
+        return row
+
+    def statistics(self, merges: Sequence[Merge]) -> dict[tuple[str, str], dict[str, Path]]:
+        """The Fisher files of every task Fisher the `merges` need (:func:`fisher_files`)."""
+        needed = list(dict.fromkeys(m.task_fisher for m in merges if m.task_fisher is not None))
+        if not needed:
+            return {}
+        ctx = self.ctx
+        with ctx.timed("statistics"):
+            general = general_calibration(ctx.roots[self.task].parent, ctx.workdir / "calibration" / "general.jsonl")
+            return fisher_files(ctx.base, self.ft, general, ctx.roots[self.task] / "train.jsonl",
+                                ctx.workdir / "statistics", ctx.log, task_fishers=needed, recipe=self.recipe)
+
+    def merge_row(self, m: Merge, stats: dict[str, Path] | None, keep_model: bool) -> dict:
+        """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
+        ctx = self.ctx
+        out = ctx.workdir / "merged" / f"{m.method}-{fingerprint([m.params, m.task_fisher, m.model])[:6]}"
+        source = self.ft if m.model is None else self.keep_finetune(m.model)
+        report = ctx.merged(merge_recipe(m.method, m.params, ctx.base, source, stats), out)
+        r, cached = self.evaluate(out)
+        knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())
+        row = self.row(m.label, r, cached, knob, summary=report.summary())
+        self.log_row(f"{m.label} ({knob})", row)
+        if not keep_model:
             shutil.rmtree(out, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t_start
-    results = {"task": task, "split": split, "limits": lim, "finetune": recipe, "base": str(base),
-               "finetuned": str(ft), "rows": [{k: v for k, v in r.items() if k != "result"} | task_fields(r["result"])
-                                              for r in rows],
-               "timings": {k: round(v, 1) for k, v in timings.items()},
-               "threads": torch.get_num_threads()}
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / results_name).write_text(json.dumps(results, indent=1) + "\n")
-    return results
+        return row
+
+    def log_row(self, name: str, row: dict) -> None:
+        self.ctx.log(f"{name}: T {row['T']:.1f}  G {row['G']:.1f}  E {row['E']:+.1f}  F {row['F']:+.1f}"
+                     f"{'  (cached)' if row['cached_eval'] else ''}")

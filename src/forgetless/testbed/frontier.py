@@ -1,4 +1,4 @@
-"""The forgetting frontier (issue 16): every method's whole trade-off curve over its knob, on the testbed's
+"""The forgetting frontier: every method's whole trade-off curve over its knob, on the testbed's
 **validation** splits, with intervals; F at matched E and the area under each curve.
 
 A method is better than another only if its whole curve of (E, F) lies above the other's. Each merge method is
@@ -32,8 +32,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..checkpoint.writer import atomic_write
 from ..errors import ForgetlessError
 from . import experiment as X
+from .context import read_results
 
 RESULTS = "frontier-val.json"
 FRACTIONS = (0.8, 0.9, 0.95)
@@ -42,9 +44,9 @@ FRACTIONS = (0.8, 0.9, 0.95)
 class Knob(NamedTuple):
     """One method's curve: the registered method, its fixed parameters, the swept knob and its values, the task
     Fisher it needs (as :class:`.experiment.Merge`), which fine-tune it merges with the base (None: the plain one;
-    a keep rule of :data:`.experiment.KEEPS`: that rule's fine-tune, the curve's far end) and whether it is one of
-    issue 16's candidates for a curvature-guided method that beats WiSE-FT (``trial``) rather than a published
-    method's curve."""
+    a keep rule of :data:`.experiment.KEEPS`: that rule's fine-tune, the curve's far end) and whether it is a
+    candidate for a curvature-guided method that beats WiSE-FT (``trial``) rather than a published method's
+    curve."""
 
     method: str
     fixed: dict
@@ -62,12 +64,12 @@ KNOBS: dict[str, Knob] = {
     "Fisher merging": Knob("fisher_with_base", {}, "base_weight", [0.01, 0.1, 1.0, 10.0], X.TASK_FISHER_OWN),
     "CGM": Knob("cgm", {}, "alpha", [0.2, 1.0, 5.0, 25.0, 125.0], X.TASK_FISHER_CGM),
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
-    # issue 16, part 2: keep-rule fine-tunes merged back toward θ₀ (WiSE-FT from their far end)
+    # trials: keep-rule fine-tunes merged back toward θ₀ (WiSE-FT from their far end)
     "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
     "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask",
                                      trial=True),
-    # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft); its
-    # median ratio to the general Fisher is ~0.003 (digits), so α spans the range where the mix moves
+    # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft): it is
+    # orders of magnitude below the general Fisher, so α spans small values, where the mix moves
     "CGM (optimizer Fisher)": Knob("cgm", {}, "alpha", [0.001, 0.01, 0.1, 1.0], X.TASK_FISHER_PATH, trial=True),
 }
 
@@ -106,12 +108,12 @@ def run_frontier(task: str, workdir: str | Path, *, curves: Sequence[str] | None
     so curves can be added one at a time."""
     ran = curve_labels(curves) if curves is not None else list(KNOBS)
     path = Path(workdir) / RESULTS
-    old = json.loads(path.read_text()) if path.is_file() else None
+    old = read_results(path) if path.is_file() else None
     res = X.run_experiment(task, workdir, merges=[m for m in frontier_merges() if m.label in ran], keeps=X.KEEPS,
                            split="val", results_name=RESULTS, log=log)
     if old is not None and curves is not None:
         res = keep_curves(res, old, ran, log)
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write(path, json.dumps(res, indent=1) + "\n")
     return res
 
 
@@ -192,14 +194,14 @@ def run_chosen(task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN,
     if not val.is_file():
         raise ForgetlessError(f"{val}: no validation curves to choose from",
                               remedy=f"run `forgetless testbed frontier --task {task}` first")
-    picks = choose(json.loads(val.read_text())["rows"], keep_gain)
+    picks = choose(read_results(val)["rows"], keep_gain)
     merges = [X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
               for label, r in picks.items() if r is not None and r["method"] == label
               for k in [KNOBS[label]]]
     res = X.run_experiment(task, workdir, merges=merges, keeps=X.KEEPS, split="test", results_name=TEST_RESULTS,
                            log=log)
     res = chosen_result(res, picks, keep_gain, log)
-    (workdir / TEST_RESULTS).write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write(workdir / TEST_RESULTS, json.dumps(res, indent=1) + "\n")
     return res
 
 

@@ -24,17 +24,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ..errors import ForgetlessError
-from ..eval.cache import cached_evaluate
 from . import experiment as X
 from . import tasks as T
+from .context import Context, write_if_changed
 
 # LoRA on every Linear of the decoder layers (attention and MLP), rank 16 as in MM-MergeBench's LLaVA recipe,
 # alpha 2r; the vision tower and projector stay frozen (the adapters differ only in language.layers). lr 5e-4:
@@ -44,7 +41,7 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05,
 ADAPTER = {"train": ["language.layers"], "lora": LORA, "steps": 120, "batch_size": 8, "lr": 5e-4, "warmup": 10,
            "clip": 1.0, "seed": 0}
 # the joint adapter: 60 steps per seen task (360 for six, three times one adapter's run), half the samples of each
-# task that its own adapter sees — what one session's compute allowed (a step takes ~1.6 s on 2 cores)
+# task that its own adapter sees — what one session's compute allowed (RESULTS.md's timings)
 JOINT_STEPS_PER_TASK = ADAPTER["steps"] // 2
 LEARNED = 10.0  # points over the base on the validation split: below it, an adapter "did not learn" (logged)
 
@@ -80,28 +77,22 @@ def joint_data(roots: dict[str, Path], seen: list[str], out: Path, seed: int = 0
                 r["image"] = str((roots[name] / r["image"]).resolve())
             rows.append(r)
     random.Random(seed).shuffle(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    meta = json.dumps({"name": "joint", "tasks": seen, "version": T.VERSION, "seed": seed}, indent=1) + "\n"
-    for f, content in (("train.jsonl", text), ("task.json", meta)):
-        if not (out / f).is_file() or (out / f).read_text() != content:
-            (out / f).write_text(content)
+    write_if_changed(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_if_changed(out / "task.json", json.dumps({"name": "joint", "tasks": seen, "version": T.VERSION,
+                                                    "seed": seed}, indent=1) + "\n")
     return out
 
 
-def fold(base: Path, adapter: Path, out: Path, merge: Callable) -> Path:
+def fold_recipe(base: Path, adapter: Path) -> dict:
     """The full model ``base + adapter`` (task arithmetic of ``BASE+ADAPTER`` at λ = 1), for the harness."""
-    merge({"method": "task_arithmetic", "base": str(base), "models": [f"{base}+{adapter}"],
-           "parameters": {"lambda": 1.0}}, out=out, force=True, progress=False, log=None)
-    return out
+    return {"method": "task_arithmetic", "base": str(base), "models": [f"{base}+{adapter}"],
+            "parameters": {"lambda": 1.0}}
 
 
-def merge_adapters(method: str, params: dict, base: Path, adapters: list[Path], out: Path,
-                   merge: Callable) -> Any:
+def adapters_recipe(method: str, params: dict, base: Path, adapters: list[Path]) -> dict:
     """The adapters merged in adapter space by `method`, folded into a full model folder (``fold: true``)."""
-    recipe = {"method": method, "base": str(base), "models": [str(a) for a in adapters],
-              "parameters": dict(params), "seed": 0, "fold": True}
-    return merge(recipe, out=out, force=True, progress=False, log=None)
+    return {"method": method, "base": str(base), "models": [str(a) for a in adapters],
+            "parameters": dict(params), "seed": 0, "fold": True}
 
 
 def _row(label: str, role: str, knob: str, r: dict, cached: bool, **extra) -> dict:
@@ -127,137 +118,154 @@ def run_multitask(workdir: str | Path, *, seen: list[str] | None = None, unseen:
     evaluations cached under `cache_dir` (default ``workdir/../eval-cache``), so the base model's scores are
     shared with the single-task experiments. A merge method not registered in :data:`forgetless.methods.METHODS`
     is skipped and listed under ``skipped``. `merge`: the merge function (default :func:`forgetless.merge`)."""
-    import forgetless
-
-    from .build import testbed_model
-
-    t_start = time.perf_counter()
-    merge = merge or forgetless.merge
-    workdir = Path(workdir)
     seen, unseen = list(seen or T.SEEN), list(unseen or T.UNSEEN)
     if set(seen) & set(unseen):
         raise ForgetlessError(f"tasks {sorted(set(seen) & set(unseen))} are both seen and unseen",
                               remedy="a held-out task must not be one an adapter trains on")
-    merges = MERGES if merges is None else merges
-    sweep = SWEEP if sweep is None else sweep
-    recipe = {**ADAPTER, **(adapter_recipe or {})}
-    base = Path(base) if base is not None else testbed_model()
-    tasks_root = Path(tasks_root) if tasks_root else workdir.parent / "tasks"
-    cache = Path(cache_dir) if cache_dir else workdir.parent / "eval-cache"
-    roots = T.write_tasks(tasks_root, [*seen, *unseen, *T.GENERAL_VISUAL, "probes"])
+    ctx = Context.open(workdir, [*seen, *unseen], timings=("finetune", "merge", "evaluate"), base=base,
+                       tasks_root=tasks_root, cache_dir=cache_dir, merge=merge, eval_batch=EVAL_BATCH, log=log)
+    _check_unseen(ctx, unseen)
+    mt = Multitask(ctx, seen, unseen, {**ADAPTER, **(adapter_recipe or {})}, limits, keep_models)
+    learned = mt.train_adapters()
+    joint = mt.joint_adapter()
+    chosen, sweeps, skipped = mt.choose(MERGES if merges is None else merges, SWEEP if sweep is None else sweep)
+    rows = mt.test_rows(joint, chosen)
+    return ctx.write({"seen": seen, "unseen": unseen, "general": list(ctx.general), "split": "test",
+                      "limits": limits, "adapter": mt.recipe, "joint_steps": mt.joint_steps, "base": str(ctx.base),
+                      "adapters": {n: str(p) for n, p in mt.adapters.items()}, "joint": str(joint),
+                      "validation": learned, "sweep": sweeps, "chosen": {k: _knob(v) for k, (_, v) in chosen.items()},
+                      "skipped": skipped, "rows": rows, **ctx.closing()})
+
+
+def _check_unseen(ctx: Context, unseen: list[str]) -> None:
     for name in unseen:
-        if (roots[name] / "train.jsonl").read_text().strip():
-            raise ForgetlessError(f"held-out task {name!r} has training records", file=roots[name] / "train.jsonl",
+        if (ctx.roots[name] / "train.jsonl").read_text().strip():
+            raise ForgetlessError(f"held-out task {name!r} has training records", file=ctx.roots[name] / "train.jsonl",
                                   remedy="an unseen task is generated without a training split (sizes train 0)")
-    general = {n: roots[n] for n in [*T.GENERAL_VISUAL, "probes"]}
-    timings = {"finetune": 0.0, "merge": 0.0, "evaluate": 0.0}
-    models_dir = workdir / "models"
 
-    def evaluate(model: Path, tasks: list[str], split: str = "test", with_general: bool = True):
-        t0 = time.perf_counter()
-        out = cached_evaluate(model, {n: roots[n] for n in tasks}, general if with_general else None,
-                              cache_dir=cache, split=split, limit=limits, batch_size=EVAL_BATCH, log=None)
-        timings["evaluate"] += time.perf_counter() - t0
-        return out
 
-    def timed_merge(fn: Callable, *args) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timings["merge"] += time.perf_counter() - t0
-        return out
+@dataclass
+class Multitask:
+    """The experiment between its steps: the seen and unseen tasks, the adapter recipe and the adapters made."""
 
-    # 1–2: the adapters (each checked on its validation split) and the joint one
-    base_val, _ = evaluate(base, seen, "val", with_general=False)
-    adapters: dict[str, Path] = {}
-    learned: dict[str, dict] = {}
-    for name in seen:
-        t0 = time.perf_counter()
-        adapters[name] = X.finetuned_model(base, roots[name], workdir / "adapters" / name, recipe, log)
-        timings["finetune"] += time.perf_counter() - t0
-        folded = timed_merge(fold, base, adapters[name], models_dir / f"own-{name}", merge)
-        r, _ = evaluate(folded, [name], "val", with_general=False)
-        b, a = 100 * base_val["tasks"][name]["accuracy"], 100 * r["tasks"][name]["accuracy"]
-        learned[name] = {"base_val": round(b, 2), "adapter_val": round(a, 2), "learned": a - b >= LEARNED}
-        log(f"adapter {name}: validation {b:.1f} → {a:.1f}" + ("" if a - b >= LEARNED else "  (did not learn)"))
-    joint_recipe = {**recipe, "steps": JOINT_STEPS_PER_TASK * len(seen)}
-    t0 = time.perf_counter()
-    joint = X.finetuned_model(base, joint_data(roots, seen, workdir / "joint-data"), workdir / "adapters" / "joint",
-                              joint_recipe, log)
-    timings["finetune"] += time.perf_counter() - t0
+    ctx: Context
+    seen: list[str]
+    unseen: list[str]
+    recipe: dict
+    limits: dict[str, int] | None
+    keep_models: bool
+    adapters: dict[str, Path] = field(default_factory=dict)
 
-    # 3: the baselines' λ on the seen validation splits
-    chosen: dict[str, dict] = {}
-    sweeps: list[dict] = []
-    skipped: list[str] = []
-    order = [a for _, a in sorted((seen.index(n), adapters[n]) for n in seen)]
-    for label, method, params in merges:
-        if not _available(method):
-            skipped.append(f"{label} ({method})")
-            log(f"{label}: method {method!r} is not registered yet, skipped")
-            continue
-        grid = sweep.get(method)
-        if isinstance(grid, str):  # the λ chosen for another row
-            if grid not in chosen:
-                raise ForgetlessError(f"{label} takes the λ of {grid!r}, which is not chosen before it",
-                                      remedy="list that row earlier in merges, with a grid in sweep")
-            chosen[label] = {**params, "lambda": chosen[grid]["lambda"]}
-            continue
-        if not grid or "lambda" in params:
-            chosen[label] = dict(params)
-            continue
-        best = None
+    @property
+    def joint_steps(self) -> int:
+        return JOINT_STEPS_PER_TASK * len(self.seen)
+
+    @property
+    def models(self) -> Path:
+        return self.ctx.workdir / "models"
+
+    def evaluate(self, model: Path, tasks: list[str], split: str = "test", general: bool = True):
+        return self.ctx.evaluate(model, tasks, split=split, general=general, limit=self.limits)
+
+    def in_order(self) -> list[Path]:
+        """The adapters in the order of the seen tasks (what every merge takes)."""
+        return [self.adapters[n] for n in self.seen]
+
+    def train_adapters(self) -> dict[str, dict]:
+        """Step 1: one adapter per seen task, each folded and checked on its validation split against the base."""
+        ctx = self.ctx
+        base_val, _ = self.evaluate(ctx.base, self.seen, "val", general=False)
+        learned: dict[str, dict] = {}
+        for name in self.seen:
+            self.adapters[name] = ctx.finetuned(ctx.roots[name], ctx.workdir / "adapters" / name, self.recipe)
+            ctx.merged(fold_recipe(ctx.base, self.adapters[name]), self.models / f"own-{name}")
+            r, _ = self.evaluate(self.models / f"own-{name}", [name], "val", general=False)
+            b, a = 100 * base_val["tasks"][name]["accuracy"], 100 * r["tasks"][name]["accuracy"]
+            learned[name] = {"base_val": round(b, 2), "adapter_val": round(a, 2), "learned": a - b >= LEARNED}
+            ctx.log(f"adapter {name}: validation {b:.1f} → {a:.1f}" + ("" if a - b >= LEARNED else
+                                                                         "  (did not learn)"))
+        return learned
+
+    def joint_adapter(self) -> Path:
+        """Step 2: one adapter on every seen training split mixed, :data:`JOINT_STEPS_PER_TASK` steps per task."""
+        ctx = self.ctx
+        data = joint_data(ctx.roots, self.seen, ctx.workdir / "joint-data")
+        return ctx.finetuned(data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps})
+
+    def choose(self, merges: list[tuple[str, str, dict]], sweep: dict[str, list[float] | str]
+               ) -> tuple[dict[str, tuple[str, dict]], list[dict], list[str]]:
+        """Step 3: each merge's parameters — fixed, λ swept on the seen validation splits, or another row's λ —
+        as ``label → (method, parameters)``; the sweep's points; the merges skipped (method not registered)."""
+        chosen: dict[str, tuple[str, dict]] = {}
+        sweeps: list[dict] = []
+        skipped: list[str] = []
+        for label, method, params in merges:
+            grid = sweep.get(method)
+            if not _available(method):
+                skipped.append(f"{label} ({method})")
+                self.ctx.log(f"{label}: method {method!r} is not registered yet, skipped")
+            elif isinstance(grid, str):  # the λ chosen for another row
+                if grid not in chosen:
+                    raise ForgetlessError(f"{label} takes the λ of {grid!r}, which is not chosen before it",
+                                          remedy="list that row earlier in merges, with a grid in sweep")
+                chosen[label] = (method, {**params, "lambda": chosen[grid][1]["lambda"]})
+            elif not grid or "lambda" in params:
+                chosen[label] = (method, dict(params))
+            else:
+                chosen[label] = (method, self.sweep(label, method, params, grid, sweeps))
+        return chosen, sweeps, skipped
+
+    def sweep(self, label: str, method: str, params: dict, grid: list[float], sweeps: list[dict]) -> dict:
+        """The parameters with the λ of `grid` that gives the best mean seen validation accuracy (ties: the
+        first); each point is appended to `sweeps`."""
+        best: tuple[float, dict] | None = None
+        out = self.models / "sweep"
         for lam in grid:
             p = {**params, "lambda": lam}
-            out = models_dir / "sweep"
-            timed_merge(merge_adapters, method, p, base, order, out, merge)
-            r, _ = evaluate(out, seen, "val", with_general=False)
-            avg = 100 * sum(r["tasks"][n]["accuracy"] for n in seen) / len(seen)
+            self.ctx.merged(adapters_recipe(method, p, self.ctx.base, self.in_order()), out)
+            r, _ = self.evaluate(out, self.seen, "val", general=False)
+            avg = 100 * sum(r["tasks"][n]["accuracy"] for n in self.seen) / len(self.seen)
             sweeps.append({"method": label, "knob": _knob(p), "seen_val": round(avg, 2)})
-            log(f"sweep {label} {_knob(p)}: seen validation {avg:.1f}")
+            self.ctx.log(f"sweep {label} {_knob(p)}: seen validation {avg:.1f}")
             if best is None or avg > best[0]:
                 best = (avg, p)
-        shutil.rmtree(models_dir / "sweep", ignore_errors=True)
-        chosen[label] = best[1]
+        shutil.rmtree(out, ignore_errors=True)
+        return best[1]  # type: ignore[index]
 
-    # 4–5: every model on the test splits
-    rows: list[dict] = []
-    everything = [*seen, *unseen]
-    r, c = evaluate(base, everything)
-    rows.append(_row("base", "base", "", r, c))
-    for name in seen:
-        folded = models_dir / f"own-{name}"
-        if not folded.is_dir():
-            timed_merge(fold, base, adapters[name], folded, merge)
-        r, c = evaluate(folded, [name])
-        rows.append(_row(f"own adapter: {name}", "own", "", r, c, task=name))
-        if not keep_models:
-            shutil.rmtree(folded, ignore_errors=True)
-    folded = timed_merge(fold, base, joint, models_dir / "joint", merge)
-    r, c = evaluate(folded, everything)
-    rows.append(_row("joint LoRA", "joint", "", r, c))
-    if not keep_models:
-        shutil.rmtree(folded, ignore_errors=True)
-    for label, method, _ in merges:
-        if label not in chosen:
-            continue
-        out = models_dir / "merged"
-        report = timed_merge(merge_adapters, method, chosen[label], base, order, out, merge)
-        r, c = evaluate(out, everything)
+    def test_rows(self, joint: Path, chosen: dict[str, tuple[str, dict]]) -> list[dict]:
+        """Steps 4–5: the base, each own adapter (on its task), the joint adapter and each merge on the test
+        splits; merged and folded models are removed unless kept."""
+        ctx = self.ctx
+        everything = [*self.seen, *self.unseen]
+        r, c = self.evaluate(ctx.base, everything)
+        rows = [_row("base", "base", "", r, c)]
+        for name in self.seen:
+            folded = self.models / f"own-{name}"
+            if not folded.is_dir():
+                ctx.merged(fold_recipe(ctx.base, self.adapters[name]), folded)
+            r, c = self.evaluate(folded, [name])
+            rows.append(_row(f"own adapter: {name}", "own", "", r, c, task=name))
+            self.drop(folded)
+        folded = self.models / "joint"
+        ctx.merged(fold_recipe(ctx.base, joint), folded)
+        r, c = self.evaluate(folded, everything)
+        rows.append(_row("joint LoRA", "joint", "", r, c))
+        self.drop(folded)
+        rows += [self.merge_row(label, method, params) for label, (method, params) in chosen.items()]
+        return rows
+
+    def merge_row(self, label: str, method: str, params: dict) -> dict:
+        everything = [*self.seen, *self.unseen]
+        out = self.models / "merged"
+        report = self.ctx.merged(adapters_recipe(method, params, self.ctx.base, self.in_order()), out)
+        r, c = self.evaluate(out, everything)
         summary = report.summary() if hasattr(report, "summary") else None
-        rows.append(_row(label, "merge", _knob(chosen[label]), r, c, merge_method=method, summary=summary))
-        if not keep_models:
-            shutil.rmtree(out, ignore_errors=True)
-        log(f"{label} ({_knob(chosen[label])}): " + "  ".join(f"{n} {rows[-1]['tasks'][n]:.1f}" for n in everything)
-            + f"  G {rows[-1]['G']:.1f}")
-    results = {"seen": seen, "unseen": unseen, "general": list(general), "split": "test", "limits": limits,
-               "adapter": recipe, "joint_steps": joint_recipe["steps"], "base": str(base),
-               "adapters": {n: str(p) for n, p in adapters.items()}, "joint": str(joint),
-               "validation": learned, "sweep": sweeps, "chosen": {k: _knob(v) for k, v in chosen.items()},
-               "skipped": skipped, "rows": rows,
-               "timings": {k: round(v, 1) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
-               "threads": torch.get_num_threads()}
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(workdir / "results.json")
-    return results
+        row = _row(label, "merge", _knob(params), r, c, merge_method=method, summary=summary)
+        self.drop(out)
+        self.ctx.log(f"{label} ({_knob(params)}): " + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in everything)
+                     + f"  G {row['G']:.1f}")
+        return row
+
+    def drop(self, model: Path) -> None:
+        if not self.keep_models:
+            shutil.rmtree(model, ignore_errors=True)

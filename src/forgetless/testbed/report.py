@@ -11,7 +11,6 @@ existing report is kept when the report is rebuilt; everything else is generated
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint.writer import atomic_write
 from ..eval.metrics import Bootstrap, NamedDraws, half_width, item_correct
 from ..eval.report import cell, diff_cell, doc_link, format_table, tradeoff_plot
 from . import experiment as X
 from . import tasks as T
+from .context import read_results
 from .experiment import row_draws, row_name, row_result
 from .frontier import RESULTS as FRONTIER_RESULTS
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
@@ -189,7 +190,7 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
     """The whole report from each task's ``results.json`` under `workdir`: how it was produced, the E / F summary
     with intervals, paired differences against the best method, per task its table and trade-off plot (drawn
     into `plots`, default the task's folder), the reading kept from `previous`, and the time it took."""
-    results = {n: json.loads((workdir / n / "results.json").read_text()) for n in names}
+    results = {n: read_results(workdir / n / "results.json") for n in names}
     d = TaskDraws(results)
     sections = []
     for name in names:
@@ -255,9 +256,7 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
         run_continual(workdir / "continual", log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(names, workdir, Path(plots) if plots else out.parent / "docs" / "results", previous=out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write(out, text)
     log(f"report: {out}")
     return out
 
@@ -366,22 +365,28 @@ def multitask_plot(d: MultitaskDraws, path: Path) -> Path:
                          xlabel="seen-task average (%)", ylabel="unseen-task average (%)")
 
 
-def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None) -> str:
-    """The section "Merging LoRA adapters of several tasks" from ``workdir/results.json`` (:mod:`.multitask`)."""
+def _multitask_validation(validation: Mapping[str, dict]) -> tuple[str, str]:
+    """The adapters' validation table rows, and the sentence saying which learned their task."""
     from . import multitask as M
 
-    res = json.loads((Path(workdir) / "results.json").read_text())
+    rows = "\n".join(f"| {n} | {v['base_val']:.0f} | {v['adapter_val']:.0f} |" for n, v in validation.items())
+    failed = [n for n, v in validation.items() if not v["learned"]]
+    learned = (f"Every adapter learned its task (≥ {M.LEARNED:g} points over the base)" if not failed else
+               f"Every adapter but {', '.join(f'`{n}`' for n in failed)} learned its task (≥ {M.LEARNED:g} points "
+               "over the base; kept as run, not retrained)")
+    return rows, learned
+
+
+def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None) -> str:
+    """The section "Merging LoRA adapters of several tasks" from ``workdir/results.json`` (:mod:`.multitask`)."""
+    res = read_results(Path(workdir) / "results.json")
     d = MultitaskDraws(res)
     png = multitask_plot(d, Path(plots) / "multitask-seen-unseen.png")
     rel = doc_link(png, previous)
     a = res["adapter"]
     lora = a["lora"]
     sizes = {n: len(c) for r in res["rows"] for n, c in r["correct_items"].items()}
-    val = "\n".join(f"| {n} | {v['base_val']:.0f} | {v['adapter_val']:.0f} |" for n, v in res["validation"].items())
-    failed = [n for n, v in res["validation"].items() if not v["learned"]]
-    learned = (f"Every adapter learned its task (≥ {M.LEARNED:g} points over the base)" if not failed else
-               f"Every adapter but {', '.join(f'`{n}`' for n in failed)} learned its task (≥ {M.LEARNED:g} points "
-               "over the base; kept as run, not retrained)")
+    val, learned = _multitask_validation(res["validation"])
     sweep = "; ".join(f"{s['method']} {s['knob']}: {s['seen_val']:.1f}" for s in res["sweep"]) or "none"
     chosen = "; ".join(f"{k}: {v}" for k, v in res["chosen"].items())
     skipped = (f"\n**Not run** (method not available when the experiment ran): {', '.join(res['skipped'])}.\n"

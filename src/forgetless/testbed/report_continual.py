@@ -15,16 +15,16 @@ identically: forgetting's two terms, and differences between methods, are paired
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..checkpoint.writer import human_bytes
+from ..checkpoint.writer import atomic_write, human_bytes
 from ..eval.metrics import Bootstrap, NamedDraws, item_correct
-from ..eval.report import _atomic_write, cell, diff_cell, doc_link
+from ..eval.report import cell, diff_cell, doc_link
+from .context import read_results
 
 N_BOOT = 2000
 CL_READING_START = "<!-- reading continual: written by hand, kept when the report is rebuilt -->"
@@ -148,7 +148,7 @@ def heatmaps(d: ContinualDraws, path: Path) -> Path:
             ax.set_yticks(range(T), [f"after {t + 1}" for t in range(T)], fontsize=7)
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="test accuracy (%)")
         fig.suptitle("Accuracy after each task (row) on each task so far (column)", fontsize=10)
-        return _atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -176,7 +176,7 @@ def average_curve(d: ContinualDraws, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 
@@ -187,7 +187,7 @@ def continual_markdown(workdir: Path, plots: Path, previous: Path | None = None,
     `previous`'s folder."""
     from . import tasks as T
 
-    res = json.loads((Path(workdir) / "results.json").read_text())
+    res = read_results(Path(workdir) / "results.json")
     d = ContinualDraws(res)
     heat = heatmaps(d, Path(plots) / "continual-matrices.png")
     curve = average_curve(d, Path(plots) / "continual-average.png")

@@ -3,7 +3,6 @@ matched E and the area under each curve, with 95% intervals and paired differenc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 from ..eval.metrics import Bootstrap
 from ..eval.report import diff_cell, doc_link, tradeoff_plot
 from . import frontier as FR
+from .context import read_results
 from .experiment import row_draws, row_name
 from .tables import N_BOOT, TaskDraws, differences, summary
 
@@ -157,7 +157,7 @@ def chosen_markdown(workdir: Path, names: list[str]) -> str:
     done = [n for n in names if (Path(workdir) / n / FR.TEST_RESULTS).is_file()]
     if not done:
         return ""
-    results = {n: json.loads((Path(workdir) / n / FR.TEST_RESULTS).read_text()) for n in done}
+    results = {n: read_results(Path(workdir) / n / FR.TEST_RESULTS) for n in done}
     gains = sorted({results[n]["keep_gain"] for n in done})
     d = TaskDraws(results)
     table, order = summary(done, d)
@@ -200,7 +200,7 @@ def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Pa
     missing = [n for n in names if n not in done]
     parts = []
     for name in done:
-        result = json.loads((Path(workdir) / name / FR.RESULTS).read_text())
+        result = read_results(Path(workdir) / name / FR.RESULTS)
         c = Curves(result, Bootstrap(N_BOOT, seed=0))
         png = task_plot(name, c, Path(plots) / f"frontier-{name}.png")
         sizes = ", ".join(f"{t} {len(x)}" for t, x in c.ft["correct_items"].items())
