@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.writer import atomic_write
+
 DEFAULT_WORKDIR = Path("runs/demo")
 DEMO_TASK = "count_many"
 THREADS = 2
@@ -58,5 +60,5 @@ def run_demo(workdir: str | os.PathLike | None = None, *, task: str = DEMO_TASK,
     log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["timings"].items())
         + f"; demo total {time.perf_counter() - t0:.0f}s")
     res["plot"] = str(png)
-    (workdir / task / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write(workdir / task / "results.json", json.dumps(res, indent=1) + "\n")
     return res

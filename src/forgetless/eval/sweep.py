@@ -164,67 +164,70 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
                          device=device, say=say if rank == 0 else (lambda _s: None), rank=rank)
 
 
+@dataclass
+class _Grid:
+    """A sweep's evaluations: cached, data-parallel under torchrun; each point merged by rank 0 into a scratch
+    folder that every rank evaluates."""
+
+    tasks: dict[str, Any]
+    general: dict[str, Any]
+    workdir: Path
+    split: str
+    limit: int | None
+    batch_size: int
+    dtype: str
+    device: str
+    say: Callable[[str], None]
+    rank: int
+
+    def evaluate(self, model: Path, where: dict | None = None) -> dict:
+        from .cache import cached_evaluate
+
+        w = where or {"split": self.split, "tasks": self.tasks, "general": self.general}
+        r, cached = cached_evaluate(model, w["tasks"], w["general"], cache_dir=self.workdir / "eval-cache",
+                                    split=w["split"], limit=self.limit, batch_size=self.batch_size, dtype=self.dtype,
+                                    device=self.device, log=None)
+        self.say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
+        return r
+
+    def merged(self, rec: dict, folder: Path, where: dict | None = None) -> dict:
+        """Merge `rec` into a scratch folder (rank 0), evaluate it (every rank), remove it (rank 0)."""
+        import forgetless
+
+        if self.rank == 0:
+            forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
+        barrier()
+        try:
+            return self.evaluate(folder, where)
+        finally:
+            barrier()
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def _run_grid(loaded: list, *, tasks: dict[str, Any], general: dict[str, Any], workdir: Path, split: str,
               limit: int | None, batch_size: int, rule: Rule, held_out: dict[str, dict[str, Any]] | None,
               plot: str | Path | None, out: str | Path | None, dtype: str, device: str,
               say: Callable[[str], None], rank: int) -> dict:
     """Evaluate the base, the fine-tuned model and every point of the grid; choose; plot and write (rank 0)."""
-    import forgetless
-
-    from .cache import cached_evaluate
     from .metrics import Bootstrap, compare
-    from .report import format_table, tradeoff_plot, write_json
+    from .report import format_table, write_json
 
+    grid = _Grid(tasks, general, workdir, split, limit, batch_size, dtype, device, say, rank)
     first = loaded[0][0]
     base = Path(first["base"])
     m0 = first["models"][0]
     ft = Path(m0["model"] if isinstance(m0, dict) else m0)
-    cache = workdir / "eval-cache"
-
-    def evaluate(model: Path, where: dict | None = None) -> dict:
-        w = where or {"split": split, "tasks": tasks, "general": general}
-        r, cached = cached_evaluate(model, w["tasks"], w["general"], cache_dir=cache, split=w["split"],
-                                    limit=limit, batch_size=batch_size, dtype=dtype, device=device, log=None)
-        say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
-        return r
-
-    base_r, ft_r = evaluate(base), evaluate(ft)
+    base_r, ft_r = grid.evaluate(base), grid.evaluate(ft)
     boot = Bootstrap()  # 95% intervals, E and F paired with the base's items
-
-    def intervals(r: dict) -> dict:
-        return boot.intervals(boot.compare(r, base_r))
-
-    def merged(rec: dict, folder: Path, where: dict | None = None) -> dict:
-        """Merge `rec` into a scratch folder (rank 0), evaluate it (every rank), remove it (rank 0)."""
-        if rank == 0:
-            forgetless.merge(rec, out=folder, force=True, progress=False, log=None)
-        barrier()
-        try:
-            return evaluate(folder, where)
-        finally:
-            barrier()
-            if rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    points: list[dict] = []
-    point_recipes: list[dict] = []  # the recipe each point merged, in order
-    for d, g in loaded:
-        for name, values in g:
-            for v in values:
-                rec = copy.deepcopy(d)
-                rec.setdefault("parameters", {})[name] = v
-                say(f"{d['method']} {name}={v:g}: merging")
-                r = merged(rec, workdir / "merged" / f"{d['method']}-{name}-{v:g}")
-                point_recipes.append(rec)
-                points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
-                               **compare(r, base_r, ft_r), "accuracy": _accuracy(r), "intervals": intervals(r)})
+    points, point_recipes = _points(grid, loaded, base_r, ft_r, boot)
     ft_scores = compare(ft_r, base_r, ft_r)
     chosen, met = choose(points, ft_scores, rule)
     stated = rule.describe(ft_scores)
     rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r),
-             "intervals": intervals(base_r)},
+             "intervals": boot.intervals(boot.compare(base_r, base_r))},
             {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r),
-             "intervals": intervals(ft_r)},
+             "intervals": boot.intervals(boot.compare(ft_r, base_r))},
             *points]
     say(format_table([{"name": f"{r['method']} {r['knob']}".strip(), **r} for r in rows]))
     if chosen is not None:
@@ -235,20 +238,48 @@ def _run_grid(loaded: list, *, tasks: dict[str, Any], general: dict[str, Any], w
               "base": compare(base_r, base_r, ft_r), "finetuned": ft_scores, "points": points}
     if held_out and chosen is not None:
         rec = point_recipes[next(i for i, p in enumerate(points) if p is chosen)]
-        result["held_out"] = _held_out(rec, base, ft, held_out, rule, workdir, merged, evaluate, say)
+        result["held_out"] = _held_out(rec, base, ft, held_out, rule, workdir, grid.merged, grid.evaluate, say)
     if plot and rank == 0:
-        bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
-        pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
-                **bars[0]},
-               {"method": "fine-tuned", "task": ft_scores["T"], "general": ft_scores["G"], "role": "finetuned",
-                **bars[1]}]
-        pts += [{"method": p["method"], "task": p["T"], "general": p["G"], "knob": p["value"],
-                 "chosen": p is chosen, **b} for p, b in zip(points, bars[2:])]
-        tradeoff_plot(pts, plot, title=f"trade-off on {split} ({', '.join(tasks)})")
+        _plot(result, rows, points, chosen, plot, f"trade-off on {split} ({', '.join(tasks)})")
         result["plot"] = str(plot)
     if out and rank == 0:
         write_json(out, result)
     return result
+
+
+def _points(grid: _Grid, loaded: list, base_r: dict, ft_r: dict, boot: Any) -> tuple[list[dict], list[dict]]:
+    """Every grid point merged and scored (E and F paired with the base), and the recipe each merged."""
+    from .metrics import compare
+
+    points: list[dict] = []
+    recipes: list[dict] = []
+    for d, g in loaded:
+        for name, values in g:
+            for v in values:
+                rec = copy.deepcopy(d)
+                rec.setdefault("parameters", {})[name] = v
+                grid.say(f"{d['method']} {name}={v:g}: merging")
+                r = grid.merged(rec, grid.workdir / "merged" / f"{d['method']}-{name}-{v:g}")
+                recipes.append(rec)
+                points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
+                               **compare(r, base_r, ft_r), "accuracy": _accuracy(r),
+                               "intervals": boot.intervals(boot.compare(r, base_r))})
+    return points, recipes
+
+
+def _plot(result: dict, rows: list[dict], points: list[dict], chosen: dict | None, plot: str | Path,
+          title: str) -> None:
+    """The trade-off plot: base, fine-tuned and every point, with their intervals, the chosen one marked."""
+    from .report import tradeoff_plot
+
+    bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
+    pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
+            **bars[0]},
+           {"method": "fine-tuned", "task": result["finetuned"]["T"], "general": result["finetuned"]["G"],
+            "role": "finetuned", **bars[1]}]
+    pts += [{"method": p["method"], "task": p["T"], "general": p["G"], "knob": p["value"],
+             "chosen": p is chosen, **b} for p, b in zip(points, bars[2:])]
+    tradeoff_plot(pts, plot, title=title)
 
 
 def _held_out(rec: dict, base: Path, ft: Path, where: dict, rule: Rule, workdir: Path, merged, evaluate,

@@ -108,7 +108,7 @@ def read_init_adapter(folder: Path, lora: LoraSpec, rename: Callable[[str], str]
     if not cfg_file.is_file() or not weights.is_file():
         raise ForgetlessError(f"not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_SAFE} needed)", file=folder,
                               remedy="give a folder written by `forgetless finetune --lora` or PEFT's save_pretrained")
-    cfg = read_json(cfg_file, remedy="fix or restore adapter_config.json")
+    cfg = read_json(cfg_file, remedy="fix or restore adapter_config.json", expect=dict)
     if int(cfg.get("r", -1)) != lora.r or float(cfg.get("lora_alpha", -1)) != float(lora.alpha):
         raise ForgetlessError(f"adapter of rank {cfg.get('r')} and alpha {cfg.get('lora_alpha')}, this run trains "
                               f"rank {lora.r} and alpha {lora.alpha:g}", file=cfg_file,
