@@ -165,7 +165,7 @@ def _run_stats(kind: str, model: str, out: str | None, dry_run: bool, scope: tup
 
     if out is None and not dry_run:
         raise click.UsageError("--out is required (or --dry-run)")
-    compute_statistics(kind, model, kw.pop("data"), out, scope=list(scope) or None, n=num, dry_run=dry_run,  # type: ignore[arg-type]
+    compute_statistics(kind, model, kw.pop("data"), out, scope=list(scope) or None, n=num, dry_run=dry_run,
                        log=click.echo, **kw)
 
 

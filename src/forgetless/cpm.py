@@ -109,7 +109,7 @@ class RoutedProjector(nn.Module):
                 continue
             y = proj(features) * wt.to(features.dtype)
             out = y if out is None else out + y
-        return out  # type: ignore[return-value]
+        return out
 
 
 def _projector_module(model: nn.Module) -> tuple[nn.Module, str]:
@@ -180,15 +180,15 @@ def compute_prototype(model: nn.Module, model_dir: str | Path, data: str | Path,
     for i in range(0, len(with_image), batch_size):
         batch = []
         for s in with_image[i:i + batch_size]:
-            if not s.image.is_file():  # type: ignore[union-attr]
+            if not s.image.is_file():
                 raise ForgetlessError("image not found", file=s.image, remedy="check --cpm-images")
-            with Image.open(s.image) as im:  # type: ignore[arg-type]
+            with Image.open(s.image) as im:
                 batch.append(im.convert("RGB"))
         pv = processor(images=batch, return_tensors="pt")["pixel_values"]
         feats = visual_features(model, pv)
         total = feats.sum(dim=0) if total is None else total + feats.sum(dim=0)
         count += feats.shape[0]
-    return (total / count).float(), data_fingerprint(data, samples), count  # type: ignore[operator]
+    return (total / count).float(), data_fingerprint(data, samples), count
 
 
 # ---------------------------------------------------------------------------------------------- folders

@@ -660,7 +660,7 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
                               remedy="pass --base BASE_DIR on the first task")
     opts = settle_options(meta, state, gamma=gamma, gamma_mode=gamma_mode, approx=approx, state_dtype=state_dtype,
                           cpm_data=cpm_data, tau=tau, hard=hard)
-    base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)  # type: ignore[index]
+    base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)
     step: _Step | None = None
     try:
         step = _open_step(state, meta, opts, base_reader, adapter, cpm_data, rank)
@@ -672,15 +672,15 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
             out, [state, lock_path(state), base_reader.path, adapter, *_gram_files(gram), data, images, cpm_data,
                   cpm_images, stats], force=force)
         if gram is None:
-            gram = _gram_for(base_reader, step.names, data, images, n, seed, batch_size, device,  # type: ignore[arg-type]
+            gram = _gram_for(base_reader, step.names, data, images, n, seed, batch_size, device,
                              stats, log, gram_dtype, (min_pixels, max_pixels))
         step.gram_reader, step.gram_meta = _check_gram(gram, base_reader, step.names)
         _check_rank(step, adapter)
         new_meta, task = _next_meta(step, base, adapter, name)
         cpm_new = None
         if step.proj_names is not None:
-            cpm_new = _cpm_task(base_reader, step.lora, step.proj_names, cpm_data, cpm_images, cpm_n, log)  # type: ignore[arg-type]
-            task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),  # type: ignore[arg-type]
+            cpm_new = _cpm_task(base_reader, step.lora, step.proj_names, cpm_data, cpm_images, cpm_n, log)
+            task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),
                         cpm_images=cpm_new.pop("images"))
         _commit(step, new_meta, cpm_new, gram, solve_device, shard_size, force, log)
     finally:
@@ -700,7 +700,7 @@ def _open_step(state: Path, meta: dict[str, Any] | None, opts: ContinualOptions,
     use_cpm = opts.cpm is not None
     lora = _check_adapter(adapter, base, meta, allow_projector=use_cpm)
     names = sorted(meta["modules"]) if meta is not None else sorted(lora.loras())
-    proj_names = _check_cpm(base, names, cpm_data, rank, adapter) if use_cpm else None  # type: ignore[arg-type]
+    proj_names = _check_cpm(base, names, cpm_data, rank, adapter) if use_cpm else None
     return _Step(state, meta, opts, base, lora, names, proj_names, rank=rank)
 
 
@@ -722,10 +722,10 @@ def _next_meta(step: _Step, base: str | Path | None, adapter: str | Path, name: 
     """The state.json this step writes (a new state's, or the old one's with this task added) and the task's entry."""
     meta, reader, lora = step.meta, step.base, step.lora
     if meta is None:
-        modules, parts = _new_layout(reader, lora, step.gram_reader)  # type: ignore[arg-type]
+        modules, parts = _new_layout(reader, lora, step.gram_reader)
         new_meta: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "forgetless_version": __version__,
-            "base": {"path": str(Path(base).resolve()), "fingerprint": reader.fingerprint(),  # type: ignore[arg-type]
+            "base": {"path": str(Path(base).resolve()), "fingerprint": reader.fingerprint(),
                      "weights_fingerprint": reader.weights_fingerprint(),
                      "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
             "options": asdict(step.opts), "adapter_config": lora.config, "tasks": [], "modules": modules,
@@ -735,8 +735,8 @@ def _next_meta(step: _Step, base: str | Path | None, adapter: str | Path, name: 
     gram_reader, gram_meta = step.gram_reader, step.gram_meta
     task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
             "adapter_fingerprint": lora.fingerprint(), "modules": len(lora.loras()),
-            "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),  # type: ignore[union-attr]
-            "gram_fingerprint": gram_reader.weights_fingerprint(),  # type: ignore[union-attr]
+            "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),
+            "gram_fingerprint": gram_reader.weights_fingerprint(),
             "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
             "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     new_meta["tasks"].append(task)

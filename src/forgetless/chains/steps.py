@@ -130,6 +130,6 @@ def statistics_step(kind: str, model_dir: str | Path, data: str | Path, path: st
         f"{'' if dtype == 'float32' else f' ({dtype})'}")
     if kind == "fisher":
         compute["variant"] = variant or "empirical"
-    compute_statistics(kind, model_dir, data, path, images=img, scope=scope, n=n, seed=seed, force=True,  # type: ignore[arg-type]
+    compute_statistics(kind, model_dir, data, path, images=img, scope=scope, n=n, seed=seed, force=True,
                        dry_run=dry_run, log=log, **compute)
     return path

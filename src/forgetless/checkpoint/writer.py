@@ -384,7 +384,7 @@ class StreamingWriter:
             os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
             os.ftruncate(fd, start + pos)
         for e in shard.entries:
-            off = start + header[e.name]["data_offsets"][0]  # type: ignore[index]
+            off = start + header[e.name]["data_offsets"][0]
             self._where[e.name] = (fd, off, e.nbytes)
         self._left[fd], self._unsynced[fd] = pos, 0
 

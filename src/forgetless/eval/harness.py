@@ -551,10 +551,10 @@ def shard_by_length(samples: Sequence[Sample], rank: int, world: int) -> list[in
 def _gathered(own: list[dict[str, Any]], mine: list[int], n: int) -> list[dict[str, Any]]:
     """Every rank's predictions, back in file order (each rank gets them all)."""
     ordered: list[dict[str, Any] | None] = [None] * n
-    for indices, preds in gather_objects((mine, own)):  # type: ignore[misc]
+    for indices, preds in gather_objects((mine, own)):
         for i, p in zip(indices, preds):
             ordered[i] = p
-    return ordered  # type: ignore[return-value]
+    return ordered
 
 
 def _predict(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], spec: TaskSpec, extra: list[str],

@@ -137,7 +137,7 @@ def _point(p: TradeoffPoint | Mapping[str, Any]) -> TradeoffPoint:
 
 def _knob_key(p: TradeoffPoint) -> float:
     try:
-        return float(p.knob)  # type: ignore[arg-type]
+        return float(p.knob)
     except (TypeError, ValueError):
         return float("nan")
 

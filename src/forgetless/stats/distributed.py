@@ -146,7 +146,7 @@ def collect_owned(tensors: Mapping[str, torch.Tensor], dst: int = 0) -> dict[str
     if world == 1 or not dist.is_initialized():
         return {k: v.cpu() for k, v in tensors.items()}
     shapes = {k: (tuple(v.shape), v.dtype, rank) for k, v in tensors.items()}
-    everything = {k: v for part in gather_objects(shapes) for k, v in part.items()}  # type: ignore[union-attr]
+    everything = {k: v for part in gather_objects(shapes) for k, v in part.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     out: dict[str, torch.Tensor] = {}
     for name in sorted(everything):
@@ -170,7 +170,7 @@ def barrier() -> None:
 
 def from_rank0(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (a decision all ranks must take alike, such as what a cache holds)."""
-    return gather_objects(obj)[0]  # type: ignore[return-value]
+    return gather_objects(obj)[0]
 
 
 def gather_objects(obj: object) -> list[object]:

@@ -190,17 +190,17 @@ def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: 
                                 total=len(mine))
         sums, count, skipped, counts, shared = dict(res.sums), res.num_samples, list(res.skipped), None, {}
         reduce_to(sums)
-        count = sum(gather_objects(count))  # type: ignore[arg-type]
+        count = sum(gather_objects(count))
     else:
         gres = accumulate_gram(net, batches, linears=targets, dtype=o["acc_dtype"], tokens=o["tokens"],
                                share=o["share"], progress=ticker, total=len(mine)) if targets else None
         sums, counts, shared = _gram_sums(gres, owners is not None)
         counted = gather_objects(gres.num_samples if gres is not None else 0)
-        count = max(counted) if owners is not None else sum(counted)  # type: ignore[type-var,arg-type]
+        count = max(counted) if owners is not None else sum(counted)
         skipped = []
     del net
     if owners is None:
-        skipped = [s for part in gather_objects(skipped + bad) for s in part]  # type: ignore[union-attr]
+        skipped = [s for part in gather_objects(skipped + bad) for s in part]
     else:  # every rank saw every sample: its own skips stand for all
         skipped = skipped + bad
     report.seconds = time.perf_counter() - t0
@@ -222,14 +222,14 @@ def _gram_sums(gres: GramResult | None, split: bool) -> tuple[dict, dict[str, in
     if split:
         merged_counts: dict[str, int] = {}
         merged_shared: dict[str, str] = {}
-        for c, sh in gather_objects((counts, shared)):  # type: ignore[misc]
+        for c, sh in gather_objects((counts, shared)):
             merged_counts.update(c)
             merged_shared.update(sh)
         return collect_owned(grams), merged_counts, merged_shared
     reduce_to(grams)
     total: dict[str, int] = {}
     for part in gather_objects(counts):
-        for k, v in part.items():  # type: ignore[attr-defined]
+        for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return grams, total, shared
 
@@ -246,7 +246,7 @@ def _write(kind: Kind, report: StatsReport, model_dir: Path, sums: dict, counts:
         if kind == "fisher":
             save_fisher(report.out, sums, count, **common)
         else:
-            save_gram(report.out, sums, counts, count, shared=shared, **common)  # type: ignore[arg-type]
+            save_gram(report.out, sums, counts, count, shared=shared, **common)
 
 
 class _Ticker:

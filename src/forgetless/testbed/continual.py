@@ -292,8 +292,8 @@ class Continual:
             if best is None or avg > best[0]:
                 best = (avg, lam)
         shutil.rmtree(out, ignore_errors=True)
-        ctx.log(f"TA after {len(so_far)} tasks: λ = {best[1]:g} (validation {best[0]:.1f})")  # type: ignore[index]
-        return best[1]  # type: ignore[index]
+        ctx.log(f"TA after {len(so_far)} tasks: λ = {best[1]:g} (validation {best[0]:.1f})")
+        return best[1]
 
     def joint_row(self, adapter: Path) -> dict:
         """The joint adapter's row after the last task, a step keyed by its fingerprint, the tasks and limits."""
@@ -353,7 +353,7 @@ def routing_accuracy(model_dir: Path, roots: dict[str, Path], n: int = 64) -> di
     for name, root in roots.items():
         imgs = []
         for s in load_samples(root / "test.jsonl")[:n]:
-            with Image.open(s.image) as im:  # type: ignore[arg-type]
+            with Image.open(s.image) as im:
                 imgs.append(im.convert("RGB"))
         pixels[name] = processor(images=imgs, return_tensors="pt")["pixel_values"]
     return {k: round(100 * v, 1) for k, v in route(model, pixels).items()}

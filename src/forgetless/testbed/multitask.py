@@ -230,7 +230,7 @@ class Multitask:
             if best is None or avg > best[0]:
                 best = (avg, p)
         shutil.rmtree(out, ignore_errors=True)
-        return best[1]  # type: ignore[index]
+        return best[1]
 
     def test_rows(self, joint: Path, chosen: dict[str, tuple[str, dict]]) -> list[dict]:
         """Steps 4–5: the base, each own adapter (on its task), the joint adapter and each merge on the test

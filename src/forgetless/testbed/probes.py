@@ -463,7 +463,7 @@ def arithmetic_facts(n_add: int = 32, n_sub: int = 32, n_mul: int = 32) -> list[
             seen.add((op, a, b))
             expr = f"{a} {op} {b}"
             options = [f"{expr} = {n}" for n in (ans, *_near(ans, offsets, rng))]
-            facts.append((f"What is {expr}?", *options))  # type: ignore[arg-type]
+            facts.append((f"What is {expr}?", *options))
             k += 1
     return facts
 

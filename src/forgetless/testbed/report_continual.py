@@ -82,7 +82,7 @@ class ContinualDraws(NamedDraws):
     def best_baseline(self) -> str | None:
         """The baseline (:data:`BASELINES`) with the highest final average accuracy."""
         have = [m for m in BASELINES if m in self.res["matrices"]]
-        return max(have, key=lambda m: self.points[m]["final"]) if have else None  # type: ignore[arg-type,return-value]
+        return max(have, key=lambda m: self.points[m]["final"]) if have else None
 
 
 def summary_table(d: ContinualDraws) -> str:

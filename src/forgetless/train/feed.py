@@ -126,7 +126,7 @@ def check(samples: list[Sample], encoder: Encoder, on_bad_sample: str, *, seed: 
     of the skipped ones in list order, this rank's kept encodings by position in the usable list, and the longest
     encoding in tokens."""
     found, mine, error = check_share(samples, encoder, on_bad_sample, share(len(samples), seed, rank, world), rank)
-    everyone: list[Findings] = gather_objects(found)  # type: ignore[assignment]
+    everyone: list[Findings] = gather_objects(found)
     _raise_first(everyone, error, rank)
     bad = sorted(b for f in everyone for b in f.bad)
     dropped = {p for p, _, _ in bad}

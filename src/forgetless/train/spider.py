@@ -55,7 +55,7 @@ from .hooks import StepInfo
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support: no tensor is ever sharded
-    DTensor = ()  # type: ignore[assignment,misc]
+    DTensor = ()
 
 KEEP_RULES = ("none", "spider", "magnitude_mask")
 MASK_RATIO = 0.5
