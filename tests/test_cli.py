@@ -30,7 +30,7 @@ def test_inspect_reports_layout_and_part_counts(tiny_llava_dir, capsys):
     main(["inspect", str(tiny_llava_dir)])
     out = capsys.readouterr().out
     reader = CheckpointReader(tiny_llava_dir)
-    assert "layout llava_legacy" in out and "(3 decoder layers)" in out
+    assert "layout llava_hf" in out and "(3 decoder layers)" in out
     total = sum(reader.info(n).numel for n in reader.names())
     assert f"{total:,} parameters" in out
     n_proj = sum(1 for n in reader.names() if "multi_modal_projector" in n)

@@ -29,13 +29,13 @@ from forgetless.errors import ForgetlessError
 # where each family keeps its decoder layers, and what its projector tensors are (written out by hand)
 LAYER_PREFIX = {
     "llava": "model.language_model.layers.",
-    "llava_legacy": "language_model.model.layers.",
+    "llava_hf": "language_model.model.layers.",
     "llava_original": "model.layers.",
     "qwen2_vl": "model.language_model.layers.",
-    "qwen2_vl_legacy": "model.layers.",
+    "qwen2_vl_hf": "model.layers.",
     "causal_lm": "model.layers.",
 }
-N_PROJECTOR = {"llava": 4, "llava_legacy": 4, "llava_original": 4, "qwen2_vl": 5, "qwen2_vl_legacy": 5}
+N_PROJECTOR = {"llava": 4, "llava_hf": 4, "llava_original": 4, "qwen2_vl": 5, "qwen2_vl_hf": 5}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def dirs(tmp_path_factory, tiny_llava_dir, tiny_qwen25vl_dir, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("layouts")
     return {
         "llava": save_current_names(tiny_llava_model(), tmp / "llava_current"),
-        "llava_legacy": tiny_llava_dir,
+        "llava_hf": tiny_llava_dir,
         "llava_original": build_tiny_llava_original(tiny_llava_dir, tmp / "llava_original"),
         "qwen2_vl": save_current_names(tiny_qwen25vl_model(), tmp / "qwen_current"),
-        "qwen2_vl_legacy": tiny_qwen25vl_dir,
+        "qwen2_vl_hf": tiny_qwen25vl_dir,
         "causal_lm": tiny_llama_dir,
     }
 
@@ -102,12 +102,12 @@ def test_layer_slices_match_brute_force(dirs, family):
 
 def test_legacy_and_current_select_the_same_tensors(dirs):
     r_cur, cur = open_layout(dirs["llava"])
-    r_old, old = open_layout(dirs["llava_legacy"])
+    r_old, old = open_layout(dirs["llava_hf"])
     sels = ["projector", "vision", "lm_head", "language.layers[-2:]", "language.embed"]
     got_cur = select(cur, r_cur.names(), sels)
     got_old = select(old, r_old.names(), sels)
     # transformers' own load-time rename (legacy file -> in-memory names) is the reference
-    model = LlavaForConditionalGeneration.from_pretrained(dirs["llava_legacy"])
+    model = LlavaForConditionalGeneration.from_pretrained(dirs["llava_hf"])
     current = set(model.state_dict())
     mapped = set()
     for n in got_old:
@@ -118,8 +118,8 @@ def test_legacy_and_current_select_the_same_tensors(dirs):
     assert len(got_cur) == len(r_cur.names()) - 1 - 9  # all but the final norm and layer 0
 
 
-@pytest.mark.parametrize("family,model_cls", [("llava_legacy", LlavaForConditionalGeneration),
-                                              ("qwen2_vl_legacy", Qwen2_5_VLForConditionalGeneration)])
+@pytest.mark.parametrize("family,model_cls", [("llava_hf", LlavaForConditionalGeneration),
+                                              ("qwen2_vl_hf", Qwen2_5_VLForConditionalGeneration)])
 def test_name_aliases_follow_transformers_renames(dirs, family, model_cls):
     r = CheckpointReader(dirs[family])
     current = set(model_cls.from_pretrained(dirs[family]).state_dict())
@@ -132,7 +132,7 @@ def test_name_aliases_follow_transformers_renames(dirs, family, model_cls):
 
 
 def test_describe_counts_everything(dirs):
-    r, layout = open_layout(dirs["qwen2_vl_legacy"])
+    r, layout = open_layout(dirs["qwen2_vl_hf"])
     rows = describe(layout, r)
     assert [row["part"] for row in rows] == list(layout.parts)
     assert sum(row["tensors"] for row in rows) == len(r.names())
@@ -152,7 +152,7 @@ def test_describe_counts_everything(dirs):
     ("re:[", "invalid regex"),
 ])
 def test_bad_selectors(dirs, selector, needle):
-    r, layout = open_layout(dirs["llava_legacy"])
+    r, layout = open_layout(dirs["llava_hf"])
     with pytest.raises(ForgetlessError) as e:
         select(layout, r.names(), ["projector", selector], file="recipe.yaml")
     msg = str(e.value)
@@ -174,7 +174,7 @@ def test_unknown_architecture_and_override(dirs):
     r = CheckpointReader(dirs["causal_lm"])
     with pytest.raises(ForgetlessError) as e:
         detect_layout({"architectures": ["MambaModel"]}, r.names())
-    assert "MambaModel" in str(e.value) and "layout override" in str(e.value) and "qwen2_vl_legacy" in str(e.value)
+    assert "MambaModel" in str(e.value) and "layout override" in str(e.value) and "qwen2_vl_hf" in str(e.value)
     layout = detect_layout({"architectures": ["MambaModel"]}, r.names(), override="causal_lm")
     assert layout.family == "causal_lm" and layout.num_layers == 3  # from the tensor names
     with pytest.raises(ForgetlessError, match="unknown layout 'nope'"):
@@ -196,3 +196,9 @@ def test_a_tied_lm_head_is_named_with_the_selector_to_use(tmp_path):
     with pytest.raises(ForgetlessError, match="matches no tensor") as e:
         select(lay, names, ["re:^nothing"], file=model)
     assert "language.norm, re:" in str(e.value)  # the valid selectors: the parts this checkpoint stores, no lm_head
+
+
+def test_the_earlier_family_names_are_still_read_as_overrides(tiny_llava_dir):
+    with CheckpointReader(tiny_llava_dir) as r:
+        assert detect_layout(r.config, r.names(), override="llava_legacy").family == "llava_hf"
+        assert detect_layout(r.config, r.names()).family == "llava_hf"

@@ -7,19 +7,19 @@ layer index in a group named ``layer``. Families and their tensor names:
 =================  =====================================================================================
 llava              transformers ≥ 4.52 in memory: ``model.language_model.layers.N``, ``model.vision_tower``,
                    ``model.multi_modal_projector``, ``lm_head``
-llava_legacy       published llava-hf folders (and what transformers 5 still writes):
+llava_hf           published llava-hf folders (and what transformers 5 still writes):
                    ``language_model.model.layers.N``, ``language_model.lm_head``, ``vision_tower``,
                    ``multi_modal_projector``
 llava_original     original LLaVA repository folders (``LlavaLlamaForCausalLM``): ``model.layers.N``,
                    ``model.mm_projector``, ``model.vision_tower``, ``lm_head``
 qwen2_vl           Qwen2-VL / Qwen2.5-VL in memory: ``model.visual`` (projector ``model.visual.merger``),
                    ``model.language_model.layers.N``, ``lm_head``
-qwen2_vl_legacy    published Qwen2(.5)-VL folders: ``visual`` (``visual.merger``), ``model.layers.N``, ``lm_head``
+qwen2_vl_hf        published Qwen2(.5)-VL folders: ``visual`` (``visual.merger``), ``model.layers.N``, ``lm_head``
 causal_lm          plain decoders (Llama, Qwen2, Mistral, SmolLM, …): ``model.layers.N``, ``model.embed_tokens``,
                    ``model.norm``, ``lm_head``
 =================  =====================================================================================
 
-The renames between current and legacy names are the ones transformers applies when it loads a checkpoint
+The renames between the in-memory (``llava``, ``qwen2_vl``) and the saved names (``*_hf``) are the ones transformers applies when it loads a checkpoint
 (``transformers/conversion_mapping.py``, entries "llava"/"LlavaModel" and "Qwen2VLForConditionalGeneration").
 """
 
@@ -57,7 +57,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "language.norm": r"^model\.language_model\.norm\.",
         "lm_head": r"^lm_head\.",
     },
-    "llava_legacy": {
+    "llava_hf": {
         "vision": r"^vision_tower\.",
         "projector": r"^(?:multi_modal_projector\.|image_newline$)",
         "language.embed": r"^language_model\.model\.embed_tokens\.",
@@ -81,7 +81,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "language.norm": r"^model\.language_model\.norm\.",
         "lm_head": r"^lm_head\.",
     },
-    "qwen2_vl_legacy": {
+    "qwen2_vl_hf": {
         "vision": r"^visual\.(?!merger\.)",
         "projector": r"^visual\.merger\.",
         "language.embed": r"^model\.embed_tokens\.",
@@ -97,13 +97,15 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 
+RENAMED = {"llava_legacy": "llava_hf", "qwen2_vl_legacy": "qwen2_vl_hf"}  # earlier names, still read as overrides
+
 # config.json -> candidate families (the tensor names then pick between current and legacy naming)
 _LLAVA_TYPES = {"llava", "llava_next", "llava_onevision"}
 _QWEN_VL_TYPES = {"qwen2_vl", "qwen2_5_vl"}
 _CANDIDATES = {
-    "llava": ("llava", "llava_legacy"),
+    "llava": ("llava", "llava_hf"),
     "llava_original": ("llava_original",),
-    "qwen2_vl": ("qwen2_vl", "qwen2_vl_legacy"),
+    "qwen2_vl": ("qwen2_vl", "qwen2_vl_hf"),
     "causal_lm": ("causal_lm",),
 }
 
@@ -188,6 +190,7 @@ def detect_layout(config: Mapping[str, Any], names: Iterable[str], override: str
     names = list(names)
     valid = ", ".join(LAYOUTS)
     if override is not None:
+        override = RENAMED.get(override, override)
         if override not in LAYOUTS:
             raise ForgetlessError(f"unknown layout {override!r}", remedy=f"use one of: {valid}")
         return _make(override, config, names)
