@@ -332,6 +332,10 @@ def test_different_targets_and_bases_listed_in_one_error(adapters, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"])
     train_adapter(tiny_llava_model(), cfg, tmp_path / "qk", seed=5)
     _refused(base, [paths[0], tmp_path / "qk"], tmp_path, "adapts other modules", method="lora_ties")
+    many = [f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(200)]  # full paths, as a fine-tune
+    long = _copy_adapter(tmp_path / "qk", tmp_path / "long", config={"target_modules": many})  # writes them
+    msg = _refused(base, [paths[0], long], tmp_path, "adapts other modules", method="lora_ties")
+    assert "197 more" in msg and len(msg) < 2000
     other = _copy_adapter(paths[1], tmp_path / "other", config={"base_model_name_or_path": "org/another-model"})
     first = _copy_adapter(paths[0], tmp_path / "first", config={"base_model_name_or_path": "org/llava"})
     msg = _refused(base, [first, other], tmp_path, "base_model_name_or_path differs")

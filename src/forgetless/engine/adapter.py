@@ -128,6 +128,13 @@ def adapter_problems(adapters: list[LoraAdapter], base: CheckpointReader, one_ra
     return problems
 
 
+def _brief(targets: Any, shown: int = 3) -> str:
+    """An adapter's target_modules for an error line: a long list (full module paths) cut to its first few."""
+    if isinstance(targets, list) and len(targets) > shown:
+        return repr(targets[:shown])[:-1] + f", … {len(targets) - shown} more]"
+    return repr(targets)
+
+
 def _problems_of(i: int, a: LoraAdapter, first_adapter: LoraAdapter, base: CheckpointReader,
                  one_rank: str | None) -> list[str]:
     """What keeps adapter models[i] from being merged with models[0] (`first_adapter`) in adapter space."""
@@ -138,8 +145,8 @@ def _problems_of(i: int, a: LoraAdapter, first_adapter: LoraAdapter, base: Check
     if i and set(loras) != set(first):
         diff = sorted(set(loras) ^ set(first))
         problems.append(f"models[{i}] {a.path}: adapts other modules than models[0] ({len(diff)} differ, e.g. "
-                        f"{', '.join(diff[:3])}; target_modules {a.config.get('target_modules')!r} vs "
-                        f"{first_adapter.config.get('target_modules')!r})")
+                        f"{', '.join(diff[:3])}; target_modules {_brief(a.config.get('target_modules'))} vs "
+                        f"{_brief(first_adapter.config.get('target_modules'))})")
     for name, lora in sorted(loras.items()):
         if lora.kind != "linear" or lora.fan_in_fan_out:
             what = "fan_in_fan_out Linear" if lora.kind == "linear" else lora.kind
