@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench lint clean
 
-$(STAMP): pyproject.toml setup.py Makefile src/forgetless/methods/_kernels.c
+$(STAMP): pyproject.toml setup.py Makefile src/forgetless/methods/fast/_kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU build from local disk here, never a resolver-picked CUDA build
@@ -32,4 +32,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info src/forgetless/methods/_kernels*.so
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/forgetless/methods/fast/_kernels*.so

@@ -30,8 +30,8 @@ from forgetless.checkpoint.writer import Entry, StreamingWriter
 from forgetless.engine import budget as engine_budget
 from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS
+from forgetless.methods.fast.select import top_k_cut, top_k_cuts
 from forgetless.methods.registry import RowBlock, Rows, Streaming
-from forgetless.methods.select import top_k_cut, top_k_cuts
 from forgetless.recipe import load_recipe
 
 BLOCK_METHODS = sorted({s.name for s in METHODS.values() if s.streaming.rows == "blocks"})
@@ -90,7 +90,7 @@ def test_a_slightly_missed_bracket_is_widened_not_dropped():
     def pieces():
         calls.append(1)
         yield [x + 15_000.0 if len(calls) == 1 else x], 0  # beyond ±4 standard errors, within ±12
-    from forgetless.methods import select
+    from forgetless.methods.fast import select
 
     count = select._count_and_gather
 
@@ -322,9 +322,9 @@ def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_fami
 
 def test_ties_with_the_fused_kernels_writes_the_torch_rule_s_bytes(tied_family, tmp_path, small_allowances,
                                                                    monkeypatch):
-    """The engine's TIES, whole tensors and row blocks, with the kernels (methods/kernels.py: the histogram bracket,
+    """The engine's TIES, whole tensors and row blocks, with the kernels (methods/fast/kernels.py: the histogram bracket,
     the fused count and the fused combine) and with the torch rule alone: the same bytes."""
-    from forgetless.methods import kernels
+    from forgetless.methods.fast import kernels
     recipe = {**recipes(tied_family)["ties"], "parameters": {"density": 0.4, "lambda": 0.9}}
     recipe["models"] = [{"model": m, "weight": w} for m, w in zip(recipe["models"], (1.0, 0.5, 2.0))]
     outs = {}

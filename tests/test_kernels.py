@@ -1,7 +1,8 @@
-"""The fused kernels (`methods/_kernels.c`, wrapped by `methods/kernels.py`) against the torch rule each replaces,
-bit for bit, on values chosen to break them: ±0, subnormals, ±∞, NaN, exact ties, every weight and λ convention,
-cut splits inside a block, one to five models. The torch rule is the reference (itself held against brute force in
-test_select.py and test_methods.py); here it runs with the kernels switched off (``kernels.ENABLED`` patched)."""
+"""The fused kernels (`methods/fast/_kernels.c`, wrapped by `methods/fast/kernels.py`) against the torch code each
+replaces, bit for bit, on values chosen to break them: ±0, subnormals, ±∞, NaN, exact ties, every weight and λ
+convention, cut splits inside a block, one to five models. The torch code is the reference (itself held against the
+rules and brute force in test_select.py and test_methods.py); here it runs with the kernels switched off
+(``kernels.ENABLED`` patched)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from test_select import same_bits, stable_top
 
-from forgetless.methods import baselines, kernels, select
-from forgetless.methods.select import AbsDiff, Cut, top_k_cuts
+from forgetless.methods.fast import baselines, kernels, select
+from forgetless.methods.fast.select import AbsDiff, Cut, top_k_cuts
 
 
 def awkward(n: int, seed: int) -> torch.Tensor:
@@ -41,9 +42,9 @@ def torch_rule(monkeypatch):
 
 def test_the_kernels_are_built():
     assert kernels._kernels is not None, (
-        "forgetless.methods._kernels was not built: reinstall with a C compiler present (`pip install -e .`); "
-        "the methods then fall back to their torch rule, several times slower")
-    assert kernels.ENABLED == (os.environ.get("FORGETLESS_KERNELS", "1") != "0")  # =0: the torch rule on purpose
+        "forgetless.methods.fast._kernels was not built: reinstall with a C compiler present (`pip install -e .`); "
+        "the methods then fall back to torch, several times slower")
+    assert kernels.ENABLED == (os.environ.get("FORGETLESS_KERNELS", "1") != "0")  # =0: torch on purpose
 
 
 def test_histogram_counts_the_top_bits_of_the_magnitudes():
@@ -74,7 +75,7 @@ def test_count_gather_equals_compares_and_nonzero(largest, diff):
 
 def reference_ties(base, fts, cuts, offset, weights, lambda_, sign, convention, torch_rule):
     torch_rule()
-    return baselines._trim_and_combine(base.clone(), fts, cuts, offset, weights, lambda_, sign, convention)
+    return baselines.trim_and_combine(base.clone(), fts, cuts, offset, weights, lambda_, sign, convention)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
@@ -105,9 +106,9 @@ def test_the_ties_kernel_is_the_torch_rule_bit_for_bit(monkeypatch, torch_rule, 
         want = reference_ties(base, fts, cuts, offset, w, lambda_, sign, convention, torch_rule)
         monkeypatch.setattr(kernels, "ENABLED", True)
         fused = kernels.fits(base)
-        got = baselines._trim_and_combine(base.clone(), fts, cuts, offset, w, lambda_, sign, convention)
+        got = baselines.trim_and_combine(base.clone(), fts, cuts, offset, w, lambda_, sign, convention)
         assert fused and same_bits(got, want), offset
-        assert int(torch.isnan(got).sum()) > 0  # NaN and ∞ met on the way, as the torch rule meets them
+        assert int(torch.isnan(got).sum()) > 0  # NaN and ∞ met on the way, as the torch code meets them
 
 
 def test_peft_s_rule_with_unequal_weights_stays_with_torch(monkeypatch):
@@ -119,10 +120,10 @@ def test_peft_s_rule_with_unequal_weights_stays_with_torch(monkeypatch):
     base = torch.randn(100)
     fts = [base + torch.randn(100) for _ in range(2)]
     cuts = [Cut(-math.inf, 1 << 62, every_tie=True)] * 2
-    baselines._trim_and_combine(base.clone(), fts, cuts, 0, [0.5, 1.0], 1.0, "total", "peft")
-    baselines._trim_and_combine(base.clone(), fts, cuts, 0, [1.0, 1.0], 0.5, "total", "peft")
+    baselines.trim_and_combine(base.clone(), fts, cuts, 0, [0.5, 1.0], 1.0, "total", "peft")
+    baselines.trim_and_combine(base.clone(), fts, cuts, 0, [1.0, 1.0], 0.5, "total", "peft")
     assert not called
-    baselines._trim_and_combine(base.clone(), fts, cuts, 0, [1.0, 1.0], 1.0, "total", "peft")
+    baselines.trim_and_combine(base.clone(), fts, cuts, 0, [1.0, 1.0], 1.0, "total", "peft")
     assert called
 
 

@@ -1,4 +1,5 @@
-"""The baseline merge rules, against PEFT's merge_utils and brute-force loops written from the definitions."""
+"""The baseline merge rules (`methods/baselines.py`) and the registered methods that run them, against PEFT's
+merge_utils and brute-force loops written from the definitions, and against each other bit for bit."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft
 
-from forgetless.methods import METHODS
+from forgetless.methods import METHODS, baselines
 from forgetless.methods.baselines import (
     dare_linear,
     dare_ties,
     linear,
-    magnitude_trim,
     task_arithmetic,
     ties,
+    trim,
 )
-from forgetless.methods.select import kth_largest
+from forgetless.methods.fast.baselines import magnitude_trim
+from forgetless.methods.fast.select import kth_largest
 
 
 def _models(n=3, shape=(48, 40), seed=0, scale=1.0):
@@ -26,6 +28,17 @@ def _models(n=3, shape=(48, 40), seed=0, scale=1.0):
 
 def _copies(fts):
     return [f.clone() for f in fts]
+
+
+def _ties(via):
+    """TIES by the registered method (on copies, as the engine gives it) or by its rule, called alike."""
+    if via == "method":
+        return lambda base, fts, **kw: ties(base.clone(), _copies(fts), **kw)
+    return lambda base, fts, weight, density, **kw: baselines.ties_rule(base, fts, weight, density, **kw)
+
+
+def _same_bits(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def test_registry_exposes_methods_with_their_parameters():
@@ -45,7 +58,8 @@ def test_kth_largest_matches_a_full_sort(k_frac):
         assert kth_largest(a, k) == torch.sort(a, descending=True).values[k - 1]
 
 
-def test_magnitude_trim_keeps_exactly_the_top_k_and_breaks_ties_by_index():
+@pytest.mark.parametrize("magnitude_trim", [trim, magnitude_trim], ids=["rule", "fast"])
+def test_magnitude_trim_keeps_exactly_the_top_k_and_breaks_ties_by_index(magnitude_trim):
     base, (ft,) = _models(1, shape=(300, 700))
     delta = ft - base
     for density in (0.1, 0.5, 0.77):
@@ -81,22 +95,25 @@ def test_linear_is_wise_ft_over_the_weighted_average():
     torch.testing.assert_close(ours, 0.6 * base + 0.4 * avg, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("via", ["method", "rule"])
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-def test_ties_matches_peft(density):
+def test_ties_matches_peft(density, via):
+    ties = _ties(via)
     base, fts = _models(3)
-    ones = ties(base.clone(), _copies(fts), weight=[1.0] * 3, density=[density] * 3)
+    ones = ties(base, fts, weight=[1.0] * 3, density=[density] * 3)
     ref = base + peft.ties([f - base for f in fts], torch.ones(3), density)
     torch.testing.assert_close(ones, ref, rtol=0, atol=2e-6)
     w = [0.4, 1.0, 1.7]  # unequal weights: PEFT's convention on request
-    ours = ties(base.clone(), _copies(fts), weight=w, density=[density] * 3, convention="peft", lambda_=0.7)
+    ours = ties(base, fts, weight=w, density=[density] * 3, convention="peft", lambda_=0.7)
     ref = base + 0.7 * peft.ties([f - base for f in fts], torch.tensor(w), density)
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-6)
 
 
-def test_ties_mergekit_convention_against_an_elementwise_loop():
+@pytest.mark.parametrize("via", ["method", "rule"])
+def test_ties_mergekit_convention_against_an_elementwise_loop(via):
     base, fts = _models(3, shape=(7, 9), seed=4)
     w, density = [0.5, 2.0, 1.0], [0.6, 0.4, 0.8]
-    ours = ties(base.clone(), _copies(fts), weight=w, density=density, lambda_=1.3)
+    ours = _ties(via)(base, fts, weight=w, density=density, lambda_=1.3)
     trimmed = []
     for f, d in zip(fts, density):  # trim by brute force: rank every |delta|
         delta = (f - base).reshape(-1)
@@ -154,9 +171,58 @@ def test_methods_are_deterministic_and_do_something(name):
     assert not torch.equal(outs[0], base)
 
 
-def test_frequency_sign_election():
+@pytest.mark.parametrize("via", ["method", "rule"])
+def test_frequency_sign_election(via):
+    ties = _ties(via)
     base = torch.zeros(1)
     fts = [torch.tensor([v]) for v in (1.0, 1.0, -5.0)]
     # total: 1 + 1 − 5 < 0 → keeps −5; frequency: two positives → mean of the 1s
-    assert ties(base.clone(), _copies(fts), weight=[1.0] * 3, density=[1.0] * 3).item() == -5.0
-    assert ties(base.clone(), _copies(fts), weight=[1.0] * 3, density=[1.0] * 3, sign="frequency").item() == 1.0
+    assert ties(base, fts, weight=[1.0] * 3, density=[1.0] * 3).item() == -5.0
+    assert ties(base, fts, weight=[1.0] * 3, density=[1.0] * 3, sign="frequency").item() == 1.0
+
+
+def _awkward_models(n=3, shape=(33, 29), seed=12):
+    """Coarse deltas (ties at every threshold), exact zeros and a −0 base: where an order of operations shows."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    base.view(-1)[:30] = -0.0
+    fts = []
+    for _ in range(n):
+        d = torch.round(torch.randn(shape, generator=g) * 4) / 8
+        d.view(-1)[torch.rand(d.numel(), generator=g) < 0.3] = 0.0
+        fts.append(base + d)
+    return base, fts
+
+
+@pytest.mark.parametrize("models", [1, 3])
+@pytest.mark.parametrize("convention", ["forgetless", "mergekit"])
+def test_the_registered_sums_give_their_rule_s_bits(models, convention):
+    """WiSE-FT, task arithmetic and DARE-linear as the engine runs them (in place, in chunks) against their rules."""
+    base, fts = _awkward_models(models)
+    w, density = [0.7, 1.0, 1.3][:models], [0.6, 0.3, 1.0][:models]
+    got = linear(base.clone(), _copies(fts), weight=w, lambda_=0.35)
+    assert _same_bits(got, baselines.wise_ft_rule(base, fts, w, 0.35))
+    got = task_arithmetic(base.clone(), _copies(fts), weight=w, lambda_=0.9, convention=convention)
+    assert _same_bits(got, baselines.task_arithmetic_rule(base, fts, w, 0.9, convention))
+
+    def gens():
+        return [torch.Generator().manual_seed(k) for k in range(models)]
+    got = dare_linear(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.9, convention=convention,
+                      generator=gens())
+    assert _same_bits(got, baselines.dare_linear_rule(base, fts, w, density, 0.9, convention=convention,
+                                                      generator=gens()))
+
+
+@pytest.mark.parametrize("convention, sign", [("mergekit", "total"), ("mergekit", "frequency"), ("peft", "total")])
+def test_the_registered_ties_and_dare_ties_give_their_rule_s_bits(convention, sign):
+    base, fts = _awkward_models()
+    w, density = [0.5, 1.0, 2.0], [0.6, 0.3, 1.0]
+    got = ties(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.8, sign=sign, convention=convention)
+    assert _same_bits(got, baselines.ties_rule(base, fts, w, density, 0.8, sign, convention))
+
+    def gens():
+        return [torch.Generator().manual_seed(k) for k in range(3)]
+    got = dare_ties(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.8, sign=sign,
+                    convention=convention, generator=gens())
+    assert _same_bits(got, baselines.dare_ties_rule(base, fts, w, density, 0.8, sign=sign, convention=convention,
+                                                    generator=gens()))

@@ -1,4 +1,5 @@
-"""CGM (soft mixing) and CGM† (hard mixing) against their objective, closed forms and brute-force selections."""
+"""CGM (soft mixing) and CGM† (hard mixing) against their objective, closed forms and brute-force selections, and the
+registered methods against their rules (`cgm_rule`, `cgm_dagger_rule`) bit for bit."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import build_tiny_llama, save_statistics_for
 from safetensors.torch import load_file
 
 import forgetless
-from forgetless.methods.cgm import cgm, cgm_dagger, cgm_dagger_mask
+from forgetless.methods.cgm import cgm, cgm_dagger, cgm_dagger_mask, cgm_dagger_rule, cgm_rule
 from forgetless.methods.registry import METHODS, Rows
 
 SHAPE = (12, 20)
@@ -101,6 +102,17 @@ def test_soft_mixing_zero_over_zero_keeps_the_base_exactly():
     assert torch.equal(_soft(base, ft, zero, zero), base)
 
 
+def test_soft_mixing_gives_its_rule_s_bits():
+    base, ft = _weights(seed=5)
+    ftask, fgen = _fishers(seed=6, lo=0.0)
+    ftask.view(-1)[:40] = 0.0  # 0/0 where F_gen is 0 too: θ₀
+    fgen.view(-1)[20:60] = 0.0
+    ftask.view(-1)[60:70] = -0.5  # not a Fisher: counts as 0
+    for alpha, epsilon in ((0.2, 0.0), (1.0, 1e-3), (0.0, 0.0)):
+        want = cgm_rule(base, ft, ftask, fgen, alpha, epsilon)
+        assert torch.equal(_soft(base, ft, ftask, fgen, alpha=alpha, epsilon=epsilon), want), (alpha, epsilon)
+
+
 # ------------------------------------------------------------------------------------------------ CGM† (hard)
 def _score(base, ft, ftask, fgen, alpha, score):
     d2 = (ft.double() - base.double()) ** 2
@@ -139,6 +151,18 @@ def test_hard_mixing_default_is_the_published_rule():
     want = _brute_keep(_score(base, ft, ftask, fgen, 1.0, "cgm").float(), 0.95)
     assert torch.equal(out, torch.where(want, ft, base))
     assert (out == ft).sum(1).tolist() == [int(20 * 0.95)] * SHAPE[0]
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (6, 4, 5), (20,)])
+def test_hard_mixing_gives_its_rule_s_bits(shape):
+    """The registered method (a selection per row, no sort) against the rule (a stable sort per row), with exact
+    ties in the scores (Δ = 0 in many columns)."""
+    base, ft = _weights(shape, seed=7)
+    ft.view(-1)[::3] = base.view(-1)[::3]
+    ftask, fgen = _fishers(shape, seed=8)
+    for keep, alpha in ((0.95, 1.0), (0.5, 0.3), (0.0, 1.0), (1.0, 1.0)):
+        want = cgm_dagger_rule(base, ft, ftask, fgen, keep, alpha)
+        assert torch.equal(_hard(base, ft, ftask, fgen, keep=keep, alpha=alpha), want), (keep, alpha)
 
 
 def test_hard_mixing_ties_keep_the_lower_columns_first():

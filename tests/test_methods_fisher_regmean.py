@@ -8,7 +8,7 @@ import torch
 
 from forgetless.methods.fisher import fisher, fisher_with_base
 from forgetless.methods.registry import METHODS
-from forgetless.methods.regmean import gram_shape, regmean
+from forgetless.methods.regmean import gram_shape, regmean, regmean_rule
 
 SHAPE = (24, 20)
 
@@ -193,6 +193,17 @@ def test_regmean_intermediate_alpha_matches_the_formula():
     ref = sum(w @ g for w, g in zip(ws, gt)) @ np.linalg.inv(sum(gt))
     np.testing.assert_allclose(_run(xs, ws, alpha=alpha), ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(_run(xs, ws), ref, rtol=0, atol=1e-5)  # 0.9 is the default
+
+
+@pytest.mark.parametrize("alpha, weights", [(0.9, [1.0, 1.0, 1.0]), (0.3, [1.0, 3.0, 0.5]), (1.0, [2.0, 0.0, 1.0])])
+def test_regmean_solves_its_rule(alpha, weights):
+    """The registered method (Cholesky, the system shared by every row) against the rule (one dense solve)."""
+    xs, ws = _regmean_case()
+    grams = [_t(x.T @ x) for x in xs]
+    grams[1][:, 3] = grams[1][3, :] = 0.0  # an input feature model 1 never saw
+    want = regmean_rule([_t(w) for w in ws], grams, weights, alpha, ridge=1e-6).double().numpy()
+    got = regmean(_t(ws[0]), [_t(w) for w in ws], gram=[g.clone() for g in grams], weight=weights, alpha=alpha)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-5)
 
 
 def test_regmean_identical_models_are_a_fixed_point():

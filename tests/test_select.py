@@ -1,12 +1,13 @@
-"""The exact streamed top-k (`methods/select.py`) and the chunked TIES built on it, against brute force.
+"""The exact streamed top-k (`methods/fast/select.py`) against brute force, and the fast TIES, DARE-TIES and task
+arithmetic built on it (`methods/fast/baselines.py`) against their rules (`methods/baselines.py`).
 
 Every selection is compared with a stable sort (ties to the lower flat index), the independent reference, on inputs
 chosen to break a threshold search: many exact ties at the k-th value, zeros and ±0, denormals, a huge dynamic range,
 NaN entries, a constant tensor, pieces of uneven sizes (a tensor read in row blocks), the sampled bracket and the
 exact pass, with and without a caller's sampler, and chunks much smaller than a piece (``CHUNK`` patched) so that
 every chunk boundary case is met on small data; each with the fused kernels (the histogram bracket, the fused count
-and combine) and with the torch rule alone. TIES is compared bit for bit (sign of zero included) with the
-rule written with whole-tensor ops, bool masks and a sort-based trim, as it was computed before it ran in chunks.
+and combine) and with torch alone. TIES is compared bit for bit (sign of zero included) with its rule, written on
+whole tensors with a sort-based trim (itself held against PEFT and brute force in test_methods.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import math
 import pytest
 import torch
 
-from forgetless.methods import baselines, kernels, select
+from forgetless.methods import baselines
+from forgetless.methods.fast import baselines as fast
+from forgetless.methods.fast import kernels, select
+from forgetless.methods.fast.select import Cut, top_k_cut, top_k_cuts
 from forgetless.methods.registry import RowBlock, Rows
-from forgetless.methods.select import Cut, top_k_cut, top_k_cuts
 
 
 def stable_top(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -60,9 +63,8 @@ def adversarial(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=[True, False], ids=["kernels", "torch"])
 def small_chunks(monkeypatch, request):
     """Chunks of 64 entries (and the samples of small tensors allowed): every piece spans many chunks. Each test
-    runs twice: with the fused kernels (methods/kernels.py) and with the torch rule alone."""
+    runs twice: with the fused kernels (methods/fast/kernels.py) and with torch alone."""
     monkeypatch.setattr(select, "CHUNK", 64)
-    monkeypatch.setattr(baselines, "CHUNK", 64)
     monkeypatch.setattr(kernels, "ENABLED", request.param)
 
 
@@ -144,36 +146,9 @@ def test_the_sample_grows_with_the_tensor():
 
 
 # ----------------------------------------------------------------------------------------------- TIES
-def ties_by_sort(base, fts, weight, density, lambda_, sign, convention):
-    """TIES with whole-tensor ops, as forgetless computed it before its rule ran in chunks: each Δ trimmed by a
-    stable sort (ties to the lower flat index), the sign election and the disjoint mean on whole tensors with
-    bool masks and ``masked_fill``."""
-    deltas = []
-    for f, d in zip(fts, density):
-        delta = (f - base).reshape(-1)
-        deltas.append((delta * stable_top(delta.abs(), int(d * delta.numel()), True)).view_as(base))
-    m = len(deltas)
-
-    def elect(ds, ws):
-        acc = torch.zeros_like(ds[0])
-        for x, w in zip(ds, ws):
-            acc.add_(x if sign == "total" else x.sign(), alpha=w if sign == "total" else 1.0)
-        return acc.sign_().add_(0.5).sign_()
-
-    def mean(ds, ws, s, by_weights, weighted):
-        num, den = torch.zeros_like(s), torch.zeros_like(s)
-        for x, w in zip(ds, ws):
-            x.mul_(s)
-            den.add_(x > 0, alpha=w if by_weights else 1.0)
-            num.add_(x.clamp_min_(0), alpha=1.0 if weighted else w)
-        return num.mul_(s).div_(den.masked_fill_(den == 0, 1.0))
-
-    if convention == "peft":
-        return base.clone().add_(mean(deltas, weight, elect(deltas, [1.0] * m), False, False), alpha=lambda_)
-    if any(w != 1 for w in weight):
-        deltas = [x.mul_(w) for x, w in zip(deltas, weight)]
-    mixed = mean(deltas, weight, elect(deltas, [1.0] * m), True, True)
-    return base.clone().add_(mixed.mul_(lambda_) if lambda_ != 1 else mixed)
+def ties_reference(base, fts, weight, density, lambda_, sign, convention):
+    """The reference: TIES on whole tensors (:func:`forgetless.methods.baselines.ties_rule`)."""
+    return baselines.ties_rule(base, fts, weight, density, lambda_, sign, convention)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -200,7 +175,7 @@ def test_chunked_ties_equals_the_whole_tensor_rule_bit_for_bit(small_chunks, par
         d.view(-1)[torch.rand(base.numel(), generator=g) < 0.3] = 0.0
         fts.append(base + d)
     fts[0].view(-1)[7] = math.nan  # propagates to that entry, as before: the engine then refuses the result
-    want = ties_by_sort(base, fts, **params)
+    want = ties_reference(base, fts, **params)
     for n_blocks in (1, 3):
         rows = [0, *[shape[0] * i // n_blocks for i in range(1, n_blocks)], shape[0]]
         if n_blocks == 1:
@@ -211,7 +186,7 @@ def test_chunked_ties_equals_the_whole_tensor_rule_bit_for_bit(small_chunks, par
             def stream(rows=rows):
                 for a, b in itertools.pairwise(rows):
                     yield Rows("w", base[a:b].clone(), [f[a:b].clone() for f in fts], {}, a * shape[1])
-            prepared = baselines.ties_prepare(prep, stream, shape)
+            prepared = fast.ties_prepare(prep, stream, shape)
             got = torch.cat([baselines.ties(base[a:b].clone(), [f[a:b].clone() for f in fts], **params,
                                             block=RowBlock(a * shape[1], shape, prepared))
                              for a, b in itertools.pairwise(rows)])
@@ -228,7 +203,7 @@ def test_ties_leaves_the_fine_tuned_inputs_unchanged_and_writes_into_base():
     out = baselines.ties(b, fts, weight=[1.0] * 3, density=[0.5] * 3)
     assert out.data_ptr() == b.data_ptr()  # in place: no tensor-sized allocation for the result
     assert all(torch.equal(f, f0) for f, f0 in zip(fts, before))
-    assert same_bits(out, ties_by_sort(base, before, [1.0] * 3, [0.5] * 3, 1.0, "total", "mergekit"))
+    assert same_bits(out, ties_reference(base, before, [1.0] * 3, [0.5] * 3, 1.0, "total", "mergekit"))
 
 
 def test_the_mask_keeps_what_it_says_on_every_split():
@@ -268,15 +243,16 @@ def test_trim_zeroes_what_the_mask_of_the_magnitudes_drops(small_chunks):
 
 
 def test_dare_ties_combines_in_chunks_as_on_whole_tensors(small_chunks):
-    """DARE-TIES shares the chunked sign election and disjoint mean: with the same drop masks it equals the
-    whole-tensor rule bit for bit."""
+    """DARE-TIES shares the chunked sign election and disjoint mean: it gives its rule's bits (density 1: nothing
+    dropped, so TIES's rule at density 1 too)."""
     g = torch.Generator().manual_seed(8)
     base = torch.randn(29, 31, generator=g)
     fts = [base + torch.round(torch.randn(29, 31, generator=g) * 4) / 8 for _ in range(3)]
     w = [0.5, 1.0, 2.0]
     got = baselines.dare_ties(base.clone(), [f.clone() for f in fts], weight=w, density=[1.0] * 3, lambda_=0.9)
-    want = ties_by_sort(base, fts, w, [1.0] * 3, 0.9, "total", "mergekit")  # density 1: nothing dropped or trimmed
+    want = baselines.dare_ties_rule(base, fts, w, [1.0] * 3, 0.9)
     assert same_bits(got, want)
+    assert same_bits(got, ties_reference(base, fts, w, [1.0] * 3, 0.9, "total", "mergekit"))
 
 
 @pytest.mark.parametrize("convention", ["forgetless", "mergekit"])
@@ -288,17 +264,18 @@ def test_task_arithmetic_in_chunks_equals_the_whole_tensor_sum_and_reads_only(sm
     before = [f.clone() for f in fts]
     w, lam = [0.7, 1.0, 1.3], 0.9
     got = baselines.task_arithmetic(base.clone(), fts, weight=w, lambda_=lam, convention=convention)
+    want = baselines.task_arithmetic_rule(base, before, w, lam, convention)
     deltas = [f - base for f in before]  # every Δ from θ₀ as it was, then summed in the convention's order
     if convention == "mergekit":
         mixed = deltas[0] * w[0]
         for d, wk in zip(deltas[1:], w[1:]):
             mixed = mixed + (d if wk == 1 else d * wk)
-        want = base + mixed * lam
+        by_hand = base + mixed * lam
     else:
-        want = base.clone()
+        by_hand = base.clone()
         for d, wk in zip(deltas, w):
-            want.add_(d, alpha=lam * wk)
-    assert same_bits(got, want)
+            by_hand.add_(d, alpha=lam * wk)
+    assert same_bits(want, by_hand) and same_bits(got, want)
     assert all(torch.equal(f, f0) for f, f0 in zip(fts, before))  # the fine-tuned tensors are only read
 
 

@@ -1,4 +1,5 @@
-"""Merge methods: one file per family, each method a pure function registered in METHODS."""
+"""Merge methods: one file per family, each starting with its rules (pure torch, in the papers' notation), then the
+functions registered in METHODS that the engine calls; what makes them fast at 7B is apart, in :mod:`.fast`."""
 
 from . import adapter, baselines, cgm, fisher, regmean  # noqa: F401  (registers the methods)
 from .registry import METHODS, MethodSpec, get_method, merge_method

@@ -1,23 +1,19 @@
-"""Adapter-space merges: several LoRA adapters of one base in, one LoRA adapter out (METHODS.md, "CoPA-Merging").
+"""Adapter-space merges: several LoRA adapters of one base in, one LoRA adapter out.
 
-The unit is one adapted Linear across the N input adapters: a list of pairs ``(A, B)`` (A: [r, in], B: [out, r])
-with the task's update ``ΔWₙ = Bₙ @ Aₙ``: the engine folds each adapter's PEFT scale s = α/r into the pair as
-``(√s·A, √s·B)`` before the call (PEFT's ``linear`` and ``cat`` weigh the factors so), so every pair here is
-scale-free. A method returns one pair ``(A', B')`` with the merged update ``B' @ A'``; the engine divides both by
-√s of the output adapter when it writes the PEFT folder (with equal input scales, the reference CoPA's factors
-come out exactly as its code writes them).
+The unit is one adapted Linear across the N input adapters: pairs ``(A, B)`` (A [r, in], B [out, r]) with the update
+ΔWₙ = BₙAₙ, each adapter's PEFT scale already folded in (the engine passes scale-free pairs and rescales the output).
+A method returns one pair (A', B') with the merged update B'A'.
 
-- ``copa``: CoPA-Merging (Zeng et al., 2025). A and B are pruned and merged separately, with a per-rank scale that
-  restores the magnitude pruning removed and a cross-task normalisation of that scale. ``variant="paper"`` is the
-  paper's rule; ``variant="reference"`` the published code's (github AuroraZengfh/RobustMerge,
-  ``llava/model/builder.py``, ``load_and_merge_pretrained_model``), with its accidents fixed as documented there.
+- ``copa``: CoPA-Merging (Zeng et al. 2025): A and B pruned and merged apart, each rank rescaled by the mass the
+  pruning removed, normalised across tasks; ``variant="reference"`` follows the authors' code (github
+  AuroraZengfh/RobustMerge).
 - ``lora_task_arithmetic`` / ``lora_ties`` / ``lora_dare_linear`` / ``lora_dare_ties``: the full-weight rules of
-  :mod:`.baselines` applied to the deltas ``ΔWₙ``, re-factored to ``rank`` by truncated SVD (PEFT's
-  ``add_weighted_adapter`` ``svd`` / ``ties_svd`` / ``dare_linear_svd`` / ``dare_ties_svd``; ``B' = U·S``,
-  ``A' = Vᵀ`` as PEFT writes them). Task arithmetic's sum has rank ≤ Σrₙ, so its SVD is taken exactly through
-  the QR factors of the stacked pairs, never of the full [out, in] matrix.
-- ``lora_cat``: the exact sum, rank Σrₙ (PEFT ``cat``); ``lora_linear``: PEFT's ``linear``, which averages A and B
-  separately (``√w``-weighted) — a rough approximation of the sum, kept because PEFT users compare against it.
+  :mod:`.baselines` on the ΔWₙ, re-factored to ``rank`` by truncated SVD (PEFT's ``add_weighted_adapter`` ``svd``,
+  ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``: B' = U·S, A' = Vᵀ).
+- ``lora_cat``: the exact sum at rank Σrₙ (PEFT ``cat``); ``lora_linear``: PEFT's ``linear``, A and B averaged apart.
+
+How the scales are folded, the reference code's accidents and how they are fixed: docs/methods-notes.md, "Adapter-space
+merges".
 """
 
 from __future__ import annotations
@@ -27,10 +23,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .baselines import Convention, dare_linear, dare_ties, magnitude_trim, ties
+from .baselines import Convention, dare_linear, dare_ties, ties
+from .fast.baselines import magnitude_trim
+from .fast.select import kth_largest
 from .linalg import resolve_device
 from .registry import PerModel, merge_method
-from .select import kth_largest
 
 Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
 

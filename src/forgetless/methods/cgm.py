@@ -1,23 +1,8 @@
-"""Curvature-Guided Mixing: CGM (soft) and CGM† (hard) (METHODS.md, "CGM" and "CGM†"; seed 000).
-
-One fine-tuned model θ_ft and its pre-trained base θ₀, with two diagonal Fishers shaped like each weight:
-``fisher_task`` (F_task, the task loss's curvature on task data; the published scripts take it at θ₀, not θ_ft)
-and ``fisher_general`` (F_gen, the general loss's curvature at θ₀ on general data). Δ = θ_ft − θ₀.
-
-- ``cgm``, soft mixing: the per-element minimiser of ½ΣF_task(θ−θ_ft)² + (α/2)ΣF_gen(θ−θ₀)²,
-  m = F_task / (F_task + α·F_gen + ε), θ = θ₀ + m ⊙ Δ; m = 0 (θ₀) where the denominator is 0.
-- ``cgm_dagger`` (alias ``cgm_plus``, the published code's name), hard mixing: every element takes θ_ft or θ₀.
-  A score S (default (α·F_gen − F_task) ⊙ Δ², the general loss saved minus the task loss paid by reverting the
-  element) is sorted ascending per row; the lowest ⌊in·keep⌋ keep θ_ft, the rest revert to θ₀.
-
-Both follow the published code (github zzsyjl/CGM-ECCV-2026, ``cgm/pruning.py``): the 0/0 rule of the soft mix,
-the stable per-row sort (ties: the lower column keeps θ_ft first), k = int(in·keep) (the floor of the float
-product, as the published code computes it), and the score ablations. Beyond it: a per-tensor budget, the
-"revert only where S > 0" rule, ε, and tensors that are not 2-D (see :func:`cgm_dagger_mask`).
-Negative Fisher entries (not a Fisher) count as zero, as in Fisher merging.
-
-Element counts. :func:`cgm_dagger_mask` returns the boolean keep mask and :func:`cgm_mix_ratio` the soft ratio, so
-that "kept / reverted / mixed" counts per part are one ``count_nonzero`` away once the engine offers a hook.
+"""Curvature-Guided Mixing (github zzsyjl/CGM-ECCV-2026): CGM (soft) and CGM† (hard) mix one fine-tuned model θ_ft
+back toward its base θ₀ entry by entry, guided by two diagonal Fishers shaped like each weight: F_task (the task
+loss's curvature) and F_gen (the general loss's, at θ₀). Δ = θ_ft − θ₀. The rules come first, as the published code
+computes them; the registered methods add the published ablations and budgets, and row blocks. Where the published
+code is followed and where this goes beyond it: docs/methods-notes.md, "CGM and CGM†".
 """
 
 from __future__ import annotations
@@ -29,8 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .registry import RowBlock, Streaming, merge_method
-from .select import Cut, one_piece, top_k_cut
+from .fast.select import Cut, Pieces, lowest_k_per_row, one_piece, top_k_cut
+from .registry import RowBlock, Rows, Stream, Streaming, merge_method
 
 Score = Literal["cgm", "delta2", "task", "general"]
 Budget = Literal["row", "tensor", "global"]
@@ -38,6 +23,30 @@ Revert = Literal["budget", "positive"]
 SCORES = ("cgm", "delta2", "task", "general")
 BUDGETS = ("row", "tensor", "global")
 REVERTS = ("budget", "positive")
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+def cgm_rule(theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, alpha: float = 0.2,
+             epsilon: float = 0.0) -> Tensor:
+    """CGM: θ = θ₀ + m ⊙ Δ with m = F_task / (F_task + α·F_gen + ε), per entry the minimiser of
+    ½·F_task·(θ − θ_ft)² + (α/2)·F_gen·(θ − θ₀)²; m = 0 (θ₀) where the denominator is 0. A negative Fisher entry
+    counts as 0."""
+    f_task, f_gen = f_task.clamp(min=0), f_gen.clamp(min=0)
+    den = alpha * f_gen + f_task + epsilon
+    m = torch.where(den == 0, 0.0, f_task / den)
+    return theta0.lerp(theta_ft, m)
+
+
+def cgm_dagger_rule(theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, keep: float = 0.95,
+                    alpha: float = 1.0) -> Tensor:
+    """CGM†: every entry takes θ_ft or θ₀. S = (α·F_gen − F_task) ⊙ Δ² (the general loss saved minus the task loss
+    paid by reverting the entry); per row, the ⌊in·keep⌋ entries of lowest S — a stable sort, ties to the lower
+    column — keep θ_ft, the rest revert to θ₀. A tensor of fewer than two dimensions is one row."""
+    s = (alpha * f_gen.clamp(min=0) - f_task.clamp(min=0)) * (theta_ft - theta0).square()
+    rows = s.reshape(s.shape[0] if s.dim() >= 2 else 1, -1)
+    lowest = rows.sort(dim=1, stable=True).indices[:, : int(rows.shape[1] * keep)]
+    kept = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, lowest, True)
+    return torch.where(kept.view_as(s), theta_ft, theta0)
 
 
 def _check(alpha: float, **choices: tuple[str, tuple[str, ...]]) -> None:
@@ -69,11 +78,8 @@ def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general:
         epsilon: float = 0.0, counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
 
-    Per element, θ minimises ½·F_task·(θ − θ_ft)² + (α/2)·F_gen·(θ − θ₀)² (each loss expanded around its own
-    optimum with a diagonal Fisher as its Hessian). Where F_task + α·F_gen + ε = 0 nothing constrains θ and it
-    keeps θ₀ (m = 0), as in the published code. ``alpha`` (published: 0.2) weighs general knowledge against the
-    task; ``epsilon`` (default 0, as published) is added to the denominator only, pulling weakly-seen elements
-    toward θ₀. m = 1 gives θ_ft and m = 0 gives θ₀ bit for bit (``lerp``).
+    :func:`cgm_rule` in place. ``alpha`` (published: 0.2) weighs general knowledge against the task; ``epsilon``
+    (default 0, as published) is added to the denominator only, pulling weakly-seen elements toward θ₀.
     """
     m = cgm_mix_ratio(fisher_task, fisher_general, alpha, epsilon)
     if counts is not None:  # for the report: elements that keep θ_ft (m = 1), revert to θ₀ (m = 0), or mix
@@ -106,35 +112,18 @@ def cgm_dagger_score(base: Tensor, finetuned: Tensor, fisher_task: Tensor, fishe
     return gen.mul_(d2)
 
 
-def _lowest_k(rows: Tensor, k: int) -> Tensor:
-    """Boolean mask of the k lowest entries of each row of a 2-D tensor; ties at the k-th value go to the lower
-    column first, as a stable ascending sort would. Selection, not a sort: O(n) and no int64 index tensor."""
-    n = rows.shape[1]
-    if k >= n:
-        return torch.ones_like(rows, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(rows, dtype=torch.bool)
-    t = rows.kthvalue(k, dim=1, keepdim=True).values
-    keep = rows < t  # at most k − 1 per row
-    need = k - torch.count_nonzero(keep, dim=1).unsqueeze(1)
-    ties = rows == t
-    keep |= ties & (ties.cumsum(1, dtype=torch.int32) <= need)
-    return keep
-
-
 def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", revert: Revert = "budget",
                     threshold: float | None = None, cut: Cut | None = None, offset: int = 0) -> Tensor:
     """Boolean mask, True where the element keeps θ_ft, False where it reverts to θ₀.
 
     revert="budget" (default, published): the lowest-scoring ⌊n·keep⌋ elements keep θ_ft, n counted
-      - budget="row" (published): per row; a row is an output neuron, i.e. a weight of shape [out, …] has `out`
-        rows of n = numel/out elements (a Linear [out, in]: n = in). A 1-D tensor (bias, norm) or a scalar is
-        one row. The published code has no such tensors in scope (Linear weights only).
+      - budget="row" (published): per row (an output neuron: a weight [out, …] has `out` rows of numel/out
+        elements); a 1-D tensor or a scalar is one row.
       - budget="tensor": over the whole tensor, n = numel.
       - budget="global": over every tensor in scope: the engine's pre-pass (``cgm_dagger_prepare``) finds the
         ⌊N·keep⌋-th lowest score of the whole model, `threshold`; elements with S ≤ threshold keep θ_ft (with no
         tie at the threshold, exactly ⌊N·keep⌋ of them).
-      ⌊n·keep⌋ is ``int(n * keep)`` as in the published code; ties keep the lower (flat, row-major) index first.
+      ⌊n·keep⌋ is ``int(n * keep)``; ties keep the lower (flat, row-major) index first.
     revert="positive": revert exactly where S > 0 (no budget: `keep` and `budget` are ignored).
     A NaN score (NaN statistics) is an error: it has no place in the ordering.
     ``cut``/``offset``: `score` is a block of rows of a larger tensor whose one budget ("tensor", or "row" for a
@@ -161,18 +150,17 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
         if cut is None:
             cut = tensor_budget_cut(one_piece(flat), flat.numel(), keep)
         return cut.mask(flat, offset).view(score.shape)
-    return _lowest_k(score.reshape(score.shape[0], -1), int(score[0].numel() * keep)).view(score.shape)
+    return lowest_k_per_row(score.reshape(score.shape[0], -1), int(score[0].numel() * keep)).view(score.shape)
 
 
-def tensor_budget_cut(pieces, numel: int, keep: float) -> Cut:
+def tensor_budget_cut(pieces: Pieces, numel: int, keep: float) -> Cut:
     """The ⌊numel·keep⌋ lowest scores of a tensor (ties: the lower flat index first), over its flat pieces."""
     return top_k_cut(pieces, int(numel * keep), numel, largest=False)
 
 
-def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) -> dict | None:
+def cgm_dagger_prepare(params: dict, stream: Stream, numel: int, sample: int = 1 << 20) -> dict | None:
     """Pre-pass of the global budget: the exact ⌊N·keep⌋-th lowest score S over every tensor in scope, by
-    :func:`.select.top_k_cut` over the streamed scores (a sampled bracket, then one counting pass; never all
-    scores at once)."""
+    :func:`.fast.select.top_k_cut` over the streamed scores (never all scores at once)."""
     if params.get("budget") != "global" or params.get("revert") == "positive" or params.get("threshold") is not None:
         return None
     k = int(numel * params["keep"])
@@ -184,8 +172,8 @@ def cgm_dagger_prepare(params: dict, stream, numel: int, sample: int = 1 << 20) 
     return {"threshold": top_k_cut(pieces, k, numel, largest=False, sample=sample).value}
 
 
-def _flat_scores(stream, params: dict):
-    """``pieces`` for :func:`.select.top_k_cut`: the flat scores of the streamed tensors or blocks, each with its
+def _flat_scores(stream: Stream, params: dict) -> Pieces:
+    """``pieces`` for :func:`.fast.select.top_k_cut`: the flat scores of the streamed tensors or blocks, each with its
     flat offset in the concatenation of everything streamed."""
     def pieces():
         at = 0
@@ -196,12 +184,12 @@ def _flat_scores(stream, params: dict):
     return pieces
 
 
-def _score(r, params: dict) -> Tensor:
+def _score(r: Rows, params: dict) -> Tensor:
     return cgm_dagger_score(r.base, r.finetuned, r.stats["fisher_task"], r.stats["fisher_general"], params["alpha"],
                             params["score"])
 
 
-def cgm_dagger_tensor_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+def cgm_dagger_tensor_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """CGM† on row blocks: a budget over the whole tensor ("tensor", or "row" on a 1-D tensor) is found in two
     streamed passes over its scores; a per-row budget, the global threshold and "positive" need nothing."""
     if params["revert"] == "positive" or params["budget"] == "global" or (params["budget"] == "row" and len(shape) > 1):
@@ -219,13 +207,10 @@ def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_g
                counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
     """CGM† hard mixing: per row, the ⌊in·keep⌋ elements of lowest S = (α·F_gen − F_task)⊙Δ² keep θ_ft, the rest θ₀.
 
-    S estimates the general loss saved minus the task loss paid by reverting an element to θ₀ (the quadratic model
-    of ``cgm``), so the elements most worth reverting are the highest-scoring. Published defaults: keep = 0.95,
-    alpha = 1.0, score "cgm", budget "row". Options: ``score`` "delta2" | "task" | "general" (the published
-    ablations S = Δ², −F_task·Δ², α·F_gen·Δ²), ``budget`` "tensor" (⌊numel·keep⌋ over the whole tensor),
-    ``revert`` "positive" (revert exactly where S > 0, no budget). Ties keep the lower column first (the published
-    stable sort). ``budget`` "global": one budget over every tensor in scope (a pre-pass over the model finds the
-    threshold; ``threshold`` may also be given). Every element is exactly θ_ft or θ₀.
+    :func:`cgm_dagger_rule` with the published defaults (keep 0.95, alpha 1.0, score "cgm", budget "row").
+    Options: ``score`` "delta2" | "task" | "general" (the published ablations S = Δ², −F_task·Δ², α·F_gen·Δ²),
+    ``budget`` "tensor" (⌊numel·keep⌋ over the whole tensor) or "global" (one budget over every tensor in scope:
+    a pre-pass finds the threshold, or give ``threshold``), ``revert`` "positive" (revert exactly where S > 0).
     """
     s = cgm_dagger_score(base, finetuned, fisher_task, fisher_general, alpha, score)
     mask = cgm_dagger_mask(s, keep, budget, revert, threshold, *((block.prepared.get("cut"), block.offset)

@@ -1,36 +1,22 @@
-"""Fisher merging (Matena & Raffel 2022; METHODS.md, "Baselines").
+"""Fisher merging (Matena & Raffel 2022): per entry, θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ, the minimiser of
+Σₖ λₖ Σ Fₖ(θ − θₖ)², each model's squared distance weighted by its diagonal Fisher Fₖ and its weight λₖ.
 
-Per entry, θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ: the minimiser of Σₖ λₖ Σ Fₖ (θ − θₖ)², each model's squared distance weighted
-by its diagonal Fisher Fₖ (a statistic shaped like the weight, one file per model) and its weight λₖ.
-
-Two registrations, because a statistic is either required or not used (the registry has no optional statistics):
-- ``fisher``: the fine-tuned models only (``per_model_needs=("fisher",)``);
-- ``fisher_with_base``: θ₀ is one more term, with the shared statistic ``fisher_base`` and weight ``base_weight``.
-
-Zero Fisher. Each Fₖ is floored at ε·F̄, F̄ the mean of all the Fishers combined for this tensor (after
-``normalize``), so that an entry no model's Fisher sees gets the plain λ-weighted average of the models (all terms
-are then equal to the floor), and one where a single model's Fisher is zero gets the others' value, up to a relative
-ε. The floor is relative, so scaling every Fisher by c (sum vs mean over samples, a loss scale) leaves the result
-unchanged; an absolute floor, as in Matena & Raffel's code (``fisher_floor``), does not have that property. When the
-whole tensor's Fisher is zero, the result is the λ-weighted average. Negative entries (not a Fisher) count as zero.
-ε is never added to the denominator alone: that pulls weakly-seen entries toward 0, a discontinuity at F = 0.
-
-``normalize`` ("mean" / "max") divides each model's Fisher by its own mean / max over this tensor before combining,
-as some implementations do to put models whose Fishers differ in scale on an equal footing. It is per tensor (the
-engine streams one tensor at a time), not over the whole model as in FusionBench's ``normalize_fisher_weight``.
+Two registrations, because a statistic is either required or not used: ``fisher`` over the fine-tuned models, and
+``fisher_with_base`` with θ₀ as one more term (statistic ``fisher_base``, weight ``base_weight``). The relative floor
+ε·F̄ on each Fisher and ``normalize``: docs/methods-notes.md, "Fisher merging".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .baselines import weighted_average
-from .registry import PerModel, RowBlock, Streaming, merge_method
+from .registry import PerModel, RowBlock, Stream, Streaming, merge_method
 
 Normalize = Literal["none", "mean", "max"]
 
@@ -38,6 +24,36 @@ Normalize = Literal["none", "mean", "max"]
 def _check_weights(weights: list[float]) -> None:
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"Fisher merging needs weights >= 0 with a positive sum, got {weights}")
+
+
+def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,
+                   normalize: Normalize = "none", scales: tuple[list[float], float] | None = None) -> Tensor:
+    """The rule: θ = Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ/cₖ, ε·F̄), cₖ the scale ``normalize`` divides by and
+    F̄ the mean of the scaled Fishers (:func:`fisher_scales`); where every λₖF̃ₖ is 0, the λ-weighted average.
+    Negative Fisher entries count as 0. Consumes `fishers` (works in place). ``scales``: those of the whole
+    tensor when `params` are a block of its rows."""
+    if len(params) != len(fishers) or len(params) != len(weights):
+        raise ValueError(f"{len(params)} tensors, {len(fishers)} Fishers, {len(weights)} weights")
+    _check_weights(weights)
+    if normalize not in ("none", "mean", "max"):
+        raise ValueError(f"normalize must be none | mean | max, got {normalize!r}")
+    if scales is None:
+        scales = fisher_scales([fishers], params[0].numel(), normalize)
+    factors, level = scales
+    floor = epsilon * level
+    num = torch.zeros_like(params[0])
+    den = torch.zeros_like(params[0])
+    for p, f, w, sc in zip(params, fishers, weights, factors):
+        f.clamp_(min=0)
+        if sc != 1.0:
+            f.div_(sc)
+        f.clamp_(min=floor).mul_(w)
+        den.add_(f)
+        num.addcmul_(f, p)
+    seen = den > 0
+    if bool(seen.all()):
+        return num.div_(den)
+    return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
 
 
 def fisher_scales(pieces: Iterable[list[Tensor]], numel: int, normalize: Normalize = "none") -> tuple[list[float], float]:
@@ -66,36 +82,9 @@ def fisher_scales(pieces: Iterable[list[Tensor]], numel: int, normalize: Normali
     return scales, sum(m / sc for m, sc in zip(means, scales)) / max(1, len(means))
 
 
-def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,
-                   normalize: Normalize = "none", scales: tuple[list[float], float] | None = None) -> Tensor:
-    """Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ, ε·F̄) (module docstring). Consumes `fishers` (works in place).
-    ``scales``: :func:`fisher_scales` of the whole tensor when `params` are a block of its rows."""
-    if len(params) != len(fishers) or len(params) != len(weights):
-        raise ValueError(f"{len(params)} tensors, {len(fishers)} Fishers, {len(weights)} weights")
-    _check_weights(weights)
-    if normalize not in ("none", "mean", "max"):
-        raise ValueError(f"normalize must be none | mean | max, got {normalize!r}")
-    if scales is None:
-        scales = fisher_scales([fishers], params[0].numel(), normalize)
-    factors, level = scales
-    floor = epsilon * level
-    num = torch.zeros_like(params[0])
-    den = torch.zeros_like(params[0])
-    for p, f, w, sc in zip(params, fishers, weights, factors):
-        f.clamp_(min=0)
-        if sc != 1.0:
-            f.div_(sc)
-        f.clamp_(min=floor).mul_(w)
-        den.add_(f)
-        num.addcmul_(f, p)
-    seen = den > 0
-    if bool(seen.all()):
-        return num.div_(den)
-    return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
-
-
-def _fisher_prepare(which):
-    def prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+def _fisher_prepare(which: Callable[[dict], list[Tensor]]) -> Callable[[dict, Stream, tuple[int, ...]], dict]:
+    """The row blocks' pre-pass: :func:`fisher_scales` over the whole tensor, from the Fishers `which` picks."""
+    def prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
         return {"scales": fisher_scales((which(r.stats) for r in stream()), math.prod(shape), params["normalize"])}
     return prepare
 

@@ -1,28 +1,10 @@
 """Where and in which precision the linear algebra of LPM, RegMean and the adapter SVDs runs.
 
-A device is named as everywhere in forgetless: ``auto`` (the current CUDA device when there is one, else the
-CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-
-The solves are Cholesky factorisations and triangular solves of symmetric positive definite systems x·A = b,
-one row of b at a time. They run in float64 on the CPU and on the GPUs that do float64 at half their float32
-rate (the data-center parts, compute capability 6.0, 7.0, 8.0, 9.0 and 10.0: P100, V100, A100, H100/H200,
-B200). Elsewhere (consumer and inference GPUs, whose float64 units are a small fraction of their float32 ones)
-A is factorised in float32 and the solution refined with float64 residuals: conjugate gradients on each row,
-preconditioned by the float32 factor, every product x·A in float64. The preconditioned residual z = (LLᵀ)⁻¹r
-estimates the error left in x, and the iteration stops when ‖z‖ ≤ :data:`REFINE_TOL`·‖x‖. Conjugate gradients
-rather than the textbook refinement x ← x + solve₃₂(b − x·A): a step of either costs one float32 solve and one
-float64 product, but the textbook step only contracts the error by about cond(A)·ε₃₂, and the Gram sums LPM
-solves (a ridge of 1e-4 of the mean diagonal) are ill-conditioned enough that one or two such steps leave
-errors far above float64's (tests/test_linalg_device.py measures both). A system the refinement does not
-settle in :data:`MAX_REFINE` steps, or whose float32 factorisation fails, is solved with a float64
-factorisation on the same device instead.
-
-What the refined path saves is the float64 factorisation and triangular solves; each of its steps still forms
-one float64 product of the size of a triangular solve, which such a GPU also runs at its float64 rate. Whether
-it beats plain float64 there is a measurement on that GPU, not made yet.
-
-``precision`` forces a choice: ``float64``, or ``float32`` (the refined solve, also on the CPU, which is how
-the tests exercise it without a GPU).
+A device is named as everywhere in forgetless: ``auto`` (the current CUDA device when there is one, else the CPU),
+``cpu``, ``cuda`` or ``cuda:N``. The solves x·A = b (A symmetric positive definite) are Cholesky factorisations in
+float64 on the CPU and on GPUs that do float64 at half their float32 rate; elsewhere A is factorised in float32 and
+each row refined by conjugate gradients with float64 residuals. ``precision`` forces a choice. Why conjugate
+gradients, and when the refinement gives up: docs/methods-notes.md, "Solves on a device".
 """
 
 from __future__ import annotations
@@ -124,7 +106,7 @@ class Cholesky:
         fresh = not (overwrite and a.dtype == torch.float64 and a.device == self.device)
         m = a.to(self.device, torch.float64, copy=True) if fresh else a
         m.diagonal().add_(shift)
-        self.a: Tensor | None = None  # A in float64, for the refined solve's residuals
+        self.a: Tensor | None = None  # A in float64 for the refined solve's residuals; None: a float64 factor
         if self.dtype == torch.float32:
             factor, ok = _factorise(m.float())
             if ok:
@@ -140,11 +122,11 @@ class Cholesky:
     def solve(self, x: Tensor) -> Tensor:
         """x·A⁻¹ for x [m, n], float64 on the factor's device (x is moved there)."""
         x = x.to(self.device, torch.float64)
-        if self.dtype == torch.float64:
+        if self.a is None:  # a float64 factor
             return torch.cholesky_solve(x.T, self.factor).T  # A symmetric: solve A·yᵀ = xᵀ
-        y = self._refined(x)
+        y = self._refined(x, self.a)
         if y is None:  # not settled: float64 from now on
-            self._float64(self.a)  # type: ignore[arg-type]
+            self._float64(self.a)
             if not self.ok:
                 raise ValueError("the matrix is not positive definite in float64 (its float32 rounding was)")
             return self.solve(x)
@@ -153,10 +135,10 @@ class Cholesky:
     def _solve32(self, r: Tensor) -> Tensor:
         return torch.cholesky_solve(r.T.float(), self.factor).T.double()
 
-    def _refined(self, b: Tensor) -> Tensor | None:
+    def _refined(self, b: Tensor, a: Tensor) -> Tensor | None:
         """Conjugate gradients on each row of x·A = b, preconditioned by the float32 factor, every product
-        with A in float64; None when :data:`MAX_REFINE` steps leave the estimated error above tolerance."""
-        a = self.a
+        with `a` (A in float64) in float64; None when :data:`MAX_REFINE` steps leave the estimated error above
+        tolerance."""
         x = self._solve32(b)
         r = b - x @ a
         z = self._solve32(r)

@@ -46,7 +46,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -86,8 +86,8 @@ class Streaming:
     """
 
     rows: Literal["whole", "blocks"] = "whole"
-    tensor_prepare: Callable[..., dict[str, Any]] | None = None
-    prepare: Callable[..., dict[str, Any] | None] | None = None
+    tensor_prepare: Callable[[dict[str, Any], Stream, tuple[int, ...]], dict[str, Any]] | None = None
+    prepare: Callable[[dict[str, Any], Stream, int], dict[str, Any] | None] | None = None
     reads_finetuned: bool = False
 
 
@@ -100,6 +100,9 @@ class Rows(NamedTuple):
     finetuned: Any  # Tensor (models="one") or list of Tensors
     stats: dict[str, Any]
     offset: int = 0
+
+
+Stream = Callable[[], Iterable[Rows]]  # a pre-pass's input: each call, a fresh pass over the tensors or their blocks
 
 
 @dataclass(frozen=True)

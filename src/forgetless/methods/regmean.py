@@ -1,30 +1,9 @@
-"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"; METHODS.md).
+"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models").
 
-For a Linear weight W [out, in] (y = x Wᵀ) and per-model input Gram matrices Gₖ = XₖᵀXₖ [in, in] (statistic
-``gram``, one file per model, stored under the weight's name), the merged weight minimises the distance between
-the merged layer's outputs and each model's outputs on that model's inputs:
-
-    W* = argmin Σₖ λₖ‖XₖWᵀ − XₖWₖᵀ‖²  =  (Σₖ λₖ Wₖ G̃ₖ)(Σₖ λₖ G̃ₖ)⁻¹,   G̃ₖ = diag(Gₖ) + α·offdiag(Gₖ).
-
-α ∈ [0, 1] (``alpha``) scales the off-diagonal entries, the paper's regulariser: α = 1 is the exact least-squares
-merge, α = 0 an average weighted per input feature by Gₖ[j, j]. Default 0.9, the value used in the paper's
-experiments and in the authors' reimplementations (``reduce_non_diagonal_ratio``; the authors' code keeps the
-diagonal and multiplies the rest by this ratio, as here). λₖ (``weight``, default 1) scales Gₖ: the same as
-weighting model k's calibration tokens.
-
-Solved with a Cholesky factorisation of the symmetric Σₖ λₖG̃ₖ (G̃ₖ is PSD for α ∈ [0, 1]: a convex
-combination of Gₖ and its diagonal), never an explicit inverse: in float64 on the CPU (the default), or on the
-device the recipe's ``device:`` names, in float64 where that device does float64 well and else in float32
-refined with float64 residuals (:mod:`.linalg`); the result comes back to the CPU. A ridge toward the plain
-λ-weighted average W̄, ρ = ``ridge``·mean(diag Σₖ λₖG̃ₖ), is always added:
-W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹, the minimiser of the objective plus ρ‖W − W̄‖². It keeps the solve
-finite when the Gram sum is singular (an input feature that is zero on all calibration data, fewer tokens than
-features) and sends the directions the data does not see to the average instead of to 0; on the directions the
-data does see it changes the result by O(ρ / λ_min).
-
-Tensors without a Gram (biases, norms, embeddings, anything that is not a Linear weight) are merged by the
-λ-weighted average: ``regmean`` called with ``gram=None`` returns it. RegMean merges the fine-tuned models; θ₀ is
-not used.
+For a Linear weight W [out, in] (y = x Wᵀ) and each model's input Gram Gₖ = XₖᵀXₖ [in, in] (statistic ``gram``),
+the merged weight minimises Σₖ λₖ‖XₖWᵀ − XₖWₖᵀ‖²: W* = (Σₖ λₖWₖG̃ₖ)(Σₖ λₖG̃ₖ)⁻¹, G̃ₖ = diag(Gₖ) + α·offdiag(Gₖ),
+with a small ridge toward the plain average. Tensors without a Gram get the λ-weighted average; θ₀ is not used.
+α's default, the ridge and how the solve runs: docs/methods-notes.md, "RegMean".
 """
 
 from __future__ import annotations
@@ -36,7 +15,7 @@ from torch import Tensor
 
 from .baselines import weighted_average
 from .linalg import Cholesky, Precision
-from .registry import PerModel, RowBlock, Streaming, merge_method
+from .registry import PerModel, RowBlock, Stream, Streaming, merge_method
 
 
 def gram_shape(weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -50,6 +29,31 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     d = gram.diagonal().clone()
     gram.mul_(alpha).diagonal().copy_(d)
     return gram
+
+
+def regmean_rule(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
+                 ridge: float = 1e-6) -> Tensor:
+    """The rule, in float64: W* = (Σₖ λₖWₖG̃ₖ + ρW̄)(Σₖ λₖG̃ₖ + ρI)⁻¹ with G̃ₖ = diag(Gₖ) + α·offdiag(Gₖ), W̄ the
+    λ-weighted average and ρ = ridge·mean(diag Σₖ λₖG̃ₖ): the least-squares merge plus ρ‖W − W̄‖² (W̄ where
+    every Gram is 0). The result in the dtype of params."""
+    g = [lam * reduce_off_diagonal(gram.to(torch.float64, copy=True), alpha) for gram, lam in zip(grams, weights)]
+    lhs, w_bar = sum(g), weighted_average(params, weights).double()
+    rho = ridge * float(lhs.diagonal().mean())
+    if not float(lhs.diagonal().mean()) > 0:
+        return w_bar.to(params[0].dtype)
+    rhs = sum(w.double() @ gk for w, gk in zip(params, g)) + rho * w_bar
+    lhs = lhs + rho * torch.eye(lhs.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(lhs, rhs.T).T.to(params[0].dtype)  # W*·lhs = rhs, lhs symmetric
+
+
+def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
+                    ridge: float = 1e-6, *, device: str | torch.device = "cpu",
+                    precision: Precision = "auto") -> Tensor:
+    """:func:`regmean_rule`, checked, solved by a Cholesky factorisation (never an inverse) on `device`, in the
+    precision :mod:`.linalg` picks there; the system is shared by every output row (:func:`regmean_system`)."""
+    _check(params, grams, weights, alpha, ridge)
+    system = regmean_system(grams, weights, alpha, ridge, device=device, precision=precision)
+    return regmean_solve(params, grams, weights, alpha, system)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def _weighted_gram(g: Tensor, alpha: float, lam: float) -> Tensor:
 
 def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9, ridge: float = 1e-6, *,
                    device: str | torch.device = "cpu", precision: Precision = "auto") -> RegmeanSystem:
-    """Σₖ λₖG̃ₖ + ρI factorised on `device`, ρ = ridge·mean(diag Σₖ λₖG̃ₖ) (module docstring)."""
+    """Σₖ λₖG̃ₖ + ρI factorised on `device`, ρ = ridge·mean(diag Σₖ λₖG̃ₖ)."""
     n_in = grams[0].shape[0]
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
     for g, lam in zip(grams, weights):
@@ -125,16 +129,7 @@ def regmean_solve(params: list[Tensor], grams: list[Tensor], weights: list[float
     return out.to("cpu", w0.dtype)
 
 
-def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                    ridge: float = 1e-6, *, device: str | torch.device = "cpu",
-                    precision: Precision = "auto") -> Tensor:
-    """W* = (Σ λₖWₖG̃ₖ + ρW̄)(Σ λₖG̃ₖ + ρI)⁻¹ (module docstring); the result has the dtype of params."""
-    _check(params, grams, weights, alpha, ridge)
-    system = regmean_system(grams, weights, alpha, ridge, device=device, precision=precision)
-    return regmean_solve(params, grams, weights, alpha, system)
-
-
-def regmean_prepare(params: dict, stream, shape: tuple[int, ...]) -> dict:
+def regmean_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """RegMean on row blocks: the system (from the whole Grams) once per tensor; none without Grams."""
     first = next(iter(stream()))
     grams = first.stats.get("gram")

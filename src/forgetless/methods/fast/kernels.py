@@ -1,14 +1,12 @@
-"""Fused kernels for the hot loops of TIES and of the exact top-k selection (``_kernels.c``, built at install).
+"""Fused kernels for TIES and the exact top-k selection (``_kernels.c``, built at install).
 
-Each does in one pass over memory what the pure-torch rule beside it does in several torch operations, with the
-same float32 operations in the same order: the result is the torch rule's bit for bit (tests/test_kernels.py holds
-the two side by side on values with ties, zeros, infinities and NaN). TIES with three models costs about a third of
-the torch rule's CPU per entry (10.5–11.4 against 31–34 ns, one thread), and the CLI's TIES merge of three 135M
-models 0.63× its wall (BENCHMARKS.md, issue 18).
+Each does in one pass over memory what the torch code beside it does in several torch operations, with the same
+float32 operations in the same order, so the result is the same bit for bit (tests/test_kernels.py). What they save:
+BENCHMARKS.md, "Merge engine (foundation)".
 
-The extension is optional: where it was not built (no C compiler at install) or ``FORGETLESS_KERNELS=0`` is set,
-:data:`ENABLED` is False and the callers run their torch rule. Callers pass flat, contiguous float32 CPU tensors
-(:func:`fits`); the kernels release the GIL while they run, so that merges on several threads overlap.
+Optional: where the extension was not built (no C compiler at install) or ``FORGETLESS_KERNELS=0`` is set,
+:data:`ENABLED` is False and the callers run torch. Callers pass flat, contiguous float32 CPU tensors (:func:`fits`);
+the kernels release the GIL, so merges on several threads overlap.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ def ties(base: Tensor, finetuned: list[Tensor], below: list[float], value: list[
     |Δₖ| > ``below[k]`` in its first ``split[k]`` entries and > ``value[k]`` after (the cut's ``hardshrink``);
     ×wₖ when any weight is not 1; the sign of Σ Δₖ (of Σ sign Δₖ with `frequency`) elected, 0 and NaN as +; the
     agreeing entries' sum divided by their models' summed weights (max(den, 1) when every weight is ≥ 1, else
-    den + (den == 0)), ×λ when λ ≠ 1, added to θ₀ — :func:`.baselines._combine`'s operations in its order."""
+    den + (den == 0)), ×λ when λ ≠ 1, added to θ₀ — :func:`.baselines.combine`'s operations in its order."""
     n = base.numel()
     assert all(f.numel() == n for f in finetuned)
     _kernels.ties(base.data_ptr(), tuple(f.data_ptr() for f in finetuned), n, tuple(map(float, below)),

@@ -1,37 +1,13 @@
-"""Exact top-k selection over a tensor streamed in pieces: the k largest (or smallest) entries, ties broken by the
-lower flat index first, as a stable sort would.
+"""Exact top-k over a tensor streamed in pieces: the k largest (or smallest) entries, ties to the lower flat index
+first, as a stable sort would — without sorting, and holding one piece at a time.
 
     cut = top_k_cut(lambda: iter([(a.reshape(-1), 0)]), k, a.numel())    # one piece: a tensor in memory
     keep = cut.mask(a.reshape(-1), 0)                                      # exactly k True
 
-The same function serves a tensor in memory (one piece) and a tensor read in row blocks (many pieces, each with the
-flat index of its first entry), so a method that selects gives the same result whether the engine hands it the
-whole tensor or its blocks one at a time (:class:`Cut` carries everything a block needs: the k-th value and the flat
-index of the last tie kept).
-
-The answer is found without sorting and without holding more than one piece: a seeded stratified sample brackets the
-k-th value (±:data:`MARGIN` standard errors of the sample quantile), one pass counts the entries beyond the bracket
-and gathers the values inside it with where they are, and an exact selection (``kthvalue``) runs on that small set;
-every tie of the k-th value lies inside the bracket, so when only some of its ties are kept, the flat index of the
-last one kept is read from the gathered positions — no further pass. A bracket that misses is detected, not
-trusted: the pass is repeated once with a bracket three times as wide, then with an unbounded one (every entry
-gathered).
-
-Cost. The pass works through each piece in chunks of :data:`CHUNK` entries with preallocated scratch, so that its
-compares allocate nothing (a fresh tensor-sized buffer costs page faults) and each operation is large enough that
-its per-call cost — and the GIL it holds, with merges on several threads — is small (BENCHMARKS.md, issue 18:
-chunks of 2 MiB against 256 KiB): a float compare into a reused buffer and its sum count the entries beyond the
-bracket; a clamp, a compare and ``nonzero`` find the entries inside it. The sample is sized to balance its own
-selection against the one on the gathered values (≈ (3n)^⅔ entries, and enough that about :data:`GATHER` entries at
-most fall inside the bracket); the caller may draw it itself (``sampler``: the values at given flat indices), which
-saves the sampling pass over the pieces.
-
-Magnitudes |a − b| (TIES's |Δ|, :class:`AbsDiff` pieces, ``histogram=True``) are bracketed without a sample where
-the fused kernels run (:mod:`.kernels`): one pass counts the entries in each bin of the top 16 bits of their
-float32 bits (for non-negative floats the bits order as the values), and the bin that holds the k-th largest is the
-bracket — exact, so it never misses, and it holds a few thousandths of the entries instead of several hundredths,
-which makes the final selection on them cheap. The counting pass and the final selection are the same as above.
-
+A tensor in memory is one piece; a tensor read in row blocks is many, each with the flat index of its first entry,
+and both give the same :class:`Cut` (the k-th value and the flat index of the last tie kept), so a method selects
+alike on whole tensors and on blocks. How (a bracket from a sample or a histogram, one counting pass, a selection
+on the few entries inside the bracket) and what it costs: docs/methods-notes.md, "Exact streamed top-k".
 NaN entries are never selected nor counted (callers refuse or propagate them first).
 """
 
@@ -79,6 +55,9 @@ class AbsDiff:
         return torch.sub(self.a, self.b, out=out).abs_()
 
 
+Selections = Callable[[], Iterable[tuple[list[Tensor | AbsDiff], int]]]  # per piece: one per selection, its offset
+
+
 @dataclass(frozen=True)
 class Cut:
     """The k entries selected: every entry beyond ``value`` (above it for the largest, below for the smallest) and
@@ -105,12 +84,10 @@ class Cut:
         return float(torch.nextafter(torch.tensor(self.value, dtype=torch.float32), torch.tensor(-math.inf)))
 
     def trim(self, piece: Tensor, offset: int = 0, out: Tensor | None = None) -> Tensor:
-        """`piece` with every entry whose magnitude is not selected set to 0, into `out` (may be `piece`): the cut
-        of a selection of the largest |entries| applied to the signed values in one operation. ``hardshrink(x, l)``
-        keeps x where |x| > l, and for float32 |x| ≥ v ⇔ |x| > the float just below v; the three operations
-        ``piece · (|piece| ≥ v)`` cost 2.8× as much (0.43 against 1.2 ns per entry). Kept entries are
-        `piece`'s bit for bit; dropped ones are +0 where the product gave ±0 (the TIES sum never sees the
-        difference: agreement needs a nonzero entry)."""
+        """`piece` with every entry whose magnitude is not selected set to 0, into `out` (may be `piece`), in one
+        operation: ``hardshrink(x, l)`` keeps x where |x| > l, and for float32 |x| ≥ v ⇔ |x| > the float just
+        below v. Kept entries are `piece`'s bit for bit; dropped ones are +0 (TIES never sees the sign of a
+        dropped zero: agreement needs a nonzero entry)."""
         assert self.largest and piece.dtype == torch.float32, "Cut.trim: magnitudes of float32 entries"
         out = torch.empty_like(piece) if out is None else out
         n = piece.numel()
@@ -154,7 +131,7 @@ def sample_size(n: int, sample: int = SAMPLE) -> int:
     return max(sample, math.ceil((3 * n) ** (2 / 3)), math.ceil((12 * n / GATHER) ** 2))
 
 
-def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: list[int], n: int, *,
+def top_k_cuts(pieces: Selections, ks: list[int], n: int, *,
                largest: bool = True, sample: int = SAMPLE, sampler: Sampler | None = None,
                histogram: bool = False) -> list[Cut]:
     """Several selections in the same passes: ``pieces()`` yields, per piece, one flat tensor per selection (all
@@ -164,10 +141,10 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
     the pieces). ``histogram``: the pieces are :class:`AbsDiff` and the k-th largest is bracketed exactly, by the
     bin of a histogram of the magnitudes' top bits (:func:`_histograms`: one fused pass, the bracket never misses
     and holds a few thousandths of the entries), where the kernels take them; else as without."""
-    cuts: list[Cut | None] = [_ALL[largest] if k >= n else _NONE[largest] if k <= 0 else None for k in ks]
-    todo = [j for j, c in enumerate(cuts) if c is None]
+    cuts = {j: _ALL[largest] if k >= n else _NONE[largest] for j, k in enumerate(ks) if k >= n or k <= 0}
+    todo = [j for j in range(len(ks)) if j not in cuts]
     if not todo:
-        return cuts  # type: ignore[return-value]
+        return [cuts[j] for j in range(len(ks))]
     unbounded = (-math.inf, math.inf)
     bounds = dict.fromkeys(todo, unbounded)
     pools: dict[int, Tensor] = {}
@@ -194,17 +171,17 @@ def top_k_cuts(pieces: Callable[[], Iterable[tuple[list[Tensor], int]]], ks: lis
                 pools.pop(j, None)
                 bounds[j] = unbounded if wide == bounds[j] else wide
         todo = missed
-    return cuts  # type: ignore[return-value]
+    return [cuts[j] for j in range(len(ks))]
 
 
 @dataclass
 class _Tally:
-    """One selection's counting pass: the entries beyond its bracket, and the values inside it with where they
-    are (per chunk: its flat offset and how many it holds; per value: its index in its chunk)."""
+    """One selection's counting pass as it goes: the entries beyond its bracket, and the values inside it with
+    where they are (per chunk: its flat offset and how many it holds; per value: its index in its chunk)."""
 
     beyond: int = 0
-    values: Tensor | list[Tensor] = field(default_factory=list)
-    local: Tensor | list[Tensor] = field(default_factory=list)  # int32
+    values: list[Tensor] = field(default_factory=list)
+    local: list[Tensor] = field(default_factory=list)  # int32
     starts: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
 
@@ -215,22 +192,33 @@ class _Tally:
 
     def gathered(self, values: Tensor, local: Tensor, offset: int) -> None:
         """A chunk's entries inside the bracket (its own tensors) and their indices in the chunk at `offset`."""
-        self.values.append(values)  # type: ignore[union-attr]
-        self.local.append(local)  # type: ignore[union-attr]
+        self.values.append(values)
+        self.local.append(local)
         self.starts.append(offset)
         self.counts.append(local.numel())
 
-    def done(self) -> _Tally:
-        self.values = torch.cat(self.values) if self.values else torch.empty(0)  # type: ignore[arg-type]
-        self.local = torch.cat(self.local) if self.local else torch.empty(0, dtype=torch.int32)  # type: ignore[arg-type]
-        return self
+    def done(self) -> _Gathered:
+        values = torch.cat(self.values) if self.values else torch.empty(0)
+        local = torch.cat(self.local) if self.local else torch.empty(0, dtype=torch.int32)
+        return _Gathered(self.beyond, values, local, self.starts, self.counts)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """One selection's finished counting pass: :class:`_Tally`'s, the gathered values and their indices each in
+    one tensor."""
+
+    beyond: int
+    values: Tensor
+    local: Tensor  # int32
+    starts: list[int]
+    counts: list[int]
 
     def cut(self, r: int, largest: bool) -> Cut:
         """The cut whose last selected entry is the `r`-th of the gathered values from the top (``largest``) or
         bottom: every tie of that value lies inside the bracket, so the flat index of the last tie kept is
         found among the gathered ones (ties to the lower flat index)."""
         vals = self.values
-        assert isinstance(vals, Tensor) and isinstance(self.local, Tensor)
         v = vals.kthvalue(vals.numel() - r + 1 if largest else r).values
         before = int(torch.count_nonzero(vals > v if largest else vals < v))
         tied = (vals == v).nonzero().view(-1)
@@ -244,7 +232,7 @@ class _Tally:
         return Cut(float(v), int(flat[keep - 1]), largest)
 
 
-def _histograms(pieces, todo: list[int]) -> dict[int, Tensor] | None:
+def _histograms(pieces: Selections, todo: list[int]) -> dict[int, Tensor] | None:
     """One fused pass (:func:`.kernels.histogram`): per selection in `todo`, how many of its entries fall in each
     of the :data:`BINS` bins of the top 16 bits of their float32 bits (NaN left out). None — having looked at the
     first piece only — unless every piece is an :class:`AbsDiff` the kernels take (magnitudes: no −0, and the
@@ -288,7 +276,8 @@ def _bracket(pool: Tensor, frac: float, largest: bool, margin: float) -> tuple[f
     return lo, hi
 
 
-def _chunks(n: int) -> Iterator[tuple[int, int]]:
+def chunks(n: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of :data:`CHUNK` entries of `n`."""
     for at in range(0, n, CHUNK):
         yield at, min(n, at + CHUNK)
 
@@ -322,7 +311,7 @@ def stratified(n: int, s: int, generator: torch.Generator) -> Tensor:
     return torch.randint(width, (s,), generator=generator).add_(torch.arange(0, s * width, width))
 
 
-def _sample(pieces, sampler: Sampler | None, todo: list[int], n: int, s: int) -> dict[int, Tensor]:
+def _sample(pieces: Selections, sampler: Sampler | None, todo: list[int], n: int, s: int) -> dict[int, Tensor]:
     """About `s` entries of every selection in `todo`, a stratified uniform sample (:func:`stratified`; seeded: the
     same draw every time)."""
     g = torch.Generator().manual_seed(0)
@@ -340,14 +329,14 @@ def _sample(pieces, sampler: Sampler | None, todo: list[int], n: int, s: int) ->
     return {j: torch.cat(picks[j]) for j in todo}
 
 
-def _count_and_gather(pieces, todo: list[int], bounds: dict[int, tuple[float, float]],
-                      largest: bool) -> dict[int, _Tally]:
+def _count_and_gather(pieces: Selections, todo: list[int], bounds: dict[int, tuple[float, float]],
+                      largest: bool) -> dict[int, _Gathered]:
     """One pass: per selection, the entries beyond its bracket (above `hi` for the largest, below `lo` for the
     smallest) counted, and the values inside it (NaN excluded) gathered with where they are."""
     tallies = {j: _Tally() for j in todo}
     bufs = _Buffers()
     for ps, offset in pieces():
-        for at, stop in _chunks(ps[0].numel()):
+        for at, stop in chunks(ps[0].numel()):
             for j in todo:
                 _tally_chunk(tallies[j], part(ps[j], at, stop), *bounds[j], largest, offset + at, bufs)
     return {j: t.done() for j, t in tallies.items()}
@@ -389,3 +378,19 @@ def one_piece(flat: Tensor) -> Pieces:
     def gen() -> Iterator[tuple[Tensor, int]]:
         yield flat, 0
     return gen
+
+
+def lowest_k_per_row(rows: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k lowest entries of each row of a 2-D tensor, ties at the k-th value to the lower column
+    first, as a stable ascending sort would: one ``kthvalue`` per row and a count, no sort and no int64 index."""
+    n = rows.shape[1]
+    if k >= n:
+        return torch.ones_like(rows, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(rows, dtype=torch.bool)
+    t = rows.kthvalue(k, dim=1, keepdim=True).values
+    keep = rows < t  # at most k − 1 per row
+    need = k - torch.count_nonzero(keep, dim=1).unsqueeze(1)
+    ties = rows == t
+    keep |= ties & (ties.cumsum(1, dtype=torch.int32) <= need)
+    return keep

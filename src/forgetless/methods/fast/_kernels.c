@@ -1,4 +1,4 @@
-/* Fused elementwise kernels for the merge methods' hot loops (forgetless.methods.kernels wraps them).
+/* Fused elementwise kernels for the merge methods' hot loops (forgetless.methods.fast.kernels wraps them).
 
    Each kernel does in one pass over memory what the pure-torch rule does in several torch operations, with the
    same float32 operations in the same order, so that its result is the torch rule's bit for bit (the tests hold
@@ -119,7 +119,7 @@ static int unpack(PyObject *tuple, int m, unsigned long long *ptrs, double *floa
 }
 
 /* ties(base, finetuned, n, below, value, split, weights, lambda, frequency): TIES on n entries, in place on base
-   (forgetless.methods.baselines, the "mergekit" convention): per model k, Δ = θk − θ0 trimmed by its cut (kept
+   (forgetless.methods.fast.baselines, the "mergekit" convention): per model k, Δ = θk − θ0 trimmed by its cut (kept
    where |Δ| > below[k] for the first split[k] entries, > value[k] after: hardshrink), times weights[k] when any
    weight is not 1; the sign elected (of the sum, or of the sum of signs with frequency; 0 counts as +); the
    agreeing entries summed and divided by the agreeing models' summed weights (max(den, 1) when every weight is
