@@ -3,7 +3,7 @@ model of its sizes.
 
     .venv/bin/python benchmarks/bench_finetune_memory.py
 
-Accounted (`forgetless finetune --dry-run`'s `train.memory.account`): the README's example — LLaVA-1.5-7B,
+Accounted (`forgetless finetune --dry-run`'s `train.memory.account`): docs/finetune.md's example — LLaVA-1.5-7B,
 ``language.layers[18:30]`` + projector trained, ``--keep spider`` (θ₀ held in the checkpoint's fp16), 8 samples
 of 640 tokens per micro-batch — in float32, with ``--dtype bfloat16``, with ``--gradient-checkpointing``, and with
 ``--fsdp`` on 4 ranks (2 samples each; the vision tower in FSDP2's root group, as where some samples are
@@ -39,7 +39,7 @@ RECIPE = {"steps": 2, "batch_size": 4, "dtype": "bfloat16", "device": "cpu", "te
 
 # ------------------------------------------------------------------------------------------------ accounted
 def readme_example() -> dict:
-    """The README's 7B example, accounted per GPU, five ways."""
+    """docs/finetune.md's 7B example, accounted per GPU, five ways."""
     import torch
     from bench_lora_merge import llava7b_config
     from transformers import LlavaForConditionalGeneration

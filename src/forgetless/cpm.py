@@ -1,4 +1,4 @@
-"""CPM — MAny's Cross-modal Projection Merging (METHODS.md, "MAny"; inferred from the abstract, no public code).
+"""CPM — MAny's Cross-modal Projection Merging (inferred from the paper's abstract; no public code).
 
 Every task t keeps its own projector Pₜ (the LLaVA ``multi_modal_projector`` its fine-tune produced) and a visual
 prototype pₜ. At inference each image x is routed:

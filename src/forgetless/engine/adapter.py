@@ -213,7 +213,7 @@ def adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out: 
     first = adapters[0].loras()
     cfg["rank_pattern"] = {first[n].module: r for n, r in rank_of.items() if r != cfg["r"]}
     order = {n: i for i, n in enumerate(names)}
-    modules = [AdapterModule(n, first[n].module, tuple(base.info(n).shape),  # type: ignore[arg-type]
+    modules = [AdapterModule(n, first[n].module, tuple(base.info(n).shape),
                              tuple(a.loras()[n].A.shape[0] for a in adapters), rank_of[n],
                              peft_scale(cfg, rank_of[n]))
                for n in sorted(first, key=order.__getitem__)]
@@ -232,7 +232,7 @@ def _output_ranks(spec: MethodSpec, params: dict[str, Any], adapters: list[LoraA
                   where: str) -> dict[str, int]:
     """Base weight -> the merged module's rank, refused where it does not fit the weight."""
     first = adapters[0].loras()
-    rank_of = {name: spec.out_rank([a.loras()[name].A.shape[0] for a in adapters],  # type: ignore[misc]
+    rank_of = {name: spec.out_rank([a.loras()[name].A.shape[0] for a in adapters],
                                    {k.rstrip("_"): v for k, v in params.items()})
                for name in first}
     too_big = [f"{first[n].module} {list(base.info(n).shape)}" for n, r in rank_of.items()
@@ -348,7 +348,7 @@ def execute_adapter(plan: AdapterPlan, *, progress: bool, log: Callable[[str], N
     r = plan.recipe
     entries = plan.entries()
     shard = parse_size(r.shard_size) if r.fold else sum(e.nbytes for e in entries) + 1
-    writer = StreamingWriter(plan.out, entries, shard_size=shard, force=plan.force,  # type: ignore[arg-type]
+    writer = StreamingWriter(plan.out, entries, shard_size=shard, force=plan.force,
                              metadata=writer_metadata(plan), single_name=SAFE_SINGLE if r.fold else ADAPTER_SAFE)
 
     def write() -> Written:

@@ -65,7 +65,7 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
     if plan.spec.space == "adapter":
         from .adapter import execute_adapter  # it builds on this module
 
-        return execute_adapter(plan, progress=progress, log=log)  # type: ignore[arg-type]
+        return execute_adapter(plan, progress=progress, log=log)
     started = time.perf_counter()
     writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
                              force=plan.force, metadata=writer_metadata(plan))

@@ -124,8 +124,8 @@ def _header(names: list[str], results: Mapping[str, dict]) -> str:
     return f"""# Results: specialization against retention on the testbed
 
 What happens when the testbed model — a real `LlavaForConditionalGeneration` made of the embedded
-SmolLM2-135M-Instruct, a CLIP vision tower trained here from scratch and a two-layer projector (README, "the
-testbed") — is fine-tuned on a downstream task and then merged back with its pre-trained self by each method.
+SmolLM2-135M-Instruct, a CLIP vision tower trained here from scratch and a two-layer projector
+([docs/testbed.md](docs/testbed.md)) — is fine-tuned on a downstream task and then merged back with its pre-trained self by each method.
 
 ## How it was produced
 
@@ -266,7 +266,7 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
 
 MT_READING_START = "<!-- reading multitask: written by hand, kept when the report is rebuilt -->"
 MT_READING_END = "<!-- /reading multitask -->"
-PUBLISHED_COPA = {"seen": 57.3 - 53.9, "unseen": 38.0 - 33.3}  # CoPA − task arithmetic, MM-MergeBench (METHODS.md)
+PUBLISHED_COPA = {"seen": 57.3 - 53.9, "unseen": 38.0 - 33.3}  # CoPA − task arithmetic, MM-MergeBench (CoPA's paper)
 OWN = "own adapters"  # the per-task upper bound: each seen task scored by its own adapter
 
 
