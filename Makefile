@@ -29,6 +29,7 @@ bench: $(STAMP)  # the merge engine's headline (BENCHMARKS.md): 5 interleaved ru
 	$(PY) benchmarks/bench_merge.py --only ties,task_arithmetic --runs 5
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:

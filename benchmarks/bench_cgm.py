@@ -36,8 +36,16 @@ def prepare(root: Path) -> tuple[Path, Path, dict[str, Path]]:
         shutil.copytree(base, ft)
         sd = load_file(str(base / "model.safetensors"))
         g = torch.Generator().manual_seed(1)
-        save_file({k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1
-                   else v for k, v in sd.items()}, str(ft / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {
+                k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g)
+                if v.is_floating_point() and v.numel() > 1
+                else v
+                for k, v in sd.items()
+            },
+            str(ft / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     fp = CheckpointReader(base).fingerprint()
     files = {}
     for i, role in enumerate(("fisher_task", "fisher_general")):
@@ -47,7 +55,9 @@ def prepare(root: Path) -> tuple[Path, Path, dict[str, Path]]:
             g = torch.Generator().manual_seed(10 + i)
             reader = CheckpointReader(base)
             stats = {n: torch.rand(reader.info(n).shape, generator=g) * 1e-6 for n in reader.names()}
-            save_file(stats, str(path), metadata={"kind": "fisher", "num_samples": "16", "model_fingerprint": fp})
+            save_file(
+                stats, str(path), metadata={"kind": "fisher", "num_samples": "16", "model_fingerprint": fp}
+            )
     return base, ft, files
 
 
@@ -69,9 +79,11 @@ def main() -> None:
     base, ft, files = prepare(args.bench_dir)
     common = {"base": str(base), "models": [str(ft)]}
     stats = {k: str(v) for k, v in files.items()}
-    recipes = {"task_arithmetic": {**common, "method": "task_arithmetic", "parameters": {"lambda": 0.5}},
-               "cgm": {**common, "method": "cgm", "statistics": stats},
-               "cgm_dagger": {**common, "method": "cgm_dagger", "statistics": stats}}
+    recipes = {
+        "task_arithmetic": {**common, "method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+        "cgm": {**common, "method": "cgm", "statistics": stats},
+        "cgm_dagger": {**common, "method": "cgm_dagger", "statistics": stats},
+    }
     times: dict[str, list[float]] = {k: [] for k in recipes}
     for run in range(args.runs):
         for name, recipe in recipes.items():

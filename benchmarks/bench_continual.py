@@ -73,7 +73,9 @@ def targets(shapes: dict[str, tuple[int, ...]], layers: int) -> dict[str, tuple[
     return out
 
 
-def write_task(root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: int, seed: int) -> tuple[Path, Path]:
+def write_task(
+    root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: int, seed: int
+) -> tuple[Path, Path]:
     """One task's adapter and Gram file (written one tensor at a time)."""
     import torch
 
@@ -86,19 +88,34 @@ def write_task(root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: i
         entries = []
         for n, (o, i) in mods.items():
             mod = n.removesuffix(".weight")
-            entries += [Entry(f"base_model.model.{mod}.lora_A.weight", (rank, i), torch.float32),
-                        Entry(f"base_model.model.{mod}.lora_B.weight", (o, rank), torch.float32)]
-        w = StreamingWriter(adapter, entries, shard_size=1 << 62, force=True, single_name="adapter_model.safetensors")
+            entries += [
+                Entry(f"base_model.model.{mod}.lora_A.weight", (rank, i), torch.float32),
+                Entry(f"base_model.model.{mod}.lora_B.weight", (o, rank), torch.float32),
+            ]
+        w = StreamingWriter(
+            adapter, entries, shard_size=1 << 62, force=True, single_name="adapter_model.safetensors"
+        )
         for e in entries:
             w.write(e.name, torch.randn(e.shape, generator=g) * (0.02 if "lora_A" in e.name else 0.01))
-        cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-               "base_model_name_or_path": "llava-hf/llava-1.5-7b-hf", "fan_in_fan_out": False}
+        cfg = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "target_modules": list(TARGETS),
+            "base_model_name_or_path": "llava-hf/llava-1.5-7b-hf",
+            "fan_in_fan_out": False,
+        }
         w.commit(extra_files={"adapter_config.json": json.dumps(cfg, indent=2)})
     if not gram.is_file():
         fps = model_fingerprints(base)
         tokens = 4096
-        meta = {"kind": "gram", "num_samples": "64", "data_fingerprint": f"synthetic{seed}", **fps,
-                "token_counts": json.dumps(dict.fromkeys(mods, tokens), sort_keys=True)}
+        meta = {
+            "kind": "gram",
+            "num_samples": "64",
+            "data_fingerprint": f"synthetic{seed}",
+            **fps,
+            "token_counts": json.dumps(dict.fromkeys(mods, tokens), sort_keys=True),
+        }
         entries = [Entry(n, (i, i), torch.float32) for n, (_, i) in mods.items()]
         tmp = root / f".gram{seed}"
         w = StreamingWriter(tmp, entries, shard_size=1 << 62, force=True, metadata=meta)
@@ -121,8 +138,16 @@ def write_task(root: Path, base: Path, mods: dict[str, tuple[int, int]], rank: i
 def child(state: str, adapter: str, gram: str, approx: str, seconds_file: str, device: str = "cpu") -> None:
     from forgetless.chains.continual import add_task
 
-    report = add_task(state, adapter=adapter, gram=gram, out=None, base=str(Path(state).parent / "base"),
-                      approx=approx, device=device, log=None)
+    report = add_task(
+        state,
+        adapter=adapter,
+        gram=gram,
+        out=None,
+        base=str(Path(state).parent / "base"),
+        approx=approx,
+        device=device,
+        log=None,
+    )
     Path(seconds_file).write_text(str(report.seconds))
 
 
@@ -155,13 +180,19 @@ def gemm_child(size: str, out_file: str) -> None:
         t0 = time.perf_counter()
         torch.matmul(a, b, out=c)
         best = min(best, time.perf_counter() - t0)
-    Path(out_file).write_text(json.dumps({"size": n, "seconds": best, "flops_per_s": 2 * n**3 / best,
-                                          "threads": torch.get_num_threads()}))
+    Path(out_file).write_text(
+        json.dumps(
+            {"size": n, "seconds": best, "flops_per_s": 2 * n**3 / best, "threads": torch.get_num_threads()}
+        )
+    )
 
 
 def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2)}
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
 
 
 def main() -> None:
@@ -186,12 +217,21 @@ def main() -> None:
     tasks = [write_task(root, base, mods, a.rank, seed) for seed in range(1, a.tasks + 1)]
     hidden = min(i for _, i in mods.values())
     rate_file = root / "gemm_rate.json"
-    run_measured([sys.executable, str(HERE), "--gemm", str(hidden), str(rate_file)], root / "log-gemm.txt",
-                 a.poll_ms)
+    run_measured(
+        [sys.executable, str(HERE), "--gemm", str(hidden), str(rate_file)], root / "log-gemm.txt", a.poll_ms
+    )
     gemm = json.loads(rate_file.read_text())
     print("float64 GEMM", gemm, flush=True)
-    results: dict = {"layers": a.layers, "scale": a.scale, "rank": a.rank, "modules": len(mods),
-                     "device": a.device, "repeat": a.repeat, "gemm_float64": gemm, "runs": {}}
+    results: dict = {
+        "layers": a.layers,
+        "scale": a.scale,
+        "rank": a.rank,
+        "modules": len(mods),
+        "device": a.device,
+        "repeat": a.repeat,
+        "gemm_float64": gemm,
+        "runs": {},
+    }
     for approx in a.approx:
         runs: list[list[dict]] = []
         for rep in range(a.repeat):
@@ -200,28 +240,54 @@ def main() -> None:
             steps = []
             for t, (adapter, gram) in enumerate(tasks, 1):
                 secs = root / "step_seconds.txt"
-                cmd = [sys.executable, str(HERE), "--child", str(state), str(adapter), str(gram), approx,
-                       str(secs), a.device]
+                cmd = [
+                    sys.executable,
+                    str(HERE),
+                    "--child",
+                    str(state),
+                    str(adapter),
+                    str(gram),
+                    approx,
+                    str(secs),
+                    a.device,
+                ]
                 res = run_measured(cmd, root / f"log-{approx}-{t}.txt", a.poll_ms)
                 step_s = float(secs.read_text())
                 size = sum(f.stat().st_size for f in state.iterdir())
-                step = {"t": t, "process_wall_s": round(res["wall_s"], 2), "step_s": round(step_s, 2),
-                        "peak_rss_mib": round(res["peak_rss_mib"]), "state_mib": round(size / 2**20, 1),
-                        "other_cpu_s": round(res["other_cpu_s"], 1),
-                        "step_s_32_layers": round(step_s * 32 / a.layers, 1)}
+                step = {
+                    "t": t,
+                    "process_wall_s": round(res["wall_s"], 2),
+                    "step_s": round(step_s, 2),
+                    "peak_rss_mib": round(res["peak_rss_mib"]),
+                    "state_mib": round(size / 2**20, 1),
+                    "other_cpu_s": round(res["other_cpu_s"], 1),
+                    "step_s_32_layers": round(step_s * 32 / a.layers, 1),
+                }
                 if approx == "full":
                     floor = step_flops(mods, a.rank, t) / gemm["flops_per_s"]
-                    step.update(flop_floor=step_flops(mods, a.rank, t), floor_s=round(floor, 2),
-                                over_floor=round(step_s / floor, 3))
+                    step.update(
+                        flop_floor=step_flops(mods, a.rank, t),
+                        floor_s=round(floor, 2),
+                        over_floor=round(step_s / floor, 3),
+                    )
                 steps.append(step)
                 print(approx, f"run {rep + 1}/{a.repeat}", steps[-1], flush=True)
             runs.append(steps)
         by_t = [[r[t] for r in runs] for t in range(len(tasks))]
         results["runs"][approx] = {
             "steps": runs,
-            "summary": [{"t": t + 1, **{k: summary([s[k] for s in group])
-                                       for k in ("step_s", "peak_rss_mib", "over_floor") if k in group[0]}}
-                        for t, group in enumerate(by_t)]}
+            "summary": [
+                {
+                    "t": t + 1,
+                    **{
+                        k: summary([s[k] for s in group])
+                        for k in ("step_s", "peak_rss_mib", "over_floor")
+                        if k in group[0]
+                    },
+                }
+                for t, group in enumerate(by_t)
+            ],
+        }
         print(approx, "summary", json.dumps(results["runs"][approx]["summary"]), flush=True)
     a.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {a.out}")

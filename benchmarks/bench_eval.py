@@ -56,10 +56,19 @@ def subset(root: Path, out: Path, per_task: int) -> dict[str, Path]:
     return files
 
 
-def run_eval(model: Path, files: dict[str, Path], batch_size: int, dtype: str = "float32") -> tuple[float, dict]:
+def run_eval(
+    model: Path, files: dict[str, Path], batch_size: int, dtype: str = "float32"
+) -> tuple[float, dict]:
     general = {n: p for n, p in files.items() if n != "count_many"}
-    r = evaluate(model, {"count_many": files["count_many"]}, general=general, batch_size=batch_size, dtype=dtype,
-                 progress=False, log=None)
+    r = evaluate(
+        model,
+        {"count_many": files["count_many"]},
+        general=general,
+        batch_size=batch_size,
+        dtype=dtype,
+        progress=False,
+        log=None,
+    )
     n = sum(t["n"] for t in r["tasks"].values())
     return n / r["seconds"], r
 
@@ -79,15 +88,25 @@ def gemm_calls(model_dir: Path, files: dict[str, Path], batch_size: int) -> list
             k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] // mod.groups
             calls.append((out.numel() // out.shape[1], k, mod.out_channels))
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    hs = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
     import forgetless.stats.run as R
 
     orig = R.load_model
     R.load_model = lambda *a, **k: (model, None)  # evaluate() reuses the hooked model
     try:
         general = {n: p for n, p in files.items() if n != "count_many"}
-        evaluate(model_dir, {"count_many": files["count_many"]}, general=general, batch_size=batch_size,
-                 progress=False, log=None)
+        evaluate(
+            model_dir,
+            {"count_many": files["count_many"]},
+            general=general,
+            batch_size=batch_size,
+            progress=False,
+            log=None,
+        )
     finally:
         R.load_model = orig
         for h in hs:
@@ -147,8 +166,13 @@ def token_counts(model: Path, files: dict[str, Path]) -> dict[str, float]:
                     k += 1
                 prefix = prefix[:k]
     shared = len(prefix or [])
-    return {"items": n, "prompt_tokens": prompts, "option_tokens": options, "shared_prefix_tokens": shared,
-            "shared_fraction": shared * n / (prompts + options)}
+    return {
+        "items": n,
+        "prompt_tokens": prompts,
+        "option_tokens": options,
+        "shared_prefix_tokens": shared,
+        "shared_fraction": shared * n / (prompts + options),
+    }
 
 
 def main() -> None:
@@ -168,9 +192,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = subset(root, Path(tmp), a.per_task)
         tokens = token_counts(model, files)
-        print(f"{tokens['items']} items, {tokens['prompt_tokens']} prompt + {tokens['option_tokens']} option tokens; "
-              f"shared prefix {tokens['shared_prefix_tokens']} tokens = {tokens['shared_fraction']:.1%} of them",
-              flush=True)
+        print(
+            f"{tokens['items']} items, {tokens['prompt_tokens']} prompt + {tokens['option_tokens']} option tokens; "
+            f"shared prefix {tokens['shared_prefix_tokens']} tokens = {tokens['shared_fraction']:.1%} of them",
+            flush=True,
+        )
         rates: dict[str, list[float]] = {str(b): [] for b in sizes}
         if not a.no_bf16:
             rates["bf16"] = []
@@ -187,17 +213,24 @@ def main() -> None:
                 rates["bf16"].append(r)
                 preds["bf16"] = [res["tasks"][n]["correct_items"] for n in TASKS]
                 print(f"run {run}: bf16 batch {sizes[-1]}: {r:.2f} items/s", flush=True)
-        out: dict = {"tokens": tokens, "threads": torch.get_num_threads(),
-                     "items_per_s": {k: statistics.median(v) for k, v in rates.items()}, "runs": rates}
+        out: dict = {
+            "tokens": tokens,
+            "threads": torch.get_num_threads(),
+            "items_per_s": {k: statistics.median(v) for k, v in rates.items()},
+            "runs": rates,
+        }
         for b in sizes:
             calls = gemm_calls(model, files, b)
             floor, flops = gemm_floor(calls)
             out.setdefault("floor", {})[str(b)] = {
-                "gemm_seconds": floor, "gflop": flops / 1e9,
-                "measured_seconds": tokens["items"] / out["items_per_s"][str(b)]}
+                "gemm_seconds": floor,
+                "gflop": flops / 1e9,
+                "measured_seconds": tokens["items"] / out["items_per_s"][str(b)],
+            }
         out["square_gflops"] = square_rate()
         out["correct_differs_from_first_batch_size"] = {
-            str(b): sum(x != y for x, y in zip("".join(preds["fp32"]), "".join(preds[str(b)]))) for b in sizes}
+            str(b): sum(x != y for x, y in zip("".join(preds["fp32"]), "".join(preds[str(b)]))) for b in sizes
+        }
         if "bf16" in preds:
             a32 = "".join(preds["fp32"])
             a16 = "".join(preds["bf16"])
@@ -206,13 +239,17 @@ def main() -> None:
     print("batch  items/s  measured s  GEMM floor s  measured/floor  GFLOP  achieved GFLOP/s")
     for b in sizes:
         f = out["floor"][str(b)]
-        print(f"{b:>5}  {out['items_per_s'][str(b)]:7.2f}  {f['measured_seconds']:10.2f}  {f['gemm_seconds']:12.2f}"
-              f"  {f['measured_seconds'] / f['gemm_seconds']:14.2f}  {f['gflop']:5.0f}"
-              f"  {f['gflop'] / f['measured_seconds']:16.1f}")
+        print(
+            f"{b:>5}  {out['items_per_s'][str(b)]:7.2f}  {f['measured_seconds']:10.2f}  {f['gemm_seconds']:12.2f}"
+            f"  {f['measured_seconds'] / f['gemm_seconds']:14.2f}  {f['gflop']:5.0f}"
+            f"  {f['gflop'] / f['measured_seconds']:16.1f}"
+        )
     print(f"items scored differently from batch {sizes[0]}: {out['correct_differs_from_first_batch_size']}")
     if "bf16" in out["items_per_s"]:
-        print(f"bf16 (batch {sizes[-1]}): {out['items_per_s']['bf16']:.2f} items/s; items scored differently from "
-              f"fp32: {out['bf16_correct_differs']} of {tokens['items']}")
+        print(
+            f"bf16 (batch {sizes[-1]}): {out['items_per_s']['bf16']:.2f} items/s; items scored differently from "
+            f"fp32: {out['bf16_correct_differs']} of {tokens['items']}"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

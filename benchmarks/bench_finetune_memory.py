@@ -34,7 +34,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 WORK = Path("/tmp/forgetless-bench-ft-memory")
 LAYERS, VOCAB = 2, 32000
-RECIPE = {"steps": 2, "batch_size": 4, "dtype": "bfloat16", "device": "cpu", "tensorboard": False, "force": True}
+RECIPE = {
+    "steps": 2,
+    "batch_size": 4,
+    "dtype": "bfloat16",
+    "device": "cpu",
+    "tensorboard": False,
+    "force": True,
+}
 
 
 # ------------------------------------------------------------------------------------------------ accounted
@@ -61,13 +68,27 @@ def readme_example() -> dict:
     units = [values(layer.parameters()) for layer in layers]
     root = (trainable - sum(u[0] for u in units), total - trainable - sum(u[1] for u in units))
     out = {}
-    for label, dtype, ckpt, ranks, micro in (("float32", "float32", False, 1, 8), ("bf16", "bfloat16", False, 1, 8),
-                                             ("bf16 + checkpointing", "bfloat16", True, 1, 8),
-                                             ("bf16 + checkpointing, batch 4 x accumulation 2", "bfloat16", True, 1, 4),
-                                             ("bf16 + checkpointing, --fsdp on 4 ranks", "bfloat16", True, 4, 8)):
-        fp = account(trainable, total - trainable, dtype=dtype, keep="spider", tokens=micro // ranks * 640, hidden=4096,
-                     layers=32, checkpointing=ckpt, theta0_bytes=2,  # LLaVA-1.5-7B is stored in fp16: θ₀ held in fp16
-                     world=ranks, fsdp=ranks > 1, gathered=gathered_bytes(root, units, half=dtype == "bfloat16"))
+    for label, dtype, ckpt, ranks, micro in (
+        ("float32", "float32", False, 1, 8),
+        ("bf16", "bfloat16", False, 1, 8),
+        ("bf16 + checkpointing", "bfloat16", True, 1, 8),
+        ("bf16 + checkpointing, batch 4 x accumulation 2", "bfloat16", True, 1, 4),
+        ("bf16 + checkpointing, --fsdp on 4 ranks", "bfloat16", True, 4, 8),
+    ):
+        fp = account(
+            trainable,
+            total - trainable,
+            dtype=dtype,
+            keep="spider",
+            tokens=micro // ranks * 640,
+            hidden=4096,
+            layers=32,
+            checkpointing=ckpt,
+            theta0_bytes=2,  # LLaVA-1.5-7B is stored in fp16: θ₀ held in fp16
+            world=ranks,
+            fsdp=ranks > 1,
+            gathered=gathered_bytes(root, units, half=dtype == "bfloat16"),
+        )
         out[label] = {k: round(v / 2**30, 2) for k, v in {**fp.__dict__, "total": fp.total}.items()}
     return {"trainable": trainable, "total": total, "gib": out}
 
@@ -82,24 +103,49 @@ def shaped_model() -> Path:
     path = WORK / f"model-{LAYERS}"
     if not (path / "config.json").is_file():
         tok = AutoTokenizer.from_pretrained(export_smollm2())
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=LAYERS,
-                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            tie_word_embeddings=False,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
         tok.save_pretrained(path)
-    data = WORK / "data.jsonl"  # a system turn of our own: SmolLM2's default one names it, with a token ≥ 32000
-    data.write_text("".join(json.dumps({"id": str(i), "conversations": [
-        {"from": "system", "value": "You are a helpful assistant."},
-        {"from": "human", "value": f"Question {i}: what is {i} + {i}?"}, {"from": "gpt", "value": str(2 * i)}]}) + "\n"
-        for i in range(8)))
+    data = (
+        WORK / "data.jsonl"
+    )  # a system turn of our own: SmolLM2's default one names it, with a token ≥ 32000
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(i),
+                    "conversations": [
+                        {"from": "system", "value": "You are a helpful assistant."},
+                        {"from": "human", "value": f"Question {i}: what is {i} + {i}?"},
+                        {"from": "gpt", "value": str(2 * i)},
+                    ],
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     return path
 
 
 def peak_mib() -> float:
     """This process's peak RSS since its start (VmHWM: the address space's, so not the launcher's before exec)."""
     status = Path("/proc/self/status").read_text()
-    return round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024, 1)
+    return round(
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024, 1
+    )
 
 
 def child(mode: str) -> None:
@@ -136,7 +182,15 @@ def measure(mode: str, ranks: int = 1) -> list[dict]:
     """``mode`` in fresh processes (under torchrun with ``ranks`` > 1): each rank's result."""
     cmd = [sys.executable, str(HERE), "--child", mode]
     if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(ranks),
+            *cmd[1:],
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode:
@@ -158,9 +212,13 @@ def main() -> None:
     result["measured"] = {
         "model": f"{LAYERS} layers, hidden 4096, intermediate 11008, vocabulary {VOCAB}, bf16 on disk",
         "peak_rss_mib": {m: [r["peak_rss_mib"] for r in rs] for m, rs in runs.items()},
-        "over_baseline_mib": {m: [round(r["peak_rss_mib"] - base[len(rs)], 1) for r in rs] for m, rs in runs.items()
-                              if not m.startswith("baseline")},
-        "accounting": {m: rs[0]["accounting"] for m, rs in runs.items() if "accounting" in rs[0]}}
+        "over_baseline_mib": {
+            m: [round(r["peak_rss_mib"] - base[len(rs)], 1) for r in rs]
+            for m, rs in runs.items()
+            if not m.startswith("baseline")
+        },
+        "accounting": {m: rs[0]["accounting"] for m, rs in runs.items() if "accounting" in rs[0]},
+    }
     print(json.dumps(result["measured"], indent=1))
     HERE.with_name("bench_finetune_memory_results.json").write_text(json.dumps(result, indent=1) + "\n")
 

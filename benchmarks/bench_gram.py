@@ -27,8 +27,11 @@ from pathlib import Path
 from bench_merge import run_measured
 
 HERE = Path(__file__).resolve()
-FAMILIES = {"llava-1.5-7b": (4096, 11008, 32, 32, 32), "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4),
-            "llama-13b": (5120, 13824, 40, 40, 40)}
+FAMILIES = {
+    "llava-1.5-7b": (4096, 11008, 32, 32, 32),
+    "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4),
+    "llama-13b": (5120, 13824, 40, 40, 40),
+}
 WAYS = {"before": ("float64", False), "after": ("float32", True)}
 
 
@@ -36,9 +39,15 @@ def llama_config(family: str, layers: int | None = None, vocab: int = 32064):
     from transformers import LlamaConfig
 
     hidden, inter, n_layers, heads, kv = FAMILIES[family]
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                       num_hidden_layers=layers or n_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                       head_dim=hidden // heads)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers or n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+    )
 
 
 def accounted(family: str, way: str, layers: int | None = None) -> int:
@@ -52,7 +61,9 @@ def accounted(family: str, way: str, layers: int | None = None) -> int:
     dtype, share = WAYS[way]
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(family, layers))
-    fp = account("gram", model, linear_modules(model), getattr(torch, dtype), world=1, split=False, share=share)
+    fp = account(
+        "gram", model, linear_modules(model), getattr(torch, dtype), world=1, split=False, share=share
+    )
     return fp.accumulator_bytes
 
 
@@ -66,8 +77,13 @@ def child(family: str, way: str, layers: int, batches: int, rows: int) -> None:
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(family, layers, vocab=512)).eval()
-    data = [{"input_ids": torch.randint(0, 512, (rows // 256, 256)),
-             "attention_mask": torch.ones(rows // 256, 256, dtype=torch.long)} for _ in range(batches)]
+    data = [
+        {
+            "input_ids": torch.randint(0, 512, (rows // 256, 256)),
+            "attention_mask": torch.ones(rows // 256, 256, dtype=torch.long),
+        }
+        for _ in range(batches)
+    ]
     t0 = time.perf_counter()
     if way == "baseline":
         with torch.no_grad():
@@ -76,14 +92,25 @@ def child(family: str, way: str, layers: int, batches: int, rows: int) -> None:
         held = 0
     else:
         dtype, share = WAYS[way]
-        res = accumulate_gram(model, data, linears=linear_modules(model), dtype=getattr(torch, dtype), share=share)
+        res = accumulate_gram(
+            model, data, linears=linear_modules(model), dtype=getattr(torch, dtype), share=share
+        )
         held = sum(g.numel() * g.element_size() for g in res.grams.values())
     seconds = time.perf_counter() - t0
     print(json.dumps({"held_bytes": held, "s_per_batch": seconds / batches}))
 
 
 def measure(family: str, way: str, args: argparse.Namespace, log: Path) -> dict:
-    cmd = [sys.executable, str(HERE), "--child", family, way, str(args.layers), str(args.batches), str(args.rows)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--child",
+        family,
+        way,
+        str(args.layers),
+        str(args.batches),
+        str(args.rows),
+    ]
     res = run_measured(cmd, log, 20.0)
     own = json.loads(log.read_text().strip().splitlines()[-1])
     return {**res, **own}
@@ -102,9 +129,11 @@ def main() -> None:
         family, way, layers, batches, rows = args.child
         child(family, way, int(layers), int(batches), int(rows))
         return
-    gib = 2 ** 30
-    out: dict = {"accounted_gib": {f: {w: round(accounted(f, w) / gib, 2) for w in WAYS} for f in FAMILIES},
-                 "measured": {}}
+    gib = 2**30
+    out: dict = {
+        "accounted_gib": {f: {w: round(accounted(f, w) / gib, 2) for w in WAYS} for f in FAMILIES},
+        "measured": {},
+    }
     print(json.dumps(out["accounted_gib"], indent=1), flush=True)
     log = Path("/tmp/bench_gram.log")
     for family in args.families:
@@ -118,10 +147,13 @@ def main() -> None:
             rss = statistics.median(r["peak_rss_mib"] for r in runs[way])
             held = runs[way][0]["held_bytes"]
             one = accounted(family, way, args.layers)
-            row[way] = {"accounted_mib": round(one / 2**20, 1), "held_mib": round(held / 2**20, 1),
-                        "peak_rss_over_baseline_mib": round(rss - base_mib, 1),
-                        "s_per_batch": [round(r["s_per_batch"], 2) for r in runs[way]],
-                        "whole_model_accounted_gib": out["accounted_gib"][family][way]}
+            row[way] = {
+                "accounted_mib": round(one / 2**20, 1),
+                "held_mib": round(held / 2**20, 1),
+                "peak_rss_over_baseline_mib": round(rss - base_mib, 1),
+                "s_per_batch": [round(r["s_per_batch"], 2) for r in runs[way]],
+                "whole_model_accounted_gib": out["accounted_gib"][family][way],
+            }
         row["baseline_peak_rss_mib"] = base_mib
         out["measured"][family] = row
         print(family, json.dumps(row, indent=1), flush=True)

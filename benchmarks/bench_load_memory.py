@@ -33,8 +33,15 @@ def shaped_model() -> Path:
 
     path = WORK / "model"
     if not (path / "config.json").is_file():
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
-                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            tie_word_embeddings=False,
+        )
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         model = model.to_empty(device="cpu").to(torch.bfloat16)  # values do not matter, only the bytes
@@ -63,21 +70,42 @@ def child(dtype: str) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, _ = load_model(model_dir, "cpu", dtype)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with torch.no_grad():  # read every weight once: a weight mapped from the file becomes resident (file-backed)
+    with (
+        torch.no_grad()
+    ):  # read every weight once: a weight mapped from the file becomes resident (file-backed)
         for p in model.parameters():
             p.sum()
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     assert held == accounted and next(model.parameters()).dtype == getattr(torch, dtype)
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "dtype": dtype,
-                      "accounted_mib": round(accounted / 2**20, 1), "peak_before_mib": round(before, 1),
-                      "peak_after_mib": round(after, 1), "load_peak_mib": round(after - before, 1),
-                      "anon_after_mib": round(_status_mib("RssAnon"), 1),
-                      "file_after_mib": round(_status_mib("RssFile"), 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rank": int(os.environ.get("RANK", "0")),
+                "dtype": dtype,
+                "accounted_mib": round(accounted / 2**20, 1),
+                "peak_before_mib": round(before, 1),
+                "peak_after_mib": round(after, 1),
+                "load_peak_mib": round(after - before, 1),
+                "anon_after_mib": round(_status_mib("RssAnon"), 1),
+                "file_after_mib": round(_status_mib("RssFile"), 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_ranks(dtype: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS), str(HERE), "--child", dtype]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(RANKS),
+        str(HERE),
+        "--child",
+        dtype,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return sorted(rows, key=lambda r: r["rank"])
@@ -89,8 +117,11 @@ def main() -> None:
         return
     WORK.mkdir(parents=True, exist_ok=True)
     shaped_model()
-    result = {"ranks": RANKS, "model": "Llama, hidden 4096, intermediate 11008, vocab 32000, 2 layers, stored bf16",
-              "runs": {d: run_ranks(d) for d in ("float32", "bfloat16")}}
+    result = {
+        "ranks": RANKS,
+        "model": "Llama, hidden 4096, intermediate 11008, vocab 32000, 2 layers, stored bf16",
+        "runs": {d: run_ranks(d) for d in ("float32", "bfloat16")},
+    }
     print(json.dumps(result, indent=1))
     HERE.with_name("bench_load_memory_results.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -40,12 +40,31 @@ HERE = Path(__file__).resolve()
 def llava7b_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-                       dtype="float16")
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        dtype="float16",
+    )
 
 
 def write_base(path: Path) -> dict[str, tuple[int, ...]]:
@@ -60,19 +79,26 @@ def write_base(path: Path) -> dict[str, tuple[int, ...]]:
         model = LlavaForConditionalGeneration(cfg)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if not (path / "config.json").is_file():
-        w = StreamingWriter(path, [Entry(n, s, torch.float16) for n, s in shapes.items()], shard_size=1 << 62,
-                            force=True)
+        w = StreamingWriter(
+            path, [Entry(n, s, torch.float16) for n, s in shapes.items()], shard_size=1 << 62, force=True
+        )
         w._pending.clear()  # the tensors stay holes: only names and shapes matter to an adapter-space merge
         w.commit(extra_files={"config.json": cfg.to_json_string()})
     return shapes
 
 
-def lora_modules(shapes: dict[str, tuple[int, ...]], only: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+def lora_modules(
+    shapes: dict[str, tuple[int, ...]], only: tuple[str, ...] | None = None
+) -> dict[str, tuple[int, int]]:
     """Module path -> (out, in) of every targeted decoder Linear (or of `only`)."""
     out = {}
     for n, s in shapes.items():
         mod = n.removesuffix(".weight")
-        if ".language_model.layers." in n and mod.rsplit(".", 1)[-1] in TARGETS and (only is None or mod in only):
+        if (
+            ".language_model.layers." in n
+            and mod.rsplit(".", 1)[-1] in TARGETS
+            and (only is None or mod in only)
+        ):
             out[mod] = s
     return out
 
@@ -87,15 +113,28 @@ def write_adapter(path: Path, modules: dict[str, tuple[int, int]], rank: int, se
         return
     entries = []
     for mod, (o, i) in modules.items():
-        entries += [Entry(f"base_model.model.{mod}.lora_A.weight", (rank, i), torch.float32),
-                    Entry(f"base_model.model.{mod}.lora_B.weight", (o, rank), torch.float32)]
-    w = StreamingWriter(path, entries, shard_size=1 << 62, force=True, single_name="adapter_model.safetensors")
+        entries += [
+            Entry(f"base_model.model.{mod}.lora_A.weight", (rank, i), torch.float32),
+            Entry(f"base_model.model.{mod}.lora_B.weight", (o, rank), torch.float32),
+        ]
+    w = StreamingWriter(
+        path, entries, shard_size=1 << 62, force=True, single_name="adapter_model.safetensors"
+    )
     g = torch.Generator().manual_seed(seed)
     for e in entries:
         w.write(e.name, torch.randn(e.shape, generator=g) * (0.02 if "lora_A" in e.name else 0.01))
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-           "lora_dropout": 0.05, "bias": "none", "base_model_name_or_path": "llava-hf/llava-1.5-7b-hf",
-           "task_type": None, "fan_in_fan_out": False, "modules_to_save": None}
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGETS),
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "base_model_name_or_path": "llava-hf/llava-1.5-7b-hf",
+        "task_type": None,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+    }
     w.commit(extra_files={"adapter_config.json": json.dumps(cfg, indent=2)})
 
 
@@ -117,8 +156,12 @@ def child_forgetless(method: str, base: str, out: str, params: str, *adapters: s
         return res
 
     object.__setattr__(spec, "fn", timed)
-    forgetless.merge({"method": method, "base": base, "models": list(adapters), "parameters": json.loads(params)},
-                     out=out, force=True, progress=False)
+    forgetless.merge(
+        {"method": method, "base": base, "models": list(adapters), "parameters": json.loads(params)},
+        out=out,
+        force=True,
+        progress=False,
+    )
     Path(out, "module_seconds.json").write_text(json.dumps(times))
 
 
@@ -129,8 +172,11 @@ def child_peft(out: str, *adapters: str) -> None:
     from safetensors import safe_open
 
     with safe_open(str(Path(adapters[0]) / "adapter_model.safetensors"), "pt") as f:
-        shapes = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): None for k in f.keys()  # noqa: SIM118
-                  if k.endswith("lora_A.weight")}
+        shapes = {
+            k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): None
+            for k in f.keys()  # noqa: SIM118
+            if k.endswith("lora_A.weight")
+        }
         for mod in shapes:
             o = f.get_slice(f"base_model.model.{mod}.lora_B.weight").get_shape()[0]
             i = f.get_slice(f"base_model.model.{mod}.lora_A.weight").get_shape()[1]
@@ -143,8 +189,9 @@ def child_peft(out: str, *adapters: str) -> None:
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, torch.nn.Linear(i, o, bias=False, dtype=torch.float16, device="meta").to_empty(
-            device="cpu"))
+        parent.add_module(
+            leaf, torch.nn.Linear(i, o, bias=False, dtype=torch.float16, device="meta").to_empty(device="cpu")
+        )
     model = PeftModel.from_pretrained(root, adapters[0], adapter_name="t0")
     for k, a in enumerate(adapters[1:], 1):
         model.load_adapter(a, adapter_name=f"t{k}")
@@ -169,7 +216,10 @@ def same_update(a: Path, b: Path, modules: tuple[str, ...]) -> float:
     from safetensors.torch import load_file
 
     out = 0.0
-    sd_a, sd_b = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    sd_a, sd_b = (
+        load_file(str(a / "adapter_model.safetensors")),
+        load_file(str(b / "adapter_model.safetensors")),
+    )
     ca, cb = (json.loads((p / "adapter_config.json").read_text()) for p in (a, b))
     for mod in modules:
         k = f"base_model.model.{mod}"
@@ -205,48 +255,79 @@ def main() -> None:
     me = [sys.executable, str(HERE)]
 
     def forgetless_cmd(method, base, out, params, adapters):
-        return [*me, "--child-forgetless", method, str(base), str(out), json.dumps(params), *map(str, adapters)]
+        return [
+            *me,
+            "--child-forgetless",
+            method,
+            str(base),
+            str(out),
+            json.dumps(params),
+            *map(str, adapters),
+        ]
 
     runs = []
     for r in range(args.runs):
-        res = run_measured(forgetless_cmd("copa", d / "base", d / "out-copa", {}, fulls), d / f"copa-{r}.log",
-                           args.poll_ms)
+        res = run_measured(
+            forgetless_cmd("copa", d / "base", d / "out-copa", {}, fulls), d / f"copa-{r}.log", args.poll_ms
+        )
         runs.append(res)
         print(f"copa, full: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
     copa_full = median_of(runs)
 
     small = {}
-    for label, cmd in (("peft ties_svd", [*me, "--child-peft", str(d / "out-peft"), *map(str, subs)]),
-                       ("forgetless lora_ties", forgetless_cmd("lora_ties", d / "base", d / "out-ties",
-                                                               {"density": 0.2}, subs)),
-                       ("forgetless copa", forgetless_cmd("copa", d / "base", d / "out-copa-sub", {}, subs))):
+    for label, cmd in (
+        ("peft ties_svd", [*me, "--child-peft", str(d / "out-peft"), *map(str, subs)]),
+        (
+            "forgetless lora_ties",
+            forgetless_cmd("lora_ties", d / "base", d / "out-ties", {"density": 0.2}, subs),
+        ),
+        ("forgetless copa", forgetless_cmd("copa", d / "base", d / "out-copa-sub", {}, subs)),
+    ):
         res = run_measured(cmd, d / f"{label.replace(' ', '-')}.log", args.poll_ms)
-        out = d / {"peft ties_svd": "out-peft/merged", "forgetless lora_ties": "out-ties",
-                   "forgetless copa": "out-copa-sub"}[label]
-        per = json.loads((out.parent if label.startswith("peft") else out).joinpath("module_seconds.json").read_text())
+        out = (
+            d
+            / {
+                "peft ties_svd": "out-peft/merged",
+                "forgetless lora_ties": "out-ties",
+                "forgetless copa": "out-copa-sub",
+            }[label]
+        )
+        per = json.loads(
+            (out.parent if label.startswith("peft") else out).joinpath("module_seconds.json").read_text()
+        )
         attn, mlp = per["4096x4096"], per["4096x11008"]
         res["module_seconds"] = per
         res["extrapolated_full_s"] = round(32 * (4 * attn + 3 * mlp), 1)
         small[label] = res
-        print(f"{label}, 2 modules: {res['wall_s']:.1f} s (q_proj {attn:.2f} s, down_proj {mlp:.2f} s; "
-              f"224 modules ≈ {res['extrapolated_full_s']:.0f} s), peak RSS {res['peak_rss_mib']:.0f} MiB",
-              flush=True)
+        print(
+            f"{label}, 2 modules: {res['wall_s']:.1f} s (q_proj {attn:.2f} s, down_proj {mlp:.2f} s; "
+            f"224 modules ≈ {res['extrapolated_full_s']:.0f} s), peak RSS {res['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     peft_full = small["peft ties_svd"]["extrapolated_full_s"]
     agreement = same_update(d / "out-peft" / "merged", d / "out-ties", SUBSET)
     print(f"PEFT ties_svd vs forgetless lora_ties, largest relative difference of ΔW: {agreement:.2e}")
     result = {
-        "adapters": args.adapters, "rank": args.rank, "modules": len(full), "adapter_bytes": size,
-        "copa_full": copa_full, "copa_full_runs": runs, "two_modules": small,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "modules": len(full),
+        "adapter_bytes": size,
+        "copa_full": copa_full,
+        "copa_full_runs": runs,
+        "two_modules": small,
         "ratio_peft_ties_svd_over_copa": round(peft_full / copa_full["wall_s"], 1),
-        "ratio_peft_ties_svd_over_lora_ties": round(peft_full / small["forgetless lora_ties"]["extrapolated_full_s"],
-                                                    2),
+        "ratio_peft_ties_svd_over_lora_ties": round(
+            peft_full / small["forgetless lora_ties"]["extrapolated_full_s"], 2
+        ),
         "peft_vs_lora_ties_max_rel_diff": agreement,
         "cores": os.cpu_count(),
     }
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("runs")}, indent=1))
-    print(f"copa median {copa_full['wall_s']:.1f} s, {copa_full['peak_rss_mib']:.0f} MiB peak RSS; PEFT ties_svd "
-          f"≈ {peft_full:.0f} s for the same adapters: {result['ratio_peft_ties_svd_over_copa']}× copa")
+    print(
+        f"copa median {copa_full['wall_s']:.1f} s, {copa_full['peak_rss_mib']:.0f} MiB peak RSS; PEFT ties_svd "
+        f"≈ {peft_full:.0f} s for the same adapters: {result['ratio_peft_ties_svd_over_copa']}× copa"
+    )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False,
-                             capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
         rev = ""
     return {
@@ -108,8 +112,9 @@ def machine_info() -> dict:
         "mergekit": MERGEKIT_VERSION,
         "forgetless_git": rev,
         # the engine may be uncommitted work: fingerprint the sources that ran
-        "forgetless_src_sha256": hashlib.sha256(b"".join(
-            p.read_bytes() for p in sorted((REPO / "src" / "forgetless").rglob("*.py")))).hexdigest()[:16],
+        "forgetless_src_sha256": hashlib.sha256(
+            b"".join(p.read_bytes() for p in sorted((REPO / "src" / "forgetless").rglob("*.py")))
+        ).hexdigest()[:16],
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
@@ -168,8 +173,10 @@ def make_small_set(bench_dir: Path, base: Path | None = None) -> tuple[Path, lis
         from forgetless.embedded import export_smollm2
 
         base = Path(export_smollm2())
-    fts = [perturb_checkpoint(base, bench_dir / "ckpt" / f"smollm2-ft{i + 1}", seed=1000 + i)
-           for i in range(N_MODELS)]
+    fts = [
+        perturb_checkpoint(base, bench_dir / "ckpt" / f"smollm2-ft{i + 1}", seed=1000 + i)
+        for i in range(N_MODELS)
+    ]
     return base, fts
 
 
@@ -190,7 +197,9 @@ def large_config(shape: str, base_config: Path):
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 24, 8, 64
     elif shape == "deep":
         cfg.num_hidden_layers = 296
-    elif shape == "qwen-embed":  # Qwen2.5-VL-7B's language model: its (tied here) embedding and one decoder layer
+    elif (
+        shape == "qwen-embed"
+    ):  # Qwen2.5-VL-7B's language model: its (tied here) embedding and one decoder layer
         cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 152064, 3584, 18944, 1
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 28, 4, 128
         cfg.tie_word_embeddings = True
@@ -280,8 +289,13 @@ def checkpoint_stats(folder: Path) -> dict:
                 n_tensors += 1
                 largest = max(largest, n)
     size = sum(f.stat().st_size for f in weight_files(folder))
-    return {"params": n_params, "tensors": n_tensors, "largest_tensor_params": largest,
-            "files": len(weight_files(folder)), "bytes": size}
+    return {
+        "params": n_params,
+        "tensors": n_tensors,
+        "largest_tensor_params": largest,
+        "files": len(weight_files(folder)),
+        "bytes": size,
+    }
 
 
 def warm_page_cache(folders: list[Path]) -> None:
@@ -323,15 +337,21 @@ def busy_processes() -> list[str]:
     """Other processes using a CPU now (ps's %CPU ≥ 10, this benchmark and its children aside): what a quiet
     machine must not have."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--no-headers"], capture_output=True, text=True,
-                             check=False).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid,ppid,pcpu,args", "--no-headers"], capture_output=True, text=True, check=False
+        ).stdout
     except OSError:
         return []
     mine = {os.getpid(), os.getppid()}
     busy = []
     for line in out.splitlines():
         pid, ppid, pcpu, args = line.split(None, 3)
-        if float(pcpu) >= 10 and int(pid) not in mine and int(ppid) not in mine and not args.startswith("ps "):
+        if (
+            float(pcpu) >= 10
+            and int(pid) not in mine
+            and int(ppid) not in mine
+            and not args.startswith("ps ")
+        ):
             busy.append(f"{pid} {pcpu}% {args[:100]}")
     return busy
 
@@ -400,8 +420,18 @@ def run_measured(cmd: list[str], log: Path, poll_ms: float) -> dict:
     return res
 
 
-KEYS = ("wall_s", "peak_rss_mib", "peak_anon_mib", "peak_file_mib", "polled_hwm_mib", "user_s", "sys_s", "cpu_s",
-        "other_cpu_s", "load_before")
+KEYS = (
+    "wall_s",
+    "peak_rss_mib",
+    "peak_anon_mib",
+    "peak_file_mib",
+    "polled_hwm_mib",
+    "user_s",
+    "sys_s",
+    "cpu_s",
+    "other_cpu_s",
+    "load_before",
+)
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -416,15 +446,20 @@ def spread_of(runs: list[dict]) -> dict:
 def paired(runs_a: list[dict], runs_b: list[dict], key: str = "wall_s") -> dict:
     """a/b of each interleaved pair of runs (run i of a against run i of b): median, min, max."""
     r = [x[key] / y[key] for x, y in zip(runs_a, runs_b, strict=True)]
-    return {"median": round(statistics.median(r), 4), "min": round(min(r), 4), "max": round(max(r), 4),
-            "runs": [round(x, 4) for x in r]}
+    return {
+        "median": round(statistics.median(r), 4),
+        "min": round(min(r), 4),
+        "max": round(max(r), 4),
+        "runs": [round(x, 4) for x in r],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- recipes
 
 
-def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Path], params: dict,
-                            out_dtype: str = "float32") -> Path:
+def write_forgetless_recipe(
+    path: Path, method: str, base: Path, models: list[Path], params: dict, out_dtype: str = "float32"
+) -> Path:
     import yaml
 
     recipe = {
@@ -439,8 +474,15 @@ def write_forgetless_recipe(path: Path, method: str, base: Path, models: list[Pa
     return path
 
 
-def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path], model_params: dict,
-                          params: dict, out_dtype: str = "float32") -> Path:
+def write_mergekit_config(
+    path: Path,
+    method: str,
+    base: Path,
+    models: list[Path],
+    model_params: dict,
+    params: dict,
+    out_dtype: str = "float32",
+) -> Path:
     import yaml
 
     cfg = {
@@ -459,12 +501,25 @@ def write_mergekit_config(path: Path, method: str, base: Path, models: list[Path
 def forgetless_cmd(recipe: Path, out: Path, memory: str | None = None, src: Path | None = None) -> list[str]:
     """The `forgetless merge` CLI; `src`: another tree's ``src/`` instead of the installed one (the engine before a
     change, run side by side with it)."""
-    exe = [str(Path(sys.executable).parent / "forgetless")] if src is None else \
-        ["env", f"PYTHONPATH={src}", sys.executable, "-m", "forgetless.cli"]
-    return [*exe, "merge", str(recipe), "--out", str(out), "--force", *(["--memory", memory] if memory else [])]
+    exe = (
+        [str(Path(sys.executable).parent / "forgetless")]
+        if src is None
+        else ["env", f"PYTHONPATH={src}", sys.executable, "-m", "forgetless.cli"]
+    )
+    return [
+        *exe,
+        "merge",
+        str(recipe),
+        "--out",
+        str(out),
+        "--force",
+        *(["--memory", memory] if memory else []),
+    ]
 
 
-def before_jobs(args, recipe: Path, work: Path, memory: str | None = None) -> dict[str, tuple[list[str], Path]]:
+def before_jobs(
+    args, recipe: Path, work: Path, memory: str | None = None
+) -> dict[str, tuple[list[str], Path]]:
     """`--before LABEL=SRC`: the same forgetless merge from another source tree, as tool `forgetless-LABEL`."""
     jobs = {}
     for spec in args.before:
@@ -637,10 +692,21 @@ def diagnose_ties(fl_dir: Path, mk_dir: Path, base: Path, fts: list[Path], names
     mergekit equal its own formula with argsort as it runs, and forgetless the same formula with stable order?"""
     import torch
 
-    fl, mk, b, f = TensorSource(fl_dir), TensorSource(mk_dir), TensorSource(base), [TensorSource(p) for p in fts]
-    out = {"tensors": len(names), "differing_entries": 0, "boundary_tie_entries": 0,
-           "differing_outside_boundary_ties": 0, "mergekit_equals_reference_argsort": 0,
-           "forgetless_equals_reference_stable": 0, "forgetless_max_abs_diff_vs_reference_stable": 0.0}
+    fl, mk, b, f = (
+        TensorSource(fl_dir),
+        TensorSource(mk_dir),
+        TensorSource(base),
+        [TensorSource(p) for p in fts],
+    )
+    out = {
+        "tensors": len(names),
+        "differing_entries": 0,
+        "boundary_tie_entries": 0,
+        "differing_outside_boundary_ties": 0,
+        "mergekit_equals_reference_argsort": 0,
+        "forgetless_equals_reference_stable": 0,
+        "forgetless_max_abs_diff_vs_reference_stable": 0.0,
+    }
     for name in names:
         x, y, bt = fl[name], mk[name], b[name].float()
         ft = [s[name].float() for s in f]
@@ -654,15 +720,22 @@ def diagnose_ties(fl_dir: Path, mk_dir: Path, base: Path, fts: list[Path], names
         ref_st = ties_reference(bt, ft, DENSITY, stable=True)
         out["forgetless_equals_reference_stable"] += int(torch.equal(ref_st, x))
         out["forgetless_max_abs_diff_vs_reference_stable"] = max(
-            out["forgetless_max_abs_diff_vs_reference_stable"], (ref_st - x).abs().max().item())
+            out["forgetless_max_abs_diff_vs_reference_stable"], (ref_st - x).abs().max().item()
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
 
 
-def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, logs: Path, poll_ms: float,
-               keep_outputs: bool | set[str] = True) -> dict:
+def bench_pair(
+    name: str,
+    jobs: dict[str, tuple[list[str], Path]],
+    runs: int,
+    logs: Path,
+    poll_ms: float,
+    keep_outputs: bool | set[str] = True,
+) -> dict:
     """Interleaved runs of each job (tool -> (cmd, out dir)); every output dir is removed before its run (and
     after it, unless `keep_outputs` is True or holds the tool: outputs that are not compared take disk only)."""
     res: dict[str, list[dict]] = {tool: [] for tool in jobs}
@@ -672,10 +745,13 @@ def bench_pair(name: str, jobs: dict[str, tuple[list[str], Path]], runs: int, lo
             r = run_measured(cmd, logs / f"{name}-{tool}-{i + 1}.log", poll_ms)
             if keep_outputs is not True and tool not in (keep_outputs or ()):
                 fresh(out)
-            print(f"  [{name}] {tool:<10} run {i + 1}/{runs}: {r['wall_s']:7.2f} s  peak RSS "
-                  f"{r['peak_rss_mib']:7.0f} MiB  (anon {r['peak_anon_mib']:.0f}, file {r['peak_file_mib']:.0f})  "
-                  f"cpu {r['cpu_s']:.1f} s  others' cpu {r['other_cpu_s']:.1f} s  "
-                  f"load {r['load_before']:.1f}->{r['load_after']:.1f}", flush=True)
+            print(
+                f"  [{name}] {tool:<10} run {i + 1}/{runs}: {r['wall_s']:7.2f} s  peak RSS "
+                f"{r['peak_rss_mib']:7.0f} MiB  (anon {r['peak_anon_mib']:.0f}, file {r['peak_file_mib']:.0f})  "
+                f"cpu {r['cpu_s']:.1f} s  others' cpu {r['other_cpu_s']:.1f} s  "
+                f"load {r['load_before']:.1f}->{r['load_after']:.1f}",
+                flush=True,
+            )
             res[tool].append(r)
     return {tool: {"runs": rs, "median": median_of(rs), "spread": spread_of(rs)} for tool, rs in res.items()}
 
@@ -686,12 +762,27 @@ def compare_befores(res: dict, jobs: dict, work: Path, name: str) -> None:
     for tool in jobs:
         if tool.startswith("forgetless-") and "forgetless" in jobs:
             c = compare_outputs(work / "out-forgetless", work / f"out-{tool}")
-            res.setdefault("compare_before", {})[tool] = {k: c[k] for k in (
-                "compared", "bitwise_equal", "max_abs_diff", "differing_entries", "total_entries", "only_in_a",
-                "only_in_b", "shape_or_dtype_mismatch")}
-            res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(res["forgetless"]["runs"], res[tool]["runs"])
-            print(f"  [{name}] forgetless vs {tool}: {c['bitwise_equal']}/{c['compared']} tensors bitwise equal, "
-                  f"wall ratio {res['ratios'][f'wall_vs_{tool}']['median']}", flush=True)
+            res.setdefault("compare_before", {})[tool] = {
+                k: c[k]
+                for k in (
+                    "compared",
+                    "bitwise_equal",
+                    "max_abs_diff",
+                    "differing_entries",
+                    "total_entries",
+                    "only_in_a",
+                    "only_in_b",
+                    "shape_or_dtype_mismatch",
+                )
+            }
+            res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(
+                res["forgetless"]["runs"], res[tool]["runs"]
+            )
+            print(
+                f"  [{name}] forgetless vs {tool}: {c['bitwise_equal']}/{c['compared']} tensors bitwise equal, "
+                f"wall ratio {res['ratios'][f'wall_vs_{tool}']['median']}",
+                flush=True,
+            )
 
 
 def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: list[str]) -> dict:
@@ -700,35 +791,55 @@ def bench_ties(args, base: Path, fts: list[Path], mk_exe: Path | None, tools: li
     jobs = {}
     if "forgetless" in tools:
         recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts, params_fl)
-        jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory), work / "out-forgetless")
+        jobs["forgetless"] = (
+            forgetless_cmd(recipe, work / "out-forgetless", args.memory),
+            work / "out-forgetless",
+        )
         jobs.update(before_jobs(args, recipe, work, args.memory))
     if "mergekit" in tools and mk_exe:
-        cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
-                                    {"normalize": True, "lambda": 1.0, "int8_mask": False})
+        cfg = write_mergekit_config(
+            work / "mergekit.yaml",
+            "ties",
+            base,
+            fts,
+            {"density": DENSITY},
+            {"normalize": True, "lambda": 1.0, "int8_mask": False},
+        )
         jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
     print(f"[ties] {len(fts)} models, density {DENSITY}, {args.runs} runs", flush=True)
     res = bench_pair("ties", jobs, args.runs, args.bench_dir / "logs", args.poll_ms)
     if {"forgetless", "mergekit"} <= set(jobs):
         res["compare"] = compare_outputs(work / "out-forgetless", work / "out-mergekit")
         c = res["compare"]
-        print(f"  [ties] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g} "
-              f"({c['max_abs_diff_tensor']}), bitwise equal {c['bitwise_equal']}, allclose {c['allclose']}",
-              flush=True)
+        print(
+            f"  [ties] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g} "
+            f"({c['max_abs_diff_tensor']}), bitwise equal {c['bitwise_equal']}, allclose {c['allclose']}",
+            flush=True,
+        )
         if c["differing"] and not args.no_diagnose:
-            print(f"  [ties] {c['differing_entries']} of {c['total_entries']} entries differ, in "
-                  f"{len(c['differing'])} tensors; diagnosing up to {args.diagnose_max}", flush=True)
-            d = res["diagnose"] = diagnose_ties(work / "out-forgetless", work / "out-mergekit", base, fts,
-                                                c["differing"][: args.diagnose_max])
-            print(f"  [ties] {d['differing_entries']} differing entries, {d['differing_outside_boundary_ties']} "
-                  f"outside top-k boundary ties; mergekit == its formula (argsort) on "
-                  f"{d['mergekit_equals_reference_argsort']}/{d['tensors']}, forgetless == same formula with "
-                  f"stable order on {d['forgetless_equals_reference_stable']}/{d['tensors']} (max |diff| "
-                  f"{d['forgetless_max_abs_diff_vs_reference_stable']:.3g})", flush=True)
+            print(
+                f"  [ties] {c['differing_entries']} of {c['total_entries']} entries differ, in "
+                f"{len(c['differing'])} tensors; diagnosing up to {args.diagnose_max}",
+                flush=True,
+            )
+            d = res["diagnose"] = diagnose_ties(
+                work / "out-forgetless", work / "out-mergekit", base, fts, c["differing"][: args.diagnose_max]
+            )
+            print(
+                f"  [ties] {d['differing_entries']} differing entries, {d['differing_outside_boundary_ties']} "
+                f"outside top-k boundary ties; mergekit == its formula (argsort) on "
+                f"{d['mergekit_equals_reference_argsort']}/{d['tensors']}, forgetless == same formula with "
+                f"stable order on {d['forgetless_equals_reference_stable']}/{d['tensors']} (max |diff| "
+                f"{d['forgetless_max_abs_diff_vs_reference_stable']:.3g})",
+                flush=True,
+            )
         fl, mk = res["forgetless"]["median"], res["mergekit"]["median"]
-        res["ratios"] = {"speedup": round(mk["wall_s"] / fl["wall_s"], 2),
-                         "wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"]),
-                         "rss_fraction": round(fl["peak_rss_mib"] / mk["peak_rss_mib"], 3),
-                         "anon_fraction": round(fl["peak_anon_mib"] / max(mk["peak_anon_mib"], 1e-9), 3)}
+        res["ratios"] = {
+            "speedup": round(mk["wall_s"] / fl["wall_s"], 2),
+            "wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"]),
+            "rss_fraction": round(fl["peak_rss_mib"] / mk["peak_rss_mib"], 3),
+            "anon_fraction": round(fl["peak_anon_mib"] / max(mk["peak_anon_mib"], 1e-9), 3),
+        }
     compare_befores(res, jobs, work, "ties")
     if not args.keep_outputs:
         for _, out in jobs.values():
@@ -740,25 +851,39 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
     work = args.bench_dir / "task_arithmetic"
     jobs = {"io_floor": (io_floor_cmd(base, ft, work / "out-io-floor"), work / "out-io-floor")}
     if "forgetless" in tools:
-        recipe = write_forgetless_recipe(work / "forgetless.yaml", "task_arithmetic", base, [ft], {"lambda": 1.0})
+        recipe = write_forgetless_recipe(
+            work / "forgetless.yaml", "task_arithmetic", base, [ft], {"lambda": 1.0}
+        )
         jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless"), work / "out-forgetless")
         jobs.update(before_jobs(args, recipe, work))
     if "mergekit" in tools and mk_exe:
-        cfg = write_mergekit_config(work / "mergekit.yaml", "task_arithmetic", base, [ft], {}, {"lambda": 1.0})
+        cfg = write_mergekit_config(
+            work / "mergekit.yaml", "task_arithmetic", base, [ft], {}, {"lambda": 1.0}
+        )
         jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
     print(f"[task_arithmetic] 1 model, {args.runs} runs", flush=True)
-    res = bench_pair("ta", jobs, args.runs, args.bench_dir / "logs", args.poll_ms,
-                     keep_outputs={t for t in jobs if t != "io_floor"})
+    res = bench_pair(
+        "ta",
+        jobs,
+        args.runs,
+        args.bench_dir / "logs",
+        args.poll_ms,
+        keep_outputs={t for t in jobs if t != "io_floor"},
+    )
     floor = res["io_floor"]["median"]["wall_s"]
     tools_run = [t for t in jobs if t != "io_floor"]
     res["ratios"] = {f"{t}_vs_io_floor": round(res[t]["median"]["wall_s"] / floor, 2) for t in tools_run}
-    res["ratios"].update({f"{t}_vs_io_floor_paired": paired(res[t]["runs"], res["io_floor"]["runs"])
-                          for t in tools_run})
+    res["ratios"].update(
+        {f"{t}_vs_io_floor_paired": paired(res[t]["runs"], res["io_floor"]["runs"]) for t in tools_run}
+    )
     if {"forgetless", "mergekit"} <= set(jobs):
         res["compare"] = compare_outputs(work / "out-forgetless", work / "out-mergekit")
         c = res["compare"]
-        print(f"  [ta] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g}, "
-              f"allclose {c['allclose']}", flush=True)
+        print(
+            f"  [ta] compare: {c['compared']} tensors, max |diff| {c['max_abs_diff']:.3g}, "
+            f"allclose {c['allclose']}",
+            flush=True,
+        )
     compare_befores(res, jobs, work, "ta")
     if not args.keep_outputs:
         for _, out in jobs.values():
@@ -766,43 +891,65 @@ def bench_task_arithmetic(args, base: Path, ft: Path, mk_exe: Path | None, tools
     return res
 
 
-def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | None, tools: list[str]) -> dict:
+def bench_large(
+    args, small_base: Path, small_ties: dict | None, mk_exe: Path | None, tools: list[str]
+) -> dict:
     out: dict = {}
     for shape in args.large_shapes:
         args.large_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(args.large_dir).free / 1024**3
-        print(f"[large-{shape}] generating checkpoints under {args.large_dir} ({free:.0f} GiB free)",
-              flush=True)
+        print(
+            f"[large-{shape}] generating checkpoints under {args.large_dir} ({free:.0f} GiB free)", flush=True
+        )
         t0 = time.perf_counter()
         base, fts = make_large_set(args.large_dir, small_base, shape, int(args.shard_gb * 1024**3))
         gen_s = time.perf_counter() - t0
         stats = checkpoint_stats(base)
-        print(f"  [large-{shape}] {stats['params'] / 1e9:.3f} B params, {stats['tensors']} tensors, "
-              f"{stats['files']} shards, {stats['bytes'] / 1024**3:.2f} GiB each (ready in {gen_s:.0f} s)",
-              flush=True)
+        print(
+            f"  [large-{shape}] {stats['params'] / 1e9:.3f} B params, {stats['tensors']} tensors, "
+            f"{stats['files']} shards, {stats['bytes'] / 1024**3:.2f} GiB each (ready in {gen_s:.0f} s)",
+            flush=True,
+        )
         if args.warm_large:
             warm_page_cache([base, *fts])
         work = args.bench_dir / f"large-{shape}"
         jobs = {}
-        recipe = write_forgetless_recipe(work / "forgetless.yaml", "ties", base, fts,
-                                         {"density": DENSITY, "lambda": 1.0}, args.large_out_dtype)
+        recipe = write_forgetless_recipe(
+            work / "forgetless.yaml",
+            "ties",
+            base,
+            fts,
+            {"density": DENSITY, "lambda": 1.0},
+            args.large_out_dtype,
+        )
         if "forgetless" in tools:
-            jobs["forgetless"] = (forgetless_cmd(recipe, work / "out-forgetless", args.memory),
-                                  work / "out-forgetless")
+            jobs["forgetless"] = (
+                forgetless_cmd(recipe, work / "out-forgetless", args.memory),
+                work / "out-forgetless",
+            )
             jobs.update(before_jobs(args, recipe, work, args.memory))
         if args.large_mergekit and mk_exe:
-            cfg = write_mergekit_config(work / "mergekit.yaml", "ties", base, fts, {"density": DENSITY},
-                                        {"normalize": True, "lambda": 1.0, "int8_mask": False}, args.large_out_dtype)
+            cfg = write_mergekit_config(
+                work / "mergekit.yaml",
+                "ties",
+                base,
+                fts,
+                {"density": DENSITY},
+                {"normalize": True, "lambda": 1.0, "int8_mask": False},
+                args.large_out_dtype,
+            )
             jobs["mergekit"] = (mergekit_cmd(mk_exe, cfg, work / "out-mergekit"), work / "out-mergekit")
-        res = bench_pair(f"large-{shape}", jobs, args.large_runs, args.bench_dir / "logs", args.poll_ms,
-                         keep_outputs=False)
+        res = bench_pair(
+            f"large-{shape}", jobs, args.large_runs, args.bench_dir / "logs", args.poll_ms, keep_outputs=False
+        )
         res["checkpoint"] = stats
         if {"forgetless", "mergekit"} <= set(jobs):
             res["ratios"] = {"wall_fraction": paired(res["forgetless"]["runs"], res["mergekit"]["runs"])}
         for tool in jobs:
             if tool.startswith("forgetless-") and "forgetless" in jobs:
-                res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(res["forgetless"]["runs"],
-                                                                         res[tool]["runs"])
+                res.setdefault("ratios", {})[f"wall_vs_{tool}"] = paired(
+                    res["forgetless"]["runs"], res[tool]["runs"]
+                )
         if small_ties:
             for tool in jobs:
                 if tool in small_ties:
@@ -824,14 +971,21 @@ def bench_large(args, small_base: Path, small_ties: dict | None, mk_exe: Path | 
 
 
 def markdown_table(results: dict) -> str:
-    rows = [("| benchmark | tool | wall (s): median [min–max] | peak RSS (MiB): median [min–max] | peak RssAnon "
-             "(MiB) | others' CPU (s) [max] | ratio |"), "|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        (
+            "| benchmark | tool | wall (s): median [min–max] | peak RSS (MiB): median [min–max] | peak RssAnon "
+            "(MiB) | others' CPU (s) [max] | ratio |"
+        ),
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
 
     def row(bench: str, tool: str, res: dict, ratio: str = "") -> None:
         m, sp = res["median"], res.get("spread") or {k: [v, v] for k, v in res["median"].items()}
-        rows.append(f"| {bench} | {tool} | {m['wall_s']:.2f} [{sp['wall_s'][0]:.2f}–{sp['wall_s'][1]:.2f}] | "
-                    f"{m['peak_rss_mib']:.0f} [{sp['peak_rss_mib'][0]:.0f}–{sp['peak_rss_mib'][1]:.0f}] | "
-                    f"{m['peak_anon_mib']:.0f} | {sp['other_cpu_s'][1]:.1f} | {ratio} |")
+        rows.append(
+            f"| {bench} | {tool} | {m['wall_s']:.2f} [{sp['wall_s'][0]:.2f}–{sp['wall_s'][1]:.2f}] | "
+            f"{m['peak_rss_mib']:.0f} [{sp['peak_rss_mib'][0]:.0f}–{sp['peak_rss_mib'][1]:.0f}] | "
+            f"{m['peak_anon_mib']:.0f} | {sp['other_cpu_s'][1]:.1f} | {ratio} |"
+        )
 
     ties = results.get("ties")
     if ties:
@@ -844,12 +998,19 @@ def markdown_table(results: dict) -> str:
                     ratio = f"forgetless takes {w['median']}x its wall [{w['min']}–{w['max']}]"
                 elif tool == "forgetless" and "wall_fraction" in r:
                     w = r["wall_fraction"]
-                    ratio = (f"{w['median']}x mergekit's wall [{w['min']}–{w['max']}] ({r['speedup']}x faster), "
-                             f"{r['rss_fraction']}x the peak RSS")
+                    ratio = (
+                        f"{w['median']}x mergekit's wall [{w['min']}–{w['max']}] ({r['speedup']}x faster), "
+                        f"{r['rss_fraction']}x the peak RSS"
+                    )
                 row("TIES, 3 models, 135M fp32", tool, ties[tool], ratio)
     ta = results.get("task_arithmetic")
     if ta:
-        for tool in ("io_floor", "forgetless", "mergekit", *sorted(t for t in ta if t.startswith("forgetless-"))):
+        for tool in (
+            "io_floor",
+            "forgetless",
+            "mergekit",
+            *sorted(t for t in ta if t.startswith("forgetless-")),
+        ):
             if tool in ta:
                 p = ta["ratios"].get(f"{tool}_vs_io_floor_paired")
                 ratio = f"{p['median']}x the I/O floor [{p['min']}–{p['max']}]" if p else ""
@@ -875,44 +1036,97 @@ def markdown_table(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per tool (small checkpoints), interleaved")
-    ap.add_argument("--bench-dir", type=Path, default=Path(os.environ.get("BENCH_DIR", REPO / "bench-out")),
-                    help="checkpoints, outputs, logs and results (default $BENCH_DIR or ./bench-out)")
-    ap.add_argument("--base", type=Path, default=None,
-                    help="base HF folder (default: forgetless.embedded.export_smollm2(), SmolLM2-135M fp32)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--runs", type=int, default=5, help="timed runs per tool (small checkpoints), interleaved"
+    )
+    ap.add_argument(
+        "--bench-dir",
+        type=Path,
+        default=Path(os.environ.get("BENCH_DIR", REPO / "bench-out")),
+        help="checkpoints, outputs, logs and results (default $BENCH_DIR or ./bench-out)",
+    )
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="base HF folder (default: forgetless.embedded.export_smollm2(), SmolLM2-135M fp32)",
+    )
     ap.add_argument("--mergekit-venv", type=Path, default=REPO / ".mergekit-venv")
-    ap.add_argument("--tools", default="forgetless,mergekit", help="comma-separated subset of forgetless,mergekit")
-    ap.add_argument("--only", default="ties,task_arithmetic,large",
-                    help="comma-separated subset of ties,task_arithmetic,large")
-    ap.add_argument("--skip-large", action="store_true", help="skip the ~8x checkpoints (17 GiB of disk per shape)")
-    ap.add_argument("--large-shapes", default="wide,deep",
-                    help="wide: wider+more layers (tensors grow); deep: same tensors, 296 layers; qwen-embed: "
-                         "Qwen2.5-VL-7B's 152064x3584 embedding and one 7B layer")
+    ap.add_argument(
+        "--tools", default="forgetless,mergekit", help="comma-separated subset of forgetless,mergekit"
+    )
+    ap.add_argument(
+        "--only",
+        default="ties,task_arithmetic,large",
+        help="comma-separated subset of ties,task_arithmetic,large",
+    )
+    ap.add_argument(
+        "--skip-large", action="store_true", help="skip the ~8x checkpoints (17 GiB of disk per shape)"
+    )
+    ap.add_argument(
+        "--large-shapes",
+        default="wide,deep",
+        help="wide: wider+more layers (tensors grow); deep: same tensors, 296 layers; qwen-embed: "
+        "Qwen2.5-VL-7B's 152064x3584 embedding and one 7B layer",
+    )
     ap.add_argument("--large-runs", type=int, default=1)
-    ap.add_argument("--memory", default=None,
-                    help="forgetless's --memory for the TIES runs (small and large), e.g. 1.5GiB; default: its own")
-    ap.add_argument("--large-mergekit", action="store_true", help="also run mergekit on the large checkpoints")
-    ap.add_argument("--before", action="append", default=[], metavar="LABEL=SRC",
-                    help="also run forgetless from another tree's src/ (e.g. before=/tmp/old/src: the engine before "
-                         "a change) as tool forgetless-LABEL, interleaved with the others (repeatable)")
-    ap.add_argument("--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)")
-    ap.add_argument("--large-out-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="output dtype of the large merges, both tools (bfloat16: half the output's disk)")
-    ap.add_argument("--keep-outputs", action="store_true",
-                    help="keep the last merged outputs of the small benchmarks (else removed once compared)")
-    ap.add_argument("--large-dir", type=Path, default=None,
-                    help="where the large checkpoints are written (default BENCH_DIR/ckpt; a tmpfs such as /dev/shm "
-                         "where the disk is short: 4 × 4 GiB per shape, the outputs stay in BENCH_DIR)")
-    ap.add_argument("--no-warm-large", dest="warm_large", action="store_false",
-                    help="do not pre-read the large checkpoints into the page cache")
+    ap.add_argument(
+        "--memory",
+        default=None,
+        help="forgetless's --memory for the TIES runs (small and large), e.g. 1.5GiB; default: its own",
+    )
+    ap.add_argument(
+        "--large-mergekit", action="store_true", help="also run mergekit on the large checkpoints"
+    )
+    ap.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="LABEL=SRC",
+        help="also run forgetless from another tree's src/ (e.g. before=/tmp/old/src: the engine before "
+        "a change) as tool forgetless-LABEL, interleaved with the others (repeatable)",
+    )
+    ap.add_argument(
+        "--keep-large", action="store_true", help="keep the large checkpoints (else deleted after use)"
+    )
+    ap.add_argument(
+        "--large-out-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="output dtype of the large merges, both tools (bfloat16: half the output's disk)",
+    )
+    ap.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep the last merged outputs of the small benchmarks (else removed once compared)",
+    )
+    ap.add_argument(
+        "--large-dir",
+        type=Path,
+        default=None,
+        help="where the large checkpoints are written (default BENCH_DIR/ckpt; a tmpfs such as /dev/shm "
+        "where the disk is short: 4 × 4 GiB per shape, the outputs stay in BENCH_DIR)",
+    )
+    ap.add_argument(
+        "--no-warm-large",
+        dest="warm_large",
+        action="store_false",
+        help="do not pre-read the large checkpoints into the page cache",
+    )
     ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the large checkpoints (GiB)")
     ap.add_argument("--poll-ms", type=float, default=20.0, help="/proc polling interval for RssAnon/RssFile")
-    ap.add_argument("--no-diagnose", action="store_true",
-                    help="skip re-deriving differing TIES tensors (boundary ties, reference formula)")
+    ap.add_argument(
+        "--no-diagnose",
+        action="store_true",
+        help="skip re-deriving differing TIES tensors (boundary ties, reference formula)",
+    )
     ap.add_argument("--diagnose-max", type=int, default=12, help="differing TIES tensors to re-derive")
-    ap.add_argument("--json", type=Path, default=None, help="raw results (default BENCH_DIR/bench_merge.json)")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="raw results (default BENCH_DIR/bench_merge.json)"
+    )
     ap.add_argument("--io-floor", nargs=3, metavar=("BASE", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.tools = [t for t in args.tools.split(",") if t]
@@ -936,14 +1150,23 @@ def main(argv: list[str] | None = None) -> int:
     args.large_dir = (args.large_dir or args.bench_dir / "ckpt").resolve()
     args.bench_dir.mkdir(parents=True, exist_ok=True)
     mk_exe = ensure_mergekit(args.mergekit_venv) if "mergekit" in args.tools else None
-    results: dict = {"machine": machine_info(), "args": {k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()},
-                     "busy_before": busy_processes(), "loadavg_before": os.getloadavg()}
+    results: dict = {
+        "machine": machine_info(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "busy_before": busy_processes(),
+        "loadavg_before": os.getloadavg(),
+    }
     if results["busy_before"]:
-        print("[setup] WARNING: the machine is not quiet; busy processes:\n  " + "\n  ".join(results["busy_before"]),
-              flush=True)
-    print(f"[setup] {results['machine']['cpus']} CPUs, {results['machine']['mem_gib']} GiB, "
-          f"torch {results['machine']['torch']}, mergekit {MERGEKIT_VERSION}", flush=True)
+        print(
+            "[setup] WARNING: the machine is not quiet; busy processes:\n  "
+            + "\n  ".join(results["busy_before"]),
+            flush=True,
+        )
+    print(
+        f"[setup] {results['machine']['cpus']} CPUs, {results['machine']['mem_gib']} GiB, "
+        f"torch {results['machine']['torch']}, mergekit {MERGEKIT_VERSION}",
+        flush=True,
+    )
     base, fts = make_small_set(args.bench_dir, args.base)
     results["small_checkpoint"] = checkpoint_stats(base)
     warm_page_cache([base, *fts])

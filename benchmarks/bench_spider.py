@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--task", default="count_many", choices=T.DOWNSTREAM)
-    ap.add_argument("--tasks-root", default="runs/testbed/tasks", help="where the testbed tasks are (made if not)")
+    ap.add_argument(
+        "--tasks-root", default="runs/testbed/tasks", help="where the testbed tasks are (made if not)"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -73,11 +75,13 @@ def main() -> None:
     inside: dict[str, list[float]] = {r: [] for r in RULES}
     in_step: dict[str, list[float]] = {r: [] for r in RULES}  # rule / (step − rule), step by step
     extra: dict[str, int] = {}
-    print(f"{torch.get_num_threads()} threads; {args.runs} runs × {len(RULES)} rules × {args.steps} steps, "
-          f"batch {recipe['batch_size']}, task {args.task}")
+    print(
+        f"{torch.get_num_threads()} threads; {args.runs} runs × {len(RULES)} rules × {args.steps} steps, "
+        f"batch {recipe['batch_size']}, task {args.task}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            order = RULES[run % len(RULES):] + RULES[:run % len(RULES)]
+            order = RULES[run % len(RULES) :] + RULES[: run % len(RULES)]
             for keep in order:
                 timed = Timed(keep)
                 out = Path(tmp) / f"{keep}-{run}"
@@ -89,23 +93,45 @@ def main() -> None:
                 in_step[keep] += [r / (s - r) for s, r in zip(d, timed.inside[1:], strict=True)]
                 if timed.rule is not None:
                     extra[keep] = timed.rule.extra_bytes()
-                print(f"run {run + 1} {keep:15s} step {statistics.median(d):.3f} s  "
-                      f"in rule {statistics.median(timed.inside[1:]) * 1e3:.1f} ms")
+                print(
+                    f"run {run + 1} {keep:15s} step {statistics.median(d):.3f} s  "
+                    f"in rule {statistics.median(timed.inside[1:]) * 1e3:.1f} ms"
+                )
     plain = statistics.median(steps["none"])
     rows = []
-    print(f"\n{'rule':15s} {'step (s)':>9s} {'in rule (ms)':>13s} {'overhead':>9s} {'in-step':>8s} "
-          f"{'extra MiB':>10s}")
+    print(
+        f"\n{'rule':15s} {'step (s)':>9s} {'in rule (ms)':>13s} {'overhead':>9s} {'in-step':>8s} "
+        f"{'extra MiB':>10s}"
+    )
     for keep in RULES:
         step, rule, own = (statistics.median(x[keep]) for x in (steps, inside, in_step))
-        row = {"rule": keep, "median_step_s": round(step, 4), "median_in_rule_ms": round(rule * 1e3, 2),
-               "overhead": round(step / plain - 1, 4), "in_step_overhead": round(own, 4),
-               "extra_mib": round(extra.get(keep, 0) / 2**20, 1), "steps_timed": len(steps[keep])}
+        row = {
+            "rule": keep,
+            "median_step_s": round(step, 4),
+            "median_in_rule_ms": round(rule * 1e3, 2),
+            "overhead": round(step / plain - 1, 4),
+            "in_step_overhead": round(own, 4),
+            "extra_mib": round(extra.get(keep, 0) / 2**20, 1),
+            "steps_timed": len(steps[keep]),
+        }
         rows.append(row)
-        print(f"{keep:15s} {step:9.3f} {rule * 1e3:13.1f} {step / plain - 1:+9.1%} {own:+8.1%} "
-              f"{row['extra_mib']:10.1f}")
+        print(
+            f"{keep:15s} {step:9.3f} {rule * 1e3:13.1f} {step / plain - 1:+9.1%} {own:+8.1%} "
+            f"{row['extra_mib']:10.1f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "task": args.task,
-                                               "steps": args.steps, "runs": args.runs, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "threads": torch.get_num_threads(),
+                    "task": args.task,
+                    "steps": args.steps,
+                    "runs": args.runs,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

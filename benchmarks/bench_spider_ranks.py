@@ -76,11 +76,22 @@ def measure(steps: int) -> list[dict]:
             times.append(time.perf_counter() - t)
             cpu.append(time.thread_time() - c)
             model.zero_grad(set_to_none=True)
-        rows.append({"rule": name, "ranks": world, "rank": rank, "threads": torch.get_num_threads(),
-                     "entries": rule.numel, "local_entries": sum(t.numel() for t in rule.theta0.values()),
-                     "theta0_bytes": theta0, "second_bytes": second, "scratch_bytes": scratch,
-                     "extra_bytes": rule.extra_bytes(), "median_rule_ms": round(statistics.median(times[1:]) * 1e3, 1),
-                     "median_rule_cpu_ms": round(statistics.median(cpu[1:]) * 1e3, 1)})
+        rows.append(
+            {
+                "rule": name,
+                "ranks": world,
+                "rank": rank,
+                "threads": torch.get_num_threads(),
+                "entries": rule.numel,
+                "local_entries": sum(t.numel() for t in rule.theta0.values()),
+                "theta0_bytes": theta0,
+                "second_bytes": second,
+                "scratch_bytes": scratch,
+                "extra_bytes": rule.extra_bytes(),
+                "median_rule_ms": round(statistics.median(times[1:]) * 1e3, 1),
+                "median_rule_cpu_ms": round(statistics.median(cpu[1:]) * 1e3, 1),
+            }
+        )
     return rows
 
 
@@ -111,23 +122,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                        str(args.ranks), __file__, "--steps", str(args.steps), "--worker", str(out)],
-                       check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(args.ranks),
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--worker",
+                str(out),
+            ],
+            check=True,
+            env=env,
+        )
         rows += json.loads(out.read_text())
     mib = 2**20
-    print(f"\n{'rule':15s} {'ranks':>5s} {'rank':>4s} {'entries':>11s} {'θ₀ MiB':>8s} {'G/mask MiB':>11s} "
-          f"{'scratch MiB':>12s} {'extra_bytes()':>14s} {'rule ms/step':>13s} {'CPU ms':>7s}")
+    print(
+        f"\n{'rule':15s} {'ranks':>5s} {'rank':>4s} {'entries':>11s} {'θ₀ MiB':>8s} {'G/mask MiB':>11s} "
+        f"{'scratch MiB':>12s} {'extra_bytes()':>14s} {'rule ms/step':>13s} {'CPU ms':>7s}"
+    )
     for r in sorted(rows, key=lambda r: (r["rule"], r["ranks"], r["rank"])):
-        print(f"{r['rule']:15s} {r['ranks']:5d} {r['rank']:4d} {r['local_entries']:11,d} "
-              f"{r['theta0_bytes'] / mib:8.1f} {r['second_bytes'] / mib:11.1f} {r['scratch_bytes'] / mib:12.2f} "
-              f"{r['extra_bytes']:14,d} {r['median_rule_ms']:13.1f} {r['median_rule_cpu_ms']:7.1f}")
+        print(
+            f"{r['rule']:15s} {r['ranks']:5d} {r['rank']:4d} {r['local_entries']:11,d} "
+            f"{r['theta0_bytes'] / mib:8.1f} {r['second_bytes'] / mib:11.1f} {r['scratch_bytes'] / mib:12.2f} "
+            f"{r['extra_bytes']:14,d} {r['median_rule_ms']:13.1f} {r['median_rule_cpu_ms']:7.1f}"
+        )
     for name in RULES:
         one = next(r["extra_bytes"] for r in rows if r["rule"] == name and r["ranks"] == 1)
         per_rank = max(r["extra_bytes"] for r in rows if r["rule"] == name and r["ranks"] == args.ranks)
         print(f"{name}: largest rank {per_rank / one:.3f} of one process ({args.ranks} ranks)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ranks": args.ranks, "steps": args.steps, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"ranks": args.ranks, "steps": args.steps, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ def make_data(path: Path, n: int) -> Path:
     rows = []
     for i in range(n):
         a, b = (int(x) for x in torch.randint(2, 99, (2,), generator=g))
-        rows.append({"id": str(i), "question": f"What is {a} plus {b}? Answer with the number and a short reason.",
-                     "answer": f"{a + b}, because adding {a} and {b} gives {a + b}."})
+        rows.append(
+            {
+                "id": str(i),
+                "question": f"What is {a} plus {b}? Answer with the number and a short reason.",
+                "answer": f"{a + b}, because adding {a} and {b} gives {a + b}.",
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -90,8 +95,11 @@ def main() -> None:
     # the decoder's Linear weights (CGM's scope is a range of them): SmolLM2's lm_head is tied to the input
     # embedding, whose exact per-sample gradient needs the generic per-sample path (see stats/fisher.py)
     params = {k: p for k, p in linear_weights(model).items() if ".layers." in k}
-    print(f"SmolLM2-135M fp32, {args.samples} samples ({tokens} tokens), batch {args.batch_size}, "
-          f"{len(params)} Linear weights, {torch.get_num_threads()} threads", file=sys.stderr)
+    print(
+        f"SmolLM2-135M fp32, {args.samples} samples ({tokens} tokens), batch {args.batch_size}, "
+        f"{len(params)} Linear weights, {torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
     times: dict[str, list[float]] = {"forgetless": [], "bs1_loop": [], "plain_batched": []}
     for run in range(args.runs):
         t0 = time.perf_counter()
@@ -101,8 +109,9 @@ def main() -> None:
         times["bs1_loop"].append(t)
         times["plain_batched"].append(plain_batched(model, params, batches))
         if run == 0:
-            worst = max(float((res.sums[k] / res.num_samples - ref[k]).abs().max() / ref[k].abs().max())
-                        for k in ref)
+            worst = max(
+                float((res.sums[k] / res.num_samples - ref[k]).abs().max() / ref[k].abs().max()) for k in ref
+            )
             print(f"agreement with the bs-1 loop: max |ΔF| / max F = {worst:.2e}", file=sys.stderr)
             if worst > 1e-4:
                 raise SystemExit("forgetless's Fisher disagrees with the batch-size-1 loop")
@@ -110,14 +119,26 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     sps = {k: args.samples / v for k, v in med.items()}
     print("| what | median s | samples/s | ratio |\n|---|---:|---:|---|")
-    print(f"| forgetless batched per-sample Fisher | {med['forgetless']:.2f} | {sps['forgetless']:.2f} | "
-          f"{sps['forgetless'] / sps['bs1_loop']:.2f}x the bs-1 loop; "
-          f"{med['forgetless'] / med['plain_batched']:.2f}x the plain batched time |")
+    print(
+        f"| forgetless batched per-sample Fisher | {med['forgetless']:.2f} | {sps['forgetless']:.2f} | "
+        f"{sps['forgetless'] / sps['bs1_loop']:.2f}x the bs-1 loop; "
+        f"{med['forgetless'] / med['plain_batched']:.2f}x the plain batched time |"
+    )
     print(f"| batch-size-1 loop (published CGM code) | {med['bs1_loop']:.2f} | {sps['bs1_loop']:.2f} | |")
     print(f"| plain batched forward+backward | {med['plain_batched']:.2f} | {sps['plain_batched']:.2f} | |")
     if args.json:
-        args.json.write_text(json.dumps({"times": times, "median_s": med, "samples_per_s": sps,
-                                         "samples": args.samples, "batch_size": args.batch_size}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "times": times,
+                    "median_s": med,
+                    "samples_per_s": sps,
+                    "samples": args.samples,
+                    "batch_size": args.batch_size,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -65,13 +65,28 @@ def whole(runs: int) -> None:
     for k, a in enumerate(adapters):
         blm.write_adapter(a, modules, 16, seed=k)
     params = json.dumps({"density": 0.5, "svd": "randomized"})
-    cmd = [sys.executable, blm.__file__, "--child-forgetless", "lora_ties", str(d / "base"), str(d / "out-ties-rsvd"),
-           params, *map(str, adapters)]
+    cmd = [
+        sys.executable,
+        blm.__file__,
+        "--child-forgetless",
+        "lora_ties",
+        str(d / "base"),
+        str(d / "out-ties-rsvd"),
+        params,
+        *map(str, adapters),
+    ]
     results = [run_measured(cmd, d / f"ties-rsvd-{r}.log", 50.0) for r in range(runs)]
     per = json.loads((d / "out-ties-rsvd" / "module_seconds.json").read_text())
-    out = {"modules": len(modules), "adapters": 8, "rank": 16, "params": json.loads(params),
-           "median": median_of(results), "spread": spread_of(results), "last_run_module_seconds": per,
-           "threads": torch.get_num_threads()}
+    out = {
+        "modules": len(modules),
+        "adapters": 8,
+        "rank": 16,
+        "params": json.loads(params),
+        "median": median_of(results),
+        "spread": spread_of(results),
+        "last_run_module_seconds": per,
+        "threads": torch.get_num_threads(),
+    }
     Path(__file__).with_name("bench_svd_whole_results.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("median", "spread")}, indent=1))
 
@@ -84,8 +99,12 @@ def task_data(path: Path, k: int) -> Path:
     rows = []
     for _ in range(64):
         q = torch.randint(0, len(words), (3,), generator=g).tolist()
-        rows.append({"question": f"Task {k}: {' '.join(words[i] for i in q)}",
-                     "answer": " ".join(words[perm[i]] for i in q)})
+        rows.append(
+            {
+                "question": f"Task {k}: {' '.join(words[i] for i in q)}",
+                "answer": " ".join(words[perm[i]] for i in q),
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -101,31 +120,56 @@ def trained() -> None:
     d.mkdir(parents=True, exist_ok=True)
     for k in range(8):
         if not (d / f"adapter-{k}" / "adapter_config.json").is_file():
-            finetune(base, task_data(d / f"task-{k}.jsonl", k), d / f"adapter-{k}", lora=LoraSpec(r=16, alpha=32),
-                     steps=40, batch_size=8, lr=1e-3, seed=k, device="cpu", tensorboard=False, log=None)
+            finetune(
+                base,
+                task_data(d / f"task-{k}.jsonl", k),
+                d / f"adapter-{k}",
+                lora=LoraSpec(r=16, alpha=32),
+                steps=40,
+                batch_size=8,
+                lr=1e-3,
+                seed=k,
+                device="cpu",
+                tensorboard=False,
+                log=None,
+            )
     names = CheckpointReader(base).names()
     adapters = [LoraAdapter(d / f"adapter-{k}", names).loras() for k in range(8)]
     rows = {}
     for name in adapters[0]:
         pairs = [(A * s, B) for A, B, s in (a[name].factors() for a in adapters)]
-        M = ties(torch.zeros(pairs[0][1].shape[0], pairs[0][0].shape[1]), [B @ A for A, B in pairs],
-                 weight=[1.0] * 8, density=[0.5] * 8, lambda_=1.0)
+        M = ties(
+            torch.zeros(pairs[0][1].shape[0], pairs[0][0].shape[1]),
+            [B @ A for A, B in pairs],
+            weight=[1.0] * 8,
+            density=[0.5] * 8,
+            lambda_=1.0,
+        )
         S = torch.linalg.svdvals(M)[:16]
         exact, rand = truncated_svd(M, 16), randomized_svd(M, 16)
-        rows[name] = {"exact": rel_err(M, *exact), "randomized": rel_err(M, *rand),
-                      "sv_max_rel_err": float(((torch.linalg.svdvals(rand[1] @ rand[0])[:16] - S).abs() / S).max())}
+        rows[name] = {
+            "exact": rel_err(M, *exact),
+            "randomized": rel_err(M, *rand),
+            "sv_max_rel_err": float(((torch.linalg.svdvals(rand[1] @ rand[0])[:16] - S).abs() / S).max()),
+        }
     excess = [r["randomized"] - r["exact"] for r in rows.values()]
-    out = {"modules": len(rows), "max_excess_over_exact": max(excess),
-           "median_excess_over_exact": statistics.median(excess),
-           "median_exact_rel_err": statistics.median(r["exact"] for r in rows.values()),
-           "max_sv_rel_err": max(r["sv_max_rel_err"] for r in rows.values()), "per_module": rows}
+    out = {
+        "modules": len(rows),
+        "max_excess_over_exact": max(excess),
+        "median_excess_over_exact": statistics.median(excess),
+        "median_exact_rel_err": statistics.median(r["exact"] for r in rows.values()),
+        "max_sv_rel_err": max(r["sv_max_rel_err"] for r in rows.values()),
+        "per_module": rows,
+    }
     Path(__file__).with_name("bench_svd_trained_results.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "per_module"}, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trained", action="store_true", help="eight trained SmolLM2 adapters (module docstring)")
+    ap.add_argument(
+        "--trained", action="store_true", help="eight trained SmolLM2 adapters (module docstring)"
+    )
     ap.add_argument("--whole", action="store_true", help="the whole 224-module merge (module docstring)")
     ap.add_argument("--out", type=int, default=4096)
     ap.add_argument("--in", dest="inp", type=int, default=11008)
@@ -140,27 +184,49 @@ def main() -> None:
         trained()
         return
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(args.rank, args.inp, generator=g) / 100, torch.randn(args.out, args.rank, generator=g) / 100)
-             for _ in range(args.models)]
+    pairs = [
+        (
+            torch.randn(args.rank, args.inp, generator=g) / 100,
+            torch.randn(args.out, args.rank, generator=g) / 100,
+        )
+        for _ in range(args.models)
+    ]
     n = args.models
-    M = ties(torch.zeros(args.out, args.inp), [B @ A for A, B in pairs], weight=[1.0] * n, density=[0.5] * n,
-             lambda_=1.0)
+    M = ties(
+        torch.zeros(args.out, args.inp),
+        [B @ A for A, B in pairs],
+        weight=[1.0] * n,
+        density=[0.5] * n,
+        lambda_=1.0,
+    )
     S = torch.linalg.svdvals(M)[: args.rank]
-    variants = {"exact": lambda: truncated_svd(M, args.rank),
-                "randomized (defaults: oversample 30, 6 power iterations)": lambda: randomized_svd(M, args.rank),
-                "randomized (oversample 20, 4 power iterations)":
-                    lambda: randomized_svd(M, args.rank, oversample=20, power_iters=4)}
+    variants = {
+        "exact": lambda: truncated_svd(M, args.rank),
+        "randomized (defaults: oversample 30, 6 power iterations)": lambda: randomized_svd(M, args.rank),
+        "randomized (oversample 20, 4 power iterations)": lambda: randomized_svd(
+            M, args.rank, oversample=20, power_iters=4
+        ),
+    }
     rows = {}
     for name, fn in variants.items():
         runs = 1 if name == "exact" else args.runs
         (A, B), t = timed(fn, runs)
         Sr = torch.linalg.svdvals(B @ A)[: args.rank]
-        rows[name] = {**t, "runs": runs, "rel_err": rel_err(M, A, B),
-                      "sv_max_rel_err": float(((Sr - S).abs() / S).max())}
+        rows[name] = {
+            **t,
+            "runs": runs,
+            "rel_err": rel_err(M, A, B),
+            "sv_max_rel_err": float(((Sr - S).abs() / S).max()),
+        }
     for r in rows.values():
         r["excess_over_exact"] = r["rel_err"] - rows["exact"]["rel_err"]
-    result = {"shape": [args.out, args.inp], "models": n, "rank": args.rank, "threads": torch.get_num_threads(),
-              "variants": rows}
+    result = {
+        "shape": [args.out, args.inp],
+        "models": n,
+        "rank": args.rank,
+        "threads": torch.get_num_threads(),
+        "variants": rows,
+    }
     print(json.dumps(result, indent=1))
     Path(__file__).with_name("bench_svd_results.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -42,8 +42,9 @@ def _guarded():
     with deprecation_guard() as found:
         result = yield
     if found:
-        pytest.fail("deprecated API used by forgetless (move to the current API):\n" + "\n".join(found),
-                    pytrace=False)
+        pytest.fail(
+            "deprecated API used by forgetless (move to the current API):\n" + "\n".join(found), pytrace=False
+        )
     return result
 
 
@@ -61,9 +62,19 @@ def pytest_runtest_call(item):
 def pytest_runtest_teardown(item, nextitem):
     return (yield from _guarded())
 
-TEXT = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1,
-        "eos_token_id": 2, "tie_word_embeddings": False}
+
+TEXT = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
 
 
 def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
@@ -73,10 +84,22 @@ def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_llava_model(seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_index=127,
-                      vision_feature_layer=-2, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=127,
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -84,16 +107,37 @@ def tiny_qwen25vl_model(seed: int = 0, tok=None) -> Qwen2_5_VLForConditionalGene
     """A tiny Qwen2.5-VL; with `tok` (a tokenizer that has the Qwen vision tokens) sized and wired to it."""
     torch.manual_seed(seed)
     text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
-              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
-              "window_size": 16}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": 32,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "fullatt_block_indexes": [1],
+        "window_size": 16,
+    }
     ids = {"image": 120, "video": 121, "start": 122}
     if tok is not None:
         text["vocab_size"] = len(tok)
-        ids = {k: tok.convert_tokens_to_ids(t) for k, t in
-               (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"))}
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image"],
-                           video_token_id=ids["video"], vision_start_token_id=ids["start"], tie_word_embeddings=False)
+        ids = {
+            k: tok.convert_tokens_to_ids(t)
+            for k, t in (
+                ("image", "<|image_pad|>"),
+                ("video", "<|video_pad|>"),
+                ("start", "<|vision_start|>"),
+            )
+        }
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["start"],
+        tie_word_embeddings=False,
+    )
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
@@ -129,7 +173,9 @@ def save_renamed(src: Path, dst: Path, rename, config: dict | None = None) -> Pa
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     sd = load_file(str(Path(src) / "model.safetensors"))
-    save_file({rename(k): v for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {rename(k): v for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
     cfg = config if config is not None else json.loads((Path(src) / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
@@ -160,9 +206,14 @@ def llava_legacy_to_original(name: str) -> str:
     return re.sub(r"^vision_tower\.", "model.vision_tower.vision_tower.vision_model.", name)
 
 
-LLAVA_ORIGINAL_CONFIG = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-                         "num_hidden_layers": 3, "hidden_size": 32, "mm_projector_type": "mlp2x_gelu",
-                         "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+LLAVA_ORIGINAL_CONFIG = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "model_type": "llava_llama",
+    "num_hidden_layers": 3,
+    "hidden_size": 32,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+}
 
 
 def build_tiny_llava_original(llava_dir: Path, path: Path) -> Path:
@@ -170,12 +221,17 @@ def build_tiny_llava_original(llava_dir: Path, path: Path) -> Path:
     return save_renamed(llava_dir, path, llava_legacy_to_original, LLAVA_ORIGINAL_CONFIG)
 
 
-def save_statistics_for(model_dir: Path, path: Path, tensors: dict[str, torch.Tensor], kind: str = "fisher",
-                        num_samples: int = 4) -> Path:
+def save_statistics_for(
+    model_dir: Path, path: Path, tensors: dict[str, torch.Tensor], kind: str = "fisher", num_samples: int = 4
+) -> Path:
     """A statistics file as `forgetless stats` writes it for `model_dir` (the metadata the engine checks)."""
     from forgetless.checkpoint.reader import CheckpointReader
 
-    meta = {"kind": kind, "num_samples": str(num_samples), "model_fingerprint": CheckpointReader(model_dir).fingerprint()}
+    meta = {
+        "kind": kind,
+        "num_samples": str(num_samples),
+        "model_fingerprint": CheckpointReader(model_dir).fingerprint(),
+    }
     save_file(tensors, str(path), metadata=meta)
     return Path(path)
 
@@ -184,8 +240,11 @@ def linear_weight_shapes(model_dir: Path) -> dict[str, torch.Size]:
     """Checkpoint name → shape of every projection weight (`*proj.weight`) of a tiny model folder."""
     from safetensors.torch import load_file
 
-    return {k: v.shape for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()
-            if k.endswith("proj.weight")}
+    return {
+        k: v.shape
+        for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()
+        if k.endswith("proj.weight")
+    }
 
 
 def build_llama_with_tokenizer(path: Path, *, layers: int = 3, tie: bool = True, seed: int = 0) -> Path:
@@ -196,8 +255,15 @@ def build_llama_with_tokenizer(path: Path, *, layers: int = 3, tie: bool = True,
 
     tok = AutoTokenizer.from_pretrained(export_smollm2())
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**TEXT, "vocab_size": len(tok), "num_hidden_layers": layers, "tie_word_embeddings": tie,
-                         "max_position_embeddings": 256})
+    cfg = LlamaConfig(
+        **{
+            **TEXT,
+            "vocab_size": len(tok),
+            "num_hidden_layers": layers,
+            "tie_word_embeddings": tie,
+            "max_position_embeddings": 256,
+        }
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

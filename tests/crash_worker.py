@@ -36,6 +36,7 @@ def _kill_at(k: int, fallback: bool) -> None:
             if count[0] == k:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*a, **kw)
+
         return step
 
     if fallback:

@@ -39,8 +39,15 @@ import forgetless
 
 OURS = (Path(forgetless.__file__).resolve().parent, Path(__file__).resolve().parent)
 CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-MACHINERY = ("functools", "contextlib", "logging", "warnings", "torch.nn.modules.module", "torch.utils._contextlib",
-             __name__)
+MACHINERY = (
+    "functools",
+    "contextlib",
+    "logging",
+    "warnings",
+    "torch.nn.modules.module",
+    "torch.utils._contextlib",
+    __name__,
+)
 LOGGERS = ("transformers",)  # libraries that announce deprecations as log records
 ALLOWED: tuple[tuple[str, str], ...] = ()  # (message regex, why it is not ours) — none needed so far
 
@@ -77,8 +84,13 @@ def _check(found: list[str], message: str, category: str, frame: FrameType | Non
     if not _open or _open[-1] is not found or any(re.search(rx, message) for rx, _ in ALLOWED):
         return
     issuer, culprit = caller(frame)
-    blamed = issuer if issuer is not None and _ours(issuer) else culprit if culprit is not None and _ours(culprit) \
+    blamed = (
+        issuer
+        if issuer is not None and _ours(issuer)
+        else culprit
+        if culprit is not None and _ours(culprit)
         else None
+    )
     if blamed is not None:
         found.append(f"{blamed.f_code.co_filename}:{blamed.f_lineno}: {category}: {message}")
 

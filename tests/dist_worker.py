@@ -156,11 +156,21 @@ def run_fsdp(rule_name: str, out: Path) -> None:
         state |= {f"mask/{n}": t for n, t in rule.mask.items()}
         moments0 = {}
     checks = moment_checks(mesh)
-    getattr(mesh, "_pg_registry", {}).clear()  # torch's DTensor dispatch cache keeps the mesh for good: it must not keep the group
+    getattr(
+        mesh, "_pg_registry", {}
+    ).clear()  # torch's DTensor dispatch cache keeps the mesh for good: it must not keep the group
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "history": rule.history, "extra_bytes": rule.extra_bytes(), "moments0": moments0, "moment_checks": checks,
-        "sharded": sorted(n for n, s in rule.shards.items() if s is not None)}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "history": rule.history,
+                "extra_bytes": rule.extra_bytes(),
+                "moments0": moments0,
+                "moment_checks": checks,
+                "sharded": sorted(n for n, s in rule.shards.items() if s is not None),
+            }
+        )
+    )
     if rank == 0:
         save_file(weights, str(out / "plain.safetensors"))
         save_file(cb_weights, str(out / "callback.safetensors"))
@@ -169,12 +179,32 @@ def run_fsdp(rule_name: str, out: Path) -> None:
 def trainer_args(output_dir: Path, per_device: int, fsdp: bool, cpu: bool):
     from transformers import TrainingArguments
 
-    sharding = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap":
-                                                      ["LlamaDecoderLayer"]}} if fsdp else {}
-    return TrainingArguments(output_dir=str(output_dir), max_steps=STEPS, learning_rate=LR,
-                             per_device_train_batch_size=per_device, lr_scheduler_type="constant", warmup_steps=0,
-                             weight_decay=0.0, max_grad_norm=CLIP, optim="adamw_torch", use_cpu=cpu, report_to=[],
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, **sharding)
+    sharding = (
+        {
+            "fsdp": "full_shard",
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        }
+        if fsdp
+        else {}
+    )
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        learning_rate=LR,
+        per_device_train_batch_size=per_device,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=CLIP,
+        optim="adamw_torch",
+        use_cpu=cpu,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **sharding,
+    )
 
 
 class Rows(torch.utils.data.Dataset):
@@ -198,8 +228,12 @@ def train_with_trainer(rule_name: str, output_dir: Path, per_device: int, fsdp: 
 
     model = tiny_model()
     callback = SpiderCallback(rule_name)
-    Trainer(model=model, args=trainer_args(output_dir, per_device, fsdp, cpu), train_dataset=Rows(),
-            callbacks=[callback]).train()
+    Trainer(
+        model=model,
+        args=trainer_args(output_dir, per_device, fsdp, cpu),
+        train_dataset=Rows(),
+        callbacks=[callback],
+    ).train()
     return model, callback.rule
 
 
@@ -208,11 +242,15 @@ def run_trainer(rule_name: str, out: Path, fsdp: bool = False) -> None:
     from forgetless.train.spider import DTensor
 
     model, rule = train_with_trainer(rule_name, out / "trainer", PER_RANK, fsdp, cpu=not fsdp)
-    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-               for n, p in model.named_parameters()}  # gathered whole on every rank (a collective under FSDP)
+    weights = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+    }  # gathered whole on every rank (a collective under FSDP)
     if dist.get_rank() == 0:
         save_file(weights, str(out / "trainer.safetensors"))
-        (out / "trainer.json").write_text(json.dumps({"history": rule.history, "world": dist.get_world_size()}))
+        (out / "trainer.json").write_text(
+            json.dumps({"history": rule.history, "world": dist.get_world_size()})
+        )
 
 
 def gloo_threads() -> int:
@@ -225,8 +263,18 @@ def torchrun(mode: str, out: Path, *args: str, timeout: int = 120) -> list[int]:
     """This worker's ``mode out args…`` on 2 ranks, one CPU thread each; fail with their output, or if a rank
     had a gloo thread alive once a process group ended or at its exit. Returns rank 0's ends (see :func:`main`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, mode,
-           str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        mode,
+        str(out),
+        *args,
+    ]
     out.mkdir(exist_ok=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"

@@ -85,14 +85,20 @@ def brute_copa(pairs, lam: float, density: float, variant: str) -> torch.Tensor:
             for o in range(out_):
                 B_m[o][i] += w * float(Bs[n][o, i])
     lam_total = lam if variant == "paper" else lam * lam
-    return torch.tensor([[lam_total * sum(B_m[o][i] * A_sum[i][j] for i in range(r)) for j in range(in_)]
-                         for o in range(out_)])
+    return torch.tensor(
+        [
+            [lam_total * sum(B_m[o][i] * A_sum[i][j] for i in range(r)) for j in range(in_)]
+            for o in range(out_)
+        ]
+    )
 
 
 def hand_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Three tasks, rank 3: ties in |A| (±0.5 repeated), an all-zero rank row, one row pruned away entirely."""
     A1 = torch.tensor([[0.5, -0.5, 0.5, 0.1, -0.2], [0.0, 0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.3, 0.3, 0.01]])
-    A2 = torch.tensor([[0.05, 0.02, -0.01, 0.03, 0.01], [0.7, -0.1, 0.2, -0.9, 0.4], [-0.3, 0.3, -0.3, 0.3, 0.6]])
+    A2 = torch.tensor(
+        [[0.05, 0.02, -0.01, 0.03, 0.01], [0.7, -0.1, 0.2, -0.9, 0.4], [-0.3, 0.3, -0.3, 0.3, 0.6]]
+    )
     A3 = torch.tensor([[1.5, 0.2, -0.4, 0.0, 0.9], [-0.2, 0.8, 0.8, -0.8, 0.1], [0.2, -0.1, 0.05, 0.7, -1.1]])
     g = torch.Generator().manual_seed(3)
     Bs = [torch.randn(4, 3, generator=g) for _ in range(3)]
@@ -116,8 +122,12 @@ def test_copa_one_task_without_pruning_gives_it_back(variant):
     A, B = hand_pairs()[2]
     A_m, B_m = copa([(A, B)], lambda_=1.0, density=1.0, variant=variant)
     torch.testing.assert_close(B_m @ A_m, B @ A, rtol=1e-6, atol=1e-7)
-    A_m, B_m = copa([(A, B)], lambda_=2.0, density=1.0, variant=variant)  # λ on B (paper), on A and B (reference)
-    torch.testing.assert_close(B_m @ A_m, (2.0 if variant == "paper" else 4.0) * (B @ A), rtol=1e-6, atol=1e-7)
+    A_m, B_m = copa(
+        [(A, B)], lambda_=2.0, density=1.0, variant=variant
+    )  # λ on B (paper), on A and B (reference)
+    torch.testing.assert_close(
+        B_m @ A_m, (2.0 if variant == "paper" else 4.0) * (B @ A), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_copa_inputs_untouched_and_one_task_pruned_keeps_its_mass():
@@ -155,13 +165,20 @@ def test_dare_matches_peft_with_the_same_random_stream():
     weights = [0.7, 1.3, 0.5]
     torch.manual_seed(11)
     peft = merge_utils.dare_linear([B @ A for A, B in pairs], torch.tensor(weights), 0.6)
-    A, B = lora_dare_linear(pairs, weight=weights, density=[0.6] * 3, rank=20,
-                            generator=torch.Generator().manual_seed(11))
+    A, B = lora_dare_linear(
+        pairs, weight=weights, density=[0.6] * 3, rank=20, generator=torch.Generator().manual_seed(11)
+    )
     torch.testing.assert_close(B @ A, peft, rtol=1e-4, atol=1e-5)
     torch.manual_seed(12)
     peft = merge_utils.dare_ties([B @ A for A, B in pairs], torch.tensor(weights), 0.6, "total")
-    A, B = lora_dare_ties(pairs, weight=weights, density=[0.6] * 3, rank=20, convention="peft",
-                          generator=torch.Generator().manual_seed(12))
+    A, B = lora_dare_ties(
+        pairs,
+        weight=weights,
+        density=[0.6] * 3,
+        rank=20,
+        convention="peft",
+        generator=torch.Generator().manual_seed(12),
+    )
     torch.testing.assert_close(B @ A, peft, rtol=1e-4, atol=1e-5)
 
 
@@ -169,8 +186,9 @@ def test_task_arithmetic_is_lambda_weighted_sum():
     g = torch.Generator().manual_seed(2)
     pairs = [(torch.randn(2, 9, generator=g), torch.randn(7, 2, generator=g)) for _ in range(2)]
     A, B = lora_task_arithmetic(pairs, weight=[1.0, 3.0], lambda_=0.5, rank=4)
-    torch.testing.assert_close(B @ A, 0.5 * (pairs[0][1] @ pairs[0][0] + 3.0 * pairs[1][1] @ pairs[1][0]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        B @ A, 0.5 * (pairs[0][1] @ pairs[0][0] + 3.0 * pairs[1][1] @ pairs[1][0]), rtol=1e-5, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------- real PEFT files
@@ -182,8 +200,12 @@ def adapters(tmp_path_factory):
     base = build_tiny_llava(root / "base")
     paths = []
     for i, alpha in enumerate((8, 16, 4)):
-        cfg = LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS,
-                         modules_to_save=["multi_modal_projector"] if i == 0 else None)
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=alpha,
+            target_modules=TARGETS,
+            modules_to_save=["multi_modal_projector"] if i == 0 else None,
+        )
         train_adapter(tiny_llava_model(), cfg, root / f"a{i}", seed=i + 1)
         paths.append(root / f"a{i}")
     return root, base, paths
@@ -202,8 +224,11 @@ def _peft_with(paths) -> PeftModel:
 
 
 def _deltas(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
-    return {name: mod.get_delta_weight(adapter).detach() for name, mod in model.named_modules()
-            if hasattr(mod, "lora_A") and adapter in mod.lora_A}
+    return {
+        name: mod.get_delta_weight(adapter).detach()
+        for name, mod in model.named_modules()
+        if hasattr(mod, "lora_A") and adapter in mod.lora_A
+    }
 
 
 PEFT_CASES = [  # (our method, parameters, PEFT combination, PEFT keyword arguments)
@@ -211,8 +236,12 @@ PEFT_CASES = [  # (our method, parameters, PEFT combination, PEFT keyword argume
     ("lora_task_arithmetic", {}, "svd", {}),
     ("lora_task_arithmetic", {"rank": 6}, "svd", {"svd_rank": 6}),
     ("lora_ties", {"density": 0.5, "convention": "peft"}, "ties_svd", {"density": 0.5}),
-    ("lora_ties", {"density": 0.3, "convention": "peft", "sign": "frequency"}, "ties_svd",
-     {"density": 0.3, "majority_sign_method": "frequency"}),
+    (
+        "lora_ties",
+        {"density": 0.3, "convention": "peft", "sign": "frequency"},
+        "ties_svd",
+        {"density": 0.3, "majority_sign_method": "frequency"},
+    ),
     ("lora_dare_linear", {"density": 1.0}, "dare_linear_svd", {"density": 1.0}),
     ("lora_linear", {}, "linear", {}),
 ]
@@ -222,8 +251,14 @@ PEFT_CASES = [  # (our method, parameters, PEFT combination, PEFT keyword argume
 def test_agrees_with_peft_add_weighted_adapter(adapters, tmp_path, method, params, combination, peft_kw):
     _, base, paths = adapters
     weights = [0.7, 1.3, 0.5]
-    _merge(base, paths, method, tmp_path / "out", parameters=params,
-           models=[{"model": str(p), "weight": w} for p, w in zip(paths, weights)])
+    _merge(
+        base,
+        paths,
+        method,
+        tmp_path / "out",
+        parameters=params,
+        models=[{"model": str(p), "weight": w} for p, w in zip(paths, weights)],
+    )
     peft = _peft_with(paths)
     peft.add_weighted_adapter(["t0", "t1", "t2"], weights, "merged", combination_type=combination, **peft_kw)
     want = _deltas(peft, "merged")
@@ -234,14 +269,19 @@ def test_agrees_with_peft_add_weighted_adapter(adapters, tmp_path, method, param
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("method,params", [("copa", {}), ("copa", {"variant": "reference"}),
-                                           ("lora_ties", {"density": 0.4}), ("lora_cat", {})])
+@pytest.mark.parametrize(
+    "method,params",
+    [("copa", {}), ("copa", {"variant": "reference"}), ("lora_ties", {"density": 0.4}), ("lora_cat", {})],
+)
 def test_written_adapter_loads_in_peft_and_equals_the_fold(adapters, tmp_path, method, params):
     _, base, paths = adapters
     _merge(base, paths, method, tmp_path / "adapter", parameters=params)
     _merge(base, paths, method, tmp_path / "folded", parameters=params, fold=True)
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
-                                                                       "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     x = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     peft = PeftModel.from_pretrained(tiny_llava_model(), tmp_path / "adapter").eval()
     folded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "folded").eval()
@@ -251,7 +291,9 @@ def test_written_adapter_loads_in_peft_and_equals_the_fold(adapters, tmp_path, m
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - plain).abs().max() > 1e-3  # the merge changed something
     # the fold is base + the update the adapter's own factors give (PEFT's merge_and_unload of the written adapter)
-    merged = PeftModel.from_pretrained(tiny_llava_model(), tmp_path / "adapter").merge_and_unload().state_dict()
+    merged = (
+        PeftModel.from_pretrained(tiny_llava_model(), tmp_path / "adapter").merge_and_unload().state_dict()
+    )
     fold = load_file(str(tmp_path / "folded" / "model.safetensors"))
     name = "model.language_model.layers.1.self_attn.q_proj.weight"
     key = next(k for k in fold if k.endswith("layers.1.self_attn.q_proj.weight"))
@@ -268,7 +310,10 @@ def test_copa_file_matches_the_rule_on_the_adapters_factors(adapters, tmp_path):
     key = "base_model.model.model.language_model.layers.2.mlp.down_proj"
     pairs = []
     for p in paths:
-        sd, c = load_file(str(p / "adapter_model.safetensors")), json.loads((p / "adapter_config.json").read_text())
+        sd, c = (
+            load_file(str(p / "adapter_model.safetensors")),
+            json.loads((p / "adapter_config.json").read_text()),
+        )
         s = math.sqrt(c["lora_alpha"] / c["r"])
         pairs.append((sd[f"{key}.lora_A.weight"] * s, sd[f"{key}.lora_B.weight"] * s))
     want = brute_copa(pairs, 2.0, 0.2, "reference")
@@ -280,8 +325,11 @@ def test_full_tensors_averaged_or_taken_from_one(adapters, tmp_path):
     _, base, paths = adapters
     name = "base_model.model.model.multi_modal_projector.linear_1.weight"
     a0 = load_file(str(paths[0] / "adapter_model.safetensors"))[name]
-    base_w = next(v for k, v in load_file(str(base / "model.safetensors")).items()
-                  if k.endswith("multi_modal_projector.linear_1.weight"))
+    base_w = next(
+        v
+        for k, v in load_file(str(base / "model.safetensors")).items()
+        if k.endswith("multi_modal_projector.linear_1.weight")
+    )
     _merge(base, paths, "copa", tmp_path / "avg")
     got = load_file(str(tmp_path / "avg" / "adapter_model.safetensors"))[name]
     torch.testing.assert_close(got, (a0 + 2 * base_w) / 3)  # adapters without it stand on the base
@@ -292,8 +340,12 @@ def test_full_tensors_averaged_or_taken_from_one(adapters, tmp_path):
 
 def test_dry_run_writes_nothing(adapters, tmp_path, capsys):
     _, base, paths = adapters
-    report = forgetless.merge({"method": "copa", "base": str(base), "models": [str(p) for p in paths]},
-                              out=tmp_path / "x", dry_run=True, log=print)
+    report = forgetless.merge(
+        {"method": "copa", "base": str(base), "models": [str(p) for p in paths]},
+        out=tmp_path / "x",
+        dry_run=True,
+        log=print,
+    )
     assert report.dry_run and not (tmp_path / "x").exists()
     text = capsys.readouterr().out
     assert "copa" in text and "peak memory estimate" in text
@@ -306,7 +358,9 @@ def _copy_adapter(src, dst, config=None, rename=None):
     cfg = json.loads((src / "adapter_config.json").read_text())
     (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
     sd = load_file(str(src / "adapter_model.safetensors"))
-    save_file({(rename(k) if rename else k): v for k, v in sd.items()}, str(dst / "adapter_model.safetensors"))
+    save_file(
+        {(rename(k) if rename else k): v for k, v in sd.items()}, str(dst / "adapter_model.safetensors")
+    )
     return dst
 
 
@@ -332,11 +386,15 @@ def test_different_targets_and_bases_listed_in_one_error(adapters, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"])
     train_adapter(tiny_llava_model(), cfg, tmp_path / "qk", seed=5)
     _refused(base, [paths[0], tmp_path / "qk"], tmp_path, "adapts other modules", method="lora_ties")
-    many = [f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(200)]  # full paths, as a fine-tune
+    many = [
+        f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(200)
+    ]  # full paths, as a fine-tune
     long = _copy_adapter(tmp_path / "qk", tmp_path / "long", config={"target_modules": many})  # writes them
     msg = _refused(base, [paths[0], long], tmp_path, "adapts other modules", method="lora_ties")
     assert "197 more" in msg and len(msg) < 2000
-    other = _copy_adapter(paths[1], tmp_path / "other", config={"base_model_name_or_path": "org/another-model"})
+    other = _copy_adapter(
+        paths[1], tmp_path / "other", config={"base_model_name_or_path": "org/another-model"}
+    )
     first = _copy_adapter(paths[0], tmp_path / "first", config={"base_model_name_or_path": "org/llava"})
     msg = _refused(base, [first, other], tmp_path, "base_model_name_or_path differs")
     assert "org/another-model" in msg
@@ -359,7 +417,9 @@ def test_model_where_adapter_expected_and_the_reverse(adapters, tmp_path):
     _refused(base, [paths[0], f"{base}+{paths[1]}"], tmp_path, "adapter folder alone")
     with pytest.raises(ForgetlessError, match="PEFT adapter, not a model"):
         _merge(paths[0], paths[1:], "copa", tmp_path / "never")
-    with pytest.raises(ForgetlessError, match="PEFT adapter, not a model"):  # weight-space method, adapter folder
+    with pytest.raises(
+        ForgetlessError, match="PEFT adapter, not a model"
+    ):  # weight-space method, adapter folder
         _merge(base, [paths[0]], "ties", tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
@@ -384,12 +444,21 @@ def test_llava_original_adapters_projector_averaged_into_non_lora_trainables(tin
     projectors, paths = [], []
     for i in range(2):
         cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
-        train_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, tmp_path / f"peft{i}",
-                      seed=i + 3)
-        ad = _copy_adapter(tmp_path / f"peft{i}", tmp_path / f"ad{i}",
-                           rename=lambda k: k.replace("model.language_model.", "model."))
+        train_adapter(
+            LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir),
+            cfg,
+            tmp_path / f"peft{i}",
+            seed=i + 3,
+        )
+        ad = _copy_adapter(
+            tmp_path / f"peft{i}",
+            tmp_path / f"ad{i}",
+            rename=lambda k: k.replace("model.language_model.", "model."),
+        )
         g = torch.Generator().manual_seed(10 + i)
-        proj = {f"base_model.model.{n}": torch.randn(s, generator=g).to(torch.float16) for n, s in shapes.items()}
+        proj = {
+            f"base_model.model.{n}": torch.randn(s, generator=g).to(torch.float16) for n, s in shapes.items()
+        }
         torch.save(proj, ad / "non_lora_trainables.bin")
         projectors.append(proj)
         paths.append(ad)
@@ -398,7 +467,9 @@ def test_llava_original_adapters_projector_averaged_into_non_lora_trainables(tin
     assert set(written) == set(projectors[0]) and len(written) == 4
     for k, v in written.items():
         assert v.dtype == torch.float16
-        torch.testing.assert_close(v.float(), ((projectors[0][k].float() + projectors[1][k].float()) / 2).half().float())
+        torch.testing.assert_close(
+            v.float(), ((projectors[0][k].float() + projectors[1][k].float()) / 2).half().float()
+        )
     keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.layers.") for k in keys) and len(keys) == 2 * 3 * 2
 
@@ -420,7 +491,9 @@ def test_bin_adapter_and_the_cli_fold(adapters, tmp_path):
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("st", "bin"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = tmp_path / "copa.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "copa", "base": str(base), "models": [str(p) for p in paths]}))
+    recipe.write_text(
+        yaml.safe_dump({"method": "copa", "base": str(base), "models": [str(p) for p in paths]})
+    )
     main(["merge", str(recipe), "--fold", "--quiet", "--out", str(tmp_path / "cli")])
     _merge(base, paths, "copa", tmp_path / "api", fold=True)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))

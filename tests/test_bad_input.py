@@ -16,8 +16,11 @@ from forgetless.cli import main
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -74,7 +77,10 @@ def test_missing_shard(ws, capsys):
     (ft / "model.safetensors").unlink()
     names = sorted(sd)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for fname, keys in shards.items():
         save_file({k: sd[k] for k in keys}, str(ft / fname))
     weight_map = {k: f for f, ks in shards.items() for k in ks}
@@ -130,12 +136,15 @@ def test_existing_output_needs_force(ws, capsys):
     assert not (root / "out" / "keep.txt").exists() and (root / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("bad,key", [
-    ({"modles": []}, "modles: unknown key"),
-    ({"models": [{"model": "x", "weight": 1}], "parameters": {"lambda": "big"}}, None),
-    ({"scope": {"outside": "nowhere"}}, "scope.outside"),
-    ({"models": []}, "models"),
-])
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"modles": []}, "modles: unknown key"),
+        ({"models": [{"model": "x", "weight": 1}], "parameters": {"lambda": "big"}}, None),
+        ({"scope": {"outside": "nowhere"}}, "scope.outside"),
+        ({"models": []}, "models"),
+    ],
+)
 def test_recipe_errors_name_the_key(ws, capsys, bad, key):
     root, base, ft = ws
     r = {**recipe(base, ft), **bad}
@@ -148,7 +157,9 @@ def test_recipe_errors_name_the_key(ws, capsys, bad, key):
 
 def test_a_parameter_outside_its_choices_fails_before_any_work(ws, capsys):
     root, base, ft = ws
-    err = fail(root, {**recipe(base, ft), "method": "ties", "parameters": {"sign": "majority"}}, capsys=capsys)
+    err = fail(
+        root, {**recipe(base, ft), "method": "ties", "parameters": {"sign": "majority"}}, capsys=capsys
+    )
     assert "parameters.sign: 'majority' is not one of 'total', 'frequency'" in err
 
 

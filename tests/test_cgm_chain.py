@@ -47,25 +47,46 @@ def test_published_scope_is_the_last_three_eighths_and_lm_head(pair):
 
 def test_chain_computes_at_the_right_models_merges_and_reuses(pair, capsys):
     out = pair / "merged"
-    args = ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
-            "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--force"]
+    args = [
+        "cgm",
+        str(pair / "base"),
+        str(pair / "ft"),
+        "--general-data",
+        str(pair / "general.jsonl"),
+        "--task-data",
+        str(pair / "task.jsonl"),
+        "--out",
+        str(out),
+        "-n",
+        "3",
+        "--force",
+    ]
     main(args)
     stats = pair / "merged-statistics"
     general, task = stats / "fisher_general.safetensors", stats / "fisher_task.safetensors"
     base_fp = CheckpointReader(pair / "base").weights_fingerprint()
     with safe_open(str(general), "pt") as g, safe_open(str(task), "pt") as t:
         assert g.metadata()["model_weights_fingerprint"] == base_fp  # general Fisher at θ₀
-        assert t.metadata()["model_weights_fingerprint"] == base_fp  # task Fisher at θ₀ too (published default)
+        assert (
+            t.metadata()["model_weights_fingerprint"] == base_fp
+        )  # task Fisher at θ₀ too (published default)
         fg = {k: g.get_tensor(k) for k in g.keys()}  # noqa: SIM118
         ft_ = {k: t.get_tensor(k) for k in t.keys()}  # noqa: SIM118
-    assert sorted(fg) == sorted(n for n in CheckpointReader(pair / "base").names()
-                                if n.endswith("proj.weight") and any(f".layers.{i}." in n for i in (5, 6, 7))
-                                or n == "lm_head.weight")
+    assert sorted(fg) == sorted(
+        n
+        for n in CheckpointReader(pair / "base").names()
+        if n.endswith("proj.weight") and any(f".layers.{i}." in n for i in (5, 6, 7)) or n == "lm_head.weight"
+    )
     merged, b, f = (load_file(str(p / "model.safetensors")) for p in (out, pair / "base", pair / "ft"))
     for k in b:
         if k in fg:
-            want = cgm(b[k].clone(), f[k].clone(), fisher_task=ft_[k].clone(), fisher_general=fg[k].clone(),
-                       alpha=0.2)
+            want = cgm(
+                b[k].clone(),
+                f[k].clone(),
+                fisher_task=ft_[k].clone(),
+                fisher_general=fg[k].clone(),
+                alpha=0.2,
+            )
             assert torch.equal(merged[k], want), k
             assert not torch.equal(merged[k], f[k])
         else:
@@ -81,13 +102,28 @@ def test_chain_computes_at_the_right_models_merges_and_reuses(pair, capsys):
 
 def test_chain_task_fisher_at_the_finetuned_model_and_sampled(pair, capsys):
     out = pair / "merged-ft"
-    args = ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
-            "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--force",
-            "--task-fisher-at", "finetuned"]
+    args = [
+        "cgm",
+        str(pair / "base"),
+        str(pair / "ft"),
+        "--general-data",
+        str(pair / "general.jsonl"),
+        "--task-data",
+        str(pair / "task.jsonl"),
+        "--out",
+        str(out),
+        "-n",
+        "3",
+        "--force",
+        "--task-fisher-at",
+        "finetuned",
+    ]
     main(args)
     task = pair / "merged-ft-statistics" / "fisher_task.safetensors"
     with safe_open(str(task), "pt") as t:
-        assert t.metadata()["model_weights_fingerprint"] == CheckpointReader(pair / "ft").weights_fingerprint()
+        assert (
+            t.metadata()["model_weights_fingerprint"] == CheckpointReader(pair / "ft").weights_fingerprint()
+        )
         empirical = {k: t.get_tensor(k) for k in t.keys()}  # noqa: SIM118
     capsys.readouterr()
     main([*args, "--task-fisher-variant", "sampled"])  # same model and data, other variant: recomputed
@@ -104,9 +140,24 @@ def test_chain_under_torchrun_is_one_process_group_and_one_writer(pair, tmp_path
     import dist_worker as W
 
     def args(out):
-        return ["cgm", str(pair / "base"), str(pair / "ft"), "--general-data", str(pair / "general.jsonl"),
-                "--task-data", str(pair / "task.jsonl"), "--out", str(out), "-n", "3", "--batch-size", "1",
-                "--device", "cpu", "--force"]
+        return [
+            "cgm",
+            str(pair / "base"),
+            str(pair / "ft"),
+            "--general-data",
+            str(pair / "general.jsonl"),
+            "--task-data",
+            str(pair / "task.jsonl"),
+            "--out",
+            str(out),
+            "-n",
+            "3",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--force",
+        ]
 
     main(args(tmp_path / "one"))
     ends = W.torchrun("cli", tmp_path / "probe", *args(tmp_path / "two"), timeout=300)
@@ -115,4 +166,10 @@ def test_chain_under_torchrun_is_one_process_group_and_one_writer(pair, tmp_path
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one-statistics", "probe", "two", "two-statistics"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one",
+        "one-statistics",
+        "probe",
+        "two",
+        "two-statistics",
+    ]

@@ -25,8 +25,23 @@ def pair(tmp_path_factory):
 
 
 def _cgm(root: Path, out: str, *extra: str) -> None:
-    main(["cgm", str(root / "base"), str(root / "ft"), "--general-data", str(root / "general.jsonl"),
-          "--task-data", str(root / "task.jsonl"), "--out", str(root / out), "-n", "3", "--force", *extra])
+    main(
+        [
+            "cgm",
+            str(root / "base"),
+            str(root / "ft"),
+            "--general-data",
+            str(root / "general.jsonl"),
+            "--task-data",
+            str(root / "task.jsonl"),
+            "--out",
+            str(root / out),
+            "-n",
+            "3",
+            "--force",
+            *extra,
+        ]
+    )
 
 
 def _files(stats: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -42,8 +57,9 @@ def test_float32_is_the_chain_before_bit_for_bit(pair, monkeypatch):
     _cgm(pair, "today", "--stats-dir", str(pair / "s-today"))
     _cgm(pair, "f32", "--dtype", "float32", "--no-tf32", "--stats-dir", str(pair / "s-f32"))
     # the product the Fisher took before it followed the model's dtype
-    monkeypatch.setattr(fisher_module, "per_sample_products",
-                        lambda g, x: torch.bmm(g.float().transpose(1, 2), x.float()))
+    monkeypatch.setattr(
+        fisher_module, "per_sample_products", lambda g, x: torch.bmm(g.float().transpose(1, 2), x.float())
+    )
     _cgm(pair, "before", "--stats-dir", str(pair / "s-before"))
     today, f32, before = (_files(pair / s) for s in ("s-today", "s-f32", "s-before"))
     for role in today:
@@ -83,14 +99,20 @@ def test_bfloat16_merges_close_to_float32_and_never_reuses_a_float32_fisher(pair
     _cgm(pair, "m32", "--stats-dir", str(stats))
     assert "reusing" not in capsys.readouterr().out
     again = _files(stats)
-    assert all(torch.equal(again[r][k], v) for r in f32 for k, v in f32[r].items())  # float32 again, deterministic
+    assert all(
+        torch.equal(again[r][k], v) for r in f32 for k, v in f32[r].items()
+    )  # float32 again, deterministic
 
 
 # ---------------------------------------------------------------------------------------------- TF32
 def _flags() -> tuple:
-    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-            torch.get_float32_matmul_precision())
+    return (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.fp32_precision,
+        torch.backends.cudnn.conv.fp32_precision,
+        torch.get_float32_matmul_precision(),
+    )
 
 
 @pytest.mark.parametrize("start", [False, True])
@@ -131,12 +153,21 @@ def test_tf32_on_cuda_rounds_the_inputs_and_no_tf32_does_not():
     assert ieee < 1e-4 and fast > 10 * ieee  # TF32 keeps 10 mantissa bits of the inputs
 
 
-@pytest.mark.parametrize("command, target", [
-    (["stats", "fisher", "M", "--data", "D", "--out", "o.safetensors"], "forgetless.stats.run.compute_statistics"),
-    (["cgm", "B", "F", "--general-data", "G", "--task-data", "T", "--out", "O"], "forgetless.chains.cgm.cgm_chain"),
-    (["finetune", "M", "--data", "D", "--out", "O"], "forgetless.train.finetune"),
-    (["eval", "M", "--tasks", "t"], "forgetless.eval.report.run_eval"),
-])
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        (
+            ["stats", "fisher", "M", "--data", "D", "--out", "o.safetensors"],
+            "forgetless.stats.run.compute_statistics",
+        ),
+        (
+            ["cgm", "B", "F", "--general-data", "G", "--task-data", "T", "--out", "O"],
+            "forgetless.chains.cgm.cgm_chain",
+        ),
+        (["finetune", "M", "--data", "D", "--out", "O"], "forgetless.train.finetune"),
+        (["eval", "M", "--tasks", "t"], "forgetless.eval.report.run_eval"),
+    ],
+)
 def test_commands_run_under_the_tf32_switch_and_restore_it(command, target, monkeypatch):
     seen: list[tuple] = []
     monkeypatch.setattr(target, lambda *a, **k: seen.append(_flags()))

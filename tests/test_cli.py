@@ -47,8 +47,16 @@ def test_merge_dry_run_prints_plan(tmp_path, capsys):
     base = build_tiny_llama(tmp_path / "base", seed=0)
     ft = build_tiny_llama(tmp_path / "ft", seed=1)
     r = tmp_path / "r.yaml"
-    r.write_text(yaml.safe_dump({"method": "ties", "base": str(base), "models": [str(ft)],
-                                 "scope": {"include": ["language.layers[-1:]"], "outside": "base"}}))
+    r.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "base": str(base),
+                "models": [str(ft)],
+                "scope": {"include": ["language.layers[-1:]"], "outside": "base"},
+            }
+        )
+    )
     main(["merge", str(r), "--out", str(tmp_path / "out"), "--dry-run"])
     out = capsys.readouterr().out
     n_last = sum(1 for n in CheckpointReader(base).names() if ".layers.2." in n)
@@ -56,8 +64,9 @@ def test_merge_dry_run_prints_plan(tmp_path, capsys):
     assert "peak memory estimate" in out and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [["merge", "recipe.yaml"], ["continual", "add", "state", "--adapter", "a"],
-                                  ["testbed", "model"]])
+@pytest.mark.parametrize(
+    "argv", [["merge", "recipe.yaml"], ["continual", "add", "state", "--adapter", "a"], ["testbed", "model"]]
+)
 def test_commands_that_are_not_data_parallel_refuse_several_processes(argv, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -65,12 +74,16 @@ def test_commands_that_are_not_data_parallel_refuse_several_processes(argv, monk
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"`forgetless {' '.join(argv[:2 if argv[0] == 'continual' else 1])}` runs on one process" in err
+    assert f"`forgetless {' '.join(argv[: 2 if argv[0] == 'continual' else 1])}` runs on one process" in err
     assert "without torchrun" in err and not (tmp_path / "state").exists()
 
 
 def test_help_lists_debug_and_cgm_quiet_and_prints_percent_once(capsys):
-    for argv, want in ((["--help"], "--debug"), (["cgm", "--help"], "--quiet"), (["finetune", "--help"], "50% |θ₀|")):
+    for argv, want in (
+        (["--help"], "--debug"),
+        (["cgm", "--help"], "--quiet"),
+        (["finetune", "--help"], "50% |θ₀|"),
+    ):
         main(argv)
         out = " ".join(capsys.readouterr().out.split())  # click wraps help text
         assert want in out and "%%" not in out, argv

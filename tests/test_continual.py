@@ -29,12 +29,22 @@ TARGETS = [ALL, ALL, ["q_proj", "v_proj"]]  # task 3 adapts a subset: ΔW₃ = 0
 
 def _input_key(name: str) -> str:
     """Which Linear weights read the same input (the test's own table: q/k/v, and gate/up, of one layer)."""
-    return re.sub(r"\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", lambda m: "." + (
-        "qkv" if m.group(2) else "gateup"), name)
+    return re.sub(
+        r"\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$",
+        lambda m: "." + ("qkv" if m.group(2) else "gateup"),
+        name,
+    )
 
 
-def _write_gram(model_dir: Path, path: Path, seed: int, *, fps: dict | None = None, drop: str | None = None,
-                data: str = "data") -> dict[str, torch.Tensor]:
+def _write_gram(
+    model_dir: Path,
+    path: Path,
+    seed: int,
+    *,
+    fps: dict | None = None,
+    drop: str | None = None,
+    data: str = "data",
+) -> dict[str, torch.Tensor]:
     """A Gram file as `forgetless stats gram` writes it (sums and token counts) for every 2-D weight of the base,
     modules with one input sharing one matrix; returns the per-token Grams G = Σxxᵀ / n by name (float64 of what is
     stored). Some Grams are rank-deficient (fewer rows than inputs)."""
@@ -68,8 +78,9 @@ def tasks(tiny_llava_dir, tmp_path_factory):
     out = []
     for i, targets in enumerate(TARGETS):
         cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
-        merged = train_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, root / f"a{i}",
-                               seed=i + 1)
+        merged = train_adapter(
+            LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, root / f"a{i}", seed=i + 1
+        )
         deltas = {}
         for n in names:
             d = merged[legacy_to_current(n)].double() - base_sd[legacy_to_current(n)].double()
@@ -135,8 +146,10 @@ def test_state_layout_shared_grams_and_show(tasks, tiny_llava_dir, tmp_path):
     parts = sorted(p.name for p in state.glob("part-*.safetensors"))
     assert len(parts) == len(meta["parts"]) == 5  # one file per decoder layer: 3 language + 2 vision
     keys = sorted(p["key"] for p in meta["parts"].values())
-    assert keys == sorted([f"language_model.model.layers.{i}" for i in range(3)]
-                          + [f"vision_tower.encoder.layers.{i}" for i in range(2)])
+    assert keys == sorted(
+        [f"language_model.model.layers.{i}" for i in range(3)]
+        + [f"vision_tower.encoder.layers.{i}" for i in range(2)]
+    )
     groups = {m["group"] for m in meta["modules"].values()}
     assert len(groups) == 3 * 3 + 2  # per language layer: q/k/v, gate/up, down; per CLIP layer: q/k/v
     for n, m in meta["modules"].items():
@@ -172,7 +185,9 @@ def test_rank_r_adapter_is_the_truncated_svd(tasks, tiny_llava_dir, tmp_path):
         want = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
         assert float((B @ A - want).norm() / want.norm()) < 1e-4, n
     # PEFT loads it onto the base and its merged weights are base + B·A
-    peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), tmp_path / "ad")
+    peft = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), tmp_path / "ad"
+    )
     merged = peft.merge_and_unload().state_dict()
     base = load_file(str(tiny_llava_dir / "model.safetensors"))
     n = "language_model.model.layers.1.mlp.down_proj.weight"
@@ -194,7 +209,9 @@ def test_diagonal_state_matches_batch_diagonal_lpm(tasks, tiny_llava_dir, tmp_pa
         assert float((want - full).norm() / full.norm()) > 1e-3  # a different merge, not the full one
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
     m = load_state(state)["modules"][q]
-    assert load_file(str(state / m["part"]))[f"gram/{m['group']}"].shape == (32,)  # a diagonal: `in` numbers, not in²
+    assert load_file(str(state / m["part"]))[f"gram/{m['group']}"].shape == (
+        32,
+    )  # a diagonal: `in` numbers, not in²
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -246,16 +263,46 @@ def test_bad_inputs_are_refused_before_any_work(tasks, tiny_llava_dir, tmp_path)
     with CheckpointReader(tiny_llava_dir) as r:
         fps = {"model_fingerprint": "0123456789abcdef", "model_weights_fingerprint": r.weights_fingerprint()}
     _write_gram(tiny_llava_dir, tmp_path / "g_arch.safetensors", 1, fps=fps)
-    e = _refused("another model", state, lambda: add_task(state, adapter=tasks[0][0], gram=tmp_path / "g_arch.safetensors",
-                                                          out=out, base=tiny_llava_dir, log=None))
+    e = _refused(
+        "another model",
+        state,
+        lambda: add_task(
+            state,
+            adapter=tasks[0][0],
+            gram=tmp_path / "g_arch.safetensors",
+            out=out,
+            base=tiny_llava_dir,
+            log=None,
+        ),
+    )
     assert e.file == str(tmp_path / "g_arch.safetensors") and "stats gram" in e.remedy
     _write_gram(other, tmp_path / "g_other.safetensors", 1)
-    _refused("other weights", state, lambda: add_task(state, adapter=tasks[0][0], gram=tmp_path / "g_other.safetensors",
-                                                      out=out, base=tiny_llava_dir, log=None))
+    _refused(
+        "other weights",
+        state,
+        lambda: add_task(
+            state,
+            adapter=tasks[0][0],
+            gram=tmp_path / "g_other.safetensors",
+            out=out,
+            base=tiny_llava_dir,
+            log=None,
+        ),
+    )
     dropped = "language_model.model.layers.2.mlp.down_proj.weight"
     _write_gram(tiny_llava_dir, tmp_path / "g_drop.safetensors", 1, drop=dropped)
-    e = _refused("no Gram for 1 adapted", state, lambda: add_task(
-        state, adapter=tasks[0][0], gram=tmp_path / "g_drop.safetensors", out=out, base=tiny_llava_dir, log=None))
+    e = _refused(
+        "no Gram for 1 adapted",
+        state,
+        lambda: add_task(
+            state,
+            adapter=tasks[0][0],
+            gram=tmp_path / "g_drop.safetensors",
+            out=out,
+            base=tiny_llava_dir,
+            log=None,
+        ),
+    )
     assert dropped in str(e)
     assert not state.exists() and not out.exists()
 
@@ -269,17 +316,27 @@ def test_bad_inputs_are_refused_before_any_work(tasks, tiny_llava_dir, tmp_path)
     cfg = wide.config.to_dict()
     cfg["text_config"]["intermediate_size"] = 48
     from transformers import LlavaConfig
+
     torch.manual_seed(0)
     wide = LlavaForConditionalGeneration(LlavaConfig.from_dict(cfg))
     train_adapter(wide, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]), tmp_path / "wide_ad")
-    e = _refused("implies shape", state, lambda: add_task(state, adapter=tmp_path / "wide_ad", gram=tasks[1][1],
-                                                          out=out, log=None))
+    e = _refused(
+        "implies shape",
+        state,
+        lambda: add_task(state, adapter=tmp_path / "wide_ad", gram=tasks[1][1], out=out, log=None),
+    )
     assert e.file == str(tmp_path / "wide_ad")
     # an adapter that adapts a module the state does not know
-    train_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir),
-                  LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]), tmp_path / "o_ad")
-    _refused("does not", state, lambda: add_task(state, adapter=tmp_path / "o_ad", gram=tasks[1][1], out=out,
-                                                 log=None))
+    train_adapter(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]),
+        tmp_path / "o_ad",
+    )
+    _refused(
+        "does not",
+        state,
+        lambda: add_task(state, adapter=tmp_path / "o_ad", gram=tasks[1][1], out=out, log=None),
+    )
     # options are fixed by the first task; an existing output is not replaced without force
     _refused("created with gamma", state, lambda: _add(state, tasks[1], out, gamma=0.5))
     _refused("already exists", state, lambda: _add(state, tasks[1], tmp_path / "out1"))
@@ -295,18 +352,59 @@ def test_cli_add_and_show(tasks, tiny_llava_dir, tmp_path, capsys):
     from forgetless.cli import main
 
     state = tmp_path / "state"
-    main(["continual", "add", str(state), "--base", str(tiny_llava_dir), "--adapter", str(tasks[0][0]),
-          "--gram", str(tasks[0][1]), "--out", str(tmp_path / "o1"), "--gamma", str(GAMMA), "--name", "first"])
-    main(["continual", "add", str(state), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
-          "--out", str(tmp_path / "o2"), "--rank", "2"])
+    main(
+        [
+            "continual",
+            "add",
+            str(state),
+            "--base",
+            str(tiny_llava_dir),
+            "--adapter",
+            str(tasks[0][0]),
+            "--gram",
+            str(tasks[0][1]),
+            "--out",
+            str(tmp_path / "o1"),
+            "--gamma",
+            str(GAMMA),
+            "--name",
+            "first",
+        ]
+    )
+    main(
+        [
+            "continual",
+            "add",
+            str(state),
+            "--adapter",
+            str(tasks[1][0]),
+            "--gram",
+            str(tasks[1][1]),
+            "--out",
+            str(tmp_path / "o2"),
+            "--rank",
+            "2",
+        ]
+    )
     main(["continual", "show", str(state)])
     text = capsys.readouterr().out
     assert "2 task(s)" in text and "1. first" in text and "2. a1" in text
     assert (tmp_path / "o1" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "o2" / "adapter_config.json").read_text())["r"] == 2
     with pytest.raises(SystemExit) as e:
-        main(["continual", "add", str(state), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
-              "--out", str(tmp_path / "o3")])
+        main(
+            [
+                "continual",
+                "add",
+                str(state),
+                "--adapter",
+                str(tasks[1][0]),
+                "--gram",
+                str(tasks[1][1]),
+                "--out",
+                str(tmp_path / "o3"),
+            ]
+        )
     assert e.value.code == 2
     assert "already task 2" in capsys.readouterr().err
 
@@ -320,12 +418,21 @@ def test_data_instead_of_gram_computes_it_at_the_base_and_reuses_it(tmp_path):
     from forgetless.stats.run import compute_statistics
 
     base = build_llama_with_tokenizer(tmp_path / "llama", layers=2)
-    data = write_qa_jsonl(tmp_path / "task.jsonl", [("2 + 3 =", "5"), ("Sky colour?", "Blue"), ("H2O?", "Water")])
+    data = write_qa_jsonl(
+        tmp_path / "task.jsonl", [("2 + 3 =", "5"), ("Sky colour?", "Blue"), ("H2O?", "Water")]
+    )
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
     train_adapter(LlamaForCausalLM.from_pretrained(base), cfg, tmp_path / "ad")
     logs: list[str] = []
-    add_task(tmp_path / "s1", adapter=tmp_path / "ad", data=data, out=tmp_path / "o1", base=base, device="cpu",
-             log=logs.append)
+    add_task(
+        tmp_path / "s1",
+        adapter=tmp_path / "ad",
+        data=data,
+        out=tmp_path / "o1",
+        base=base,
+        device="cpu",
+        log=logs.append,
+    )
     computed = sorted((tmp_path / "s1-statistics").glob("gram-*.safetensors"))
     assert len(computed) == 1
     names = sorted(load_state(tmp_path / "s1")["modules"])
@@ -334,18 +441,32 @@ def test_data_instead_of_gram_computes_it_at_the_base_and_reuses_it(tmp_path):
     with Statistics(computed[0]) as a, Statistics(explicit) as b:  # q and v read one input: one stored Gram
         assert sorted(a.names()) == names and all(torch.equal(a.get(k), b.get(k)) for k in names)
         assert a.key("model.layers.0.self_attn.v_proj.weight")[1] == "model.layers.0.self_attn.q_proj.weight"
-    add_task(tmp_path / "s2", adapter=tmp_path / "ad", gram=explicit, out=tmp_path / "o2", base=base, log=None)
-    x, y = load_file(str(tmp_path / "o1" / "model.safetensors")), load_file(str(tmp_path / "o2" / "model.safetensors"))
+    add_task(
+        tmp_path / "s2", adapter=tmp_path / "ad", gram=explicit, out=tmp_path / "o2", base=base, log=None
+    )
+    x, y = (
+        load_file(str(tmp_path / "o1" / "model.safetensors")),
+        load_file(str(tmp_path / "o2" / "model.safetensors")),
+    )
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert any(not torch.equal(x[n], load_file(str(base / "model.safetensors"))[n]) for n in names)
     # the same data for another state that uses the same stats folder: reused, not recomputed
     mtime = computed[0].stat().st_mtime_ns
     logs.clear()
-    add_task(tmp_path / "s3", adapter=tmp_path / "ad", data=data, out=None, base=base,
-             stats_dir=tmp_path / "s1-statistics", log=logs.append)
+    add_task(
+        tmp_path / "s3",
+        adapter=tmp_path / "ad",
+        data=data,
+        out=None,
+        base=base,
+        stats_dir=tmp_path / "s1-statistics",
+        log=logs.append,
+    )
     assert computed[0].stat().st_mtime_ns == mtime and any("reusing" in m for m in logs)
     with pytest.raises(ForgetlessError, match="one of the two"):
-        add_task(tmp_path / "s4", adapter=tmp_path / "ad", data=data, gram=explicit, out=None, base=base, log=None)
+        add_task(
+            tmp_path / "s4", adapter=tmp_path / "ad", data=data, gram=explicit, out=None, base=base, log=None
+        )
 
 
 def _conditioned_gram(model_dir: Path, path: Path, seed: int, cond: float) -> dict[str, torch.Tensor]:
@@ -359,15 +480,21 @@ def _conditioned_gram(model_dir: Path, path: Path, seed: int, cond: float) -> di
             if key not in by_width:
                 w = r.info(n).shape[1]
                 Q = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64)).Q
-                by_width[key] = ((Q * torch.logspace(0, math.log10(cond), w, dtype=torch.float64)) @ Q.T).float()
+                by_width[key] = (
+                    (Q * torch.logspace(0, math.log10(cond), w, dtype=torch.float64)) @ Q.T
+                ).float()
             sums[n] = by_width[key].clone()
             stored[n] = sums[n].double()
-    save_gram(path, sums, dict.fromkeys(sums, 1), 1, data_fingerprint=f"cond{seed}", **model_fingerprints(model_dir))
+    save_gram(
+        path, sums, dict.fromkeys(sums, 1), 1, data_fingerprint=f"cond{seed}", **model_fingerprints(model_dir)
+    )
     return stored
 
 
 @pytest.mark.parametrize("dtype, bound", [("float64", 2e-7), ("float32", 2e-5)])
-def test_the_stored_dtype_bounds_the_agreement_with_the_batch_solve(tasks, tiny_llava_dir, tmp_path, dtype, bound):
+def test_the_stored_dtype_bounds_the_agreement_with_the_batch_solve(
+    tasks, tiny_llava_dir, tmp_path, dtype, bound
+):
     """Three steps through Grams of condition 2e5: the state's ΔW*₃ against the dense batch solve. float64 sums
     keep the recursion exact to rounding; float32 sums (the default, half the size) carry their rounding forward."""
     grams = [_conditioned_gram(tiny_llava_dir, tmp_path / f"c{i}.safetensors", i, 2e5) for i in range(3)]
@@ -381,7 +508,8 @@ def test_the_stored_dtype_bounds_the_agreement_with_the_batch_solve(tasks, tiny_
         got = load_file(str(state / m["part"]))[f"delta/{n}"].double()
         H = sum(g[n] for g in grams)
         num = sum(t[2].get(n, torch.zeros_like(H[:1])) @ g[n] for t, g in zip(tasks, grams))
-        want = torch.linalg.solve(H + 1e-6 * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype),
-                                  num.T).T
+        want = torch.linalg.solve(
+            H + 1e-6 * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype), num.T
+        ).T
         worst = max(worst, float((got - want).norm() / want.norm()))
     assert worst < bound, worst

@@ -21,6 +21,7 @@ K = 10  # items per fake evaluation
 def _small_tasks(monkeypatch):
     def write_tasks(root, names, **kw):
         return {n: T.write_task(root, n, sizes=None if n == "probes" else SMALL) for n in names}
+
     monkeypatch.setattr(T, "write_tasks", write_tasks)
 
 
@@ -46,8 +47,11 @@ class Fakes:
             out.mkdir(parents=True, exist_ok=True)
             task = Path(data).parent.name
             self.finetunes.append({"task": task, "out": str(out), "init": init_adapter})
-            known = [task] if init_adapter is None else \
-                [*json.loads((Path(init_adapter) / "adapter_config.json").read_text())["known"], task]
+            known = (
+                [task]
+                if init_adapter is None
+                else [*json.loads((Path(init_adapter) / "adapter_config.json").read_text())["known"], task]
+            )
             (out / "adapter_config.json").write_text(json.dumps({"known": known}))
             (out / "adapter_model.safetensors").write_bytes(task.encode() * 10)
 
@@ -67,23 +71,37 @@ class Fakes:
             have = json.loads((state / "state.json").read_text())["tasks"] if state.exists() else []
             have.append({"adapter": str(Path(adapter).resolve())})
             state.mkdir(parents=True, exist_ok=True)
-            (state / "state.json").write_text(json.dumps({"format": chain_mod.FORMAT, "version": chain_mod.VERSION,
-                                                          "tasks": have}))
-            self.steps.append({"state": state.name, "adapter": str(adapter), "approx": approx,
-                               "cpm": cpm_data is not None, "out": out})
+            (state / "state.json").write_text(
+                json.dumps({"format": chain_mod.FORMAT, "version": chain_mod.VERSION, "tasks": have})
+            )
+            self.steps.append(
+                {
+                    "state": state.name,
+                    "adapter": str(adapter),
+                    "approx": approx,
+                    "cpm": cpm_data is not None,
+                    "out": out,
+                }
+            )
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 (Path(out) / "config.json").write_text("{}")
-                (Path(out) / "record.json").write_text(json.dumps(
-                    {"lpm": [h["adapter"] for h in have], "approx": approx, "cpm": cpm_data is not None}))
+                (Path(out) / "record.json").write_text(
+                    json.dumps(
+                        {"lpm": [h["adapter"] for h in have], "approx": approx, "cpm": cpm_data is not None}
+                    )
+                )
 
         def evaluate(model, tasks, general, *, cache_dir, split, limit, batch_size, log):
             model = Path(model)
             self.evals.append((model.name, split, tuple(tasks), bool(general)))
             out = {n: {"kind": "downstream", "correct_items": _items(self.accuracy(model, n))} for n in tasks}
             for n in general or {}:
-                out[n] = {"kind": "general_text" if n == "probes" else "general_visual", "accuracy": 0.5,
-                          "correct_items": _items(0.5)}
+                out[n] = {
+                    "kind": "general_text" if n == "probes" else "general_visual",
+                    "accuracy": 0.5,
+                    "correct_items": _items(0.5),
+                }
             for v in out.values():
                 v["accuracy"] = v["correct_items"].count("1") / K
             from forgetless.eval.metrics import scores
@@ -101,7 +119,9 @@ class Fakes:
         monkeypatch.setattr(steps_mod, "statistics_step", statistics_step)
         monkeypatch.setattr(chain_mod, "add_task", add_task)
         monkeypatch.setattr(chain_mod, "state_bytes", lambda s: 1234)
-        monkeypatch.setattr(chain_mod, "load_state", lambda s: json.loads((Path(s) / "state.json").read_text()))
+        monkeypatch.setattr(
+            chain_mod, "load_state", lambda s: json.loads((Path(s) / "state.json").read_text())
+        )
         monkeypatch.setattr("forgetless.eval.cache.cached_evaluate", evaluate)
         monkeypatch.setattr(C, "routing_accuracy", lambda model, roots: {n: 100.0 for n in roots})
 
@@ -140,6 +160,7 @@ def run(monkeypatch, tmp_path):
 
     def go(**kw):
         return C.run_continual(tmp_path / "continual", sequence=SEQ, base=base, log=lambda s: None, **kw)
+
     return fakes, go, tmp_path
 
 
@@ -154,7 +175,10 @@ def test_protocol_builds_each_method_from_what_it_may_keep(run):
     assert [f["task"] for f in chain] == SEQ[1:]
     assert chain[0]["init"] == str(tmp_path / "continual" / "adapters" / SEQ[0])
     assert chain[1]["init"] == chain[0]["out"]
-    assert res["sequential"] == [str(tmp_path / "continual" / "adapters" / SEQ[0]), *(f["out"] for f in chain)]
+    assert res["sequential"] == [
+        str(tmp_path / "continual" / "adapters" / SEQ[0]),
+        *(f["out"] for f in chain),
+    ]
     # every matrix is lower triangular: row t holds tasks 1..t (and the general tasks after the last one)
     for name, rows in res["matrices"].items():
         assert [r["step"] for r in rows] == list(range(1, T_ + 1)), name
@@ -164,12 +188,17 @@ def test_protocol_builds_each_method_from_what_it_may_keep(run):
             assert (r["G"] is not None) == (t == T_), name
     # the sequential model forgets: 0.9 on the task just learned, 0.3 on the earlier ones
     seq = res["matrices"]["sequential FT"]
-    assert seq[-1]["tasks"] == {**{n: 30.0 for n in SEQ[:-1]}, SEQ[-1]: 90.0, **{
-        n: 50.0 for n in [*T.GENERAL_VISUAL, "probes"]}}
+    assert seq[-1]["tasks"] == {
+        **{n: 30.0 for n in SEQ[:-1]},
+        SEQ[-1]: 90.0,
+        **{n: 50.0 for n in [*T.GENERAL_VISUAL, "probes"]},
+    }
     # TA's λ chosen on the validation splits after every task (the rule peaks at 0.7), and used on test
     assert res["ta_lambda"] == [0.7] * T_
     ta_test = [m for m in fakes.merges if m["method"] == "lora_task_arithmetic"]
-    assert [len(m["models"]) for m in ta_test] == [t for t in range(1, T_ + 1) for _ in range(len(C.TA_GRID) + 1)]
+    assert [len(m["models"]) for m in ta_test] == [
+        t for t in range(1, T_ + 1) for _ in range(len(C.TA_GRID) + 1)
+    ]
     sweeps = [e for e in fakes.evals if e[1] == "val"]
     assert len(sweeps) == len(C.TA_GRID) * T_ and all(e[0] == "sweep" for e in sweeps)
     # RegMean: the folded own models, each with a Gram taken at itself
@@ -185,7 +214,10 @@ def test_protocol_builds_each_method_from_what_it_may_keep(run):
     for v in by_state.values():
         assert [Path(s["adapter"]).name for s in v] == SEQ
     assert sorted((str(v[0]["approx"]), v[0]["cpm"]) for v in by_state.values()) == [
-        ("None", False), ("None", True), ("diagonal", False)]
+        ("None", False),
+        ("None", True),
+        ("diagonal", False),
+    ]
     assert res["matrices"]["LPM + CPM"][-1]["routing"] == {n: 100.0 for n in SEQ}
     assert res["kept_bytes"]["LPM"] == 1234 and res["kept_bytes"]["TA"] == sum(len(n) * 10 for n in SEQ)
     assert res["joint"]["tasks"][SEQ[0]] == 70.0
@@ -197,15 +229,20 @@ def test_a_second_run_is_cached_and_a_lost_cell_redoes_only_itself(run):
     fakes, go, tmp_path = run
     first = go()
     counts = (len(fakes.finetunes), len(fakes.merges), len(fakes.steps), len(fakes.evals))
-    for stamp in [*(tmp_path / "continual").rglob("recipe.hash"), *(tmp_path / "continual").rglob("adapter.hash")]:
-        stamp.write_text(json.loads(stamp.read_text())["key"])  # as earlier versions wrote them: read the same
+    for stamp in [
+        *(tmp_path / "continual").rglob("recipe.hash"),
+        *(tmp_path / "continual").rglob("adapter.hash"),
+    ]:
+        stamp.write_text(
+            json.loads(stamp.read_text())["key"]
+        )  # as earlier versions wrote them: read the same
     again = go()
     assert (len(fakes.finetunes), len(fakes.steps)) == (counts[0], counts[2])
     # only the TA sweep re-merges and re-evaluates the validation splits (its choice is not cached; the harness's
     # cache answers those), and the base row asks the harness again; no cell is rebuilt or evaluated, no own
     # adapter folded again
-    assert all(m["method"] == "lora_task_arithmetic" for m in fakes.merges[counts[1]:])
-    assert all(e[1] == "val" or e[0] == "base" for e in fakes.evals[counts[3]:])
+    assert all(m["method"] == "lora_task_arithmetic" for m in fakes.merges[counts[1] :])
+    assert all(e[1] == "val" or e[0] == "base" for e in fakes.evals[counts[3] :])
     for k in ("matrices", "individual", "joint", "ta_lambda"):
         assert json.dumps(again[k], sort_keys=True) == json.dumps(first[k], sort_keys=True)
     # a cell lost after its state stepped past it (and its output was removed): the state is replayed from the
@@ -214,7 +251,9 @@ def test_a_second_run_is_cached_and_a_lost_cell_redoes_only_itself(run):
     (tmp_path / "continual" / "cells" / f"lpm-{len(SEQ)}.json").unlink()
     go()
     assert [Path(s["adapter"]).name for s in fakes.steps[n:]] == SEQ
-    assert [x for x in fakes.evals[e:] if x[1] == "test" and x[0] != "base"] == [("current", "test", tuple(SEQ), True)]
+    assert [x for x in fakes.evals[e:] if x[1] == "test" and x[0] != "base"] == [
+        ("current", "test", tuple(SEQ), True)
+    ]
 
 
 def test_bad_arguments_are_refused(run):
@@ -233,32 +272,59 @@ def _row(step: int, acc: dict[str, str], general: bool = False) -> dict:
         for n, c in (("probes", "1100"), ("colour", "1110")):
             tasks[n], kinds[n] = 100 * c.count("1") / 4, "general_text" if n == "probes" else "general_visual"
             acc = {**acc, n: c}
-    return {"step": step, "tasks": tasks, "kinds": kinds, "correct_items": dict(acc),
-            "G": 62.5 if general else None}
+    return {
+        "step": step,
+        "tasks": tasks,
+        "kinds": kinds,
+        "correct_items": dict(acc),
+        "G": 62.5 if general else None,
+    }
 
 
 def _results(rng: np.random.Generator) -> dict:
     seq = ["a", "b", "c"]
     draw = {n: "".join("1" if x else "0" for x in rng.random(20) < p) for n, p in zip(seq, (0.9, 0.8, 0.7))}
     worse = {n: "".join("1" if x else "0" for x in rng.random(20) < 0.3) for n in seq}
-    m1 = [_row(1, {"a": draw["a"]}), _row(2, {"a": worse["a"], "b": draw["b"]}),
-          _row(3, {"a": worse["a"], "b": worse["b"], "c": draw["c"]}, general=True)]
-    m2 = [_row(1, {"a": draw["a"]}), _row(2, {"a": draw["a"], "b": draw["b"]}),
-          _row(3, {"a": draw["a"], "b": draw["b"], "c": draw["c"]}, general=True)]
+    m1 = [
+        _row(1, {"a": draw["a"]}),
+        _row(2, {"a": worse["a"], "b": draw["b"]}),
+        _row(3, {"a": worse["a"], "b": worse["b"], "c": draw["c"]}, general=True),
+    ]
+    m2 = [
+        _row(1, {"a": draw["a"]}),
+        _row(2, {"a": draw["a"], "b": draw["b"]}),
+        _row(3, {"a": draw["a"], "b": draw["b"], "c": draw["c"]}, general=True),
+    ]
     individual = [_row(t + 1, {n: draw[n]}) for t, n in enumerate(seq)]
-    return {"sequence": seq, "matrices": {"sequential FT": m1, "LPM": m2}, "individual": individual,
-            "joint": _row(3, draw, general=True), "base_row": _row(3, worse, general=True), "task_limit": 20,
-            "merge_seconds": {"sequential FT": [1.0, 3.0, 2.0], "LPM": [4.0, 4.0, 5.0]},
-            "kept_bytes": {"sequential FT": 10, "LPM": 2048}, "adapter": {"lora": {"r": 4, "alpha": 8,
-            "targets": ["q_proj"]}, "steps": 2, "batch_size": 2, "lr": 1e-3}, "ta_grid": [1.0],
-            "gram_samples": 4, "joint_steps": 6, "timings": {}}
+    return {
+        "sequence": seq,
+        "matrices": {"sequential FT": m1, "LPM": m2},
+        "individual": individual,
+        "joint": _row(3, draw, general=True),
+        "base_row": _row(3, worse, general=True),
+        "task_limit": 20,
+        "merge_seconds": {"sequential FT": [1.0, 3.0, 2.0], "LPM": [4.0, 4.0, 5.0]},
+        "kept_bytes": {"sequential FT": 10, "LPM": 2048},
+        "adapter": {
+            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj"]},
+            "steps": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+        },
+        "ta_grid": [1.0],
+        "gram_samples": 4,
+        "joint_steps": 6,
+        "timings": {},
+    }
 
 
 def test_report_numbers_match_brute_force(tmp_path):
     res = _results(np.random.default_rng(0))
     d = RC.ContinualDraws(res, n_boot=300)
-    acc = {m: [[r["tasks"][n] for n in res["sequence"][:t + 1]] for t, r in enumerate(rows)]
-           for m, rows in res["matrices"].items()}
+    acc = {
+        m: [[r["tasks"][n] for n in res["sequence"][: t + 1]] for t, r in enumerate(rows)]
+        for m, rows in res["matrices"].items()
+    }
     for m, a in acc.items():
         assert d.points[m]["final"] == pytest.approx(np.mean(a[-1]))
         assert d.points[m]["forgetting"] == pytest.approx(np.mean([a[j][j] - a[-1][j] for j in range(2)]))
@@ -269,11 +335,22 @@ def test_report_numbers_match_brute_force(tmp_path):
     assert lo > 0 and lo <= d.points["sequential FT"]["forgetting"] <= hi
     # the final-average draws by hand, from the bootstrap's own item indices
     boot = d.boot
-    by_hand = np.mean([np.array([c == "1" for c in res["matrices"]["LPM"][-1]["correct_items"][n]])[
-        boot.indices(n, 20)].mean(axis=1) * 100 for n in res["sequence"]], axis=0)
+    by_hand = np.mean(
+        [
+            np.array([c == "1" for c in res["matrices"]["LPM"][-1]["correct_items"][n]])[
+                boot.indices(n, 20)
+            ].mean(axis=1)
+            * 100
+            for n in res["sequence"]
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(d.draws["LPM"]["final"], by_hand)
     diff, (dlo, dhi) = d.difference("LPM", "sequential FT", "final")
-    assert diff == pytest.approx(d.points["LPM"]["final"] - d.points["sequential FT"]["final"]) and dlo <= diff <= dhi
+    assert (
+        diff == pytest.approx(d.points["LPM"]["final"] - d.points["sequential FT"]["final"])
+        and dlo <= diff <= dhi
+    )
     assert d.best_baseline() == "sequential FT"
     assert d.points["own adapters"]["final"] == pytest.approx(np.mean([acc["LPM"][-1]]))
     assert d.points["joint LoRA"]["forgetting"] is None
@@ -287,8 +364,12 @@ def test_report_markdown_and_plots(tmp_path):
     prev.write_text(f"x\n{RC.CL_READING_START}\nkept by hand\n{RC.CL_READING_END}\n")
     from forgetless.testbed.report import _reading
 
-    text = RC.continual_markdown(work, tmp_path / "plots", previous=prev,
-                                 reading=_reading(prev, RC.CL_READING_START, RC.CL_READING_END))
+    text = RC.continual_markdown(
+        work,
+        tmp_path / "plots",
+        previous=prev,
+        reading=_reading(prev, RC.CL_READING_START, RC.CL_READING_END),
+    )
     assert (tmp_path / "plots" / "continual-matrices.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "continual-average.png").stat().st_size > 1000
     assert "kept by hand" in text and "Best baseline by final average accuracy: **sequential FT**" in text

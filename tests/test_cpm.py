@@ -55,7 +55,9 @@ def cpm_setup(tiny_llava_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cpm")
     base = root / "base"
     shutil.copytree(tiny_llava_dir, base)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(base)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        base
+    )
     g = torch.Generator().manual_seed(0)
     tasks = {}
     for i, (name, rgb) in enumerate(COLOURS.items()):
@@ -69,13 +71,21 @@ def cpm_setup(tiny_llava_dir, tmp_path_factory):
             recs.append({"image": f"{k}.png", "question": "colour?", "answer": name})
         (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LANG, modules_to_save=["multi_modal_projector"])
-        merged = train_adapter(LlavaForConditionalGeneration.from_pretrained(base), cfg, root / f"ad_{name}",
-                               seed=i + 1)
+        merged = train_adapter(
+            LlavaForConditionalGeneration.from_pretrained(base), cfg, root / f"ad_{name}", seed=i + 1
+        )
         _write_gram(base, root / f"g_{name}.safetensors", seed=20 + i)
-        proj = {k.removeprefix("model.multi_modal_projector."): v for k, v in merged.items()
-                if k.startswith("model.multi_modal_projector.")}
-        tasks[name] = {"data": folder / "data.jsonl", "adapter": root / f"ad_{name}",
-                       "gram": root / f"g_{name}.safetensors", "projector": proj}
+        proj = {
+            k.removeprefix("model.multi_modal_projector."): v
+            for k, v in merged.items()
+            if k.startswith("model.multi_modal_projector.")
+        }
+        tasks[name] = {
+            "data": folder / "data.jsonl",
+            "adapter": root / f"ad_{name}",
+            "gram": root / f"g_{name}.safetensors",
+            "projector": proj,
+        }
     return base, tasks
 
 
@@ -93,8 +103,9 @@ def _prototype(model, pv):
 
 
 def _add(state, t, out, **kw):
-    return add_task(state, adapter=t["adapter"], gram=t["gram"], out=out, cpm_data=t["data"], gamma=1e-2, log=None,
-                    **kw)
+    return add_task(
+        state, adapter=t["adapter"], gram=t["gram"], out=out, cpm_data=t["data"], gamma=1e-2, log=None, **kw
+    )
 
 
 def test_continual_with_cpm_writes_a_routed_model(cpm_setup, tmp_path):
@@ -102,8 +113,10 @@ def test_continual_with_cpm_writes_a_routed_model(cpm_setup, tmp_path):
     state = tmp_path / "state"
     _add(state, tasks["red"], tmp_path / "o1", base=base)
     _add(state, tasks["blue"], tmp_path / "o2")
-    assert sorted(p.name for p in state.glob("cpm-task-*")) == ["cpm-task-00001.safetensors",
-                                                                "cpm-task-00002.safetensors"]
+    assert sorted(p.name for p in state.glob("cpm-task-*")) == [
+        "cpm-task-00001.safetensors",
+        "cpm-task-00002.safetensors",
+    ]
     assert "LPM + CPM" in show_state(state) and "6 images" in show_state(state)
     cfg, projectors, prototypes = read_routing(tmp_path / "o2")
     assert cfg["tasks"] == ["ad_red", "ad_blue"] and cfg["tau"] == 0.1 and cfg["hard"] is False
@@ -157,12 +170,26 @@ def test_cpm_refusals(cpm_setup, tiny_llava_dir, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
     train_adapter(LlavaForConditionalGeneration.from_pretrained(base), cfg, tmp_path / "vis")
     with pytest.raises(ForgetlessError, match="vision-tower"):
-        add_task(tmp_path / "s3", adapter=tmp_path / "vis", gram=red["gram"], out=None, base=base,
-                 cpm_data=red["data"], log=None)
+        add_task(
+            tmp_path / "s3",
+            adapter=tmp_path / "vis",
+            gram=red["gram"],
+            out=None,
+            base=base,
+            cpm_data=red["data"],
+            log=None,
+        )
     # no image processor in the base folder
     with pytest.raises(ForgetlessError, match="no image processor"):
-        add_task(tmp_path / "s4", adapter=red["adapter"], gram=red["gram"], out=None, base=tiny_llava_dir,
-                 cpm_data=red["data"], log=None)
+        add_task(
+            tmp_path / "s4",
+            adapter=red["adapter"],
+            gram=red["gram"],
+            out=None,
+            base=tiny_llava_dir,
+            cpm_data=red["data"],
+            log=None,
+        )
     assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()
 
 
@@ -171,9 +198,29 @@ def test_cli_cpm_options(cpm_setup, tmp_path):
 
     base, tasks = cpm_setup
     t = tasks["blue"]
-    main(["continual", "add", str(tmp_path / "s"), "--base", str(base), "--adapter", str(t["adapter"]), "--gram",
-          str(t["gram"]), "--out", str(tmp_path / "o"), "--cpm-data", str(t["data"]), "--cpm-n", "3",
-          "--routing", "hard", "--tau", "0.2"])
+    main(
+        [
+            "continual",
+            "add",
+            str(tmp_path / "s"),
+            "--base",
+            str(base),
+            "--adapter",
+            str(t["adapter"]),
+            "--gram",
+            str(t["gram"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--cpm-data",
+            str(t["data"]),
+            "--cpm-n",
+            "3",
+            "--routing",
+            "hard",
+            "--tau",
+            "0.2",
+        ]
+    )
     cfg, projectors, prototypes = read_routing(tmp_path / "o")
     assert cfg["hard"] is True and cfg["tau"] == 0.2 and len(projectors) == 1 and prototypes.shape == (1, 32)
     assert load_state(tmp_path / "s")["tasks"][0]["cpm_images"] == 3

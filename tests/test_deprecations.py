@@ -39,7 +39,9 @@ def test_a_deprecated_keyword_passed_through_module_call_is_ours():
         model.model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     # transformers names torch's Module._call_impl; the guard names this line
     assert any(w.filename.endswith("torch/nn/modules/module.py") for w in seen)
-    assert len(found) == 1 and found[0].startswith(f"{HERE}:") and "`past_key_values` is deprecated" in found[0]
+    assert (
+        len(found) == 1 and found[0].startswith(f"{HERE}:") and "`past_key_values` is deprecated" in found[0]
+    )
 
 
 def test_a_deprecated_output_field_read_by_us_is_ours():

@@ -52,14 +52,19 @@ def failed_block(output: str, blocks: list[str]) -> str:
         return f"before the first block:\n{output[-6000:]}"
     last = marks[-1]
     i = int(last.group(1))
-    return f"block {i} of {len(blocks)}:\n{blocks[i - 1]}\n--- its output (tail) ---\n{output[last.end():][-6000:]}"
+    return f"block {i} of {len(blocks)}:\n{blocks[i - 1]}\n--- its output (tail) ---\n{output[last.end() :][-6000:]}"
 
 
 def run_env() -> dict[str, str]:
     """The environment of an activated venv, one thread per process."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def slug(heading: str) -> str:
@@ -91,8 +96,16 @@ def broken(page: Path, target: str) -> str | None:
 
 def bash(script: str, folder: Path) -> subprocess.CompletedProcess:
     """`script` in one bash, in `folder`, in the venv's environment; stdout and stderr together."""
-    return subprocess.run(["bash", "-c", script], cwd=folder, env=run_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=PAGE_TIMEOUT, check=False)
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=folder,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=PAGE_TIMEOUT,
+        check=False,
+    )
 
 
 def run_page(page: Path, folder: Path) -> subprocess.CompletedProcess:
@@ -107,8 +120,12 @@ RUNNABLE = [p for p in PAGES if runnable_blocks(p.read_text())]
 def page_runs(request, tmp_path_factory) -> dict[Path, Future]:
     """Every page this session selected, started WORKERS at a time once the testbed model is assembled (so that no
     two pages assemble it at once); each test waits for its own page."""
-    pages = [item.callspec.params["page"] for item in request.session.items
-             if getattr(item, "module", None) is sys.modules[__name__] and item.originalname == "test_the_page_runs"]
+    pages = [
+        item.callspec.params["page"]
+        for item in request.session.items
+        if getattr(item, "module", None) is sys.modules[__name__]
+        and item.originalname == "test_the_page_runs"
+    ]
     subprocess.run(["forgetless", "testbed", "model"], env=run_env(), capture_output=True, check=True)
     pool = ThreadPoolExecutor(WORKERS)
     yield {p: pool.submit(run_page, p, tmp_path_factory.mktemp(f"docs-{p.stem}")) for p in pages}
@@ -124,13 +141,17 @@ def test_the_readme_is_short_and_has_runnable_blocks():
 def test_every_link_resolves_and_every_docs_page_is_linked_from_the_readme():
     problems = [f"{p.relative_to(ROOT)}: {why}" for p in PAGES for t in links(p) if (why := broken(p, t))]
     linked = {(README.parent / t.partition("#")[0]).resolve() for t in links(README)}
-    problems += [f"README.md does not link {p.relative_to(ROOT)}" for p in PAGES[1:] if p.resolve() not in linked]
+    problems += [
+        f"README.md does not link {p.relative_to(ROOT)}" for p in PAGES[1:] if p.resolve() not in linked
+    ]
     assert not problems, "\n".join(problems)
 
 
 def test_a_failing_block_stops_its_page_and_is_named(tmp_path):
-    text = ("```sh runnable\necho one\n```\n```sh\nexit 0\n```\n"
-            "```sh runnable\necho two; false\n```\n```sh runnable\necho three\n```\n")
+    text = (
+        "```sh runnable\necho one\n```\n```sh\nexit 0\n```\n"
+        "```sh runnable\necho two; false\n```\n```sh runnable\necho three\n```\n"
+    )
     blocks = runnable_blocks(text)
     assert blocks == ["echo one\n", "echo two; false\n", "echo three\n"]  # the illustrative block is not run
     done = bash(page_script(blocks), tmp_path)
@@ -144,5 +165,7 @@ def test_the_page_runs(page, page_runs):
     done = page_runs[page].result()
     if done.returncode != 0:
         blocks = runnable_blocks(page.read_text())
-        pytest.fail(f"{page.relative_to(ROOT)}: exit {done.returncode} in {failed_block(done.stdout, blocks)}",
-                    pytrace=False)
+        pytest.fail(
+            f"{page.relative_to(ROOT)}: exit {done.returncode} in {failed_block(done.stdout, blocks)}",
+            pytrace=False,
+        )

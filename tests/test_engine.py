@@ -20,7 +20,9 @@ from forgetless.engine import Count, budget, tensor_seed
 from forgetless.methods.baselines import dare_linear, dare_ties, ties
 
 
-def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, dtype: torch.dtype | None = None) -> Path:
+def perturbed_copy(
+    src: Path, dst: Path, seed: int, scale: float = 0.05, dtype: torch.dtype | None = None
+) -> Path:
     shutil.copytree(src, dst)
     sd = load_file(str(src / "model.safetensors"))
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +38,9 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, dtype: 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    files = (
+        set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    )
     out = {}
     for f in files:
         out.update(load_file(str(folder / f)))
@@ -72,8 +76,13 @@ def test_identities_are_bit_exact(family, tmp_path, method, which):
 
 
 def test_ties_through_the_engine_equals_the_function_per_tensor(family, tmp_path):
-    recipe = {"method": "ties", "base": str(family["base"]), "models": [str(p) for p in family["fts"]],
-              "parameters": {"density": 0.4, "lambda": 0.9}, "shard_size": 20_000}
+    recipe = {
+        "method": "ties",
+        "base": str(family["base"]),
+        "models": [str(p) for p in family["fts"]],
+        "parameters": {"density": 0.4, "lambda": 0.9},
+        "shard_size": 20_000,
+    }
     report = run(recipe, tmp_path / "m")
     got = tensors(tmp_path / "m")
     base = tensors(family["base"])
@@ -88,8 +97,13 @@ def test_ties_through_the_engine_equals_the_function_per_tensor(family, tmp_path
 
 
 def test_dare_is_seeded_per_tensor_name_and_independent_of_sharding(family, tmp_path):
-    recipe = {"method": "dare_ties", "base": str(family["base"]), "models": [str(p) for p in family["fts"]],
-              "parameters": {"density": 0.5}, "seed": 7}
+    recipe = {
+        "method": "dare_ties",
+        "base": str(family["base"]),
+        "models": [str(p) for p in family["fts"]],
+        "parameters": {"density": 0.5},
+        "seed": 7,
+    }
     run(recipe, tmp_path / "a")
     run({**recipe, "shard_size": 30_000}, tmp_path / "b")
     run({**recipe, "seed": 8}, tmp_path / "c")
@@ -98,29 +112,55 @@ def test_dare_is_seeded_per_tensor_name_and_independent_of_sharding(family, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[name], c[name])
     base, fts = tensors(family["base"]), [tensors(p) for p in family["fts"]]
+
     def gens():
-        return [torch.Generator().manual_seed(tensor_seed(7, name if k == 0 else f"{name}#{k}")) for k in range(3)]
-    want = dare_ties(base[name].clone(), [f[name].clone() for f in fts], weight=[1.0] * 3, density=[0.5] * 3,
-                     generator=gens())
+        return [
+            torch.Generator().manual_seed(tensor_seed(7, name if k == 0 else f"{name}#{k}")) for k in range(3)
+        ]
+
+    want = dare_ties(
+        base[name].clone(),
+        [f[name].clone() for f in fts],
+        weight=[1.0] * 3,
+        density=[0.5] * 3,
+        generator=gens(),
+    )
     assert torch.equal(a[name], want)
     # each model draws from its own stream: model 1's kept entries do not depend on model 0
     d1 = [f[name] - base[name] for f in fts][1]
-    kept = dare_linear(torch.zeros_like(d1), [torch.zeros_like(d1), d1.clone()], weight=[1.0, 1.0],
-                       density=[0.5, 0.5], generator=gens()[:2])
-    mask = torch.bernoulli(torch.full_like(d1, 0.5), generator=torch.Generator().manual_seed(
-        tensor_seed(7, f"{name}#1")))
+    kept = dare_linear(
+        torch.zeros_like(d1),
+        [torch.zeros_like(d1), d1.clone()],
+        weight=[1.0, 1.0],
+        density=[0.5, 0.5],
+        generator=gens()[:2],
+    )
+    mask = torch.bernoulli(
+        torch.full_like(d1, 0.5), generator=torch.Generator().manual_seed(tensor_seed(7, f"{name}#1"))
+    )
     assert torch.equal(kept, d1 * mask / 0.5)
 
 
 def test_scope_routes_every_tensor_and_reports_it(family, tmp_path):
     base, ft = family["base"], family["fts"][0]
-    recipe = {"method": "task_arithmetic", "base": str(base), "models": [str(ft)], "parameters": {"lambda": 0.5},
-              "scope": {"include": ["language.layers[1:3]", "lm_head"], "exclude": ["re:layernorm"],
-                        "outside": "finetuned"}}
+    recipe = {
+        "method": "task_arithmetic",
+        "base": str(base),
+        "models": [str(ft)],
+        "parameters": {"lambda": 0.5},
+        "scope": {
+            "include": ["language.layers[1:3]", "lm_head"],
+            "exclude": ["re:layernorm"],
+            "outside": "finetuned",
+        },
+    }
     report = run(recipe, tmp_path / "m")
     got, b, f = tensors(tmp_path / "m"), tensors(base), tensors(ft)
-    in_scope = {k for k in b if (".layers.1." in k or ".layers.2." in k or k == "lm_head.weight")
-                and "layernorm" not in k}
+    in_scope = {
+        k
+        for k in b
+        if (".layers.1." in k or ".layers.2." in k or k == "lm_head.weight") and "layernorm" not in k
+    }
     for k in b:
         if k in in_scope:
             assert torch.equal(got[k], torch.lerp(b[k], f[k], 0.5)), k
@@ -135,8 +175,16 @@ def test_output_dtype_side_files_model_card_and_transformers_round_trip(family, 
     base16, ft16 = family["base16"], family["ft16"]
     (base16 / "tokenizer_config.json").write_text('{"model_max_length": 128}')
     out = tmp_path / "m"
-    run({"method": "linear", "base": str(base16), "models": [str(ft16)], "parameters": {"lambda": 0.25},
-         "dtype": "float32"}, out)
+    run(
+        {
+            "method": "linear",
+            "base": str(base16),
+            "models": [str(ft16)],
+            "parameters": {"lambda": 0.25},
+            "dtype": "float32",
+        },
+        out,
+    )
     got = tensors(out)
     assert all(t.dtype == torch.float32 for t in got.values() if t.is_floating_point())
     cfg = json.loads((out / "config.json").read_text())
@@ -171,24 +219,37 @@ def test_lora_adapter_input_is_folded_tensor_by_tensor(family, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     model = tiny_llama_model(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = peft_model.merge_and_unload().state_dict()
-    run({"method": "linear", "base": str(family["base"]), "models": [f"{family['base']}+{tmp_path / 'adapter'}"],
-         "parameters": {"lambda": 1.0}}, tmp_path / "m")
+    run(
+        {
+            "method": "linear",
+            "base": str(family["base"]),
+            "models": [f"{family['base']}+{tmp_path / 'adapter'}"],
+            "parameters": {"lambda": 1.0},
+        },
+        tmp_path / "m",
+    )
     got = tensors(tmp_path / "m")
     for k, v in got.items():
         torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-6)
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           tensors(family["base"])["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"],
+        tensors(family["base"])["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_dry_run_writes_nothing_and_estimates_memory(family, tmp_path):
     lines = []
-    report = forgetless.merge({"method": "ties", "base": str(family["base"]),
-                               "models": [str(p) for p in family["fts"]]}, out=tmp_path / "m", dry_run=True,
-                              log=lines.append)
+    report = forgetless.merge(
+        {"method": "ties", "base": str(family["base"]), "models": [str(p) for p in family["fts"]]},
+        out=tmp_path / "m",
+        dry_run=True,
+        log=lines.append,
+    )
     assert report.dry_run and not (tmp_path / "m").exists()
     text = "\n".join(lines)
     assert "peak memory estimate" in text and "causal_lm" in text

@@ -76,6 +76,7 @@ def test_a_missed_bracket_is_detected_and_the_answer_still_exact():
     def pieces():
         calls.append(1)
         yield ([x + 20_000.0] if len(calls) == 1 else [x]), 0
+
     (cut,) = top_k_cuts(pieces, [100], x.numel(), sample=1000)
     assert len(calls) == 4
     assert torch.equal(cut.mask(x), stable_top(x, 100, True))
@@ -90,6 +91,7 @@ def test_a_slightly_missed_bracket_is_widened_not_dropped():
     def pieces():
         calls.append(1)
         yield [x + 15_000.0 if len(calls) == 1 else x], 0  # beyond ±4 standard errors, within ±12
+
     from forgetless.methods.fast import select
 
     count = select._count_and_gather
@@ -98,6 +100,7 @@ def test_a_slightly_missed_bracket_is_widened_not_dropped():
         out = count(*args)
         gathered.append(out[0].values.numel())
         return out
+
     select._count_and_gather = spy
     try:
         (cut,) = top_k_cuts(pieces, [100_000], x.numel(), sample=1000)
@@ -108,15 +111,23 @@ def test_a_slightly_missed_bracket_is_widened_not_dropped():
 
 
 # ----------------------------------------------------------------------------------------------- methods
-PARAMS = {"ties": [{"density": 0.3}, {"density": 0.7, "sign": "frequency", "convention": "peft"}],
-          "dare_ties": [{"density": 0.4}], "dare_linear": [{"density": 0.6, "rescale": False}],
-          "linear": [{"lambda": 0.3}], "task_arithmetic": [{"lambda": 0.7}],
-          "cgm": [{"alpha": 0.5}],
-          "cgm_dagger": [{"budget": "row", "keep": 0.6}, {"budget": "tensor", "keep": 0.3},
-                         {"revert": "positive"}, {"budget": "global", "threshold": 0.0}],
-          "fisher": [{"normalize": "none"}, {"normalize": "mean"}, {"normalize": "max", "epsilon": 0.5}],
-          "fisher_with_base": [{"normalize": "mean", "base_weight": 2.0}],
-          "regmean": [{"alpha": 0.5}]}
+PARAMS = {
+    "ties": [{"density": 0.3}, {"density": 0.7, "sign": "frequency", "convention": "peft"}],
+    "dare_ties": [{"density": 0.4}],
+    "dare_linear": [{"density": 0.6, "rescale": False}],
+    "linear": [{"lambda": 0.3}],
+    "task_arithmetic": [{"lambda": 0.7}],
+    "cgm": [{"alpha": 0.5}],
+    "cgm_dagger": [
+        {"budget": "row", "keep": 0.6},
+        {"budget": "tensor", "keep": 0.3},
+        {"revert": "positive"},
+        {"budget": "global", "threshold": 0.0},
+    ],
+    "fisher": [{"normalize": "none"}, {"normalize": "mean"}, {"normalize": "max", "epsilon": 0.5}],
+    "fisher_with_base": [{"normalize": "mean", "base_weight": 2.0}],
+    "regmean": [{"alpha": 0.5}],
+}
 
 
 def test_every_block_method_is_covered():
@@ -141,7 +152,9 @@ def inputs(shape, n_models, name, ties=False, seed=0):
             xs = [torch.randn(3 * shape[1], shape[1], generator=g) for _ in range(count)]
             made = [x.T @ x for x in xs]
         else:
-            made = [torch.rand(want, generator=g) * (torch.rand(want, generator=g) > 0.2) for _ in range(count)]
+            made = [
+                torch.rand(want, generator=g) * (torch.rand(want, generator=g) > 0.2) for _ in range(count)
+            ]
         stats[need] = made if need in spec.per_model_needs else made[0]
     return base, fts, stats
 
@@ -156,8 +169,9 @@ def call(spec, params, base, fts, stats, rows, gens=None, block=None):
 
 
 def resolved(name, n_models, parameters):
-    recipe = load_recipe({"method": name, "base": "b", "models": [f"m{i}" for i in range(n_models)],
-                          "parameters": parameters})
+    recipe = load_recipe(
+        {"method": name, "base": "b", "models": [f"m{i}" for i in range(n_models)], "parameters": parameters}
+    )
     return engine.resolve_params(recipe, METHODS[name])
 
 
@@ -172,24 +186,32 @@ def on_blocks(spec, params, base, fts, stats, step, seed):
         return t[a:b].clone() if tuple(t.shape) == shape else t.clone()
 
     def piece(a, b):
-        st = {k: ([cut(x, a, b) for x in v] if isinstance(v, list) else cut(v, a, b)) for k, v in stats.items()}
+        st = {
+            k: ([cut(x, a, b) for x in v] if isinstance(v, list) else cut(v, a, b)) for k, v in stats.items()
+        }
         return cut(base, a, b), [cut(f, a, b) for f in fts], st
 
     def stream():
         for a, b in blocks:
             bb, ff, st = piece(a, b)
             yield Rows("t", bb, ff[0] if spec.models == "one" else ff, st, a * row)
+
     prepare = spec.streaming.tensor_prepare
     prepared = prepare(dict(params), stream, shape) if prepare else {}
     gens = gens_for(spec, len(fts), seed)
-    return torch.cat([call(spec, params, *piece(a, b), None, gens, RowBlock(a * row, shape, prepared))
-                      for a, b in blocks])
+    return torch.cat(
+        [call(spec, params, *piece(a, b), None, gens, RowBlock(a * row, shape, prepared)) for a, b in blocks]
+    )
 
 
 def gens_for(spec, n, seed):
     if "generator" not in spec.context:
         return None
-    return engine.tensor_generators(seed, "t", n) if spec.models == "many" else torch.Generator().manual_seed(seed)
+    return (
+        engine.tensor_generators(seed, "t", n)
+        if spec.models == "many"
+        else torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("name", BLOCK_METHODS)
@@ -203,9 +225,15 @@ def test_a_method_on_row_blocks_gives_its_result_on_the_whole_tensor(name, shape
             continue  # RegMean: a Gram only for 2-D weights
         base, fts, stats = made
         params = resolved(name, n_models, parameters)
-        whole = call(spec, params, base.clone(), [f.clone() for f in fts],
-                     {k: ([x.clone() for x in v] if isinstance(v, list) else v.clone()) for k, v in stats.items()},
-                     None, gens_for(spec, n_models, 5))
+        whole = call(
+            spec,
+            params,
+            base.clone(),
+            [f.clone() for f in fts],
+            {k: ([x.clone() for x in v] if isinstance(v, list) else v.clone()) for k, v in stats.items()},
+            None,
+            gens_for(spec, n_models, 5),
+        )
         for step in (1, 4, shape[0] - 1):
             got = on_blocks(spec, params, base, fts, stats, step, 5)
             assert torch.equal(got, whole), (parameters, step)
@@ -229,15 +257,23 @@ def tied_family(tmp_path_factory):
     fts = []
     for i in range(3):
         g = torch.Generator().manual_seed(100 + i)
-        out = {k: (v + torch.round(torch.randn(v.shape, generator=g) * 2) / 64 if v.is_floating_point() else v)
-               for k, v in sd.items()}
+        out = {
+            k: (v + torch.round(torch.randn(v.shape, generator=g) * 2) / 64 if v.is_floating_point() else v)
+            for k, v in sd.items()
+        }
         d = perturbed_copy(base, root / f"ft{i}", seed=0, scale=0.0)
         save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
         fts.append(d)
     g = torch.Generator().manual_seed(7)
     fisher = {k: torch.rand(v.shape, generator=g) for k, v in sd.items() if v.is_floating_point()}
-    stats = {"fisher": [save_statistics_for(base, root / f"fisher{i}.safetensors",
-                                            {k: v * (i + 1) for k, v in fisher.items()}) for i in range(3)]}
+    stats = {
+        "fisher": [
+            save_statistics_for(
+                base, root / f"fisher{i}.safetensors", {k: v * (i + 1) for k, v in fisher.items()}
+            )
+            for i in range(3)
+        ]
+    }
     stats["gram"] = []
     for i in range(3):
         grams = {}
@@ -253,36 +289,81 @@ def recipes(fam):
     cgm_stats = {"fisher_task": str(st["fisher"][0]), "fisher_general": str(st["fisher"][1])}
     return {
         "ties": {"method": "ties", "base": b, "models": fts, "parameters": {"density": 0.4}},
-        "dare_ties": {"method": "dare_ties", "base": b, "models": fts, "parameters": {"density": 0.5}, "seed": 3},
+        "dare_ties": {
+            "method": "dare_ties",
+            "base": b,
+            "models": fts,
+            "parameters": {"density": 0.5},
+            "seed": 3,
+        },
         "task_arithmetic": {"method": "task_arithmetic", "base": b, "models": fts[:2], "dtype": "bfloat16"},
-        "cgm_dagger_tensor": {"method": "cgm_dagger", "base": b, "models": fts[:1], "statistics": cgm_stats,
-                              "parameters": {"budget": "tensor", "keep": 0.7}},
-        "cgm_dagger_global": {"method": "cgm_dagger", "base": b, "models": fts[:1], "statistics": cgm_stats,
-                              "parameters": {"budget": "global", "keep": 0.8}},
-        "fisher": {"method": "fisher", "base": b, "parameters": {"normalize": "mean"},
-                   "models": [{"model": m, "statistics": {"fisher": str(s)}} for m, s in zip(fts, st["fisher"])]},
-        "regmean": {"method": "regmean", "base": b,
-                    "models": [{"model": m, "statistics": {"gram": str(s)}} for m, s in zip(fts, st["gram"])]},
-        "scope_copy": {"method": "linear", "base": b, "models": fts[:1], "parameters": {"lambda": 0.5},
-                       "scope": {"include": ["language.layers[0:1]"], "outside": "finetuned"}, "dtype": "float16"},
+        "cgm_dagger_tensor": {
+            "method": "cgm_dagger",
+            "base": b,
+            "models": fts[:1],
+            "statistics": cgm_stats,
+            "parameters": {"budget": "tensor", "keep": 0.7},
+        },
+        "cgm_dagger_global": {
+            "method": "cgm_dagger",
+            "base": b,
+            "models": fts[:1],
+            "statistics": cgm_stats,
+            "parameters": {"budget": "global", "keep": 0.8},
+        },
+        "fisher": {
+            "method": "fisher",
+            "base": b,
+            "parameters": {"normalize": "mean"},
+            "models": [{"model": m, "statistics": {"fisher": str(s)}} for m, s in zip(fts, st["fisher"])],
+        },
+        "regmean": {
+            "method": "regmean",
+            "base": b,
+            "models": [{"model": m, "statistics": {"gram": str(s)}} for m, s in zip(fts, st["gram"])],
+        },
+        "scope_copy": {
+            "method": "linear",
+            "base": b,
+            "models": fts[:1],
+            "parameters": {"lambda": 0.5},
+            "scope": {"include": ["language.layers[0:1]"], "outside": "finetuned"},
+            "dtype": "float16",
+        },
     }
 
 
-@pytest.mark.parametrize("which", ["ties", "dare_ties", "task_arithmetic", "cgm_dagger_tensor", "cgm_dagger_global",
-                                   "fisher", "regmean", "scope_copy"])
-def test_a_merge_in_row_blocks_is_bit_identical_and_within_its_budget(tied_family, tmp_path, small_allowances,
-                                                                      which):
+@pytest.mark.parametrize(
+    "which",
+    [
+        "ties",
+        "dare_ties",
+        "task_arithmetic",
+        "cgm_dagger_tensor",
+        "cgm_dagger_global",
+        "fisher",
+        "regmean",
+        "scope_copy",
+    ],
+)
+def test_a_merge_in_row_blocks_is_bit_identical_and_within_its_budget(
+    tied_family, tmp_path, small_allowances, which
+):
     recipe = recipes(tied_family)[which]
     whole = forgetless.merge(recipe, out=tmp_path / "whole", progress=False, memory="1GiB")
     assert not whole.plan.block_rows
     a = tensors(tmp_path / "whole")
     short = False
-    for budget in (220_000, 230_000) if which == "regmean" else (12_000, 16_000):  # RegMean's Grams come whole
+    for budget in (
+        (220_000, 230_000) if which == "regmean" else (12_000, 16_000)
+    ):  # RegMean's Grams come whole
         plan = engine.build_plan(recipe, out=tmp_path / f"blocks{budget}", memory=budget)
         assert plan.peak_memory_estimate() <= budget
         split = plan.block_rows
         assert "model.embed_tokens.weight" in split and len(split) >= 5  # the embedding and several matrices
-        short |= any(engine.num_rows(plan.base.info(n).shape) % r for n, r in split.items())  # a short last block
+        short |= any(
+            engine.num_rows(plan.base.info(n).shape) % r for n, r in split.items()
+        )  # a short last block
         assert "row blocks" in plan.describe()
         report = engine.execute(plan, progress=False)
         b = tensors(tmp_path / f"blocks{budget}")
@@ -293,7 +374,9 @@ def test_a_merge_in_row_blocks_is_bit_identical_and_within_its_budget(tied_famil
     assert short
 
 
-def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_family, tmp_path, small_allowances):
+def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(
+    tied_family, tmp_path, small_allowances
+):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -302,8 +385,10 @@ def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_fami
     legacy.mkdir()
     (legacy / "config.json").write_text((base / "config.json").read_text())
     torch.save(load_file(str(tied_family["fts"][0] / "model.safetensors")), legacy / "pytorch_model.bin")
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False),
+    )
     model.save_pretrained(tmp_path / "adapter")
     for ref in (str(legacy), f"{base}+{tmp_path / 'adapter'}"):
         reader = open_model(ref)
@@ -311,27 +396,39 @@ def test_inputs_read_in_row_blocks_from_bin_and_through_a_lora_adapter(tied_fami
             full = reader.get(name)
             assert torch.equal(reader.get(name, (3, 11)), full[3:11])
             raw = bytes(reader.raw(name, (3, 11)))
-            assert raw == full[3:11].to(reader.info(name).dtype).contiguous().view(torch.uint8).numpy().tobytes()
-        recipe = {"method": "ties", "base": str(base), "models": [ref, str(tied_family["fts"][1])],
-                  "parameters": {"density": 0.5}}
+            assert (
+                raw == full[3:11].to(reader.info(name).dtype).contiguous().view(torch.uint8).numpy().tobytes()
+            )
+        recipe = {
+            "method": "ties",
+            "base": str(base),
+            "models": [ref, str(tied_family["fts"][1])],
+            "parameters": {"density": 0.5},
+        }
         forgetless.merge(recipe, out=tmp_path / "w", progress=False, force=True, memory="1GiB")
-        assert forgetless.merge(recipe, out=tmp_path / "b", progress=False, force=True, memory=8000).plan.block_rows
+        assert forgetless.merge(
+            recipe, out=tmp_path / "b", progress=False, force=True, memory=8000
+        ).plan.block_rows
         a, b = tensors(tmp_path / "w"), tensors(tmp_path / "b")
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ties_with_the_fused_kernels_writes_the_torch_rule_s_bytes(tied_family, tmp_path, small_allowances,
-                                                                   monkeypatch):
+def test_ties_with_the_fused_kernels_writes_the_torch_rule_s_bytes(
+    tied_family, tmp_path, small_allowances, monkeypatch
+):
     """The engine's TIES, whole tensors and row blocks, with the kernels (methods/fast/kernels.py: the histogram bracket,
     the fused count and the fused combine) and with the torch rule alone: the same bytes."""
     from forgetless.methods.fast import kernels
+
     recipe = {**recipes(tied_family)["ties"], "parameters": {"density": 0.4, "lambda": 0.9}}
     recipe["models"] = [{"model": m, "weight": w} for m, w in zip(recipe["models"], (1.0, 0.5, 2.0))]
     outs = {}
     for fused in (True, False):
         monkeypatch.setattr(kernels, "ENABLED", fused)
         for budget in ("1GiB", 12_000):
-            report = forgetless.merge(recipe, out=tmp_path / f"{fused}{budget}", progress=False, memory=budget)
+            report = forgetless.merge(
+                recipe, out=tmp_path / f"{fused}{budget}", progress=False, memory=budget
+            )
             assert bool(report.plan.block_rows) == (budget == 12_000)
             outs[fused, budget] = tensors(tmp_path / f"{fused}{budget}")
     want = outs[False, "1GiB"]
@@ -349,14 +446,21 @@ def test_safetensors_rows_are_read_from_the_file_offsets(tied_family):
 
 def test_the_writer_takes_a_tensor_in_pieces_in_any_order(tmp_path):
     t = torch.arange(60.0).reshape(12, 5)
-    w = StreamingWriter(tmp_path / "o", [Entry("a", (12, 5), torch.float32), Entry("b", (2,), torch.float32)],
-                        shard_size=10**9)
+    w = StreamingWriter(
+        tmp_path / "o",
+        [Entry("a", (12, 5), torch.float32), Entry("b", (2,), torch.float32)],
+        shard_size=10**9,
+    )
     w.write("a", t[8:], at=8 * 20)
     w.write("a", t[:3], at=0)
     with pytest.raises(AssertionError, match="planned tensors never written"):
         w.commit()  # rows 3..8 missing
-    w = StreamingWriter(tmp_path / "o", [Entry("a", (12, 5), torch.float32), Entry("b", (2,), torch.float32)],
-                        shard_size=10**9, force=True)
+    w = StreamingWriter(
+        tmp_path / "o",
+        [Entry("a", (12, 5), torch.float32), Entry("b", (2,), torch.float32)],
+        shard_size=10**9,
+        force=True,
+    )
     for a, b in ((8, 12), (0, 3), (3, 8)):
         w.write("a", t[a:b], at=a * 20)
     w.write("b", torch.ones(2))
@@ -370,13 +474,17 @@ def test_the_writer_writes_a_large_tensor_in_pieces_that_interleave(tmp_path, mo
     """Each write call takes at most WRITE_PIECE bytes (so that another thread's write of the same file waits for
     one piece, not for a whole embedding); the file holds every byte once, in place."""
     from forgetless.checkpoint import writer as W
+
     monkeypatch.setattr(W, "WRITE_PIECE", 28)  # not a multiple of 4: pieces split entries
     calls = []
     pwrite = os.pwrite
     monkeypatch.setattr(W.os, "pwrite", lambda fd, buf, off: calls.append(len(buf)) or pwrite(fd, buf, off))
     t, u = torch.randn(13, 7), torch.randn(3)
-    w = StreamingWriter(tmp_path / "o", [Entry("t", (13, 7), torch.float32), Entry("u", (3,), torch.float32)],
-                        shard_size=10**9)
+    w = StreamingWriter(
+        tmp_path / "o",
+        [Entry("t", (13, 7), torch.float32), Entry("u", (3,), torch.float32)],
+        shard_size=10**9,
+    )
     calls.clear()  # the header's write
     w.write("t", t)
     w.write("u", u)

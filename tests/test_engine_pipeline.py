@@ -28,9 +28,10 @@ def test_merge_threads_policy(monkeypatch):
         assert engine.merge_threads() == want
 
 
-@pytest.mark.parametrize("which", ["ties", "dare_ties", "task_arithmetic", "cgm_dagger_tensor", "fisher",
-                                   "scope_copy"])
-def test_units_merged_side_by_side_equal_one_after_the_other(tied_family, tmp_path, monkeypatch, which):  # noqa: F811
+@pytest.mark.parametrize(
+    "which", ["ties", "dare_ties", "task_arithmetic", "cgm_dagger_tensor", "fisher", "scope_copy"]
+)
+def test_units_merged_side_by_side_equal_one_after_the_other(tied_family, tmp_path, monkeypatch, which):
     recipe = recipes(tied_family)[which]
     monkeypatch.setattr(run, "MERGERS", 1)
     one = forgetless.merge(recipe, out=tmp_path / "one", progress=False)
@@ -41,6 +42,7 @@ def test_units_merged_side_by_side_equal_one_after_the_other(tied_family, tmp_pa
     def spy(self, unit, loaded):
         seen.add(threading.current_thread().name)
         return compute(self, unit, loaded)
+
     monkeypatch.setattr(runner.Runner, "compute", spy)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     many = forgetless.merge(recipe, out=tmp_path / "many", progress=False)
@@ -51,8 +53,12 @@ def test_units_merged_side_by_side_equal_one_after_the_other(tied_family, tmp_pa
     assert bool(one.counts) == (which == "cgm_dagger_tensor")
 
 
-def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(tied_family, tmp_path, monkeypatch,  # noqa: F811
-                                                                      small_allowances):  # noqa: F811
+def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(
+    tied_family,
+    tmp_path,
+    monkeypatch,
+    small_allowances,
+):
     recipe = recipes(tied_family)["dare_ties"]  # random draws, block after block: order matters
     whole = tensors(forgetless.merge(recipe, out=tmp_path / "whole", progress=False, memory="1GiB").out)
     monkeypatch.setattr(run, "MERGERS", 4)
@@ -72,6 +78,7 @@ def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(tied_family
         finally:
             with lock:
                 active[0] -= 1
+
     monkeypatch.setattr(runner.Runner, "compute", spy)
     plan = engine.build_plan(recipe, out=tmp_path / "blocks", memory=12_000)
     assert plan.block_rows
@@ -84,18 +91,21 @@ def test_row_blocks_on_several_merge_threads_stay_in_order_and_alone(tied_family
     assert all(torch.equal(got[k], whole[k]) for k in whole)
 
 
-def test_torch_threads_are_set_for_the_merge_and_restored(tied_family, tmp_path, monkeypatch):  # noqa: F811
+def test_torch_threads_are_set_for_the_merge_and_restored(tied_family, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
     before = torch.get_num_threads()
     seen = []
     compute = runner.Runner.compute
-    monkeypatch.setattr(runner.Runner, "compute",
-                        lambda self, u, x: seen.append(torch.get_num_threads()) or compute(self, u, x))
+    monkeypatch.setattr(
+        runner.Runner,
+        "compute",
+        lambda self, u, x: seen.append(torch.get_num_threads()) or compute(self, u, x),
+    )
     forgetless.merge(recipes(tied_family)["ties"], out=tmp_path / "o", progress=False)
     assert set(seen) == {7} and torch.get_num_threads() == before
 
 
-def test_units_in_flight_stay_within_the_estimate(tied_family, tmp_path, monkeypatch):  # noqa: F811
+def test_units_in_flight_stay_within_the_estimate(tied_family, tmp_path, monkeypatch):
     """Every unit is counted whole from the start of its read to the end of its write; their sum never exceeds
     what the peak-memory estimate allows beyond the runtime (unless one unit alone does)."""
     monkeypatch.setattr(run, "MERGERS", 4)
@@ -118,6 +128,7 @@ def test_units_in_flight_stay_within_the_estimate(tied_family, tmp_path, monkeyp
         finally:
             with lock:
                 held[0] -= sum(plan.unit_cost(unit))
+
     monkeypatch.setattr(runner.Runner, "load", spy_load)
     monkeypatch.setattr(runner.Runner, "compute", spy_compute)
     engine.execute(plan, progress=False)
@@ -131,7 +142,7 @@ def _fd_path(fd: int) -> str:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name synced files")
-def test_shards_sync_in_the_background_and_everything_before_the_rename(tied_family, tmp_path, monkeypatch):  # noqa: F811
+def test_shards_sync_in_the_background_and_everything_before_the_rename(tied_family, tmp_path, monkeypatch):
     monkeypatch.setattr(W, "SYNC_EVERY", 4096)
     events: list[tuple[str, str]] = []
     real_fsync, real_fdatasync, real_commit = os.fsync, os.fdatasync, W.commit_folder
@@ -153,6 +164,7 @@ def test_shards_sync_in_the_background_and_everything_before_the_rename(tied_fam
         assert files <= synced and str(tmp) in synced  # every file, and the folder, before the rename
         events.append(("rename", str(out)))
         return real_commit(tmp, out, replace=replace)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(W, "commit_folder", commit)
@@ -164,16 +176,17 @@ def test_shards_sync_in_the_background_and_everything_before_the_rename(tied_fam
     background = [p for kind, p in events if kind.startswith("fdatasync forgetless-sync")]
     assert {os.path.basename(p) for p in background} == set(shards)  # each shard synced while the merge ran
     rename = events.index(("rename", str(out)))
-    assert events[rename + 1:] == [("fsync", str(tmp_path))]  # and the rename itself
+    assert events[rename + 1 :] == [("fsync", str(tmp_path))]  # and the rename itself
 
 
-def test_a_failed_background_sync_stops_the_merge_and_leaves_nothing(tied_family, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failed_background_sync_stops_the_merge_and_leaves_nothing(tied_family, tmp_path, monkeypatch):
     import errno
 
     monkeypatch.setattr(W, "SYNC_EVERY", 4096)
 
     def fdatasync(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     out = tmp_path / "o"
     with pytest.raises(OSError, match="Input/output error"):
@@ -181,7 +194,7 @@ def test_a_failed_background_sync_stops_the_merge_and_leaves_nothing(tied_family
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "forgetless-tmp" in p.name]
 
 
-def test_a_writer_error_on_a_merge_thread_is_the_merge_s_error(tied_family, tmp_path, monkeypatch):  # noqa: F811
+def test_a_writer_error_on_a_merge_thread_is_the_merge_s_error(tied_family, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "MERGERS", 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     write = W.StreamingWriter.write
@@ -190,13 +203,14 @@ def test_a_writer_error_on_a_merge_thread_is_the_merge_s_error(tied_family, tmp_
         if name.endswith("mlp.up_proj.weight"):
             raise ForgetlessError("disk full", file=self.tmp, remedy="free some space")
         return write(self, name, data, at)
+
     monkeypatch.setattr(W.StreamingWriter, "write", full)
     with pytest.raises(ForgetlessError, match="disk full"):
         forgetless.merge(recipes(tied_family)["ties"], out=tmp_path / "o", progress=False)
     assert not [p for p in tmp_path.iterdir()]
 
 
-def test_merge_imports_torch_but_not_transformers(tied_family, tmp_path):  # noqa: F811
+def test_merge_imports_torch_but_not_transformers(tied_family, tmp_path):
     """`import forgetless` loads nothing heavy; `forgetless merge` loads torch and the recipe's pydantic models,
     not transformers, peft, accelerate, matplotlib or scikit-learn (their imports cost seconds at start-up)."""
     import json
@@ -213,7 +227,7 @@ import forgetless
 light = sorted(m for m in ("torch", "pydantic", "numpy") if m in sys.modules)
 from forgetless.cli import main
 try:
-    main(["merge", {str(recipe)!r}, "--out", {str(tmp_path / 'o')!r}, "--quiet"])
+    main(["merge", {str(recipe)!r}, "--out", {str(tmp_path / "o")!r}, "--quiet"])
 except SystemExit as e:
     assert not e.code, e.code
 print(json.dumps({{"light": light, "modules": sorted(sys.modules)}}))
@@ -228,7 +242,7 @@ print(json.dumps({{"light": light, "modules": sorted(sys.modules)}}))
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def test_a_view_is_the_tensor_mapped_copy_on_write(tied_family, tmp_path):  # noqa: F811
+def test_a_view_is_the_tensor_mapped_copy_on_write(tied_family, tmp_path):
     import shutil
 
     from forgetless.checkpoint.reader import CheckpointReader
@@ -243,8 +257,10 @@ def test_a_view_is_the_tensor_mapped_copy_on_write(tied_family, tmp_path):  # no
             assert torch.equal(r.view(name, (3, 7)), r.get(name)[3:7])
             v.mul_(2.0)  # a write copies the page: the file and other views are untouched
             assert torch.equal(r.view(name), r.get(name)) and not torch.equal(v, r.get(name))
+
         def mappings() -> int:
             return len(Path("/proc/self/maps").read_text().splitlines())
+
         maps = mappings()
         views = [r.view("model.embed_tokens.weight") for _ in range(20)]
         assert mappings() >= maps + 20
@@ -254,8 +270,13 @@ def test_a_view_is_the_tensor_mapped_copy_on_write(tied_family, tmp_path):  # no
 
 
 @pytest.mark.parametrize("which, viewed", [("ties", True), ("task_arithmetic", True), ("dare_ties", False)])
-def test_methods_that_only_read_get_views_of_the_fine_tuned_files(tied_family, tmp_path, monkeypatch,  # noqa: F811
-                                                                  which, viewed):
+def test_methods_that_only_read_get_views_of_the_fine_tuned_files(
+    tied_family,
+    tmp_path,
+    monkeypatch,
+    which,
+    viewed,
+):
     from forgetless.checkpoint.reader import CheckpointReader
 
     calls = []

@@ -33,9 +33,16 @@ def setup(tmp_path_factory):
 
 
 def _recipe(base, fts, root, **kw):
-    return {"method": "regmean", "base": str(base), "parameters": {"alpha": 0.9},
-            "models": [{"model": str(ft), "statistics": {"gram": str(root / f"gram{i}.safetensors")}}
-                       for i, ft in enumerate(fts)], **kw}
+    return {
+        "method": "regmean",
+        "base": str(base),
+        "parameters": {"alpha": 0.9},
+        "models": [
+            {"model": str(ft), "statistics": {"gram": str(root / f"gram{i}.safetensors")}}
+            for i, ft in enumerate(fts)
+        ],
+        **kw,
+    }
 
 
 def test_regmean_merges_linears_and_averages_the_rest(setup, tmp_path):
@@ -47,7 +54,9 @@ def test_regmean_merges_linears_and_averages_the_rest(setup, tmp_path):
         if not sd[k].is_floating_point():
             continue
         if k in grams[0]:
-            want = regmean_combine([f[k].float() for f in ft_sd], [g[k].clone() for g in grams], [1.0, 1.0], 0.9)
+            want = regmean_combine(
+                [f[k].float() for f in ft_sd], [g[k].clone() for g in grams], [1.0, 1.0], 0.9
+            )
         else:
             want = (ft_sd[0][k].float() + ft_sd[1][k].float()) / 2
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
@@ -57,11 +66,15 @@ def test_regmean_merges_linears_and_averages_the_rest(setup, tmp_path):
 
 def test_recipe_no_statistics_still_wins_and_shapes_are_checked(setup, tmp_path):
     root, base, fts, grams, sd = setup
-    forgetless.merge(_recipe(base, fts, root, scope={"no_statistics": "base"}), out=tmp_path / "m", progress=False)
+    forgetless.merge(
+        _recipe(base, fts, root, scope={"no_statistics": "base"}), out=tmp_path / "m", progress=False
+    )
     got = load_file(str(tmp_path / "m" / "model.safetensors"))
     k = next(k for k in sd if k not in grams[0])
     assert torch.equal(got[k], sd[k])
-    bad = {k: torch.zeros(v.shape) for k, v in sd.items() if k.endswith("proj.weight")}  # shaped like the weight
+    bad = {
+        k: torch.zeros(v.shape) for k, v in sd.items() if k.endswith("proj.weight")
+    }  # shaped like the weight
     fp = CheckpointReader(base).fingerprint()
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata={"model_fingerprint": fp})
     r = _recipe(base, fts, root)

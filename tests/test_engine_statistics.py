@@ -42,15 +42,22 @@ def setup(tmp_path_factory):
 
 
 def recipe(base, fts, files, **kw):
-    return {"method": "_test_curvature", "base": str(base),
-            "models": [{"model": str(ft), "statistics": {"score": str(files[f"s{i}"][0])}} for i, ft in enumerate(fts)],
-            "statistics": {"shared": str(files["shared"][0])}, **kw}
+    return {
+        "method": "_test_curvature",
+        "base": str(base),
+        "models": [
+            {"model": str(ft), "statistics": {"score": str(files[f"s{i}"][0])}} for i, ft in enumerate(fts)
+        ],
+        "statistics": {"shared": str(files["shared"][0])},
+        **kw,
+    }
 
 
 def test_statistics_reach_the_method_per_tensor_and_per_model(curvature_method, setup, tmp_path):
     _, base, fts, files, sd = setup
-    report = forgetless.merge(recipe(base, fts, files, scope={"no_statistics": "base"}), out=tmp_path / "m",
-                              progress=False)
+    report = forgetless.merge(
+        recipe(base, fts, files, scope={"no_statistics": "base"}), out=tmp_path / "m", progress=False
+    )
     got = load_file(str(tmp_path / "m" / "model.safetensors"))
     ft_sd = [load_file(str(f / "model.safetensors")) for f in fts]
     for k, b in sd.items():

@@ -59,7 +59,9 @@ QUESTIONS = [  # options of different token lengths, prompts of different length
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    return build_llama_with_tokenizer(tmp_path_factory.mktemp("eval_llama"), tie=False)  # tied, it echoes "\n"
+    return build_llama_with_tokenizer(
+        tmp_path_factory.mktemp("eval_llama"), tie=False
+    )  # tied, it echoes "\n"
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,10 @@ def llava_processor():
 
 
 def mc_samples(images: list[Path | None]) -> list[Sample]:
-    return [Sample(f"s{i}", img, [("user", q), ("assistant", opts[0])], options=opts)
-            for i, (img, (q, opts)) in enumerate(zip(images, QUESTIONS))]
+    return [
+        Sample(f"s{i}", img, [("user", q), ("assistant", opts[0])], options=opts)
+        for i, (img, (q, opts)) in enumerate(zip(images, QUESTIONS))
+    ]
 
 
 def model_inputs(batch: dict) -> dict:
@@ -141,15 +145,20 @@ def test_option_scores_equal_naive_on_llama(llama):
 def test_option_scores_equal_naive_on_llava_with_images(tmp_path, llava_processor):
     model = tiny_llava_for(llava_processor)
     enc = Encoder(llava_processor)
-    imgs = [save_image(tmp_path / "a.png", color=(200, 30, 30)), None,
-            save_image(tmp_path / "b.png", (40, 32), color=(10, 120, 240))]
+    imgs = [
+        save_image(tmp_path / "a.png", color=(200, 30, 30)),
+        None,
+        save_image(tmp_path / "b.png", (40, 32), color=(10, 120, 240)),
+    ]
     check_against_naive(model, enc, mc_samples(imgs), batch_size=3)
 
 
 def test_option_scores_equal_naive_on_qwen25vl(tmp_path):
     tok = smol_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-    ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
     proc = _Qwen25VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     model = tiny_qwen25vl_model(0, tok)
     imgs = [save_image(tmp_path / "a.png", (16, 16)), None, save_image(tmp_path / "b.png", (24, 16))]
@@ -162,7 +171,11 @@ def test_ties_go_to_the_lowest_index():
     assert OptionScores([-2.0, -1.0, -1.0], [1, 1, 1]).predicted == 1
     assert OptionScores([-0.5, -3.0], [2, 1]).predicted == 0
     sc = OptionScores([-4.0, -2.0, -6.0], [2, 1, 3], [4, 2, 6], [-2.0, -2.0, -2.0], [1, 1, 1])
-    assert [sc.predicted_by(m) for m in ("acc", "acc_norm", "lmms_eval_acc")] == [1, 0, 0]  # -1 a char, -2 a token
+    assert [sc.predicted_by(m) for m in ("acc", "acc_norm", "lmms_eval_acc")] == [
+        1,
+        0,
+        0,
+    ]  # -1 a char, -2 a token
     with pytest.raises(ForgetlessError, match="needs scores"):
         OptionScores([-1.0], [1]).predicted_by("acc_norm")
 
@@ -196,13 +209,20 @@ def test_acc_norm_and_lmms_eval_acc_equal_the_harnesses_rules(llama, naive):
             lls = [naive_option_logprob(model, enc, s, o)[0] for o in s.options]
             losses = [lmms_eval_loss(model, enc.tokenizer, s.turns[0][1], o) for o in s.options]
             assert sc.num_chars == [len(o) for o in s.options]
-            assert sc.values("acc_norm") == pytest.approx([lp / len(o) for lp, o in zip(lls, s.options)], abs=1e-5)
+            assert sc.values("acc_norm") == pytest.approx(
+                [lp / len(o) for lp, o in zip(lls, s.options)], abs=1e-5
+            )
             assert [-v for v in sc.values("lmms_eval_acc")] == pytest.approx(losses, abs=1e-5)
-            picks = {"acc": sc.predicted, "acc_norm": sc.predicted_by("acc_norm"),
-                     "lmms_eval_acc": sc.predicted_by("lmms_eval_acc")}
+            picks = {
+                "acc": sc.predicted,
+                "acc_norm": sc.predicted_by("acc_norm"),
+                "lmms_eval_acc": sc.predicted_by("lmms_eval_acc"),
+            }
             assert picks["acc"] == lm_eval_prediction(lls, s.options, "acc")
             assert picks["acc_norm"] == lm_eval_prediction(lls, s.options, "acc_norm")
-            assert picks["lmms_eval_acc"] == int(np.argmin(losses))  # lmms-eval: argmin of the returned losses
+            assert picks["lmms_eval_acc"] == int(
+                np.argmin(losses)
+            )  # lmms-eval: argmin of the returned losses
             differ |= {m for m in ("acc_norm", "lmms_eval_acc") if picks[m] != picks["acc"]}
             if picks["acc_norm"] != picks["acc"]:  # between options of different lengths
                 assert sc.num_tokens[picks["acc_norm"]] != sc.num_tokens[picks["acc"]]
@@ -217,8 +237,11 @@ def greedy_loop(model, ids: torch.Tensor, stops: set[int], n: int, **image) -> l
     """Argmax token by token, the whole sequence each step, no cache, no padding."""
     out: list[int] = []
     for _ in range(n):
-        nxt = int(model(input_ids=torch.cat([ids, torch.tensor(out, dtype=ids.dtype)])[None], **image)
-                  .logits[0, -1].argmax())
+        nxt = int(
+            model(input_ids=torch.cat([ids, torch.tensor(out, dtype=ids.dtype)])[None], **image)
+            .logits[0, -1]
+            .argmax()
+        )
         if nxt in stops:
             break
         out.append(nxt)
@@ -233,8 +256,9 @@ def test_generation_equals_greedy_loop_on_llama(llama):
     with torch.no_grad():
         got = generate_answers(model, enc, samples, max_new_tokens=5, batch_size=3)
         for s, text in zip(samples, got):
-            prompt = tok.apply_chat_template([{"role": "user", "content": s.turns[0][1]}], tokenize=False,
-                                             add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": s.turns[0][1]}], tokenize=False, add_generation_prompt=True
+            )
             ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             ref = greedy_loop(model, ids, stops, 5)
             assert text == tok.decode(ref, skip_special_tokens=True).strip()
@@ -250,8 +274,9 @@ def test_generation_equals_greedy_loop_on_llava(tmp_path, llava_processor):
         got = generate_answers(model, enc, samples, max_new_tokens=4, batch_size=2)
         for s, text in zip(samples, got):
             content = ([{"type": "image"}] if s.image else []) + [{"type": "text", "text": s.turns[0][1]}]
-            prompt = llava_processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                         add_generation_prompt=True)
+            prompt = llava_processor.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
             image = [Image.open(s.image).convert("RGB")] if s.image else None
             inputs = llava_processor(text=[prompt], images=image, return_tensors="pt")
             extra = {"pixel_values": inputs["pixel_values"]} if s.image else {}
@@ -265,20 +290,46 @@ def test_generation_equals_greedy_loop_on_llava(tmp_path, llava_processor):
 
 
 def result(accs: dict[str, tuple[str, float]], split: str = "test") -> dict:
-    return {"split": split, "tasks": {k: {"kind": kind, "accuracy": a, "n": 10} for k, (kind, a) in accs.items()}}
+    return {
+        "split": split,
+        "tasks": {k: {"kind": kind, "accuracy": a, "n": 10} for k, (kind, a) in accs.items()},
+    }
 
 
-BASE = result({"shapes": ("downstream", 0.2), "digits": ("downstream", 0.4), "scene": ("general_visual", 0.8),
-               "facts": ("general_text", 0.6), "trivia": ("general_text", 0.7)})
-FT = result({"shapes": ("downstream", 0.9), "digits": ("downstream", 0.7), "scene": ("general_visual", 0.5),
-             "facts": ("general_text", 0.3), "trivia": ("general_text", 0.5)})
-MERGED = result({"shapes": ("downstream", 0.7), "digits": ("downstream", 0.6), "scene": ("general_visual", 0.7),
-                 "facts": ("general_text", 0.6), "trivia": ("general_text", 0.6)})
+BASE = result(
+    {
+        "shapes": ("downstream", 0.2),
+        "digits": ("downstream", 0.4),
+        "scene": ("general_visual", 0.8),
+        "facts": ("general_text", 0.6),
+        "trivia": ("general_text", 0.7),
+    }
+)
+FT = result(
+    {
+        "shapes": ("downstream", 0.9),
+        "digits": ("downstream", 0.7),
+        "scene": ("general_visual", 0.5),
+        "facts": ("general_text", 0.3),
+        "trivia": ("general_text", 0.5),
+    }
+)
+MERGED = result(
+    {
+        "shapes": ("downstream", 0.7),
+        "digits": ("downstream", 0.6),
+        "scene": ("general_visual", 0.7),
+        "facts": ("general_text", 0.6),
+        "trivia": ("general_text", 0.6),
+    }
+)
 
 
 def test_metrics_on_hand_made_results():
     s = scores(BASE)
-    assert s["T"] == pytest.approx(30.0) and s["G_v"] == pytest.approx(80.0) and s["G_t"] == pytest.approx(65.0)
+    assert (
+        s["T"] == pytest.approx(30.0) and s["G_v"] == pytest.approx(80.0) and s["G_t"] == pytest.approx(65.0)
+    )
     assert s["G"] == pytest.approx(72.5)  # mean of G_v and G_t, not of the three general tasks
     c = compare(MERGED, BASE, FT)
     # T(m) = 65, G(m) = (70 + 60) / 2 = 65; T(ft) = 80
@@ -299,17 +350,46 @@ def test_table_json_and_plot(tmp_path):
     rows = [table_row("base", BASE, BASE), table_row("merged", MERGED, BASE, FT)]
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["model", "shapes", "digits", "scene", "facts", "trivia", "T", "G_v", "G_t", "G", "E",
-                                "F", "E+F"]
-    assert lines[3].split() == ["merged", "70.0", "60.0", "70.0", "60.0", "60.0", "65.0", "70.0", "60.0", "65.0",
-                                "+35.0", "-7.5", "+27.5"]
+    assert lines[0].split() == [
+        "model",
+        "shapes",
+        "digits",
+        "scene",
+        "facts",
+        "trivia",
+        "T",
+        "G_v",
+        "G_t",
+        "G",
+        "E",
+        "F",
+        "E+F",
+    ]
+    assert lines[3].split() == [
+        "merged",
+        "70.0",
+        "60.0",
+        "70.0",
+        "60.0",
+        "60.0",
+        "65.0",
+        "70.0",
+        "60.0",
+        "65.0",
+        "+35.0",
+        "-7.5",
+        "+27.5",
+    ]
     assert len({len(line) for line in lines[:2]}) == 1  # fixed width
     p = write_json(tmp_path / "out" / "r.json", {**MERGED, "x": [1, 2]})
     assert json.loads(p.read_text())["x"] == [1, 2] and [f.name for f in p.parent.iterdir()] == ["r.json"]
     assert read_json(p)["tasks"]["shapes"]["accuracy"] == 0.7
-    pts = [TradeoffPoint("base", 30, 72.5, role="base"), TradeoffPoint("finetuned", 80, 45, role="finetuned"),
-           *[TradeoffPoint("wise", 30 + 50 * a, 72.5 - 27.5 * a * a, knob=a) for a in (0.75, 0.25, 0.5)],
-           {"method": "cgm", "task": 65, "general": 65, "knob": 0.2, "chosen": True}]
+    pts = [
+        TradeoffPoint("base", 30, 72.5, role="base"),
+        TradeoffPoint("finetuned", 80, 45, role="finetuned"),
+        *[TradeoffPoint("wise", 30 + 50 * a, 72.5 - 27.5 * a * a, knob=a) for a in (0.75, 0.25, 0.5)],
+        {"method": "cgm", "task": 65, "general": 65, "knob": 0.2, "chosen": True},
+    ]
     png = tradeoff_plot(pts, tmp_path / "plot.png", title="trade-off")
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (768, 576)
@@ -321,16 +401,22 @@ def test_table_json_and_plot(tmp_path):
 
 
 def test_options_records_parse_and_bad_ones_name_the_file(tmp_path):
-    good = write_jsonl(tmp_path / "good.jsonl", [
-        {"id": "a", "question": "Q?", "answer": " yes ", "options": ["yes", "no"]},
-        {"id": "b", "question": "Q?", "answer": "x"}])
+    good = write_jsonl(
+        tmp_path / "good.jsonl",
+        [
+            {"id": "a", "question": "Q?", "answer": " yes ", "options": ["yes", "no"]},
+            {"id": "b", "question": "Q?", "answer": "x"},
+        ],
+    )
     a, b = load_samples(good, shuffle=False)
     assert a.options == ("yes", "no") and b.options is None
-    bad = [{"question": "Q?", "answer": "maybe", "options": ["yes", "no"]},
-           {"question": "Q?", "answer": "yes", "options": ["yes"]},
-           {"question": "Q?", "answer": "yes", "options": ["yes", "yes "]},
-           {"question": "Q?", "answer": "yes", "options": "yes,no"},
-           {"question": "Q?", "answer": "yes", "options": ["yes", 3]}]
+    bad = [
+        {"question": "Q?", "answer": "maybe", "options": ["yes", "no"]},
+        {"question": "Q?", "answer": "yes", "options": ["yes"]},
+        {"question": "Q?", "answer": "yes", "options": ["yes", "yes "]},
+        {"question": "Q?", "answer": "yes", "options": "yes,no"},
+        {"question": "Q?", "answer": "yes", "options": ["yes", 3]},
+    ]
     for i, rec in enumerate(bad):
         f = write_jsonl(tmp_path / f"bad{i}.jsonl", [{"id": "ok", "question": "Q", "answer": "A"}, rec])
         with pytest.raises(ForgetlessError, match="options") as e:
@@ -346,7 +432,9 @@ def test_resolve_task_by_file_folder_and_name(tmp_path, monkeypatch):
     folder = tmp_path / "root" / "shapes"
     folder.mkdir(parents=True)
     write_jsonl(folder / "test.jsonl", [{"question": "Q", "answer": "A"}])
-    (folder / "task.json").write_text(json.dumps({"name": "shapes", "kind": "general_visual", "metric": "exact"}))
+    (folder / "task.json").write_text(
+        json.dumps({"name": "shapes", "kind": "general_visual", "metric": "exact"})
+    )
     loose = write_jsonl(tmp_path / "loose.jsonl", [{"question": "Q", "answer": "A"}])
     assert resolve_task(folder).path == folder / "test.jsonl"
     assert resolve_task(folder / "test.jsonl").kind == "general_visual"
@@ -372,7 +460,9 @@ def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama, capsys
             best = max(range(len(lps)), key=lambda j: (lps[j], -j))
             answer = s.options[best] if i != 1 else s.options[(best + 1) % len(s.options)]
             expected_mc += answer == s.options[best]
-            records.append({"id": s.id, "question": s.turns[0][1], "answer": answer, "options": list(s.options)})
+            records.append(
+                {"id": s.id, "question": s.turns[0][1], "answer": answer, "options": list(s.options)}
+            )
     folder = tmp_path / "tasks" / "quiz"
     folder.mkdir(parents=True)
     write_jsonl(folder / "test.jsonl", records)
@@ -383,30 +473,72 @@ def test_cli_eval_accuracy_matches_hand_count(tmp_path, llama_dir, llama, capsys
     free = []
     with torch.no_grad():
         for q in ("Say something.", "Another question?"):
-            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
             ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             text = tok.decode(greedy_loop(model, ids, stops, 3), skip_special_tokens=True).strip()
             free.append((q, text))
     assert all(t for _, t in free)
     up = free[0][1].upper() if free[0][1].upper().casefold() == free[0][1].casefold() else free[0][1]
-    write_jsonl(tmp_path / "chat.jsonl", [{"id": "c0", "question": free[0][0], "answer": f"  {up} "},
-                                          {"id": "c1", "question": free[1][0], "answer": free[1][1] + " nope"}])
-    base = {"split": "test", "tasks": {"quiz": {"kind": "downstream", "accuracy": 0.0, "n": 3},
-                                       "chat": {"kind": "general_text", "accuracy": 1.0, "n": 2}}}
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"id": "c0", "question": free[0][0], "answer": f"  {up} "},
+            {"id": "c1", "question": free[1][0], "answer": free[1][1] + " nope"},
+        ],
+    )
+    base = {
+        "split": "test",
+        "tasks": {
+            "quiz": {"kind": "downstream", "accuracy": 0.0, "n": 3},
+            "chat": {"kind": "general_text", "accuracy": 1.0, "n": 2},
+        },
+    }
     write_json(tmp_path / "base.json", base)
     with pytest.raises(SystemExit):  # intervals are paired: refused before any work
-        main(["eval", str(llama_dir), "--tasks", "quiz", "--task-root", str(tmp_path / "tasks"),
-              "--base", str(tmp_path / "base.json"), "--device", "cpu"])
+        main(
+            [
+                "eval",
+                str(llama_dir),
+                "--tasks",
+                "quiz",
+                "--task-root",
+                str(tmp_path / "tasks"),
+                "--base",
+                str(tmp_path / "base.json"),
+                "--device",
+                "cpu",
+            ]
+        )
     cap = capsys.readouterr()
     assert f"{tmp_path / 'base.json'}: task 'quiz' has no per-item results" in cap.err
     assert "evaluating" not in cap.out
     base["tasks"]["quiz"]["correct_items"], base["tasks"]["chat"]["correct_items"] = "000", "11"
     write_json(tmp_path / "base.json", base)
     out = tmp_path / "res" / "results.json"
-    main(["eval", str(llama_dir), "--tasks", "quiz", "--general", str(tmp_path / "chat.jsonl"),
-          "--task-root", str(tmp_path / "tasks"), "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out),
-          "--base", str(tmp_path / "base.json"), "--device", "cpu"])
+    main(
+        [
+            "eval",
+            str(llama_dir),
+            "--tasks",
+            "quiz",
+            "--general",
+            str(tmp_path / "chat.jsonl"),
+            "--task-root",
+            str(tmp_path / "tasks"),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+            "--base",
+            str(tmp_path / "base.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     res = json.loads(out.read_text())
     quiz, chat = res["tasks"]["quiz"], res["tasks"]["chat"]
     assert (quiz["n"], quiz["correct"], quiz["metric"]) == (3, expected_mc, "mc") and expected_mc == 2
@@ -439,16 +571,39 @@ def test_cli_eval_reports_every_metric_with_intervals(tmp_path, llama_dir, llama
             for m in ("acc", "acc_norm"):
                 picks[m].append(lm_eval_prediction(lls, s.options, m))
             picks["lmms_eval_acc"].append(int(np.argmin(losses)))
-            records.append({"id": s.id, "question": s.turns[0][1], "answer": s.options[picks["acc_norm"][-1]],
-                            "options": list(s.options)})
+            records.append(
+                {
+                    "id": s.id,
+                    "question": s.turns[0][1],
+                    "answer": s.options[picks["acc_norm"][-1]],
+                    "options": list(s.options),
+                }
+            )
     write_jsonl(tmp_path / "quiz.jsonl", records)
     write_jsonl(tmp_path / "chat.jsonl", [{"id": "c0", "question": "Hi?", "answer": "zzz"}])
     right = {m: [p == a for p, a in zip(picks[m], picks["acc_norm"])] for m in picks}
-    assert sum(right["acc"]) < sum(right["lmms_eval_acc"]) < sum(right["acc_norm"]) == 3  # the metrics differ here
+    assert (
+        sum(right["acc"]) < sum(right["lmms_eval_acc"]) < sum(right["acc_norm"]) == 3
+    )  # the metrics differ here
 
     def run(out, *extra):
-        main(["eval", str(llama_dir), "--tasks", str(tmp_path / "quiz.jsonl"), "--general", str(tmp_path / "chat.jsonl"),
-              "--max-new-tokens", "2", "--device", "cpu", "--out", str(out), *extra])
+        main(
+            [
+                "eval",
+                str(llama_dir),
+                "--tasks",
+                str(tmp_path / "quiz.jsonl"),
+                "--general",
+                str(tmp_path / "chat.jsonl"),
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
         return json.loads(out.read_text())
 
     res = run(tmp_path / "base.json")
@@ -459,7 +614,9 @@ def test_cli_eval_reports_every_metric_with_intervals(tmp_path, llama_dir, llama
         assert task["correct_items"] == "".join("1" if f else "0" for f in flags)
         scores_m = res["scores"] if m == "acc" else res[m]["scores"]
         intervals_m = res["intervals"] if m == "acc" else res[m]["intervals"]
-        assert scores_m["T"] == pytest.approx(100 * sum(flags) / 3) and scores_m["G"] == 0.0  # exact: same in all
+        assert (
+            scores_m["T"] == pytest.approx(100 * sum(flags) / 3) and scores_m["G"] == 0.0
+        )  # exact: same in all
         assert intervals_m["T"][0] <= scores_m["T"] <= intervals_m["T"][1]
         assert intervals_m["T"][0] < intervals_m["T"][1] or sum(flags) in (0, 3)
     assert [p["predicted_index"] for p in quiz["predictions"]] == picks["acc"]
@@ -487,7 +644,9 @@ def test_cli_eval_reports_every_metric_with_intervals(tmp_path, llama_dir, llama
     capsys.readouterr()
     again = run(tmp_path / "again.json", "--base", str(tmp_path / "old.json"), "--force")
     assert "comparison" in again and "comparison" not in again["acc_norm"]
-    assert "(the base result, written by an older version, lacks it: no comparison)" in capsys.readouterr().out
+    assert (
+        "(the base result, written by an older version, lacks it: no comparison)" in capsys.readouterr().out
+    )
 
 
 def test_evaluate_checks_before_loading(tmp_path, llama_dir):
@@ -512,8 +671,11 @@ def test_evaluate_llava_folder_kinds_and_accuracy(tmp_path, llava_processor):
     model.save_pretrained(mdir)
     llava_processor.save_pretrained(mdir)
     enc = Encoder(llava_processor)
-    imgs = [save_image(tmp_path / "data" / "a.png", color=(200, 30, 30)), None,
-            save_image(tmp_path / "data" / "b.png", (40, 32), color=(10, 120, 240))]
+    imgs = [
+        save_image(tmp_path / "data" / "a.png", color=(200, 30, 30)),
+        None,
+        save_image(tmp_path / "data" / "b.png", (40, 32), color=(10, 120, 240)),
+    ]
     records, expected = [], 0
     with torch.no_grad():
         for i, s in enumerate(mc_samples(imgs)):
@@ -524,12 +686,20 @@ def test_evaluate_llava_folder_kinds_and_accuracy(tmp_path, llava_processor):
             rec = {"id": s.id, "question": s.turns[0][1], "answer": answer, "options": list(s.options)}
             records.append({**rec, "image": s.image.name} if s.image else rec)
     write_jsonl(tmp_path / "data" / "quiz.jsonl", records)
-    write_jsonl(tmp_path / "data" / "look.jsonl", [{"id": "v", "image": "a.png", "question": "Colour?",
-                                                    "answer": "red", "options": ["red", "blue"]}])
+    write_jsonl(
+        tmp_path / "data" / "look.jsonl",
+        [{"id": "v", "image": "a.png", "question": "Colour?", "answer": "red", "options": ["red", "blue"]}],
+    )
     write_jsonl(tmp_path / "data" / "text.jsonl", [{"id": "t", "question": "Hi?", "answer": "zzz"}])
-    res = evaluate(mdir, {"quiz": tmp_path / "data" / "quiz.jsonl"}, device="cpu", batch_size=2, max_new_tokens=2,
-                   general={"look": tmp_path / "data" / "look.jsonl", "text": tmp_path / "data" / "text.jsonl"},
-                   log=None)
+    res = evaluate(
+        mdir,
+        {"quiz": tmp_path / "data" / "quiz.jsonl"},
+        device="cpu",
+        batch_size=2,
+        max_new_tokens=2,
+        general={"look": tmp_path / "data" / "look.jsonl", "text": tmp_path / "data" / "text.jsonl"},
+        log=None,
+    )
     quiz = res["tasks"]["quiz"]
     assert (quiz["kind"], quiz["correct"], expected) == ("downstream", 2, 2)
     assert [p["correct"] for p in quiz["predictions"]] == [True, True, False]

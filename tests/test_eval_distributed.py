@@ -14,16 +14,35 @@ from forgetless.cli import main
 from forgetless.eval.harness import shard_by_length
 from forgetless.stats.data import Sample
 
-QUESTIONS = ["Which is a colour?", "Pick the animal that barks loudly at night near the house:", "2 + 2 =",
-             "Which planet is the largest one in our solar system, by far?", "Opposite of hot?",
-             "Which word names a fruit?", "H2O is?", "The capital of France is", "Which one is a number?"]
-OPTIONS = [["red", "car"], ["dog", "cat", "fish"], ["4", "5"], ["Jupiter", "Mars", "Venus"], ["cold", "warm"],
-           ["apple", "chair"], ["water", "salt"], ["Paris", "Rome", "Oslo"], ["seven", "blue"]]
+QUESTIONS = [
+    "Which is a colour?",
+    "Pick the animal that barks loudly at night near the house:",
+    "2 + 2 =",
+    "Which planet is the largest one in our solar system, by far?",
+    "Opposite of hot?",
+    "Which word names a fruit?",
+    "H2O is?",
+    "The capital of France is",
+    "Which one is a number?",
+]
+OPTIONS = [
+    ["red", "car"],
+    ["dog", "cat", "fish"],
+    ["4", "5"],
+    ["Jupiter", "Mars", "Venus"],
+    ["cold", "warm"],
+    ["apple", "chair"],
+    ["water", "salt"],
+    ["Paris", "Rome", "Oslo"],
+    ["seven", "blue"],
+]
 
 
 def test_items_are_shared_by_length_and_each_once():
-    samples = [Sample(str(i), None, [("user", "x" * n)], options=("a", "b")) for i, n in
-               enumerate([50, 1, 2, 40, 3, 30, 4])]
+    samples = [
+        Sample(str(i), None, [("user", "x" * n)], options=("a", "b"))
+        for i, n in enumerate([50, 1, 2, 40, 3, 30, 4])
+    ]
     shares = [shard_by_length(samples, r, 3) for r in range(3)]
     assert sorted(i for s in shares for i in s) == list(range(7))
     assert all(s == sorted(s) for s in shares)  # file order within a rank
@@ -33,12 +52,32 @@ def test_items_are_shared_by_length_and_each_once():
 
 def test_eval_under_torchrun_gives_the_one_process_result(tmp_path):
     model = build_llama_with_tokenizer(tmp_path / "llama", layers=2, tie=False)
-    quiz = write_jsonl(tmp_path / "quiz.jsonl", [{"id": f"q{i}", "question": q, "answer": o[0], "options": o}
-                                                   for i, (q, o) in enumerate(zip(QUESTIONS, OPTIONS))])
-    chat = write_jsonl(tmp_path / "chat.jsonl", [{"id": f"c{i}", "question": q, "answer": "yes"}
-                                                 for i, q in enumerate(QUESTIONS[:5])])
-    args = ["eval", str(model), "--tasks", str(quiz), "--general", str(chat), "--max-new-tokens", "3",
-            "--batch-size", "2", "--device", "cpu", "--quiet"]
+    quiz = write_jsonl(
+        tmp_path / "quiz.jsonl",
+        [
+            {"id": f"q{i}", "question": q, "answer": o[0], "options": o}
+            for i, (q, o) in enumerate(zip(QUESTIONS, OPTIONS))
+        ],
+    )
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"id": f"c{i}", "question": q, "answer": "yes"} for i, q in enumerate(QUESTIONS[:5])],
+    )
+    args = [
+        "eval",
+        str(model),
+        "--tasks",
+        str(quiz),
+        "--general",
+        str(chat),
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     main([*args, "--out", str(tmp_path / "one.json")])
     ends = W.torchrun("cli", tmp_path / "probe", *args, "--out", str(tmp_path / "two.json"), timeout=300)
     assert ends == [0]
@@ -49,7 +88,9 @@ def test_eval_under_torchrun_gives_the_one_process_result(tmp_path):
         assert b["item_fingerprints"] == a["item_fingerprints"]
         for p, q in zip(a["predictions"], b["predictions"]):
             assert (q["id"], q["correct"]) == (p["id"], p["correct"])
-            if "logprobs" in p:  # other batch companions: the same scores to rounding (top-2 gaps here ≥ 2.7e-3)
+            if (
+                "logprobs" in p
+            ):  # other batch companions: the same scores to rounding (top-2 gaps here ≥ 2.7e-3)
                 assert (q["prediction"], q["predicted_index"]) == (p["prediction"], p["predicted_index"])
                 assert q["logprobs"] == pytest.approx(p["logprobs"], rel=1e-5, abs=1e-5)
     assert two["scores"] == one["scores"] and two["intervals"] == one["intervals"]

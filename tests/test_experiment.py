@@ -23,11 +23,20 @@ def test_general_calibration_takes_train_visual_samples_and_only_the_probes_val_
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     visual = [r for r in rows if "image" in r]
     assert len(visual) == 3 * len(T.GENERAL_VISUAL) and all(r["image"].startswith("/") for r in visual)
-    train_ids = {f"{n}-{json.loads(x)['id']}" for n in T.GENERAL_VISUAL
-                 for x in (tmp_path / "tasks" / n / "train.jsonl").read_text().splitlines()}
+    train_ids = {
+        f"{n}-{json.loads(x)['id']}"
+        for n in T.GENERAL_VISUAL
+        for x in (tmp_path / "tasks" / n / "train.jsonl").read_text().splitlines()
+    }
     assert {r["id"] for r in visual} <= train_ids
-    val = {json.loads(x)["question"] for x in (tmp_path / "tasks" / "probes" / "val.jsonl").read_text().splitlines()}
-    test = {json.loads(x)["question"] for x in (tmp_path / "tasks" / "probes" / "test.jsonl").read_text().splitlines()}
+    val = {
+        json.loads(x)["question"]
+        for x in (tmp_path / "tasks" / "probes" / "val.jsonl").read_text().splitlines()
+    }
+    test = {
+        json.loads(x)["question"]
+        for x in (tmp_path / "tasks" / "probes" / "test.jsonl").read_text().splitlines()
+    }
     text = {r["question"] for r in rows if "image" not in r}
     assert text == val and not text & test
     before = out.stat().st_mtime_ns
@@ -43,7 +52,9 @@ def test_merge_recipes_are_valid_and_scoped(tmp_path):
         rec = load_recipe(r)
         assert rec.method == method and len(rec.models) == 1
         if method in ("cgm", "cgm_dagger", "fisher_with_base"):
-            assert r["scope"]["outside"] == "finetuned" and r["scope"]["include"][0].startswith("language.layers[")
+            assert r["scope"]["outside"] == "finetuned" and r["scope"]["include"][0].startswith(
+                "language.layers["
+            )
         if method == "fisher_with_base":
             assert r["statistics"] == {"fisher_base": str(stats["fisher_general"])}
             assert r["models"][0]["statistics"] == {"fisher": str(stats["fisher_task"])}
@@ -64,8 +75,9 @@ def test_finetune_key_follows_the_training_split_not_the_test_split(tmp_path):
     a, b = (p / "test.jsonl" for p in (small, large))
     assert b.read_text().splitlines()[:3] == a.read_text().splitlines()
     for i in range(3):
-        assert (small / "images" / f"test-{i:05d}.png").read_bytes() == \
-            (large / "images" / f"test-{i:05d}.png").read_bytes()
+        assert (small / "images" / f"test-{i:05d}.png").read_bytes() == (
+            large / "images" / f"test-{i:05d}.png"
+        ).read_bytes()
 
 
 def test_task_fishers_of_the_experiment_are_the_published_and_the_own_model():
@@ -76,8 +88,10 @@ def test_task_fishers_of_the_experiment_are_the_published_and_the_own_model():
 
 
 def test_a_merge_of_a_keep_rules_fine_tune_is_checked_before_any_work(tmp_path):
-    for bad in (X.Merge("x", "linear", {"lambda": 0.5}, model="nope"),
-                X.Merge("x", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM, model="spider")):
+    for bad in (
+        X.Merge("x", "linear", {"lambda": 0.5}, model="nope"),
+        X.Merge("x", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM, model="spider"),
+    ):
         with pytest.raises(ValueError, match="keep rule of KEEPS"):
             X.run_experiment("digits", tmp_path / "w", merges=[bad])
     assert not (tmp_path / "w").exists()
@@ -105,7 +119,9 @@ class Fakes:
         def finetune(base_, data, out, *, keep=None, log=None, force=False, **kw):
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
-            self.finetunes.append({"task": Path(data).parent.name, "out": out.name, "keep": keep, "lr": kw["lr"]})
+            self.finetunes.append(
+                {"task": Path(data).parent.name, "out": out.name, "keep": keep, "lr": kw["lr"]}
+            )
             (out / "config.json").write_text("{}")
             (out / "model.safetensors").write_bytes(f"{keep}".encode())
             (out / "finetune.json").write_text(json.dumps({"seconds": 1.5}))
@@ -118,11 +134,18 @@ class Fakes:
             class Report:
                 def summary(self):
                     return f"merged by {recipe['method']}"
+
             return Report()
 
         def statistics_step(kind, model_dir, data, path, **kw):
-            self.stats.append({"model": Path(model_dir).name, "data": Path(data).name, "path": Path(path).name,
-                               "variant": kw["variant"]})
+            self.stats.append(
+                {
+                    "model": Path(model_dir).name,
+                    "data": Path(data).name,
+                    "path": Path(path).name,
+                    "variant": kw["variant"],
+                }
+            )
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_bytes(b"f")
             return Path(path)
@@ -132,13 +155,23 @@ class Fakes:
 
             model = Path(model)
             self.evals.append(model.name)
-            acc_t, acc_g = (0.6, 0.5) if (model / "record.json").is_file() else \
-                ACC["base" if model == base else "finetuned"]
-            out = {n: {"kind": "downstream", "correct_items": "1" * round(acc_t * K) + "0" * (K - round(acc_t * K))}
-                   for n in tasks}
+            acc_t, acc_g = (
+                (0.6, 0.5)
+                if (model / "record.json").is_file()
+                else ACC["base" if model == base else "finetuned"]
+            )
+            out = {
+                n: {
+                    "kind": "downstream",
+                    "correct_items": "1" * round(acc_t * K) + "0" * (K - round(acc_t * K)),
+                }
+                for n in tasks
+            }
             for n in general:
-                out[n] = {"kind": "general_text" if n == "probes" else "general_visual",
-                          "correct_items": "1" * round(acc_g * K) + "0" * (K - round(acc_g * K))}
+                out[n] = {
+                    "kind": "general_text" if n == "probes" else "general_visual",
+                    "correct_items": "1" * round(acc_g * K) + "0" * (K - round(acc_g * K)),
+                }
             for v in out.values():
                 v["accuracy"] = v["correct_items"].count("1") / K
             res = {"tasks": out}
@@ -164,28 +197,43 @@ def test_run_experiment_takes_each_step_at_the_right_model_and_reuses_them(tmp_p
     lines: list[str] = []
     res = X.run_experiment("digits", work, merges=merges, keeps=X.KEEPS, log=lines.append)
     # one plain fine-tune and one per keep rule, of the same recipe
-    assert [(x["out"], x["keep"]) for x in f.finetunes] == [("finetuned", None), ("finetuned-spider", "spider"),
-                                                            ("finetuned-magnitude_mask", "magnitude_mask")]
+    assert [(x["out"], x["keep"]) for x in f.finetunes] == [
+        ("finetuned", None),
+        ("finetuned-spider", "spider"),
+        ("finetuned-magnitude_mask", "magnitude_mask"),
+    ]
     # the general Fisher at θ₀ on the calibration set; the task Fisher at θ_ft (Fisher merging) and θ₀ (CGM, CGM†)
     assert [(s["model"], s["data"], s["path"]) for s in f.stats] == [
         ("base", "general.jsonl", "fisher_general.safetensors"),
         ("finetuned", "train.jsonl", "fisher_task-finetuned-empirical.safetensors"),
-        ("base", "train.jsonl", "fisher_task-base-empirical.safetensors")]
+        ("base", "train.jsonl", "fisher_task-base-empirical.safetensors"),
+    ]
     by = {m["method"]: m for m in f.merges}
     assert by["cgm"]["statistics"]["fisher_task"].endswith("fisher_task-base-empirical.safetensors")
     assert by["fisher_with_base"]["models"][0]["statistics"]["fisher"].endswith(
-        "fisher_task-finetuned-empirical.safetensors")
-    assert [m["models"][0] for m in f.merges if m["method"] == "linear"] == [str(work / "finetuned"),
-                                                                              str(work / "finetuned-spider")]
+        "fisher_task-finetuned-empirical.safetensors"
+    )
+    assert [m["models"][0] for m in f.merges if m["method"] == "linear"] == [
+        str(work / "finetuned"),
+        str(work / "finetuned-spider"),
+    ]
     # the rows: E and F against the base, from the fake accuracies
     rows = {X.row_name(r): r for r in res["rows"]}
-    assert list(rows)[:4] == ["base", "fine-tuned", "SPIDER", "MagnitudeMask"] and len(rows) == 4 + len(merges)
+    assert list(rows)[:4] == ["base", "fine-tuned", "SPIDER", "MagnitudeMask"] and len(rows) == 4 + len(
+        merges
+    )
     for name, r in rows.items():
-        t, g = (0.6, 0.5) if name not in ("base", "fine-tuned", "SPIDER", "MagnitudeMask") else \
-            ACC["base" if name == "base" else "finetuned"]
+        t, g = (
+            (0.6, 0.5)
+            if name not in ("base", "fine-tuned", "SPIDER", "MagnitudeMask")
+            else ACC["base" if name == "base" else "finetuned"]
+        )
         assert (r["T"], r["G"]) == (100 * t, 100 * g), name
         assert r["E"] == pytest.approx(100 * (t - 0.2)) and r["F"] == pytest.approx(100 * (g - 0.7)), name
-    assert rows["SPIDER"]["finetune_seconds"] == 1.5 and rows["TIES density=0.2 lambda=1"]["summary"] == "merged by ties"
+    assert (
+        rows["SPIDER"]["finetune_seconds"] == 1.5
+        and rows["TIES density=0.2 lambda=1"]["summary"] == "merged by ties"
+    )
     assert json.loads((work / "results.json").read_text()) == res and not list((work / "merged").iterdir())
     # a second run reuses every fine-tune; records of an earlier version (the key alone) are read too
     for stamp in work.glob("finetuned*/recipe.hash"):

@@ -46,19 +46,38 @@ QWEN_TEMPLATE = (
 )
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230), "yellow": (230, 220, 30)}
-QA = [("What is two plus two?", "four"), ("Name a colour.", "blue"), ("Capital of France?", "Paris, of course"),
-      ("Say hello.", "hello there"), ("Opposite of up?", "down"), ("A fruit?", "an apple"),
-      ("Count to three.", "one two three"), ("Is ice cold?", "yes, very")]
+QA = [
+    ("What is two plus two?", "four"),
+    ("Name a colour.", "blue"),
+    ("Capital of France?", "Paris, of course"),
+    ("Say hello.", "hello there"),
+    ("Opposite of up?", "down"),
+    ("A fruit?", "an apple"),
+    ("Count to three.", "one two three"),
+    ("Is ice cold?", "yes, very"),
+]
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
 def tiny_llava_for(tok) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
     text = LlamaConfig(**{**TEXT, "vocab_size": len(tok), "max_position_embeddings": 256})
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, tie_word_embeddings=False)
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -104,8 +123,16 @@ def quiet(_line: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the loop
 def test_grad_accumulation_equals_one_big_batch(tmp_path, llama_dir, text_data):
-    kw: dict[str, Any] = {"train": ["language.layers[1]"], "steps": 2, "lr": 1e-3, "weight_decay": 0.1,
-                          "clip": None, "schedule": "constant", "seed": 3, "log": quiet}
+    kw: dict[str, Any] = {
+        "train": ["language.layers[1]"],
+        "steps": 2,
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "clip": None,
+        "schedule": "constant",
+        "seed": 3,
+        "log": quiet,
+    }
     small = finetune(llama_dir, text_data, tmp_path / "accum", batch_size=2, grad_accum=2, **kw)
     big = finetune(llama_dir, text_data, tmp_path / "big", batch_size=4, grad_accum=1, **kw)
     a, b, base = tensors(tmp_path / "accum"), tensors(tmp_path / "big"), tensors(llama_dir)
@@ -135,8 +162,19 @@ def test_lr_schedule_is_the_closed_form_and_hooks_run_once_per_step(tmp_path, ll
                 with torch.no_grad():
                     info.params["model.layers.0.mlp.down_proj.weight"][0].fill_(0.25)
 
-    report = finetune(llama_dir, text_data, tmp_path / "out", train=["language.layers[0]"], steps=steps,
-                      warmup=warmup, lr=peak, batch_size=2, grad_accum=2, hook=Hook(), log=quiet)
+    report = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "out",
+        train=["language.layers[0]"],
+        steps=steps,
+        warmup=warmup,
+        lr=peak,
+        batch_size=2,
+        grad_accum=2,
+        hook=Hook(),
+        log=quiet,
+    )
 
     def closed_form(t: int) -> float:
         if t <= warmup:
@@ -164,8 +202,18 @@ def test_clipping_bounds_the_gradient_the_hook_sees(tmp_path, llama_dir, text_da
         total = torch.sqrt(sum((g.double() ** 2).sum() for g in info.grads.values())).item()
         norms.append((info.grad_norm, total))
 
-    finetune(llama_dir, text_data, tmp_path / "out", train=["language.layers"], steps=3, lr=1e-3, clip=clip,
-             batch_size=4, hook=hook, log=quiet)
+    finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "out",
+        train=["language.layers"],
+        steps=3,
+        lr=1e-3,
+        clip=clip,
+        batch_size=4,
+        hook=hook,
+        log=quiet,
+    )
     assert len(norms) == 3
     for before, after in norms:
         assert before > clip  # clipping happened
@@ -176,12 +224,15 @@ def test_clipping_bounds_the_gradient_the_hook_sees(tmp_path, llama_dir, text_da
 def qwen_processor_and_model():
     class ImageOnlyProcessor(Qwen2_5_VLProcessor):  # no video processor (it needs torchvision)
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-                             **kwargs)
+            super().__init__(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+            )
 
     tok = AutoTokenizer.from_pretrained(export_smollm2())
     tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-    ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
     proc = ImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     return proc, tiny_qwen25vl_model(0, tok)
 
@@ -195,11 +246,17 @@ def test_answer_position_head_equals_full_logits(family, llava_dir, image_data):
         proc, model = qwen_processor_and_model()
         enc = Encoder(proc)
     image = image_data.parent / "red.png"
-    samples = [Sample("a", image, [("user", "What colour is it?"), ("assistant", "red")]),
-               Sample("b", None, [("user", "A much longer question, without any image at all?"),
-                                  ("assistant", "a longer answer")]),
-               Sample("c", image, [("user", "Colour?"), ("assistant", "red"), ("user", "Sure?"),
-                                   ("assistant", "yes")])]
+    samples = [
+        Sample("a", image, [("user", "What colour is it?"), ("assistant", "red")]),
+        Sample(
+            "b",
+            None,
+            [("user", "A much longer question, without any image at all?"), ("assistant", "a longer answer")],
+        ),
+        Sample(
+            "c", image, [("user", "Colour?"), ("assistant", "red"), ("user", "Sure?"), ("assistant", "yes")]
+        ),
+    ]
     batch = collate([enc(s) for s in samples], enc.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # padding is in play
     with torch.no_grad():
@@ -211,11 +268,23 @@ def test_answer_position_head_equals_full_logits(family, llava_dir, image_data):
 
 
 def test_bfloat16_autocast_keeps_float32_weights_and_the_loss(tmp_path, llama_dir, text_data):
-    kw: dict[str, Any] = {"train": ["language.layers[0]"], "steps": 2, "lr": 1e-3, "batch_size": 4, "log": quiet}
+    kw: dict[str, Any] = {
+        "train": ["language.layers[0]"],
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "log": quiet,
+    }
     ref = finetune(llama_dir, text_data, tmp_path / "fp32", **kw)
     dtypes: set[torch.dtype] = set()
-    bf16 = finetune(llama_dir, text_data, tmp_path / "bf16", dtype="bfloat16", **kw,
-                    hook=lambda info: dtypes.update(p.grad.dtype for p in info.params.values()))
+    bf16 = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "bf16",
+        dtype="bfloat16",
+        **kw,
+        hook=lambda info: dtypes.update(p.grad.dtype for p in info.params.values()),
+    )
     assert dtypes == {torch.float32}
     assert bf16.losses[0] == pytest.approx(ref.losses[0], rel=2e-2) and bf16.losses[0] != ref.losses[0]
     assert {t.dtype for t in tensors(tmp_path / "bf16").values()} == {torch.float32}
@@ -224,7 +293,13 @@ def test_bfloat16_autocast_keeps_float32_weights_and_the_loss(tmp_path, llama_di
 def test_bfloat16_holds_the_frozen_weights_in_bf16_and_the_trained_in_float32(tmp_path, llama_dir, text_data):
     """Frozen weights in the compute dtype (half their memory), trainable weights and AdamW state float32; the
     untouched tensors of the output are the input's bytes, and finetune.json says what ran in which precision."""
-    kw: dict[str, Any] = {"train": ["language.layers[0]"], "steps": 2, "lr": 1e-3, "batch_size": 4, "log": quiet}
+    kw: dict[str, Any] = {
+        "train": ["language.layers[0]"],
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "log": quiet,
+    }
     seen: dict[str, set] = {"frozen": set(), "trained": set(), "state": set()}
 
     def look(info) -> None:
@@ -237,14 +312,19 @@ def test_bfloat16_holds_the_frozen_weights_in_bf16_and_the_trained_in_float32(tm
     assert seen == {"frozen": {torch.bfloat16}, "trained": {torch.float32}, "state": {torch.float32}}
     out, base = tensors(tmp_path / "bf16"), tensors(llama_dir)
     report = json.loads((tmp_path / "bf16" / "finetune.json").read_text())
-    assert report["recipe"]["precision"] == {"trainable": "float32", "optimizer": "float32", "frozen": "bfloat16"}
+    assert report["recipe"]["precision"] == {
+        "trainable": "float32",
+        "optimizer": "float32",
+        "frozen": "bfloat16",
+    }
     for name in set(base) - set(report["trained_tensors"]):
         assert torch.equal(out[name], base[name]), name
 
 
 @pytest.mark.parametrize("how", ["full", "lora"])
-def test_bfloat16_loads_in_bf16_and_trains_what_a_float32_load_trains(tmp_path, llama_dir, text_data, monkeypatch,
-                                                                       how):
+def test_bfloat16_loads_in_bf16_and_trains_what_a_float32_load_trains(
+    tmp_path, llama_dir, text_data, monkeypatch, how
+):
     """Under bfloat16 the model is loaded in bf16 (the frozen weights never in float32), then the trainable tensors
     are given the checkpoint's values in float32: at the first step they are the stored values exactly (stored in
     float32 here, most of them not bf16 values), and the trained weights are bit for bit those of a float32 load
@@ -254,8 +334,14 @@ def test_bfloat16_loads_in_bf16_and_trains_what_a_float32_load_trains(tmp_path, 
     real = loop.load_model
     asked: list[str] = []
     monkeypatch.setattr(loop, "load_model", lambda d, dev, dt: asked.append(dt) or real(d, dev, dt))
-    kw: dict[str, Any] = {"train": ["language.layers[1]"], "steps": 3, "batch_size": 4, "lr": 1e-2,
-                          "dtype": "bfloat16", "log": quiet}
+    kw: dict[str, Any] = {
+        "train": ["language.layers[1]"],
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "dtype": "bfloat16",
+        "log": quiet,
+    }
     if how == "lora":
         kw.update(lora=LoraSpec(r=4, alpha=8, dropout=0.0), lr=1e-3)
     first: dict[str, dict[str, torch.Tensor]] = {}
@@ -281,15 +367,25 @@ def test_bfloat16_loads_in_bf16_and_trains_what_a_float32_load_trains(tmp_path, 
 
 def test_gradient_checkpointing_gives_the_same_steps(tmp_path, llama_dir, text_data):
     """Activations recomputed in the backward: the same losses and weights, to rounding."""
-    kw: dict[str, Any] = {"train": ["language.layers"], "steps": 2, "lr": 1e-3, "batch_size": 4, "seed": 1,
-                          "log": quiet}
+    kw: dict[str, Any] = {
+        "train": ["language.layers"],
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "seed": 1,
+        "log": quiet,
+    }
     flags = {False: set(), True: set()}
 
     def look(on: bool):
-        return lambda info: flags[on].update(layer.gradient_checkpointing for layer in info.model.model.layers)
+        return lambda info: flags[on].update(
+            layer.gradient_checkpointing for layer in info.model.model.layers
+        )
 
     plain = finetune(llama_dir, text_data, tmp_path / "plain", hook=look(False), **kw)
-    ckpt = finetune(llama_dir, text_data, tmp_path / "ckpt", gradient_checkpointing=True, hook=look(True), **kw)
+    ckpt = finetune(
+        llama_dir, text_data, tmp_path / "ckpt", gradient_checkpointing=True, hook=look(True), **kw
+    )
     assert flags == {False: {False}, True: {True}}  # every decoder layer recomputed in the backward, or none
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
     a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "ckpt")
@@ -307,8 +403,17 @@ def test_full_finetune_changes_only_the_selected_tensors(tmp_path, llava_dir, im
 
     hook = type("H", (), {"after_step": staticmethod(after)})()
     out = tmp_path / "ft"
-    report = finetune(llava_dir, image_data, out, train=["language.layers[1]", "projector"], steps=2, lr=1e-3,
-                      batch_size=2, hook=hook, log=quiet)
+    report = finetune(
+        llava_dir,
+        image_data,
+        out,
+        train=["language.layers[1]", "projector"],
+        steps=2,
+        lr=1e-3,
+        batch_size=2,
+        hook=hook,
+        log=quiet,
+    )
     base, new = tensors(llava_dir), tensors(out)
     expected = {n for n in base if re.match(r"language_model\.model\.layers\.1\.|multi_modal_projector\.", n)}
     assert set(report.trained) == expected == set(last) and len(expected) == 13
@@ -330,8 +435,17 @@ def test_full_finetune_changes_only_the_selected_tensors(tmp_path, llava_dir, im
 def test_tied_embedding_trains_once_and_is_saved_once(tmp_path, text_data):
     tied = build_llama_with_tokenizer(tmp_path / "tied", layers=1, tie=True)
     names: list[list[str]] = []
-    report = finetune(tied, text_data, tmp_path / "out", train=["language.embed"], steps=1, lr=1e-2, batch_size=2,
-                      hook=lambda info: names.append(sorted(info.params)), log=quiet)
+    report = finetune(
+        tied,
+        text_data,
+        tmp_path / "out",
+        train=["language.embed"],
+        steps=1,
+        lr=1e-2,
+        batch_size=2,
+        hook=lambda info: names.append(sorted(info.params)),
+        log=quiet,
+    )
     assert report.trained == names[0] == ["model.embed_tokens.weight"]
     base, new = tensors(tied), tensors(tmp_path / "out")
     assert set(new) == set(base) and "lm_head.weight" not in new
@@ -343,9 +457,20 @@ def test_lora_adapter_loads_in_peft_and_forgetless_alike(tmp_path, llava_dir, im
 
     out = tmp_path / "adapter"
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
-    report = finetune(llava_dir, image_data, out, train=["language.layers[1:]"], lora=spec, steps=3, lr=1e-2,
-                      batch_size=2, log=quiet)
-    targets = {f"language_model.model.layers.{i}.self_attn.{p}.weight" for i in (1, 2) for p in ("q_proj", "v_proj")}
+    report = finetune(
+        llava_dir,
+        image_data,
+        out,
+        train=["language.layers[1:]"],
+        lora=spec,
+        steps=3,
+        lr=1e-2,
+        batch_size=2,
+        log=quiet,
+    )
+    targets = {
+        f"language_model.model.layers.{i}.self_attn.{p}.weight" for i in (1, 2) for p in ("q_proj", "v_proj")
+    }
     assert set(report.trained) == targets
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
@@ -367,8 +492,17 @@ def test_init_adapter_continues_from_the_adapters_own_weights(tmp_path, llava_di
 
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
     first = tmp_path / "task1"
-    finetune(llava_dir, image_data, first, train=["language.layers[1:]"], lora=spec, steps=2, lr=1e-2, batch_size=2,
-             log=quiet)
+    finetune(
+        llava_dir,
+        image_data,
+        first,
+        train=["language.layers[1:]"],
+        lora=spec,
+        steps=2,
+        lr=1e-2,
+        batch_size=2,
+        log=quiet,
+    )
     saved = load_file(str(first / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())
     seen: dict[str, torch.Tensor] = {}
@@ -378,8 +512,19 @@ def test_init_adapter_continues_from_the_adapters_own_weights(tmp_path, llava_di
             seen.update({k: p.detach().clone() for k, p in info.params.items()})
 
     second = tmp_path / "task2"
-    finetune(llava_dir, image_data, second, train=["language.layers[1:]"], lora=spec, steps=1, lr=1e-2,
-             batch_size=2, init_adapter=first, hook=before, log=quiet)
+    finetune(
+        llava_dir,
+        image_data,
+        second,
+        train=["language.layers[1:]"],
+        lora=spec,
+        steps=1,
+        lr=1e-2,
+        batch_size=2,
+        init_adapter=first,
+        hook=before,
+        log=quiet,
+    )
     assert set(seen) == set(saved)
     for k in saved:
         assert torch.equal(seen[k], saved[k]), k
@@ -388,11 +533,25 @@ def test_init_adapter_continues_from_the_adapters_own_weights(tmp_path, llava_di
     assert any(not torch.equal(after[k], saved[k]) for k in saved)  # and it trained on from there
 
     with pytest.raises(ForgetlessError, match="rank 4 and alpha 8, this run trains rank 2"):
-        finetune(llava_dir, image_data, tmp_path / "x", train=["language.layers[1:]"], lora=LoraSpec(r=2, alpha=8),
-                 init_adapter=first, log=quiet)
+        finetune(
+            llava_dir,
+            image_data,
+            tmp_path / "x",
+            train=["language.layers[1:]"],
+            lora=LoraSpec(r=2, alpha=8),
+            init_adapter=first,
+            log=quiet,
+        )
     with pytest.raises(ForgetlessError, match="not in it"):
-        finetune(llava_dir, image_data, tmp_path / "y", train=["language.layers[1:]"],
-                 lora=LoraSpec(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj"]), init_adapter=first, log=quiet)
+        finetune(
+            llava_dir,
+            image_data,
+            tmp_path / "y",
+            train=["language.layers[1:]"],
+            lora=LoraSpec(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj"]),
+            init_adapter=first,
+            log=quiet,
+        )
     with pytest.raises(ForgetlessError, match="full fine-tune"):
         finetune(llava_dir, image_data, tmp_path / "z", init_adapter=first, log=quiet)
     assert not any((tmp_path / n).exists() for n in "xyz")
@@ -412,8 +571,9 @@ def test_bad_selector_and_existing_output_are_refused_up_front(tmp_path, llama_d
 
 # ---------------------------------------------------------------------------------------------------- end to end
 def test_tiny_llava_learns_its_four_images(tmp_path, llava_dir, image_data):
-    report = finetune(llava_dir, image_data, tmp_path / "out", steps=20, lr=3e-2, batch_size=4, warmup=2,
-                      log=quiet)
+    report = finetune(
+        llava_dir, image_data, tmp_path / "out", steps=20, lr=3e-2, batch_size=4, warmup=2, log=quiet
+    )
     assert len(report.losses) == 20 and report.num_samples == 4
     assert report.losses[-1] < 0.1 * report.losses[0] and min(report.losses[-3:]) < min(report.losses[:3])
     # Each answer is one colour token + end of turn, after the same question. A model blind to the image gives the
@@ -426,8 +586,30 @@ def test_tiny_llava_learns_its_four_images(tmp_path, llava_dir, image_data):
 
 def test_cli_finetune(tmp_path, llama_dir, text_data, capsys):
     out = tmp_path / "cli"
-    main(["finetune", str(llama_dir), "--data", str(text_data), "--out", str(out), "--train", "language.layers[-1]",
-          "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--clip", "0", "-n", "6"])
+    main(
+        [
+            "finetune",
+            str(llama_dir),
+            "--data",
+            str(text_data),
+            "--out",
+            str(out),
+            "--train",
+            "language.layers[-1]",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-3",
+            "--clip",
+            "0",
+            "-n",
+            "6",
+        ]
+    )
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["recipe"]["grad_accum"] == 2 and meta["recipe"]["clip"] is None and meta["num_samples"] == 6
     assert len(meta["losses"]) == 3 and all(n.startswith("model.layers.1.") for n in meta["trained_tensors"])
@@ -435,13 +617,20 @@ def test_cli_finetune(tmp_path, llama_dir, text_data, capsys):
 
 
 @pytest.mark.parametrize("how", ["full", "lora"])
-def test_dry_run_accounts_the_trained_tensors_without_loading(tmp_path, llama_dir, text_data, monkeypatch, how):
+def test_dry_run_accounts_the_trained_tensors_without_loading(
+    tmp_path, llama_dir, text_data, monkeypatch, how
+):
     """--dry-run: the memory per rank from the meta-device model, before any weight is read, nothing written; its
     trainable count is what the real run trains."""
     from forgetless.train import loop
 
-    kw: dict[str, Any] = {"train": ["language.layers[1]"], "steps": 1, "batch_size": 4, "keep": "spider",
-                          "dtype": "bfloat16"}
+    kw: dict[str, Any] = {
+        "train": ["language.layers[1]"],
+        "steps": 1,
+        "batch_size": 4,
+        "keep": "spider",
+        "dtype": "bfloat16",
+    }
     if how == "lora":
         kw.update(lora=LoraSpec(r=4, alpha=8), keep="none")
     said: list[str] = []
@@ -450,12 +639,23 @@ def test_dry_run_accounts_the_trained_tensors_without_loading(tmp_path, llama_di
     monkeypatch.undo()
     assert not (tmp_path / "dry").exists() and said[-2].startswith("memory per rank:")
     seen: dict[str, int] = {}
-    report = finetune(llama_dir, text_data, tmp_path / "real", log=quiet, **kw,
-                      hook=lambda info: seen.setdefault("n", sum(p.numel() for p in info.params.values())))
+    report = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "real",
+        log=quiet,
+        **kw,
+        hook=lambda info: seen.setdefault("n", sum(p.numel() for p in info.params.values())),
+    )
     assert report is not None
     n = seen["n"]  # the values the run trained
     frozen = sum(t.numel() for t in tensors(llama_dir).values()) - (n if how == "full" else 0)
     line = said[-2]
-    for what, size in [("frozen weights", frozen * 2), ("trainable weights", n * 4), ("gradients", n * 4),
-                       ("optimizer", n * 8), ("keep rule", n * (8 if how == "full" else 0))]:
+    for what, size in [
+        ("frozen weights", frozen * 2),
+        ("trainable weights", n * 4),
+        ("gradients", n * 4),
+        ("optimizer", n * 8),
+        ("keep rule", n * (8 if how == "full" else 0)),
+    ]:
         assert f"{what} {human_bytes(size)}" in line, (what, line)

@@ -37,7 +37,10 @@ from forgetless.train.spider import SpiderCallback, abs_moments, make_rule
 
 torch.set_num_threads(1)
 TOL = 1e-5  # max abs difference of trained weights, one process against two
-llama_dir, text_data = test_finetune.llama_dir, test_finetune.text_data  # fixtures: a 2-layer Llama, 8 QA samples
+llama_dir, text_data = (
+    test_finetune.llama_dir,
+    test_finetune.text_data,
+)  # fixtures: a 2-layer Llama, 8 QA samples
 llava_dir, image_data = test_finetune.llava_dir, test_finetune.image_data  # a tiny LLaVA, 4 colour images
 
 
@@ -49,8 +52,25 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # ------------------------------------------------------------------------------------------------ forgetless finetune
 def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     # batch 4 × accumulation 2: every rank takes 2 samples of each micro-batch, and DDP syncs once per step
-    return ["finetune", str(model), "--data", str(data), "--out", str(out), "--train", "language.layers",
-            "--steps", "3", "--batch-size", "4", "--grad-accum", "2", "--clip", "0.5", *extra]
+    return [
+        "finetune",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--train",
+        "language.layers",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--clip",
+        "0.5",
+        *extra,
+    ]
 
 
 def compare_runs(tmp_path: Path, weights: str) -> tuple[dict, dict]:
@@ -76,11 +96,17 @@ def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir,
 
     extra = ("--lr", "1e-2", "--keep", keep)
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra,
-                                                          *PARALLEL[parallel]))
+    W.torchrun(
+        "cli",
+        tmp_path / "probe",
+        *finetune_args(llama_dir, text_data, tmp_path / "two", *extra, *PARALLEL[parallel]),
+    )
     one, two = compare_runs(tmp_path, "model.safetensors")
     assert (one["recipe"]["parallel"], two["recipe"]["parallel"]) == ("none", parallel)
-    base, got = load_file(str(llama_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    base, got = (
+        load_file(str(llama_dir / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+    )
     assert min((got[n] - base[n]).abs().max().item() for n in two["trained_tensors"]) > 100 * TOL  # all moved
     if keep == "spider":  # the same statistics; DDP: every rank keeps the whole rule, FSDP2: its pieces'
         assert two["keep"]["updated_fraction"] == pytest.approx(one["keep"]["updated_fraction"], abs=1e-4)
@@ -100,8 +126,11 @@ def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama
     # lr × 1e6 × ~1e-11: at lr 1e-2 one process differs from itself by 2e-5 between batch 4 and 2 × 2 accumulation
     extra = ("--lr", "1e-3", "--lora", "--lora-r", "4", "--lora-dropout", "0")
     main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
-    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra,
-                                                          *PARALLEL[parallel]))
+    W.torchrun(
+        "cli",
+        tmp_path / "probe",
+        *finetune_args(llama_dir, text_data, tmp_path / "two", *extra, *PARALLEL[parallel]),
+    )
     compare_runs(tmp_path, "adapter_model.safetensors")
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert min(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 100 * TOL  # B moved off zero
@@ -111,12 +140,27 @@ def test_fsdp_on_one_process_shards_over_one_rank_and_trains_as_without(tmp_path
     """``fsdp=True`` without torchrun: FSDP2 over a process group of this process alone (the code path of several
     ranks: DTensor parameters, the output gathered from them), and bit for bit the plain run's weights, SPIDER
     included; the group ends with the run, its gloo threads with it."""
-    kw = {"train": ["language.layers"], "steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "clip": 0.5,
-          "keep": "spider", "tensorboard": False, "log": None}
+    kw = {
+        "train": ["language.layers"],
+        "steps": 3,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 1e-2,
+        "clip": 0.5,
+        "keep": "spider",
+        "tensorboard": False,
+        "log": None,
+    }
     kinds: set[str] = set()
     plain = finetune(llama_dir, text_data, tmp_path / "plain", **kw)
-    sharded = finetune(llama_dir, text_data, tmp_path / "fsdp", fsdp=True, **kw,
-                       hook=lambda info: kinds.update(type(p).__name__ for p in info.params.values()))
+    sharded = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "fsdp",
+        fsdp=True,
+        **kw,
+        hook=lambda info: kinds.update(type(p).__name__ for p in info.params.values()),
+    )
     assert kinds == {"DTensor"} and not torch.distributed.is_initialized() and W.gloo_threads() == 0
     assert sharded.losses == plain.losses and sharded.grad_norms == plain.grad_norms
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "fsdp"))
@@ -126,15 +170,18 @@ def test_fsdp_on_one_process_shards_over_one_rank_and_trains_as_without(tmp_path
 
 def mixed_data(path: Path, images: Path) -> Path:
     """Samples 0 and 1 show a colour, the six others are text-only."""
-    rows = [{"id": c, "image": str(images.parent / f"{c}.png"), "question": "What colour is it?", "answer": c}
-            for c in ("red", "green")]
+    rows = [
+        {"id": c, "image": str(images.parent / f"{c}.png"), "question": "What colour is it?", "answer": c}
+        for c in ("red", "green")
+    ]
     rows += [{"id": f"text{i}", "question": q, "answer": a} for i, (q, a) in enumerate(test_finetune.QA[:6])]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_torchrun_fsdp_trains_a_projector_that_some_steps_reach_on_one_rank_or_none(
-        tmp_path, tmp_path_factory, llava_dir, image_data):
+    tmp_path, tmp_path_factory, llava_dir, image_data
+):
     """Text-only samples do not run LLaVA's projector (nor its vision tower, which so stays in FSDP2's root group).
     One sample per rank: in steps 1 and 3 one rank's sample has an image (its peer reduce-scatters zeros for the
     projector), in steps 2 and 4 none has (no gradient, as in one process, where AdamW then skips the projector
@@ -143,17 +190,40 @@ def test_torchrun_fsdp_trains_a_projector_that_some_steps_reach_on_one_rank_or_n
 
     data = mixed_data(tmp_path_factory.mktemp("mixed") / "mixed.jsonl", image_data)
     order = epoch_order(8, 0, 0)  # the 4 steps' samples, 2 each, in the seeded order (--seed 0)
-    assert [sum(i < 2 for i in order[2 * s:2 * s + 2]) for s in range(4)] == [1, 0, 1, 0]
+    assert [sum(i < 2 for i in order[2 * s : 2 * s + 2]) for s in range(4)] == [1, 0, 1, 0]
 
     def args(out: str, *extra: str) -> list[str]:
-        return ["finetune", str(llava_dir), "--data", str(data), "--out", str(tmp_path / out), "--train",
-                "language.layers[1]", "--train", "projector", "--steps", "4", "--batch-size", "2", "--lr", "1e-2",
-                "--clip", "0.5", "--schedule", "constant", *extra]
+        return [
+            "finetune",
+            str(llava_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / out),
+            "--train",
+            "language.layers[1]",
+            "--train",
+            "projector",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--clip",
+            "0.5",
+            "--schedule",
+            "constant",
+            *extra,
+        ]
 
     main(args("one"))
     W.torchrun("cli", tmp_path / "probe", *args("two", "--fsdp"))
     _, two = compare_runs(tmp_path, "model.safetensors")
-    base, got = load_file(str(llava_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    base, got = (
+        load_file(str(llava_dir / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+    )
     projector = [n for n in two["trained_tensors"] if "projector" in n]
     assert projector and min((got[n] - base[n]).abs().max().item() for n in projector) > 100 * TOL
 
@@ -166,8 +236,19 @@ def test_dry_run_with_fsdp_accounts_each_ranks_share(tmp_path, llama_dir, text_d
     said: dict[int, str] = {}
     for ranks in (1, 2):
         lines: list[str] = []
-        finetune(llama_dir, text_data, tmp_path / "dry", train=["language.layers"], batch_size=4, keep="spider",
-                 dtype="bfloat16", dry_run=True, fsdp=ranks > 1, ranks=ranks, log=lines.append)
+        finetune(
+            llama_dir,
+            text_data,
+            tmp_path / "dry",
+            train=["language.layers"],
+            batch_size=4,
+            keep="spider",
+            dtype="bfloat16",
+            dry_run=True,
+            fsdp=ranks > 1,
+            ranks=ranks,
+            log=lines.append,
+        )
         said[ranks] = "\n".join(lines)
     stored = load_file(str(llama_dir / "model.safetensors"))
     layers: dict[str, int] = {}
@@ -177,10 +258,15 @@ def test_dry_run_with_fsdp_accounts_each_ranks_share(tmp_path, llama_dir, text_d
     trained = sum(layers.values())
     frozen = sum(t.numel() for t in stored.values()) - trained
     layer = max(layers.values())
-    expected = [("frozen weights", frozen * 2 // 2), ("trainable weights", trained * 4 // 2),
-                ("gradients", trained * 4 // 2), ("optimizer", trained * 8 // 2),
-                ("keep rule", trained * 8 // 2),  # θ₀ as stored (float32) and G
-                ("gathered", frozen * 2 + 2 * layer * 4 + layer * 4), ("loading:", frozen * 2 + trained * 4)]
+    expected = [
+        ("frozen weights", frozen * 2 // 2),
+        ("trainable weights", trained * 4 // 2),
+        ("gradients", trained * 4 // 2),
+        ("optimizer", trained * 8 // 2),
+        ("keep rule", trained * 8 // 2),  # θ₀ as stored (float32) and G
+        ("gathered", frozen * 2 + 2 * layer * 4 + layer * 4),
+        ("loading:", frozen * 2 + trained * 4),
+    ]
     for what, size in expected:
         assert f"{what} {human_bytes(size)}" in said[2], (what, said[2])
     activations = [re.search(r"activations ([\d.]+) KiB", said[r])[1] for r in (1, 2)]
@@ -190,7 +276,9 @@ def test_dry_run_with_fsdp_accounts_each_ranks_share(tmp_path, llama_dir, text_d
         finetune(llama_dir, text_data, tmp_path / "run", ranks=2, log=None)
 
 
-def test_a_batch_the_ranks_cannot_share_is_refused_before_any_work(tmp_path, llama_dir, text_data, monkeypatch):
+def test_a_batch_the_ranks_cannot_share_is_refused_before_any_work(
+    tmp_path, llama_dir, text_data, monkeypatch
+):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ForgetlessError, match="batch size 3 is not divisible by the 2 processes") as e:
@@ -232,12 +320,18 @@ def test_rule_under_fsdp2_keeps_its_pieces_and_gives_the_single_process_weights(
     assert ranks[0]["sharded"] == sorted(rule.params)  # FSDP2 shards every trainable tensor along dim 0
     for r in ranks:
         assert [h["updated_fraction"] for h in r["history"]] == pytest.approx(
-            [h["updated_fraction"] for h in rule.history], abs=1e-4)
-        assert [h["mean_c"] for h in r["history"]] == pytest.approx([h["mean_c"] for h in rule.history], abs=1e-4)
+            [h["updated_fraction"] for h in rule.history], abs=1e-4
+        )
+        assert [h["mean_c"] for h in r["history"]] == pytest.approx(
+            [h["mean_c"] for h in rule.history], abs=1e-4
+        )
     local, held = [0, 0], [0, 0]  # entries, and θ₀'s bytes (held losslessly: the RMSNorm ones in bf16)
     for n in rule.params:
-        joined = {k: torch.cat([pieces[0][f"{k}/{n}"], pieces[1][f"{k}/{n}"]])
-                  for k in ("theta0", "grad_sum", "mask") if f"{k}/{n}" in pieces[0]}
+        joined = {
+            k: torch.cat([pieces[0][f"{k}/{n}"], pieces[1][f"{k}/{n}"]])
+            for k in ("theta0", "grad_sum", "mask")
+            if f"{k}/{n}" in pieces[0]
+        }
         assert torch.equal(joined["theta0"], rule.theta0[n])  # each rank's θ₀ is its piece, and no more
         for r in (0, 1):
             local[r] += pieces[r][f"theta0/{n}"].numel()
@@ -264,7 +358,9 @@ def test_rule_under_fsdp2_keeps_its_pieces_and_gives_the_single_process_weights(
 
     for name, (mean, std) in ranks[0]["moment_checks"].items():  # uneven, empty, constant and zero pieces
         whole_mean, whole_std = abs_moments(W.moment_case(name))
-        assert mean == pytest.approx(float(whole_mean), rel=1e-6) and std == pytest.approx(float(whole_std), rel=1e-6)
+        assert mean == pytest.approx(float(whole_mean), rel=1e-6) and std == pytest.approx(
+            float(whole_std), rel=1e-6
+        )
     assert ranks[0]["moment_checks"] == ranks[1]["moment_checks"]
 
 
@@ -272,12 +368,18 @@ def test_callback_refuses_fsdp1_and_deepspeed():
     model = W.tiny_model()
     callback = SpiderCallback("spider")
     fsdp1 = SimpleNamespace(fsdp="full_shard", deepspeed=None, fp16=False)
-    with pytest.raises(ForgetlessError, match="FSDP2") as e:  # plain tensors under FSDP: FSDP1, or not applied
+    with pytest.raises(
+        ForgetlessError, match="FSDP2"
+    ) as e:  # plain tensors under FSDP: FSDP1, or not applied
         callback.on_train_begin(fsdp1, SimpleNamespace(global_step=0), None, model=model)
     assert "version" in e.value.remedy
     with pytest.raises(ForgetlessError, match="DeepSpeed"):
-        callback.on_train_begin(SimpleNamespace(fsdp=None, deepspeed="ds.json", fp16=False),
-                                SimpleNamespace(global_step=0), None, model=model)
+        callback.on_train_begin(
+            SimpleNamespace(fsdp=None, deepspeed="ds.json", fp16=False),
+            SimpleNamespace(global_step=0),
+            None,
+            model=model,
+        )
     assert callback.rule is None
 
 
@@ -287,8 +389,9 @@ def check_trainer_run(tmp_path: Path, mode: str) -> None:
     meta = json.loads((tmp_path / "trainer.json").read_text())
     got = load_file(str(tmp_path / "trainer.safetensors"))
     # one process, the same global batch: per-device 2 × 2 ranks = 4
-    model, rule = W.train_with_trainer("spider", tmp_path / "single", W.PER_RANK * 2, fsdp=False,
-                                       cpu=mode == "trainer")
+    model, rule = W.train_with_trainer(
+        "spider", tmp_path / "single", W.PER_RANK * 2, fsdp=False, cpu=mode == "trainer"
+    )
     want = {n: p.detach().cpu() for n, p in model.named_parameters()}
     base = dict(W.tiny_model().named_parameters())
     assert meta["world"] == 2 and len(meta["history"]) == W.STEPS == len(rule.history)
@@ -296,15 +399,20 @@ def check_trainer_run(tmp_path: Path, mode: str) -> None:
     assert min((want[n] - base[n]).abs().max().item() for n in rule.params) > 100 * TOL
     assert torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen
     assert [h["updated_fraction"] for h in meta["history"]] == pytest.approx(
-        [h["updated_fraction"] for h in rule.history], abs=1e-4)
+        [h["updated_fraction"] for h in rule.history], abs=1e-4
+    )
 
 
 def test_trainer_callback_under_ddp_gives_the_single_process_weights(tmp_path):
     check_trainer_run(tmp_path, "trainer")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
-    "Trainer + FSDP2 needs 2 GPUs: accelerate applies FSDP on GPUs only (on CPU it runs DDP and ignores the fsdp "
-    "setting, and SpiderCallback refuses it); the rule and the callback's hooks under FSDP2 are tested on CPU above"))
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason=(
+        "Trainer + FSDP2 needs 2 GPUs: accelerate applies FSDP on GPUs only (on CPU it runs DDP and ignores the fsdp "
+        "setting, and SpiderCallback refuses it); the rule and the callback's hooks under FSDP2 are tested on CPU above"
+    ),
+)
 def test_trainer_callback_under_fsdp2_gives_the_single_process_weights(tmp_path):  # pragma: no cover
     check_trainer_run(tmp_path, "trainer_fsdp")

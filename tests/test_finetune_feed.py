@@ -30,12 +30,17 @@ from forgetless.stats.data import Encoder, collate, load_samples
 from forgetless.train import feed, finetune
 
 torch.set_num_threads(1)
-llava_dir, image_data = test_finetune.llava_dir, test_finetune.image_data  # fixtures: tiny LLaVA, 4 colour images
+llava_dir, image_data = (
+    test_finetune.llava_dir,
+    test_finetune.image_data,
+)  # fixtures: tiny LLaVA, 4 colour images
 llama_dir, text_data = test_finetune.llama_dir, test_finetune.text_data  # a 2-layer Llama, 8 QA samples
 BAD_ID = "blank"
 
 
-def expected_batches(samples, enc: Encoder, batch_size: int, seed: int, rank: int, world: int, count: int) -> list:
+def expected_batches(
+    samples, enc: Encoder, batch_size: int, seed: int, rank: int, world: int, count: int
+) -> list:
     """The micro-batches as the order defines them: epoch e a permutation seeded with seed + e, micro-batch k the
     stream's items k·B .. (k+1)·B − 1, this rank's [rank::world] of it, each sample encoded afresh."""
     stream: list[int] = []
@@ -43,7 +48,7 @@ def expected_batches(samples, enc: Encoder, batch_size: int, seed: int, rank: in
         order = list(range(len(samples)))
         random.Random(seed + epoch).shuffle(order)
         stream += order
-    shares = [stream[k * batch_size:(k + 1) * batch_size][rank::world] for k in range(count)]
+    shares = [stream[k * batch_size : (k + 1) * batch_size][rank::world] for k in range(count)]
     return [collate([enc(samples[i]) for i in mine], enc.pad_token_id) for mine in shares]
 
 
@@ -59,10 +64,23 @@ def test_batches_are_the_orders_whatever_the_workers(llava_dir, image_data, monk
     count = 6  # 3 epochs of the 4 samples at 2 per micro-batch
     want = expected_batches(samples, enc, 2, 5, rank, world, count)
     assert "pixel_values" in want[0]
-    for workers, cache in [(0, feed.CACHE_BYTES), (0, 0), (2, 0)]:  # cache 0: every sample encoded in the loader
+    for workers, cache in [
+        (0, feed.CACHE_BYTES),
+        (0, 0),
+        (2, 0),
+    ]:  # cache 0: every sample encoded in the loader
         monkeypatch.setattr(feed, "CACHE_BYTES", cache)
-        f = feed.Feed(samples, enc, on_bad_sample="error", batch_size=2, micro_batches=count, seed=5, rank=rank,
-                      world=world, workers=workers)
+        f = feed.Feed(
+            samples,
+            enc,
+            on_bad_sample="error",
+            batch_size=2,
+            micro_batches=count,
+            seed=5,
+            rank=rank,
+            world=world,
+            workers=workers,
+        )
         got = list(f.batches())
         assert_same_batches(got, want)
         # through a worker, a batch's tensors come in shared memory
@@ -101,8 +119,17 @@ def test_each_rank_encodes_only_its_share_up_front(llama_dir, text_data):
     seen = []
     for rank in (0, 1):
         counting = Counting(enc)
-        f = feed.Feed(samples, counting, on_bad_sample="error", batch_size=4, micro_batches=2, seed=2, rank=rank,
-                      world=2, workers=0)
+        f = feed.Feed(
+            samples,
+            counting,
+            on_bad_sample="error",
+            batch_size=4,
+            micro_batches=2,
+            seed=2,
+            rank=rank,
+            world=2,
+            workers=0,
+        )
         seen.append(counting.seen)
         mine = {i for k in range(2) for i in f.dataset.items(k)}  # the first epoch: 2 micro-batches of 4 of 8
         assert {samples[i].id for i in mine} == set(counting.seen)  # the samples it will take, no other
@@ -124,8 +151,11 @@ def test_an_unexpected_failure_on_one_rank_stops_the_other_naming_it(llama_dir, 
     breaking.pad_token_id = enc.pad_token_id
     theirs, _, _ = feed.check_share(samples, breaking, "error", feed.share(len(samples), 0, 1, 2), rank=1)
     monkeypatch.setattr(feed, "gather_objects", lambda mine: [mine, theirs])  # rank 0's view of the gather
-    with pytest.raises(ForgetlessError, match=f"rank 1 failed to encode sample '{victim}' "
-                                              r"\(ValueError: processor broke\)"):
+    with pytest.raises(
+        ForgetlessError,
+        match=f"rank 1 failed to encode sample '{victim}' "
+        r"\(ValueError: processor broke\)",
+    ):
         feed.check(samples, breaking, "error", rank=0, world=2)
     monkeypatch.setattr(feed, "gather_objects", lambda mine: [feed.Findings(), mine])  # rank 1's own view
     with pytest.raises(ValueError, match="processor broke"):  # its own exception, traceback and all
@@ -152,11 +182,18 @@ def test_two_ranks_skip_the_bad_sample_one_process_skips(tmp_path, llama_dir, ba
 
     extra = ("--lr", "1e-2", "--on-bad-sample", "skip")
     main(D.finetune_args(llama_dir, bad_data, tmp_path / "one", *extra))
-    W.torchrun("cli", tmp_path / "probe", *D.finetune_args(llama_dir, bad_data, tmp_path / "two", *extra,
-                                                            "--workers", "1"))
+    W.torchrun(
+        "cli",
+        tmp_path / "probe",
+        *D.finetune_args(llama_dir, bad_data, tmp_path / "two", *extra, "--workers", "1"),
+    )
     one, two = D.compare_runs(tmp_path, "model.safetensors")  # the same losses, gradient norms and weights
-    assert two["skipped"] == one["skipped"] == [[BAD_ID, "empty answer (turn 1)"]]  # rank 0 learnt it from rank 1
-    assert two["num_samples"] == one["num_samples"] == 8 and two["data_fingerprint"] == one["data_fingerprint"]
+    assert (
+        two["skipped"] == one["skipped"] == [[BAD_ID, "empty answer (turn 1)"]]
+    )  # rank 0 learnt it from rank 1
+    assert (
+        two["num_samples"] == one["num_samples"] == 8 and two["data_fingerprint"] == one["data_fingerprint"]
+    )
     assert two["recipe"]["workers"] == 1
 
 
@@ -165,10 +202,26 @@ def test_two_ranks_stop_on_a_bad_sample_of_one_with_one_process_error(tmp_path, 
         finetune(llama_dir, bad_data, tmp_path / "one", steps=1, log=None)
     assert f"sample {BAD_ID!r}: empty answer" in str(one.value)
     args = D.finetune_args(llama_dir, bad_data, tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", W.__file__,
-           "cli", str(tmp_path / "probe"), *args]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=120, check=False)  # a rank left waiting on its peer would time out here
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        W.__file__,
+        "cli",
+        str(tmp_path / "probe"),
+        *args,
+    ]
+    r = subprocess.run(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # a rank left waiting on its peer would time out here
     assert r.returncode != 0
     assert r.stderr.count(f"error: {one.value}\n") == 2, r.stderr[-3000:]  # both ranks, one process's words
     assert "step 1/" not in r.stdout and not (tmp_path / "two").exists()

@@ -20,7 +20,10 @@ pytest.importorskip("tensorboard")  # in forgetless[all]; the test of its absenc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 torch.set_num_threads(1)
-llama_dir, text_data = test_finetune.llama_dir, test_finetune.text_data  # fixtures: a 2-layer Llama, 8 QA samples
+llama_dir, text_data = (
+    test_finetune.llama_dir,
+    test_finetune.text_data,
+)  # fixtures: a 2-layer Llama, 8 QA samples
 QA = test_finetune.QA
 STEPS = 4
 
@@ -39,8 +42,19 @@ def f32(xs) -> list[float]:
 def test_events_hold_the_loops_own_numbers(tmp_path, llama_dir, text_data, keep):
     lines: list[str] = []
     out = tmp_path / "ft"
-    report = finetune(llama_dir, text_data, out, train=["language.layers[1]"], steps=STEPS, batch_size=2, grad_accum=2,
-                      lr=1e-3, warmup=1, keep=keep, log=lines.append)
+    report = finetune(
+        llama_dir,
+        text_data,
+        out,
+        train=["language.layers[1]"],
+        steps=STEPS,
+        batch_size=2,
+        grad_accum=2,
+        lr=1e-3,
+        warmup=1,
+        keep=keep,
+        log=lines.append,
+    )
     runs = list((out / "runs").iterdir())
     assert runs == [report.tensorboard] and len(list(runs[0].glob("events.out.tfevents.*"))) == 1
     meta = json.loads((out / "finetune.json").read_text())
@@ -50,8 +64,12 @@ def test_events_hold_the_loops_own_numbers(tmp_path, llama_dir, text_data, keep)
 
     got = scalars(runs[0])
     steps = list(range(1, STEPS + 1))
-    for tag, values in (("train/loss", report.losses), ("train/learning_rate", report.lrs),
-                        ("train/grad_norm", report.grad_norms), ("train/epoch", [4 * s / len(QA) for s in steps])):
+    for tag, values in (
+        ("train/loss", report.losses),
+        ("train/learning_rate", report.lrs),
+        ("train/grad_norm", report.grad_norms),
+        ("train/epoch", [4 * s / len(QA) for s in steps]),
+    ):
         assert got[tag] == list(zip(steps, f32(values))), tag
     assert report.lrs == meta["lrs"] and report.losses == meta["losses"]
     # samples/s: 4 samples per step over that step's wall time; the steps' times add up to the run's
@@ -67,26 +85,65 @@ def test_events_hold_the_loops_own_numbers(tmp_path, llama_dir, text_data, keep)
 
 
 def test_lora_run_writes_them_too_and_the_flag_turns_them_off(tmp_path, llama_dir, text_data):
-    report = finetune(llama_dir, text_data, tmp_path / "lora", lora=LoraSpec(r=2, targets=["q_proj"]), steps=2,
-                      batch_size=2, lr=1e-3, log=None)
+    report = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "lora",
+        lora=LoraSpec(r=2, targets=["q_proj"]),
+        steps=2,
+        batch_size=2,
+        lr=1e-3,
+        log=None,
+    )
     assert scalars(report.tensorboard)["train/loss"] == list(zip([1, 2], f32(report.losses)))
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
-    main(["finetune", str(llama_dir), "--data", str(text_data), "--out", str(tmp_path / "off"), "--train",
-          "language.layers[1]", "--steps", "1", "--batch-size", "2", "--no-tensorboard"])
+    main(
+        [
+            "finetune",
+            str(llama_dir),
+            "--data",
+            str(text_data),
+            "--out",
+            str(tmp_path / "off"),
+            "--train",
+            "language.layers[1]",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-tensorboard",
+        ]
+    )
     assert not (tmp_path / "off" / "runs").exists() and "tensorboard" not in json.loads(
-        (tmp_path / "off" / "finetune.json").read_text())
+        (tmp_path / "off" / "finetune.json").read_text()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "off"]
 
 
 def test_without_the_package_one_line_and_no_logs(tmp_path, llama_dir, text_data, monkeypatch):
-    for mod in [m for m in sys.modules if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
+    for mod in [
+        m
+        for m in sys.modules
+        if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))
+    ]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
     lines: list[str] = []
-    report = finetune(llama_dir, text_data, tmp_path / "ft", train=["language.layers[1]"], steps=1, batch_size=2,
-                      log=lines.append)
+    report = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "ft",
+        train=["language.layers[1]"],
+        steps=1,
+        batch_size=2,
+        log=lines.append,
+    )
     notes = [line for line in lines if "TensorBoard" in line]
-    assert len(notes) == 1 and "tensorboard package is not installed" in notes[0] and "--no-tensorboard" in notes[0]
+    assert (
+        len(notes) == 1
+        and "tensorboard package is not installed" in notes[0]
+        and "--no-tensorboard" in notes[0]
+    )
     assert report.tensorboard is None and not (tmp_path / "ft" / "runs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]
 
@@ -97,8 +154,16 @@ def test_a_failed_run_leaves_its_events_beside_the_output(tmp_path, llama_dir, t
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        finetune(llama_dir, text_data, tmp_path / "ft", train=["language.layers[1]"], steps=3, batch_size=2, hook=boom,
-                 log=None)
+        finetune(
+            llama_dir,
+            text_data,
+            tmp_path / "ft",
+            train=["language.layers[1]"],
+            steps=3,
+            batch_size=2,
+            hook=boom,
+            log=None,
+        )
     assert not (tmp_path / "ft").exists()
     (run,) = (tmp_path / "ft.tensorboard").iterdir()
     assert [s for s, _ in scalars(run)["train/loss"]] == [1]  # step 1 was logged and flushed

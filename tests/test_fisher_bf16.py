@@ -34,7 +34,7 @@ def test_float32_products_are_the_float32_bmm_bit_for_bit():
     assert got.dtype == torch.float32
     assert torch.equal(got, torch.bmm(g.transpose(1, 2), x))  # the product the Fisher always took
     exact, scale = _exact(g, x)
-    assert ((got.double() - exact).abs() <= 40 * 2.0 ** -23 * scale).all()
+    assert ((got.double() - exact).abs() <= 40 * 2.0**-23 * scale).all()
 
 
 @pytest.mark.parametrize("pair", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
@@ -50,13 +50,15 @@ def test_bfloat16_products_on_the_cpu_are_rounded_to_bfloat16_once():
     assert got.dtype == torch.float32 and torch.equal(got, got.bfloat16().float())  # bfloat16 values
     exact, scale = _exact(g, x)
     # one rounding to bfloat16 (unit roundoff 2⁻⁸) after a float32 accumulation over 40 rows
-    assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 40 * 2.0 ** -23 * scale).all()
+    assert ((got.double() - exact).abs() <= 2.0**-8 * exact.abs() + 40 * 2.0**-23 * scale).all()
     assert not torch.equal(got, torch.bmm(g.float().transpose(1, 2), x.float()))  # it is the bfloat16 product
 
 
 def test_the_installed_torch_has_the_float32_output_product_cuda_takes():
     g, x = (t.to("meta") for t in _rows(torch.bfloat16))
-    assert torch.bmm(g.transpose(1, 2), x, out_dtype=torch.float32).dtype == torch.float32  # shapes and dtypes only
+    assert (
+        torch.bmm(g.transpose(1, 2), x, out_dtype=torch.float32).dtype == torch.float32
+    )  # shapes and dtypes only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's float32-output bfloat16 product")
@@ -65,7 +67,7 @@ def test_bfloat16_products_on_cuda_keep_the_float32_accumulation():
     got = per_sample_products(g.cuda(), x.cuda()).cpu()
     exact, scale = _exact(g, x)
     assert got.dtype == torch.float32
-    assert ((got.double() - exact).abs() <= 40 * 2.0 ** -23 * scale + 1e-30).all()  # no bfloat16 rounding
+    assert ((got.double() - exact).abs() <= 40 * 2.0**-23 * scale + 1e-30).all()  # no bfloat16 rounding
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +75,21 @@ def smollm2_fishers(tmp_path_factory):
     """Diagonal Fisher sums of the embedded SmolLM2-135M over its last three decoder layers, on eight text probes:
     the float32 model; the bfloat16 model with float32 products (the path before); with its own products."""
     data = tmp_path_factory.mktemp("probes") / "probes.jsonl"
-    data.write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n"
-                            for p in text_probes()[:32]))
+    data.write_text(
+        "".join(
+            json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n" for p in text_probes()[:32]
+        )
+    )
     smol = export_smollm2()
     batches = list(iter_batches(load_samples(data, n=8, seed=0), Encoder(smol), 8))
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval()
 
     def fisher() -> dict[str, torch.Tensor]:
-        params = {k: m.weight for k, m in linear_modules(model).items()
-                  if any(f".layers.{i}." in k for i in (27, 28, 29))}
+        params = {
+            k: m.weight
+            for k, m in linear_modules(model).items()
+            if any(f".layers.{i}." in k for i in (27, 28, 29))
+        }
         return accumulate_fisher(model, batches, params=params).sums
 
     f32 = fisher()
@@ -100,8 +108,9 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float,
     """‖a − b‖ / ‖b‖ over all tensors together, and the largest per tensor."""
     diff = {k: float((a[k].double() - b[k].double()).norm()) for k in b}
     norm = {k: float(b[k].double().norm()) for k in b}
-    return (sum(d ** 2 for d in diff.values()) / sum(n ** 2 for n in norm.values())) ** 0.5, \
-        max(diff[k] / norm[k] for k in b)
+    return (sum(d**2 for d in diff.values()) / sum(n**2 for n in norm.values())) ** 0.5, max(
+        diff[k] / norm[k] for k in b
+    )
 
 
 def test_bfloat16_products_add_little_to_the_bfloat16_models_own_error(smollm2_fishers):

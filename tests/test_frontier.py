@@ -37,8 +37,11 @@ def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
     assert len(merges) == sum(len(k.values) for k in FR.KNOBS.values())
     for m in merges:
         k = FR.KNOBS[m.label]
-        assert next(iter(m.params)) == k.knob and (m.method, m.task_fisher, m.model) == (k.method, k.task_fisher,
-                                                                                         k.model)
+        assert next(iter(m.params)) == k.knob and (m.method, m.task_fisher, m.model) == (
+            k.method,
+            k.task_fisher,
+            k.model,
+        )
     assert knob_of({"knob": "lambda=1 density=0.05"}, "TIES") == 0.05
 
 
@@ -57,21 +60,39 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
     ft = _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=2)
     rows = [("base", "", base), ("fine-tuned", "", ft)]
     for i, lam in enumerate((0.3, 0.6)):
-        rows.append(("WiSE-FT", f"lambda={lam:g}", _result({"digits": 0.3 + 0.6 * lam, "colour": 0.8 - 0.2 * lam,
-                                                           "probes": 0.7 - 0.1 * lam}, seed=10 + i)))
+        rows.append(
+            (
+                "WiSE-FT",
+                f"lambda={lam:g}",
+                _result(
+                    {"digits": 0.3 + 0.6 * lam, "colour": 0.8 - 0.2 * lam, "probes": 0.7 - 0.1 * lam},
+                    seed=10 + i,
+                ),
+            )
+        )
     for i, a in enumerate((1.0, 25.0)):
-        rows.append(("CGM", f"alpha={a:g}", _result({"digits": 0.8 - 0.01 * a, "colour": 0.6, "probes": 0.6},
-                                                   seed=20 + i)))
+        rows.append(
+            (
+                "CGM",
+                f"alpha={a:g}",
+                _result({"digits": 0.8 - 0.01 * a, "colour": 0.6, "probes": 0.6}, seed=20 + i),
+            )
+        )
     rows.append(("SPIDER", "", _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=30)))
-    rows.append(("SPIDER → WiSE-FT", "lambda=0.5", _result({"digits": 0.6, "colour": 0.7, "probes": 0.6}, seed=31)))
+    rows.append(
+        ("SPIDER → WiSE-FT", "lambda=0.5", _result({"digits": 0.6, "colour": 0.7, "probes": 0.6}, seed=31))
+    )
     out = {"rows": [{"method": m, "knob": k, **compare(r, base, ft), **task_fields(r)} for m, k, r in rows]}
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / FR.RESULTS).write_text(json.dumps(out))
     c = Curves(out, Bootstrap(200, seed=0))
     by = {(r["method"], r["knob"]): r for r in out["rows"]}
     e_ft = by[("fine-tuned", "")]["E"]
-    pts = [(0.0, 0.0), (e_ft, by[("fine-tuned", "")]["F"]),
-           *[(by[("WiSE-FT", k)]["E"], by[("WiSE-FT", k)]["F"]) for k in ("lambda=0.3", "lambda=0.6")]]
+    pts = [
+        (0.0, 0.0),
+        (e_ft, by[("fine-tuned", "")]["F"]),
+        *[(by[("WiSE-FT", k)]["E"], by[("WiSE-FT", k)]["F"]) for k in ("lambda=0.3", "lambda=0.6")],
+    ]
     want = max(f for e, f in pts if e >= 0.9 * e_ft)
     point, draws = c.at("WiSE-FT", 0.9)
     assert point == pytest.approx(want)
@@ -88,7 +109,11 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
         Curves({"rows": [r for r in out["rows"] if r["method"] != "SPIDER"]}, Bootstrap(20, seed=0))
     md = frontier_markdown(tmp_path, ["digits", "tag"], tmp_path / "plots", reading="READING-KEPT\n")
     assert "READING-KEPT" in md and "Curves not run yet on this task: TIES, DARE, Fisher merging" in md
-    assert "Not run yet: tag." in md and "| WiSE-FT | lambda 0.3, 0.6 |" in md and "| SPIDER | one fine-tune" in md
+    assert (
+        "Not run yet: tag." in md
+        and "| WiSE-FT | lambda 0.3, 0.6 |" in md
+        and "| SPIDER | one fine-tune" in md
+    )
     assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000
 
 
@@ -97,14 +122,22 @@ def _row(method: str, knob: str, e: float, f: float) -> dict:
 
 
 def test_choose_takes_the_best_f_that_keeps_the_gain_ends_included():
-    rows = [_row("base", "", 0, 0), _row("fine-tuned", "", 20, -20), _row("SPIDER", "", 17, -10),
-            _row("WiSE-FT", "lambda=0.5", 19, -9), _row("WiSE-FT", "lambda=0.7", 18.5, -4),
-            _row("WiSE-FT", "lambda=0.3", 10, -1), _row("TIES", "density=0.2", 12, -3),
-            _row("SPIDER → WiSE-FT", "lambda=0.5", 15, -2)]
+    rows = [
+        _row("base", "", 0, 0),
+        _row("fine-tuned", "", 20, -20),
+        _row("SPIDER", "", 17, -10),
+        _row("WiSE-FT", "lambda=0.5", 19, -9),
+        _row("WiSE-FT", "lambda=0.7", 18.5, -4),
+        _row("WiSE-FT", "lambda=0.3", 10, -1),
+        _row("TIES", "density=0.2", 12, -3),
+        _row("SPIDER → WiSE-FT", "lambda=0.5", 15, -2),
+    ]
     picks = FR.choose(rows, 0.9)
     # brute force: every curve's points (its ends and its own rows), E ≥ 18, the largest F
-    want_wise = max([r for r in rows if r["method"] in ("base", "fine-tuned", "WiSE-FT") and r["E"] >= 18],
-                    key=lambda r: r["F"])
+    want_wise = max(
+        [r for r in rows if r["method"] in ("base", "fine-tuned", "WiSE-FT") and r["E"] >= 18],
+        key=lambda r: r["F"],
+    )
     assert picks["WiSE-FT"] is want_wise and want_wise["knob"] == "lambda=0.7"
     assert picks["TIES"]["method"] == "fine-tuned"  # its only point below 18: the fine-tune is its choice
     assert picks["SPIDER → WiSE-FT"] is None  # SPIDER's own E (17) is below 18 already
@@ -113,20 +146,39 @@ def test_choose_takes_the_best_f_that_keeps_the_gain_ends_included():
 
 
 def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
-    val = [_row("base", "", 0, 0), _row("fine-tuned", "", 20, -20), _row("SPIDER", "", 17, -10),
-           _row("WiSE-FT", "lambda=0.7", 19, -4), _row("TIES", "density=0.2", 12, -3)]
+    val = [
+        _row("base", "", 0, 0),
+        _row("fine-tuned", "", 20, -20),
+        _row("SPIDER", "", 17, -10),
+        _row("WiSE-FT", "lambda=0.7", 19, -4),
+        _row("TIES", "density=0.2", 12, -3),
+    ]
     picks = FR.choose(val, 0.9)
     base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, seed=1)
-    models = {"fine-tuned": _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=2),
-              "SPIDER": _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=3),
-              "WiSE-FT": _result({"digits": 0.85, "colour": 0.75, "probes": 0.65}, seed=4)}
-    test_rows = [{"method": "base", "knob": "", **compare(base, base, models["fine-tuned"]), **task_fields(base)}]
+    models = {
+        "fine-tuned": _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=2),
+        "SPIDER": _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=3),
+        "WiSE-FT": _result({"digits": 0.85, "colour": 0.75, "probes": 0.65}, seed=4),
+    }
+    test_rows = [
+        {"method": "base", "knob": "", **compare(base, base, models["fine-tuned"]), **task_fields(base)}
+    ]
     for m, knob in (("fine-tuned", ""), ("SPIDER", ""), ("WiSE-FT", "lambda=0.7")):
-        test_rows.append({"method": m, "knob": knob, **compare(models[m], base, models["fine-tuned"]),
-                          **task_fields(models[m])})
+        test_rows.append(
+            {
+                "method": m,
+                "knob": knob,
+                **compare(models[m], base, models["fine-tuned"]),
+                **task_fields(models[m]),
+            }
+        )
     res = FR.chosen_result({"rows": test_rows}, picks, 0.9, log=lambda _: None)
     by = {r["method"]: r for r in res["rows"]}
-    assert by["WiSE-FT"]["chosen"] == "lambda=0.7" and by["WiSE-FT"]["knob"] == "" and by["WiSE-FT"]["val"]["F"] == -4
+    assert (
+        by["WiSE-FT"]["chosen"] == "lambda=0.7"
+        and by["WiSE-FT"]["knob"] == ""
+        and by["WiSE-FT"]["val"]["F"] == -4
+    )
     assert by["TIES"]["chosen"] == "fine-tuned" and by["TIES"]["E"] == by["fine-tuned"]["E"]
     for task in ("digits", "spatial"):
         (tmp_path / task).mkdir()
@@ -139,7 +191,9 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| WiSE-FT | ") and "%" in x)
     assert line.startswith(f"| WiSE-FT | {kept:.0%} [") and f"| {rec:.0%} [" in line
     assert line.endswith("| yes |" if kept >= 0.95 and rec >= 0.9 else "| no |")
-    assert "| TIES | +0.0 [+0.0, +0.0] |" not in md  # TIES chose the fine-tune: compared with WiSE-FT, not itself
+    assert (
+        "| TIES | +0.0 [+0.0, +0.0] |" not in md
+    )  # TIES chose the fine-tune: compared with WiSE-FT, not itself
     assert chosen_markdown(tmp_path, ["count_many"]) == ""
 
 
@@ -147,17 +201,34 @@ def test_curve_labels_and_keeping_the_other_curves():
     from forgetless.errors import ForgetlessError
 
     assert FR.curve_labels(["wise-ft", "SPIDER", "magnitudemask ->", "cgm†"]) == [
-        "WiSE-FT", "SPIDER → WiSE-FT", "MagnitudeMask → WiSE-FT", "CGM†"]
+        "WiSE-FT",
+        "SPIDER → WiSE-FT",
+        "MagnitudeMask → WiSE-FT",
+        "CGM†",
+    ]
     for bad, words in (("cg", "ambiguous"), ("nope", "not one of")):
         with pytest.raises(ForgetlessError, match=words):
             FR.curve_labels([bad])
-    base, ft = {"method": "base", "knob": "", "correct_items": {"d": "1"}}, \
-        {"method": "fine-tuned", "knob": "", "correct_items": {"d": "3"}}
-    old = {"rows": [base, ft, {"method": "TIES", "knob": "density=0.1"}, {"method": "CGM", "knob": "alpha=1"},
-                    {"method": "gone", "knob": ""}]}
+    base, ft = (
+        {"method": "base", "knob": "", "correct_items": {"d": "1"}},
+        {"method": "fine-tuned", "knob": "", "correct_items": {"d": "3"}},
+    )
+    old = {
+        "rows": [
+            base,
+            ft,
+            {"method": "TIES", "knob": "density=0.1"},
+            {"method": "CGM", "knob": "alpha=1"},
+            {"method": "gone", "knob": ""},
+        ]
+    }
     new = {"rows": [base, ft, {"method": "CGM", "knob": "alpha=5"}]}
     got = FR.keep_curves(new, old, ["CGM"], log=lambda _: None)
-    assert [(r["method"], r["knob"]) for r in got["rows"]] == [("base", ""), ("fine-tuned", ""), ("CGM", "alpha=5"),
-                                                               ("TIES", "density=0.1")]
+    assert [(r["method"], r["knob"]) for r in got["rows"]] == [
+        ("base", ""),
+        ("fine-tuned", ""),
+        ("CGM", "alpha=5"),
+        ("TIES", "density=0.1"),
+    ]
     other_ft = {"rows": [base, {**ft, "correct_items": {"d": "2"}}, {"method": "CGM", "knob": "alpha=5"}]}
     assert FR.keep_curves(other_ft, old, ["CGM"], log=lambda _: None) == other_ft

@@ -36,7 +36,9 @@ def tiny(tmp_path_factory):
     files = {}
     for label, scope in [("a", LAYER0), ("b", REST), ("whole", LAYER0 + REST)]:
         files[label] = root / f"{label}.safetensors"
-        compute_statistics("gram", model, data, files[label], scope=scope, device="cpu", log=None, progress=False)
+        compute_statistics(
+            "gram", model, data, files[label], scope=scope, device="cpu", log=None, progress=False
+        )
     return root, model, data, files
 
 
@@ -73,9 +75,14 @@ def test_regmean_recipe_takes_several_files_as_one(tiny, tmp_path):
     m.save_pretrained(other)
 
     def merged(stats, out):
-        r = {"method": "regmean", "base": str(model),
-             "models": [{"model": str(model), "statistics": {"gram": stats}},
-                        {"model": str(other), "statistics": {"gram": stats}}]}
+        r = {
+            "method": "regmean",
+            "base": str(model),
+            "models": [
+                {"model": str(model), "statistics": {"gram": stats}},
+                {"model": str(other), "statistics": {"gram": stats}},
+            ],
+        }
         report = forgetless.merge(r, out=tmp_path / out, progress=False)
         return load_file(str(tmp_path / out / "model.safetensors")), report
 
@@ -89,9 +96,17 @@ def test_continual_add_takes_several_gram_files(tiny, tmp_path):
     _, model, _, f = tiny
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
     train_adapter(LlamaForCausalLM.from_pretrained(model), cfg, tmp_path / "ad")
-    add_task(tmp_path / "s1", adapter=tmp_path / "ad", gram=[f["a"], f["b"]], out=tmp_path / "o1", base=model,
-             log=None)
-    add_task(tmp_path / "s2", adapter=tmp_path / "ad", gram=f["whole"], out=tmp_path / "o2", base=model, log=None)
+    add_task(
+        tmp_path / "s1",
+        adapter=tmp_path / "ad",
+        gram=[f["a"], f["b"]],
+        out=tmp_path / "o1",
+        base=model,
+        log=None,
+    )
+    add_task(
+        tmp_path / "s2", adapter=tmp_path / "ad", gram=f["whole"], out=tmp_path / "o2", base=model, log=None
+    )
     x, y = (load_file(str(tmp_path / o / "model.safetensors")) for o in ("o1", "o2"))
     assert all(torch.equal(x[k], y[k]) for k in x)
     with pytest.raises(ForgetlessError, match="no Gram for"):
@@ -103,8 +118,9 @@ def test_dry_run_accounts_the_real_run_without_reading_weights(tiny, monkeypatch
     _, model, data, _ = tiny
     monkeypatch.setattr(stats_run, "load_model", lambda *a: pytest.fail("the dry run read the weights"))
     said: list[str] = []
-    report = compute_statistics("gram", model, data, None, dry_run=True, accumulate=accumulate, device="cpu",
-                                log=said.append)
+    report = compute_statistics(
+        "gram", model, data, None, dry_run=True, accumulate=accumulate, device="cpu", log=said.append
+    )
     monkeypatch.undo()
     net = LlamaForCausalLM.from_pretrained(model)
     batches = iter_batches(load_samples(data, n=None, seed=0), Encoder(model), 8)
@@ -120,7 +136,9 @@ def test_a_run_over_the_memory_budget_is_refused_before_loading(tiny, monkeypatc
     _, model, data, _ = tiny
     monkeypatch.setattr(stats_run, "load_model", lambda *a: pytest.fail("loaded before refusing"))
     with pytest.raises(ForgetlessError, match="over --memory") as e:
-        compute_statistics("gram", model, data, tmp_path / "g.safetensors", memory="1MiB", device="cpu", log=None)
+        compute_statistics(
+            "gram", model, data, tmp_path / "g.safetensors", memory="1MiB", device="cpu", log=None
+        )
     assert "--scope" in str(e.value) and not (tmp_path / "g.safetensors").exists()
     with pytest.raises(ForgetlessError, match="not a size"):
         compute_statistics("gram", model, data, None, dry_run=True, memory="lots", device="cpu", log=None)
@@ -131,13 +149,37 @@ def test_split_over_two_ranks_equals_one_process(tiny, tmp_path):
     float32 rounding (the same batches in the same order per module; the ranks run one thread each, this process
     may not). The default data-parallel run agrees to rounding too."""
     _, model, data, _ = tiny
-    args = ["stats", "gram", str(model), "--data", str(data), "--batch-size", "2", "--accumulate", "float32",
-            "--device", "cpu", "--force"]
+    args = [
+        "stats",
+        "gram",
+        str(model),
+        "--data",
+        str(data),
+        "--batch-size",
+        "2",
+        "--accumulate",
+        "float32",
+        "--device",
+        "cpu",
+        "--force",
+    ]
     one = tmp_path / "one.safetensors"
     main([*args, "--out", str(one)])
     split, dp = tmp_path / "split.safetensors", tmp_path / "dp.safetensors"
-    torchrun("cli", tmp_path / "w", *args, "--out", str(split), "--split", "modules", "--then", *args, "--out",
-             str(dp), timeout=300)
+    torchrun(
+        "cli",
+        tmp_path / "w",
+        *args,
+        "--out",
+        str(split),
+        "--split",
+        "modules",
+        "--then",
+        *args,
+        "--out",
+        str(dp),
+        timeout=300,
+    )
     with Statistics(one) as a, Statistics(split) as b, Statistics(dp) as c:
         assert a.meta["shared"] == b.meta["shared"] and a.meta["token_counts"] == b.meta["token_counts"]
         assert a.meta["num_samples"] == b.meta["num_samples"] == c.meta["num_samples"] == len(QA)
@@ -160,8 +202,11 @@ def test_float32_accumulation_on_the_embedded_model_is_within_1e_6_of_float64(tm
 
     model_dir = export_smollm2()
     net = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    lin = {n: m for n, m in linear_modules(net).items()
-           if any(f".layers.{i}." in n for i in (0, 15, 29)) or "lm_head" in n}
+    lin = {
+        n: m
+        for n, m in linear_modules(net).items()
+        if any(f".layers.{i}." in n for i in (0, 15, 29)) or "lm_head" in n
+    }
     data = write_qa_jsonl(tmp_path / "qa.jsonl", [(q * (1 + i % 3), a) for i, (q, a) in enumerate(QA * 4)])
     batches = list(iter_batches(load_samples(data), Encoder(model_dir), 8))
     exact = accumulate_gram(net, batches, linears=lin, dtype=torch.float64)

@@ -68,6 +68,7 @@ def png(path: Path, width: int, height: int) -> Path:
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
     return path
@@ -78,8 +79,12 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
 
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
     check_image(png(tmp_path / "under.png", 9000, 9000))  # 81,000,000 pixels: accepted
-    with pytest.raises(BadSample, match=r"10000×10000 = 100,000,000 pixels, more than the limit of 89,478,485"):
-        check_image(png(tmp_path / "over.png", 10000, 10000))  # Pillow itself only warns below twice the limit
+    with pytest.raises(
+        BadSample, match=r"10000×10000 = 100,000,000 pixels, more than the limit of 89,478,485"
+    ):
+        check_image(
+            png(tmp_path / "over.png", 10000, 10000)
+        )  # Pillow itself only warns below twice the limit
     bomb = png(tmp_path / "bomb.png", 20000, 20000)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(BadSample, match=r"bomb\.png has more pixels than twice the limit of 89,478,485"):
@@ -88,8 +93,13 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
 
 def test_stats_and_finetune_refuse_a_bomb_naming_the_data_file_and_the_image(tmp_path):
     bomb = png(tmp_path / "bomb.png", 20000, 20000)
-    sample = Sample(id="s1", image=bomb, turns=[("user", "what?"), ("assistant", "black")],
-                    source=tmp_path / "calib.jsonl", index=0)
+    sample = Sample(
+        id="s1",
+        image=bomb,
+        turns=[("user", "what?"), ("assistant", "black")],
+        source=tmp_path / "calib.jsonl",
+        index=0,
+    )
     skipped: list = []
     enc = Encoder(tiny_llava_processor())
     with pytest.raises(ForgetlessError) as e:
@@ -105,7 +115,9 @@ def test_eval_refuses_a_bomb_before_loading_the_model(tmp_path, llama_dir, capsy
     monkeypatch.setattr(forgetless.cpm, "load_model", None)  # a call would be an unexpected TypeError
     bomb = png(tmp_path / "bomb.png", 20000, 20000)
     task = tmp_path / "look.jsonl"
-    task.write_text(json.dumps({"id": "a", "image": bomb.name, "question": "<image> colour?", "answer": "black"}))
+    task.write_text(
+        json.dumps({"id": "a", "image": bomb.name, "question": "<image> colour?", "answer": "black"})
+    )
     err = refused(["eval", str(llama_dir), "--tasks", str(task), "--quiet"], capsys)
     assert err.startswith(f"error: {task}: sample 'a': image {bomb} has more pixels") and "bomb" in err
 
@@ -116,9 +128,13 @@ def test_stats_refuses_a_bomb_before_loading_the_model(tmp_path, llama_dir, caps
     monkeypatch.setattr(run, "load_model", None)
     bomb = png(tmp_path / "bomb.png", 20000, 20000)
     data = tmp_path / "calib.jsonl"
-    data.write_text(json.dumps({"id": "b", "image": "bomb.png", "question": "<image> colour?", "answer": "black"}))
-    err = refused(["stats", "gram", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
-                  capsys)
+    data.write_text(
+        json.dumps({"id": "b", "image": "bomb.png", "question": "<image> colour?", "answer": "black"})
+    )
+    err = refused(
+        ["stats", "gram", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+        capsys,
+    )
     assert err.startswith(f"error: {data}: sample 'b': image {bomb} has more pixels than twice the limit")
     assert err.endswith("— fix the sample or pass --on-bad-sample skip")
 
@@ -166,9 +182,14 @@ def test_eval_refuses_a_base_result_scored_on_other_items(tmp_path, llama_dir, c
     def quiz(folder: str, questions: list[str]) -> Path:
         path = tmp_path / folder / "quiz.jsonl"
         path.parent.mkdir()
-        path.write_text("".join(json.dumps({"question": q, "answer": "yes", "options": ["yes", "no"]}) + "\n"
-                                for q in questions))
+        path.write_text(
+            "".join(
+                json.dumps({"question": q, "answer": "yes", "options": ["yes", "no"]}) + "\n"
+                for q in questions
+            )
+        )
         return path
+
     ours, other = quiz("ours", ["Is it red?", "Is it big?"]), quiz("other", ["Is it red?", "Is it old?"])
     base = tmp_path / "base.json"
     main(["eval", str(llama_dir), "--tasks", str(ours), "--out", str(base), "--quiet"])
@@ -179,11 +200,15 @@ def test_eval_refuses_a_base_result_scored_on_other_items(tmp_path, llama_dir, c
     load = forgetless.cpm.load_model
     monkeypatch.setattr(forgetless.cpm, "load_model", None)  # refused before the model is loaded
     err = refused(["eval", str(llama_dir), "--tasks", str(other), "--base", str(base), "--quiet"], capsys)
-    assert err == (f"error: {base}: task 'quiz' was scored on other items than the base model's (item 1 differs: "
-                   "another file, split or version of a task with the same name) — evaluate every model on the "
-                   "same task files")
+    assert err == (
+        f"error: {base}: task 'quiz' was scored on other items than the base model's (item 1 differs: "
+        "another file, split or version of a task with the same name) — evaluate every model on the "
+        "same task files"
+    )
     monkeypatch.setattr(forgetless.cpm, "load_model", load)
-    main(["eval", str(llama_dir), "--tasks", str(ours), "--base", str(base), "--quiet"])  # the same items: fine
+    main(
+        ["eval", str(llama_dir), "--tasks", str(ours), "--base", str(base), "--quiet"]
+    )  # the same items: fine
     assert "note:" not in capsys.readouterr().out
     # a result written before fingerprints were recorded: compared by name and size, and the user is told
     old = json.loads(base.read_text())
@@ -216,10 +241,13 @@ def test_a_shard_shortened_while_it_is_merged_is_named(ws, capsys, monkeypatch):
     _, data_start = read_safetensors_header(shard)
     view = CheckpointReader.view
 
-    def shortened_first(self, name, rows=None):  # another process cuts the shard after the plan, before a read
+    def shortened_first(
+        self, name, rows=None
+    ):  # another process cuts the shard after the plan, before a read
         if self.path == ft:
             os.truncate(shard, data_start)
         return view(self, name, rows)
+
     monkeypatch.setattr(CheckpointReader, "view", shortened_first)
     err = refused(["merge", str(rpath), "--out", str(root / "out"), "--quiet"], capsys)
     assert err.startswith(f"error: {shard}: tensor ") and "file is truncated while reading" in err
@@ -248,9 +276,23 @@ main(sys.argv[2:])
 def test_a_shard_shortened_after_it_is_mapped_exits_2_not_sigbus(ws):
     root, _, ft, rpath = ws
     shard = ft / "model.safetensors"
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(SHORTEN_AFTER_MAPPING), str(shard), "merge",
-                        str(rpath), "--out", str(root / "out"), "--quiet"], capture_output=True, text=True,
-                       timeout=300, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SHORTEN_AFTER_MAPPING),
+            str(shard),
+            "merge",
+            str(rpath),
+            "--out",
+            str(root / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     err = p.stderr.strip()
     assert p.returncode == 2, (p.returncode, err)  # not -7 (SIGBUS: exit status 135 in a shell)
     assert err.startswith(f"error: {shard}: tensor ") and "truncated" in err and "\n" not in err
@@ -258,30 +300,49 @@ def test_a_shard_shortened_after_it_is_mapped_exits_2_not_sigbus(ws):
 
 
 # ------------------------------------------------------------------------------------- operating-system errors
-@pytest.mark.parametrize("call, succeeding", [("pwrite", 0), ("pwrite", 1), ("fdatasync", 0), ("fsync", 0)],
-                         ids=["header", "tensor", "background-sync", "final-sync"])
+@pytest.mark.parametrize(
+    "call, succeeding",
+    [("pwrite", 0), ("pwrite", 1), ("fdatasync", 0), ("fsync", 0)],
+    ids=["header", "tensor", "background-sync", "final-sync"],
+)
 def test_a_full_disk_names_the_file_being_written(ws, capsys, monkeypatch, call, succeeding):
     root, base, ft, rpath = ws
     before = {d: digest(d) for d in (base, ft)}
     real, calls = getattr(os, call), []
 
-    def full(*a, **k):  # the first `succeeding` calls go through (the header: one pwrite), then the disk is full
+    def full(
+        *a, **k
+    ):  # the first `succeeding` calls go through (the header: one pwrite), then the disk is full
         calls.append(a)
         if len(calls) <= succeeding:
             return real(*a, **k)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the system calls raise it: no file name
+
     monkeypatch.setattr(W.os, call, full)
     err = refused(["merge", str(rpath), "--out", str(root / "out"), "--quiet"], capsys)
-    assert err == (f"error: {root / 'out' / 'model.safetensors'}: No space left on device — free space on that "
-                   "disk, or write the output to another disk")
+    assert err == (
+        f"error: {root / 'out' / 'model.safetensors'}: No space left on device — free space on that "
+        "disk, or write the output to another disk"
+    )
     assert not (root / "out").exists() and not leftovers(root)
     assert {d: digest(d) for d in (base, ft)} == before
 
 
 def stats_args(model: Path, root: Path) -> list[str]:
     data = write_qa_jsonl(root / "calib.jsonl", [("Say yes.", "yes"), ("Say no.", "no")])
-    return ["stats", "gram", str(model), "--data", str(data), "--out", str(root / "gram.safetensors"),
-            "--device", "cpu", "--batch-size", "2"]
+    return [
+        "stats",
+        "gram",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(root / "gram.safetensors"),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
 
 
 def test_a_full_disk_while_the_statistics_are_saved_names_the_file(tmp_path, llama_dir, capsys, monkeypatch):
@@ -289,6 +350,7 @@ def test_a_full_disk_while_the_statistics_are_saved_names_the_file(tmp_path, lla
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(store, "save_file", full)
     err = refused(stats_args(llama_dir, tmp_path), capsys)
     assert err.startswith(f"error: {tmp_path / 'gram.safetensors'}: No space left on device — free space")
@@ -310,6 +372,7 @@ def test_a_full_disk_while_a_result_is_written_names_the_file(tmp_path, monkeypa
     def full_file(fd, mode):
         os.close(fd)
         return Full()
+
     monkeypatch.setattr(report.os, "fdopen", full_file)
     with pytest.raises(OSError) as e:
         report.write_json(tmp_path / "result.json", {"tasks": {}})
@@ -320,13 +383,25 @@ def test_a_full_disk_while_a_result_is_written_names_the_file(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------- out of memory
 OOM = [
     ("merge", MemoryError(), "out of memory in `forgetless merge` — lower --memory"),
-    ("eval", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
-                                    "of 79.11 GiB of which 1.20 GiB is free."),
-     ("out of GPU memory in `forgetless eval`: 2.00 GiB could not be allocated — lower --batch-size or --dtype "
-      "bfloat16")),
-    ("stats", RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-                           "memory: you tried to allocate 40000000000000 bytes. Error code 12"),
-     "out of memory in `forgetless stats`: 36.38 TiB could not be allocated — lower --batch-size, --max-length"),
+    (
+        "eval",
+        torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+            "of 79.11 GiB of which 1.20 GiB is free."
+        ),
+        (
+            "out of GPU memory in `forgetless eval`: 2.00 GiB could not be allocated — lower --batch-size or --dtype "
+            "bfloat16"
+        ),
+    ),
+    (
+        "stats",
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 40000000000000 bytes. Error code 12"
+        ),
+        "out of memory in `forgetless stats`: 36.38 TiB could not be allocated — lower --batch-size, --max-length",
+    ),
 ]
 
 
@@ -340,12 +415,15 @@ def test_out_of_memory_is_one_line_saying_what_to_lower(ws, capsys, monkeypatch,
 
     def short(*a, **k):
         raise error
-    target, args = {"merge": (engine, ["merge", str(rpath), "--out", str(root / "out"), "--quiet"]),
-                    "eval": (report, ["eval", str(base), "--tasks", "t"]),
-                    "stats": (run, ["stats", "gram", str(base), "--data", "d", "--out", str(root / "g.safetensors")])
-                    }[command]
-    monkeypatch.setattr(target, {"merge": "execute", "eval": "run_eval", "stats": "compute_statistics"}[command],
-                        short)
+
+    target, args = {
+        "merge": (engine, ["merge", str(rpath), "--out", str(root / "out"), "--quiet"]),
+        "eval": (report, ["eval", str(base), "--tasks", "t"]),
+        "stats": (run, ["stats", "gram", str(base), "--data", "d", "--out", str(root / "g.safetensors")]),
+    }[command]
+    monkeypatch.setattr(
+        target, {"merge": "execute", "eval": "run_eval", "stats": "compute_statistics"}[command], short
+    )
     err = refused(args, capsys)
     assert err.startswith(f"error: {words}"), err
     assert not leftovers(root)
@@ -359,13 +437,16 @@ def test_a_merge_too_large_for_the_free_space_is_refused_before_any_work(ws, cap
     with CheckpointReader(base) as r:
         size = sum(r.info(n).nbytes for n in r.names())
     err = refused(["merge", str(rpath), "--out", str(root / "out"), "--quiet"], capsys)
-    assert err == (f"error: {root / 'out'}: the output needs {W.human_bytes(size)} but its disk has 1000 B free — "
-                   "free space on that disk, or write the output to another disk")
+    assert err == (
+        f"error: {root / 'out'}: the output needs {W.human_bytes(size)} but its disk has 1000 B free — "
+        "free space on that disk, or write the output to another disk"
+    )
     assert not (root / "out").exists() and not leftovers(root)
 
 
-def test_statistics_too_large_for_the_free_space_are_refused_before_the_pass(tmp_path, llama_dir, capsys,
-                                                                             monkeypatch):
+def test_statistics_too_large_for_the_free_space_are_refused_before_the_pass(
+    tmp_path, llama_dir, capsys, monkeypatch
+):
     from forgetless.stats import run
 
     usage = shutil.disk_usage(tmp_path)
@@ -373,26 +454,33 @@ def test_statistics_too_large_for_the_free_space_are_refused_before_the_pass(tmp
     monkeypatch.setattr(run, "accumulate_gram", None)  # the pass over the data is not started
     cfg = json.loads((llama_dir / "config.json").read_text())
     # one Gram per distinct input: q/k/v, o, gate/up (hidden wide) and down (intermediate wide), and lm_head's
-    linears = cfg["num_hidden_layers"] * (3 * cfg["hidden_size"] ** 2 + cfg["intermediate_size"] ** 2) \
+    linears = (
+        cfg["num_hidden_layers"] * (3 * cfg["hidden_size"] ** 2 + cfg["intermediate_size"] ** 2)
         + cfg["hidden_size"] ** 2
+    )
     err = refused(stats_args(llama_dir, tmp_path), capsys)
-    assert err == (f"error: {tmp_path / 'gram.safetensors'}: the gram file needs {W.human_bytes(4 * linears)} but "
-                   "its disk has 1000 B free — free space on that disk, or write the output to another disk")
+    assert err == (
+        f"error: {tmp_path / 'gram.safetensors'}: the gram file needs {W.human_bytes(4 * linears)} but "
+        "its disk has 1000 B free — free space on that disk, or write the output to another disk"
+    )
 
 
 def test_check_free_space_looks_at_the_nearest_existing_folder(tmp_path, monkeypatch):
     from forgetless.checkpoint.space import check_free_space
 
     seen = []
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: seen.append(Path(p)) or shutil._ntuple_diskusage(10, 5, 5))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: seen.append(Path(p)) or shutil._ntuple_diskusage(10, 5, 5)
+    )
     check_free_space(tmp_path / "a" / "b" / "out", 5, "the output")
     assert seen == [tmp_path]
     with pytest.raises(ForgetlessError, match="the output needs 6 B but its disk has 5 B free"):
         check_free_space(tmp_path / "a" / "b" / "out", 6, "the output")
 
 
-def test_a_full_finetune_too_large_for_the_free_space_is_refused_before_training(tmp_path, llama_dir, capsys,
-                                                                                 monkeypatch):
+def test_a_full_finetune_too_large_for_the_free_space_is_refused_before_training(
+    tmp_path, llama_dir, capsys, monkeypatch
+):
     from forgetless.train import loop
 
     usage = shutil.disk_usage(tmp_path)
@@ -401,7 +489,21 @@ def test_a_full_finetune_too_large_for_the_free_space_is_refused_before_training
     data = write_qa_jsonl(tmp_path / "train.jsonl", [("Say yes.", "yes"), ("Say no.", "no")])
     with CheckpointReader(llama_dir) as r:
         size = sum(r.info(n).nbytes for n in r.names())
-    err = refused(["finetune", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "ft"), "--steps", "1",
-                   "--no-tensorboard"], capsys)
-    assert err == (f"error: {tmp_path / 'ft'}: the fine-tuned model needs {W.human_bytes(size)} but its disk has "
-                   "1000 B free — free space on that disk, or write the output to another disk")
+    err = refused(
+        [
+            "finetune",
+            str(llama_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "ft"),
+            "--steps",
+            "1",
+            "--no-tensorboard",
+        ],
+        capsys,
+    )
+    assert err == (
+        f"error: {tmp_path / 'ft'}: the fine-tuned model needs {W.human_bytes(size)} but its disk has "
+        "1000 B free — free space on that disk, or write the output to another disk"
+    )

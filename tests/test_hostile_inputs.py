@@ -28,14 +28,22 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     base = build_tiny_llava(root / "base")
     for i in range(2):
-        train_adapter(tiny_llava_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                      root / f"a{i}", seed=i + 1)
+        train_adapter(
+            tiny_llava_model(),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            root / f"a{i}",
+            seed=i + 1,
+        )
     return root, base, [root / "a0", root / "a1"]
 
 
 def digest(*folders: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in folders for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for d in folders
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def damaged(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:
@@ -92,18 +100,30 @@ def test_nan_or_inf_in_a_factor_names_the_tensor(ws, tmp_path, capsys, key, valu
     assert "earlier checkpoint" in err
 
 
-@pytest.mark.parametrize("config, problem", [
-    ({"rank_pattern": "q_proj"}, "rank_pattern must be a mapping of module patterns to numbers, got 'q_proj'"),
-    ({"alpha_pattern": None}, "alpha_pattern must be a mapping of module patterns to numbers, got None"),
-    ({"alpha_pattern": {"q_proj": -16}}, "alpha_pattern['q_proj'] must be a positive finite number, got -16"),
-    ({"rank_pattern": {"(q_proj": 4}}, "rank_pattern: '(q_proj' is not a regular expression"),
-    ({"lora_alpha": float("nan")}, "lora_alpha must be a positive finite number, got nan"),
-    ({"lora_alpha": float("inf")}, "lora_alpha must be a positive finite number, got inf"),
-    ({"lora_alpha": True}, "lora_alpha must be a positive finite number, got True"),
-    ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
-    ({"modules_to_save": 5}, "modules_to_save must be a list of module names, got 5"),
-    ({"modules_to_save": "multi_modal_projector"}, "modules_to_save must be a list of module names, got 'multi_"),
-])
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        (
+            {"rank_pattern": "q_proj"},
+            "rank_pattern must be a mapping of module patterns to numbers, got 'q_proj'",
+        ),
+        ({"alpha_pattern": None}, "alpha_pattern must be a mapping of module patterns to numbers, got None"),
+        (
+            {"alpha_pattern": {"q_proj": -16}},
+            "alpha_pattern['q_proj'] must be a positive finite number, got -16",
+        ),
+        ({"rank_pattern": {"(q_proj": 4}}, "rank_pattern: '(q_proj' is not a regular expression"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a positive finite number, got nan"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a positive finite number, got inf"),
+        ({"lora_alpha": True}, "lora_alpha must be a positive finite number, got True"),
+        ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+        ({"modules_to_save": 5}, "modules_to_save must be a list of module names, got 5"),
+        (
+            {"modules_to_save": "multi_modal_projector"},
+            "modules_to_save must be a list of module names, got 'multi_",
+        ),
+    ],
+)
 @pytest.mark.parametrize("build", [adapter_recipe, fold_in_recipe])
 def test_bad_adapter_config_values_are_named(ws, tmp_path, capsys, config, problem, build):
     bad = damaged(ws[2][1], tmp_path / "bad", config=config)
@@ -116,10 +136,17 @@ def huge_factors(sd):
         sd[k] = sd[k] * 1e30
 
 
-@pytest.mark.parametrize("config, tensors, peaks", [({"lora_alpha": 1e300}, None, "scale 2.5e+299, rank 4"),
-                                                    (None, huge_factors, "scale 2, rank 4, largest |A| ")])
+@pytest.mark.parametrize(
+    "config, tensors, peaks",
+    [
+        ({"lora_alpha": 1e300}, None, "scale 2.5e+299, rank 4"),
+        (None, huge_factors, "scale 2, rank 4, largest |A| "),
+    ],
+)
 @pytest.mark.parametrize("build", [adapter_recipe, fold_in_recipe])
-def test_an_update_beyond_float32_is_refused_before_it_overflows(ws, tmp_path, capsys, config, tensors, peaks, build):
+def test_an_update_beyond_float32_is_refused_before_it_overflows(
+    ws, tmp_path, capsys, config, tensors, peaks, build
+):
     """Finite but absurd: the bound scale · rank · max|A| · max|B| on |ΔW| passes 1e30 (merges overflowed)."""
     bad = damaged(ws[2][1], tmp_path / "bad", config=config, tensors=tensors)
     err = refused(ws, tmp_path, build(ws, bad), capsys=capsys)
@@ -149,15 +176,35 @@ def test_fold_refuses_an_adapter_of_another_model_unless_allowed(ws, tmp_path, c
     assert f"models[1] {odd}: 'x\\x00yyy" in err
     refused(ws, tmp_path, {**recipe, "fold": True}, capsys=capsys)  # the recipe key refuses the same
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    main(["merge", str(tmp_path / "recipe.yaml"), "--fold", "--allow-other-model", "--quiet",
-          "--out", str(tmp_path / "allowed")])
+    main(
+        [
+            "merge",
+            str(tmp_path / "recipe.yaml"),
+            "--fold",
+            "--allow-other-model",
+            "--quiet",
+            "--out",
+            str(tmp_path / "allowed"),
+        ]
+    )
     assert (tmp_path / "allowed" / "model.safetensors").is_file()
-    main(["merge", str(tmp_path / "recipe.yaml"), "--quiet", "--out", str(tmp_path / "adapter")])  # no fold: kept
+    main(
+        ["merge", str(tmp_path / "recipe.yaml"), "--quiet", "--out", str(tmp_path / "adapter")]
+    )  # no fold: kept
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     for i, name in enumerate((str(base), f"llava-hf/{base.name}")):  # its own path, or a Hub id of its name
         same = damaged(a1, tmp_path / f"same{i}", config={"base_model_name_or_path": name})
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(adapter_recipe(ws, same, "copa")))
-        main(["merge", str(tmp_path / "recipe.yaml"), "--fold", "--quiet", "--out", str(tmp_path / f"same{i}out")])
+        main(
+            [
+                "merge",
+                str(tmp_path / "recipe.yaml"),
+                "--fold",
+                "--quiet",
+                "--out",
+                str(tmp_path / f"same{i}out"),
+            ]
+        )
         assert (tmp_path / f"same{i}out" / "model.safetensors").is_file()
     # MODEL+ADAPTER in a full-model merge folds the adapter into MODEL: the same rule
     folded = {"method": "task_arithmetic", "base": str(base), "models": [f"{base}+{other}"]}
@@ -186,13 +233,28 @@ def test_deeply_nested_adapter_config_is_refused_by_depth(ws, tmp_path, capsys):
     assert (tmp_path / "ok" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("text, problem", [
-    (DEEP, "YAML nested deeper than 100 levels"),
-    ('{"method": "ties", "base": "b", "models": ' + "[" * 5000 + "]" * 5000 + "}", "YAML nested deeper than 100"),
-    ("method: ties\nbase: b\nmodels: &m [*m]\n", "YAML alias inside its own anchor (a structure that contains itself)"),
-    ("method: ties\nbase: b\nmodels: [a]\nseed: 2024-13-45\n", "invalid YAML value (month must be in 1..12) (line 4)"),
-    ("method: ties\nbase: b\nmodels: [a]\nseed: " + "7" * 5000, "invalid YAML value (Exceeds the limit (4300 digits)"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (DEEP, "YAML nested deeper than 100 levels"),
+        (
+            '{"method": "ties", "base": "b", "models": ' + "[" * 5000 + "]" * 5000 + "}",
+            "YAML nested deeper than 100",
+        ),
+        (
+            "method: ties\nbase: b\nmodels: &m [*m]\n",
+            "YAML alias inside its own anchor (a structure that contains itself)",
+        ),
+        (
+            "method: ties\nbase: b\nmodels: [a]\nseed: 2024-13-45\n",
+            "invalid YAML value (month must be in 1..12) (line 4)",
+        ),
+        (
+            "method: ties\nbase: b\nmodels: [a]\nseed: " + "7" * 5000,
+            "invalid YAML value (Exceeds the limit (4300 digits)",
+        ),
+    ],
+)
 def test_deep_self_referring_or_unconvertible_recipe_is_refused(ws, tmp_path, capsys, text, problem):
     err = refused(ws, tmp_path, text, capsys=capsys)
     assert f"{tmp_path / 'recipe.yaml'}: {problem}" in err
@@ -204,13 +266,17 @@ def test_duplicated_yaml_keys_are_refused_naming_the_key_and_lines(ws, tmp_path,
     err = refused(ws, tmp_path, text, capsys=capsys)
     assert f"{tmp_path / 'recipe.yaml'}: key 'density' is given twice (lines 5 and 6)" in err
     assert "which value wins is ambiguous" in err
-    mergekit = (f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters:\n      weight: 1.0\n"
-                f"  - model: {base}\n    parameters: {{weight: 0.5, weight: 1.0}}\n")
+    mergekit = (
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters:\n      weight: 1.0\n"
+        f"  - model: {base}\n    parameters: {{weight: 0.5, weight: 1.0}}\n"
+    )
     err = refused(ws, tmp_path, mergekit, capsys=capsys)
     assert "key 'weight' is given twice (lines 7 and 7)" in err
     merged = tmp_path / "merge_key.yaml"  # a key that overrides a merged mapping (<<) is no duplicate
-    merged.write_text(f"method: lora_ties\nbase: {base}\nmodels:\n  - &m0 {{model: {a0}, weight: 0.5}}\n"
-                      f"  - {{<<: *m0, model: {a1}}}\n")
+    merged.write_text(
+        f"method: lora_ties\nbase: {base}\nmodels:\n  - &m0 {{model: {a0}, weight: 0.5}}\n"
+        f"  - {{<<: *m0, model: {a1}}}\n"
+    )
     models = load_recipe(merged).models
     assert [m.model for m in models] == [str(a0), str(a1)] and models[1].params == {"weight": 0.5}
 
@@ -225,7 +291,10 @@ def laughs(levels: int) -> str:
 @pytest.mark.parametrize("levels", [6, 9])
 def test_yaml_alias_bomb_is_refused_before_it_is_expanded(ws, tmp_path, capsys, levels):
     """9 levels expand to 9⁹ ≈ 3.9·10⁸ strings; 6 levels (5.3·10⁵) already pass the limit."""
-    text = laughs(levels) + f"method: lora_ties\nbase: {ws[1]}\nmodels: [{ws[2][0]}]\nparameters: {{x: *l{levels - 1}}}\n"
+    text = (
+        laughs(levels)
+        + f"method: lora_ties\nbase: {ws[1]}\nmodels: [{ws[2][0]}]\nparameters: {{x: *l{levels - 1}}}\n"
+    )
     err = refused(ws, tmp_path, text, capsys=capsys)
     assert f"{tmp_path / 'recipe.yaml'}: YAML expands through its aliases to more than 100000 nodes" in err
 
@@ -244,8 +313,13 @@ def test_binary_garbage_as_recipe_or_config_is_named(ws, tmp_path, capsys):
     assert f"{tmp_path / 'recipe.yaml'}: 16.0 MiB, more than the 16 MiB read from a file of this kind" in err
 
 
-@pytest.mark.parametrize("content, problem", [(DEEP.encode(), "JSON nested deeper than 100 levels"),
-                                              (b"\xff\xfe\x00{}", "not a text file (byte 0 is not UTF-8")])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (DEEP.encode(), "JSON nested deeper than 100 levels"),
+        (b"\xff\xfe\x00{}", "not a text file (byte 0 is not UTF-8"),
+    ],
+)
 def test_routing_file_and_continued_adapter_config_are_read_within_limits(ws, tmp_path, content, problem):
     """The routed model's cpm_routing.json and the adapter config `finetune --init-adapter` continues."""
     from forgetless.cpm import ROUTING_FILE, read_routing
@@ -274,32 +348,64 @@ def _deep_index(model: Path) -> None:
 
 
 DEEP_FILES = [  # (what, damage(model folder, data file), command, words)
-    ("config.json", lambda m, d: (m / "config.json").write_text(DEEP), "stats", "config.json: JSON nested deeper"),
-    ("a shard's header", lambda m, d: _deep_header(m / "model.safetensors"), "stats",
-     "model.safetensors: JSON nested deeper"),
+    (
+        "config.json",
+        lambda m, d: (m / "config.json").write_text(DEEP),
+        "stats",
+        "config.json: JSON nested deeper",
+    ),
+    (
+        "a shard's header",
+        lambda m, d: _deep_header(m / "model.safetensors"),
+        "stats",
+        "model.safetensors: JSON nested deeper",
+    ),
     ("the index", lambda m, d: _deep_index(m), "merge", "model.safetensors.index.json: JSON nested deeper"),
     ("a JSON data file", lambda m, d: d.write_text(DEEP), "stats", "JSON nested too deep to read"),
-    ("a JSONL data line", lambda m, d: d.write_text('{"question": "q", "answer": "a"}\n' + DEEP + "\n"), "stats",
-     "line 2: invalid JSON (nested too deep)"),
-    ("a result file", lambda m, d: (d.parent / "base.json").write_text(DEEP), "eval --base", "base.json: JSON nested"),
+    (
+        "a JSONL data line",
+        lambda m, d: d.write_text('{"question": "q", "answer": "a"}\n' + DEEP + "\n"),
+        "stats",
+        "line 2: invalid JSON (nested too deep)",
+    ),
+    (
+        "a result file",
+        lambda m, d: (d.parent / "base.json").write_text(DEEP),
+        "eval --base",
+        "base.json: JSON nested",
+    ),
     ("a task.json", lambda m, d: (d.parent / "task.json").write_text(DEEP), "eval", "task.json: JSON nested"),
 ]
 
 
-@pytest.mark.parametrize("damage, command, words", [c[1:] for c in DEEP_FILES], ids=[c[0] for c in DEEP_FILES])
-def test_every_json_the_tool_reads_is_refused_by_depth_not_a_recursion_error(ws, tmp_path, capsys, damage, command,
-                                                                             words):
+@pytest.mark.parametrize(
+    "damage, command, words", [c[1:] for c in DEEP_FILES], ids=[c[0] for c in DEEP_FILES]
+)
+def test_every_json_the_tool_reads_is_refused_by_depth_not_a_recursion_error(
+    ws, tmp_path, capsys, damage, command, words
+):
     model, data = tmp_path / "model", tmp_path / "task" / "test.jsonl"
     shutil.copytree(ws[1], model)
     data.parent.mkdir()
     data.write_text('{"question": "q", "answer": "a"}\n')
     (data.parent / "base.json").write_text("{}")
     damage(model, data)
-    argv = {"stats": ["stats", "gram", str(model), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
-            "eval": ["eval", str(model), "--tasks", str(data.parent)],
-            "eval --base": ["eval", str(model), "--tasks", str(data.parent), "--base", str(data.parent / "base.json")],
-            "merge": ["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]}[command]
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "linear", "base": str(ws[1]), "models": [str(model)]}))
+    argv = {
+        "stats": ["stats", "gram", str(model), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+        "eval": ["eval", str(model), "--tasks", str(data.parent)],
+        "eval --base": [
+            "eval",
+            str(model),
+            "--tasks",
+            str(data.parent),
+            "--base",
+            str(data.parent / "base.json"),
+        ],
+        "merge": ["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")],
+    }[command]
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump({"method": "linear", "base": str(ws[1]), "models": [str(model)]})
+    )
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()

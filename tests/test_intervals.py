@@ -15,8 +15,13 @@ from forgetless.eval.report import cell, format_table, table_row
 
 def result(**tasks) -> dict:
     """{name: (kind, bool array)} as an evaluation result."""
-    return {"split": "test", "tasks": {n: {"kind": k, "n": len(c), "accuracy": float(np.mean(c)),
-                                           "correct_items": correct_items(c)} for n, (k, c) in tasks.items()}}
+    return {
+        "split": "test",
+        "tasks": {
+            n: {"kind": k, "n": len(c), "accuracy": float(np.mean(c)), "correct_items": correct_items(c)}
+            for n, (k, c) in tasks.items()
+        },
+    }
 
 
 def flags(rng, n, p) -> np.ndarray:
@@ -34,8 +39,12 @@ def test_correct_items_round_trip_and_predictions_fallback():
 
 def test_scores_on_each_resample_equal_a_brute_force_loop():
     rng = np.random.default_rng(1)
-    res = result(task=("downstream", flags(rng, 23, 0.4)), a=("general_visual", flags(rng, 17, 0.7)),
-                 b=("general_visual", flags(rng, 11, 0.5)), probes=("general_text", flags(rng, 29, 0.6)))
+    res = result(
+        task=("downstream", flags(rng, 23, 0.4)),
+        a=("general_visual", flags(rng, 17, 0.7)),
+        b=("general_visual", flags(rng, 11, 0.5)),
+        probes=("general_text", flags(rng, 29, 0.6)),
+    )
     boot = Bootstrap(n_boot=50, seed=3)
     got = boot.scores(res)
     for k in range(50):  # recompute draw k by hand from the same indices
@@ -74,10 +83,14 @@ def test_paired_difference_matches_its_closed_form_and_is_tighter_than_unpaired(
     se = 100 * d.std() / math.sqrt(n)
     lo, hi = boot.interval(e)
     assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.08)
-    assert np.allclose(e, boot.difference_draws(m, b, "T")) and np.allclose(e, boot.difference_draws(m, b, "E"))
+    assert np.allclose(e, boot.difference_draws(m, b, "T")) and np.allclose(
+        e, boot.difference_draws(m, b, "E")
+    )
     point, interval = boot.difference(m, b, "E")
     assert point == pytest.approx(100 * d.mean()) and interval == boot.interval(e)
-    unpaired = 1.96 * 100 * math.sqrt(model.mean() * (1 - model.mean()) / n + base.mean() * (1 - base.mean()) / n)
+    unpaired = (
+        1.96 * 100 * math.sqrt(model.mean() * (1 - model.mean()) / n + base.mean() * (1 - base.mean()) / n)
+    )
     assert (hi - lo) / 2 < unpaired / 2  # pairing: much tighter than two independent intervals
 
 
@@ -101,7 +114,9 @@ def test_seeds_are_resampled_too():
 def test_compare_refuses_results_of_other_items():
     rng = np.random.default_rng(5)
     with pytest.raises(ForgetlessError, match="differs"):
-        intervals(result(t=("downstream", flags(rng, 10, 0.5))), result(t=("downstream", flags(rng, 11, 0.5))))
+        intervals(
+            result(t=("downstream", flags(rng, 10, 0.5))), result(t=("downstream", flags(rng, 11, 0.5)))
+        )
 
 
 def test_table_shows_half_widths():

@@ -35,15 +35,18 @@ def awkward(n: int, seed: int) -> torch.Tensor:
 @pytest.fixture
 def torch_rule(monkeypatch):
     """Runs the code under test with the kernels switched off."""
+
     def off():
         monkeypatch.setattr(kernels, "ENABLED", False)
+
     return off
 
 
 def test_the_kernels_are_built():
     assert kernels._kernels is not None, (
         "forgetless.methods.fast._kernels was not built: reinstall with a C compiler present (`pip install -e .`); "
-        "the methods then fall back to torch, several times slower")
+        "the methods then fall back to torch, several times slower"
+    )
     assert kernels.ENABLED == (os.environ.get("FORGETLESS_KERNELS", "1") != "0")  # =0: torch on purpose
 
 
@@ -65,12 +68,23 @@ def test_count_gather_equals_compares_and_nonzero(largest, diff):
     x = (a - b).abs() if diff else a
     values, index = torch.empty(3001), torch.empty(3001, dtype=torch.int32)
     finite = x[torch.isfinite(x)].sort().values
-    for lo, hi in [(-math.inf, math.inf), (float(finite[100]), float(finite[2000])), (0.0, 0.0), (0.5, 0.5),
-                   (-math.inf, float(finite[5])), (float(finite[-3]), math.inf), (math.inf, math.inf), (1.0, -1.0)]:
+    for lo, hi in [
+        (-math.inf, math.inf),
+        (float(finite[100]), float(finite[2000])),
+        (0.0, 0.0),
+        (0.5, 0.5),
+        (-math.inf, float(finite[5])),
+        (float(finite[-3]), math.inf),
+        (math.inf, math.inf),
+        (1.0, -1.0),
+    ]:
         beyond, k = kernels.count_gather(a, b if diff else None, lo, hi, largest, values, index)
         assert beyond == int((x > hi).sum() if largest else (x < lo).sum()), (lo, hi)
         at = ((x >= lo) & (x <= hi)).nonzero().view(-1)
-        assert k == at.numel() and torch.equal(index[:k].long(), at) and same_bits(values[:k], x[at]), (lo, hi)
+        assert k == at.numel() and torch.equal(index[:k].long(), at) and same_bits(values[:k], x[at]), (
+            lo,
+            hi,
+        )
 
 
 def reference_ties(base, fts, cuts, offset, weights, lambda_, sign, convention, torch_rule):
@@ -79,28 +93,36 @@ def reference_ties(base, fts, cuts, offset, weights, lambda_, sign, convention, 
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
-@pytest.mark.parametrize("weights, lambda_, sign, convention", [
-    ("ones", 1.0, "total", "mergekit"),
-    ("ones", 0.7, "total", "mergekit"),
-    ("mixed", 1.0, "total", "mergekit"),  # weights below and above 1: den + (den == 0)
-    ("large", 1.3, "total", "mergekit"),  # every weight ≥ 1: max(den, 1)
-    ("mixed", 0.6, "frequency", "mergekit"),
-    ("ones", 1.0, "frequency", "peft"),  # PEFT's rule where it is mergekit's: the kernel runs
-])
-def test_the_ties_kernel_is_the_torch_rule_bit_for_bit(monkeypatch, torch_rule, m, weights, lambda_, sign,
-                                                       convention):
+@pytest.mark.parametrize(
+    "weights, lambda_, sign, convention",
+    [
+        ("ones", 1.0, "total", "mergekit"),
+        ("ones", 0.7, "total", "mergekit"),
+        ("mixed", 1.0, "total", "mergekit"),  # weights below and above 1: den + (den == 0)
+        ("large", 1.3, "total", "mergekit"),  # every weight ≥ 1: max(den, 1)
+        ("mixed", 0.6, "frequency", "mergekit"),
+        ("ones", 1.0, "frequency", "peft"),  # PEFT's rule where it is mergekit's: the kernel runs
+    ],
+)
+def test_the_ties_kernel_is_the_torch_rule_bit_for_bit(
+    monkeypatch, torch_rule, m, weights, lambda_, sign, convention
+):
     n = 5000  # several of the kernel's blocks and a partial one
     base = awkward(n, 10 + m)
     base[torch.isinf(base) | torch.isnan(base)] = 1.0
     fts = [base + awkward(n, 20 + k) * 0.25 for k in range(m)]
-    w = {"ones": [1.0] * m, "mixed": [0.3, 1.0, 2.5, 0.8, 1.0][:m], "large": [1.0, 2.0, 1.5, 3.0, 1.0][:m]}[weights]
+    w = {"ones": [1.0] * m, "mixed": [0.3, 1.0, 2.5, 0.8, 1.0][:m], "large": [1.0, 2.0, 1.5, 3.0, 1.0][:m]}[
+        weights
+    ]
     vals = (fts[0] - base).abs()
     finite = vals[torch.isfinite(vals)].sort().values
-    picks = [Cut(float(finite[len(finite) // 2]), 1 << 62, every_tie=True),  # every tie kept
-             Cut(0.5 * 0.25, 2345, every_tie=False),  # ties kept up to flat index 2345 (mid-block)
-             Cut(-math.inf, 1 << 62, every_tie=True),  # every entry (density 1)
-             Cut(math.inf, -1),  # none
-             Cut(float(finite[10]), 1030)]
+    picks = [
+        Cut(float(finite[len(finite) // 2]), 1 << 62, every_tie=True),  # every tie kept
+        Cut(0.5 * 0.25, 2345, every_tie=False),  # ties kept up to flat index 2345 (mid-block)
+        Cut(-math.inf, 1 << 62, every_tie=True),  # every entry (density 1)
+        Cut(math.inf, -1),  # none
+        Cut(float(finite[10]), 1030),
+    ]
     cuts = [picks[k % len(picks)] for k in range(m)]
     for offset in (0, 1000):  # a row block whose first entry is at flat index 1000
         want = reference_ties(base, fts, cuts, offset, w, lambda_, sign, convention, torch_rule)
@@ -144,6 +166,7 @@ def test_the_histogram_bracket_selects_exactly_what_a_stable_sort_does(monkeypat
                 passes.append(1)
                 for s, e in itertools.pairwise(bounds):
                     yield [AbsDiff(x[s:e], y[s:e]) for x, y in zip(a, b)], s
+
             ks = [min(k, int((~x.isnan()).sum())) for x in xs]  # NaN: never selected
             cuts = top_k_cuts(pieces, ks, n, sample=16, histogram=True)
             for cut, x, kx in zip(cuts, xs, ks):

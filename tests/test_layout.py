@@ -118,8 +118,10 @@ def test_legacy_and_current_select_the_same_tensors(dirs):
     assert len(got_cur) == len(r_cur.names()) - 1 - 9  # all but the final norm and layer 0
 
 
-@pytest.mark.parametrize("family,model_cls", [("llava_hf", LlavaForConditionalGeneration),
-                                              ("qwen2_vl_hf", Qwen2_5_VLForConditionalGeneration)])
+@pytest.mark.parametrize(
+    "family,model_cls",
+    [("llava_hf", LlavaForConditionalGeneration), ("qwen2_vl_hf", Qwen2_5_VLForConditionalGeneration)],
+)
 def test_name_aliases_follow_transformers_renames(dirs, family, model_cls):
     r = CheckpointReader(dirs[family])
     current = set(model_cls.from_pretrained(dirs[family]).state_dict())
@@ -138,19 +140,24 @@ def test_describe_counts_everything(dirs):
     assert sum(row["tensors"] for row in rows) == len(r.names())
     assert sum(row["params"] for row in rows) == sum(math.prod(r.info(n).shape) for n in r.names())
     proj = next(row for row in rows if row["part"] == "projector")
-    assert proj["params"] == sum(math.prod(r.info(n).shape) for n in r.names() if n.startswith("visual.merger."))
+    assert proj["params"] == sum(
+        math.prod(r.info(n).shape) for n in r.names() if n.startswith("visual.merger.")
+    )
     assert proj["dtypes"] == ["float32"]
     assert describe(layout, r.infos) == rows
 
 
-@pytest.mark.parametrize("selector,needle", [
-    ("visoin", "unknown selector"),
-    ("language.layers[3]", "out of range"),
-    ("language.layers[a:b]", "bad layer index"),
-    ("projector[0]", "only language.layers"),
-    ("re:^nothing_like_this", "matches no tensor"),
-    ("re:[", "invalid regex"),
-])
+@pytest.mark.parametrize(
+    "selector,needle",
+    [
+        ("visoin", "unknown selector"),
+        ("language.layers[3]", "out of range"),
+        ("language.layers[a:b]", "bad layer index"),
+        ("projector[0]", "only language.layers"),
+        ("re:^nothing_like_this", "matches no tensor"),
+        ("re:[", "invalid regex"),
+    ],
+)
 def test_bad_selectors(dirs, selector, needle):
     r, layout = open_layout(dirs["llava_hf"])
     with pytest.raises(ForgetlessError) as e:
@@ -174,7 +181,9 @@ def test_unknown_architecture_and_override(dirs):
     r = CheckpointReader(dirs["causal_lm"])
     with pytest.raises(ForgetlessError) as e:
         detect_layout({"architectures": ["MambaModel"]}, r.names())
-    assert "MambaModel" in str(e.value) and "layout override" in str(e.value) and "qwen2_vl_hf" in str(e.value)
+    assert (
+        "MambaModel" in str(e.value) and "layout override" in str(e.value) and "qwen2_vl_hf" in str(e.value)
+    )
     layout = detect_layout({"architectures": ["MambaModel"]}, r.names(), override="causal_lm")
     assert layout.family == "causal_lm" and layout.num_layers == 3  # from the tensor names
     with pytest.raises(ForgetlessError, match="unknown layout 'nope'"):
@@ -195,7 +204,9 @@ def test_a_tied_lm_head_is_named_with_the_selector_to_use(tmp_path):
     assert "select language.embed" in str(e.value)
     with pytest.raises(ForgetlessError, match="matches no tensor") as e:
         select(lay, names, ["re:^nothing"], file=model)
-    assert "language.norm, re:" in str(e.value)  # the valid selectors: the parts this checkpoint stores, no lm_head
+    assert "language.norm, re:" in str(
+        e.value
+    )  # the valid selectors: the parts this checkpoint stores, no lm_head
 
 
 def test_the_earlier_family_names_are_still_read_as_overrides(tiny_llava_dir):

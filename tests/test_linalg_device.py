@@ -36,10 +36,20 @@ GOAL = 1e-6  # the refined float32 solve against CPU float64, relative (Frobeniu
 LPM_GAMMA = 1e-4  # LPM's default ridge, relative to the mean diagonal: the ill-conditioned systems it solves
 LAYER = 20  # the decoder layer of the embedded SmolLM2 whose Grams the tests take
 QUESTIONS = [
-    [("What is 2 + 3?", "5"), ("What colour is the sky on a clear day?", "Blue"), ("What is H2O?", "Water"),
-     ("Name a primary colour.", "Red"), ("How many legs does a spider have?", "Eight")],
-    [("What is the capital of France?", "Paris"), ("Which planet is the largest?", "Jupiter"),
-     ("What shape has three sides?", "A triangle"), ("What is 10 minus 4?", "6"), ("Is ice cold?", "Yes")],
+    [
+        ("What is 2 + 3?", "5"),
+        ("What colour is the sky on a clear day?", "Blue"),
+        ("What is H2O?", "Water"),
+        ("Name a primary colour.", "Red"),
+        ("How many legs does a spider have?", "Eight"),
+    ],
+    [
+        ("What is the capital of France?", "Paris"),
+        ("Which planet is the largest?", "Jupiter"),
+        ("What shape has three sides?", "A triangle"),
+        ("What is 10 minus 4?", "6"),
+        ("Is ice cold?", "Yes"),
+    ],
 ]
 
 
@@ -62,6 +72,7 @@ def classical_refinement(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.
 
     def solve32(r):
         return torch.cholesky_solve(r.T.float(), factor).T.double()
+
     x = solve32(b)
     for _ in range(steps):
         x = x + solve32(b - x @ a)
@@ -82,8 +93,16 @@ def testbed(tmp_path_factory):
     for i, pairs in enumerate(QUESTIONS):
         data = write_qa_jsonl(root / f"task{i}.jsonl", pairs)
         path = root / f"gram{i}.safetensors"
-        compute_statistics("gram", base, data, path, scope=[f"language.layers[{LAYER}:{LAYER + 1}]"],
-                           device="cpu", log=None, progress=False)
+        compute_statistics(
+            "gram",
+            base,
+            data,
+            path,
+            scope=[f"language.layers[{LAYER}:{LAYER + 1}]"],
+            device="cpu",
+            log=None,
+            progress=False,
+        )
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -167,7 +186,8 @@ def test_refined_float32_on_the_testbed_grams_meets_the_goal(testbed):
         n = gram.shape[0]
         ridge = LPM_GAMMA * float(gram.diagonal().mean())
         delta = (torch.randn(256, 8, generator=g, dtype=torch.float64) * 0.01) @ (
-            torch.randn(8, n, generator=g, dtype=torch.float64) * 0.02)
+            torch.randn(8, n, generator=g, dtype=torch.float64) * 0.02
+        )
         rhs = delta @ gram
         f64 = Solver(gram, ridge).solve(rhs)
         solver = Solver(gram, ridge, precision="float32")
@@ -236,15 +256,27 @@ def _adapter(base: Path, path: Path, seed: int) -> Path:
             tensors[f"{key}.lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.01
     path.mkdir()
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-         "base_model_name_or_path": str(base)}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+                "base_model_name_or_path": str(base),
+            }
+        )
+    )
     return path
 
 
 def _deltas(state: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(state.glob("part-*.safetensors")) for k, v in load_file(str(f)).items()
-            if k.startswith("delta/")}
+    return {
+        k: v
+        for f in sorted(state.glob("part-*.safetensors"))
+        for k, v in load_file(str(f)).items()
+        if k.startswith("delta/")
+    }
 
 
 def test_a_continual_step_refined_equals_float64(testbed, tmp_path, monkeypatch):
@@ -258,13 +290,30 @@ def test_a_continual_step_refined_equals_float64(testbed, tmp_path, monkeypatch)
     def refined(*args, **kw):
         made.append(Solver(*args, **kw, precision="float32"))
         return made[-1]
+
     for step, (a, g) in enumerate(zip(adapters_, files), 1):
-        continual.add_task(tmp_path / "f64", adapter=a, gram=g, out=None, base=base, state_dtype="float64",
-                           device="cpu", log=None)
+        continual.add_task(
+            tmp_path / "f64",
+            adapter=a,
+            gram=g,
+            out=None,
+            base=base,
+            state_dtype="float64",
+            device="cpu",
+            log=None,
+        )
         with monkeypatch.context() as m:
             m.setattr(continual, "Solver", refined)
-            continual.add_task(tmp_path / "f32", adapter=a, gram=g, out=None, base=base,
-                               state_dtype="float64", device="cpu", log=None)
+            continual.add_task(
+                tmp_path / "f32",
+                adapter=a,
+                gram=g,
+                out=None,
+                base=base,
+                state_dtype="float64",
+                device="cpu",
+                log=None,
+            )
         want, got = _deltas(tmp_path / "f64"), _deltas(tmp_path / "f32")
         assert len(want) == 3 and want.keys() == got.keys()
         for k in want:
@@ -284,15 +333,23 @@ def regmean_models(tmp_path_factory):
             x = torch.randn(v[1] // 2, v[1], generator=g) * (torch.rand(v[1], generator=g) * 4 + 0.1)
             stats[k] = x.T @ x  # fewer tokens than inputs: singular, as real Grams are
         save_statistics_for(base, root / f"gram{i}.safetensors", stats, kind="gram")
-    recipe = {"method": "regmean", "base": str(base), "parameters": {"alpha": 0.9}, "device": "cpu",
-              "models": [{"model": str(ft), "statistics": {"gram": str(root / f"gram{i}.safetensors")}}
-                         for i, ft in enumerate(fts)]}
+    recipe = {
+        "method": "regmean",
+        "base": str(base),
+        "parameters": {"alpha": 0.9},
+        "device": "cpu",
+        "models": [
+            {"model": str(ft), "statistics": {"gram": str(root / f"gram{i}.safetensors")}}
+            for i, ft in enumerate(fts)
+        ],
+    }
     return recipe, linear_weight_shapes(base)
 
 
 @pytest.mark.parametrize("blocks", [False, True], ids=["whole", "row blocks"])
-def test_a_regmean_merge_gets_the_recipe_device_and_refined_equals_float64(regmean_models, tmp_path,
-                                                                         monkeypatch, blocks):
+def test_a_regmean_merge_gets_the_recipe_device_and_refined_equals_float64(
+    regmean_models, tmp_path, monkeypatch, blocks
+):
     """The engine hands the recipe's device to RegMean (whole tensors, and the pre-pass of tensors merged in
     row blocks); the merge with refined float32 solves equals the float64 one to 1e-7 (relative, per tensor;
     measured: the same float32 output, its differences below the output's rounding)."""
@@ -312,6 +369,7 @@ def test_a_regmean_merge_gets_the_recipe_device_and_refined_equals_float64(regme
         seen.append(kw["device"])
         made.append(Cholesky(a, **{**kw, "precision": "float32"}))
         return made[-1]
+
     monkeypatch.setattr(regmean_mod, "Cholesky", refined)
     forgetless.merge(recipe, out=tmp_path / "f32", progress=False, memory=memory)
     assert seen and set(seen) == {"cpu"} and len(seen) == len(linear)  # one factorisation per Linear weight
@@ -322,17 +380,20 @@ def test_a_regmean_merge_gets_the_recipe_device_and_refined_equals_float64(regme
         assert rel(got[k], want[k]) < 1e-7, k
 
 
-def test_the_adapter_svd_methods_get_the_recipe_device(adapters, tmp_path, monkeypatch):  # noqa: F811
+def test_the_adapter_svd_methods_get_the_recipe_device(adapters, tmp_path, monkeypatch):
     """lora_ties and lora_task_arithmetic re-factor on the recipe's device (recorded), the CPU's result."""
     _, base, paths = adapters
-    assert all(METHODS[m].uses_device for m in ("regmean", "lora_ties", "lora_dare_linear", "lora_dare_ties",
-                                                "lora_task_arithmetic"))
+    assert all(
+        METHODS[m].uses_device
+        for m in ("regmean", "lora_ties", "lora_dare_linear", "lora_dare_ties", "lora_task_arithmetic")
+    )
     assert not any(METHODS[m].uses_device for m in ("ties", "copa", "lora_cat", "fisher"))
     seen = []
 
     def recording(device="auto"):
         seen.append(device)
         return resolve_device(device)
+
     for method, params in (("lora_ties", {"density": 0.5, "rank": 4}), ("lora_task_arithmetic", {"rank": 3})):
         _merge(base, paths, method, tmp_path / method, parameters=params)
         with monkeypatch.context() as m:
@@ -371,8 +432,9 @@ def test_a_cuda_device_is_refused_before_any_work(regmean_models, testbed, tmp_p
     base, files, _ = testbed
     a = _adapter(base, tmp_path / "a", seed=1)
     with pytest.raises(ForgetlessError, match="--device: 'cuda:1': CUDA is not available here"):
-        continual.add_task(tmp_path / "s", adapter=a, gram=files[0], out=None, base=base, device="cuda:1",
-                           log=None)
+        continual.add_task(
+            tmp_path / "s", adapter=a, gram=files[0], out=None, base=base, device="cuda:1", log=None
+        )
     assert not (tmp_path / "s").exists()
 
 
@@ -416,7 +478,15 @@ def test_on_cuda_the_solves_and_the_svds_equal_the_cpus(testbed, tmp_path):
         assert A.device.type == "cpu" and rel(B @ A, B0 @ A0) < 1e-5
     a = _adapter(base, tmp_path / "a", seed=1)
     for dev in ("cpu", "cuda"):
-        continual.add_task(tmp_path / dev, adapter=a, gram=files[0], out=None, base=base,
-                           state_dtype="float64", device=dev, log=None)
+        continual.add_task(
+            tmp_path / dev,
+            adapter=a,
+            gram=files[0],
+            out=None,
+            base=base,
+            state_dtype="float64",
+            device=dev,
+            log=None,
+        )
     want, got = _deltas(tmp_path / "cpu"), _deltas(tmp_path / "cuda")
     assert want.keys() == got.keys() and all(rel(got[k], want[k]) < 1e-7 for k in want)

@@ -56,7 +56,9 @@ def train_adapter(model: torch.nn.Module, config: LoraConfig, out, seed: int = 1
     return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
 
 
-def check_against_peft(reader, base: CheckpointReader, merged: dict[str, torch.Tensor], rename, n_targets: int):
+def check_against_peft(
+    reader, base: CheckpointReader, merged: dict[str, torch.Tensor], rename, n_targets: int
+):
     assert isinstance(reader, AdaptedReader)
     targets = reader.targets()
     assert len(targets) == n_targets
@@ -78,18 +80,33 @@ def check_against_peft(reader, base: CheckpointReader, merged: dict[str, torch.T
 LLAMA_CASES = {
     "plain": ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, 6),
     "rslora": ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}, 6),
-    "rank_pattern": ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-                      "rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6},
-                      "alpha_pattern": {"down_proj": 3}}, 9),
-    "embedding_and_head": ({"r": 4, "lora_alpha": 16, "target_modules": ["embed_tokens", "lm_head", "o_proj"]}, 5),
+    "rank_pattern": (
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+            "alpha_pattern": {"down_proj": 3},
+        },
+        9,
+    ),
+    "embedding_and_head": (
+        {"r": 4, "lora_alpha": 16, "target_modules": ["embed_tokens", "lm_head", "o_proj"]},
+        5,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(LLAMA_CASES))
 def test_llama_matches_peft_merge(tiny_llama_dir, tmp_path, case):
     kwargs, n_targets = LLAMA_CASES[case]
-    merged = train_adapter(LlamaForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(**kwargs), tmp_path / "ad")
-    with open_model(f"{tiny_llama_dir}+{tmp_path / 'ad'}") as reader, CheckpointReader(tiny_llama_dir) as base:
+    merged = train_adapter(
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(**kwargs), tmp_path / "ad"
+    )
+    with (
+        open_model(f"{tiny_llama_dir}+{tmp_path / 'ad'}") as reader,
+        CheckpointReader(tiny_llama_dir) as base,
+    ):
         check_against_peft(reader, base, merged, lambda n: n, n_targets)
         for name in reader.targets():  # factors reproduce the delta
             A, B, scale = reader.adapter.factors(name)
@@ -108,11 +125,18 @@ def test_llama_matches_peft_merge(tiny_llama_dir, tmp_path, case):
 
 def test_llava_current_adapter_on_legacy_folder(tiny_llava_dir, tmp_path):
     """transformers 5 trains under model.language_model.* but saves language_model.model.*: keys are aliased."""
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["multi_modal_projector"])
-    merged = train_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, tmp_path / "ad")
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["multi_modal_projector"]
+    )
+    merged = train_adapter(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, tmp_path / "ad"
+    )
     keys = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert any(k.startswith("base_model.model.model.language_model.") for k in keys)
-    with open_model(f"{tiny_llava_dir}+{tmp_path / 'ad'}") as reader, CheckpointReader(tiny_llava_dir) as base:
+    with (
+        open_model(f"{tiny_llava_dir}+{tmp_path / 'ad'}") as reader,
+        CheckpointReader(tiny_llava_dir) as base,
+    ):
         # q,v in 3 text + 2 vision layers, 4 projector tensors replaced
         check_against_peft(reader, base, merged, legacy_to_current, 2 * 3 + 2 * 2 + 4)
         assert "multi_modal_projector.linear_1.weight" in reader.targets()
@@ -125,9 +149,15 @@ def test_qwen25vl_matches_peft_merge(tiny_qwen25vl_dir, tmp_path, lora_bias):
     if lora_bias:  # modules with a bias only
         cfg, n = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "qkv"], lora_bias=True), 2 * (3 + 2)
     else:  # includes the Conv3d patch embedding
-        cfg, n = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv", "patch_embed.proj"]), 9
+        cfg, n = (
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv", "patch_embed.proj"]),
+            9,
+        )
     merged = train_adapter(model, cfg, tmp_path / "ad")
-    with open_model(f"{tiny_qwen25vl_dir}+{tmp_path / 'ad'}") as reader, CheckpointReader(tiny_qwen25vl_dir) as base:
+    with (
+        open_model(f"{tiny_qwen25vl_dir}+{tmp_path / 'ad'}") as reader,
+        CheckpointReader(tiny_qwen25vl_dir) as base,
+    ):
         check_against_peft(reader, base, merged, legacy_to_current, n)
         if lora_bias:
             assert "model.layers.0.self_attn.q_proj.bias" in reader.targets()
@@ -137,11 +167,15 @@ def test_qwen25vl_matches_peft_merge(tiny_qwen25vl_dir, tmp_path, lora_bias):
 
 def test_fan_in_fan_out_gpt2(tmp_path):
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
-        tmp_path / "gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    ).save_pretrained(tmp_path / "gpt2")
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     merged = train_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), cfg, tmp_path / "ad")
-    with open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}") as reader, CheckpointReader(tmp_path / "gpt2") as base:
+    with (
+        open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}") as reader,
+        CheckpointReader(tmp_path / "gpt2") as base,
+    ):
         check_against_peft(reader, base, merged, lambda n: n, 2)
 
 
@@ -149,18 +183,27 @@ def test_llava_original_with_non_lora_trainables(tiny_llava_dir, tmp_path):
     """An adapter from the original LLaVA code: PEFT keys under model.layers.N plus non_lora_trainables.bin."""
     base_dir = build_tiny_llava_original(tiny_llava_dir, tmp_path / "llava_orig")
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
-    merged = train_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, tmp_path / "peft")
+    merged = train_adapter(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), cfg, tmp_path / "peft"
+    )
     ad = tmp_path / "ad"
     ad.mkdir()
     shutil.copy(tmp_path / "peft" / "adapter_config.json", ad)
     keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    save_file({k.replace("model.language_model.", "model."): v for k, v in keys.items()},
-              str(ad / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("model.language_model.", "model."): v for k, v in keys.items()},
+        str(ad / "adapter_model.safetensors"),
+    )
     g = torch.Generator().manual_seed(7)
     with CheckpointReader(base_dir) as base:
-        projector = {n: torch.randn(base.info(n).shape, generator=g) for n in base.names() if "mm_projector" in n}
+        projector = {
+            n: torch.randn(base.info(n).shape, generator=g) for n in base.names() if "mm_projector" in n
+        }
     assert len(projector) == 4
-    torch.save({f"base_model.model.{n}": t.to(torch.float16) for n, t in projector.items()}, ad / "non_lora_trainables.bin")
+    torch.save(
+        {f"base_model.model.{n}": t.to(torch.float16) for n, t in projector.items()},
+        ad / "non_lora_trainables.bin",
+    )
     for n, t in projector.items():
         merged[original_to_current(n)] = t.to(torch.float16).float()
     with open_model(f"{base_dir}+{ad}") as reader, CheckpointReader(base_dir) as base:
@@ -171,19 +214,33 @@ def test_llava_original_with_non_lora_trainables(tiny_llava_dir, tmp_path):
 def test_dtype_raw_and_fingerprints(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**TEXT)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    train_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "bf16"), LoraConfig(r=4, lora_alpha=8,
-                  target_modules=["q_proj"]), tmp_path / "a1", seed=1)
-    train_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "bf16"), LoraConfig(r=4, lora_alpha=8,
-                  target_modules=["q_proj"]), tmp_path / "a2", seed=2)
+    train_adapter(
+        LlamaForCausalLM.from_pretrained(tmp_path / "bf16"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        tmp_path / "a1",
+        seed=1,
+    )
+    train_adapter(
+        LlamaForCausalLM.from_pretrained(tmp_path / "bf16"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        tmp_path / "a2",
+        seed=2,
+    )
     sd = load_file(str(tmp_path / "a1" / "adapter_model.safetensors"))
     name = "model.layers.1.self_attn.q_proj.weight"
     key = "base_model.model.model.layers.1.self_attn.q_proj"
-    with open_model(f"{tmp_path / 'bf16'}+{tmp_path / 'a1'}") as r1, open_model(str(tmp_path / "bf16")) as base, \
-            open_model(f"{tmp_path / 'bf16'}+{tmp_path / 'a2'}") as r2:
+    with (
+        open_model(f"{tmp_path / 'bf16'}+{tmp_path / 'a1'}") as r1,
+        open_model(str(tmp_path / "bf16")) as base,
+        open_model(f"{tmp_path / 'bf16'}+{tmp_path / 'a2'}") as r2,
+    ):
         assert r1.info(name).dtype == torch.bfloat16
         got = r1.get(name)
         assert got.dtype == torch.float32
-        want = base.get(name).float() + 2.0 * sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
+        want = (
+            base.get(name).float()
+            + 2.0 * sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
+        )
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert r1.raw(name) == got.to(torch.bfloat16).view(torch.uint8).numpy().tobytes() != base.raw(name)
         assert r1.fingerprint() == r2.fingerprint() == base.fingerprint()
@@ -207,9 +264,14 @@ def test_parse_model_ref(tmp_path):
 
 
 def test_adapter_for_another_model(tiny_llama_dir, tiny_llava_dir, tmp_path):
-    train_adapter(LlamaForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"]),
-                  tmp_path / "ad")
-    with pytest.raises(ForgetlessError, match=r"match no tensor.*base_model\.model\.model\.layers\.\d\.self_attn"):
+    train_adapter(
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, target_modules=["q_proj"]),
+        tmp_path / "ad",
+    )
+    with pytest.raises(
+        ForgetlessError, match=r"match no tensor.*base_model\.model\.model\.layers\.\d\.self_attn"
+    ):
         open_model(f"{tiny_llava_dir}+{tmp_path / 'ad'}")
     # same names, other shapes: the error names the tensor
     other = tmp_path / "wide"
@@ -219,8 +281,11 @@ def test_adapter_for_another_model(tiny_llama_dir, tiny_llava_dir, tmp_path):
 
 
 def test_dora_and_other_types_refused(tiny_llama_dir, tmp_path):
-    train_adapter(LlamaForCausalLM.from_pretrained(tiny_llama_dir),
-                  LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), tmp_path / "dora")
+    train_adapter(
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+        tmp_path / "dora",
+    )
     with pytest.raises(ForgetlessError, match="DoRA.*merge_and_unload"):
         open_model(f"{tiny_llama_dir}+{tmp_path / 'dora'}")
     cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
@@ -232,11 +297,18 @@ def test_dora_and_other_types_refused(tiny_llama_dir, tmp_path):
 
 
 def test_sharded_save_refused(tiny_llama_dir, tmp_path):
-    train_adapter(LlamaForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"]),
-                  tmp_path / "ad")
+    train_adapter(
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, target_modules=["q_proj"]),
+        tmp_path / "ad",
+    )
     f = tmp_path / "ad" / "adapter_model.safetensors"
     sd = load_file(str(f))
-    sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.empty(0)  # a ZeRO-3 placeholder
+    sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.empty(
+        0
+    )  # a ZeRO-3 placeholder
     save_file(sd, str(f))
-    with pytest.raises(ForgetlessError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight'.*shape \[0\].*ZeRO-3"):
+    with pytest.raises(
+        ForgetlessError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight'.*shape \[0\].*ZeRO-3"
+    ):
         open_model(f"{tiny_llama_dir}+{tmp_path / 'ad'}")

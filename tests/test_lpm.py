@@ -27,7 +27,10 @@ def _sequence(singular: bool):
     tasks = [_task(s) for s in range(T)]
     if singular:
         d, X = tasks[2]
-        tasks[2] = (d, X[:, :2] @ torch.randn(2, IN, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+        tasks[2] = (
+            d,
+            X[:, :2] @ torch.randn(2, IN, generator=torch.Generator().manual_seed(9), dtype=torch.float64),
+        )
         tasks[3] = (tasks[3][0], torch.zeros(3, IN, dtype=torch.float64))
     return [d for d, _ in tasks], [X for _, X in tasks]
 
@@ -38,7 +41,7 @@ def _ridge(grams, gamma: float, mode: str) -> float:
 
 def _stacked_lstsq(deltas, Xs, rho: float) -> torch.Tensor:
     """argmin Σᵢ‖Xᵢ(ΔW − ΔWᵢ)ᵀ‖² + ρ‖ΔW‖² as one least-squares problem: rows Xᵢ with targets XᵢΔWᵢᵀ, and √ρ·I."""
-    A = torch.cat([*Xs, rho ** 0.5 * torch.eye(IN, dtype=torch.float64)])
+    A = torch.cat([*Xs, rho**0.5 * torch.eye(IN, dtype=torch.float64)])
     Y = torch.cat([*(X @ d.T for d, X in zip(deltas, Xs)), torch.zeros(IN, OUT, dtype=torch.float64)])
     return torch.linalg.lstsq(A, Y, driver="gelsd").solution.T
 
@@ -53,11 +56,11 @@ def test_recursive_equals_batch_at_every_step(singular, mode, approx):
     rec = lpm_recursive(deltas, grams, gamma=gamma, gamma_mode=mode, approx=approx)
     assert len(rec) == T
     for t in range(T):
-        batch = lpm_batch(deltas[:t + 1], grams[:t + 1], gamma=gamma, gamma_mode=mode, approx=approx)
+        batch = lpm_batch(deltas[: t + 1], grams[: t + 1], gamma=gamma, gamma_mode=mode, approx=approx)
         assert rec[t].dtype == torch.float64
         assert _rel(rec[t], batch) < 1e-6, (t, _rel(rec[t], batch))
         if approx == "full":  # and both are the least-squares optimum, solved independently
-            want = _stacked_lstsq(deltas[:t + 1], Xs[:t + 1], _ridge(grams[:t + 1], gamma, mode))
+            want = _stacked_lstsq(deltas[: t + 1], Xs[: t + 1], _ridge(grams[: t + 1], gamma, mode))
             assert _rel(batch, want) < 1e-9
     # the merge moves with every task: no step is a no-op except the task without data
     for t in range(1, T):
@@ -77,9 +80,13 @@ def test_one_task_closed_form_and_the_effect_of_gamma(mode):
         got = lpm_batch([d], [G], gamma=gamma, gamma_mode=mode)
         assert _rel(got, want) < 1e-10
         assert _rel(lpm_recursive([d], [G], gamma=gamma, gamma_mode=mode)[0], want) < 1e-10
-    assert _rel(lpm_batch([d], [G], gamma=0.0), d) < 1e-10  # one task, no ridge, full-rank data: its own delta
+    assert (
+        _rel(lpm_batch([d], [G], gamma=0.0), d) < 1e-10
+    )  # one task, no ridge, full-rank data: its own delta
     unit = 1.0 if mode == "relative" else float(G.diagonal().mean())
-    norms = [float(lpm_batch([d], [G], gamma=g * unit, gamma_mode=mode).norm()) for g in (0.0, 0.1, 1.0, 100.0)]
+    norms = [
+        float(lpm_batch([d], [G], gamma=g * unit, gamma_mode=mode).norm()) for g in (0.0, 0.1, 1.0, 100.0)
+    ]
     assert norms == sorted(norms, reverse=True) and norms[-1] < 0.1 * norms[0]  # γ shrinks towards the base
 
 
@@ -152,8 +159,13 @@ def test_a_step_from_the_adapters_factors_equals_the_step_from_their_product(app
     from forgetless.methods.lpm import Solver, lpm_accumulate, lpm_update
 
     g = torch.Generator().manual_seed(3)
-    factors = [(torch.randn(2, IN, generator=g, dtype=torch.float64),
-                torch.randn(OUT, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+    factors = [
+        (
+            torch.randn(2, IN, generator=g, dtype=torch.float64),
+            torch.randn(OUT, 2, generator=g, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
     grams = [X.T @ X for X in (torch.randn(10, IN, generator=g, dtype=torch.float64) for _ in range(3))]
     dense = lpm_recursive([B @ A for A, B in factors], grams, gamma=1e-2, approx=approx)
     merged, h, ridge = None, None, 0.0

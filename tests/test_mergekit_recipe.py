@@ -45,8 +45,11 @@ def ws(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
     for i in range(3):
         d = root / f"ft{i}"
         d.mkdir()
-        save_file({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
-                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+            str(d / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         shutil.copy(base / "config.json", d / "config.json")
         fts.append(d)
     return root, base, fts
@@ -74,8 +77,15 @@ def magnitude_stable(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * mask
 
 
-def gta(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, consensus: bool,
-        normalize: bool, lam: float) -> torch.Tensor:
+def gta(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
     """GTATask.execute after sparsification: weigh, (sign consensus 'sum'), sum, (normalize), ×λ, + base."""
     stacked = torch.stack(deltas, dim=0)
     w = torch.tensor(weights, dtype=stacked.dtype)
@@ -101,16 +111,25 @@ def gta(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *,
 
 def mergekit_config(method: str, base: Path, fts: list[Path], per_model: list[dict], **top) -> dict:
     models = [{"model": str(base)}] + [{"model": str(f), "parameters": p} for f, p in zip(fts, per_model)]
-    return {"merge_method": method, "base_model": str(base), "models": models, "parameters": top,
-            "dtype": "float32", "tokenizer_source": "base"}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": top,
+        "dtype": "float32",
+        "tokenizer_source": "base",
+    }
 
 
 # ------------------------------------------------------------------------------- what maps, and its numbers
 def test_task_arithmetic_is_mergekits_bit_for_bit(ws):
     root, base, fts = ws
     w = [0.7, -0.35, 1.3]
-    out = run(root, mergekit_config("task_arithmetic", base, fts, [{"weight": x} for x in w], **{"lambda": 0.85}),
-              "ta")
+    out = run(
+        root,
+        mergekit_config("task_arithmetic", base, fts, [{"weight": x} for x in w], **{"lambda": 0.85}),
+        "ta",
+    )
     b, f = tensors(base), [tensors(p) for p in fts]
     for name, got in out.items():
         expect = gta(b[name], [ft[name] - b[name] for ft in f], w, consensus=False, normalize=False, lam=0.85)
@@ -123,11 +142,16 @@ def test_task_arithmetic_is_mergekits_bit_for_bit(ws):
 def test_task_arithmetic_normalize_maps_to_weights_over_their_sum(ws):
     root, base, fts = ws
     w = [0.5, 1.5]
-    out = run(root, mergekit_config("task_arithmetic", base, fts[:2], [{"weight": x} for x in w], normalize=True),
-              "ta_norm")
+    out = run(
+        root,
+        mergekit_config("task_arithmetic", base, fts[:2], [{"weight": x} for x in w], normalize=True),
+        "ta_norm",
+    )
     b, f = tensors(base), [tensors(p) for p in fts]
     for name, got in out.items():
-        expect = gta(b[name], [ft[name] - b[name] for ft in f[:2]], w, consensus=False, normalize=True, lam=1.0)
+        expect = gta(
+            b[name], [ft[name] - b[name] for ft in f[:2]], w, consensus=False, normalize=True, lam=1.0
+        )
         torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7)
 
 
@@ -149,8 +173,9 @@ def test_ties_density_defaults_to_mergekits_1_not_forgetless_half(ws):
     out = run(root, mergekit_config("ties", base, fts[:2], [{"weight": 1.0}, {"weight": 1.0}]), "ties_d1")
     b, f = tensors(base), [tensors(p) for p in fts]
     for name, got in out.items():
-        expect = gta(b[name], [ft[name] - b[name] for ft in f[:2]], [1.0, 1.0], consensus=True, normalize=True,
-                     lam=1.0)
+        expect = gta(
+            b[name], [ft[name] - b[name] for ft in f[:2]], [1.0, 1.0], consensus=True, normalize=True, lam=1.0
+        )
         assert torch.equal(got, expect), name
     assert load_recipe(root / "ties_d1.yaml").models[0].params["density"] == 1.0
 
@@ -159,8 +184,15 @@ def test_ties_density_defaults_to_mergekits_1_not_forgetless_half(ws):
 def test_dare_is_mergekits_formula_given_the_masks(ws, method):
     root, base, fts = ws
     w, density = [0.8, 1.2], 0.6
-    cfg = mergekit_config(method, base, fts[:2], [{"weight": x, "density": density} for x in w], rescale=False,
-                          normalize=True, **{"lambda": 0.9})
+    cfg = mergekit_config(
+        method,
+        base,
+        fts[:2],
+        [{"weight": x, "density": density} for x in w],
+        rescale=False,
+        normalize=True,
+        **{"lambda": 0.9},
+    )
     out = run(root, cfg, method)
     b, f = tensors(base), [tensors(p) for p in fts]
     kept, total = 0, 0
@@ -184,18 +216,30 @@ def test_dare_at_density_1_keeps_every_entry_as_mergekit_does(ws, method, consen
     root, base, fts = ws
     w = [0.8, 1.2]
     extra = {"normalize": True} if consensus else {}
-    out = run(root, mergekit_config(method, base, fts[:2], [{"weight": x} for x in w], **extra), f"{method}_1")
+    out = run(
+        root, mergekit_config(method, base, fts[:2], [{"weight": x} for x in w], **extra), f"{method}_1"
+    )
     b, f = tensors(base), [tensors(p) for p in fts]
     for name, got in out.items():
-        expect = gta(b[name], [ft[name] - b[name] for ft in f[:2]], w, consensus=consensus, normalize=consensus,
-                     lam=1.0)
+        expect = gta(
+            b[name],
+            [ft[name] - b[name] for ft in f[:2]],
+            w,
+            consensus=consensus,
+            normalize=consensus,
+            lam=1.0,
+        )
         assert torch.equal(got, expect), name
 
 
 def test_linear_is_the_weighted_average_with_the_unlisted_base_averaged_in(ws):
     root, base, fts = ws
-    cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
-           "models": [{"model": str(fts[0]), "parameters": {"weight": 2.0}}, {"model": str(fts[1])}]}
+    cfg = {
+        "merge_method": "linear",
+        "base_model": str(base),
+        "parameters": {"weight": 0.5},
+        "models": [{"model": str(fts[0]), "parameters": {"weight": 2.0}}, {"model": str(fts[1])}],
+    }
     out = run(root, cfg, "linear")
     b, f = tensors(base), [tensors(p) for p in fts]
     for name, got in out.items():  # LinearMergeTask: Σ wₖθₖ / Σ wₖ over fts[0], fts[1], base (added last)
@@ -206,8 +250,15 @@ def test_linear_is_the_weighted_average_with_the_unlisted_base_averaged_in(ws):
 
 def test_dry_run_prints_the_mapped_recipe(ws, capsys):
     root, base, fts = ws
-    cfg = mergekit_config("ties", base, fts[:2], [{"weight": 1.0, "density": 0.4}, {"weight": 0.5}],
-                          density=0.9, int8_mask=True, **{"lambda": 1.0})
+    cfg = mergekit_config(
+        "ties",
+        base,
+        fts[:2],
+        [{"weight": 1.0, "density": 0.4}, {"weight": 0.5}],
+        density=0.9,
+        int8_mask=True,
+        **{"lambda": 1.0},
+    )
     cfg["out_dtype"] = "bfloat16"
     path = root / "dry.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -216,10 +267,16 @@ def test_dry_run_prints_the_mapped_recipe(ws, capsys):
     head = printed.partition("\nmethod ")[0]
     mapped = yaml.safe_load("\n".join(line[2:] for line in head.splitlines()[1:]))
     assert "mapped from a mergekit config" in head.splitlines()[0]
-    assert mapped == {"method": "ties", "base": str(base), "dtype": "bfloat16",
-                      "models": [{"model": str(fts[0]), "weight": 1.0, "density": 0.4},
-                                 {"model": str(fts[1]), "weight": 0.5, "density": 0.9}],
-                      "parameters": {"lambda": 1.0, "convention": "mergekit"}}
+    assert mapped == {
+        "method": "ties",
+        "base": str(base),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(fts[0]), "weight": 1.0, "density": 0.4},
+            {"model": str(fts[1]), "weight": 0.5, "density": 0.9},
+        ],
+        "parameters": {"lambda": 1.0, "convention": "mergekit"},
+    }
     assert not (root / "dry-out").exists()
 
 
@@ -227,8 +284,11 @@ def test_a_dry_run_without_an_output_is_refused_as_the_run_is(ws, capsys):
     """A mergekit config names no output folder: the dry run says so, as the run would, instead of passing."""
     root, base, fts = ws
     path = root / "no-out.yaml"
-    path.write_text(yaml.safe_dump(mergekit_config("ties", base, fts[:2], [{"weight": 1.0}, {"weight": 0.5}],
-                                                   density=0.5)))
+    path.write_text(
+        yaml.safe_dump(
+            mergekit_config("ties", base, fts[:2], [{"weight": 1.0}, {"weight": 0.5}], density=0.5)
+        )
+    )
     for dry in (["--dry-run"], []):
         with pytest.raises(SystemExit) as e:
             main(["merge", str(path), *dry])
@@ -260,25 +320,35 @@ def _cfg(ws, kind="ties", **change) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("change,key,words", [
-    ({"merge_method": "slerp"}, "merge_method", "'slerp' is not in forgetless"),
-    ({"merge_method": "model_stock"}, "merge_method", "'model_stock' is not in forgetless"),
-    ({"merge_method": "passthrough"}, "merge_method", "'passthrough' is not in forgetless"),
-    ({"models": None, "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]}, "slices", "layer slices"),
-    ({"tokenizer_source": "union"}, "tokenizer_source", "never builds another vocabulary"),
-    ({"tokenizer": {"source": "union"}}, "tokenizer", "never changes the vocabulary"),
-    ({"chat_template": "chatml"}, "chat_template", "chat template included"),
-    ({"parameters": {"density": [0.2, 0.8]}}, "parameters.density", "per-layer gradient"),
-    ({"parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}}, "parameters.density",
-     "filtered value"),
-    ({"parameters": {"normalize": False}}, "parameters.normalize", "always divides"),
-    ({"parameters": {"rescale": True}}, "parameters.rescale", "L1 norm"),
-    ({"parameters": {"gamma": 0.01}}, "parameters.gamma", "not a parameter of mergekit's ties"),
-    ({"base_model": None}, "base_model", "required"),
-    ({"dtype": "int64"}, "dtype", "forgetless writes"),
-    ({"random_seed": 1}, "random_seed", "not a key of a mergekit config"),
-    ({"method": "ties"}, "merge_method", "either `method` (forgetless) or `merge_method` (mergekit)"),
-])
+@pytest.mark.parametrize(
+    "change,key,words",
+    [
+        ({"merge_method": "slerp"}, "merge_method", "'slerp' is not in forgetless"),
+        ({"merge_method": "model_stock"}, "merge_method", "'model_stock' is not in forgetless"),
+        ({"merge_method": "passthrough"}, "merge_method", "'passthrough' is not in forgetless"),
+        (
+            {"models": None, "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]},
+            "slices",
+            "layer slices",
+        ),
+        ({"tokenizer_source": "union"}, "tokenizer_source", "never builds another vocabulary"),
+        ({"tokenizer": {"source": "union"}}, "tokenizer", "never changes the vocabulary"),
+        ({"chat_template": "chatml"}, "chat_template", "chat template included"),
+        ({"parameters": {"density": [0.2, 0.8]}}, "parameters.density", "per-layer gradient"),
+        (
+            {"parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}},
+            "parameters.density",
+            "filtered value",
+        ),
+        ({"parameters": {"normalize": False}}, "parameters.normalize", "always divides"),
+        ({"parameters": {"rescale": True}}, "parameters.rescale", "L1 norm"),
+        ({"parameters": {"gamma": 0.01}}, "parameters.gamma", "not a parameter of mergekit's ties"),
+        ({"base_model": None}, "base_model", "required"),
+        ({"dtype": "int64"}, "dtype", "forgetless writes"),
+        ({"random_seed": 1}, "random_seed", "not a key of a mergekit config"),
+        ({"method": "ties"}, "merge_method", "either `method` (forgetless) or `merge_method` (mergekit)"),
+    ],
+)
 def test_refusals_name_the_key_and_what_to_do(ws, capsys, change, key, words):
     err = _refusal(ws, capsys, _cfg(ws, **change))
     assert f": {key}: " in err and words in err and " — " in err, err
@@ -309,9 +379,15 @@ def test_dare_rescale_and_normalize_defaults_are_refused_where_they_differ(ws, c
 
 def test_linear_refusals(ws, capsys):
     _, base, fts = ws
-    cfg = {"merge_method": "linear", "base_model": str(base), "models": [{"model": str(fts[0]),
-                                                                          "parameters": {"weight": 1.0}}]}
+    cfg = {
+        "merge_method": "linear",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}],
+    }
     assert "base_model: not among models" in _refusal(ws, capsys, cfg)
-    cfg = {"merge_method": "linear", "parameters": {"normalize": False},
-           "models": [{"model": str(f), "parameters": {"weight": 0.8}} for f in fts[:2]]}
+    cfg = {
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "models": [{"model": str(f), "parameters": {"weight": 0.8}} for f in fts[:2]],
+    }
     assert "parameters.normalize: false with weights summing to 1.6" in _refusal(ws, capsys, cfg)

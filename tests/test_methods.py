@@ -52,8 +52,11 @@ def test_registry_exposes_methods_with_their_parameters():
 @pytest.mark.parametrize("k_frac", [0.0, 0.001, 0.3, 0.5, 0.9, 1.0])
 def test_kth_largest_matches_a_full_sort(k_frac):
     g = torch.Generator().manual_seed(1)
-    for a in (torch.randn(1000, generator=g).abs(), torch.randn(600_000, generator=g).abs(),
-              torch.randint(0, 50, (500_000,), generator=g).float()):  # many exact ties
+    for a in (
+        torch.randn(1000, generator=g).abs(),
+        torch.randn(600_000, generator=g).abs(),
+        torch.randint(0, 50, (500_000,), generator=g).float(),
+    ):  # many exact ties
         k = max(1, int(k_frac * a.numel()))
         assert kth_largest(a, k) == torch.sort(a, descending=True).values[k - 1]
 
@@ -134,13 +137,24 @@ def test_dare_matches_peft_with_the_same_mask():
     base, fts = _models(3)
     w = [0.5, 1.0, 1.5]
     for density in (0.1, 0.7):
-        ours = dare_linear(base.clone(), _copies(fts), weight=w, density=[density] * 3,
-                           generator=torch.Generator().manual_seed(11))
+        ours = dare_linear(
+            base.clone(),
+            _copies(fts),
+            weight=w,
+            density=[density] * 3,
+            generator=torch.Generator().manual_seed(11),
+        )
         torch.manual_seed(11)
         ref = base + peft.dare_linear([f - base for f in fts], torch.tensor(w), density)
         torch.testing.assert_close(ours, ref, rtol=0, atol=4e-6)
-        ours = dare_ties(base.clone(), _copies(fts), weight=w, density=[density] * 3, convention="peft",
-                         generator=torch.Generator().manual_seed(11))
+        ours = dare_ties(
+            base.clone(),
+            _copies(fts),
+            weight=w,
+            density=[density] * 3,
+            convention="peft",
+            generator=torch.Generator().manual_seed(11),
+        )
         torch.manual_seed(11)
         ref = base + peft.dare_ties([f - base for f in fts], torch.tensor(w), density)
         torch.testing.assert_close(ours, ref, rtol=0, atol=4e-6)
@@ -148,8 +162,9 @@ def test_dare_matches_peft_with_the_same_mask():
 
 def test_dare_drops_the_expected_fraction_and_rescales_survivors():
     base, (ft,) = _models(1, shape=(400, 500))
-    out = dare_linear(base.clone(), [ft.clone()], weight=[1.0], density=[0.3],
-                      generator=torch.Generator().manual_seed(0))
+    out = dare_linear(
+        base.clone(), [ft.clone()], weight=[1.0], density=[0.3], generator=torch.Generator().manual_seed(0)
+    )
     delta, got = ft - base, out - base
     kept = got != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.005  # 200k Bernoulli(0.3) draws: 5 sigma ≈ 0.005
@@ -207,22 +222,48 @@ def test_the_registered_sums_give_their_rule_s_bits(models, convention):
 
     def gens():
         return [torch.Generator().manual_seed(k) for k in range(models)]
-    got = dare_linear(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.9, convention=convention,
-                      generator=gens())
-    assert _same_bits(got, baselines.dare_linear_rule(base, fts, w, density, 0.9, convention=convention,
-                                                      generator=gens()))
+
+    got = dare_linear(
+        base.clone(),
+        _copies(fts),
+        weight=w,
+        density=density,
+        lambda_=0.9,
+        convention=convention,
+        generator=gens(),
+    )
+    assert _same_bits(
+        got, baselines.dare_linear_rule(base, fts, w, density, 0.9, convention=convention, generator=gens())
+    )
 
 
-@pytest.mark.parametrize("convention, sign", [("mergekit", "total"), ("mergekit", "frequency"), ("peft", "total")])
+@pytest.mark.parametrize(
+    "convention, sign", [("mergekit", "total"), ("mergekit", "frequency"), ("peft", "total")]
+)
 def test_the_registered_ties_and_dare_ties_give_their_rule_s_bits(convention, sign):
     base, fts = _awkward_models()
     w, density = [0.5, 1.0, 2.0], [0.6, 0.3, 1.0]
-    got = ties(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.8, sign=sign, convention=convention)
+    got = ties(
+        base.clone(), _copies(fts), weight=w, density=density, lambda_=0.8, sign=sign, convention=convention
+    )
     assert _same_bits(got, baselines.ties_rule(base, fts, w, density, 0.8, sign, convention))
 
     def gens():
         return [torch.Generator().manual_seed(k) for k in range(3)]
-    got = dare_ties(base.clone(), _copies(fts), weight=w, density=density, lambda_=0.8, sign=sign,
-                    convention=convention, generator=gens())
-    assert _same_bits(got, baselines.dare_ties_rule(base, fts, w, density, 0.8, sign=sign, convention=convention,
-                                                    generator=gens()))
+
+    got = dare_ties(
+        base.clone(),
+        _copies(fts),
+        weight=w,
+        density=density,
+        lambda_=0.8,
+        sign=sign,
+        convention=convention,
+        generator=gens(),
+    )
+    assert _same_bits(
+        got,
+        baselines.dare_ties_rule(
+            base, fts, w, density, 0.8, sign=sign, convention=convention, generator=gens()
+        ),
+    )

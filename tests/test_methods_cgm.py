@@ -42,16 +42,24 @@ def test_registrations():
         assert spec.models == "one" and spec.needs == ("fisher_task", "fisher_general")
     assert METHODS["cgm_plus"] is METHODS["cgm_dagger"]
     assert METHODS["cgm"].params == {"alpha": 0.2, "epsilon": 0.0}
-    assert METHODS["cgm_dagger"].params == {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "row",
-                                            "revert": "budget", "threshold": None}
+    assert METHODS["cgm_dagger"].params == {
+        "keep": 0.95,
+        "alpha": 1.0,
+        "score": "cgm",
+        "budget": "row",
+        "revert": "budget",
+        "threshold": None,
+    }
     assert METHODS["cgm_dagger"].streaming.prepare is not None
 
 
 # ------------------------------------------------------------------------------------------------ CGM (soft)
 def _objective(theta, base, ft, ftask, fgen, alpha):
     t = theta.double()
-    return (0.5 * (ftask.double() * (t - ft.double()) ** 2).sum()
-            + 0.5 * alpha * (fgen.double() * (t - base.double()) ** 2).sum())
+    return (
+        0.5 * (ftask.double() * (t - ft.double()) ** 2).sum()
+        + 0.5 * alpha * (fgen.double() * (t - base.double()) ** 2).sum()
+    )
 
 
 def test_soft_mixing_minimises_the_two_quadratics():
@@ -59,7 +67,9 @@ def test_soft_mixing_minimises_the_two_quadratics():
     ftask, fgen = _fishers()
     alpha = 0.2
     out = _soft(base, ft, ftask, fgen, alpha=alpha)
-    grad = ftask.double() * (out.double() - ft.double()) + alpha * fgen.double() * (out.double() - base.double())
+    grad = ftask.double() * (out.double() - ft.double()) + alpha * fgen.double() * (
+        out.double() - base.double()
+    )
     scale = ftask.double() * ft.double().abs() + alpha * fgen.double() * base.double().abs()
     assert (grad.abs() / scale).max() < 1e-5
     best = _objective(out, base, ft, ftask, fgen, alpha)
@@ -74,8 +84,9 @@ def test_soft_mixing_closed_form():
     for alpha, eps in ((0.2, 0.0), (1.0, 0.0), (3.0, 0.5)):
         m = ftask.double() / (ftask.double() + alpha * fgen.double() + eps)
         want = base.double() + m * (ft.double() - base.double())
-        torch.testing.assert_close(_soft(base, ft, ftask, fgen, alpha=alpha, epsilon=eps).double(), want,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            _soft(base, ft, ftask, fgen, alpha=alpha, epsilon=eps).double(), want, rtol=0, atol=1e-6
+        )
 
 
 def test_soft_mixing_limits_of_alpha():
@@ -116,8 +127,12 @@ def test_soft_mixing_gives_its_rule_s_bits():
 # ------------------------------------------------------------------------------------------------ CGM† (hard)
 def _score(base, ft, ftask, fgen, alpha, score):
     d2 = (ft.double() - base.double()) ** 2
-    return {"cgm": (alpha * fgen.double() - ftask.double()) * d2, "delta2": d2, "task": -ftask.double() * d2,
-            "general": alpha * fgen.double() * d2}[score]
+    return {
+        "cgm": (alpha * fgen.double() - ftask.double()) * d2,
+        "delta2": d2,
+        "task": -ftask.double() * d2,
+        "general": alpha * fgen.double() * d2,
+    }[score]
 
 
 def _brute_keep(s_rows, keep):
@@ -126,7 +141,7 @@ def _brute_keep(s_rows, keep):
     n = s_rows.shape[1]
     for r in range(s_rows.shape[0]):
         order = sorted(range(n), key=lambda j: (float(s_rows[r, j]), j))
-        mask[r, order[:int(n * keep)]] = True
+        mask[r, order[: int(n * keep)]] = True
     return mask
 
 
@@ -137,7 +152,9 @@ def test_hard_mixing_keeps_the_lowest_scores_per_row(score):
     alpha, keep = 0.7, 0.75
     out = _hard(base, ft, ftask, fgen, alpha=alpha, keep=keep, score=score)
     kept = out == ft
-    assert torch.equal(kept | (out == base), torch.ones(SHAPE, dtype=torch.bool))  # every element is one or other
+    assert torch.equal(
+        kept | (out == base), torch.ones(SHAPE, dtype=torch.bool)
+    )  # every element is one or other
     assert kept.sum(1).tolist() == [math.floor(SHAPE[1] * keep)] * SHAPE[0]
     # the score in float32, as the method computes it, so that near-ties order alike
     s = _score(base, ft, ftask, fgen, alpha, score).float()
@@ -248,13 +265,23 @@ def tiny(tmp_path_factory):
     return base, ft, files, sd, load_file(str(ft / "model.safetensors"))
 
 
-@pytest.mark.parametrize("method,params", [("cgm", {"alpha": 0.2}), ("cgm_plus", {"keep": 0.9, "alpha": 1.0})])
+@pytest.mark.parametrize(
+    "method,params", [("cgm", {"alpha": 0.2}), ("cgm_plus", {"keep": 0.9, "alpha": 1.0})]
+)
 def test_engine_merges_in_scope_and_keeps_the_rest_finetuned(tiny, tmp_path, method, params):
     base, ft, files, b_sd, ft_sd = tiny
-    recipe = {"method": method, "base": str(base), "models": [str(ft)], "parameters": params,
-              "statistics": {k: str(p) for k, (p, _) in files.items()},
-              "scope": {"include": ["language.layers[1:3]", "lm_head"], "outside": "finetuned",
-                        "no_statistics": "finetuned"}}
+    recipe = {
+        "method": method,
+        "base": str(base),
+        "models": [str(ft)],
+        "parameters": params,
+        "statistics": {k: str(p) for k, (p, _) in files.items()},
+        "scope": {
+            "include": ["language.layers[1:3]", "lm_head"],
+            "outside": "finetuned",
+            "no_statistics": "finetuned",
+        },
+    }
     report = forgetless.merge(recipe, out=tmp_path / "m", progress=False)
     got = load_file(str(tmp_path / "m" / "model.safetensors"))
     fn = METHODS[method].fn
@@ -262,8 +289,13 @@ def test_engine_merges_in_scope_and_keeps_the_rest_finetuned(tiny, tmp_path, met
     for k, b in b_sd.items():
         in_scope = ".layers.1." in k or ".layers.2." in k or k == "lm_head.weight"
         if in_scope and k in files["fisher_task"][1]:
-            want = fn(b.clone().float(), ft_sd[k].clone().float(), fisher_task=files["fisher_task"][1][k].clone(),
-                      fisher_general=files["fisher_general"][1][k].clone(), **params)
+            want = fn(
+                b.clone().float(),
+                ft_sd[k].clone().float(),
+                fisher_task=files["fisher_task"][1][k].clone(),
+                fisher_general=files["fisher_general"][1][k].clone(),
+                **params,
+            )
             assert torch.equal(got[k], want.to(b.dtype)), k
             assert not torch.equal(got[k], ft_sd[k]), k
             merged += 1
@@ -274,11 +306,19 @@ def test_engine_merges_in_scope_and_keeps_the_rest_finetuned(tiny, tmp_path, met
 
 def test_report_counts_kept_reverted_and_mixed_elements_per_part(tiny, tmp_path):
     base, ft, files, b_sd, _ = tiny
-    common = {"base": str(base), "models": [str(ft)], "statistics": {k: str(p) for k, (p, _) in files.items()},
-              "scope": {"include": ["language.layers[1:3]", "lm_head"], "outside": "finetuned",
-                        "no_statistics": "finetuned"}}
-    report = forgetless.merge({**common, "method": "cgm_dagger", "parameters": {"keep": 0.9}},
-                              out=tmp_path / "hard", progress=False)
+    common = {
+        "base": str(base),
+        "models": [str(ft)],
+        "statistics": {k: str(p) for k, (p, _) in files.items()},
+        "scope": {
+            "include": ["language.layers[1:3]", "lm_head"],
+            "outside": "finetuned",
+            "no_statistics": "finetuned",
+        },
+    }
+    report = forgetless.merge(
+        {**common, "method": "cgm_dagger", "parameters": {"keep": 0.9}}, out=tmp_path / "hard", progress=False
+    )
     layers = [k for k in files["fisher_task"][1] if ".layers.1." in k or ".layers.2." in k]
     kept = sum(b_sd[k].shape[0] * int(b_sd[k].shape[1] * 0.9) for k in layers)
     numel = sum(b_sd[k].numel() for k in layers)
@@ -297,15 +337,26 @@ def test_global_budget_keeps_the_lowest_scores_of_the_whole_model(tiny, tmp_path
     """One budget over every tensor in scope: exactly ⌊N·keep⌋ elements keep θ_ft, and they are the lowest scores of
     the whole model (brute force: all scores concatenated and sorted)."""
     base, ft, files, b_sd, ft_sd = tiny
-    recipe = {"method": "cgm_dagger", "base": str(base), "models": [str(ft)],
-              "parameters": {"keep": keep, "budget": "global"},
-              "statistics": {k: str(p) for k, (p, _) in files.items()},
-              "scope": {"include": ["language.layers[1:3]", "lm_head"], "outside": "finetuned",
-                        "no_statistics": "finetuned"}}
+    recipe = {
+        "method": "cgm_dagger",
+        "base": str(base),
+        "models": [str(ft)],
+        "parameters": {"keep": keep, "budget": "global"},
+        "statistics": {k: str(p) for k, (p, _) in files.items()},
+        "scope": {
+            "include": ["language.layers[1:3]", "lm_head"],
+            "outside": "finetuned",
+            "no_statistics": "finetuned",
+        },
+    }
     report = forgetless.merge(recipe, out=tmp_path / "m", progress=False)
-    names = [k for k in files["fisher_task"][1] if ".layers.1." in k or ".layers.2." in k or k == "lm_head.weight"]
-    scores = {k: (files["fisher_general"][1][k] - files["fisher_task"][1][k]) * (ft_sd[k] - b_sd[k]) ** 2
-              for k in names}
+    names = [
+        k for k in files["fisher_task"][1] if ".layers.1." in k or ".layers.2." in k or k == "lm_head.weight"
+    ]
+    scores = {
+        k: (files["fisher_general"][1][k] - files["fisher_task"][1][k]) * (ft_sd[k] - b_sd[k]) ** 2
+        for k in names
+    }
     flat = torch.cat([scores[k].reshape(-1) for k in names])
     k = int(flat.numel() * keep)
     threshold = flat.sort().values[k - 1]
@@ -325,14 +376,23 @@ def test_global_threshold_from_a_small_sample_is_exact():
     from forgetless.methods.cgm import cgm_dagger_prepare
 
     g = torch.Generator().manual_seed(5)
-    tensors = {f"t{i}": [torch.randn(n, generator=g) for _ in range(4)] for i, n in enumerate((30_000, 50_000, 777))}
+    tensors = {
+        f"t{i}": [torch.randn(n, generator=g) for _ in range(4)] for i, n in enumerate((30_000, 50_000, 777))
+    }
 
     def stream():
         for name, (b, f, ft_, fg) in tensors.items():
             yield Rows(name, b.clone(), f.clone(), {"fisher_task": ft_.abs(), "fisher_general": fg.abs()})
 
     numel = sum(t[0].numel() for t in tensors.values())
-    params = {"keep": 0.95, "alpha": 1.0, "score": "cgm", "budget": "global", "revert": "budget", "threshold": None}
+    params = {
+        "keep": 0.95,
+        "alpha": 1.0,
+        "score": "cgm",
+        "budget": "global",
+        "revert": "budget",
+        "threshold": None,
+    }
     got = cgm_dagger_prepare(params, stream, numel, sample=800)["threshold"]
     flat = torch.cat([((fg.abs() - ft_.abs()) * (f - b) ** 2) for b, f, ft_, fg in tensors.values()])
     assert got == float(flat.sort().values[int(numel * 0.95) - 1])

@@ -118,8 +118,9 @@ def test_fisher_is_invariant_to_the_fishers_scale_and_normalize_matches_by_hand(
 def test_fisher_with_base_is_one_more_term():
     base, fts = _params(2)
     fs = _fishers(3)
-    out = fisher_with_base(base, _c(fts), fisher=_c(fs[1:]), fisher_base=fs[0].clone(), weight=[1.0, 2.0],
-                           base_weight=0.5)
+    out = fisher_with_base(
+        base, _c(fts), fisher=_c(fs[1:]), fisher_base=fs[0].clone(), weight=[1.0, 2.0], base_weight=0.5
+    )
     ref = (0.5 * fs[0] * base + fs[1] * fts[0] + 2 * fs[2] * fts[1]) / (0.5 * fs[0] + fs[1] + 2 * fs[2])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -149,8 +150,11 @@ def _t(a):
 
 def _run(xs, ws, **kw):
     grams = [_t(x.T @ x) for x in xs]
-    return regmean(_t(ws[0]), [_t(w) for w in ws], gram=grams, weight=kw.pop("weight", [1.0] * len(ws)),
-                   **kw).double().numpy()
+    return (
+        regmean(_t(ws[0]), [_t(w) for w in ws], gram=grams, weight=kw.pop("weight", [1.0] * len(ws)), **kw)
+        .double()
+        .numpy()
+    )
 
 
 def _stacked_lstsq(xs, ws, weights=None):
@@ -172,8 +176,9 @@ def test_regmean_alpha_1_is_the_stacked_least_squares_solution():
     ref = _stacked_lstsq(xs, ws)
     np.testing.assert_allclose(_run(xs, ws, alpha=1.0), ref, rtol=0, atol=1e-5)
     weights = [1.0, 3.0, 0.5]
-    np.testing.assert_allclose(_run(xs, ws, alpha=1.0, weight=weights), _stacked_lstsq(xs, ws, weights),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        _run(xs, ws, alpha=1.0, weight=weights), _stacked_lstsq(xs, ws, weights), rtol=0, atol=1e-5
+    )
 
 
 def test_regmean_alpha_0_is_the_per_feature_diagonal_average():
@@ -195,14 +200,18 @@ def test_regmean_intermediate_alpha_matches_the_formula():
     np.testing.assert_allclose(_run(xs, ws), ref, rtol=0, atol=1e-5)  # 0.9 is the default
 
 
-@pytest.mark.parametrize("alpha, weights", [(0.9, [1.0, 1.0, 1.0]), (0.3, [1.0, 3.0, 0.5]), (1.0, [2.0, 0.0, 1.0])])
+@pytest.mark.parametrize(
+    "alpha, weights", [(0.9, [1.0, 1.0, 1.0]), (0.3, [1.0, 3.0, 0.5]), (1.0, [2.0, 0.0, 1.0])]
+)
 def test_regmean_solves_its_rule(alpha, weights):
     """The registered method (Cholesky, the system shared by every row) against the rule (one dense solve)."""
     xs, ws = _regmean_case()
     grams = [_t(x.T @ x) for x in xs]
     grams[1][:, 3] = grams[1][3, :] = 0.0  # an input feature model 1 never saw
     want = regmean_rule([_t(w) for w in ws], grams, weights, alpha, ridge=1e-6).double().numpy()
-    got = regmean(_t(ws[0]), [_t(w) for w in ws], gram=[g.clone() for g in grams], weight=weights, alpha=alpha)
+    got = regmean(
+        _t(ws[0]), [_t(w) for w in ws], gram=[g.clone() for g in grams], weight=weights, alpha=alpha
+    )
     np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-5)
 
 
@@ -255,4 +264,6 @@ def test_regmean_rejects_mismatched_shapes_and_parameters():
     with pytest.raises(ValueError, match="alpha"):
         regmean(_t(ws[0]), [_t(w) for w in ws], gram=grams, weight=[1.0] * 3, alpha=1.5)
     with pytest.raises(ValueError, match="2-D"):
-        regmean(torch.zeros(2, 3, 4), [torch.zeros(2, 3, 4)] * 3, gram=[torch.zeros(4, 4)] * 3, weight=[1.0] * 3)
+        regmean(
+            torch.zeros(2, 3, 4), [torch.zeros(2, 3, 4)] * 3, gram=[torch.zeros(4, 4)] * 3, weight=[1.0] * 3
+        )

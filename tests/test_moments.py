@@ -39,15 +39,26 @@ def test_second_moments_are_adams_average_of_the_clipped_squared_gradients(tmp_p
             fisher.after_step(info)
 
     steps, batch, accum = 5, 2, 2
-    finetune(llama_dir, text_data, tmp_path / "ft", train=["language.layers[1]"], steps=steps, batch_size=batch,
-             grad_accum=accum, lr=1e-3, clip=0.05, hook=Hook(), log=None)
+    finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "ft",
+        train=["language.layers[1]"],
+        steps=steps,
+        batch_size=batch,
+        grad_accum=accum,
+        lr=1e-3,
+        clip=0.05,
+        hook=Hook(),
+        log=None,
+    )
     assert len(grads) == steps and fisher.moments is not None and set(fisher.moments) == set(grads[0])
     beta2 = 0.999
     for name, got in fisher.moments.items():
         v = torch.zeros_like(got, dtype=torch.float64)
         for g in grads:
             v = beta2 * v + (1 - beta2) * g[name].double() ** 2
-        want = v / (1 - beta2 ** steps)
+        want = v / (1 - beta2**steps)
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-12), name
         assert got.abs().max() > 0
 
@@ -65,24 +76,57 @@ def test_refusals(tmp_path, llama_dir, text_data):
     with pytest.raises(ForgetlessError, match="did not reach its last step"):
         OptimizerFisher().save(tmp_path / "f.safetensors", tmp_path)
     with pytest.raises(ForgetlessError, match="LoRA factors"):
-        finetune(llama_dir, text_data, tmp_path / "lora", lora=LoraSpec(r=2), steps=2, batch_size=2,
-                 hook=OptimizerFisher(), log=None)
+        finetune(
+            llama_dir,
+            text_data,
+            tmp_path / "lora",
+            lora=LoraSpec(r=2),
+            steps=2,
+            batch_size=2,
+            hook=OptimizerFisher(),
+            log=None,
+        )
 
 
 def test_cli_writes_the_optimizer_fisher_and_refuses_lora(tmp_path, llama_dir, text_data, capsys):
     from forgetless.cli import main
 
     out, stats = tmp_path / "ft", tmp_path / "opt.safetensors"
-    args = ["finetune", str(llama_dir), "--data", str(text_data), "--out", str(out), "--train", "language.layers[1]",
-            "--steps", "2", "--batch-size", "2", "--optimizer-fisher", str(stats)]
+    args = [
+        "finetune",
+        str(llama_dir),
+        "--data",
+        str(text_data),
+        "--out",
+        str(out),
+        "--train",
+        "language.layers[1]",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--optimizer-fisher",
+        str(stats),
+    ]
     main(args)
     reader, meta = load_statistics(stats)
     with reader:
         assert meta["num_samples"] == 4 and all(reader.get(n).min() >= 0 for n in reader.names())
     capsys.readouterr()
-    for extra, words, folder in ((["--out", str(tmp_path / "again")], "--optimizer-fisher already exists", "again"),
-                                 (["--out", str(tmp_path / "lora"), "--lora", "--optimizer-fisher",
-                                   str(tmp_path / "l.safetensors")], "LoRA run has none", "lora")):
+    for extra, words, folder in (
+        (["--out", str(tmp_path / "again")], "--optimizer-fisher already exists", "again"),
+        (
+            [
+                "--out",
+                str(tmp_path / "lora"),
+                "--lora",
+                "--optimizer-fisher",
+                str(tmp_path / "l.safetensors"),
+            ],
+            "LoRA run has none",
+            "lora",
+        ),
+    ):
         with pytest.raises(SystemExit) as e:
             main([*args, *extra])
         assert e.value.code != 0 and words in capsys.readouterr().err and not (tmp_path / folder).exists()
@@ -101,7 +145,9 @@ def test_testbed_optimizer_fisher_is_the_cached_fine_tunes_and_reused(tmp_path, 
     recipe = {"train": ["language.layers[1]"], "steps": 3, "batch_size": 2, "lr": 1e-3, "seed": 0}
     finetune(llama_dir, task / "train.jsonl", tmp_path / "ft", log=None, **recipe)
     lines: list[str] = []
-    path = optimizer_fisher(llama_dir, task, recipe, tmp_path / "ft", tmp_path / "s" / "f.safetensors", lines.append)
+    path = optimizer_fisher(
+        llama_dir, task, recipe, tmp_path / "ft", tmp_path / "s" / "f.safetensors", lines.append
+    )
     assert json.loads(path.with_name("f.safetensors.json").read_text())["same_weights_as_finetuned"] is True
     assert any("weights equal" in x for x in lines) and not (tmp_path / "s" / ".f-finetune").exists()
     reader, meta = load_statistics(path)

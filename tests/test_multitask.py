@@ -20,9 +20,17 @@ GENERAL = [*T.GENERAL_VISUAL, "probes"]
 
 def _small_tasks(monkeypatch):
     def write_tasks(root, names, **kw):
-        return {n: T.write_task(root, n, sizes=None if n == "probes" else
-                                {**SMALL, "train": SMALL["train"] if T.TASKS[n].sizes.get("train") else 0})
-                for n in names}
+        return {
+            n: T.write_task(
+                root,
+                n,
+                sizes=None
+                if n == "probes"
+                else {**SMALL, "train": SMALL["train"] if T.TASKS[n].sizes.get("train") else 0},
+            )
+            for n in names
+        }
+
     monkeypatch.setattr(T, "write_tasks", write_tasks)
 
 
@@ -37,7 +45,9 @@ class Fakes:
         self.evals: list[tuple[str, str, tuple]] = []
 
         def finetune(base, data, out, *, lora=None, steps=0, log=None, force=False, **kw):
-            assert lora is not None and lora.targets == M.LORA["targets"]  # a LoraSpec, from the recipe's dict
+            assert (
+                lora is not None and lora.targets == M.LORA["targets"]
+            )  # a LoraSpec, from the recipe's dict
             self.ranks.append(lora.r)
             self.finetunes.append((Path(data).parent.name, steps))
             out = Path(out)
@@ -51,7 +61,9 @@ class Fakes:
 
         def evaluate(model, tasks, general, *, cache_dir, split, limit, batch_size, log):
             model = Path(model)
-            recipe = json.loads((model / "recipe.json").read_text()) if (model / "recipe.json").is_file() else None
+            recipe = (
+                json.loads((model / "recipe.json").read_text()) if (model / "recipe.json").is_file() else None
+            )
             self.evals.append((model.name, split, tuple(tasks)))
             lam = (recipe or {}).get("parameters", {}).get("lambda", 0.0)
             method = (recipe or {}).get("method", "base")
@@ -63,8 +75,11 @@ class Fakes:
                     acc = 0.25
                 k = 4
                 items = "1" * round(acc * k) + "0" * (k - round(acc * k))
-                kind = ("general_text" if n == "probes" else "general_visual") if n in (general or {}) \
+                kind = (
+                    ("general_text" if n == "probes" else "general_visual")
+                    if n in (general or {})
                     else "downstream"
+                )
                 out[n] = {"kind": kind, "accuracy": items.count("1") / k, "correct_items": items}
             from forgetless.eval.metrics import scores
 
@@ -87,25 +102,50 @@ def base(tmp_path):
     return b
 
 
-def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_methods(tmp_path, base, monkeypatch):
+def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_methods(
+    tmp_path, base, monkeypatch
+):
     _small_tasks(monkeypatch)
     f = Fakes(monkeypatch)
-    merges = [("TA", "lora_task_arithmetic", {}), ("TIES", "lora_ties", {"density": 0.2}),
-              ("DARE", "lora_dare_linear", {"density": 0.3}),
-              ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
-              ("gone", "lora_missing", {})]
+    merges = [
+        ("TA", "lora_task_arithmetic", {}),
+        ("TIES", "lora_ties", {"density": 0.2}),
+        ("DARE", "lora_dare_linear", {"density": 0.3}),
+        ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
+        ("gone", "lora_missing", {}),
+    ]
     sweep = {"lora_task_arithmetic": [0.3, 0.5, 1.0], "lora_ties": [1.0, 2.0], "lora_dare_linear": "TA"}
-    kw = {"seen": SEEN, "unseen": UNSEEN, "merges": merges, "sweep": sweep, "tasks_root": tmp_path / "tasks",
-          "base": base, "merge": f.merge, "log": lambda s: None}
+    kw = {
+        "seen": SEEN,
+        "unseen": UNSEEN,
+        "merges": merges,
+        "sweep": sweep,
+        "tasks_root": tmp_path / "tasks",
+        "base": base,
+        "merge": f.merge,
+        "log": lambda s: None,
+    }
     res = M.run_multitask(tmp_path / "mt", **kw)
     # one adapter per seen task and one joint adapter with steps per task × tasks
-    assert f.finetunes == [*((n, M.ADAPTER["steps"]) for n in SEEN), ("joint-data", M.JOINT_STEPS_PER_TASK * 3)]
+    assert f.finetunes == [
+        *((n, M.ADAPTER["steps"]) for n in SEEN),
+        ("joint-data", M.JOINT_STEPS_PER_TASK * 3),
+    ]
     # the sweep picked the λ with the best validation score (0.5 for TA; the grid's best, 1.0, for TIES); DARE
     # takes TA's
-    assert res["chosen"] == {"TA": "lambda=0.5", "TIES": "density=0.2 lambda=1", "DARE": "density=0.3 lambda=0.5",
-                             "CoPA": "lambda=2 density=0.2 variant=paper"}
-    assert [s["knob"] for s in res["sweep"]] == ["lambda=0.3", "lambda=0.5", "lambda=1", "density=0.2 lambda=1",
-                                                  "density=0.2 lambda=2"]
+    assert res["chosen"] == {
+        "TA": "lambda=0.5",
+        "TIES": "density=0.2 lambda=1",
+        "DARE": "density=0.3 lambda=0.5",
+        "CoPA": "lambda=2 density=0.2 variant=paper",
+    }
+    assert [s["knob"] for s in res["sweep"]] == [
+        "lambda=0.3",
+        "lambda=0.5",
+        "lambda=1",
+        "density=0.2 lambda=1",
+        "density=0.2 lambda=2",
+    ]
     assert res["skipped"] == ["gone (lora_missing)"]
     # the sweep and the adapter checks ran on validation only; nothing on test was used to choose
     assert {s for m, s, _ in f.evals if m == "sweep"} == {"val"}
@@ -116,10 +156,19 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
     assert all(r["models"] == [str(tmp_path / "mt" / "adapters" / n) for n in SEEN] for r in real)
     folds = [r for r in f.merges if not r.get("fold")]
     assert all(r["method"] == "task_arithmetic" and r["parameters"] == {"lambda": 1.0} for r in folds)
-    assert {r["models"][0].split("+")[1] for r in folds} == {str(tmp_path / "mt" / "adapters" / n)
-                                                              for n in [*SEEN, "joint"]}
+    assert {r["models"][0].split("+")[1] for r in folds} == {
+        str(tmp_path / "mt" / "adapters" / n) for n in [*SEEN, "joint"]
+    }
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["base", *(f"own adapter: {n}" for n in SEEN), "joint LoRA", "TA", "TIES", "DARE", "CoPA"]
+    assert list(rows) == [
+        "base",
+        *(f"own adapter: {n}" for n in SEEN),
+        "joint LoRA",
+        "TA",
+        "TIES",
+        "DARE",
+        "CoPA",
+    ]
     assert set(rows["own adapter: spatial"]["tasks"]) == {"spatial", *GENERAL}
     assert set(rows["CoPA"]["tasks"]) == {*SEEN, *UNSEEN, *GENERAL}
     assert rows["CoPA"]["tasks"]["count_red"] == 100 * round(0.9 * 4) / 4
@@ -140,16 +189,24 @@ def test_unseen_tasks_are_in_no_training_data(tmp_path, base, monkeypatch):
     train_rows = [json.loads(x) for x in (joint / "train.jsonl").read_text().splitlines()]
     assert len(train_rows) == len(SEEN) * SMALL["train"]
     assert {r["id"].rsplit("-", 2)[0] for r in train_rows} == set(SEEN)
-    unseen_questions = {json.loads(x)["question"] for n in UNSEEN
-                        for x in (roots[n] / "test.jsonl").read_text().splitlines()}
+    unseen_questions = {
+        json.loads(x)["question"] for n in UNSEEN for x in (roots[n] / "test.jsonl").read_text().splitlines()
+    }
     assert unseen_questions == {"How many red shapes are there?", "Is this digit odd or even?"}
     assert not unseen_questions & {r["question"] for r in train_rows}
     for n in UNSEEN:
         assert (roots[n] / "train.jsonl").read_text() == ""
         assert json.loads((roots[n] / "task.json").read_text())["role"] == "unseen"
     with pytest.raises(ForgetlessError, match="both seen and unseen"):
-        M.run_multitask(tmp_path / "mt", seen=["spatial", "count_red"], unseen=["count_red"], base=base,
-                        tasks_root=tmp_path / "tasks", merge=lambda *a, **k: None, log=lambda s: None)
+        M.run_multitask(
+            tmp_path / "mt",
+            seen=["spatial", "count_red"],
+            unseen=["count_red"],
+            base=base,
+            tasks_root=tmp_path / "tasks",
+            merge=lambda *a, **k: None,
+            log=lambda s: None,
+        )
 
 
 def test_lora_finetune_is_cached_by_recipe(tmp_path, base, monkeypatch):
@@ -167,28 +224,58 @@ def test_lora_finetune_is_cached_by_recipe(tmp_path, base, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- report
 
+
 def _fake_results(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     seen, unseen, general = ["a", "b"], ["u"], ["colour", "probes"]
     n = {"a": 40, "b": 30, "u": 50, "colour": 20, "probes": 25}
-    kinds = {"a": "downstream", "b": "downstream", "u": "downstream", "colour": "general_visual",
-             "probes": "general_text"}
+    kinds = {
+        "a": "downstream",
+        "b": "downstream",
+        "u": "downstream",
+        "colour": "general_visual",
+        "probes": "general_text",
+    }
 
     def row(method, role, tasks, **extra):
         items = {t: "".join(rng.choice(["0", "1"], size=n[t])) for t in tasks}
         acc = {t: 100 * c.count("1") / len(c) for t, c in items.items()}
-        return {"method": method, "role": role, "knob": "", "tasks": acc, "kinds": {t: kinds[t] for t in tasks},
-                "correct_items": items, "G_v": acc["colour"], "G_t": acc["probes"],
-                "G": (acc["colour"] + acc["probes"]) / 2, **extra}
+        return {
+            "method": method,
+            "role": role,
+            "knob": "",
+            "tasks": acc,
+            "kinds": {t: kinds[t] for t in tasks},
+            "correct_items": items,
+            "G_v": acc["colour"],
+            "G_t": acc["probes"],
+            "G": (acc["colour"] + acc["probes"]) / 2,
+            **extra,
+        }
 
     everything = [*seen, *unseen, *general]
-    rows = [row("base", "base", everything), row("own adapter: a", "own", ["a", *general], task="a"),
-            row("own adapter: b", "own", ["b", *general], task="b"), row("joint LoRA", "joint", everything),
-            row("TA", "merge", everything), row("CoPA", "merge", everything)]
-    return {"seen": seen, "unseen": unseen, "general": general, "rows": rows, "adapter": M.ADAPTER,
-            "joint_steps": 240, "validation": {"a": {"base_val": 20, "adapter_val": 90, "learned": True}},
-            "sweep": [{"method": "TA", "knob": "lambda=0.5", "seen_val": 61.0}], "chosen": {"TA": "lambda=0.5"},
-            "skipped": [], "timings": {"finetune": 1, "merge": 2, "evaluate": 3}, "threads": 2}
+    rows = [
+        row("base", "base", everything),
+        row("own adapter: a", "own", ["a", *general], task="a"),
+        row("own adapter: b", "own", ["b", *general], task="b"),
+        row("joint LoRA", "joint", everything),
+        row("TA", "merge", everything),
+        row("CoPA", "merge", everything),
+    ]
+    return {
+        "seen": seen,
+        "unseen": unseen,
+        "general": general,
+        "rows": rows,
+        "adapter": M.ADAPTER,
+        "joint_steps": 240,
+        "validation": {"a": {"base_val": 20, "adapter_val": 90, "learned": True}},
+        "sweep": [{"method": "TA", "knob": "lambda=0.5", "seen_val": 61.0}],
+        "chosen": {"TA": "lambda=0.5"},
+        "skipped": [],
+        "timings": {"finetune": 1, "merge": 2, "evaluate": 3},
+        "threads": 2,
+    }
 
 
 def test_report_averages_equal_brute_force(tmp_path):
@@ -209,14 +296,28 @@ def test_report_averages_equal_brute_force(tmp_path):
             lo, hi = d.interval(name, key)
             assert lo <= d.points[name][key] + 1e-9 and d.points[name][key] <= hi + 1e-9
     own = d.points[R.OWN]
-    assert own["seen"] == pytest.approx((acc(rows["own adapter: a"], "a") + acc(rows["own adapter: b"], "b")) / 2)
+    assert own["seen"] == pytest.approx(
+        (acc(rows["own adapter: a"], "a") + acc(rows["own adapter: b"], "b")) / 2
+    )
     assert own["unseen"] is None
     assert own["G"] == pytest.approx((rows["own adapter: a"]["G"] + rows["own adapter: b"]["G"]) / 2)
     # the seen average's draws are the mean of the two tasks' resampled accuracies on the shared item draws
     boot = d.boot
-    by_hand = np.mean([np.array([[rows["TA"]["correct_items"][t][i] == "1" for i in idx]
-                                 for idx in boot.indices(t, len(rows["TA"]["correct_items"][t]))]).mean(1)
-                       for t in ("a", "b")], axis=0) * 100
+    by_hand = (
+        np.mean(
+            [
+                np.array(
+                    [
+                        [rows["TA"]["correct_items"][t][i] == "1" for i in idx]
+                        for idx in boot.indices(t, len(rows["TA"]["correct_items"][t]))
+                    ]
+                ).mean(1)
+                for t in ("a", "b")
+            ],
+            axis=0,
+        )
+        * 100
+    )
     assert np.allclose(d.draws["TA"]["seen"], by_hand)
     # the paired difference CoPA − TA
     point, (lo, hi) = d.difference("CoPA", "TA", "unseen")

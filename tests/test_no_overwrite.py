@@ -19,12 +19,15 @@ from forgetless.errors import ForgetlessError
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
-def ws(tmp_path, llama_dir, text_data):  # noqa: F811
+def ws(tmp_path, llama_dir, text_data):
     """PARENT holding a model folder and its data, as a user keeps them."""
     parent = tmp_path / "parent"
     shutil.copytree(llama_dir, parent / "model")
@@ -59,28 +62,80 @@ def test_overlap_both_directions_through_symlinks_and_hard_links(tmp_path):
     assert check_output(tmp_path / "data.jsonl", [None], force=True) == tmp_path / "data.jsonl"
 
 
-FINETUNE = ["finetune", "{p}/model", "--data", "{p}/data.jsonl", "--steps", "1", "--no-tensorboard", "--force"]
+FINETUNE = [
+    "finetune",
+    "{p}/model",
+    "--data",
+    "{p}/data.jsonl",
+    "--steps",
+    "1",
+    "--no-tensorboard",
+    "--force",
+]
 CASES = [
     ("finetune --out PARENT", [*FINETUNE, "--out", "{p}"], "--out contains an input"),
     ("finetune --out MODEL", [*FINETUNE, "--out", "{p}/model"], "--out is an input"),
     ("finetune --out a symlink to MODEL", [*FINETUNE, "--out", "{p}/../alias"], "--out is an input"),
-    ("finetune --optimizer-fisher MODEL/model.safetensors",
-     [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/model/model.safetensors"],
-     "--optimizer-fisher lies inside an input"),
-    ("finetune --optimizer-fisher DATA", [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/data.jsonl"],
-     "--optimizer-fisher is an input"),
-    ("finetune --optimizer-fisher a hard link of DATA",
-     [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/../hard.jsonl"], "--optimizer-fisher is an input"),
-    ("stats --out MODEL/model.safetensors", ["stats", "fisher", "{p}/model", "--data", "{p}/data.jsonl", "--out",
-                                             "{p}/model/model.safetensors", "--force"], "--out lies inside an input"),
-    ("eval --out MODEL/config.json", ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out",
-                                      "{p}/model/config.json", "--force"], "--out lies inside an input"),
-    ("eval --out TASK.jsonl", ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out", "{p}/data.jsonl",
-                               "--force"], "--out is an input"),
-    ("eval --out an existing file", ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out", "{p}/../old.json"],
-     "--out already exists"),
-    ("cgm --out PARENT", ["cgm", "{p}/model", "{p}/model", "--general-data", "{p}/data.jsonl", "--task-data",
-                          "{p}/data.jsonl", "--out", "{p}", "--force"], "--out contains an input"),
+    (
+        "finetune --optimizer-fisher MODEL/model.safetensors",
+        [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/model/model.safetensors"],
+        "--optimizer-fisher lies inside an input",
+    ),
+    (
+        "finetune --optimizer-fisher DATA",
+        [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/data.jsonl"],
+        "--optimizer-fisher is an input",
+    ),
+    (
+        "finetune --optimizer-fisher a hard link of DATA",
+        [*FINETUNE, "--out", "{p}/../ft", "--optimizer-fisher", "{p}/../hard.jsonl"],
+        "--optimizer-fisher is an input",
+    ),
+    (
+        "stats --out MODEL/model.safetensors",
+        [
+            "stats",
+            "fisher",
+            "{p}/model",
+            "--data",
+            "{p}/data.jsonl",
+            "--out",
+            "{p}/model/model.safetensors",
+            "--force",
+        ],
+        "--out lies inside an input",
+    ),
+    (
+        "eval --out MODEL/config.json",
+        ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out", "{p}/model/config.json", "--force"],
+        "--out lies inside an input",
+    ),
+    (
+        "eval --out TASK.jsonl",
+        ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out", "{p}/data.jsonl", "--force"],
+        "--out is an input",
+    ),
+    (
+        "eval --out an existing file",
+        ["eval", "{p}/model", "--tasks", "{p}/data.jsonl", "--out", "{p}/../old.json"],
+        "--out already exists",
+    ),
+    (
+        "cgm --out PARENT",
+        [
+            "cgm",
+            "{p}/model",
+            "{p}/model",
+            "--general-data",
+            "{p}/data.jsonl",
+            "--task-data",
+            "{p}/data.jsonl",
+            "--out",
+            "{p}",
+            "--force",
+        ],
+        "--out contains an input",
+    ),
 ]
 
 
@@ -94,13 +149,29 @@ def test_no_command_writes_over_an_input(ws, capsys, argv, words):
 
 
 @pytest.mark.parametrize("where", ["adapter", "parent of the adapter", "base"])
-def test_continual_add_never_writes_over_its_adapter(tasks, tiny_llava_dir, tmp_path, capsys, where):  # noqa: F811
-    adapter, gram, base = tmp_path / "in" / "adapter", tmp_path / "in" / "gram.safetensors", tmp_path / "in" / "base"
+def test_continual_add_never_writes_over_its_adapter(tasks, tiny_llava_dir, tmp_path, capsys, where):
+    adapter, gram, base = (
+        tmp_path / "in" / "adapter",
+        tmp_path / "in" / "gram.safetensors",
+        tmp_path / "in" / "base",
+    )
     shutil.copytree(tasks[0][0], adapter)
     shutil.copy(tasks[0][1], gram)
     shutil.copytree(tiny_llava_dir, base)
     out = {"adapter": adapter, "parent of the adapter": adapter.parent, "base": base}[where]
-    argv = ["continual", "add", str(tmp_path / "state"), "--base", str(base), "--adapter", str(adapter),
-            "--gram", str(gram), "--out", str(out), "--force"]
+    argv = [
+        "continual",
+        "add",
+        str(tmp_path / "state"),
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--gram",
+        str(gram),
+        "--out",
+        str(out),
+        "--force",
+    ]
     refused(capsys, tmp_path / "in", argv, "an input")
     assert not (tmp_path / "state").exists()

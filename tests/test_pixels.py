@@ -48,9 +48,11 @@ def test_stats_finetune_and_eval_pass_the_bounds_to_their_encoder(tmp_path, caps
 
     model = build_llama_with_tokenizer(tmp_path / "llama", layers=1)
     data = write_qa_jsonl(tmp_path / "qa.jsonl", [("2 + 2 =", "4")])
-    for args in (["stats", "gram", str(model), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
-                 ["finetune", str(model), "--data", str(data), "--out", str(tmp_path / "ft"), "--steps", "1"],
-                 ["eval", str(model), "--tasks", str(data), "--out", str(tmp_path / "r.json")]):
+    for args in (
+        ["stats", "gram", str(model), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
+        ["finetune", str(model), "--data", str(data), "--out", str(tmp_path / "ft"), "--steps", "1"],
+        ["eval", str(model), "--tasks", str(data), "--out", str(tmp_path / "r.json")],
+    ):
         line = refused([*args, "--max-pixels", "256"], capsys)
         assert "dynamic-resolution image processor" in line, (args, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "qa.jsonl"]
@@ -67,9 +69,27 @@ def test_a_statistics_file_is_reused_only_under_the_same_image_bounds(tmp_path, 
     model = build_llama_with_tokenizer(tmp_path / "llama", layers=1)
     data = write_qa_jsonl(tmp_path / "qa.jsonl", [("2 + 2 =", "4")])
     out = tmp_path / "f.safetensors"
-    compute_statistics("fisher", model, data, out, scope=["language.layers"], device="cpu", log=None, progress=False)
+    compute_statistics(
+        "fisher", model, data, out, scope=["language.layers"], device="cpu", log=None, progress=False
+    )
     assert reusable("fisher", out, model, data, None, None, 0, ["language.layers"])
     assert not reusable("fisher", out, model, data, None, None, 0, ["language.layers"], pixels=(None, 256))
-    line = refused(["cgm", str(model), str(model), "--general-data", str(data), "--task-data", str(data), "--out",
-                    str(tmp_path / "m"), "-n", "1", "--max-pixels", "256"], capsys)
+    line = refused(
+        [
+            "cgm",
+            str(model),
+            str(model),
+            "--general-data",
+            str(data),
+            "--task-data",
+            str(data),
+            "--out",
+            str(tmp_path / "m"),
+            "-n",
+            "1",
+            "--max-pixels",
+            "256",
+        ],
+        capsys,
+    )
     assert "dynamic-resolution image processor" in line

@@ -31,7 +31,7 @@ def test_on_a_decaying_spectrum_it_is_as_good_as_the_exact_svd():
     M = known_spectrum(300, 500, s)
     A, B = randomized_svd(M, 16)
     assert A.shape == (16, 500) and B.shape == (300, 16)
-    optimum = float((s[16:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())  # Eckart–Young, in closed form
+    optimum = float((s[16:] ** 2).sum().sqrt() / (s**2).sum().sqrt())  # Eckart–Young, in closed form
     assert rel_err(M, *truncated_svd(M, 16)) == pytest.approx(optimum, rel=1e-4)
     assert rel_err(M, A, B) <= optimum * (1 + 1e-4)
     got = torch.linalg.svdvals((B @ A).double())[:16]
@@ -64,13 +64,15 @@ def test_inside_the_adapter_merges_the_error_is_within_1e_3_of_exact(method, rul
     pairs = [(torch.randn(8, 96, generator=g) / 3, torch.randn(64, 8, generator=g) / 3) for _ in range(3)]
     kw = {"weight": [1.0] * 3, "density": [0.5] * 3}
     seeded = (lambda: {"generator": torch.Generator().manual_seed(0)}) if rule is dare_ties else dict
-    full = rule(torch.zeros(64, 96), [B @ A for A, B in pairs], lambda_=1.0, **kw, **seeded())  # what is factored
+    full = rule(
+        torch.zeros(64, 96), [B @ A for A, B in pairs], lambda_=1.0, **kw, **seeded()
+    )  # what is factored
     exact = method(pairs, rank=8, **kw, **seeded())
     fast = method(pairs, rank=8, svd="randomized", **kw, **seeded())
     assert -1e-6 < rel_err(full, *fast) - rel_err(full, *exact) < 1e-5  # the optimum, to rounding
 
 
-def test_a_recipe_takes_svd_randomized_and_refuses_other_values(adapters, tmp_path):  # noqa: F811
+def test_a_recipe_takes_svd_randomized_and_refuses_other_values(adapters, tmp_path):
     _, base, paths = adapters
     params = {"density": 0.5, "rank": 4}
     _merge(base, paths, "lora_ties", tmp_path / "exact", parameters=params)

@@ -43,7 +43,11 @@ BAD_VALUES = [
     ("dare_linear", {"models_density": 0.0}, "models[0].density: 0.0 is outside (0, 1]"),
     ("dare_linear", {"parameters": {"rescale": "maybe"}}, "parameters.rescale: 'maybe' is not true or false"),
     ("task_arithmetic", {"parameters": {"lambda": "x"}}, "parameters.lambda: 'x' is not a number"),
-    ("task_arithmetic", {"parameters": {"lambda": float("nan")}}, "parameters.lambda: nan is not a finite number"),
+    (
+        "task_arithmetic",
+        {"parameters": {"lambda": float("nan")}},
+        "parameters.lambda: nan is not a finite number",
+    ),
     ("task_arithmetic", {"parameters": {"lambda": True}}, "parameters.lambda: True is not a number"),
     ("linear", {"parameters": {"lambda": None}}, "parameters.lambda: a value is required"),
     ("regmean", {"parameters": {"alpha": 2}}, "parameters.alpha: 2 is outside [0, 1]"),
@@ -54,8 +58,11 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("method, change, words", BAD_VALUES, ids=[w.split(":")[0] + f"-{i}"
-                                                                  for i, (_, _, w) in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize(
+    "method, change, words",
+    BAD_VALUES,
+    ids=[w.split(":")[0] + f"-{i}" for i, (_, _, w) in enumerate(BAD_VALUES)],
+)
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
 def test_a_bad_recipe_value_is_named_before_any_work(ws, capsys, method, change, words, dry):
     root, base, ft = ws
@@ -94,12 +101,19 @@ def _fisher_file(root: Path, at: Path, name: str, change=None, weights_of: Path 
     from forgetless.checkpoint.reader import CheckpointReader
 
     sd = load_file(str(at / "model.safetensors"))
-    t = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(len(k))) + 0.1
-         for k, v in sd.items() if k.endswith("proj.weight")}
+    t = {
+        k: torch.rand(v.shape, generator=torch.Generator().manual_seed(len(k))) + 0.1
+        for k, v in sd.items()
+        if k.endswith("proj.weight")
+    }
     if change:
         change(t)
-    meta = {"kind": "fisher", "num_samples": "4", "model_fingerprint": CheckpointReader(at).fingerprint(),
-            "model_weights_fingerprint": CheckpointReader(weights_of or at).weights_fingerprint()}
+    meta = {
+        "kind": "fisher",
+        "num_samples": "4",
+        "model_fingerprint": CheckpointReader(at).fingerprint(),
+        "model_weights_fingerprint": CheckpointReader(weights_of or at).weights_fingerprint(),
+    }
     save_file(t, str(root / name), metadata=meta)
     return root / name
 
@@ -107,10 +121,20 @@ def _fisher_file(root: Path, at: Path, name: str, change=None, weights_of: Path 
 def _fisher_recipe(base: Path, ft: Path, fisher: Path, method: str = "fisher_with_base") -> dict:
     scope = {"include": ["re:.*proj\\.weight$"], "outside": "finetuned"}
     if method == "fisher_with_base":
-        return {"method": method, "base": str(base), "scope": scope, "statistics": {"fisher_base": str(fisher)},
-                "models": [{"model": str(ft), "statistics": {"fisher": str(fisher)}}]}
-    return {"method": method, "base": str(base), "models": [str(ft)], "scope": scope,
-            "statistics": {"fisher_task": str(fisher), "fisher_general": str(fisher)}}
+        return {
+            "method": method,
+            "base": str(base),
+            "scope": scope,
+            "statistics": {"fisher_base": str(fisher)},
+            "models": [{"model": str(ft), "statistics": {"fisher": str(fisher)}}],
+        }
+    return {
+        "method": method,
+        "base": str(base),
+        "models": [str(ft)],
+        "scope": scope,
+        "statistics": {"fisher_task": str(fisher), "fisher_general": str(fisher)},
+    }
 
 
 def _first_proj(t: dict) -> str:
@@ -118,11 +142,15 @@ def _first_proj(t: dict) -> str:
 
 
 @pytest.mark.parametrize("method", ["fisher_with_base", "cgm", "cgm_dagger"])
-@pytest.mark.parametrize("spoil, words", [
-    (lambda t: t[_first_proj(t)].view(-1).__setitem__(3, float("nan")), "1 NaN/Inf entries"),
-    (lambda t: t[_first_proj(t)].view(-1).__setitem__(0, float("inf")), "1 NaN/Inf entries"),
-    (lambda t: t[_first_proj(t)].view(-1).__setitem__(5, -1.0), "1 negative entries"),
-], ids=["nan", "inf", "negative"])
+@pytest.mark.parametrize(
+    "spoil, words",
+    [
+        (lambda t: t[_first_proj(t)].view(-1).__setitem__(3, float("nan")), "1 NaN/Inf entries"),
+        (lambda t: t[_first_proj(t)].view(-1).__setitem__(0, float("inf")), "1 NaN/Inf entries"),
+        (lambda t: t[_first_proj(t)].view(-1).__setitem__(5, -1.0), "1 negative entries"),
+    ],
+    ids=["nan", "inf", "negative"],
+)
 def test_a_spoiled_statistic_is_named_with_its_tensor(ws, capsys, method, spoil, words):
     root, base, ft = ws
     f = _fisher_file(root, base, "fisher.safetensors", spoil)
@@ -145,8 +173,15 @@ def test_statistics_taken_at_other_weights_are_refused_unless_allowed(ws, capsys
     # taken at the fine-tuned model (Fisher merging's own) or at the base (CGM's): accepted as they are
     for at in (ft, base):
         g = _fisher_file(root, base, f"fisher-{at.name}.safetensors", weights_of=at)
-        main(["merge", str(_write(root, _fisher_recipe(base, ft, g))), "--out", str(root / f"out-{at.name}"),
-              "--quiet"])
+        main(
+            [
+                "merge",
+                str(_write(root, _fisher_recipe(base, ft, g))),
+                "--out",
+                str(root / f"out-{at.name}"),
+                "--quiet",
+            ]
+        )
 
 
 # ------------------------------------------------------------------------------------- mixed dtypes
@@ -157,8 +192,11 @@ def test_a_bf16_finetune_beside_an_fp32_base(ws, outside):
 
     root, base, ft = ws
     sd = load_file(str(ft / "model.safetensors"))
-    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
-              str(ft / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
+        str(ft / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     rec = recipe(base, ft, scope={"include": ["re:.*q_proj\\.weight$"], "outside": outside})
     main(["merge", str(_write(root, rec)), "--out", str(root / "out"), "--quiet", "--dry-run"])
     main(["merge", str(_write(root, rec)), "--out", str(root / "out"), "--quiet"])
@@ -184,8 +222,11 @@ def _not_a_state_dict(m: Path) -> Path:
     return m / "pytorch_model.bin"
 
 
-@pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_not_a_state_dict, "not a state dict")],
-                         ids=["truncated", "bin-not-a-state-dict"])
+@pytest.mark.parametrize(
+    "damage, words",
+    [(_truncate, "truncated"), (_not_a_state_dict, "not a state dict")],
+    ids=["truncated", "bin-not-a-state-dict"],
+)
 @pytest.mark.parametrize("command", ["finetune", "stats fisher", "stats gram", "inspect", "eval", "cgm"])
 def test_a_damaged_model_is_one_line_for_every_command(tmp_path, capsys, damage, words, command):
     """cgm: the damaged model is the fine-tuned one, named before the base's statistics are computed."""
@@ -196,19 +237,50 @@ def test_a_damaged_model_is_one_line_for_every_command(tmp_path, capsys, damage,
     inputs = ["d.jsonl", "m"]
     if command == "cgm":
         inputs.insert(0, build_tiny_llama(tmp_path / "b").name)
-    args = {"finetune": ["finetune", str(m), "--data", str(data), "--out", str(tmp_path / "o")],
-            "stats fisher": ["stats", "fisher", str(m), "--data", str(data), "--out", str(tmp_path / "f.safetensors")],
-            "stats gram": ["stats", "gram", str(m), "--data", str(data), "--out", str(tmp_path / "g.safetensors")],
-            "inspect": ["inspect", str(m)],
-            "eval": ["eval", str(m), "--tasks", str(data), "--out", str(tmp_path / "r.json")],
-            "cgm": ["cgm", str(tmp_path / "b"), str(m), "--general-data", str(data), "--task-data", str(data),
-                    "--out", str(tmp_path / "o"), "-n", "1"]}[command]
+    args = {
+        "finetune": ["finetune", str(m), "--data", str(data), "--out", str(tmp_path / "o")],
+        "stats fisher": [
+            "stats",
+            "fisher",
+            str(m),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "f.safetensors"),
+        ],
+        "stats gram": [
+            "stats",
+            "gram",
+            str(m),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "g.safetensors"),
+        ],
+        "inspect": ["inspect", str(m)],
+        "eval": ["eval", str(m), "--tasks", str(data), "--out", str(tmp_path / "r.json")],
+        "cgm": [
+            "cgm",
+            str(tmp_path / "b"),
+            str(m),
+            "--general-data",
+            str(data),
+            "--task-data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "-n",
+            "1",
+        ],
+    }[command]
     with pytest.raises(SystemExit) as e:
         main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert str(f) in err and words in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == inputs  # no output, no statistics, no temporary folder
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == inputs
+    )  # no output, no statistics, no temporary folder
 
 
 # ------------------------------------------------------------------------------------- malicious files
@@ -238,8 +310,10 @@ def test_a_yaml_tag_runs_no_code(ws, capsys):
 
 
 # ------------------------------------------------------------------------------------- operating-system errors
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"),
-                                         (errno.EIO, "check the path and the disk")])
+@pytest.mark.parametrize(
+    "code, words",
+    [(errno.ENOSPC, "free space"), (errno.EDQUOT, "quota"), (errno.EIO, "check the path and the disk")],
+)
 def test_a_failing_disk_is_one_line_and_keeps_the_old_output(ws, capsys, monkeypatch, code, words):
     root, base, ft = ws
     main(["merge", str(_write(root, recipe(base, ft))), "--out", str(root / "out"), "--quiet"])
@@ -247,6 +321,7 @@ def test_a_failing_disk_is_one_line_and_keeps_the_old_output(ws, capsys, monkeyp
 
     def full(fd, buf, off):
         raise OSError(code, os.strerror(code))
+
     monkeypatch.setattr(W.os, "pwrite", full)
     err = fail(root, recipe(base, ft, parameters={"lambda": 0.5}), "--force", capsys=capsys)
     assert os.strerror(code) in err and words in err
@@ -258,6 +333,7 @@ def test_an_unwritable_output_folder_is_one_line(ws, capsys, monkeypatch):
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(root))
+
     monkeypatch.setattr(W.tempfile, "mkdtemp", denied)
     err = fail(root, recipe(base, ft), capsys=capsys)
     assert str(root) in err and "Permission denied" in err and "folder you may write to" in err
@@ -269,13 +345,16 @@ def test_an_unexpected_error_asks_for_a_report_and_debug_shows_the_traceback(ws,
 
     def boom(*a, **k):
         raise RuntimeError("something nobody expected\nsecond line")
+
     monkeypatch.setattr(run, "execute", boom)
     r = _write(root, recipe(base, ft))
     with pytest.raises(SystemExit) as e:
         main(["merge", str(r), "--out", str(root / "out"), "--quiet"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "unexpected RuntimeError: something nobody expected" in err and "--debug" in err
+    assert (
+        "\n" not in err and "unexpected RuntimeError: something nobody expected" in err and "--debug" in err
+    )
     with pytest.raises(RuntimeError, match="nobody expected"):
         main(["--debug", "merge", str(r), "--out", str(root / "out"), "--quiet"])
 
@@ -303,8 +382,11 @@ main(sys.argv[1:])
 def test_sigterm_removes_the_temporary_folder(ws):
     root, base, ft = ws
     r = _write(root, recipe(base, ft))
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(r), "--out", str(root / "out"),
-                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, "merge", str(r), "--out", str(root / "out"), "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not leftovers(root) and time.time() < deadline:
         time.sleep(0.05)
@@ -318,8 +400,9 @@ def test_sigterm_removes_the_temporary_folder(ws):
 
 def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(ws):
     root, base, ft = ws
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     stale = [root / f".out.forgetless-tmp-{dead_pid}-abc", root / f".out.forgetless-old-{dead_pid}-xyz"]
     live = root / f".out.forgetless-tmp-{os.getppid()}-def"
@@ -365,10 +448,15 @@ def test_two_threads_merging_into_one_output_one_wins_the_other_is_told(ws):
 
     def run(i: int) -> None:
         try:
-            results[i] = forgetless.merge(recipe(base, ft, parameters={"lambda": 0.3 + 0.4 * i}), out=root / "out",
-                                          progress=False, log=None)
+            results[i] = forgetless.merge(
+                recipe(base, ft, parameters={"lambda": 0.3 + 0.4 * i}),
+                out=root / "out",
+                progress=False,
+                log=None,
+            )
         except BaseException as e:  # noqa: BLE001 — what each thread got is the test
             results[i] = e
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
@@ -390,8 +478,9 @@ def test_a_statistics_file_that_appears_meanwhile_is_kept(tmp_path):
         save_statistics(out, {"w": torch.zeros(2)}, **kw, replace=False)
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(str(out))["w"], torch.ones(2)) and sorted(p.name for p in tmp_path.iterdir()) == [
-        "f.safetensors"]
+    assert torch.equal(load_file(str(out))["w"], torch.ones(2)) and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["f.safetensors"]
     save_statistics(out, {"w": torch.zeros(2)}, **kw)  # replace (--force)
     assert torch.equal(load_file(str(out))["w"], torch.zeros(2))
 
@@ -413,6 +502,7 @@ def test_concurrent_cache_writes_of_one_entry_never_clash(tmp_path):
                 assert Step(path).done() is not None
         except BaseException as e:  # noqa: BLE001 — collected: the test is that there are none
             errors.append(e)
+
     threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()

@@ -50,13 +50,14 @@ def adversarial(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "signed zeros": torch.where(torch.rand(n, generator=g) < 0.5, -0.0, 0.0)
         + torch.where(torch.rand(n, generator=g) < 0.1, 1.0, 0.0),
         "denormals": torch.randint(0, 7, (n,), generator=g).float() * tiny / 8,  # 0 and subnormal multiples
-        "dynamic range": torch.randn(n, generator=g) * torch.exp2(torch.randint(-120, 120, (n,), generator=g).float()),
+        "dynamic range": torch.randn(n, generator=g)
+        * torch.exp2(torch.randint(-120, 120, (n,), generator=g).float()),
         "constant": torch.full((n,), 0.25),
         "quantized deltas": (torch.randn(n, generator=g) * 1e-3 + 1.0) - 1.0,  # multiples of an ulp of 1
     }
     x["with infinities"] = x["gaussian"].clone()
     x["with infinities"][:: max(1, n // 7)] = math.inf
-    x["with infinities"][3:: max(1, n // 5)] = -math.inf
+    x["with infinities"][3 :: max(1, n // 5)] = -math.inf
     return x
 
 
@@ -90,6 +91,7 @@ def test_the_caller_s_sampler_gives_the_same_cut(small_chunks):
             def pieces(x=x, calls=calls):
                 calls.append(1)
                 yield x, 0
+
             cut = top_k_cut(pieces, k, n, sample=16, sampler=lambda at, x=x: x[at])
             assert len(calls) == 1  # no sampling pass over the pieces
             assert torch.equal(cut.mask(x), stable_top(x, k, True)), (name, k)
@@ -155,14 +157,39 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))  # NaN, ±0 and all: bit for bit
 
 
-@pytest.mark.parametrize("params", [
-    {"weight": [1.0] * 3, "density": [0.5] * 3, "lambda_": 1.0, "sign": "total", "convention": "mergekit"},
-    {"weight": [0.5, 2.0, 1.0], "density": [0.6, 0.4, 0.8], "lambda_": 1.3, "sign": "total",
-     "convention": "mergekit"},
-    {"weight": [0.4, 1.0, 1.7], "density": [0.2, 0.2, 0.2], "lambda_": 0.7, "sign": "frequency",
-     "convention": "peft"},
-    {"weight": [1.0, 1.0], "density": [1.0, 0.01], "lambda_": 1.0, "sign": "total", "convention": "mergekit"},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {
+            "weight": [1.0] * 3,
+            "density": [0.5] * 3,
+            "lambda_": 1.0,
+            "sign": "total",
+            "convention": "mergekit",
+        },
+        {
+            "weight": [0.5, 2.0, 1.0],
+            "density": [0.6, 0.4, 0.8],
+            "lambda_": 1.3,
+            "sign": "total",
+            "convention": "mergekit",
+        },
+        {
+            "weight": [0.4, 1.0, 1.7],
+            "density": [0.2, 0.2, 0.2],
+            "lambda_": 0.7,
+            "sign": "frequency",
+            "convention": "peft",
+        },
+        {
+            "weight": [1.0, 1.0],
+            "density": [1.0, 0.01],
+            "lambda_": 1.0,
+            "sign": "total",
+            "convention": "mergekit",
+        },
+    ],
+)
 def test_chunked_ties_equals_the_whole_tensor_rule_bit_for_bit(small_chunks, params):
     g = torch.Generator().manual_seed(5)
     shape = (37, 41)
@@ -186,10 +213,19 @@ def test_chunked_ties_equals_the_whole_tensor_rule_bit_for_bit(small_chunks, par
             def stream(rows=rows):
                 for a, b in itertools.pairwise(rows):
                     yield Rows("w", base[a:b].clone(), [f[a:b].clone() for f in fts], {}, a * shape[1])
+
             prepared = fast.ties_prepare(prep, stream, shape)
-            got = torch.cat([baselines.ties(base[a:b].clone(), [f[a:b].clone() for f in fts], **params,
-                                            block=RowBlock(a * shape[1], shape, prepared))
-                             for a, b in itertools.pairwise(rows)])
+            got = torch.cat(
+                [
+                    baselines.ties(
+                        base[a:b].clone(),
+                        [f[a:b].clone() for f in fts],
+                        **params,
+                        block=RowBlock(a * shape[1], shape, prepared),
+                    )
+                    for a, b in itertools.pairwise(rows)
+                ]
+            )
         assert same_bits(got, want), n_blocks
     assert math.isnan(got.view(-1)[7]) and torch.isfinite(got.view(-1)[8:]).all()
 
@@ -208,8 +244,14 @@ def test_ties_leaves_the_fine_tuned_inputs_unchanged_and_writes_into_base():
 
 def test_the_mask_keeps_what_it_says_on_every_split():
     x = torch.tensor([3.0, 1.0, 1.0, -0.0, 1.0, 0.0, 2.0, 1.0])
-    for cut in (Cut(1.0, 2), Cut(1.0, 4), Cut(1.0, -1), Cut(1.0, 1 << 62, every_tie=True),
-                Cut(0.0, 3, largest=False), Cut(0.0, 5, largest=False)):
+    for cut in (
+        Cut(1.0, 2),
+        Cut(1.0, 4),
+        Cut(1.0, -1),
+        Cut(1.0, 1 << 62, every_tie=True),
+        Cut(0.0, 3, largest=False),
+        Cut(0.0, 5, largest=False),
+    ):
         for at in range(9):
             m = torch.cat([cut.mask(x[:at], 0), cut.mask(x[at:], at)])
             ref = (x > cut.value) if cut.largest else (x < cut.value)
@@ -222,15 +264,27 @@ def test_trim_zeroes_what_the_mask_of_the_magnitudes_drops(small_chunks):
     magnitudes: the same values — kept entries bit for bit, ±0 alike — on every split, for cuts with some, every
     or none of their ties kept, at 0, at subnormals and at ±∞."""
     x = torch.tensor([3.0, -1.0, 1.0, -0.0, -1.0, 0.0, 2.0, 1.0, 1e-45, -1e-45, -2.0])
-    cuts = [Cut(1.0, 2), Cut(1.0, 4), Cut(1.0, -1), Cut(1.0, 1 << 62, every_tie=True), Cut(0.0, 4), Cut(0.0, -1),
-            Cut(1e-45, 8), Cut(-math.inf, 1 << 62), Cut(math.inf, -1), Cut(2.0, 6)]
+    cuts = [
+        Cut(1.0, 2),
+        Cut(1.0, 4),
+        Cut(1.0, -1),
+        Cut(1.0, 1 << 62, every_tie=True),
+        Cut(0.0, 4),
+        Cut(0.0, -1),
+        Cut(1e-45, 8),
+        Cut(-math.inf, 1 << 62),
+        Cut(math.inf, -1),
+        Cut(2.0, 6),
+    ]
     for name, v in adversarial(500).items():
         if name != "with infinities":
             k = 137
             cut = top_k_cut(split(v.abs(), [100, 333]), k, v.numel())
             got = torch.cat([cut.trim(v[:250], 0), cut.trim(v[250:], 250)])
             want = v * stable_top(v.abs(), k, True)
-            assert torch.equal(got, want) and int(torch.count_nonzero(got)) == int(torch.count_nonzero(want)), name
+            assert torch.equal(got, want) and int(torch.count_nonzero(got)) == int(
+                torch.count_nonzero(want)
+            ), name
     for cut in cuts:
         for at in range(x.numel() + 1):
             got = torch.cat([cut.trim(x[:at], 0), cut.trim(x[at:], at)])
@@ -249,7 +303,9 @@ def test_dare_ties_combines_in_chunks_as_on_whole_tensors(small_chunks):
     base = torch.randn(29, 31, generator=g)
     fts = [base + torch.round(torch.randn(29, 31, generator=g) * 4) / 8 for _ in range(3)]
     w = [0.5, 1.0, 2.0]
-    got = baselines.dare_ties(base.clone(), [f.clone() for f in fts], weight=w, density=[1.0] * 3, lambda_=0.9)
+    got = baselines.dare_ties(
+        base.clone(), [f.clone() for f in fts], weight=w, density=[1.0] * 3, lambda_=0.9
+    )
     want = baselines.dare_ties_rule(base, fts, w, [1.0] * 3, 0.9)
     assert same_bits(got, want)
     assert same_bits(got, ties_reference(base, fts, w, [1.0] * 3, 0.9, "total", "mergekit"))
@@ -285,4 +341,7 @@ def test_the_stratified_sample_takes_one_index_per_stratum():
         at = select.stratified(n, s, g)
         m = min(n, s)
         lo = torch.arange(m) * (n // m)
-        assert at.numel() == m and bool(((at >= lo) & (at < lo + n // m)).all()), (n, s)  # so strictly ascending
+        assert at.numel() == m and bool(((at >= lo) & (at < lo + n // m)).all()), (
+            n,
+            s,
+        )  # so strictly ascending

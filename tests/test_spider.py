@@ -65,7 +65,9 @@ def test_importance_by_hand_and_against_numpy():
     yb = y.bfloat16()
     r = importance(yb)
     assert torch.equal(importance(yb, out=torch.empty(7, 5)), r)
-    assert r.dtype == torch.float32 and np.allclose(r.numpy(), r_numpy(yb.float().numpy()), rtol=1e-6, atol=1e-7)
+    assert r.dtype == torch.float32 and np.allclose(
+        r.numpy(), r_numpy(yb.float().numpy()), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_importance_degenerate_tensors():
@@ -141,8 +143,10 @@ def test_spider_loop_accumulates_clipped_gradients_and_keeps_theta0_where_c_is_z
     clip = 0.05
     for step in range(4):
         # independent: per micro-batch gradients at the current weights, summed, clipped by hand
-        grads = [torch.autograd.grad(nn.functional.mse_loss(net(x), y) / 2, list(params.values()))
-                 for x, y in micro_batches(step)]
+        grads = [
+            torch.autograd.grad(nn.functional.mse_loss(net(x), y) / 2, list(params.values()))
+            for x, y in micro_batches(step)
+        ]
         summed = [a + b for a, b in zip(*grads, strict=True)]
         norm = math.sqrt(sum(float((s.double() ** 2).sum()) for s in summed))
         assert norm > clip  # clipping is active
@@ -218,7 +222,9 @@ def test_bfloat16_parameters_keep_fp32_state_and_exact_theta0():
     params = dict(net.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     rule = Spider(params)
-    assert all(t.dtype == torch.bfloat16 for t in rule.theta0.values())  # θ₀ exactly, in the parameters' dtype
+    assert all(
+        t.dtype == torch.bfloat16 for t in rule.theta0.values()
+    )  # θ₀ exactly, in the parameters' dtype
     assert all(t.dtype == torch.float32 for t in rule.grad_sum.values())
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     for step in range(2):
@@ -281,10 +287,23 @@ def test_trainer_callback_matches_the_plain_loop(tmp_path):
 
     hf = model()
     theta0 = {n: p.detach().clone() for n, p in hf.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=steps, learning_rate=lr,
-                             per_device_train_batch_size=4, lr_scheduler_type="constant", warmup_steps=0,
-                             weight_decay=0.0, max_grad_norm=clip, optim="adamw_torch", use_cpu=True,
-                             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=clip,
+        optim="adamw_torch",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     callback = SpiderCallback("spider")
     Trainer(model=hf, args=args, train_dataset=Rows(), callbacks=[callback]).train()
 
@@ -319,8 +338,12 @@ def llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
-    qa = [("What is two plus two?", "four"), ("Name a colour.", "blue"), ("Opposite of up?", "down"),
-          ("A fruit?", "an apple")]
+    qa = [
+        ("What is two plus two?", "four"),
+        ("Name a colour.", "blue"),
+        ("Opposite of up?", "down"),
+        ("A fruit?", "an apple"),
+    ]
     return write_qa_jsonl(tmp_path_factory.mktemp("text") / "train.jsonl", qa)
 
 
@@ -340,8 +363,21 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
                 c = spider_coefficients(importance(base[n]), importance(g_sum[n]))
                 assert torch.equal(p.detach()[c == 0], base[n][c == 0]), n
 
-    report = finetune(llama_dir, text_data, tmp_path / "out", train=["language.layers"], steps=steps, lr=1e-2,
-                      batch_size=2, grad_accum=2, clip=0.5, keep="spider", hook=Watch(), log=quiet, dtype=dtype)
+    report = finetune(
+        llama_dir,
+        text_data,
+        tmp_path / "out",
+        train=["language.layers"],
+        steps=steps,
+        lr=1e-2,
+        batch_size=2,
+        grad_accum=2,
+        clip=0.5,
+        keep="spider",
+        hook=Watch(),
+        log=quiet,
+        dtype=dtype,
+    )
     out = tensors(tmp_path / "out")
     moved = reverted = 0
     for n in report.trained:
@@ -352,11 +388,20 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
     assert moved > 0 and reverted > 0
     meta = json.loads((tmp_path / "out" / "finetune.json").read_text())
     entries = sum(base[n].numel() for n in report.trained)
-    assert meta["recipe"]["keep"] == "spider" and meta["keep"]["rule"] == "spider" and meta["recipe"]["dtype"] == dtype
+    assert (
+        meta["recipe"]["keep"] == "spider"
+        and meta["keep"]["rule"] == "spider"
+        and meta["recipe"]["dtype"] == dtype
+    )
     largest = max(base[n].numel() for n in report.trained)
-    held = sum(base[n].numel() * lossless_copy(base[n]).element_size() for n in report.trained)  # θ₀ (RMSNorm's
+    held = sum(
+        base[n].numel() * lossless_copy(base[n]).element_size() for n in report.trained
+    )  # θ₀ (RMSNorm's
     assert held < 4 * entries  # ones are bf16-exact), G in float32, three float32 scratch vectors
-    assert meta["keep"]["extra_bytes"] == held + 4 * entries + 12 * largest and meta["keep"]["entries"] == entries
+    assert (
+        meta["keep"]["extra_bytes"] == held + 4 * entries + 12 * largest
+        and meta["keep"]["entries"] == entries
+    )
     assert len(meta["keep"]["updated_fraction"]) == steps == len(meta["keep"]["mean_c"])
     assert meta["keep"]["updated_fraction"][-1] == pytest.approx(1 - reverted / entries)
     assert report.keep == meta["keep"]
@@ -364,8 +409,26 @@ def test_finetune_keep_spider_writes_weights_that_satisfy_the_rule(tmp_path, lla
 
 def test_cli_keep_magnitude_mask_and_lora_refusal(tmp_path, llama_dir, text_data, capsys):
     out = tmp_path / "mm"
-    main(["finetune", str(llama_dir), "--data", str(text_data), "--out", str(out), "--train",
-          r"re:model\.layers\.0\.mlp\..*", "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--keep", "magnitude_mask"])
+    main(
+        [
+            "finetune",
+            str(llama_dir),
+            "--data",
+            str(text_data),
+            "--out",
+            str(out),
+            "--train",
+            r"re:model\.layers\.0\.mlp\..*",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--keep",
+            "magnitude_mask",
+        ]
+    )
     base, got = tensors(llama_dir), tensors(out)
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["keep"]["rule"] == "magnitude_mask" and "keep rule magnitude_mask" in capsys.readouterr().out
@@ -373,12 +436,22 @@ def test_cli_keep_magnitude_mask_and_lora_refusal(tmp_path, llama_dir, text_data
         top = magnitude_mask(base[n])
         assert torch.equal(got[n][top], base[n][top]) and (got[n][~top] != base[n][~top]).all()
     with pytest.raises(ForgetlessError, match="full fine-tune, not to LoRA") as e:
-        finetune(llama_dir, text_data, tmp_path / "lora", lora=LoraSpec(),
-                 keep="spider", log=quiet)
+        finetune(llama_dir, text_data, tmp_path / "lora", lora=LoraSpec(), keep="spider", log=quiet)
     assert "drop --lora" in e.value.remedy
     with pytest.raises(SystemExit) as exit_:
-        main(["finetune", str(llama_dir), "--data", str(text_data), "--out", str(tmp_path / "l2"), "--lora",
-              "--keep", "spider"])
+        main(
+            [
+                "finetune",
+                str(llama_dir),
+                "--data",
+                str(text_data),
+                "--out",
+                str(tmp_path / "l2"),
+                "--lora",
+                "--keep",
+                "spider",
+            ]
+        )
     assert exit_.value.code == 2 and "not to LoRA" in capsys.readouterr().err
     assert not (tmp_path / "lora").exists() and not (tmp_path / "l2").exists()
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture()
-def one_task(tasks, tiny_llava_dir, tmp_path):  # noqa: F811
+def one_task(tasks, tiny_llava_dir, tmp_path):
     state = tmp_path / "state"
     _add(state, tasks[0], None, base=tiny_llava_dir)
     return state
@@ -42,7 +42,7 @@ def _leftovers(root: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- one writer
-def test_a_second_writer_waits_for_the_first_and_no_task_is_lost(tasks, one_task, monkeypatch):  # noqa: F811
+def test_a_second_writer_waits_for_the_first_and_no_task_is_lost(tasks, one_task, monkeypatch):
     held, release, logs, errors = threading.Event(), threading.Event(), [], []
     real = continual._check_adapter
 
@@ -78,19 +78,24 @@ def test_a_second_writer_waits_for_the_first_and_no_task_is_lost(tasks, one_task
 
 def _holder(state: Path, *, die: bool) -> subprocess.Popen:
     """A process that takes the state's lock, says so, then dies (kill -9) or waits to be killed."""
-    code = ("import os, signal, sys, time; from forgetless.checkpoint.guard import exclusive\n"
-            f"with exclusive({str(state)!r}):\n"
-            "    print('locked', flush=True)\n"
-            f"    {'os.kill(os.getpid(), signal.SIGKILL)' if die else 'time.sleep(600)'}\n")
+    code = (
+        "import os, signal, sys, time; from forgetless.checkpoint.guard import exclusive\n"
+        f"with exclusive({str(state)!r}):\n"
+        "    print('locked', flush=True)\n"
+        f"    {'os.kill(os.getpid(), signal.SIGKILL)' if die else 'time.sleep(600)'}\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     return p
 
 
-def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tasks, one_task):  # noqa: F811
+def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tasks, one_task):
     live = _holder(one_task, die=False)
     try:
-        with pytest.raises(ForgetlessError, match=f"in use by process {live.pid}"), exclusive(one_task, wait=False):
+        with (
+            pytest.raises(ForgetlessError, match=f"in use by process {live.pid}"),
+            exclusive(one_task, wait=False),
+        ):
             pass
     finally:
         live.kill()
@@ -104,17 +109,33 @@ def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(task
 
 # ---------------------------------------------------------------------------------------------- kill -9
 @pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
-def test_a_kill_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tasks, one_task, tmp_path,  # noqa: F811
-                                                                         fallback):
+def test_a_kill_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(
+    tasks,
+    one_task,
+    tmp_path,
+    fallback,
+):
     pristine = tmp_path / "pristine"
     shutil.copytree(one_task, pristine)
-    spec = {"state": str(one_task), "pristine": str(pristine), "out": str(tmp_path / "out"), "fallback": fallback,
-            "adapter": str(tasks[1][0]), "gram": str(tasks[1][1]),
-            "next_adapter": str(tasks[2][0]), "next_gram": str(tasks[2][1])}
+    spec = {
+        "state": str(one_task),
+        "pristine": str(pristine),
+        "out": str(tmp_path / "out"),
+        "fallback": fallback,
+        "adapter": str(tasks[1][0]),
+        "gram": str(tasks[1][1]),
+        "next_adapter": str(tasks[2][0]),
+        "next_gram": str(tasks[2][1]),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    r = subprocess.run([sys.executable, str(HERE / "crash_worker.py"), str(tmp_path / "spec.json")],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "crash_worker.py"), str(tmp_path / "spec.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.splitlines()[-1])
     kills = result["kills"]
@@ -126,9 +147,10 @@ def test_a_kill_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tasks,
     assert not _leftovers(tmp_path)  # the next add removed what the dead writers left
 
 
-def test_a_state_a_crash_left_moved_aside_is_put_back_before_any_cleanup(tasks, one_task, tiny_llava_dir):  # noqa: F811
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+def test_a_state_a_crash_left_moved_aside_is_put_back_before_any_cleanup(tasks, one_task, tiny_llava_dir):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     aside = one_task.parent / f".{one_task.name}.forgetless-old-{int(dead.stdout)}-xyz"
     aside.mkdir()
     before = _snapshot(one_task)
@@ -141,24 +163,43 @@ def test_a_state_a_crash_left_moved_aside_is_put_back_before_any_cleanup(tasks, 
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM, full disk
-def test_sigterm_during_add_keeps_the_old_state_and_says_so(tasks, one_task, tmp_path):  # noqa: F811
+def test_sigterm_during_add_keeps_the_old_state_and_says_so(tasks, one_task, tmp_path):
     before = _snapshot(one_task)
-    code = ("import os, signal, sys\nfrom forgetless.chains import continual\nfrom forgetless.cli import main\n"
-            "real, n = continual._step_part, [0]\n"
-            "def step(*a, **kw):\n"
-            "    n[0] += 1\n"
-            "    if n[0] == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return real(*a, **kw)\n"
-            "continual._step_part = step\nmain(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, "-c", code, "continual", "add", str(one_task), "--adapter", str(tasks[1][0]),
-                        "--gram", str(tasks[1][1]), "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=300, check=False)
+    code = (
+        "import os, signal, sys\nfrom forgetless.chains import continual\nfrom forgetless.cli import main\n"
+        "real, n = continual._step_part, [0]\n"
+        "def step(*a, **kw):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*a, **kw)\n"
+        "continual._step_part = step\nmain(sys.argv[1:])\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "continual",
+            "add",
+            str(one_task),
+            "--adapter",
+            str(tasks[1][0]),
+            "--gram",
+            str(tasks[1][1]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
     assert r.stderr.strip() == f"{one_task}: interrupted; the state is whole, with 1 task(s)"
     assert _snapshot(one_task) == before and not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
-def test_a_full_disk_while_writing_the_state_names_the_file(tasks, one_task, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_full_disk_while_writing_the_state_names_the_file(tasks, one_task, tmp_path, capsys, monkeypatch):
     before = _snapshot(one_task)
     calls = []
 
@@ -199,6 +240,7 @@ def _meta_edit(edit):
         meta = json.loads((state / "state.json").read_text())
         edit(meta)
         (state / "state.json").write_text(json.dumps(meta))
+
     return damage
 
 
@@ -211,8 +253,11 @@ def _wrong_shapes(state: Path) -> None:
 
 DAMAGES = [
     ("part deleted", lambda s: _part(s).unlink(), "part-00000.safetensors: missing"),
-    ("part truncated", lambda s: os.truncate(_part(s), _part(s).stat().st_size // 2),
-     "part-00000.safetensors: unreadable"),
+    (
+        "part truncated",
+        lambda s: os.truncate(_part(s), _part(s).stat().st_size // 2),
+        "part-00000.safetensors: unreadable",
+    ),
     ("part garbage", lambda s: _part(s).write_bytes(os.urandom(64)), "part-00000.safetensors: unreadable"),
     ("part of wrong shapes", _wrong_shapes, "expected"),
     ("no options", _meta_edit(lambda m: m.pop("options")), "'options' is missing"),
@@ -220,20 +265,37 @@ DAMAGES = [
     ("unknown version", _meta_edit(lambda m: m.update(version=99)), "state format version 99"),
     ("gamma inf", _meta_edit(lambda m: m["options"].update(gamma=float("inf"))), "gamma=inf"),
     ("state.json garbage", lambda s: (s / "state.json").write_bytes(b"\x00\xff\xfe{["), "not a text file"),
-    ("state.json cut short", lambda s: (s / "state.json").write_text('{"format": "forgetless-continual", '),
-     "invalid JSON"),
-    ("state.json nested deep", lambda s: (s / "state.json").write_text("[" * 100_000 + "]" * 100_000),
-     "JSON nested deeper than"),
+    (
+        "state.json cut short",
+        lambda s: (s / "state.json").write_text('{"format": "forgetless-continual", '),
+        "invalid JSON",
+    ),
+    (
+        "state.json nested deep",
+        lambda s: (s / "state.json").write_text("[" * 100_000 + "]" * 100_000),
+        "JSON nested deeper than",
+    ),
 ]
 
 
 @pytest.mark.parametrize("damage, words", [(d, w) for _, d, w in DAMAGES], ids=[n for n, _, _ in DAMAGES])
-def test_a_damaged_state_is_named_by_show_and_add(tasks, one_task, tmp_path, capsys, damage, words):  # noqa: F811
+def test_a_damaged_state_is_named_by_show_and_add(tasks, one_task, tmp_path, capsys, damage, words):
     damage(one_task)
     before = _snapshot(one_task)
-    for argv in (["continual", "show", str(one_task)],
-                 ["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
-                  "--out", str(tmp_path / "out")]):
+    for argv in (
+        ["continual", "show", str(one_task)],
+        [
+            "continual",
+            "add",
+            str(one_task),
+            "--adapter",
+            str(tasks[1][0]),
+            "--gram",
+            str(tasks[1][1]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip()
@@ -242,14 +304,33 @@ def test_a_damaged_state_is_named_by_show_and_add(tasks, one_task, tmp_path, cap
     assert _snapshot(one_task) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option", [["--gamma", "inf"], ["--gamma", "nan"], ["--gamma", "-1"],
-                                    ["--cpm-data", "x.jsonl", "--tau", "inf"]])
-def test_options_out_of_range_are_refused_at_the_first_task(tasks, tiny_llava_dir, tmp_path, capsys,  # noqa: F811
-                                                           option):
+@pytest.mark.parametrize(
+    "option",
+    [["--gamma", "inf"], ["--gamma", "nan"], ["--gamma", "-1"], ["--cpm-data", "x.jsonl", "--tau", "inf"]],
+)
+def test_options_out_of_range_are_refused_at_the_first_task(
+    tasks,
+    tiny_llava_dir,
+    tmp_path,
+    capsys,
+    option,
+):
     state = tmp_path / "state"
     with pytest.raises(SystemExit) as e:
-        main(["continual", "add", str(state), "--base", str(tiny_llava_dir), "--adapter", str(tasks[0][0]),
-              "--gram", str(tasks[0][1]), *option])
+        main(
+            [
+                "continual",
+                "add",
+                str(state),
+                "--base",
+                str(tiny_llava_dir),
+                "--adapter",
+                str(tasks[0][0]),
+                "--gram",
+                str(tasks[0][1]),
+                *option,
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "invalid option" in err and not state.exists()
     assert lock_path(state).exists()  # the lock file stays: removing it would let two writers lock two files
@@ -262,8 +343,13 @@ def test_show_of_an_absent_state_writes_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no lock file, no folder made by a command that only reads
 
 
-def test_a_full_disk_while_writing_the_output_keeps_the_old_state(tasks, one_task, tmp_path, capsys,  # noqa: F811
-                                                                  monkeypatch):
+def test_a_full_disk_while_writing_the_output_keeps_the_old_state(
+    tasks,
+    one_task,
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     before = _snapshot(one_task)
     real, calls = os.pwrite, []
 
@@ -275,15 +361,33 @@ def test_a_full_disk_while_writing_the_output_keeps_the_old_state(tasks, one_tas
 
     monkeypatch.setattr(W.os, "pwrite", full)
     with pytest.raises(SystemExit) as e:
-        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
-              "--out", str(tmp_path / "out")])
+        main(
+            [
+                "continual",
+                "add",
+                str(one_task),
+                "--adapter",
+                str(tasks[1][0]),
+                "--gram",
+                str(tasks[1][1]),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'out' / 'model.safetensors'}: No space left")
+    assert e.value.code == 2 and err.startswith(
+        f"error: {tmp_path / 'out' / 'model.safetensors'}: No space left"
+    )
     assert _snapshot(one_task) == before and not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
-def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(tasks, one_task, tmp_path, capsys,  # noqa: F811
-                                                                         monkeypatch):
+def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(
+    tasks,
+    one_task,
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     meta = load_state(one_task)
     state_bytes = sum(p.stat().st_size for p in one_task.glob("part-*.safetensors"))
     planned = sum(continual._sums_bytes(meta))
@@ -293,8 +397,19 @@ def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(tasks,
     calls = []
     monkeypatch.setattr(continual, "_step_part", lambda *a, **kw: calls.append(a))
     with pytest.raises(SystemExit) as e:
-        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tasks[1][1]),
-              "--out", str(tmp_path / "out")])
+        main(
+            [
+                "continual",
+                "add",
+                str(one_task),
+                "--adapter",
+                str(tasks[1][0]),
+                "--gram",
+                str(tasks[1][1]),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "the new state and the output needs" in err and str(one_task) in err
     assert not calls and not (tmp_path / "out").exists()
@@ -303,7 +418,7 @@ def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(tasks,
         continual._check_space(one_task, meta | {"options": meta["options"] | {"dtype": "float64"}}, None, 0)
 
 
-def test_a_gram_with_nan_is_named_not_reported_as_differing_grams(tasks, one_task, tmp_path, capsys):  # noqa: F811
+def test_a_gram_with_nan_is_named_not_reported_as_differing_grams(tasks, one_task, tmp_path, capsys):
     from safetensors import safe_open
 
     with safe_open(str(tasks[1][1]), framework="pt") as f:
@@ -313,7 +428,19 @@ def test_a_gram_with_nan_is_named_not_reported_as_differing_grams(tasks, one_tas
     save_file(sums, str(tmp_path / "nan.safetensors"), metadata=meta)
     before = _snapshot(one_task)
     with pytest.raises(SystemExit) as e:
-        main(["continual", "add", str(one_task), "--adapter", str(tasks[1][0]), "--gram", str(tmp_path / "nan.safetensors")])
+        main(
+            [
+                "continual",
+                "add",
+                str(one_task),
+                "--adapter",
+                str(tasks[1][0]),
+                "--gram",
+                str(tmp_path / "nan.safetensors"),
+            ]
+        )
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and f"tensor '{q}': the Gram has NaN or Inf entries" in err and "differ" not in err
+    assert (
+        e.value.code == 2 and f"tensor '{q}': the Gram has NaN or Inf entries" in err and "differ" not in err
+    )
     assert _snapshot(one_task) == before and not _leftovers(tmp_path)

@@ -20,8 +20,14 @@ from forgetless.checkpoint.reader import CheckpointReader
 from forgetless.cli import main
 from forgetless.stats.data import Encoder, load_samples
 
-QA = [("What is the capital of France?", "Paris."), ("2 + 3 =", "5"), ("Colour of the sky?", "Blue, mostly."),
-      ("Opposite of hot?", "Cold"), ("Largest planet?", "Jupiter is the largest planet."), ("H2O is?", "Water")]
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("2 + 3 =", "5"),
+    ("Colour of the sky?", "Blue, mostly."),
+    ("Opposite of hot?", "Cold"),
+    ("Largest planet?", "Jupiter is the largest planet."),
+    ("H2O is?", "Water"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +58,35 @@ def bs1_fisher(model_dir: Path, data: Path, names: list[str]) -> dict[str, torch
 def test_fisher_file_equals_the_definition(tiny, capsys):
     root, model, data = tiny
     out = root / "fisher.safetensors"
-    main(["stats", "fisher", str(model), "--data", str(data), "--out", str(out), "--scope", "language.layers[1:3]",
-          "-n", "6", "--batch-size", "4", "--force"])
+    main(
+        [
+            "stats",
+            "fisher",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--scope",
+            "language.layers[1:3]",
+            "-n",
+            "6",
+            "--batch-size",
+            "4",
+            "--force",
+        ]
+    )
     assert "wrote" in capsys.readouterr().out
     names = ["model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"]
     want = bs1_fisher(model, data, names)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-        assert sorted(f.keys()) == sorted(n for n in CheckpointReader(model).names()
-                                          if ".layers.1." in n or ".layers.2." in n if n.endswith("proj.weight"))
+        assert sorted(f.keys()) == sorted(
+            n
+            for n in CheckpointReader(model).names()
+            if ".layers.1." in n or ".layers.2." in n
+            if n.endswith("proj.weight")
+        )
         for n in names:
             got = f.get_tensor(n)
             assert got.abs().sum() > 0
@@ -73,13 +99,41 @@ def test_fisher_file_equals_the_definition(tiny, capsys):
 def test_torchrun_two_processes_give_the_single_process_file(tiny):
     root, model, data = tiny
     single, double = root / "f1.safetensors", root / "f2.safetensors"
-    args = ["stats", "fisher", str(model), "--data", str(data), "--scope", "language.layers[2]", "-n", "6",
-            "--batch-size", "2", "--force"]
+    args = [
+        "stats",
+        "fisher",
+        str(model),
+        "--data",
+        str(data),
+        "--scope",
+        "language.layers[2]",
+        "-n",
+        "6",
+        "--batch-size",
+        "2",
+        "--force",
+    ]
     main([*args, "--out", str(single)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "forgetless.cli", *args, "--out", str(double)], check=True, env=env, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "forgetless.cli",
+            *args,
+            "--out",
+            str(double),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     with safe_open(str(single), "pt") as a, safe_open(str(double), "pt") as b:
         assert a.keys() == b.keys() and b.metadata()["num_samples"] == "6"
         for k in a.keys():  # noqa: SIM118  (safe_open is not iterable)
@@ -97,10 +151,15 @@ def test_the_engine_merges_with_the_file(tiny, tmp_path):
         for p in m.parameters():
             p.add_(0.01)
     m.save_pretrained(other)
-    recipe = {"method": "fisher", "base": str(model),
-              "models": [{"model": str(model), "statistics": {"fisher": str(fisher)}},
-                         {"model": str(other), "statistics": {"fisher": str(fisher)}}],
-              "scope": {"no_statistics": "base"}}
+    recipe = {
+        "method": "fisher",
+        "base": str(model),
+        "models": [
+            {"model": str(model), "statistics": {"fisher": str(fisher)}},
+            {"model": str(other), "statistics": {"fisher": str(fisher)}},
+        ],
+        "scope": {"no_statistics": "base"},
+    }
     report = forgetless.merge(recipe, out=tmp_path / "merged", progress=False)
     # same Fisher for both models: the Fisher-weighted mean is the plain mean where F > 0
     assert report.routes["method"][0] == len(CheckpointReader(fisher).names())
@@ -109,8 +168,23 @@ def test_the_engine_merges_with_the_file(tiny, tmp_path):
 def test_gram_file_counts_tokens_and_feeds_regmean(tiny, tmp_path):
     _, model, data = tiny
     out = tmp_path / "gram.safetensors"
-    main(["stats", "gram", str(model), "--data", str(data), "--out", str(out), "--scope", "language.layers[0]",
-          "-n", "6", "--batch-size", "4"])
+    main(
+        [
+            "stats",
+            "gram",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--scope",
+            "language.layers[0]",
+            "-n",
+            "6",
+            "--batch-size",
+            "4",
+        ]
+    )
     enc = Encoder(model)
     tokens = sum(int(enc(s)["input_ids"].numel()) for s in load_samples(data, n=6, seed=0))
     net = LlamaForCausalLM.from_pretrained(model).eval()
@@ -127,8 +201,11 @@ def test_gram_file_counts_tokens_and_feeds_regmean(tiny, tmp_path):
         assert meta["kind"] == "gram" and meta["num_samples"] == "6"
         assert json.loads(meta["token_counts"])[name] == tokens == x.shape[0]
         torch.testing.assert_close(f.get_tensor(name).double(), x.T @ x, rtol=1e-5, atol=1e-6)
-    r = {"method": "regmean", "base": str(model),
-         "models": [{"model": str(model), "statistics": {"gram": str(out)}}] * 2}
+    r = {
+        "method": "regmean",
+        "base": str(model),
+        "models": [{"model": str(model), "statistics": {"gram": str(out)}}] * 2,
+    }
     report = forgetless.merge(r, out=tmp_path / "merged", progress=False)
     # the 7 Linear weights of layer 0 by their Gram, every other tensor by RegMean's fallback (the average)
     assert report.routes["method"][0] == 7

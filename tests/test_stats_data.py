@@ -67,8 +67,14 @@ def tiny_llava_processor() -> LlavaProcessor:
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # CLIP on 32x32 with patch 8: 16 patches + CLS; "default" drops the CLS -> 16 image tokens
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +86,18 @@ class _Qwen25VLImageOnlyProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor without its video processor (which needs torchvision, not installed here)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        super().__init__(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+        )
 
 
 @pytest.fixture(scope="module")
 def qwen_processor():
     tok = smol_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-    ip = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=64, max_pixels=1024, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
     return _Qwen25VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
 
 
@@ -121,12 +131,26 @@ def labelled_segments(ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]
 
 def test_both_formats_parse_to_the_same_samples(tmp_path):
     llava = [
-        {"id": "s0", "image": "imgs/a.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
-                           {"from": "gpt", "value": "Red."}]},
-        {"id": "s1", "conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "7"}]},
-        {"id": 2, "image": "imgs/b.png",
-         "conversations": [{"from": "human", "value": "How many circles?\n<image>"}, {"from": "gpt", "value": "3"}]},
+        {
+            "id": "s0",
+            "image": "imgs/a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the square?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        },
+        {
+            "id": "s1",
+            "conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "7"}],
+        },
+        {
+            "id": 2,
+            "image": "imgs/b.png",
+            "conversations": [
+                {"from": "human", "value": "How many circles?\n<image>"},
+                {"from": "gpt", "value": "3"},
+            ],
+        },
     ]
     plain = [
         {"id": "s0", "image": "imgs/a.png", "question": "What colour is the square?", "answer": "Red."},
@@ -140,8 +164,9 @@ def test_both_formats_parse_to_the_same_samples(tmp_path):
     b = load_samples(tmp_path / "plain.jsonl", shuffle=False)
     c = load_samples(tmp_path / "llava.jsonl", shuffle=False)
     assert a == b == c
-    assert a[0] == Sample("s0", tmp_path / "imgs/a.png", [("user", "What colour is the square?"),
-                                                          ("assistant", "Red.")])
+    assert a[0] == Sample(
+        "s0", tmp_path / "imgs/a.png", [("user", "What colour is the square?"), ("assistant", "Red.")]
+    )
     assert a[1].image is None and a[2].id == "2"
     assert a[2].turns[0] == ("user", "How many circles?")
     # a mixed file, and relative images resolved against image_folder when given
@@ -151,16 +176,24 @@ def test_both_formats_parse_to_the_same_samples(tmp_path):
     assert [s.id for s in m] == ["s0", "s1", "2"]
     assert m[0].image == other / "imgs/a.png" and m[1].turns == a[1].turns
     # multi-turn conversations keep every turn, in order
-    multi = {"id": "m", "conversations": [{"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
-                                          {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}],
-             "image": "x.png"}
+    multi = {
+        "id": "m",
+        "conversations": [
+            {"from": "human", "value": "<image>\nQ1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+        ],
+        "image": "x.png",
+    }
     (s,) = load_samples(write_jsonl(tmp_path / "multi.jsonl", [multi]))
     assert s.turns == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]
 
 
 def test_seeded_subset_is_reproducible(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"id": f"q{i}", "question": f"q{i}?", "answer": "a"}
-                                             for i in range(20)])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"id": f"q{i}", "question": f"q{i}?", "answer": "a"} for i in range(20)]
+    )
     ids = lambda ss: [s.id for s in ss]
     one = ids(load_samples(path, n=8, seed=1))
     assert one == ids(load_samples(path, n=8, seed=1))
@@ -206,8 +239,17 @@ def test_malformed_records_name_file_and_place(tmp_path):
 def test_text_labels_are_exactly_the_answers_smollm2(smol_tok):
     enc = Encoder(smol_tok)
     answers = ["Four.", "Six, of course."]
-    s = Sample("t", None, [("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", answers[0]),
-                           ("user", "And 3+3?"), ("assistant", answers[1])])
+    s = Sample(
+        "t",
+        None,
+        [
+            ("system", "Be brief."),
+            ("user", "What is 2+2?"),
+            ("assistant", answers[0]),
+            ("user", "And 3+3?"),
+            ("assistant", answers[1]),
+        ],
+    )
     e = enc(s)
     ids, labels = e["input_ids"], e["labels"]
     assert ids.shape == labels.shape == e["attention_mask"].shape and ids.dim() == 1
@@ -218,7 +260,8 @@ def test_text_labels_are_exactly_the_answers_smollm2(smol_tok):
     assert segs == [smol_tok(a, add_special_tokens=False)["input_ids"] + [eot] for a in answers]
     # the whole rendering is the template's, and only the answers are labelled
     assert smol_tok.decode(ids) == smol_tok.apply_chat_template(
-        [{"role": r, "content": t} for r, t in s.turns], tokenize=False)
+        [{"role": r, "content": t} for r, t in s.turns], tokenize=False
+    )
     assert int((labels != -100).sum()) == sum(len(g) for g in segs)
 
 
@@ -237,8 +280,9 @@ def test_llava_labels_mask_image_tokens(tmp_path, llava_processor):
     assert e["pixel_values"].shape == (1, 3, 32, 32)
     # a text-only sample through the same processor has no image tensors
     t = enc(Sample("w", None, [("user", "Say hi."), ("assistant", "hi")]))
-    assert "pixel_values" not in t and [tok.decode(g) for g in labelled_segments(t["input_ids"], t["labels"])] \
-        == [" hi" + EOT]
+    assert "pixel_values" not in t and [
+        tok.decode(g) for g in labelled_segments(t["input_ids"], t["labels"])
+    ] == [" hi" + EOT]
 
 
 def test_qwen25vl_labels_and_patches(tmp_path, qwen_processor):
@@ -249,7 +293,7 @@ def test_qwen25vl_labels_and_patches(tmp_path, qwen_processor):
     ea = enc(Sample("a", a, [("user", "Colour?"), ("assistant", "red")]))
     assert ea["image_grid_thw"].tolist() == [[1, 4, 4]]
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    assert int((ea["input_ids"] == pad).sum()) == 4 * 4 // 2 ** 2
+    assert int((ea["input_ids"] == pad).sum()) == 4 * 4 // 2**2
     assert bool((ea["labels"][ea["input_ids"] == pad] == -100).all())
     assert [tok.decode(g) for g in labelled_segments(ea["input_ids"], ea["labels"])] == ["red" + EOT]
     eb = enc(Sample("b", b, [("user", "Shape?"), ("assistant", "a wide square")]))
@@ -266,11 +310,23 @@ def test_qwen25vl_labels_and_patches(tmp_path, qwen_processor):
 def tiny_llava_for(processor) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
     text = LlamaConfig(**{**TEXT, "vocab_size": len(tok), "bos_token_id": None, "eos_token_id": None})
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, tie_word_embeddings=False)
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -290,8 +346,10 @@ def hand_loss(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> 
 def test_answer_cross_entropy_matches_hand_loop(tmp_path, llava_processor):
     model = tiny_llava_for(llava_processor)
     enc = Encoder(llava_processor)
-    samples = [Sample("img", save_image(tmp_path / "a.png"), [("user", "Colour?"), ("assistant", "red, mostly")]),
-               Sample("txt", None, [("user", "Say something long enough."), ("assistant", "ok")])]
+    samples = [
+        Sample("img", save_image(tmp_path / "a.png"), [("user", "Colour?"), ("assistant", "red, mostly")]),
+        Sample("txt", None, [("user", "Say something long enough."), ("assistant", "ok")]),
+    ]
     (batch,) = list(iter_batches(samples, enc, batch_size=2))
     assert batch["sample_index"].tolist() == [0, 1] and batch["pixel_values"].shape == (1, 3, 32, 32)
     with torch.no_grad():
@@ -311,9 +369,11 @@ def test_qwen25vl_batch_loss_equals_single_sample_loss(tmp_path, qwen_processor)
     tok = qwen_processor.tokenizer
     model = tiny_qwen25vl_model(0, tok)
     enc = Encoder(qwen_processor)
-    samples = [Sample("a", save_image(tmp_path / "a.png", (16, 16)), [("user", "Colour?"), ("assistant", "red")]),
-               Sample("t", None, [("user", "Count to three, please."), ("assistant", "one two three")]),
-               Sample("b", save_image(tmp_path / "b.png", (24, 16)), [("user", "Shape?"), ("assistant", "square")])]
+    samples = [
+        Sample("a", save_image(tmp_path / "a.png", (16, 16)), [("user", "Colour?"), ("assistant", "red")]),
+        Sample("t", None, [("user", "Count to three, please."), ("assistant", "one two three")]),
+        Sample("b", save_image(tmp_path / "b.png", (24, 16)), [("user", "Shape?"), ("assistant", "square")]),
+    ]
     (batch,) = list(iter_batches(samples, enc, batch_size=3))
     with torch.no_grad():
         per_sample = answer_loss(model(**model_inputs(batch)).logits, batch["labels"])
@@ -330,13 +390,16 @@ def test_qwen25vl_batch_loss_equals_single_sample_loss(tmp_path, qwen_processor)
 
 def bad_data(tmp_path: Path) -> Path:
     save_image(tmp_path / "ok.png")
-    return write_jsonl(tmp_path / "cal.jsonl", [
-        {"id": "good", "image": "ok.png", "question": "Colour?", "answer": "red"},
-        {"id": "noimg", "image": "missing.png", "question": "Colour?", "answer": "red"},
-        {"id": "empty", "question": "Say nothing.", "answer": "  "},
-        {"id": "long", "question": "word " * 200, "answer": "ok"},
-        {"id": "good2", "question": "Say hi.", "answer": "hi"},
-    ])
+    return write_jsonl(
+        tmp_path / "cal.jsonl",
+        [
+            {"id": "good", "image": "ok.png", "question": "Colour?", "answer": "red"},
+            {"id": "noimg", "image": "missing.png", "question": "Colour?", "answer": "red"},
+            {"id": "empty", "question": "Say nothing.", "answer": "  "},
+            {"id": "long", "question": "word " * 200, "answer": "ok"},
+            {"id": "good2", "question": "Say hi.", "answer": "hi"},
+        ],
+    )
 
 
 def test_bad_samples_error_or_counted_skip(tmp_path, llava_processor):
@@ -346,7 +409,9 @@ def test_bad_samples_error_or_counted_skip(tmp_path, llava_processor):
     with pytest.raises(ForgetlessError) as ei:
         list(iter_batches(samples, enc, 2))
     msg = str(ei.value)
-    assert str(path) in msg and "'noimg'" in msg and "image not found" in msg and "--on-bad-sample skip" in msg
+    assert (
+        str(path) in msg and "'noimg'" in msg and "image not found" in msg and "--on-bad-sample skip" in msg
+    )
     with pytest.raises(BadSample, match="empty answer"):
         enc(samples[2])
     with pytest.raises(BadSample, match=r"tokens, longer than the context of 100"):
@@ -354,7 +419,9 @@ def test_bad_samples_error_or_counted_skip(tmp_path, llava_processor):
     skipped: list = []
     batches = list(iter_batches(samples, enc, 2, on_bad_sample="skip", skipped=skipped))
     assert [r[0] for r in skipped] == ["noimg", "empty", "long"]
-    assert "image not found" in skipped[0][1] and "empty answer" in skipped[1][1] and "longer" in skipped[2][1]
+    assert (
+        "image not found" in skipped[0][1] and "empty answer" in skipped[1][1] and "longer" in skipped[2][1]
+    )
     assert [b["sample_index"].tolist() for b in batches] == [[0, 4]]
     # every sample bad: an error even when skipping
     with pytest.raises(ForgetlessError, match="all 3 samples were skipped"):
@@ -377,7 +444,9 @@ def test_folder_encoder_takes_context_from_config(tmp_path, llava_processor):
 
 def test_template_that_rewrites_history_is_refused():
     tok = smol_tokenizer()
-    tok.chat_template = ("{{ messages|length }} turns\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.chat_template = (
+        "{{ messages|length }} turns\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     with pytest.raises(ForgetlessError, match="not prefix-consistent"):
         Encoder(tok)(Sample("x", None, [("user", "q"), ("assistant", "a")]))

@@ -48,16 +48,23 @@ def llava_samples(seed: int = 0) -> list[dict]:
         for _ in range(n_img):
             ids += [LLAVA_IMG] * LLAVA_TOKENS + _text(g, 1)
         ids += _text(g, p) + _text(g, a)
-        out.append({"ids": ids, "answer": a, "index": i, "images": [torch.randn(3, 32, 32, generator=g)
-                                                                    for _ in range(n_img)]})
+        out.append(
+            {
+                "ids": ids,
+                "answer": a,
+                "index": i,
+                "images": [torch.randn(3, 32, 32, generator=g) for _ in range(n_img)],
+            }
+        )
     return out
 
 
 def qwen_samples(seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i, (grids, p, a) in enumerate([([(1, 4, 4)], 4, 3), ([(1, 4, 8), (1, 4, 4)], 3, 2), ([], 5, 4),
-                                       ([(1, 8, 4)], 2, 6)]):
+    for i, (grids, p, a) in enumerate(
+        [([(1, 4, 4)], 4, 3), ([(1, 4, 8), (1, 4, 4)], 3, 2), ([], 5, 4), ([(1, 8, 4)], 2, 6)]
+    ):
         ids = [1]
         for t, h, w in grids:
             ids += [QWEN_START] + [QWEN_IMG] * (t * h * w // 4) + [QWEN_END]
@@ -78,9 +85,13 @@ def collate(samples: list[dict], family: str) -> dict:
         n = len(s["ids"])
         ids[b, :n] = torch.tensor(s["ids"])
         mask[b, :n] = 1
-        labels[b, n - s["answer"]:n] = ids[b, n - s["answer"]:n]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-             "sample_index": torch.tensor([s["index"] for s in samples])}
+        labels[b, n - s["answer"] : n] = ids[b, n - s["answer"] : n]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "sample_index": torch.tensor([s["index"] for s in samples]),
+    }
     images = [im for s in samples for im in s.get("images", [])]
     if family == "llava" and images:
         batch["pixel_values"] = torch.stack(images)
@@ -99,8 +110,9 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -logp[sel, tgt[sel]].mean()
 
 
-def reference_fisher(model: nn.Module, samples: list[dict], family: str, names: list[str],
-                     sampled_seed: int | None = None) -> dict[str, torch.Tensor]:
+def reference_fisher(
+    model: nn.Module, samples: list[dict], family: str, names: list[str], sampled_seed: int | None = None
+) -> dict[str, torch.Tensor]:
     """Batch-size-1 loop: loss.backward per sample, grads squared and averaged. Keys: module parameter names."""
     params = dict(model.named_parameters())
     for p in model.parameters():
@@ -131,22 +143,35 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
     assert err <= rel * scale, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rel {err / scale:.3g})"
 
 
-MODELS = {"llama": (tiny_llama_model, llama_samples), "llava": (tiny_llava_model, llava_samples),
-          "qwen": (tiny_qwen25vl_model, qwen_samples)}
+MODELS = {
+    "llama": (tiny_llama_model, llama_samples),
+    "llava": (tiny_llava_model, llava_samples),
+    "qwen": (tiny_qwen25vl_model, qwen_samples),
+}
 
 
 def scope(model: nn.Module, extra: tuple[str, ...] = ()) -> dict[str, str]:
     """module name -> checkpoint name: every Linear weight and bias, plus the named extras."""
     to_ckpt = checkpoint_names(model)
-    names = [f"{m}.{k}" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)
-             for k in ("weight", "bias") if getattr(mod, k) is not None]
+    names = [
+        f"{m}.{k}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        for k in ("weight", "bias")
+        if getattr(mod, k) is not None
+    ]
     return {n: to_ckpt[n] for n in names + list(extra)}
 
 
-EXTRAS = {"llama": ("model.embed_tokens.weight", "model.norm.weight"),
-          "llava": ("model.language_model.embed_tokens.weight", "model.vision_tower.post_layernorm.weight",
-                    "model.vision_tower.embeddings.patch_embedding.weight"),
-          "qwen": ("model.language_model.embed_tokens.weight", "model.visual.patch_embed.proj.weight")}
+EXTRAS = {
+    "llama": ("model.embed_tokens.weight", "model.norm.weight"),
+    "llava": (
+        "model.language_model.embed_tokens.weight",
+        "model.vision_tower.post_layernorm.weight",
+        "model.vision_tower.embeddings.patch_embedding.weight",
+    ),
+    "qwen": ("model.language_model.embed_tokens.weight", "model.visual.patch_embed.proj.weight"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -192,8 +217,10 @@ def test_batched_fisher_equals_batch_size_one_loop(family):
             assert torch.equal(got != 0, ref[m] != 0) or ((got != 0) ^ (ref[m] != 0)).float().mean() < 1e-3, c
     assert nonzero >= len(names) // 2
     if family != "llama":  # the vision tower and projector are really covered
-        for part in ("projector" if family == "llava" else "merger", "layers.0.self_attn" if family == "llava"
-                     else "blocks.0.attn"):
+        for part in (
+            "projector" if family == "llava" else "merger",
+            "layers.0.self_attn" if family == "llava" else "blocks.0.attn",
+        ):
             hit = [c for c in names.values() if part in c and c.endswith("weight")]
             assert hit and all(res.sums[c].abs().min() > 0 for c in hit), part
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -206,10 +233,17 @@ def test_sampled_fisher_equals_its_batch_size_one_loop(family):
     samples = make()
     names = scope(model)
     params = dict(model.named_parameters())
-    res = accumulate_fisher(model, [collate(samples, family)], params={c: params[m] for m, c in names.items()},
-                            variant="sampled", seed=7)
+    res = accumulate_fisher(
+        model,
+        [collate(samples, family)],
+        params={c: params[m] for m, c in names.items()},
+        variant="sampled",
+        seed=7,
+    )
     ref = reference_fisher(model, samples, family, list(names), sampled_seed=7)
-    emp = accumulate_fisher(model, [collate(samples, family)], params={c: params[m] for m, c in names.items()})
+    emp = accumulate_fisher(
+        model, [collate(samples, family)], params={c: params[m] for m, c in names.items()}
+    )
     for m, c in names.items():
         assert_rel_close(res.sums[c] / res.num_samples, ref[m], 1e-5, c)
     lm = names["lm_head.weight"]
@@ -249,13 +283,14 @@ def test_shared_linear_called_twice_is_summed_before_squaring():
     labels = ids.clone()
     labels[:, :2] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    res = accumulate_fisher(model, [batch], params={"shared.weight": model.shared.weight,
-                                                     "shared.bias": model.shared.bias})
+    res = accumulate_fisher(
+        model, [batch], params={"shared.weight": model.shared.weight, "shared.bias": model.shared.bias}
+    )
     want = {"shared.weight": 0, "shared.bias": 0}
     for b in range(3):
         model.zero_grad()
-        logits = model(ids[b:b + 1]).logits
-        answer_loss(logits, labels[b:b + 1]).backward()
+        logits = model(ids[b : b + 1]).logits
+        answer_loss(logits, labels[b : b + 1]).backward()
         want = {k: want[k] + getattr(model.shared, k.split(".")[1]).grad.square() for k in want}
     for k in want:
         assert_rel_close(res.sums[k], want[k], 1e-5, k)
@@ -303,8 +338,11 @@ def test_nan_gradient_with_finite_loss_is_subtracted_out_on_skip():
 
     def poison(module, args, out):
         if out.requires_grad:
-            out.register_hook(lambda g: torch.where(torch.arange(g.shape[0])[:, None, None] == 1,
-                                                    torch.full_like(g, float("nan")), g))
+            out.register_hook(
+                lambda g: torch.where(
+                    torch.arange(g.shape[0])[:, None, None] == 1, torch.full_like(g, float("nan")), g
+                )
+            )
 
     h = layer.register_forward_hook(poison)
     try:
@@ -346,8 +384,10 @@ def test_gram_equals_explicit_sum_over_non_padding_tokens(family, tokens):
     want = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
     captured: list = []
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: captured.append((n, mod, a[0].detach())))
-             for n, m in linears.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: captured.append((n, mod, a[0].detach())))
+        for n, m in linears.items()
+    ]
     try:
         for batch in batches:
             captured.clear()
@@ -416,13 +456,28 @@ def test_tied_output_embedding_gets_the_gradient_of_both_uses():
     model = LlamaForCausalLM(LlamaConfig(**{**TEXT, "tie_word_embeddings": True})).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     samples = llama_samples()
-    names = {"lm_head.weight": "model.embed_tokens.weight",
-             "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight"}
+    names = {
+        "lm_head.weight": "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight",
+    }
     params = dict(model.named_parameters(remove_duplicate=False))
-    res = accumulate_fisher(model, [collate(samples[:3], "llama"), collate(samples[3:], "llama")],
-                            params={c: params[m] for m, c in names.items()})
-    ref = reference_fisher(model, samples, "llama", ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"])
-    assert_rel_close(res.sums["model.embed_tokens.weight"] / res.num_samples, ref["model.embed_tokens.weight"], 1e-5,
-                     "tied embedding")
-    assert_rel_close(res.sums["model.layers.0.mlp.up_proj.weight"] / res.num_samples,
-                     ref["model.layers.0.mlp.up_proj.weight"], 1e-5, "up_proj")
+    res = accumulate_fisher(
+        model,
+        [collate(samples[:3], "llama"), collate(samples[3:], "llama")],
+        params={c: params[m] for m, c in names.items()},
+    )
+    ref = reference_fisher(
+        model, samples, "llama", ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    )
+    assert_rel_close(
+        res.sums["model.embed_tokens.weight"] / res.num_samples,
+        ref["model.embed_tokens.weight"],
+        1e-5,
+        "tied embedding",
+    )
+    assert_rel_close(
+        res.sums["model.layers.0.mlp.up_proj.weight"] / res.num_samples,
+        ref["model.layers.0.mlp.up_proj.weight"],
+        1e-5,
+        "up_proj",
+    )

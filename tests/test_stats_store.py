@@ -42,7 +42,9 @@ def _meta(**kw):
 
 def test_round_trip_float32_keeps_values_and_metadata(tmp_path):
     t = _tensors()
-    p = save_statistics(tmp_path / "f.safetensors", t, **_meta(), extra={"variant": "empirical", "skipped": []})
+    p = save_statistics(
+        tmp_path / "f.safetensors", t, **_meta(), extra={"variant": "empirical", "skipped": []}
+    )
     reader, meta = load_statistics(p)
     with reader:
         assert set(reader.names()) == set(t)
@@ -87,7 +89,9 @@ def test_fisher_file_holds_the_mean_and_gram_file_the_sum_with_counts(tmp_path):
     p = save_fisher(tmp_path / "f.safetensors", sums, 3, model_fingerprint="m", data_fingerprint="d")
     assert torch.equal(load_file(str(p))["w"], torch.full((2, 2), 2.0))
     grams = {"w": torch.eye(3, dtype=torch.float64) * 5}
-    p = save_gram(tmp_path / "g.safetensors", grams, {"w": 11}, 4, model_fingerprint="m", data_fingerprint="d")
+    p = save_gram(
+        tmp_path / "g.safetensors", grams, {"w": 11}, 4, model_fingerprint="m", data_fingerprint="d"
+    )
     reader, meta = load_statistics(p)
     assert meta["kind"] == "gram" and meta["token_counts"] == {"w": 11} and meta["num_samples"] == 4
     assert torch.equal(reader.get("w"), torch.eye(3) * 5)
@@ -119,8 +123,9 @@ def test_fisher_keys_are_the_checkpoint_tensor_names(tmp_path):
     d = build_tiny_llava(tmp_path / "m")
     model = tiny_llava_model()
     res = accumulate_fisher(model, [collate(llava_samples()[:2], "llava")])
-    p = save_fisher(tmp_path / "f.safetensors", res.sums, res.num_samples, data_fingerprint="d",
-                    **model_fingerprints(d))
+    p = save_fisher(
+        tmp_path / "f.safetensors", res.sums, res.num_samples, data_fingerprint="d", **model_fingerprints(d)
+    )
     base = CheckpointReader(d)
     reader, _ = load_statistics(p)
     assert set(reader.names()) <= set(base.names())
@@ -175,8 +180,17 @@ def test_two_processes_give_the_single_process_statistics(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(tmp_path), "sampled"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(tmp_path),
+        "sampled",
+    ]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -37,6 +37,7 @@ def _counting_step(tmp_path: Path, key: str, made: list[str]):
         made.append(key)
         out.write_bytes(key.encode())
         return {"size": len(key)}
+
     return step, make
 
 
@@ -174,9 +175,12 @@ def test_the_evaluation_cache_reuses_reads_earlier_entries_and_redoes_a_damaged_
 
     def evaluate(model, tasks, general, **kw):
         calls.append(tuple(tasks) + tuple(general))
-        return {"tasks": {n: {"kind": "downstream", "accuracy": 0.5, "correct_items": "10"} for n in tasks}
-                | {n: {"kind": "general_text", "accuracy": 1.0, "correct_items": "11"} for n in general},
-                "seconds": 1.0}
+        return {
+            "tasks": {n: {"kind": "downstream", "accuracy": 0.5, "correct_items": "10"} for n in tasks}
+            | {n: {"kind": "general_text", "accuracy": 1.0, "correct_items": "11"} for n in general},
+            "seconds": 1.0,
+        }
+
     monkeypatch.setattr("forgetless.eval.harness.evaluate", evaluate)
     model = tmp_path / "m"
     model.mkdir()
@@ -189,11 +193,20 @@ def test_the_evaluation_cache_reuses_reads_earlier_entries_and_redoes_a_damaged_
     r2, hit2 = EC.cached_evaluate(model, {"t": task}, {"p": probes}, cache_dir=cache, log=None)
     assert (hit1, hit2, calls) == (False, True, [("t", "p")]) and r1 == r2
     # the entry's name is the fingerprint of what determines it, as earlier versions named it
-    fields = {"v": EC.EVAL_VERSION, "w": EC.weights_digest(model), "split": "test", "name": "t", "group": 0,
-              "t": EC._task_digest(task, "test"), "limit": None}
+    fields = {
+        "v": EC.EVAL_VERSION,
+        "w": EC.weights_digest(model),
+        "split": "test",
+        "name": "t",
+        "group": 0,
+        "t": EC._task_digest(task, "test"),
+        "limit": None,
+    }
     entry = cache / f"{hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]}.json"
     assert entry.is_file()
-    entry.write_text(json.dumps({**read_record(entry), "accuracy": 0.25}, indent=2) + "\n")  # an earlier writer's
+    entry.write_text(
+        json.dumps({**read_record(entry), "accuracy": 0.25}, indent=2) + "\n"
+    )  # an earlier writer's
     r3, hit3 = EC.cached_evaluate(model, {"t": task}, {"p": probes}, cache_dir=cache, log=None)
     assert hit3 and r3["tasks"]["t"]["accuracy"] == 0.25
     entry.write_text(entry.read_text()[:20])  # a damaged entry: evaluated again, not a crash

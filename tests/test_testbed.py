@@ -27,7 +27,7 @@ def _pixels(folder, rec):
 
 
 def _mask(img, colour):
-    return (np.abs(img - np.array(scenes.COLOURS[colour])).sum(-1) < 30)
+    return np.abs(img - np.array(scenes.COLOURS[colour])).sum(-1) < 30
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +71,17 @@ def test_spatial_answers_match_centroids(task_root):
 def test_splits_are_disjoint_and_generation_is_deterministic(task_root, tmp_path):
     def digests(name, split):
         folder = task_root / name
-        return {hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() for r in _records(folder, split)}
+        return {
+            hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() for r in _records(folder, split)
+        }
 
     for name in ("spatial", "digits"):
         assert not digests(name, "train") & digests(name, "test")
     again = tasks.write_task(tmp_path, "spatial", sizes=SIZES)
     assert (again / "test.jsonl").read_text() == (task_root / "spatial" / "test.jsonl").read_text()
-    assert digests("spatial", "test") == {hashlib.sha256((again / r["image"]).read_bytes()).hexdigest()
-                                          for r in _records(again, "test")}
+    assert digests("spatial", "test") == {
+        hashlib.sha256((again / r["image"]).read_bytes()).hexdigest() for r in _records(again, "test")
+    }
     # digits: the images of each split come from disjoint indices of scikit-learn's set, labels kept
     _, labels = scenes.digits()
     for split in ("train", "val"):
@@ -106,7 +109,9 @@ def test_patch_labels_and_reconstruction_target_against_loops():
     labels = build._patch_labels(shapes)
     side = scenes.SIZE // build.PATCH
     for p in range(build.N_PATCHES):
-        inside = [s for s in shapes if int(s.y) // build.PATCH == p // side and int(s.x) // build.PATCH == p % side]
+        inside = [
+            s for s in shapes if int(s.y) // build.PATCH == p // side and int(s.x) // build.PATCH == p % side
+        ]
         if not inside:
             assert labels[p] == 0
         else:
@@ -118,9 +123,14 @@ def test_patch_labels_and_reconstruction_target_against_loops():
     for b in range(2):
         for p in range(build.N_PATCHES):
             py, px = divmod(p, side)
-            patch = x[b, :, py * 16:(py + 1) * 16, px * 16:(px + 1) * 16]
-            want = torch.stack([patch[:, i * 4:(i + 1) * 4, j * 4:(j + 1) * 4].mean((1, 2))
-                                for i in range(4) for j in range(4)])  # [16 cells, 3]
+            patch = x[b, :, py * 16 : (py + 1) * 16, px * 16 : (px + 1) * 16]
+            want = torch.stack(
+                [
+                    patch[:, i * 4 : (i + 1) * 4, j * 4 : (j + 1) * 4].mean((1, 2))
+                    for i in range(4)
+                    for j in range(4)
+                ]
+            )  # [16 cells, 3]
             torch.testing.assert_close(got[b, p], want.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
@@ -130,10 +140,14 @@ def test_chat_template_renders_smollm2_chatml_without_system_prompt():
     from forgetless.embedded import export_smollm2
 
     proc = build.processor(AutoTokenizer.from_pretrained(export_smollm2()))
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ]
     text = proc.apply_chat_template(msgs, tokenize=False)
-    assert text == f"<|im_start|>user\n{build.IMAGE_TOKEN}Hi?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    assert (
+        text == f"<|im_start|>user\n{build.IMAGE_TOKEN}Hi?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    )
     img = Image.new("RGB", (scenes.SIZE, scenes.SIZE))
     ids = proc(text=[text], images=[img], return_tensors="pt")["input_ids"][0]
     assert int((ids == build.IMAGE_TOKEN_ID).sum()) == build.N_PATCHES
@@ -157,9 +171,11 @@ def test_assembled_model_is_smollm2_plus_the_committed_vision_weights():
     for k, v in committed.items():
         assert torch.equal(state[k], v), k
     # a real forward with a picture: 16 image tokens replaced by projected patch features
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                  {"type": "text", "text": "What colour?"}]}],
-                                    tokenize=False, add_generation_prompt=True)
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     img = scenes.draw([scenes.Shape("red", "circle", 32, 32, 14)])
     batch = proc(text=[text], images=[img], return_tensors="pt")
     with torch.no_grad():
@@ -177,8 +193,9 @@ NEW = ("largest_colour", "odd_colour", "count_red", "digit_parity")
 def new_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("new_tasks")
     for name in NEW:
-        tasks.write_task(root, name, sizes={**SIZES, "train": SIZES["train"] if tasks.TASKS[name].sizes["train"]
-                                            else 0})
+        tasks.write_task(
+            root, name, sizes={**SIZES, "train": SIZES["train"] if tasks.TASKS[name].sizes["train"] else 0}
+        )
     return root
 
 
@@ -191,9 +208,16 @@ def test_largest_colour_answer_is_the_widest_blob(new_root):
     # the largest shape's radius is ≥ 1.35× every other's, so its bounding box's longer side is the longest
     for rec in _records(new_root / "largest_colour", "test"):
         img = _pixels(new_root / "largest_colour", rec)
-        extent = {c: max(int(np.ptp(b, axis=0).max()) for b in _blobs(img, c))
-                  for c in scenes.COLOURS if _mask(img, c).any()}
-        assert len(extent) == 3 and max(extent, key=extent.get) == rec["answer"] and rec["answer"] in rec["options"]
+        extent = {
+            c: max(int(np.ptp(b, axis=0).max()) for b in _blobs(img, c))
+            for c in scenes.COLOURS
+            if _mask(img, c).any()
+        }
+        assert (
+            len(extent) == 3
+            and max(extent, key=extent.get) == rec["answer"]
+            and rec["answer"] in rec["options"]
+        )
 
 
 def test_odd_colour_answer_is_the_colour_with_one_blob(new_root):
@@ -222,7 +246,7 @@ def test_digit_parity_is_the_digits_own_held_out_images(new_root):
     _, labels = scenes.digits()
     for split in ("val", "test"):
         idx = tasks._digit_indices(split, 0)
-        want = ["odd" if labels[i] % 2 else "even" for i in idx[:SIZES[split]]]
+        want = ["odd" if labels[i] % 2 else "even" for i in idx[: SIZES[split]]]
         assert [r["answer"] for r in _records(new_root / "digit_parity", split)] == want
         assert not set(idx) & set(tasks._digit_indices("train", 0))  # never a digits training picture
 
@@ -233,8 +257,10 @@ def test_new_tasks_splits_and_kinds(new_root):
         assert meta["kind"] == "downstream" and meta["role"] == tasks.TASKS[name].kind
     for name in ("largest_colour", "odd_colour"):
         folder = new_root / name
-        digests = {s: {hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() for r in _records(folder, s)}
-                   for s in tasks.SPLITS}
+        digests = {
+            s: {hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() for r in _records(folder, s)}
+            for s in tasks.SPLITS
+        }
         assert not digests["train"] & digests["test"] and not digests["val"] & digests["test"]
     for name in tasks.UNSEEN:
         assert (new_root / name / "train.jsonl").read_text() == ""

@@ -17,15 +17,24 @@ def _result(task: str, rng, p_task: float, p_general: float, n_task=300, n_gen=8
     tasks = {task: ("downstream", rng.random(n_task) < p_task)}
     tasks.update({g: ("general_visual", rng.random(n_gen) < p_general) for g in T.GENERAL_VISUAL})
     tasks["probes"] = ("general_text", rng.random(n_gen) < 0.6)
-    return {"split": "test", "tasks": {n: {"kind": k, "n": len(c), "accuracy": float(c.mean()),
-                                           "correct_items": correct_items(c)} for n, (k, c) in tasks.items()}}
+    return {
+        "split": "test",
+        "tasks": {
+            n: {"kind": k, "n": len(c), "accuracy": float(c.mean()), "correct_items": correct_items(c)}
+            for n, (k, c) in tasks.items()
+        },
+    }
 
 
 def _row(method: str, knob: str, res: dict, base: dict) -> dict:
-    return {"method": method, "knob": knob, **compare(res, base),
-            "tasks": {n: round(100 * t["accuracy"], 2) for n, t in res["tasks"].items()},
-            "kinds": {n: t["kind"] for n, t in res["tasks"].items()},
-            "correct_items": {n: t["correct_items"] for n, t in res["tasks"].items()}}
+    return {
+        "method": method,
+        "knob": knob,
+        **compare(res, base),
+        "tasks": {n: round(100 * t["accuracy"], 2) for n, t in res["tasks"].items()},
+        "kinds": {n: t["kind"] for n, t in res["tasks"].items()},
+        "correct_items": {n: t["correct_items"] for n, t in res["tasks"].items()},
+    }
 
 
 @pytest.fixture()
@@ -34,11 +43,19 @@ def workdir(tmp_path):
     results = {}
     for task in ("spatial", "tag"):
         base = _result(task, rng, 0.1, 0.8)
-        models = [("base", "", base), ("fine-tuned", "", _result(task, rng, 0.6, 0.4)),
-                  ("WiSE-FT", "lambda=0.3", _result(task, rng, 0.55, 0.75))]
+        models = [
+            ("base", "", base),
+            ("fine-tuned", "", _result(task, rng, 0.6, 0.4)),
+            ("WiSE-FT", "lambda=0.3", _result(task, rng, 0.55, 0.75)),
+        ]
         rows = [_row(m, k, r, base) for m, k, r in models]
-        results[task] = {"task": task, "finetune": {"train": ["projector"], "steps": 3, "lr": 1e-3},
-                         "rows": rows, "timings": {"finetune": 1.0, "evaluate": 2.0, "total": 3.0}, "threads": 2}
+        results[task] = {
+            "task": task,
+            "finetune": {"train": ["projector"], "steps": 3, "lr": 1e-3},
+            "rows": rows,
+            "timings": {"finetune": 1.0, "evaluate": 2.0, "total": 3.0},
+            "threads": 2,
+        }
         (tmp_path / task).mkdir()
         (tmp_path / task / "results.json").write_text(json.dumps(results[task]))
     return tmp_path, results
@@ -79,7 +96,9 @@ def test_report_without_a_previous_file_says_the_reading_is_missing(workdir, tmp
 
 def test_what_the_target_takes_scales_each_task_by_the_square_of_its_widest_interval(workdir, tmp_path):
     wd, results = workdir
-    out = R.run_report(["spatial", "tag"], wd, tmp_path / "R.md", plots=tmp_path / "p", run=False, log=lambda s: None)
+    out = R.run_report(
+        ["spatial", "tag"], wd, tmp_path / "R.md", plots=tmp_path / "p", run=False, log=lambda s: None
+    )
     text = out.read_text()
     boot = Bootstrap(R.N_BOOT, seed=0)
     for task in ("spatial", "tag"):

@@ -32,8 +32,19 @@ _WHERE = {
     "merge_method": "methods",
 }
 
-__all__ = ["METHODS", "ForgetlessError", "MergeReport", "Recipe", "__version__", "build_plan", "inspect_model",
-           "load_model", "load_recipe", "merge", "merge_method"]
+__all__ = [
+    "METHODS",
+    "ForgetlessError",
+    "MergeReport",
+    "Recipe",
+    "__version__",
+    "build_plan",
+    "inspect_model",
+    "load_model",
+    "load_recipe",
+    "merge",
+    "merge_method",
+]
 
 if TYPE_CHECKING:
     from .cpm import load_model

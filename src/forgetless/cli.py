@@ -21,13 +21,18 @@ def one_process(command: str) -> None:
     from .stats.distributed import dist_info
 
     if dist_info()[1] > 1:
-        raise ForgetlessError(f"`forgetless {command}` runs on one process, and torchrun started several",
-                              remedy="run it without torchrun (stats, cgm, eval, sweep and finetune are the "
-                                     "commands that divide their work among torchrun's processes)")
+        raise ForgetlessError(
+            f"`forgetless {command}` runs on one process, and torchrun started several",
+            remedy="run it without torchrun (stats, cgm, eval, sweep and finetune are the "
+            "commands that divide their work among torchrun's processes)",
+        )
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="forgetless")
-@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected failure (otherwise one line).")
+@click.option(
+    "--debug", is_flag=True, help="Show the traceback of an unexpected failure (otherwise one line)."
+)
 def cli(debug: bool) -> None:
     """Adapt multimodal LLMs to a task without losing what they knew."""
 
@@ -35,21 +40,48 @@ def cli(debug: bool) -> None:
 @cli.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (overrides the recipe's `out`).")
-@click.option("--dry-run", is_flag=True, help="Check everything, print the plan and a peak-memory estimate; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check everything, print the plan and a peak-memory estimate; write nothing.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter.")
-@click.option("--allow-other-model", is_flag=True, help="Accept statistics computed at weights that are neither the "
-              "base's nor a merged model's (same architecture), and adapters folded into another model than their "
-              "base_model_name_or_path (--fold, MODEL+ADAPTER); the recipe key allow_other_model.")
-@click.option("--memory", default=None, metavar="SIZE",
-              help="Peak memory the merge may take (e.g. 8GiB; default: the recipe's memory, else auto = half of "
-                   "the available memory). Tensors too large for it are merged in blocks of rows, with the same result.")
-@click.option("--device", default=None, metavar="DEVICE",
-              help="Where RegMean's solves and the adapter-space SVDs run: cpu, cuda, cuda:N or auto (CUDA "
-                   "when present); overrides the recipe's device (default cpu). Other methods: the CPU.")
-def merge_cmd(recipe: str, out: str | None, dry_run: bool, force: bool, quiet: bool, fold: bool,
-              allow_other_model: bool, memory: str | None, device: str | None) -> None:
+@click.option(
+    "--fold", is_flag=True, help="Adapter-space methods: write the full merged model, not an adapter."
+)
+@click.option(
+    "--allow-other-model",
+    is_flag=True,
+    help="Accept statistics computed at weights that are neither the "
+    "base's nor a merged model's (same architecture), and adapters folded into another model than their "
+    "base_model_name_or_path (--fold, MODEL+ADAPTER); the recipe key allow_other_model.",
+)
+@click.option(
+    "--memory",
+    default=None,
+    metavar="SIZE",
+    help="Peak memory the merge may take (e.g. 8GiB; default: the recipe's memory, else auto = half of "
+    "the available memory). Tensors too large for it are merged in blocks of rows, with the same result.",
+)
+@click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    help="Where RegMean's solves and the adapter-space SVDs run: cpu, cuda, cuda:N or auto (CUDA "
+    "when present); overrides the recipe's device (default cpu). Other methods: the CPU.",
+)
+def merge_cmd(
+    recipe: str,
+    out: str | None,
+    dry_run: bool,
+    force: bool,
+    quiet: bool,
+    fold: bool,
+    allow_other_model: bool,
+    memory: str | None,
+    device: str | None,
+) -> None:
     """Merge checkpoints as RECIPE.yaml describes."""
     from .engine import merge
 
@@ -89,21 +121,33 @@ def methods_cmd() -> None:
         if spec.name in seen:
             continue
         seen.add(spec.name)
-        params = ", ".join(f"{p}={'(required)' if d is REQUIRED else d}"
-                           + (" [per model]" if p in spec.per_model else "") for p, d in spec.params.items())
+        params = ", ".join(
+            f"{p}={'(required)' if d is REQUIRED else d}" + (" [per model]" if p in spec.per_model else "")
+            for p, d in spec.params.items()
+        )
         aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
         needs = f"\n    needs statistics: {', '.join(spec.needs)}" if spec.needs else ""
-        space = ("\n    adapter space: models are PEFT LoRA adapters of base; writes an adapter (fold: true: the "
-                 "full model)") if spec.space == "adapter" else ""
+        space = (
+            (
+                "\n    adapter space: models are PEFT LoRA adapters of base; writes an adapter (fold: true: the "
+                "full model)"
+            )
+            if spec.space == "adapter"
+            else ""
+        )
         click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}{space}")
 
 
 def _pixels_options(fn):
     """--min-pixels / --max-pixels: a dynamic-resolution processor's image bounds (Qwen2-VL, Qwen2.5-VL)."""
     for name, what in (("--max-pixels", "at most"), ("--min-pixels", "at least")):
-        fn = click.option(name, type=POSITIVE, default=None,
-                          help=f"Resize each image to {what} this many pixels (Qwen2-VL, Qwen2.5-VL: its tokens, "
-                          "and so the memory, grow with them). Default: the processor's.")(fn)
+        fn = click.option(
+            name,
+            type=POSITIVE,
+            default=None,
+            help=f"Resize each image to {what} this many pixels (Qwen2-VL, Qwen2.5-VL: its tokens, "
+            "and so the memory, grow with them). Default: the processor's.",
+        )(fn)
     return fn
 
 
@@ -118,9 +162,13 @@ def _tf32_option(fn):
         with tf32_matmuls(tf32):
             return fn(*args, **kw)
 
-    return click.option("--tf32/--no-tf32", default=True, show_default=True,
-                        help="CUDA: float32 matmuls on TF32 tensor cores (10-bit mantissa, float32 accumulation); "
-                        "--no-tf32 for IEEE float32. No effect on the CPU or on bfloat16/float16.")(run)
+    return click.option(
+        "--tf32/--no-tf32",
+        default=True,
+        show_default=True,
+        help="CUDA: float32 matmuls on TF32 tensor cores (10-bit mantissa, float32 accumulation); "
+        "--no-tf32 for IEEE float32. No effect on the CPU or on bfloat16/float16.",
+    )(run)
 
 
 @cli.group("stats")
@@ -131,27 +179,56 @@ def stats_group() -> None:
 def _stats_options(fn):
     opts = [
         click.argument("model", type=click.Path(file_okay=False)),
-        click.option("--data", required=True, type=click.Path(dir_okay=False),
-                     help="Calibration set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL."),
-        click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder)."),
+        click.option(
+            "--data",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Calibration set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL.",
+        ),
+        click.option(
+            "--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder)."
+        ),
         click.option("--out", type=click.Path(dir_okay=False), help="Output .safetensors file."),
-        click.option("--scope", multiple=True, help="Part name, layer slice or re:<regex> (repeatable). "
-                     "Default: every Linear weight."),
+        click.option(
+            "--scope",
+            multiple=True,
+            help="Part name, layer slice or re:<regex> (repeatable). Default: every Linear weight.",
+        ),
         click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=POSITIVE, default=8, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                     show_default=True, help="Model dtype (statistics are accumulated in fp32/fp64)."),
-        click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True),
-        click.option("--store-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                     show_default=True),
-        click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda."
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default="float32",
+            show_default=True,
+            help="Model dtype (statistics are accumulated in fp32/fp64).",
+        ),
+        click.option(
+            "--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True
+        ),
+        click.option(
+            "--store-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
+        ),
+        click.option(
+            "--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."
+        ),
         click.option("--force", is_flag=True, help="Replace an existing output file."),
-        click.option("--dry-run", is_flag=True, help="Say what would be computed and the memory per device it takes "
-                     "(accounted without reading the weights)."),
-        click.option("--memory", default=None, help="Refuse before any work when the memory per device would exceed "
-                     "this (e.g. 40GiB); the device's free memory is always checked."),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Say what would be computed and the memory per device it takes "
+            "(accounted without reading the weights).",
+        ),
+        click.option(
+            "--memory",
+            default=None,
+            help="Refuse before any work when the memory per device would exceed "
+            "this (e.g. 40GiB); the device's free memory is always checked.",
+        ),
     ]
     fn = _pixels_options(_tf32_option(fn))
     for opt in reversed(opts):
@@ -159,20 +236,35 @@ def _stats_options(fn):
     return fn
 
 
-def _run_stats(kind: str, model: str, out: str | None, dry_run: bool, scope: tuple[str, ...], num: int | None,
-               **kw) -> None:
+def _run_stats(
+    kind: str, model: str, out: str | None, dry_run: bool, scope: tuple[str, ...], num: int | None, **kw
+) -> None:
     from .stats.run import compute_statistics
 
     if out is None and not dry_run:
         raise click.UsageError("--out is required (or --dry-run)")
-    compute_statistics(kind, model, kw.pop("data"), out, scope=list(scope) or None, n=num, dry_run=dry_run,
-                       log=click.echo, **kw)
+    compute_statistics(
+        kind,
+        model,
+        kw.pop("data"),
+        out,
+        scope=list(scope) or None,
+        n=num,
+        dry_run=dry_run,
+        log=click.echo,
+        **kw,
+    )
 
 
 @stats_group.command("fisher")
 @_stats_options
-@click.option("--variant", type=click.Choice(["empirical", "sampled"]), default="empirical", show_default=True,
-              help="Labels from the data, or drawn from the model's own predictions.")
+@click.option(
+    "--variant",
+    type=click.Choice(["empirical", "sampled"]),
+    default="empirical",
+    show_default=True,
+    help="Labels from the data, or drawn from the model's own predictions.",
+)
 @click.option("--all-params", is_flag=True, help="Every parameter in scope, not only Linear weights.")
 def stats_fisher(**kw) -> None:
     """Diagonal Fisher of MODEL on the answer tokens of --data: F = (1/N) Σ (∇ℓᵢ)², per sample."""
@@ -181,15 +273,35 @@ def stats_fisher(**kw) -> None:
 
 @stats_group.command("gram")
 @_stats_options
-@click.option("--tokens", type=click.Choice(["all", "answer"]), default="all", show_default=True,
-              help="Which tokens' inputs count: every non-padding token, or answer tokens only.")
-@click.option("--accumulate", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Accumulator dtype: float32 halves the memory (4 bytes per entry).")
-@click.option("--no-share", "share", flag_value=False, default=True,
-              help="One Gram per Linear even where several read the same input (q/k/v, gate/up).")
-@click.option("--split", type=click.Choice(["none", "modules"]), default="none", show_default=True,
-              help="Under torchrun: each rank accumulates a share of the modules over every sample (memory / ranks) "
-                   "instead of every module over a share of the samples (time / ranks).")
+@click.option(
+    "--tokens",
+    type=click.Choice(["all", "answer"]),
+    default="all",
+    show_default=True,
+    help="Which tokens' inputs count: every non-padding token, or answer tokens only.",
+)
+@click.option(
+    "--accumulate",
+    type=click.Choice(["float64", "float32"]),
+    default="float64",
+    show_default=True,
+    help="Accumulator dtype: float32 halves the memory (4 bytes per entry).",
+)
+@click.option(
+    "--no-share",
+    "share",
+    flag_value=False,
+    default=True,
+    help="One Gram per Linear even where several read the same input (q/k/v, gate/up).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["none", "modules"]),
+    default="none",
+    show_default=True,
+    help="Under torchrun: each rank accumulates a share of the modules over every sample (memory / ranks) "
+    "instead of every module over a share of the samples (time / ranks).",
+)
 def stats_gram(**kw) -> None:
     """Input Gram matrices G = Σ x xᵀ of every Linear layer in scope, with token counts. Linears that read the same
     input share one Gram; runs over disjoint --scope write files that complete each other."""
@@ -199,29 +311,57 @@ def stats_gram(**kw) -> None:
 @cli.command("cgm")
 @click.argument("base", type=click.Path(file_okay=False))
 @click.argument("finetuned", type=click.Path(file_okay=False))
-@click.option("--general-data", required=True, type=click.Path(dir_okay=False), help="General calibration set.")
+@click.option(
+    "--general-data", required=True, type=click.Path(dir_okay=False), help="General calibration set."
+)
 @click.option("--task-data", required=True, type=click.Path(dir_okay=False), help="Task calibration set.")
 @click.option("--general-images", type=click.Path(file_okay=False), default=None)
 @click.option("--task-images", type=click.Path(file_okay=False), default=None)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged model folder.")
-@click.option("--method", type=click.Choice(["cgm", "cgm_dagger", "cgm_plus"]), default="cgm", show_default=True)
-@click.option("--alpha", type=float, default=None, help="Default: published (0.2 for cgm, 1.0 for cgm_dagger).")
+@click.option(
+    "--method", type=click.Choice(["cgm", "cgm_dagger", "cgm_plus"]), default="cgm", show_default=True
+)
+@click.option(
+    "--alpha", type=float, default=None, help="Default: published (0.2 for cgm, 1.0 for cgm_dagger)."
+)
 @click.option("--keep", type=float, default=None, help="cgm_dagger: fraction kept per row (published 0.95).")
-@click.option("--scope", multiple=True, help="Default: the last 37.5% of decoder layers and lm_head (+ projector "
-              "for cgm_dagger).")
+@click.option(
+    "--scope",
+    multiple=True,
+    help="Default: the last 37.5% of decoder layers and lm_head (+ projector for cgm_dagger).",
+)
 @click.option("-n", "num", type=POSITIVE, default=16, show_default=True, help="Samples per calibration set.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option("--task-fisher-at", type=click.Choice(["base", "finetuned"]), default="base", show_default=True,
-              help="The model the task Fisher is taken at: θ₀ as CGM's published scripts do, or θ_ft.")
-@click.option("--task-fisher-variant", type=click.Choice(["empirical", "sampled"]), default="empirical",
-              show_default=True, help="Task Fisher labels from the data (published), or drawn from the model.")
-@click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).")
+@click.option(
+    "--task-fisher-at",
+    type=click.Choice(["base", "finetuned"]),
+    default="base",
+    show_default=True,
+    help="The model the task Fisher is taken at: θ₀ as CGM's published scripts do, or θ_ft.",
+)
+@click.option(
+    "--task-fisher-variant",
+    type=click.Choice(["empirical", "sampled"]),
+    default="empirical",
+    show_default=True,
+    help="Task Fisher labels from the data (published), or drawn from the model.",
+)
+@click.option(
+    "--stats-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).",
+)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="The models' dtype in the Fisher passes (the Fisher is accumulated in fp32); "
-              "a Fisher file taken in another dtype is not reused.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="The models' dtype in the Fisher passes (the Fisher is accumulated in fp32); "
+    "a Fisher file taken in another dtype is not reused.",
+)
 @_tf32_option
 @_pixels_options
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
@@ -243,44 +383,99 @@ def continual_group() -> None:
 
 @continual_group.command("add")
 @click.argument("state", type=click.Path(file_okay=False))
-@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The new task's PEFT LoRA adapter.")
-@click.option("--gram", type=click.Path(dir_okay=False), multiple=True,
-              help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA. "
-                   "Repeat it for files over disjoint --scope that together cover the adapted modules.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).")
+@click.option(
+    "--adapter", required=True, type=click.Path(file_okay=False), help="The new task's PEFT LoRA adapter."
+)
+@click.option(
+    "--gram",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA. "
+    "Repeat it for files over disjoint --scope that together cover the adapted modules.",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).",
+)
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
 @click.option("-n", "n", type=POSITIVE, default=None, help="--data: a seeded subset of N samples.")
 @_pixels_options
-@click.option("--dtype", "gram_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="--data: the base model's dtype in the Gram pass; a Gram file taken in another "
-              "dtype is not reused.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the step computes: the Gram of --data, and the LPM solves (Cholesky and triangular "
-                   "solves, in float64, or in float32 refined to float64 accuracy on GPUs slow in float64): "
-                   "auto (CUDA when present), cpu, cuda, cuda:N.")
-@click.option("--stats-dir", type=click.Path(file_okay=False), default=None,
-              help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="The merged model folder (or the adapter folder with --rank). Default: update the state only.")
-@click.option("--base", type=click.Path(file_okay=False), default=None,
-              help="The base model (needed on the first task; later the state's own, checked).")
+@click.option(
+    "--dtype",
+    "gram_dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="--data: the base model's dtype in the Gram pass; a Gram file taken in another dtype is not reused.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the step computes: the Gram of --data, and the LPM solves (Cholesky and triangular "
+    "solves, in float64, or in float32 refined to float64 accuracy on GPUs slow in float64): "
+    "auto (CUDA when present), cpu, cuda, cuda:N.",
+)
+@click.option(
+    "--stats-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The merged model folder (or the adapter folder with --rank). Default: update the state only.",
+)
+@click.option(
+    "--base",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The base model (needed on the first task; later the state's own, checked).",
+)
 @click.option("--name", default=None, help="Task name (default: the adapter folder's name).")
-@click.option("--rank", type=POSITIVE, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model.")
+@click.option(
+    "--rank", type=POSITIVE, default=None, help="Write a rank-R PEFT adapter (truncated SVD), not the model."
+)
 @click.option("--gamma", type=float, default=None, help="Ridge γ (first task only; default 1e-4).")
-@click.option("--gamma-mode", type=click.Choice(["relative", "absolute"]), default=None,
-              help="γ relative to the mean diagonal of the Gram sum (default), or absolute (first task only).")
-@click.option("--approx", type=click.Choice(["full", "diagonal"]), default=None,
-              help="full Grams (default) or their diagonals: bounded memory (first task only).")
-@click.option("--state-dtype", type=click.Choice(["float32", "float64"]), default=None,
-              help="How the state stores its sums (first task only; default float32).")
-@click.option("--cpm-data", type=click.Path(dir_okay=False), default=None,
-              help="CPM: the task's data with images (its visual prototype); the output becomes a routed model.")
+@click.option(
+    "--gamma-mode",
+    type=click.Choice(["relative", "absolute"]),
+    default=None,
+    help="γ relative to the mean diagonal of the Gram sum (default), or absolute (first task only).",
+)
+@click.option(
+    "--approx",
+    type=click.Choice(["full", "diagonal"]),
+    default=None,
+    help="full Grams (default) or their diagonals: bounded memory (first task only).",
+)
+@click.option(
+    "--state-dtype",
+    type=click.Choice(["float32", "float64"]),
+    default=None,
+    help="How the state stores its sums (first task only; default float32).",
+)
+@click.option(
+    "--cpm-data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="CPM: the task's data with images (its visual prototype); the output becomes a routed model.",
+)
 @click.option("--cpm-images", type=click.Path(file_okay=False), default=None, help="CPM: the image folder.")
 @click.option("--cpm-n", type=POSITIVE, default=None, help="CPM: images for the prototype (a seeded subset).")
-@click.option("--tau", type=float, default=None, help="CPM routing temperature (first task only; default 0.1).")
-@click.option("--routing", type=click.Choice(["soft", "hard"]), default=None,
-              help="CPM: softmax weights (default) or the nearest prototype only (first task only).")
+@click.option(
+    "--tau", type=float, default=None, help="CPM routing temperature (first task only; default 0.1)."
+)
+@click.option(
+    "--routing",
+    type=click.Choice(["soft", "hard"]),
+    default=None,
+    help="CPM: softmax weights (default) or the nearest prototype only (first task only).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def continual_add_cmd(state: str, routing: str | None, gram: tuple[str, ...], **kw) -> None:
     """Add one task to STATE (created on the first task) and write the merged output."""
@@ -308,8 +503,12 @@ def testbed_group() -> None:
 
 
 @testbed_group.command("model")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Where to write the folder (default: the cache, ~/.cache/forgetless).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write the folder (default: the cache, ~/.cache/forgetless).",
+)
 def testbed_model_cmd(out: str | None) -> None:
     """Assemble the testbed's LLaVA folder (once; cached) and print its path."""
     from .testbed.build import testbed_model
@@ -332,16 +531,28 @@ def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool)
 
 
 @testbed_group.command("build")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Where vision.safetensors and build.json go (default: the package's testbed/weights).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where vision.safetensors and build.json go (default: the package's testbed/weights).",
+)
 @click.option("--vision-steps", type=POSITIVE, default=600, show_default=True)
 @click.option("--align-steps", type=POSITIVE, default=240, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice). Use 1 when "
-              "other work shares the cores: oversubscribed threads are several times slower.")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the training tasks go.")
-def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed: int, threads: int | None,
-                      workdir: str | None) -> None:
+@click.option(
+    "--threads",
+    type=POSITIVE,
+    default=None,
+    help="torch threads (default: torch's choice). Use 1 when "
+    "other work shares the cores: oversubscribed threads are several times slower.",
+)
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), default=None, help="Where the training tasks go."
+)
+def testbed_build_cmd(
+    out: str | None, vision_steps: int, align_steps: int, seed: int, threads: int | None, workdir: str | None
+) -> None:
     """Train the testbed's vision tower and projector (the language model stays frozen)."""
     import torch
 
@@ -355,16 +566,30 @@ def testbed_build_cmd(out: str | None, vision_steps: int, align_steps: int, seed
 @testbed_group.command("frontier")
 @click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
-@click.option("--test", "test", is_flag=True,
-              help="Then evaluate each curve's point chosen on validation (best F keeping --keep-gain of the "
-                   "fine-tune's E) on the test splits.")
-@click.option("--keep-gain", type=click.FloatRange(0, 1.5, min_open=True), default=0.9, show_default=True,
-              help="With --test: the share of the fine-tune's validation E a chosen point must keep.")
-@click.option("--curve", "curves", multiple=True,
-              help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, spider); the "
-                   "other curves already measured are kept.")
-def testbed_frontier_cmd(names: tuple[str, ...], workdir: str, test: bool, keep_gain: float,
-                         curves: tuple[str, ...]) -> None:
+@click.option(
+    "--test",
+    "test",
+    is_flag=True,
+    help="Then evaluate each curve's point chosen on validation (best F keeping --keep-gain of the "
+    "fine-tune's E) on the test splits.",
+)
+@click.option(
+    "--keep-gain",
+    type=click.FloatRange(0, 1.5, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="With --test: the share of the fine-tune's validation E a chosen point must keep.",
+)
+@click.option(
+    "--curve",
+    "curves",
+    multiple=True,
+    help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, spider); the "
+    "other curves already measured are kept.",
+)
+def testbed_frontier_cmd(
+    names: tuple[str, ...], workdir: str, test: bool, keep_gain: float, curves: tuple[str, ...]
+) -> None:
     """Every method's trade-off curve over its knob on the validation splits (cached; `testbed report` draws them)."""
     from .testbed import tasks as T
     from .testbed.frontier import curve_labels, run_chosen, run_frontier
@@ -381,52 +606,125 @@ def testbed_frontier_cmd(names: tuple[str, ...], workdir: str, test: bool, keep_
 @testbed_group.command("report")
 @click.option("--task", "names", multiple=True, help="Downstream task (repeatable; default: all).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/testbed", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default="runs/testbed/results.md", show_default=True,
-              help="The markdown report, written whole (RESULTS.md: --out RESULTS.md); the hand-written reading "
-                   "between its reading markers is kept.")
-@click.option("--plots", type=click.Path(file_okay=False), default=None,
-              help="Where the trade-off PNGs go (default: docs/results beside --out).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="runs/testbed/results.md",
+    show_default=True,
+    help="The markdown report, written whole (RESULTS.md: --out RESULTS.md); the hand-written reading "
+    "between its reading markers is kept.",
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the trade-off PNGs go (default: docs/results beside --out).",
+)
 @click.option("--keep-models", is_flag=True, help="Keep the merged folders (550 MB each).")
-@click.option("--no-run", is_flag=True, help="Only rebuild the report from the results.json files in --workdir.")
-def testbed_report_cmd(names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool,
-                       no_run: bool) -> None:
+@click.option(
+    "--no-run", is_flag=True, help="Only rebuild the report from the results.json files in --workdir."
+)
+def testbed_report_cmd(
+    names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool, no_run: bool
+) -> None:
     """Every downstream task: fine-tune, merge with each method, evaluate on the whole test splits, report with
     95% intervals."""
     from .testbed.report import run_report
 
-    run_report(list(names) or None, workdir, out, plots=plots, keep_models=keep_models, run=not no_run,
-               log=click.echo)
+    run_report(
+        list(names) or None,
+        workdir,
+        out,
+        plots=plots,
+        keep_models=keep_models,
+        run=not no_run,
+        log=click.echo,
+    )
 
 
 @cli.command("sweep")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--param", "params", multiple=True, required=True,
-              help="[METHOD:]NAME=V1,V2,... (repeatable): the grid; applies to every recipe whose method has NAME.")
-@click.option("--tasks", required=True, help="Downstream task(s), comma-separated: names, folders or JSONL files.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    required=True,
+    help="[METHOD:]NAME=V1,V2,... (repeatable): the grid; applies to every recipe whose method has NAME.",
+)
+@click.option(
+    "--tasks", required=True, help="Downstream task(s), comma-separated: names, folders or JSONL files."
+)
 @click.option("--general", required=True, help="General task(s), comma-separated.")
-@click.option("--task-root", type=click.Path(file_okay=False), default=None,
-              help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).")
+@click.option(
+    "--task-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).",
+)
 @click.option("--split", default="val", show_default=True)
 @click.option("--limit", type=POSITIVE, default=None, help="At most N samples per task.")
-@click.option("--min-task-ratio", type=float, default=0.98, show_default=True,
-              help="Rule: the best general score among points with T ≥ this × T(fine-tuned).")
+@click.option(
+    "--min-task-ratio",
+    type=float,
+    default=0.98,
+    show_default=True,
+    help="Rule: the best general score among points with T ≥ this × T(fine-tuned).",
+)
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/sweep", show_default=True)
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG (default: WORKDIR/sweep.png).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json).")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="PNG (default: WORKDIR/sweep.png)."
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json)."
+)
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option("--keep-gain", type=float, default=None, metavar="FRACTION",
-              help="Rule: keep at least this fraction of the fine-tune's task gain E (e.g. 0.95), then the best F.")
-@click.option("--max-loss", type=float, default=None, metavar="POINTS",
-              help="Rule: lose at most this many points of general score (F ≥ −POINTS), then the best E.")
-@click.option("--held-out", default=None, metavar="SPLIT",
-              help="Evaluate the chosen point on this split too (e.g. test): what to expect there, with intervals.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="The evaluations' model dtype (results of other dtypes are cached apart).")
+@click.option(
+    "--keep-gain",
+    type=float,
+    default=None,
+    metavar="FRACTION",
+    help="Rule: keep at least this fraction of the fine-tune's task gain E (e.g. 0.95), then the best F.",
+)
+@click.option(
+    "--max-loss",
+    type=float,
+    default=None,
+    metavar="POINTS",
+    help="Rule: lose at most this many points of general score (F ≥ −POINTS), then the best E.",
+)
+@click.option(
+    "--held-out",
+    default=None,
+    metavar="SPLIT",
+    help="Evaluate the chosen point on this split too (e.g. test): what to expect there, with intervals.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="The evaluations' model dtype (results of other dtypes are cached apart).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
-def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, general: str, task_root: str | None,
-              split: str, limit: int | None, min_task_ratio: float, workdir: str, plot: str | None, out: str | None,
-              batch_size: int, keep_gain: float | None, max_loss: float | None, held_out: str | None, dtype: str,
-              device: str) -> None:
+def sweep_cmd(
+    recipes: tuple[str, ...],
+    params: tuple[str, ...],
+    tasks: str,
+    general: str,
+    task_root: str | None,
+    split: str,
+    limit: int | None,
+    min_task_ratio: float,
+    workdir: str,
+    plot: str | None,
+    out: str | None,
+    batch_size: int,
+    keep_gain: float | None,
+    max_loss: float | None,
+    held_out: str | None,
+    dtype: str,
+    device: str,
+) -> None:
     """Evaluate a grid of merge knobs (one recipe per method); draw the trade-off (PNG) and pick the method and knob
     by a stated rule: --keep-gain, --max-loss or --min-task-ratio."""
     from pathlib import Path
@@ -439,18 +737,42 @@ def sweep_cmd(recipes: tuple[str, ...], params: tuple[str, ...], tasks: str, gen
         return {t.name: t for t in found}
 
     rule = Rule(min_task_ratio=min_task_ratio, keep_gain=keep_gain, max_loss=max_loss)
-    where = ({"split": held_out, "tasks": group(tasks, held_out), "general": group(general, held_out)}
-             if held_out else None)
+    where = (
+        {"split": held_out, "tasks": group(tasks, held_out), "general": group(general, held_out)}
+        if held_out
+        else None
+    )
     wd = Path(workdir)
-    sweep(list(recipes), list(params), tasks=group(tasks, split), general=group(general, split), workdir=wd,
-          split=split, limit=limit, rule=rule, held_out=where, plot=plot or wd / "sweep.png",
-          out=out or wd / "sweep.json", batch_size=batch_size, dtype=dtype, device=device, log=click.echo)
+    sweep(
+        list(recipes),
+        list(params),
+        tasks=group(tasks, split),
+        general=group(general, split),
+        workdir=wd,
+        split=split,
+        limit=limit,
+        rule=rule,
+        held_out=where,
+        plot=plot or wd / "sweep.png",
+        out=out or wd / "sweep.json",
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        log=click.echo,
+    )
 
 
 @cli.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo).")
-@click.option("--task", default="count_many", show_default=True,
-              type=click.Choice(["digits", "spatial", "count_many", "tag"]), help="The downstream task.")
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo)."
+)
+@click.option(
+    "--task",
+    default="count_many",
+    show_default=True,
+    type=click.Choice(["digits", "spatial", "count_many", "tag"]),
+    help="The downstream task.",
+)
 @click.option("--quick", is_flag=True, help="Two merges instead of seven (a smoke run).")
 def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
     """The testbed end to end: fine-tune on a task, merge back with each method, evaluate, table and plot."""
@@ -463,113 +785,236 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 
 @cli.command("finetune")
 @click.argument("model", type=click.Path(file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="Training set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output: a model folder (full fine-tune) or a PEFT adapter folder (--lora).")
-@click.option("--train", multiple=True, help="Part name, layer slice or re:<regex> to train (repeatable). Default: "
-              "language + lm_head + projector (full), language.layers (LoRA).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Training set: LLaVA conversation JSON/JSONL or {image?, question, answer} JSONL.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output: a model folder (full fine-tune) or a PEFT adapter folder (--lora).",
+)
+@click.option(
+    "--train",
+    multiple=True,
+    help="Part name, layer slice or re:<regex> to train (repeatable). Default: "
+    "language + lm_head + projector (full), language.layers (LoRA).",
+)
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter (PEFT) instead of the weights themselves.")
 @click.option("--lora-r", type=POSITIVE, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
-@click.option("--lora-target", multiple=True, help="Module name (q_proj) or selector the adapter goes on, inside "
-              "--train (repeatable). Default: every Linear layer in scope.")
+@click.option(
+    "--lora-target",
+    multiple=True,
+    help="Module name (q_proj) or selector the adapter goes on, inside "
+    "--train (repeatable). Default: every Linear layer in scope.",
+)
 @click.option("--steps", type=POSITIVE, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Samples per micro-batch.")
-@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option(
+    "--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step."
+)
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="On matrices only.")
-@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
+@click.option(
+    "--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps."
+)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True,
-              help="Where the cosine ends, as a fraction of --lr (0: down to zero).")
-@click.option("--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: no clipping).")
+@click.option(
+    "--min-lr-ratio",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Where the cosine ends, as a fraction of --lr (0: down to zero).",
+)
+@click.option(
+    "--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: no clipping)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
 @click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="bfloat16: autocast, the frozen weights held in bf16; trainable weights and optimizer state "
-              "float32.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16: autocast, the frozen weights held in bf16; trainable weights and optimizer state "
+    "float32.",
+)
 @_tf32_option
 @_pixels_options
-@click.option("--gradient-checkpointing", is_flag=True,
-              help="Recompute each layer's activations in the backward instead of keeping them (less memory).")
-@click.option("--dry-run", is_flag=True, help="Print the memory per rank (weights, gradients, optimizer, keep rule, "
-              "activations) from the model built on the meta device; train nothing.")
-@click.option("--fsdp", is_flag=True, help="Shard the model with FSDP2 over the torchrun ranks (each holds its share "
-              "of the weights, gradients, optimizer state and keep rule) instead of DDP's whole copy per rank.")
-@click.option("--ranks", type=POSITIVE, default=None, help="With --dry-run: the number of processes to account "
-              "for (default: torchrun's).")
-@click.option("--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context).")
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute each layer's activations in the backward instead of keeping them (less memory).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the memory per rank (weights, gradients, optimizer, keep rule, "
+    "activations) from the model built on the meta device; train nothing.",
+)
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Shard the model with FSDP2 over the torchrun ranks (each holds its share "
+    "of the weights, gradients, optimizer state and keep rule) instead of DDP's whole copy per rank.",
+)
+@click.option(
+    "--ranks",
+    type=POSITIVE,
+    default=None,
+    help="With --dry-run: the number of processes to account for (default: torchrun's).",
+)
+@click.option(
+    "--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."
+)
 @click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data loader processes per rank, encoding "
-              "the coming batches while the model trains (0: in the main process). Default: up to 2, none when "
-              "every sample stays encoded in memory.")
-@click.option("--keep", type=click.Choice(["none", "spider", "magnitude_mask"]), default="none", show_default=True,
-              help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
-              "or reset the top-50% |θ₀| entries (MagnitudeMask).")
-@click.option("--init-adapter", type=click.Path(file_okay=False), default=None,
-              help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
-              "fine-tuning, one task after another.")
-@click.option("--optimizer-fisher", type=click.Path(dir_okay=False), default=None,
-              help="Also write AdamW's squared gradients, averaged over the run, as a task Fisher statistics file "
-              "(full fine-tune; for `forgetless merge` / `cgm`, no extra pass over the data).")
-@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
-              help="TensorBoard event files: OUT.tensorboard/RUN while training, OUT/runs/RUN after "
-              "(rank 0 only; needs the tensorboard package).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Data loader processes per rank, encoding "
+    "the coming batches while the model trains (0: in the main process). Default: up to 2, none when "
+    "every sample stays encoded in memory.",
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["none", "spider", "magnitude_mask"]),
+    default="none",
+    show_default=True,
+    help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
+    "or reset the top-50% |θ₀| entries (MagnitudeMask).",
+)
+@click.option(
+    "--init-adapter",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
+    "fine-tuning, one task after another.",
+)
+@click.option(
+    "--optimizer-fisher",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write AdamW's squared gradients, averaged over the run, as a task Fisher statistics file "
+    "(full fine-tune; for `forgetless merge` / `cgm`, no extra pass over the data).",
+)
+@click.option(
+    "--tensorboard/--no-tensorboard",
+    default=True,
+    show_default=True,
+    help="TensorBoard event files: OUT.tensorboard/RUN while training, OUT/runs/RUN after "
+    "(rank 0 only; needs the tensorboard package).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def finetune_cmd(model: str, train: tuple[str, ...], lora: bool, lora_r: int, lora_alpha: float,
-                 lora_dropout: float, lora_target: tuple[str, ...], clip: float, num: int | None,
-                 optimizer_fisher: str | None, **kw) -> None:
+def finetune_cmd(
+    model: str,
+    train: tuple[str, ...],
+    lora: bool,
+    lora_r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    lora_target: tuple[str, ...],
+    clip: float,
+    num: int | None,
+    optimizer_fisher: str | None,
+    **kw,
+) -> None:
     """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
     from .checkpoint.guard import check_output
     from .stats.distributed import dist_info
     from .train import LoraSpec, finetune
     from .train.moments import OptimizerFisher
 
-    spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None) \
-        if lora else None
+    spec = (
+        LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None)
+        if lora
+        else None
+    )
     if optimizer_fisher is not None and lora:
-        raise ForgetlessError("--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
-                              remedy="drop --lora or --optimizer-fisher")
+        raise ForgetlessError(
+            "--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
+            remedy="drop --lora or --optimizer-fisher",
+        )
     if optimizer_fisher is not None and kw["fsdp"]:
-        raise ForgetlessError("--optimizer-fisher saves AdamW's state, which --fsdp shards across the ranks",
-                              remedy="drop --fsdp (DDP keeps the whole state on every rank), or compute the Fisher "
-                              "with `forgetless stats fisher`")
+        raise ForgetlessError(
+            "--optimizer-fisher saves AdamW's state, which --fsdp shards across the ranks",
+            remedy="drop --fsdp (DDP keeps the whole state on every rank), or compute the Fisher "
+            "with `forgetless stats fisher`",
+        )
     if optimizer_fisher is not None:
-        check_output(optimizer_fisher, [model, kw["data"], kw["images"], kw["init_adapter"]], force=kw["force"],
-                     option="--optimizer-fisher")
+        check_output(
+            optimizer_fisher,
+            [model, kw["data"], kw["images"], kw["init_adapter"]],
+            force=kw["force"],
+            option="--optimizer-fisher",
+        )
     moments = OptimizerFisher() if optimizer_fisher is not None else None
     out = kw.pop("out")
-    report = finetune(model, kw.pop("data"), out, train=list(train) or None, lora=spec, clip=clip or None, n=num,
-                      log=click.echo, hook=moments, **kw)
-    if report is not None and moments is not None and dist_info()[0] == 0:  # under DDP every rank holds the same state; rank 0 writes
+    report = finetune(
+        model,
+        kw.pop("data"),
+        out,
+        train=list(train) or None,
+        lora=spec,
+        clip=clip or None,
+        n=num,
+        log=click.echo,
+        hook=moments,
+        **kw,
+    )
+    if (
+        report is not None and moments is not None and dist_info()[0] == 0
+    ):  # under DDP every rank holds the same state; rank 0 writes
         click.echo(f"wrote {moments.save(optimizer_fisher, out)}: the optimizer's task Fisher")
 
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(file_okay=False))
-@click.option("--tasks", default=None, help="Downstream tasks, comma-separated: JSONL files, task folders, or names "
-              "under --task-root.")
-@click.option("--general", default=None, help="General tasks (visual or text, from task.json or the data), "
-              "comma-separated, as --tasks.")
+@click.option(
+    "--tasks",
+    default=None,
+    help="Downstream tasks, comma-separated: JSONL files, task folders, or names under --task-root.",
+)
+@click.option(
+    "--general",
+    default=None,
+    help="General tasks (visual or text, from task.json or the data), comma-separated, as --tasks.",
+)
 @click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
 @click.option("--limit", type=POSITIVE, default=None, help="Only the first N records of each task.")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer.")
-@click.option("--task-root", type=click.Path(file_okay=False), default=None,
-              help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks).")
+@click.option(
+    "--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer."
+)
+@click.option(
+    "--task-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
 @_tf32_option
 @_pixels_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results (JSON) here.")
-@click.option("--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F.")
-@click.option("--finetuned", type=click.Path(dir_okay=False), default=None,
-              help="The fine-tuned model's result JSON: adds its row and the gain kept.")
+@click.option(
+    "--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F."
+)
+@click.option(
+    "--finetuned",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The fine-tuned model's result JSON: adds its row and the gain kept.",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **kw) -> None:
@@ -584,33 +1029,40 @@ def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **
 def _os_error_line(e: OSError) -> str:
     """One line for an operating-system failure: the path, what the system said, and what to do."""
     where = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-    remedy = {errno.ENOSPC: "free space on that disk, or write the output to another disk",
-              errno.EDQUOT: "free space within your quota, or write the output elsewhere",
-              errno.EACCES: "write to a folder you may write to (or fix its permissions)",
-              errno.EPERM: "write to a folder you may write to (or fix its permissions)",
-              errno.EROFS: "the file system is read-only: write the output to another one",
-              errno.ENOENT: "check the path",
-              errno.EMFILE: "raise the open-file limit (ulimit -n)"}.get(e.errno or -1, "check the path and the disk")
+    remedy = {
+        errno.ENOSPC: "free space on that disk, or write the output to another disk",
+        errno.EDQUOT: "free space within your quota, or write the output elsewhere",
+        errno.EACCES: "write to a folder you may write to (or fix its permissions)",
+        errno.EPERM: "write to a folder you may write to (or fix its permissions)",
+        errno.EROFS: "the file system is read-only: write the output to another one",
+        errno.ENOENT: "check the path",
+        errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    }.get(e.errno or -1, "check the path and the disk")
     what = e.strerror or type(e).__name__
     return f"{where}: {what} — {remedy}" if where else f"{what} — {remedy}"
 
 
-LOWER = {"merge": "--memory (large tensors are then merged in blocks of rows), or fewer threads",
-         "stats": "--batch-size, --max-length, --dtype bfloat16, or fewer modules (--scope)",
-         "cgm": "--batch-size or fewer modules (--scope)",
-         "eval": "--batch-size or --dtype bfloat16",
-         "sweep": "--batch-size",
-         "finetune": "--batch-size (raise --grad-accum to keep the step's samples), --max-length, --dtype bfloat16, "
-                     "--lora, or fewer modules (--train)",
-         "continual": "--approx diagonal, --state-dtype float32, or a smaller -n"}
+LOWER = {
+    "merge": "--memory (large tensors are then merged in blocks of rows), or fewer threads",
+    "stats": "--batch-size, --max-length, --dtype bfloat16, or fewer modules (--scope)",
+    "cgm": "--batch-size or fewer modules (--scope)",
+    "eval": "--batch-size or --dtype bfloat16",
+    "sweep": "--batch-size",
+    "finetune": "--batch-size (raise --grad-accum to keep the step's samples), --max-length, --dtype bfloat16, "
+    "--lora, or fewer modules (--train)",
+    "continual": "--approx diagonal, --state-dtype float32, or a smaller -n",
+}
 
 
 def _out_of_memory(e: BaseException) -> bool:
     """CPU MemoryError, CUDA's torch.OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return (isinstance(e, MemoryError) or (oom is not None and isinstance(e, oom))
-            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+    return (
+        isinstance(e, MemoryError)
+        or (oom is not None and isinstance(e, oom))
+        or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    )
 
 
 def _memory_line(e: BaseException, args: list[str]) -> str:
@@ -651,7 +1103,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.UsageError as e:
-        if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group: its help, as before
+        if isinstance(
+            e, getattr(click.exceptions, "NoArgsIsHelpError", ())
+        ):  # a bare group: its help, as before
             e.show()
         else:
             hint = f" — see '{e.ctx.command_path} -h'" if e.ctx is not None else ""
@@ -671,9 +1125,11 @@ def main(argv: list[str] | None = None) -> None:
         if _out_of_memory(e):
             click.echo(f"error: {_memory_line(e, args)}", err=True)
             sys.exit(2)
-        click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — this is a "
-                   "bug in forgetless: please report it with the command line; --debug shows the traceback",
-                   err=True)
+        click.echo(
+            f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — this is a "
+            "bug in forgetless: please report it with the command line; --debug shows the traceback",
+            err=True,
+        )
         sys.exit(1)
     finally:
         if main_thread:

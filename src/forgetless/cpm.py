@@ -52,7 +52,9 @@ PROJECTORS_FILE = "cpm_projectors.safetensors"
 FORMAT = "forgetless-cpm"
 VERSION = 1
 DEFAULT_TAU = 0.1
-_PROJ = re.compile(r"^(?:model\.)?(?:multi_modal_projector\.(?P<hf>.+)|mm_projector\.(?P<layer>[02])\.(?P<rest>.+))$")
+_PROJ = re.compile(
+    r"^(?:model\.)?(?:multi_modal_projector\.(?P<hf>.+)|mm_projector\.(?P<layer>[02])\.(?P<rest>.+))$"
+)
 _ORIGINAL_LAYERS = {"0": "linear_1", "2": "linear_2"}  # the original nn.Sequential's Linear layers
 
 
@@ -69,8 +71,11 @@ def base_projector(names: Sequence[str], where: Any) -> list[str]:
     """The checkpoint names of a model's projector tensors; refuses a model without a llava-hf projector."""
     found = [n for n in names if projector_key(n) is not None]
     if not found:
-        raise ForgetlessError("no LLaVA multi_modal_projector in this model", file=where,
-                              remedy="CPM routes LLaVA projectors; drop the CPM options")
+        raise ForgetlessError(
+            "no LLaVA multi_modal_projector in this model",
+            file=where,
+            remedy="CPM routes LLaVA projectors; drop the CPM options",
+        )
     return found
 
 
@@ -78,8 +83,14 @@ def base_projector(names: Sequence[str], where: Any) -> list[str]:
 class RoutedProjector(nn.Module):
     """Σₜ wₜ(x)·Pₜ(f(x)) with wₜ from the cosine of the patch-mean of f(x) to each task's prototype."""
 
-    def __init__(self, projectors: Sequence[nn.Module], prototypes: Tensor, *, tau: float = DEFAULT_TAU,
-                 hard: bool = False):
+    def __init__(
+        self,
+        projectors: Sequence[nn.Module],
+        prototypes: Tensor,
+        *,
+        tau: float = DEFAULT_TAU,
+        hard: bool = False,
+    ):
         super().__init__()
         if len(projectors) != prototypes.shape[0] or not projectors:
             raise ValueError(f"{len(projectors)} projectors for {prototypes.shape[0]} prototypes")
@@ -91,7 +102,11 @@ class RoutedProjector(nn.Module):
 
     def route(self, features: Tensor) -> Tensor:
         """Routing weights [images, T] for projector input [images, patches, d]."""
-        pooled = features.float().mean(dim=-2) if features.dim() >= 3 else features.float().mean(dim=0, keepdim=True)
+        pooled = (
+            features.float().mean(dim=-2)
+            if features.dim() >= 3
+            else features.float().mean(dim=0, keepdim=True)
+        )
         pooled = pooled.reshape(-1, pooled.shape[-1])
         cos = F.normalize(pooled, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
         if self.hard:
@@ -115,12 +130,20 @@ class RoutedProjector(nn.Module):
 def _projector_module(model: nn.Module) -> tuple[nn.Module, str]:
     holder = getattr(model, "model", model)
     if not hasattr(holder, "multi_modal_projector"):
-        raise ForgetlessError(f"{type(model).__name__} has no multi_modal_projector", remedy="CPM routes LLaVA models")
+        raise ForgetlessError(
+            f"{type(model).__name__} has no multi_modal_projector", remedy="CPM routes LLaVA models"
+        )
     return holder, "multi_modal_projector"
 
 
-def install_routing(model: nn.Module, projectors: Sequence[Mapping[str, Tensor]], prototypes: Tensor, *,
-                    tau: float = DEFAULT_TAU, hard: bool = False) -> RoutedProjector:
+def install_routing(
+    model: nn.Module,
+    projectors: Sequence[Mapping[str, Tensor]],
+    prototypes: Tensor,
+    *,
+    tau: float = DEFAULT_TAU,
+    hard: bool = False,
+) -> RoutedProjector:
     """Replace the model's projector by a :class:`RoutedProjector` over ``projectors`` (state dicts of the
     projector module: ``linear_1.weight``, …)."""
     holder, attr = _projector_module(model)
@@ -157,8 +180,16 @@ def visual_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
     return f.mean(dim=-2).reshape(-1, f.shape[-1])
 
 
-def compute_prototype(model: nn.Module, model_dir: str | Path, data: str | Path, *, images: str | Path | None = None,
-                      n: int | None = None, seed: int = 0, batch_size: int = 8) -> tuple[Tensor, str, int]:
+def compute_prototype(
+    model: nn.Module,
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> tuple[Tensor, str, int]:
     """pₜ: the mean of :func:`visual_features` over the images of the task's data. Returns (prototype, the data's
     fingerprint, images used)."""
     from PIL import Image
@@ -169,17 +200,23 @@ def compute_prototype(model: nn.Module, model_dir: str | Path, data: str | Path,
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     with_image = [s for s in samples if s.image is not None]
     if not with_image:
-        raise ForgetlessError("no sample has an image: a visual prototype needs the task's images", file=data,
-                              remedy="give the task's data with its images (--cpm-images for their folder)")
+        raise ForgetlessError(
+            "no sample has an image: a visual prototype needs the task's images",
+            file=data,
+            remedy="give the task's data with its images (--cpm-images for their folder)",
+        )
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise ForgetlessError(f"no image processor ({str(e).splitlines()[0]})", file=model_dir,
-                              remedy="give the base model folder with its preprocessor_config.json") from None
+        raise ForgetlessError(
+            f"no image processor ({str(e).splitlines()[0]})",
+            file=model_dir,
+            remedy="give the base model folder with its preprocessor_config.json",
+        ) from None
     total, count = None, 0
     for i in range(0, len(with_image), batch_size):
         batch = []
-        for s in with_image[i:i + batch_size]:
+        for s in with_image[i : i + batch_size]:
             if not s.image.is_file():
                 raise ForgetlessError("image not found", file=s.image, remedy="check --cpm-images")
             with Image.open(s.image) as im:
@@ -192,8 +229,15 @@ def compute_prototype(model: nn.Module, model_dir: str | Path, data: str | Path,
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def write_routing(folder: str | Path, names: Sequence[str], projectors: Sequence[Mapping[str, Tensor]],
-                  prototypes: Tensor, *, tau: float = DEFAULT_TAU, hard: bool = False) -> None:
+def write_routing(
+    folder: str | Path,
+    names: Sequence[str],
+    projectors: Sequence[Mapping[str, Tensor]],
+    prototypes: Tensor,
+    *,
+    tau: float = DEFAULT_TAU,
+    hard: bool = False,
+) -> None:
     """Write the CPM files into a model folder (before it is renamed into place)."""
     folder = Path(folder)
     tensors = {f"{t}/{k}": v.contiguous() for t, sd in enumerate(projectors) for k, v in sd.items()}
@@ -201,8 +245,13 @@ def write_routing(folder: str | Path, names: Sequence[str], projectors: Sequence
     with naming(folder / PROJECTORS_FILE):
         save_file(tensors, str(folder / PROJECTORS_FILE), metadata={"format": "pt"})
     with naming(folder / ROUTING_FILE):
-        (folder / ROUTING_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "tau": tau,
-                                                       "hard": hard, "tasks": list(names)}, indent=1) + "\n")
+        (folder / ROUTING_FILE).write_text(
+            json.dumps(
+                {"format": FORMAT, "version": VERSION, "tau": tau, "hard": hard, "tasks": list(names)},
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Tensor]], Tensor] | None:
@@ -213,10 +262,15 @@ def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Ten
         return None
     cfg = read_json(f, remedy="restore the routed model folder", expect=dict)
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-        raise ForgetlessError(f"not a {FORMAT} v{VERSION} routing file", file=f,
-                              remedy="use the forgetless version that wrote it")
+        raise ForgetlessError(
+            f"not a {FORMAT} v{VERSION} routing file",
+            file=f,
+            remedy="use the forgetless version that wrote it",
+        )
     if not (folder / PROJECTORS_FILE).is_file():
-        raise ForgetlessError(f"{PROJECTORS_FILE} is missing", file=folder, remedy="restore the routed model folder")
+        raise ForgetlessError(
+            f"{PROJECTORS_FILE} is missing", file=folder, remedy="restore the routed model folder"
+        )
     tensors = load_file(str(folder / PROJECTORS_FILE))
     T = len(cfg["tasks"])
     projectors: list[dict[str, Tensor]] = [{} for _ in range(T)]
@@ -226,8 +280,11 @@ def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Ten
             projectors[int(t)][name] = v
     prototypes = tensors.get("prototypes")
     if prototypes is None or prototypes.shape[0] != T or any(not p for p in projectors):
-        raise ForgetlessError(f"{PROJECTORS_FILE} does not hold {T} projectors and prototypes", file=folder,
-                              remedy="restore the routed model folder")
+        raise ForgetlessError(
+            f"{PROJECTORS_FILE} does not hold {T} projectors and prototypes",
+            file=folder,
+            remedy="restore the routed model folder",
+        )
     return cfg, projectors, prototypes
 
 
@@ -253,7 +310,9 @@ def routing_accuracy(model: nn.Module, images_by_task: Mapping[str, Tensor]) -> 
     holder, attr = _projector_module(model)
     routed = getattr(holder, attr)
     if not isinstance(routed, RoutedProjector):
-        raise ForgetlessError("the model has no CPM routing", remedy="load a routed folder with cpm.load_model")
+        raise ForgetlessError(
+            "the model has no CPM routing", remedy="load a routed folder with cpm.load_model"
+        )
     out = {}
     for t, (name, pv) in enumerate(images_by_task.items()):
         w = routed.route(visual_features(model, pv))
@@ -261,6 +320,18 @@ def routing_accuracy(model: nn.Module, images_by_task: Mapping[str, Tensor]) -> 
     return out
 
 
-__all__ = ["DEFAULT_TAU", "PROJECTORS_FILE", "ROUTING_FILE", "RoutedProjector", "base_projector",
-           "compute_prototype", "install_routing", "load_model", "projector_key", "read_routing",
-           "routing_accuracy", "visual_features", "write_routing"]
+__all__ = [
+    "DEFAULT_TAU",
+    "PROJECTORS_FILE",
+    "ROUTING_FILE",
+    "RoutedProjector",
+    "base_projector",
+    "compute_prototype",
+    "install_routing",
+    "load_model",
+    "projector_key",
+    "read_routing",
+    "routing_accuracy",
+    "visual_features",
+    "write_routing",
+]

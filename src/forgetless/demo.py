@@ -31,8 +31,9 @@ DEMO_TASK = "count_many"
 THREADS = 2
 
 
-def run_demo(workdir: str | os.PathLike | None = None, *, task: str = DEMO_TASK, quick: bool = False,
-             log=print) -> dict:
+def run_demo(
+    workdir: str | os.PathLike | None = None, *, task: str = DEMO_TASK, quick: bool = False, log=print
+) -> dict:
     """Run the demo (module docstring); returns the experiment's results (also in workdir/<task>/results.json)."""
     from .testbed import experiment as X
     from .testbed.report import plot_rows, row_intervals, table
@@ -43,22 +44,28 @@ def run_demo(workdir: str | os.PathLike | None = None, *, task: str = DEMO_TASK,
     torch.set_num_threads(min(THREADS, os.cpu_count() or THREADS))
     try:
         merges = X.MERGES[:2] if quick else X.MERGES
-        res = X.run_experiment(task, workdir / task, merges=merges, limits=X.DEMO_LIMITS,
-                               task_limit=X.DEMO_TASK_LIMIT, log=log)
+        res = X.run_experiment(
+            task, workdir / task, merges=merges, limits=X.DEMO_LIMITS, task_limit=X.DEMO_TASK_LIMIT, log=log
+        )
     finally:
         torch.set_num_threads(prev)
     ivs = row_intervals(res["rows"])
     png = plot_rows(res["rows"], workdir / task / "tradeoff.png", f"forgetless demo: {task}", ivs)
     ft = res["finetune"]
     log("")
-    log(f"task {task!r}: fine-tuned {', '.join(ft['train'])} for {ft['steps']} steps (lr {ft['lr']:g}). Scores in %: "
+    log(
+        f"task {task!r}: fine-tuned {', '.join(ft['train'])} for {ft['steps']} steps (lr {ft['lr']:g}). Scores in %: "
         "T task, G_v general visual, G_t text probes, G their mean; E = T − T(base), F = G − G(base) (negative: "
-        "forgetting); ± half the 95% interval (bootstrap over the test items, E and F paired with the base).")
+        "forgetting); ± half the 95% interval (bootstrap over the test items, E and F paired with the base)."
+    )
     log(table(res["rows"], ivs))
     log("")
     log(f"plot: {png}")
-    log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["timings"].items())
-        + f"; demo total {time.perf_counter() - t0:.0f}s")
+    log(
+        "timings: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in res["timings"].items())
+        + f"; demo total {time.perf_counter() - t0:.0f}s"
+    )
     res["plot"] = str(png)
     atomic_write(workdir / task / "results.json", json.dumps(res, indent=1) + "\n")
     return res

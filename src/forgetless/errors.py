@@ -15,7 +15,9 @@ from contextlib import contextmanager
 class ForgetlessError(Exception):
     """A user-facing error: ``file: [tensor: ]problem; remedy``."""
 
-    def __init__(self, problem: str, *, file: object = None, tensor: str | None = None, remedy: str | None = None):
+    def __init__(
+        self, problem: str, *, file: object = None, tensor: str | None = None, remedy: str | None = None
+    ):
         self.problem = problem
         self.file = None if file is None else str(file)
         self.tensor = tensor

@@ -46,16 +46,25 @@ def inspect_model(ref: str, layout: str | None = None) -> dict:
 
 
 def format_inspection(info: dict) -> str:
-    lines = [f"{info['model']}",
-             (f"  architecture  {', '.join(info['architectures'] or ['?'])}   layout {info['layout']} "
-              f"({info['decoder_layers']} decoder layers)   format {info['format']}"),
-             (f"  {info['tensors']} tensors, {info['parameters']:,} parameters, {human_bytes(info['bytes'])}"
-              f"   fingerprint {info['fingerprint']}"), "",
-             f"  {'part':<18} {'tensors':>8} {'parameters':>15}  dtypes"]
+    lines = [
+        f"{info['model']}",
+        (
+            f"  architecture  {', '.join(info['architectures'] or ['?'])}   layout {info['layout']} "
+            f"({info['decoder_layers']} decoder layers)   format {info['format']}"
+        ),
+        (
+            f"  {info['tensors']} tensors, {info['parameters']:,} parameters, {human_bytes(info['bytes'])}"
+            f"   fingerprint {info['fingerprint']}"
+        ),
+        "",
+        f"  {'part':<18} {'tensors':>8} {'parameters':>15}  dtypes",
+    ]
     for p in info["parts"]:
         if not p["tensors"]:
             continue
-        lines.append(f"  {p['part']:<18} {p['tensors']:>8} {p['params']:>15,}  {', '.join(map(str, p['dtypes']))}")
+        lines.append(
+            f"  {p['part']:<18} {p['tensors']:>8} {p['params']:>15,}  {', '.join(map(str, p['dtypes']))}"
+        )
     if info["tied_embeddings"]:
         lines.append("  (lm_head is tied to the input embeddings: merging the embedding merges both)")
     if info.get("folded_adapter"):

@@ -22,14 +22,21 @@ import torch
 
 def _leaves() -> tuple:
     """The per-backend settings the switches below write (restored as they were, ``"none"`` included)."""
-    return (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
-            torch.backends.cudnn.rnn)
+    return (
+        torch.backends.cuda.matmul,
+        torch.backends.mkldnn.matmul,
+        torch.backends.cudnn.conv,
+        torch.backends.cudnn.rnn,
+    )
 
 
 def tf32_state() -> tuple:
     """Everything :func:`tf32` changes: the legacy switches and the per-backend settings."""
-    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-            *(leaf.fp32_precision for leaf in _leaves()))
+    return (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        *(leaf.fp32_precision for leaf in _leaves()),
+    )
 
 
 def _restore(state: tuple) -> None:

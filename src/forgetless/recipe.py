@@ -60,7 +60,9 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str
-    statistics: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: files that complete each other
+    statistics: dict[str, str | list[str]] = Field(
+        default_factory=dict
+    )  # a list: files that complete each other
 
     @property
     def params(self) -> dict[str, Any]:
@@ -82,7 +84,9 @@ class Recipe(BaseModel):
     base: str
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    statistics: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: files that complete each other
+    statistics: dict[str, str | list[str]] = Field(
+        default_factory=dict
+    )  # a list: files that complete each other
     scope: Scope = Field(default_factory=Scope)
     dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
     shard_size: str | int = "5GB"
@@ -126,8 +130,10 @@ class Recipe(BaseModel):
 
     def to_yaml(self, defaults: bool = True) -> str:
         """The recipe as YAML; ``defaults=False``: only the keys whose values are not the defaults."""
-        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=not defaults, exclude={"source"}),
-                              sort_keys=False)
+        return yaml.safe_dump(
+            self.model_dump(exclude_none=True, exclude_defaults=not defaults, exclude={"source"}),
+            sort_keys=False,
+        )
 
 
 def check_size(v: Any, what: str) -> int:
@@ -156,8 +162,9 @@ def _loc(loc: tuple) -> str:
 def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     where = str(source) if source else "recipe"
     if not isinstance(data, dict):
-        raise ForgetlessError("a recipe must be a mapping (method, base, models, …)", file=where,
-                              remedy=EXAMPLES_HINT)
+        raise ForgetlessError(
+            "a recipe must be a mapping (method, base, models, …)", file=where, remedy=EXAMPLES_HINT
+        )
     dialect = None
     if is_mergekit(data):  # mergekit's YAML as it is: mapped onto this format first (recipe_mergekit.py)
         data, dialect = translate(data, where), "mergekit"

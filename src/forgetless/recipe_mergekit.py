@@ -33,8 +33,19 @@ from typing import Any
 
 from .errors import ForgetlessError
 
-MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "tokenizer", "chat_template")
+MERGEKIT_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "modules",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 MAPPED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 # mergekit 0.1.5's defaults (registry.py): normalize and rescale per method
@@ -43,19 +54,31 @@ RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_t
 DTYPES = ("float32", "bfloat16", "float16")
 HINT = "see docs/mergekit.md"
 UNSUPPORTED = (  # (key, why forgetless refuses it, what to do)
-    ("slices", "layer slices (frankenmerges) are not merges of matching tensors",
-     "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only"),
+    (
+        "slices",
+        "layer slices (frankenmerges) are not merges of matching tensors",
+        "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only",
+    ),
     ("modules", "per-module configs are not read", "use one `models:` list for the whole model"),
-    ("tokenizer", "forgetless copies the base's tokenizer and never changes the vocabulary",
-     "remove it (tokenizer_source: base is what forgetless does)"),
-    ("chat_template", "forgetless copies the base's tokenizer files, chat template included",
-     "remove it, and set the template in the output's tokenizer_config.json afterwards"))
+    (
+        "tokenizer",
+        "forgetless copies the base's tokenizer and never changes the vocabulary",
+        "remove it (tokenizer_source: base is what forgetless does)",
+    ),
+    (
+        "chat_template",
+        "forgetless copies the base's tokenizer files, chat template included",
+        "remove it, and set the template in the output's tokenizer_config.json afterwards",
+    ),
+)
 
 
 def is_mergekit(data: dict) -> bool:
     """A mergekit config: it names ``merge_method``, or has mergekit's keys and no forgetless ``method``."""
-    return "merge_method" in data or ("method" not in data and any(k in data for k in MERGEKIT_KEYS if k not in
-                                                                     ("models", "parameters", "dtype")))
+    return "merge_method" in data or (
+        "method" not in data
+        and any(k in data for k in MERGEKIT_KEYS if k not in ("models", "parameters", "dtype"))
+    )
 
 
 @dataclass
@@ -74,8 +97,11 @@ class _Config:
         """Model ``i``'s parameter: its own, else the top-level one, else ``default``; required when neither."""
         v = params.get(key, self.top.get(key, default))
         if v is None:
-            raise self.refuse(f"models[{i}].parameters.{key}", f"mergekit's {self.method} requires it",
-                              f"give it per model or under parameters: (e.g. {key}: 1.0)")
+            raise self.refuse(
+                f"models[{i}].parameters.{key}",
+                f"mergekit's {self.method} requires it",
+                f"give it per model or under parameters: (e.g. {key}: 1.0)",
+            )
         return v
 
     @property
@@ -109,19 +135,29 @@ def _check_keys(cfg: _Config) -> None:
     """One dialect per file, mergekit's keys only, a method forgetless runs, nothing it cannot honour."""
     data, refuse = cfg.data, cfg.refuse
     if "method" in data:
-        raise refuse("merge_method", "a recipe names either `method` (forgetless) or `merge_method` (mergekit)",
-                     "keep one dialect per file")
+        raise refuse(
+            "merge_method",
+            "a recipe names either `method` (forgetless) or `merge_method` (mergekit)",
+            "keep one dialect per file",
+        )
     for key in data:
         if key not in MERGEKIT_KEYS:
-            raise refuse(key, "not a key of a mergekit config forgetless reads",
-                         f"remove it (mergekit keys read: {', '.join(MERGEKIT_KEYS)}); --out and --memory are "
-                         "command-line options")
+            raise refuse(
+                key,
+                "not a key of a mergekit config forgetless reads",
+                f"remove it (mergekit keys read: {', '.join(MERGEKIT_KEYS)}); --out and --memory are "
+                "command-line options",
+            )
     method = data.get("merge_method")
     if method is None:
         raise refuse("merge_method", "required key is missing")
     if method not in MAPPED:
-        raise refuse("merge_method", f"{method!r} is not in forgetless", f"forgetless runs mergekit's "
-                     f"{', '.join(MAPPED)}; `forgetless methods` lists its own (write a forgetless recipe)")
+        raise refuse(
+            "merge_method",
+            f"{method!r} is not in forgetless",
+            f"forgetless runs mergekit's "
+            f"{', '.join(MAPPED)}; `forgetless methods` lists its own (write a forgetless recipe)",
+        )
     cfg.method = method
     for key, why, remedy in UNSUPPORTED:
         if data.get(key) is not None:
@@ -131,9 +167,11 @@ def _check_keys(cfg: _Config) -> None:
 def _check_tokenizer(cfg: _Config, base: str | None) -> None:
     source = cfg.data.get("tokenizer_source")
     if source is not None and source not in ("base", base):
-        raise cfg.refuse("tokenizer_source", f"{source!r}: forgetless copies the base's tokenizer and never builds "
-                         "another vocabulary", "merge models that share the base's tokenizer, with "
-                         "tokenizer_source: base")
+        raise cfg.refuse(
+            "tokenizer_source",
+            f"{source!r}: forgetless copies the base's tokenizer and never builds another vocabulary",
+            "merge models that share the base's tokenizer, with tokenizer_source: base",
+        )
 
 
 def _check_top_parameters(cfg: _Config) -> None:
@@ -143,8 +181,11 @@ def _check_top_parameters(cfg: _Config) -> None:
     allowed = cfg.per_model_keys + cfg.global_keys
     for k, v in top.items():
         if k not in allowed:
-            raise cfg.refuse(f"parameters.{k}", f"not a parameter of mergekit's {cfg.method}",
-                             f"remove it (mergekit ignores it; {cfg.method} takes {', '.join(allowed)})")
+            raise cfg.refuse(
+                f"parameters.{k}",
+                f"not a parameter of mergekit's {cfg.method}",
+                f"remove it (mergekit ignores it; {cfg.method} takes {', '.join(allowed)})",
+            )
         _scalar(v, f"parameters.{k}", cfg.refuse)
     cfg.top = top
 
@@ -167,9 +208,12 @@ def _entries(cfg: _Config) -> list[tuple[int, str, dict]]:
             raise refuse(f"models[{i}].parameters", "must be a mapping")
         for k, v in params.items():
             if k not in cfg.per_model_keys:
-                raise refuse(f"models[{i}].parameters.{k}", f"not a per-model parameter of mergekit's {cfg.method}",
-                             f"remove it (mergekit ignores it; per model {cfg.method} takes "
-                             f"{', '.join(cfg.per_model_keys)})")
+                raise refuse(
+                    f"models[{i}].parameters.{k}",
+                    f"not a per-model parameter of mergekit's {cfg.method}",
+                    f"remove it (mergekit ignores it; per model {cfg.method} takes "
+                    f"{', '.join(cfg.per_model_keys)})",
+                )
             _scalar(v, f"models[{i}].parameters.{k}", refuse)
         entries.append((i, ref, params))
     return entries
@@ -182,7 +226,9 @@ def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool
         raise refuse("base_model", f"mergekit's {method} takes task vectors from it: required")
     tasks = [(i, ref, params) for i, ref, params in entries if ref != base]  # mergekit skips the base's entry
     if not tasks:
-        raise refuse("models", "only the base model is listed: nothing to merge", "list the fine-tuned models")
+        raise refuse(
+            "models", "only the base model is listed: nothing to merge", "list the fine-tuned models"
+        )
     weights = [float(cfg.value(i, p, "weight")) for i, _, p in tasks]
     densities = [min(cfg.value(i, p, "density", 1.0), 1.0) for i, _, p in tasks]  # mergekit: ≥ 1 keeps all
     params: dict[str, Any] = {"lambda": cfg.top.get("lambda", 1.0), "convention": "mergekit"}
@@ -205,9 +251,13 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
     method = cfg.method
     if method in ("ties", "dare_ties") and not normalize:
         default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
-        raise cfg.refuse("parameters.normalize", f"false{default}: mergekit then adds the agreeing entries without "
-                         f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
-                         "(normalize: true)", "set normalize: true to merge as forgetless does")
+        raise cfg.refuse(
+            "parameters.normalize",
+            f"false{default}: mergekit then adds the agreeing entries without "
+            f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
+            "(normalize: true)",
+            "set normalize: true to merge as forgetless does",
+        )
     if method in ("task_arithmetic", "dare_linear") and normalize:
         total = sum(weights)
         if abs(total) >= 1e-8:  # mergekit leaves a (near) zero divisor at 1
@@ -219,15 +269,22 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
     """DARE's ``rescale`` as forgetless takes it (None: the method has none); mergekit's L1 rescaling refused."""
     method, rescale = cfg.method, cfg.top.get("rescale", RESCALE[cfg.method])
     if method == "ties" and rescale:
-        raise cfg.refuse("parameters.rescale", "true: mergekit rescales the trimmed task vector to its L1 norm; "
-                         "forgetless's ties does not rescale", "remove it (mergekit's default for ties is false)")
+        raise cfg.refuse(
+            "parameters.rescale",
+            "true: mergekit rescales the trimmed task vector to its L1 norm; "
+            "forgetless's ties does not rescale",
+            "remove it (mergekit's default for ties is false)",
+        )
     if not method.startswith("dare"):
         return None
     if rescale and any(d < 1 for d in densities):
-        raise cfg.refuse("parameters.rescale", "true (mergekit's default for DARE): mergekit rescales the kept "
-                         "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
-                         "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
-                         f"(method: {method}) to rescale by 1/density")
+        raise cfg.refuse(
+            "parameters.rescale",
+            "true (mergekit's default for DARE): mergekit rescales the kept "
+            "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
+            "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
+            f"(method: {method}) to rescale by 1/density",
+        )
     return bool(rescale)
 
 
@@ -237,15 +294,26 @@ def _linear(entries: list, base: str | None, cfg: _Config, normalize: bool, dtyp
     models = [{"model": ref, "weight": float(cfg.value(i, p, "weight"))} for i, ref, p in entries]
     if base is not None and all(m["model"] != base for m in models):
         if cfg.top.get("weight") is None:
-            raise cfg.refuse("base_model", "not among models: mergekit's linear averages it in, and needs a weight "
-                             "for it", "list it under models with its weight, or drop base_model")
+            raise cfg.refuse(
+                "base_model",
+                "not among models: mergekit's linear averages it in, and needs a weight for it",
+                "list it under models with its weight, or drop base_model",
+            )
         models.append({"model": base, "weight": float(cfg.top["weight"])})
     total = sum(m["weight"] for m in models)
     if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
-        raise cfg.refuse("parameters.normalize", f"false with weights summing to {total:g}: forgetless's linear is "
-                         "the weighted average", "set normalize: true (or weights summing to 1)")
-    return {"method": "linear", "base": base if base is not None else models[0]["model"], "models": models,
-            "parameters": {"lambda": 1.0}, "dtype": dtype}
+        raise cfg.refuse(
+            "parameters.normalize",
+            f"false with weights summing to {total:g}: forgetless's linear is the weighted average",
+            "set normalize: true (or weights summing to 1)",
+        )
+    return {
+        "method": "linear",
+        "base": base if base is not None else models[0]["model"],
+        "models": models,
+        "parameters": {"lambda": 1.0},
+        "dtype": dtype,
+    }
 
 
 def _reference(v: Any, key: str, refuse) -> str:
@@ -253,16 +321,22 @@ def _reference(v: Any, key: str, refuse) -> str:
     if not isinstance(v, str):
         raise refuse(key, "give the model as a string (a folder, or FOLDER+LORA_ADAPTER)")
     if "@" in v:
-        raise refuse(key, f"{v!r} names a Hub revision: forgetless reads local folders",
-                     "download that revision (huggingface-cli download REPO --revision REV --local-dir DIR) "
-                     "and give the folder")
+        raise refuse(
+            key,
+            f"{v!r} names a Hub revision: forgetless reads local folders",
+            "download that revision (huggingface-cli download REPO --revision REV --local-dir DIR) "
+            "and give the folder",
+        )
     return v
 
 
 def _scalar(v: Any, key: str, refuse) -> None:
     if isinstance(v, (list, dict)):
-        raise refuse(key, "a per-layer gradient or a filtered value: forgetless takes one value per model",
-                     "give one number; to merge some layers differently, run forgetless recipes with scope:")
+        raise refuse(
+            key,
+            "a per-layer gradient or a filtered value: forgetless takes one value per model",
+            "give one number; to merge some layers differently, run forgetless recipes with scope:",
+        )
     if not isinstance(v, (int, float, bool)):
         raise refuse(key, f"{v!r} is not a number or true/false")
 

@@ -32,14 +32,18 @@ def read_text(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> str:
     path = Path(path)
     size = path.stat().st_size
     if size > limit:
-        raise ForgetlessError(f"{size / 2**20:.1f} MiB, more than the {limit / 2**20:g} MiB read from a file of "
-                              "this kind", file=path, remedy=remedy)
+        raise ForgetlessError(
+            f"{size / 2**20:.1f} MiB, more than the {limit / 2**20:g} MiB read from a file of this kind",
+            file=path,
+            remedy=remedy,
+        )
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ForgetlessError(f"not a text file (byte {e.start} is not UTF-8: binary data?)", file=path,
-                              remedy=remedy) from None
+        raise ForgetlessError(
+            f"not a text file (byte {e.start} is not UTF-8: binary data?)", file=path, remedy=remedy
+        ) from None
 
 
 def json_depth(text: str) -> int:
@@ -72,7 +76,9 @@ def read_json(path: str | Path, *, remedy: str, limit: int = MAX_BYTES, expect: 
         raise ForgetlessError("not found" if not path.exists() else "not a file", file=path, remedy=remedy)
     data = parse_json(read_text(path, remedy=remedy, limit=limit), file=path, remedy=remedy)
     if expect is not None and not isinstance(data, expect):
-        raise ForgetlessError(f"not a JSON {_JSON_TYPES.get(expect, expect.__name__)}", file=path, remedy=remedy)
+        raise ForgetlessError(
+            f"not a JSON {_JSON_TYPES.get(expect, expect.__name__)}", file=path, remedy=remedy
+        )
     return data
 
 
@@ -87,8 +93,9 @@ def read_yaml(path: str | Path, *, remedy: str, limit: int = MAX_BYTES) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or getattr(e, "reason", None)
-        raise ForgetlessError(f"invalid YAML{where}" + (f" ({problem})" if problem else ""), file=path,
-                              remedy=remedy) from None
+        raise ForgetlessError(
+            f"invalid YAML{where}" + (f" ({problem})" if problem else ""), file=path, remedy=remedy
+        ) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -122,14 +129,18 @@ class _Loader(yaml.SafeLoader):
                 continue
             first = seen.setdefault((key.tag, key.value), key)
             if first is not key:
-                raise self.refuse(f"key {key.value!r} is given twice (lines {first.start_mark.line + 1} and "
-                                  f"{key.start_mark.line + 1}): which value wins is ambiguous")
+                raise self.refuse(
+                    f"key {key.value!r} is given twice (lines {first.start_mark.line + 1} and "
+                    f"{key.start_mark.line + 1}): which value wins is ambiguous"
+                )
         return node
 
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep)
-        except ValueError as e:  # a tagged or implicit value its type refuses: 2024-13-45, !!int x, 5000 digits
+        except (
+            ValueError
+        ) as e:  # a tagged or implicit value its type refuses: 2024-13-45, !!int x, 5000 digits
             raise self.refuse(f"invalid YAML value ({str(e)[:80]})", node) from None
 
     def compose_document(self):

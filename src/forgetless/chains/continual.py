@@ -63,11 +63,23 @@ _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 OTHER_PART = "(outside the decoder layers)"
 GramFiles = str | Path | list[str | Path]  # one Gram file, or several over disjoint modules
 
-TASK_KEYS = frozenset({"name", "adapter", "adapter_fingerprint", "modules", "gram", "gram_fingerprint",
-                       "data_fingerprint", "num_samples"})
+TASK_KEYS = frozenset(
+    {
+        "name",
+        "adapter",
+        "adapter_fingerprint",
+        "modules",
+        "gram",
+        "gram_fingerprint",
+        "data_fingerprint",
+        "num_samples",
+    }
+)
 BASE_KEYS = frozenset({"path", "fingerprint", "weights_fingerprint"})
-DAMAGED = ("restore the state folder from a backup, or rebuild it: add the tasks listed in its state.json to a new "
-           "state")
+DAMAGED = (
+    "restore the state folder from a backup, or rebuild it: add the tasks listed in its state.json to a new "
+    "state"
+)
 
 
 @dataclass
@@ -81,10 +93,15 @@ class ContinualReport:
     output: str  # "model" | "adapter" | "none"
 
     def summary(self) -> str:
-        wrote = {"model": f"merged model → {self.out}", "adapter": f"rank-r adapter → {self.out}",
-                 "none": "no output"}[self.output]
-        return (f"task {self.step} ({self.task}) added to {self.state} ({human_bytes(self.state_bytes)}) in "
-                f"{self.seconds:.1f} s; {wrote}")
+        wrote = {
+            "model": f"merged model → {self.out}",
+            "adapter": f"rank-r adapter → {self.out}",
+            "none": "no output",
+        }[self.output]
+        return (
+            f"task {self.step} ({self.task}) added to {self.state} ({human_bytes(self.state_bytes)}) in "
+            f"{self.seconds:.1f} s; {wrote}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- reading a state
@@ -98,14 +115,23 @@ def load_state(state: str | Path) -> dict[str, Any]:
     f = path / STATE_JSON
     if not path.is_dir() or not f.is_file():
         what = "not found" if not path.exists() else f"not a continual state folder (no {STATE_JSON})"
-        raise ForgetlessError(what, file=path, remedy="give the STATE folder `forgetless continual add` created "
-                              "(a new, absent path starts a new state)")
+        raise ForgetlessError(
+            what,
+            file=path,
+            remedy="give the STATE folder `forgetless continual add` created "
+            "(a new, absent path starts a new state)",
+        )
     meta = read_json(f, remedy=DAMAGED)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ForgetlessError(f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless")
+        raise ForgetlessError(
+            f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless"
+        )
     if meta.get("version") != VERSION:
-        raise ForgetlessError(f"state format version {meta.get('version')!r}, this forgetless reads {VERSION}",
-                              file=f, remedy=f"use the forgetless version that wrote it ({meta.get('forgetless_version')})")
+        raise ForgetlessError(
+            f"state format version {meta.get('version')!r}, this forgetless reads {VERSION}",
+            file=f,
+            remedy=f"use the forgetless version that wrote it ({meta.get('forgetless_version')})",
+        )
     problem = _meta_problem(meta)
     if problem:
         raise ForgetlessError(f"damaged state: {problem}", file=f, remedy=DAMAGED)
@@ -123,7 +149,14 @@ def _recover_unlocked(path: Path) -> None:
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with a state.json's entries (keys, types, ranges), or None."""
-    need = {"base": dict, "options": dict, "adapter_config": dict, "tasks": list, "modules": dict, "parts": dict}
+    need = {
+        "base": dict,
+        "options": dict,
+        "adapter_config": dict,
+        "tasks": list,
+        "modules": dict,
+        "parts": dict,
+    }
     for key, kind in need.items():
         if not isinstance(meta.get(key), kind):
             return f"{key!r} is missing or not a {kind.__name__}"
@@ -135,12 +168,20 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     if not meta["tasks"] or not all(isinstance(t, dict) and TASK_KEYS <= t.keys() for t in meta["tasks"]):
         return f"'tasks' must be a non-empty list of tasks with {sorted(TASK_KEYS)}"
     for n, m in meta["modules"].items():
-        if not (isinstance(m, dict) and _is_shape(m.get("shape"), 2) and m.get("part") in meta["parts"]
-                and m.get("group") in meta["modules"] and isinstance(m.get("module"), str)):
+        if not (
+            isinstance(m, dict)
+            and _is_shape(m.get("shape"), 2)
+            and m.get("part") in meta["parts"]
+            and m.get("group") in meta["modules"]
+            and isinstance(m.get("module"), str)
+        ):
             return f"module {n!r}: needs module, a 2-d shape, a part in 'parts' and a group in 'modules'"
     for fname, part in meta["parts"].items():
-        if not (isinstance(part, dict) and isinstance(part.get("modules"), list)
-                and all(meta["modules"].get(n, {}).get("part") == fname for n in part["modules"])):
+        if not (
+            isinstance(part, dict)
+            and isinstance(part.get("modules"), list)
+            and all(meta["modules"].get(n, {}).get("part") == fname for n in part["modules"])
+        ):
             return f"part {fname!r}: its modules do not name it"
     return None
 
@@ -185,41 +226,73 @@ def _options_problem(opts: dict[str, Any]) -> str | None:
     return ContinualOptions.of_state(opts).problem()
 
 
-def settle_options(meta: dict[str, Any] | None, state: Path, *, gamma: float | None, gamma_mode: str | None,
-                   approx: str | None, state_dtype: str | None, cpm_data: Any, tau: float | None,
-                   hard: bool | None) -> ContinualOptions:
+def settle_options(
+    meta: dict[str, Any] | None,
+    state: Path,
+    *,
+    gamma: float | None,
+    gamma_mode: str | None,
+    approx: str | None,
+    state_dtype: str | None,
+    cpm_data: Any,
+    tau: float | None,
+    hard: bool | None,
+) -> ContinualOptions:
     """A new state's options (the defaults where not given), checked; or the state's own, with every option this
     step names checked against them."""
     if meta is None:
-        cpm = None if cpm_data is None else {"tau": DEFAULT_TAU if tau is None else float(tau), "hard": bool(hard)}
-        opts = ContinualOptions(DEFAULT_GAMMA if gamma is None else float(gamma), gamma_mode or "relative",
-                                approx or "full", state_dtype or "float32", cpm)
+        cpm = (
+            None
+            if cpm_data is None
+            else {"tau": DEFAULT_TAU if tau is None else float(tau), "hard": bool(hard)}
+        )
+        opts = ContinualOptions(
+            DEFAULT_GAMMA if gamma is None else float(gamma),
+            gamma_mode or "relative",
+            approx or "full",
+            state_dtype or "float32",
+            cpm,
+        )
         bad = opts.problem()
         if bad:
-            raise ForgetlessError(f"invalid option {bad}", file=state, remedy="give --gamma a finite number >= 0 "
-                                  "and --tau a finite number > 0")
+            raise ForgetlessError(
+                f"invalid option {bad}",
+                file=state,
+                remedy="give --gamma a finite number >= 0 and --tau a finite number > 0",
+            )
         return opts
     opts = ContinualOptions.of_state(meta["options"])
     given = {"gamma": gamma, "gamma_mode": gamma_mode, "approx": approx, "dtype": state_dtype}
     for k, v in given.items():
         if v is not None and v != getattr(opts, k):
-            raise ForgetlessError(f"the state was created with {k}={getattr(opts, k)!r}, this step asks {k}={v!r} "
-                                  "(the recursion is exact only with one setting)", file=state,
-                                  remedy=f"omit the option (or give {getattr(opts, k)!r}), or start a new state")
+            raise ForgetlessError(
+                f"the state was created with {k}={getattr(opts, k)!r}, this step asks {k}={v!r} "
+                "(the recursion is exact only with one setting)",
+                file=state,
+                remedy=f"omit the option (or give {getattr(opts, k)!r}), or start a new state",
+            )
     _check_same_cpm(opts.cpm, state, cpm_data, tau, hard)
     return opts
 
 
-def _check_same_cpm(cpm: dict[str, Any] | None, state: Path, cpm_data: Any, tau: float | None,
-                    hard: bool | None) -> None:
+def _check_same_cpm(
+    cpm: dict[str, Any] | None, state: Path, cpm_data: Any, tau: float | None, hard: bool | None
+) -> None:
     if (cpm is None) != (cpm_data is None):
-        raise ForgetlessError("the state was created " + ("without" if cpm is None else "with") + " CPM "
-                              "(per-task projectors and routing); every task must do the same", file=state,
-                              remedy="drop --cpm-data" if cpm is None else "give --cpm-data TASK_DATA")
-    if cpm is not None and ((tau is not None and float(tau) != cpm["tau"])
-                            or (hard is not None and bool(hard) != cpm["hard"])):
-        raise ForgetlessError(f"the state routes with tau={cpm['tau']}, hard={cpm['hard']}",
-                              file=state, remedy="omit --tau / --hard, or start a new state")
+        raise ForgetlessError(
+            "the state was created " + ("without" if cpm is None else "with") + " CPM "
+            "(per-task projectors and routing); every task must do the same",
+            file=state,
+            remedy="drop --cpm-data" if cpm is None else "give --cpm-data TASK_DATA",
+        )
+    if cpm is not None and (
+        (tau is not None and float(tau) != cpm["tau"]) or (hard is not None and bool(hard) != cpm["hard"])
+    ):
+        raise ForgetlessError(
+            f"the state routes with tau={cpm['tau']}, hard={cpm['hard']}",
+            file=state,
+            remedy="omit --tau / --hard, or start a new state",
+        )
 
 
 def check_state(state: str | Path) -> dict[str, Any]:
@@ -227,8 +300,11 @@ def check_state(state: str | Path) -> dict[str, Any]:
     meta = load_state(state)
     problems = part_problems(state, meta)
     if problems:
-        raise ForgetlessError(f"damaged state: {len(problems)} part file(s): " + "; ".join(problems[:3]),
-                              file=state, remedy=DAMAGED)
+        raise ForgetlessError(
+            f"damaged state: {len(problems)} part file(s): " + "; ".join(problems[:3]),
+            file=state,
+            remedy=DAMAGED,
+        )
     return meta
 
 
@@ -299,21 +375,37 @@ def show_state(state: str | Path) -> str:
     groups = {m["group"] for m in mods.values()}
     delta_bytes, gram_bytes = _sums_bytes(meta)
     cpm = opts.get("cpm")
-    lines = [(f"{path}: continual LPM{' + CPM' if cpm else ''} state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
-             f"({meta['base']['fingerprint']})"),
-             (f"  options: gamma={opts['gamma']} ({opts['gamma_mode']}), approx={opts['approx']}, "
-             f"stored as {opts['dtype']}" + (f"; CPM routing tau={cpm['tau']}, hard={cpm['hard']}" if cpm else "")),
-             (f"  {len(mods)} adapted Linear weights, {len(groups)} Gram sums (shared inputs), "
-             f"{len(meta['parts'])} part files"),
-             (f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_bytes)}, "
-             f"Gram sums {human_bytes(gram_bytes)})"),
-             "  tasks:"]
+    lines = [
+        (
+            f"{path}: continual LPM{' + CPM' if cpm else ''} state, {len(meta['tasks'])} task(s), base {meta['base']['path']} "
+            f"({meta['base']['fingerprint']})"
+        ),
+        (
+            f"  options: gamma={opts['gamma']} ({opts['gamma_mode']}), approx={opts['approx']}, "
+            f"stored as {opts['dtype']}"
+            + (f"; CPM routing tau={cpm['tau']}, hard={cpm['hard']}" if cpm else "")
+        ),
+        (
+            f"  {len(mods)} adapted Linear weights, {len(groups)} Gram sums (shared inputs), "
+            f"{len(meta['parts'])} part files"
+        ),
+        (
+            f"  size: {human_bytes(state_bytes(path))} on disk (merged deltas {human_bytes(delta_bytes)}, "
+            f"Gram sums {human_bytes(gram_bytes)})"
+        ),
+        "  tasks:",
+    ]
     for i, t in enumerate(meta["tasks"], 1):
-        lines.append(f"    {i}. {t['name']}: adapter {t['adapter']} ({t['adapter_fingerprint']}), {t['modules']} "
-                     f"modules; Gram {t['gram']} ({t['gram_fingerprint']}, data {t['data_fingerprint']}, "
-                     f"{t['num_samples']} samples)"
-                     + (f"; CPM prototype over {t['cpm_images']} images ({t['cpm_data_fingerprint']})"
-                        if "cpm_images" in t else ""))
+        lines.append(
+            f"    {i}. {t['name']}: adapter {t['adapter']} ({t['adapter_fingerprint']}), {t['modules']} "
+            f"modules; Gram {t['gram']} ({t['gram_fingerprint']}, data {t['data_fingerprint']}, "
+            f"{t['num_samples']} samples)"
+            + (
+                f"; CPM prototype over {t['cpm_images']} images ({t['cpm_data_fingerprint']})"
+                if "cpm_images" in t
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
@@ -321,24 +413,39 @@ def show_state(state: str | Path) -> str:
 def _open_base(base: str | Path, meta: dict[str, Any] | None, state: Path) -> CheckpointReader:
     path = Path(base)
     if "+" in str(base) and not path.exists():
-        raise ForgetlessError("the base is the model folder alone, without +ADAPTER", file=base,
-                              remedy="give the base model the adapters were trained from")
+        raise ForgetlessError(
+            "the base is the model folder alone, without +ADAPTER",
+            file=base,
+            remedy="give the base model the adapters were trained from",
+        )
     reader = CheckpointReader(path)
     if meta is not None:
         want = meta["base"]
         fp = reader.fingerprint()
         wfp = reader.weights_fingerprint()
         if fp != want["fingerprint"] or wfp != want["weights_fingerprint"]:
-            what = "another architecture" if fp != want["fingerprint"] else "the same architecture, other weights"
+            what = (
+                "another architecture"
+                if fp != want["fingerprint"]
+                else "the same architecture, other weights"
+            )
             reader.close()
-            raise ForgetlessError(f"the state was built on another base model ({want['path']}, fingerprint "
-                                  f"{want['weights_fingerprint']}); {path} is {what} ({wfp})", file=state,
-                                  remedy="give the base the state was started from, or start a new state")
+            raise ForgetlessError(
+                f"the state was built on another base model ({want['path']}, fingerprint "
+                f"{want['weights_fingerprint']}); {path} is {what} ({wfp})",
+                file=state,
+                remedy="give the base the state was started from, or start a new state",
+            )
     return reader
 
 
-def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[str, Any] | None, *,
-                   allow_projector: bool = False) -> LoraAdapter:
+def _check_adapter(
+    adapter_dir: str | Path,
+    base: CheckpointReader,
+    meta: dict[str, Any] | None,
+    *,
+    allow_projector: bool = False,
+) -> LoraAdapter:
     from ..engine import adapter_problems as _adapter_problems
     from ..engine import open_adapter as _open_adapter
 
@@ -348,34 +455,50 @@ def _check_adapter(adapter_dir: str | Path, base: CheckpointReader, meta: dict[s
     for name in sorted(adapter.replacements()):
         if allow_projector and projector_key(name) is not None:
             continue  # CPM keeps it as this task's projector
-        problems.append(f"carries the full tensor {name} (modules_to_save / non_lora_trainables); LPM merges "
-                        "LoRA deltas of Linear layers only" + ("" if allow_projector or projector_key(name) is None
-                                                                else " (CPM keeps a projector per task: --cpm-data)"))
+        problems.append(
+            f"carries the full tensor {name} (modules_to_save / non_lora_trainables); LPM merges "
+            "LoRA deltas of Linear layers only"
+            + (
+                ""
+                if allow_projector or projector_key(name) is None
+                else " (CPM keeps a projector per task: --cpm-data)"
+            )
+        )
     if problems:
-        raise ForgetlessError(f"{len(problems)} problem(s): " + "; ".join(problems[:3])
-                              + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""), file=adapter.path,
-                              remedy=f"give a LoRA adapter trained from {base.path} on its Linear layers (without "
-                                     "modules_to_save or the projector)")
+        raise ForgetlessError(
+            f"{len(problems)} problem(s): "
+            + "; ".join(problems[:3])
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
+            file=adapter.path,
+            remedy=f"give a LoRA adapter trained from {base.path} on its Linear layers (without "
+            "modules_to_save or the projector)",
+        )
     if meta is not None:
         fp = adapter.fingerprint()
         for i, t in enumerate(meta["tasks"], 1):
             if t["adapter_fingerprint"] == fp:
-                raise ForgetlessError(f"this adapter is already task {i} ({t['name']}) of the state (same "
-                                      f"fingerprint {fp})", file=adapter.path,
-                                      remedy="add each task's adapter once; a retrained adapter is a new task")
+                raise ForgetlessError(
+                    f"this adapter is already task {i} ({t['name']}) of the state (same fingerprint {fp})",
+                    file=adapter.path,
+                    remedy="add each task's adapter once; a retrained adapter is a new task",
+                )
         theirs = adapter.config.get("base_model_name_or_path")
         ours = meta["base"].get("base_model_name_or_path")
         if theirs and ours and str(theirs) != str(ours):
-            raise ForgetlessError(f"adapter of base_model_name_or_path {theirs!r}, the state's adapters are of "
-                                  f"{ours!r}", file=adapter.path / ADAPTER_CONFIG,
-                                  remedy="give an adapter trained from the state's base (if it is the same model "
-                                         "under another name, correct base_model_name_or_path)")
+            raise ForgetlessError(
+                f"adapter of base_model_name_or_path {theirs!r}, the state's adapters are of {ours!r}",
+                file=adapter.path / ADAPTER_CONFIG,
+                remedy="give an adapter trained from the state's base (if it is the same model "
+                "under another name, correct base_model_name_or_path)",
+            )
         extra = sorted(set(adapter.loras()) - set(meta["modules"]))
         if extra:
-            raise ForgetlessError(f"adapts {len(extra)} Linear weight(s) the state does not (e.g. {extra[0]}); the "
-                                  "earlier tasks' Grams of them are unknown", file=adapter.path,
-                                  remedy="train the adapter on the state's modules (or a subset), or start a new "
-                                         "state")
+            raise ForgetlessError(
+                f"adapts {len(extra)} Linear weight(s) the state does not (e.g. {extra[0]}); the "
+                "earlier tasks' Grams of them are unknown",
+                file=adapter.path,
+                remedy="train the adapter on the state's modules (or a subset), or start a new state",
+            )
     return adapter
 
 
@@ -388,34 +511,51 @@ def _check_gram(gram: GramFiles, base: CheckpointReader, names: list[str]) -> tu
     meta = reader.meta
     try:
         if meta.get("kind") != "gram":
-            raise ForgetlessError(f"a {meta.get('kind')!r} statistics file, not a Gram file", file=path,
-                                  remedy="compute it with `forgetless stats gram BASE --data TASK_DATA`")
+            raise ForgetlessError(
+                f"a {meta.get('kind')!r} statistics file, not a Gram file",
+                file=path,
+                remedy="compute it with `forgetless stats gram BASE --data TASK_DATA`",
+            )
         if meta.get("model_fingerprint") != base.fingerprint():
-            raise ForgetlessError("Gram statistics of another model (structure fingerprint "
-                                  f"{meta.get('model_fingerprint')}, the base is {base.fingerprint()})", file=path,
-                                  remedy=f"compute it at the base: forgetless stats gram {base.path} --data "
-                                         "TASK_DATA")
+            raise ForgetlessError(
+                "Gram statistics of another model (structure fingerprint "
+                f"{meta.get('model_fingerprint')}, the base is {base.fingerprint()})",
+                file=path,
+                remedy=f"compute it at the base: forgetless stats gram {base.path} --data TASK_DATA",
+            )
         wfp = meta.get("model_weights_fingerprint")
         if wfp is not None and wfp != base.weights_fingerprint():
-            raise ForgetlessError(f"Gram statistics taken at other weights ({wfp}) than the base's "
-                                  f"({base.weights_fingerprint()}); LPM takes every task's Gram at the base θ₀",
-                                  file=path, remedy=f"compute it at the base: forgetless stats gram {base.path} "
-                                                    "--data TASK_DATA")
+            raise ForgetlessError(
+                f"Gram statistics taken at other weights ({wfp}) than the base's "
+                f"({base.weights_fingerprint()}); LPM takes every task's Gram at the base θ₀",
+                file=path,
+                remedy=f"compute it at the base: forgetless stats gram {base.path} --data TASK_DATA",
+            )
         counts = meta.get("token_counts") or {}
         missing = [n for n in names if n not in reader]
         if missing:
-            raise ForgetlessError(f"no Gram for {len(missing)} adapted Linear weight(s), e.g. {missing[0]}",
-                                  file=path, remedy="compute the Gram over every adapted layer (stats gram without "
-                                                    "--scope, or files whose scopes together cover them)")
+            raise ForgetlessError(
+                f"no Gram for {len(missing)} adapted Linear weight(s), e.g. {missing[0]}",
+                file=path,
+                remedy="compute the Gram over every adapted layer (stats gram without "
+                "--scope, or files whose scopes together cover them)",
+            )
         for n in names:
             width = base.info(n).shape[1]
             if tuple(reader.info(n).shape) != (width, width):
-                raise ForgetlessError(f"Gram shape {list(reader.info(n).shape)}, the weight takes {width} inputs",
-                                      file=reader.file_of(n), tensor=n, remedy="recompute the Gram file on the base")
+                raise ForgetlessError(
+                    f"Gram shape {list(reader.info(n).shape)}, the weight takes {width} inputs",
+                    file=reader.file_of(n),
+                    tensor=n,
+                    remedy="recompute the Gram file on the base",
+                )
             if int(counts.get(n, 0)) <= 0:
-                raise ForgetlessError("no token count (or zero tokens) for this Gram", file=reader.file_of(n),
-                                      tensor=n,
-                                      remedy="recompute it with `forgetless stats gram` on data that reaches it")
+                raise ForgetlessError(
+                    "no token count (or zero tokens) for this Gram",
+                    file=reader.file_of(n),
+                    tensor=n,
+                    remedy="recompute it with `forgetless stats gram` on data that reaches it",
+                )
     except BaseException:
         reader.close()
         raise
@@ -430,30 +570,50 @@ def _stats_dir(state: Path) -> Path:
     return state.parent / f"{state.name}-statistics"
 
 
-def _check_cpm(base: CheckpointReader, state_names: list[str], data: str | Path, rank: int | None,
-               adapter: str | Path) -> list[str]:
+def _check_cpm(
+    base: CheckpointReader, state_names: list[str], data: str | Path, rank: int | None, adapter: str | Path
+) -> list[str]:
     from ..checkpoint import layout as layouts
 
     if rank is not None:
-        raise ForgetlessError("CPM writes a routed model, not a rank-r adapter", file=adapter,
-                              remedy="drop --rank (or start a state without CPM)")
+        raise ForgetlessError(
+            "CPM writes a routed model, not a rank-r adapter",
+            file=adapter,
+            remedy="drop --rank (or start a state without CPM)",
+        )
     if not Path(data).is_file():
-        raise ForgetlessError("CPM data file not found", file=data, remedy="give the task's data (JSON/JSONL with "
-                              "images) to --cpm-data")
+        raise ForgetlessError(
+            "CPM data file not found",
+            file=data,
+            remedy="give the task's data (JSON/JSONL with images) to --cpm-data",
+        )
     names = base_projector(base.names(), base.path)
     lay = layouts.detect_layout(base.config, base.names())
     vision = [n for n in state_names if layouts.part_of(lay, n) == "vision"]
     if vision:
-        raise ForgetlessError(f"the adapters adapt {len(vision)} vision-tower weight(s) (e.g. {vision[0]}): CPM's "
-                              "prototypes are taken with the base's vision tower, which must stay the base's",
-                              file=adapter, remedy="train the adapters on the language model (and projector) only, "
-                                                   "or drop CPM")
+        raise ForgetlessError(
+            f"the adapters adapt {len(vision)} vision-tower weight(s) (e.g. {vision[0]}): CPM's "
+            "prototypes are taken with the base's vision tower, which must stay the base's",
+            file=adapter,
+            remedy="train the adapters on the language model (and projector) only, or drop CPM",
+        )
     return names
 
 
-def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images: str | Path | None, n: int | None,
-              seed: int, batch_size: int, device: str, stats_dir: Path, log: Callable[[str], None] | None,
-              dtype: str = "float32", pixels: tuple[int | None, int | None] = (None, None)) -> Path:
+def _gram_for(
+    base: CheckpointReader,
+    names: list[str],
+    data: str | Path,
+    images: str | Path | None,
+    n: int | None,
+    seed: int,
+    batch_size: int,
+    device: str,
+    stats_dir: Path,
+    log: Callable[[str], None] | None,
+    dtype: str = "float32",
+    pixels: tuple[int | None, int | None] = (None, None),
+) -> Path:
     """The task's Gram file at the base over `names`, reused from `stats_dir` when it was computed on the same base
     weights, data selection and modules (:func:`~forgetless.chains.steps.statistics_step`), else computed there."""
     import hashlib
@@ -466,23 +626,47 @@ def _gram_for(base: CheckpointReader, names: list[str], data: str | Path, images
     fp = data_fingerprint(data, load_samples(data, image_folder=images, n=n, seed=seed))
     scope_fp = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
     scope = ["re:^(?:" + "|".join(re.escape(x) for x in names) + ")$"]
-    return statistics_step("gram", base.path, data, stats_dir / f"gram-{fp}-{scope_fp}.safetensors", scope=scope,
-                           images=images, n=n, seed=seed, role="  Gram", log=log, batch_size=batch_size,
-                           device=device, dtype=dtype, min_pixels=pixels[0], max_pixels=pixels[1], progress=False)
+    return statistics_step(
+        "gram",
+        base.path,
+        data,
+        stats_dir / f"gram-{fp}-{scope_fp}.safetensors",
+        scope=scope,
+        images=images,
+        n=n,
+        seed=seed,
+        role="  Gram",
+        log=log,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        min_pixels=pixels[0],
+        max_pixels=pixels[1],
+        progress=False,
+    )
 
 
 def _cpm_file(k: int) -> str:
     return f"cpm-task-{k:05d}.safetensors"
 
 
-def _cpm_task(base: CheckpointReader, lora: LoraAdapter, proj_names: list[str], data: str | Path,
-              images: str | Path | None, n: int | None, log: Callable[[str], None] | None) -> dict[str, Any]:
+def _cpm_task(
+    base: CheckpointReader,
+    lora: LoraAdapter,
+    proj_names: list[str],
+    data: str | Path,
+    images: str | Path | None,
+    n: int | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     """The task's projector (the base's with this task's adapter applied: its full projector tensors, its LoRA on
     the projector, or neither) and its visual prototype at the base."""
     from ..stats.run import load_model as load_plain
 
-    tensors = {f"proj/{projector_key(n)}": lora.apply(n, base.get(n)).to(base.info(n).dtype).contiguous()
-               for n in proj_names}
+    tensors = {
+        f"proj/{projector_key(n)}": lora.apply(n, base.get(n)).to(base.info(n).dtype).contiguous()
+        for n in proj_names
+    }
     model, _ = load_plain(base.path, "cpu", "float32")
     proto, fp, count = compute_prototype(model, base.path, data, images=images, n=n)
     del model
@@ -510,8 +694,14 @@ def _write_routed(out_tmp: Path, state_tmp: Path, meta: dict[str, Any]) -> None:
         t = load_file(str(state_tmp / _cpm_file(k)))
         prototypes.append(t.pop("prototype"))
         projectors.append({key.removeprefix("proj/"): v for key, v in t.items()})
-    write_routing(out_tmp, [t["name"] for t in meta["tasks"]], projectors, torch.stack(prototypes),
-                  tau=cpm["tau"], hard=cpm["hard"])
+    write_routing(
+        out_tmp,
+        [t["name"] for t in meta["tasks"]],
+        projectors,
+        torch.stack(prototypes),
+        tau=cpm["tau"],
+        hard=cpm["hard"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- layout of a state
@@ -551,8 +741,12 @@ def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: Statistics) 
                 if group is None:
                     reps.append((n, g))
                     group = n
-            modules[n] = {"module": loras[n].module, "shape": list(base.info(n).shape), "part": fname,
-                          "group": group}
+            modules[n] = {
+                "module": loras[n].module,
+                "shape": list(base.info(n).shape),
+                "part": fname,
+                "group": group,
+            }
         del reps
     return modules, parts
 
@@ -560,8 +754,15 @@ def _new_layout(base: CheckpointReader, adapter: LoraAdapter, gram: Statistics) 
 # ---------------------------------------------------------------------------------------------- the step
 def _adapter_config(template: dict[str, Any], rank: int) -> dict[str, Any]:
     cfg = dict(template)
-    cfg.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False, inference_mode=True,
-               modules_to_save=None)
+    cfg.update(
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern={},
+        alpha_pattern={},
+        use_rslora=False,
+        inference_mode=True,
+        modules_to_save=None,
+    )
     cfg.setdefault("peft_type", "LORA")
     return cfg
 
@@ -569,12 +770,22 @@ def _adapter_config(template: dict[str, Any], rank: int) -> dict[str, Any]:
 def _card(meta: dict[str, Any], rank: int | None) -> str:
     opts = meta["options"]
     what = f"a rank-{rank} LoRA adapter (truncated SVD of ΔW*)" if rank else "the base with ΔW* folded in"
-    lines = [f"# Continual LPM merge of {len(meta['tasks'])} task(s)", "",
-             f"Written by forgetless {__version__} (`forgetless continual add`): {what}.", "",
-             f"- base: `{meta['base']['path']}` (weights fingerprint {meta['base']['weights_fingerprint']})",
-             f"- gamma = {opts['gamma']} ({opts['gamma_mode']}), approx = {opts['approx']}", "", "Tasks:", ""]
-    lines += [f"{i}. {t['name']}: adapter `{t['adapter']}` ({t['adapter_fingerprint']}), Gram `{t['gram']}` "
-              f"(data {t['data_fingerprint']})" for i, t in enumerate(meta["tasks"], 1)]
+    lines = [
+        f"# Continual LPM merge of {len(meta['tasks'])} task(s)",
+        "",
+        f"Written by forgetless {__version__} (`forgetless continual add`): {what}.",
+        "",
+        f"- base: `{meta['base']['path']}` (weights fingerprint {meta['base']['weights_fingerprint']})",
+        f"- gamma = {opts['gamma']} ({opts['gamma_mode']}), approx = {opts['approx']}",
+        "",
+        "Tasks:",
+        "",
+    ]
+    lines += [
+        f"{i}. {t['name']}: adapter `{t['adapter']}` ({t['adapter_fingerprint']}), Gram `{t['gram']}` "
+        f"(data {t['data_fingerprint']})"
+        for i, t in enumerate(meta["tasks"], 1)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -624,17 +835,38 @@ class _Step:
 
 
 @_one_writer
-def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None = None, out: str | Path | None,
-             base: str | Path | None = None, name: str | None = None, rank: int | None = None,
-             gamma: float | None = None, gamma_mode: str | None = None, approx: str | None = None,
-             state_dtype: str | None = None, cpm_data: str | Path | None = None,
-             cpm_images: str | Path | None = None, cpm_n: int | None = None, tau: float | None = None,
-             hard: bool | None = None, data: str | Path | None = None, images: str | Path | None = None,
-             n: int | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
-             gram_dtype: str = "float32", min_pixels: int | None = None, max_pixels: int | None = None,
-             stats_dir: str | Path | None = None, shard_size: str | int = "5GB",
-             force: bool = False,
-             log: Callable[[str], None] | None = print) -> ContinualReport:
+def add_task(
+    state: str | Path,
+    *,
+    adapter: str | Path,
+    gram: GramFiles | None = None,
+    out: str | Path | None,
+    base: str | Path | None = None,
+    name: str | None = None,
+    rank: int | None = None,
+    gamma: float | None = None,
+    gamma_mode: str | None = None,
+    approx: str | None = None,
+    state_dtype: str | None = None,
+    cpm_data: str | Path | None = None,
+    cpm_images: str | Path | None = None,
+    cpm_n: int | None = None,
+    tau: float | None = None,
+    hard: bool | None = None,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    gram_dtype: str = "float32",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    stats_dir: str | Path | None = None,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> ContinualReport:
     """Add one task to the continual state STATE (created on the first task) and write the merged output.
 
     ``out``: the merged full model (``rank=None``) or a rank-``rank`` PEFT adapter folder; None writes only the
@@ -656,46 +888,105 @@ def add_task(state: str | Path, *, adapter: str | Path, gram: GramFiles | None =
     solve_device = _solve_device(device, state)
     meta = check_state(state) if state.exists() else None
     if meta is None and base is None:
-        raise ForgetlessError("a new state needs the base model", file=state,
-                              remedy="pass --base BASE_DIR on the first task")
-    opts = settle_options(meta, state, gamma=gamma, gamma_mode=gamma_mode, approx=approx, state_dtype=state_dtype,
-                          cpm_data=cpm_data, tau=tau, hard=hard)
+        raise ForgetlessError(
+            "a new state needs the base model", file=state, remedy="pass --base BASE_DIR on the first task"
+        )
+    opts = settle_options(
+        meta,
+        state,
+        gamma=gamma,
+        gamma_mode=gamma_mode,
+        approx=approx,
+        state_dtype=state_dtype,
+        cpm_data=cpm_data,
+        tau=tau,
+        hard=hard,
+    )
     base_reader = _open_base(base if base is not None else meta["base"]["path"], meta, state)
     step: _Step | None = None
     try:
         step = _open_step(state, meta, opts, base_reader, adapter, cpm_data, rank)
         if (gram is None) == (data is None):
-            raise ForgetlessError("give the task's Gram file or its data (one of the two)", file=adapter,
-                                  remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA")
+            raise ForgetlessError(
+                "give the task's Gram file or its data (one of the two)",
+                file=adapter,
+                remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA",
+            )
         stats = Path(stats_dir) if stats_dir else _stats_dir(state)
-        step.out = None if out is None else check_output(
-            out, [state, lock_path(state), base_reader.path, adapter, *_gram_files(gram), data, images, cpm_data,
-                  cpm_images, stats], force=force)
+        step.out = (
+            None
+            if out is None
+            else check_output(
+                out,
+                [
+                    state,
+                    lock_path(state),
+                    base_reader.path,
+                    adapter,
+                    *_gram_files(gram),
+                    data,
+                    images,
+                    cpm_data,
+                    cpm_images,
+                    stats,
+                ],
+                force=force,
+            )
+        )
         if gram is None:
-            gram = _gram_for(base_reader, step.names, data, images, n, seed, batch_size, device,
-                             stats, log, gram_dtype, (min_pixels, max_pixels))
+            gram = _gram_for(
+                base_reader,
+                step.names,
+                data,
+                images,
+                n,
+                seed,
+                batch_size,
+                device,
+                stats,
+                log,
+                gram_dtype,
+                (min_pixels, max_pixels),
+            )
         step.gram_reader, step.gram_meta = _check_gram(gram, base_reader, step.names)
         _check_rank(step, adapter)
         new_meta, task = _next_meta(step, base, adapter, name)
         cpm_new = None
         if step.proj_names is not None:
             cpm_new = _cpm_task(base_reader, step.lora, step.proj_names, cpm_data, cpm_images, cpm_n, log)
-            task.update(cpm_data=str(Path(cpm_data).resolve()), cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),
-                        cpm_images=cpm_new.pop("images"))
+            task.update(
+                cpm_data=str(Path(cpm_data).resolve()),
+                cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),
+                cpm_images=cpm_new.pop("images"),
+            )
         _commit(step, new_meta, cpm_new, gram, solve_device, shard_size, force, log)
     finally:
         if step is not None and step.gram_reader is not None:
             step.gram_reader.close()
         base_reader.close()
-    report = ContinualReport(state, step.out, task["name"], len(new_meta["tasks"]), time.perf_counter() - t0,
-                             state_bytes(state), "none" if step.out is None else "model" if rank is None else "adapter")
+    report = ContinualReport(
+        state,
+        step.out,
+        task["name"],
+        len(new_meta["tasks"]),
+        time.perf_counter() - t0,
+        state_bytes(state),
+        "none" if step.out is None else "model" if rank is None else "adapter",
+    )
     if log:
         log(report.summary())
     return report
 
 
-def _open_step(state: Path, meta: dict[str, Any] | None, opts: ContinualOptions, base: CheckpointReader,
-               adapter: str | Path, cpm_data: str | Path | None, rank: int | None) -> _Step:
+def _open_step(
+    state: Path,
+    meta: dict[str, Any] | None,
+    opts: ContinualOptions,
+    base: CheckpointReader,
+    adapter: str | Path,
+    cpm_data: str | Path | None,
+    rank: int | None,
+) -> _Step:
     """The task's adapter checked against the base and the state (and, with CPM, the projector's data)."""
     use_cpm = opts.cpm is not None
     lora = _check_adapter(adapter, base, meta, allow_projector=use_cpm)
@@ -712,65 +1003,99 @@ def _check_rank(step: _Step, adapter: str | Path) -> None:
     shapes = {n: meta["modules"][n]["shape"] if meta else list(step.base.info(n).shape) for n in step.names}
     bad = [n for n, s in shapes.items() if not 1 <= rank <= min(s)]
     if bad:
-        raise ForgetlessError(f"rank {rank} does not fit {len(bad)} adapted weight(s), e.g. {bad[0]} "
-                              f"{shapes[bad[0]]}", file=adapter, remedy="give --rank between 1 and the "
-                              "smaller side of every adapted weight")
+        raise ForgetlessError(
+            f"rank {rank} does not fit {len(bad)} adapted weight(s), e.g. {bad[0]} {shapes[bad[0]]}",
+            file=adapter,
+            remedy="give --rank between 1 and the smaller side of every adapted weight",
+        )
 
 
-def _next_meta(step: _Step, base: str | Path | None, adapter: str | Path, name: str | None
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _next_meta(
+    step: _Step, base: str | Path | None, adapter: str | Path, name: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state.json this step writes (a new state's, or the old one's with this task added) and the task's entry."""
     meta, reader, lora = step.meta, step.base, step.lora
     if meta is None:
         modules, parts = _new_layout(reader, lora, step.gram_reader)
         new_meta: dict[str, Any] = {
-            "format": FORMAT, "version": VERSION, "forgetless_version": __version__,
-            "base": {"path": str(Path(base).resolve()), "fingerprint": reader.fingerprint(),
-                     "weights_fingerprint": reader.weights_fingerprint(),
-                     "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
-            "options": asdict(step.opts), "adapter_config": lora.config, "tasks": [], "modules": modules,
-            "parts": parts}
+            "format": FORMAT,
+            "version": VERSION,
+            "forgetless_version": __version__,
+            "base": {
+                "path": str(Path(base).resolve()),
+                "fingerprint": reader.fingerprint(),
+                "weights_fingerprint": reader.weights_fingerprint(),
+                "base_model_name_or_path": lora.config.get("base_model_name_or_path"),
+            },
+            "options": asdict(step.opts),
+            "adapter_config": lora.config,
+            "tasks": [],
+            "modules": modules,
+            "parts": parts,
+        }
     else:
         new_meta = dict(meta, forgetless_version=__version__, tasks=list(meta["tasks"]))
     gram_reader, gram_meta = step.gram_reader, step.gram_meta
-    task = {"name": name or Path(adapter).resolve().name, "adapter": str(Path(adapter).resolve()),
-            "adapter_fingerprint": lora.fingerprint(), "modules": len(lora.loras()),
-            "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),
-            "gram_fingerprint": gram_reader.weights_fingerprint(),
-            "data_fingerprint": gram_meta.get("data_fingerprint"), "num_samples": gram_meta.get("num_samples"),
-            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    task = {
+        "name": name or Path(adapter).resolve().name,
+        "adapter": str(Path(adapter).resolve()),
+        "adapter_fingerprint": lora.fingerprint(),
+        "modules": len(lora.loras()),
+        "gram": ", ".join(str(p.resolve()) for p in gram_reader.paths),
+        "gram_fingerprint": gram_reader.weights_fingerprint(),
+        "data_fingerprint": gram_meta.get("data_fingerprint"),
+        "num_samples": gram_meta.get("num_samples"),
+        "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     new_meta["tasks"].append(task)
     return new_meta, task
 
 
-def _output_writer(step: _Step, modules: dict[str, Any], shard_size: str | int, force: bool
-                   ) -> StreamingWriter | None:
+def _output_writer(
+    step: _Step, modules: dict[str, Any], shard_size: str | int, force: bool
+) -> StreamingWriter | None:
     """The output's writer (the merged model, or a rank-r PEFT adapter in one file); None without an output."""
     if step.out is None:
         return None
     entries = _output_entries(step.base, step.names, modules, step.rank)
     out_bytes = sum(e.nbytes for e in entries)
     one_file = step.rank is not None  # a PEFT adapter is one adapter_model.safetensors
-    return StreamingWriter(step.out, entries, force=force,
-                           shard_size=out_bytes + 1 if one_file else parse_size(shard_size),
-                           single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
-                           metadata={"forgetless_version": __version__, "method": "lpm"})
+    return StreamingWriter(
+        step.out,
+        entries,
+        force=force,
+        shard_size=out_bytes + 1 if one_file else parse_size(shard_size),
+        single_name=ADAPTER_SAFE if one_file else SAFE_SINGLE,
+        metadata={"forgetless_version": __version__, "method": "lpm"},
+    )
 
 
-def _commit(step: _Step, new_meta: dict[str, Any], cpm_new: dict[str, Any] | None, gram: GramFiles,
-            solve_device: torch.device, shard_size: str | int, force: bool, log: Callable[[str], None] | None) -> None:
+def _commit(
+    step: _Step,
+    new_meta: dict[str, Any],
+    cpm_new: dict[str, Any] | None,
+    gram: GramFiles,
+    solve_device: torch.device,
+    shard_size: str | int,
+    force: bool,
+    log: Callable[[str], None] | None,
+) -> None:
     """Fold the task into every part (streamed, one at a time) into a new state beside the old one, write the
     output as it goes, commit the output, then swap the new state into place."""
     state, meta, opts, base = step.state, step.meta, asdict(step.opts), step.base
     modules, parts = new_meta["modules"], new_meta["parts"]
     number = len(new_meta["tasks"])
-    out_bytes = sum(e.nbytes for e in _output_entries(base, step.names, modules, step.rank)) if step.out else 0
+    out_bytes = (
+        sum(e.nbytes for e in _output_entries(base, step.names, modules, step.rank)) if step.out else 0
+    )
     _check_space(state, new_meta, step.out, out_bytes)
     writer = _output_writer(step, modules, shard_size, force)
     if log:
-        log(f"continual: task {number} ({new_meta['tasks'][-1]['name']}) into {state}: {len(step.lora.loras())} "
+        log(
+            f"continual: task {number} ({new_meta['tasks'][-1]['name']}) into {state}: {len(step.lora.loras())} "
             f"adapted weights, {len(parts)} parts, approx={opts['approx']}, gamma={opts['gamma']} "
-            f"({opts['gamma_mode']})")
+            f"({opts['gamma_mode']})"
+        )
     counts = step.gram_meta.get("token_counts") or {}
     with atomic_folder(state) as tmp:
         try:
@@ -779,9 +1104,22 @@ def _commit(step: _Step, new_meta: dict[str, Any], cpm_new: dict[str, Any] | Non
                     _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
                 _save(cpm_new["tensors"], tmp / _cpm_file(number))
             for fname, part in parts.items():
-                _step_part(state / fname if meta is not None else None, tmp / fname, part["modules"], modules,
-                           step.lora.loras(), step.gram_reader, counts, opts, STATE_DTYPES[opts["dtype"]], writer,
-                           base, step.rank, gram, solve_device)
+                _step_part(
+                    state / fname if meta is not None else None,
+                    tmp / fname,
+                    part["modules"],
+                    modules,
+                    step.lora.loras(),
+                    step.gram_reader,
+                    counts,
+                    opts,
+                    STATE_DTYPES[opts["dtype"]],
+                    writer,
+                    base,
+                    step.rank,
+                    gram,
+                    solve_device,
+                )
             if writer is not None:
                 _finish_output(step, writer, new_meta, tmp, cpm_new is not None)
         except BaseException:
@@ -792,35 +1130,44 @@ def _commit(step: _Step, new_meta: dict[str, Any], cpm_new: dict[str, Any] | Non
             (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
 
 
-def _finish_output(step: _Step, writer: StreamingWriter, new_meta: dict[str, Any], state_tmp: Path,
-                   routed: bool) -> None:
+def _finish_output(
+    step: _Step, writer: StreamingWriter, new_meta: dict[str, Any], state_tmp: Path, routed: bool
+) -> None:
     """The merged model's untouched tensors (and CPM's routing files), or the adapter's config; then commit."""
     base = step.base
     if step.rank is not None:
         cfg = _adapter_config(new_meta["adapter_config"], step.rank)
-        writer.commit(extra_files={ADAPTER_CONFIG: json.dumps(cfg, indent=2) + "\n",
-                                   "README.md": _card(new_meta, step.rank)})
+        writer.commit(
+            extra_files={
+                ADAPTER_CONFIG: json.dumps(cfg, indent=2) + "\n",
+                "README.md": _card(new_meta, step.rank),
+            }
+        )
         return
     adapted = set(new_meta["modules"])
     for wn in base.names():
         if wn not in adapted:
-            writer.write(wn, base.raw(wn) if base.format == "safetensors"
-                         else base.get(wn).to(base.info(wn).dtype))
+            writer.write(
+                wn, base.raw(wn) if base.format == "safetensors" else base.get(wn).to(base.info(wn).dtype)
+            )
     if routed:
         _write_routed(writer.tmp, state_tmp, new_meta)
     writer.commit(side_files_from=base.path, extra_files={"README.md": _card(new_meta, None)})
 
 
-def _output_entries(base: CheckpointReader, names: list[str], modules: dict[str, Any],
-                    rank: int | None) -> list[Entry]:
+def _output_entries(
+    base: CheckpointReader, names: list[str], modules: dict[str, Any], rank: int | None
+) -> list[Entry]:
     """The output's tensors: every tensor of the base (the merged model), or each module's rank-r factors."""
     if rank is None:
         return [Entry(n, tuple(base.info(n).shape), base.info(n).dtype) for n in base.names()]
     entries = []
     for n in names:
         (o, i), mod = modules[n]["shape"], modules[n]["module"]
-        entries += [Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
-                    Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32)]
+        entries += [
+            Entry(f"{PEFT_PREFIX}{mod}.lora_A.weight", (rank, i), torch.float32),
+            Entry(f"{PEFT_PREFIX}{mod}.lora_B.weight", (o, rank), torch.float32),
+        ]
     return entries
 
 
@@ -838,19 +1185,33 @@ def _solve_device(device: str, state: Path) -> torch.device:
     try:
         return resolve_device(device)
     except ValueError as e:
-        raise ForgetlessError(f"--device: {e}", file=state,
-                              remedy="give --device cpu, cuda, cuda:N or auto") from None
+        raise ForgetlessError(
+            f"--device: {e}", file=state, remedy="give --device cpu, cuda, cuda:N or auto"
+        ) from None
 
 
-def _step_part(old_file: Path | None, new_file: Path, members: list[str], modules: dict[str, Any],
-               loras: dict[str, Any], gram: Statistics, counts: dict[str, int], opts: dict[str, Any],
-               dtype: torch.dtype, writer: StreamingWriter | None, base: CheckpointReader, rank: int | None,
-               gram_path: str | Path, device: str | torch.device = "cpu") -> None:
+def _step_part(
+    old_file: Path | None,
+    new_file: Path,
+    members: list[str],
+    modules: dict[str, Any],
+    loras: dict[str, Any],
+    gram: Statistics,
+    counts: dict[str, int],
+    opts: dict[str, Any],
+    dtype: torch.dtype,
+    writer: StreamingWriter | None,
+    base: CheckpointReader,
+    rank: int | None,
+    gram_path: str | Path,
+    device: str | torch.device = "cpu",
+) -> None:
     """One decoder layer's state: read it, fold the task in, write the new file and this layer's output tensors."""
     with ExitStack() as stack:
         old = stack.enter_context(safe_open(str(old_file), framework="pt")) if old_file is not None else None
-        new = _fold_part(old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank,
-                         gram_path, device)
+        new = _fold_part(
+            old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank, gram_path, device
+        )
     _save(new, new_file)
 
 
@@ -863,16 +1224,30 @@ def _per_token(gram: Statistics, name: str, counts: dict[str, int], path: str | 
     """One module's Gram over its token count, in float64; NaN or Inf named."""
     g = gram.get(name)
     if not torch.isfinite(g).all():
-        raise ForgetlessError("the Gram has NaN or Inf entries", file=gram.file_of(name), tensor=name,
-                              remedy="recompute it with `forgetless stats gram` (and check the data and the model "
-                                     "for NaN)")
+        raise ForgetlessError(
+            "the Gram has NaN or Inf entries",
+            file=gram.file_of(name),
+            tensor=name,
+            remedy="recompute it with `forgetless stats gram` (and check the data and the model for NaN)",
+        )
     return g.double().div_(int(counts[name]))
 
 
-def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dict[str, Any], gram: Statistics,
-               counts: dict[str, int], opts: dict[str, Any], dtype: torch.dtype, writer: StreamingWriter | None,
-               base: CheckpointReader, rank: int | None, gram_path: str | Path,
-               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def _fold_part(
+    old: Any,
+    members: list[str],
+    modules: dict[str, Any],
+    loras: dict[str, Any],
+    gram: Statistics,
+    counts: dict[str, int],
+    opts: dict[str, Any],
+    dtype: torch.dtype,
+    writer: StreamingWriter | None,
+    base: CheckpointReader,
+    rank: int | None,
+    gram_path: str | Path,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
     """The new tensors of one part; the old part's tensors are read one at a time (``old``: an open safetensors
     file, None on the first task). The solves, and the products they need, run on `device`; what the state and
     the output keep comes back to the CPU."""
@@ -892,16 +1267,24 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
                 continue  # stored once: the same tensor
             go = _per_token(gram, other, counts, gram_path)
             if not _close(g, go):
-                raise ForgetlessError(f"the Grams of {group} and {other} differ, but the state shares one Gram for "
-                                      "these modules (they read the same input)", file=gram_path, tensor=other,
-                                      remedy="compute the Gram file with `forgetless stats gram` on the base")
+                raise ForgetlessError(
+                    f"the Grams of {group} and {other} differ, but the state shares one Gram for "
+                    "these modules (they read the same input)",
+                    file=gram_path,
+                    tensor=other,
+                    remedy="compute the Gram file with `forgetless stats gram` on the base",
+                )
             del go
         prev_ridge = previous(f"ridge/{group}")
         try:
-            h, ridge, inc, gt = lpm_accumulate(previous(f"gram/{group}"),
-                                               0.0 if prev_ridge is None else float(prev_ridge), g,
-                                               gamma=opts["gamma"], gamma_mode=opts["gamma_mode"],
-                                               approx=opts["approx"])
+            h, ridge, inc, gt = lpm_accumulate(
+                previous(f"gram/{group}"),
+                0.0 if prev_ridge is None else float(prev_ridge),
+                g,
+                gamma=opts["gamma"],
+                gamma_mode=opts["gamma_mode"],
+                approx=opts["approx"],
+            )
             del g
             new[f"gram/{group}"] = h.to(dtype, copy=True).contiguous()  # a copy: h is factorised next
             new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
@@ -909,9 +1292,13 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
             del h
             gt = gt.to(solver.device)  # once for the modules that share it
         except SingularGramError as e:
-            raise ForgetlessError(f"{e}", file=gram_path, tensor=group,
-                                  remedy="start the state with a larger gamma (relative: 1e-3), or "
-                                         "compute the Gram on more data") from None
+            raise ForgetlessError(
+                f"{e}",
+                file=gram_path,
+                tensor=group,
+                remedy="start the state with a larger gamma (relative: 1e-3), or "
+                "compute the Gram on more data",
+            ) from None
         for n in names:
             lora = loras.get(n)
             factors = None
@@ -921,8 +1308,12 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
             merged = lpm_update(previous(f"delta/{n}"), factors, gt, inc, solver)
             del factors
             if not torch.isfinite(merged).all():
-                raise ForgetlessError("the merged delta has NaN or Inf", tensor=n, file=gram_path,
-                                      remedy="check the adapter's factors and the Gram file for NaN/Inf")
+                raise ForgetlessError(
+                    "the merged delta has NaN or Inf",
+                    tensor=n,
+                    file=gram_path,
+                    remedy="check the adapter's factors and the Gram file for NaN/Inf",
+                )
             new[f"delta/{n}"] = merged.to(dtype).contiguous()
             if writer is not None:
                 _emit(writer, base, n, modules[n]["module"], merged, rank)
@@ -930,8 +1321,14 @@ def _fold_part(old: Any, members: list[str], modules: dict[str, Any], loras: dic
     return new
 
 
-def _emit(writer: StreamingWriter, base: CheckpointReader, name: str, module: str, merged: torch.Tensor,
-          rank: int | None) -> None:
+def _emit(
+    writer: StreamingWriter,
+    base: CheckpointReader,
+    name: str,
+    module: str,
+    merged: torch.Tensor,
+    rank: int | None,
+) -> None:
     if rank is None:
         w = base.get(name)
         writer.write(name, (w.double() + merged).to(base.info(name).dtype).contiguous())

@@ -72,8 +72,13 @@ class Step:
         atomic_write(self.record, json.dumps(record) + "\n")
         return record
 
-    def run(self, make: Callable[[], Mapping[str, Any] | None], *, log: Callable[[str], None] | None = None,
-            reusing: str | None = None) -> tuple[dict[str, Any], bool]:
+    def run(
+        self,
+        make: Callable[[], Mapping[str, Any] | None],
+        *,
+        log: Callable[[str], None] | None = None,
+        reusing: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
         """(record, reused): the record when the step is done (`reusing` is logged), else `make()` run after the
         stale record is removed, and the fields it returns recorded."""
         record = self.done()
@@ -86,9 +91,19 @@ class Step:
 
 
 # ------------------------------------------------------------------------------------------------- statistics
-def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | None, n: int | None, seed: int,
-             scope: list[str], variant: str | None = None, dtype: str = "float32",
-             pixels: tuple[int | None, int | None] = (None, None)) -> bool:
+def reusable(
+    kind: str,
+    path: Path,
+    model_dir: Path,
+    data: Path,
+    images: Path | None,
+    n: int | None,
+    seed: int,
+    scope: list[str],
+    variant: str | None = None,
+    dtype: str = "float32",
+    pixels: tuple[int | None, int | None] = (None, None),
+) -> bool:
     """Whether `path` holds `kind` statistics of `model_dir`'s weights on the same data selection and scope, taken
     with the model in `dtype` and the same image bounds `pixels` (and of the same Fisher variant)."""
     from ..stats.data import data_fingerprint, load_samples
@@ -100,19 +115,34 @@ def reusable(kind: str, path: Path, model_dir: Path, data: Path, images: Path | 
     reader.close()
     extra = meta.get("extra") or {}
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
-    return (meta.get("kind") == kind
-            and meta.get("model_weights_fingerprint") == model_fingerprints(model_dir)["model_weights_fingerprint"]
-            and meta.get("data_fingerprint") == data_fingerprint(data, samples)
-            and extra.get("scope") == scope
-            and extra.get("dtype") == dtype
-            and extra.get("pixels") == (list(pixels) if any(pixels) else None)
-            and (kind != "fisher" or extra.get("variant", "empirical") == (variant or "empirical")))
+    return (
+        meta.get("kind") == kind
+        and meta.get("model_weights_fingerprint")
+        == model_fingerprints(model_dir)["model_weights_fingerprint"]
+        and meta.get("data_fingerprint") == data_fingerprint(data, samples)
+        and extra.get("scope") == scope
+        and extra.get("dtype") == dtype
+        and extra.get("pixels") == (list(pixels) if any(pixels) else None)
+        and (kind != "fisher" or extra.get("variant", "empirical") == (variant or "empirical"))
+    )
 
 
-def statistics_step(kind: str, model_dir: str | Path, data: str | Path, path: str | Path, *, scope: list[str],
-                    images: str | Path | None = None, n: int | None = None, seed: int = 0,
-                    variant: str | None = None, role: str | None = None, dry_run: bool = False,
-                    log: Callable[[str], None] | None = print, **compute: Any) -> Path:
+def statistics_step(
+    kind: str,
+    model_dir: str | Path,
+    data: str | Path,
+    path: str | Path,
+    *,
+    scope: list[str],
+    images: str | Path | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    variant: str | None = None,
+    role: str | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = print,
+    **compute: Any,
+) -> Path:
     """`path`, reused (see :func:`reusable`) or computed there with ``forgetless stats`` (`compute`: its options)."""
     from ..stats.run import compute_statistics
 
@@ -123,13 +153,29 @@ def statistics_step(kind: str, model_dir: str | Path, data: str | Path, path: st
     dtype = compute.get("dtype", "float32")
     pixels = (compute.get("min_pixels"), compute.get("max_pixels"))
     if not dry_run and reusable(kind, path, model_dir, data, img, n, seed, scope, variant, dtype, pixels):
-        say(f"{label}: reusing {path} (same model weights, data selection, scope, dtype, image bounds"
-            f"{' and variant' if kind == 'fisher' else ''})")
+        say(
+            f"{label}: reusing {path} (same model weights, data selection, scope, dtype, image bounds"
+            f"{' and variant' if kind == 'fisher' else ''})"
+        )
         return path
-    say(f"{label}: {(variant or 'empirical') if kind == 'fisher' else kind} at {model_dir} on {data}"
-        f"{'' if dtype == 'float32' else f' ({dtype})'}")
+    say(
+        f"{label}: {(variant or 'empirical') if kind == 'fisher' else kind} at {model_dir} on {data}"
+        f"{'' if dtype == 'float32' else f' ({dtype})'}"
+    )
     if kind == "fisher":
         compute["variant"] = variant or "empirical"
-    compute_statistics(kind, model_dir, data, path, images=img, scope=scope, n=n, seed=seed, force=True,
-                       dry_run=dry_run, log=log, **compute)
+    compute_statistics(
+        kind,
+        model_dir,
+        data,
+        path,
+        images=img,
+        scope=scope,
+        n=n,
+        seed=seed,
+        force=True,
+        dry_run=dry_run,
+        log=log,
+        **compute,
+    )
     return path

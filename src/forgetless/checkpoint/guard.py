@@ -40,8 +40,9 @@ def overlap(out: Path, given: Path) -> str | None:
     return None
 
 
-def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *, force: bool,
-                 option: str = "--out") -> Path:
+def check_output(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *, force: bool, option: str = "--out"
+) -> Path:
     """Refuse, before any work, an output that is, lies inside or contains one of `inputs` (None entries are
     skipped), and an existing output without ``force``."""
     out = Path(out)
@@ -50,11 +51,17 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
             continue
         how = overlap(out, Path(given))
         if how is not None:
-            raise ForgetlessError(f"{option} {how} an input ({given}): writing it would replace or delete the "
-                                  "input", file=out, remedy=f"choose {option} outside every input")
+            raise ForgetlessError(
+                f"{option} {how} an input ({given}): writing it would replace or delete the input",
+                file=out,
+                remedy=f"choose {option} outside every input",
+            )
     if os.path.lexists(out) and not force:
-        raise ForgetlessError(f"{option} already exists", file=out,
-                              remedy=f"choose another {option} or pass --force (force=True in Python) to replace it")
+        raise ForgetlessError(
+            f"{option} already exists",
+            file=out,
+            remedy=f"choose another {option} or pass --force (force=True in Python) to replace it",
+        )
     return out
 
 
@@ -71,8 +78,9 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def exclusive(folder: str | os.PathLike, *, log: Callable[[str], None] | None = None,
-              wait: bool = True) -> Iterator[Path]:
+def exclusive(
+    folder: str | os.PathLike, *, log: Callable[[str], None] | None = None, wait: bool = True
+) -> Iterator[Path]:
     """Hold the lock of `folder` for the block. A held lock is waited for (``log`` says who holds it) or, without
     ``wait``, refused in one line naming the holder's PID."""
     path = lock_path(folder)
@@ -84,8 +92,11 @@ def exclusive(folder: str | os.PathLike, *, log: Callable[[str], None] | None = 
         except BlockingIOError:
             pid = _holder(fd)
             if not wait:
-                raise ForgetlessError(f"in use by process {pid} (lock {path})", file=folder,
-                                      remedy="wait for it to finish, then run this command again") from None
+                raise ForgetlessError(
+                    f"in use by process {pid} (lock {path})",
+                    file=folder,
+                    remedy="wait for it to finish, then run this command again",
+                ) from None
             if log is not None:
                 log(f"{folder}: waiting for process {pid}, which is writing it (lock {path})")
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -97,7 +97,10 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 
-RENAMED = {"llava_legacy": "llava_hf", "qwen2_vl_legacy": "qwen2_vl_hf"}  # earlier names, still read as overrides
+RENAMED = {
+    "llava_legacy": "llava_hf",
+    "qwen2_vl_legacy": "qwen2_vl_hf",
+}  # earlier names, still read as overrides
 
 # config.json -> candidate families (the tensor names then pick between current and legacy naming)
 _LLAVA_TYPES = {"llava", "llava_next", "llava_onevision"}
@@ -125,8 +128,10 @@ _ALIAS_RULES: list[tuple[str, str]] = [
     (r"^model\.image_newline$", "image_newline"),
     # qwen2_vl: legacy -> current
     (r"^visual\.", "model.visual."),
-    (r"^model\.(?!language_model\.|visual\.|vision_tower\.|multi_modal_projector\.|mm_projector\.)",
-     "model.language_model."),
+    (
+        r"^model\.(?!language_model\.|visual\.|vision_tower\.|multi_modal_projector\.|mm_projector\.)",
+        "model.language_model.",
+    ),
     # qwen2_vl: current -> legacy
     (r"^model\.visual\.", "visual."),
     (r"^model\.language_model\.", "model."),
@@ -171,11 +176,15 @@ def config_family(config: Mapping[str, Any]) -> str | None:
     model_type = str(config.get("model_type") or "")
     if model_type in _QWEN_VL_TYPES or any(a.startswith(("Qwen2VL", "Qwen2_5_VL")) for a in archs):
         return "qwen2_vl"
-    if model_type in _LLAVA_TYPES or any(a.startswith("Llava") and a.endswith("ForConditionalGeneration")
-                                         for a in archs):
+    if model_type in _LLAVA_TYPES or any(
+        a.startswith("Llava") and a.endswith("ForConditionalGeneration") for a in archs
+    ):
         return "llava"
-    if ("mm_vision_tower" in config or "mm_projector_type" in config
-            or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in archs)):
+    if (
+        "mm_vision_tower" in config
+        or "mm_projector_type" in config
+        or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in archs)
+    ):
         return "llava_original"
     if any(a.endswith("ForCausalLM") for a in archs):
         return "causal_lm"
@@ -200,17 +209,22 @@ def detect_layout(config: Mapping[str, Any], names: Iterable[str], override: str
         # (the one using the most parts; among equals the one that defines the fewest, so Llama -> causal_lm)
         complete = [f for f in LAYOUTS if names and _coverage(f, names) == len(names)]
         if complete:
-            return _make(max(complete, key=lambda f: (_parts_used(f, names), -len(LAYOUTS[f]))), config, names)
+            return _make(
+                max(complete, key=lambda f: (_parts_used(f, names), -len(LAYOUTS[f]))), config, names
+            )
     if group is None:
         arch = ", ".join(config.get("architectures") or []) or config.get("model_type") or "no architecture"
-        raise ForgetlessError(f"unknown model architecture ({arch})",
-                              remedy=f"pass a layout override, one of: {valid}")
+        raise ForgetlessError(
+            f"unknown model architecture ({arch})", remedy=f"pass a layout override, one of: {valid}"
+        )
     best = max(_CANDIDATES[group], key=lambda f: _coverage(f, names))  # ties keep the current naming
     layout = _make(best, config, names)
     rx = _rx(layout.parts["language.layers"])
     if names and not any(rx.match(n) for n in names):
-        raise ForgetlessError(f"no decoder-layer tensors match the {best} layout ({layout.parts['language.layers']})",
-                              remedy=f"check the folder, or pass a layout override, one of: {valid}")
+        raise ForgetlessError(
+            f"no decoder-layer tensors match the {best} layout ({layout.parts['language.layers']})",
+            remedy=f"check the folder, or pass a layout override, one of: {valid}",
+        )
     return layout
 
 
@@ -246,8 +260,11 @@ def _layer_indices(index: str, num_layers: int, selector: str, file: object) -> 
         try:
             return {layers[nums[0]]}
         except IndexError:
-            raise ForgetlessError(f"layer {nums[0]} out of range in selector {selector!r} "
-                                  f"(the model has {num_layers} layers)", file=file, remedy=remedy) from None
+            raise ForgetlessError(
+                f"layer {nums[0]} out of range in selector {selector!r} (the model has {num_layers} layers)",
+                file=file,
+                remedy=remedy,
+            ) from None
     if len(nums) > 3:
         raise ForgetlessError(f"bad layer slice in selector {selector!r}", file=file, remedy=remedy)
     if len(nums) == 3 and nums[2] == 0:
@@ -272,8 +289,9 @@ def select(layout: Layout, names: Iterable[str], selectors: list[str], *, file: 
             try:
                 rx = re.compile(sel[3:])
             except re.error as e:
-                raise ForgetlessError(f"invalid regex in selector {sel!r} ({e})", file=file,
-                                      remedy="fix the regular expression") from None
+                raise ForgetlessError(
+                    f"invalid regex in selector {sel!r} ({e})", file=file, remedy="fix the regular expression"
+                ) from None
             found = {n for n in names if rx.search(n)}
         else:
             m = _SELECTOR.match(sel.strip())
@@ -282,8 +300,9 @@ def select(layout: Layout, names: Iterable[str], selectors: list[str], *, file: 
                 raise ForgetlessError(f"unknown selector {sel!r}", file=file, remedy=remedy)
             index = m.group("index") if m else None
             if index is not None and part != "language.layers":
-                raise ForgetlessError(f"selector {sel!r}: only language.layers takes a layer index", file=file,
-                                      remedy=remedy)
+                raise ForgetlessError(
+                    f"selector {sel!r}: only language.layers takes a layer index", file=file, remedy=remedy
+                )
             parts = [p for p in layout.parts if p.startswith(LANGUAGE + ".")] if part == LANGUAGE else [part]
             layers = None if index is None else _layer_indices(index, layout.num_layers, sel, file)
             found = set()
@@ -299,12 +318,17 @@ def select(layout: Layout, names: Iterable[str], selectors: list[str], *, file: 
     return chosen
 
 
-def _matches_nothing(sel: str, layout: Layout, present: set[str | None], file: object, remedy: str) -> ForgetlessError:
+def _matches_nothing(
+    sel: str, layout: Layout, present: set[str | None], file: object, remedy: str
+) -> ForgetlessError:
     """The error for a selector that picks no tensor; a tied lm_head (stored once, as the input embedding) is named."""
     if sel.strip() == "lm_head" and "lm_head" in layout.parts and "language.embed" in present:
-        return ForgetlessError("selector 'lm_head' matches no tensor: this model's lm_head is tied to its input "
-                               "embeddings, stored once as language.embed", file=file,
-                               remedy="select language.embed to train or merge the tied head, or drop lm_head")
+        return ForgetlessError(
+            "selector 'lm_head' matches no tensor: this model's lm_head is tied to its input "
+            "embeddings, stored once as language.embed",
+            file=file,
+            remedy="select language.embed to train or merge the tied head, or drop lm_head",
+        )
     return ForgetlessError(f"selector {sel!r} matches no tensor", file=file, remedy=remedy)
 
 
@@ -321,8 +345,9 @@ def describe(layout: Layout, reader_or_infos: Any) -> list[dict[str, Any]]:
         infos = list(src.values())
     else:
         infos = list(src)
-    rows: dict[str, dict[str, Any]] = {p: {"part": p, "tensors": 0, "params": 0, "dtypes": set()}
-                                       for p in [*layout.parts, OTHER]}
+    rows: dict[str, dict[str, Any]] = {
+        p: {"part": p, "tensors": 0, "params": 0, "dtypes": set()} for p in [*layout.parts, OTHER]
+    }
     for info in infos:
         row = rows[part_of(layout, info.name)]
         row["tensors"] += 1

@@ -41,15 +41,25 @@ ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 NON_LORA = "non_lora_trainables.bin"
 PEFT_PREFIX = "base_model.model."
-MERGE_REMEDY = "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
+MERGE_REMEDY = (
+    "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
+)
 CONFIG_BYTES = 16 << 20  # an adapter_config.json is a few KiB
 CONFIG_REMEDY = "fix adapter_config.json (the values the adapter was trained with), or save the adapter again"
-MAX_UPDATE = 1e30  # a bound on |scale·B·A| no trained update nears; float32 ends at 3.4e38 and merges add several
-GATHER_REMEDY = ("save the adapter again with the full parameters gathered (DeepSpeed ZeRO-3: inside "
-                 "deepspeed.zero.GatheredParameters; FSDP: inside summon_full_params)")
+MAX_UPDATE = (
+    1e30  # a bound on |scale·B·A| no trained update nears; float32 ends at 3.4e38 and merges add several
+)
+GATHER_REMEDY = (
+    "save the adapter again with the full parameters gathered (DeepSpeed ZeRO-3: inside "
+    "deepspeed.zero.GatheredParameters; FSDP: inside summon_full_params)"
+)
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
-_EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$"
+)
+_EMB_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$"
+)
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
@@ -59,17 +69,26 @@ def parse_model_ref(ref: str) -> tuple[Path, Path | None]:
     if whole.exists():
         return whole, None
     if "+" not in ref:
-        raise ForgetlessError("model folder not found", file=ref,
-                              remedy="give a model folder, or BASE_DIR+ADAPTER_DIR for a LoRA fine-tune")
+        raise ForgetlessError(
+            "model folder not found",
+            file=ref,
+            remedy="give a model folder, or BASE_DIR+ADAPTER_DIR for a LoRA fine-tune",
+        )
     base_s, adapter_s = ref.rsplit("+", 1)
     base, adapter = Path(base_s).expanduser(), Path(adapter_s).expanduser()
     if not base.is_dir():
-        raise ForgetlessError(f"base model folder of {ref!r} not found", file=base,
-                              remedy="check the part before '+': a Hugging Face model folder")
+        raise ForgetlessError(
+            f"base model folder of {ref!r} not found",
+            file=base,
+            remedy="check the part before '+': a Hugging Face model folder",
+        )
     if not adapter.is_dir():
-        raise ForgetlessError(f"adapter folder of {ref!r} not found", file=adapter,
-                              remedy="check the part after '+': a PEFT adapter folder (adapter_config.json + "
-                                     "adapter_model.safetensors)")
+        raise ForgetlessError(
+            f"adapter folder of {ref!r} not found",
+            file=adapter,
+            remedy="check the part after '+': a PEFT adapter folder (adapter_config.json + "
+            "adapter_model.safetensors)",
+        )
     return base, adapter
 
 
@@ -77,12 +96,16 @@ def _check_values(cfg: dict[str, Any], f: Path) -> None:
     """The adapter_config.json values the fold reads have PEFT's types and ranges (named where not)."""
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(cfg.get(key, False), bool | None):
-            raise ForgetlessError(f"{key} must be true or false, got {repr(cfg[key])[:60]}", file=f,
-                                  remedy=CONFIG_REMEDY)
+            raise ForgetlessError(
+                f"{key} must be true or false, got {repr(cfg[key])[:60]}", file=f, remedy=CONFIG_REMEDY
+            )
     saved = cfg.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
-        raise ForgetlessError(f"modules_to_save must be a list of module names, got {repr(saved)[:60]}", file=f,
-                              remedy=CONFIG_REMEDY)
+        raise ForgetlessError(
+            f"modules_to_save must be a list of module names, got {repr(saved)[:60]}",
+            file=f,
+            remedy=CONFIG_REMEDY,
+        )
     _check_scale("r", cfg.get("r", 8), f, whole=True)
     _check_scale("lora_alpha", cfg.get("lora_alpha", 8), f)
     for key in ("rank_pattern", "alpha_pattern"):
@@ -93,22 +116,29 @@ def _check_scale(key: str, v: Any, f: Path, whole: bool = False) -> None:
     """`v` (an adapter_config.json value) is a positive finite number, a whole one when `whole`."""
     ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     if not ok or (whole and v != int(v)):
-        raise ForgetlessError(f"{key} must be a positive {'whole' if whole else 'finite'} number, got "
-                              f"{repr(v)[:60]}", file=f, remedy=CONFIG_REMEDY)
+        raise ForgetlessError(
+            f"{key} must be a positive {'whole' if whole else 'finite'} number, got {repr(v)[:60]}",
+            file=f,
+            remedy=CONFIG_REMEDY,
+        )
 
 
 def _check_pattern(key: str, v: Any, f: Path) -> None:
     """`v` is a PEFT pattern mapping: regular expressions to positive ranks (whole) or alphas."""
     if not isinstance(v, dict):
-        raise ForgetlessError(f"{key} must be a mapping of module patterns to numbers, got {repr(v)[:60]} (PEFT "
-                              "cannot load it either)", file=f, remedy="write {} for no pattern, or save the "
-                              "adapter again")
+        raise ForgetlessError(
+            f"{key} must be a mapping of module patterns to numbers, got {repr(v)[:60]} (PEFT "
+            "cannot load it either)",
+            file=f,
+            remedy="write {} for no pattern, or save the adapter again",
+        )
     for pattern, value in v.items():
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ForgetlessError(f"{key}: {pattern[:60]!r} is not a regular expression ({e})", file=f,
-                                  remedy=CONFIG_REMEDY) from None
+            raise ForgetlessError(
+                f"{key}: {pattern[:60]!r} is not a regular expression ({e})", file=f, remedy=CONFIG_REMEDY
+            ) from None
         _check_scale(f"{key}[{pattern[:60]!r}]", value, f, whole=key == "rank_pattern")
 
 
@@ -119,18 +149,27 @@ def _check_tensor(key: str, t: Any, f: Path) -> float:
         return 0.0
     lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; NaN and Inf show in the extremes
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ForgetlessError("the adapter holds NaN or Inf values", file=f, tensor=key,
-                              remedy="its training diverged or the file is damaged: use an earlier checkpoint of "
-                                     "the adapter, or train it again")
+        raise ForgetlessError(
+            "the adapter holds NaN or Inf values",
+            file=f,
+            tensor=key,
+            remedy="its training diverged or the file is damaged: use an earlier checkpoint of "
+            "the adapter, or train it again",
+        )
     return max(-lo, hi)
 
 
 def _check_factor_shape(key: str, t: Any, f: Path) -> None:
     """lora_A / lora_B are 2-D or more and not empty; PEFT's sign of ZeRO-3/FSDP shards not gathered otherwise."""
     if t.dim() < 2 or t.numel() == 0:
-        raise ForgetlessError(f"LoRA factor of shape {list(t.shape)}: a 1-D or empty lora_A/lora_B means the "
-                              "DeepSpeed ZeRO-3/FSDP shards were not gathered before save_pretrained() (PEFT warns "
-                              "of the same)", file=f, tensor=key, remedy=GATHER_REMEDY)
+        raise ForgetlessError(
+            f"LoRA factor of shape {list(t.shape)}: a 1-D or empty lora_A/lora_B means the "
+            "DeepSpeed ZeRO-3/FSDP shards were not gathered before save_pretrained() (PEFT warns "
+            "of the same)",
+            file=f,
+            tensor=key,
+            remedy=GATHER_REMEDY,
+        )
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -198,7 +237,7 @@ class _Lora:
         A, B, _ = self.factors()
         shape = self.shape()
         if rows is not None:
-            B, shape = B[rows[0]:rows[1]], (rows[1] - rows[0], *shape[1:])
+            B, shape = B[rows[0] : rows[1]], (rows[1] - rows[0], *shape[1:])
         return ((B @ A) * self.scale).reshape(shape)
 
 
@@ -208,8 +247,11 @@ class LoraAdapter:
     def __init__(self, path: str | os.PathLike, base_names: Collection[str]):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ForgetlessError("adapter folder not found", file=self.path,
-                                  remedy="give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+            raise ForgetlessError(
+                "adapter folder not found",
+                file=self.path,
+                remedy="give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+            )
         base = set(base_names)
         self.config = self._read_config()
         self._check_config()
@@ -226,11 +268,17 @@ class LoraAdapter:
     def _read_config(self) -> dict[str, Any]:
         f = self.path / ADAPTER_CONFIG
         if not f.exists():
-            if (self.path / NON_LORA).exists() and not (self.path / ADAPTER_SAFE).exists() \
-                    and not (self.path / ADAPTER_BIN).exists():
+            if (
+                (self.path / NON_LORA).exists()
+                and not (self.path / ADAPTER_SAFE).exists()
+                and not (self.path / ADAPTER_BIN).exists()
+            ):
                 return {}  # only full replacement tensors
-            raise ForgetlessError(f"no {ADAPTER_CONFIG}", file=self.path,
-                                  remedy="give a PEFT adapter folder saved with save_pretrained()")
+            raise ForgetlessError(
+                f"no {ADAPTER_CONFIG}",
+                file=self.path,
+                remedy="give a PEFT adapter folder saved with save_pretrained()",
+            )
         return read_json(f, remedy="fix or restore adapter_config.json", limit=CONFIG_BYTES, expect=dict)
 
     def _check_config(self) -> None:
@@ -239,10 +287,15 @@ class LoraAdapter:
             return
         peft_type = str(cfg.get("peft_type") or "LORA").upper()
         if peft_type != "LORA":
-            raise ForgetlessError(f"PEFT type {peft_type} is not supported (only LoRA)", file=f, remedy=MERGE_REMEDY)
+            raise ForgetlessError(
+                f"PEFT type {peft_type} is not supported (only LoRA)", file=f, remedy=MERGE_REMEDY
+            )
         if cfg.get("use_dora"):
-            raise ForgetlessError("DoRA adapters (use_dora) are not supported: their update is not W + B·A",
-                                  file=f, remedy=MERGE_REMEDY)
+            raise ForgetlessError(
+                "DoRA adapters (use_dora) are not supported: their update is not W + B·A",
+                file=f,
+                remedy=MERGE_REMEDY,
+            )
         for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
             if cfg.get(key):
                 raise ForgetlessError(f"adapters with {key} are not supported", file=f, remedy=MERGE_REMEDY)
@@ -256,19 +309,27 @@ class LoraAdapter:
             from safetensors import SafetensorError, safe_open
 
             try:
-                handle = safe_open(str(safe), framework="pt")  # checks the header covers the file: truncation fails here
+                handle = safe_open(
+                    str(safe), framework="pt"
+                )  # checks the header covers the file: truncation fails here
                 lazy = {k: _LazyTensor(handle, k) for k in handle.keys()}  # noqa: SIM118 (not iterable)
             except (SafetensorError, OSError, RuntimeError) as e:
-                raise ForgetlessError(f"cannot read ({e})", file=safe,
-                                      remedy="the file is damaged or incomplete; save the adapter again") from None
+                raise ForgetlessError(
+                    f"cannot read ({e})",
+                    file=safe,
+                    remedy="the file is damaged or incomplete; save the adapter again",
+                ) from None
             self.files.append(safe)
             return lazy
         if binf.exists():
             self.files.append(binf)
             return load_bin(binf)
         if self.config:
-            raise ForgetlessError(f"no adapter weights ({ADAPTER_SAFE} or {ADAPTER_BIN})", file=self.path,
-                                  remedy="give a PEFT adapter folder saved with save_pretrained()")
+            raise ForgetlessError(
+                f"no adapter weights ({ADAPTER_SAFE} or {ADAPTER_BIN})",
+                file=self.path,
+                remedy="give a PEFT adapter folder saved with save_pretrained()",
+            )
         return {}
 
     def _load_non_lora(self) -> dict[str, torch.Tensor]:
@@ -279,7 +340,9 @@ class LoraAdapter:
         return load_bin(f)
 
     # ------------------------------------------------------------------ mapping onto the base
-    def _build(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], base: set[str]) -> None:
+    def _build(
+        self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], base: set[str]
+    ) -> None:
         cfg = self.config
         r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
         rank_pattern, alpha_pattern = cfg.get("rank_pattern", {}), cfg.get("alpha_pattern", {})
@@ -298,8 +361,12 @@ class LoraAdapter:
         for key, t in weights.items():
             k = key.removeprefix(PEFT_PREFIX)
             if "lora_magnitude_vector" in k:
-                raise ForgetlessError("DoRA adapters are not supported: their update is not W + B·A",
-                                      file=self.files[0], tensor=key, remedy=MERGE_REMEDY)
+                raise ForgetlessError(
+                    "DoRA adapters are not supported: their update is not W + B·A",
+                    file=self.files[0],
+                    tensor=key,
+                    remedy=MERGE_REMEDY,
+                )
             peak = _check_tensor(key, t, self.files[0])
             m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
             if m:
@@ -311,20 +378,31 @@ class LoraAdapter:
                 continue
             # modules_to_save copies; ``<module>.base_layer.weight`` is the full embedding PEFT saves with
             # save_embedding_layers (a replacement the LoRA delta then applies to)
-            self._add_replacement(_MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."), key, t, resolve,
-                                  unmapped, ADAPTER_SAFE)
+            self._add_replacement(
+                _MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."),
+                key,
+                t,
+                resolve,
+                unmapped,
+                ADAPTER_SAFE,
+            )
         for key, t in extra.items():
             _check_tensor(key, t, self.path / NON_LORA)
             self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped, NON_LORA)
 
         for module, slots in pairs.items():
             emb = "lora_embedding_A" in slots or "lora_embedding_B" in slots
-            a_slot, b_slot = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+            a_slot, b_slot = (
+                ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+            )
             A, B = slots.get(a_slot), slots.get(b_slot)
             kind = "embedding" if emb else "conv" if A is not None and A.dim() > 2 else "linear"
             if A is None or B is None:
-                raise ForgetlessError(f"module {module} has only one of its two LoRA factors", file=self.files[0],
-                                      remedy="the adapter file is incomplete; save the adapter again")
+                raise ForgetlessError(
+                    f"module {module} has only one of its two LoRA factors",
+                    file=self.files[0],
+                    remedy="the adapter file is incomplete; save the adapter again",
+                )
             target = resolve(module + ".weight")
             if target is None:
                 unmapped.append(f"{PEFT_PREFIX}{module}")
@@ -333,11 +411,17 @@ class LoraAdapter:
             alpha = _pattern_value(alpha_pattern, module, alpha_default)
             rank = A.shape[0]
             if rank != r:
-                raise ForgetlessError(f"{ADAPTER_CONFIG} gives r={r} for {module} but its lora_A has rank {rank}",
-                                      file=cfg_file, remedy="use the adapter_config.json saved with these weights")
+                raise ForgetlessError(
+                    f"{ADAPTER_CONFIG} gives r={r} for {module} but its lora_A has rank {rank}",
+                    file=cfg_file,
+                    remedy="use the adapter_config.json saved with these weights",
+                )
             if kind == "conv" and any(s != 1 for s in B.shape[2:]):
-                raise ForgetlessError(f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
-                                      file=self.files[0], remedy=MERGE_REMEDY)
+                raise ForgetlessError(
+                    f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
+                    file=self.files[0],
+                    remedy=MERGE_REMEDY,
+                )
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             self._check_update(module, scale, rank, peaks[module, a_slot], peaks[module, b_slot])
             self._lora[target] = _Lora(module, A, B, float(scale), kind, fifo and kind == "linear")
@@ -350,28 +434,38 @@ class LoraAdapter:
 
         if unmapped:
             shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
-            raise ForgetlessError(f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
-                                  file=self.path,
-                                  remedy="check that the adapter was trained on this base model")
+            raise ForgetlessError(
+                f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
+                file=self.path,
+                remedy="check that the adapter was trained on this base model",
+            )
 
     def _check_update(self, module: str, scale: float, rank: int, peak_a: float, peak_b: float) -> None:
         """``scale · B @ A`` stays far inside float32 (bounded by scale · rank · max|A| · max|B|), else a merge
         would overflow to Inf: refused, with the numbers that make it."""
         bound = scale * rank * peak_a * peak_b
         if not bound < MAX_UPDATE:
-            raise ForgetlessError(f"the update of {module} can reach {bound:.3g} (scale {scale:.3g}, rank {rank}, "
-                                  f"largest |A| {peak_a:.3g}, |B| {peak_b:.3g}), far beyond any trained adapter's",
-                                  file=self.path, remedy="check lora_alpha / alpha_pattern in adapter_config.json "
-                                  "and the factors; save the adapter again")
+            raise ForgetlessError(
+                f"the update of {module} can reach {bound:.3g} (scale {scale:.3g}, rank {rank}, "
+                f"largest |A| {peak_a:.3g}, |B| {peak_b:.3g}), far beyond any trained adapter's",
+                file=self.path,
+                remedy="check lora_alpha / alpha_pattern in adapter_config.json "
+                "and the factors; save the adapter again",
+            )
 
-    def _add_replacement(self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str],
-                         source: str) -> None:
+    def _add_replacement(
+        self, name: str, key: str, t: torch.Tensor, resolve, unmapped: list[str], source: str
+    ) -> None:
         target = resolve(name)
         if target is None:
             unmapped.append(key)
         elif target in self._replace:
-            raise ForgetlessError("tensor given twice by the adapter (adapter_model and non_lora_trainables)",
-                                  file=self.path, tensor=target, remedy="keep one of the two copies")
+            raise ForgetlessError(
+                "tensor given twice by the adapter (adapter_model and non_lora_trainables)",
+                file=self.path,
+                tensor=target,
+                remedy="keep one of the two copies",
+            )
         else:
             self._replace[target] = t
             self._replace_keys[target] = (key, source)
@@ -422,7 +516,9 @@ class LoraAdapter:
         t = self._replace.get(name)
         return None if t is None else t.float()
 
-    def apply(self, name: str, base: torch.Tensor | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def apply(
+        self, name: str, base: torch.Tensor | None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The adapted tensor in float32: (replacement or base) + delta; untouched tensors come back as given.
 
         ``base`` may be None for a tensor the adapter replaces (see :meth:`replacement`). ``rows``: `base` is the
@@ -492,9 +588,12 @@ class AdaptedReader:
         for name in sorted(self._targets):
             want, have = adapter.shape_of(name), base.info(name).shape
             if want != have:
-                raise ForgetlessError(f"adapter implies shape {list(want or ())}, the base has {list(have)}",
-                                      file=adapter.path, tensor=name,
-                                      remedy="check that the adapter was trained on this base model")
+                raise ForgetlessError(
+                    f"adapter implies shape {list(want or ())}, the base has {list(have)}",
+                    file=adapter.path,
+                    tensor=name,
+                    remedy="check that the adapter was trained on this base model",
+                )
 
     def names(self) -> list[str]:
         return self.base.names()
@@ -547,7 +646,7 @@ class AdaptedReader:
 
 
 def _rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
-    return t if rows is None else t[rows[0]:rows[1]]
+    return t if rows is None else t[rows[0] : rows[1]]
 
 
 def open_model(ref: str) -> CheckpointReader | AdaptedReader:

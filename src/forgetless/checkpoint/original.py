@@ -38,11 +38,13 @@ from .reader import CheckpointReader, load_bin
 VISION_TOWER_ENV = "FORGETLESS_VISION_TOWER"
 PROJECTOR_FILE = "mm_projector.bin"
 IMAGE_TOKEN = "<image>"
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the human's questions.")
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions."
+)
 # LLaVA-1.5's conv_llava_v1: "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."
 CHAT_TEMPLATE = (
-    "{% set ns = namespace(system=\"" + SYSTEM + "\") %}"
+    '{% set ns = namespace(system="' + SYSTEM + '") %}'
     "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] if messages[0]['content'] "
     "is string else messages[0]['content'][0]['text'] %}{% endif %}"
     "{{ bos_token + ns.system + ' ' }}"
@@ -69,7 +71,9 @@ PREFIXES = [
     ("model.", "model.language_model."),
 ]
 PEFT_PREFIX = "base_model.model."
-_LLAMA_ONLY_KEYS = re.compile(r"^(mm_|tune_mm|freeze_mm|unfreeze_mm|use_mm|image_aspect|architectures$|model_type$)")
+_LLAMA_ONLY_KEYS = re.compile(
+    r"^(mm_|tune_mm|freeze_mm|unfreeze_mm|use_mm|image_aspect|architectures$|model_type$)"
+)
 
 
 def is_original(model_dir: Path) -> bool:
@@ -82,7 +86,7 @@ def to_memory(name: str) -> str:
     """The in-memory name of an original tensor (or module) name."""
     for old, new in PREFIXES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -90,7 +94,7 @@ def to_original(name: str) -> str:
     """The original name of an in-memory tensor (or module) name."""
     for old, new in PREFIXES:
         if name.startswith(new):
-            return old + name[len(new):]
+            return old + name[len(new) :]
     return name
 
 
@@ -105,7 +109,9 @@ def rename_adapter(folder: Path, rename: Callable[[str], str]) -> None:
 
     weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
     tensors = load_file(str(weights))
-    save_file({adapter_key(k, rename): v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    save_file(
+        {adapter_key(k, rename): v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"}
+    )
     cfg = json.loads(config.read_text())
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = [rename(m) for m in cfg["target_modules"]]
@@ -117,16 +123,26 @@ def _config(path: Path) -> dict[str, Any]:
 
 
 def _refuse_unsupported(cfg: dict[str, Any], file: Path) -> None:
-    checks = {"mm_projector_type": ("mlp2x_gelu",), "mm_patch_merge_type": ("flat", None),
-              "mm_vision_select_feature": ("patch", "cls_patch", None), "model_type": ("llava_llama", None)}
+    checks = {
+        "mm_projector_type": ("mlp2x_gelu",),
+        "mm_patch_merge_type": ("flat", None),
+        "mm_vision_select_feature": ("patch", "cls_patch", None),
+        "model_type": ("llava_llama", None),
+    }
     for key, allowed in checks.items():
         if cfg.get(key) not in allowed:
-            raise ForgetlessError(f"original LLaVA folder with {key}={cfg.get(key)!r}: transformers' LLaVA has no "
-                                  "equivalent", file=file, remedy=f"forgetless reads {key} in {allowed}; convert "
-                                  "the folder with transformers' LLaVA conversion script")
+            raise ForgetlessError(
+                f"original LLaVA folder with {key}={cfg.get(key)!r}: transformers' LLaVA has no equivalent",
+                file=file,
+                remedy=f"forgetless reads {key} in {allowed}; convert "
+                "the folder with transformers' LLaVA conversion script",
+            )
     if cfg.get("mm_use_im_start_end"):
-        raise ForgetlessError("original LLaVA folder with mm_use_im_start_end: image start/end tokens are not "
-                              "supported", file=file, remedy="convert the folder with transformers' script")
+        raise ForgetlessError(
+            "original LLaVA folder with mm_use_im_start_end: image start/end tokens are not supported",
+            file=file,
+            remedy="convert the folder with transformers' script",
+        )
 
 
 def vision_folder(model_dir: Path) -> Path | None:
@@ -140,8 +156,11 @@ def vision_folder(model_dir: Path) -> Path | None:
             if (d / "config.json").is_file():
                 return d
         if named == os.environ.get(VISION_TOWER_ENV):
-            raise ForgetlessError(f"${VISION_TOWER_ENV} is not a model folder (no config.json)", file=Path(named),
-                                  remedy="point it at a local CLIP folder (e.g. clip-vit-large-patch14-336)")
+            raise ForgetlessError(
+                f"${VISION_TOWER_ENV} is not a model folder (no config.json)",
+                file=Path(named),
+                remedy="point it at a local CLIP folder (e.g. clip-vit-large-patch14-336)",
+            )
     return None
 
 
@@ -163,15 +182,25 @@ def _vision_from_shapes(reader: CheckpointReader, file: Path):
 
     names = [n for n in reader.names() if n.startswith(prefix)]
     if not names:
-        raise ForgetlessError("the folder holds no vision tower weights and names no local CLIP folder", file=file,
-                              remedy=f"download the CLIP its config names (mm_vision_tower) and set "
-                                     f"{VISION_TOWER_ENV}=that folder")
+        raise ForgetlessError(
+            "the folder holds no vision tower weights and names no local CLIP folder",
+            file=file,
+            remedy=f"download the CLIP its config names (mm_vision_tower) and set "
+            f"{VISION_TOWER_ENV}=that folder",
+        )
     hidden, _, patch, _ = shape("embeddings.patch_embedding.weight")
     grid = round((shape("embeddings.position_embedding.weight")[0] - 1) ** 0.5)
     layers = 1 + max(int(m.group(1)) for n in names if (m := re.search(r"encoder\.layers\.(\d+)\.", n)))
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
-                            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), patch_size=patch,
-                            image_size=grid * patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        patch_size=patch,
+        image_size=grid * patch,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -182,8 +211,11 @@ def _tokenizer(model_dir: Path):
     try:  # with the config given, transformers does not read (and warn about) the folder's llava_llama config
         tok = AutoTokenizer.from_pretrained(model_dir, config=_text_config(model_dir))
     except Exception as e:  # transformers raises many types; report one line with the folder
-        raise ForgetlessError(f"cannot load the tokenizer ({type(e).__name__}: {e})", file=model_dir,
-                              remedy="the folder needs the tokenizer files the LLaVA repository saves") from e
+        raise ForgetlessError(
+            f"cannot load the tokenizer ({type(e).__name__}: {e})",
+            file=model_dir,
+            remedy="the folder needs the tokenizer files the LLaVA repository saves",
+        ) from e
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:
@@ -211,11 +243,16 @@ def hf_config(model_dir: Path):
     with CheckpointReader(model_dir) as reader:
         vision = _vision_from_folder(clip) if clip is not None else _vision_from_shapes(reader, model_dir)
     strategy = "full" if cfg.get("mm_vision_select_feature") == "cls_patch" else "default"
-    return LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
-                       image_token_index=_tokenizer(model_dir).convert_tokens_to_ids(IMAGE_TOKEN),
-                       vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)),
-                       vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
-                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        projector_hidden_act="gelu",
+        image_token_index=_tokenizer(model_dir).convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
 
 
 def _image_ids_past_vocabulary(model: nn.Module) -> None:
@@ -223,8 +260,9 @@ def _image_ids_past_vocabulary(model: nn.Module) -> None:
     embed = model.get_input_embeddings()
     if model.config.image_token_id < embed.num_embeddings:
         return
-    embed.register_forward_pre_hook(lambda m, args: (args[0].masked_fill(args[0] >= m.num_embeddings, 0),
-                                                     *args[1:]))
+    embed.register_forward_pre_hook(
+        lambda m, args: (args[0].masked_fill(args[0] >= m.num_embeddings, 0), *args[1:])
+    )
 
 
 def build_meta(model_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -237,7 +275,7 @@ def build_meta(model_dir: Path, dtype: torch.dtype) -> nn.Module:
         model = LlavaForConditionalGeneration._from_config(hf_config(model_dir), dtype=dtype)
     # what from_pretrained keeps after loading the folder, and saving reverts: our renamings, CLIP's "vision_model."
     every = get_model_conversion_mapping(model, KEY_MAPPING)
-    model._weight_conversions = every[:len(KEY_MAPPING)] + [c for c in every if isinstance(c, PrefixChange)]
+    model._weight_conversions = every[: len(KEY_MAPPING)] + [c for c in every if isinstance(c, PrefixChange)]
     return model
 
 
@@ -250,8 +288,12 @@ def _side_tensors(model_dir: Path, missing: set[str]) -> dict[str, torch.Tensor]
     clip = vision_folder(model_dir)
     if clip is not None and any(k.startswith("model.vision_tower.") for k in missing):
         with CheckpointReader(clip) as reader:
-            found.update({"model.vision_tower." + n.removeprefix("vision_model."): reader.get(n)
-                          for n in reader.names()})
+            found.update(
+                {
+                    "model.vision_tower." + n.removeprefix("vision_model."): reader.get(n)
+                    for n in reader.names()
+                }
+            )
     return {k: v for k, v in found.items() if k in missing}
 
 
@@ -262,8 +304,13 @@ def load(model_dir: Path, dtype: torch.dtype, **placement: Any) -> nn.Module:
 
     model_dir = Path(model_dir)
     model, info = LlavaForConditionalGeneration.from_pretrained(
-        model_dir, config=hf_config(model_dir), key_mapping=KEY_MAPPING, dtype=dtype, output_loading_info=True,
-        **placement)
+        model_dir,
+        config=hf_config(model_dir),
+        key_mapping=KEY_MAPPING,
+        dtype=dtype,
+        output_loading_info=True,
+        **placement,
+    )
     missing = set(info["missing_keys"])
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -271,9 +318,12 @@ def load(model_dir: Path, dtype: torch.dtype, **placement: Any) -> nn.Module:
             params[name].copy_(t)
             missing.discard(name)
     if missing:
-        raise ForgetlessError(f"the folder lacks {len(missing)} tensors the model needs, e.g. {min(missing)}",
-                              file=model_dir, remedy=f"restore the folder (the projector may sit in "
-                              f"{PROJECTOR_FILE}, the vision tower in a CLIP folder named by {VISION_TOWER_ENV})")
+        raise ForgetlessError(
+            f"the folder lacks {len(missing)} tensors the model needs, e.g. {min(missing)}",
+            file=model_dir,
+            remedy=f"restore the folder (the projector may sit in "
+            f"{PROJECTOR_FILE}, the vision tower in a CLIP folder named by {VISION_TOWER_ENV})",
+        )
     _image_ids_past_vocabulary(model)
     return model
 
@@ -285,8 +335,10 @@ def image_processor(model_dir: Path, vision):
 
     cfg = _config(model_dir / "config.json")
     clip = vision_folder(model_dir)
-    settings: dict[str, Any] = {"size": {"shortest_edge": vision.image_size},
-                                "crop_size": {"height": vision.image_size, "width": vision.image_size}}
+    settings: dict[str, Any] = {
+        "size": {"shortest_edge": vision.image_size},
+        "crop_size": {"height": vision.image_size, "width": vision.image_size},
+    }
     if clip is not None and (clip / "preprocessor_config.json").is_file():
         saved = json.loads((clip / "preprocessor_config.json").read_text())
         settings.update({k: saved[k] for k in ("size", "crop_size", "image_mean", "image_std") if k in saved})
@@ -300,7 +352,11 @@ def processor(model_dir: Path):
     model_dir = Path(model_dir)
     config = hf_config(model_dir)
     tok = _tokenizer(model_dir)
-    return LlavaProcessor(image_processor=image_processor(model_dir, config.vision_config), tokenizer=tok,
-                          patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,
-                          vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          chat_template=CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=image_processor(model_dir, config.vision_config),
+        tokenizer=tok,
+        patch_size=config.vision_config.patch_size,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
+    )

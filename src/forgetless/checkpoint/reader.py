@@ -89,13 +89,18 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8 or n > 100_000_000:
-            raise ForgetlessError(f"corrupt safetensors header (claims {n} header bytes, file has {size})",
-                                  file=path, remedy=remedy)
+            raise ForgetlessError(
+                f"corrupt safetensors header (claims {n} header bytes, file has {size})",
+                file=path,
+                remedy=remedy,
+            )
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ForgetlessError(f"corrupt safetensors header ({e.__class__.__name__})", file=path, remedy=remedy) from None
+        raise ForgetlessError(
+            f"corrupt safetensors header ({e.__class__.__name__})", file=path, remedy=remedy
+        ) from None
     header = parse_json(text, file=path, remedy=remedy)
     if not isinstance(header, dict):
         raise ForgetlessError("corrupt safetensors header (not a JSON object)", file=path, remedy=remedy)
@@ -108,16 +113,23 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             b, e = h["data_offsets"]
             numel = math.prod(h["shape"])
         except (KeyError, TypeError, ValueError):
-            raise ForgetlessError(f"corrupt safetensors header entry {h!r}", file=path, tensor=name,
-                                  remedy=remedy) from None
+            raise ForgetlessError(
+                f"corrupt safetensors header entry {h!r}", file=path, tensor=name, remedy=remedy
+            ) from None
         if e - b != numel * dtype_size(dtype) or b < 0:
-            raise ForgetlessError(f"data offsets {b}..{e} do not match shape {h['shape']} {h['dtype']}",
-                                  file=path, tensor=name, remedy=remedy)
+            raise ForgetlessError(
+                f"data offsets {b}..{e} do not match shape {h['shape']} {h['dtype']}",
+                file=path,
+                tensor=name,
+                remedy=remedy,
+            )
         end_max = max(end_max, e)
     if start + end_max > size:
         raise ForgetlessError(
             f"file is truncated: its header needs {start + end_max} bytes, the file has {size}",
-            file=path, remedy=remedy)
+            file=path,
+            remedy=remedy,
+        )
     return header, start
 
 
@@ -146,8 +158,11 @@ class CheckpointReader:
                 self._bin: dict[Path, dict[str, torch.Tensor]] = {}
                 self._fds: dict[Path, int] = {}
                 return
-            raise ForgetlessError("model folder not found", file=self.path,
-                                  remedy="give a Hugging Face model folder (config.json + weights)")
+            raise ForgetlessError(
+                "model folder not found",
+                file=self.path,
+                remedy="give a Hugging Face model folder (config.json + weights)",
+            )
         self.config = self._read_config()
         self._bin = {}
         self._fds = {}
@@ -162,14 +177,24 @@ class CheckpointReader:
             self.infos = self._index_safetensors({SAFE_SINGLE: p / SAFE_SINGLE})
         elif (p / BIN_INDEX).exists() or (p / BIN_SINGLE).exists():
             self.format = "bin"
-            files = self._files_from_index(p / BIN_INDEX) if (p / BIN_INDEX).exists() else {BIN_SINGLE: p / BIN_SINGLE}
+            files = (
+                self._files_from_index(p / BIN_INDEX)
+                if (p / BIN_INDEX).exists()
+                else {BIN_SINGLE: p / BIN_SINGLE}
+            )
             self.infos = self._index_bin(files)
         else:
             if any((p / f).exists() for f in ADAPTER_FILES):
-                raise ForgetlessError("this folder is a PEFT adapter, not a model", file=p,
-                                      remedy="name it as BASE_DIR+ADAPTER_DIR to fold it into its base model")
-            raise ForgetlessError("no model weights found (model.safetensors, its index, or pytorch_model.bin)",
-                                  file=p, remedy="give a Hugging Face model folder")
+                raise ForgetlessError(
+                    "this folder is a PEFT adapter, not a model",
+                    file=p,
+                    remedy="name it as BASE_DIR+ADAPTER_DIR to fold it into its base model",
+                )
+            raise ForgetlessError(
+                "no model weights found (model.safetensors, its index, or pytorch_model.bin)",
+                file=p,
+                remedy="give a Hugging Face model folder",
+            )
 
     # ------------------------------------------------------------------ indexing
     def _read_config(self) -> dict:
@@ -183,15 +208,19 @@ class CheckpointReader:
         weight_map = read_json(index, remedy=remedy)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ForgetlessError("invalid index (no 'weight_map' of tensor names to shard files)", file=index,
-                                  remedy=remedy)
+            raise ForgetlessError(
+                "invalid index (no 'weight_map' of tensor names to shard files)", file=index, remedy=remedy
+            )
         self._weight_map = weight_map
         files = {}
         for shard in dict.fromkeys(weight_map.values()):
             f = self.path / shard
             if not f.exists():
-                raise ForgetlessError(f"missing shard {shard} listed in {index.name}", file=f,
-                                      remedy="the download is incomplete; fetch the missing shard")
+                raise ForgetlessError(
+                    f"missing shard {shard} listed in {index.name}",
+                    file=f,
+                    remedy="the download is incomplete; fetch the missing shard",
+                )
             files[shard] = f
         return files
 
@@ -199,8 +228,11 @@ class CheckpointReader:
         for name, shard in self._weight_map.items():
             info = self.infos.get(name)
             if info is None or info.file.name != Path(shard).name:
-                raise ForgetlessError(f"index lists tensor {name!r} in {shard}, which does not contain it",
-                                      file=index, remedy="restore the index and shards from one checkpoint")
+                raise ForgetlessError(
+                    f"index lists tensor {name!r} in {shard}, which does not contain it",
+                    file=index,
+                    remedy="restore the index and shards from one checkpoint",
+                )
 
     @staticmethod
     def _index_safetensors(files: dict[str, Path]) -> dict[str, TensorInfo]:
@@ -209,10 +241,15 @@ class CheckpointReader:
             header, start = read_safetensors_header(f)
             for name, h in header.items():
                 if name in infos:
-                    raise ForgetlessError(f"tensor appears in two shards ({infos[name].file.name}, {f.name})",
-                                          file=f, tensor=name, remedy="restore the shards from one checkpoint")
-                infos[name] = TensorInfo(name, tuple(h["shape"]), SAFE_DTYPES[h["dtype"]], f,
-                                         start + h["data_offsets"][0])
+                    raise ForgetlessError(
+                        f"tensor appears in two shards ({infos[name].file.name}, {f.name})",
+                        file=f,
+                        tensor=name,
+                        remedy="restore the shards from one checkpoint",
+                    )
+                infos[name] = TensorInfo(
+                    name, tuple(h["shape"]), SAFE_DTYPES[h["dtype"]], f, start + h["data_offsets"][0]
+                )
         return infos
 
     def _index_bin(self, files: dict[str, Path]) -> dict[str, TensorInfo]:
@@ -240,7 +277,7 @@ class CheckpointReader:
         info = self.infos[name]
         if info.offset < 0:
             t = self._bin[info.file][name]
-            return (t if rows is None else t[rows[0]:rows[1]]).clone()
+            return (t if rows is None else t[rows[0] : rows[1]]).clone()
         shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
         out = torch.empty(shape, dtype=info.dtype)
         if out.numel():
@@ -264,21 +301,30 @@ class CheckpointReader:
             return self.get(name, rows)
         start = at - at % mmap.ALLOCATIONGRANULARITY
         try:
-            m = mmap.mmap(self._fd(info.file), at - start + numel * dtype_size(info.dtype), flags=mmap.MAP_PRIVATE,
-                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            m = mmap.mmap(
+                self._fd(info.file),
+                at - start + numel * dtype_size(info.dtype),
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start,
+            )
         except ValueError:  # Python's own size check: the file is now shorter than its header says
             raise truncated(info) from None
         except OSError:  # a file system that cannot map files
             return self.get(name, rows)
         try:  # map every page now, on this (reader) thread, in one call: faulting them in one by one where the
-            m.madvise(MADV_POPULATE_READ)  # merge first touches them cost it 2-7x more (the sample's scattered reads)
+            m.madvise(
+                MADV_POPULATE_READ
+            )  # merge first touches them cost it 2-7x more (the sample's scattered reads)
         except OSError as e:
             if e.errno == errno.EFAULT:  # a page past the file's end: touching it would raise SIGBUS
                 m.close()
                 raise truncated(info) from None
         except ValueError:  # Linux before 5.14 (EINVAL is an OSError, passed over above)
             pass
-        return torch.frombuffer(m, dtype=info.dtype, count=numel, offset=at - start).view(shape)  # keeps `m` alive
+        return torch.frombuffer(m, dtype=info.dtype, count=numel, offset=at - start).view(
+            shape
+        )  # keeps `m` alive
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
@@ -302,7 +348,7 @@ class CheckpointReader:
         info = self.infos[name]
         if info.offset < 0:
             t = self._bin[info.file][name]
-            t = (t if rows is None else t[rows[0]:rows[1]]).contiguous()
+            t = (t if rows is None else t[rows[0] : rows[1]]).contiguous()
             return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
         n = info.nbytes if rows is None else (rows[1] - rows[0]) * row_bytes(info.shape, info.dtype)
         buf = bytearray(n)
@@ -349,9 +395,12 @@ class CheckpointReader:
 
 def truncated(info: TensorInfo) -> ForgetlessError:
     """The error for a file found shorter than its header says while it is read (another process shortened it)."""
-    return ForgetlessError("file is truncated while reading (shorter than its header says: did another process "
-                           "change it?)", file=info.file, tensor=info.name,
-                           remedy="leave the inputs as they are while a command reads them; save the file again")
+    return ForgetlessError(
+        "file is truncated while reading (shorter than its header says: did another process change it?)",
+        file=info.file,
+        tensor=info.name,
+        remedy="leave the inputs as they are while a command reads them; save the file again",
+    )
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -366,7 +415,9 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format: no mmap
     except Exception as e:  # noqa: BLE001 — pickle errors, EOF on truncation, unsafe globals: all mean "unreadable"
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ForgetlessError(f"cannot read ({e.__class__.__name__}: {first})", file=path, remedy=remedy) from None
+        raise ForgetlessError(
+            f"cannot read ({e.__class__.__name__}: {first})", file=path, remedy=remedy
+        ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ForgetlessError("not a state dict of tensors", file=path, remedy=remedy)
     return sd

@@ -25,8 +25,11 @@ def check_free_space(path: str | os.PathLike, nbytes: int, what: str) -> None:
     where = _existing_parent(Path(path))
     free = shutil.disk_usage(where).free
     if nbytes > free:
-        raise ForgetlessError(f"{what} needs {human_bytes(nbytes)} but its disk has {human_bytes(free)} free",
-                              file=path, remedy="free space on that disk, or write the output to another disk")
+        raise ForgetlessError(
+            f"{what} needs {human_bytes(nbytes)} but its disk has {human_bytes(free)} free",
+            file=path,
+            remedy="free space on that disk, or write the output to another disk",
+        )
 
 
 def same_disk(a: str | os.PathLike, b: str | os.PathLike) -> bool:

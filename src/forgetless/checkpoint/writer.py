@@ -51,9 +51,22 @@ from .reader import DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE, dtype_size
 from .space import check_free_space
 
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
-    "*.tiktoken", "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
     "video_preprocessor_config.json",
 )
 
@@ -153,9 +166,12 @@ def commit_folder(tmp: Path, out: Path, *, replace: bool) -> Path:
             _rename_noreplace(tmp, out)
         except FileExistsError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ForgetlessError("output folder appeared while this run was writing it (another process or "
-                                  "thread wrote the same output); it was left as it is", file=out,
-                                  remedy="choose another --out, or pass --force to replace it") from None
+            raise ForgetlessError(
+                "output folder appeared while this run was writing it (another process or "
+                "thread wrote the same output); it was left as it is",
+                file=out,
+                remedy="choose another --out, or pass --force to replace it",
+            ) from None
         return out
     for _ in range(3):  # another writer may commit or remove `out` between our steps: look again
         try:
@@ -172,8 +188,11 @@ def commit_folder(tmp: Path, out: Path, *, replace: bool) -> Path:
             return out
         if _replace_moving_aside(tmp, out):
             return out
-    raise ForgetlessError("output folder is being replaced by other writers at the same time", file=out,
-                          remedy="run one writer per output folder")
+    raise ForgetlessError(
+        "output folder is being replaced by other writers at the same time",
+        file=out,
+        remedy="run one writer per output folder",
+    )
 
 
 def _replace_moving_aside(tmp: Path, out: Path) -> bool:
@@ -250,8 +269,9 @@ def _temp_file(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], object], *,
-                 replace: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike, data: bytes | str | Callable[[Path], object], *, replace: bool = True
+) -> Path:
     """Write `data` to the file `path`, whole or not at all: bytes, text (UTF-8), or a function that writes the
     path it is given. It goes to a temporary file beside `path`, unique to this call (concurrent writers never
     share one), renamed over `path`; on any failure the temporary file is removed and an error of the operating
@@ -284,8 +304,20 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     s = str(size).strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "B": 1,
+    }
     for u, mult in units.items():
         if s.endswith(u):
             return int(float(s[: -len(u)]) * mult)
@@ -333,14 +365,25 @@ def plan_shards(entries: list[Entry], shard_size: int) -> list[list[Entry]]:
 
 
 class StreamingWriter:
-    def __init__(self, out: Path, entries: list[Entry], *, shard_size: int, force: bool = False,
-                 metadata: dict[str, str] | None = None, single_name: str = SAFE_SINGLE):
+    def __init__(
+        self,
+        out: Path,
+        entries: list[Entry],
+        *,
+        shard_size: int,
+        force: bool = False,
+        metadata: dict[str, str] | None = None,
+        single_name: str = SAFE_SINGLE,
+    ):
         """``single_name``: the file name when everything fits one shard (a PEFT adapter is one
         ``adapter_model.safetensors``: give it a shard size above its total)."""
         self.out = Path(out)
         if self.out.exists() and not force:
-            raise ForgetlessError("output folder already exists", file=self.out,
-                                  remedy="choose another --out or pass --force to replace it")
+            raise ForgetlessError(
+                "output folder already exists",
+                file=self.out,
+                remedy="choose another --out or pass --force to replace it",
+            )
         self.force = force
         groups = plan_shards(entries, shard_size)
         n = len(groups)
@@ -371,7 +414,11 @@ class StreamingWriter:
         header: dict[str, object] = {"__metadata__": meta}
         pos = 0
         for e in shard.entries:
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+            header[e.name] = {
+                "dtype": DTYPE_NAMES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [pos, pos + e.nbytes],
+            }
             pos += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -405,7 +452,9 @@ class StreamingWriter:
                 done = self._partial.get(name, 0) + size
                 self._partial[name] = done
             if at < 0 or at + size > nbytes or done > nbytes:
-                raise AssertionError(f"{name}: bytes {at}..{at + size} written ({done} in all), {nbytes} planned")
+                raise AssertionError(
+                    f"{name}: bytes {at}..{at + size} written ({done} in all), {nbytes} planned"
+                )
         off += at
         with naming(self._paths[fd]):
             while len(buf):  # in pieces: a write holds the file's lock, and other threads' writes wait for it
@@ -435,11 +484,18 @@ class StreamingWriter:
         for f in syncs:
             f.result()
 
-    def commit(self, *, side_files_from: Path | None = None, config_updates: dict | None = None,
-               extra_files: dict[str, str] | None = None) -> Path:
+    def commit(
+        self,
+        *,
+        side_files_from: Path | None = None,
+        config_updates: dict | None = None,
+        extra_files: dict[str, str] | None = None,
+    ) -> Path:
         """Finish: check every tensor was written, write the index and side files, rename into place."""
         if self._pending:
-            raise AssertionError(f"{len(self._pending)} planned tensors never written, e.g. {sorted(self._pending)[:3]}")
+            raise AssertionError(
+                f"{len(self._pending)} planned tensors never written, e.g. {sorted(self._pending)[:3]}"
+            )
         self._stop_syncing()
         for fd in self._fds:
             with naming(self._paths[fd]):
@@ -448,8 +504,10 @@ class StreamingWriter:
         self._fds.clear()
         written = []
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {e.name: s.file for s in self.shards for e in s.entries}}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {e.name: s.file for s in self.shards for e in s.entries},
+            }
             (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             written.append(SAFE_INDEX)
         if side_files_from is not None:

@@ -17,6 +17,25 @@ from .plan import Job, Plan, Route, Unit, build_plan
 from .run import execute, merge, merge_threads
 from .runner import Runner, tensor_generators, tensor_seed
 
-__all__ = ["AdapterPlan", "Cost", "Count", "Job", "MergeReport", "Plan", "Route", "Runner", "Unit",
-           "adapter_problems", "build_plan", "execute", "merge", "merge_threads", "model_card", "num_rows",
-           "open_adapter", "resolve_params", "tensor_generators", "tensor_seed"]
+__all__ = [
+    "AdapterPlan",
+    "Cost",
+    "Count",
+    "Job",
+    "MergeReport",
+    "Plan",
+    "Route",
+    "Runner",
+    "Unit",
+    "adapter_problems",
+    "build_plan",
+    "execute",
+    "merge",
+    "merge_threads",
+    "model_card",
+    "num_rows",
+    "open_adapter",
+    "resolve_params",
+    "tensor_generators",
+    "tensor_seed",
+]

@@ -58,7 +58,9 @@ class AdapterPlan(Plan):
     """A merge of LoRA adapters in adapter space: ``models`` are :class:`LoraAdapter`s of ``base``."""
 
     modules: list[AdapterModule] = field(default_factory=list)
-    replaced: dict[str, tuple[str, str, torch.dtype]] = field(default_factory=dict)  # base name -> key, file, dtype
+    replaced: dict[str, tuple[str, str, torch.dtype]] = field(
+        default_factory=dict
+    )  # base name -> key, file, dtype
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json of the output
     factor_dtype: torch.dtype = torch.float32
 
@@ -78,7 +80,9 @@ class AdapterPlan(Plan):
             out_, in_ = m.shape
             factors = sum(r * (out_ + in_) for r in m.ranks) * 4 * 2  # read + scaled copy
             # the n deltas, the trim's |Δ| and mask, sign/numerator/denominator, the SVD's factors and workspace
-            dense = (n + 6) * out_ * in_ * 4 if self.spec.dense else 3 * out_ * in_ * 4 if self.recipe.fold else 0
+            dense = (
+                (n + 6) * out_ * in_ * 4 if self.spec.dense else 3 * out_ * in_ * 4 if self.recipe.fold else 0
+            )
             largest = max(largest, factors + dense)
         biggest_out = max((j.out_bytes for j in self.jobs), default=0)
         return budget.RUNTIME_BYTES + largest + 3 * biggest_out
@@ -88,13 +92,18 @@ class AdapterPlan(Plan):
 
     def card_note(self) -> str:
         r = self.recipe
-        took = ("averaged over the adapters (an adapter without one contributes the base tensor)"
-                if r.non_lora == "average" else f"taken from models[{r.non_lora}] ({r.models[int(r.non_lora)].model})")
+        took = (
+            "averaged over the adapters (an adapter without one contributes the base tensor)"
+            if r.non_lora == "average"
+            else f"taken from models[{r.non_lora}] ({r.models[int(r.non_lora)].model})"
+        )
         out = "the full model with the merged update folded in" if r.fold else "a PEFT LoRA adapter"
         ranks = sorted({m.rank for m in self.modules})
-        return (f"\nMerged in adapter space: {len(self.models)} LoRA adapters of `{r.base}` → {out} "
-                f"(rank {', '.join(map(str, ranks))}). Full tensors the adapters carry (non_lora_trainables, "
-                f"modules_to_save): {len(self.replaced)}, {took}.\n")
+        return (
+            f"\nMerged in adapter space: {len(self.models)} LoRA adapters of `{r.base}` → {out} "
+            f"(rank {', '.join(map(str, ranks))}). Full tensors the adapters carry (non_lora_trainables, "
+            f"modules_to_save): {len(self.replaced)}, {took}.\n"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -104,25 +113,39 @@ def open_adapter(ref: str, base: CheckpointReader, label: str, where: str) -> Lo
     path = Path(ref).expanduser()
     if not path.is_dir():
         if "+" in ref:
-            raise ForgetlessError(f"{label}: adapter-space methods take the adapter folder alone ({ref!r})",
-                                  file=where, remedy="write the adapter folder under models and its base under base")
+            raise ForgetlessError(
+                f"{label}: adapter-space methods take the adapter folder alone ({ref!r})",
+                file=where,
+                remedy="write the adapter folder under models and its base under base",
+            )
         raise ForgetlessError(f"{label}: adapter folder not found", file=path, remedy="check the path")
     if not (path / ADAPTER_CONFIG).is_file() and not (path / NON_LORA).is_file():
         what = "a full model folder" if (path / "config.json").is_file() else "not a PEFT adapter folder"
-        raise ForgetlessError(f"{label}: {what}, where a LoRA adapter is expected (no {ADAPTER_CONFIG})", file=path,
-                              remedy="give PEFT adapter folders (save_pretrained), or merge full models with a "
-                                     "weight-space method (task_arithmetic, ties, …)")
+        raise ForgetlessError(
+            f"{label}: {what}, where a LoRA adapter is expected (no {ADAPTER_CONFIG})",
+            file=path,
+            remedy="give PEFT adapter folders (save_pretrained), or merge full models with a "
+            "weight-space method (task_arithmetic, ties, …)",
+        )
     return LoraAdapter(path, base.names())
 
 
-def adapter_problems(adapters: list[LoraAdapter], base: CheckpointReader, one_rank: str | None = None) -> list[str]:
+def adapter_problems(
+    adapters: list[LoraAdapter], base: CheckpointReader, one_rank: str | None = None
+) -> list[str]:
     """Every reason these adapters cannot be merged in adapter space, each naming the adapter and module.
     `one_rank`: the name of a method that needs every adapter at one rank (ranks are then compared)."""
     problems: list[str] = []
-    bases = {str(a.config.get("base_model_name_or_path")) for a in adapters if a.config.get("base_model_name_or_path")}
+    bases = {
+        str(a.config.get("base_model_name_or_path"))
+        for a in adapters
+        if a.config.get("base_model_name_or_path")
+    }
     if len(bases) > 1:
-        problems.append("adapter_config.json base_model_name_or_path differs: " + ", ".join(
-            f"{a.path}: {a.config.get('base_model_name_or_path')!r}" for a in adapters))
+        problems.append(
+            "adapter_config.json base_model_name_or_path differs: "
+            + ", ".join(f"{a.path}: {a.config.get('base_model_name_or_path')!r}" for a in adapters)
+        )
     for i, a in enumerate(adapters):
         problems += _problems_of(i, a, adapters[0], base, one_rank)
     return problems
@@ -135,8 +158,9 @@ def _brief(targets: Any, shown: int = 3) -> str:
     return repr(targets)
 
 
-def _problems_of(i: int, a: LoraAdapter, first_adapter: LoraAdapter, base: CheckpointReader,
-                 one_rank: str | None) -> list[str]:
+def _problems_of(
+    i: int, a: LoraAdapter, first_adapter: LoraAdapter, base: CheckpointReader, one_rank: str | None
+) -> list[str]:
     """What keeps adapter models[i] from being merged with models[0] (`first_adapter`) in adapter space."""
     problems: list[str] = []
     first, loras = first_adapter.loras(), a.loras()
@@ -144,23 +168,33 @@ def _problems_of(i: int, a: LoraAdapter, first_adapter: LoraAdapter, base: Check
         problems.append(f"models[{i}] {a.path}: no LoRA module (only full tensors)")
     if i and set(loras) != set(first):
         diff = sorted(set(loras) ^ set(first))
-        problems.append(f"models[{i}] {a.path}: adapts other modules than models[0] ({len(diff)} differ, e.g. "
-                        f"{', '.join(diff[:3])}; target_modules {_brief(a.config.get('target_modules'))} vs "
-                        f"{_brief(first_adapter.config.get('target_modules'))})")
+        problems.append(
+            f"models[{i}] {a.path}: adapts other modules than models[0] ({len(diff)} differ, e.g. "
+            f"{', '.join(diff[:3])}; target_modules {_brief(a.config.get('target_modules'))} vs "
+            f"{_brief(first_adapter.config.get('target_modules'))})"
+        )
     for name, lora in sorted(loras.items()):
         if lora.kind != "linear" or lora.fan_in_fan_out:
             what = "fan_in_fan_out Linear" if lora.kind == "linear" else lora.kind
-            problems.append(f"models[{i}] {a.path}: {lora.module} is a {what} LoRA (adapter-space merging "
-                            "takes Linear layers)")
+            problems.append(
+                f"models[{i}] {a.path}: {lora.module} is a {what} LoRA (adapter-space merging "
+                "takes Linear layers)"
+            )
         elif lora.shape() != tuple(base.info(name).shape):
-            problems.append(f"models[{i}] {a.path}: {lora.module} implies shape {list(lora.shape())}, the base "
-                            f"has {list(base.info(name).shape)}")
+            problems.append(
+                f"models[{i}] {a.path}: {lora.module} implies shape {list(lora.shape())}, the base "
+                f"has {list(base.info(name).shape)}"
+            )
         elif one_rank and name in first and lora.A.shape[0] != first[name].A.shape[0]:
-            problems.append(f"models[{i}] {a.path}: {lora.module} has rank {lora.A.shape[0]}, models[0] has "
-                            f"{first[name].A.shape[0]} ({one_rank} merges adapters of one rank)")
+            problems.append(
+                f"models[{i}] {a.path}: {lora.module} has rank {lora.A.shape[0]}, models[0] has "
+                f"{first[name].A.shape[0]} ({one_rank} merges adapters of one rank)"
+            )
     for b in sorted(a.lora_biases()):
-        problems.append(f"models[{i}] {a.path}: {b} has a lora_B bias (lora_bias=True), which adapter-space "
-                        "merging does not take")
+        problems.append(
+            f"models[{i}] {a.path}: {b} has a lora_B bias (lora_bias=True), which adapter-space "
+            "merging does not take"
+        )
     return problems
 
 
@@ -168,38 +202,54 @@ def _refuse_weight_options(recipe: Recipe, spec: MethodSpec, where: str) -> str:
     """The base model folder; what only full-tensor merges take (statistics, a scope, BASE+ADAPTER) and a bad
     ``non_lora`` index are refused."""
     if recipe.statistics or any(m.statistics for m in recipe.models):
-        raise ForgetlessError(f"statistics: {spec.name!r} takes none", file=where, remedy="remove `statistics:`")
+        raise ForgetlessError(
+            f"statistics: {spec.name!r} takes none", file=where, remedy="remove `statistics:`"
+        )
     if recipe.scope.include or recipe.scope.exclude:
-        raise ForgetlessError(f"scope: {spec.name!r} merges every module the adapters adapt", file=where,
-                              remedy="remove `scope:` (train the adapters on the modules you want merged)")
+        raise ForgetlessError(
+            f"scope: {spec.name!r} merges every module the adapters adapt",
+            file=where,
+            remedy="remove `scope:` (train the adapters on the modules you want merged)",
+        )
     if isinstance(recipe.non_lora, int) and not 0 <= recipe.non_lora < len(recipe.models):
-        raise ForgetlessError(f"non_lora: {recipe.non_lora} is not an index into models (0–{len(recipe.models) - 1})",
-                              file=where, remedy="give average or the index of one model")
+        raise ForgetlessError(
+            f"non_lora: {recipe.non_lora} is not an index into models (0–{len(recipe.models) - 1})",
+            file=where,
+            remedy="give average or the index of one model",
+        )
     base_ref, base_adapter = parse_model_ref(recipe.base)
     if base_adapter is not None:
-        raise ForgetlessError("base: the base model folder alone, without +ADAPTER", file=where,
-                              remedy="list the adapter under models")
+        raise ForgetlessError(
+            "base: the base model folder alone, without +ADAPTER",
+            file=where,
+            remedy="list the adapter under models",
+        )
     return base_ref
 
 
-def _open_adapters(recipe: Recipe, spec: MethodSpec, base: CheckpointReader, base_ref: str,
-                   where: str) -> list[LoraAdapter]:
+def _open_adapters(
+    recipe: Recipe, spec: MethodSpec, base: CheckpointReader, base_ref: str, where: str
+) -> list[LoraAdapter]:
     """The recipe's adapters, refused together with every problem listed, and (``fold``) when trained on
     another base."""
     adapters = [open_adapter(m.model, base, f"models[{i}]", where) for i, m in enumerate(recipe.models)]
     problems = adapter_problems(adapters, base, spec.name if spec.equal_ranks else None)
     if problems:
-        raise ForgetlessError(f"{len(problems)} problem(s) with the adapters: {listed(problems)}", file=where,
-                              remedy="merge adapters trained on one base, with the same target modules"
-                                     + (" and rank" if spec.equal_ranks else ""))
+        raise ForgetlessError(
+            f"{len(problems)} problem(s) with the adapters: {listed(problems)}",
+            file=where,
+            remedy="merge adapters trained on one base, with the same target modules"
+            + (" and rank" if spec.equal_ranks else ""),
+        )
     if recipe.fold and not recipe.allow_other_model:
         refuse_other_bases([(f"models[{i}]", a, base_ref) for i, a in enumerate(adapters)], where)
     return adapters
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out: Path | None,
-                 force: bool) -> AdapterPlan:
+def adapter_plan(
+    recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out: Path | None, force: bool
+) -> AdapterPlan:
     """The plan of an adapter-space merge (:func:`.plan.build_plan` for a method with ``space="adapter"``)."""
     where = recipe.source or "recipe"
     base_ref = _refuse_weight_options(recipe, spec, where)
@@ -213,34 +263,68 @@ def adapter_plan(recipe: Recipe, spec: MethodSpec, params: dict[str, Any], out: 
     first = adapters[0].loras()
     cfg["rank_pattern"] = {first[n].module: r for n, r in rank_of.items() if r != cfg["r"]}
     order = {n: i for i, n in enumerate(names)}
-    modules = [AdapterModule(n, first[n].module, tuple(base.info(n).shape),
-                             tuple(a.loras()[n].A.shape[0] for a in adapters), rank_of[n],
-                             peft_scale(cfg, rank_of[n]))
-               for n in sorted(first, key=order.__getitem__)]
+    modules = [
+        AdapterModule(
+            n,
+            first[n].module,
+            tuple(base.info(n).shape),
+            tuple(a.loras()[n].A.shape[0] for a in adapters),
+            rank_of[n],
+            peft_scale(cfg, rank_of[n]),
+        )
+        for n in sorted(first, key=order.__getitem__)
+    ]
     replaced: dict[str, tuple[str, str, torch.dtype]] = {}
     for a in adapters:
         for n, (key, src, dt) in a.replacements().items():
             replaced.setdefault(n, (key, src, DTYPES.get(recipe.dtype, dt)))
     factor_dtype = DTYPES.get(recipe.dtype) or next(iter(first.values())).A.dtype
-    jobs = (_folded_jobs(recipe, base, layout, modules, replaced) if recipe.fold else
-            _adapter_jobs(base, layout, modules, replaced, order, factor_dtype))
-    return AdapterPlan(recipe, spec, params, base, adapters, {}, layout, jobs, out, force, modules=modules,
-                       replaced=replaced, config=cfg, factor_dtype=factor_dtype)
+    jobs = (
+        _folded_jobs(recipe, base, layout, modules, replaced)
+        if recipe.fold
+        else _adapter_jobs(base, layout, modules, replaced, order, factor_dtype)
+    )
+    return AdapterPlan(
+        recipe,
+        spec,
+        params,
+        base,
+        adapters,
+        {},
+        layout,
+        jobs,
+        out,
+        force,
+        modules=modules,
+        replaced=replaced,
+        config=cfg,
+        factor_dtype=factor_dtype,
+    )
 
 
-def _output_ranks(spec: MethodSpec, params: dict[str, Any], adapters: list[LoraAdapter], base: CheckpointReader,
-                  where: str) -> dict[str, int]:
+def _output_ranks(
+    spec: MethodSpec, params: dict[str, Any], adapters: list[LoraAdapter], base: CheckpointReader, where: str
+) -> dict[str, int]:
     """Base weight -> the merged module's rank, refused where it does not fit the weight."""
     first = adapters[0].loras()
-    rank_of = {name: spec.out_rank([a.loras()[name].A.shape[0] for a in adapters],
-                                   {k.rstrip("_"): v for k, v in params.items()})
-               for name in first}
-    too_big = [f"{first[n].module} {list(base.info(n).shape)}" for n, r in rank_of.items()
-               if not 1 <= r <= min(base.info(n).shape)]
+    rank_of = {
+        name: spec.out_rank(
+            [a.loras()[name].A.shape[0] for a in adapters], {k.rstrip("_"): v for k, v in params.items()}
+        )
+        for name in first
+    }
+    too_big = [
+        f"{first[n].module} {list(base.info(n).shape)}"
+        for n, r in rank_of.items()
+        if not 1 <= r <= min(base.info(n).shape)
+    ]
     if too_big:
-        raise ForgetlessError(f"output rank {sorted(set(rank_of.values()))} does not fit {len(too_big)} module(s), "
-                              f"e.g. {too_big[0]}", file=where, remedy="set parameters.rank between 1 and the "
-                              "smaller side of every adapted weight")
+        raise ForgetlessError(
+            f"output rank {sorted(set(rank_of.values()))} does not fit {len(too_big)} module(s), "
+            f"e.g. {too_big[0]}",
+            file=where,
+            remedy="set parameters.rank between 1 and the smaller side of every adapted weight",
+        )
     return rank_of
 
 
@@ -267,34 +351,63 @@ def peft_scale(cfg: dict[str, Any], rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def _folded_jobs(recipe: Recipe, base: CheckpointReader, layout: layouts.Layout, modules: list[AdapterModule],
-                 replaced: dict[str, Any]) -> list[Job]:
+def _folded_jobs(
+    recipe: Recipe,
+    base: CheckpointReader,
+    layout: layouts.Layout,
+    modules: list[AdapterModule],
+    replaced: dict[str, Any],
+) -> list[Job]:
     """``fold``: every tensor of the base — adapted ones merged, full ones the adapters carry replaced."""
     adapted = {m.name for m in modules}
     jobs = []
     for n in base.names():
         info = base.info(n)
-        dt = info.dtype if recipe.dtype == "base" or not info.dtype.is_floating_point else DTYPES[recipe.dtype]
-        route = (Route.METHOD if n in adapted else Route.NON_LORA if n in replaced else
-                 Route.BASE if info.dtype.is_floating_point else Route.NON_FLOAT)
+        dt = (
+            info.dtype if recipe.dtype == "base" or not info.dtype.is_floating_point else DTYPES[recipe.dtype]
+        )
+        route = (
+            Route.METHOD
+            if n in adapted
+            else Route.NON_LORA
+            if n in replaced
+            else Route.BASE
+            if info.dtype.is_floating_point
+            else Route.NON_FLOAT
+        )
         jobs.append(Job(n, route, layouts.part_of(layout, n), info.shape, info.dtype, dt))
     return jobs
 
 
-def _adapter_jobs(base: CheckpointReader, layout: layouts.Layout, modules: list[AdapterModule],
-                  replaced: dict[str, tuple[str, str, torch.dtype]], order: dict[str, int],
-                  factor_dtype: torch.dtype) -> list[Job]:
+def _adapter_jobs(
+    base: CheckpointReader,
+    layout: layouts.Layout,
+    modules: list[AdapterModule],
+    replaced: dict[str, tuple[str, str, torch.dtype]],
+    order: dict[str, int],
+    factor_dtype: torch.dtype,
+) -> list[Job]:
     """An adapter folder: every module's lora_A and lora_B, then the full tensors of adapter_model.safetensors
     (those from non_lora_trainables.bin are written back to that file beside it, not planned here)."""
     jobs = []
     for m in modules:
         part = layouts.part_of(layout, m.name)
         for kind, shape in (("lora_A", (m.rank, m.shape[1])), ("lora_B", (m.shape[0], m.rank))):
-            jobs.append(Job(f"{PEFT_PREFIX}{m.module}.{kind}.weight", Route.METHOD, part, shape, factor_dtype,
-                            factor_dtype))
+            jobs.append(
+                Job(
+                    f"{PEFT_PREFIX}{m.module}.{kind}.weight",
+                    Route.METHOD,
+                    part,
+                    shape,
+                    factor_dtype,
+                    factor_dtype,
+                )
+            )
     for n, (key, src, dt) in sorted(replaced.items(), key=lambda kv: order[kv[0]]):
         if src == ADAPTER_SAFE:
-            jobs.append(Job(key, Route.NON_LORA, layouts.part_of(layout, n), tuple(base.info(n).shape), dt, dt))
+            jobs.append(
+                Job(key, Route.NON_LORA, layouts.part_of(layout, n), tuple(base.info(n).shape), dt, dt)
+            )
     return jobs
 
 
@@ -321,11 +434,16 @@ class AdapterRunner:
             kwargs["generator"] = tensor_generators(p.recipe.seed, m.name, 1)[0]
         A, B = p.spec.fn(pairs, **kwargs)
         if tuple(A.shape) != (m.rank, m.shape[1]) or tuple(B.shape) != (m.shape[0], m.rank):
-            raise AssertionError(f"method {p.spec.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for "
-                                 f"{m.name}; planned rank {m.rank}")
+            raise AssertionError(
+                f"method {p.spec.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for "
+                f"{m.name}; planned rank {m.rank}"
+            )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ForgetlessError(f"method {p.spec.name!r} produced NaN or Inf", tensor=m.name,
-                                  remedy="check the adapters' factors of this module for NaN/Inf")
+            raise ForgetlessError(
+                f"method {p.spec.name!r} produced NaN or Inf",
+                tensor=m.name,
+                remedy="check the adapters' factors of this module for NaN/Inf",
+            )
         inv = 1.0 / math.sqrt(m.scale)
         return A * inv, B * inv
 
@@ -348,17 +466,26 @@ def execute_adapter(plan: AdapterPlan, *, progress: bool, log: Callable[[str], N
     r = plan.recipe
     entries = plan.entries()
     shard = parse_size(r.shard_size) if r.fold else sum(e.nbytes for e in entries) + 1
-    writer = StreamingWriter(plan.out, entries, shard_size=shard, force=plan.force,
-                             metadata=writer_metadata(plan), single_name=SAFE_SINGLE if r.fold else ADAPTER_SAFE)
+    writer = StreamingWriter(
+        plan.out,
+        entries,
+        shard_size=shard,
+        force=plan.force,
+        metadata=writer_metadata(plan),
+        single_name=SAFE_SINGLE if r.fold else ADAPTER_SAFE,
+    )
 
     def write() -> Written:
         runner = AdapterRunner(plan)
         with Progress(plan, progress) as bar:
             return (_write_folded if r.fold else _write_adapter)(plan, runner, writer, bar)
+
     return commit_or_abort(plan, writer, write, started=started, log=log)
 
 
-def _write_folded(plan: AdapterPlan, runner: AdapterRunner, writer: StreamingWriter, bar: Progress) -> Written:
+def _write_folded(
+    plan: AdapterPlan, runner: AdapterRunner, writer: StreamingWriter, bar: Progress
+) -> Written:
     """Every tensor of the base, each adapted weight with the merged update added (W + scale · B @ A)."""
     by_name = {m.name: m for m in plan.modules}
     for job in plan.jobs:
@@ -377,7 +504,9 @@ def _write_folded(plan: AdapterPlan, runner: AdapterRunner, writer: StreamingWri
     return Written({"README.md": model_card(plan)}, side_dir(plan.recipe.base), config_updates(plan), {})
 
 
-def _write_adapter(plan: AdapterPlan, runner: AdapterRunner, writer: StreamingWriter, bar: Progress) -> Written:
+def _write_adapter(
+    plan: AdapterPlan, runner: AdapterRunner, writer: StreamingWriter, bar: Progress
+) -> Written:
     """A PEFT adapter folder: the merged factors, the full tensors, adapter_config.json."""
     jobs = {j.name: j for j in plan.jobs}
     for m in plan.modules:

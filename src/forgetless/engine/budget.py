@@ -20,9 +20,13 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 PREFETCH = 2  # units (tensors or row blocks) read ahead of those being merged …
-PREFETCH_BYTES = 256 * 2**20  # … while their inputs take at most this much (the next one is always read ahead)
+PREFETCH_BYTES = (
+    256 * 2**20
+)  # … while their inputs take at most this much (the next one is always read ahead)
 RUNTIME_BYTES = 400 * 2**20  # python + torch + forgetless after import, and the threads' malloc arenas
-TEMPORARIES = 4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
+TEMPORARIES = (
+    4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
+)
 AUTO_MEMORY = 0.5  # memory: auto = this fraction of the memory available when the merge is planned
 
 
@@ -60,13 +64,17 @@ def resolve_memory(value: str | int, where: str) -> tuple[int, str]:
         try:
             n, how = check_size(value, "a memory budget"), "set"
         except ValueError as e:
-            raise ForgetlessError(f"memory: {e}", file=where, remedy="give a size such as 8GiB or 500MB, or auto") \
-                from None
+            raise ForgetlessError(
+                f"memory: {e}", file=where, remedy="give a size such as 8GiB or 500MB, or auto"
+            ) from None
     floor = RUNTIME_BYTES + PREFETCH_BYTES
     if n <= floor:
-        raise ForgetlessError(f"memory: {value} ({human_bytes(n)}) is below what the merge needs before any tensor "
-                              f"(runtime and read-ahead, {human_bytes(floor)})", file=where,
-                              remedy="give a larger budget (e.g. memory: 2GiB, or --memory 2GiB)")
+        raise ForgetlessError(
+            f"memory: {value} ({human_bytes(n)}) is below what the merge needs before any tensor "
+            f"(runtime and read-ahead, {human_bytes(floor)})",
+            file=where,
+            remedy="give a larger budget (e.g. memory: 2GiB, or --memory 2GiB)",
+        )
     return n, how
 
 
@@ -87,18 +95,26 @@ def block_rows(plan: Plan, where: str) -> dict[str, int]:
         if whole <= cap:
             continue
         if j.route.merged and plan.spec.streaming.rows != "blocks":
-            raise ForgetlessError(f"{plan.spec.name!r} merges whole tensors, and this one needs {human_bytes(whole)} "
-                                  f"at once, more than the memory budget {human_bytes(plan.memory)} allows one "
-                                  f"tensor ({human_bytes(cap)})", file=where, tensor=j.name,
-                                  remedy="raise memory: (or --memory), or leave this tensor out of the scope")
+            raise ForgetlessError(
+                f"{plan.spec.name!r} merges whole tensors, and this one needs {human_bytes(whole)} "
+                f"at once, more than the memory budget {human_bytes(plan.memory)} allows one "
+                f"tensor ({human_bytes(cap)})",
+                file=where,
+                tensor=j.name,
+                remedy="raise memory: (or --memory), or leave this tensor out of the scope",
+            )
         n = num_rows(j.shape)
         fixed = plan.cost(j, 0).total
         per_row = (plan.cost(j, n).total - fixed) / n
         rows = min(n, int((cap - fixed) // per_row)) if len(j.shape) and cap > fixed else 0
         if rows < 1:
-            raise ForgetlessError(f"one row of this tensor needs {human_bytes(fixed + per_row)}, more than the "
-                                  f"memory budget {human_bytes(plan.memory)} allows a block ({human_bytes(cap)})",
-                                  file=where, tensor=j.name, remedy="raise memory: (or --memory)")
+            raise ForgetlessError(
+                f"one row of this tensor needs {human_bytes(fixed + per_row)}, more than the "
+                f"memory budget {human_bytes(plan.memory)} allows a block ({human_bytes(cap)})",
+                file=where,
+                tensor=j.name,
+                remedy="raise memory: (or --memory)",
+            )
         if rows < n:
             out[j.name] = rows
     return out
@@ -107,4 +123,3 @@ def block_rows(plan: Plan, where: str) -> dict[str, int]:
 def num_rows(shape: tuple[int, ...]) -> int:
     """Rows along dim 0 (a 1-D tensor's entries); a scalar is one row."""
     return shape[0] if shape else 1
-

@@ -38,8 +38,11 @@ def route_table(jobs: list[Job], label: Callable[[Job], str]) -> str:
     by_part = tally(jobs, lambda j: (j.part, label(j)))
     out = [f"{'route':<18} {'tensors':>8} {'bytes':>12}"]
     out += [f"{r:<18} {c:>8} {human_bytes(b):>12}" for r, (c, b) in sorted(by_route.items())]
-    out += [f"{'total':<18} {len(jobs):>8} {human_bytes(sum(j.out_bytes for j in jobs)):>12}", "",
-            f"{'part':<18} {'route':<18} {'tensors':>8} {'bytes':>12}"]
+    out += [
+        f"{'total':<18} {len(jobs):>8} {human_bytes(sum(j.out_bytes for j in jobs)):>12}",
+        "",
+        f"{'part':<18} {'route':<18} {'tensors':>8} {'bytes':>12}",
+    ]
     out += [f"{p:<18} {r:<18} {c:>8} {human_bytes(b):>12}" for (p, r), (c, b) in sorted(by_part.items())]
     return "\n".join(out)
 
@@ -110,10 +113,14 @@ Method **{plan.spec.name}**: {plan.spec.doc}
 def _input_rows(plan: Plan) -> str:
     """One table row per input model: its role, reference and fingerprints."""
     r = plan.recipe
-    inputs = [("base", r.base, plan.base)] + [(f"models[{i}]", m.model, rd) for i, (m, rd) in
-                                              enumerate(zip(r.models, plan.models))]
-    return "\n".join(f"| {label} | `{ref}` | `{rd.fingerprint()}` | "
-                     f"`{getattr(rd, 'weights_fingerprint', rd.fingerprint)()}` |" for label, ref, rd in inputs)
+    inputs = [("base", r.base, plan.base)] + [
+        (f"models[{i}]", m.model, rd) for i, (m, rd) in enumerate(zip(r.models, plan.models))
+    ]
+    return "\n".join(
+        f"| {label} | `{ref}` | `{rd.fingerprint()}` | "
+        f"`{getattr(rd, 'weights_fingerprint', rd.fingerprint)()}` |"
+        for label, ref, rd in inputs
+    )
 
 
 def _statistics_section(plan: Plan) -> str:

@@ -32,20 +32,33 @@ def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
     where = recipe.source or "recipe"
     unknown = sorted(set(recipe.parameters) - set(spec.params))
     if unknown:
-        raise ForgetlessError(f"parameters.{unknown[0]}: method {spec.name!r} has no such parameter "
-                              f"(it takes: {', '.join(spec.params) or 'none'})", file=where, remedy=EXAMPLES_HINT)
-    params = {spec.arg(p): _param_value(recipe, spec, p, default, where) for p, default in spec.params.items()}
+        raise ForgetlessError(
+            f"parameters.{unknown[0]}: method {spec.name!r} has no such parameter "
+            f"(it takes: {', '.join(spec.params) or 'none'})",
+            file=where,
+            remedy=EXAMPLES_HINT,
+        )
+    params = {
+        spec.arg(p): _param_value(recipe, spec, p, default, where) for p, default in spec.params.items()
+    }
     for p in spec.params:
         _check_values(recipe, spec, p, params[spec.arg(p)], where)
     if spec.divides_by_weights and len(recipe.models) > 1 and sum(params["weight"]) == 0:  # Σ wθ / Σ w
-        raise ForgetlessError(f"models[*].weight: the weights {params['weight']} sum to 0, and {spec.name} divides "
-                              "by their sum", file=where, remedy="give weights with a non-zero sum")
+        raise ForgetlessError(
+            f"models[*].weight: the weights {params['weight']} sum to 0, and {spec.name} divides "
+            "by their sum",
+            file=where,
+            remedy="give weights with a non-zero sum",
+        )
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:
-            raise ForgetlessError(f"models[{i}].{extra[0]}: not a per-model parameter of {spec.name!r} "
-                                  f"(per-model: {', '.join(spec.per_model) or 'none'})", file=where,
-                                  remedy=EXAMPLES_HINT)
+            raise ForgetlessError(
+                f"models[{i}].{extra[0]}: not a per-model parameter of {spec.name!r} "
+                f"(per-model: {', '.join(spec.per_model) or 'none'})",
+                file=where,
+                remedy=EXAMPLES_HINT,
+            )
     return params
 
 
@@ -54,14 +67,19 @@ def _param_value(recipe: Recipe, spec: MethodSpec, p: str, default: Any, where: 
     if p not in spec.per_model:
         v = recipe.parameters.get(p, default)
         if v is REQUIRED:
-            raise ForgetlessError(f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT)
+            raise ForgetlessError(
+                f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT
+            )
         return v
     values = []
     for i, m in enumerate(recipe.models):
         v = m.params.get(p, recipe.parameters.get(p, default))
         if v is REQUIRED:
-            raise ForgetlessError(f"models[{i}].{p}: required by {spec.name!r}", file=where,
-                                  remedy=f"set parameters.{p} or models[{i}].{p}")
+            raise ForgetlessError(
+                f"models[{i}].{p}: required by {spec.name!r}",
+                file=where,
+                remedy=f"set parameters.{p} or models[{i}].{p}",
+            )
         values.append(v)
     return values
 
@@ -71,8 +89,14 @@ def _check_values(recipe: Recipe, spec: MethodSpec, p: str, value: Any, where: s
     for i, v in enumerate(value if p in spec.per_model else [value]):
         problem = spec.problem(p, v)
         if problem is not None:
-            key = f"models[{i}].{p}" if p in spec.per_model and p in recipe.models[i].params else f"parameters.{p}"
-            raise ForgetlessError(f"{key}: {problem} (method {spec.name!r})", file=where, remedy=EXAMPLES_HINT)
+            key = (
+                f"models[{i}].{p}"
+                if p in spec.per_model and p in recipe.models[i].params
+                else f"parameters.{p}"
+            )
+            raise ForgetlessError(
+                f"{key}: {problem} (method {spec.name!r})", file=where, remedy=EXAMPLES_HINT
+            )
 
 
 def resolve_method_device(value: str, where: str) -> str:
@@ -83,8 +107,9 @@ def resolve_method_device(value: str, where: str) -> str:
     try:
         return str(resolve_device(value))
     except ValueError as e:
-        raise ForgetlessError(f"device: {e}", file=where,
-                              remedy="give device: cpu, cuda, cuda:N or auto (CUDA when present)") from None
+        raise ForgetlessError(
+            f"device: {e}", file=where, remedy="give device: cpu, cuda, cuda:N or auto (CUDA when present)"
+        ) from None
 
 
 def check_structure(base, model, label: str) -> None:
@@ -92,11 +117,16 @@ def check_structure(base, model, label: str) -> None:
     b, m = base.infos, model.infos
     problems = [f"{n} missing" for n in b if n not in m]
     problems += [f"{n} not in the base" for n in m if n not in b]
-    problems += [f"{n} {list(m[n].shape)} vs base {list(b[n].shape)}" for n in b if n in m and m[n].shape != b[n].shape]
+    problems += [
+        f"{n} {list(m[n].shape)} vs base {list(b[n].shape)}" for n in b if n in m and m[n].shape != b[n].shape
+    ]
     if problems:
-        raise ForgetlessError(f"{len(problems)} tensors differ from the base ({label}): {listed(problems)}",
-                              file=model.path, remedy="merge checkpoints of one architecture "
-                              "(a resized vocabulary must be resized in the base too)")
+        raise ForgetlessError(
+            f"{len(problems)} tensors differ from the base ({label}): {listed(problems)}",
+            file=model.path,
+            remedy="merge checkpoints of one architecture "
+            "(a resized vocabulary must be resized in the base too)",
+        )
 
 
 def check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list[Path]) -> None:
@@ -110,25 +140,41 @@ def check_paths(recipe: Recipe, out: Path | None, force: bool, stat_files: list[
 def refuse_other_bases(folds: list[tuple[str, Any, Path]], where: str) -> None:
     """Folding an adapter into another model than the one it was trained on writes a model nobody trained:
     refused, naming them. ``folds``: (label, adapter, the model it is folded into)."""
-    others = [f"{label} {a.path}: {name[:100]!r} is not {base}" for label, a, base in folds
-              if (name := a.other_base(base))]
+    others = [
+        f"{label} {a.path}: {name[:100]!r} is not {base}"
+        for label, a, base in folds
+        if (name := a.other_base(base))
+    ]
     if others:
-        raise ForgetlessError(f"fold: {len(others)} adapter(s) name another base model in "
-                              f"base_model_name_or_path ({'; '.join(others[:MAX_LISTED])})", file=where,
-                              remedy="fold adapters into the model they were trained on; if base is that model "
-                                     "under another name, pass --allow-other-model (recipe: allow_other_model: true)")
+        raise ForgetlessError(
+            f"fold: {len(others)} adapter(s) name another base model in "
+            f"base_model_name_or_path ({'; '.join(others[:MAX_LISTED])})",
+            file=where,
+            remedy="fold adapters into the model they were trained on; if base is that model "
+            "under another name, pass --allow-other-model (recipe: allow_other_model: true)",
+        )
 
 
-def open_stat(path: str | list[str], base, key: str, where: str, spec: MethodSpec, need: str,
-              weights: dict[str, str] | None = None) -> Statistics:
+def open_stat(
+    path: str | list[str],
+    base,
+    key: str,
+    where: str,
+    spec: MethodSpec,
+    need: str,
+    weights: dict[str, str] | None = None,
+) -> Statistics:
     """A statistic from one file or several that complete each other, checked against the model before any work:
     structure fingerprint, and (`weights`: the weights fingerprints of the base and of every merged model, by
     label; None skips it) that it was taken at one of those weights when the file records where it was taken."""
     paths = [Path(p) for p in (path if isinstance(path, list) else [path])]
     for p in paths:
         if not p.is_file():
-            raise ForgetlessError("statistics file not found", file=p,
-                                  remedy=f"compute it with `forgetless stats` or fix {key} in {where}")
+            raise ForgetlessError(
+                "statistics file not found",
+                file=p,
+                remedy=f"compute it with `forgetless stats` or fix {key} in {where}",
+            )
     stats = Statistics(paths, strict=False)  # a plain safetensors file of statistics is accepted
     _check_stat_model(stats, paths[0], base, weights)
     _check_stat_shapes(stats, base, spec, need)
@@ -139,14 +185,20 @@ def _check_stat_model(stats: Statistics, p: Path, base, weights: dict[str, str] 
     """Refuse statistics recorded as taken on another model, or at weights that are none of the merge's."""
     fp = stats.meta.get("model_fingerprint")
     if fp is not None and fp != base.fingerprint():
-        raise ForgetlessError(f"computed on another model (fingerprint {fp}, this base is {base.fingerprint()})",
-                              file=p, remedy="recompute the statistics on this model")
+        raise ForgetlessError(
+            f"computed on another model (fingerprint {fp}, this base is {base.fingerprint()})",
+            file=p,
+            remedy="recompute the statistics on this model",
+        )
     wfp = stats.meta.get("model_weights_fingerprint")
     if weights is not None and wfp is not None and wfp not in weights.values():
         known = ", ".join(f"{label} {v}" for label, v in weights.items())
-        raise ForgetlessError(f"computed at other weights of this architecture (weights fingerprint {wfp}; {known})",
-                              file=p, remedy="recompute the statistics at the base or the fine-tuned model, or "
-                                             "pass --allow-other-model (recipe: allow_other_model: true)")
+        raise ForgetlessError(
+            f"computed at other weights of this architecture (weights fingerprint {wfp}; {known})",
+            file=p,
+            remedy="recompute the statistics at the base or the fine-tuned model, or "
+            "pass --allow-other-model (recipe: allow_other_model: true)",
+        )
 
 
 def _check_stat_shapes(stats: Statistics, base, spec: MethodSpec, need: str) -> None:
@@ -154,14 +206,26 @@ def _check_stat_shapes(stats: Statistics, base, spec: MethodSpec, need: str) -> 
     for name, info in stats.infos.items():
         p = stats.file_of(name)
         if name not in base.infos:
-            raise ForgetlessError("statistics for a tensor the model does not have", file=p, tensor=name,
-                                  remedy="recompute the statistics on this model")
+            raise ForgetlessError(
+                "statistics for a tensor the model does not have",
+                file=p,
+                tensor=name,
+                remedy="recompute the statistics on this model",
+            )
         want = spec.stat_shape(need, tuple(base.infos[name].shape))
         if want is None:
-            raise ForgetlessError(f"{need!r} statistics for a tensor of shape {list(base.infos[name].shape)}, "
-                                  "which cannot have them", file=p, tensor=name,
-                                  remedy="recompute the statistics on this model")
+            raise ForgetlessError(
+                f"{need!r} statistics for a tensor of shape {list(base.infos[name].shape)}, "
+                "which cannot have them",
+                file=p,
+                tensor=name,
+                remedy="recompute the statistics on this model",
+            )
         if tuple(info.shape) != want:
-            raise ForgetlessError(f"shape {list(info.shape)} differs from the expected {list(want)} (the model's "
-                                  f"tensor is {list(base.infos[name].shape)})",
-                                  file=p, tensor=name, remedy="recompute the statistics on this model")
+            raise ForgetlessError(
+                f"shape {list(info.shape)} differs from the expected {list(want)} (the model's "
+                f"tensor is {list(base.infos[name].shape)})",
+                file=p,
+                tensor=name,
+                remedy="recompute the statistics on this model",
+            )

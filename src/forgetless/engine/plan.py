@@ -42,7 +42,9 @@ class Route(StrEnum):
     """Where a tensor of the output comes from; the value is how the plan's table and the report name it."""
 
     METHOD = "method"  # in scope, every input present: the method's result
-    NO_STATS = "method (no stats)"  # in scope, no statistics: the method's own fallback (without_statistics="call")
+    NO_STATS = (
+        "method (no stats)"  # in scope, no statistics: the method's own fallback (without_statistics="call")
+    )
     BASE = "base"  # the base's tensor: out of scope, or (scope.no_statistics) lacking statistics
     FINETUNED = "finetuned"  # the one fine-tuned model's tensor, likewise
     NON_FLOAT = "base (non-float)"  # an integer or boolean buffer: never merged
@@ -82,7 +84,9 @@ class Unit:
     @property
     def offset(self) -> int:
         """Flat index of the unit's first entry in the whole tensor."""
-        return 0 if self.rows is None else self.rows[0] * (math.prod(self.job.shape) // num_rows(self.job.shape))
+        return (
+            0 if self.rows is None else self.rows[0] * (math.prod(self.job.shape) // num_rows(self.job.shape))
+        )
 
 
 @dataclass
@@ -129,13 +133,17 @@ class Plan:
         two blocks' inputs at most, and runs before any block of that tensor is read ahead.)"""
         frac = 1.0 if rows is None else rows / num_rows(job.shape)
         if not job.route.merged:
-            return Cost(int(Entry(job.name, job.shape, job.in_dtype).nbytes * frac), 0, int(job.out_bytes * frac))
+            return Cost(
+                int(Entry(job.name, job.shape, job.in_dtype).nbytes * frac), 0, int(job.out_bytes * frac)
+            )
         f32 = Entry(job.name, job.shape, torch.float32).nbytes
         inputs = (1 + len(self.models)) * f32 * frac
         if job.route == Route.METHOD:
             for need in self.spec.needs:
                 count = len(self.models) if need in self.spec.per_model_needs else 1
-                whole = Entry(job.name, self.spec.stat_shape(need, job.shape) or job.shape, torch.float32).nbytes
+                whole = Entry(
+                    job.name, self.spec.stat_shape(need, job.shape) or job.shape, torch.float32
+                ).nbytes
                 inputs += count * (whole * frac if self.spec.stat_in_rows(need, job.shape) else whole)
         return Cost(int(inputs), int(budget.TEMPORARIES * f32 * frac), int(job.out_bytes * frac))
 
@@ -149,28 +157,47 @@ class Plan:
     def describe(self) -> str:
         """What ``--dry-run`` prints: the recipe's inputs, the route table and the peak-memory estimate."""
         r = self.recipe
-        mapped = ([f"recipe      mapped from a {r.mapped_from} config ({r.source or 'a mapping'}):",
-                   *(f"  {line}" for line in r.to_yaml(defaults=False).splitlines()), ""] if r.mapped_from else [])
-        lines = [*mapped, f"method      {self.spec.name}  {self._params_text()}",
-                 f"base        {r.base}",
-                 *[f"model[{i}]    {m.model}" for i, m in enumerate(r.models)],
-                 *[f"statistic   {k}: {v}" for k, v in r.statistics.items()],
-                 *[f"statistic   models[{i}].{k}: {v}" for i, m in enumerate(r.models) for k, v in m.statistics.items()],
-                 f"layout      {self.layout.family} ({self.layout.num_layers} decoder layers)",
-                 f"output      {self.out or '(none)'}  dtype={r.dtype}  shards={self.num_shards()}",
-                 "", self.table(), "",
-                 f"peak memory estimate  {human_bytes(self.peak_memory_estimate())}  {self.memory_note()}"]
+        mapped = (
+            [
+                f"recipe      mapped from a {r.mapped_from} config ({r.source or 'a mapping'}):",
+                *(f"  {line}" for line in r.to_yaml(defaults=False).splitlines()),
+                "",
+            ]
+            if r.mapped_from
+            else []
+        )
+        lines = [
+            *mapped,
+            f"method      {self.spec.name}  {self._params_text()}",
+            f"base        {r.base}",
+            *[f"model[{i}]    {m.model}" for i, m in enumerate(r.models)],
+            *[f"statistic   {k}: {v}" for k, v in r.statistics.items()],
+            *[
+                f"statistic   models[{i}].{k}: {v}"
+                for i, m in enumerate(r.models)
+                for k, v in m.statistics.items()
+            ],
+            f"layout      {self.layout.family} ({self.layout.num_layers} decoder layers)",
+            f"output      {self.out or '(none)'}  dtype={r.dtype}  shards={self.num_shards()}",
+            "",
+            self.table(),
+            "",
+            f"peak memory estimate  {human_bytes(self.peak_memory_estimate())}  {self.memory_note()}",
+        ]
         return "\n".join(lines)
 
     def memory_note(self) -> str:
         """The budget, how it was set, and the tensors merged in row blocks."""
         if not self.memory:
             return ""
-        split = [f"{n} ({math.ceil(num_rows(self.base.info(n).shape) / r)} blocks of {r} row{'s' * (r > 1)})"
-                 for n, r in self.block_rows.items()]
+        split = [
+            f"{n} ({math.ceil(num_rows(self.base.info(n).shape) / r)} blocks of {r} row{'s' * (r > 1)})"
+            for n, r in self.block_rows.items()
+        ]
         listed = ", ".join(split[:3]) + (f" and {len(split) - 3} more" if len(split) > 3 else "")
-        return (f"(budget {human_bytes(self.memory)}, {self.memory_source}" +
-                (f"; in row blocks: {listed})" if split else "; every tensor whole)"))
+        return f"(budget {human_bytes(self.memory)}, {self.memory_source}" + (
+            f"; in row blocks: {listed})" if split else "; every tensor whole)"
+        )
 
     def _params_text(self) -> str:
         return " ".join(f"{k.rstrip('_')}={v}" for k, v in self.params.items())
@@ -189,8 +216,13 @@ class Plan:
         return ""
 
 
-def build_plan(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False,
-               memory: str | int | None = None) -> Plan:
+def build_plan(
+    recipe: Recipe | dict | str | Path,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    memory: str | int | None = None,
+) -> Plan:
     """Load and check `recipe`, open its inputs and give every tensor its route, writing nothing. ``out`` and
     ``memory`` (a size, or "auto") override the recipe's ``out:`` and ``memory:``."""
     recipe = load_recipe(recipe)
@@ -222,11 +254,17 @@ def _method(recipe: Recipe, where: str) -> MethodSpec:
     """The recipe's method, refused when unknown or given a number of models it does not merge."""
     spec = METHODS.get(recipe.method)
     if spec is None:
-        raise ForgetlessError(f"method: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})",
-                              file=where, remedy=EXAMPLES_HINT)
+        raise ForgetlessError(
+            f"method: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})",
+            file=where,
+            remedy=EXAMPLES_HINT,
+        )
     if spec.models == "one" and len(recipe.models) != 1:
-        raise ForgetlessError(f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
-                              file=where, remedy="list one model")
+        raise ForgetlessError(
+            f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
+            file=where,
+            remedy="list one model",
+        )
     return spec
 
 
@@ -239,11 +277,17 @@ def _refuse_adapter_options(recipe: Recipe, where: str) -> None:
     """Refuse the options of adapter-space merges, and ``outside: finetuned`` with several models."""
     if recipe.fold or recipe.non_lora != "average":
         key = "fold" if recipe.fold else "non_lora"
-        raise ForgetlessError(f"{key}: only for adapter-space methods ({', '.join(adapter_methods())})",
-                              file=where, remedy=f"remove `{key}:` or choose an adapter-space method")
+        raise ForgetlessError(
+            f"{key}: only for adapter-space methods ({', '.join(adapter_methods())})",
+            file=where,
+            remedy=f"remove `{key}:` or choose an adapter-space method",
+        )
     if recipe.scope.outside == "finetuned" and len(recipe.models) > 1:
-        raise ForgetlessError("scope.outside: 'finetuned' is ambiguous with several models", file=where,
-                              remedy="use outside: base")
+        raise ForgetlessError(
+            "scope.outside: 'finetuned' is ambiguous with several models",
+            file=where,
+            remedy="use outside: base",
+        )
 
 
 def _stat_paths(recipe: Recipe, spec: MethodSpec, where: str) -> dict[str, Any]:
@@ -255,12 +299,18 @@ def _stat_paths(recipe: Recipe, spec: MethodSpec, where: str) -> dict[str, Any]:
             for i, m in enumerate(recipe.models):
                 p = m.statistics.get(need, recipe.statistics.get(need))
                 if p is None:
-                    raise ForgetlessError(f"models[{i}].statistics.{need}: required by {spec.name!r}", file=where,
-                                          remedy="compute it with `forgetless stats` and name the file")
+                    raise ForgetlessError(
+                        f"models[{i}].statistics.{need}: required by {spec.name!r}",
+                        file=where,
+                        remedy="compute it with `forgetless stats` and name the file",
+                    )
                 paths[need].append(p)
         elif need not in recipe.statistics:
-            raise ForgetlessError(f"statistics.{need}: required by {spec.name!r}", file=where,
-                                  remedy="compute it with `forgetless stats` and name the file")
+            raise ForgetlessError(
+                f"statistics.{need}: required by {spec.name!r}",
+                file=where,
+                remedy="compute it with `forgetless stats` and name the file",
+            )
         else:
             paths[need] = recipe.statistics[need]
     return paths
@@ -278,24 +328,39 @@ def _open_models(recipe: Recipe, where: str) -> tuple[Any, list[Any]]:
     models = [open_model(m.model) for m in recipe.models]
     if not recipe.allow_other_model:  # MODEL+ADAPTER: the adapter is folded into MODEL
         readers = {"base": base, **{f"models[{i}]": m for i, m in enumerate(models)}}
-        refuse_other_bases([(label, r.adapter, r.base.path) for label, r in readers.items()
-                            if isinstance(r, AdaptedReader)], where)
+        refuse_other_bases(
+            [(label, r.adapter, r.base.path) for label, r in readers.items() if isinstance(r, AdaptedReader)],
+            where,
+        )
     for i, m in enumerate(models):
         check_structure(base, m, f"models[{i}]")
     return base, models
 
 
-def _open_stats(recipe: Recipe, spec: MethodSpec, paths: dict[str, Any], base, models: list[Any],
-                where: str) -> dict[str, Any]:
+def _open_stats(
+    recipe: Recipe, spec: MethodSpec, paths: dict[str, Any], base, models: list[Any], where: str
+) -> dict[str, Any]:
     """Need -> its statistics (a list with one per model for per-model needs), each checked against the models."""
-    weights = None if recipe.allow_other_model or not paths else {
-        "base": base.weights_fingerprint(), **{f"models[{i}]": m.weights_fingerprint() for i, m in enumerate(models)}}
+    weights = (
+        None
+        if recipe.allow_other_model or not paths
+        else {
+            "base": base.weights_fingerprint(),
+            **{f"models[{i}]": m.weights_fingerprint() for i, m in enumerate(models)},
+        }
+    )
 
     def one(p, key: str, need: str):
         return open_stat(p, base, key, where, spec, need, weights)
-    return {need: ([one(p, f"models[{i}].statistics.{need}", need) for i, p in enumerate(v)]
-                   if need in spec.per_model_needs else one(v, f"statistics.{need}", need))
-            for need, v in paths.items()}
+
+    return {
+        need: (
+            [one(p, f"models[{i}].statistics.{need}", need) for i, p in enumerate(v)]
+            if need in spec.per_model_needs
+            else one(v, f"statistics.{need}", need)
+        )
+        for need, v in paths.items()
+    }
 
 
 def _scope(recipe: Recipe, layout: layouts.Layout, names: list[str], where: str) -> set[str]:
@@ -306,8 +371,11 @@ def _scope(recipe: Recipe, layout: layouts.Layout, names: list[str], where: str)
     if recipe.scope.exclude:
         scope -= layouts.select(layout, names, recipe.scope.exclude, file=where)
     if len(scope) < len(names) and recipe.scope.outside is None:
-        raise ForgetlessError(f"scope.outside: required, the scope leaves {len(names) - len(scope)} tensors out",
-                              file=where, remedy="say where they come from: outside: base | finetuned")
+        raise ForgetlessError(
+            f"scope.outside: required, the scope leaves {len(names) - len(scope)} tensors out",
+            file=where,
+            remedy="say where they come from: outside: base | finetuned",
+        )
     return scope
 
 
@@ -315,13 +383,17 @@ def _no_statistics(recipe: Recipe, spec: MethodSpec, where: str) -> str:
     """What happens to a tensor in scope without statistics: "error", "base", "finetuned" or "method"."""
     choice = recipe.scope.no_statistics or ("method" if spec.without_statistics == "call" else "error")
     if choice == "method" and spec.without_statistics != "call":
-        raise ForgetlessError(f"scope.no_statistics: {spec.name!r} cannot merge a tensor without its statistics",
-                              file=where, remedy="use no_statistics: error | base | finetuned")
+        raise ForgetlessError(
+            f"scope.no_statistics: {spec.name!r} cannot merge a tensor without its statistics",
+            file=where,
+            remedy="use no_statistics: error | base | finetuned",
+        )
     return choice
 
 
-def _jobs(recipe: Recipe, spec: MethodSpec, base, stats: dict[str, Any], layout: layouts.Layout,
-          where: str) -> list[Job]:
+def _jobs(
+    recipe: Recipe, spec: MethodSpec, base, stats: dict[str, Any], layout: layouts.Layout, where: str
+) -> list[Job]:
     """One job per tensor of the base, in its order; an error listing tensors in scope without statistics."""
     names = base.names()
     scope = _scope(recipe, layout, names, where)
@@ -344,7 +416,9 @@ def _jobs(recipe: Recipe, spec: MethodSpec, base, stats: dict[str, Any], layout:
             route = Route.METHOD
         jobs.append(Job(name, route, layouts.part_of(layout, name), info.shape, info.dtype, out_dtype))
     if missing:
-        raise ForgetlessError(f"{len(missing)} tensors in scope have no statistics, e.g. "
-                              f"{', '.join(missing[:3])}", file=where,
-                              remedy="narrow the scope, or set scope.no_statistics: base | finetuned")
+        raise ForgetlessError(
+            f"{len(missing)} tensors in scope have no statistics, e.g. {', '.join(missing[:3])}",
+            file=where,
+            remedy="narrow the scope, or set scope.no_statistics: base | finetuned",
+        )
     return jobs

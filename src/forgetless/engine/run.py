@@ -34,9 +34,16 @@ from .runner import Runner
 MERGERS = 2  # units merged at once, each on its own thread with few torch threads (see merge_threads)
 
 
-def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, force: bool = False,
-          dry_run: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-          memory: str | int | None = None) -> MergeReport:
+def merge(
+    recipe: Recipe | dict | str | Path,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    memory: str | int | None = None,
+) -> MergeReport:
     """Plan, check and run a merge. The CLI's `forgetless merge` is this function. ``memory``: the peak memory
     budget (a size or "auto"), overriding the recipe's ``memory:``."""
     plan = build_plan(recipe, out=out, force=force, memory=memory)
@@ -55,8 +62,11 @@ def merge(recipe: Recipe | dict | str | Path, *, out: str | Path | None = None, 
 def require_output(plan: Plan) -> None:
     """Refuse a plan without an output folder."""
     if plan.out is None:
-        raise ForgetlessError("no output folder", file=plan.recipe.source or "recipe",
-                              remedy="set `out:` in the recipe or pass --out")
+        raise ForgetlessError(
+            "no output folder",
+            file=plan.recipe.source or "recipe",
+            remedy="set `out:` in the recipe or pass --out",
+        )
 
 
 def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | None = None) -> MergeReport:
@@ -67,8 +77,13 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
 
         return execute_adapter(plan, progress=progress, log=log)
     started = time.perf_counter()
-    writer = StreamingWriter(plan.out, plan.entries(), shard_size=parse_size(plan.recipe.shard_size),
-                             force=plan.force, metadata=writer_metadata(plan))
+    writer = StreamingWriter(
+        plan.out,
+        plan.entries(),
+        shard_size=parse_size(plan.recipe.shard_size),
+        force=plan.force,
+        metadata=writer_metadata(plan),
+    )
     runner = Runner(plan)
     units = plan.units()
     if plan.block_rows:
@@ -78,8 +93,13 @@ def execute(plan: Plan, *, progress: bool = True, log: Callable[[str], None] | N
         prepare_model(plan, runner, units, log)
         with Progress(plan, progress) as bar:
             pipeline(plan, runner, writer, bar, units)
-        return Written({"README.md": model_card(plan, runner.counts)}, side_dir(plan.recipe.base),
-                       config_updates(plan), dict(runner.counts))
+        return Written(
+            {"README.md": model_card(plan, runner.counts)},
+            side_dir(plan.recipe.base),
+            config_updates(plan),
+            dict(runner.counts),
+        )
+
     return commit_or_abort(plan, writer, write, started=started, log=log)
 
 
@@ -92,14 +112,23 @@ class Written(NamedTuple):
     counts: dict[str, Counter]
 
 
-def commit_or_abort(plan: Plan, writer: StreamingWriter, write: Callable[[], Written], *, started: float,
-                    log: Callable[[str], None] | None) -> MergeReport:
+def commit_or_abort(
+    plan: Plan,
+    writer: StreamingWriter,
+    write: Callable[[], Written],
+    *,
+    started: float,
+    log: Callable[[str], None] | None,
+) -> MergeReport:
     """The one way a merge's output appears: `write` writes every tensor, then the folder is committed (synced
     and renamed into place); any failure or signal on the way removes the writer's temporary folder instead."""
     try:
         done = write()
-        writer.commit(side_files_from=done.side_files_from, config_updates=done.config_updates,
-                      extra_files=done.extra_files)
+        writer.commit(
+            side_files_from=done.side_files_from,
+            config_updates=done.config_updates,
+            extra_files=done.extra_files,
+        )
     except BaseException:
         writer.abort()
         raise
@@ -124,7 +153,9 @@ def config_updates(plan: Plan) -> dict:
     if plan.recipe.dtype == "base":
         return {}
     cfg = plan.base.config
-    return {k: plan.recipe.dtype for k in ("torch_dtype", "dtype") if k in cfg} or {"dtype": plan.recipe.dtype}
+    return {k: plan.recipe.dtype for k in ("torch_dtype", "dtype") if k in cfg} or {
+        "dtype": plan.recipe.dtype
+    }
 
 
 def prepare_model(plan: Plan, runner: Runner, units: list[Unit], log: Callable[[str], None] | None) -> None:
@@ -143,8 +174,10 @@ def prepare_model(plan: Plan, runner: Runner, units: list[Unit], log: Callable[[
     extra = prepare(dict(plan.params), stream, numel)
     runner.method_kwargs.update(extra or {})
     if extra and log:
-        log(f"{plan.spec.name} pre-pass: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in extra.items()))
+        log(
+            f"{plan.spec.name} pre-pass: "
+            + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        )
 
 
 # ------------------------------------------------------------------------------------------------ all units
@@ -182,8 +215,10 @@ def pipeline(plan: Plan, runner: Runner, writer: StreamingWriter, bar: Progress,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers, \
-                ThreadPoolExecutor(mergers, thread_name_prefix="forgetless-merge") as pool:
+        with (
+            ThreadPoolExecutor(2, thread_name_prefix="forgetless-read") as readers,
+            ThreadPoolExecutor(mergers, thread_name_prefix="forgetless-merge") as pool,
+        ):
             InFlight(plan, runner, writer, bar, readers, pool, mergers).run(units)
     finally:
         torch.set_num_threads(previous)
@@ -196,8 +231,16 @@ class InFlight:
     are merged one after the other, alone; a tensor's pre-pass runs with nothing else in flight, before any of its
     blocks is read ahead."""
 
-    def __init__(self, plan: Plan, runner: Runner, writer: StreamingWriter, bar: Progress,
-                 readers: ThreadPoolExecutor, pool: ThreadPoolExecutor, mergers: int):
+    def __init__(
+        self,
+        plan: Plan,
+        runner: Runner,
+        writer: StreamingWriter,
+        bar: Progress,
+        readers: ThreadPoolExecutor,
+        pool: ThreadPoolExecutor,
+        mergers: int,
+    ):
         self.plan, self.runner, self.writer, self.bar = plan, runner, writer, bar
         self.readers, self.pool, self.mergers = readers, pool, mergers
         self.allowance = budget.in_flight_allowance(plan.peak_memory_estimate())
@@ -223,7 +266,9 @@ class InFlight:
                 self.settle()
                 if not self.running:
                     self.read_ahead()  # nothing held by merges: this unit's read is admitted
-            self.running[self.pool.submit(self.merge, unit, self.reads.pop(i))] = self.plan.unit_cost(unit).total
+            self.running[self.pool.submit(self.merge, unit, self.reads.pop(i))] = self.plan.unit_cost(
+                unit
+            ).total
             if alone:
                 self.settle(every=True)
             self.read_ahead()
@@ -232,8 +277,11 @@ class InFlight:
     def read_ahead(self) -> None:
         """Start the next units' reads while the window and the allowance admit them."""
         units = self.units
-        while (self.next < len(units) and len(self.reads) < budget.PREFETCH
-               and not self.runner.needs_prepare(units[self.next])):
+        while (
+            self.next < len(units)
+            and len(self.reads) < budget.PREFETCH
+            and not self.runner.needs_prepare(units[self.next])
+        ):
             cost = self.plan.unit_cost(units[self.next]).total
             if self.held and self.held + cost > self.allowance:
                 break
@@ -269,8 +317,16 @@ class Progress:
 
         self.n = len(plan.jobs)
         self.done = 0
-        self.bar = tqdm(total=sum(j.out_bytes for j in plan.jobs), unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=f"merge {plan.spec.name}", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=sum(j.out_bytes for j in plan.jobs),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"merge {plan.spec.name}",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
 
     def __enter__(self) -> Self:
         return self

@@ -28,10 +28,14 @@ def tensor_generators(seed: int, name: str, n: int) -> list[torch.Generator]:
     """One generator per merged model for a tensor: model 0's seeded from (seed, name) as a one-model method's
     generator is, model k's from (seed, name, k); so each model's random draws depend neither on the other
     models nor on how the tensor is split into row blocks."""
-    return [torch.Generator().manual_seed(tensor_seed(seed, name if k == 0 else f"{name}#{k}")) for k in range(n)]
+    return [
+        torch.Generator().manual_seed(tensor_seed(seed, name if k == 0 else f"{name}#{k}")) for k in range(n)
+    ]
 
 
-def read_statistic(reader: Statistics, name: str, kind: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def read_statistic(
+    reader: Statistics, name: str, kind: str, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """One statistics tensor (``rows``: its rows start:stop) in float32, checked as it is read: finite, and
     non-negative for a (diagonal) Fisher — a NaN would otherwise turn into a silent fallback or a traceback deep
     inside a method."""
@@ -42,9 +46,13 @@ def read_statistic(reader: Statistics, name: str, kind: str, rows: tuple[int, in
     elif kind.startswith("fisher") and bool((t < 0).any()):
         bad = f"{int((t < 0).sum())} negative entries (a diagonal Fisher is a mean of squares)"
     if bad is not None:
-        raise ForgetlessError(f"{kind} statistics with {bad}", file=reader.file_of(name), tensor=name,
-                              remedy="recompute the statistics (`forgetless stats`); check the model and data for "
-                                     "NaN/Inf (a bf16 overflow, a diverged fine-tune)")
+        raise ForgetlessError(
+            f"{kind} statistics with {bad}",
+            file=reader.file_of(name),
+            tensor=name,
+            remedy="recompute the statistics (`forgetless stats`); check the model and data for "
+            "NaN/Inf (a bf16 overflow, a diverged fine-tune)",
+        )
     return t
 
 
@@ -81,12 +89,17 @@ class Runner:
 
         def read(r, k):  # statistics shaped like the weight come in the same rows; others (a Gram) whole
             return read_statistic(r, job.name, k, rows if p.spec.stat_in_rows(k, job.shape) else None)
-        stats = {k: ([read(r, k) for r in v] if isinstance(v, list) else read(v, k)) for k, v in p.stats.items()}
+
+        stats = {
+            k: ([read(r, k) for r in v] if isinstance(v, list) else read(v, k)) for k, v in p.stats.items()
+        }
         return base, fts, stats
 
     def rows_of(self, unit: Unit, loaded: Any) -> Rows:
         base, fts, stats = loaded
-        return Rows(unit.job.name, base, fts[0] if self.plan.spec.models == "one" else fts, stats, unit.offset)
+        return Rows(
+            unit.job.name, base, fts[0] if self.plan.spec.models == "one" else fts, stats, unit.offset
+        )
 
     def _state(self, unit: Unit) -> dict[str, Any]:
         """Per-tensor state of a tensor merged in row blocks: its generators and its pre-pass result."""
@@ -101,10 +114,17 @@ class Runner:
 
     def needs_prepare(self, unit: Unit) -> bool:
         """The first block of a tensor whose method has a pre-pass over its blocks, before that pass has run."""
-        return (unit.rows is not None and unit.rows[0] == 0 and self.plan.spec.streaming.tensor_prepare is not None
-                and unit.job.route.merged
-                and not (self._tensor is not None and self._tensor[0] == unit.job.name
-                         and "prepared" in self._tensor[1]))
+        return (
+            unit.rows is not None
+            and unit.rows[0] == 0
+            and self.plan.spec.streaming.tensor_prepare is not None
+            and unit.job.route.merged
+            and not (
+                self._tensor is not None
+                and self._tensor[0] == unit.job.name
+                and "prepared" in self._tensor[1]
+            )
+        )
 
     def prepare(self, unit: Unit) -> None:
         """The method's pre-pass over every block of this tensor, at its first block (before any of its blocks is
@@ -114,6 +134,7 @@ class Runner:
         def stream() -> Iterator[Rows]:
             for u in self.plan.units_of(job):
                 yield self.rows_of(u, self.load(u))
+
         prepare = self.plan.spec.streaming.tensor_prepare
         self._state(unit)["prepared"] = prepare(dict(self.method_kwargs), stream, job.shape) or {}
 
@@ -136,9 +157,14 @@ class Runner:
                 self.counts[job.part].update(counts)
         if result.shape != base.shape:
             raise AssertionError(f"method {spec.name} returned shape {tuple(result.shape)} for {job.name}")
-        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():  # a sum is NaN/Inf if any is
-            raise ForgetlessError(f"method {spec.name!r} produced NaN or Inf", tensor=job.name,
-                                  remedy="check the inputs (and statistics) of this tensor for NaN/Inf")
+        if (
+            not torch.isfinite(result.sum()) and not torch.isfinite(result).all()
+        ):  # a sum is NaN/Inf if any is
+            raise ForgetlessError(
+                f"method {spec.name!r} produced NaN or Inf",
+                tensor=job.name,
+                remedy="check the inputs (and statistics) of this tensor for NaN/Inf",
+            )
         return result.to(job.out_dtype)
 
     def _context(self, unit: Unit, counts: Counter) -> dict[str, Any]:

@@ -13,7 +13,19 @@ from .metrics import compare, scores
 from .report import TradeoffPoint, format_table, read_json, table_row, tradeoff_plot, write_json
 
 __all__ = [
-    "OptionScores", "TaskSpec", "TradeoffPoint", "compare", "evaluate", "exact_match", "format_table",
-    "generate_answers", "read_json", "resolve_task", "score_options", "scores", "table_row", "tradeoff_plot",
+    "OptionScores",
+    "TaskSpec",
+    "TradeoffPoint",
+    "compare",
+    "evaluate",
+    "exact_match",
+    "format_table",
+    "generate_answers",
+    "read_json",
+    "resolve_task",
+    "score_options",
+    "scores",
+    "table_row",
+    "tradeoff_plot",
     "write_json",
 ]

@@ -43,8 +43,13 @@ METRICS = ("mc", "exact")
 TASK_ROOT_ENV = "FORGETLESS_TASKS"
 DEFAULT_TASK_ROOT = "runs/tasks"
 # config attributes that change the logits after lm_head: models that set them are scored the naive way
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
-                     "output_multiplier_scale")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier_scale",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,9 +73,13 @@ def _read_task_json(folder: Path) -> dict:
         return {}
     meta = read_json(f, remedy='task.json is {"name", "kind", "description", "metric"}', expect=dict)
     if meta.get("kind") is not None and meta["kind"] not in KINDS:
-        raise ForgetlessError(f"unknown task kind {meta['kind']!r}", file=f, remedy=f"use one of {', '.join(KINDS)}")
+        raise ForgetlessError(
+            f"unknown task kind {meta['kind']!r}", file=f, remedy=f"use one of {', '.join(KINDS)}"
+        )
     if meta.get("metric") is not None and meta["metric"] not in METRICS:
-        raise ForgetlessError(f"unknown metric {meta['metric']!r}", file=f, remedy=f"use one of {', '.join(METRICS)}")
+        raise ForgetlessError(
+            f"unknown metric {meta['metric']!r}", file=f, remedy=f"use one of {', '.join(METRICS)}"
+        )
     return meta
 
 
@@ -79,8 +88,9 @@ def default_task_root() -> Path:
     return Path(os.environ.get(TASK_ROOT_ENV) or DEFAULT_TASK_ROOT)
 
 
-def resolve_task(spec: str | os.PathLike, *, split: str = "test", task_root: str | os.PathLike | None = None
-                 ) -> TaskSpec:
+def resolve_task(
+    spec: str | os.PathLike, *, split: str = "test", task_root: str | os.PathLike | None = None
+) -> TaskSpec:
     """A task given as a JSONL file, a task folder (``<folder>/<split>.jsonl``, described by its ``task.json``),
     or a name looked up as ``<task_root>/<name>`` (default root: :func:`default_task_root`). A JSONL file whose
     folder has a ``task.json`` takes its name, kind and metric from it; otherwise its name is the file's stem."""
@@ -96,12 +106,18 @@ def resolve_task(spec: str | os.PathLike, *, split: str = "test", task_root: str
         data = p / f"{split}.jsonl"
         if not data.is_file():
             have = sorted(f.stem for f in p.glob("*.jsonl"))
-            raise ForgetlessError(f"the task folder has no {split}.jsonl (splits here: {', '.join(have) or 'none'})",
-                                  file=p, remedy="pass --split with one of its splits, or a JSONL file")
+            raise ForgetlessError(
+                f"the task folder has no {split}.jsonl (splits here: {', '.join(have) or 'none'})",
+                file=p,
+                remedy="pass --split with one of its splits, or a JSONL file",
+            )
         meta = _read_task_json(p)
         return TaskSpec(str(meta.get("name") or p.name), data, meta.get("kind"), meta.get("metric"))
-    raise ForgetlessError(f"task {str(spec)!r} not found: not a JSONL file, not a task folder, and no {root / p}",
-                          file=p, remedy=f"pass a JSONL file or a task folder, or set --task-root / ${TASK_ROOT_ENV}")
+    raise ForgetlessError(
+        f"task {str(spec)!r} not found: not a JSONL file, not a task folder, and no {root / p}",
+        file=p,
+        remedy=f"pass a JSONL file or a task folder, or set --task-root / ${TASK_ROOT_ENV}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,15 +130,20 @@ class _MCItem:
 
     prompt: dict[str, torch.Tensor]  # per-token tensors (1-D, the prompt only) and image tensors
     answers: list[torch.Tensor]  # labelled token ids of each option (answer + end-of-turn)
-    tails: list[torch.Tensor]  # each option's tokens after its labelled ones (ChatML: the newline after end-of-turn)
-    full: list[dict[str, torch.Tensor]]  # each option's whole encoding, labels on its answer and tail tokens only
+    tails: list[
+        torch.Tensor
+    ]  # each option's tokens after its labelled ones (ChatML: the newline after end-of-turn)
+    full: list[
+        dict[str, torch.Tensor]
+    ]  # each option's whole encoding, labels on its answer and tail tokens only
     chars: list[int]  # each option's length in characters
     tail: bool  # whether the tails are scored (else they are empty)
 
 
 def _sample_error(sample: Sample, problem: str) -> ForgetlessError:
-    return ForgetlessError(f"sample {sample.id!r}: {problem}", file=sample.source,
-                           remedy="fix the sample in the task file")
+    return ForgetlessError(
+        f"sample {sample.id!r}: {problem}", file=sample.source, remedy="fix the sample in the task file"
+    )
 
 
 def _with_answer(sample: Sample, answer: str) -> Sample:
@@ -162,11 +183,17 @@ def _encode_options(encoder: Encoder, sample: Sample, tail: bool = True) -> _MCI
         a, b = _last_labelled_run(labels)
         if prompt is None:
             n = ids.shape[0]
-            prompt = {k: (v[:a] if v.dim() == 1 and v.shape[0] == n else v)
-                      for k, v in enc.items() if k not in ("labels", "attention_mask")}
+            prompt = {
+                k: (v[:a] if v.dim() == 1 and v.shape[0] == n else v)
+                for k, v in enc.items()
+                if k not in ("labels", "attention_mask")
+            }
         elif not torch.equal(prompt["input_ids"], ids[:a]):
-            raise _sample_error(sample, f"option {j} ({option!r}) changes the tokens before the answer, so the "
-                                        "options do not share one prompt")
+            raise _sample_error(
+                sample,
+                f"option {j} ({option!r}) changes the tokens before the answer, so the "
+                "options do not share one prompt",
+            )
         answers.append(ids[a:b].clone())
         end = len(ids) if tail else b
         tails.append(ids[b:end].clone())
@@ -194,11 +221,16 @@ def encode_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
         raise _sample_error(sample, e.reason) from None
     enc = encoder._tokenize(encoder._render(msgs, True), image)
     n = enc["input_ids"].shape[-1]
-    return {k: (v[0] if v.dim() == 2 and v.shape == (1, n) else v) for k, v in enc.items()
-            if isinstance(v, torch.Tensor)}
+    return {
+        k: (v[0] if v.dim() == 2 and v.shape == (1, n) else v)
+        for k, v in enc.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
-def _left_pad(rows: Sequence[dict[str, torch.Tensor]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _left_pad(
+    rows: Sequence[dict[str, torch.Tensor]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """A left-padded batch with an ``attention_mask``; image tensors concatenated in row order."""
     lengths = [r["input_ids"].shape[0] for r in rows]
     width = max(lengths)
@@ -206,15 +238,17 @@ def _left_pad(rows: Sequence[dict[str, torch.Tensor]], pad_id: int, device: torc
     keys = list(dict.fromkeys(k for r in rows for k in r))
     for key in keys:
         if all(key in r and r[key].dim() == 1 and r[key].shape[0] == n for r, n in zip(rows, lengths)):
-            out = torch.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=rows[0][key].dtype)
+            out = torch.full(
+                (len(rows), width), pad_id if key == "input_ids" else 0, dtype=rows[0][key].dtype
+            )
             for i, (r, n) in enumerate(zip(rows, lengths)):
-                out[i, width - n:] = r[key]
+                out[i, width - n :] = r[key]
             batch[key] = out
         else:
             batch[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, n in enumerate(lengths):
-        mask[i, width - n:] = 1
+        mask[i, width - n :] = 1
     batch["attention_mask"] = mask
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -254,11 +288,16 @@ class OptionScores:
         if metric == "acc_norm" and self.num_chars is not None:
             return [lp / n for lp, n in zip(self.logprobs, self.num_chars)]
         if metric == "lmms_eval_acc" and self.tail_logprobs is not None and self.tail_tokens is not None:
-            return [(lp + tl) / (n + tn) for lp, n, tl, tn in
-                    zip(self.logprobs, self.num_tokens, self.tail_logprobs, self.tail_tokens)]
+            return [
+                (lp + tl) / (n + tn)
+                for lp, n, tl, tn in zip(self.logprobs, self.num_tokens, self.tail_logprobs, self.tail_tokens)
+            ]
         known = metric in MC_METRICS
-        raise ForgetlessError(f"multiple-choice metric {metric!r} " + ("needs scores this object lacks" if known
-                              else "is unknown"), remedy=f"use one of {', '.join(MC_METRICS)}")
+        raise ForgetlessError(
+            f"multiple-choice metric {metric!r} "
+            + ("needs scores this object lacks" if known else "is unknown"),
+            remedy=f"use one of {', '.join(MC_METRICS)}",
+        )
 
     def predicted_by(self, metric: str = "acc") -> int:
         v = self.values(metric)
@@ -287,8 +326,15 @@ def _fast_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
     return base, head, mrope
 
 
-def score_options(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 8,
-                  *, naive: bool = False, tail: bool = True) -> list[OptionScores]:
+def score_options(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    *,
+    naive: bool = False,
+    tail: bool = True,
+) -> list[OptionScores]:
     """Score every option of every sample (samples need ``options``): the summed log-probability of the
     option's answer tokens (exactly the tokens the Encoder labels: the answer and the end-of-turn token), given
     the prompt (the common prefix of the encoded (question, option) sequences, checked identical across options),
@@ -305,12 +351,16 @@ def score_options(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sa
     Call under ``torch.no_grad()`` with the model in eval mode (as :func:`evaluate` does).
     """
     if batch_size < 1:
-        raise ForgetlessError(f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size")
+        raise ForgetlessError(
+            f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size"
+        )
     parts = None if naive else _fast_parts(model)
     out: list[OptionScores] = []
     for i in range(0, len(samples), batch_size):
-        items = [_encode_options(encoder, s, tail) for s in samples[i:i + batch_size]]
-        out.extend(_score_fast(items, encoder, parts) if parts is not None else _score_naive(model, items, encoder))
+        items = [_encode_options(encoder, s, tail) for s in samples[i : i + batch_size]]
+        out.extend(
+            _score_fast(items, encoder, parts) if parts is not None else _score_naive(model, items, encoder)
+        )
     return out
 
 
@@ -334,8 +384,15 @@ def _per_item(items: list[_MCItem], answer: list[float], tail: list[float]) -> l
     res, k0 = [], 0
     for it in items:
         k = len(it.answers)
-        res.append(OptionScores(answer[k0:k0 + k], [len(a) for a in it.answers], list(it.chars),
-                                tail[k0:k0 + k] if it.tail else None, [len(t) for t in it.tails] if it.tail else None))
+        res.append(
+            OptionScores(
+                answer[k0 : k0 + k],
+                [len(a) for a in it.answers],
+                list(it.chars),
+                tail[k0 : k0 + k] if it.tail else None,
+                [len(t) for t in it.tails] if it.tail else None,
+            )
+        )
         k0 += k
     return res
 
@@ -352,8 +409,9 @@ def output_cache(output: Any) -> Any:
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
-def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
-                ) -> list[OptionScores]:
+def _score_fast(
+    items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
+) -> list[OptionScores]:
     base, head, mrope = parts
     dev = _device(head)
     batch = _left_pad([it.prompt for it in items], encoder.pad_token_id, dev)
@@ -366,8 +424,12 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
         if mm is None:
             image_id = getattr(base.config, "image_token_id", None)
             mm = (batch["input_ids"] == image_id).long() if image_id is not None else torch.zeros_like(mask)
-        pos, delta = base.get_rope_index(batch["input_ids"], mm_token_type_ids=mm,
-                                         image_grid_thw=batch.get("image_grid_thw"), attention_mask=mask)
+        pos, delta = base.get_rope_index(
+            batch["input_ids"],
+            mm_token_type_ids=mm,
+            image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=mask,
+        )
         delta = delta.to(dev).long().view(len(items), 1)
     first = base(**batch, position_ids=pos, use_cache=True)
     cache = output_cache(first)
@@ -390,8 +452,13 @@ def _score_fast(items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Mo
         opt_pos = lengths[row_item, None] + torch.arange(width, device=dev)[None]
         if mrope:
             opt_pos = (opt_pos + delta[row_item])[None].expand(3, -1, -1)
-        hidden = base(input_ids=ids[:, :width], attention_mask=torch.cat([mask[row_item], opt_mask], 1),
-                      position_ids=opt_pos, use_cache=True, **{cache_keyword(base): cache}).last_hidden_state
+        hidden = base(
+            input_ids=ids[:, :width],
+            attention_mask=torch.cat([mask[row_item], opt_mask], 1),
+            position_ids=opt_pos,
+            use_cache=True,
+            **{cache_keyword(base): cache},
+        ).last_hidden_state
         r, t = opt_mask.nonzero(as_tuple=True)
         lp = torch.log_softmax(head(hidden[r, t]).float(), -1).gather(-1, ids[r, t + 1][:, None])[:, 0]
         in_tail = (t + 1 >= n_answer[r]).long()  # position t predicts token t + 1
@@ -409,7 +476,7 @@ def stop_token_ids(model: torch.nn.Module, encoder: Encoder) -> list[int]:
     ids: list[int] = []
 
     def add(t: Any) -> None:
-        for x in (t if isinstance(t, (list, tuple)) else [t]):
+        for x in t if isinstance(t, (list, tuple)) else [t]:
             if x is not None and int(x) not in ids:
                 ids.append(int(x))
 
@@ -426,23 +493,35 @@ def stop_token_ids(model: torch.nn.Module, encoder: Encoder) -> list[int]:
     return ids
 
 
-def generate_answers(model: torch.nn.Module, encoder: Encoder, samples: Sequence[Sample], max_new_tokens: int = 32,
-                     batch_size: int = 8) -> list[str]:
+def generate_answers(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    samples: Sequence[Sample],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> list[str]:
     """Greedy answers: each sample's prompt (:func:`encode_prompt`), ``batch_size`` at a time left-padded, through
     ``model.generate`` (no sampling, one beam) for at most ``max_new_tokens`` new tokens; the new tokens up to the
     first stop token (:func:`stop_token_ids`) are decoded without special tokens and stripped."""
     from transformers import GenerationConfig
 
     if batch_size < 1:
-        raise ForgetlessError(f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size")
+        raise ForgetlessError(
+            f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size"
+        )
     stops = stop_token_ids(model, encoder)
     pad = encoder.pad_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=stops or None, pad_token_id=pad)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stops or None,
+        pad_token_id=pad,
+    )
     dev = _device(model)
     answers: list[str] = []
     for i in range(0, len(samples), batch_size):
-        batch = _left_pad([encode_prompt(encoder, s) for s in samples[i:i + batch_size]], pad, dev)
+        batch = _left_pad([encode_prompt(encoder, s) for s in samples[i : i + batch_size]], pad, dev)
         width = batch["input_ids"].shape[1]
         seqs = model.generate(**batch, generation_config=config)
         for row in seqs[:, width:].tolist():
@@ -488,8 +567,9 @@ def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
         if not any(role == "assistant" for role, _ in s.turns):
             raise _sample_error(s, "no answer to compare with")
         if spec.metric == "mc" and not s.options:
-            raise _sample_error(s, "the task's metric is multiple choice (task.json) but the record has no "
-                                   "'options'")
+            raise _sample_error(
+                s, "the task's metric is multiple choice (task.json) but the record has no 'options'"
+            )
         if s.image is not None:
             try:  # missing, unreadable or a decompression bomb: named before the model is loaded
                 check_image(s.image)
@@ -515,8 +595,10 @@ class _Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        self.log(f"  {task}: {task_done}/{task_total} · all {self.done}/{self.total} · {rate:.1f} samples/s · "
-                 f"ETA {_duration(eta)}")
+        self.log(
+            f"  {task}: {task_done}/{task_total} · all {self.done}/{self.total} · {rate:.1f} samples/s · "
+            f"ETA {_duration(eta)}"
+        )
 
 
 def _duration(s: float) -> str:
@@ -557,8 +639,16 @@ def _gathered(own: list[dict[str, Any]], mine: list[int], n: int) -> list[dict[s
     return ordered
 
 
-def _predict(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], spec: TaskSpec, extra: list[str],
-             batch_size: int, max_new_tokens: int, meter: _Progress) -> list[dict[str, Any]]:
+def _predict(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    samples: list[Sample],
+    spec: TaskSpec,
+    extra: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    meter: _Progress,
+) -> list[dict[str, Any]]:
     """One prediction per sample, in order: options scored by log-likelihood (multiple choice, unless the task's
     metric is exact match), else a greedy answer."""
     by_mc = spec.metric != "exact"
@@ -567,17 +657,22 @@ def _predict(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], sp
     preds: dict[int, dict[str, Any]] = {}
     done = 0
     for i in range(0, len(mc), batch_size):
-        chunk = mc[i:i + batch_size]
+        chunk = mc[i : i + batch_size]
         scored = score_options(model, encoder, chunk, batch_size, tail="lmms_eval_acc" in extra)
         for s, sc in zip(chunk, scored):
             preds[id(s)] = _mc_prediction(s, sc, extra)
         done += len(chunk)
         meter(spec.name, len(chunk), done, len(samples))
     for i in range(0, len(free), batch_size):
-        chunk = free[i:i + batch_size]
+        chunk = free[i : i + batch_size]
         for s, text in zip(chunk, generate_answers(model, encoder, chunk, max_new_tokens, batch_size)):
             answer = _answer(s)
-            preds[id(s)] = {"id": s.id, "answer": answer, "prediction": text, "correct": exact_match(text, answer)}
+            preds[id(s)] = {
+                "id": s.id,
+                "answer": answer,
+                "prediction": text,
+                "correct": exact_match(text, answer),
+            }
         done += len(chunk)
         meter(spec.name, len(chunk), done, len(samples))
     return [preds[id(s)] for s in samples]
@@ -586,8 +681,15 @@ def _predict(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], sp
 def _mc_prediction(s: Sample, sc: OptionScores, extra: list[str]) -> dict[str, Any]:
     assert s.options is not None
     answer, guess = _answer(s), s.options[sc.predicted]
-    pred = {"id": s.id, "answer": answer, "prediction": guess, "predicted_index": sc.predicted,
-            "logprobs": sc.logprobs, "num_tokens": sc.num_tokens, "correct": guess == answer}
+    pred = {
+        "id": s.id,
+        "answer": answer,
+        "prediction": guess,
+        "predicted_index": sc.predicted,
+        "logprobs": sc.logprobs,
+        "num_tokens": sc.num_tokens,
+        "correct": guess == answer,
+    }
     if "lmms_eval_acc" in extra:
         pred["lmms_eval_loss"] = [-v for v in sc.values("lmms_eval_acc")]
     for m in extra:
@@ -596,8 +698,14 @@ def _mc_prediction(s: Sample, sc: OptionScores, extra: list[str]) -> dict[str, A
     return pred
 
 
-def _task_entry(spec: TaskSpec, samples: list[Sample], group: str, ordered: list[dict[str, Any]],
-                extra: list[str], keep_predictions: bool) -> dict[str, Any]:
+def _task_entry(
+    spec: TaskSpec,
+    samples: list[Sample],
+    group: str,
+    ordered: list[dict[str, Any]],
+    extra: list[str],
+    keep_predictions: bool,
+) -> dict[str, Any]:
     """A task's result: accuracy, per-item correctness and fingerprints, the other metrics, the predictions."""
     from .metrics import correct_items
 
@@ -605,27 +713,46 @@ def _task_entry(spec: TaskSpec, samples: list[Sample], group: str, ordered: list
     has_free = any("predicted_index" not in p for p in ordered)
     correct = sum(p["correct"] for p in ordered)
     entry: dict[str, Any] = {
-        "kind": _infer_kind(spec, samples, group), "path": str(spec.path),
+        "kind": _infer_kind(spec, samples, group),
+        "path": str(spec.path),
         "metric": "mc" if not has_free else "exact" if not has_mc else "mixed",
-        "n": len(samples), "correct": correct, "accuracy": correct / len(samples),
+        "n": len(samples),
+        "correct": correct,
+        "accuracy": correct / len(samples),
         "correct_items": correct_items([p["correct"] for p in ordered]),
-        "item_fingerprints": item_fingerprints(samples)}
+        "item_fingerprints": item_fingerprints(samples),
+    }
     for m in extra if has_mc else ():  # an exact-match record is right or wrong for every metric
         flags = [p[m]["correct"] if m in p else p["correct"] for p in ordered]
-        entry[m] = {"correct": sum(flags), "accuracy": sum(flags) / len(samples),
-                    "correct_items": correct_items(flags)}
+        entry[m] = {
+            "correct": sum(flags),
+            "accuracy": sum(flags) / len(samples),
+            "correct_items": correct_items(flags),
+        }
     if keep_predictions:
         entry["predictions"] = ordered
     return entry
 
 
-def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike | TaskSpec], *,
-             general: Mapping[str, str | os.PathLike | TaskSpec] | None = None, split: str = "test",
-             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32, device: str = "auto",
-             dtype: str = "float32", task_root: str | os.PathLike | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = print, keep_predictions: bool = True,
-             metrics: Sequence[str] = MC_METRICS, min_pixels: int | None = None,
-             max_pixels: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model_dir: str | os.PathLike,
+    tasks: Mapping[str, str | os.PathLike | TaskSpec],
+    *,
+    general: Mapping[str, str | os.PathLike | TaskSpec] | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    device: str = "auto",
+    dtype: str = "float32",
+    task_root: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    keep_predictions: bool = True,
+    metrics: Sequence[str] = MC_METRICS,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
     """Evaluate the model folder on each task; returns the result dict (what ``forgetless eval`` writes).
 
     ``tasks`` (downstream) and ``general`` map a name to a JSONL file, a task folder (its ``<split>.jsonl``) or a
@@ -652,38 +779,65 @@ def evaluate(model_dir: str | os.PathLike, tasks: Mapping[str, str | os.PathLike
     encoder = Encoder(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     for spec, samples, _ in loaded:
         if encoder.processor is None and any(s.image is not None for s in samples):
-            raise ForgetlessError(f"task {spec.name!r} has images but the model has no image processor",
-                                  file=spec.path, remedy="evaluate a multimodal model (with processor files)")
+            raise ForgetlessError(
+                f"task {spec.name!r} has images but the model has no image processor",
+                file=spec.path,
+                remedy="evaluate a multimodal model (with processor files)",
+            )
     t0 = time.perf_counter()
-    results = _score_tasks(model_dir, loaded, encoder, extra, device=device, dtype=dtype, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, keep_predictions=keep_predictions,
-                           say=log if progress else None)
+    results = _score_tasks(
+        model_dir,
+        loaded,
+        encoder,
+        extra,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        keep_predictions=keep_predictions,
+        say=log if progress else None,
+    )
     seconds = time.perf_counter() - t0
     total = sum(len(s) for _, s, _ in loaded)
     pixels = {"pixels": [min_pixels, max_pixels]} if min_pixels or max_pixels else {}
-    out = {"model": str(model_dir), "split": split, "limit": limit, "dtype": dtype, **pixels, "tasks": results,
-           "seconds": round(seconds, 3),
-           "samples_per_s": round(total / seconds, 3) if seconds else None}
+    out = {
+        "model": str(model_dir),
+        "split": split,
+        "limit": limit,
+        "dtype": dtype,
+        **pixels,
+        "tasks": results,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(total / seconds, 3) if seconds else None,
+    }
     return _with_scores(out, extra)
 
 
 def _check_request(model_dir: Path, limit: int | None, metrics: Sequence[str]) -> list[str]:
     """The refusals that need no task file; returns the metrics asked beside ``acc``."""
     if not (model_dir / "config.json").is_file():
-        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
-                              remedy="pass a Hugging Face model folder")
+        raise ForgetlessError(
+            "not a model folder (no config.json)", file=model_dir, remedy="pass a Hugging Face model folder"
+        )
     with CheckpointReader(model_dir):  # a damaged or missing weight file is named before any work
         pass
     if limit is not None and limit < 1:
         raise ForgetlessError(f"--limit must be ≥ 1, got {limit}", remedy="pass a positive limit or none")
     if set(metrics) - set(MC_METRICS):
-        raise ForgetlessError(f"unknown metrics {sorted(set(metrics) - set(MC_METRICS))}",
-                              remedy=f"use some of {', '.join(MC_METRICS)}")
+        raise ForgetlessError(
+            f"unknown metrics {sorted(set(metrics) - set(MC_METRICS))}",
+            remedy=f"use some of {', '.join(MC_METRICS)}",
+        )
     return [m for m in MC_METRICS[1:] if m in metrics]
 
 
-def _load_tasks(tasks: Mapping[str, Any], general: Mapping[str, Any] | None, split: str,
-                task_root: str | os.PathLike | None, limit: int | None) -> list[tuple[TaskSpec, list[Sample], str]]:
+def _load_tasks(
+    tasks: Mapping[str, Any],
+    general: Mapping[str, Any] | None,
+    split: str,
+    task_root: str | os.PathLike | None,
+    limit: int | None,
+) -> list[tuple[TaskSpec, list[Sample], str]]:
     """(spec, samples, group) of every task, downstream first; names unique, at least one task."""
     specs: list[tuple[TaskSpec, str]] = []
     for group_tasks, group in ((tasks, "downstream"), (general or {}, "general")):
@@ -699,9 +853,19 @@ def _load_tasks(tasks: Mapping[str, Any], general: Mapping[str, Any] | None, spl
     return [(spec, _load_task(spec, limit), group) for spec, group in specs]
 
 
-def _score_tasks(model_dir: Path, loaded: list[tuple[TaskSpec, list[Sample], str]], encoder: Encoder,
-                 extra: list[str], *, device: str, dtype: str, batch_size: int, max_new_tokens: int,
-                 keep_predictions: bool, say: Callable[[str], None] | None) -> dict[str, Any]:
+def _score_tasks(
+    model_dir: Path,
+    loaded: list[tuple[TaskSpec, list[Sample], str]],
+    encoder: Encoder,
+    extra: list[str],
+    *,
+    device: str,
+    dtype: str,
+    batch_size: int,
+    max_new_tokens: int,
+    keep_predictions: bool,
+    say: Callable[[str], None] | None,
+) -> dict[str, Any]:
     """Every task's entry: the model loaded once; under torchrun each rank scores its share, gathered."""
     from ..cpm import load_model
     from ..stats.run import resolve_device
@@ -711,7 +875,9 @@ def _score_tasks(model_dir: Path, loaded: list[tuple[TaskSpec, list[Sample], str
     results: dict[str, Any] = {}
     with process_group(dev) as (rank, world):
         say = say if rank == 0 else None
-        model = load_model(model_dir, dtype=dtype, device=str(dev))  # a CPM-routed folder comes with its routing
+        model = load_model(
+            model_dir, dtype=dtype, device=str(dev)
+        )  # a CPM-routed folder comes with its routing
         if say:
             ranks = f", {world} processes" if world > 1 else ""
             say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype}{ranks})")
@@ -719,8 +885,9 @@ def _score_tasks(model_dir: Path, loaded: list[tuple[TaskSpec, list[Sample], str
         with torch.no_grad():
             for spec, samples, group in loaded:
                 mine = shard_by_length(samples, rank, world)
-                own = _predict(model, encoder, [samples[i] for i in mine], spec, extra, batch_size, max_new_tokens,
-                               meter)
+                own = _predict(
+                    model, encoder, [samples[i] for i in mine], spec, extra, batch_size, max_new_tokens, meter
+                )
                 ordered = _gathered(own, mine, len(samples))
                 results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
     return results

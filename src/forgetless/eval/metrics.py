@@ -75,6 +75,7 @@ def _mean(xs: list[float]) -> float | None:
 def _combine(accuracy: Mapping[str, tuple[str | None, Any]]) -> dict[str, Any]:
     """T, G_v, G_t, G (percent) from each task's (kind, accuracy); an accuracy may be a float or an array of
     resampled accuracies (then every score is an array)."""
+
     def by_kind(kind: str) -> list:
         return [a for k, a in accuracy.values() if k == kind]
 
@@ -88,7 +89,9 @@ def metric_view(result: Mapping[str, Any], metric: str) -> dict[str, Any] | None
     :data:`MC_METRICS`), so that :func:`scores`, :func:`compare` and :class:`Bootstrap` give that metric's figures;
     ``None`` when a task scored by multiple choice lacks it (a result written before forgetless recorded it)."""
     if metric not in MC_METRICS:
-        raise ForgetlessError(f"unknown multiple-choice metric {metric!r}", remedy=f"use one of {', '.join(MC_METRICS)}")
+        raise ForgetlessError(
+            f"unknown multiple-choice metric {metric!r}", remedy=f"use one of {', '.join(MC_METRICS)}"
+        )
     if metric == MC_METRICS[0]:
         return dict(result)
     tasks = {}
@@ -116,9 +119,12 @@ def check_items(name: str, fa: Any, fb: Any, path: Any, what: str) -> None:
     if fa is None or fb is None or fa == fb:
         return
     first = next((i for i, (x, y) in enumerate(zip(fa, fb)) if x != y), min(len(fa), len(fb)))
-    raise ForgetlessError(f"task {name!r} was scored on other items than the {what}'s (item {first} differs: "
-                          "another file, split or version of a task with the same name)", file=path,
-                          remedy="evaluate every model on the same task files")
+    raise ForgetlessError(
+        f"task {name!r} was scored on other items than the {what}'s (item {first} differs: "
+        "another file, split or version of a task with the same name)",
+        file=path,
+        remedy="evaluate every model on the same task files",
+    )
 
 
 def unchecked(result: Mapping[str, Any]) -> list[str]:
@@ -130,28 +136,36 @@ def _check_same(a: Mapping[str, Any], b: Mapping[str, Any], what: str) -> None:
     ta, tb = a.get("tasks", {}), b.get("tasks", {})
     for name in sorted(set(ta) | set(tb)):
         if name not in ta or name not in tb:
-            raise ForgetlessError(f"task {name!r} is in one result but not in the {what}'s",
-                                  file=b.get("path") or a.get("path"),
-                                  remedy="evaluate every model on the same --tasks and --general")
+            raise ForgetlessError(
+                f"task {name!r} is in one result but not in the {what}'s",
+                file=b.get("path") or a.get("path"),
+                remedy="evaluate every model on the same --tasks and --general",
+            )
         ka, kb = ta[name].get("kind"), tb[name].get("kind")
         na, nb = ta[name].get("n"), tb[name].get("n")
         if ka != kb or na != nb:
-            raise ForgetlessError(f"task {name!r} differs from the {what}'s (kind {ka} vs {kb}, n {na} vs {nb})",
-                                  file=b.get("path") or a.get("path"),
-                                  remedy="evaluate every model with the same --split and --limit")
-        check_items(name, ta[name].get(FINGERPRINTS), tb[name].get(FINGERPRINTS), b.get("path") or a.get("path"),
-                     what)
+            raise ForgetlessError(
+                f"task {name!r} differs from the {what}'s (kind {ka} vs {kb}, n {na} vs {nb})",
+                file=b.get("path") or a.get("path"),
+                remedy="evaluate every model with the same --split and --limit",
+            )
+        check_items(
+            name, ta[name].get(FINGERPRINTS), tb[name].get(FINGERPRINTS), b.get("path") or a.get("path"), what
+        )
     if a.get("split") != b.get("split"):
-        raise ForgetlessError(f"split {a.get('split')!r} differs from the {what}'s ({b.get('split')!r})",
-                              remedy="evaluate every model on the same --split")
+        raise ForgetlessError(
+            f"split {a.get('split')!r} differs from the {what}'s ({b.get('split')!r})",
+            remedy="evaluate every model on the same --split",
+        )
 
 
 def _diff(x: float | None, y: float | None) -> float | None:
     return None if x is None or y is None else x - y
 
 
-def compare(model: Mapping[str, Any], base: Mapping[str, Any], finetuned: Mapping[str, Any] | None = None
-            ) -> dict[str, float | None]:
+def compare(
+    model: Mapping[str, Any], base: Mapping[str, Any], finetuned: Mapping[str, Any] | None = None
+) -> dict[str, float | None]:
     """T, G_v, G_t, G of ``model`` and, relative to ``base`` (and ``finetuned``): E, F, E+F (points) and
     gain_kept (a fraction; needs ``finetuned``). See the module docstring for the definitions."""
     _check_same(model, base, "base model")
@@ -159,8 +173,13 @@ def compare(model: Mapping[str, Any], base: Mapping[str, Any], finetuned: Mappin
         _check_same(model, finetuned, "fine-tuned model")
     s, b = scores(model), scores(base)
     e, f = _diff(s["T"], b["T"]), _diff(s["G"], b["G"])
-    out: dict[str, float | None] = {**s, "E": e, "F": f, "E+F": None if e is None or f is None else e + f,
-                                    "gain_kept": None}
+    out: dict[str, float | None] = {
+        **s,
+        "E": e,
+        "F": f,
+        "E+F": None if e is None or f is None else e + f,
+        "gain_kept": None,
+    }
     if finetuned is not None and e is not None:
         e_ft = _diff(scores(finetuned)["T"], b["T"])
         if e_ft is not None and abs(e_ft) > 1e-12:
@@ -179,8 +198,10 @@ def item_correct(task: Mapping[str, Any], name: str = "?") -> np.ndarray:
         return np.frombuffer(task["correct_items"].encode("ascii"), dtype=np.uint8) == ord("1")
     if isinstance(task.get("predictions"), list):
         return np.array([bool(p["correct"]) for p in task["predictions"]])
-    raise ForgetlessError(f"task {name!r} has no per-item results, so no interval can be computed",
-                          remedy="re-evaluate with this version of forgetless (it records which items were right)")
+    raise ForgetlessError(
+        f"task {name!r} has no per-item results, so no interval can be computed",
+        remedy="re-evaluate with this version of forgetless (it records which items were right)",
+    )
 
 
 def correct_items(flags: Sequence[bool]) -> str:
@@ -194,8 +215,10 @@ class Bootstrap:
 
     def __init__(self, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
         if n_boot < 10 or not 0 < level < 1:
-            raise ForgetlessError(f"bootstrap needs n_boot ≥ 10 and 0 < level < 1, got {n_boot}, {level}",
-                                  remedy="use e.g. n_boot=2000, level=0.95")
+            raise ForgetlessError(
+                f"bootstrap needs n_boot ≥ 10 and 0 < level < 1, got {n_boot}, {level}",
+                remedy="use e.g. n_boot=2000, level=0.95",
+            )
         self.n_boot, self.seed, self.level = n_boot, seed, level
         self._draws: dict[tuple[str, int], np.ndarray] = {}
 
@@ -204,7 +227,9 @@ class Bootstrap:
         key = (task, n)
         if key not in self._draws:
             rng = np.random.default_rng([self.seed, zlib.crc32(task.encode()), n])
-            self._draws[key] = rng.integers(0, n, size=(self.n_boot, n), dtype=np.int64 if n > 2**31 else np.int32)
+            self._draws[key] = rng.integers(
+                0, n, size=(self.n_boot, n), dtype=np.int64 if n > 2**31 else np.int32
+            )
         return self._draws[key]
 
     def _one(self, result: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,7 +305,9 @@ class Bootstrap:
 def _seed_mean(result: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """:func:`scores` of one result, or their mean over a list of seeds' results (the keys all have)."""
     many = [scores(result)] if isinstance(result, Mapping) else [scores(r) for r in result]
-    return {k: float(np.mean([s[k] for s in many])) for k in SCORE_KEYS if all(s[k] is not None for s in many)}
+    return {
+        k: float(np.mean([s[k] for s in many])) for k in SCORE_KEYS if all(s[k] is not None for s in many)
+    }
 
 
 class NamedDraws:
@@ -305,8 +332,14 @@ class NamedDraws:
         return pa - pb, iv
 
 
-def intervals(model: Mapping[str, Any], base: Mapping[str, Any] | None = None, *, n_boot: int = 2000,
-              seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float] | None]:
+def intervals(
+    model: Mapping[str, Any],
+    base: Mapping[str, Any] | None = None,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
     """95% intervals of T, G_v, G_t, G (and, given `base`, the paired E, F, E+F) of one result."""
     boot = Bootstrap(n_boot, seed, level)
     if base is not None:

@@ -34,8 +34,14 @@ TABLE_SCORES = ("T", "G_v", "G_t", "G", "E", "F", "E+F")
 # table
 
 
-def table_row(name: str, result: Mapping[str, Any], base: Mapping[str, Any] | None = None,
-              finetuned: Mapping[str, Any] | None = None, *, boot: Bootstrap | None = None) -> dict[str, Any]:
+def table_row(
+    name: str,
+    result: Mapping[str, Any],
+    base: Mapping[str, Any] | None = None,
+    finetuned: Mapping[str, Any] | None = None,
+    *,
+    boot: Bootstrap | None = None,
+) -> dict[str, Any]:
     """A table row: ``name``, ``accuracy`` (task → percent) and T, G_v, G_t (and, given ``base``, E, F, E+F,
     gain_kept — :func:`forgetless.eval.metrics.compare`). With ``boot``, ``intervals``: each score's 95%
     interval, E, F and E+F paired with ``base``."""
@@ -43,7 +49,9 @@ def table_row(name: str, result: Mapping[str, Any], base: Mapping[str, Any] | No
     vals: dict[str, Any] = dict(compare(result, base, finetuned) if base is not None else scores(result))
     row = {"name": name, "accuracy": acc, **vals}
     if boot is not None:
-        row["intervals"] = boot.intervals(boot.compare(result, base) if base is not None else boot.scores(result))
+        row["intervals"] = boot.intervals(
+            boot.compare(result, base) if base is not None else boot.scores(result)
+        )
     return row
 
 
@@ -73,16 +81,24 @@ def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None 
     appearance)."""
     if tasks is None:
         tasks = list(dict.fromkeys(k for r in rows for k in r.get("accuracy", {})))
-    cols = [c for c in TABLE_SCORES if c in ("T", "G_v", "G_t", "G") or any(r.get(c) is not None for r in rows)]
+    cols = [
+        c for c in TABLE_SCORES if c in ("T", "G_v", "G_t", "G") or any(r.get(c) is not None for r in rows)
+    ]
     header = ["model", *tasks, *cols]
-    body = [[str(r["name"]),
-             *[cell(r.get("accuracy", {}).get(t)) for t in tasks],
-             *[cell(r.get(c), c in ("E", "F", "E+F"), (r.get("intervals") or {}).get(c)) for c in cols]]
-            for r in rows]
+    body = [
+        [
+            str(r["name"]),
+            *[cell(r.get("accuracy", {}).get(t)) for t in tasks],
+            *[cell(r.get(c), c in ("E", "F", "E+F"), (r.get("intervals") or {}).get(c)) for c in cols],
+        ]
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
-        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))).rstrip()
+        return "  ".join(
+            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *map(fmt, body)])
@@ -104,8 +120,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     data = safeload.read_json(p, remedy="pass a JSON written by forgetless eval", expect=dict)
     if not isinstance(data.get("tasks"), dict):
-        raise ForgetlessError("not an evaluation result (no 'tasks')", file=p,
-                              remedy="pass a JSON written by forgetless eval --out")
+        raise ForgetlessError(
+            "not an evaluation result (no 'tasks')",
+            file=p,
+            remedy="pass a JSON written by forgetless eval --out",
+        )
     data["path"] = str(p)
     return data
 
@@ -146,16 +165,38 @@ def _error_bars(ax, pts: Sequence[TradeoffPoint], color) -> None:
     for p in pts:
         if p.task_interval is None and p.general_interval is None:
             continue
-        xe = None if p.task_interval is None else [[p.task - p.task_interval[0]], [p.task_interval[1] - p.task]]
-        ye = None if p.general_interval is None else [[p.general - p.general_interval[0]],
-                                                      [p.general_interval[1] - p.general]]
-        ax.errorbar([p.task], [p.general], xerr=xe, yerr=ye, fmt="none", ecolor=color, alpha=0.45, lw=0.9,
-                    capsize=2, zorder=2)
+        xe = (
+            None
+            if p.task_interval is None
+            else [[p.task - p.task_interval[0]], [p.task_interval[1] - p.task]]
+        )
+        ye = (
+            None
+            if p.general_interval is None
+            else [[p.general - p.general_interval[0]], [p.general_interval[1] - p.general]]
+        )
+        ax.errorbar(
+            [p.task],
+            [p.general],
+            xerr=xe,
+            yerr=ye,
+            fmt="none",
+            ecolor=color,
+            alpha=0.45,
+            lw=0.9,
+            capsize=2,
+            zorder=2,
+        )
 
 
-def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str | os.PathLike, *,
-                  title: str | None = None, xlabel: str = "task score T (%)",
-                  ylabel: str = "general score G (%)") -> Path:
+def tradeoff_plot(
+    points: Sequence[TradeoffPoint | Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    xlabel: str = "task score T (%)",
+    ylabel: str = "general score G (%)",
+) -> Path:
     """A PNG of the specialization/retention trade-off: x = task score, y = general score; one line per method
     through its knob values (in numeric knob order when every knob is a number, else as given), each point
     annotated with its knob; the base and fine-tuned models as distinct markers; a ``chosen`` point ringed; 95%
@@ -177,24 +218,46 @@ def tradeoff_plot(points: Sequence[TradeoffPoint | Mapping[str, Any]], path: str
             keys = [_knob_key(p) for p in line]
             if not any(math.isnan(k) for k in keys):  # every knob numeric
                 line = [p for _, p in sorted(zip(keys, line), key=lambda kp: kp[0])]
-            (handle,) = ax.plot([p.task for p in line], [p.general for p in line], marker="o", ms=4, lw=1.2,
-                                label=m)
+            (handle,) = ax.plot(
+                [p.task for p in line], [p.general for p in line], marker="o", ms=4, lw=1.2, label=m
+            )
             for p in line:
                 if p.knob is not None:
-                    ax.annotate(f"{p.knob}", (p.task, p.general), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7, color=handle.get_color())
+                    ax.annotate(
+                        f"{p.knob}",
+                        (p.task, p.general),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=handle.get_color(),
+                    )
             _error_bars(ax, line, handle.get_color())
         styles = {"base": ("s", "black", "base"), "finetuned": ("^", "tab:red", "fine-tuned")}
         for role, (marker, color, label) in styles.items():
             sel = [p for p in pts if p.role == role]
             if sel:
-                ax.scatter([p.task for p in sel], [p.general for p in sel], marker=marker, s=70, color=color,
-                           zorder=5, label=label)
+                ax.scatter(
+                    [p.task for p in sel],
+                    [p.general for p in sel],
+                    marker=marker,
+                    s=70,
+                    color=color,
+                    zorder=5,
+                    label=label,
+                )
                 _error_bars(ax, sel, color)
         chosen = [p for p in pts if p.chosen]
         if chosen:
-            ax.scatter([p.task for p in chosen], [p.general for p in chosen], s=260, facecolors="none",
-                       edgecolors="gold", linewidths=2.5, zorder=6, label="chosen")
+            ax.scatter(
+                [p.task for p in chosen],
+                [p.general for p in chosen],
+                s=260,
+                facecolors="none",
+                edgecolors="gold",
+                linewidths=2.5,
+                zorder=6,
+                label="chosen",
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:
@@ -219,8 +282,14 @@ def _split_list(value: str | Sequence[str] | None) -> list[str]:
     return [x.strip() for x in items if x.strip()]
 
 
-def _figures(name: str, res: Mapping[str, Any], base: Mapping[str, Any] | None, ft: Mapping[str, Any] | None, *,
-             boot: Bootstrap) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _figures(
+    name: str,
+    res: Mapping[str, Any],
+    base: Mapping[str, Any] | None,
+    ft: Mapping[str, Any] | None,
+    *,
+    boot: Bootstrap,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One metric's figures of a result — ``scores``, ``intervals`` and, given the base model's result,
     ``comparison`` and ``comparison_intervals`` — and its table rows (base, fine-tuned, the model)."""
     figures: dict[str, Any] = {"scores": scores(res), "intervals": boot.intervals(boot.scores(res))}
@@ -261,16 +330,33 @@ def _check_items_first(result: dict[str, Any], who: str, mine: Mapping[str, list
             check_items(name, fingerprints, theirs, result["path"], who)
     old = unchecked(result)
     if old and log is not None:
-        log(f"note: {result['path']} has no item fingerprints for {', '.join(old)} (written by an older "
-            "forgetless): matched by task name and size only; evaluate that model again to check its items")
+        log(
+            f"note: {result['path']} has no item fingerprints for {', '.join(old)} (written by an older "
+            "forgetless): matched by task name and size only; evaluate that model again to check its items"
+        )
 
 
-def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, general: str | Sequence[str] | None = None,
-             *, split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
-             device: str = "auto", dtype: str = "float32", task_root: str | os.PathLike | None = None,
-             out: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
-             finetuned: str | os.PathLike | None = None, progress: bool = True, force: bool = False,
-             min_pixels: int | None = None, max_pixels: int | None = None, log=print) -> dict[str, Any]:
+def run_eval(
+    model: str | os.PathLike,
+    tasks: str | Sequence[str] | None,
+    general: str | Sequence[str] | None = None,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    device: str = "auto",
+    dtype: str = "float32",
+    task_root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    finetuned: str | os.PathLike | None = None,
+    progress: bool = True,
+    force: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    log=print,
+) -> dict[str, Any]:
     """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
     model, the result gets a ``comparison`` (E, F, E+F, gain_kept) and the table their rows. Every score gets its
@@ -288,8 +374,10 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
     from .harness import evaluate, resolve_task, task_fingerprints
 
     if finetuned is not None and base is None:
-        raise ForgetlessError("--finetuned needs --base (E and F are measured from the base model)",
-                              remedy="pass --base base.json too")
+        raise ForgetlessError(
+            "--finetuned needs --base (E and F are measured from the base model)",
+            remedy="pass --base base.json too",
+        )
     base_r = read_json(base) if base is not None else None
     ft_r = read_json(finetuned) if finetuned is not None else None
     for r in (base_r, ft_r):  # intervals are paired with these: they need their per-item results
@@ -303,8 +391,10 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
         resolved = [resolve_task(s, split=split, task_root=task_root) for s in specs]
         groups.append({t.name: t for t in resolved})
         if len(groups[-1]) != len(resolved):
-            raise ForgetlessError(f"two tasks share a name: {', '.join(t.name for t in resolved)}",
-                                  remedy="give each task once (rename a JSONL file if two have the same stem)")
+            raise ForgetlessError(
+                f"two tasks share a name: {', '.join(t.name for t in resolved)}",
+                remedy="give each task once (rename a JSONL file if two have the same stem)",
+            )
     if out is not None:  # the model folder, the task files and the result files read are never written over
         specs = [t.path for g in groups for t in g.values()]
         check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
@@ -314,9 +404,22 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
             if r is not None:
                 _check_items_first(r, who, mine, log)
     with _loading_bars(progress):
-        res = evaluate(model, groups[0], general=groups[1], split=split, limit=limit, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, device=device, dtype=dtype, task_root=task_root,
-                       progress=progress, log=log, min_pixels=min_pixels, max_pixels=max_pixels)
+        res = evaluate(
+            model,
+            groups[0],
+            general=groups[1],
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            dtype=dtype,
+            task_root=task_root,
+            progress=progress,
+            log=log,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
     if dist_info()[0] != 0:  # under torchrun every rank has the whole result; rank 0 alone prints and writes
         log, out = None, None
     if base_r is not None:
@@ -331,9 +434,17 @@ def run_eval(model: str | os.PathLike, tasks: str | Sequence[str] | None, genera
         else:
             res[metric].update(figures)
         if log is not None:
-            lacks = next((f" (the {who} result, written by an older version, lacks it: no {what})" for who, r, v, what
-                          in (("base", base_r, views[1], "comparison"), ("fine-tuned", ft_r, views[2], "gain kept"))
-                          if r is not None and v is None), "")
+            lacks = next(
+                (
+                    f" (the {who} result, written by an older version, lacks it: no {what})"
+                    for who, r, v, what in (
+                        ("base", base_r, views[1], "comparison"),
+                        ("fine-tuned", ft_r, views[2], "gain kept"),
+                    )
+                    if r is not None and v is None
+                ),
+                "",
+            )
             log(f"\n{metric}: {MC_METRIC_DOC[metric]}{lacks}")
             log(format_table(rows, list(res["tasks"])))
             kept = figures.get("comparison", {}).get("gain_kept")

@@ -33,14 +33,17 @@ from ..stats.distributed import barrier, process_group
 def parse_param(spec: str) -> tuple[str | None, str, list[float]]:
     """``[method:]name=v1,v2,...`` → (method or None, name, values)."""
     if "=" not in spec:
-        raise ForgetlessError(f"--param {spec!r} is not NAME=V1,V2,...", remedy="e.g. --param alpha=0.05,0.2,1")
+        raise ForgetlessError(
+            f"--param {spec!r} is not NAME=V1,V2,...", remedy="e.g. --param alpha=0.05,0.2,1"
+        )
     key, _, values = spec.partition("=")
     method, _, name = key.rpartition(":")
     try:
         vals = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
-        raise ForgetlessError(f"--param {spec!r}: values must be numbers", remedy="e.g. --param lambda=0.2,0.5"
-                              ) from None
+        raise ForgetlessError(
+            f"--param {spec!r}: values must be numbers", remedy="e.g. --param lambda=0.2,0.5"
+        ) from None
     if not vals:
         raise ForgetlessError(f"--param {spec!r} has no values", remedy="e.g. --param lambda=0.2,0.5")
     return method or None, name.strip(), vals
@@ -57,18 +60,29 @@ class Rule:
 
     def __post_init__(self):
         if self.keep_gain is not None and self.max_loss is not None:
-            raise ForgetlessError("give one target: --keep-gain or --max-loss, not both",
-                                  remedy="state what matters most; the other score is then made as good as it gets")
+            raise ForgetlessError(
+                "give one target: --keep-gain or --max-loss, not both",
+                remedy="state what matters most; the other score is then made as good as it gets",
+            )
         if self.keep_gain is not None and not 0 < self.keep_gain <= 1.5:
-            raise ForgetlessError(f"--keep-gain {self.keep_gain:g} is a fraction of the task gain, e.g. 0.95",
-                                  remedy="give a fraction in (0, 1.5]")
+            raise ForgetlessError(
+                f"--keep-gain {self.keep_gain:g} is a fraction of the task gain, e.g. 0.95",
+                remedy="give a fraction in (0, 1.5]",
+            )
         if self.max_loss is not None and self.max_loss < 0:
-            raise ForgetlessError(f"--max-loss {self.max_loss:g}: points of general score lost, ≥ 0",
-                                  remedy="e.g. --max-loss 2")
+            raise ForgetlessError(
+                f"--max-loss {self.max_loss:g}: points of general score lost, ≥ 0", remedy="e.g. --max-loss 2"
+            )
 
     def keys(self) -> tuple[str, str]:
         """(the score the target bounds, the score then maximised)."""
-        return ("E", "F") if self.keep_gain is not None else ("F", "E") if self.max_loss is not None else ("T", "G")
+        return (
+            ("E", "F")
+            if self.keep_gain is not None
+            else ("F", "E")
+            if self.max_loss is not None
+            else ("T", "G")
+        )
 
     def bound(self, finetuned: dict) -> float:
         if self.keep_gain is not None:
@@ -88,7 +102,9 @@ class Rule:
         return point[self.keys()[0]] >= self.bound(finetuned)
 
 
-def choose(points: list[dict], finetuned: dict | float, rule: Rule | float = 0.98) -> tuple[dict | None, bool]:
+def choose(
+    points: list[dict], finetuned: dict | float, rule: Rule | float = 0.98
+) -> tuple[dict | None, bool]:
     """(chosen point, whether it met the rule) — see the module docstring. ``finetuned``: the fine-tuned model's
     scores (or its T alone, with a ``min_task_ratio`` rule given as a number)."""
     rule = rule if isinstance(rule, Rule) else Rule(min_task_ratio=rule)
@@ -109,8 +125,10 @@ def _grid_for(method: str, accepted: set[str], params: list[tuple[str | None, st
             continue
         if name not in accepted:
             if m is not None:
-                raise ForgetlessError(f"method {method!r} has no parameter {name!r}",
-                                      remedy=f"its parameters: {', '.join(sorted(accepted))}")
+                raise ForgetlessError(
+                    f"method {method!r} has no parameter {name!r}",
+                    remedy=f"its parameters: {', '.join(sorted(accepted))}",
+                )
             continue
         out.append((name, values))
     return out
@@ -120,11 +138,25 @@ def _accuracy(result: dict) -> dict[str, float]:
     return {n: 100.0 * t["accuracy"] for n, t in result["tasks"].items()}
 
 
-def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks: dict[str, Any],
-          general: dict[str, Any], workdir: str | Path, split: str = "val", limit: int | None = None,
-          min_task_ratio: float = 0.98, plot: str | Path | None = None, out: str | Path | None = None,
-          batch_size: int = 8, rule: Rule | None = None, held_out: dict[str, dict[str, Any]] | None = None,
-          dtype: str = "float32", device: str = "auto", log: Callable[[str], None] | None = print) -> dict:
+def sweep(
+    recipes: Sequence[dict | str | Path],
+    params: Sequence[str],
+    *,
+    tasks: dict[str, Any],
+    general: dict[str, Any],
+    workdir: str | Path,
+    split: str = "val",
+    limit: int | None = None,
+    min_task_ratio: float = 0.98,
+    plot: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    rule: Rule | None = None,
+    held_out: dict[str, dict[str, Any]] | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    log: Callable[[str], None] | None = print,
+) -> dict:
     """Run the grid (module docstring); returns ``{"points", "base", "finetuned", "chosen", "rule", ...}``.
     ``rule`` (default: ``min_task_ratio``'s); ``held_out``: {"split": name, "tasks": …, "general": …} — the
     chosen point, the base and the fine-tuned model evaluated there too (``result["held_out"]``). ``dtype`` and
@@ -148,20 +180,38 @@ def sweep(recipes: Sequence[dict | str | Path], params: Sequence[str], *, tasks:
         if d["method"] not in METHODS:
             raise ForgetlessError(f"unknown method {d['method']!r}", remedy="see `forgetless methods`")
         if len(d.get("models") or []) != 1:
-            raise ForgetlessError("a sweep recipe merges one fine-tuned model into its base", remedy="give one model")
+            raise ForgetlessError(
+                "a sweep recipe merges one fine-tuned model into its base", remedy="give one model"
+            )
         m = METHODS[d["method"]]
         accepted = set(m.params)
         g = _grid_for(m.name, accepted, grid)
         if not g:
-            raise ForgetlessError(f"no --param applies to method {d['method']!r}",
-                                  remedy=f"its parameters: {', '.join(sorted(accepted))}")
+            raise ForgetlessError(
+                f"no --param applies to method {d['method']!r}",
+                remedy=f"its parameters: {', '.join(sorted(accepted))}",
+            )
         loaded.append((d, g))
     from ..stats.run import resolve_device
 
     with process_group(resolve_device(device)) as (rank, _world):  # under torchrun: one group, rank 0 writes
-        return _run_grid(loaded, tasks=tasks, general=general, workdir=workdir, split=split, limit=limit,
-                         batch_size=batch_size, rule=rule, held_out=held_out, plot=plot, out=out, dtype=dtype,
-                         device=device, say=say if rank == 0 else (lambda _s: None), rank=rank)
+        return _run_grid(
+            loaded,
+            tasks=tasks,
+            general=general,
+            workdir=workdir,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            rule=rule,
+            held_out=held_out,
+            plot=plot,
+            out=out,
+            dtype=dtype,
+            device=device,
+            say=say if rank == 0 else (lambda _s: None),
+            rank=rank,
+        )
 
 
 @dataclass
@@ -184,9 +234,18 @@ class _Grid:
         from .cache import cached_evaluate
 
         w = where or {"split": self.split, "tasks": self.tasks, "general": self.general}
-        r, cached = cached_evaluate(model, w["tasks"], w["general"], cache_dir=self.workdir / "eval-cache",
-                                    split=w["split"], limit=self.limit, batch_size=self.batch_size, dtype=self.dtype,
-                                    device=self.device, log=None)
+        r, cached = cached_evaluate(
+            model,
+            w["tasks"],
+            w["general"],
+            cache_dir=self.workdir / "eval-cache",
+            split=w["split"],
+            limit=self.limit,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+            log=None,
+        )
         self.say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
         return r
 
@@ -205,10 +264,24 @@ class _Grid:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_grid(loaded: list, *, tasks: dict[str, Any], general: dict[str, Any], workdir: Path, split: str,
-              limit: int | None, batch_size: int, rule: Rule, held_out: dict[str, dict[str, Any]] | None,
-              plot: str | Path | None, out: str | Path | None, dtype: str, device: str,
-              say: Callable[[str], None], rank: int) -> dict:
+def _run_grid(
+    loaded: list,
+    *,
+    tasks: dict[str, Any],
+    general: dict[str, Any],
+    workdir: Path,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    rule: Rule,
+    held_out: dict[str, dict[str, Any]] | None,
+    plot: str | Path | None,
+    out: str | Path | None,
+    dtype: str,
+    device: str,
+    say: Callable[[str], None],
+    rank: int,
+) -> dict:
     """Evaluate the base, the fine-tuned model and every point of the grid; choose; plot and write (rank 0)."""
     from .metrics import Bootstrap, compare
     from .report import format_table, write_json
@@ -224,21 +297,45 @@ def _run_grid(loaded: list, *, tasks: dict[str, Any], general: dict[str, Any], w
     ft_scores = compare(ft_r, base_r, ft_r)
     chosen, met = choose(points, ft_scores, rule)
     stated = rule.describe(ft_scores)
-    rows = [{"method": "base", "knob": "", **compare(base_r, base_r, ft_r), "accuracy": _accuracy(base_r),
-             "intervals": boot.intervals(boot.compare(base_r, base_r))},
-            {"method": "fine-tuned", "knob": "", **ft_scores, "accuracy": _accuracy(ft_r),
-             "intervals": boot.intervals(boot.compare(ft_r, base_r))},
-            *points]
+    rows = [
+        {
+            "method": "base",
+            "knob": "",
+            **compare(base_r, base_r, ft_r),
+            "accuracy": _accuracy(base_r),
+            "intervals": boot.intervals(boot.compare(base_r, base_r)),
+        },
+        {
+            "method": "fine-tuned",
+            "knob": "",
+            **ft_scores,
+            "accuracy": _accuracy(ft_r),
+            "intervals": boot.intervals(boot.compare(ft_r, base_r)),
+        },
+        *points,
+    ]
     say(format_table([{"name": f"{r['method']} {r['knob']}".strip(), **r} for r in rows]))
     if chosen is not None:
-        say(f"chosen ({stated}{'' if met else f'; no point met it, highest {rule.keys()[0]} instead'}): "
+        say(
+            f"chosen ({stated}{'' if met else f'; no point met it, highest {rule.keys()[0]} instead'}): "
             f"{chosen['method']} {chosen['knob']}: T {chosen['T']:.1f}, G {chosen['G']:.1f}, E {chosen['E']:+.1f}, "
-            f"F {chosen['F']:+.1f}")
-    result = {"split": split, "limit": limit, "rule": stated, "rule_met": met, "chosen": chosen,
-              "base": compare(base_r, base_r, ft_r), "finetuned": ft_scores, "points": points}
+            f"F {chosen['F']:+.1f}"
+        )
+    result = {
+        "split": split,
+        "limit": limit,
+        "rule": stated,
+        "rule_met": met,
+        "chosen": chosen,
+        "base": compare(base_r, base_r, ft_r),
+        "finetuned": ft_scores,
+        "points": points,
+    }
     if held_out and chosen is not None:
         rec = point_recipes[next(i for i, p in enumerate(points) if p is chosen)]
-        result["held_out"] = _held_out(rec, base, ft, held_out, rule, workdir, grid.merged, grid.evaluate, say)
+        result["held_out"] = _held_out(
+            rec, base, ft, held_out, rule, workdir, grid.merged, grid.evaluate, say
+        )
     if plot and rank == 0:
         _plot(result, rows, points, chosen, plot, f"trade-off on {split} ({', '.join(tasks)})")
         result["plot"] = str(plot)
@@ -261,29 +358,60 @@ def _points(grid: _Grid, loaded: list, base_r: dict, ft_r: dict, boot: Any) -> t
                 grid.say(f"{d['method']} {name}={v:g}: merging")
                 r = grid.merged(rec, grid.workdir / "merged" / f"{d['method']}-{name}-{v:g}")
                 recipes.append(rec)
-                points.append({"method": d["method"], "param": name, "value": v, "knob": f"{name}={v:g}",
-                               **compare(r, base_r, ft_r), "accuracy": _accuracy(r),
-                               "intervals": boot.intervals(boot.compare(r, base_r))})
+                points.append(
+                    {
+                        "method": d["method"],
+                        "param": name,
+                        "value": v,
+                        "knob": f"{name}={v:g}",
+                        **compare(r, base_r, ft_r),
+                        "accuracy": _accuracy(r),
+                        "intervals": boot.intervals(boot.compare(r, base_r)),
+                    }
+                )
     return points, recipes
 
 
-def _plot(result: dict, rows: list[dict], points: list[dict], chosen: dict | None, plot: str | Path,
-          title: str) -> None:
+def _plot(
+    result: dict, rows: list[dict], points: list[dict], chosen: dict | None, plot: str | Path, title: str
+) -> None:
     """The trade-off plot: base, fine-tuned and every point, with their intervals, the chosen one marked."""
     from .report import tradeoff_plot
 
     bars = [{"task_interval": r["intervals"]["T"], "general_interval": r["intervals"]["G"]} for r in rows]
-    pts = [{"method": "base", "task": result["base"]["T"], "general": result["base"]["G"], "role": "base",
-            **bars[0]},
-           {"method": "fine-tuned", "task": result["finetuned"]["T"], "general": result["finetuned"]["G"],
-            "role": "finetuned", **bars[1]}]
-    pts += [{"method": p["method"], "task": p["T"], "general": p["G"], "knob": p["value"],
-             "chosen": p is chosen, **b} for p, b in zip(points, bars[2:])]
+    pts = [
+        {
+            "method": "base",
+            "task": result["base"]["T"],
+            "general": result["base"]["G"],
+            "role": "base",
+            **bars[0],
+        },
+        {
+            "method": "fine-tuned",
+            "task": result["finetuned"]["T"],
+            "general": result["finetuned"]["G"],
+            "role": "finetuned",
+            **bars[1],
+        },
+    ]
+    pts += [
+        {
+            "method": p["method"],
+            "task": p["T"],
+            "general": p["G"],
+            "knob": p["value"],
+            "chosen": p is chosen,
+            **b,
+        }
+        for p, b in zip(points, bars[2:])
+    ]
     tradeoff_plot(pts, plot, title=title)
 
 
-def _held_out(rec: dict, base: Path, ft: Path, where: dict, rule: Rule, workdir: Path, merged, evaluate,
-              say) -> dict:
+def _held_out(
+    rec: dict, base: Path, ft: Path, where: dict, rule: Rule, workdir: Path, merged, evaluate, say
+) -> dict:
     """The chosen point's recipe `rec` merged again and evaluated on the held-out split with the base and the
     fine-tuned model: its scores with 95% intervals (E and F paired with the base there) and whether the target
     holds there."""
@@ -297,7 +425,9 @@ def _held_out(rec: dict, base: Path, ft: Path, where: dict, rule: Rule, workdir:
     got["finetuned"] = ft_scores
     got["rule_met"] = rule.met(got, ft_scores)
     iv = got["intervals"]
-    say(f"on {where['split']} (held out): E {got['E']:+.1f} [{iv['E'][0]:+.1f}, {iv['E'][1]:+.1f}], "
+    say(
+        f"on {where['split']} (held out): E {got['E']:+.1f} [{iv['E'][0]:+.1f}, {iv['E'][1]:+.1f}], "
         f"F {got['F']:+.1f} [{iv['F'][0]:+.1f}, {iv['F'][1]:+.1f}] (fine-tuned: E {ft_scores['E']:+.1f}, "
-        f"F {ft_scores['F']:+.1f}); the target {'holds' if got['rule_met'] else 'does not hold'} there")
+        f"F {ft_scores['F']:+.1f}); the target {'holds' if got['rule_met'] else 'does not hold'} there"
+    )
     return {"split": where["split"], **got}

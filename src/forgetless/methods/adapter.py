@@ -44,8 +44,9 @@ def truncated_svd(delta: Tensor, rank: int) -> Pair:
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
-def randomized_svd(delta: Tensor, rank: int, *, oversample: int = 30, power_iters: int = 6,
-                   seed: int = 0) -> Pair:
+def randomized_svd(
+    delta: Tensor, rank: int, *, oversample: int = 30, power_iters: int = 6, seed: int = 0
+) -> Pair:
     """Rank-`rank` factors of `delta` by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4):
     Q spans ``delta`` applied to ``rank + oversample`` seeded Gaussian vectors, refined by `power_iters`
     re-orthonormalised passes through ``delta·deltaᵀ``; the exact SVD of the small ``Qᵀ·delta`` gives the factors.
@@ -66,8 +67,12 @@ def randomized_svd(delta: Tensor, rank: int, *, oversample: int = 30, power_iter
     return A.contiguous(), B.contiguous()
 
 
-def refactor(delta: Tensor, rank: int, svd: Literal["exact", "randomized"] = "exact",
-             device: str | torch.device = "cpu") -> Pair:
+def refactor(
+    delta: Tensor,
+    rank: int,
+    svd: Literal["exact", "randomized"] = "exact",
+    device: str | torch.device = "cpu",
+) -> Pair:
     """`delta` as rank-`rank` factors: the exact truncated SVD (PEFT's result) or the randomized one, computed
     on `device`; the factors on the CPU."""
     d = delta.to(resolve_device(device))
@@ -75,8 +80,9 @@ def refactor(delta: Tensor, rank: int, svd: Literal["exact", "randomized"] = "ex
     return A.cpu(), B.cpu()
 
 
-def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int,
-                    device: str | torch.device = "cpu") -> Pair:
+def lowrank_sum_svd(
+    pairs: list[Pair], coeffs: list[float], rank: int, device: str | torch.device = "cpu"
+) -> Pair:
     """Truncated SVD of ``Σ cₙ Bₙ Aₙ`` without forming it: with ``[c₁B₁ … ] = Q_B R_B`` and ``[A₁; …]ᵀ = Q_A R_A``
     the sum is ``Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the small Σr × Σr core gives the exact singular triplets.
     Computed on `device`; the factors on the CPU."""
@@ -91,7 +97,9 @@ def lowrank_sum_svd(pairs: list[Pair], coeffs: list[float], rank: int,
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
     k = min(rank, S.numel())
     A, B = Vh[:k] @ Qa.T, (Qb @ U[:, :k]) * S[:k]
-    if k < rank:  # the sum has rank ≤ Σr: the further singular values are 0 (PEFT's full SVD gives them as such)
+    if (
+        k < rank
+    ):  # the sum has rank ≤ Σr: the further singular values are 0 (PEFT's full SVD gives them as such)
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
     return A.contiguous().cpu(), B.contiguous().cpu()
@@ -146,9 +154,16 @@ def _svd_out_rank(ranks: list[int], params: dict) -> int:
     return int(params.get("rank") or max(ranks))
 
 
-@merge_method("copa", space="adapter", out_rank=_copa_out_rank, equal_ranks=True, ranges={"density": "(0, 1]"})
-def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
-         variant: Literal["paper", "reference"] = "paper") -> Pair:
+@merge_method(
+    "copa", space="adapter", out_rank=_copa_out_rank, equal_ranks=True, ranges={"density": "(0, 1]"}
+)
+def copa(
+    loras: list[Pair],
+    *,
+    lambda_: float = 2.0,
+    density: float = 0.2,
+    variant: Literal["paper", "reference"] = "paper",
+) -> Pair:
     """CoPA-Merging: prune A and B, rescale each rank by the mass pruning removed, normalise across tasks.
 
     paper:     Ãₙ, B̃ₙ keep the top-`density` |entries| of each matrix; Sₙ = rank_scale(Aₙ, Ãₙ);
@@ -164,8 +179,10 @@ def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
             a = keep_top(A, density)
             kept.append((a, keep_top(B, density), rank_scale(A, a)))
         total = torch.stack([s for *_, s in kept]).sum(dim=0)
-        norm = [torch.where(total > 0, s / total.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
-                for *_, s in kept]
+        norm = [
+            torch.where(total > 0, s / total.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+            for *_, s in kept
+        ]
         A_out = torch.stack([a for a, _, _ in kept]).sum(dim=0)
         B_out = sum(b * n for (_, b, _), n in zip(kept, norm)) * lambda_
         return A_out, B_out
@@ -179,61 +196,148 @@ def copa(loras: list[Pair], *, lambda_: float = 2.0, density: float = 0.2,
     return A_out, B_out
 
 
-@merge_method("lora_task_arithmetic", aliases=("lora_svd",), space="adapter", per_model=("weight",),
-              out_rank=_svd_out_rank, ranges={"rank": "[1, inf)"}, uses_device=True)
-def lora_task_arithmetic(loras: list[Pair], *, weight: PerModel[float] = 1.0, lambda_: float = 1.0,
-                         rank: int | None = None, device: str = "cpu") -> Pair:
+@merge_method(
+    "lora_task_arithmetic",
+    aliases=("lora_svd",),
+    space="adapter",
+    per_model=("weight",),
+    out_rank=_svd_out_rank,
+    ranges={"rank": "[1, inf)"},
+    uses_device=True,
+)
+def lora_task_arithmetic(
+    loras: list[Pair],
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 1.0,
+    rank: int | None = None,
+    device: str = "cpu",
+) -> Pair:
     """Task arithmetic on the LoRA deltas, λ·Σ wₙ BₙAₙ, re-factored to `rank` by exact truncated SVD (PEFT `svd`)."""
     return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank), device)
 
 
-@merge_method("lora_ties", aliases=("lora_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
-def lora_ties(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5, lambda_: float = 1.0,
-              sign: Literal["total", "frequency"] = "total", convention: Convention = "mergekit",
-              rank: int | None = None, svd: Literal["exact", "randomized"] = "exact",
-              device: str = "cpu") -> Pair:
+@merge_method(
+    "lora_ties",
+    aliases=("lora_ties_svd",),
+    space="adapter",
+    dense=True,
+    per_model=("weight", "density"),
+    out_rank=_svd_out_rank,
+    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
+    uses_device=True,
+)
+def lora_ties(
+    loras: list[Pair],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    sign: Literal["total", "frequency"] = "total",
+    convention: Convention = "mergekit",
+    rank: int | None = None,
+    svd: Literal["exact", "randomized"] = "exact",
+    device: str = "cpu",
+) -> Pair:
     """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`), exact or randomized."""
-    merged = ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
-                  sign=sign, convention=convention)
+    merged = ties(
+        _zeros_like_delta(loras),
+        deltas(loras),
+        weight=weight,
+        density=density,
+        lambda_=lambda_,
+        sign=sign,
+        convention=convention,
+    )
     return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
-@merge_method("lora_dare_linear", aliases=("lora_dare_linear_svd",), space="adapter", dense=True,
-              per_model=("weight", "density"), out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"},
-              uses_device=True)
-def lora_dare_linear(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
-                     lambda_: float = 1.0, rescale: bool = True, rank: int | None = None,
-                     svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
-                     device: str = "cpu") -> Pair:
+@merge_method(
+    "lora_dare_linear",
+    aliases=("lora_dare_linear_svd",),
+    space="adapter",
+    dense=True,
+    per_model=("weight", "density"),
+    out_rank=_svd_out_rank,
+    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
+    uses_device=True,
+)
+def lora_dare_linear(
+    loras: list[Pair],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    rank: int | None = None,
+    svd: Literal["exact", "randomized"] = "exact",
+    generator: torch.Generator | None = None,
+    device: str = "cpu",
+) -> Pair:
     """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`), exact or randomized."""
-    merged = dare_linear(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
-                         rescale=rescale, generator=generator)
+    merged = dare_linear(
+        _zeros_like_delta(loras),
+        deltas(loras),
+        weight=weight,
+        density=density,
+        lambda_=lambda_,
+        rescale=rescale,
+        generator=generator,
+    )
     return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
-@merge_method("lora_dare_ties", aliases=("lora_dare_ties_svd",), space="adapter", dense=True, per_model=("weight", "density"),
-              out_rank=_svd_out_rank, ranges={"density": "(0, 1]", "rank": "[1, inf)"}, uses_device=True)
-def lora_dare_ties(loras: list[Pair], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
-                   lambda_: float = 1.0, rescale: bool = True, sign: Literal["total", "frequency"] = "total",
-                   convention: Convention = "mergekit", rank: int | None = None,
-                   svd: Literal["exact", "randomized"] = "exact", generator: torch.Generator | None = None,
-                   device: str = "cpu") -> Pair:
+@merge_method(
+    "lora_dare_ties",
+    aliases=("lora_dare_ties_svd",),
+    space="adapter",
+    dense=True,
+    per_model=("weight", "density"),
+    out_rank=_svd_out_rank,
+    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
+    uses_device=True,
+)
+def lora_dare_ties(
+    loras: list[Pair],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    sign: Literal["total", "frequency"] = "total",
+    convention: Convention = "mergekit",
+    rank: int | None = None,
+    svd: Literal["exact", "randomized"] = "exact",
+    generator: torch.Generator | None = None,
+    device: str = "cpu",
+) -> Pair:
     """DARE + TIES consensus on the LoRA deltas, re-factored by SVD (PEFT `dare_ties_svd`), exact or randomized."""
-    merged = dare_ties(_zeros_like_delta(loras), deltas(loras), weight=weight, density=density, lambda_=lambda_,
-                       rescale=rescale, sign=sign, convention=convention, generator=generator)
+    merged = dare_ties(
+        _zeros_like_delta(loras),
+        deltas(loras),
+        weight=weight,
+        density=density,
+        lambda_=lambda_,
+        rescale=rescale,
+        sign=sign,
+        convention=convention,
+        generator=generator,
+    )
     return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
-@merge_method("lora_cat", space="adapter", per_model=("weight",),
-              out_rank=lambda ranks, params: sum(ranks))
+@merge_method("lora_cat", space="adapter", per_model=("weight",), out_rank=lambda ranks, params: sum(ranks))
 def lora_cat(loras: list[Pair], *, weight: PerModel[float] = 1.0, lambda_: float = 1.0) -> Pair:
     """The exact sum λ·Σ wₙ BₙAₙ as one adapter of rank Σrₙ: the factors stacked (PEFT `cat`)."""
-    return (torch.cat([A for A, _ in loras], dim=0),
-            torch.cat([B * (lambda_ * w) for (_, B), w in zip(loras, weight)], dim=1))
+    return (
+        torch.cat([A for A, _ in loras], dim=0),
+        torch.cat([B * (lambda_ * w) for (_, B), w in zip(loras, weight)], dim=1),
+    )
 
 
-@merge_method("lora_linear", space="adapter", per_model=("weight",), out_rank=_copa_out_rank, equal_ranks=True)
+@merge_method(
+    "lora_linear", space="adapter", per_model=("weight",), out_rank=_copa_out_rank, equal_ranks=True
+)
 def lora_linear(loras: list[Pair], *, weight: PerModel[float] = 1.0) -> Pair:
     """PEFT's `linear`: A' = Σ ±√|wₙ| Aₙ, B' = Σ √|wₙ| Bₙ (factors averaged separately; cross terms included)."""
     roots = [abs(w) ** 0.5 for w in weight]
@@ -242,5 +346,18 @@ def lora_linear(loras: list[Pair], *, weight: PerModel[float] = 1.0) -> Pair:
     return A_out, B_out
 
 
-__all__ = ["Pair", "copa", "deltas", "lora_cat", "lora_dare_linear", "lora_dare_ties", "lora_linear",
-           "lora_task_arithmetic", "lora_ties", "lowrank_sum_svd", "randomized_svd", "refactor", "truncated_svd"]
+__all__ = [
+    "Pair",
+    "copa",
+    "deltas",
+    "lora_cat",
+    "lora_dare_linear",
+    "lora_dare_ties",
+    "lora_linear",
+    "lora_task_arithmetic",
+    "lora_ties",
+    "lowrank_sum_svd",
+    "randomized_svd",
+    "refactor",
+    "truncated_svd",
+]

@@ -28,8 +28,13 @@ def wise_ft_rule(theta0: Tensor, thetas: list[Tensor], weights: list[float], lam
     return theta0.lerp(theta_bar, lambda_)  # exact at both ends: λ = 0 gives θ₀, λ = 1 gives θ̄, bit for bit
 
 
-def task_arithmetic_rule(theta0: Tensor, thetas: list[Tensor], weights: list[float], lambda_: float = 1.0,
-                         convention: SumConvention = "forgetless") -> Tensor:
+def task_arithmetic_rule(
+    theta0: Tensor,
+    thetas: list[Tensor],
+    weights: list[float],
+    lambda_: float = 1.0,
+    convention: SumConvention = "forgetless",
+) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): θ = θ₀ + λ·Σₖ wₖτₖ. One model, "forgetless": θ₀ moved toward θ₁ by
     λw₁ (``lerp``: exact at λw₁ = 0 and 1)."""
     if convention != "mergekit" and len(thetas) == 1:
@@ -37,26 +42,48 @@ def task_arithmetic_rule(theta0: Tensor, thetas: list[Tensor], weights: list[flo
     return add_task_vectors(theta0, [theta - theta0 for theta in thetas], weights, lambda_, convention)
 
 
-def ties_rule(theta0: Tensor, thetas: list[Tensor], weights: list[float], densities: list[float],
-              lambda_: float = 1.0, sign: Sign = "total", convention: Convention = "mergekit") -> Tensor:
+def ties_rule(
+    theta0: Tensor,
+    thetas: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    lambda_: float = 1.0,
+    sign: Sign = "total",
+    convention: Convention = "mergekit",
+) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim each τₖ to its top-k magnitudes, elect the sign of each entry by the
     summed mass, take the disjoint mean of the entries that agree with it, scale by λ, add to θ₀."""
     taus = [trim(theta - theta0, d) for theta, d in zip(thetas, densities)]
     return ties_consensus(theta0, taus, weights, lambda_, sign, convention)
 
 
-def dare_linear_rule(theta0: Tensor, thetas: list[Tensor], weights: list[float], densities: list[float],
-                     lambda_: float = 1.0, rescale: bool = True, convention: SumConvention = "forgetless",
-                     generator: Generators = None) -> Tensor:
+def dare_linear_rule(
+    theta0: Tensor,
+    thetas: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    convention: SumConvention = "forgetless",
+    generator: Generators = None,
+) -> Tensor:
     """DARE + task arithmetic: θ₀ + λ·Σₖ wₖ·drop(τₖ)."""
     gens = each_generator(generator, thetas)
     taus = [dare_drop(theta - theta0, d, g, rescale) for theta, d, g in zip(thetas, densities, gens)]
     return add_task_vectors(theta0, taus, weights, lambda_, convention)
 
 
-def dare_ties_rule(theta0: Tensor, thetas: list[Tensor], weights: list[float], densities: list[float],
-                   lambda_: float = 1.0, rescale: bool = True, sign: Sign = "total",
-                   convention: Convention = "mergekit", generator: Generators = None) -> Tensor:
+def dare_ties_rule(
+    theta0: Tensor,
+    thetas: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    sign: Sign = "total",
+    convention: Convention = "mergekit",
+    generator: Generators = None,
+) -> Tensor:
     """DARE + TIES: TIES's sign election and disjoint mean of the drop(τₖ)."""
     gens = each_generator(generator, thetas)
     taus = [dare_drop(theta - theta0, d, g, rescale) for theta, d, g in zip(thetas, densities, gens)]
@@ -73,8 +100,13 @@ def weighted_average(thetas: list[Tensor], weights: list[float]) -> Tensor:
     return out
 
 
-def add_task_vectors(theta0: Tensor, taus: list[Tensor], weights: list[float], lambda_: float,
-                     convention: SumConvention = "forgetless") -> Tensor:
+def add_task_vectors(
+    theta0: Tensor,
+    taus: list[Tensor],
+    weights: list[float],
+    lambda_: float,
+    convention: SumConvention = "forgetless",
+) -> Tensor:
     """θ₀ + λ·Σₖ wₖτₖ: each λwₖ·τₖ added to θ₀ in turn ("forgetless"), or in mergekit's order — the wₖτₖ summed
     model after model, ×λ, + θ₀ ("mergekit": mergekit's result bit for bit)."""
     if convention == "mergekit":
@@ -112,8 +144,14 @@ def disjoint_mean(taus: list[Tensor], gamma: Tensor, weights: list[float], share
     return num * gamma / den.masked_fill(den == 0, 1.0)
 
 
-def ties_consensus(theta0: Tensor, taus: list[Tensor], weights: list[float], lambda_: float = 1.0,
-                   sign: Sign = "total", convention: Convention = "mergekit") -> Tensor:
+def ties_consensus(
+    theta0: Tensor,
+    taus: list[Tensor],
+    weights: list[float],
+    lambda_: float = 1.0,
+    sign: Sign = "total",
+    convention: Convention = "mergekit",
+) -> Tensor:
     """θ₀ + λ·τₘ, τₘ the disjoint mean of the τₖ that agree with the elected sign. "mergekit" weighs first (γ of
     Σ wₖτₖ; the agreeing wₖτₖ over their Σ wₖ); "peft" elects on Σ τₖ and divides Σ wₖτₖ by the agreeing count."""
     ones = [1.0] * len(taus)
@@ -123,7 +161,9 @@ def ties_consensus(theta0: Tensor, taus: list[Tensor], weights: list[float], lam
     return theta0 + lambda_ * disjoint_mean(weighted, elect_sign(weighted, sign), ones, weights)
 
 
-def dare_drop(tau: Tensor, density: float, generator: torch.Generator | None = None, rescale: bool = True) -> Tensor:
+def dare_drop(
+    tau: Tensor, density: float, generator: torch.Generator | None = None, rescale: bool = True
+) -> Tensor:
     """DARE (Yu et al. 2024): each entry kept with probability p = density (Bernoulli), the survivors ×1/p. Drawn
     from `generator` entry by entry in flat order, so row blocks dropped in turn drop what the whole tensor would."""
     kept = tau * torch.bernoulli(torch.full_like(tau, density), generator=generator)
@@ -137,19 +177,38 @@ def each_generator(generator: Generators, models: list[Tensor]) -> list[torch.Ge
 
 
 # ---------------------------------------------------------------------------------------------- methods
-@merge_method("linear", aliases=("wise_ft",), per_model=("weight",), divides_by_weights=True,
-              streaming=Streaming(rows="blocks", reads_finetuned=True))
-def linear(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, lambda_: float = 0.5,
-           block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "linear",
+    aliases=("wise_ft",),
+    per_model=("weight",),
+    divides_by_weights=True,
+    streaming=Streaming(rows="blocks", reads_finetuned=True),
+)
+def linear(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 0.5,
+    block: RowBlock | None = None,
+) -> Tensor:
     """WiSE-FT: θ = (1−λ)·θ₀ + λ·θ̄, θ̄ the weight-normalised average of the fine-tuned models."""
     theta_bar = finetuned[0] if len(finetuned) == 1 else weighted_average(finetuned, weight)
     return base.lerp_(theta_bar, lambda_)  # wise_ft_rule in place on the engine's copy of θ₀
 
 
-@merge_method("task_arithmetic", per_model=("weight",), streaming=Streaming(rows="blocks", reads_finetuned=True))
-def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0,
-                    lambda_: float = 1.0, convention: SumConvention = "forgetless",
-                    block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "task_arithmetic", per_model=("weight",), streaming=Streaming(rows="blocks", reads_finetuned=True)
+)
+def task_arithmetic(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 1.0,
+    convention: SumConvention = "forgetless",
+    block: RowBlock | None = None,
+) -> Tensor:
     """Task arithmetic: θ = θ₀ + λ·Σₖ wₖ·(θₖ − θ₀).
 
     :func:`task_arithmetic_rule`, in place and in chunks. ``convention="mergekit"``: summed in mergekit's order,
@@ -158,23 +217,47 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[f
     return fast.baselines.task_arithmetic(base, finetuned, weight, lambda_, convention)
 
 
-@merge_method("ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
-              streaming=Streaming(rows="blocks", tensor_prepare=fast.baselines.ties_prepare, reads_finetuned=True))
-def ties(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0, density: PerModel[float] = 0.5,
-         lambda_: float = 1.0, sign: Sign = "total", convention: Convention = "mergekit",
-         block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "ties",
+    per_model=("weight", "density"),
+    ranges={"density": "(0, 1]"},
+    streaming=Streaming(rows="blocks", tensor_prepare=fast.baselines.ties_prepare, reads_finetuned=True),
+)
+def ties(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    sign: Sign = "total",
+    convention: Convention = "mergekit",
+    block: RowBlock | None = None,
+) -> Tensor:
     """TIES: trim each Δₖ to its top-`density` magnitudes, elect a sign per entry, average the agreeing entries.
 
     :func:`ties_rule`, in place, by the streamed exact top-k and the fused kernel where built."""
     return fast.baselines.ties(base, finetuned, weight, density, lambda_, sign, convention, block)
 
 
-@merge_method("dare_linear", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
-              streaming=Streaming(rows="blocks"))
-def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0,
-                density: PerModel[float] = 0.5, lambda_: float = 1.0, rescale: bool = True,
-                convention: SumConvention = "forgetless", generator: Generators = None,
-                block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "dare_linear",
+    per_model=("weight", "density"),
+    ranges={"density": "(0, 1]"},
+    streaming=Streaming(rows="blocks"),
+)
+def dare_linear(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    convention: SumConvention = "forgetless",
+    generator: Generators = None,
+    block: RowBlock | None = None,
+) -> Tensor:
     """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ (in
     mergekit's order of operations with ``convention="mergekit"``).
 
@@ -184,12 +267,25 @@ def dare_linear(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float
     return fast.baselines.add_task_vectors_(base, taus, weight, lambda_, convention)
 
 
-@merge_method("dare_ties", per_model=("weight", "density"), ranges={"density": "(0, 1]"},
-              streaming=Streaming(rows="blocks"))
-def dare_ties(base: Tensor, finetuned: list[Tensor], *, weight: PerModel[float] = 1.0,
-              density: PerModel[float] = 0.5, lambda_: float = 1.0, rescale: bool = True, sign: Sign = "total",
-              convention: Convention = "mergekit", generator: Generators = None,
-              block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "dare_ties",
+    per_model=("weight", "density"),
+    ranges={"density": "(0, 1]"},
+    streaming=Streaming(rows="blocks"),
+)
+def dare_ties(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[float] = 0.5,
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    sign: Sign = "total",
+    convention: Convention = "mergekit",
+    generator: Generators = None,
+    block: RowBlock | None = None,
+) -> Tensor:
     """DARE + TIES consensus: random drop and rescale each Δₖ, then sign election and disjoint mean.
 
     :func:`dare_ties_rule`, in place: each τₖ in the engine's copy of θₖ, the consensus in chunks into θ₀."""

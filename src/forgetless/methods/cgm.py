@@ -26,8 +26,9 @@ REVERTS = ("budget", "positive")
 
 
 # ---------------------------------------------------------------------------------------------- the rules
-def cgm_rule(theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, alpha: float = 0.2,
-             epsilon: float = 0.0) -> Tensor:
+def cgm_rule(
+    theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, alpha: float = 0.2, epsilon: float = 0.0
+) -> Tensor:
     """CGM: θ = θ₀ + m ⊙ Δ with m = F_task / (F_task + α·F_gen + ε), per entry the minimiser of
     ½·F_task·(θ − θ_ft)² + (α/2)·F_gen·(θ − θ₀)²; m = 0 (θ₀) where the denominator is 0. A negative Fisher entry
     counts as 0."""
@@ -37,8 +38,9 @@ def cgm_rule(theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, al
     return theta0.lerp(theta_ft, m)
 
 
-def cgm_dagger_rule(theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, keep: float = 0.95,
-                    alpha: float = 1.0) -> Tensor:
+def cgm_dagger_rule(
+    theta0: Tensor, theta_ft: Tensor, f_task: Tensor, f_gen: Tensor, keep: float = 0.95, alpha: float = 1.0
+) -> Tensor:
     """CGM†: every entry takes θ_ft or θ₀. S = (α·F_gen − F_task) ⊙ Δ² (the general loss saved minus the task loss
     paid by reverting the entry); per row, the ⌊in·keep⌋ entries of lowest S — a stable sort, ties to the lower
     column — keep θ_ft, the rest revert to θ₀. A tensor of fewer than two dimensions is one row."""
@@ -58,7 +60,9 @@ def _check(alpha: float, **choices: tuple[str, tuple[str, ...]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- soft mixing
-def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2, epsilon: float = 0.0) -> Tensor:
+def cgm_mix_ratio(
+    fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2, epsilon: float = 0.0
+) -> Tensor:
     """m = F_task / (F_task + α·F_gen + ε), 0 where the denominator is 0. In place: consumes both Fishers and
     returns the ratio in `fisher_task`'s storage."""
     if not epsilon >= 0:
@@ -72,10 +76,24 @@ def cgm_mix_ratio(fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.
     return ft.div_(den).masked_fill_(zero, 0.0)  # 0/0 = NaN there; F ≥ 0, so den = 0 only where F_task = 0
 
 
-@merge_method("cgm", models="one", needs=("fisher_task", "fisher_general"),
-              ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"}, streaming=Streaming(rows="blocks"))
-def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, alpha: float = 0.2,
-        epsilon: float = 0.0, counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "cgm",
+    models="one",
+    needs=("fisher_task", "fisher_general"),
+    ranges={"alpha": "[0, inf)", "epsilon": "[0, inf)"},
+    streaming=Streaming(rows="blocks"),
+)
+def cgm(
+    base: Tensor,
+    finetuned: Tensor,
+    *,
+    fisher_task: Tensor,
+    fisher_general: Tensor,
+    alpha: float = 0.2,
+    epsilon: float = 0.0,
+    counts: Counter | None = None,
+    block: RowBlock | None = None,
+) -> Tensor:
     """CGM soft mixing: θ = θ₀ + m⊙Δ, m = F_task / (F_task + α·F_gen), the minimiser of two quadratics.
 
     :func:`cgm_rule` in place. ``alpha`` (published: 0.2) weighs general knowledge against the task; ``epsilon``
@@ -89,8 +107,14 @@ def cgm(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general:
 
 
 # ---------------------------------------------------------------------------------------------- hard mixing
-def cgm_dagger_score(base: Tensor, finetuned: Tensor, fisher_task: Tensor, fisher_general: Tensor,
-                     alpha: float = 1.0, score: Score = "cgm") -> Tensor:
+def cgm_dagger_score(
+    base: Tensor,
+    finetuned: Tensor,
+    fisher_task: Tensor,
+    fisher_general: Tensor,
+    alpha: float = 1.0,
+    score: Score = "cgm",
+) -> Tensor:
     """The score S of each element (reverting it to θ₀ is better the larger S is):
 
     - "cgm" (published):  S = (α·F_gen − F_task) ⊙ Δ²
@@ -112,8 +136,15 @@ def cgm_dagger_score(base: Tensor, finetuned: Tensor, fisher_task: Tensor, fishe
     return gen.mul_(d2)
 
 
-def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", revert: Revert = "budget",
-                    threshold: float | None = None, cut: Cut | None = None, offset: int = 0) -> Tensor:
+def cgm_dagger_mask(
+    score: Tensor,
+    keep: float = 0.95,
+    budget: Budget = "row",
+    revert: Revert = "budget",
+    threshold: float | None = None,
+    cut: Cut | None = None,
+    offset: int = 0,
+) -> Tensor:
     """Boolean mask, True where the element keeps θ_ft, False where it reverts to θ₀.
 
     revert="budget" (default, published): the lowest-scoring ⌊n·keep⌋ elements keep θ_ft, n counted
@@ -138,8 +169,10 @@ def cgm_dagger_mask(score: Tensor, keep: float = 0.95, budget: Budget = "row", r
         return score <= 0
     if budget == "global":
         if threshold is None:
-            raise ValueError("budget 'global' needs the threshold of the whole model's scores (the engine's "
-                             "pre-pass computes it; pass `threshold` when calling the function directly)")
+            raise ValueError(
+                "budget 'global' needs the threshold of the whole model's scores (the engine's "
+                "pre-pass computes it; pass `threshold` when calling the function directly)"
+            )
         return score <= threshold
     if budget not in BUDGETS:
         raise ValueError(f"budget must be {' | '.join(BUDGETS)}, got {budget!r}")
@@ -161,7 +194,11 @@ def tensor_budget_cut(pieces: Pieces, numel: int, keep: float) -> Cut:
 def cgm_dagger_prepare(params: dict, stream: Stream, numel: int, sample: int = 1 << 20) -> dict | None:
     """Pre-pass of the global budget: the exact ⌊N·keep⌋-th lowest score S over every tensor in scope, by
     :func:`.fast.select.top_k_cut` over the streamed scores (never all scores at once)."""
-    if params.get("budget") != "global" or params.get("revert") == "positive" or params.get("threshold") is not None:
+    if (
+        params.get("budget") != "global"
+        or params.get("revert") == "positive"
+        or params.get("threshold") is not None
+    ):
         return None
     k = int(numel * params["keep"])
     if k <= 0:
@@ -175,36 +212,63 @@ def cgm_dagger_prepare(params: dict, stream: Stream, numel: int, sample: int = 1
 def _flat_scores(stream: Stream, params: dict) -> Pieces:
     """``pieces`` for :func:`.fast.select.top_k_cut`: the flat scores of the streamed tensors or blocks, each with its
     flat offset in the concatenation of everything streamed."""
+
     def pieces():
         at = 0
         for r in stream():
             s = _score(r, params).reshape(-1)
             yield s, at
             at += s.numel()
+
     return pieces
 
 
 def _score(r: Rows, params: dict) -> Tensor:
-    return cgm_dagger_score(r.base, r.finetuned, r.stats["fisher_task"], r.stats["fisher_general"], params["alpha"],
-                            params["score"])
+    return cgm_dagger_score(
+        r.base,
+        r.finetuned,
+        r.stats["fisher_task"],
+        r.stats["fisher_general"],
+        params["alpha"],
+        params["score"],
+    )
 
 
 def cgm_dagger_tensor_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """CGM† on row blocks: a budget over the whole tensor ("tensor", or "row" on a 1-D tensor) is found in two
     streamed passes over its scores; a per-row budget, the global threshold and "positive" need nothing."""
-    if params["revert"] == "positive" or params["budget"] == "global" or (params["budget"] == "row" and len(shape) > 1):
+    if (
+        params["revert"] == "positive"
+        or params["budget"] == "global"
+        or (params["budget"] == "row" and len(shape) > 1)
+    ):
         return {}
     return {"cut": tensor_budget_cut(_flat_scores(stream, params), math.prod(shape), params["keep"])}
 
 
-@merge_method("cgm_dagger", models="one", needs=("fisher_task", "fisher_general"), aliases=("cgm_plus",),
-              ranges={"keep": "[0, 1]", "alpha": "[0, inf)"},
-              streaming=Streaming(rows="blocks", tensor_prepare=cgm_dagger_tensor_prepare,
-                                  prepare=cgm_dagger_prepare))
-def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_general: Tensor, keep: float = 0.95,
-               alpha: float = 1.0, score: Score = "cgm", budget: Budget = "row",
-               revert: Revert = "budget", threshold: float | None = None,
-               counts: Counter | None = None, block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "cgm_dagger",
+    models="one",
+    needs=("fisher_task", "fisher_general"),
+    aliases=("cgm_plus",),
+    ranges={"keep": "[0, 1]", "alpha": "[0, inf)"},
+    streaming=Streaming(rows="blocks", tensor_prepare=cgm_dagger_tensor_prepare, prepare=cgm_dagger_prepare),
+)
+def cgm_dagger(
+    base: Tensor,
+    finetuned: Tensor,
+    *,
+    fisher_task: Tensor,
+    fisher_general: Tensor,
+    keep: float = 0.95,
+    alpha: float = 1.0,
+    score: Score = "cgm",
+    budget: Budget = "row",
+    revert: Revert = "budget",
+    threshold: float | None = None,
+    counts: Counter | None = None,
+    block: RowBlock | None = None,
+) -> Tensor:
     """CGM† hard mixing: per row, the ⌊in·keep⌋ elements of lowest S = (α·F_gen − F_task)⊙Δ² keep θ_ft, the rest θ₀.
 
     :func:`cgm_dagger_rule` with the published defaults (keep 0.95, alpha 1.0, score "cgm", budget "row").
@@ -213,8 +277,14 @@ def cgm_dagger(base: Tensor, finetuned: Tensor, *, fisher_task: Tensor, fisher_g
     a pre-pass finds the threshold, or give ``threshold``), ``revert`` "positive" (revert exactly where S > 0).
     """
     s = cgm_dagger_score(base, finetuned, fisher_task, fisher_general, alpha, score)
-    mask = cgm_dagger_mask(s, keep, budget, revert, threshold, *((block.prepared.get("cut"), block.offset)
-                                                                 if block else (None, 0)))
+    mask = cgm_dagger_mask(
+        s,
+        keep,
+        budget,
+        revert,
+        threshold,
+        *((block.prepared.get("cut"), block.offset) if block else (None, 0)),
+    )
     if counts is not None:  # for the report: elements that keep θ_ft and that revert to θ₀
         kept = int(torch.count_nonzero(mask))
         counts.update(kept=kept, reverted=mask.numel() - kept)

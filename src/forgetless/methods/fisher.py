@@ -26,8 +26,14 @@ def _check_weights(weights: list[float]) -> None:
         raise ValueError(f"Fisher merging needs weights >= 0 with a positive sum, got {weights}")
 
 
-def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[float], epsilon: float = 1e-8,
-                   normalize: Normalize = "none", scales: tuple[list[float], float] | None = None) -> Tensor:
+def fisher_combine(
+    params: list[Tensor],
+    fishers: list[Tensor],
+    weights: list[float],
+    epsilon: float = 1e-8,
+    normalize: Normalize = "none",
+    scales: tuple[list[float], float] | None = None,
+) -> Tensor:
     """The rule: θ = Σₖ λₖF̃ₖθₖ / Σₖ λₖF̃ₖ with F̃ₖ = max(Fₖ/cₖ, ε·F̄), cₖ the scale ``normalize`` divides by and
     F̄ the mean of the scaled Fishers (:func:`fisher_scales`); where every λₖF̃ₖ is 0, the λ-weighted average.
     Negative Fisher entries count as 0. Consumes `fishers` (works in place). ``scales``: those of the whole
@@ -56,7 +62,9 @@ def fisher_combine(params: list[Tensor], fishers: list[Tensor], weights: list[fl
     return torch.where(seen, num / torch.where(seen, den, 1.0), weighted_average(params, weights))
 
 
-def fisher_scales(pieces: Iterable[list[Tensor]], numel: int, normalize: Normalize = "none") -> tuple[list[float], float]:
+def fisher_scales(
+    pieces: Iterable[list[Tensor]], numel: int, normalize: Normalize = "none"
+) -> tuple[list[float], float]:
     """Per Fisher, the scale it is divided by (``normalize``: its mean or max over the whole tensor; else 1), and
     the level F̄ (the mean of the scaled Fishers) — from the whole tensor, or from its row blocks one after the
     other (`pieces` yields, per block, every Fisher's rows). Negative entries count as zero (clamped in place).
@@ -84,27 +92,67 @@ def fisher_scales(pieces: Iterable[list[Tensor]], numel: int, normalize: Normali
 
 def _fisher_prepare(which: Callable[[dict], list[Tensor]]) -> Callable[[dict, Stream, tuple[int, ...]], dict]:
     """The row blocks' pre-pass: :func:`fisher_scales` over the whole tensor, from the Fishers `which` picks."""
+
     def prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
-        return {"scales": fisher_scales((which(r.stats) for r in stream()), math.prod(shape), params["normalize"])}
+        return {
+            "scales": fisher_scales((which(r.stats) for r in stream()), math.prod(shape), params["normalize"])
+        }
+
     return prepare
 
 
-@merge_method("fisher", per_model_needs=("fisher",), per_model=("weight",), ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"},
-              divides_by_weights=True,
-              streaming=Streaming(rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"])))
-def fisher(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], weight: PerModel[float] = 1.0,
-           epsilon: float = 1e-8, normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "fisher",
+    per_model_needs=("fisher",),
+    per_model=("weight",),
+    ranges={"weight": "[0, inf)", "epsilon": "[0, inf)"},
+    divides_by_weights=True,
+    streaming=Streaming(rows="blocks", tensor_prepare=_fisher_prepare(lambda st: st["fisher"])),
+)
+def fisher(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    fisher: list[Tensor],
+    weight: PerModel[float] = 1.0,
+    epsilon: float = 1e-8,
+    normalize: Normalize = "none",
+    block: RowBlock | None = None,
+) -> Tensor:
     """Fisher merging: θ = Σₖ λₖFₖθₖ / Σₖ λₖFₖ over the fine-tuned models (diagonal Fisher per model)."""
-    return fisher_combine(finetuned, fisher, weight, epsilon, normalize, block.prepared["scales"] if block else None)
+    return fisher_combine(
+        finetuned, fisher, weight, epsilon, normalize, block.prepared["scales"] if block else None
+    )
 
 
-@merge_method("fisher_with_base", needs=("fisher_base",), per_model_needs=("fisher",), per_model=("weight",),
-              ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"},
-              streaming=Streaming(rows="blocks",
-                                  tensor_prepare=_fisher_prepare(lambda st: [st["fisher_base"], *st["fisher"]])))
-def fisher_with_base(base: Tensor, finetuned: list[Tensor], *, fisher: list[Tensor], fisher_base: Tensor,
-                     weight: PerModel[float] = 1.0, base_weight: float = 1.0, epsilon: float = 1e-8,
-                     normalize: Normalize = "none", block: RowBlock | None = None) -> Tensor:
+@merge_method(
+    "fisher_with_base",
+    needs=("fisher_base",),
+    per_model_needs=("fisher",),
+    per_model=("weight",),
+    ranges={"weight": "[0, inf)", "epsilon": "[0, inf)", "base_weight": "[0, inf)"},
+    streaming=Streaming(
+        rows="blocks", tensor_prepare=_fisher_prepare(lambda st: [st["fisher_base"], *st["fisher"]])
+    ),
+)
+def fisher_with_base(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    fisher: list[Tensor],
+    fisher_base: Tensor,
+    weight: PerModel[float] = 1.0,
+    base_weight: float = 1.0,
+    epsilon: float = 1e-8,
+    normalize: Normalize = "none",
+    block: RowBlock | None = None,
+) -> Tensor:
     """Fisher merging with θ₀ as one more term: θ = (λ₀F₀θ₀ + Σₖ λₖFₖθₖ) / (λ₀F₀ + Σₖ λₖFₖ)."""
-    return fisher_combine([base, *finetuned], [fisher_base, *fisher], [base_weight, *weight], epsilon, normalize,
-                          block.prepared["scales"] if block else None)
+    return fisher_combine(
+        [base, *finetuned],
+        [fisher_base, *fisher],
+        [base_weight, *weight],
+        epsilon,
+        normalize,
+        block.prepared["scales"] if block else None,
+    )

@@ -40,8 +40,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(bad)
     text = str(device)
     if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
             else torch.device("cpu")
+        )
     dev = torch.device(text)
     if dev.type == "cpu":
         return dev
@@ -49,8 +52,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"{text!r}: CUDA is not available here (no GPU, or a torch built without CUDA)")
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1}")
+        raise ValueError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
     return torch.device("cuda", index)
 
 
@@ -99,8 +104,15 @@ class Cholesky:
     needs it True.
     """
 
-    def __init__(self, a: Tensor, *, shift: float = 0.0, device: str | torch.device = "cpu",
-                 precision: Precision = "auto", overwrite: bool = False):
+    def __init__(
+        self,
+        a: Tensor,
+        *,
+        shift: float = 0.0,
+        device: str | torch.device = "cpu",
+        precision: Precision = "auto",
+        overwrite: bool = False,
+    ):
         self.device = resolve_device(device)
         self.dtype = solve_dtype(self.device, precision)
         fresh = not (overwrite and a.dtype == torch.float64 and a.device == self.device)
@@ -156,5 +168,16 @@ class Cholesky:
         return x if float(z.norm()) <= REFINE_TOL * float(x.norm()) else None
 
 
-__all__ = ["DEVICES", "FP64_CAPABILITIES", "MAX_REFINE", "PRECISIONS", "REFINE_TOL", "Cholesky", "Precision",
-           "device_problem", "fp64_capable", "resolve_device", "solve_dtype"]
+__all__ = [
+    "DEVICES",
+    "FP64_CAPABILITIES",
+    "MAX_REFINE",
+    "PRECISIONS",
+    "REFINE_TOL",
+    "Cholesky",
+    "Precision",
+    "device_problem",
+    "fp64_capable",
+    "resolve_device",
+    "solve_dtype",
+]

@@ -32,8 +32,14 @@ class SingularGramError(ValueError):
     """The Gram sum plus ridge is not positive definite (γ = 0 and an input direction no task's data excites)."""
 
 
-def lpm_batch(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: float = DEFAULT_GAMMA,
-              gamma_mode: GammaMode = "relative", approx: Approx = "full") -> Tensor:
+def lpm_batch(
+    deltas: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    gamma_mode: GammaMode = "relative",
+    approx: Approx = "full",
+) -> Tensor:
     """The rule: ΔW* = (Σᵢ ΔWᵢGᵢ)(Σᵢ Gᵢ + ρI)⁻¹ over all the tasks at once, float64; ρ = Σᵢ δᵢ
     (:func:`ridge_increment`)."""
     _check(gamma, gamma_mode, approx)
@@ -41,13 +47,21 @@ def lpm_batch(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: float
         raise ValueError(f"LPM needs one Gram per delta, got {len(deltas)} deltas and {len(grams)} Grams")
     gs = [as_gram(g, approx) for g in grams]
     h = torch.stack(gs).sum(dim=0)
-    ridge = sum(ridge_increment(g, first=i == 0, gamma=gamma, gamma_mode=gamma_mode) for i, g in enumerate(gs))
+    ridge = sum(
+        ridge_increment(g, first=i == 0, gamma=gamma, gamma_mode=gamma_mode) for i, g in enumerate(gs)
+    )
     num = reduce(torch.add, [_times_gram(d.double(), g) for d, g in zip(deltas, gs)])
     return Solver(h, ridge).solve(num)
 
 
-def lpm_recursive(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, gamma: float = DEFAULT_GAMMA,
-                  gamma_mode: GammaMode = "relative", approx: Approx = "full") -> list[Tensor]:
+def lpm_recursive(
+    deltas: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    gamma_mode: GammaMode = "relative",
+    approx: Approx = "full",
+) -> list[Tensor]:
     """ΔW*₁, …, ΔW*ₜ by the recursion, one task at a time (what a continual state does, in memory)."""
     merged: Tensor | None = None
     h: Tensor | None = None
@@ -103,8 +117,15 @@ class Solver:
     """X ↦ X (H + ρI)⁻¹ for one Gram sum, factorised once (Cholesky on `device`, in the precision
     :mod:`.linalg` chooses; elementwise on the CPU for a diagonal)."""
 
-    def __init__(self, gram_sum: Tensor, ridge: float, *, overwrite: bool = False,
-                 device: str | torch.device = "cpu", precision: Precision = "auto"):
+    def __init__(
+        self,
+        gram_sum: Tensor,
+        ridge: float,
+        *,
+        overwrite: bool = False,
+        device: str | torch.device = "cpu",
+        precision: Precision = "auto",
+    ):
         """``overwrite=True`` factorises a float64 ``gram_sum`` in place (one [in, in] matrix less at peak; the
         caller must not use it afterwards). On the CPU in float64 (the defaults) the result is the same, bit
         for bit, as a plain float64 Cholesky solve."""
@@ -121,13 +142,16 @@ class Solver:
                 raise SingularGramError("the diagonal Gram sum has zero entries and the ridge is 0")
             self.d = d
         else:
-            self.chol = Cholesky(h, shift=ridge, device=self.device, precision=precision,
-                                 overwrite=overwrite and h is gram_sum)
+            self.chol = Cholesky(
+                h, shift=ridge, device=self.device, precision=precision, overwrite=overwrite and h is gram_sum
+            )
             if not self.chol.ok:
-                raise SingularGramError("the Gram sum plus ridge is not positive definite (a singular Gram sum with "
-                                        f"a ridge of {ridge:.3g} — {ridge / max(mean_diag, 1e-300):.2g} × its "
-                                        "mean diagonal — below its float32 rounding error, or a non-symmetric "
-                                        "statistic)")
+                raise SingularGramError(
+                    "the Gram sum plus ridge is not positive definite (a singular Gram sum with "
+                    f"a ridge of {ridge:.3g} — {ridge / max(mean_diag, 1e-300):.2g} × its "
+                    "mean diagonal — below its float32 rounding error, or a non-symmetric "
+                    "statistic)"
+                )
 
     def solve(self, x: Tensor) -> Tensor:
         """x (H + ρI)⁻¹ for x [out, in], float64 on the CPU."""
@@ -150,12 +174,12 @@ def lpm_step_flops(out: int, in_: int, rank: int | None, *, previous: bool, fact
     rank-``rank`` factors 2·(r·in² + out·r·in) (``rank=None``: the task did not adapt the module) and, when
     there is a previous merged delta (``previous``), ΔW*ₜ₋₁Gₜ 2·out·in². Elementwise work (the ridge term,
     the sums) is left out: it is O(out·in). The floor a step's time is measured against."""
-    flops = in_ ** 3 / 3 if factorise else 0.0
-    flops += 2 * out * in_ ** 2
+    flops = in_**3 / 3 if factorise else 0.0
+    flops += 2 * out * in_**2
     if rank is not None:
-        flops += 2 * (rank * in_ ** 2 + out * rank * in_)
+        flops += 2 * (rank * in_**2 + out * rank * in_)
     if previous:
-        flops += 2 * out * in_ ** 2
+        flops += 2 * out * in_**2
     return float(flops)
 
 
@@ -164,15 +188,23 @@ def _times_gram(x: Tensor, gram: Tensor) -> Tensor:
     return x * gram if gram.dim() == 1 else x @ gram
 
 
-def lpm_accumulate(gram_sum: Tensor | None, ridge: float, gram: Tensor, *, gamma: float = DEFAULT_GAMMA,
-                   gamma_mode: GammaMode = "relative",
-                   approx: Approx = "full") -> tuple[Tensor, float, float, Tensor]:
+def lpm_accumulate(
+    gram_sum: Tensor | None,
+    ridge: float,
+    gram: Tensor,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    gamma_mode: GammaMode = "relative",
+    approx: Approx = "full",
+) -> tuple[Tensor, float, float, Tensor]:
     """One task's Gram into the running sum: ``(Hₜ, ρₜ, δₜ, Gₜ)`` (Gₜ in the approximation's form, float64).
     ``gram_sum=None`` starts the sequence. Modules that share an input share this, and one :class:`Solver`."""
     _check(gamma, gamma_mode, approx)
     g = as_gram(gram, approx)
     if gram_sum is not None and tuple(gram_sum.shape) != tuple(g.shape):
-        raise ValueError(f"Gram shape {tuple(g.shape)} does not match the running sum's {tuple(gram_sum.shape)}")
+        raise ValueError(
+            f"Gram shape {tuple(g.shape)} does not match the running sum's {tuple(gram_sum.shape)}"
+        )
     inc = ridge_increment(g, first=gram_sum is None, gamma=gamma, gamma_mode=gamma_mode)
     h = g.clone() if gram_sum is None else g.clone().add_(gram_sum)  # no float64 copy of the sum
     return h, ridge + inc, inc, g
@@ -189,8 +221,9 @@ def _delta_times_gram(delta: Delta, gram: Tensor) -> Tensor:
     return B @ _times_gram(A, gram)
 
 
-def lpm_update(merged: Tensor | None, delta: Delta | None, gram: Tensor, ridge_inc: float,
-               solver: Solver) -> Tensor:
+def lpm_update(
+    merged: Tensor | None, delta: Delta | None, gram: Tensor, ridge_inc: float, solver: Solver
+) -> Tensor:
     """ΔW*ₜ = ΔW*ₜ₋₁ + (ΔWₜGₜ − ΔW*ₜ₋₁(Gₜ + δₜI)) Pₜ, float64 on the CPU. ``merged=None``: the first task
     (ΔW*₀ = 0); ``delta=None``: task t did not adapt this module (ΔWₜ = 0: its data asks for the base's
     outputs); ``delta`` may be the adapter's factors (A, B), never multiplied out. ``gram`` is Gₜ as

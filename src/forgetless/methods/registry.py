@@ -102,7 +102,9 @@ class Rows(NamedTuple):
     offset: int = 0
 
 
-Stream = Callable[[], Iterable[Rows]]  # a pre-pass's input: each call, a fresh pass over the tensors or their blocks
+Stream = Callable[
+    [], Iterable[Rows]
+]  # a pre-pass's input: each call, a fresh pass over the tensors or their blocks
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Interval:
     def __str__(self) -> str:
         def end(x: float) -> str:
             return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
+
         return f"{'(' if self.lo_open else '['}{end(self.lo)}, {end(self.hi)}{')' if self.hi_open else ']'}"
 
 
@@ -148,10 +151,14 @@ def _kinds(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
     for name, h in typing.get_type_hints(fn).items():
         union = typing.get_origin(h) in (typing.Union, types.UnionType)
         args = typing.get_args(h) if union else (h,)
-        scalars = {typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args if a is not type(None)}
+        scalars = {
+            typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args if a is not type(None)
+        }
         one = scalars.pop() if len(scalars) == 1 else None
-        out[name.rstrip("_")] = ({float: "float", int: "int", bool: "bool", str: "str"}.get(one, "any"),
-                                 type(None) in args)
+        out[name.rstrip("_")] = (
+            {float: "float", int: "int", bool: "bool", str: "str"}.get(one, "any"),
+            type(None) in args,
+        )
     return out
 
 
@@ -169,14 +176,18 @@ class MethodSpec:
     doc: str = ""
     stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = field(default_factory=dict)
     without_statistics: Literal["route", "call"] = "route"
-    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # recipe name -> allowed values (Literal)
+    choices: dict[str, tuple[Any, ...]] = field(
+        default_factory=dict
+    )  # recipe name -> allowed values (Literal)
     space: Literal["weight", "adapter"] = "weight"
     kinds: dict[str, tuple[str, bool]] = field(default_factory=dict)  # recipe name -> (kind, None allowed)
     ranges: dict[str, Interval] = field(default_factory=dict)  # recipe name -> allowed interval
     out_rank: Callable[[list[int], dict[str, Any]], int] | None = None
     equal_ranks: bool = False
     dense: bool = False
-    divides_by_weights: bool = False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
+    divides_by_weights: bool = (
+        False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
+    )
     uses_device: bool = False  # gets the recipe's device as the context argument `device`
     streaming: Streaming = field(default_factory=Streaming)  # read by the engine only
 
@@ -200,8 +211,15 @@ class MethodSpec:
         if value is None:
             return None if optional or kind == "any" else f"a value is required (a {kind})"
         rng = self.ranges.get(param)
-        want = f"a number in {rng}" if rng and kind == "float" else f"an integer in {rng}" if rng and kind == "int" \
-            else {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(kind)
+        want = (
+            f"a number in {rng}"
+            if rng and kind == "float"
+            else f"an integer in {rng}"
+            if rng and kind == "int"
+            else {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(
+                kind
+            )
+        )
         if kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return f"{value!r} is not {want}"
         if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
@@ -228,27 +246,54 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def merge_method(name: str, *, models: Literal["one", "many"] = "many", needs: tuple[str, ...] = (),
-                 per_model_needs: tuple[str, ...] = (), per_model: tuple[str, ...] = (),
-                 aliases: tuple[str, ...] = (),
-                 stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
-                 without_statistics: Literal["route", "call"] = "route",
-                 space: Literal["weight", "adapter"] = "weight",
-                 out_rank: Callable[[list[int], dict[str, Any]], int] | None = None, equal_ranks: bool = False,
-                 dense: bool = False, ranges: dict[str, str] | None = None, divides_by_weights: bool = False,
-                 uses_device: bool = False, streaming: Streaming = Streaming()) -> Callable[[F], F]:
+def merge_method(
+    name: str,
+    *,
+    models: Literal["one", "many"] = "many",
+    needs: tuple[str, ...] = (),
+    per_model_needs: tuple[str, ...] = (),
+    per_model: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (),
+    stat_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] | None = None,
+    without_statistics: Literal["route", "call"] = "route",
+    space: Literal["weight", "adapter"] = "weight",
+    out_rank: Callable[[list[int], dict[str, Any]], int] | None = None,
+    equal_ranks: bool = False,
+    dense: bool = False,
+    ranges: dict[str, str] | None = None,
+    divides_by_weights: bool = False,
+    uses_device: bool = False,
+    streaming: Streaming = Streaming(),
+) -> Callable[[F], F]:
     """Register the decorated function as merge method `name` (and its `aliases`); the options are the module
     docstring's. A registration that contradicts the signature is a TypeError at import, not at a user's merge."""
 
     def register(fn: F) -> F:
         params, context = _signature(fn, (*needs, *per_model_needs))
-        spec = MethodSpec(name, fn, models, tuple(needs) + tuple(per_model_needs), tuple(per_model_needs),
-                          tuple(per_model), params, context, tuple(aliases),
-                          inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0], dict(stat_shapes or {}),
-                          without_statistics, choices=_literal_choices(fn), space=space, kinds=_kinds(fn),
-                          ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()}, out_rank=out_rank,
-                          equal_ranks=equal_ranks, dense=dense, divides_by_weights=divides_by_weights,
-                          uses_device=uses_device, streaming=streaming)
+        spec = MethodSpec(
+            name,
+            fn,
+            models,
+            tuple(needs) + tuple(per_model_needs),
+            tuple(per_model_needs),
+            tuple(per_model),
+            params,
+            context,
+            tuple(aliases),
+            inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0],
+            dict(stat_shapes or {}),
+            without_statistics,
+            choices=_literal_choices(fn),
+            space=space,
+            kinds=_kinds(fn),
+            ranges={k: Interval.parse(v) for k, v in (ranges or {}).items()},
+            out_rank=out_rank,
+            equal_ranks=equal_ranks,
+            dense=dense,
+            divides_by_weights=divides_by_weights,
+            uses_device=uses_device,
+            streaming=streaming,
+        )
         _check_registration(spec)
         for key in (name, *aliases):
             if key in METHODS:
@@ -283,8 +328,9 @@ def _check_registration(spec: MethodSpec) -> None:
     if spec.space == "adapter" and spec.out_rank is None:
         raise TypeError(f"{fn}: an adapter-space method needs out_rank")
     if set(spec.ranges) - set(spec.params):
-        raise TypeError(f"{fn}: ranges for parameters it does not take: "
-                        f"{sorted(set(spec.ranges) - set(spec.params))}")
+        raise TypeError(
+            f"{fn}: ranges for parameters it does not take: {sorted(set(spec.ranges) - set(spec.params))}"
+        )
     if streaming.rows == "blocks" and "block" not in spec.context:
         raise TypeError(f"{fn}: rows='blocks' needs the context argument `block`")
     if spec.uses_device != ("device" in spec.context):
@@ -300,8 +346,9 @@ def _literal_choices(fn: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
     """The allowed values of each parameter annotated with a Literal, so that the engine checks a recipe's values
     before any work (a bad `sign:` fails at plan time, not at the first tensor)."""
     hints = typing.get_type_hints(fn)
-    return {name.rstrip("_"): typing.get_args(h) for name, h in hints.items()
-            if typing.get_origin(h) is Literal}
+    return {
+        name.rstrip("_"): typing.get_args(h) for name, h in hints.items() if typing.get_origin(h) is Literal
+    }
 
 
 def get_method(name: str) -> MethodSpec:

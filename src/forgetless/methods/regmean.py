@@ -31,12 +31,16 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     return gram
 
 
-def regmean_rule(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                 ridge: float = 1e-6) -> Tensor:
+def regmean_rule(
+    params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9, ridge: float = 1e-6
+) -> Tensor:
     """The rule, in float64: W* = (Σₖ λₖWₖG̃ₖ + ρW̄)(Σₖ λₖG̃ₖ + ρI)⁻¹ with G̃ₖ = diag(Gₖ) + α·offdiag(Gₖ), W̄ the
     λ-weighted average and ρ = ridge·mean(diag Σₖ λₖG̃ₖ): the least-squares merge plus ρ‖W − W̄‖² (W̄ where
     every Gram is 0). The result in the dtype of params."""
-    g = [lam * reduce_off_diagonal(gram.to(torch.float64, copy=True), alpha) for gram, lam in zip(grams, weights)]
+    g = [
+        lam * reduce_off_diagonal(gram.to(torch.float64, copy=True), alpha)
+        for gram, lam in zip(grams, weights)
+    ]
     lhs, w_bar = sum(g), weighted_average(params, weights).double()
     rho = ridge * float(lhs.diagonal().mean())
     if not float(lhs.diagonal().mean()) > 0:
@@ -46,9 +50,16 @@ def regmean_rule(params: list[Tensor], grams: list[Tensor], weights: list[float]
     return torch.linalg.solve(lhs, rhs.T).T.to(params[0].dtype)  # W*·lhs = rhs, lhs symmetric
 
 
-def regmean_combine(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float = 0.9,
-                    ridge: float = 1e-6, *, device: str | torch.device = "cpu",
-                    precision: Precision = "auto") -> Tensor:
+def regmean_combine(
+    params: list[Tensor],
+    grams: list[Tensor],
+    weights: list[float],
+    alpha: float = 0.9,
+    ridge: float = 1e-6,
+    *,
+    device: str | torch.device = "cpu",
+    precision: Precision = "auto",
+) -> Tensor:
     """:func:`regmean_rule`, checked, solved by a Cholesky factorisation (never an inverse) on `device`, in the
     precision :mod:`.linalg` picks there; the system is shared by every output row (:func:`regmean_system`)."""
     _check(params, grams, weights, alpha, ridge)
@@ -68,7 +79,9 @@ class RegmeanSystem:
     zero: bool = False
 
 
-def _check(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float, ridge: float) -> None:
+def _check(
+    params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float, ridge: float
+) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha}")
     if ridge < 0:
@@ -81,8 +94,10 @@ def _check(params: list[Tensor], grams: list[Tensor], weights: list[float], alph
     n_in = w0.shape[1]
     for g in grams:
         if tuple(g.shape) != (n_in, n_in):
-            raise ValueError(f"gram shape {tuple(g.shape)} does not match a weight {tuple(w0.shape)} "
-                             f"(expected [in, in] = [{n_in}, {n_in}])")
+            raise ValueError(
+                f"gram shape {tuple(g.shape)} does not match a weight {tuple(w0.shape)} "
+                f"(expected [in, in] = [{n_in}, {n_in}])"
+            )
 
 
 def _weighted_gram(g: Tensor, alpha: float, lam: float) -> Tensor:
@@ -90,8 +105,15 @@ def _weighted_gram(g: Tensor, alpha: float, lam: float) -> Tensor:
     return reduce_off_diagonal(g.to(torch.float64, copy=True), alpha).mul_(lam)
 
 
-def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9, ridge: float = 1e-6, *,
-                   device: str | torch.device = "cpu", precision: Precision = "auto") -> RegmeanSystem:
+def regmean_system(
+    grams: list[Tensor],
+    weights: list[float],
+    alpha: float = 0.9,
+    ridge: float = 1e-6,
+    *,
+    device: str | torch.device = "cpu",
+    precision: Precision = "auto",
+) -> RegmeanSystem:
     """Σₖ λₖG̃ₖ + ρI factorised on `device`, ρ = ridge·mean(diag Σₖ λₖG̃ₖ)."""
     n_in = grams[0].shape[0]
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
@@ -107,8 +129,9 @@ def regmean_system(grams: list[Tensor], weights: list[float], alpha: float = 0.9
     return RegmeanSystem(None, factor, rho) if factor.ok else RegmeanSystem(lhs, None, rho)
 
 
-def regmean_solve(params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float,
-                  system: RegmeanSystem) -> Tensor:
+def regmean_solve(
+    params: list[Tensor], grams: list[Tensor], weights: list[float], alpha: float, system: RegmeanSystem
+) -> Tensor:
     """W* = (Σ λₖWₖG̃ₖ + ρW̄) · lhs⁻¹ for the rows that `params` hold (each output row is solved on its own,
     so a block of rows gives those rows of the whole result), on the system's device; the result on the CPU,
     in the dtype of `params`."""
@@ -136,18 +159,34 @@ def regmean_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dic
     if grams is None:
         return {}
     _check(first.finetuned, grams, params["weight"], params["alpha"], params["ridge"])
-    system = regmean_system(grams, params["weight"], params["alpha"], params["ridge"],
-                            device=params.get("device", "cpu"))
+    system = regmean_system(
+        grams, params["weight"], params["alpha"], params["ridge"], device=params.get("device", "cpu")
+    )
     return {"system": system}
 
 
-@merge_method("regmean", per_model_needs=("gram",), per_model=("weight",), stat_shapes={"gram": gram_shape},
-              without_statistics="call", ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
-              divides_by_weights=True, uses_device=True,
-              streaming=Streaming(rows="blocks", tensor_prepare=regmean_prepare))
-def regmean(base: Tensor, finetuned: list[Tensor], *, gram: list[Tensor] | None = None, weight: PerModel[float] = 1.0,
-            alpha: float = 0.9, ridge: float = 1e-6, block: RowBlock | None = None,
-            device: str = "cpu") -> Tensor:
+@merge_method(
+    "regmean",
+    per_model_needs=("gram",),
+    per_model=("weight",),
+    stat_shapes={"gram": gram_shape},
+    without_statistics="call",
+    ranges={"weight": "[0, inf)", "alpha": "[0, 1]", "ridge": "[0, inf)"},
+    divides_by_weights=True,
+    uses_device=True,
+    streaming=Streaming(rows="blocks", tensor_prepare=regmean_prepare),
+)
+def regmean(
+    base: Tensor,
+    finetuned: list[Tensor],
+    *,
+    gram: list[Tensor] | None = None,
+    weight: PerModel[float] = 1.0,
+    alpha: float = 0.9,
+    ridge: float = 1e-6,
+    block: RowBlock | None = None,
+    device: str = "cpu",
+) -> Tensor:
     """RegMean: W* = (Σₖ Wₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹ per Linear weight (solved on `device`); tensors without a Gram get
     the plain average."""
     if gram is None:

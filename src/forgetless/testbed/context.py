@@ -33,10 +33,19 @@ class Context:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def open(cls, workdir: str | Path, tasks: Iterable[str], *, timings: Iterable[str], base: Path | None = None,
-             tasks_root: str | Path | None = None, cache_dir: str | Path | None = None,
-             merge: Callable[..., Any] | None = None, eval_batch: int = 16,
-             log: Callable[[str], None] = print) -> Context:
+    def open(
+        cls,
+        workdir: str | Path,
+        tasks: Iterable[str],
+        *,
+        timings: Iterable[str],
+        base: Path | None = None,
+        tasks_root: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        merge: Callable[..., Any] | None = None,
+        eval_batch: int = 16,
+        log: Callable[[str], None] = print,
+    ) -> Context:
         """The base model (default: the testbed's) and `tasks` with the general ones generated under `tasks_root`
         (default ``workdir/../tasks``); evaluations cached under `cache_dir` (default ``workdir/../eval-cache``),
         shared by every testbed run. A ``setup`` entry of `timings` gets the seconds this took."""
@@ -47,12 +56,23 @@ class Context:
         started = time.perf_counter()
         workdir = Path(workdir)
         base = Path(base) if base is not None else testbed_model()
-        roots = T.write_tasks(Path(tasks_root) if tasks_root else workdir.parent / "tasks", [*tasks, *GENERAL])
+        roots = T.write_tasks(
+            Path(tasks_root) if tasks_root else workdir.parent / "tasks", [*tasks, *GENERAL]
+        )
         seconds = dict.fromkeys(timings, 0.0)
         if "setup" in seconds:
             seconds["setup"] = time.perf_counter() - started
-        return cls(workdir, base, roots, Path(cache_dir) if cache_dir else workdir.parent / "eval-cache",
-                   merge or forgetless.merge, log, seconds, eval_batch, started)
+        return cls(
+            workdir,
+            base,
+            roots,
+            Path(cache_dir) if cache_dir else workdir.parent / "eval-cache",
+            merge or forgetless.merge,
+            log,
+            seconds,
+            eval_batch,
+            started,
+        )
 
     @property
     def general(self) -> dict[str, Path]:
@@ -68,15 +88,29 @@ class Context:
             if kind in self.timings:
                 self.timings[kind] += time.perf_counter() - t0
 
-    def evaluate(self, model: Path, names: Iterable[str], *, split: str = "test", general: bool = True,
-                 limit: int | dict[str, int] | None = None) -> tuple[dict, bool]:
+    def evaluate(
+        self,
+        model: Path,
+        names: Iterable[str],
+        *,
+        split: str = "test",
+        general: bool = True,
+        limit: int | dict[str, int] | None = None,
+    ) -> tuple[dict, bool]:
         """(result, cached): `model` on the tasks `names` (and the general tasks) through the evaluation cache."""
         from ..eval import cache
 
         with self.timed("evaluate"):
-            return cache.cached_evaluate(model, {n: self.roots[n] for n in names}, self.general if general else None,
-                                         cache_dir=self.cache, split=split, limit=limit,
-                                         batch_size=self.eval_batch, log=None)
+            return cache.cached_evaluate(
+                model,
+                {n: self.roots[n] for n in names},
+                self.general if general else None,
+                cache_dir=self.cache,
+                split=split,
+                limit=limit,
+                batch_size=self.eval_batch,
+                log=None,
+            )
 
     def finetuned(self, task_dir: Path, out: Path, recipe: dict) -> Path:
         """The base fine-tuned on `task_dir` by `recipe` into `out`, cached (:func:`.experiment.finetuned_model`)."""
@@ -120,5 +154,8 @@ def read_results(path: Path) -> dict:
     damaged."""
     from ..safeload import read_json
 
-    return read_json(path, remedy="run the experiment that writes it (forgetless testbed …), or restore the file",
-                     expect=dict)
+    return read_json(
+        path,
+        remedy="run the experiment that writes it (forgetless testbed …), or restore the file",
+        expect=dict,
+    )

@@ -49,10 +49,16 @@ SEQUENCE = ["digits", "spatial", "count_many", "tag", "largest_colour"]
 LORA = {**MT.LORA, "targets": [*MT.LORA["targets"], "projector"]}
 ADAPTER = {**MT.ADAPTER, "train": ["language.layers", "projector"], "lora": LORA}
 TASK_LIMIT = 300  # test items per task and cell: 15 cells per method (5 + 4 + … + 1); their cost: RESULTS.md
-TA_GRID = [0.4, 0.7, 1.0]  # task arithmetic's λ, chosen after every task on the validation splits of tasks so far
+TA_GRID = [
+    0.4,
+    0.7,
+    1.0,
+]  # task arithmetic's λ, chosen after every task on the validation splits of tasks so far
 # the Linear layers the adapters adapt (every one of the decoder layers and the projector's two): RegMean's scope
 ADAPTED_SCOPE = ["language.layers", "projector"]
-GRAM_SAMPLES = 64  # training samples per task for the Grams (LPM's at the base, RegMean's at each folded model)
+GRAM_SAMPLES = (
+    64  # training samples per task for the Grams (LPM's at the base, RegMean's at each folded model)
+)
 METHODS = ["sequential FT", "TA", "TIES", "RegMean", "LPM", "LPM (diagonal)", "LPM + CPM"]
 LPM_STATES = {"LPM": {}, "LPM (diagonal)": {"approx": "diagonal"}, "LPM + CPM": {"cpm": True}}
 REGMEAN = {"alpha": 0.9}
@@ -68,8 +74,11 @@ def _adapter_fp(adapter: Path) -> str:
     """The fingerprint an adapter was trained from (its fine-tune's step key): what identifies it in a cell's key."""
     record = read_record(adapter / X.FINETUNE_RECORD)
     if record is None:
-        raise ForgetlessError("no record of the fine-tune that made this adapter", file=adapter,
-                              remedy="remove the folder: the next run trains it again")
+        raise ForgetlessError(
+            "no record of the fine-tune that made this adapter",
+            file=adapter,
+            remedy="remove the folder: the next run trains it again",
+        )
     return record["key"]
 
 
@@ -77,12 +86,22 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*.safetensors")) if p.is_dir() else p.stat().st_size
 
 
-def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, methods: list[str] | None = None,
-                  adapter_recipe: dict | None = None, tasks_root: str | Path | None = None,
-                  cache_dir: str | Path | None = None, task_limit: int | None = TASK_LIMIT,
-                  general_limits: dict[str, int] | None = None, gram_samples: int = GRAM_SAMPLES,
-                  ta_grid: list[float] | None = None, joint: bool = True, base: Path | None = None,
-                  log: Callable[[str], None] = print) -> dict:
+def run_continual(
+    workdir: str | Path,
+    *,
+    sequence: list[str] | None = None,
+    methods: list[str] | None = None,
+    adapter_recipe: dict | None = None,
+    tasks_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    task_limit: int | None = TASK_LIMIT,
+    general_limits: dict[str, int] | None = None,
+    gram_samples: int = GRAM_SAMPLES,
+    ta_grid: list[float] | None = None,
+    joint: bool = True,
+    base: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The whole protocol (module docstring); writes and returns ``workdir/results.json``. Tasks are generated under
     `tasks_root` (default ``workdir/../tasks``) and evaluations cached under `cache_dir` (default
     ``workdir/../eval-cache``), shared with the other testbed experiments."""
@@ -90,12 +109,30 @@ def run_continual(workdir: str | Path, *, sequence: list[str] | None = None, met
     methods = list(METHODS if methods is None else methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(sequence) < 2:
-        raise ForgetlessError(f"unknown methods {unknown}" if unknown else "a sequence needs two tasks or more",
-                              remedy=f"methods from {METHODS}; a sequence of testbed task names")
-    ctx = Context.open(workdir, sequence, timings=("finetune", "statistics", "evaluate"), base=base,
-                       tasks_root=tasks_root, cache_dir=cache_dir, eval_batch=EVAL_BATCH, log=log)
-    run = Continual(ctx, sequence, methods, {**ADAPTER, **(adapter_recipe or {})}, task_limit, general_limits,
-                    gram_samples, list(ta_grid or TA_GRID))
+        raise ForgetlessError(
+            f"unknown methods {unknown}" if unknown else "a sequence needs two tasks or more",
+            remedy=f"methods from {METHODS}; a sequence of testbed task names",
+        )
+    ctx = Context.open(
+        workdir,
+        sequence,
+        timings=("finetune", "statistics", "evaluate"),
+        base=base,
+        tasks_root=tasks_root,
+        cache_dir=cache_dir,
+        eval_batch=EVAL_BATCH,
+        log=log,
+    )
+    run = Continual(
+        ctx,
+        sequence,
+        methods,
+        {**ADAPTER, **(adapter_recipe or {})},
+        task_limit,
+        general_limits,
+        gram_samples,
+        list(ta_grid or TA_GRID),
+    )
     joint_adapter = run.train_adapters(joint)
     for t in range(1, len(sequence) + 1):
         run.after_task(t)
@@ -143,8 +180,9 @@ class Continual:
 
     def evaluate(self, model: Path, names: list[str], split: str = "test", general: bool = False):
         lim = {n: self.task_limit for n in names} if self.task_limit else {}
-        return self.ctx.evaluate(model, names, split=split, general=general,
-                                 limit={**lim, **(self.general_limits or {})} or None)
+        return self.ctx.evaluate(
+            model, names, split=split, general=general, limit={**lim, **(self.general_limits or {})} or None
+        )
 
     def train_adapters(self, joint: bool) -> Path | None:
         """Step 1: each task's own adapter, the sequential chain (each continuing the previous one) and, with
@@ -153,12 +191,19 @@ class Continual:
         self.own = {n: ctx.finetuned(ctx.roots[n], ctx.workdir / "adapters" / n, self.recipe) for n in seq}
         self.chain = [self.own[seq[0]]]
         for t, name in enumerate(seq[1:], 2):
-            self.chain.append(ctx.finetuned(ctx.roots[name], ctx.workdir / "sequential" / f"{t}-{name}",
-                                            {**self.recipe, "init_adapter": str(self.chain[-1])}))
+            self.chain.append(
+                ctx.finetuned(
+                    ctx.roots[name],
+                    ctx.workdir / "sequential" / f"{t}-{name}",
+                    {**self.recipe, "init_adapter": str(self.chain[-1])},
+                )
+            )
         if not joint:
             return None
         data = MT.joint_data(ctx.roots, seq, ctx.workdir / "joint-data")
-        return ctx.finetuned(data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps})
+        return ctx.finetuned(
+            data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps}
+        )
 
     def own_model(self, name: str) -> Path:
         """Task `name`'s own adapter folded into the base: the individual reference and RegMean's model; a step
@@ -180,18 +225,29 @@ class Continual:
         if name not in self.grams:
             with self.ctx.timed("statistics"):
                 self.grams[name] = steps.statistics_step(
-                    "gram", self.own_model(name), self.train(name),
-                    self.ctx.workdir / "statistics" / f"regmean-gram-{name}.safetensors", scope=ADAPTED_SCOPE,
-                    n=self.gram_samples, seed=0, role=f"RegMean Gram ({name})", log=self.ctx.log, batch_size=8,
-                    progress=False)
+                    "gram",
+                    self.own_model(name),
+                    self.train(name),
+                    self.ctx.workdir / "statistics" / f"regmean-gram-{name}.safetensors",
+                    scope=ADAPTED_SCOPE,
+                    n=self.gram_samples,
+                    seed=0,
+                    role=f"RegMean Gram ({name})",
+                    log=self.ctx.log,
+                    batch_size=8,
+                    progress=False,
+                )
         return self.grams[name]
 
     def after_task(self, t: int) -> None:
         """Steps 2–3 after task `t`: the individual reference's cell and every method's."""
         so_far = self.sequence[:t]
         fp = _adapter_fp(self.own[so_far[-1]])
-        self.individual.append(self.cell(t, "own adapter", {"adapter": fp}, lambda out: self.own_model(so_far[-1]),
-                                         names=so_far[-1:]))
+        self.individual.append(
+            self.cell(
+                t, "own adapter", {"adapter": fp}, lambda out: self.own_model(so_far[-1]), names=so_far[-1:]
+            )
+        )
         for label in self.methods:
             self.cells[label].append(self.method_cell(t, label))
 
@@ -201,41 +257,89 @@ class Continual:
         adapters = [self.own[n] for n in so_far]
         fps = [_adapter_fp(a) for a in adapters]
         if label == "sequential FT":
-            return self.cell(t, label, {"adapter": _adapter_fp(self.chain[t - 1])},
-                             lambda out: ctx.merged(MT.fold_recipe(ctx.base, self.chain[t - 1]), out))
+            return self.cell(
+                t,
+                label,
+                {"adapter": _adapter_fp(self.chain[t - 1])},
+                lambda out: ctx.merged(MT.fold_recipe(ctx.base, self.chain[t - 1]), out),
+            )
         if label == "TA":
             lam = self.choose_ta(so_far)
             self.chosen_ta.append(lam)
-            return self.cell(t, label, {"adapters": fps, "lambda": lam}, lambda out: ctx.merged(
-                MT.adapters_recipe("lora_task_arithmetic", {"lambda": lam}, ctx.base, adapters), out))
+            return self.cell(
+                t,
+                label,
+                {"adapters": fps, "lambda": lam},
+                lambda out: ctx.merged(
+                    MT.adapters_recipe("lora_task_arithmetic", {"lambda": lam}, ctx.base, adapters), out
+                ),
+            )
         if label == "TIES":
-            return self.cell(t, label, {"adapters": fps, **TIES},
-                             lambda out: ctx.merged(MT.adapters_recipe("lora_ties", TIES, ctx.base, adapters), out))
+            return self.cell(
+                t,
+                label,
+                {"adapters": fps, **TIES},
+                lambda out: ctx.merged(MT.adapters_recipe("lora_ties", TIES, ctx.base, adapters), out),
+            )
         if label == "RegMean":
-            models = [{"model": str(self.own_model(n)), "statistics": {"gram": str(self.own_gram(n))}} for n in so_far]
-            recipe = {"method": "regmean", "base": str(ctx.base), "parameters": dict(REGMEAN), "seed": 0,
-                      "models": models}
-            return self.cell(t, label, {"adapters": fps, **REGMEAN, "gram_samples": self.gram_samples},
-                             lambda out: ctx.merged(recipe, out))
+            models = [
+                {"model": str(self.own_model(n)), "statistics": {"gram": str(self.own_gram(n))}}
+                for n in so_far
+            ]
+            recipe = {
+                "method": "regmean",
+                "base": str(ctx.base),
+                "parameters": dict(REGMEAN),
+                "seed": 0,
+                "models": models,
+            }
+            return self.cell(
+                t,
+                label,
+                {"adapters": fps, **REGMEAN, "gram_samples": self.gram_samples},
+                lambda out: ctx.merged(recipe, out),
+            )
         from ..chains.continual import state_bytes
 
         opts = LPM_STATES[label]
-        state = ctx.workdir / "states" / f"{_slug(label)}-{fingerprint([self.recipe, self.gram_samples, opts])[:8]}"
-        return self.cell(t, label, {"adapters": fps, "gram_samples": self.gram_samples, **opts},
-                         lambda out: self.lpm_step(so_far, out, state, opts),
-                         measure=lambda: {"state_bytes": state_bytes(state)})
+        state = (
+            ctx.workdir
+            / "states"
+            / f"{_slug(label)}-{fingerprint([self.recipe, self.gram_samples, opts])[:8]}"
+        )
+        return self.cell(
+            t,
+            label,
+            {"adapters": fps, "gram_samples": self.gram_samples, **opts},
+            lambda out: self.lpm_step(so_far, out, state, opts),
+            measure=lambda: {"state_bytes": state_bytes(state)},
+        )
 
-    def cell(self, t: int, label: str, extra: dict, build: Callable[[Path], Any], names: list[str] | None = None,
-             measure: Callable[[], dict] | None = None) -> dict:
+    def cell(
+        self,
+        t: int,
+        label: str,
+        extra: dict,
+        build: Callable[[Path], Any],
+        names: list[str] | None = None,
+        measure: Callable[[], dict] | None = None,
+    ) -> dict:
         """The row of (`label`, task `t`): a step keyed by the method, its options (`extra`), the tasks so far and
         the limits. Made by building the model (`build`), evaluating it on `names` (default: the tasks so far; the
         general tasks too after the last task) and adding `measure()` (what the build left behind, taken now)."""
         so_far = self.sequence[:t]
         names = names or so_far
         general = t == len(self.sequence) and names == so_far
-        key = fingerprint({"tasks": so_far, "limit": self.task_limit,
-                           "general": self.general_limits if general else None, "method": label, **extra,
-                           "names": names})
+        key = fingerprint(
+            {
+                "tasks": so_far,
+                "limit": self.task_limit,
+                "general": self.general_limits if general else None,
+                "method": label,
+                **extra,
+                "names": names,
+            }
+        )
 
         def make() -> dict:
             out = self.models / "current"
@@ -244,16 +348,24 @@ class Continual:
             seconds = time.perf_counter() - t0
             model = built if isinstance(built, Path) else out
             r, _ = self.evaluate(model, names, general=general)
-            row = {"method": label, "step": t, "merge_seconds": round(seconds, 2), **X.task_fields(r),
-                   **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
+            row = {
+                "method": label,
+                "step": t,
+                "merge_seconds": round(seconds, 2),
+                **X.task_fields(r),
+                **{k: r["scores"][k] for k in ("G_v", "G_t", "G")},
+            }
             if label == "LPM + CPM" and general:
                 row["routing"] = routing_accuracy(model, {n: self.ctx.roots[n] for n in self.sequence})
             row.update(measure() if measure is not None else {})
             if model == out:
                 shutil.rmtree(out, ignore_errors=True)
-            self.ctx.log(f"after task {t} ({so_far[-1]}), {label}: "
-                         + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in names)
-                         + (f"  G {row['G']:.1f}" if general else "") + f"  [{seconds:.0f} s to build]")
+            self.ctx.log(
+                f"after task {t} ({so_far[-1]}), {label}: "
+                + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in names)
+                + (f"  G {row['G']:.1f}" if general else "")
+                + f"  [{seconds:.0f} s to build]"
+            )
             return row
 
         return Step(self.ctx.workdir / "cells" / f"{_slug(label)}-{t}.json", key).run(make)[0]
@@ -273,10 +385,21 @@ class Continual:
         else:  # another history: replay the tasks before this one
             shutil.rmtree(state, ignore_errors=True)
         for n in todo:
-            add_task(state, adapter=self.own[n], data=self.train(n), n=self.gram_samples, base=self.ctx.base, name=n,
-                     approx=opts.get("approx"), stats_dir=self.ctx.workdir / "statistics", cpm_n=self.gram_samples,
-                     cpm_data=self.train(n) if opts.get("cpm") else None,
-                     out=out if n == so_far[-1] else None, force=True, log=None)
+            add_task(
+                state,
+                adapter=self.own[n],
+                data=self.train(n),
+                n=self.gram_samples,
+                base=self.ctx.base,
+                name=n,
+                approx=opts.get("approx"),
+                stats_dir=self.ctx.workdir / "statistics",
+                cpm_n=self.gram_samples,
+                cpm_data=self.train(n) if opts.get("cpm") else None,
+                out=out if n == so_far[-1] else None,
+                force=True,
+                log=None,
+            )
         return out
 
     def choose_ta(self, so_far: list[str]) -> float:
@@ -297,16 +420,26 @@ class Continual:
 
     def joint_row(self, adapter: Path) -> dict:
         """The joint adapter's row after the last task, a step keyed by its fingerprint, the tasks and limits."""
-        key = fingerprint({"joint": _adapter_fp(adapter), "tasks": self.sequence, "limit": self.task_limit,
-                           "general": self.general_limits})
+        key = fingerprint(
+            {
+                "joint": _adapter_fp(adapter),
+                "tasks": self.sequence,
+                "limit": self.task_limit,
+                "general": self.general_limits,
+            }
+        )
 
         def make() -> dict:
             out = self.models / "current"
             self.ctx.merged(MT.fold_recipe(self.ctx.base, adapter), out)
             r, _ = self.evaluate(out, self.sequence, general=True)
             shutil.rmtree(out, ignore_errors=True)
-            return {"method": "joint LoRA", "step": len(self.sequence), **X.task_fields(r),
-                    **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}}
+            return {
+                "method": "joint LoRA",
+                "step": len(self.sequence),
+                **X.task_fields(r),
+                **{k: r["scores"][k] for k in ("G_v", "G_t", "G")},
+            }
 
         return Step(self.ctx.workdir / "cells" / "joint.json", key).run(make)[0]
 
@@ -325,17 +458,32 @@ class Continual:
         return kept
 
     def results(self, base_r: dict, joint_row: dict | None, joint: bool) -> dict:
-        return {"sequence": self.sequence, "methods": self.methods, "split": "test", "task_limit": self.task_limit,
-                "general_limits": self.general_limits, "adapter": self.recipe, "gram_samples": self.gram_samples,
-                "ta_grid": self.ta_grid, "joint_steps": self.joint_steps if joint else None,
-                "ta_lambda": self.chosen_ta, "base": str(self.ctx.base),
-                "adapters": {n: str(p) for n, p in self.own.items()}, "sequential": [str(p) for p in self.chain],
-                "base_row": {"method": "base", **X.task_fields(base_r),
-                             **{k: base_r["scores"][k] for k in ("G_v", "G_t", "G")}},
-                "individual": self.individual, "matrices": self.cells, "joint": joint_row,
-                "kept_bytes": self.kept_bytes(),
-                "merge_seconds": {k: [round(r["merge_seconds"], 2) for r in v] for k, v in self.cells.items()},
-                **self.ctx.closing()}
+        return {
+            "sequence": self.sequence,
+            "methods": self.methods,
+            "split": "test",
+            "task_limit": self.task_limit,
+            "general_limits": self.general_limits,
+            "adapter": self.recipe,
+            "gram_samples": self.gram_samples,
+            "ta_grid": self.ta_grid,
+            "joint_steps": self.joint_steps if joint else None,
+            "ta_lambda": self.chosen_ta,
+            "base": str(self.ctx.base),
+            "adapters": {n: str(p) for n, p in self.own.items()},
+            "sequential": [str(p) for p in self.chain],
+            "base_row": {
+                "method": "base",
+                **X.task_fields(base_r),
+                **{k: base_r["scores"][k] for k in ("G_v", "G_t", "G")},
+            },
+            "individual": self.individual,
+            "matrices": self.cells,
+            "joint": joint_row,
+            "kept_bytes": self.kept_bytes(),
+            "merge_seconds": {k: [round(r["merge_seconds"], 2) for r in v] for k, v in self.cells.items()},
+            **self.ctx.closing(),
+        }
 
 
 def routing_accuracy(model_dir: Path, roots: dict[str, Path], n: int = 64) -> dict[str, float]:

@@ -40,8 +40,15 @@ from .context import Context, write_if_changed
 
 # The documented downstream recipe: full fine-tuning of the last 12 decoder layers (the scope CGM's published
 # recipe merges) and the projector, long and hot enough that the model specializes and forgets.
-FINETUNE = {"train": ["language.layers[18:30]", "projector"], "steps": 120, "batch_size": 8, "lr": 2e-4,
-            "warmup": 10, "clip": 1.0, "seed": 0}
+FINETUNE = {
+    "train": ["language.layers[18:30]", "projector"],
+    "steps": 120,
+    "batch_size": 8,
+    "lr": 2e-4,
+    "warmup": 10,
+    "clip": 1.0,
+    "seed": 0,
+}
 STATS_SAMPLES = 32
 # fine-tunes with a keep rule (forgetless.train.spider), same recipe otherwise: rows beside the merges
 KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitude_mask")]
@@ -77,16 +84,20 @@ MERGES: list[Merge] = [
 ]
 DEMO_LIMITS = {"probes": 120, **{n: 30 for n in T.GENERAL_VISUAL}}
 DEMO_TASK_LIMIT = 80
-FINETUNE_RECORD = "recipe.hash"  # a fine-tune's step record, in its folder (the name earlier versions gave it)
+FINETUNE_RECORD = (
+    "recipe.hash"  # a fine-tune's step record, in its folder (the name earlier versions gave it)
+)
 
 
 def task_fields(result: dict) -> dict:
     """What a ``results.json`` row keeps of an evaluation: per task its accuracy (%), kind and per-item correctness
     (what the report bootstraps)."""
     tasks = result["tasks"]
-    return {"tasks": {n: round(100 * x["accuracy"], 2) for n, x in tasks.items()},
-            "kinds": {n: x["kind"] for n, x in tasks.items()},
-            "correct_items": {n: x["correct_items"] for n, x in tasks.items()}}
+    return {
+        "tasks": {n: round(100 * x["accuracy"], 2) for n, x in tasks.items()},
+        "kinds": {n: x["kind"] for n, x in tasks.items()},
+        "correct_items": {n: x["correct_items"] for n, x in tasks.items()},
+    }
 
 
 def row_name(r: Mapping[str, Any]) -> str:
@@ -96,8 +107,12 @@ def row_name(r: Mapping[str, Any]) -> str:
 
 def row_result(r: Mapping[str, Any]) -> dict[str, Any]:
     """A results.json row as an evaluation result (kind, accuracy and per-item correctness per task)."""
-    return {"tasks": {n: {"kind": r["kinds"][n], "accuracy": acc / 100, "correct_items": r["correct_items"][n]}
-                      for n, acc in r["tasks"].items()}}
+    return {
+        "tasks": {
+            n: {"kind": r["kinds"][n], "accuracy": acc / 100, "correct_items": r["correct_items"][n]}
+            for n, acc in r["tasks"].items()
+        }
+    }
 
 
 def row_draws(rows: list[dict], boot: Bootstrap) -> dict[str, dict[str, np.ndarray | None]]:
@@ -110,13 +125,21 @@ def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
     """What a fine-tune depends on: the base weights, the recipe (with the weights of the adapter it continues,
     ``init_adapter``) and the training split's records (their images follow from the generator's version and
     seed) — not the validation or test splits, which may grow."""
-    meta = read_json(task_dir / "task.json", remedy="generate the task again (forgetless testbed tasks)", expect=dict)
+    meta = read_json(
+        task_dir / "task.json", remedy="generate the task again (forgetless testbed tasks)", expect=dict
+    )
     train = hashlib.sha256((task_dir / "train.jsonl").read_bytes()).hexdigest()
     if recipe.get("init_adapter"):
         weights = Path(recipe["init_adapter"]) / "adapter_model.safetensors"
         recipe = {**recipe, "init_adapter": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    return fingerprint({"base": weights_digest(base), "train_split": train,
-                        "task": {k: meta.get(k) for k in ("name", "version", "seed")}, **recipe})
+    return fingerprint(
+        {
+            "base": weights_digest(base),
+            "train_split": train,
+            "task": {k: meta.get(k) for k in ("name", "version", "seed")},
+            **recipe,
+        }
+    )
 
 
 def finetune_step(base: Path, task_dir: Path, out: Path, recipe: dict) -> Step:
@@ -146,8 +169,14 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
     rows = []
     for name in T.GENERAL_VISUAL:
         for s in load_samples(task_root / name / "train.jsonl", n=per_task, seed=0):
-            rows.append({"id": f"{name}-{s.id}", "image": str(Path(s.image).resolve()),
-                         "question": s.turns[0][1], "answer": s.turns[1][1]})
+            rows.append(
+                {
+                    "id": f"{name}-{s.id}",
+                    "image": str(Path(s.image).resolve()),
+                    "question": s.turns[0][1],
+                    "answer": s.turns[1][1],
+                }
+            )
     for line in (task_root / "probes" / "val.jsonl").read_text().splitlines():
         r = json.loads(line)
         rows.append({"id": f"probes-{r['id']}", "question": r["question"], "answer": r["answer"]})
@@ -155,9 +184,17 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
     return out
 
 
-def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir: Path, log, *,
-                 task_fishers: Sequence[tuple[str, str]] = (TASK_FISHER_CGM,), recipe: dict | None = None
-                 ) -> dict[tuple[str, str], dict[str, Path]]:
+def fisher_files(
+    base: Path,
+    ft: Path,
+    general: Path,
+    task_data: Path,
+    stats_dir: Path,
+    log,
+    *,
+    task_fishers: Sequence[tuple[str, str]] = (TASK_FISHER_CGM,),
+    recipe: dict | None = None,
+) -> dict[tuple[str, str], dict[str, Path]]:
     """The general Fisher at θ₀ on the general data (once) and, for each ``(at, variant)`` in `task_fishers`, the
     task Fisher on the task's training data at θ₀ (``at == "base"``) or θ_ft (``"finetuned"``), ``empirical`` or
     ``sampled``; all over CGM†'s published scope (which contains CGM's), reused when model, data selection, scope
@@ -170,8 +207,19 @@ def fisher_files(base: Path, ft: Path, general: Path, task_data: Path, stats_dir
     scope = published_scope(base, "cgm_dagger")
 
     def one(role: str, model: Path, data: Path, variant: str, path: Path) -> Path:
-        return steps.statistics_step("fisher", model, data, path, scope=scope, n=STATS_SAMPLES, seed=0,
-                                     variant=variant, role=role, log=log, batch_size=8)
+        return steps.statistics_step(
+            "fisher",
+            model,
+            data,
+            path,
+            scope=scope,
+            n=STATS_SAMPLES,
+            seed=0,
+            variant=variant,
+            role=role,
+            log=log,
+            batch_size=8,
+        )
 
     def task_file(at: str, variant: str) -> Path:
         path = stats_dir / f"fisher_task-{at}-{variant}.safetensors"
@@ -215,41 +263,71 @@ def merge_recipe(method: str, params: dict, base: Path, ft: Path, stats: dict[st
     if method == "fisher_with_base":
         recipe["models"] = [{"model": str(ft), "statistics": {"fisher": str(stats["fisher_task"])}}]
         recipe["statistics"] = {"fisher_base": str(stats["fisher_general"])}
-        recipe["scope"] = {"include": published_scope(base, "cgm_dagger"), "outside": "finetuned",
-                           "no_statistics": "finetuned"}
+        recipe["scope"] = {
+            "include": published_scope(base, "cgm_dagger"),
+            "outside": "finetuned",
+            "no_statistics": "finetuned",
+        }
     elif method in ("cgm", "cgm_dagger"):
         recipe["models"] = [str(ft)]
         recipe["statistics"] = {k: str(v) for k, v in stats.items()}
-        recipe["scope"] = {"include": published_scope(base, method), "outside": "finetuned",
-                           "no_statistics": "finetuned"}
+        recipe["scope"] = {
+            "include": published_scope(base, method),
+            "outside": "finetuned",
+            "no_statistics": "finetuned",
+        }
     else:
         recipe["models"] = [str(ft)]
     return recipe
 
 
-def run_experiment(task: str, workdir: str | Path, *, merges=None, keeps: list[tuple[str, str]] | None = None,
-                   finetune_recipe: dict | None = None, limits: dict[str, int] | None = None,
-                   task_limit: int | None = None, split: str = "test", keep_models: bool = False,
-                   eval_batch_size: int = 16, results_name: str = "results.json",
-                   log: Callable[[str], None] = print) -> dict:
+def run_experiment(
+    task: str,
+    workdir: str | Path,
+    *,
+    merges=None,
+    keeps: list[tuple[str, str]] | None = None,
+    finetune_recipe: dict | None = None,
+    limits: dict[str, int] | None = None,
+    task_limit: int | None = None,
+    split: str = "test",
+    keep_models: bool = False,
+    eval_batch_size: int = 16,
+    results_name: str = "results.json",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/`results_name`) rows
     with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
     recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
     merges = MERGES if merges is None else merges
     check_merges(merges)
     workdir = Path(workdir)
-    ctx = Context.open(workdir, [task], tasks_root=workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
-                       timings=("setup", "finetune", "statistics", "merge", "evaluate"),
-                       eval_batch=eval_batch_size, log=log)
+    ctx = Context.open(
+        workdir,
+        [task],
+        tasks_root=workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
+        timings=("setup", "finetune", "statistics", "merge", "evaluate"),
+        eval_batch=eval_batch_size,
+        log=log,
+    )
     lim = {**(limits or {}), task: task_limit} if (limits or task_limit) else None
     run = Experiment.start(ctx, task, {**FINETUNE, **(finetune_recipe or {})}, split, lim)
     rows = [*run.reference_rows(), *(run.keep_row(label, rule) for label, rule in keeps or [])]
     stats = run.statistics(merges)
     rows += [run.merge_row(m, stats.get(m.task_fisher), keep_models) for m in merges]
-    return ctx.write({"task": task, "split": split, "limits": lim, "finetune": run.recipe, "base": str(ctx.base),
-                      "finetuned": str(run.ft),
-                      "rows": [{k: v for k, v in r.items() if k != "result"} | task_fields(r["result"]) for r in rows],
-                      **ctx.closing()}, results_name)
+    return ctx.write(
+        {
+            "task": task,
+            "split": split,
+            "limits": lim,
+            "finetune": run.recipe,
+            "base": str(ctx.base),
+            "finetuned": str(run.ft),
+            "rows": [{k: v for k, v in r.items() if k != "result"} | task_fields(r["result"]) for r in rows],
+            **ctx.closing(),
+        },
+        results_name,
+    )
 
 
 def check_merges(merges: Sequence[Merge]) -> None:
@@ -258,8 +336,10 @@ def check_merges(merges: Sequence[Merge]) -> None:
     rules = [r for _, r in KEEPS]
     for m in merges:
         if m.model is not None and (m.task_fisher is not None or m.model not in rules):
-            raise ValueError(f"merge {m.label!r}: model must be a keep rule of KEEPS ({rules}), and a merge of a "
-                             "keep rule's fine-tune takes no statistics (they are the plain fine-tune's)")
+            raise ValueError(
+                f"merge {m.label!r}: model must be a keep rule of KEEPS ({rules}), and a merge of a "
+                "keep rule's fine-tune takes no statistics (they are the plain fine-tune's)"
+            )
 
 
 @dataclass
@@ -277,9 +357,13 @@ class Experiment:
     ft_r: dict = field(default_factory=dict)
 
     @classmethod
-    def start(cls, ctx: Context, task: str, recipe: dict, split: str, limit: dict[str, int] | None) -> Experiment:
+    def start(
+        cls, ctx: Context, task: str, recipe: dict, split: str, limit: dict[str, int] | None
+    ) -> Experiment:
         """The experiment, its plain fine-tune made (or reused) first."""
-        return cls(ctx, task, recipe, split, limit, ctx.finetuned(ctx.roots[task], ctx.workdir / "finetuned", recipe))
+        return cls(
+            ctx, task, recipe, split, limit, ctx.finetuned(ctx.roots[task], ctx.workdir / "finetuned", recipe)
+        )
 
     def evaluate(self, model: Path) -> tuple[dict, bool]:
         return self.ctx.evaluate(model, [self.task], split=self.split, limit=self.limit)
@@ -287,14 +371,25 @@ class Experiment:
     def row(self, label: str, r: dict, cached: bool, knob: str = "", **extra: Any) -> dict:
         from ..eval.metrics import compare
 
-        return {"method": label, "knob": knob, "result": r, **compare(r, self.base_r, self.ft_r),
-                "cached_eval": cached, **extra}
+        return {
+            "method": label,
+            "knob": knob,
+            "result": r,
+            **compare(r, self.base_r, self.ft_r),
+            "cached_eval": cached,
+            **extra,
+        }
 
     def keep_finetune(self, rule: str) -> Path:
         """The fine-tune of the same recipe with the keep rule `rule` (untimed: a cached one costs a digest)."""
         ctx = self.ctx
-        return finetuned_model(ctx.base, ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}",
-                               {**self.recipe, "keep": rule}, ctx.log)
+        return finetuned_model(
+            ctx.base,
+            ctx.roots[self.task],
+            ctx.workdir / f"finetuned-{rule}",
+            {**self.recipe, "keep": rule},
+            ctx.log,
+        )
 
     def reference_rows(self) -> list[dict]:
         """The base's and the plain fine-tune's rows."""
@@ -302,16 +397,22 @@ class Experiment:
         self.ft_r, c1 = self.evaluate(self.ft)
         rows = [self.row("base", self.base_r, c0), self.row("fine-tuned", self.ft_r, c1)]
         for r in rows:
-            self.ctx.log(f"{r['method']}: T {r['T']:.1f}  G_v {r['G_v']:.1f}  G_t {r['G_t']:.1f}"
-                         f"{'  (cached)' if r['cached_eval'] else ''}")
+            self.ctx.log(
+                f"{r['method']}: T {r['T']:.1f}  G_v {r['G_v']:.1f}  G_t {r['G_t']:.1f}"
+                f"{'  (cached)' if r['cached_eval'] else ''}"
+            )
         return rows
 
     def keep_row(self, label: str, rule: str) -> dict:
         """The row of the fine-tune with the keep rule `rule`, with the seconds that fine-tune took."""
         ctx = self.ctx
-        model = ctx.finetuned(ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}", {**self.recipe, "keep": rule})
+        model = ctx.finetuned(
+            ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}", {**self.recipe, "keep": rule}
+        )
         r, cached = self.evaluate(model)
-        seconds = read_json(model / "finetune.json", remedy="fine-tune it again (remove the folder)")["seconds"]
+        seconds = read_json(model / "finetune.json", remedy="fine-tune it again (remove the folder)")[
+            "seconds"
+        ]
         row = self.row(label, r, cached, finetune_seconds=seconds)
         self.log_row(label, row)
         return row
@@ -323,9 +424,19 @@ class Experiment:
             return {}
         ctx = self.ctx
         with ctx.timed("statistics"):
-            general = general_calibration(ctx.roots[self.task].parent, ctx.workdir / "calibration" / "general.jsonl")
-            return fisher_files(ctx.base, self.ft, general, ctx.roots[self.task] / "train.jsonl",
-                                ctx.workdir / "statistics", ctx.log, task_fishers=needed, recipe=self.recipe)
+            general = general_calibration(
+                ctx.roots[self.task].parent, ctx.workdir / "calibration" / "general.jsonl"
+            )
+            return fisher_files(
+                ctx.base,
+                self.ft,
+                general,
+                ctx.roots[self.task] / "train.jsonl",
+                ctx.workdir / "statistics",
+                ctx.log,
+                task_fishers=needed,
+                recipe=self.recipe,
+            )
 
     def merge_row(self, m: Merge, stats: dict[str, Path] | None, keep_model: bool) -> dict:
         """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
@@ -342,5 +453,7 @@ class Experiment:
         return row
 
     def log_row(self, name: str, row: dict) -> None:
-        self.ctx.log(f"{name}: T {row['T']:.1f}  G {row['G']:.1f}  E {row['E']:+.1f}  F {row['F']:+.1f}"
-                     f"{'  (cached)' if row['cached_eval'] else ''}")
+        self.ctx.log(
+            f"{name}: T {row['T']:.1f}  G {row['G']:.1f}  E {row['E']:+.1f}  F {row['F']:+.1f}"
+            f"{'  (cached)' if row['cached_eval'] else ''}"
+        )

@@ -66,11 +66,12 @@ KNOBS: dict[str, Knob] = {
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
     # trials: keep-rule fine-tunes merged back toward θ₀ (WiSE-FT from their far end)
     "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
-    "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask",
-                                     trial=True),
+    "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask", trial=True),
     # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft): it is
     # orders of magnitude below the general Fisher, so α spans small values, where the mix moves
-    "CGM (optimizer Fisher)": Knob("cgm", {}, "alpha", [0.001, 0.01, 0.1, 1.0], X.TASK_FISHER_PATH, trial=True),
+    "CGM (optimizer Fisher)": Knob(
+        "cgm", {}, "alpha", [0.001, 0.01, 0.1, 1.0], X.TASK_FISHER_PATH, trial=True
+    ),
 }
 
 
@@ -81,8 +82,11 @@ def keep_label(rule: str) -> str:
 
 def frontier_merges() -> list[X.Merge]:
     """The grid as :func:`.experiment.run_experiment`'s ``merges``."""
-    return [X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model)
-            for label, k in KNOBS.items() for v in k.values]
+    return [
+        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model)
+        for label, k in KNOBS.items()
+        for v in k.values
+    ]
 
 
 def curve_labels(names: Sequence[str]) -> list[str]:
@@ -94,14 +98,17 @@ def curve_labels(names: Sequence[str]) -> list[str]:
         exact = [k for k in KNOBS if k.lower() == key]
         found = exact or [k for k in KNOBS if k.lower().startswith(key)]
         if len(found) != 1:
-            raise ForgetlessError(f"curve {name!r} {'is ambiguous' if found else 'is not one of the frontier'}",
-                                  remedy=f"name one of: {', '.join(KNOBS)}")
+            raise ForgetlessError(
+                f"curve {name!r} {'is ambiguous' if found else 'is not one of the frontier'}",
+                remedy=f"name one of: {', '.join(KNOBS)}",
+            )
         out.append(found[0])
     return list(dict.fromkeys(out))
 
 
-def run_frontier(task: str, workdir: str | Path, *, curves: Sequence[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict:
+def run_frontier(
+    task: str, workdir: str | Path, *, curves: Sequence[str] | None = None, log: Callable[[str], None] = print
+) -> dict:
     """Every curve of one task — or the `curves` named (labels of :data:`KNOBS`) — on its validation splits
     (cached steps are reused); writes `workdir`/RESULTS. A run of some curves keeps the other curves' rows of the
     RESULTS file already there when they were measured against the same base and fine-tune (:func:`keep_curves`),
@@ -109,18 +116,27 @@ def run_frontier(task: str, workdir: str | Path, *, curves: Sequence[str] | None
     ran = curve_labels(curves) if curves is not None else list(KNOBS)
     path = Path(workdir) / RESULTS
     old = read_results(path) if path.is_file() else None
-    res = X.run_experiment(task, workdir, merges=[m for m in frontier_merges() if m.label in ran], keeps=X.KEEPS,
-                           split="val", results_name=RESULTS, log=log)
+    res = X.run_experiment(
+        task,
+        workdir,
+        merges=[m for m in frontier_merges() if m.label in ran],
+        keeps=X.KEEPS,
+        split="val",
+        results_name=RESULTS,
+        log=log,
+    )
     if old is not None and curves is not None:
         res = keep_curves(res, old, ran, log)
         atomic_write(path, json.dumps(res, indent=1) + "\n")
     return res
 
 
-def keep_curves(new: Mapping[str, Any], old: Mapping[str, Any], ran: Sequence[str],
-                log: Callable[[str], None] = print) -> dict:
+def keep_curves(
+    new: Mapping[str, Any], old: Mapping[str, Any], ran: Sequence[str], log: Callable[[str], None] = print
+) -> dict:
     """`new` with the rows of `old`'s curves that `new` did not run — when both measured the same base and
     fine-tune (their per-item answers are equal); otherwise `new` alone (the old rows are of another model)."""
+
     def ends(res: Mapping[str, Any]) -> dict:
         return {r["method"]: r["correct_items"] for r in res["rows"] if r["method"] in ("base", "fine-tuned")}
 
@@ -128,7 +144,11 @@ def keep_curves(new: Mapping[str, Any], old: Mapping[str, Any], ran: Sequence[st
         log("frontier: the earlier curves were measured against another base or fine-tune; not kept")
         return dict(new)
     have = {X.row_name(r) for r in new["rows"]}
-    kept = [r for r in old["rows"] if r["method"] in KNOBS and r["method"] not in ran and X.row_name(r) not in have]
+    kept = [
+        r
+        for r in old["rows"]
+        if r["method"] in KNOBS and r["method"] not in ran and X.row_name(r) not in have
+    ]
     return {**new, "rows": [*new["rows"], *kept]}
 
 
@@ -169,7 +189,9 @@ def curve_rows(rows: list[Mapping[str, Any]], label: str) -> list[Mapping[str, A
     return [by["base"], by[end], *[r for r in rows if r["method"] == label]]
 
 
-def choose(rows: list[Mapping[str, Any]], keep_gain: float = KEEP_GAIN) -> dict[str, Mapping[str, Any] | None]:
+def choose(
+    rows: list[Mapping[str, Any]], keep_gain: float = KEEP_GAIN
+) -> dict[str, Mapping[str, Any] | None]:
     """Per curve, the point :func:`curve_at` delivers where E must reach `keep_gain` × the fine-tune's E (what
     ``forgetless sweep --keep-gain`` picks): the row of the best F among the curve's points — its ends included —
     that keep that E; None where none does. Ties go to the earlier point (an end before a swept point)."""
@@ -183,8 +205,9 @@ def choose(rows: list[Mapping[str, Any]], keep_gain: float = KEEP_GAIN) -> dict[
     return out
 
 
-def run_chosen(task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN,
-               log: Callable[[str], None] = print) -> dict:
+def run_chosen(
+    task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN, log: Callable[[str], None] = print
+) -> dict:
     """Each curve's point chosen on the validation splits (:func:`choose`, from ``workdir``/RESULTS) evaluated on
     the **test** splits (evaluations cached as everywhere): writes ``workdir``/TEST_RESULTS, one row per curve named
     by its label alone (``chosen``: the knob, or the end it chose; ``val``: its validation E and F) beside the base,
@@ -192,21 +215,31 @@ def run_chosen(task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN,
     workdir = Path(workdir)
     val = workdir / RESULTS
     if not val.is_file():
-        raise ForgetlessError(f"{val}: no validation curves to choose from",
-                              remedy=f"run `forgetless testbed frontier --task {task}` first")
+        raise ForgetlessError(
+            f"{val}: no validation curves to choose from",
+            remedy=f"run `forgetless testbed frontier --task {task}` first",
+        )
     picks = choose(read_results(val)["rows"], keep_gain)
-    merges = [X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
-              for label, r in picks.items() if r is not None and r["method"] == label
-              for k in [KNOBS[label]]]
-    res = X.run_experiment(task, workdir, merges=merges, keeps=X.KEEPS, split="test", results_name=TEST_RESULTS,
-                           log=log)
+    merges = [
+        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
+        for label, r in picks.items()
+        if r is not None and r["method"] == label
+        for k in [KNOBS[label]]
+    ]
+    res = X.run_experiment(
+        task, workdir, merges=merges, keeps=X.KEEPS, split="test", results_name=TEST_RESULTS, log=log
+    )
     res = chosen_result(res, picks, keep_gain, log)
     atomic_write(workdir / TEST_RESULTS, json.dumps(res, indent=1) + "\n")
     return res
 
 
-def chosen_result(res: Mapping[str, Any], picks: Mapping[str, Mapping[str, Any] | None], keep_gain: float,
-                  log: Callable[[str], None] = print) -> dict:
+def chosen_result(
+    res: Mapping[str, Any],
+    picks: Mapping[str, Mapping[str, Any] | None],
+    keep_gain: float,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The test-split experiment `res` (its merges: the chosen points) rewritten as one row per curve: the row of
     the point each curve chose (a merge, or the end it chose: base, fine-tune, a keep rule's fine-tune) renamed to
     the curve's label, with ``chosen`` and its validation ``val`` E and F; the curves that reach no point are
@@ -217,10 +250,21 @@ def chosen_result(res: Mapping[str, Any], picks: Mapping[str, Mapping[str, Any] 
         if pick is None:
             log(f"{label}: no point keeps {keep_gain:g} × the fine-tune's E on validation")
             continue
-        rows.append({**by[X.row_name(pick)], "method": label, "knob": "", "chosen": pick["knob"] or pick["method"],
-                     "val": {"E": pick["E"], "F": pick["F"]}})
-    return {**res, "rows": rows, "keep_gain": keep_gain,
-            "unreached": [label for label, pick in picks.items() if pick is None]}
+        rows.append(
+            {
+                **by[X.row_name(pick)],
+                "method": label,
+                "knob": "",
+                "chosen": pick["knob"] or pick["method"],
+                "val": {"E": pick["E"], "F": pick["F"]},
+            }
+        )
+    return {
+        **res,
+        "rows": rows,
+        "keep_gain": keep_gain,
+        "unreached": [label for label, pick in picks.items() if pick is None],
+    }
 
 
 def _params(knob: str) -> dict[str, float]:

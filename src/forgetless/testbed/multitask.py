@@ -36,10 +36,22 @@ from .context import Context, write_if_changed
 # LoRA on every Linear of the decoder layers (attention and MLP), rank 16 as in MM-MergeBench's LLaVA recipe,
 # alpha 2r; the vision tower and projector stay frozen (the adapters differ only in language.layers). lr 5e-4:
 # LoRA's usual 2–5× the full fine-tune's 2e-4 (experiment.FINETUNE) for the same short run of 120 steps of 8.
-LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-ADAPTER = {"train": ["language.layers"], "lora": LORA, "steps": 120, "batch_size": 8, "lr": 5e-4, "warmup": 10,
-           "clip": 1.0, "seed": 0}
+LORA = {
+    "r": 16,
+    "alpha": 32.0,
+    "dropout": 0.05,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+ADAPTER = {
+    "train": ["language.layers"],
+    "lora": LORA,
+    "steps": 120,
+    "batch_size": 8,
+    "lr": 5e-4,
+    "warmup": 10,
+    "clip": 1.0,
+    "seed": 0,
+}
 # the joint adapter: 60 steps per seen task (360 for six, three times one adapter's run), half the samples of each
 # task that its own adapter sees — what one session's compute allowed (RESULTS.md's timings)
 JOINT_STEPS_PER_TASK = ADAPTER["steps"] // 2
@@ -78,26 +90,45 @@ def joint_data(roots: dict[str, Path], seen: list[str], out: Path, seed: int = 0
             rows.append(r)
     random.Random(seed).shuffle(rows)
     write_if_changed(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write_if_changed(out / "task.json", json.dumps({"name": "joint", "tasks": seen, "version": T.VERSION,
-                                                    "seed": seed}, indent=1) + "\n")
+    write_if_changed(
+        out / "task.json",
+        json.dumps({"name": "joint", "tasks": seen, "version": T.VERSION, "seed": seed}, indent=1) + "\n",
+    )
     return out
 
 
 def fold_recipe(base: Path, adapter: Path) -> dict:
     """The full model ``base + adapter`` (task arithmetic of ``BASE+ADAPTER`` at λ = 1), for the harness."""
-    return {"method": "task_arithmetic", "base": str(base), "models": [f"{base}+{adapter}"],
-            "parameters": {"lambda": 1.0}}
+    return {
+        "method": "task_arithmetic",
+        "base": str(base),
+        "models": [f"{base}+{adapter}"],
+        "parameters": {"lambda": 1.0},
+    }
 
 
 def adapters_recipe(method: str, params: dict, base: Path, adapters: list[Path]) -> dict:
     """The adapters merged in adapter space by `method`, folded into a full model folder (``fold: true``)."""
-    return {"method": method, "base": str(base), "models": [str(a) for a in adapters],
-            "parameters": dict(params), "seed": 0, "fold": True}
+    return {
+        "method": method,
+        "base": str(base),
+        "models": [str(a) for a in adapters],
+        "parameters": dict(params),
+        "seed": 0,
+        "fold": True,
+    }
 
 
 def _row(label: str, role: str, knob: str, r: dict, cached: bool, **extra) -> dict:
-    return {"method": label, "role": role, "knob": knob, **X.task_fields(r),
-            **{k: r["scores"][k] for k in ("G_v", "G_t", "G")}, "cached_eval": cached, **extra}
+    return {
+        "method": label,
+        "role": role,
+        "knob": knob,
+        **X.task_fields(r),
+        **{k: r["scores"][k] for k in ("G_v", "G_t", "G")},
+        "cached_eval": cached,
+        **extra,
+    }
 
 
 def _available(method: str) -> bool:
@@ -106,13 +137,22 @@ def _available(method: str) -> bool:
     return method in METHODS
 
 
-def run_multitask(workdir: str | Path, *, seen: list[str] | None = None, unseen: list[str] | None = None,
-                  merges: list[tuple[str, str, dict]] | None = None,
-                  sweep: dict[str, list[float] | str] | None = None,
-                  adapter_recipe: dict | None = None, tasks_root: str | Path | None = None,
-                  cache_dir: str | Path | None = None, limits: dict[str, int] | None = None,
-                  keep_models: bool = False, base: Path | None = None, merge: Callable | None = None,
-                  log: Callable[[str], None] = print) -> dict:
+def run_multitask(
+    workdir: str | Path,
+    *,
+    seen: list[str] | None = None,
+    unseen: list[str] | None = None,
+    merges: list[tuple[str, str, dict]] | None = None,
+    sweep: dict[str, list[float] | str] | None = None,
+    adapter_recipe: dict | None = None,
+    tasks_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    limits: dict[str, int] | None = None,
+    keep_models: bool = False,
+    base: Path | None = None,
+    merge: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The whole experiment (module docstring); writes and returns ``workdir/results.json``. Tasks are generated
     under `tasks_root` (default ``workdir/../tasks``, shared with :func:`.experiment.run_experiment`) and
     evaluations cached under `cache_dir` (default ``workdir/../eval-cache``), so the base model's scores are
@@ -120,28 +160,59 @@ def run_multitask(workdir: str | Path, *, seen: list[str] | None = None, unseen:
     is skipped and listed under ``skipped``. `merge`: the merge function (default :func:`forgetless.merge`)."""
     seen, unseen = list(seen or T.SEEN), list(unseen or T.UNSEEN)
     if set(seen) & set(unseen):
-        raise ForgetlessError(f"tasks {sorted(set(seen) & set(unseen))} are both seen and unseen",
-                              remedy="a held-out task must not be one an adapter trains on")
-    ctx = Context.open(workdir, [*seen, *unseen], timings=("finetune", "merge", "evaluate"), base=base,
-                       tasks_root=tasks_root, cache_dir=cache_dir, merge=merge, eval_batch=EVAL_BATCH, log=log)
+        raise ForgetlessError(
+            f"tasks {sorted(set(seen) & set(unseen))} are both seen and unseen",
+            remedy="a held-out task must not be one an adapter trains on",
+        )
+    ctx = Context.open(
+        workdir,
+        [*seen, *unseen],
+        timings=("finetune", "merge", "evaluate"),
+        base=base,
+        tasks_root=tasks_root,
+        cache_dir=cache_dir,
+        merge=merge,
+        eval_batch=EVAL_BATCH,
+        log=log,
+    )
     _check_unseen(ctx, unseen)
     mt = Multitask(ctx, seen, unseen, {**ADAPTER, **(adapter_recipe or {})}, limits, keep_models)
     learned = mt.train_adapters()
     joint = mt.joint_adapter()
-    chosen, sweeps, skipped = mt.choose(MERGES if merges is None else merges, SWEEP if sweep is None else sweep)
+    chosen, sweeps, skipped = mt.choose(
+        MERGES if merges is None else merges, SWEEP if sweep is None else sweep
+    )
     rows = mt.test_rows(joint, chosen)
-    return ctx.write({"seen": seen, "unseen": unseen, "general": list(ctx.general), "split": "test",
-                      "limits": limits, "adapter": mt.recipe, "joint_steps": mt.joint_steps, "base": str(ctx.base),
-                      "adapters": {n: str(p) for n, p in mt.adapters.items()}, "joint": str(joint),
-                      "validation": learned, "sweep": sweeps, "chosen": {k: _knob(v) for k, (_, v) in chosen.items()},
-                      "skipped": skipped, "rows": rows, **ctx.closing()})
+    return ctx.write(
+        {
+            "seen": seen,
+            "unseen": unseen,
+            "general": list(ctx.general),
+            "split": "test",
+            "limits": limits,
+            "adapter": mt.recipe,
+            "joint_steps": mt.joint_steps,
+            "base": str(ctx.base),
+            "adapters": {n: str(p) for n, p in mt.adapters.items()},
+            "joint": str(joint),
+            "validation": learned,
+            "sweep": sweeps,
+            "chosen": {k: _knob(v) for k, (_, v) in chosen.items()},
+            "skipped": skipped,
+            "rows": rows,
+            **ctx.closing(),
+        }
+    )
 
 
 def _check_unseen(ctx: Context, unseen: list[str]) -> None:
     for name in unseen:
         if (ctx.roots[name] / "train.jsonl").read_text().strip():
-            raise ForgetlessError(f"held-out task {name!r} has training records", file=ctx.roots[name] / "train.jsonl",
-                                  remedy="an unseen task is generated without a training split (sizes train 0)")
+            raise ForgetlessError(
+                f"held-out task {name!r} has training records",
+                file=ctx.roots[name] / "train.jsonl",
+                remedy="an unseen task is generated without a training split (sizes train 0)",
+            )
 
 
 @dataclass
@@ -182,18 +253,23 @@ class Multitask:
             r, _ = self.evaluate(self.models / f"own-{name}", [name], "val", general=False)
             b, a = 100 * base_val["tasks"][name]["accuracy"], 100 * r["tasks"][name]["accuracy"]
             learned[name] = {"base_val": round(b, 2), "adapter_val": round(a, 2), "learned": a - b >= LEARNED}
-            ctx.log(f"adapter {name}: validation {b:.1f} → {a:.1f}" + ("" if a - b >= LEARNED else
-                                                                         "  (did not learn)"))
+            ctx.log(
+                f"adapter {name}: validation {b:.1f} → {a:.1f}"
+                + ("" if a - b >= LEARNED else "  (did not learn)")
+            )
         return learned
 
     def joint_adapter(self) -> Path:
         """Step 2: one adapter on every seen training split mixed, :data:`JOINT_STEPS_PER_TASK` steps per task."""
         ctx = self.ctx
         data = joint_data(ctx.roots, self.seen, ctx.workdir / "joint-data")
-        return ctx.finetuned(data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps})
+        return ctx.finetuned(
+            data, ctx.workdir / "adapters" / "joint", {**self.recipe, "steps": self.joint_steps}
+        )
 
-    def choose(self, merges: list[tuple[str, str, dict]], sweep: dict[str, list[float] | str]
-               ) -> tuple[dict[str, tuple[str, dict]], list[dict], list[str]]:
+    def choose(
+        self, merges: list[tuple[str, str, dict]], sweep: dict[str, list[float] | str]
+    ) -> tuple[dict[str, tuple[str, dict]], list[dict], list[str]]:
         """Step 3: each merge's parameters — fixed, λ swept on the seen validation splits, or another row's λ —
         as ``label → (method, parameters)``; the sweep's points; the merges skipped (method not registered)."""
         chosen: dict[str, tuple[str, dict]] = {}
@@ -206,8 +282,10 @@ class Multitask:
                 self.ctx.log(f"{label}: method {method!r} is not registered yet, skipped")
             elif isinstance(grid, str):  # the λ chosen for another row
                 if grid not in chosen:
-                    raise ForgetlessError(f"{label} takes the λ of {grid!r}, which is not chosen before it",
-                                          remedy="list that row earlier in merges, with a grid in sweep")
+                    raise ForgetlessError(
+                        f"{label} takes the λ of {grid!r}, which is not chosen before it",
+                        remedy="list that row earlier in merges, with a grid in sweep",
+                    )
                 chosen[label] = (method, {**params, "lambda": chosen[grid][1]["lambda"]})
             elif not grid or "lambda" in params:
                 chosen[label] = (method, dict(params))
@@ -262,8 +340,11 @@ class Multitask:
         summary = report.summary() if hasattr(report, "summary") else None
         row = _row(label, "merge", _knob(params), r, c, merge_method=method, summary=summary)
         self.drop(out)
-        self.ctx.log(f"{label} ({_knob(params)}): " + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in everything)
-                     + f"  G {row['G']:.1f}")
+        self.ctx.log(
+            f"{label} ({_knob(params)}): "
+            + "  ".join(f"{n} {row['tasks'][n]:.1f}" for n in everything)
+            + f"  G {row['G']:.1f}"
+        )
         return row
 
     def drop(self, model: Path) -> None:

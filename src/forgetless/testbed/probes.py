@@ -123,11 +123,27 @@ WORLD: list[Fact] = [
     ("On which continent is Germany?", "Europe", "Asia", "North America", "Africa"),
     ("On which continent is the South Pole?", "Antarctica", "Africa", "Europe", "Asia"),
     ("What is the largest continent?", "Asia", "Africa", "Europe", "Antarctica"),
-    ("What is the largest ocean on Earth?", "Pacific Ocean", "Atlantic Ocean", "Indian Ocean", "Arctic Ocean"),
-    ("Which ocean lies between Europe and North America?", "Atlantic Ocean", "Pacific Ocean", "Indian Ocean",
-     "Southern Ocean"),
-    ("What is the tallest mountain in the world?", "Mount Everest", "Mount Kilimanjaro", "Mont Blanc",
-     "Mount Fuji"),
+    (
+        "What is the largest ocean on Earth?",
+        "Pacific Ocean",
+        "Atlantic Ocean",
+        "Indian Ocean",
+        "Arctic Ocean",
+    ),
+    (
+        "Which ocean lies between Europe and North America?",
+        "Atlantic Ocean",
+        "Pacific Ocean",
+        "Indian Ocean",
+        "Southern Ocean",
+    ),
+    (
+        "What is the tallest mountain in the world?",
+        "Mount Everest",
+        "Mount Kilimanjaro",
+        "Mont Blanc",
+        "Mount Fuji",
+    ),
     ("What is the longest river in Africa?", "The Nile", "The Amazon", "The Thames", "The Danube"),
     ("What is the largest country in the world by area?", "Russia", "Germany", "Japan", "Mexico"),
     ("What is the largest hot desert in the world?", "The Sahara", "The Gobi", "The Mojave", "The Kalahari"),
@@ -158,34 +174,90 @@ WORLD: list[Fact] = [
     ("What is the currency of Switzerland?", "Swiss franc", "Euro", "Pound", "Krone"),
     ("What is the currency of South Korea?", "Won", "Yen", "Yuan", "Baht"),
     # history
-    ("Who was the first President of the United States?", "George Washington", "Abraham Lincoln",
-     "Thomas Jefferson", "John Adams"),
+    (
+        "Who was the first President of the United States?",
+        "George Washington",
+        "Abraham Lincoln",
+        "Thomas Jefferson",
+        "John Adams",
+    ),
     ("In which year did World War II end?", "1945", "1918", "1939", "1965"),
-    ("Who was the first person to walk on the Moon?", "Neil Armstrong", "Buzz Aldrin", "Yuri Gagarin",
-     "John Glenn"),
-    ("Who was the first person to travel into space?", "Yuri Gagarin", "Neil Armstrong", "Buzz Aldrin",
-     "John Glenn"),
+    (
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong",
+        "Buzz Aldrin",
+        "Yuri Gagarin",
+        "John Glenn",
+    ),
+    (
+        "Who was the first person to travel into space?",
+        "Yuri Gagarin",
+        "Neil Armstrong",
+        "Buzz Aldrin",
+        "John Glenn",
+    ),
     ("In which year did Christopher Columbus first reach the Americas?", "1492", "1066", "1776", "1812"),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci", "Pablo Picasso", "Vincent van Gogh", "Claude Monet"),
     ("Who wrote Romeo and Juliet?", "William Shakespeare", "Charles Dickens", "Jane Austen", "Mark Twain"),
-    ("Which ancient people built the pyramids of Giza?", "The Egyptians", "The Romans", "The Vikings",
-     "The Aztecs"),
+    (
+        "Which ancient people built the pyramids of Giza?",
+        "The Egyptians",
+        "The Romans",
+        "The Vikings",
+        "The Aztecs",
+    ),
     ("In which year did the United States declare its independence?", "1776", "1492", "1865", "1914"),
-    ("Which famous wall in Germany fell in 1989?", "The Berlin Wall", "The Great Wall", "Hadrian's Wall",
-     "The Western Wall"),
-    ("Which ship sank in 1912 after hitting an iceberg?", "The Titanic", "The Mayflower", "The Bismarck",
-     "The Santa Maria"),
-    ("Who was the President of the United States during the American Civil War?", "Abraham Lincoln",
-     "George Washington", "John F. Kennedy", "Theodore Roosevelt"),
+    (
+        "Which famous wall in Germany fell in 1989?",
+        "The Berlin Wall",
+        "The Great Wall",
+        "Hadrian's Wall",
+        "The Western Wall",
+    ),
+    (
+        "Which ship sank in 1912 after hitting an iceberg?",
+        "The Titanic",
+        "The Mayflower",
+        "The Bismarck",
+        "The Santa Maria",
+    ),
+    (
+        "Who was the President of the United States during the American Civil War?",
+        "Abraham Lincoln",
+        "George Washington",
+        "John F. Kennedy",
+        "Theodore Roosevelt",
+    ),
     ("Which country gave the Statue of Liberty to the United States?", "France", "Spain", "Italy", "Germany"),
-    ("Which Roman city was buried by the eruption of Mount Vesuvius?", "Pompeii", "Athens", "Sparta", "Carthage"),
-    ("Which Indian leader was famous for non-violent protest?", "Mahatma Gandhi", "Nelson Mandela",
-     "Winston Churchill", "Napoleon Bonaparte"),
+    (
+        "Which Roman city was buried by the eruption of Mount Vesuvius?",
+        "Pompeii",
+        "Athens",
+        "Sparta",
+        "Carthage",
+    ),
+    (
+        "Which Indian leader was famous for non-violent protest?",
+        "Mahatma Gandhi",
+        "Nelson Mandela",
+        "Winston Churchill",
+        "Napoleon Bonaparte",
+    ),
     ("Which country was Napoleon Bonaparte the emperor of?", "France", "Spain", "Russia", "England"),
-    ("Who was the British Prime Minister during most of World War II?", "Winston Churchill",
-     "Margaret Thatcher", "Tony Blair", "David Cameron"),
-    ("Which brothers made the first powered airplane flight in 1903?", "The Wright brothers",
-     "The Grimm brothers", "The Marx brothers", "The Warner brothers"),
+    (
+        "Who was the British Prime Minister during most of World War II?",
+        "Winston Churchill",
+        "Margaret Thatcher",
+        "Tony Blair",
+        "David Cameron",
+    ),
+    (
+        "Which brothers made the first powered airplane flight in 1903?",
+        "The Wright brothers",
+        "The Grimm brothers",
+        "The Marx brothers",
+        "The Warner brothers",
+    ),
 ]
 
 SCIENCE: list[Fact] = [
@@ -196,15 +268,30 @@ SCIENCE: list[Fact] = [
     ("What is the chemical formula of water?", "H2O", "CO2", "O2", "NaCl"),
     ("What is steam?", "Water as a gas", "Frozen water", "A kind of metal", "A kind of rock"),
     ("What state of matter is ice?", "Solid", "Liquid", "Gas", "Plasma"),
-    ("What do we call water turning into vapour when it is heated?", "Evaporation", "Freezing", "Melting",
-     "Condensation"),
+    (
+        "What do we call water turning into vapour when it is heated?",
+        "Evaporation",
+        "Freezing",
+        "Melting",
+        "Condensation",
+    ),
     ("What falls from clouds as drops of water?", "Rain", "Snow", "Hail", "Dust"),
-    ("What are the white flakes of frozen water that fall from the sky in winter called?", "Snow", "Rain",
-     "Fog", "Dew"),
+    (
+        "What are the white flakes of frozen water that fall from the sky in winter called?",
+        "Snow",
+        "Rain",
+        "Fog",
+        "Dew",
+    ),
     ("What is the coldest season of the year?", "Winter", "Summer", "Spring", "Autumn"),
     ("What is the hottest season of the year?", "Summer", "Winter", "Autumn", "Spring"),
-    ("What do you see in the sky when sunlight shines through raindrops?", "A rainbow", "A comet",
-     "An eclipse", "A shooting star"),
+    (
+        "What do you see in the sky when sunlight shines through raindrops?",
+        "A rainbow",
+        "A comet",
+        "An eclipse",
+        "A shooting star",
+    ),
     ("What is lightning?", "A big electric spark", "A falling star", "Burning gas", "Sunlight on clouds"),
     ("What instrument measures temperature?", "Thermometer", "Ruler", "Compass", "Clock"),
     # space
@@ -217,16 +304,36 @@ SCIENCE: list[Fact] = [
     ("What is the Sun?", "A star", "A planet", "A moon", "A comet"),
     ("What is the name of Earth's natural satellite?", "The Moon", "The Sun", "Mars", "Venus"),
     ("What is the star closest to Earth?", "The Sun", "The North Star", "Sirius", "The Moon"),
-    ("How long does it take the Earth to travel once around the Sun?", "One year", "One day", "One week",
-     "One hour"),
-    ("How long does it take the Earth to spin once on its axis?", "One day", "One year", "One month",
-     "One minute"),
-    ("Why does the Moon shine at night?", "It reflects light from the Sun", "It is on fire",
-     "It is made of light bulbs", "It is a star"),
+    (
+        "How long does it take the Earth to travel once around the Sun?",
+        "One year",
+        "One day",
+        "One week",
+        "One hour",
+    ),
+    (
+        "How long does it take the Earth to spin once on its axis?",
+        "One day",
+        "One year",
+        "One month",
+        "One minute",
+    ),
+    (
+        "Why does the Moon shine at night?",
+        "It reflects light from the Sun",
+        "It is on fire",
+        "It is made of light bulbs",
+        "It is a star",
+    ),
     ("What shape is the Earth?", "A sphere", "A cube", "A flat square", "A pyramid"),
     ("Which planet is the hottest in our solar system?", "Venus", "Mercury", "Mars", "Neptune"),
-    ("What do we use to look at distant stars and planets?", "A telescope", "A microscope", "A thermometer",
-     "A stethoscope"),
+    (
+        "What do we use to look at distant stars and planets?",
+        "A telescope",
+        "A microscope",
+        "A thermometer",
+        "A stethoscope",
+    ),
     # animals
     ("How many legs does a spider have?", "8", "6", "4", "10"),
     ("How many legs does an insect have?", "6", "8", "4", "10"),
@@ -245,13 +352,28 @@ SCIENCE: list[Fact] = [
     ("What kind of animal is a frog?", "An amphibian", "A mammal", "An insect", "A bird"),
     ("Which of these animals lays eggs?", "Chicken", "Dog", "Cow", "Horse"),
     ("What do pandas mostly eat?", "Bamboo", "Fish", "Meat", "Grass seeds"),
-    ("Where do polar bears live?", "In the Arctic", "In the Sahara Desert", "In the Amazon rainforest",
-     "In Antarctica"),
+    (
+        "Where do polar bears live?",
+        "In the Arctic",
+        "In the Sahara Desert",
+        "In the Amazon rainforest",
+        "In Antarctica",
+    ),
     ("What is the largest bird in the world?", "The ostrich", "The sparrow", "The pigeon", "The robin"),
-    ("What do we call an animal that eats only plants?", "A herbivore", "A carnivore", "A predator",
-     "A scavenger"),
-    ("What do we call an animal that eats only meat?", "A carnivore", "A herbivore", "An omnivore",
-     "A vegetarian"),
+    (
+        "What do we call an animal that eats only plants?",
+        "A herbivore",
+        "A carnivore",
+        "A predator",
+        "A scavenger",
+    ),
+    (
+        "What do we call an animal that eats only meat?",
+        "A carnivore",
+        "A herbivore",
+        "An omnivore",
+        "A vegetarian",
+    ),
     ("What does a cow eat?", "Grass", "Meat", "Fish", "Insects"),
     # the human body
     ("Which organ pumps blood around the body?", "The heart", "The lungs", "The stomach", "The brain"),
@@ -263,23 +385,48 @@ SCIENCE: list[Fact] = [
     ("Which sense do we use our nose for?", "Smell", "Sight", "Hearing", "Touch"),
     ("Which sense do we use our eyes for?", "Sight", "Smell", "Taste", "Hearing"),
     ("What hard part of the head protects the brain?", "The skull", "The ribs", "The spine", "The knee"),
-    ("Which blood cells fight infections?", "White blood cells", "Red blood cells", "Skin cells",
-     "Hair cells"),
+    (
+        "Which blood cells fight infections?",
+        "White blood cells",
+        "Red blood cells",
+        "Skin cells",
+        "Hair cells",
+    ),
     ("Which vitamin does the skin make in sunlight?", "Vitamin D", "Vitamin C", "Vitamin A", "Vitamin K"),
     ("How many teeth does a healthy adult usually have?", "32", "12", "50", "100"),
     ("Which part of the body carries blood back to the heart?", "Veins", "Bones", "Nerves", "Muscles"),
     # plants
     ("What do plants need from the sky to make their food?", "Sunlight", "Moonlight", "Snow", "Wind"),
-    ("Which gas do plants take from the air to make their food?", "Carbon dioxide", "Oxygen", "Helium",
-     "Neon"),
-    ("What is the process by which plants make food from sunlight called?", "Photosynthesis", "Digestion",
-     "Evaporation", "Erosion"),
-    ("Which part of a plant takes in water from the soil?", "The roots", "The flowers", "The leaves",
-     "The fruit"),
+    (
+        "Which gas do plants take from the air to make their food?",
+        "Carbon dioxide",
+        "Oxygen",
+        "Helium",
+        "Neon",
+    ),
+    (
+        "What is the process by which plants make food from sunlight called?",
+        "Photosynthesis",
+        "Digestion",
+        "Evaporation",
+        "Erosion",
+    ),
+    (
+        "Which part of a plant takes in water from the soil?",
+        "The roots",
+        "The flowers",
+        "The leaves",
+        "The fruit",
+    ),
     ("What colour are the leaves of most plants?", "Green", "Blue", "Black", "White"),
     ("What does a seed grow into?", "A plant", "A rock", "An animal", "A cloud"),
-    ("Which part of a plant is often colourful and attracts bees?", "The flower", "The root", "The stem",
-     "The bark"),
+    (
+        "Which part of a plant is often colourful and attracts bees?",
+        "The flower",
+        "The root",
+        "The stem",
+        "The bark",
+    ),
     ("What green substance in leaves absorbs sunlight?", "Chlorophyll", "Hemoglobin", "Keratin", "Salt"),
     # materials and simple physics
     ("What is the hardest natural material?", "Diamond", "Gold", "Wood", "Glass"),
@@ -291,14 +438,29 @@ SCIENCE: list[Fact] = [
     ("What force pulls objects down towards the Earth?", "Gravity", "Magnetism", "Friction", "Wind"),
     ("Which travels fastest?", "Light", "Sound", "A car", "A horse"),
     ("Which direction does a compass needle point to?", "North", "South", "East", "West"),
-    ("What do we use to look at very small things like cells?", "A microscope", "A telescope",
-     "A thermometer", "A barometer"),
+    (
+        "What do we use to look at very small things like cells?",
+        "A microscope",
+        "A telescope",
+        "A thermometer",
+        "A barometer",
+    ),
     ("What is the chemical symbol for oxygen?", "O", "Ox", "Og", "Gx"),
-    ("What two gases make up water?", "Hydrogen and oxygen", "Helium and neon", "Carbon and nitrogen",
-     "Oxygen and helium"),
+    (
+        "What two gases make up water?",
+        "Hydrogen and oxygen",
+        "Helium and neon",
+        "Carbon and nitrogen",
+        "Oxygen and helium",
+    ),
     ("What is the main gas in the air we breathe?", "Nitrogen", "Helium", "Hydrogen", "Neon"),
-    ("What makes the tides in the sea rise and fall?", "The Moon's gravity", "The wind", "Fish swimming",
-     "Boats"),
+    (
+        "What makes the tides in the sea rise and fall?",
+        "The Moon's gravity",
+        "The wind",
+        "Fish swimming",
+        "Boats",
+    ),
     ("What kind of energy do solar panels use?", "Sunlight", "Wind", "Coal", "Oil"),
     # time
     ("How many hours are in a day?", "24", "12", "36", "60"),
@@ -395,28 +557,78 @@ WORDS: list[Fact] = [
     ("What does the word 'exhausted' mean?", "Very tired", "Very happy", "Very hungry", "Very rich"),
     ("What does the word 'furious' mean?", "Very angry", "Very calm", "Very sleepy", "Very small"),
     ("What does the word 'delighted' mean?", "Very pleased", "Very sad", "Very tired", "Very cold"),
-    ("What does the word 'hungry' mean?", "Wanting to eat", "Wanting to sleep", "Feeling cold",
-     "Feeling happy"),
+    (
+        "What does the word 'hungry' mean?",
+        "Wanting to eat",
+        "Wanting to sleep",
+        "Feeling cold",
+        "Feeling happy",
+    ),
     ("What does the word 'fragile' mean?", "Easily broken", "Very heavy", "Very loud", "Very strong"),
     ("What does the word 'rapid' mean?", "Very fast", "Very slow", "Very wet", "Very old"),
-    ("What does the word 'brave' mean?", "Not afraid of danger", "Always tired", "Very hungry",
-     "Easily scared"),
-    ("What is a library?", "A place where you can borrow books", "A place where you buy food",
-     "A place where planes land", "A place where animals live"),
-    ("What is a dentist?", "A doctor who takes care of teeth", "A person who bakes bread",
-     "A person who flies planes", "A person who fixes cars"),
-    ("What is a pilot?", "A person who flies airplanes", "A person who cooks food", "A person who teaches children",
-     "A person who grows crops"),
-    ("What is a baker?", "A person who makes bread", "A person who builds houses", "A person who fixes teeth",
-     "A person who drives trains"),
-    ("What is a farmer?", "A person who grows crops and raises animals", "A person who writes books",
-     "A person who flies airplanes", "A person who sells shoes"),
-    ("What is an author?", "A person who writes books", "A person who fixes cars", "A person who cuts hair",
-     "A person who catches fish"),
-    ("What is an airport?", "A place where planes take off and land", "A place where ships are built",
-     "A place where people borrow books", "A place where cows live"),
-    ("What is an umbrella used for?", "Keeping dry in the rain", "Cutting paper", "Cooking food",
-     "Telling the time"),
+    (
+        "What does the word 'brave' mean?",
+        "Not afraid of danger",
+        "Always tired",
+        "Very hungry",
+        "Easily scared",
+    ),
+    (
+        "What is a library?",
+        "A place where you can borrow books",
+        "A place where you buy food",
+        "A place where planes land",
+        "A place where animals live",
+    ),
+    (
+        "What is a dentist?",
+        "A doctor who takes care of teeth",
+        "A person who bakes bread",
+        "A person who flies planes",
+        "A person who fixes cars",
+    ),
+    (
+        "What is a pilot?",
+        "A person who flies airplanes",
+        "A person who cooks food",
+        "A person who teaches children",
+        "A person who grows crops",
+    ),
+    (
+        "What is a baker?",
+        "A person who makes bread",
+        "A person who builds houses",
+        "A person who fixes teeth",
+        "A person who drives trains",
+    ),
+    (
+        "What is a farmer?",
+        "A person who grows crops and raises animals",
+        "A person who writes books",
+        "A person who flies airplanes",
+        "A person who sells shoes",
+    ),
+    (
+        "What is an author?",
+        "A person who writes books",
+        "A person who fixes cars",
+        "A person who cuts hair",
+        "A person who catches fish",
+    ),
+    (
+        "What is an airport?",
+        "A place where planes take off and land",
+        "A place where ships are built",
+        "A place where people borrow books",
+        "A place where cows live",
+    ),
+    (
+        "What is an umbrella used for?",
+        "Keeping dry in the rain",
+        "Cutting paper",
+        "Cooking food",
+        "Telling the time",
+    ),
     ("What is a group of wolves called?", "A pack", "A flock", "A school", "A swarm"),
     ("What is a group of cows called?", "A herd", "A pack", "A swarm", "A school"),
 ]
@@ -507,14 +719,22 @@ def text_probes(seed: int = 0) -> list[dict[str, Any]]:
             if category != "arithmetic":
                 question += instruction(options)
             rng.shuffle(options)
-            probes.append({"id": f"{category}-{i:03d}", "question": question, "answer": answer,
-                           "options": options, "category": category})
+            probes.append(
+                {
+                    "id": f"{category}-{i:03d}",
+                    "question": question,
+                    "answer": answer,
+                    "options": options,
+                    "category": category,
+                }
+            )
     rng.shuffle(probes)
     return probes
 
 
-def split_probes(probes: Sequence[dict[str, Any]], seed: int = 0, *, n_val: int = N_VAL
-                 ) -> dict[str, list[dict[str, Any]]]:
+def split_probes(
+    probes: Sequence[dict[str, Any]], seed: int = 0, *, n_val: int = N_VAL
+) -> dict[str, list[dict[str, Any]]]:
     """``{"train": [], "val": [...], "test": [...]}``: ``n_val`` probes for validation, the rest for test.
 
     The probes measure retained knowledge and are never trained on, so ``train`` is always empty. The split is
@@ -526,8 +746,10 @@ def split_probes(probes: Sequence[dict[str, Any]], seed: int = 0, *, n_val: int 
     if dup:
         raise ForgetlessError(f"duplicate probe ids {dup[:5]}", remedy="pass each probe once")
     if not 0 <= n_val <= len(probes):
-        raise ForgetlessError(f"cannot take {n_val} validation probes from {len(probes)}",
-                              remedy=f"pass n_val between 0 and {len(probes)}")
+        raise ForgetlessError(
+            f"cannot take {n_val} validation probes from {len(probes)}",
+            remedy=f"pass n_val between 0 and {len(probes)}",
+        )
     by_cat: dict[str, list[dict[str, Any]]] = {}
     for p in sorted(probes, key=lambda p: p["id"]):
         by_cat.setdefault(p["category"], []).append(p)
@@ -543,7 +765,7 @@ def split_probes(probes: Sequence[dict[str, Any]], seed: int = 0, *, n_val: int 
         group = list(by_cat[c])
         rng.shuffle(group)
         val += group[: quota[c]]
-        test += group[quota[c]:]
+        test += group[quota[c] :]
     rng.shuffle(val)
     rng.shuffle(test)
     return {"train": [], "val": val, "test": test}
@@ -553,8 +775,12 @@ def split_probes(probes: Sequence[dict[str, Any]], seed: int = 0, *, n_val: int 
 # measuring a model
 
 
-def probe_accuracy(model_dir: str | Path | None = None, probes: Sequence[dict[str, Any]] | None = None, *,
-                   batch_size: int = 32) -> dict[str, float]:
+def probe_accuracy(
+    model_dir: str | Path | None = None,
+    probes: Sequence[dict[str, Any]] | None = None,
+    *,
+    batch_size: int = 32,
+) -> dict[str, float]:
     """Multiple-choice accuracy per category and ``"overall"`` of a model folder (default: the embedded
     SmolLM2-135M-Instruct) on ``probes`` (default: all of :func:`text_probes`), scored by the evaluation
     harness (:func:`forgetless.eval.harness.score_options`)."""
@@ -568,16 +794,20 @@ def probe_accuracy(model_dir: str | Path | None = None, probes: Sequence[dict[st
     model_dir = Path(model_dir) if model_dir is not None else export_smollm2()
     probes = list(probes) if probes is not None else text_probes()
     model, _ = load_model(model_dir, "cpu", "float32")
-    samples = [Sample(p["id"], None, [("user", p["question"]), ("assistant", p["answer"])],
-                      options=tuple(p["options"])) for p in probes]
+    samples = [
+        Sample(
+            p["id"], None, [("user", p["question"]), ("assistant", p["answer"])], options=tuple(p["options"])
+        )
+        for p in probes
+    ]
     encoder = Encoder(model_dir)
     right: Counter[str] = Counter()
     total: Counter[str] = Counter()
     with torch.no_grad():
         for k in range(0, len(samples), batch_size):
-            chunk = samples[k:k + batch_size]
+            chunk = samples[k : k + batch_size]
             scored = score_options(model, encoder, chunk, batch_size, tail=False)  # acc only
-            for p, sc in zip(probes[k:k + batch_size], scored):
+            for p, sc in zip(probes[k : k + batch_size], scored):
                 total[p["category"]] += 1
                 right[p["category"]] += p["options"][sc.predicted] == p["answer"]
     acc = {c: right[c] / total[c] for c in CATEGORIES if total[c]}

@@ -60,15 +60,32 @@ def plot_rows(rows: list[dict], path: Path, title: str, intervals: list[dict] | 
     for k, r in enumerate(rows):
         role = {"base": "base", "fine-tuned": "finetuned"}.get(r["method"], "method")
         iv = intervals[k] if intervals else {}
-        pts.append({"method": r["method"], "task": r["T"], "general": r["G"], "role": role,
-                    "knob": _knob_value(r.get("knob", "")), "task_interval": iv.get("T"),
-                    "general_interval": iv.get("G")})
+        pts.append(
+            {
+                "method": r["method"],
+                "task": r["T"],
+                "general": r["G"],
+                "role": role,
+                "knob": _knob_value(r.get("knob", "")),
+                "task_interval": iv.get("T"),
+                "general_interval": iv.get("G"),
+            }
+        )
     return tradeoff_plot(pts, path, title=title)
 
 
 def table(rows: list[dict], intervals: list[dict] | None = None) -> str:
-    return format_table([{"name": row_name(r), **r, "accuracy": r["tasks"],
-                          "intervals": intervals[k] if intervals else None} for k, r in enumerate(rows)])
+    return format_table(
+        [
+            {
+                "name": row_name(r),
+                **r,
+                "accuracy": r["tasks"],
+                "intervals": intervals[k] if intervals else None,
+            }
+            for k, r in enumerate(rows)
+        ]
+    )
 
 
 def row_intervals(rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
@@ -89,8 +106,10 @@ def _sizes(results: Mapping[str, dict], names: list[str]) -> dict[str, int]:
 def what_target_takes(names: list[str], results: Mapping[str, dict], d: TaskDraws) -> str:
     """Per task: the widest E and F intervals over the methods, and the test items ±TARGET would need (a half-width
     shrinks as 1/√n), with the evaluation compute for every model of the report."""
-    head = (f"| task | task items | widest E ± | task items for ±{TARGET:g} on E | general items per task | "
-            f"widest F ± | general items for ±{TARGET:g} on F |")
+    head = (
+        f"| task | task items | widest E ± | task items for ±{TARGET:g} on E | general items per task | "
+        f"widest F ± | general items for ±{TARGET:g} on F |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     extra = 0.0
     for n in names:
@@ -103,15 +122,19 @@ def what_target_takes(names: list[str], results: Mapping[str, dict], d: TaskDraw
         n_gen = max(v for t, v in sizes.items() if t in T.GENERAL_VISUAL)
         need_e = int(np.ceil(n_task * (hw_e / TARGET) ** 2))
         need_g = int(np.ceil(n_gen * (hw_f / TARGET) ** 2))
-        extra += len(results[n]["rows"]) * (max(need_e - n_task, 0) + len(T.GENERAL_VISUAL) * max(need_g - n_gen, 0))
+        extra += len(results[n]["rows"]) * (
+            max(need_e - n_task, 0) + len(T.GENERAL_VISUAL) * max(need_g - n_gen, 0)
+        )
         lines.append(f"| {n} | {n_task} | {hw_e:.1f} | {need_e:,} | {n_gen} | {hw_f:.1f} | {need_g:,} |")
     hours = extra / EVAL_ITEMS_PER_S / 3600
-    return ("\n".join(lines) + f"\n\nReaching ±{TARGET:g} on every row would take about {extra:,.0f} more item "
-            f"evaluations, **{hours:.1f} h more evaluation** on 2 cores at {EVAL_ITEMS_PER_S:g} items/s "
-            "(BENCHMARKS.md), assuming the per-item variances stay as measured (the text probes cannot grow: 325 "
-            "hand-written questions; growing the visual tasks alone narrows F a little less than this says). "
-            "`digits` cannot grow beyond 300 test items without taking scikit-learn's 1,797 digits from its "
-            "training split.\n")
+    return (
+        "\n".join(lines) + f"\n\nReaching ±{TARGET:g} on every row would take about {extra:,.0f} more item "
+        f"evaluations, **{hours:.1f} h more evaluation** on 2 cores at {EVAL_ITEMS_PER_S:g} items/s "
+        "(BENCHMARKS.md), assuming the per-item variances stay as measured (the text probes cannot grow: 325 "
+        "hand-written questions; growing the visual tasks alone narrows F a little less than this says). "
+        "`digits` cannot grow beyond 300 test items without taking scikit-learn's 1,797 digits from its "
+        "training split.\n"
+    )
 
 
 def _header(names: list[str], results: Mapping[str, dict]) -> str:
@@ -119,8 +142,9 @@ def _header(names: list[str], results: Mapping[str, dict]) -> str:
     sizes = _sizes(results, names)
     general = ", ".join(f"{t} {sizes[t]}" for t in [*T.GENERAL_VISUAL, "probes"] if t in sizes)
     task = ", ".join(f"{t} {sizes[t]}" for t in names if t in sizes)
-    merges = "; ".join(f"{label} {' '.join(f'{k}={v:g}' for k, v in p.items())}"
-                       for label, _, p, *_ in X.MERGES + CURVES)
+    merges = "; ".join(
+        f"{label} {' '.join(f'{k}={v:g}' for k, v in p.items())}" for label, _, p, *_ in X.MERGES + CURVES
+    )
     return f"""# Results: specialization against retention on the testbed
 
 What happens when the testbed model — a real `LlavaForConditionalGeneration` made of the embedded
@@ -137,10 +161,10 @@ make install
 This file is generated whole by that command (tables, intervals, plots, timings) from each task's
 `runs/testbed/<task>/results.json`; only the reading between the `reading` markers is written by hand, and kept.
 
-For each downstream task (`{'`, `'.join(names)}`; `forgetless testbed tasks` generates them from seed 0): the
-documented recipe fine-tunes {', '.join(f'`{x}`' for x in ft['train'])}, {ft['steps']} AdamW steps of
-{ft['batch_size']} samples, lr {ft['lr']:g} ({ft['warmup']} warm-up steps, cosine to 10%), clip {ft['clip']:g},
-seed {ft['seed']} (`forgetless.testbed.experiment.FINETUNE`). Fisher statistics on {X.STATS_SAMPLES} samples each,
+For each downstream task (`{"`, `".join(names)}`; `forgetless testbed tasks` generates them from seed 0): the
+documented recipe fine-tunes {", ".join(f"`{x}`" for x in ft["train"])}, {ft["steps"]} AdamW steps of
+{ft["batch_size"]} samples, lr {ft["lr"]:g} ({ft["warmup"]} warm-up steps, cosine to 10%), clip {ft["clip"]:g},
+seed {ft["seed"]} (`forgetless.testbed.experiment.FINETUNE`). Fisher statistics on {X.STATS_SAMPLES} samples each,
 empirical unless said: the general Fisher at θ₀ on 8 training samples of each general visual task and the 60 text
 probes of the *validation* split; the task Fisher on the task's training set — **at θ₀ for CGM and CGM†, as CGM's
 published scripts take it** (`fisher_matrix_flickr_from_pretrain_full.bin`), at θ_ft for Fisher merging (each
@@ -180,9 +204,15 @@ def _timings(names: list[str], results: Mapping[str, dict]) -> str:
     lines = []
     for n in names:
         t = results[n].get("timings", {})
-        lines.append(f"- {n}: " + ", ".join(f"{k} {t[k]:.0f} s" for k in ("finetune", "statistics", "merge",
-                                                                            "evaluate", "total") if k in t)
-                     + f" ({results[n].get('threads', '?')} threads)")
+        lines.append(
+            f"- {n}: "
+            + ", ".join(
+                f"{k} {t[k]:.0f} s"
+                for k in ("finetune", "statistics", "merge", "evaluate", "total")
+                if k in t
+            )
+            + f" ({results[n].get('threads', '?')} threads)"
+        )
     return "\n".join(lines)
 
 
@@ -195,43 +225,92 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
     sections = []
     for name in names:
         rows, ivs = results[name]["rows"], d.intervals(name)
-        png = plot_rows(rows, (plots or workdir / name) / f"tradeoff-{name}.png",
-                        f"testbed: {name} (test split, 95% intervals)", ivs)
+        png = plot_rows(
+            rows,
+            (plots or workdir / name) / f"tradeoff-{name}.png",
+            f"testbed: {name} (test split, 95% intervals)",
+            ivs,
+        )
         rel = doc_link(png, previous)
         ft = results[name]["finetune"]
-        sections.append(f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
-                        f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
-                        f"![{name}]({rel})\n")
+        sections.append(
+            f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
+            f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
+            f"![{name}]({rel})\n"
+        )
     table_e_f, order = summary(names, d)
     scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
     best = max(scored, key=lambda m: d.mean_point(m, "E+F", names))
-    return "\n".join([
-        _header(names, results),
-        "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
-        table_e_f, "",
-        (f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
-         f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"),
-        differences(names, d, order, best), "",
-        "Against the fine-tuned model (what a merge or a keep rule changes):\n",
-        differences(names, d, order, "fine-tuned"), "",
-        f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
-        what_target_takes(names, results, d),
-        "## Per task\n", "\n".join(sections),
-        "## Reading (honest)\n", _reading(previous),
-        "## Time (this run, 2 cores)\n", _timings(names, results), "",
-        *([frontier_markdown(workdir, names, plots or workdir, previous,
-                             _reading(previous, FR_READING_START, FR_READING_END))]
-          if any((workdir / n / FRONTIER_RESULTS).is_file() for n in names) else []),
-        *([multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
-          if (workdir / "multitask" / "results.json").is_file() else []),
-        *([continual_markdown(workdir / "continual", plots or workdir / "continual", previous,
-                              _reading(previous, CL_READING_START, CL_READING_END))]
-          if (workdir / "continual" / "results.json").is_file() else [])])
+    return "\n".join(
+        [
+            _header(names, results),
+            "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
+            table_e_f,
+            "",
+            (
+                f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
+                f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"
+            ),
+            differences(names, d, order, best),
+            "",
+            "Against the fine-tuned model (what a merge or a keep rule changes):\n",
+            differences(names, d, order, "fine-tuned"),
+            "",
+            f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
+            what_target_takes(names, results, d),
+            "## Per task\n",
+            "\n".join(sections),
+            "## Reading (honest)\n",
+            _reading(previous),
+            "## Time (this run, 2 cores)\n",
+            _timings(names, results),
+            "",
+            *(
+                [
+                    frontier_markdown(
+                        workdir,
+                        names,
+                        plots or workdir,
+                        previous,
+                        _reading(previous, FR_READING_START, FR_READING_END),
+                    )
+                ]
+                if any((workdir / n / FRONTIER_RESULTS).is_file() for n in names)
+                else []
+            ),
+            *(
+                [multitask_markdown(workdir / "multitask", plots or workdir / "multitask", previous)]
+                if (workdir / "multitask" / "results.json").is_file()
+                else []
+            ),
+            *(
+                [
+                    continual_markdown(
+                        workdir / "continual",
+                        plots or workdir / "continual",
+                        previous,
+                        _reading(previous, CL_READING_START, CL_READING_END),
+                    )
+                ]
+                if (workdir / "continual" / "results.json").is_file()
+                else []
+            ),
+        ]
+    )
 
 
-def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *, keep_models: bool = False,
-               plots: str | Path | None = None, run: bool = True, multitask: bool = True, continual: bool = True,
-               log: Callable[[str], None] = print) -> Path:
+def run_report(
+    names: list[str] | None,
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    keep_models: bool = False,
+    plots: str | Path | None = None,
+    run: bool = True,
+    multitask: bool = True,
+    continual: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run (or reuse) every task's experiment on the whole test splits, and (`multitask`, `continual`, when every
     downstream task is asked for) the multi-task LoRA experiment in ``workdir/multitask`` and the continual protocol
     in ``workdir/continual`` (:mod:`.continual`), then write the markdown report to
@@ -244,8 +323,14 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
     names = names or T.DOWNSTREAM
     for name in names if run else []:
         log(f"=== {name} ===")
-        X.run_experiment(name, workdir / name, merges=X.MERGES + CURVES + TASK_FISHERS, keeps=X.KEEPS,
-                         keep_models=keep_models, log=log)
+        X.run_experiment(
+            name,
+            workdir / name,
+            merges=X.MERGES + CURVES + TASK_FISHERS,
+            keeps=X.KEEPS,
+            keep_models=keep_models,
+            log=log,
+        )
     if run and multitask and every:
         log("=== multitask ===")
         run_multitask(workdir / "multitask", keep_models=keep_models, log=log)
@@ -266,7 +351,10 @@ def run_report(names: list[str] | None, workdir: str | Path, out: str | Path, *,
 
 MT_READING_START = "<!-- reading multitask: written by hand, kept when the report is rebuilt -->"
 MT_READING_END = "<!-- /reading multitask -->"
-PUBLISHED_COPA = {"seen": 57.3 - 53.9, "unseen": 38.0 - 33.3}  # CoPA − task arithmetic, MM-MergeBench (CoPA's paper)
+PUBLISHED_COPA = {
+    "seen": 57.3 - 53.9,
+    "unseen": 38.0 - 33.3,
+}  # CoPA − task arithmetic, MM-MergeBench (CoPA's paper)
 OWN = "own adapters"  # the per-task upper bound: each seen task scored by its own adapter
 
 
@@ -289,22 +377,33 @@ class MultitaskDraws(NamedDraws):
         for r in res["rows"]:
             if r["role"] == "own":
                 continue
-            self._add(r["method"], {n: r["correct_items"][n] for n in self.seen},
-                      {n: r["correct_items"][n] for n in self.unseen}, [r])
+            self._add(
+                r["method"],
+                {n: r["correct_items"][n] for n in self.seen},
+                {n: r["correct_items"][n] for n in self.unseen},
+                [r],
+            )
             if r["role"] == "base" and own:  # the own adapters come right after the base
                 self._add(OWN, {r2["task"]: r2["correct_items"][r2["task"]] for r2 in own}, {}, own)
 
-    def _add(self, name: str, seen: Mapping[str, str], unseen: Mapping[str, str], general_rows: list[dict]) -> None:
+    def _add(
+        self, name: str, seen: Mapping[str, str], unseen: Mapping[str, str], general_rows: list[dict]
+    ) -> None:
         def avg(items: Mapping[str, str]) -> tuple[float | None, np.ndarray | None]:
             if not items:
                 return None, None
             acc = [100 * float(np.mean([ch == "1" for ch in c])) for c in items.values()]
             return float(np.mean(acc)), self.boot.scores(_tasks_result(items))["T"]
 
-        gen = [row_result({**r, "tasks": {n: r["tasks"][n] for n in self.res["general"]}}) for r in general_rows]
+        gen = [
+            row_result({**r, "tasks": {n: r["tasks"][n] for n in self.res["general"]}}) for r in general_rows
+        ]
         g_draws = [self.boot.scores(g)["G"] for g in gen]
-        self.points[name] = {"seen": avg(seen)[0], "unseen": avg(unseen)[0],
-                             "G": float(np.mean([r["G"] for r in general_rows]))}
+        self.points[name] = {
+            "seen": avg(seen)[0],
+            "unseen": avg(unseen)[0],
+            "G": float(np.mean([r["G"] for r in general_rows])),
+        }
         self.draws[name] = {"seen": avg(seen)[1], "unseen": avg(unseen)[1], "G": np.mean(g_draws, axis=0)}
 
 
@@ -318,8 +417,10 @@ def multitask_summary(d: MultitaskDraws) -> str:
 
 
 def multitask_differences(d: MultitaskDraws, reference: str) -> str:
-    lines = [f"| method | Δ seen avg vs {reference} | Δ unseen avg vs {reference} | Δ G vs {reference} |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"| method | Δ seen avg vs {reference} | Δ unseen avg vs {reference} | Δ G vs {reference} |",
+        "|---|---:|---:|---:|",
+    ]
     for name in d.points:
         if name in (reference, "base", OWN):
             continue
@@ -358,11 +459,25 @@ def multitask_table(d: MultitaskDraws) -> str:
 
 
 def multitask_plot(d: MultitaskDraws, path: Path) -> Path:
-    pts = [{"method": name, "task": p["seen"], "general": p["unseen"], "role": "base" if name == "base" else "method",
-            "task_interval": d.interval(name, "seen"), "general_interval": d.interval(name, "unseen")}
-           for name, p in d.points.items() if p["unseen"] is not None]
-    return tradeoff_plot(pts, path, title=f"LoRA adapters of {len(d.seen)} tasks merged (test splits, 95% intervals)",
-                         xlabel="seen-task average (%)", ylabel="unseen-task average (%)")
+    pts = [
+        {
+            "method": name,
+            "task": p["seen"],
+            "general": p["unseen"],
+            "role": "base" if name == "base" else "method",
+            "task_interval": d.interval(name, "seen"),
+            "general_interval": d.interval(name, "unseen"),
+        }
+        for name, p in d.points.items()
+        if p["unseen"] is not None
+    ]
+    return tradeoff_plot(
+        pts,
+        path,
+        title=f"LoRA adapters of {len(d.seen)} tasks merged (test splits, 95% intervals)",
+        xlabel="seen-task average (%)",
+        ylabel="unseen-task average (%)",
+    )
 
 
 def _multitask_validation(validation: Mapping[str, dict]) -> tuple[str, str]:
@@ -371,9 +486,12 @@ def _multitask_validation(validation: Mapping[str, dict]) -> tuple[str, str]:
 
     rows = "\n".join(f"| {n} | {v['base_val']:.0f} | {v['adapter_val']:.0f} |" for n, v in validation.items())
     failed = [n for n, v in validation.items() if not v["learned"]]
-    learned = (f"Every adapter learned its task (≥ {M.LEARNED:g} points over the base)" if not failed else
-               f"Every adapter but {', '.join(f'`{n}`' for n in failed)} learned its task (≥ {M.LEARNED:g} points "
-               "over the base; kept as run, not retrained)")
+    learned = (
+        f"Every adapter learned its task (≥ {M.LEARNED:g} points over the base)"
+        if not failed
+        else f"Every adapter but {', '.join(f'`{n}`' for n in failed)} learned its task (≥ {M.LEARNED:g} points "
+        "over the base; kept as run, not retrained)"
+    )
     return rows, learned
 
 
@@ -389,8 +507,11 @@ def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None)
     val, learned = _multitask_validation(res["validation"])
     sweep = "; ".join(f"{s['method']} {s['knob']}: {s['seen_val']:.1f}" for s in res["sweep"]) or "none"
     chosen = "; ".join(f"{k}: {v}" for k, v in res["chosen"].items())
-    skipped = (f"\n**Not run** (method not available when the experiment ran): {', '.join(res['skipped'])}.\n"
-               if res.get("skipped") else "")
+    skipped = (
+        f"\n**Not run** (method not available when the experiment ran): {', '.join(res['skipped'])}.\n"
+        if res.get("skipped")
+        else ""
+    )
     ref = "TA" if "TA" in d.points else None
     diffs = multitask_differences(d, ref) if ref else "_(no TA row)_"
     t = res.get("timings", {})
@@ -401,16 +522,23 @@ ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, ev
 `runs/testbed/multitask/results.json`. `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it
 when no `--task` is given; with `--task …` or `--no-run` this section is rebuilt from the results already there.
 
-- **Seen tasks** (one LoRA adapter each): {', '.join(f'`{n}`' for n in res['seen'])}; **unseen** (held out: no
-  training split exists, so no adapter saw them): {', '.join(f'`{n}` ({T.TASKS[n].description})' for n in res['unseen']
-  if n in T.TASKS)}. Test items: {', '.join(f'{n} {sizes[n]}' for n in [*res['seen'], *res['unseen']])}; general
-  as above ({', '.join(f'{n} {sizes[n]}' for n in res['general'])}).
-- **Adapters**: PEFT LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout {lora['dropout']:g} on
-  {', '.join(lora['targets'])} of every decoder layer (vision tower and projector frozen), {a['steps']} AdamW steps
-  of {a['batch_size']}, lr {a['lr']:g} ({a['warmup']} warm-up, cosine), seed {a['seed']}
+- **Seen tasks** (one LoRA adapter each): {", ".join(f"`{n}`" for n in res["seen"])}; **unseen** (held out: no
+  training split exists, so no adapter saw them): {
+        ", ".join(f"`{n}` ({T.TASKS[n].description})" for n in res["unseen"] if n in T.TASKS)
+    }. Test items: {", ".join(f"{n} {sizes[n]}" for n in [*res["seen"], *res["unseen"]])}; general
+  as above ({", ".join(f"{n} {sizes[n]}" for n in res["general"])}).
+- **Adapters**: PEFT LoRA r={lora["r"]}, alpha={lora["alpha"]:g}, dropout {lora["dropout"]:g} on
+  {", ".join(lora["targets"])} of every decoder layer (vision tower and projector frozen), {
+        a["steps"]
+    } AdamW steps
+  of {a["batch_size"]}, lr {a["lr"]:g} ({a["warmup"]} warm-up, cosine), seed {a["seed"]}
   (`multitask.ADAPTER`). The **joint LoRA** trains the same recipe on all seen training splits mixed,
-  {res['joint_steps']} steps ({res['joint_steps'] * a['batch_size'] // len(res['seen'])} samples of each task on
-  average; its own adapter sees {a['steps'] * a['batch_size']}). {learned} (validation split, base → adapter, %):
+  {res["joint_steps"]} steps ({
+        res["joint_steps"] * a["batch_size"] // len(res["seen"])
+    } samples of each task on
+  average; its own adapter sees {a["steps"] * a["batch_size"]}). {
+        learned
+    } (validation split, base → adapter, %):
 
 | task | base | own adapter |
 |---|---:|---:|
@@ -425,7 +553,9 @@ when no `--task` is given; with `--task …` or `--no-run` this section is rebui
   papers' values (TIES 0.2, DARE 0.3).
   Sweep (seen validation average, %): {sweep}. Chosen: {chosen}.{skipped}
 - Scores: **seen avg** / **unseen avg**, the mean test accuracy over the seen / unseen tasks; **G** as above (general
-  visual and text probes). ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples; every method
+  visual and text probes). ± half the 95% bootstrap interval over the test items ({
+        N_BOOT
+    } resamples; every method
   resampled on the same items, so differences are paired). **{OWN}**: each seen task scored by its own adapter
   (the per-task upper bound), G the mean of the six adapters' G.
 
@@ -438,7 +568,7 @@ when no `--task` is given; with `--task …` or `--no-run` this section is rebui
 ### Against task arithmetic (paired differences, points, 95% interval; **\\*** where it excludes 0)
 
 CoPA's published advantage over task arithmetic on MM-MergeBench (LLaVA-1.5-7B): seen
-{PUBLISHED_COPA['seen']:+.1f}, unseen {PUBLISHED_COPA['unseen']:+.1f} points.
+{PUBLISHED_COPA["seen"]:+.1f}, unseen {PUBLISHED_COPA["unseen"]:+.1f} points.
 
 {diffs}
 
@@ -449,6 +579,7 @@ CoPA's published advantage over task arithmetic on MM-MergeBench (LLaVA-1.5-7B):
 ### Reading
 
 {_reading(previous, MT_READING_START, MT_READING_END)}
-Time: fine-tunes {t.get('finetune', 0):.0f} s, merges {t.get('merge', 0):.0f} s, evaluations {t.get('evaluate', 0):.0f} s
-(this run's own work; cached steps take no time), {res.get('threads', '?')} threads.
+Time: fine-tunes {t.get("finetune", 0):.0f} s, merges {t.get("merge", 0):.0f} s, evaluations {
+        t.get("evaluate", 0):.0f} s
+(this run's own work; cached steps take no time), {res.get("threads", "?")} threads.
 """

@@ -30,9 +30,15 @@ N_BOOT = 2000
 CL_READING_START = "<!-- reading continual: written by hand, kept when the report is rebuilt -->"
 CL_READING_END = "<!-- /reading continual -->"
 BASELINES = ("sequential FT", "TA", "TIES", "RegMean")
-KEEPS = {"sequential FT": "one adapter", "TA": "every adapter so far", "TIES": "every adapter so far",
-         "RegMean": "every folded model and its Gram", "LPM": "the LPM state", "LPM (diagonal)": "the LPM state",
-         "LPM + CPM": "the LPM state + projectors"}
+KEEPS = {
+    "sequential FT": "one adapter",
+    "TA": "every adapter so far",
+    "TIES": "every adapter so far",
+    "RegMean": "every folded model and its Gram",
+    "LPM": "the LPM state",
+    "LPM (diagonal)": "the LPM state",
+    "LPM + CPM": "the LPM state + projectors",
+}
 
 
 class ContinualDraws(NamedDraws):
@@ -51,9 +57,15 @@ class ContinualDraws(NamedDraws):
         if res.get("joint"):
             self._add("joint LoRA", res["joint"], None)
         own = {next(iter(r["tasks"])): r for r in res["individual"]}
-        self._add("own adapters", {"tasks": {n: own[n]["tasks"][n] for n in self.seq},
-                                   "correct_items": {n: own[n]["correct_items"][n] for n in self.seq}}, None,
-                  general=False)
+        self._add(
+            "own adapters",
+            {
+                "tasks": {n: own[n]["tasks"][n] for n in self.seq},
+                "correct_items": {n: own[n]["correct_items"][n] for n in self.seq},
+            },
+            None,
+            general=False,
+        )
         self._add("base", res["base_row"], None)
 
     def acc(self, row: Mapping[str, Any], task: str) -> np.ndarray:
@@ -61,7 +73,9 @@ class ContinualDraws(NamedDraws):
         c = item_correct({"correct_items": row["correct_items"][task]}, task)
         return c[self.boot.indices(task, len(c))].mean(axis=1) * 100
 
-    def _add(self, name: str, final: Mapping[str, Any], rows: list[dict] | None, general: bool = True) -> None:
+    def _add(
+        self, name: str, final: Mapping[str, Any], rows: list[dict] | None, general: bool = True
+    ) -> None:
         p: dict[str, float | None] = {"final": float(np.mean([final["tasks"][n] for n in self.seq]))}
         d: dict[str, np.ndarray | None] = {"final": np.mean([self.acc(final, n) for n in self.seq], axis=0)}
         if rows is not None:
@@ -72,8 +86,12 @@ class ContinualDraws(NamedDraws):
             p["forgetting"], d["forgetting"] = None, None
         if general and final.get("G") is not None:
             general_names = [n for n, k in final["kinds"].items() if k.startswith("general")]
-            result = {"tasks": {n: {"kind": final["kinds"][n], "correct_items": final["correct_items"][n]}
-                                for n in general_names}}
+            result = {
+                "tasks": {
+                    n: {"kind": final["kinds"][n], "correct_items": final["correct_items"][n]}
+                    for n in general_names
+                }
+            }
             p["G"], d["G"] = float(final["G"]), self.boot.scores(result)["G"]
         else:
             p["G"], d["G"] = None, None
@@ -87,8 +105,10 @@ class ContinualDraws(NamedDraws):
 
 def summary_table(d: ContinualDraws) -> str:
     res = d.res
-    lines = ["| method | final avg accuracy | avg forgetting | G | build s/task (median) | keeps between tasks |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| method | final avg accuracy | avg forgetting | G | build s/task (median) | keeps between tasks |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for name, p in d.points.items():
         cells = [cell(p[k], False, d.interval(name, k)) for k in d.KEYS]
         secs = res["merge_seconds"].get(name)
@@ -104,7 +124,9 @@ def differences_table(d: ContinualDraws, pairs: list[tuple[str, str]]) -> str:
     for a, b in pairs:
         if a in d.points and b in d.points:
             diffs = [d.difference(a, b, k) for k in d.KEYS]
-            lines.append(f"| {a} − {b} | " + " | ".join("—" if x is None else diff_cell(*x) for x in diffs) + " |")
+            lines.append(
+                f"| {a} − {b} | " + " | ".join("—" if x is None else diff_cell(*x) for x in diffs) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -131,7 +153,7 @@ def heatmaps(d: ContinualDraws, path: Path) -> Path:
     rows_n = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.3 * cols, 3.1 * rows_n + 0.5), dpi=110, squeeze=False)
     try:
-        for ax in axes.flat[len(names):]:
+        for ax in axes.flat[len(names) :]:
             ax.axis("off")
         for ax, name in zip(axes.flat, names):
             m = np.full((T, T), np.nan)
@@ -141,8 +163,15 @@ def heatmaps(d: ContinualDraws, path: Path) -> Path:
             im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
             for t in range(T):
                 for j in range(t + 1):
-                    ax.text(j, t, f"{m[t, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if m[t, j] < 55 else "black")
+                    ax.text(
+                        j,
+                        t,
+                        f"{m[t, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[t, j] < 55 else "black",
+                    )
             ax.set_title(name, fontsize=9)
             ax.set_xticks(range(T), [n[:8] for n in d.seq], rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(T), [f"after {t + 1}" for t in range(T)], fontsize=7)
@@ -165,8 +194,15 @@ def average_curve(d: ContinualDraws, path: Path) -> Path:
     try:
         for name, rows in d.res["matrices"].items():
             ys = [float(np.mean([r["tasks"][n] for n in d.seq[: t + 1]])) for t, r in enumerate(rows)]
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=4, lw=1.3, label=name,
-                    ls="--" if name == "sequential FT" else "-")
+            ax.plot(
+                range(1, len(ys) + 1),
+                ys,
+                marker="o",
+                ms=4,
+                lw=1.3,
+                label=name,
+                ls="--" if name == "sequential FT" else "-",
+            )
         for name, marker in (("joint LoRA", "*"), ("own adapters", "D")):
             if name in d.points:
                 ax.scatter([T], [d.points[name]["final"]], marker=marker, s=80, zorder=5, label=name)
@@ -194,10 +230,13 @@ def continual_markdown(workdir: Path, plots: Path, previous: Path | None = None,
     a, lora = res["adapter"], res["adapter"]["lora"]
     best = d.best_baseline()
     pairs = [(m, best) for m in ("LPM + CPM", "LPM", "LPM (diagonal)") if best] + [
-        ("LPM (diagonal)", "LPM"), ("LPM + CPM", "LPM"), ("joint LoRA", "LPM + CPM")]
+        ("LPM (diagonal)", "LPM"),
+        ("LPM + CPM", "LPM"),
+        ("joint LoRA", "LPM + CPM"),
+    ]
     cpm_row = res["matrices"].get("LPM + CPM", [{}])[-1]
     routing = cpm_row.get("routing")
-    routing_txt = (", ".join(f"{n} {v:.0f}%" for n, v in routing.items()) if routing else "not measured")
+    routing_txt = ", ".join(f"{n} {v:.0f}%" for n, v in routing.items()) if routing else "not measured"
     lam = ", ".join(f"{x:g}" for x in res.get("ta_lambda", [])) or "—"
     sizes = {n: len(c) for n, c in res["matrices"][next(iter(res["matrices"]))][-1]["correct_items"].items()}
     matrices = "\n\n".join(f"**{name}**\n\n{matrix_table(d, name)}" for name in res["matrices"])
@@ -208,22 +247,22 @@ MAny's setting (continual instruction tuning, a training-free merge on CPU after
 `forgetless.testbed.continual.run_continual`, every step cached, from `runs/testbed/continual/results.json`;
 `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it when no `--task` is given.
 
-- **Sequence**: {' → '.join(f'`{n}`' for n in d.seq)}
-  ({'; '.join(T.TASKS[n].description for n in d.seq if n in T.TASKS)}).
-  Test items per task and cell: {', '.join(f'{n} {sizes[n]}' for n in d.seq)} (the first {res['task_limit']} of
+- **Sequence**: {" → ".join(f"`{n}`" for n in d.seq)}
+  ({"; ".join(T.TASKS[n].description for n in d.seq if n in T.TASKS)}).
+  Test items per task and cell: {", ".join(f"{n} {sizes[n]}" for n in d.seq)} (the first {res["task_limit"]} of
   each test split: every cell of every matrix is scored on the same items); G on the full general test splits
   after the last task.
-- **Adapters**: one per task, trained from the base on that task alone: PEFT LoRA r={lora['r']},
-  alpha={lora['alpha']:g} on {', '.join(lora['targets'])} (every decoder layer, and the projector's two Linear
-  layers: MAny trains the projector with each task), {a['steps']} AdamW steps of {a['batch_size']}, lr {a['lr']:g}.
-  The **joint LoRA** trains the same recipe on the {len(d.seq)} training splits mixed, {res.get('joint_steps')} steps.
+- **Adapters**: one per task, trained from the base on that task alone: PEFT LoRA r={lora["r"]},
+  alpha={lora["alpha"]:g} on {", ".join(lora["targets"])} (every decoder layer, and the projector's two Linear
+  layers: MAny trains the projector with each task), {a["steps"]} AdamW steps of {a["batch_size"]}, lr {a["lr"]:g}.
+  The **joint LoRA** trains the same recipe on the {len(d.seq)} training splits mixed, {res.get("joint_steps")} steps.
 - **Methods**, each after every task from what it may keep: **sequential FT** — one adapter trained on task 1,
   then on task 2 from there (`finetune --init-adapter`), … (no merge: the forgetting reference); **TA** — task
   arithmetic of the adapters so far, λ chosen after each task on the validation splits of the tasks so far (grid
-  {', '.join(f'{x:g}' for x in res['ta_grid'])}; chosen: {lam}); **TIES** — density 0.2, λ = 1; **RegMean** —
+  {", ".join(f"{x:g}" for x in res["ta_grid"])}; chosen: {lam}); **TIES** — density 0.2, λ = 1; **RegMean** —
   classic batch RegMean (α = 0.9) of the folded models, each with the Gram of its inputs at itself on
-  {res['gram_samples']} training samples of its task (it needs every earlier model and Gram); **LPM** —
-  `forgetless continual add` (Grams at the base, {res['gram_samples']} samples per task, γ relative 1e-4);
+  {res["gram_samples"]} training samples of its task (it needs every earlier model and Gram); **LPM** —
+  `forgetless continual add` (Grams at the base, {res["gram_samples"]} samples per task, γ relative 1e-4);
   **LPM (diagonal)** — the bounded-memory form (`--approx diagonal`); **LPM + CPM** — LPM plus one projector
   and visual prototype per task, images routed by softmax(cos/τ), τ = 0.1.
 - **Scores**: final average accuracy (after the last task, over all {len(d.seq)} tasks), average forgetting
@@ -255,6 +294,6 @@ Best baseline by final average accuracy: **{best}**.
 ### Reading
 
 {reading}
-Time: fine-tunes {t.get('finetune', 0):.0f} s, statistics {t.get('statistics', 0):.0f} s, evaluations
-{t.get('evaluate', 0):.0f} s (this run's own work; cached steps take no time), {res.get('threads', '?')} threads.
+Time: fine-tunes {t.get("finetune", 0):.0f} s, statistics {t.get("statistics", 0):.0f} s, evaluations
+{t.get("evaluate", 0):.0f} s (this run's own work; cached steps take no time), {res.get("threads", "?")} threads.
 """

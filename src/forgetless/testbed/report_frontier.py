@@ -53,8 +53,11 @@ class Curves:
                 "F": np.array([by[n]["F"] for n in names], dtype=float),
                 "dE": np.stack([draws[n]["E"] for n in names]),
                 "dF": np.stack([draws[n]["F"] for n in names]),
-                "knobs": [knob_of(r, label) for r in members]}
-        self.curves = {k: self.curves[k] for k in FR.KNOBS if k in self.curves}  # published first, as in KNOBS
+                "knobs": [knob_of(r, label) for r in members],
+            }
+        self.curves = {
+            k: self.curves[k] for k in FR.KNOBS if k in self.curves
+        }  # published first, as in KNOBS
 
     def at(self, label: str, fraction: float) -> tuple[float, np.ndarray]:
         """F of `label`'s curve where E = fraction × the fine-tune's E: the point value and its draws."""
@@ -87,23 +90,39 @@ def _diff(boot: Bootstrap, a: tuple[float, np.ndarray], b: tuple[float, np.ndarr
 
 
 def task_table(c: Curves) -> str:
-    head = ("| method | points | " + " | ".join(f"F at E = {int(f * 100)}%" for f in FR.FRACTIONS) +
-            " | area (mean F) | " + " | ".join(f"vs {REFERENCE} at {int(f * 100)}%" for f in FR.FRACTIONS) +
-            f" | area vs {REFERENCE} |")
+    head = (
+        "| method | points | "
+        + " | ".join(f"F at E = {int(f * 100)}%" for f in FR.FRACTIONS)
+        + " | area (mean F) | "
+        + " | ".join(f"vs {REFERENCE} at {int(f * 100)}%" for f in FR.FRACTIONS)
+        + f" | area vs {REFERENCE} |"
+    )
     lines = [head, "|" + "---|" * (2 + 2 * len(FR.FRACTIONS) + 2)]
-    ref = ([c.at(REFERENCE, f) for f in FR.FRACTIONS] + [c.area(REFERENCE)]) if REFERENCE in c.curves else None
+    ref = (
+        ([c.at(REFERENCE, f) for f in FR.FRACTIONS] + [c.area(REFERENCE)]) if REFERENCE in c.curves else None
+    )
     for label in c.curves:
         at = [c.at(label, f) for f in FR.FRACTIONS]
         area = c.area(label)
-        diffs = ([_diff(c.boot, a, r) for a, r in zip([*at, area], ref)]
-                 if ref is not None and label != REFERENCE else ["—"] * (len(FR.FRACTIONS) + 1))
+        diffs = (
+            [_diff(c.boot, a, r) for a, r in zip([*at, area], ref)]
+            if ref is not None and label != REFERENCE
+            else ["—"] * (len(FR.FRACTIONS) + 1)
+        )
         knobs = ", ".join(f"{k:g}" for k in c.curves[label]["knobs"] if k is not None)
-        lines.append(f"| {label} | {FR.KNOBS[label].knob} {knobs} | " + " | ".join(_iv_cell(c.boot, *a) for a in at) +
-                     f" | {_iv_cell(c.boot, *area)} | " + " | ".join(diffs) + " |")
+        lines.append(
+            f"| {label} | {FR.KNOBS[label].knob} {knobs} | "
+            + " | ".join(_iv_cell(c.boot, *a) for a in at)
+            + f" | {_iv_cell(c.boot, *area)} | "
+            + " | ".join(diffs)
+            + " |"
+        )
     for label, s in c.singles.items():
         e_iv, f_iv = c.boot.interval(s["draws"]["E"]), c.boot.interval(s["draws"]["F"])
-        lines.append(f"| {label} | one fine-tune: E {s['E']:+.1f} ± {(e_iv[1] - e_iv[0]) / 2:.1f}, "
-                     f"F {s['F']:+.1f} ± {(f_iv[1] - f_iv[0]) / 2:.1f} |" + " |" * (2 * len(FR.FRACTIONS) + 2))
+        lines.append(
+            f"| {label} | one fine-tune: E {s['E']:+.1f} ± {(e_iv[1] - e_iv[0]) / 2:.1f}, "
+            f"F {s['F']:+.1f} ± {(f_iv[1] - f_iv[0]) / 2:.1f} |" + " |" * (2 * len(FR.FRACTIONS) + 2)
+        )
     return "\n".join(lines)
 
 
@@ -111,22 +130,51 @@ def task_plot(task: str, c: Curves, path: Path) -> Path:
     pts: list[dict[str, Any]] = []
     for label, cv in c.curves.items():
         for k, (e, f) in enumerate(zip(cv["E"][2:], cv["F"][2:])):
-            pts.append({"method": label, "task": float(e), "general": float(f), "knob": cv["knobs"][k],
-                        "task_interval": c.boot.interval(cv["dE"][2 + k]),
-                        "general_interval": c.boot.interval(cv["dF"][2 + k])})
+            pts.append(
+                {
+                    "method": label,
+                    "task": float(e),
+                    "general": float(f),
+                    "knob": cv["knobs"][k],
+                    "task_interval": c.boot.interval(cv["dE"][2 + k]),
+                    "general_interval": c.boot.interval(cv["dF"][2 + k]),
+                }
+            )
     for label, s in c.singles.items():
-        pts.append({"method": label, "task": s["E"], "general": s["F"], "task_interval": c.boot.interval(
-            s["draws"]["E"]), "general_interval": c.boot.interval(s["draws"]["F"])})
+        pts.append(
+            {
+                "method": label,
+                "task": s["E"],
+                "general": s["F"],
+                "task_interval": c.boot.interval(s["draws"]["E"]),
+                "general_interval": c.boot.interval(s["draws"]["F"]),
+            }
+        )
     pts.append({"method": "base", "task": 0.0, "general": 0.0, "role": "base"})
-    pts.append({"method": "fine-tuned", "task": c.e_ft, "general": c.ft["F"], "role": "finetuned",
-                "task_interval": c.boot.interval(c.e_ft_draws)})
-    return tradeoff_plot(pts, path, title=f"{task}: every method's curve (validation, 95% intervals)",
-                         xlabel="specialization gain E (points)", ylabel="general change F (points)")
+    pts.append(
+        {
+            "method": "fine-tuned",
+            "task": c.e_ft,
+            "general": c.ft["F"],
+            "role": "finetuned",
+            "task_interval": c.boot.interval(c.e_ft_draws),
+        }
+    )
+    return tradeoff_plot(
+        pts,
+        path,
+        title=f"{task}: every method's curve (validation, 95% intervals)",
+        xlabel="specialization gain E (points)",
+        ylabel="general change F (points)",
+    )
 
 
 FR_READING_START = "<!-- reading frontier: written by hand, kept when the report is rebuilt -->"
 FR_READING_END = "<!-- /reading frontier -->"
-GOAL_E, GOAL_F = 0.95, 0.90  # issue 16: keep ≥ 95% of the task gain while recovering ≥ 90% of the lost general score
+GOAL_E, GOAL_F = (
+    0.95,
+    0.90,
+)  # issue 16: keep ≥ 95% of the task gain while recovering ≥ 90% of the lost general score
 
 
 def goal_table(names: list[str], d: TaskDraws, order: list[str]) -> str:
@@ -134,8 +182,13 @@ def goal_table(names: list[str], d: TaskDraws, order: list[str]) -> str:
     general loss it recovers ((F − F_ft) / −F_ft), with 95% intervals, and whether both goals hold."""
     e_ft, f_ft = d.mean_point("fine-tuned", "E", names), d.mean_point("fine-tuned", "F", names)
     de_ft, df_ft = d.mean("fine-tuned", "E", names), d.mean("fine-tuned", "F", names)
-    lines = [(f"| method | mean E kept (of the fine-tune's {e_ft:+.1f}) | mean general loss recovered (of "
-             f"{f_ft:+.1f}) | ≥ {GOAL_E:.0%} kept and ≥ {GOAL_F:.0%} recovered |"), "|---|---|---|---|"]
+    lines = [
+        (
+            f"| method | mean E kept (of the fine-tune's {e_ft:+.1f}) | mean general loss recovered (of "
+            f"{f_ft:+.1f}) | ≥ {GOAL_E:.0%} kept and ≥ {GOAL_F:.0%} recovered |"
+        ),
+        "|---|---|---|---|",
+    ]
     for m in order:
         if m in ("base", "fine-tuned") or any(m not in d.rows[n] for n in names):
             continue
@@ -163,17 +216,27 @@ def chosen_markdown(workdir: Path, names: list[str]) -> str:
     table, order = summary(done, d)
     picks = ["| method | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
     for m in order:
-        cells = [(f"{r['chosen']} (val E {r['val']['E']:+.1f}, F {r['val']['F']:+.1f})" if "chosen" in r else
-                  "—" if m in results[n]["unreached"] else "") for n in done for r in [d.rows[n].get(m, {})]]
+        cells = [
+            (
+                f"{r['chosen']} (val E {r['val']['E']:+.1f}, F {r['val']['F']:+.1f})"
+                if "chosen" in r
+                else "—"
+                if m in results[n]["unreached"]
+                else ""
+            )
+            for n in done
+            for r in [d.rows[n].get(m, {})]
+        ]
         if any(cells):
             picks.append(f"| {m} | " + " | ".join(cells) + " |")
-    complete = all(n in done for n in names)
+    missing = [n for n in names if n not in done]
+    not_yet = f"; not run yet: {', '.join(missing)}" if missing else ""
     return f"""### Chosen points on the test splits
 
 Each curve's point chosen on **validation** — the best F among its points (its ends included) that keep at least
-{' / '.join(f'{g:g}' for g in gains)} × the fine-tune's E there (`forgetless sweep --keep-gain`), "—" where none
+{" / ".join(f"{g:g}" for g in gains)} × the fine-tune's E there (`forgetless sweep --keep-gain`), "—" where none
 does — merged again and evaluated on the **test** splits (`forgetless testbed frontier --test`; tasks:
-{', '.join(done)}{'' if complete else f'; not run yet: {", ".join(n for n in names if n not in done)}'}).
+{", ".join(done)}{not_yet}).
 Intervals as in the summary at the top (paired within a task, joint across tasks).
 
 {chr(10).join(picks)}
@@ -191,8 +254,9 @@ Paired differences of the means against **WiSE-FT**'s chosen point (**\\*** wher
 """
 
 
-def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Path | None = None,
-                      reading: str = "") -> str:
+def frontier_markdown(
+    workdir: Path, names: list[str], plots: Path, previous: Path | None = None, reading: str = ""
+) -> str:
     """The section, from each task's ``workdir/<task>/frontier-val.json`` (tasks without one are listed as not
     run); `reading`: the hand-written reading (kept between :data:`FR_READING_START` and :data:`FR_READING_END` by
     the caller)."""
@@ -207,17 +271,22 @@ def frontier_markdown(workdir: Path, names: list[str], plots: Path, previous: Pa
         absent = [k for k in FR.KNOBS if k not in c.curves]
         parts.append(f"""### {name}
 
-Fine-tune: E {c.e_ft:+.1f}, F {c.ft['F']:+.1f} (validation items: {sizes}).{
-f" Curves not run yet on this task: {', '.join(absent)}." if absent else ""}
+Fine-tune: E {c.e_ft:+.1f}, F {c.ft["F"]:+.1f} (validation items: {sizes}).{
+            f" Curves not run yet on this task: {', '.join(absent)}." if absent else ""
+        }
 
 {task_table(c)}
 
 ![{name}: curves]({doc_link(png, previous)})
 """)
+
     def grid(trial: bool) -> str:
-        return "; ".join(f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
-                         + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
-                         for label, k in FR.KNOBS.items() if k.trial == trial)
+        return "; ".join(
+            f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
+            + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
+            for label, k in FR.KNOBS.items()
+            if k.trial == trial
+        )
 
     return f"""## The forgetting frontier (validation splits)
 

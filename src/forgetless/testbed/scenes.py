@@ -16,8 +16,12 @@ from PIL import Image, ImageDraw
 
 SIZE = 64
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (35, 160, 55), "blue": (40, 75, 215),
-    "yellow": (230, 200, 20), "purple": (135, 55, 175), "orange": (245, 135, 20),
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (40, 75, 215),
+    "yellow": (230, 200, 20),
+    "purple": (135, 55, 175),
+    "orange": (245, 135, 20),
 }
 KINDS = ("circle", "square", "triangle")
 BACKGROUNDS = ((245, 245, 245), (235, 235, 225), (225, 232, 240), (240, 230, 235))
@@ -46,15 +50,25 @@ def draw(shapes: list[Shape], background: tuple[int, int, int] = BACKGROUNDS[0])
             h = s.r * 0.85
             d.rectangle([s.x - h, s.y - h, s.x + h, s.y + h], fill=c)
         elif s.kind == "triangle":
-            d.polygon([(s.x, s.y - s.r), (s.x - s.r * 0.95, s.y + s.r * 0.8), (s.x + s.r * 0.95, s.y + s.r * 0.8)],
-                      fill=c)
+            d.polygon(
+                [(s.x, s.y - s.r), (s.x - s.r * 0.95, s.y + s.r * 0.8), (s.x + s.r * 0.95, s.y + s.r * 0.8)],
+                fill=c,
+            )
         else:
             raise ValueError(f"unknown shape kind {s.kind!r}")
     return im
 
 
-def place(rng: random.Random, n: int, radius: tuple[float, float], *, colours=None, kinds=None,
-          distinct: bool = False, tries: int = 2000) -> list[Shape]:
+def place(
+    rng: random.Random,
+    n: int,
+    radius: tuple[float, float],
+    *,
+    colours=None,
+    kinds=None,
+    distinct: bool = False,
+    tries: int = 2000,
+) -> list[Shape]:
     """`n` non-overlapping shapes with radii in `radius`; `distinct`: no two share both colour and kind."""
     colours = list(colours or COLOURS)
     kinds = list(kinds or KINDS)

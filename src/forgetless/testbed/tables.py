@@ -47,8 +47,10 @@ def sure_interval(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
 def summary(names: list[str], d: TaskDraws) -> tuple[str, list[str]]:
     """The E / F table (per task and mean, with intervals) and the methods in it, in row order."""
     order = list(dict.fromkeys(m for n in names for m in d.rows[n]))
-    lines = ["| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
-             "|---|" + "---|" * (len(names) + 3)]
+    lines = [
+        "| method | " + " | ".join(f"{n} E / F" for n in names) + " | mean E | mean F | mean E+F |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
     for m in order:
         cells, have = [], []
         for n in names:
@@ -64,7 +66,9 @@ def summary(names: list[str], d: TaskDraws) -> tuple[str, list[str]]:
             if len(have) != len(names):
                 means.append("—")
                 continue
-            means.append(cell(d.mean_point(m, key, names), True, sure_interval(d.boot, d.mean(m, key, names))))
+            means.append(
+                cell(d.mean_point(m, key, names), True, sure_interval(d.boot, d.mean(m, key, names)))
+            )
         lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     return "\n".join(lines), order
 

@@ -82,6 +82,7 @@ def _count(lo: int, hi: int, radius: tuple[float, float]):
     def make(rng, split, i):
         s = scenes.place(rng, rng.randint(lo, hi), radius)
         return Item("How many shapes are there?", str(len(s)), COUNT_OPTIONS, scenes.scene(rng, s))
+
     return make
 
 
@@ -93,9 +94,13 @@ def _caption_task(rng, split, i):
         t = list(s)
         k = rng.randrange(len(t))
         if rng.random() < 0.5:
-            t[k] = Shape(rng.choice([c for c in COLOURS if c != t[k].colour]), t[k].kind, t[k].x, t[k].y, t[k].r)
+            t[k] = Shape(
+                rng.choice([c for c in COLOURS if c != t[k].colour]), t[k].kind, t[k].x, t[k].y, t[k].r
+            )
         else:
-            t[k] = Shape(t[k].colour, rng.choice([c for c in KINDS if c != t[k].kind]), t[k].x, t[k].y, t[k].r)
+            t[k] = Shape(
+                t[k].colour, rng.choice([c for c in KINDS if c != t[k].kind]), t[k].x, t[k].y, t[k].r
+            )
         cap = _caption(t)
         if cap != answer:
             wrong.add(cap)
@@ -142,8 +147,12 @@ def _digit_indices(split: str, seed: int) -> list[int]:
 def _apart(shapes: list[Shape]) -> bool:
     """No two shapes of one colour touch: a square's corners reach 1.2 r from its centre, beyond the bounding
     circle that :func:`scenes.place` keeps apart, so two same-coloured squares could merge into one blob."""
-    return all(math.hypot(a.x - b.x, a.y - b.y) >= 1.25 * (a.r + b.r) + 2
-               for k, a in enumerate(shapes) for b in shapes[k + 1:] if a.colour == b.colour)
+    return all(
+        math.hypot(a.x - b.x, a.y - b.y) >= 1.25 * (a.r + b.r) + 2
+        for k, a in enumerate(shapes)
+        for b in shapes[k + 1 :]
+        if a.colour == b.colour
+    )
 
 
 def _largest_colour(rng, split, i):
@@ -187,15 +196,23 @@ def _count_red(rng, split, i):
 def _digit(rng, split, i):
     _, labels = scenes.digits()
     idx = rng.idx_list[i % len(rng.idx_list)]  # set by write_split
-    return Item("Which digit is written here?", str(int(labels[idx])), [str(d) for d in range(10)],
-                scenes.digit_image(idx, rng))
+    return Item(
+        "Which digit is written here?",
+        str(int(labels[idx])),
+        [str(d) for d in range(10)],
+        scenes.digit_image(idx, rng),
+    )
 
 
 def _digit_parity(rng, split, i):
     _, labels = scenes.digits()
     idx = rng.idx_list[i % len(rng.idx_list)]
-    return Item("Is this digit odd or even?", "odd" if int(labels[idx]) % 2 else "even", ["odd", "even"],
-                scenes.digit_image(idx, rng))
+    return Item(
+        "Is this digit odd or even?",
+        "odd" if int(labels[idx]) % 2 else "even",
+        ["odd", "even"],
+        scenes.digit_image(idx, rng),
+    )
 
 
 # Test splits as large as one session's compute allowed for the report (RESULTS.md: 15 models per downstream task,
@@ -204,31 +221,100 @@ def _digit_parity(rng, split, i):
 GENERAL_SIZES = {"train": 1500, "val": 100, "test": 150}
 TASK_SIZES = {"train": 2000, "val": 100, "test": 500}
 UNSEEN_SIZES = {"train": 0, "val": 100, "test": 500}  # held out: nothing to train on, by construction
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("colour", "general_visual", "the colour of one shape (6 colours)", "mc", GENERAL_SIZES, _colour),
-    TaskSpec("shape", "general_visual", "the kind of one shape (circle, square, triangle)", "mc", GENERAL_SIZES,
-             _shape),
-    TaskSpec("count", "general_visual", "how many shapes, 1–4", "mc", GENERAL_SIZES, _count(1, 4, (6, 11))),
-    TaskSpec("caption", "general_visual", "describe one or two shapes, left to right", "mc", GENERAL_SIZES,
-             _caption_task),
-    TaskSpec("probes", "general_text", "multiple-choice knowledge questions (facts, science, arithmetic, words), "
-             "never trained on", "mc", {}, None),
-    TaskSpec("digits", "downstream", "which handwritten digit (scikit-learn's digits)", "mc",
-             {"train": 1397, "val": 100, "test": 300}, _digit),
-    TaskSpec("spatial", "downstream", "left / right / above / below between two shapes", "mc", TASK_SIZES,
-             _spatial),
-    TaskSpec("count_many", "downstream", "how many shapes, 5–9 (the count question, with new answers)", "mc",
-             TASK_SIZES, _count(5, 9, (4, 6.5))),
-    TaskSpec("tag", "downstream", "a new caption format, 'circle:red square:blue', exact match after generation",
-             "exact", TASK_SIZES, _tag),
-    TaskSpec("largest_colour", "seen", "the colour of the largest of three shapes", "mc", TASK_SIZES,
-             _largest_colour),
-    TaskSpec("odd_colour", "seen", "which colour appears only once among 3–5 shapes", "mc", TASK_SIZES,
-             _odd_colour),
-    TaskSpec("digit_parity", "unseen", "is the handwritten digit odd or even (the digits' own val/test images)",
-             "mc", {"train": 0, "val": 100, "test": 300}, _digit_parity),
-    TaskSpec("count_red", "unseen", "how many red shapes, 1–4 among 2–7 shapes", "mc", UNSEEN_SIZES, _count_red),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec(
+            "colour", "general_visual", "the colour of one shape (6 colours)", "mc", GENERAL_SIZES, _colour
+        ),
+        TaskSpec(
+            "shape",
+            "general_visual",
+            "the kind of one shape (circle, square, triangle)",
+            "mc",
+            GENERAL_SIZES,
+            _shape,
+        ),
+        TaskSpec(
+            "count", "general_visual", "how many shapes, 1–4", "mc", GENERAL_SIZES, _count(1, 4, (6, 11))
+        ),
+        TaskSpec(
+            "caption",
+            "general_visual",
+            "describe one or two shapes, left to right",
+            "mc",
+            GENERAL_SIZES,
+            _caption_task,
+        ),
+        TaskSpec(
+            "probes",
+            "general_text",
+            "multiple-choice knowledge questions (facts, science, arithmetic, words), never trained on",
+            "mc",
+            {},
+            None,
+        ),
+        TaskSpec(
+            "digits",
+            "downstream",
+            "which handwritten digit (scikit-learn's digits)",
+            "mc",
+            {"train": 1397, "val": 100, "test": 300},
+            _digit,
+        ),
+        TaskSpec(
+            "spatial",
+            "downstream",
+            "left / right / above / below between two shapes",
+            "mc",
+            TASK_SIZES,
+            _spatial,
+        ),
+        TaskSpec(
+            "count_many",
+            "downstream",
+            "how many shapes, 5–9 (the count question, with new answers)",
+            "mc",
+            TASK_SIZES,
+            _count(5, 9, (4, 6.5)),
+        ),
+        TaskSpec(
+            "tag",
+            "downstream",
+            "a new caption format, 'circle:red square:blue', exact match after generation",
+            "exact",
+            TASK_SIZES,
+            _tag,
+        ),
+        TaskSpec(
+            "largest_colour",
+            "seen",
+            "the colour of the largest of three shapes",
+            "mc",
+            TASK_SIZES,
+            _largest_colour,
+        ),
+        TaskSpec(
+            "odd_colour",
+            "seen",
+            "which colour appears only once among 3–5 shapes",
+            "mc",
+            TASK_SIZES,
+            _odd_colour,
+        ),
+        TaskSpec(
+            "digit_parity",
+            "unseen",
+            "is the handwritten digit odd or even (the digits' own val/test images)",
+            "mc",
+            {"train": 0, "val": 100, "test": 300},
+            _digit_parity,
+        ),
+        TaskSpec(
+            "count_red", "unseen", "how many red shapes, 1–4 among 2–7 shapes", "mc", UNSEEN_SIZES, _count_red
+        ),
+    )
+}
 GENERAL_VISUAL = [n for n, t in TASKS.items() if t.kind == "general_visual"]
 DOWNSTREAM = [n for n, t in TASKS.items() if t.kind == "downstream"]
 SEEN = [*DOWNSTREAM, *(n for n, t in TASKS.items() if t.kind == "seen")]  # one LoRA adapter each (.multitask)
@@ -246,7 +332,9 @@ class _Rng(random.Random):
 
 
 def _records(spec: TaskSpec, split: str, seed: int, n: int, images: Path | None) -> Iterable[dict]:
-    rng = _Rng(f"{spec.name}/{split}/{seed}", _digit_indices(split, seed) if spec.name in DIGIT_TASKS else None)
+    rng = _Rng(
+        f"{spec.name}/{split}/{seed}", _digit_indices(split, seed) if spec.name in DIGIT_TASKS else None
+    )
     if rng.idx_list:
         n = min(n, len(rng.idx_list))
     for i in range(n):
@@ -275,8 +363,14 @@ def task_dir(root: str | os.PathLike, name: str) -> Path:
     return Path(root) / name
 
 
-def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict[str, int] | None = None,
-               force: bool = False) -> Path:
+def write_task(
+    root: str | os.PathLike,
+    name: str,
+    *,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    force: bool = False,
+) -> Path:
     """Generate task `name` under `root` (cached: an existing folder with the same version, seed and sizes is
     reused). Written to a temporary folder and renamed, so a task folder is always whole."""
     if name not in TASKS:
@@ -287,17 +381,24 @@ def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict
     sizes = {**spec.sizes, **(sizes or {})}
     out = task_dir(root, name)
     # the evaluation harness scores seen and unseen tasks as task (downstream) scores; task.json keeps the role
-    meta = {"name": name, "kind": "downstream" if spec.kind in ("seen", "unseen") else spec.kind,
-            **({"role": spec.kind} if spec.kind in ("seen", "unseen") else {}),
-            "description": spec.description, "metric": spec.metric, "version": VERSION, "seed": seed,
-            "sizes": sizes}
+    meta = {
+        "name": name,
+        "kind": "downstream" if spec.kind in ("seen", "unseen") else spec.kind,
+        **({"role": spec.kind} if spec.kind in ("seen", "unseen") else {}),
+        "description": spec.description,
+        "metric": spec.metric,
+        "version": VERSION,
+        "seed": seed,
+        "sizes": sizes,
+    }
     if not force and (out / "task.json").is_file():
         try:
             old = json.loads((out / "task.json").read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old and {k: old.get(k) for k in ("version", "seed", "sizes")} == \
-                {k: meta[k] for k in ("version", "seed", "sizes")}:
+        if old and {k: old.get(k) for k in ("version", "seed", "sizes")} == {
+            k: meta[k] for k in ("version", "seed", "sizes")
+        }:
             return out
     with atomic_folder(out) as tmp:
         counts = {}
@@ -310,15 +411,22 @@ def write_task(root: str | os.PathLike, name: str, *, seed: int = 0, sizes: dict
         else:
             (tmp / "images").mkdir()
             for split in SPLITS:
-                counts[split] = _write_jsonl(tmp / f"{split}.jsonl",
-                                             _records(spec, split, seed, sizes[split], tmp / "images"))
+                counts[split] = _write_jsonl(
+                    tmp / f"{split}.jsonl", _records(spec, split, seed, sizes[split], tmp / "images")
+                )
         meta["counts"] = counts
         (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
-def write_tasks(root: str | os.PathLike, names: Iterable[str] | None = None, *, seed: int = 0,
-                force: bool = False, log=None) -> dict[str, Path]:
+def write_tasks(
+    root: str | os.PathLike,
+    names: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    force: bool = False,
+    log=None,
+) -> dict[str, Path]:
     out = {}
     for name in names or TASKS:
         out[name] = write_task(root, name, seed=seed, force=force)

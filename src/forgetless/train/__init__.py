@@ -18,13 +18,31 @@ from .spider import (
     spider_coefficients,
 )
 
-__all__ = ["KEEP_RULES", "FinetuneConfig", "FinetuneReport", "LoraSpec", "MagnitudeMask", "Spider", "SpiderCallback",
-           "StepHook", "StepInfo", "abs_moments", "answer_losses", "finetune", "importance", "lr_at", "magnitude_mask",
-           "make_rule", "spider_coefficients"]
+__all__ = [
+    "KEEP_RULES",
+    "FinetuneConfig",
+    "FinetuneReport",
+    "LoraSpec",
+    "MagnitudeMask",
+    "Spider",
+    "SpiderCallback",
+    "StepHook",
+    "StepInfo",
+    "abs_moments",
+    "answer_losses",
+    "finetune",
+    "importance",
+    "lr_at",
+    "magnitude_mask",
+    "make_rule",
+    "spider_coefficients",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "SpiderCallback":  # built on first use, so that importing forgetless.train needs no transformers
+    if (
+        name == "SpiderCallback"
+    ):  # built on first use, so that importing forgetless.train needs no transformers
         from . import spider
 
         return spider.SpiderCallback

@@ -71,41 +71,74 @@ class FinetuneConfig:
             if not ok:
                 raise ForgetlessError(problem, remedy=remedy)
         if self.init_adapter is not None and self.lora is None:
-            raise ForgetlessError("init_adapter continues a LoRA adapter; this run is a full fine-tune",
-                                  file=self.init_adapter, remedy="pass --lora with the adapter's rank and targets, "
-                                  "or drop --init-adapter")
+            raise ForgetlessError(
+                "init_adapter continues a LoRA adapter; this run is a full fine-tune",
+                file=self.init_adapter,
+                remedy="pass --lora with the adapter's rank and targets, or drop --init-adapter",
+            )
         if not (model_dir / "config.json").is_file():
-            raise ForgetlessError("not a model folder (no config.json)", file=model_dir,
-                                  remedy="give the Hugging Face folder of the model to fine-tune")
+            raise ForgetlessError(
+                "not a model folder (no config.json)",
+                file=model_dir,
+                remedy="give the Hugging Face folder of the model to fine-tune",
+            )
 
     def _checks(self, world: int) -> list[tuple[bool, str, str]]:
         checks = [
             (self.steps >= 1, f"steps must be ≥ 1, got {self.steps}", "pass --steps N"),
             (self.batch_size >= 1, f"batch size must be ≥ 1, got {self.batch_size}", "pass --batch-size N"),
-            (self.batch_size % world == 0, f"batch size {self.batch_size} is not divisible by the {world} processes",
-             f"pass a --batch-size that is a multiple of {world}: each process takes an equal share of every batch"),
+            (
+                self.batch_size % world == 0,
+                f"batch size {self.batch_size} is not divisible by the {world} processes",
+                f"pass a --batch-size that is a multiple of {world}: each process takes an equal share of every batch",
+            ),
             (self.grad_accum >= 1, f"grad_accum must be ≥ 1, got {self.grad_accum}", "pass --grad-accum N"),
             (self.lr > 0, f"the learning rate must be positive, got {self.lr}", "pass --lr"),
-            (0 <= self.warmup < self.steps, f"warmup must be in 0..steps-1, got {self.warmup} for {self.steps} steps",
-             "lower --warmup"),
+            (
+                0 <= self.warmup < self.steps,
+                f"warmup must be in 0..steps-1, got {self.warmup} for {self.steps} steps",
+                "lower --warmup",
+            ),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}", f"use one of {SCHEDULES}"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", "pass 0.1 or 0"),
-            (self.clip is None or self.clip > 0, f"clip must be positive, got {self.clip}",
-             "pass --clip 1.0, or no --clip"),
+            (
+                0 <= self.min_lr_ratio <= 1,
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+                "pass 0.1 or 0",
+            ),
+            (
+                self.clip is None or self.clip > 0,
+                f"clip must be positive, got {self.clip}",
+                "pass --clip 1.0, or no --clip",
+            ),
             (self.dtype in DTYPES, f"unknown dtype {self.dtype!r}", f"use one of {DTYPES}"),
-            (self.on_bad_sample in ON_BAD_SAMPLE, f"unknown on_bad_sample {self.on_bad_sample!r}",
-             f"use one of {ON_BAD_SAMPLE}"),
-            (self.keep in KEEP_RULES, f"unknown keep rule {self.keep!r}", f"use one of {', '.join(KEEP_RULES)}"),
-            (self.workers is None or self.workers >= 0, f"workers must be ≥ 0, got {self.workers}",
-             "pass --workers N (0: no workers)"),
+            (
+                self.on_bad_sample in ON_BAD_SAMPLE,
+                f"unknown on_bad_sample {self.on_bad_sample!r}",
+                f"use one of {ON_BAD_SAMPLE}",
+            ),
+            (
+                self.keep in KEEP_RULES,
+                f"unknown keep rule {self.keep!r}",
+                f"use one of {', '.join(KEEP_RULES)}",
+            ),
+            (
+                self.workers is None or self.workers >= 0,
+                f"workers must be ≥ 0, got {self.workers}",
+                "pass --workers N (0: no workers)",
+            ),
         ]
         lora = self.lora
         if lora is not None:
-            checks += [(lora.r >= 1, f"LoRA rank must be ≥ 1, got {lora.r}", "pass --lora-r N"),
-                       (lora.alpha > 0, f"LoRA alpha must be positive, got {lora.alpha}", "pass --lora-alpha"),
-                       (0 <= lora.dropout < 1, f"LoRA dropout must be in [0, 1), got {lora.dropout}", "pass 0.05"),
-                       (self.keep == "none", f"keep={self.keep!r} applies to a full fine-tune, not to LoRA",
-                        "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run")]
+            checks += [
+                (lora.r >= 1, f"LoRA rank must be ≥ 1, got {lora.r}", "pass --lora-r N"),
+                (lora.alpha > 0, f"LoRA alpha must be positive, got {lora.alpha}", "pass --lora-alpha"),
+                (0 <= lora.dropout < 1, f"LoRA dropout must be in [0, 1), got {lora.dropout}", "pass 0.05"),
+                (
+                    self.keep == "none",
+                    f"keep={self.keep!r} applies to a full fine-tune, not to LoRA",
+                    "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run",
+                ),
+            ]
         return checks
 
     def recipe(self, **facts: Any) -> dict[str, Any]:

@@ -77,16 +77,20 @@ class Findings:
 def _fields(e: Exception, sample: Sample, rank: int) -> dict[str, Any]:
     if isinstance(e, ForgetlessError):
         return {"problem": e.problem, "file": e.file, "tensor": e.tensor, "remedy": e.remedy}
-    return {"problem": f"rank {rank} failed to encode sample {sample.id!r} ({type(e).__name__}: {e})",
-            "file": sample.source, "remedy": "see that rank's output"}
+    return {
+        "problem": f"rank {rank} failed to encode sample {sample.id!r} ({type(e).__name__}: {e})",
+        "file": sample.source,
+        "remedy": "see that rank's output",
+    }
 
 
 def _nbytes(enc: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in enc.values())
 
 
-def check_share(samples: list[Sample], encoder: Encoder, on_bad_sample: str, positions: list[int], rank: int = 0
-                ) -> tuple[Findings, dict[int, dict[str, torch.Tensor]], Exception | None]:
+def check_share(
+    samples: list[Sample], encoder: Encoder, on_bad_sample: str, positions: list[int], rank: int = 0
+) -> tuple[Findings, dict[int, dict[str, torch.Tensor]], Exception | None]:
     """Encode the samples at ``positions``, in order, up to the first error. Returns the findings, the encodings
     kept (by position, up to :data:`CACHE_BYTES`) and the error itself (None without one)."""
     found, cache, used = Findings(), {}, 0
@@ -119,13 +123,22 @@ def _raise_first(everyone: list[Findings], error: Exception | None, rank: int) -
     raise ForgetlessError(**fields)
 
 
-def check(samples: list[Sample], encoder: Encoder, on_bad_sample: str, *, seed: int = 0, rank: int = 0,
-          world: int = 1) -> tuple[list[Sample], list[tuple[str, str]], dict[int, dict[str, torch.Tensor]], int]:
+def check(
+    samples: list[Sample],
+    encoder: Encoder,
+    on_bad_sample: str,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[list[Sample], list[tuple[str, str]], dict[int, dict[str, torch.Tensor]], int]:
     """Check every sample once, this rank its :func:`share`, and gather the findings (a collective under a
     process group: every rank calls it). Returns the usable samples (the same list on every rank), ``(id, reason)``
     of the skipped ones in list order, this rank's kept encodings by position in the usable list, and the longest
     encoding in tokens."""
-    found, mine, error = check_share(samples, encoder, on_bad_sample, share(len(samples), seed, rank, world), rank)
+    found, mine, error = check_share(
+        samples, encoder, on_bad_sample, share(len(samples), seed, rank, world), rank
+    )
     everyone: list[Findings] = gather_objects(found)
     _raise_first(everyone, error, rank)
     bad = sorted(b for f in everyone for b in f.bad)
@@ -133,11 +146,19 @@ def check(samples: list[Sample], encoder: Encoder, on_bad_sample: str, *, seed: 
     kept = [p for p in range(len(samples)) if p not in dropped]
     if not kept:
         _, sid, why = bad[0]
-        raise ForgetlessError(f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
-                              file=samples[0].source, remedy="fix the data")
+        raise ForgetlessError(
+            f"all {len(samples)} samples were skipped as bad (first: {sid!r}: {why})",
+            file=samples[0].source,
+            remedy="fix the data",
+        )
     where = {p: i for i, p in enumerate(kept)}
     cache = {where[p]: enc for p, enc in mine.items()}
-    return [samples[p] for p in kept], [(sid, why) for _, sid, why in bad], cache, max(f.longest for f in everyone)
+    return (
+        [samples[p] for p in kept],
+        [(sid, why) for _, sid, why in bad],
+        cache,
+        max(f.longest for f in everyone),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -145,8 +166,17 @@ class MicroBatches(Dataset):
     """Micro-batch ``k`` of one rank, collated: its items ``[rank::world]`` of the stream's ``k·B .. (k+1)·B − 1``,
     from the kept encodings or encoded now."""
 
-    def __init__(self, samples: list[Sample], encoder: Encoder, cache: dict[int, dict[str, torch.Tensor]], *,
-                 batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        encoder: Encoder,
+        cache: dict[int, dict[str, torch.Tensor]],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.samples, self.encoder, self.cache = samples, encoder, cache
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self._order: tuple[int, list[int]] = (-1, [])  # one epoch's order at a time
@@ -160,7 +190,10 @@ class MicroBatches(Dataset):
 
     def items(self, k: int) -> list[int]:
         """The samples of this rank's share of micro-batch ``k``."""
-        return [self.item(p) for p in range(k * self.batch_size + self.rank, (k + 1) * self.batch_size, self.world)]
+        return [
+            self.item(p)
+            for p in range(k * self.batch_size + self.rank, (k + 1) * self.batch_size, self.world)
+        ]
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         encoded = [self.cache[i] if i in self.cache else self.encoder(self.samples[i]) for i in self.items(k)]
@@ -181,23 +214,44 @@ class Feed:
     """The fine-tune's usable samples (checked on construction: see the module's notes) and this rank's
     ``micro_batches`` micro-batches, from a DataLoader of ``workers`` processes (None: :func:`auto_workers`)."""
 
-    def __init__(self, samples: list[Sample], encoder: Encoder, *, on_bad_sample: str, batch_size: int,
-                 micro_batches: int, seed: int = 0, rank: int = 0, world: int = 1, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        encoder: Encoder,
+        *,
+        on_bad_sample: str,
+        batch_size: int,
+        micro_batches: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        workers: int | None = None,
+    ) -> None:
         if workers is not None and workers < 0:
-            raise ForgetlessError(f"workers must be ≥ 0, got {workers}", remedy="pass --workers N (0: no workers)")
-        self.samples, self.skipped, self.cache, self.longest = check(samples, encoder, on_bad_sample, seed=seed,
-                                                                     rank=rank, world=world)
-        self.dataset = MicroBatches(self.samples, encoder, self.cache, batch_size=batch_size, seed=seed, rank=rank,
-                                    world=world)
+            raise ForgetlessError(
+                f"workers must be ≥ 0, got {workers}", remedy="pass --workers N (0: no workers)"
+            )
+        self.samples, self.skipped, self.cache, self.longest = check(
+            samples, encoder, on_bad_sample, seed=seed, rank=rank, world=world
+        )
+        self.dataset = MicroBatches(
+            self.samples, encoder, self.cache, batch_size=batch_size, seed=seed, rank=rank, world=world
+        )
         self.micro_batches = micro_batches
         self.workers = auto_workers(self.dataset, micro_batches) if workers is None else workers
 
     def batches(self, device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches ``0 .. micro_batches − 1``, on ``device``. Its ``close()`` ends the workers."""
         pinned = torch.device(device).type == "cuda"
-        loader = DataLoader(self.dataset, batch_size=None, sampler=range(self.micro_batches),
-                            num_workers=self.workers, persistent_workers=self.workers > 0,
-                            prefetch_factor=PREFETCH if self.workers else None, pin_memory=pinned)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=range(self.micro_batches),
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,
+            prefetch_factor=PREFETCH if self.workers else None,
+            pin_memory=pinned,
+        )
         it = iter(loader)
         try:
             for batch in it:

@@ -40,4 +40,6 @@ class StepHook(Protocol):
 
     def before_step(self, info: StepInfo) -> None: ...  # after clipping, before optimizer.step()
 
-    def after_step(self, info: StepInfo) -> None: ...  # after optimizer.step(), before the gradients are cleared
+    def after_step(
+        self, info: StepInfo
+    ) -> None: ...  # after optimizer.step(), before the gradients are cleared

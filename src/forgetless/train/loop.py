@@ -52,12 +52,19 @@ from .targets import (
 )
 from .tblog import TrainingLog
 
-DEFAULT_FULL_SCOPE = ("language", "lm_head", "projector")  # the vision tower stays frozen, as in LLaVA's recipe
+DEFAULT_FULL_SCOPE = (
+    "language",
+    "lm_head",
+    "projector",
+)  # the vision tower stays frozen, as in LLaVA's recipe
 DEFAULT_LORA_SCOPE = ("language.layers",)
 LOG_EVERY_S = 5.0
 SHARD_SIZE = "5GB"
-PARALLEL = {"fsdp": "FSDP2: each rank holds its share of the weights, gradients, optimizer state and keep rule",
-            "ddp": "DDP", "none": "one process"}
+PARALLEL = {
+    "fsdp": "FSDP2: each rank holds its share of the weights, gradients, optimizer state and keep rule",
+    "ddp": "DDP",
+    "none": "one process",
+}
 
 
 # ------------------------------------------------------------------------------------------------ public types
@@ -79,8 +86,9 @@ class FinetuneReport:
 
 
 # ------------------------------------------------------------------------------------------------ the schedule
-def lr_at(t: int, *, lr: float, steps: int, warmup: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    t: int, *, lr: float, steps: int, warmup: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1
+) -> float:
     """The learning rate of optimizer step ``t`` (1-based): linear warm-up, then cosine (or constant)."""
     if t <= warmup:
         return lr * t / warmup
@@ -132,22 +140,34 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _by_stored_name(trained: dict[str, nn.Parameter], stored: dict[str, str], model: nn.Module
-                    ) -> dict[str, nn.Parameter]:
+def _by_stored_name(
+    trained: dict[str, nn.Parameter], stored: dict[str, str], model: nn.Module
+) -> dict[str, nn.Parameter]:
     """Every checkpoint name of a trained parameter (tied copies included) → the parameter."""
     named = dict(model.named_parameters(remove_duplicate=False))
     trained_ids = {id(p) for p in trained.values()}
     return {saved: named[p] for p, saved in stored.items() if id(named[p]) in trained_ids}
 
 
-def _write_full(model_dir: Path, out: Path, from_model: dict[str, torch.Tensor], meta: dict[str, Any], force: bool,
-                tb: TrainingLog | None = None) -> None:
+def _write_full(
+    model_dir: Path,
+    out: Path,
+    from_model: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    force: bool,
+    tb: TrainingLog | None = None,
+) -> None:
     """Every tensor of the input folder, under its name and dtype: those of ``from_model`` (checkpoint name →
     the trained tensor) from it, all others as the input's own bytes; and the run's TensorBoard events."""
     with CheckpointReader(model_dir) as reader:
         entries = [Entry(n, reader.info(n).shape, reader.info(n).dtype) for n in reader.names()]
-        writer = StreamingWriter(out, entries, shard_size=parse_size(SHARD_SIZE), force=force,
-                                 metadata={"forgetless_version": __version__, "finetune": "full"})
+        writer = StreamingWriter(
+            out,
+            entries,
+            shard_size=parse_size(SHARD_SIZE),
+            force=force,
+            metadata={"forgetless_version": __version__, "finetune": "full"},
+        )
         try:
             for e in entries:
                 if e.name in from_model:
@@ -159,15 +179,23 @@ def _write_full(model_dir: Path, out: Path, from_model: dict[str, torch.Tensor],
                     writer.write(e.name, reader.raw(e.name))
             if tb is not None:
                 tb.copy_into(writer.tmp)
-            writer.commit(side_files_from=model_dir, extra_files={"finetune.json": json.dumps(meta, indent=1)})
+            writer.commit(
+                side_files_from=model_dir, extra_files={"finetune.json": json.dumps(meta, indent=1)}
+            )
         except BaseException:
             writer.abort()
             raise
 
 
-def _write_lora(peft_model: nn.Module, out: Path, meta: dict[str, Any], force: bool,
-                tb: TrainingLog | None = None, state: dict[str, torch.Tensor] | None = None,
-                rename: Callable[[str], str] | None = None) -> None:
+def _write_lora(
+    peft_model: nn.Module,
+    out: Path,
+    meta: dict[str, Any],
+    force: bool,
+    tb: TrainingLog | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    rename: Callable[[str], str] | None = None,
+) -> None:
     """The PEFT adapter folder (``save_pretrained``; ``state``: the adapter's tensors by parameter name, when the
     model's own are pieces; ``rename``: module paths to the base folder's own, for an original LLaVA folder) plus
     ``finetune.json`` and the TensorBoard events, renamed into place."""
@@ -186,8 +214,15 @@ def _hms(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: layouts.Layout,
-               lora: LoraSpec | None, images: bool, **kw: Any) -> TrainFootprint:
+def _footprint(
+    model_dir: Path,
+    names: list[str],
+    selected: set[str],
+    layout: layouts.Layout,
+    lora: LoraSpec | None,
+    images: bool,
+    **kw: Any,
+) -> TrainFootprint:
     """:func:`train.memory.account` for this run, its trainable values counted on the meta-device model; with
     ``fsdp``, what FSDP2 gathers whole, from the values of its units and root group (LoRA's adapters, small, left
     out of those)."""
@@ -210,8 +245,14 @@ def _footprint(model_dir: Path, names: list[str], selected: set[str], layout: la
     text = model.config.get_text_config()
     with CheckpointReader(model_dir) as reader:  # θ₀ is held in the stored dtype where that is 16-bit
         theta0 = max(reader.info(n).dtype.itemsize for n in selected) if selected else 4
-    return account(trainable, total - trainable, hidden=text.hidden_size, layers=text.num_hidden_layers,
-                   theta0_bytes=theta0, **kw)
+    return account(
+        trainable,
+        total - trainable,
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        theta0_bytes=theta0,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ precision
@@ -225,8 +266,12 @@ def _float32_from_checkpoint(params: dict[str, nn.Parameter], model_dir: Path) -
                 continue
             value = reader.get(saved).to(p.device)
             if value.shape != p.shape or not torch.equal(value.to(p.dtype), p.data):
-                raise ForgetlessError("the stored tensor is not the parameter transformers loaded from it",
-                                      file=model_dir, tensor=saved, remedy="fine-tune with --dtype float32")
+                raise ForgetlessError(
+                    "the stored tensor is not the parameter transformers loaded from it",
+                    file=model_dir,
+                    tensor=saved,
+                    remedy="fine-tune with --dtype float32",
+                )
             p.data = value.float()
 
 
@@ -297,14 +342,18 @@ class _Trainee:
     frozen_dtype: str = "float32"
 
 
-def _split_hook(hook: StepHook | Callable[[StepInfo], None] | None) -> tuple[Callable | None, Callable | None]:
+def _split_hook(
+    hook: StepHook | Callable[[StepInfo], None] | None,
+) -> tuple[Callable | None, Callable | None]:
     """(before, after): a plain callable runs before the step; an object's ``before_step`` / ``after_step``."""
     methods = hasattr(hook, "before_step") or hasattr(hook, "after_step")
     before = getattr(hook, "before_step", None) if methods else hook
     after = getattr(hook, "after_step", None) if methods else None
     if hook is not None and not callable(before) and not callable(after):
-        raise ForgetlessError("the hook has neither before_step nor after_step and is not callable",
-                              remedy="pass a function of StepInfo or an object with before_step/after_step")
+        raise ForgetlessError(
+            "the hook has neither before_step nor after_step and is not callable",
+            remedy="pass a function of StepInfo or an object with before_step/after_step",
+        )
     return before, after
 
 
@@ -312,29 +361,55 @@ def _default_scope(cfg: FinetuneConfig, layout: layouts.Layout, names: list[str]
     """LoRA: the decoder layers; full: the language model, lm_head (where stored, not tied) and the projector."""
     if cfg.lora is not None:
         return list(DEFAULT_LORA_SCOPE)
-    return [s for s in DEFAULT_FULL_SCOPE if s == layouts.LANGUAGE or (s in layout.parts and any(
-        layouts.part_of(layout, n) == s for n in names))]
+    return [
+        s
+        for s in DEFAULT_FULL_SCOPE
+        if s == layouts.LANGUAGE
+        or (s in layout.parts and any(layouts.part_of(layout, n) == s for n in names))
+    ]
 
 
-def _prepare(model_dir: Path, data: Path, out: Path, cfg: FinetuneConfig, *, images: Path | None, hook: Any,
-             log: Callable[[str], None] | None, ranks: int | None, dry_run: bool, force: bool) -> _Job:
+def _prepare(
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    cfg: FinetuneConfig,
+    *,
+    images: Path | None,
+    hook: Any,
+    log: Callable[[str], None] | None,
+    ranks: int | None,
+    dry_run: bool,
+    force: bool,
+) -> _Job:
     """Every check that needs neither the model nor the data's encoding, the tensor selection on the folder's own
     names, and the samples read."""
     rank, world = dist_info()  # torchrun's environment: these checks run before the process group is joined
     say = log if (log is not None and rank == 0) else (lambda _s: None)
     check_output(out, [model_dir, data, images, cfg.init_adapter], force=force)
     if ranks is not None and not dry_run:
-        raise ForgetlessError("ranks (--ranks) is the number of processes a dry run accounts for", remedy=(
-            "drop --ranks: a run's processes are torchrun's (--nproc-per-node), or add --dry-run"))
+        raise ForgetlessError(
+            "ranks (--ranks) is the number of processes a dry run accounts for",
+            remedy=("drop --ranks: a run's processes are torchrun's (--nproc-per-node), or add --dry-run"),
+        )
     cfg.check(model_dir, world if ranks is None else ranks)
     before, after = _split_hook(hook)
-    init_state = None if cfg.init_adapter is None else read_init_adapter(
-        Path(cfg.init_adapter), cfg.lora, rename=original.to_memory if original.is_original(model_dir) else None)
+    init_state = (
+        None
+        if cfg.init_adapter is None
+        else read_init_adapter(
+            Path(cfg.init_adapter),
+            cfg.lora,
+            rename=original.to_memory if original.is_original(model_dir) else None,
+        )
+    )
     with CheckpointReader(model_dir) as reader:
         names = reader.names()
         layout = layouts.detect_layout(reader.config, names)
         fingerprint = reader.weights_fingerprint()
-        if cfg.lora is None and rank == 0:  # the output is the model as stored: its disk must hold it, before training
+        if (
+            cfg.lora is None and rank == 0
+        ):  # the output is the model as stored: its disk must hold it, before training
             check_free_space(out, sum(reader.info(n).nbytes for n in names), "the fine-tuned model")
     if cfg.train is None:
         cfg = replace(cfg, train=_default_scope(cfg, layout, names))
@@ -342,16 +417,43 @@ def _prepare(model_dir: Path, data: Path, out: Path, cfg: FinetuneConfig, *, ima
     if cfg.lora is not None:
         check_lora_targets(cfg.lora, selected, layout, names, model_dir)
     samples = load_samples(data, image_folder=images, n=cfg.n, seed=cfg.seed)
-    encoder = Encoder(model_dir, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return _Job(model_dir, data, out, cfg, images, names, layout, selected, fingerprint, samples, encoder, init_state,
-                before, after, say, force)
+    encoder = Encoder(
+        model_dir, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
+    )
+    return _Job(
+        model_dir,
+        data,
+        out,
+        cfg,
+        images,
+        names,
+        layout,
+        selected,
+        fingerprint,
+        samples,
+        encoder,
+        init_state,
+        before,
+        after,
+        say,
+        force,
+    )
 
 
 def _check_data(job: _Job, rank: int, world: int) -> Feed:
     """Every sample checked once (this rank its share, the findings gathered: a collective), before any work."""
     cfg = job.cfg
-    feed = Feed(job.samples, job.encoder, on_bad_sample=cfg.on_bad_sample, batch_size=cfg.batch_size,
-                micro_batches=cfg.steps * cfg.grad_accum, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers)
+    feed = Feed(
+        job.samples,
+        job.encoder,
+        on_bad_sample=cfg.on_bad_sample,
+        batch_size=cfg.batch_size,
+        micro_batches=cfg.steps * cfg.grad_accum,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        workers=cfg.workers,
+    )
     for sid, why in feed.skipped[:10]:
         job.say(f"  skipped {sid}: {why}")
     return feed
@@ -363,10 +465,21 @@ def _dry_run(job: _Job, ranks: int | None) -> None:
     world = dist_info()[1] if ranks is None else ranks
     feed = _check_data(job, 0, 1)
     images = all(s.image is not None for s in feed.samples)
-    footprint = _footprint(job.model_dir, job.names, job.selected, job.layout, cfg.lora, images, dtype=cfg.dtype,
-                           keep=cfg.keep, tokens=cfg.batch_size // world * feed.longest,
-                           checkpointing=cfg.gradient_checkpointing, world=world, fsdp=cfg.fsdp,
-                           accumulate=cfg.grad_accum > 1)
+    footprint = _footprint(
+        job.model_dir,
+        job.names,
+        job.selected,
+        job.layout,
+        cfg.lora,
+        images,
+        dtype=cfg.dtype,
+        keep=cfg.keep,
+        tokens=cfg.batch_size // world * feed.longest,
+        checkpointing=cfg.gradient_checkpointing,
+        world=world,
+        fsdp=cfg.fsdp,
+        accumulate=cfg.grad_accum > 1,
+    )
     for line in footprint.lines():
         job.say(line)
 
@@ -376,10 +489,15 @@ def _full_trainee(job: _Job, model: nn.Module, stored: dict[str, str], units: li
     params = full_params(model, stored, job.selected)
     frozen = job.selected - set(stored.values())
     if frozen:
-        job.say(f"  {len(frozen)} selected tensors are not parameters and stay as they are, e.g. {min(frozen)}")
+        job.say(
+            f"  {len(frozen)} selected tensors are not parameters and stay as they are, e.g. {min(frozen)}"
+        )
     if not params:
-        raise ForgetlessError(f"the selection {job.cfg.train} holds no trainable parameter", file=job.model_dir,
-                              remedy="select weights of the model (see `forgetless inspect`)")
+        raise ForgetlessError(
+            f"the selection {job.cfg.train} holds no trainable parameter",
+            file=job.model_dir,
+            remedy="select weights of the model (see `forgetless inspect`)",
+        )
     for p in params.values():
         p.requires_grad_(True)
     _float32_from_checkpoint(params, job.model_dir)  # a float32 load's values, bit for bit
@@ -392,8 +510,9 @@ def _lora_trainee(job: _Job, model: nn.Module, stored: dict[str, str], units: li
 
     lora = job.cfg.lora
     modules = lora_modules(model, stored, job.selected, lora, job.layout, job.names, job.model_dir)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        target_modules=list(modules))
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", target_modules=list(modules)
+    )
     with _float32_targets(model, modules):  # the adapters' float32 initial values, whatever the dtype
         net = get_peft_model(model, config)
     net.peft_config["default"].base_model_name_or_path = str(job.model_dir)
@@ -408,20 +527,25 @@ def _load(job: _Job, dev_name: str, images: bool) -> tuple[_Trainee, torch.devic
     """The model in the compute dtype, its trainable tensors in float32, activation checkpointing as asked."""
     cfg = job.cfg
     torch.manual_seed(cfg.seed)
-    model, dev = load_model(job.model_dir, dev_name, cfg.dtype)  # frozen weights straight in the compute dtype
+    model, dev = load_model(
+        job.model_dir, dev_name, cfg.dtype
+    )  # frozen weights straight in the compute dtype
     model.requires_grad_(False)
     stored = stored_names(model, set(job.names))
     units = parallel.shard_units(model, stored, job.layout, images) if cfg.fsdp else []
     trainee = (_full_trainee if cfg.lora is None else _lora_trainee)(job, model, stored, units)
     trainee.frozen_dtype = _hold_frozen(model, cfg.dtype)
     if cfg.gradient_checkpointing:  # activations recomputed in the backward, layer by layer
-        trainee.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        trainee.hf_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     trainee.net.train()
     return trainee, dev
 
 
-def _distribute(trainee: _Trainee, fsdp: bool, world: int, dev: torch.device, cleanup: contextlib.ExitStack
-                ) -> tuple[nn.Module, parallel.Reached | None]:
+def _distribute(
+    trainee: _Trainee, fsdp: bool, world: int, dev: torch.device, cleanup: contextlib.ExitStack
+) -> tuple[nn.Module, parallel.Reached | None]:
     """The per-sample loss module, sharded with FSDP2 (``trainee.params`` then the pieces) or wrapped in DDP over
     several ranks; and, with FSDP2, what tells a step which root-group modules ran."""
     losses: nn.Module = _SampleLosses(trainee.net, trainee.hf_model, _plain_head(trainee.hf_model))
@@ -432,14 +556,18 @@ def _distribute(trainee: _Trainee, fsdp: bool, world: int, dev: torch.device, cl
     if world == 1:
         return losses, None
     ddp = nn.parallel.DistributedDataParallel(  # a backward through it all-reduces the gradients (averaged)
-        losses, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False,
+        losses,
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        forward_sync_buffers=False,
         find_unused_parameters=True,  # a tensor a rank's samples do not reach (the projector, text-only)
-        gradient_as_bucket_view=True)  # the gradients live in the buckets: no second copy
+        gradient_as_bucket_view=True,
+    )  # the gradients live in the buckets: no second copy
     return ddp, None  # gone with the run's frame, before the process group ends
 
 
-def _with_rule(keep: str, params: dict[str, nn.Parameter], before: Callable | None, after: Callable | None
-               ) -> tuple[Any, Callable | None, Callable | None]:
+def _with_rule(
+    keep: str, params: dict[str, nn.Parameter], before: Callable | None, after: Callable | None
+) -> tuple[Any, Callable | None, Callable | None]:
     """The keep rule (θ₀ and G captured now, before any step) and the step hooks with it: the rule reads the clipped
     gradients before the user's ``before_step`` and rewrites the weights before the user's ``after_step``."""
     rule = make_rule(keep, params)
@@ -463,8 +591,12 @@ def _optimizer(params: dict[str, nn.Parameter], cfg: FinetuneConfig) -> torch.op
     """AdamW, weight decay on matrices only."""
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=BETAS, eps=EPS)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=BETAS,
+        eps=EPS,
+    )
 
 
 def _parallelism(cfg: FinetuneConfig, world: int) -> str:
@@ -476,12 +608,17 @@ def _announce(job: _Job, trainee: _Trainee, feed: Feed, rule: Any, dev: torch.de
     n_params = sum(p.numel() for p in trainee.params.values())
     kind = f"LoRA r={cfg.lora.r}" if cfg.lora else "full"
     mode = _parallelism(cfg, world)
-    spread = (f" × {world} processes ({PARALLEL[mode]}, {cfg.batch_size // world} samples of each batch per rank)"
-              if mode != "none" else "")
+    spread = (
+        f" × {world} processes ({PARALLEL[mode]}, {cfg.batch_size // world} samples of each batch per rank)"
+        if mode != "none"
+        else ""
+    )
     skipped = f" ({len(feed.skipped)} skipped)" if feed.skipped else ""
-    say(f"finetune ({kind}): {len(trainee.trained)} tensors ({n_params / 1e6:.2f}M trainable parameters) of "
+    say(
+        f"finetune ({kind}): {len(trainee.trained)} tensors ({n_params / 1e6:.2f}M trainable parameters) of "
         f"{job.model_dir}, {len(feed.samples)} samples{skipped}, {cfg.steps} steps × {cfg.per_step} samples "
-        f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum}) on {dev}{spread}, {cfg.dtype}")
+        f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum}) on {dev}{spread}, {cfg.dtype}"
+    )
     if rule is not None:
         where = " on this rank (its pieces)" if cfg.fsdp else " on every rank" if world > 1 else ""
         what = " and G, and scratch for the largest tensor" if cfg.keep == "spider" else " and mask"
@@ -506,14 +643,23 @@ class _Stepper:
     def __call__(self, step: int, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
         """(loss, gradient norm before clipping, learning rate) of optimizer step ``step``."""
         cfg = self.cfg
-        lr_t = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
-                     min_lr_ratio=cfg.min_lr_ratio)
+        lr_t = lr_at(
+            step,
+            lr=cfg.lr,
+            steps=cfg.steps,
+            warmup=cfg.warmup,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr_t
         loss = self._backward(batches)
         if not math.isfinite(loss):
-            raise ForgetlessError(f"the loss is {loss} at step {step}", file=self.model_dir,
-                                  remedy="lower --lr, add --warmup or --clip, or use --dtype float32")
+            raise ForgetlessError(
+                f"the loss is {loss} at step {step}",
+                file=self.model_dir,
+                remedy="lower --lr, add --warmup or --clip, or use --dtype float32",
+            )
         params = self.trainee.params
         norm = parallel.clip_gradients(list(params.values()), cfg.clip)
         info = StepInfo(step, cfg.steps, lr_t, loss, norm, self.trainee.net, params, self.optimizer)
@@ -542,14 +688,27 @@ class _Stepper:
         return float(step_sum) / cfg.per_step
 
 
-def _loop(job: _Job, feed: Feed, step_once: _Stepper, rule: Any, tb: TrainingLog | None,
-          cleanup: contextlib.ExitStack) -> FinetuneReport:
+def _loop(
+    job: _Job,
+    feed: Feed,
+    step_once: _Stepper,
+    rule: Any,
+    tb: TrainingLog | None,
+    cleanup: contextlib.ExitStack,
+) -> FinetuneReport:
     """Every optimizer step, logged (TensorBoard on rank 0, a line every :data:`LOG_EVERY_S`)."""
     cfg, dev = job.cfg, step_once.dev
-    batches = feed.batches(dev)  # this rank's share of each micro-batch, encoded ahead by the loader's workers
+    batches = feed.batches(
+        dev
+    )  # this rank's share of each micro-batch, encoded ahead by the loader's workers
     cleanup.callback(batches.close)  # the workers end with the run, however it ends
-    report = FinetuneReport(out=job.out, kind="lora" if cfg.lora else "full", trained=step_once.trainee.trained,
-                            num_samples=len(feed.samples), skipped=feed.skipped)
+    report = FinetuneReport(
+        out=job.out,
+        kind="lora" if cfg.lora else "full",
+        trained=step_once.trainee.trained,
+        num_samples=len(feed.samples),
+        skipped=feed.skipped,
+    )
     t0 = last_log = step_end = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         loss, norm, lr_t = step_once(step, batches)
@@ -559,40 +718,71 @@ def _loop(job: _Job, feed: Feed, step_once: _Stepper, rule: Any, tb: TrainingLog
         now = time.perf_counter()
         kept = {k: rule.history[-1][k] for k in ("updated_fraction", "mean_c")} if rule is not None else {}
         if tb is not None:
-            tb.scalars(step, {"loss": loss, "lr": lr_t, "grad_norm": norm,
-                              "epoch": step * cfg.per_step / len(feed.samples),
-                              "samples_per_second": cfg.per_step / (now - step_end), **kept})
+            tb.scalars(
+                step,
+                {
+                    "loss": loss,
+                    "lr": lr_t,
+                    "grad_norm": norm,
+                    "epoch": step * cfg.per_step / len(feed.samples),
+                    "samples_per_second": cfg.per_step / (now - step_end),
+                    **kept,
+                },
+            )
         step_end = now
         if step in (1, cfg.steps) or now - last_log >= LOG_EVERY_S:
             last_log, elapsed = now, now - t0
             note = f"  kept {kept['updated_fraction']:.3f} c̄ {kept['mean_c']:.3f}" if kept else ""
-            job.say(f"  step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}{note}  "
-                    f"{step * cfg.per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (cfg.steps - step))}")
+            job.say(
+                f"  step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr_t:.3g}  |g| {norm:.3g}{note}  "
+                f"{step * cfg.per_step / elapsed:.2f} samples/s  ETA {_hms(elapsed / step * (cfg.steps - step))}"
+            )
     report.seconds = time.perf_counter() - t0
     report.keep = rule.summary() if rule is not None else None
     return report
 
 
-def _meta(job: _Job, feed: Feed, trainee: _Trainee, report: FinetuneReport, dev: torch.device, world: int
-          ) -> dict[str, Any]:
+def _meta(
+    job: _Job, feed: Feed, trainee: _Trainee, report: FinetuneReport, dev: torch.device, world: int
+) -> dict[str, Any]:
     """``finetune.json``: the recipe (the options and what the run settled), the inputs' fingerprints, the curves."""
     cfg = job.cfg
-    recipe = cfg.recipe(workers=feed.workers, parallel=_parallelism(cfg, world),
-                        precision={"trainable": "float32", "optimizer": "float32", "frozen": trainee.frozen_dtype})
-    return {"forgetless_version": __version__, "kind": report.kind, "base": str(job.model_dir),
-            "base_weights_fingerprint": job.base_fingerprint, "data": str(job.data),
-            "data_fingerprint": data_fingerprint(job.data, feed.samples), "num_samples": len(feed.samples),
-            "skipped": [list(s) for s in feed.skipped], "recipe": recipe, "trained_tensors": trainee.trained,
-            "adapter_tensors": sorted(trainee.params) if cfg.lora else None, "losses": report.losses,
-            "lrs": report.lrs, "grad_norms": report.grad_norms, "keep": report.keep,
-            "seconds": round(report.seconds, 3), "device": str(dev), "processes": world, "torch": torch.__version__}
+    recipe = cfg.recipe(
+        workers=feed.workers,
+        parallel=_parallelism(cfg, world),
+        precision={"trainable": "float32", "optimizer": "float32", "frozen": trainee.frozen_dtype},
+    )
+    return {
+        "forgetless_version": __version__,
+        "kind": report.kind,
+        "base": str(job.model_dir),
+        "base_weights_fingerprint": job.base_fingerprint,
+        "data": str(job.data),
+        "data_fingerprint": data_fingerprint(job.data, feed.samples),
+        "num_samples": len(feed.samples),
+        "skipped": [list(s) for s in feed.skipped],
+        "recipe": recipe,
+        "trained_tensors": trainee.trained,
+        "adapter_tensors": sorted(trainee.params) if cfg.lora else None,
+        "losses": report.losses,
+        "lrs": report.lrs,
+        "grad_norms": report.grad_norms,
+        "keep": report.keep,
+        "seconds": round(report.seconds, 3),
+        "device": str(dev),
+        "processes": world,
+        "torch": torch.__version__,
+    }
 
 
 def _write(job: _Job, trainee: _Trainee, meta: dict[str, Any], tb: TrainingLog | None, rank: int) -> None:
     """The output, written by rank 0; with FSDP2 every rank first takes part in gathering the whole tensors."""
     cfg = job.cfg
-    written = (_by_stored_name(trainee.params, trainee.stored, trainee.model) if cfg.lora is None else
-               {n: p for n, p in trainee.net.named_parameters() if p.requires_grad})
+    written = (
+        _by_stored_name(trainee.params, trainee.stored, trainee.model)
+        if cfg.lora is None
+        else {n: p for n, p in trainee.net.named_parameters() if p.requires_grad}
+    )
     if cfg.fsdp:  # the whole tensors, gathered from the ranks' pieces onto rank 0 (every rank takes part)
         written = parallel.gather_whole(written, rank)
     if rank != 0:  # the others wait for it as the process group ends
@@ -600,14 +790,28 @@ def _write(job: _Job, trainee: _Trainee, meta: dict[str, Any], tb: TrainingLog |
     if cfg.lora is None:
         _write_full(job.model_dir, job.out, written, meta, job.force, tb)
     else:
-        _write_lora(trainee.net, job.out, meta, job.force, tb, state=written if cfg.fsdp else None,
-                    rename=original.to_original if original.is_original(job.model_dir) else None)
+        _write_lora(
+            trainee.net,
+            job.out,
+            meta,
+            job.force,
+            tb,
+            state=written if cfg.fsdp else None,
+            rename=original.to_original if original.is_original(job.model_dir) else None,
+        )
     if tb is not None:
         tb.finish()
 
 
-def _run(job: _Job, feed: Feed, rank: int, world: int, dev_name: str, tensorboard: bool,
-         cleanup: contextlib.ExitStack) -> FinetuneReport:
+def _run(
+    job: _Job,
+    feed: Feed,
+    rank: int,
+    world: int,
+    dev_name: str,
+    tensorboard: bool,
+    cleanup: contextlib.ExitStack,
+) -> FinetuneReport:
     """The run, in a frame of its own: what it builds (FSDP2's state, DTensors, a DDP wrapper) holds the process
     group, and is gone when the group ends."""
     cfg = job.cfg
@@ -618,24 +822,47 @@ def _run(job: _Job, feed: Feed, rank: int, world: int, dev_name: str, tensorboar
     tb = TrainingLog.open(job.out, job.say) if tensorboard and rank == 0 else None
     if tb is not None:
         cleanup.callback(tb.close)  # the events flushed however the run ends
-    stepper = _Stepper(cfg, losses, reached, _optimizer(trainee.params, cfg), trainee, before, after, dev, world,
-                       job.model_dir)
+    stepper = _Stepper(
+        cfg,
+        losses,
+        reached,
+        _optimizer(trainee.params, cfg),
+        trainee,
+        before,
+        after,
+        dev,
+        world,
+        job.model_dir,
+    )
     report = _loop(job, feed, stepper, rule, tb, cleanup)
     trainee.net.eval()
     meta = _meta(job, feed, trainee, report, dev, world)
     if tb is not None:
         report.tensorboard, meta["tensorboard"] = job.out / "runs" / tb.name, f"runs/{tb.name}"
     _write(job, trainee, meta, tb, rank)
-    job.say(f"wrote {job.out}: {cfg.steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
-            f"{report.losses[-1]:.4f}")
+    job.say(
+        f"wrote {job.out}: {cfg.steps} steps in {_hms(report.seconds)}, loss {report.losses[0]:.4f} → "
+        f"{report.losses[-1]:.4f}"
+    )
     return report
 
 
-def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-             config: FinetuneConfig | None = None, *, images: str | os.PathLike | None = None,
-             hook: StepHook | Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = print,
-             device: str = "auto", tensorboard: bool = True, dry_run: bool = False, ranks: int | None = None,
-             force: bool = False, **options: Any) -> FinetuneReport | None:
+def finetune(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    *,
+    images: str | os.PathLike | None = None,
+    hook: StepHook | Callable[[StepInfo], None] | None = None,
+    log: Callable[[str], None] | None = print,
+    device: str = "auto",
+    tensorboard: bool = True,
+    dry_run: bool = False,
+    ranks: int | None = None,
+    force: bool = False,
+    **options: Any,
+) -> FinetuneReport | None:
     """Fine-tune the model in ``model_dir`` on ``data`` and write the result to ``out`` (docs/finetune.md).
 
     ``config`` or ``options`` (the fields of :class:`FinetuneConfig`): ``train``, layout selectors of the tensors
@@ -651,8 +878,18 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     if config is not None and options:
         raise TypeError("pass the options either as a FinetuneConfig or as keywords, not both")
     cfg = config if config is not None else FinetuneConfig(**options)
-    job = _prepare(Path(model_dir), Path(data), Path(out), cfg, images=None if images is None else Path(images),
-                   hook=hook, log=log, ranks=ranks, dry_run=dry_run, force=force)
+    job = _prepare(
+        Path(model_dir),
+        Path(data),
+        Path(out),
+        cfg,
+        images=None if images is None else Path(images),
+        hook=hook,
+        log=log,
+        ranks=ranks,
+        dry_run=dry_run,
+        force=force,
+    )
     if dry_run:
         return _dry_run(job, ranks)
     dev_name = resolve_device(device)

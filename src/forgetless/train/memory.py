@@ -25,7 +25,15 @@ from ..checkpoint.writer import human_bytes
 
 RULE_EXTRA = {"none": None, "spider": 4, "magnitude_mask": 1}  # bytes per trainable value beside θ₀
 ACTIVATION_BYTES = 34  # per token, per unit of hidden size and decoder layer, with 16-bit activations
-PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer", "keep_rule", "activations", "gathered")
+PARTS = (
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "optimizer",
+    "keep_rule",
+    "activations",
+    "gathered",
+)
 
 
 @dataclass
@@ -49,10 +57,14 @@ class TrainFootprint:
     def lines(self) -> list[str]:
         shown = [p for p in PARTS if p != "gathered" or self.gathered]
         parts = [f"{p.replace('_', ' ')} {human_bytes(getattr(self, p))}" for p in shown]
-        out = [f"memory per rank: {human_bytes(self.total)} = " + ", ".join(parts),
-               "  (activations: an estimate for the longest sample; the rest exact)"]
+        out = [
+            f"memory per rank: {human_bytes(self.total)} = " + ", ".join(parts),
+            "  (activations: an estimate for the longest sample; the rest exact)",
+        ]
         if self.load:
-            out.append(f"  loading: {human_bytes(self.load)} per rank, the whole model before FSDP2 shards it")
+            out.append(
+                f"  loading: {human_bytes(self.load)} per rank, the whole model before FSDP2 shards it"
+            )
         return out
 
 
@@ -82,13 +94,27 @@ def gathered_bytes(root: tuple[int, int], units: list[tuple[int, int]], *, half:
     next, prefetched) and one unit's gradients before their reduce-scatter. ``root`` and each of ``units`` (the
     modules sharded one by one: decoder layers): its ``(trainable, frozen)`` values."""
     largest = max(units, key=lambda u: weight_bytes(*u, half=half), default=(0, 0))
-    return (weight_bytes(*root, half=half) + 4 * root[0]
-            + 2 * weight_bytes(*largest, half=half) + 4 * largest[0])
+    return (
+        weight_bytes(*root, half=half) + 4 * root[0] + 2 * weight_bytes(*largest, half=half) + 4 * largest[0]
+    )
 
 
-def account(trainable: int, frozen: int, *, dtype: str, keep: str, tokens: int, hidden: int, layers: int,
-            checkpointing: bool, theta0_bytes: int = 4, world: int = 1, fsdp: bool = False, gathered: int = 0,
-            accumulate: bool = False) -> TrainFootprint:
+def account(
+    trainable: int,
+    frozen: int,
+    *,
+    dtype: str,
+    keep: str,
+    tokens: int,
+    hidden: int,
+    layers: int,
+    checkpointing: bool,
+    theta0_bytes: int = 4,
+    world: int = 1,
+    fsdp: bool = False,
+    gathered: int = 0,
+    accumulate: bool = False,
+) -> TrainFootprint:
     """The footprint of one rank holding ``trainable`` and ``frozen`` values (module docstring); ``tokens``: that
     rank's share of a micro-batch. ``fsdp``: sharded over ``world`` ranks, ``gathered`` bytes beside the shards
     (:func:`gathered_bytes`); ``accumulate``: several micro-batches per step."""
@@ -99,8 +125,12 @@ def account(trainable: int, frozen: int, *, dtype: str, keep: str, tokens: int, 
         return -(-n // ranks)
 
     return TrainFootprint(
-        frozen_weights=share(frozen * (2 if half else 4)), trainable_weights=share(trainable * 4),
-        gradients=trainable * 4 if fsdp and accumulate else share(trainable * 4), optimizer=share(trainable * 8),
+        frozen_weights=share(frozen * (2 if half else 4)),
+        trainable_weights=share(trainable * 4),
+        gradients=trainable * 4 if fsdp and accumulate else share(trainable * 4),
+        optimizer=share(trainable * 8),
         keep_rule=share(trainable * rule_bytes(keep, theta0_bytes)),
         activations=activation_bytes(tokens, hidden, layers, half=half, checkpointing=checkpointing),
-        gathered=gathered if fsdp else 0, load=weight_bytes(trainable, frozen, half=half) if fsdp else 0)
+        gathered=gathered if fsdp else 0,
+        load=weight_bytes(trainable, frozen, half=half) if fsdp else 0,
+    )

@@ -39,13 +39,16 @@ class OptimizerFisher:
     def after_step(self, info: StepInfo) -> None:
         if info.step == 1:
             if hasattr(info.model, "peft_config"):
-                raise ForgetlessError("the optimizer's squared gradients are those of the LoRA factors, not of "
-                                      "the weights", remedy="drop --optimizer-fisher for a LoRA run, or fine-tune "
-                                      "the weights themselves")
+                raise ForgetlessError(
+                    "the optimizer's squared gradients are those of the LoRA factors, not of the weights",
+                    remedy="drop --optimizer-fisher for a LoRA run, or fine-tune the weights themselves",
+                )
             if any(type(p).__name__ == "DTensor" for p in info.params.values()):
-                raise ForgetlessError("under FSDP the optimizer state is sharded across ranks",
-                                      remedy="run without FSDP (DDP or one process), or compute the Fisher with "
-                                      "`forgetless stats fisher`")
+                raise ForgetlessError(
+                    "under FSDP the optimizer state is sharded across ranks",
+                    remedy="run without FSDP (DDP or one process), or compute the Fisher with "
+                    "`forgetless stats fisher`",
+                )
         if info.step != info.steps:
             return
         beta2 = {id(p): group["betas"][1] for group in info.optimizer.param_groups for p in group["params"]}
@@ -55,7 +58,9 @@ class OptimizerFisher:
             if not state or "exp_avg_sq" not in state:
                 continue  # never got a gradient: no curvature was seen
             t = float(state["step"])
-            moments[name] = state["exp_avg_sq"].detach().to("cpu", torch.float32, copy=True) / (1 - beta2[id(p)] ** t)
+            moments[name] = state["exp_avg_sq"].detach().to("cpu", torch.float32, copy=True) / (
+                1 - beta2[id(p)] ** t
+            )
         self.moments = moments
 
     def save(self, path: str | os.PathLike, finetuned: str | os.PathLike) -> Path:
@@ -64,13 +69,25 @@ class OptimizerFisher:
         from ..stats.store import model_fingerprints, save_statistics
 
         if self.moments is None:
-            raise ForgetlessError("no optimizer state was kept: the fine-tune did not reach its last step",
-                                  file=path, remedy="pass the hook to finetune(...) and let it finish")
+            raise ForgetlessError(
+                "no optimizer state was kept: the fine-tune did not reach its last step",
+                file=path,
+                remedy="pass the hook to finetune(...) and let it finish",
+            )
         meta = json.loads((Path(finetuned) / "finetune.json").read_text())
         recipe = meta["recipe"]
         per_step = recipe["batch_size"] * recipe["grad_accum"]
-        return save_statistics(path, {n: v * per_step for n, v in self.moments.items()}, kind="fisher",
-                               num_samples=per_step * recipe["steps"], data_fingerprint=meta["data_fingerprint"],
-                               **model_fingerprints(finetuned),
-                               extra={"variant": "optimizer", "betas": recipe["optimizer"]["betas"],
-                                      "steps": recipe["steps"], "samples_per_step": per_step})
+        return save_statistics(
+            path,
+            {n: v * per_step for n, v in self.moments.items()},
+            kind="fisher",
+            num_samples=per_step * recipe["steps"],
+            data_fingerprint=meta["data_fingerprint"],
+            **model_fingerprints(finetuned),
+            extra={
+                "variant": "optimizer",
+                "betas": recipe["optimizer"]["betas"],
+                "steps": recipe["steps"],
+                "samples_per_step": per_step,
+            },
+        )

@@ -28,7 +28,9 @@ def ranks(dev_name: str, fsdp: bool) -> Iterator[tuple[int, int]]:
         if not fsdp or dist.is_initialized():
             yield rank, world
             return
-        importlib.import_module("torch._dynamo")  # as init_distributed does: imported after the group, it pins it
+        importlib.import_module(
+            "torch._dynamo"
+        )  # as init_distributed does: imported after the group, it pins it
         backend = "nccl" if torch.device(dev_name).type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         ok = False
@@ -39,7 +41,9 @@ def ranks(dev_name: str, fsdp: bool) -> Iterator[tuple[int, int]]:
             end_process_group(wait=ok)
 
 
-def shard_units(model: nn.Module, stored: dict[str, str], layout: layouts.Layout, images: bool) -> list[nn.Module]:
+def shard_units(
+    model: nn.Module, stored: dict[str, str], layout: layouts.Layout, images: bool
+) -> list[nn.Module]:
     """The modules FSDP2 shards one by one, each gathered whole only for its own forward and backward: every decoder
     layer of the language model, and the vision tower's layers when every sample has an image. A unit some rank's
     micro-batch skips would leave the others waiting in its all-gather, so a vision tower that text-only samples
@@ -58,20 +62,29 @@ def shard_units(model: nn.Module, stored: dict[str, str], layout: layouts.Layout
     return units
 
 
-def group_values(model: nn.Module, units: list[nn.Module], trainable: set[int]
-                  ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+def group_values(
+    model: nn.Module, units: list[nn.Module], trainable: set[int]
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     """``(trainable, frozen)`` values of FSDP2's root group (what no unit holds) and of each unit; ``trainable``:
     the ids of the trainable parameters."""
+
     def values(params: list[nn.Parameter]) -> tuple[int, int]:
         n = sum(p.numel() for p in params if id(p) in trainable)
         return n, sum(p.numel() for p in params) - n
 
     inside = {id(p) for u in units for p in u.parameters()}
-    return values([p for p in model.parameters() if id(p) not in inside]), [values(list(u.parameters())) for u in units]
+    return values([p for p in model.parameters() if id(p) not in inside]), [
+        values(list(u.parameters())) for u in units
+    ]
 
 
-def shard(root: nn.Module, net: nn.Module, units: list[nn.Module], params: dict[str, nn.Parameter],
-           dev: torch.device) -> tuple[Any, dict[str, nn.Parameter]]:
+def shard(
+    root: nn.Module,
+    net: nn.Module,
+    units: list[nn.Module],
+    params: dict[str, nn.Parameter],
+    dev: torch.device,
+) -> tuple[Any, dict[str, nn.Parameter]]:
     """FSDP2 (``fully_shard``) over the process group's ranks: each unit, then ``root`` (the rest). Returns the
     device mesh and ``params`` (keys as given, of ``net``'s parameters) as the sharded parameters that replace them.
     A tensor a rank's samples do not reach (the projector, text-only) gets a zero gradient there, so that every
@@ -103,8 +116,11 @@ class Reached:
 
     def __init__(self, root: nn.Module, units: list[nn.Module]) -> None:
         inside = {id(m) for u in units for m in u.modules()}
-        self.modules = [m for m in root.modules() if id(m) not in inside
-                        and any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.modules = [
+            m
+            for m in root.modules()
+            if id(m) not in inside and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
         self.runs = [0] * len(self.modules)
         for i, m in enumerate(self.modules):
             m.register_forward_pre_hook(functools.partial(self._ran, i))

@@ -59,8 +59,10 @@ except ImportError:  # a torch built without distributed support: no tensor is e
 
 KEEP_RULES = ("none", "spider", "magnitude_mask")
 MASK_RATIO = 0.5
-ORDER_REMEDY = ("call rule.accumulate() after clipping and before optimizer.step(), and rule.apply() after "
-                "optimizer.step() and before the gradients are cleared")
+ORDER_REMEDY = (
+    "call rule.accumulate() after clipping and before optimizer.step(), and rule.apply() after "
+    "optimizer.step() and before the gradients are cleared"
+)
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -113,14 +115,18 @@ def sharding_of(p: torch.Tensor, name: str = "?") -> Sharding | None:
         return None
     sharded = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
     if len(sharded) > 1 or any(not (pl.is_shard() or pl.is_replicate()) for pl in p.placements):
-        raise ForgetlessError(f"tensor {name} is a DTensor placed as {p.placements}", tensor=name,
-                              remedy="keep rules support FSDP2's sharding along one mesh dimension "
-                                     "(fully_shard, HSDP), not tensor parallelism or partial tensors")
+        raise ForgetlessError(
+            f"tensor {name} is a DTensor placed as {p.placements}",
+            tensor=name,
+            remedy="keep rules support FSDP2's sharding along one mesh dimension "
+            "(fully_shard, HSDP), not tensor parallelism or partial tensors",
+        )
     return Sharding(p.device_mesh.get_group(sharded[0]), p.numel()) if sharded else None
 
 
-def abs_moments(x: torch.Tensor, work: torch.Tensor | None = None, sharding: Sharding | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def abs_moments(
+    x: torch.Tensor, work: torch.Tensor | None = None, sharding: Sharding | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean|x|, std|x|)`` over the whole tensor as float32 scalars, with ``std`` replaced by 1 where it is 0
     (a constant ``|x|``, or a single entry): the scale :func:`importance` divides by. ``work``: a float32 tensor
     of ``x``'s shape to use as scratch (overwritten) instead of allocating one. ``sharding``: ``x`` is this rank's
@@ -129,8 +135,9 @@ def abs_moments(x: torch.Tensor, work: torch.Tensor | None = None, sharding: Sha
     return _moments_of(a, a, sharding)
 
 
-def _moments_of(a: torch.Tensor, work: torch.Tensor, sharding: Sharding | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments_of(
+    a: torch.Tensor, work: torch.Tensor, sharding: Sharding | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`abs_moments` of ``a = |x|``; ``work`` (a float32 tensor of ``a``'s shape, or ``a`` itself) is
     overwritten.
 
@@ -147,8 +154,9 @@ def _moments_of(a: torch.Tensor, work: torch.Tensor, sharding: Sharding | None =
     return _moments_many(lambda _i: (a, work), [n], None if sharding is None else sharding.group)[0]
 
 
-def _moments_many(load: Callable[[int], tuple[torch.Tensor, torch.Tensor]], numels: list[int], group: Any
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _moments_many(
+    load: Callable[[int], tuple[torch.Tensor, torch.Tensor]], numels: list[int], group: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`_moments_of` of ``k = len(numels)`` tensors at once: ``load(i)`` gives ``|x_i|`` (or this rank's piece
     of it, ``numels[i]`` entries whole) and a scratch tensor of its shape, and is called twice per tensor, once per
     pass, so that both may live in reused scratch. With ``group`` (the ranks holding the pieces) each pass ends in
@@ -188,8 +196,12 @@ def _moments_many(load: Callable[[int], tuple[torch.Tensor, torch.Tensor]], nume
     return out
 
 
-def importance(x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-               out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def importance(
+    x: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``R(x) = sigmoid((|x| − mean|x|) / std|x|)`` over the whole tensor (unbiased std), in float32.
 
     Degenerate tensors: all entries zero → all 0 (as the published code); ``|x|`` constant and nonzero (std = 0,
@@ -216,11 +228,14 @@ def spider_coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor
     0), divided by the mean of its nonzero entries and capped at 1. Values in ``[0, 1]``; all zero when no entry
     has ``I_ft > I_pre``."""
     f32 = torch.float32
-    return _coefficients_(i_pre.to(f32, copy=True), i_ft.to(f32, copy=True), torch.empty_like(i_ft, dtype=f32))[0]
+    return _coefficients_(
+        i_pre.to(f32, copy=True), i_ft.to(f32, copy=True), torch.empty_like(i_ft, dtype=f32)
+    )[0]
 
 
-def _coefficients_(i_pre: torch.Tensor, i_ft: torch.Tensor, grow: torch.Tensor, sharding: Sharding | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _coefficients_(
+    i_pre: torch.Tensor, i_ft: torch.Tensor, grow: torch.Tensor, sharding: Sharding | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`spider_coefficients` in place: returns ``c`` (written over ``i_ft``; ``i_pre`` and ``grow``, a
     float32 tensor of the same shape, are overwritten as scratch) and the number of nonzero ``c`` in it (a float32
     scalar): where ``I_ft > I_pre`` the unnormalised ``c`` exceeds 1/2, so ``c ≠ 0`` exactly there. ``sharding``:
@@ -270,21 +285,28 @@ class _KeepRule:
         whatever else the rule keeps. Called once, before the first optimizer step, on every rank alike; a tensor
         listed under two names is kept under the first."""
         if self.params:
-            raise ForgetlessError(f"the {self.name} rule already holds its θ₀", remedy="make a new rule per run")
+            raise ForgetlessError(
+                f"the {self.name} rule already holds its θ₀", remedy="make a new rule per run"
+            )
         seen: set[int] = set()
         for n, p in params.items():
             if id(p) in seen:
                 continue
             seen.add(id(p))
             if not p.is_floating_point():
-                raise ForgetlessError(f"{self.name}: tensor {n} is not floating point ({p.dtype})", tensor=n,
-                                      remedy="give the rule the trainable (floating point) parameters only")
+                raise ForgetlessError(
+                    f"{self.name}: tensor {n} is not floating point ({p.dtype})",
+                    tensor=n,
+                    remedy="give the rule the trainable (floating point) parameters only",
+                )
             self.params[n] = p
             self.shards[n] = sharding_of(p, n)
             with torch.no_grad():
                 self.theta0[n] = lossless_copy(local_part(p.detach()))
         if not self.params:
-            raise ForgetlessError(f"the {self.name} rule got no tensor", remedy="pass the trainable parameters")
+            raise ForgetlessError(
+                f"the {self.name} rule got no tensor", remedy="pass the trainable parameters"
+            )
         for n, sharding in self.shards.items():
             self._by_group.setdefault(None if sharding is None else sharding.group, []).append(n)
         self._setup()
@@ -309,14 +331,20 @@ class _KeepRule:
     def accumulate(self) -> None:
         """Read the current gradients (after clipping, before ``optimizer.step()``)."""
         if not self.params:
-            raise ForgetlessError(f"the {self.name} rule has no θ₀ yet", remedy="pass the parameters to the rule "
-                                  "(or use it as a finetune hook) before the first step")
+            raise ForgetlessError(
+                f"the {self.name} rule has no θ₀ yet",
+                remedy="pass the parameters to the rule (or use it as a finetune hook) before the first step",
+            )
         if self._pending:
-            raise ForgetlessError(f"{self.name}: accumulate() called twice without apply()", remedy=ORDER_REMEDY)
+            raise ForgetlessError(
+                f"{self.name}: accumulate() called twice without apply()", remedy=ORDER_REMEDY
+            )
         if all(p.grad is None for p in self.params.values()):
             raise ForgetlessError(
                 f"{self.name}: no trainable tensor has a gradient (cleared already, or kept outside .grad as "
-                "under DeepSpeed ZeRO / FSDP)", remedy=ORDER_REMEDY)
+                "under DeepSpeed ZeRO / FSDP)",
+                remedy=ORDER_REMEDY,
+            )
         self._read_grads()
         self._pending = True
 
@@ -328,8 +356,9 @@ class _KeepRule:
         """Rewrite the weights in place (after ``optimizer.step()``); returns and records this step's statistics:
         ``updated_fraction`` (entries with ``c ≠ 0``) and ``mean_c`` (over all entries)."""
         if not self._pending:
-            raise ForgetlessError(f"{self.name}: apply() without accumulate() since the last step",
-                                  remedy=ORDER_REMEDY)
+            raise ForgetlessError(
+                f"{self.name}: apply() without accumulate() since the last step", remedy=ORDER_REMEDY
+            )
         self._pending = False
         self._prepare()
         totals = []  # per process group: [Σ nonzero c, Σ c] in float64, all-reduced over the group's ranks
@@ -365,9 +394,14 @@ class _KeepRule:
 
     def summary(self) -> dict[str, Any]:
         """What finetune.json records: the rule, its memory and its per-step statistics."""
-        return {"rule": self.name, "extra_bytes": self.extra_bytes(), "tensors": len(self.params),
-                "entries": self.numel, "updated_fraction": [h["updated_fraction"] for h in self.history],
-                "mean_c": [h["mean_c"] for h in self.history]}
+        return {
+            "rule": self.name,
+            "extra_bytes": self.extra_bytes(),
+            "tensors": len(self.params),
+            "entries": self.numel,
+            "updated_fraction": [h["updated_fraction"] for h in self.history],
+            "mean_c": [h["mean_c"] for h in self.history],
+        }
 
 
 class Spider(_KeepRule):
@@ -396,26 +430,32 @@ class Spider(_KeepRule):
     def _views(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three scratch vectors of tensor ``name``'s device, viewed in its (local) shape."""
         t = self.theta0[name]
-        a, b, c = (w[:t.numel()].view(t.shape) for w in self._scratch[t.device])
+        a, b, c = (w[: t.numel()].view(t.shape) for w in self._scratch[t.device])
         return a, b, c
 
-    def _whole_moments(self, tensors: dict[str, torch.Tensor], groups: dict[Any, list[str]]
-                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _whole_moments(
+        self, tensors: dict[str, torch.Tensor], groups: dict[Any, list[str]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The moments of ``|tensors[n]|`` over each whole tensor, for the names in ``groups``: per process group
         at once (three all-reduces per group, whatever the number of tensors), computed in the scratch."""
         out = {}
         for group, names in groups.items():
+
             def load(i: int, names: list[str] = names) -> tuple[torch.Tensor, torch.Tensor]:
                 a, _, work = self._views(names[i])
                 return _abs(tensors[names[i]], a), work
 
-            out.update(zip(names, _moments_many(load, [self.params[n].numel() for n in names], group), strict=True))
+            out.update(
+                zip(names, _moments_many(load, [self.params[n].numel() for n in names], group), strict=True)
+            )
         return out
 
     def _prepare(self) -> None:
         """The moments of ``|G|`` of the sharded tensors, all at once (those of a whole tensor are computed where
         its ``c`` is, from the ``|G|`` already in the scratch)."""
-        self._g_moments = self._whole_moments(self.grad_sum, {g: ns for g, ns in self._by_group.items() if g is not None})
+        self._g_moments = self._whole_moments(
+            self.grad_sum, {g: ns for g, ns in self._by_group.items() if g is not None}
+        )
 
     def _state(self) -> list[torch.Tensor]:
         return [*self.theta0.values(), *self.grad_sum.values(), *self._scratch.values()]
@@ -462,7 +502,9 @@ class MagnitudeMask(_KeepRule):
 
     name = "magnitude_mask"
 
-    def __init__(self, params: dict[str, torch.nn.Parameter] | None = None, ratio: float = MASK_RATIO) -> None:
+    def __init__(
+        self, params: dict[str, torch.nn.Parameter] | None = None, ratio: float = MASK_RATIO
+    ) -> None:
         self.ratio = ratio
         self.mask: dict[str, torch.Tensor] = {}
         self._free: dict[str, torch.Tensor] = {}
@@ -475,7 +517,9 @@ class MagnitudeMask(_KeepRule):
             else:  # the whole tensor's mask, cut as the parameter is (src_data_rank=None: no broadcast)
                 p = self.params[n]
                 whole = magnitude_mask(p.detach().full_tensor(), self.ratio)
-                self.mask[n] = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                self.mask[n] = distribute_tensor(
+                    whole, p.device_mesh, p.placements, src_data_rank=None
+                ).to_local()
                 del whole
             m = self.mask[n]
             self._free[n] = torch.tensor(m.numel() - int(m.sum()), dtype=torch.float64, device=m.device)
@@ -539,17 +583,23 @@ def _callback_class() -> type:
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if getattr(args, "deepspeed", None):
-                raise ForgetlessError("SpiderCallback cannot read gradients under DeepSpeed (they are sharded "
-                                      "outside .grad)", remedy="train without DeepSpeed, or with FSDP2")
+                raise ForgetlessError(
+                    "SpiderCallback cannot read gradients under DeepSpeed (they are sharded outside .grad)",
+                    remedy="train without DeepSpeed, or with FSDP2",
+                )
             if state.global_step > 0:
-                raise ForgetlessError("SpiderCallback cannot resume: θ₀ and G are not in the checkpoint",
-                                      remedy="start the fine-tune from step 0")
+                raise ForgetlessError(
+                    "SpiderCallback cannot resume: θ₀ and G are not in the checkpoint",
+                    remedy="start the fine-tune from step 0",
+                )
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             if getattr(args, "fsdp", None) and not all(isinstance(p, DTensor) for p in params.values()):
                 raise ForgetlessError(
                     "SpiderCallback under FSDP needs FSDP2's parameters (DTensors); these are plain tensors: FSDP1 "
                     "(flat parameters, gradients outside .grad), or FSDP not in effect (accelerate applies it on "
-                    "GPUs only)", remedy='use FSDP2: fsdp_config={"version": 2} (accelerate: fsdp_version: 2)')
+                    "GPUs only)",
+                    remedy='use FSDP2: fsdp_config={"version": 2} (accelerate: fsdp_version: 2)',
+                )
             self.rule = make_rule(self.rule_name, params)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):

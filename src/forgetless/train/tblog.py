@@ -24,9 +24,15 @@ from datetime import datetime
 from pathlib import Path
 
 FLUSH_SECS = 10  # the events reach the disk at least this often (SummaryWriter's default is 120 s)
-TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
-        "samples_per_second": "train/samples_per_second", "epoch": "train/epoch",
-        "updated_fraction": "keep/updated_fraction", "mean_c": "keep/mean_c"}
+TAGS = {
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "samples_per_second": "train/samples_per_second",
+    "epoch": "train/epoch",
+    "updated_fraction": "keep/updated_fraction",
+    "mean_c": "keep/mean_c",
+}
 
 
 def run_name() -> str:
@@ -54,8 +60,10 @@ class TrainingLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            say("  TensorBoard logs: off — the tensorboard package is not installed (pip install tensorboard, or "
-                "forgetless[tensorboard]; --no-tensorboard turns the logs off without this note)")
+            say(
+                "  TensorBoard logs: off — the tensorboard package is not installed (pip install tensorboard, or "
+                "forgetless[tensorboard]; --no-tensorboard turns the logs off without this note)"
+            )
             return None
         log = cls(out, SummaryWriter)
         say(f"  TensorBoard logs: {log.live} (moved to {out / 'runs' / log.name} with the output)")

@@ -24,8 +24,9 @@ SumConvention = Literal["forgetless", "mergekit"]
 
 
 # ---------------------------------------------------------------------------------------------- task arithmetic
-def add_task_vectors_(base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float,
-                      convention: SumConvention) -> Tensor:
+def add_task_vectors_(
+    base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float, convention: SumConvention
+) -> Tensor:
     """:func:`..baselines.add_task_vectors` in place on `base`; consumes `taus`."""
     if convention == "forgetless":
         for tau, w in zip(taus, weights):
@@ -37,8 +38,9 @@ def add_task_vectors_(base: Tensor, taus: list[Tensor], weights: list[float], la
     return base.add_(mixed.mul_(lambda_) if lambda_ != 1 else mixed)
 
 
-def task_arithmetic(base: Tensor, finetuned: list[Tensor], weights: list[float], lambda_: float,
-                    convention: SumConvention) -> Tensor:
+def task_arithmetic(
+    base: Tensor, finetuned: list[Tensor], weights: list[float], lambda_: float, convention: SumConvention
+) -> Tensor:
     """:func:`..baselines.task_arithmetic_rule` in place on `base`, chunk by chunk: every τₖ of a chunk formed in a
     reused buffer from θ₀ as it was; `finetuned` only read."""
     if convention != "mergekit" and len(finetuned) == 1:
@@ -47,7 +49,9 @@ def task_arithmetic(base: Tensor, finetuned: list[Tensor], weights: list[float],
     scratch = [torch.empty(min(b.numel(), select.CHUNK)) for _ in fts]
     for at, stop in select.chunks(b.numel()):
         chunk = part(b, at, stop)
-        taus = [torch.sub(part(ft, at, stop), chunk, out=part(t, 0, stop - at)) for ft, t in zip(fts, scratch)]
+        taus = [
+            torch.sub(part(ft, at, stop), chunk, out=part(t, 0, stop - at)) for ft, t in zip(fts, scratch)
+        ]
         add_task_vectors_(chunk, taus, weights, lambda_, convention)
     return b.view(base.shape)
 
@@ -70,10 +74,12 @@ def magnitude_trim(tau: Tensor, density: float) -> Tensor:
 def ties_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """TIES on row blocks (the engine's ``tensor_prepare``): every model's trim over the whole tensor, in two
     streamed passes, each block's |θₖ − θ₀| read where it lies (:class:`.select.AbsDiff`)."""
+
     def pieces():
         for r in stream():
             b = r.base.reshape(-1)
             yield [AbsDiff(ft.reshape(-1), b) for ft in r.finetuned], r.offset
+
     return {"cuts": trim_cuts(pieces, math.prod(shape), params["density"])}
 
 
@@ -84,14 +90,24 @@ def _whole_tensor_cuts(b: Tensor, fts: list[Tensor], densities: list[float]) -> 
     def sampler(at: Tensor) -> list[Tensor]:
         bs = b.index_select(0, at)
         return [ft.index_select(0, at).sub_(bs).abs_() for ft in fts]
+
     pieces = [AbsDiff(ft, b) for ft in fts]
-    return top_k_cuts(lambda: iter([(pieces, 0)]), [int(d * n) for d in densities], n, sampler=sampler,
-                      histogram=True)
+    return top_k_cuts(
+        lambda: iter([(pieces, 0)]), [int(d * n) for d in densities], n, sampler=sampler, histogram=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------- TIES
-def ties(base: Tensor, finetuned: list[Tensor], weights: list[float], densities: list[float], lambda_: float,
-         sign: Sign, convention: Convention, block: RowBlock | None = None) -> Tensor:
+def ties(
+    base: Tensor,
+    finetuned: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    lambda_: float,
+    sign: Sign,
+    convention: Convention,
+    block: RowBlock | None = None,
+) -> Tensor:
     """:func:`..baselines.ties_rule` in place on `base`, `finetuned` only read; on a row block of a tensor
     (``block``), with the trims its pre-pass found over the whole tensor (:func:`ties_prepare`)."""
     b = base.contiguous().view(-1)  # a view of the engine's (contiguous) input: the result is written into it
@@ -103,16 +119,32 @@ def ties(base: Tensor, finetuned: list[Tensor], weights: list[float], densities:
     return trim_and_combine(b, fts, cuts, offset, weights, lambda_, sign, convention).view(base.shape)
 
 
-def trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], offset: int, weights: list[float],
-                     lambda_: float, sign: Sign, convention: Convention) -> Tensor:
+def trim_and_combine(
+    base: Tensor,
+    finetuned: list[Tensor],
+    cuts: list[Cut],
+    offset: int,
+    weights: list[float],
+    lambda_: float,
+    sign: Sign,
+    convention: Convention,
+) -> Tensor:
     """TIES on flat tensors whose first entry has flat index `offset` in the whole tensor, into `base`: each
     τₖ = θₖ − θ₀ trimmed by its cut, then :func:`combine`, chunk by chunk. The fused kernel does the same in one
     pass where it applies: mergekit's convention, or PEFT's where it is the same (every weight 1, λ = 1)."""
     n = base.numel()
     same = convention == "mergekit" or (lambda_ == 1 and all(w == 1 for w in weights))
     if same and len(finetuned) <= kernels.MAX_MODELS and kernels.fits(base, *finetuned):
-        return kernels.ties(base, finetuned, [c.below for c in cuts], [c.value for c in cuts],
-                            [c.split(n, offset) for c in cuts], weights, lambda_, sign == "frequency")
+        return kernels.ties(
+            base,
+            finetuned,
+            [c.below for c in cuts],
+            [c.value for c in cuts],
+            [c.split(n, offset) for c in cuts],
+            weights,
+            lambda_,
+            sign == "frequency",
+        )
     scratch = _Scratch(n, len(finetuned))
     for at, stop in select.chunks(n):
         b, tmp = part(base, at, stop), part(scratch.tmp, 0, stop - at)
@@ -124,13 +156,16 @@ def trim_and_combine(base: Tensor, finetuned: list[Tensor], cuts: list[Cut], off
     return base
 
 
-def consensus(base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float, sign: Sign,
-              convention: Convention) -> Tensor:
+def consensus(
+    base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float, sign: Sign, convention: Convention
+) -> Tensor:
     """:func:`..baselines.ties_consensus` in place on `base`, chunk by chunk; consumes `taus` (DARE-TIES)."""
     b, ts = base.contiguous().view(-1), [t.reshape(-1) for t in taus]  # views of the engine's inputs
     scratch = _Scratch(b.numel(), 0)
     for at, stop in select.chunks(b.numel()):
-        combine(part(b, at, stop), [part(t, at, stop) for t in ts], weights, lambda_, sign, convention, scratch)
+        combine(
+            part(b, at, stop), [part(t, at, stop) for t in ts], weights, lambda_, sign, convention, scratch
+        )
     return b.view(base.shape)
 
 
@@ -146,8 +181,15 @@ class _Scratch:
         return part(self.acc, 0, k), part(self.num, 0, k), part(self.den, 0, k), part(self.tmp, 0, k)
 
 
-def combine(base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float, sign: Sign,
-            convention: Convention, scratch: _Scratch) -> Tensor:
+def combine(
+    base: Tensor,
+    taus: list[Tensor],
+    weights: list[float],
+    lambda_: float,
+    sign: Sign,
+    convention: Convention,
+    scratch: _Scratch,
+) -> Tensor:
     """:func:`..baselines.ties_consensus` on one chunk, into `base`, its temporaries in `scratch`; consumes `taus`."""
     acc, num, den, tmp = scratch.cut(base.numel())
     ones = [1.0] * len(taus)
@@ -164,7 +206,9 @@ def combine(base: Tensor, taus: list[Tensor], weights: list[float], lambda_: flo
 def _elect_sign(taus: list[Tensor], how: Sign, acc: Tensor, tmp: Tensor) -> Tensor:
     """:func:`..baselines.elect_sign` into `acc` (`tmp`: a buffer for the signs)."""
     rest = taus
-    if how == "total" and len(taus) > 1:  # Δ₀ + Δ₁ and 0 + Δ₀ + Δ₁ differ only in the sign of a zero: + either way
+    if (
+        how == "total" and len(taus) > 1
+    ):  # Δ₀ + Δ₁ and 0 + Δ₀ + Δ₁ differ only in the sign of a zero: + either way
         torch.add(taus[0], taus[1], out=acc)
         rest = taus[2:]
     else:
@@ -174,8 +218,13 @@ def _elect_sign(taus: list[Tensor], how: Sign, acc: Tensor, tmp: Tensor) -> Tens
     return acc.sign_().add_(0.5).sign_()  # −1 → −1, 0 → +1, +1 → +1 (NaN: sign 0, so +1), in place
 
 
-def _disjoint_mean(taus: list[Tensor], gamma: Tensor, weights: list[float], shares: list[float],
-                   out: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+def _disjoint_mean(
+    taus: list[Tensor],
+    gamma: Tensor,
+    weights: list[float],
+    shares: list[float],
+    out: tuple[Tensor, Tensor, Tensor],
+) -> Tensor:
     """:func:`..baselines.disjoint_mean` into the buffers `out` (numerator, denominator, a mask); consumes `taus`.
     Masks are float (a compare into a float buffer is several times faster than into a bool one), and a zero
     denominator becomes 1 as max(den, 1) when no share is below 1, else as den + (den == 0): both equal to

@@ -24,10 +24,14 @@ from torch import Tensor
 
 from . import kernels
 
-Pieces = Callable[[], Iterable[tuple[Tensor, int]]]  # each call: a fresh iterator of (flat piece, flat offset)
+Pieces = Callable[
+    [], Iterable[tuple[Tensor, int]]
+]  # each call: a fresh iterator of (flat piece, flat offset)
 Sampler = Callable[[Tensor], list[Tensor]]  # flat indices -> the values there, one tensor per selection
 SAMPLE = 1 << 12  # the least sample for the bracket (below 4× this many entries one exact pass is as cheap)
-GATHER = 1 << 22  # entries at most expected inside the bracket: the sample grows for it (32 MiB: values, positions)
+GATHER = (
+    1 << 22
+)  # entries at most expected inside the bracket: the sample grows for it (32 MiB: values, positions)
 CHUNK = 1 << 19  # entries per operation: large enough that the per-call overhead (and GIL time) is small
 BINS = 1 << 15  # the histogram of magnitudes: one bin per value of the top 16 bits of a non-negative float32
 MARGIN = 4.0  # the bracket: ± this many standard errors of the sample quantile (a miss: 3× as wide)
@@ -55,7 +59,9 @@ class AbsDiff:
         return torch.sub(self.a, self.b, out=out).abs_()
 
 
-Selections = Callable[[], Iterable[tuple[list[Tensor | AbsDiff], int]]]  # per piece: one per selection, its offset
+Selections = Callable[
+    [], Iterable[tuple[list[Tensor | AbsDiff], int]]
+]  # per piece: one per selection, its offset
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,9 @@ class Cut:
     value: float
     last: int
     largest: bool = True
-    every_tie: bool = False  # every entry equal to `value` is selected (the common case: one compare per entry)
+    every_tie: bool = (
+        False  # every entry equal to `value` is selected (the common case: one compare per entry)
+    )
 
     def split(self, n: int, offset: int) -> int:
         """How many leading entries of a piece of `n` entries at flat `offset` select the ties of ``value``."""
@@ -113,15 +121,23 @@ _ALL = {True: Cut(-math.inf, 1 << 62, True), False: Cut(math.inf, 1 << 62, False
 _NONE = {True: Cut(math.inf, -1, True), False: Cut(-math.inf, -1, False)}
 
 
-def top_k_cut(pieces: Pieces, k: int, n: int, *, largest: bool = True, sample: int = SAMPLE,
-              sampler: Callable[[Tensor], Tensor] | None = None) -> Cut:
+def top_k_cut(
+    pieces: Pieces,
+    k: int,
+    n: int,
+    *,
+    largest: bool = True,
+    sample: int = SAMPLE,
+    sampler: Callable[[Tensor], Tensor] | None = None,
+) -> Cut:
     """The :class:`Cut` of the `k` largest (``largest``) or smallest entries among the `n` entries that
     ``pieces()`` yields, ties to the lower flat index. ``pieces`` is called once per pass (two; three if the
     sampled bracket misses; one fewer with a ``sampler``, the values at given flat indices). NaN entries are never
     selected nor counted."""
     many = None if sampler is None else (lambda at: [sampler(at)])
-    return top_k_cuts(lambda: (([p], o) for p, o in pieces()), [k], n, largest=largest, sample=sample,
-                      sampler=many)[0]
+    return top_k_cuts(
+        lambda: (([p], o) for p, o in pieces()), [k], n, largest=largest, sample=sample, sampler=many
+    )[0]
 
 
 def sample_size(n: int, sample: int = SAMPLE) -> int:
@@ -131,9 +147,16 @@ def sample_size(n: int, sample: int = SAMPLE) -> int:
     return max(sample, math.ceil((3 * n) ** (2 / 3)), math.ceil((12 * n / GATHER) ** 2))
 
 
-def top_k_cuts(pieces: Selections, ks: list[int], n: int, *,
-               largest: bool = True, sample: int = SAMPLE, sampler: Sampler | None = None,
-               histogram: bool = False) -> list[Cut]:
+def top_k_cuts(
+    pieces: Selections,
+    ks: list[int],
+    n: int,
+    *,
+    largest: bool = True,
+    sample: int = SAMPLE,
+    sampler: Sampler | None = None,
+    histogram: bool = False,
+) -> list[Cut]:
     """Several selections in the same passes: ``pieces()`` yields, per piece, one flat tensor per selection (all
     of one length, e.g. every model's |Δ| of the same rows) and their flat offset; selection j takes the ``ks[j]``
     largest / smallest of its `n` entries. One :class:`Cut` per selection, each as :func:`top_k_cut` finds it.
@@ -153,7 +176,9 @@ def top_k_cuts(pieces: Selections, ks: list[int], n: int, *,
     if hists is not None:  # the bin of the k-th largest, exactly
         bounds = {j: _bin_bracket(hists[j], ks[j]) for j in todo}
     elif n > 4 * s_want:  # a sampled bracket; below this size one exact pass is as cheap
-        pools = {j: p[~p.isnan()] for j, p in _sample(pieces, sampler, todo, n, s_want).items()}  # NaN: never selected
+        pools = {
+            j: p[~p.isnan()] for j, p in _sample(pieces, sampler, todo, n, s_want).items()
+        }  # NaN: never selected
         bounds = {j: _bracket(pools[j], ks[j] / n, largest, MARGIN) for j in todo}
     while todo:
         tallies = _count_and_gather(pieces, todo, bounds, largest)
@@ -311,7 +336,9 @@ def stratified(n: int, s: int, generator: torch.Generator) -> Tensor:
     return torch.randint(width, (s,), generator=generator).add_(torch.arange(0, s * width, width))
 
 
-def _sample(pieces: Selections, sampler: Sampler | None, todo: list[int], n: int, s: int) -> dict[int, Tensor]:
+def _sample(
+    pieces: Selections, sampler: Sampler | None, todo: list[int], n: int, s: int
+) -> dict[int, Tensor]:
     """About `s` entries of every selection in `todo`, a stratified uniform sample (:func:`stratified`; seeded: the
     same draw every time)."""
     g = torch.Generator().manual_seed(0)
@@ -329,8 +356,9 @@ def _sample(pieces: Selections, sampler: Sampler | None, todo: list[int], n: int
     return {j: torch.cat(picks[j]) for j in todo}
 
 
-def _count_and_gather(pieces: Selections, todo: list[int], bounds: dict[int, tuple[float, float]],
-                      largest: bool) -> dict[int, _Gathered]:
+def _count_and_gather(
+    pieces: Selections, todo: list[int], bounds: dict[int, tuple[float, float]], largest: bool
+) -> dict[int, _Gathered]:
     """One pass: per selection, the entries beyond its bracket (above `hi` for the largest, below `lo` for the
     smallest) counted, and the values inside it (NaN excluded) gathered with where they are."""
     tallies = {j: _Tally() for j in todo}
@@ -342,8 +370,9 @@ def _count_and_gather(pieces: Selections, todo: list[int], bounds: dict[int, tup
     return {j: t.done() for j, t in tallies.items()}
 
 
-def _tally_chunk(t: _Tally, p: Tensor | AbsDiff, lo: float, hi: float, largest: bool, offset: int,
-                 bufs: _Buffers) -> None:
+def _tally_chunk(
+    t: _Tally, p: Tensor | AbsDiff, lo: float, hi: float, largest: bool, offset: int, bufs: _Buffers
+) -> None:
     """One chunk (flat index `offset` on) of the counting pass into `t`: in one fused pass
     (:func:`.kernels.count_gather`) where the kernels take it, else in torch operations."""
     a, b = (p.a, p.b) if isinstance(p, AbsDiff) else (p, None)
@@ -375,8 +404,10 @@ def kth_largest(a: Tensor, k: int) -> Tensor:
 
 def one_piece(flat: Tensor) -> Pieces:
     """``pieces`` for a tensor in memory."""
+
     def gen() -> Iterator[tuple[Tensor, int]]:
         yield flat, 0
+
     return gen
 
 
