@@ -913,27 +913,10 @@ def add_task(
                 remedy="--gram FILE (forgetless stats gram BASE --data …) or --data TASK_DATA",
             )
         stats = Path(stats_dir) if stats_dir else _stats_dir(state)
-        step.out = (
-            None
-            if out is None
-            else check_output(
-                out,
-                [
-                    state,
-                    lock_path(state),
-                    base_reader.path,
-                    adapter,
-                    *_gram_files(gram),
-                    data,
-                    images,
-                    cpm_data,
-                    cpm_images,
-                    stats,
-                ],
-                force=force,
-            )
-        )
+        inputs = [adapter, *_gram_files(gram), data, images, cpm_data, cpm_images, stats]
+        step.out = None if out is None else _check_out(out, step, inputs, force)
         if gram is None:
+            pixels = (min_pixels, max_pixels)
             gram = _gram_for(
                 base_reader,
                 step.names,
@@ -946,19 +929,12 @@ def add_task(
                 stats,
                 log,
                 gram_dtype,
-                (min_pixels, max_pixels),
+                pixels,
             )
         step.gram_reader, step.gram_meta = _check_gram(gram, base_reader, step.names)
         _check_rank(step, adapter)
         new_meta, task = _next_meta(step, base, adapter, name)
-        cpm_new = None
-        if step.proj_names is not None:
-            cpm_new = _cpm_task(base_reader, step.lora, step.proj_names, cpm_data, cpm_images, cpm_n, log)
-            task.update(
-                cpm_data=str(Path(cpm_data).resolve()),
-                cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),
-                cpm_images=cpm_new.pop("images"),
-            )
+        cpm_new = _cpm_entry(step, task, cpm_data, cpm_images, cpm_n, log)
         _commit(step, new_meta, cpm_new, gram, solve_device, shard_size, force, log)
     finally:
         if step is not None and step.gram_reader is not None:
@@ -976,6 +952,32 @@ def add_task(
     if log:
         log(report.summary())
     return report
+
+
+def _check_out(out: str | Path, step: _Step, inputs: list, force: bool) -> Path:
+    """The output folder, refused where it is the state, its lock, the base or any input."""
+    state = step.state
+    return check_output(out, [state, lock_path(state), step.base.path, *inputs], force=force)
+
+
+def _cpm_entry(
+    step: _Step,
+    task: dict[str, Any],
+    data: Any,
+    images: Any,
+    n: int | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any] | None:
+    """With CPM: the task's projector and prototype (recorded in its state.json entry); None without."""
+    if step.proj_names is None:
+        return None
+    cpm_new = _cpm_task(step.base, step.lora, step.proj_names, data, images, n, log)
+    task.update(
+        cpm_data=str(Path(data).resolve()),
+        cpm_data_fingerprint=cpm_new.pop("data_fingerprint"),
+        cpm_images=cpm_new.pop("images"),
+    )
+    return cpm_new
 
 
 def _open_step(

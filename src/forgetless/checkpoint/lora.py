@@ -343,19 +343,36 @@ class LoraAdapter:
     def _build(
         self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], base: set[str]
     ) -> None:
-        cfg = self.config
-        r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern", {}), cfg.get("alpha_pattern", {})
-        rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
-        cfg_file = self.path / ADAPTER_CONFIG
-
-        def resolve(name: str) -> str | None:
-            if name in base:
-                return name
-            hits = [a for a in name_aliases(name) if a in base]
-            return hits[0] if len(hits) == 1 else None
-
+        """Map the adapter's tensors onto the base's names: LoRA pairs, bias updates and full replacements; an
+        adapter tensor that matches no base tensor is an error listing them."""
+        self._base_names = base
         unmapped: list[str] = []
+        pairs, peaks = self._pairs(weights, unmapped)
+        for key, t in extra.items():
+            _check_tensor(key, t, self.path / NON_LORA)
+            self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, self._resolve, unmapped, NON_LORA)
+        for module, slots in pairs.items():
+            self._add_pair(module, slots, peaks, unmapped)
+        if unmapped:
+            shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
+            raise ForgetlessError(
+                f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
+                file=self.path,
+                remedy="check that the adapter was trained on this base model",
+            )
+
+    def _resolve(self, name: str) -> str | None:
+        """The base's name for ``name``, under either naming of its family; None if it has none."""
+        if name in self._base_names:
+            return name
+        hits = [a for a in name_aliases(name) if a in self._base_names]
+        return hits[0] if len(hits) == 1 else None
+
+    def _pairs(
+        self, weights: dict[str, torch.Tensor], unmapped: list[str]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[tuple[str, str], float]]:
+        """The adapter file's LoRA factors by module and slot, and each one's largest |entry|; its other tensors
+        (modules_to_save copies, a saved embedding) added as replacements."""
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         peaks: dict[tuple[str, str], float] = {}  # (module, slot) -> largest |entry|
         for key, t in weights.items():
@@ -369,76 +386,72 @@ class LoraAdapter:
                 )
             peak = _check_tensor(key, t, self.files[0])
             m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
-            if m:
-                if m.groupdict().get("param") != "bias":
-                    _check_factor_shape(key, t, self.files[0])
-                slot = m.group("kind") + ("." + m.group("param") if "param" in m.groupdict() else "")
-                pairs.setdefault(m.group("module"), {})[slot] = t
-                peaks[m.group("module"), slot] = peak
+            if (
+                m is None
+            ):  # ``<module>.base_layer.weight``: the full embedding PEFT saves with save_embedding_layers
+                full = _MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", ".")
+                self._add_replacement(full, key, t, self._resolve, unmapped, ADAPTER_SAFE)
                 continue
-            # modules_to_save copies; ``<module>.base_layer.weight`` is the full embedding PEFT saves with
-            # save_embedding_layers (a replacement the LoRA delta then applies to)
-            self._add_replacement(
-                _MODULES_TO_SAVE.sub(".", k).replace(".base_layer.", "."),
-                key,
-                t,
-                resolve,
-                unmapped,
-                ADAPTER_SAFE,
-            )
-        for key, t in extra.items():
-            _check_tensor(key, t, self.path / NON_LORA)
-            self._add_replacement(key.removeprefix(PEFT_PREFIX), key, t, resolve, unmapped, NON_LORA)
+            if m.groupdict().get("param") != "bias":
+                _check_factor_shape(key, t, self.files[0])
+            slot = m.group("kind") + ("." + m.group("param") if "param" in m.groupdict() else "")
+            pairs.setdefault(m.group("module"), {})[slot] = t
+            peaks[m.group("module"), slot] = peak
+        return pairs, peaks
 
-        for module, slots in pairs.items():
-            emb = "lora_embedding_A" in slots or "lora_embedding_B" in slots
-            a_slot, b_slot = (
-                ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
-            )
-            A, B = slots.get(a_slot), slots.get(b_slot)
-            kind = "embedding" if emb else "conv" if A is not None and A.dim() > 2 else "linear"
-            if A is None or B is None:
-                raise ForgetlessError(
-                    f"module {module} has only one of its two LoRA factors",
-                    file=self.files[0],
-                    remedy="the adapter file is incomplete; save the adapter again",
-                )
-            target = resolve(module + ".weight")
-            if target is None:
-                unmapped.append(f"{PEFT_PREFIX}{module}")
-                continue
-            r = _pattern_value(rank_pattern, module, r_default)
-            alpha = _pattern_value(alpha_pattern, module, alpha_default)
-            rank = A.shape[0]
-            if rank != r:
-                raise ForgetlessError(
-                    f"{ADAPTER_CONFIG} gives r={r} for {module} but its lora_A has rank {rank}",
-                    file=cfg_file,
-                    remedy="use the adapter_config.json saved with these weights",
-                )
-            if kind == "conv" and any(s != 1 for s in B.shape[2:]):
-                raise ForgetlessError(
-                    f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
-                    file=self.files[0],
-                    remedy=MERGE_REMEDY,
-                )
-            scale = alpha / math.sqrt(r) if rslora else alpha / r
-            self._check_update(module, scale, rank, peaks[module, a_slot], peaks[module, b_slot])
-            self._lora[target] = _Lora(module, A, B, float(scale), kind, fifo and kind == "linear")
-            if "lora_B.bias" in slots:
-                bias = resolve(module + ".bias")
-                if bias is None:
-                    unmapped.append(f"{PEFT_PREFIX}{module}.lora_B.bias")
-                    continue
-                self._bias[bias] = (slots["lora_B.bias"], float(scale))
-
-        if unmapped:
-            shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
+    def _add_pair(
+        self,
+        module: str,
+        slots: dict[str, torch.Tensor],
+        peaks: dict[tuple[str, str], float],
+        unmapped: list[str],
+    ) -> None:
+        """One module's LoRA update (and bias update), checked against the config's rank and a float32 bound."""
+        emb = "lora_embedding_A" in slots or "lora_embedding_B" in slots
+        a_slot, b_slot = (
+            ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        )
+        A, B = slots.get(a_slot), slots.get(b_slot)
+        if A is None or B is None:
             raise ForgetlessError(
-                f"{len(unmapped)} adapter tensor(s) match no tensor of the base model: {shown}",
-                file=self.path,
-                remedy="check that the adapter was trained on this base model",
+                f"module {module} has only one of its two LoRA factors",
+                file=self.files[0],
+                remedy="the adapter file is incomplete; save the adapter again",
             )
+        kind = "embedding" if emb else "conv" if A.dim() > 2 else "linear"
+        target = self._resolve(module + ".weight")
+        if target is None:
+            unmapped.append(f"{PEFT_PREFIX}{module}")
+            return
+        scale = self._scale(module, A, B, kind)
+        self._check_update(module, scale, A.shape[0], peaks[module, a_slot], peaks[module, b_slot])
+        fifo = bool(self.config.get("fan_in_fan_out"))
+        self._lora[target] = _Lora(module, A, B, float(scale), kind, fifo and kind == "linear")
+        if "lora_B.bias" in slots:
+            bias = self._resolve(module + ".bias")
+            if bias is None:
+                unmapped.append(f"{PEFT_PREFIX}{module}.lora_B.bias")
+                return
+            self._bias[bias] = (slots["lora_B.bias"], float(scale))
+
+    def _scale(self, module: str, A: torch.Tensor, B: torch.Tensor, kind: str) -> float:
+        """PEFT's scale for this module, alpha / r (rsLoRA: alpha / √r), after checking r against lora_A's rank."""
+        cfg = self.config
+        r = _pattern_value(cfg.get("rank_pattern", {}), module, cfg.get("r", 8))
+        alpha = _pattern_value(cfg.get("alpha_pattern", {}), module, cfg.get("lora_alpha", 8))
+        if A.shape[0] != r:
+            raise ForgetlessError(
+                f"{ADAPTER_CONFIG} gives r={r} for {module} but its lora_A has rank {A.shape[0]}",
+                file=self.path / ADAPTER_CONFIG,
+                remedy="use the adapter_config.json saved with these weights",
+            )
+        if kind == "conv" and any(s != 1 for s in B.shape[2:]):
+            raise ForgetlessError(
+                f"LoRA on {module} has a lora_B kernel {tuple(B.shape[2:])}, not 1×1",
+                file=self.files[0],
+                remedy=MERGE_REMEDY,
+            )
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
     def _check_update(self, module: str, scale: float, rank: int, peak_a: float, peak_b: float) -> None:
         """``scale · B @ A`` stays far inside float32 (bounded by scale · rank · max|A| · max|B|), else a merge

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import safeload
 from ..checkpoint.writer import atomic_write
+from ..errors import ForgetlessError
 from .metrics import (
     FINGERPRINTS,
     MC_METRIC_DOC,
@@ -369,32 +370,11 @@ def run_eval(
     prints and writes."""
     from ..checkpoint.guard import check_output
     from ..checkpoint.lora import parse_model_ref
-    from ..errors import ForgetlessError
     from ..stats.distributed import dist_info
-    from .harness import evaluate, resolve_task, task_fingerprints
+    from .harness import evaluate, task_fingerprints
 
-    if finetuned is not None and base is None:
-        raise ForgetlessError(
-            "--finetuned needs --base (E and F are measured from the base model)",
-            remedy="pass --base base.json too",
-        )
-    base_r = read_json(base) if base is not None else None
-    ft_r = read_json(finetuned) if finetuned is not None else None
-    for r in (base_r, ft_r):  # intervals are paired with these: they need their per-item results
-        for name, t in (r or {}).get("tasks", {}).items():
-            try:
-                item_correct(t, name)
-            except ForgetlessError as e:
-                raise ForgetlessError(e.problem, file=r["path"], remedy=e.remedy) from None
-    groups = []
-    for specs in (_split_list(tasks), _split_list(general)):
-        resolved = [resolve_task(s, split=split, task_root=task_root) for s in specs]
-        groups.append({t.name: t for t in resolved})
-        if len(groups[-1]) != len(resolved):
-            raise ForgetlessError(
-                f"two tasks share a name: {', '.join(t.name for t in resolved)}",
-                remedy="give each task once (rename a JSONL file if two have the same stem)",
-            )
+    base_r, ft_r = _references(base, finetuned)
+    groups = _task_groups(tasks, general, split, task_root)
     if out is not None:  # the model folder, the task files and the result files read are never written over
         specs = [t.path for g in groups for t in g.values()]
         check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
@@ -429,29 +409,74 @@ def run_eval(
     for metric in [m for m in MC_METRICS if m == MC_METRICS[0] or m in res]:
         views = [metric_view(r, metric) if r is not None else None for r in (res, base_r, ft_r)]
         figures, rows = _figures(name, *views, boot=boot)
-        if metric == MC_METRICS[0]:
-            res.update(figures)
-        else:
-            res[metric].update(figures)
+        (res if metric == MC_METRICS[0] else res[metric]).update(figures)
         if log is not None:
-            lacks = next(
-                (
-                    f" (the {who} result, written by an older version, lacks it: no {what})"
-                    for who, r, v, what in (
-                        ("base", base_r, views[1], "comparison"),
-                        ("fine-tuned", ft_r, views[2], "gain kept"),
-                    )
-                    if r is not None and v is None
-                ),
-                "",
-            )
-            log(f"\n{metric}: {MC_METRIC_DOC[metric]}{lacks}")
-            log(format_table(rows, list(res["tasks"])))
-            kept = figures.get("comparison", {}).get("gain_kept")
-            if kept is not None:
-                log(f"gain kept: {kept:.1%} of the fine-tuned model's")
+            _log_metric(log, metric, views, base_r, ft_r, figures, rows, list(res["tasks"]))
     if out is not None:
         write_json(out, res)
         if log is not None:
             log(f"wrote {out}")
     return res
+
+
+def _references(base: Any, finetuned: Any) -> tuple[dict | None, dict | None]:
+    """The base's and fine-tuned model's results, each with the per-item results the intervals pair with."""
+    if finetuned is not None and base is None:
+        raise ForgetlessError(
+            "--finetuned needs --base (E and F are measured from the base model)",
+            remedy="pass --base base.json too",
+        )
+    base_r = read_json(base) if base is not None else None
+    ft_r = read_json(finetuned) if finetuned is not None else None
+    for r in (base_r, ft_r):  # intervals are paired with these: they need their per-item results
+        for name, t in (r or {}).get("tasks", {}).items():
+            try:
+                item_correct(t, name)
+            except ForgetlessError as e:
+                raise ForgetlessError(e.problem, file=r["path"], remedy=e.remedy) from None
+    return base_r, ft_r
+
+
+def _task_groups(tasks: Any, general: Any, split: str, task_root: Any) -> list[dict[str, Any]]:
+    """{name: TaskSpec} of the downstream and of the general tasks, each name once."""
+    from .harness import resolve_task
+
+    groups = []
+    for specs in (_split_list(tasks), _split_list(general)):
+        resolved = [resolve_task(s, split=split, task_root=task_root) for s in specs]
+        groups.append({t.name: t for t in resolved})
+        if len(groups[-1]) != len(resolved):
+            raise ForgetlessError(
+                f"two tasks share a name: {', '.join(t.name for t in resolved)}",
+                remedy="give each task once (rename a JSONL file if two have the same stem)",
+            )
+    return groups
+
+
+def _log_metric(
+    log: Any,
+    metric: str,
+    views: list,
+    base_r: dict | None,
+    ft_r: dict | None,
+    figures: dict,
+    rows: list,
+    task_names: list[str],
+) -> None:
+    """One metric's table, saying which comparison an older reference result lacks, and the gain kept."""
+    lacks = next(
+        (
+            f" (the {who} result, written by an older version, lacks it: no {what})"
+            for who, r, v, what in (
+                ("base", base_r, views[1], "comparison"),
+                ("fine-tuned", ft_r, views[2], "gain kept"),
+            )
+            if r is not None and v is None
+        ),
+        "",
+    )
+    log(f"\n{metric}: {MC_METRIC_DOC[metric]}{lacks}")
+    log(format_table(rows, task_names))
+    kept = figures.get("comparison", {}).get("gain_kept")
+    if kept is not None:
+        log(f"gain kept: {kept:.1%} of the fine-tuned model's")
