@@ -1105,23 +1105,21 @@ def _commit(
                 for k in range(1, number):
                     _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
                 _save(cpm_new["tensors"], tmp / _cpm_file(number))
+            fold = _Fold(
+                modules,
+                step.lora.loras(),
+                step.gram_reader,
+                counts,
+                opts,
+                writer,
+                base,
+                step.rank,
+                gram,
+                solve_device,
+            )
             for fname, part in parts.items():
-                _step_part(
-                    state / fname if meta is not None else None,
-                    tmp / fname,
-                    part["modules"],
-                    modules,
-                    step.lora.loras(),
-                    step.gram_reader,
-                    counts,
-                    opts,
-                    STATE_DTYPES[opts["dtype"]],
-                    writer,
-                    base,
-                    step.rank,
-                    gram,
-                    solve_device,
-                )
+                old_file = state / fname if meta is not None else None
+                _step_part(old_file, tmp / fname, part["modules"], fold)
             if writer is not None:
                 _finish_output(step, writer, new_meta, tmp, cpm_new is not None)
         except BaseException:
@@ -1192,28 +1190,32 @@ def _solve_device(device: str, state: Path) -> torch.device:
         ) from None
 
 
-def _step_part(
-    old_file: Path | None,
-    new_file: Path,
-    members: list[str],
-    modules: dict[str, Any],
-    loras: dict[str, Any],
-    gram: Statistics,
-    counts: dict[str, int],
-    opts: dict[str, Any],
-    dtype: torch.dtype,
-    writer: StreamingWriter | None,
-    base: CheckpointReader,
-    rank: int | None,
-    gram_path: str | Path,
-    device: str | torch.device = "cpu",
-) -> None:
+@dataclass
+class _Fold:
+    """What folding a task into a part needs: the modules, the task's factors and Gram (with its token counts and
+    path), the state's options, the output's writer, the base, the output rank and the solves' device."""
+
+    modules: dict[str, Any]
+    loras: Any
+    gram: Statistics
+    counts: dict[str, int]
+    opts: dict[str, Any]
+    writer: StreamingWriter | None
+    base: CheckpointReader
+    rank: int | None
+    gram_path: Any
+    device: str | torch.device = "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.opts["dtype"]]
+
+
+def _step_part(old_file: Path | None, new_file: Path, members: list[str], fold: _Fold) -> None:
     """One decoder layer's state: read it, fold the task in, write the new file and this layer's output tensors."""
     with ExitStack() as stack:
         old = stack.enter_context(safe_open(str(old_file), framework="pt")) if old_file is not None else None
-        new = _fold_part(
-            old, members, modules, loras, gram, counts, opts, dtype, writer, base, rank, gram_path, device
-        )
+        new = _fold_part(old, members, fold)
     _save(new, new_file)
 
 
@@ -1235,21 +1237,7 @@ def _per_token(gram: Statistics, name: str, counts: dict[str, int], path: str | 
     return g.double().div_(int(counts[name]))
 
 
-def _fold_part(
-    old: Any,
-    members: list[str],
-    modules: dict[str, Any],
-    loras: dict[str, Any],
-    gram: Statistics,
-    counts: dict[str, int],
-    opts: dict[str, Any],
-    dtype: torch.dtype,
-    writer: StreamingWriter | None,
-    base: CheckpointReader,
-    rank: int | None,
-    gram_path: str | Path,
-    device: str | torch.device = "cpu",
-) -> dict[str, torch.Tensor]:
+def _fold_part(old: Any, members: list[str], fold: _Fold) -> dict[str, torch.Tensor]:
     """The new tensors of one part; the old part's tensors are read one at a time (``old``: an open safetensors
     file, None on the first task). The solves, and the products they need, run on `device`; what the state and
     the output keep comes back to the CPU."""
@@ -1257,6 +1245,14 @@ def _fold_part(
     def previous(key: str) -> torch.Tensor | None:
         return old.get_tensor(key) if old is not None and key in old.keys() else None  # noqa: SIM118
 
+    modules, gram, counts, gram_path, opts, dtype = (
+        fold.modules,
+        fold.gram,
+        fold.counts,
+        fold.gram_path,
+        fold.opts,
+        fold.dtype,
+    )
     new: dict[str, torch.Tensor] = {}
     groups: dict[str, list[str]] = {}
     for n in members:
@@ -1290,7 +1286,9 @@ def _fold_part(
             del g
             new[f"gram/{group}"] = h.to(dtype, copy=True).contiguous()  # a copy: h is factorised next
             new[f"ridge/{group}"] = torch.tensor(ridge, dtype=torch.float64)
-            solver = Solver(h, ridge, overwrite=True, device=device)  # on the CPU, h is factorised in place
+            solver = Solver(
+                h, ridge, overwrite=True, device=fold.device
+            )  # on the CPU, h is factorised in place
             del h
             gt = gt.to(solver.device)  # once for the modules that share it
         except SingularGramError as e:
@@ -1302,7 +1300,7 @@ def _fold_part(
                 "compute the Gram on more data",
             ) from None
         for n in names:
-            lora = loras.get(n)
+            lora = fold.loras.get(n)
             factors = None
             if lora is not None:
                 A, B, s = lora.factors()
@@ -1317,8 +1315,8 @@ def _fold_part(
                     remedy="check the adapter's factors and the Gram file for NaN/Inf",
                 )
             new[f"delta/{n}"] = merged.to(dtype).contiguous()
-            if writer is not None:
-                _emit(writer, base, n, modules[n]["module"], merged, rank)
+            if fold.writer is not None:
+                _emit(fold.writer, fold.base, n, modules[n]["module"], merged, fold.rank)
             del merged
     return new
 
