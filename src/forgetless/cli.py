@@ -7,6 +7,8 @@ import functools
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -14,6 +16,21 @@ from . import __version__
 from .errors import ForgetlessError
 
 POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or less is refused before any work
+
+
+def folder_option(flag: str, **kw: Any) -> Callable:
+    """An option naming a folder (none by default)."""
+    return click.option(flag, type=click.Path(file_okay=False), default=None, **kw)
+
+
+def file_option(flag: str, **kw: Any) -> Callable:
+    """An option naming a file (none by default)."""
+    return click.option(flag, type=click.Path(dir_okay=False), default=None, **kw)
+
+
+def choice(flag: str, options: list[str], default: str, **kw: Any) -> Callable:
+    """An option taking one of ``options``, ``default`` shown: ``@choice("--tokens", ["all", "answer"], "all")``."""
+    return click.option(flag, type=click.Choice(options), default=default, show_default=True, **kw)
 
 
 def one_process(command: str) -> None:
@@ -258,11 +275,10 @@ def _run_stats(
 
 @stats_group.command("fisher")
 @_stats_options
-@click.option(
+@choice(
     "--variant",
-    type=click.Choice(["empirical", "sampled"]),
-    default="empirical",
-    show_default=True,
+    ["empirical", "sampled"],
+    "empirical",
     help="Labels from the data, or drawn from the model's own predictions.",
 )
 @click.option("--all-params", is_flag=True, help="Every parameter in scope, not only Linear weights.")
@@ -273,18 +289,16 @@ def stats_fisher(**kw) -> None:
 
 @stats_group.command("gram")
 @_stats_options
-@click.option(
+@choice(
     "--tokens",
-    type=click.Choice(["all", "answer"]),
-    default="all",
-    show_default=True,
+    ["all", "answer"],
+    "all",
     help="Which tokens' inputs count: every non-padding token, or answer tokens only.",
 )
-@click.option(
+@choice(
     "--accumulate",
-    type=click.Choice(["float64", "float32"]),
-    default="float64",
-    show_default=True,
+    ["float64", "float32"],
+    "float64",
     help="Accumulator dtype: float32 halves the memory (4 bytes per entry).",
 )
 @click.option(
@@ -294,11 +308,10 @@ def stats_fisher(**kw) -> None:
     default=True,
     help="One Gram per Linear even where several read the same input (q/k/v, gate/up).",
 )
-@click.option(
+@choice(
     "--split",
-    type=click.Choice(["none", "modules"]),
-    default="none",
-    show_default=True,
+    ["none", "modules"],
+    "none",
     help="Under torchrun: each rank accumulates a share of the modules over every sample (memory / ranks) "
     "instead of every module over a share of the samples (time / ranks).",
 )
@@ -315,8 +328,8 @@ def stats_gram(**kw) -> None:
     "--general-data", required=True, type=click.Path(dir_okay=False), help="General calibration set."
 )
 @click.option("--task-data", required=True, type=click.Path(dir_okay=False), help="Task calibration set.")
-@click.option("--general-images", type=click.Path(file_okay=False), default=None)
-@click.option("--task-images", type=click.Path(file_okay=False), default=None)
+@folder_option("--general-images")
+@folder_option("--task-images")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged model folder.")
 @click.option(
     "--method", type=click.Choice(["cgm", "cgm_dagger", "cgm_plus"]), default="cgm", show_default=True
@@ -333,38 +346,33 @@ def stats_gram(**kw) -> None:
 @click.option("-n", "num", type=POSITIVE, default=16, show_default=True, help="Samples per calibration set.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option(
+@choice(
     "--task-fisher-at",
-    type=click.Choice(["base", "finetuned"]),
-    default="base",
-    show_default=True,
+    ["base", "finetuned"],
+    "base",
     help="The model the task Fisher is taken at: θ₀ as CGM's published scripts do, or θ_ft.",
 )
-@click.option(
+@choice(
     "--task-fisher-variant",
-    type=click.Choice(["empirical", "sampled"]),
-    default="empirical",
-    show_default=True,
+    ["empirical", "sampled"],
+    "empirical",
     help="Task Fisher labels from the data (published), or drawn from the model.",
 )
-@click.option(
+@folder_option(
     "--stats-dir",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where the Fisher files go and are reused from (default: OUT-statistics beside OUT).",
 )
 @click.option("--device", default="auto", show_default=True)
-@click.option(
+@choice(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
+    ["float32", "bfloat16", "float16"],
+    "float32",
     help="The models' dtype in the Fisher passes (the Fisher is accumulated in fp32); "
     "a Fisher file taken in another dtype is not reused.",
 )
 @_tf32_option
 @_pixels_options
-@click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@choice("--on-bad-sample", ["error", "skip"], "error")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Say what would be computed; compute and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -393,13 +401,11 @@ def continual_group() -> None:
     help="The task's Gram file, taken at the base: forgetless stats gram BASE --data TASK_DATA. "
     "Repeat it for files over disjoint --scope that together cover the adapted modules.",
 )
-@click.option(
+@file_option(
     "--data",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="Instead of --gram: the task's data; its Gram is computed at the base (or reused).",
 )
-@click.option("--images", type=click.Path(file_okay=False), default=None, help="--data's image folder.")
+@folder_option("--images", help="--data's image folder.")
 @click.option("-n", "n", type=POSITIVE, default=None, help="--data: a seeded subset of N samples.")
 @_pixels_options
 @click.option(
@@ -418,22 +424,16 @@ def continual_group() -> None:
     "solves, in float64, or in float32 refined to float64 accuracy on GPUs slow in float64): "
     "auto (CUDA when present), cpu, cuda, cuda:N.",
 )
-@click.option(
+@folder_option(
     "--stats-dir",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where computed Gram files go and are reused from (default: STATE-statistics beside STATE).",
 )
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False),
-    default=None,
     help="The merged model folder (or the adapter folder with --rank). Default: update the state only.",
 )
-@click.option(
+@folder_option(
     "--base",
-    type=click.Path(file_okay=False),
-    default=None,
     help="The base model (needed on the first task; later the state's own, checked).",
 )
 @click.option("--name", default=None, help="Task name (default: the adapter folder's name).")
@@ -459,13 +459,11 @@ def continual_group() -> None:
     default=None,
     help="How the state stores its sums (first task only; default float32).",
 )
-@click.option(
+@file_option(
     "--cpm-data",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="CPM: the task's data with images (its visual prototype); the output becomes a routed model.",
 )
-@click.option("--cpm-images", type=click.Path(file_okay=False), default=None, help="CPM: the image folder.")
+@folder_option("--cpm-images", help="CPM: the image folder.")
 @click.option("--cpm-n", type=POSITIVE, default=None, help="CPM: images for the prototype (a seeded subset).")
 @click.option(
     "--tau", type=float, default=None, help="CPM routing temperature (first task only; default 0.1)."
@@ -503,10 +501,8 @@ def testbed_group() -> None:
 
 
 @testbed_group.command("model")
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where to write the folder (default: the cache, ~/.cache/forgetless).",
 )
 def testbed_model_cmd(out: str | None) -> None:
@@ -531,10 +527,8 @@ def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool)
 
 
 @testbed_group.command("build")
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where vision.safetensors and build.json go (default: the package's testbed/weights).",
 )
 @click.option("--vision-steps", type=POSITIVE, default=600, show_default=True)
@@ -614,10 +608,8 @@ def testbed_frontier_cmd(
     help="The markdown report, written whole (RESULTS.md: --out RESULTS.md); the hand-written reading "
     "between its reading markers is kept.",
 )
-@click.option(
+@folder_option(
     "--plots",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where the trade-off PNGs go (default: docs/results beside --out).",
 )
 @click.option("--keep-models", is_flag=True, help="Keep the merged folders (550 MB each).")
@@ -655,10 +647,8 @@ def testbed_report_cmd(
     "--tasks", required=True, help="Downstream task(s), comma-separated: names, folders or JSONL files."
 )
 @click.option("--general", required=True, help="General task(s), comma-separated.")
-@click.option(
+@folder_option(
     "--task-root",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).",
 )
 @click.option("--split", default="val", show_default=True)
@@ -698,11 +688,10 @@ def testbed_report_cmd(
     metavar="SPLIT",
     help="Evaluate the chosen point on this split too (e.g. test): what to expect there, with intervals.",
 )
-@click.option(
+@choice(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
+    ["float32", "bfloat16", "float16"],
+    "float32",
     help="The evaluations' model dtype (results of other dtypes are cached apart).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
@@ -823,7 +812,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option(
     "--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps."
 )
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@choice("--schedule", ["cosine", "constant"], "cosine")
 @click.option(
     "--min-lr-ratio",
     type=float,
@@ -838,11 +827,10 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
 @click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
-@click.option(
+@choice(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
+    ["float32", "bfloat16"],
+    "float32",
     help="bfloat16: autocast, the frozen weights held in bf16; trainable weights and optimizer state "
     "float32.",
 )
@@ -874,7 +862,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option(
     "--max-length", type=POSITIVE, default=None, help="Longest sample in tokens (default: context)."
 )
-@click.option("--on-bad-sample", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@choice("--on-bad-sample", ["error", "skip"], "error")
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -883,25 +871,20 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
     "the coming batches while the model trains (0: in the main process). Default: up to 2, none when "
     "every sample stays encoded in memory.",
 )
-@click.option(
+@choice(
     "--keep",
-    type=click.Choice(["none", "spider", "magnitude_mask"]),
-    default="none",
-    show_default=True,
+    ["none", "spider", "magnitude_mask"],
+    "none",
     help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
     "or reset the top-50% |θ₀| entries (MagnitudeMask).",
 )
-@click.option(
+@folder_option(
     "--init-adapter",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "
     "fine-tuning, one task after another.",
 )
-@click.option(
+@file_option(
     "--optimizer-fisher",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="Also write AdamW's squared gradients, averaged over the run, as a task Fisher statistics file "
     "(full fine-tune; for `forgetless merge` / `cgm`, no extra pass over the data).",
 )
@@ -993,10 +976,8 @@ def finetune_cmd(
 @click.option(
     "--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer."
 )
-@click.option(
+@folder_option(
     "--task-root",
-    type=click.Path(file_okay=False),
-    default=None,
     help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
@@ -1005,14 +986,12 @@ def finetune_cmd(
 )
 @_tf32_option
 @_pixels_options
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results (JSON) here.")
+@file_option("--out", help="Write the results (JSON) here.")
 @click.option(
     "--base", type=click.Path(dir_okay=False), default=None, help="The base model's result JSON: adds E, F."
 )
-@click.option(
+@file_option(
     "--finetuned",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="The fine-tuned model's result JSON: adds its row and the gain kept.",
 )
 @click.option("--quiet", is_flag=True, help="No progress lines.")

@@ -49,3 +49,17 @@ def naming(path: object) -> Iterator[None]:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
+@contextmanager
+def loading(what: str, path: object, remedy: str) -> Iterator[None]:
+    """Whatever a library raises while loading ``what`` from ``path`` (transformers raises many types) becomes one
+    line naming the file; our own errors pass as they are."""
+    try:
+        yield
+    except ForgetlessError:
+        raise
+    except Exception as e:
+        raise ForgetlessError(
+            f"cannot load {what} ({type(e).__name__}: {e})", file=path, remedy=remedy
+        ) from e

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ForgetlessError
+from ..errors import ForgetlessError, loading
 from ..safeload import read_json
 from .layout import config_family
 from .reader import CheckpointReader, load_bin
@@ -208,14 +208,11 @@ def _tokenizer(model_dir: Path):
     """The folder's tokenizer with ``<image>`` added (where it lacks it)."""
     from transformers import AddedToken, AutoTokenizer
 
-    try:  # with the config given, transformers does not read (and warn about) the folder's llava_llama config
+    with loading(
+        "the tokenizer", model_dir, "the folder needs the tokenizer files the LLaVA repository saves"
+    ):
+        # with the config given, transformers does not read (and warn about) the folder's llava_llama config
         tok = AutoTokenizer.from_pretrained(model_dir, config=_text_config(model_dir))
-    except Exception as e:  # transformers raises many types; report one line with the folder
-        raise ForgetlessError(
-            f"cannot load the tokenizer ({type(e).__name__}: {e})",
-            file=model_dir,
-            remedy="the folder needs the tokenizer files the LLaVA repository saves",
-        ) from e
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:

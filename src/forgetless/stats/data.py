@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import original
-from ..errors import ForgetlessError
+from ..errors import ForgetlessError, loading
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -388,16 +388,12 @@ class Encoder:
 
         if original.is_original(d):
             return original.processor(d)
-        try:
+        with loading(
+            "the processor/tokenizer", d, "the folder needs the tokenizer (and processor) files of the model"
+        ):
             if any((d / f).is_file() for f in PROCESSOR_FILES):
                 return AutoProcessor.from_pretrained(d)
             return AutoTokenizer.from_pretrained(d)
-        except Exception as e:  # transformers raises many types; report one line with the folder
-            raise ForgetlessError(
-                f"cannot load the processor/tokenizer ({type(e).__name__}: {e})",
-                file=d,
-                remedy="the folder needs the tokenizer (and processor) files of the model",
-            ) from e
 
     @property
     def pad_token_id(self) -> int:

@@ -639,32 +639,20 @@ def accumulate_fisher(
     batches: Iterable[Mapping[str, Any]],
     *,
     params: Mapping[str, nn.Parameter] | None = None,
-    variant: str = "empirical",
-    seed: int = 0,
-    on_bad: str = "error",
-    progress: ProgressFn | None = None,
-    total: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    **options: Any,
 ) -> FisherResult:
     """Σᵢ (∇θ ℓᵢ)² over all samples of ``batches`` (sums, fp32), the number of samples counted, and the skipped ones.
 
-    ``params``: checkpoint tensor name → parameter (default: every Linear weight, see ``linear_weights``).
+    ``params``: checkpoint tensor name → parameter (default: every Linear weight, see ``linear_weights``);
+    ``options``: :class:`FisherAccumulator`'s (``variant``, ``seed``, ``on_bad``, ``progress``, ``total``,
+    ``chunk_bytes``).
     The Fisher is ``sums / num_samples`` (``save_fisher`` in ``store`` does the division). The model is put in
     eval mode (no dropout) for the duration and its ``requires_grad`` flags are restored afterwards.
     """
     was_training = model.training
     model.eval()
     try:
-        with FisherAccumulator(
-            model,
-            params,
-            variant=variant,
-            seed=seed,
-            on_bad=on_bad,
-            progress=progress,
-            total=total,
-            chunk_bytes=chunk_bytes,
-        ) as acc:
+        with FisherAccumulator(model, params, **options) as acc:
             for batch in batches:
                 acc.add_batch(batch)
             return acc.result()
