@@ -1,6 +1,7 @@
 """Evaluation: task splits scored by multiple choice or exact match, the T/G/E/F scores, tables and plots."""
 
 from .harness import (
+    EvalOptions,
     OptionScores,
     TaskSpec,
     evaluate,
@@ -13,6 +14,7 @@ from .metrics import compare, scores
 from .report import TradeoffPoint, format_table, read_json, table_row, tradeoff_plot, write_json
 
 __all__ = [
+    "EvalOptions",
     "OptionScores",
     "TaskSpec",
     "TradeoffPoint",

@@ -87,7 +87,7 @@ def cached_evaluate(
     scored as ``acc`` and ``acc_norm``, not ``lmms_eval_acc`` (its extra token per option is not paid here).
     A score in another ``dtype`` than float32 is cached apart (float32's keys are those of earlier versions)."""
     from ..stats.distributed import dist_info, from_rank0
-    from .harness import evaluate
+    from .harness import EvalOptions, evaluate
     from .metrics import scores
 
     general = general or {}
@@ -114,11 +114,7 @@ def cached_evaluate(
             model_dir,
             {n: s for n, (s, _) in t.items()},
             general={n: s for n, (s, _) in g.items()},
-            split=split,
-            limit=lim,
-            batch_size=batch_size,
-            dtype=dtype,
-            device=device,
+            options=EvalOptions(split=split, limit=lim, batch_size=batch_size, dtype=dtype, device=device),
             log=log,
             progress=log is not None,
             keep_predictions=False,

@@ -734,24 +734,42 @@ def _task_entry(
     return entry
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation reads its tasks and runs the model: each task's ``split`` and its first ``limit`` records,
+    names looked up under ``task_root``; batches of ``batch_size``, at most ``max_new_tokens`` per generated
+    answer; the model in ``dtype`` on ``device`` (``auto``: CUDA when present); a dynamic-resolution processor's
+    image bounds ``min_pixels`` / ``max_pixels``. :func:`evaluate` and ``run_eval`` take it whole or field by
+    field as keyword arguments."""
+
+    split: str = "test"
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+    task_root: str | os.PathLike | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, options: EvalOptions | None = None, **fields: Any) -> EvalOptions:
+        """``options`` (default: the defaults) with the keyword ``fields`` put in; an unknown name is a
+        TypeError, as for any keyword argument."""
+        return dataclasses.replace(options or cls(), **fields)
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     tasks: Mapping[str, str | os.PathLike | TaskSpec],
     *,
     general: Mapping[str, str | os.PathLike | TaskSpec] | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    device: str = "auto",
-    dtype: str = "float32",
-    task_root: str | os.PathLike | None = None,
+    options: EvalOptions | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     keep_predictions: bool = True,
     metrics: Sequence[str] = MC_METRICS,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Evaluate the model folder on each task; returns the result dict (what ``forgetless eval`` writes).
 
@@ -759,14 +777,15 @@ def evaluate(
     task name under ``task_root`` (see :func:`resolve_task`), or to a :class:`TaskSpec`. Every task in ``tasks``
     is ``downstream``; a ``general`` task is ``general_visual`` or ``general_text`` as its ``task.json`` says,
     else ``general_visual`` when one of its samples has an image. A record with ``options`` is scored as multiple
-    choice (unless its ``task.json`` metric is ``exact``), else by exact match of the greedy answer. ``limit``
-    keeps each split's first N records (file order).
+    choice (unless its ``task.json`` metric is ``exact``), else by exact match of the greedy answer. ``options``
+    (:class:`EvalOptions`; its fields may be given as keywords instead, ``split="val", limit=200``) says which
+    split, how many records (file order) and how the model runs.
 
-    Everything is checked (tasks, records, images) before the model is loaded, once, in ``dtype`` on ``device``
-    (``auto``: CUDA when present), in eval mode under ``torch.no_grad``. Under torchrun each rank scores its share
-    of every task's items (:func:`shard_by_length`) and every rank returns the whole result, gathered. Per task: ``accuracy`` (correct / n, a
-    fraction), ``n``, ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``,
-    per-sample ``predictions``; always ``correct_items``, the per-item correctness as a string of ``0``/``1``
+    Everything is checked (tasks, records, images) before the model is loaded, once, in eval mode under
+    ``torch.no_grad``. Under torchrun each rank scores its share of every task's items (:func:`shard_by_length`)
+    and every rank returns the whole result, gathered. Per task: ``accuracy`` (correct / n, a fraction), ``n``,
+    ``correct``, ``metric`` (``mc``, ``exact`` or ``mixed``) and, with ``keep_predictions``, per-sample
+    ``predictions``; always ``correct_items``, the per-item correctness as a string of ``0``/``1``
     (what the bootstrap intervals resample, :mod:`forgetless.eval.metrics`). ``scores`` holds T, G_v, G_t and G
     (:func:`forgetless.eval.metrics.scores`). These are ``acc``; a task with multiple-choice records also has
     the other ``metrics`` of :data:`forgetless.eval.metrics.MC_METRICS` (``acc_norm``; ``lmms_eval_acc``, which
@@ -774,9 +793,10 @@ def evaluate(
     as in ``acc``), and so has the result (``{"scores"}``).
     """
     model_dir = Path(model_dir)
-    extra = _check_request(model_dir, limit, metrics)
-    loaded = _load_tasks(tasks, general, split, task_root, limit)
-    encoder = Encoder(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    o = EvalOptions.of(options, **fields)
+    extra = _check_request(model_dir, o.limit, metrics)
+    loaded = _load_tasks(tasks, general, o)
+    encoder = Encoder(model_dir, min_pixels=o.min_pixels, max_pixels=o.max_pixels)
     for spec, samples, _ in loaded:
         if encoder.processor is None and any(s.image is not None for s in samples):
             raise ForgetlessError(
@@ -785,26 +805,16 @@ def evaluate(
                 remedy="evaluate a multimodal model (with processor files)",
             )
     t0 = time.perf_counter()
-    results = _score_tasks(
-        model_dir,
-        loaded,
-        encoder,
-        extra,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        keep_predictions=keep_predictions,
-        say=log if progress else None,
-    )
+    say = log if progress else None
+    results = _score_tasks(model_dir, loaded, encoder, extra, o, keep_predictions=keep_predictions, say=say)
     seconds = time.perf_counter() - t0
     total = sum(len(s) for _, s, _ in loaded)
-    pixels = {"pixels": [min_pixels, max_pixels]} if min_pixels or max_pixels else {}
+    pixels = {"pixels": [o.min_pixels, o.max_pixels]} if o.min_pixels or o.max_pixels else {}
     out = {
         "model": str(model_dir),
-        "split": split,
-        "limit": limit,
-        "dtype": dtype,
+        "split": o.split,
+        "limit": o.limit,
+        "dtype": o.dtype,
         **pixels,
         "tasks": results,
         "seconds": round(seconds, 3),
@@ -832,17 +842,13 @@ def _check_request(model_dir: Path, limit: int | None, metrics: Sequence[str]) -
 
 
 def _load_tasks(
-    tasks: Mapping[str, Any],
-    general: Mapping[str, Any] | None,
-    split: str,
-    task_root: str | os.PathLike | None,
-    limit: int | None,
+    tasks: Mapping[str, Any], general: Mapping[str, Any] | None, o: EvalOptions
 ) -> list[tuple[TaskSpec, list[Sample], str]]:
     """(spec, samples, group) of every task, downstream first; names unique, at least one task."""
     specs: list[tuple[TaskSpec, str]] = []
     for group_tasks, group in ((tasks, "downstream"), (general or {}, "general")):
         for name, t in group_tasks.items():
-            spec = t if isinstance(t, TaskSpec) else resolve_task(t, split=split, task_root=task_root)
+            spec = t if isinstance(t, TaskSpec) else resolve_task(t, split=o.split, task_root=o.task_root)
             specs.append((dataclasses.replace(spec, name=name), group))
     names = [s.name for s, _ in specs]
     if len(set(names)) != len(names):
@@ -850,7 +856,7 @@ def _load_tasks(
         raise ForgetlessError(f"task names given twice: {', '.join(dup)}", remedy="give each task once")
     if not specs:
         raise ForgetlessError("no tasks to evaluate", remedy="pass --tasks and/or --general")
-    return [(spec, _load_task(spec, limit), group) for spec, group in specs]
+    return [(spec, _load_task(spec, o.limit), group) for spec, group in specs]
 
 
 def _score_tasks(
@@ -858,11 +864,8 @@ def _score_tasks(
     loaded: list[tuple[TaskSpec, list[Sample], str]],
     encoder: Encoder,
     extra: list[str],
+    o: EvalOptions,
     *,
-    device: str,
-    dtype: str,
-    batch_size: int,
-    max_new_tokens: int,
     keep_predictions: bool,
     say: Callable[[str], None] | None,
 ) -> dict[str, Any]:
@@ -871,23 +874,20 @@ def _score_tasks(
     from ..stats.run import resolve_device
 
     total = sum(len(s) for _, s, _ in loaded)
-    dev = resolve_device(device)
+    dev = resolve_device(o.device)
     results: dict[str, Any] = {}
     with process_group(dev) as (rank, world):
         say = say if rank == 0 else None
-        model = load_model(
-            model_dir, dtype=dtype, device=str(dev)
-        )  # a CPM-routed folder comes with its routing
+        model = load_model(model_dir, dtype=o.dtype, device=str(dev))  # with its routing if CPM-routed
         if say:
             ranks = f", {world} processes" if world > 1 else ""
-            say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {dtype}{ranks})")
+            say(f"evaluating {model_dir} on {len(loaded)} task(s), {total} samples ({dev}, {o.dtype}{ranks})")
         meter = _Progress(total, say, scale=world)
         with torch.no_grad():
             for spec, samples, group in loaded:
                 mine = shard_by_length(samples, rank, world)
-                own = _predict(
-                    model, encoder, [samples[i] for i in mine], spec, extra, batch_size, max_new_tokens, meter
-                )
+                part = [samples[i] for i in mine]
+                own = _predict(model, encoder, part, spec, extra, o.batch_size, o.max_new_tokens, meter)
                 ordered = _gathered(own, mine, len(samples))
                 results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
     return results

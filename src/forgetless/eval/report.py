@@ -14,6 +14,7 @@ from typing import Any
 from .. import safeload
 from ..checkpoint.writer import atomic_write
 from ..errors import ForgetlessError
+from .harness import EvalOptions
 from .metrics import (
     FINGERPRINTS,
     MC_METRIC_DOC,
@@ -342,21 +343,14 @@ def run_eval(
     tasks: str | Sequence[str] | None,
     general: str | Sequence[str] | None = None,
     *,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    device: str = "auto",
-    dtype: str = "float32",
-    task_root: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     finetuned: str | os.PathLike | None = None,
     progress: bool = True,
     force: bool = False,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
     log=print,
+    options: EvalOptions | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """``forgetless eval``: evaluate ``model`` on the comma-separated ``tasks`` (downstream) and ``general`` tasks,
     print the table and write the result JSON to ``out``. With result files of the ``base`` (and ``finetuned``)
@@ -367,39 +361,26 @@ def run_eval(
     too) and a table each (:data:`forgetless.eval.metrics.MC_METRICS`). ``progress``: print progress lines
     (through ``log``, which also prints the tables). An existing ``out`` is replaced only with ``force``. Under
     torchrun the items are shared among the ranks (:func:`~forgetless.eval.harness.evaluate`) and rank 0 alone
-    prints and writes."""
+    prints and writes. How the tasks are read and the model run: ``options`` or its fields as keywords
+    (:class:`~forgetless.eval.harness.EvalOptions`)."""
     from ..checkpoint.guard import check_output
     from ..checkpoint.lora import parse_model_ref
     from ..stats.distributed import dist_info
     from .harness import evaluate, task_fingerprints
 
+    o = EvalOptions.of(options, **fields)
     base_r, ft_r = _references(base, finetuned)
-    groups = _task_groups(tasks, general, split, task_root)
+    groups = _task_groups(tasks, general, o.split, o.task_root)
     if out is not None:  # the model folder, the task files and the result files read are never written over
         specs = [t.path for g in groups for t in g.values()]
         check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
     if base_r is not None:  # each task read once for both results
-        mine = {name: task_fingerprints(spec, limit) for g in groups for name, spec in g.items()}
+        mine = {name: task_fingerprints(spec, o.limit) for g in groups for name, spec in g.items()}
         for r, who in ((base_r, "base model"), (ft_r, "fine-tuned model")):
             if r is not None:
                 _check_items_first(r, who, mine, log)
     with _loading_bars(progress):
-        res = evaluate(
-            model,
-            groups[0],
-            general=groups[1],
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            device=device,
-            dtype=dtype,
-            task_root=task_root,
-            progress=progress,
-            log=log,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-        )
+        res = evaluate(model, groups[0], general=groups[1], options=o, progress=progress, log=log)
     if dist_info()[0] != 0:  # under torchrun every rank has the whole result; rank 0 alone prints and writes
         log, out = None, None
     if base_r is not None:

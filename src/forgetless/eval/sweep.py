@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import ForgetlessError
 from ..stats.distributed import barrier, process_group
+from .harness import EvalOptions
 
 
 def parse_param(spec: str) -> tuple[str | None, str, list[float]]:
@@ -194,24 +195,10 @@ def sweep(
         loaded.append((d, g))
     from ..stats.run import resolve_device
 
+    options = EvalOptions(split=split, limit=limit, batch_size=batch_size, dtype=dtype, device=device)
     with process_group(resolve_device(device)) as (rank, _world):  # under torchrun: one group, rank 0 writes
-        return _run_grid(
-            loaded,
-            tasks=tasks,
-            general=general,
-            workdir=workdir,
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            rule=rule,
-            held_out=held_out,
-            plot=plot,
-            out=out,
-            dtype=dtype,
-            device=device,
-            say=say if rank == 0 else (lambda _s: None),
-            rank=rank,
-        )
+        runs = _Grid(tasks, general, workdir, options, say if rank == 0 else (lambda _s: None), rank)
+        return _run_grid(loaded, runs, rule=rule, held_out=held_out, plot=plot, out=out)
 
 
 @dataclass
@@ -222,28 +209,25 @@ class _Grid:
     tasks: dict[str, Any]
     general: dict[str, Any]
     workdir: Path
-    split: str
-    limit: int | None
-    batch_size: int
-    dtype: str
-    device: str
+    options: EvalOptions  # split, limit, batch_size, dtype, device
     say: Callable[[str], None]
     rank: int
 
     def evaluate(self, model: Path, where: dict | None = None) -> dict:
         from .cache import cached_evaluate
 
-        w = where or {"split": self.split, "tasks": self.tasks, "general": self.general}
+        o = self.options
+        w = where or {"split": o.split, "tasks": self.tasks, "general": self.general}
         r, cached = cached_evaluate(
             model,
             w["tasks"],
             w["general"],
             cache_dir=self.workdir / "eval-cache",
             split=w["split"],
-            limit=self.limit,
-            batch_size=self.batch_size,
-            dtype=self.dtype,
-            device=self.device,
+            limit=o.limit,
+            batch_size=o.batch_size,
+            dtype=o.dtype,
+            device=o.device,
             log=None,
         )
         self.say(f"  evaluated {model}{' (cached)' if cached else ''}: {r['scores']}")
@@ -266,27 +250,18 @@ class _Grid:
 
 def _run_grid(
     loaded: list,
+    grid: _Grid,
     *,
-    tasks: dict[str, Any],
-    general: dict[str, Any],
-    workdir: Path,
-    split: str,
-    limit: int | None,
-    batch_size: int,
     rule: Rule,
     held_out: dict[str, dict[str, Any]] | None,
     plot: str | Path | None,
     out: str | Path | None,
-    dtype: str,
-    device: str,
-    say: Callable[[str], None],
-    rank: int,
 ) -> dict:
     """Evaluate the base, the fine-tuned model and every point of the grid; choose; plot and write (rank 0)."""
     from .metrics import Bootstrap, compare
     from .report import format_table, write_json
 
-    grid = _Grid(tasks, general, workdir, split, limit, batch_size, dtype, device, say, rank)
+    say, split = grid.say, grid.options.split
     first = loaded[0][0]
     base = Path(first["base"])
     m0 = first["models"][0]
@@ -323,7 +298,7 @@ def _run_grid(
         )
     result = {
         "split": split,
-        "limit": limit,
+        "limit": grid.options.limit,
         "rule": stated,
         "rule_met": met,
         "chosen": chosen,
@@ -334,12 +309,12 @@ def _run_grid(
     if held_out and chosen is not None:
         rec = point_recipes[next(i for i, p in enumerate(points) if p is chosen)]
         result["held_out"] = _held_out(
-            rec, base, ft, held_out, rule, workdir, grid.merged, grid.evaluate, say
+            rec, base, ft, held_out, rule, grid.workdir, grid.merged, grid.evaluate, say
         )
-    if plot and rank == 0:
-        _plot(result, rows, points, chosen, plot, f"trade-off on {split} ({', '.join(tasks)})")
+    if plot and grid.rank == 0:
+        _plot(result, rows, points, chosen, plot, f"trade-off on {split} ({', '.join(grid.tasks)})")
         result["plot"] = str(plot)
-    if out and rank == 0:
+    if out and grid.rank == 0:
         write_json(out, result)
     return result
 

@@ -15,6 +15,7 @@ from typing import Any
 from . import tasks as T
 
 GENERAL = [*T.GENERAL_VISUAL, "probes"]  # the general tasks every model is scored on besides its own
+EVAL_BATCH = 16  # the testbed drivers' evaluation batch
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Context:
     merge: Callable[..., Any]
     log: Callable[[str], None]
     timings: dict[str, float]
-    eval_batch: int = 16
+    eval_batch: int = EVAL_BATCH
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -43,7 +44,7 @@ class Context:
         tasks_root: str | Path | None = None,
         cache_dir: str | Path | None = None,
         merge: Callable[..., Any] | None = None,
-        eval_batch: int = 16,
+        eval_batch: int = EVAL_BATCH,
         log: Callable[[str], None] = print,
     ) -> Context:
         """The base model (default: the testbed's) and `tasks` with the general ones generated under `tasks_root`

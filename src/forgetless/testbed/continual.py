@@ -63,7 +63,6 @@ METHODS = ["sequential FT", "TA", "TIES", "RegMean", "LPM", "LPM (diagonal)", "L
 LPM_STATES = {"LPM": {}, "LPM (diagonal)": {"approx": "diagonal"}, "LPM + CPM": {"cpm": True}}
 REGMEAN = {"alpha": 0.9}
 TIES = {"density": 0.2, "lambda": 1.0}
-EVAL_BATCH = MT.EVAL_BATCH
 
 
 def _slug(label: str) -> str:
@@ -120,7 +119,6 @@ def run_continual(
         base=base,
         tasks_root=tasks_root,
         cache_dir=cache_dir,
-        eval_batch=EVAL_BATCH,
         log=log,
     )
     run = Continual(

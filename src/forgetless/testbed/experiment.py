@@ -36,7 +36,7 @@ from ..eval.cache import weights_digest
 from ..eval.metrics import Bootstrap
 from ..safeload import read_json
 from . import tasks as T
-from .context import Context, write_if_changed
+from .context import EVAL_BATCH, Context, write_if_changed
 
 # The documented downstream recipe: full fine-tuning of the last 12 decoder layers (the scope CGM's published
 # recipe merges) and the projector, long and hot enough that the model specializes and forgets.
@@ -292,7 +292,7 @@ def run_experiment(
     task_limit: int | None = None,
     split: str = "test",
     keep_models: bool = False,
-    eval_batch_size: int = 16,
+    eval_batch_size: int = EVAL_BATCH,
     results_name: str = "results.json",
     log: Callable[[str], None] = print,
 ) -> dict:

@@ -71,7 +71,6 @@ MERGES: list[tuple[str, str, dict]] = [
 # rescaled, so its sum equals task arithmetic's in expectation: it takes TA's λ. TIES averages the agreeing
 # entries (a disjoint mean, not a sum): λ = 1 as its paper, fixed (no entry here).
 SWEEP: dict[str, list[float] | str] = {"lora_task_arithmetic": [0.3, 0.5, 0.8], "lora_dare_linear": "TA"}
-EVAL_BATCH = 16
 
 
 def _knob(params: dict) -> str:
@@ -172,7 +171,6 @@ def run_multitask(
         tasks_root=tasks_root,
         cache_dir=cache_dir,
         merge=merge,
-        eval_batch=EVAL_BATCH,
         log=log,
     )
     _check_unseen(ctx, unseen)

@@ -495,16 +495,58 @@ def _multitask_validation(validation: Mapping[str, dict]) -> tuple[str, str]:
     return rows, learned
 
 
+MT_INTRO = """## Merging LoRA adapters of several tasks
+
+CoPA-Merging's protocol (MM-MergeBench: LoRA adapters of 8 seen tasks merged, scored on them and on 4 unseen
+ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, every step cached, from
+`runs/testbed/multitask/results.json`. `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it
+when no `--task` is given; with `--task …` or `--no-run` this section is rebuilt from the results already there.
+"""
+
+
 def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None) -> str:
     """The section "Merging LoRA adapters of several tasks" from ``workdir/results.json`` (:mod:`.multitask`)."""
     res = read_results(Path(workdir) / "results.json")
     d = MultitaskDraws(res)
     png = multitask_plot(d, Path(plots) / "multitask-seen-unseen.png")
-    rel = doc_link(png, previous)
-    a = res["adapter"]
-    lora = a["lora"]
+    setup = _mt_tasks(res) + _mt_adapters(res)
+    figures = _mt_figures(d, doc_link(png, previous))
+    return "\n".join([MT_INTRO, setup, _mt_merges(res), figures, _mt_closing(res, previous)])
+
+
+def _mt_tasks(res: Mapping[str, Any]) -> str:
+    """The seen and unseen tasks, with their test items."""
     sizes = {n: len(c) for r in res["rows"] for n, c in r["correct_items"].items()}
+    seen = ", ".join(f"`{n}`" for n in res["seen"])
+    unseen = ", ".join(f"`{n}` ({T.TASKS[n].description})" for n in res["unseen"] if n in T.TASKS)
+    items = ", ".join(f"{n} {sizes[n]}" for n in [*res["seen"], *res["unseen"]])
+    general = ", ".join(f"{n} {sizes[n]}" for n in res["general"])
+    return f"""- **Seen tasks** (one LoRA adapter each): {seen}; **unseen** (held out: no
+  training split exists, so no adapter saw them): {unseen}. Test items: {items}; general
+  as above ({general}).
+"""
+
+
+def _mt_adapters(res: Mapping[str, Any]) -> str:
+    """The adapters' recipe, the joint LoRA's steps, and what each adapter learned on its validation split."""
+    a, lora, joint = res["adapter"], res["adapter"]["lora"], res["joint_steps"]
+    targets, steps, batch = ", ".join(lora["targets"]), a["steps"], a["batch_size"]
     val, learned = _multitask_validation(res["validation"])
+    return f"""- **Adapters**: PEFT LoRA r={lora["r"]}, alpha={lora["alpha"]:g}, dropout {lora["dropout"]:g} on
+  {targets} of every decoder layer (vision tower and projector frozen), {steps} AdamW steps
+  of {batch}, lr {a["lr"]:g} ({a["warmup"]} warm-up, cosine), seed {a["seed"]}
+  (`multitask.ADAPTER`). The **joint LoRA** trains the same recipe on all seen training splits mixed,
+  {joint} steps ({joint * batch // len(res["seen"])} samples of each task on
+  average; its own adapter sees {steps * batch}). {learned} (validation split, base → adapter, %):
+
+| task | base | own adapter |
+|---|---:|---:|
+{val}
+"""
+
+
+def _mt_merges(res: Mapping[str, Any]) -> str:
+    """How the merges are made and their λ chosen (the sweep, what was skipped), and how they are scored."""
     sweep = "; ".join(f"{s['method']} {s['knob']}: {s['seen_val']:.1f}" for s in res["sweep"]) or "none"
     chosen = "; ".join(f"{k}: {v}" for k, v in res["chosen"].items())
     skipped = (
@@ -512,39 +554,7 @@ def multitask_markdown(workdir: Path, plots: Path, previous: Path | None = None)
         if res.get("skipped")
         else ""
     )
-    ref = "TA" if "TA" in d.points else None
-    diffs = multitask_differences(d, ref) if ref else "_(no TA row)_"
-    t = res.get("timings", {})
-    return f"""## Merging LoRA adapters of several tasks
-
-CoPA-Merging's protocol (MM-MergeBench: LoRA adapters of 8 seen tasks merged, scored on them and on 4 unseen
-ones) in small, on the testbed: `forgetless.testbed.multitask.run_multitask`, every step cached, from
-`runs/testbed/multitask/results.json`. `forgetless testbed report --workdir runs/testbed --out RESULTS.md` runs it
-when no `--task` is given; with `--task …` or `--no-run` this section is rebuilt from the results already there.
-
-- **Seen tasks** (one LoRA adapter each): {", ".join(f"`{n}`" for n in res["seen"])}; **unseen** (held out: no
-  training split exists, so no adapter saw them): {
-        ", ".join(f"`{n}` ({T.TASKS[n].description})" for n in res["unseen"] if n in T.TASKS)
-    }. Test items: {", ".join(f"{n} {sizes[n]}" for n in [*res["seen"], *res["unseen"]])}; general
-  as above ({", ".join(f"{n} {sizes[n]}" for n in res["general"])}).
-- **Adapters**: PEFT LoRA r={lora["r"]}, alpha={lora["alpha"]:g}, dropout {lora["dropout"]:g} on
-  {", ".join(lora["targets"])} of every decoder layer (vision tower and projector frozen), {
-        a["steps"]
-    } AdamW steps
-  of {a["batch_size"]}, lr {a["lr"]:g} ({a["warmup"]} warm-up, cosine), seed {a["seed"]}
-  (`multitask.ADAPTER`). The **joint LoRA** trains the same recipe on all seen training splits mixed,
-  {res["joint_steps"]} steps ({
-        res["joint_steps"] * a["batch_size"] // len(res["seen"])
-    } samples of each task on
-  average; its own adapter sees {a["steps"] * a["batch_size"]}). {
-        learned
-    } (validation split, base → adapter, %):
-
-| task | base | own adapter |
-|---|---:|---:|
-{val}
-
-- **Merges** in adapter space, re-factored to rank r where the method says so, folded into a full model
+    return f"""- **Merges** in adapter space, re-factored to rank r where the method says so, folded into a full model
   (`fold: true`) for the evaluation; the own adapters and the joint one are folded alone (`BASE+ADAPTER`, λ = 1).
   CoPA at its published defaults (λ = 2, top 20% of |entries| of each A and B kept), in the paper's rule and the
   published code's (`variant: reference`). Task arithmetic's λ chosen on the seen tasks' **validation** splits
@@ -553,17 +563,21 @@ when no `--task` is given; with `--task …` or `--no-run` this section is rebui
   papers' values (TIES 0.2, DARE 0.3).
   Sweep (seen validation average, %): {sweep}. Chosen: {chosen}.{skipped}
 - Scores: **seen avg** / **unseen avg**, the mean test accuracy over the seen / unseen tasks; **G** as above (general
-  visual and text probes). ± half the 95% bootstrap interval over the test items ({
-        N_BOOT
-    } resamples; every method
+  visual and text probes). ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples; every method
   resampled on the same items, so differences are paired). **{OWN}**: each seen task scored by its own adapter
   (the per-task upper bound), G the mean of the six adapters' G.
+"""
 
-### Seen, unseen and general averages (test splits, %)
 
-{multitask_summary(d)}
+def _mt_figures(d: MultitaskDraws, plot: Path) -> str:
+    """The averages and their plot, the paired differences against task arithmetic, the per-task table."""
+    diffs = multitask_differences(d, "TA") if "TA" in d.points else "_(no TA row)_"
+    summary = multitask_summary(d)
+    return f"""### Seen, unseen and general averages (test splits, %)
 
-![seen against unseen average]({rel})
+{summary}
+
+![seen against unseen average]({plot})
 
 ### Against task arithmetic (paired differences, points, 95% interval; **\\*** where it excludes 0)
 
@@ -575,11 +589,16 @@ CoPA's published advantage over task arithmetic on MM-MergeBench (LLaVA-1.5-7B):
 ### Per task (test accuracy %, ± 95% half-width)
 
 {multitask_table(d)}
+"""
 
-### Reading
+
+def _mt_closing(res: Mapping[str, Any], previous: Path | None) -> str:
+    """The hand-written reading, kept from ``previous``, and the run's time."""
+    t = res.get("timings", {})
+    finetune, merge, evaluate = (t.get(k, 0) for k in ("finetune", "merge", "evaluate"))
+    return f"""### Reading
 
 {_reading(previous, MT_READING_START, MT_READING_END)}
-Time: fine-tunes {t.get("finetune", 0):.0f} s, merges {t.get("merge", 0):.0f} s, evaluations {
-        t.get("evaluate", 0):.0f} s
+Time: fine-tunes {finetune:.0f} s, merges {merge:.0f} s, evaluations {evaluate:.0f} s
 (this run's own work; cached steps take no time), {res.get("threads", "?")} threads.
 """
