@@ -28,6 +28,11 @@ def file_option(flag: str, **kw: Any) -> Callable:
     return click.option(flag, type=click.Path(dir_okay=False), default=None, **kw)
 
 
+def shown(flag: str, kind: Any, default: Any, **kw: Any) -> Callable:
+    """An option of type ``kind`` with its default shown."""
+    return click.option(flag, type=kind, default=default, show_default=True, **kw)
+
+
 def choice(flag: str, options: list[str], default: str, **kw: Any) -> Callable:
     """An option taking one of ``options``, ``default`` shown: ``@choice("--tokens", ["all", "answer"], "all")``."""
     return click.option(flag, type=click.Choice(options), default=default, show_default=True, **kw)
@@ -344,8 +349,8 @@ def stats_gram(**kw) -> None:
     help="Default: the last 37.5% of decoder layers and lm_head (+ projector for cgm_dagger).",
 )
 @click.option("-n", "num", type=POSITIVE, default=16, show_default=True, help="Samples per calibration set.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@shown("--seed", int, 0)
+@shown("--batch-size", POSITIVE, 8)
 @choice(
     "--task-fisher-at",
     ["base", "finetuned"],
@@ -515,7 +520,7 @@ def testbed_model_cmd(out: str | None) -> None:
 @testbed_group.command("tasks")
 @click.option("--root", type=click.Path(file_okay=False), default="runs/tasks", show_default=True)
 @click.option("--task", "names", multiple=True, help="Task name (repeatable; default: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@shown("--seed", int, 0)
 @click.option("--force", is_flag=True, help="Regenerate even when a task folder with this seed exists.")
 def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool) -> None:
     """Generate the task folders (train/val/test JSONL + images) from a seed."""
@@ -531,9 +536,9 @@ def testbed_tasks_cmd(root: str, names: tuple[str, ...], seed: int, force: bool)
     "--out",
     help="Where vision.safetensors and build.json go (default: the package's testbed/weights).",
 )
-@click.option("--vision-steps", type=POSITIVE, default=600, show_default=True)
-@click.option("--align-steps", type=POSITIVE, default=240, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@shown("--vision-steps", POSITIVE, 600)
+@shown("--align-steps", POSITIVE, 240)
+@shown("--seed", int, 0)
 @click.option(
     "--threads",
     type=POSITIVE,
@@ -667,7 +672,7 @@ def testbed_report_cmd(
 @click.option(
     "--out", type=click.Path(dir_okay=False), default=None, help="JSON (default: WORKDIR/sweep.json)."
 )
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@shown("--batch-size", POSITIVE, 8)
 @click.option(
     "--keep-gain",
     type=float,
@@ -793,9 +798,9 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
     "language + lm_head + projector (full), language.layers (LoRA).",
 )
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter (PEFT) instead of the weights themselves.")
-@click.option("--lora-r", type=POSITIVE, default=16, show_default=True)
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@shown("--lora-r", POSITIVE, 16)
+@shown("--lora-alpha", float, 32.0)
+@shown("--lora-dropout", float, 0.05)
 @click.option(
     "--lora-target",
     multiple=True,
@@ -823,7 +828,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @click.option(
     "--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: no clipping)."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@shown("--seed", int, 0)
 @click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
 @click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
@@ -972,7 +977,7 @@ def finetune_cmd(
 )
 @click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
 @click.option("--limit", type=POSITIVE, default=None, help="Only the first N records of each task.")
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@shown("--batch-size", POSITIVE, 8)
 @click.option(
     "--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer."
 )

@@ -26,17 +26,20 @@ def listed(problems: list[str]) -> str:
     return "; ".join(problems[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
+def _refused(problem: str, where: Any) -> ForgetlessError:
+    """A recipe's parameter refused, with the examples to follow."""
+    return ForgetlessError(problem, file=where, remedy=EXAMPLES_HINT)
+
+
 def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
     """The method's keyword arguments (python keyword -> value; per-model ones as lists, one per model) from the
     recipe's ``parameters`` and ``models[i]``, each value checked against the method's signature."""
     where = recipe.source or "recipe"
     unknown = sorted(set(recipe.parameters) - set(spec.params))
     if unknown:
-        raise ForgetlessError(
-            f"parameters.{unknown[0]}: method {spec.name!r} has no such parameter "
-            f"(it takes: {', '.join(spec.params) or 'none'})",
-            file=where,
-            remedy=EXAMPLES_HINT,
+        takes = ", ".join(spec.params) or "none"
+        raise _refused(
+            f"parameters.{unknown[0]}: method {spec.name!r} has no such parameter (it takes: {takes})", where
         )
     params = {
         spec.arg(p): _param_value(recipe, spec, p, default, where) for p, default in spec.params.items()
@@ -53,11 +56,10 @@ def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:
-            raise ForgetlessError(
-                f"models[{i}].{extra[0]}: not a per-model parameter of {spec.name!r} "
-                f"(per-model: {', '.join(spec.per_model) or 'none'})",
-                file=where,
-                remedy=EXAMPLES_HINT,
+            per_model = ", ".join(spec.per_model) or "none"
+            raise _refused(
+                f"models[{i}].{extra[0]}: not a per-model parameter of {spec.name!r} (per-model: {per_model})",
+                where,
             )
     return params
 
@@ -67,9 +69,7 @@ def _param_value(recipe: Recipe, spec: MethodSpec, p: str, default: Any, where: 
     if p not in spec.per_model:
         v = recipe.parameters.get(p, default)
         if v is REQUIRED:
-            raise ForgetlessError(
-                f"parameters.{p}: required by {spec.name!r}", file=where, remedy=EXAMPLES_HINT
-            )
+            raise _refused(f"parameters.{p}: required by {spec.name!r}", where)
         return v
     values = []
     for i, m in enumerate(recipe.models):
@@ -94,9 +94,7 @@ def _check_values(recipe: Recipe, spec: MethodSpec, p: str, value: Any, where: s
                 if p in spec.per_model and p in recipe.models[i].params
                 else f"parameters.{p}"
             )
-            raise ForgetlessError(
-                f"{key}: {problem} (method {spec.name!r})", file=where, remedy=EXAMPLES_HINT
-            )
+            raise _refused(f"{key}: {problem} (method {spec.name!r})", where)
 
 
 def resolve_method_device(value: str, where: str) -> str:
