@@ -18,18 +18,22 @@ merges".
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .baselines import Convention, dare_linear, dare_ties, ties
+from .baselines import dare_linear, dare_ties, ties
 from .fast.baselines import magnitude_trim
 from .fast.select import kth_largest
 from .linalg import resolve_device
-from .registry import PerModel, merge_method
+from .registry import CONTEXT_ARGS, PerModel, merge_method
 
 Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
+KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -217,113 +221,78 @@ def lora_task_arithmetic(
     return lowrank_sum_svd(loras, [lambda_ * w for w in weight], _svd_rank(loras, rank), device)
 
 
-@merge_method(
+def _svd_signature(rule: Callable[..., Tensor], drop: tuple[str, ...]) -> inspect.Signature:
+    """``(loras, *, <the rule's options less `drop`>, rank, svd, <its context arguments>, device)``, each
+    annotation resolved (the registry reads kinds and choices from them)."""
+    hints = typing.get_type_hints(rule)
+    own = [
+        p.replace(annotation=hints[p.name])
+        for p in inspect.signature(rule).parameters.values()
+        if p.kind is KEYWORD_ONLY and p.name not in (*drop, "block")
+    ]
+    return inspect.Signature(
+        [
+            inspect.Parameter("loras", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Pair]),
+            *(p for p in own if p.name not in CONTEXT_ARGS),
+            inspect.Parameter("rank", KEYWORD_ONLY, default=None, annotation=int | None),
+            inspect.Parameter(
+                "svd", KEYWORD_ONLY, default="exact", annotation=Literal["exact", "randomized"]
+            ),
+            *(p for p in own if p.name in CONTEXT_ARGS),
+            inspect.Parameter("device", KEYWORD_ONLY, default="cpu", annotation=str),
+        ],
+        return_annotation=Pair,
+    )
+
+
+def _svd_variant(name: str, rule: Callable[..., Tensor], doc: str, drop: tuple[str, ...] = ()) -> Callable:
+    """Register `name` (alias ``<name>_svd``, PEFT's): full-weight method `rule` on the ΔWₙ over a zero base,
+    re-factored to ``rank`` by SVD (exact or randomized) on ``device``. Its options are the rule's less `drop`,
+    with the rule's defaults, so the variant follows the rule."""
+    signature = _svd_signature(rule, drop)
+
+    def method(*args: Any, **kwargs: Any) -> Pair:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        loras, rank, svd, device = (options.pop(k) for k in ("loras", "rank", "svd", "device"))
+        merged = rule(_zeros_like_delta(loras), deltas(loras), **options)
+        return refactor(merged, _svd_rank(loras, rank), svd, device)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    method.__signature__ = signature
+    method.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": Pair}
+    return merge_method(
+        name,
+        aliases=(f"{name}_svd",),
+        space="adapter",
+        dense=True,
+        per_model=("weight", "density"),
+        out_rank=_svd_out_rank,
+        ranges={"density": "(0, 1]", "rank": "[1, inf)"},
+        uses_device=True,
+    )(method)
+
+
+lora_ties = _svd_variant(
     "lora_ties",
-    aliases=("lora_ties_svd",),
-    space="adapter",
-    dense=True,
-    per_model=("weight", "density"),
-    out_rank=_svd_out_rank,
-    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
-    uses_device=True,
+    ties,
+    "TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`), "
+    "exact or randomized.",
 )
-def lora_ties(
-    loras: list[Pair],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 0.5,
-    lambda_: float = 1.0,
-    sign: Literal["total", "frequency"] = "total",
-    convention: Convention = "mergekit",
-    rank: int | None = None,
-    svd: Literal["exact", "randomized"] = "exact",
-    device: str = "cpu",
-) -> Pair:
-    """TIES on the LoRA deltas (trim, elect sign, disjoint mean), re-factored to `rank` by SVD (PEFT `ties_svd`), exact or randomized."""
-    merged = ties(
-        _zeros_like_delta(loras),
-        deltas(loras),
-        weight=weight,
-        density=density,
-        lambda_=lambda_,
-        sign=sign,
-        convention=convention,
-    )
-    return refactor(merged, _svd_rank(loras, rank), svd, device)
-
-
-@merge_method(
+lora_dare_linear = _svd_variant(
     "lora_dare_linear",
-    aliases=("lora_dare_linear_svd",),
-    space="adapter",
-    dense=True,
-    per_model=("weight", "density"),
-    out_rank=_svd_out_rank,
-    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
-    uses_device=True,
+    dare_linear,
+    "DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`), "
+    "exact or randomized.",
+    drop=("convention",),  # the variant sums in the rule's default order
 )
-def lora_dare_linear(
-    loras: list[Pair],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 0.5,
-    lambda_: float = 1.0,
-    rescale: bool = True,
-    rank: int | None = None,
-    svd: Literal["exact", "randomized"] = "exact",
-    generator: torch.Generator | None = None,
-    device: str = "cpu",
-) -> Pair:
-    """DARE on the LoRA deltas (random drop, rescale, sum), re-factored to `rank` by SVD (PEFT `dare_linear_svd`), exact or randomized."""
-    merged = dare_linear(
-        _zeros_like_delta(loras),
-        deltas(loras),
-        weight=weight,
-        density=density,
-        lambda_=lambda_,
-        rescale=rescale,
-        generator=generator,
-    )
-    return refactor(merged, _svd_rank(loras, rank), svd, device)
-
-
-@merge_method(
+lora_dare_ties = _svd_variant(
     "lora_dare_ties",
-    aliases=("lora_dare_ties_svd",),
-    space="adapter",
-    dense=True,
-    per_model=("weight", "density"),
-    out_rank=_svd_out_rank,
-    ranges={"density": "(0, 1]", "rank": "[1, inf)"},
-    uses_device=True,
+    dare_ties,
+    "DARE + TIES consensus on the LoRA deltas, re-factored by SVD (PEFT `dare_ties_svd`), exact or randomized.",
 )
-def lora_dare_ties(
-    loras: list[Pair],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 0.5,
-    lambda_: float = 1.0,
-    rescale: bool = True,
-    sign: Literal["total", "frequency"] = "total",
-    convention: Convention = "mergekit",
-    rank: int | None = None,
-    svd: Literal["exact", "randomized"] = "exact",
-    generator: torch.Generator | None = None,
-    device: str = "cpu",
-) -> Pair:
-    """DARE + TIES consensus on the LoRA deltas, re-factored by SVD (PEFT `dare_ties_svd`), exact or randomized."""
-    merged = dare_ties(
-        _zeros_like_delta(loras),
-        deltas(loras),
-        weight=weight,
-        density=density,
-        lambda_=lambda_,
-        rescale=rescale,
-        sign=sign,
-        convention=convention,
-        generator=generator,
-    )
-    return refactor(merged, _svd_rank(loras, rank), svd, device)
 
 
 @merge_method("lora_cat", space="adapter", per_model=("weight",), out_rank=lambda ranks, params: sum(ranks))

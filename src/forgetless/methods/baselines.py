@@ -9,6 +9,7 @@ operations, "peft" PEFT's rule (where they differ: docs/methods-notes.md, "Basel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import reduce
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import fast
 from .fast.baselines import Convention, Sign, SumConvention
-from .registry import PerModel, RowBlock, Streaming, merge_method
+from .registry import F, PerModel, RowBlock, Streaming, merge_method
 
 Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
 
@@ -68,8 +69,7 @@ def dare_linear_rule(
     generator: Generators = None,
 ) -> Tensor:
     """DARE + task arithmetic: θ₀ + λ·Σₖ wₖ·drop(τₖ)."""
-    gens = each_generator(generator, thetas)
-    taus = [dare_drop(theta - theta0, d, g, rescale) for theta, d, g in zip(thetas, densities, gens)]
+    taus = dare_drops([theta - theta0 for theta in thetas], densities, generator, rescale)
     return add_task_vectors(theta0, taus, weights, lambda_, convention)
 
 
@@ -85,8 +85,7 @@ def dare_ties_rule(
     generator: Generators = None,
 ) -> Tensor:
     """DARE + TIES: TIES's sign election and disjoint mean of the drop(τₖ)."""
-    gens = each_generator(generator, thetas)
-    taus = [dare_drop(theta - theta0, d, g, rescale) for theta, d, g in zip(thetas, densities, gens)]
+    taus = dare_drops([theta - theta0 for theta in thetas], densities, generator, rescale)
     return ties_consensus(theta0, taus, weights, lambda_, sign, convention)
 
 
@@ -170,6 +169,13 @@ def dare_drop(
     return kept / density if rescale and density > 0 else kept
 
 
+def dare_drops(
+    taus: list[Tensor], densities: list[float], generator: Generators, rescale: bool = True
+) -> list[Tensor]:
+    """drop(τₖ) of every model (:func:`dare_drop`), model after model, each from its :func:`each_generator`."""
+    return [dare_drop(t, d, g, rescale) for t, d, g in zip(taus, densities, each_generator(generator, taus))]
+
+
 def each_generator(generator: Generators, models: list[Tensor]) -> list[torch.Generator | None]:
     """The generator of each model's draws: a list gives each model its own stream (the engine's: a model's mask
     then depends neither on the others nor on the row blocks); one generator is drawn from model after model."""
@@ -177,6 +183,16 @@ def each_generator(generator: Generators, models: list[Tensor]) -> list[torch.Ge
 
 
 # ---------------------------------------------------------------------------------------------- methods
+def _dare_method(name: str) -> Callable[[F], F]:
+    """DARE's registration: a density per model, the drops drawn row block after row block."""
+    return merge_method(
+        name,
+        per_model=("weight", "density"),
+        ranges={"density": "(0, 1]"},
+        streaming=Streaming(rows="blocks"),
+    )
+
+
 @merge_method(
     "linear",
     aliases=("wise_ft",),
@@ -240,12 +256,7 @@ def ties(
     return fast.baselines.ties(base, finetuned, weight, density, lambda_, sign, convention, block)
 
 
-@merge_method(
-    "dare_linear",
-    per_model=("weight", "density"),
-    ranges={"density": "(0, 1]"},
-    streaming=Streaming(rows="blocks"),
-)
+@_dare_method("dare_linear")
 def dare_linear(
     base: Tensor,
     finetuned: list[Tensor],
@@ -262,17 +273,11 @@ def dare_linear(
     mergekit's order of operations with ``convention="mergekit"``).
 
     :func:`dare_linear_rule`, in place: each τₖ in the engine's copy of θₖ, the sum in θ₀'s."""
-    gens = each_generator(generator, finetuned)
-    taus = [dare_drop(ft.sub_(base), d, g, rescale) for ft, d, g in zip(finetuned, density, gens)]
+    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
     return fast.baselines.add_task_vectors_(base, taus, weight, lambda_, convention)
 
 
-@merge_method(
-    "dare_ties",
-    per_model=("weight", "density"),
-    ranges={"density": "(0, 1]"},
-    streaming=Streaming(rows="blocks"),
-)
+@_dare_method("dare_ties")
 def dare_ties(
     base: Tensor,
     finetuned: list[Tensor],
@@ -289,6 +294,5 @@ def dare_ties(
     """DARE + TIES consensus: random drop and rescale each Δₖ, then sign election and disjoint mean.
 
     :func:`dare_ties_rule`, in place: each τₖ in the engine's copy of θₖ, the consensus in chunks into θ₀."""
-    gens = each_generator(generator, finetuned)
-    taus = [dare_drop(ft.sub_(base), d, g, rescale) for ft, d, g in zip(finetuned, density, gens)]
+    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
     return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention)

@@ -54,21 +54,15 @@ def lpm_batch(
     return Solver(h, ridge).solve(num)
 
 
-def lpm_recursive(
-    deltas: Sequence[Tensor],
-    grams: Sequence[Tensor],
-    *,
-    gamma: float = DEFAULT_GAMMA,
-    gamma_mode: GammaMode = "relative",
-    approx: Approx = "full",
-) -> list[Tensor]:
-    """ΔW*₁, …, ΔW*ₜ by the recursion, one task at a time (what a continual state does, in memory)."""
+def lpm_recursive(deltas: Sequence[Tensor], grams: Sequence[Tensor], **options: Any) -> list[Tensor]:
+    """ΔW*₁, …, ΔW*ₜ by the recursion, one task at a time (what a continual state does, in memory);
+    ``options`` are :func:`lpm_batch`'s, passed to :func:`lpm_accumulate`."""
     merged: Tensor | None = None
     h: Tensor | None = None
     ridge = 0.0
     out = []
     for d, g in zip(deltas, grams, strict=True):
-        h, ridge, inc, gt = lpm_accumulate(h, ridge, g, gamma=gamma, gamma_mode=gamma_mode, approx=approx)
+        h, ridge, inc, gt = lpm_accumulate(h, ridge, g, **options)
         merged = lpm_update(merged, d, gt, inc, Solver(h, ridge))
         out.append(merged)
     return out

@@ -9,6 +9,7 @@ with a small ridge toward the plain average. Tensors without a Gram get the λ-w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,14 +57,13 @@ def regmean_combine(
     weights: list[float],
     alpha: float = 0.9,
     ridge: float = 1e-6,
-    *,
-    device: str | torch.device = "cpu",
-    precision: Precision = "auto",
+    **solve: Any,
 ) -> Tensor:
-    """:func:`regmean_rule`, checked, solved by a Cholesky factorisation (never an inverse) on `device`, in the
-    precision :mod:`.linalg` picks there; the system is shared by every output row (:func:`regmean_system`)."""
+    """:func:`regmean_rule`, checked, solved by a Cholesky factorisation (never an inverse) on ``device``, in the
+    precision :mod:`.linalg` picks there (``solve``: :func:`regmean_system`'s ``device`` and ``precision``); the
+    system is shared by every output row."""
     _check(params, grams, weights, alpha, ridge)
-    system = regmean_system(grams, weights, alpha, ridge, device=device, precision=precision)
+    system = regmean_system(grams, weights, alpha, ridge, **solve)
     return regmean_solve(params, grams, weights, alpha, system)
 
 
