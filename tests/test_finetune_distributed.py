@@ -117,6 +117,18 @@ def test_torchrun_finetune_gives_the_single_process_weights(tmp_path, llama_dir,
         assert all((got[n] == base[n]).any() for n in two["trained_tensors"])  # entries pulled back to θ₀
 
 
+def test_torchrun_l2sp_gives_the_single_process_weights_and_penalty(tmp_path, llama_dir, text_data):
+    """DDP: every rank adds the same penalty gradient to the all-reduced one, before clipping."""
+    from forgetless.cli import main
+
+    extra = ("--lr", "1e-2", "--keep", "l2sp", "--strength", "50")
+    main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
+    W.torchrun("cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra))
+    one, two = compare_runs(tmp_path, "model.safetensors")
+    assert two["keep"]["penalty"] == pytest.approx(one["keep"]["penalty"], rel=1e-4)
+    assert two["keep"]["penalty"][-1] > 0
+
+
 @pytest.mark.parametrize("parallel", list(PARALLEL))
 def test_torchrun_lora_finetune_gives_the_single_process_adapter(tmp_path, llama_dir, text_data, parallel):
     from forgetless.cli import main

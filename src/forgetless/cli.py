@@ -878,11 +878,17 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 )
 @choice(
     "--keep",
-    ["none", "spider", "magnitude_mask"],
+    ["none", "spider", "magnitude_mask", "ewc", "l2sp"],
     "none",
-    help="Pull the weights back towards the input's after every step (full fine-tune only): SPIDER, "
-    "or reset the top-50% |θ₀| entries (MagnitudeMask).",
+    help="Keep what the pre-trained weights knew (full fine-tune only): after every step pull them back (SPIDER) "
+    "or reset the top-50% |θ₀| entries (MagnitudeMask); or penalise λ/2 Σ F (θ − θ₀)² in the loss (EWC, with "
+    "--fisher; L2-SP: F = 1).",
 )
+@file_option(
+    "--fisher",
+    help="--keep ewc: the general Fisher at θ₀ (`forgetless stats fisher` over the --train scope).",
+)
+@click.option("--strength", type=float, default=None, help="--keep ewc / l2sp: the penalty's λ.")
 @folder_option(
     "--init-adapter",
     help="Continue training this PEFT adapter (--lora, same rank, alpha and targets): sequential "

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ForgetlessError
 from ..stats.data import ON_BAD_SAMPLE
+from .penalty import PENALTIES, check_strength
 from .spider import KEEP_RULES
 
 SCHEDULES = ("cosine", "constant")
@@ -59,6 +60,8 @@ class FinetuneConfig:
     max_pixels: int | None = None
     workers: int | None = None
     fsdp: bool = False
+    fisher: str | os.PathLike | None = None
+    strength: float | None = None
 
     @property
     def per_step(self) -> int:
@@ -117,9 +120,9 @@ class FinetuneConfig:
                 f"use one of {ON_BAD_SAMPLE}",
             ),
             (
-                self.keep in KEEP_RULES,
+                self.keep in (*KEEP_RULES, *PENALTIES),
                 f"unknown keep rule {self.keep!r}",
-                f"use one of {', '.join(KEEP_RULES)}",
+                f"use one of {', '.join((*KEEP_RULES, *PENALTIES))}",
             ),
             (
                 self.workers is None or self.workers >= 0,
@@ -139,12 +142,46 @@ class FinetuneConfig:
                     "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run",
                 ),
             ]
-        return checks
+        return checks + self._penalty_checks()
+
+    def _penalty_checks(self) -> list[tuple[bool, str, str]]:
+        """EWC needs a Fisher file and both penalties a strength; for now they train full tensors on one process or
+        under DDP."""
+        penalty = self.keep in PENALTIES
+        bad_strength = check_strength(self.strength) if penalty else None
+        return [
+            (
+                self.keep != "ewc" or self.fisher is not None,
+                "--keep ewc needs the general Fisher at θ₀",
+                "pass --fisher FILE (forgetless stats fisher BASE --data GENERAL …)",
+            ),
+            (
+                self.fisher is None or self.keep == "ewc",
+                "--fisher is the Fisher of --keep ewc",
+                "drop --fisher, or pass --keep ewc",
+            ),
+            (
+                bad_strength is None,
+                bad_strength or "",
+                "pass --strength λ (e.g. 1e3 for EWC, 1e-2 for L2-SP)",
+            ),
+            (
+                self.strength is None or penalty,
+                "--strength is the λ of --keep ewc or --keep l2sp",
+                "drop --strength, or pass --keep ewc / l2sp",
+            ),
+            (
+                not (penalty and self.fsdp),
+                f"--keep {self.keep} under --fsdp is not built yet",
+                "drop --fsdp (DDP: every rank holds the whole penalty)",
+            ),
+        ]
 
     def recipe(self, **facts: Any) -> dict[str, Any]:
         """What ``finetune.json`` records: every option, the optimizer's constants, and ``facts`` the run settled
         (the loader's workers, the parallelism, the precision)."""
         out = asdict(self)
         out["init_adapter"] = None if self.init_adapter is None else str(self.init_adapter)
+        out["fisher"] = None if self.fisher is None else str(self.fisher)
         out["optimizer"] = {"name": "AdamW", "betas": list(BETAS), "eps": EPS}
         return {**out, **facts}

@@ -40,6 +40,7 @@ from .config import BETAS, EPS, FinetuneConfig, LoraSpec
 from .feed import Feed
 from .hooks import StepHook, StepInfo
 from .memory import TrainFootprint, account, gathered_bytes
+from .penalty import PENALTIES, Penalty, read_fisher
 from .spider import make_rule
 from .targets import (
     adapter_key,
@@ -325,6 +326,7 @@ class _Job:
     after: Callable[[StepInfo], None] | None
     say: Callable[[str], None]
     force: bool
+    fisher: dict[str, torch.Tensor] | None = None  # EWC's F by tensor name
 
 
 @dataclass
@@ -386,7 +388,7 @@ def _prepare(
     names, and the samples read."""
     rank, world = dist_info()  # torchrun's environment: these checks run before the process group is joined
     say = log if (log is not None and rank == 0) else (lambda _s: None)
-    check_output(out, [model_dir, data, images, cfg.init_adapter], force=force)
+    check_output(out, [model_dir, data, images, cfg.init_adapter, cfg.fisher], force=force)
     if ranks is not None and not dry_run:
         raise ForgetlessError(
             "ranks (--ranks) is the number of processes a dry run accounts for",
@@ -420,6 +422,12 @@ def _prepare(
     encoder = Encoder(
         model_dir, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
     )
+    fisher = None
+    if cfg.keep == "ewc":  # the Fisher of every selected tensor, checked before any work
+        with CheckpointReader(model_dir) as reader:
+            shapes = {n: torch.Size(reader.info(n).shape) for n in selected}
+            base = {"fingerprint": reader.fingerprint(), "weights_fingerprint": fingerprint}
+        fisher = read_fisher(cfg.fisher, sorted(selected), shapes, base)
     return _Job(
         model_dir,
         data,
@@ -437,6 +445,7 @@ def _prepare(
         after,
         say,
         force,
+        fisher,
     )
 
 
@@ -570,7 +579,7 @@ def _with_rule(
 ) -> tuple[Any, Callable | None, Callable | None]:
     """The keep rule (θ₀ and G captured now, before any step) and the step hooks with it: the rule reads the clipped
     gradients before the user's ``before_step`` and rewrites the weights before the user's ``after_step``."""
-    rule = make_rule(keep, params)
+    rule = None if keep in PENALTIES else make_rule(keep, params)
     if rule is None:
         return None, before, after
 
@@ -639,6 +648,7 @@ class _Stepper:
     dev: torch.device
     world: int
     model_dir: Path
+    penalty: Penalty | None = None
 
     def __call__(self, step: int, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
         """(loss, gradient norm before clipping, learning rate) of optimizer step ``step``."""
@@ -654,6 +664,10 @@ class _Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_t
         loss = self._backward(batches)
+        if (
+            self.penalty is not None
+        ):  # its gradient joins the step's before clipping, as if it were in the loss
+            self.penalty.add_gradients()
         if not math.isfinite(loss):
             raise ForgetlessError(
                 f"the loss is {loss} at step {step}",
@@ -818,7 +832,10 @@ def _run(
     trainee, dev = _load(job, dev_name, images=all(s.image is not None for s in feed.samples))
     losses, reached = _distribute(trainee, cfg.fsdp, world, dev, cleanup)
     rule, before, after = _with_rule(cfg.keep, trainee.params, job.before, job.after)
+    penalty = Penalty(trainee.params, cfg.strength, job.fisher) if cfg.keep in PENALTIES else None  # θ₀ now
     _announce(job, trainee, feed, rule, dev, world)
+    if penalty is not None:
+        job.say(f"  keep rule {cfg.keep}: λ/2 Σ {'F ' if job.fisher else ''}(θ − θ₀)², λ = {cfg.strength:g}")
     tb = TrainingLog.open(job.out, job.say) if tensorboard and rank == 0 else None
     if tb is not None:
         cleanup.callback(tb.close)  # the events flushed however the run ends
@@ -833,8 +850,11 @@ def _run(
         dev,
         world,
         job.model_dir,
+        penalty,
     )
     report = _loop(job, feed, stepper, rule, tb, cleanup)
+    if penalty is not None:
+        report.keep = penalty.summary(cfg.keep)
     trainee.net.eval()
     meta = _meta(job, feed, trainee, report, dev, world)
     if tb is not None:
