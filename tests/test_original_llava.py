@@ -431,3 +431,29 @@ def test_a_lora_adapter_is_keyed_as_the_original_code_keys_it(folders, tmp_path)
     finetune(
         orig, data / "train.jsonl", tmp_path / "more", init_adapter=tmp_path / "orig", **{**kw, "steps": 1}
     )
+
+
+def test_vision_weights_from_the_local_clip_folder(folders, tmp_path):
+    """A folder without vision weights takes them from the CLIP folder mm_vision_tower names (only those read)."""
+    _, orig, _ = folders
+    sd = load_file(str(orig / "model.safetensors"))
+    prefix = "model.vision_tower.vision_tower."
+    clip = tmp_path / "clip"
+    shutil.copytree(Path(json.loads((orig / "config.json").read_text())["mm_vision_tower"]), clip)
+    save_file(
+        {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)},
+        str(clip / "model.safetensors"),
+    )
+    blind = tmp_path / "blind"
+    shutil.copytree(orig, blind)
+    save_file(
+        {k: v for k, v in sd.items() if not k.startswith(prefix)},
+        str(blind / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    cfg = json.loads((blind / "config.json").read_text())
+    (blind / "config.json").write_text(json.dumps({**cfg, "mm_vision_tower": str(clip)}))
+    a, _ = load_model(blind, "cpu", "float32")
+    b, _ = load_model(orig, "cpu", "float32")
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n

@@ -284,13 +284,9 @@ def _side_tensors(model_dir: Path, missing: set[str]) -> dict[str, torch.Tensor]
         found.update({to_memory(n): t for n, t in load_bin(side).items()})
     clip = vision_folder(model_dir)
     if clip is not None and any(k.startswith("model.vision_tower.") for k in missing):
-        with CheckpointReader(clip) as reader:
-            found.update(
-                {
-                    "model.vision_tower." + n.removeprefix("vision_model."): reader.get(n)
-                    for n in reader.names()
-                }
-            )
+        with CheckpointReader(clip) as reader:  # only the tensors the model lacks are read
+            wanted = {"model.vision_tower." + n.removeprefix("vision_model."): n for n in reader.names()}
+            found.update({k: reader.get(n) for k, n in wanted.items() if k in missing})
     return {k: v for k, v in found.items() if k in missing}
 
 

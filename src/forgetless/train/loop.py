@@ -409,9 +409,10 @@ def _prepare(
         names = reader.names()
         layout = layouts.detect_layout(reader.config, names)
         fingerprint = reader.weights_fingerprint()
-        if (
-            cfg.lora is None and rank == 0
-        ):  # the output is the model as stored: its disk must hold it, before training
+        shapes = {n: torch.Size(reader.info(n).shape) for n in names}
+        base = {"fingerprint": reader.fingerprint(), "weights_fingerprint": fingerprint}
+        # the output is the model as stored: its disk must hold it, before training
+        if cfg.lora is None and rank == 0:
             check_free_space(out, sum(reader.info(n).nbytes for n in names), "the fine-tuned model")
     if cfg.train is None:
         cfg = replace(cfg, train=_default_scope(cfg, layout, names))
@@ -424,9 +425,6 @@ def _prepare(
     )
     fisher = None
     if cfg.keep == "ewc":  # the Fisher of every selected tensor, checked before any work
-        with CheckpointReader(model_dir) as reader:
-            shapes = {n: torch.Size(reader.info(n).shape) for n in selected}
-            base = {"fingerprint": reader.fingerprint(), "weights_fingerprint": fingerprint}
         fisher = read_fisher(cfg.fisher, sorted(selected), shapes, base)
     return _Job(
         model_dir,
