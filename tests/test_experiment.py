@@ -87,14 +87,17 @@ def test_task_fishers_of_the_experiment_are_the_published_and_the_own_model():
     assert rows["WiSE-FT"] is None
 
 
-def test_a_merge_of_a_keep_rules_fine_tune_is_checked_before_any_work(tmp_path):
+def test_a_merge_of_a_variant_fine_tune_is_checked_before_any_work(tmp_path):
+    """An unknown variant, or a task Fisher at the plain fine-tune's weights for another fine-tune, is refused; a
+    task Fisher at θ₀ (the same for every fine-tune) is not."""
     for bad in (
         X.Merge("x", "linear", {"lambda": 0.5}, model="nope"),
-        X.Merge("x", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM, model="spider"),
+        X.Merge("x", "fisher_with_base", {"base_weight": 1.0}, X.TASK_FISHER_OWN, model="spider"),
     ):
-        with pytest.raises(ValueError, match="keep rule of KEEPS"):
+        with pytest.raises(ValueError, match="fine-tune of VARIANTS"):
             X.run_experiment("digits", tmp_path / "w", merges=[bad])
     assert not (tmp_path / "w").exists()
+    X.check_merges([X.Merge("x", "cgm", {"alpha": 1.0}, X.TASK_FISHER_CGM, model="ewc")])
 
 
 # ------------------------------------------------------------------------------------ the whole experiment

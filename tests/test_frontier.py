@@ -4,11 +4,13 @@ bootstrap draws against the point values, and the section rendered from a synthe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from forgetless.eval.metrics import Bootstrap, compare, correct_items
+from forgetless.testbed import experiment as X
 from forgetless.testbed import frontier as FR
 from forgetless.testbed.experiment import row_result, task_fields
 from forgetless.testbed.report_frontier import Curves, chosen_markdown, frontier_markdown, knob_of
@@ -34,7 +36,7 @@ def test_curve_area_is_the_mean_best_f_over_e():
 
 def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
     merges = FR.frontier_merges()
-    assert len(merges) == sum(len(k.values) for k in FR.KNOBS.values())
+    assert len(merges) == sum(len(k.values) for k in FR.KNOBS.values() if k.method is not None)
     for m in merges:
         k = FR.KNOBS[m.label]
         assert next(iter(m.params)) == k.knob and (m.method, m.task_fisher, m.model) == (
@@ -43,6 +45,27 @@ def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
             k.model,
         )
     assert knob_of({"knob": "lambda=1 density=0.05"}, "TIES") == 0.05
+
+
+def test_curves_of_fine_tunes_sweep_the_variant_option_and_share_its_folder():
+    """A curve of fine-tunes has one Tune per knob value, with the variant's options and that value; the value the
+    variant itself takes names the variant's folder (one fine-tune, not two); the tunes a run needs are the keep
+    rules', the pipelines' far ends and the curves' points, once each."""
+    ewc = FR.KNOBS["EWC"]
+    points = FR.tune_points("EWC")
+    assert [t.options for t in points] == [{**X.VARIANTS["ewc"].options, "strength": v} for v in ewc.values]
+    assert [t.knob for t in points] == [f"strength={v:g}" for v in ewc.values]
+    assert {t.label for t in points} == {"EWC"}
+    same = [t for t in points if t.options == X.VARIANTS["ewc"].options]
+    assert [t.name for t in same] == ["ewc"] and len({t.name for t in points}) == len(points)
+    tunes = FR.frontier_tunes(["EWC", "EWC → CGM", "Replay → WiSE-FT", "WiSE-FT"])
+    names = [(t.label, t.name, t.knob) for t in tunes]
+    assert len(names) == len(set(names))
+    assert {t.name for t in tunes} == {"spider", "magnitude_mask", "ewc", "replay"} | {t.name for t in points}
+    assert FR.frontier_tunes(["WiSE-FT"]) == X.KEEPS
+    assert FR.seed_dir("w/digits", 0) == Path("w/digits") and FR.seed_dir("w/digits", 2) == Path(
+        "w/digits/seed-2"
+    )
 
 
 def _result(acc: dict[str, float], n: int = 200, seed: int = 0) -> dict:
@@ -195,6 +218,16 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
         "| TIES | +0.0 [+0.0, +0.0] |" not in md
     )  # TIES chose the fine-tune: compared with WiSE-FT, not itself
     assert chosen_markdown(tmp_path, ["count_many"]) == ""
+    # the winner's curse: validation minus test of each chosen point, per choice size, over tasks and seeds
+    gap_e, gap_f = 19 - w["E"], -4 - w["F"]
+    assert f"| WiSE-FT | {gap_e:+.1f} / {gap_f:+.1f} (2) | — |" in md
+    (tmp_path / "digits" / "seed-1").mkdir()
+    (tmp_path / "digits" / "seed-1" / FR.TEST_RESULTS).write_text(json.dumps(res))
+    (tmp_path / "digits" / FR.test_results_name(FR.FEW_ITEMS)).write_text(json.dumps(res))
+    md = chosen_markdown(tmp_path, ["digits", "spatial"])
+    assert "seeds per task: digits 2, spatial 1" in md
+    assert "| WiSE-FT | lambda=0.7 (val E +19.0, F -4.0) / lambda=0.7 (val E +19.0, F -4.0) |" in md
+    assert f"| WiSE-FT | {gap_e:+.1f} / {gap_f:+.1f} (3) | {gap_e:+.1f} / {gap_f:+.1f} (1) |" in md
 
 
 def test_curve_labels_and_keeping_the_other_curves():
@@ -232,3 +265,64 @@ def test_curve_labels_and_keeping_the_other_curves():
     ]
     other_ft = {"rows": [base, {**ft, "correct_items": {"d": "2"}}, {"method": "CGM", "knob": "alpha=5"}]}
     assert FR.keep_curves(other_ft, old, ["CGM"], log=lambda _: None) == other_ft
+
+
+def test_task_draws_over_seeds_average_the_points_and_resample_the_seeds():
+    """A task's results of several seeds: each row's point is the mean of the seeds' points; each resample is a
+    mean of the seeds' resamples on the same items (so it lies between them), and identical seeds give the single
+    seed's draws exactly."""
+    from forgetless.testbed.tables import TaskDraws
+
+    base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, seed=1)
+
+    def run(seed: int) -> dict:
+        ft = _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, seed=seed)
+        wise = _result({"digits": 0.7, "colour": 0.7, "probes": 0.6}, seed=seed + 50)
+        rows = [("base", base), ("fine-tuned", ft), ("WiSE-FT", wise)]
+        return {
+            "rows": [{"method": m, "knob": "", **compare(r, base, ft), **task_fields(r)} for m, r in rows]
+        }
+
+    one, two = run(2), run(3)
+    d1, d2 = TaskDraws({"digits": one}, n_boot=300), TaskDraws({"digits": two}, n_boot=300)
+    both = TaskDraws({"digits": [one, two]}, n_boot=300)
+    assert both.seeds == {"digits": 2}
+    for key in ("E", "F", "E+F"):
+        point = both.rows["digits"]["WiSE-FT"][key]
+        assert point == pytest.approx(
+            (d1.rows["digits"]["WiSE-FT"][key] + d2.rows["digits"]["WiSE-FT"][key]) / 2
+        )
+        a, b = d1.draws["digits"]["WiSE-FT"][key], d2.draws["digits"]["WiSE-FT"][key]
+        mixed = both.draws["digits"]["WiSE-FT"][key]
+        assert np.all(mixed >= np.minimum(a, b) - 1e-9) and np.all(mixed <= np.maximum(a, b) + 1e-9)
+    same = TaskDraws({"digits": [one, one]}, n_boot=300)
+    assert np.array_equal(same.draws["digits"]["WiSE-FT"]["F"], d1.draws["digits"]["WiSE-FT"]["F"])
+
+
+def test_first_items_rescore_the_task_on_its_first_items_only():
+    """Rows cut to the first n task items: T is the accuracy of those items, E and F are against the cut base, and
+    the general tasks keep every item."""
+    base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, n=300, seed=1)
+    ft = _result({"digits": 0.9, "colour": 0.5, "probes": 0.5}, n=300, seed=2)
+    rows = [
+        {"method": m, "knob": "", **compare(r, base, ft), **task_fields(r)}
+        for m, r in (("base", base), ("fine-tuned", ft))
+    ]
+    cut = {r["method"]: r for r in FR.first_items(rows, "digits", 100)}
+    flags = {
+        m: [c == "1" for c in r["tasks"]["digits"]["correct_items"][:100]]
+        for m, r in (("base", base), ("fine-tuned", ft))
+    }
+    t_ft, t_base = 100 * np.mean(flags["fine-tuned"]), 100 * np.mean(flags["base"])
+    assert cut["fine-tuned"]["T"] == pytest.approx(t_ft) and cut["fine-tuned"]["E"] == pytest.approx(
+        t_ft - t_base
+    )
+    assert (
+        cut["fine-tuned"]["F"] == pytest.approx(rows[1]["F"])
+        and len(cut["base"]["correct_items"]["digits"]) == 100
+    )
+    assert len(cut["base"]["correct_items"]["colour"]) == 300
+    assert (
+        FR.test_results_name(None) == FR.TEST_RESULTS
+        and FR.test_results_name(100) == "frontier-test-val100.json"
+    )

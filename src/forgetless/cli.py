@@ -173,6 +173,33 @@ def _pixels_options(fn):
     return fn
 
 
+def _lora_options(fn):
+    """--lora and its rank, alpha, dropout and targets, handed to the command as one ``lora``: a LoraSpec or None."""
+
+    @functools.wraps(fn)
+    def run(*args, lora: bool, lora_r: int, lora_alpha: float, lora_dropout: float, lora_target, **kw):
+        from .train import LoraSpec
+
+        spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None)
+        return fn(*args, lora=spec if lora else None, **kw)
+
+    lora_help = "Train a LoRA adapter (PEFT) instead of the weights themselves."
+    target_help = (
+        "Module name (q_proj) or selector the adapter goes on, inside --train (repeatable). "
+        "Default: every Linear layer in scope."
+    )
+    options = [
+        click.option("--lora", is_flag=True, help=lora_help),
+        shown("--lora-r", POSITIVE, 16),
+        shown("--lora-alpha", float, 32.0),
+        shown("--lora-dropout", float, 0.05),
+        click.option("--lora-target", multiple=True, help=target_help),
+    ]
+    for option in reversed(options):
+        run = option(run)
+    return run
+
+
 def _tf32_option(fn):
     """--tf32/--no-tf32: the command runs with TF32 float32 matmuls on CUDA (PyTorch's recommendation for Ampere and
     later GPUs) or IEEE float32; the settings are put back when it returns."""
@@ -570,7 +597,8 @@ def testbed_build_cmd(
     "test",
     is_flag=True,
     help="Then evaluate each curve's point chosen on validation (best F keeping --keep-gain of the "
-    "fine-tune's E) on the test splits.",
+    "fine-tune's E) on the test splits; and the points chosen on the first 100 validation items (the "
+    "winner's-curse gap of a small split).",
 )
 @click.option(
     "--keep-gain",
@@ -586,20 +614,40 @@ def testbed_build_cmd(
     help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, spider); the "
     "other curves already measured are kept.",
 )
+@click.option(
+    "--seed",
+    "seeds",
+    type=click.IntRange(0),
+    multiple=True,
+    help="Fine-tuning seed (repeatable; default 0, the documented recipe): each seed's fine-tunes, curves and "
+    "chosen points in TASK/seed-N.",
+)
 def testbed_frontier_cmd(
-    names: tuple[str, ...], workdir: str, test: bool, keep_gain: float, curves: tuple[str, ...]
+    names: tuple[str, ...],
+    workdir: str,
+    test: bool,
+    keep_gain: float,
+    curves: tuple[str, ...],
+    seeds: tuple[int, ...],
 ) -> None:
     """Every method's trade-off curve over its knob on the validation splits (cached; `testbed report` draws them)."""
     from .testbed import tasks as T
-    from .testbed.frontier import curve_labels, run_chosen, run_frontier
+    from .testbed.frontier import FEW_ITEMS, curve_labels, run_chosen, run_frontier
 
     chosen = curve_labels(curves) if curves else None  # a misspelt curve fails before any work
-    for name in names or T.DOWNSTREAM:
-        click.echo(f"== {name}")
-        run_frontier(name, f"{workdir}/{name}", curves=chosen, log=click.echo)
-        if test:
-            click.echo(f"== {name}: chosen points on the test splits")
-            run_chosen(name, f"{workdir}/{name}", keep_gain=keep_gain, log=click.echo)
+    for seed in seeds or (0,):
+        for name in names or T.DOWNSTREAM:
+            click.echo(f"== {name}, seed {seed}")
+            run_frontier(name, f"{workdir}/{name}", curves=chosen, seed=seed, log=click.echo)
+            if not test:
+                continue
+            for items in (None, FEW_ITEMS):  # chosen on every validation item, and on the first FEW_ITEMS
+                click.echo(
+                    f"== {name}, seed {seed}: points chosen on {items or 'all'} validation items, on test"
+                )
+                run_chosen(
+                    name, f"{workdir}/{name}", keep_gain=keep_gain, seed=seed, val_items=items, log=click.echo
+                )
 
 
 @testbed_group.command("report")
@@ -797,16 +845,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
     help="Part name, layer slice or re:<regex> to train (repeatable). Default: "
     "language + lm_head + projector (full), language.layers (LoRA).",
 )
-@click.option("--lora", is_flag=True, help="Train a LoRA adapter (PEFT) instead of the weights themselves.")
-@shown("--lora-r", POSITIVE, 16)
-@shown("--lora-alpha", float, 32.0)
-@shown("--lora-dropout", float, 0.05)
-@click.option(
-    "--lora-target",
-    multiple=True,
-    help="Module name (q_proj) or selector the adapter goes on, inside "
-    "--train (repeatable). Default: every Linear layer in scope.",
-)
+@_lora_options
 @click.option("--steps", type=POSITIVE, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Samples per micro-batch.")
 @click.option(
@@ -910,11 +949,7 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 def finetune_cmd(
     model: str,
     train: tuple[str, ...],
-    lora: bool,
-    lora_r: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    lora_target: tuple[str, ...],
+    lora: Any,
     clip: float,
     num: int | None,
     optimizer_fisher: str | None,
@@ -923,15 +958,10 @@ def finetune_cmd(
     """Fine-tune MODEL on --data (answer tokens only): AdamW, warm-up + cosine, clipping, accumulation."""
     from .checkpoint.guard import check_output
     from .stats.distributed import dist_info
-    from .train import LoraSpec, finetune
+    from .train import finetune
     from .train.moments import OptimizerFisher
 
-    spec = (
-        LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_target) or None)
-        if lora
-        else None
-    )
-    if optimizer_fisher is not None and lora:
+    if optimizer_fisher is not None and lora is not None:
         raise ForgetlessError(
             "--optimizer-fisher keeps the weights' squared gradients; a LoRA run has none",
             remedy="drop --lora or --optimizer-fisher",
@@ -956,7 +986,7 @@ def finetune_cmd(
         kw.pop("data"),
         out,
         train=list(train) or None,
-        lora=spec,
+        lora=lora,
         clip=clip or None,
         n=num,
         log=click.echo,

@@ -50,8 +50,45 @@ FINETUNE = {
     "seed": 0,
 }
 STATS_SAMPLES = 32
-# fine-tunes with a keep rule (forgetless.train.spider), same recipe otherwise: rows beside the merges
-KEEPS: list[tuple[str, str]] = [("SPIDER", "spider"), ("MagnitudeMask", "magnitude_mask")]
+# Stand-ins in a variant's options for the files the experiment makes: the general tasks' training splits (replay
+# data, never their validation or test items) and the general Fisher at θ₀ over the fine-tune's scope (EWC).
+REPLAY_DATA = "<general training splits>"
+GENERAL_FISHER = "<general Fisher at θ₀, fine-tune scope>"
+# Penalty strengths of the single EWC and L2-SP fine-tunes (their curves sweep more): set from the calibration in
+# RESULTS.md, where the penalty's gradient is about the data's at the plain fine-tune's weights.
+EWC_STRENGTH = 1e5
+L2SP_STRENGTH = 0.1
+
+
+class Tune(NamedTuple):
+    """A fine-tune of the documented recipe with other options, evaluated as a row of its own: its row label, its
+    folder (``finetuned-<name>``), the options it changes and its row's knob string ("" for a single fine-tune)."""
+
+    label: str
+    name: str
+    options: dict
+    knob: str = ""
+
+
+# The remedies while fine-tuning: keep rules (forgetless.train.spider), replay, penalties (forgetless.train.penalty)
+VARIANTS: dict[str, Tune] = {
+    t.name: t
+    for t in (
+        Tune("SPIDER", "spider", {"keep": "spider"}),
+        Tune("MagnitudeMask", "magnitude_mask", {"keep": "magnitude_mask"}),
+        Tune("Replay 1:1", "replay", {"replay": REPLAY_DATA, "replay_ratio": 1.0}),
+        Tune(
+            f"EWC λ={EWC_STRENGTH:g}",
+            "ewc",
+            {"keep": "ewc", "fisher": GENERAL_FISHER, "strength": EWC_STRENGTH},
+        ),
+        Tune(f"L2-SP λ={L2SP_STRENGTH:g}", "l2sp", {"keep": "l2sp", "strength": L2SP_STRENGTH}),
+    )
+}
+KEEPS: list[Tune] = [
+    VARIANTS["spider"],
+    VARIANTS["magnitude_mask"],
+]  # rows beside the merges of the test split
 # Where the task Fisher is taken, and how: (model, variant). CGM's published scripts take both Fishers at the
 # pre-trained model θ₀ ("base", empirical); Fisher merging (Matena & Raffel) takes each model's Fisher at that
 # model, so its task Fisher is at θ_ft ("finetuned").
@@ -64,7 +101,7 @@ TASK_FISHER_PATH = ("path", "optimizer")
 class Merge(NamedTuple):
     """One merge of an experiment: its row label, the registered method and its parameters, the task Fisher it
     needs ((at, variant), None when the method needs no statistics) and which fine-tune it merges with the base:
-    None for the plain one, or a keep rule of :data:`KEEPS` (that rule's fine-tune: e.g. SPIDER, then a merge)."""
+    None for the plain one, or a name of :data:`VARIANTS` (that fine-tune: e.g. SPIDER, then a merge)."""
 
     label: str
     method: str
@@ -122,16 +159,21 @@ def row_draws(rows: list[dict], boot: Bootstrap) -> dict[str, dict[str, np.ndarr
 
 
 def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
-    """What a fine-tune depends on: the base weights, the recipe (with the weights of the adapter it continues,
-    ``init_adapter``) and the training split's records (their images follow from the generator's version and
-    seed) — not the validation or test splits, which may grow."""
+    """What a fine-tune depends on: the base weights, the recipe (with the contents of the files it names: the
+    adapter it continues, the replay data, EWC's Fisher) and the training split's records (their images follow
+    from the generator's version and seed) — not the validation or test splits, which may grow."""
     meta = read_json(
         task_dir / "task.json", remedy="generate the task again (forgetless testbed tasks)", expect=dict
     )
-    train = hashlib.sha256((task_dir / "train.jsonl").read_bytes()).hexdigest()
+    train = _digest(task_dir / "train.jsonl")
     if recipe.get("init_adapter"):
-        weights = Path(recipe["init_adapter"]) / "adapter_model.safetensors"
-        recipe = {**recipe, "init_adapter": hashlib.sha256(weights.read_bytes()).hexdigest()}
+        recipe = {
+            **recipe,
+            "init_adapter": _digest(Path(recipe["init_adapter"]) / "adapter_model.safetensors"),
+        }
+    for key in ("replay", "fisher"):  # the files' contents, not their paths
+        if recipe.get(key):
+            recipe = {**recipe, key: _digest(Path(recipe[key]))}
     return fingerprint(
         {
             "base": weights_digest(base),
@@ -140,6 +182,15 @@ def finetune_key(base: Path, task_dir: Path, recipe: dict) -> str:
             **recipe,
         }
     )
+
+
+def _digest(path: Path) -> str:
+    """The sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 def finetune_step(base: Path, task_dir: Path, out: Path, recipe: dict) -> Step:
@@ -180,6 +231,19 @@ def general_calibration(task_root: Path, out: Path, per_task: int = 8) -> Path:
     for line in (task_root / "probes" / "val.jsonl").read_text().splitlines():
         r = json.loads(line)
         rows.append({"id": f"probes-{r['id']}", "question": r["question"], "answer": r["answer"]})
+    write_if_changed(out, "".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def general_replay(task_root: Path, out: Path) -> Path:
+    """The replay data: every training item of the general visual tasks, images by absolute path (the text probes
+    have no training split)."""
+    rows = []
+    for name in T.GENERAL_VISUAL:
+        for line in (task_root / name / "train.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            image = (task_root / name / r["image"]).resolve()
+            rows.append({**r, "id": f"{name}-{r['id']}", "image": str(image)})
     write_if_changed(out, "".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -286,7 +350,7 @@ def run_experiment(
     workdir: str | Path,
     *,
     merges=None,
-    keeps: list[tuple[str, str]] | None = None,
+    keeps: Sequence[Tune] | None = None,
     finetune_recipe: dict | None = None,
     limits: dict[str, int] | None = None,
     task_limit: int | None = None,
@@ -294,25 +358,29 @@ def run_experiment(
     keep_models: bool = False,
     eval_batch_size: int = EVAL_BATCH,
     results_name: str = "results.json",
+    root: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fine-tune on `task`, merge with each method, evaluate; returns (and writes to workdir/`results_name`) rows
-    with T, G_v, G_t, G, E, F, E+F per model. `keeps`: (label, rule) pairs, each a further fine-tune of the same
-    recipe with that keep rule (e.g. :data:`KEEPS`), evaluated as a row of its own."""
+    with T, G_v, G_t, G, E, F, E+F per model. `keeps`: further fine-tunes of the same recipe with other options
+    (:class:`Tune`, e.g. :data:`KEEPS`), each evaluated as a row of its own. `root`: where the generated tasks and
+    the evaluation cache are (default: `workdir`'s parent)."""
     merges = MERGES if merges is None else merges
     check_merges(merges)
     workdir = Path(workdir)
+    root = workdir.parent if root is None else Path(root)
     ctx = Context.open(
         workdir,
         [task],
-        tasks_root=workdir.parent / "tasks" if workdir.name != "tasks" else workdir,
+        tasks_root=root / "tasks" if workdir.name != "tasks" else workdir,
+        cache_dir=root / "eval-cache",
         timings=("setup", "finetune", "statistics", "merge", "evaluate"),
         eval_batch=eval_batch_size,
         log=log,
     )
     lim = {**(limits or {}), task: task_limit} if (limits or task_limit) else None
     run = Experiment.start(ctx, task, {**FINETUNE, **(finetune_recipe or {})}, split, lim)
-    rows = [*run.reference_rows(), *(run.keep_row(label, rule) for label, rule in keeps or [])]
+    rows = [*run.reference_rows(), *(run.tune_row(t) for t in keeps or [])]
     stats = run.statistics(merges)
     rows += [run.merge_row(m, stats.get(m.task_fisher), keep_models) for m in merges]
     return ctx.write(
@@ -331,14 +399,15 @@ def run_experiment(
 
 
 def check_merges(merges: Sequence[Merge]) -> None:
-    """Refuse, before any work, a merge of a keep rule's fine-tune that is not one of :data:`KEEPS` or that asks
-    for statistics (they are the plain fine-tune's)."""
-    rules = [r for _, r in KEEPS]
+    """Refuse, before any work, a merge of a fine-tune that is not one of :data:`VARIANTS`, or one that asks for a
+    task Fisher at the plain fine-tune's weights (only those at θ₀ hold for every fine-tune)."""
     for m in merges:
-        if m.model is not None and (m.task_fisher is not None or m.model not in rules):
+        if m.model is None:
+            continue
+        if m.model not in VARIANTS or (m.task_fisher is not None and m.task_fisher[0] != "base"):
             raise ValueError(
-                f"merge {m.label!r}: model must be a keep rule of KEEPS ({rules}), and a merge of a "
-                "keep rule's fine-tune takes no statistics (they are the plain fine-tune's)"
+                f"merge {m.label!r}: model must be a fine-tune of VARIANTS ({list(VARIANTS)}), and a merge of "
+                "it takes only statistics at θ₀ (the others are the plain fine-tune's)"
             )
 
 
@@ -380,17 +449,6 @@ class Experiment:
             **extra,
         }
 
-    def keep_finetune(self, rule: str) -> Path:
-        """The fine-tune of the same recipe with the keep rule `rule` (untimed: a cached one costs a digest)."""
-        ctx = self.ctx
-        return finetuned_model(
-            ctx.base,
-            ctx.roots[self.task],
-            ctx.workdir / f"finetuned-{rule}",
-            {**self.recipe, "keep": rule},
-            ctx.log,
-        )
-
     def reference_rows(self) -> list[dict]:
         """The base's and the plain fine-tune's rows."""
         self.base_r, c0 = self.evaluate(self.ctx.base)
@@ -403,19 +461,60 @@ class Experiment:
             )
         return rows
 
-    def keep_row(self, label: str, rule: str) -> dict:
-        """The row of the fine-tune with the keep rule `rule`, with the seconds that fine-tune took."""
+    def tune_recipe(self, options: Mapping[str, Any]) -> dict:
+        """The recipe with `options`, the stand-ins for the replay data and the general Fisher made (cached)."""
+        made = {REPLAY_DATA: self.replay_data, GENERAL_FISHER: self.scope_fisher}
+        return {**self.recipe, **{k: str(made[v]()) if v in made else v for k, v in options.items()}}
+
+    def tune_model(self, tune: Tune) -> Path:
+        """The fine-tune `tune` (cached as every fine-tune)."""
         ctx = self.ctx
-        model = ctx.finetuned(
-            ctx.roots[self.task], ctx.workdir / f"finetuned-{rule}", {**self.recipe, "keep": rule}
-        )
+        out = ctx.workdir / f"finetuned-{tune.name}"
+        return ctx.finetuned(ctx.roots[self.task], out, self.tune_recipe(tune.options))
+
+    def tune_row(self, tune: Tune) -> dict:
+        """The row of the fine-tune `tune`, with the seconds that fine-tune took."""
+        model = self.tune_model(tune)
         r, cached = self.evaluate(model)
         seconds = read_json(model / "finetune.json", remedy="fine-tune it again (remove the folder)")[
             "seconds"
         ]
-        row = self.row(label, r, cached, finetune_seconds=seconds)
-        self.log_row(label, row)
+        row = self.row(tune.label, r, cached, tune.knob, finetune_seconds=seconds)
+        self.log_row(f"{tune.label} {tune.knob}".strip(), row)
         return row
+
+    def general_data(self) -> Path:
+        """The general calibration set (:func:`general_calibration`)."""
+        return general_calibration(
+            self.ctx.roots[self.task].parent, self.ctx.workdir / "calibration" / "general.jsonl"
+        )
+
+    def replay_data(self) -> Path:
+        """The replay data: the general visual tasks' training splits (:func:`general_replay`)."""
+        return general_replay(
+            self.ctx.roots[self.task].parent, self.ctx.workdir / "calibration" / "replay.jsonl"
+        )
+
+    def scope_fisher(self) -> Path:
+        """The general Fisher at θ₀ of every tensor the fine-tune trains (EWC's F): the general calibration set,
+        :data:`STATS_SAMPLES` samples, every parameter of the recipe's ``train`` scope."""
+        from ..chains import steps
+
+        with self.ctx.timed("statistics"):
+            return steps.statistics_step(
+                "fisher",
+                self.ctx.base,
+                self.general_data(),
+                self.ctx.workdir / "statistics" / "fisher_general-train-scope.safetensors",
+                scope=list(self.recipe["train"]),
+                n=STATS_SAMPLES,
+                seed=0,
+                variant="empirical",
+                role="fisher_general (EWC)",
+                log=self.ctx.log,
+                batch_size=8,
+                all_params=True,
+            )
 
     def statistics(self, merges: Sequence[Merge]) -> dict[tuple[str, str], dict[str, Path]]:
         """The Fisher files of every task Fisher the `merges` need (:func:`fisher_files`)."""
@@ -424,13 +523,10 @@ class Experiment:
             return {}
         ctx = self.ctx
         with ctx.timed("statistics"):
-            general = general_calibration(
-                ctx.roots[self.task].parent, ctx.workdir / "calibration" / "general.jsonl"
-            )
             return fisher_files(
                 ctx.base,
                 self.ft,
-                general,
+                self.general_data(),
                 ctx.roots[self.task] / "train.jsonl",
                 ctx.workdir / "statistics",
                 ctx.log,
@@ -442,7 +538,7 @@ class Experiment:
         """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
         ctx = self.ctx
         out = ctx.workdir / "merged" / f"{m.method}-{fingerprint([m.params, m.task_fisher, m.model])[:6]}"
-        source = self.ft if m.model is None else self.keep_finetune(m.model)
+        source = self.ft if m.model is None else self.tune_model(VARIANTS[m.model])
         report = ctx.merged(merge_recipe(m.method, m.params, ctx.base, source, stats), out)
         r, cached = self.evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())

@@ -44,17 +44,18 @@ FRACTIONS = (0.8, 0.9, 0.95)
 class Knob(NamedTuple):
     """One method's curve: the registered method, its fixed parameters, the swept knob and its values, the task
     Fisher it needs (as :class:`.experiment.Merge`), which fine-tune it merges with the base (None: the plain one;
-    a keep rule of :data:`.experiment.KEEPS`: that rule's fine-tune, the curve's far end) and whether it is a
-    candidate for a curvature-guided method that beats WiSE-FT (``trial``) rather than a published method's
-    curve."""
+    a name of :data:`.experiment.VARIANTS`: that fine-tune, the curve's far end) and whether it is a candidate of
+    ours rather than a published method's curve (``trial``). A curve of fine-tunes has no method: ``finetune``
+    names the variant whose option ``knob`` is swept, each point a fine-tune of its own."""
 
-    method: str
+    method: str | None
     fixed: dict
     knob: str
     values: list[float]
     task_fisher: tuple[str, str] | None = None
     model: str | None = None
     trial: bool = False
+    finetune: str | None = None
 
 
 KNOBS: dict[str, Knob] = {
@@ -64,9 +65,15 @@ KNOBS: dict[str, Knob] = {
     "Fisher merging": Knob("fisher_with_base", {}, "base_weight", [0.01, 0.1, 1.0, 10.0], X.TASK_FISHER_OWN),
     "CGM": Knob("cgm", {}, "alpha", [0.2, 1.0, 5.0, 25.0, 125.0], X.TASK_FISHER_CGM),
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
-    # trials: keep-rule fine-tunes merged back toward θ₀ (WiSE-FT from their far end)
+    # the remedies while fine-tuning, each a curve of fine-tunes over its strength
+    "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
+    "EWC": Knob(None, {}, "strength", [1e4, 1e5, 1e6], finetune="ewc"),
+    "L2-SP": Knob(None, {}, "strength", [0.01, 0.1, 1.0], finetune="l2sp"),
+    # pipelines: a remedy's fine-tune merged back toward θ₀ (WiSE-FT, CGM from its far end)
     "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
     "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask", trial=True),
+    "Replay → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="replay", trial=True),
+    "EWC → CGM": Knob("cgm", {}, "alpha", [5.0, 25.0], X.TASK_FISHER_CGM, model="ewc", trial=True),
     # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft): it is
     # orders of magnitude below the general Fisher, so α spans small values, where the mix moves
     "CGM (optimizer Fisher)": Knob(
@@ -75,9 +82,23 @@ KNOBS: dict[str, Knob] = {
 }
 
 
-def keep_label(rule: str) -> str:
-    """The row label of a keep rule's fine-tune (:data:`.experiment.KEEPS`)."""
-    return {r: label for label, r in X.KEEPS}[rule]
+def keep_label(name: str) -> str:
+    """The row label of a fine-tune of :data:`.experiment.VARIANTS`."""
+    return X.VARIANTS[name].label
+
+
+def tune_points(label: str, values: Sequence[float] | None = None) -> list[X.Tune]:
+    """A curve of fine-tunes as :class:`.experiment.Tune` rows: one per value of its knob (default: the grid)."""
+    k = KNOBS[label]
+    variant = X.VARIANTS[k.finetune]
+    points = []
+    for v in k.values if values is None else values:
+        options = {**variant.options, k.knob: v}
+        name = (
+            variant.name if options == variant.options else f"{variant.name}-{k.knob}={v:g}"
+        )  # one folder each
+        points.append(X.Tune(label, name, options, f"{k.knob}={v:g}"))
+    return points
 
 
 def frontier_merges() -> list[X.Merge]:
@@ -85,8 +106,18 @@ def frontier_merges() -> list[X.Merge]:
     return [
         X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model)
         for label, k in KNOBS.items()
+        if k.method is not None
         for v in k.values
     ]
+
+
+def frontier_tunes(labels: Sequence[str]) -> list[X.Tune]:
+    """The rows of fine-tunes the curves `labels` need: the keep rules' (:data:`.experiment.KEEPS`), the far end
+    of each pipeline among them, and the points of each curve of fine-tunes among them."""
+    ends = [X.VARIANTS[KNOBS[label].model] for label in labels if KNOBS[label].model is not None]
+    curves = [t for label in labels if KNOBS[label].method is None for t in tune_points(label)]
+    unique = {(t.label, t.name, t.knob): t for t in [*X.KEEPS, *ends, *curves]}
+    return list(unique.values())
 
 
 def curve_labels(names: Sequence[str]) -> list[str]:
@@ -106,23 +137,45 @@ def curve_labels(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def seed_dir(workdir: str | Path, seed: int) -> Path:
+    """Where a task's run with fine-tuning seed `seed` lives: the task's folder (seed 0, the documented recipe) or
+    its ``seed-<seed>`` subfolder."""
+    return Path(workdir) if seed == 0 else Path(workdir) / f"seed-{seed}"
+
+
+def seed_results(workdir: str | Path, name: str) -> list[dict]:
+    """A task's results file `name` of every seed that has one (seed 0 first, then ``seed-N`` in order of N)."""
+    workdir = Path(workdir)
+    seeds = sorted(int(p.name.removeprefix("seed-")) for p in workdir.glob("seed-*") if p.name[5:].isdigit())
+    paths = [seed_dir(workdir, s) / name for s in [0, *seeds]]
+    return [read_results(p) for p in paths if p.is_file()]
+
+
 def run_frontier(
-    task: str, workdir: str | Path, *, curves: Sequence[str] | None = None, log: Callable[[str], None] = print
+    task: str,
+    workdir: str | Path,
+    *,
+    curves: Sequence[str] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Every curve of one task — or the `curves` named (labels of :data:`KNOBS`) — on its validation splits
-    (cached steps are reused); writes `workdir`/RESULTS. A run of some curves keeps the other curves' rows of the
-    RESULTS file already there when they were measured against the same base and fine-tune (:func:`keep_curves`),
-    so curves can be added one at a time."""
+    (cached steps are reused); writes RESULTS in :func:`seed_dir` (`seed`: the fine-tunes' seed: data order, and
+    LoRA's initialisation where used). A run of some curves keeps the other curves' rows of the RESULTS file
+    already there when they were measured against the same base and fine-tune (:func:`keep_curves`), so curves
+    can be added one at a time."""
     ran = curve_labels(curves) if curves is not None else list(KNOBS)
-    path = Path(workdir) / RESULTS
+    path = seed_dir(workdir, seed) / RESULTS
     old = read_results(path) if path.is_file() else None
     res = X.run_experiment(
         task,
-        workdir,
+        seed_dir(workdir, seed),
         merges=[m for m in frontier_merges() if m.label in ran],
-        keeps=X.KEEPS,
+        keeps=frontier_tunes(ran),
+        finetune_recipe={"seed": seed},
         split="val",
         results_name=RESULTS,
+        root=Path(workdir).parent,
         log=log,
     )
     if old is not None and curves is not None:
@@ -177,6 +230,37 @@ def curve_area(e: np.ndarray, f: np.ndarray, e_end: np.ndarray | float, n: int =
 
 TEST_RESULTS = "frontier-test.json"
 KEEP_GAIN = 0.9
+FEW_ITEMS = 100  # the validation splits' size before they grew: choices made on their first 100 task items
+
+
+def test_results_name(val_items: int | None) -> str:
+    """The test-split file of the points chosen on all validation items, or on the first `val_items`."""
+    return TEST_RESULTS if val_items is None else TEST_RESULTS.replace(".json", f"-val{val_items}.json")
+
+
+def first_items(rows: list[Mapping[str, Any]], task: str, n: int) -> list[dict]:
+    """The rows scored on the first `n` items of the downstream `task` only (the general tasks' items as they
+    are): what the validation split of `n` task items would have said. A grown split starts with the same items."""
+    from ..eval.metrics import compare
+
+    def cut(r: Mapping[str, Any]) -> dict:
+        result = X.row_result(r)
+        for name, entry in result["tasks"].items():  # accuracies from the items, not the rounded percentages
+            items = entry["correct_items"][:n] if name == task else entry["correct_items"]
+            result["tasks"][name] = {
+                **entry,
+                "correct_items": items,
+                "accuracy": items.count("1") / len(items),
+            }
+        return result
+
+    by = {r["method"]: r for r in rows if r["method"] in ("base", "fine-tuned")}
+    base, ft = cut(by["base"]), cut(by["fine-tuned"])
+    out = []
+    for r in rows:
+        result = cut(r)
+        out.append({**r, **compare(result, base, ft), **X.task_fields(result)})
+    return out
 
 
 def curve_rows(rows: list[Mapping[str, Any]], label: str) -> list[Mapping[str, Any]]:
@@ -206,31 +290,54 @@ def choose(
 
 
 def run_chosen(
-    task: str, workdir: str | Path, *, keep_gain: float = KEEP_GAIN, log: Callable[[str], None] = print
+    task: str,
+    workdir: str | Path,
+    *,
+    keep_gain: float = KEEP_GAIN,
+    seed: int = 0,
+    val_items: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Each curve's point chosen on the validation splits (:func:`choose`, from ``workdir``/RESULTS) evaluated on
-    the **test** splits (evaluations cached as everywhere): writes ``workdir``/TEST_RESULTS, one row per curve named
-    by its label alone (``chosen``: the knob, or the end it chose; ``val``: its validation E and F) beside the base,
-    the fine-tune and the keep rules' fine-tunes."""
-    workdir = Path(workdir)
+    """Each curve's point chosen on the validation splits (:func:`choose`, from RESULTS in :func:`seed_dir`; with
+    `val_items`, on the first that many task items: :func:`first_items`) evaluated on the **test** splits
+    (evaluations cached as everywhere): writes :func:`test_results_name` there, one row per curve named by its
+    label alone (``chosen``: the knob, or the end it chose; ``val``: its validation E and F) beside the base, the
+    fine-tune and the fine-tunes the chosen points need."""
+    root, workdir = Path(workdir).parent, seed_dir(workdir, seed)
     val = workdir / RESULTS
     if not val.is_file():
         raise ForgetlessError(
             f"{val}: no validation curves to choose from",
             remedy=f"run `forgetless testbed frontier --task {task}` first",
         )
-    picks = choose(read_results(val)["rows"], keep_gain)
+    rows = read_results(val)["rows"]
+    picks = choose(rows if val_items is None else first_items(rows, task, val_items), keep_gain)
+    swept = {label: r for label, r in picks.items() if r is not None and r["method"] == label}
     merges = [
         X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
-        for label, r in picks.items()
-        if r is not None and r["method"] == label
+        for label, r in swept.items()
         for k in [KNOBS[label]]
+        if k.method is not None
+    ]
+    tunes = frontier_tunes([label for label in picks if KNOBS[label].model is not None]) + [
+        t
+        for label, r in swept.items()
+        if KNOBS[label].method is None
+        for t in tune_points(label, [_params(r["knob"])[KNOBS[label].knob]])
     ]
     res = X.run_experiment(
-        task, workdir, merges=merges, keeps=X.KEEPS, split="test", results_name=TEST_RESULTS, log=log
+        task,
+        workdir,
+        merges=merges,
+        keeps=tunes,
+        finetune_recipe={"seed": seed},
+        split="test",
+        results_name=test_results_name(val_items),
+        root=root,
+        log=log,
     )
     res = chosen_result(res, picks, keep_gain, log)
-    atomic_write(workdir / TEST_RESULTS, json.dumps(res, indent=1) + "\n")
+    atomic_write(workdir / test_results_name(val_items), json.dumps(res, indent=1) + "\n")
     return res
 
 

@@ -203,32 +203,60 @@ def goal_table(names: list[str], d: TaskDraws, order: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _pick(result: Mapping[str, Any], method: str) -> str:
+    """What one seed's run chose for `method`: the knob (or end) with its validation E and F, — where no point
+    kept the gain, empty where the method is not a curve."""
+    r = {row_name(x): x for x in result["rows"]}.get(method, {})
+    if "chosen" in r:
+        return f"{r['chosen']} (val E {r['val']['E']:+.1f}, F {r['val']['F']:+.1f})"
+    return "—" if method in result["unreached"] else ""
+
+
+def curse_table(workdir: Path, names: list[str]) -> str:
+    """The winner's curse: per curve, validation minus test E and F of its chosen points (means over the tasks
+    and seeds), for the choice made on every validation item and on the first :data:`.frontier.FEW_ITEMS`."""
+    sizes = {"all": FR.TEST_RESULTS, f"first {FR.FEW_ITEMS}": FR.test_results_name(FR.FEW_ITEMS)}
+    gaps: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for size, file in sizes.items():
+        for n in names:
+            for res in FR.seed_results(Path(workdir) / n, file):
+                for r in res["rows"]:
+                    if "val" in r:
+                        gap = (r["val"]["E"] - r["E"], r["val"]["F"] - r["F"])
+                        gaps.setdefault(r["method"], {}).setdefault(size, []).append(gap)
+    lines = [
+        "| method | " + " | ".join(f"val − test E / F (chosen on {s} items)" for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for m, by in gaps.items():
+        cells = [
+            f"{np.mean([g[0] for g in by[s]]):+.1f} / {np.mean([g[1] for g in by[s]]):+.1f} ({len(by[s])})"
+            if s in by
+            else "—"
+            for s in sizes
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def chosen_markdown(workdir: Path, names: list[str]) -> str:
     """The points chosen on validation (:func:`.frontier.run_chosen`) on the test splits: which point each curve
     chose, the E / F summary over the tasks, the goal table and paired differences against WiSE-FT's choice and
     the fine-tune. Empty where no task has a ``frontier-test.json``."""
-    done = [n for n in names if (Path(workdir) / n / FR.TEST_RESULTS).is_file()]
+    results = {n: FR.seed_results(Path(workdir) / n, FR.TEST_RESULTS) for n in names}
+    done = [n for n in names if results[n]]
     if not done:
         return ""
-    results = {n: read_results(Path(workdir) / n / FR.TEST_RESULTS) for n in done}
-    gains = sorted({results[n]["keep_gain"] for n in done})
+    results = {n: results[n] for n in done}
+    gains = sorted({r["keep_gain"] for n in done for r in results[n]})
     d = TaskDraws(results)
     table, order = summary(done, d)
     picks = ["| method | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
     for m in order:
-        cells = [
-            (
-                f"{r['chosen']} (val E {r['val']['E']:+.1f}, F {r['val']['F']:+.1f})"
-                if "chosen" in r
-                else "—"
-                if m in results[n]["unreached"]
-                else ""
-            )
-            for n in done
-            for r in [d.rows[n].get(m, {})]
-        ]
-        if any(cells):
+        cells = [" / ".join(_pick(r, m) for r in results[n]) for n in done]
+        if any(c.strip(" /") for c in cells):
             picks.append(f"| {m} | " + " | ".join(cells) + " |")
+    seeds = ", ".join(f"{n} {k}" for n, k in d.seeds.items())
     missing = [n for n in names if n not in done]
     not_yet = f"; not run yet: {', '.join(missing)}" if missing else ""
     return f"""### Chosen points on the test splits
@@ -237,7 +265,9 @@ Each curve's point chosen on **validation** — the best F among its points (its
 {" / ".join(f"{g:g}" for g in gains)} × the fine-tune's E there (`forgetless sweep --keep-gain`), "—" where none
 does — merged again and evaluated on the **test** splits (`forgetless testbed frontier --test`; tasks:
 {", ".join(done)}{not_yet}).
-Intervals as in the summary at the top (paired within a task, joint across tasks).
+Fine-tuning seeds per task: {seeds} (a cell lists each seed's choice; the rows below average the seeds, and
+every interval resamples the seeds as well as the items). Intervals as in the summary at the top (paired within
+a task, joint across tasks).
 
 {chr(10).join(picks)}
 
@@ -247,6 +277,12 @@ Against the goal of issue 16 (over the tasks: at least {GOAL_E:.0%} of the fine-
 {GOAL_F:.0%} of its general loss recovered):
 
 {goal_table(done, d, order)}
+
+The winner's curse: how much better each chosen point looked on validation than it is on test (means over the
+tasks and seeds; in brackets the number of chosen points), when chosen on every validation item and on the first
+{FR.FEW_ITEMS} task items (the validation splits' earlier size):
+
+{curse_table(workdir, done)}
 
 Paired differences of the means against **WiSE-FT**'s chosen point (**\\*** where the interval excludes 0):
 
@@ -292,11 +328,14 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft["F"]:+.1f} (validation items: {sizes}).{
 
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
 the **validation** splits (the test splits stay for the points chosen on these curves). Grid: {grid(False)}. Task
-arithmetic at λ is WiSE-FT at λ with one fine-tuned model. SPIDER and MagnitudeMask are one fine-tune each. Every
-merge curve has the base (E = F = 0) and the fine-tune as its ends. Candidates of ours for a method that beats
-WiSE-FT (issue 16; not published methods): {grid(True)} — a keep rule's fine-tune merged back toward θ₀ runs from
-the base to that fine-tune (its own far end); the optimizer Fisher is AdamW's squared gradients of the same
-fine-tune (`forgetless finetune --optimizer-fisher`). **F at E = x%**: the best F among the method's
+arithmetic at λ is WiSE-FT at λ with one fine-tuned model. SPIDER and MagnitudeMask are one fine-tune each;
+Replay, EWC and L2-SP are curves of fine-tunes over their strength (`forgetless finetune --replay … --replay-ratio`,
+`--keep ewc --fisher … --strength`, `--keep l2sp --strength`; the replay data is the general visual tasks'
+training splits, EWC's Fisher the general Fisher at θ₀ over the fine-tuned tensors). Every curve has the base
+(E = F = 0) and the plain fine-tune as its ends. Pipelines and candidates of ours (not published methods):
+{grid(True)} — a remedy's fine-tune merged back toward θ₀ runs from the base to that fine-tune (its own far end);
+the optimizer Fisher is AdamW's squared gradients of the same fine-tune (`forgetless finetune
+--optimizer-fisher`). **F at E = x%**: the best F among the method's
 points whose E is at least x% of the fine-tune's E (what `forgetless sweep --keep-gain` would pick; one of its own
 points, no interpolation); **area**: the mean of that best F over E ∈ [0, E_ft]. ± half the 95% bootstrap interval
 over the validation items ({N_BOOT} resamples; the fine-tune's E and each method's best point re-taken on every

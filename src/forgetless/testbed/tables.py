@@ -11,31 +11,66 @@ import numpy as np
 
 from ..eval.metrics import Bootstrap
 from ..eval.report import cell, diff_cell
-from .experiment import row_draws, row_name
+from .experiment import row_draws, row_name, row_result
 
 N_BOOT = 2000
 
 
 class TaskDraws:
-    """Every task's rows resampled with one :class:`Bootstrap` (paired within a task, joint across tasks)."""
+    """Every task's rows resampled with one :class:`Bootstrap` (paired within a task, joint across tasks). A task's
+    results may be a list, one per fine-tuning seed: a row's point is then its mean over the seeds (the rows every
+    seed has), and each resample also draws the seeds with replacement (:meth:`Bootstrap.scores`)."""
 
-    def __init__(self, results: Mapping[str, dict], n_boot: int = N_BOOT):
+    def __init__(self, results: Mapping[str, dict | list[dict]], n_boot: int = N_BOOT):
         self.boot = Bootstrap(n_boot, seed=0)
-        self.results = results
+        self.results = {t: r if isinstance(r, list) else [r] for t, r in results.items()}
         self.draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> row name -> key -> [B]
-        self.rows: dict[str, dict[str, dict]] = {}  # task -> row name -> row
-        for task, res in results.items():
-            self.draws[task] = row_draws(res["rows"], self.boot)
-            self.rows[task] = {row_name(r): r for r in res["rows"]}
+        self.rows: dict[
+            str, dict[str, dict]
+        ] = {}  # task -> row name -> row (its scores: means over the seeds)
+        for task, seeds in self.results.items():
+            if len(seeds) == 1:
+                self.draws[task] = row_draws(seeds[0]["rows"], self.boot)
+                self.rows[task] = {row_name(r): r for r in seeds[0]["rows"]}
+            else:
+                self.rows[task], self.draws[task] = seed_rows([s["rows"] for s in seeds], self.boot)
+
+    @property
+    def seeds(self) -> dict[str, int]:
+        """The number of seeds of each task."""
+        return {t: len(s) for t, s in self.results.items()}
 
     def intervals(self, task: str) -> list[dict]:
-        return [self.boot.intervals(self.draws[task][row_name(r)]) for r in self.results[task]["rows"]]
+        return [self.boot.intervals(self.draws[task][row_name(r)]) for r in self.results[task][0]["rows"]]
 
     def mean(self, name: str, key: str, tasks: list[str]) -> np.ndarray:
         return np.mean([self.draws[t][name][key] for t in tasks], axis=0)
 
     def mean_point(self, name: str, key: str, tasks: list[str]) -> float:
         return float(np.mean([self.rows[t][name][key] for t in tasks]))
+
+
+SCORES = ("T", "G_v", "G_t", "G", "E", "F", "E+F")
+
+
+def seed_rows(
+    per_seed: list[list[dict]], boot: Bootstrap
+) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray | None]]]:
+    """Rows of several seeds' runs of one task, by name: each row every seed has, its scores averaged over the
+    seeds (the first seed's row otherwise), and its draws, seeds and items resampled, E and F paired with the
+    ``base`` row."""
+    by_seed = [{row_name(r): r for r in rows} for rows in per_seed]
+    names = [n for n in by_seed[0] if all(n in b for b in by_seed)]
+    base = row_result(by_seed[0]["base"])
+    rows, draws = {}, {}
+    for n in names:
+        runs = [b[n] for b in by_seed]
+        rows[n] = {
+            **runs[0],
+            **{k: float(np.mean([r[k] for r in runs])) for k in SCORES if runs[0].get(k) is not None},
+        }
+        draws[n] = boot.compare([row_result(r) for r in runs], base)
+    return rows, draws
 
 
 def sure_interval(boot: Bootstrap, draws: np.ndarray) -> tuple[float, float]:
