@@ -7,7 +7,10 @@
         weight: 1.0
         density: 0.5
       - path/to/finetuned-b
-    parameters: {lambda: 1.0}               # the method's knobs (`forgetless methods` lists them)
+    parameters: {lambda: 1.0}               # the method's knobs (`forgetless methods` lists them); a number
+                                            # may be given per part, the first entry that selects a tensor wins:
+                                            #   lambda: [{scope: "language.layers[0:10]", value: 0.3},
+                                            #            {scope: [projector, vision], value: 0.8}, {value: 0.5}]
     statistics: {fisher_general: g.safetensors}   # shared statistics; per-model ones go under models[i].statistics
     scope:
       include: [language.layers[20:32], lm_head]  # part names, layer slices or re:<regex>; default: everything
@@ -147,6 +150,48 @@ def check_size(v: Any, what: str) -> int:
     if n <= 0:
         raise ValueError(f"{v!r}: {what} must be positive")
     return n
+
+
+def part_entries(v: list, key: str) -> list[tuple[tuple[str, ...] | None, Any]]:
+    """A number given per part, ``[{scope: SELECTORS, value: V}, …, {value: DEFAULT}]``, as (selectors, value)
+    pairs, the default's selectors None; ValueError naming the key of the first malformed entry (``key[1].scope``).
+    A scope is one selector or a list of them, the selectors of ``scope.include``."""
+    example = "e.g. [{scope: 'language.layers[0:10]', value: 0.3}, {value: 0.5}]"
+    if not v:
+        raise ValueError(
+            f"{key}: an empty list; give entries {{scope, value}} and a default last ({example})"
+        )
+    out = []
+    for i, e in enumerate(v):
+        keys = set(e) if isinstance(e, dict) else None
+        if keys is None:
+            raise ValueError(f"{key}[{i}]: each entry is a mapping {{scope, value}} ({example})")
+        extra = sorted(keys - {"scope", "value"}, key=str)
+        if extra:
+            raise ValueError(f"{key}[{i}].{extra[0]}: unknown key (an entry has scope and value)")
+        if "value" not in e:
+            raise ValueError(f"{key}[{i}].value: required key is missing")
+        out.append((_selectors(e.get("scope"), f"{key}[{i}].scope"), e["value"]))
+    defaults = [i for i, (scope, _) in enumerate(out) if scope is None]
+    if not defaults:
+        raise ValueError(f"{key}: no default; end the list with {{value: …}} (no scope), the value elsewhere")
+    if defaults[0] != len(out) - 1:
+        raise ValueError(f"{key}[{defaults[0]}]: the default (an entry without scope) must be the last entry")
+    return out
+
+
+def _selectors(scope: Any, key: str) -> tuple[str, ...] | None:
+    """An entry's scope as a tuple of selectors (None: the default, which has none)."""
+    if scope is None:
+        return None
+    selectors = [scope] if isinstance(scope, str) else scope
+    if (
+        not isinstance(selectors, list)
+        or not selectors
+        or not all(isinstance(s, str) and s for s in selectors)
+    ):
+        raise ValueError(f"{key}: give one selector or a list of them (part names, layer slices, re:<regex>)")
+    return tuple(selectors)
 
 
 def _loc(loc: tuple) -> str:

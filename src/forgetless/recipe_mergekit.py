@@ -15,22 +15,36 @@ What maps, checked against mergekit 0.1.5's ``merge_methods/`` (``generalized_ta
   result bit for bit (up to four models), and TIES too, up to which of equal |Δ| at the top-k boundary are kept.
 - ``linear``: the weighted average Σ wₖθₖ / Σ wₖ of the listed models (and of ``base_model`` when it is not
   listed, as mergekit adds it), forgetless's ``linear`` at λ = 1.
+- per-tensor values of ``weight``, ``density`` and ``lambda`` (``ConfigReader.parameter`` and ``evaluate_setting``
+  in ``config.py``, ``t`` from ``plan.py``) become forgetless values per part (:mod:`.engine.parts`), the first
+  entry that selects a tensor giving its value. A tensor's value is the model's own setting, else the top-level
+  one, else the default. A filtered list ``[{filter: self_attn, value: 0.5}, {value: 1.0}]`` takes the first entry
+  whose ``filter`` is a substring of the tensor's name (none or ``*``: every tensor): each becomes the selector
+  ``re:<the filter, escaped>``. A gradient (a list of numbers ``g``) is interpolated at ``t``, the decoder layer's
+  index over the layers' count less one (1 for one layer) and 0 for the tensors outside the decoder layers:
+  ``(1 − f)·g[i] + f·g[i + 1]`` with ``i + f = t·(len(g) − 1)``, each run of layers of one value one entry
+  ``language.layers[a:b]`` (a filtered gradient: ``re:`` selectors of the layers' names that hold the filter).
+  The values are mergekit's bit for bit; gradients over a model with a vision tower are refused (mergekit
+  interpolates over each module's own layers).
 - ``dtype`` is mergekit's compute dtype: forgetless computes in float32 whatever it says, and writes
   ``out_dtype``, else ``dtype``, else the base's dtype. ``tokenizer_source: base`` (or absent): the base's
   tokenizer files are copied, as forgetless always does.
 
 Everything else is refused, in one line naming the key and what to do: other merge methods, ``slices`` and
-``modules``, tokenizer unions and ``tokenizer:``, ``chat_template``, per-layer gradients and filtered values,
-Hub revisions, DARE's L1 ``rescale`` (mergekit rescales the kept entries to the tensor's L1 norm, forgetless by
+``modules``, tokenizer unions and ``tokenizer:``, ``chat_template``, per-tensor values of ``normalize``,
+``rescale`` and ``int8_mask``, per-tensor weights with ``normalize`` dividing by their sum (task arithmetic,
+DARE-linear) or, for ``linear``, not dividing, Hub revisions, DARE's L1 ``rescale`` (mergekit rescales the kept entries to the tensor's L1 norm, forgetless by
 1/density), ``normalize`` values whose rule forgetless does not have, and keys mergekit's method does not take.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import layout as layouts
 from .errors import ForgetlessError
 
 MERGEKIT_KEYS = (
@@ -51,6 +65,11 @@ GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 # mergekit 0.1.5's defaults (registry.py): normalize and rescale per method
 NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
 RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
+PER_TENSOR = (
+    "weight",
+    "density",
+    "lambda",
+)  # the parameters mergekit may give per tensor that forgetless maps
 DTYPES = ("float32", "bfloat16", "float16")
 HINT = "see docs/mergekit.md"
 UNSUPPORTED = (  # (key, why forgetless refuses it, what to do)
@@ -89,17 +108,27 @@ class _Config:
     where: str
     method: str = ""
     top: dict = field(default_factory=dict)
+    layers: Any = None  # the base's layout and tensor names, read for values per tensor
+
+    @property
+    def base_ref(self) -> str | None:
+        """The model whose decoder layers a gradient runs over: the base, else (linear) the first model."""
+        base = self.data.get("base_model")
+        models = self.data.get("models") or [{}]
+        return base if base is not None else models[0].get("model")
 
     def refuse(self, key: str, problem: str, remedy: str = HINT) -> ForgetlessError:
         return ForgetlessError(f"{key}: {problem}", file=self.where, remedy=remedy)
 
     def value(self, i: int, params: dict, key: str, default: Any = None) -> Any:
-        """Model ``i``'s parameter: its own, else the top-level one, else ``default``; required when neither."""
-        v = params.get(key, self.top.get(key, default))
+        """Model ``i``'s parameter: its own, else the top-level one, else ``default``; required when neither (for
+        some tensor: filters that leave it out). One value, or forgetless entries per part."""
+        v = per_tensor(self, [params.get(key), self.top.get(key)], default)
         if v is None:
             raise self.refuse(
                 f"models[{i}].parameters.{key}",
-                f"mergekit's {self.method} requires it",
+                f"mergekit's {self.method} requires it"
+                + (" (for the tensors no filter selects)" if key in params or key in self.top else ""),
                 f"give it per model or under parameters: (e.g. {key}: 1.0)",
             )
         return v
@@ -186,7 +215,7 @@ def _check_top_parameters(cfg: _Config) -> None:
                 f"not a parameter of mergekit's {cfg.method}",
                 f"remove it (mergekit ignores it; {cfg.method} takes {', '.join(allowed)})",
             )
-        _scalar(v, f"parameters.{k}", cfg.refuse)
+        _setting(v, f"parameters.{k}", cfg.refuse, k in PER_TENSOR)
     cfg.top = top
 
 
@@ -214,7 +243,7 @@ def _entries(cfg: _Config) -> list[tuple[int, str, dict]]:
                     f"remove it (mergekit ignores it; per model {cfg.method} takes "
                     f"{', '.join(cfg.per_model_keys)})",
                 )
-            _scalar(v, f"models[{i}].parameters.{k}", refuse)
+            _setting(v, f"models[{i}].parameters.{k}", refuse, k in PER_TENSOR)
         entries.append((i, ref, params))
     return entries
 
@@ -229,9 +258,14 @@ def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool
         raise refuse(
             "models", "only the base model is listed: nothing to merge", "list the fine-tuned models"
         )
-    weights = [float(cfg.value(i, p, "weight")) for i, _, p in tasks]
-    densities = [min(cfg.value(i, p, "density", 1.0), 1.0) for i, _, p in tasks]  # mergekit: ≥ 1 keeps all
-    params: dict[str, Any] = {"lambda": cfg.top.get("lambda", 1.0), "convention": "mergekit"}
+    weights = [_values(cfg.value(i, p, "weight"), float) for i, _, p in tasks]
+    densities = [  # mergekit: ≥ 1 keeps all
+        _values(cfg.value(i, p, "density", 1.0), lambda d: min(d, 1.0)) for i, _, p in tasks
+    ]
+    params: dict[str, Any] = {
+        "lambda": per_tensor(cfg, [cfg.top.get("lambda")], 1.0),
+        "convention": "mergekit",
+    }
     weights = _normalized(cfg, normalize, weights)
     rescale = _rescale(cfg, densities)
     if rescale is not None:
@@ -259,6 +293,13 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
             "set normalize: true to merge as forgetless does",
         )
     if method in ("task_arithmetic", "dare_linear") and normalize:
+        if any(isinstance(w, list) for w in weights):
+            raise cfg.refuse(
+                "parameters.normalize",
+                "true with weights per tensor: mergekit divides each tensor's weights by their sum, "
+                "forgetless's weights are not normalised per tensor",
+                "set normalize: false with weights you normalised, or give one weight per model",
+            )
         total = sum(weights)
         if abs(total) >= 1e-8:  # mergekit leaves a (near) zero divisor at 1
             return [w / total for w in weights]
@@ -277,7 +318,7 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
         )
     if not method.startswith("dare"):
         return None
-    if rescale and any(d < 1 for d in densities):
+    if rescale and any(d < 1 for d in _all_values(densities)):
         raise cfg.refuse(
             "parameters.rescale",
             "true (mergekit's default for DARE): mergekit rescales the kept "
@@ -291,16 +332,23 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
 def _linear(entries: list, base: str | None, cfg: _Config, normalize: bool, dtype: str) -> dict:
     """mergekit's linear: Σ wₖθₖ / Σ wₖ over every listed model, and the base when it is not listed (mergekit
     adds it, with the top-level weight)."""
-    models = [{"model": ref, "weight": float(cfg.value(i, p, "weight"))} for i, ref, p in entries]
+    models = [{"model": ref, "weight": _values(cfg.value(i, p, "weight"), float)} for i, ref, p in entries]
     if base is not None and all(m["model"] != base for m in models):
-        if cfg.top.get("weight") is None:
+        top = per_tensor(cfg, [cfg.top.get("weight")], None)
+        if top is None:
             raise cfg.refuse(
                 "base_model",
                 "not among models: mergekit's linear averages it in, and needs a weight for it",
                 "list it under models with its weight, or drop base_model",
             )
-        models.append({"model": base, "weight": float(cfg.top["weight"])})
-    total = sum(m["weight"] for m in models)
+        models.append({"model": base, "weight": _values(top, float)})
+    if not normalize and any(isinstance(m["weight"], list) for m in models):
+        raise cfg.refuse(
+            "parameters.normalize",
+            "false with weights per tensor: forgetless's linear is the weighted average",
+            "set normalize: true",
+        )
+    total = sum(m["weight"] for m in models if not isinstance(m["weight"], list))
     if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
         raise cfg.refuse(
             "parameters.normalize",
@@ -331,14 +379,159 @@ def _reference(v: Any, key: str, refuse) -> str:
 
 
 def _scalar(v: Any, key: str, refuse) -> None:
-    if isinstance(v, (list, dict)):
-        raise refuse(
-            key,
-            "a per-layer gradient or a filtered value: forgetless takes one value per model",
-            "give one number; to merge some layers differently, run forgetless recipes with scope:",
-        )
     if not isinstance(v, (int, float, bool)):
         raise refuse(key, f"{v!r} is not a number or true/false")
+
+
+def _setting(v: Any, key: str, refuse, per_tensor_ok: bool) -> None:
+    """Refuse what mergekit would not read as a setting (a number, a gradient, a filtered list of them), and a
+    setting per tensor of a parameter forgetless takes once."""
+    if not isinstance(v, (list, dict)):
+        return _scalar(v, key, refuse)
+    if not per_tensor_ok:
+        raise refuse(
+            key,
+            "a per-layer gradient or a filtered value: forgetless takes one value of it",
+            "give one value (per-tensor values map for weight, density and lambda)",
+        )
+    if isinstance(v, dict):
+        raise refuse(key, "a filtered value is a list of {filter, value} entries", "write it as a list")
+    if _is_gradient(v):
+        return None
+    for j, c in enumerate(v):
+        if not isinstance(c, dict) or "value" not in c or set(c) - {"filter", "value"}:
+            raise refuse(
+                f"{key}[{j}]",
+                "a per-layer gradient is a list of numbers, a filtered value a list of {filter, value}",
+                "give numbers only, or {filter: NAME_PART, value: V} entries",
+            )
+        if not isinstance(c.get("filter"), (str, type(None))):
+            raise refuse(f"{key}[{j}].filter", "a filter is a part of tensor names (a string)")
+        value = c["value"]
+        if not (isinstance(value, list) and _is_gradient(value)):
+            _scalar(value, f"{key}[{j}].value", refuse)
+    return None
+
+
+def _is_gradient(v: list) -> bool:
+    """A list of numbers: mergekit interpolates it over the layers."""
+    return bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+# ------------------------------------------------------------------------------------------- per-tensor values
+def per_tensor(cfg: _Config, settings: list, default: Any) -> Any:
+    """One parameter as mergekit evaluates it per tensor (``ConfigReader.parameter``): the first of `settings`
+    (the model's own, then the top-level one) that gives the tensor a value, else `default`. One value, or the
+    forgetless entries per part (ending in the default); None when some tensor gets no value and there is no
+    default."""
+    entries: list[dict] = []
+    for setting in settings:
+        if setting is None:
+            continue
+        conditions = (
+            setting if isinstance(setting, list) and not _is_gradient(setting) else [{"value": setting}]
+        )
+        for c in conditions:
+            everywhere = c.get("filter") in (None, "*", "")  # mergekit: no filter, "*", or "" in any name
+            value = c["value"]
+            entries += _entries_of(cfg, value, None if everywhere else c["filter"])
+            if everywhere:
+                return _ending(entries, evaluate(value, 0.0))
+    return None if entries and default is None else _ending(entries, default)
+
+
+def _ending(entries: list[dict], default: Any) -> Any:
+    return [*entries, {"value": default}] if entries else default
+
+
+def evaluate(setting: Any, t: float) -> Any:
+    """mergekit's ``evaluate_setting`` of a number or gradient at `t`: a gradient ``g`` linearly interpolated at
+    position t·(len(g) − 1), in mergekit's order of operations (its values are floats, as its config reads them)."""
+    if not isinstance(setting, list):
+        return setting
+    g = [float(x) for x in setting]
+    scaled = t * (len(g) - 1)
+    i0 = int(scaled)
+    i1 = min(len(g) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * g[i0] + frac * g[i1]
+
+
+def layer_t(layer: int, num_layers: int) -> float:
+    """mergekit's ``t`` of a decoder layer (``plan.py``): its index over the layers' count less one; 1 alone."""
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _entries_of(cfg: _Config, value: Any, substring: str | None) -> list[dict]:
+    """The entries for one value of a filter (`substring`; None: every tensor) before the default: a number's one
+    entry (none without a filter: it is the default), a gradient's runs of layers of one value, then (filtered)
+    its value at t = 0 for the tensors outside the decoder layers. Entries that would select no tensor of the base
+    are left out, as mergekit passes over a filter no name holds."""
+    if substring is None and not isinstance(value, list):
+        return []  # one value for every tensor: the default
+    layout, names = _layout(cfg)
+    holds = [n for n in names if substring is None or substring in n]
+    escaped = None if substring is None else re.escape(substring)
+    gradient = isinstance(value, list)
+    takers = [n for n in holds if not gradient or layouts.layer_of(layout, n) is None]  # t = 0 there
+    tail = [{"scope": f"re:{escaped}", "value": evaluate(value, 0.0)}] if escaped and takers else []
+    if not gradient:
+        return tail
+    _refuse_vision(cfg, layout, names)
+    layers = {layouts.layer_of(layout, n) for n in holds}
+    values = [evaluate(value, layer_t(i, layout.num_layers)) for i in range(layout.num_layers)]
+    runs: list[list] = []
+    for i, v in enumerate(values):
+        if i not in layers:
+            continue
+        if runs and runs[-1][2] == v and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, v])
+    return [{"scope": _layers_scope(layout, a, b, escaped), "value": v} for a, b, v in runs] + tail
+
+
+def _layers_scope(layout: Any, a: int, b: int, escaped: str | None) -> str:
+    """The selector of decoder layers a:b, and (`escaped`) of their tensors whose names hold that regex."""
+    if escaped is None:
+        return f"language.layers[{a}:{b}]"
+    pattern = layout.parts["language.layers"]  # ^…layers\.(?P<layer>\d+)\.
+    numbers = str(a) if b == a + 1 else "(?:" + "|".join(str(i) for i in range(a, b)) + ")"
+    return "re:^(?=.*" + escaped + ")" + pattern.removeprefix("^").replace(r"(?P<layer>\d+)", numbers)
+
+
+def _layout(cfg: _Config) -> tuple[Any, list[str]]:
+    """The base's layout (its decoder layers) and tensor names, read once; a gradient refused on a model with a
+    vision tower."""
+    if cfg.layers is None:
+        from .checkpoint.lora import open_model
+
+        reader = open_model(cfg.base_ref)
+        names = reader.names()
+        cfg.layers = layouts.detect_layout(reader.config, names), names
+    return cfg.layers
+
+
+def _refuse_vision(cfg: _Config, layout: Any, names: list[str]) -> None:
+    if any(layouts.part_of(layout, n) == "vision" for n in names):
+        raise cfg.refuse(
+            "parameters",
+            f"a per-layer gradient on a model with a vision tower ({cfg.base_ref}): mergekit interpolates over "
+            "each module's own layers, forgetless over the decoder layers",
+            "give values per part in a forgetless recipe (docs/recipes.md)",
+        )
+
+
+def _values(v: Any, fn) -> Any:
+    """`fn` applied to one value, or to the value of every entry per part."""
+    if isinstance(v, list):
+        return [{**e, "value": fn(e["value"])} for e in v]
+    return fn(v)
+
+
+def _all_values(vs: list) -> list:
+    """The values of a list of values and entries per part."""
+    return [e["value"] for v in vs for e in (v if isinstance(v, list) else [{"value": v}])]
 
 
 def _dtype(data: dict, refuse) -> str:

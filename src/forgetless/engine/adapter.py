@@ -35,7 +35,8 @@ from ..methods import MethodSpec
 from ..recipe import Recipe
 from . import budget
 from .card import MergeReport, model_card
-from .checks import check_paths, listed, refuse_other_bases
+from .checks import check_part_weights, check_paths, listed, refuse_other_bases
+from .parts import bind_params, tensor_params
 from .plan import DTYPES, Job, Plan, Route
 from .run import Progress, Written, commit_or_abort, config_updates, side_dir, writer_metadata
 from .runner import copyable, tensor_generators
@@ -89,6 +90,10 @@ class AdapterPlan(Plan):
 
     def num_shards(self) -> int:
         return 1 if not self.recipe.fold else super().num_shards()
+
+    def merged_names(self) -> list[str]:
+        """The base weights whose adapted modules the method merges."""
+        return [m.name for m in self.modules]
 
     def card_note(self) -> str:
         r = self.recipe
@@ -258,6 +263,8 @@ def adapter_plan(
     adapters = _open_adapters(recipe, spec, base, base_ref, where)
     names = base.names()
     layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
+    params = bind_params(params, layout, names, where)
+    check_part_weights(spec, params, list(adapters[0].loras()), where)
     rank_of = _output_ranks(spec, params, adapters, base, where)
     cfg = output_config(adapters, list(rank_of.values()))
     first = adapters[0].loras()
@@ -309,7 +316,8 @@ def _output_ranks(
     first = adapters[0].loras()
     rank_of = {
         name: spec.out_rank(
-            [a.loras()[name].A.shape[0] for a in adapters], {k.rstrip("_"): v for k, v in params.items()}
+            [a.loras()[name].A.shape[0] for a in adapters],
+            {k.rstrip("_"): v for k, v in tensor_params(params, name).items()},
         )
         for name in first
     }
@@ -427,7 +435,7 @@ class AdapterRunner:
             A, B, s = a.loras()[m.name].factors()
             root = math.sqrt(s)
             pairs.append((A * root, B * root))
-        kwargs = dict(self.kwargs)
+        kwargs = tensor_params(self.kwargs, m.name)
         if "name" in p.spec.context:
             kwargs["name"] = m.name
         if "generator" in p.spec.context:

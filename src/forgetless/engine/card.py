@@ -100,7 +100,7 @@ Method **{plan.spec.name}**: {plan.spec.doc}
 | role | reference | structure fingerprint | weights fingerprint (sampled) |
 |---|---|---|---|
 {_input_rows(plan)}
-{_statistics_section(plan)}
+{_statistics_section(plan)}{_parts_section(plan)}
 ## What each tensor took
 
 ```
@@ -121,6 +121,12 @@ def _input_rows(plan: Plan) -> str:
         f"`{getattr(rd, 'weights_fingerprint', rd.fingerprint)()}` |"
         for label, ref, rd in inputs
     )
+
+
+def _parts_section(plan: Plan) -> str:
+    """The values given per part, by entry, and the tensors that took each; '' without any."""
+    table = plan.parts()
+    return f"\n## Parameters per part\n\n```\n{table}\n```\n" if table else ""
 
 
 def _statistics_section(plan: Plan) -> str:

@@ -14,8 +14,9 @@ from ..checkpoint.lora import parse_model_ref
 from ..errors import ForgetlessError
 from ..methods import MethodSpec
 from ..methods.registry import REQUIRED
-from ..recipe import EXAMPLES_HINT, Recipe
+from ..recipe import EXAMPLES_HINT, Recipe, part_entries
 from ..stats.store import Statistics
+from .parts import PartValues, tensor_params
 
 MAX_LISTED = 12  # problems listed in one error
 
@@ -32,8 +33,9 @@ def _refused(problem: str, where: Any) -> ForgetlessError:
 
 
 def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
-    """The method's keyword arguments (python keyword -> value; per-model ones as lists, one per model) from the
-    recipe's ``parameters`` and ``models[i]``, each value checked against the method's signature."""
+    """The method's keyword arguments (python keyword -> value; per-model ones as lists, one per model; a number
+    given per part as a :class:`.parts.PartValues`) from the recipe's ``parameters`` and ``models[i]``, each value
+    checked against the method's signature."""
     where = recipe.source or "recipe"
     unknown = sorted(set(recipe.parameters) - set(spec.params))
     if unknown:
@@ -46,13 +48,8 @@ def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
     }
     for p in spec.params:
         _check_values(recipe, spec, p, params[spec.arg(p)], where)
-    if spec.divides_by_weights and len(recipe.models) > 1 and sum(params["weight"]) == 0:  # Σ wθ / Σ w
-        raise ForgetlessError(
-            f"models[*].weight: the weights {params['weight']} sum to 0, and {spec.name} divides "
-            "by their sum",
-            file=where,
-            remedy="give weights with a non-zero sum",
-        )
+    if not _weights_per_part(params):
+        check_weight_sum(spec, params, where)
     for i, m in enumerate(recipe.models):
         extra = sorted(set(m.params) - set(spec.per_model))
         if extra:
@@ -64,13 +61,38 @@ def resolve_params(recipe: Recipe, spec: MethodSpec) -> dict[str, Any]:
     return params
 
 
+def check_weight_sum(spec: MethodSpec, params: dict[str, Any], where: str, tensor: str | None = None) -> None:
+    """Refuse weights summing to 0 for a method that divides by their sum (Σ wθ / Σ w); `params` as `tensor`
+    takes them when they are given per part."""
+    weights = params.get("weight")
+    if spec.divides_by_weights and isinstance(weights, list) and len(weights) > 1 and sum(weights) == 0:
+        raise ForgetlessError(
+            f"models[*].weight: the weights {weights} sum to 0, and {spec.name} divides by their sum",
+            file=where,
+            tensor=tensor,
+            remedy="give weights with a non-zero sum",
+        )
+
+
+def check_part_weights(spec: MethodSpec, params: dict[str, Any], merged: list[str], where: str) -> None:
+    """:func:`check_weight_sum` for every merged tensor, when some weight is given per part."""
+    if spec.divides_by_weights and _weights_per_part(params):
+        for name in merged:
+            check_weight_sum(spec, tensor_params(params, name), where, name)
+
+
+def _weights_per_part(params: dict[str, Any]) -> bool:
+    weights = params.get("weight")
+    return isinstance(weights, list) and any(isinstance(w, PartValues) for w in weights)
+
+
 def _param_value(recipe: Recipe, spec: MethodSpec, p: str, default: Any, where: str) -> Any:
     """Parameter `p`'s value: a model's own, else the recipe's, else the default; a list for a per-model one."""
     if p not in spec.per_model:
         v = recipe.parameters.get(p, default)
         if v is REQUIRED:
             raise _refused(f"parameters.{p}: required by {spec.name!r}", where)
-        return v
+        return _per_part(spec, p, v, f"parameters.{p}", where)
     values = []
     for i, m in enumerate(recipe.models):
         v = m.params.get(p, recipe.parameters.get(p, default))
@@ -80,14 +102,40 @@ def _param_value(recipe: Recipe, spec: MethodSpec, p: str, default: Any, where: 
                 file=where,
                 remedy=f"set parameters.{p} or models[{i}].{p}",
             )
-        values.append(v)
+        key = f"models[{i}].{p}" if p in m.params else f"parameters.{p}"
+        values.append(_per_part(spec, p, v, key, where))
     return values
+
+
+def _per_part(spec: MethodSpec, p: str, v: Any, key: str, where: str) -> Any:
+    """`v` as it is, or, given as a list of ``{scope, value}`` entries, their :class:`.parts.PartValues`: refused
+    for a parameter that is not a number or a method with a pre-pass over the whole model, each value checked."""
+    if not isinstance(v, list):
+        return v
+    kind = spec.kinds.get(p, ("any", True))[0]
+    if kind not in ("float", "int") or p in spec.choices:
+        raise _refused(f"{key}: a value per part is for number parameters; give one value", where)
+    if spec.streaming.prepare is not None:
+        raise _refused(
+            f"{key}: {spec.name!r} takes one value of its parameters over the whole model (its pre-pass "
+            "ranks every tensor at once); give one value",
+            where,
+        )
+    try:
+        entries = part_entries(v, key)
+    except ValueError as e:
+        raise _refused(str(e), where) from None
+    for j, (_, value) in enumerate(entries):
+        problem = spec.problem(p, value)
+        if problem is not None:
+            raise _refused(f"{key}[{j}].value: {problem} (method {spec.name!r})", where)
+    return PartValues(key, tuple(s for s, _ in entries[:-1]), tuple(value for _, value in entries))
 
 
 def _check_values(recipe: Recipe, spec: MethodSpec, p: str, value: Any, where: str) -> None:
     """Refuse a value of `p` of the wrong type, outside its interval or not among its choices, naming its key."""
     for i, v in enumerate(value if p in spec.per_model else [value]):
-        problem = spec.problem(p, v)
+        problem = None if isinstance(v, PartValues) else spec.problem(p, v)
         if problem is not None:
             key = (
                 f"models[{i}].{p}"

@@ -27,6 +27,7 @@ from . import budget
 from .budget import Cost, block_rows, num_rows, resolve_memory
 from .card import Count, route_table, tally
 from .checks import (
+    check_part_weights,
     check_paths,
     check_structure,
     open_stat,
@@ -34,6 +35,7 @@ from .checks import (
     resolve_method_device,
     resolve_params,
 )
+from .parts import bind_params, parts_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,7 +97,7 @@ class Plan:
 
     recipe: Recipe
     spec: MethodSpec
-    params: dict[str, Any]  # python keyword -> value (per-model ones as lists)
+    params: dict[str, Any]  # python keyword -> value (per-model ones as lists; per part a PartValues)
     base: Any  # CheckpointReader | AdaptedReader
     models: list[Any]
     stats: dict[str, Any]  # need -> reader, or list of readers for per-model needs
@@ -179,6 +181,7 @@ class Plan:
             ],
             f"layout      {self.layout.family} ({self.layout.num_layers} decoder layers)",
             f"output      {self.out or '(none)'}  dtype={r.dtype}  shards={self.num_shards()}",
+            *self._parts_lines(),
             "",
             self.table(),
             "",
@@ -198,6 +201,18 @@ class Plan:
         return f"(budget {human_bytes(self.memory)}, {self.memory_source}" + (
             f"; in row blocks: {listed})" if split else "; every tensor whole)"
         )
+
+    def merged_names(self) -> list[str]:
+        """The tensors the method computes, for the table of values given per part."""
+        return [j.name for j in self.jobs if j.route.merged]
+
+    def parts(self) -> str:
+        """Per entry of every parameter given per part: its value and the merged tensors that took it."""
+        return parts_table(self.params, self.merged_names())
+
+    def _parts_lines(self) -> list[str]:
+        table = self.parts()
+        return ["", table] if table else []
 
     def _params_text(self) -> str:
         return " ".join(f"{k.rstrip('_')}={v}" for k, v in self.params.items())
@@ -243,7 +258,9 @@ def build_plan(
     stats = _open_stats(recipe, spec, stat_paths, base, models, where)
     names = base.names()
     layout = layouts.detect_layout(base.config, names, None if recipe.layout == "auto" else recipe.layout)
+    params = bind_params(params, layout, names, where)
     jobs = _jobs(recipe, spec, base, stats, layout, where)
+    check_part_weights(spec, params, [j.name for j in jobs if j.route.merged], where)
     limit, how = resolve_memory(recipe.memory if memory is None else memory, where)
     plan = Plan(recipe, spec, params, base, models, stats, layout, jobs, out_dir, force, limit, how)
     plan.block_rows = block_rows(plan, where)

@@ -16,6 +16,7 @@ import torch
 from ..errors import ForgetlessError
 from ..methods.registry import RowBlock, Rows
 from ..stats.store import Statistics
+from .parts import tensor_params
 from .plan import Job, Plan, Route, Unit
 
 
@@ -136,7 +137,8 @@ class Runner:
                 yield self.rows_of(u, self.load(u))
 
         prepare = self.plan.spec.streaming.tensor_prepare
-        self._state(unit)["prepared"] = prepare(dict(self.method_kwargs), stream, job.shape) or {}
+        params = tensor_params(self.method_kwargs, job.name)
+        self._state(unit)["prepared"] = prepare(params, stream, job.shape) or {}
 
     def compute(self, unit: Unit, loaded: Any) -> torch.Tensor | bytes:
         """The unit's output: a copy as it was read (cast if need be), or the method's result, checked."""
@@ -148,7 +150,7 @@ class Runner:
         base, fts, stats = loaded
         spec = self.plan.spec
         counts: Counter = Counter()  # this call's own: units are merged on several threads
-        kwargs = {**self.method_kwargs, **stats, **self._context(unit, counts)}
+        kwargs = {**tensor_params(self.method_kwargs, job.name), **stats, **self._context(unit, counts)}
         if unit.last and unit.rows is not None:
             self._tensor = None
         result = spec.fn(base, fts[0] if spec.models == "one" else fts, **kwargs)
