@@ -177,7 +177,7 @@ def run_fsdp(rule_name: str, out: Path) -> None:
 
 
 def trainer_args(output_dir: Path, per_device: int, fsdp: bool, cpu: bool):
-    from transformers import TrainingArguments
+    from trainer_args import quiet_args
 
     sharding = (
         {
@@ -187,24 +187,7 @@ def trainer_args(output_dir: Path, per_device: int, fsdp: bool, cpu: bool):
         if fsdp
         else {}
     )
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=STEPS,
-        learning_rate=LR,
-        per_device_train_batch_size=per_device,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=CLIP,
-        optim="adamw_torch",
-        use_cpu=cpu,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        **sharding,
-    )
+    return quiet_args(output_dir, steps=STEPS, lr=LR, batch=per_device, clip=CLIP, cpu=cpu, **sharding)
 
 
 class Rows(torch.utils.data.Dataset):

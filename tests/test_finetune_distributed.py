@@ -9,6 +9,7 @@
   pieces; the pieces put together are the single-process rule's state, and the trained weights are the
   single-process ones. The same through ``SpiderCallback``'s hooks.
 - ``SpiderCallback`` under the transformers Trainer with accelerate's DDP: the single-process Trainer's weights.
+- EWC under FSDP2 (full and LoRA): each rank's pieces of θ₀ and F, the single-process weights and penalty.
 
 The 2-rank runs are subprocesses (``python -m torch.distributed.run --standalone``, a free port each time), each
 also checked to end its process group with the group's gloo threads (:func:`dist_worker.torchrun`); the
@@ -428,3 +429,33 @@ def test_trainer_callback_under_ddp_gives_the_single_process_weights(tmp_path):
 )
 def test_trainer_callback_under_fsdp2_gives_the_single_process_weights(tmp_path):  # pragma: no cover
     check_trainer_run(tmp_path, "trainer_fsdp")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_torchrun_fsdp2_ewc_gives_the_single_process_weights_and_penalty(
+    tmp_path, llama_dir, text_data, lora
+):
+    """FSDP2 on 2 ranks with EWC: θ₀ and F as each rank's pieces, the gradient added to the local piece, the penalty
+    all-reduced (LoRA: A gathered, Bᵀ(λF⊙ΔW) all-reduced); the weights and penalty of one process."""
+    from conftest import save_statistics_for
+
+    from forgetless.cli import main
+
+    g = torch.Generator().manual_seed(3)
+    layers = {n: t for n, t in load_file(str(llama_dir / "model.safetensors")).items() if ".layers." in n}
+    fisher = save_statistics_for(
+        llama_dir,
+        tmp_path.parent / f"{tmp_path.name}-fisher.safetensors",
+        {n: torch.rand(t.shape, generator=g) * 10 for n, t in layers.items()},
+    )
+    extra = ("--keep", "ewc", "--fisher", str(fisher), "--strength", "50")
+    extra += ("--lr", "1e-3", "--lora", "--lora-r", "4", "--lora-dropout", "0") if lora else ("--lr", "1e-2")
+    main(finetune_args(llama_dir, text_data, tmp_path / "one", *extra))
+    W.torchrun(
+        "cli", tmp_path / "probe", *finetune_args(llama_dir, text_data, tmp_path / "two", *extra, "--fsdp")
+    )
+    one, two = compare_runs(tmp_path, "adapter_model.safetensors" if lora else "model.safetensors")
+    assert two["recipe"]["parallel"] == "fsdp"
+    assert two["keep"]["penalty"] == pytest.approx(one["keep"]["penalty"], rel=1e-4)
+    assert two["keep"]["penalty"][-1] > 0
+    assert two["keep"]["extra_bytes"] * 2 == one["keep"]["extra_bytes"]  # rank 0's pieces: half of θ₀ and F

@@ -264,7 +264,8 @@ def test_magnitude_mask_resets_exactly_the_top_half_of_theta0():
 
 # ------------------------------------------------------------------------------------------- transformers Trainer
 def test_trainer_callback_matches_the_plain_loop(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from trainer_args import quiet_args
+    from transformers import Trainer
 
     from forgetless.train import SpiderCallback
 
@@ -287,23 +288,7 @@ def test_trainer_callback_matches_the_plain_loop(tmp_path):
 
     hf = model()
     theta0 = {n: p.detach().clone() for n, p in hf.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        max_steps=steps,
-        learning_rate=lr,
-        per_device_train_batch_size=4,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=clip,
-        optim="adamw_torch",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = quiet_args(tmp_path / "trainer", steps=steps, lr=lr, batch=4, clip=clip)
     callback = SpiderCallback("spider")
     Trainer(model=hf, args=args, train_dataset=Rows(), callbacks=[callback]).train()
 

@@ -870,6 +870,18 @@ def demo_cmd(workdir: str | None, task: str, quick: bool) -> None:
 @shown("--seed", int, 0)
 @click.option("--images", type=click.Path(file_okay=False), help="Image folder (default: the data's folder).")
 @click.option("-n", "num", type=POSITIVE, default=None, help="Number of samples (a seeded subset).")
+@file_option(
+    "--replay",
+    help="General samples (a --data format) mixed into every micro-batch at --replay-ratio, against forgetting.",
+)
+@folder_option("--replay-images", help="Image folder of --replay (default: its file's folder).")
+@click.option(
+    "--replay-ratio",
+    type=float,
+    default=None,
+    help="Replayed : task samples in every micro-batch (1: half of it, 3: three quarters); "
+    "--batch-size × R / (1 + R) must be a whole number.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @choice(
     "--dtype",
@@ -975,7 +987,7 @@ def finetune_cmd(
     if optimizer_fisher is not None:
         check_output(
             optimizer_fisher,
-            [model, kw["data"], kw["images"], kw["init_adapter"]],
+            [model, kw["data"], kw["images"], kw["init_adapter"], kw["replay"], kw["replay_images"]],
             force=kw["force"],
             option="--optimizer-fisher",
         )

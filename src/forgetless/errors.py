@@ -34,6 +34,14 @@ class ForgetlessError(Exception):
         super().__init__(msg)
 
 
+def require_all(names: list[str], have: object, what: str, of: str, *, file: object, remedy: str) -> None:
+    """Refuse, naming the first, the `names` that `have` (anything with ``in``) lacks: "no {what} for N {of}"."""
+    missing = [n for n in names if n not in have]
+    if missing:
+        problem = f"no {what} for {len(missing)} {of}, e.g. {missing[0]}"
+        raise ForgetlessError(problem, file=file, remedy=remedy)
+
+
 @contextmanager
 def naming(path: object) -> Iterator[None]:
     """Operating-system errors raised inside carry `path` (a full disk met by ``write`` or by safetensors' own

@@ -47,7 +47,7 @@ from ..checkpoint.writer import (
     recover,
 )
 from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
-from ..errors import ForgetlessError, naming
+from ..errors import ForgetlessError, naming, require_all
 from ..methods.adapter import truncated_svd
 from ..methods.linalg import resolve_device
 from ..methods.lpm import DEFAULT_GAMMA, SingularGramError, Solver, lpm_accumulate, lpm_update, option_problem
@@ -532,14 +532,15 @@ def _check_gram(gram: GramFiles, base: CheckpointReader, names: list[str]) -> tu
                 remedy=f"compute it at the base: forgetless stats gram {base.path} --data TASK_DATA",
             )
         counts = meta.get("token_counts") or {}
-        missing = [n for n in names if n not in reader]
-        if missing:
-            raise ForgetlessError(
-                f"no Gram for {len(missing)} adapted Linear weight(s), e.g. {missing[0]}",
-                file=path,
-                remedy="compute the Gram over every adapted layer (stats gram without "
-                "--scope, or files whose scopes together cover them)",
-            )
+        require_all(
+            names,
+            reader,
+            "Gram",
+            "adapted Linear weight(s)",
+            file=path,
+            remedy="compute the Gram over every adapted layer (stats gram without "
+            "--scope, or files whose scopes together cover them)",
+        )
         for n in names:
             width = base.info(n).shape[1]
             if tuple(reader.info(n).shape) != (width, width):

@@ -24,6 +24,7 @@ __all__ = [
     "FinetuneReport",
     "LoraSpec",
     "MagnitudeMask",
+    "PenaltyCallback",
     "Spider",
     "SpiderCallback",
     "StepHook",
@@ -46,4 +47,8 @@ def __getattr__(name: str) -> Any:
         from . import spider
 
         return spider.SpiderCallback
+    if name == "PenaltyCallback":  # as SpiderCallback
+        from . import penalty
+
+        return penalty.PenaltyCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

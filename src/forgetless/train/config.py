@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ForgetlessError
 from ..stats.data import ON_BAD_SAMPLE
+from .feed import ratio_problem, replay_share
 from .penalty import PENALTIES, check_strength
 from .spider import KEEP_RULES
 
@@ -62,11 +63,19 @@ class FinetuneConfig:
     fsdp: bool = False
     fisher: str | os.PathLike | None = None
     strength: float | None = None
+    replay: str | os.PathLike | None = None
+    replay_images: str | os.PathLike | None = None
+    replay_ratio: float | None = None
 
     @property
     def per_step(self) -> int:
         """Samples per optimizer step."""
         return self.batch_size * self.grad_accum
+
+    @property
+    def replayed(self) -> int:
+        """Replayed samples in every micro-batch (0 without replay; :meth:`check` refuses an inexact ratio)."""
+        return 0 if self.replay_ratio is None else round(replay_share(self.batch_size, self.replay_ratio))
 
     def check(self, model_dir: Path, world: int = 1) -> None:
         """Refuse a value out of range, naming the option and its remedy (``world``: the processes sharing a batch)."""
@@ -137,16 +146,34 @@ class FinetuneConfig:
                 (lora.alpha > 0, f"LoRA alpha must be positive, got {lora.alpha}", "pass --lora-alpha"),
                 (0 <= lora.dropout < 1, f"LoRA dropout must be in [0, 1), got {lora.dropout}", "pass 0.05"),
                 (
-                    self.keep == "none",
+                    self.keep in ("none", *PENALTIES),  # EWC / L2-SP: on the folded update B A
                     f"keep={self.keep!r} applies to a full fine-tune, not to LoRA",
                     "drop --lora to fine-tune the weights themselves with --keep, or drop --keep for the LoRA run",
                 ),
             ]
-        return checks + self._penalty_checks()
+        return checks + self._penalty_checks() + self._replay_checks()
+
+    def _replay_checks(self) -> list[tuple[bool, str, str]]:
+        """Replay takes a data file and its ratio together, the ratio exact for the micro-batch."""
+        data, ratio = self.replay is not None, self.replay_ratio is not None
+        bad_ratio = ratio_problem(self.batch_size, self.replay_ratio) if ratio else None
+        return [
+            (data or not ratio, "--replay-ratio is the share of --replay samples", "pass --replay DATA too"),
+            (
+                ratio or not data,
+                "--replay needs --replay-ratio R (replayed : task samples in every batch)",
+                "pass e.g. --replay-ratio 1 (half of every batch replayed)",
+            ),
+            (
+                data or self.replay_images is None,
+                "--replay-images is the image folder of --replay",
+                "pass --replay DATA too, or drop --replay-images",
+            ),
+            (bad_ratio is None, *(bad_ratio or ("", ""))),
+        ]
 
     def _penalty_checks(self) -> list[tuple[bool, str, str]]:
-        """EWC needs a Fisher file and both penalties a strength; for now they train full tensors on one process or
-        under DDP."""
+        """EWC needs a Fisher file and both penalties a strength."""
         penalty = self.keep in PENALTIES
         bad_strength = check_strength(self.strength) if penalty else None
         return [
@@ -170,11 +197,6 @@ class FinetuneConfig:
                 "--strength is the λ of --keep ewc or --keep l2sp",
                 "drop --strength, or pass --keep ewc / l2sp",
             ),
-            (
-                not (penalty and self.fsdp),
-                f"--keep {self.keep} under --fsdp is not built yet",
-                "drop --fsdp (DDP: every rank holds the whole penalty)",
-            ),
         ]
 
     def recipe(self, **facts: Any) -> dict[str, Any]:
@@ -183,5 +205,7 @@ class FinetuneConfig:
         out = asdict(self)
         out["init_adapter"] = None if self.init_adapter is None else str(self.init_adapter)
         out["fisher"] = None if self.fisher is None else str(self.fisher)
+        for key in ("replay", "replay_images"):
+            out[key] = None if out[key] is None else str(out[key])
         out["optimizer"] = {"name": "AdamW", "betas": list(BETAS), "eps": EPS}
         return {**out, **facts}

@@ -3,8 +3,9 @@ a module of its own so that the loop and the rules import it, and not each other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,3 +44,19 @@ class StepHook(Protocol):
     def after_step(
         self, info: StepInfo
     ) -> None: ...  # after optimizer.step(), before the gradients are cleared
+
+
+def built_on_first_use(
+    namespace: dict[str, Any], name: str, build: Callable[[], type]
+) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds the class `name` on first use and keeps it in `namespace` (the module's
+    globals): a Trainer callback subclasses transformers' ``TrainerCallback``, which need not be installed to
+    import the module."""
+
+    def getattr_(attr: str) -> Any:
+        if attr != name:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {attr!r}")
+        namespace[name] = build()
+        return namespace[name]
+
+    return getattr_

@@ -40,7 +40,7 @@ from .config import BETAS, EPS, FinetuneConfig, LoraSpec
 from .feed import Feed
 from .hooks import StepHook, StepInfo
 from .memory import TrainFootprint, account, gathered_bytes
-from .penalty import PENALTIES, Penalty, read_fisher
+from .penalty import PENALTIES, Penalty, fisher_names, lora_pairs, read_fisher
 from .spider import make_rule
 from .targets import (
     adapter_key,
@@ -243,9 +243,12 @@ def _footprint(
         linears = dict(model.named_modules())
         trainable = sum(lora.r * (linears[m].in_features + linears[m].out_features) for m in modules)
         total += trainable
+        kw["keep_values"] = sum(linears[m].weight.numel() for m in modules)  # a penalty's F: the targets'
     text = model.config.get_text_config()
     with CheckpointReader(model_dir) as reader:  # θ₀ is held in the stored dtype where that is 16-bit
         theta0 = max(reader.info(n).dtype.itemsize for n in selected) if selected else 4
+    if lora is not None:
+        theta0 = 0  # LoRA's θ₀ is the base weights themselves: nothing copied
     return account(
         trainable,
         total - trainable,
@@ -327,6 +330,7 @@ class _Job:
     say: Callable[[str], None]
     force: bool
     fisher: dict[str, torch.Tensor] | None = None  # EWC's F by tensor name
+    replay: list[Sample] | None = None  # the general samples replayed, in file order
 
 
 @dataclass
@@ -388,7 +392,8 @@ def _prepare(
     names, and the samples read."""
     rank, world = dist_info()  # torchrun's environment: these checks run before the process group is joined
     say = log if (log is not None and rank == 0) else (lambda _s: None)
-    check_output(out, [model_dir, data, images, cfg.init_adapter, cfg.fisher], force=force)
+    inputs = [model_dir, data, images, cfg.init_adapter, cfg.fisher, cfg.replay, cfg.replay_images]
+    check_output(out, inputs, force=force)
     if ranks is not None and not dry_run:
         raise ForgetlessError(
             "ranks (--ranks) is the number of processes a dry run accounts for",
@@ -420,12 +425,16 @@ def _prepare(
     if cfg.lora is not None:
         check_lora_targets(cfg.lora, selected, layout, names, model_dir)
     samples = load_samples(data, image_folder=images, n=cfg.n, seed=cfg.seed)
+    replay = None
+    if cfg.replay is not None:  # in file order: their own seeded stream shuffles them
+        replay = load_samples(cfg.replay, image_folder=cfg.replay_images, shuffle=False)
     encoder = Encoder(
         model_dir, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
     )
     fisher = None
     if cfg.keep == "ewc":  # the Fisher of every selected tensor, checked before any work
-        fisher = read_fisher(cfg.fisher, sorted(selected), shapes, base)
+        wanted = fisher_names(model_dir, names, selected, layout, cfg.lora)  # LoRA: the targets' weights
+        fisher = read_fisher(cfg.fisher, wanted, shapes, base)
     return _Job(
         model_dir,
         data,
@@ -444,6 +453,7 @@ def _prepare(
         say,
         force,
         fisher,
+        replay=replay,
     )
 
 
@@ -460,9 +470,16 @@ def _check_data(job: _Job, rank: int, world: int) -> Feed:
         rank=rank,
         world=world,
         workers=cfg.workers,
+        replay=job.replay,
+        replayed=cfg.replayed,
     )
-    for sid, why in feed.skipped[:10]:
+    for sid, why in feed.skipped[:10] + feed.replay_skipped[:10]:
         job.say(f"  skipped {sid}: {why}")
+    if feed.replay is not None:
+        job.say(
+            f"  replay: {len(feed.replay.samples)} samples of {cfg.replay}, the last {cfg.replayed} of every "
+            f"micro-batch of {cfg.batch_size} (replayed : task = {cfg.replay_ratio:g})"
+        )
     return feed
 
 
@@ -471,14 +488,13 @@ def _dry_run(job: _Job, ranks: int | None) -> None:
     cfg = job.cfg
     world = dist_info()[1] if ranks is None else ranks
     feed = _check_data(job, 0, 1)
-    images = all(s.image is not None for s in feed.samples)
     footprint = _footprint(
         job.model_dir,
         job.names,
         job.selected,
         job.layout,
         cfg.lora,
-        images,
+        feed.images,
         dtype=cfg.dtype,
         keep=cfg.keep,
         tokens=cfg.batch_size // world * feed.longest,
@@ -592,6 +608,27 @@ def _with_rule(
             after(info)
 
     return rule, rule_before, rule_after
+
+
+def _penalty(job: _Job, trainee: _Trainee, dev: torch.device) -> Penalty | None:
+    """EWC / L2-SP over the trained tensors (θ₀ captured now; LoRA: on each module's folded update s·B·A, θ₀ the
+    base); F is kept as this rank's pieces, and the whole one the job read is let go."""
+    cfg = job.cfg
+    if cfg.keep not in PENALTIES:
+        return None
+    pairs = (
+        lora_pairs(trainee.model, trainee.params, lambda m: trainee.stored[f"{m}.weight"]) if cfg.lora else []
+    )
+    penalty = Penalty(trainee.params, cfg.strength, job.fisher, pairs)
+    what = "F ⊙ " if job.fisher else ""
+    delta = " (θ − θ₀ = s·B·A of each LoRA module)" if cfg.lora else ""
+    where = " (this rank's pieces)" if cfg.fsdp else ""
+    job.fisher = None
+    job.say(
+        f"  keep rule {cfg.keep}: λ/2 Σ {what}(θ − θ₀)²{delta}, λ = {cfg.strength:g}, "
+        f"{penalty.extra_bytes() / 2**20:.1f} MiB extra on {dev}{where}"
+    )
+    return penalty
 
 
 def _optimizer(params: dict[str, nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -736,7 +773,7 @@ def _loop(
                     "loss": loss,
                     "lr": lr_t,
                     "grad_norm": norm,
-                    "epoch": step * cfg.per_step / len(feed.samples),
+                    "epoch": feed.epochs(step * cfg.grad_accum),
                     "samples_per_second": cfg.per_step / (now - step_end),
                     **kept,
                 },
@@ -752,6 +789,23 @@ def _loop(
     report.seconds = time.perf_counter() - t0
     report.keep = rule.summary() if rule is not None else None
     return report
+
+
+def _replay_meta(cfg: FinetuneConfig, feed: Feed) -> dict[str, Any] | None:
+    """The replay data, its usable samples' fingerprint, the ratio, the replayed samples per micro-batch, their
+    stream's seed, and the replayed samples of the run in the order used (:meth:`Feed.replayed_items`)."""
+    if feed.replay is None:
+        return None
+    return {
+        "data": str(cfg.replay),
+        "data_fingerprint": data_fingerprint(cfg.replay, feed.replay.samples),
+        "num_samples": len(feed.replay.samples),
+        "skipped": [list(s) for s in feed.replay_skipped],
+        "ratio": cfg.replay_ratio,
+        "per_batch": cfg.replayed,
+        "seed": feed.replay.seed,
+        **feed.replayed_items(),
+    }
 
 
 def _meta(
@@ -773,6 +827,7 @@ def _meta(
         "data_fingerprint": data_fingerprint(job.data, feed.samples),
         "num_samples": len(feed.samples),
         "skipped": [list(s) for s in feed.skipped],
+        "replay": _replay_meta(cfg, feed),
         "recipe": recipe,
         "trained_tensors": trainee.trained,
         "adapter_tensors": sorted(trainee.params) if cfg.lora else None,
@@ -827,13 +882,11 @@ def _run(
     """The run, in a frame of its own: what it builds (FSDP2's state, DTensors, a DDP wrapper) holds the process
     group, and is gone when the group ends."""
     cfg = job.cfg
-    trainee, dev = _load(job, dev_name, images=all(s.image is not None for s in feed.samples))
+    trainee, dev = _load(job, dev_name, images=feed.images)
     losses, reached = _distribute(trainee, cfg.fsdp, world, dev, cleanup)
     rule, before, after = _with_rule(cfg.keep, trainee.params, job.before, job.after)
-    penalty = Penalty(trainee.params, cfg.strength, job.fisher) if cfg.keep in PENALTIES else None  # θ₀ now
     _announce(job, trainee, feed, rule, dev, world)
-    if penalty is not None:
-        job.say(f"  keep rule {cfg.keep}: λ/2 Σ {'F ' if job.fisher else ''}(θ − θ₀)², λ = {cfg.strength:g}")
+    penalty = _penalty(job, trainee, dev)  # θ₀ now
     tb = TrainingLog.open(job.out, job.say) if tensorboard and rank == 0 else None
     if tb is not None:
         cleanup.callback(tb.close)  # the events flushed however the run ends
@@ -888,9 +941,11 @@ def finetune(
     and projector; LoRA: the decoder layers, where ``lora.targets`` picks Linear layers); ``keep``: ``"none"``,
     ``"spider"`` or ``"magnitude_mask"`` (full fine-tune); ``init_adapter``: a PEFT adapter to continue (same rank,
     alpha and targets; the optimizer starts fresh); ``workers``: loader processes per rank (None: up to 2, none
-    when every sample is kept encoded); ``fsdp``: shard the model with FSDP2. ``images``: the folder of relative
-    image paths (default: the data's); ``hook``: called at every step (:class:`StepHook`); ``ranks``: with
-    ``dry_run``, the processes the memory per rank is for (default: torchrun's). Returns the per-step losses,
+    when every sample is kept encoded); ``fsdp``: shard the model with FSDP2; ``replay`` (a data file),
+    ``replay_images`` and ``replay_ratio``: general samples in the last ``B·R / (1 + R)`` slots of every
+    micro-batch (:mod:`.feed`). ``images``: the folder of relative image paths (default: the data's); ``hook``:
+    called at every step (:class:`StepHook`); ``ranks``: with ``dry_run``, the processes the memory per rank is
+    for (default: torchrun's). Returns the per-step losses,
     learning rates and gradient norms, also written to ``out/finetune.json``; None for a dry run.
     """
     if config is not None and options:

@@ -3,7 +3,8 @@
 Weights: trainable ones in float32, frozen ones in the compute dtype (bf16 under ``--dtype bfloat16``, else
 float32). Gradients: float32, one per trainable value (DDP keeps them in its buckets: no second copy). AdamW: two
 float32 moments. Keep rule: SPIDER keeps θ₀ (in the checkpoint's 16-bit dtype where it holds the values exactly,
-else float32) and a float32 gradient sum, MagnitudeMask θ₀ and a bool mask. Activations, an estimate: 34·h bytes
+else float32) and a float32 gradient sum, MagnitudeMask θ₀ and a bool mask, EWC θ₀ and its float32 Fisher, L2-SP θ₀; with LoRA, EWC
+keeps the float32 Fisher of the targeted weights and L2-SP nothing (θ₀ is the base itself). Activations, an estimate: 34·h bytes
 per token and decoder layer in 16-bit (Korthikanti et al. 2022, without the attention-score term that fused
 attention does not store), twice that in float32; with gradient checkpointing each layer keeps only its input
 (2·h or 4·h bytes per token) and one layer at a time its full set — over every decoder layer, an upper bound where
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 from ..checkpoint.writer import human_bytes
 
-RULE_EXTRA = {"none": None, "spider": 4, "magnitude_mask": 1}  # bytes per trainable value beside θ₀
+# bytes per value beside θ₀: SPIDER's G, MagnitudeMask's mask, EWC's F (L2-SP: θ₀ alone)
+RULE_EXTRA = {"none": None, "spider": 4, "magnitude_mask": 1, "ewc": 4, "l2sp": 0}
 ACTIVATION_BYTES = 34  # per token, per unit of hidden size and decoder layer, with 16-bit activations
 PARTS = (
     "frozen_weights",
@@ -114,10 +116,12 @@ def account(
     fsdp: bool = False,
     gathered: int = 0,
     accumulate: bool = False,
+    keep_values: int | None = None,
 ) -> TrainFootprint:
     """The footprint of one rank holding ``trainable`` and ``frozen`` values (module docstring); ``tokens``: that
     rank's share of a micro-batch. ``fsdp``: sharded over ``world`` ranks, ``gathered`` bytes beside the shards
-    (:func:`gathered_bytes`); ``accumulate``: several micro-batches per step."""
+    (:func:`gathered_bytes`); ``accumulate``: several micro-batches per step; ``keep_values``: the values the keep
+    rule holds state for, when not the trainable ones (LoRA's penalty: the targeted weights')."""
     half = dtype == "bfloat16"
     ranks = world if fsdp else 1
 
@@ -129,7 +133,7 @@ def account(
         trainable_weights=share(trainable * 4),
         gradients=trainable * 4 if fsdp and accumulate else share(trainable * 4),
         optimizer=share(trainable * 8),
-        keep_rule=share(trainable * rule_bytes(keep, theta0_bytes)),
+        keep_rule=share((trainable if keep_values is None else keep_values) * rule_bytes(keep, theta0_bytes)),
         activations=activation_bytes(tokens, hidden, layers, half=half, checkpointing=checkpointing),
         gathered=gathered if fsdp else 0,
         load=weight_bytes(trainable, frozen, half=half) if fsdp else 0,

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ForgetlessError
-from .hooks import StepInfo
+from .hooks import StepInfo, built_on_first_use
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -555,6 +555,29 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     return bool(flag)
 
 
+def trainer_params(args: Any, state: Any, model: Any, who: str, kept: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters with ``requires_grad`` a Trainer callback (``who``) works on, refusing what it cannot: DeepSpeed
+    and FSDP1 (gradients outside the parameters' ``.grad``), resuming (``kept``: its state, not in the checkpoint)."""
+    if getattr(args, "deepspeed", None):
+        raise ForgetlessError(
+            f"{who} cannot reach the gradients under DeepSpeed (they are sharded outside .grad)",
+            remedy="train without DeepSpeed, or with FSDP2",
+        )
+    if state.global_step > 0:
+        raise ForgetlessError(
+            f"{who} cannot resume: {kept} not in the checkpoint", remedy="start the fine-tune from step 0"
+        )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if getattr(args, "fsdp", None) and not all(isinstance(p, DTensor) for p in params.values()):
+        raise ForgetlessError(
+            f"{who} under FSDP needs FSDP2's parameters (DTensors); these are plain tensors: FSDP1 "
+            "(flat parameters, gradients outside .grad), or FSDP not in effect (accelerate applies it on "
+            "GPUs only)",
+            remedy='use FSDP2: fsdp_config={"version": 2} (accelerate: fsdp_version: 2)',
+        )
+    return params
+
+
 def _callback_class() -> type:
     """Build :class:`SpiderCallback` on first use, so that this module imports without transformers."""
     from transformers import TrainerCallback
@@ -582,25 +605,9 @@ def _callback_class() -> type:
             self._skip = False
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if getattr(args, "deepspeed", None):
-                raise ForgetlessError(
-                    "SpiderCallback cannot read gradients under DeepSpeed (they are sharded outside .grad)",
-                    remedy="train without DeepSpeed, or with FSDP2",
-                )
-            if state.global_step > 0:
-                raise ForgetlessError(
-                    "SpiderCallback cannot resume: θ₀ and G are not in the checkpoint",
-                    remedy="start the fine-tune from step 0",
-                )
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            if getattr(args, "fsdp", None) and not all(isinstance(p, DTensor) for p in params.values()):
-                raise ForgetlessError(
-                    "SpiderCallback under FSDP needs FSDP2's parameters (DTensors); these are plain tensors: FSDP1 "
-                    "(flat parameters, gradients outside .grad), or FSDP not in effect (accelerate applies it on "
-                    "GPUs only)",
-                    remedy='use FSDP2: fsdp_config={"version": 2} (accelerate: fsdp_version: 2)',
-                )
-            self.rule = make_rule(self.rule_name, params)
+            self.rule = make_rule(
+                self.rule_name, trainer_params(args, state, model, "SpiderCallback", "θ₀ and G are")
+            )
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if args.fp16:
@@ -619,9 +626,4 @@ def _callback_class() -> type:
     return SpiderCallback
 
 
-def __getattr__(name: str) -> Any:
-    if name == "SpiderCallback":
-        cls = _callback_class()
-        globals()["SpiderCallback"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = built_on_first_use(globals(), "SpiderCallback", _callback_class)
