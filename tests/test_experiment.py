@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import build_tiny_llava
 
 from forgetless.recipe import load_recipe
 from forgetless.testbed import experiment as X
+from forgetless.testbed import frontier as FR
 from forgetless.testbed import tasks as T
 
 
@@ -123,13 +125,15 @@ class Fakes:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
             self.finetunes.append(
-                {"task": Path(data).parent.name, "out": out.name, "keep": keep, "lr": kw["lr"]}
+                {"task": Path(data).parent.name, "out": out.name, "keep": keep, "lr": kw["lr"], "kw": kw}
             )
             (out / "config.json").write_text("{}")
             (out / "model.safetensors").write_bytes(f"{keep}".encode())
             (out / "finetune.json").write_text(json.dumps({"seconds": 1.5}))
 
         def merge(recipe, out, **kw):
+            if not isinstance(recipe, dict):  # a recipe file (a learned one)
+                recipe = {**yaml.safe_load(Path(recipe).read_text()), "file": Path(recipe).name}
             self.merges.append(recipe)
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "record.json").write_text(json.dumps(recipe))
@@ -147,6 +151,8 @@ class Fakes:
                     "data": Path(data).name,
                     "path": Path(path).name,
                     "variant": kw["variant"],
+                    "scope": kw["scope"],
+                    "all_params": kw.get("all_params", False),
                 }
             )
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -247,3 +253,64 @@ def test_run_experiment_takes_each_step_at_the_right_model_and_reuses_them(tmp_p
     # another recipe fine-tunes again
     X.run_experiment("digits", work, merges=[], keeps=X.KEEPS, finetune_recipe={"lr": 1e-4}, log=lines.append)
     assert [x["lr"] for x in f.finetunes[3:]] == [1e-4] * 3
+
+
+def test_variants_pipelines_and_learned_merges_take_their_inputs(tmp_path, monkeypatch):
+    """Replay fine-tunes on the general visual tasks' training items, EWC on the general Fisher at θ₀ over every
+    tensor the recipe trains, a curve of fine-tunes sweeps its option; a pipeline merges its variant's fine-tune
+    (with the task Fisher at θ₀); a learned merge learns from its start on the validation splits, once."""
+    base = build_tiny_llava(tmp_path / "base")
+    f = Fakes(monkeypatch, base)
+    learned: list[dict] = []
+
+    def learn(recipe, *, task, general, out, log, **options):
+        learned.append({"recipe": recipe, "task": task, "general": general, **options})
+        params = {"lambda": [{"scope": "language.layers[0:1]", "value": 0.25}, {"value": 0.5}]}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(yaml.safe_dump({**recipe, "parameters": params}))
+
+    monkeypatch.setattr("forgetless.eval.learn.learn", learn)
+    merges = [
+        X.Merge("EWC → CGM", "cgm", {"alpha": 5.0}, X.TASK_FISHER_CGM, model="ewc"),
+        X.Merge("Replay → WiSE-FT", "linear", {"lambda": 0.5}, model="replay"),
+        X.Merge("Learned λ", "linear", {"general_weight": 2.0, "lambda": 0.5}, learn="labels"),
+    ]
+    keeps = [X.VARIANTS["replay"], *FR.tune_points("L2-SP")]
+    work = tmp_path / "w" / "digits"
+    res = X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
+    runs = {x["out"]: x["kw"] for x in f.finetunes}
+    replay = work / "calibration" / "replay.jsonl"
+    assert (
+        runs["finetuned-replay"]["replay"] == str(replay) and runs["finetuned-replay"]["replay_ratio"] == 1.0
+    )
+    items = [json.loads(line) for line in replay.read_text().splitlines()]
+    assert len(items) == SMALL["train"] * len(T.GENERAL_VISUAL) and all(
+        Path(i["image"]).is_file() for i in items
+    )
+    assert {i["id"].split("-")[0] for i in items} == set(T.GENERAL_VISUAL)
+    fisher = work / "statistics" / "fisher_general-train-scope.safetensors"
+    assert (
+        runs["finetuned-ewc"]["fisher"] == str(fisher) and runs["finetuned-ewc"]["strength"] == X.EWC_STRENGTH
+    )
+    scope_stats = next(s for s in f.stats if s["path"] == fisher.name)
+    assert scope_stats["all_params"] and scope_stats["scope"] == X.FINETUNE["train"]
+    assert scope_stats["model"] == "base" and scope_stats["data"] == "general.jsonl"
+    points = FR.tune_points("L2-SP")
+    assert [runs[f"finetuned-{t.name}"]["strength"] for t in points] == FR.KNOBS["L2-SP"].values
+    by = {m["method"]: m for m in f.merges}
+    assert by["cgm"]["models"] == [str(work / "finetuned-ewc")]
+    assert by["cgm"]["statistics"]["fisher_task"].endswith("fisher_task-base-empirical.safetensors")
+    replayed = next(m for m in f.merges if m["method"] == "linear" and "file" not in m)
+    assert replayed["models"] == [str(work / "finetuned-replay")]
+    (call,) = learned
+    assert call["recipe"]["parameters"] == {"lambda": 0.5} and call["general_weight"] == 2.0
+    assert (call["objective"], call["by"], call["split"]) == ("labels", "layer", "val")
+    assert call["task"] == {"digits": str(work.parent / "tasks" / "digits")} and set(call["general"]) == set(
+        T.GENERAL_VISUAL
+    ) | {"probes"}
+    learned_merge = next(m for m in f.merges if "file" in m)
+    assert learned_merge["parameters"]["lambda"][0]["value"] == 0.25
+    rows = {X.row_name(r) for r in res["rows"]}
+    assert {"Replay 1:1", "L2-SP strength=0.01", "Learned λ general_weight=2 lambda=0.5"} <= rows
+    X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
+    assert len(learned) == 1  # the learned recipe is reused

@@ -804,6 +804,121 @@ def sweep_cmd(
     )
 
 
+def _task_options(fn):
+    """--task / --general / --task-root / --split / --limit: the validation data of `learn` and `soup`."""
+    for option in reversed(
+        [
+            click.option(
+                "--task",
+                "--tasks",
+                "tasks",
+                required=True,
+                help="Downstream task(s), comma-separated: names, folders or JSONL files.",
+            ),
+            click.option("--general", default=None, help="General task(s), comma-separated."),
+            folder_option(
+                "--task-root",
+                help="Where task names are looked up (default: $FORGETLESS_TASKS or runs/tasks).",
+            ),
+            shown("--split", str, "val"),
+            click.option("--limit", type=POSITIVE, default=None, help="At most N samples per task."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@cli.command("learn")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_task_options
+@choice(
+    "--objective",
+    ["labels", "entropy"],
+    "labels",
+    help="labels: answer NLL on the task + general items; entropy: label-free (AdaMerging-style), the "
+    "predictions' entropy on the task items + KL(base ‖ merged) on the general items.",
+)
+@choice("--by", ["part", "layer"], "part", help="One coefficient per part, or per decoder layer (and part).")
+@shown("--steps", POSITIVE, 40)
+@shown("--lr", float, 0.05, help="Adam's step on the coefficients (CGM: on log α).")
+@shown("--general-weight", float, 1.0, help="Weight of the general term against the task term.")
+@shown("--batch-size", POSITIVE, 8, help="Task items (and general items) per step.")
+@shown("--seed", int, 0, help="Seeds the mini-batches.")
+@file_option("--out", required=True, help="The learned recipe (YAML); its record beside it (.json).")
+@click.option("--held-out", metavar="SPLIT", help="Merge the learned recipe and evaluate it on this split.")
+@folder_option("--workdir", help="Scratch folder of --held-out (default: beside --out).")
+@choice("--dtype", ["float32", "bfloat16"], "float32", help="The model's dtype while learning.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+def learn_cmd(recipe: str, tasks: str, general: str | None, out: str, held_out: str | None, **kw) -> None:
+    """Learn RECIPE's coefficient (linear, task_arithmetic: λ; cgm: α) per part or per layer on validation data;
+    write the learned recipe, which `forgetless merge` runs."""
+    from .eval.learn import LearnOptions, learn
+
+    one_process("learn")
+    workdir = kw.pop("workdir")
+    learn(
+        recipe,
+        task=tasks,
+        general=general,
+        out=out,
+        options=LearnOptions(**kw),
+        held_out=held_out,
+        workdir=workdir,
+        log=click.echo,
+    )
+
+
+@cli.command("soup")
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("finetuned", nargs=-1, required=True, type=click.Path(file_okay=False))
+@_task_options
+@file_option("--out", required=True, help="The soup's linear recipe (YAML); its record beside it (.json).")
+@click.option("--keep-gain", type=float, metavar="FRACTION", help="Order by sweep's --keep-gain rule, not T.")
+@click.option("--max-loss", type=float, metavar="POINTS", help="Order by sweep's --max-loss rule, not T.")
+@click.option("--workdir", type=click.Path(file_okay=False), default="runs/soup", show_default=True)
+@shown("--batch-size", POSITIVE, 8)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+def soup_cmd(
+    base: str,
+    finetuned: tuple[str, ...],
+    tasks: str,
+    general: str | None,
+    task_root: str | None,
+    split: str,
+    limit: int | None,
+    out: str,
+    keep_gain: float | None,
+    max_loss: float | None,
+    workdir: str,
+    batch_size: int,
+    device: str,
+) -> None:
+    """The greedy soup of FINETUNED over BASE: ranked by their validation score, each added while the uniform
+    average's score does not drop; writes the linear recipe of the chosen ones."""
+    from .eval.harness import EvalOptions
+    from .eval.learn import task_specs
+    from .eval.soup import greedy_soup
+    from .eval.sweep import Rule
+
+    one_process("soup")
+    rule = (
+        Rule(keep_gain=keep_gain, max_loss=max_loss)
+        if keep_gain is not None or max_loss is not None
+        else None
+    )
+    greedy_soup(
+        base,
+        list(finetuned),
+        task=task_specs(tasks, split, task_root),
+        general=task_specs(general, split, task_root),
+        out=out,
+        rule=rule,
+        workdir=workdir,
+        options=EvalOptions(split=split, limit=limit, batch_size=batch_size, device=device),
+        log=click.echo,
+    )
+
+
 @cli.command("demo")
 @click.option(
     "--workdir", type=click.Path(file_okay=False), default=None, help="Where results go (default runs/demo)."

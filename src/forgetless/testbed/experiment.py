@@ -108,8 +108,12 @@ class Merge(NamedTuple):
     params: dict
     task_fisher: tuple[str, str] | None = None
     model: str | None = None
+    learn: str | None = (
+        None  # an objective of forgetless.eval.learn: the coefficients learned per layer first
+    )
 
 
+LEARN = {"by": "layer", "steps": 40, "batch_size": 8, "split": "val"}  # the testbed's learned coefficients
 MERGES: list[Merge] = [
     Merge("WiSE-FT", "linear", {"lambda": 0.5}),
     Merge("task arithmetic", "task_arithmetic", {"lambda": 0.7}),
@@ -537,9 +541,11 @@ class Experiment:
     def merge_row(self, m: Merge, stats: dict[str, Path] | None, keep_model: bool) -> dict:
         """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
         ctx = self.ctx
-        out = ctx.workdir / "merged" / f"{m.method}-{fingerprint([m.params, m.task_fisher, m.model])[:6]}"
+        key = [m.params, m.task_fisher, m.model] + ([m.learn] if m.learn else [])
+        out = ctx.workdir / "merged" / f"{m.method}-{fingerprint(key)[:6]}"
         source = self.ft if m.model is None else self.tune_model(VARIANTS[m.model])
-        report = ctx.merged(merge_recipe(m.method, m.params, ctx.base, source, stats), out)
+        recipe = merge_recipe(m.method, m.params, ctx.base, source, stats)
+        report = ctx.merged(recipe if m.learn is None else self.learned(recipe, m), out)
         r, cached = self.evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())
         row = self.row(m.label, r, cached, knob, summary=report.summary())
@@ -547,6 +553,28 @@ class Experiment:
         if not keep_model:
             shutil.rmtree(out, ignore_errors=True)
         return row
+
+    def learned(self, recipe: dict, m: Merge) -> Path:
+        """The recipe's coefficients learned per layer on the validation splits (:data:`LEARN`, objective
+        ``m.learn``, ``general_weight`` from ``m.params``, the other parameters the start), cached: the learned
+        recipe, the record beside it."""
+        from ..eval.learn import learn
+
+        ctx = self.ctx
+        weight = recipe["parameters"].pop("general_weight")
+        options = {**LEARN, "objective": m.learn, "general_weight": weight}
+        digests = [weights_digest(Path(p)) for p in (ctx.base, *recipe["models"])]
+        key = fingerprint([recipe["parameters"], recipe["method"], options, digests, self.task])
+        out = ctx.workdir / "learned" / f"{m.learn}-{key[:8]}.yaml"
+
+        def make() -> None:
+            task = {self.task: str(ctx.roots[self.task])}
+            general = {n: str(p) for n, p in ctx.general.items()}
+            learn(recipe, task=task, general=general, out=out, log=None, **options)
+
+        with ctx.timed("merge"):
+            Step(out.with_suffix(".step"), key, out).run(make, log=ctx.log, reusing=f"learned: reusing {out}")
+        return out
 
     def log_row(self, name: str, row: dict) -> None:
         self.ctx.log(

@@ -56,6 +56,7 @@ class Knob(NamedTuple):
     model: str | None = None
     trial: bool = False
     finetune: str | None = None
+    learn: str | None = None  # the coefficients learned per layer with this objective (knob: general_weight)
 
 
 KNOBS: dict[str, Knob] = {
@@ -74,6 +75,12 @@ KNOBS: dict[str, Knob] = {
     "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask", trial=True),
     "Replay → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="replay", trial=True),
     "EWC → CGM": Knob("cgm", {}, "alpha", [5.0, 25.0], X.TASK_FISHER_CGM, model="ewc", trial=True),
+    # WiSE-FT's λ learned per layer on the validation splits, from λ = 0.5: on their labels, and label-free
+    # (AdaMerging-style: entropy on the task items, KL to the base on the general items); the knob weighs the two
+    "Learned λ (labels)": Knob("linear", {"lambda": 0.5}, "general_weight", [0.5, 1.0, 2.0], learn="labels"),
+    "Learned λ (entropy)": Knob(
+        "linear", {"lambda": 0.5}, "general_weight", [0.5, 1.0, 2.0], learn="entropy"
+    ),
     # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft): it is
     # orders of magnitude below the general Fisher, so α spans small values, where the mix moves
     "CGM (optimizer Fisher)": Knob(
@@ -104,7 +111,7 @@ def tune_points(label: str, values: Sequence[float] | None = None) -> list[X.Tun
 def frontier_merges() -> list[X.Merge]:
     """The grid as :func:`.experiment.run_experiment`'s ``merges``."""
     return [
-        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model)
+        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model, k.learn)
         for label, k in KNOBS.items()
         if k.method is not None
         for v in k.values
@@ -314,7 +321,7 @@ def run_chosen(
     picks = choose(rows if val_items is None else first_items(rows, task, val_items), keep_gain)
     swept = {label: r for label, r in picks.items() if r is not None and r["method"] == label}
     merges = [
-        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model)
+        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model, k.learn)
         for label, r in swept.items()
         for k in [KNOBS[label]]
         if k.method is not None
