@@ -49,8 +49,9 @@ def test_general_calibration_takes_train_visual_samples_and_only_the_probes_val_
 def test_merge_recipes_are_valid_and_scoped(tmp_path):
     base = build_tiny_llava(tmp_path / "base")
     stats = {"fisher_general": tmp_path / "g.safetensors", "fisher_task": tmp_path / "t.safetensors"}
-    for _label, method, params, needs, _model in X.MERGES:
-        r = X.merge_recipe(method, params, base, tmp_path / "ft", stats if needs else None)
+    for m in X.MERGES:
+        method = m.method
+        r = X.merge_recipe(method, m.params, base, tmp_path / "ft", stats if m.task_fisher else None)
         rec = load_recipe(r)
         assert rec.method == method and len(rec.models) == 1
         if method in ("cgm", "cgm_dagger", "fisher_with_base"):
@@ -311,6 +312,6 @@ def test_variants_pipelines_and_learned_merges_take_their_inputs(tmp_path, monke
     learned_merge = next(m for m in f.merges if "file" in m)
     assert learned_merge["parameters"]["lambda"][0]["value"] == 0.25
     rows = {X.row_name(r) for r in res["rows"]}
-    assert {"Replay 1:1", "L2-SP strength=0.01", "Learned λ general_weight=2 lambda=0.5"} <= rows
+    assert {"Replay 1:1", "L2-SP strength=0.02", "Learned λ general_weight=2 lambda=0.5"} <= rows
     X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
     assert len(learned) == 1  # the learned recipe is reused

@@ -68,8 +68,8 @@ KNOBS: dict[str, Knob] = {
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
     # the remedies while fine-tuning, each a curve of fine-tunes over its strength
     "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
-    "EWC": Knob(None, {}, "strength", [1e4, 1e5, 1e6], finetune="ewc"),
-    "L2-SP": Knob(None, {}, "strength", [0.01, 0.1, 1.0], finetune="l2sp"),
+    "EWC": Knob(None, {}, "strength", [0.3, 3.0, 30.0], finetune="ewc"),
+    "L2-SP": Knob(None, {}, "strength", [0.02, 0.2, 2.0], finetune="l2sp"),
     # pipelines: a remedy's fine-tune merged back toward θ₀ (WiSE-FT, CGM from its far end)
     "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
     "MagnitudeMask → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="magnitude_mask", trial=True),
@@ -80,6 +80,9 @@ KNOBS: dict[str, Knob] = {
     "Learned λ (labels)": Knob("linear", {"lambda": 0.5}, "general_weight", [0.5, 1.0, 2.0], learn="labels"),
     "Learned λ (entropy)": Knob(
         "linear", {"lambda": 0.5}, "general_weight", [0.5, 1.0, 2.0], learn="entropy"
+    ),
+    "SPIDER → learned λ": Knob(
+        "linear", {"lambda": 0.5}, "general_weight", [1.0], model="spider", trial=True, learn="labels"
     ),
     # CGM's soft mix with the fine-tune's own optimizer state as the task Fisher (along the path θ₀ → θ_ft): it is
     # orders of magnitude below the general Fisher, so α spans small values, where the mix moves
