@@ -233,13 +233,13 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
 def test_curve_labels_and_keeping_the_other_curves():
     from forgetless.errors import ForgetlessError
 
-    assert FR.curve_labels(["wise-ft", "SPIDER", "magnitudemask ->", "cgm†"]) == [
+    assert FR.curve_labels(["wise-ft", "SPIDER -> wise", "magnitudemask ->", "cgm†"]) == [
         "WiSE-FT",
         "SPIDER → WiSE-FT",
         "MagnitudeMask → WiSE-FT",
         "CGM†",
     ]
-    for bad, words in (("cg", "ambiguous"), ("nope", "not one of")):
+    for bad, words in (("cg", "ambiguous"), ("spider", "ambiguous"), ("nope", "not one of")):
         with pytest.raises(ForgetlessError, match=words):
             FR.curve_labels([bad])
     base, ft = (

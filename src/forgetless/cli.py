@@ -611,8 +611,8 @@ def testbed_build_cmd(
     "--curve",
     "curves",
     multiple=True,
-    help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, spider); the "
-    "other curves already measured are kept.",
+    help="Run only this curve (repeatable; a label or its unambiguous prefix: wise-ft, cgm, 'spider → wise'); "
+    "the other curves already measured are kept.",
 )
 @click.option(
     "--seed",

@@ -27,6 +27,7 @@ from .context import read_results
 from .experiment import row_draws, row_name, row_result
 from .frontier import RESULTS as FRONTIER_RESULTS
 from .report_continual import CL_READING_END, CL_READING_START, continual_markdown
+from .report_decision import decision_markdown
 from .report_frontier import FR_READING_END, FR_READING_START, frontier_markdown
 from .tables import N_BOOT, TaskDraws, differences, summary
 
@@ -219,7 +220,8 @@ def _timings(names: list[str], results: Mapping[str, dict]) -> str:
 def markdown(names: list[str], workdir: Path, plots: Path | None = None, previous: Path | None = None) -> str:
     """The whole report from each task's ``results.json`` under `workdir`: how it was produced, the E / F summary
     with intervals, paired differences against the best method, per task its table and trade-off plot (drawn
-    into `plots`, default the task's folder), the reading kept from `previous`, and the time it took."""
+    into `plots`, default the task's folder), the reading kept from `previous`, the time it took, and last
+    "Which recipe when" (:mod:`.report_decision`)."""
     results = {n: read_results(workdir / n / "results.json") for n in names}
     d = TaskDraws(results)
     sections = []
@@ -241,6 +243,7 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
     table_e_f, order = summary(names, d)
     scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
     best = max(scored, key=lambda m: d.mean_point(m, "E+F", names))
+    decision = decision_markdown(workdir, names)
     return "\n".join(
         [
             _header(names, results),
@@ -295,6 +298,7 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
                 if (workdir / "continual" / "results.json").is_file()
                 else []
             ),
+            *([decision] if decision else []),
         ]
     )
 
