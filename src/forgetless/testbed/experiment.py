@@ -54,10 +54,12 @@ STATS_SAMPLES = 32
 # data, never their validation or test items) and the general Fisher at θ₀ over the fine-tune's scope (EWC).
 REPLAY_DATA = "<general training splits>"
 GENERAL_FISHER = "<general Fisher at θ₀, fine-tune scope>"
-# Penalty strengths of the single EWC and L2-SP fine-tunes (their curves sweep 0.1× and 10× too): where the
-# penalty's gradient at the plain fine-tune's weights equals the fine-tune's last gradients (digits, seed 0:
-# runs/testbed/digits/penalty-calibration.json, from benchmarks/calibrate_penalty.py), rounded.
-EWC_STRENGTH = 3.0
+# Penalty strengths of the single EWC and L2-SP fine-tunes (their curves sweep more). L2-SP's: where the penalty's
+# gradient at the plain fine-tune's weights equals the fine-tune's last gradients (digits, seed 0:
+# runs/testbed/digits/penalty-calibration.json, from benchmarks/calibrate_penalty.py), rounded. EWC's is 100×
+# that: at 1× and 10× it kept the fine-tune's forgetting (F concentrates on few entries, and AdamW's per-entry
+# steps ignore a penalty that is small beside the data's gradient there).
+EWC_STRENGTH = 300.0
 L2SP_STRENGTH = 0.2
 
 

@@ -68,7 +68,7 @@ KNOBS: dict[str, Knob] = {
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
     # the remedies while fine-tuning, each a curve of fine-tunes over its strength
     "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
-    "EWC": Knob(None, {}, "strength", [0.3, 3.0, 30.0], finetune="ewc"),
+    "EWC": Knob(None, {}, "strength", [3.0, 30.0, 300.0, 3000.0], finetune="ewc"),
     "L2-SP": Knob(None, {}, "strength", [0.02, 0.2, 2.0], finetune="l2sp"),
     # pipelines: a remedy's fine-tune merged back toward θ₀ (WiSE-FT, CGM from its far end)
     "SPIDER → WiSE-FT": Knob("linear", {}, "lambda", [0.5, 0.7], model="spider", trial=True),
