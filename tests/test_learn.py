@@ -260,7 +260,11 @@ def test_merge_of_the_learned_recipe_gives_the_learners_weights(setup, tmp_path)
     assert record["held_out"]["split"] == "val" and "E" in record["held_out"]
     assert [h["step"] for h in record["history"]] == [1, 2, 3] and record["data"]["colours"]["role"] == "task"
     entries = yaml.safe_load(out.read_text())["parameters"]["lambda"]
-    assert [e["value"] for e in entries[:-1]] == [gr["value"] for gr in record["groups"]]
+    changed = [
+        gr for gr in record["groups"] if gr["changed"]
+    ]  # a group the fine-tune left as θ₀ has no entry
+    assert [e["value"] for e in entries[:-1]] == [gr["value"] for gr in changed]
+    assert [e["scope"] for e in entries[:-1]] == [gr["scope"] for gr in changed]
     res = CliRunner().invoke(cli, ["merge", str(out), "--out", str(tmp_path / "merged"), "--quiet"])
     assert res.exit_code == 0, res.output or res.exception
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
@@ -328,3 +332,30 @@ def test_greedy_soup_on_tiny_models(setup, tmp_path):
     assert record["score"]["T"] == pytest.approx(100 * direct["tasks"]["colours"]["accuracy"])
     with pytest.raises(ForgetlessError, match="at least two"):
         greedy_soup(base, [ft], task={"colours": t}, out=tmp_path / "x.yaml")
+
+
+def test_a_group_the_fine_tune_left_unchanged_gets_no_entry(setup, tmp_path):
+    """A fine-tune of layer 1 only: learned per layer, the recipe has an entry for layer 1 alone (every other
+    tensor is θ₀ at any λ and takes the default), and merging it gives the learner's weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base, ft, t, g, _ = setup
+    b, f = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    part = tmp_path / "ft-layer1"
+    shutil.copytree(base, part)
+    save_file({n: f[n] if ".layers.1." in n else b[n] for n in b}, str(part / "model.safetensors"))
+    recipe = tmp_path / "wise.yaml"
+    recipe.write_text(f"method: linear\nbase: {base}\nmodels: [{part}]\n")
+    out = tmp_path / "learned.yaml"
+    learn(recipe, task=str(t), general=str(g), out=out, by="layer", steps=2, lr=0.2, device="cpu", log=None)
+    entries = yaml.safe_load(out.read_text())["parameters"]["lambda"]
+    assert [e.get("scope") for e in entries] == ["language.layers[1]", None]
+    groups = json.loads(out.with_suffix(".json").read_text())["groups"]
+    assert [gr["scope"] for gr in groups if gr["changed"]] == ["language.layers[1]"]
+    res = CliRunner().invoke(cli, ["merge", str(out), "--out", str(tmp_path / "merged"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for n, w in _brute_force(base, part, entries).items():
+        torch.testing.assert_close(merged[n], w, rtol=0, atol=2e-7)

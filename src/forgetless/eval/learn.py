@@ -665,8 +665,8 @@ def _record(learner: Learner, history: list[dict], out: str | Path, seconds: flo
         }
         | {"dtype": o.dtype},
         "groups": [
-            {"scope": g.scope, "tensors": len(g.names), "start": s, "value": v}
-            for g, s, v in zip(learner.groups, learner.start, learner.final)
+            {"scope": g.scope, "tensors": len(g.names), "changed": k, "start": s, "value": v}
+            for g, k, s, v in zip(learner.groups, _changed(learner), learner.start, learner.final)
         ],
         "history": history,
         "data": {
@@ -683,11 +683,21 @@ def _record(learner: Learner, history: list[dict], out: str | Path, seconds: flo
     }
 
 
+def _changed(learner: Learner) -> list[int]:
+    """How many tensors of each group the merge changes (θ ≠ θ₀ at some value)."""
+    counts = [0] * len(learner.groups)
+    for t in learner.merged.tensors:
+        counts[t.group] += 1
+    return counts
+
+
 def learned_recipe(learner: Learner) -> dict[str, Any]:
-    """The input recipe with the learned coefficients as its parameter's list."""
+    """The input recipe with the learned coefficients as its parameter's list: an entry per group the merge
+    changes (a group whose tensors the fine-tunes left as θ₀ is θ₀ at any value, and takes the default)."""
+    kept = [i for i, k in enumerate(_changed(learner)) if k]
     rec = copy.deepcopy(learner.recipe)
     rec.setdefault("parameters", {})[learner.param] = recipe_entries(
-        learner.groups, learner.final, learner.default
+        [learner.groups[i] for i in kept], [learner.final[i] for i in kept], learner.default
     )
     return rec
 
