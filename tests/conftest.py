@@ -146,6 +146,12 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def add_args(state: Path, task: tuple[Path, Path], base: Path | None = None) -> list[str]:
+    """`forgetless continual add STATE` with a task's (adapter, Gram) pair, and --base for the first task."""
+    first = ["--base", str(base)] if base is not None else []
+    return ["continual", "add", str(state), *first, "--adapter", str(task[0]), "--gram", str(task[1])]
+
+
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     tiny_llava_model(seed).save_pretrained(path)
     return Path(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llava
+from conftest import add_args, build_tiny_llava
 from peft import LoraConfig
 from safetensors.torch import load_file
 from test_lora import legacy_to_current, train_adapter
@@ -354,15 +354,7 @@ def test_cli_add_and_show(tasks, tiny_llava_dir, tmp_path, capsys):
     state = tmp_path / "state"
     main(
         [
-            "continual",
-            "add",
-            str(state),
-            "--base",
-            str(tiny_llava_dir),
-            "--adapter",
-            str(tasks[0][0]),
-            "--gram",
-            str(tasks[0][1]),
+            *add_args(state, tasks[0], base=tiny_llava_dir),
             "--out",
             str(tmp_path / "o1"),
             "--gamma",
@@ -373,13 +365,7 @@ def test_cli_add_and_show(tasks, tiny_llava_dir, tmp_path, capsys):
     )
     main(
         [
-            "continual",
-            "add",
-            str(state),
-            "--adapter",
-            str(tasks[1][0]),
-            "--gram",
-            str(tasks[1][1]),
+            *add_args(state, tasks[1]),
             "--out",
             str(tmp_path / "o2"),
             "--rank",
@@ -394,13 +380,7 @@ def test_cli_add_and_show(tasks, tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(
             [
-                "continual",
-                "add",
-                str(state),
-                "--adapter",
-                str(tasks[1][0]),
-                "--gram",
-                str(tasks[1][1]),
+                *add_args(state, tasks[1]),
                 "--out",
                 str(tmp_path / "o3"),
             ]

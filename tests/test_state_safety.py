@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import add_args
 from safetensors.torch import load_file, save_file
 from test_continual import _add, _snapshot, tasks  # noqa: F401  (tasks: the fixture)
 
@@ -285,13 +286,7 @@ def test_a_damaged_state_is_named_by_show_and_add(tasks, one_task, tmp_path, cap
     for argv in (
         ["continual", "show", str(one_task)],
         [
-            "continual",
-            "add",
-            str(one_task),
-            "--adapter",
-            str(tasks[1][0]),
-            "--gram",
-            str(tasks[1][1]),
+            *add_args(one_task, tasks[1]),
             "--out",
             str(tmp_path / "out"),
         ],
@@ -319,15 +314,7 @@ def test_options_out_of_range_are_refused_at_the_first_task(
     with pytest.raises(SystemExit) as e:
         main(
             [
-                "continual",
-                "add",
-                str(state),
-                "--base",
-                str(tiny_llava_dir),
-                "--adapter",
-                str(tasks[0][0]),
-                "--gram",
-                str(tasks[0][1]),
+                *add_args(state, tasks[0], base=tiny_llava_dir),
                 *option,
             ]
         )
@@ -363,13 +350,7 @@ def test_a_full_disk_while_writing_the_output_keeps_the_old_state(
     with pytest.raises(SystemExit) as e:
         main(
             [
-                "continual",
-                "add",
-                str(one_task),
-                "--adapter",
-                str(tasks[1][0]),
-                "--gram",
-                str(tasks[1][1]),
+                *add_args(one_task, tasks[1]),
                 "--out",
                 str(tmp_path / "out"),
             ]
@@ -399,13 +380,7 @@ def test_the_new_state_and_the_output_must_fit_their_disk_before_any_work(
     with pytest.raises(SystemExit) as e:
         main(
             [
-                "continual",
-                "add",
-                str(one_task),
-                "--adapter",
-                str(tasks[1][0]),
-                "--gram",
-                str(tasks[1][1]),
+                *add_args(one_task, tasks[1]),
                 "--out",
                 str(tmp_path / "out"),
             ]
