@@ -359,3 +359,22 @@ def test_a_group_the_fine_tune_left_unchanged_gets_no_entry(setup, tmp_path):
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     for n, w in _brute_force(base, part, entries).items():
         torch.testing.assert_close(merged[n], w, rtol=0, atol=2e-7)
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(setup, tmp_path):
+    """`--out` naming the input recipe or the task's data, or a soup written into an ingredient, is refused; the
+    inputs stay."""
+    base, ft, t, g, wise = setup
+    before = wise.read_bytes()
+    with pytest.raises(ForgetlessError, match="an input"):
+        learn(wise, task=str(t), general=str(g), out=wise, steps=1, device="cpu", log=None)
+    assert wise.read_bytes() == before
+    data = t / "val.jsonl"
+    kept = data.read_bytes()
+    with pytest.raises(ForgetlessError, match="an input"):
+        learn(wise, task=str(t), general=str(g), out=data, steps=1, device="cpu", log=None)
+    assert data.read_bytes() == kept
+    with pytest.raises(ForgetlessError, match="an input"):
+        greedy_soup(
+            base, [ft, ft], task={"colours": str(t)}, out=ft / "soup.yaml", scorer=lambda _f: {}, log=None
+        )

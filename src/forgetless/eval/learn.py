@@ -594,7 +594,9 @@ def learn(
 
     o = dataclasses.replace(options or LearnOptions(), **fields)
     t0 = time.perf_counter()
+    check_outputs(out, [None if isinstance(recipe, dict) else recipe])
     learner = Learner(recipe, task, general, o)
+    check_outputs(out, [s.path for s in learner.specs.values()])  # before the coefficients are trained
     if held_out and len(learner.recipe["models"]) != 1:
         raise ForgetlessError(
             "--held-out compares the learned merge with one fine-tuned model",
@@ -689,6 +691,15 @@ def _changed(learner: Learner) -> list[int]:
     for t in learner.merged.tensors:
         counts[t.group] += 1
     return counts
+
+
+def check_outputs(out: str | Path, inputs: Sequence[Any]) -> None:
+    """Refuse a recipe ``out`` or its ``.json`` record that is, or lies in, one of `inputs` (an existing output
+    is replaced, as before)."""
+    from ..checkpoint.guard import check_output
+
+    for target in (Path(out), Path(out).with_suffix(".json")):
+        check_output(target, inputs, force=True)
 
 
 def learned_recipe(learner: Learner) -> dict[str, Any]:

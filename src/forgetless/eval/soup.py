@@ -122,10 +122,12 @@ def greedy_soup(
     import yaml
 
     from ..checkpoint.writer import atomic_write
+    from .learn import check_outputs
     from .report import write_json
 
     say = log or (lambda _s: None)
     names = [str(f) for f in finetuned]
+    check_outputs(out, [base, *names])
     if len(names) < 2:
         raise ForgetlessError("a soup needs at least two fine-tunes", remedy="give two or more folders")
     if len(set(names)) != len(names):
