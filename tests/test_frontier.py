@@ -253,15 +253,20 @@ def test_curve_labels_and_keeping_the_other_curves():
             {"method": "TIES", "knob": "density=0.1"},
             {"method": "CGM", "knob": "alpha=1"},
             {"method": "gone", "knob": ""},
+            {"method": "Replay 1:1", "knob": ""},  # the far end Replay → WiSE-FT merges from
+            {"method": "Replay → WiSE-FT", "knob": "lambda=0.5"},
+            {"method": "EWC λ=300", "knob": ""},  # the end of EWC → CGM, which is run again
         ]
     }
     new = {"rows": [base, ft, {"method": "CGM", "knob": "alpha=5"}]}
-    got = FR.keep_curves(new, old, ["CGM"], log=lambda _: None)
+    got = FR.keep_curves(new, old, ["CGM", "EWC → CGM"], log=lambda _: None)
     assert [(r["method"], r["knob"]) for r in got["rows"]] == [
         ("base", ""),
         ("fine-tuned", ""),
         ("CGM", "alpha=5"),
         ("TIES", "density=0.1"),
+        ("Replay 1:1", ""),
+        ("Replay → WiSE-FT", "lambda=0.5"),
     ]
     other_ft = {"rows": [base, {**ft, "correct_items": {"d": "2"}}, {"method": "CGM", "knob": "alpha=5"}]}
     assert FR.keep_curves(other_ft, old, ["CGM"], log=lambda _: None) == other_ft

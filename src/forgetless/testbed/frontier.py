@@ -197,8 +197,9 @@ def run_frontier(
 def keep_curves(
     new: Mapping[str, Any], old: Mapping[str, Any], ran: Sequence[str], log: Callable[[str], None] = print
 ) -> dict:
-    """`new` with the rows of `old`'s curves that `new` did not run — when both measured the same base and
-    fine-tune (their per-item answers are equal); otherwise `new` alone (the old rows are of another model)."""
+    """`new` with the rows of `old`'s curves that `new` did not run, and the fine-tunes those curves merge from —
+    when both measured the same base and fine-tune (their per-item answers are equal); otherwise `new` alone (the
+    old rows are of another model)."""
 
     def ends(res: Mapping[str, Any]) -> dict:
         return {r["method"]: r["correct_items"] for r in res["rows"] if r["method"] in ("base", "fine-tuned")}
@@ -207,11 +208,9 @@ def keep_curves(
         log("frontier: the earlier curves were measured against another base or fine-tune; not kept")
         return dict(new)
     have = {X.row_name(r) for r in new["rows"]}
-    kept = [
-        r
-        for r in old["rows"]
-        if r["method"] in KNOBS and r["method"] not in ran and X.row_name(r) not in have
-    ]
+    others = [label for label in KNOBS if label not in ran]
+    needed = {*others, *(keep_label(KNOBS[label].model) for label in others if KNOBS[label].model)}
+    kept = [r for r in old["rows"] if r["method"] in needed and X.row_name(r) not in have]
     return {**new, "rows": [*new["rows"], *kept]}
 
 
