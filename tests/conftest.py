@@ -157,6 +157,16 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def build_llava_with_processor(path: Path) -> Path:
+    """A tiny LLaVA folder that `forgetless eval` can run on images: the model and a real LLaVA processor."""
+    from test_stats_data import tiny_llava_for, tiny_llava_processor
+
+    processor = tiny_llava_processor()
+    tiny_llava_for(processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
 def build_tiny_qwen25vl(path: Path, seed: int = 0) -> Path:
     tiny_qwen25vl_model(seed).save_pretrained(path)
     return Path(path)
@@ -190,6 +200,12 @@ def save_renamed(src: Path, dst: Path, rename, config: dict | None = None) -> Pa
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def llava_eval_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA with its processor (evaluable on image tasks and benchmarks)."""
+    return build_llava_with_processor(tmp_path_factory.mktemp("llava_eval"))
 
 
 @pytest.fixture(scope="session")

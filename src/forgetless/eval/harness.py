@@ -59,12 +59,14 @@ _LOGIT_TRANSFORMS = (
 @dataclass(frozen=True)
 class TaskSpec:
     """One task split to evaluate: ``path`` is its JSONL file; ``kind`` one of :data:`KINDS` (``None``: not
-    said); ``metric`` ``"mc"``/``"exact"`` as its ``task.json`` declares it (``None``: per record)."""
+    said); ``metric`` ``"mc"``/``"exact"`` as its ``task.json`` declares it (``None``: per record). A standard
+    benchmark (:mod:`forgetless.eval.benchmarks`) has its name as ``benchmark`` and its folder as ``path``."""
 
     name: str
     path: Path
     kind: str | None = None
     metric: str | None = None
+    benchmark: str | None = None
 
 
 def _read_task_json(folder: Path) -> dict:
@@ -555,14 +557,53 @@ def item_fingerprints(samples: Sequence[Sample]) -> list[str]:
 
 
 def task_fingerprints(spec: TaskSpec, limit: int | None) -> list[str]:
-    """The item fingerprints a task's evaluation will record (its records checked as :func:`evaluate` checks them)."""
-    return item_fingerprints(_load_task(spec, limit))
+    """The item fingerprints a task's evaluation will record (its records checked as :func:`evaluate` checks them;
+    a benchmark's: one per unit)."""
+    from .benchmarks import unit_fingerprints
+
+    samples = _load_task(spec, limit)
+    if spec.benchmark is not None:
+        return unit_fingerprints(samples, item_fingerprints(samples))  # type: ignore[arg-type]
+    return item_fingerprints(samples)
+
+
+def benchmark_spec(name: str, folder: str | os.PathLike) -> TaskSpec:
+    """The task of the standard benchmark ``name`` read from ``folder`` (checked to exist)."""
+    from . import benchmarks
+
+    bench = benchmarks.get(name)
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ForgetlessError(
+            f"the {name} benchmark folder does not exist",
+            file=folder,
+            remedy="pass --benchmark-dir the folder holding the benchmark's files",
+        )
+    return TaskSpec(bench.name, folder, "general_visual", "exact", bench.name)
+
+
+def _read_benchmark(spec: TaskSpec, limit: int | None) -> list[Sample]:
+    """A benchmark's items (:mod:`.benchmarks`); with ``limit``, those of its first ``limit`` units."""
+    from .benchmarks import get, units_in_order
+
+    assert spec.benchmark is not None
+    items = get(spec.benchmark).read(spec.path)
+    if not items:
+        raise ForgetlessError(
+            f"no {spec.benchmark} questions found", file=spec.path, remedy="check the benchmark folder"
+        )
+    if limit is not None:
+        keep = set(units_in_order(items)[:limit])
+        items = [it for it in items if it.unit in keep]
+    return list(items)
 
 
 def _load_task(spec: TaskSpec, limit: int | None) -> list[Sample]:
-    samples = load_samples(spec.path, shuffle=False)
-    if limit is not None:
-        samples = samples[:limit]
+    if spec.benchmark is not None:
+        samples = _read_benchmark(spec, limit)
+    else:
+        samples = load_samples(spec.path, shuffle=False)
+        samples = samples if limit is None else samples[:limit]
     for s in samples:
         if not any(role == "assistant" for role, _ in s.turns):
             raise _sample_error(s, "no answer to compare with")
@@ -738,14 +779,14 @@ def _task_entry(
 class EvalOptions:
     """How an evaluation reads its tasks and runs the model: each task's ``split`` and its first ``limit`` records,
     names looked up under ``task_root``; batches of ``batch_size``, at most ``max_new_tokens`` per generated
-    answer; the model in ``dtype`` on ``device`` (``auto``: CUDA when present); a dynamic-resolution processor's
+    answer (``None``: 32, and a benchmark's own length); the model in ``dtype`` on ``device`` (``auto``: CUDA when present); a dynamic-resolution processor's
     image bounds ``min_pixels`` / ``max_pixels``. :func:`evaluate` and ``run_eval`` take it whole or field by
     field as keyword arguments."""
 
     split: str = "test"
     limit: int | None = None
     batch_size: int = 8
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     device: str = "auto"
     dtype: str = "float32"
     task_root: str | os.PathLike | None = None
@@ -806,7 +847,9 @@ def evaluate(
             )
     t0 = time.perf_counter()
     say = log if progress else None
-    results = _score_tasks(model_dir, loaded, encoder, extra, o, keep_predictions=keep_predictions, say=say)
+    results, official = _score_tasks(
+        model_dir, loaded, encoder, extra, o, keep_predictions=keep_predictions, say=say
+    )
     seconds = time.perf_counter() - t0
     total = sum(len(s) for _, s, _ in loaded)
     pixels = {"pixels": [o.min_pixels, o.max_pixels]} if o.min_pixels or o.max_pixels else {}
@@ -817,6 +860,7 @@ def evaluate(
         "dtype": o.dtype,
         **pixels,
         "tasks": results,
+        **({"benchmarks": official} if official else {}),
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 3) if seconds else None,
     }
@@ -868,14 +912,16 @@ def _score_tasks(
     *,
     keep_predictions: bool,
     say: Callable[[str], None] | None,
-) -> dict[str, Any]:
-    """Every task's entry: the model loaded once; under torchrun each rank scores its share, gathered."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every task's entry, and each benchmark's official figures: the model loaded once; under torchrun each rank
+    scores its share, gathered."""
     from ..cpm import load_model
     from ..stats.run import resolve_device
 
     total = sum(len(s) for _, s, _ in loaded)
     dev = resolve_device(o.device)
     results: dict[str, Any] = {}
+    official: dict[str, Any] = {}
     with process_group(dev) as (rank, world):
         say = say if rank == 0 else None
         model = load_model(model_dir, dtype=o.dtype, device=str(dev))  # with its routing if CPM-routed
@@ -887,19 +933,43 @@ def _score_tasks(
             for spec, samples, group in loaded:
                 mine = shard_by_length(samples, rank, world)
                 part = [samples[i] for i in mine]
-                own = _predict(model, encoder, part, spec, extra, o.batch_size, o.max_new_tokens, meter)
+                own = _predict(model, encoder, part, spec, extra, o.batch_size, _new_tokens(spec, o), meter)
                 ordered = _gathered(own, mine, len(samples))
-                results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
-    return results
+                if spec.benchmark is not None:
+                    results[spec.name], official[spec.name] = _benchmark_entry(
+                        spec, samples, ordered, keep_predictions
+                    )
+                else:
+                    results[spec.name] = _task_entry(spec, samples, group, ordered, extra, keep_predictions)
+    return results, official
+
+
+def _new_tokens(spec: TaskSpec, o: EvalOptions) -> int:
+    """The longest answer generated for ``spec``: the option's, else a benchmark's own, else 32."""
+    from .benchmarks import get
+
+    if o.max_new_tokens is not None:
+        return o.max_new_tokens
+    return get(spec.benchmark).max_new_tokens if spec.benchmark is not None else 32
+
+
+def _benchmark_entry(
+    spec: TaskSpec, samples: list[Sample], ordered: list[dict[str, Any]], keep: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A benchmark's task entry and official figures, from its generated answers."""
+    from .benchmarks import get, task_entry
+
+    texts = [p["prediction"] for p in ordered]
+    return task_entry(get(spec.benchmark), spec.path, samples, texts, item_fingerprints(samples), keep)  # type: ignore[arg-type]
 
 
 def _with_scores(out: dict[str, Any], extra: list[str]) -> dict[str, Any]:
     """The result with its summary scores (T, G_v, G_t, G), and each extra metric's."""
-    from .metrics import metric_view
+    from .metrics import ONE_RULE, metric_view
     from .metrics import scores as summary_scores
 
     out["scores"] = summary_scores(out)
-    if any(t["metric"] != "exact" for t in out["tasks"].values()):
+    if any(t["metric"] not in ONE_RULE for t in out["tasks"].values()):
         for m in extra:
             out[m] = {"scores": summary_scores(metric_view(out, m))}
     return out

@@ -84,6 +84,12 @@ def _combine(accuracy: Mapping[str, tuple[str | None, Any]]) -> dict[str, Any]:
     return {k: (None if v is None else 100.0 * v) for k, v in zip(SCORE_KEYS, (t, gv, gt, g))}
 
 
+ONE_RULE = (
+    "exact",
+    "benchmark",
+)  # task metrics scored by one rule, the same under every multiple-choice metric
+
+
 def metric_view(result: Mapping[str, Any], metric: str) -> dict[str, Any] | None:
     """``result`` with every task's ``accuracy``, ``correct`` and ``correct_items`` those of ``metric`` (one of
     :data:`MC_METRICS`), so that :func:`scores`, :func:`compare` and :class:`Bootstrap` give that metric's figures;
@@ -98,7 +104,7 @@ def metric_view(result: Mapping[str, Any], metric: str) -> dict[str, Any] | None
     for name, t in result.get("tasks", {}).items():
         if isinstance(t.get(metric), Mapping):
             tasks[name] = {**t, **t[metric]}
-        elif t.get("metric") == "exact":
+        elif t.get("metric") in ONE_RULE:
             tasks[name] = t
         else:
             return None
@@ -193,7 +199,10 @@ def compare(
 
 def item_correct(task: Mapping[str, Any], name: str = "?") -> np.ndarray:
     """A task entry's per-item correctness (bool array, item order): its ``correct_items`` string of 0/1, else
-    its ``predictions``' ``correct`` flags."""
+    its ``predictions``' ``correct`` flags. A benchmark scored per unit by a graded value (VQA accuracy, CIDEr)
+    has ``item_scores`` instead: those values (float array), whose mean is its ``accuracy``."""
+    if isinstance(task.get("item_scores"), list):
+        return np.asarray(task["item_scores"], dtype=np.float64)
     if isinstance(task.get("correct_items"), str):
         return np.frombuffer(task["correct_items"].encode("ascii"), dtype=np.uint8) == ord("1")
     if isinstance(task.get("predictions"), list):
@@ -232,13 +241,18 @@ class Bootstrap:
             )
         return self._draws[key]
 
+    def resample(self, name: str, values: np.ndarray) -> np.ndarray:
+        """[n_boot] means of task `name`'s per-item `values` (correctness or graded) over its resamples."""
+        if len(values) == 0:
+            raise ForgetlessError(f"task {name!r} has no items", remedy="evaluate on a non-empty split")
+        return values[self.indices(name, len(values))].mean(axis=1)
+
+    def task(self, name: str, task: Mapping[str, Any]) -> np.ndarray:
+        """[n_boot] resampled accuracy (a fraction, as the entry's) of one task entry."""
+        return self.resample(name, item_correct(task, name))
+
     def _one(self, result: Mapping[str, Any]) -> dict[str, Any]:
-        acc = {}
-        for name, t in result.get("tasks", {}).items():
-            c = item_correct(t, name)
-            if len(c) == 0:
-                raise ForgetlessError(f"task {name!r} has no items", remedy="evaluate on a non-empty split")
-            acc[name] = (t.get("kind"), c[self.indices(name, len(c))].mean(axis=1))
+        acc = {name: (t.get("kind"), self.task(name, t)) for name, t in result.get("tasks", {}).items()}
         return _combine(acc)
 
     def scores(self, result: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray | None]:

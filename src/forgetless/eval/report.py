@@ -346,6 +346,7 @@ def run_eval(
     out: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     finetuned: str | os.PathLike | None = None,
+    benchmarks: Sequence[tuple[str, str | os.PathLike]] = (),
     progress: bool = True,
     force: bool = False,
     log=print,
@@ -362,7 +363,8 @@ def run_eval(
     (through ``log``, which also prints the tables). An existing ``out`` is replaced only with ``force``. Under
     torchrun the items are shared among the ranks (:func:`~forgetless.eval.harness.evaluate`) and rank 0 alone
     prints and writes. How the tasks are read and the model run: ``options`` or its fields as keywords
-    (:class:`~forgetless.eval.harness.EvalOptions`)."""
+    (:class:`~forgetless.eval.harness.EvalOptions`). ``benchmarks``: (name, folder) pairs of standard benchmarks
+    (:mod:`forgetless.eval.benchmarks`), general tasks whose official figures are printed too."""
     from ..checkpoint.guard import check_output
     from ..checkpoint.lora import parse_model_ref
     from ..stats.distributed import dist_info
@@ -371,6 +373,7 @@ def run_eval(
     o = EvalOptions.of(options, **fields)
     base_r, ft_r = _references(base, finetuned)
     groups = _task_groups(tasks, general, o.split, o.task_root)
+    _add_benchmarks(groups[1], benchmarks)
     if out is not None:  # the model folder, the task files and the result files read are never written over
         specs = [t.path for g in groups for t in g.values()]
         check_output(out, [*parse_model_ref(str(model)), *specs, base, finetuned], force=force)
@@ -393,11 +396,47 @@ def run_eval(
         (res if metric == MC_METRICS[0] else res[metric]).update(figures)
         if log is not None:
             _log_metric(log, metric, views, base_r, ft_r, figures, rows, list(res["tasks"]))
+    if "benchmarks" in res:
+        _benchmark_figures(res, base_r, boot, log)
     if out is not None:
         write_json(out, res)
         if log is not None:
             log(f"wrote {out}")
     return res
+
+
+def _add_benchmarks(general: dict[str, Any], benchmarks: Sequence[tuple[str, Any]]) -> None:
+    """The benchmarks' task specs added to the general tasks, each name once."""
+    from .harness import benchmark_spec
+
+    for name, folder in benchmarks:
+        spec = benchmark_spec(name, folder)
+        if spec.name in general:
+            raise ForgetlessError(
+                f"{spec.name!r} is given twice (a benchmark and a task share the name, or a benchmark repeats)",
+                remedy="give each benchmark once",
+            )
+        general[spec.name] = spec
+
+
+def _benchmark_figures(res: dict[str, Any], base: Mapping[str, Any] | None, boot: Bootstrap, log) -> None:
+    """Each benchmark's headline with its 95% interval and, given the base's result, its paired change, in the
+    benchmark's own units; one line each."""
+    from .benchmarks import get
+
+    for name, official in res["benchmarks"].items():
+        scale = get(res["tasks"][name]["benchmark"]).scale
+        draws = boot.task(name, res["tasks"][name])
+        official["interval"] = [v * scale for v in boot.interval(draws) or ()]
+        line = f"{name}: {official['headline']} {official['value']:.2f} [{official['interval'][0]:.2f}, "
+        line += f"{official['interval'][1]:.2f}]"
+        if base is not None and name in base.get("tasks", {}):
+            delta = (res["tasks"][name]["accuracy"] - base["tasks"][name]["accuracy"]) * scale
+            iv = boot.interval(draws - boot.task(name, base["tasks"][name])) or (0.0, 0.0)
+            official["vs_base"] = {"value": delta, "interval": [iv[0] * scale, iv[1] * scale]}
+            line += f", vs base {delta:+.2f} [{iv[0] * scale:+.2f}, {iv[1] * scale:+.2f}]"
+        if log is not None:
+            log(line)
 
 
 def _references(base: Any, finetuned: Any) -> tuple[dict | None, dict | None]:
