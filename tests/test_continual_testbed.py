@@ -329,6 +329,10 @@ def test_report_numbers_match_brute_force(tmp_path):
         assert d.points[m]["final"] == pytest.approx(np.mean(a[-1]))
         assert d.points[m]["forgetting"] == pytest.approx(np.mean([a[j][j] - a[-1][j] for j in range(2)]))
         assert d.points[m]["G"] == 62.5
+        # the added columns, MCITlib's: the diagonal, the mean of each step's average so far, −forgetting
+        assert d.points[m]["MFT"] == pytest.approx(np.mean([a[j][j] for j in range(3)]))
+        assert d.points[m]["MAA"] == pytest.approx(np.mean([np.mean(a[t]) for t in range(3)]))
+        assert d.points[m]["BWT"] == -d.points[m]["forgetting"]
     assert d.points["LPM"]["forgetting"] == 0.0
     assert d.interval("LPM", "forgetting") == (0.0, 0.0)  # the same items just after and at the end: paired
     lo, hi = d.interval("sequential FT", "forgetting")

@@ -132,6 +132,16 @@ def inspect_cmd(model: str, layout: str | None, as_json: bool) -> None:
     click.echo(inspect_json(info) if as_json else format_inspection(info))
 
 
+@cli.command("benchmarks")
+def benchmarks_cmd() -> None:
+    """The standard benchmarks `forgetless eval --benchmark` reads, with their headline figure."""
+    from .eval import benchmarks
+
+    for name in benchmarks.names():
+        b = benchmarks.get(name)
+        click.echo(f"{name}: {b.description}\n    headline: {b.headline}")
+
+
 @cli.command("methods")
 def methods_cmd() -> None:
     """The merge methods and their parameters."""
@@ -415,6 +425,28 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, quiet: 
     cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, progress=not quiet, **kw)
 
 
+def _benchmark_options(role: str) -> Callable:
+    """--benchmark NAME / --benchmark-dir DIR, repeatable in pairs; ``role``: what a benchmark is to the command."""
+
+    def add(f: Callable) -> Callable:
+        f = click.option(
+            "--benchmark-dir",
+            "benchmark_dirs",
+            multiple=True,
+            type=click.Path(file_okay=False),
+            help="The folder of the files the benchmark's maintainers publish (one per --benchmark, in order).",
+        )(f)
+        return click.option(
+            "--benchmark",
+            "benchmark_names",
+            multiple=True,
+            help=f"A standard benchmark scored by its official metric, {role} (repeatable, each with its "
+            "--benchmark-dir; `forgetless benchmarks` lists them).",
+        )(f)
+
+    return add
+
+
 @cli.group("continual")
 def continual_group() -> None:
     """Merge a sequence of tasks' LoRA adapters one task at a time through a state folder (MAny: LPM, and CPM
@@ -524,6 +556,53 @@ def continual_show_cmd(state: str) -> None:
     from .chains.continual import show_state
 
     click.echo(show_state(state))
+
+
+@continual_group.command("eval")
+@click.argument("steps", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--tasks",
+    default=None,
+    help="The sequence's tasks in learning order, comma-separated: JSONL files, task folders, or names under "
+    "--task-root (with result JSONs only: the task names in them).",
+)
+@_benchmark_options("a task of the sequence, after --tasks")
+@click.option("--general", default=None, help="General tasks scored too on each model folder (G per step).")
+@folder_option(
+    "--out",
+    help="Write continual-metrics.json, continual-matrix.png and each evaluated step's result (step-T.json) here.",
+)
+@click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
+@click.option("--limit", type=POSITIVE, default=None, help="Only the first N records of each task.")
+@shown("--batch-size", POSITIVE, 8)
+@folder_option(
+    "--task-root", help="Where task names are looked up (default: $FORGETLESS_TASKS, else runs/tasks)."
+)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+@choice("--dtype", ["float32", "bfloat16", "float16"], "float32")
+@_tf32_option
+@_pixels_options
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--force", is_flag=True, help="Replace existing files in --out.")
+def continual_eval_cmd(
+    steps: tuple[str, ...],
+    tasks: str | None,
+    benchmark_names: tuple[str, ...],
+    benchmark_dirs: tuple[str, ...],
+    quiet: bool,
+    **kw,
+) -> None:
+    """MFT, MFN, MAA, BWT and Last of a task sequence, with 95% intervals, and its accuracy matrix. One STEP per
+    task, in learning order: step t is the model after learning task t — a model folder (evaluated on every task)
+    or the result JSON `forgetless eval` wrote for it."""
+    from .eval.continual import continual_eval, markdown
+
+    one_process("continual eval")
+    if not tasks and not benchmark_names:
+        raise click.UsageError("pass the sequence's --tasks and/or --benchmark")
+    pairs = _benchmark_pairs(benchmark_names, benchmark_dirs)
+    log = None if quiet else functools.partial(click.echo, err=True)
+    click.echo(markdown(continual_eval(steps, tasks, benchmarks=pairs, progress=not quiet, log=log, **kw)))
 
 
 @cli.group("testbed")
@@ -1141,8 +1220,12 @@ def finetune_cmd(
 @click.option("--split", default="test", show_default=True, help="The split a task folder is read from.")
 @click.option("--limit", type=POSITIVE, default=None, help="Only the first N records of each task.")
 @shown("--batch-size", POSITIVE, 8)
+@_benchmark_options("as a general task")
 @click.option(
-    "--max-new-tokens", type=POSITIVE, default=32, show_default=True, help="Longest generated answer."
+    "--max-new-tokens",
+    type=POSITIVE,
+    default=None,
+    help="Longest generated answer [default: 32; a benchmark's own].",
 )
 @folder_option(
     "--task-root",
@@ -1164,13 +1247,30 @@ def finetune_cmd(
 )
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
-def eval_cmd(model: str, tasks: str | None, general: str | None, quiet: bool, **kw) -> None:
-    """Score MODEL on task splits (multiple choice by log-likelihood, else exact match); print T, G, E, F."""
+def eval_cmd(
+    model: str,
+    tasks: str | None,
+    general: str | None,
+    benchmark_names: tuple[str, ...],
+    benchmark_dirs: tuple[str, ...],
+    quiet: bool,
+    **kw,
+) -> None:
+    """Score MODEL on task splits (multiple choice by log-likelihood, else exact match) and standard benchmarks
+    (their official metric); print T, G, E, F."""
     from .eval.report import run_eval
 
-    if not tasks and not general:
-        raise click.UsageError("pass --tasks and/or --general")
-    run_eval(model, tasks, general, progress=not quiet, log=click.echo, **kw)
+    if not tasks and not general and not benchmark_names:
+        raise click.UsageError("pass --tasks, --general and/or --benchmark")
+    pairs = _benchmark_pairs(benchmark_names, benchmark_dirs)
+    run_eval(model, tasks, general, benchmarks=pairs, progress=not quiet, log=click.echo, **kw)
+
+
+def _benchmark_pairs(names: tuple[str, ...], dirs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(--benchmark, --benchmark-dir) pairs, given one each in the same order."""
+    if len(names) != len(dirs):
+        raise click.UsageError("give each --benchmark its --benchmark-dir (one each, in the same order)")
+    return list(zip(names, dirs))
 
 
 def _os_error_line(e: OSError) -> str:

@@ -1,12 +1,13 @@
 """RESULTS.md's section "Continual merging" from ``runs/testbed/continual/results.json`` (:mod:`.continual`): per
-method the final average accuracy, the average forgetting and G with 95% bootstrap intervals, paired differences,
-the accuracy matrices as tables and heat maps, and the average accuracy after each task as a plot.
+method the final average accuracy, the average forgetting, MFT, MAA, BWT and G with 95% bootstrap intervals, paired
+differences, the accuracy matrices as tables and heat maps, and the average accuracy after each task as a plot.
 
-Definitions (a[t][j]: accuracy on task j after task t, both in percent, t, j = 1..T):
+Definitions (a[t][j]: accuracy on task j after task t, both in percent, t, j = 1..T; MFT, MAA and BWT as
+:mod:`forgetless.eval.continual` computes them):
 
-* **final average accuracy** — mean over j of a[T][j];
+* **final average accuracy** — mean over j of a[T][j]: MFN (MCITlib's Last);
 * **average forgetting** — mean over j < T of a[j][j] − a[T][j], the drop from just after learning task j (in that
-  method's own model after task j) to the end;
+  method's own model after task j) to the end: −BWT;
 * **G** — the general score of the model after the last task (as in the other sections).
 
 Every cell of a matrix is scored on the same test items of its task, so one :class:`Bootstrap` resamples them all
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint.writer import atomic_write, human_bytes
+from ..eval import continual as CL
 from ..eval.metrics import Bootstrap, NamedDraws, item_correct
 from ..eval.report import cell, diff_cell, doc_link
 from .context import read_results
@@ -42,11 +44,12 @@ KEEPS = {
 
 
 class ContinualDraws(NamedDraws):
-    """Points and bootstrap draws of each method's final average accuracy (``final``), average forgetting
-    (``forgetting``) and G; rows ``joint LoRA`` (final and G only), ``base`` and ``own adapters`` (each task by its
-    own adapter just after learning: final only)."""
+    """Points and bootstrap draws of each method's final average accuracy (``final``: MFN), average forgetting
+    (``forgetting``: −BWT), MFT, MAA, BWT and G; rows ``joint LoRA`` (final and G only), ``base`` and ``own
+    adapters`` (each task by its own adapter just after learning: final only)."""
 
-    KEYS = ("final", "forgetting", "G")
+    KEYS = ("final", "forgetting", "MFT", "MAA", "BWT", "G")
+    MATRIX_KEYS = ("MFT", "MAA", "BWT")  # beside final and forgetting, of a method's matrix only
 
     def __init__(self, res: Mapping[str, Any], n_boot: int = N_BOOT):
         super().__init__(Bootstrap(n_boot, seed=0))
@@ -70,20 +73,27 @@ class ContinualDraws(NamedDraws):
 
     def acc(self, row: Mapping[str, Any], task: str) -> np.ndarray:
         """[n_boot] resampled accuracy (%) of `row` on `task`."""
-        c = item_correct({"correct_items": row["correct_items"][task]}, task)
-        return c[self.boot.indices(task, len(c))].mean(axis=1) * 100
+        return CL.cell_draws(
+            self.boot, task, item_correct({"correct_items": row["correct_items"][task]}, task)
+        )
+
+    def matrix(self, rows: list[dict]) -> list[list[float]]:
+        """a[t][j] (%) of a method's rows: each task learned so far."""
+        return [[r["tasks"][n] for n in self.seq[: t + 1]] for t, r in enumerate(rows)]
 
     def _add(
         self, name: str, final: Mapping[str, Any], rows: list[dict] | None, general: bool = True
     ) -> None:
-        p: dict[str, float | None] = {"final": float(np.mean([final["tasks"][n] for n in self.seq]))}
-        d: dict[str, np.ndarray | None] = {"final": np.mean([self.acc(final, n) for n in self.seq], axis=0)}
+        p: dict[str, float | None] = {k: None for k in self.KEYS}
+        d: dict[str, np.ndarray | None] = {k: None for k in self.KEYS}
+        p["final"] = float(np.mean([final["tasks"][n] for n in self.seq]))
+        d["final"] = np.mean([self.acc(final, n) for n in self.seq], axis=0)
         if rows is not None:
-            learned = list(enumerate(self.seq[:-1]))  # (j, task j): all but the last, learned before the end
-            p["forgetting"] = float(np.mean([rows[j]["tasks"][n] - final["tasks"][n] for j, n in learned]))
-            d["forgetting"] = np.mean([self.acc(rows[j], n) - self.acc(final, n) for j, n in learned], axis=0)
-        else:
-            p["forgetting"], d["forgetting"] = None, None
+            pm = CL.cl_metrics(self.matrix(rows))
+            dm = CL.cl_metrics([[self.acc(r, n) for n in self.seq[: t + 1]] for t, r in enumerate(rows)])
+            p.update({k: pm[k] for k in self.MATRIX_KEYS})
+            d.update({k: dm[k] for k in self.MATRIX_KEYS})
+            p["forgetting"], d["forgetting"] = _negated(pm["BWT"]), _negated(dm["BWT"])
         if general and final.get("G") is not None:
             general_names = [n for n, k in final["kinds"].items() if k.startswith("general")]
             result = {
@@ -93,8 +103,6 @@ class ContinualDraws(NamedDraws):
                 }
             }
             p["G"], d["G"] = float(final["G"]), self.boot.scores(result)["G"]
-        else:
-            p["G"], d["G"] = None, None
         self.points[name], self.draws[name] = p, d
 
     def best_baseline(self) -> str | None:
@@ -103,14 +111,20 @@ class ContinualDraws(NamedDraws):
         return max(have, key=lambda m: self.points[m]["final"]) if have else None
 
 
+def _negated(x: Any) -> Any:
+    """−x, None kept (0.0 − x: no negative zero to print)."""
+    return None if x is None else 0.0 - x
+
+
 def summary_table(d: ContinualDraws) -> str:
     res = d.res
+    scores = "final avg accuracy (MFN) | avg forgetting (−BWT) | MFT | MAA | BWT | G"
     lines = [
-        "| method | final avg accuracy | avg forgetting | G | build s/task (median) | keeps between tasks |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| method | {scores} | build s/task (median) | keeps between tasks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, p in d.points.items():
-        cells = [cell(p[k], False, d.interval(name, k)) for k in d.KEYS]
+        cells = [cell(p[k], k in CL.SIGNED, d.interval(name, k)) for k in d.KEYS]
         secs = res["merge_seconds"].get(name)
         build = f"{float(np.median(secs)):.0f}" if secs else "—"
         kept = res.get("kept_bytes", {}).get(name)
@@ -123,7 +137,7 @@ def differences_table(d: ContinualDraws, pairs: list[tuple[str, str]]) -> str:
     lines = ["| comparison | Δ final avg accuracy | Δ avg forgetting | Δ G |", "|---|---:|---:|---:|"]
     for a, b in pairs:
         if a in d.points and b in d.points:
-            diffs = [d.difference(a, b, k) for k in d.KEYS]
+            diffs = [d.difference(a, b, k) for k in ("final", "forgetting", "G")]
             lines.append(
                 f"| {a} − {b} | " + " | ".join("—" if x is None else diff_cell(*x) for x in diffs) + " |"
             )
@@ -131,55 +145,13 @@ def differences_table(d: ContinualDraws, pairs: list[tuple[str, str]]) -> str:
 
 
 def matrix_table(d: ContinualDraws, name: str) -> str:
-    rows = d.res["matrices"][name]
-    lines = ["| after task | " + " | ".join(d.seq) + " | average |", "|---|" + "---:|" * (len(d.seq) + 1)]
-    for t, r in enumerate(rows, 1):
-        cells = [f"{r['tasks'][n]:.1f}" if n in r["tasks"] and j < t else "" for j, n in enumerate(d.seq)]
-        avg = float(np.mean([r["tasks"][n] for n in d.seq[:t]]))
-        lines.append(f"| {t}. {d.seq[t - 1]} | " + " | ".join(cells) + f" | {avg:.1f} |")
-    return "\n".join(lines)
+    return CL.matrix_markdown(d.matrix(d.res["matrices"][name]), d.seq)
 
 
 def heatmaps(d: ContinualDraws, path: Path) -> Path:
     """One panel per method: its accuracy matrix (row t: after task t; column j: task j), values annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(d.res["matrices"])
-    T = len(d.seq)
-    cols = min(4, len(names))
-    rows_n = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.3 * cols, 3.1 * rows_n + 0.5), dpi=110, squeeze=False)
-    try:
-        for ax in axes.flat[len(names) :]:
-            ax.axis("off")
-        for ax, name in zip(axes.flat, names):
-            m = np.full((T, T), np.nan)
-            for t, r in enumerate(d.res["matrices"][name]):
-                for j, n in enumerate(d.seq[: t + 1]):
-                    m[t, j] = r["tasks"][n]
-            im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
-            for t in range(T):
-                for j in range(t + 1):
-                    ax.text(
-                        j,
-                        t,
-                        f"{m[t, j]:.0f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if m[t, j] < 55 else "black",
-                    )
-            ax.set_title(name, fontsize=9)
-            ax.set_xticks(range(T), [n[:8] for n in d.seq], rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(T), [f"after {t + 1}" for t in range(T)], fontsize=7)
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="test accuracy (%)")
-        fig.suptitle("Accuracy after each task (row) on each task so far (column)", fontsize=10)
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    matrices = {name: d.matrix(rows) for name, rows in d.res["matrices"].items()}
+    return CL.heatmaps(matrices, d.seq, path, "Accuracy after each task (row) on each task so far (column)")
 
 
 def average_curve(d: ContinualDraws, path: Path) -> Path:
