@@ -23,8 +23,11 @@ Choices (inferred)
 
 A routed model is a model folder (the LPM-merged weights) plus ``cpm_projectors.safetensors`` (``<t>/<tensor>``
 for every task's projector, ``prototypes`` [T, d]) and ``cpm_routing.json`` (format, τ, hard, the task names).
-:func:`load_model` loads any model folder, and installs the routing when the folder has it; transformers alone
-loads the same folder as the plain merged model (the base projector).
+:func:`load_model` loads any model folder, and installs the routing when the folder has it. The folder also
+carries its own routing code (``modeling_forgetless_cpm.py``, ``cpm_router.py``: :mod:`forgetless.remote`,
+where :class:`RoutedProjector` lives) and names it in config.json's ``auto_map``, so transformers' auto
+classes with ``trust_remote_code=True`` load it routed without forgetless; without it (or through the concrete
+``LlavaForConditionalGeneration``) transformers loads the plain merged model (the base projector).
 
 LLaVA-family models: llava-hf's ``multi_modal_projector`` and the original ``mm_projector`` (loaded as llava-hf's);
 Qwen2.5-VL's merger is refused with a clear error.
@@ -32,26 +35,37 @@ Qwen2.5-VL's merger is refused with a clear error.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import ForgetlessError, naming
+from .remote import REMOTE_DIR
+from .remote.cpm_router import (
+    AUTO_CLASSES,
+    DEFAULT_TAU,
+    FORMAT,
+    MODELING_FILE,
+    PROJECTORS_FILE,
+    ROUTED_CLASSES,
+    ROUTING_FILE,
+    VERSION,
+    RoutedProjector,
+    format_problem,
+    routed_copy,
+    unpack,
+)
 from .safeload import read_json
 
-ROUTING_FILE = "cpm_routing.json"
-PROJECTORS_FILE = "cpm_projectors.safetensors"
-FORMAT = "forgetless-cpm"
-VERSION = 1
-DEFAULT_TAU = 0.1
+ROUTER_FILE = "cpm_router.py"
+
 _PROJ = re.compile(
     r"^(?:model\.)?(?:multi_modal_projector\.(?P<hf>.+)|mm_projector\.(?P<layer>[02])\.(?P<rest>.+))$"
 )
@@ -80,53 +94,6 @@ def base_projector(names: Sequence[str], where: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- routing
-class RoutedProjector(nn.Module):
-    """Σₜ wₜ(x)·Pₜ(f(x)) with wₜ from the cosine of the patch-mean of f(x) to each task's prototype."""
-
-    def __init__(
-        self,
-        projectors: Sequence[nn.Module],
-        prototypes: Tensor,
-        *,
-        tau: float = DEFAULT_TAU,
-        hard: bool = False,
-    ):
-        super().__init__()
-        if len(projectors) != prototypes.shape[0] or not projectors:
-            raise ValueError(f"{len(projectors)} projectors for {prototypes.shape[0]} prototypes")
-        if not tau > 0:
-            raise ValueError(f"routing temperature must be > 0, got {tau}")
-        self.projectors = nn.ModuleList(projectors)
-        self.register_buffer("prototypes", prototypes.float().clone())
-        self.tau, self.hard = float(tau), bool(hard)
-
-    def route(self, features: Tensor) -> Tensor:
-        """Routing weights [images, T] for projector input [images, patches, d]."""
-        pooled = (
-            features.float().mean(dim=-2)
-            if features.dim() >= 3
-            else features.float().mean(dim=0, keepdim=True)
-        )
-        pooled = pooled.reshape(-1, pooled.shape[-1])
-        cos = F.normalize(pooled, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
-        if self.hard:
-            return F.one_hot(cos.argmax(dim=-1), cos.shape[-1]).float()
-        return torch.softmax(cos / self.tau, dim=-1)
-
-    def forward(self, features: Tensor) -> Tensor:
-        w = self.route(features)
-        lead = features.shape[:-2] if features.dim() >= 3 else (1,)
-        w = w.reshape(*lead, 1, 1, w.shape[-1]) if features.dim() >= 3 else w.reshape(1, 1, -1)
-        out = None
-        for t, proj in enumerate(self.projectors):
-            wt = w[..., t]
-            if self.hard and not bool(wt.any()):
-                continue
-            y = proj(features) * wt.to(features.dtype)
-            out = y if out is None else out + y
-        return out
-
-
 def _projector_module(model: nn.Module) -> tuple[nn.Module, str]:
     holder = getattr(model, "model", model)
     if not hasattr(holder, "multi_modal_projector"):
@@ -147,16 +114,7 @@ def install_routing(
     """Replace the model's projector by a :class:`RoutedProjector` over ``projectors`` (state dicts of the
     projector module: ``linear_1.weight``, …)."""
     holder, attr = _projector_module(model)
-    template = getattr(holder, attr)
-    if isinstance(template, RoutedProjector):
-        template = template.projectors[0]
-    mods = []
-    for sd in projectors:
-        p = copy.deepcopy(template)
-        ref = next(p.parameters())
-        p.load_state_dict({k: v.to(ref.dtype) for k, v in sd.items()}, strict=True)
-        mods.append(p)
-    routed = RoutedProjector(mods, prototypes, tau=tau, hard=hard).to(next(template.parameters()).device)
+    routed = routed_copy(getattr(holder, attr), projectors, prototypes, tau=tau, hard=hard)
     setattr(holder, attr, routed)
     return routed
 
@@ -238,8 +196,12 @@ def write_routing(
     tau: float = DEFAULT_TAU,
     hard: bool = False,
 ) -> None:
-    """Write the CPM files into a model folder (before it is renamed into place)."""
+    """Write the CPM files into a model folder (before it is renamed into place): the routing, and the code
+    that routes it under ``trust_remote_code`` (:func:`remote_code_config` names it in config.json)."""
     folder = Path(folder)
+    for name in (MODELING_FILE, ROUTER_FILE):
+        with naming(folder / name):
+            shutil.copyfile(REMOTE_DIR / name, folder / name)
     tensors = {f"{t}/{k}": v.contiguous() for t, sd in enumerate(projectors) for k, v in sd.items()}
     tensors["prototypes"] = prototypes.float().contiguous()
     with naming(folder / PROJECTORS_FILE):
@@ -261,31 +223,29 @@ def read_routing(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Ten
     if not f.is_file():
         return None
     cfg = read_json(f, remedy="restore the routed model folder", expect=dict)
-    if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-        raise ForgetlessError(
-            f"not a {FORMAT} v{VERSION} routing file",
-            file=f,
-            remedy="use the forgetless version that wrote it",
-        )
+    problem = format_problem(cfg)
+    if problem is not None:
+        raise ForgetlessError(problem, file=f, remedy="use the forgetless version that wrote it")
     if not (folder / PROJECTORS_FILE).is_file():
         raise ForgetlessError(
             f"{PROJECTORS_FILE} is missing", file=folder, remedy="restore the routed model folder"
         )
-    tensors = load_file(str(folder / PROJECTORS_FILE))
-    T = len(cfg["tasks"])
-    projectors: list[dict[str, Tensor]] = [{} for _ in range(T)]
-    for k, v in tensors.items():
-        if k != "prototypes":
-            t, name = k.split("/", 1)
-            projectors[int(t)][name] = v
-    prototypes = tensors.get("prototypes")
-    if prototypes is None or prototypes.shape[0] != T or any(not p for p in projectors):
-        raise ForgetlessError(
-            f"{PROJECTORS_FILE} does not hold {T} projectors and prototypes",
-            file=folder,
-            remedy="restore the routed model folder",
-        )
+    try:
+        projectors, prototypes = unpack(cfg, load_file(str(folder / PROJECTORS_FILE)))
+    except ValueError as e:
+        raise ForgetlessError(str(e), file=folder, remedy="restore the routed model folder") from None
     return cfg, projectors, prototypes
+
+
+def remote_code_config(model_dir: str | Path) -> dict[str, Any]:
+    """The config.json entries (``auto_map``) that make transformers load a routed folder made from
+    ``model_dir`` routed with ``trust_remote_code=True``; none for an architecture the routed code lacks."""
+    cfg = read_json(Path(model_dir) / "config.json", remedy="give a model folder", expect=dict)
+    routed = ROUTED_CLASSES.get((cfg.get("architectures") or [None])[0])
+    if routed is None:
+        return {}
+    module = MODELING_FILE.removesuffix(".py")
+    return {"auto_map": {auto: f"{module}.{routed}" for auto in AUTO_CLASSES}}
 
 
 def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu") -> nn.Module:
@@ -331,6 +291,7 @@ __all__ = [
     "load_model",
     "projector_key",
     "read_routing",
+    "remote_code_config",
     "routing_accuracy",
     "visual_features",
     "write_routing",

@@ -46,7 +46,14 @@ from ..checkpoint.writer import (
     parse_size,
     recover,
 )
-from ..cpm import DEFAULT_TAU, base_projector, compute_prototype, projector_key, write_routing
+from ..cpm import (
+    DEFAULT_TAU,
+    base_projector,
+    compute_prototype,
+    projector_key,
+    remote_code_config,
+    write_routing,
+)
 from ..errors import ForgetlessError, naming, require_all
 from ..methods.adapter import truncated_svd
 from ..methods.linalg import resolve_device
@@ -1153,7 +1160,11 @@ def _finish_output(
             )
     if routed:
         _write_routed(writer.tmp, state_tmp, new_meta)
-    writer.commit(side_files_from=base.path, extra_files={"README.md": _card(new_meta, None)})
+    writer.commit(
+        side_files_from=base.path,
+        config_updates=remote_code_config(base.path) if routed else None,
+        extra_files={"README.md": _card(new_meta, None)},
+    )
 
 
 def _output_entries(
