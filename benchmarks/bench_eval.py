@@ -1,6 +1,7 @@
 """What `forgetless eval` costs on the testbed model (CPU), against what its forward passes must cost.
 
     .venv/bin/python benchmarks/bench_eval.py [--per-task 48] [--runs 3] [--batch-sizes 8,16,32] [--json out.json]
+    .venv/bin/python benchmarks/bench_eval.py --generate ...   # the same items answered by greedy generation
 
 Items: the first ``--per-task`` test items of each general visual task (colour, shape, count, caption), of the text
 probes and of one multiple-choice downstream task (count_many) — multiple choice, scored by the harness exactly as
@@ -19,6 +20,10 @@ Measured, interleaved over ``--runs`` runs, medians:
   here) as a fraction of all prompt and option tokens: the most that reusing its KV cache could save.
 - **bf16** (``--dtype bfloat16`` of ``forgetless eval``; this CPU's AMX units): items/s and how many predictions
   differ from fp32 — a data point, not what RESULTS.md uses.
+
+With ``--generate`` every item is answered by greedy generation instead (its task's metric set to exact match: the
+path of the open-ended benchmarks — batched, left-padded, KV cache, stopping at the end-of-turn token), and the
+floor counts the prefill's and every decoding step's products; the generated tokens are counted too.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from forgetless.testbed.build import testbed_model
 TASKS = [*T.GENERAL_VISUAL, "probes", "count_many"]
 
 
-def subset(root: Path, out: Path, per_task: int) -> dict[str, Path]:
-    """JSONL files of the first `per_task` test items of each task, images by absolute path."""
+def subset(root: Path, out: Path, per_task: int, generate: bool = False) -> dict[str, Path]:
+    """JSONL files of the first `per_task` test items of each task, images by absolute path (`generate`: each task
+    scored by exact match of a generated answer)."""
     files = {}
     for name in TASKS:
         rows = [json.loads(x) for x in (root / name / "test.jsonl").read_text().splitlines()[:per_task]]
@@ -51,7 +57,10 @@ def subset(root: Path, out: Path, per_task: int) -> dict[str, Path]:
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         meta = json.loads((root / name / "task.json").read_text())
-        (out / name / "task.json").write_text(json.dumps({k: meta[k] for k in ("name", "kind", "metric")}))
+        meta = {k: meta[k] for k in ("name", "kind", "metric")}
+        (out / name / "task.json").write_text(
+            json.dumps({**meta, "metric": "exact" if generate else meta["metric"]})
+        )
         files[name] = out / name
     return files
 
@@ -175,6 +184,13 @@ def token_counts(model: Path, files: dict[str, Path]) -> dict[str, float]:
     }
 
 
+def generated_tokens(model: Path, result: dict) -> int:
+    """The tokens generated in a result: each answer's tokens and the stop token that ended it."""
+    tok = Encoder(model).tokenizer
+    texts = [p["prediction"] for t in result["tasks"].values() for p in t["predictions"]]
+    return sum(len(tok(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-task", type=int, default=48)
@@ -183,6 +199,7 @@ def main() -> None:
     ap.add_argument("--task-root", default="runs/testbed/tasks")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--generate", action="store_true", help="answer every item by greedy generation")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = testbed_model()
@@ -190,7 +207,7 @@ def main() -> None:
     T.write_tasks(root, TASKS)
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        files = subset(root, Path(tmp), a.per_task)
+        files = subset(root, Path(tmp), a.per_task, a.generate)
         tokens = token_counts(model, files)
         print(
             f"{tokens['items']} items, {tokens['prompt_tokens']} prompt + {tokens['option_tokens']} option tokens; "
@@ -206,6 +223,8 @@ def main() -> None:
                 r, res = run_eval(model, files, b)
                 rates[str(b)].append(r)
                 preds.setdefault(str(b), [res["tasks"][n]["correct_items"] for n in TASKS])
+                if a.generate:
+                    tokens.setdefault("generated_tokens", generated_tokens(model, res))
                 preds.setdefault("fp32", preds[str(b)])
                 print(f"run {run}: batch {b}: {r:.2f} items/s", flush=True)
             if not a.no_bf16:
@@ -236,6 +255,8 @@ def main() -> None:
             a16 = "".join(preds["bf16"])
             out["bf16_correct_differs"] = sum(x != y for x, y in zip(a32, a16))
     print(f"\nthreads {out['threads']}; square 2048 matmul {out['square_gflops']:.0f} GFLOP/s")
+    if a.generate:
+        print(f"generated {tokens['generated_tokens']} tokens (answers and their stop tokens)")
     print("batch  items/s  measured s  GEMM floor s  measured/floor  GFLOP  achieved GFLOP/s")
     for b in sizes:
         f = out["floor"][str(b)]
