@@ -40,7 +40,10 @@ def test_inspect_reports_layout_and_part_counts(tiny_llava_dir, capsys):
 def test_methods_lists_parameters(capsys):
     main(["methods"])
     out = capsys.readouterr().out
-    assert "ties:" in out and "density=0.5 [per model]" in out and "alias: wise_ft" in out
+    assert "ties:" in out and "density=0.5 in (0, 1] [per model]" in out and "alias: wise_ft" in out
+    assert "sign=total (total|frequency)" in out  # a Literal's choices
+    for name in ("slerp", "model_stock", "breadcrumbs", "della", "tsv_m", "iso_c", "iso_cts", "magmax"):
+        assert f"\n{name}:" in "\n" + out
 
 
 def test_merge_dry_run_prints_plan(tmp_path, capsys):

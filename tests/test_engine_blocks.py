@@ -127,6 +127,13 @@ PARAMS = {
     "fisher": [{"normalize": "none"}, {"normalize": "mean"}, {"normalize": "max", "epsilon": 0.5}],
     "fisher_with_base": [{"normalize": "mean", "base_weight": 2.0}],
     "regmean": [{"alpha": 0.5}],
+    "slerp": [{"t": 0.3}, {"t": 0.9}],
+    "model_stock": [{}, {"filter_wise": True}],
+    "breadcrumbs": [{"density": 0.6, "gamma": 0.05}, {"gamma": 0.0, "mergekit_slice": True}],
+    "breadcrumbs_ties": [{"density": 0.5, "gamma": 0.02}, {"density": 0.8, "gamma": 0.1, "normalize": False}],
+    "della": [{"density": 0.5, "epsilon": 0.2}, {"density": 0.7, "rescale": "none", "normalize": False}],
+    "della_linear": [{"density": 0.4, "epsilon": 0.3, "convention": "mergekit"}],
+    "magmax": [{"lambda": 0.5}, {"lambda": 1.0}],
 }
 
 

@@ -323,8 +323,8 @@ def _cfg(ws, kind="ties", **change) -> dict:
 @pytest.mark.parametrize(
     "change,key,words",
     [
-        ({"merge_method": "slerp"}, "merge_method", "'slerp' is not in forgetless"),
-        ({"merge_method": "model_stock"}, "merge_method", "'model_stock' is not in forgetless"),
+        ({"merge_method": "nuslerp"}, "merge_method", "'nuslerp' is not in forgetless"),
+        ({"merge_method": "karcher"}, "merge_method", "'karcher' is not in forgetless"),
         ({"merge_method": "passthrough"}, "merge_method", "'passthrough' is not in forgetless"),
         (
             {"models": None, "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]},

@@ -13,9 +13,20 @@ What maps, checked against mergekit 0.1.5's ``merge_methods/`` (``generalized_ta
   become weights wₖ/Σw. ``int8_mask`` changes only the dtype of mergekit's sign mask, never a value: accepted.
   The sums are taken in mergekit's order of operations (``convention: mergekit``), so task arithmetic is mergekit's
   result bit for bit (up to four models), and TIES too, up to which of equal |Δ| at the top-k boundary are kept.
+- ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` (``sparsify.py``'s ``magnitude_outliers``
+  and ``della_magprune``): as above, each Δₖ sparsified by forgetless's methods of the same names, with ``gamma``
+  (0.01) or ``epsilon`` (0.15) per model, mergekit's ``rescale`` (an L1 rescale, which they have) and
+  ``normalize: false`` (the TIES variants then add the agreeing entries), and Breadcrumbs' ``mergekit_slice``
+  (mergekit's ``[n_bot:-n_top]`` keeps nothing when ⌊γ·n⌋ = 0). Breadcrumbs is bit for bit up to the order of
+  equal |Δ|; DELLA's masks are drawn from other generators than mergekit's.
 - ``linear``: the weighted average Σ wₖθₖ / Σ wₖ of the listed models (and of ``base_model`` when it is not
   listed, as mergekit adds it), forgetless's ``linear`` at λ = 1.
-- per-tensor values of ``weight``, ``density`` and ``lambda`` (``ConfigReader.parameter`` and ``evaluate_setting``
+- ``slerp`` (``slerp.py``): ``base_model`` (t = 0) and exactly one other model (t = 1); ``t`` is required, a
+  number, a gradient or a filtered list (per tensor, as below). ``model_stock`` (``model_stock.py``):
+  ``base_model`` and two or more other models, ``filter_wise`` (default false). Neither takes per-model
+  parameters. forgetless's ``slerp`` and ``model_stock`` are mergekit's rules; their angles are summed in float64
+  (mergekit's in float32), so the results agree to float32 rounding.
+- per-tensor values of ``weight``, ``density``, ``lambda``, ``gamma``, ``epsilon`` (``ConfigReader.parameter`` and ``evaluate_setting``
   in ``config.py``, ``t`` from ``plan.py``) become forgetless values per part (:mod:`.engine.parts`), the first
   entry that selects a tensor giving its value. A tensor's value is the model's own setting, else the top-level
   one, else the default. A filtered list ``[{filter: self_attn, value: 0.5}, {value: 1.0}]`` takes the first entry
@@ -60,22 +71,56 @@ MERGEKIT_KEYS = (
     "tokenizer",
     "chat_template",
 )
-MAPPED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+MAPPED = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "slerp",
+    "model_stock",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
+INTERPOLATIONS = {"slerp": ("t",), "model_stock": ("filter_wise",)}  # their parameters: top-level only
+GTA = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
 # mergekit 0.1.5's defaults (registry.py): normalize and rescale per method
 NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
 RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
+# Breadcrumbs and DELLA (sparsify.py's magnitude_outliers, della_magprune): their defaults, and their per-model
+# parameter with mergekit's default; `rescale` is an L1 rescale, which forgetless's methods also have
+NORMALIZE |= {"breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": False}
+RESCALE |= {"breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": True}
+SPARSIFY = {"breadcrumbs": ("gamma", 0.01), "breadcrumbs_ties": ("gamma", 0.01)}
+SPARSIFY |= {"della": ("epsilon", 0.15), "della_linear": ("epsilon", 0.15)}
 PER_TENSOR = (
     "weight",
     "density",
     "lambda",
+    "t",
+    "gamma",
+    "epsilon",
 )  # the parameters mergekit may give per tensor that forgetless maps
 DTYPES = ("float32", "bfloat16", "float16")
 HINT = "see docs/mergekit.md"
 UNSUPPORTED = (  # (key, why forgetless refuses it, what to do)
     (
         "slices",
-        "layer slices (frankenmerges) are not merges of matching tensors",
+        (
+            "layer slices (frankenmerges) are not merges of matching tensors (one slice taking every layer "
+            "of each source is read as `models:`)"
+        ),
         "merge whole models with `models:`; use a forgetless recipe's scope: to merge some layers only",
     ),
     ("modules", "per-module configs are not read", "use one `models:` list for the whole model"),
@@ -135,17 +180,23 @@ class _Config:
 
     @property
     def per_model_keys(self) -> tuple[str, ...]:
+        if self.method in INTERPOLATIONS:
+            return ()
+        if self.method in SPARSIFY:
+            return ("weight", "density", SPARSIFY[self.method][0])
         return ("weight",) if self.method == "linear" else ("weight", "density")
 
     @property
     def global_keys(self) -> tuple[str, ...]:
+        if self.method in INTERPOLATIONS:
+            return INTERPOLATIONS[self.method]
         return ("normalize",) if self.method == "linear" else ("normalize", "rescale", "int8_mask", "lambda")
 
 
 def translate(data: dict, where: str) -> dict:
     """The forgetless recipe (a plain mapping) that computes what the mergekit config `data` does; a
     :class:`ForgetlessError` naming the key when it uses something forgetless does not have."""
-    cfg = _Config(data, where)
+    cfg = _Config(_whole_slices(data, where), where)
     _check_keys(cfg)
     base = data.get("base_model")
     if base is not None:
@@ -154,10 +205,32 @@ def translate(data: dict, where: str) -> dict:
     dtype = _dtype(data, cfg.refuse)
     _check_top_parameters(cfg)
     entries = _entries(cfg)
+    if cfg.method in INTERPOLATIONS:
+        return _interpolation(entries, base, cfg, dtype)
     normalize = cfg.top.get("normalize", NORMALIZE[cfg.method])
     if cfg.method == "linear":
         return _linear(entries, base, cfg, normalize, dtype)
     return _task_vectors(entries, base, cfg, normalize, dtype)
+
+
+def _whole_slices(data: dict, where: str) -> dict:
+    """A config whose one slice takes every decoder layer of each source (``slices: [{sources: [{model,
+    layer_range: [0, L]}, …]}]``, how slerp configs are usually written) as the same config with ``models:`` —
+    the same merge; any other ``slices`` is left for :data:`UNSUPPORTED` to refuse."""
+    slices = data.get("slices")
+    if not isinstance(slices, list) or len(slices) != 1 or "models" in data:
+        return data
+    sources = slices[0].get("sources") if isinstance(slices[0], dict) else None
+    if not isinstance(sources, list) or not sources or set(slices[0]) != {"sources"}:
+        return data
+    if any(not isinstance(s, dict) or set(s) - {"model", "layer_range", "parameters"} for s in sources):
+        return data
+    cfg = _Config({**data, "models": [{"model": s.get("model")} for s in sources]}, where)
+    layers = _layout(cfg)[0].num_layers
+    if any(s.get("layer_range") != [0, layers] for s in sources):
+        return data
+    models = [{k: v for k, v in s.items() if k != "layer_range"} for s in sources]
+    return {**{k: v for k, v in data.items() if k != "slices"}, "models": models}
 
 
 def _check_keys(cfg: _Config) -> None:
@@ -241,7 +314,7 @@ def _entries(cfg: _Config) -> list[tuple[int, str, dict]]:
                     f"models[{i}].parameters.{k}",
                     f"not a per-model parameter of mergekit's {cfg.method}",
                     f"remove it (mergekit ignores it; per model {cfg.method} takes "
-                    f"{', '.join(cfg.per_model_keys)})",
+                    f"{', '.join(cfg.per_model_keys) or 'nothing'})",
                 )
             _setting(v, f"models[{i}].parameters.{k}", refuse, k in PER_TENSOR)
         entries.append((i, ref, params))
@@ -249,7 +322,8 @@ def _entries(cfg: _Config) -> list[tuple[int, str, dict]]:
 
 
 def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool, dtype: str) -> dict:
-    """task_arithmetic, ties, dare_linear, dare_ties: θ₀ + λ·Σ wₖ·Δₖ over the models other than the base."""
+    """task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs(_ties), della(_linear): θ₀ + λ·Σ wₖ·Δₖ over the
+    models other than the base."""
     method, refuse = cfg.method, cfg.refuse
     if base is None:
         raise refuse("base_model", f"mergekit's {method} takes task vectors from it: required")
@@ -270,11 +344,15 @@ def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool
     rescale = _rescale(cfg, densities)
     if rescale is not None:
         params["rescale"] = rescale
+    params.update(_sparsify_params(cfg, normalize))
     out_models = []
-    for (_, ref, _), w, d in zip(tasks, weights, densities):
+    for (i, ref, p), w, d in zip(tasks, weights, densities):
         entry = {"model": ref, "weight": w}
         if method != "task_arithmetic":
             entry["density"] = d
+        if method in SPARSIFY:  # gamma (Breadcrumbs) or epsilon (DELLA), with mergekit's default
+            key, default = SPARSIFY[method]
+            entry[key] = _values(cfg.value(i, p, key, default), float)
         out_models.append(entry)
     return {"method": method, "base": base, "models": out_models, "parameters": params, "dtype": dtype}
 
@@ -283,7 +361,7 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
     """mergekit's ``normalize`` where forgetless has the same rule: TIES's disjoint mean is normalize: true; task
     arithmetic and DARE-linear with it become weights wₖ/Σw."""
     method = cfg.method
-    if method in ("ties", "dare_ties") and not normalize:
+    if method in ("ties", "dare_ties") and not normalize:  # breadcrumbs_ties, della: their `normalize: false`
         default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
         raise cfg.refuse(
             "parameters.normalize",
@@ -292,7 +370,7 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
             "(normalize: true)",
             "set normalize: true to merge as forgetless does",
         )
-    if method in ("task_arithmetic", "dare_linear") and normalize:
+    if method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear") and normalize:
         if any(isinstance(w, list) for w in weights):
             raise cfg.refuse(
                 "parameters.normalize",
@@ -306,8 +384,9 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
     return weights
 
 
-def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
-    """DARE's ``rescale`` as forgetless takes it (None: the method has none); mergekit's L1 rescaling refused."""
+def _rescale(cfg: _Config, densities: list[float]) -> bool | str | None:
+    """``rescale`` as forgetless takes it (None: the method has none): Breadcrumbs' and DELLA's L1 rescale is
+    mergekit's; DARE's and TIES's L1 rescale refused."""
     method, rescale = cfg.method, cfg.top.get("rescale", RESCALE[cfg.method])
     if method == "ties" and rescale:
         raise cfg.refuse(
@@ -316,6 +395,8 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
             "forgetless's ties does not rescale",
             "remove it (mergekit's default for ties is false)",
         )
+    if method in SPARSIFY:  # forgetless's have mergekit's L1 rescale (della's own default is 1/p)
+        return ("l1" if rescale else "none") if method.startswith("della") else bool(rescale)
     if not method.startswith("dare"):
         return None
     if rescale and any(d < 1 for d in _all_values(densities)):
@@ -327,6 +408,15 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | None:
             f"(method: {method}) to rescale by 1/density",
         )
     return bool(rescale)
+
+
+def _sparsify_params(cfg: _Config, normalize: bool) -> dict[str, Any]:
+    """Breadcrumbs' and DELLA's settings that follow mergekit: its slice (a tensor with ⌊γ·n⌋ = 0 loses every
+    entry), and ``normalize: false`` (the agreeing entries added, not averaged) for the TIES variants."""
+    out: dict[str, Any] = {"mergekit_slice": True} if cfg.method.startswith("breadcrumbs") else {}
+    if cfg.method in ("breadcrumbs_ties", "della") and not normalize:
+        out["normalize"] = False
+    return out
 
 
 def _linear(entries: list, base: str | None, cfg: _Config, normalize: bool, dtype: str) -> dict:
@@ -362,6 +452,33 @@ def _linear(entries: list, base: str | None, cfg: _Config, normalize: bool, dtyp
         "parameters": {"lambda": 1.0},
         "dtype": dtype,
     }
+
+
+def _interpolation(entries: list, base: str | None, cfg: _Config, dtype: str) -> dict:
+    """slerp: from ``base_model`` to the one other model, ``t`` per tensor; model_stock: ``base_model`` and two or
+    more others, ``filter_wise``. A model listed twice counts once, as mergekit gathers one tensor per model."""
+    method, refuse = cfg.method, cfg.refuse
+    if base is None:
+        raise refuse("base_model", f"mergekit's {method} interpolates from it: required")
+    others = list(dict.fromkeys(ref for _, ref, _ in entries if ref != base))  # the base: listed or not
+    want = 1 if method == "slerp" else 2
+    if len(others) < want or (method == "slerp" and len(others) > 1):
+        count = "exactly one other model" if method == "slerp" else "two or more other models"
+        raise refuse(
+            "models",
+            f"mergekit's {method} merges base_model and {count}, got {len(others)}",
+            f"list {count} besides base_model",
+        )
+    if method == "slerp":
+        t = per_tensor(cfg, [cfg.top.get("t")], None)
+        if t is None:
+            some = " (for the tensors no filter selects)" if "t" in cfg.top else ""
+            raise refuse("parameters.t", f"mergekit's slerp requires it{some}", "give it (e.g. t: 0.5)")
+        params = {"t": t}
+    else:
+        params = {"filter_wise": bool(cfg.top.get("filter_wise", False))}  # mergekit tests its truth
+    models = [{"model": ref} for ref in others]
+    return {"method": method, "base": base, "models": models, "parameters": params, "dtype": dtype}
 
 
 def _reference(v: Any, key: str, refuse) -> str:

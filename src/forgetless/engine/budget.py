@@ -24,9 +24,6 @@ PREFETCH_BYTES = (
     256 * 2**20
 )  # … while their inputs take at most this much (the next one is always read ahead)
 RUNTIME_BYTES = 400 * 2**20  # python + torch + forgetless after import, and the threads' malloc arenas
-TEMPORARIES = (
-    4  # float32 copies of a tensor a method allocates besides its inputs (TIES: |Δ|, sign, num, den)
-)
 AUTO_MEMORY = 0.5  # memory: auto = this fraction of the memory available when the merge is planned
 
 

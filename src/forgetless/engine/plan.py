@@ -131,7 +131,7 @@ class Plan:
     def cost(self, job: Job, rows: int | None = None) -> Cost:
         """What `job` holds computed whole, or `rows` of its rows at once: every input in float32 for the method
         (statistics not shaped like the weight, RegMean's Gram, whole), the stored bytes for a copy;
-        :data:`.budget.TEMPORARIES` float32 copies for a method. (A method's pre-pass over a tensor's blocks holds
+        the method's ``temporaries`` float32 copies. (A method's pre-pass over a tensor's blocks holds
         two blocks' inputs at most, and runs before any block of that tensor is read ahead.)"""
         frac = 1.0 if rows is None else rows / num_rows(job.shape)
         if not job.route.merged:
@@ -147,7 +147,7 @@ class Plan:
                     job.name, self.spec.stat_shape(need, job.shape) or job.shape, torch.float32
                 ).nbytes
                 inputs += count * (whole * frac if self.spec.stat_in_rows(need, job.shape) else whole)
-        return Cost(int(inputs), int(budget.TEMPORARIES * f32 * frac), int(job.out_bytes * frac))
+        return Cost(int(inputs), int(self.spec.temporaries * f32 * frac), int(job.out_bytes * frac))
 
     def unit_cost(self, unit: Unit) -> Cost:
         return self.cost(unit.job, None if unit.rows is None else unit.rows[1] - unit.rows[0])
@@ -281,6 +281,12 @@ def _method(recipe: Recipe, where: str) -> MethodSpec:
             f"models: {spec.name!r} merges exactly one fine-tuned model, got {len(recipe.models)}",
             file=where,
             remedy="list one model",
+        )
+    if len(recipe.models) < spec.min_models:
+        raise ForgetlessError(
+            f"models: {spec.name!r} merges at least {spec.min_models} fine-tuned models, got {len(recipe.models)}",
+            file=where,
+            remedy=f"list {spec.min_models} or more models",
         )
     return spec
 

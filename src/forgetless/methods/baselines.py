@@ -150,14 +150,18 @@ def ties_consensus(
     lambda_: float = 1.0,
     sign: Sign = "total",
     convention: Convention = "mergekit",
+    normalize: bool = True,
 ) -> Tensor:
     """θ₀ + λ·τₘ, τₘ the disjoint mean of the τₖ that agree with the elected sign. "mergekit" weighs first (γ of
-    Σ wₖτₖ; the agreeing wₖτₖ over their Σ wₖ); "peft" elects on Σ τₖ and divides Σ wₖτₖ by the agreeing count."""
+    Σ wₖτₖ; the agreeing wₖτₖ over their Σ wₖ); "peft" elects on Σ τₖ and divides Σ wₖτₖ by the agreeing count.
+    ``normalize=False``: the agreeing terms summed, not divided (mergekit's ``normalize: false``)."""
     ones = [1.0] * len(taus)
     if convention == "peft":
-        return theta0.add(disjoint_mean(taus, elect_sign(taus, sign), weights, ones), alpha=lambda_)
+        shares = ones if normalize else [0.0] * len(taus)
+        return theta0.add(disjoint_mean(taus, elect_sign(taus, sign), weights, shares), alpha=lambda_)
     weighted = [w * tau for w, tau in zip(weights, taus)]
-    return theta0 + lambda_ * disjoint_mean(weighted, elect_sign(weighted, sign), ones, weights)
+    shares = weights if normalize else [0.0] * len(taus)  # no agreeing share: the denominator is 1
+    return theta0 + lambda_ * disjoint_mean(weighted, elect_sign(weighted, sign), ones, shares)
 
 
 def dare_drop(

@@ -33,7 +33,11 @@ The engine reads everything it needs from the registration and the signature:
 - ``uses_device``: the method runs its heavy linear algebra (solves, SVDs) on a device; the engine passes the
   recipe's ``device:`` (resolved: ``cpu``, ``cuda:N``) as the context argument ``device``, and the method
   returns its result on the CPU (RegMean, the adapter-space SVD methods);
-- ``divides_by_weights``: the rule normalises by Σ wₖ (a weighted average), so weights summing to 0 are refused.
+- ``divides_by_weights``: the rule normalises by Σ wₖ (a weighted average), so weights summing to 0 are refused;
+- ``min_models``: the fewest fine-tuned models the rule is defined for (Model Stock's angles need two), refused
+  at plan time;
+- ``temporaries``: the float32 copies of a tensor the method allocates besides its inputs (default 4: TIES's |Δ|,
+  sign, numerator and denominator), which the engine's memory budget counts for every tensor in flight.
 All tensors arrive in float32 as fresh copies that the method owns (the fine-tuned ones of a ``reads_finetuned``
 method as views, to be read only): it may work in place on them (and should, for large tensors: every new
 allocation costs page faults). The engine casts the result to the output dtype.
@@ -189,6 +193,8 @@ class MethodSpec:
         False  # the rule normalises by Σ wₖ (a weighted average): weights summing to 0 fail
     )
     uses_device: bool = False  # gets the recipe's device as the context argument `device`
+    min_models: int = 1  # the fewest fine-tuned models the rule is defined for
+    temporaries: int = 4  # float32 copies of a tensor the method allocates besides its inputs (the budget's)
     streaming: Streaming = field(default_factory=Streaming)  # read by the engine only
 
     def stat_shape(self, need: str, weight_shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -263,6 +269,8 @@ def merge_method(
     ranges: dict[str, str] | None = None,
     divides_by_weights: bool = False,
     uses_device: bool = False,
+    min_models: int = 1,
+    temporaries: int = 4,
     streaming: Streaming = Streaming(),
 ) -> Callable[[F], F]:
     """Register the decorated function as merge method `name` (and its `aliases`); the options are the module
@@ -292,6 +300,8 @@ def merge_method(
             dense=dense,
             divides_by_weights=divides_by_weights,
             uses_device=uses_device,
+            min_models=min_models,
+            temporaries=temporaries,
             streaming=streaming,
         )
         _check_registration(spec)

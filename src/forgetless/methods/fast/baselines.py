@@ -157,15 +157,20 @@ def trim_and_combine(
 
 
 def consensus(
-    base: Tensor, taus: list[Tensor], weights: list[float], lambda_: float, sign: Sign, convention: Convention
+    base: Tensor,
+    taus: list[Tensor],
+    weights: list[float],
+    lambda_: float,
+    sign: Sign,
+    convention: Convention,
+    normalize: bool = True,
 ) -> Tensor:
     """:func:`..baselines.ties_consensus` in place on `base`, chunk by chunk; consumes `taus` (DARE-TIES)."""
     b, ts = base.contiguous().view(-1), [t.reshape(-1) for t in taus]  # views of the engine's inputs
     scratch = _Scratch(b.numel(), 0)
     for at, stop in select.chunks(b.numel()):
-        combine(
-            part(b, at, stop), [part(t, at, stop) for t in ts], weights, lambda_, sign, convention, scratch
-        )
+        chunk = [part(t, at, stop) for t in ts]
+        combine(part(b, at, stop), chunk, weights, lambda_, sign, convention, scratch, normalize)
     return b.view(base.shape)
 
 
@@ -189,17 +194,20 @@ def combine(
     sign: Sign,
     convention: Convention,
     scratch: _Scratch,
+    normalize: bool = True,
 ) -> Tensor:
     """:func:`..baselines.ties_consensus` on one chunk, into `base`, its temporaries in `scratch`; consumes `taus`."""
     acc, num, den, tmp = scratch.cut(base.numel())
     ones = [1.0] * len(taus)
     if convention == "peft":
         gamma = _elect_sign(taus, sign, acc, tmp)
-        return base.add_(_disjoint_mean(taus, gamma, weights, ones, (num, den, tmp)), alpha=lambda_)
+        shares = ones if normalize else [0.0] * len(taus)
+        return base.add_(_disjoint_mean(taus, gamma, weights, shares, (num, den, tmp)), alpha=lambda_)
     if any(w != 1 for w in weights):  # mergekit weighs before electing, each wₖτₖ rounded
         taus = [t.mul_(w) for t, w in zip(taus, weights)]
     gamma = _elect_sign(taus, sign, acc, tmp)
-    mixed = _disjoint_mean(taus, gamma, ones, weights, (num, den, tmp))
+    shares = weights if normalize else [0.0] * len(taus)  # no agreeing share: the denominator is 1
+    mixed = _disjoint_mean(taus, gamma, ones, shares, (num, den, tmp))
     return base.add_(mixed.mul_(lambda_) if lambda_ != 1 else mixed)
 
 
