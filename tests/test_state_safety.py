@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import crash_worker
 import pytest
 import torch
 from conftest import add_args
@@ -128,17 +129,7 @@ def test_a_kill_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(
         "next_adapter": str(tasks[2][0]),
         "next_gram": str(tasks[2][1]),
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    r = subprocess.run(
-        [sys.executable, str(HERE / "crash_worker.py"), str(tmp_path / "spec.json")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    result = json.loads(r.stdout.splitlines()[-1])
+    result = crash_worker.run(spec, tmp_path)
     kills = result["kills"]
     assert len(kills) >= 8 and result["completed"] == 2  # every step was killed once, then a run completed
     for k, after_kill, after_add in kills:

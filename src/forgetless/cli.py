@@ -154,7 +154,10 @@ def methods_cmd() -> None:
             continue
         seen.add(spec.name)
         params = ", ".join(
-            f"{p}={'(required)' if d is REQUIRED else d}" + (" [per model]" if p in spec.per_model else "")
+            f"{p}={'(required)' if d is REQUIRED else d}"
+            + (f" in {spec.ranges[p]}" if p in spec.ranges else "")
+            + (f" ({'|'.join(map(str, spec.choices[p]))})" if p in spec.choices else "")
+            + (" [per model]" if p in spec.per_model else "")
             for p, d in spec.params.items()
         )
         aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
@@ -425,6 +428,25 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, quiet: 
     cgm_chain(base, finetuned, scope=list(scope) or None, n=num, log=click.echo, progress=not quiet, **kw)
 
 
+@cli.command("extract-lora")
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("finetuned", type=click.Path(file_okay=False))
+@click.option("--rank", required=True, type=POSITIVE, help="The LoRA rank R (smaller weights kept whole).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The PEFT adapter folder.")
+@click.option("--scope", multiple=True, help="Selectors of the tensors to extract. Default: every tensor.")
+@choice("--svd", ["exact", "randomized"], "exact", help="The truncated SVD: exact, or randomized (faster).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
+@choice("--dtype", ["float32", "bfloat16", "float16"], "float32", help="The LoRA factors' dtype.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def extract_lora_cmd(base: str, finetuned: str, scope: tuple[str, ...], **kw) -> None:
+    """The truncated SVD of each changed Linear's FINETUNED − BASE as a PEFT LoRA adapter (other changed modules
+    saved whole); the model card lists each module's reconstruction error."""
+    from .chains.extract_lora import extract_lora
+
+    one_process("extract-lora")
+    extract_lora(base, finetuned, scope=list(scope) or None, log=click.echo, **kw)
+
+
 def _benchmark_options(role: str) -> Callable:
     """--benchmark NAME / --benchmark-dir DIR, repeatable in pairs; ``role``: what a benchmark is to the command."""
 
@@ -450,7 +472,7 @@ def _benchmark_options(role: str) -> Callable:
 @cli.group("continual")
 def continual_group() -> None:
     """Merge a sequence of tasks' LoRA adapters one task at a time through a state folder (MAny: LPM, and CPM
-    routing with --cpm-data)."""
+    routing with --cpm-data); or sequentially fine-tuned models with MagMax or OPCM (`continual merge`)."""
 
 
 @continual_group.command("add")
@@ -554,8 +576,54 @@ def continual_add_cmd(state: str, routing: str | None, gram: tuple[str, ...], **
 def continual_show_cmd(state: str) -> None:
     """The tasks, options and sizes of a continual state."""
     from .chains.continual import show_state
+    from .chains.continual_merge import is_merge_state, show_merge_state
 
-    click.echo(show_state(state))
+    click.echo(show_merge_state(state) if is_merge_state(state) else show_state(state))
+
+
+@continual_group.command("merge")
+@click.argument("state", type=click.Path(file_okay=False))
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The model after the new task (fine-tuned from the previous task's model).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["magmax", "opcm"]),
+    default=None,
+    help="MagMax (per entry, the largest-magnitude task vector) or OPCM (orthogonal projections); first "
+    "model only, later the state's.",
+)
+@folder_option("--base", help="The base model (needed on the first model; later the state's own, checked).")
+@folder_option("--out", help="The merged model folder. Default: update the state only.")
+@click.option("--name", default=None, help="Task name (default: the model folder's name).")
+@click.option(
+    "--lambda",
+    "lambda_",
+    type=float,
+    default=None,
+    help="MagMax: the scale of the selected task vector in this output (default 0.5).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="OPCM: the share of the merged update's singular values whose directions the new task vector leaves "
+    "(first model only; default 0.5).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="OPCM: where the SVDs run (auto, cpu, cuda, cuda:N)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def continual_merge_cmd(state: str, **kw) -> None:
+    """Merge the model after one more task into STATE (created by the first) with MagMax or OPCM, and write the
+    merged model."""
+    from .chains.continual_merge import merge_step
+
+    one_process("continual merge")
+    merge_step(state, log=click.echo, **kw)
 
 
 @continual_group.command("eval")

@@ -22,8 +22,8 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,18 @@ def load_state(state: str | Path) -> dict[str, Any]:
     """state.json of a continual state folder, checked for format, version and the shape of every entry (a
     damaged file is named, never a crash later). A state a crashed replace left moved aside is put back first,
     unless a live writer holds the state's lock."""
+    return read_state(state, FORMAT, VERSION, _meta_problem, "forgetless continual add")
+
+
+def read_state(
+    state: str | Path,
+    fmt: str,
+    version: int,
+    meta_problem: Callable[[dict[str, Any]], str | None],
+    command: str,
+) -> dict[str, Any]:
+    """:func:`load_state` for a state format of its own (``fmt``, ``version``, ``meta_problem`` saying what is
+    wrong with its entries, ``command`` the command that writes it)."""
     path = Path(state)
     if not path.exists() and moved_aside(path):
         _recover_unlocked(path)
@@ -125,21 +137,18 @@ def load_state(state: str | Path) -> dict[str, Any]:
         raise ForgetlessError(
             what,
             file=path,
-            remedy="give the STATE folder `forgetless continual add` created "
-            "(a new, absent path starts a new state)",
+            remedy=f"give the STATE folder `{command}` created (a new, absent path starts a new state)",
         )
     meta = read_json(f, remedy=DAMAGED)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ForgetlessError(f"not a {fmt} state", file=f, remedy=f"give a state folder `{command}` wrote")
+    if meta.get("version") != version:
         raise ForgetlessError(
-            f"not a {FORMAT} state", file=f, remedy="give a state folder written by forgetless"
-        )
-    if meta.get("version") != VERSION:
-        raise ForgetlessError(
-            f"state format version {meta.get('version')!r}, this forgetless reads {VERSION}",
+            f"state format version {meta.get('version')!r}, this forgetless reads {version}",
             file=f,
             remedy=f"use the forgetless version that wrote it ({meta.get('forgetless_version')})",
         )
-    problem = _meta_problem(meta)
+    problem = meta_problem(meta)
     if problem:
         raise ForgetlessError(f"damaged state: {problem}", file=f, remedy=DAMAGED)
     return meta
@@ -305,14 +314,18 @@ def _check_same_cpm(
 def check_state(state: str | Path) -> dict[str, Any]:
     """:func:`load_state`, and every part file present with the tensors state.json promises (else one line)."""
     meta = load_state(state)
-    problems = part_problems(state, meta)
+    refuse_damaged(state, part_problems(state, meta))
+    return meta
+
+
+def refuse_damaged(state: str | Path, problems: list[str]) -> None:
+    """One line naming the damaged part files of a state (the first three), if any."""
     if problems:
         raise ForgetlessError(
             f"damaged state: {len(problems)} part file(s): " + "; ".join(problems[:3]),
             file=state,
             remedy=DAMAGED,
         )
-    return meta
 
 
 def part_problems(state: str | Path, meta: dict[str, Any]) -> list[str]:
@@ -797,9 +810,12 @@ def _card(meta: dict[str, Any], rank: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _one_writer(step: Callable[..., ContinualReport]) -> Callable[..., ContinualReport]:
+def _one_writer(
+    step: Callable[..., ContinualReport], load: Callable[[Path], dict[str, Any]] | None = None
+) -> Callable[..., ContinualReport]:
     """Run `step` holding the state's lock (a second writer waits), after putting back a state a crash left moved
-    aside; an interruption (Ctrl-C, SIGTERM) says in one line that the state is whole and how many tasks it has."""
+    aside; an interruption (Ctrl-C, SIGTERM) says in one line that the state is whole and how many tasks it has
+    (read by `load`: :func:`load_state` by default, another state format's reader for its steps)."""
 
     @functools.wraps(step)
     def locked(state: str | Path, **kw: Any) -> ContinualReport:
@@ -809,17 +825,17 @@ def _one_writer(step: Callable[..., ContinualReport]) -> Callable[..., Continual
             try:
                 return step(state, **kw)
             except (KeyboardInterrupt, SystemExit):
-                sys.stderr.write(f"{state}: interrupted; {_whole(state)}\n")
+                sys.stderr.write(f"{state}: interrupted; {_whole(state, load or load_state)}\n")
                 raise
 
     return locked
 
 
-def _whole(state: Path) -> str:
+def _whole(state: Path, load: Callable[[Path], dict[str, Any]]) -> str:
     if not state.exists():
         return "no state was written"
     try:
-        return f"the state is whole, with {len(load_state(state)['tasks'])} task(s)"
+        return f"the state is whole, with {len(load(state)['tasks'])} task(s)"
     except ForgetlessError:
         return "the state is as it was before this step"
 
@@ -1107,35 +1123,43 @@ def _commit(
             f"({opts['gamma_mode']})"
         )
     counts = step.gram_meta.get("token_counts") or {}
+    with new_state(state, new_meta, writer) as tmp:
+        if cpm_new is not None:
+            for k in range(1, number):
+                _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
+            _save(cpm_new["tensors"], tmp / _cpm_file(number))
+        fold = _Fold(
+            modules,
+            step.lora.loras(),
+            step.gram_reader,
+            counts,
+            opts,
+            writer,
+            base,
+            step.rank,
+            gram,
+            solve_device,
+        )
+        for fname, part in parts.items():
+            old_file = state / fname if meta is not None else None
+            _step_part(old_file, tmp / fname, part["modules"], fold)
+        if writer is not None:
+            _finish_output(step, writer, new_meta, tmp, cpm_new is not None)
+
+
+@contextmanager
+def new_state(state: Path, meta: dict[str, Any], writer: StreamingWriter | None) -> Iterator[Path]:
+    """A folder for the new state beside `state`, swapped into place whole when the block ends, its state.json
+    (`meta`, as the block leaves it) written last; a failure removes it and aborts the output's `writer`."""
     with atomic_folder(state) as tmp:
         try:
-            if cpm_new is not None:
-                for k in range(1, number):
-                    _link_or_copy(state / _cpm_file(k), tmp / _cpm_file(k))
-                _save(cpm_new["tensors"], tmp / _cpm_file(number))
-            fold = _Fold(
-                modules,
-                step.lora.loras(),
-                step.gram_reader,
-                counts,
-                opts,
-                writer,
-                base,
-                step.rank,
-                gram,
-                solve_device,
-            )
-            for fname, part in parts.items():
-                old_file = state / fname if meta is not None else None
-                _step_part(old_file, tmp / fname, part["modules"], fold)
-            if writer is not None:
-                _finish_output(step, writer, new_meta, tmp, cpm_new is not None)
+            yield tmp
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
         with naming(tmp / STATE_JSON):
-            (tmp / STATE_JSON).write_text(json.dumps(new_meta, indent=1) + "\n")
+            (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _finish_output(
