@@ -331,3 +331,25 @@ def test_first_items_rescore_the_task_on_its_first_items_only():
         FR.test_results_name(None) == FR.TEST_RESULTS
         and FR.test_results_name(100) == "frontier-test-val100.json"
     )
+
+
+def test_every_data_free_point_plans_on_a_llava_folder(tmp_path):
+    """Each frontier merge that needs no statistics (WiSE-FT, TIES, DARE, SLERP, Breadcrumbs, DELLA …) makes a
+    recipe whose parameters the engine accepts at plan time, on a LLaVA base and fine-tune."""
+    from conftest import build_tiny_llava
+
+    from forgetless.engine import build_plan
+
+    base, ft = build_tiny_llava(tmp_path / "base"), build_tiny_llava(tmp_path / "ft", seed=1)
+    points = [
+        m for m in FR.frontier_merges() if m.task_fisher is None and m.learn is None and m.model is None
+    ]
+    assert {"slerp", "breadcrumbs", "della_linear"} <= {m.method for m in points}
+    for m in points:
+        knob = FR.KNOBS[m.label].knob
+        plan = build_plan(X.merge_recipe(m.method, m.params, base, ft, None))
+        got = plan.params[knob.replace("lambda", "lambda_")]
+        assert plan.recipe.method == m.method and got in (
+            m.params[knob],
+            [m.params[knob]],
+        )  # per model: a list

@@ -66,6 +66,10 @@ KNOBS: dict[str, Knob] = {
     "Fisher merging": Knob("fisher_with_base", {}, "base_weight", [0.01, 0.1, 1.0, 10.0], X.TASK_FISHER_OWN),
     "CGM": Knob("cgm", {}, "alpha", [0.2, 1.0, 5.0, 25.0, 125.0], X.TASK_FISHER_CGM),
     "CGM†": Knob("cgm_dagger", {"alpha": 1.0}, "keep", [0.5, 0.8, 0.95], X.TASK_FISHER_CGM),
+    # the data-free baselines users compare against: along the great circle θ₀ → θ_ft, and sparsified task vectors
+    "SLERP": Knob("slerp", {}, "t", [0.3, 0.5, 0.7]),
+    "Breadcrumbs": Knob("breadcrumbs", {"lambda": 1.0, "gamma": 0.01}, "density", [0.1, 0.3, 0.6]),
+    "DELLA": Knob("della_linear", {"lambda": 1.0, "epsilon": 0.1}, "density", [0.2, 0.4, 0.6]),
     # the remedies while fine-tuning, each a curve of fine-tunes over its strength
     "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
     "EWC": Knob(None, {}, "strength", [3.0, 30.0, 300.0, 3000.0], finetune="ewc"),
