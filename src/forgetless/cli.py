@@ -171,6 +171,21 @@ def methods_cmd() -> None:
             else ""
         )
         click.echo(f"{spec.name}{aliases}: {spec.doc}\n    {params}{needs}{space}")
+    click.echo(_continual_methods())
+
+
+def _continual_methods() -> str:
+    """What `forgetless methods` adds about the methods run one task at a time (not registry merges)."""
+    from .methods.continual_merge import MAGMAX_LAMBDA, OPCM_ALPHA
+
+    return (
+        "\nOne task at a time (forgetless continual merge STATE --method M --model FINETUNED):\n"
+        f"magmax: the registered magmax above, step by step.\n    lambda={MAGMAX_LAMBDA} in (0, inf)\n"
+        "opcm: OPCM: each new task vector projected off the principal subspace of the merged update so far, "
+        "added, and the sum rescaled to the tasks' mean norm.\n"
+        f"    alpha={OPCM_ALPHA} in [0, 1] (the cumulative share of the singular values that sets the subspace)\n"
+        "lpm: MAny's LPM on LoRA adapters (forgetless continual add; docs/continual.md)."
+    )
 
 
 def _pixels_options(fn):
