@@ -337,8 +337,8 @@ def continual_eval(
     groups = _task_groups(specs, general, o.split, o.task_root) if None in given else None
     if groups:
         groups[0].update({b.name: b for b in (benchmark_spec(n, d) for n, d in benchmarks)})
-    names = list(groups[0]) if groups else [_task_name(s, o.split, o.task_root) for s in specs]
-    names += [n for n, _ in benchmarks] if not groups else []
+    given_names = [*(_task_name(s, o.split, o.task_root) for s in specs), *(n for n, _ in benchmarks)]
+    names = list(groups[0]) if groups else given_names
     if len(set(names)) != len(names):
         raise ForgetlessError(
             f"a task is given twice: {', '.join(names)}", remedy="give each task of the sequence once"

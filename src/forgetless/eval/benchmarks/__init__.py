@@ -169,6 +169,7 @@ def task_entry(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The result's task entry for ``bench`` (per-unit values, their mean as ``accuracy``) and its official
     figures (with the headline)."""
+    from ..harness import _answer
     from ..metrics import correct_items
 
     scored = bench.score(items, predictions)
@@ -193,12 +194,8 @@ def task_entry(
         entry["item_scores"] = [float(v) for v in scored.values]
     if keep:
         entry["predictions"] = [
-            {"id": it.id, "unit": it.unit, "answer": _reference(it), "prediction": p, "correct": c}
+            {"id": it.id, "unit": it.unit, "answer": _answer(it), "prediction": p, "correct": c}
             for it, p, c in zip(items, predictions, scored.correct)
         ]
     official = {"headline": bench.headline, "value": accuracy * bench.scale, **scored.official}
     return entry, official
-
-
-def _reference(it: Item) -> str:
-    return next(text for role, text in reversed(it.turns) if role == "assistant")
