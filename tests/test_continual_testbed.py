@@ -39,6 +39,7 @@ class Fakes:
         self.finetunes: list[dict] = []
         self.merges: list[dict] = []
         self.steps: list[dict] = []
+        self.merge_steps: list[dict] = []
         self.grams: list[str] = []
         self.evals: list[tuple[str, str, tuple, bool]] = []
 
@@ -110,8 +111,25 @@ class Fakes:
             res["scores"] = scores(res)
             return res, False
 
+        def merge_step(state, *, model, method, base, out, name, **kw):
+            state = Path(state)
+            have = json.loads((state / "state.json").read_text())["tasks"] if state.exists() else []
+            folded = json.loads((Path(model) / "record.json").read_text())["merge"]["models"][0]
+            have.append({"name": name, "adapter": folded.split("+")[1]})
+            state.mkdir(parents=True, exist_ok=True)
+            (state / "state.json").write_text(json.dumps({"method": method, "tasks": have}))
+            self.merge_steps.append(
+                {"state": state.name, "method": method, "name": name, "model": Path(model).name}
+            )
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                (Path(out) / "config.json").write_text("{}")
+                record = {"merge_state": method, "adapters": [h["adapter"] for h in have]}
+                (Path(out) / "record.json").write_text(json.dumps(record))
+
         import forgetless
         import forgetless.chains.continual as chain_mod
+        import forgetless.chains.continual_merge as merge_mod
         import forgetless.chains.steps as steps_mod
 
         monkeypatch.setattr("forgetless.train.finetune", finetune)
@@ -119,6 +137,10 @@ class Fakes:
         monkeypatch.setattr(steps_mod, "statistics_step", statistics_step)
         monkeypatch.setattr(chain_mod, "add_task", add_task)
         monkeypatch.setattr(chain_mod, "state_bytes", lambda s: 1234)
+        monkeypatch.setattr(merge_mod, "merge_step", merge_step)
+        monkeypatch.setattr(
+            merge_mod, "load_merge_state", lambda s: json.loads((Path(s) / "state.json").read_text())
+        )
         monkeypatch.setattr(
             chain_mod, "load_state", lambda s: json.loads((Path(s) / "state.json").read_text())
         )
@@ -136,6 +158,12 @@ class Fakes:
         if "lpm" in r:
             known = [Path(a).name for a in r["lpm"]]
             return 0.8 if task in known else 0.1
+        if (
+            "merge_state" in r
+        ):  # MagMax of the sequential chain or OPCM of the own adapters: every task learned
+            known = json.loads((Path(r["adapters"][-1]) / "adapter_config.json").read_text())["known"]
+            known = {*known, *(Path(a).name for a in r["adapters"])}
+            return 0.6 if task in known else 0.1
         m = r["merge"]
         models = [x if isinstance(x, str) else x["model"] for x in m["models"]]
         names = [Path(x.split("+")[-1]).name.removeprefix("own-") for x in models]
@@ -219,6 +247,26 @@ def test_protocol_builds_each_method_from_what_it_may_keep(run):
         ("diagonal", False),
     ]
     assert res["matrices"]["LPM + CPM"][-1]["routing"] == {n: 100.0 for n in SEQ}
+    # MagMax steps its state once per task on the sequential chain's folded models, OPCM on each own model; each
+    # task named by its adapter's fingerprint
+    by_method: dict[str, list[dict]] = {}
+    for s in fakes.merge_steps:
+        by_method.setdefault(s["method"], []).append(s)
+    assert sorted(by_method) == ["magmax", "opcm"]
+    assert [s["model"] for s in by_method["magmax"]] == ["fold"] * T_
+    assert [s["model"] for s in by_method["opcm"]] == [f"own-{n}" for n in SEQ]
+    assert [s["name"].rsplit("-", 1)[0] for s in by_method["opcm"]] == SEQ
+    # the chain starts with the first own adapter; every later one is another adapter
+    assert len({s["name"] for s in fakes.merge_steps}) == 2 * T_ - 1
+    state = json.loads(
+        (tmp_path / "continual" / "states").glob("magmax-*").__next__().joinpath("state.json").read_text()
+    )
+    assert [Path(h["adapter"]).name for h in state["tasks"]] == [
+        SEQ[0],
+        *(Path(f["out"]).name for f in chain),
+    ]
+    assert res["matrices"]["MagMax"][-1]["tasks"][SEQ[0]] == 60.0
+    assert res["kept_bytes"]["MagMax"] == res["kept_bytes"]["OPCM"] == 1234
     assert res["kept_bytes"]["LPM"] == 1234 and res["kept_bytes"]["TA"] == sum(len(n) * 10 for n in SEQ)
     assert res["joint"]["tasks"][SEQ[0]] == 70.0
     # just after learning: each task by its own adapter
@@ -254,12 +302,24 @@ def test_a_second_run_is_cached_and_a_lost_cell_redoes_only_itself(run):
     assert [x for x in fakes.evals[e:] if x[1] == "test" and x[0] != "base"] == [
         ("current", "test", tuple(SEQ), True)
     ]
+    # the same for a merge state: replayed from the first task when its output is gone, else only the last step
+    n = len(fakes.merge_steps)
+    (tmp_path / "continual" / "cells" / f"opcm-{len(SEQ)}.json").unlink()
+    go()
+    assert [s["model"] for s in fakes.merge_steps[n:]] == [f"own-{x}" for x in SEQ]
+    n = len(fakes.merge_steps)
+    state = next((tmp_path / "continual" / "states").glob("opcm-*")) / "state.json"
+    meta = json.loads(state.read_text())
+    state.write_text(json.dumps({**meta, "tasks": meta["tasks"][:-1]}))
+    (tmp_path / "continual" / "cells" / f"opcm-{len(SEQ)}.json").unlink()
+    go()
+    assert [s["model"] for s in fakes.merge_steps[n:]] == [f"own-{SEQ[-1]}"]
 
 
 def test_bad_arguments_are_refused(run):
     _, go, _ = run
     with pytest.raises(ForgetlessError, match="unknown methods"):
-        go(methods=["LPM", "MagMax"])
+        go(methods=["LPM", "EWC"])
     with pytest.raises(ForgetlessError, match="two tasks"):
         C.run_continual("x", sequence=["tag"], log=lambda s: None)
 
@@ -363,7 +423,11 @@ def test_report_numbers_match_brute_force(tmp_path):
 def test_report_markdown_and_plots(tmp_path):
     work = tmp_path / "continual"
     work.mkdir()
-    (work / "results.json").write_text(json.dumps(_results(np.random.default_rng(1))))
+    res = _results(np.random.default_rng(1))
+    # MagMax with LPM's matrix: the best baseline now, so LPM is paired with it and it with no one
+    res["matrices"]["MagMax"] = res["matrices"]["LPM"]
+    res["merge_seconds"]["MagMax"], res["kept_bytes"]["MagMax"] = [1.0, 1.0, 1.0], 1024
+    (work / "results.json").write_text(json.dumps(res))
     prev = tmp_path / "RESULTS.md"
     prev.write_text(f"x\n{RC.CL_READING_START}\nkept by hand\n{RC.CL_READING_END}\n")
     from forgetless.testbed.report import _reading
@@ -376,6 +440,7 @@ def test_report_markdown_and_plots(tmp_path):
     )
     assert (tmp_path / "plots" / "continual-matrices.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "continual-average.png").stat().st_size > 1000
-    assert "kept by hand" in text and "Best baseline by final average accuracy: **sequential FT**" in text
-    assert "| LPM − sequential FT |" in text and "plots/continual-matrices.png" in text
+    assert "kept by hand" in text and "Best baseline by final average accuracy: **MagMax**" in text
+    assert "| LPM − MagMax |" in text and "| MagMax − " not in text and "plots/continual-matrices.png" in text
+    assert "τ_max (one model's size) (1.00 KiB)" in text
     assert "| 3. c |" in text and "the LPM state (2.00 KiB)" in text

@@ -315,3 +315,50 @@ def test_variants_pipelines_and_learned_merges_take_their_inputs(tmp_path, monke
     assert {"Replay 1:1", "L2-SP strength=0.02", "Learned λ general_weight=2 lambda=0.5"} <= rows
     X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
     assert len(learned) == 1  # the learned recipe is reused
+
+
+def test_an_extracted_lora_point_merges_the_fine_tunes_truncated_update(tmp_path, monkeypatch):
+    """An ``extract`` merge writes the fine-tune's update as the PEFT adapter ``forgetless extract-lora`` writes at
+    the point's rank — each Linear's Δ truncated to that rank (checked against torch's SVD), a changed norm saved
+    whole — and merges ``BASE+ADAPTER`` with the other parameters; the adapter is reused by a second run."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = build_tiny_llava(tmp_path / "base")
+    f = Fakes(monkeypatch, base)
+    weights = load_file(base / "model.safetensors")
+    q = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight"))
+    norm = next(k for k in weights if k.endswith("layers.0.input_layernorm.weight"))
+    delta = torch.randn(weights[q].shape, generator=torch.Generator().manual_seed(0)) * 0.1
+
+    def finetune(base_, data, out, **kw):  # the base with one Linear and one norm changed
+        shutil.copytree(base, out, dirs_exist_ok=True)
+        changed = {**weights, q: weights[q] + delta, norm: weights[norm] + 0.5}
+        save_file(changed, Path(out) / "model.safetensors", metadata={"format": "pt"})
+        (Path(out) / "finetune.json").write_text(json.dumps({"seconds": 1.0}))
+
+    monkeypatch.setattr("forgetless.train.finetune", finetune)
+    merges = [X.Merge("Extracted LoRA", "task_arithmetic", {"rank": 2, "lambda": 1.0}, extract=True)]
+    work = tmp_path / "w" / "digits"
+    lines: list[str] = []
+    res = X.run_experiment("digits", work, merges=merges, keeps=[], log=lines.append)
+    (recipe,) = f.merges
+    assert recipe["method"] == "task_arithmetic" and recipe["parameters"] == {"lambda": 1.0}
+    (model,) = recipe["models"]
+    left, adapter = model.rsplit("+", 1)
+    assert left == str(base) and Path(adapter).parent == work / "extracted"
+    factors = load_file(Path(adapter) / "adapter_model.safetensors")
+    a = next(v for k, v in factors.items() if "layers.0.self_attn.q_proj.lora_A" in k)
+    b = next(v for k, v in factors.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    u, s, vh = torch.linalg.svd((weights[q].double() + delta.double()) - weights[q].double())
+    assert a.shape[0] == 2 and torch.allclose(
+        (b @ a).double(), u[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-5
+    )
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] == 2  # PEFT's scale 1: B·A is the update itself
+    assert any(m.endswith("layers.0.input_layernorm") for m in config["modules_to_save"])
+    assert "Extracted LoRA rank=2 lambda=1" in {X.row_name(r) for r in res["rows"]}
+    X.run_experiment("digits", work, merges=merges, keeps=[], log=lines.append)
+    assert f"extracted: reusing {adapter}" in lines

@@ -113,8 +113,15 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
         ("DARE", "lora_dare_linear", {"density": 0.3}),
         ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
         ("gone", "lora_missing", {}),
+        ("TSV-M", "tsv_m", {"lambda": 1.0}),
+        ("Iso-C", "iso_c", {}),
     ]
-    sweep = {"lora_task_arithmetic": [0.3, 0.5, 1.0], "lora_ties": [1.0, 2.0], "lora_dare_linear": "TA"}
+    sweep = {
+        "lora_task_arithmetic": [0.3, 0.5, 1.0],
+        "lora_ties": [1.0, 2.0],
+        "lora_dare_linear": "TA",
+        "iso_c": [0.5, 1.5],
+    }
     kw = {
         "seen": SEEN,
         "unseen": UNSEEN,
@@ -138,6 +145,8 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
         "TIES": "density=0.2 lambda=1",
         "DARE": "density=0.3 lambda=0.5",
         "CoPA": "lambda=2 density=0.2 variant=paper",
+        "TSV-M": "lambda=1",
+        "Iso-C": "lambda=0.5",
     }
     assert [s["knob"] for s in res["sweep"]] == [
         "lambda=0.3",
@@ -145,6 +154,8 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
         "lambda=1",
         "density=0.2 lambda=1",
         "density=0.2 lambda=2",
+        "lambda=0.5",
+        "lambda=1.5",
     ]
     assert res["skipped"] == ["gone (lora_missing)"]
     # the sweep and the adapter checks ran on validation only; nothing on test was used to choose
@@ -152,9 +163,14 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
     val_models = {m for m, s, _ in f.evals if s == "val"}
     assert val_models == {"base", "sweep", *(f"own-{n}" for n in SEEN)}
     # merges: the adapters in seen order, folded; the own adapters folded alone by task arithmetic at λ = 1
+    adapters = [tmp_path / "mt" / "adapters" / n for n in SEEN]
     real = [r for r in f.merges if r.get("fold")]
-    assert all(r["models"] == [str(tmp_path / "mt" / "adapters" / n) for n in SEEN] for r in real)
-    folds = [r for r in f.merges if not r.get("fold")]
+    assert all(r["models"] == [str(a) for a in adapters] for r in real)
+    # the weight-space merges take each adapter folded into the base, in seen order
+    weights = [r for r in f.merges if r["method"] in ("tsv_m", "iso_c")]
+    assert [r["method"] for r in weights] == ["iso_c", "iso_c", "tsv_m", "iso_c"]  # Iso-C's sweep, then test
+    assert all(r["models"] == [f"{base}+{a}" for a in adapters] and "fold" not in r for r in weights)
+    folds = [r for r in f.merges if not r.get("fold") and r not in weights]
     assert all(r["method"] == "task_arithmetic" and r["parameters"] == {"lambda": 1.0} for r in folds)
     assert {r["models"][0].split("+")[1] for r in folds} == {
         str(tmp_path / "mt" / "adapters" / n) for n in [*SEEN, "joint"]
@@ -168,6 +184,8 @@ def test_run_multitask_sweeps_on_validation_reuses_adapters_and_skips_missing_me
         "TIES",
         "DARE",
         "CoPA",
+        "TSV-M",
+        "Iso-C",
     ]
     assert set(rows["own adapter: spatial"]["tasks"]) == {"spatial", *GENERAL}
     assert set(rows["CoPA"]["tasks"]) == {*SEEN, *UNSEEN, *GENERAL}
@@ -343,3 +361,7 @@ def test_report_section_keeps_its_reading_and_draws_the_plot(tmp_path):
     assert f"{d.points['CoPA']['seen'] - d.points['TA']['seen']:+.1f} [" in diff
     own = next(x for x in text.splitlines() if x.startswith(f"| {R.OWN} |") and "—" in x)
     assert own.count("—") >= 1  # no unseen score for the own adapters
+    # the paired differences against the best merge on the seen average, when it is not TA
+    merges = [r["method"] for r in _fake_results()["rows"] if r["role"] == "merge"]
+    assert max(merges, key=lambda m: d.points[m]["seen"]) == "CoPA"
+    assert "Against the best merge on the seen average, **CoPA**" in text and "| Δ seen avg vs CoPA |" in text

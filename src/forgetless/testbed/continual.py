@@ -15,6 +15,10 @@ adapter trained from the base on that task alone, and after every task one model
    * **LPM** — :func:`forgetless.chains.continual.add_task` on one state folder (Grams at the base);
    * **LPM (diagonal)** — the same with ``approx="diagonal"``: the bounded-memory form, its accuracy cost;
    * **LPM + CPM** — LPM with a projector and a visual prototype per task, images routed (τ = 0.1);
+   * **MagMax** — :func:`forgetless.chains.continual_merge.merge_step` (MagMax, λ = 0.5) on the sequential chain's
+     models, as its paper (sequential fine-tuning): it keeps τ_max;
+   * **OPCM** — the same with OPCM (α = 0.5) on each task's own model, as its paper (models fine-tuned apart and
+     arriving one at a time): it keeps the running sum and the task-vector norms;
 
 3. every model evaluated on the test splits of tasks 1..t (:data:`TASK_LIMIT` items each); after the last task
    also on the general tasks (G). The task's own adapter, folded alone, gives "just after learning" for the
@@ -24,7 +28,7 @@ adapter trained from the base on that task alone, and after every task one model
 correctness, from which :mod:`.report` bootstraps final average accuracy, average forgetting and G. Every cell is
 a step (:class:`forgetless.chains.steps.Step`) recorded in ``cells/`` (its key: the method, its options, the
 adapters so far, split and limit), so a rerun redoes only what changed; LPM's state folders step on only as far as
-they have not.
+they have not (as MagMax's and OPCM's).
 """
 
 from __future__ import annotations
@@ -59,8 +63,12 @@ ADAPTED_SCOPE = ["language.layers", "projector"]
 GRAM_SAMPLES = (
     64  # training samples per task for the Grams (LPM's at the base, RegMean's at each folded model)
 )
-METHODS = ["sequential FT", "TA", "TIES", "RegMean", "LPM", "LPM (diagonal)", "LPM + CPM"]
+METHODS = ["sequential FT", "TA", "TIES", "RegMean", "LPM", "LPM (diagonal)", "LPM + CPM", "MagMax", "OPCM"]
 LPM_STATES = {"LPM": {}, "LPM (diagonal)": {"approx": "diagonal"}, "LPM + CPM": {"cpm": True}}
+# the continual-merging baselines: (method of `forgetless continual merge`, the models it takes) — MagMax the
+# sequential chain's (its paper fine-tunes each task from the previous model), OPCM each task's own (its paper
+# merges models fine-tuned apart as they arrive); each at its default (MagMax λ = 0.5, OPCM α = 0.5)
+MERGE_STATES = {"MagMax": ("magmax", "sequential"), "OPCM": ("opcm", "own")}
 REGMEAN = {"alpha": 0.9}
 TIES = {"density": 0.2, "lambda": 1.0}
 
@@ -299,6 +307,17 @@ class Continual:
             )
         from ..chains.continual import state_bytes
 
+        if label in MERGE_STATES:
+            method, source = MERGE_STATES[label]
+            chain = [_adapter_fp(a) for a in self.chain[:t]] if source == "sequential" else fps
+            state = ctx.workdir / "states" / f"{_slug(label)}-{fingerprint([self.recipe, method])[:8]}"
+            return self.cell(
+                t,
+                label,
+                {"adapters": chain, "method": method},
+                lambda out: self.merge_state_step(t, out, state, label),
+                measure=lambda: {"state_bytes": state_bytes(state)},
+            )
         opts = LPM_STATES[label]
         state = (
             ctx.workdir
@@ -375,14 +394,8 @@ class Continual:
 
         paths = [str(self.own[n].resolve()) for n in so_far]
         have = [x["adapter"] for x in load_state(state)["tasks"]] if state.exists() else []
-        if have == paths and (out / "config.json").is_file():
-            return out  # stepped, and its output written, before an interruption
-        todo = so_far
-        if have == paths[:-1]:
-            todo = so_far[-1:]
-        else:  # another history: replay the tasks before this one
-            shutil.rmtree(state, ignore_errors=True)
-        for n in todo:
+        todo = _todo(state, have, paths, out)
+        for n in [so_far[i] for i in todo]:
             add_task(
                 state,
                 adapter=self.own[n],
@@ -398,6 +411,35 @@ class Continual:
                 force=True,
                 log=None,
             )
+        return out
+
+    def merge_state_step(self, t: int, out: Path, state: Path, label: str) -> Path:
+        """MagMax's or OPCM's state (:data:`MERGE_STATES`) stepped to task `t` as :meth:`lpm_step` steps LPM's, each
+        task named by its adapter's fingerprint (a retrained adapter is another history), and its model written
+        to `out`. A sequential adapter is folded into a temporary model for its step."""
+        from ..chains.continual_merge import load_merge_state, merge_step
+
+        method, source = MERGE_STATES[label]
+        adapters = self.chain[:t] if source == "sequential" else [self.own[n] for n in self.sequence[:t]]
+        names = [f"{n}-{_adapter_fp(a)[:8]}" for n, a in zip(self.sequence, adapters)]
+        have = [x["name"] for x in load_merge_state(state)["tasks"]] if state.exists() else []
+        for i in _todo(state, have, names, out):
+            model = self.models / "fold"
+            if source == "own":
+                model = self.own_model(self.sequence[i])
+            else:
+                self.ctx.merged(MT.fold_recipe(self.ctx.base, adapters[i]), model)
+            merge_step(
+                state,
+                model=model,
+                method=method,
+                base=self.ctx.base,
+                out=out if i == t - 1 else None,
+                name=names[i],
+                force=True,
+                log=None,
+            )
+        shutil.rmtree(self.models / "fold", ignore_errors=True)
         return out
 
     def choose_ta(self, so_far: list[str]) -> float:
@@ -482,6 +524,18 @@ class Continual:
             "merge_seconds": {k: [round(r["merge_seconds"], 2) for r in v] for k, v in self.cells.items()},
             **self.ctx.closing(),
         }
+
+
+def _todo(state: Path, have: list[str], want: list[str], out: Path) -> list[int]:
+    """The steps (indices into `want`) a state holding the tasks `have` takes to hold `want` and write `out`:
+    none when it holds them and `out` was written before an interruption, the last when it holds the ones
+    before, else every one — the state removed first (another history: replayed from the first task)."""
+    if have == want and (out / "config.json").is_file():
+        return []
+    if have == want[:-1]:
+        return [len(want) - 1]
+    shutil.rmtree(state, ignore_errors=True)
+    return list(range(len(want)))
 
 
 def routing_accuracy(model_dir: Path, roots: dict[str, Path], n: int = 64) -> dict[str, float]:

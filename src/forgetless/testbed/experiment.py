@@ -114,6 +114,9 @@ class Merge(NamedTuple):
     learn: str | None = (
         None  # an objective of forgetless.eval.learn: the coefficients learned per layer first
     )
+    extract: bool = (
+        False  # the fine-tune first as its extracted LoRA of rank params["rank"] (forgetless extract-lora)
+    )
 
 
 LEARN = {"by": "layer", "steps": 40, "batch_size": 8, "split": "val"}  # the testbed's learned coefficients
@@ -544,10 +547,17 @@ class Experiment:
     def merge_row(self, m: Merge, stats: dict[str, Path] | None, keep_model: bool) -> dict:
         """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
         ctx = self.ctx
-        key = [m.params, m.task_fisher, m.model] + ([m.learn] if m.learn else [])
+        key = (
+            [m.params, m.task_fisher, m.model]
+            + ([m.learn] if m.learn else [])
+            + (["extract"] if m.extract else [])
+        )
         out = ctx.workdir / "merged" / f"{m.method}-{fingerprint(key)[:6]}"
         source = self.ft if m.model is None else self.tune_model(VARIANTS[m.model])
-        recipe = merge_recipe(m.method, m.params, ctx.base, source, stats)
+        params = dict(m.params)
+        if m.extract:
+            source = f"{ctx.base}+{self.extracted(source, int(params.pop('rank')))}"
+        recipe = merge_recipe(m.method, params, ctx.base, source, stats)
         report = ctx.merged(recipe if m.learn is None else self.learned(recipe, m), out)
         r, cached = self.evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())
@@ -556,6 +566,24 @@ class Experiment:
         if not keep_model:
             shutil.rmtree(out, ignore_errors=True)
         return row
+
+    def extracted(self, model: Path, rank: int) -> Path:
+        """`model`'s update as the rank-`rank` PEFT adapter ``forgetless extract-lora`` writes (exact SVD of each
+        Linear's Δ; changed norms saved whole), cached by the weights and the rank."""
+        from ..chains.extract_lora import extract_lora
+
+        ctx = self.ctx
+        key = fingerprint([weights_digest(ctx.base), weights_digest(model), rank])
+        out = ctx.workdir / "extracted" / f"rank{rank}-{key[:8]}"
+
+        def make() -> None:
+            extract_lora(ctx.base, model, rank=rank, out=out, force=True, log=None)
+
+        with ctx.timed("merge"):
+            Step(out.with_suffix(".step"), key, out).run(
+                make, log=ctx.log, reusing=f"extracted: reusing {out}"
+            )
+        return out
 
     def learned(self, recipe: dict, m: Merge) -> Path:
         """The recipe's coefficients learned per layer on the validation splits (:data:`LEARN`, objective

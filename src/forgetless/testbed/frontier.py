@@ -57,6 +57,7 @@ class Knob(NamedTuple):
     trial: bool = False
     finetune: str | None = None
     learn: str | None = None  # the coefficients learned per layer with this objective (knob: general_weight)
+    extract: bool = False  # the fine-tune first as its extracted LoRA (knob: rank), then merged by `method`
 
 
 KNOBS: dict[str, Knob] = {
@@ -70,6 +71,9 @@ KNOBS: dict[str, Knob] = {
     "SLERP": Knob("slerp", {}, "t", [0.3, 0.5, 0.7]),
     "Breadcrumbs": Knob("breadcrumbs", {"lambda": 1.0, "gamma": 0.01}, "density", [0.1, 0.3, 0.6]),
     "DELLA": Knob("della_linear", {"lambda": 1.0, "epsilon": 0.1}, "density", [0.2, 0.4, 0.6]),
+    # the fine-tune's update as a LoRA of each rank (`forgetless extract-lora`), folded back: how much of E and F a
+    # low-rank update keeps — what a full fine-tune keeps when it enters adapter-space merges and LPM
+    "Extracted LoRA": Knob("task_arithmetic", {"lambda": 1.0}, "rank", [8, 16, 64], extract=True),
     # the remedies while fine-tuning, each a curve of fine-tunes over its strength
     "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
     "EWC": Knob(None, {}, "strength", [3.0, 30.0, 300.0, 3000.0], finetune="ewc"),
@@ -118,7 +122,7 @@ def tune_points(label: str, values: Sequence[float] | None = None) -> list[X.Tun
 def frontier_merges() -> list[X.Merge]:
     """The grid as :func:`.experiment.run_experiment`'s ``merges``."""
     return [
-        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model, k.learn)
+        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model, k.learn, k.extract)
         for label, k in KNOBS.items()
         if k.method is not None
         for v in k.values
@@ -327,7 +331,7 @@ def run_chosen(
     picks = choose(rows if val_items is None else first_items(rows, task, val_items), keep_gain)
     swept = {label: r for label, r in picks.items() if r is not None and r["method"] == label}
     merges = [
-        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model, k.learn)
+        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model, k.learn, k.extract)
         for label, r in swept.items()
         for k in [KNOBS[label]]
         if k.method is not None

@@ -7,8 +7,10 @@ protocol (MM-MergeBench) in small, every step cached.
 2. one LoRA trained **jointly** on all seen training splits mixed (:func:`joint_data`), the same recipe with
    :data:`JOINT_STEPS_PER_TASK` steps per seen task — the multi-task reference;
 3. task arithmetic's λ chosen on the seen tasks' **validation** splits (:data:`SWEEP`, the best mean seen
-   accuracy), DARE taking the same λ; TIES and CoPA at their published defaults (:data:`MERGES`);
-4. the merges, each through :func:`forgetless.merge` with ``fold: true`` (a full model folder the harness loads);
+   accuracy), DARE taking the same λ, Iso-C's, Iso-CTS's and Breadcrumbs' α / λ swept the same way; TIES, CoPA,
+   TSV-M and DELLA at their published defaults (:data:`MERGES`);
+4. the merges, each through :func:`forgetless.merge` into a full model folder the harness loads (adapter-space
+   methods with ``fold: true``, weight-space ones on each adapter folded: :func:`adapters_recipe`);
    each own adapter and the joint one folded alone by task arithmetic at λ = 1 (``BASE+ADAPTER``);
 5. every model evaluated on the test splits (batch 16) by :func:`forgetless.eval.cache.cached_evaluate`: seen and
    unseen tasks and the general tasks (:data:`~forgetless.testbed.tasks.GENERAL_VISUAL` and the text probes); an
@@ -65,12 +67,27 @@ MERGES: list[tuple[str, str, dict]] = [
     ("DARE", "lora_dare_linear", {"density": 0.3}),
     ("CoPA", "copa", {"lambda": 2.0, "density": 0.2, "variant": "paper"}),
     ("CoPA (reference)", "copa", {"lambda": 2.0, "density": 0.2, "variant": "reference"}),
+    # the data-free weight-space merges FusionBench compares, on each adapter folded (BASE+ADAPTER): TSV-M at its
+    # paper's α = 1; Iso-C and Iso-CTS with α swept (their papers tune it on validation); Breadcrumbs (mask
+    # the top 1% and keep 90% of each task vector, its paper's region) with its λ swept as task arithmetic's;
+    # DELLA at its paper's density 0.5, ε 0.15 with TIES's sign election and disjoint mean (λ = 1)
+    ("TSV-M", "tsv_m", {"lambda": 1.0}),
+    ("Iso-C", "iso_c", {}),
+    ("Iso-CTS", "iso_cts", {}),
+    ("Breadcrumbs", "breadcrumbs", {"density": 0.9, "gamma": 0.01}),
+    ("DELLA", "della", {"density": 0.5, "epsilon": 0.15, "lambda": 1.0}),
 ]
 # λ on the seen tasks' validation splits: a grid, or the label of a row whose chosen λ is taken. The sum of 6 task
 # vectors wants λ well below 1 (task arithmetic's authors find 0.3–0.5 for 8 tasks). DARE's random drop is
 # rescaled, so its sum equals task arithmetic's in expectation: it takes TA's λ. TIES averages the agreeing
 # entries (a disjoint mean, not a sum): λ = 1 as its paper, fixed (no entry here).
-SWEEP: dict[str, list[float] | str] = {"lora_task_arithmetic": [0.3, 0.5, 0.8], "lora_dare_linear": "TA"}
+SWEEP: dict[str, list[float] | str] = {
+    "lora_task_arithmetic": [0.3, 0.5, 0.8],
+    "lora_dare_linear": "TA",
+    "iso_c": [0.5, 1.0, 1.5],
+    "iso_cts": [0.5, 1.0, 1.5],
+    "breadcrumbs": [0.3, 0.5, 0.8],
+}
 
 
 def _knob(params: dict) -> str:
@@ -107,7 +124,13 @@ def fold_recipe(base: Path, adapter: Path) -> dict:
 
 
 def adapters_recipe(method: str, params: dict, base: Path, adapters: list[Path]) -> dict:
-    """The adapters merged in adapter space by `method`, folded into a full model folder (``fold: true``)."""
+    """The adapters merged by `method` into a full model folder: in adapter space, folded (``fold: true``), by
+    an adapter-space method; a weight-space method merges each adapter folded into the base (``BASE+ADAPTER``)."""
+    from ..methods import get_method
+
+    if get_method(method).space == "weight":
+        models = [f"{base}+{a}" for a in adapters]
+        return {"method": method, "base": str(base), "models": models, "parameters": dict(params), "seed": 0}
     return {
         "method": method,
         "base": str(base),

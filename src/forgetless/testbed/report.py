@@ -564,7 +564,9 @@ def _mt_merges(res: Mapping[str, Any]) -> str:
   published code's (`variant: reference`). Task arithmetic's λ chosen on the seen tasks' **validation** splits
   (mean accuracy; never on test); DARE takes the same λ (its rescaled random drop has task arithmetic's sum in
   expectation); TIES at λ = 1 (its paper; a disjoint mean, not a sum); densities fixed in advance at their
-  papers' values (TIES 0.2, DARE 0.3).
+  papers' values (TIES 0.2, DARE 0.3). The weight-space merges (TSV-M, Iso-C, Iso-CTS, Breadcrumbs, DELLA) take
+  each adapter folded into the base (`BASE+ADAPTER`): TSV-M at α = 1 and DELLA at density 0.5, ε 0.15, λ = 1
+  (their papers), Iso-C's and Iso-CTS's α and Breadcrumbs' λ swept on validation as task arithmetic's.
   Sweep (seen validation average, %): {sweep}. Chosen: {chosen}.{skipped}
 - Scores: **seen avg** / **unseen avg**, the mean test accuracy over the seen / unseen tasks; **G** as above (general
   visual and text probes). ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples; every method
@@ -576,6 +578,13 @@ def _mt_merges(res: Mapping[str, Any]) -> str:
 def _mt_figures(d: MultitaskDraws, plot: Path) -> str:
     """The averages and their plot, the paired differences against task arithmetic, the per-task table."""
     diffs = multitask_differences(d, "TA") if "TA" in d.points else "_(no TA row)_"
+    merges = [r["method"] for r in d.res["rows"] if r["role"] == "merge"]
+    best = max(merges, key=lambda m: d.points[m]["seen"], default=None)
+    against_best = (
+        f"\n\nAgainst the best merge on the seen average, **{best}**:\n\n{multitask_differences(d, best)}"
+        if best not in (None, "TA")
+        else ""
+    )
     summary = multitask_summary(d)
     return f"""### Seen, unseen and general averages (test splits, %)
 
@@ -588,7 +597,7 @@ def _mt_figures(d: MultitaskDraws, plot: Path) -> str:
 CoPA's published advantage over task arithmetic on MM-MergeBench (LLaVA-1.5-7B): seen
 {PUBLISHED_COPA["seen"]:+.1f}, unseen {PUBLISHED_COPA["unseen"]:+.1f} points.
 
-{diffs}
+{diffs}{against_best}
 
 ### Per task (test accuracy %, ± 95% half-width)
 

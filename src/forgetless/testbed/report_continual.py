@@ -31,7 +31,7 @@ from .context import read_results
 N_BOOT = 2000
 CL_READING_START = "<!-- reading continual: written by hand, kept when the report is rebuilt -->"
 CL_READING_END = "<!-- /reading continual -->"
-BASELINES = ("sequential FT", "TA", "TIES", "RegMean")
+BASELINES = ("sequential FT", "TA", "TIES", "RegMean", "MagMax", "OPCM")
 KEEPS = {
     "sequential FT": "one adapter",
     "TA": "every adapter so far",
@@ -40,6 +40,8 @@ KEEPS = {
     "LPM": "the LPM state",
     "LPM (diagonal)": "the LPM state",
     "LPM + CPM": "the LPM state + projectors",
+    "MagMax": "τ_max (one model's size)",
+    "OPCM": "the running sum and the norms",
 }
 
 
@@ -201,7 +203,8 @@ def continual_markdown(workdir: Path, plots: Path, previous: Path | None = None,
     curve = average_curve(d, Path(plots) / "continual-average.png")
     a, lora = res["adapter"], res["adapter"]["lora"]
     best = d.best_baseline()
-    pairs = [(m, best) for m in ("LPM + CPM", "LPM", "LPM (diagonal)") if best] + [
+    against_best = ("LPM + CPM", "LPM", "LPM (diagonal)", "MagMax", "OPCM")
+    pairs = [(m, best) for m in against_best if best not in (None, m)] + [
         ("LPM (diagonal)", "LPM"),
         ("LPM + CPM", "LPM"),
         ("joint LoRA", "LPM + CPM"),
@@ -236,7 +239,9 @@ MAny's setting (continual instruction tuning, a training-free merge on CPU after
   {res["gram_samples"]} training samples of its task (it needs every earlier model and Gram); **LPM** —
   `forgetless continual add` (Grams at the base, {res["gram_samples"]} samples per task, γ relative 1e-4);
   **LPM (diagonal)** — the bounded-memory form (`--approx diagonal`); **LPM + CPM** — LPM plus one projector
-  and visual prototype per task, images routed by softmax(cos/τ), τ = 0.1.
+  and visual prototype per task, images routed by softmax(cos/τ), τ = 0.1; **MagMax** — `forgetless continual
+  merge --method magmax` (λ = 0.5) on the sequential chain's models (its paper's setting); **OPCM** — `--method
+  opcm` (α = 0.5) on each task's own model, merged as it arrives (its paper's setting).
 - **Scores**: final average accuracy (after the last task, over all {len(d.seq)} tasks), average forgetting
   (mean over tasks 1..{len(d.seq) - 1} of the accuracy just after learning it minus the final one, in the method's
   own models), G after the last task; ± half the 95% bootstrap interval over the test items ({N_BOOT} resamples,

@@ -48,6 +48,10 @@ COSTS: dict[str, str] = {
     "Replay": "general training data; the same steps see fewer task samples",
     "Learned λ (labels)": f"{_LEARN} (labelled)",
     "Learned λ (entropy)": f"{_LEARN} (no labels)",
+    "SLERP": "nothing",
+    "Breadcrumbs": "nothing",
+    "DELLA": "nothing",
+    "Extracted LoRA": "an SVD of each trained Linear's update (`forgetless extract-lora`)",
 }
 
 
@@ -73,6 +77,11 @@ MT_COSTS: dict[str, str] = {
     "DARE": "task arithmetic's λ (chosen on labelled validation)",
     "CoPA": "nothing (published defaults)",
     "CoPA (reference)": "nothing (published defaults)",
+    "TSV-M": "an SVD of each adapted Linear's update per task (α fixed)",
+    "Iso-C": "an SVD of each adapted Linear's summed update; α chosen on labelled validation",
+    "Iso-CTS": "SVDs of each adapted Linear's summed and per-task updates; α chosen on labelled validation",
+    "Breadcrumbs": "λ chosen on the seen tasks' labelled validation splits (masks fixed)",
+    "DELLA": "nothing (published defaults)",
 }
 CL_COSTS: dict[str, str] = {
     "sequential FT": "nothing: one adapter, trained on from the last",
@@ -82,6 +91,8 @@ CL_COSTS: dict[str, str] = {
     "LPM": "the LPM state; a Gram of each task's inputs at the base (a forward pass over training samples)",
     "LPM (diagonal)": "the LPM state, diagonal (bounded memory); a Gram at the base per task",
     "LPM + CPM": "the LPM state + a projector and a visual prototype per task; a Gram at the base per task",
+    "MagMax": "τ_max (one model's size); the tasks fine-tuned in sequence",
+    "OPCM": "the running sum of projected task vectors and their norms; SVDs of each Linear's sum per task",
 }
 NOT_LORA = "not measured on the testbed: it has no single-task LoRA result yet"
 
