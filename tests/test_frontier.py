@@ -102,6 +102,9 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
             )
         )
     rows.append(("SPIDER", "", _result({"digits": 0.85, "colour": 0.6, "probes": 0.55}, seed=30)))
+    for i, rank in enumerate((64, 8)):  # out of order: the table sorts by rank
+        acc = {"digits": 0.5 + rank / 200, "colour": 0.7, "probes": 0.6}
+        rows.append(("Extracted LoRA", f"rank={rank} lambda=1", _result(acc, seed=40 + i)))
     rows.append(
         ("SPIDER → WiSE-FT", "lambda=0.5", _result({"digits": 0.6, "colour": 0.7, "probes": 0.6}, seed=31))
     )
@@ -138,6 +141,16 @@ def test_curves_and_section_from_a_frontier_file(tmp_path):
         and "| SPIDER | one fine-tune" in md
     )
     assert (tmp_path / "plots" / "frontier-digits.png").stat().st_size > 10_000
+    # what the extracted LoRA keeps: E and F of each rank, in rank order, with E's share of the fine-tune's
+    line = next(x for x in md.splitlines() if x.startswith("| digits |") and "%)" in x)
+    cells = line.strip("|").split("|")[1:]
+    r8, r64 = by[("Extracted LoRA", "rank=8 lambda=1")], by[("Extracted LoRA", "rank=64 lambda=1")]
+    assert "| task | fine-tune E / F | rank 8 E (share) / F | rank 64 E (share) / F |" in md
+    assert (
+        cells[1].strip().startswith(f"{r8['E']:+.1f} ± ")
+        and f"({r8['E'] / e_ft:.0%}) / {r8['F']:+.1f} ±" in cells[1]
+    )
+    assert cells[2].strip().startswith(f"{r64['E']:+.1f} ± ") and f"/ {r64['F']:+.1f} ±" in cells[2]
 
 
 def _row(method: str, knob: str, e: float, f: float) -> dict:

@@ -203,6 +203,39 @@ def goal_table(names: list[str], d: TaskDraws, order: list[str]) -> str:
     return "\n".join(lines)
 
 
+EXTRACTED = "Extracted LoRA"
+
+
+def extracted_table(workdir: Path, names: list[str]) -> str:
+    """How much of the fine-tune's E and F its extracted LoRA keeps at each rank (validation): per task the
+    fine-tune's E / F and each rank's, ± half the 95% interval, and E as a share of the fine-tune's. Empty where
+    no task has the curve."""
+    lines = []
+    ranks: list[float] = []
+    for n in names:
+        path = Path(workdir) / n / FR.RESULTS
+        rows = read_results(path)["rows"] if path.is_file() else []
+        points = sorted((r for r in rows if r["method"] == EXTRACTED), key=lambda r: knob_of(r, EXTRACTED))
+        if not points:
+            continue
+        ranks = ranks or [knob_of(r, EXTRACTED) for r in points]
+        boot = Bootstrap(N_BOOT, seed=0)
+        draws = row_draws(rows, boot)
+        ft = next(r for r in rows if r["method"] == "fine-tuned")
+
+        def cell(r: Mapping[str, Any]) -> str:
+            d = draws[row_name(r)]
+            (e0, e1), (f0, f1) = boot.interval(d["E"]), boot.interval(d["F"])
+            share = f" ({r['E'] / ft['E']:.0%})" if r is not ft and ft["E"] > 0 else ""
+            return f"{r['E']:+.1f} ± {(e1 - e0) / 2:.1f}{share} / {r['F']:+.1f} ± {(f1 - f0) / 2:.1f}"
+
+        lines.append(f"| {n} | {cell(ft)} | " + " | ".join(cell(r) for r in points) + " |")
+    if not lines:
+        return ""
+    head = "| task | fine-tune E / F | " + " | ".join(f"rank {r:g} E (share) / F" for r in ranks) + " |"
+    return "\n".join([head, "|---|" + "---|" * (1 + len(ranks)), *lines])
+
+
 def _pick(result: Mapping[str, Any], method: str) -> str:
     """What one seed's run chose for `method`: the knob (or end) with its validation E and F, — where no point
     kept the gain, empty where the method is not a curve."""
@@ -324,6 +357,16 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft["F"]:+.1f} (validation items: {sizes}).{
             if k.trial == trial
         )
 
+    extracted = extracted_table(workdir, done)
+    if extracted:
+        extracted = f"""### What a LoRA of the fine-tune keeps
+
+The fine-tune's update written as a LoRA adapter of each rank (`forgetless extract-lora`: the truncated SVD of each
+trained Linear's Δ; norms saved whole) and folded back, on the validation splits: E and F ± half the 95% interval,
+in brackets E as a share of the fine-tune's. What a full fine-tune keeps when it enters adapter-space merges or LPM.
+
+{extracted}
+"""
     return f"""## The forgetting frontier (validation splits)
 
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
@@ -345,4 +388,5 @@ noisy points flatters the methods with more points (a winner's curse); the test 
 
 {reading}
 {chr(10).join(parts)}
+{extracted}
 {chosen_markdown(workdir, names)}"""
