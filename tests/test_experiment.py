@@ -275,6 +275,7 @@ def test_variants_pipelines_and_learned_merges_take_their_inputs(tmp_path, monke
         X.Merge("EWC → CGM", "cgm", {"alpha": 5.0}, X.TASK_FISHER_CGM, model="ewc"),
         X.Merge("Replay → WiSE-FT", "linear", {"lambda": 0.5}, model="replay"),
         X.Merge("Learned λ", "linear", {"general_weight": 2.0, "lambda": 0.5}, learn="labels"),
+        X.Merge("Model Stock", "model_stock", {}, pair="reseeded"),
     ]
     keeps = [X.VARIANTS["replay"], *FR.tune_points("L2-SP")]
     work = tmp_path / "w" / "digits"
@@ -311,8 +312,17 @@ def test_variants_pipelines_and_learned_merges_take_their_inputs(tmp_path, monke
     ) | {"probes"}
     learned_merge = next(m for m in f.merges if "file" in m)
     assert learned_merge["parameters"]["lambda"][0]["value"] == 0.25
+    # Model Stock merges the fine-tune with a second one of the same recipe at seed + RESEED
+    assert by["model_stock"]["models"] == [str(work / "finetuned"), str(work / "finetuned-reseeded")]
+    assert runs["finetuned-reseeded"]["seed"] == X.FINETUNE["seed"] + X.RESEED
+    assert all(kw["seed"] == X.FINETUNE["seed"] for out, kw in runs.items() if out != "finetuned-reseeded")
     rows = {X.row_name(r) for r in res["rows"]}
-    assert {"Replay 1:1", "L2-SP strength=0.02", "Learned λ general_weight=2 lambda=0.5"} <= rows
+    assert {
+        "Replay 1:1",
+        "L2-SP strength=0.02",
+        "Learned λ general_weight=2 lambda=0.5",
+        "Model Stock",
+    } <= rows
     X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
     assert len(learned) == 1  # the learned recipe is reused
 

@@ -36,14 +36,21 @@ def test_curve_area_is_the_mean_best_f_over_e():
 
 def test_the_grid_covers_every_knob_and_puts_the_swept_one_first():
     merges = FR.frontier_merges()
-    assert len(merges) == sum(len(k.values) for k in FR.KNOBS.values() if k.method is not None)
+    # one merge per knob value; a curve without a knob (Model Stock) is one point at its fixed parameters
+    assert len(merges) == sum(len(k.values) or 1 for k in FR.KNOBS.values() if k.method is not None)
     for m in merges:
         k = FR.KNOBS[m.label]
-        assert next(iter(m.params)) == k.knob and (m.method, m.task_fisher, m.model) == (
+        assert (m.method, m.task_fisher, m.model, m.learn, m.extract, m.pair) == (
             k.method,
             k.task_fisher,
             k.model,
+            k.learn,
+            k.extract,
+            k.pair,
         )
+        assert next(iter(m.params)) == k.knob if k.values else m.params == k.fixed
+    (stock,) = [m for m in merges if m.label == "Model Stock"]
+    assert stock.method == "model_stock" and stock.pair == "reseeded" and stock.params == {}
     assert knob_of({"knob": "lambda=1 density=0.05"}, "TIES") == 0.05
 
 
@@ -354,17 +361,19 @@ def test_every_data_free_point_plans_on_a_llava_folder(tmp_path):
     from forgetless.engine import build_plan
 
     base, ft = build_tiny_llava(tmp_path / "base"), build_tiny_llava(tmp_path / "ft", seed=1)
+    other = build_tiny_llava(tmp_path / "other", seed=2)  # a pair's second fine-tune
     points = [
         m
         for m in FR.frontier_merges()
         if m.task_fisher is None and m.learn is None and m.model is None and not m.extract
     ]
-    assert {"slerp", "breadcrumbs", "della_linear"} <= {m.method for m in points}
+    assert {"slerp", "breadcrumbs", "della_linear", "model_stock"} <= {m.method for m in points}
     for m in points:
         knob = FR.KNOBS[m.label].knob
-        plan = build_plan(X.merge_recipe(m.method, m.params, base, ft, None))
-        got = plan.params[knob.replace("lambda", "lambda_")]
-        assert plan.recipe.method == m.method and got in (
-            m.params[knob],
-            [m.params[knob]],
-        )  # per model: a list
+        recipe = X.merge_recipe(m.method, m.params, base, ft, None)
+        recipe["models"] += [str(other)] if m.pair else []
+        plan = build_plan(recipe)
+        assert plan.recipe.method == m.method and len(plan.recipe.models) == 1 + bool(m.pair)
+        if knob:
+            got = plan.params[knob.replace("lambda", "lambda_")]
+            assert got in (m.params[knob], [m.params[knob]])  # per model: a list

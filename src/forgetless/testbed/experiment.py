@@ -54,6 +54,10 @@ STATS_SAMPLES = 32
 # data, never their validation or test items) and the general Fisher at θ₀ over the fine-tune's scope (EWC).
 REPLAY_DATA = "<general training splits>"
 GENERAL_FISHER = "<general Fisher at θ₀, fine-tune scope>"
+# and for a second fine-tune of the same recipe (Model Stock merges two): the recipe's seed + RESEED, a seed no
+# run of the documented seeds (0, 1, 2) uses, so each seed's pair is its own
+OTHER_SEED = "<the recipe's seed + 1000>"
+RESEED = 1000
 # Penalty strengths of the single EWC and L2-SP fine-tunes (their curves sweep more). L2-SP's: where the penalty's
 # gradient at the plain fine-tune's weights equals the fine-tune's last gradients (digits, seed 0:
 # runs/testbed/digits/penalty-calibration.json, from benchmarks/calibrate_penalty.py), rounded. EWC's is 100×
@@ -86,6 +90,7 @@ VARIANTS: dict[str, Tune] = {
             {"keep": "ewc", "fisher": GENERAL_FISHER, "strength": EWC_STRENGTH},
         ),
         Tune(f"L2-SP λ={L2SP_STRENGTH:g}", "l2sp", {"keep": "l2sp", "strength": L2SP_STRENGTH}),
+        Tune("fine-tune, another seed", "reseeded", {"seed": OTHER_SEED}),
     )
 }
 KEEPS: list[Tune] = [
@@ -111,12 +116,12 @@ class Merge(NamedTuple):
     params: dict
     task_fisher: tuple[str, str] | None = None
     model: str | None = None
-    learn: str | None = (
-        None  # an objective of forgetless.eval.learn: the coefficients learned per layer first
-    )
-    extract: bool = (
-        False  # the fine-tune first as its extracted LoRA of rank params["rank"] (forgetless extract-lora)
-    )
+    # an objective of forgetless.eval.learn: the coefficients learned per layer first
+    learn: str | None = None
+    # the fine-tune first as its extracted LoRA of rank params["rank"] (forgetless extract-lora)
+    extract: bool = False
+    # a second fine-tune merged with the first (a name of VARIANTS: Model Stock's two)
+    pair: str | None = None
 
 
 LEARN = {"by": "layer", "steps": 40, "batch_size": 8, "split": "val"}  # the testbed's learned coefficients
@@ -473,8 +478,12 @@ class Experiment:
 
     def tune_recipe(self, options: Mapping[str, Any]) -> dict:
         """The recipe with `options`, the stand-ins for the replay data and the general Fisher made (cached)."""
-        made = {REPLAY_DATA: self.replay_data, GENERAL_FISHER: self.scope_fisher}
-        return {**self.recipe, **{k: str(made[v]()) if v in made else v for k, v in options.items()}}
+        made = {
+            REPLAY_DATA: lambda: str(self.replay_data()),
+            GENERAL_FISHER: lambda: str(self.scope_fisher()),
+            OTHER_SEED: lambda: self.recipe["seed"] + RESEED,
+        }
+        return {**self.recipe, **{k: made[v]() if v in made else v for k, v in options.items()}}
 
     def tune_model(self, tune: Tune) -> Path:
         """The fine-tune `tune` (cached as every fine-tune)."""
@@ -547,17 +556,16 @@ class Experiment:
     def merge_row(self, m: Merge, stats: dict[str, Path] | None, keep_model: bool) -> dict:
         """The row of the merge `m` of the base with its fine-tune; the merged model is removed unless kept."""
         ctx = self.ctx
-        key = (
-            [m.params, m.task_fisher, m.model]
-            + ([m.learn] if m.learn else [])
-            + (["extract"] if m.extract else [])
-        )
+        extras = [m.learn or "", "extract" if m.extract else "", m.pair or ""]
+        key = [m.params, m.task_fisher, m.model, *filter(None, extras)]
         out = ctx.workdir / "merged" / f"{m.method}-{fingerprint(key)[:6]}"
         source = self.ft if m.model is None else self.tune_model(VARIANTS[m.model])
         params = dict(m.params)
         if m.extract:
             source = f"{ctx.base}+{self.extracted(source, int(params.pop('rank')))}"
         recipe = merge_recipe(m.method, params, ctx.base, source, stats)
+        if m.pair is not None:
+            recipe["models"].append(str(self.tune_model(VARIANTS[m.pair])))
         report = ctx.merged(recipe if m.learn is None else self.learned(recipe, m), out)
         r, cached = self.evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())

@@ -58,6 +58,9 @@ class Knob(NamedTuple):
     finetune: str | None = None
     learn: str | None = None  # the coefficients learned per layer with this objective (knob: general_weight)
     extract: bool = False  # the fine-tune first as its extracted LoRA (knob: rank), then merged by `method`
+    pair: str | None = (
+        None  # a second fine-tune merged with the first (a name of VARIANTS); no values: one point
+    )
 
 
 KNOBS: dict[str, Knob] = {
@@ -74,6 +77,8 @@ KNOBS: dict[str, Knob] = {
     # the fine-tune's update as a LoRA of each rank (`forgetless extract-lora`), folded back: how much of E and F a
     # low-rank update keeps — what a full fine-tune keeps when it enters adapter-space merges and LPM
     "Extracted LoRA": Knob("task_arithmetic", {"lambda": 1.0}, "rank", [8, 16, 64], extract=True),
+    # Model Stock of the fine-tune and a second one of another seed: its ratio comes from their angle, no knob
+    "Model Stock": Knob("model_stock", {}, "", [], pair="reseeded"),
     # the remedies while fine-tuning, each a curve of fine-tunes over its strength
     "Replay": Knob(None, {}, "replay_ratio", [1.0, 3.0], finetune="replay"),
     "EWC": Knob(None, {}, "strength", [3.0, 30.0, 300.0, 3000.0], finetune="ewc"),
@@ -119,13 +124,20 @@ def tune_points(label: str, values: Sequence[float] | None = None) -> list[X.Tun
     return points
 
 
+def knob_merge(label: str, params: dict) -> X.Merge:
+    """Curve `label`'s merge at `params` (its knob's value and its fixed parameters)."""
+    k = KNOBS[label]
+    return X.Merge(label, k.method, params, k.task_fisher, k.model, k.learn, k.extract, k.pair)
+
+
 def frontier_merges() -> list[X.Merge]:
-    """The grid as :func:`.experiment.run_experiment`'s ``merges``."""
+    """The grid as :func:`.experiment.run_experiment`'s ``merges``: one per knob value, or the one point of a
+    curve without a knob."""
     return [
-        X.Merge(label, k.method, {k.knob: v, **k.fixed}, k.task_fisher, k.model, k.learn, k.extract)
+        knob_merge(label, {k.knob: v, **k.fixed} if v is not None else dict(k.fixed))
         for label, k in KNOBS.items()
         if k.method is not None
-        for v in k.values
+        for v in k.values or [None]
     ]
 
 
@@ -330,12 +342,7 @@ def run_chosen(
     rows = read_results(val)["rows"]
     picks = choose(rows if val_items is None else first_items(rows, task, val_items), keep_gain)
     swept = {label: r for label, r in picks.items() if r is not None and r["method"] == label}
-    merges = [
-        X.Merge(label, k.method, _params(r["knob"]), k.task_fisher, k.model, k.learn, k.extract)
-        for label, r in swept.items()
-        for k in [KNOBS[label]]
-        if k.method is not None
-    ]
+    merges = [knob_merge(label, _params(r["knob"])) for label, r in swept.items() if KNOBS[label].method]
     tunes = frontier_tunes([label for label in picks if KNOBS[label].model is not None]) + [
         t
         for label, r in swept.items()

@@ -52,7 +52,17 @@ COSTS: dict[str, str] = {
     "Breadcrumbs": "nothing",
     "DELLA": "nothing",
     "Extracted LoRA": "an SVD of each trained Linear's update (`forgetless extract-lora`)",
+    "Model Stock": "a second fine-tune of another seed",
 }
+
+
+REMEDIES = (
+    "spider",
+    "magnitude_mask",
+    "replay",
+    "ewc",
+    "l2sp",
+)  # the variants that are remedies (not a reseed)
 
 
 def _both(finetune: str, merge: str) -> str:
@@ -68,7 +78,7 @@ COSTS.update(
         "EWC → CGM": _both("EWC", "CGM"),
         "SPIDER → learned λ": _both("SPIDER", "Learned λ (labels)"),
         # the single fine-tunes of the variants (``EWC λ=3``, ``Replay 1:1``, …): their family's cost
-        **{v.label: COSTS[v.label.split()[0]] for v in X.VARIANTS.values()},
+        **{v.label: COSTS[v.label.split()[0]] for v in X.VARIANTS.values() if v.name in REMEDIES},
     }
 )
 MT_COSTS: dict[str, str] = {
@@ -107,7 +117,7 @@ FINE_TUNES = [X.VARIANTS[n].label for n in ("spider", "magnitude_mask", "l2sp")]
 NO_GENERAL = [*_published(["WiSE-FT", "task arithmetic", "TIES", "DARE"]), *FINE_TUNES]
 NO_LABELS = [
     *_published([m.label for m in X.MERGES]),
-    *[v.label for v in X.VARIANTS.values()],
+    *[X.VARIANTS[n].label for n in REMEDIES],
     "Learned λ (entropy)",
 ]
 
@@ -115,7 +125,7 @@ NO_LABELS = [
 def choice_cost(label: str) -> str:
     """What choosing a frontier curve's point on validation takes: one model scored per value of its knob."""
     k = FR.KNOBS.get(label)
-    if k is None:
+    if k is None or not k.values:
         return ""
     what = "fine-tunes" if k.finetune else "learned runs" if k.learn else "merges"
     return f"; {k.knob} chosen on labelled validation ({len(k.values)} {what} scored)"

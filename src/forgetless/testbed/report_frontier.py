@@ -11,6 +11,7 @@ import numpy as np
 
 from ..eval.metrics import Bootstrap
 from ..eval.report import diff_cell, doc_link, tradeoff_plot
+from . import experiment as X
 from . import frontier as FR
 from .context import read_results
 from .experiment import row_draws, row_name
@@ -111,7 +112,7 @@ def task_table(c: Curves) -> str:
         )
         knobs = ", ".join(f"{k:g}" for k in c.curves[label]["knobs"] if k is not None)
         lines.append(
-            f"| {label} | {FR.KNOBS[label].knob} {knobs} | "
+            f"| {label} | {FR.KNOBS[label].knob or 'one point'} {knobs} | "
             + " | ".join(_iv_cell(c.boot, *a) for a in at)
             + f" | {_iv_cell(c.boot, *area)} | "
             + " | ".join(diffs)
@@ -222,18 +223,20 @@ def extracted_table(workdir: Path, names: list[str]) -> str:
         boot = Bootstrap(N_BOOT, seed=0)
         draws = row_draws(rows, boot)
         ft = next(r for r in rows if r["method"] == "fine-tuned")
-
-        def cell(r: Mapping[str, Any]) -> str:
-            d = draws[row_name(r)]
-            (e0, e1), (f0, f1) = boot.interval(d["E"]), boot.interval(d["F"])
-            share = f" ({r['E'] / ft['E']:.0%})" if r is not ft and ft["E"] > 0 else ""
-            return f"{r['E']:+.1f} ± {(e1 - e0) / 2:.1f}{share} / {r['F']:+.1f} ± {(f1 - f0) / 2:.1f}"
-
-        lines.append(f"| {n} | {cell(ft)} | " + " | ".join(cell(r) for r in points) + " |")
+        cells = [_kept_cell(boot, draws, r, ft) for r in [ft, *points]]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     if not lines:
         return ""
     head = "| task | fine-tune E / F | " + " | ".join(f"rank {r:g} E (share) / F" for r in ranks) + " |"
     return "\n".join([head, "|---|" + "---|" * (1 + len(ranks)), *lines])
+
+
+def _kept_cell(boot: Bootstrap, draws: Mapping[str, Any], r: Mapping[str, Any], ft: Mapping[str, Any]) -> str:
+    """A row's E and F ± half their 95% intervals, E's share of the fine-tune's `ft` in brackets (not for itself)."""
+    d = draws[row_name(r)]
+    (e0, e1), (f0, f1) = boot.interval(d["E"]), boot.interval(d["F"])
+    share = f" ({r['E'] / ft['E']:.0%})" if r is not ft and ft["E"] > 0 else ""
+    return f"{r['E']:+.1f} ± {(e1 - e0) / 2:.1f}{share} / {r['F']:+.1f} ± {(f1 - f0) / 2:.1f}"
 
 
 def _pick(result: Mapping[str, Any], method: str) -> str:
@@ -351,7 +354,7 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft["F"]:+.1f} (validation items: {sizes}).{
 
     def grid(trial: bool) -> str:
         return "; ".join(
-            f"{label}: {k.knob} {', '.join(f'{v:g}' for v in k.values)}"
+            f"{label}: {k.knob or 'one point'} {', '.join(f'{v:g}' for v in k.values)}"
             + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
             for label, k in FR.KNOBS.items()
             if k.trial == trial
@@ -371,7 +374,8 @@ in brackets E as a share of the fine-tune's. What a full fine-tune keeps when it
 
 Each method's whole curve over its knob (`forgetless testbed frontier`, :mod:`forgetless.testbed.frontier`), on
 the **validation** splits (the test splits stay for the points chosen on these curves). Grid: {grid(False)}. Task
-arithmetic at λ is WiSE-FT at λ with one fine-tuned model. SPIDER and MagnitudeMask are one fine-tune each;
+arithmetic at λ is WiSE-FT at λ with one fine-tuned model. Model Stock merges the fine-tune with a second one of
+the same recipe at seed + {X.RESEED} (its ratio comes from their angle: one point). SPIDER and MagnitudeMask are one fine-tune each;
 Replay, EWC and L2-SP are curves of fine-tunes over their strength (`forgetless finetune --replay … --replay-ratio`,
 `--keep ewc --fisher … --strength`, `--keep l2sp --strength`; the replay data is the general visual tasks'
 training splits, EWC's Fisher the general Fisher at θ₀ over the fine-tuned tensors). Every curve has the base
