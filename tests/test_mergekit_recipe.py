@@ -8,8 +8,9 @@ What is compared, and how closely:
   magnitude (BENCHMARKS.md: every difference on a real checkpoint was such a boundary tie);
 - DARE: the masks are random in both tools (mergekit draws from torch's global RNG, forgetless from generators
   seeded per tensor name), so the formula is compared *given forgetless's masks*, re-drawn here from the same
-  seeds: bit for bit, DARE-linear and DARE-TIES, at density 0.6 with ``rescale: false``; at density 1 mergekit
-  keeps every entry and the result is task arithmetic / TIES without a trim, bit for bit;
+  seeds: bit for bit, DARE-linear and DARE-TIES, at density 0.6 with ``rescale: false`` and at mergekit's defaults
+  (its L1 ``rescale``, ``normalize: false``); at density 1 mergekit keeps every entry and the result is task
+  arithmetic / TIES without a trim, bit for bit;
 - linear, and ``normalize: true`` for task arithmetic: to rounding (forgetless scales the weights by 1/Σw first).
 """
 
@@ -180,20 +181,23 @@ def test_ties_density_defaults_to_mergekits_1_not_forgetless_half(ws):
     assert load_recipe(root / "ties_d1.yaml").models[0].params["density"] == 1.0
 
 
+def mk_rescaled_l1(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sparsify.rescaled_masked_tensor with norm l1: the kept entries scaled to Δ's L1 norm (not below 1e-7)."""
+    masked = delta * mask
+    before, after = delta.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_is_mergekits_formula_given_the_masks(ws, method):
+@pytest.mark.parametrize("defaults", [False, True])
+def test_dare_is_mergekits_formula_given_the_masks(ws, method, defaults):
+    """With ``rescale: false, normalize: true``, and at mergekit's defaults (``rescale: true`` — its L1 rescale —
+    and ``normalize: false``), which map to forgetless's ``rescale: l1`` and, for DARE-TIES, ``normalize: false``."""
     root, base, fts = ws
     w, density = [0.8, 1.2], 0.6
-    cfg = mergekit_config(
-        method,
-        base,
-        fts[:2],
-        [{"weight": x, "density": density} for x in w],
-        rescale=False,
-        normalize=True,
-        **{"lambda": 0.9},
-    )
-    out = run(root, cfg, method)
+    top = {"lambda": 0.9} if defaults else {"lambda": 0.9, "rescale": False, "normalize": True}
+    per_model = [{"weight": x, "density": density} for x in w]
+    out = run(root, mergekit_config(method, base, fts[:2], per_model, **top), f"{method}-{defaults}")
     b, f = tensors(base), [tensors(p) for p in fts]
     kept, total = 0, 0
     for name, got in out.items():
@@ -202,13 +206,18 @@ def test_dare_is_mergekits_formula_given_the_masks(ws, method):
         for ft, gen in zip(f, gens):
             mask = torch.bernoulli(torch.full_like(b[name], density), generator=gen)
             kept, total = kept + int(mask.sum()), total + mask.numel()
-            deltas.append((ft[name] - b[name]) * mask)  # sparsify.bernoulli with rescale_norm=None
-        if method == "dare_linear":  # normalize: true divides by Σw: mapped as weights w/Σw (to rounding)
-            expect = gta(b[name], deltas, w, consensus=False, normalize=True, lam=0.9)
+            delta = ft[name] - b[name]
+            deltas.append(mk_rescaled_l1(delta, mask) if defaults else delta * mask)  # sparsify.bernoulli
+        consensus = method == "dare_ties"
+        expect = gta(b[name], deltas, w, consensus=consensus, normalize=not defaults, lam=0.9)
+        if consensus or defaults:
+            assert torch.equal(got, expect), name
+        else:  # normalize: true divides by Σw: mapped as weights w/Σw (to rounding)
             torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7)
-        else:
-            assert torch.equal(got, gta(b[name], deltas, w, consensus=True, normalize=True, lam=0.9)), name
     assert abs(kept / total - density) < 5 * (density * (1 - density) / total) ** 0.5
+    params = load_recipe(root / f"{method}-{defaults}.yaml").parameters
+    assert params["rescale"] == ("l1" if defaults else False)
+    assert params.get("normalize", True) == (not (defaults and consensus))
 
 
 @pytest.mark.parametrize("method,consensus", [("dare_linear", False), ("dare_ties", True)])
@@ -368,13 +377,12 @@ def test_refusals_of_models_entries(ws, capsys):
     assert "models[2].parameters.epsilon: not a per-model parameter" in _refusal(ws, capsys, cfg)
 
 
-def test_dare_rescale_and_normalize_defaults_are_refused_where_they_differ(ws, capsys):
-    # mergekit's DARE defaults: rescale true (an L1-norm rescale) and, for dare_ties, normalize false
-    err = _refusal(ws, capsys, _cfg(ws, "dare_linear"))
-    assert "parameters.rescale: true (mergekit's default for DARE)" in err and "rescale: false" in err
-    cfg = _cfg(ws, "dare_ties", parameters={"rescale": False})
-    err = _refusal(ws, capsys, cfg)
-    assert "parameters.normalize: false (mergekit's default for dare_ties)" in err
+def test_ties_rescale_and_normalize_false_are_refused(ws, capsys):
+    # forgetless's ties has neither mergekit's L1 rescale nor its sum of the agreeing entries
+    err = _refusal(ws, capsys, _cfg(ws, "ties", parameters={"rescale": True}))
+    assert "parameters.rescale: true: mergekit rescales the trimmed task vector" in err
+    err = _refusal(ws, capsys, _cfg(ws, "ties", parameters={"normalize": False}))
+    assert "parameters.normalize: false: mergekit then adds the agreeing entries" in err
 
 
 def test_linear_refusals(ws, capsys):

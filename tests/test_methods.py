@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft
 
+from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS, baselines
 from forgetless.methods.baselines import (
     dare_linear,
@@ -171,6 +172,40 @@ def test_dare_drops_the_expected_fraction_and_rescales_survivors():
     torch.testing.assert_close(got[kept], delta[kept] / 0.3, rtol=1e-5, atol=1e-6)
 
 
+def test_dare_l1_rescale_scales_the_survivors_to_the_task_vectors_l1_norm():
+    """``rescale: l1`` (mergekit's): the kept entries ×‖Δ‖₁/‖Δ⊙m‖₁, taken here in float64 from the output's own
+    mask; the same draws as ``rescale: true``, so both keep the same entries."""
+    base, (ft,) = _models(1, shape=(300, 200))
+
+    def drop(rescale):
+        gen = torch.Generator().manual_seed(0)
+        return dare_linear(
+            base.clone(), [ft.clone()], weight=[1.0], density=[0.4], rescale=rescale, generator=gen
+        )
+
+    out = {r: drop(r) for r in (True, "l1")}
+    delta = (ft - base).double()
+    kept = (out["l1"] - base) != 0
+    assert torch.equal(kept, (out[True] - base) != 0)
+    factor = delta.abs().sum() / delta[kept].abs().sum()
+    torch.testing.assert_close((out["l1"] - base)[kept].double(), delta[kept] * factor, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(out["l1"], out[True])  # ‖Δ‖₁-matching is not ×1/density
+
+
+def test_dare_l1_on_row_blocks_is_refused_naming_the_remedy():
+    from test_engine_blocks import call, gens_for, on_blocks, resolved
+
+    base, fts = _models(2, shape=(12, 10))
+    for name in ("dare_linear", "dare_ties"):
+        spec = METHODS[name]
+        with pytest.raises(ForgetlessError, match="DARE with rescale: l1 needs whole tensors") as e:
+            on_blocks(spec, resolved(name, 2, {"rescale": "l1", "density": 0.5}), base, fts, {}, 4, 0)
+        assert "memory" in e.value.remedy
+        undropped = resolved(name, 2, {"rescale": "l1", "density": 1.0})  # nothing dropped: no L1 factor
+        whole = call(spec, undropped, base.clone(), _copies(fts), {}, None, gens_for(spec, 2, 0))
+        assert torch.equal(on_blocks(spec, undropped, base, fts, {}, 4, 0), whole)
+
+
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear"])
 def test_methods_are_deterministic_and_do_something(name):
     """Same inputs (and seed) give the same output, and the default parameters change the base."""
@@ -251,19 +286,22 @@ def test_the_registered_ties_and_dare_ties_give_their_rule_s_bits(convention, si
     def gens():
         return [torch.Generator().manual_seed(k) for k in range(3)]
 
-    got = dare_ties(
-        base.clone(),
-        _copies(fts),
-        weight=w,
-        density=density,
-        lambda_=0.8,
-        sign=sign,
-        convention=convention,
-        generator=gens(),
-    )
-    assert _same_bits(
-        got,
-        baselines.dare_ties_rule(
-            base, fts, w, density, 0.8, sign=sign, convention=convention, generator=gens()
-        ),
-    )
+    for rescale, normalize in ((True, True), ("l1", False), (False, True)):
+        got = dare_ties(
+            base.clone(),
+            _copies(fts),
+            weight=w,
+            density=density,
+            lambda_=0.8,
+            rescale=rescale,
+            sign=sign,
+            normalize=normalize,
+            convention=convention,
+            generator=gens(),
+        )
+        assert _same_bits(
+            got,
+            baselines.dare_ties_rule(
+                base, fts, w, density, 0.8, rescale, sign, convention, gens(), normalize
+            ),
+        ), (rescale, normalize)

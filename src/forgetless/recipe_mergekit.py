@@ -9,8 +9,10 @@ What maps, checked against mergekit 0.1.5's ``merge_methods/`` (``generalized_ta
   DARE's Bernoulli drop, with TIES's sign election and disjoint mean. ``weight`` is required per model (a model's
   ``parameters`` or the top-level ones), ``density`` defaults to 1 (mergekit's default, not forgetless's 0.5),
   ``lambda`` to 1. mergekit's ``normalize`` (dividing by the summed weights) maps where forgetless has the same
-  rule: TIES's disjoint mean is ``normalize: true``; task arithmetic and DARE-linear with ``normalize: true``
-  become weights wₖ/Σw. ``int8_mask`` changes only the dtype of mergekit's sign mask, never a value: accepted.
+  rule: TIES's disjoint mean is ``normalize: true``, DARE-TIES takes ``normalize: false`` (the agreeing entries
+  added); task arithmetic and DARE-linear with ``normalize: true`` become weights wₖ/Σw. DARE's ``rescale``
+  (mergekit's default: true) is its L1 rescale, ``rescale: l1`` in forgetless (the kept entries scaled to the
+  task vector's L1 norm); its masks are drawn from other generators than mergekit's. ``int8_mask`` changes only the dtype of mergekit's sign mask, never a value: accepted.
   The sums are taken in mergekit's order of operations (``convention: mergekit``), so task arithmetic is mergekit's
   result bit for bit (up to four models), and TIES too, up to which of equal |Δ| at the top-k boundary are kept.
 - ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` (``sparsify.py``'s ``magnitude_outliers``
@@ -44,8 +46,8 @@ What maps, checked against mergekit 0.1.5's ``merge_methods/`` (``generalized_ta
 Everything else is refused, in one line naming the key and what to do: other merge methods, ``slices`` and
 ``modules``, tokenizer unions and ``tokenizer:``, ``chat_template``, per-tensor values of ``normalize``,
 ``rescale`` and ``int8_mask``, per-tensor weights with ``normalize`` dividing by their sum (task arithmetic,
-DARE-linear) or, for ``linear``, not dividing, Hub revisions, DARE's L1 ``rescale`` (mergekit rescales the kept entries to the tensor's L1 norm, forgetless by
-1/density), ``normalize`` values whose rule forgetless does not have, and keys mergekit's method does not take.
+DARE-linear) or, for ``linear``, not dividing, Hub revisions, TIES's ``rescale`` and ``normalize: false``,
+``normalize`` values whose rule forgetless does not have, and keys mergekit's method does not take.
 """
 
 from __future__ import annotations
@@ -341,7 +343,7 @@ def _task_vectors(entries: list, base: str | None, cfg: _Config, normalize: bool
         "convention": "mergekit",
     }
     weights = _normalized(cfg, normalize, weights)
-    rescale = _rescale(cfg, densities)
+    rescale = _rescale(cfg)
     if rescale is not None:
         params["rescale"] = rescale
     params.update(_sparsify_params(cfg, normalize))
@@ -361,12 +363,11 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
     """mergekit's ``normalize`` where forgetless has the same rule: TIES's disjoint mean is normalize: true; task
     arithmetic and DARE-linear with it become weights wₖ/Σw."""
     method = cfg.method
-    if method in ("ties", "dare_ties") and not normalize:  # breadcrumbs_ties, della: their `normalize: false`
-        default = " (mergekit's default for dare_ties)" if method == "dare_ties" else ""
+    if method == "ties" and not normalize:  # the other TIES variants take `normalize: false`
         raise cfg.refuse(
             "parameters.normalize",
-            f"false{default}: mergekit then adds the agreeing entries without "
-            f"dividing; forgetless's {method} always divides by the agreeing models' summed weights "
+            "false: mergekit then adds the agreeing entries without "
+            "dividing; forgetless's ties always divides by the agreeing models' summed weights "
             "(normalize: true)",
             "set normalize: true to merge as forgetless does",
         )
@@ -384,9 +385,9 @@ def _normalized(cfg: _Config, normalize: bool, weights: list[float]) -> list[flo
     return weights
 
 
-def _rescale(cfg: _Config, densities: list[float]) -> bool | str | None:
-    """``rescale`` as forgetless takes it (None: the method has none): Breadcrumbs' and DELLA's L1 rescale is
-    mergekit's; DARE's and TIES's L1 rescale refused."""
+def _rescale(cfg: _Config) -> bool | str | None:
+    """``rescale`` as forgetless takes it (None: the method has none): DARE's, Breadcrumbs' and DELLA's L1 rescale
+    is mergekit's; TIES's refused (forgetless's ties has none)."""
     method, rescale = cfg.method, cfg.top.get("rescale", RESCALE[cfg.method])
     if method == "ties" and rescale:
         raise cfg.refuse(
@@ -399,22 +400,14 @@ def _rescale(cfg: _Config, densities: list[float]) -> bool | str | None:
         return ("l1" if rescale else "none") if method.startswith("della") else bool(rescale)
     if not method.startswith("dare"):
         return None
-    if rescale and any(d < 1 for d in _all_values(densities)):
-        raise cfg.refuse(
-            "parameters.rescale",
-            "true (mergekit's default for DARE): mergekit rescales the kept "
-            "entries to the task vector's L1 norm, forgetless by 1/density (equal only in expectation)",
-            "set rescale: false to keep the survivors as they are, or write a forgetless recipe "
-            f"(method: {method}) to rescale by 1/density",
-        )
-    return bool(rescale)
+    return "l1" if rescale else False
 
 
 def _sparsify_params(cfg: _Config, normalize: bool) -> dict[str, Any]:
-    """Breadcrumbs' and DELLA's settings that follow mergekit: its slice (a tensor with ⌊γ·n⌋ = 0 loses every
-    entry), and ``normalize: false`` (the agreeing entries added, not averaged) for the TIES variants."""
+    """The sparsified methods' settings that follow mergekit: Breadcrumbs' slice (a tensor with ⌊γ·n⌋ = 0 loses
+    every entry), and ``normalize: false`` (the agreeing entries added, not averaged) for the TIES variants."""
     out: dict[str, Any] = {"mergekit_slice": True} if cfg.method.startswith("breadcrumbs") else {}
-    if cfg.method in ("breadcrumbs_ties", "della") and not normalize:
+    if cfg.method in ("breadcrumbs_ties", "della", "dare_ties") and not normalize:
         out["normalize"] = False
     return out
 
@@ -644,11 +637,6 @@ def _values(v: Any, fn) -> Any:
     if isinstance(v, list):
         return [{**e, "value": fn(e["value"])} for e in v]
     return fn(v)
-
-
-def _all_values(vs: list) -> list:
-    """The values of a list of values and entries per part."""
-    return [e["value"] for v in vs for e in (v if isinstance(v, list) else [{"value": v}])]
 
 
 def _dtype(data: dict, refuse) -> str:

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import reduce
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ..errors import ForgetlessError
 from . import fast
 from .fast.baselines import Convention, Sign, SumConvention
-from .registry import F, PerModel, RowBlock, Streaming, merge_method
+from .registry import F, PerModel, RowBlock, Stream, Streaming, merge_method
 
 Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
+# DARE's rescale of the survivors: True ×1/density (the paper's: the expectation is τ), "l1" to τ's L1 norm
+# (mergekit's ``rescale: true``), False none
+DareRescale = Literal[True, False, "l1"]
+L1_EPS = 1e-7  # mergekit's: below this L1 norm (before or after the drop) the kept entries are not rescaled
 
 
 # ---------------------------------------------------------------------------------------------- the rules
@@ -64,7 +70,7 @@ def dare_linear_rule(
     weights: list[float],
     densities: list[float],
     lambda_: float = 1.0,
-    rescale: bool = True,
+    rescale: DareRescale = True,
     convention: SumConvention = "forgetless",
     generator: Generators = None,
 ) -> Tensor:
@@ -79,14 +85,15 @@ def dare_ties_rule(
     weights: list[float],
     densities: list[float],
     lambda_: float = 1.0,
-    rescale: bool = True,
+    rescale: DareRescale = True,
     sign: Sign = "total",
     convention: Convention = "mergekit",
     generator: Generators = None,
+    normalize: bool = True,
 ) -> Tensor:
-    """DARE + TIES: TIES's sign election and disjoint mean of the drop(τₖ)."""
+    """DARE + TIES: TIES's sign election and disjoint mean (or sum: ``normalize=False``) of the drop(τₖ)."""
     taus = dare_drops([theta - theta0 for theta in thetas], densities, generator, rescale)
-    return ties_consensus(theta0, taus, weights, lambda_, sign, convention)
+    return ties_consensus(theta0, taus, weights, lambda_, sign, convention, normalize)
 
 
 # ---------------------------------------------------------------------------------------------- their steps
@@ -165,16 +172,28 @@ def ties_consensus(
 
 
 def dare_drop(
-    tau: Tensor, density: float, generator: torch.Generator | None = None, rescale: bool = True
+    tau: Tensor, density: float, generator: torch.Generator | None = None, rescale: DareRescale = True
 ) -> Tensor:
-    """DARE (Yu et al. 2024): each entry kept with probability p = density (Bernoulli), the survivors ×1/p. Drawn
-    from `generator` entry by entry in flat order, so row blocks dropped in turn drop what the whole tensor would."""
+    """DARE (Yu et al. 2024): each entry kept with probability p = density (Bernoulli), the survivors ×1/p — or
+    rescaled to τ's L1 norm (``rescale="l1"``: mergekit's), or left as they are (False). Drawn from `generator`
+    entry by entry in flat order, so row blocks dropped in turn drop what the whole tensor would."""
     kept = tau * torch.bernoulli(torch.full_like(tau, density), generator=generator)
+    if rescale == "l1":
+        return l1_rescaled_(kept, tau.abs().sum())
     return kept / density if rescale and density > 0 else kept
 
 
+def l1_rescaled_(kept: Tensor, l1: Tensor) -> Tensor:
+    """`kept` × ‖τ‖₁ / ‖kept‖₁ in place, ‖τ‖₁ = `l1` the task vector's L1 norm before the drop (mergekit's
+    ``rescale``: the sums of the whole tensor in float32); unchanged when either norm is below 1e-7."""
+    after = kept.abs().sum()
+    if l1 < L1_EPS or after < L1_EPS:
+        return kept
+    return kept.mul_(l1 / after)
+
+
 def dare_drops(
-    taus: list[Tensor], densities: list[float], generator: Generators, rescale: bool = True
+    taus: list[Tensor], densities: list[float], generator: Generators, rescale: DareRescale = True
 ) -> list[Tensor]:
     """drop(τₖ) of every model (:func:`dare_drop`), model after model, each from its :func:`each_generator`."""
     return [dare_drop(t, d, g, rescale) for t, d, g in zip(taus, densities, each_generator(generator, taus))]
@@ -193,8 +212,29 @@ def _dare_method(name: str) -> Callable[[F], F]:
         name,
         per_model=("weight", "density"),
         ranges={"density": "(0, 1]"},
-        streaming=Streaming(rows="blocks"),
+        streaming=Streaming(rows="blocks", tensor_prepare=dare_prepare),
     )
+
+
+def dare_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
+    """DARE on row blocks (the engine's ``tensor_prepare``): the drops need nothing found first; the L1 rescale is
+    refused (:func:`refuse_l1_on_blocks`)."""
+    refuse_l1_on_blocks("DARE", params, stream, shape, "true (×1/density)")
+    return {}
+
+
+def refuse_l1_on_blocks(
+    method: str, params: dict, stream: Stream, shape: tuple[int, ...], other: str
+) -> None:
+    """Refuse ``rescale: l1`` on a tensor merged in row blocks when an entry is dropped: the L1 norm of the kept
+    entries is the whole tensor's, and every model's mask would be needed before the first block is written."""
+    if params["rescale"] == "l1" and any(d < 1 for d in params["density"]):
+        raise ForgetlessError(
+            f"{method} with rescale: l1 needs whole tensors, and this one ({'×'.join(map(str, shape))}) is merged "
+            "in row blocks (the L1 norm of the kept entries is the whole tensor's)",
+            tensor=next(iter(stream())).name,
+            remedy=f"raise memory: (or --memory), or use rescale: {other}",
+        )
 
 
 @merge_method(
@@ -268,13 +308,13 @@ def dare_linear(
     weight: PerModel[float] = 1.0,
     density: PerModel[float] = 0.5,
     lambda_: float = 1.0,
-    rescale: bool = True,
+    rescale: DareRescale = True,
     convention: SumConvention = "forgetless",
     generator: Generators = None,
     block: RowBlock | None = None,
 ) -> Tensor:
-    """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale, add λ·Σ wₖ·Δₖ (in
-    mergekit's order of operations with ``convention="mergekit"``).
+    """DARE + task arithmetic: drop each Δₖ entry with probability 1−density, rescale (×1/density; ``l1``: to
+    Δₖ's L1 norm, mergekit's), add λ·Σ wₖ·Δₖ (in mergekit's order of operations with ``convention="mergekit"``).
 
     :func:`dare_linear_rule`, in place: each τₖ in the engine's copy of θₖ, the sum in θ₀'s."""
     taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
@@ -289,14 +329,16 @@ def dare_ties(
     weight: PerModel[float] = 1.0,
     density: PerModel[float] = 0.5,
     lambda_: float = 1.0,
-    rescale: bool = True,
+    rescale: DareRescale = True,
     sign: Sign = "total",
+    normalize: bool = True,
     convention: Convention = "mergekit",
     generator: Generators = None,
     block: RowBlock | None = None,
 ) -> Tensor:
-    """DARE + TIES consensus: random drop and rescale each Δₖ, then sign election and disjoint mean.
+    """DARE + TIES consensus: random drop and rescale each Δₖ, then sign election and disjoint mean
+    (``normalize``; else the agreeing entries added).
 
     :func:`dare_ties_rule`, in place: each τₖ in the engine's copy of θₖ, the consensus in chunks into θ₀."""
     taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
-    return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention)
+    return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention, normalize)

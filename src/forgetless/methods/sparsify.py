@@ -21,13 +21,20 @@ from torch import Tensor
 
 from ..errors import ForgetlessError
 from . import fast
-from .baselines import Generators, add_task_vectors, each_generator, ties_consensus
+from .baselines import (
+    L1_EPS,
+    Generators,
+    add_task_vectors,
+    each_generator,
+    l1_rescaled_,
+    refuse_l1_on_blocks,
+    ties_consensus,
+)
 from .fast.baselines import Convention, Sign, SumConvention
 from .fast.select import AbsDiff, Cut, Selections, top_k_cuts
 from .registry import F, PerModel, RowBlock, Stream, Streaming, merge_method
 
 Rescale = Literal["probability", "l1", "none"]
-L1_EPS = 1e-7  # mergekit's: below this L1 norm (before or after the drop) the kept entries are not rescaled
 
 
 # ---------------------------------------------------------------------------------------------- Breadcrumbs
@@ -55,15 +62,6 @@ def outliers_mask(tau: Tensor, density: float, gamma: float, mergekit_slice: boo
     keep = torch.zeros(tau.numel(), dtype=torch.bool)
     keep[order[start:stop]] = True
     return keep.view_as(tau)
-
-
-def l1_rescaled_(kept: Tensor, l1: Tensor) -> Tensor:
-    """`kept` × ‖τ‖₁ / ‖kept‖₁ in place, ‖τ‖₁ = `l1` the task vector's L1 norm before the drop (mergekit's
-    ``rescale``: the sums of the whole tensor in float32); unchanged when either norm is below 1e-7."""
-    after = kept.abs().sum()
-    if l1 < L1_EPS or after < L1_EPS:
-        return kept
-    return kept.mul_(l1 / after)
 
 
 def breadcrumbs_drop(
@@ -312,13 +310,7 @@ def della_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """DELLA on row blocks (the engine's ``tensor_prepare``): the rows of a tensor of two or more dimensions are
     its blocks' own, so nothing to find; a 1-D tensor is one row, ranked here whole. The L1 rescale needs every
     model's drawn mask over the whole tensor before the first block is written: refused."""
-    if params["rescale"] == "l1" and any(d < 1 for d in params["density"]):
-        raise ForgetlessError(
-            f"della with rescale: l1 needs whole tensors, and this one ({'×'.join(map(str, shape))}) is merged in "
-            "row blocks (the L1 norm of the kept entries is the whole tensor's)",
-            tensor=next(iter(stream())).name,
-            remedy="raise memory: (or --memory), or use rescale: probability",
-        )
+    refuse_l1_on_blocks("della", params, stream, shape, "probability")
     if len(shape) >= 2:
         return {}
     parts = list(stream())
