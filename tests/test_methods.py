@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft
 
-from forgetless.errors import ForgetlessError
 from forgetless.methods import METHODS, baselines
 from forgetless.methods.baselines import (
     dare_linear,
@@ -192,16 +191,14 @@ def test_dare_l1_rescale_scales_the_survivors_to_the_task_vectors_l1_norm():
     assert not torch.allclose(out["l1"], out[True])  # ‖Δ‖₁-matching is not ×1/density
 
 
-def test_dare_l1_on_row_blocks_is_refused_naming_the_remedy():
+def test_dare_l1_with_nothing_dropped_merges_in_row_blocks_as_whole():
     from test_engine_blocks import call, gens_for, on_blocks, resolved
 
     base, fts = _models(2, shape=(12, 10))
     for name in ("dare_linear", "dare_ties"):
         spec = METHODS[name]
-        with pytest.raises(ForgetlessError, match="DARE with rescale: l1 needs whole tensors") as e:
-            on_blocks(spec, resolved(name, 2, {"rescale": "l1", "density": 0.5}), base, fts, {}, 4, 0)
-        assert "memory" in e.value.remedy
         undropped = resolved(name, 2, {"rescale": "l1", "density": 1.0})  # nothing dropped: no L1 factor
+        assert spec.streaming.whole_when(undropped) is None
         whole = call(spec, undropped, base.clone(), _copies(fts), {}, None, gens_for(spec, 2, 0))
         assert torch.equal(on_blocks(spec, undropped, base, fts, {}, 4, 0), whole)
 

@@ -278,14 +278,11 @@ def test_breadcrumbs_l1_rescale_on_row_blocks_is_the_whole_tensors_to_rounding()
         assert torch.equal(got != base, whole != base)  # the same entries kept
 
 
-def test_della_l1_on_row_blocks_is_refused_naming_the_remedy():
+def test_della_l1_with_nothing_dropped_merges_in_row_blocks_as_whole():
     spec = METHODS["della"]
     base, fts = family(shape=(12, 10))
-    params = resolved("della", 3, {"rescale": "l1"})
-    with pytest.raises(ForgetlessError, match="whole tensors") as e:
-        on_blocks(spec, params, base, fts, {}, 4, 0)
-    assert "memory" in e.value.remedy and e.value.tensor == "t"
     undropped = resolved("della", 3, {"rescale": "l1", "density": 1.0})  # nothing dropped: nothing to rescale
+    assert spec.streaming.whole_when(undropped) is None
     whole = call(spec, undropped, base.clone(), [f.clone() for f in fts], {}, None)
     assert torch.equal(on_blocks(spec, undropped, base, fts, {}, 4, 0), whole)
 
@@ -323,8 +320,9 @@ def test_a_merge_in_row_blocks_is_the_whole_merge_bit_for_bit(
 def test_della_l1_merged_in_row_blocks_is_refused(tied_family, tmp_path, small_allowances):
     b, fts = str(tied_family["base"]), [str(p) for p in tied_family["fts"]]
     recipe = {"method": "della", "base": b, "models": fts, "parameters": {"rescale": "l1"}}
-    with pytest.raises(ForgetlessError, match="rescale: l1 needs whole tensors"):
+    with pytest.raises(ForgetlessError, match="merges whole tensors with rescale: l1"):
         forgetless.merge(recipe, out=tmp_path / "blocks", progress=False, memory=12_000)
+    assert not (tmp_path / "blocks").exists()  # refused by the plan, before any tensor is merged
 
 
 # ------------------------------------------------------------------------------- mergekit configs

@@ -16,10 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import ForgetlessError
 from . import fast
 from .fast.baselines import Convention, Sign, SumConvention
-from .registry import F, PerModel, RowBlock, Stream, Streaming, merge_method
+from .registry import F, PerModel, RowBlock, Streaming, merge_method
 
 Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
 # DARE's rescale of the survivors: True ×1/density (the paper's: the expectation is τ), "l1" to τ's L1 norm
@@ -212,29 +211,21 @@ def _dare_method(name: str) -> Callable[[F], F]:
         name,
         per_model=("weight", "density"),
         ranges={"density": "(0, 1]"},
-        streaming=Streaming(rows="blocks", tensor_prepare=dare_prepare),
+        streaming=Streaming(rows="blocks", whole_when=l1_whole("true")),
     )
 
 
-def dare_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
-    """DARE on row blocks (the engine's ``tensor_prepare``): the drops need nothing found first; the L1 rescale is
-    refused (:func:`refuse_l1_on_blocks`)."""
-    refuse_l1_on_blocks("DARE", params, stream, shape, "true (×1/density)")
-    return {}
+def l1_whole(instead: str) -> Callable[[dict], tuple[str, str] | None]:
+    """``Streaming.whole_when`` of a method with mergekit's L1 rescale (DARE, DELLA): when an entry is dropped, the
+    L1 norm of the kept entries is the whole tensor's, so the tensor is merged whole; `instead`: the rescale that
+    merges in row blocks."""
 
+    def why(params: dict) -> tuple[str, str] | None:
+        if params["rescale"] == "l1" and any(d < 1 for d in params["density"]):
+            return "rescale: l1 (the kept entries' L1 norm is the whole tensor's)", f"rescale: {instead}"
+        return None
 
-def refuse_l1_on_blocks(
-    method: str, params: dict, stream: Stream, shape: tuple[int, ...], other: str
-) -> None:
-    """Refuse ``rescale: l1`` on a tensor merged in row blocks when an entry is dropped: the L1 norm of the kept
-    entries is the whole tensor's, and every model's mask would be needed before the first block is written."""
-    if params["rescale"] == "l1" and any(d < 1 for d in params["density"]):
-        raise ForgetlessError(
-            f"{method} with rescale: l1 needs whole tensors, and this one ({'×'.join(map(str, shape))}) is merged "
-            "in row blocks (the L1 norm of the kept entries is the whole tensor's)",
-            tensor=next(iter(stream())).name,
-            remedy=f"raise memory: (or --memory), or use rescale: {other}",
-        )
+    return why
 
 
 @merge_method(

@@ -87,12 +87,17 @@ class Streaming:
 
     ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
     tensors of its own), so the engine may hand them over as copy-on-write views of the files, not copies.
+
+    ``whole_when(params)``: for ``rows="blocks"``, why a tensor must be merged whole with these parameters (its
+    resolved ones) — (the setting, what to set instead), e.g. an L1 rescale over the whole tensor — or None; the
+    plan refuses such a tensor over the budget before any work, as it refuses any tensor of a "whole" method.
     """
 
     rows: Literal["whole", "blocks"] = "whole"
     tensor_prepare: Callable[[dict[str, Any], Stream, tuple[int, ...]], dict[str, Any]] | None = None
     prepare: Callable[[dict[str, Any], Stream, int], dict[str, Any] | None] | None = None
     reads_finetuned: bool = False
+    whole_when: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
 
 
 class Rows(NamedTuple):

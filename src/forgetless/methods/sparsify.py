@@ -27,7 +27,7 @@ from .baselines import (
     add_task_vectors,
     each_generator,
     l1_rescaled_,
-    refuse_l1_on_blocks,
+    l1_whole,
     ties_consensus,
 )
 from .fast.baselines import Convention, Sign, SumConvention
@@ -308,9 +308,8 @@ def _breadcrumbs_drops(
 
 def della_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """DELLA on row blocks (the engine's ``tensor_prepare``): the rows of a tensor of two or more dimensions are
-    its blocks' own, so nothing to find; a 1-D tensor is one row, ranked here whole. The L1 rescale needs every
-    model's drawn mask over the whole tensor before the first block is written: refused."""
-    refuse_l1_on_blocks("della", params, stream, shape, "probability")
+    its blocks' own, so nothing to find; a 1-D tensor is one row, ranked here whole. (With the L1 rescale a tensor
+    is never in row blocks: the plan refuses it, :func:`.baselines.l1_whole`.)"""
     if len(shape) >= 2:
         return {}
     parts = list(stream())
@@ -333,14 +332,16 @@ def _block_probabilities(block: RowBlock | None, n: int) -> list[Tensor | None] 
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def _sparsify_method(name: str, extra: str, prepare: Callable) -> Callable[[F], F]:
+def _sparsify_method(
+    name: str, extra: str, prepare: Callable, whole_when: Callable | None = None
+) -> Callable[[F], F]:
     """A sparsified task arithmetic's registration: weight, density and `extra` per model, row blocks with a
-    pre-pass."""
+    pre-pass (DELLA's L1 rescale: whole tensors, `whole_when`)."""
     return merge_method(
         name,
         per_model=("weight", "density", extra),
         ranges={"density": "(0, 1]", extra: "[0, 1]" if extra == "gamma" else "[0, 0.5)"},
-        streaming=Streaming(rows="blocks", tensor_prepare=prepare),
+        streaming=Streaming(rows="blocks", tensor_prepare=prepare, whole_when=whole_when),
     )
 
 
@@ -394,7 +395,7 @@ def breadcrumbs_ties(
     return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention, normalize)
 
 
-@_sparsify_method("della_linear", "epsilon", della_prepare)
+@_sparsify_method("della_linear", "epsilon", della_prepare, l1_whole("probability"))
 def della_linear(
     base: Tensor,
     finetuned: list[Tensor],
@@ -417,7 +418,7 @@ def della_linear(
     return fast.baselines.add_task_vectors_(base, taus, weight, lambda_, convention)
 
 
-@_sparsify_method("della", "epsilon", della_prepare)
+@_sparsify_method("della", "epsilon", della_prepare, l1_whole("probability"))
 def della(
     base: Tensor,
     finetuned: list[Tensor],
