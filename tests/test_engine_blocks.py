@@ -204,7 +204,10 @@ def on_blocks(spec, params, base, fts, stats, step, seed):
             yield Rows("t", bb, ff[0] if spec.models == "one" else ff, st, a * row)
 
     prepare = spec.streaming.tensor_prepare
-    prepared = prepare(dict(params), stream, shape) if prepare else {}
+    prepare_params = (
+        {**params, "generator": gens_for(spec, len(fts), seed)} if "generator" in spec.context else params
+    )
+    prepared = prepare(dict(prepare_params), stream, shape) if prepare else {}
     gens = gens_for(spec, len(fts), seed)
     return torch.cat(
         [call(spec, params, *piece(a, b), None, gens, RowBlock(a * row, shape, prepared)) for a, b in blocks]
@@ -517,25 +520,6 @@ def test_budget_errors_name_the_problem_before_any_work(tied_family, tmp_path, m
     monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], streaming=Streaming()))
     with pytest.raises(ForgetlessError, match="merges whole tensors"):
         engine.build_plan(recipe, out=tmp_path / "o", memory=6000)
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("method,instead", [("dare_ties", "true"), ("della", "probability")])
-def test_an_l1_rescale_over_the_budget_is_refused_by_the_plan(
-    tied_family, tmp_path, method, instead, small_allowances
-):
-    """mergekit's L1 rescale of DARE and DELLA needs the whole tensor's kept entries: a tensor the budget would
-    split is refused at plan time, naming it and the rescale that merges in row blocks; that rescale plans in
-    blocks, and so does the L1 rescale when nothing is dropped."""
-    recipe = {**recipes(tied_family)["dare_ties"], "method": method}
-    l1 = {**recipe, "parameters": {"density": 0.5, "rescale": "l1"}}
-    with pytest.raises(ForgetlessError, match="merges whole tensors with rescale: l1") as e:
-        engine.build_plan(l1, out=tmp_path / "o", memory=6000)
-    assert e.value.tensor and f"or set rescale: {instead}" in e.value.remedy
-    other = {**recipe, "parameters": {"density": 0.5, "rescale": True if instead == "true" else instead}}
-    assert engine.build_plan(other, out=tmp_path / "o", memory=6000).block_rows
-    undropped = {**recipe, "parameters": {"density": 1.0, "rescale": "l1"}}
-    assert engine.build_plan(undropped, out=tmp_path / "o", memory=6000).block_rows
     assert not (tmp_path / "o").exists()
 
 

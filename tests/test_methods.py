@@ -191,16 +191,29 @@ def test_dare_l1_rescale_scales_the_survivors_to_the_task_vectors_l1_norm():
     assert not torch.allclose(out["l1"], out[True])  # ‖Δ‖₁-matching is not ×1/density
 
 
-def test_dare_l1_with_nothing_dropped_merges_in_row_blocks_as_whole():
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_l1_on_row_blocks_is_the_whole_tensors_to_rounding(name):
+    """In row blocks the L1 factor comes from the pre-pass (its masks drawn from copies of the blocks' generators,
+    the norms summed block by block in float64): the same entries kept, the values to float32 rounding; with
+    nothing dropped, bit for bit."""
     from test_engine_blocks import call, gens_for, on_blocks, resolved
 
-    base, fts = _models(2, shape=(12, 10))
-    for name in ("dare_linear", "dare_ties"):
-        spec = METHODS[name]
-        undropped = resolved(name, 2, {"rescale": "l1", "density": 1.0})  # nothing dropped: no L1 factor
-        assert spec.streaming.whole_when(undropped) is None
-        whole = call(spec, undropped, base.clone(), _copies(fts), {}, None, gens_for(spec, 2, 0))
-        assert torch.equal(on_blocks(spec, undropped, base, fts, {}, 4, 0), whole)
+    spec = METHODS[name]
+    base, fts = _models(2, shape=(40, 30))
+    for density, exact in ((0.5, False), (1.0, True)):
+        params = resolved(name, 2, {"rescale": "l1", "density": density})
+        whole = call(spec, params, base.clone(), _copies(fts), {}, None, gens_for(spec, 2, 0))
+        for step in (1, 7):
+            got = on_blocks(spec, params, base, fts, {}, step, 0)
+            assert torch.equal(got != base, whole != base)  # the same entries kept
+            if exact:
+                assert torch.equal(got, whole)
+            else:
+                # the factor's last bit moves each output by at most an ulp or so of the tensor's scale
+                scale = float(whole.abs().max())
+                torch.testing.assert_close(
+                    got, whole, rtol=0, atol=4 * torch.finfo(torch.float32).eps * scale
+                )
 
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear"])

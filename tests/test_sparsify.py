@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from test_engine import tensors as block_tensors
-from test_engine_blocks import call, on_blocks, resolved, small_allowances, tied_family  # noqa: F401  (fixtures)
+from test_engine_blocks import call, gens_for, on_blocks, resolved, small_allowances, tied_family  # noqa: F401  (fixtures)
 from test_mergekit_recipe import gta, mergekit_config, run, tensors, ws  # noqa: F401  (ws: a fixture)
 
 import forgetless
@@ -278,13 +278,19 @@ def test_breadcrumbs_l1_rescale_on_row_blocks_is_the_whole_tensors_to_rounding()
         assert torch.equal(got != base, whole != base)  # the same entries kept
 
 
-def test_della_l1_with_nothing_dropped_merges_in_row_blocks_as_whole():
+@pytest.mark.parametrize("shape", [(40, 30), (300,)])
+def test_della_l1_rescale_on_row_blocks_is_the_whole_tensors_to_rounding(shape):
+    """The pre-pass draws each block's masks as the blocks will (rows ranked in the block, a 1-D tensor ranked
+    whole) and sums the norms: the same entries kept, the values to float32 rounding."""
     spec = METHODS["della"]
-    base, fts = family(shape=(12, 10))
-    undropped = resolved("della", 3, {"rescale": "l1", "density": 1.0})  # nothing dropped: nothing to rescale
-    assert spec.streaming.whole_when(undropped) is None
-    whole = call(spec, undropped, base.clone(), [f.clone() for f in fts], {}, None)
-    assert torch.equal(on_blocks(spec, undropped, base, fts, {}, 4, 0), whole)
+    base, fts = family(shape=shape, ties=False)
+    params = resolved("della", 3, {"density": 0.6, "epsilon": 0.1, "rescale": "l1"})
+    whole = call(spec, params, base.clone(), [f.clone() for f in fts], {}, None, gens_for(spec, 3, 5))
+    for step in (1, 7):
+        got = on_blocks(spec, params, base, fts, {}, step, 5)
+        assert torch.equal(got != base, whole != base)
+        scale = float(whole.abs().max())  # the factor's last bit: an ulp or so of the tensor's scale
+        torch.testing.assert_close(got, whole, rtol=0, atol=4 * torch.finfo(torch.float32).eps * scale)
 
 
 def test_the_methods_list_their_parameters_and_ranges():
@@ -317,12 +323,20 @@ def test_a_merge_in_row_blocks_is_the_whole_merge_bit_for_bit(
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)
 
 
-def test_della_l1_merged_in_row_blocks_is_refused(tied_family, tmp_path, small_allowances):
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_an_l1_rescale_merged_in_row_blocks_is_the_whole_merge_to_rounding(
+    tied_family, tmp_path, small_allowances, method
+):
     b, fts = str(tied_family["base"]), [str(p) for p in tied_family["fts"]]
-    recipe = {"method": "della", "base": b, "models": fts, "parameters": {"rescale": "l1"}}
-    with pytest.raises(ForgetlessError, match="merges whole tensors with rescale: l1"):
-        forgetless.merge(recipe, out=tmp_path / "blocks", progress=False, memory=12_000)
-    assert not (tmp_path / "blocks").exists()  # refused by the plan, before any tensor is merged
+    recipe = {"method": method, "base": b, "models": fts, "parameters": {"rescale": "l1"}, "seed": 4}
+    plan = forgetless.engine.build_plan(recipe, out=tmp_path / "blocks", memory=12_000)
+    assert plan.block_rows  # some tensors are merged in row blocks
+    forgetless.merge(recipe, out=tmp_path / "blocks", progress=False, memory=12_000)
+    forgetless.merge(recipe, out=tmp_path / "whole", progress=False)
+    blocks, whole = block_tensors(tmp_path / "blocks"), block_tensors(tmp_path / "whole")
+    eps = torch.finfo(torch.float32).eps
+    for name, w in whole.items():  # the factor's last bit: an ulp or so of the tensor's scale
+        torch.testing.assert_close(blocks[name], w, rtol=0, atol=4 * eps * float(w.abs().max()), msg=name)
 
 
 # ------------------------------------------------------------------------------- mergekit configs

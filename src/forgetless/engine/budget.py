@@ -15,7 +15,6 @@ from ..checkpoint.space import available_memory
 from ..checkpoint.writer import human_bytes
 from ..errors import ForgetlessError
 from ..recipe import check_size
-from .parts import tensor_params
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -92,16 +91,14 @@ def block_rows(plan: Plan, where: str) -> dict[str, int]:
         whole = plan.cost(j).total
         if whole <= cap:
             continue
-        why = whole_only(plan, j.name) if j.route.merged else None
-        if why is not None:
-            setting, instead = why
+        if j.route.merged and plan.spec.streaming.rows != "blocks":
             raise ForgetlessError(
-                f"{plan.spec.name!r} merges whole tensors{setting}, and this one needs {human_bytes(whole)} "
+                f"{plan.spec.name!r} merges whole tensors, and this one needs {human_bytes(whole)} "
                 f"at once, more than the memory budget {human_bytes(plan.memory)} allows one "
                 f"tensor ({human_bytes(cap)})",
                 file=where,
                 tensor=j.name,
-                remedy=f"raise memory: (or --memory), or leave this tensor out of the scope{instead}",
+                remedy="raise memory: (or --memory), or leave this tensor out of the scope",
             )
         n = num_rows(j.shape)
         fixed = plan.cost(j, 0).total
@@ -118,18 +115,6 @@ def block_rows(plan: Plan, where: str) -> dict[str, int]:
         if rows < n:
             out[j.name] = rows
     return out
-
-
-def whole_only(plan: Plan, name: str) -> tuple[str, str] | None:
-    """Why the method must merge tensor `name` whole — ("", "") for a method of whole tensors, (" with <its
-    setting>", ", or <what to set instead>") for one whose parameters need it (``Streaming.whole_when``) — or None."""
-    streaming = plan.spec.streaming
-    if streaming.rows != "blocks":
-        return "", ""
-    if streaming.whole_when is None:
-        return None
-    why = streaming.whole_when(tensor_params(plan.params, name))
-    return None if why is None else (f" with {why[0]}", f", or set {why[1]}")
 
 
 def num_rows(shape: tuple[int, ...]) -> int:

@@ -138,6 +138,8 @@ class Runner:
 
         prepare = self.plan.spec.streaming.tensor_prepare
         params = tensor_params(self.method_kwargs, job.name)
+        if "generator" in self.plan.spec.context:  # generators equal to the ones the blocks will draw from
+            params["generator"] = self._generator(job)
         self._state(unit)["prepared"] = prepare(params, stream, job.shape) or {}
 
     def compute(self, unit: Unit, loaded: Any) -> torch.Tensor | bytes:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import fast
 from .fast.baselines import Convention, Sign, SumConvention
-from .registry import F, PerModel, RowBlock, Streaming, merge_method
+from .registry import F, PerModel, RowBlock, Stream, Streaming, merge_method
 
 Generators = torch.Generator | list[torch.Generator] | None  # one for every model's draws, or one per model
 # DARE's rescale of the survivors: True ×1/density (the paper's: the expectation is τ), "l1" to τ's L1 norm
@@ -192,10 +192,48 @@ def l1_rescaled_(kept: Tensor, l1: Tensor) -> Tensor:
 
 
 def dare_drops(
-    taus: list[Tensor], densities: list[float], generator: Generators, rescale: DareRescale = True
+    taus: list[Tensor],
+    densities: list[float],
+    generator: Generators,
+    rescale: DareRescale = True,
+    l1: list[Tensor | None] | None = None,
 ) -> list[Tensor]:
-    """drop(τₖ) of every model (:func:`dare_drop`), model after model, each from its :func:`each_generator`."""
-    return [dare_drop(t, d, g, rescale) for t, d, g in zip(taus, densities, each_generator(generator, taus))]
+    """drop(τₖ) of every model (:func:`dare_drop`), model after model, each from its :func:`each_generator`.
+    `l1`: on a row block, each model's L1 factor over the whole tensor (:func:`dare_prepare`), for ``rescale="l1"``."""
+    gens = each_generator(generator, taus)
+    if l1 is None:
+        return [dare_drop(t, d, g, rescale) for t, d, g in zip(taus, densities, gens)]
+    return [times(dare_drop(t, d, g, False), f) for t, d, g, f in zip(taus, densities, gens, l1)]
+
+
+def times(kept: Tensor, factor: Tensor | None) -> Tensor:
+    """`kept` × `factor` in place (None: unchanged)."""
+    return kept if factor is None else kept.mul_(factor)
+
+
+def l1_factor(before: float, after: float) -> Tensor | None:
+    """‖τ‖₁/‖kept‖₁ from sums taken block by block (in float64), divided as float32 tensors as mergekit divides its
+    float32 sums (so it may differ from the whole tensor's factor in its last bit); None below 1e-7 (no rescale)."""
+    one = torch.tensor(before, dtype=torch.float32), torch.tensor(after, dtype=torch.float32)
+    return None if min(one) < L1_EPS else one[0] / one[1]
+
+
+def l1_factors(
+    stream: Stream, masks: Callable[[list[Tensor], int], list[Tensor | None]]
+) -> list[Tensor | None]:
+    """Every model's :func:`l1_factor` over a tensor streamed in row blocks: on each block, τₖ = θₖ − θ₀ and the
+    keep mask `masks(taus, offset)` draws for it (None: nothing dropped, no factor), drawn block after block as the
+    method draws them."""
+    sums: list[list[float] | None] = []
+    for r in stream():
+        taus = [ft.sub(r.base) for ft in r.finetuned]
+        sums = sums or [None] * len(taus)
+        for k, (tau, mask) in enumerate(zip(taus, masks(taus, r.offset))):
+            if mask is not None:
+                before = float(tau.abs().sum(dtype=torch.float64))
+                after = float(tau.mul_(mask).abs_().sum(dtype=torch.float64))
+                sums[k] = [before, after] if sums[k] is None else [sums[k][0] + before, sums[k][1] + after]
+    return [None if s is None else l1_factor(*s) for s in sums]
 
 
 def each_generator(generator: Generators, models: list[Tensor]) -> list[torch.Generator | None]:
@@ -211,21 +249,32 @@ def _dare_method(name: str) -> Callable[[F], F]:
         name,
         per_model=("weight", "density"),
         ranges={"density": "(0, 1]"},
-        streaming=Streaming(rows="blocks", whole_when=l1_whole("true")),
+        streaming=Streaming(rows="blocks", tensor_prepare=dare_prepare),
     )
 
 
-def l1_whole(instead: str) -> Callable[[dict], tuple[str, str] | None]:
-    """``Streaming.whole_when`` of a method with mergekit's L1 rescale (DARE, DELLA): when an entry is dropped, the
-    L1 norm of the kept entries is the whole tensor's, so the tensor is merged whole; `instead`: the rescale that
-    merges in row blocks."""
+def dare_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
+    """DARE on row blocks (the engine's ``tensor_prepare``): nothing to find, but with ``rescale="l1"`` each model's
+    L1 factor over the whole tensor, its masks drawn here from copies of the blocks' own generators
+    (``params["generator"]``), so the blocks keep the entries whose norms were summed."""
+    if params["rescale"] != "l1":
+        return {}
+    densities = params["density"]
+    gens = [copy_generator(g) for g in each_generator(params["generator"], densities)]
 
-    def why(params: dict) -> tuple[str, str] | None:
-        if params["rescale"] == "l1" and any(d < 1 for d in params["density"]):
-            return "rescale: l1 (the kept entries' L1 norm is the whole tensor's)", f"rescale: {instead}"
+    def masks(taus: list[Tensor], offset: int) -> list[Tensor]:
+        return [torch.bernoulli(torch.full_like(t, d), generator=g) for t, d, g in zip(taus, densities, gens)]
+
+    return {"l1": l1_factors(stream, masks)}
+
+
+def copy_generator(g: torch.Generator | None) -> torch.Generator | None:
+    """A generator in `g`'s state, drawing what `g` would draw next (None stays None)."""
+    if g is None:
         return None
-
-    return why
+    out = torch.Generator(device=g.device)
+    out.set_state(g.get_state())
+    return out
 
 
 @merge_method(
@@ -308,7 +357,8 @@ def dare_linear(
     Δₖ's L1 norm, mergekit's), add λ·Σ wₖ·Δₖ (in mergekit's order of operations with ``convention="mergekit"``).
 
     :func:`dare_linear_rule`, in place: each τₖ in the engine's copy of θₖ, the sum in θ₀'s."""
-    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
+    l1 = block.prepared.get("l1") if block is not None else None
+    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale, l1)
     return fast.baselines.add_task_vectors_(base, taus, weight, lambda_, convention)
 
 
@@ -331,5 +381,6 @@ def dare_ties(
     (``normalize``; else the agreeing entries added).
 
     :func:`dare_ties_rule`, in place: each τₖ in the engine's copy of θₖ, the consensus in chunks into θ₀."""
-    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale)
+    l1 = block.prepared.get("l1") if block is not None else None
+    taus = dare_drops([ft.sub_(base) for ft in finetuned], density, generator, rescale, l1)
     return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention, normalize)

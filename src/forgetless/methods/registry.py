@@ -78,7 +78,9 @@ class Streaming:
 
     ``tensor_prepare(params, stream, shape)``: a pre-pass over one tensor's blocks (``stream()`` yields
     :class:`Rows`) that finds what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means,
-    RegMean's factorisation) and returns it as a dict (``block.prepared``); for ``rows="blocks"`` only.
+    RegMean's factorisation) and returns it as a dict (``block.prepared``); for ``rows="blocks"`` only. A random
+    method's gets ``params["generator"]``: generators in the state its blocks' own start from (a pre-pass that draws
+    from copies of them draws what the blocks will: DARE's and DELLA's L1 rescale).
 
     ``prepare(params, stream, numel)``: a pre-pass over the whole model before any tensor is merged (CGM†'s global
     budget): the resolved parameters, a function that streams :class:`Rows` over the tensors the method will merge
@@ -87,17 +89,12 @@ class Streaming:
 
     ``reads_finetuned``: the method never writes into its fine-tuned tensors (only into ``base``, its statistics or
     tensors of its own), so the engine may hand them over as copy-on-write views of the files, not copies.
-
-    ``whole_when(params)``: for ``rows="blocks"``, why a tensor must be merged whole with these parameters (its
-    resolved ones) — (the setting, what to set instead), e.g. an L1 rescale over the whole tensor — or None; the
-    plan refuses such a tensor over the budget before any work, as it refuses any tensor of a "whole" method.
     """
 
     rows: Literal["whole", "blocks"] = "whole"
     tensor_prepare: Callable[[dict[str, Any], Stream, tuple[int, ...]], dict[str, Any]] | None = None
     prepare: Callable[[dict[str, Any], Stream, int], dict[str, Any] | None] | None = None
     reads_finetuned: bool = False
-    whole_when: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
 
 
 class Rows(NamedTuple):

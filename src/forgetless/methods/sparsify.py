@@ -22,13 +22,14 @@ from torch import Tensor
 from ..errors import ForgetlessError
 from . import fast
 from .baselines import (
-    L1_EPS,
     Generators,
     add_task_vectors,
+    copy_generator,
     each_generator,
+    l1_factors,
     l1_rescaled_,
-    l1_whole,
     ties_consensus,
+    times,
 )
 from .fast.baselines import Convention, Sign, SumConvention
 from .fast.select import AbsDiff, Cut, Selections, top_k_cuts
@@ -175,11 +176,18 @@ def della_drops(
     rescale: Rescale,
     generator: Generators,
     probabilities: list[Tensor | None] | None = None,
+    l1: list[Tensor | None] | None = None,
 ) -> list[Tensor]:
-    """:func:`della_drop` of every model, each from its :func:`.baselines.each_generator`."""
+    """:func:`della_drop` of every model, each from its :func:`.baselines.each_generator`. `l1`: on a row block,
+    each model's L1 factor over the whole tensor (:func:`della_prepare`), for ``rescale="l1"``."""
     gens = each_generator(generator, taus)
     ps = probabilities or [None] * len(taus)
-    return [della_drop(t, d, e, rescale, g, p) for t, d, e, g, p in zip(taus, densities, epsilons, gens, ps)]
+    if l1 is None:
+        return [
+            della_drop(t, d, e, rescale, g, p) for t, d, e, g, p in zip(taus, densities, epsilons, gens, ps)
+        ]
+    drops = zip(taus, densities, epsilons, gens, ps, l1)
+    return [times(della_drop(t, d, e, "none", g, p), f) for t, d, e, g, p, f in drops]
 
 
 def della_linear_rule(
@@ -264,19 +272,15 @@ def breadcrumbs_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) ->
     crumbs = _crumbs(_abs_pieces(stream), math.prod(shape), params)
     if not params["rescale"]:
         return {"crumbs": crumbs}
-    before, after = [0.0] * len(crumbs), [0.0] * len(crumbs)
-    for r in stream():
-        b = r.base.reshape(-1)
-        for k, (ft, c) in enumerate(zip(r.finetuned, crumbs)):
-            a = ft.reshape(-1).sub(b).abs_()
-            before[k] += float(a.sum(dtype=torch.float64))
-            after[k] += float(a.mul_(c.keep(a, r.offset)).sum(dtype=torch.float64))
-    return {"crumbs": [_scaled(c, x, y) for c, x, y in zip(crumbs, before, after)]}
 
+    def masks(taus: list[Tensor], offset: int) -> list[Tensor | None]:
+        return [
+            c.keep(t.abs().reshape(-1), offset).view_as(t) if d < 1 else None
+            for t, c, d in zip(taus, crumbs, params["density"])
+        ]
 
-def _scaled(c: Crumbs, before: float, after: float) -> Crumbs:
-    one = torch.tensor(before, dtype=torch.float32), torch.tensor(after, dtype=torch.float32)
-    return Crumbs(c.start, c.stop, None if min(one) < L1_EPS else one[0] / one[1])
+    factors = l1_factors(stream, masks)
+    return {"crumbs": [Crumbs(c.start, c.stop, f) for c, f in zip(crumbs, factors)]}
 
 
 def _breadcrumbs_drops(
@@ -308,18 +312,34 @@ def _breadcrumbs_drops(
 
 def della_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """DELLA on row blocks (the engine's ``tensor_prepare``): the rows of a tensor of two or more dimensions are
-    its blocks' own, so nothing to find; a 1-D tensor is one row, ranked here whole. (With the L1 rescale a tensor
-    is never in row blocks: the plan refuses it, :func:`.baselines.l1_whole`.)"""
-    if len(shape) >= 2:
-        return {}
+    its blocks' own, so nothing to rank; a 1-D tensor is one row, ranked here whole. With ``rescale="l1"``, each
+    model's L1 factor over the whole tensor, its masks drawn here as the blocks will draw them (copies of their
+    generators, ``params["generator"]``)."""
+    prepared = {} if len(shape) >= 2 else {"probabilities": _whole_probabilities(params, stream)}
+    if params["rescale"] != "l1":
+        return prepared
+    densities, epsilons = params["density"], params["epsilon"]
+    gens = [copy_generator(g) for g in each_generator(params["generator"], densities)]
+
+    def masks(taus: list[Tensor], offset: int) -> list[Tensor | None]:
+        ps = _block_probabilities(RowBlock(offset, shape, prepared), taus[0].numel()) or [None] * len(taus)
+        return [
+            None if d >= 1 else torch.bernoulli(keep_probabilities(t, d, e) if p is None else p, generator=g)
+            for t, d, e, g, p in zip(taus, densities, epsilons, gens, ps)
+        ]
+
+    return {**prepared, "l1": l1_factors(stream, masks)}
+
+
+def _whole_probabilities(params: dict, stream: Stream) -> list[Tensor | None]:
+    """A 1-D tensor's keep probabilities of every model, ranked over the whole tensor (None: nothing dropped)."""
     parts = list(stream())
     b = torch.cat([r.base.reshape(-1) for r in parts])
     fts = zip(*[r.finetuned for r in parts])
-    ps = [
+    return [
         None if d >= 1 else keep_probabilities(torch.cat(ft).sub_(b), d, e)
         for ft, d, e in zip(fts, params["density"], params["epsilon"])
     ]
-    return {"probabilities": ps}
 
 
 def _block_probabilities(block: RowBlock | None, n: int) -> list[Tensor | None] | None:
@@ -332,16 +352,14 @@ def _block_probabilities(block: RowBlock | None, n: int) -> list[Tensor | None] 
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def _sparsify_method(
-    name: str, extra: str, prepare: Callable, whole_when: Callable | None = None
-) -> Callable[[F], F]:
+def _sparsify_method(name: str, extra: str, prepare: Callable) -> Callable[[F], F]:
     """A sparsified task arithmetic's registration: weight, density and `extra` per model, row blocks with a
-    pre-pass (DELLA's L1 rescale: whole tensors, `whole_when`)."""
+    pre-pass."""
     return merge_method(
         name,
         per_model=("weight", "density", extra),
         ranges={"density": "(0, 1]", extra: "[0, 1]" if extra == "gamma" else "[0, 0.5)"},
-        streaming=Streaming(rows="blocks", tensor_prepare=prepare, whole_when=whole_when),
+        streaming=Streaming(rows="blocks", tensor_prepare=prepare),
     )
 
 
@@ -395,7 +413,7 @@ def breadcrumbs_ties(
     return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention, normalize)
 
 
-@_sparsify_method("della_linear", "epsilon", della_prepare, l1_whole("probability"))
+@_sparsify_method("della_linear", "epsilon", della_prepare)
 def della_linear(
     base: Tensor,
     finetuned: list[Tensor],
@@ -414,11 +432,13 @@ def della_linear(
 
     :func:`della_linear_rule`, in place: each τₖ in the engine's copy of θₖ, the sum in θ₀'s."""
     taus = [ft.sub_(base) for ft in finetuned]
-    taus = della_drops(taus, density, epsilon, rescale, generator, _block_probabilities(block, base.numel()))
+    l1 = block.prepared.get("l1") if block is not None else None
+    ps = _block_probabilities(block, base.numel())
+    taus = della_drops(taus, density, epsilon, rescale, generator, ps, l1)
     return fast.baselines.add_task_vectors_(base, taus, weight, lambda_, convention)
 
 
-@_sparsify_method("della", "epsilon", della_prepare, l1_whole("probability"))
+@_sparsify_method("della", "epsilon", della_prepare)
 def della(
     base: Tensor,
     finetuned: list[Tensor],
@@ -439,5 +459,7 @@ def della(
 
     :func:`della_rule`, in place: each τₖ in the engine's copy of θₖ, the consensus in chunks into θ₀."""
     taus = [ft.sub_(base) for ft in finetuned]
-    taus = della_drops(taus, density, epsilon, rescale, generator, _block_probabilities(block, base.numel()))
+    l1 = block.prepared.get("l1") if block is not None else None
+    ps = _block_probabilities(block, base.numel())
+    taus = della_drops(taus, density, epsilon, rescale, generator, ps, l1)
     return fast.baselines.consensus(base, taus, weight, lambda_, sign, convention, normalize)
