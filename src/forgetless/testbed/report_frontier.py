@@ -354,7 +354,8 @@ Fine-tune: E {c.e_ft:+.1f}, F {c.ft["F"]:+.1f} (validation items: {sizes}).{
 
     def grid(trial: bool) -> str:
         return "; ".join(
-            f"{label}: {k.knob or 'one point'} {', '.join(f'{v:g}' for v in k.values)}"
+            f"{label}: "
+            + (f"{k.knob} {', '.join(f'{v:g}' for v in k.values)}" if k.values else "one point")
             + (f" ({', '.join(f'{n}={v:g}' for n, v in k.fixed.items())})" if k.fixed else "")
             for label, k in FR.KNOBS.items()
             if k.trial == trial
