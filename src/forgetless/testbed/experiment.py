@@ -570,7 +570,7 @@ class Experiment:
         r, cached = self.evaluate(out)
         knob = " ".join(f"{k}={v:g}" for k, v in m.params.items())
         row = self.row(m.label, r, cached, knob, summary=report.summary())
-        self.log_row(f"{m.label} ({knob})", row)
+        self.log_row(f"{m.label} ({knob})" if knob else m.label, row)
         if not keep_model:
             shutil.rmtree(out, ignore_errors=True)
         return row
