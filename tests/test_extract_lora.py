@@ -319,3 +319,53 @@ def test_cli_refuses_several_processes(monkeypatch, tmp_path, capsys):
         main(["extract-lora", str(tmp_path), str(tmp_path), "--rank", "2", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "runs on one process" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_linear_only_leaves_other_changes_out_and_the_adapter_enters_lpm(llama_pair, tmp_path):
+    """``linear_only``: the changed norm is left out (listed in the report and the card, nothing under
+    modules_to_save), the Linear deltas are the same truncations; LPM (`continual add`) takes that adapter and
+    refuses the one that saves the norm whole."""
+    from test_continual import _write_gram
+
+    from forgetless.chains.continual import add_task
+
+    base, ft, _ = llama_pair
+    norm = "model.layers.1.input_layernorm.weight"
+    full = ex.extract_lora(base, ft, rank=2, out=tmp_path / "full", log=None)
+    only = ex.extract_lora(base, ft, rank=2, out=tmp_path / "only", linear_only=True, log=None)
+    assert full.saved == ["model.layers.1.input_layernorm"] and full.left_out == []
+    assert only.saved == [] and only.left_out == [norm]
+    assert json.loads((tmp_path / "only" / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert (
+        f"left out (--linear-only: the adapter does not carry their change): {norm}"
+        in (tmp_path / "only" / "README.md").read_text()
+    )
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("only", "full"))
+    assert set(b) - set(a) == {f"base_model.model.{norm}"}
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same factors
+    gram = tmp_path / "g.safetensors"
+    _write_gram(base, gram, seed=0)
+    with pytest.raises(ForgetlessError, match="modules_to_save"):
+        add_task(tmp_path / "s-full", adapter=tmp_path / "full", gram=gram, base=base, out=None, log=None)
+    add_task(tmp_path / "s", adapter=tmp_path / "only", gram=gram, base=base, out=tmp_path / "m", log=None)
+    merged, w0 = (
+        load_file(str(tmp_path / "m" / "model.safetensors")),
+        load_file(str(base / "model.safetensors")),
+    )
+    assert torch.equal(merged[norm], w0[norm])  # not carried: the base's
+    assert not torch.equal(
+        merged["model.layers.0.mlp.down_proj.weight"], w0["model.layers.0.mlp.down_proj.weight"]
+    )
+
+
+def test_linear_only_of_a_fine_tune_that_moved_no_linear_is_refused(tiny_llama_dir, tmp_path):
+    sd = load_file(str(tiny_llama_dir / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"] + 0.1
+    (tmp_path / "ft").mkdir()
+    save_file(sd, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "ft" / "config.json")
+    with pytest.raises(ForgetlessError, match="every Linear weight in scope") as e:
+        ex.extract_lora(
+            tiny_llama_dir, tmp_path / "ft", rank=2, out=tmp_path / "a", linear_only=True, log=None
+        )
+    assert "--linear-only" in e.value.remedy and not (tmp_path / "a").exists()

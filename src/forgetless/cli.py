@@ -452,6 +452,12 @@ def cgm_cmd(base: str, finetuned: str, scope: tuple[str, ...], num: int, quiet: 
 @choice("--svd", ["exact", "randomized"], "exact", help="The truncated SVD: exact, or randomized (faster).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda.")
 @choice("--dtype", ["float32", "bfloat16", "float16"], "float32", help="The LoRA factors' dtype.")
+@click.option(
+    "--linear-only",
+    is_flag=True,
+    help="Leave out the changed tensors LoRA cannot carry (norms, biases, embeddings) instead of saving them "
+    "whole: an adapter of Linear deltas alone, as `continual add` (LPM) takes; the card lists what was left out.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def extract_lora_cmd(base: str, finetuned: str, scope: tuple[str, ...], **kw) -> None:
     """The truncated SVD of each changed Linear's FINETUNED − BASE as a PEFT LoRA adapter (other changed modules

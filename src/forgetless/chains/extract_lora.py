@@ -11,6 +11,8 @@ A changed tensor LoRA cannot carry (a norm, an embedding, a convolution, a Linea
 whole, with the fine-tune's values, under ``modules_to_save`` (what mergekit-extract-lora does with embeddings and
 modules it cannot decompose); a Linear saved so is not factored. A changed tensor that two modules share (an
 embedding tied to lm_head) or that belongs to a module holding Linear layers cannot be saved so and is refused.
+``linear_only`` leaves every such change out instead (listed in the card): an adapter of Linear deltas alone, as
+LPM (`continual add`) takes them.
 Tensors equal in both models are left out; tensors outside the scope are not read.
 
 Module paths are the ones PEFT finds on the model transformers loads (LLaVA and Qwen2-VL under transformers 5:
@@ -70,6 +72,7 @@ class _Options:
     svd: str
     dtype: str
     scope: tuple[str, ...]
+    linear_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ExtractReport:
     modules: list[ModuleRow] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # modules written whole (modules_to_save)
     seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)  # changed tensors not carried (``linear_only``)
 
     def error(self) -> float:
         """The relative error of the whole update: √(Σ err²·‖Δ‖²) / √(Σ ‖Δ‖²) over the factored modules."""
@@ -121,32 +125,43 @@ def extract_lora(
     svd: str = "exact",
     device: str = "auto",
     dtype: str = "float32",
+    linear_only: bool = False,
     force: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> ExtractReport:
     """Write the rank-`rank` LoRA adapter of FINETUNED − BASE to `out` (module docstring); ``dtype``: the
-    factors' dtype (tensors saved whole keep the fine-tune's)."""
+    factors' dtype (tensors saved whole keep the fine-tune's); ``linear_only``: the changed tensors LoRA cannot
+    carry are left out, not saved whole (the adapter then holds Linear deltas alone, as LPM takes them)."""
     started = time.perf_counter()
     base, finetuned, out = Path(base), Path(finetuned), Path(out)
     _check_options(rank, svd, dtype)
-    opts = _Options(rank, svd, dtype, tuple(scope or ()))
+    opts = _Options(rank, svd, dtype, tuple(scope or ()), linear_only)
     dev = _device(device)
     check_output(out, [base, finetuned], force=force)
     with CheckpointReader(base) as b, CheckpointReader(finetuned) as f:
         _check_same_model(b, f)
         targets = _targets(base, b, scope)
-        saved = _saved_modules(b, f, targets)
+        changed = [name for name in targets.owners if _changed(b, f, name)]
+        saved = set() if linear_only else _saved_modules(f, targets, changed)
         spill = temp_folder(out)
         try:
             rows = _factor_all(b, f, targets, saved, opts, dev, spill, log)
             if not rows and not saved:
                 raise ForgetlessError(
-                    "the fine-tune equals the base on every tensor in scope: there is nothing to extract",
+                    "the fine-tune equals the base on every "
+                    + ("Linear weight" if linear_only and changed else "tensor")
+                    + " in scope: there is nothing to extract",
                     file=finetuned,
-                    remedy="check the folders, or widen --scope",
+                    remedy="check the folders, or widen --scope"
+                    + (
+                        " (its other changes are left out with --linear-only)"
+                        if linear_only and changed
+                        else ""
+                    ),
                 )
             named = sorted(targets.rename(m) for m in saved)
-            report = ExtractReport(out, rows, named, time.perf_counter() - started)
+            left = sorted(changed) if linear_only else []
+            report = ExtractReport(out, rows, named, time.perf_counter() - started, left)
             files = {
                 ADAPTER_CONFIG: json.dumps(_config(rows, named, base), indent=2) + "\n",
                 CARD: _card(report, base, finetuned, opts),
@@ -157,7 +172,8 @@ def extract_lora(
     if log is not None:
         log(
             f"extract-lora: {len(rows)} Linear layer(s) factored (relative error of the whole update "
-            f"{report.error():.3e}), {len(saved)} module(s) saved whole → {out}"
+            f"{report.error():.3e}), {len(saved)} module(s) saved whole, {len(report.left_out)} changed "
+            f"tensor(s) left out → {out}"
         )
     return report
 
@@ -238,21 +254,20 @@ def _changed(base: CheckpointReader, ft: CheckpointReader, name: str) -> bool:
     return not torch.equal(base.get(name).float(), ft.get(name).float())
 
 
-def _saved_modules(base: CheckpointReader, ft: CheckpointReader, t: _Targets) -> set[str]:
-    """The modules (in-memory paths) whose changed parameters LoRA cannot carry, to be saved whole; refused for a
-    changed tensor two modules share or one of a module that holds Linear layers. Reads only those parameters."""
+def _saved_modules(ft: CheckpointReader, t: _Targets, changed: list[str]) -> set[str]:
+    """The modules (in-memory paths) of the `changed` parameters LoRA cannot carry, to be saved whole; refused
+    for a changed tensor two modules share or one of a module that holds Linear layers."""
     modules = dict(t.model.named_modules())
     saved: set[str] = set()
-    for name, owner in t.owners.items():
-        if not _changed(base, ft, name):
-            continue
+    for name in changed:
+        owner = t.owners[name]
         if name in t.tied:
             raise ForgetlessError(
                 f"the fine-tune changed {name}, which two modules share (an embedding tied to lm_head): "
                 "PEFT's modules_to_save would untie them",
                 file=ft.path,
                 tensor=name,
-                remedy="leave it out with --scope (the adapter then does not carry its change)",
+                remedy="leave it out with --scope or --linear-only (the adapter then does not carry its change)",
             )
         mod = modules[owner]
         if not isinstance(mod, nn.Linear) and any(isinstance(m, nn.Linear) for m in mod.modules()):
@@ -261,7 +276,7 @@ def _saved_modules(base: CheckpointReader, ft: CheckpointReader, t: _Targets) ->
                 "it whole would also replace their LoRA",
                 file=ft.path,
                 tensor=name,
-                remedy="leave it out with --scope (the adapter then does not carry its change)",
+                remedy="leave it out with --scope or --linear-only (the adapter then does not carry its change)",
             )
         saved.add(owner)
     return {m for m in saved if not any(m.startswith(o + ".") for o in saved)}
@@ -379,6 +394,13 @@ def _card(report: ExtractReport, base: Path, finetuned: Path, opts: _Options) ->
             f"{report.error():.6e}, energy retained {kept:.6f}"
         ),
         f"- saved whole (modules_to_save, the fine-tune's values): {', '.join(report.saved) or 'none'}",
+        *(
+            [
+                f"- left out (--linear-only: the adapter does not carry their change): {', '.join(report.left_out)}"
+            ]
+            if opts.linear_only
+            else []
+        ),
         "",
         "| module | shape | rank | relative error ‖Δ − BA‖_F / ‖Δ‖_F | energy retained ‖BA‖²_F / ‖Δ‖²_F |",
         "|---|---|---|---|---|",
