@@ -41,7 +41,11 @@ BAD_VALUES = [
     ("ties", {"parameters": {"density": "high"}}, "parameters.density: 'high' is not a number in (0, 1]"),
     ("ties", {"parameters": {"density": 1.5}}, "parameters.density: 1.5 is outside (0, 1]"),
     ("dare_linear", {"models_density": 0.0}, "models[0].density: 0.0 is outside (0, 1]"),
-    ("dare_linear", {"parameters": {"rescale": "maybe"}}, "parameters.rescale: 'maybe' is not true or false"),
+    (
+        "dare_linear",
+        {"parameters": {"rescale": "maybe"}},
+        "parameters.rescale: 'maybe' is not one of true, false, 'l1'",
+    ),
     ("task_arithmetic", {"parameters": {"lambda": "x"}}, "parameters.lambda: 'x' is not a number"),
     (
         "task_arithmetic",

@@ -214,7 +214,8 @@ class MethodSpec:
         None when it is fine."""
         allowed = self.choices.get(param)
         if allowed is not None:
-            return None if value in allowed else f"{value!r} is not one of {', '.join(map(repr, allowed))}"
+            listed = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in allowed)  # as YAML
+            return None if value in allowed else f"{value!r} is not one of {listed}"
         kind, optional = self.kinds.get(param, ("any", True))
         if value is None:
             return None if optional or kind == "any" else f"a value is required (a {kind})"
