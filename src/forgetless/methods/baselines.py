@@ -255,26 +255,17 @@ def _dare_method(name: str) -> Callable[[F], F]:
 
 def dare_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """DARE on row blocks (the engine's ``tensor_prepare``): nothing to find, but with ``rescale="l1"`` each model's
-    L1 factor over the whole tensor, its masks drawn here from copies of the blocks' own generators
+    L1 factor over the whole tensor, its masks drawn here from generators in the state the blocks' own start from
     (``params["generator"]``), so the blocks keep the entries whose norms were summed."""
     if params["rescale"] != "l1":
         return {}
     densities = params["density"]
-    gens = [copy_generator(g) for g in each_generator(params["generator"], densities)]
+    gens = each_generator(params["generator"], densities)
 
     def masks(taus: list[Tensor], offset: int) -> list[Tensor]:
         return [torch.bernoulli(torch.full_like(t, d), generator=g) for t, d, g in zip(taus, densities, gens)]
 
     return {"l1": l1_factors(stream, masks)}
-
-
-def copy_generator(g: torch.Generator | None) -> torch.Generator | None:
-    """A generator in `g`'s state, drawing what `g` would draw next (None stays None)."""
-    if g is None:
-        return None
-    out = torch.Generator(device=g.device)
-    out.set_state(g.get_state())
-    return out
 
 
 @merge_method(

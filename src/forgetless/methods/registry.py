@@ -79,8 +79,8 @@ class Streaming:
     ``tensor_prepare(params, stream, shape)``: a pre-pass over one tensor's blocks (``stream()`` yields
     :class:`Rows`) that finds what depends on the whole tensor (TIES's trim thresholds, Fisher's per-tensor means,
     RegMean's factorisation) and returns it as a dict (``block.prepared``); for ``rows="blocks"`` only. A random
-    method's gets ``params["generator"]``: generators in the state its blocks' own start from (a pre-pass that draws
-    from copies of them draws what the blocks will: DARE's and DELLA's L1 rescale).
+    method's gets ``params["generator"]``: generators of its own, in the state its blocks' start from (drawing from
+    them draws what the blocks will: DARE's and DELLA's L1 rescale).
 
     ``prepare(params, stream, numel)``: a pre-pass over the whole model before any tensor is merged (CGM†'s global
     budget): the resolved parameters, a function that streams :class:`Rows` over the tensors the method will merge

@@ -24,7 +24,6 @@ from . import fast
 from .baselines import (
     Generators,
     add_task_vectors,
-    copy_generator,
     each_generator,
     l1_factors,
     l1_rescaled_,
@@ -313,13 +312,13 @@ def _breadcrumbs_drops(
 def della_prepare(params: dict, stream: Stream, shape: tuple[int, ...]) -> dict:
     """DELLA on row blocks (the engine's ``tensor_prepare``): the rows of a tensor of two or more dimensions are
     its blocks' own, so nothing to rank; a 1-D tensor is one row, ranked here whole. With ``rescale="l1"``, each
-    model's L1 factor over the whole tensor, its masks drawn here as the blocks will draw them (copies of their
-    generators, ``params["generator"]``)."""
+    model's L1 factor over the whole tensor, its masks drawn here as the blocks will draw them (from generators in
+    the state theirs start from, ``params["generator"]``)."""
     prepared = {} if len(shape) >= 2 else {"probabilities": _whole_probabilities(params, stream)}
     if params["rescale"] != "l1":
         return prepared
     densities, epsilons = params["density"], params["epsilon"]
-    gens = [copy_generator(g) for g in each_generator(params["generator"], densities)]
+    gens = each_generator(params["generator"], densities)
 
     def masks(taus: list[Tensor], offset: int) -> list[Tensor | None]:
         ps = _block_probabilities(RowBlock(offset, shape, prepared), taus[0].numel()) or [None] * len(taus)

@@ -58,9 +58,8 @@ class Knob(NamedTuple):
     finetune: str | None = None
     learn: str | None = None  # the coefficients learned per layer with this objective (knob: general_weight)
     extract: bool = False  # the fine-tune first as its extracted LoRA (knob: rank), then merged by `method`
-    pair: str | None = (
-        None  # a second fine-tune merged with the first (a name of VARIANTS); no values: one point
-    )
+    # a second fine-tune merged with the first (a name of VARIANTS); no values: one point
+    pair: str | None = None
 
 
 KNOBS: dict[str, Knob] = {

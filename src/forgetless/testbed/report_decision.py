@@ -56,13 +56,8 @@ COSTS: dict[str, str] = {
 }
 
 
-REMEDIES = (
-    "spider",
-    "magnitude_mask",
-    "replay",
-    "ewc",
-    "l2sp",
-)  # the variants that are remedies (not a reseed)
+# the variants that are remedies while fine-tuning (not the reseeded plain fine-tune)
+REMEDIES = ("spider", "magnitude_mask", "replay", "ewc", "l2sp")
 
 
 def _both(finetune: str, merge: str) -> str:
