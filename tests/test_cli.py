@@ -42,6 +42,7 @@ def test_methods_lists_parameters(capsys):
     out = capsys.readouterr().out
     assert "ties:" in out and "density=0.5 in (0, 1] [per model]" in out and "alias: wise_ft" in out
     assert "sign=total (total|frequency)" in out  # a Literal's choices
+    assert "rescale=true (true|false|l1)" in out  # written as YAML
     assert (
         "\nopcm: OPCM" in out and "alpha=0.5 in [0, 1]" in out
     )  # run one task at a time, not a registry merge

@@ -44,8 +44,9 @@ BAD_VALUES = [
     (
         "dare_linear",
         {"parameters": {"rescale": "maybe"}},
-        "parameters.rescale: 'maybe' is not one of true, false, 'l1'",
+        "parameters.rescale: 'maybe' is not one of true, false, l1",
     ),
+    ("dare_linear", {"parameters": {"rescale": 1}}, "parameters.rescale: 1 is not one of true, false, l1"),
     ("task_arithmetic", {"parameters": {"lambda": "x"}}, "parameters.lambda: 'x' is not a number"),
     (
         "task_arithmetic",
@@ -55,7 +56,7 @@ BAD_VALUES = [
     ("task_arithmetic", {"parameters": {"lambda": True}}, "parameters.lambda: True is not a number"),
     ("linear", {"parameters": {"lambda": None}}, "parameters.lambda: a value is required"),
     ("regmean", {"parameters": {"alpha": 2}}, "parameters.alpha: 2 is outside [0, 1]"),
-    ("ties", {"parameters": {"sign": "most"}}, "parameters.sign: 'most' is not one of 'total', 'frequency'"),
+    ("ties", {"parameters": {"sign": "most"}}, "parameters.sign: 'most' is not one of total, frequency"),
     ("ties", {"shard_size": "big"}, "shard_size: 'big' is not a size"),
     ("ties", {"shard_size": 0}, "shard_size: 0: a shard size must be positive"),
     ("ties", {"seed": -1}, "seed: Input should be greater than or equal to 0"),

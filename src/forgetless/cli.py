@@ -146,7 +146,7 @@ def benchmarks_cmd() -> None:
 def methods_cmd() -> None:
     """The merge methods and their parameters."""
     from .methods import METHODS
-    from .methods.registry import REQUIRED
+    from .methods.registry import REQUIRED, as_yaml
 
     seen = set()
     for key, spec in sorted(METHODS.items()):
@@ -154,9 +154,9 @@ def methods_cmd() -> None:
             continue
         seen.add(spec.name)
         params = ", ".join(
-            f"{p}={'(required)' if d is REQUIRED else d}"
+            f"{p}={'(required)' if d is REQUIRED else as_yaml(d)}"
             + (f" in {spec.ranges[p]}" if p in spec.ranges else "")
-            + (f" ({'|'.join(map(str, spec.choices[p]))})" if p in spec.choices else "")
+            + (f" ({'|'.join(map(as_yaml, spec.choices[p]))})" if p in spec.choices else "")
             + (" [per model]" if p in spec.per_model else "")
             for p, d in spec.params.items()
         )

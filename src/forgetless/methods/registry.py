@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar
 
+import yaml
+
 CONTEXT_ARGS = ("name", "generator", "counts", "block", "device")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the recipe must give
 
@@ -214,8 +216,8 @@ class MethodSpec:
         None when it is fine."""
         allowed = self.choices.get(param)
         if allowed is not None:
-            listed = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in allowed)  # as YAML
-            return None if value in allowed else f"{value!r} is not one of {listed}"
+            listed = ", ".join(map(as_yaml, allowed))
+            return None if is_choice(value, allowed) else f"{value!r} is not one of {listed}"
         kind, optional = self.kinds.get(param, ("any", True))
         if value is None:
             return None if optional or kind == "any" else f"a value is required (a {kind})"
@@ -353,6 +355,16 @@ def _check_registration(spec: MethodSpec) -> None:
     unknown = set(spec.stat_shapes) - set(spec.needs)
     if unknown:
         raise TypeError(f"{fn}: stat_shapes for statistics it does not need: {sorted(unknown)}")
+
+
+def as_yaml(value: Any) -> str:
+    """A recipe value as a user writes it in YAML (true, null, total; a string quoted only where YAML needs it)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def is_choice(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of `allowed`, type included (YAML's 1 is not `true`, though Python's 1 == True)."""
+    return any(value == a and type(value) is type(a) for a in allowed)
 
 
 def _literal_choices(fn: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
