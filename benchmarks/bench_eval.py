@@ -20,6 +20,9 @@ Measured, interleaved over ``--runs`` runs, medians:
   here) as a fraction of all prompt and option tokens: the most that reusing its KV cache could save.
 - **bf16** (``--dtype bfloat16`` of ``forgetless eval``; this CPU's AMX units): items/s and how many predictions
   differ from fp32 — a data point, not what RESULTS.md uses.
+- **items remembered** (:mod:`forgetless.eval.memo`): the report's batch again with every item already encoded, as
+  for the second and later models of a sweep or a frontier in one process; its predictions must equal the cold
+  run's. Every other run starts with nothing remembered, as one ``forgetless eval`` command does.
 
 With ``--generate`` every item is answered by greedy generation instead (its task's metric set to exact match: the
 path of the open-ended benchmarks — batched, left-padded, KV cache, stopping at the end-of-turn token), and the
@@ -37,10 +40,11 @@ from pathlib import Path
 
 import torch
 
-from forgetless.eval.harness import _encode_options, evaluate
+from forgetless.eval.harness import ENCODED, _encode_options, evaluate
 from forgetless.stats.data import Encoder, load_samples
 from forgetless.testbed import tasks as T
 from forgetless.testbed.build import testbed_model
+from forgetless.testbed.context import EVAL_BATCH
 
 TASKS = [*T.GENERAL_VISUAL, "probes", "count_many"]
 
@@ -66,8 +70,11 @@ def subset(root: Path, out: Path, per_task: int, generate: bool = False) -> dict
 
 
 def run_eval(
-    model: Path, files: dict[str, Path], batch_size: int, dtype: str = "float32"
+    model: Path, files: dict[str, Path], batch_size: int, dtype: str = "float32", warm: bool = False
 ) -> tuple[float, dict]:
+    """(items/s, result) of one evaluation; cold (nothing remembered) unless `warm`."""
+    if not warm:
+        ENCODED.clear()
     general = {n: p for n, p in files.items() if n != "count_many"}
     r = evaluate(
         model,
@@ -227,6 +234,11 @@ def main() -> None:
                     tokens.setdefault("generated_tokens", generated_tokens(model, res))
                 preds.setdefault("fp32", preds[str(b)])
                 print(f"run {run}: batch {b}: {r:.2f} items/s", flush=True)
+            if not a.generate:  # (generated answers' prompts are not remembered)
+                r, res = run_eval(model, files, EVAL_BATCH, warm=True)  # after a cold run: every item held
+                rates.setdefault("remembered", []).append(r)
+                preds["remembered"] = [res["tasks"][n]["correct_items"] for n in TASKS]
+                print(f"run {run}: batch {EVAL_BATCH}, items remembered: {r:.2f} items/s", flush=True)
             if not a.no_bf16:
                 r, res = run_eval(model, files, sizes[-1], "bfloat16")
                 rates["bf16"].append(r)
@@ -250,6 +262,10 @@ def main() -> None:
         out["correct_differs_from_first_batch_size"] = {
             str(b): sum(x != y for x, y in zip("".join(preds["fp32"]), "".join(preds[str(b)]))) for b in sizes
         }
+        if "remembered" in preds:
+            out["remembered_correct_differs"] = sum(
+                x != y for x, y in zip("".join(preds["fp32"]), "".join(preds["remembered"]))
+            )
         if "bf16" in preds:
             a32 = "".join(preds["fp32"])
             a16 = "".join(preds["bf16"])
@@ -266,6 +282,13 @@ def main() -> None:
             f"  {f['gflop'] / f['measured_seconds']:16.1f}"
         )
     print(f"items scored differently from batch {sizes[0]}: {out['correct_differs_from_first_batch_size']}")
+    if "remembered" in out["items_per_s"]:
+        warm, cold = out["items_per_s"]["remembered"], out["items_per_s"].get(str(EVAL_BATCH))
+        print(
+            f"batch {EVAL_BATCH}, items remembered: {warm:.2f} items/s"
+            + (f" ({warm / cold:.2f}× cold)" if cold else "")
+            + f"; items scored differently from batch {sizes[0]}: {out['remembered_correct_differs']}"
+        )
     if "bf16" in out["items_per_s"]:
         print(
             f"bf16 (batch {sizes[-1]}): {out['items_per_s']['bf16']:.2f} items/s; items scored differently from "

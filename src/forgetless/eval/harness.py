@@ -14,6 +14,7 @@ answer.
 Multiple choice is computed with one prompt pass per sample and one batched pass over all options' tokens that
 reuses the prompt's KV cache, and the vocabulary projection is applied only where an answer token is predicted
 (see :func:`score_options`). The result is the same as scoring every (question, option) sequence on its own.
+Encoded items are remembered for the next model evaluated in the same process (:mod:`.memo`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from ..errors import ForgetlessError
 from ..safeload import read_json
 from ..stats.data import IGNORE_INDEX, BadSample, Encoder, Sample, check_image, collate, load_samples
 from ..stats.distributed import gather_objects, process_group
+from .memo import Memo, sample_key
 from .metrics import MC_METRICS
 
+ENCODED = Memo()  # multiple-choice items encoded in this process, kept for the next model evaluated on them
 KINDS = ("downstream", "general_visual", "general_text")
 METRICS = ("mc", "exact")
 TASK_ROOT_ENV = "FORGETLESS_TASKS"
@@ -201,9 +204,25 @@ def _encode_options(encoder: Encoder, sample: Sample, tail: bool = True) -> _MCI
         tails.append(ids[b:end].clone())
         only = torch.full_like(labels, IGNORE_INDEX)
         only[a:end] = ids[a:end]
-        full.append({**enc, "labels": only})
+        full.append({**enc, **_shared_image(enc, prompt), "labels": only})
     assert prompt is not None
     return _MCItem(prompt, answers, tails, full, [len(o) for o in sample.options], tail)
+
+
+def _shared_image(enc: dict[str, torch.Tensor], prompt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prompt's image tensors where an option's encoding holds equal ones: one copy per item, not per option."""
+    return {
+        k: prompt[k]
+        for k, v in enc.items()
+        if k in prompt and prompt[k] is not v and prompt[k].shape == v.shape and torch.equal(prompt[k], v)
+    }
+
+
+def _remembered_options(encoder: Encoder, sample: Sample, tail: bool) -> _MCItem:
+    """:func:`_encode_options`, done once per process for encoders with one fingerprint (:mod:`.memo`)."""
+    return ENCODED.get(
+        sample_key(encoder, sample, "options", tail), lambda: _encode_options(encoder, sample, tail)
+    )
 
 
 def encode_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
@@ -359,7 +378,7 @@ def score_options(
     parts = None if naive else _fast_parts(model)
     out: list[OptionScores] = []
     for i in range(0, len(samples), batch_size):
-        items = [_encode_options(encoder, s, tail) for s in samples[i : i + batch_size]]
+        items = [_remembered_options(encoder, s, tail) for s in samples[i : i + batch_size]]
         out.extend(
             _score_fast(items, encoder, parts) if parts is not None else _score_naive(model, items, encoder)
         )

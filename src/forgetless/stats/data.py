@@ -45,6 +45,20 @@ SKIP_REMEDY = "fix the sample or pass --on-bad-sample skip"
 ON_BAD_SAMPLE = ("error", "skip")
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# what a model folder's processor or tokenizer is built from: the config (model type, image token, context length),
+# the chat template, the tokenizer's and the image processor's files (weights and run records are not)
+ENCODING_FILES = (
+    "config.json",
+    "*.jinja",
+    "chat_template*.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges*.txt",
+    "*.model",
+    "*processor*config*.json",
+)
 # files whose presence marks a folder as having a multimodal processor (not just a tokenizer)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "image_processor_config.json")
 
@@ -64,6 +78,18 @@ class Sample:
     source: Path | None = field(default=None, compare=False, repr=False)
     index: int | None = field(default=None, compare=False, repr=False)
     options: tuple[str, ...] | None = None
+
+
+def encoding_fingerprint(model_dir: Path, *settings: Any) -> str:
+    """A digest of what an Encoder of `model_dir` is built from (its :data:`ENCODING_FILES`, names and bytes) and
+    of its `settings`: two folders with the same fingerprint encode every sample alike (a fine-tune or a merge of
+    one base, which copy its tokenizer and processor files)."""
+    h = hashlib.sha256(repr(settings).encode())
+    names = sorted({p.name for pattern in ENCODING_FILES for p in model_dir.glob(pattern) if p.is_file()})
+    for name in names:
+        data = (model_dir / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
 
 
 class BadSample(ForgetlessError):
@@ -353,6 +379,9 @@ class Encoder:
     ):
         obj = model_dir_or_processor
         self.source = None
+        self.fingerprint: str | None = (
+            None  # equal for Encoders that encode every sample alike; None: unknown
+        )
         if isinstance(obj, (str, os.PathLike)):
             d = Path(obj)
             self.source = d
@@ -363,6 +392,8 @@ class Encoder:
             if max_length is None:
                 max_length = _max_positions(d)
             obj = self._load(d)
+            if not original.is_original(d):  # whose image processor may come from a CLIP folder elsewhere
+                self.fingerprint = encoding_fingerprint(d, max_length, min_pixels, max_pixels)
         if min_pixels is not None or max_pixels is not None:
             obj = with_pixels(obj, min_pixels, max_pixels, self.source)
         if hasattr(obj, "tokenizer") and hasattr(obj, "image_processor"):
