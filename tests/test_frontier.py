@@ -195,6 +195,7 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
         _row("SPIDER", "", 17, -10),
         _row("WiSE-FT", "lambda=0.7", 19, -4),
         _row("TIES", "density=0.2", 12, -3),
+        _row("SPIDER → WiSE-FT", "lambda=0.5", 10, -2),  # below 0.9 × 20 like SPIDER itself: unreached
     ]
     picks = FR.choose(val, 0.9)
     base = _result({"digits": 0.3, "colour": 0.8, "probes": 0.7}, seed=1)
@@ -228,6 +229,8 @@ def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
         (tmp_path / task / FR.TEST_RESULTS).write_text(json.dumps(res))
     md = chosen_markdown(tmp_path, ["digits", "spatial", "tag"])
     assert "not run yet: tag" in md and "| WiSE-FT | lambda=0.7 (val E +19.0, F -4.0) |" in md
+    assert "No point of SPIDER → WiSE-FT keeps that share of E on validation in any task or seed." in md
+    assert "| SPIDER → WiSE-FT |" not in md
     # the goal table: the same rows in both tasks, so the means are the rows' own E and F
     e_ft, f_ft, w = by["fine-tuned"]["E"], by["fine-tuned"]["F"], by["WiSE-FT"]
     kept, rec = w["E"] / e_ft, (w["F"] - f_ft) / -f_ft

@@ -111,8 +111,9 @@ def task_table(c: Curves) -> str:
             else ["—"] * (len(FR.FRACTIONS) + 1)
         )
         knobs = ", ".join(f"{k:g}" for k in c.curves[label]["knobs"] if k is not None)
+        points = f"{FR.KNOBS[label].knob} {knobs}" if FR.KNOBS[label].knob else "one point"
         lines.append(
-            f"| {label} | {FR.KNOBS[label].knob or 'one point'} {knobs} | "
+            f"| {label} | {points} | "
             + " | ".join(_iv_cell(c.boot, *a) for a in at)
             + f" | {_iv_cell(c.boot, *area)} | "
             + " | ".join(diffs)
@@ -292,6 +293,13 @@ def chosen_markdown(workdir: Path, names: list[str]) -> str:
         cells = [" / ".join(_pick(r, m) for r in results[n]) for n in done]
         if any(c.strip(" /") for c in cells):
             picks.append(f"| {m} | " + " | ".join(cells) + " |")
+    never = [
+        m for m in FR.KNOBS if m not in order and all(m in r["unreached"] for n in done for r in results[n])
+    ]
+    if never:
+        picks.append(
+            f"\nNo point of {', '.join(never)} keeps that share of E on validation in any task or seed."
+        )
     seeds = ", ".join(f"{n} {k}" for n, k in d.seeds.items())
     missing = [n for n in names if n not in done]
     not_yet = f"; not run yet: {', '.join(missing)}" if missing else ""
