@@ -107,6 +107,22 @@ def test_fingerprint_follows_what_the_encoder_is_built_from(llava_dirs, tmp_path
     assert Encoder(c).fingerprint != Encoder(a).fingerprint
 
 
+def test_an_unreadable_encoding_file_leaves_no_fingerprint(llava_dirs, monkeypatch):
+    a, _ = llava_dirs
+    (a / "vocab-notes.txt").write_text("not read by the tokenizer")
+    read = Path.read_bytes
+
+    def refuse_notes(path: Path) -> bytes:
+        if "notes" in path.name:
+            raise PermissionError(path)
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_notes)
+    enc = Encoder(a)  # the encoder still loads: it does not need that file
+    assert enc.fingerprint is None and _remembered_options(enc, mc_samples([None])[0], True) is not None
+    assert len(ENCODED) == 0
+
+
 def test_remembered_items_are_the_encoders(llava_dirs, tmp_path):
     """A hit equals a fresh encoding; another chat template or a rewritten image misses, and its item equals its
     own fresh encoding."""

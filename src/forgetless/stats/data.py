@@ -80,14 +80,17 @@ class Sample:
     options: tuple[str, ...] | None = None
 
 
-def encoding_fingerprint(model_dir: Path, *settings: Any) -> str:
+def encoding_fingerprint(model_dir: Path, *settings: Any) -> str | None:
     """A digest of what an Encoder of `model_dir` is built from (its :data:`ENCODING_FILES`, names and bytes) and
     of its `settings`: two folders with the same fingerprint encode every sample alike (a fine-tune or a merge of
-    one base, which copy its tokenizer and processor files)."""
+    one base, which copy its tokenizer and processor files); None where one of them cannot be read."""
     h = hashlib.sha256(repr(settings).encode())
     names = sorted({p.name for pattern in ENCODING_FILES for p in model_dir.glob(pattern) if p.is_file()})
     for name in names:
-        data = (model_dir / name).read_bytes()
+        try:
+            data = (model_dir / name).read_bytes()
+        except OSError:  # a file the encoder may not need: no fingerprint, nothing remembered
+            return None
         h.update(f"{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()
 
