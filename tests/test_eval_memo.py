@@ -14,7 +14,7 @@ from test_eval import mc_samples
 from test_stats_data import save_image, tiny_llava_for, tiny_llava_processor, write_jsonl
 
 from forgetless.eval import evaluate
-from forgetless.eval.harness import ENCODED, _encode_options, _remembered_options
+from forgetless.eval.harness import ENCODED, _encode_options, _remembered_options, _with_answer
 from forgetless.eval.memo import Memo, tensor_bytes
 from forgetless.stats.data import Encoder
 
@@ -177,3 +177,21 @@ def test_evaluating_a_second_model_reuses_items_and_scores_the_same(llava_dirs, 
     assert ENCODED.hits == hits + 3
     ENCODED.clear()
     assert run(b) == warm
+
+
+def test_the_options_prompt_is_tokenized_once(llava_dirs, tmp_path):
+    """An item's options share their prompt's tokens: K + 1 processor calls for K options (not 2K), and each
+    option's inputs equal the ones it gets alone."""
+    a, _ = llava_dirs
+    sample = mc_samples([None, None, save_image(tmp_path / "x.png")])[2]  # four options, an image
+    enc = Encoder(a)
+    calls = []
+    tokenize = enc._tokenize
+    enc._tokenize = lambda text, image: calls.append(text) or tokenize(text, image)
+    item = _encode_options(enc, sample, True)
+    assert len(calls) == len(sample.options) + 1
+    for option, full in zip(sample.options, item.full):
+        alone = enc(_with_answer(sample, option))  # its labels: the answer only (the item's add the tail)
+        assert full.keys() == alone.keys() and all(
+            torch.equal(full[k], alone[k]) for k in full if k != "labels"
+        )

@@ -171,9 +171,11 @@ def _last_labelled_run(labels: torch.Tensor) -> tuple[int, int]:
     return a, b
 
 
-def _encode(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
+def _encode(
+    encoder: Encoder, sample: Sample, known: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     try:
-        return encoder(sample)
+        return encoder(sample, known)
     except BadSample as e:
         raise _sample_error(sample, e.reason) from None
 
@@ -182,8 +184,9 @@ def _encode_options(encoder: Encoder, sample: Sample, tail: bool = True) -> _MCI
     if not sample.options:
         raise _sample_error(sample, "no 'options' to score (multiple choice needs them)")
     answers, tails, full, prompt = [], [], [], None
+    known: dict[str, torch.Tensor] = {}  # the options' shared prompt, tokenized once
     for j, option in enumerate(sample.options):
-        enc = _encode(encoder, _with_answer(sample, option))
+        enc = _encode(encoder, _with_answer(sample, option), known)
         ids, labels = enc["input_ids"], enc["labels"]
         a, b = _last_labelled_run(labels)
         if prompt is None:

@@ -479,7 +479,11 @@ class Encoder:
     def _is_blank(self, token_id: int) -> bool:
         return not self.tokenizer.decode([token_id]).strip()
 
-    def __call__(self, sample: Sample) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, sample: Sample, known: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The sample's inputs and labels. `known`: token ids of texts already tokenized with this sample's image,
+        filled here (the options of one multiple-choice item share it, so their prompt is tokenized once)."""
         answers = [k for k, (role, _) in enumerate(sample.turns) if role == "assistant"]
         if not answers:
             raise BadSample("no answer (the conversation has no assistant turn)")
@@ -493,7 +497,8 @@ class Encoder:
 
         full_text = self._render(msgs, False)
         enc = self._tokenize(full_text, image)
-        cache = {full_text: enc["input_ids"][0]}
+        cache = known if known is not None else {}
+        cache[full_text] = enc["input_ids"][0]
 
         def token_ids(text: str) -> torch.Tensor:
             if text not in cache:
