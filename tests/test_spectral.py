@@ -282,3 +282,56 @@ def test_the_recipe_device_reaches_every_svd(family, tmp_path, monkeypatch):
         forgetless.merge(recipe, out=tmp_path / method, progress=False)
         matrices = sum(t.dim() == 2 for t in load_file(str(base / "model.safetensors")).values())
         assert seen == ["cpu"] * matrices, method
+
+
+# ---------------------------------------------------------------------------------------------- thin_svd
+@pytest.fixture
+def float32_svd_gives_up(monkeypatch):
+    """torch.linalg.svd refusing every float32 matrix as LAPACK's divide and conquer refused one of a 2-step LoRA
+    smoke run's Iso-CTS stacks (576 × 1536, the sum's singular values float32 noise beyond rank 32); float64 runs."""
+    svd = torch.linalg.svd
+    calls = []
+
+    def refusing(x, full_matrices=True, **kw):
+        calls.append(x.dtype)
+        if x.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(x, full_matrices=full_matrices, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", refusing)
+    return svd, calls
+
+
+def test_thin_svd_is_torchs_where_it_converges():
+    from forgetless.methods.linalg import thin_svd
+
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    for full in (False, True):
+        assert all(
+            torch.equal(a, b) for a, b in zip(thin_svd(x, full), torch.linalg.svd(x, full_matrices=full))
+        )
+
+
+def test_thin_svd_retries_in_float64_where_float32_does_not_converge(float32_svd_gives_up, monkeypatch):
+    from forgetless.methods.linalg import thin_svd
+
+    svd, calls = float32_svd_gives_up
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(1))
+    U, S, Vh = thin_svd(x)
+    want = svd(x.double(), full_matrices=False)
+    assert calls == [torch.float32, torch.float64]
+    assert all(a.dtype == torch.float32 and torch.equal(a, b.float()) for a, b in zip((U, S, Vh), want))
+    never = torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(never))
+    with pytest.raises(torch.linalg.LinAlgError):  # float64 that does not converge is not retried
+        thin_svd(x.double())
+
+
+@pytest.mark.parametrize("rule", ["tsv_m", "iso_c", "iso_cts"])
+def test_spectral_merges_finish_where_float32_svd_gives_up(rule, float32_svd_gives_up):
+    """Every SVD of the three rules goes through thin_svd: with float32 refused throughout, each still returns
+    its float32 Δ, within float32 rounding of the same rule in float64."""
+    taus = random_taus((24, 40), 3, seed=4)
+    fn = {"tsv_m": tsv_delta, "iso_c": iso_c_delta, "iso_cts": iso_cts_delta}[rule]
+    got = fn(taus)
+    assert got.dtype == torch.float32 and rel(got, fn([t.double() for t in taus])) < 1e-5

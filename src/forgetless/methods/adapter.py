@@ -29,7 +29,7 @@ from torch import Tensor
 from .baselines import dare_linear, dare_ties, ties
 from .fast.baselines import magnitude_trim
 from .fast.select import kth_largest
-from .linalg import resolve_device
+from .linalg import resolve_device, thin_svd
 from .registry import CONTEXT_ARGS, PerModel, merge_method
 
 Pair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r]); the update is B @ A
@@ -44,7 +44,7 @@ def deltas(pairs: list[Pair]) -> list[Tensor]:
 
 def truncated_svd(delta: Tensor, rank: int) -> Pair:
     """The best rank-`rank` factors of `delta` (Eckart–Young): ``(Vᵀ[:rank], U[:, :rank]·S[:rank])``."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, S, Vh = thin_svd(delta)
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
@@ -63,7 +63,7 @@ def randomized_svd(
     for _ in range(power_iters):
         Q = torch.linalg.qr(delta.T @ Q).Q
         Q = torch.linalg.qr(delta @ Q).Q
-    U, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)
+    U, S, Vh = thin_svd(Q.T @ delta)
     A, B = Vh[:rank], (Q @ U[:, :rank]) * S[:rank]
     if A.shape[0] < rank:  # a matrix narrower than the rank: the further singular values are 0
         A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])
@@ -98,7 +98,7 @@ def lowrank_sum_svd(
         return A.cpu(), B.cpu()
     Qb, Rb = torch.linalg.qr(Bs)
     Qa, Ra = torch.linalg.qr(As.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    U, S, Vh = thin_svd(Rb @ Ra.T, full_matrices=True)
     k = min(rank, S.numel())
     A, B = Vh[:k] @ Qa.T, (Qb @ U[:, :k]) * S[:k]
     if (

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .linalg import thin_svd
 from .registry import RowBlock, Streaming, merge_method
 
 MAGMAX_LAMBDA = 0.5
@@ -116,7 +117,7 @@ def opcm_project(
     dev = torch.device(device)
     dtype = torch.promote_types(previous.dtype, tau.dtype)
     s_prev, t = previous.to(dev, dtype), tau.to(dev, dtype, copy=True)  # t is worked in place
-    u, s, vh = torch.linalg.svd(s_prev, full_matrices=False)
+    u, s, vh = thin_svd(s_prev)
     del s_prev
     k = split_rank(s, alpha)
     coef = (u.T @ t) @ vh.T

@@ -23,6 +23,19 @@ MAX_REFINE = 10  # refinement steps before falling back to a float64 factorisati
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
+def thin_svd(x: Tensor, full_matrices: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vᵀ of `x` (``torch.linalg.svd``). Where LAPACK's divide and conquer does not converge in float32 —
+    a matrix whose singular values are float32 noise beyond its low rank, as a sum of LoRA updates is — the SVD
+    is taken again in float64 and returned in `x`'s dtype; otherwise the result is torch's, unchanged."""
+    try:
+        return torch.linalg.svd(x, full_matrices=full_matrices)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        U, S, Vh = torch.linalg.svd(x.double(), full_matrices=full_matrices)
+        return U.to(x.dtype), S.to(x.dtype), Vh.to(x.dtype)
+
+
 def device_problem(device: object) -> str | None:
     """What is wrong with the form of a device name (not whether this machine has it), or None."""
     if isinstance(device, torch.device):

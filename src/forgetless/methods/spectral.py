@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adapter import randomized_svd
-from .linalg import resolve_device
+from .linalg import resolve_device, thin_svd
 from .registry import F, PerModel, merge_method
 
 Svd = Literal["exact", "randomized"]
@@ -38,7 +38,7 @@ Triplets = tuple[Tensor, Tensor, Tensor]  # U [m, k], S [k], Vᵀ [k, n]
 def polar(x: Tensor) -> Tensor:
     """P·Qᵀ from the thin SVD x = P·S·Qᵀ: x's columns (rows, when wide) made orthonormal with the least change
     (the orthogonal Procrustes solution; TSV's "whitening")."""
-    P, _, Qh = torch.linalg.svd(x, full_matrices=False)
+    P, _, Qh = thin_svd(x)
     return P @ Qh
 
 
@@ -46,7 +46,7 @@ def top_svd(x: Tensor, k: int, svd: Svd = "exact") -> Triplets:
     """The top-`k` singular triplets of `x`: from the exact thin SVD, or from :func:`.adapter.randomized_svd`
     (seeded; the factor U·S split back into U and S by its column norms)."""
     if svd == "exact":
-        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        U, S, Vh = thin_svd(x)
         return U[:, :k], S[:k], Vh[:k]  # views: the caller copies them out (Blocks.put), freeing the rest
     Vh, US = randomized_svd(x, k)
     S = US.norm(dim=0)
@@ -124,7 +124,7 @@ def tsv_delta(
 def iso_c_delta(taus: list[Tensor], device: str | torch.device = "cpu") -> Tensor:
     """Iso-C's Δ = σ̄·U·Vᵀ from the SVD U·diag(σ)·Vᵀ of Σₖ τₖ, σ̄ the mean of its p singular values: the sum's
     singular directions with a flat (isotropic) spectrum. Δ on the CPU."""
-    U, S, Vh = torch.linalg.svd(_sum_on(taus, resolve_device(device)), full_matrices=False)
+    U, S, Vh = thin_svd(_sum_on(taus, resolve_device(device)))
     return (U.mul_(S.mean()) @ Vh).cpu()
 
 
