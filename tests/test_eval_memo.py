@@ -61,6 +61,23 @@ def items_equal(x, y) -> bool:
     return len(x.answers) == len(y.answers) and x.chars == y.chars and x.tail == y.tail
 
 
+def second_model_hits(a: Path, b: Path, tasks: dict, **options) -> tuple[int, dict]:
+    """Evaluate `a`, then `b` (hits counted), then `b` again with nothing remembered, which must give the same
+    result (timings aside): (the hits of b's first evaluation, its result)."""
+
+    def result(model: Path) -> dict:
+        res = evaluate(model, tasks, device="cpu", batch_size=2, log=None, **options)
+        return {k: v for k, v in res.items() if k not in ("seconds", "samples_per_s")}
+
+    result(a)
+    before = ENCODED.hits
+    warm = result(b)
+    hits = ENCODED.hits - before
+    ENCODED.clear()
+    assert result(b) == warm
+    return hits, warm
+
+
 def test_memo_keeps_the_most_recent_values_within_its_bytes():
     """Against a brute-force LRU: after every get, the same keys held, in the same order, within the bound."""
     rng = random.Random(0)
@@ -165,18 +182,8 @@ def test_evaluating_a_second_model_reuses_items_and_scores_the_same(llava_dirs, 
     records[1]["image"] = img.name
     write_jsonl(tmp_path / "data" / "quiz.jsonl", records)
 
-    def run(model: Path) -> dict:
-        res = evaluate(
-            model, {"quiz": tmp_path / "data" / "quiz.jsonl"}, device="cpu", batch_size=2, log=None
-        )
-        return {k: v for k, v in res.items() if k not in ("seconds", "samples_per_s")}
-
-    run(a)
-    hits = ENCODED.hits
-    warm = run(b)
-    assert ENCODED.hits == hits + 3
-    ENCODED.clear()
-    assert run(b) == warm
+    hits, _ = second_model_hits(a, b, {"quiz": tmp_path / "data" / "quiz.jsonl"})
+    assert hits == 3
 
 
 def test_the_options_prompt_is_tokenized_once(llava_dirs, tmp_path):
@@ -195,3 +202,18 @@ def test_the_options_prompt_is_tokenized_once(llava_dirs, tmp_path):
         assert full.keys() == alone.keys() and all(
             torch.equal(full[k], alone[k]) for k in full if k != "labels"
         )
+
+
+def test_generation_prompts_are_remembered_and_answer_the_same(llava_dirs, tmp_path):
+    """Open-answer items: the second folder's evaluation takes every prompt from the memo and generates what it
+    generates with nothing remembered."""
+    a, b = llava_dirs
+    img = save_image(tmp_path / "data" / "a.png")
+    records = [
+        {"id": "q1", "question": "Colour?", "answer": "red", "image": img.name},
+        {"id": "q2", "question": "Two plus two?", "answer": "four"},
+    ]
+    write_jsonl(tmp_path / "data" / "open.jsonl", records)
+
+    hits, warm = second_model_hits(a, b, {"open": tmp_path / "data" / "open.jsonl"}, max_new_tokens=3)
+    assert hits == 2 and warm["tasks"]["open"]["metric"] == "exact"

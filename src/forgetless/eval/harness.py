@@ -14,7 +14,8 @@ answer.
 Multiple choice is computed with one prompt pass per sample and one batched pass over all options' tokens that
 reuses the prompt's KV cache, and the vocabulary projection is applied only where an answer token is predicted
 (see :func:`score_options`). The result is the same as scoring every (question, option) sequence on its own.
-Encoded items are remembered for the next model evaluated in the same process (:mod:`.memo`).
+Encoded items (and generation prompts) are remembered for the next model evaluated in the same process
+(:mod:`.memo`).
 """
 
 from __future__ import annotations
@@ -226,6 +227,11 @@ def _remembered_options(encoder: Encoder, sample: Sample, tail: bool) -> _MCItem
     return ENCODED.get(
         sample_key(encoder, sample, "options", tail), lambda: _encode_options(encoder, sample, tail)
     )
+
+
+def _remembered_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
+    """:func:`encode_prompt`, done once per process for encoders with one fingerprint (:mod:`.memo`)."""
+    return ENCODED.get(sample_key(encoder, sample, "prompt"), lambda: encode_prompt(encoder, sample))
 
 
 def encode_prompt(encoder: Encoder, sample: Sample) -> dict[str, torch.Tensor]:
@@ -545,7 +551,7 @@ def generate_answers(
     dev = _device(model)
     answers: list[str] = []
     for i in range(0, len(samples), batch_size):
-        batch = _left_pad([encode_prompt(encoder, s) for s in samples[i : i + batch_size]], pad, dev)
+        batch = _left_pad([_remembered_prompt(encoder, s) for s in samples[i : i + batch_size]], pad, dev)
         width = batch["input_ids"].shape[1]
         seqs = model.generate(**batch, generation_config=config)
         for row in seqs[:, width:].tolist():
