@@ -41,7 +41,7 @@ from ..stats.distributed import gather_objects, process_group
 from .memo import Memo, sample_key
 from .metrics import MC_METRICS
 
-ENCODED = Memo()  # multiple-choice items encoded in this process, kept for the next model evaluated on them
+ENCODED = Memo()  # items and prompts encoded in this process, kept for the next model evaluated on them
 KINDS = ("downstream", "general_visual", "general_text")
 METRICS = ("mc", "exact")
 TASK_ROOT_ENV = "FORGETLESS_TASKS"

@@ -382,9 +382,8 @@ class Encoder:
     ):
         obj = model_dir_or_processor
         self.source = None
-        self.fingerprint: str | None = (
-            None  # equal for Encoders that encode every sample alike; None: unknown
-        )
+        # equal for Encoders that encode every sample alike; None: unknown
+        self.fingerprint: str | None = None
         if isinstance(obj, (str, os.PathLike)):
             d = Path(obj)
             self.source = d
