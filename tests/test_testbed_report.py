@@ -109,3 +109,28 @@ def test_what_the_target_takes_scales_each_task_by_the_square_of_its_widest_inte
         line = next(x for x in text.splitlines() if x.startswith(f"| {task} | 300 |"))
         assert f"| {hw_e:.1f} | {need:,} |" in line
     assert not any(p.name == "results.md" for p in wd.iterdir())  # nothing run, nothing else written
+
+
+@pytest.mark.parametrize(
+    ("names", "parts", "ran"),
+    [
+        (None, None, [*T.DOWNSTREAM, "multitask", "continual"]),
+        (["spatial"], None, ["spatial"]),
+        (None, ["multitask"], ["multitask"]),
+        (["tag"], ["continual", "tasks"], ["tag", "continual"]),
+    ],
+)
+def test_report_runs_the_parts_asked_for_and_reports_every_result(monkeypatch, tmp_path, names, parts, ran):
+    from forgetless.cli import testbed_report_cmd
+    from forgetless.testbed import continual, multitask
+
+    calls = []
+    monkeypatch.setattr(R.X, "run_experiment", lambda name, *a, **k: calls.append(name))
+    monkeypatch.setattr(multitask, "run_multitask", lambda *a, **k: calls.append("multitask"))
+    monkeypatch.setattr(continual, "run_continual", lambda *a, **k: calls.append("continual"))
+    monkeypatch.setattr(R, "markdown", lambda names, *a, **k: f"report of {names}")
+    out = R.run_report(names, tmp_path, tmp_path / "R.md", parts=parts, log=lambda s: None)
+    assert calls == ran
+    assert out.read_text() == f"report of {names or T.DOWNSTREAM}"
+    choices = next(p for p in testbed_report_cmd.params if p.name == "parts").type.choices
+    assert tuple(choices) == R.PARTS

@@ -837,11 +837,25 @@ def testbed_frontier_cmd(
 @click.option(
     "--no-run", is_flag=True, help="Only rebuild the report from the results.json files in --workdir."
 )
+@click.option(
+    "--part",
+    "parts",
+    type=click.Choice(["tasks", "multitask", "continual"]),
+    multiple=True,
+    help="Run only this experiment (repeatable; default: all three, or only tasks when --task is given); the "
+    "report covers every result in --workdir.",
+)
 def testbed_report_cmd(
-    names: tuple[str, ...], workdir: str, out: str, plots: str | None, keep_models: bool, no_run: bool
+    names: tuple[str, ...],
+    workdir: str,
+    out: str,
+    plots: str | None,
+    keep_models: bool,
+    no_run: bool,
+    parts: tuple[str, ...],
 ) -> None:
-    """Every downstream task: fine-tune, merge with each method, evaluate on the whole test splits, report with
-    95% intervals."""
+    """Every downstream task: fine-tune, merge with each method, evaluate on the whole test splits; the multi-task
+    and continual protocols; report with 95% intervals."""
     from .testbed.report import run_report
 
     run_report(
@@ -851,6 +865,7 @@ def testbed_report_cmd(
         plots=plots,
         keep_models=keep_models,
         run=not no_run,
+        parts=parts or None,
         log=click.echo,
     )
 

@@ -12,7 +12,7 @@ existing report is kept when the report is rebuilt; everything else is generated
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ TARGET = 3.0  # points: the half-width the test splits should reach on E and F
 EVAL_ITEMS_PER_S = 17.3  # fp32, batch 16, 2 cores (BENCHMARKS.md, "Evaluation cost against its floor")
 READING_START = "<!-- reading: written by hand, kept when the report is rebuilt -->"
 READING_END = "<!-- /reading -->"
+# what `testbed report` runs: each task's experiment, the multi-task protocol, the continual protocol
+PARTS = ("tasks", "multitask", "continual")
 
 
 def _knob_value(knob: str) -> float | None:
@@ -311,21 +313,20 @@ def run_report(
     keep_models: bool = False,
     plots: str | Path | None = None,
     run: bool = True,
-    multitask: bool = True,
-    continual: bool = True,
+    parts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run (or reuse) every task's experiment on the whole test splits, and (`multitask`, `continual`, when every
-    downstream task is asked for) the multi-task LoRA experiment in ``workdir/multitask`` and the continual protocol
-    in ``workdir/continual`` (:mod:`.continual`), then write the markdown report to
-    `out` (its plots into `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report
-    from the ``results.json`` files already in `workdir`."""
+    """Run (or reuse) the experiments of `parts` (:data:`PARTS`; default: all of them, or only ``tasks`` when
+    `names` are given): each task's experiment on the whole test splits, the multi-task LoRA experiment in
+    ``workdir/multitask`` and the continual protocol in ``workdir/continual`` (:mod:`.continual`); then write the
+    markdown report to `out`, each protocol's section wherever its results are in `workdir` (its plots into `plots`,
+    default ``docs/results`` beside `out`). ``run=False``: only rebuild the report from the ``results.json`` files already in `workdir`."""
     from .multitask import run_multitask
 
     workdir, out = Path(workdir), Path(out)
-    every = not names
+    parts = set(parts or (["tasks"] if names else PARTS))
     names = names or T.DOWNSTREAM
-    for name in names if run else []:
+    for name in names if run and "tasks" in parts else []:
         log(f"=== {name} ===")
         X.run_experiment(
             name,
@@ -335,10 +336,10 @@ def run_report(
             keep_models=keep_models,
             log=log,
         )
-    if run and multitask and every:
+    if run and "multitask" in parts:
         log("=== multitask ===")
         run_multitask(workdir / "multitask", keep_models=keep_models, log=log)
-    if run and continual and every:
+    if run and "continual" in parts:
         from .continual import run_continual
 
         log("=== continual ===")
