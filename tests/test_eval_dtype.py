@@ -26,7 +26,7 @@ def test_cache_keeps_dtypes_apart_and_float32_keys_unchanged(tmp_path):
             "split": "test",
             "name": "quiz",
             "group": 0,
-            "t": _task_digest(quiz, "test"),
+            "t": _task_digest(quiz, "test", cache),
             "limit": None,
         },
         sort_keys=True,

@@ -199,7 +199,7 @@ def test_the_evaluation_cache_reuses_reads_earlier_entries_and_redoes_a_damaged_
         "split": "test",
         "name": "t",
         "group": 0,
-        "t": EC._task_digest(task, "test"),
+        "t": EC._task_digest(task, "test", cache),
         "limit": None,
     }
     entry = cache / f"{hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]}.json"
@@ -213,3 +213,37 @@ def test_the_evaluation_cache_reuses_reads_earlier_entries_and_redoes_a_damaged_
     r4, hit4 = EC.cached_evaluate(model, {"t": task}, {"p": probes}, cache_dir=cache, log=None)
     assert not hit4 and calls == [("t", "p"), ("t",)] and r4["tasks"]["t"]["accuracy"] == 0.5
     assert read_record(entry)["accuracy"] == 0.5 and len(list(cache.iterdir())) == 2
+
+
+def test_the_evaluation_cache_moves_with_its_workdir_and_tells_equal_task_files_apart(tmp_path, monkeypatch):
+    """A workdir copied to another folder (another machine, another checkout) reads its entries back; the same
+    task file's content in another folder (other images beside it) is another task."""
+    import shutil
+
+    from forgetless.eval import cache as EC
+
+    calls: list[str] = []
+
+    def evaluate(model, tasks, general, **kw):
+        calls.extend(tasks)
+        return {"tasks": {n: {"kind": "downstream", "accuracy": 0.5, "correct_items": "10"} for n in tasks}}
+
+    monkeypatch.setattr("forgetless.eval.harness.evaluate", evaluate)
+    a = tmp_path / "a"
+    (a / "m").mkdir(parents=True)
+    (a / "m" / "model.safetensors").write_bytes(b"w")
+    (a / "tasks" / "t").mkdir(parents=True)
+    (a / "tasks" / "t" / "test.jsonl").write_text(
+        '{"question": "q", "answer": "a", "image": "images/0.png"}\n'
+    )
+
+    def run(root: Path, task_dir: str = "tasks/t") -> bool:
+        return EC.cached_evaluate(
+            root / "m", {"t": root / task_dir}, None, cache_dir=root / "eval-cache", log=None
+        )[1]
+
+    assert not run(a) and run(a) and calls == ["t"]
+    shutil.copytree(a, tmp_path / "elsewhere" / "b")
+    assert run(tmp_path / "elsewhere" / "b") and calls == ["t"]
+    shutil.copytree(a / "tasks" / "t", a / "tasks" / "u")
+    assert not run(a, "tasks/u") and calls == ["t", "t"]

@@ -1,5 +1,5 @@
 """Evaluations cached by what determines them: the model's weights (sha256 of its weight files), the task files
-(sha256), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same
+(sha256, and their place relative to the cache: a workdir copied elsewhere keeps its entries), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same
 weights as another (task arithmetic and WiSE-FT of one model at the same λ) is evaluated once. Each task's score is
 a content-addressed step (:class:`forgetless.chains.steps.Step`): its file is named by the fingerprint of those."""
 
@@ -40,11 +40,13 @@ def weights_digest(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:20]
 
 
-def _task_digest(spec: Any, split: str) -> str:
+def _task_digest(spec: Any, split: str, cache: Path) -> str:
+    """The task file's content and its place relative to the `cache` folder (its images are found from there):
+    the key a copy of the whole workdir, on another machine or in another folder, finds again."""
     p = Path(getattr(spec, "path", None) or spec)  # a path, or a harness TaskSpec
     h = hashlib.sha256()
     target = p / f"{split}.jsonl" if p.is_dir() else p
-    h.update(str(target.resolve()).encode())
+    h.update(os.path.relpath(target.resolve(), cache.resolve()).encode())
     if target.is_file():
         _file_digest(target, h)
     return h.hexdigest()[:16]
@@ -60,7 +62,7 @@ def _cache_step(
         "split": split,
         "name": name,
         "group": group,
-        "t": _task_digest(spec, split),
+        "t": _task_digest(spec, split, cache),
         "limit": limit,
     }
     if dtype != "float32":
