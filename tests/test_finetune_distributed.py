@@ -74,13 +74,13 @@ def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def compare_runs(tmp_path: Path, weights: str) -> tuple[dict, dict]:
+def compare_runs(tmp_path: Path, weights: str, tol: float = TOL, rel: float = 1e-5) -> tuple[dict, dict]:
     one, two = (json.loads((tmp_path / d / "finetune.json").read_text()) for d in ("one", "two"))
     a, b = (load_file(str(tmp_path / d / weights)) for d in ("one", "two"))
-    assert max_diff(a, b) < TOL
+    assert max_diff(a, b) < tol
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the same samples in every step
-    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)  # the same gradient, not 2× or ½×
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=rel)  # the same gradient, not 2× or ½×
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "probe", "two"]  # no temporary folder left
     events = list((tmp_path / "two").glob("runs/*/events.out.tfevents.*"))  # TensorBoard: rank 0 alone logs
     assert len(events) == 1 and two["tensorboard"] == f"runs/{events[0].parent.name}"
@@ -232,13 +232,17 @@ def test_torchrun_fsdp_trains_a_projector_that_some_steps_reach_on_one_rank_or_n
 
     main(args("one"))
     W.torchrun("cli", tmp_path / "probe", *args("two", "--fsdp"))
-    _, two = compare_runs(tmp_path, "model.safetensors")
-    base, got = (
-        load_file(str(llava_dir / "model.safetensors")),
-        load_file(str(tmp_path / "two" / "model.safetensors")),
+    # AdamW divides by √v + ε: a decoder entry whose gradient is float32 rounding noise (the ranks sum in another
+    # order) moves by up to lr·noise/ε, here to 3e-4 on one CPU (AMD EPYC) and under 1e-5 on another; a projector
+    # moved by its momentum in steps 2 and 4 would be off by about lr = 1e-2. The later steps' gradients are those
+    # of these weights: their norms agree to 1e-4, not 1e-5
+    _, two = compare_runs(tmp_path, "model.safetensors", tol=1e-3, rel=1e-4)
+    base, got, one = (
+        load_file(str(d / "model.safetensors")) for d in (llava_dir, tmp_path / "two", tmp_path / "one")
     )
     projector = [n for n in two["trained_tensors"] if "projector" in n]
     assert projector and min((got[n] - base[n]).abs().max().item() for n in projector) > 100 * TOL
+    assert max_diff({n: got[n] for n in projector}, {n: one[n] for n in projector}) < TOL
 
 
 def test_dry_run_with_fsdp_accounts_each_ranks_share(tmp_path, llama_dir, text_data):

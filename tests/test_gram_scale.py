@@ -185,7 +185,8 @@ def test_split_over_two_ranks_equals_one_process(tiny, tmp_path):
         assert a.meta["num_samples"] == b.meta["num_samples"] == c.meta["num_samples"] == len(QA)
         for n in a.names():
             torch.testing.assert_close(b.get(n), a.get(n), rtol=1e-6, atol=0)
-            torch.testing.assert_close(c.get(n), a.get(n), rtol=1e-5, atol=1e-6)
+            # the same products summed by rank: rounding of the largest terms (an entry may cancel to near 0)
+            torch.testing.assert_close(c.get(n), a.get(n), rtol=0, atol=1e-5 * a.get(n).abs().max().item())
 
 
 def test_split_is_for_grams_only(tiny):

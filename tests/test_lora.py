@@ -312,3 +312,30 @@ def test_sharded_save_refused(tiny_llama_dir, tmp_path):
         ForgetlessError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight'.*shape \[0\].*ZeRO-3"
     ):
         open_model(f"{tiny_llama_dir}+{tmp_path / 'ad'}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "fan_in_fan_out", "a_shape", "b_shape"),
+    [
+        ("linear", False, (8, 96), (1000, 8)),
+        ("linear", True, (8, 1000), (96, 8)),  # GPT-2's Conv1D: the weight is (in, out)
+        ("embedding", False, (8, 1000), (96, 8)),
+        ("conv", False, (8, 3, 3, 3), (700, 8, 1, 1)),
+    ],
+)
+def test_a_fold_read_in_row_blocks_is_the_whole_fold_bit_for_bit(kind, fan_in_fan_out, a_shape, b_shape):
+    """Every row block of the update equals those rows of the whole update to the last bit (the engine merges
+    big tensors in blocks; a BLAS may round a row by the shape of its call: seen on AMD EPYC), and the whole
+    update is scale · B @ A to float32 rounding."""
+    from forgetless.checkpoint.lora import FOLD_ROWS, _Lora
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(a_shape, generator=g), torch.randn(b_shape, generator=g)
+    lora = _Lora("m", A, B, 0.5, kind, fan_in_fan_out)
+    whole = lora.delta()
+    a, b, scale = lora.factors()
+    exact = (scale * b.double() @ a.double()).reshape(whole.shape)
+    torch.testing.assert_close(whole.double(), exact, rtol=1e-6, atol=1e-6)
+    assert whole.shape[0] > 2 * FOLD_ROWS
+    for start, stop in [(0, 1), (3, 11), (FOLD_ROWS - 1, FOLD_ROWS + 1), (100, 613), (517, whole.shape[0])]:
+        assert torch.equal(lora.delta((start, stop)), whole[start:stop])

@@ -41,6 +41,7 @@ ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 NON_LORA = "non_lora_trainables.bin"
 PEFT_PREFIX = "base_model.model."
+FOLD_ROWS = 256  # rows per product in _Lora.delta: a fold's rows do not depend on the block read
 MERGE_REMEDY = (
     "merge it with PEFT (model.merge_and_unload().save_pretrained(DIR)) and give that folder instead"
 )
@@ -233,12 +234,15 @@ class _Lora:
         return A, B, self.scale
 
     def delta(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """``scale · B @ A`` shaped like the weight; ``rows``: only the weight's rows ``start:stop`` (dim 0)."""
+        """``scale · B @ A`` shaped like the weight; ``rows``: only the weight's rows ``start:stop`` (dim 0). The
+        product runs on :data:`FOLD_ROWS`-row chunks aligned to row 0, so a row comes out bit for bit the same
+        whatever block asks for it (a BLAS may round a row by the shape of the call it is in)."""
         A, B, _ = self.factors()
-        shape = self.shape()
-        if rows is not None:
-            B, shape = B[rows[0] : rows[1]], (rows[1] - rows[0], *shape[1:])
-        return ((B @ A) * self.scale).reshape(shape)
+        start, stop = rows or (0, B.shape[0])
+        first = start - start % FOLD_ROWS
+        chunks = [B[i : i + FOLD_ROWS] @ A for i in range(first, stop, FOLD_ROWS)]
+        d = torch.cat(chunks)[start - first : stop - first] if chunks else B[:0] @ A
+        return (d * self.scale).reshape(stop - start, *self.shape()[1:])
 
 
 class LoraAdapter:
