@@ -239,10 +239,12 @@ class _Lora:
         whatever block asks for it (a BLAS may round a row by the shape of the call it is in)."""
         A, B, _ = self.factors()
         start, stop = rows or (0, B.shape[0])
-        first = start - start % FOLD_ROWS
-        chunks = [B[i : i + FOLD_ROWS] @ A for i in range(first, stop, FOLD_ROWS)]
-        d = torch.cat(chunks)[start - first : stop - first] if chunks else B[:0] @ A
-        return (d * self.scale).reshape(stop - start, *self.shape()[1:])
+        first = start - start % FOLD_ROWS  # the chunks that hold the rows asked for, whole
+        end = min(stop + -stop % FOLD_ROWS, B.shape[0])
+        d = torch.empty(end - first, A.shape[1])
+        for i in range(first, end, FOLD_ROWS):
+            torch.matmul(B[i : i + FOLD_ROWS], A, out=d[i - first : i - first + FOLD_ROWS])
+        return d[start - first : stop - first].mul_(self.scale).reshape(stop - start, *self.shape()[1:])
 
 
 class LoraAdapter:
