@@ -609,7 +609,7 @@ class Experiment:
         def make() -> None:
             task = {self.task: str(ctx.roots[self.task])}
             general = {n: str(p) for n, p in ctx.general.items()}
-            learn(recipe, task=task, general=general, out=out, log=None, **options)
+            learn(recipe, task=task, general=general, out=out, log=ctx.log, **options)
 
         with ctx.timed("merge"):
             Step(out.with_suffix(".step"), key, out).run(make, log=ctx.log, reusing=f"learned: reusing {out}")
