@@ -378,3 +378,37 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(setup, tmp_path):
         greedy_soup(
             base, [ft, ft], task={"colours": str(t)}, out=ft / "soup.yaml", scorer=lambda _f: {}, log=None
         )
+
+
+def test_options_scored_from_one_prompt_give_the_whole_sequences_objective_and_gradient(setup, monkeypatch):
+    """Entropy on multiple choice: each prompt run once and its keys and values reused by every option (the
+    harness's fast path) gives the log-distributions, the objective and its gradient of running each (question,
+    option) sequence whole, to float32 rounding."""
+    from forgetless.eval import harness
+    from forgetless.eval import learn as L
+
+    *_, t, g, wise = setup
+    learner = Learner(wise, str(t), str(g), LearnOptions(objective="entropy", device="cpu", batch_size=64))
+    ti, gi = _all(learner)
+    items = learner.objective.task + learner.objective.general
+    assert sum(it.options is not None for it in items) == 8 + 3  # the colours and the yes/no facts
+
+    def run() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        raw = torch.linspace(0.2, 0.8, len(learner.groups)).requires_grad_(True)
+        value = learner.value(raw, ti, gi)
+        with torch.no_grad():
+            dists = L.predictions(learner.model, items, learner.objective.pad, "cpu")
+        return dists, value.detach(), torch.autograd.grad(value, raw)[0]
+
+    calls = []
+    sums = harness.option_sums
+    monkeypatch.setattr(harness, "option_sums", lambda *a: calls.append(1) or sums(*a))
+    fast = run()
+    assert calls  # the fast path ran
+    monkeypatch.setattr(harness, "_fast_parts", lambda model: None)
+    whole = run()
+    assert len(calls) == 3  # and not again
+    for a, b in zip(fast[0], whole[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[2], whole[2], rtol=1e-4, atol=1e-6)

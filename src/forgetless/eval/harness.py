@@ -442,9 +442,19 @@ def output_cache(output: Any) -> Any:
 def _score_fast(
     items: list[_MCItem], encoder: Encoder, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
 ) -> list[OptionScores]:
+    sums = option_sums(items, encoder.pad_token_id, parts)
+    return _per_item(items, sums[0].tolist(), sums[1].tolist())
+
+
+def option_sums(
+    items: list[_MCItem], pad: int, parts: tuple[torch.nn.Module, torch.nn.Module, bool]
+) -> torch.Tensor:
+    """The fast path of :func:`score_options` (`parts`: :func:`_fast_parts`): per option of every item, in order,
+    the summed log-probability of its answer tokens (row 0) and of its tail (row 1); differentiable in the
+    model's weights (``forgetless learn`` trains through it)."""
     base, head, mrope = parts
     dev = _device(head)
-    batch = _left_pad([it.prompt for it in items], encoder.pad_token_id, dev)
+    batch = _left_pad([it.prompt for it in items], pad, dev)
     mask = batch["attention_mask"]
     lengths = mask.sum(-1)  # real prompt lengths
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -469,11 +479,13 @@ def _score_fast(
     row_item = torch.tensor([i for i, it in enumerate(items) for _ in it.answers], device=dev)
     seqs = [torch.cat([a, t]).to(dev) for it in items for a, t in zip(it.answers, it.tails)]
     n_answer = torch.tensor([len(a) for it in items for a in it.answers], device=dev)
-    sums = torch.zeros(2, len(seqs), device=dev)  # per option: over its answer tokens, over its tail
-    sums[0] = lp_first[row_item, torch.stack([s[0] for s in seqs])]
+    first_token = lp_first[row_item, torch.stack([s[0] for s in seqs])]
+    sums = torch.stack(
+        [first_token, torch.zeros_like(first_token)]
+    )  # per option: its answer tokens, its tail
     width = max(len(s) for s in seqs) - 1
     if width > 0:
-        ids = torch.full((len(seqs), width + 1), encoder.pad_token_id, dtype=torch.long, device=dev)
+        ids = torch.full((len(seqs), width + 1), pad, dtype=torch.long, device=dev)
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = s
         n_in = torch.tensor([len(s) - 1 for s in seqs], device=dev)
@@ -492,8 +504,8 @@ def _score_fast(
         r, t = opt_mask.nonzero(as_tuple=True)
         lp = torch.log_softmax(head(hidden[r, t]).float(), -1).gather(-1, ids[r, t + 1][:, None])[:, 0]
         in_tail = (t + 1 >= n_answer[r]).long()  # position t predicts token t + 1
-        sums.view(-1).index_add_(0, in_tail * len(seqs) + r, lp)
-    return _per_item(items, sums[0].tolist(), sums[1].tolist())
+        sums = sums.reshape(-1).index_add(0, in_tail * len(seqs) + r, lp).view(2, -1)
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ class Item:
 
     rows: list[dict[str, Tensor]]
     counts: list[int] | None = None
+    options: Any = None  # multiple choice (entropy): the harness's encoding, the prompt once and each option
 
 
 def encode_items(encoder: Any, samples: Sequence[Any], objective: str) -> list[Item]:
@@ -240,7 +241,7 @@ def encode_items(encoder: Any, samples: Sequence[Any], objective: str) -> list[I
             out.append(Item([_encode(encoder, s)]))
         elif s.options:
             mc = _encode_options(encoder, s, tail=False)
-            out.append(Item(mc.full, [len(a) for a in mc.answers]))
+            out.append(Item(mc.full, [len(a) for a in mc.answers], mc))
         else:
             out.append(Item([encode_prompt(encoder, s)]))
     return out
@@ -261,17 +262,28 @@ def answer_nll(model: nn.Module, items: Sequence[Item], pad: int, device: Any) -
     return answer_losses(model, _batch([it.rows[0] for it in items], pad, device))
 
 
+def option_logliks(model: nn.Module, items: Sequence[Item], pad: int, device: Any) -> Tensor:
+    """Each option's summed answer log-likelihood (the items' options in order): the harness's fast path where the
+    model allows it (each prompt runs once, its keys and values reused by every option), else each (question,
+    option) sequence whole."""
+    from ..train.loop import answer_losses
+    from .harness import _fast_parts, option_sums
+
+    parts = _fast_parts(model)
+    if parts is not None:
+        return option_sums([it.options for it in items], pad, parts)[0]
+    rows = [r for it in items for r in it.rows]
+    counts = torch.tensor([n for it in items for n in it.counts], device=device)
+    return -answer_losses(model, _batch(rows, pad, device)) * counts
+
+
 def predictions(model: nn.Module, items: Sequence[Item], pad: int, device: Any) -> list[Tensor]:
     """Each item's log-distribution: over its options (softmax of the options' summed answer log-likelihoods), or
     over the vocabulary at the first answer position."""
-    from ..train.loop import answer_losses
-
     mc = [it for it in items if it.counts is not None]
     out: dict[int, Tensor] = {}
     if mc:
-        rows = [r for it in mc for r in it.rows]
-        counts = torch.tensor([n for it in mc for n in it.counts], device=device)
-        loglik = -answer_losses(model, _batch(rows, pad, device)) * counts
+        loglik = option_logliks(model, mc, pad, device)
         k0 = 0
         for it in mc:
             out[id(it)] = torch.log_softmax(loglik[k0 : k0 + len(it.counts)], -1)
