@@ -241,7 +241,7 @@ class _Lora:
         start, stop = rows or (0, B.shape[0])
         first = start - start % FOLD_ROWS  # the chunks that hold the rows asked for, whole
         end = min(stop + -stop % FOLD_ROWS, B.shape[0])
-        d = torch.empty(end - first, A.shape[1])
+        d = torch.empty(end - first, A.shape[1], dtype=A.dtype, device=A.device)
         for i in range(first, end, FOLD_ROWS):
             torch.matmul(B[i : i + FOLD_ROWS], A, out=d[i - first : i - first + FOLD_ROWS])
         return d[start - first : stop - first].mul_(self.scale).reshape(stop - start, *self.shape()[1:])
