@@ -1,6 +1,7 @@
 """Evaluations cached by what determines them: the model's weights (sha256 of its weight files), the task files
-(sha256, and their place relative to the cache: a workdir copied elsewhere keeps its entries), the split, the limit, the dtype the model ran in and the harness version. A merge that produces the same
-weights as another (task arithmetic and WiSE-FT of one model at the same λ) is evaluated once. Each task's score is
+(sha256, and their place relative to the cache: a workdir copied elsewhere keeps its entries), the split, the
+limit, the dtype the model ran in and the harness version. A merge that produces the same weights as another (task
+arithmetic and WiSE-FT of one model at the same λ) is evaluated once. Each task's score is
 a content-addressed step (:class:`forgetless.chains.steps.Step`): its file is named by the fingerprint of those."""
 
 from __future__ import annotations

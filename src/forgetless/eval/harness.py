@@ -480,9 +480,8 @@ def option_sums(
     seqs = [torch.cat([a, t]).to(dev) for it in items for a, t in zip(it.answers, it.tails)]
     n_answer = torch.tensor([len(a) for it in items for a in it.answers], device=dev)
     first_token = lp_first[row_item, torch.stack([s[0] for s in seqs])]
-    sums = torch.stack(
-        [first_token, torch.zeros_like(first_token)]
-    )  # per option: its answer tokens, its tail
+    # per option: the sum over its answer tokens, the sum over its tail
+    sums = torch.stack([first_token, torch.zeros_like(first_token)])
     width = max(len(s) for s in seqs) - 1
     if width > 0:
         ids = torch.full((len(seqs), width + 1), pad, dtype=torch.long, device=dev)

@@ -319,8 +319,9 @@ def run_report(
     """Run (or reuse) the experiments of `parts` (:data:`PARTS`; default: all of them, or only ``tasks`` when
     `names` are given): each task's experiment on the whole test splits, the multi-task LoRA experiment in
     ``workdir/multitask`` and the continual protocol in ``workdir/continual`` (:mod:`.continual`); then write the
-    markdown report to `out`, each protocol's section wherever its results are in `workdir` (its plots into `plots`,
-    default ``docs/results`` beside `out`). ``run=False``: only rebuild the report from the ``results.json`` files already in `workdir`."""
+    markdown report to `out`, each protocol's section wherever its results are in `workdir` (its plots into
+    `plots`, default ``docs/results`` beside `out`). ``run=False``: only rebuild the report from the
+    ``results.json`` files already in `workdir`."""
     from .multitask import run_multitask
 
     workdir, out = Path(workdir), Path(out)
