@@ -13,6 +13,7 @@ import yaml
 from conftest import build_tiny_llava
 
 from forgetless.recipe import load_recipe
+from forgetless.testbed import context as C
 from forgetless.testbed import experiment as X
 from forgetless.testbed import frontier as FR
 from forgetless.testbed import tasks as T
@@ -372,3 +373,13 @@ def test_an_extracted_lora_point_merges_the_fine_tunes_truncated_update(tmp_path
     assert "Extracted LoRA rank=2 lambda=1" in {X.row_name(r) for r in res["rows"]}
     X.run_experiment("digits", work, merges=merges, keeps=[], log=lines.append)
     assert f"extracted: reusing {adapter}" in lines
+
+
+def test_a_sparse_log_passes_the_first_line_then_one_per_interval(monkeypatch):
+    clock = iter([0.0, 10.0, 59.9, 60.0, 61.0, 130.0])
+    monkeypatch.setattr(C.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    say = C.sparse(lines.append, 60.0)
+    for i in range(6):
+        say(str(i))
+    assert lines == ["0", "3", "5"]

@@ -16,6 +16,22 @@ from . import tasks as T
 
 GENERAL = [*T.GENERAL_VISUAL, "probes"]  # the general tasks every model is scored on besides its own
 EVAL_BATCH = 16  # the testbed drivers' evaluation batch
+EVAL_PROGRESS_EVERY = 60.0  # seconds between progress lines of an evaluation (a full test run takes minutes)
+
+
+def sparse(log: Callable[[str], None], every: float) -> Callable[[str], None]:
+    """`log` passing the first line and then at most one line per `every` seconds: progress of a long step that
+    a chain's log can keep."""
+    last = -float("inf")
+
+    def say(line: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            log(line)
+
+    return say
 
 
 @dataclass
@@ -110,7 +126,7 @@ class Context:
                 split=split,
                 limit=limit,
                 batch_size=self.eval_batch,
-                log=None,
+                log=sparse(self.log, EVAL_PROGRESS_EVERY),
             )
 
     def finetuned(self, task_dir: Path, out: Path, recipe: dict) -> Path:
