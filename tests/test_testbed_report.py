@@ -94,6 +94,20 @@ def test_report_without_a_previous_file_says_the_reading_is_missing(workdir, tmp
     assert f"{R.READING_START}\n_(not written yet)_\n{R.READING_END}" in text
 
 
+def test_report_of_a_study_under_way_names_the_tasks_not_run_and_keeps_the_reading(workdir, tmp_path):
+    wd, _ = workdir
+    out = tmp_path / "RESULTS.md"
+    out.write_text(f"{R.READING_START}\nby hand\n{R.READING_END}\n")
+    text = R.markdown(["spatial", "tag", "digits"], wd, tmp_path / "plots", previous=out)
+    assert "`forgetless testbed report --part tasks --task digits`" in text
+    assert "| spatial | 300 |" in text and "| digits |" not in text and "### digits" not in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = R.markdown(["digits", "tag"], empty, tmp_path / "plots", previous=out)
+    assert "`forgetless testbed report --part tasks`)" in text and "by hand" in text
+    assert "## Summary" not in text and "## Time" not in text and "whole test splits** (items" in text
+
+
 def test_what_the_target_takes_scales_each_task_by_the_square_of_its_widest_interval(workdir, tmp_path):
     wd, results = workdir
     out = R.run_report(

@@ -142,9 +142,10 @@ def what_target_takes(names: list[str], results: Mapping[str, dict], d: TaskDraw
 
 def _header(names: list[str], results: Mapping[str, dict]) -> str:
     ft = X.FINETUNE
-    sizes = _sizes(results, names)
+    sizes = _sizes(results, list(results))  # the tasks that ran
     general = ", ".join(f"{t} {sizes[t]}" for t in [*T.GENERAL_VISUAL, "probes"] if t in sizes)
     task = ", ".join(f"{t} {sizes[t]}" for t in names if t in sizes)
+    measured = f": {task} items of the downstream task; {general} of the general tasks" if sizes else ""
     merges = "; ".join(
         f"{label} {' '.join(f'{k}={v:g}' for k, v in p.items())}" for label, _, p, *_ in X.MERGES + CURVES
     )
@@ -171,9 +172,9 @@ seed {ft["seed"]} (`forgetless.testbed.experiment.FINETUNE`). Fisher statistics 
 empirical unless said: the general Fisher at θ₀ on 8 training samples of each general visual task and the 60 text
 probes of the *validation* split; the task Fisher on the task's training set — **at θ₀ for CGM and CGM†, as CGM's
 published scripts take it** (`fisher_matrix_flickr_from_pretrain_full.bin`), at θ_ft for Fisher merging (each
-model's Fisher at that model, as Fisher merging defines it). Every model is evaluated on the **whole test splits**:
-{task} items of the downstream task; {general} of the general tasks (items never trained on; the probes are never
-used for anything else).
+model's Fisher at that model, as Fisher merging defines it).
+Every model is evaluated on the **whole test splits**{measured} (items never trained on; the probes are never used
+for anything else).
 
 Scores (percent, `forgetless/eval/metrics.py`): **T** the task accuracy; **G_v** the mean accuracy over the four
 general visual tasks; **G_t** the text probes' accuracy; **G** = (G_v + G_t)/2; **E** = T − T(base), the
@@ -220,56 +221,22 @@ def _timings(names: list[str], results: Mapping[str, dict]) -> str:
 
 
 def markdown(names: list[str], workdir: Path, plots: Path | None = None, previous: Path | None = None) -> str:
-    """The whole report from each task's ``results.json`` under `workdir`: how it was produced, the E / F summary
-    with intervals, paired differences against the best method, per task its table and trade-off plot (drawn
-    into `plots`, default the task's folder), the reading kept from `previous`, the time it took, and last
-    "Which recipe when" (:mod:`.report_decision`)."""
-    results = {n: read_results(workdir / n / "results.json") for n in names}
-    d = TaskDraws(results)
-    sections = []
-    for name in names:
-        rows, ivs = results[name]["rows"], d.intervals(name)
-        png = plot_rows(
-            rows,
-            (plots or workdir / name) / f"tradeoff-{name}.png",
-            f"testbed: {name} (test split, 95% intervals)",
-            ivs,
-        )
-        rel = doc_link(png, previous)
-        ft = results[name]["finetune"]
-        sections.append(
-            f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
-            f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
-            f"![{name}]({rel})\n"
-        )
-    table_e_f, order = summary(names, d)
-    scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
-    best = max(scored, key=lambda m: d.mean_point(m, "E+F", names))
+    """The whole report from the results files under `workdir`: how it was produced, the fixed-knob experiment
+    (:func:`_fixed_knobs`; tasks without a ``results.json`` named as not run), the reading kept from `previous`,
+    the time it took, then each protocol's section where its results are, and last "Which recipe when"
+    (:mod:`.report_decision`)."""
+    done = [n for n in names if (workdir / n / "results.json").is_file()]
+    results = {n: read_results(workdir / n / "results.json") for n in done}
+    missing = [n for n in names if n not in done]
     decision = decision_markdown(workdir, names)
     return "\n".join(
         [
             _header(names, results),
-            "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
-            table_e_f,
-            "",
-            (
-                f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
-                f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"
-            ),
-            differences(names, d, order, best),
-            "",
-            "Against the fine-tuned model (what a merge or a keep rule changes):\n",
-            differences(names, d, order, "fine-tuned"),
-            "",
-            f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
-            what_target_takes(names, results, d),
-            "## Per task\n",
-            "\n".join(sections),
+            *(_fixed_knobs(done, results, workdir, plots, previous) if done else []),
+            *([_not_run(missing, names)] if missing else []),
             "## Reading (honest)\n",
             _reading(previous),
-            "## Time (this run, 2 cores)\n",
-            _timings(names, results),
-            "",
+            *(["## Time (this run, 2 cores)\n", _timings(done, results), ""] if done else []),
             *(
                 [
                     frontier_markdown(
@@ -303,6 +270,60 @@ def markdown(names: list[str], workdir: Path, plots: Path | None = None, previou
             *([decision] if decision else []),
         ]
     )
+
+
+def _not_run(missing: list[str], names: list[str]) -> str:
+    """The line naming the tasks whose fixed-knob experiment has no results yet, and the command that runs it."""
+    tasks = "" if missing == names else "".join(f" --task {n}" for n in missing)
+    return (
+        f"**Not run yet**: the fixed-knob experiment of {', '.join(f'`{n}`' for n in missing)} (no "
+        f"`results.json`; `forgetless testbed report --part tasks{tasks}`).\n"
+    )
+
+
+def _fixed_knobs(
+    names: list[str], results: Mapping[str, dict], workdir: Path, plots: Path | None, previous: Path | None
+) -> list[str]:
+    """The E / F summary with intervals, paired differences against the best method and the fine-tune, what ±TARGET
+    would take, and per task its table and trade-off plot (drawn into `plots`, default the task's folder)."""
+    d = TaskDraws(results)
+    sections = []
+    for name in names:
+        rows, ivs = results[name]["rows"], d.intervals(name)
+        png = plot_rows(
+            rows,
+            (plots or workdir / name) / f"tradeoff-{name}.png",
+            f"testbed: {name} (test split, 95% intervals)",
+            ivs,
+        )
+        rel = doc_link(png, previous)
+        ft = results[name]["finetune"]
+        sections.append(
+            f"### {name}\n\n{T.TASKS[name].description}. Fine-tuned: {', '.join(ft['train'])}, "
+            f"{ft['steps']} steps, lr {ft['lr']:g}.\n\n```\n{table(rows, ivs)}\n```\n\n"
+            f"![{name}]({rel})\n"
+        )
+    table_e_f, order = summary(names, d)
+    scored = [m for m in order if m != "base" and all(m in d.draws[n] for n in names)]
+    best = max(scored, key=lambda m: d.mean_point(m, "E+F", names))
+    return [
+        "## Summary: specialization gain E and general change F (points, test splits, ± 95% interval)\n",
+        table_e_f,
+        "",
+        (
+            f"## Which differences are outside the intervals\n\nPaired differences of the means over the tasks "
+            f"against **{best}** (the best mean E + F), with 95% intervals; **\\*** where the interval excludes 0.\n"
+        ),
+        differences(names, d, order, best),
+        "",
+        "Against the fine-tuned model (what a merge or a keep rule changes):\n",
+        differences(names, d, order, "fine-tuned"),
+        "",
+        f"## How wide the intervals are, and what ±{TARGET:g} would take\n",
+        what_target_takes(names, results, d),
+        "## Per task\n",
+        "\n".join(sections),
+    ]
 
 
 def run_report(
