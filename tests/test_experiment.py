@@ -17,6 +17,7 @@ from forgetless.testbed import context as C
 from forgetless.testbed import experiment as X
 from forgetless.testbed import frontier as FR
 from forgetless.testbed import tasks as T
+from forgetless.train import LoraSpec
 
 
 def test_general_calibration_takes_train_visual_samples_and_only_the_probes_val_split(tmp_path):
@@ -383,3 +384,34 @@ def test_a_sparse_log_passes_the_first_line_then_one_per_interval(monkeypatch):
     for i in range(6):
         say(str(i))
     assert lines == ["0", "3", "5"]
+
+
+def test_lora_variants_fold_their_adapter_once_and_take_ewc_over_their_own_scope(tmp_path, monkeypatch):
+    """A LoRA fine-tune trains the testbed's adapter recipe; its row and the merges of it take the adapter folded
+    into the base (folded once, then reused); LoRA + EWC's general Fisher covers the adapted layers, in a file of
+    its own beside the full fine-tune's."""
+    base = build_tiny_llava(tmp_path / "base")
+    f = Fakes(monkeypatch, base)
+    merges = [X.Merge("LoRA → WiSE-FT", "linear", {"lambda": 0.5}, model="lora")]
+    keeps = [X.VARIANTS["lora"], X.VARIANTS["lora_ewc"]]
+    work = tmp_path / "w" / "digits"
+    res = X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
+    runs = {x["out"]: x for x in f.finetunes}
+    lora = runs["finetuned-lora"]
+    assert (
+        lora["kw"]["lora"] == LoraSpec(**X.LORA)
+        and lora["kw"]["train"] == ["language.layers"]
+        and lora["lr"] == 5e-4
+    )
+    fisher = Path(runs["finetuned-lora_ewc"]["kw"]["fisher"])
+    assert fisher.name != "fisher_general-train-scope.safetensors"
+    assert next(s for s in f.stats if s["path"] == fisher.name)["scope"] == ["language.layers"]
+    folds = [m["models"] for m in f.merges if m["method"] == "task_arithmetic"]
+    assert folds == [[f"{base}+{work / 'finetuned-lora'}"], [f"{base}+{work / 'finetuned-lora_ewc'}"]]
+    (wise,) = [m for m in f.merges if m["method"] == "linear"]
+    folded = Path(wise["models"][0])
+    assert folded.parent == work / "folded" and folded.name.startswith("finetuned-lora-")
+    assert folded.name in f.evals and "finetuned-lora" not in f.evals
+    assert {X.row_name(r) for r in res["rows"]} >= {"LoRA", f"LoRA + EWC λ={X.EWC_STRENGTH:g}"}
+    X.run_experiment("digits", work, merges=merges, keeps=keeps, log=lambda _: None)
+    assert [m["method"] for m in f.merges].count("task_arithmetic") == 2  # the folds are reused

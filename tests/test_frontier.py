@@ -188,6 +188,38 @@ def test_choose_takes_the_best_f_that_keeps_the_gain_ends_included():
     assert FR.choose(rows, 0.5)["SPIDER → WiSE-FT"]["method"] == "SPIDER → WiSE-FT"
 
 
+def test_a_lora_curve_keeps_a_share_of_the_lora_fine_tunes_e_and_runs_to_it():
+    """The LoRA curves start from the LoRA fine-tune and are judged against its E (what a LoRA user has), the other
+    curves against the full fine-tune's, whatever the LoRA fine-tune reaches."""
+    lora = X.VARIANTS["lora"].label
+    rows = [
+        _row("base", "", 0, 0),
+        _row("fine-tuned", "", 20, -20),
+        _row(lora, "", 12, -6),
+        _row("LoRA → WiSE-FT", "lambda=0.7", 11, -3),
+        _row("LoRA → WiSE-FT", "lambda=0.5", 9, -1),
+        _row("LoRA + EWC", "strength=300", 10.5, -2),
+        _row("WiSE-FT", "lambda=0.7", 17, -5),
+    ]
+    picks = FR.choose(rows, 0.9)
+    # brute force: 0.9 × 12 = 10.8 for the LoRA curves (their ends: base and the LoRA fine-tune), 18 for WiSE-FT
+    assert picks["LoRA → WiSE-FT"]["knob"] == "lambda=0.7"
+    assert picks["LoRA + EWC"]["method"] == lora  # its point at 10.5 is below 10.8: the LoRA fine-tune itself
+    assert picks["WiSE-FT"]["method"] == "fine-tuned"
+    assert [FR.reference(c) for c in ("LoRA → WiSE-FT", "LoRA + EWC", "SPIDER → WiSE-FT", "EWC")] == [
+        lora,
+        lora,
+        "fine-tuned",
+        "fine-tuned",
+    ]
+    assert [FR.is_lora(c) for c in FR.KNOBS].count(True) == 3
+    # a LoRA curve of fine-tunes needs the LoRA fine-tune's row, and each LoRA variant trains an adapter
+    tunes = FR.frontier_tunes(["LoRA + EWC"], {"LoRA + EWC": [3000.0]})
+    assert [t.name for t in tunes] == ["spider", "magnitude_mask", "lora", "lora_ewc-strength=3000"]
+    for name in ("lora", "lora_replay", "lora_ewc"):
+        assert {**X.FINETUNE, **X.VARIANTS[name].options}["lora"] == X.LORA
+
+
 def test_chosen_points_on_test_rows_goal_and_differences(tmp_path):
     val = [
         _row("base", "", 0, 0),

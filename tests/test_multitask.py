@@ -46,7 +46,7 @@ class Fakes:
 
         def finetune(base, data, out, *, lora=None, steps=0, log=None, force=False, **kw):
             assert (
-                lora is not None and lora.targets == M.LORA["targets"]
+                lora is not None and lora.targets == X.LORA["targets"]
             )  # a LoraSpec, from the recipe's dict
             self.ranks.append(lora.r)
             self.finetunes.append((Path(data).parent.name, steps))
@@ -235,7 +235,7 @@ def test_lora_finetune_is_cached_by_recipe(tmp_path, base, monkeypatch):
     assert X.finetuned_model(base, root, out, M.ADAPTER, lambda s: None) == out
     X.finetuned_model(base, root, out, M.ADAPTER, lambda s: None)
     assert len(f.finetunes) == 1
-    X.finetuned_model(base, root, out, {**M.ADAPTER, "lora": {**M.LORA, "r": 8}}, lambda s: None)
+    X.finetuned_model(base, root, out, {**M.ADAPTER, "lora": {**X.LORA, "r": 8}}, lambda s: None)
     assert len(f.finetunes) == 2 and f.ranks == [16, 8]
     assert X.finetune_key(base, root, M.ADAPTER) != X.finetune_key(base, root, {**M.ADAPTER, "lr": 1e-3})
 

@@ -41,7 +41,10 @@ CURVES = [
     ("Learned λ (entropy)", "general_weight=1"),
     ("L2-SP", "strength=0.2"),
     ("EWC", "strength=30"),
+    ("LoRA → WiSE-FT", "lambda=0.5"),
+    ("LoRA + EWC", "strength=3000"),
 ]
+LORA_CURVES = [c for c, _ in CURVES if FR.is_lora(c)]
 
 
 def _result(task: str, rng, p_task: float, p_general: float, n: int = 120) -> dict:
@@ -114,7 +117,7 @@ def _ranked(task_rows: dict[str, list[dict]], names: list[str]) -> list[str]:
 
 def test_one_task_full_fine_tune_ranks_every_chosen_point(workdir):
     per_task = {t: [s["rows"] for s in FR.seed_results(workdir / t, FR.TEST_RESULTS)] for t in TASKS}
-    want = _ranked(per_task, [c for c, _ in CURVES])
+    want = _ranked(per_task, [c for c, _ in CURVES if c not in LORA_CURVES])
     s = D.frontier_situation(workdir, TASKS)
     assert s.ranked.order == want and s.ranked.missing == ["SPIDER → WiSE-FT"]
     # the best's interval: the bootstrap's on the same draws (tasks and seeds resampled jointly)
@@ -130,6 +133,11 @@ def test_one_task_full_fine_tune_ranks_every_chosen_point(workdir):
     assert cells[1] == s.ranked.best and cells[2] == s.ranked.runner
     assert cells[3] == D.COSTS[want[0]] + D.choice_cost(want[0])
     assert "at least 0.9 × the fine-tune's validation E" in md
+    lora = D.frontier_situation(workdir, TASKS, lora=True)
+    assert LORA_CURVES == ["LoRA → WiSE-FT", "LoRA + EWC"] and lora.ranked.order == _ranked(
+        per_task, LORA_CURVES
+    )
+    assert _line(md, lora.label)[1] == lora.ranked.best
 
 
 def test_without_general_data_or_labels_only_fixed_knobs_compete(workdir):
@@ -197,13 +205,12 @@ def test_adapters_and_sequence_rank_by_their_own_scores(workdir):
 def test_situations_without_data_say_so_and_no_results_give_nothing(workdir, tmp_path):
     md = D.decision_markdown(workdir, TASKS)
     assert md.startswith("## Which recipe when")
-    assert _line(md, "one task, LoRA")[1] == D.NOT_LORA
     only = tmp_path / "only"
     _write(only / "multitask" / "results.json", multitask_results())
     md = D.decision_markdown(only, TASKS)
-    assert (
-        "not measured yet (no `frontier-test.json`)" in _line(md, D.frontier_situation(only, TASKS).label)[1]
-    )
+    for lora in (False, True):
+        label = D.frontier_situation(only, TASKS, lora).label
+        assert _line(md, label)[1] == "not measured yet (no `frontier-test.json`)"
     assert _line(md, "tasks in sequence")[1] == "not measured yet (no `continual/results.json`)"
     assert D.decision_markdown(tmp_path / "empty", TASKS) == ""
 

@@ -50,7 +50,7 @@ from .context import Context
 SEQUENCE = ["digits", "spatial", "count_many", "tag", "largest_colour"]
 # multitask's adapter recipe, with LoRA on the projector's two Linear layers too: MAny's setting trains the
 # projector with each task, and CPM keeps one projector per task (without it, CPM would route between copies)
-LORA = {**MT.LORA, "targets": [*MT.LORA["targets"], "projector"]}
+LORA = {**X.LORA, "targets": [*X.LORA["targets"], "projector"]}
 ADAPTER = {**MT.ADAPTER, "train": ["language.layers", "projector"], "lora": LORA}
 TASK_LIMIT = 300  # test items per task and cell: 15 cells per method (5 + 4 + … + 1); their cost: RESULTS.md
 TA_GRID = [
@@ -218,7 +218,7 @@ class Continual:
             out = self.models / f"own-{name}"
 
             def make() -> None:
-                self.ctx.merged(MT.fold_recipe(self.ctx.base, self.own[name]), out)
+                self.ctx.merged(X.fold_recipe(self.ctx.base, self.own[name]), out)
 
             Step(out / "adapter.hash", _adapter_fp(self.own[name])).run(make)
             self.folded[name] = out
@@ -267,7 +267,7 @@ class Continual:
                 t,
                 label,
                 {"adapter": _adapter_fp(self.chain[t - 1])},
-                lambda out: ctx.merged(MT.fold_recipe(ctx.base, self.chain[t - 1]), out),
+                lambda out: ctx.merged(X.fold_recipe(ctx.base, self.chain[t - 1]), out),
             )
         if label == "TA":
             lam = self.choose_ta(so_far)
@@ -428,7 +428,7 @@ class Continual:
             if source == "own":
                 model = self.own_model(self.sequence[i])
             else:
-                self.ctx.merged(MT.fold_recipe(self.ctx.base, adapters[i]), model)
+                self.ctx.merged(X.fold_recipe(self.ctx.base, adapters[i]), model)
             merge_step(
                 state,
                 model=model,
@@ -471,7 +471,7 @@ class Continual:
 
         def make() -> dict:
             out = self.models / "current"
-            self.ctx.merged(MT.fold_recipe(self.ctx.base, adapter), out)
+            self.ctx.merged(X.fold_recipe(self.ctx.base, adapter), out)
             r, _ = self.evaluate(out, self.sequence, general=True)
             shutil.rmtree(out, ignore_errors=True)
             return {

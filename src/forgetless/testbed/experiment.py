@@ -50,6 +50,16 @@ FINETUNE = {
     "seed": 0,
 }
 STATS_SAMPLES = 32
+# LoRA on every Linear of the decoder layers (attention and MLP), rank 16 as in MM-MergeBench's LLaVA recipe,
+# alpha 2r; the vision tower and projector stay frozen (the adapters differ only in language.layers). lr 5e-4:
+# LoRA's usual 2–5× the full fine-tune's 2e-4 (FINETUNE) for the same short run of 120 steps of 8.
+LORA = {
+    "r": 16,
+    "alpha": 32.0,
+    "dropout": 0.05,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+LORA_OPTIONS = {"train": ["language.layers"], "lora": LORA, "lr": 5e-4}  # what a LoRA fine-tune changes
 # Stand-ins in a variant's options for the files the experiment makes: the general tasks' training splits (replay
 # data, never their validation or test items) and the general Fisher at θ₀ over the fine-tune's scope (EWC).
 REPLAY_DATA = "<general training splits>"
@@ -91,6 +101,16 @@ VARIANTS: dict[str, Tune] = {
         ),
         Tune(f"L2-SP λ={L2SP_STRENGTH:g}", "l2sp", {"keep": "l2sp", "strength": L2SP_STRENGTH}),
         Tune("fine-tune, another seed", "reseeded", {"seed": OTHER_SEED}),
+        # one task with LoRA (LORA_OPTIONS): plain, and with the remedies while training (EWC on the folded update)
+        Tune("LoRA", "lora", LORA_OPTIONS),
+        Tune(
+            "LoRA + replay 1:1", "lora_replay", {**LORA_OPTIONS, "replay": REPLAY_DATA, "replay_ratio": 1.0}
+        ),
+        Tune(
+            f"LoRA + EWC λ={EWC_STRENGTH:g}",
+            "lora_ewc",
+            {**LORA_OPTIONS, "keep": "ewc", "fisher": GENERAL_FISHER, "strength": EWC_STRENGTH},
+        ),
     )
 }
 KEEPS: list[Tune] = [
@@ -213,6 +233,16 @@ def finetune_step(base: Path, task_dir: Path, out: Path, recipe: dict) -> Step:
     recorded in the folder, done when its config (a LoRA recipe's adapter config) is there."""
     made = out / ("adapter_config.json" if recipe.get("lora") else "config.json")
     return Step(out / FINETUNE_RECORD, finetune_key(base, task_dir, recipe), made)
+
+
+def fold_recipe(base: Path, adapter: Path) -> dict:
+    """The full model ``base + adapter`` (task arithmetic of ``BASE+ADAPTER`` at λ = 1), for the harness."""
+    return {
+        "method": "task_arithmetic",
+        "base": str(base),
+        "models": [f"{base}+{adapter}"],
+        "parameters": {"lambda": 1.0},
+    }
 
 
 def finetuned_model(base: Path, task_dir: Path, out: Path, recipe: dict, log) -> Path:
@@ -478,26 +508,47 @@ class Experiment:
 
     def tune_recipe(self, options: Mapping[str, Any]) -> dict:
         """The recipe with `options`, the stand-ins for the replay data and the general Fisher made (cached)."""
+        scope = list(options.get("train", self.recipe["train"]))
         made = {
             REPLAY_DATA: lambda: str(self.replay_data()),
-            GENERAL_FISHER: lambda: str(self.scope_fisher()),
+            GENERAL_FISHER: lambda: str(self.scope_fisher(scope)),
             OTHER_SEED: lambda: self.recipe["seed"] + RESEED,
         }
-        return {**self.recipe, **{k: made[v]() if v in made else v for k, v in options.items()}}
+        return {
+            **self.recipe,
+            **{k: made[v]() if isinstance(v, str) and v in made else v for k, v in options.items()},
+        }
 
-    def tune_model(self, tune: Tune) -> Path:
-        """The fine-tune `tune` (cached as every fine-tune)."""
+    def tune_trained(self, tune: Tune) -> Path:
+        """The fine-tune `tune` as trained (a model folder, or a PEFT adapter for LoRA), cached as every fine-tune."""
         ctx = self.ctx
         out = ctx.workdir / f"finetuned-{tune.name}"
         return ctx.finetuned(ctx.roots[self.task], out, self.tune_recipe(tune.options))
+
+    def tune_model(self, tune: Tune) -> Path:
+        """The fine-tune `tune` as a model folder: a LoRA adapter folded into the base (cached by both weights)."""
+        trained = self.tune_trained(tune)
+        return self.folded(trained) if "lora" in tune.options else trained
+
+    def folded(self, adapter: Path) -> Path:
+        """The base with `adapter` folded in (:func:`fold_recipe`), cached by the base's and the adapter's weights."""
+        ctx = self.ctx
+        key = fingerprint([weights_digest(ctx.base), weights_digest(adapter)])
+        out = ctx.workdir / "folded" / f"{adapter.name}-{key[:8]}"
+
+        def make() -> None:
+            ctx.merged(fold_recipe(ctx.base, adapter), out)
+
+        with ctx.timed("merge"):
+            Step(out.with_suffix(".step"), key, out).run(make, log=ctx.log, reusing=f"folded: reusing {out}")
+        return out
 
     def tune_row(self, tune: Tune) -> dict:
         """The row of the fine-tune `tune`, with the seconds that fine-tune took."""
         model = self.tune_model(tune)
         r, cached = self.evaluate(model)
-        seconds = read_json(model / "finetune.json", remedy="fine-tune it again (remove the folder)")[
-            "seconds"
-        ]
+        record = self.tune_trained(tune) / "finetune.json"
+        seconds = read_json(record, remedy="fine-tune it again (remove the folder)")["seconds"]
         row = self.row(tune.label, r, cached, tune.knob, finetune_seconds=seconds)
         self.log_row(f"{tune.label} {tune.knob}".strip(), row)
         return row
@@ -514,18 +565,20 @@ class Experiment:
             self.ctx.roots[self.task].parent, self.ctx.workdir / "calibration" / "replay.jsonl"
         )
 
-    def scope_fisher(self) -> Path:
-        """The general Fisher at θ₀ of every tensor the fine-tune trains (EWC's F): the general calibration set,
-        :data:`STATS_SAMPLES` samples, every parameter of the recipe's ``train`` scope."""
+    def scope_fisher(self, scope: list[str]) -> Path:
+        """The general Fisher at θ₀ of every tensor a fine-tune trains (EWC's F): the general calibration set,
+        :data:`STATS_SAMPLES` samples, every parameter of `scope` (each scope its own file)."""
         from ..chains import steps
+
+        name = "train-scope" if scope == list(self.recipe["train"]) else f"scope-{fingerprint(scope)[:8]}"
 
         with self.ctx.timed("statistics"):
             return steps.statistics_step(
                 "fisher",
                 self.ctx.base,
                 self.general_data(),
-                self.ctx.workdir / "statistics" / "fisher_general-train-scope.safetensors",
-                scope=list(self.recipe["train"]),
+                self.ctx.workdir / "statistics" / f"fisher_general-{name}.safetensors",
+                scope=scope,
                 n=STATS_SAMPLES,
                 seed=0,
                 variant="empirical",

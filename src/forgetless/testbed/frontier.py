@@ -101,7 +101,31 @@ KNOBS: dict[str, Knob] = {
     "CGM (optimizer Fisher)": Knob(
         "cgm", {}, "alpha", [0.001, 0.01, 0.1, 1.0], X.TASK_FISHER_PATH, trial=True
     ),
+    # one task fine-tuned with LoRA (its curves keep a share of the LoRA fine-tune's E, :func:`reference`): the
+    # adapter scaled toward θ₀, and the remedies while training it
+    "LoRA → WiSE-FT": Knob("linear", {}, "lambda", [0.3, 0.5, 0.7], model="lora"),
+    "LoRA + replay": Knob(None, {}, "replay_ratio", [1.0], finetune="lora_replay"),
+    "LoRA + EWC": Knob(None, {}, "strength", [300.0, 3000.0], finetune="lora_ewc"),
 }
+LORA_END = "lora"  # the variant of X.VARIANTS a LoRA curve starts from and is judged against
+
+
+def is_lora(label: str) -> bool:
+    """Whether curve `label` fine-tunes with LoRA (its fine-tune or the one it merges from trains an adapter)."""
+    k = KNOBS[label]
+    variant = k.model or k.finetune
+    return variant is not None and "lora" in X.VARIANTS[variant].options
+
+
+def end_variant(label: str) -> str | None:
+    """The fine-tune curve `label` runs to, as a name of :data:`.experiment.VARIANTS` (None: the plain one)."""
+    return KNOBS[label].model or (LORA_END if is_lora(label) else None)
+
+
+def reference(label: str) -> str:
+    """The row whose E the points of curve `label` must keep a share of: the plain LoRA fine-tune for a LoRA curve
+    (what a LoRA user starts from), the plain fine-tune for every other (a keep rule's too)."""
+    return keep_label(LORA_END) if is_lora(label) else "fine-tuned"
 
 
 def keep_label(name: str) -> str:
@@ -140,11 +164,19 @@ def frontier_merges() -> list[X.Merge]:
     ]
 
 
-def frontier_tunes(labels: Sequence[str]) -> list[X.Tune]:
+def frontier_tunes(
+    labels: Sequence[str], points: Mapping[str, Sequence[float]] | None = None
+) -> list[X.Tune]:
     """The rows of fine-tunes the curves `labels` need: the keep rules' (:data:`.experiment.KEEPS`), the far end
-    of each pipeline among them, and the points of each curve of fine-tunes among them."""
-    ends = [X.VARIANTS[KNOBS[label].model] for label in labels if KNOBS[label].model is not None]
-    curves = [t for label in labels if KNOBS[label].method is None for t in tune_points(label)]
+    of each curve among them that runs to another fine-tune (:func:`end_variant`), and the points of each curve of
+    fine-tunes among them (its grid, or its values in `points`)."""
+    ends = [X.VARIANTS[v] for label in labels if (v := end_variant(label)) is not None]
+    curves = [
+        t
+        for label in labels
+        if KNOBS[label].method is None
+        for t in tune_points(label, None if points is None else points.get(label, []))
+    ]
     unique = {(t.label, t.name, t.knob): t for t in [*X.KEEPS, *ends, *curves]}
     return list(unique.values())
 
@@ -228,7 +260,7 @@ def keep_curves(
         return dict(new)
     have = {X.row_name(r) for r in new["rows"]}
     others = [label for label in KNOBS if label not in ran]
-    needed = {*others, *(keep_label(KNOBS[label].model) for label in others if KNOBS[label].model)}
+    needed = {*others, *(keep_label(v) for label in others if (v := end_variant(label)))}
     kept = [r for r in old["rows"] if r["method"] in needed and X.row_name(r) not in have]
     return {**new, "rows": [*new["rows"], *kept]}
 
@@ -293,8 +325,8 @@ def first_items(rows: list[Mapping[str, Any]], task: str, n: int) -> list[dict]:
 
 def curve_rows(rows: list[Mapping[str, Any]], label: str) -> list[Mapping[str, Any]]:
     """A curve's points as rows: its two ends (the base and the fine-tune it merges from) and its swept points."""
-    model = KNOBS[label].model
-    end = "fine-tuned" if model is None else keep_label(model)
+    variant = end_variant(label)
+    end = "fine-tuned" if variant is None else keep_label(variant)
     by = {X.row_name(r): r for r in rows}
     if end not in by or "base" not in by:
         raise ValueError(f"frontier rows: curve {label!r} merges from {end!r}, which has no row")
@@ -304,15 +336,16 @@ def curve_rows(rows: list[Mapping[str, Any]], label: str) -> list[Mapping[str, A
 def choose(
     rows: list[Mapping[str, Any]], keep_gain: float = KEEP_GAIN
 ) -> dict[str, Mapping[str, Any] | None]:
-    """Per curve, the point :func:`curve_at` delivers where E must reach `keep_gain` × the fine-tune's E (what
-    ``forgetless sweep --keep-gain`` picks): the row of the best F among the curve's points — its ends included —
-    that keep that E; None where none does. Ties go to the earlier point (an end before a swept point)."""
-    e_ft = next(r for r in rows if r["method"] == "fine-tuned")["E"]
+    """Per curve, the point :func:`curve_at` delivers where E must reach `keep_gain` × its :func:`reference`'s E
+    (what ``forgetless sweep --keep-gain`` picks): the row of the best F among the curve's points — its ends
+    included — that keep that E; None where none does. Ties go to the earlier point (an end before a swept point)."""
+    by = {X.row_name(r): r for r in rows}
     out: dict[str, Mapping[str, Any] | None] = {}
     for label in KNOBS:
         if not any(r["method"] == label for r in rows):
             continue
-        reach = [r for r in curve_rows(rows, label) if r["E"] >= keep_gain * e_ft]
+        bar = keep_gain * by[reference(label)]["E"]
+        reach = [r for r in curve_rows(rows, label) if r["E"] >= bar]
         out[label] = max(reach, key=lambda r: r["F"]) if reach else None  # max keeps the first of equal F
     return out
 
@@ -342,12 +375,12 @@ def run_chosen(
     picks = choose(rows if val_items is None else first_items(rows, task, val_items), keep_gain)
     swept = {label: r for label, r in picks.items() if r is not None and r["method"] == label}
     merges = [knob_merge(label, _params(r["knob"])) for label, r in swept.items() if KNOBS[label].method]
-    tunes = frontier_tunes([label for label in picks if KNOBS[label].model is not None]) + [
-        t
+    chosen_tunes = {
+        label: [_params(r["knob"])[KNOBS[label].knob]]
         for label, r in swept.items()
         if KNOBS[label].method is None
-        for t in tune_points(label, [_params(r["knob"])[KNOBS[label].knob]])
-    ]
+    }
+    tunes = frontier_tunes(list(picks), chosen_tunes)
     res = X.run_experiment(
         task,
         workdir,

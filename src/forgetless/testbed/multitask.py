@@ -35,25 +35,8 @@ from . import experiment as X
 from . import tasks as T
 from .context import Context, write_if_changed
 
-# LoRA on every Linear of the decoder layers (attention and MLP), rank 16 as in MM-MergeBench's LLaVA recipe,
-# alpha 2r; the vision tower and projector stay frozen (the adapters differ only in language.layers). lr 5e-4:
-# LoRA's usual 2–5× the full fine-tune's 2e-4 (experiment.FINETUNE) for the same short run of 120 steps of 8.
-LORA = {
-    "r": 16,
-    "alpha": 32.0,
-    "dropout": 0.05,
-    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-ADAPTER = {
-    "train": ["language.layers"],
-    "lora": LORA,
-    "steps": 120,
-    "batch_size": 8,
-    "lr": 5e-4,
-    "warmup": 10,
-    "clip": 1.0,
-    "seed": 0,
-}
+# each seen task's adapter: the testbed's LoRA (experiment.LORA_OPTIONS) over the documented recipe's steps
+ADAPTER = {**X.FINETUNE, **X.LORA_OPTIONS}
 # the joint adapter: 60 steps per seen task (360 for six, three times one adapter's run), half the samples of each
 # task that its own adapter sees — what one session's compute allowed (RESULTS.md's timings)
 JOINT_STEPS_PER_TASK = ADAPTER["steps"] // 2
@@ -111,16 +94,6 @@ def joint_data(roots: dict[str, Path], seen: list[str], out: Path, seed: int = 0
         json.dumps({"name": "joint", "tasks": seen, "version": T.VERSION, "seed": seed}, indent=1) + "\n",
     )
     return out
-
-
-def fold_recipe(base: Path, adapter: Path) -> dict:
-    """The full model ``base + adapter`` (task arithmetic of ``BASE+ADAPTER`` at λ = 1), for the harness."""
-    return {
-        "method": "task_arithmetic",
-        "base": str(base),
-        "models": [f"{base}+{adapter}"],
-        "parameters": {"lambda": 1.0},
-    }
 
 
 def adapters_recipe(method: str, params: dict, base: Path, adapters: list[Path]) -> dict:
@@ -270,7 +243,7 @@ class Multitask:
         learned: dict[str, dict] = {}
         for name in self.seen:
             self.adapters[name] = ctx.finetuned(ctx.roots[name], ctx.workdir / "adapters" / name, self.recipe)
-            ctx.merged(fold_recipe(ctx.base, self.adapters[name]), self.models / f"own-{name}")
+            ctx.merged(X.fold_recipe(ctx.base, self.adapters[name]), self.models / f"own-{name}")
             r, _ = self.evaluate(self.models / f"own-{name}", [name], "val", general=False)
             b, a = 100 * base_val["tasks"][name]["accuracy"], 100 * r["tasks"][name]["accuracy"]
             learned[name] = {"base_val": round(b, 2), "adapter_val": round(a, 2), "learned": a - b >= LEARNED}
@@ -341,12 +314,12 @@ class Multitask:
         for name in self.seen:
             folded = self.models / f"own-{name}"
             if not folded.is_dir():
-                ctx.merged(fold_recipe(ctx.base, self.adapters[name]), folded)
+                ctx.merged(X.fold_recipe(ctx.base, self.adapters[name]), folded)
             r, c = self.evaluate(folded, [name])
             rows.append(_row(f"own adapter: {name}", "own", "", r, c, task=name))
             self.drop(folded)
         folded = self.models / "joint"
-        ctx.merged(fold_recipe(ctx.base, joint), folded)
+        ctx.merged(X.fold_recipe(ctx.base, joint), folded)
         r, c = self.evaluate(folded, everything)
         rows.append(_row("joint LoRA", "joint", "", r, c))
         self.drop(folded)

@@ -72,6 +72,13 @@ COSTS.update(
         "Replay → WiSE-FT": _both("Replay", "WiSE-FT"),
         "EWC → CGM": _both("EWC", "CGM"),
         "SPIDER → learned λ": _both("SPIDER", "Learned λ (labels)"),
+        # one task with LoRA: beyond the LoRA fine-tune and a fold
+        "LoRA → WiSE-FT": "nothing (the adapter scaled by λ)",
+        "LoRA + replay": COSTS["Replay"],
+        "LoRA + EWC": (
+            "general Fisher at θ₀ over the adapted layers; θ₀ and F of those layers held while training (the "
+            "penalty is on the folded update)"
+        ),
         # the single fine-tunes of the variants (``EWC λ=3``, ``Replay 1:1``, …): their family's cost
         **{v.label: COSTS[v.label.split()[0]] for v in X.VARIANTS.values() if v.name in REMEDIES},
     }
@@ -99,7 +106,6 @@ CL_COSTS: dict[str, str] = {
     "MagMax": "τ_max (one model's size); the tasks fine-tuned in sequence",
     "OPCM": "the running sum of projected task vectors and their norms; SVDs of each Linear's sum per task",
 }
-NOT_LORA = "not measured on the testbed: it has no single-task LoRA result yet"
 
 
 def _published(labels: Sequence[str]) -> list[str]:
@@ -183,17 +189,27 @@ class Situation(NamedTuple):
     score: str = "mean E + F"
 
 
-def frontier_situation(workdir: Path, names: list[str]) -> Situation:
-    """One task, full fine-tune: every curve's point chosen on validation, on test, over the tasks and seeds."""
-    label = "one task, full fine-tune (general data and labelled validation data)"
+def frontier_situation(workdir: Path, names: list[str], lora: bool = False) -> Situation:
+    """One task, full fine-tune (or with `lora`: the LoRA curves, :func:`.frontier.is_lora`): every such curve's
+    point chosen on validation, on test, over the tasks and seeds."""
+    kind = "LoRA" if lora else "full fine-tune"
+    label = f"one task, {kind} (general data and labelled validation data)"
     results = {n: FR.seed_results(workdir / n, FR.TEST_RESULTS) for n in names}
     done = [n for n in names if results[n]]
     if not done:
         return Situation(label, None, f"not measured yet (no `{FR.TEST_RESULTS}`)", COSTS)
     d = TaskDraws({n: results[n] for n in done}, N_BOOT)
-    chosen = [r["method"] for n in done for res in results[n] for r in res["rows"] if "chosen" in r]
+    chosen = [
+        r["method"]
+        for n in done
+        for res in results[n]
+        for r in res["rows"]
+        if "chosen" in r and FR.is_lora(r["method"]) == lora
+    ]
     ranked = rank_tasks(d, done, chosen)
-    return Situation(label, ranked, "no curve has a chosen point on every task", COSTS, _choices(chosen))
+    return Situation(
+        label, ranked, f"no {kind} curve has a chosen point on every task", COSTS, _choices(chosen)
+    )
 
 
 def _choices(labels: Sequence[str]) -> dict[str, str]:
@@ -307,7 +323,7 @@ def decision_markdown(workdir: Path, names: list[str]) -> str:
     fixed = fixed_situations(workdir, names)
     situations = [
         frontier_situation(workdir, names),
-        Situation("one task, LoRA", None, NOT_LORA, COSTS),
+        frontier_situation(workdir, names, lora=True),
         multitask_situation(workdir),
         continual_situation(workdir),
         *fixed,
@@ -324,7 +340,8 @@ difference to the best (points, 95% interval, **\\*** where it excludes 0) and w
 fine-tune and a merge; generated from the results files present, like the rest of this report.
 
 The rule: a single-task recipe is ranked by its mean E + F over the tasks, a curve by its point chosen on
-validation (the best F among its points that keep at least {gain} × the fine-tune's validation E; every seed run).
+validation (the best F among its points that keep at least {gain} × the fine-tune's validation E, a LoRA curve's
+× the LoRA fine-tune's; every seed run).
 Without general data or without labels, only recipes whose knob is fixed in advance compete, at their published
 value, on fine-tuning seed 0 (the extra values drawn for the curves do not: choosing among them here would be
 choosing on test). Several task adapters: the adapter-space merges, ranked by the seen-task average (the joint

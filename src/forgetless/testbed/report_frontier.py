@@ -388,7 +388,9 @@ the same recipe at seed + {X.RESEED} (its ratio comes from their angle: one poin
 Replay, EWC and L2-SP are curves of fine-tunes over their strength (`forgetless finetune --replay … --replay-ratio`,
 `--keep ewc --fisher … --strength`, `--keep l2sp --strength`; the replay data is the general visual tasks'
 training splits, EWC's Fisher the general Fisher at θ₀ over the fine-tuned tensors). Every curve has the base
-(E = F = 0) and the plain fine-tune as its ends. Pipelines and candidates of ours (not published methods):
+(E = F = 0) and the plain fine-tune as its ends. The LoRA curves fine-tune with LoRA instead (rank {X.LORA["r"]} on
+every Linear of the decoder layers, lr {X.LORA_OPTIONS["lr"]:g}: the multi-task adapters' recipe) and run to the plain
+LoRA fine-tune; their chosen points keep a share of its E, their F at E = x% is against the full fine-tune's E. Pipelines and candidates of ours (not published methods):
 {grid(True)} — a remedy's fine-tune merged back toward θ₀ runs from the base to that fine-tune (its own far end);
 the optimizer Fisher is AdamW's squared gradients of the same fine-tune (`forgetless finetune
 --optimizer-fisher`). **F at E = x%**: the best F among the method's
