@@ -527,7 +527,10 @@ class Experiment:
 
     def tune_model(self, tune: Tune) -> Path:
         """The fine-tune `tune` as a model folder: a LoRA adapter folded into the base (cached by both weights)."""
-        trained = self.tune_trained(tune)
+        return self.as_model(tune, self.tune_trained(tune))
+
+    def as_model(self, tune: Tune, trained: Path) -> Path:
+        """`tune`'s trained folder as a model folder: a LoRA adapter folded into the base, else itself."""
         return self.folded(trained) if "lora" in tune.options else trained
 
     def folded(self, adapter: Path) -> Path:
@@ -545,9 +548,9 @@ class Experiment:
 
     def tune_row(self, tune: Tune) -> dict:
         """The row of the fine-tune `tune`, with the seconds that fine-tune took."""
-        model = self.tune_model(tune)
-        r, cached = self.evaluate(model)
-        record = self.tune_trained(tune) / "finetune.json"
+        trained = self.tune_trained(tune)
+        r, cached = self.evaluate(self.as_model(tune, trained))
+        record = trained / "finetune.json"
         seconds = read_json(record, remedy="fine-tune it again (remove the folder)")["seconds"]
         row = self.row(tune.label, r, cached, tune.knob, finetune_seconds=seconds)
         self.log_row(f"{tune.label} {tune.knob}".strip(), row)
